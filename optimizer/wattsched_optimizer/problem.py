@@ -1,0 +1,197 @@
+"""The optimizer's input and output: plain, immutable data with no Kubernetes in it.
+
+This module is the contract between the optimizer and its callers (the operator's snapshot reader,
+`wattsched plan`, the simulator). Callers translate their world into a `PlanInput`; `plan()` returns
+a `Plan`. Nothing here solves anything; see `model` (performance/power), `formulation` and `solve`.
+
+Units are in the names: watts, seconds, GiB. Workloads are keyed by `"<namespace>/<name>"`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class WorkloadType(StrEnum):
+    INFERENCE = "Inference"
+    TRAINING = "Training"
+    FINE_TUNING = "FineTuning"
+    BATCH_INFERENCE = "BatchInference"
+
+    @property
+    def is_gang(self) -> bool:
+        """Training, fine-tuning and batch jobs run all their replicas or none."""
+        return self is not WorkloadType.INFERENCE
+
+
+class EnergyPolicy(StrEnum):
+    PERFORMANCE = "Performance"
+    BALANCED = "Balanced"
+    EFFICIENCY = "Efficiency"
+
+
+class Precision(StrEnum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP8 = "fp8"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class WorkUnit(StrEnum):
+    TOKENS = "tokens"
+    STEPS = "steps"
+    GPU_HOURS = "gpuHours"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model-compression choice of a workload (`spec.variants[]`)."""
+
+    name: str
+    precision: Precision
+    min_memory_gib: float
+    relative_throughput: float = 1.0
+    quality: float = 1.0
+
+
+@dataclass(frozen=True)
+class WorkAmount:
+    """Remaining work of a Training/FineTuning/BatchInference workload.
+
+    `tokens_per_step` converts steps to tokens and is required when `unit` is STEPS.
+    """
+
+    unit: WorkUnit
+    amount: float
+    tokens_per_step: float | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A workload as the optimizer sees it (from an LLMWorkload's spec, defaults applied)."""
+
+    key: str
+    type: WorkloadType
+    model_parameters_billions: float
+    gpus_per_replica: int
+    variants: tuple[Variant, ...]
+    # Gang size for Training/FineTuning/BatchInference; for Inference the range below applies.
+    replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 1
+    min_memory_gib_per_gpu: float = 0.0
+    # Normalised product names (see model.normalise_product); empty means any product.
+    allowed_products: frozenset[str] = frozenset()
+    min_quality: float = 0.0
+    priority: int = 0
+    preemptible: bool = False
+    policy: EnergyPolicy = EnergyPolicy.BALANCED
+    max_power_watts_per_gpu: float | None = None
+    # Inference: aggregate tokens/s the admitted replicas must serve.
+    tokens_per_second: float | None = None
+    # Batch work: what is left and, optionally, how many seconds from now it must finish.
+    remaining_work: WorkAmount | None = None
+    deadline_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class GpuNode:
+    """A node with GPUs. `product` is the normalised product name."""
+
+    name: str
+    product: str
+    gpu_count: int
+    # False for nodes that are NotReady, cordoned, or being deleted: no new replicas go there.
+    schedulable: bool = True
+    # A node whose agent is not ready (or did not confirm the last limits) counts at maximum power.
+    agent_ready: bool = True
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An EnergyBudget resolved to the nodes in its scope. Budgets may overlap (nest)."""
+
+    name: str
+    power_cap_watts: float
+    node_names: frozenset[str]
+
+
+@dataclass(frozen=True)
+class CurrentPlacement:
+    """A replica that is running now: moving it costs stability (objective tier 4)."""
+
+    workload: str
+    replica: int
+    node: str
+    variant: str
+    power_limit_watts: float
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    power_levels: int = 5
+    time_limit_seconds: float = 10.0
+    relative_gap: float = 0.01
+    # Minimum relative energy gain before a running inference replica is moved.
+    churn_threshold: float = 0.05
+    solver: str = "highs"  # "highs" or "cbc"
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    nodes: tuple[GpuNode, ...]
+    workloads: tuple[Workload, ...]
+    budgets: tuple[Budget, ...] = ()
+    current: tuple[CurrentPlacement, ...] = ()
+    options: PlanOptions = field(default_factory=PlanOptions)
+
+
+class PlanStatus(StrEnum):
+    OPTIMAL = "Optimal"
+    FEASIBLE = "Feasible"
+    INFEASIBLE = "Infeasible"
+    TIME_LIMIT = "TimeLimit"
+
+
+@dataclass(frozen=True)
+class Placement:
+    workload: str
+    replica: int
+    node: str
+    gpus: int
+    variant: str
+    power_limit_watts: float
+    expected_watts_per_gpu: float
+    expected_throughput: float  # tokens/s of this replica
+
+
+@dataclass(frozen=True)
+class BudgetAllocation:
+    name: str
+    cap_watts: float
+    allocated_cap_watts: float  # sum of power limits of every GPU in scope
+    expected_watts: float
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    workload: str
+    reason: str  # a sentence a person can act on
+    constraint: str  # which constraint binds: "budget:<name>", "gpus", "memory", "products", ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    status: PlanStatus
+    objective: float
+    bound: float
+    gap: float
+    solve_seconds: float
+    placements: tuple[Placement, ...]
+    # Every GPU node in the input, one limit per GPU (idle GPUs at their minimum).
+    node_power_limits_watts: Mapping[str, tuple[float, ...]]
+    budgets: tuple[BudgetAllocation, ...]
+    unplaced: tuple[Unplaced, ...]

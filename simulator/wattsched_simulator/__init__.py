@@ -1,0 +1,1 @@
+"""wattsched simulator: trace-driven replay of a GPU cluster to compare scheduling policies."""
