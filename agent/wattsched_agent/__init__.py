@@ -1,1 +1,1 @@
-"""wattsched node agent: applies NodePowerProfile power limits with NVML and exports DCGM-style metrics."""
+"""wattsched node agent: applies NodePowerProfile power limits with NVML, exports DCGM metrics."""

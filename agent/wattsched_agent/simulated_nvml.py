@@ -1,0 +1,306 @@
+"""A simulated NVML library with the shape of `pynvml`, for nodes without a GPU.
+
+`SimulatedNvml` has the pynvml functions the agent calls (same names, same arguments, same units:
+milliwatts and millijoules) and raises pynvml's own `NVMLError` subclasses with NVML's error codes.
+The agent's real `NvmlBackend` runs on top of it unchanged, so every NVML code path (clamping,
+read-back, NoPermission, NotSupported, GPU lost) is exercised without hardware.
+
+Each simulated GPU has a product envelope from `simulated_products.yaml` (min/max/default limit,
+idle and busy draw). Its draw follows the utilisation set by the caller (the agent sets it from the
+pods placed on the node) and the power limit: `idle + utilisation * (min(limit, busy) - idle)`.
+The energy counter integrates that draw over the injected clock.
+
+Faults are configured per GPU (`GpuFaults`) to behave like a node where the agent lacks
+CAP_SYS_ADMIN, a board that cannot be capped, a GPU that fell off the bus, or a driver that returns
+success for a set it ignored. Not for: modelling throughput (the simulator does that) or thermal
+behaviour.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pynvml
+import yaml
+
+# pynvml's error codes: the simulated library raises exactly what the real one raises.
+NVML_ERROR_UNINITIALIZED: int = pynvml.NVML_ERROR_UNINITIALIZED
+NVML_ERROR_INVALID_ARGUMENT: int = pynvml.NVML_ERROR_INVALID_ARGUMENT
+NVML_ERROR_NOT_SUPPORTED: int = pynvml.NVML_ERROR_NOT_SUPPORTED
+NVML_ERROR_NO_PERMISSION: int = pynvml.NVML_ERROR_NO_PERMISSION
+NVML_ERROR_GPU_IS_LOST: int = pynvml.NVML_ERROR_GPU_IS_LOST
+NVML_ERROR_DRIVER_NOT_LOADED: int = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+
+
+@dataclass(frozen=True)
+class ProductEnvelope:
+    """Power envelope of one GPU product (watts), as NVML reports it."""
+
+    product: str
+    nvml_name: str
+    memory_mib: int
+    min_watts: float
+    max_watts: float
+    default_watts: float
+    idle_watts: float
+    busy_watts: float
+
+
+def load_products(path: Path | None = None) -> dict[str, ProductEnvelope]:
+    """Read the product table; `path` overrides the packaged `simulated_products.yaml`."""
+    if path is None:
+        text = resources.files("wattsched_agent").joinpath("simulated_products.yaml").read_text()
+        source = "wattsched_agent/simulated_products.yaml"
+    else:
+        text = path.read_text()
+        source = str(path)
+    raw = yaml.safe_load(text)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping of product name to envelope")
+    products: dict[str, ProductEnvelope] = {}
+    for product, fields in raw.items():
+        try:
+            envelope = ProductEnvelope(
+                product=str(product),
+                nvml_name=str(fields["nvmlName"]),
+                memory_mib=int(fields["memoryMiB"]),
+                min_watts=float(fields["minWatts"]),
+                max_watts=float(fields["maxWatts"]),
+                default_watts=float(fields["defaultWatts"]),
+                idle_watts=float(fields["idleWatts"]),
+                busy_watts=float(fields["busyWatts"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source}: product {product!r}: {error!r}") from error
+        if not envelope.min_watts <= envelope.default_watts <= envelope.max_watts:
+            raise ValueError(
+                f"{source}: product {product!r}: need minWatts <= defaultWatts <= maxWatts"
+            )
+        products[envelope.product] = envelope
+    return products
+
+
+@dataclass(frozen=True)
+class GpuFaults:
+    """Failures a simulated GPU shows, like real NVML on a misconfigured or failing node.
+
+    no_permission: setting the limit fails with NVML_ERROR_NO_PERMISSION (agent not root).
+    not_supported: the board has no software power cap (limit get/set/constraints unsupported).
+    gpu_lost: every call on the device fails with NVML_ERROR_GPU_IS_LOST.
+    set_ignored: the set returns success but the limit does not change.
+    """
+
+    no_permission: bool = False
+    not_supported: bool = False
+    gpu_lost: bool = False
+    set_ignored: bool = False
+
+
+NO_FAULTS = GpuFaults()
+
+
+class SimulatedUtilization:
+    """What nvmlDeviceGetUtilizationRates returns: percentages as ints."""
+
+    def __init__(self, gpu: int, memory: int) -> None:
+        self.gpu = gpu
+        self.memory = memory
+
+
+class SimulatedDevice:
+    """One simulated GPU: its limit (mW), utilisation and an energy counter (mJ)."""
+
+    def __init__(
+        self, envelope: ProductEnvelope, uuid_text: str, faults: GpuFaults, now: float
+    ) -> None:
+        self.envelope = envelope
+        self.uuid = uuid_text
+        self.faults = faults
+        self.limit_milliwatts = round(envelope.default_watts * 1000)
+        self.utilisation = 0.0
+        self.energy_millijoules = 0.0
+        self.last_update = now
+
+    def draw_watts(self) -> float:
+        envelope = self.envelope
+        ceiling = min(self.limit_milliwatts / 1000, envelope.busy_watts)
+        return envelope.idle_watts + self.utilisation * max(0.0, ceiling - envelope.idle_watts)
+
+    def advance(self, now: float) -> None:
+        """Integrate the draw since the last change; the draw is constant in between."""
+        elapsed = max(0.0, now - self.last_update)
+        self.energy_millijoules += self.draw_watts() * elapsed * 1000
+        self.last_update = now
+
+
+class SimulatedNvml:
+    """A pynvml-shaped library over simulated GPUs (see the module docstring).
+
+    `products` lists each GPU's product name (index order). Call `nvmlInit()` before anything else,
+    as with the real library.
+    """
+
+    def __init__(
+        self,
+        hostname: str,
+        products: list[str],
+        *,
+        catalogue: Mapping[str, ProductEnvelope] | None = None,
+        faults: Mapping[int, GpuFaults] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        driver_loaded: bool = True,
+    ) -> None:
+        catalogue = load_products() if catalogue is None else catalogue
+        unknown = sorted({product for product in products if product not in catalogue})
+        if unknown:
+            raise ValueError(
+                f"node {hostname}: GPU product(s) {unknown} are not in the simulated product "
+                f"table; known: {sorted(catalogue)}"
+            )
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._initialised = 0
+        self._driver_loaded = driver_loaded
+        now = clock()
+        faults = faults or {}
+        self._devices = [
+            SimulatedDevice(
+                catalogue[product],
+                "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{hostname}/gpu{index}")),
+                faults.get(index, NO_FAULTS),
+                now,
+            )
+            for index, product in enumerate(products)
+        ]
+
+    # ----- controls of the simulation (not part of NVML) -----
+
+    def set_utilisation(self, index: int, utilisation: float) -> None:
+        """Set how busy GPU `index` is (0..1); the draw follows from the next instant on."""
+        if not 0.0 <= utilisation <= 1.0:
+            raise ValueError(f"GPU {index}: utilisation must be within 0..1, got {utilisation}")
+        with self._lock:
+            device = self._devices[index]
+            device.advance(self._clock())
+            device.utilisation = utilisation
+
+    def set_faults(self, index: int, faults: GpuFaults) -> None:
+        with self._lock:
+            self._devices[index].faults = faults
+
+    def reload_driver(self) -> None:
+        """Like a driver reload: every limit falls back to its default."""
+        with self._lock:
+            now = self._clock()
+            for device in self._devices:
+                device.advance(now)
+                device.limit_milliwatts = round(device.envelope.default_watts * 1000)
+
+    # ----- the pynvml surface -----
+
+    def nvmlInit(self) -> None:  # noqa: N802 - pynvml's name
+        with self._lock:
+            if not self._driver_loaded:
+                raise pynvml.NVMLError(NVML_ERROR_DRIVER_NOT_LOADED)
+            self._initialised += 1
+
+    def nvmlShutdown(self) -> None:  # noqa: N802
+        with self._lock:
+            self._require_init()
+            self._initialised -= 1
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+        with self._lock:
+            self._require_init()
+            return len(self._devices)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> SimulatedDevice:  # noqa: N802
+        with self._lock:
+            self._require_init()
+            if not 0 <= index < len(self._devices):
+                raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+            device = self._devices[index]
+            self._check_alive(device)
+            return device
+
+    def nvmlDeviceGetName(self, handle: SimulatedDevice) -> str:  # noqa: N802
+        with self._lock:
+            self._check_alive(handle)
+            return handle.envelope.nvml_name
+
+    def nvmlDeviceGetUUID(self, handle: SimulatedDevice) -> str:  # noqa: N802
+        with self._lock:
+            self._check_alive(handle)
+            return handle.uuid
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(  # noqa: N802
+        self, handle: SimulatedDevice
+    ) -> list[int]:
+        with self._lock:
+            self._check_cappable(handle)
+            envelope = handle.envelope
+            return [round(envelope.min_watts * 1000), round(envelope.max_watts * 1000)]
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle: SimulatedDevice) -> int:  # noqa: N802
+        with self._lock:
+            self._check_cappable(handle)
+            return round(handle.envelope.default_watts * 1000)
+
+    def nvmlDeviceGetPowerManagementLimit(self, handle: SimulatedDevice) -> int:  # noqa: N802
+        with self._lock:
+            self._check_cappable(handle)
+            return handle.limit_milliwatts
+
+    def nvmlDeviceSetPowerManagementLimit(  # noqa: N802
+        self, handle: SimulatedDevice, limit: int
+    ) -> None:
+        with self._lock:
+            self._check_cappable(handle)
+            if handle.faults.no_permission:
+                raise pynvml.NVMLError(NVML_ERROR_NO_PERMISSION)
+            envelope = handle.envelope
+            if not envelope.min_watts * 1000 <= limit <= envelope.max_watts * 1000:
+                raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+            if handle.faults.set_ignored:
+                return
+            handle.advance(self._clock())
+            handle.limit_milliwatts = int(limit)
+
+    def nvmlDeviceGetPowerUsage(self, handle: SimulatedDevice) -> int:  # noqa: N802
+        with self._lock:
+            self._check_alive(handle)
+            return round(handle.draw_watts() * 1000)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: SimulatedDevice) -> int:  # noqa: N802
+        with self._lock:
+            self._check_alive(handle)
+            handle.advance(self._clock())
+            return int(handle.energy_millijoules)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: SimulatedDevice) -> SimulatedUtilization:  # noqa: N802
+        with self._lock:
+            self._check_alive(handle)
+            percent = round(handle.utilisation * 100)
+            return SimulatedUtilization(gpu=percent, memory=percent)
+
+    # ----- checks shared by the calls above -----
+
+    def _require_init(self) -> None:
+        if self._initialised <= 0:
+            raise pynvml.NVMLError(NVML_ERROR_UNINITIALIZED)
+
+    def _check_alive(self, handle: SimulatedDevice) -> None:
+        self._require_init()
+        if handle.faults.gpu_lost:
+            raise pynvml.NVMLError(NVML_ERROR_GPU_IS_LOST)
+
+    def _check_cappable(self, handle: SimulatedDevice) -> None:
+        self._check_alive(handle)
+        if handle.faults.not_supported:
+            raise pynvml.NVMLError(NVML_ERROR_NOT_SUPPORTED)

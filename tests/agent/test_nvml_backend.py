@@ -1,0 +1,201 @@
+"""The NVML backend on the simulated library: units, clamping, read-back and every error path."""
+
+from __future__ import annotations
+
+import pynvml
+import pytest
+
+from wattsched_agent.nvml_backend import FaultReason, NvmlBackend
+from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_backend(library: SimulatedNvml) -> NvmlBackend:
+    backend = NvmlBackend(library, name="simulated")
+    assert backend.open() == []
+    return backend
+
+
+def h100_node(**options: object) -> SimulatedNvml:
+    return SimulatedNvml("node-a", ["NVIDIA-H100-80GB-HBM3"] * 2, **options)  # type: ignore[arg-type]
+
+
+def test_simulated_library_speaks_milliwatts_and_raises_pynvml_errors() -> None:
+    library = h100_node()
+    with pytest.raises(pynvml.NVMLError_Uninitialized):
+        library.nvmlDeviceGetCount()
+    library.nvmlInit()
+    handle = library.nvmlDeviceGetHandleByIndex(0)
+    assert library.nvmlDeviceGetPowerManagementLimitConstraints(handle) == [200_000, 700_000]
+    assert library.nvmlDeviceGetPowerManagementDefaultLimit(handle) == 700_000
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        library.nvmlDeviceSetPowerManagementLimit(handle, 150_000)
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        library.nvmlDeviceGetHandleByIndex(2)
+
+
+def test_identity_reports_product_uuid_and_constraints_in_watts() -> None:
+    backend = open_backend(h100_node())
+    identity = backend.identities[1]
+    assert identity.nvml_name == "NVIDIA H100 80GB HBM3"
+    assert identity.product == "NVIDIA-H100-80GB-HBM3"
+    assert identity.uuid.startswith("GPU-")
+    assert identity.uuid != backend.identities[0].uuid
+    assert (identity.min_watts, identity.max_watts, identity.default_watts) == (200, 700, 700)
+
+
+def test_limit_within_constraints_is_set_and_read_back() -> None:
+    library = h100_node()
+    backend = open_backend(library)
+    outcome = backend.apply_limit(0, 450.0)
+    assert outcome.fault is None
+    assert outcome.applied_watts == 450.0
+    handle = library.nvmlDeviceGetHandleByIndex(0)
+    assert library.nvmlDeviceGetPowerManagementLimit(handle) == 450_000
+    assert backend.sample(1).applied_watts == 700.0
+
+
+def test_limit_above_maximum_is_clamped_down_without_fault() -> None:
+    backend = open_backend(h100_node())
+    outcome = backend.apply_limit(0, 900.0)
+    assert (outcome.target_watts, outcome.applied_watts, outcome.fault) == (700.0, 700.0, None)
+
+
+def test_limit_below_minimum_is_clamped_up_and_reported() -> None:
+    backend = open_backend(h100_node())
+    outcome = backend.apply_limit(0, 120.0)
+    assert outcome.applied_watts == 200.0
+    assert outcome.fault is not None
+    assert outcome.fault.reason is FaultReason.CLAMPED_TO_MINIMUM
+    assert "120 W" in outcome.fault.message
+    assert "200 W" in outcome.fault.message
+
+
+def test_no_permission_is_reported_with_the_current_limit() -> None:
+    library = h100_node(faults={0: GpuFaults(no_permission=True)})
+    backend = open_backend(library)
+    outcome = backend.apply_limit(0, 400.0)
+    assert outcome.fault is not None
+    assert outcome.fault.reason is FaultReason.NO_PERMISSION
+    assert "CAP_SYS_ADMIN" in outcome.fault.message
+    assert outcome.applied_watts == 700.0
+    assert backend.apply_limit(1, 400.0).fault is None
+
+
+def test_no_permission_is_not_raised_when_the_limit_already_matches() -> None:
+    library = h100_node(faults={0: GpuFaults(no_permission=True)})
+    backend = open_backend(library)
+    outcome = backend.apply_limit(0, 700.0)
+    assert (outcome.applied_watts, outcome.fault) == (700.0, None)
+
+
+def test_not_supported_board_reports_identity_without_constraints() -> None:
+    library = h100_node(faults={1: GpuFaults(not_supported=True)})
+    backend = NvmlBackend(library)
+    faults = backend.open()
+    assert [(fault.index, fault.reason) for fault in faults] == [(1, FaultReason.NOT_SUPPORTED)]
+    assert backend.identities[1].uuid.startswith("GPU-")
+    assert backend.identities[1].max_watts is None
+    outcome = backend.apply_limit(1, 400.0)
+    assert outcome.fault is not None
+    assert outcome.fault.reason is FaultReason.NOT_SUPPORTED
+    sample = backend.sample(1)
+    assert sample.applied_watts is None
+    assert sample.draw_watts is not None
+
+
+def test_lost_gpu_is_reported_and_the_other_gpus_keep_working() -> None:
+    library = h100_node()
+    backend = open_backend(library)
+    library.set_faults(0, GpuFaults(gpu_lost=True))
+    outcome = backend.apply_limit(0, 400.0)
+    assert outcome.fault is not None
+    assert outcome.fault.reason is FaultReason.GPU_LOST
+    sample = backend.sample(0)
+    assert sample.fault is not None
+    assert sample.fault.reason is FaultReason.GPU_LOST
+    assert (sample.draw_watts, sample.energy_millijoules) == (None, None)
+    assert backend.apply_limit(1, 400.0).applied_watts == 400.0
+
+
+def test_gpu_lost_at_start_is_identified_once_it_returns() -> None:
+    library = h100_node(faults={0: GpuFaults(gpu_lost=True)})
+    backend = NvmlBackend(library)
+    assert [fault.reason for fault in backend.open()] == [FaultReason.GPU_LOST]
+    assert 0 not in backend.identities
+    library.set_faults(0, GpuFaults())
+    assert backend.apply_limit(0, 300.0).applied_watts == 300.0
+    assert backend.identities[0].max_watts == 700.0
+
+
+def test_set_that_returns_success_but_changes_nothing_is_caught_by_read_back() -> None:
+    library = h100_node(faults={0: GpuFaults(set_ignored=True)})
+    backend = open_backend(library)
+    outcome = backend.apply_limit(0, 300.0)
+    assert outcome.applied_watts == 700.0
+    assert outcome.fault is not None
+    assert outcome.fault.reason is FaultReason.READ_BACK_MISMATCH
+
+
+def test_index_beyond_the_node_is_gpu_not_found() -> None:
+    backend = open_backend(h100_node())
+    outcome = backend.apply_limit(5, 300.0)
+    assert outcome.fault is not None
+    assert outcome.fault.reason is FaultReason.GPU_NOT_FOUND
+    assert "0..1" in outcome.fault.message
+
+
+def test_missing_driver_is_nvml_unavailable() -> None:
+    backend = NvmlBackend(h100_node(driver_loaded=False))
+    faults = backend.open()
+    assert [(fault.index, fault.reason) for fault in faults] == [
+        (None, FaultReason.NVML_UNAVAILABLE)
+    ]
+    assert backend.gpu_count == 0
+
+
+def test_limit_lost_on_driver_reload_is_applied_again() -> None:
+    library = h100_node()
+    backend = open_backend(library)
+    backend.apply_limit(0, 350.0)
+    library.reload_driver()
+    assert backend.sample(0).applied_watts == 700.0
+    assert backend.apply_limit(0, 350.0).applied_watts == 350.0
+
+
+def test_restore_default_sets_the_board_default() -> None:
+    backend = open_backend(h100_node())
+    backend.apply_limit(0, 300.0)
+    assert backend.restore_default(0).applied_watts == 700.0
+
+
+def test_draw_follows_utilisation_and_limit_and_energy_integrates_it() -> None:
+    clock = ManualClock()
+    library = h100_node(clock=clock)
+    backend = open_backend(library)
+    assert backend.sample(0).draw_watts == 70.0  # idle
+    library.set_utilisation(0, 1.0)
+    assert backend.sample(0).draw_watts == 650.0  # busy, uncapped
+    backend.apply_limit(0, 400.0)
+    assert backend.sample(0).draw_watts == 400.0  # busy, capped
+    library.set_utilisation(0, 0.5)
+    assert backend.sample(0).draw_watts == pytest.approx(235.0)
+    start = backend.sample(0).energy_millijoules
+    assert start is not None
+    clock.now += 10.0
+    end = backend.sample(0).energy_millijoules
+    assert end is not None
+    assert end - start == pytest.approx(2_350_000, abs=1)
+    assert backend.sample(0).utilisation_percent == 50
+
+
+def test_unknown_product_is_rejected_naming_the_node() -> None:
+    with pytest.raises(ValueError, match=r"node n1: GPU product\(s\) \['NVIDIA-B999'\]"):
+        SimulatedNvml("n1", ["NVIDIA-B999"])
