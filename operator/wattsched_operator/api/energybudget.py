@@ -1,0 +1,347 @@
+"""EnergyBudget (`wattsched.io/v1alpha1`, cluster-scoped): typed spec and status, parsed and
+validated with the same rules and defaults as `crds/wattsched.io_energybudgets.yaml`, and the
+label-selector matching that resolves a budget to its nodes.
+
+Not for enforcing the cap: the optimizer keeps power limits under it; this module reads the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from wattsched_operator.api.fields import Fields, JsonObject
+from wattsched_operator.api.meta import (
+    API_VERSION,
+    Condition,
+    ObjectMeta,
+    check_kind,
+    read_conditions,
+    read_metadata,
+    read_time,
+)
+
+KIND = "EnergyBudget"
+PLURAL = "energybudgets"
+
+# Condition types of status.conditions.
+READY = "Ready"
+EXHAUSTED = "Exhausted"
+
+
+class SelectorOperator(StrEnum):
+    IN = "In"
+    NOT_IN = "NotIn"
+    EXISTS = "Exists"
+    DOES_NOT_EXIST = "DoesNotExist"
+
+
+class Period(StrEnum):
+    DAY = "Day"
+    WEEK = "Week"
+    MONTH = "Month"
+
+
+class PlanStatusName(StrEnum):
+    OPTIMAL = "Optimal"
+    FEASIBLE = "Feasible"
+    INFEASIBLE = "Infeasible"
+    TIME_LIMIT = "TimeLimit"
+
+
+@dataclass(frozen=True)
+class LabelRequirement:
+    key: str
+    operator: SelectorOperator
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator is SelectorOperator.EXISTS:
+            return self.key in labels
+        if self.operator is SelectorOperator.DOES_NOT_EXIST:
+            return self.key not in labels
+        if self.operator is SelectorOperator.IN:
+            return labels.get(self.key) in self.values
+        return self.key not in labels or labels[self.key] not in self.values
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "operator": self.operator.value}
+        if self.values:
+            out["values"] = list(self.values)
+        return out
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """A metav1.LabelSelector. The empty selector matches every node."""
+
+    match_labels: dict[str, str] = field(default_factory=dict)
+    match_expressions: tuple[LabelRequirement, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.match_labels and not self.match_expressions
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(key) == value for key, value in self.match_labels.items()) and all(
+            requirement.matches(labels) for requirement in self.match_expressions
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.match_labels:
+            out["matchLabels"] = dict(self.match_labels)
+        if self.match_expressions:
+            out["matchExpressions"] = [r.to_dict() for r in self.match_expressions]
+        return out
+
+
+@dataclass(frozen=True)
+class EnergyAllowance:
+    kwh: float
+    period: Period = Period.DAY
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kWh": self.kwh, "period": self.period.value}
+
+
+@dataclass(frozen=True)
+class CarbonSettings:
+    intensity_grams_per_kwh: float | None = None
+    prometheus_query: str | None = None
+    max_kg_per_period: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        pairs = [
+            ("intensityGramsPerKWh", self.intensity_grams_per_kwh),
+            ("prometheusQuery", self.prometheus_query),
+            ("maxKgPerPeriod", self.max_kg_per_period),
+        ]
+        return {key: value for key, value in pairs if value is not None}
+
+
+@dataclass(frozen=True)
+class EnergyBudgetSpec:
+    power_cap_watts: float
+    node_selector: LabelSelector | None = None
+    energy: EnergyAllowance | None = None
+    carbon: CarbonSettings | None = None
+    pue: float = 1.0
+
+    def selects(self, labels: Mapping[str, str]) -> bool:
+        """Whether a node with `labels` is in scope (no or empty selector: every GPU node)."""
+        return self.node_selector is None or self.node_selector.matches(labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.node_selector is not None:
+            out["nodeSelector"] = self.node_selector.to_dict()
+        out["powerCapWatts"] = self.power_cap_watts
+        if self.energy is not None:
+            out["energy"] = self.energy.to_dict()
+        if self.carbon is not None:
+            out["carbon"] = self.carbon.to_dict()
+        out["pue"] = self.pue
+        return out
+
+
+@dataclass(frozen=True)
+class LastPlan:
+    time: str | None = None
+    seconds: float | None = None
+    status: PlanStatusName | None = None
+    gap: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        pairs: list[tuple[str, object]] = [
+            ("time", self.time),
+            ("seconds", self.seconds),
+            ("status", None if self.status is None else self.status.value),
+            ("gap", self.gap),
+        ]
+        return {key: value for key, value in pairs if value is not None}
+
+
+@dataclass(frozen=True)
+class EnergyBudgetStatus:
+    observed_generation: int | None = None
+    nodes: int | None = None
+    allocated_cap_watts: float | None = None
+    expected_watts: float | None = None
+    measured_watts: float | None = None
+    headroom_watts: float | None = None
+    energy_used_kwh: float | None = None
+    carbon_kg: float | None = None
+    period_start: str | None = None
+    last_plan: LastPlan | None = None
+    conditions: tuple[Condition, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        pairs: list[tuple[str, object]] = [
+            ("observedGeneration", self.observed_generation),
+            ("nodes", self.nodes),
+            ("allocatedCapWatts", self.allocated_cap_watts),
+            ("expectedWatts", self.expected_watts),
+            ("measuredWatts", self.measured_watts),
+            ("headroomWatts", self.headroom_watts),
+            ("energyUsedKWh", self.energy_used_kwh),
+            ("carbonKg", self.carbon_kg),
+            ("periodStart", self.period_start),
+            ("lastPlan", None if self.last_plan is None else self.last_plan.to_dict()),
+        ]
+        out: dict[str, Any] = {key: value for key, value in pairs if value is not None}
+        if self.conditions:
+            out["conditions"] = [c.to_dict() for c in self.conditions]
+        return out
+
+
+@dataclass(frozen=True)
+class EnergyBudget:
+    metadata: ObjectMeta
+    spec: EnergyBudgetSpec
+    status: EnergyBudgetStatus = field(default_factory=EnergyBudgetStatus)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": self.metadata.to_dict(),
+            "spec": self.spec.to_dict(),
+        }
+        status = self.status.to_dict()
+        if status:
+            out["status"] = status
+        return out
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def parse_energybudget(obj: JsonObject) -> EnergyBudget:
+    """Read and validate an EnergyBudget; raises `ApiValidationError` naming object and field."""
+    check_kind(obj, KIND)
+    metadata = read_metadata(obj, kind=KIND, namespaced=False)
+    top = Fields(obj, kind=KIND, name=metadata.key, path="")
+    top.raw("apiVersion")
+    top.raw("kind")
+    top.raw("metadata")
+    spec = _read_spec(top.section("spec"))
+    status_fields = top.optional_section("status")
+    status = EnergyBudgetStatus() if status_fields is None else _read_status(status_fields)
+    top.finish()
+    return EnergyBudget(metadata=metadata, spec=spec, status=status)
+
+
+def read_label_selector(selector: Fields) -> LabelSelector:
+    requirements = []
+    for item in selector.objects("matchExpressions", max_items=32) or []:
+        operator = SelectorOperator(
+            item.string("operator", max_length=16, enum=tuple(SelectorOperator))
+        )
+        values = item.strings("values", max_items=64, max_length=63)
+        if (operator in (SelectorOperator.IN, SelectorOperator.NOT_IN)) != bool(values):
+            raise item.error(
+                "values",
+                "must be non-empty for In and NotIn and empty for Exists and DoesNotExist",
+            )
+        requirements.append(
+            LabelRequirement(
+                key=item.string("key", max_length=317, min_length=1),
+                operator=operator,
+                values=values,
+            )
+        )
+        item.finish()
+    result = LabelSelector(
+        match_labels=selector.string_map("matchLabels", max_properties=64, max_length=63),
+        match_expressions=tuple(requirements),
+    )
+    selector.finish()
+    return result
+
+
+def _read_spec(spec: Fields) -> EnergyBudgetSpec:
+    selector_fields = spec.optional_section("nodeSelector")
+    energy = None
+    energy_fields = spec.optional_section("energy")
+    if energy_fields is not None:
+        energy = EnergyAllowance(
+            kwh=energy_fields.number("kWh", minimum=0, maximum=1e12, exclusive_minimum=True),
+            period=Period(
+                energy_fields.string("period", max_length=8, enum=tuple(Period), default="Day")
+            ),
+        )
+        energy_fields.finish()
+    carbon = None
+    carbon_fields = spec.optional_section("carbon")
+    if carbon_fields is not None:
+        carbon = CarbonSettings(
+            intensity_grams_per_kwh=carbon_fields.optional_number(
+                "intensityGramsPerKWh", minimum=0, maximum=5000
+            ),
+            prometheus_query=carbon_fields.optional_string(
+                "prometheusQuery", max_length=4096, min_length=1
+            ),
+            max_kg_per_period=carbon_fields.optional_number(
+                "maxKgPerPeriod", minimum=0, maximum=1e12, exclusive_minimum=True
+            ),
+        )
+        carbon_fields.finish()
+        if carbon.intensity_grams_per_kwh is None and carbon.prometheus_query is None:
+            raise spec.error("carbon", "must set intensityGramsPerKWh or prometheusQuery (or both)")
+        if carbon.max_kg_per_period is not None and energy is None:
+            raise spec.error(
+                "carbon",
+                "spec.carbon.maxKgPerPeriod needs spec.energy (its period defines the period)",
+            )
+    result = EnergyBudgetSpec(
+        power_cap_watts=spec.number(
+            "powerCapWatts", minimum=0, maximum=1e9, exclusive_minimum=True
+        ),
+        node_selector=None if selector_fields is None else read_label_selector(selector_fields),
+        energy=energy,
+        carbon=carbon,
+        pue=spec.number("pue", minimum=1.0, maximum=5.0, default=1.0),
+    )
+    spec.finish()
+    return result
+
+
+def _read_status(status: Fields) -> EnergyBudgetStatus:
+    last_plan = None
+    plan_fields = status.optional_section("lastPlan")
+    if plan_fields is not None:
+        plan_status = plan_fields.optional_string(
+            "status", max_length=16, enum=tuple(PlanStatusName)
+        )
+        last_plan = LastPlan(
+            time=read_time(plan_fields, "time"),
+            seconds=plan_fields.optional_number("seconds", minimum=0, maximum=1e9),
+            status=None if plan_status is None else PlanStatusName(plan_status),
+            gap=plan_fields.optional_number("gap", minimum=0, maximum=1e30),
+        )
+        plan_fields.finish()
+    big = 1e30
+    result = EnergyBudgetStatus(
+        observed_generation=status.optional_integer(
+            "observedGeneration", minimum=0, maximum=2**63 - 1
+        ),
+        nodes=status.optional_integer("nodes", minimum=0, maximum=2**31),
+        allocated_cap_watts=status.optional_number("allocatedCapWatts", minimum=0, maximum=big),
+        expected_watts=status.optional_number("expectedWatts", minimum=0, maximum=big),
+        measured_watts=status.optional_number("measuredWatts", minimum=0, maximum=big),
+        headroom_watts=status.optional_number("headroomWatts", minimum=-big, maximum=big),
+        energy_used_kwh=status.optional_number("energyUsedKWh", minimum=0, maximum=big),
+        carbon_kg=status.optional_number("carbonKg", minimum=0, maximum=big),
+        period_start=read_time(status, "periodStart"),
+        last_plan=last_plan,
+        conditions=read_conditions(status),
+    )
+    status.finish()
+    return result

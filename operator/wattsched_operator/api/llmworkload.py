@@ -1,0 +1,658 @@
+"""LLMWorkload (`wattsched.io/v1alpha1`, namespaced): typed spec and status, parsed and validated
+with the same rules and defaults as `crds/wattsched.io_llmworkloads.yaml`.
+
+`parse_llmworkload` reads an object as the API server returns it (or as a user wrote it: schema
+defaults are applied the same way); `LLMWorkload.to_dict()` writes the object back with those
+defaults, exactly as the API server stores it. Defaults that depend on other fields (the replica
+range, `preemptible`, a variant's memory) are not stored: they are the `effective_*` properties.
+Not for deciding anything: the optimizer decides; this module only reads and writes the API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from wattsched_operator.api.fields import Fields, JsonObject
+from wattsched_operator.api.meta import (
+    API_VERSION,
+    Condition,
+    ObjectMeta,
+    check_kind,
+    parse_time,
+    read_conditions,
+    read_metadata,
+    read_time,
+)
+
+KIND = "LLMWorkload"
+PLURAL = "llmworkloads"
+MAX_GPUS_PER_REPLICA = 64
+MAX_REPLICAS = 1024
+MAX_VARIANTS = 8
+PRIORITY_RANGE = (-1_000_000, 1_000_000)
+
+
+class WorkloadType(StrEnum):
+    INFERENCE = "Inference"
+    TRAINING = "Training"
+    FINE_TUNING = "FineTuning"
+    BATCH_INFERENCE = "BatchInference"
+
+
+class Precision(StrEnum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP8 = "fp8"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class EnergyPolicy(StrEnum):
+    PERFORMANCE = "Performance"
+    BALANCED = "Balanced"
+    EFFICIENCY = "Efficiency"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PLACED = "Placed"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    PREEMPTED = "Preempted"
+
+
+class EnergySource(StrEnum):
+    MEASURED = "measured"
+    MODELLED = "modelled"
+
+
+# Condition types of status.conditions.
+ADMITTED = "Admitted"
+PLACED = "Placed"
+READY = "Ready"
+SLO_MET = "SLOMet"
+BUDGET_LIMITED = "BudgetLimited"
+SCHEDULABLE = "Schedulable"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    parameters_billions: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "parametersBillions": self.parameters_billions}
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    """`spec.gpu`: GPUs per replica, memory per GPU (GiB), allowed products (as written)."""
+
+    count: int
+    min_memory_gib: float | None = None
+    products: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"count": self.count}
+        if self.min_memory_gib is not None:
+            out["minMemoryGiB"] = self.min_memory_gib
+        if self.products:
+            out["products"] = list(self.products)
+        return out
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One entry of `spec.variants`."""
+
+    name: str
+    precision: Precision
+    min_memory_gib: float | None = None
+    relative_throughput: float = 1.0
+    quality: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "precision": self.precision.value}
+        if self.min_memory_gib is not None:
+            out["minMemoryGiB"] = self.min_memory_gib
+        out["relativeThroughput"] = self.relative_throughput
+        out["quality"] = self.quality
+        return out
+
+
+DEFAULT_VARIANTS = (VariantSpec(name="bf16", precision=Precision.BF16),)
+
+
+@dataclass(frozen=True)
+class TotalWork:
+    """`spec.slo.totalWork`: exactly one of tokens, steps (with tokens_per_step), gpu_hours."""
+
+    tokens: float | None = None
+    steps: int | None = None
+    tokens_per_step: float | None = None
+    gpu_hours: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.tokens is not None:
+            out["tokens"] = self.tokens
+        if self.steps is not None:
+            out["steps"] = self.steps
+        if self.tokens_per_step is not None:
+            out["tokensPerStep"] = self.tokens_per_step
+        if self.gpu_hours is not None:
+            out["gpuHours"] = self.gpu_hours
+        return out
+
+
+@dataclass(frozen=True)
+class Slo:
+    tokens_per_second: float | None = None
+    p99_latency_ms: float | None = None
+    total_work: TotalWork | None = None
+    deadline: str | None = None  # RFC 3339, as written
+
+    @property
+    def deadline_time(self) -> datetime | None:
+        return None if self.deadline is None else parse_time(self.deadline)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.tokens_per_second is not None:
+            out["tokensPerSecond"] = self.tokens_per_second
+        if self.p99_latency_ms is not None:
+            out["p99LatencyMs"] = self.p99_latency_ms
+        if self.total_work is not None:
+            out["totalWork"] = self.total_work.to_dict()
+        if self.deadline is not None:
+            out["deadline"] = self.deadline
+        return out
+
+
+@dataclass(frozen=True)
+class EnergyPreference:
+    policy: EnergyPolicy = EnergyPolicy.BALANCED
+    max_power_watts_per_gpu: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"policy": self.policy.value}
+        if self.max_power_watts_per_gpu is not None:
+            out["maxPowerWattsPerGPU"] = self.max_power_watts_per_gpu
+        return out
+
+
+@dataclass(frozen=True)
+class LLMWorkloadSpec:
+    type: WorkloadType
+    model: ModelRef
+    gpu: GpuRequest
+    slo: Slo
+    template: dict[str, Any]
+    replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    variants: tuple[VariantSpec, ...] = DEFAULT_VARIANTS
+    min_quality: float = 0.0
+    priority: int = 0
+    preemptible: bool | None = None
+    energy: EnergyPreference = field(default_factory=EnergyPreference)
+
+    @property
+    def is_gang(self) -> bool:
+        """Training, FineTuning and BatchInference run all their replicas or none."""
+        return self.type is not WorkloadType.INFERENCE
+
+    @property
+    def effective_min_replicas(self) -> int:
+        """Fewest replicas: the gang size, or Inference's minReplicas (else replicas, else 1)."""
+        if self.is_gang:
+            return self.replicas or 1
+        return self.min_replicas or self.replicas or 1
+
+    @property
+    def effective_max_replicas(self) -> int:
+        """Most replicas: the gang size, or Inference's maxReplicas (else max(replicas, min))."""
+        if self.is_gang:
+            return self.replicas or 1
+        if self.max_replicas is not None:
+            return self.max_replicas
+        return max(self.replicas or 1, self.effective_min_replicas)
+
+    @property
+    def effective_preemptible(self) -> bool:
+        """`preemptible`, defaulting to true for BatchInference and false otherwise."""
+        if self.preemptible is not None:
+            return self.preemptible
+        return self.type is WorkloadType.BATCH_INFERENCE
+
+    def variant_min_memory_gib(self, variant: VariantSpec) -> float:
+        """GiB per GPU a variant needs: its minMemoryGiB, else spec.gpu.minMemoryGiB, else 0."""
+        if variant.min_memory_gib is not None:
+            return variant.min_memory_gib
+        return self.gpu.min_memory_gib or 0.0
+
+    def variant(self, name: str) -> VariantSpec | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": self.type.value,
+            "model": self.model.to_dict(),
+            "gpu": self.gpu.to_dict(),
+        }
+        if self.replicas is not None:
+            out["replicas"] = self.replicas
+        if self.min_replicas is not None:
+            out["minReplicas"] = self.min_replicas
+        if self.max_replicas is not None:
+            out["maxReplicas"] = self.max_replicas
+        out["variants"] = [v.to_dict() for v in self.variants]
+        out["minQuality"] = self.min_quality
+        out["slo"] = self.slo.to_dict()
+        out["priority"] = self.priority
+        if self.preemptible is not None:
+            out["preemptible"] = self.preemptible
+        out["energy"] = self.energy.to_dict()
+        out["template"] = self.template
+        return out
+
+
+@dataclass(frozen=True)
+class ReplicaCounts:
+    desired: int = 0
+    placed: int = 0
+    ready: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"desired": self.desired, "placed": self.placed, "ready": self.ready}
+
+
+@dataclass(frozen=True)
+class ReplicaPlacement:
+    """One entry of `status.placements`."""
+
+    replica: int
+    node: str
+    gpus: int
+    variant: str
+    power_limit_watts: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "node": self.node,
+            "gpus": self.gpus,
+            "variant": self.variant,
+            "powerLimitWatts": self.power_limit_watts,
+        }
+
+
+@dataclass(frozen=True)
+class PowerStatus:
+    cap_watts: float | None = None
+    expected_watts: float | None = None
+    measured_watts: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        pairs = [
+            ("capWatts", self.cap_watts),
+            ("expectedWatts", self.expected_watts),
+            ("measuredWatts", self.measured_watts),
+        ]
+        return {key: value for key, value in pairs if value is not None}
+
+
+@dataclass(frozen=True)
+class EnergyStatus:
+    source: EnergySource
+    joules: float | None = None
+    kwh: float | None = None
+    tokens_per_joule: float | None = None
+    carbon_grams: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        pairs = [
+            ("joules", self.joules),
+            ("kWh", self.kwh),
+            ("tokensPerJoule", self.tokens_per_joule),
+            ("carbonGrams", self.carbon_grams),
+        ]
+        out: dict[str, Any] = {key: value for key, value in pairs if value is not None}
+        out["source"] = self.source.value
+        return out
+
+
+@dataclass(frozen=True)
+class LLMWorkloadStatus:
+    phase: Phase | None = None
+    observed_generation: int | None = None
+    replicas: ReplicaCounts | None = None
+    variant: str | None = None
+    nodes: str | None = None
+    placements: tuple[ReplicaPlacement, ...] = ()
+    power: PowerStatus | None = None
+    energy: EnergyStatus | None = None
+    conditions: tuple[Condition, ...] = ()
+    message: str | None = None
+
+    def condition(self, condition_type: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == condition_type), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.phase is not None:
+            out["phase"] = self.phase.value
+        if self.observed_generation is not None:
+            out["observedGeneration"] = self.observed_generation
+        if self.replicas is not None:
+            out["replicas"] = self.replicas.to_dict()
+        if self.variant is not None:
+            out["variant"] = self.variant
+        if self.nodes is not None:
+            out["nodes"] = self.nodes
+        if self.placements:
+            out["placements"] = [p.to_dict() for p in self.placements]
+        if self.power is not None:
+            out["power"] = self.power.to_dict()
+        if self.energy is not None:
+            out["energy"] = self.energy.to_dict()
+        if self.conditions:
+            out["conditions"] = [c.to_dict() for c in self.conditions]
+        if self.message is not None:
+            out["message"] = self.message
+        return out
+
+
+@dataclass(frozen=True)
+class LLMWorkload:
+    metadata: ObjectMeta
+    spec: LLMWorkloadSpec
+    status: LLMWorkloadStatus = field(default_factory=LLMWorkloadStatus)
+
+    @property
+    def key(self) -> str:
+        """`namespace/name`: how the optimizer names this workload."""
+        return self.metadata.key
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": self.metadata.to_dict(),
+            "spec": self.spec.to_dict(),
+        }
+        status = self.status.to_dict()
+        if status:
+            out["status"] = status
+        return out
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def parse_llmworkload(obj: JsonObject) -> LLMWorkload:
+    """Read and validate an LLMWorkload; raises `ApiValidationError` naming the object and field."""
+    check_kind(obj, KIND)
+    metadata = read_metadata(obj, kind=KIND, namespaced=True)
+    top = Fields(obj, kind=KIND, name=metadata.key, path="")
+    top.raw("apiVersion")
+    top.raw("kind")
+    top.raw("metadata")
+    spec = _read_spec(top.section("spec"))
+    status_fields = top.optional_section("status")
+    status = LLMWorkloadStatus() if status_fields is None else _read_status(status_fields)
+    top.finish()
+    return LLMWorkload(metadata=metadata, spec=spec, status=status)
+
+
+def _read_spec(spec: Fields) -> LLMWorkloadSpec:
+    workload_type = WorkloadType(spec.string("type", max_length=16, enum=tuple(WorkloadType)))
+
+    model_fields = spec.section("model")
+    model = ModelRef(
+        name=model_fields.string("name", max_length=253, min_length=1),
+        parameters_billions=model_fields.number(
+            "parametersBillions", minimum=0, maximum=10000, exclusive_minimum=True
+        ),
+    )
+    model_fields.finish()
+
+    gpu_fields = spec.section("gpu")
+    gpu = GpuRequest(
+        count=gpu_fields.integer("count", minimum=1, maximum=MAX_GPUS_PER_REPLICA),
+        min_memory_gib=gpu_fields.optional_number("minMemoryGiB", minimum=0, maximum=1024),
+        products=gpu_fields.strings(
+            "products", max_items=16, max_length=63, min_length=1, unique=True
+        ),
+    )
+    gpu_fields.finish()
+
+    replicas = spec.optional_integer("replicas", minimum=1, maximum=MAX_REPLICAS)
+    min_replicas = spec.optional_integer("minReplicas", minimum=1, maximum=MAX_REPLICAS)
+    max_replicas = spec.optional_integer("maxReplicas", minimum=1, maximum=MAX_REPLICAS)
+    if workload_type is not WorkloadType.INFERENCE and (
+        min_replicas is not None or max_replicas is not None
+    ):
+        raise spec.error(
+            "minReplicas",
+            "spec.minReplicas and spec.maxReplicas apply only to type Inference; use "
+            "spec.replicas (the gang size) for Training, FineTuning and BatchInference",
+        )
+    if min_replicas is not None and max_replicas is not None and min_replicas > max_replicas:
+        raise spec.error("minReplicas", "must be less than or equal to spec.maxReplicas")
+    if replicas is not None and min_replicas is not None and replicas < min_replicas:
+        raise spec.error("replicas", "must be greater than or equal to spec.minReplicas")
+    if replicas is not None and max_replicas is not None and replicas > max_replicas:
+        raise spec.error("replicas", "must be less than or equal to spec.maxReplicas")
+
+    variants = _read_variants(spec)
+    min_quality = spec.number("minQuality", minimum=0, maximum=1, default=0.0)
+    if not any(v.quality >= min_quality for v in variants):
+        raise spec.error(
+            "minQuality",
+            "excludes every entry of spec.variants; lower spec.minQuality or add a variant "
+            "with a higher quality",
+        )
+
+    slo = _read_slo(spec.section("slo"), workload_type)
+
+    energy_fields = spec.optional_section("energy")
+    energy = EnergyPreference()
+    if energy_fields is not None:
+        energy = EnergyPreference(
+            policy=EnergyPolicy(
+                energy_fields.string(
+                    "policy", max_length=16, enum=tuple(EnergyPolicy), default="Balanced"
+                )
+            ),
+            max_power_watts_per_gpu=energy_fields.optional_number(
+                "maxPowerWattsPerGPU", minimum=0, maximum=2000, exclusive_minimum=True
+            ),
+        )
+        energy_fields.finish()
+
+    result = LLMWorkloadSpec(
+        type=workload_type,
+        model=model,
+        gpu=gpu,
+        slo=slo,
+        template=_read_template(spec),
+        replicas=replicas,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        variants=variants,
+        min_quality=min_quality,
+        priority=spec.integer(
+            "priority", minimum=PRIORITY_RANGE[0], maximum=PRIORITY_RANGE[1], default=0
+        ),
+        preemptible=spec.optional_boolean("preemptible"),
+        energy=energy,
+    )
+    spec.finish()
+    return result
+
+
+def _read_variants(spec: Fields) -> tuple[VariantSpec, ...]:
+    items = spec.objects("variants", max_items=MAX_VARIANTS, min_items=1)
+    if items is None:
+        return DEFAULT_VARIANTS
+    spec.unique_by("variants", items, lambda item: item.data.get("name"))
+    variants = []
+    for item in items:
+        variants.append(
+            VariantSpec(
+                name=item.string(
+                    "name", max_length=63, min_length=1, pattern=r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+                ),
+                precision=Precision(item.string("precision", max_length=8, enum=tuple(Precision))),
+                min_memory_gib=item.optional_number("minMemoryGiB", minimum=0, maximum=1024),
+                relative_throughput=item.number(
+                    "relativeThroughput", minimum=0, maximum=10, exclusive_minimum=True, default=1.0
+                ),
+                quality=item.number("quality", minimum=0, maximum=1, default=1.0),
+            )
+        )
+        item.finish()
+    return tuple(variants)
+
+
+def _read_slo(slo: Fields, workload_type: WorkloadType) -> Slo:
+    total_work = None
+    work_fields = slo.optional_section("totalWork")
+    if work_fields is not None:
+        total_work = TotalWork(
+            tokens=work_fields.optional_number(
+                "tokens", minimum=0, maximum=1e18, exclusive_minimum=True
+            ),
+            steps=work_fields.optional_integer("steps", minimum=1, maximum=10**12),
+            tokens_per_step=work_fields.optional_number(
+                "tokensPerStep", minimum=0, maximum=1e12, exclusive_minimum=True
+            ),
+            gpu_hours=work_fields.optional_number(
+                "gpuHours", minimum=0, maximum=1e9, exclusive_minimum=True
+            ),
+        )
+        work_fields.finish()
+        units = [total_work.tokens, total_work.steps, total_work.gpu_hours]
+        if sum(unit is not None for unit in units) != 1:
+            raise slo.error("totalWork", "must set exactly one of tokens, steps, gpuHours")
+        if (total_work.steps is None) != (total_work.tokens_per_step is None):
+            raise work_fields.error(
+                "tokensPerStep", "is required with steps and allowed only with steps"
+            )
+    result = Slo(
+        tokens_per_second=slo.optional_number(
+            "tokensPerSecond", minimum=0, maximum=1e9, exclusive_minimum=True
+        ),
+        p99_latency_ms=slo.optional_number(
+            "p99LatencyMs", minimum=0, maximum=3.6e6, exclusive_minimum=True
+        ),
+        total_work=total_work,
+        deadline=read_time(slo, "deadline"),
+    )
+    slo.finish()
+    if workload_type is WorkloadType.INFERENCE:
+        if result.tokens_per_second is None:
+            raise slo.error("tokensPerSecond", "is required for type Inference")
+        if result.total_work is not None or result.deadline is not None:
+            raise slo.error(
+                "totalWork" if result.total_work is not None else "deadline",
+                "spec.slo.totalWork and spec.slo.deadline apply only to Training, FineTuning "
+                "and BatchInference; an Inference service sets spec.slo.tokensPerSecond",
+            )
+    else:
+        if result.total_work is None:
+            raise slo.error(
+                "totalWork", "is required for types Training, FineTuning and BatchInference"
+            )
+        if result.tokens_per_second is not None or result.p99_latency_ms is not None:
+            raise slo.error(
+                "tokensPerSecond" if result.tokens_per_second is not None else "p99LatencyMs",
+                "spec.slo.tokensPerSecond and spec.slo.p99LatencyMs apply only to type Inference",
+            )
+    return result
+
+
+def _read_template(spec: Fields) -> dict[str, Any]:
+    template = spec.section("template")
+    pod_spec = template.section("spec")
+    containers = pod_spec.objects("containers", max_items=32, min_items=1)
+    if containers is None:
+        raise pod_spec.error("containers", "is required (at least one container)")
+    for container in containers:
+        container.string("name", max_length=63, min_length=1)
+    metadata = template.optional_section("metadata")
+    template.finish()
+    del metadata  # preserved as written: the API server keeps unknown fields here
+    return dict(template.data)
+
+
+def _read_status(status: Fields) -> LLMWorkloadStatus:
+    phase_text = status.optional_string("phase", max_length=16, enum=tuple(Phase))
+    replicas = None
+    replica_fields = status.optional_section("replicas")
+    if replica_fields is not None:
+        replicas = ReplicaCounts(
+            desired=replica_fields.integer("desired", minimum=0, maximum=2**31, default=0),
+            placed=replica_fields.integer("placed", minimum=0, maximum=2**31, default=0),
+            ready=replica_fields.integer("ready", minimum=0, maximum=2**31, default=0),
+        )
+        replica_fields.finish()
+    placements = []
+    items = status.objects("placements", max_items=MAX_REPLICAS) or []
+    status.unique_by("placements", items, lambda item: item.data.get("replica"))
+    for item in items:
+        placements.append(
+            ReplicaPlacement(
+                replica=item.integer("replica", minimum=0, maximum=2**31),
+                node=item.string("node", max_length=253),
+                gpus=item.integer("gpus", minimum=1, maximum=MAX_GPUS_PER_REPLICA),
+                variant=item.string("variant", max_length=63),
+                power_limit_watts=item.number("powerLimitWatts", minimum=0, maximum=1e9),
+            )
+        )
+        item.finish()
+    power = None
+    power_fields = status.optional_section("power")
+    if power_fields is not None:
+        power = PowerStatus(
+            cap_watts=power_fields.optional_number("capWatts", minimum=0, maximum=1e12),
+            expected_watts=power_fields.optional_number("expectedWatts", minimum=0, maximum=1e12),
+            measured_watts=power_fields.optional_number("measuredWatts", minimum=0, maximum=1e12),
+        )
+        power_fields.finish()
+    energy = None
+    energy_fields = status.optional_section("energy")
+    if energy_fields is not None:
+        energy = EnergyStatus(
+            source=EnergySource(
+                energy_fields.string("source", max_length=16, enum=tuple(EnergySource))
+            ),
+            joules=energy_fields.optional_number("joules", minimum=0, maximum=1e30),
+            kwh=energy_fields.optional_number("kWh", minimum=0, maximum=1e30),
+            tokens_per_joule=energy_fields.optional_number(
+                "tokensPerJoule", minimum=0, maximum=1e30
+            ),
+            carbon_grams=energy_fields.optional_number("carbonGrams", minimum=0, maximum=1e30),
+        )
+        energy_fields.finish()
+    result = LLMWorkloadStatus(
+        phase=None if phase_text is None else Phase(phase_text),
+        observed_generation=status.optional_integer(
+            "observedGeneration", minimum=0, maximum=2**63 - 1
+        ),
+        replicas=replicas,
+        variant=status.optional_string("variant", max_length=1024),
+        nodes=status.optional_string("nodes", max_length=32768),
+        placements=tuple(placements),
+        power=power,
+        energy=energy,
+        conditions=read_conditions(status),
+        message=status.optional_string("message", max_length=32768),
+    )
+    status.finish()
+    return result
