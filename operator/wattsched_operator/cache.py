@@ -1,0 +1,79 @@
+"""The operator's in-memory view of the cluster, fed by kopf's watch events.
+
+Holds the latest body of every LLMWorkload, EnergyBudget, GPU node, NodePowerProfile and operator
+pod, and a dirty flag that tells the planning loop something changed. Handlers only write here;
+the loop reads a consistent copy (`view()`). Not a source of truth: a periodic full list (`replace`)
+heals anything a paused or restarted watch missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Body = dict[str, Any]
+
+WORKLOADS = "llmworkloads"
+BUDGETS = "energybudgets"
+NODES = "nodes"
+PROFILES = "nodepowerprofiles"
+PODS = "pods"
+KINDS = (WORKLOADS, BUDGETS, NODES, PROFILES, PODS)
+
+
+def object_key(body: Mapping[str, Any]) -> str:
+    """`namespace/name` for namespaced objects, `name` for cluster-scoped ones."""
+    meta = body.get("metadata") or {}
+    namespace = meta.get("namespace")
+    return f"{namespace}/{meta['name']}" if namespace else str(meta["name"])
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """A copy of the cache at one moment, by kind and key."""
+
+    workloads: Mapping[str, Body]
+    budgets: Mapping[str, Body]
+    nodes: Mapping[str, Body]
+    profiles: Mapping[str, Body]
+    pods: Mapping[str, Body]
+
+
+@dataclass
+class ClusterCache:
+    objects: dict[str, dict[str, Body]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    # Bumped on every change; the loop compares it to skip statuses nothing touched.
+    version: int = 0
+
+    def upsert(self, kind: str, body: Mapping[str, Any]) -> None:
+        self.objects[kind][object_key(body)] = dict(body)
+        self.version += 1
+
+    def remove(self, kind: str, body: Mapping[str, Any]) -> None:
+        self.objects[kind].pop(object_key(body), None)
+        self.version += 1
+
+    def replace(self, kind: str, bodies: Iterable[Mapping[str, Any]]) -> None:
+        """Replace everything of one kind with a fresh list from the API server."""
+        self.objects[kind] = {object_key(b): dict(b) for b in bodies}
+        self.version += 1
+
+    def get(self, kind: str, key: str) -> Body | None:
+        return self.objects[kind].get(key)
+
+    def mark_dirty(self) -> None:
+        self.dirty.set()
+
+    def view(self) -> ClusterView:
+        # Bodies are replaced on every event and never changed in place: a shallow copy is enough.
+        snap = {kind: dict(objs) for kind, objs in self.objects.items()}
+        return ClusterView(
+            workloads=snap[WORKLOADS],
+            budgets=snap[BUDGETS],
+            nodes=snap[NODES],
+            profiles=snap[PROFILES],
+            pods=snap[PODS],
+        )

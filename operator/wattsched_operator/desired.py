@@ -1,0 +1,215 @@
+"""Pure functions from a plan to the Kubernetes objects the operator wants: pods and power profiles.
+
+Given the optimizer's `Plan` and the LLMWorkload objects it was computed for, this module says what
+each replica's pod looks like (deterministic name, GPU request, node, variant and power-limit env),
+what each NodePowerProfile's spec should be, and which pods must go. It talks to no API server and
+keeps no state; `reconcile` applies what it computes, in a budget-safe order.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from wattsched_optimizer.problem import Placement, WorkloadType
+
+GROUP = "wattsched.io"
+VERSION = "v1alpha1"
+LABEL_WORKLOAD = f"{GROUP}/workload"
+LABEL_REPLICA = f"{GROUP}/replica"
+ANNOTATION_NODE = f"{GROUP}/node"
+ANNOTATION_VARIANT = f"{GROUP}/variant"
+ANNOTATION_POWER_LIMIT = f"{GROUP}/power-limit-watts"
+ENV_VARIANT = "WATTSCHED_VARIANT"
+ENV_PRECISION = "WATTSCHED_PRECISION"
+ENV_POWER_LIMIT = "WATTSCHED_POWER_LIMIT_WATTS"
+GPU_RESOURCE = "nvidia.com/gpu"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+
+@dataclass(frozen=True)
+class WorkloadObject:
+    """What pod building needs from one LLMWorkload (read from its metadata and spec)."""
+
+    namespace: str
+    name: str
+    uid: str
+    type: WorkloadType
+    template: Mapping[str, Any]
+    # variant name -> precision (`spec.variants[].precision`; default one `bf16` variant).
+    precisions: Mapping[str, str]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def pod_name(workload_name: str, replica: int) -> str:
+    """The one name replica `replica` of a workload ever gets, so a restart cannot duplicate it."""
+    return f"{workload_name}-{replica}"
+
+
+def format_watts(power_limit_watts: float) -> str:
+    """Watts as written into env and annotations: whole watts when integral, else one decimal."""
+    rounded = round(power_limit_watts, 1)
+    return str(int(rounded)) if rounded == int(rounded) else str(rounded)
+
+
+def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
+    """The pod for one planned replica, from `spec.template` plus what the operator adds.
+
+    Added: `nvidia.com/gpu` requests and limits on the first container, a nodeSelector on
+    `kubernetes.io/hostname` (kube-scheduler still binds, so its resource and taint checks hold),
+    the workload/replica labels, the variant/precision/power-limit env on every container, and an
+    ownerReference to the LLMWorkload so Kubernetes collects the pod with it.
+    """
+    template = copy.deepcopy(dict(workload.template))
+    template_meta: dict[str, Any] = dict(template.get("metadata") or {})
+    spec: dict[str, Any] = dict(template.get("spec") or {})
+    containers = [dict(c) for c in spec.get("containers") or []]
+    if not containers:
+        raise ValueError(
+            f"LLMWorkload {workload.key}: spec.template.spec.containers is empty; "
+            "a replica needs at least one container"
+        )
+    precision = workload.precisions.get(placement.variant, "bf16")
+    added_env = [
+        {"name": ENV_VARIANT, "value": placement.variant},
+        {"name": ENV_PRECISION, "value": precision},
+        {"name": ENV_POWER_LIMIT, "value": format_watts(placement.power_limit_watts)},
+    ]
+    ours = {ENV_VARIANT, ENV_PRECISION, ENV_POWER_LIMIT}
+    for container in containers:
+        env = [e for e in container.get("env") or [] if e.get("name") not in ours]
+        container["env"] = env + added_env
+    first = containers[0]
+    resources = {k: dict(v) for k, v in (first.get("resources") or {}).items()}
+    for section in ("requests", "limits"):
+        resources.setdefault(section, {})[GPU_RESOURCE] = str(placement.gpus)
+    first["resources"] = resources
+    spec["containers"] = containers
+    spec["nodeSelector"] = {**(spec.get("nodeSelector") or {}), HOSTNAME_LABEL: placement.node}
+    if "restartPolicy" not in spec:
+        is_batch = workload.type is not WorkloadType.INFERENCE
+        spec["restartPolicy"] = "Never" if is_batch else "Always"
+    labels = {
+        **(template_meta.get("labels") or {}),
+        LABEL_WORKLOAD: workload.name,
+        LABEL_REPLICA: str(placement.replica),
+    }
+    annotations = {
+        **(template_meta.get("annotations") or {}),
+        ANNOTATION_NODE: placement.node,
+        ANNOTATION_VARIANT: placement.variant,
+        ANNOTATION_POWER_LIMIT: format_watts(placement.power_limit_watts),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(workload.name, placement.replica),
+            "namespace": workload.namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "LLMWorkload",
+                    "name": workload.name,
+                    "uid": workload.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": spec,
+    }
+
+
+def desired_pods(
+    workloads: Mapping[str, WorkloadObject], placements: Iterable[Placement]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every planned replica's pod, keyed by (namespace, pod name)."""
+    pods: dict[tuple[str, str], dict[str, Any]] = {}
+    for placement in placements:
+        workload = workloads.get(placement.workload)
+        if workload is None:
+            continue  # planned from a snapshot that has since lost the workload
+        pod = build_pod(workload, placement)
+        pods[(workload.namespace, pod["metadata"]["name"])] = pod
+    return pods
+
+
+@dataclass(frozen=True)
+class PodChanges:
+    """What to do with pods: delete these (namespace, name), create those, re-annotate the rest."""
+
+    delete: tuple[tuple[str, str], ...]
+    create: tuple[dict[str, Any], ...]
+    # (namespace, name) -> new power-limit annotation for pods that stay where they are.
+    relabel_power: Mapping[tuple[str, str], str]
+
+
+def _pod_key(pod: Mapping[str, Any]) -> tuple[str, str]:
+    meta = pod["metadata"]
+    return (meta["namespace"], meta["name"])
+
+
+def _is_finished(pod: Mapping[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}
+
+
+def pod_changes(
+    current: Iterable[Mapping[str, Any]],
+    desired: Mapping[tuple[str, str], Mapping[str, Any]],
+    keep: frozenset[tuple[str, str]] = frozenset(),
+) -> PodChanges:
+    """Compare the operator's pods with the planned ones.
+
+    A pod is deleted when no replica is planned under its name or when its node or variant changed
+    (pods are immutable, so a move is delete + create). A finished pod is left to the lifecycle
+    rules (completion, retry with backoff), and so is any pod in `keep`. A pod being deleted blocks
+    the creation of its replacement until it is gone (the name is reused).
+    """
+    current_by_key = {_pod_key(p): p for p in current}
+    delete: list[tuple[str, str]] = []
+    create: list[dict[str, Any]] = []
+    relabel: dict[tuple[str, str], str] = {}
+    for key, pod in sorted(current_by_key.items()):
+        if key in keep or _is_finished(pod) or pod["metadata"].get("deletionTimestamp"):
+            continue
+        want = desired.get(key)
+        annotations = pod["metadata"].get("annotations") or {}
+        if want is None:
+            delete.append(key)
+            continue
+        want_annotations = want["metadata"]["annotations"]
+        moved = any(
+            annotations.get(a) != want_annotations[a] for a in (ANNOTATION_NODE, ANNOTATION_VARIANT)
+        )
+        if moved:
+            delete.append(key)
+        elif annotations.get(ANNOTATION_POWER_LIMIT) != want_annotations[ANNOTATION_POWER_LIMIT]:
+            relabel[key] = want_annotations[ANNOTATION_POWER_LIMIT]
+    for key, want in sorted(desired.items()):
+        if key not in current_by_key:
+            create.append(dict(want))
+    return PodChanges(delete=tuple(delete), create=tuple(create), relabel_power=relabel)
+
+
+def node_power_profile(node_name: str, limits_watts: Iterable[float]) -> dict[str, Any]:
+    """A NodePowerProfile manifest (cluster-scoped, named after its node) with per-GPU limits."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "NodePowerProfile",
+        "metadata": {"name": node_name},
+        "spec": {
+            "nodeName": node_name,
+            "gpus": [
+                {"index": index, "powerLimitWatts": round(float(watts), 1)}
+                for index, watts in enumerate(limits_watts)
+            ],
+        },
+    }

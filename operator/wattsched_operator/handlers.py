@@ -1,0 +1,140 @@
+"""Thin kopf handlers: record watch events in the cache and mark the plan dirty when it matters.
+
+Every handler is an async function of kopf's keyword arguments that hands the event to `record`,
+a plain function tests call directly. Whether an event matters is decided by `fingerprint`: the
+parts of an object the plan depends on (spec, membership, readiness), not heartbeats or the
+statuses the operator writes itself. The LLMWorkload deletion handler is the finalizer: it removes
+the workload's pods, and the next plan releases their power. Planning is `loop`'s job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from wattsched_operator.cache import (
+    BUDGETS,
+    NODES,
+    PODS,
+    PROFILES,
+    WORKLOADS,
+    ClusterCache,
+    object_key,
+)
+from wattsched_operator.desired import GPU_RESOURCE, GROUP, LABEL_WORKLOAD, VERSION
+from wattsched_operator.kube import Kube, pods_path
+
+
+@dataclass
+class OperatorMemo:
+    """What the handlers share with the planning loop (kopf passes it as `memo`)."""
+
+    cache: ClusterCache
+    kube: Kube
+
+
+def fingerprint(kind: str, body: Mapping[str, Any]) -> object:
+    """The parts of an object a plan depends on; a change in them makes the plan dirty."""
+    meta = body.get("metadata") or {}
+    deleting = bool(meta.get("deletionTimestamp"))
+    if kind in {WORKLOADS, BUDGETS}:
+        return (meta.get("generation"), deleting, (body.get("status") or {}).get("phase"))
+    if kind == NODES:
+        status = body.get("status") or {}
+        ready = next(
+            (c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"),
+            None,
+        )
+        labels = tuple(sorted((meta.get("labels") or {}).items()))
+        gpus = (status.get("allocatable") or {}).get(GPU_RESOURCE)
+        taints = tuple(
+            (t.get("key"), t.get("effect")) for t in (body.get("spec") or {}).get("taints") or []
+        )
+        unschedulable = (body.get("spec") or {}).get("unschedulable")
+        return (labels, gpus, ready, taints, unschedulable, deleting)
+    if kind == PROFILES:
+        status = body.get("status") or {}
+        return (
+            (status.get("agent") or {}).get("ready"),
+            status.get("observedGeneration"),
+            tuple((g.get("index"), g.get("appliedWatts")) for g in status.get("gpus") or []),
+        )
+    if kind == PODS:
+        status = body.get("status") or {}
+        ready = next(
+            (c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"),
+            None,
+        )
+        return (status.get("phase"), (body.get("spec") or {}).get("nodeName"), ready, deleting)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def record(cache: ClusterCache, kind: str, event_type: str | None, body: Mapping[str, Any]) -> bool:
+    """Store one watch event; mark the plan dirty if the event changes what a plan depends on.
+
+    Returns whether it did. `event_type` is the watch event's type (None for the initial listing).
+    """
+    before = cache.get(kind, object_key(body))
+    if event_type == "DELETED":
+        cache.remove(kind, body)
+        changed = before is not None
+    else:
+        cache.upsert(kind, body)
+        changed = before is None or fingerprint(kind, before) != fingerprint(kind, body)
+    if changed:
+        cache.mark_dirty()
+    return changed
+
+
+def _memo(memo: Any) -> OperatorMemo:
+    state = memo.state
+    assert isinstance(state, OperatorMemo)
+    return state
+
+
+@kopf.on.event(GROUP, VERSION, "llmworkloads")
+async def workload_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    record(_memo(memo).cache, WORKLOADS, event.get("type"), event["object"])
+
+
+@kopf.on.event(GROUP, VERSION, "energybudgets")
+async def budget_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    record(_memo(memo).cache, BUDGETS, event.get("type"), event["object"])
+
+
+@kopf.on.event(GROUP, VERSION, "nodepowerprofiles")
+async def profile_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    record(_memo(memo).cache, PROFILES, event.get("type"), event["object"])
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    record(_memo(memo).cache, NODES, event.get("type"), event["object"])
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_WORKLOAD: kopf.PRESENT})
+async def pod_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    record(_memo(memo).cache, PODS, event.get("type"), event["object"])
+
+
+@kopf.on.delete(GROUP, VERSION, "llmworkloads")
+async def release_workload(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    """Finalizer: delete the workload's pods, then let the next plan lower the freed limits."""
+    state = _memo(memo)
+    state.cache.mark_dirty()
+    assert namespace is not None, "LLMWorkloads are namespaced"
+    selector = f"{LABEL_WORKLOAD}={name}"
+    pods = await asyncio.to_thread(state.kube.list, pods_path(namespace), selector)
+    for pod in pods:
+        if not (pod.get("metadata") or {}).get("deletionTimestamp"):
+            await asyncio.to_thread(
+                state.kube.delete, pods_path(namespace, pod["metadata"]["name"])
+            )
+    if pods:
+        raise kopf.TemporaryError(
+            f"waiting for {len(pods)} pod(s) of {namespace}/{name} to go", delay=1
+        )

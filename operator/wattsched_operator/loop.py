@@ -1,0 +1,640 @@
+"""The planning loop: one plan at a time, applied in an order that never breaks a budget.
+
+Handlers mark the cache dirty; the loop waits for that (or for the periodic re-plan), lets changes
+settle for the debounce time, reads a copy of the cache, solves a plan off the event loop, and
+applies it: lower power limits and wait for the agents to confirm, delete preempted and moved pods,
+create new pods, raise limits, then write statuses, Events and metrics. A node whose agent does not
+confirm in time counts at maximum power in the next plan. What to write is decided by the pure
+functions in `desired`, `transition` and `statuses`; this module does the I/O and the sequencing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from wattsched_operator import desired, statuses, transition
+from wattsched_operator.cache import (
+    BUDGETS,
+    NODES,
+    PODS,
+    PROFILES,
+    WORKLOADS,
+    Body,
+    ClusterCache,
+    ClusterView,
+)
+from wattsched_operator.kube import (
+    GROUP_PATH,
+    Kube,
+    KubeError,
+    budgets_path,
+    pods_path,
+    profiles_path,
+    workloads_path,
+)
+from wattsched_optimizer.problem import Plan, PlanInput, PlanStatus, WorkloadType
+
+logger = logging.getLogger("wattsched.operator")
+
+ANNOTATION_FAILURES = "wattsched.io/failures"
+ANNOTATION_RETRY_AFTER = "wattsched.io/retry-after"
+ANNOTATION_FAILURE_COUNTED = "wattsched.io/failure-counted"
+MAX_BACKOFF_SECONDS = 300.0
+
+T = TypeVar("T")
+
+PlanFunction = Callable[[PlanInput], Plan]
+InputBuilder = Callable[[ClusterView, frozenset[str], datetime], PlanInput]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    debounce_seconds: float = 1.0
+    replan_seconds: float = 60.0
+    confirm_timeout_seconds: float = 15.0
+    backoff_limit: int = 3
+    backoff_seconds: float = 10.0
+    # Namespaces whose LLMWorkloads this operator handles; empty means all.
+    namespaces: tuple[str, ...] = ()
+    workers: int = 16
+
+
+def backoff_seconds(failures: int, base_seconds: float) -> float:
+    """Seconds before retrying a replica after its `failures`-th failure (doubling, 5 min cap)."""
+    return float(min(base_seconds * 2 ** max(failures - 1, 0), MAX_BACKOFF_SECONDS))
+
+
+def workload_object(body: Mapping[str, Any]) -> desired.WorkloadObject:
+    meta = body["metadata"]
+    spec = body.get("spec") or {}
+    variants = spec.get("variants") or [{"name": "bf16", "precision": "bf16"}]
+    return desired.WorkloadObject(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta.get("uid", ""),
+        type=WorkloadType(spec.get("type", "Inference")),
+        template=spec.get("template") or {},
+        precisions={str(v["name"]): str(v.get("precision", "bf16")) for v in variants},
+    )
+
+
+def gang_size(body: Mapping[str, Any]) -> int:
+    spec = body.get("spec") or {}
+    return int(spec.get("replicas") or 1)
+
+
+def is_gang(body: Mapping[str, Any]) -> bool:
+    return WorkloadType((body.get("spec") or {}).get("type", "Inference")).is_gang
+
+
+def pod_workload_key(pod: Mapping[str, Any]) -> str:
+    meta = pod["metadata"]
+    return f"{meta['namespace']}/{(meta.get('labels') or {}).get(desired.LABEL_WORKLOAD, '')}"
+
+
+def is_deleting(body: Mapping[str, Any]) -> bool:
+    return bool((body.get("metadata") or {}).get("deletionTimestamp"))
+
+
+@dataclass
+class Lifecycle:
+    """Per-workload facts gathered before planning: finished, failed for good, waiting to retry."""
+
+    succeeded: set[str] = dataclasses.field(default_factory=set)
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    keep_pods: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    delete_pods: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    wake_at: float | None = None
+
+
+class PlanningLoop:
+    def __init__(
+        self,
+        *,
+        cache: ClusterCache,
+        kube: Kube,
+        settings: LoopSettings,
+        build_input: InputBuilder,
+        plan_function: PlanFunction,
+        metrics: Any,
+        is_leader: Callable[[], Awaitable[bool]],
+    ) -> None:
+        self.cache = cache
+        self.kube = kube
+        self.settings = settings
+        self.build_input = build_input
+        self.plan_function = plan_function
+        self.metrics = metrics
+        self.is_leader = is_leader
+        self.unconfirmed: frozenset[str] = frozenset()
+        self.plans_applied = 0
+        self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="kube")
+        self._was_leader = False
+        self._wake_at: float | None = None
+
+    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forever: wait for a change or the periodic tick, debounce, plan, apply."""
+        last_resync = 0.0
+        while True:
+            timeout = self.settings.replan_seconds
+            if self._wake_at is not None:
+                timeout = max(0.0, min(timeout, self._wake_at - time.monotonic()))
+            try:
+                await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
+                await asyncio.sleep(self.settings.debounce_seconds)
+            except TimeoutError:
+                pass
+            self.cache.dirty.clear()
+            leader = await self.is_leader()
+            if not leader:
+                self._was_leader = False
+                continue
+            try:
+                periodic = time.monotonic() - last_resync >= self.settings.replan_seconds
+                if not self._was_leader or periodic:
+                    await self.resync()
+                    last_resync = time.monotonic()
+                self._was_leader = True
+                await self.plan_once()
+            except Exception:
+                logger.exception("planning round failed; retrying after the debounce")
+                self.metrics.reconcile_errors.labels(step="plan").inc()
+                self.cache.mark_dirty()
+
+    async def resync(self) -> None:
+        """Refill the cache from full lists (heals events missed while paused or restarting)."""
+        namespaces = self.settings.namespaces
+        workloads: list[Body] = []
+        pods: list[Body] = []
+        selector = desired.LABEL_WORKLOAD
+        if namespaces:
+            for namespace in namespaces:
+                workloads += await self._call(self.kube.list, workloads_path(namespace))
+                pods += await self._call(self.kube.list, pods_path(namespace), selector)
+        else:
+            workloads = await self._call(self.kube.list, f"{GROUP_PATH}/llmworkloads")
+            pods = await self._call(self.kube.list, "/api/v1/pods", selector)
+        self.cache.replace(WORKLOADS, workloads)
+        self.cache.replace(PODS, pods)
+        self.cache.replace(BUDGETS, await self._call(self.kube.list, budgets_path()))
+        self.cache.replace(NODES, await self._call(self.kube.list, "/api/v1/nodes"))
+        self.cache.replace(PROFILES, await self._call(self.kube.list, profiles_path()))
+
+    # -- one round ---------------------------------------------------------------------------------
+
+    async def plan_once(self) -> Plan | None:
+        """Plan from the cache and apply the plan. Returns the plan (None when nothing to plan)."""
+        now = datetime.now(UTC)
+        view = self.cache.view()
+        pods_by_workload: dict[str, list[Body]] = {}
+        for pod in view.pods.values():
+            pods_by_workload.setdefault(pod_workload_key(pod), []).append(pod)
+        life = await self._lifecycle(view, pods_by_workload, now)
+        self._wake_at = life.wake_at
+        active = {
+            key: body
+            for key, body in view.workloads.items()
+            if not is_deleting(body)
+            and (body.get("status") or {}).get("phase") not in statuses.TERMINAL_PHASES
+            and key not in life.succeeded
+            and key not in life.failed
+        }
+        active_view = dataclasses.replace(view, workloads=active)
+        plan_input = self.build_input(active_view, self.unconfirmed, now)
+        started = time.monotonic()
+        plan = await self._call(self.plan_function, plan_input)
+        self.metrics.plans.labels(status=str(plan.status)).inc()
+        self.metrics.solve_seconds.observe(plan.solve_seconds)
+        self.metrics.gap.set(plan.gap)
+        logger.info(
+            "plan %s in %.2f s: %d placements, %d unplaced, %d workloads",
+            plan.status,
+            time.monotonic() - started,
+            len(plan.placements),
+            len(plan.unplaced),
+            len(active),
+        )
+        if plan.status is PlanStatus.INFEASIBLE:
+            # Not even the empty placement fits (caps below idle minimums): change nothing.
+            await self._write_budget_statuses(view, plan, plan_input, now)
+            return plan
+        await self._apply(view, active, plan, life)
+        await self._write_statuses(
+            view, active=active, plan=plan, life=life, pods_by_workload=pods_by_workload, now=now
+        )
+        await self._write_budget_statuses(view, plan, plan_input, now)
+        self.plans_applied += 1
+        return plan
+
+    async def _lifecycle(
+        self, view: ClusterView, pods_by_workload: Mapping[str, list[Body]], now: datetime
+    ) -> Lifecycle:
+        """Completion and failure handling: retries with backoff, then Failed."""
+        life = Lifecycle()
+        for key, body in view.workloads.items():
+            phase = (body.get("status") or {}).get("phase")
+            pods = pods_by_workload.get(key, [])
+            if phase in statuses.TERMINAL_PHASES or is_deleting(body):
+                life.keep_pods.update(_pod_id(p) for p in pods if _finished(p))
+                continue
+            views = [statuses.PodView.from_pod(p) for p in pods]
+            done = {v.replica for v in views if v.phase == "Succeeded"}
+            if is_gang(body) and len(done) >= gang_size(body):
+                life.succeeded.add(key)
+                life.keep_pods.update(_pod_id(p) for p in pods)
+                continue
+            life.keep_pods.update(
+                _pod_id(p) for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"
+            )
+            annotations = body["metadata"].get("annotations") or {}
+            failures = int(annotations.get(ANNOTATION_FAILURES, "0"))
+            retry_after = annotations.get(ANNOTATION_RETRY_AFTER)
+            for pod in pods:
+                if (pod.get("status") or {}).get("phase") != "Failed":
+                    continue
+                pod_annotations = pod["metadata"].get("annotations") or {}
+                if ANNOTATION_FAILURE_COUNTED not in pod_annotations:
+                    failures += 1
+                    retry_moment = now + timedelta(
+                        seconds=backoff_seconds(failures, self.settings.backoff_seconds)
+                    )
+                    retry_after = statuses.rfc3339(retry_moment)
+                    await self._count_failure(body, pod, failures, retry_after)
+                if failures > self.settings.backoff_limit:
+                    life.failed[key] = (
+                        f"replica pods failed {failures} times (limit "
+                        f"{self.settings.backoff_limit}); last: {_pod_failure(pod)}"
+                    )
+                    break
+                due = datetime.fromisoformat(str(retry_after).replace("Z", "+00:00"))
+                if now >= due:
+                    life.delete_pods.add(_pod_id(pod))
+                else:
+                    life.keep_pods.add(_pod_id(pod))
+                    wake = time.monotonic() + (due - now).total_seconds()
+                    life.wake_at = wake if life.wake_at is None else min(life.wake_at, wake)
+        return life
+
+    async def _count_failure(
+        self, workload: Body, pod: Body, failures: int, retry_after: str
+    ) -> None:
+        meta = workload["metadata"]
+        pod_meta = pod["metadata"]
+        await self._call(
+            self.kube.merge_patch,
+            workloads_path(meta["namespace"], meta["name"]),
+            {
+                "metadata": {
+                    "annotations": {
+                        ANNOTATION_FAILURES: str(failures),
+                        ANNOTATION_RETRY_AFTER: retry_after,
+                    }
+                }
+            },
+        )
+        await self._call(
+            self.kube.merge_patch,
+            pods_path(pod_meta["namespace"], pod_meta["name"]),
+            {"metadata": {"annotations": {ANNOTATION_FAILURE_COUNTED: "true"}}},
+        )
+        await self._event(
+            workload,
+            "Warning",
+            "ReplicaFailed",
+            f"pod {pod_meta['name']} failed ({_pod_failure(pod)}); failure {failures}, "
+            f"retry after {retry_after}",
+        )
+
+    # -- applying ----------------------------------------------------------------------------------
+
+    async def _apply(
+        self, view: ClusterView, active: Mapping[str, Body], plan: Plan, life: Lifecycle
+    ) -> None:
+        objects = {key: workload_object(body) for key, body in active.items()}
+        want = desired.desired_pods(objects, plan.placements)
+        changes = desired.pod_changes(view.pods.values(), want, frozenset(life.keep_pods))
+        current = {
+            node: transition.NodePowerState.from_profile(view.profiles.get(node))
+            for node in plan.node_power_limits_watts
+        }
+        steps = transition.power_steps(current, plan.node_power_limits_watts)
+
+        # 1. Lower limits and wait for the agents to confirm.
+        generations = await self._write_limits(view, steps.lower)
+        unconfirmed = await self._wait_confirmed(generations)
+        self.unconfirmed = frozenset(unconfirmed)
+        self.metrics.unconfirmed_nodes.set(len(unconfirmed))
+        if unconfirmed:
+            logger.warning(
+                "agents on %s did not confirm lowered limits within %.0f s; they count at "
+                "maximum power in the next plan",
+                ", ".join(sorted(unconfirmed)),
+                self.settings.confirm_timeout_seconds,
+            )
+            self.cache.mark_dirty()
+
+        # 2. Delete preempted and moved pods (and failed pods due for a retry).
+        placed_keys = {p.workload for p in plan.placements}
+        to_delete = sorted(set(changes.delete) | life.delete_pods)
+        preempted: dict[str, int] = {}
+        for namespace, name in to_delete:
+            pod = view.pods.get(f"{namespace}/{name}")
+            if pod is None:
+                continue
+            key = pod_workload_key(pod)
+            if key in active and key not in placed_keys and not _finished(pod):
+                preempted[key] = preempted.get(key, 0) + 1
+        await self._gather(self._delete_pod(ns, name, view) for ns, name in to_delete)
+        for key, count in preempted.items():
+            self.metrics.preemptions.inc(count)
+            unplaced = next((u for u in plan.unplaced if u.workload == key), None)
+            reason = unplaced.reason if unplaced else "the plan no longer places it"
+            await self._event(active[key], "Warning", "Preempted", f"{count} replica(s): {reason}")
+
+        # 3. Create new pods (a name still held by a terminating pod is retried next round).
+        deleting = set(to_delete) | {
+            (p["metadata"]["namespace"], p["metadata"]["name"])
+            for p in view.pods.values()
+            if is_deleting(p)
+        }
+        creatable = [
+            p
+            for p in changes.create
+            if (p["metadata"]["namespace"], p["metadata"]["name"]) not in deleting
+            and (p["metadata"]["namespace"], p["metadata"]["name"]) not in life.keep_pods
+        ]
+        if len(creatable) < len(changes.create):
+            self.cache.mark_dirty()
+        await self._gather(self._create_pod(p) for p in creatable)
+        await self._gather(
+            self._call(
+                self.kube.merge_patch,
+                pods_path(ns, name),
+                {"metadata": {"annotations": {desired.ANNOTATION_POWER_LIMIT: watts}}},
+            )
+            for (ns, name), watts in changes.relabel_power.items()
+        )
+
+        # 4. Raise limits, only when every lowering was confirmed.
+        if not unconfirmed:
+            await self._write_limits(view, steps.raise_)
+
+    async def _gather(self, calls: Iterable[Awaitable[Any]]) -> None:
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.warning("apply step failed: %s", result)
+                self.metrics.reconcile_errors.labels(step="apply").inc()
+                self.cache.mark_dirty()
+
+    async def _delete_pod(self, namespace: str, name: str, view: ClusterView) -> None:
+        pod = view.pods.get(f"{namespace}/{name}") or {}
+        node = (pod.get("spec") or {}).get("nodeName")
+        path = pods_path(namespace, name)
+        if node and node not in view.nodes:
+            # No kubelet will ever confirm a graceful deletion on a node that is gone.
+            await self._call(
+                self.kube.request,
+                "DELETE",
+                path,
+                {"gracePeriodSeconds": 0},
+                {"gracePeriodSeconds": "0"},
+            )
+        else:
+            await self._call(self.kube.delete, path)
+
+    async def _create_pod(self, pod: Mapping[str, Any]) -> None:
+        namespace = pod["metadata"]["namespace"]
+        try:
+            await self._call(self.kube.create, pods_path(namespace), pod)
+        except KubeError as error:
+            if error.status != 409:
+                raise
+            self.cache.mark_dirty()  # a same-named pod still exists; retry next round
+
+    async def _write_limits(
+        self, view: ClusterView, limits: Mapping[str, tuple[float, ...]]
+    ) -> dict[str, int]:
+        """Create or patch NodePowerProfiles; returns each node's new metadata.generation."""
+
+        async def write(node: str, watts: tuple[float, ...]) -> tuple[str, int]:
+            manifest = desired.node_power_profile(node, watts)
+            if node in view.profiles:
+                written = await self._call(
+                    self.kube.merge_patch, profiles_path(node), {"spec": manifest["spec"]}
+                )
+            else:
+                node_body = view.nodes.get(node) or {}
+                uid = (node_body.get("metadata") or {}).get("uid")
+                if uid:
+                    manifest["metadata"]["ownerReferences"] = [
+                        {"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}
+                    ]
+                try:
+                    written = await self._call(self.kube.create, profiles_path(), manifest)
+                except KubeError as error:
+                    if error.status != 409:
+                        raise
+                    written = await self._call(
+                        self.kube.merge_patch, profiles_path(node), {"spec": manifest["spec"]}
+                    )
+            self.cache.upsert(PROFILES, {**(view.profiles.get(node) or {}), **written})
+            return node, int(written["metadata"].get("generation") or 1)
+
+        results = await asyncio.gather(
+            *(write(n, w) for n, w in sorted(limits.items())), return_exceptions=True
+        )
+        generations: dict[str, int] = {}
+        for (node, _), result in zip(sorted(limits.items()), results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("writing NodePowerProfile %s failed: %s", node, result)
+                self.metrics.reconcile_errors.labels(step="limits").inc()
+                generations[node] = -1
+            else:
+                generations[node] = result[1]
+        return generations
+
+    async def _wait_confirmed(self, generations: Mapping[str, int]) -> set[str]:
+        """Wait until each agent reports its profile applied; returns the nodes that did not."""
+        waiting = {node for node, generation in generations.items()}
+        deadline = time.monotonic() + self.settings.confirm_timeout_seconds
+        while waiting:
+            for node in list(waiting):
+                profile = self.cache.get(PROFILES, node)
+                generation = generations[node]
+                if generation > 0 and profile and transition.is_confirmed(profile, generation):
+                    waiting.discard(node)
+            if not waiting or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+        return waiting
+
+    # -- statuses ----------------------------------------------------------------------------------
+
+    async def _write_statuses(
+        self,
+        view: ClusterView,
+        *,
+        active: Mapping[str, Body],
+        plan: Plan,
+        life: Lifecycle,
+        pods_by_workload: Mapping[str, list[Body]],
+        now: datetime,
+    ) -> None:
+        placements_by_workload: dict[str, list[Any]] = {}
+        for placement in plan.placements:
+            placements_by_workload.setdefault(placement.workload, []).append(placement)
+        unplaced = {u.workload: u for u in plan.unplaced}
+        phases: list[str] = []
+        writes: list[Awaitable[Any]] = []
+        for key, body in view.workloads.items():
+            if is_deleting(body):
+                continue
+            previous = body.get("status") or {}
+            if key not in active and key not in life.succeeded and key not in life.failed:
+                phases.append(str(previous.get("phase") or statuses.PENDING))
+                continue
+            pods = [statuses.PodView.from_pod(p) for p in pods_by_workload.get(key, [])]
+            new = statuses.workload_status(
+                previous,
+                generation=int(body["metadata"].get("generation") or 1),
+                is_gang=is_gang(body),
+                gang_size=gang_size(body),
+                placements=placements_by_workload.get(key, []) if key in active else [],
+                unplaced=unplaced.get(key),
+                pods=pods,
+                failure_message=life.failed.get(key),
+                now=now,
+            )
+            phases.append(new["phase"])
+            owned = {k: previous.get(k) for k in new}
+            if owned != new:
+                writes.append(self._write_workload_status(body, previous, new))
+        await self._gather(writes)
+        self.metrics.set_phases(statuses.phase_counts(phases))
+
+    async def _write_workload_status(
+        self, body: Body, previous: Mapping[str, Any], new: Mapping[str, Any]
+    ) -> None:
+        meta = body["metadata"]
+        path = workloads_path(meta["namespace"], meta["name"]) + "/status"
+        await self._call(self.kube.merge_patch, path, {"status": new})
+        before_phase = previous.get("phase")
+        phase = new["phase"]
+        schedulable = next(c for c in new["conditions"] if c["type"] == "Schedulable")
+        before_schedulable = next(
+            (c for c in previous.get("conditions") or [] if c.get("type") == "Schedulable"), None
+        )
+        if schedulable["status"] == "False" and (
+            before_schedulable is None
+            or before_schedulable.get("message") != schedulable["message"]
+        ):
+            await self._event(body, "Warning", "Unschedulable", schedulable["message"])
+        if phase == before_phase:
+            return
+        if phase == statuses.PLACED:
+            await self._event(body, "Normal", "Placed", new["message"])
+        elif phase == statuses.RUNNING:
+            await self._event(body, "Normal", "Running", new["message"])
+        elif phase == statuses.SUCCEEDED:
+            await self._event(body, "Normal", "Succeeded", "every replica finished")
+        elif phase == statuses.FAILED:
+            await self._event(body, "Warning", "Failed", new["message"])
+        if before_phase is None:
+            await self._event(body, "Normal", "Admitted", "the operator accepted the workload")
+
+    async def _write_budget_statuses(
+        self, view: ClusterView, plan: Plan, plan_input: PlanInput, now: datetime
+    ) -> None:
+        allocations = {a.name: a for a in plan.budgets}
+        scopes = {b.name: len(b.node_names) for b in plan_input.budgets}
+        writes: list[Awaitable[Any]] = []
+        for name, body in view.budgets.items():
+            if is_deleting(body):
+                continue
+            cap = float((body.get("spec") or {}).get("powerCapWatts") or 0.0)
+            previous = body.get("status") or {}
+            new = statuses.budget_status(
+                previous,
+                generation=int(body["metadata"].get("generation") or 1),
+                allocation=allocations.get(name),
+                cap_watts=cap,
+                node_count=scopes.get(name, 0),
+                plan=plan,
+                now=now,
+            )
+            allocation = allocations.get(name)
+            self.metrics.cap_watts.labels(budget=name).set(cap)
+            self.metrics.allocated_cap_watts.labels(budget=name).set(
+                allocation.allocated_cap_watts if allocation else 0.0
+            )
+            self.metrics.expected_watts.labels(budget=name).set(
+                allocation.expected_watts if allocation else 0.0
+            )
+            writes.append(
+                self._call(self.kube.merge_patch, budgets_path(name) + "/status", {"status": new})
+            )
+        await self._gather(writes)
+
+    async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on an object (best effort: a lost Event never stops a plan)."""
+        meta = body["metadata"]
+        namespace = meta.get("namespace") or "default"
+        moment = statuses.rfc3339(datetime.now(UTC))
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": body.get("apiVersion", f"{desired.GROUP}/{desired.VERSION}"),
+                "kind": body.get("kind", "LLMWorkload"),
+                "name": meta["name"],
+                "namespace": namespace,
+                "uid": meta.get("uid", ""),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "firstTimestamp": moment,
+            "lastTimestamp": moment,
+            "count": 1,
+            "source": {"component": "wattsched-operator"},
+            "reportingComponent": "wattsched-operator",
+        }
+        try:
+            await self._call(self.kube.create, f"/api/v1/namespaces/{namespace}/events", event)
+        except KubeError as error:
+            logger.warning("could not post Event %s on %s: %s", reason, meta["name"], error)
+
+
+def _pod_id(pod: Mapping[str, Any]) -> tuple[str, str]:
+    return (pod["metadata"]["namespace"], pod["metadata"]["name"])
+
+
+def _finished(pod: Mapping[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}
+
+
+def _pod_failure(pod: Mapping[str, Any]) -> str:
+    status = pod.get("status") or {}
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated") or {}
+        if terminated:
+            return (
+                f"container {container.get('name')} exited {terminated.get('exitCode')}"
+                f" ({terminated.get('reason') or 'Error'})"
+            )
+    return str(status.get("reason") or status.get("message") or "pod failed")

@@ -1,0 +1,70 @@
+"""The operator's Prometheus metrics (prometheus_client) and the HTTP server that exposes them.
+
+One registry per operator process so tests can build several. Figures here are about the
+operator's own work (plans, solve time, gap, phases, per-budget allocation, preemptions, errors);
+measured GPU power comes from DCGM/Kepler through telemetry, not from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class OperatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.plans = Counter(
+            "wattsched_plans", "Plans solved, by optimizer status.", ["status"], registry=r
+        )
+        self.solve_seconds = Histogram(
+            "wattsched_plan_solve_seconds",
+            "Seconds the optimizer took per plan.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.gap = Gauge("wattsched_plan_gap", "Relative MIP gap of the last plan.", registry=r)
+        self.workloads = Gauge(
+            "wattsched_workloads",
+            "LLMWorkloads by phase after the last plan.",
+            ["phase"],
+            registry=r,
+        )
+        self.allocated_cap_watts = Gauge(
+            "wattsched_budget_allocated_cap_watts",
+            "Sum of planned GPU power limits in a budget's scope (modelled from the plan), watts.",
+            ["budget"],
+            registry=r,
+        )
+        self.expected_watts = Gauge(
+            "wattsched_budget_expected_watts",
+            "Expected GPU draw in a budget's scope (modelled), watts.",
+            ["budget"],
+            registry=r,
+        )
+        self.cap_watts = Gauge(
+            "wattsched_budget_cap_watts", "A budget's power cap, watts.", ["budget"], registry=r
+        )
+        self.preemptions = Counter(
+            "wattsched_preemptions", "Replicas preempted to make room.", registry=r
+        )
+        self.reconcile_errors = Counter(
+            "wattsched_reconcile_errors",
+            "Errors while applying a plan, by step.",
+            ["step"],
+            registry=r,
+        )
+        self.unconfirmed_nodes = Gauge(
+            "wattsched_unconfirmed_nodes",
+            "Nodes whose agent did not confirm lowered limits in time (counted at maximum power).",
+            registry=r,
+        )
+
+    def set_phases(self, counts: Mapping[str, int]) -> None:
+        for phase, count in counts.items():
+            self.workloads.labels(phase=phase).set(count)
+
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=address, registry=self.registry)

@@ -1,0 +1,266 @@
+"""Pure functions that compute LLMWorkload and EnergyBudget status from a plan and the pods.
+
+The phase machine (Pending -> Placed -> Running -> Succeeded/Failed, Preempted when placed work
+loses its place), the standard conditions keyed by type (lastTransitionTime kept while the status
+does not change), and the budget figures. Nothing here writes to the API server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, Unplaced
+
+PENDING = "Pending"
+PLACED = "Placed"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+PREEMPTED = "Preempted"
+TERMINAL_PHASES = frozenset({SUCCEEDED, FAILED})
+PHASES = (PENDING, PLACED, RUNNING, SUCCEEDED, FAILED, PREEMPTED)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(
+    previous: Sequence[Mapping[str, Any]],
+    type_: str,
+    status: bool | None,
+    reason: str,
+    message: str,
+    *,
+    now: datetime,
+    observed_generation: int | None = None,
+) -> dict[str, Any]:
+    """A metav1.Condition; its lastTransitionTime moves only when its status changes."""
+    status_text = "Unknown" if status is None else ("True" if status else "False")
+    before = next((c for c in previous if c.get("type") == type_), None)
+    transition = rfc3339(now)
+    if (
+        before is not None
+        and before.get("status") == status_text
+        and before.get("lastTransitionTime")
+    ):
+        transition = str(before["lastTransitionTime"])
+    result: dict[str, Any] = {
+        "type": type_,
+        "status": status_text,
+        "reason": reason,
+        "message": message[:1000],
+        "lastTransitionTime": transition,
+    }
+    if observed_generation is not None:
+        result["observedGeneration"] = observed_generation
+    return result
+
+
+@dataclass(frozen=True)
+class PodView:
+    """The parts of one of the operator's pods that status needs."""
+
+    replica: int
+    node: str | None
+    phase: str  # Pending/Running/Succeeded/Failed/Unknown
+    ready: bool
+
+    @classmethod
+    def from_pod(cls, pod: Mapping[str, Any]) -> PodView:
+        meta = pod.get("metadata") or {}
+        status = pod.get("status") or {}
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+        return cls(
+            replica=int((meta.get("labels") or {}).get("wattsched.io/replica", "-1")),
+            node=(pod.get("spec") or {}).get("nodeName"),
+            phase=str(status.get("phase") or "Pending"),
+            ready=ready,
+        )
+
+
+def next_phase(
+    previous_phase: str | None,
+    *,
+    is_gang: bool,
+    gang_size: int,
+    placements: Sequence[Placement],
+    pods: Sequence[PodView],
+    failed_permanently: bool,
+) -> str:
+    """The workload's phase after this plan.
+
+    Terminal phases stay. A gang whose every replica's pod succeeded is Succeeded. Failed pods
+    beyond the retry limit make it Failed. Planned replicas whose pods all run and are ready make
+    it Running, otherwise Placed. With no planned replica, work that had a place is Preempted and
+    anything else is Pending.
+    """
+    if previous_phase in TERMINAL_PHASES:
+        return previous_phase
+    if failed_permanently:
+        return FAILED
+    succeeded = {p.replica for p in pods if p.phase == "Succeeded"}
+    if is_gang and gang_size > 0 and len(succeeded) >= gang_size:
+        return SUCCEEDED
+    if not placements:
+        return PREEMPTED if previous_phase in {PLACED, RUNNING, PREEMPTED} else PENDING
+    by_replica = {p.replica: p for p in pods}
+    running = all(
+        (pod := by_replica.get(pl.replica)) is not None and pod.phase == "Running" and pod.ready
+        for pl in placements
+    )
+    return RUNNING if running else PLACED
+
+
+def workload_status(
+    previous: Mapping[str, Any],
+    *,
+    generation: int,
+    is_gang: bool,
+    gang_size: int,
+    placements: Sequence[Placement],
+    unplaced: Unplaced | None,
+    pods: Sequence[PodView],
+    failure_message: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The LLMWorkload status this plan leads to (fields the operator owns; telemetry adds more)."""
+    previous_phase = previous.get("phase")
+    phase = next_phase(
+        previous_phase,
+        is_gang=is_gang,
+        gang_size=gang_size,
+        placements=placements,
+        pods=pods,
+        failed_permanently=failure_message is not None,
+    )
+    conditions_before: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
+    ready_count = sum(1 for p in pods if p.phase == "Running" and p.ready)
+    placed_count = len(placements)
+    desired = gang_size if is_gang else max(placed_count, 1)
+    expected_watts = sum(p.expected_watts_per_gpu * p.gpus for p in placements)
+    cap_watts = sum(p.power_limit_watts * p.gpus for p in placements)
+    if phase in TERMINAL_PHASES:
+        message = failure_message or previous.get("message") or f"workload {phase.lower()}"
+    elif unplaced is not None:
+        message = unplaced.reason
+    elif placements:
+        nodes = ", ".join(sorted({p.node for p in placements}))
+        message = f"{placed_count} replica(s) on {nodes}"
+    else:
+        message = "waiting for a plan"
+
+    def cond(type_: str, status: bool | None, reason: str, text: str) -> dict[str, Any]:
+        return condition(
+            conditions_before, type_, status, reason, text, now=now, observed_generation=generation
+        )
+
+    if phase in TERMINAL_PHASES:
+        schedulable = cond("Schedulable", True, phase, message)
+        placed = cond("Placed", False, phase, message)
+    elif unplaced is not None and not placements:
+        schedulable = cond("Schedulable", False, _reason(unplaced.constraint), unplaced.reason)
+        placed = cond("Placed", False, "Unplaced", unplaced.reason)
+    else:
+        schedulable = cond("Schedulable", True, "Planned", "the optimizer found a place")
+        placed = cond("Placed", bool(placements), "Planned" if placements else "Waiting", message)
+    budget_limited = unplaced is not None and unplaced.constraint.startswith("budget")
+    conditions = [
+        cond("Admitted", True, "Accepted", "the operator read the spec"),
+        schedulable,
+        placed,
+        cond("Ready", phase == RUNNING, phase, f"{ready_count}/{desired} replica(s) ready"),
+        cond(
+            "BudgetLimited",
+            budget_limited,
+            _reason(unplaced.constraint) if budget_limited and unplaced else "WithinBudget",
+            unplaced.reason
+            if budget_limited and unplaced
+            else "no budget holds this workload back",
+        ),
+    ]
+    variants = sorted({p.variant for p in placements})
+    return {
+        "phase": phase,
+        "observedGeneration": generation,
+        "replicas": {"desired": desired, "placed": placed_count, "ready": ready_count},
+        "variant": ",".join(variants),
+        "nodes": ",".join(sorted({p.node for p in placements})),
+        "placements": [
+            {
+                "replica": p.replica,
+                "node": p.node,
+                "gpus": p.gpus,
+                "variant": p.variant,
+                "powerLimitWatts": round(p.power_limit_watts, 1),
+            }
+            for p in sorted(placements, key=lambda p: p.replica)
+        ],
+        "power": {"capWatts": round(cap_watts, 1), "expectedWatts": round(expected_watts, 1)},
+        "conditions": conditions,
+        "message": message,
+    }
+
+
+def _reason(constraint: str) -> str:
+    """A condition reason (CamelCase, no punctuation) from an optimizer constraint name."""
+    head = constraint.split(":", 1)[0]
+    words = [w for w in head.replace("-", "_").split("_") if w]
+    return "".join(w[:1].upper() + w[1:] for w in words) or "Unplaced"
+
+
+def budget_status(
+    previous: Mapping[str, Any],
+    *,
+    generation: int,
+    allocation: BudgetAllocation | None,
+    cap_watts: float,
+    node_count: int,
+    plan: Plan,
+    now: datetime,
+) -> dict[str, Any]:
+    """An EnergyBudget's status after a plan: allocated cap, expected watts, headroom, last plan.
+
+    `Ready` is True when the planned limits in scope sum to at most the cap (`CapEnforced`).
+    """
+    allocated = allocation.allocated_cap_watts if allocation else 0.0
+    expected = allocation.expected_watts if allocation else 0.0
+    within = allocated <= cap_watts + 1e-6
+    conditions_before: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
+    return {
+        "observedGeneration": generation,
+        "nodes": node_count,
+        "allocatedCapWatts": round(allocated, 1),
+        "expectedWatts": round(expected, 1),
+        "headroomWatts": round(cap_watts - allocated, 1),
+        "lastPlan": {
+            "time": rfc3339(now),
+            "seconds": round(plan.solve_seconds, 3),
+            "status": str(plan.status),
+            "gap": round(plan.gap, 6),
+        },
+        "conditions": [
+            condition(
+                conditions_before,
+                "Ready",
+                within,
+                "CapEnforced" if within else "OverCap",
+                f"limits in scope sum to {allocated:.0f} W of {cap_watts:.0f} W",
+                now=now,
+                observed_generation=generation,
+            )
+        ],
+    }
+
+
+def phase_counts(phases: Iterable[str]) -> dict[str, int]:
+    counts = dict.fromkeys(PHASES, 0)
+    for phase in phases:
+        counts[phase] = counts.get(phase, 0) + 1
+    return counts

@@ -1,0 +1,180 @@
+"""Pods and NodePowerProfiles computed from a plan: names, GPU requests, env, ownership, diffs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from wattsched_operator.desired import (
+    ANNOTATION_NODE,
+    ANNOTATION_POWER_LIMIT,
+    WorkloadObject,
+    build_pod,
+    desired_pods,
+    node_power_profile,
+    pod_changes,
+    pod_name,
+)
+from wattsched_optimizer.problem import Placement, WorkloadType
+
+
+def workload(**overrides: Any) -> WorkloadObject:
+    fields: dict[str, Any] = {
+        "namespace": "team-a",
+        "name": "llama",
+        "uid": "uid-1",
+        "type": WorkloadType.INFERENCE,
+        "template": {
+            "metadata": {"labels": {"app": "llama"}},
+            "spec": {
+                "containers": [
+                    {"name": "server", "image": "vllm", "env": [{"name": "A", "value": "1"}]},
+                    {"name": "sidecar", "image": "proxy"},
+                ]
+            },
+        },
+        "precisions": {"bf16": "bf16", "fp8": "fp8"},
+    }
+    fields.update(overrides)
+    return WorkloadObject(**fields)
+
+
+def placement(replica: int = 0, node: str = "gpu-h100-0", **overrides: Any) -> Placement:
+    fields: dict[str, Any] = {
+        "workload": "team-a/llama",
+        "replica": replica,
+        "node": node,
+        "gpus": 2,
+        "variant": "fp8",
+        "power_limit_watts": 450.0,
+        "expected_watts_per_gpu": 400.0,
+        "expected_throughput": 1000.0,
+    }
+    fields.update(overrides)
+    return Placement(**fields)
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_pod_names_are_deterministic_per_replica() -> None:
+    assert pod_name("llama", 0) == "llama-0"
+    assert build_pod(workload(), placement(3))["metadata"]["name"] == "llama-3"
+    assert build_pod(workload(), placement(3)) == build_pod(workload(), placement(3))
+
+
+def test_pod_requests_gpus_on_first_container_and_pins_the_planned_node() -> None:
+    pod = build_pod(workload(), placement(node="gpu-h100-5", gpus=4))
+    server, sidecar = pod["spec"]["containers"]
+    assert server["resources"]["requests"]["nvidia.com/gpu"] == "4"
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert "resources" not in sidecar
+    assert pod["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "gpu-h100-5"}
+    assert "nodeName" not in pod["spec"], "kube-scheduler must still bind the pod"
+
+
+def test_every_container_gets_variant_precision_and_power_limit_env() -> None:
+    pod = build_pod(workload(), placement(variant="fp8", power_limit_watts=437.5))
+    for container in pod["spec"]["containers"]:
+        env = env_of(container)
+        assert env["WATTSCHED_VARIANT"] == "fp8"
+        assert env["WATTSCHED_PRECISION"] == "fp8"
+        assert env["WATTSCHED_POWER_LIMIT_WATTS"] == "437.5"
+    assert env_of(pod["spec"]["containers"][0])["A"] == "1"
+
+
+def test_pod_is_labelled_and_owned_by_its_workload() -> None:
+    pod = build_pod(workload(), placement(2))
+    assert pod["metadata"]["labels"] == {
+        "app": "llama",
+        "wattsched.io/workload": "llama",
+        "wattsched.io/replica": "2",
+    }
+    (owner,) = pod["metadata"]["ownerReferences"]
+    assert owner["kind"] == "LLMWorkload"
+    assert owner["uid"] == "uid-1"
+    assert owner["controller"] is True
+
+
+def test_batch_pods_do_not_restart_but_inference_pods_do() -> None:
+    batch = build_pod(workload(type=WorkloadType.TRAINING), placement())
+    serving = build_pod(workload(), placement())
+    assert batch["spec"]["restartPolicy"] == "Never"
+    assert serving["spec"]["restartPolicy"] == "Always"
+
+
+def test_building_a_pod_leaves_the_template_untouched() -> None:
+    source = workload()
+    build_pod(source, placement())
+    assert "resources" not in source.template["spec"]["containers"][0]
+    assert source.template["spec"]["containers"][0]["env"] == [{"name": "A", "value": "1"}]
+
+
+def test_a_template_without_containers_is_an_error_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"team-a/llama: spec\.template\.spec\.containers"):
+        build_pod(workload(template={"spec": {"containers": []}}), placement())
+
+
+def test_placements_of_unknown_workloads_make_no_pods() -> None:
+    pods = desired_pods({"team-a/llama": workload()}, [placement(0), placement(1, workload="x/y")])
+    assert list(pods) == [("team-a", "llama-0")]
+
+
+def running(pod: dict[str, Any]) -> dict[str, Any]:
+    return {**pod, "status": {"phase": "Running"}}
+
+
+def test_unchanged_pods_are_left_alone() -> None:
+    want = desired_pods({"team-a/llama": workload()}, [placement(0)])
+    changes = pod_changes([running(want[("team-a", "llama-0")])], want)
+    assert changes.delete == ()
+    assert changes.create == ()
+    assert not changes.relabel_power
+
+
+def test_a_moved_replica_is_deleted_and_recreated_under_the_same_name() -> None:
+    before = running(build_pod(workload(), placement(0, node="gpu-a")))
+    want = desired_pods({"team-a/llama": workload()}, [placement(0, node="gpu-b")])
+    changes = pod_changes([before], want)
+    assert changes.delete == (("team-a", "llama-0"),)
+    assert changes.create == (), "the new pod waits until the old one is gone"
+    after = pod_changes([], want)
+    assert after.create[0]["metadata"]["annotations"][ANNOTATION_NODE] == "gpu-b"
+
+
+def test_an_unplanned_pod_is_deleted_and_a_new_replica_created() -> None:
+    current = [running(build_pod(workload(), placement(0)))]
+    want = desired_pods({"team-a/llama": workload()}, [placement(1)])
+    changes = pod_changes(current, want)
+    assert changes.delete == (("team-a", "llama-0"),)
+    assert [p["metadata"]["name"] for p in changes.create] == ["llama-1"]
+
+
+def test_a_new_power_limit_only_re_annotates_the_pod() -> None:
+    current = [running(build_pod(workload(), placement(0, power_limit_watts=450)))]
+    want = desired_pods({"team-a/llama": workload()}, [placement(0, power_limit_watts=300)])
+    changes = pod_changes(current, want)
+    assert changes.delete == ()
+    assert changes.create == ()
+    assert changes.relabel_power == {("team-a", "llama-0"): "300"}
+    assert want[("team-a", "llama-0")]["metadata"]["annotations"][ANNOTATION_POWER_LIMIT] == "300"
+
+
+def test_finished_and_terminating_pods_are_left_to_the_lifecycle_rules() -> None:
+    done = {**build_pod(workload(), placement(0)), "status": {"phase": "Succeeded"}}
+    leaving = build_pod(workload(), placement(1))
+    leaving["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    changes = pod_changes([done, leaving], {})
+    assert changes.delete == ()
+    assert changes.create == ()
+
+
+def test_node_power_profile_lists_one_limit_per_gpu_index() -> None:
+    profile = node_power_profile("gpu-h100-0", (300.0, 700.0))
+    assert profile["metadata"] == {"name": "gpu-h100-0"}
+    assert profile["spec"] == {
+        "nodeName": "gpu-h100-0",
+        "gpus": [{"index": 0, "powerLimitWatts": 300.0}, {"index": 1, "powerLimitWatts": 700.0}],
+    }
