@@ -1,0 +1,205 @@
+"""`wattsched agent`: run the node agent for one node (DaemonSet) or every GPU node (simulation).
+
+Modes:
+- `--node-name NODE` (default: env NODE_NAME, from the downward API): one node. `--backend nvml`
+  drives the GPUs through libnvidia-ml; `--backend simulated` impersonates the GPUs the node's
+  labels describe (`nvidia.com/gpu.product`, `nvidia.com/gpu.count`).
+- `--backend simulated --all-nodes`: one process serving every node labelled
+  `nvidia.com/gpu.present=true` (the sandbox's KWOK nodes), one /metrics port per node on loopback.
+  `--targets-file` writes those ports as a Prometheus file_sd target list.
+
+Not for: deciding limits (the operator does) or anything but argument handling and wiring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from wattsched_agent.dcgm_metrics import MetricsServer
+from wattsched_agent.kube_access import GpuNodeInfo, KubeAccess
+from wattsched_agent.node_agent import AgentRunner, ExitPolicy, NodeAgent
+from wattsched_agent.nvml_backend import NvmlBackend
+from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml, load_products
+
+DCGM_EXPORTER_PORT = 9400
+FAULT_KINDS = {
+    "no-permission": GpuFaults(no_permission=True),
+    "not-supported": GpuFaults(not_supported=True),
+    "gpu-lost": GpuFaults(gpu_lost=True),
+    "set-ignored": GpuFaults(set_ignored=True),
+}
+
+log = logging.getLogger("wattsched_agent")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="wattsched agent",
+        description="Apply NodePowerProfile GPU power limits and export DCGM-named metrics.",
+    )
+    parser.add_argument("--backend", choices=["nvml", "simulated"], default="nvml")
+    parser.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME"),
+        help="this node's name (default: env NODE_NAME)",
+    )
+    parser.add_argument(
+        "--all-nodes",
+        action="store_true",
+        help="simulated backend only: serve every node labelled nvidia.com/gpu.present=true",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG"),
+        help="kubeconfig file (default: env KUBECONFIG, else in-cluster configuration)",
+    )
+    parser.add_argument(
+        "--interval-seconds",
+        type=float,
+        default=10.0,
+        help="heartbeat and re-apply interval (limits are lost on a driver reload)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default=None,
+        help="address for /metrics (default 0.0.0.0; 127.0.0.1 with --all-nodes)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DCGM_EXPORTER_PORT,
+        help="port for /metrics; with --all-nodes the i-th node gets port+i; 0 picks free ports",
+    )
+    parser.add_argument(
+        "--targets-file",
+        type=Path,
+        help="write the metrics endpoints as a Prometheus file_sd JSON list",
+    )
+    parser.add_argument(
+        "--shutdown-policy",
+        choices=[policy.value for policy in ExitPolicy],
+        default=ExitPolicy.LEAVE.value,
+        help="on exit, leave the power limits in place (default) or restore the GPUs' defaults",
+    )
+    parser.add_argument(
+        "--simulated-products",
+        type=Path,
+        help="product table for the simulated backend (default: the packaged one)",
+    )
+    parser.add_argument(
+        "--simulate-fault",
+        action="append",
+        default=[],
+        metavar="[NODE/]INDEX=KIND",
+        help=f"simulated backend: make a GPU fail like NVML; KIND is one of {sorted(FAULT_KINDS)}",
+    )
+    args = parser.parse_args(argv)
+    if args.all_nodes and args.backend != "simulated":
+        parser.error("--all-nodes needs --backend simulated (real GPUs have one agent per node)")
+    if not args.all_nodes and not args.node_name:
+        parser.error("--node-name (or env NODE_NAME) is required unless --all-nodes is given")
+    if args.interval_seconds <= 0:
+        parser.error(f"--interval-seconds={args.interval_seconds} must be > 0")
+    return args
+
+
+def parse_faults(specs: list[str], node_names: list[str]) -> dict[str, dict[int, GpuFaults]]:
+    """`[NODE/]INDEX=KIND` -> node -> index -> faults (no NODE: every node)."""
+    faults: dict[str, dict[int, GpuFaults]] = {}
+    for spec in specs:
+        where, _, kind = spec.partition("=")
+        node, _, index_text = where.rpartition("/")
+        if kind not in FAULT_KINDS or not index_text.isdigit():
+            raise ValueError(
+                f"--simulate-fault {spec!r}: expected [NODE/]INDEX=KIND with KIND one of "
+                f"{sorted(FAULT_KINDS)}"
+            )
+        for name in [node] if node else node_names:
+            faults.setdefault(name, {})[int(index_text)] = FAULT_KINDS[kind]
+    return faults
+
+
+def build_agents(args: argparse.Namespace, kube: KubeAccess) -> dict[str, NodeAgent]:
+    if args.backend == "nvml":
+        import pynvml  # noqa: PLC0415 - only the real backend loads libnvidia-ml
+
+        return {args.node_name: NodeAgent(args.node_name, NvmlBackend(pynvml, "nvml"))}
+    nodes: list[GpuNodeInfo] = kube.gpu_nodes(None if args.all_nodes else args.node_name)
+    catalogue = load_products(args.simulated_products)
+    faults = parse_faults(args.simulate_fault, [node.name for node in nodes])
+    agents: dict[str, NodeAgent] = {}
+    for node in nodes:
+        library = SimulatedNvml(
+            node.name,
+            [node.product] * node.gpu_count,
+            catalogue=catalogue,
+            faults=faults.get(node.name),
+        )
+        agents[node.name] = NodeAgent(node.name, NvmlBackend(library, "simulated"), library)
+    return agents
+
+
+def serve_metrics(
+    args: argparse.Namespace, agents: dict[str, NodeAgent]
+) -> dict[str, MetricsServer]:
+    address = args.metrics_address or ("127.0.0.1" if args.all_nodes else "0.0.0.0")
+    servers: dict[str, MetricsServer] = {}
+    for offset, (name, agent) in enumerate(sorted(agents.items())):
+        port = 0 if args.metrics_port == 0 else args.metrics_port + offset
+        servers[name] = MetricsServer(address, port, agent.metrics_text)
+    if args.targets_file is not None:
+        targets = [
+            {"targets": [server.address], "labels": {"wattsched_node": name}}
+            for name, server in servers.items()
+        ]
+        temporary = args.targets_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(targets, indent=2))
+        temporary.replace(args.targets_file)
+    return servers
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = parse_args(argv)
+    kube = KubeAccess(args.kubeconfig)
+    try:
+        agents = build_agents(args, kube)
+        faults = parse_faults(args.simulate_fault, list(agents))
+    except ValueError as error:
+        print(f"wattsched agent: {error}", file=sys.stderr)
+        return 2
+    if args.backend == "nvml" and faults:
+        print("wattsched agent: --simulate-fault needs --backend simulated", file=sys.stderr)
+        return 2
+    servers = serve_metrics(args, agents)
+    for name, server in servers.items():
+        log.info(
+            "node %s: %s backend, metrics on http://%s/metrics", name, args.backend, server.address
+        )
+    runner = AgentRunner(
+        kube,
+        agents,
+        single_node=None if args.all_nodes else args.node_name,
+        interval_seconds=args.interval_seconds,
+        exit_policy=ExitPolicy(args.shutdown_policy),
+    )
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: stopping (shutdown policy: %s)", signum, args.shutdown_policy)
+        runner.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    runner.run()
+    for server in servers.values():
+        server.close()
+    return 0

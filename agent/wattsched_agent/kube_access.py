@@ -1,0 +1,195 @@
+"""The agent's few Kubernetes API calls: NodePowerProfiles, workload pods, GPU nodes.
+
+The agent needs no operator framework: it GETs/WATCHes NodePowerProfiles, PATCHes their status
+subresource (JSON merge patch), lists the wattsched pods bound to its node(s) and reads its node's
+GPU labels. Every call returns plain dicts. Not for: deciding anything (see `reconcile`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config, watch
+
+from wattsched_agent.reconcile import WORKLOAD_LABEL, PlacedPod, gpus_requested
+
+GROUP = "wattsched.io"
+VERSION = "v1alpha1"
+PLURAL = "nodepowerprofiles"
+PRODUCT_LABEL = "nvidia.com/gpu.product"
+COUNT_LABEL = "nvidia.com/gpu.count"
+PRESENT_LABEL = "nvidia.com/gpu.present"
+# Test and demo hook: a pod annotation saying how busy its GPUs are in the simulation (0..1).
+UTILISATION_ANNOTATION = "wattsched.io/simulated-utilisation"
+REQUEST_TIMEOUT_SECONDS = 10
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GpuNodeInfo:
+    """A GPU node as its labels describe it (GPU feature discovery)."""
+
+    name: str
+    product: str
+    gpu_count: int
+
+
+def node_gpu_info(node: Mapping[str, Any]) -> GpuNodeInfo:
+    metadata = node.get("metadata") or {}
+    name = str(metadata.get("name", "?"))
+    labels = metadata.get("labels") or {}
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    product = labels.get(PRODUCT_LABEL)
+    count_text = labels.get(COUNT_LABEL) or allocatable.get("nvidia.com/gpu")
+    if not product or count_text is None:
+        raise ValueError(
+            f"node {name}: needs label {PRODUCT_LABEL} and label {COUNT_LABEL} or allocatable "
+            f"nvidia.com/gpu to simulate its GPUs"
+        )
+    return GpuNodeInfo(name, str(product), int(count_text))
+
+
+def placed_pod(pod: Mapping[str, Any]) -> PlacedPod | None:
+    """A running or pending workload pod with GPUs, or None for pods that hold no GPU now."""
+    metadata = pod.get("metadata") or {}
+    if metadata.get("deletionTimestamp"):
+        return None
+    if (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}:
+        return None
+    gpus, container = gpus_requested(pod.get("spec") or {})
+    if gpus == 0:
+        return None
+    annotation = (metadata.get("annotations") or {}).get(UTILISATION_ANNOTATION)
+    utilisation = 1.0 if annotation is None else min(1.0, max(0.0, float(annotation)))
+    return PlacedPod(
+        namespace=str(metadata.get("namespace", "")),
+        name=str(metadata.get("name", "")),
+        container=container,
+        gpus=gpus,
+        created=str(metadata.get("creationTimestamp", "")),
+        utilisation=utilisation,
+    )
+
+
+class KubeAccess:
+    """Kubernetes API calls made by the agent (kubeconfig, or in-cluster when none is given)."""
+
+    def __init__(self, kubeconfig: str | None) -> None:
+        if kubeconfig:
+            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            api_client = client.ApiClient()
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    @staticmethod
+    def _json(response: Any) -> dict[str, Any]:
+        decoded: dict[str, Any] = json.loads(response.data)
+        return decoded
+
+    def gpu_nodes(self, node_name: str | None) -> list[GpuNodeInfo]:
+        """The named node, or every node labelled nvidia.com/gpu.present=true."""
+        if node_name is not None:
+            node = self._json(
+                self.core.read_node(
+                    node_name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_SECONDS
+                )
+            )
+            return [node_gpu_info(node)]
+        nodes = self._json(
+            self.core.list_node(
+                label_selector=f"{PRESENT_LABEL}=true",
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            )
+        )
+        return sorted(
+            (node_gpu_info(node) for node in nodes.get("items") or []), key=lambda n: n.name
+        )
+
+    def profiles(self, node_name: str | None) -> dict[str, dict[str, Any]]:
+        """NodePowerProfiles by name (only the named node's when node_name is given)."""
+        selector = f"metadata.name={node_name}" if node_name else None
+        listing = self._json(
+            self.custom.list_cluster_custom_object(
+                GROUP,
+                VERSION,
+                PLURAL,
+                field_selector=selector,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            )
+        )
+        return {item["metadata"]["name"]: item for item in listing.get("items") or []}
+
+    def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_cluster_custom_object_status(
+            GROUP,
+            VERSION,
+            PLURAL,
+            name,
+            {"status": dict(status)},
+            _content_type="application/merge-patch+json",
+            _request_timeout=REQUEST_TIMEOUT_SECONDS,
+        )
+
+    def workload_pods(self, node_name: str | None) -> dict[str, list[PlacedPod]]:
+        """wattsched workload pods holding GPUs, by node name."""
+        selector = f"spec.nodeName={node_name}" if node_name else None
+        listing = self._json(
+            self.core.list_pod_for_all_namespaces(
+                label_selector=WORKLOAD_LABEL,
+                field_selector=selector,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            )
+        )
+        by_node: dict[str, list[PlacedPod]] = {}
+        for pod in listing.get("items") or []:
+            node = (pod.get("spec") or {}).get("nodeName")
+            placed = placed_pod(pod)
+            if node and placed is not None:
+                by_node.setdefault(str(node), []).append(placed)
+        return by_node
+
+    def watch_profiles(
+        self, node_name: str | None, on_spec_change: Callable[[str], None], stop: threading.Event
+    ) -> None:
+        """Call `on_spec_change(name)` whenever a profile's generation changes, until `stop`.
+
+        Status updates (the agent's own patches) do not change the generation and are ignored.
+        """
+        generations: dict[str, int] = {}
+        selector = f"metadata.name={node_name}" if node_name else None
+        while not stop.is_set():
+            watcher = watch.Watch()  # type: ignore[no-untyped-call]
+            try:
+                for event in watcher.stream(  # type: ignore[no-untyped-call]
+                    self.custom.list_cluster_custom_object,
+                    GROUP,
+                    VERSION,
+                    PLURAL,
+                    field_selector=selector,
+                    timeout_seconds=30,
+                ):
+                    if stop.is_set():
+                        break
+                    obj = event["object"]
+                    metadata = (obj.get("metadata") or {}) if isinstance(obj, dict) else {}
+                    name = str(metadata.get("name", ""))
+                    generation = int(metadata.get("generation") or 0)
+                    if generations.get(name) != generation or event["type"] == "DELETED":
+                        generations[name] = generation
+                        on_spec_change(name)
+            except Exception as error:
+                log.warning("watch of %s failed, retrying: %s", PLURAL, error)
+                stop.wait(1.0)
+            finally:
+                watcher.stop()  # type: ignore[no-untyped-call]

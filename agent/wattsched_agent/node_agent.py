@@ -1,0 +1,214 @@
+"""The agent's loop: apply each node's NodePowerProfile, write its status, serve its metrics.
+
+`NodeAgent` holds one node's GPUs (an `NvmlBackend`, over real NVML or `SimulatedNvml`) and does one
+reconcile at a time: apply the limits in spec (clamped, read back), sample every GPU, and return the
+status to write. `AgentRunner` drives one or many `NodeAgent`s: it reconciles on every spec change
+(a watch) and every `interval_seconds` (heartbeat, and re-applying limits lost on a driver reload),
+and on shutdown applies the exit policy. Not for: NVML details (`nvml_backend`) or status layout
+(`reconcile`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from wattsched_agent.dcgm_metrics import GpuMetrics, PodRef, render_metrics
+from wattsched_agent.kube_access import KubeAccess
+from wattsched_agent.nvml_backend import GpuFault, LimitOutcome, NvmlBackend
+from wattsched_agent.reconcile import (
+    PlacedPod,
+    assign_gpus,
+    build_status,
+    pod_refs,
+    stopped_status,
+)
+from wattsched_agent.simulated_nvml import SimulatedNvml
+from wattsched_operator.api.errors import ApiValidationError
+from wattsched_operator.api.nodepowerprofile import (
+    Backend,
+    NodePowerProfile,
+    parse_nodepowerprofile,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ExitPolicy(StrEnum):
+    """What happens to the GPUs' power limits when the agent stops."""
+
+    LEAVE = "leave"
+    RESTORE = "restore"
+
+
+class NodeAgent:
+    """One node's GPUs. Thread-safe: the metrics server reads while the loop reconciles."""
+
+    def __init__(
+        self, node_name: str, backend: NvmlBackend, simulation: SimulatedNvml | None = None
+    ) -> None:
+        self.node_name = node_name
+        self.backend = backend
+        self.simulation = simulation
+        self._lock = threading.RLock()
+        self._open_faults: list[GpuFault] = backend.open()
+        self._pods: dict[int, PodRef] = {}
+        self._defaults_restored = False
+        self.ready = not any(fault.index is None for fault in self._open_faults)
+
+    def observe_pods(self, pods: Sequence[PlacedPod]) -> None:
+        """Attribute GPUs to pods; on a simulated node, also make those GPUs busy."""
+        with self._lock:
+            by_gpu = assign_gpus(pods, self.backend.gpu_count)
+            self._pods = pod_refs(by_gpu)
+            if self.simulation is not None:
+                for index in range(self.backend.gpu_count):
+                    pod = by_gpu.get(index)
+                    self.simulation.set_utilisation(index, pod.utilisation if pod else 0.0)
+
+    def reconcile(self, profile: NodePowerProfile, now: datetime | None = None) -> dict[str, Any]:
+        """Apply the profile's limits and return the status to write (as a JSON object)."""
+        with self._lock:
+            limits = {gpu.index: gpu.power_limit_watts for gpu in profile.spec.gpus}
+            outcomes: list[LimitOutcome] = [
+                self.backend.apply_limit(index, watts) for index, watts in sorted(limits.items())
+            ]
+            samples = [self.backend.sample(index) for index in range(self.backend.gpu_count)]
+            faults = [fault for fault in self._open_faults if fault.index is None]
+            faults += [
+                sample.fault
+                for sample in samples
+                if sample.fault is not None and sample.index not in limits
+            ]
+            return build_status(
+                profile=profile,
+                backend=Backend(self.backend.name),
+                ready=self.ready,
+                identities=self.backend.identities,
+                samples=samples,
+                outcomes=outcomes,
+                other_faults=faults,
+                now=now or datetime.now(UTC),
+            ).to_dict()
+
+    def metrics_text(self) -> str:
+        with self._lock:
+            gpus = [
+                GpuMetrics(
+                    self.backend.identities.get(index),
+                    self.backend.sample(index),
+                    self._pods.get(index),
+                )
+                for index in range(self.backend.gpu_count)
+            ]
+        return render_metrics(self.node_name, gpus)
+
+    def stop(self, policy: ExitPolicy) -> None:
+        """Apply the exit policy: leave the limits, or restore every GPU's default."""
+        with self._lock:
+            self.ready = False
+            if policy is not ExitPolicy.RESTORE:
+                return
+            self._defaults_restored = True
+            for index in range(self.backend.gpu_count):
+                outcome = self.backend.restore_default(index)
+                if outcome.fault is not None:
+                    log.warning("%s", outcome.fault.message)
+
+    def stopped_status(self, profile: NodePowerProfile) -> dict[str, Any]:
+        """The status merge patch saying the agent stopped (call after `stop`)."""
+        with self._lock:
+            return stopped_status(
+                profile=profile,
+                backend=Backend(self.backend.name),
+                defaults_restored=self._defaults_restored,
+                identities=self.backend.identities,
+                samples=[self.backend.sample(index) for index in range(self.backend.gpu_count)],
+                now=datetime.now(UTC),
+            )
+
+
+class AgentRunner:
+    """Reconciles every node agent on spec changes and on a fixed interval."""
+
+    def __init__(
+        self,
+        kube: KubeAccess,
+        agents: Mapping[str, NodeAgent],
+        *,
+        single_node: str | None,
+        interval_seconds: float,
+        exit_policy: ExitPolicy,
+    ) -> None:
+        self.kube = kube
+        self.agents = dict(agents)
+        self.single_node = single_node
+        self.interval_seconds = interval_seconds
+        self.exit_policy = exit_policy
+        self.stop_event = threading.Event()
+        self._wake = threading.Event()
+
+    @staticmethod
+    def _profile(profiles: Mapping[str, Mapping[str, Any]], name: str) -> NodePowerProfile | None:
+        """The node's profile, typed; None when there is none or it is invalid (logged)."""
+        if name not in profiles:
+            return None
+        try:
+            return parse_nodepowerprofile(profiles[name])
+        except ApiValidationError as error:
+            log.error("%s", error)
+            return None
+
+    def tick(self) -> None:
+        """One pass over every node: pods -> load, profile -> limits -> status."""
+        profiles = self.kube.profiles(self.single_node)
+        pods = self.kube.workload_pods(self.single_node)
+        for name, agent in self.agents.items():
+            agent.observe_pods(pods.get(name, []))
+            profile = self._profile(profiles, name)
+            if profile is not None:
+                self.kube.patch_status(name, agent.reconcile(profile))
+
+    def run(self) -> None:
+        """Loop until `request_stop()`, then apply the exit policy."""
+        watcher = threading.Thread(
+            target=self.kube.watch_profiles,
+            args=(self.single_node, lambda _name: self._wake.set(), self.stop_event),
+            name="watch-nodepowerprofiles",
+            daemon=True,
+        )
+        watcher.start()
+        while not self.stop_event.is_set():
+            self._wake.clear()
+            try:
+                self.tick()
+            except Exception as error:  # the agent keeps running through API outages
+                log.warning("reconcile failed, retrying in %ss: %s", self.interval_seconds, error)
+            self._wake.wait(self.interval_seconds)
+        self.shutdown()
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        """Apply the exit policy on every node and say so in each profile's status."""
+        for agent in self.agents.values():
+            agent.stop(self.exit_policy)
+        try:
+            profiles = self.kube.profiles(self.single_node)
+        except Exception as error:  # best effort on the way out
+            log.warning("could not read profiles at shutdown: %s", error)
+            return
+        for name, agent in self.agents.items():
+            profile = self._profile(profiles, name)
+            if profile is None:
+                continue
+            try:
+                self.kube.patch_status(name, agent.stopped_status(profile))
+            except Exception as error:  # best effort on the way out
+                log.warning("could not mark %s stopped: %s", name, error)

@@ -1,0 +1,80 @@
+"""The agent's /metrics: DCGM exporter names, types, units and labels, served over HTTP."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from wattsched_agent.cli import parse_args, parse_faults
+from wattsched_agent.dcgm_metrics import GpuMetrics, MetricsServer, PodRef, render_metrics
+from wattsched_agent.nvml_backend import GpuIdentity, GpuSample
+from wattsched_agent.simulated_nvml import GpuFaults
+
+IDENTITY = GpuIdentity(0, "GPU-abc", "NVIDIA L4", 40.0, 72.0, 72.0)
+
+
+def test_metrics_use_dcgm_names_types_and_labels() -> None:
+    text = render_metrics(
+        "node-1",
+        [
+            GpuMetrics(IDENTITY, GpuSample(0, 60.0, 42.5, 123456, 87), PodRef("ns", "pod-0", "c")),
+            GpuMetrics(None, GpuSample(1, None, None, None, None), None),
+        ],
+    )
+    assert "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\n" in text
+    assert "# TYPE DCGM_FI_DEV_POWER_USAGE gauge\n" in text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    [power] = families["DCGM_FI_DEV_POWER_USAGE"].samples
+    assert power.value == 42.5
+    assert power.labels == {
+        "gpu": "0",
+        "UUID": "GPU-abc",
+        "device": "nvidia0",
+        "modelName": "NVIDIA L4",
+        "Hostname": "node-1",
+        "container": "c",
+        "namespace": "ns",
+        "pod": "pod-0",
+    }
+    [energy] = families["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"].samples
+    assert energy.value == 123456
+    [limit] = families["DCGM_FI_DEV_POWER_MGMT_LIMIT"].samples
+    assert limit.value == 60.0
+    [utilisation] = families["DCGM_FI_DEV_GPU_UTIL"].samples
+    assert utilisation.value == 87
+
+
+def test_server_serves_metrics_and_health_and_nothing_else() -> None:
+    server = MetricsServer("127.0.0.1", 0, lambda: "up 1\n")
+    try:
+        base = f"http://{server.address}"
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+            assert response.read() == b"up 1\n"
+            assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+            assert response.status == 200
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(f"{base}/other", timeout=5)
+        assert error.value.code == 404
+        error.value.close()
+    finally:
+        server.close()
+
+
+def test_fault_flags_name_a_node_or_every_node() -> None:
+    faults = parse_faults(["a/1=no-permission", "0=gpu-lost"], ["a", "b"])
+    assert faults == {
+        "a": {1: GpuFaults(no_permission=True), 0: GpuFaults(gpu_lost=True)},
+        "b": {0: GpuFaults(gpu_lost=True)},
+    }
+    with pytest.raises(ValueError, match="KIND one of"):
+        parse_faults(["1=melted"], ["a"])
+
+
+def test_all_nodes_mode_needs_the_simulated_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--all-nodes", "--backend", "nvml"])
+    assert "--all-nodes needs --backend simulated" in capsys.readouterr().err

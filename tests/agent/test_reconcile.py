@@ -1,0 +1,193 @@
+"""The agent's reconcile without a cluster: profile -> limits -> status, pods -> GPUs -> load."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from wattsched_agent.kube_access import node_gpu_info, placed_pod
+from wattsched_agent.node_agent import ExitPolicy, NodeAgent
+from wattsched_agent.nvml_backend import NvmlBackend
+from wattsched_agent.reconcile import PlacedPod, assign_gpus
+from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml
+from wattsched_operator.api.nodepowerprofile import (
+    NodePowerProfile,
+    parse_nodepowerprofile,
+)
+
+NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
+
+
+def profile(limits: dict[int, float], generation: int = 3, status: Any = None) -> NodePowerProfile:
+    obj: dict[str, Any] = {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "NodePowerProfile",
+        "metadata": {"name": "gpu-a", "generation": generation},
+        "spec": {
+            "nodeName": "gpu-a",
+            "gpus": [{"index": i, "powerLimitWatts": w} for i, w in limits.items()],
+        },
+    }
+    if status is not None:
+        obj["status"] = status
+    return parse_nodepowerprofile(obj)
+
+
+def a100_agent(faults: dict[int, GpuFaults] | None = None) -> tuple[NodeAgent, SimulatedNvml]:
+    library = SimulatedNvml("gpu-a", ["NVIDIA-A100-SXM4-80GB"] * 4, faults=faults)
+    return NodeAgent("gpu-a", NvmlBackend(library, "simulated"), library), library
+
+
+def test_status_reports_applied_limits_and_the_applied_condition() -> None:
+    agent, _ = a100_agent()
+    status = agent.reconcile(profile({0: 250, 1: 300, 2: 100, 3: 400}), NOW)
+    assert status["observedGeneration"] == 3
+    assert [gpu["appliedWatts"] for gpu in status["gpus"]] == [250, 300, 100, 400]
+    assert status["targetWatts"] == 1050
+    assert status["appliedWatts"] == 1050
+    assert status["gpuCount"] == 4
+    gpu = status["gpus"][0]
+    assert gpu["product"] == "NVIDIA-A100-SXM4-80GB"
+    assert (gpu["minWatts"], gpu["maxWatts"], gpu["defaultWatts"]) == (100, 400, 400)
+    assert gpu["drawWatts"] == 55  # idle
+    assert status["agent"] == {
+        "ready": True,
+        "heartbeatTime": "2026-11-25T03:00:00Z",
+        "backend": "simulated",
+        "message": "",
+    }
+    [condition] = status["conditions"]
+    assert (condition["type"], condition["status"], condition["reason"]) == (
+        "Applied",
+        "True",
+        "LimitsApplied",
+    )
+    assert condition["observedGeneration"] == 3
+
+
+def test_status_round_trips_through_the_api_model() -> None:
+    agent, _ = a100_agent()
+    status = agent.reconcile(profile({0: 250}), NOW)
+    again = profile({0: 250}, status=status)
+    assert again.status.to_dict() == status
+    assert again.limits_confirmed
+
+
+def test_no_permission_makes_applied_false_with_the_reason() -> None:
+    agent, _ = a100_agent({1: GpuFaults(no_permission=True)})
+    status = agent.reconcile(profile({0: 250, 1: 250}), NOW)
+    [condition] = status["conditions"]
+    assert (condition["status"], condition["reason"]) == ("False", "NoPermission")
+    assert "GPU 1" in condition["message"]
+    assert status["gpus"][1]["appliedWatts"] == 400
+    assert status["agent"]["ready"] is True
+    assert not profile({0: 250, 1: 250}, status=status).limits_confirmed
+
+
+def test_lost_gpu_outside_the_spec_still_fails_applied() -> None:
+    agent, library = a100_agent()
+    library.set_faults(3, GpuFaults(gpu_lost=True))
+    status = agent.reconcile(profile({0: 250}), NOW)
+    assert status["conditions"][0]["reason"] == "GpuLost"
+    assert "appliedWatts" not in status["gpus"][3]
+    assert status["gpus"][3]["uuid"].startswith("GPU-")
+
+
+def test_transition_time_is_kept_while_the_condition_holds() -> None:
+    agent, _ = a100_agent()
+    first = agent.reconcile(profile({0: 250}), NOW)
+    later = agent.reconcile(profile({0: 260}, status=first), NOW + timedelta(minutes=5))
+    assert later["conditions"][0]["lastTransitionTime"] == "2026-11-25T03:00:00Z"
+    assert later["agent"]["heartbeatTime"] == "2026-11-25T03:05:00Z"
+
+
+def test_limits_lost_by_a_driver_reload_come_back_on_the_next_reconcile() -> None:
+    agent, library = a100_agent()
+    agent.reconcile(profile({0: 200}), NOW)
+    library.reload_driver()
+    status = agent.reconcile(profile({0: 200}), NOW)
+    assert status["gpus"][0]["appliedWatts"] == 200
+
+
+def test_restore_policy_sets_defaults_and_reports_it() -> None:
+    agent, _ = a100_agent()
+    applied = profile({0: 200}, status=agent.reconcile(profile({0: 200}), NOW))
+    agent.stop(ExitPolicy.RESTORE)
+    patch = agent.stopped_status(applied)
+    assert patch["gpus"][0]["appliedWatts"] == 400
+    assert patch["agent"]["ready"] is False
+    assert patch["conditions"][0]["reason"] == "DefaultsRestored"
+
+
+def test_leave_policy_keeps_limits_and_only_marks_the_agent_stopped() -> None:
+    agent, _ = a100_agent()
+    applied = profile({0: 200}, status=agent.reconcile(profile({0: 200}), NOW))
+    agent.stop(ExitPolicy.LEAVE)
+    patch = agent.stopped_status(applied)
+    assert set(patch) == {"agent"}
+    assert patch["agent"]["ready"] is False
+    assert agent.backend.sample(0).applied_watts == 200
+
+
+def test_pods_get_gpus_in_creation_order_and_make_them_busy() -> None:
+    agent, _ = a100_agent()
+    agent.reconcile(profile({0: 300, 1: 300, 2: 300, 3: 300}), NOW)
+    agent.observe_pods(
+        [
+            PlacedPod("team", "late", "server", 1, "2026-11-25T02:00:00Z"),
+            PlacedPod("team", "early", "server", 2, "2026-11-25T01:00:00Z", utilisation=0.5),
+        ]
+    )
+    text = agent.metrics_text()
+    assert 'gpu="0",' in text
+    power = {
+        line.split('gpu="')[1].split('"')[0]: line
+        for line in text.splitlines()
+        if line.startswith("DCGM_FI_DEV_POWER_USAGE{")
+    }
+    assert 'pod="early"' in power["0"]
+    assert 'pod="early"' in power["1"]
+    assert 'pod="late"' in power["2"]
+    assert "pod=" not in power["3"]
+    assert power["0"].endswith(" 177.5")  # 55 + 0.5 * (300 - 55)
+    assert power["2"].endswith(" 300")
+    assert power["3"].endswith(" 55")
+
+
+def test_more_gpus_requested_than_present_fill_the_node() -> None:
+    pods = [PlacedPod("a", "p", "c", 3, "1"), PlacedPod("a", "q", "c", 3, "2")]
+    assert sorted(assign_gpus(pods, 4)) == [0, 1, 2, 3]
+
+
+def test_only_live_workload_pods_with_gpus_count() -> None:
+    def pod(phase: str, gpus: int, deleting: bool = False) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"name": "p", "namespace": "n", "creationTimestamp": "t"}
+        if deleting:
+            metadata["deletionTimestamp"] = "t"
+        limits = {"nvidia.com/gpu": str(gpus)} if gpus else {}
+        return {
+            "metadata": metadata,
+            "spec": {"containers": [{"name": "c", "resources": {"limits": limits}}]},
+            "status": {"phase": phase},
+        }
+
+    assert placed_pod(pod("Running", 2)) == PlacedPod("n", "p", "c", 2, "t")
+    assert placed_pod(pod("Succeeded", 2)) is None
+    assert placed_pod(pod("Running", 0)) is None
+    assert placed_pod(pod("Running", 2, deleting=True)) is None
+
+
+def test_node_labels_describe_the_simulated_gpus() -> None:
+    node = {
+        "metadata": {
+            "name": "h100-0",
+            "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        },
+        "status": {"allocatable": {"nvidia.com/gpu": "8"}},
+    }
+    info = node_gpu_info(node)
+    assert (info.name, info.product, info.gpu_count) == ("h100-0", "NVIDIA-H100-80GB-HBM3", 8)
+    with pytest.raises(ValueError, match=r"node cpu-0: needs label nvidia\.com/gpu\.product"):
+        node_gpu_info({"metadata": {"name": "cpu-0"}})
