@@ -1,1 +1,4 @@
-"""wattsched optimizer: the performance/power model and the placement-and-power LP. Pure Python + PuLP."""
+"""wattsched optimizer: the performance/power model and the placement-and-power program.
+
+Pure Python + PuLP; no Kubernetes. Entry point: `wattsched_optimizer.planner.plan`.
+"""

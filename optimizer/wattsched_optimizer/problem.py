@@ -48,7 +48,10 @@ class WorkUnit(StrEnum):
 
 @dataclass(frozen=True)
 class Variant:
-    """One model-compression choice of a workload (`spec.variants[]`)."""
+    """One model-compression choice of a workload (`spec.variants[]`).
+
+    `min_memory_gib` is per GPU; 0 means the workload's `min_memory_gib_per_gpu` applies.
+    """
 
     name: str
     precision: Precision
@@ -195,3 +198,7 @@ class Plan:
     node_power_limits_watts: Mapping[str, tuple[float, ...]]
     budgets: tuple[BudgetAllocation, ...]
     unplaced: tuple[Unplaced, ...]
+    # Which solver ran ("highs" or "cbc"; empty when none was needed).
+    solver: str = ""
+    # Seconds per step: "data", "build", "solve", "pack", "total".
+    timings_seconds: Mapping[str, float] = field(default_factory=dict)

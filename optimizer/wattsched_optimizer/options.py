@@ -1,0 +1,532 @@
+"""The data step of planning: pools of identical nodes, classes of identical workloads, options.
+
+For: turning a `PlanInput` into the small, aggregated sets the formulation works on: `Pool`s
+(schedulable nodes alike in product, GPU count, agent readiness and budget membership),
+`WorkloadClass`es (workloads alike in everything but their name), and per class the `Option`s
+(product, variant, power level, replica count) that meet every per-workload hard constraint
+(allow-list, memory, quality, maxPowerWattsPerGPU, policy, SLO, deadline), with dominated options
+pruned. Workloads with no option get the reason here. Not for: building or solving the LP
+(`formulation`) or choosing nodes (`packing`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from wattsched_optimizer.model import PerformanceModel, power_levels_watts, product_spec
+from wattsched_optimizer.problem import (
+    CurrentPlacement,
+    EnergyPolicy,
+    GpuNode,
+    PlanInput,
+    Variant,
+    Workload,
+    WorkloadType,
+    WorkUnit,
+)
+
+# Zeus's cost metric, eta * energy + (1 - eta) * max_power * time, per unit of work: Balanced
+# weighs energy and time equally, Efficiency counts energy only (Performance has one level anyway).
+ETA_BY_POLICY = {
+    EnergyPolicy.PERFORMANCE: 0.5,
+    EnergyPolicy.BALANCED: 0.5,
+    EnergyPolicy.EFFICIENCY: 1.0,
+}
+# Quality is compared in steps of 0.01.
+QUALITY_STEPS = 100
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Schedulable GPU nodes that are interchangeable for the optimizer."""
+
+    index: int
+    product: str
+    gpus_per_node: int
+    agent_ready: bool
+    budgets: frozenset[str]
+    node_names: tuple[str, ...]
+    min_watts: float
+    max_watts: float
+
+    @property
+    def total_gpus(self) -> int:
+        return self.gpus_per_node * len(self.node_names)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a workload: every replica on `product` with this variant and limit."""
+
+    product: str
+    variant: Variant
+    power_limit_watts: float
+    is_max_level: bool
+    replicas: int
+    gpus_per_replica: int
+    throughput_per_replica: float  # tokens/s
+    expected_watts_per_gpu: float
+    # Tier 3: Zeus cost per token relative to the class's cheapest option, minus 1 (>= 0).
+    relative_cost: float
+    # Tier 2: quality steps below the best variant the policy prefers (0 under Efficiency).
+    quality_loss: int
+    # Tier 4: the option keeps a running replica's product and variant.
+    keeps_current: bool = False
+
+    @property
+    def gpus(self) -> int:
+        return self.replicas * self.gpus_per_replica
+
+
+@dataclass(frozen=True)
+class WorkloadClass:
+    """Workloads that differ only in name (running workloads are always alone in theirs)."""
+
+    index: int
+    members: tuple[Workload, ...]
+    options: tuple[Option, ...]
+    # Pools each option may use, by position in `options`.
+    option_pools: tuple[tuple[int, ...], ...]
+    # Nodes running this (single) workload now, when the optimizer should keep it there.
+    pinned_nodes: frozenset[str] = frozenset()
+
+    @property
+    def representative(self) -> Workload:
+        return self.members[0]
+
+
+@dataclass(frozen=True)
+class NoOption:
+    """Why a workload cannot run anywhere, whatever else happens."""
+
+    constraint: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlanData:
+    pools: tuple[Pool, ...]
+    classes: tuple[WorkloadClass, ...]
+    no_option: Mapping[str, NoOption]
+    # Per budget: watts its GPUs count for whatever is placed (idle minimum, or maximum where the
+    # agent is not ready), and the cap.
+    budget_base_watts: Mapping[str, float]
+    budget_cap_watts: Mapping[str, float]
+    node_by_name: Mapping[str, GpuNode]
+
+
+def workload_label(workload: Workload) -> str:
+    return f"LLMWorkload {workload.key}"
+
+
+def reference_tokens_per_gpu_hour(model: PerformanceModel, workload: Workload) -> float:
+    """Tokens one reference GPU (H100-80GB at its maximum limit, bf16) processes in an hour."""
+    spec = product_spec("H100-80GB")
+    return 3600.0 * model.throughput_tokens_per_second(
+        "H100-80GB",
+        workload.type,
+        workload.model_parameters_billions,
+        1,
+        1.0,
+        spec.max_watts.value,
+    )
+
+
+def remaining_tokens(model: PerformanceModel, workload: Workload) -> float | None:
+    work = workload.remaining_work
+    if work is None:
+        return None
+    if work.unit is WorkUnit.TOKENS:
+        return work.amount
+    if work.unit is WorkUnit.STEPS:
+        if work.tokens_per_step is None:
+            raise ValueError(
+                f"{workload_label(workload)}: spec.slo.totalWork.steps needs tokensPerStep"
+            )
+        return work.amount * work.tokens_per_step
+    return work.amount * reference_tokens_per_gpu_hour(model, workload)
+
+
+def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
+    budgets_of: dict[str, set[str]] = defaultdict(set)
+    for budget in plan_input.budgets:
+        for node_name in budget.node_names:
+            budgets_of[node_name].add(budget.name)
+    groups: dict[tuple[str, int, bool, frozenset[str]], list[str]] = defaultdict(list)
+    for node in plan_input.nodes:
+        if not node.schedulable or node.gpu_count < 1:
+            continue
+        key = (node.product, node.gpu_count, node.agent_ready, frozenset(budgets_of[node.name]))
+        groups[key].append(node.name)
+    pools = []
+    for index, key in enumerate(sorted(groups, key=lambda k: (k[0], k[1], k[2], sorted(k[3])))):
+        product, gpus_per_node, agent_ready, budgets = key
+        spec = product_spec(product)
+        pools.append(
+            Pool(
+                index=index,
+                product=product,
+                gpus_per_node=gpus_per_node,
+                agent_ready=agent_ready,
+                budgets=budgets,
+                node_names=tuple(sorted(groups[key])),
+                min_watts=spec.min_watts.value,
+                max_watts=spec.max_watts.value,
+            )
+        )
+    return tuple(pools)
+
+
+def budget_base_watts(plan_input: PlanInput) -> dict[str, float]:
+    """Per budget: the sum of its GPUs' limits with nothing placed.
+
+    Idle GPUs count at their minimum; GPUs of nodes whose agent is not ready at their maximum.
+    """
+    by_name = {node.name: node for node in plan_input.nodes}
+    base: dict[str, float] = {}
+    for budget in plan_input.budgets:
+        total = 0.0
+        for node_name in budget.node_names:
+            node = by_name.get(node_name)
+            if node is None:
+                continue
+            spec = product_spec(node.product)
+            per_gpu = spec.min_watts.value if node.agent_ready else spec.max_watts.value
+            total += per_gpu * node.gpu_count
+        base[budget.name] = total
+    return base
+
+
+def _memory_need_gib(workload: Workload, variant: Variant) -> float:
+    return variant.min_memory_gib if variant.min_memory_gib > 0 else workload.min_memory_gib_per_gpu
+
+
+def _levels_for(
+    workload: Workload, product: str, levels: int, current: float | None
+) -> list[float]:
+    spec = product_spec(product)
+    cap = spec.max_watts.value
+    if workload.max_power_watts_per_gpu is not None:
+        cap = min(cap, workload.max_power_watts_per_gpu)
+    if cap < spec.min_watts.value:
+        return []
+    if workload.policy is EnergyPolicy.PERFORMANCE:
+        return [cap]
+    chosen = {level for level in power_levels_watts(product, levels) if level <= cap}
+    chosen.add(cap)
+    if current is not None and spec.min_watts.value <= current <= cap:
+        chosen.add(current)
+    return sorted(chosen)
+
+
+def _dominates(a: Option, b: Option) -> bool:
+    """`a` is at least as good as `b` in every tier and uses no more GPUs or budget watts."""
+    return (
+        a.is_max_level == b.is_max_level
+        and a.quality_loss <= b.quality_loss
+        and a.relative_cost <= b.relative_cost
+        and a.gpus <= b.gpus
+        and a.gpus * a.power_limit_watts <= b.gpus * b.power_limit_watts
+        and a.keeps_current >= b.keeps_current
+    )
+
+
+def prune_dominated(options: Sequence[Option]) -> list[Option]:
+    """Drop options another option of the same product dominates (ties: the first one stays)."""
+    kept: list[Option] = []
+    for index, option in enumerate(options):
+        dominated = any(
+            other.product == option.product
+            and _dominates(other, option)
+            and (not _dominates(option, other) or other_index < index)
+            for other_index, other in enumerate(options)
+            if other_index != index
+        )
+        if not dominated:
+            kept.append(option)
+    return kept
+
+
+def _no_option_reason(
+    workload: Workload,
+    pools: Sequence[Pool],
+    model: PerformanceModel,
+    levels: int,
+) -> NoOption:
+    """The first per-workload filter that leaves nothing, as a sentence a person can act on."""
+    label = workload_label(workload)
+    products = sorted({pool.product for pool in pools})
+    allowed = [
+        p for p in products if not workload.allowed_products or p in workload.allowed_products
+    ]
+    if not allowed:
+        return NoOption(
+            "products",
+            f"{label}: spec.gpu.products allows {sorted(workload.allowed_products)}, but no "
+            f"schedulable node has them (schedulable products: {products or 'none'}); widen the "
+            "allow-list or add such nodes",
+        )
+    largest = max(pool.gpus_per_node for pool in pools if pool.product in allowed)
+    if workload.gpus_per_replica > largest:
+        return NoOption(
+            "gpus",
+            f"{label}: spec.gpu.count={workload.gpus_per_replica} exceeds the largest eligible "
+            f"node ({largest} GPUs); a replica never spans nodes, so lower spec.gpu.count",
+        )
+    variants = [v for v in workload.variants if v.quality >= workload.min_quality]
+    if not variants:
+        return NoOption(
+            "quality",
+            f"{label}: no variant has quality >= spec.minQuality={workload.min_quality}; "
+            "lower spec.minQuality or add a variant",
+        )
+    memory = max(product_spec(p).memory_gib.value for p in allowed)
+    need = min(_memory_need_gib(workload, v) for v in variants)
+    if need > memory:
+        return NoOption(
+            "memory",
+            f"{label}: the smallest variant needs {need:g} GiB per GPU but eligible GPUs have at "
+            f"most {memory:g} GiB; add a smaller variant (e.g. fp8) in spec.variants or allow "
+            "larger GPUs in spec.gpu.products",
+        )
+    if workload.max_power_watts_per_gpu is not None and all(
+        workload.max_power_watts_per_gpu < product_spec(p).min_watts.value for p in allowed
+    ):
+        lowest = min(product_spec(p).min_watts.value for p in allowed)
+        return NoOption(
+            "power",
+            f"{label}: spec.energy.maxPowerWattsPerGPU={workload.max_power_watts_per_gpu:g} is "
+            f"below the lowest power limit any eligible GPU accepts ({lowest:g} W); raise it",
+        )
+    best = 0.0
+    for product in allowed:
+        top = product_spec(product).max_watts.value
+        if workload.max_power_watts_per_gpu is not None:
+            top = min(top, workload.max_power_watts_per_gpu)
+        for variant in variants:
+            best = max(
+                best,
+                model.throughput_tokens_per_second(
+                    product,
+                    workload.type,
+                    workload.model_parameters_billions,
+                    workload.gpus_per_replica,
+                    variant.relative_throughput,
+                    top,
+                ),
+            )
+    if workload.type is WorkloadType.INFERENCE:
+        return NoOption(
+            "slo",
+            f"{label}: {workload.max_replicas} replica(s) deliver at most "
+            f"{best * workload.max_replicas:.0f} tokens/s (modelled) but "
+            f"spec.slo.tokensPerSecond={workload.tokens_per_second:g}; raise spec.maxReplicas, "
+            "lower the SLO or allow faster GPUs",
+        )
+    return NoOption(
+        "deadline",
+        f"{label}: at the fastest option ({best * workload.replicas:.0f} tokens/s, modelled) the "
+        f"remaining work takes longer than the {workload.deadline_seconds:g} s left before "
+        "spec.slo.deadline; extend the deadline, add replicas or allow faster GPUs",
+    )
+
+
+def workload_options(
+    workload: Workload,
+    *,
+    pools: Sequence[Pool],
+    model: PerformanceModel,
+    levels: int,
+    current: Sequence[CurrentPlacement],
+    node_by_name: Mapping[str, GpuNode],
+    churn_threshold: float,
+) -> tuple[list[Option], list[tuple[int, ...]]]:
+    """Every option that meets the workload's own constraints, dominated ones pruned."""
+    products = sorted({pool.product for pool in pools})
+    if workload.allowed_products:
+        products = [p for p in products if p in workload.allowed_products]
+    variants = [v for v in workload.variants if v.quality >= workload.min_quality]
+    if not variants:
+        return [], []
+    best_quality = max(v.quality for v in variants)
+    eta = ETA_BY_POLICY[workload.policy]
+    tokens_needed = remaining_tokens(model, workload)
+    current_product = None
+    current_variant = None
+    current_level = None
+    if current:
+        first = current[0]
+        node = node_by_name.get(first.node)
+        if node is not None:
+            current_product = node.product
+            current_variant = first.variant
+            current_level = first.power_limit_watts
+    raw: list[tuple[Option, float]] = []
+    for product in products:
+        spec = product_spec(product)
+        eligible = [
+            pool
+            for pool in pools
+            if pool.product == product and pool.gpus_per_node >= workload.gpus_per_replica
+        ]
+        if not eligible:
+            continue
+        memory = spec.memory_gib.value
+        for variant in variants:
+            if _memory_need_gib(workload, variant) > memory:
+                continue
+            level_current = current_level if product == current_product else None
+            for level in _levels_for(workload, product, levels, level_current):
+                throughput = model.throughput_tokens_per_second(
+                    product,
+                    workload.type,
+                    workload.model_parameters_billions,
+                    workload.gpus_per_replica,
+                    variant.relative_throughput,
+                    level,
+                )
+                watts = model.expected_power_watts(product, workload.type, level)
+                if workload.type is WorkloadType.INFERENCE:
+                    demand = workload.tokens_per_second
+                    replicas = workload.min_replicas
+                    if demand is not None:
+                        replicas = max(replicas, math.ceil(demand / throughput - 1e-9))
+                    if replicas > workload.max_replicas:
+                        continue
+                    useful = replicas * throughput if demand is None else demand
+                else:
+                    replicas = workload.replicas
+                    useful = replicas * throughput
+                    if (
+                        workload.deadline_seconds is not None
+                        and tokens_needed is not None
+                        and useful * workload.deadline_seconds < tokens_needed
+                    ):
+                        continue
+                gpus = replicas * workload.gpus_per_replica
+                cost = gpus * (eta * watts + (1 - eta) * spec.max_watts.value) / useful
+                quality_loss = 0
+                if workload.policy is not EnergyPolicy.EFFICIENCY:
+                    quality_loss = round((best_quality - variant.quality) * QUALITY_STEPS)
+                keeps = product == current_product and variant.name == current_variant
+                option = Option(
+                    product=product,
+                    variant=variant,
+                    power_limit_watts=level,
+                    is_max_level=level >= spec.max_watts.value,
+                    replicas=replicas,
+                    gpus_per_replica=workload.gpus_per_replica,
+                    throughput_per_replica=throughput,
+                    expected_watts_per_gpu=watts,
+                    relative_cost=0.0,
+                    quality_loss=quality_loss,
+                    keeps_current=keeps,
+                )
+                raw.append((option, cost))
+    if not raw:
+        return [], []
+    cheapest = min(cost for _, cost in raw)
+    options = []
+    for option, cost in raw:
+        relative = cost / cheapest - 1.0
+        if option.keeps_current and workload.type is WorkloadType.INFERENCE:
+            # Stability: moving a running replica must gain more than the churn threshold.
+            relative = max(0.0, relative - churn_threshold)
+        options.append(dataclasses.replace(option, relative_cost=round(relative, 9)))
+    options = prune_dominated(options)
+    option_pools = []
+    for option in options:
+        option_pools.append(
+            tuple(
+                pool.index
+                for pool in pools
+                if pool.product == option.product
+                and pool.gpus_per_node >= workload.gpus_per_replica
+                and (pool.agent_ready or option.is_max_level)
+            )
+        )
+    kept = [(o, p) for o, p in zip(options, option_pools, strict=True) if p]
+    return [o for o, _ in kept], [p for _, p in kept]
+
+
+def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
+    """Pools, classes with their options, and the workloads that have no option at all."""
+    pools = build_pools(plan_input)
+    node_by_name = {node.name: node for node in plan_input.nodes}
+    current_by_workload: dict[str, list[CurrentPlacement]] = defaultdict(list)
+    for placement in plan_input.current:
+        current_by_workload[placement.workload].append(placement)
+    groups: dict[Workload, list[Workload]] = defaultdict(list)
+    singles: list[Workload] = []
+    for workload in sorted(plan_input.workloads, key=lambda w: w.key):
+        if workload.key in current_by_workload:
+            singles.append(workload)
+        else:
+            groups[dataclasses.replace(workload, key="")].append(workload)
+    ordered: list[list[Workload]] = [members for members in groups.values()]
+    ordered += [[workload] for workload in singles]
+    ordered.sort(key=lambda members: members[0].key)
+    classes: list[WorkloadClass] = []
+    no_option: dict[str, NoOption] = {}
+    for members in ordered:
+        workload = members[0]
+        current = sorted(current_by_workload.get(workload.key, []), key=lambda c: c.replica)
+        options, option_pools = workload_options(
+            workload,
+            pools=pools,
+            model=model,
+            levels=plan_input.options.power_levels,
+            current=current,
+            node_by_name=node_by_name,
+            churn_threshold=plan_input.options.churn_threshold,
+        )
+        pinned: frozenset[str] = frozenset()
+        if current and workload.type in (WorkloadType.TRAINING, WorkloadType.FINE_TUNING):
+            nodes = {c.node for c in current}
+            pinned_pools = {p.index for p in pools if nodes & set(p.node_names)}
+            if all(n in node_by_name and node_by_name[n].schedulable for n in nodes):
+                # Running training is not moved: keep its product, variant and nodes' pools.
+                keep = [
+                    (o, tuple(p for p in ps if p in pinned_pools))
+                    for o, ps in zip(options, option_pools, strict=True)
+                    if o.keeps_current
+                ]
+                keep = [(o, ps) for o, ps in keep if ps]
+                if keep:
+                    options = [o for o, _ in keep]
+                    option_pools = [ps for _, ps in keep]
+                    pinned = frozenset(nodes)
+        if not options:
+            if not pools:
+                reason = NoOption(
+                    "gpus",
+                    f"{workload_label(workload)}: the cluster has no schedulable GPU node",
+                )
+            else:
+                reason = _no_option_reason(workload, pools, model, plan_input.options.power_levels)
+            for member in members:
+                no_option[member.key] = dataclasses.replace(
+                    reason, reason=reason.reason.replace(workload.key, member.key)
+                )
+            continue
+        classes.append(
+            WorkloadClass(
+                index=len(classes),
+                members=tuple(members),
+                options=tuple(options),
+                option_pools=tuple(option_pools),
+                pinned_nodes=pinned,
+            )
+        )
+    return PlanData(
+        pools=pools,
+        classes=tuple(classes),
+        no_option=no_option,
+        budget_base_watts=budget_base_watts(plan_input),
+        budget_cap_watts={b.name: b.power_cap_watts for b in plan_input.budgets},
+        node_by_name=node_by_name,
+    )

@@ -1,0 +1,393 @@
+"""The optimizer's entry point: `plan(PlanInput) -> Plan`, data -> model -> solve -> pack -> plan.
+
+For: validating the input (errors name the object and field), running the pipeline (`options`
+builds pools/classes/options, `formulation` solves the pool-level program, `packing` places
+replicas on nodes and repairs), and assembling the `Plan`: placements, one power limit per GPU of
+every node, budget allocations, unplaced workloads with reasons, status, objective, bound and gap.
+Not for: reading Kubernetes objects (the operator does) or applying anything.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+from wattsched_optimizer.formulation import (
+    SolveStatus,
+    Weights,
+    build,
+    lexicographic_weights,
+    solve,
+)
+from wattsched_optimizer.model import (
+    CatalogueModel,
+    PerformanceModel,
+    UnknownProductError,
+    product_spec,
+)
+from wattsched_optimizer.options import PlanData, WorkloadClass, build_plan_data, workload_label
+from wattsched_optimizer.packing import WATTS_TOLERANCE, Assignment, ClusterState
+from wattsched_optimizer.problem import (
+    BudgetAllocation,
+    Placement,
+    Plan,
+    PlanInput,
+    PlanStatus,
+    Unplaced,
+    Workload,
+    WorkloadType,
+    WorkUnit,
+)
+
+
+class PlanInputError(ValueError):
+    """The input cannot be planned; the message names the object and the field."""
+
+
+class PlanInvariantError(RuntimeError):
+    """A plan broke a hard constraint: a bug in the optimizer, never returned to callers."""
+
+
+def validate(plan_input: PlanInput) -> None:
+    """Raise PlanInputError for input no plan can be made from."""
+    seen_nodes: set[str] = set()
+    for node in plan_input.nodes:
+        if node.name in seen_nodes:
+            raise PlanInputError(f"Node {node.name}: listed twice")
+        seen_nodes.add(node.name)
+        if node.gpu_count < 0:
+            raise PlanInputError(f"Node {node.name}: gpu_count={node.gpu_count} is negative")
+        try:
+            product_spec(node.product)
+        except UnknownProductError as error:
+            raise PlanInputError(f"Node {node.name}: product: {error}") from error
+    seen_workloads: set[str] = set()
+    for workload in plan_input.workloads:
+        label = workload_label(workload)
+        if workload.key in seen_workloads:
+            raise PlanInputError(f"{label}: listed twice")
+        seen_workloads.add(workload.key)
+        if workload.gpus_per_replica < 1:
+            raise PlanInputError(f"{label}: spec.gpu.count={workload.gpus_per_replica}, need >= 1")
+        if workload.model_parameters_billions <= 0:
+            raise PlanInputError(f"{label}: spec.model.parametersBillions must be > 0")
+        if not workload.variants:
+            raise PlanInputError(f"{label}: spec.variants is empty")
+        if workload.type is WorkloadType.INFERENCE:
+            if not 0 <= workload.min_replicas <= workload.max_replicas or workload.max_replicas < 1:
+                raise PlanInputError(
+                    f"{label}: spec.minReplicas={workload.min_replicas} and "
+                    f"spec.maxReplicas={workload.max_replicas}: need 0 <= min <= max, max >= 1"
+                )
+        elif workload.replicas < 1:
+            raise PlanInputError(f"{label}: spec.replicas={workload.replicas}, need >= 1")
+        work = workload.remaining_work
+        if work is not None and work.unit is WorkUnit.STEPS and not work.tokens_per_step:
+            raise PlanInputError(f"{label}: spec.slo.totalWork.steps needs tokensPerStep > 0")
+        for variant in workload.variants:
+            if variant.relative_throughput <= 0:
+                raise PlanInputError(
+                    f"{label}: spec.variants[{variant.name}].relativeThroughput must be > 0"
+                )
+    for budget in plan_input.budgets:
+        if budget.power_cap_watts <= 0:
+            raise PlanInputError(f"EnergyBudget {budget.name}: spec.powerCapWatts must be > 0")
+    for current in plan_input.current:
+        if current.workload not in seen_workloads:
+            raise PlanInputError(
+                f"CurrentPlacement {current.workload}#{current.replica}: no such workload"
+            )
+    if plan_input.options.power_levels < 1:
+        raise PlanInputError("PlanOptions.power_levels must be >= 1")
+
+
+def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
+    """Decide which workloads run, where, with which variant, at which per-GPU power limit."""
+    started = time.perf_counter()
+    validate(plan_input)
+    performance: PerformanceModel = model if model is not None else CatalogueModel()
+    data = build_plan_data(plan_input, performance)
+    options = plan_input.options
+    workload_by_key = {w.key: w for w in plan_input.workloads}
+    class_of = {m.key: c for c in data.classes for m in c.members}
+    weights = lexicographic_weights(data)
+    unplaced: dict[str, Unplaced] = {
+        key: Unplaced(key, reason.reason, reason.constraint)
+        for key, reason in data.no_option.items()
+    }
+    over = sorted(
+        name
+        for name, cap in data.budget_cap_watts.items()
+        if data.budget_base_watts[name] > cap + WATTS_TOLERANCE
+    )
+    timings: dict[str, float] = {"data": time.perf_counter() - started}
+    state = ClusterState(data)
+    if over:
+        for workload_class in data.classes:
+            for member in workload_class.members:
+                unplaced[member.key] = Unplaced(
+                    member.key,
+                    f"{workload_label(member)}: nothing can run because "
+                    + "; ".join(
+                        f"EnergyBudget {name}: spec.powerCapWatts="
+                        f"{data.budget_cap_watts[name]:g} is below the "
+                        f"{data.budget_base_watts[name]:g} W its GPUs count for at their minimum "
+                        "limits (maximum where the node agent is not ready)"
+                        for name in over
+                    )
+                    + "; raise the cap or narrow spec.nodeSelector",
+                    f"budget:{over[0]}",
+                )
+        return _assemble(
+            plan_input,
+            data,
+            state,
+            performance,
+            unplaced,
+            status=PlanStatus.INFEASIBLE,
+            objective=0.0,
+            bound=0.0,
+            solver="",
+            timings=timings | {"total": time.perf_counter() - started},
+        )
+    formulation = build(data)
+    timings["build"] = formulation.build_seconds
+    result = solve(formulation, options.solver, options.time_limit_seconds, options.relative_gap)
+    timings["solve"] = result.seconds
+    pack_started = time.perf_counter()
+    prefer = _preferred_nodes(plan_input)
+    pending = _pack_solver_choice(data, state, result.replicas, prefer)
+    admitted = set(state.placed)
+    for workload_class in data.classes:
+        for member in workload_class.members:
+            if member.key not in admitted and member.key not in pending:
+                pending.append(member.key)
+    _fill_and_repair(
+        data,
+        state=state,
+        pending=pending,
+        workload_by_key=workload_by_key,
+        class_of=class_of,
+        prefer=prefer,
+        unplaced=unplaced,
+    )
+    timings["pack"] = time.perf_counter() - pack_started
+    objective = _objective(data, weights, state.placed.values())
+    if result.status in (SolveStatus.OPTIMAL, SolveStatus.TIME_LIMIT):
+        bound = max(result.bound, objective)
+    else:
+        bound = sum(
+            len(c.members)
+            * max(weights.coefficient(data, c.index, o) for o in range(len(c.options)))
+            for c in data.classes
+        )
+    gap = _gap(objective, bound)
+    if result.status is SolveStatus.TIME_LIMIT:
+        status = PlanStatus.TIME_LIMIT
+    elif result.status is SolveStatus.EMPTY or (
+        result.status is SolveStatus.OPTIMAL and gap <= options.relative_gap + 1e-9
+    ):
+        status = PlanStatus.OPTIMAL
+    else:
+        status = PlanStatus.FEASIBLE
+    return _assemble(
+        plan_input,
+        data,
+        state,
+        performance,
+        unplaced,
+        status=status,
+        objective=objective,
+        bound=bound,
+        solver=result.solver,
+        timings=timings | {"total": time.perf_counter() - started},
+    )
+
+
+def _gap(objective: float, bound: float) -> float:
+    if bound <= objective:
+        return 0.0
+    return (bound - objective) / max(abs(bound), 1e-9)
+
+
+def _objective(data: PlanData, weights: Weights, placed: Iterable[Assignment]) -> float:
+    return sum(weights.coefficient(data, a.workload_class, a.option_index) for a in placed)
+
+
+def _preferred_nodes(plan_input: PlanInput) -> dict[str, list[str]]:
+    prefer: dict[str, list[str]] = defaultdict(list)
+    for current in sorted(plan_input.current, key=lambda c: (c.workload, c.replica)):
+        prefer[current.workload].append(current.node)
+    return prefer
+
+
+def _pack_solver_choice(
+    data: PlanData,
+    state: ClusterState,
+    replicas: Mapping[tuple[int, int, int], int],
+    prefer: Mapping[str, list[str]],
+) -> list[str]:
+    """Place what the solver chose, whole workloads at a time; return the keys that did not fit."""
+    by_class: dict[int, dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+    for (c, o, p), count in sorted(replicas.items()):
+        by_class[c][o].append((p, count))
+    jobs: list[tuple[tuple[int, int, str], Workload, int, int, list[list[int]]]] = []
+    for c, per_option in by_class.items():
+        workload_class = data.classes[c]
+        members = iter(workload_class.members)
+        for o, pool_counts in sorted(per_option.items()):
+            option = workload_class.options[o]
+            flat = [p for p, count in pool_counts for _ in range(count)]
+            for start in range(0, len(flat) - option.replicas + 1, option.replicas):
+                member = next(members, None)
+                if member is None:
+                    break
+                pools = [[p] for p in flat[start : start + option.replicas]]
+                order = (
+                    0 if workload_class.pinned_nodes or member.key in prefer else 1,
+                    -option.gpus_per_replica,
+                    member.key,
+                )
+                jobs.append((order, member, c, o, pools))
+    jobs.sort(key=lambda job: (job[0][0], job[0][1], -job[1].priority, job[0][2]))
+    failed: list[str] = []
+    for _, member, c, o, pools in jobs:
+        workload_class = data.classes[c]
+        assignment = state.place(member, workload_class, o, pools, prefer.get(member.key, ()))
+        if assignment is None:
+            # Packing repair, step 1: the same option on any of its pools.
+            option = workload_class.options[o]
+            any_pool = [list(workload_class.option_pools[o])] * option.replicas
+            assignment = state.place(
+                member, workload_class, o, any_pool, prefer.get(member.key, ())
+            )
+        if assignment is None:
+            failed.append(member.key)
+    return failed
+
+
+def _fill_and_repair(
+    data: PlanData,
+    *,
+    state: ClusterState,
+    pending: list[str],
+    workload_by_key: Mapping[str, Workload],
+    class_of: Mapping[str, WorkloadClass],
+    prefer: Mapping[str, list[str]],
+    unplaced: dict[str, Unplaced],
+) -> None:
+    """Place what is left in priority order, evicting strictly lower priority when that helps.
+
+    A class that fails stays failed: later workloads have equal or lower priority, and the
+    eviction test already counted every lower-priority workload as removable.
+    """
+    heap = [(-workload_by_key[key].priority, key) for key in pending]
+    heapq.heapify(heap)
+    failed_classes: dict[int, tuple[str, str]] = {}
+    queued = set(pending)
+    while heap:
+        _, key = heapq.heappop(heap)
+        queued.discard(key)
+        if key in state.placed:
+            continue
+        workload = workload_by_key[key]
+        wc = class_of[key]
+        if wc.index not in failed_classes:
+            if state.try_place(wc, workload, prefer.get(key, ())) is not None:
+                unplaced.pop(key, None)
+                continue
+            evicted = state.place_with_eviction(wc, workload, prefer.get(key, ()))
+            if evicted is not None:
+                unplaced.pop(key, None)
+                for assignment in evicted[1]:
+                    other = assignment.workload.key
+                    if other not in queued:
+                        queued.add(other)
+                        heapq.heappush(heap, (-assignment.workload.priority, other))
+                continue
+            failed_classes[wc.index] = state.diagnose(wc, workload)
+        constraint, reason = failed_classes[wc.index]
+        unplaced[key] = Unplaced(
+            key, reason.replace(wc.representative.key, key).replace(workload.key, key), constraint
+        )
+    # Whatever was placed in the end is not unplaced.
+    for key in list(unplaced):
+        if key in state.placed:
+            del unplaced[key]
+
+
+def _assemble(
+    plan_input: PlanInput,
+    data: PlanData,
+    state: ClusterState,
+    model: PerformanceModel,
+    unplaced: Mapping[str, Unplaced],
+    *,
+    status: PlanStatus,
+    objective: float,
+    bound: float,
+    solver: str,
+    timings: Mapping[str, float],
+) -> Plan:
+    limits: dict[str, list[float]] = {}
+    expected: dict[str, list[float]] = {}
+    for gpu_node in plan_input.nodes:
+        spec = product_spec(gpu_node.product)
+        idle_limit = spec.min_watts.value if gpu_node.agent_ready else spec.max_watts.value
+        limits[gpu_node.name] = [idle_limit] * gpu_node.gpu_count
+        expected[gpu_node.name] = [model.idle_power_watts(gpu_node.product)] * gpu_node.gpu_count
+    next_gpu: dict[str, int] = defaultdict(int)
+    placements: list[Placement] = []
+    for key in sorted(state.placed):
+        assignment: Assignment = state.placed[key]
+        option = assignment.option
+        for replica, node in enumerate(assignment.nodes):
+            first = next_gpu[node]
+            next_gpu[node] += option.gpus_per_replica
+            for gpu in range(first, first + option.gpus_per_replica):
+                limits[node][gpu] = option.power_limit_watts
+                expected[node][gpu] = option.expected_watts_per_gpu
+            placements.append(
+                Placement(
+                    workload=key,
+                    replica=replica,
+                    node=node,
+                    gpus=option.gpus_per_replica,
+                    variant=option.variant.name,
+                    power_limit_watts=option.power_limit_watts,
+                    expected_watts_per_gpu=option.expected_watts_per_gpu,
+                    expected_throughput=option.throughput_per_replica,
+                )
+            )
+    allocations = []
+    for budget in plan_input.budgets:
+        scope = [n for n in sorted(budget.node_names) if n in limits]
+        allocated = sum(sum(limits[n]) for n in scope)
+        if status is not PlanStatus.INFEASIBLE and allocated > budget.power_cap_watts + 1e-3:
+            raise PlanInvariantError(
+                f"EnergyBudget {budget.name}: allocated {allocated} W > cap "
+                f"{budget.power_cap_watts} W"
+            )
+        allocations.append(
+            BudgetAllocation(
+                name=budget.name,
+                cap_watts=budget.power_cap_watts,
+                allocated_cap_watts=allocated,
+                expected_watts=sum(sum(expected[n]) for n in scope),
+            )
+        )
+    return Plan(
+        status=status,
+        objective=objective,
+        bound=bound,
+        gap=_gap(objective, bound),
+        solve_seconds=timings.get("solve", 0.0),
+        placements=tuple(placements),
+        node_power_limits_watts={name: tuple(values) for name, values in limits.items()},
+        budgets=tuple(allocations),
+        unplaced=tuple(unplaced[key] for key in sorted(unplaced)),
+        solver=solver,
+        timings_seconds=dict(timings),
+    )
