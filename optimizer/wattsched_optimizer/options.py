@@ -29,13 +29,6 @@ from wattsched_optimizer.problem import (
     WorkUnit,
 )
 
-# Zeus's cost metric, eta * energy + (1 - eta) * max_power * time, per unit of work: Balanced
-# weighs energy and time equally, Efficiency counts energy only (Performance has one level anyway).
-ETA_BY_POLICY = {
-    EnergyPolicy.PERFORMANCE: 0.5,
-    EnergyPolicy.BALANCED: 0.5,
-    EnergyPolicy.EFFICIENCY: 1.0,
-}
 # Quality is compared in steps of 0.01.
 QUALITY_STEPS = 100
 
@@ -70,7 +63,7 @@ class Option:
     gpus_per_replica: int
     throughput_per_replica: float  # tokens/s
     expected_watts_per_gpu: float
-    # Tier 3: Zeus cost per token relative to the class's cheapest option, minus 1 (>= 0).
+    # Tier 3: expected J per useful token relative to the class's cheapest option, minus 1 (>= 0).
     relative_cost: float
     # Tier 2: quality steps below the best variant the policy prefers (0 under Efficiency).
     quality_loss: int
@@ -353,7 +346,6 @@ def workload_options(
     if not variants:
         return [], []
     best_quality = max(v.quality for v in variants)
-    eta = ETA_BY_POLICY[workload.policy]
     tokens_needed = remaining_tokens(model, workload)
     current_product = None
     current_variant = None
@@ -408,7 +400,8 @@ def workload_options(
                     ):
                         continue
                 gpus = replicas * workload.gpus_per_replica
-                cost = gpus * (eta * watts + (1 - eta) * spec.max_watts.value) / useful
+                # Tier 3: expected energy per unit of useful work (J per token).
+                cost = gpus * watts / useful
                 quality_loss = 0
                 if workload.policy is not EnergyPolicy.EFFICIENCY:
                     quality_loss = round((best_quality - variant.quality) * QUALITY_STEPS)

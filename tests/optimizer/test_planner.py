@@ -1,0 +1,243 @@
+"""Hand-checked plans: priority, efficient levels, deadlines, variants, budgets, reasons."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from wattsched_optimizer.model import CatalogueModel, power_levels_watts
+from wattsched_optimizer.planner import PlanInputError, plan
+from wattsched_optimizer.problem import (
+    Budget,
+    CurrentPlacement,
+    EnergyPolicy,
+    GpuNode,
+    Plan,
+    PlanInput,
+    PlanStatus,
+    Precision,
+    Variant,
+    WorkAmount,
+    Workload,
+    WorkloadType,
+    WorkUnit,
+)
+
+BF16 = Variant("bf16", Precision.BF16, min_memory_gib=0, relative_throughput=1.0, quality=1.0)
+FP8 = Variant("fp8", Precision.FP8, min_memory_gib=0, relative_throughput=1.6, quality=0.97)
+
+
+def h100_nodes(count: int, prefix: str = "h") -> tuple[GpuNode, ...]:
+    return tuple(GpuNode(f"{prefix}{i}", "H100-80GB", 8) for i in range(count))
+
+
+def training(key: str, **changes: object) -> Workload:
+    base = Workload(
+        key=key,
+        type=WorkloadType.TRAINING,
+        model_parameters_billions=8,
+        gpus_per_replica=8,
+        variants=(BF16,),
+        replicas=1,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def inference(key: str, **changes: object) -> Workload:
+    base = Workload(
+        key=key,
+        type=WorkloadType.INFERENCE,
+        model_parameters_billions=8,
+        gpus_per_replica=1,
+        variants=(BF16,),
+        min_replicas=1,
+        max_replicas=8,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def placed(result: Plan) -> dict[str, list[tuple[str, str, float]]]:
+    out: dict[str, list[tuple[str, str, float]]] = {}
+    for p in result.placements:
+        out.setdefault(p.workload, []).append((p.node, p.variant, p.power_limit_watts))
+    return out
+
+
+def test_budget_for_one_of_two_equal_jobs_admits_the_higher_priority() -> None:
+    nodes = h100_nodes(2)
+    # Idle minimum 16 x 200 W; one job pinned at 700 W adds 8 x 500 W; two would add 8,000 W.
+    cap = 16 * 200 + 8 * 500 + 100
+    jobs = (
+        training("team/a", policy=EnergyPolicy.PERFORMANCE, priority=1),
+        training("team/b", policy=EnergyPolicy.PERFORMANCE, priority=5),
+    )
+    result = plan(
+        PlanInput(nodes, jobs, (Budget("cluster", cap, frozenset(n.name for n in nodes)),))
+    )
+    assert set(placed(result)) == {"team/b"}
+    (left_out,) = result.unplaced
+    assert left_out.workload == "team/a"
+    assert left_out.constraint == "budget:cluster"
+    assert "EnergyBudget cluster" in left_out.reason
+    assert result.budgets[0].allocated_cap_watts <= cap
+
+
+def test_training_without_deadline_runs_at_its_most_efficient_level() -> None:
+    model = CatalogueModel()
+    levels = power_levels_watts("H100-80GB", 5)
+
+    def joules_per_token(level: float) -> float:
+        watts = model.expected_power_watts("H100-80GB", WorkloadType.TRAINING, level)
+        tokens = model.throughput_tokens_per_second(
+            "H100-80GB", WorkloadType.TRAINING, 8, 8, 1.0, level
+        )
+        return watts / tokens
+
+    best = min(levels, key=joules_per_token)
+    assert best not in (levels[0], levels[-1])  # the case is only interesting in between
+    result = plan(PlanInput(h100_nodes(1), (training("team/t"),)))
+    assert placed(result) == {"team/t": [("h0", "bf16", best)]}
+    assert result.status is PlanStatus.OPTIMAL
+
+
+def test_deadline_forces_a_higher_power_level() -> None:
+    model = CatalogueModel()
+    relaxed = plan(PlanInput(h100_nodes(1), (training("team/t"),)))
+    efficient_level = relaxed.placements[0].power_limit_watts
+    at_efficient = model.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.TRAINING, 8, 8, 1.0, efficient_level
+    )
+    deadline_seconds = 3600.0
+    # 10% more work than the efficient level finishes before the deadline.
+    work = WorkAmount(WorkUnit.TOKENS, at_efficient * deadline_seconds * 1.1)
+    job = training("team/t", remaining_work=work, deadline_seconds=deadline_seconds)
+    result = plan(PlanInput(h100_nodes(1), (job,)))
+    (placement,) = result.placements
+    assert placement.power_limit_watts > efficient_level
+    assert placement.expected_throughput * deadline_seconds >= work.amount
+
+
+def test_unreachable_deadline_leaves_the_job_out_with_the_deadline_as_reason() -> None:
+    work = WorkAmount(WorkUnit.TOKENS, 1e15)
+    job = training("team/t", remaining_work=work, deadline_seconds=60)
+    result = plan(PlanInput(h100_nodes(1), (job,)))
+    assert not result.placements
+    assert result.unplaced[0].constraint == "deadline"
+    assert "spec.slo.deadline" in result.unplaced[0].reason
+
+
+def test_highest_quality_variant_runs_when_nothing_forces_a_lower_one() -> None:
+    service = inference("team/s", variants=(BF16, FP8), tokens_per_second=4000)
+    result = plan(PlanInput(h100_nodes(1), (service,)))
+    assert {v for _, v, _ in placed(result)["team/s"]} == {"bf16"}
+
+
+def test_fp8_runs_when_only_it_fits_in_gpu_memory() -> None:
+    bf16 = dataclasses.replace(BF16, min_memory_gib=70)
+    fp8 = dataclasses.replace(FP8, min_memory_gib=35)
+    nodes = (GpuNode("a0", "A100-40GB", 8),)
+    service = inference("team/s", variants=(bf16, fp8), tokens_per_second=1000)
+    result = plan(PlanInput(nodes, (service,)))
+    assert {v for _, v, _ in placed(result)["team/s"]} == {"fp8"}
+
+
+def test_fp8_is_not_used_when_min_quality_forbids_it_and_the_reason_says_memory() -> None:
+    bf16 = dataclasses.replace(BF16, min_memory_gib=70)
+    fp8 = dataclasses.replace(FP8, min_memory_gib=35)
+    nodes = (GpuNode("a0", "A100-40GB", 8),)
+    service = inference("team/s", variants=(bf16, fp8), tokens_per_second=1000, min_quality=0.99)
+    result = plan(PlanInput(nodes, (service,)))
+    assert not result.placements
+    assert result.unplaced[0].constraint == "memory"
+    assert "fp8" in result.unplaced[0].reason
+
+
+def test_fp8_runs_when_only_it_meets_the_slo_within_the_budget() -> None:
+    model = CatalogueModel()
+    per_replica = model.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.INFERENCE, 8, 1, 1.0, 700
+    )
+    # bf16 needs two replicas at 700 W; fp8 (1.6x) needs one. The budget pays for one.
+    demand = per_replica * 1.5
+    nodes = h100_nodes(1)
+    service = inference(
+        "team/s",
+        variants=(BF16, FP8),
+        tokens_per_second=demand,
+        policy=EnergyPolicy.PERFORMANCE,
+    )
+    tight = Budget("rack", 8 * 200 + 500 + 10, frozenset({"h0"}))
+    ample = Budget("rack", 8 * 700, frozenset({"h0"}))
+    assert {v for _, v, _ in placed(plan(PlanInput(nodes, (service,), (tight,))))["team/s"]} == {
+        "fp8"
+    }
+    assert {v for _, v, _ in placed(plan(PlanInput(nodes, (service,), (ample,))))["team/s"]} == {
+        "bf16"
+    }
+
+
+def test_performance_policy_pins_the_maximum_and_max_power_per_gpu_caps_it() -> None:
+    job = training("team/t", policy=EnergyPolicy.PERFORMANCE)
+    assert {level for *_, level in placed(plan(PlanInput(h100_nodes(1), (job,))))["team/t"]} == {
+        700.0
+    }
+    capped = dataclasses.replace(job, max_power_watts_per_gpu=610)
+    assert {level for *_, level in placed(plan(PlanInput(h100_nodes(1), (capped,))))["team/t"]} == {
+        610.0
+    }
+
+
+def test_gang_runs_all_replicas_or_none() -> None:
+    job = training("team/t", replicas=3, gpus_per_replica=8)
+    result = plan(PlanInput(h100_nodes(2), (job,)))
+    assert not result.placements
+    assert result.unplaced[0].constraint == "gpus"
+    result = plan(PlanInput(h100_nodes(3), (job,)))
+    assert sorted(node for node, *_ in placed(result)["team/t"]) == ["h0", "h1", "h2"]
+
+
+def test_idle_gpus_sit_at_their_minimum_and_agentless_nodes_count_at_maximum() -> None:
+    nodes = (GpuNode("h0", "H100-80GB", 8), GpuNode("h1", "H100-80GB", 8, agent_ready=False))
+    budget = Budget("cluster", 8 * 200 + 8 * 700, frozenset({"h0", "h1"}))
+    result = plan(PlanInput(nodes, (), (budget,)))
+    assert result.node_power_limits_watts == {"h0": (200.0,) * 8, "h1": (700.0,) * 8}
+    assert result.budgets[0].allocated_cap_watts == 8 * 200 + 8 * 700
+
+
+def test_cap_below_the_idle_minimum_is_an_infeasible_plan_not_an_exception() -> None:
+    budget = Budget("cluster", 1000, frozenset({"h0"}))
+    result = plan(PlanInput(h100_nodes(1), (training("team/t"),), (budget,)))
+    assert result.status is PlanStatus.INFEASIBLE
+    assert result.unplaced[0].constraint == "budget:cluster"
+    assert "spec.powerCapWatts" in result.unplaced[0].reason
+
+
+def test_running_training_is_not_moved() -> None:
+    job = training("team/t", gpus_per_replica=4)
+    current = (CurrentPlacement("team/t", 0, "h1", "bf16", 450.0),)
+    result = plan(PlanInput(h100_nodes(2), (job,), current=current))
+    assert [node for node, *_ in placed(result)["team/t"]] == ["h1"]
+
+
+def test_replicas_never_span_nodes_and_allow_lists_hold() -> None:
+    nodes = (*h100_nodes(1), GpuNode("l0", "L40S", 4))
+    service = inference("team/s", gpus_per_replica=4, allowed_products=frozenset({"L40S"}))
+    result = plan(PlanInput(nodes, (service,)))
+    assert [node for node, *_ in placed(result)["team/s"]] == ["l0"]
+
+
+def test_unknown_node_product_is_an_input_error_naming_the_node() -> None:
+    with pytest.raises(PlanInputError, match=r"Node x0: product"):
+        plan(PlanInput((GpuNode("x0", "B200", 8),), ()))
+
+
+def test_same_input_gives_the_same_plan() -> None:
+    nodes = h100_nodes(3)
+    work = tuple(
+        training(f"team/t{i}", gpus_per_replica=2 + i % 3, priority=i % 2) for i in range(9)
+    )
+    first = plan(PlanInput(nodes, work))
+    second = plan(PlanInput(nodes, work))
+    assert first.placements == second.placements
+    assert first.unplaced == second.unplaced
