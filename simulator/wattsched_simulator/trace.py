@@ -1,0 +1,175 @@
+"""Request traces -> per-service token demand per simulation step.
+
+Reads the Azure LLM inference traces (Patel et al., "Splitwise: Efficient generative LLM inference
+using phase splitting", ISCA 2024; Azure Public Dataset, CC-BY 4.0) or any CSV with the same
+columns (`TIMESTAMP`, `ContextTokens`, `GeneratedTokens`). The files are read in place, from
+`../shared/data/azure-llm-inference-2023/` beside the checkout unless a path is given; nothing is
+copied into the repository.
+
+Demand is counted in *decode-equivalent tokens*: generated tokens plus prompt tokens times
+`PROMPT_TOKEN_WEIGHT`, because a prompt token costs far less GPU time than a generated one (prefill
+is compute-bound and batched; Splitwise measures prefill throughput in the thousands of tokens/s
+per GPU against hundreds for decode). Not for: per-request latency (the simulator is a fluid model
+at step granularity; see `engine`).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+PROMPT_TOKEN_WEIGHT = 0.1
+TRACE_ATTRIBUTION = "Azure LLM inference trace 2023 (Patel et al., Splitwise, ISCA 2024), CC-BY 4.0"
+DEFAULT_TRACE_DIR = (
+    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "azure-llm-inference-2023"
+)
+DEFAULT_TRACE_FILES = ("code.csv", "conv.csv")
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class TraceError(ValueError):
+    """A trace file is missing or malformed; the message names the file, line and column."""
+
+
+@dataclass(frozen=True)
+class Request:
+    arrival_seconds: float  # since the trace's first request
+    context_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class ServiceTrace:
+    """Demand of one inference service: decode-equivalent tokens arriving in each step."""
+
+    name: str
+    source: str
+    requests: int
+    step_seconds: float
+    demand_tokens: FloatArray
+
+    @property
+    def mean_tokens_per_second(self) -> float:
+        return float(self.demand_tokens.sum()) / (len(self.demand_tokens) * self.step_seconds)
+
+
+def default_trace_paths() -> list[Path]:
+    return [DEFAULT_TRACE_DIR / name for name in DEFAULT_TRACE_FILES]
+
+
+def _parse_timestamp(text: str, where: str) -> datetime:
+    # The Azure files carry 7 fractional digits; datetime takes at most 6.
+    head, dot, fraction = text.strip().partition(".")
+    try:
+        moment = datetime.fromisoformat(head)
+    except ValueError as error:
+        raise TraceError(f"{where}: TIMESTAMP={text!r} is not 'YYYY-MM-DD HH:MM:SS[.f]'") from error
+    if dot:
+        digits = (fraction + "000000")[:6]
+        if not digits.isdigit():
+            raise TraceError(f"{where}: TIMESTAMP={text!r} has a malformed fraction")
+        moment = moment.replace(microsecond=int(digits))
+    return moment
+
+
+def read_requests(path: Path) -> tuple[datetime, list[Request]]:
+    """Read a trace CSV; returns its first arrival time and the requests relative to it."""
+    if not path.is_file():
+        raise TraceError(f"trace {path}: no such file (pass --trace PATH)")
+    rows: list[tuple[datetime, int, int]] = []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or [])
+        if missing:
+            raise TraceError(f"trace {path}: missing column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            where = f"trace {path} line {line}"
+            moment = _parse_timestamp(row["TIMESTAMP"], where)
+            try:
+                context, generated = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+            except ValueError as error:
+                raise TraceError(f"{where}: token counts must be integers") from error
+            if context < 0 or generated < 0:
+                raise TraceError(f"{where}: token counts must be >= 0")
+            rows.append((moment, context, generated))
+    if not rows:
+        raise TraceError(f"trace {path}: no requests")
+    rows.sort(key=lambda row: row[0])
+    start = rows[0][0]
+    return start, [
+        Request((moment - start).total_seconds(), context, generated)
+        for moment, context, generated in rows
+    ]
+
+
+def demand_per_step(
+    requests: list[Request],
+    *,
+    offset_seconds: float,
+    duration_seconds: float,
+    step_seconds: float,
+    rate_scale: float,
+    seed: int,
+) -> FloatArray:
+    """Bin requests into steps, scaled to `rate_scale` times the recorded request rate.
+
+    Scaling superimposes copies of the trace, each shifted by a seeded random offset (wrapping
+    around the trace's span), and a thinned copy for the fractional part. This keeps the recorded
+    request sizes and makes a busier service smoother, as aggregating independent users would.
+    """
+    if rate_scale <= 0:
+        raise ValueError(f"--rate-scale={rate_scale}: must be > 0")
+    steps = max(1, round(duration_seconds / step_seconds))
+    demand = np.zeros(steps)
+    arrivals = np.array([r.arrival_seconds for r in requests]) + offset_seconds
+    tokens = np.array(
+        [r.generated_tokens + PROMPT_TOKEN_WEIGHT * r.context_tokens for r in requests]
+    )
+    span = max(float(arrivals.max()) + step_seconds, duration_seconds)
+    rng = np.random.default_rng(seed)
+    copies = int(np.ceil(rate_scale))
+    for copy in range(copies):
+        shift = 0.0 if copy == 0 else float(rng.uniform(0, span))
+        keep = np.ones(len(tokens), dtype=bool)
+        fraction = rate_scale - copy
+        if fraction < 1:
+            keep = rng.uniform(size=len(tokens)) < fraction
+        times = (arrivals[keep] + shift) % span
+        index = np.floor(times / step_seconds).astype(np.int64)
+        inside = index < steps
+        np.add.at(demand, index[inside], tokens[keep][inside])
+    return demand
+
+
+def load_traces(
+    paths: list[Path],
+    *,
+    duration_seconds: float,
+    step_seconds: float,
+    rate_scale: float,
+    seed: int,
+) -> list[ServiceTrace]:
+    """Load every trace on one clock: t = 0 is the earliest request across all files."""
+    loaded = [(path, *read_requests(path)) for path in paths]
+    origin = min(start for _, start, _ in loaded)
+    traces = []
+    for index, (path, start, requests) in enumerate(loaded):
+        demand = demand_per_step(
+            requests,
+            offset_seconds=(start - origin).total_seconds(),
+            duration_seconds=duration_seconds,
+            step_seconds=step_seconds,
+            rate_scale=rate_scale,
+            seed=seed * 1000 + index,
+        )
+        traces.append(ServiceTrace(path.stem, str(path), len(requests), step_seconds, demand))
+    names = [trace.name for trace in traces]
+    if len(set(names)) != len(names):
+        raise TraceError(f"--trace: file names must differ (services are named by file): {names}")
+    return traces

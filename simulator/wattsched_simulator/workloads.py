@@ -1,0 +1,163 @@
+"""What runs in a simulation: inference services fed by traces, and a seeded mix of batch jobs.
+
+Services: one per trace file. A trace whose file name contains "code" is served by a
+Llama-3.1-8B-class model on 1 GPU per replica; any other by a Llama-3.1-70B-class model on 4 GPUs
+per replica. Both offer a bf16 variant (quality 1.0) and an fp8 variant (1.6x throughput, quality
+0.97, half the weight memory); `minQuality` 0.95 allows either.
+
+Generated jobs (`generate_jobs`), all from one seed:
+- arrivals: a Poisson process, `jobs_per_hour` on average, over the first 80% of the run;
+- type: Training 30%, FineTuning 40%, BatchInference 30%;
+- model: 8B (50%), 13B (30%) or 70B (20%); GPUs per replica 1/2/8 for 8B/13B/70B training,
+  1/1/4 for batch inference; gang of 1 or 2 replicas;
+- work: sized so that the job takes 8-30 minutes (uniform) at full power on H100s;
+- deadline: 70% of jobs get one, at arrival + nominal duration x slack, slack uniform in 1.5-3.0,
+  dropped (best-effort) when that would fall after the end of the run;
+- priority: 0 (50%), 50 (35%) or 100 (15%); BatchInference is preemptible.
+Not for: the ground truth of how fast these run (see `truth`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from wattsched_optimizer.problem import Precision, Variant, WorkloadType
+
+from .trace import ServiceTrace
+from .truth import GroundTruth
+
+SERVICE_NAMESPACE = "azure"
+JOB_NAMESPACE = "batch"
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """An inference service: its model, replica shape and demand (tokens arriving per step)."""
+
+    key: str
+    model_parameters_billions: float
+    gpus_per_replica: int
+    variants: tuple[Variant, ...]
+    min_replicas: int
+    max_replicas: int
+    min_quality: float
+    priority: int
+    trace: ServiceTrace
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A Training/FineTuning/BatchInference job: a gang that must process `work_tokens`."""
+
+    key: str
+    type: WorkloadType
+    model_parameters_billions: float
+    gpus_per_replica: int
+    replicas: int
+    variants: tuple[Variant, ...]
+    work_tokens: float
+    arrival_seconds: float
+    deadline_seconds: float | None  # absolute simulation time
+    priority: int
+    preemptible: bool
+
+
+def model_variants(model_parameters_billions: float) -> tuple[Variant, ...]:
+    """bf16 and fp8 variants; memory per GPU is for a 1-GPU replica (weights + KV headroom)."""
+    weights_gib = 2.0 * model_parameters_billions
+    return (
+        Variant("bf16", Precision.BF16, weights_gib * 1.25, 1.0, 1.0),
+        Variant("fp8", Precision.FP8, weights_gib * 0.625, 1.6, 0.97),
+    )
+
+
+def _per_gpu(variants: tuple[Variant, ...], gpus: int) -> tuple[Variant, ...]:
+    return tuple(
+        Variant(v.name, v.precision, v.min_memory_gib / gpus, v.relative_throughput, v.quality)
+        for v in variants
+    )
+
+
+def services_from_traces(traces: list[ServiceTrace]) -> list[ServiceSpec]:
+    services = []
+    for trace in traces:
+        small = "code" in trace.name.lower()
+        params, gpus = (8.0, 1) if small else (70.0, 4)
+        services.append(
+            ServiceSpec(
+                key=f"{SERVICE_NAMESPACE}/{trace.name}",
+                model_parameters_billions=params,
+                gpus_per_replica=gpus,
+                variants=_per_gpu(model_variants(params), gpus),
+                min_replicas=1,
+                max_replicas=64 if small else 32,
+                min_quality=0.95,
+                priority=1000,
+                trace=trace,
+            )
+        )
+    return services
+
+
+_JOB_TYPES = (WorkloadType.TRAINING, WorkloadType.FINE_TUNING, WorkloadType.BATCH_INFERENCE)
+_SIZES = (8.0, 13.0, 70.0)
+_PRIORITIES = (0, 50, 100)
+
+
+def generate_jobs(*, seed: int, duration_seconds: float, jobs_per_hour: float) -> list[JobSpec]:
+    """The seeded job mix described in the module docstring.
+
+    Work is sized with the default ground truth, so the same seed gives the same jobs whatever
+    ground truth the run uses.
+    """
+    nominal = GroundTruth()
+    rng = np.random.default_rng(seed)
+    jobs: list[JobSpec] = []
+    now = 0.0
+    horizon = 0.8 * duration_seconds
+    if jobs_per_hour <= 0:
+        return jobs
+    while True:
+        now += float(rng.exponential(3600.0 / jobs_per_hour))
+        if now >= horizon:
+            return jobs
+        job_type = _JOB_TYPES[int(rng.choice(3, p=[0.3, 0.4, 0.3]))]
+        size_index = int(rng.choice(3, p=[0.5, 0.3, 0.2]))
+        params = _SIZES[size_index]
+        if job_type is WorkloadType.BATCH_INFERENCE:
+            gpus = (1, 1, 4)[size_index]
+        else:
+            gpus = (1, 2, 8)[size_index]
+        replicas = int(rng.choice([1, 2], p=[0.6, 0.4]))
+        nominal_seconds = float(rng.uniform(8 * 60, 30 * 60))
+        rate = nominal.replica_tokens_per_second(
+            product="H100-80GB",
+            workload_type=job_type,
+            model_parameters_billions=params,
+            gpus=gpus,
+            relative_throughput=1.0,
+            power_limit_watts=nominal.product("H100-80GB").max_watts,
+        )
+        deadline: float | None = None
+        wants_deadline = rng.uniform() < 0.7
+        slack = float(rng.uniform(1.5, 3.0))
+        if wants_deadline and now + nominal_seconds * slack <= duration_seconds:
+            deadline = now + nominal_seconds * slack
+        priority = _PRIORITIES[int(rng.choice(3, p=[0.5, 0.35, 0.15]))]
+        jobs.append(
+            JobSpec(
+                key=f"{JOB_NAMESPACE}/{job_type.value.lower()}-{len(jobs):03d}",
+                type=job_type,
+                model_parameters_billions=params,
+                gpus_per_replica=gpus,
+                replicas=replicas,
+                variants=_per_gpu(model_variants(params)[:1], gpus),
+                work_tokens=rate * replicas * nominal_seconds,
+                arrival_seconds=now,
+                deadline_seconds=deadline,
+                priority=priority,
+                preemptible=job_type is WorkloadType.BATCH_INFERENCE,
+            )
+        )
