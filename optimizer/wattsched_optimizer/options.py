@@ -245,12 +245,13 @@ def prune_dominated(options: Sequence[Option]) -> list[Option]:
 
 
 def _no_option_reason(
-    workload: Workload,
-    pools: Sequence[Pool],
-    model: PerformanceModel,
-    levels: int,
+    workload: Workload, pools: Sequence[Pool], model: PerformanceModel
 ) -> NoOption:
-    """The first per-workload filter that leaves nothing, as a sentence a person can act on."""
+    """The first per-workload filter that leaves nothing, as a sentence a person can act on.
+
+    Filters apply in order, each to what the previous ones left: allow-list, GPUs per node,
+    quality, memory, maxPowerWattsPerGPU, then the SLO or deadline.
+    """
     label = workload_label(workload)
     products = sorted({pool.product for pool in pools})
     allowed = [
@@ -260,11 +261,18 @@ def _no_option_reason(
         return NoOption(
             "products",
             f"{label}: spec.gpu.products allows {sorted(workload.allowed_products)}, but no "
-            f"schedulable node has them (schedulable products: {products or 'none'}); widen the "
-            "allow-list or add such nodes",
+            f"schedulable node has them (schedulable products: {', '.join(products) or 'none'}); "
+            "widen the allow-list or add such nodes",
         )
-    largest = max(pool.gpus_per_node for pool in pools if pool.product in allowed)
-    if workload.gpus_per_replica > largest:
+    big_enough = sorted(
+        {
+            p.product
+            for p in pools
+            if p.product in allowed and p.gpus_per_node >= workload.gpus_per_replica
+        }
+    )
+    if not big_enough:
+        largest = max(pool.gpus_per_node for pool in pools if pool.product in allowed)
         return NoOption(
             "gpus",
             f"{label}: spec.gpu.count={workload.gpus_per_replica} exceeds the largest eligible "
@@ -274,57 +282,67 @@ def _no_option_reason(
     if not variants:
         return NoOption(
             "quality",
-            f"{label}: no variant has quality >= spec.minQuality={workload.min_quality}; "
+            f"{label}: no variant has quality >= spec.minQuality={workload.min_quality:g}; "
             "lower spec.minQuality or add a variant",
         )
-    memory = max(product_spec(p).memory_gib.value for p in allowed)
-    need = min(_memory_need_gib(workload, v) for v in variants)
-    if need > memory:
+    fitting = [
+        (product, variant)
+        for product in big_enough
+        for variant in variants
+        if _memory_need_gib(workload, variant) <= product_spec(product).memory_gib.value
+    ]
+    if not fitting:
+        memory = max(product_spec(p).memory_gib.value for p in big_enough)
+        need = min(_memory_need_gib(workload, v) for v in variants)
+        names = ", ".join(v.name for v in variants)
         return NoOption(
             "memory",
-            f"{label}: the smallest variant needs {need:g} GiB per GPU but eligible GPUs have at "
-            f"most {memory:g} GiB; add a smaller variant (e.g. fp8) in spec.variants or allow "
-            "larger GPUs in spec.gpu.products",
+            f"{label}: the smallest allowed variant ({names}; spec.minQuality="
+            f"{workload.min_quality:g}) needs {need:g} GiB per GPU but eligible GPUs have at "
+            f"most {memory:g} GiB; add a smaller variant (e.g. fp8) in spec.variants, lower "
+            "spec.minQuality, or allow larger GPUs in spec.gpu.products",
         )
-    if workload.max_power_watts_per_gpu is not None and all(
-        workload.max_power_watts_per_gpu < product_spec(p).min_watts.value for p in allowed
-    ):
-        lowest = min(product_spec(p).min_watts.value for p in allowed)
+    cap = workload.max_power_watts_per_gpu
+    powered = [
+        (product, variant)
+        for product, variant in fitting
+        if cap is None or cap >= product_spec(product).min_watts.value
+    ]
+    if not powered:
+        lowest = min(product_spec(p).min_watts.value for p, _ in fitting)
         return NoOption(
             "power",
-            f"{label}: spec.energy.maxPowerWattsPerGPU={workload.max_power_watts_per_gpu:g} is "
-            f"below the lowest power limit any eligible GPU accepts ({lowest:g} W); raise it",
+            f"{label}: spec.energy.maxPowerWattsPerGPU={cap:g} is below the lowest power limit "
+            f"any eligible GPU accepts ({lowest:g} W); raise it",
         )
     best = 0.0
-    for product in allowed:
+    for product, variant in powered:
         top = product_spec(product).max_watts.value
-        if workload.max_power_watts_per_gpu is not None:
-            top = min(top, workload.max_power_watts_per_gpu)
-        for variant in variants:
-            best = max(
-                best,
-                model.throughput_tokens_per_second(
-                    product,
-                    workload.type,
-                    workload.model_parameters_billions,
-                    workload.gpus_per_replica,
-                    variant.relative_throughput,
-                    top,
-                ),
-            )
+        top = top if cap is None else min(top, cap)
+        best = max(
+            best,
+            model.throughput_tokens_per_second(
+                product,
+                workload.type,
+                workload.model_parameters_billions,
+                workload.gpus_per_replica,
+                variant.relative_throughput,
+                top,
+            ),
+        )
     if workload.type is WorkloadType.INFERENCE:
         return NoOption(
             "slo",
-            f"{label}: {workload.max_replicas} replica(s) deliver at most "
+            f"{label}: spec.maxReplicas={workload.max_replicas} replica(s) deliver at most "
             f"{best * workload.max_replicas:.0f} tokens/s (modelled) but "
-            f"spec.slo.tokensPerSecond={workload.tokens_per_second:g}; raise spec.maxReplicas, "
-            "lower the SLO or allow faster GPUs",
+            f"spec.slo.tokensPerSecond={workload.tokens_per_second or 0:g}; raise "
+            "spec.maxReplicas, lower the SLO or allow faster GPUs",
         )
     return NoOption(
         "deadline",
-        f"{label}: at the fastest option ({best * workload.replicas:.0f} tokens/s, modelled) the "
-        f"remaining work takes longer than the {workload.deadline_seconds:g} s left before "
-        "spec.slo.deadline; extend the deadline, add replicas or allow faster GPUs",
+        f"{label}: even the fastest option ({best * workload.replicas:.0f} tokens/s, modelled) "
+        f"does not finish the remaining work in the {workload.deadline_seconds or 0:g} s left "
+        "before spec.slo.deadline; extend the deadline, add replicas or allow faster GPUs",
     )
 
 
@@ -500,7 +518,7 @@ def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
                     f"{workload_label(workload)}: the cluster has no schedulable GPU node",
                 )
             else:
-                reason = _no_option_reason(workload, pools, model, plan_input.options.power_levels)
+                reason = _no_option_reason(workload, pools, model)
             for member in members:
                 no_option[member.key] = dataclasses.replace(
                     reason, reason=reason.reason.replace(workload.key, member.key)

@@ -1,0 +1,303 @@
+"""Property tests over small random clusters: hard constraints, priority order, determinism.
+
+The checks here are written independently of the optimizer's code: they read only the input,
+the catalogue and the returned `Plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wattsched_optimizer.model import CatalogueModel, power_levels_watts, product_spec
+from wattsched_optimizer.planner import plan
+from wattsched_optimizer.problem import (
+    Budget,
+    EnergyPolicy,
+    GpuNode,
+    Plan,
+    PlanInput,
+    PlanStatus,
+    Precision,
+    Variant,
+    WorkAmount,
+    Workload,
+    WorkloadType,
+    WorkUnit,
+)
+
+PRODUCTS = ("H100-80GB", "A100-80GB", "A100-40GB", "L40S", "L4")
+MODEL = CatalogueModel()
+TOLERANCE_WATTS = 1e-3
+
+
+@st.composite
+def variants(draw: st.DrawFn) -> tuple[Variant, ...]:
+    chosen = [Variant("bf16", Precision.BF16, draw(st.sampled_from([0, 20, 45, 70])), 1.0, 1.0)]
+    if draw(st.booleans()):
+        chosen.append(Variant("fp8", Precision.FP8, draw(st.sampled_from([0, 20, 35])), 1.6, 0.97))
+    return tuple(chosen)
+
+
+@st.composite
+def workloads(draw: st.DrawFn, index: int) -> Workload:
+    workload_type = draw(st.sampled_from(list(WorkloadType)))
+    gpus = draw(st.sampled_from([1, 1, 2, 4, 8]))
+    params = draw(st.sampled_from([1.0, 8.0, 70.0]))
+    common: dict[str, object] = {
+        "key": f"ns/w{index}",
+        "type": workload_type,
+        "model_parameters_billions": params,
+        "gpus_per_replica": gpus,
+        "variants": draw(variants()),
+        "priority": draw(st.integers(0, 2)),
+        "policy": draw(st.sampled_from(list(EnergyPolicy))),
+        "min_quality": draw(st.sampled_from([0.0, 0.99])),
+        "max_power_watts_per_gpu": draw(st.sampled_from([None, None, None, 300.0, 60.0])),
+        "allowed_products": draw(
+            st.sampled_from([frozenset(), frozenset(), frozenset(PRODUCTS[:2]), frozenset(["L4"])])
+        ),
+    }
+    if workload_type is WorkloadType.INFERENCE:
+        low = draw(st.integers(1, 2))
+        return Workload(
+            **common,  # type: ignore[arg-type]
+            min_replicas=low,
+            max_replicas=low + draw(st.integers(0, 2)),
+            tokens_per_second=draw(st.sampled_from([None, 500.0, 5000.0, 50000.0])),
+        )
+    deadline = draw(st.sampled_from([None, 600.0, 36000.0]))
+    work = WorkAmount(WorkUnit.TOKENS, draw(st.sampled_from([1e7, 1e9]))) if deadline else None
+    return Workload(
+        **common,  # type: ignore[arg-type]
+        replicas=draw(st.integers(1, 3)),
+        remaining_work=work,
+        deadline_seconds=deadline,
+    )
+
+
+@st.composite
+def plan_inputs(draw: st.DrawFn) -> PlanInput:
+    nodes = tuple(
+        GpuNode(
+            f"n{i}",
+            draw(st.sampled_from(PRODUCTS)),
+            draw(st.sampled_from([2, 4, 8, 8])),
+            schedulable=draw(st.sampled_from([True, True, True, False])),
+            agent_ready=draw(st.sampled_from([True, True, True, False])),
+        )
+        for i in range(draw(st.integers(1, 6)))
+    )
+    work = tuple(draw(workloads(i)) for i in range(draw(st.integers(0, 9))))
+    budgets = []
+    for b in range(draw(st.integers(0, 2))):
+        scope = frozenset(draw(st.sets(st.sampled_from([n.name for n in nodes]), min_size=1)))
+        base = sum(
+            (
+                product_spec(n.product).min_watts.value
+                if n.agent_ready
+                else product_spec(n.product).max_watts.value
+            )
+            * n.gpu_count
+            for n in nodes
+            if n.name in scope
+        )
+        extra = draw(st.sampled_from([0.0, 300.0, 2000.0, 8000.0]))
+        budgets.append(Budget(f"b{b}", base + extra, scope))
+    return PlanInput(nodes, work, tuple(budgets))
+
+
+def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
+    nodes = {n.name: n for n in plan_input.nodes}
+    work = {w.key: w for w in plan_input.workloads}
+    used: dict[str, int] = defaultdict(int)
+    replicas: dict[str, set[int]] = defaultdict(set)
+    throughput: dict[str, float] = defaultdict(float)
+    for p in result.placements:
+        node, workload = nodes[p.node], work[p.workload]
+        spec = product_spec(node.product)
+        assert node.schedulable, p
+        used[p.node] += p.gpus
+        assert p.replica not in replicas[p.workload], "a replica is placed twice"
+        replicas[p.workload].add(p.replica)
+        assert p.gpus == workload.gpus_per_replica
+        variant = next(v for v in workload.variants if v.name == p.variant)
+        need = variant.min_memory_gib or workload.min_memory_gib_per_gpu
+        assert need <= spec.memory_gib.value, "memory"
+        assert variant.quality >= workload.min_quality
+        if workload.allowed_products:
+            assert node.product in workload.allowed_products, "allow-list"
+        assert spec.min_watts.value <= p.power_limit_watts <= spec.max_watts.value
+        if workload.max_power_watts_per_gpu is not None:
+            assert p.power_limit_watts <= workload.max_power_watts_per_gpu
+        if workload.policy is EnergyPolicy.PERFORMANCE:
+            top = spec.max_watts.value
+            if workload.max_power_watts_per_gpu is not None:
+                top = min(top, workload.max_power_watts_per_gpu)
+            assert p.power_limit_watts == top
+        if not node.agent_ready:
+            assert p.power_limit_watts == spec.max_watts.value
+        throughput[p.workload] += MODEL.throughput_tokens_per_second(
+            node.product,
+            workload.type,
+            workload.model_parameters_billions,
+            workload.gpus_per_replica,
+            variant.relative_throughput,
+            p.power_limit_watts,
+        )
+    for name, gpus in used.items():
+        assert gpus <= nodes[name].gpu_count, f"node {name} over-committed"
+    for key, indexes in replicas.items():
+        workload = work[key]
+        assert indexes == set(range(len(indexes)))
+        if workload.type.is_gang:
+            assert len(indexes) == workload.replicas, "gang"
+        else:
+            assert workload.min_replicas <= len(indexes) <= workload.max_replicas
+            if workload.tokens_per_second is not None:
+                assert throughput[key] >= workload.tokens_per_second * (1 - 1e-9), "SLO"
+        if workload.deadline_seconds is not None and workload.remaining_work is not None:
+            needed = workload.remaining_work.amount
+            assert throughput[key] * workload.deadline_seconds >= needed * (1 - 1e-9)
+    assert set(result.node_power_limits_watts) == set(nodes)
+    for name, limits in result.node_power_limits_watts.items():
+        node = nodes[name]
+        spec = product_spec(node.product)
+        assert len(limits) == node.gpu_count
+        assert all(spec.min_watts.value <= w <= spec.max_watts.value for w in limits)
+        if not node.agent_ready:
+            assert all(w == spec.max_watts.value for w in limits)
+    if result.status is not PlanStatus.INFEASIBLE:
+        for budget in plan_input.budgets:
+            total = sum(sum(result.node_power_limits_watts[n]) for n in budget.node_names)
+            assert total <= budget.power_cap_watts + TOLERANCE_WATTS, f"budget {budget.name}"
+    placed_keys = set(replicas)
+    unplaced_keys = {u.workload for u in result.unplaced}
+    assert placed_keys.isdisjoint(unplaced_keys)
+    assert placed_keys | unplaced_keys == set(work)
+    assert all(u.reason and u.constraint for u in result.unplaced)
+
+
+def fits_without_lower(plan_input: PlanInput, result: Plan, workload: Workload) -> bool:
+    """Could `workload` be placed if every strictly lower-priority workload were removed?"""
+    priority = {w.key: w.priority for w in plan_input.workloads}
+    nodes = {n.name: n for n in plan_input.nodes if n.schedulable}
+    free = {name: node.gpu_count for name, node in nodes.items()}
+    limits = {name: list(ws) for name, ws in result.node_power_limits_watts.items()}
+    next_gpu: dict[str, int] = defaultdict(int)
+    for p in sorted(result.placements, key=lambda p: (p.workload, p.replica)):
+        first = next_gpu[p.node]
+        next_gpu[p.node] += p.gpus
+        if priority[p.workload] < workload.priority:
+            low = product_spec(nodes[p.node].product).min_watts.value
+            if nodes[p.node].agent_ready:
+                for gpu in range(first, first + p.gpus):
+                    limits[p.node][gpu] = low
+        else:
+            free[p.node] -= p.gpus
+    headroom = {
+        b.name: b.power_cap_watts - sum(sum(limits[n]) for n in b.node_names)
+        for b in plan_input.budgets
+    }
+    budgets_of = {
+        name: [b.name for b in plan_input.budgets if name in b.node_names] for name in nodes
+    }
+    for product in sorted({n.product for n in nodes.values()}):
+        if workload.allowed_products and product not in workload.allowed_products:
+            continue
+        spec = product_spec(product)
+        top = spec.max_watts.value
+        if workload.max_power_watts_per_gpu is not None:
+            top = min(top, workload.max_power_watts_per_gpu)
+        levels = [w for w in power_levels_watts(product, 5) if w <= top] + [top]
+        if workload.policy is EnergyPolicy.PERFORMANCE:
+            levels = [top]
+        for variant in workload.variants:
+            if variant.quality < workload.min_quality:
+                continue
+            if (variant.min_memory_gib or workload.min_memory_gib_per_gpu) > spec.memory_gib.value:
+                continue
+            for level in levels:
+                if level < spec.min_watts.value:
+                    continue
+                rate = MODEL.throughput_tokens_per_second(
+                    product,
+                    workload.type,
+                    workload.model_parameters_billions,
+                    workload.gpus_per_replica,
+                    variant.relative_throughput,
+                    level,
+                )
+                if workload.type is WorkloadType.INFERENCE:
+                    count = workload.min_replicas
+                    if workload.tokens_per_second is not None:
+                        count = max(count, math.ceil(workload.tokens_per_second / rate - 1e-9))
+                    if count > workload.max_replicas:
+                        continue
+                else:
+                    count = workload.replicas
+                    work = workload.remaining_work
+                    deadline = workload.deadline_seconds
+                    if deadline and work and rate * count * deadline < work.amount:
+                        continue
+                room = dict(headroom)
+                slots = dict(free)
+                placed = 0
+                for name in sorted(nodes, key=lambda n: (len(budgets_of[n]), n)):
+                    node = nodes[name]
+                    if node.product != product or (not node.agent_ready and level < top):
+                        continue
+                    if not node.agent_ready and level < spec.max_watts.value:
+                        continue
+                    extra = workload.gpus_per_replica * (level - spec.min_watts.value)
+                    if not node.agent_ready:
+                        extra = 0.0
+                    while (
+                        placed < count
+                        and slots[name] >= workload.gpus_per_replica
+                        and all(room[b] + TOLERANCE_WATTS >= extra for b in budgets_of[name])
+                    ):
+                        slots[name] -= workload.gpus_per_replica
+                        for b in budgets_of[name]:
+                            room[b] -= extra
+                        placed += 1
+                if placed >= count:
+                    return True
+    return False
+
+
+FAST = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+)
+
+
+@FAST
+@given(plan_inputs())
+def test_no_hard_constraint_is_ever_violated(plan_input: PlanInput) -> None:
+    check_hard_constraints(plan_input, plan(plan_input))
+
+
+@FAST
+@given(plan_inputs())
+def test_no_workload_is_left_out_that_would_fit_without_lower_priority_work(
+    plan_input: PlanInput,
+) -> None:
+    result = plan(plan_input)
+    if result.status is PlanStatus.INFEASIBLE:
+        return
+    work = {w.key: w for w in plan_input.workloads}
+    for left_out in result.unplaced:
+        assert not fits_without_lower(plan_input, result, work[left_out.workload]), left_out
+
+
+@settings(max_examples=20, deadline=None, database=None)
+@given(plan_inputs())
+def test_the_same_input_always_gives_the_same_plan(plan_input: PlanInput) -> None:
+    first, second = plan(plan_input), plan(plan_input)
+    assert first.placements == second.placements
+    assert first.node_power_limits_watts == second.node_power_limits_watts
+    assert first.unplaced == second.unplaced
+    assert first.objective == second.objective
