@@ -1,0 +1,485 @@
+"""Kubernetes objects -> the optimizer's `PlanInput`: one reading shared by the operator and
+`wattsched plan`.
+
+Input is plain JSON objects as the API server returns them (Nodes, LLMWorkloads, EnergyBudgets,
+NodePowerProfiles, Pods); output is `wattsched_optimizer.problem.PlanInput`. Every function is pure:
+the current time comes in as `now`. Bad objects raise `SnapshotError` naming the object and field
+(or, with `strict=False`, bad LLMWorkloads are left out and returned as `rejected`, so one bad
+workload cannot stop planning for the others). Not for listing or watching objects, or for solving.
+
+Rules:
+- GPU node: allocatable `nvidia.com/gpu` > 0; its product is the GFD label `nvidia.com/gpu.product`
+  normalised by the performance model. Schedulable when Ready=True, not cordoned, not deleting.
+- Agent readiness: a node's agent counts as ready when its NodePowerProfile says `agent.ready`, has
+  applied the current spec generation, has a fresh heartbeat (when `heartbeat_timeout_seconds` is
+  given) and the node is not in `unconfirmed_nodes`. When the objects hold no NodePowerProfile at
+  all and `agents_required` is False (offline planning from a snapshot), all agents count as ready.
+- Budgets: the GPU nodes whose labels match the selector (no or empty selector: every GPU node).
+- Current placements: pods labelled `wattsched.io/workload` (workload name, pod's namespace) and
+  `wattsched.io/replica`, bound to a node (or annotated with one) and not finished.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from wattsched_operator.api.energybudget import EnergyBudget, parse_energybudget
+from wattsched_operator.api.errors import ApiValidationError
+from wattsched_operator.api.llmworkload import (
+    LLMWorkload,
+    Phase,
+    TotalWork,
+    parse_llmworkload,
+)
+from wattsched_operator.api.meta import (
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    POWER_LIMIT_ANNOTATION,
+    POWER_LIMIT_ENV,
+    REPLICA_LABEL,
+    VARIANT_ANNOTATION,
+    VARIANT_ENV,
+    WORKLOAD_LABEL,
+    parse_time,
+)
+from wattsched_operator.api.nodepowerprofile import NodePowerProfile, parse_nodepowerprofile
+from wattsched_optimizer.model import UnknownProductError, normalise_product
+from wattsched_optimizer.problem import (
+    Budget,
+    CurrentPlacement,
+    EnergyPolicy,
+    GpuNode,
+    PlanInput,
+    PlanOptions,
+    Precision,
+    Variant,
+    WorkAmount,
+    Workload,
+    WorkloadType,
+    WorkUnit,
+)
+
+Body = Mapping[str, Any]
+
+NODE_ANNOTATION = "wattsched.io/node"
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+_WHOLE_NUMBER = re.compile(r"^[0-9]+$")
+
+
+class SnapshotError(ValueError):
+    """An object in the snapshot cannot be planned for; the message names object and field."""
+
+
+@dataclass(frozen=True)
+class ClusterObjects:
+    """The objects a plan is made from, by kind, as JSON objects."""
+
+    nodes: tuple[Body, ...] = ()
+    workloads: tuple[Body, ...] = ()
+    budgets: tuple[Body, ...] = ()
+    profiles: tuple[Body, ...] = ()
+    pods: tuple[Body, ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the objects say: the optimizer's input and the workloads left out as invalid."""
+
+    plan_input: PlanInput
+    rejected: tuple[ApiValidationError, ...] = ()
+    # Workload key -> the parsed LLMWorkload, for callers that need more than the optimizer does.
+    workloads: Mapping[str, LLMWorkload] = field(default_factory=dict)
+
+
+_KIND_FIELDS = {
+    ("v1", "Node"): "nodes",
+    ("wattsched.io/v1alpha1", "LLMWorkload"): "workloads",
+    ("wattsched.io/v1alpha1", "EnergyBudget"): "budgets",
+    ("wattsched.io/v1alpha1", "NodePowerProfile"): "profiles",
+    ("v1", "Pod"): "pods",
+}
+
+
+def split_objects(documents: Iterable[object]) -> ClusterObjects:
+    """Sort objects (and the items of `kind: List` / `*List` documents) by kind.
+
+    Objects of other kinds (Namespaces, Services...) are ignored; a document that is not an object
+    with apiVersion and kind is an error.
+    """
+    found: dict[str, list[Body]] = {name: [] for name in _KIND_FIELDS.values()}
+
+    def visit(document: object, where: str) -> None:
+        if document is None:
+            return
+        if not isinstance(document, Mapping):
+            raise SnapshotError(
+                f"{where}: expected a Kubernetes object, got {type(document).__name__}"
+            )
+        kind, api_version = document.get("kind"), document.get("apiVersion")
+        if not isinstance(kind, str) or not isinstance(api_version, str):
+            raise SnapshotError(f"{where}: a Kubernetes object needs apiVersion and kind")
+        if kind == "List" or (kind.endswith("List") and "items" in document):
+            items = document.get("items") or []
+            if not isinstance(items, list):
+                raise SnapshotError(f"{where} ({kind}): items must be a list")
+            for index, item in enumerate(items):
+                visit(item, f"{where} items[{index}]")
+            return
+        bucket = _KIND_FIELDS.get((api_version, kind))
+        if bucket is not None:
+            found[bucket].append(document)
+
+    for index, document in enumerate(documents):
+        visit(document, f"document {index + 1}")
+    return ClusterObjects(**{name: tuple(items) for name, items in found.items()})
+
+
+def deadline_seconds(deadline: datetime, now: datetime) -> float:
+    """Seconds from `now` until `deadline`; 0 when it has passed (the optimizer then reports it)."""
+    return max(0.0, (deadline - now).total_seconds())
+
+
+def build_snapshot(
+    objects: ClusterObjects,
+    *,
+    now: datetime,
+    options: PlanOptions | None = None,
+    strict: bool = True,
+    agents_required: bool = False,
+    heartbeat_timeout_seconds: float | None = None,
+    unconfirmed_nodes: frozenset[str] = frozenset(),
+) -> Snapshot:
+    """The optimizer's input for `objects` at time `now` (the rules: see the module docstring)."""
+    profiles = _profiles_by_node(objects.profiles)
+    require_agents = agents_required or bool(profiles)
+    nodes: list[GpuNode] = []
+    labels_by_node: dict[str, Mapping[str, str]] = {}
+    for body in objects.nodes:
+        node = _gpu_node(
+            body,
+            profiles=profiles,
+            require_agents=require_agents,
+            now=now,
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+            unconfirmed_nodes=unconfirmed_nodes,
+        )
+        if node is not None:
+            nodes.append(node)
+            labels_by_node[node.name] = _labels(body)
+
+    workloads: dict[str, LLMWorkload] = {}
+    rejected: list[ApiValidationError] = []
+    converted: list[Workload] = []
+    for body in objects.workloads:
+        try:
+            workload = parse_llmworkload(body)
+            if _is_finished(workload):
+                continue
+            converted.append(workload_for_optimizer(workload, now=now))
+        except ApiValidationError as error:
+            if strict:
+                raise SnapshotError(str(error)) from None
+            rejected.append(error)
+            continue
+        workloads[workload.key] = workload
+
+    budgets = tuple(_budget(parse_budget(body), labels_by_node) for body in objects.budgets)
+    current = tuple(
+        placement
+        for body in objects.pods
+        if (placement := current_placement(body, workloads)) is not None
+    )
+    plan_input = PlanInput(
+        nodes=tuple(sorted(nodes, key=lambda n: n.name)),
+        workloads=tuple(sorted(converted, key=lambda w: w.key)),
+        budgets=tuple(sorted(budgets, key=lambda b: b.name)),
+        current=tuple(sorted(current, key=lambda c: (c.workload, c.replica))),
+        options=options or PlanOptions(),
+    )
+    return Snapshot(plan_input=plan_input, rejected=tuple(rejected), workloads=workloads)
+
+
+# -- nodes -----------------------------------------------------------------------------------------
+
+
+def _node_name(body: Body) -> str:
+    metadata = body.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise SnapshotError("Node: metadata.name is required")
+    return name
+
+
+def _labels(body: Body) -> Mapping[str, str]:
+    metadata = body.get("metadata")
+    labels = metadata.get("labels") if isinstance(metadata, Mapping) else None
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping):
+        raise SnapshotError(f"{body.get('kind')} {_node_name(body)}: metadata.labels must be a map")
+    return {str(key): str(value) for key, value in labels.items()}
+
+
+def gpu_count(body: Body) -> int:
+    """Allocatable `nvidia.com/gpu` of a Node (0 when absent)."""
+    name = _node_name(body)
+    status = body.get("status")
+    allocatable = status.get("allocatable") if isinstance(status, Mapping) else None
+    if allocatable is None:
+        return 0
+    if not isinstance(allocatable, Mapping):
+        raise SnapshotError(f"Node {name}: status.allocatable must be a map of quantities")
+    raw = allocatable.get(GPU_RESOURCE)
+    if raw is None:
+        return 0
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    if isinstance(raw, str) and _WHOLE_NUMBER.match(raw):
+        return int(raw)
+    raise SnapshotError(
+        f'Node {name}: status.allocatable["{GPU_RESOURCE}"]: {raw!r} is not a whole number '
+        'of GPUs (a quantity such as "8")'
+    )
+
+
+def is_schedulable(body: Body) -> bool:
+    """Ready=True, not cordoned (spec.unschedulable) and not being deleted."""
+    metadata = body.get("metadata") or {}
+    if metadata.get("deletionTimestamp"):
+        return False
+    if (body.get("spec") or {}).get("unschedulable") is True:
+        return False
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return any(
+        isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+        for c in conditions
+    )
+
+
+def _profiles_by_node(bodies: Iterable[Body]) -> dict[str, NodePowerProfile]:
+    profiles: dict[str, NodePowerProfile] = {}
+    for body in bodies:
+        try:
+            profile = parse_nodepowerprofile(body)
+        except ApiValidationError as error:
+            raise SnapshotError(str(error)) from None
+        profiles[profile.spec.node_name] = profile
+    return profiles
+
+
+def agent_ready(
+    profile: NodePowerProfile | None, *, now: datetime, heartbeat_timeout_seconds: float | None
+) -> bool:
+    """Whether a node's agent confirmed its limits (and, given a timeout, reported recently)."""
+    if profile is None or not profile.limits_confirmed:
+        return False
+    if heartbeat_timeout_seconds is None:
+        return True
+    heartbeat = profile.status.agent.heartbeat if profile.status.agent else None
+    return heartbeat is not None and (now - heartbeat).total_seconds() <= heartbeat_timeout_seconds
+
+
+def _gpu_node(
+    body: Body,
+    *,
+    profiles: Mapping[str, NodePowerProfile],
+    require_agents: bool,
+    now: datetime,
+    heartbeat_timeout_seconds: float | None,
+    unconfirmed_nodes: frozenset[str],
+) -> GpuNode | None:
+    name = _node_name(body)
+    count = gpu_count(body)
+    if count == 0:
+        return None
+    label = _labels(body).get(GPU_PRODUCT_LABEL)
+    field_name = f'metadata.labels["{GPU_PRODUCT_LABEL}"]'
+    if not label:
+        raise SnapshotError(
+            f"Node {name}: {field_name} is missing; wattsched needs the GPU Feature Discovery "
+            "labels on every node with allocatable nvidia.com/gpu"
+        )
+    try:
+        product = normalise_product(label)
+    except UnknownProductError as error:
+        raise SnapshotError(f"Node {name}: {field_name}: {error}") from None
+    ready = True
+    if require_agents:
+        ready = name not in unconfirmed_nodes and agent_ready(
+            profiles.get(name), now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds
+        )
+    return GpuNode(
+        name=name,
+        product=product,
+        gpu_count=count,
+        schedulable=is_schedulable(body),
+        agent_ready=ready,
+    )
+
+
+# -- workloads -------------------------------------------------------------------------------------
+
+
+def _is_finished(workload: LLMWorkload) -> bool:
+    return (
+        workload.metadata.deletion_timestamp is not None or workload.status.phase in TERMINAL_PHASES
+    )
+
+
+def _work_amount(total_work: TotalWork) -> WorkAmount:
+    if total_work.tokens is not None:
+        return WorkAmount(unit=WorkUnit.TOKENS, amount=total_work.tokens)
+    if total_work.steps is not None:
+        return WorkAmount(
+            unit=WorkUnit.STEPS,
+            amount=float(total_work.steps),
+            tokens_per_step=total_work.tokens_per_step,
+        )
+    if total_work.gpu_hours is None:  # parse_llmworkload guarantees one unit; keep mypy honest
+        raise ValueError("totalWork has no unit")
+    return WorkAmount(unit=WorkUnit.GPU_HOURS, amount=total_work.gpu_hours)
+
+
+def workload_for_optimizer(workload: LLMWorkload, *, now: datetime) -> Workload:
+    """An LLMWorkload as the optimizer sees it, with every default applied.
+
+    Raises `ApiValidationError` for an allow-listed product the performance model does not know.
+    """
+    spec = workload.spec
+    allowed: set[str] = set()
+    for index, label in enumerate(spec.gpu.products):
+        try:
+            allowed.add(normalise_product(label))
+        except UnknownProductError as error:
+            raise ApiValidationError(
+                "LLMWorkload", workload.key, f"spec.gpu.products[{index}]", str(error)
+            ) from None
+    deadline = spec.slo.deadline_time
+    return Workload(
+        key=workload.key,
+        type=WorkloadType(spec.type.value),
+        model_parameters_billions=spec.model.parameters_billions,
+        gpus_per_replica=spec.gpu.count,
+        variants=tuple(
+            Variant(
+                name=variant.name,
+                precision=Precision(variant.precision.value),
+                min_memory_gib=spec.variant_min_memory_gib(variant),
+                relative_throughput=variant.relative_throughput,
+                quality=variant.quality,
+            )
+            for variant in spec.variants
+        ),
+        replicas=spec.replicas or spec.effective_min_replicas,
+        min_replicas=spec.effective_min_replicas,
+        max_replicas=spec.effective_max_replicas,
+        min_memory_gib_per_gpu=spec.gpu.min_memory_gib or 0.0,
+        allowed_products=frozenset(allowed),
+        min_quality=spec.min_quality,
+        priority=spec.priority,
+        preemptible=spec.effective_preemptible,
+        policy=EnergyPolicy(spec.energy.policy.value),
+        max_power_watts_per_gpu=spec.energy.max_power_watts_per_gpu,
+        tokens_per_second=spec.slo.tokens_per_second,
+        remaining_work=None if spec.slo.total_work is None else _work_amount(spec.slo.total_work),
+        deadline_seconds=None if deadline is None else deadline_seconds(deadline, now),
+    )
+
+
+# -- budgets ---------------------------------------------------------------------------------------
+
+
+def parse_budget(body: Body) -> EnergyBudget:
+    try:
+        return parse_energybudget(body)
+    except ApiValidationError as error:
+        raise SnapshotError(str(error)) from None
+
+
+def _budget(budget: EnergyBudget, labels_by_node: Mapping[str, Mapping[str, str]]) -> Budget:
+    return Budget(
+        name=budget.name,
+        power_cap_watts=budget.spec.power_cap_watts,
+        node_names=frozenset(
+            name for name, labels in labels_by_node.items() if budget.spec.selects(labels)
+        ),
+    )
+
+
+# -- pods ------------------------------------------------------------------------------------------
+
+
+def _container_env(pod: Body, name: str) -> str | None:
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for env in container.get("env") or []:
+            if isinstance(env, Mapping) and env.get("name") == name and "value" in env:
+                return str(env["value"])
+    return None
+
+
+def current_placement(pod: Body, workloads: Mapping[str, LLMWorkload]) -> CurrentPlacement | None:
+    """The running replica a wattsched pod stands for, or None when it is not one.
+
+    Pods of workloads not in `workloads`, finished or deleting pods and pods without a node are
+    not current placements. The variant and power limit come from the pod's annotations, else from
+    its containers' env. A wattsched pod with a malformed replica label or no readable power limit
+    is an error.
+    """
+    metadata = pod.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    workload_name = labels.get(WORKLOAD_LABEL)
+    if not workload_name:
+        return None
+    namespace = metadata.get("namespace") or "default"
+    where = f"Pod {namespace}/{metadata.get('name')}"
+    key = f"{namespace}/{workload_name}"
+    workload = workloads.get(key)
+    if workload is None or metadata.get("deletionTimestamp"):
+        return None
+    if (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}:
+        return None
+    annotations = metadata.get("annotations") or {}
+    node = (pod.get("spec") or {}).get("nodeName") or annotations.get(NODE_ANNOTATION)
+    if not node:
+        return None
+    replica_text = labels.get(REPLICA_LABEL)
+    if not isinstance(replica_text, str) or not _WHOLE_NUMBER.match(replica_text):
+        raise SnapshotError(
+            f'{where}: metadata.labels["{REPLICA_LABEL}"]: {replica_text!r} is not a replica index '
+            '(a whole number such as "0")'
+        )
+    variant = annotations.get(VARIANT_ANNOTATION) or _container_env(pod, VARIANT_ENV)
+    if not variant:
+        variant = workload.spec.variants[0].name
+    limit_text = annotations.get(POWER_LIMIT_ANNOTATION) or _container_env(pod, POWER_LIMIT_ENV)
+    field_name = f'metadata.annotations["{POWER_LIMIT_ANNOTATION}"]'
+    if limit_text is None:
+        raise SnapshotError(
+            f"{where}: {field_name} is missing (and no container has {POWER_LIMIT_ENV}); "
+            "wattsched sets both on the pods it creates"
+        )
+    try:
+        limit = float(limit_text)
+    except ValueError:
+        raise SnapshotError(
+            f"{where}: {field_name}: {limit_text!r} is not a number of watts"
+        ) from None
+    return CurrentPlacement(
+        workload=key,
+        replica=int(replica_text),
+        node=str(node),
+        variant=str(variant),
+        power_limit_watts=limit,
+    )
+
+
+def parse_now(text: str) -> datetime:
+    """`--now` for `wattsched plan`: an RFC 3339 time (SnapshotError otherwise)."""
+    try:
+        return parse_time(text)
+    except ValueError as error:
+        raise SnapshotError(f"--now: {error}") from None

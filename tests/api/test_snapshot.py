@@ -1,0 +1,405 @@
+"""Kubernetes objects become the optimizer's PlanInput by the documented rules: GPU nodes from
+allocatable nvidia.com/gpu and the GFD product label, budgets resolved through their selectors,
+agent readiness from NodePowerProfiles, workloads with every default applied, running replicas from
+pods; bad objects give one error naming the object and field."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from wattsched_operator.snapshot import (
+    ClusterObjects,
+    SnapshotError,
+    build_snapshot,
+    deadline_seconds,
+    split_objects,
+)
+from wattsched_optimizer.problem import (
+    CurrentPlacement,
+    EnergyPolicy,
+    PlanOptions,
+    WorkAmount,
+    WorkloadType,
+    WorkUnit,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NOW = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
+
+
+def node(
+    name: str,
+    product: str = "NVIDIA-H100-80GB-HBM3",
+    gpus: str | None = "8",
+    *,
+    ready: str = "True",
+    labels: dict[str, str] | None = None,
+    unschedulable: bool = False,
+) -> dict[str, Any]:
+    all_labels = {"nvidia.com/gpu.product": product, **(labels or {})}
+    allocatable = {"cpu": "64"} if gpus is None else {"cpu": "64", "nvidia.com/gpu": gpus}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": all_labels},
+        "spec": {"unschedulable": True} if unschedulable else {},
+        "status": {
+            "allocatable": allocatable,
+            "conditions": [{"type": "Ready", "status": ready}],
+        },
+    }
+
+
+def workload(name: str = "chat", namespace: str = "team-a", **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "type": "Inference",
+        "model": {"name": "m", "parametersBillions": 8},
+        "gpu": {"count": 1},
+        "slo": {"tokensPerSecond": 100},
+        "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}},
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "LLMWorkload",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": base,
+    }
+
+
+def budget(name: str, cap: float, selector: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"powerCapWatts": cap}
+    if selector is not None:
+        spec["nodeSelector"] = selector
+    return {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "EnergyBudget",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def profile(
+    node_name: str, *, ready: bool = True, heartbeat: str = "2026-11-25T01:59:50Z"
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "NodePowerProfile",
+        "metadata": {"name": node_name, "generation": 2},
+        "spec": {"nodeName": node_name},
+        "status": {
+            "observedGeneration": 2,
+            "agent": {"ready": ready, "heartbeatTime": heartbeat, "backend": "simulated"},
+        },
+    }
+
+
+def pod(
+    workload_name: str,
+    replica: str,
+    node_name: str | None,
+    *,
+    namespace: str = "team-a",
+    phase: str = "Running",
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": [{"name": "c", "image": "i"}]}
+    if node_name is not None:
+        spec["nodeName"] = node_name
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{workload_name}-{replica}",
+            "namespace": namespace,
+            "labels": {"wattsched.io/workload": workload_name, "wattsched.io/replica": replica},
+            "annotations": {"wattsched.io/variant": "bf16", "wattsched.io/power-limit-watts": "450"}
+            if annotations is None
+            else annotations,
+        },
+        "spec": spec,
+        "status": {"phase": phase},
+    }
+
+
+def build(*objects: dict[str, Any], **options: Any) -> Any:
+    return build_snapshot(split_objects(objects), now=NOW, **options)
+
+
+def test_gpu_nodes_come_from_allocatable_gpus_and_the_normalised_product_label() -> None:
+    nodes = build(
+        node("a100", "NVIDIA-A100-SXM4-80GB", "4"), node("cpu-only", gpus=None)
+    ).plan_input.nodes
+    assert [(n.name, n.product, n.gpu_count) for n in nodes] == [("a100", "A100-80GB", 4)]
+
+
+def test_not_ready_cordoned_and_deleting_nodes_are_not_schedulable() -> None:
+    deleting = node("deleting")
+    deleting["metadata"]["deletionTimestamp"] = "2026-11-25T01:00:00Z"
+    nodes = build(
+        node("ok"), node("not-ready", ready="False"), node("cordoned", unschedulable=True), deleting
+    ).plan_input.nodes
+    assert {n.name: n.schedulable for n in nodes} == {
+        "ok": True,
+        "not-ready": False,
+        "cordoned": False,
+        "deleting": False,
+    }
+
+
+def test_unknown_gpu_product_names_the_node_and_label() -> None:
+    with pytest.raises(
+        SnapshotError,
+        match=r'Node gpu-x: metadata.labels\["nvidia.com/gpu.product"\]: '
+        r"unknown GPU product 'NVIDIA-Z9000'",
+    ):
+        build(node("gpu-x", "NVIDIA-Z9000"))
+
+
+def test_gpu_node_without_product_label_is_an_error() -> None:
+    bare = node("gpu-y")
+    del bare["metadata"]["labels"]["nvidia.com/gpu.product"]
+    with pytest.raises(
+        SnapshotError, match=r'Node gpu-y: metadata.labels\["nvidia.com/gpu.product"\] is missing'
+    ):
+        build(bare)
+
+
+@pytest.mark.parametrize("quantity", ["eight", "8.5", "-1", "8Gi"])
+def test_malformed_gpu_quantity_names_the_node_and_field(quantity: str) -> None:
+    with pytest.raises(SnapshotError, match=r'Node gpu-z: status.allocatable\["nvidia.com/gpu"\]'):
+        build(node("gpu-z", gpus=quantity))
+
+
+def test_budget_scope_is_the_gpu_nodes_its_selector_matches() -> None:
+    rack_a = {"wattsched.io/rack": "rack-a"}
+    budgets = build(
+        node("a0", labels=rack_a),
+        node("a1", labels=rack_a),
+        node("b0", labels={"wattsched.io/rack": "rack-b"}),
+        node("cpu", gpus=None, labels=rack_a),
+        budget("cluster", 20000, {}),
+        budget("everything", 20000),
+        budget("rack-a", 9000, {"matchLabels": rack_a}),
+        budget(
+            "not-a",
+            9000,
+            {
+                "matchExpressions": [
+                    {"key": "wattsched.io/rack", "operator": "NotIn", "values": ["rack-a"]}
+                ]
+            },
+        ),
+    ).plan_input.budgets
+    scopes = {b.name: sorted(b.node_names) for b in budgets}
+    assert scopes == {
+        "cluster": ["a0", "a1", "b0"],
+        "everything": ["a0", "a1", "b0"],
+        "not-a": ["b0"],
+        "rack-a": ["a0", "a1"],
+    }
+    assert {b.name: b.power_cap_watts for b in budgets}["rack-a"] == 9000.0
+
+
+def test_without_any_profile_offline_planning_counts_every_agent_ready() -> None:
+    nodes = build(node("n0"), node("n1")).plan_input.nodes
+    assert all(n.agent_ready for n in nodes)
+
+
+def test_the_operator_requires_agents_even_without_profiles() -> None:
+    nodes = build(node("n0"), agents_required=True).plan_input.nodes
+    assert not nodes[0].agent_ready
+
+
+def test_agent_readiness_comes_from_the_node_power_profile() -> None:
+    nodes = build(
+        node("ready"),
+        node("no-profile"),
+        node("agent-down"),
+        node("stale"),
+        node("unconfirmed"),
+        profile("ready"),
+        profile("agent-down", ready=False),
+        profile("stale", heartbeat="2026-11-25T01:50:00Z"),
+        profile("unconfirmed"),
+        heartbeat_timeout_seconds=60,
+        unconfirmed_nodes=frozenset({"unconfirmed"}),
+    ).plan_input.nodes
+    assert {n.name: n.agent_ready for n in nodes} == {
+        "ready": True,
+        "no-profile": False,
+        "agent-down": False,
+        "stale": False,
+        "unconfirmed": False,
+    }
+
+
+def test_workload_reaches_the_optimizer_with_every_default_applied() -> None:
+    (converted,) = build(
+        node("n"),
+        workload(
+            "batch",
+            type="BatchInference",
+            slo={"totalWork": {"tokens": 1e9}, "deadline": "2026-11-26T02:00:00Z"},
+            gpu={"count": 2, "minMemoryGiB": 30, "products": ["NVIDIA-L40S", "H100-80GB"]},
+            replicas=3,
+        ),
+    ).plan_input.workloads
+    assert converted.key == "team-a/batch"
+    assert converted.type is WorkloadType.BATCH_INFERENCE
+    assert converted.preemptible is True
+    assert converted.policy is EnergyPolicy.BALANCED
+    assert (converted.replicas, converted.min_replicas, converted.max_replicas) == (3, 3, 3)
+    assert converted.allowed_products == frozenset({"L40S", "H100-80GB"})
+    assert [(v.name, v.min_memory_gib, v.quality) for v in converted.variants] == [
+        ("bf16", 30.0, 1.0)
+    ]
+    assert converted.remaining_work == WorkAmount(WorkUnit.TOKENS, 1e9)
+    assert converted.deadline_seconds == 86400.0
+    assert converted.tokens_per_second is None
+
+
+def test_inference_replica_range_and_steps_of_work_are_converted() -> None:
+    objects = build(
+        node("n"),
+        workload("chat", minReplicas=2, maxReplicas=5, energy={"policy": "Performance"}),
+        workload(
+            "train",
+            type="Training",
+            slo={"totalWork": {"steps": 100, "tokensPerStep": 4096}},
+            energy={"maxPowerWattsPerGPU": 500},
+        ),
+    ).plan_input.workloads
+    chat, train = objects
+    assert (chat.min_replicas, chat.max_replicas, chat.tokens_per_second) == (2, 5, 100.0)
+    assert chat.policy is EnergyPolicy.PERFORMANCE
+    assert train.remaining_work == WorkAmount(WorkUnit.STEPS, 100.0, tokens_per_step=4096.0)
+    assert train.max_power_watts_per_gpu == 500.0
+    assert train.deadline_seconds is None
+
+
+def test_deadline_seconds_count_from_now_and_stop_at_zero() -> None:
+    assert deadline_seconds(NOW + timedelta(hours=2), NOW) == 7200.0
+    assert deadline_seconds(NOW - timedelta(hours=2), NOW) == 0.0
+
+
+def test_finished_and_deleting_workloads_are_not_planned() -> None:
+    done = workload("done")
+    done["status"] = {"phase": "Succeeded"}
+    leaving = workload("leaving")
+    leaving["metadata"]["deletionTimestamp"] = "2026-11-25T01:00:00Z"
+    keys = [w.key for w in build(node("n"), done, leaving, workload("live")).plan_input.workloads]
+    assert keys == ["team-a/live"]
+
+
+def test_invalid_workload_is_one_error_naming_object_and_field() -> None:
+    with pytest.raises(
+        SnapshotError,
+        match=r"^LLMWorkload team-a/bad: spec.gpu.count: must be between 1 and 64, got 0$",
+    ):
+        build(node("n"), workload("bad", gpu={"count": 0}))
+
+
+def test_unknown_allowed_product_names_the_list_entry() -> None:
+    with pytest.raises(
+        SnapshotError, match=r"LLMWorkload team-a/chat: spec.gpu.products\[1\]: unknown GPU product"
+    ):
+        build(node("n"), workload(gpu={"count": 1, "products": ["NVIDIA-L4", "NVIDIA-Z9000"]}))
+
+
+def test_lenient_mode_leaves_out_invalid_workloads_and_reports_them() -> None:
+    snapshot = build(node("n"), workload("bad", gpu={"count": 0}), workload("good"), strict=False)
+    assert [w.key for w in snapshot.plan_input.workloads] == ["team-a/good"]
+    assert [error.field for error in snapshot.rejected] == ["spec.gpu.count"]
+    assert list(snapshot.workloads) == ["team-a/good"]
+
+
+def test_running_replicas_become_current_placements() -> None:
+    with_env = pod("chat", "4", "n0", annotations={})  # variant and limit from the container env
+    with_env["spec"]["containers"][0]["env"] = [
+        {"name": "WATTSCHED_VARIANT", "value": "fp8"},
+        {"name": "WATTSCHED_POWER_LIMIT_WATTS", "value": "300"},
+    ]
+    current = build(
+        node("n0"),
+        workload("chat"),
+        pod("chat", "0", "n0"),
+        pod("chat", "1", None),  # not bound yet
+        pod("chat", "2", "n0", phase="Succeeded"),
+        pod("gone", "0", "n0"),  # its workload is not in the snapshot
+        pod("chat", "3", "n0", namespace="team-b"),  # another namespace's "chat"
+        with_env,
+    ).plan_input.current
+    assert current == (
+        CurrentPlacement("team-a/chat", 0, "n0", "bf16", 450.0),
+        CurrentPlacement("team-a/chat", 4, "n0", "fp8", 300.0),
+    )
+
+
+def test_pod_without_a_power_limit_names_the_pod_and_annotation() -> None:
+    with pytest.raises(
+        SnapshotError,
+        match=r'Pod team-a/chat-0: metadata.annotations\["wattsched.io/power-limit-watts"\] '
+        "is missing",
+    ):
+        build(node("n0"), workload("chat"), pod("chat", "0", "n0", annotations={}))
+
+
+def test_pod_with_a_malformed_replica_label_names_the_pod_and_label() -> None:
+    with pytest.raises(
+        SnapshotError, match=r'Pod team-a/chat-x: metadata.labels\["wattsched.io/replica"\]'
+    ):
+        build(node("n0"), workload("chat"), pod("chat", "x", "n0"))
+
+
+def test_lists_are_flattened_and_other_kinds_ignored() -> None:
+    objects = split_objects(
+        [
+            {"apiVersion": "v1", "kind": "List", "items": [node("n0"), workload()]},
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}},
+            None,
+            {
+                "apiVersion": "wattsched.io/v1alpha1",
+                "kind": "EnergyBudgetList",
+                "items": [budget("b", 1)],
+            },
+        ]
+    )
+    assert (len(objects.nodes), len(objects.workloads), len(objects.budgets)) == (1, 1, 1)
+
+
+def test_a_document_that_is_not_an_object_is_an_error() -> None:
+    with pytest.raises(SnapshotError, match="document 2: expected a Kubernetes object"):
+        split_objects([node("n0"), ["not", "an", "object"]])
+
+
+def test_plan_options_are_passed_through() -> None:
+    options = PlanOptions(power_levels=3, time_limit_seconds=2.0)
+    assert build(node("n0"), options=options).plan_input.options == options
+
+
+def test_the_example_snapshot_reads_cleanly() -> None:
+    documents = list(yaml.safe_load_all((REPO_ROOT / "examples" / "snapshot.yaml").read_text()))
+    snapshot = build_snapshot(split_objects(documents), now=NOW)
+    plan_input = snapshot.plan_input
+    assert len(plan_input.nodes) == 6
+    assert sum(not n.schedulable for n in plan_input.nodes) == 1
+    assert all(n.agent_ready for n in plan_input.nodes)
+    assert {b.name: len(b.node_names) for b in plan_input.budgets} == {"cluster": 6, "rack-a": 2}
+    assert len(plan_input.workloads) == 5
+    assert [c.workload for c in plan_input.current] == ["team-a/chat"]
+
+
+def test_inputs_are_not_modified() -> None:
+    objects = (node("n0"), workload(), budget("b", 1000))
+    before = copy.deepcopy(objects)
+    build_snapshot(
+        ClusterObjects(nodes=objects[:1], workloads=objects[1:2], budgets=objects[2:]), now=NOW
+    )
+    assert objects == before
