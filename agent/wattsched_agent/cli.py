@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -147,21 +148,25 @@ def build_agents(args: argparse.Namespace, kube: KubeAccess) -> dict[str, NodeAg
 
 
 def serve_metrics(
-    args: argparse.Namespace, agents: dict[str, NodeAgent]
+    agents: Mapping[str, NodeAgent], address: str, port: int, targets_file: Path | None
 ) -> dict[str, MetricsServer]:
-    address = args.metrics_address or ("127.0.0.1" if args.all_nodes else "0.0.0.0")
+    """One /metrics server per node (port 0: free ports; else port, port+1, ... by node name).
+
+    `targets_file` receives the endpoints as a Prometheus file_sd list (written atomically).
+    """
     servers: dict[str, MetricsServer] = {}
     for offset, (name, agent) in enumerate(sorted(agents.items())):
-        port = 0 if args.metrics_port == 0 else args.metrics_port + offset
-        servers[name] = MetricsServer(address, port, agent.metrics_text)
-    if args.targets_file is not None:
+        servers[name] = MetricsServer(
+            address, 0 if port == 0 else port + offset, agent.metrics_text
+        )
+    if targets_file is not None:
         targets = [
             {"targets": [server.address], "labels": {"wattsched_node": name}}
             for name, server in servers.items()
         ]
-        temporary = args.targets_file.with_suffix(".tmp")
+        temporary = targets_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(targets, indent=2))
-        temporary.replace(args.targets_file)
+        temporary.replace(targets_file)
     return servers
 
 
@@ -180,7 +185,8 @@ def main(argv: list[str]) -> int:
     if args.backend == "nvml" and faults:
         print("wattsched agent: --simulate-fault needs --backend simulated", file=sys.stderr)
         return 2
-    servers = serve_metrics(args, agents)
+    address = args.metrics_address or ("127.0.0.1" if args.all_nodes else "0.0.0.0")
+    servers = serve_metrics(agents, address, args.metrics_port, args.targets_file)
     for name, server in servers.items():
         log.info(
             "node %s: %s backend, metrics on http://%s/metrics", name, args.backend, server.address

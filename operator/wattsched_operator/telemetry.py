@@ -1,0 +1,385 @@
+"""Measured GPU power, energy and token rates from Prometheus, with staleness made explicit.
+
+`TelemetryReader` queries Prometheus through prometheus-api-client and returns plain, immutable
+readings the operator turns into status (`source: measured`) or, when Prometheus is down, slow or
+has no fresh series, marks stale so the operator falls back on the model (`source: modelled`).
+It never raises for telemetry problems.
+
+Metric families accepted, in order of preference (the first one that has a node or pod wins):
+- DCGM exporter (and the wattsched agent): `rate(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION[w])` (mJ/s ->
+  W), then `avg_over_time(DCGM_FI_DEV_POWER_USAGE[w])` (W). Node from the `Hostname` or `hostname`
+  label; pod from `pod`/`namespace` (or `exported_pod`/`exported_namespace` when Prometheus
+  scraped without honor_labels).
+- Kepler: `rate(kepler_pod_gpu_joules_total[w])` by `pod_name`/`pod_namespace`, and
+  `avg_over_time(kepler_node_gpu_watts[w])` by `node_name`.
+Energy over an interval uses `increase()` of the counters (robust to counter resets), or the mean
+of a power gauge times the interval when only a gauge exists. Tokens per second come from a
+configurable query (default: vLLM's `vllm:generation_tokens_total`).
+
+`Calibration` keeps the bounded, smoothed correction factors that turn the optimizer's modelled
+power/throughput into what is measured, per (product, workload type).
+
+Not for: writing status, deciding plans, or serving metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import requests
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from urllib3.util.retry import Retry
+
+PodKey = tuple[str, str]  # (namespace, name)
+
+DEFAULT_TOKEN_QUERY = "sum by (namespace, pod) (rate(vllm:generation_tokens_total[{window}]))"
+
+
+class Source(StrEnum):
+    """Where a figure came from (shown next to every W, J, tokens/J and gCO2)."""
+
+    MEASURED = "measured"
+    MODELLED = "modelled"
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """How to reach Prometheus and which queries to run.
+
+    rate_window_seconds: the window of rate()/avg_over_time(); it should span at least four
+    scrape intervals. A node with no sample in that window counts as missing (stale).
+    token_query: PromQL returning tokens/s by `namespace` and `pod`; `{window}` is replaced by
+    the rate window (e.g. `60s`). Empty: no token figures.
+    """
+
+    prometheus_url: str
+    timeout_seconds: float = 5.0
+    rate_window_seconds: int = 60
+    token_query: str = DEFAULT_TOKEN_QUERY
+
+    def __post_init__(self) -> None:
+        if not self.prometheus_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"telemetry prometheusUrl={self.prometheus_url!r}: must be an http(s) URL"
+            )
+        if self.rate_window_seconds < 1:
+            raise ValueError(
+                f"telemetry rateWindowSeconds={self.rate_window_seconds}: must be >= 1"
+            )
+
+
+# ----- the queries ------------------------------------------------------------------------------
+
+_DCGM_ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+_DCGM_POWER = "DCGM_FI_DEV_POWER_USAGE"
+
+
+def _dcgm_node(expression: str) -> str:
+    """`expression` with a `node` label from DCGM's `hostname` or `Hostname` (either spelling)."""
+    inner = f'label_replace({expression}, "node", "$1", "hostname", "(.+)")'
+    return f'label_replace({inner}, "node", "$1", "Hostname", "(.+)")'
+
+
+def _dcgm_pod(expression: str) -> str:
+    """`expression` with `pod`/`namespace` also taken from `exported_pod`/`exported_namespace`."""
+    inner = f'label_replace({expression}, "pod", "$1", "exported_pod", "(.+)")'
+    return f'label_replace({inner}, "namespace", "$1", "exported_namespace", "(.+)")'
+
+
+def _kepler_pod(expression: str) -> str:
+    inner = f'label_replace({expression}, "pod", "$1", "pod_name", "(.+)")'
+    return f'label_replace({inner}, "namespace", "$1", "pod_namespace", "(.+)")'
+
+
+def _kepler_node(expression: str) -> str:
+    return f'label_replace({expression}, "node", "$1", "node_name", "(.+)")'
+
+
+@dataclass(frozen=True)
+class MetricQuery:
+    """One way of measuring: a PromQL expression and the name it is reported under."""
+
+    metric: str
+    promql: str
+
+
+def node_power_queries(window: str) -> tuple[MetricQuery, ...]:
+    """Watts per node (label `node`), best first."""
+    return (
+        MetricQuery(
+            f"rate({_DCGM_ENERGY})",
+            f"sum by (node) ({_dcgm_node(f'rate({_DCGM_ENERGY}[{window}])')}) / 1000",
+        ),
+        MetricQuery(
+            f"avg_over_time({_DCGM_POWER})",
+            f"sum by (node) ({_dcgm_node(f'avg_over_time({_DCGM_POWER}[{window}])')})",
+        ),
+        MetricQuery(
+            "avg_over_time(kepler_node_gpu_watts)",
+            f"sum by (node) ({_kepler_node(f'avg_over_time(kepler_node_gpu_watts[{window}])')})",
+        ),
+    )
+
+
+def pod_power_queries(window: str) -> tuple[MetricQuery, ...]:
+    """Watts per pod (labels `namespace`, `pod`), best first."""
+    return (
+        MetricQuery(
+            f"rate({_DCGM_ENERGY})",
+            f"sum by (namespace, pod) ({_dcgm_pod(f'rate({_DCGM_ENERGY}[{window}])')}) / 1000",
+        ),
+        MetricQuery(
+            f"avg_over_time({_DCGM_POWER})",
+            f"sum by (namespace, pod) ({_dcgm_pod(f'avg_over_time({_DCGM_POWER}[{window}])')})",
+        ),
+        MetricQuery(
+            "rate(kepler_pod_gpu_joules_total)",
+            "sum by (namespace, pod) "
+            f"({_kepler_pod(f'rate(kepler_pod_gpu_joules_total[{window}])')})",
+        ),
+    )
+
+
+def node_energy_queries(range_seconds: int) -> tuple[MetricQuery, ...]:
+    """Joules per node over the `range_seconds` before the evaluation time, best first."""
+    window = f"{range_seconds}s"
+    return (
+        MetricQuery(
+            f"increase({_DCGM_ENERGY})",
+            f"sum by (node) ({_dcgm_node(f'increase({_DCGM_ENERGY}[{window}])')}) / 1000",
+        ),
+        MetricQuery(
+            f"avg_over_time({_DCGM_POWER}) * seconds",
+            f"sum by (node) ({_dcgm_node(f'avg_over_time({_DCGM_POWER}[{window}])')})"
+            f" * {range_seconds}",
+        ),
+        MetricQuery(
+            "avg_over_time(kepler_node_gpu_watts) * seconds",
+            f"sum by (node) ({_kepler_node(f'avg_over_time(kepler_node_gpu_watts[{window}])')})"
+            f" * {range_seconds}",
+        ),
+    )
+
+
+def pod_energy_queries(range_seconds: int) -> tuple[MetricQuery, ...]:
+    """Joules per pod over the `range_seconds` before the evaluation time, best first."""
+    window = f"{range_seconds}s"
+    return (
+        MetricQuery(
+            f"increase({_DCGM_ENERGY})",
+            f"sum by (namespace, pod) ({_dcgm_pod(f'increase({_DCGM_ENERGY}[{window}])')}) / 1000",
+        ),
+        MetricQuery(
+            "increase(kepler_pod_gpu_joules_total)",
+            "sum by (namespace, pod) "
+            f"({_kepler_pod(f'increase(kepler_pod_gpu_joules_total[{window}])')})",
+        ),
+    )
+
+
+# ----- the readings -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A measured value and the metric it came from."""
+
+    value: float
+    metric: str
+
+
+@dataclass(frozen=True)
+class TelemetrySnapshot:
+    """Power and token rates at `time`.
+
+    stale: Prometheus did not answer, or none of the requested nodes has a fresh series; `reason`
+    says which. `source` is MEASURED when at least one requested node was measured. Nodes and pods
+    without data are absent from the maps (and listed in `missing_nodes`): use the model for them.
+    """
+
+    time: datetime
+    source: Source
+    stale: bool
+    reason: str
+    node_watts: Mapping[str, Measurement] = field(default_factory=dict)
+    pod_watts: Mapping[PodKey, Measurement] = field(default_factory=dict)
+    pod_tokens_per_second: Mapping[PodKey, float] = field(default_factory=dict)
+    missing_nodes: frozenset[str] = frozenset()
+
+    def tokens_per_joule(self, pod: PodKey) -> float | None:
+        """Tokens per joule of a pod (tokens/s over W), when both are measured."""
+        tokens = self.pod_tokens_per_second.get(pod)
+        power = self.pod_watts.get(pod)
+        if tokens is None or power is None or power.value <= 0:
+            return None
+        return tokens / power.value
+
+
+@dataclass(frozen=True)
+class EnergyReading:
+    """Energy (J) used between `start` and `end`; same staleness rules as `TelemetrySnapshot`."""
+
+    start: datetime
+    end: datetime
+    source: Source
+    stale: bool
+    reason: str
+    node_joules: Mapping[str, Measurement] = field(default_factory=dict)
+    pod_joules: Mapping[PodKey, Measurement] = field(default_factory=dict)
+    missing_nodes: frozenset[str] = frozenset()
+
+
+class PrometheusUnavailableError(Exception):
+    """Prometheus did not answer (internal: turned into a stale reading, never raised out)."""
+
+
+def _first_by_key(
+    results: Iterable[tuple[str, list[dict[str, Any]]]],
+    key_of: Callable[[Mapping[str, str]], Any],
+) -> dict[Any, Measurement]:
+    """Merge query results, keeping for each key the value of the first query that has it."""
+    merged: dict[Any, Measurement] = {}
+    for metric, rows in results:
+        for row in rows:
+            key = key_of(row.get("metric") or {})
+            value = float(row["value"][1])
+            if key is None or key in merged or math.isnan(value) or math.isinf(value):
+                continue
+            merged[key] = Measurement(value, metric)
+    return merged
+
+
+def _node_key(labels: Mapping[str, str]) -> str | None:
+    return labels.get("node") or None
+
+
+def _pod_key(labels: Mapping[str, str]) -> PodKey | None:
+    namespace, pod = labels.get("namespace"), labels.get("pod")
+    return (namespace, pod) if namespace and pod else None
+
+
+class TelemetryReader:
+    """Reads measured power, energy and token rates; stale instead of failing."""
+
+    def __init__(self, config: TelemetryConfig, client: PrometheusConnect | None = None) -> None:
+        self.config = config
+        self.client = client or PrometheusConnect(
+            url=config.prometheus_url,
+            disable_ssl=False,
+            retry=Retry(total=1, backoff_factor=0.1, status_forcelist=[502, 503, 504]),
+            timeout=config.timeout_seconds,
+        )
+
+    @property
+    def window(self) -> str:
+        return f"{self.config.rate_window_seconds}s"
+
+    def _query(self, promql: str, at: datetime | None = None) -> list[dict[str, Any]]:
+        params = {} if at is None else {"time": f"{at.timestamp():.3f}"}
+        try:
+            rows: list[dict[str, Any]] = self.client.custom_query(promql, params=params)
+        except (requests.RequestException, PrometheusApiClientException, ValueError) as error:
+            raise PrometheusUnavailableError(
+                f"Prometheus at {self.config.prometheus_url} did not answer: {error}"
+            ) from error
+        return rows
+
+    def _run(
+        self, queries: Iterable[MetricQuery], at: datetime | None = None
+    ) -> list[tuple[str, list[dict[str, Any]]]]:
+        return [(query.metric, self._query(query.promql, at)) for query in queries]
+
+    @staticmethod
+    def _staleness(
+        nodes: frozenset[str], measured: Mapping[str, Measurement], window: str
+    ) -> tuple[frozenset[str], bool, str, Source]:
+        missing = frozenset(nodes - set(measured))
+        if nodes and missing == nodes:
+            return (
+                missing,
+                True,
+                f"no GPU power series in the last {window} for any of {len(nodes)} node(s) "
+                f"(e.g. {sorted(missing)[0]}): is the agent or DCGM exporter being scraped?",
+                Source.MODELLED,
+            )
+        reason = f"no fresh series for {sorted(missing)}" if missing else ""
+        return missing, False, reason, Source.MEASURED
+
+    def read(self, nodes: Iterable[str], pods: Iterable[PodKey] = ()) -> TelemetrySnapshot:
+        """Current watts per node and per pod, and tokens/s per pod (over the rate window)."""
+        now = datetime.now(UTC)
+        wanted_nodes = frozenset(nodes)
+        wanted_pods = frozenset(pods)
+        try:
+            node_watts = _first_by_key(self._run(node_power_queries(self.window)), _node_key)
+            pod_watts = _first_by_key(self._run(pod_power_queries(self.window)), _pod_key)
+            tokens: dict[PodKey, float] = {}
+            if self.config.token_query:
+                token_query = self.config.token_query.replace("{window}", self.window)
+                token_rows = _first_by_key([("tokens", self._query(token_query))], _pod_key)
+                tokens = {key: reading.value for key, reading in token_rows.items()}
+        except PrometheusUnavailableError as error:
+            return TelemetrySnapshot(now, Source.MODELLED, True, str(error))
+        missing, stale, reason, source = self._staleness(wanted_nodes, node_watts, self.window)
+        return TelemetrySnapshot(
+            time=now,
+            source=source,
+            stale=stale,
+            reason=reason,
+            node_watts={name: node_watts[name] for name in wanted_nodes & set(node_watts)},
+            pod_watts={key: pod_watts[key] for key in wanted_pods & set(pod_watts)},
+            pod_tokens_per_second={key: tokens[key] for key in wanted_pods & set(tokens)},
+            missing_nodes=missing,
+        )
+
+    def energy(
+        self,
+        nodes: Iterable[str],
+        pods: Iterable[PodKey] = (),
+        *,
+        start: datetime,
+        end: datetime | None = None,
+    ) -> EnergyReading:
+        """Joules used per node and per pod between `start` and `end` (default: now)."""
+        end = end or datetime.now(UTC)
+        range_seconds = max(1, round((end - start).total_seconds()))
+        wanted_nodes = frozenset(nodes)
+        wanted_pods = frozenset(pods)
+        try:
+            node_rows = self._run(node_energy_queries(range_seconds), end)
+            pod_rows = self._run(pod_energy_queries(range_seconds), end)
+        except PrometheusUnavailableError as error:
+            return EnergyReading(start, end, Source.MODELLED, True, str(error))
+        node_joules = _first_by_key(node_rows, _node_key)
+        pod_joules = _first_by_key(pod_rows, _pod_key)
+        missing, stale, reason, source = self._staleness(
+            wanted_nodes, node_joules, f"{range_seconds}s"
+        )
+        return EnergyReading(
+            start=start,
+            end=end,
+            source=source,
+            stale=stale,
+            reason=reason,
+            node_joules={name: node_joules[name] for name in wanted_nodes & set(node_joules)},
+            pod_joules={key: pod_joules[key] for key in wanted_pods & set(pod_joules)},
+            missing_nodes=missing,
+        )
+
+    def scalar(self, promql: str) -> float | None:
+        """The value of a one-series query (e.g. a carbon intensity in gCO2/kWh); None if absent,
+        ambiguous or Prometheus is unavailable."""
+        try:
+            rows = self._query(promql)
+        except PrometheusUnavailableError:
+            return None
+        if len(rows) != 1:
+            return None
+        value = float(rows[0]["value"][1])
+        return None if math.isnan(value) or math.isinf(value) else value
