@@ -40,11 +40,16 @@ class PolicySettings:
     headroom: float = 1.25
     power_levels: int = 5
     plan_time_limit_seconds: float = 10.0
+    # Above the optimizer's default (0.05): in simulation, moving an inference replica costs a
+    # start-up's worth of capacity, and 0.05 churns enough to cost SLO (docs/evaluation.md).
+    churn_threshold: float = 0.25
 
 
 def make_policy(name: str, truth: GroundTruth, settings: PolicySettings) -> Policy:
     options = PlanOptions(
-        power_levels=settings.power_levels, time_limit_seconds=settings.plan_time_limit_seconds
+        power_levels=settings.power_levels,
+        time_limit_seconds=settings.plan_time_limit_seconds,
+        churn_threshold=settings.churn_threshold,
     )
     if name == "wattsched":
         return PlannerPolicy(
@@ -72,6 +77,7 @@ def build_scenario(
     replan_interval_seconds: float = 60.0,
     startup_seconds: float = 60.0,
     latency_target_seconds: float = 5.0,
+    deadline_share: float = 0.7,
 ) -> Scenario:
     traces = load_traces(
         list(trace_paths),
@@ -85,7 +91,12 @@ def build_scenario(
         budgets=tuple(budgets),
         services=tuple(services_from_traces(traces)),
         jobs=tuple(
-            generate_jobs(seed=seed, duration_seconds=duration_seconds, jobs_per_hour=jobs_per_hour)
+            generate_jobs(
+                seed=seed,
+                duration_seconds=duration_seconds,
+                jobs_per_hour=jobs_per_hour,
+                deadline_share=deadline_share,
+            )
         ),
         duration_seconds=duration_seconds,
         carbon=carbon,
@@ -170,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
         default=12.0,
         help="mean arrival rate of generated batch jobs (default 12; 0 for none)",
     )
+    parser.add_argument(
+        "--deadline-share",
+        type=float,
+        default=0.7,
+        help="share of generated jobs with a deadline (default 0.7)",
+    )
     parser.add_argument("--step", type=float, default=1.0, help="simulation step, seconds")
     parser.add_argument(
         "--replan-interval",
@@ -212,6 +229,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--power-levels", type=int, default=5)
     parser.add_argument(
+        "--churn-threshold",
+        type=float,
+        default=0.25,
+        help="PlanOptions.churn_threshold for wattsched and oracle (default 0.25)",
+    )
+    parser.add_argument(
         "--truth-throughput-scale",
         type=float,
         default=1.0,
@@ -247,6 +270,8 @@ def main(argv: list[str]) -> int:
                 raise ValueError(f"{flag}={value}: must be > 0")
         if args.startup < 0 or args.jobs_per_hour < 0:
             raise ValueError("--startup and --jobs-per-hour must be >= 0")
+        if not 0 <= args.deadline_share <= 1:
+            raise ValueError(f"--deadline-share={args.deadline_share}: must be in [0, 1]")
         nodes = load_nodes(args.cluster)
         budgets = load_budgets(args.budget, nodes) if args.budget else []
         widest = _widest(budgets)
@@ -279,12 +304,14 @@ def main(argv: list[str]) -> int:
             replan_interval_seconds=args.replan_interval,
             startup_seconds=args.startup,
             latency_target_seconds=args.latency_target,
+            deadline_share=args.deadline_share,
         )
         settings = PolicySettings(
             static_cap_fraction=args.static_cap_fraction,
             energy_policy=EnergyPolicy(args.energy_policy),
             headroom=args.headroom,
             power_levels=args.power_levels,
+            churn_threshold=args.churn_threshold,
         )
         truth = GroundTruth().with_throughput_scale(args.truth_throughput_scale)
         # Build every policy once up front so a bad setting fails before the long run.
@@ -330,6 +357,7 @@ def describe(
         },
         "jobs": len(scenario.jobs),
         "jobsPerHour": args.jobs_per_hour,
+        "deadlineShare": args.deadline_share,
         "seed": scenario.seed,
         "replanIntervalSeconds": scenario.replan_interval_seconds,
         "startupSeconds": scenario.startup_seconds,
@@ -337,5 +365,7 @@ def describe(
         "pue": scenario.pue,
         "carbonIntensity": carbon_source,
         "energyPolicy": args.energy_policy,
+        "churnThreshold": args.churn_threshold,
+        "headroom": args.headroom,
         "truthThroughputScale": args.truth_throughput_scale,
     }

@@ -78,8 +78,17 @@ class RunningReplica:
     node: str
     gpus: int
     variant: str
-    power_limit_watts: float
+    power_limit_watts: float  # as planned
     ready_at_seconds: float
+    # During a service's hand-over (see `Simulation.apply`): the higher limit still applied, or
+    # True for a replica the plan removed that keeps serving until its replacement is ready.
+    held_limit_watts: float | None = None
+    draining: bool = False
+    handover_until_seconds: float = 0.0
+
+    @property
+    def effective_limit_watts(self) -> float:
+        return self.power_limit_watts if self.held_limit_watts is None else self.held_limit_watts
 
 
 @dataclass
@@ -174,8 +183,8 @@ class PolicyResult:
 
     @property
     def slo_attainment(self) -> float:
-        judged = sum(self.judged_tokens.values())
-        return 1.0 if judged <= 0 else sum(self.on_time_tokens.values()) / judged
+        judged = float(sum(self.judged_tokens.values()))
+        return 1.0 if judged <= 0 else float(sum(self.on_time_tokens.values())) / judged
 
 
 class _ServiceQueue:
@@ -251,9 +260,10 @@ class Simulation:
         self.idle_watts = np.array(
             [truth.product(n.truth_product).idle_watts for n in scenario.nodes]
         )
-        self.node_limit_sum = np.array(
-            [truth.product(n.truth_product).max_watts * n.gpu_count for n in scenario.nodes]
+        self.node_idle_limit = np.array(
+            [truth.product(n.truth_product).max_watts for n in scenario.nodes]
         )
+        self.node_limit_sum: FloatArray = self.node_idle_limit * self.node_gpus
         self.budget_matrix = np.zeros((len(scenario.nodes), len(scenario.budgets)))
         for b, budget in enumerate(scenario.budgets):
             for name in budget.node_names:
@@ -307,6 +317,10 @@ class Simulation:
         self.statuses[decision.status] = self.statuses.get(decision.status, 0) + 1
         if decision.keep_current:
             return
+        # A hand-over in progress carries into this decision: draining replicas may keep
+        # draining, held limits count as the previous limits (see `_hand_over`).
+        still_draining = [r for r in self.replicas if r.draining]
+        self.replicas = [r for r in self.replicas if not r.draining]
         used = np.zeros(len(self.scenario.nodes), dtype=np.int64)
         wanted: dict[str, list[ReplicaAssignment]] = {}
         for assignment in decision.replicas:
@@ -331,6 +345,8 @@ class Simulation:
         for replica in self.replicas:
             current.setdefault(replica.workload, []).append(replica)
         survivors: list[RunningReplica] = []
+        removed: list[RunningReplica] = []
+        previous_limit: dict[int, float] = {}
         ready_at = now if first else now + self.scenario.startup_seconds
         for key in sorted(set(wanted) | set(current)):
             old = list(current.get(key, []))
@@ -355,10 +371,14 @@ class Simulation:
                     unmatched_new.append(assignment)
                     continue
                 old.remove(match)
+                previous_limit[id(match)] = match.effective_limit_watts
+                match.held_limit_watts = None
+                match.handover_until_seconds = 0.0
                 match.power_limit_watts = self._clamp(node, assignment.power_limit_watts)
                 survivors.append(match)
             if old and unmatched_new:
                 self.migrations += min(len(old), len(unmatched_new))
+            removed.extend(old)
             if isinstance(spec, JobSpec):
                 if current.get(key) and not new:
                     self.preemptions += 1
@@ -377,21 +397,104 @@ class Simulation:
                     )
                 )
         self.replicas = survivors
-        busy = np.zeros(len(self.scenario.nodes))
-        busy_gpus = np.zeros(len(self.scenario.nodes), dtype=np.int64)
-        for replica in self.replicas:
-            i = self.node_index[replica.node]
-            busy[i] += replica.gpus * replica.power_limit_watts
-            busy_gpus[i] += replica.gpus
+        for replica in still_draining:
+            replica.draining = False
+            replica.handover_until_seconds = 0.0
+            removed.append(replica)
         for i, node in enumerate(self.scenario.nodes):
-            idle_limit = self._clamp(
+            self.node_idle_limit[i] = self._clamp(
                 node,
                 decision.idle_power_limit_watts.get(
                     node.name, self.truth.product(node.truth_product).max_watts
                 ),
             )
-            self.node_limit_sum[i] = busy[i] + (node.gpu_count - busy_gpus[i]) * idle_limit
+        if not first:
+            self._hand_over(now, removed, previous_limit)
+        self.node_limit_sum = self._limit_sums(self.replicas)
         self._dirty = True
+
+    def _limit_sums(self, replicas: list[RunningReplica]) -> FloatArray:
+        """Sum of the power limits applied on each node (busy GPUs, then idle at the idle limit)."""
+        busy = np.zeros(len(self.scenario.nodes))
+        busy_gpus = np.zeros(len(self.scenario.nodes))
+        for replica in replicas:
+            i = self.node_index[replica.node]
+            busy[i] += replica.gpus * replica.effective_limit_watts
+            busy_gpus[i] += replica.gpus
+        sums: FloatArray = busy + (self.node_gpus - busy_gpus) * self.node_idle_limit
+        return sums
+
+    def _within_budgets(self, replicas: list[RunningReplica]) -> bool:
+        if not len(self.scenario.budgets):
+            return True
+        limits = self._limit_sums(replicas) @ self.budget_matrix
+        return bool(np.all(limits <= self.budget_caps + 1e-6))
+
+    def _hand_over(
+        self, now: float, removed: list[RunningReplica], previous_limit: dict[int, float]
+    ) -> None:
+        """Make-before-break for inference services, where GPUs and every budget allow it.
+
+        While a service's new replicas start, its replicas whose limit the plan lowered keep the
+        old limit, and replicas the plan removed keep serving on their (now unplanned) GPUs, until
+        the last new replica is ready: a rolling update with surge. A service's hand-over is
+        skipped when it would push any budget's sum of limits over its cap, or when the GPUs it
+        would keep are planned for something else.
+        """
+        free = self.node_gpus.copy()
+        for replica in self.replicas:
+            free[self.node_index[replica.node]] -= replica.gpus
+        for service in sorted(self.services, key=lambda s: (-s.priority, s.key)):
+            starting = [
+                r for r in self.replicas if r.workload == service.key and r.ready_at_seconds > now
+            ]
+            if not starting:
+                continue
+            until = max(r.ready_at_seconds for r in starting)
+            holds = [
+                r
+                for r in self.replicas
+                if r.workload == service.key
+                and previous_limit.get(id(r), r.power_limit_watts) > r.power_limit_watts
+            ]
+            drains = []
+            trial_free = free.copy()
+            for replica in removed:
+                i = self.node_index[replica.node]
+                if replica.workload == service.key and trial_free[i] >= replica.gpus:
+                    trial_free[i] -= replica.gpus
+                    drains.append(replica)
+            for replica in holds:
+                replica.held_limit_watts = previous_limit[id(replica)]
+                replica.handover_until_seconds = until
+            for replica in drains:
+                replica.draining = True
+                replica.held_limit_watts = None
+                replica.handover_until_seconds = until
+            if self._within_budgets(self.replicas + drains):
+                self.replicas.extend(drains)
+                free = trial_free
+                continue
+            for replica in holds:
+                replica.held_limit_watts = None
+            for replica in drains:
+                replica.draining = False
+
+    def _end_hand_overs(self, now: float) -> None:
+        ended = False
+        kept = []
+        for replica in self.replicas:
+            if replica.handover_until_seconds and replica.handover_until_seconds <= now + 1e-9:
+                replica.handover_until_seconds = 0.0
+                ended = True
+                if replica.draining:
+                    continue
+                replica.held_limit_watts = None
+            kept.append(replica)
+        if ended:
+            self.replicas = kept
+            self.node_limit_sum = self._limit_sums(self.replicas)
+            self._dirty = True
 
     # -- per-step physics -------------------------------------------------------------------
 
@@ -422,18 +525,18 @@ class Simulation:
                 model_parameters_billions=spec.model_parameters_billions,
                 gpus=replica.gpus,
                 relative_throughput=_variant_throughput(spec, replica.variant),
-                power_limit_watts=replica.power_limit_watts,
+                power_limit_watts=replica.effective_limit_watts,
             )
             max_watts = truth.product(product).max_watts
             self.r_node[i] = self.node_index[replica.node]
             self.r_gpus[i] = replica.gpus
-            self.r_limit[i] = replica.power_limit_watts
+            self.r_limit[i] = replica.effective_limit_watts
             self.r_ready_at[i] = replica.ready_at_seconds
             self.r_idle[i] = truth.product(product).idle_watts
             self.r_full[i] = truth.full_load_watts(product, workload_type)
             self.r_capacity[i] = capacity
             self.r_fraction[i] = truth.throughput_fraction(
-                workload_type, replica.power_limit_watts / max_watts
+                workload_type, replica.effective_limit_watts / max_watts
             )
             if isinstance(spec, ServiceSpec):
                 self.r_service[i] = self.service_index[spec.key]
@@ -459,7 +562,7 @@ class Simulation:
             now_seconds=now,
             scenario=self.scenario,
             jobs=tuple(state.spec for state in self.active_jobs.values()),
-            replicas=tuple(self.replicas),
+            replicas=tuple(r for r in self.replicas if not r.draining),
             telemetry=self.telemetry,
             reasons=reasons,
             true_backlog_tokens={
@@ -523,6 +626,7 @@ class Simulation:
                 first = False
                 last_plan = now
                 reasons = []
+            self._end_hand_overs(now)
             if self._dirty:
                 self._rebuild()
             ready = self.r_ready_at <= now + 1e-9
@@ -558,7 +662,8 @@ class Simulation:
                     state.finished_at_seconds = now + work / rate
                     finished.append(key)
             # Power: service replicas by load, job replicas at full load, starting ones near idle.
-            load = np.where(serving, utilisation[np.maximum(self.r_service, 0)], 0.0)
+            # Index -1 (job replicas) picks the appended 0.
+            load = np.where(serving, np.append(utilisation, 0.0)[self.r_service], 0.0)
             load = np.clip(load * self.r_fraction, 0.0, 1.0)
             service_draw = self.r_idle + (self.r_full - self.r_idle) * load**exponent
             job_ready = np.array(
@@ -643,10 +748,14 @@ class Simulation:
             },
             facility_energy_joules=gpu_energy * sc.pue,
             carbon_grams=carbon_grams,
-            inference_tokens_served=inference_served,
-            job_tokens_processed=job_tokens,
-            on_time_tokens={s.key: queues[i].on_time_tokens for i, s in enumerate(self.services)},
-            judged_tokens={s.key: queues[i].judged_tokens for i, s in enumerate(self.services)},
+            inference_tokens_served=float(inference_served),
+            job_tokens_processed=float(job_tokens),
+            on_time_tokens={
+                s.key: float(queues[i].on_time_tokens) for i, s in enumerate(self.services)
+            },
+            judged_tokens={
+                s.key: float(queues[i].judged_tokens) for i, s in enumerate(self.services)
+            },
             deadline_misses=misses,
             jobs_finished=sum(
                 1 for s in self.job_states.values() if s.finished_at_seconds is not None

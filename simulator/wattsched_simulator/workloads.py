@@ -11,8 +11,9 @@ Generated jobs (`generate_jobs`), all from one seed:
 - model: 8B (50%), 13B (30%) or 70B (20%); GPUs per replica 1/2/8 for 8B/13B/70B training,
   1/1/4 for batch inference; gang of 1 or 2 replicas;
 - work: sized so that the job takes 8-30 minutes (uniform) at full power on H100s;
-- deadline: 70% of jobs get one, at arrival + nominal duration x slack, slack uniform in 1.5-3.0,
-  dropped (best-effort) when that would fall after the end of the run;
+- deadline: `deadline_share` of jobs (default 70%) get one, at arrival + nominal duration x slack,
+  slack uniform in 1.5-3.0; when that would fall after the end of the run, the job's work is
+  shrunk so that it does not (every deadline can be met); the rest are best-effort;
 - priority: 0 (50%), 50 (35%) or 100 (15%); BatchInference is preemptible.
 Not for: the ground truth of how fast these run (see `truth`).
 """
@@ -106,7 +107,9 @@ _SIZES = (8.0, 13.0, 70.0)
 _PRIORITIES = (0, 50, 100)
 
 
-def generate_jobs(*, seed: int, duration_seconds: float, jobs_per_hour: float) -> list[JobSpec]:
+def generate_jobs(
+    *, seed: int, duration_seconds: float, jobs_per_hour: float, deadline_share: float = 0.7
+) -> list[JobSpec]:
     """The seeded job mix described in the module docstring.
 
     Work is sized with the default ground truth, so the same seed gives the same jobs whatever
@@ -132,6 +135,10 @@ def generate_jobs(*, seed: int, duration_seconds: float, jobs_per_hour: float) -
             gpus = (1, 2, 8)[size_index]
         replicas = int(rng.choice([1, 2], p=[0.6, 0.4]))
         nominal_seconds = float(rng.uniform(8 * 60, 30 * 60))
+        wants_deadline = rng.uniform() < deadline_share
+        slack = float(rng.uniform(1.5, 3.0))
+        if wants_deadline and now + nominal_seconds * slack > duration_seconds:
+            nominal_seconds = (duration_seconds - now) / slack
         rate = nominal.replica_tokens_per_second(
             product="H100-80GB",
             workload_type=job_type,
@@ -140,11 +147,7 @@ def generate_jobs(*, seed: int, duration_seconds: float, jobs_per_hour: float) -
             relative_throughput=1.0,
             power_limit_watts=nominal.product("H100-80GB").max_watts,
         )
-        deadline: float | None = None
-        wants_deadline = rng.uniform() < 0.7
-        slack = float(rng.uniform(1.5, 3.0))
-        if wants_deadline and now + nominal_seconds * slack <= duration_seconds:
-            deadline = now + nominal_seconds * slack
+        deadline = now + nominal_seconds * slack if wants_deadline else None
         priority = _PRIORITIES[int(rng.choice(3, p=[0.5, 0.35, 0.15]))]
         jobs.append(
             JobSpec(

@@ -1,0 +1,468 @@
+"""The simulation engine: SLO on hand-computed traces, energy = integral of power dt, budgets,
+determinism, and ground truth versus the planner's prior. Small scenarios, built here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wattsched_optimizer.problem import WorkloadType
+from wattsched_simulator.baselines import Packing, choose_node
+from wattsched_simulator.carbon import CarbonIntensity
+from wattsched_simulator.cli import PolicySettings, make_policy
+from wattsched_simulator.cluster import SimBudget, SimNode
+from wattsched_simulator.controller import PlannerPolicy
+from wattsched_simulator.engine import (
+    JOULES_PER_KWH,
+    Decision,
+    Policy,
+    ReplicaAssignment,
+    Scenario,
+    Simulation,
+    SimulationError,
+    View,
+    simulate,
+)
+from wattsched_simulator.report import policy_metrics
+from wattsched_simulator.trace import ServiceTrace
+from wattsched_simulator.truth import GroundTruth, ProductTruth, TypeTruth
+from wattsched_simulator.workloads import JobSpec, ServiceSpec, model_variants
+
+IDLE_H100_WATTS = 75.0
+FLAT = ((0.2, 1.0), (1.0, 1.0))
+
+
+def flat_truth(tokens_per_second: float = 100.0) -> GroundTruth:
+    """One product (H100 power figures), every type at `tokens_per_second` (8B model), no noise."""
+    return GroundTruth(
+        products={"H100-80GB": ProductTruth(200, 700, 75, 80, 1.0, 1.0)},
+        types={t: TypeTruth(tokens_per_second, 0.97, FLAT, True) for t in WorkloadType},
+        node_power_spread=0.0,
+        power_noise=0.0,
+    )
+
+
+def h100_node(name: str, gpus: int = 8) -> SimNode:
+    return SimNode(
+        name=name,
+        labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        product_label="NVIDIA-H100-80GB-HBM3",
+        planner_product="H100-80GB",
+        truth_product="H100-80GB",
+        gpu_count=gpus,
+    )
+
+
+def service(
+    name: str, demand: Sequence[float] | np.ndarray[Any, Any], step_seconds: float = 1.0
+) -> ServiceSpec:
+    trace = ServiceTrace(name, "test", len(demand), step_seconds, np.array(demand, dtype=float))
+    return ServiceSpec(
+        key=f"azure/{name}",
+        model_parameters_billions=8.0,
+        gpus_per_replica=1,
+        variants=model_variants(8.0)[:1],
+        min_replicas=1,
+        max_replicas=8,
+        min_quality=0.95,
+        priority=1000,
+        trace=trace,
+    )
+
+
+def job(
+    key: str,
+    work_tokens: float,
+    *,
+    arrival_seconds: float = 0.0,
+    deadline_seconds: float | None = None,
+    gpus: int = 1,
+    replicas: int = 1,
+    priority: int = 0,
+) -> JobSpec:
+    return JobSpec(
+        key=key,
+        type=WorkloadType.TRAINING,
+        model_parameters_billions=8.0,
+        gpus_per_replica=gpus,
+        replicas=replicas,
+        variants=model_variants(8.0)[:1],
+        work_tokens=work_tokens,
+        arrival_seconds=arrival_seconds,
+        deadline_seconds=deadline_seconds,
+        priority=priority,
+        preemptible=False,
+    )
+
+
+def scenario(
+    *,
+    nodes: Sequence[SimNode],
+    duration_seconds: float,
+    services: Sequence[ServiceSpec] = (),
+    jobs: Sequence[JobSpec] = (),
+    budgets: Sequence[SimBudget] = (),
+    latency_target_seconds: float = 1.0,
+    step_seconds: float = 1.0,
+    seed: int = 0,
+) -> Scenario:
+    return Scenario(
+        nodes=tuple(nodes),
+        budgets=tuple(budgets),
+        services=tuple(services),
+        jobs=tuple(jobs),
+        duration_seconds=duration_seconds,
+        carbon=CarbonIntensity.constant(500.0, "test"),
+        pue=1.5,
+        step_seconds=step_seconds,
+        latency_target_seconds=latency_target_seconds,
+        seed=seed,
+    )
+
+
+@dataclass
+class FixedPolicy:
+    """Places the given replicas (of workloads present at the time) at the given limit."""
+
+    placements: Sequence[tuple[str, str]]  # (workload, node)
+    power_limit_watts: float = 700.0
+    name: str = "fixed"
+
+    def decide(self, view: View) -> Decision:
+        active = {s.key for s in view.scenario.services} | {j.key for j in view.jobs}
+        return Decision(
+            replicas=tuple(
+                ReplicaAssignment(workload, node, 1, "bf16", self.power_limit_watts)
+                for workload, node in self.placements
+                if workload in active
+            ),
+            idle_power_limit_watts={},
+            plan_seconds=0.0,
+        )
+
+
+def test_tokens_served_within_the_latency_target_count_as_on_time() -> None:
+    # 100 tok/s of capacity, 250 tokens arrive at t=0, target 1 s: 100 served at t=0 (waited 0 s),
+    # 100 at t=1 (1 s, on time), 50 at t=2 (2 s, late) -> 200 / 250.
+    sim = scenario(
+        nodes=[h100_node("n0", gpus=1)],
+        services=[service("chat", [250, 0, 0, 0, 0, 0])],
+        duration_seconds=6,
+        latency_target_seconds=1.0,
+    )
+    result = simulate(sim, flat_truth(100.0), FixedPolicy([("azure/chat", "n0")]))
+    assert result.on_time_tokens["azure/chat"] == pytest.approx(200.0)
+    assert result.judged_tokens["azure/chat"] == pytest.approx(250.0)
+    assert result.slo_attainment == pytest.approx(0.8)
+    assert result.inference_tokens_served == pytest.approx(250.0)
+
+
+def test_demand_within_capacity_is_all_on_time() -> None:
+    sim = scenario(
+        nodes=[h100_node("n0", gpus=1)],
+        services=[service("chat", [50, 100, 0, 80])],
+        duration_seconds=4,
+    )
+    result = simulate(sim, flat_truth(100.0), FixedPolicy([("azure/chat", "n0")]))
+    assert result.slo_attainment == pytest.approx(1.0)
+
+
+def test_tokens_still_within_target_at_the_end_are_not_judged() -> None:
+    # 500 tokens arrive in the last step with 100 tok/s and a 2 s target: 100 are served on
+    # time; the other 400 arrived 1 s before the end, so nobody can say yet whether they are late.
+    sim = scenario(
+        nodes=[h100_node("n0", gpus=1)],
+        services=[service("chat", [0, 0, 0, 0, 500])],
+        duration_seconds=5,
+        latency_target_seconds=2.0,
+    )
+    result = simulate(sim, flat_truth(100.0), FixedPolicy([("azure/chat", "n0")]))
+    assert result.judged_tokens["azure/chat"] == pytest.approx(100.0)
+    assert result.slo_attainment == pytest.approx(1.0)
+
+
+def test_a_service_without_replicas_serves_nothing_on_time() -> None:
+    sim = scenario(
+        nodes=[h100_node("n0", gpus=1)],
+        services=[service("chat", [10, 10, 10, 0, 0, 0])],
+        duration_seconds=6,
+    )
+    result = simulate(sim, flat_truth(100.0), FixedPolicy([]))
+    assert result.slo_attainment == 0.0
+    assert result.inference_tokens_served == 0.0
+
+
+def test_an_idle_node_uses_idle_power_times_time() -> None:
+    sim = scenario(nodes=[h100_node("n0", gpus=8)], duration_seconds=100)
+    result = simulate(sim, flat_truth(), FixedPolicy([]))
+    assert result.gpu_energy_joules == pytest.approx(8 * IDLE_H100_WATTS * 100)
+    metrics = policy_metrics(result)
+    assert metrics["gpuEnergyKWh"] == pytest.approx(8 * IDLE_H100_WATTS * 100 / JOULES_PER_KWH)
+    # Facility energy and carbon follow from PUE 1.5 and 500 g/kWh.
+    assert metrics["facilityEnergyKWh"] == pytest.approx(1.5 * metrics["gpuEnergyKWh"])
+    assert metrics["carbonKg"] == pytest.approx(0.5 * metrics["facilityEnergyKWh"])
+
+
+def test_energy_is_the_integral_of_power_over_time() -> None:
+    # A job at full load on one GPU for 50 s (5,000 tokens at 100 tok/s), then idle for 50 s.
+    sim = scenario(
+        nodes=[h100_node("n0", gpus=2), h100_node("n1", gpus=1)],
+        jobs=[job("batch/train", 5000.0)],
+        duration_seconds=100,
+    )
+    result = simulate(sim, flat_truth(100.0), FixedPolicy([("batch/train", "n0")]))
+    busy_watts = 0.97 * 700.0  # full-load fraction x max, below the 700 W limit
+    expected = 50 * busy_watts + (2 * 100 - 50) * IDLE_H100_WATTS + 100 * IDLE_H100_WATTS
+    assert result.gpu_energy_joules == pytest.approx(expected)
+    assert result.gpu_energy_joules == pytest.approx(float(result.cluster_power_watts.sum()) * 1.0)
+    assert result.gpu_energy_joules == pytest.approx(sum(result.node_energy_joules.values()))
+    assert result.jobs_finished == 1
+
+
+def test_a_power_limit_caps_draw_and_slows_work() -> None:
+    sim = scenario(nodes=[h100_node("n0", gpus=1)], jobs=[job("batch/t", 1e9)], duration_seconds=10)
+    result = simulate(sim, flat_truth(100.0), FixedPolicy([("batch/t", "n0")], 300.0))
+    assert np.all(result.cluster_power_watts <= 300.0 + 1e-9)
+    assert result.cluster_power_watts[-1] == pytest.approx(300.0)
+
+
+def test_energy_integral_holds_with_noise_and_a_coarser_step() -> None:
+    truth = flat_truth(100.0)
+    noisy = replace(truth, node_power_spread=0.05, power_noise=0.05)
+    sim = scenario(
+        nodes=[h100_node("n0", gpus=4)],
+        services=[service("chat", [30.0] * 20, step_seconds=5.0)],
+        jobs=[job("batch/t", 1e6)],
+        duration_seconds=100,
+        step_seconds=5.0,
+    )
+    result = simulate(sim, noisy, FixedPolicy([("azure/chat", "n0"), ("batch/t", "n0")]))
+    assert len(result.cluster_power_watts) == 20
+    assert result.gpu_energy_joules == pytest.approx(float(result.cluster_power_watts.sum()) * 5.0)
+
+
+def test_a_jobs_deadline_is_missed_when_it_finishes_late() -> None:
+    sim = scenario(
+        nodes=[h100_node("n0", gpus=1)],
+        jobs=[
+            job("batch/late", 2000.0, deadline_seconds=10.0),
+            job("batch/early", 500.0, deadline_seconds=10.0, arrival_seconds=1.0),
+        ],
+        duration_seconds=30,
+    )
+    result = simulate(sim, flat_truth(100.0), FixedPolicy([("batch/late", "n0")]))
+    # batch/late needs 20 s at 100 tok/s; batch/early is never placed.
+    assert result.deadline_misses == 2
+    assert result.jobs_with_deadline == 2
+
+
+def test_going_over_a_budget_is_counted_in_seconds() -> None:
+    budget = SimBudget("rack", 1000.0, frozenset({"n0"}), 1.0, None)
+    sim = scenario(
+        nodes=[h100_node("n0", gpus=2)],
+        jobs=[job("batch/a", 1e9), job("batch/b", 1e9)],
+        budgets=[budget],
+        duration_seconds=20,
+    )
+    placements = [("batch/a", "n0"), ("batch/b", "n0")]
+    result = simulate(sim, flat_truth(100.0), FixedPolicy(placements))
+    # Two GPUs at 679 W draw 1,358 W > 1,000 W every step; limits 2 x 700 W > 1,000 W too.
+    assert result.seconds_over_budget == 20
+    assert result.seconds_limits_over_budget == 20
+    capped = simulate(sim, flat_truth(100.0), FixedPolicy(placements, 450.0))
+    assert capped.seconds_over_budget == 0
+    assert capped.seconds_limits_over_budget == 0
+
+
+def test_a_decision_that_overfills_a_node_is_rejected() -> None:
+    sim = scenario(
+        nodes=[h100_node("n0", gpus=1)],
+        jobs=[job("batch/a", 10.0), job("batch/b", 10.0)],
+        duration_seconds=5,
+    )
+    with pytest.raises(SimulationError, match="Node n0: decision uses 2 GPUs, it has 1"):
+        simulate(sim, flat_truth(), FixedPolicy([("batch/a", "n0"), ("batch/b", "n0")]))
+
+
+# -- policies on small realistic scenarios (default ground truth, optimizer in the loop) -------
+
+
+def a100_node(name: str, gpus: int = 8) -> SimNode:
+    return SimNode(
+        name=name,
+        labels={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+        product_label="NVIDIA-A100-SXM4-80GB",
+        planner_product="A100-80GB",
+        truth_product="A100-80GB",
+        gpu_count=gpus,
+    )
+
+
+def small_cluster_scenario(*, seed: int, cap_watts: float | None = None) -> Scenario:
+    nodes = [h100_node("h0", 4), h100_node("h1", 4), a100_node("a0", 4)]
+    rng = np.random.default_rng(7)
+    demand = rng.poisson(3000.0, size=60).astype(float) * 5.0  # tokens per 5-s step
+    budgets = []
+    if cap_watts is not None:
+        budgets = [SimBudget("all", cap_watts, frozenset(n.name for n in nodes), 1.2, None)]
+    return scenario(
+        nodes=nodes,
+        services=[service("chat", demand, step_seconds=5.0)],
+        jobs=[
+            job("batch/a", 3e6, arrival_seconds=20.0, deadline_seconds=280.0),
+            job("batch/b", 2e6, arrival_seconds=60.0, gpus=2, priority=50),
+        ],
+        budgets=budgets,
+        duration_seconds=300,
+        step_seconds=5.0,
+        latency_target_seconds=5.0,
+        seed=seed,
+    )
+
+
+def policy(name: str, truth: GroundTruth) -> Policy:
+    return make_policy(name, truth, PolicySettings())
+
+
+@pytest.mark.parametrize("name", ["spread-max", "wattsched"])
+def test_the_same_seed_gives_the_same_results(name: str) -> None:
+    first = simulate(small_cluster_scenario(seed=3), GroundTruth(), policy(name, GroundTruth()))
+    second = simulate(small_cluster_scenario(seed=3), GroundTruth(), policy(name, GroundTruth()))
+    timing = {"planSecondsP50", "planSecondsMax", "simulatedSecondsPerWallSecond"}
+    first_metrics = {k: v for k, v in policy_metrics(first).items() if k not in timing}
+    assert first_metrics == {k: v for k, v in policy_metrics(second).items() if k not in timing}
+    assert np.array_equal(first.cluster_power_watts, second.cluster_power_watts)
+    assert first.slo_attainment == second.slo_attainment
+    assert first.migrations == second.migrations
+
+
+def test_a_different_seed_gives_different_noise() -> None:
+    first = simulate(
+        small_cluster_scenario(seed=3), GroundTruth(), policy("spread-max", GroundTruth())
+    )
+    other = simulate(
+        small_cluster_scenario(seed=4), GroundTruth(), policy("spread-max", GroundTruth())
+    )
+    assert first.gpu_energy_joules != other.gpu_energy_joules
+
+
+def test_changing_the_ground_truth_changes_results_but_not_the_planners_prior() -> None:
+    slow = GroundTruth().with_throughput_scale(0.6)
+    sim = small_cluster_scenario(seed=1)
+    planner_a = PlannerPolicy("wattsched")
+    planner_b = PlannerPolicy("wattsched")
+    start = Simulation(sim, GroundTruth(), planner_a)
+    start_slow = Simulation(sim, slow, planner_b)
+    # What the planner sees at t = 0 does not depend on the ground truth ...
+    assert planner_a.build_input(start._view(0.0, ("start",))) == planner_b.build_input(
+        start_slow._view(0.0, ("start",))
+    )
+    # ... but what happens does.
+    normal = simulate(sim, GroundTruth(), PlannerPolicy("wattsched"))
+    slower = simulate(sim, slow, PlannerPolicy("wattsched"))
+    assert slower.job_tokens_processed != normal.job_tokens_processed
+    assert slower.gpu_energy_joules != normal.gpu_energy_joules
+
+
+def test_spread_picks_the_emptiest_node_and_binpack_the_fullest() -> None:
+    nodes = [h100_node("h0", 8), h100_node("h1", 8)]
+    free = {"h0": 3, "h1": 8}
+    truth = GroundTruth()
+    spread = choose_node(
+        nodes=nodes,
+        free_gpus=free,
+        gpus=2,
+        memory_gib_per_gpu=20,
+        truth=truth,
+        packing=Packing.SPREAD,
+    )
+    binpack = choose_node(
+        nodes=nodes,
+        free_gpus=free,
+        gpus=2,
+        memory_gib_per_gpu=20,
+        truth=truth,
+        packing=Packing.BINPACK,
+    )
+    too_big = choose_node(
+        nodes=nodes,
+        free_gpus=free,
+        gpus=2,
+        memory_gib_per_gpu=100,
+        truth=truth,
+        packing=Packing.BINPACK,
+    )
+    assert (spread and spread.name, binpack and binpack.name, too_big) == ("h1", "h0", None)
+
+
+def test_static_cap_limits_every_gpu_to_the_fraction_and_max_policies_to_the_maximum() -> None:
+    sim = small_cluster_scenario(seed=0)
+    capped = simulate(sim, GroundTruth(), policy("static-cap", GroundTruth()))
+    full = simulate(sim, GroundTruth(), policy("spread-max", GroundTruth()))
+    all_max = 8 * 700.0 + 4 * 400.0
+    assert capped.seconds_limits_over_budget == 0  # no budget in this scenario
+    assert np.all(capped.cluster_power_watts <= 0.7 * all_max + 1e-6)
+    assert full.cluster_power_watts.max() > 0.7 * all_max * 0.5
+
+
+def test_baselines_ignore_a_budget_that_wattsched_keeps() -> None:
+    sim = small_cluster_scenario(seed=2, cap_watts=3500.0)
+    spread = simulate(sim, GroundTruth(), policy("spread-max", GroundTruth()))
+    watts = simulate(sim, GroundTruth(), policy("wattsched", GroundTruth()))
+    assert spread.seconds_limits_over_budget > 0
+    assert watts.seconds_limits_over_budget == 0
+    assert watts.seconds_over_budget == 0
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    h100s=st.integers(0, 2),
+    a100s=st.integers(0, 2),
+    cap_share=st.floats(0.3, 1.0),
+    demand_tokens_per_second=st.floats(100.0, 8000.0),
+    job_gpus=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 1000),
+)
+def test_wattsched_never_exceeds_a_budget(
+    *,
+    h100s: int,
+    a100s: int,
+    cap_share: float,
+    demand_tokens_per_second: float,
+    job_gpus: int,
+    seed: int,
+) -> None:
+    nodes = [h100_node(f"h{i}", 4) for i in range(h100s)] + [
+        a100_node(f"a{i}", 4) for i in range(a100s)
+    ]
+    if not nodes:
+        nodes = [a100_node("a0", 2)]
+    truth = GroundTruth()
+    lowest = sum(truth.product(n.truth_product).min_watts * n.gpu_count for n in nodes)
+    highest = sum(truth.product(n.truth_product).max_watts * n.gpu_count for n in nodes)
+    cap = lowest + cap_share * (highest - lowest)
+    budget = SimBudget("all", cap, frozenset(n.name for n in nodes), 1.0, None)
+    rng = np.random.default_rng(seed)
+    demand = rng.poisson(demand_tokens_per_second * 10, size=24).astype(float)
+    sim = scenario(
+        nodes=nodes,
+        services=[service("chat", demand, step_seconds=10.0)],
+        jobs=[
+            job("batch/x", 5e6, arrival_seconds=30.0, gpus=job_gpus, deadline_seconds=200.0),
+            job("batch/y", 5e6, arrival_seconds=90.0, priority=100),
+        ],
+        budgets=[budget],
+        duration_seconds=240,
+        step_seconds=10.0,
+        seed=seed,
+    )
+    result = simulate(sim, truth, policy("wattsched", truth))
+    assert result.seconds_over_budget == 0
+    assert result.seconds_limits_over_budget == 0
+    assert np.all(result.budget_limits_watts["all"] <= cap + 1e-6)
