@@ -2,20 +2,30 @@
 # Builds (or reuses) the sandbox's binaries from the Go module proxy with the machine's Go toolchain.
 #
 # Each component is built from a wrapper module in sandbox/go/<component> and cached by version under
-# $WATTSCHED_CACHE/bin/<component>-<version>/, so warm runs cost nothing. Go's module and build caches
-# live under $WATTSCHED_CACHE too. Prints the directory that holds every binary (for PATH).
+# $WATTSCHED_CACHE/bin/sandbox-<versions>/, so warm runs cost nothing. Go's module and build caches
+# live under $WATTSCHED_CACHE too. Also writes kwok-stages.yaml there: KWOK's own stage configs
+# (node initialize + heartbeat with lease, pod ready/complete/delete) taken from the kwok module.
+# Prints the directory that holds every binary (for PATH). `build.sh --dir` only prints it.
+# Concurrent runs wait for each other (lock file in the cache).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 cache="${WATTSCHED_CACHE:-$HOME/.cache/wattsched}"
+mkdir -p "$cache/bin"
+cache="$(cd "$cache" && pwd -P)"
+bindir="$cache/bin/sandbox-k8s${KUBERNETES_VERSION}-etcd${ETCD_VERSION}-kwok${KWOK_VERSION}-helm${HELM_VERSION}"
+if [[ "${1:-}" == "--dir" ]]; then echo "$bindir"; exit 0; fi
+
 export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOFLAGS="-mod=mod" GOTOOLCHAIN=local
 export CGO_ENABLED=0
-bindir="$cache/bin/sandbox-k8s${KUBERNETES_VERSION}-etcd${ETCD_VERSION}-kwok${KWOK_VERSION}-helm${HELM_VERSION}"
 mkdir -p "$bindir"
+exec 9>"$cache/bin/.build.lock"
+flock 9
 
 log() { echo "sandbox/build: $*" >&2; }
+command -v go >/dev/null || { log "ERROR: no go toolchain on PATH (need Go >= 1.26)"; exit 1; }
 
 # build <wrapper dir> <version ldflags> <package>...: one `go build` per binary, skipped when cached.
 build() {
@@ -46,5 +56,21 @@ build kubernetes "$k8s_ldflags" \
   k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
 build kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 build helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+
+# KWOK's standalone binary needs its stages passed with --config; use the ones of the pinned module.
+if [[ ! -f "$bindir/kwok-stages.yaml" ]]; then
+  kwok_module="$(cd "$here/go/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
+  stages="$kwok_module/kustomize/stage"
+  {
+    echo "# KWOK stages from sigs.k8s.io/kwok@$KWOK_VERSION kustomize/stage/ (written by sandbox/build.sh)"
+    for stage in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+      pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete; do
+      echo "---"
+      cat "$stages/$stage.yaml"
+    done
+  } >"$bindir/kwok-stages.yaml.tmp"
+  mv "$bindir/kwok-stages.yaml.tmp" "$bindir/kwok-stages.yaml"
+  log "wrote kwok-stages.yaml"
+fi
 
 echo "$bindir"
