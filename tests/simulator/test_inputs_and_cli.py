@@ -1,0 +1,259 @@
+"""Reading traces, Nodes and EnergyBudgets, and `wattsched simulate` end to end on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wattsched_simulator import cli
+from wattsched_simulator.carbon import load_hourly_csv
+from wattsched_simulator.cluster import ClusterError, load_budgets, load_nodes
+from wattsched_simulator.trace import (
+    DEFAULT_TRACE_DIR,
+    PROMPT_TOKEN_WEIGHT,
+    TraceError,
+    demand_per_step,
+    load_traces,
+    read_requests,
+)
+
+REQUIRED_KEYS = {
+    "gpuEnergyKWh",
+    "facilityEnergyKWh",
+    "carbonKg",
+    "tokensPerJoule",
+    "sloAttainment",
+    "deadlineMisses",
+    "secondsOverBudget",
+    "preemptions",
+    "migrations",
+    "planSecondsP50",
+}
+
+NODES_YAML = """\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Node
+  metadata:
+    name: gpu-h100-00
+    labels: {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3, wattsched.io/rack: rack-a}
+  status:
+    allocatable: {nvidia.com/gpu: "8"}
+- apiVersion: v1
+  kind: Node
+  metadata:
+    name: gpu-a100-00
+    labels: {nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB, wattsched.io/rack: rack-b}
+  status:
+    allocatable: {nvidia.com/gpu: "8"}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: cpu-only}
+  status:
+    allocatable: {cpu: "64"}
+"""
+
+BUDGETS_YAML = """\
+apiVersion: wattsched.io/v1alpha1
+kind: EnergyBudget
+metadata: {name: cluster}
+spec:
+  powerCapWatts: 6000
+  pue: 1.25
+  carbon: {intensityGramsPerKWh: 300}
+---
+apiVersion: wattsched.io/v1alpha1
+kind: EnergyBudget
+metadata: {name: rack-a}
+spec:
+  nodeSelector:
+    matchExpressions: [{key: wattsched.io/rack, operator: In, values: [rack-a]}]
+  powerCapWatts: 4000
+"""
+
+
+def write_trace(path: Path, rows: list[tuple[str, int, int]]) -> Path:
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    lines += [f"{stamp},{context},{generated}" for stamp, context, generated in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def small_traces(directory: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, rate in (("code", 2.0), ("conv", 3.0)):
+        rows = []
+        for second in range(240):
+            for _ in range(rng.poisson(rate)):
+                rows.append(
+                    (
+                        f"2023-11-16 18:{15 + second // 60:02d}:{second % 60:02d}.1234567",
+                        int(rng.integers(100, 2000)),
+                        int(rng.integers(10, 300)),
+                    )
+                )
+        paths.append(write_trace(directory / f"{name}.csv", rows))
+    return paths
+
+
+def test_the_azure_timestamps_with_seven_fractional_digits_are_read(tmp_path: Path) -> None:
+    path = write_trace(
+        tmp_path / "t.csv",
+        [("2023-11-16 18:15:46.6805900", 374, 44), ("2023-11-16 18:15:50.9951690", 396, 109)],
+    )
+    start, requests = read_requests(path)
+    assert start.microsecond == 680590
+    assert requests[1].arrival_seconds == pytest.approx(4.314579)
+    assert (requests[1].context_tokens, requests[1].generated_tokens) == (396, 109)
+
+
+def test_demand_counts_decode_equivalent_tokens_per_step(tmp_path: Path) -> None:
+    path = write_trace(
+        tmp_path / "t.csv",
+        [("2023-11-16 18:00:00.0", 1000, 10), ("2023-11-16 18:00:01.5", 0, 5)],
+    )
+    _, requests = read_requests(path)
+    demand = demand_per_step(
+        requests, offset_seconds=0.0, duration_seconds=4, step_seconds=1.0, rate_scale=1.0, seed=0
+    )
+    assert list(demand) == [10 + 1000 * PROMPT_TOKEN_WEIGHT, 5, 0, 0]
+
+
+def test_rate_scale_multiplies_the_demand_by_superimposing_shifted_copies(tmp_path: Path) -> None:
+    rows = [(f"2023-11-16 18:00:{s:02d}.0", 100, 50) for s in range(0, 60, 3)]
+    _, requests = read_requests(write_trace(tmp_path / "t.csv", rows))
+    once = demand_per_step(
+        requests, offset_seconds=0, duration_seconds=60, step_seconds=1, rate_scale=1, seed=3
+    )
+    thrice = demand_per_step(
+        requests, offset_seconds=0, duration_seconds=60, step_seconds=1, rate_scale=3, seed=3
+    )
+    assert thrice.sum() == pytest.approx(3 * once.sum())
+    assert not np.array_equal(thrice, 3 * once)  # shifted, not stretched
+
+
+def test_a_malformed_trace_is_named_with_its_line(tmp_path: Path) -> None:
+    path = write_trace(tmp_path / "t.csv", [("2023-11-16 18:00:00.0", -1, 5)])
+    with pytest.raises(TraceError, match=r"t\.csv line 2: token counts must be >= 0"):
+        read_requests(path)
+    with pytest.raises(TraceError, match="no such file"):
+        read_requests(tmp_path / "missing.csv")
+
+
+def test_traces_share_one_clock(tmp_path: Path) -> None:
+    early = write_trace(tmp_path / "early.csv", [("2023-11-16 18:00:00.0", 0, 7)])
+    late = write_trace(tmp_path / "late.csv", [("2023-11-16 18:00:02.0", 0, 9)])
+    traces = load_traces([early, late], duration_seconds=4, step_seconds=1, rate_scale=1, seed=0)
+    assert [list(t.demand_tokens) for t in traces] == [[7, 0, 0, 0], [0, 0, 9, 0]]
+
+
+def test_nodes_and_budget_scopes_are_read_from_kubernetes_yaml(tmp_path: Path) -> None:
+    (tmp_path / "nodes.yaml").write_text(NODES_YAML)
+    (tmp_path / "budgets.yaml").write_text(BUDGETS_YAML)
+    nodes = load_nodes(tmp_path / "nodes.yaml")
+    budgets = load_budgets(tmp_path / "budgets.yaml", nodes)
+    assert [(n.name, n.planner_product, n.truth_product, n.gpu_count) for n in nodes] == [
+        ("gpu-h100-00", "H100-80GB", "H100-80GB", 8),
+        ("gpu-a100-00", "A100-80GB", "A100-80GB", 8),
+    ]
+    assert {b.name: sorted(b.node_names) for b in budgets} == {
+        "cluster": ["gpu-a100-00", "gpu-h100-00"],
+        "rack-a": ["gpu-h100-00"],
+    }
+    assert (budgets[0].pue, budgets[0].carbon_intensity_grams_per_kwh) == (1.25, 300.0)
+
+
+def test_a_node_without_a_product_label_is_rejected_by_name(tmp_path: Path) -> None:
+    (tmp_path / "nodes.yaml").write_text(
+        NODES_YAML.replace("nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB, ", "")
+    )
+    with pytest.raises(ClusterError, match=r"Node gpu-a100-00: metadata.labels\['nvidia.com/gpu"):
+        load_nodes(tmp_path / "nodes.yaml")
+
+
+def test_a_budget_without_a_positive_cap_is_rejected_by_name(tmp_path: Path) -> None:
+    (tmp_path / "nodes.yaml").write_text(NODES_YAML)
+    (tmp_path / "b.yaml").write_text(
+        BUDGETS_YAML.replace("powerCapWatts: 4000", "powerCapWatts: 0")
+    )
+    with pytest.raises(ClusterError, match=r"EnergyBudget rack-a: spec.powerCapWatts=0"):
+        load_budgets(tmp_path / "b.yaml", load_nodes(tmp_path / "nodes.yaml"))
+
+
+def test_an_hourly_carbon_curve_is_read_in_hour_order(tmp_path: Path) -> None:
+    path = tmp_path / "carbon.csv"
+    path.write_text("hour,gramsPerKWh\n0,100\n1,300\n")
+    curve = load_hourly_csv(path)
+    assert [curve.grams_per_kwh_at(s) for s in (0, 3599, 3600, 7200)] == [100, 100, 300, 100]
+    path.write_text("hour,gramsPerKWh\n1,100\n")
+    with pytest.raises(ValueError, match="hour=1, expected 0"):
+        load_hourly_csv(path)
+
+
+def test_simulate_writes_results_plots_and_a_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "nodes.yaml").write_text(NODES_YAML)
+    (tmp_path / "budgets.yaml").write_text(BUDGETS_YAML)
+    traces = small_traces(tmp_path)
+    out = tmp_path / "out"
+    code = cli.main(
+        [
+            "--cluster", str(tmp_path / "nodes.yaml"),
+            "--budget", str(tmp_path / "budgets.yaml"),
+            "--trace", *map(str, traces),
+            "--duration", "240",
+            "--step", "2",
+            "--policies", "spread-max,static-cap,wattsched",
+            "--jobs-per-hour", "30",
+            "--seed", "5",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    document = json.loads((out / "results.json").read_text())
+    assert list(document["policies"]) == ["spread-max", "static-cap", "wattsched"]
+    for metrics in document["policies"].values():
+        assert metrics.keys() >= REQUIRED_KEYS
+        assert 0.0 <= metrics["sloAttainment"] <= 1.0
+    assert document["policies"]["wattsched"]["secondsOverBudget"] == 0
+    assert document["scenario"]["pue"] == 1.25
+    assert "CC-BY 4.0" in document["scenario"]["traceAttribution"]
+    for name in ("power_vs_cap.png", "energy_by_policy.png", "slo_attainment.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+        assert (out / name).stat().st_size < 200_000
+    table = capsys.readouterr().out
+    assert "GPU kWh" in table
+    assert "wattsched" in table
+
+
+def test_simulate_rejects_bad_input_with_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "nodes.yaml").write_text(NODES_YAML)
+    base = ["--cluster", str(tmp_path / "nodes.yaml"), "--out", str(tmp_path / "o")]
+    assert cli.main([*base, "--policies", "spread-max,fastest"]) == 2
+    assert "--policies: unknown fastest" in capsys.readouterr().err
+    assert cli.main([*base, "--trace", str(tmp_path / "none.csv")]) == 2
+    assert "none.csv: no such file" in capsys.readouterr().err
+    assert cli.main([*base, "--duration", "0"]) == 2
+    assert "--duration=0.0: must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not DEFAULT_TRACE_DIR.is_dir(), reason="needs ../shared/data beside the repo")
+def test_the_default_traces_are_the_azure_2023_hour() -> None:
+    traces = load_traces(
+        [DEFAULT_TRACE_DIR / "code.csv", DEFAULT_TRACE_DIR / "conv.csv"],
+        duration_seconds=3600,
+        step_seconds=1,
+        rate_scale=1,
+        seed=0,
+    )
+    assert [(t.name, t.requests) for t in traces] == [("code", 8819), ("conv", 19366)]
+    assert all(t.demand_tokens.sum() > 0 for t in traces)
