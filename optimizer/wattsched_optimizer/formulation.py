@@ -23,8 +23,8 @@ import pulp
 
 from wattsched_optimizer.options import PlanData
 
-# Bigger exact weight ranges than this are solved in two stages (see `solve`).
-SINGLE_STAGE_WEIGHT_RANGE = 1e7
+# Largest ratio between the admission weights of the highest and lowest priority.
+MAX_PRIORITY_RANGE = 1e6
 
 
 class SolveStatus(StrEnum):
@@ -54,35 +54,33 @@ class Weights:
 
 
 def lexicographic_weights(data: PlanData) -> Weights:
-    """Weights under which the weighted sum orders plans exactly as the tiers do.
+    """Weights under which the weighted sum keeps the tiers in order (docs/optimization.md).
 
-    Energy tier total is at most E = sum_c n_c max_o relative_cost; one quality step is worth
-    E + 1; all of quality and energy together at most T = (E + 1) Q + E with
-    Q = sum_c n_c max_o quality_loss. One admitted workload of the lowest priority is worth T + 1,
-    and one of priority rank k is worth (T + 1) (1 + sum_{j<k} n_j W_j) / (T + 1) ... i.e.
-    W_k = 1 + sum_{j<k} n_j W_j in units of T + 1: more than every lower-priority workload
-    together.
+    Per workload: relative_cost (tier 3) is at most E; one quality step (tier 2) is worth
+    floor(E) + 1, more than any energy difference; admitting it is worth at least
+    U = (floor(E) + 1) Q + E + 1, more than its own quality and energy terms together, so a
+    workload is never left out for a better variant or level of itself. Between priorities: a
+    workload of priority rank k is worth U (D + 1)^k where D is the most GPUs one workload uses;
+    admitting it displaces at most D lower-priority workloads (each holds at least one GPU), so
+    it is worth more than all of them. Should (D + 1)^(ranks - 1) exceed MAX_PRIORITY_RANGE, the
+    factor shrinks to keep the solver's numerics sound, and the priority repair in `packing`
+    (always run) keeps the rule "never leave a higher-priority workload out to fit lower ones".
     """
-    energy_total = sum(
-        len(c.members) * max(o.relative_cost for o in c.options) for c in data.classes
-    )
-    quality_total = sum(
-        len(c.members) * max(o.quality_loss for o in c.options) for c in data.classes
-    )
-    quality_step = math.floor(energy_total) + 1.0
-    unit = quality_step * quality_total + math.floor(energy_total) + 1.0
-    count_by_priority: dict[int, int] = defaultdict(int)
-    for workload_class in data.classes:
-        count_by_priority[workload_class.representative.priority] += len(workload_class.members)
-    weight_by_priority: dict[int, float] = {}
-    lower_total = 0.0
-    for priority in sorted(count_by_priority):
-        weight = 1.0 + lower_total
-        weight_by_priority[priority] = weight
-        lower_total += count_by_priority[priority] * weight
+    if not data.classes:
+        return Weights((), 1.0)
+    energy_max = max(o.relative_cost for c in data.classes for o in c.options)
+    quality_max = max(o.quality_loss for c in data.classes for o in c.options)
+    displaced_max = max(o.gpus for c in data.classes for o in c.options)
+    quality_step = math.floor(energy_max) + 1.0
+    unit = quality_step * quality_max + energy_max + 1.0
+    priorities = sorted({c.representative.priority for c in data.classes})
+    factor = float(displaced_max + 1)
+    if len(priorities) > 1:
+        factor = min(factor, MAX_PRIORITY_RANGE ** (1.0 / (len(priorities) - 1)))
+    rank = {priority: index for index, priority in enumerate(priorities)}
     return Weights(
         admission_by_class=tuple(
-            unit * weight_by_priority[c.representative.priority] for c in data.classes
+            unit * factor ** rank[c.representative.priority] for c in data.classes
         ),
         quality_step=quality_step,
     )
@@ -219,11 +217,13 @@ def build(data: PlanData) -> Formulation:
 class SolveResult:
     status: SolveStatus
     solver: str
+    relaxed: bool  # the LP relaxation (values may be fractional) rather than the integer program
     objective: float
-    bound: float
+    bound: float  # a valid upper bound on the integer program's optimum
     seconds: float
-    # (class, option, pool) -> replicas placed there.
-    replicas: Mapping[tuple[int, int, int], int]
+    # (class, option) -> workloads with that option; (class, option, pool) -> replicas there.
+    workloads: Mapping[tuple[int, int], float]
+    replicas: Mapping[tuple[int, int, int], float]
 
 
 @functools.cache
@@ -249,64 +249,89 @@ def _highs_available() -> bool:
 
 
 def solve(
-    formulation: Formulation, solver: str, time_limit_seconds: float, gap: float
+    formulation: Formulation,
+    *,
+    solver: str,
+    relaxed: bool,
+    time_limit_seconds: float,
+    gap: float,
 ) -> SolveResult:
-    """Solve with the named solver ("highs", or "cbc"; "highs" falls back to CBC if unavailable)."""
+    """Solve the program (or its LP relaxation) with the named solver: "highs" or "cbc".
+
+    "highs" falls back to CBC when highspy is missing. The status is always read from the solver
+    and mapped to `SolveStatus`; values are only returned with a usable solution.
+    """
     started = time.perf_counter()
     problem = formulation.problem
     if not formulation.workloads:
-        return SolveResult(SolveStatus.EMPTY, solver, 0.0, 0.0, 0.0, {})
+        return SolveResult(SolveStatus.EMPTY, solver, relaxed, 0.0, 0.0, 0.0, {}, {})
+    if solver not in ("highs", "cbc"):
+        raise ValueError(f"PlanOptions.solver: {solver!r} is not one of 'highs', 'cbc'")
     if solver == "highs" and _highs_available():
         used = "highs"
-        highs = pulp.HiGHS(
-            msg=False,
-            timeLimit=time_limit_seconds,
-            gapRel=gap,
-            threads=1,
-            random_seed=0,
+        problem.solve(
+            pulp.HiGHS(
+                mip=not relaxed,
+                msg=False,
+                timeLimit=time_limit_seconds,
+                gapRel=gap,
+                threads=1,
+                random_seed=0,
+            )
         )
-        problem.solve(highs)
         model = problem.solverModel
         info = model.getInfo()
-        highs_status = model.getModelStatus()
-        name = model.modelStatusToString(highs_status)
+        name = model.modelStatusToString(model.getModelStatus())
         has_solution = info.primal_solution_status == 2  # kSolutionStatusFeasible
+        # PuLP hands HiGHS the negated objective of a maximisation.
         objective = -info.objective_function_value
-        bound = -info.mip_dual_bound if math.isfinite(info.mip_dual_bound) else objective
-        if name == "Optimal":
+        bound = objective
+        if not relaxed and math.isfinite(info.mip_dual_bound):
+            bound = -info.mip_dual_bound
+        if name == "Optimal" and has_solution:
             status = SolveStatus.OPTIMAL
         elif name == "Time limit reached" and has_solution:
             status = SolveStatus.TIME_LIMIT
         else:
             status = SolveStatus.NO_SOLUTION
-    elif solver in ("highs", "cbc"):
+    else:
         used = "cbc"
-        cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_seconds, gapRel=gap, threads=1)
-        # The LP relaxation first, for the bound; then the integer program.
-        problem.solve(pulp.PULP_CBC_CMD(msg=False, mip=False))
+        if not relaxed:
+            # CBC reports no bound through PuLP: the LP relaxation gives one.
+            problem.solve(pulp.PULP_CBC_CMD(msg=False, mip=False, threads=1))
         bound = pulp.value(problem.objective) or 0.0
-        problem.solve(cbc)
+        problem.solve(
+            pulp.PULP_CBC_CMD(
+                msg=False, mip=not relaxed, timeLimit=time_limit_seconds, gapRel=gap, threads=1
+            )
+        )
         objective = pulp.value(problem.objective) or 0.0
+        if relaxed:
+            bound = objective
         if problem.status == pulp.LpStatusOptimal and problem.sol_status == pulp.LpSolutionOptimal:
             status = SolveStatus.OPTIMAL
         elif problem.sol_status == pulp.LpSolutionIntegerFeasible:
             status = SolveStatus.TIME_LIMIT
         else:
             status = SolveStatus.NO_SOLUTION
-    else:
-        raise ValueError(f"PlanOptions.solver: {solver!r} is not one of 'highs', 'cbc'")
-    counts: dict[tuple[int, int, int], int] = {}
+    workloads: dict[tuple[int, int], float] = {}
+    replicas: dict[tuple[int, int, int], float] = {}
     if status in (SolveStatus.OPTIMAL, SolveStatus.TIME_LIMIT):
-        for key, expression in formulation.replicas.items():
-            value = pulp.value(expression)
-            count = round(value) if value is not None else 0
-            if count > 0:
-                counts[key] = count
+        for key, variable in formulation.workloads.items():
+            value = variable.varValue or 0.0
+            if value > 1e-9:
+                workloads[key] = value
+        for replica_key, expression in formulation.replicas.items():
+            value = pulp.value(expression) or 0.0
+            if value > 1e-9:
+                replicas[replica_key] = value
     return SolveResult(
         status=status,
         solver=used,
+        relaxed=relaxed,
         objective=objective,
         bound=max(bound, objective),
         seconds=time.perf_counter() - started,
-        replicas=counts,
+        workloads=workloads,
+        replicas=replicas,
     )

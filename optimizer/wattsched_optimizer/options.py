@@ -355,8 +355,12 @@ def workload_options(
     current: Sequence[CurrentPlacement],
     node_by_name: Mapping[str, GpuNode],
     churn_threshold: float,
+    prune: bool = True,
 ) -> tuple[list[Option], list[tuple[int, ...]]]:
-    """Every option that meets the workload's own constraints, dominated ones pruned."""
+    """Every option that meets the workload's own constraints, dominated ones pruned.
+
+    `prune=False` keeps dominated options (for the benchmark's straightforward baseline).
+    """
     products = sorted({pool.product for pool in pools})
     if workload.allowed_products:
         products = [p for p in products if p in workload.allowed_products]
@@ -448,7 +452,8 @@ def workload_options(
             # Stability: moving a running replica must gain more than the churn threshold.
             relative = max(0.0, relative - churn_threshold)
         options.append(dataclasses.replace(option, relative_cost=round(relative, 9)))
-    options = prune_dominated(options)
+    if prune:
+        options = prune_dominated(options)
     option_pools = []
     for option in options:
         option_pools.append(

@@ -11,6 +11,7 @@ options (`options`) or solving (`formulation`).
 from __future__ import annotations
 
 import heapq
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -267,16 +268,18 @@ class ClusterState:
         """(constraint, sentence) saying what keeps this workload out of the current state."""
         label = workload_label(workload)
         best_budget: tuple[float, str, Option, Pool] | None = None
-        slots_seen = 0
-        needed = min(o.replicas for o in workload_class.options)
+        any_option_has_slots = False
+        # The option closest to fitting by GPUs: (missing slots, free slots, replicas needed).
+        closest = (math.inf, 0, 0)
         for o, option in enumerate(workload_class.options):
             pools = [self.data.pools[p] for p in workload_class.option_pools[o]]
             slots = sum(
                 self.free[n] // option.gpus_per_replica for pool in pools for n in pool.node_names
             )
-            slots_seen = max(slots_seen, slots)
             if slots < option.replicas:
+                closest = min(closest, (option.replicas - slots, slots, option.replicas))
                 continue
+            any_option_has_slots = True
             for pool in pools:
                 extra = self.extra_watts(pool, option) * option.replicas
                 for budget in sorted(pool.budgets):
@@ -295,7 +298,8 @@ class ClusterState:
                 "allow a lower power level (spec.energy), or give this workload a higher priority",
             )
         products = sorted({o.product for o in workload_class.options})
-        if slots_seen < needed:
+        if not any_option_has_slots:
+            _, slots_seen, needed = closest
             return (
                 "gpus",
                 f"{label}: needs {needed} replica(s) of {workload.gpus_per_replica} GPU(s) on one "

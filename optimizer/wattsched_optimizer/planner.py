@@ -10,11 +10,13 @@ Not for: reading Kubernetes objects (the operator does) or applying anything.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from wattsched_optimizer.formulation import (
+    SolveResult,
     SolveStatus,
     Weights,
     build,
@@ -123,7 +125,6 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         if data.budget_base_watts[name] > cap + WATTS_TOLERANCE
     )
     timings: dict[str, float] = {"data": time.perf_counter() - started}
-    state = ClusterState(data)
     if over:
         for workload_class in data.classes:
             for member in workload_class.members:
@@ -143,7 +144,7 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         return _assemble(
             plan_input,
             data,
-            state,
+            ClusterState(data),
             performance,
             unplaced,
             status=PlanStatus.INFEASIBLE,
@@ -154,42 +155,71 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         )
     formulation = build(data)
     timings["build"] = formulation.build_seconds
-    result = solve(formulation, options.solver, options.time_limit_seconds, options.relative_gap)
-    timings["solve"] = result.seconds
-    pack_started = time.perf_counter()
     prefer = _preferred_nodes(plan_input)
-    pending = _pack_solver_choice(data, state, result.replicas, prefer)
-    admitted = set(state.placed)
-    for workload_class in data.classes:
-        for member in workload_class.members:
-            if member.key not in admitted and member.key not in pending:
-                pending.append(member.key)
-    _fill_and_repair(
-        data,
-        state=state,
-        pending=pending,
-        workload_by_key=workload_by_key,
-        class_of=class_of,
-        prefer=prefer,
-        unplaced=unplaced,
-    )
-    timings["pack"] = time.perf_counter() - pack_started
-    objective = _objective(data, weights, state.placed.values())
-    if result.status in (SolveStatus.OPTIMAL, SolveStatus.TIME_LIMIT):
-        bound = max(result.bound, objective)
-    else:
-        bound = sum(
-            len(c.members)
-            * max(weights.coefficient(data, c.index, o) for o in range(len(c.options)))
-            for c in data.classes
+
+    def realise(result: SolveResult) -> tuple[ClusterState, dict[str, Unplaced], float]:
+        pack_started = time.perf_counter()
+        state = ClusterState(data)
+        left_out = dict(unplaced)
+        pending = _pack_solver_choice(data, state, result, prefer)
+        for workload_class in data.classes:
+            for member in workload_class.members:
+                if member.key not in state.placed and member.key not in pending:
+                    pending.append(member.key)
+        _fill_and_repair(
+            data,
+            state=state,
+            pending=pending,
+            workload_by_key=workload_by_key,
+            class_of=class_of,
+            prefer=prefer,
+            unplaced=left_out,
         )
+        timings["pack"] = timings.get("pack", 0.0) + time.perf_counter() - pack_started
+        return state, left_out, _objective(data, weights, state.placed.values())
+
+    # 1. The LP relaxation: its optimum bounds every plan; rounding it down, packing, filling
+    #    and repairing usually lands within the gap.
+    relaxation = solve(
+        formulation,
+        solver=options.solver,
+        relaxed=True,
+        time_limit_seconds=options.time_limit_seconds,
+        gap=options.relative_gap,
+    )
+    timings["solve"] = relaxation.seconds
+    trivial_bound = sum(
+        len(c.members) * max(weights.coefficient(data, c.index, o) for o in range(len(c.options)))
+        for c in data.classes
+    )
+    state, left_out, objective = realise(relaxation)
+    bound = trivial_bound
+    if relaxation.status is SolveStatus.OPTIMAL:
+        bound = max(relaxation.bound, objective)
+    solver_used = relaxation.solver
+    timed_out = False
+    # 2. Not close enough: the integer program, within the time limit; the better plan wins.
+    if relaxation.status is not SolveStatus.EMPTY and _gap(objective, bound) > options.relative_gap:
+        exact = solve(
+            formulation,
+            solver=options.solver,
+            relaxed=False,
+            time_limit_seconds=options.time_limit_seconds,
+            gap=options.relative_gap,
+        )
+        timings["solve"] += exact.seconds
+        solver_used = exact.solver
+        if exact.status in (SolveStatus.OPTIMAL, SolveStatus.TIME_LIMIT):
+            bound = min(bound, max(exact.bound, objective))
+            timed_out = exact.status is SolveStatus.TIME_LIMIT
+            candidate = realise(exact)
+            if candidate[2] > objective:
+                state, left_out, objective = candidate
     gap = _gap(objective, bound)
-    if result.status is SolveStatus.TIME_LIMIT:
-        status = PlanStatus.TIME_LIMIT
-    elif result.status is SolveStatus.EMPTY or (
-        result.status is SolveStatus.OPTIMAL and gap <= options.relative_gap + 1e-9
-    ):
+    if gap <= options.relative_gap + 1e-9:
         status = PlanStatus.OPTIMAL
+    elif timed_out:
+        status = PlanStatus.TIME_LIMIT
     else:
         status = PlanStatus.FEASIBLE
     return _assemble(
@@ -197,11 +227,11 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         data,
         state,
         performance,
-        unplaced,
+        left_out,
         status=status,
         objective=objective,
         bound=bound,
-        solver=result.solver,
+        solver=solver_used,
         timings=timings | {"total": time.perf_counter() - started},
     )
 
@@ -226,38 +256,59 @@ def _preferred_nodes(plan_input: PlanInput) -> dict[str, list[str]]:
 def _pack_solver_choice(
     data: PlanData,
     state: ClusterState,
-    replicas: Mapping[tuple[int, int, int], int],
+    result: SolveResult,
     prefer: Mapping[str, list[str]],
 ) -> list[str]:
-    """Place what the solver chose, whole workloads at a time; return the keys that did not fit."""
-    by_class: dict[int, dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
-    for (c, o, p), count in sorted(replicas.items()):
-        by_class[c][o].append((p, count))
-    jobs: list[tuple[tuple[int, int, str], Workload, int, int, list[list[int]]]] = []
-    for c, per_option in by_class.items():
+    """Place what the solver chose, whole workloads at a time; return the keys that did not fit.
+
+    From the integer program, replica i goes to the pool the solver chose for it (repair: any
+    pool of the option if that fails). From the LP relaxation, each (class, option) runs
+    floor(value) workloads, on the option's pools in order of the relaxation's replica counts.
+    """
+    jobs: list[tuple[tuple[int, int, int, str], Workload, int, int, list[list[int]]]] = []
+    assigned: dict[int, int] = defaultdict(int)
+
+    def add_job(c: int, o: int, pools: list[list[int]]) -> None:
         workload_class = data.classes[c]
-        members = iter(workload_class.members)
-        for o, pool_counts in sorted(per_option.items()):
-            option = workload_class.options[o]
-            flat = [p for p, count in pool_counts for _ in range(count)]
-            for start in range(0, len(flat) - option.replicas + 1, option.replicas):
-                member = next(members, None)
-                if member is None:
-                    break
-                pools = [[p] for p in flat[start : start + option.replicas]]
-                order = (
-                    0 if workload_class.pinned_nodes or member.key in prefer else 1,
-                    -option.gpus_per_replica,
-                    member.key,
-                )
-                jobs.append((order, member, c, o, pools))
-    jobs.sort(key=lambda job: (job[0][0], job[0][1], -job[1].priority, job[0][2]))
+        if assigned[c] >= len(workload_class.members):
+            return
+        member = workload_class.members[assigned[c]]
+        assigned[c] += 1
+        option = workload_class.options[o]
+        order = (
+            0 if workload_class.pinned_nodes or member.key in prefer else 1,
+            -member.priority,
+            -option.gpus_per_replica,
+            member.key,
+        )
+        jobs.append((order, member, c, o, pools))
+
+    if result.relaxed:
+        for (c, o), value in sorted(result.workloads.items()):
+            option = data.classes[c].options[o]
+            pools = sorted(
+                data.classes[c].option_pools[o],
+                key=lambda p: (-result.replicas.get((c, o, p), 0.0), p),
+            )
+            for _ in range(math.floor(value + 1e-6)):
+                add_job(c, o, [pools] * option.replicas)
+    else:
+        by_option: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for (c, o, p), count in sorted(result.replicas.items()):
+            by_option[(c, o)].extend([p] * round(count))
+        for (c, o), flat in sorted(by_option.items()):
+            replicas = data.classes[c].options[o].replicas
+            for start in range(0, len(flat) - replicas + 1, replicas):
+                add_job(c, o, [[p] for p in flat[start : start + replicas]])
+    jobs.sort(key=lambda job: job[0])
     failed: list[str] = []
-    for _, member, c, o, pools in jobs:
+    for _, member, c, o, replica_pools in jobs:
         workload_class = data.classes[c]
-        assignment = state.place(member, workload_class, o, pools, prefer.get(member.key, ()))
+        assignment = state.place(
+            member, workload_class, o, replica_pools, prefer.get(member.key, ())
+        )
         if assignment is None:
-            # Packing repair, step 1: the same option on any of its pools.
+            # Packing repair: the same option on any of its pools.
             option = workload_class.options[o]
             any_pool = [list(workload_class.option_pools[o])] * option.replicas
             assignment = state.place(

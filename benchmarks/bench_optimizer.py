@@ -1,0 +1,281 @@
+"""Benchmark of the optimizer on generated clusters, against a straightforward formulation.
+
+For: printing, per instance, build/solve/pack seconds, end-to-end median, objective, bound, gap,
+peak memory, and the same instance built and solved by a straightforward model (a variable per
+workload x pool x level x variant, built with lpSum, no classes, no pruning) as the baseline ratio.
+Not a test: it asserts nothing and only prints figures (docs/benchmarks.md records them).
+
+Run: `.venv/bin/python benchmarks/bench_optimizer.py [--sizes small,large] [--repeat 5]
+[--baseline-time-limit 60]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import resource
+import statistics
+import time
+import tracemalloc
+from collections import defaultdict
+
+import pulp
+
+from wattsched_optimizer.formulation import lexicographic_weights
+from wattsched_optimizer.model import CatalogueModel, product_spec
+from wattsched_optimizer.options import PlanData, build_plan_data, workload_options
+from wattsched_optimizer.planner import plan
+from wattsched_optimizer.problem import (
+    Budget,
+    EnergyPolicy,
+    GpuNode,
+    PlanInput,
+    PlanOptions,
+    Precision,
+    Variant,
+    WorkAmount,
+    Workload,
+    WorkloadType,
+    WorkUnit,
+)
+
+PRODUCT_SHARES = (("H100-80GB", 0.4), ("A100-80GB", 0.3), ("L40S", 0.2), ("L4", 0.1))
+RACKS = 4
+TEMPLATES = 60
+PRIORITIES = (0, 10, 100, 1000)
+# gpus per replica -> model size (billions of parameters), bf16 memory per GPU (GiB)
+SIZES = {1: (8.0, 20.0), 2: (13.0, 20.0), 4: (34.0, 24.0), 8: (70.0, 24.0)}
+
+
+def generate(nodes_count: int, workloads_count: int, seed: int = 7) -> PlanInput:
+    """A cluster of 8-GPU nodes (4 products, 4 racks, 1% agents not ready) and mixed workloads.
+
+    Workloads are drawn from TEMPLATES configurations x 4 priorities: clusters run many
+    workloads that share a configuration, which is what class aggregation exploits.
+    """
+    rng = random.Random(seed)
+    nodes = []
+    for i in range(nodes_count):
+        roll, product = rng.random(), PRODUCT_SHARES[-1][0]
+        for name, share in PRODUCT_SHARES:
+            if roll < share:
+                product = name
+                break
+            roll -= share
+        nodes.append(GpuNode(f"node-{i:05d}", product, 8, agent_ready=rng.random() > 0.01))
+    templates = []
+    for t in range(TEMPLATES):
+        workload_type = rng.choices(list(WorkloadType), weights=[0.4, 0.2, 0.15, 0.25], k=1)[0]
+        gpus = rng.choice([1, 1, 2, 4, 8])
+        params, memory = SIZES[gpus]
+        variants = [Variant("bf16", Precision.BF16, memory, 1.0, 1.0)]
+        if rng.random() < 0.5:
+            variants.append(Variant("fp8", Precision.FP8, memory / 2, 1.6, 0.97))
+        base = Workload(
+            key=f"template-{t}",
+            type=workload_type,
+            model_parameters_billions=params,
+            gpus_per_replica=gpus,
+            variants=tuple(variants),
+            policy=rng.choice(list(EnergyPolicy)),
+            min_quality=rng.choice([0.0, 0.95, 0.99]),
+        )
+        if workload_type is WorkloadType.INFERENCE:
+            base = dataclasses.replace(
+                base,
+                min_replicas=1,
+                max_replicas=rng.choice([2, 4, 8]),
+                tokens_per_second=rng.choice([0.5, 1.0, 2.0]) * 40000 / params,
+            )
+        else:
+            replicas = rng.choice([1, 1, 2, 4])
+            deadline = rng.choice([None, None, 4 * 3600.0])
+            work = None
+            if deadline is not None:
+                rate = 65933 / params * gpus * replicas * 0.6
+                work = WorkAmount(WorkUnit.TOKENS, rate * deadline)
+            base = dataclasses.replace(
+                base, replicas=replicas, remaining_work=work, deadline_seconds=deadline
+            )
+        templates.append(base)
+    workloads = tuple(
+        dataclasses.replace(
+            rng.choice(templates), key=f"team-{i % 50}/job-{i:05d}", priority=rng.choice(PRIORITIES)
+        )
+        for i in range(workloads_count)
+    )
+    spans = [
+        (product_spec(n.product).min_watts.value, product_spec(n.product).max_watts.value)
+        for n in nodes
+    ]
+
+    def idle_and_span(indexes: list[int]) -> tuple[float, float]:
+        idle = sum(spans[i][0] * 8 if nodes[i].agent_ready else spans[i][1] * 8 for i in indexes)
+        span = sum((spans[i][1] - spans[i][0]) * 8 for i in indexes if nodes[i].agent_ready)
+        return idle, span
+
+    budgets = []
+    everything = list(range(nodes_count))
+    idle, span = idle_and_span(everything)
+    budgets.append(Budget("cluster", idle + 0.45 * span, frozenset(n.name for n in nodes)))
+    for rack in range(RACKS):
+        members = [i for i in everything if i % RACKS == rack]
+        idle, span = idle_and_span(members)
+        budgets.append(
+            Budget(
+                f"rack-{rack}",
+                idle + (0.4 + 0.1 * rack) * span,
+                frozenset(nodes[i].name for i in members),
+            )
+        )
+    return PlanInput(tuple(nodes), workloads, tuple(budgets), options=PlanOptions())
+
+
+def baseline(plan_input: PlanInput, time_limit_seconds: float) -> dict[str, float | str]:
+    """The straightforward model: per workload x pool x level x variant, lpSum, no pruning."""
+    started = time.perf_counter()
+    model = CatalogueModel()
+    data: PlanData = build_plan_data(plan_input, model)
+    weights = lexicographic_weights(data)
+    problem = pulp.LpProblem("baseline", pulp.LpMaximize)
+    objective_terms = []
+    gpus_by_pool: dict[int, list[pulp.LpAffineExpression]] = defaultdict(list)
+    whole_by_pool: dict[int, list[pulp.LpAffineExpression]] = defaultdict(list)
+    budget_terms: dict[str, list[pulp.LpAffineExpression]] = defaultdict(list)
+    class_of = {m.key: c.index for c in data.classes for m in c.members}
+    for workload in plan_input.workloads:
+        options, option_pools = workload_options(
+            workload,
+            pools=data.pools,
+            model=model,
+            levels=plan_input.options.power_levels,
+            current=(),
+            node_by_name=data.node_by_name,
+            churn_threshold=plan_input.options.churn_threshold,
+            prune=False,
+        )
+        if not options:
+            continue
+        choose = []
+        for o, option in enumerate(options):
+            y = problem.add_variable(f"y_{workload.key}_{o}", 0, 1, pulp.LpInteger)
+            choose.append(y)
+            coefficient = (
+                weights.admission_by_class[class_of[workload.key]]
+                - weights.quality_step * option.quality_loss
+                - option.relative_cost
+            )
+            objective_terms.append(coefficient * y)
+            z = {
+                p: problem.add_variable(
+                    f"z_{workload.key}_{o}_{p}", 0, option.replicas, pulp.LpInteger
+                )
+                for p in option_pools[o]
+            }
+            problem += pulp.lpSum(z.values()) == option.replicas * y
+            for p, variable in z.items():
+                pool = data.pools[p]
+                gpus_by_pool[p].append(option.gpus_per_replica * variable)
+                if 2 * option.gpus_per_replica > pool.gpus_per_node:
+                    whole_by_pool[p].append(variable)
+                if pool.agent_ready:
+                    extra = option.gpus_per_replica * (option.power_limit_watts - pool.min_watts)
+                    for budget in pool.budgets:
+                        budget_terms[budget].append(extra * variable)
+        problem += pulp.lpSum(choose) <= 1
+    for p, terms in gpus_by_pool.items():
+        problem += pulp.lpSum(terms) <= data.pools[p].total_gpus
+    for p, terms in whole_by_pool.items():
+        problem += pulp.lpSum(terms) <= len(data.pools[p].node_names)
+    for budget, terms in budget_terms.items():
+        headroom = data.budget_cap_watts[budget] - data.budget_base_watts[budget]
+        problem += pulp.lpSum(terms) <= headroom
+    problem += pulp.lpSum(objective_terms)
+    built = time.perf_counter()
+    problem.solve(
+        pulp.HiGHS(msg=False, timeLimit=time_limit_seconds, gapRel=0.01, threads=1, random_seed=0)
+    )
+    solved = time.perf_counter()
+    info = problem.solverModel.getInfo()
+    return {
+        "build_s": built - started,
+        "solve_s": solved - built,
+        "total_s": solved - started,
+        "status": problem.solverModel.modelStatusToString(problem.solverModel.getModelStatus()),
+        "objective": -info.objective_function_value,
+        "bound": -info.mip_dual_bound,
+        "variables": float(len(problem.variables())),
+    }
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(name: str, nodes: int, workloads: int, repeat: int, baseline_limit: float) -> None:
+    plan_input = generate(nodes, workloads)
+    data = build_plan_data(plan_input, CatalogueModel())
+    options = sum(len(c.options) for c in data.classes)
+    print(f"\n## {name}: {nodes} nodes x 8 GPUs ({nodes * 8} GPUs), {workloads} workloads")
+    print(
+        f"pools {len(data.pools)}, classes {len(data.classes)}, options after pruning {options}, "
+        f"workloads with no option {len(data.no_option)}"
+    )
+    totals, results = [], []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = plan(plan_input)
+        totals.append(time.perf_counter() - started)
+        results.append(result)
+    rss_after_main = rss_mib()
+    result = results[-1]
+    t = result.timings_seconds
+    placed = len({p.workload for p in result.placements})
+    print(
+        f"end to end median {statistics.median(totals):.3f} s (min {min(totals):.3f}, "
+        f"max {max(totals):.3f}, n={repeat}); last run: data {t['data']:.3f} s, "
+        f"build {t['build']:.3f} s, solve {t['solve']:.3f} s, pack {t['pack']:.3f} s"
+    )
+    print(
+        f"status {result.status}, objective {result.objective:.6g}, bound {result.bound:.6g}, "
+        f"gap {result.gap:.4%}, placed {placed}, unplaced {len(result.unplaced)}"
+    )
+    tracemalloc.start()
+    plan(plan_input)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(
+        f"peak Python allocations (tracemalloc) {peak / 2**20:.1f} MiB; process max RSS "
+        f"{rss_after_main:.0f} MiB"
+    )
+    base = baseline(plan_input, baseline_limit)
+    print(
+        f"baseline: build {base['build_s']:.3f} s, solve {base['solve_s']:.3f} s "
+        f"(HiGHS: {base['status']}, time limit {baseline_limit:g} s), "
+        f"{base['variables']:.0f} variables, objective {base['objective']:.6g}, "
+        f"bound {base['bound']:.6g}"
+    )
+    print(
+        f"speed-up vs baseline: {float(base['total_s']) / statistics.median(totals):.1f}x "
+        f"(baseline end to end {float(base['total_s']):.3f} s)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="small,large")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--baseline-time-limit", type=float, default=60.0)
+    args = parser.parse_args()
+    print(f"load average before: {os.getloadavg()}, CPUs: {os.cpu_count()}")
+    sizes = {"small": (1000, 2000), "large": (4000, 8000)}
+    for name in args.sizes.split(","):
+        nodes, workloads = sizes[name]
+        run(name, nodes, workloads, args.repeat, args.baseline_time_limit)
+    print(f"\nload average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
