@@ -217,30 +217,44 @@ def _levels_for(
 
 
 def _dominates(a: Option, b: Option) -> bool:
-    """`a` is at least as good as `b` in every tier and uses no more GPUs or budget watts."""
+    """`a` (same product as `b`) is as good in every tier and uses no more GPUs or budget watts.
+
+    Budget watts are what the replicas add over their GPUs' idle minimum, as the budget counts.
+    """
+    idle = product_spec(a.product).min_watts.value
     return (
-        a.is_max_level == b.is_max_level
-        and a.quality_loss <= b.quality_loss
+        a.quality_loss <= b.quality_loss
         and a.relative_cost <= b.relative_cost
         and a.gpus <= b.gpus
-        and a.gpus * a.power_limit_watts <= b.gpus * b.power_limit_watts
+        and a.gpus * (a.power_limit_watts - idle) <= b.gpus * (b.power_limit_watts - idle)
         and a.keeps_current >= b.keeps_current
     )
 
 
-def prune_dominated(options: Sequence[Option]) -> list[Option]:
-    """Drop options another option of the same product dominates (ties: the first one stays)."""
-    kept: list[Option] = []
-    for index, option in enumerate(options):
+def prune_dominated(
+    candidates: Sequence[tuple[Option, tuple[int, ...]]],
+) -> list[tuple[Option, tuple[int, ...]]]:
+    """Drop (option, pools) pairs that another pair dominates (of two equal ones, the first stays).
+
+    The dominating option must be allowed on every pool the other may use (an option below the
+    maximum level cannot use nodes whose agent is not ready).
+    """
+    kept = []
+    for index, (option, pools) in enumerate(candidates):
         dominated = any(
             other.product == option.product
+            and set(other_pools) >= set(pools)
             and _dominates(other, option)
-            and (not _dominates(option, other) or other_index < index)
-            for other_index, other in enumerate(options)
+            and (
+                not _dominates(option, other)
+                or set(pools) > set(other_pools)
+                or other_index < index
+            )
+            for other_index, (other, other_pools) in enumerate(candidates)
             if other_index != index
         )
         if not dominated:
-            kept.append(option)
+            kept.append((option, pools))
     return kept
 
 
@@ -406,7 +420,7 @@ def workload_options(
                 watts = model.expected_power_watts(product, workload.type, level)
                 if workload.type is WorkloadType.INFERENCE:
                     demand = workload.tokens_per_second
-                    replicas = workload.min_replicas
+                    replicas = max(workload.min_replicas, 1)
                     if demand is not None:
                         replicas = max(replicas, math.ceil(demand / throughput - 1e-9))
                     if replicas > workload.max_replicas:
@@ -452,21 +466,20 @@ def workload_options(
             # Stability: moving a running replica must gain more than the churn threshold.
             relative = max(0.0, relative - churn_threshold)
         options.append(dataclasses.replace(option, relative_cost=round(relative, 9)))
-    if prune:
-        options = prune_dominated(options)
-    option_pools = []
+    candidates = []
     for option in options:
-        option_pools.append(
-            tuple(
-                pool.index
-                for pool in pools
-                if pool.product == option.product
-                and pool.gpus_per_node >= workload.gpus_per_replica
-                and (pool.agent_ready or option.is_max_level)
-            )
+        option_pools = tuple(
+            pool.index
+            for pool in pools
+            if pool.product == option.product
+            and pool.gpus_per_node >= workload.gpus_per_replica
+            and (pool.agent_ready or option.is_max_level)
         )
-    kept = [(o, p) for o, p in zip(options, option_pools, strict=True) if p]
-    return [o for o, _ in kept], [p for _, p in kept]
+        if option_pools:
+            candidates.append((option, option_pools))
+    if prune:
+        candidates = prune_dominated(candidates)
+    return [o for o, _ in candidates], [p for _, p in candidates]
 
 
 def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
