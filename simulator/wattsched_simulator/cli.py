@@ -37,7 +37,7 @@ ALL_POLICIES = ("spread-max", "binpack-max", "static-cap", "wattsched", "oracle"
 class PolicySettings:
     static_cap_fraction: float = 0.7
     energy_policy: EnergyPolicy = EnergyPolicy.BALANCED
-    headroom: float = 1.25
+    headroom: float = 1.4
     power_levels: int = 5
     plan_time_limit_seconds: float = 10.0
     # Above the optimizer's default (0.05): in simulation, moving an inference replica costs a
@@ -224,8 +224,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--headroom",
         type=float,
-        default=1.25,
-        help="wattsched's demand headroom over the recent peak (default 1.25)",
+        default=1.4,
+        help="wattsched's demand headroom over the recent peak (default 1.4)",
     )
     parser.add_argument("--power-levels", type=int, default=5)
     parser.add_argument(

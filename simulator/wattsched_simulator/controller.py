@@ -115,7 +115,7 @@ class PlannerPolicy:
     name: str
     options: PlanOptions = field(default_factory=PlanOptions)
     energy_policy: EnergyPolicy = EnergyPolicy.BALANCED
-    headroom: float = 1.25
+    headroom: float = 1.4
     forecast_window_seconds: float = 300.0
     deadline_margin: float = 0.9
     oracle: OracleKnowledge | None = None

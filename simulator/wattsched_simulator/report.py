@@ -144,6 +144,7 @@ def plot_power(results: Sequence[PolicyResult], caps: Mapping[str, float], path:
             ax.axhline(cap / 1000.0, color="tab:red", lw=1.0, label=f"cap ({name})")
         ax.set_title(result.policy, fontsize=9, loc="left")
         ax.set_ylabel("kW")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes_list[0].legend(fontsize=7, loc="upper right", ncol=3)
     axes_list[-1].set_xlabel("minutes")
