@@ -103,6 +103,10 @@ def validate(plan_input: PlanInput) -> None:
             )
     if plan_input.options.power_levels < 1:
         raise PlanInputError("PlanOptions.power_levels must be >= 1")
+    if plan_input.options.solver not in ("highs", "cbc"):
+        raise PlanInputError(
+            f"PlanOptions.solver={plan_input.options.solver!r}: allowed are 'highs' and 'cbc'"
+        )
 
 
 def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:

@@ -15,6 +15,7 @@ from wattsched_optimizer.problem import (
     GpuNode,
     Plan,
     PlanInput,
+    PlanOptions,
     PlanStatus,
     Precision,
     Variant,
@@ -230,6 +231,23 @@ def test_replicas_never_span_nodes_and_allow_lists_hold() -> None:
 def test_unknown_node_product_is_an_input_error_naming_the_node() -> None:
     with pytest.raises(PlanInputError, match=r"Node x0: product"):
         plan(PlanInput((GpuNode("x0", "B200", 8),), ()))
+
+
+def test_cbc_fallback_makes_the_same_plan_as_highs() -> None:
+    nodes = h100_nodes(2)
+    jobs = tuple(training(f"team/t{i}", gpus_per_replica=4, priority=i) for i in range(5))
+    budget = (Budget("cluster", 16 * 200 + 8 * 250, frozenset(n.name for n in nodes)),)
+    highs = plan(PlanInput(nodes, jobs, budget))
+    cbc = plan(PlanInput(nodes, jobs, budget, options=PlanOptions(solver="cbc")))
+    assert (highs.solver, cbc.solver) == ("highs", "cbc")
+    assert {p.workload for p in cbc.placements} == {p.workload for p in highs.placements}
+    assert cbc.objective == pytest.approx(highs.objective)
+    assert cbc.status is PlanStatus.OPTIMAL
+
+
+def test_unknown_solver_is_an_input_error() -> None:
+    with pytest.raises(PlanInputError, match=r"PlanOptions.solver='gurobi'"):
+        plan(PlanInput(h100_nodes(1), (), options=PlanOptions(solver="gurobi")))
 
 
 def test_same_input_gives_the_same_plan() -> None:

@@ -43,7 +43,7 @@ def variants(draw: st.DrawFn) -> tuple[Variant, ...]:
 
 
 @st.composite
-def workloads(draw: st.DrawFn, index: int) -> Workload:
+def workloads(draw: st.DrawFn, index: int, policies: tuple[EnergyPolicy, ...]) -> Workload:
     workload_type = draw(st.sampled_from(list(WorkloadType)))
     gpus = draw(st.sampled_from([1, 1, 2, 4, 8]))
     params = draw(st.sampled_from([1.0, 8.0, 70.0]))
@@ -54,7 +54,7 @@ def workloads(draw: st.DrawFn, index: int) -> Workload:
         "gpus_per_replica": gpus,
         "variants": draw(variants()),
         "priority": draw(st.integers(0, 2)),
-        "policy": draw(st.sampled_from(list(EnergyPolicy))),
+        "policy": draw(st.sampled_from(policies)),
         "min_quality": draw(st.sampled_from([0.0, 0.99])),
         "max_power_watts_per_gpu": draw(st.sampled_from([None, None, None, 300.0, 60.0])),
         "allowed_products": draw(
@@ -80,7 +80,11 @@ def workloads(draw: st.DrawFn, index: int) -> Workload:
 
 
 @st.composite
-def plan_inputs(draw: st.DrawFn) -> PlanInput:
+def plan_inputs(
+    draw: st.DrawFn,
+    policies: tuple[EnergyPolicy, ...] = tuple(EnergyPolicy),
+    budget_extra_watts: tuple[float, ...] = (0.0, 300.0, 2000.0, 8000.0),
+) -> PlanInput:
     nodes = tuple(
         GpuNode(
             f"n{i}",
@@ -91,7 +95,7 @@ def plan_inputs(draw: st.DrawFn) -> PlanInput:
         )
         for i in range(draw(st.integers(1, 6)))
     )
-    work = tuple(draw(workloads(i)) for i in range(draw(st.integers(0, 9))))
+    work = tuple(draw(workloads(i, policies)) for i in range(draw(st.integers(0, 9))))
     budgets = []
     for b in range(draw(st.integers(0, 2))):
         scope = frozenset(draw(st.sets(st.sampled_from([n.name for n in nodes]), min_size=1)))
@@ -105,7 +109,7 @@ def plan_inputs(draw: st.DrawFn) -> PlanInput:
             for n in nodes
             if n.name in scope
         )
-        extra = draw(st.sampled_from([0.0, 300.0, 2000.0, 8000.0]))
+        extra = draw(st.sampled_from(budget_extra_watts))
         budgets.append(Budget(f"b{b}", base + extra, scope))
     return PlanInput(nodes, work, tuple(budgets))
 
@@ -286,6 +290,24 @@ def test_no_workload_is_left_out_that_would_fit_without_lower_priority_work(
     plan_input: PlanInput,
 ) -> None:
     result = plan(plan_input)
+    if result.status is PlanStatus.INFEASIBLE:
+        return
+    work = {w.key: w for w in plan_input.workloads}
+    for left_out in result.unplaced:
+        assert not fits_without_lower(plan_input, result, work[left_out.workload]), left_out
+
+
+# Every workload pinned at its maximum limit and small budgets: the budgets bind.
+budget_bound_inputs = plan_inputs(
+    policies=(EnergyPolicy.PERFORMANCE,), budget_extra_watts=(0.0, 500.0, 1500.0, 3000.0)
+)
+
+
+@FAST
+@given(budget_bound_inputs)
+def test_budgets_hold_and_priority_holds_when_budgets_bind(plan_input: PlanInput) -> None:
+    result = plan(plan_input)
+    check_hard_constraints(plan_input, result)
     if result.status is PlanStatus.INFEASIBLE:
         return
     work = {w.key: w for w in plan_input.workloads}
