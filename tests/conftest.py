@@ -22,7 +22,7 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +190,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             "tests using the sandbox must carry the `cluster` marker "
             f"(pytestmark = pytest.mark.cluster): {', '.join(unmarked)}"
         )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A skipped `cluster` test is a failure: cluster tests are never skipped."""
+    report = yield
+    if report.skipped and item.get_closest_marker("cluster") and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"cluster test {item.nodeid} was skipped ({report.longrepr}); cluster tests must run"
+        )
+    return report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -184,13 +184,25 @@ def test_service_account_tokens_are_issued_and_authenticate(
     # Only the token: with the admin kubeconfig, its client certificate would authenticate first.
     whoami = subprocess.run(
         [
-            str(sandbox.bin_dir / "kubectl"), "--kubeconfig", os.devnull,
-            "--server", sandbox.api_url,
-            "--certificate-authority", str(sandbox.directory / "pki" / "ca.crt"),
-            "--token", token, "auth", "whoami", "-o", "json",
+            str(sandbox.bin_dir / "kubectl"),
+            "--kubeconfig",
+            os.devnull,
+            "--server",
+            sandbox.api_url,
+            "--certificate-authority",
+            str(sandbox.directory / "pki" / "ca.crt"),
+            "--token",
+            token,
+            "auth",
+            "whoami",
+            "-o",
+            "json",
         ],
-        capture_output=True, text=True, check=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     username = json.loads(whoami.stdout)["status"]["userInfo"]["username"]
     assert username == f"system:serviceaccount:{namespace}:default"
 

@@ -1,0 +1,97 @@
+# wattsched developer entry points. The two that matter: `make demo` and `make test` (see README.md).
+#
+# Everything is cached: the venv is rebuilt only when pyproject.toml changes (stamp file), sandbox
+# binaries live under $(WATTSCHED_CACHE)/bin by version, pip's cache under $(WATTSCHED_CACHE)/pip.
+# Recipes put the sandbox binaries first on PATH, so tests use our kubectl/helm, not /usr/bin's.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+WATTSCHED_CACHE ?= $(HOME)/.cache/wattsched
+SANDBOX_DIR ?= $(CURDIR)/.sandbox
+PYTHON_BOOTSTRAP ?= python3
+VENV := $(CURDIR)/.venv
+VENV_STAMP := $(VENV)/.wattsched-installed
+BIN_DIR := $(shell WATTSCHED_CACHE=$(WATTSCHED_CACHE) sandbox/build.sh --dir)
+PYTEST_ARGS ?=
+
+export WATTSCHED_CACHE SANDBOX_DIR
+export PIP_CACHE_DIR := $(WATTSCHED_CACHE)/pip
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PATH := $(BIN_DIR):$(VENV)/bin:$(PATH)
+# The venv interpreter, also for sandbox/*.py helpers.
+export PYTHON := $(VENV)/bin/python
+
+.PHONY: help venv binaries prometheus lint unit cluster-test test demo bench sandbox-up \
+	sandbox-down clean
+
+help:
+	@echo "make demo          set up, start the sandbox, run the demo, stop it"
+	@echo "make test          set up, lint (ruff, mypy, import-linter) and run every test"
+	@echo "make venv | binaries | prometheus     the set-up steps on their own"
+	@echo "make lint | unit | cluster-test | bench"
+	@echo "make sandbox-up | sandbox-down        SANDBOX_DIR=$(SANDBOX_DIR)"
+	@echo "make clean         stop the sandbox, remove .sandbox and tool caches (keeps .venv)"
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --editable '.[dev]'
+	@touch $@
+
+binaries:
+	@sandbox/build.sh >/dev/null
+	@echo "sandbox binaries: $(BIN_DIR)"
+
+# Debian's prometheus: only the binary is used (tests start their own on free loopback ports).
+# policy-rc.d keeps the package from starting its service; any service that did start is stopped.
+prometheus:
+	@if ! command -v prometheus >/dev/null; then \
+	  sudo=""; [[ "$$(id -u)" == 0 ]] || sudo=sudo; \
+	  policy=""; if [[ ! -e /usr/sbin/policy-rc.d ]]; then \
+	    policy=1; printf '#!/bin/sh\nexit 101\n' | $$sudo tee /usr/sbin/policy-rc.d >/dev/null; \
+	    $$sudo chmod 755 /usr/sbin/policy-rc.d; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$sudo apt-get update -qq && \
+	  $$sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; status=$$?; \
+	  [[ -z "$$policy" ]] || $$sudo rm -f /usr/sbin/policy-rc.d; \
+	  if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then \
+	    $$sudo systemctl disable --now prometheus; fi; \
+	  exit $$status; \
+	fi
+	@echo "prometheus: $$(command -v prometheus) ($$(prometheus --version 2>&1 | head -n1))"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+unit: venv
+	$(PYTHON) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+cluster-test: venv binaries
+	$(PYTHON) -m pytest -m cluster $(PYTEST_ARGS)
+
+# One pytest run for everything: the sandbox starts once (or is reused) for the cluster tests.
+test: venv binaries prometheus lint
+	$(PYTHON) -m pytest --durations=15 $(PYTEST_ARGS)
+
+demo: venv binaries prometheus
+	sandbox/demo.sh
+
+bench: venv
+	@for bench in benchmarks/bench_*.py; do echo "== $$bench"; $(PYTHON) "$$bench"; done
+
+sandbox-up: venv binaries
+	@sandbox/up.sh
+
+sandbox-down:
+	@sandbox/down.sh
+
+clean: sandbox-down
+	rm -rf $(SANDBOX_DIR) .mypy_cache .ruff_cache .pytest_cache .hypothesis .import_linter_cache \
+		build dist
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
