@@ -15,6 +15,10 @@ VENV := $(CURDIR)/.venv
 VENV_STAMP := $(VENV)/.wattsched-installed
 BIN_DIR := $(shell WATTSCHED_CACHE=$(WATTSCHED_CACHE) sandbox/build.sh --dir)
 PYTEST_ARGS ?=
+# pytest, with its exit status 5 ("no tests collected") reported as the failure it is here.
+PYTEST = $(PYTHON) -m pytest $(1) $(PYTEST_ARGS) || { status=$$?; \
+	if [[ $$status == 5 ]]; then echo "pytest collected no tests: that is a failure" >&2; fi; \
+	exit $$status; }
 
 export WATTSCHED_CACHE SANDBOX_DIR
 export PIP_CACHE_DIR := $(WATTSCHED_CACHE)/pip
@@ -70,14 +74,14 @@ lint: venv
 	$(VENV)/bin/lint-imports
 
 unit: venv
-	$(PYTHON) -m pytest -m "not cluster" $(PYTEST_ARGS)
+	$(call PYTEST,-m "not cluster")
 
 cluster-test: venv binaries
-	$(PYTHON) -m pytest -m cluster $(PYTEST_ARGS)
+	$(call PYTEST,-m cluster)
 
 # One pytest run for everything: the sandbox starts once (or is reused) for the cluster tests.
 test: venv binaries prometheus lint
-	$(PYTHON) -m pytest --durations=15 $(PYTEST_ARGS)
+	$(call PYTEST,--durations=15)
 
 demo: venv binaries prometheus
 	sandbox/demo.sh
