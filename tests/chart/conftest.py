@@ -1,0 +1,243 @@
+"""Fixtures for the Helm chart tests: the helm binary, rendering, and a release on the sandbox.
+
+- `chart` (session, no cluster): runs our helm (the sandbox build's, never one on PATH) against
+  charts/wattsched: `render()` returns the parsed documents of `helm template`, `lint()` the result.
+- `release` (module, cluster): the chart installed with ci/sandbox-values.yaml into a fresh
+  namespace under a unique release name, uninstalled afterwards. Its EnergyBudget selects no node
+  (so other tests' planning is unaffected) and its peering object is named after the release.
+- `as_agent_on_node` (cluster): kubectl with a token of the agent's ServiceAccount bound to the
+  agent pod on a given node, i.e. the token the kubelet would mount there.
+
+Not for: the sandbox itself (tests/conftest.py) or assertions (the test modules).
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+
+if TYPE_CHECKING:
+    from tests.conftest import Sandbox
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO_ROOT / "charts" / "wattsched"
+KUBE_VERSION = "1.36.3"
+HELM_TIMEOUT_SECONDS = 180
+
+Manifest = dict[str, Any]
+
+
+class HelmError(AssertionError):
+    """A helm call that was expected to succeed failed; carries its arguments and stderr."""
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Our helm binary pointed at charts/wattsched."""
+
+    helm_path: Path
+    directory: Path = CHART_DIR
+
+    def helm(
+        self, *args: str, check: bool = True, kubeconfig: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run helm; with check=True a non-zero exit raises HelmError with its stderr."""
+        command = [str(self.helm_path), *args]
+        if kubeconfig is not None:
+            command += ["--kubeconfig", str(kubeconfig)]
+        result = subprocess.run(
+            command, capture_output=True, text=True, check=False, timeout=HELM_TIMEOUT_SECONDS
+        )
+        if check and result.returncode != 0:
+            raise HelmError(f"helm {' '.join(args)} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def template_args(
+        self, values_files: tuple[Path, ...] = (), set_values: tuple[str, ...] = ()
+    ) -> list[str]:
+        """Arguments of `helm template` for a release `wattsched` in namespace wattsched-system."""
+        args = ["template", "wattsched", str(self.directory), "--namespace", "wattsched-system"]
+        args += ["--kube-version", KUBE_VERSION]
+        for values_file in values_files:
+            args += ["--values", str(values_file)]
+        for assignment in set_values:
+            args += ["--set", assignment]
+        return args
+
+    def render_text(
+        self,
+        values_files: tuple[Path, ...] = (),
+        set_values: tuple[str, ...] = (),
+        extra_args: tuple[str, ...] = (),
+    ) -> str:
+        """The YAML stream `helm template` prints."""
+        args = [*self.template_args(values_files, set_values), *extra_args]
+        return self.helm(*args).stdout
+
+    def render(
+        self,
+        values_files: tuple[Path, ...] = (),
+        set_values: tuple[str, ...] = (),
+        extra_args: tuple[str, ...] = (),
+    ) -> list[Manifest]:
+        """The parsed documents `helm template` renders (empty documents dropped)."""
+        text = self.render_text(values_files, set_values, extra_args)
+        return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def ci_values_files() -> list[Path]:
+    """Every ci/*-values.yaml scenario of the chart."""
+    return sorted((CHART_DIR / "ci").glob("*-values.yaml"))
+
+
+def find(manifests: list[Manifest], kind: str, name_suffix: str = "") -> Manifest:
+    """The one manifest of this kind whose name ends with name_suffix."""
+    matches = [
+        m
+        for m in manifests
+        if m["kind"] == kind and str(m["metadata"]["name"]).endswith(name_suffix)
+    ]
+    assert len(matches) == 1, f"expected one {kind} named *{name_suffix}, found {len(matches)}"
+    return matches[0]
+
+
+@pytest.fixture(scope="session")
+def chart() -> Chart:
+    """The chart and the helm binary from the sandbox build (fails with how to build it)."""
+    build = subprocess.run(
+        [str(REPO_ROOT / "sandbox" / "build.sh"), "--dir"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    helm_path = Path(build.stdout.strip()) / "helm"
+    if not helm_path.is_file():
+        pytest.fail(
+            f"helm is missing in {helm_path.parent}: build it with `make binaries` "
+            "(sandbox/build.sh). Chart tests are never skipped.",
+            pytrace=False,
+        )
+    return Chart(helm_path=helm_path)
+
+
+@dataclass(frozen=True)
+class Release:
+    """The chart installed on the sandbox."""
+
+    name: str
+    namespace: str
+    operator_service_account: str
+    agent_service_account: str
+
+    @property
+    def operator_user(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.operator_service_account}"
+
+    @property
+    def agent_user(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.agent_service_account}"
+
+
+@pytest.fixture(scope="module")
+def release(chart: Chart, sandbox: Sandbox) -> Iterator[Release]:
+    """ci/sandbox-values.yaml installed under a unique name in a fresh namespace."""
+    name = f"ws-{secrets.token_hex(3)}"
+    namespace = f"{name}-system"
+    sandbox.kubectl("create", "namespace", namespace)
+    chart.helm(
+        "install",
+        name,
+        str(chart.directory),
+        "--namespace",
+        namespace,
+        "--values",
+        str(CHART_DIR / "ci" / "sandbox-values.yaml"),
+        "--set",
+        f"peering.name={name}",
+        "--set",
+        f"defaultEnergyBudget.name={name}",
+        "--set-json",
+        'defaultEnergyBudget.spec.nodeSelector={"matchLabels":{"wattsched.io/chart-test":"none"}}',
+        "--wait",
+        "--timeout",
+        "120s",
+        kubeconfig=sandbox.kubeconfig,
+    )
+    yield Release(
+        name=name,
+        namespace=namespace,
+        operator_service_account=f"{name}-wattsched-operator",
+        agent_service_account=f"{name}-wattsched-agent",
+    )
+    chart.helm("uninstall", name, "--namespace", namespace, kubeconfig=sandbox.kubeconfig)
+    sandbox.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found")
+
+
+KubectlAs = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def token_kubectl(sandbox: Sandbox, token: str, workdir: Path) -> KubectlAs:
+    """kubectl that authenticates with a bearer token only (no admin certificate)."""
+    config = yaml.safe_load(sandbox.kubeconfig.read_text())
+    ca_path = workdir / "ca.crt"
+    ca_path.write_bytes(
+        base64.b64decode(config["clusters"][0]["cluster"]["certificate-authority-data"])
+    )
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "sandbox",
+                "cluster": {"server": sandbox.api_url, "certificate-authority": str(ca_path)},
+            }
+        ],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "token"}}],
+        "current-context": "sandbox",
+    }
+    kubeconfig_path = workdir / f"kubeconfig-{secrets.token_hex(4)}"
+    kubeconfig_path.write_text(yaml.safe_dump(kubeconfig))
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(sandbox.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig_path), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
+    return run
+
+
+@pytest.fixture
+def as_agent_on_node(
+    sandbox: Sandbox, release: Release, tmp_path: Path
+) -> Callable[[str], KubectlAs]:
+    """kubectl as the agent pod on a node: a TokenRequest bound to that pod (kubelet-style)."""
+
+    def for_node(node_name: str) -> KubectlAs:
+        pods = sandbox.kubectl(
+            "get", "pods", "-n", release.namespace,
+            "-l", "app.kubernetes.io/component=agent,app.kubernetes.io/instance=" + release.name,
+            "--field-selector", f"spec.nodeName={node_name}",
+            "-o", "jsonpath={.items[*].metadata.name}",
+        ).stdout.split()  # fmt: skip
+        assert len(pods) == 1, f"expected one agent pod on {node_name}, found {pods}"
+        token = sandbox.kubectl(
+            "create", "token", release.agent_service_account, "-n", release.namespace,
+            "--bound-object-kind", "Pod", "--bound-object-name", pods[0], "--duration", "10m",
+        ).stdout.strip()  # fmt: skip
+        return token_kubectl(sandbox, token, tmp_path)
+
+    return for_node
