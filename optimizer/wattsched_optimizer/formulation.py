@@ -86,17 +86,45 @@ def lexicographic_weights(data: PlanData) -> Weights:
     )
 
 
+@dataclass(frozen=True)
+class ReplicaType:
+    """Replicas that use resources alike: product, GPUs per replica, power limit, eligible pools.
+
+    Which workload a replica belongs to does not matter to any constraint, so the program counts
+    replicas per (type, pool) instead of per (class, option, pool).
+    """
+
+    product: str
+    gpus_per_replica: int
+    power_limit_watts: float
+    pools: tuple[int, ...]
+
+
 @dataclass
 class Formulation:
     problem: pulp.LpProblem
     # (class, option) -> variable: how many workloads of the class run with that option.
     workloads: dict[tuple[int, int], pulp.LpVariable]
-    # (class, option, pool) -> expression (a variable, or r * y when the option has one pool).
-    replicas: dict[tuple[int, int, int], pulp.LpAffineExpression]
+    replica_types: list[ReplicaType]
+    # (class, option) -> index into replica_types.
+    option_type: dict[tuple[int, int], int]
+    # (type, pool) -> expression: replicas of that type in that pool.
+    replicas: dict[tuple[int, int], pulp.LpAffineExpression]
     # constraint name -> what it is, for people (e.g. "budget:rack-a").
     constraint_meaning: dict[str, str]
     weights: Weights
     build_seconds: float
+
+
+def _constraint(
+    problem: pulp.LpProblem,
+    name: str,
+    terms: Mapping[pulp.LpVariable, float] | list[tuple[pulp.LpVariable, float]],
+    sense: int,
+    rhs: float,
+) -> None:
+    expression = pulp.LpAffineExpression(terms)
+    problem.addConstraint(pulp.LpConstraint(expression, sense, name, rhs), name)
 
 
 def build(data: PlanData) -> Formulation:
@@ -105,17 +133,12 @@ def build(data: PlanData) -> Formulation:
     problem = pulp.LpProblem("wattsched_plan", pulp.LpMaximize)
     weights = lexicographic_weights(data)
     workloads: dict[tuple[int, int], pulp.LpVariable] = {}
-    replicas: dict[tuple[int, int, int], pulp.LpAffineExpression] = {}
     meaning: dict[str, str] = {}
     objective: dict[pulp.LpVariable, float] = {}
-    gpus_by_pool: dict[int, dict[pulp.LpVariable, float]] = defaultdict(dict)
-    whole_node_by_pool: dict[int, dict[pulp.LpVariable, float]] = defaultdict(dict)
-    budget_terms: dict[str, dict[pulp.LpVariable, float]] = defaultdict(dict)
-    pools = data.pools
-
-    def add(terms: dict[pulp.LpVariable, float], variable: pulp.LpVariable, value: float) -> None:
-        terms[variable] = terms.get(variable, 0.0) + value
-
+    type_index: dict[ReplicaType, int] = {}
+    option_type: dict[tuple[int, int], int] = {}
+    # type -> (y, replicas per workload) terms: how many replicas of the type the choices need.
+    demand: list[list[tuple[pulp.LpVariable, float]]] = []
     for workload_class in data.classes:
         c = workload_class.index
         members = len(workload_class.members)
@@ -125,87 +148,78 @@ def build(data: PlanData) -> Formulation:
             workloads[(c, o)] = y
             objective[y] = weights.coefficient(data, c, o)
             admit_terms.append((y, 1.0))
-            option_pools = workload_class.option_pools[o]
-            per_pool: list[tuple[int, pulp.LpVariable, float]] = []
-            if len(option_pools) == 1:
-                # One pool: the replica count is r * y, no extra variable.
-                per_pool.append((option_pools[0], y, float(option.replicas)))
-            else:
-                link: list[tuple[pulp.LpVariable, float]] = [(y, -float(option.replicas))]
-                for p in option_pools:
-                    z = problem.add_variable(
-                        f"z_{c}_{o}_{p}", 0, option.replicas * members, pulp.LpInteger
-                    )
-                    link.append((z, 1.0))
-                    per_pool.append((p, z, 1.0))
-                name = f"replicas_{c}_{o}"
-                problem.addConstraint(
-                    pulp.LpConstraint(pulp.LpAffineExpression(link), pulp.LpConstraintEQ, name, 0),
-                    name,
-                )
-                meaning[name] = f"replicas of class {c} option {o} add up over pools"
-            for p, variable, per_unit in per_pool:
-                replicas[(c, o, p)] = pulp.LpAffineExpression([(variable, per_unit)])
-                pool = pools[p]
-                add(gpus_by_pool[p], variable, per_unit * option.gpus_per_replica)
-                if 2 * option.gpus_per_replica > pool.gpus_per_node:
-                    add(whole_node_by_pool[p], variable, per_unit)
-                if pool.agent_ready and pool.budgets:
-                    extra = option.power_limit_watts - pool.min_watts
-                    if extra > 0:
-                        for budget in pool.budgets:
-                            add(
-                                budget_terms[budget],
-                                variable,
-                                per_unit * option.gpus_per_replica * extra,
-                            )
+            replica_type = ReplicaType(
+                option.product,
+                option.gpus_per_replica,
+                option.power_limit_watts,
+                workload_class.option_pools[o],
+            )
+            t = type_index.setdefault(replica_type, len(type_index))
+            if t == len(demand):
+                demand.append([])
+            demand[t].append((y, float(option.replicas)))
+            option_type[(c, o)] = t
         if len(workload_class.options) > 1:
             name = f"admit_{c}"
-            problem.addConstraint(
-                pulp.LpConstraint(
-                    pulp.LpAffineExpression(admit_terms), pulp.LpConstraintLE, name, members
-                ),
-                name,
-            )
+            _constraint(problem, name, admit_terms, pulp.LpConstraintLE, members)
             meaning[name] = f"at most the {members} workloads of class {c} run"
-    for p, terms in sorted(gpus_by_pool.items()):
+    replica_types = list(type_index)
+    replicas: dict[tuple[int, int], pulp.LpAffineExpression] = {}
+    gpus_by_pool: dict[int, dict[pulp.LpVariable, float]] = defaultdict(dict)
+    whole_node_by_pool: dict[int, dict[pulp.LpVariable, float]] = defaultdict(dict)
+    budget_terms: dict[str, dict[pulp.LpVariable, float]] = defaultdict(dict)
+
+    def add(terms: dict[pulp.LpVariable, float], variable: pulp.LpVariable, value: float) -> None:
+        terms[variable] = terms.get(variable, 0.0) + value
+
+    for t, replica_type in enumerate(replica_types):
+        per_pool: list[tuple[int, list[tuple[pulp.LpVariable, float]]]] = []
+        if len(replica_type.pools) == 1:
+            # One pool: the replica count is sum(r * y), no extra variable.
+            per_pool.append((replica_type.pools[0], demand[t]))
+        else:
+            upper = sum(r * (v.upBound or 0) for v, r in demand[t])
+            link = [(v, -r) for v, r in demand[t]]
+            for p in replica_type.pools:
+                z = problem.add_variable(f"z_{t}_{p}", 0, upper, pulp.LpInteger)
+                link.append((z, 1.0))
+                per_pool.append((p, [(z, 1.0)]))
+            name = f"replicas_{t}"
+            _constraint(problem, name, link, pulp.LpConstraintEQ, 0)
+            meaning[name] = f"replicas of type {t} add up over its pools"
+        for p, terms in per_pool:
+            replicas[(t, p)] = pulp.LpAffineExpression(terms)
+            pool = data.pools[p]
+            extra = replica_type.gpus_per_replica * (
+                replica_type.power_limit_watts - pool.min_watts
+            )
+            for variable, per_unit in terms:
+                add(gpus_by_pool[p], variable, per_unit * replica_type.gpus_per_replica)
+                if 2 * replica_type.gpus_per_replica > pool.gpus_per_node:
+                    add(whole_node_by_pool[p], variable, per_unit)
+                if pool.agent_ready and extra > 0:
+                    for budget in pool.budgets:
+                        add(budget_terms[budget], variable, per_unit * extra)
+    for p, gpu_terms in sorted(gpus_by_pool.items()):
         name = f"gpus_pool_{p}"
-        problem.addConstraint(
-            pulp.LpConstraint(
-                pulp.LpAffineExpression(terms), pulp.LpConstraintLE, name, pools[p].total_gpus
-            ),
-            name,
-        )
+        _constraint(problem, name, gpu_terms, pulp.LpConstraintLE, data.pools[p].total_gpus)
         meaning[name] = "gpus"
-    for p, terms in sorted(whole_node_by_pool.items()):
+    for p, node_terms in sorted(whole_node_by_pool.items()):
         name = f"whole_node_pool_{p}"
-        problem.addConstraint(
-            pulp.LpConstraint(
-                pulp.LpAffineExpression(terms),
-                pulp.LpConstraintLE,
-                name,
-                len(pools[p].node_names),
-            ),
-            name,
-        )
+        nodes = len(data.pools[p].node_names)
+        _constraint(problem, name, node_terms, pulp.LpConstraintLE, nodes)
         meaning[name] = "gpus"
     for index, budget in enumerate(sorted(budget_terms)):
         name = f"budget_{index}"
         headroom = data.budget_cap_watts[budget] - data.budget_base_watts[budget]
-        problem.addConstraint(
-            pulp.LpConstraint(
-                pulp.LpAffineExpression(budget_terms[budget]),
-                pulp.LpConstraintLE,
-                name,
-                headroom,
-            ),
-            name,
-        )
+        _constraint(problem, name, budget_terms[budget], pulp.LpConstraintLE, headroom)
         meaning[name] = f"budget:{budget}"
     problem.setObjective(pulp.LpAffineExpression(objective))
     return Formulation(
         problem=problem,
         workloads=workloads,
+        replica_types=replica_types,
+        option_type=option_type,
         replicas=replicas,
         constraint_meaning=meaning,
         weights=weights,
@@ -221,9 +235,9 @@ class SolveResult:
     objective: float
     bound: float  # a valid upper bound on the integer program's optimum
     seconds: float
-    # (class, option) -> workloads with that option; (class, option, pool) -> replicas there.
+    # (class, option) -> workloads with that option; (replica type, pool) -> replicas there.
     workloads: Mapping[tuple[int, int], float]
-    replicas: Mapping[tuple[int, int, int], float]
+    replicas: Mapping[tuple[int, int], float]
 
 
 @functools.cache
@@ -315,7 +329,7 @@ def solve(
         else:
             status = SolveStatus.NO_SOLUTION
     workloads: dict[tuple[int, int], float] = {}
-    replicas: dict[tuple[int, int, int], float] = {}
+    replicas: dict[tuple[int, int], float] = {}
     if status in (SolveStatus.OPTIMAL, SolveStatus.TIME_LIMIT):
         for key, variable in formulation.workloads.items():
             value = variable.varValue or 0.0

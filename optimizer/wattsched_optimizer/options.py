@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from wattsched_optimizer.problem import (
     WorkUnit,
 )
 
+# Workloads with equal values of every field but `key` form one class.
+_CLASS_KEY = operator.attrgetter(*(f.name for f in dataclasses.fields(Workload) if f.name != "key"))
 # Quality is compared in steps of 0.01.
 QUALITY_STEPS = 100
 
@@ -489,13 +492,13 @@ def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
     current_by_workload: dict[str, list[CurrentPlacement]] = defaultdict(list)
     for placement in plan_input.current:
         current_by_workload[placement.workload].append(placement)
-    groups: dict[Workload, list[Workload]] = defaultdict(list)
+    groups: dict[tuple[object, ...], list[Workload]] = defaultdict(list)
     singles: list[Workload] = []
     for workload in sorted(plan_input.workloads, key=lambda w: w.key):
         if workload.key in current_by_workload:
             singles.append(workload)
         else:
-            groups[dataclasses.replace(workload, key="")].append(workload)
+            groups[_CLASS_KEY(workload)].append(workload)
     ordered: list[list[Workload]] = [members for members in groups.values()]
     ordered += [[workload] for workload in singles]
     ordered.sort(key=lambda members: members[0].key)

@@ -42,6 +42,8 @@ class ClusterState:
         self.pool_of_node: dict[str, Pool] = {}
         self.free: dict[str, int] = {}
         self.pool_free_gpus: dict[int, int] = {p.index: p.total_gpus for p in data.pools}
+        # (pool, free GPUs) -> how many of its nodes have exactly that many free.
+        self.nodes_with_free: dict[tuple[int, int], int] = defaultdict(int)
         # (pool, free GPUs) -> heap of (node position in pool, node): best fit, lowest name first.
         self._buckets: dict[tuple[int, int], list[tuple[int, str]]] = defaultdict(list)
         self._position: dict[str, int] = {}
@@ -51,6 +53,7 @@ class ClusterState:
                 self.free[node] = pool.gpus_per_node
                 self._position[node] = position
                 self._buckets[(pool.index, pool.gpus_per_node)].append((position, node))
+                self.nodes_with_free[(pool.index, pool.gpus_per_node)] += 1
         for heap in self._buckets.values():
             heapq.heapify(heap)
         self.headroom: dict[str, float] = {
@@ -81,6 +84,8 @@ class ClusterState:
     def _set_free(self, node: str, free: int) -> None:
         pool = self.pool_of_node[node]
         self.pool_free_gpus[pool.index] += free - self.free[node]
+        self.nodes_with_free[(pool.index, self.free[node])] -= 1
+        self.nodes_with_free[(pool.index, free)] += 1
         self.free[node] = free
         heapq.heappush(self._buckets[(pool.index, free)], (self._position[node], node))
 
@@ -274,7 +279,9 @@ class ClusterState:
         for o, option in enumerate(workload_class.options):
             pools = [self.data.pools[p] for p in workload_class.option_pools[o]]
             slots = sum(
-                self.free[n] // option.gpus_per_replica for pool in pools for n in pool.node_names
+                self.nodes_with_free[(pool.index, free)] * (free // option.gpus_per_replica)
+                for pool in pools
+                for free in range(option.gpus_per_replica, pool.gpus_per_node + 1)
             )
             if slots < option.replicas:
                 closest = min(closest, (option.replicas - slots, slots, option.replicas))

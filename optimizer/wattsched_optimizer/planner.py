@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from wattsched_optimizer.formulation import (
+    Formulation,
     SolveResult,
     SolveStatus,
     Weights,
@@ -165,7 +166,7 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         pack_started = time.perf_counter()
         state = ClusterState(data)
         left_out = dict(unplaced)
-        pending = _pack_solver_choice(data, state, result, prefer)
+        pending = _pack_solver_choice(data, state, result, formulation, prefer)
         for workload_class in data.classes:
             for member in workload_class.members:
                 if member.key not in state.placed and member.key not in pending:
@@ -261,63 +262,46 @@ def _pack_solver_choice(
     data: PlanData,
     state: ClusterState,
     result: SolveResult,
+    formulation: Formulation,
     prefer: Mapping[str, list[str]],
 ) -> list[str]:
     """Place what the solver chose, whole workloads at a time; return the keys that did not fit.
 
-    From the integer program, replica i goes to the pool the solver chose for it (repair: any
-    pool of the option if that fails). From the LP relaxation, each (class, option) runs
-    floor(value) workloads, on the option's pools in order of the relaxation's replica counts.
+    Each (class, option) runs floor(value) workloads (the value is an integer when the integer
+    program ran). Each replica goes preferably to the pool where the solver put the most replicas
+    of its type that are not yet taken, then to the type's other pools (packing repair).
     """
+    remaining: dict[tuple[int, int], float] = dict(result.replicas)
     jobs: list[tuple[tuple[int, int, int, str], Workload, int, int, list[list[int]]]] = []
     assigned: dict[int, int] = defaultdict(int)
-
-    def add_job(c: int, o: int, pools: list[list[int]]) -> None:
+    for (c, o), value in sorted(result.workloads.items()):
         workload_class = data.classes[c]
-        if assigned[c] >= len(workload_class.members):
-            return
-        member = workload_class.members[assigned[c]]
-        assigned[c] += 1
         option = workload_class.options[o]
-        order = (
-            0 if workload_class.pinned_nodes or member.key in prefer else 1,
-            -member.priority,
-            -option.gpus_per_replica,
-            member.key,
-        )
-        jobs.append((order, member, c, o, pools))
-
-    if result.relaxed:
-        for (c, o), value in sorted(result.workloads.items()):
-            option = data.classes[c].options[o]
-            pools = sorted(
-                data.classes[c].option_pools[o],
-                key=lambda p: (-result.replicas.get((c, o, p), 0.0), p),
+        t = formulation.option_type[(c, o)]
+        pools = formulation.replica_types[t].pools
+        for _ in range(math.floor(value + 1e-6)):
+            if assigned[c] >= len(workload_class.members):
+                break
+            member = workload_class.members[assigned[c]]
+            assigned[c] += 1
+            replica_pools = []
+            for _ in range(option.replicas):
+                ranked = sorted(pools, key=lambda p: (-remaining.get((t, p), 0.0), p))
+                remaining[(t, ranked[0])] = remaining.get((t, ranked[0]), 0.0) - 1.0
+                replica_pools.append(ranked)
+            order = (
+                0 if workload_class.pinned_nodes or member.key in prefer else 1,
+                -member.priority,
+                -option.gpus_per_replica,
+                member.key,
             )
-            for _ in range(math.floor(value + 1e-6)):
-                add_job(c, o, [pools] * option.replicas)
-    else:
-        by_option: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for (c, o, p), count in sorted(result.replicas.items()):
-            by_option[(c, o)].extend([p] * round(count))
-        for (c, o), flat in sorted(by_option.items()):
-            replicas = data.classes[c].options[o].replicas
-            for start in range(0, len(flat) - replicas + 1, replicas):
-                add_job(c, o, [[p] for p in flat[start : start + replicas]])
+            jobs.append((order, member, c, o, replica_pools))
     jobs.sort(key=lambda job: job[0])
     failed: list[str] = []
     for _, member, c, o, replica_pools in jobs:
-        workload_class = data.classes[c]
         assignment = state.place(
-            member, workload_class, o, replica_pools, prefer.get(member.key, ())
+            member, data.classes[c], o, replica_pools, prefer.get(member.key, ())
         )
-        if assignment is None:
-            # Packing repair: the same option on any of its pools.
-            option = workload_class.options[o]
-            any_pool = [list(workload_class.option_pools[o])] * option.replicas
-            assignment = state.place(
-                member, workload_class, o, any_pool, prefer.get(member.key, ())
-            )
         if assignment is None:
             failed.append(member.key)
     return failed
