@@ -93,11 +93,17 @@ class BaselinePolicy:
         )
 
     def _recommend(self, view: View, service: ServiceSpec, current: int) -> int | None:
-        """HPA's desired replicas, or None before any utilisation is known."""
-        samples = view.telemetry.recent(view.now_seconds, self.utilisation_window_seconds)
-        if current == 0 or not samples:
+        """HPA's desired replicas; None when the service has no replica yet (first decision)."""
+        if current == 0:
             return None
-        utilisation = sum(s.utilisation.get(service.key, 0.0) for s in samples) / len(samples)
+        samples = [
+            s
+            for s in view.telemetry.recent(view.now_seconds, self.utilisation_window_seconds)
+            if service.key in s.utilisation
+        ]
+        if not samples:
+            return current
+        utilisation = sum(s.utilisation[service.key] for s in samples) / len(samples)
         if samples[-1].backlog_tokens.get(service.key, 0.0) > 0 and utilisation > 0.9:
             utilisation = 1.0
         desired = math.ceil(current * utilisation / self.target_utilisation - 1e-9)

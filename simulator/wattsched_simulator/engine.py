@@ -279,7 +279,8 @@ class Simulation:
     def _prefill_telemetry(self) -> None:
         """History before t = 0: the run starts on a cluster that has been serving for a while.
 
-        Five minutes of samples at the mean demand of the first minute, visible at t = 0.
+        Five minutes of samples at the mean demand of the first minute, visible at t = 0, with
+        no utilisation (no replica was observed).
         """
         sc = self.scenario
         first_minute = max(1, round(60.0 / sc.step_seconds))
@@ -294,7 +295,7 @@ class Simulation:
                 window_end_seconds=-sc.telemetry.delay_seconds - (k - 1) * scrape,
                 demand_tokens_per_second=demand,
                 served_tokens_per_second=demand,
-                utilisation={key: 0.0 for key in demand},
+                utilisation={},  # unknown: no replica was observed
                 backlog_tokens={key: 0.0 for key in demand},
                 job_tokens_done={},
             )
