@@ -5,7 +5,8 @@ Modes:
   drives the GPUs through libnvidia-ml; `--backend simulated` impersonates the GPUs the node's
   labels describe (`nvidia.com/gpu.product`, `nvidia.com/gpu.count`).
 - `--backend simulated --all-nodes`: one process serving every node labelled
-  `nvidia.com/gpu.present=true` (the sandbox's KWOK nodes), one /metrics port per node on loopback.
+  `nvidia.com/gpu.present=true` (or `--node-selector`; the sandbox's KWOK nodes), one /metrics
+  port per node on loopback.
   `--targets-file` writes those ports as a Prometheus file_sd target list.
 
 Not for: deciding limits (the operator does) or anything but argument handling and wiring.
@@ -23,8 +24,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
+import pynvml
+
 from wattsched_agent.dcgm_metrics import MetricsServer
-from wattsched_agent.kube_access import GpuNodeInfo, KubeAccess
+from wattsched_agent.kube_access import GPU_NODE_SELECTOR, GpuNodeInfo, KubeAccess
 from wattsched_agent.node_agent import AgentRunner, ExitPolicy, NodeAgent
 from wattsched_agent.nvml_backend import NvmlBackend
 from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml, load_products
@@ -55,6 +58,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--all-nodes",
         action="store_true",
         help="simulated backend only: serve every node labelled nvidia.com/gpu.present=true",
+    )
+    parser.add_argument(
+        "--node-selector",
+        default=GPU_NODE_SELECTOR,
+        help=f"with --all-nodes: the nodes to serve (label selector, default {GPU_NODE_SELECTOR})",
     )
     parser.add_argument(
         "--kubeconfig",
@@ -106,6 +114,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--all-nodes needs --backend simulated (real GPUs have one agent per node)")
     if not args.all_nodes and not args.node_name:
         parser.error("--node-name (or env NODE_NAME) is required unless --all-nodes is given")
+    if args.simulate_fault and args.backend != "simulated":
+        parser.error("--simulate-fault needs --backend simulated")
     if args.interval_seconds <= 0:
         parser.error(f"--interval-seconds={args.interval_seconds} must be > 0")
     return args
@@ -129,10 +139,12 @@ def parse_faults(specs: list[str], node_names: list[str]) -> dict[str, dict[int,
 
 def build_agents(args: argparse.Namespace, kube: KubeAccess) -> dict[str, NodeAgent]:
     if args.backend == "nvml":
-        import pynvml  # noqa: PLC0415 - only the real backend loads libnvidia-ml
-
         return {args.node_name: NodeAgent(args.node_name, NvmlBackend(pynvml, "nvml"))}
-    nodes: list[GpuNodeInfo] = kube.gpu_nodes(None if args.all_nodes else args.node_name)
+    nodes: list[GpuNodeInfo] = (
+        kube.gpu_nodes(None, args.node_selector)
+        if args.all_nodes
+        else kube.gpu_nodes(args.node_name)
+    )
     catalogue = load_products(args.simulated_products)
     faults = parse_faults(args.simulate_fault, [node.name for node in nodes])
     agents: dict[str, NodeAgent] = {}
@@ -178,12 +190,8 @@ def main(argv: list[str]) -> int:
     kube = KubeAccess(args.kubeconfig)
     try:
         agents = build_agents(args, kube)
-        faults = parse_faults(args.simulate_fault, list(agents))
     except ValueError as error:
         print(f"wattsched agent: {error}", file=sys.stderr)
-        return 2
-    if args.backend == "nvml" and faults:
-        print("wattsched agent: --simulate-fault needs --backend simulated", file=sys.stderr)
         return 2
     address = args.metrics_address or ("127.0.0.1" if args.all_nodes else "0.0.0.0")
     servers = serve_metrics(agents, address, args.metrics_port, args.targets_file)

@@ -23,7 +23,7 @@ VERSION = "v1alpha1"
 PLURAL = "nodepowerprofiles"
 PRODUCT_LABEL = "nvidia.com/gpu.product"
 COUNT_LABEL = "nvidia.com/gpu.count"
-PRESENT_LABEL = "nvidia.com/gpu.present"
+GPU_NODE_SELECTOR = "nvidia.com/gpu.present=true"
 # Test and demo hook: a pod annotation saying how busy its GPUs are in the simulation (0..1).
 UTILISATION_ANNOTATION = "wattsched.io/simulated-utilisation"
 REQUEST_TIMEOUT_SECONDS = 10
@@ -94,8 +94,10 @@ class KubeAccess:
         decoded: dict[str, Any] = json.loads(response.data)
         return decoded
 
-    def gpu_nodes(self, node_name: str | None) -> list[GpuNodeInfo]:
-        """The named node, or every node labelled nvidia.com/gpu.present=true."""
+    def gpu_nodes(
+        self, node_name: str | None, selector: str = GPU_NODE_SELECTOR
+    ) -> list[GpuNodeInfo]:
+        """The named node, or every node matching the label selector."""
         if node_name is not None:
             node = self._json(
                 self.core.read_node(
@@ -105,7 +107,7 @@ class KubeAccess:
             return [node_gpu_info(node)]
         nodes = self._json(
             self.core.list_node(
-                label_selector=f"{PRESENT_LABEL}=true",
+                label_selector=selector,
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT_SECONDS,
             )

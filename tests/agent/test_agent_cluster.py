@@ -1,0 +1,253 @@
+"""`wattsched agent` on the sandbox: real API server, KWOK GPU nodes, simulated NVML.
+
+One `--all-nodes` agent process serves every GPU node except the L40S ones (a second, single-node
+agent takes gpu-l40s-00 to test the restore shutdown policy). NodePowerProfiles are created by
+hand here, as the operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from tests.conftest import Sandbox
+
+pytestmark = pytest.mark.cluster
+
+SERVED_SELECTOR = "nvidia.com/gpu.present=true,nvidia.com/gpu.product!=NVIDIA-L40S"
+
+
+def start_agent(sandbox: Sandbox, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`wattsched agent --backend simulated` against the sandbox, reconciling every second."""
+    command = [sys.executable, "-m", "wattsched_operator.cli", "agent", "--backend", "simulated"]
+    command += ["--kubeconfig", str(sandbox.kubeconfig), "--interval-seconds", "1", *args]
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def stop_agent(process: subprocess.Popen[bytes]) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    return process.returncode
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout_seconds: float = 30) -> Any:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_seconds}s waiting for {what}")
+
+
+def apply_profile(sandbox: Sandbox, node: str, limits: list[float]) -> None:
+    profile = {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "NodePowerProfile",
+        "metadata": {"name": node},
+        "spec": {
+            "nodeName": node,
+            "gpus": [{"index": i, "powerLimitWatts": w} for i, w in enumerate(limits)],
+        },
+    }
+    sandbox.kubectl("apply", "-f", "-", input=json.dumps(profile))
+
+
+def profile_object(sandbox: Sandbox, node: str) -> dict[str, Any]:
+    result = sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json")
+    profile: dict[str, Any] = json.loads(result.stdout)
+    return profile
+
+
+def applied_status(sandbox: Sandbox, node: str, condition_status: str) -> dict[str, Any] | None:
+    """The profile's status once the agent has handled its current generation."""
+    profile = profile_object(sandbox, node)
+    status: dict[str, Any] = profile.get("status") or {}
+    if status.get("observedGeneration") != profile["metadata"]["generation"]:
+        return None
+    conditions = {c["type"]: c for c in status.get("conditions", [])}
+    applied = conditions.get("Applied")
+    if applied is None or applied["status"] != condition_status:
+        return None
+    return status
+
+
+@pytest.fixture(scope="module")
+def fleet_agent(
+    sandbox: Sandbox, crds: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """The all-nodes agent; yields node -> metrics address (from its file_sd targets file)."""
+    workdir = tmp_path_factory.mktemp("fleet-agent")
+    targets_file = workdir / "targets.json"
+    process = start_agent(
+        sandbox,
+        workdir / "agent.log",
+        "--all-nodes",
+        "--node-selector",
+        SERVED_SELECTOR,
+        "--metrics-port",
+        "0",
+        "--targets-file",
+        str(targets_file),
+        "--simulate-fault",
+        "gpu-l4-01/2=no-permission",
+    )
+    wait_until("the agent's targets file", targets_file.exists)
+    targets = json.loads(targets_file.read_text())
+    addresses = {t["labels"]["wattsched_node"]: t["targets"][0] for t in targets}
+    yield addresses
+    assert stop_agent(process) == 0, (workdir / "agent.log").read_text()[-3000:]
+    for node in addresses:
+        sandbox.kubectl("delete", "nodepowerprofile", node, "--ignore-not-found", "--wait=false")
+
+
+def scrape(address: str) -> dict[str, list[Any]]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def test_all_nodes_mode_serves_every_selected_gpu_node(fleet_agent: dict[str, str]) -> None:
+    assert len(fleet_agent) == 14
+    assert "gpu-l40s-00" not in fleet_agent
+    samples = scrape(fleet_agent["gpu-h100-03"])["DCGM_FI_DEV_POWER_MGMT_LIMIT"]
+    assert len(samples) == 8
+    assert {sample.labels["Hostname"] for sample in samples} == {"gpu-h100-03"}
+
+
+def test_agent_applies_the_profile_and_reports_it_with_a_heartbeat(
+    sandbox: Sandbox, fleet_agent: dict[str, str]
+) -> None:
+    apply_profile(sandbox, "gpu-h100-00", [300.0] * 8)
+    status = wait_until("Applied=True", lambda: applied_status(sandbox, "gpu-h100-00", "True"))
+    assert [gpu["appliedWatts"] for gpu in status["gpus"]] == [300.0] * 8
+    assert status["targetWatts"] == status["appliedWatts"] == 2400
+    first = status["gpus"][0]
+    assert first["product"] == "NVIDIA-H100-80GB-HBM3"
+    assert (first["minWatts"], first["maxWatts"], first["defaultWatts"]) == (200, 700, 700)
+    assert first["uuid"].startswith("GPU-")
+    assert status["agent"]["ready"] is True
+    assert status["agent"]["backend"] == "simulated"
+    limits = scrape(fleet_agent["gpu-h100-00"])["DCGM_FI_DEV_POWER_MGMT_LIMIT"]
+    assert {sample.value for sample in limits} == {300.0}
+
+    heartbeat = status["agent"]["heartbeatTime"]
+    wait_until(
+        "a newer heartbeat",
+        lambda: (
+            profile_object(sandbox, "gpu-h100-00")["status"]["agent"]["heartbeatTime"] > heartbeat
+        ),
+        timeout_seconds=10,
+    )
+
+    apply_profile(sandbox, "gpu-h100-00", [650.0, *[300.0] * 7])
+    status = wait_until("the new limit", lambda: applied_status(sandbox, "gpu-h100-00", "True"))
+    assert status["gpus"][0]["appliedWatts"] == 650.0
+
+
+def test_a_gpu_without_permission_makes_applied_false_and_the_agent_keeps_reporting(
+    sandbox: Sandbox, fleet_agent: dict[str, str]
+) -> None:
+    apply_profile(sandbox, "gpu-l4-01", [50.0] * 4)
+    status = wait_until("Applied=False", lambda: applied_status(sandbox, "gpu-l4-01", "False"))
+    applied = {c["type"]: c for c in status["conditions"]}["Applied"]
+    assert applied["reason"] == "NoPermission"
+    assert "GPU 2" in applied["message"]
+    assert [gpu["appliedWatts"] for gpu in status["gpus"]] == [50.0, 50.0, 72.0, 50.0]
+    assert status["agent"]["ready"] is True
+    assert all("drawWatts" in gpu and "energyJoules" in gpu for gpu in status["gpus"])
+
+
+def test_a_workload_pod_makes_its_gpus_busy_and_labels_their_metrics(
+    sandbox: Sandbox, fleet_agent: dict[str, str], namespace: str
+) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "llama-0",
+            "namespace": namespace,
+            "labels": {"wattsched.io/workload": "llama"},
+        },
+        "spec": {
+            "nodeName": "gpu-a100-00",
+            "containers": [
+                {
+                    "name": "server",
+                    "image": "vllm/vllm-openai",
+                    "env": [{"name": "WATTSCHED_POWER_LIMIT_WATTS", "value": "400"}],
+                    "resources": {"limits": {"nvidia.com/gpu": "2"}},
+                }
+            ],
+        },
+    }
+    sandbox.kubectl("apply", "-f", "-", input=json.dumps(pod))
+
+    def busy_power() -> dict[str, Any] | None:
+        samples = scrape(fleet_agent["gpu-a100-00"])["DCGM_FI_DEV_POWER_USAGE"]
+        by_gpu = {sample.labels["gpu"]: sample for sample in samples}
+        return by_gpu if by_gpu["1"].value > 300 else None
+
+    by_gpu = wait_until("busy GPUs", busy_power)
+    assert by_gpu["0"].value == 380.0  # A100 busy draw below its 400 W default limit
+    assert by_gpu["0"].labels["pod"] == "llama-0"
+    assert by_gpu["1"].labels["namespace"] == namespace
+    assert by_gpu["2"].value == 55.0  # idle
+    assert "pod" not in by_gpu["2"].labels
+
+    sandbox.kubectl("delete", "pod", "llama-0", "-n", namespace, "--wait=false")
+    wait_until(
+        "idle GPUs after the pod is deleted",
+        lambda: scrape(fleet_agent["gpu-a100-00"])["DCGM_FI_DEV_POWER_USAGE"][1].value == 55.0,
+    )
+
+
+def test_single_node_agent_restores_defaults_on_shutdown_when_asked(
+    sandbox: Sandbox, crds: list[str], tmp_path: Path
+) -> None:
+    apply_profile(sandbox, "gpu-l40s-00", [200.0] * 4)
+    process = start_agent(
+        sandbox,
+        tmp_path / "agent.log",
+        "--node-name",
+        "gpu-l40s-00",
+        "--metrics-port",
+        "0",
+        "--shutdown-policy",
+        "restore",
+    )
+    try:
+        status = wait_until("Applied=True", lambda: applied_status(sandbox, "gpu-l40s-00", "True"))
+        assert [gpu["appliedWatts"] for gpu in status["gpus"]] == [200.0] * 4
+        assert stop_agent(process) == 0
+        status = profile_object(sandbox, "gpu-l40s-00")["status"]
+        assert status["agent"]["ready"] is False
+        applied = {c["type"]: c for c in status["conditions"]}["Applied"]
+        assert (applied["status"], applied["reason"]) == ("False", "DefaultsRestored")
+        assert [gpu["appliedWatts"] for gpu in status["gpus"]] == [350.0] * 4
+    finally:
+        stop_agent(process)
+        sandbox.kubectl("delete", "nodepowerprofile", "gpu-l40s-00", "--ignore-not-found")
