@@ -44,7 +44,6 @@ class ProductEnvelope:
 
     product: str
     nvml_name: str
-    memory_mib: int
     min_watts: float
     max_watts: float
     default_watts: float
@@ -69,7 +68,6 @@ def load_products(path: Path | None = None) -> dict[str, ProductEnvelope]:
             envelope = ProductEnvelope(
                 product=str(product),
                 nvml_name=str(fields["nvmlName"]),
-                memory_mib=int(fields["memoryMiB"]),
                 min_watts=float(fields["minWatts"]),
                 max_watts=float(fields["maxWatts"]),
                 default_watts=float(fields["defaultWatts"]),

@@ -180,19 +180,19 @@ def test_draw_follows_utilisation_and_limit_and_energy_integrates_it() -> None:
     clock = ManualClock()
     library = h100_node(clock=clock)
     backend = open_backend(library)
-    assert backend.sample(0).draw_watts == 70.0  # idle
+    assert backend.sample(0).draw_watts == 75.0  # idle
     library.set_utilisation(0, 1.0)
-    assert backend.sample(0).draw_watts == 650.0  # busy, uncapped
+    assert backend.sample(0).draw_watts == 609.0  # busy, uncapped
     backend.apply_limit(0, 400.0)
     assert backend.sample(0).draw_watts == 400.0  # busy, capped
     library.set_utilisation(0, 0.5)
-    assert backend.sample(0).draw_watts == pytest.approx(235.0)
+    assert backend.sample(0).draw_watts == pytest.approx(237.5)  # 75 + 0.5 * (400 - 75)
     start = backend.sample(0).energy_millijoules
     assert start is not None
     clock.now += 10.0
     end = backend.sample(0).energy_millijoules
     assert end is not None
-    assert end - start == pytest.approx(2_350_000, abs=1)
+    assert end - start == pytest.approx(2_375_000, abs=1)
     assert backend.sample(0).utilisation_percent == 50
 
 

@@ -51,7 +51,7 @@ def test_status_reports_applied_limits_and_the_applied_condition() -> None:
     gpu = status["gpus"][0]
     assert gpu["product"] == "NVIDIA-A100-SXM4-80GB"
     assert (gpu["minWatts"], gpu["maxWatts"], gpu["defaultWatts"]) == (100, 400, 400)
-    assert gpu["drawWatts"] == 55  # idle
+    assert gpu["drawWatts"] == 63  # idle
     assert status["agent"] == {
         "ready": True,
         "heartbeatTime": "2026-11-25T03:00:00Z",
@@ -151,9 +151,9 @@ def test_pods_get_gpus_in_creation_order_and_make_them_busy() -> None:
     assert 'pod="early"' in power["1"]
     assert 'pod="late"' in power["2"]
     assert "pod=" not in power["3"]
-    assert power["0"].endswith(" 177.5")  # 55 + 0.5 * (300 - 55)
-    assert power["2"].endswith(" 300")
-    assert power["3"].endswith(" 55")
+    assert power["0"].endswith(" 181.5")  # 63 + 0.5 * (300 - 63)
+    assert power["2"].endswith(" 300")  # busy (348 W) above the 300 W limit
+    assert power["3"].endswith(" 63")
 
 
 def test_more_gpus_requested_than_present_fill_the_node() -> None:

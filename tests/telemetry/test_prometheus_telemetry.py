@@ -90,7 +90,7 @@ def test_queries_return_what_the_agents_export(fleet: Fleet, prometheus: StartPr
     h100 = snapshot.node_watts["h100-a"]
     assert h100.metric == "rate(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION)"
     assert h100.value == pytest.approx(fleet.draw_watts("h100-a"), rel=0.01)
-    assert h100.value == pytest.approx(400 + 70, rel=0.01)  # one busy (capped), one idle
+    assert h100.value == pytest.approx(400 + 75, rel=0.01)  # one busy (capped), one idle
     assert snapshot.node_watts["l4-a"].value == pytest.approx(16 + 0.5 * (60 - 16), rel=0.01)
     assert snapshot.pod_watts["team-a", "llama-0"].value == pytest.approx(400, rel=0.01)
     assert snapshot.pod_watts["team-b", "small-0"].value == pytest.approx(38, rel=0.01)
