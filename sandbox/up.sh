@@ -220,7 +220,12 @@ else
 fi
 wait_for "kube-controller-manager /healthz" 30 curl -fsSk --max-time 2 "https://127.0.0.1:$CONTROLLER_MANAGER_PORT/healthz"
 wait_for "kube-scheduler /readyz" 30 curl -fsSk --max-time 2 "https://127.0.0.1:$SCHEDULER_PORT/readyz"
-wait_for "every node Ready" 60 kubectl_admin wait --for=condition=Ready nodes --all --timeout 2s
+all_nodes_ready() {
+  local statuses
+  statuses="$(kubectl_admin get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}')"
+  [[ -n "$statuses" ]] && ! grep -qv '^True$' <<<"$statuses"
+}
+wait_for "every node Ready" 120 all_nodes_ready
 wait_for "the default service account" 30 kubectl_admin get serviceaccount default -n default
 
 # --- Endpoints -----------------------------------------------------------------------------------
