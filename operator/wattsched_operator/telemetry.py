@@ -16,8 +16,9 @@ Energy over an interval uses `increase()` of the counters (robust to counter res
 of a power gauge times the interval when only a gauge exists. Tokens per second come from a
 configurable query (default: vLLM's `vllm:generation_tokens_total`).
 
-`Calibration` keeps the bounded, smoothed correction factors that turn the optimizer's modelled
-power/throughput into what is measured, per (product, workload type).
+`Calibrator` keeps the bounded, smoothed correction factors (the optimizer's `Calibration`) that
+turn the optimizer's modelled power/throughput into what is measured, per (product, workload
+type); the operator hands them to `CatalogueModel.calibrated` and exports them as metrics.
 
 Not for: writing status, deciding plans, or serving metrics.
 """
@@ -35,6 +36,9 @@ import requests
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
+
+from wattsched_optimizer.model import CALIBRATION_BOUNDS, Calibration
+from wattsched_optimizer.problem import WorkloadType
 
 PodKey = tuple[str, str]  # (namespace, name)
 
@@ -383,3 +387,73 @@ class TelemetryReader:
             return None
         value = float(rows[0]["value"][1])
         return None if math.isnan(value) or math.isinf(value) else value
+
+
+# ----- calibration ------------------------------------------------------------------------------
+
+CalibrationKey = tuple[str, WorkloadType]  # (normalised product, workload type)
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    """One replica's measured figures next to what the *uncalibrated* model predicted for it.
+
+    Compare with the uncalibrated model (`CatalogueModel()`), not the corrected one, or each
+    correction would be applied on top of the last. Per GPU: watts; per replica: tokens/s.
+    """
+
+    product: str
+    workload_type: WorkloadType
+    modelled_watts_per_gpu: float
+    measured_watts_per_gpu: float
+    modelled_tokens_per_second: float | None = None
+    measured_tokens_per_second: float | None = None
+
+
+class Calibrator:
+    """Exponentially smoothed, bounded correction factors per (product, workload type).
+
+    Each sample moves a factor `smoothing` of the way towards measured/modelled; factors stay in
+    the optimizer's CALIBRATION_BOUNDS, so one bad reading cannot make the model absurd. A sample
+    from stale telemetry must not be given (the caller checks `TelemetrySnapshot.stale`).
+    """
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"calibration smoothing={smoothing}: must be in (0, 1]")
+        self.smoothing = smoothing
+        self._factors: dict[CalibrationKey, Calibration] = {}
+        self._samples: dict[CalibrationKey, int] = {}
+
+    @staticmethod
+    def _bounded_ratio(measured: float | None, modelled: float | None) -> float | None:
+        if measured is None or modelled is None or modelled <= 0 or measured < 0:
+            return None
+        low, high = CALIBRATION_BOUNDS
+        return min(max(measured / modelled, low), high)
+
+    def _smoothed(self, old: float, ratio: float | None) -> float:
+        return old if ratio is None else old + self.smoothing * (ratio - old)
+
+    def observe(self, sample: CalibrationSample) -> Calibration:
+        """Fold one sample in; returns the key's new correction."""
+        key = (sample.product, sample.workload_type)
+        old = self._factors.get(key, Calibration())
+        power = self._bounded_ratio(sample.measured_watts_per_gpu, sample.modelled_watts_per_gpu)
+        throughput = self._bounded_ratio(
+            sample.measured_tokens_per_second, sample.modelled_tokens_per_second
+        )
+        new = Calibration(
+            throughput_factor=self._smoothed(old.throughput_factor, throughput),
+            power_factor=self._smoothed(old.power_factor, power),
+        ).bounded()
+        self._factors[key] = new
+        self._samples[key] = self._samples.get(key, 0) + 1
+        return new
+
+    def corrections(self) -> dict[CalibrationKey, Calibration]:
+        """The current factors, for `CatalogueModel.calibrated` and for metrics."""
+        return dict(self._factors)
+
+    def sample_count(self, key: CalibrationKey) -> int:
+        return self._samples.get(key, 0)
