@@ -20,12 +20,21 @@ if [[ "${1:-}" == "--dir" ]]; then echo "$bindir"; exit 0; fi
 
 export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOFLAGS="-mod=mod" GOTOOLCHAIN=local
 export CGO_ENABLED=0
+log() { echo "sandbox/build: $*" >&2; }
+# versions.env names the versions; each wrapper's go.mod must require exactly that one.
+for pin in "kubernetes k8s.io/kubernetes $KUBERNETES_VERSION" "etcd go.etcd.io/etcd/server/v3 $ETCD_VERSION" \
+  "kwok sigs.k8s.io/kwok $KWOK_VERSION" "helm helm.sh/helm/v3 $HELM_VERSION"; do
+  read -r wrapper module version <<<"$pin"
+  if ! grep -qE "^(require )?[[:space:]]*$module $version( |\$)" "$here/go/$wrapper/go.mod"; then
+    log "ERROR: versions.env pins $module $version but sandbox/go/$wrapper/go.mod requires another"
+    log "       version; update it: (cd sandbox/go/$wrapper && go get $module@$version && go mod tidy)"
+    exit 1
+  fi
+done
+need_go() { command -v go >/dev/null || { log "ERROR: no go toolchain on PATH (need Go >= 1.26)"; exit 1; }; }
 mkdir -p "$bindir"
 exec 9>"$cache/bin/.build.lock"
 flock 9
-
-log() { echo "sandbox/build: $*" >&2; }
-command -v go >/dev/null || { log "ERROR: no go toolchain on PATH (need Go >= 1.26)"; exit 1; }
 
 # build <wrapper dir> <version ldflags> <package>...: one `go build` per binary, skipped when cached.
 build() {
@@ -35,6 +44,7 @@ build() {
     name="$(basename "$pkg")"
     [[ "$name" == v3 ]] && name=etcd
     if [[ -x "$bindir/$name" ]]; then continue; fi
+    need_go
     log "building $name ($pkg)"
     local start=$SECONDS
     (cd "$here/go/$wrapper" && go build -trimpath -ldflags "-s -w $ldflags" -o "$bindir/$name.tmp" "$pkg")
@@ -59,6 +69,7 @@ build helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/h
 
 # KWOK's standalone binary needs its stages passed with --config; use the ones of the pinned module.
 if [[ ! -f "$bindir/kwok-stages.yaml" ]]; then
+  need_go
   kwok_module="$(cd "$here/go/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
   stages="$kwok_module/kustomize/stage"
   {
