@@ -286,9 +286,10 @@ def _pack_solver_choice(
             assigned[c] += 1
             replica_pools = []
             for _ in range(option.replicas):
-                ranked = sorted(pools, key=lambda p: (-remaining.get((t, p), 0.0), p))
-                remaining[(t, ranked[0])] = remaining.get((t, ranked[0]), 0.0) - 1.0
-                replica_pools.append(ranked)
+                # Most replicas still to place first; ties to the lower pool index.
+                best = max(pools, key=lambda p: (remaining.get((t, p), 0.0), -p))
+                remaining[(t, best)] = remaining.get((t, best), 0.0) - 1.0
+                replica_pools.append([best, *(p for p in pools if p != best)])
             order = (
                 0 if workload_class.pinned_nodes or member.key in prefer else 1,
                 -member.priority,
