@@ -259,3 +259,23 @@ def test_same_input_gives_the_same_plan() -> None:
     second = plan(PlanInput(nodes, work))
     assert first.placements == second.placements
     assert first.unplaced == second.unplaced
+
+
+@pytest.mark.parametrize(
+    ("changes", "constraint", "field"),
+    [
+        ({"allowed_products": frozenset({"L4"})}, "products", "spec.gpu.products"),
+        ({"gpus_per_replica": 16}, "gpus", "spec.gpu.count=16"),
+        ({"min_quality": 1.5}, "quality", "spec.minQuality"),
+        ({"max_power_watts_per_gpu": 50.0}, "power", "spec.energy.maxPowerWattsPerGPU=50"),
+        ({"tokens_per_second": 1e9}, "slo", "spec.slo.tokensPerSecond"),
+    ],
+)
+def test_a_workload_that_can_run_nowhere_says_which_field_to_change(
+    changes: dict[str, object], constraint: str, field: str
+) -> None:
+    result = plan(PlanInput(h100_nodes(1), (inference("team/s", **changes),)))
+    (left_out,) = result.unplaced
+    assert left_out.constraint == constraint
+    assert field in left_out.reason
+    assert left_out.reason.startswith("LLMWorkload team/s:")
