@@ -167,9 +167,10 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         state = ClusterState(data)
         left_out = dict(unplaced)
         pending = _pack_solver_choice(data, state, result, formulation, prefer)
+        waiting = set(pending)
         for workload_class in data.classes:
             for member in workload_class.members:
-                if member.key not in state.placed and member.key not in pending:
+                if member.key not in state.placed and member.key not in waiting:
                     pending.append(member.key)
         _fill_and_repair(
             data,
@@ -203,13 +204,14 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         bound = max(relaxation.bound, objective)
     solver_used = relaxation.solver
     timed_out = False
-    # 2. Not close enough: the integer program, within the time limit; the better plan wins.
+    # 2. Not close enough: the integer program, in the time left; the better plan wins.
     if relaxation.status is not SolveStatus.EMPTY and _gap(objective, bound) > options.relative_gap:
+        time_left = options.time_limit_seconds - (time.perf_counter() - started)
         exact = solve(
             formulation,
             solver=options.solver,
             relaxed=False,
-            time_limit_seconds=options.time_limit_seconds,
+            time_limit_seconds=max(time_left, 0.1),
             gap=options.relative_gap,
         )
         timings["solve"] += exact.seconds
