@@ -40,9 +40,8 @@ class PolicySettings:
     headroom: float = 1.4
     power_levels: int = 5
     plan_time_limit_seconds: float = 10.0
-    # Above the optimizer's default (0.05): in simulation, moving an inference replica costs a
-    # start-up's worth of capacity, and 0.05 churns enough to cost SLO (docs/evaluation.md).
-    churn_threshold: float = 0.25
+    # The operator's default; docs/evaluation.md shows the sensitivity.
+    churn_threshold: float = PlanOptions().churn_threshold
 
 
 def make_policy(name: str, truth: GroundTruth, settings: PolicySettings) -> Policy:
@@ -231,8 +230,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--churn-threshold",
         type=float,
-        default=0.25,
-        help="PlanOptions.churn_threshold for wattsched and oracle (default 0.25)",
+        default=PlanOptions().churn_threshold,
+        help="PlanOptions.churn_threshold for wattsched and oracle (default: the optimizer's)",
     )
     parser.add_argument(
         "--truth-throughput-scale",
