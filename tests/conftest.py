@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class Sandbox:
     def add_endpoint(self, name: str, url: str) -> None:
         """Record an endpoint (e.g. a Prometheus or agent URL) in endpoints.yaml."""
         _run_script(
-            ["python3", str(REPO_ROOT / "sandbox" / "endpoints.py"), "add", name, url],
+            [sys.executable, str(REPO_ROOT / "sandbox" / "endpoints.py"), "add", name, url],
             self.directory,
         )
 
