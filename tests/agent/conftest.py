@@ -1,0 +1,95 @@
+"""Helpers for tests that run `wattsched agent` against the sandbox (agent and telemetry tests).
+
+Import them with `from tests.agent.conftest import start_agent, ...`. Not for fixtures of the
+sandbox itself (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from tests.conftest import Sandbox
+
+
+def start_agent(sandbox: Sandbox, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`wattsched agent --backend simulated` against the sandbox, reconciling every second."""
+    command = [sys.executable, "-m", "wattsched_operator.cli", "agent", "--backend", "simulated"]
+    command += ["--kubeconfig", str(sandbox.kubeconfig), "--interval-seconds", "1", *args]
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def stop_agent(process: subprocess.Popen[bytes]) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    return process.returncode
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout_seconds: float = 30) -> Any:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_seconds}s waiting for {what}")
+
+
+def apply_profile(sandbox: Sandbox, node: str, limits: list[float]) -> None:
+    profile = {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "NodePowerProfile",
+        "metadata": {"name": node},
+        "spec": {
+            "nodeName": node,
+            "gpus": [{"index": i, "powerLimitWatts": w} for i, w in enumerate(limits)],
+        },
+    }
+    sandbox.kubectl("apply", "-f", "-", input=json.dumps(profile))
+
+
+def profile_object(sandbox: Sandbox, node: str) -> dict[str, Any]:
+    result = sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json")
+    profile: dict[str, Any] = json.loads(result.stdout)
+    return profile
+
+
+def applied_status(sandbox: Sandbox, node: str, condition_status: str) -> dict[str, Any] | None:
+    """The profile's status once the agent has handled its current generation."""
+    profile = profile_object(sandbox, node)
+    status: dict[str, Any] = profile.get("status") or {}
+    if status.get("observedGeneration") != profile["metadata"]["generation"]:
+        return None
+    conditions = {c["type"]: c for c in status.get("conditions", [])}
+    applied = conditions.get("Applied")
+    if applied is None or applied["status"] != condition_status:
+        return None
+    return status
+
+
+def scrape(address: str) -> dict[str, list[Any]]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
