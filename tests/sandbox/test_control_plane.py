@@ -74,6 +74,28 @@ def test_api_server_reports_the_pinned_kubernetes_version(sandbox: Sandbox) -> N
     assert versions["clientVersion"]["gitVersion"] == pinned
 
 
+def test_every_control_plane_endpoint_listed_in_endpoints_yaml_answers(sandbox: Sandbox) -> None:
+    endpoints = sandbox.endpoints()
+    assert endpoints["apiserver"] == sandbox.api_url
+    health_paths = {
+        "apiserver": "/readyz",
+        "etcd": "/health",
+        "kube-controller-manager": "/healthz",
+        "kube-scheduler": "/healthz",
+        "kwok": "/healthz",
+    }
+    pki = sandbox.directory / "pki"
+    for name, path in health_paths.items():
+        # The admin certificate for the API server; the others allow anonymous health checks.
+        answer = subprocess.run(
+            ["curl", "-fsS", "--max-time", "5", "--cacert", str(pki / "ca.crt"),
+             "--cert", str(pki / "admin.crt"), "--key", str(pki / "admin.key"),
+             *([] if name == "apiserver" else ["--insecure"]), endpoints[name] + path],
+            capture_output=True, text=True, check=False, timeout=30,
+        )  # fmt: skip
+        assert answer.returncode == 0, f"{name} {endpoints[name]}{path}: {answer.stderr}"
+
+
 def test_every_example_node_is_ready_with_its_gpus_allocatable(sandbox: Sandbox) -> None:
     expected = {
         node["metadata"]["name"]: node
