@@ -219,46 +219,54 @@ def _levels_for(
     return sorted(chosen)
 
 
-def _dominates(a: Option, b: Option) -> bool:
-    """`a` (same product as `b`) is as good in every tier and uses no more GPUs or budget watts.
-
-    Budget watts are what the replicas add over their GPUs' idle minimum, as the budget counts.
-    """
-    idle = product_spec(a.product).min_watts.value
-    return (
-        a.quality_loss <= b.quality_loss
-        and a.relative_cost <= b.relative_cost
-        and a.gpus <= b.gpus
-        and a.gpus * (a.power_limit_watts - idle) <= b.gpus * (b.power_limit_watts - idle)
-        and a.keeps_current >= b.keeps_current
-    )
-
-
 def prune_dominated(
     candidates: Sequence[tuple[Option, tuple[int, ...]]],
 ) -> list[tuple[Option, tuple[int, ...]]]:
-    """Drop (option, pools) pairs that another pair dominates (of two equal ones, the first stays).
+    """Drop (option, pools) pairs that another pair dominates (of equal ones, the first stays).
 
-    The dominating option must be allowed on every pool the other may use (an option below the
-    maximum level cannot use nodes whose agent is not ready).
+    `a` dominates `b` (same product) when `a` may use every pool `b` may (an option below the
+    maximum level cannot use nodes whose agent is not ready), is no worse in quality loss, energy
+    cost and stability, and uses no more GPUs and no more budget watts (what the replicas add
+    over their GPUs' idle minimum, as budgets count). Dominance is transitive, so each candidate,
+    in an order where dominators come first, is only compared with the ones kept so far.
     """
-    kept = []
-    for index, (option, pools) in enumerate(candidates):
-        dominated = any(
-            other.product == option.product
-            and set(other_pools) >= set(pools)
-            and _dominates(other, option)
-            and (
-                not _dominates(option, other)
-                or set(pools) > set(other_pools)
-                or other_index < index
-            )
-            for other_index, (other, other_pools) in enumerate(candidates)
-            if other_index != index
+
+    def signature(index: int) -> tuple[float, float, int, float, int, int, int]:
+        option, pools = candidates[index]
+        idle = product_spec(option.product).min_watts.value
+        extra = option.gpus * (option.power_limit_watts - idle)
+        return (
+            option.quality_loss,
+            option.relative_cost,
+            option.gpus,
+            extra,
+            -int(option.keeps_current),
+            -len(pools),
+            index,
         )
+
+    signatures = [signature(i) for i in range(len(candidates))]
+    kept: list[int] = []
+    for index in sorted(range(len(candidates)), key=signatures.__getitem__):
+        option, pools = candidates[index]
+        mine = signatures[index]
+        dominated = False
+        for other in kept:
+            theirs = signatures[other]
+            if (
+                candidates[other][0].product == option.product
+                and theirs[0] <= mine[0]
+                and theirs[1] <= mine[1]
+                and theirs[2] <= mine[2]
+                and theirs[3] <= mine[3]
+                and theirs[4] <= mine[4]
+                and set(candidates[other][1]) >= set(pools)
+            ):
+                dominated = True
+                break
         if not dominated:
-            kept.append((option, pools))
-    return kept
+            kept.append(index)
+    return [candidates[i] for i in sorted(kept)]
 
 
 def _no_option_reason(
@@ -396,7 +404,9 @@ def workload_options(
             current_product = node.product
             current_variant = first.variant
             current_level = first.power_limit_watts
-    raw: list[tuple[Option, float]] = []
+    # (product, variant, level, replicas, throughput, watts, cost, quality loss, keeps current)
+    raw: list[tuple[str, Variant, float, int, float, float, float, int, bool]] = []
+    pools_by_product: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for product in products:
         spec = product_spec(product)
         eligible = [
@@ -406,6 +416,10 @@ def workload_options(
         ]
         if not eligible:
             continue
+        pools_by_product[product] = (
+            tuple(pool.index for pool in eligible if pool.agent_ready),
+            tuple(pool.index for pool in eligible),
+        )
         memory = spec.memory_gib.value
         for variant in variants:
             if _memory_need_gib(workload, variant) > memory:
@@ -438,55 +452,106 @@ def workload_options(
                         and useful * workload.deadline_seconds < tokens_needed
                     ):
                         continue
-                gpus = replicas * workload.gpus_per_replica
                 # Tier 3: expected energy per unit of useful work (J per token).
-                cost = gpus * watts / useful
+                cost = replicas * workload.gpus_per_replica * watts / useful
                 quality_loss = 0
                 if workload.policy is not EnergyPolicy.EFFICIENCY:
                     quality_loss = round((best_quality - variant.quality) * QUALITY_STEPS)
                 keeps = product == current_product and variant.name == current_variant
-                option = Option(
-                    product=product,
-                    variant=variant,
-                    power_limit_watts=level,
-                    is_max_level=level >= spec.max_watts.value,
-                    replicas=replicas,
-                    gpus_per_replica=workload.gpus_per_replica,
-                    throughput_per_replica=throughput,
-                    expected_watts_per_gpu=watts,
-                    relative_cost=0.0,
-                    quality_loss=quality_loss,
-                    keeps_current=keeps,
+                raw.append(
+                    (
+                        product,
+                        variant,
+                        level,
+                        replicas,
+                        throughput,
+                        watts,
+                        cost,
+                        quality_loss,
+                        keeps,
+                    )
                 )
-                raw.append((option, cost))
     if not raw:
         return [], []
-    cheapest = min(cost for _, cost in raw)
-    options = []
-    for option, cost in raw:
+    cheapest = min(entry[6] for entry in raw)
+    candidates = []
+    for product, variant, level, replicas, throughput, watts, cost, quality_loss, keeps in raw:
         relative = cost / cheapest - 1.0
-        if option.keeps_current and workload.type is WorkloadType.INFERENCE:
+        if keeps and workload.type is WorkloadType.INFERENCE:
             # Stability: moving a running replica must gain more than the churn threshold.
             relative = max(0.0, relative - churn_threshold)
-        options.append(dataclasses.replace(option, relative_cost=round(relative, 9)))
-    candidates = []
-    for option in options:
-        option_pools = tuple(
-            pool.index
-            for pool in pools
-            if pool.product == option.product
-            and pool.gpus_per_node >= workload.gpus_per_replica
-            and (pool.agent_ready or option.is_max_level)
+        is_max = level >= product_spec(product).max_watts.value
+        ready_pools, all_pools = pools_by_product[product]
+        option_pools = all_pools if is_max else ready_pools
+        if not option_pools:
+            continue
+        option = Option(
+            product=product,
+            variant=variant,
+            power_limit_watts=level,
+            is_max_level=is_max,
+            replicas=replicas,
+            gpus_per_replica=workload.gpus_per_replica,
+            throughput_per_replica=throughput,
+            expected_watts_per_gpu=watts,
+            relative_cost=round(relative, 9),
+            quality_loss=quality_loss,
+            keeps_current=keeps,
         )
-        if option_pools:
-            candidates.append((option, option_pools))
+        candidates.append((option, option_pools))
     if prune:
         candidates = prune_dominated(candidates)
     return [o for o, _ in candidates], [p for _, p in candidates]
 
 
+class _RememberingModel:
+    """A `PerformanceModel` that evaluates each distinct question once per plan."""
+
+    def __init__(self, model: PerformanceModel) -> None:
+        self._model = model
+        self._throughput: dict[tuple[str, WorkloadType, float, int, float, float], float] = {}
+        self._power: dict[tuple[str, WorkloadType, float], float] = {}
+
+    def throughput_tokens_per_second(  # noqa: PLR0917 (the interface's positional contract)
+        self,
+        product: str,
+        workload_type: WorkloadType,
+        params_billions: float,
+        gpus: int,
+        relative_throughput: float,
+        power_limit_watts: float,
+    ) -> float:
+        key = (
+            product,
+            workload_type,
+            params_billions,
+            gpus,
+            relative_throughput,
+            power_limit_watts,
+        )
+        value = self._throughput.get(key)
+        if value is None:
+            value = self._model.throughput_tokens_per_second(*key)
+            self._throughput[key] = value
+        return value
+
+    def expected_power_watts(
+        self, product: str, workload_type: WorkloadType, power_limit_watts: float
+    ) -> float:
+        key = (product, workload_type, power_limit_watts)
+        value = self._power.get(key)
+        if value is None:
+            value = self._model.expected_power_watts(*key)
+            self._power[key] = value
+        return value
+
+    def idle_power_watts(self, product: str) -> float:
+        return self._model.idle_power_watts(product)
+
+
 def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
     """Pools, classes with their options, and the workloads that have no option at all."""
+    model = _RememberingModel(model)
     pools = build_pools(plan_input)
     node_by_name = {node.name: node for node in plan_input.nodes}
     current_by_workload: dict[str, list[CurrentPlacement]] = defaultdict(list)
