@@ -52,7 +52,17 @@ MAX_BACKOFF_SECONDS = 300.0
 T = TypeVar("T")
 
 PlanFunction = Callable[[PlanInput], Plan]
-InputBuilder = Callable[[ClusterView, frozenset[str], datetime], PlanInput]
+
+
+@dataclass(frozen=True)
+class PlannedInput:
+    """The optimizer's input, and the workloads left out as invalid (key -> error message)."""
+
+    plan_input: PlanInput
+    rejected: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+InputBuilder = Callable[[ClusterView, frozenset[str], datetime], PlannedInput]
 
 
 @dataclass(frozen=True)
@@ -213,7 +223,10 @@ class PlanningLoop:
             and key not in life.failed
         }
         active_view = dataclasses.replace(view, workloads=active)
-        plan_input = self.build_input(active_view, self.unconfirmed, now)
+        built = self.build_input(active_view, self.unconfirmed, now)
+        plan_input = built.plan_input
+        await self._report_rejected(view, built.rejected, now)
+        active = {k: v for k, v in active.items() if k not in built.rejected}
         started = time.monotonic()
         plan = await self._call(self.plan_function, plan_input)
         self.metrics.plans.labels(status=str(plan.status)).inc()
@@ -287,6 +300,35 @@ class PlanningLoop:
                     wake = time.monotonic() + (due - now).total_seconds()
                     life.wake_at = wake if life.wake_at is None else min(life.wake_at, wake)
         return life
+
+    async def _report_rejected(
+        self, view: ClusterView, rejected: Mapping[str, str], now: datetime
+    ) -> None:
+        """Mark workloads the API models reject: Admitted=False with the error, and an Event."""
+        for key, message in rejected.items():
+            body = view.workloads.get(key)
+            if body is None:
+                continue
+            previous = body.get("status") or {}
+            admitted = next(
+                (c for c in previous.get("conditions") or [] if c.get("type") == "Admitted"), None
+            )
+            if admitted is not None and admitted.get("message") == message:
+                continue
+            condition = statuses.condition(
+                previous.get("conditions") or [],
+                "Admitted",
+                False,
+                "InvalidSpec",
+                message,
+                now=now,
+                observed_generation=int(body["metadata"].get("generation") or 1),
+            )
+            meta = body["metadata"]
+            path = workloads_path(meta["namespace"], meta["name"]) + "/status"
+            status = {"phase": statuses.PENDING, "conditions": [condition], "message": message}
+            await self._gather([self._call(self.kube.merge_patch, path, {"status": status})])
+            await self._event(body, "Warning", "InvalidSpec", message)
 
     async def _count_failure(
         self, workload: Body, pod: Body, failures: int, retry_after: str
@@ -388,9 +430,15 @@ class PlanningLoop:
             for (ns, name), watts in changes.relabel_power.items()
         )
 
-        # 4. Raise limits, only when every lowering was confirmed.
+        # 4. Raise limits, only when every lowering was confirmed. The round ends when the agents
+        # report the raised limits too, so the next plan does not see those nodes as unconfirmed.
         if not unconfirmed:
-            await self._write_limits(view, steps.raise_)
+            raised = await self._write_limits(view, steps.raise_)
+            slow = await self._wait_confirmed(raised)
+            if slow:
+                logger.info(
+                    "agents on %s have not yet applied raised limits", ", ".join(sorted(slow))
+                )
 
     async def _gather(self, calls: Iterable[Awaitable[Any]]) -> None:
         results = await asyncio.gather(*calls, return_exceptions=True)

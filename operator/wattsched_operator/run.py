@@ -1,0 +1,231 @@
+"""`wattsched operator`: run the kopf operator with the planning loop, metrics and health probe.
+
+Parses the command line, builds the cache, the Kubernetes client, the metrics and the planning
+loop, and hands the handlers in `handlers` to `kopf.run`. With peering (the default) only the
+operator with the highest priority among live peers plans and applies; `--standalone` skips
+peering for development. Not for the logic of planning or applying (`loop`, `desired`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import socket
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import kopf
+
+from wattsched_operator import handlers, snapshot
+from wattsched_operator.cache import ClusterCache, ClusterView
+from wattsched_operator.kube import Kube, KubeError
+from wattsched_operator.loop import InputBuilder, LoopSettings, PlannedInput, PlanningLoop
+from wattsched_operator.metrics import OperatorMetrics
+from wattsched_optimizer.planner import plan
+
+logger = logging.getLogger("wattsched.operator")
+
+PEERING_PATH = "/apis/kopf.dev/v1/clusterkopfpeerings"
+PEER_DEFAULT_LIFETIME_SECONDS = 60
+# How long a silent peer keeps its rank: the time another replica takes over after a crash.
+PEER_LIFETIME_SECONDS = 15
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="wattsched operator",
+        description="Run the wattsched operator: plan LLMWorkloads under EnergyBudgets and apply "
+        "the plans as pods and NodePowerProfiles.",
+    )
+    parser.add_argument(
+        "--standalone", action="store_true", help="run without peering (development)"
+    )
+    parser.add_argument(
+        "--peering",
+        default="wattsched",
+        help="name of the ClusterKopfPeering object shared by operator replicas "
+        "(created if missing; needs crds/kopf/clusterkopfpeerings.yaml)",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority (default: random, so two replicas never tie)",
+    )
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="handle LLMWorkloads only in this namespace (repeatable; default: all)",
+    )
+    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    parser.add_argument("--debounce-seconds", type=float, default=1.0)
+    parser.add_argument(
+        "--replan-seconds",
+        "--replan-interval-seconds",
+        dest="replan_seconds",
+        type=float,
+        default=60.0,
+        help="periodic re-plan (telemetry, deadlines) even without changes",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout-seconds",
+        type=float,
+        default=120.0,
+        help="an agent silent for longer counts as not ready (its node at maximum power)",
+    )
+    parser.add_argument(
+        "--confirm-timeout-seconds",
+        type=float,
+        default=15.0,
+        help="how long to wait for agents to confirm lowered limits",
+    )
+    parser.add_argument("--backoff-limit", type=int, default=3, help="retries of failed replicas")
+    parser.add_argument("--backoff-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("WATTSCHED_PROMETHEUS_URL"),
+        help="Prometheus with DCGM/Kepler metrics for measured power (optional)",
+    )
+    parser.add_argument("--metrics-port", type=int, default=8080, help="0 disables /metrics")
+    parser.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(list(argv))
+
+
+def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
+    """The snapshot reader that turns the cache into the optimizer's input.
+
+    Bad LLMWorkloads are left out (and reported) rather than stopping the plan for the others.
+    """
+
+    def build(view: ClusterView, unconfirmed: frozenset[str], now: datetime) -> PlannedInput:
+        objects = snapshot.ClusterObjects(
+            nodes=tuple(view.nodes.values()),
+            workloads=tuple(view.workloads.values()),
+            budgets=tuple(view.budgets.values()),
+            profiles=tuple(view.profiles.values()),
+            pods=tuple(view.pods.values()),
+        )
+        result = snapshot.build_snapshot(
+            objects,
+            now=now,
+            strict=False,
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+            unconfirmed_nodes=unconfirmed,
+        )
+        rejected = {error.name: str(error) for error in result.rejected}
+        return PlannedInput(plan_input=result.plan_input, rejected=rejected)
+
+    return build
+
+
+def is_live(peer: dict[str, Any], now: datetime) -> bool:
+    """Whether a kopf peering record is still fresh (kopf's own rule: lastseen + lifetime)."""
+    try:
+        seen = datetime.fromisoformat(str(peer["lastseen"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return False
+    if seen.tzinfo is None:
+        seen = seen.replace(tzinfo=UTC)
+    lifetime = float(peer.get("lifetime") or PEER_DEFAULT_LIFETIME_SECONDS)
+    return (now - seen).total_seconds() < lifetime
+
+
+def leads(peers: dict[str, Any], identity: str, priority: int, now: datetime) -> bool:
+    """Whether `identity` is registered and outranks every other live peer."""
+    if identity not in peers:
+        return False
+    others = [
+        p for name, p in peers.items() if name != identity and p is not None and is_live(p, now)
+    ]
+    return all(int(p.get("priority") or 0) < priority for p in others)
+
+
+def ensure_peering(kube: Kube, name: str) -> None:
+    try:
+        kube.create(
+            PEERING_PATH,
+            {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
+        )
+    except KubeError as error:
+        if error.status != 409:
+            raise
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    kube = Kube(args.kubeconfig)
+    cache = ClusterCache()
+    metrics = OperatorMetrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    identity = os.environ.get("WATTSCHED_POD_NAME") or f"{socket.gethostname()}/{os.getpid()}"
+    priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
+    if not args.standalone:
+        ensure_peering(kube, args.peering)
+
+    async def am_leader() -> bool:
+        if args.standalone:
+            return True
+        body = await asyncio.to_thread(kube.get, f"{PEERING_PATH}/{args.peering}")
+        return leads(body.get("status") or {}, identity, priority, datetime.now(UTC))
+
+    loop_settings = LoopSettings(
+        debounce_seconds=args.debounce_seconds,
+        replan_seconds=args.replan_seconds,
+        confirm_timeout_seconds=args.confirm_timeout_seconds,
+        backoff_limit=args.backoff_limit,
+        backoff_seconds=args.backoff_seconds,
+        namespaces=tuple(args.namespace),
+    )
+    build_input = build_input_function(args.heartbeat_timeout_seconds)
+
+    @kopf.on.startup()
+    async def start_loop(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+        settings.persistence.finalizer = "wattsched.io/release-power"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+            prefix="wattsched.io"
+        )
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="wattsched.io"
+        )
+        settings.posting.level = logging.WARNING
+        settings.peering.lifetime = PEER_LIFETIME_SECONDS
+        loop = PlanningLoop(
+            cache=cache,
+            kube=kube,
+            settings=loop_settings,
+            build_input=build_input,
+            plan_function=plan,
+            metrics=metrics,
+            is_leader=am_leader,
+        )
+        memo.task = asyncio.create_task(loop.run(), name="wattsched planning loop")
+
+    @kopf.on.cleanup()
+    async def stop_loop(memo: Any, **_: Any) -> None:
+        task = getattr(memo, "task", None)
+        if task is not None:
+            task.cancel()
+
+    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+    logger.info("wattsched operator %s (priority %d) starting", identity, priority)
+    kopf.run(
+        standalone=args.standalone,
+        peering_name=None if args.standalone else args.peering,
+        priority=priority,
+        identity=cast(Any, identity),  # kopf's Identity is a NewType of str
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=liveness,
+        memo=kopf.Memo(state=handlers.OperatorMemo(cache=cache, kube=kube)),
+    )
+    return 0

@@ -1,0 +1,440 @@
+"""The operator end to end on the sandbox: real kube-apiserver, kube-scheduler, KWOK nodes, and the
+simulated agents writing NodePowerProfile status. The operator runs as a subprocess.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+from kubernetes import client, config, watch
+
+from tests.operator.conftest import (
+    REPO_ROOT,
+    TEST_LABEL,
+    StartOperator,
+    get_json,
+    phase_of,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import Sandbox
+
+pytestmark = pytest.mark.cluster
+
+EXAMPLES = REPO_ROOT / "examples"
+WORKLOAD_EXAMPLES = sorted(
+    path
+    for path in EXAMPLES.glob("*.yaml")
+    if any(doc and doc.get("kind") == "LLMWorkload" for doc in yaml.safe_load_all(path.read_text()))
+)
+
+
+def workload(
+    name: str,
+    *,
+    type_: str = "Inference",
+    gpus: int = 1,
+    priority: int = 0,
+    preemptible: bool | None = None,
+    replicas: int = 1,
+    max_replicas: int | None = None,
+    tokens_per_second: float = 100,
+    products: list[str] | None = None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "type": type_,
+        "model": {"name": "meta-llama/Llama-3.1-8B", "parametersBillions": 8},
+        "gpu": {"count": gpus, **({"products": products} if products else {})},
+        "priority": priority,
+        "template": {"spec": {"containers": [{"name": "main", "image": "busybox"}]}},
+    }
+    if type_ == "Inference":
+        spec["slo"] = {"tokensPerSecond": tokens_per_second}
+        spec["minReplicas"] = replicas
+        spec["maxReplicas"] = max_replicas or replicas
+    else:
+        spec["replicas"] = replicas
+        spec["slo"] = {"totalWork": {"tokens": 1_000_000_000}}
+    if preemptible is not None:
+        spec["preemptible"] = preemptible
+    return {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "LLMWorkload",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def budget(name: str, cap_watts: float, match_labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "EnergyBudget",
+        "metadata": {"name": name, "labels": {TEST_LABEL: "operator"}},
+        "spec": {"nodeSelector": {"matchLabels": match_labels}, "powerCapWatts": cap_watts},
+    }
+
+
+def apply(sandbox: Sandbox, namespace: str | None, *objects: dict[str, Any]) -> None:
+    args = ["apply", "-f", "-"] + (["-n", namespace] if namespace else [])
+    sandbox.kubectl(*args, input=yaml.safe_dump_all(objects))
+
+
+def pods_of(sandbox: Sandbox, namespace: str, name: str | None = None) -> list[dict[str, Any]]:
+    selector = f"wattsched.io/workload={name}" if name else "wattsched.io/workload"
+    items: list[dict[str, Any]] = get_json(sandbox, "pods", "-n", namespace, "-l", selector)[
+        "items"
+    ]
+    return items
+
+
+def running_on_planned_nodes(sandbox: Sandbox, namespace: str, name: str) -> bool:
+    body = get_json(sandbox, "llmworkload", name, "-n", namespace)
+    status = body.get("status") or {}
+    placements = status.get("placements") or []
+    if status.get("phase") != "Running" or not placements:
+        return False
+    pods = {
+        int(p["metadata"]["labels"]["wattsched.io/replica"]): p
+        for p in pods_of(sandbox, namespace, name)
+    }
+    return all(
+        (pod := pods.get(pl["replica"])) is not None
+        and pod["spec"].get("nodeName") == pl["node"]
+        and pod["status"].get("phase") == "Running"
+        for pl in placements
+    )
+
+
+def profile_limits(sandbox: Sandbox, node: str) -> tuple[list[float], list[float]]:
+    body = get_json(sandbox, "nodepowerprofile", node)
+    spec = [float(g["powerLimitWatts"]) for g in body["spec"]["gpus"]]
+    applied = [float(g["appliedWatts"]) for g in (body.get("status") or {}).get("gpus") or []]
+    return spec, applied
+
+
+def ensure_volume_claims(sandbox: Sandbox, namespace: str, paths: list[Path]) -> None:
+    """Bind a hostPath PersistentVolume to every claim the examples' pod templates name."""
+    claims: set[str] = set()
+    for path in paths:
+        for doc in yaml.safe_load_all(path.read_text()):
+            template = ((doc or {}).get("spec") or {}).get("template") or {}
+            for volume in (template.get("spec") or {}).get("volumes") or []:
+                if "persistentVolumeClaim" in volume:
+                    claims.add(volume["persistentVolumeClaim"]["claimName"])
+    for claim in sorted(claims):
+        volume_name = f"{namespace[-6:]}-{claim}"[:63].rstrip("-")
+        apply(
+            sandbox,
+            None,
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": volume_name, "labels": {TEST_LABEL: "operator"}},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadWriteMany"],
+                    "hostPath": {"path": f"/tmp/{volume_name}"},
+                    "storageClassName": "",
+                    "claimRef": {"namespace": namespace, "name": claim},
+                },
+            },
+        )
+        apply(
+            sandbox,
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "resources": {"requests": {"storage": "1Gi"}},
+                    "storageClassName": "",
+                    "volumeName": volume_name,
+                },
+            },
+        )
+
+
+def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    start_operator()
+    ensure_volume_claims(sandbox, namespace, WORKLOAD_EXAMPLES)
+    for path in WORKLOAD_EXAMPLES:
+        sandbox.kubectl("apply", "-n", namespace, "-f", str(path))
+    names = [
+        doc["metadata"]["name"]
+        for path in WORKLOAD_EXAMPLES
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "LLMWorkload"
+    ]
+    for name in names:
+
+        def placed_and_running(name: str = name) -> bool:
+            return running_on_planned_nodes(sandbox, namespace, name)
+
+        wait_until(f"{name} Running on its planned nodes", placed_and_running, 90)
+    for name in names:
+        status = get_json(sandbox, "llmworkload", name, "-n", namespace)["status"]
+        for placement in status["placements"]:
+            spec, _ = profile_limits(sandbox, placement["node"])
+            assert spec.count(placement["powerLimitWatts"]) >= placement["gpus"], (
+                f"{name}: NodePowerProfile {placement['node']} lacks the planned limit"
+            )
+
+            def agent_applied(node: str = placement["node"]) -> bool:
+                spec_now, applied_now = profile_limits(sandbox, node)
+                return applied_now == spec_now
+
+            wait_until(f"agent applied the limits on {placement['node']}", agent_applied)
+    table = sandbox.kubectl("get", "llmworkloads", "-n", namespace).stdout
+    assert "PHASE" in table
+    assert "POWER(W)" in table
+    for name in names:
+        row = next(line for line in table.splitlines() if line.startswith(name + " "))
+        assert "Running" in row.split()
+
+
+class LimitWatcher(threading.Thread):
+    """Watches NodePowerProfiles and records the sum of limits in a set of nodes per event."""
+
+    def __init__(self, kubeconfig: Path, nodes: set[str]) -> None:
+        super().__init__(daemon=True)
+        self.nodes = nodes
+        self.spec: dict[str, float] = {}
+        self.applied: dict[str, float] = {}
+        self.samples: list[tuple[float, float, float]] = []  # (time, spec sum, applied sum)
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=str(kubeconfig)
+        )
+        self.api = client.CustomObjectsApi(api_client)
+
+    def run(self) -> None:
+        stream = watch.Watch()  # type: ignore[no-untyped-call]
+        self.ready.set()
+        while not self.stopping.is_set():
+            for event in stream.stream(  # type: ignore[no-untyped-call]
+                self.api.list_cluster_custom_object,
+                "wattsched.io",
+                "v1alpha1",
+                "nodepowerprofiles",
+                timeout_seconds=5,
+            ):
+                body = event["object"]
+                node = body["metadata"]["name"]
+                if node not in self.nodes:
+                    continue
+                self.spec[node] = sum(g["powerLimitWatts"] for g in body["spec"]["gpus"])
+                gpus = (body.get("status") or {}).get("gpus") or []
+                self.applied[node] = sum(g.get("appliedWatts") or 0 for g in gpus)
+                self.samples.append(
+                    (time.monotonic(), sum(self.spec.values()), sum(self.applied.values()))
+                )
+                if self.stopping.is_set():
+                    break
+
+
+def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_cap(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    nodes = {"gpu-l40s-00", "gpu-l40s-01"}
+    scope = {"nvidia.com/gpu.product": "NVIDIA-L40S"}
+    start_operator()
+    apply(sandbox, None, budget("l40s-test", 4000, scope))
+    products = ["NVIDIA-L40S"]
+    # One replica at a high limit serves the demand while the cap allows; under the lowered cap
+    # only two replicas at a low limit do, and that needs the batch job's GPUs.
+    apply(
+        sandbox,
+        namespace,
+        workload(
+            "important",
+            gpus=4,
+            priority=100,
+            products=products,
+            preemptible=False,
+            max_replicas=2,
+            tokens_per_second=4500,
+        ),
+        workload(
+            "batch",
+            type_="BatchInference",
+            gpus=4,
+            priority=0,
+            products=products,
+            preemptible=True,
+        ),
+    )
+    for name in ("important", "batch"):
+
+        def placed_and_running(name: str = name) -> bool:
+            return running_on_planned_nodes(sandbox, namespace, name)
+
+        wait_until(f"{name} Running", placed_and_running, 90)
+    watcher = LimitWatcher(sandbox.kubeconfig, nodes)
+    watcher.start()
+    watcher.ready.wait()
+    time.sleep(1)  # the watch lists every profile first
+    before = watcher.samples[-1]
+    new_cap = 1500.0
+    lowered_at = time.monotonic()
+    apply(sandbox, None, budget("l40s-test", new_cap, scope))
+    wait_until("batch preempted", lambda: phase_of(sandbox, namespace, "batch") == "Preempted", 90)
+    wait_until(
+        "limits within the new cap",
+        lambda: watcher.samples and watcher.samples[-1][1] <= new_cap,
+        60,
+    )
+    time.sleep(3)
+    watcher.stopping.set()
+    assert running_on_planned_nodes(sandbox, namespace, "important")
+    assert pods_of(sandbox, namespace, "batch") == []
+    after = [s for s in watcher.samples if s[0] >= lowered_at]
+    assert after, "no NodePowerProfile change observed after the budget was lowered"
+    # Until the new cap is reached, limits only go down; once reached, they stay under it.
+    spec_sums = [before[1]] + [s[1] for s in after]
+    reached = next(i for i, total in enumerate(spec_sums) if total <= new_cap)
+    assert all(b >= a for a, b in zip(spec_sums[1 : reached + 1], spec_sums[:reached], strict=True))
+    assert max(spec_sums[reached:]) <= new_cap
+    applied_sums = [s[2] for s in after]
+    applied_reached = next(
+        (i for i, total in enumerate(applied_sums) if total <= new_cap), len(applied_sums)
+    )
+    assert max(applied_sums[applied_reached:], default=0.0) <= new_cap
+    batch = get_json(sandbox, "llmworkload", "batch", "-n", namespace)["status"]
+    schedulable = next(c for c in batch["conditions"] if c["type"] == "Schedulable")
+    assert schedulable["status"] == "False"
+    events = sandbox.kubectl("get", "events", "-n", namespace).stdout
+    assert "Preempted" in events
+
+
+def test_a_deleted_node_has_its_workloads_placed_elsewhere(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    start_operator()
+    apply(sandbox, namespace, workload("movable", gpus=2, products=["NVIDIA-A100-SXM4-80GB"]))
+    wait_until("movable Running", lambda: running_on_planned_nodes(sandbox, namespace, "movable"))
+    status = get_json(sandbox, "llmworkload", "movable", "-n", namespace)["status"]
+    node = status["placements"][0]["node"]
+    node_body = get_json(sandbox, "node", node)
+    try:
+        sandbox.kubectl("delete", "node", node)
+
+        def moved() -> bool:
+            placements = (
+                get_json(sandbox, "llmworkload", "movable", "-n", namespace).get("status") or {}
+            ).get("placements") or []
+            return (
+                bool(placements)
+                and placements[0]["node"] != node
+                and running_on_planned_nodes(sandbox, namespace, "movable")
+            )
+
+        wait_until(f"movable re-placed away from deleted {node}", moved, timeout_seconds=90)
+    finally:
+        restore = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                k: v
+                for k, v in node_body["metadata"].items()
+                if k in {"name", "labels", "annotations"}
+            },
+            "status": {
+                k: v for k, v in node_body["status"].items() if k in {"capacity", "allocatable"}
+            },
+        }
+        apply(sandbox, None, restore)
+
+
+def test_a_kill_9_during_a_burst_loses_and_duplicates_nothing(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    first = start_operator()
+    count = 100
+    apply(
+        sandbox,
+        namespace,
+        *(workload(f"burst-{i:03d}", tokens_per_second=10) for i in range(count)),
+    )
+
+    def some_pods_exist() -> bool:
+        return len(pods_of(sandbox, namespace)) > 0
+
+    wait_until("the first pods of the burst", some_pods_exist, timeout_seconds=60, interval=0.05)
+    first.kill()
+    pods_at_kill = len(pods_of(sandbox, namespace))
+    start_operator()
+
+    def all_running() -> bool:
+        pods = pods_of(sandbox, namespace)
+        running = [p for p in pods if p["status"].get("phase") == "Running"]
+        return len(running) == count
+
+    wait_until(f"{count} pods Running", all_running, timeout_seconds=180, interval=1)
+    pods = pods_of(sandbox, namespace)
+    per_replica = Counter(
+        (
+            p["metadata"]["labels"]["wattsched.io/workload"],
+            p["metadata"]["labels"]["wattsched.io/replica"],
+        )
+        for p in pods
+    )
+    assert len(pods) == count
+    assert max(per_replica.values()) == 1
+    assert {w for w, _ in per_replica} == {f"burst-{i:03d}" for i in range(count)}
+    assert pods_at_kill < count, "the kill came after the burst was done; the test proved nothing"
+
+
+def test_two_peered_operators_let_exactly_one_act(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    peering = f"test-{namespace}"[:63]
+    peering_crd = REPO_ROOT / "charts/wattsched/crds/kopf.dev_clusterkopfpeerings.yaml"
+    sandbox.kubectl("apply", "-f", str(peering_crd))
+    sandbox.kubectl(
+        "wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s"
+    )
+    low = start_operator("--peering", peering, "--priority", "10", standalone=False)
+    high = start_operator("--peering", peering, "--priority", "20", standalone=False)
+    apply(sandbox, namespace, workload("peered"))
+    wait_until(
+        "peered Running",
+        lambda: running_on_planned_nodes(sandbox, namespace, "peered"),
+        timeout_seconds=90,
+    )
+    assert high.plans() > 0
+    assert low.plans() == 0
+    sandbox.kubectl("delete", "clusterkopfpeering", peering, "--wait=false", check=False)
+
+
+def test_a_workload_that_can_never_fit_is_unschedulable_with_the_binding_constraint(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    start_operator()
+    apply(sandbox, namespace, workload("too-big", gpus=64))
+
+    def unschedulable() -> dict[str, Any] | None:
+        status = get_json(sandbox, "llmworkload", "too-big", "-n", namespace).get("status") or {}
+        found = next(
+            (c for c in status.get("conditions") or [] if c["type"] == "Schedulable"), None
+        )
+        return found if found and found["status"] == "False" else None
+
+    condition = wait_until("Schedulable=False", unschedulable)
+    assert condition["reason"] not in {"", "Unplaced"}
+    assert "GPU" in condition["message"] or "gpu" in condition["message"]
+    assert pods_of(sandbox, namespace, "too-big") == []
+    assert phase_of(sandbox, namespace, "too-big") == "Pending"
+    events = sandbox.kubectl("get", "events", "-n", namespace).stdout
+    assert "Unschedulable" in events
