@@ -61,10 +61,13 @@ class Chart:
         return result
 
     def template_args(
-        self, values_files: tuple[Path, ...] = (), set_values: tuple[str, ...] = ()
+        self,
+        values_files: tuple[Path, ...] = (),
+        set_values: tuple[str, ...] = (),
+        release_name: str = "wattsched",
     ) -> list[str]:
-        """Arguments of `helm template` for a release `wattsched` in namespace wattsched-system."""
-        args = ["template", "wattsched", str(self.directory), "--namespace", "wattsched-system"]
+        """Arguments of `helm template` for a release in namespace wattsched-system."""
+        args = ["template", release_name, str(self.directory), "--namespace", "wattsched-system"]
         args += ["--kube-version", KUBE_VERSION]
         for values_file in values_files:
             args += ["--values", str(values_file)]
@@ -73,23 +76,19 @@ class Chart:
         return args
 
     def render_text(
-        self,
-        values_files: tuple[Path, ...] = (),
-        set_values: tuple[str, ...] = (),
-        extra_args: tuple[str, ...] = (),
+        self, values_files: tuple[Path, ...] = (), set_values: tuple[str, ...] = ()
     ) -> str:
         """The YAML stream `helm template` prints."""
-        args = [*self.template_args(values_files, set_values), *extra_args]
-        return self.helm(*args).stdout
+        return self.helm(*self.template_args(values_files, set_values)).stdout
 
     def render(
         self,
         values_files: tuple[Path, ...] = (),
         set_values: tuple[str, ...] = (),
-        extra_args: tuple[str, ...] = (),
+        release_name: str = "wattsched",
     ) -> list[Manifest]:
         """The parsed documents `helm template` renders (empty documents dropped)."""
-        text = self.render_text(values_files, set_values, extra_args)
+        text = self.helm(*self.template_args(values_files, set_values, release_name)).stdout
         return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
