@@ -1,0 +1,139 @@
+"""Workload phases, conditions and budget figures computed from a plan and the pods."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from wattsched_operator.statuses import (
+    PodView,
+    budget_status,
+    condition,
+    next_phase,
+    workload_status,
+)
+from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, PlanStatus, Unplaced
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def placement(replica: int, node: str = "n1", watts: float = 300.0) -> Placement:
+    return Placement("ns/w", replica, node, 2, "fp8", watts, watts * 0.9, 500.0)
+
+
+def pod(replica: int, phase: str = "Running", ready: bool = True) -> PodView:
+    return PodView(replica=replica, node="n1", phase=phase, ready=ready)
+
+
+def phase(previous: str | None, placements: list[Placement], pods: list[PodView], **kw: Any) -> str:
+    return next_phase(
+        previous,
+        is_gang=kw.get("is_gang", False),
+        gang_size=kw.get("gang_size", 1),
+        placements=placements,
+        pods=pods,
+        failed_permanently=kw.get("failed", False),
+    )
+
+
+def test_unplaced_new_work_is_pending_and_placed_work_that_loses_its_place_is_preempted() -> None:
+    assert phase(None, [], []) == "Pending"
+    assert phase("Running", [], []) == "Preempted"
+    assert phase("Preempted", [], []) == "Preempted"
+
+
+def test_placed_work_runs_when_every_planned_replica_is_running_and_ready() -> None:
+    assert phase("Pending", [placement(0), placement(1)], [pod(0)]) == "Placed"
+    assert phase("Placed", [placement(0)], [pod(0, ready=False)]) == "Placed"
+    assert phase("Placed", [placement(0), placement(1)], [pod(0), pod(1)]) == "Running"
+
+
+def test_a_gang_succeeds_when_every_replica_succeeded_and_stays_succeeded() -> None:
+    done = [pod(0, "Succeeded"), pod(1, "Succeeded")]
+    assert phase("Running", [], done, is_gang=True, gang_size=2) == "Succeeded"
+    assert phase("Running", [], done[:1], is_gang=True, gang_size=2) == "Preempted"
+    assert phase("Succeeded", [placement(0)], [], is_gang=True) == "Succeeded"
+
+
+def test_failed_for_good_is_terminal() -> None:
+    assert phase("Running", [placement(0)], [pod(0)], failed=True) == "Failed"
+    assert phase("Failed", [placement(0)], [pod(0)]) == "Failed"
+
+
+def test_condition_keeps_its_transition_time_while_its_status_holds() -> None:
+    first = condition([], "Ready", True, "Running", "ok", now=NOW)
+    later = condition([first], "Ready", True, "Running", "still ok", now=NOW + timedelta(hours=1))
+    flipped = condition([later], "Ready", False, "Placed", "no", now=NOW + timedelta(hours=2))
+    assert later["lastTransitionTime"] == first["lastTransitionTime"] == "2026-11-25T12:00:00Z"
+    assert flipped["lastTransitionTime"] == "2026-11-25T14:00:00Z"
+
+
+def status(**kw: Any) -> dict[str, Any]:
+    previous = kw.pop("previous", {})
+    fields: dict[str, Any] = {
+        "generation": 3,
+        "is_gang": False,
+        "gang_size": 1,
+        "placements": [],
+        "unplaced": None,
+        "pods": [],
+        "failure_message": None,
+        "now": NOW,
+    }
+    fields.update(kw)
+    return workload_status(previous, **fields)
+
+
+def conditions(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in result["conditions"]}
+
+
+def test_an_unplaced_workload_is_unschedulable_with_the_optimizers_reason() -> None:
+    reason = "spec.gpu.count=64 exceeds the largest eligible node (8 GPUs)"
+    result = status(unplaced=Unplaced("ns/w", reason, "gpus"))
+    schedulable = conditions(result)["Schedulable"]
+    assert schedulable["status"] == "False"
+    assert schedulable["reason"] == "Gpus"
+    assert schedulable["message"] == reason
+    assert result["phase"] == "Pending"
+    assert result["message"] == reason
+
+
+def test_a_budget_that_holds_work_back_sets_budget_limited() -> None:
+    result = status(unplaced=Unplaced("ns/w", "needs 296 W more", "budget:rack-a"))
+    limited = conditions(result)["BudgetLimited"]
+    assert limited["status"] == "True"
+    assert limited["reason"] == "Budget"
+
+
+def test_placed_status_lists_placements_power_and_replica_counts() -> None:
+    result = status(placements=[placement(1, "n2"), placement(0, "n1")], pods=[pod(0)])
+    assert [p["replica"] for p in result["placements"]] == [0, 1]
+    assert result["power"] == {"capWatts": 1200.0, "expectedWatts": 1080.0}
+    assert result["replicas"] == {"desired": 2, "placed": 2, "ready": 1}
+    assert result["nodes"] == "n1,n2"
+    assert result["variant"] == "fp8"
+    assert result["observedGeneration"] == 3
+
+
+def test_budget_status_reports_headroom_and_the_last_plan() -> None:
+    plan = Plan(PlanStatus.OPTIMAL, 1.0, 1.0, 0.002, 0.25, (), {}, (), ())
+    result = budget_status(
+        {},
+        generation=2,
+        allocation=BudgetAllocation("rack", 4000, 3100.0, 2500.0),
+        cap_watts=4000,
+        node_count=2,
+        plan=plan,
+        now=NOW,
+    )
+    assert result["headroomWatts"] == 900.0
+    assert result["allocatedCapWatts"] == 3100.0
+    assert result["nodes"] == 2
+    assert result["lastPlan"] == {
+        "time": "2026-11-25T12:00:00Z",
+        "seconds": 0.25,
+        "status": "Optimal",
+        "gap": 0.002,
+    }
+    assert result["conditions"][0]["status"] == "True"
