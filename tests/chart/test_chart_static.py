@@ -418,3 +418,31 @@ def test_helm_test_pod_checks_operator_health_and_metrics(chart: Chart) -> None:
     assert '"http://wattsched-operator.wattsched-system.svc:8080/healthz"' in script
     assert '"http://wattsched-operator.wattsched-system.svc:9090/metrics"' in script
     compile(script, "helm-test", "exec")
+
+
+@pytest.mark.parametrize("values_file", ci_values_files(), ids=lambda p: p.name)
+def test_rendered_arguments_are_accepted_by_the_components(
+    chart: Chart, values_file: Path
+) -> None:
+    from wattsched_agent.cli import parse_args as parse_agent_args  # noqa: PLC0415
+    from wattsched_operator.run import parse_args as parse_operator_args  # noqa: PLC0415
+
+    manifests = chart.render(values_files=(values_file,))
+    operator_args = _container(find(manifests, "Deployment", "-operator"))["args"]
+    assert operator_args[0] == "operator"
+    parsed = parse_operator_args(operator_args[1:])
+    assert parsed.health_port == 8080
+    assert parsed.metrics_port == 9090
+    assert parsed.standalone == (not _peering_enabled(values_file))
+    for daemonset in (m for m in manifests if m["kind"] == "DaemonSet"):
+        agent_args = _container(daemonset)["args"]
+        assert agent_args[0] == "agent"
+        node_args = [arg.replace("$(NODE_NAME)", "gpu-h100-00") for arg in agent_args[1:]]
+        parsed_agent = parse_agent_args(node_args)
+        assert parsed_agent.node_name == "gpu-h100-00"
+        assert parsed_agent.metrics_port == 9401
+
+
+def _peering_enabled(values_file: Path) -> bool:
+    values = yaml.safe_load(values_file.read_text()) or {}
+    return bool(values.get("peering", {}).get("enabled", True))
