@@ -2,9 +2,11 @@
 # `make demo`: start the sandbox, apply the CRDs, run the operator, apply examples/, show what a user
 # would look at, and stop cleanly (also on Ctrl-C or failure).
 #
-# Steps are functions so each can be replaced on its own; start_operator/stop_operator are a
-# placeholder until the operator lands. A sandbox that was already running is reused and left
-# running; one this script started is stopped at the end (DEMO_KEEP=1 keeps it).
+# Steps are functions so each can be replaced on its own. The operator (standalone) and one simulated
+# agent process serving every KWOK GPU node run in the background, logging to $SANDBOX_DIR/logs.
+# After the examples are placed, the rack-a budget is lowered to show the operator lower limits
+# (and preempt, if it must). A sandbox that was already running is reused and left running; one this
+# script started is stopped at the end (DEMO_KEEP=1 keeps it).
 #
 # Not for: tests (make test) or load experiments (SANDBOX_NODES=N make sandbox-up).
 set -euo pipefail
@@ -19,6 +21,12 @@ step() { printf '\n==> %s\n' "$*"; }
 
 started_sandbox=0
 operator_pid=""
+agents_pid=""
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+  if [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"; else python=python3; fi
+fi
+wattsched() { "$python" -m wattsched_operator.cli "$@"; }
 
 start_sandbox() {
   step "Starting the sandbox control plane (etcd, kube-apiserver, scheduler, controller-manager, KWOK)"
@@ -41,13 +49,52 @@ apply_crds() {
 }
 
 start_operator() {
-  step "Operator"
-  echo "PLACEHOLDER: the demo does not run the wattsched operator yet; it only shows the cluster"
-  echo "state. Workloads stay unplaced and no NodePowerProfiles are written until it does."
+  step "Starting the simulated node agents and the wattsched operator"
+  mkdir -p "$SANDBOX_DIR/logs"
+  wattsched agent --backend simulated --all-nodes --metrics-port 0 --interval-seconds 1 \
+    >"$SANDBOX_DIR/logs/demo-agents.log" 2>&1 &
+  agents_pid=$!
+  wattsched operator --standalone --metrics-port 0 --health-port 0 --debounce-seconds 0.5 \
+    >"$SANDBOX_DIR/logs/demo-operator.log" 2>&1 &
+  operator_pid=$!
+  echo "agents pid $agents_pid, operator pid $operator_pid (logs: $SANDBOX_DIR/logs/demo-*.log)"
 }
 
 stop_operator() {
-  if [[ -n "$operator_pid" ]]; then kill -TERM "$operator_pid" 2>/dev/null || true; fi
+  local pid
+  for pid in "$operator_pid" "$agents_pid"; do
+    if [[ -n "$pid" ]]; then kill -TERM "$pid" 2>/dev/null || true; fi
+  done
+  for pid in "$operator_pid" "$agents_pid"; do
+    if [[ -n "$pid" ]]; then wait "$pid" 2>/dev/null || true; fi
+  done
+}
+
+provide_volumes() {
+  # The training and fine-tuning examples mount claims; bind each to a hostPath volume.
+  local claim
+  for claim in $(sed -n 's/^ *claimName: *\([a-z0-9-]*\).*/\1/p' "$repo"/examples/*.yaml | sort -u); do
+    kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: demo-$claim}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteMany]
+  hostPath: {path: /tmp/demo-$claim}
+  storageClassName: ""
+  claimRef: {namespace: default, name: $claim}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $claim, namespace: default}
+spec:
+  accessModes: [ReadWriteMany]
+  resources: {requests: {storage: 1Gi}}
+  storageClassName: ""
+  volumeName: demo-$claim
+YAML
+  done
 }
 
 apply_examples() {
@@ -63,18 +110,63 @@ apply_examples() {
   for file in "${files[@]}"; do kubectl apply -f "$file"; done
 }
 
+# settle: wait until no workload is waiting for its first plan or for its pods (at most 90 s).
+settle() {
+  local deadline=$((SECONDS + 90)) phases
+  while ((SECONDS < deadline)); do
+    phases="$(kubectl get llmworkloads -A -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}')"
+    if ! grep -qvE '^(Running|Pending|Preempted|Succeeded|Failed)$' <<<"$phases"; then
+      sleep 2  # one more round for the last status writes
+      return
+    fi
+    sleep 1
+  done
+  echo "(some workloads are still settling)"
+}
+
+show_placements() {
+  step "Workloads: node, variant, per-GPU power limit (planned; NodePowerProfiles show what was applied)"
+  kubectl get llmworkloads -A -o custom-columns='NAMESPACE:.metadata.namespace,NAME:.metadata.name,TYPE:.spec.type,PHASE:.status.phase,NODES:.status.nodes,VARIANT:.status.variant,LIMIT(W/GPU):.status.placements[*].powerLimitWatts,POWER(W):.status.power.capWatts'
+  step "Budgets: cap, allocated (sum of GPU power limits in scope, modelled) and headroom"
+  kubectl get energybudgets -o wide
+  step "NodePowerProfiles: target (operator) vs applied and draw (agent, simulated NVML)"
+  kubectl get nodepowerprofiles
+}
+
 show() {
   step "GPU nodes (kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.count,wattsched.io/rack)"
   kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.count,wattsched.io/rack
-  local kind
-  for kind in energybudgets llmworkloads nodepowerprofiles; do
-    step "kubectl get $kind -A"
-    kubectl get "$kind" -A 2>&1 || echo "($kind: not available yet)"
-  done
+  settle
+  show_placements
+  local first
+  first="$(kubectl get llmworkloads -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)"
+  if [[ -n "$first" ]]; then
+    step "wattsched explain default/$first"
+    wattsched explain "default/$first"
+  fi
+}
+
+change_budget() {
+  local cap=${DEMO_RACK_A_CAP_WATTS:-7000}
+  kubectl get energybudget rack-a >/dev/null 2>&1 || return 0
+  step "Lowering EnergyBudget rack-a to $cap W (kubectl patch); the operator lowers limits first"
+  kubectl patch energybudget rack-a --type merge -p "{\"spec\":{\"powerCapWatts\":$cap}}"
+  sleep 3
+  settle
+  show_placements
+  step "Recent wattsched events"
+  kubectl get events -A --field-selector involvedObject.kind=LLMWorkload \
+    --sort-by=.lastTimestamp | tail -n 15
 }
 
 cleanup() {
   local status=$?
+  if ((!started_sandbox)) && [[ -n "$operator_pid" ]]; then
+    # A reused sandbox stays up: let the operator release the examples (finalizers) before it stops.
+    step "Deleting the examples from the reused sandbox"
+    kubectl delete llmworkloads --all -n default --timeout=60s || true
+    kubectl delete energybudgets cluster rack-a --ignore-not-found --timeout=60s || true
+  fi
   stop_operator
   if ((started_sandbox)) && [[ "${DEMO_KEEP:-}" != 1 ]]; then
     step "Stopping the sandbox"
@@ -90,6 +182,8 @@ trap 'exit 130' INT TERM
 start_sandbox
 apply_crds
 start_operator
+provide_volumes
 apply_examples
 show
+change_budget
 step "Demo finished"
