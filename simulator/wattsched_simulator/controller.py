@@ -9,8 +9,8 @@
 - job remaining work = spec work - tokens done at the last visible sample - modelled progress
   since, divided by the job's calibration factor (measured / modelled rate);
 - deadlines in seconds from now, less the start-up time for jobs not yet running; a job that
-  cannot make its deadline even at full speed (by the model) is planned as best-effort, so it
-  still runs.
+  cannot make its deadline even at full speed (by the model) gets the deadline that asks for 80%
+  of the fastest modelled rate, so it still runs, and runs fast.
 `oracle` gets what no real system has: the future demand over the next interval (the highest
 latency-window average), the current true backlog and remaining work, and the ground truth as its
 performance model. It is a lower bound to aim at, not a policy one could deploy.
@@ -46,6 +46,10 @@ from wattsched_optimizer.problem import (
 from .engine import Decision, ReplicaAssignment, RunningReplica, Scenario, View
 from .truth import GroundTruth
 from .workloads import JobSpec, ServiceSpec
+
+# A job that can no longer make its deadline is asked to run at least this share of its fastest
+# modelled rate.
+BEHIND_SCHEDULE_SPEED = 0.8
 
 
 @dataclass(frozen=True)
@@ -277,6 +281,10 @@ class PlannerPolicy:
             fastest = self._best_rate(model, scenario, job) * job.replicas
             if left > 0 and fastest * left >= remaining:
                 deadline = left
+            elif fastest > 0:
+                # Behind schedule: ask for at least BEHIND_SCHEDULE_SPEED of the fastest rate, so
+                # the job runs near full speed instead of at the most efficient (slowest) level.
+                deadline = remaining / (fastest * BEHIND_SCHEDULE_SPEED)
         return remaining, deadline
 
     # -- the decision ---------------------------------------------------------------------------
