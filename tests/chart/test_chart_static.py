@@ -320,6 +320,11 @@ def test_workload_namespaces_move_pod_writes_into_role_bindings(chart: Chart) ->
     bindings = [m for m in manifests if m["kind"] == "RoleBinding"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     assert {b["roleRef"]["name"] for b in bindings} == {"wattsched-operator-workload-pods"}
+    args = _container(find(manifests, "Deployment", "-operator"))["args"]
+    assert [arg for arg in args if arg.startswith("--namespace=")] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
 
 
 def test_own_node_policy_matches_only_the_agent_service_account(chart: Chart) -> None:
@@ -421,9 +426,7 @@ def test_helm_test_pod_checks_operator_health_and_metrics(chart: Chart) -> None:
 
 
 @pytest.mark.parametrize("values_file", ci_values_files(), ids=lambda p: p.name)
-def test_rendered_arguments_are_accepted_by_the_components(
-    chart: Chart, values_file: Path
-) -> None:
+def test_rendered_arguments_are_accepted_by_the_components(chart: Chart, values_file: Path) -> None:
     from wattsched_agent.cli import parse_args as parse_agent_args  # noqa: PLC0415
     from wattsched_operator.run import parse_args as parse_operator_args  # noqa: PLC0415
 

@@ -1,0 +1,196 @@
+"""The real operator, run with nothing but the chart's operator ServiceAccount, does its job.
+
+`wattsched operator` runs as a subprocess whose only credential is a token of the installed
+release's operator ServiceAccount (TokenRequest API), so every API call it makes is authorised by
+the chart's RBAC. Simulated agents (admin credentials: they stand in for the DaemonSet, whose own
+identity is tested in test_rbac.py) confirm power limits.
+
+- A workload in an ordinary namespace gets its replica pods and NodePowerProfiles, and the
+  operator's log holds no RBAC denial.
+- The confused deputy: a privileged template in a namespace that enforces Pod Security `restricted`
+  gets no pod anywhere; the API server's PodSecurity rejection is what stopped it.
+
+Not for: the operator's planning behaviour (tests/operator/).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+
+from tests.chart.conftest import REPO_ROOT, Release
+
+if TYPE_CHECKING:
+    from tests.conftest import Sandbox
+
+pytestmark = pytest.mark.cluster
+
+PLACEMENT_TIMEOUT_SECONDS = 60
+RBAC_DENIAL = "is forbidden: User"  # how the API server words an RBAC refusal
+
+
+@dataclass
+class RunningOperator:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _token_kubeconfig(sandbox: Sandbox, token: str, path: Path) -> Path:
+    admin = yaml.safe_load(sandbox.kubeconfig.read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "sandbox", "cluster": cluster}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "operator"}}],
+        "current-context": "sandbox",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def operator_as_chart_identity(
+    sandbox: Sandbox, release: Release, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningOperator]:
+    workdir = tmp_path_factory.mktemp("operator-identity")
+    token = sandbox.kubectl(
+        "create", "token", release.operator_service_account, "-n", release.namespace,
+        "--duration", "1h",
+    ).stdout.strip()  # fmt: skip
+    kubeconfig = _token_kubeconfig(sandbox, token, workdir / "operator.kubeconfig")
+    cli = [sys.executable, "-m", "wattsched_operator.cli"]
+    with (workdir / "agents.log").open("wb") as agents_log:
+        agents = subprocess.Popen(
+            [
+                *cli, "agent", "--backend", "simulated", "--all-nodes", "--metrics-port", "0",
+                "--interval-seconds", "1", "--kubeconfig", str(sandbox.kubeconfig),
+            ],
+            stdout=agents_log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )  # fmt: skip
+    log_path = workdir / "operator.log"
+    with log_path.open("wb") as operator_log:
+        process = subprocess.Popen(
+            [
+                *cli, "operator", "--kubeconfig", str(kubeconfig), "--standalone",
+                "--metrics-port", "0", "--health-port", "0", "--debounce-seconds", "0.3",
+                "--confirm-timeout-seconds", "10",
+            ],
+            stdout=operator_log,
+            stderr=subprocess.STDOUT,
+            env={"PATH": "/usr/bin:/bin", "KUBECONFIG": str(kubeconfig), "HOME": str(workdir)},
+            cwd=REPO_ROOT,
+        )  # fmt: skip
+    running = RunningOperator(process=process, log_path=log_path)
+    try:
+        yield running
+    finally:
+        _stop(process)
+        _stop(agents)
+
+
+def _wait_for(
+    what: str, check: Callable[[], Any], operator: RunningOperator, timeout: float
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert operator.process.poll() is None, f"operator exited:\n{operator.log()[-3000:]}"
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{operator.log()[-3000:]}")
+
+
+def _apply_workload(
+    sandbox: Sandbox, namespace: str, name: str, security: dict[str, Any] | None = None
+) -> None:
+    workload = yaml.safe_load((REPO_ROOT / "examples" / "inference-vllm.yaml").read_text())
+    workload["metadata"].update({"name": name, "namespace": namespace})
+    if security is not None:
+        workload["spec"]["template"]["spec"]["containers"][0]["securityContext"] = security
+    sandbox.kubectl("apply", "-f", "-", input=yaml.safe_dump(workload))
+
+
+def _pods_of(sandbox: Sandbox, name: str) -> list[dict[str, Any]]:
+    pods: list[dict[str, Any]] = json.loads(
+        sandbox.kubectl(
+            "get", "pods", "--all-namespaces", "-o", "json", "-l", f"wattsched.io/workload={name}"
+        ).stdout
+    )["items"]
+    return pods
+
+
+@pytest.fixture
+def workload_cleanup(sandbox: Sandbox, namespace: str) -> Iterator[None]:
+    """Delete the test's LLMWorkloads while the operator still runs (its finalizer)."""
+    yield
+    sandbox.kubectl("delete", "llmworkloads", "--all", "-n", namespace, "--timeout=60s")
+
+
+@pytest.mark.usefixtures("workload_cleanup")
+def test_operator_with_the_chart_identity_places_a_workload(
+    sandbox: Sandbox, namespace: str, operator_as_chart_identity: RunningOperator
+) -> None:
+    operator = operator_as_chart_identity
+    _apply_workload(sandbox, namespace, "chat")
+    pods = _wait_for(
+        "the replica pod to be bound",
+        lambda: [pod for pod in _pods_of(sandbox, "chat") if pod["spec"].get("nodeName")],
+        operator,
+        PLACEMENT_TIMEOUT_SECONDS,
+    )
+    assert {pod["metadata"]["namespace"] for pod in pods} == {namespace}
+    node = pods[0]["spec"]["nodeName"]
+    profile = json.loads(sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json").stdout)
+    assert profile["spec"]["gpus"], f"NodePowerProfile {node} has no limits"
+    assert RBAC_DENIAL not in operator.log()
+
+
+@pytest.mark.usefixtures("workload_cleanup")
+def test_privileged_template_in_a_restricted_namespace_gets_no_pod_anywhere(
+    sandbox: Sandbox, namespace: str, operator_as_chart_identity: RunningOperator
+) -> None:
+    operator = operator_as_chart_identity
+    sandbox.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
+    )
+    privileged = {"capabilities": {"add": ["SYS_ADMIN"]}, "runAsUser": 0}
+    _apply_workload(sandbox, namespace, "escalate", privileged)
+    rejection = 'pods "escalate-0" is forbidden: violates PodSecurity'
+    _wait_for(
+        "the API server to refuse the replica pod",
+        lambda: rejection in operator.log().replace('\\"', '"'),
+        operator,
+        PLACEMENT_TIMEOUT_SECONDS,
+    )
+    assert _pods_of(sandbox, "escalate") == []
+    assert RBAC_DENIAL not in operator.log()
+    phase = sandbox.kubectl(
+        "get", "llmworkload", "escalate", "-n", namespace, "-o", "jsonpath={.status.phase}"
+    ).stdout
+    assert phase != "Running"
