@@ -98,3 +98,9 @@ def example(request: pytest.FixtureRequest) -> Example:
 def invalid_case(request: pytest.FixtureRequest) -> InvalidCase:
     result: InvalidCase = request.param
     return copy.deepcopy(result)
+
+
+@pytest.fixture
+def example_manifests() -> dict[str, dict[str, Any]]:
+    """Every example manifest by file name (a fresh copy per test)."""
+    return {example.source: copy.deepcopy(example.manifest) for example in EXAMPLES}
