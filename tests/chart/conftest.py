@@ -5,8 +5,9 @@
 - `release` (module, cluster): the chart installed with ci/sandbox-values.yaml into a fresh
   namespace under a unique release name, uninstalled afterwards. Its EnergyBudget selects no node
   (so other tests' planning is unaffected) and its peering object is named after the release.
-- `as_agent_on_node` (cluster): kubectl with a token of the agent's ServiceAccount bound to the
-  agent pod on a given node, i.e. the token the kubelet would mount there.
+- `agent_token_on_node` (cluster): a token of the agent's ServiceAccount bound to the agent pod on
+  a given node, i.e. the token the kubelet would mount there; `as_agent_on_node`: kubectl with it.
+- `two_agent_profiles` (cluster): NodePowerProfiles for two nodes that run agents (own, other).
 
 Not for: the sandbox itself (tests/conftest.py) or assertions (the test modules).
 """
@@ -183,8 +184,8 @@ def release(chart: Chart, sandbox: Sandbox) -> Iterator[Release]:
 KubectlAs = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def token_kubectl(sandbox: Sandbox, token: str, workdir: Path) -> KubectlAs:
-    """kubectl that authenticates with a bearer token only (no admin certificate)."""
+def token_kubeconfig(sandbox: Sandbox, token: str, workdir: Path) -> Path:
+    """A kubeconfig for the sandbox whose only credential is a bearer token."""
     config = yaml.safe_load(sandbox.kubeconfig.read_text())
     ca_path = workdir / "ca.crt"
     ca_path.write_bytes(
@@ -205,6 +206,12 @@ def token_kubectl(sandbox: Sandbox, token: str, workdir: Path) -> KubectlAs:
     }
     kubeconfig_path = workdir / f"kubeconfig-{secrets.token_hex(4)}"
     kubeconfig_path.write_text(yaml.safe_dump(kubeconfig))
+    return kubeconfig_path
+
+
+def token_kubectl(sandbox: Sandbox, token: str, workdir: Path) -> KubectlAs:
+    """kubectl that authenticates with a bearer token only (no admin certificate)."""
+    kubeconfig_path = token_kubeconfig(sandbox, token, workdir)
 
     def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -220,12 +227,10 @@ def token_kubectl(sandbox: Sandbox, token: str, workdir: Path) -> KubectlAs:
 
 
 @pytest.fixture
-def as_agent_on_node(
-    sandbox: Sandbox, release: Release, tmp_path: Path
-) -> Callable[[str], KubectlAs]:
-    """kubectl as the agent pod on a node: a TokenRequest bound to that pod (kubelet-style)."""
+def agent_token_on_node(sandbox: Sandbox, release: Release) -> Callable[[str], str]:
+    """A TokenRequest bound to the agent pod on a node: the token the kubelet mounts there."""
 
-    def for_node(node_name: str) -> KubectlAs:
+    def for_node(node_name: str) -> str:
         pods = sandbox.kubectl(
             "get", "pods", "-n", release.namespace,
             "-l", "app.kubernetes.io/component=agent,app.kubernetes.io/instance=" + release.name,
@@ -233,10 +238,53 @@ def as_agent_on_node(
             "-o", "jsonpath={.items[*].metadata.name}",
         ).stdout.split()  # fmt: skip
         assert len(pods) == 1, f"expected one agent pod on {node_name}, found {pods}"
-        token = sandbox.kubectl(
+        return sandbox.kubectl(
             "create", "token", release.agent_service_account, "-n", release.namespace,
             "--bound-object-kind", "Pod", "--bound-object-name", pods[0], "--duration", "10m",
         ).stdout.strip()  # fmt: skip
-        return token_kubectl(sandbox, token, tmp_path)
 
     return for_node
+
+
+@pytest.fixture
+def as_agent_on_node(
+    sandbox: Sandbox, agent_token_on_node: Callable[[str], str], tmp_path: Path
+) -> Callable[[str], KubectlAs]:
+    """kubectl as the agent pod on a node (authenticating with agent_token_on_node's token)."""
+
+    def for_node(node_name: str) -> KubectlAs:
+        return token_kubectl(sandbox, agent_token_on_node(node_name), tmp_path)
+
+    return for_node
+
+
+def profile_manifest(node_name: str) -> str:
+    """A NodePowerProfile for a node (one GPU at 500 W), as YAML."""
+    return yaml.safe_dump(
+        {
+            "apiVersion": "wattsched.io/v1alpha1",
+            "kind": "NodePowerProfile",
+            "metadata": {"name": node_name},
+            "spec": {"nodeName": node_name, "gpus": [{"index": 0, "powerLimitWatts": 500}]},
+        }
+    )
+
+
+@pytest.fixture
+def two_agent_profiles(sandbox: Sandbox, release: Release) -> Iterator[tuple[str, str]]:
+    """NodePowerProfiles for two GPU nodes that run agents (deleted afterwards)."""
+    nodes = sandbox.kubectl(
+        "get", "pods", "-n", release.namespace, "-o", "jsonpath={.items[*].spec.nodeName}",
+        "-l", f"app.kubernetes.io/component=agent,app.kubernetes.io/instance={release.name}",
+    ).stdout.split()  # fmt: skip
+    own, other = sorted(nodes)[:2]
+    existed = {
+        node
+        for node in (own, other)
+        if sandbox.kubectl("get", "nodepowerprofile", node, check=False).returncode == 0
+    }
+    for node in {own, other} - existed:
+        sandbox.kubectl("create", "-f", "-", input=profile_manifest(node))
+    yield own, other
+    for node in {own, other} - existed:
+        sandbox.kubectl("delete", "nodepowerprofile", node, "--ignore-not-found")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from tests.chart.conftest import REPO_ROOT, Release
+from tests.chart.conftest import REPO_ROOT, Release, token_kubeconfig
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
@@ -45,21 +45,6 @@ class RunningOperator:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-def _token_kubeconfig(sandbox: Sandbox, token: str, path: Path) -> Path:
-    admin = yaml.safe_load(sandbox.kubeconfig.read_text())
-    cluster = admin["clusters"][0]["cluster"]
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "sandbox", "cluster": cluster}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "operator"}}],
-        "current-context": "sandbox",
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -80,7 +65,7 @@ def operator_as_chart_identity(
         "create", "token", release.operator_service_account, "-n", release.namespace,
         "--duration", "1h",
     ).stdout.strip()  # fmt: skip
-    kubeconfig = _token_kubeconfig(sandbox, token, workdir / "operator.kubeconfig")
+    kubeconfig = token_kubeconfig(sandbox, token, workdir)
     cli = [sys.executable, "-m", "wattsched_operator.cli"]
     with (workdir / "agents.log").open("wb") as agents_log:
         agents = subprocess.Popen(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ from tests.chart.conftest import (
     Chart,
     KubectlAs,
     Release,
+    profile_manifest,
     token_kubectl,
 )
 
@@ -97,7 +98,6 @@ AGENT_ALLOWED: list[Permission] = [
     ("update", "nodepowerprofiles.wattsched.io/status", None),
     ("get", "nodes", None),
     *[(verb, "pods", None) for verb in ("get", "list", "watch")],
-    ("create", "events", "default"),
 ]
 AGENT_DENIED: list[Permission] = [
     *[
@@ -106,6 +106,7 @@ AGENT_DENIED: list[Permission] = [
     ],
     ("get", "secrets", USER_NAMESPACE),
     ("list", "secrets", None),
+    ("create", "events", USER_NAMESPACE),
     ("create", "pods", USER_NAMESPACE),
     ("delete", "pods", USER_NAMESPACE),
     ("create", "pods/exec", USER_NAMESPACE),
@@ -184,37 +185,6 @@ HEARTBEAT = {
 }
 
 
-def _profile(node_name: str) -> str:
-    return yaml.safe_dump(
-        {
-            "apiVersion": "wattsched.io/v1alpha1",
-            "kind": "NodePowerProfile",
-            "metadata": {"name": node_name},
-            "spec": {"nodeName": node_name, "gpus": [{"index": 0, "powerLimitWatts": 500}]},
-        }
-    )
-
-
-@pytest.fixture
-def two_profiles(sandbox: Sandbox, release: Release) -> Iterator[tuple[str, str]]:
-    """NodePowerProfiles for two GPU nodes that run agents (deleted afterwards)."""
-    nodes = sandbox.kubectl(
-        "get", "pods", "-n", release.namespace, "-o", "jsonpath={.items[*].spec.nodeName}",
-        "-l", f"app.kubernetes.io/component=agent,app.kubernetes.io/instance={release.name}",
-    ).stdout.split()  # fmt: skip
-    own, other = sorted(nodes)[:2]
-    existed = {
-        node
-        for node in (own, other)
-        if sandbox.kubectl("get", "nodepowerprofile", node, check=False).returncode == 0
-    }
-    for node in {own, other} - existed:
-        sandbox.kubectl("create", "-f", "-", input=_profile(node))
-    yield own, other
-    for node in {own, other} - existed:
-        sandbox.kubectl("delete", "nodepowerprofile", node, "--ignore-not-found")
-
-
 def _heartbeat(kubectl: KubectlAs, node_name: str, heartbeat_time: str) -> tuple[int, str]:
     patch = json.loads(json.dumps(HEARTBEAT))
     patch["status"]["agent"]["heartbeatTime"] = heartbeat_time
@@ -227,10 +197,10 @@ def _heartbeat(kubectl: KubectlAs, node_name: str, heartbeat_time: str) -> tuple
 
 def test_agent_token_bound_to_its_node_may_report_that_nodes_profile(
     sandbox: Sandbox,
-    two_profiles: tuple[str, str],
+    two_agent_profiles: tuple[str, str],
     as_agent_on_node: Callable[[str], KubectlAs],
 ) -> None:
-    own, _ = two_profiles
+    own, _ = two_agent_profiles
     returncode, stderr = _heartbeat(as_agent_on_node(own), own, "2026-01-01T00:00:00Z")
     assert returncode == 0, stderr
     profile = json.loads(sandbox.kubectl("get", "nodepowerprofile", own, "-o", "json").stdout)
@@ -239,10 +209,10 @@ def test_agent_token_bound_to_its_node_may_report_that_nodes_profile(
 
 def test_agent_token_bound_to_one_node_may_not_report_another_nodes_profile(
     sandbox: Sandbox,
-    two_profiles: tuple[str, str],
+    two_agent_profiles: tuple[str, str],
     as_agent_on_node: Callable[[str], KubectlAs],
 ) -> None:
-    own, other = two_profiles
+    own, other = two_agent_profiles
     returncode, stderr = _heartbeat(as_agent_on_node(own), other, "2026-01-01T00:00:00Z")
     assert returncode != 0
     assert "ValidatingAdmissionPolicy" in stderr
@@ -254,9 +224,9 @@ def test_agent_token_bound_to_one_node_may_not_report_another_nodes_profile(
 
 
 def test_agent_token_without_a_node_may_not_report_any_profile(
-    sandbox: Sandbox, release: Release, two_profiles: tuple[str, str], tmp_path: Path
+    sandbox: Sandbox, release: Release, two_agent_profiles: tuple[str, str], tmp_path: Path
 ) -> None:
-    own, _ = two_profiles
+    own, _ = two_agent_profiles
     unbound = sandbox.kubectl(
         "create", "token", release.agent_service_account, "-n", release.namespace,
         "--duration", "10m",
@@ -269,9 +239,9 @@ def test_agent_token_without_a_node_may_not_report_any_profile(
 
 
 def test_impersonating_the_agent_cannot_bypass_the_own_node_rule(
-    sandbox: Sandbox, release: Release, two_profiles: tuple[str, str]
+    sandbox: Sandbox, release: Release, two_agent_profiles: tuple[str, str]
 ) -> None:
-    own, _ = two_profiles
+    own, _ = two_agent_profiles
     result = sandbox.kubectl(
         "patch", "nodepowerprofile", own, "--subresource=status", "--type=merge",
         f"--as={release.agent_user}", "-p", json.dumps(HEARTBEAT), check=False,
@@ -281,9 +251,9 @@ def test_impersonating_the_agent_cannot_bypass_the_own_node_rule(
 
 
 def test_own_node_rule_does_not_apply_to_the_operator(
-    sandbox: Sandbox, release: Release, two_profiles: tuple[str, str]
+    sandbox: Sandbox, release: Release, two_agent_profiles: tuple[str, str]
 ) -> None:
-    _, other = two_profiles
+    _, other = two_agent_profiles
     patch = {"spec": {"gpus": [{"index": 0, "powerLimitWatts": 450}]}}
     sandbox.kubectl(
         "patch", "nodepowerprofile", other, "--type=merge", "-p", json.dumps(patch),
@@ -401,7 +371,7 @@ def test_operator_identity_can_manage_node_power_profiles(
     ).stdout.strip()  # fmt: skip
     as_operator = f"--as={release.operator_user}"
     sandbox.kubectl("delete", "nodepowerprofile", node, "--ignore-not-found")
-    sandbox.kubectl("create", "-f", "-", as_operator, input=_profile(node))
+    sandbox.kubectl("create", "-f", "-", as_operator, input=profile_manifest(node))
     sandbox.kubectl(
         "patch", "nodepowerprofile", node, "--type=merge", as_operator,
         "-p", json.dumps({"spec": {"gpus": [{"index": 0, "powerLimitWatts": 300}]}}),
