@@ -206,3 +206,20 @@ def test_the_helm_chart_ships_every_crd() -> None:
     chart_crds = REPO_ROOT / "charts" / "wattsched" / "crds"
     for path in CRD_FILES:
         assert (chart_crds / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_the_api_reference_documents_every_field_with_its_description(kind: str) -> None:
+    reference = " ".join((REPO_ROOT / "docs" / "api.md").read_text().split())
+    schema = version(CRDS[kind])["schema"]["openAPIV3Schema"]
+    missing = []
+    for part in ("spec", "status"):
+        for path, node in walk(schema["properties"][part], part):
+            if path in {"spec", "status"} or path.endswith(("[]", "{}")):
+                continue  # the kinds' roots and list items are described by their parents
+            if path.startswith(("spec.template.", "status.conditions[]")):
+                continue  # a PodTemplateSpec and metav1.Condition: documented upstream
+            description = " ".join(node.get("description", "").split())
+            if f"`{path}`" not in reference or description not in reference:
+                missing.append(path)
+    assert missing == [], f"docs/api.md does not describe: {missing}"

@@ -26,10 +26,6 @@ from wattsched_operator.api.meta import (
 KIND = "EnergyBudget"
 PLURAL = "energybudgets"
 
-# Condition types of status.conditions.
-READY = "Ready"
-EXHAUSTED = "Exhausted"
-
 
 class SelectorOperator(StrEnum):
     IN = "In"

@@ -70,15 +70,6 @@ class EnergySource(StrEnum):
     MODELLED = "modelled"
 
 
-# Condition types of status.conditions.
-ADMITTED = "Admitted"
-PLACED = "Placed"
-READY = "Ready"
-SLO_MET = "SLOMet"
-BUDGET_LIMITED = "BudgetLimited"
-SCHEDULABLE = "Schedulable"
-
-
 @dataclass(frozen=True)
 class ModelRef:
     name: str
