@@ -162,6 +162,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # kopf logs every handler call at INFO; the handlers only record events, so keep it quiet.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kube = Kube(args.kubeconfig)
     cache = ClusterCache()
     metrics = OperatorMetrics()
