@@ -44,6 +44,11 @@ from wattsched_optimizer.problem import (
     WorkUnit,
 )
 
+# Programs with at most this many workload-option variables are solved to optimality (gap below
+# SMALL_PROGRAM_GAP) when rounding the relaxation lost anything; larger ones to PlanOptions'.
+SMALL_PROGRAM_VARIABLES = 500
+SMALL_PROGRAM_GAP = 1e-7
+
 
 class PlanInputError(ValueError):
     """The input cannot be planned; the message names the object and the field."""
@@ -204,15 +209,18 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         bound = max(relaxation.bound, objective)
     solver_used = relaxation.solver
     timed_out = False
-    # 2. Not close enough: the integer program, in the time left; the better plan wins.
-    if relaxation.status is not SolveStatus.EMPTY and _gap(objective, bound) > options.relative_gap:
+    # 2. Not close enough: the integer program, in the time left; the better plan wins. Small
+    #    programs take milliseconds, so they are solved to optimality whenever rounding lost any.
+    small = len(formulation.workloads) <= SMALL_PROGRAM_VARIABLES
+    target_gap = SMALL_PROGRAM_GAP if small else options.relative_gap
+    if relaxation.status is not SolveStatus.EMPTY and _gap(objective, bound) > target_gap:
         time_left = options.time_limit_seconds - (time.perf_counter() - started)
         exact = solve(
             formulation,
             solver=options.solver,
             relaxed=False,
             time_limit_seconds=max(time_left, 0.1),
-            gap=options.relative_gap,
+            gap=target_gap,
         )
         timings["solve"] += exact.seconds
         solver_used = exact.solver
