@@ -35,6 +35,12 @@ class OperatorMemo:
 
     cache: ClusterCache
     kube: Kube
+    # Namespaces whose LLMWorkloads and pods this operator serves; empty means all.
+    namespaces: frozenset[str] = frozenset()
+
+    def serves(self, body: Mapping[str, Any]) -> bool:
+        namespace = (body.get("metadata") or {}).get("namespace")
+        return not self.namespaces or namespace is None or namespace in self.namespaces
 
 
 def fingerprint(kind: str, body: Mapping[str, Any]) -> object:
@@ -98,7 +104,9 @@ def _memo(memo: Any) -> OperatorMemo:
 
 @kopf.on.event(GROUP, VERSION, "llmworkloads")
 async def workload_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    record(_memo(memo).cache, WORKLOADS, event.get("type"), event["object"])
+    state = _memo(memo)
+    if state.serves(event["object"]):
+        record(state.cache, WORKLOADS, event.get("type"), event["object"])
 
 
 @kopf.on.event(GROUP, VERSION, "energybudgets")
@@ -118,15 +126,19 @@ async def node_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_WORKLOAD: kopf.PRESENT})
 async def pod_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    record(_memo(memo).cache, PODS, event.get("type"), event["object"])
+    state = _memo(memo)
+    if state.serves(event["object"]):
+        record(state.cache, PODS, event.get("type"), event["object"])
 
 
 @kopf.on.delete(GROUP, VERSION, "llmworkloads")
 async def release_workload(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
     """Finalizer: delete the workload's pods, then let the next plan lower the freed limits."""
     state = _memo(memo)
-    state.cache.mark_dirty()
     assert namespace is not None, "LLMWorkloads are namespaced"
+    if state.namespaces and namespace not in state.namespaces:
+        return
+    state.cache.mark_dirty()
     selector = f"{LABEL_WORKLOAD}={name}"
     pods = await asyncio.to_thread(state.kube.list, pods_path(namespace), selector)
     for pod in pods:

@@ -225,9 +225,14 @@ def main(argv: list[str]) -> int:
         peering_name=None if args.standalone else args.peering,
         priority=priority,
         identity=cast(Any, identity),  # kopf's Identity is a NewType of str
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
+        # Cluster-wide watches (nodes, profiles and budgets are cluster-scoped, and peering is
+        # one ClusterKopfPeering); the handlers drop workloads and pods outside --namespace.
+        clusterwide=True,
         liveness_endpoint=liveness,
-        memo=kopf.Memo(state=handlers.OperatorMemo(cache=cache, kube=kube)),
+        memo=kopf.Memo(
+            state=handlers.OperatorMemo(
+                cache=cache, kube=kube, namespaces=frozenset(args.namespace)
+            )
+        ),
     )
     return 0
