@@ -2,10 +2,12 @@
 `wattsched plan`.
 
 Input is plain JSON objects as the API server returns them (Nodes, LLMWorkloads, EnergyBudgets,
-NodePowerProfiles, Pods); output is `wattsched_optimizer.problem.PlanInput`. Every function is pure:
-the current time comes in as `now`. Bad objects raise `SnapshotError` naming the object and field
-(or, with `strict=False`, bad LLMWorkloads are left out and returned as `rejected`, so one bad
-workload cannot stop planning for the others). Not for listing or watching objects, or for solving.
+NodePowerProfiles, Pods); output is `wattsched_optimizer.problem.PlanInput`. Every function is pure
+(the current time comes in as `now`) apart from a bounded cache of parsed LLMWorkloads keyed by
+(uid, resourceVersion), which never changes a result. Bad objects raise `SnapshotError` naming
+the object and field (or, with `strict=False`, bad LLMWorkloads are left out and returned as
+`rejected`, so one bad workload cannot stop planning for the others). Not for listing or watching
+objects, or for solving.
 
 Rules:
 - GPU node: allocatable `nvidia.com/gpu` > 0; its product is the GFD label `nvidia.com/gpu.product`
@@ -21,6 +23,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -176,10 +179,10 @@ def build_snapshot(
     converted: list[Workload] = []
     for body in objects.workloads:
         try:
-            workload = parse_llmworkload(body)
+            workload, timeless = _read_workload(body)
             if _is_finished(workload):
                 continue
-            converted.append(workload_for_optimizer(workload, now=now))
+            converted.append(_with_deadline(timeless, workload, now))
         except ApiValidationError as error:
             if strict:
                 raise SnapshotError(str(error)) from None
@@ -349,6 +352,44 @@ def workload_for_optimizer(workload: LLMWorkload, *, now: datetime) -> Workload:
 
     Raises `ApiValidationError` for an allow-listed product the performance model does not know.
     """
+    return _with_deadline(_timeless_workload(workload), workload, now)
+
+
+def _with_deadline(timeless: Workload, workload: LLMWorkload, now: datetime) -> Workload:
+    deadline = workload.spec.slo.deadline_time
+    if deadline is None:
+        return timeless
+    return dataclasses.replace(timeless, deadline_seconds=deadline_seconds(deadline, now))
+
+
+# Parsed LLMWorkloads by (uid, resourceVersion): the API server never reuses a pair for different
+# content, and re-planning mostly sees unchanged objects, so the operator parses each version once.
+# Bounded; objects without both keys (hand-written snapshots) are parsed every time.
+_READ_CACHE_SIZE = 50_000
+_read_cache: dict[tuple[str, str], tuple[LLMWorkload, Workload]] = {}
+
+
+def _read_workload(body: Body) -> tuple[LLMWorkload, Workload]:
+    """The parsed LLMWorkload and its optimizer form without the deadline (which needs `now`)."""
+    metadata = body.get("metadata")
+    key = None
+    if isinstance(metadata, Mapping):
+        uid, version = metadata.get("uid"), metadata.get("resourceVersion")
+        if isinstance(uid, str) and uid and isinstance(version, str) and version:
+            key = (uid, version)
+            cached = _read_cache.get(key)
+            if cached is not None:
+                return cached
+    workload = parse_llmworkload(body)
+    result = (workload, _timeless_workload(workload))
+    if key is not None:
+        if len(_read_cache) >= _READ_CACHE_SIZE:
+            del _read_cache[next(iter(_read_cache))]
+        _read_cache[key] = result
+    return result
+
+
+def _timeless_workload(workload: LLMWorkload) -> Workload:
     spec = workload.spec
     allowed: set[str] = set()
     for index, label in enumerate(spec.gpu.products):
@@ -358,7 +399,6 @@ def workload_for_optimizer(workload: LLMWorkload, *, now: datetime) -> Workload:
             raise ApiValidationError(
                 "LLMWorkload", workload.key, f"spec.gpu.products[{index}]", str(error)
             ) from None
-    deadline = spec.slo.deadline_time
     return Workload(
         key=workload.key,
         type=WorkloadType(spec.type.value),
@@ -386,7 +426,6 @@ def workload_for_optimizer(workload: LLMWorkload, *, now: datetime) -> Workload:
         max_power_watts_per_gpu=spec.energy.max_power_watts_per_gpu,
         tokens_per_second=spec.slo.tokens_per_second,
         remaining_work=None if spec.slo.total_work is None else _work_amount(spec.slo.total_work),
-        deadline_seconds=None if deadline is None else deadline_seconds(deadline, now),
     )
 
 

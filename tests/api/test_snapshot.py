@@ -403,3 +403,30 @@ def test_inputs_are_not_modified() -> None:
         ClusterObjects(nodes=objects[:1], workloads=objects[1:2], budgets=objects[2:]), now=NOW
     )
     assert objects == before
+
+
+def test_a_new_resource_version_of_a_workload_is_read_again() -> None:
+    first_version = workload("chat", priority=1)
+    first_version["metadata"].update(uid="uid-chat", resourceVersion="10")
+    second_version = copy.deepcopy(first_version)
+    second_version["metadata"]["resourceVersion"] = "11"
+    second_version["spec"]["priority"] = 9
+    priorities = [
+        build(node("n"), body).plan_input.workloads[0].priority
+        for body in (first_version, second_version, first_version)
+    ]
+    assert priorities == [1, 9, 1]
+
+
+def test_deadlines_of_a_cached_workload_still_follow_now() -> None:
+    job = workload(
+        "train",
+        type="Training",
+        slo={"totalWork": {"tokens": 1e9}, "deadline": "2026-11-25T04:00:00Z"},
+    )
+    job["metadata"].update(uid="uid-train", resourceVersion="3")
+    seconds = [
+        build_snapshot(split_objects([node("n"), job]), now=now).plan_input.workloads[0]
+        for now in (NOW, NOW + timedelta(hours=1))
+    ]
+    assert [w.deadline_seconds for w in seconds] == [7200.0, 3600.0]
