@@ -39,8 +39,10 @@ from wattsched_operator.api.llmworkload import (
     parse_llmworkload,
 )
 from wattsched_operator.api.meta import (
+    API_VERSION,
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
+    GROUP,
     POWER_LIMIT_ANNOTATION,
     POWER_LIMIT_ENV,
     REPLICA_LABEL,
@@ -135,6 +137,11 @@ def split_objects(documents: Iterable[object]) -> ClusterObjects:
         bucket = _KIND_FIELDS.get((api_version, kind))
         if bucket is not None:
             found[bucket].append(document)
+        elif api_version.split("/", 1)[0] == GROUP:
+            raise SnapshotError(
+                f"{where} ({kind}): apiVersion {api_version!r} is not one this version reads; "
+                f"wattsched reads {API_VERSION} LLMWorkload, EnergyBudget and NodePowerProfile"
+            )
 
     for index, document in enumerate(documents):
         visit(document, f"document {index + 1}")

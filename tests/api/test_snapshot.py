@@ -430,3 +430,12 @@ def test_deadlines_of_a_cached_workload_still_follow_now() -> None:
         for now in (NOW, NOW + timedelta(hours=1))
     ]
     assert [w.deadline_seconds for w in seconds] == [7200.0, 3600.0]
+
+
+def test_a_wattsched_object_of_another_version_is_an_error_not_ignored() -> None:
+    newer = budget("b", 1000)
+    newer["apiVersion"] = "wattsched.io/v1beta1"
+    with pytest.raises(
+        SnapshotError, match=r"document 1 \(EnergyBudget\): apiVersion 'wattsched.io/v1beta1'"
+    ):
+        split_objects([newer])
