@@ -2,7 +2,7 @@
 
 - `chart` (session, no cluster): runs our helm (the sandbox build's, never one on PATH) against
   charts/wattsched: `render()` returns the parsed documents of `helm template`, `lint()` the result.
-- `release` (module, cluster): the chart installed with ci/sandbox-values.yaml into a fresh
+- `release` (session, cluster): the chart installed with ci/sandbox-values.yaml into a fresh
   namespace under a unique release name, uninstalled afterwards. Its EnergyBudget selects no node
   (so other tests' planning is unaffected) and its peering object is named after the release.
 - `agent_token_on_node` (cluster): a token of the agent's ServiceAccount bound to the agent pod on
@@ -146,7 +146,7 @@ class Release:
         return f"system:serviceaccount:{self.namespace}:{self.agent_service_account}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def release(chart: Chart, sandbox: Sandbox) -> Iterator[Release]:
     """ci/sandbox-values.yaml installed under a unique name in a fresh namespace."""
     name = f"ws-{secrets.token_hex(3)}"
