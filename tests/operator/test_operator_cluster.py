@@ -4,6 +4,7 @@ simulated agents writing NodePowerProfile status. The operator runs as a subproc
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -438,3 +439,98 @@ def test_a_workload_that_can_never_fit_is_unschedulable_with_the_binding_constra
     assert phase_of(sandbox, namespace, "too-big") == "Pending"
     events = sandbox.kubectl("get", "events", "-n", namespace).stdout
     assert "Unschedulable" in events
+
+
+def set_pod_phase(sandbox: Sandbox, namespace: str, pod: str, phase: str, exit_code: int) -> None:
+    """Stand in for the kubelet: finish a pod's container (KWOK only completes Job pods)."""
+    reason = "Completed" if exit_code == 0 else "Error"
+    terminated = {"exitCode": exit_code, "reason": reason, "startedAt": None, "finishedAt": None}
+    status = {
+        "status": {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": {k: v for k, v in terminated.items() if v is not None}},
+                }
+            ],
+        }
+    }
+    sandbox.kubectl(
+        "patch",
+        "pod",
+        pod,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
+
+
+def test_a_gang_whose_pods_all_succeed_is_succeeded_and_frees_its_gpus(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    start_operator()
+    apply(sandbox, namespace, workload("job", type_="BatchInference", gpus=1, replicas=2))
+    wait_until("job Running", lambda: running_on_planned_nodes(sandbox, namespace, "job"))
+    for replica in (0, 1):
+        set_pod_phase(sandbox, namespace, f"job-{replica}", "Succeeded", 0)
+    wait_until("job Succeeded", lambda: phase_of(sandbox, namespace, "job") == "Succeeded")
+    time.sleep(3)
+    assert phase_of(sandbox, namespace, "job") == "Succeeded"
+    pods = pods_of(sandbox, namespace, "job")
+    assert sorted(p["status"]["phase"] for p in pods) == ["Succeeded", "Succeeded"]
+
+
+def test_failed_replicas_are_retried_after_a_backoff_then_the_workload_fails(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    start_operator("--backoff-limit", "1", "--backoff-seconds", "2")
+    apply(sandbox, namespace, workload("flaky", type_="BatchInference", gpus=1))
+    wait_until("flaky Running", lambda: running_on_planned_nodes(sandbox, namespace, "flaky"))
+    first_uid = pods_of(sandbox, namespace, "flaky")[0]["metadata"]["uid"]
+    set_pod_phase(sandbox, namespace, "flaky-0", "Failed", 3)
+
+    def replaced() -> bool:
+        pods = pods_of(sandbox, namespace, "flaky")
+        return (
+            bool(pods)
+            and pods[0]["metadata"]["uid"] != first_uid
+            and (pods[0]["status"].get("phase") == "Running")
+        )
+
+    wait_until("a new pod for replica 0 after the backoff", replaced, timeout_seconds=60)
+    assert phase_of(sandbox, namespace, "flaky") in {"Placed", "Running"}
+    set_pod_phase(sandbox, namespace, "flaky-0", "Failed", 3)
+    wait_until("flaky Failed", lambda: phase_of(sandbox, namespace, "flaky") == "Failed", 60)
+    status = get_json(sandbox, "llmworkload", "flaky", "-n", namespace)["status"]
+    assert "exited 3" in status["message"]
+    events = sandbox.kubectl("get", "events", "-n", namespace).stdout
+    assert "ReplicaFailed" in events
+
+
+def test_deleting_a_workload_removes_its_pods_and_lowers_its_gpus_to_idle(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    start_operator()
+    apply(sandbox, namespace, workload("short-lived", gpus=4, products=["NVIDIA-L40S"]))
+    wait_until(
+        "short-lived Running", lambda: running_on_planned_nodes(sandbox, namespace, "short-lived")
+    )
+    node = get_json(sandbox, "llmworkload", "short-lived", "-n", namespace)["status"]["placements"][
+        0
+    ]["node"]
+    sandbox.kubectl("delete", "llmworkload", "short-lived", "-n", namespace, "--timeout=60s")
+    assert pods_of(sandbox, namespace, "short-lived") == []
+
+    def idle() -> bool:
+        spec, applied = profile_limits(sandbox, node)
+        return spec == [100.0] * 4 and applied == spec
+
+    wait_until(f"{node} back at the L40S minimum (100 W per GPU)", idle)
