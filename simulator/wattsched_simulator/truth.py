@@ -116,6 +116,7 @@ DEFAULT_PRODUCTS: Mapping[str, ProductTruth] = {
     "H200": ProductTruth(200, 700, 80, 141, 1.35, 1.05),
     "A100-80GB": ProductTruth(100, 400, 63, 80, 0.68, 0.40),
     "A100-40GB": ProductTruth(100, 400, 55, 40, 0.58, 0.40),
+    "A100-PCIE-40GB": ProductTruth(150, 250, 35, 40, 0.58, 0.33),
     "L40S": ProductTruth(100, 350, 35, 48, 0.28, 0.25),
     "L4": ProductTruth(40, 72, 16, 24, 0.10, 0.10),
 }
@@ -131,6 +132,8 @@ def truth_product(label: str) -> str:
         return "H200"
     if "H100" in upper:
         return "H100-80GB"
+    if "A100" in upper and "PCIE" in upper and "40GB" in upper:
+        return "A100-PCIE-40GB"
     if "A100" in upper:
         return "A100-40GB" if "40GB" in upper else "A100-80GB"
     if "L40S" in upper:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wattsched_optimizer import model
 from wattsched_simulator import cli
 from wattsched_simulator.carbon import load_hourly_csv
 from wattsched_simulator.cluster import ClusterError, load_budgets, load_nodes
@@ -19,6 +20,7 @@ from wattsched_simulator.trace import (
     load_traces,
     read_requests,
 )
+from wattsched_simulator.truth import DEFAULT_PRODUCTS, truth_product
 
 REQUIRED_KEYS = {
     "gpuEnergyKWh",
@@ -257,3 +259,11 @@ def test_the_default_traces_are_the_azure_2023_hour() -> None:
     )
     assert [(t.name, t.requests) for t in traces] == [("code", 8819), ("conv", 19366)]
     assert all(t.demand_tokens.sum() > 0 for t in traces)
+
+
+def test_every_product_the_optimizer_knows_has_a_ground_truth() -> None:
+    for product in model.known_products():
+        for label in model.product_spec(product).labels:
+            assert truth_product(label) in DEFAULT_PRODUCTS, label
+    with pytest.raises(ValueError, match="no ground truth for this product"):
+        truth_product("NVIDIA-B200")
