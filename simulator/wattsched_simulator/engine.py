@@ -279,13 +279,14 @@ class Simulation:
     def _prefill_telemetry(self) -> None:
         """History before t = 0: the run starts on a cluster that has been serving for a while.
 
-        Five minutes of samples at the mean demand of the first minute, visible at t = 0, with
-        no utilisation (no replica was observed).
+        Five minutes of samples at the mean demand of the first five minutes, visible at t = 0,
+        with no utilisation (no replica was observed).
         """
         sc = self.scenario
-        first_minute = max(1, round(60.0 / sc.step_seconds))
+        # The traces start mid-stream (the first minute is partial), so use five minutes.
+        first_minutes = max(1, round(300.0 / sc.step_seconds))
         demand = {
-            s.key: float(s.trace.demand_tokens[:first_minute].mean()) / sc.step_seconds
+            s.key: float(s.trace.demand_tokens[:first_minutes].mean()) / sc.step_seconds
             for s in self.services
         }
         scrape = sc.telemetry.scrape_interval_seconds
