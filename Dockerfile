@@ -5,8 +5,10 @@
 #   docker build -t ghcr.io/wattsched/wattsched:0.1.0 .
 #
 # Not built or tested in this repository's CI (no container engine there): the chart's tests run
-# the chart on a KWOK sandbox, where pods are scheduled but containers never start. What the image
-# needs is checked instead by what it runs: `pip install .` of the same sources (make test).
+# the chart on a KWOK sandbox, where pods are scheduled but containers never start. The build step
+# was checked by hand without Docker: a non-editable `pip install .` of exactly the files copied
+# below, into a fresh venv, runs `wattsched --help`, `wattsched operator --help` and
+# `wattsched agent --help` from outside the checkout.
 #
 # NVML: the image carries no NVIDIA driver library. On GPU nodes the NVIDIA container runtime
 # injects libnvidia-ml.so.1 and the device nodes into the agent's container (the chart sets
