@@ -51,15 +51,16 @@ binaries:
 
 # Debian's prometheus: only the binary is used (tests start their own on free loopback ports).
 # policy-rc.d keeps the package from starting its service; any service that did start is stopped.
+PROMETHEUS ?= prometheus
 prometheus:
-	@if ! command -v prometheus >/dev/null; then \
+	@if ! command -v $(PROMETHEUS) >/dev/null; then \
 	  sudo=""; [[ "$$(id -u)" == 0 ]] || sudo=sudo; \
 	  policy=""; if [[ ! -e /usr/sbin/policy-rc.d ]]; then \
 	    policy=1; printf '#!/bin/sh\nexit 101\n' | $$sudo tee /usr/sbin/policy-rc.d >/dev/null; \
 	    $$sudo chmod 755 /usr/sbin/policy-rc.d; fi; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  $$sudo apt-get update -qq && \
-	  $$sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; status=$$?; \
+	  status=0; { $$sudo apt-get update -qq && \
+	    $$sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || status=$$?; \
 	  [[ -z "$$policy" ]] || $$sudo rm -f /usr/sbin/policy-rc.d; \
 	  if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then \
 	    $$sudo systemctl disable --now prometheus; fi; \
