@@ -248,3 +248,17 @@ def test_deleting_a_namespace_removes_it_with_its_pods(sandbox: Sandbox) -> None
     )
     sandbox.kubectl("delete", "namespace", name, "--timeout=60s")
     assert is_gone(sandbox, "default", f"namespace/{name}")
+
+
+def test_starting_a_running_sandbox_again_reuses_it(sandbox: Sandbox) -> None:
+    again = subprocess.run(
+        [str(REPO_ROOT / "sandbox" / "up.sh")],
+        env={**os.environ, "SANDBOX_DIR": str(sandbox.directory)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "already running" in again.stderr
+    assert again.stdout.strip() == str(sandbox.kubeconfig)
+    assert sandbox.endpoints()["apiserver"] == sandbox.api_url

@@ -124,3 +124,36 @@ def test_an_endpoint_that_is_not_a_url_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "endpoint prometheus: url 'localhost:9090' must be a URL" in result.stderr
     assert not (tmp_path / "endpoints.yaml").exists()
+
+
+def test_stopping_a_sandbox_that_never_ran_is_a_no_op(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(REPO_ROOT / "sandbox" / "down.sh")],
+        env={**os.environ, "SANDBOX_DIR": str(tmp_path / "never-started")},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert "nothing running" in result.stderr
+
+
+def test_starting_without_built_binaries_fails_with_the_command_to_build_them(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [str(REPO_ROOT / "sandbox" / "up.sh")],
+        env={
+            **os.environ,
+            "SANDBOX_DIR": str(tmp_path / "sandbox"),
+            "WATTSCHED_CACHE": str(tmp_path / "empty-cache"),
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "missing" in result.stderr
+    assert "make binaries" in result.stderr
