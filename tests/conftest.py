@@ -7,6 +7,8 @@
   Missing binaries fail the test with the command to build them: cluster tests are never skipped.
 - `namespace` (function): a fresh namespace with its `default` service account, deleted afterwards.
 - `crds` (session): applies every crds/*.yaml and waits until each CRD is Established.
+Any pytest run puts the sandbox binaries first on PATH (like the Makefile), so tests that call
+`kubectl` or `helm` get ours, never /usr/bin's.
 
 Every test that uses `sandbox` must carry the `cluster` marker (checked at collection), so
 `pytest -m "not cluster"` never starts a control plane. For typing, annotate with
@@ -102,14 +104,19 @@ def _run_script(command: list[str], sandbox_dir: Path) -> subprocess.CompletedPr
     return result
 
 
-def _binaries_dir() -> Path:
+def _binaries_path() -> Path:
+    """Where sandbox/build.sh puts (or would put) the binaries of the pinned versions."""
     result = subprocess.run(
         [str(REPO_ROOT / "sandbox" / "build.sh"), "--dir"],
         capture_output=True,
         text=True,
         check=True,
     )
-    bin_dir = Path(result.stdout.strip())
+    return Path(result.stdout.strip())
+
+
+def _binaries_dir() -> Path:
+    bin_dir = _binaries_path()
     missing = [name for name in (*SANDBOX_BINARIES, "kubectl") if not (bin_dir / name).is_file()]
     if missing:
         pytest.fail(
@@ -119,6 +126,13 @@ def _binaries_dir() -> Path:
             pytrace=False,
         )
     return bin_dir
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Put the sandbox binaries first on PATH, as the Makefile does: always our kubectl/helm."""
+    bin_dir = _binaries_path()
+    if bin_dir.is_dir() and os.environ.get("PATH", "").split(os.pathsep)[0] != str(bin_dir):
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")
