@@ -262,3 +262,21 @@ def test_starting_a_running_sandbox_again_reuses_it(sandbox: Sandbox) -> None:
     assert "already running" in again.stderr
     assert again.stdout.strip() == str(sandbox.kubeconfig)
     assert sandbox.endpoints()["apiserver"] == sandbox.api_url
+
+
+def test_a_job_runs_to_completion(sandbox: Sandbox, namespace: str) -> None:
+    # kube-controller-manager's Job controller creates the pod; KWOK's pod-complete stage ends it.
+    template = gpu_pod("unused", 1)
+    template["spec"]["restartPolicy"] = "Never"
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "one-shot"},
+        "spec": {"backoffLimit": 0, "template": {"spec": template["spec"]}},
+    }
+    create(sandbox, namespace, job)
+    sandbox.kubectl(
+        "wait", "-n", namespace, "job/one-shot", "--for=condition=Complete", "--timeout=60s"
+    )
+    pods = get_json(sandbox, "pods", "-n", namespace, "-l", "job-name=one-shot")["items"]
+    assert [pod["status"]["phase"] for pod in pods] == ["Succeeded"]
