@@ -26,7 +26,7 @@ python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
   if [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"; else python=python3; fi
 fi
-wattsched() { "$python" -m wattsched_operator.cli "$@"; }
+wattsched=("$python" -m wattsched_operator.cli)  # an array, so `&` gives the python process's pid
 
 start_sandbox() {
   step "Starting the sandbox control plane (etcd, kube-apiserver, scheduler, controller-manager, KWOK)"
@@ -51,10 +51,10 @@ apply_crds() {
 start_operator() {
   step "Starting the simulated node agents and the wattsched operator"
   mkdir -p "$SANDBOX_DIR/logs"
-  wattsched agent --backend simulated --all-nodes --metrics-port 0 --interval-seconds 1 \
+  "${wattsched[@]}" agent --backend simulated --all-nodes --metrics-port 0 --interval-seconds 1 \
     >"$SANDBOX_DIR/logs/demo-agents.log" 2>&1 &
   agents_pid=$!
-  wattsched operator --standalone --metrics-port 0 --health-port 0 --debounce-seconds 0.5 \
+  "${wattsched[@]}" operator --standalone --metrics-port 0 --health-port 0 --debounce-seconds 0.5 \
     >"$SANDBOX_DIR/logs/demo-operator.log" 2>&1 &
   operator_pid=$!
   echo "agents pid $agents_pid, operator pid $operator_pid (logs: $SANDBOX_DIR/logs/demo-*.log)"
@@ -142,7 +142,7 @@ show() {
   first="$(kubectl get llmworkloads -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)"
   if [[ -n "$first" ]]; then
     step "wattsched explain default/$first"
-    wattsched explain "default/$first"
+    "${wattsched[@]}" explain "default/$first"
   fi
 }
 
