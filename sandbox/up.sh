@@ -142,6 +142,17 @@ mv "$sandbox_dir/kubeconfig.tmp" "$sandbox_dir/kubeconfig"
 
 # --- Start every component at once; each retries until the API server answers ----------------------
 rm -rf "$sandbox_dir/etcd-data"
+# A start that fails stops whatever it launched (the logs stay for the post-mortem).
+stop_on_failure() {
+  local status=$?
+  if ((status != 0)); then
+    flock -u 9
+    "$here/down.sh" >/dev/null 2>&1 || true
+    log "stopped the partial sandbox; component logs: $logs"
+  fi
+  exit "$status"
+}
+trap stop_on_failure EXIT
 for component in "${components[@]}"; do : >"$logs/$component.log"; done
 launched=()
 # launch <component> <args...>: own session, survives this script, no lock fd; pid in run/
@@ -240,6 +251,7 @@ endpoints:
   kwok: http://127.0.0.1:$KWOK_PORT
 EOF
 
+trap - EXIT
 node_count="$(kubectl_admin get nodes --no-headers | wc -l)"
 log "ready in $((SECONDS - start_seconds)) s: $node_count nodes, kube-apiserver $apiserver_url"
 log "export KUBECONFIG=$sandbox_dir/kubeconfig PATH=$bindir:\$PATH"
