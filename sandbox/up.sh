@@ -58,6 +58,7 @@ if [[ -f "$run/ports.env" ]]; then
   source "$run/ports.env"
   if ((all_alive)) && admin_curl "https://127.0.0.1:$APISERVER_PORT/readyz" >/dev/null 2>&1; then
     log "already running (kube-apiserver https://127.0.0.1:$APISERVER_PORT)"
+    [[ -z "${SANDBOX_NODES:-}" ]] || log "SANDBOX_NODES ignored: the running sandbox keeps its nodes (make sandbox-down first)"
     echo "$sandbox_dir/kubeconfig"
     exit 0
   fi
