@@ -9,6 +9,7 @@ Not for: the agent's NVML behaviour (tests/agent/).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -29,14 +30,28 @@ INTERVAL_SECONDS = 0.5
 RECONCILE_FAILED = "reconcile failed"  # the agent's log line for a failed pass
 
 
+STARTUP_TIMEOUT_SECONDS = 60
+
+
+def _wait_for_log(log_path: Path, text: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while text not in log_path.read_text(errors="replace"):
+        assert process.poll() is None, f"agent exited:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, (
+            f"no {text!r} in the agent's log:\n{log_path.read_text()}"
+        )
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def run_agent(
     sandbox: Sandbox, agent_token_on_node: Callable[[str], str], tmp_path: Path
-) -> Iterator[Callable[[str, str, float], str]]:
-    """Run the agent for `node_name` with the token bound to `token_node` for a while; its log."""
+) -> Iterator[Callable[[str, str, str], str]]:
+    """Run the agent for `node_name` with the token bound to `token_node` until its log shows
+    `until` and a few more reconcile intervals have passed; stop it (SIGTERM) and return its log."""
     processes: list[subprocess.Popen[bytes]] = []
 
-    def run(node_name: str, token_node: str, seconds: float) -> str:
+    def run(node_name: str, token_node: str, until: str) -> str:
         kubeconfig = token_kubeconfig(sandbox, agent_token_on_node(token_node), tmp_path)
         log_path = tmp_path / f"agent-{node_name}-{len(processes)}.log"
         with log_path.open("wb") as log:
@@ -53,7 +68,8 @@ def run_agent(
                 cwd=REPO_ROOT,
             )  # fmt: skip
         processes.append(process)
-        time.sleep(seconds)
+        _wait_for_log(log_path, until, process)
+        time.sleep(4 * INTERVAL_SECONDS)
         assert process.poll() is None, f"agent exited:\n{log_path.read_text()[-3000:]}"
         process.terminate()
         process.wait(timeout=20)
@@ -66,26 +82,26 @@ def run_agent(
             process.wait()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="crds/wattsched.io_nodepowerprofiles.yaml requires status.conditions[].message but does "
-    "not declare it, so every status patch with a condition is pruned and refused (422). Passes "
-    "once the CRD declares `message`; then remove this marker (strict: an unexpected pass fails).",
-)
 def test_agent_with_its_pods_token_reports_its_own_node(
-    run_agent: Callable[[str, str, float], str], two_agent_profiles: tuple[str, str]
+    sandbox: Sandbox,
+    run_agent: Callable[[str, str, str], str],
+    two_agent_profiles: tuple[str, str],
 ) -> None:
     own, _ = two_agent_profiles
-    log = run_agent(own, own, 8 * INTERVAL_SECONDS)
+    log = run_agent(own, own, f"node {own}: simulated backend")
     assert RECONCILE_FAILED not in log
     assert "could not mark" not in log  # the shutdown patch (agent.ready=false) was admitted too
     assert "Forbidden" not in log
+    profile = json.loads(sandbox.kubectl("get", "nodepowerprofile", own, "-o", "json").stdout)
+    assert profile["status"]["observedGeneration"] == profile["metadata"]["generation"]
+    assert profile["status"]["agent"]["backend"] == "simulated"
+    assert profile["status"]["gpus"][0]["product"]
 
 
 def test_agent_with_one_nodes_token_is_refused_another_nodes_profile(
-    run_agent: Callable[[str, str, float], str], two_agent_profiles: tuple[str, str]
+    run_agent: Callable[[str, str, str], str], two_agent_profiles: tuple[str, str]
 ) -> None:
     own, other = two_agent_profiles
-    log = run_agent(other, own, 8 * INTERVAL_SECONDS)
+    refusal = f"the agent on node {own} may only write the NodePowerProfile named {own}"
+    log = run_agent(other, own, refusal)
     assert RECONCILE_FAILED in log
-    assert f"the agent on node {own} may only write the NodePowerProfile named {own}" in log
