@@ -13,19 +13,31 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from wattsched_operator.api.meta import GPU_RESOURCE, GROUP, VERSION
+from wattsched_operator.api.meta import POWER_LIMIT_ANNOTATION as ANNOTATION_POWER_LIMIT
+from wattsched_operator.api.meta import POWER_LIMIT_ENV as ENV_POWER_LIMIT
+from wattsched_operator.api.meta import PRECISION_ENV as ENV_PRECISION
+from wattsched_operator.api.meta import REPLICA_LABEL as LABEL_REPLICA
+from wattsched_operator.api.meta import VARIANT_ANNOTATION as ANNOTATION_VARIANT
+from wattsched_operator.api.meta import VARIANT_ENV as ENV_VARIANT
+from wattsched_operator.api.meta import WORKLOAD_LABEL as LABEL_WORKLOAD
+from wattsched_operator.snapshot import NODE_ANNOTATION as ANNOTATION_NODE
 from wattsched_optimizer.problem import Placement, WorkloadType
 
-GROUP = "wattsched.io"
-VERSION = "v1alpha1"
-LABEL_WORKLOAD = f"{GROUP}/workload"
-LABEL_REPLICA = f"{GROUP}/replica"
-ANNOTATION_NODE = f"{GROUP}/node"
-ANNOTATION_VARIANT = f"{GROUP}/variant"
-ANNOTATION_POWER_LIMIT = f"{GROUP}/power-limit-watts"
-ENV_VARIANT = "WATTSCHED_VARIANT"
-ENV_PRECISION = "WATTSCHED_PRECISION"
-ENV_POWER_LIMIT = "WATTSCHED_POWER_LIMIT_WATTS"
-GPU_RESOURCE = "nvidia.com/gpu"
+__all__ = [
+    "ANNOTATION_NODE",
+    "ANNOTATION_POWER_LIMIT",
+    "ANNOTATION_VARIANT",
+    "ENV_POWER_LIMIT",
+    "ENV_PRECISION",
+    "ENV_VARIANT",
+    "GPU_RESOURCE",
+    "GROUP",
+    "LABEL_REPLICA",
+    "LABEL_WORKLOAD",
+    "VERSION",
+]
+
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 
