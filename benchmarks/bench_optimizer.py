@@ -5,8 +5,8 @@ peak memory, and the same instance built and solved by a straightforward model (
 workload x pool x level x variant, built with lpSum, no classes, no pruning) as the baseline ratio.
 Not a test: it asserts nothing and only prints figures (docs/benchmarks.md records them).
 
-Run: `.venv/bin/python benchmarks/bench_optimizer.py [--sizes small,large] [--repeat 5]
-[--baseline-time-limit 60]`.
+Run: `.venv/bin/python benchmarks/bench_optimizer.py [--sizes small,large,small-unique]
+[--repeat 5] [--baseline-time-limit 60] [--skip-baseline]` (each instance in its own process).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import os
 import random
 import resource
 import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections import defaultdict
@@ -229,7 +231,13 @@ def rss_mib() -> float:
 
 
 def run(
-    name: str, nodes: int, workloads: int, templates: int, *, repeat: int, baseline_limit: float
+    name: str,
+    nodes: int,
+    workloads: int,
+    templates: int,
+    *,
+    repeat: int,
+    baseline_limit: float | None,
 ) -> None:
     plan_input = generate(nodes, workloads, templates)
     data = build_plan_data(plan_input, CatalogueModel())
@@ -269,8 +277,10 @@ def run(
     tracemalloc.stop()
     print(
         f"peak Python allocations (tracemalloc) {peak / 2**20:.1f} MiB; process max RSS "
-        f"{rss_after_main:.0f} MiB"
+        f"{rss_after_main:.0f} MiB (instance, plans and interpreter; before any baseline)"
     )
+    if baseline_limit is None:
+        return
     base = baseline(plan_input, baseline_limit)
     print(
         f"baseline: build {base['build_s']:.3f} s, solve {base['solve_s']:.3f} s "
@@ -288,29 +298,41 @@ def run(
     )
 
 
+INSTANCES = {
+    "small": (1000, 2000, TEMPLATES),
+    "large": (4000, 8000, TEMPLATES),
+    "small-unique": (1000, 2000, 2000),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="small,large,small-unique")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--baseline-time-limit", type=float, default=60.0)
+    parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
-    print(f"load average before: {os.getloadavg()}, CPUs: {os.cpu_count()}")
-    sizes = {
-        "small": (1000, 2000, TEMPLATES),
-        "large": (4000, 8000, TEMPLATES),
-        "small-unique": (1000, 2000, 2000),
-    }
-    for name in args.sizes.split(","):
-        nodes, workloads, templates = sizes[name]
-        run(
-            name,
-            nodes,
-            workloads,
-            templates,
-            repeat=args.repeat,
-            baseline_limit=args.baseline_time_limit,
-        )
-    print(f"\nload average after: {os.getloadavg()}")
+    names = args.sizes.split(",")
+    if len(names) > 1:
+        # One process per instance, so that the peak RSS of one does not carry into the next.
+        print(f"load average before: {os.getloadavg()}, CPUs: {os.cpu_count()}", flush=True)
+        for name in names:
+            command = [sys.executable, __file__, "--sizes", name, "--repeat", str(args.repeat)]
+            command += ["--baseline-time-limit", str(args.baseline_time_limit)]
+            command += ["--skip-baseline"] if args.skip_baseline else []
+            subprocess.run(command, check=True)
+        print(f"\nload average after: {os.getloadavg()}")
+        return
+    nodes, workloads, templates = INSTANCES[names[0]]
+    run(
+        names[0],
+        nodes,
+        workloads,
+        templates,
+        repeat=args.repeat,
+        baseline_limit=None if args.skip_baseline else args.baseline_time_limit,
+    )
+    print(f"load average now: {os.getloadavg()}", flush=True)
 
 
 if __name__ == "__main__":
