@@ -113,14 +113,17 @@ class BindWatcher(threading.Thread):
         while True:
             stream = watch.Watch()  # type: ignore[no-untyped-call]
             self.started.set()
-            for event in stream.stream(  # type: ignore[no-untyped-call]
-                self.api.list_namespaced_pod, self.namespace, timeout_seconds=300
-            ):
-                pod = event["object"]
-                if pod.spec.node_name and pod.metadata.name not in self.bound:
-                    with self.changed:
-                        self.bound[pod.metadata.name] = time.monotonic()
-                        self.changed.notify_all()
+            try:
+                for event in stream.stream(  # type: ignore[no-untyped-call]
+                    self.api.list_namespaced_pod, self.namespace, timeout_seconds=300
+                ):
+                    pod = event["object"]
+                    if pod.spec.node_name and pod.metadata.name not in self.bound:
+                        with self.changed:
+                            self.bound[pod.metadata.name] = time.monotonic()
+                            self.changed.notify_all()
+            except client.ApiException:
+                time.sleep(0.5)  # e.g. 504 "too large resource version": list and watch again
 
     def wait_for(self, names: set[str], timeout_seconds: float) -> bool:
         deadline = time.monotonic() + timeout_seconds

@@ -23,6 +23,51 @@ PODS = "pods"
 KINDS = (WORKLOADS, BUDGETS, NODES, PROFILES, PODS)
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def slim(kind: str, body: Mapping[str, Any]) -> Body:
+    """The parts of an object the operator reads; the rest is dropped to keep memory small.
+
+    Every kind loses `metadata.managedFields` and kubectl's last-applied annotation (a second
+    copy of the spec). Pods keep only identity, labels, annotations, owner, node, their
+    containers' names and env, and their phase, conditions and container states.
+    """
+    meta = dict(body.get("metadata") or {})
+    meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    slimmed = {**body, "metadata": meta}
+    if kind != PODS:
+        return slimmed
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    return {
+        "metadata": meta,
+        "spec": {
+            "nodeName": spec.get("nodeName"),
+            "containers": [
+                {"name": c.get("name"), "env": c.get("env") or []}
+                for c in spec.get("containers") or []
+            ],
+        },
+        "status": {
+            "phase": status.get("phase"),
+            "reason": status.get("reason"),
+            "message": status.get("message"),
+            "conditions": [
+                {"type": c.get("type"), "status": c.get("status")}
+                for c in status.get("conditions") or []
+            ],
+            "containerStatuses": [
+                {"name": c.get("name"), "state": c.get("state") or {}}
+                for c in status.get("containerStatuses") or []
+            ],
+        },
+    }
+
+
 def object_key(body: Mapping[str, Any]) -> str:
     """`namespace/name` for namespaced objects, `name` for cluster-scoped ones."""
     meta = body.get("metadata") or {}
@@ -49,7 +94,7 @@ class ClusterCache:
     version: int = 0
 
     def upsert(self, kind: str, body: Mapping[str, Any]) -> None:
-        self.objects[kind][object_key(body)] = dict(body)
+        self.objects[kind][object_key(body)] = slim(kind, body)
         self.version += 1
 
     def remove(self, kind: str, body: Mapping[str, Any]) -> None:
@@ -58,7 +103,7 @@ class ClusterCache:
 
     def replace(self, kind: str, bodies: Iterable[Mapping[str, Any]]) -> None:
         """Replace everything of one kind with a fresh list from the API server."""
-        self.objects[kind] = {object_key(b): dict(b) for b in bodies}
+        self.objects[kind] = {object_key(b): slim(kind, b) for b in bodies}
         self.version += 1
 
     def get(self, kind: str, key: str) -> Body | None:

@@ -63,9 +63,12 @@ class Kube:
         method: str,
         path: str,
         body: Any = None,
+        *,
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        parse: bool = True,
     ) -> dict[str, Any]:
+        """One call; the response body as a dict (empty when `parse` is False, to save memory)."""
         serialized = self._api.param_serialize(
             method,
             path,
@@ -84,6 +87,8 @@ class Kube:
         text = raw.decode() if isinstance(raw, bytes) else str(raw or "")
         if not 200 <= response.status <= 299:
             raise KubeError(method, path, response.status, text)
+        if not parse:
+            return {}
         parsed: dict[str, Any] = json.loads(text) if text else {}
         return parsed
 
@@ -95,15 +100,26 @@ class Kube:
         items: list[dict[str, Any]] = self.request("GET", path, query=query).get("items") or []
         return items
 
-    def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self.request("POST", path, body=dict(body))
+    def create(self, path: str, body: Mapping[str, Any], parse: bool = True) -> dict[str, Any]:
+        return self.request("POST", path, body=dict(body), parse=parse)
 
-    def merge_patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self.request("PATCH", path, body=dict(body), content_type=MERGE_PATCH)
+    def merge_patch(self, path: str, body: Mapping[str, Any], parse: bool = True) -> dict[str, Any]:
+        return self.request("PATCH", path, body=dict(body), content_type=MERGE_PATCH, parse=parse)
 
-    def delete(self, path: str) -> None:
+    def write(self, path: str, body: Mapping[str, Any], patch: bool = True) -> None:
+        """A create (POST) or merge-patch whose response is not needed."""
+        if patch:
+            self.merge_patch(path, body, parse=False)
+        else:
+            self.create(path, body, parse=False)
+
+    def delete(self, path: str, grace_period_seconds: int | None = None) -> None:
+        """Delete; already gone is fine. A grace period of 0 needs no kubelet to confirm."""
+        options = (
+            None if grace_period_seconds is None else {"gracePeriodSeconds": grace_period_seconds}
+        )
         try:
-            self.request("DELETE", path)
+            self.request("DELETE", path, options, parse=False)
         except KubeError as error:
             if error.status != 404:
                 raise

@@ -145,7 +145,6 @@ class PlanningLoop:
         self.metrics = metrics
         self.is_leader = is_leader
         self.unconfirmed: frozenset[str] = frozenset()
-        self.plans_applied = 0
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="kube")
         self._was_leader = False
         self._wake_at: float | None = None
@@ -229,6 +228,10 @@ class PlanningLoop:
         active = {k: v for k, v in active.items() if k not in built.rejected}
         started = time.monotonic()
         plan = await self._call(self.plan_function, plan_input)
+        if not await self.is_leader():
+            # Another operator took over while this one was solving: it applies, this one must not.
+            logger.info("no longer the leader; dropping the plan")
+            return plan
         self.metrics.plans.labels(status=str(plan.status)).inc()
         self.metrics.solve_seconds.observe(plan.solve_seconds)
         self.metrics.gap.set(plan.gap)
@@ -249,7 +252,6 @@ class PlanningLoop:
             view, active=active, plan=plan, life=life, pods_by_workload=pods_by_workload, now=now
         )
         await self._write_budget_statuses(view, plan, plan_input, now)
-        self.plans_applied += 1
         return plan
 
     async def _lifecycle(
@@ -327,7 +329,7 @@ class PlanningLoop:
             meta = body["metadata"]
             path = workloads_path(meta["namespace"], meta["name"]) + "/status"
             status = {"phase": statuses.PENDING, "conditions": [condition], "message": message}
-            await self._gather([self._call(self.kube.merge_patch, path, {"status": status})])
+            await self._gather([self._call(self.kube.write, path, {"status": status})])
             await self._event(body, "Warning", "InvalidSpec", message)
 
     async def _count_failure(
@@ -423,7 +425,7 @@ class PlanningLoop:
         await self._gather(self._create_pod(p) for p in creatable)
         await self._gather(
             self._call(
-                self.kube.merge_patch,
+                self.kube.write,
                 pods_path(ns, name),
                 {"metadata": {"annotations": {desired.ANNOTATION_POWER_LIMIT: watts}}},
             )
@@ -454,20 +456,14 @@ class PlanningLoop:
         path = pods_path(namespace, name)
         if node and node not in view.nodes:
             # No kubelet will ever confirm a graceful deletion on a node that is gone.
-            await self._call(
-                self.kube.request,
-                "DELETE",
-                path,
-                {"gracePeriodSeconds": 0},
-                {"gracePeriodSeconds": "0"},
-            )
+            await self._call(self.kube.delete, path, 0)
         else:
             await self._call(self.kube.delete, path)
 
     async def _create_pod(self, pod: Mapping[str, Any]) -> None:
         namespace = pod["metadata"]["namespace"]
         try:
-            await self._call(self.kube.create, pods_path(namespace), pod)
+            await self._call(self.kube.write, pods_path(namespace), pod, False)
         except KubeError as error:
             if error.status != 409:
                 raise
@@ -579,16 +575,19 @@ class PlanningLoop:
     ) -> None:
         meta = body["metadata"]
         path = workloads_path(meta["namespace"], meta["name"]) + "/status"
-        await self._call(self.kube.merge_patch, path, {"status": new})
+        await self._call(self.kube.write, path, {"status": new})
         before_phase = previous.get("phase")
         phase = new["phase"]
         schedulable = next(c for c in new["conditions"] if c["type"] == "Schedulable")
         before_schedulable = next(
             (c for c in previous.get("conditions") or [] if c.get("type") == "Schedulable"), None
         )
+        # One Event when the workload becomes unschedulable or the binding constraint changes; a
+        # reason whose figures move every plan does not post an Event each time.
         if schedulable["status"] == "False" and (
             before_schedulable is None
-            or before_schedulable.get("message") != schedulable["message"]
+            or before_schedulable.get("status") != "False"
+            or before_schedulable.get("reason") != schedulable["reason"]
         ):
             await self._event(body, "Warning", "Unschedulable", schedulable["message"])
         if phase == before_phase:
@@ -633,7 +632,7 @@ class PlanningLoop:
                 allocation.expected_watts if allocation else 0.0
             )
             writes.append(
-                self._call(self.kube.merge_patch, budgets_path(name) + "/status", {"status": new})
+                self._call(self.kube.write, budgets_path(name) + "/status", {"status": new})
             )
         await self._gather(writes)
 
@@ -663,7 +662,9 @@ class PlanningLoop:
             "reportingComponent": "wattsched-operator",
         }
         try:
-            await self._call(self.kube.create, f"/api/v1/namespaces/{namespace}/events", event)
+            await self._call(
+                self.kube.write, f"/api/v1/namespaces/{namespace}/events", event, False
+            )
         except KubeError as error:
             logger.warning("could not post Event %s on %s: %s", reason, meta["name"], error)
 

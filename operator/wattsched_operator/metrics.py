@@ -17,7 +17,10 @@ class OperatorMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.plans = Counter(
-            "wattsched_plans", "Plans solved, by optimizer status.", ["status"], registry=r
+            "wattsched_plans",
+            "Plans solved and applied, by optimizer status.",
+            ["status"],
+            registry=r,
         )
         self.solve_seconds = Histogram(
             "wattsched_plan_solve_seconds",

@@ -177,7 +177,12 @@ def main(argv: list[str]) -> int:
     async def am_leader() -> bool:
         if args.standalone:
             return True
-        body = await asyncio.to_thread(kube.get, f"{PEERING_PATH}/{args.peering}")
+        try:
+            body = await asyncio.to_thread(kube.get, f"{PEERING_PATH}/{args.peering}")
+        except KubeError as error:
+            if error.status == 404:
+                return False  # no peering object: nobody may act until it exists again
+            raise
         return leads(body.get("status") or {}, identity, priority, datetime.now(UTC))
 
     loop_settings = LoopSettings(

@@ -94,3 +94,44 @@ def test_a_peer_whose_keepalive_expired_no_longer_outranks() -> None:
 def test_an_unregistered_operator_or_a_tie_never_leads() -> None:
     assert not leads({"b": peer(20, NOW)}, "a", 30, NOW)
     assert not leads({"a": peer(10, NOW), "b": peer(10, NOW)}, "a", 10, NOW)
+
+
+def test_the_cache_keeps_what_the_operator_reads_and_drops_server_bookkeeping() -> None:
+    cache = ClusterCache()
+    pod: dict[str, Any] = {
+        "metadata": {
+            "name": "w-0",
+            "namespace": "ns",
+            "labels": {"wattsched.io/workload": "w", "wattsched.io/replica": "0"},
+            "annotations": {
+                "wattsched.io/power-limit-watts": "300",
+                "kubectl.kubernetes.io/last-applied-configuration": "{...}",
+            },
+            "managedFields": [{"manager": "kube-scheduler"}],
+        },
+        "spec": {
+            "nodeName": "n1",
+            "containers": [{"name": "main", "image": "x", "env": [{"name": "A", "value": "1"}]}],
+            "volumes": [{"name": "v"}],
+        },
+        "status": {
+            "phase": "Failed",
+            "podIP": "10.0.0.1",
+            "conditions": [{"type": "Ready", "status": "False", "lastProbeTime": None}],
+            "containerStatuses": [{"name": "main", "state": {"terminated": {"exitCode": 3}}}],
+        },
+    }
+    record(cache, PODS, "ADDED", pod)
+    kept = cache.get(PODS, "ns/w-0")
+    assert kept is not None
+    assert "managedFields" not in kept["metadata"]
+    assert kept["metadata"]["annotations"] == {"wattsched.io/power-limit-watts": "300"}
+    assert kept["metadata"]["labels"] == pod["metadata"]["labels"]
+    assert kept["spec"] == {
+        "nodeName": "n1",
+        "containers": [{"name": "main", "env": [{"name": "A", "value": "1"}]}],
+    }
+    assert kept["status"]["phase"] == "Failed"
+    assert kept["status"]["conditions"] == [{"type": "Ready", "status": "False"}]
+    assert kept["status"]["containerStatuses"][0]["state"] == {"terminated": {"exitCode": 3}}
+    assert "podIP" not in kept["status"]

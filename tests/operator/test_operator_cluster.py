@@ -408,6 +408,16 @@ def test_two_peered_operators_let_exactly_one_act(
     )
     low = start_operator("--peering", peering, "--priority", "10", standalone=False)
     high = start_operator("--peering", peering, "--priority", "20", standalone=False)
+
+    def both_registered() -> bool:
+        found = sandbox.kubectl("get", "clusterkopfpeering", peering, "-o", "json", check=False)
+        if found.returncode != 0:
+            return False  # the first operator creates it as it starts
+        body = json.loads(found.stdout)
+        priorities = {p.get("priority") for p in (body.get("status") or {}).values() if p}
+        return priorities >= {10, 20}
+
+    wait_until("both operators in the peering object", both_registered)
     apply(sandbox, namespace, workload("peered"))
     wait_until(
         "peered Running",
