@@ -24,6 +24,7 @@ from wattsched_optimizer.problem import (
     EnergyPolicy,
     GpuNode,
     PlanInput,
+    PlanOptions,
     Variant,
     Workload,
     WorkloadType,
@@ -34,6 +35,8 @@ from wattsched_optimizer.problem import (
 _CLASS_KEY = operator.attrgetter(*(f.name for f in dataclasses.fields(Workload) if f.name != "key"))
 # Quality is compared in steps of 0.01.
 QUALITY_STEPS = 100
+# Added to the cost of moving a running replica, so that an equal-cost move keeps it in place.
+STABILITY_TIE_BREAK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -380,9 +383,18 @@ def workload_options(
     current: Sequence[CurrentPlacement],
     node_by_name: Mapping[str, GpuNode],
     churn_threshold: float,
+    startup_seconds: float = PlanOptions().startup_seconds,
     prune: bool = True,
 ) -> tuple[list[Option], list[tuple[int, ...]]]:
     """Every option that meets the workload's own constraints, dominated ones pruned.
+
+    Stability (tier 4), for a running workload of any type: options that keep the product and
+    variant of its replicas on schedulable nodes (power-limit changes are free) are kept as they
+    cost; every other option pays `churn_threshold` times the cheapest keeping option's energy per
+    useful work (in units of the class's cheapest), so it wins only by gaining more than that.
+    A move restarts the replicas: for a running job, options that move it must meet the deadline
+    with `startup_seconds` less. A gang with a replica on an unschedulable (or missing) node keeps
+    nothing: it restarts wherever it goes.
 
     `prune=False` keeps dominated options (for the benchmark's straightforward baseline).
     """
@@ -397,13 +409,12 @@ def workload_options(
     current_product = None
     current_variant = None
     current_level = None
-    if current:
-        first = current[0]
-        node = node_by_name.get(first.node)
-        if node is not None:
-            current_product = node.product
-            current_variant = first.variant
-            current_level = first.power_limit_watts
+    staying = [c for c in current if c.node in node_by_name and node_by_name[c.node].schedulable]
+    if staying and (not workload.type.is_gang or len(staying) == len(current)):
+        first = staying[0]
+        current_product = node_by_name[first.node].product
+        current_variant = first.variant
+        current_level = first.power_limit_watts
     # (product, variant, level, replicas, throughput, watts, cost, quality loss, keeps current)
     raw: list[tuple[str, Variant, float, int, float, float, float, int, bool]] = []
     pools_by_product: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
@@ -435,6 +446,7 @@ def workload_options(
                     level,
                 )
                 watts = model.expected_power_watts(product, workload.type, level)
+                keeps = product == current_product and variant.name == current_variant
                 if workload.type is WorkloadType.INFERENCE:
                     demand = workload.tokens_per_second
                     replicas = max(workload.min_replicas, 1)
@@ -446,18 +458,17 @@ def workload_options(
                 else:
                     replicas = workload.replicas
                     useful = replicas * throughput
-                    if (
-                        workload.deadline_seconds is not None
-                        and tokens_needed is not None
-                        and useful * workload.deadline_seconds < tokens_needed
-                    ):
-                        continue
+                    if workload.deadline_seconds is not None and tokens_needed is not None:
+                        seconds = workload.deadline_seconds
+                        if current and not keeps:
+                            seconds -= startup_seconds
+                        if useful * seconds < tokens_needed:
+                            continue
                 # Tier 3: expected energy per unit of useful work (J per token).
                 cost = replicas * workload.gpus_per_replica * watts / useful
                 quality_loss = 0
                 if workload.policy is not EnergyPolicy.EFFICIENCY:
                     quality_loss = round((best_quality - variant.quality) * QUALITY_STEPS)
-                keeps = product == current_product and variant.name == current_variant
                 raw.append(
                     (
                         product,
@@ -474,12 +485,16 @@ def workload_options(
     if not raw:
         return [], []
     cheapest = min(entry[6] for entry in raw)
+    keep_costs = [entry[6] for entry in raw if entry[8]]
+    # Stability: a move must gain more than the threshold (a tie keeps the replicas in place).
+    move_penalty = 0.0
+    if keep_costs:
+        move_penalty = churn_threshold * min(keep_costs) / cheapest + STABILITY_TIE_BREAK
     candidates = []
     for product, variant, level, replicas, throughput, watts, cost, quality_loss, keeps in raw:
         relative = cost / cheapest - 1.0
-        if keeps and workload.type is WorkloadType.INFERENCE:
-            # Stability: moving a running replica must gain more than the churn threshold.
-            relative = max(0.0, relative - churn_threshold)
+        if not keeps:
+            relative += move_penalty
         is_max = level >= product_spec(product).max_watts.value
         ready_pools, all_pools = pools_by_product[product]
         option_pools = all_pools if is_max else ready_pools
@@ -580,6 +595,7 @@ def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
             current=current,
             node_by_name=node_by_name,
             churn_threshold=plan_input.options.churn_threshold,
+            startup_seconds=plan_input.options.startup_seconds,
         )
         pinned: frozenset[str] = frozenset()
         if current and workload.type in (WorkloadType.TRAINING, WorkloadType.FINE_TUNING):

@@ -102,6 +102,23 @@ class ClusterState:
                 heapq.heappop(heap)  # stale entry
         return None
 
+    def hold(self, node: str, gpus: int) -> int:
+        """Take up to `gpus` free GPUs of a schedulable node aside; return how many were taken.
+
+        Packing holds the GPUs of running replicas for their own workload, so that another
+        workload's new replicas do not land there first and force a move.
+        """
+        if node not in self.free:
+            return 0
+        held = min(gpus, self.free[node])
+        if held > 0:
+            self._take(node, held)
+        return held
+
+    def release(self, node: str, gpus: int) -> None:
+        """Give back GPUs that `hold` took aside."""
+        self._set_free(node, self.free[node] + gpus)
+
     def _take(self, node: str, gpus: int) -> None:
         pool = self.pool_of_node[node]
         heap = self._buckets[(pool.index, self.free[node])]

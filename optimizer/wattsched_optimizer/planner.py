@@ -109,6 +109,14 @@ def validate(plan_input: PlanInput) -> None:
             )
     if plan_input.options.power_levels < 1:
         raise PlanInputError("PlanOptions.power_levels must be >= 1")
+    if plan_input.options.churn_threshold < 0:
+        raise PlanInputError(
+            f"PlanOptions.churn_threshold={plan_input.options.churn_threshold:g}: must be >= 0"
+        )
+    if plan_input.options.startup_seconds < 0:
+        raise PlanInputError(
+            f"PlanOptions.startup_seconds={plan_input.options.startup_seconds:g}: must be >= 0"
+        )
     if plan_input.options.solver not in ("highs", "cbc"):
         raise PlanInputError(
             f"PlanOptions.solver={plan_input.options.solver!r}: allowed are 'highs' and 'cbc'"
@@ -308,8 +316,18 @@ def _pack_solver_choice(
             )
             jobs.append((order, member, c, o, replica_pools))
     jobs.sort(key=lambda job: job[0])
+    # Stability: the GPUs of running replicas are held for their workload until it is placed.
+    held: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for _, member, c, o, _ in jobs:
+        gpus = data.classes[c].options[o].gpus_per_replica
+        for node in prefer.get(member.key, ()):
+            taken = state.hold(node, gpus)
+            if taken:
+                held[member.key].append((node, taken))
     failed: list[str] = []
     for _, member, c, o, replica_pools in jobs:
+        for node, gpus in held.pop(member.key, ()):
+            state.release(node, gpus)
         assignment = state.place(
             member, data.classes[c], o, replica_pools, prefer.get(member.key, ())
         )

@@ -138,8 +138,12 @@ class PlanOptions:
     power_levels: int = 5
     time_limit_seconds: float = 10.0
     relative_gap: float = 0.01
-    # Minimum relative energy gain before a running inference replica is moved.
+    # Minimum relative gain in energy per useful work before a running replica (any workload
+    # type) is moved to another product or variant; power-limit changes in place are free.
     churn_threshold: float = 0.05
+    # Seconds a moved replica makes no progress (image pull + weight loading): a running job's
+    # deadline check for an option that moves it subtracts them.
+    startup_seconds: float = 60.0
     solver: str = "highs"  # "highs" or "cbc"
 
 
