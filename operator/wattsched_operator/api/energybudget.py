@@ -14,12 +14,11 @@ from typing import Any
 
 from wattsched_operator.api.fields import Fields, JsonObject
 from wattsched_operator.api.meta import (
-    API_VERSION,
     Condition,
     ObjectMeta,
-    check_kind,
+    object_to_dict,
     read_conditions,
-    read_metadata,
+    read_envelope,
     read_time,
 )
 
@@ -204,16 +203,7 @@ class EnergyBudget:
         return self.metadata.name
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "metadata": self.metadata.to_dict(),
-            "spec": self.spec.to_dict(),
-        }
-        status = self.status.to_dict()
-        if status:
-            out["status"] = status
-        return out
+        return object_to_dict(KIND, self.metadata, self.spec.to_dict(), self.status.to_dict())
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -221,12 +211,7 @@ class EnergyBudget:
 
 def parse_energybudget(obj: JsonObject) -> EnergyBudget:
     """Read and validate an EnergyBudget; raises `ApiValidationError` naming object and field."""
-    check_kind(obj, KIND)
-    metadata = read_metadata(obj, kind=KIND, namespaced=False)
-    top = Fields(obj, kind=KIND, name=metadata.key, path="")
-    top.raw("apiVersion")
-    top.raw("kind")
-    top.raw("metadata")
+    metadata, top = read_envelope(obj, kind=KIND, namespaced=False)
     spec = _read_spec(top.section("spec"))
     status_fields = top.optional_section("status")
     status = EnergyBudgetStatus() if status_fields is None else _read_status(status_fields)

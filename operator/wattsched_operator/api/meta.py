@@ -141,6 +141,31 @@ def check_kind(obj: JsonObject, kind: str) -> None:
         )
 
 
+def read_envelope(obj: JsonObject, *, kind: str, namespaced: bool) -> tuple[ObjectMeta, Fields]:
+    """Check kind and apiVersion, read metadata, and return the top-level fields left to read."""
+    check_kind(obj, kind)
+    metadata = read_metadata(obj, kind=kind, namespaced=namespaced)
+    top = Fields(obj, kind=kind, name=metadata.key, path="")
+    for envelope_field in ("apiVersion", "kind", "metadata"):
+        top.raw(envelope_field)
+    return metadata, top
+
+
+def object_to_dict(
+    kind: str, metadata: ObjectMeta, spec: dict[str, Any], status: dict[str, Any]
+) -> dict[str, Any]:
+    """An object as the API server stores it; an empty status is left out."""
+    out: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "metadata": metadata.to_dict(),
+        "spec": spec,
+    }
+    if status:
+        out["status"] = status
+    return out
+
+
 class ConditionStatus(StrEnum):
     TRUE = "True"
     FALSE = "False"

@@ -14,14 +14,13 @@ from typing import Any
 
 from wattsched_operator.api.fields import Fields, JsonObject
 from wattsched_operator.api.meta import (
-    API_VERSION,
     Condition,
     ConditionStatus,
     ObjectMeta,
-    check_kind,
+    object_to_dict,
     parse_time,
     read_conditions,
-    read_metadata,
+    read_envelope,
     read_time,
 )
 
@@ -178,16 +177,7 @@ class NodePowerProfile:
         return applied is None or applied.status is ConditionStatus.TRUE
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "metadata": self.metadata.to_dict(),
-            "spec": self.spec.to_dict(),
-        }
-        status = self.status.to_dict()
-        if status:
-            out["status"] = status
-        return out
+        return object_to_dict(KIND, self.metadata, self.spec.to_dict(), self.status.to_dict())
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -195,12 +185,7 @@ class NodePowerProfile:
 
 def parse_nodepowerprofile(obj: JsonObject) -> NodePowerProfile:
     """Read and validate a NodePowerProfile; raises `ApiValidationError` naming object and field."""
-    check_kind(obj, KIND)
-    metadata = read_metadata(obj, kind=KIND, namespaced=False)
-    top = Fields(obj, kind=KIND, name=metadata.key, path="")
-    top.raw("apiVersion")
-    top.raw("kind")
-    top.raw("metadata")
+    metadata, top = read_envelope(obj, kind=KIND, namespaced=False)
     spec = _read_spec(top.section("spec"))
     if spec.node_name != metadata.name:
         raise top.error(
