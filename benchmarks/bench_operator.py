@@ -42,9 +42,15 @@ PYTHON = sys.executable
 def sh(
     *args: str, env: dict[str, str] | None = None, stdin: str | None = None, check: bool = True
 ) -> str:
-    result = subprocess.run(
-        args, capture_output=True, text=True, check=check, env=env, input=stdin, timeout=900
-    )
+    try:
+        result = subprocess.run(
+            args, capture_output=True, text=True, check=check, env=env, input=stdin, timeout=900
+        )
+    except subprocess.TimeoutExpired:
+        if check:
+            raise
+        print(f"(timed out after 900 s: {' '.join(args)})", file=sys.stderr)
+        return ""
     return result.stdout
 
 

@@ -375,6 +375,11 @@ def test_a_kill_9_during_a_burst_loses_and_duplicates_nothing(
     wait_until("the first pods of the burst", some_pods_exist, timeout_seconds=60, interval=0.05)
     first.kill()
     pods_at_kill = len(pods_of(sandbox, namespace))
+    statuses_at_kill = sum(
+        1
+        for body in get_json(sandbox, "llmworkloads", "-n", namespace)["items"]
+        if (body.get("status") or {}).get("phase") in {"Placed", "Running"}
+    )
     start_operator()
 
     def all_running() -> bool:
@@ -394,7 +399,9 @@ def test_a_kill_9_during_a_burst_loses_and_duplicates_nothing(
     assert len(pods) == count
     assert max(per_replica.values()) == 1
     assert {w for w, _ in per_replica} == {f"burst-{i:03d}" for i in range(count)}
-    assert pods_at_kill < count, "the kill came after the burst was done; the test proved nothing"
+    assert pods_at_kill < count or statuses_at_kill < count, (
+        "the kill came after the burst was fully applied; the test proved nothing"
+    )
 
 
 def test_two_peered_operators_let_exactly_one_act(
