@@ -51,9 +51,6 @@ class OperatorProcess:
             self.process.send_signal(sig)
             self.process.wait(timeout=30)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def plans(self) -> float:
         """Plans this operator solved, from its /metrics (0 when it never planned)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as response:
