@@ -23,6 +23,17 @@ class KubeError(Exception):
     def __init__(self, method: str, path: str, status: int, body: str) -> None:
         super().__init__(f"{method} {path}: HTTP {status}: {body[:500]}")
         self.status = status
+        self.message = _api_message(body)
+
+
+def _api_message(body: str) -> str:
+    """The `message` of a Kubernetes Status body, or the body itself."""
+    try:
+        status = json.loads(body)
+    except ValueError:
+        return body[:1000]
+    message = status.get("message") if isinstance(status, dict) else None
+    return message if isinstance(message, str) else body[:1000]
 
 
 def workloads_path(namespace: str, name: str = "") -> str:

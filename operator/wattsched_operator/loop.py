@@ -48,6 +48,8 @@ ANNOTATION_FAILURES = "wattsched.io/failures"
 ANNOTATION_RETRY_AFTER = "wattsched.io/retry-after"
 ANNOTATION_FAILURE_COUNTED = "wattsched.io/failure-counted"
 MAX_BACKOFF_SECONDS = 300.0
+HTTP_FORBIDDEN = 403
+HTTP_INVALID = 422
 
 T = TypeVar("T")
 
@@ -110,6 +112,14 @@ def pod_workload_key(pod: Mapping[str, Any]) -> str:
     return f"{meta['namespace']}/{(meta.get('labels') or {}).get(desired.LABEL_WORKLOAD, '')}"
 
 
+def refuses_the_template(error: KubeError) -> bool:
+    """Whether the API server refused a pod for what the user's template says (Pod Security
+    admission or validation), as opposed to the operator's own permissions or a transient fault."""
+    if error.status == HTTP_INVALID:
+        return True
+    return error.status == HTTP_FORBIDDEN and "violates PodSecurity" in error.message
+
+
 def is_deleting(body: Mapping[str, Any]) -> bool:
     return bool((body.get("metadata") or {}).get("deletionTimestamp"))
 
@@ -148,6 +158,9 @@ class PlanningLoop:
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="kube")
         self._was_leader = False
         self._wake_at: float | None = None
+        # Workloads whose replica pod the API server refused (PodSecurity, invalid template), by
+        # key: (the generation refused, the API server's message). Retried when the spec changes.
+        self.pod_rejections: dict[str, tuple[int, str]] = {}
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -224,8 +237,13 @@ class PlanningLoop:
         active_view = dataclasses.replace(view, workloads=active)
         built = self.build_input(active_view, self.unconfirmed, now)
         plan_input = built.plan_input
-        await self._report_rejected(view, built.rejected, now)
-        active = {k: v for k, v in active.items() if k not in built.rejected}
+        await self._report_rejected(view, built.rejected, now, reason="InvalidSpec")
+        refused = self._refused_pods(active)
+        await self._report_rejected(view, refused, now, reason="PodRejected")
+        active = {k: v for k, v in active.items() if k not in built.rejected and k not in refused}
+        plan_input = dataclasses.replace(
+            plan_input, workloads=tuple(w for w in plan_input.workloads if w.key not in refused)
+        )
         started = time.monotonic()
         plan = await self._call(self.plan_function, plan_input)
         if not await self.is_leader():
@@ -303,10 +321,21 @@ class PlanningLoop:
                     life.wake_at = wake if life.wake_at is None else min(life.wake_at, wake)
         return life
 
+    def _refused_pods(self, active: Mapping[str, Body]) -> dict[str, str]:
+        """Workloads whose pods the API server refused for their current generation."""
+        refused: dict[str, str] = {}
+        for key, (generation, message) in list(self.pod_rejections.items()):
+            body = active.get(key)
+            if body is None or int(body["metadata"].get("generation") or 1) != generation:
+                del self.pod_rejections[key]  # deleted, or its spec changed: try again
+                continue
+            refused[key] = f"the API server refused its replica pod: {message}"
+        return refused
+
     async def _report_rejected(
-        self, view: ClusterView, rejected: Mapping[str, str], now: datetime
+        self, view: ClusterView, rejected: Mapping[str, str], now: datetime, *, reason: str
     ) -> None:
-        """Mark workloads the API models reject: Admitted=False with the error, and an Event."""
+        """Mark workloads that cannot be admitted: Admitted=False with the error, and an Event."""
         for key, message in rejected.items():
             body = view.workloads.get(key)
             if body is None:
@@ -321,7 +350,7 @@ class PlanningLoop:
                 previous.get("conditions") or [],
                 "Admitted",
                 False,
-                "InvalidSpec",
+                reason,
                 message,
                 now=now,
                 observed_generation=int(body["metadata"].get("generation") or 1),
@@ -330,7 +359,7 @@ class PlanningLoop:
             path = workloads_path(meta["namespace"], meta["name"]) + "/status"
             status = {"phase": statuses.PENDING, "conditions": [condition], "message": message}
             await self._gather([self._call(self.kube.write, path, {"status": status})])
-            await self._event(body, "Warning", "InvalidSpec", message)
+            await self._event(body, "Warning", reason, message)
 
     async def _count_failure(
         self, workload: Body, pod: Body, failures: int, retry_after: str
@@ -422,7 +451,7 @@ class PlanningLoop:
         ]
         if len(creatable) < len(changes.create):
             self.cache.mark_dirty()
-        await self._gather(self._create_pod(p) for p in creatable)
+        await self._gather(self._create_pod(p, active) for p in creatable)
         await self._gather(
             self._call(
                 self.kube.write,
@@ -460,11 +489,22 @@ class PlanningLoop:
         else:
             await self._call(self.kube.delete, path)
 
-    async def _create_pod(self, pod: Mapping[str, Any]) -> None:
+    async def _create_pod(self, pod: Mapping[str, Any], active: Mapping[str, Body]) -> None:
         namespace = pod["metadata"]["namespace"]
         try:
             await self._call(self.kube.write, pods_path(namespace), pod, False)
         except KubeError as error:
+            if refuses_the_template(error):
+                # The user's template is refused in its namespace (Pod Security, validation):
+                # retrying cannot help until the spec changes; the next round reports it.
+                key = pod_workload_key(pod)
+                generation = int(
+                    (active.get(key) or {"metadata": {}})["metadata"].get("generation") or 1
+                )
+                self.pod_rejections[key] = (generation, error.message)
+                logger.warning("workload %s: replica pod refused: %s", key, error.message)
+                self.cache.mark_dirty()
+                return
             if error.status != 409:
                 raise
             self.cache.mark_dirty()  # a same-named pod still exists; retry next round

@@ -195,11 +195,6 @@ def _reports_pod_security(sandbox: Sandbox, namespace: str, name: str) -> bool:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the operator logs the API server's PodSecurity rejection (loop._gather) but does not "
-    "yet report it on the LLMWorkload; remove this marker when it does (strict: a pass fails).",
-)
 @pytest.mark.usefixtures("workload_cleanup")
 def test_privileged_template_in_a_restricted_namespace_is_reported_on_the_workload(
     sandbox: Sandbox, namespace: str, operator_as_chart_identity: RunningOperator
