@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--peering",
         default="wattsched",
         help="name of the ClusterKopfPeering object shared by operator replicas "
-        "(created if missing; needs crds/kopf/clusterkopfpeerings.yaml)",
+        "(created if missing; needs charts/wattsched/crds/kopf.dev_clusterkopfpeerings.yaml)",
     )
     parser.add_argument(
         "--priority",
@@ -115,6 +115,9 @@ def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
             objects,
             now=now,
             strict=False,
+            # A node with no NodePowerProfile yet has no agent that confirmed anything: it counts
+            # at maximum power until its agent reports (the budget guarantee).
+            agents_required=True,
             heartbeat_timeout_seconds=heartbeat_timeout_seconds,
             unconfirmed_nodes=unconfirmed,
         )
