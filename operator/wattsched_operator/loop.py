@@ -40,6 +40,7 @@ from wattsched_operator.kube import (
     profiles_path,
     workloads_path,
 )
+from wattsched_operator.telemetry import PodKey, Source, TelemetryReader, TelemetrySnapshot
 from wattsched_optimizer.problem import Plan, PlanInput, PlanStatus, WorkloadType
 
 logger = logging.getLogger("wattsched.operator")
@@ -77,6 +78,8 @@ class LoopSettings:
     # Namespaces whose LLMWorkloads this operator handles; empty means all.
     namespaces: tuple[str, ...] = ()
     workers: int = 16
+    # A telemetry read slower than this is dropped for the round (planning goes on, modelled).
+    telemetry_timeout_seconds: float = 10.0
 
 
 def backoff_seconds(failures: int, base_seconds: float) -> float:
@@ -146,6 +149,7 @@ class PlanningLoop:
         plan_function: PlanFunction,
         metrics: Any,
         is_leader: Callable[[], Awaitable[bool]],
+        telemetry: TelemetryReader | None = None,
     ) -> None:
         self.cache = cache
         self.kube = kube
@@ -154,6 +158,7 @@ class PlanningLoop:
         self.plan_function = plan_function
         self.metrics = metrics
         self.is_leader = is_leader
+        self.telemetry = telemetry
         self.unconfirmed: frozenset[str] = frozenset()
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="kube")
         self._was_leader = False
@@ -245,7 +250,14 @@ class PlanningLoop:
             plan_input, workloads=tuple(w for w in plan_input.workloads if w.key not in refused)
         )
         started = time.monotonic()
-        plan = await self._call(self.plan_function, plan_input)
+        # Telemetry is read while the optimizer solves; it only feeds status.
+        reading = asyncio.create_task(self._read_telemetry(plan_input, view))
+        try:
+            plan = await self._call(self.plan_function, plan_input)
+        except BaseException:
+            reading.cancel()
+            raise
+        telemetry = await reading
         if not await self.is_leader():
             # Another operator took over while this one was solving: it applies, this one must not.
             logger.info("no longer the leader; dropping the plan")
@@ -263,14 +275,45 @@ class PlanningLoop:
         )
         if plan.status is PlanStatus.INFEASIBLE:
             # Not even the empty placement fits (caps below idle minimums): change nothing.
-            await self._write_budget_statuses(view, plan, plan_input, now)
+            await self._write_budget_statuses(view, plan, plan_input, now, telemetry)
             return plan
         await self._apply(view, active, plan, life)
         await self._write_statuses(
-            view, active=active, plan=plan, life=life, pods_by_workload=pods_by_workload, now=now
+            view,
+            active=active,
+            plan=plan,
+            life=life,
+            pods_by_workload=pods_by_workload,
+            now=now,
+            telemetry=telemetry,
         )
-        await self._write_budget_statuses(view, plan, plan_input, now)
+        await self._write_budget_statuses(view, plan, plan_input, now, telemetry)
         return plan
+
+    async def _read_telemetry(
+        self, plan_input: PlanInput, view: ClusterView
+    ) -> TelemetrySnapshot | None:
+        """Measured power of the planned nodes and the operator's running pods (None without
+        --prometheus-url). Never fails: a slow or broken read is a stale snapshot."""
+        if self.telemetry is None:
+            return None
+        nodes = [node.name for node in plan_input.nodes]
+        pods = [_pod_id(pod) for pod in view.pods.values() if _running(pod)]
+        try:
+            return await asyncio.wait_for(
+                self._call(self.telemetry.read, nodes, pods),
+                timeout=self.settings.telemetry_timeout_seconds,
+            )
+        except Exception as error:  # telemetry must never stop planning
+            reason = (
+                f"telemetry read took over {self.settings.telemetry_timeout_seconds:g} s"
+                if isinstance(error, TimeoutError)
+                else f"telemetry read failed: {error!r}"
+            )
+            logger.warning("%s; statuses use the model", reason)
+            return TelemetrySnapshot(
+                datetime.now(UTC), Source.MODELLED, True, reason, unavailable=True
+            )
 
     async def _lifecycle(
         self, view: ClusterView, pods_by_workload: Mapping[str, list[Body]], now: datetime
@@ -577,6 +620,7 @@ class PlanningLoop:
         life: Lifecycle,
         pods_by_workload: Mapping[str, list[Body]],
         now: datetime,
+        telemetry: TelemetrySnapshot | None = None,
     ) -> None:
         placements_by_workload: dict[str, list[Any]] = {}
         for placement in plan.placements:
@@ -591,7 +635,9 @@ class PlanningLoop:
             if key not in active and key not in life.succeeded and key not in life.failed:
                 phases.append(str(previous.get("phase") or statuses.PENDING))
                 continue
-            pods = [statuses.PodView.from_pod(p) for p in pods_by_workload.get(key, [])]
+            own_pods = pods_by_workload.get(key, [])
+            pods = [statuses.PodView.from_pod(p) for p in own_pods]
+            running: list[PodKey] = [_pod_id(p) for p in own_pods if _running(p)]
             new = statuses.workload_status(
                 previous,
                 generation=int(body["metadata"].get("generation") or 1),
@@ -602,10 +648,12 @@ class PlanningLoop:
                 pods=pods,
                 failure_message=life.failed.get(key),
                 now=now,
+                measured_watts=statuses.workload_measured_watts(telemetry, running),
+                measured=telemetry is not None and not telemetry.stale,
             )
             phases.append(new["phase"])
             owned = {k: previous.get(k) for k in new}
-            if owned != new:
+            if owned != statuses.without_nones(new):
                 writes.append(self._write_workload_status(body, previous, new))
         await self._gather(writes)
         self.metrics.set_phases(statuses.phase_counts(phases))
@@ -644,10 +692,15 @@ class PlanningLoop:
             await self._event(body, "Normal", "Admitted", "the operator accepted the workload")
 
     async def _write_budget_statuses(
-        self, view: ClusterView, plan: Plan, plan_input: PlanInput, now: datetime
+        self,
+        view: ClusterView,
+        plan: Plan,
+        plan_input: PlanInput,
+        now: datetime,
+        telemetry: TelemetrySnapshot | None = None,
     ) -> None:
         allocations = {a.name: a for a in plan.budgets}
-        scopes = {b.name: len(b.node_names) for b in plan_input.budgets}
+        scopes = {b.name: b.node_names for b in plan_input.budgets}
         writes: list[Awaitable[Any]] = []
         for name, body in view.budgets.items():
             if is_deleting(body):
@@ -659,9 +712,11 @@ class PlanningLoop:
                 generation=int(body["metadata"].get("generation") or 1),
                 allocation=allocations.get(name),
                 cap_watts=cap,
-                node_count=scopes.get(name, 0),
+                node_count=len(scopes.get(name, ())),
                 plan=plan,
                 now=now,
+                telemetry=telemetry,
+                scope_nodes=scopes.get(name, ()),
             )
             allocation = allocations.get(name)
             self.metrics.cap_watts.labels(budget=name).set(cap)
@@ -711,6 +766,13 @@ class PlanningLoop:
 
 def _pod_id(pod: Mapping[str, Any]) -> tuple[str, str]:
     return (pod["metadata"]["namespace"], pod["metadata"]["name"])
+
+
+def _running(pod: Mapping[str, Any]) -> bool:
+    """A pod bound to a node and running: the ones telemetry can attribute GPU draw to."""
+    return bool((pod.get("spec") or {}).get("nodeName")) and (
+        (pod.get("status") or {}).get("phase") == "Running"
+    )
 
 
 def _finished(pod: Mapping[str, Any]) -> bool:

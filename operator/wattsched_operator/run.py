@@ -25,6 +25,7 @@ from wattsched_operator.cache import ClusterCache, ClusterView
 from wattsched_operator.kube import Kube, KubeError
 from wattsched_operator.loop import InputBuilder, LoopSettings, PlannedInput, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
+from wattsched_operator.telemetry import TelemetryConfig, TelemetryReader
 from wattsched_optimizer.planner import plan
 
 logger = logging.getLogger("wattsched.operator")
@@ -89,7 +90,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--prometheus-url",
         default=os.environ.get("WATTSCHED_PROMETHEUS_URL"),
-        help="Prometheus with DCGM/Kepler metrics for measured power (optional)",
+        help="Prometheus with DCGM/Kepler metrics: statuses then show measured power "
+        "(optional; without it every figure is modelled)",
+    )
+    parser.add_argument(
+        "--telemetry-window-seconds",
+        type=int,
+        default=60,
+        help="rate()/avg_over_time() window of the power queries (at least four scrapes)",
     )
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 disables /metrics")
     parser.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz")
@@ -197,6 +205,16 @@ def main(argv: list[str]) -> int:
         namespaces=tuple(args.namespace),
     )
     build_input = build_input_function(args.heartbeat_timeout_seconds)
+    telemetry = (
+        TelemetryReader(
+            TelemetryConfig(
+                prometheus_url=args.prometheus_url,
+                rate_window_seconds=args.telemetry_window_seconds,
+            )
+        )
+        if args.prometheus_url
+        else None
+    )
 
     @kopf.on.startup()
     async def start_loop(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
@@ -217,6 +235,7 @@ def main(argv: list[str]) -> int:
             plan_function=plan,
             metrics=metrics,
             is_leader=am_leader,
+            telemetry=telemetry,
         )
         memo.task = asyncio.create_task(loop.run(), name="wattsched planning loop")
 

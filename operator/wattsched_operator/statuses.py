@@ -2,7 +2,8 @@
 
 The phase machine (Pending -> Placed -> Running -> Succeeded/Failed, Preempted when placed work
 loses its place), the standard conditions keyed by type (lastTransitionTime kept while the status
-does not change), and the budget figures. Nothing here writes to the API server.
+does not change), the budget figures, and the measured figures a telemetry reading adds (or leaves
+out). Nothing here writes to the API server or reads Prometheus.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from wattsched_operator.telemetry import PodKey, TelemetrySnapshot
 from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, Unplaced
 
 PENDING = "Pending"
@@ -22,6 +24,11 @@ FAILED = "Failed"
 PREEMPTED = "Preempted"
 TERMINAL_PHASES = frozenset({SUCCEEDED, FAILED})
 PHASES = (PENDING, PLACED, RUNNING, SUCCEEDED, FAILED, PREEMPTED)
+MEASURED = "measured"
+MODELLED = "modelled"
+TELEMETRY_FRESH = "TelemetryFresh"
+PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
+NO_SAMPLES = "NoSamples"
 
 
 def rfc3339(moment: datetime) -> str:
@@ -129,8 +136,15 @@ def workload_status(
     pods: Sequence[PodView],
     failure_message: str | None,
     now: datetime,
+    measured_watts: float | None = None,
+    measured: bool = False,
 ) -> dict[str, Any]:
-    """The LLMWorkload status this plan leads to (fields the operator owns; telemetry adds more)."""
+    """The LLMWorkload status this plan leads to (the fields the operator owns).
+
+    `measured_watts` is the workload's draw from telemetry (None: unknown, left out; a merge patch
+    with None removes an earlier figure); `measured` says whether the telemetry reading was fresh,
+    which sets `energy.source`.
+    """
     previous_phase = previous.get("phase")
     phase = next_phase(
         previous_phase,
@@ -202,7 +216,12 @@ def workload_status(
             }
             for p in sorted(placements, key=lambda p: p.replica)
         ],
-        "power": {"capWatts": round(cap_watts, 1), "expectedWatts": round(expected_watts, 1)},
+        "power": {
+            "capWatts": round(cap_watts, 1),
+            "expectedWatts": round(expected_watts, 1),
+            "measuredWatts": None if measured_watts is None else round(measured_watts, 1),
+        },
+        "energy": {"source": MEASURED if measured else MODELLED},
         "conditions": conditions,
         "message": message,
     }
@@ -224,18 +243,49 @@ def budget_status(
     node_count: int,
     plan: Plan,
     now: datetime,
+    telemetry: TelemetrySnapshot | None = None,
+    scope_nodes: Iterable[str] = (),
 ) -> dict[str, Any]:
     """An EnergyBudget's status after a plan: allocated cap, expected watts, headroom, last plan.
 
     `Ready` is True when the planned limits in scope sum to at most the cap (`CapEnforced`).
+    With a telemetry reading (the operator has `--prometheus-url`), `measuredWatts` is the measured
+    draw of the nodes in `scope_nodes` (None, i.e. left out, unless every one was measured) and
+    `TelemetryFresh` says whether it could be measured (see `budget_telemetry`).
     """
     allocated = allocation.allocated_cap_watts if allocation else 0.0
     expected = allocation.expected_watts if allocation else 0.0
     within = allocated <= cap_watts + 1e-6
     conditions_before: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
+    conditions = [
+        condition(
+            conditions_before,
+            "Ready",
+            within,
+            "CapEnforced" if within else "OverCap",
+            f"limits in scope sum to {allocated:.0f} W of {cap_watts:.0f} W",
+            now=now,
+            observed_generation=generation,
+        )
+    ]
+    measured_watts: float | None = None
+    if telemetry is not None:
+        measured_watts, fresh, reason, message = budget_telemetry(telemetry, scope_nodes)
+        conditions.append(
+            condition(
+                conditions_before,
+                TELEMETRY_FRESH,
+                fresh,
+                reason,
+                message,
+                now=now,
+                observed_generation=generation,
+            )
+        )
     return {
         "observedGeneration": generation,
         "nodes": node_count,
+        "measuredWatts": None if measured_watts is None else round(measured_watts, 1),
         "allocatedCapWatts": round(allocated, 1),
         "expectedWatts": round(expected, 1),
         "headroomWatts": round(cap_watts - allocated, 1),
@@ -245,18 +295,64 @@ def budget_status(
             "status": str(plan.status),
             "gap": round(plan.gap, 6),
         },
-        "conditions": [
-            condition(
-                conditions_before,
-                "Ready",
-                within,
-                "CapEnforced" if within else "OverCap",
-                f"limits in scope sum to {allocated:.0f} W of {cap_watts:.0f} W",
-                now=now,
-                observed_generation=generation,
-            )
-        ],
+        "conditions": conditions,
     }
+
+
+def budget_telemetry(
+    telemetry: TelemetrySnapshot, scope_nodes: Iterable[str]
+) -> tuple[float | None, bool, str, str]:
+    """(measured watts in scope or None, fresh, reason, message) for an EnergyBudget.
+
+    Fresh (`TelemetryFresh` True, reason `Measured`) only when the reading is not stale and every
+    node in scope has a measured draw; otherwise the figure is left out and the reason is
+    `PrometheusUnavailable` (Prometheus did not answer) or `NoSamples` (no fresh series).
+    """
+    nodes = sorted(set(scope_nodes))
+    if telemetry.stale:
+        reason = PROMETHEUS_UNAVAILABLE if telemetry.unavailable else NO_SAMPLES
+        return None, False, reason, f"planning on the model: {telemetry.reason}"
+    if not nodes:
+        return None, False, NO_SAMPLES, "no GPU nodes in scope to measure"
+    missing = [n for n in nodes if n not in telemetry.node_watts]
+    if missing:
+        return (
+            None,
+            False,
+            NO_SAMPLES,
+            f"no fresh GPU power series for {len(missing)} of {len(nodes)} node(s) in scope "
+            f"({', '.join(missing[:5])}); measuredWatts left out",
+        )
+    total = sum(telemetry.node_watts[n].value for n in nodes)
+    metrics = sorted({telemetry.node_watts[n].metric for n in nodes})
+    return (
+        total,
+        True,
+        "Measured",
+        f"{total:.0f} W measured on {len(nodes)} node(s) ({', '.join(metrics)})",
+    )
+
+
+def workload_measured_watts(
+    telemetry: TelemetrySnapshot | None, pods: Iterable[PodKey]
+) -> float | None:
+    """A workload's measured draw: the sum over its pods, when the reading is fresh and every
+    pod was measured; None (unknown) otherwise, or when it has no pods."""
+    keys = list(pods)
+    if telemetry is None or telemetry.stale or not keys:
+        return None
+    if any(key not in telemetry.pod_watts for key in keys):
+        return None
+    return sum(telemetry.pod_watts[key].value for key in keys)
+
+
+def without_nones(value: Any) -> Any:
+    """A status with the None fields (merge-patch deletions) dropped, as the server stores it."""
+    if isinstance(value, Mapping):
+        return {k: without_nones(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nones(v) for v in value]
+    return value
 
 
 def phase_counts(phases: Iterable[str]) -> dict[str, int]:

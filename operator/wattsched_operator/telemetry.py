@@ -202,9 +202,10 @@ class Measurement:
 class TelemetrySnapshot:
     """Power and token rates at `time`.
 
-    stale: Prometheus did not answer, or none of the requested nodes has a fresh series; `reason`
-    says which. `source` is MEASURED when at least one requested node was measured. Nodes and pods
-    without data are absent from the maps (and listed in `missing_nodes`): use the model for them.
+    stale: Prometheus did not answer (`unavailable`), or none of the requested nodes has a fresh
+    series; `reason` says which. `source` is MEASURED when at least one requested node was
+    measured. Nodes and pods without data are absent from the maps (and listed in
+    `missing_nodes`): use the model for them.
     """
 
     time: datetime
@@ -215,6 +216,7 @@ class TelemetrySnapshot:
     pod_watts: Mapping[PodKey, Measurement] = field(default_factory=dict)
     pod_tokens_per_second: Mapping[PodKey, float] = field(default_factory=dict)
     missing_nodes: frozenset[str] = frozenset()
+    unavailable: bool = False
 
     def tokens_per_joule(self, pod: PodKey) -> float | None:
         """Tokens per joule of a pod (tokens/s over W), when both are measured."""
@@ -329,7 +331,7 @@ class TelemetryReader:
                 token_rows = _first_by_key([("tokens", self._query(token_query))], _pod_key)
                 tokens = {key: reading.value for key, reading in token_rows.items()}
         except PrometheusUnavailableError as error:
-            return TelemetrySnapshot(now, Source.MODELLED, True, str(error))
+            return TelemetrySnapshot(now, Source.MODELLED, True, str(error), unavailable=True)
         missing, stale, reason, source = self._staleness(wanted_nodes, node_watts, self.window)
         return TelemetrySnapshot(
             time=now,

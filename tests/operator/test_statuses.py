@@ -109,7 +109,8 @@ def test_a_budget_that_holds_work_back_sets_budget_limited() -> None:
 def test_placed_status_lists_placements_power_and_replica_counts() -> None:
     result = status(placements=[placement(1, "n2"), placement(0, "n1")], pods=[pod(0)])
     assert [p["replica"] for p in result["placements"]] == [0, 1]
-    assert result["power"] == {"capWatts": 1200.0, "expectedWatts": 1080.0}
+    assert result["power"] == {"capWatts": 1200.0, "expectedWatts": 1080.0, "measuredWatts": None}
+    assert result["energy"] == {"source": "modelled"}
     assert result["replicas"] == {"desired": 2, "placed": 2, "ready": 1}
     assert result["nodes"] == "n1,n2"
     assert result["variant"] == "fp8"

@@ -1,0 +1,229 @@
+"""Measured watts, `energy.source` and `TelemetryFresh` in statuses, and a telemetry read that
+never holds up or breaks a planning round (Prometheus refusing, or accepting and never answering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import pytest
+
+from wattsched_operator.cache import ClusterCache, ClusterView
+from wattsched_operator.loop import LoopSettings, PlanningLoop
+from wattsched_operator.statuses import (
+    budget_status,
+    budget_telemetry,
+    without_nones,
+    workload_measured_watts,
+    workload_status,
+)
+from wattsched_operator.telemetry import (
+    Measurement,
+    Source,
+    TelemetryConfig,
+    TelemetryReader,
+    TelemetrySnapshot,
+)
+from wattsched_optimizer.problem import (
+    BudgetAllocation,
+    GpuNode,
+    Plan,
+    PlanInput,
+    PlanStatus,
+)
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+DCGM = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+PLAN = Plan(PlanStatus.OPTIMAL, 1.0, 1.0, 0.0, 0.1, (), {}, (), ())
+
+
+def fresh(nodes: dict[str, float], pods: dict[tuple[str, str], float] | None = None) -> Any:
+    return TelemetrySnapshot(
+        time=NOW,
+        source=Source.MEASURED,
+        stale=False,
+        reason="",
+        node_watts={n: Measurement(w, DCGM) for n, w in nodes.items()},
+        pod_watts={k: Measurement(w, DCGM) for k, w in (pods or {}).items()},
+    )
+
+
+def budget(telemetry: TelemetrySnapshot | None, scope: tuple[str, ...], **kw: Any) -> Any:
+    return budget_status(
+        kw.get("previous", {}),
+        generation=1,
+        allocation=BudgetAllocation("rack", 4000, 3000.0, 2500.0),
+        cap_watts=4000,
+        node_count=len(scope),
+        plan=PLAN,
+        now=kw.get("now", NOW),
+        telemetry=telemetry,
+        scope_nodes=scope,
+    )
+
+
+def cond(result: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in result["conditions"] if c["type"] == type_), None)
+
+
+def test_budget_measured_watts_is_the_sum_of_the_nodes_in_scope_only() -> None:
+    reading = fresh({"a": 700.25, "b": 300.0, "outside": 999.0})
+    result = budget(reading, ("a", "b"))
+    assert result["measuredWatts"] == 1000.2
+    telemetry = cond(result, "TelemetryFresh")
+    assert telemetry is not None
+    assert (telemetry["status"], telemetry["reason"]) == ("True", "Measured")
+    assert DCGM in telemetry["message"]
+
+
+def test_a_node_in_scope_without_samples_leaves_measured_watts_out() -> None:
+    result = budget(fresh({"a": 700.0}), ("a", "b"))
+    assert result["measuredWatts"] is None
+    assert "measuredWatts" not in without_nones(result)
+    telemetry = cond(result, "TelemetryFresh")
+    assert telemetry is not None
+    assert (telemetry["status"], telemetry["reason"]) == ("False", "NoSamples")
+    assert "b" in telemetry["message"]
+
+
+def test_prometheus_down_says_prometheus_unavailable_with_the_readers_reason() -> None:
+    down = TelemetrySnapshot(
+        NOW, Source.MODELLED, True, "Prometheus at http://p did not answer", unavailable=True
+    )
+    result = budget(down, ("a",))
+    assert result["measuredWatts"] is None
+    telemetry = cond(result, "TelemetryFresh")
+    assert telemetry is not None
+    assert (telemetry["status"], telemetry["reason"]) == ("False", "PrometheusUnavailable")
+    assert "http://p did not answer" in telemetry["message"]
+    assert cond(result, "Ready") is not None
+
+
+def test_no_fresh_series_anywhere_says_no_samples() -> None:
+    empty = TelemetrySnapshot(NOW, Source.MODELLED, True, "no GPU power series in the last 60s")
+    watts, is_fresh, reason, message = budget_telemetry(empty, ["a"])
+    assert (watts, is_fresh, reason) == (None, False, "NoSamples")
+    assert "no GPU power series" in message
+
+
+def test_without_prometheus_a_budget_has_no_telemetry_condition_or_figure() -> None:
+    result = budget(None, ("a",))
+    assert result["measuredWatts"] is None
+    assert cond(result, "TelemetryFresh") is None
+
+
+def test_the_telemetry_condition_keeps_its_transition_time_while_stale() -> None:
+    down = TelemetrySnapshot(NOW, Source.MODELLED, True, "down", unavailable=True)
+    first = budget(down, ("a",))
+    later = budget(down, ("a",), previous=first, now=NOW.replace(hour=13))
+    before, after = cond(first, "TelemetryFresh"), cond(later, "TelemetryFresh")
+    assert before is not None
+    assert after is not None
+    assert after["lastTransitionTime"] == before["lastTransitionTime"] == "2026-11-25T12:00:00Z"
+
+
+def test_workload_measured_watts_needs_every_running_pod_measured() -> None:
+    reading = fresh({"a": 1.0}, {("ns", "w-0"): 350.0, ("ns", "w-1"): 340.0})
+    assert workload_measured_watts(reading, [("ns", "w-0"), ("ns", "w-1")]) == 690.0
+    assert workload_measured_watts(reading, [("ns", "w-0"), ("ns", "w-2")]) is None
+    assert workload_measured_watts(reading, []) is None
+    assert workload_measured_watts(None, [("ns", "w-0")]) is None
+    stale = TelemetrySnapshot(NOW, Source.MODELLED, True, "down", unavailable=True)
+    assert workload_measured_watts(stale, [("ns", "w-0")]) is None
+
+
+def workload(**kw: Any) -> dict[str, Any]:
+    return workload_status(
+        {},
+        generation=1,
+        is_gang=False,
+        gang_size=1,
+        placements=[],
+        unplaced=None,
+        pods=[],
+        failure_message=None,
+        now=NOW,
+        **kw,
+    )
+
+
+def test_workload_status_says_measured_only_for_a_fresh_reading() -> None:
+    measured = workload(measured_watts=690.04, measured=True)
+    assert measured["power"]["measuredWatts"] == 690.0
+    assert measured["energy"] == {"source": "measured"}
+    modelled = workload()
+    assert modelled["energy"] == {"source": "modelled"}
+    assert "measuredWatts" not in without_nones(modelled)["power"]
+
+
+# -- the loop's read: never blocks or breaks a round -------------------------------------------
+
+
+def loop_with(reader: TelemetryReader | None, timeout_seconds: float = 10.0) -> PlanningLoop:
+    return PlanningLoop(
+        cache=ClusterCache(),
+        kube=cast(Any, None),
+        settings=LoopSettings(telemetry_timeout_seconds=timeout_seconds, workers=2),
+        build_input=cast(Any, None),
+        plan_function=cast(Any, None),
+        metrics=None,
+        is_leader=cast(Any, None),
+        telemetry=reader,
+    )
+
+
+def plan_input() -> PlanInput:
+    node = GpuNode("gpu-a", "H100-80GB", 1)
+    return PlanInput(nodes=(node,), workloads=(), budgets=())
+
+
+EMPTY_VIEW = ClusterView(workloads={}, budgets={}, nodes={}, profiles={}, pods={})
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers (a hung Prometheus)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    yield server.getsockname()[1]
+    server.close()
+
+
+def closed_port() -> int:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port: int = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def test_without_a_reader_the_loop_reads_nothing() -> None:
+    assert asyncio.run(loop_with(None)._read_telemetry(plan_input(), EMPTY_VIEW)) is None
+
+
+def test_a_refused_prometheus_gives_a_stale_unavailable_reading() -> None:
+    reader = TelemetryReader(TelemetryConfig(f"http://127.0.0.1:{closed_port()}"))
+    reading = asyncio.run(loop_with(reader)._read_telemetry(plan_input(), EMPTY_VIEW))
+    assert reading is not None
+    assert (reading.stale, reading.unavailable, reading.source) == (True, True, Source.MODELLED)
+    assert "did not answer" in reading.reason
+
+
+def test_a_hung_prometheus_is_dropped_after_the_loops_timeout(silent_port: int) -> None:
+    reader = TelemetryReader(
+        TelemetryConfig(f"http://127.0.0.1:{silent_port}", timeout_seconds=3.0)
+    )
+    started = time.monotonic()
+    reading = asyncio.run(loop_with(reader, 0.5)._read_telemetry(plan_input(), EMPTY_VIEW))
+    elapsed = time.monotonic() - started
+    assert reading is not None
+    assert reading.stale
+    assert reading.unavailable
+    assert "took over 0.5 s" in reading.reason
+    assert elapsed < 5.0
