@@ -89,8 +89,11 @@ def phase_of(sandbox: Sandbox, namespace: str, name: str) -> str | None:
 @pytest.fixture(scope="session")
 def agents(
     sandbox: Sandbox, crds: list[str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
-    log_path = tmp_path_factory.mktemp("agents") / "agents.log"
+) -> Iterator[Path]:
+    """The agents' process; yields its Prometheus `file_sd` targets file (one /metrics a node)."""
+    workdir = tmp_path_factory.mktemp("agents")
+    log_path = workdir / "agents.log"
+    targets_file = workdir / "targets.json"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
@@ -105,6 +108,8 @@ def agents(
                 "0",
                 "--interval-seconds",
                 "1",
+                "--targets-file",
+                str(targets_file),
                 "--kubeconfig",
                 str(sandbox.kubeconfig),
             ],
@@ -112,7 +117,7 @@ def agents(
             stderr=subprocess.STDOUT,
         )
     try:
-        yield
+        yield targets_file
     finally:
         process.terminate()
         try:
@@ -127,7 +132,7 @@ StartOperator = Callable[..., OperatorProcess]
 
 @pytest.fixture
 def start_operator(
-    sandbox: Sandbox, crds: list[str], agents: None, namespace: str, tmp_path: Path
+    sandbox: Sandbox, crds: list[str], agents: Path, namespace: str, tmp_path: Path
 ) -> Iterator[StartOperator]:
     started: list[OperatorProcess] = []
 
