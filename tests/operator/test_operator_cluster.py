@@ -5,6 +5,7 @@ simulated agents writing NodePowerProfile status. The operator runs as a subproc
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -363,17 +364,27 @@ def test_a_kill_9_during_a_burst_loses_and_duplicates_nothing(
 ) -> None:
     first = start_operator()
     count = 100
-    apply(
-        sandbox,
-        namespace,
-        *(workload(f"burst-{i:03d}", tokens_per_second=10) for i in range(count)),
-    )
+    burst = [workload(f"burst-{i:03d}", tokens_per_second=10) for i in range(count)]
+    apply(sandbox, namespace, *burst[: count // 2])
 
     def some_pods_exist() -> bool:
         return len(pods_of(sandbox, namespace)) > 0
 
     wait_until("the first pods of the burst", some_pods_exist, timeout_seconds=60, interval=0.05)
+    # The second half arrives while the operator dies: the kill lands inside the burst however
+    # fast the operator placed the first half.
+    second_half = subprocess.Popen(
+        [
+            str(sandbox.bin_dir / "kubectl"),
+            *("--kubeconfig", str(sandbox.kubeconfig), "apply", "-n", namespace, "-f", "-"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     first.kill()
+    second_half.communicate(yaml.safe_dump_all(burst[count // 2 :]), timeout=120)
+    assert second_half.returncode == 0
     pods_at_kill = len(pods_of(sandbox, namespace))
     statuses_at_kill = sum(
         1
