@@ -54,6 +54,21 @@ def sh(
     return result.stdout
 
 
+def delete_workloads(namespace: str, *, timeout_seconds: int, env: dict[str, str]) -> None:
+    """Delete every LLMWorkload in `namespace` (the operator's finalizer removes their pods)."""
+    sh(
+        "kubectl",
+        "delete",
+        "llmworkloads",
+        "--all",
+        "-n",
+        namespace,
+        f"--timeout={timeout_seconds}s",
+        env=env,
+        check=False,
+    )
+
+
 def report(figures: list[tuple[str, str, str]], name: str, value: str, goal: str) -> None:
     """Keep a figure for the final table and print it at once (a later step may fail)."""
     figures.append((name, value, goal))
@@ -252,17 +267,7 @@ def main() -> int:
             report(figures, "apply -> bound, p50", p50, "<= 2 s")
             report(figures, "apply -> bound, p99", f"{percentile(latencies, 0.99):.2f} s", "<= 5 s")
             report(figures, "apply -> bound, mean", f"{statistics.mean(latencies):.2f} s", "")
-        sh(
-            "kubectl",
-            "delete",
-            "llmworkloads",
-            "--all",
-            "-n",
-            namespace,
-            "--timeout=300s",
-            env=env,
-            check=False,
-        )
+        delete_workloads(namespace, timeout_seconds=300, env=env)
 
         # 2. Burst, and the plain-pod baseline.
         base_ns = f"bench-baseline-{run_id}"
@@ -314,17 +319,7 @@ def main() -> int:
             f"{base_rate:.1f}/s (ratio wattsched/baseline {rate / base_rate:.2f})",
             "",
         )
-        sh(
-            "kubectl",
-            "delete",
-            "llmworkloads",
-            "--all",
-            "-n",
-            burst_ns,
-            "--timeout=600s",
-            env=env,
-            check=False,
-        )
+        delete_workloads(burst_ns, timeout_seconds=600, env=env)
 
         # 3. RSS with many workloads in the cluster (most cannot be placed: GPUs run out).
         rss_ns = f"bench-rss-{run_id}"
@@ -345,17 +340,7 @@ def main() -> int:
             f"{peak:.0f} MB (idle {idle_rss:.0f} MB, ratio {peak / idle_rss:.2f})",
             "<= 300 MB",
         )
-        sh(
-            "kubectl",
-            "delete",
-            "llmworkloads",
-            "--all",
-            "-n",
-            rss_ns,
-            "--timeout=900s",
-            env=env,
-            check=False,
-        )
+        delete_workloads(rss_ns, timeout_seconds=900, env=env)
 
     width = max(len(f[0]) for f in figures)
     print(f"\nOperator benchmark: {args.nodes} KWOK GPU nodes, sandbox {args.sandbox_dir}")
