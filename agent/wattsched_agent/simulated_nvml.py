@@ -193,12 +193,14 @@ class SimulatedNvml:
             self._devices[index].faults = faults
 
     def reload_driver(self) -> None:
-        """Like a driver reload: every limit falls back to its default."""
+        """Like a driver reload: every limit falls back to its default, and the energy counter
+        starts again from zero (NVML counts energy since the driver was last loaded)."""
         with self._lock:
             now = self._clock()
             for device in self._devices:
                 device.advance(now)
                 device.limit_milliwatts = round(device.envelope.default_watts * 1000)
+                device.energy_millijoules = 0.0
 
     # ----- the pynvml surface -----
 

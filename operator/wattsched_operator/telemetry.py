@@ -12,9 +12,10 @@ Metric families accepted, in order of preference (the first one that has a node 
   scraped without honor_labels).
 - Kepler: `rate(kepler_pod_gpu_joules_total[w])` by `pod_name`/`pod_namespace`, and
   `avg_over_time(kepler_node_gpu_watts[w])` by `node_name`.
-Energy over an interval uses `increase()` of the counters (robust to counter resets), or the mean
-of a power gauge times the interval when only a gauge exists. Tokens per second come from a
-configurable query (default: vLLM's `vllm:generation_tokens_total`).
+Energy over an interval is the difference of the counters' values at both ends, each taken from the
+nearest sample and the local rate (`counter_increase`; `increase()` where a series reset or began
+inside), or the mean of a power gauge times the interval when only a gauge exists. Tokens per
+second come from a configurable query (default: vLLM's `vllm:generation_tokens_total`).
 
 `Calibrator` keeps the bounded, smoothed correction factors (the optimizer's `Calibration`) that
 turn the optimizer's modelled power/throughput into what is measured, per (product, workload
@@ -150,39 +151,95 @@ def pod_power_queries(window: str) -> tuple[MetricQuery, ...]:
     )
 
 
-def node_energy_queries(range_seconds: int) -> tuple[MetricQuery, ...]:
-    """Joules per node over the `range_seconds` before the evaluation time, best first."""
-    window = f"{range_seconds}s"
+# An energy counter's value at a moment is its last sample before it plus the local rate (the
+# last two samples, `irate`) times the sample's age. Local, because `increase()` extrapolates a
+# window's edges with the window's average rate: wrong by up to one scrape interval of the
+# difference whenever the load changed inside the window. The lookback bounds the last sample's age.
+_COUNTER_LOOKBACK = "5m"
+
+
+def counter_value_at(counter: str, at_seconds: float) -> str:
+    """PromQL for each series of `counter` at the Unix time `at_seconds` (Prometheus 2.33+)."""
+    at = f"@ {at_seconds:.3f}"
+    return (
+        f"({counter} {at} + irate({counter}[{_COUNTER_LOOKBACK}] {at})"
+        f" * ({at_seconds:.3f} - timestamp({counter} {at})))"
+    )
+
+
+# The labels that say which pod holds a GPU. A GPU's counter series changes with them (a new pod
+# is a new series), so a node's energy first joins the pieces of each GPU's counter.
+_POD_LABELS = (
+    "pod",
+    "namespace",
+    "container",
+    "exported_pod",
+    "exported_namespace",
+    "exported_container",
+)
+
+
+def counter_increase(
+    counter: str, start_seconds: float, end_seconds: float, ignoring: tuple[str, ...] = ()
+) -> str:
+    """PromQL for each series' increase of `counter` between two Unix times.
+
+    The difference of the series' values at both ends (`counter_value_at`) where the series has a
+    value at both and did not reset in between; otherwise (a series that began inside the interval,
+    e.g. a pod's GPU, or an agent restart) Prometheus's `increase()`, which handles both. Series
+    that differ only in the `ignoring` labels count as one counter (its pieces over time).
+    """
+    range_seconds = max(1, round(end_seconds - start_seconds))
+    at_end = f"[{range_seconds}s] @ {end_seconds:.3f}"
+
+    def joined(expression: str, how: str = "max") -> str:
+        return f"{how} without ({', '.join(ignoring)}) ({expression})" if ignoring else expression
+
+    difference = (
+        f"({joined(counter_value_at(counter, end_seconds))}"
+        f" - {joined(counter_value_at(counter, start_seconds))})"
+    )
+    resets = f"({joined(f'resets({counter}{at_end})')} > 0)"
+    increase = joined(f"increase({counter}{at_end})", "sum")
+    return f"(({difference} unless {resets}) or {increase})"
+
+
+def node_energy_queries(start_seconds: float, end_seconds: float) -> tuple[MetricQuery, ...]:
+    """Joules per node between two Unix times, best first."""
+    range_seconds = max(1, round(end_seconds - start_seconds))
+
+    def mean(gauge: str) -> str:
+        return f"avg_over_time({gauge}[{range_seconds}s] @ {end_seconds:.3f})"
+
+    dcgm = counter_increase(_DCGM_ENERGY, start_seconds, end_seconds, _POD_LABELS)
     return (
         MetricQuery(
             f"increase({_DCGM_ENERGY})",
-            f"sum by (node) ({_dcgm_node(f'increase({_DCGM_ENERGY}[{window}])')}) / 1000",
+            f"sum by (node) ({_dcgm_node(dcgm)}) / 1000",
         ),
         MetricQuery(
             f"avg_over_time({_DCGM_POWER}) * seconds",
-            f"sum by (node) ({_dcgm_node(f'avg_over_time({_DCGM_POWER}[{window}])')})"
-            f" * {range_seconds}",
+            f"sum by (node) ({_dcgm_node(mean(_DCGM_POWER))}) * {range_seconds}",
         ),
         MetricQuery(
             "avg_over_time(kepler_node_gpu_watts) * seconds",
-            f"sum by (node) ({_kepler_node(f'avg_over_time(kepler_node_gpu_watts[{window}])')})"
-            f" * {range_seconds}",
+            f"sum by (node) ({_kepler_node(mean('kepler_node_gpu_watts'))}) * {range_seconds}",
         ),
     )
 
 
-def pod_energy_queries(range_seconds: int) -> tuple[MetricQuery, ...]:
-    """Joules per pod over the `range_seconds` before the evaluation time, best first."""
-    window = f"{range_seconds}s"
+def pod_energy_queries(start_seconds: float, end_seconds: float) -> tuple[MetricQuery, ...]:
+    """Joules per pod between two Unix times, best first."""
+    dcgm = counter_increase(_DCGM_ENERGY, start_seconds, end_seconds)
+    kepler = counter_increase("kepler_pod_gpu_joules_total", start_seconds, end_seconds)
     return (
         MetricQuery(
             f"increase({_DCGM_ENERGY})",
-            f"sum by (namespace, pod) ({_dcgm_pod(f'increase({_DCGM_ENERGY}[{window}])')}) / 1000",
+            f"sum by (namespace, pod) ({_dcgm_pod(dcgm)}) / 1000",
         ),
         MetricQuery(
             "increase(kepler_pod_gpu_joules_total)",
-            "sum by (namespace, pod) "
-            f"({_kepler_pod(f'increase(kepler_pod_gpu_joules_total[{window}])')})",
+            f"sum by (namespace, pod) ({_kepler_pod(kepler)})",
         ),
     )
 
@@ -358,8 +415,9 @@ class TelemetryReader:
         wanted_nodes = frozenset(nodes)
         wanted_pods = frozenset(pods)
         try:
-            node_rows = self._run(node_energy_queries(range_seconds), end)
-            pod_rows = self._run(pod_energy_queries(range_seconds), end)
+            span = (start.timestamp(), end.timestamp())
+            node_rows = self._run(node_energy_queries(*span), end)
+            pod_rows = self._run(pod_energy_queries(*span), end)
         except PrometheusUnavailableError as error:
             return EnergyReading(start, end, Source.MODELLED, True, str(error))
         node_joules = _first_by_key(node_rows, _node_key)

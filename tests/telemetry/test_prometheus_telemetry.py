@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_api_client import PrometheusConnect
 
-from tests.telemetry.conftest import RunningPrometheus, write_targets
+from tests.telemetry.conftest import SCRAPE_INTERVAL_SECONDS, RunningPrometheus, write_targets
 from wattsched_agent.cli import serve_metrics
 from wattsched_agent.dcgm_metrics import MetricsServer
 from wattsched_agent.node_agent import NodeAgent
@@ -143,6 +143,29 @@ def test_energy_from_prometheus_matches_the_agents_counters_within_2_percent(
     gpu0 = end_gpu0_joules - start_gpu0_joules
     gpu1 = end_gpu1_joules - switch_gpu1_joules
     assert gpu0 + gpu1 * 0.85 < pod_joules < (gpu0 + gpu1) * 1.02
+
+
+def test_energy_across_a_driver_reload_counts_both_sides_of_the_counter_reset(
+    fleet: Fleet, prometheus: StartPrometheus
+) -> None:
+    server = prometheus(fleet.targets_file)
+    server.wait_for_targets_up(2)
+    time.sleep(2)
+    start = datetime.now(UTC)
+    start_joules = fleet.energy_joules("l4-a")
+    time.sleep(8)
+    before_reload_joules = fleet.energy_joules("l4-a")
+    fleet.libraries["l4-a"].reload_driver()  # the counter restarts at 0 (and the limit at default)
+    time.sleep(8)
+    end = datetime.now(UTC)
+    counted = before_reload_joules - start_joules + fleet.energy_joules("l4-a")
+    time.sleep(2)
+
+    measured = reader_for(server).energy(["l4-a"], start=start, end=end).node_joules["l4-a"]
+    # What lies between the last scrape before the reload and the reload itself is lost to every
+    # reader of the counter; allow that and one interval of edge extrapolation.
+    allowance = 2 * SCRAPE_INTERVAL_SECONDS * fleet.draw_watts("l4-a")
+    assert measured.value == pytest.approx(counted, abs=allowance)
 
 
 def test_hostname_spellings_kepler_names_and_token_counters_are_read(
