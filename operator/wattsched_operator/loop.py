@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from wattsched_operator import desired, statuses, transition
+from wattsched_operator import accounting, desired, statuses, transition
 from wattsched_operator.cache import (
     BUDGETS,
     NODES,
@@ -40,7 +41,13 @@ from wattsched_operator.kube import (
     profiles_path,
     workloads_path,
 )
-from wattsched_operator.telemetry import PodKey, Source, TelemetryReader, TelemetrySnapshot
+from wattsched_operator.telemetry import (
+    EnergyReading,
+    PodKey,
+    Source,
+    TelemetryReader,
+    TelemetrySnapshot,
+)
 from wattsched_optimizer.problem import Plan, PlanInput, PlanStatus, WorkloadType
 
 logger = logging.getLogger("wattsched.operator")
@@ -80,6 +87,9 @@ class LoopSettings:
     workers: int = 16
     # A telemetry read slower than this is dropped for the round (planning goes on, modelled).
     telemetry_timeout_seconds: float = 10.0
+    # How often energy, carbon and the measured figures in statuses are brought up to date (each
+    # update is a status write per running workload).
+    accounting_seconds: float = 60.0
 
 
 def backoff_seconds(failures: int, base_seconds: float) -> float:
@@ -125,6 +135,16 @@ def refuses_the_template(error: KubeError) -> bool:
 
 def is_deleting(body: Mapping[str, Any]) -> bool:
     return bool((body.get("metadata") or {}).get("deletionTimestamp"))
+
+
+@dataclass(frozen=True)
+class Accounts:
+    """This round's energy accounting: the new `status.energy` of the workloads that were due
+    (with their measured watts), and the new period figures of the budgets that were due."""
+
+    workload_energy: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    workload_measured_watts: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
+    budget_figures: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -278,6 +298,14 @@ class PlanningLoop:
             await self._write_budget_statuses(view, plan, plan_input, now, telemetry)
             return plan
         await self._apply(view, active, plan, life)
+        accounts = await self._account(
+            view,
+            active=active,
+            plan=plan,
+            plan_input=plan_input,
+            pods_by_workload=pods_by_workload,
+            telemetry=telemetry,
+        )
         await self._write_statuses(
             view,
             active=active,
@@ -285,9 +313,9 @@ class PlanningLoop:
             life=life,
             pods_by_workload=pods_by_workload,
             now=now,
-            telemetry=telemetry,
+            accounts=accounts,
         )
-        await self._write_budget_statuses(view, plan, plan_input, now, telemetry)
+        await self._write_budget_statuses(view, plan, plan_input, now, telemetry, accounts=accounts)
         return plan
 
     async def _read_telemetry(
@@ -314,6 +342,189 @@ class PlanningLoop:
             return TelemetrySnapshot(
                 datetime.now(UTC), Source.MODELLED, True, reason, unavailable=True
             )
+
+    async def _account(
+        self,
+        view: ClusterView,
+        *,
+        active: Mapping[str, Body],
+        plan: Plan,
+        plan_input: PlanInput,
+        pods_by_workload: Mapping[str, list[Body]],
+        telemetry: TelemetrySnapshot | None,
+    ) -> Accounts:
+        """Advance the energy and carbon totals that are due (see `accounting`).
+
+        Measured increments come from one Prometheus energy query per distinct start time (one,
+        normally); a failed or slow query, or a pod or node it did not measure, makes that
+        increment modelled. Never fails for telemetry.
+        """
+        # Whole seconds: `accountedUntil` is written to the second, and the next increment
+        # starts exactly where this one ends.
+        now = datetime.now(UTC).replace(microsecond=0)
+        interval = self.settings.accounting_seconds
+        fresh = telemetry is not None and not telemetry.stale
+        initial_source = accounting.MEASURED if fresh else accounting.MODELLED
+        running: dict[str, list[Body]] = {
+            key: [p for p in pods_by_workload.get(key, []) if _running(p)] for key in active
+        }
+        # Due, and either never accounted (an empty first total) or with pods that used energy:
+        # a workload waiting for a place is not rewritten each interval.
+        workload_starts = {
+            key: start
+            for key, body in active.items()
+            if (start := accounting.workload_start(body.get("status") or {}, now, interval))
+            and (start == now or running[key])
+        }
+        terms = {
+            name: accounting.BudgetTerms.from_spec(body.get("spec") or {})
+            for name, body in view.budgets.items()
+            if not is_deleting(body)
+        }
+        budget_starts = {
+            name: start
+            for name, body in view.budgets.items()
+            if name in terms
+            and (
+                start := accounting.budget_start(
+                    body.get("status") or {}, now, terms[name].period, interval
+                )
+            )
+        }
+        if not workload_starts and not budget_starts:
+            return Accounts()
+        scopes = {b.name: b.node_names for b in plan_input.budgets}
+        placements: dict[str, list[Any]] = {}
+        for placement in plan.placements:
+            placements.setdefault(placement.workload, []).append(placement)
+        groups: dict[datetime, tuple[set[str], set[PodKey]]] = {}
+        for key, start in workload_starts.items():
+            if start < now:
+                groups.setdefault(start, (set(), set()))[1].update(map(_pod_id, running[key]))
+        for name, start in budget_starts.items():
+            if start < now:
+                groups.setdefault(start, (set(), set()))[0].update(scopes.get(name, ()))
+        readings = await self._read_energy(groups, now)
+        intensities = await self._read_intensities(terms)
+        carbon = {name: t.intensity(intensities.get(name)) for name, t in terms.items()}
+
+        workload_energy: dict[str, Mapping[str, Any]] = {}
+        measured_watts: dict[str, float | None] = {}
+        window = self.telemetry.config.rate_window_seconds if self.telemetry else 0
+        new_series_since = now - timedelta(seconds=window)
+        for key, start in workload_starts.items():
+            pods = running[key]
+            pod_keys = [_pod_id(p) for p in pods]
+            planned = placements.get(key, [])
+            expected_watts = sum(p.expected_watts_per_gpu * p.gpus for p in planned)
+            added: accounting.Increment | None = None
+            if start < now:
+                reading = readings.get(start)
+                fresh_reading = reading is not None and not reading.stale
+                measured = (
+                    accounting.measured_sum(reading.pod_joules, pod_keys)
+                    if reading is not None and fresh_reading
+                    else None
+                )
+                pod_starts = [_pod_started(p) or start for p in pods]
+                if measured is None and fresh_reading and max(pod_starts) > new_series_since:
+                    continue  # a pod too new for its first samples: measure it next time
+                began = max(start, min(pod_starts))
+                added = accounting.increment(
+                    measured, expected_watts, (now - began).total_seconds()
+                )
+            budget = next(
+                (
+                    name
+                    for name in sorted(terms)
+                    if carbon[name] is not None
+                    and any(p.node in scopes.get(name, ()) for p in planned)
+                ),
+                None,
+            )
+            previous = (view.workloads[key].get("status") or {}).get("energy") or {}
+            workload_energy[key] = accounting.workload_energy(
+                previous,
+                added,
+                now=now,
+                initial_source=initial_source,
+                pue=terms[budget].pue if budget else 1.0,
+                carbon=carbon[budget] if budget else None,
+                efficiency=accounting.tokens_per_joule(
+                    telemetry,
+                    pod_keys,
+                    sum(p.expected_throughput for p in planned),
+                    expected_watts,
+                ),
+            )
+            measured_watts[key] = statuses.workload_measured_watts(telemetry, pod_keys)
+
+        allocations = {a.name: a for a in plan.budgets}
+        budget_figures: dict[str, Mapping[str, Any]] = {}
+        for name, start in budget_starts.items():
+            budget_added: accounting.Increment | None = None
+            if start < now:
+                reading = readings.get(start)
+                measured = (
+                    accounting.measured_sum(reading.node_joules, scopes.get(name, ()))
+                    if reading is not None and not reading.stale
+                    else None
+                )
+                allocation = allocations.get(name)
+                budget_added = accounting.increment(
+                    measured,
+                    allocation.expected_watts if allocation else 0.0,
+                    (now - start).total_seconds(),
+                )
+            budget_figures[name] = accounting.budget_energy(
+                view.budgets[name].get("status") or {},
+                budget_added,
+                now=now,
+                terms=terms[name],
+                carbon=carbon[name],
+                initial_source=initial_source,
+            )
+        return Accounts(workload_energy, measured_watts, budget_figures)
+
+    async def _read_energy(
+        self, groups: Mapping[datetime, tuple[set[str], set[PodKey]]], end: datetime
+    ) -> dict[datetime, EnergyReading]:
+        """One energy reading per start time (none without --prometheus-url or on failure)."""
+        if self.telemetry is None:
+            return {}
+        readings: dict[datetime, EnergyReading] = {}
+        for start, (nodes, pods) in groups.items():
+            try:
+                readings[start] = await asyncio.wait_for(
+                    self._call(
+                        functools.partial(self.telemetry.energy, start=start, end=end),
+                        sorted(nodes),
+                        sorted(pods),
+                    ),
+                    timeout=self.settings.telemetry_timeout_seconds,
+                )
+            except Exception as error:  # telemetry must never stop planning
+                logger.warning("energy read failed (%r); this increment is modelled", error)
+        return readings
+
+    async def _read_intensities(
+        self, terms: Mapping[str, accounting.BudgetTerms]
+    ) -> dict[str, float | None]:
+        """Carbon intensity from each budget's `spec.carbon.prometheusQuery`, where it has one."""
+        if self.telemetry is None:
+            return {}
+        values: dict[str, float | None] = {}
+        for name, budget_terms in terms.items():
+            if budget_terms.intensity_query is None:
+                continue
+            try:
+                values[name] = await asyncio.wait_for(
+                    self._call(self.telemetry.scalar, budget_terms.intensity_query),
+                    timeout=self.settings.telemetry_timeout_seconds,
+                )
+            except Exception as error:  # the static intensity (if any) stands in
+                logger.warning("carbon intensity query of %s failed: %r", name, error)
+        return values
 
     async def _lifecycle(
         self, view: ClusterView, pods_by_workload: Mapping[str, list[Body]], now: datetime
@@ -620,7 +831,7 @@ class PlanningLoop:
         life: Lifecycle,
         pods_by_workload: Mapping[str, list[Body]],
         now: datetime,
-        telemetry: TelemetrySnapshot | None = None,
+        accounts: Accounts,
     ) -> None:
         placements_by_workload: dict[str, list[Any]] = {}
         for placement in plan.placements:
@@ -635,9 +846,15 @@ class PlanningLoop:
             if key not in active and key not in life.succeeded and key not in life.failed:
                 phases.append(str(previous.get("phase") or statuses.PENDING))
                 continue
-            own_pods = pods_by_workload.get(key, [])
-            pods = [statuses.PodView.from_pod(p) for p in own_pods]
-            running: list[PodKey] = [_pod_id(p) for p in own_pods if _running(p)]
+            pods = [statuses.PodView.from_pod(p) for p in pods_by_workload.get(key, [])]
+            if key in accounts.workload_energy:
+                energy = accounts.workload_energy[key]
+                measured_watts = accounts.workload_measured_watts.get(key)
+            else:  # not due: the figures stay as they are (no draw without a running pod)
+                energy = previous.get("energy") or {}
+                measured_watts = (previous.get("power") or {}).get("measuredWatts")
+                if not any(_running(p) for p in pods_by_workload.get(key, [])):
+                    measured_watts = None
             new = statuses.workload_status(
                 previous,
                 generation=int(body["metadata"].get("generation") or 1),
@@ -648,8 +865,8 @@ class PlanningLoop:
                 pods=pods,
                 failure_message=life.failed.get(key),
                 now=now,
-                measured_watts=statuses.workload_measured_watts(telemetry, running),
-                measured=telemetry is not None and not telemetry.stale,
+                measured_watts=measured_watts,
+                energy=energy,
             )
             phases.append(new["phase"])
             owned = {k: previous.get(k) for k in new}
@@ -698,7 +915,10 @@ class PlanningLoop:
         plan_input: PlanInput,
         now: datetime,
         telemetry: TelemetrySnapshot | None = None,
+        *,
+        accounts: Accounts | None = None,
     ) -> None:
+        """Budget statuses, with the period's energy and carbon where accounting was due."""
         allocations = {a.name: a for a in plan.budgets}
         scopes = {b.name: b.node_names for b in plan_input.budgets}
         writes: list[Awaitable[Any]] = []
@@ -718,6 +938,8 @@ class PlanningLoop:
                 telemetry=telemetry,
                 scope_nodes=scopes.get(name, ()),
             )
+            if accounts is not None:
+                new.update(accounts.budget_figures.get(name, {}))
             allocation = allocations.get(name)
             self.metrics.cap_watts.labels(budget=name).set(cap)
             self.metrics.allocated_cap_watts.labels(budget=name).set(
@@ -773,6 +995,10 @@ def _running(pod: Mapping[str, Any]) -> bool:
     return bool((pod.get("spec") or {}).get("nodeName")) and (
         (pod.get("status") or {}).get("phase") == "Running"
     )
+
+
+def _pod_started(pod: Mapping[str, Any]) -> datetime | None:
+    return accounting.parse_rfc3339((pod.get("status") or {}).get("startTime"))
 
 
 def _finished(pod: Mapping[str, Any]) -> bool:

@@ -99,6 +99,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=60,
         help="rate()/avg_over_time() window of the power queries (at least four scrapes)",
     )
+    parser.add_argument(
+        "--accounting-seconds",
+        type=float,
+        default=60.0,
+        help="how often energy, carbon and measured figures in statuses are brought up to date "
+        "(each time is one status write per running workload)",
+    )
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 disables /metrics")
     parser.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz")
     parser.add_argument("--log-level", default="INFO")
@@ -203,6 +210,7 @@ def main(argv: list[str]) -> int:
         backoff_limit=args.backoff_limit,
         backoff_seconds=args.backoff_seconds,
         namespaces=tuple(args.namespace),
+        accounting_seconds=args.accounting_seconds,
     )
     build_input = build_input_function(args.heartbeat_timeout_seconds)
     telemetry = (

@@ -137,13 +137,13 @@ def workload_status(
     failure_message: str | None,
     now: datetime,
     measured_watts: float | None = None,
-    measured: bool = False,
+    energy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The LLMWorkload status this plan leads to (the fields the operator owns).
 
     `measured_watts` is the workload's draw from telemetry (None: unknown, left out; a merge patch
-    with None removes an earlier figure); `measured` says whether the telemetry reading was fresh,
-    which sets `energy.source`.
+    with None removes an earlier figure); `energy` is `status.energy` as `accounting` advanced it
+    (None: none yet, `source: modelled`).
     """
     previous_phase = previous.get("phase")
     phase = next_phase(
@@ -221,7 +221,7 @@ def workload_status(
             "expectedWatts": round(expected_watts, 1),
             "measuredWatts": None if measured_watts is None else round(measured_watts, 1),
         },
-        "energy": {"source": MEASURED if measured else MODELLED},
+        "energy": dict(energy) if energy else {"source": MODELLED},
         "conditions": conditions,
         "message": message,
     }

@@ -28,7 +28,7 @@ EXPECTED = {
         "scope": "Cluster",
         "short": ["eb"],
         "columns": ["Cap(W)", "Allocated(W)", "Measured(W)", "Headroom(W)", "Age"],
-        "wide": ["Nodes", "Energy(kWh)", "Carbon(kg)"],
+        "wide": ["Nodes", "Energy(kWh)", "Carbon(kg)", "Source"],
     },
     "NodePowerProfile": {
         "scope": "Cluster",

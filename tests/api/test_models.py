@@ -269,7 +269,15 @@ WORKLOAD_STATUS: dict[str, Any] = {
         {"replica": 1, "node": "gpu-h100-01", "gpus": 4, "variant": "fp8", "powerLimitWatts": 560},
     ],
     "power": {"capWatts": 4480, "expectedWatts": 3900},
-    "energy": {"joules": 3.6e6, "kWh": 1.0, "tokensPerJoule": 2.5, "source": "modelled"},
+    "energy": {
+        "joules": 3.6e6,
+        "kWh": 1.0,
+        "tokensPerJoule": 2.5,
+        "tokensPerJouleSource": "measured",
+        "carbonGrams": 400.0,
+        "accountedUntil": "2026-11-25T01:00:00Z",
+        "source": "mixed",
+    },
     "conditions": [
         {
             "type": "Placed",
@@ -399,3 +407,25 @@ def test_set_condition_keeps_the_transition_time_while_the_status_holds() -> Non
     )
     assert set_condition(kept, flipped) == (flipped,)
     assert set_condition(kept, other) == (*kept, other)
+
+
+def test_budget_status_with_energy_carbon_and_their_sources_round_trips() -> None:
+    manifest = {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "EnergyBudget",
+        "metadata": {"name": "rack"},
+        "spec": {"powerCapWatts": 1000, "energy": {"kWh": 10}},
+        "status": {
+            "energyUsedKWh": 1.25,
+            "energySource": "measured",
+            "carbonKg": 0.5,
+            "carbonIntensity": {"gramsPerKWh": 400.0, "source": "prometheus"},
+            "periodStart": "2026-11-25T00:00:00Z",
+            "accountedUntil": "2026-11-25T01:00:00Z",
+        },
+    }
+    budget = parse_energybudget(manifest)
+    assert budget.to_dict()["status"] == manifest["status"]
+    manifest["status"] = {"carbonIntensity": {"gramsPerKWh": 400.0, "source": "guess"}}
+    with pytest.raises(ApiValidationError, match=r"status\.carbonIntensity\.source"):
+        parse_energybudget(manifest)

@@ -1,19 +1,24 @@
 """The operator with `--prometheus-url` on the sandbox: the simulated agents scraped by a real
-Prometheus, EnergyBudget `measuredWatts` against the agents' own `drawWatts`, and planning that
-goes on (with `TelemetryFresh=False`) once Prometheus is stopped.
+Prometheus, EnergyBudget `measuredWatts` and the energy and carbon totals in statuses against the
+agents' own draw, and planning that goes on (with `TelemetryFresh=False`, totals turning `mixed`)
+once Prometheus is stopped.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
 
+from tests.agent.conftest import scrape
 from tests.operator.conftest import TEST_LABEL, StartOperator, get_json, wait_until
+from tests.operator.test_operator_cluster import apply, pods_of, workload
 from tests.telemetry.conftest import start_prometheus
 
 if TYPE_CHECKING:
@@ -103,5 +108,142 @@ def test_budget_measured_watts_match_the_agents_draw_and_go_stale_without_promet
         assert server.url in condition["message"]
         assert "measuredWatts" not in status
         assert status["allocatedCapWatts"] > 0
+    finally:
+        server.stop()
+
+
+def pod_draw_watts(address: str, pod: str) -> float:
+    """The agent's own power gauge of the GPUs its pod label gives to `pod`."""
+    samples = scrape(address)["DCGM_FI_DEV_POWER_USAGE"]
+    return float(sum(s.value for s in samples if s.labels.get("pod") == pod))
+
+
+def next_accounting(
+    read: Callable[[], dict[str, Any]], after: str, timeout_seconds: float = 60
+) -> dict[str, Any]:
+    """The first status whose `accountedUntil` is later than `after`."""
+
+    def advanced() -> dict[str, Any] | None:
+        status = read()
+        return status if str(status.get("accountedUntil", "")) > after else None
+
+    status: dict[str, Any] = wait_until(
+        f"accountedUntil after {after}", advanced, timeout_seconds=timeout_seconds
+    )
+    return status
+
+
+def seconds_between(earlier: str, later: str) -> float:
+    def parse(text: str) -> datetime:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    return (parse(later) - parse(earlier)).total_seconds()
+
+
+def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn_mixed(
+    sandbox: Sandbox,
+    agents: Path,
+    namespace: str,
+    start_operator: StartOperator,
+    tmp_path: Path,
+) -> None:
+    wait_until("the agents' targets file", agents.exists)
+    server = start_prometheus(tmp_path / "prometheus", agents)
+    try:
+        targets = json.loads(agents.read_text())
+        server.wait_for_targets_up(sum(len(g["targets"]) for g in targets))
+        time.sleep(WINDOW_SECONDS + 3)
+        selector = ",".join(f"{k}={v}" for k, v in SCOPE.items())
+        nodes = sorted(
+            n["metadata"]["name"] for n in get_json(sandbox, "nodes", "-l", selector)["items"]
+        )
+        name = f"carbon-{namespace[-8:]}"
+        pue = 1.2
+        spec = {
+            "nodeSelector": {"matchLabels": SCOPE},
+            "powerCapWatts": 10000,
+            "pue": pue,
+            "carbon": {"intensityGramsPerKWh": 500, "prometheusQuery": "vector(350)"},
+        }
+        energy_budget = {
+            "apiVersion": "wattsched.io/v1alpha1",
+            "kind": "EnergyBudget",
+            "metadata": {"name": name, "labels": {TEST_LABEL: "operator"}},
+            "spec": spec,
+        }
+        sandbox.kubectl("apply", "-f", "-", input=yaml.safe_dump(energy_budget))
+        server_llm = workload("l4-server", products=["NVIDIA-L4"])
+        apply(sandbox, namespace, server_llm)
+        start_operator(
+            "--prometheus-url",
+            server.url,
+            "--telemetry-window-seconds",
+            str(WINDOW_SECONDS),
+            "--replan-seconds",
+            "1",
+            "--accounting-seconds",
+            "2",
+        )
+
+        def budget_status() -> dict[str, Any]:
+            return dict(get_json(sandbox, "energybudget", name).get("status") or {})
+
+        def workload_status() -> dict[str, Any]:
+            status = get_json(sandbox, "llmworkload", "l4-server", "-n", namespace).get("status")
+            return dict((status or {}).get("energy") or {}) | {
+                "measuredWatts": ((status or {}).get("power") or {}).get("measuredWatts")
+            }
+
+        # Running and measured: from here on every GPU in scope draws a constant power.
+        wait_until(
+            "the workload measured", lambda: workload_status()["measuredWatts"], timeout_seconds=90
+        )
+        pod = pods_of(sandbox, namespace, "l4-server")[0]
+        node = pod["spec"]["nodeName"]
+        assert node in nodes
+        address = next(g["targets"][0] for g in targets if g["labels"]["wattsched_node"] == node)
+        first_budget = next_accounting(budget_status, budget_status().get("accountedUntil", ""))
+        first_workload = next_accounting(workload_status, workload_status()["accountedUntil"])
+        time.sleep(15)
+        last_budget = next_accounting(budget_status, first_budget["accountedUntil"])
+        last_workload = next_accounting(workload_status, first_workload["accountedUntil"])
+
+        budget_seconds = seconds_between(
+            first_budget["accountedUntil"], last_budget["accountedUntil"]
+        )
+        gpu_joules = (last_budget["energyUsedKWh"] - first_budget["energyUsedKWh"]) * 3.6e6 / pue
+        assert gpu_joules == pytest.approx(
+            draw_in_scope_watts(sandbox, nodes) * budget_seconds, rel=0.02
+        )
+        assert last_budget["energySource"] == "measured"
+        assert last_budget["carbonIntensity"] == {"gramsPerKWh": 350.0, "source": "prometheus"}
+        added_kwh = last_budget["energyUsedKWh"] - first_budget["energyUsedKWh"]
+        added_kg = last_budget["carbonKg"] - first_budget["carbonKg"]
+        assert added_kg == pytest.approx(added_kwh * 0.350, rel=1e-4)
+
+        workload_seconds = seconds_between(
+            first_workload["accountedUntil"], last_workload["accountedUntil"]
+        )
+        assert last_workload["joules"] - first_workload["joules"] == pytest.approx(
+            pod_draw_watts(address, pod["metadata"]["name"]) * workload_seconds, rel=0.02
+        )
+        assert last_workload["source"] == "measured"
+        assert last_workload["carbonGrams"] > first_workload["carbonGrams"]
+
+        server.stop()  # the next increments are modelled; totals say so, and carbon goes static
+
+        def mixed_budget() -> dict[str, Any] | None:
+            status = budget_status()
+            return status if status.get("energySource") == "mixed" else None
+
+        mixed = wait_until("energySource mixed", mixed_budget, timeout_seconds=60)
+        assert mixed is not None
+        assert mixed["energyUsedKWh"] > last_budget["energyUsedKWh"]
+        assert mixed["carbonIntensity"] == {"gramsPerKWh": 500.0, "source": "static"}
+        wait_until(
+            "workload energy mixed",
+            lambda: workload_status()["source"] == "mixed",
+            timeout_seconds=60,
+        )
     finally:
         server.stop()

@@ -1,4 +1,4 @@
-"""Measured watts, `energy.source` and `TelemetryFresh` in statuses, and a telemetry read that
+"""Measured watts, `energy` and `TelemetryFresh` in statuses, and a telemetry read that
 never holds up or breaks a planning round (Prometheus refusing, or accepting and never answering).
 """
 
@@ -152,10 +152,11 @@ def workload(**kw: Any) -> dict[str, Any]:
     )
 
 
-def test_workload_status_says_measured_only_for_a_fresh_reading() -> None:
-    measured = workload(measured_watts=690.04, measured=True)
+def test_workload_status_carries_the_accounted_energy_and_the_measured_watts() -> None:
+    energy = {"joules": 10.0, "kWh": 0.0, "source": "measured", "accountedUntil": "x"}
+    measured = workload(measured_watts=690.04, energy=energy)
     assert measured["power"]["measuredWatts"] == 690.0
-    assert measured["energy"] == {"source": "measured"}
+    assert measured["energy"] == energy
     modelled = workload()
     assert modelled["energy"] == {"source": "modelled"}
     assert "measuredWatts" not in without_nones(modelled)["power"]

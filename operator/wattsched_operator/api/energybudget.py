@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from wattsched_operator.api.fields import Fields, JsonObject
+from wattsched_operator.api.llmworkload import EnergySource
 from wattsched_operator.api.meta import (
     Condition,
     ObjectMeta,
@@ -159,6 +160,22 @@ class LastPlan:
         return {key: value for key, value in pairs if value is not None}
 
 
+class CarbonIntensitySource(StrEnum):
+    STATIC = "static"
+    PROMETHEUS = "prometheus"
+
+
+@dataclass(frozen=True)
+class CarbonIntensityStatus:
+    """`status.carbonIntensity`: the intensity the latest carbon increment used."""
+
+    grams_per_kwh: float
+    source: CarbonIntensitySource
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gramsPerKWh": self.grams_per_kwh, "source": self.source.value}
+
+
 @dataclass(frozen=True)
 class EnergyBudgetStatus:
     observed_generation: int | None = None
@@ -168,8 +185,11 @@ class EnergyBudgetStatus:
     measured_watts: float | None = None
     headroom_watts: float | None = None
     energy_used_kwh: float | None = None
+    energy_source: EnergySource | None = None
     carbon_kg: float | None = None
+    carbon_intensity: CarbonIntensityStatus | None = None
     period_start: str | None = None
+    accounted_until: str | None = None
     last_plan: LastPlan | None = None
     conditions: tuple[Condition, ...] = ()
 
@@ -182,8 +202,14 @@ class EnergyBudgetStatus:
             ("measuredWatts", self.measured_watts),
             ("headroomWatts", self.headroom_watts),
             ("energyUsedKWh", self.energy_used_kwh),
+            ("energySource", None if self.energy_source is None else self.energy_source.value),
             ("carbonKg", self.carbon_kg),
+            (
+                "carbonIntensity",
+                None if self.carbon_intensity is None else self.carbon_intensity.to_dict(),
+            ),
             ("periodStart", self.period_start),
+            ("accountedUntil", self.accounted_until),
             ("lastPlan", None if self.last_plan is None else self.last_plan.to_dict()),
         ]
         out: dict[str, Any] = {key: value for key, value in pairs if value is not None}
@@ -309,6 +335,17 @@ def _read_status(status: Fields) -> EnergyBudgetStatus:
         )
         plan_fields.finish()
     big = 1e30
+    energy_source = status.optional_string("energySource", max_length=16, enum=tuple(EnergySource))
+    carbon_intensity = None
+    intensity_fields = status.optional_section("carbonIntensity")
+    if intensity_fields is not None:
+        carbon_intensity = CarbonIntensityStatus(
+            grams_per_kwh=intensity_fields.number("gramsPerKWh", minimum=0, maximum=big),
+            source=CarbonIntensitySource(
+                intensity_fields.string("source", max_length=16, enum=tuple(CarbonIntensitySource))
+            ),
+        )
+        intensity_fields.finish()
     result = EnergyBudgetStatus(
         observed_generation=status.optional_integer(
             "observedGeneration", minimum=0, maximum=2**63 - 1
@@ -319,8 +356,11 @@ def _read_status(status: Fields) -> EnergyBudgetStatus:
         measured_watts=status.optional_number("measuredWatts", minimum=0, maximum=big),
         headroom_watts=status.optional_number("headroomWatts", minimum=-big, maximum=big),
         energy_used_kwh=status.optional_number("energyUsedKWh", minimum=0, maximum=big),
+        energy_source=None if energy_source is None else EnergySource(energy_source),
         carbon_kg=status.optional_number("carbonKg", minimum=0, maximum=big),
+        carbon_intensity=carbon_intensity,
         period_start=read_time(status, "periodStart"),
+        accounted_until=read_time(status, "accountedUntil"),
         last_plan=last_plan,
         conditions=read_conditions(status),
     )

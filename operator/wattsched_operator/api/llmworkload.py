@@ -67,6 +67,7 @@ class Phase(StrEnum):
 class EnergySource(StrEnum):
     MEASURED = "measured"
     MODELLED = "modelled"
+    MIXED = "mixed"  # a running total with measured and modelled parts
 
 
 @dataclass(frozen=True)
@@ -302,14 +303,19 @@ class EnergyStatus:
     joules: float | None = None
     kwh: float | None = None
     tokens_per_joule: float | None = None
+    tokens_per_joule_source: EnergySource | None = None
     carbon_grams: float | None = None
+    accounted_until: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        tokens_source = self.tokens_per_joule_source
         pairs = [
             ("joules", self.joules),
             ("kWh", self.kwh),
             ("tokensPerJoule", self.tokens_per_joule),
+            ("tokensPerJouleSource", None if tokens_source is None else tokens_source.value),
             ("carbonGrams", self.carbon_grams),
+            ("accountedUntil", self.accounted_until),
         ]
         out: dict[str, Any] = {key: value for key, value in pairs if value is not None}
         out["source"] = self.source.value
@@ -604,6 +610,11 @@ def _read_status(status: Fields) -> LLMWorkloadStatus:
     energy = None
     energy_fields = status.optional_section("energy")
     if energy_fields is not None:
+        tokens_source = energy_fields.optional_string(
+            "tokensPerJouleSource",
+            max_length=16,
+            enum=(EnergySource.MEASURED, EnergySource.MODELLED),
+        )
         energy = EnergyStatus(
             source=EnergySource(
                 energy_fields.string("source", max_length=16, enum=tuple(EnergySource))
@@ -613,7 +624,9 @@ def _read_status(status: Fields) -> LLMWorkloadStatus:
             tokens_per_joule=energy_fields.optional_number(
                 "tokensPerJoule", minimum=0, maximum=1e30
             ),
+            tokens_per_joule_source=None if tokens_source is None else EnergySource(tokens_source),
             carbon_grams=energy_fields.optional_number("carbonGrams", minimum=0, maximum=1e30),
+            accounted_until=read_time(energy_fields, "accountedUntil"),
         )
         energy_fields.finish()
     result = LLMWorkloadStatus(

@@ -1,0 +1,262 @@
+"""Energy and carbon accounting: the running totals in LLMWorkload and EnergyBudget status.
+
+A workload's `status.energy` (joules since first placed) and a budget's `energyUsedKWh` and
+`carbonKg` (this period) are running totals. Each accounting round advances them from the time
+they were last advanced (`accountedUntil`, kept in the status itself, so a restarted operator goes
+on where the last one stopped and a status read from a lagging cache is still self-consistent) to
+now. The increment is measured (Prometheus energy counters) when every pod or node it covers was
+measured, else modelled (the plan's expected watts times the elapsed seconds); `source` says
+`measured`, `modelled`, or `mixed` once both contributed. Carbon is each increment's kWh times PUE
+times the carbon intensity of that moment, so a changing grid intensity is followed.
+
+Pure functions: the planning loop reads telemetry, calls these, and writes the statuses.
+Not for: reading Prometheus, writing status, or deciding plans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from wattsched_operator.statuses import rfc3339
+from wattsched_operator.telemetry import Measurement, PodKey, TelemetrySnapshot
+
+K = TypeVar("K", bound=Hashable)
+
+JOULES_PER_KWH = 3.6e6
+MEASURED = "measured"
+MODELLED = "modelled"
+MIXED = "mixed"
+
+
+class Period(StrEnum):
+    """How often an EnergyBudget's energy allowance renews (UTC calendar periods)."""
+
+    DAY = "Day"
+    WEEK = "Week"
+    MONTH = "Month"
+
+
+def period_start(moment: datetime, period: Period) -> datetime:
+    """The start (UTC midnight) of the calendar day, ISO week (Monday) or month holding `moment`."""
+    day = moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period is Period.WEEK:
+        return day - timedelta(days=day.weekday())
+    if period is Period.MONTH:
+        return day.replace(day=1)
+    return day
+
+
+def parse_rfc3339(text: object) -> datetime | None:
+    """A status timestamp (None when absent or not a timestamp: accounting then starts afresh)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def combined_source(before: str | None, increment: str) -> str:
+    """The source of a total after adding an increment from `increment`."""
+    if before in {None, increment}:
+        return increment
+    return MIXED
+
+
+@dataclass(frozen=True)
+class Increment:
+    """Energy (J) used by a workload's GPUs or a budget's nodes since the last accounting, and
+    whether it was `measured` or `modelled`."""
+
+    joules: float
+    source: str
+
+
+@dataclass(frozen=True)
+class CarbonIntensity:
+    """Grams of CO2-equivalent per kWh, and where it came from (`static` or `prometheus`)."""
+
+    grams_per_kwh: float
+    source: str
+
+
+@dataclass(frozen=True)
+class BudgetTerms:
+    """What an EnergyBudget's spec says about accounting (defaults as the CRD applies them)."""
+
+    period: Period = Period.DAY
+    pue: float = 1.0
+    static_intensity: float | None = None
+    intensity_query: str | None = None
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> BudgetTerms:
+        carbon = spec.get("carbon") or {}
+        static = carbon.get("intensityGramsPerKWh")
+        return cls(
+            period=Period((spec.get("energy") or {}).get("period") or Period.DAY),
+            pue=float(spec.get("pue") or 1.0),
+            static_intensity=None if static is None else float(static),
+            intensity_query=carbon.get("prometheusQuery") or None,
+        )
+
+    def intensity(self, queried: float | None) -> CarbonIntensity | None:
+        """The intensity to use now: the query's answer, else the static figure, else none."""
+        if queried is not None and queried >= 0:
+            return CarbonIntensity(queried, "prometheus")
+        if self.static_intensity is not None:
+            return CarbonIntensity(self.static_intensity, "static")
+        return None
+
+
+def total_source(before: str | None, added: Increment | None, initial_source: str) -> str:
+    """The source of a total after an increment (None: nothing added; a new total is
+    `initial_source`)."""
+    if added is None:
+        return before or initial_source
+    return combined_source(before, added.source)
+
+
+def accounting_start(
+    accounted_until: datetime | None, now: datetime, interval_seconds: float
+) -> datetime | None:
+    """When the increment due now starts; None when the total was advanced less than
+    `interval_seconds` ago. A total never advanced starts at `now` (an empty first increment)."""
+    if accounted_until is None:
+        return now
+    if (now - accounted_until).total_seconds() < interval_seconds:
+        return None
+    return min(accounted_until, now)
+
+
+def workload_start(
+    status: Mapping[str, Any], now: datetime, interval_seconds: float
+) -> datetime | None:
+    """The start of an LLMWorkload's increment due now (see `accounting_start`)."""
+    energy = status.get("energy") or {}
+    return accounting_start(parse_rfc3339(energy.get("accountedUntil")), now, interval_seconds)
+
+
+def budget_start(
+    status: Mapping[str, Any], now: datetime, period: Period, interval_seconds: float
+) -> datetime | None:
+    """The start of an EnergyBudget's increment due now; a new period is due at once and starts
+    at the period's start (what the old period used since its last accounting is not carried)."""
+    accounted = parse_rfc3339(status.get("accountedUntil"))
+    begin = period_start(now, period)
+    if accounted is not None and accounted < begin:
+        return begin
+    return accounting_start(accounted, now, interval_seconds)
+
+
+def measured_sum(measured: Mapping[K, Measurement], keys: Iterable[K]) -> float | None:
+    """The sum over `keys` when every one was measured (and there is at least one); else None."""
+    wanted = list(keys)
+    if not wanted or any(key not in measured for key in wanted):
+        return None
+    return sum(measured[key].value for key in wanted)
+
+
+def increment(measured_joules: float | None, modelled_watts: float, seconds: float) -> Increment:
+    """Measured joules when known (every part measured), else the model's watts over `seconds`."""
+    if measured_joules is not None:
+        return Increment(max(measured_joules, 0.0), MEASURED)
+    return Increment(max(modelled_watts, 0.0) * max(seconds, 0.0), MODELLED)
+
+
+def tokens_per_joule(
+    snapshot: TelemetrySnapshot | None,
+    pods: Iterable[PodKey],
+    expected_tokens_per_second: float,
+    expected_watts: float,
+) -> tuple[float, str] | None:
+    """(tokens/J, source): measured tokens/s over measured W of the pods when a fresh reading
+    has both for every pod, else the plan's expected throughput over its expected watts."""
+    keys = list(pods)
+    if snapshot is not None and not snapshot.stale and keys:
+        tokens = [snapshot.pod_tokens_per_second.get(key) for key in keys]
+        watts = measured_sum(snapshot.pod_watts, keys)
+        if watts and all(t is not None for t in tokens):
+            return sum(t for t in tokens if t is not None) / watts, MEASURED
+    if expected_watts > 0 and expected_tokens_per_second > 0:
+        return expected_tokens_per_second / expected_watts, MODELLED
+    return None
+
+
+def workload_energy(
+    previous: Mapping[str, Any],
+    added: Increment | None,
+    *,
+    now: datetime,
+    initial_source: str,
+    pue: float = 1.0,
+    carbon: CarbonIntensity | None = None,
+    efficiency: tuple[float, str] | None = None,
+) -> dict[str, Any]:
+    """An LLMWorkload's `status.energy` advanced to `now`.
+
+    `added` is None when the workload had no running pod since the last accounting (nothing
+    used; the source stays). `initial_source` is the source of a total that starts now, empty.
+    `efficiency` is (tokens per joule, source); left out when None. Carbon grams (when the
+    workload's nodes are in a budget with a carbon intensity) add the increment's kWh x PUE x
+    intensity.
+    """
+    joules = float(previous.get("joules") or 0.0) + (added.joules if added else 0.0)
+    before = previous.get("source") if "accountedUntil" in previous else None
+    energy: dict[str, Any] = {
+        "joules": round(joules, 1),
+        "kWh": round(joules / JOULES_PER_KWH, 6),
+        "source": total_source(before, added, initial_source),
+        "accountedUntil": rfc3339(now),
+        "tokensPerJoule": None if efficiency is None else round(efficiency[0], 4),
+        "tokensPerJouleSource": None if efficiency is None else efficiency[1],
+    }
+    if carbon is not None:
+        grams = float(previous.get("carbonGrams") or 0.0)
+        grams += (added.joules if added else 0.0) / JOULES_PER_KWH * pue * carbon.grams_per_kwh
+        energy["carbonGrams"] = round(grams, 3)
+    elif "carbonGrams" in previous:
+        energy["carbonGrams"] = previous["carbonGrams"]
+    return energy
+
+
+def budget_energy(
+    previous: Mapping[str, Any],
+    added: Increment | None,
+    *,
+    now: datetime,
+    terms: BudgetTerms,
+    carbon: CarbonIntensity | None,
+    initial_source: str,
+) -> dict[str, Any]:
+    """An EnergyBudget's period figures advanced to `now` (a new period starts from zero).
+
+    `added` is None for an empty first increment (accounting starts now, as `initial_source`).
+    `energyUsedKWh` is GPU energy times PUE; `carbonKg` adds each increment's kWh (times PUE)
+    times the intensity of the moment it was accounted; `carbonIntensity` is that intensity.
+    """
+    start = rfc3339(period_start(now, terms.period))
+    base = previous if previous.get("periodStart") == start else {}
+    before = base.get("energySource")
+    added_kwh = (added.joules if added else 0.0) / JOULES_PER_KWH * terms.pue
+    figures: dict[str, Any] = {
+        "periodStart": start,
+        "energyUsedKWh": round(float(base.get("energyUsedKWh") or 0.0) + added_kwh, 9),
+        "energySource": total_source(before, added, initial_source),
+        "accountedUntil": rfc3339(now),
+        "carbonKg": None,
+        "carbonIntensity": None,
+    }
+    if carbon is not None:
+        carbon_kg = float(base.get("carbonKg") or 0.0) + added_kwh * carbon.grams_per_kwh / 1000
+        figures["carbonKg"] = round(carbon_kg, 9)
+        figures["carbonIntensity"] = {
+            "gramsPerKWh": round(carbon.grams_per_kwh, 3),
+            "source": carbon.source,
+        }
+    return figures
