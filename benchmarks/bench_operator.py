@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config, watch
+from prometheus_client.parser import text_string_to_metric_families
 
 from wattsched_operator.kube import Kube, KubeError, pods_path, workloads_path
 
@@ -67,6 +69,61 @@ def delete_workloads(namespace: str, *, timeout_seconds: int, env: dict[str, str
         env=env,
         check=False,
     )
+
+
+def api_requests(env: dict[str, str]) -> Counter[tuple[str, str]]:
+    """kube-apiserver's request counters (apiserver_request_total), by (verb, resource[/sub])."""
+    text = sh("kubectl", "get", "--raw", "/metrics", env=env)
+    counts: Counter[tuple[str, str]] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name != "apiserver_request":
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            labels = sample.labels
+            resource = labels.get("resource", "")
+            if labels.get("subresource"):
+                resource += "/" + labels["subresource"]
+            counts[(labels.get("verb", ""), resource)] += int(sample.value)
+    return counts
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_process(pids: dict[str, int]) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            found[name] = cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> str:
+    """CPU seconds each process used between two readings, largest first."""
+    used = sorted(((after[k] - before[k], k) for k in after if k in before), reverse=True)
+    return ", ".join(f"{name} {seconds:.1f}" for seconds, name in used)
+
+
+def writes_per_object(
+    before: Counter[tuple[str, str]], after: Counter[tuple[str, str]], objects: int
+) -> str:
+    """The API writes made between two counter readings, per object, largest first."""
+    writes = {
+        key: after[key] - before.get(key, 0)
+        for key in after
+        if key[0] in {"POST", "PATCH", "PUT", "DELETE", "APPLY"} and key[1] != "leases"
+    }
+    rows = sorted(((n, key) for key, n in writes.items() if n > 0), reverse=True)
+    total = sum(n for n, _ in rows)
+    parts = ", ".join(f"{verb} {resource} {n / objects:.2f}" for n, (verb, resource) in rows)
+    return f"{total / objects:.2f} ({parts})"
 
 
 def report(figures: list[tuple[str, str, str]], name: str, value: str, goal: str) -> None:
@@ -166,12 +223,15 @@ def background(
     try:
         yield process
     finally:
+        stopping = time.monotonic()
         process.terminate()
         try:
             process.wait(timeout=30)
+            print(f"{log.stem}: stopped {time.monotonic() - stopping:.1f} s after SIGTERM")
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+            print(f"{log.stem}: still running 30 s after SIGTERM, killed")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -198,6 +258,9 @@ def main() -> int:
     parser.add_argument("--singles", type=int, default=100)
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--rss-workloads", type=int, default=10000)
+    parser.add_argument(
+        "--operator-log-level", default="WARNING", help="INFO logs every plan and apply step"
+    )
     parser.add_argument(
         "--sandbox-dir", default=str(Path(tempfile.gettempdir()) / "wattsched-sandbox-bench")
     )
@@ -229,12 +292,15 @@ def main() -> int:
     agent_args += ["--kubeconfig", str(kubeconfig)]
     operator_args = [PYTHON, "-m", "wattsched_operator.cli", "operator", "--standalone"]
     operator_args += ["--kubeconfig", str(kubeconfig), "--metrics-port", "0", "--health-port", "0"]
-    operator_args += ["--debounce-seconds", "0.2", "--log-level", "WARNING"]
+    operator_args += ["--debounce-seconds", "0.2", "--log-level", args.operator_log_level]
 
     with (
-        background(agent_args, logs / "bench-agents.log", env),
+        background(agent_args, logs / "bench-agents.log", env) as agent,
         background(operator_args, logs / "bench-operator.log", env) as operator,
     ):
+        run_dir = Path(args.sandbox_dir) / "run"
+        pids = {p.stem: int(p.read_text()) for p in run_dir.glob("*.pid")}
+        pids |= {"operator": operator.pid, "agent": agent.pid, "bench clients": os.getpid()}
         time.sleep(10)  # first plan: every node's profile written and confirmed
         idle_rss = rss_megabytes(operator.pid)
 
@@ -276,9 +342,13 @@ def main() -> int:
         base_watch.start()
         base_watch.started.wait()
         names = {f"pod-{i:05d}" for i in range(args.burst)}
+        requests_before = api_requests(env)
+        cpu_before = cpu_by_process(pids)
         started = time.monotonic()
         create_all(kube, pods_path(base_ns), [plain_pod(n) for n in sorted(names)])
         base_ok = base_watch.wait_for(names, 600)
+        base_writes = writes_per_object(requests_before, api_requests(env), args.burst)
+        base_cpu = cpu_used(cpu_before, cpu_by_process(pids))
         base_seconds = max(base_watch.bound.values()) - started if base_ok else float("nan")
         sh(
             "kubectl",
@@ -297,11 +367,15 @@ def main() -> int:
         burst_watch.start()
         burst_watch.started.wait()
         names = {f"burst-{i:05d}" for i in range(args.burst)}
+        requests_before = api_requests(env)
+        cpu_before = cpu_by_process(pids)
         started = time.monotonic()
         create_all(kube, workloads_path(burst_ns), [workload(n) for n in sorted(names)])
         created_seconds = time.monotonic() - started
         pods = {f"{n}-0" for n in names}
         burst_ok = burst_watch.wait_for(pods, 900)
+        burst_writes = writes_per_object(requests_before, api_requests(env), args.burst)
+        burst_cpu = cpu_used(cpu_before, cpu_by_process(pids))
         bound = [burst_watch.bound[p] for p in pods if p in burst_watch.bound]
         burst_seconds = (max(bound) - started) if bound else float("nan")
         rate = len(bound) / burst_seconds if bound else 0.0
@@ -313,15 +387,31 @@ def main() -> int:
             f"{'' if burst_ok else ', INCOMPLETE'}; created in {created_seconds:.1f} s)",
             ">= 50/s",
         )
+        if bound:
+            since = [t - started for t in bound]
+            report(
+                figures,
+                "burst: time to 50% / 90% / 100% bound",
+                " / ".join(f"{percentile(since, q):.1f} s" for q in (0.5, 0.9, 1.0)),
+                "",
+            )
         report(
             figures,
             f"baseline: {args.burst} plain pods, bound/s",
             f"{base_rate:.1f}/s (ratio wattsched/baseline {rate / base_rate:.2f})",
             "",
         )
+        # Every API write (not leases) from the first create to the last binding, per object.
+        report(figures, "API writes per workload, burst", burst_writes, "")
+        report(figures, "API writes per plain pod, baseline", base_writes, "")
+        report(figures, "CPU seconds during the burst", burst_cpu, "")
+        report(figures, "CPU seconds during the baseline", base_cpu, "")
         delete_workloads(burst_ns, timeout_seconds=600, env=env)
 
         # 3. RSS with many workloads in the cluster (most cannot be placed: GPUs run out).
+        if args.rss_workloads == 0:
+            print_table(args, figures)
+            return 0
         rss_ns = f"bench-rss-{run_id}"
         kube.create("/api/v1/namespaces", {"metadata": {"name": rss_ns}})
         create_all(
@@ -342,12 +432,16 @@ def main() -> int:
         )
         delete_workloads(rss_ns, timeout_seconds=900, env=env)
 
+    print_table(args, figures)
+    return 0
+
+
+def print_table(args: argparse.Namespace, figures: list[tuple[str, str, str]]) -> None:
     width = max(len(f[0]) for f in figures)
     print(f"\nOperator benchmark: {args.nodes} KWOK GPU nodes, sandbox {args.sandbox_dir}")
     print(f"{'figure':<{width}}  {'measured':<70} goal")
     for name, value, goal in figures:
         print(f"{name:<{width}}  {value:<70} {goal}")
-    return 0
 
 
 if __name__ == "__main__":

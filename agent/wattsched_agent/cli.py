@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 
@@ -214,6 +215,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     runner.run()
-    for server in servers.values():
-        server.close()
+    # Each server's loop notices a shutdown within its poll interval: close them all at once.
+    with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
+        list(pool.map(MetricsServer.close, servers.values()))
     return 0

@@ -27,6 +27,8 @@ GPU_NODE_SELECTOR = "nvidia.com/gpu.present=true"
 # Test and demo hook: a pod annotation saying how busy its GPUs are in the simulation (0..1).
 UTILISATION_ANNOTATION = "wattsched.io/simulated-utilisation"
 REQUEST_TIMEOUT_SECONDS = 10
+# Connections kept open to the API server: the all-nodes agent patches many statuses at once.
+CONNECTIONS = 16
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +82,17 @@ def placed_pod(pod: Mapping[str, Any]) -> PlacedPod | None:
 class KubeAccess:
     """Kubernetes API calls made by the agent (kubeconfig, or in-cluster when none is given)."""
 
-    def __init__(self, kubeconfig: str | None) -> None:
+    def __init__(self, kubeconfig: str | None, pool_size: int = CONNECTIONS) -> None:
+        configuration = client.Configuration()
         if kubeconfig:
-            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, client_configuration=configuration
+            )
         else:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-            api_client = client.ApiClient()
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        # One connection per concurrent status patch (see AgentRunner's workers).
+        configuration.connection_pool_maxsize = pool_size
+        api_client = client.ApiClient(configuration)
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from wattsched_agent.dcgm_metrics import GpuMetrics, PodRef, render_metrics
-from wattsched_agent.kube_access import KubeAccess
+from wattsched_agent.kube_access import CONNECTIONS, KubeAccess
 from wattsched_agent.nvml_backend import GpuFault, LimitOutcome, NvmlBackend
 from wattsched_agent.reconcile import (
     PlacedPod,
@@ -133,7 +135,14 @@ class NodeAgent:
 
 
 class AgentRunner:
-    """Reconciles every node agent on spec changes and on a fixed interval."""
+    """Reconciles every node agent on spec changes and on a fixed interval.
+
+    A spec change (seen by the watch) reconciles only the nodes whose profile changed; every
+    `interval_seconds` all nodes are reconciled (heartbeat, pods, limits lost on a driver reload).
+    Status patches go out `workers` at a time, so one process serving hundreds of simulated nodes
+    confirms a round of new limits in about the time of one patch per worker, and a stop request
+    skips the nodes not yet reached.
+    """
 
     def __init__(
         self,
@@ -143,6 +152,7 @@ class AgentRunner:
         single_node: str | None,
         interval_seconds: float,
         exit_policy: ExitPolicy,
+        workers: int = CONNECTIONS,
     ) -> None:
         self.kube = kube
         self.agents = dict(agents)
@@ -151,6 +161,11 @@ class AgentRunner:
         self.exit_policy = exit_policy
         self.stop_event = threading.Event()
         self._wake = threading.Event()
+        self._changed: set[str] = set()
+        self._changed_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, min(workers, len(self.agents))), thread_name_prefix="reconcile"
+        )
 
     @staticmethod
     def _profile(profiles: Mapping[str, Mapping[str, Any]], name: str) -> NodePowerProfile | None:
@@ -163,32 +178,81 @@ class AgentRunner:
             log.error("%s", error)
             return None
 
-    def tick(self) -> None:
-        """One pass over every node: pods -> load, profile -> limits -> status."""
+    def spec_changed(self, name: str) -> None:
+        """Called by the watch: reconcile this node's profile soon."""
+        with self._changed_lock:
+            self._changed.add(name)
+        self._wake.set()
+
+    def _take_changed(self) -> set[str]:
+        with self._changed_lock:
+            changed, self._changed = self._changed, set()
+        return changed
+
+    def _for_each(
+        self,
+        names: Collection[str],
+        action: Callable[[str], None],
+        what: str,
+        *,
+        until_stopped: bool = False,
+    ) -> int:
+        """Run `action` on each node name, `workers` at a time; returns how many failed (logged).
+
+        With `until_stopped`, nodes not yet started when a stop is requested are skipped.
+        """
+
+        def guarded(name: str) -> bool:
+            if until_stopped and self.stop_event.is_set():
+                return True
+            try:
+                action(name)
+            except Exception as error:  # one node's failure never stops the others
+                log.warning("%s of %s failed: %s", what, name, error)
+                return False
+            return True
+
+        return sum(1 for ok in self._pool.map(guarded, sorted(names)) if not ok)
+
+    def tick(self, only: Collection[str] | None = None) -> int:
+        """One pass: pods -> load, profile -> limits -> status, for every node (`only` None) or
+        for the named nodes only (spec changes: pods are not re-read). Returns the failures."""
         profiles = self.kube.profiles(self.single_node)
-        pods = self.kube.workload_pods(self.single_node)
-        for name, agent in self.agents.items():
-            agent.observe_pods(pods.get(name, []))
+        if only is None:
+            pods = self.kube.workload_pods(self.single_node)
+            for name, agent in self.agents.items():
+                agent.observe_pods(pods.get(name, []))
+
+        def reconcile(name: str) -> None:
             profile = self._profile(profiles, name)
             if profile is not None:
-                self.kube.patch_status(name, agent.reconcile(profile))
+                self.kube.patch_status(name, self.agents[name].reconcile(profile))
+
+        names = self.agents.keys() if only is None else [n for n in only if n in self.agents]
+        return self._for_each(names, reconcile, "reconcile", until_stopped=True)
 
     def run(self) -> None:
         """Loop until `request_stop()`, then apply the exit policy."""
         watcher = threading.Thread(
             target=self.kube.watch_profiles,
-            args=(self.single_node, lambda _name: self._wake.set(), self.stop_event),
+            args=(self.single_node, self.spec_changed, self.stop_event),
             name="watch-nodepowerprofiles",
             daemon=True,
         )
         watcher.start()
+        next_heartbeat = time.monotonic()
         while not self.stop_event.is_set():
             self._wake.clear()
+            changed = self._take_changed()
+            heartbeat = time.monotonic() >= next_heartbeat
+            if heartbeat:
+                next_heartbeat = time.monotonic() + self.interval_seconds
+            # What fails is retried at the next heartbeat, which reconciles every node.
             try:
-                self.tick()
+                self.tick(None if heartbeat else changed)
             except Exception as error:  # the agent keeps running through API outages
-                log.warning("reconcile failed, retrying in %ss: %s", self.interval_seconds, error)
-            self._wake.wait(self.interval_seconds)
+                log.warning("reconcile failed, retrying at the next heartbeat: %s", error)
+            self._wake.wait(max(0.0, next_heartbeat - time.monotonic()))
         self.shutdown()
 
     def request_stop(self) -> None:
@@ -203,12 +267,13 @@ class AgentRunner:
             profiles = self.kube.profiles(self.single_node)
         except Exception as error:  # best effort on the way out
             log.warning("could not read profiles at shutdown: %s", error)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             return
-        for name, agent in self.agents.items():
+
+        def mark_stopped(name: str) -> None:
             profile = self._profile(profiles, name)
-            if profile is None:
-                continue
-            try:
-                self.kube.patch_status(name, agent.stopped_status(profile))
-            except Exception as error:  # best effort on the way out
-                log.warning("could not mark %s stopped: %s", name, error)
+            if profile is not None:
+                self.kube.patch_status(name, self.agents[name].stopped_status(profile))
+
+        self._for_each(self.agents.keys(), mark_stopped, "marking stopped")
+        self._pool.shutdown(wait=False, cancel_futures=True)

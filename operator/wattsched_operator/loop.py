@@ -887,6 +887,7 @@ class PlanningLoop:
         before_schedulable = next(
             (c for c in previous.get("conditions") or [] if c.get("type") == "Schedulable"), None
         )
+        events: list[tuple[str, str, str]] = []
         # One Event when the workload becomes unschedulable or the binding constraint changes; a
         # reason whose figures move every plan does not post an Event each time.
         if schedulable["status"] == "False" and (
@@ -894,19 +895,18 @@ class PlanningLoop:
             or before_schedulable.get("status") != "False"
             or before_schedulable.get("reason") != schedulable["reason"]
         ):
-            await self._event(body, "Warning", "Unschedulable", schedulable["message"])
-        if phase == before_phase:
-            return
-        if phase == statuses.PLACED:
-            await self._event(body, "Normal", "Placed", new["message"])
-        elif phase == statuses.RUNNING:
-            await self._event(body, "Normal", "Running", new["message"])
-        elif phase == statuses.SUCCEEDED:
-            await self._event(body, "Normal", "Succeeded", "every replica finished")
-        elif phase == statuses.FAILED:
-            await self._event(body, "Warning", "Failed", new["message"])
+            events.append(("Warning", "Unschedulable", schedulable["message"]))
+        # Running is in the status (phase, Ready condition) but gets no Event: one API write per
+        # workload less when a burst of pods starts.
         if before_phase is None:
-            await self._event(body, "Normal", "Admitted", "the operator accepted the workload")
+            events.append(("Normal", "Admitted", "the operator accepted the workload"))
+        if phase != before_phase and phase == statuses.PLACED:
+            events.append(("Normal", "Placed", new["message"]))
+        elif phase != before_phase and phase == statuses.SUCCEEDED:
+            events.append(("Normal", "Succeeded", "every replica finished"))
+        elif phase != before_phase and phase == statuses.FAILED:
+            events.append(("Warning", "Failed", new["message"]))
+        await asyncio.gather(*(self._event(body, *event) for event in events))
 
     async def _write_budget_statuses(
         self,

@@ -230,9 +230,9 @@ def main(argv: list[str]) -> int:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
             prefix="wattsched.io"
         )
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="wattsched.io"
-        )
+        # The only change handler is the deletion finalizer, which needs no diff base: storing
+        # one (kopf's last-handled-configuration) would cost a PATCH per new or changed workload.
+        settings.persistence.diffbase_storage = kopf.MultiDiffBaseStorage([])
         settings.posting.level = logging.WARNING
         settings.peering.lifetime = PEER_LIFETIME_SECONDS
         loop = PlanningLoop(
