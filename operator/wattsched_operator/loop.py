@@ -42,13 +42,16 @@ from wattsched_operator.kube import (
     workloads_path,
 )
 from wattsched_operator.telemetry import (
+    Calibrator,
     EnergyReading,
     PodKey,
     Source,
     TelemetryReader,
     TelemetrySnapshot,
+    calibration_samples,
 )
-from wattsched_optimizer.problem import Plan, PlanInput, PlanStatus, WorkloadType
+from wattsched_optimizer.model import CatalogueModel, PerformanceModel
+from wattsched_optimizer.problem import Placement, Plan, PlanInput, PlanStatus, WorkloadType
 
 logger = logging.getLogger("wattsched.operator")
 
@@ -61,7 +64,7 @@ HTTP_INVALID = 422
 
 T = TypeVar("T")
 
-PlanFunction = Callable[[PlanInput], Plan]
+PlanFunction = Callable[[PlanInput, PerformanceModel], Plan]
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,11 @@ class PlanningLoop:
         # Workloads whose replica pod the API server refused (PodSecurity, invalid template), by
         # key: (the generation refused, the API server's message). Retried when the spec changes.
         self.pod_rejections: dict[str, tuple[int, str]] = {}
+        # Corrections of the performance model from measurements (bounded, smoothed), and what
+        # they are fitted against: the placements in force while telemetry was measuring.
+        self.calibrator = Calibrator()
+        self._applied_placements: tuple[Placement, ...] = ()
+        self._calibrated_at = 0.0
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -273,7 +281,8 @@ class PlanningLoop:
         # Telemetry is read while the optimizer solves; it only feeds status.
         reading = asyncio.create_task(self._read_telemetry(plan_input, view))
         try:
-            plan = await self._call(self.plan_function, plan_input)
+            model = CatalogueModel().calibrated(self.calibrator.corrections())
+            plan = await self._call(self.plan_function, plan_input, model)
         except BaseException:
             reading.cancel()
             raise
@@ -297,7 +306,9 @@ class PlanningLoop:
             # Not even the empty placement fits (caps below idle minimums): change nothing.
             await self._write_budget_statuses(view, plan, plan_input, now, telemetry)
             return plan
+        self._calibrate(plan_input, view, telemetry)
         await self._apply(view, active, plan, life)
+        self._applied_placements = plan.placements
         accounts = await self._account(
             view,
             active=active,
@@ -342,6 +353,38 @@ class PlanningLoop:
             return TelemetrySnapshot(
                 datetime.now(UTC), Source.MODELLED, True, reason, unavailable=True
             )
+
+    def _calibrate(
+        self, plan_input: PlanInput, view: ClusterView, telemetry: TelemetrySnapshot | None
+    ) -> None:
+        """Fold a fresh reading of the running replicas into the model's corrections (at most
+        once per accounting interval, so one reading is not counted many times)."""
+        if telemetry is None or telemetry.stale:
+            return
+        if time.monotonic() - self._calibrated_at < self.settings.accounting_seconds:
+            return
+        self._calibrated_at = time.monotonic()
+        nodes = {(p.workload, p.replica): p.node for p in self._applied_placements}
+        pods: dict[tuple[str, int], PodKey] = {}
+        for pod in view.pods.values():
+            labels = pod["metadata"].get("labels") or {}
+            if not _running(pod) or desired.LABEL_REPLICA not in labels:
+                continue
+            replica = (pod_workload_key(pod), int(labels[desired.LABEL_REPLICA]))
+            if nodes.get(replica) == pod["spec"]["nodeName"]:  # where the placement says
+                pods[replica] = _pod_id(pod)
+        samples = calibration_samples(
+            self._applied_placements,
+            pods=pods,
+            products={node.name: node.product for node in plan_input.nodes},
+            types={workload.key: workload.type for workload in plan_input.workloads},
+            snapshot=telemetry,
+            corrections=self.calibrator.corrections(),
+        )
+        for sample in samples:
+            self.calibrator.observe(sample)
+        if samples:
+            self.metrics.set_corrections(self.calibrator.corrections())
 
     async def _account(
         self,

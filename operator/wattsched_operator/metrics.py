@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from wattsched_optimizer.model import Calibration
+
 
 class OperatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -59,11 +61,26 @@ class OperatorMetrics:
             ["step"],
             registry=r,
         )
+        self.model_correction = Gauge(
+            "wattsched_model_correction",
+            "Calibration factor the optimizer's performance model is corrected by, from measured "
+            "power and throughput (1 = as catalogued), per product, workload type and quantity.",
+            ["product", "type", "quantity"],
+            registry=r,
+        )
         self.unconfirmed_nodes = Gauge(
             "wattsched_unconfirmed_nodes",
             "Nodes whose agent did not confirm lowered limits in time (counted at maximum power).",
             registry=r,
         )
+
+    def set_corrections(self, corrections: Mapping[tuple[str, str], Calibration]) -> None:
+        for (product, workload_type), correction in corrections.items():
+            labels = {"product": product, "type": workload_type}
+            self.model_correction.labels(**labels, quantity="power").set(correction.power_factor)
+            self.model_correction.labels(**labels, quantity="throughput").set(
+                correction.throughput_factor
+            )
 
     def set_phases(self, counts: Mapping[str, int]) -> None:
         for phase, count in counts.items():

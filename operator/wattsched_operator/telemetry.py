@@ -38,8 +38,8 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from wattsched_optimizer.model import CALIBRATION_BOUNDS, Calibration
-from wattsched_optimizer.problem import WorkloadType
+from wattsched_optimizer.model import CALIBRATION_BOUNDS, Calibration, CatalogueModel
+from wattsched_optimizer.problem import Placement, WorkloadType
 
 PodKey = tuple[str, str]  # (namespace, name)
 
@@ -464,8 +464,8 @@ class CalibrationSample:
 
     product: str
     workload_type: WorkloadType
-    modelled_watts_per_gpu: float
-    measured_watts_per_gpu: float
+    modelled_watts_per_gpu: float | None
+    measured_watts_per_gpu: float | None
     modelled_tokens_per_second: float | None = None
     measured_tokens_per_second: float | None = None
 
@@ -517,3 +517,61 @@ class Calibrator:
 
     def sample_count(self, key: CalibrationKey) -> int:
         return self._samples.get(key, 0)
+
+
+# A GPU drawing this close to its limit is held by the limit, not by its work: its draw says
+# nothing about the model's demand, so it is no power sample.
+_LIMIT_BOUND_FRACTION = 0.97
+
+
+def calibration_samples(
+    placements: Iterable[Placement],
+    *,
+    pods: Mapping[tuple[str, int], PodKey],
+    products: Mapping[str, str],
+    types: Mapping[str, WorkloadType],
+    snapshot: TelemetrySnapshot,
+    corrections: Mapping[CalibrationKey, Calibration],
+) -> list[CalibrationSample]:
+    """One sample per placed replica whose running pod a fresh reading measured.
+
+    pods: (workload key, replica) -> the replica's running pod; products: node -> normalised
+    product; types: workload key -> type; corrections: the factors the plan was made with (the
+    modelled throughput is divided by them to compare with the uncalibrated model).
+    Power is sampled only when neither the draw nor the model is held by the power limit.
+    Throughput only for Training, FineTuning and BatchInference, which run flat out; an
+    Inference replica serves its share of the demand, not what it could.
+    """
+    if snapshot.stale:
+        return []
+    base = CatalogueModel()
+    samples: list[CalibrationSample] = []
+    for placement in placements:
+        pod = pods.get((placement.workload, placement.replica))
+        product = products.get(placement.node)
+        workload_type = types.get(placement.workload)
+        measured = snapshot.pod_watts.get(pod) if pod else None
+        if pod is None or product is None or workload_type is None or measured is None:
+            continue
+        limit = placement.power_limit_watts
+        modelled = base.expected_power_watts(product, workload_type, limit)
+        per_gpu = measured.value / max(placement.gpus, 1)
+        bound = _LIMIT_BOUND_FRACTION * limit
+        power_sampled = per_gpu < bound and modelled < bound
+        tokens = snapshot.pod_tokens_per_second.get(pod) if workload_type.is_gang else None
+        factor = corrections.get((product, workload_type), Calibration()).throughput_factor
+        if not power_sampled and tokens is None:
+            continue
+        samples.append(
+            CalibrationSample(
+                product=product,
+                workload_type=workload_type,
+                modelled_watts_per_gpu=modelled if power_sampled else None,
+                measured_watts_per_gpu=per_gpu if power_sampled else None,
+                modelled_tokens_per_second=placement.expected_throughput / factor
+                if tokens is not None
+                else None,
+                measured_tokens_per_second=tokens,
+            )
+        )
+    return samples
