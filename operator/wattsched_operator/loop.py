@@ -910,6 +910,7 @@ class PlanningLoop:
                 now=now,
                 measured_watts=measured_watts,
                 energy=energy,
+                objective=statuses.SloObjective.from_spec(body.get("spec") or {}),
             )
             phases.append(new["phase"])
             owned = {k: previous.get(k) for k in new}
@@ -943,6 +944,17 @@ class PlanningLoop:
         # workload less when a burst of pods starts.
         if before_phase is None:
             events.append(("Normal", "Admitted", "the operator accepted the workload"))
+        slo = next((c for c in new["conditions"] if c["type"] == statuses.SLO_MET), None)
+        before_slo = next(
+            (c for c in previous.get("conditions") or [] if c.get("type") == statuses.SLO_MET), None
+        )
+        # An objective that was met and no longer is (preempted, a budget cut, a lost node).
+        if (
+            slo is not None
+            and slo["status"] == "False"
+            and (before_slo or {}).get("status") == "True"
+        ):
+            events.append(("Warning", "SLORisk", slo["message"]))
         if phase != before_phase and phase == statuses.PLACED:
             events.append(("Normal", "Placed", new["message"]))
         elif phase != before_phase and phase == statuses.SUCCEEDED:

@@ -27,6 +27,7 @@ PHASES = (PENDING, PLACED, RUNNING, SUCCEEDED, FAILED, PREEMPTED)
 MEASURED = "measured"
 MODELLED = "modelled"
 TELEMETRY_FRESH = "TelemetryFresh"
+SLO_MET = "SLOMet"
 PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
 NO_SAMPLES = "NoSamples"
 
@@ -138,6 +139,7 @@ def workload_status(
     now: datetime,
     measured_watts: float | None = None,
     energy: Mapping[str, Any] | None = None,
+    objective: SloObjective | None = None,
 ) -> dict[str, Any]:
     """The LLMWorkload status this plan leads to (the fields the operator owns).
 
@@ -199,6 +201,9 @@ def workload_status(
             else "no budget holds this workload back",
         ),
     ]
+    if objective is not None and objective.declared:
+        met, reason, text = slo_met(objective, phase, placements, unplaced)
+        conditions.append(cond(SLO_MET, met, reason, text))
     variants = sorted({p.variant for p in placements})
     return {
         "phase": phase,
@@ -225,6 +230,56 @@ def workload_status(
         "conditions": conditions,
         "message": message,
     }
+
+
+@dataclass(frozen=True)
+class SloObjective:
+    """What a workload's `spec.slo` promises: Inference demand in tokens/s, or a deadline."""
+
+    tokens_per_second: float | None = None
+    deadline: str | None = None
+
+    @property
+    def declared(self) -> bool:
+        return self.tokens_per_second is not None or self.deadline is not None
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> SloObjective:
+        slo = spec.get("slo") or {}
+        demand = (
+            slo.get("tokensPerSecond") if spec.get("type", "Inference") == "Inference" else None
+        )
+        return cls(
+            tokens_per_second=None if demand is None else float(demand),
+            deadline=slo.get("deadline") or None,
+        )
+
+
+def slo_met(
+    objective: SloObjective, phase: str, placements: Sequence[Placement], unplaced: Unplaced | None
+) -> tuple[bool, str, str]:
+    """(met, reason, message) of the `SLOMet` condition, by the plan (calibrated model).
+
+    Inference: the planned replicas' throughput covers the declared tokens/s. A deadline: the
+    gang runs (the optimizer only places a gang where it finishes in time) or has finished.
+    """
+    if phase == SUCCEEDED:
+        return True, "Succeeded", "the work finished"
+    if phase == FAILED:
+        return False, "Failed", "the workload failed"
+    why_not = unplaced.reason if unplaced is not None else "no replica is placed"
+    if objective.tokens_per_second is not None:
+        demand = objective.tokens_per_second
+        planned = sum(p.expected_throughput for p in placements)
+        text = f"planned {planned:.0f} tokens/s for a demand of {demand:.0f} tokens/s"
+        if not placements:
+            return False, "NotPlaced", f"{text}: {why_not}"
+        if planned + 1e-6 < demand:
+            return False, "BelowDemand", text
+        return True, "Planned", text
+    if placements:
+        return True, "OnTrack", f"placed to finish before the deadline {objective.deadline}"
+    return False, "NotPlaced", f"deadline {objective.deadline} at risk: {why_not}"
 
 
 def _reason(constraint: str) -> str:

@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -254,6 +255,11 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
     start_operator()
     apply(sandbox, None, budget("l40s-test", 4000, scope))
     products = ["NVIDIA-L40S"]
+    batch = workload(
+        "batch", type_="BatchInference", gpus=4, priority=0, products=products, preemptible=True
+    )
+    month_ahead = datetime.now(UTC) + timedelta(days=30)
+    batch["spec"]["slo"]["deadline"] = month_ahead.strftime("%Y-%m-%dT%H:%M:%SZ")
     # One replica at a high limit serves the demand while the cap allows; under the lowered cap
     # only two replicas at a low limit do, and that needs the batch job's GPUs.
     apply(
@@ -268,14 +274,7 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
             max_replicas=2,
             tokens_per_second=4500,
         ),
-        workload(
-            "batch",
-            type_="BatchInference",
-            gpus=4,
-            priority=0,
-            products=products,
-            preemptible=True,
-        ),
+        batch,
     )
     for name in ("important", "batch"):
 
@@ -313,11 +312,15 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
         (i for i, total in enumerate(applied_sums) if total <= new_cap), len(applied_sums)
     )
     assert max(applied_sums[applied_reached:], default=0.0) <= new_cap
-    batch = get_json(sandbox, "llmworkload", "batch", "-n", namespace)["status"]
-    schedulable = next(c for c in batch["conditions"] if c["type"] == "Schedulable")
+    batch_status = get_json(sandbox, "llmworkload", "batch", "-n", namespace)["status"]
+    schedulable = next(c for c in batch_status["conditions"] if c["type"] == "Schedulable")
     assert schedulable["status"] == "False"
     events = sandbox.kubectl("get", "events", "-n", namespace).stdout
     assert "Preempted" in events
+    # Its deadline was on track while it ran; losing its place puts it at risk.
+    slo = next(c for c in batch_status["conditions"] if c["type"] == "SLOMet")
+    assert (slo["status"], slo["reason"]) == ("False", "NotPlaced")
+    assert "SLORisk" in events
 
 
 def test_a_deleted_node_has_its_workloads_placed_elsewhere(

@@ -7,9 +7,11 @@ from typing import Any
 
 from wattsched_operator.statuses import (
     PodView,
+    SloObjective,
     budget_status,
     condition,
     next_phase,
+    slo_met,
     workload_status,
 )
 from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, PlanStatus, Unplaced
@@ -138,3 +140,38 @@ def test_budget_status_reports_headroom_and_the_last_plan() -> None:
         "gap": 0.002,
     }
     assert result["conditions"][0]["status"] == "True"
+
+
+def test_slo_met_follows_planned_throughput_against_demand_and_a_gangs_place() -> None:
+    demand = SloObjective(tokens_per_second=1500)
+    one = [Placement("ns/w", 0, "n", 1, "bf16", 700, 500, 1000.0)]
+    two = [*one, Placement("ns/w", 1, "n", 1, "bf16", 700, 500, 1000.0)]
+    assert slo_met(demand, "Running", two, None)[:2] == (True, "Planned")
+    assert slo_met(demand, "Running", one, None)[:2] == (False, "BelowDemand")
+    not_placed = slo_met(demand, "Preempted", [], Unplaced("ns/w", "budget rack full", "budget"))
+    assert not_placed[:2] == (False, "NotPlaced")
+    assert "budget rack full" in not_placed[2]
+    deadline = SloObjective(deadline="2026-12-01T00:00:00Z")
+    assert slo_met(deadline, "Running", one, None)[:2] == (True, "OnTrack")
+    assert slo_met(deadline, "Succeeded", [], None)[:2] == (True, "Succeeded")
+    assert not SloObjective.from_spec({"type": "Training", "slo": {"totalWork": {}}}).declared
+
+
+def test_workload_status_has_slo_met_only_when_the_spec_declares_an_objective() -> None:
+    def status(objective: SloObjective | None) -> dict[str, Any]:
+        return workload_status(
+            {},
+            generation=1,
+            is_gang=False,
+            gang_size=1,
+            placements=[],
+            unplaced=None,
+            pods=[],
+            failure_message=None,
+            now=NOW,
+            objective=objective,
+        )
+
+    types = [c["type"] for c in status(SloObjective(tokens_per_second=10))["conditions"]]
+    assert "SLOMet" in types
+    assert "SLOMet" not in [c["type"] for c in status(None)["conditions"]]
