@@ -163,6 +163,11 @@ def build(data: PlanData) -> Formulation:
             name = f"admit_{c}"
             _constraint(problem, name, admit_terms, pulp.LpConstraintLE, members)
             meaning[name] = f"at most the {members} workloads of class {c} run"
+        if workload_class.representative.key in data.protected:
+            # Running and not preemptible: it keeps running (a class of its own, so one member).
+            name = f"keep_{c}"
+            _constraint(problem, name, admit_terms, pulp.LpConstraintGE, members)
+            meaning[name] = f"running non-preemptible {workload_class.representative.key} stays"
     replica_types = list(type_index)
     replicas: dict[tuple[int, int], pulp.LpAffineExpression] = {}
     gpus_by_pool: dict[int, dict[pulp.LpVariable, float]] = defaultdict(dict)

@@ -116,6 +116,9 @@ class PlanData:
     budget_base_watts: Mapping[str, float]
     budget_cap_watts: Mapping[str, float]
     node_by_name: Mapping[str, GpuNode]
+    # Running workloads the optimizer may not stop (`preemptible` false, every replica on a
+    # schedulable node): the program keeps them admitted and the repair never evicts them.
+    protected: frozenset[str] = frozenset()
 
 
 def workload_label(workload: Workload) -> str:
@@ -642,4 +645,14 @@ def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
         budget_base_watts=budget_base_watts(plan_input),
         budget_cap_watts={b.name: b.power_cap_watts for b in plan_input.budgets},
         node_by_name=node_by_name,
+        protected=frozenset(
+            w.key
+            for w in plan_input.workloads
+            if not w.preemptible
+            and current_by_workload.get(w.key)
+            and all(
+                c.node in node_by_name and node_by_name[c.node].schedulable
+                for c in current_by_workload[w.key]
+            )
+        ),
     )

@@ -3,7 +3,8 @@
 For: `ClusterState`, the free GPUs of every node and the headroom of every budget, with best-fit
 placement of whole replicas on single nodes (`place`, `try_place`), removal, and the priority
 repair (`place_with_eviction`): a workload the solver (or packing) left out is placed by evicting
-strictly lower-priority work when that makes it fit. Every placement re-checks every hard
+strictly lower-priority work when that makes it fit, except running work that is not preemptible
+(`PlanData.protected`), which is never evicted. Every placement re-checks every hard
 constraint, so what leaves here is feasible whatever the solver returned. Not for: choosing
 options (`options`) or solving (`formulation`).
 """
@@ -61,7 +62,8 @@ class ClusterState:
             for name in data.budget_cap_watts
         }
         self.placed: dict[str, Assignment] = {}
-        # Per pool and per budget, GPUs / extra watts held by each priority (for quick checks).
+        # Per pool and per budget, GPUs / extra watts held by each priority (for quick checks),
+        # counting only work that may be evicted.
         self.pool_gpus_by_priority: dict[int, dict[int, int]] = defaultdict(
             lambda: defaultdict(int)
         )
@@ -126,16 +128,23 @@ class ClusterState:
             heapq.heappop(heap)
         self._set_free(node, self.free[node] - gpus)
 
+    def evictable(self, assignment: Assignment) -> bool:
+        """Whether the repair may stop this workload (running non-preemptible work it may not)."""
+        return assignment.workload.key not in self.data.protected
+
     def _account(self, assignment: Assignment, sign: int) -> None:
         priority = assignment.workload.priority
+        evictable = self.evictable(assignment)
         for node in assignment.nodes:
             pool = self.pool_of_node[node]
             gpus = assignment.option.gpus_per_replica
             extra = self.extra_watts(pool, assignment.option)
-            self.pool_gpus_by_priority[pool.index][priority] += sign * gpus
+            if evictable:
+                self.pool_gpus_by_priority[pool.index][priority] += sign * gpus
             for budget in pool.budgets:
                 self.headroom[budget] -= sign * extra
-                self.budget_watts_by_priority[budget][priority] += sign * extra
+                if evictable:
+                    self.budget_watts_by_priority[budget][priority] += sign * extra
 
     # -- whole workloads ---------------------------------------------------------------------
 
@@ -230,7 +239,10 @@ class ClusterState:
     # -- priority repair ---------------------------------------------------------------------
 
     def could_fit_without_lower(self, workload_class: WorkloadClass, priority: int) -> bool:
-        """A necessary condition (aggregate GPUs and unavoidable budgets) for eviction to help."""
+        """A necessary condition (aggregate GPUs and unavoidable budgets) for eviction to help.
+
+        Only evictable work of a priority below `priority` counts as removable.
+        """
         for o, option in enumerate(workload_class.options):
             pools = workload_class.option_pools[o]
             gpus = 0
@@ -258,6 +270,7 @@ class ClusterState:
     ) -> tuple[Assignment, list[Assignment]] | None:
         """Place the workload by evicting strictly lower-priority work, if that makes it fit.
 
+        Running work that is not preemptible is never evicted: the workload waits instead.
         Returns the assignment and the evicted assignments, or None with the state unchanged.
         """
         if not self.could_fit_without_lower(workload_class, workload.priority):
@@ -268,6 +281,7 @@ class ClusterState:
             a
             for a in self.placed.values()
             if a.workload.priority < workload.priority
+            and self.evictable(a)
             and any(
                 self.pool_of_node[n].index in pools or self.pool_of_node[n].budgets & budgets
                 for n in a.nodes
@@ -315,7 +329,8 @@ class ClusterState:
             return (
                 f"budget:{budget}",
                 f"{label}: EnergyBudget {budget} has {max(self.headroom[budget], 0):.0f} W of "
-                f"headroom after higher-priority work, and the cheapest way to run it "
+                f"headroom after higher-priority and running non-preemptible work, and the "
+                f"cheapest way to run it "
                 f"({option.replicas} x {option.gpus_per_replica} {pool.product} GPU(s) at "
                 f"{option.power_limit_watts:.0f} W instead of the {pool.min_watts:.0f} W idle "
                 f"minimum) needs {short:.0f} W more; raise spec.powerCapWatts of {budget}, "
@@ -328,7 +343,8 @@ class ClusterState:
                 "gpus",
                 f"{label}: needs {needed} replica(s) of {workload.gpus_per_replica} GPU(s) on one "
                 f"node each ({', '.join(products)}), but only {slots_seen} such slot(s) are free "
-                "after higher-priority work; add nodes, lower spec.gpu.count or "
+                "after higher-priority and running non-preemptible work; add nodes, lower "
+                "spec.gpu.count or "
                 "spec.minReplicas, or give this workload a higher priority",
             )
         return (

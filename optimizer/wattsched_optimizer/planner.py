@@ -348,15 +348,21 @@ def _fill_and_repair(
 ) -> None:
     """Place what is left in priority order, evicting strictly lower priority when that helps.
 
+    Running non-preemptible work (`PlanData.protected`) goes first and is never evicted; it is
+    left out only when the solver found no plan that keeps it (e.g. a budget cut below it).
     A class that fails stays failed: later workloads have equal or lower priority, and the
-    eviction test already counted every lower-priority workload as removable.
+    eviction test already counted every evictable lower-priority workload as removable.
     """
-    heap = [(-workload_by_key[key].priority, key) for key in pending]
+
+    def order(key: str) -> tuple[bool, int, str]:
+        return (key not in data.protected, -workload_by_key[key].priority, key)
+
+    heap = [order(key) for key in pending]
     heapq.heapify(heap)
     failed_classes: dict[int, tuple[str, str]] = {}
     queued = set(pending)
     while heap:
-        _, key = heapq.heappop(heap)
+        *_, key = heapq.heappop(heap)
         queued.discard(key)
         if key in state.placed:
             continue
@@ -373,7 +379,7 @@ def _fill_and_repair(
                     other = assignment.workload.key
                     if other not in queued:
                         queued.add(other)
-                        heapq.heappush(heap, (-assignment.workload.priority, other))
+                        heapq.heappush(heap, order(other))
                 continue
             failed_classes[wc.index] = state.diagnose(wc, workload)
         constraint, reason = failed_classes[wc.index]

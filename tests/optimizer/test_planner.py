@@ -279,3 +279,56 @@ def test_a_workload_that_can_run_nowhere_says_which_field_to_change(
     assert left_out.constraint == constraint
     assert field in left_out.reason
     assert left_out.reason.startswith("LLMWorkload team/s:")
+
+
+def batch(key: str, **changes: object) -> Workload:
+    return training(key, type=WorkloadType.BATCH_INFERENCE, **changes)
+
+
+RUNNING_ON_H0 = (CurrentPlacement("team/low", 0, "h0", "bf16", 700.0),)
+
+
+@pytest.mark.parametrize(
+    "low", [training("team/low"), batch("team/low", preemptible=False)], ids=["training", "batch"]
+)
+def test_running_non_preemptible_lower_priority_work_keeps_its_node_and_the_higher_one_waits(
+    low: Workload,
+) -> None:
+    high = batch("team/high", priority=10, preemptible=True)
+    result = plan(PlanInput(h100_nodes(1), (low, high), current=RUNNING_ON_H0))
+    assert [node for node, *_ in placed(result)["team/low"]] == ["h0"]
+    (waiting,) = result.unplaced
+    assert (waiting.workload, waiting.constraint) == ("team/high", "gpus")
+    assert "non-preemptible" in waiting.reason
+
+
+def test_running_non_preemptible_work_keeps_its_share_of_a_binding_budget() -> None:
+    nodes = h100_nodes(2)
+    # Idle minimum 16 x 200 W plus room for one 8-GPU job at 700 W (8 x 500 W), not two.
+    budget = Budget("cluster", 16 * 200 + 8 * 500, frozenset(n.name for n in nodes))
+    low = training("team/low", policy=EnergyPolicy.PERFORMANCE)
+    high = training("team/high", priority=10, policy=EnergyPolicy.PERFORMANCE)
+    result = plan(PlanInput(nodes, (low, high), (budget,), current=RUNNING_ON_H0))
+    assert placed(result) == {"team/low": [("h0", "bf16", 700.0)]}
+    assert [(u.workload, u.constraint) for u in result.unplaced] == [
+        ("team/high", "budget:cluster")
+    ]
+
+
+@pytest.mark.parametrize(
+    "low", [training("team/low", preemptible=True), batch("team/low", preemptible=True)]
+)
+def test_running_preemptible_lower_priority_work_is_preempted_for_higher_priority(
+    low: Workload,
+) -> None:
+    high = batch("team/high", priority=10)
+    result = plan(PlanInput(h100_nodes(1), (low, high), current=RUNNING_ON_H0))
+    assert [node for node, *_ in placed(result)["team/high"]] == ["h0"]
+    assert [u.workload for u in result.unplaced] == ["team/low"]
+
+
+def test_non_preemptible_work_that_is_not_running_yet_waits_for_higher_priority() -> None:
+    low = training("team/low")
+    high = batch("team/high", priority=10)
+    result = plan(PlanInput(h100_nodes(1), (low, high)))
+    assert list(placed(result)) == ["team/high"]

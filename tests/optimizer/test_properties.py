@@ -1,4 +1,5 @@
-"""Property tests over small random clusters: hard constraints, priority order, determinism.
+"""Property tests over small random clusters: hard constraints, priority order, preemption,
+determinism.
 
 The checks here are written independently of the optimizer's code: they read only the input,
 the catalogue and the returned `Plan`.
@@ -6,6 +7,7 @@ the catalogue and the returned `Plan`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 
@@ -16,6 +18,7 @@ from wattsched_optimizer.model import CatalogueModel, power_levels_watts, produc
 from wattsched_optimizer.planner import plan
 from wattsched_optimizer.problem import (
     Budget,
+    CurrentPlacement,
     EnergyPolicy,
     GpuNode,
     Plan,
@@ -185,8 +188,27 @@ def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
     assert all(u.reason and u.constraint for u in result.unplaced)
 
 
+def running_non_preemptible(plan_input: PlanInput) -> frozenset[str]:
+    """Workloads the optimizer may not stop: running (every replica on a schedulable node)."""
+    nodes = {n.name: n for n in plan_input.nodes}
+    running: dict[str, list[str]] = defaultdict(list)
+    for current in plan_input.current:
+        running[current.workload].append(current.node)
+    return frozenset(
+        w.key
+        for w in plan_input.workloads
+        if not w.preemptible
+        and running[w.key]
+        and all(name in nodes and nodes[name].schedulable for name in running[w.key])
+    )
+
+
 def fits_without_lower(plan_input: PlanInput, result: Plan, workload: Workload) -> bool:
-    """Could `workload` be placed if every strictly lower-priority workload were removed?"""
+    """Could `workload` be placed if every strictly lower-priority workload were removed?
+
+    Running non-preemptible work is the exception: it is never removed.
+    """
+    protected = running_non_preemptible(plan_input)
     priority = {w.key: w.priority for w in plan_input.workloads}
     nodes = {n.name: n for n in plan_input.nodes if n.schedulable}
     free = {name: node.gpu_count for name, node in nodes.items()}
@@ -195,7 +217,7 @@ def fits_without_lower(plan_input: PlanInput, result: Plan, workload: Workload) 
     for p in sorted(result.placements, key=lambda p: (p.workload, p.replica)):
         first = next_gpu[p.node]
         next_gpu[p.node] += p.gpus
-        if priority[p.workload] < workload.priority:
+        if priority[p.workload] < workload.priority and p.workload not in protected:
             low = product_spec(nodes[p.node].product).min_watts.value
             if nodes[p.node].agent_ready:
                 for gpu in range(first, first + p.gpus):
@@ -323,3 +345,36 @@ def test_the_same_input_always_gives_the_same_plan(plan_input: PlanInput) -> Non
     assert first.node_power_limits_watts == second.node_power_limits_watts
     assert first.unplaced == second.unplaced
     assert first.objective == second.objective
+
+
+@FAST
+@given(plan_inputs(), st.data())
+def test_running_non_preemptible_work_is_never_stopped_for_new_higher_priority_work(
+    plan_input: PlanInput, data: st.DataObject
+) -> None:
+    """Plan, run what was placed (each workload preemptible or not), then add urgent work."""
+    first = plan(plan_input)
+    if first.status is PlanStatus.INFEASIBLE:
+        return
+    running = tuple(
+        dataclasses.replace(w, preemptible=data.draw(st.booleans(), label=f"{w.key} preemptible"))
+        for w in plan_input.workloads
+    )
+    urgent = tuple(
+        dataclasses.replace(data.draw(workloads(100 + i, tuple(EnergyPolicy))), priority=5)
+        for i in range(data.draw(st.integers(1, 4), label="urgent workloads"))
+    )
+    current = tuple(
+        CurrentPlacement(p.workload, p.replica, p.node, p.variant, p.power_limit_watts)
+        for p in first.placements
+    )
+    second_input = dataclasses.replace(plan_input, workloads=running + urgent, current=current)
+    second = plan(second_input)
+    check_hard_constraints(second_input, second)
+    placed_now = {p.workload for p in second.placements}
+    kept = running_non_preemptible(second_input)
+    assert kept == {w.key for w in running if not w.preemptible} & {p.workload for p in current}
+    assert kept <= placed_now, "a running non-preemptible workload was stopped"
+    work = {w.key: w for w in second_input.workloads}
+    for left_out in second.unplaced:
+        assert not fits_without_lower(second_input, second, work[left_out.workload]), left_out
