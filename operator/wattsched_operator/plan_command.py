@@ -25,6 +25,7 @@ from wattsched_operator.snapshot import (
     parse_now,
     split_objects,
 )
+from wattsched_optimizer.planner import PlanInputError
 from wattsched_optimizer.planner import plan as solve_plan
 from wattsched_optimizer.problem import Plan, PlanOptions
 
@@ -158,7 +159,10 @@ def _read_documents(filename: str, stdin: TextIO) -> list[object]:
 
 
 def run(args: argparse.Namespace, stdin: TextIO) -> Plan:
-    """Read the snapshot named by `args` and solve it. Raises SnapshotError for bad input."""
+    """Read the snapshot named by `args` and solve it.
+
+    Raises SnapshotError (or the optimizer's PlanInputError) for bad input.
+    """
     now = datetime.now(UTC) if args.now is None else parse_now(args.now)
     if args.power_levels < 1:
         raise SnapshotError(f"--power-levels: must be at least 1, got {args.power_levels}")
@@ -186,7 +190,7 @@ def main(argv: list[str]) -> int:
         return int(exit_request.code or 0)
     try:
         plan = run(args, sys.stdin)
-    except SnapshotError as error:
+    except (SnapshotError, PlanInputError) as error:
         print(f"wattsched plan: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.output == "json":

@@ -168,7 +168,9 @@ def build_snapshot(
     require_agents = agents_required or bool(profiles)
     nodes: list[GpuNode] = []
     labels_by_node: dict[str, Mapping[str, str]] = {}
+    node_names = _Unique("Node", "metadata.name")
     for body in objects.nodes:
+        node_names.add(_node_name(body))
         node = _gpu_node(
             body,
             profiles=profiles,
@@ -184,9 +186,11 @@ def build_snapshot(
     workloads: dict[str, LLMWorkload] = {}
     rejected: list[ApiValidationError] = []
     converted: list[Workload] = []
+    workload_keys = _Unique("LLMWorkload", "metadata.namespace and metadata.name")
     for body in objects.workloads:
         try:
             workload, timeless = _read_workload(body)
+            workload_keys.add(workload.key)
             if _is_finished(workload):
                 continue
             converted.append(_with_deadline(timeless, workload, now))
@@ -197,7 +201,12 @@ def build_snapshot(
             continue
         workloads[workload.key] = workload
 
-    budgets = tuple(_budget(parse_budget(body), labels_by_node) for body in objects.budgets)
+    budget_names = _Unique("EnergyBudget", "metadata.name")
+    budgets = []
+    for body in objects.budgets:
+        budget = parse_budget(body)
+        budget_names.add(budget.metadata.name)
+        budgets.append(_budget(budget, labels_by_node))
     current = tuple(
         placement
         for body in objects.pods
@@ -211,6 +220,23 @@ def build_snapshot(
         options=options or PlanOptions(),
     )
     return Snapshot(plan_input=plan_input, rejected=tuple(rejected), workloads=workloads)
+
+
+class _Unique:
+    """Names of one kind seen so far; a second object with the same name is a SnapshotError."""
+
+    def __init__(self, kind: str, field_name: str) -> None:
+        self._kind = kind
+        self._field_name = field_name
+        self._seen: set[str] = set()
+
+    def add(self, name: str) -> None:
+        if name in self._seen:
+            raise SnapshotError(
+                f"{self._kind} {name}: {self._field_name}: the snapshot holds two objects with "
+                "this name; keep one of them"
+            )
+        self._seen.add(name)
 
 
 # -- nodes -----------------------------------------------------------------------------------------
@@ -272,11 +298,13 @@ def is_schedulable(body: Body) -> bool:
 
 def _profiles_by_node(bodies: Iterable[Body]) -> dict[str, NodePowerProfile]:
     profiles: dict[str, NodePowerProfile] = {}
+    names = _Unique("NodePowerProfile", "metadata.name")
     for body in bodies:
         try:
             profile = parse_nodepowerprofile(body)
         except ApiValidationError as error:
             raise SnapshotError(str(error)) from None
+        names.add(profile.metadata.name)  # which is spec.nodeName: one profile per node
         profiles[profile.spec.node_name] = profile
     return profiles
 

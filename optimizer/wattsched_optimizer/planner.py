@@ -99,7 +99,11 @@ def validate(plan_input: PlanInput) -> None:
                 raise PlanInputError(
                     f"{label}: spec.variants[{variant.name}].relativeThroughput must be > 0"
                 )
+    seen_budgets: set[str] = set()
     for budget in plan_input.budgets:
+        if budget.name in seen_budgets:
+            raise PlanInputError(f"EnergyBudget {budget.name}: listed twice")
+        seen_budgets.add(budget.name)
         if budget.power_cap_watts <= 0:
             raise PlanInputError(f"EnergyBudget {budget.name}: spec.powerCapWatts must be > 0")
     for current in plan_input.current:

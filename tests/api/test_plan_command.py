@@ -3,6 +3,7 @@ and a bad snapshot gives one error line naming the object and field, exit code 2
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import subprocess
@@ -138,6 +139,17 @@ def no_nodes(items: list[dict[str, Any]]) -> str:
     return "the snapshot has no Node objects"
 
 
+def twice(kind: str, label: str, field: str) -> Any:
+    """A breaker that appends a second copy of the first object of `kind`."""
+
+    def duplicate(items: list[dict[str, Any]]) -> str:
+        items.append(copy.deepcopy(first(items, kind)))
+        return f"{kind} {label}: {field}: the snapshot holds two objects with this name"
+
+    duplicate.__name__ = f"duplicate_{kind}"
+    return duplicate
+
+
 @pytest.mark.parametrize(
     "break_snapshot",
     [
@@ -148,6 +160,10 @@ def no_nodes(items: list[dict[str, Any]]) -> str:
         bad_profile,
         bad_pod,
         no_nodes,
+        twice("Node", "gpu-h100-00", "metadata.name"),
+        twice("LLMWorkload", "team-a/chat", "metadata.namespace and metadata.name"),
+        twice("EnergyBudget", "cluster", "metadata.name"),
+        twice("NodePowerProfile", "gpu-h100-00", "metadata.name"),
     ],
 )
 def test_bad_snapshot_exits_2_with_one_line_naming_object_and_field(

@@ -332,3 +332,9 @@ def test_non_preemptible_work_that_is_not_running_yet_waits_for_higher_priority(
     high = batch("team/high", priority=10)
     result = plan(PlanInput(h100_nodes(1), (low, high)))
     assert list(placed(result)) == ["team/high"]
+
+
+def test_two_budgets_with_one_name_are_an_input_error_naming_the_budget() -> None:
+    budget = Budget("cluster", 10_000, frozenset({"h0"}))
+    with pytest.raises(PlanInputError, match=r"EnergyBudget cluster: listed twice"):
+        plan(PlanInput(h100_nodes(1), (), (budget, budget)))
