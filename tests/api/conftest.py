@@ -1,8 +1,9 @@
 """Fixtures for the API tests: every example object, and every invalid manifest of the shared table.
 
-`example` runs a test once per wattsched object in examples/*.yaml; `invalid_case` once per entry of
-invalid_manifests.yaml, with the manifest built (base object + JSON merge patch). The unit tests and
-the cluster tests use the same objects, so the typed models and the API server are held to one list.
+`example` runs a test once per wattsched object in examples/ and its subdirectories; `invalid_case`
+once per entry of invalid_manifests.yaml, with the manifest built (base object + JSON merge patch).
+The unit tests and the cluster tests use the same objects, so the typed models and the API server
+are held to one list.
 """
 
 from __future__ import annotations
@@ -39,15 +40,17 @@ def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
 
 
 def wattsched_examples() -> list[Example]:
-    """Every LLMWorkload, EnergyBudget and NodePowerProfile in examples/ (snapshots excluded)."""
+    """Every LLMWorkload, EnergyBudget and NodePowerProfile in examples/ and its subdirectories
+    (snapshots excluded), named by the path under examples/."""
     found = []
-    for path in sorted(EXAMPLES_DIR.glob("*.yaml")):
+    for path in sorted(EXAMPLES_DIR.rglob("*.yaml")):
         documents = load_yaml_documents(path)
         if any(doc.get("kind") == "List" for doc in documents):
             continue  # a `wattsched plan` snapshot, not a manifest to apply
+        name = path.relative_to(EXAMPLES_DIR).as_posix()
         for index, doc in enumerate(documents):
             if doc.get("kind") in WATTSCHED_KINDS:
-                source = path.name if len(documents) == 1 else f"{path.name}#{index}"
+                source = name if len(documents) == 1 else f"{name}#{index}"
                 found.append(Example(source=source, manifest=doc))
     return found
 

@@ -111,6 +111,22 @@ MINIMAL_OBJECTS: list[dict[str, Any]] = [
 ]
 
 
+def test_every_wattsched_manifest_under_examples_is_an_example(
+    example_manifests: dict[str, dict[str, Any]],
+) -> None:
+    """Subdirectories included: a manifest no test applies could drift from the API unnoticed."""
+    examples_dir = Path(__file__).resolve().parents[2] / "examples"
+    manifests = {
+        path.relative_to(examples_dir).as_posix()
+        for path in examples_dir.rglob("*.y*ml")
+        if "apiVersion: wattsched.io/" in (text := path.read_text())
+        and "kind: List" not in text  # `wattsched plan` snapshots
+    }
+    sources = {source.split("#")[0] for source in example_manifests}
+    assert "simulation/budget.yaml" in manifests
+    assert manifests <= sources
+
+
 def test_every_example_round_trips_through_its_model(example: Example) -> None:
     parse = PARSERS[example.manifest["kind"]]
     model = parse(example.manifest)
