@@ -93,9 +93,7 @@ def test_every_field_has_a_description_and_bounded_size(kind: str) -> None:
         inside_list_or_map = path.endswith(("[]", "{}"))
         if not inside_list_or_map and not node.get("description"):
             problems.append(f"{path}: no description")
-        if node.get("type") == "string" and not (
-            "maxLength" in node or "enum" in node or node.get("format") == "date-time"
-        ):
+        if node.get("type") == "string" and not ("maxLength" in node or "enum" in node):
             problems.append(f"{path}: string without maxLength or enum")
         if node.get("type") == "array" and "maxItems" not in node:
             problems.append(f"{path}: list without maxItems")
