@@ -242,6 +242,9 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
             candidate = realise(exact)
             if candidate[2] > objective:
                 state, left_out, objective = candidate
+    # The program keeps running non-preemptible work (keep_c); should packing fail to keep one,
+    # the plan is one the program does not describe and may beat its bound.
+    bound = max(bound, objective)
     gap = _gap(objective, bound)
     if gap <= options.relative_gap + 1e-9:
         status = PlanStatus.OPTIMAL

@@ -1,5 +1,5 @@
 """Property tests over small random clusters: hard constraints, priority order, preemption,
-determinism.
+bound and gap, determinism.
 
 The checks here are written independently of the optimizer's code: they read only the input,
 the catalogue and the returned `Plan`.
@@ -23,6 +23,7 @@ from wattsched_optimizer.problem import (
     GpuNode,
     Plan,
     PlanInput,
+    PlanOptions,
     PlanStatus,
     Precision,
     Variant,
@@ -378,3 +379,59 @@ def test_running_non_preemptible_work_is_never_stopped_for_new_higher_priority_w
     work = {w.key: w for w in second_input.workloads}
     for left_out in second.unplaced:
         assert not fits_without_lower(second_input, second, work[left_out.workload]), left_out
+
+
+def check_bound_and_gap(result: Plan, relative_gap: float) -> None:
+    """docs/optimization.md: a maximisation, so bound >= objective; gap = (bound - objective) /
+    |bound| (0 when they are equal); Optimal means the gap is within PlanOptions.relative_gap."""
+    assert result.bound >= result.objective - 1e-9 * max(1.0, abs(result.bound))
+    expected_gap = 0.0
+    if result.bound > result.objective:
+        expected_gap = (result.bound - result.objective) / abs(result.bound)
+    assert math.isclose(result.gap, expected_gap, rel_tol=1e-12, abs_tol=1e-12)
+    assert 0.0 <= result.gap <= 1.0
+    if result.status is PlanStatus.OPTIMAL:
+        assert result.gap <= relative_gap + 1e-9
+
+
+@FAST
+@given(plan_inputs(), st.sampled_from([0.0, 0.01, 0.3]))
+def test_bound_gap_and_status_follow_their_definitions(
+    plan_input: PlanInput, relative_gap: float
+) -> None:
+    options = dataclasses.replace(plan_input.options, relative_gap=relative_gap)
+    check_bound_and_gap(plan(dataclasses.replace(plan_input, options=options)), relative_gap)
+
+
+def test_each_plans_bound_is_above_every_plans_objective_when_rounding_leaves_a_gap() -> None:
+    """300 distinct services (over 500 workload-option variables, so the relaxation is rounded
+    rather than solved exactly) under a budget that binds: the plans at two gap settings differ,
+    and each bound bounds both objectives (a bound holds for every plan, not just its own)."""
+    products = ("H100-80GB", "A100-80GB", "L40S", "L4")
+    nodes = tuple(GpuNode(f"n{i:02d}", products[i % 4], 8) for i in range(12))
+    services = tuple(
+        Workload(
+            key=f"team/s{i:03d}",
+            type=WorkloadType.INFERENCE,
+            model_parameters_billions=(1.0, 8.0, 13.0)[i % 3],
+            gpus_per_replica=1 + i % 3,
+            variants=(
+                Variant("bf16", Precision.BF16, 0, 1.0, 1.0),
+                Variant("fp8", Precision.FP8, 0, 1.6, 0.97),
+            ),
+            max_replicas=4,
+            tokens_per_second=float(100 + (i * 2731) % 8900),
+            priority=i % 3,
+        )
+        for i in range(300)
+    )
+    budget = Budget("cluster", 96 * 100 + 9000, frozenset(n.name for n in nodes))
+    plans = {
+        gap: plan(PlanInput(nodes, services, (budget,), options=PlanOptions(relative_gap=gap)))
+        for gap in (0.001, 0.3)
+    }
+    loose = plans[0.3]
+    assert loose.gap > 0  # the case this test is about: a plan that is not proven optimal
+    for gap, result in plans.items():
+        check_bound_and_gap(result, gap)
+        assert all(result.bound >= other.objective for other in plans.values())
