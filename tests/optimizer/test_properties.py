@@ -33,14 +33,16 @@ from wattsched_optimizer.problem import (
     WorkUnit,
 )
 
-PRODUCTS = ("H100-80GB", "A100-80GB", "A100-40GB", "L40S", "L4")
+PRODUCTS = ("H100-80GB", "H200", "A100-80GB", "A100-40GB", "L40S", "L4")
 MODEL = CatalogueModel()
 TOLERANCE_WATTS = 1e-3
 
 
 @st.composite
 def variants(draw: st.DrawFn) -> tuple[Variant, ...]:
-    chosen = [Variant("bf16", Precision.BF16, draw(st.sampled_from([0, 20, 45, 70])), 1.0, 1.0)]
+    chosen = [
+        Variant("bf16", Precision.BF16, draw(st.sampled_from([0, 20, 45, 70, 120])), 1.0, 1.0)
+    ]
     if draw(st.booleans()):
         chosen.append(Variant("fp8", Precision.FP8, draw(st.sampled_from([0, 20, 35])), 1.6, 0.97))
     return tuple(chosen)
@@ -171,6 +173,9 @@ def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
             needed = workload.remaining_work.amount
             assert throughput[key] * workload.deadline_seconds >= needed * (1 - 1e-9)
     assert set(result.node_power_limits_watts) == set(nodes)
+    placed_limits: dict[str, list[float]] = defaultdict(list)
+    for p in result.placements:
+        placed_limits[p.node] += [p.power_limit_watts] * p.gpus
     for name, limits in result.node_power_limits_watts.items():
         node = nodes[name]
         spec = product_spec(node.product)
@@ -178,6 +183,10 @@ def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
         assert all(spec.min_watts.value <= w <= spec.max_watts.value for w in limits)
         if not node.agent_ready:
             assert all(w == spec.max_watts.value for w in limits)
+        else:
+            # Every GPU runs a placed replica at its limit or idles at the product's minimum.
+            idle = [spec.min_watts.value] * (node.gpu_count - used[name])
+            assert sorted(limits) == sorted(placed_limits[name] + idle), f"idle GPUs of {name}"
     if result.status is not PlanStatus.INFEASIBLE:
         for budget in plan_input.budgets:
             total = sum(sum(result.node_power_limits_watts[n]) for n in budget.node_names)
