@@ -71,12 +71,29 @@ class WorkloadTypeSpec:
 
 
 @dataclass(frozen=True)
+class Measurement:
+    """A published measurement the model is checked against (not fitted to): per-GPU draw of a
+    replica, as a range in watts (e.g. small to large batch)."""
+
+    product: str
+    workload_type: WorkloadType
+    params_billions: float
+    gpus: int
+    power_limit_watts: float
+    watts_per_gpu_low: float
+    watts_per_gpu_high: float
+    source: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Catalogue:
     sources: Mapping[str, str]
     products: Mapping[str, ProductSpec]
     workload_types: Mapping[WorkloadType, WorkloadTypeSpec]
     # Normalised label -> catalogue key.
     aliases: Mapping[str, str] = field(default_factory=dict)
+    measurements: tuple[Measurement, ...] = ()
 
 
 def _sourced(raw: Any, where: str, sources: Mapping[str, str]) -> Sourced:
@@ -137,7 +154,40 @@ def _parse_catalogue(raw: Mapping[str, Any]) -> Catalogue:
         products[product.name] = product
         for label in (product.name, *product.labels):
             aliases[_label_key(label)] = product.name
-    return Catalogue(sources=sources, products=products, workload_types=types, aliases=aliases)
+    measurements = tuple(
+        _measurement(entry, f"measurements[{index}]", sources, products)
+        for index, entry in enumerate(raw.get("measurements") or [])
+    )
+    return Catalogue(
+        sources=sources,
+        products=products,
+        workload_types=types,
+        aliases=aliases,
+        measurements=measurements,
+    )
+
+
+def _measurement(
+    raw: Mapping[str, Any], where: str, sources: Mapping[str, str], products: Mapping[str, Any]
+) -> Measurement:
+    if raw["source"] not in sources:
+        raise ValueError(f"catalogue.yaml {where}.source: {raw['source']!r} is not in sources")
+    if raw["product"] not in products:
+        raise ValueError(f"catalogue.yaml {where}.product: {raw['product']!r} is not a product")
+    low, high = (float(w) for w in raw["watts_per_gpu"])
+    if not 0 < low <= high:
+        raise ValueError(f"catalogue.yaml {where}.watts_per_gpu: need 0 < low <= high")
+    return Measurement(
+        product=str(raw["product"]),
+        workload_type=WorkloadType(raw["workload_type"]),
+        params_billions=float(raw["params_billions"]),
+        gpus=int(raw["gpus"]),
+        power_limit_watts=float(raw["power_limit_watts"]),
+        watts_per_gpu_low=low,
+        watts_per_gpu_high=high,
+        source=str(raw["source"]),
+        note=str(raw.get("note", "")),
+    )
 
 
 @functools.cache

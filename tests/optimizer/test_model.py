@@ -95,6 +95,19 @@ def test_ml_energy_anchor_llama_8b_on_one_h100() -> None:
     )
 
 
+def test_ml_energy_llama_70b_on_four_h100s_draws_within_the_measured_range() -> None:
+    """441 W (small batch) to 637 W (large batch) per GPU; the model gives one figure for it."""
+    (measured,) = (m for m in catalogue().measurements if m.source == "mlenergy-v3-70b")
+    assert (measured.product, measured.workload_type) == ("H100-80GB", WorkloadType.INFERENCE)
+    assert (measured.params_billions, measured.gpus) == (70, 4)
+    default_limit = product_spec("H100-80GB").default_watts.value
+    assert measured.power_limit_watts == default_limit
+    watts = CatalogueModel().expected_power_watts(
+        measured.product, measured.workload_type, measured.power_limit_watts
+    )
+    assert measured.watts_per_gpu_low <= watts <= measured.watts_per_gpu_high
+
+
 def test_throughput_grows_with_power_limit_and_power_never_exceeds_the_limit() -> None:
     model = CatalogueModel()
     for product in known_products():
