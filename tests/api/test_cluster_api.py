@@ -48,7 +48,8 @@ def unique_cluster_name(manifest: dict[str, Any], namespace: str) -> dict[str, A
     """Cluster-scoped objects get the test namespace's name, so tests never collide."""
     renamed = copy.deepcopy(manifest)
     if renamed["kind"] in CLUSTER_SCOPED:
-        renamed["metadata"]["name"] = f"{namespace}-{renamed['metadata']['name']}"[:63]
+        # At most 63 characters, ending alphanumeric (an RFC 1123 name).
+        renamed["metadata"]["name"] = f"{namespace}-{renamed['metadata']['name']}"[:63].rstrip("-")
         if renamed["kind"] == "NodePowerProfile":
             renamed["spec"]["nodeName"] = renamed["metadata"]["name"]
     return renamed
