@@ -15,6 +15,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from wattsched_optimizer.model import Calibration
 
 
+# The steps the planning loop counts errors of: the round as a whole, an API write while applying
+# the plan, a NodePowerProfile write.
+RECONCILE_STEPS = ("plan", "apply", "limits")
+
+
 @dataclass(frozen=True)
 class BudgetFigures:
     """One EnergyBudget's figures after a plan, as its gauges show them."""
@@ -71,6 +76,8 @@ class OperatorMetrics:
             ["step"],
             registry=r,
         )
+        for step in RECONCILE_STEPS:  # a series from the start, so rate() sees the first error
+            self.reconcile_errors.labels(step=step)
         self.model_correction = Gauge(
             "wattsched_model_correction",
             "Calibration factor the optimizer's performance model is corrected by, from measured "

@@ -47,3 +47,16 @@ def test_a_budget_no_longer_there_loses_its_series_and_the_others_keep_theirs() 
     # A budget created again with the same name gets its series back.
     metrics.set_budgets({"rack-a": BudgetFigures(7000, 6400, 5000)})
     assert budget_series(metrics)[("wattsched_budget_cap_watts", "rack-a")] == 7000
+
+
+def test_reconcile_errors_has_a_zero_series_per_step_before_any_error() -> None:
+    metrics = OperatorMetrics()
+    metrics.reconcile_errors.labels(step="apply").inc()
+    values = {
+        sample.labels["step"]: sample.value
+        for family in metrics.registry.collect()
+        if family.name == "wattsched_reconcile_errors"
+        for sample in family.samples
+        if sample.name == "wattsched_reconcile_errors_total"
+    }
+    assert values == {"plan": 0, "apply": 1, "limits": 0}
