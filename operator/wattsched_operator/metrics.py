@@ -14,7 +14,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from wattsched_optimizer.model import Calibration
 
-
 # The steps the planning loop counts errors of: the round as a whole, an API write while applying
 # the plan, a NodePowerProfile write.
 RECONCILE_STEPS = ("plan", "apply", "limits")
