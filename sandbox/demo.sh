@@ -154,6 +154,10 @@ change_budget() {
   sleep 3
   settle
   show_placements
+  if kubectl get llmworkload llama-8b-pretrain >/dev/null 2>&1; then
+    step "wattsched explain default/llama-8b-pretrain (what sets its power limit now)"
+    "${wattsched[@]}" explain default/llama-8b-pretrain
+  fi
   step "Recent wattsched events"
   kubectl get events -A --field-selector involvedObject.kind=LLMWorkload \
     --sort-by=.lastTimestamp | tail -n 15

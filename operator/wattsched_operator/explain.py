@@ -2,9 +2,11 @@
 
 Reads the workload, the NodePowerProfiles of its nodes, the EnergyBudgets and the workload's Events
 from the cluster, and prints its placement (node, variant, per-GPU power limit, what the agent
-applied), the budgets whose scope holds it with their headroom, and the constraint that binds or
-the reason it is unplaced, in the operator's and optimizer's words. `render` is a pure function of
-those objects; `main` only fetches them. Not for changing anything.
+applied), the budgets whose scope holds it with their headroom, the reason it is unplaced, and for
+placed replicas what keeps their power limit where it is (a budget without room for the next
+power level, `spec.energy.maxPowerWattsPerGPU`, the energy policy, or nothing: the GPU's maximum),
+in the operator's and optimizer's words. `render` is a pure function of those objects; `main` only
+fetches them. Not for changing anything.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wattsched_operator.api import parse_energybudget
+from wattsched_operator.api.meta import GPU_PRODUCT_LABEL
 from wattsched_operator.kube import Kube, KubeError, budgets_path, profiles_path, workloads_path
+from wattsched_optimizer.model import UnknownProductError, normalise_product, power_levels_watts
+from wattsched_optimizer.problem import PlanOptions
 
 Body = Mapping[str, Any]
 
@@ -29,14 +34,107 @@ def _fmt_watts(watts: object) -> str:
     return "?" if watts is None else f"{float(str(watts)):.0f} W"
 
 
+POLICY_CHOICE = {
+    "Balanced": "the least expected energy per unit of work among plans that admit the same work",
+    "Efficiency": "the most energy-efficient limit and variant its SLO allows",
+    "Performance": "the GPU's maximum power limit",
+}
+WATTS_TOLERANCE = 0.5  # statuses round limits to 0.1 W
+
+
+def _next_level_watts(product: str, limit_watts: float, ceiling_watts: float) -> float:
+    """The next power level above `limit_watts` the optimizer could give a GPU (it offers the
+    product's evenly spaced levels up to the ceiling, and the ceiling itself)."""
+    levels = power_levels_watts(product, PlanOptions().power_levels)
+    return min([w for w in levels if limit_watts + WATTS_TOLERANCE < w] + [ceiling_watts])
+
+
+def limit_reasons(
+    workload: Body,
+    node_products: Mapping[str, str],
+    budgets: Sequence[Body],
+    budget_scopes: Mapping[str, frozenset[str]],
+) -> list[str]:
+    """Per group of placed replicas (same node product and limit): what keeps the limit there.
+
+    In the optimizer's order: at the product's maximum nothing limits it; at
+    `spec.energy.maxPowerWattsPerGPU` that field does; a budget over the replicas' nodes whose
+    headroom is less than one replica one power level up would add binds; otherwise the energy
+    policy chose the level (the optimizer's objective). `node_products`: node -> catalogue
+    product (nodes missing from it are reported as unknown).
+    """
+    spec = workload.get("spec") or {}
+    energy = spec.get("energy") or {}
+    policy = str(energy.get("policy") or "Balanced")
+    max_field = energy.get("maxPowerWattsPerGPU")
+    max_per_gpu = None if max_field is None else float(max_field)
+    groups: dict[tuple[str | None, float, int], list[Mapping[str, Any]]] = {}
+    for p in (workload.get("status") or {}).get("placements") or []:
+        key = (node_products.get(str(p["node"])), float(p["powerLimitWatts"]), int(p["gpus"]))
+        groups.setdefault(key, []).append(p)
+    lines: list[str] = []
+    for (product, limit, gpus), group in sorted(groups.items(), key=lambda g: str(g[0])):
+        replicas = ", ".join(str(p["replica"]) for p in sorted(group, key=lambda p: p["replica"]))
+        nodes = {str(p["node"]) for p in group}
+        head = f"    replica(s) {replicas} at {limit:.0f} W per GPU"
+        if product is None:
+            lines.append(f"{head}: the node's GPU product is unknown to the catalogue")
+            continue
+        maximum = power_levels_watts(product, 1)[0]
+        ceiling = maximum if max_per_gpu is None else min(maximum, max_per_gpu)
+        if limit >= maximum - WATTS_TOLERANCE:
+            lines.append(f"{head}, the {product} maximum: nothing limits its power")
+            continue
+        if limit >= ceiling - WATTS_TOLERANCE:
+            lines.append(
+                f"{head}: capped by spec.energy.maxPowerWattsPerGPU={ceiling:.0f} W"
+                f" (the {product} allows {maximum:.0f} W)"
+            )
+            continue
+        step = _next_level_watts(product, limit, ceiling)
+        step_watts = gpus * (step - limit)
+        over_nodes = [
+            b
+            for b in sorted(budgets, key=lambda b: str(b["metadata"]["name"]))
+            if budget_scopes.get(str(b["metadata"]["name"]), frozenset()) & nodes
+        ]
+        binding = [
+            (str(b["metadata"]["name"]), float(headroom))
+            for b in over_nodes
+            if (headroom := (b.get("status") or {}).get("headroomWatts")) is not None
+            and float(headroom) + WATTS_TOLERANCE < step_watts
+        ]
+        if binding:
+            lines += [
+                f"{head}: limited by budget {name}: its headroom {headroom:.0f} W is less than"
+                f" the {step_watts:.0f} W one replica at the next level ({step:.0f} W per GPU)"
+                " would add"
+                for name, headroom in binding
+            ]
+            continue
+        lines.append(
+            f"{head} of the {product}'s {maximum:.0f} W: chosen by energy policy {policy}"
+            f" ({POLICY_CHOICE.get(policy, 'the optimizer objective')}); "
+            + (
+                "the budgets over its nodes have room for the next level"
+                if over_nodes
+                else "no budget covers its nodes"
+            )
+        )
+    return lines
+
+
 def render(
     workload: Body,
     profiles: Mapping[str, Body],
     budgets: Sequence[Body],
     events: Sequence[Body],
     budget_scopes: Mapping[str, frozenset[str]],
+    *,
+    node_products: Mapping[str, str],
 ) -> str:
-    """The explanation as text. `budget_scopes`: budget name -> nodes its selector matches."""
+    """The explanation as text. `budget_scopes`: budget name -> nodes its selector matches;
+    `node_products`: node -> its GPU product in the catalogue's names."""
     meta = workload.get("metadata") or {}
     spec = workload.get("spec") or {}
     status = workload.get("status") or {}
@@ -82,14 +180,19 @@ def render(
     conditions = _conditions(status)
     schedulable = conditions.get("Schedulable")
     limited = conditions.get("BudgetLimited")
+    slo = conditions.get("SLOMet")
     if schedulable is not None and schedulable.get("status") == "False":
         lines.append(
             f"  unplaced because of {schedulable.get('reason')}: {schedulable.get('message')}"
         )
     elif limited is not None and limited.get("status") == "True":
         lines.append(f"  held back by a budget: {limited.get('message')}")
-    elif placements:
-        lines.append("  binding: none reported; the optimizer placed every planned replica")
+    if placements:
+        lines.append("  what sets its power limit:")
+        lines += limit_reasons(workload, node_products, budgets, budget_scopes)
+    if slo is not None:
+        met = "met" if slo.get("status") == "True" else "at risk"
+        lines.append(f"  objective {met} ({slo.get('reason')}): {slo.get('message')}")
     relevant = [
         b
         for b in budgets
@@ -113,6 +216,20 @@ def render(
             for e in recent
         ]
     return "\n".join(lines)
+
+
+def products(nodes: Sequence[Body]) -> dict[str, str]:
+    """Node -> catalogue product, from the GPU Feature Discovery label (unknown ones left out)."""
+    found: dict[str, str] = {}
+    for node in nodes:
+        label = (node["metadata"].get("labels") or {}).get(GPU_PRODUCT_LABEL)
+        if not label:
+            continue
+        try:
+            found[str(node["metadata"]["name"])] = normalise_product(label)
+        except UnknownProductError:
+            continue
+    return found
 
 
 def main(argv: list[str]) -> int:
@@ -148,5 +265,5 @@ def main(argv: list[str]) -> int:
         if (e.get("involvedObject") or {}).get("name") == name
         and (e.get("involvedObject") or {}).get("kind") == "LLMWorkload"
     ]
-    print(render(workload, profiles, budgets, events, scopes))
+    print(render(workload, profiles, budgets, events, scopes, node_products=products(nodes)))
     return 0

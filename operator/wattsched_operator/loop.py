@@ -41,6 +41,7 @@ from wattsched_operator.kube import (
     profiles_path,
     workloads_path,
 )
+from wattsched_operator.metrics import BudgetFigures
 from wattsched_operator.telemetry import (
     Calibrator,
     EnergyReading,
@@ -977,6 +978,7 @@ class PlanningLoop:
         allocations = {a.name: a for a in plan.budgets}
         scopes = {b.name: b.node_names for b in plan_input.budgets}
         writes: list[Awaitable[Any]] = []
+        figures: dict[str, BudgetFigures] = {}
         for name, body in view.budgets.items():
             if is_deleting(body):
                 continue
@@ -995,17 +997,15 @@ class PlanningLoop:
             )
             if accounts is not None:
                 new.update(accounts.budget_figures.get(name, {}))
-            allocation = allocations.get(name)
-            self.metrics.cap_watts.labels(budget=name).set(cap)
-            self.metrics.allocated_cap_watts.labels(budget=name).set(
-                allocation.allocated_cap_watts if allocation else 0.0
-            )
-            self.metrics.expected_watts.labels(budget=name).set(
-                allocation.expected_watts if allocation else 0.0
+            figures[name] = BudgetFigures(
+                cap_watts=cap,
+                allocated_cap_watts=new["allocatedCapWatts"],
+                expected_watts=new["expectedWatts"],
             )
             writes.append(
                 self._call(self.kube.write, budgets_path(name) + "/status", {"status": new})
             )
+        self.metrics.set_budgets(figures)
         await self._gather(writes)
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:

@@ -8,10 +8,24 @@ measured GPU power comes from DCGM/Kepler through telemetry, not from here.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from wattsched_optimizer.model import Calibration
+
+# The steps the planning loop counts errors of: the round as a whole, an API write while applying
+# the plan, a NodePowerProfile write.
+RECONCILE_STEPS = ("plan", "apply", "limits")
+
+
+@dataclass(frozen=True)
+class BudgetFigures:
+    """One EnergyBudget's figures after a plan, as its gauges show them."""
+
+    cap_watts: float
+    allocated_cap_watts: float
+    expected_watts: float
 
 
 class OperatorMetrics:
@@ -61,6 +75,8 @@ class OperatorMetrics:
             ["step"],
             registry=r,
         )
+        for step in RECONCILE_STEPS:  # a series from the start, so rate() sees the first error
+            self.reconcile_errors.labels(step=step)
         self.model_correction = Gauge(
             "wattsched_model_correction",
             "Calibration factor the optimizer's performance model is corrected by, from measured "
@@ -73,6 +89,21 @@ class OperatorMetrics:
             "Nodes whose agent did not confirm lowered limits in time (counted at maximum power).",
             registry=r,
         )
+        # Budgets that have label sets in the per-budget gauges (removed when a budget goes).
+        self._budgets: set[str] = set()
+
+    def set_budgets(self, figures: Mapping[str, BudgetFigures]) -> None:
+        """Per-budget gauges for the budgets in `figures` (every budget there is); the label sets
+        of budgets no longer there are removed, so a deleted budget leaves no stale series."""
+        gauges = (self.cap_watts, self.allocated_cap_watts, self.expected_watts)
+        for name in sorted(self._budgets - set(figures)):
+            for gauge in gauges:
+                gauge.remove(name)
+        for name, budget in figures.items():
+            self.cap_watts.labels(budget=name).set(budget.cap_watts)
+            self.allocated_cap_watts.labels(budget=name).set(budget.allocated_cap_watts)
+            self.expected_watts.labels(budget=name).set(budget.expected_watts)
+        self._budgets = set(figures)
 
     def set_corrections(self, corrections: Mapping[tuple[str, str], Calibration]) -> None:
         for (product, workload_type), correction in corrections.items():

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_LABEL = "wattsched.io/test-owner"
+Labels = tuple[tuple[str, str], ...]
 
 
 def free_port() -> int:
@@ -51,15 +53,24 @@ class OperatorProcess:
             self.process.send_signal(sig)
             self.process.wait(timeout=30)
 
-    def plans(self) -> float:
-        """Plans this operator solved, from its /metrics (0 when it never planned)."""
+    def scrape(self) -> dict[str, dict[Labels, float]]:
+        """Every sample on this operator's /metrics: sample name -> its labels -> value."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as response:
             text = response.read().decode()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("wattsched_plans_total")
-        )
+        samples: dict[str, dict[Labels, float]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = tuple(sorted(sample.labels.items()))
+                samples.setdefault(sample.name, {})[labels] = sample.value
+        return samples
+
+    def plans(self) -> float:
+        """Plans this operator solved, from its /metrics (0 when it never planned)."""
+        return sum(self.scrape().get("wattsched_plans_total", {}).values())
+
+    def by_label(self, name: str, label: str) -> dict[str, float]:
+        """One metric's samples keyed by one label's value (e.g. budget -> watts)."""
+        return {dict(labels)[label]: value for labels, value in self.scrape().get(name, {}).items()}
 
 
 def get_json(sandbox: Sandbox, *args: str) -> Any:

@@ -1,4 +1,5 @@
-"""`wattsched explain` text: placement, budgets over the workload's nodes, the binding reason."""
+"""`wattsched explain` text: placement, budgets over the workload's nodes, the binding reason, and
+what sets a placed workload's power limit."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ BUDGETS = [
     {"metadata": {"name": "rack-b"}, "spec": {"powerCapWatts": 9000}, "status": {}},
 ]
 SCOPES = {"rack-a": frozenset({"gpu-h100-00"}), "rack-b": frozenset({"gpu-a100-00"})}
+PRODUCTS = {"gpu-h100-00": "H100-80GB", "gpu-a100-00": "A100-80GB"}
 
 
 def test_a_placed_workload_shows_node_variant_limit_applied_and_its_budgets() -> None:
@@ -47,6 +49,7 @@ def test_a_placed_workload_shows_node_variant_limit_applied_and_its_budgets() ->
         BUDGETS,
         [{"lastTimestamp": "t1", "type": "Normal", "reason": "Placed", "message": "1 replica"}],
         SCOPES,
+        node_products=PRODUCTS,
     )
     assert "node gpu-h100-00, 4 GPU(s), variant fp8, limit 450 W per GPU" in text
     assert "applied 200-450 W on the node" in text
@@ -75,6 +78,90 @@ def test_an_unplaced_workload_names_the_binding_constraint_and_reason() -> None:
         BUDGETS,
         [],
         SCOPES,
+        node_products=PRODUCTS,
     )
     assert "unplaced because of Gpus: spec.gpu.count=64 exceeds the largest eligible node" in text
     assert "phase: Pending" in text
+
+
+def placed(limit_watts: float, *, energy: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = workload(
+        {
+            "phase": "Running",
+            "placements": [
+                {
+                    "replica": 0,
+                    "node": "gpu-h100-00",
+                    "gpus": 4,
+                    "variant": "bf16",
+                    "powerLimitWatts": limit_watts,
+                }
+            ],
+            "conditions": [
+                {
+                    "type": "SLOMet",
+                    "status": "True",
+                    "reason": "Planned",
+                    "message": "planned 900 tokens/s for a demand of 800 tokens/s",
+                }
+            ],
+        }
+    )
+    if energy is not None:
+        body["spec"]["energy"] = energy
+    return body
+
+
+def rack_a(headroom_watts: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "metadata": {"name": "rack-a"},
+            "spec": {"powerCapWatts": 20000},
+            "status": {
+                "allocatedCapWatts": 20000 - headroom_watts,
+                "headroomWatts": headroom_watts,
+            },
+        }
+    ]
+
+
+def explain_limit(body: dict[str, Any], budgets: list[dict[str, Any]]) -> str:
+    text = render(body, {}, budgets, [], SCOPES, node_products=PRODUCTS)
+    rest = text.partition("  what sets its power limit:\n")[2]
+    assert rest, f"no power-limit section in:\n{text}"
+    return rest
+
+
+def test_a_placed_workload_under_a_budget_without_room_for_the_next_level_names_the_budget() -> (
+    None
+):
+    # H100 levels are 200, 325, 450, 575, 700 W: one replica of 4 GPUs one level up adds 500 W.
+    text = explain_limit(placed(325), rack_a(400))
+    assert (
+        "replica(s) 0 at 325 W per GPU: limited by budget rack-a: its headroom 400 W is less than"
+        " the 500 W one replica at the next level (450 W per GPU) would add"
+    ) in text
+    assert "objective met (Planned): planned 900 tokens/s" in text
+
+
+def test_a_placed_workload_with_room_in_its_budgets_was_limited_by_its_energy_policy() -> None:
+    text = explain_limit(placed(325, energy={"policy": "Efficiency"}), rack_a(600))
+    assert "replica(s) 0 at 325 W per GPU of the H100-80GB's 700 W" in text
+    assert "chosen by energy policy Efficiency (the most energy-efficient limit" in text
+    assert "the budgets over its nodes have room for the next level" in text
+
+
+def test_a_placed_workload_at_its_max_power_field_names_the_field() -> None:
+    text = explain_limit(placed(300, energy={"maxPowerWattsPerGPU": 300}), rack_a(0))
+    assert "capped by spec.energy.maxPowerWattsPerGPU=300 W (the H100-80GB allows 700 W)" in text
+    assert "limited by budget" not in text
+
+
+def test_a_placed_workload_at_the_gpu_maximum_has_nothing_limiting_it() -> None:
+    text = explain_limit(placed(700), [])
+    assert "replica(s) 0 at 700 W per GPU, the H100-80GB maximum: nothing limits its power" in text
+
+
+def test_a_node_of_unknown_product_is_said_to_be_unknown() -> None:
+    text = render(placed(325), {}, [], [], SCOPES, node_products={})
+    assert "the node's GPU product is unknown to the catalogue" in text

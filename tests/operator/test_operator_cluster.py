@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from tests.operator.conftest import (
     phase_of,
     wait_until,
 )
+from wattsched_operator import explain
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
@@ -32,11 +34,19 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.cluster
 
 EXAMPLES = REPO_ROOT / "examples"
-WORKLOAD_EXAMPLES = sorted(
-    path
-    for path in EXAMPLES.glob("*.yaml")
-    if any(doc and doc.get("kind") == "LLMWorkload" for doc in yaml.safe_load_all(path.read_text()))
-)
+
+
+def examples_of(kind: str) -> list[Path]:
+    return sorted(
+        path
+        for path in EXAMPLES.glob("*.yaml")
+        if any(doc and doc.get("kind") == kind for doc in yaml.safe_load_all(path.read_text()))
+    )
+
+
+WORKLOAD_EXAMPLES = examples_of("LLMWorkload")
+BUDGET_EXAMPLES = examples_of("EnergyBudget")
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 
 def workload(
@@ -122,6 +132,38 @@ def profile_limits(sandbox: Sandbox, node: str) -> tuple[list[float], list[float
     return spec, applied
 
 
+def events_of(sandbox: Sandbox, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The Events on one LLMWorkload."""
+    items: list[dict[str, Any]] = get_json(
+        sandbox,
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.kind=LLMWorkload,involvedObject.name={name}",
+    )["items"]
+    return items
+
+
+def limits_in_scope(sandbox: Sandbox, match_labels: dict[str, str]) -> float:
+    """Sum of the NodePowerProfile limits of every GPU node whose labels match (each must have a
+    profile: a GPU without one runs at its default limit, outside any plan)."""
+    nodes = [
+        n
+        for n in get_json(sandbox, "nodes")["items"]
+        if GPU_PRODUCT_LABEL in n["metadata"].get("labels", {})
+        and match_labels.items() <= n["metadata"]["labels"].items()
+    ]
+    profiles = {p["metadata"]["name"]: p for p in get_json(sandbox, "nodepowerprofiles")["items"]}
+    missing = [n["metadata"]["name"] for n in nodes if n["metadata"]["name"] not in profiles]
+    assert not missing, f"GPU nodes in scope without a NodePowerProfile: {missing}"
+    return sum(
+        float(g["powerLimitWatts"])
+        for n in nodes
+        for g in profiles[n["metadata"]["name"]]["spec"]["gpus"]
+    )
+
+
 def ensure_volume_claims(sandbox: Sandbox, namespace: str, paths: list[Path]) -> None:
     """Bind a hostPath PersistentVolume to every claim the examples' pod templates name."""
     claims: set[str] = set()
@@ -169,7 +211,7 @@ def ensure_volume_claims(sandbox: Sandbox, namespace: str, paths: list[Path]) ->
 def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
     sandbox: Sandbox, namespace: str, start_operator: StartOperator
 ) -> None:
-    start_operator()
+    operator = start_operator()
     ensure_volume_claims(sandbox, namespace, WORKLOAD_EXAMPLES)
     for path in WORKLOAD_EXAMPLES:
         sandbox.kubectl("apply", "-n", namespace, "-f", str(path))
@@ -204,6 +246,71 @@ def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
     for name in names:
         row = next(line for line in table.splitlines() if line.startswith(name + " "))
         assert "Running" in row.split()
+        reasons = {e["reason"] for e in events_of(sandbox, namespace, name)}
+        assert {"Admitted", "Placed"} <= reasons, f"{name}: Events {sorted(reasons)}"
+
+    # The budget examples: the plans that follow keep the limits in each scope under its cap.
+    solves_before = operator.scrape()["wattsched_plan_solve_seconds_count"][()]
+    budgets = [
+        doc for path in BUDGET_EXAMPLES for doc in yaml.safe_load_all(path.read_text()) if doc
+    ]
+    for doc in budgets:
+        doc["metadata"].setdefault("labels", {})[TEST_LABEL] = "operator"
+    apply(sandbox, None, *budgets)
+    wait_until(
+        "a plan after the budgets were applied",
+        lambda: operator.scrape()["wattsched_plan_solve_seconds_count"][()] > solves_before,
+    )
+    for doc in budgets:
+        name = doc["metadata"]["name"]
+        match_labels = (doc["spec"].get("nodeSelector") or {}).get("matchLabels") or {}
+
+        def allocated_is_in_force(name: str = name, labels: dict[str, str] = match_labels) -> bool:
+            status = get_json(sandbox, "energybudget", name).get("status") or {}
+            allocated = status.get("allocatedCapWatts")
+            return allocated is not None and abs(allocated - limits_in_scope(sandbox, labels)) < 1
+
+        wait_until(
+            f"EnergyBudget {name}: allocatedCapWatts = the limits in force", allocated_is_in_force
+        )
+        cap = float(doc["spec"]["powerCapWatts"])
+        status = get_json(sandbox, "energybudget", name)["status"]
+        assert status["allocatedCapWatts"] <= cap
+        assert limits_in_scope(sandbox, match_labels) <= cap
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        assert (ready["status"], ready["reason"]) == ("True", "CapEnforced")
+
+    # /metrics agrees with the objects: phases, per-budget figures; gap and errors are exported.
+    def phases_agree() -> bool:
+        phases = Counter(
+            (w.get("status") or {}).get("phase") or "Pending"
+            for w in get_json(sandbox, "llmworkloads", "-A")["items"]
+        )
+        shown = operator.by_label("wattsched_workloads", "phase")
+        return bool(phases) and all(shown.get(p, 0) == phases.get(p, 0) for p in {*shown, *phases})
+
+    wait_until("wattsched_workloads{phase} = the LLMWorkloads' phases", phases_agree)
+
+    def budget_metrics_agree() -> bool:
+        allocated = operator.by_label("wattsched_budget_allocated_cap_watts", "budget")
+        expected = operator.by_label("wattsched_budget_expected_watts", "budget")
+        caps = operator.by_label("wattsched_budget_cap_watts", "budget")
+        for doc in budgets:
+            status = get_json(sandbox, "energybudget", doc["metadata"]["name"])["status"]
+            name = doc["metadata"]["name"]
+            if (allocated.get(name), expected.get(name), caps.get(name)) != (
+                status["allocatedCapWatts"],
+                status["expectedWatts"],
+                doc["spec"]["powerCapWatts"],
+            ):
+                return False
+        return True
+
+    wait_until("per-budget metrics = the EnergyBudgets' status", budget_metrics_agree)
+    samples = operator.scrape()
+    assert 0.0 <= samples["wattsched_plan_gap"][()] <= 1.0
+    errors = {dict(labels)["step"] for labels in samples["wattsched_reconcile_errors_total"]}
+    assert errors == {"plan", "apply", "limits"}
 
 
 class LimitWatcher(threading.Thread):
@@ -252,7 +359,7 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
 ) -> None:
     nodes = {"gpu-l40s-00", "gpu-l40s-01"}
     scope = {"nvidia.com/gpu.product": "NVIDIA-L40S"}
-    start_operator()
+    operator = start_operator()
     apply(sandbox, None, budget("l40s-test", 4000, scope))
     products = ["NVIDIA-L40S"]
     batch = workload(
@@ -287,6 +394,7 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
     watcher.ready.wait()
     time.sleep(1)  # the watch lists every profile first
     before = watcher.samples[-1]
+    preemptions_before = operator.scrape()["wattsched_preemptions_total"][()]
     new_cap = 1500.0
     lowered_at = time.monotonic()
     apply(sandbox, None, budget("l40s-test", new_cap, scope))
@@ -321,6 +429,17 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
     slo = next(c for c in batch_status["conditions"] if c["type"] == "SLOMet")
     assert (slo["status"], slo["reason"]) == ("False", "NotPlaced")
     assert "SLORisk" in events
+    # The batch job's one replica of 4 GPUs was preempted (counted as it was deleted).
+    assert operator.scrape()["wattsched_preemptions_total"][()] >= preemptions_before + 1
+
+    # Preempted work is retried: with the cap raised again the batch job gets its place back.
+    apply(sandbox, None, budget("l40s-test", 4000, scope))
+    wait_until(
+        "batch placed and Running again",
+        lambda: running_on_planned_nodes(sandbox, namespace, "batch"),
+        90,
+    )
+    assert running_on_planned_nodes(sandbox, namespace, "important")
 
 
 def test_a_deleted_node_has_its_workloads_placed_elsewhere(
@@ -565,3 +684,140 @@ def test_deleting_a_workload_removes_its_pods_and_lowers_its_gpus_to_idle(
         return spec == [100.0] * 4 and applied == spec
 
     wait_until(f"{node} back at the L40S minimum (100 W per GPU)", idle)
+
+
+def gpu_node(name: str, product: str, gpus: int) -> dict[str, Any]:
+    """A KWOK GPU node like those of examples/nodes.yaml, labelled for the test's budgets."""
+    resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "type": "kwok",
+                "nvidia.com/gpu.present": "true",
+                GPU_PRODUCT_LABEL: product,
+                "nvidia.com/gpu.count": str(gpus),
+                TEST_LABEL: name,
+            },
+        },
+        "status": {"capacity": resources, "allocatable": resources},
+    }
+
+
+def start_node_agent(sandbox: Sandbox, node: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """A simulated agent for one node (the session's agents only serve the nodes they found)."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                *("-m", "wattsched_operator.cli", "agent", "--backend", "simulated"),
+                *("--node-name", node, "--metrics-port", "0", "--interval-seconds", "1"),
+                *("--kubeconfig", str(sandbox.kubeconfig)),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_a_deleted_budget_releases_its_cap_and_an_unconfirming_agent_counts_at_maximum(
+    sandbox: Sandbox,
+    namespace: str,
+    start_operator: StartOperator,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    node = f"gpu-h200-{namespace[-5:]}"
+    scope = {TEST_LABEL: node}
+    apply(sandbox, None, gpu_node(node, "NVIDIA-H200", 2))
+    agent = start_node_agent(sandbox, node, tmp_path / "agent.log")
+    try:
+        operator = start_operator("--confirm-timeout-seconds", "2")
+
+        def idle_and_confirmed() -> bool:
+            found = sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json", check=False)
+            if found.returncode != 0:
+                return False
+            spec, applied = profile_limits(sandbox, node)
+            return spec == [200.0, 200.0] and applied == spec  # the H200 minimum
+
+        wait_until(f"{node} idle at the minimum, confirmed by its agent", idle_and_confirmed)
+
+        # A budget with room for the idle GPUs only holds back a workload at full power.
+        apply(sandbox, None, budget("h200-tight", 600, scope))
+        pinned = workload("pinned", gpus=2, products=["NVIDIA-H200"])
+        pinned["spec"]["energy"] = {"policy": "Performance"}
+        apply(sandbox, namespace, pinned)
+
+        def held_back() -> bool:
+            status = get_json(sandbox, "llmworkload", "pinned", "-n", namespace).get("status") or {}
+            conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+            return status.get("phase") == "Pending" and conditions.get("BudgetLimited") == "True"
+
+        wait_until("pinned held back by h200-tight", held_back)
+        assert "h200-tight" in operator.by_label("wattsched_budget_cap_watts", "budget")
+        assert explain.main([f"{namespace}/pinned", "--kubeconfig", str(sandbox.kubeconfig)]) == 0
+        text = capsys.readouterr().out
+        unplaced = next(line for line in text.splitlines() if "unplaced because of" in line)
+        assert "unplaced because of Budget: " in unplaced
+        assert "EnergyBudget h200-tight has" in unplaced
+        assert "h200-tight: cap 600 W" in text
+
+        sandbox.kubectl("delete", "energybudget", "h200-tight", "--timeout=60s")
+        wait_until(
+            "pinned Running once the budget is gone",
+            lambda: running_on_planned_nodes(sandbox, namespace, "pinned"),
+            90,
+        )
+
+        def budget_series_gone() -> bool:
+            return all(
+                "h200-tight" not in operator.by_label(metric, "budget")
+                for metric in (
+                    "wattsched_budget_cap_watts",
+                    "wattsched_budget_allocated_cap_watts",
+                    "wattsched_budget_expected_watts",
+                )
+            )
+
+        wait_until("the deleted budget's metric series removed", budget_series_gone)
+        assert explain.main([f"{namespace}/pinned", "--kubeconfig", str(sandbox.kubeconfig)]) == 0
+        text = capsys.readouterr().out
+        assert f"node {node}, 2 GPU(s)" in text
+        assert "replica(s) 0 at 700 W per GPU, the H200 maximum: nothing limits its power" in text
+        assert "unplaced" not in text
+
+        # The agent dies (no stop, no last status); the next lowering is never confirmed.
+        apply(sandbox, None, budget("h200-watch", 10000, scope))
+
+        def allocated() -> float | None:
+            status = get_json(sandbox, "energybudget", "h200-watch").get("status") or {}
+            value: float | None = status.get("allocatedCapWatts")
+            return value
+
+        wait_until("h200-watch allocates the running GPUs' 1400 W", lambda: allocated() == 1400)
+        agent.kill()
+        agent.wait()
+        sandbox.kubectl("delete", "llmworkload", "pinned", "-n", namespace, "--timeout=60s")
+
+        def gave_up_waiting() -> bool:
+            log = operator.log_path.read_text()
+            return f"agents on {node} did not confirm lowered limits within 2 s" in log
+
+        wait_until("the operator gave up waiting for the agent's confirmation", gave_up_waiting)
+        assert profile_limits(sandbox, node)[0] == [200.0, 200.0]  # the lowering was written
+        plans_after_timeout = operator.plans()
+        # With the agent silent the node counts at the H200 maximum (2 x 700 W), not idle 400 W.
+        wait_until(
+            "a later plan counting the unconfirmed node at maximum power",
+            lambda: operator.plans() > plans_after_timeout and allocated() == 1400,
+        )
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
