@@ -11,8 +11,9 @@ pods placed on the node) and the power limit: `idle + utilisation * (min(limit, 
 The energy counter integrates that draw over the injected clock.
 
 Faults are configured per GPU (`GpuFaults`) to behave like a node where the agent lacks
-CAP_SYS_ADMIN, a board that cannot be capped, a GPU that fell off the bus, or a driver that returns
-success for a set it ignored. Not for: modelling throughput (the simulator does that) or thermal
+CAP_SYS_ADMIN, a board that cannot be capped, a board whose limits can be read but not set (as on
+many consumer and virtualised GPUs), a GPU that fell off the bus, or a driver that returns success
+for a set it ignored. Not for: modelling throughput (the simulator does that) or thermal
 behaviour.
 """
 
@@ -90,12 +91,15 @@ class GpuFaults:
 
     no_permission: setting the limit fails with NVML_ERROR_NO_PERMISSION (agent not root).
     not_supported: the board has no software power cap (limit get/set/constraints unsupported).
+    set_not_supported: limits, constraints and default read as usual, but setting one fails with
+        NVML_ERROR_NOT_SUPPORTED (consumer and virtualised GPUs, e.g. a vGPU guest).
     gpu_lost: every call on the device fails with NVML_ERROR_GPU_IS_LOST.
     set_ignored: the set returns success but the limit does not change.
     """
 
     no_permission: bool = False
     not_supported: bool = False
+    set_not_supported: bool = False
     gpu_lost: bool = False
     set_ignored: bool = False
 
@@ -262,6 +266,8 @@ class SimulatedNvml:
     ) -> None:
         with self._lock:
             self._check_cappable(handle)
+            if handle.faults.set_not_supported:
+                raise pynvml.NVMLError(NVML_ERROR_NOT_SUPPORTED)
             if handle.faults.no_permission:
                 raise pynvml.NVMLError(NVML_ERROR_NO_PERMISSION)
             envelope = handle.envelope

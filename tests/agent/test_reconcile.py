@@ -86,6 +86,22 @@ def test_no_permission_makes_applied_false_with_the_reason() -> None:
     assert not profile({0: 250, 1: 250}, status=status).limits_confirmed
 
 
+def test_readable_but_not_settable_gpu_fails_applied_and_still_reports_draw_and_limits() -> None:
+    agent, library = a100_agent({0: GpuFaults(set_not_supported=True)})
+    library.set_utilisation(0, 1.0)
+    status = agent.reconcile(profile({0: 250, 1: 250}), NOW)
+    [condition] = status["conditions"]
+    assert (condition["status"], condition["reason"]) == ("False", "NotSupported")
+    assert "GPU 0: nvmlDeviceSetPowerManagementLimit failed" in condition["message"]
+    gpu = status["gpus"][0]
+    assert (gpu["minWatts"], gpu["maxWatts"], gpu["defaultWatts"]) == (100, 400, 400)
+    assert gpu["appliedWatts"] == 400  # the default stays in force
+    handle = library.nvmlDeviceGetHandleByIndex(0)
+    assert gpu["drawWatts"] == library.nvmlDeviceGetPowerUsage(handle) / 1000 > 63
+    assert status["gpus"][1]["appliedWatts"] == 250
+    assert status["agent"]["ready"] is True
+
+
 def test_lost_gpu_outside_the_spec_still_fails_applied() -> None:
     agent, library = a100_agent()
     library.set_faults(3, GpuFaults(gpu_lost=True))
