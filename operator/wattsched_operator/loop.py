@@ -325,6 +325,7 @@ class PlanningLoop:
             pods_by_workload=pods_by_workload,
             now=now,
             accounts=accounts,
+            telemetry=telemetry,
         )
         await self._write_budget_statuses(view, plan, plan_input, now, telemetry, accounts=accounts)
         return plan
@@ -875,7 +876,10 @@ class PlanningLoop:
         pods_by_workload: Mapping[str, list[Body]],
         now: datetime,
         accounts: Accounts,
+        telemetry: TelemetrySnapshot | None = None,
     ) -> None:
+        """Each handled workload's status; with `telemetry` (Prometheus configured) also its
+        `TelemetryFresh` condition from this round's reading of its running pods."""
         placements_by_workload: dict[str, list[Any]] = {}
         for placement in plan.placements:
             placements_by_workload.setdefault(placement.workload, []).append(placement)
@@ -911,6 +915,12 @@ class PlanningLoop:
                 measured_watts=measured_watts,
                 energy=energy,
                 objective=statuses.SloObjective.from_spec(body.get("spec") or {}),
+                telemetry=None
+                if telemetry is None
+                else statuses.workload_telemetry(
+                    telemetry,
+                    [_pod_id(p) for p in pods_by_workload.get(key, []) if _running(p)],
+                ),
             )
             phases.append(new["phase"])
             owned = {k: previous.get(k) for k in new}

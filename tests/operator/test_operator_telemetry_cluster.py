@@ -256,5 +256,16 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
             lambda: workload_status()["source"] == "mixed",
             timeout_seconds=60,
         )
+
+        def workload_telemetry() -> dict[str, Any] | None:
+            status = get_json(sandbox, "llmworkload", "l4-server", "-n", namespace)["status"]
+            return telemetry_condition(status)
+
+        stale = wait_until(
+            "the workload's TelemetryFresh=False",
+            lambda: (c := workload_telemetry()) is not None and c["status"] == "False" and c,
+            timeout_seconds=60,
+        )
+        assert stale["reason"] == "PrometheusUnavailable"
     finally:
         server.stop()
