@@ -431,7 +431,9 @@ def test_tokens_query_value_reaches_the_operators_telemetry_config(chart: Chart)
 
     values_file = CHART_DIR / "ci" / "monitoring-values.yaml"
     tokens_query = yaml.safe_load(values_file.read_text())["operator"]["tokensQuery"]
-    assert '"' in tokens_query and "{window}" in tokens_query  # quoting survives rendering
+    # quotes and braces that must survive rendering into the container's args
+    assert '"' in tokens_query
+    assert "{window}" in tokens_query
     operator_args = _container(
         find(chart.render(values_files=(values_file,)), "Deployment", "-operator")
     )["args"]
