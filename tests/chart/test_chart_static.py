@@ -449,7 +449,7 @@ def test_tokens_query_is_left_to_the_operator_default_unless_set(chart: Chart) -
 
 
 def test_tokens_query_without_prometheus_url_is_refused(chart: Chart) -> None:
-    with pytest.raises(HelmError, match="operator.tokensQuery needs operator.prometheusUrl"):
+    with pytest.raises(HelmError, match=r"operator\.tokensQuery needs operator\.prometheusUrl"):
         chart.render(set_values=("operator.tokensQuery=sum(rate(x[{window}]))",))
 
 
