@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, NoReturn
 
 import pynvml
 import pytest
 
+from tests.agent.conftest import truth_draw_watts
 from wattsched_agent.nvml_backend import FaultReason, NvmlBackend
 from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml
+from wattsched_optimizer.problem import WorkloadType
+from wattsched_simulator.truth import GroundTruth
+
+H100 = "NVIDIA-H100-80GB-HBM3"
 
 
 class ManualClock:
@@ -46,7 +52,7 @@ class ScriptedErrorNvml(SimulatedNvml):
 
 
 def scripted_h100_node() -> ScriptedErrorNvml:
-    return ScriptedErrorNvml("node-a", ["NVIDIA-H100-80GB-HBM3"] * 2)
+    return ScriptedErrorNvml("node-a", [H100] * 2)
 
 
 def open_backend(library: SimulatedNvml) -> NvmlBackend:
@@ -56,7 +62,7 @@ def open_backend(library: SimulatedNvml) -> NvmlBackend:
 
 
 def h100_node(**options: object) -> SimulatedNvml:
-    return SimulatedNvml("node-a", ["NVIDIA-H100-80GB-HBM3"] * 2, **options)  # type: ignore[arg-type]
+    return SimulatedNvml("node-a", [H100] * 2, **options)  # type: ignore[arg-type]
 
 
 def test_simulated_library_speaks_milliwatts_and_raises_pynvml_errors() -> None:
@@ -312,24 +318,60 @@ def test_close_swallows_shutdown_errors() -> None:
         h100_node().nvmlShutdown()
 
 
-def test_draw_follows_utilisation_and_limit_and_energy_integrates_it() -> None:
+def test_draw_follows_the_ground_truth_load_and_limit_and_energy_integrates_it() -> None:
     clock = ManualClock()
     library = h100_node(clock=clock)
     backend = open_backend(library)
-    assert backend.sample(0).draw_watts == 75.0  # idle
+    factor = library.node_factor
+
+    def truth(utilisation: float, limit_watts: float) -> float:
+        return truth_draw_watts(H100, utilisation, limit_watts, factor)
+
+    assert backend.sample(0).draw_watts == pytest.approx(truth(0.0, 700), abs=1e-3)  # idle
     library.set_utilisation(0, 1.0)
-    assert backend.sample(0).draw_watts == 609.0  # busy, uncapped
+    busy = backend.sample(0).draw_watts
+    assert busy == pytest.approx(truth(1.0, 700), abs=1e-3)  # busy, uncapped
     backend.apply_limit(0, 400.0)
-    assert backend.sample(0).draw_watts == 400.0  # busy, capped
-    library.set_utilisation(0, 0.5)
-    assert backend.sample(0).draw_watts == pytest.approx(237.5)  # 75 + 0.5 * (400 - 75)
+    assert backend.sample(0).draw_watts == 400.0  # busy, held by the cap
+    backend.apply_limit(0, 700.0)
+    library.set_utilisation(0, 0.2)
+    light = backend.sample(0).draw_watts
+    assert light == pytest.approx(truth(0.2, 700), abs=1e-3)
+    assert light is not None
+    assert busy is not None
+    assert truth(0.0, 700) < light < busy
     start = backend.sample(0).energy_millijoules
     assert start is not None
     clock.now += 10.0
     end = backend.sample(0).energy_millijoules
     assert end is not None
-    assert end - start == pytest.approx(2_375_000, abs=1)
-    assert backend.sample(0).utilisation_percent == 50
+    assert end - start == pytest.approx(truth(0.2, 700) * 10.0 * 1000, abs=1)
+    assert backend.sample(0).utilisation_percent == 20
+
+
+def test_batch_work_draws_its_full_load_whatever_the_limit_keeps_of_throughput() -> None:
+    library = h100_node()
+    backend = open_backend(library)
+    backend.apply_limit(0, 650.0)
+    library.set_utilisation(0, 1.0, "Training")
+    library.set_utilisation(1, 1.0, "Inference")
+    backend.apply_limit(1, 650.0)
+    factor = library.node_factor
+    training = truth_draw_watts(H100, 1.0, 650, factor, WorkloadType.TRAINING)
+    inference = truth_draw_watts(H100, 1.0, 650, factor, WorkloadType.INFERENCE)
+    assert backend.sample(0).draw_watts == pytest.approx(training, abs=1e-3)
+    assert backend.sample(1).draw_watts == pytest.approx(inference, abs=1e-3)
+    with pytest.raises(ValueError, match="workload type 'Gaming' is not in the ground-truth"):
+        library.set_utilisation(0, 1.0, "Gaming")
+
+
+def test_each_node_keeps_its_own_power_deviation_from_the_truths_spread() -> None:
+    spread = GroundTruth().node_power_spread
+    factors = [SimulatedNvml(f"node-{i}", [H100]).node_factor for i in range(40)]
+    assert SimulatedNvml("node-3", [H100]).node_factor == factors[3]
+    assert len(set(factors)) == len(factors)
+    assert all(abs(factor - 1.0) < 5 * spread for factor in factors)
+    assert 0.5 * spread < statistics.stdev(factors) < 2 * spread
 
 
 def test_unknown_product_is_rejected_naming_the_node() -> None:
