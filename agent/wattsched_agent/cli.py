@@ -37,6 +37,7 @@ DCGM_EXPORTER_PORT = 9400
 FAULT_KINDS = {
     "no-permission": GpuFaults(no_permission=True),
     "not-supported": GpuFaults(not_supported=True),
+    "set-not-supported": GpuFaults(set_not_supported=True),
     "gpu-lost": GpuFaults(gpu_lost=True),
     "set-ignored": GpuFaults(set_ignored=True),
 }

@@ -17,6 +17,8 @@ from typing import Any
 from kubernetes import client, config, watch
 
 from wattsched_agent.reconcile import WORKLOAD_LABEL, PlacedPod, gpus_requested
+from wattsched_operator.api.llmworkload import WorkloadType
+from wattsched_operator.api.meta import WORKLOAD_TYPE_ANNOTATION
 
 GROUP = "wattsched.io"
 VERSION = "v1alpha1"
@@ -67,8 +69,14 @@ def placed_pod(pod: Mapping[str, Any]) -> PlacedPod | None:
     gpus, container = gpus_requested(pod.get("spec") or {})
     if gpus == 0:
         return None
-    annotation = (metadata.get("annotations") or {}).get(UTILISATION_ANNOTATION)
+    annotations = metadata.get("annotations") or {}
+    annotation = annotations.get(UTILISATION_ANNOTATION)
     utilisation = 1.0 if annotation is None else min(1.0, max(0.0, float(annotation)))
+    # The operator writes the LLMWorkload's spec.type; pods without it (or with another value)
+    # count as Inference.
+    workload_type = annotations.get(WORKLOAD_TYPE_ANNOTATION)
+    if workload_type not in {kind.value for kind in WorkloadType}:
+        workload_type = WorkloadType.INFERENCE.value
     return PlacedPod(
         namespace=str(metadata.get("namespace", "")),
         name=str(metadata.get("name", "")),
@@ -76,6 +84,7 @@ def placed_pod(pod: Mapping[str, Any]) -> PlacedPod | None:
         gpus=gpus,
         created=str(metadata.get("creationTimestamp", "")),
         utilisation=utilisation,
+        workload_type=str(workload_type),
     )
 
 

@@ -70,7 +70,10 @@ class NodeAgent:
             if self.simulation is not None:
                 for index in range(self.backend.gpu_count):
                     pod = by_gpu.get(index)
-                    self.simulation.set_utilisation(index, pod.utilisation if pod else 0.0)
+                    if pod is None:
+                        self.simulation.set_utilisation(index, 0.0)
+                    else:
+                        self.simulation.set_utilisation(index, pod.utilisation, pod.workload_type)
 
     def reconcile(self, profile: NodePowerProfile, now: datetime | None = None) -> dict[str, Any]:
         """Apply the profile's limits and return the status to write (as a JSON object)."""

@@ -41,6 +41,7 @@ class PlacedPod:
     gpus: int
     created: str
     utilisation: float = 1.0
+    workload_type: str = "Inference"  # the LLMWorkload's spec.type, from the pod's annotation
 
 
 def gpus_requested(pod_spec: Mapping[str, Any]) -> tuple[int, str]:

@@ -5,19 +5,31 @@ milliwatts and millijoules) and raises pynvml's own `NVMLError` subclasses with 
 The agent's real `NvmlBackend` runs on top of it unchanged, so every NVML code path (clamping,
 read-back, NoPermission, NotSupported, GPU lost) is exercised without hardware.
 
-Each simulated GPU has a product envelope from `simulated_products.yaml` (min/max/default limit,
-idle and busy draw). Its draw follows the utilisation set by the caller (the agent sets it from the
-pods placed on the node) and the power limit: `idle + utilisation * (min(limit, busy) - idle)`.
-The energy counter integrates that draw over the injected clock.
+Each simulated GPU has an NVML envelope from `simulated_products.yaml` (name, min/max/default
+limit, and which ground-truth product it is). Its draw comes from the simulator's ground-truth
+model, read from the same data file the simulator reads (`wattsched_ground_truth/ground_truth.yaml`;
+the agent may not import the simulator, and the simulator not the agent, so they share the data
+and each evaluates it): for utilisation u of a GPU running work of type t at power limit L,
+`min(L, f_node * (idle + (full_t - idle) * (u * kept_t(L))^k))`, where `full_t` is the type's
+full-load draw, `kept_t(L)` the throughput an Inference replica keeps at L (1 for batch work,
+which runs flat out), `k` the load exponent and `f_node` the node's silicon deviation (drawn from
+the truth's node spread, seeded by the node name, so each node keeps its own). The per-step noise
+the simulator adds is left out: draw is constant between changes and the energy counter integrates
+it exactly over the injected clock. The caller sets u and t (the agent: from the pods placed on
+the node).
 
 Faults are configured per GPU (`GpuFaults`) to behave like a node where the agent lacks
-CAP_SYS_ADMIN, a board that cannot be capped, a GPU that fell off the bus, or a driver that returns
-success for a set it ignored. Not for: modelling throughput (the simulator does that) or thermal
+CAP_SYS_ADMIN, a board that cannot be capped, a board whose limits can be read but not set (as on
+many consumer and virtualised GPUs), a GPU that fell off the bus, or a driver that returns success
+for a set it ignored. Not for: modelling throughput (the simulator does that) or thermal
 behaviour.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
+import random
 import threading
 import time
 import uuid
@@ -25,6 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pynvml
 import yaml
@@ -37,18 +50,95 @@ NVML_ERROR_NO_PERMISSION: int = pynvml.NVML_ERROR_NO_PERMISSION
 NVML_ERROR_GPU_IS_LOST: int = pynvml.NVML_ERROR_GPU_IS_LOST
 NVML_ERROR_DRIVER_NOT_LOADED: int = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
 
+INFERENCE = "Inference"
+
 
 @dataclass(frozen=True)
 class ProductEnvelope:
-    """Power envelope of one GPU product (watts), as NVML reports it."""
+    """Power envelope of one GPU product (watts), as NVML reports it, and its ground truth."""
 
     product: str
     nvml_name: str
     min_watts: float
     max_watts: float
     default_watts: float
-    idle_watts: float
-    busy_watts: float
+    ground_truth_product: str
+
+
+def _interpolate(curve: tuple[tuple[float, float], ...], x: float) -> float:
+    """Piecewise-linear through `curve`, clamped to its ends (as the simulator's truth)."""
+    xs = [point[0] for point in curve]
+    if x <= xs[0]:
+        return curve[0][1]
+    if x >= xs[-1]:
+        return curve[-1][1]
+    i = bisect.bisect_right(xs, x)
+    (x0, y0), (x1, y1) = curve[i - 1], curve[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class TruePower:
+    """The part of the simulator's ground truth a simulated GPU's draw needs.
+
+    Keys: ground-truth product names and workload types (the CRD's `spec.type`).
+    """
+
+    idle_watts: Mapping[str, float]
+    max_watts: Mapping[str, float]
+    full_load_fraction: Mapping[str, float]
+    kept_throughput_curve: Mapping[str, tuple[tuple[float, float], ...]]
+    load_power_exponent: float
+    node_power_spread: float
+
+    def node_factor(self, hostname: str) -> float:
+        """The node's multiplicative power deviation: its own draw from the truth's spread."""
+        return random.Random(f"wattsched-node-power/{hostname}").gauss(1.0, self.node_power_spread)
+
+    def draw_watts(
+        self,
+        product: str,
+        workload_type: str,
+        utilisation: float,
+        power_limit_watts: float,
+        node_factor: float,
+    ) -> float:
+        """One GPU's draw (see the module docstring)."""
+        idle = self.idle_watts[product]
+        full = self.max_watts[product] * self.full_load_fraction[workload_type]
+        load = utilisation
+        if workload_type == INFERENCE:  # a service's load is its share of full-power capacity
+            curve = self.kept_throughput_curve[workload_type]
+            load *= _interpolate(curve, power_limit_watts / self.max_watts[product])
+        share = math.pow(min(load, 1.0), self.load_power_exponent)
+        return min(node_factor * (idle + (full - idle) * share), power_limit_watts)
+
+
+def load_ground_truth(path: Path | None = None) -> TruePower:
+    """Read the ground-truth table; `path` overrides the shared `wattsched_ground_truth` one."""
+    if path is None:
+        text = resources.files("wattsched_ground_truth").joinpath("ground_truth.yaml").read_text()
+        source = "wattsched_ground_truth/ground_truth.yaml"
+    else:
+        text = path.read_text()
+        source = str(path)
+    raw: Any = yaml.safe_load(text)
+    try:
+        products = raw["products"]
+        types = raw["types"]
+        return TruePower(
+            idle_watts={str(n): float(f["idleWatts"]) for n, f in products.items()},
+            max_watts={str(n): float(f["maxWatts"]) for n, f in products.items()},
+            full_load_fraction={str(t): float(f["fullLoadFraction"]) for t, f in types.items()},
+            kept_throughput_curve={
+                str(t): tuple((float(x), float(y)) for x, y in raw["curves"][f["curve"]])
+                for t, f in types.items()
+            },
+            load_power_exponent=float(raw["loadPowerExponent"]),
+            node_power_spread=float(raw["nodePowerSpread"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{source}: not a ground-truth table: {error!r}") from error
 
 
 def load_products(path: Path | None = None) -> dict[str, ProductEnvelope]:
@@ -71,8 +161,7 @@ def load_products(path: Path | None = None) -> dict[str, ProductEnvelope]:
                 min_watts=float(fields["minWatts"]),
                 max_watts=float(fields["maxWatts"]),
                 default_watts=float(fields["defaultWatts"]),
-                idle_watts=float(fields["idleWatts"]),
-                busy_watts=float(fields["busyWatts"]),
+                ground_truth_product=str(fields["groundTruthProduct"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{source}: product {product!r}: {error!r}") from error
@@ -90,12 +179,15 @@ class GpuFaults:
 
     no_permission: setting the limit fails with NVML_ERROR_NO_PERMISSION (agent not root).
     not_supported: the board has no software power cap (limit get/set/constraints unsupported).
+    set_not_supported: limits, constraints and default read as usual, but setting one fails with
+        NVML_ERROR_NOT_SUPPORTED (consumer and virtualised GPUs, e.g. a vGPU guest).
     gpu_lost: every call on the device fails with NVML_ERROR_GPU_IS_LOST.
     set_ignored: the set returns success but the limit does not change.
     """
 
     no_permission: bool = False
     not_supported: bool = False
+    set_not_supported: bool = False
     gpu_lost: bool = False
     set_ignored: bool = False
 
@@ -112,23 +204,37 @@ class SimulatedUtilization:
 
 
 class SimulatedDevice:
-    """One simulated GPU: its limit (mW), utilisation and an energy counter (mJ)."""
+    """One simulated GPU: its limit (mW), load, and an energy counter (mJ)."""
 
     def __init__(
-        self, envelope: ProductEnvelope, uuid_text: str, faults: GpuFaults, now: float
+        self,
+        envelope: ProductEnvelope,
+        uuid_text: str,
+        faults: GpuFaults,
+        now: float,
+        *,
+        truth: TruePower,
+        node_factor: float,
     ) -> None:
         self.envelope = envelope
         self.uuid = uuid_text
         self.faults = faults
+        self.truth = truth
+        self.node_factor = node_factor
         self.limit_milliwatts = round(envelope.default_watts * 1000)
         self.utilisation = 0.0
+        self.workload_type = INFERENCE
         self.energy_millijoules = 0.0
         self.last_update = now
 
     def draw_watts(self) -> float:
-        envelope = self.envelope
-        ceiling = min(self.limit_milliwatts / 1000, envelope.busy_watts)
-        return envelope.idle_watts + self.utilisation * max(0.0, ceiling - envelope.idle_watts)
+        return self.truth.draw_watts(
+            self.envelope.ground_truth_product,
+            self.workload_type,
+            self.utilisation,
+            self.limit_milliwatts / 1000,
+            self.node_factor,
+        )
 
     def advance(self, now: float) -> None:
         """Integrate the draw since the last change; the draw is constant in between."""
@@ -150,6 +256,7 @@ class SimulatedNvml:
         products: list[str],
         *,
         catalogue: Mapping[str, ProductEnvelope] | None = None,
+        truth: TruePower | None = None,
         faults: Mapping[int, GpuFaults] | None = None,
         clock: Callable[[], float] = time.monotonic,
         driver_loaded: bool = True,
@@ -161,6 +268,21 @@ class SimulatedNvml:
                 f"node {hostname}: GPU product(s) {unknown} are not in the simulated product "
                 f"table; known: {sorted(catalogue)}"
             )
+        truth = load_ground_truth() if truth is None else truth
+        missing = sorted(
+            {
+                catalogue[product].ground_truth_product
+                for product in products
+                if catalogue[product].ground_truth_product not in truth.idle_watts
+            }
+        )
+        if missing:
+            raise ValueError(
+                f"node {hostname}: ground-truth product(s) {missing} are not in the ground-truth "
+                f"table; known: {sorted(truth.idle_watts)}"
+            )
+        self.truth = truth
+        self.node_factor = truth.node_factor(hostname)
         self._clock = clock
         self._lock = threading.RLock()
         self._initialised = 0
@@ -173,20 +295,31 @@ class SimulatedNvml:
                 "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{hostname}/gpu{index}")),
                 faults.get(index, NO_FAULTS),
                 now,
+                truth=truth,
+                node_factor=self.node_factor,
             )
             for index, product in enumerate(products)
         ]
 
     # ----- controls of the simulation (not part of NVML) -----
 
-    def set_utilisation(self, index: int, utilisation: float) -> None:
-        """Set how busy GPU `index` is (0..1); the draw follows from the next instant on."""
+    def set_utilisation(
+        self, index: int, utilisation: float, workload_type: str = INFERENCE
+    ) -> None:
+        """Set how busy GPU `index` is (0..1) and with what kind of work (the CRD's spec.type);
+        the draw follows from the next instant on."""
         if not 0.0 <= utilisation <= 1.0:
             raise ValueError(f"GPU {index}: utilisation must be within 0..1, got {utilisation}")
+        if workload_type not in self.truth.full_load_fraction:
+            raise ValueError(
+                f"GPU {index}: workload type {workload_type!r} is not in the ground-truth table; "
+                f"known: {sorted(self.truth.full_load_fraction)}"
+            )
         with self._lock:
             device = self._devices[index]
             device.advance(self._clock())
             device.utilisation = utilisation
+            device.workload_type = workload_type
 
     def set_faults(self, index: int, faults: GpuFaults) -> None:
         with self._lock:
@@ -262,6 +395,8 @@ class SimulatedNvml:
     ) -> None:
         with self._lock:
             self._check_cappable(handle)
+            if handle.faults.set_not_supported:
+                raise pynvml.NVMLError(NVML_ERROR_NOT_SUPPORTED)
             if handle.faults.no_permission:
                 raise pynvml.NVMLError(NVML_ERROR_NO_PERMISSION)
             envelope = handle.envelope

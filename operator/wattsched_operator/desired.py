@@ -21,6 +21,7 @@ from wattsched_operator.api.meta import REPLICA_LABEL as LABEL_REPLICA
 from wattsched_operator.api.meta import VARIANT_ANNOTATION as ANNOTATION_VARIANT
 from wattsched_operator.api.meta import VARIANT_ENV as ENV_VARIANT
 from wattsched_operator.api.meta import WORKLOAD_LABEL as LABEL_WORKLOAD
+from wattsched_operator.api.meta import WORKLOAD_TYPE_ANNOTATION as ANNOTATION_WORKLOAD_TYPE
 from wattsched_operator.snapshot import NODE_ANNOTATION as ANNOTATION_NODE
 from wattsched_optimizer.problem import Placement, WorkloadType
 
@@ -28,6 +29,7 @@ __all__ = [
     "ANNOTATION_NODE",
     "ANNOTATION_POWER_LIMIT",
     "ANNOTATION_VARIANT",
+    "ANNOTATION_WORKLOAD_TYPE",
     "ENV_POWER_LIMIT",
     "ENV_PRECISION",
     "ENV_VARIANT",
@@ -116,6 +118,7 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         ANNOTATION_NODE: placement.node,
         ANNOTATION_VARIANT: placement.variant,
         ANNOTATION_POWER_LIMIT: format_watts(placement.power_limit_watts),
+        ANNOTATION_WORKLOAD_TYPE: workload.type.value,
     }
     return {
         "apiVersion": "v1",

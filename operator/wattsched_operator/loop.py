@@ -326,6 +326,7 @@ class PlanningLoop:
             pods_by_workload=pods_by_workload,
             now=now,
             accounts=accounts,
+            telemetry=telemetry,
         )
         await self._write_budget_statuses(view, plan, plan_input, now, telemetry, accounts=accounts)
         return plan
@@ -379,6 +380,11 @@ class PlanningLoop:
             pods=pods,
             products={node.name: node.product for node in plan_input.nodes},
             types={workload.key: workload.type for workload in plan_input.workloads},
+            demands={
+                workload.key: workload.tokens_per_second
+                for workload in plan_input.workloads
+                if workload.tokens_per_second is not None
+            },
             snapshot=telemetry,
             corrections=self.calibrator.corrections(),
         )
@@ -876,7 +882,10 @@ class PlanningLoop:
         pods_by_workload: Mapping[str, list[Body]],
         now: datetime,
         accounts: Accounts,
+        telemetry: TelemetrySnapshot | None = None,
     ) -> None:
+        """Each handled workload's status; with `telemetry` (Prometheus configured) also its
+        `TelemetryFresh` condition from this round's reading of its running pods."""
         placements_by_workload: dict[str, list[Any]] = {}
         for placement in plan.placements:
             placements_by_workload.setdefault(placement.workload, []).append(placement)
@@ -912,6 +921,12 @@ class PlanningLoop:
                 measured_watts=measured_watts,
                 energy=energy,
                 objective=statuses.SloObjective.from_spec(body.get("spec") or {}),
+                telemetry=None
+                if telemetry is None
+                else statuses.workload_telemetry(
+                    telemetry,
+                    [_pod_id(p) for p in pods_by_workload.get(key, []) if _running(p)],
+                ),
             )
             phases.append(new["phase"])
             owned = {k: previous.get(k) for k in new}

@@ -25,7 +25,7 @@ from wattsched_operator.cache import ClusterCache, ClusterView
 from wattsched_operator.kube import Kube, KubeError
 from wattsched_operator.loop import InputBuilder, LoopSettings, PlannedInput, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
-from wattsched_operator.telemetry import TelemetryConfig, TelemetryReader
+from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY, TelemetryConfig, TelemetryReader
 from wattsched_optimizer.planner import plan
 
 logger = logging.getLogger("wattsched.operator")
@@ -100,6 +100,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="rate()/avg_over_time() window of the power queries (at least four scrapes)",
     )
     parser.add_argument(
+        "--tokens-query",
+        default=DEFAULT_TOKEN_QUERY,
+        help="PromQL for generated tokens/s by (namespace, pod); {window} is replaced by the rate "
+        "window (default: vLLM's vllm:generation_tokens_total; empty: no token figures). Feeds "
+        "tokens/J and the Inference throughput calibration",
+    )
+    parser.add_argument(
         "--accounting-seconds",
         type=float,
         default=60.0,
@@ -109,7 +116,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 disables /metrics")
     parser.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz")
     parser.add_argument("--log-level", default="INFO")
-    return parser.parse_args(list(argv))
+    args = parser.parse_args(list(argv))
+    if args.tokens_query != DEFAULT_TOKEN_QUERY and not args.prometheus_url:
+        parser.error("--tokens-query needs --prometheus-url (the query runs on that Prometheus)")
+    try:
+        telemetry_config(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def telemetry_config(args: argparse.Namespace) -> TelemetryConfig | None:
+    """The telemetry settings from the command line; None without --prometheus-url."""
+    if not args.prometheus_url:
+        return None
+    return TelemetryConfig(
+        prometheus_url=args.prometheus_url,
+        rate_window_seconds=args.telemetry_window_seconds,
+        token_query=args.tokens_query,
+    )
 
 
 def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
@@ -213,16 +238,8 @@ def main(argv: list[str]) -> int:
         accounting_seconds=args.accounting_seconds,
     )
     build_input = build_input_function(args.heartbeat_timeout_seconds)
-    telemetry = (
-        TelemetryReader(
-            TelemetryConfig(
-                prometheus_url=args.prometheus_url,
-                rate_window_seconds=args.telemetry_window_seconds,
-            )
-        )
-        if args.prometheus_url
-        else None
-    )
+    config = telemetry_config(args)
+    telemetry = TelemetryReader(config) if config is not None else None
 
     @kopf.on.startup()
     async def start_loop(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:

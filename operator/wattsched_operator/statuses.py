@@ -30,6 +30,7 @@ TELEMETRY_FRESH = "TelemetryFresh"
 SLO_MET = "SLOMet"
 PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
 NO_SAMPLES = "NoSamples"
+NOT_RUNNING = "NotRunning"
 
 
 def rfc3339(moment: datetime) -> str:
@@ -140,12 +141,14 @@ def workload_status(
     measured_watts: float | None = None,
     energy: Mapping[str, Any] | None = None,
     objective: SloObjective | None = None,
+    telemetry: TelemetryFreshness | None = None,
 ) -> dict[str, Any]:
     """The LLMWorkload status this plan leads to (the fields the operator owns).
 
     `measured_watts` is the workload's draw from telemetry (None: unknown, left out; a merge patch
     with None removes an earlier figure); `energy` is `status.energy` as `accounting` advanced it
-    (None: none yet, `source: modelled`).
+    (None: none yet, `source: modelled`). `telemetry` (the operator reads Prometheus; see
+    `workload_telemetry`) adds the `TelemetryFresh` condition.
     """
     previous_phase = previous.get("phase")
     phase = next_phase(
@@ -204,6 +207,8 @@ def workload_status(
     if objective is not None and objective.declared:
         met, reason, text = slo_met(objective, phase, placements, unplaced)
         conditions.append(cond(SLO_MET, met, reason, text))
+    if telemetry is not None:
+        conditions.append(cond(TELEMETRY_FRESH, *telemetry))
     variants = sorted({p.variant for p in placements})
     return {
         "phase": phase,
@@ -386,6 +391,39 @@ def budget_telemetry(
         "Measured",
         f"{total:.0f} W measured on {len(nodes)} node(s) ({', '.join(metrics)})",
     )
+
+
+TelemetryFreshness = tuple[bool | None, str, str]  # (status, reason, message) of TelemetryFresh
+
+
+def workload_telemetry(telemetry: TelemetrySnapshot, pods: Iterable[PodKey]) -> TelemetryFreshness:
+    """(status, reason, message) of an LLMWorkload's `TelemetryFresh` condition.
+
+    `pods` are the workload's running pods. False when the reading is stale (reason
+    `PrometheusUnavailable` or `NoSamples`, with the reader's reason, as on an EnergyBudget) or a
+    running pod has no fresh power series (`NoSamples`); True (`Measured`) when every running pod
+    was measured; Unknown (`NotRunning`) while no pod runs and Prometheus answers.
+    """
+    keys = sorted(set(pods))
+    if telemetry.stale:
+        reason = PROMETHEUS_UNAVAILABLE if telemetry.unavailable else NO_SAMPLES
+        return False, reason, f"figures are modelled: {telemetry.reason}"
+    if not keys:
+        return None, NOT_RUNNING, "no running pod to measure"
+    missing = [
+        f"{namespace}/{name}"
+        for namespace, name in keys
+        if (namespace, name) not in telemetry.pod_watts
+    ]
+    if missing:
+        return (
+            False,
+            NO_SAMPLES,
+            f"no fresh GPU power series for {len(missing)} of {len(keys)} running pod(s) "
+            f"({', '.join(missing[:5])}); measuredWatts left out",
+        )
+    metrics = sorted({telemetry.pod_watts[key].metric for key in keys})
+    return True, "Measured", f"{len(keys)} running pod(s) measured ({', '.join(metrics)})"
 
 
 def workload_measured_watts(

@@ -530,23 +530,34 @@ def calibration_samples(
     pods: Mapping[tuple[str, int], PodKey],
     products: Mapping[str, str],
     types: Mapping[str, WorkloadType],
+    demands: Mapping[str, float],
     snapshot: TelemetrySnapshot,
     corrections: Mapping[CalibrationKey, Calibration],
 ) -> list[CalibrationSample]:
     """One sample per placed replica whose running pod a fresh reading measured.
 
     pods: (workload key, replica) -> the replica's running pod; products: node -> normalised
-    product; types: workload key -> type; corrections: the factors the plan was made with (the
-    modelled throughput is divided by them to compare with the uncalibrated model).
+    product; types: workload key -> type; demands: Inference workload key -> the tokens/s its
+    spec declares; corrections: the factors the plan was made with (the modelled throughput is
+    divided by them to compare with the uncalibrated model).
     Power is sampled only when neither the draw nor the model is held by the power limit.
-    Throughput only for Training, FineTuning and BatchInference, which run flat out; an
-    Inference replica serves its share of the demand, not what it could.
+    Throughput (measured tokens/s, from the token query) is sampled where it shows capacity:
+    Training, FineTuning and BatchInference run flat out, always. An Inference replica serves its
+    share of the demand, not what it could, so only (a) when the workload is saturated (its
+    declared demand is at least the planned replicas' expected tokens/s: every replica runs at
+    capacity), or (b) when a replica serves more than the calibrated model says it can (a lower
+    bound on its capacity above the model). Otherwise low traffic would read as slow GPUs.
     """
     if snapshot.stale:
         return []
+    placed = list(placements)
+    planned_tokens_per_second: dict[str, float] = {}
+    for placement in placed:
+        planned = planned_tokens_per_second.get(placement.workload, 0.0)
+        planned_tokens_per_second[placement.workload] = planned + placement.expected_throughput
     base = CatalogueModel()
     samples: list[CalibrationSample] = []
-    for placement in placements:
+    for placement in placed:
         pod = pods.get((placement.workload, placement.replica))
         product = products.get(placement.node)
         workload_type = types.get(placement.workload)
@@ -558,7 +569,14 @@ def calibration_samples(
         per_gpu = measured.value / max(placement.gpus, 1)
         bound = _LIMIT_BOUND_FRACTION * limit
         power_sampled = per_gpu < bound and modelled < bound
-        tokens = snapshot.pod_tokens_per_second.get(pod) if workload_type.is_gang else None
+        tokens = snapshot.pod_tokens_per_second.get(pod)
+        if tokens is not None and not workload_type.is_gang:
+            demand = demands.get(placement.workload)
+            saturated = (
+                demand is not None and demand >= planned_tokens_per_second[placement.workload]
+            )
+            if not saturated and tokens <= placement.expected_throughput:
+                tokens = None
         factor = corrections.get((product, workload_type), Calibration()).throughput_factor
         if not power_sampled and tokens is None:
             continue

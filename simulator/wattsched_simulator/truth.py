@@ -7,20 +7,11 @@ silicon spread and per-step noise, so a planner that trusted its prior blindly w
 realistic amount. Not for: planning (the planner never imports this module; the oracle policy uses
 it only to correct its prior, see `controller`).
 
-Sources (numbers rounded):
-- ML.ENERGY leaderboard v3, Llama-3.1-8B on one H100: batch 8 486 W / 1,070 tok/s, batch 64
-  610 W / 5,147 tok/s, batch 256 691 W / 9,010 tok/s. Online serving capacity is the batch-64
-  point; (draw - idle)/(full - idle) = load^k through the batch-8 point gives k = 0.17.
-- Splitwise (Patel et al., ISCA 2024): idle 75 W (H100) and 63 W (A100); a 70% cap keeps decode
-  throughput and leaves prefill at ~77%; A100 decodes 1.4-1.5x slower than H100.
-- Zeus (You et al., NSDI 2023) training power-limit sweeps: throughput 98/94/90/84/70% at cap
-  fractions 0.9/0.8/0.7/0.6/0.5.
-- Datasheet power ranges (min/max W as NVML reports them) and memory bandwidth / dense BF16 FLOPs
-  for the speed ratios between products (H100 SXM 3.35 TB/s, 989 TFLOPs; H200 4.8 TB/s; A100
-  2.0/1.6 TB/s, 312 TFLOPs; L40S 0.86 TB/s; L4 0.3 TB/s). The ground truth's ratios differ from
-  the optimizer's catalogue on purpose, within what published comparisons disagree by: A100 and
-  L40S compute-bound speed 0.40 and 0.25 (catalogue 0.45 and 0.37), L4 0.10 (0.12), H200 decode
-  1.35 (1.43).
+The numbers, with their sources (ML.ENERGY, Splitwise, Zeus, datasheets), live in one data file,
+`wattsched_ground_truth/ground_truth.yaml`, which this module reads into `DEFAULT_PRODUCTS`,
+`DEFAULT_TYPES` and `GroundTruth`'s defaults. The node agent's simulated NVML backend reads the
+same file, so a sandbox GPU draws what a simulated one does (the two components may not import
+each other; they share the data, not code).
 """
 
 from __future__ import annotations
@@ -28,38 +19,36 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+import yaml
 
 from wattsched_optimizer.problem import WorkloadType
 
-# Tensor-parallel efficiency per replica spanning more than one GPU.
-MULTI_GPU_EFFICIENCY = 0.9
+GROUND_TRUTH_SOURCE = "wattsched_ground_truth/ground_truth.yaml"
 
-# Throughput fraction kept at a power-limit fraction of the maximum.
-# Compute-bound work (training, fine-tuning, large-batch inference): Zeus' sweep, extended
-# linearly below 0.5 (assumption).
-COMPUTE_BOUND_CURVE: tuple[tuple[float, float], ...] = (
-    (0.2, 0.28),
-    (0.3, 0.42),
-    (0.4, 0.56),
-    (0.5, 0.70),
-    (0.6, 0.84),
-    (0.7, 0.90),
-    (0.8, 0.94),
-    (0.9, 0.98),
-    (1.0, 1.00),
-)
-# Online inference (decode-dominated token mix): Splitwise's 70% point (decode unchanged, prefill
-# 77%) weighted for a decode-heavy mix; below 0.7 assumed to fall like Zeus' curve (assumption).
-DECODE_BOUND_CURVE: tuple[tuple[float, float], ...] = (
-    (0.2, 0.30),
-    (0.3, 0.45),
-    (0.4, 0.65),
-    (0.5, 0.80),
-    (0.6, 0.90),
-    (0.7, 0.96),
-    (0.8, 0.99),
-    (1.0, 1.00),
-)
+
+def _load_table() -> Mapping[str, Any]:
+    text = resources.files("wattsched_ground_truth").joinpath("ground_truth.yaml").read_text()
+    table: Mapping[str, Any] = yaml.safe_load(text)
+    return table
+
+
+_TABLE = _load_table()
+
+
+def _curve(name: str) -> tuple[tuple[float, float], ...]:
+    return tuple((float(x), float(y)) for x, y in _TABLE["curves"][name])
+
+
+# Tensor-parallel efficiency per replica spanning more than one GPU.
+MULTI_GPU_EFFICIENCY = float(_TABLE["multiGpuEfficiency"])
+
+# Throughput fraction kept at a power-limit fraction of the maximum (compute-bound: Zeus' sweep;
+# decode-bound online inference: Splitwise's 70% point; see the data file).
+COMPUTE_BOUND_CURVE = _curve("computeBound")
+DECODE_BOUND_CURVE = _curve("decodeBound")
 
 
 @dataclass(frozen=True)
@@ -72,17 +61,14 @@ class TypeTruth:
     decode_bound: bool  # speed across products follows memory bandwidth, not FLOPs
 
 
-# Online inference at batch 64 (ML.ENERGY: 5,147 tok/s at 610 W = 0.87 of 700 W): the most a
-# replica serves while keeping interactive latency. Batch inference at batch 256 (9,010 tok/s,
-# 691 W). Training: 40% MFU of 989 TFLOPs / (6 x 8e9 FLOPs per token) ~ 8,240 tok/s, drawing
-# 0.97 of the limit (Zeus' unconstrained runs sit just under TDP).
 DEFAULT_TYPES: Mapping[WorkloadType, TypeTruth] = {
-    WorkloadType.INFERENCE: TypeTruth(5147.0, 0.87, DECODE_BOUND_CURVE, True),
-    WorkloadType.BATCH_INFERENCE: TypeTruth(9010.0, 0.99, COMPUTE_BOUND_CURVE, False),
-    WorkloadType.TRAINING: TypeTruth(0.40 * 989e12 / (6 * 8e9), 0.97, COMPUTE_BOUND_CURVE, False),
-    WorkloadType.FINE_TUNING: TypeTruth(
-        0.40 * 989e12 / (6 * 8e9), 0.97, COMPUTE_BOUND_CURVE, False
-    ),
+    WorkloadType(name): TypeTruth(
+        float(fields["tokensPerSecond8b"]),
+        float(fields["fullLoadFraction"]),
+        _curve(str(fields["curve"])),
+        bool(fields["decodeBound"]),
+    )
+    for name, fields in _TABLE["types"].items()
 }
 
 
@@ -112,13 +98,15 @@ class ProductTruth:
 
 # Keys are the simulator's own product names (see `truth_product`), not the optimizer's.
 DEFAULT_PRODUCTS: Mapping[str, ProductTruth] = {
-    "H100-80GB": ProductTruth(200, 700, 75, 80, 1.00, 1.00),
-    "H200": ProductTruth(200, 700, 80, 141, 1.35, 1.05),
-    "A100-80GB": ProductTruth(100, 400, 63, 80, 0.68, 0.40),
-    "A100-40GB": ProductTruth(100, 400, 55, 40, 0.58, 0.40),
-    "A100-PCIE-40GB": ProductTruth(150, 250, 35, 40, 0.58, 0.33),
-    "L40S": ProductTruth(100, 350, 35, 48, 0.28, 0.25),
-    "L4": ProductTruth(40, 72, 16, 24, 0.10, 0.10),
+    str(name): ProductTruth(
+        float(fields["minWatts"]),
+        float(fields["maxWatts"]),
+        float(fields["idleWatts"]),
+        float(fields["memoryGiB"]),
+        float(fields["decodeSpeed"]),
+        float(fields["computeSpeed"]),
+    )
+    for name, fields in _TABLE["products"].items()
 }
 
 
@@ -156,13 +144,13 @@ class GroundTruth:
     throughput_scale: float = 1.0
     # Online inference draw at load x (share of the replica's full-power capacity), uncapped:
     # idle + (full - idle) * x ** exponent; fitted to ML.ENERGY's batch 8 and batch 64 points.
-    load_power_exponent: float = 0.17
+    load_power_exponent: float = float(_TABLE["loadPowerExponent"])
     # Standard deviation of a node's multiplicative power deviation (silicon lottery, cooling).
-    node_power_spread: float = 0.03
+    node_power_spread: float = float(_TABLE["nodePowerSpread"])
     # Standard deviation of per-step multiplicative power noise of a busy replica.
-    power_noise: float = 0.01
+    power_noise: float = float(_TABLE["powerNoise"])
     # Draw of a GPU whose replica is starting (loading weights), as a multiple of idle.
-    startup_idle_multiple: float = 1.5
+    startup_idle_multiple: float = float(_TABLE["startupIdleMultiple"])
 
     def product(self, name: str) -> ProductTruth:
         return self.products[name]

@@ -1,12 +1,15 @@
 """Helpers for tests that run `wattsched agent` against the sandbox (agent and telemetry tests).
 
 Import them with `from tests.agent.conftest import start_agent, ...`. Not for fixtures of the
-sandbox itself (tests/conftest.py).
+sandbox itself (tests/conftest.py). `truth_draw_watts` is the simulator's ground-truth draw of one
+GPU (the formula of `wattsched_simulator.engine`, from `GroundTruth`), what a simulated agent's GPU
+must draw.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,8 +22,33 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from wattsched_optimizer.problem import WorkloadType
+from wattsched_simulator.truth import GroundTruth, truth_product
+
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
+
+
+def truth_draw_watts(
+    product_label: str,
+    utilisation: float,
+    power_limit_watts: float,
+    node_factor: float,
+    workload_type: WorkloadType = WorkloadType.INFERENCE,
+) -> float:
+    """One GPU's draw in the simulator (engine.py): a service's load is its utilisation times the
+    throughput kept at the limit, a job's its utilisation; then node deviation and the limit."""
+    truth = GroundTruth()
+    product = truth_product(product_label)
+    spec = truth.product(product)
+    full = truth.full_load_watts(product, workload_type)
+    load = utilisation
+    if workload_type is WorkloadType.INFERENCE:
+        load *= truth.throughput_fraction(workload_type, power_limit_watts / spec.max_watts)
+    share = math.pow(min(load, 1.0), truth.load_power_exponent)
+    return min(
+        (spec.idle_watts + (full - spec.idle_watts) * share) * node_factor, power_limit_watts
+    )
 
 
 def start_agent(sandbox: Sandbox, log_path: Path, *args: str) -> subprocess.Popen[bytes]:

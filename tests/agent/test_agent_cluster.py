@@ -21,13 +21,16 @@ from tests.agent.conftest import (
     scrape,
     start_agent,
     stop_agent,
+    truth_draw_watts,
     wait_until,
 )
+from wattsched_agent.simulated_nvml import load_ground_truth
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
 
 pytestmark = pytest.mark.cluster
+A100 = "NVIDIA-A100-SXM4-80GB"
 
 SERVED_SELECTOR = "nvidia.com/gpu.present=true,nvidia.com/gpu.product!=NVIDIA-L40S"
 
@@ -143,16 +146,23 @@ def test_a_workload_pod_makes_its_gpus_busy_and_labels_their_metrics(
         return by_gpu if by_gpu["1"].value > 300 else None
 
     by_gpu = wait_until("busy GPUs", busy_power)
-    assert by_gpu["0"].value == 348.0  # A100 inference draw, below its 400 W default limit
+    factor = load_ground_truth().node_factor("gpu-a100-00")
+    busy_watts = truth_draw_watts(A100, 1.0, 400, factor)
+    assert busy_watts < 400  # the ground truth's inference draw, below the 400 W default limit
+    assert by_gpu["0"].value == pytest.approx(busy_watts, abs=1e-3)
     assert by_gpu["0"].labels["pod"] == "llama-0"
     assert by_gpu["1"].labels["namespace"] == namespace
-    assert by_gpu["2"].value == 63.0  # idle
+    idle_watts = truth_draw_watts(A100, 0.0, 400, factor)
+    assert by_gpu["2"].value == pytest.approx(idle_watts, abs=1e-3)
     assert "pod" not in by_gpu["2"].labels
 
     sandbox.kubectl("delete", "pod", "llama-0", "-n", namespace, "--wait=false")
     wait_until(
         "idle GPUs after the pod is deleted",
-        lambda: scrape(fleet_agent["gpu-a100-00"])["DCGM_FI_DEV_POWER_USAGE"][1].value == 63.0,
+        lambda: (
+            abs(scrape(fleet_agent["gpu-a100-00"])["DCGM_FI_DEV_POWER_USAGE"][1].value - idle_watts)
+            < 1e-3
+        ),
     )
 
 

@@ -74,6 +74,12 @@ def test_fault_flags_name_a_node_or_every_node() -> None:
         parse_faults(["1=melted"], ["a"])
 
 
+def test_readable_but_not_settable_fault_is_a_simulate_fault_kind() -> None:
+    assert parse_faults(["2=set-not-supported"], ["a"]) == {
+        "a": {2: GpuFaults(set_not_supported=True)}
+    }
+
+
 def test_all_nodes_mode_needs_the_simulated_backend(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--all-nodes", "--backend", "nvml"])

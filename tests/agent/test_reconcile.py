@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.agent.conftest import truth_draw_watts
 from wattsched_agent.kube_access import node_gpu_info, placed_pod
 from wattsched_agent.node_agent import ExitPolicy, NodeAgent
 from wattsched_agent.nvml_backend import NvmlBackend
@@ -16,8 +17,10 @@ from wattsched_operator.api.nodepowerprofile import (
     NodePowerProfile,
     parse_nodepowerprofile,
 )
+from wattsched_optimizer.problem import WorkloadType
 
 NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
+A100 = "NVIDIA-A100-SXM4-80GB"
 
 
 def profile(limits: dict[int, float], generation: int = 3, status: Any = None) -> NodePowerProfile:
@@ -36,12 +39,13 @@ def profile(limits: dict[int, float], generation: int = 3, status: Any = None) -
 
 
 def a100_agent(faults: dict[int, GpuFaults] | None = None) -> tuple[NodeAgent, SimulatedNvml]:
-    library = SimulatedNvml("gpu-a", ["NVIDIA-A100-SXM4-80GB"] * 4, faults=faults)
+    library = SimulatedNvml("gpu-a", [A100] * 4, faults=faults)
     return NodeAgent("gpu-a", NvmlBackend(library, "simulated"), library), library
 
 
 def test_status_reports_applied_limits_and_the_applied_condition() -> None:
-    agent, _ = a100_agent()
+    agent, library = a100_agent()
+    factor = library.node_factor  # idle draw: the truth's idle watts times the node's deviation
     status = agent.reconcile(profile({0: 250, 1: 300, 2: 100, 3: 400}), NOW)
     assert status["observedGeneration"] == 3
     assert [gpu["appliedWatts"] for gpu in status["gpus"]] == [250, 300, 100, 400]
@@ -51,7 +55,7 @@ def test_status_reports_applied_limits_and_the_applied_condition() -> None:
     gpu = status["gpus"][0]
     assert gpu["product"] == "NVIDIA-A100-SXM4-80GB"
     assert (gpu["minWatts"], gpu["maxWatts"], gpu["defaultWatts"]) == (100, 400, 400)
-    assert gpu["drawWatts"] == 63  # idle
+    assert gpu["drawWatts"] == pytest.approx(truth_draw_watts(A100, 0.0, 250, factor), abs=1e-3)
     assert status["agent"] == {
         "ready": True,
         "heartbeatTime": "2026-11-25T03:00:00Z",
@@ -84,6 +88,22 @@ def test_no_permission_makes_applied_false_with_the_reason() -> None:
     assert status["gpus"][1]["appliedWatts"] == 400
     assert status["agent"]["ready"] is True
     assert not profile({0: 250, 1: 250}, status=status).limits_confirmed
+
+
+def test_readable_but_not_settable_gpu_fails_applied_and_still_reports_draw_and_limits() -> None:
+    agent, library = a100_agent({0: GpuFaults(set_not_supported=True)})
+    library.set_utilisation(0, 1.0)
+    status = agent.reconcile(profile({0: 250, 1: 250}), NOW)
+    [condition] = status["conditions"]
+    assert (condition["status"], condition["reason"]) == ("False", "NotSupported")
+    assert "GPU 0: nvmlDeviceSetPowerManagementLimit failed" in condition["message"]
+    gpu = status["gpus"][0]
+    assert (gpu["minWatts"], gpu["maxWatts"], gpu["defaultWatts"]) == (100, 400, 400)
+    assert gpu["appliedWatts"] == 400  # the default stays in force
+    handle = library.nvmlDeviceGetHandleByIndex(0)
+    assert gpu["drawWatts"] == library.nvmlDeviceGetPowerUsage(handle) / 1000 > 63
+    assert status["gpus"][1]["appliedWatts"] == 250
+    assert status["agent"]["ready"] is True
 
 
 def test_lost_gpu_outside_the_spec_still_fails_applied() -> None:
@@ -132,12 +152,12 @@ def test_leave_policy_keeps_limits_and_only_marks_the_agent_stopped() -> None:
 
 
 def test_pods_get_gpus_in_creation_order_and_make_them_busy() -> None:
-    agent, _ = a100_agent()
-    agent.reconcile(profile({0: 300, 1: 300, 2: 300, 3: 300}), NOW)
+    agent, library = a100_agent()
+    agent.reconcile(profile({0: 400, 1: 400, 2: 300, 3: 300}), NOW)
     agent.observe_pods(
         [
             PlacedPod("team", "late", "server", 1, "2026-11-25T02:00:00Z"),
-            PlacedPod("team", "early", "server", 2, "2026-11-25T01:00:00Z", utilisation=0.5),
+            PlacedPod("team", "early", "server", 2, "2026-11-25T01:00:00Z", utilisation=0.05),
         ]
     )
     text = agent.metrics_text()
@@ -151,9 +171,35 @@ def test_pods_get_gpus_in_creation_order_and_make_them_busy() -> None:
     assert 'pod="early"' in power["1"]
     assert 'pod="late"' in power["2"]
     assert "pod=" not in power["3"]
-    assert power["0"].endswith(" 181.5")  # 63 + 0.5 * (300 - 63)
-    assert power["2"].endswith(" 300")  # busy (348 W) above the 300 W limit
-    assert power["3"].endswith(" 63")
+
+    def watts(gpu: str) -> float:
+        return float(power[gpu].rsplit(" ", 1)[1])
+
+    def truth(utilisation: float, limit_watts: float) -> float:
+        return truth_draw_watts(A100, utilisation, limit_watts, library.node_factor)
+
+    assert watts("0") == pytest.approx(truth(0.05, 400), abs=1e-3)  # lightly loaded
+    assert watts("2") == 300  # busy, held by the 300 W limit
+    assert watts("3") == pytest.approx(truth(0.0, 300), abs=1e-3)  # idle
+    assert watts("3") < watts("0") < watts("2")
+
+
+def test_a_pods_workload_type_sets_how_its_simulated_gpus_draw() -> None:
+    agent, library = a100_agent()
+    agent.reconcile(profile({0: 400, 1: 400}), NOW)
+    agent.observe_pods(
+        [
+            PlacedPod("team", "serve", "c", 1, "1", workload_type="Inference"),
+            PlacedPod("team", "train", "c", 1, "2", workload_type="Training"),
+        ]
+    )
+    factor = library.node_factor
+    draws = [agent.backend.sample(index).draw_watts for index in (0, 1)]
+    assert draws == [
+        pytest.approx(truth_draw_watts(A100, 1.0, 400, factor, WorkloadType.INFERENCE), abs=1e-3),
+        pytest.approx(truth_draw_watts(A100, 1.0, 400, factor, WorkloadType.TRAINING), abs=1e-3),
+    ]
+    assert draws[0] != draws[1]
 
 
 def test_more_gpus_requested_than_present_fill_the_node() -> None:
@@ -174,6 +220,11 @@ def test_only_live_workload_pods_with_gpus_count() -> None:
         }
 
     assert placed_pod(pod("Running", 2)) == PlacedPod("n", "p", "c", 2, "t")
+    typed = pod("Running", 2)
+    typed["metadata"]["annotations"] = {"wattsched.io/workload-type": "Training"}
+    assert placed_pod(typed) == PlacedPod("n", "p", "c", 2, "t", workload_type="Training")
+    typed["metadata"]["annotations"] = {"wattsched.io/workload-type": "Gaming"}
+    assert placed_pod(typed) == PlacedPod("n", "p", "c", 2, "t", workload_type="Inference")
     assert placed_pod(pod("Succeeded", 2)) is None
     assert placed_pod(pod("Running", 0)) is None
     assert placed_pod(pod("Running", 2, deleting=True)) is None

@@ -425,6 +425,34 @@ def test_helm_test_pod_checks_operator_health_and_metrics(chart: Chart) -> None:
     compile(script, "helm-test", "exec")
 
 
+def test_tokens_query_value_reaches_the_operators_telemetry_config(chart: Chart) -> None:
+    from wattsched_operator.run import parse_args as parse_operator_args  # noqa: PLC0415
+    from wattsched_operator.run import telemetry_config  # noqa: PLC0415
+
+    values_file = CHART_DIR / "ci" / "monitoring-values.yaml"
+    tokens_query = yaml.safe_load(values_file.read_text())["operator"]["tokensQuery"]
+    # quotes and braces that must survive rendering into the container's args
+    assert '"' in tokens_query
+    assert "{window}" in tokens_query
+    operator_args = _container(
+        find(chart.render(values_files=(values_file,)), "Deployment", "-operator")
+    )["args"]
+    assert f"--tokens-query={tokens_query}" in operator_args
+    config = telemetry_config(parse_operator_args(operator_args[1:]))
+    assert config is not None
+    assert config.token_query == tokens_query
+
+
+def test_tokens_query_is_left_to_the_operator_default_unless_set(chart: Chart) -> None:
+    operator_args = _container(find(chart.render(), "Deployment", "-operator"))["args"]
+    assert not [arg for arg in operator_args if arg.startswith("--tokens-query")]
+
+
+def test_tokens_query_without_prometheus_url_is_refused(chart: Chart) -> None:
+    with pytest.raises(HelmError, match=r"operator\.tokensQuery needs operator\.prometheusUrl"):
+        chart.render(set_values=("operator.tokensQuery=sum(rate(x[{window}]))",))
+
+
 @pytest.mark.parametrize("values_file", ci_values_files(), ids=lambda p: p.name)
 def test_rendered_arguments_are_accepted_by_the_components(chart: Chart, values_file: Path) -> None:
     from wattsched_agent.cli import parse_args as parse_agent_args  # noqa: PLC0415

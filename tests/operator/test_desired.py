@@ -9,6 +9,7 @@ import pytest
 from wattsched_operator.desired import (
     ANNOTATION_NODE,
     ANNOTATION_POWER_LIMIT,
+    ANNOTATION_WORKLOAD_TYPE,
     WorkloadObject,
     build_pod,
     desired_pods,
@@ -160,6 +161,14 @@ def test_a_new_power_limit_only_re_annotates_the_pod() -> None:
     assert changes.create == ()
     assert changes.relabel_power == {("team-a", "llama-0"): "300"}
     assert want[("team-a", "llama-0")]["metadata"]["annotations"][ANNOTATION_POWER_LIMIT] == "300"
+
+
+@pytest.mark.parametrize("workload_type", list(WorkloadType))
+def test_a_pod_says_which_kind_of_work_it_runs(workload_type: WorkloadType) -> None:
+    template = workload().template
+    template["metadata"]["annotations"] = {ANNOTATION_WORKLOAD_TYPE: "Gaming"}  # ours wins
+    pod = build_pod(workload(type=workload_type, template=template), placement(0))
+    assert pod["metadata"]["annotations"][ANNOTATION_WORKLOAD_TYPE] == workload_type.value
 
 
 def test_finished_and_terminating_pods_are_left_to_the_lifecycle_rules() -> None:

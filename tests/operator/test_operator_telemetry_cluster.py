@@ -1,7 +1,8 @@
 """The operator with `--prometheus-url` on the sandbox: the simulated agents scraped by a real
 Prometheus, EnergyBudget `measuredWatts` and the energy and carbon totals in statuses against the
-agents' own draw, and planning that goes on (with `TelemetryFresh=False`, totals turning `mixed`)
-once Prometheus is stopped.
+agents' own draw, the model's power correction moving toward the simulator's ground truth, and
+planning that goes on (with `TelemetryFresh=False`, totals turning `mixed`) once Prometheus is
+stopped.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from tests.agent.conftest import scrape
+from tests.agent.conftest import scrape, truth_draw_watts
 from tests.operator.conftest import TEST_LABEL, StartOperator, get_json, wait_until
 from tests.operator.test_operator_cluster import apply, pods_of, workload
 from tests.telemetry.conftest import start_prometheus
+from wattsched_agent.kube_access import UTILISATION_ANNOTATION
+from wattsched_agent.simulated_nvml import load_ground_truth
+from wattsched_operator.api.meta import POWER_LIMIT_ANNOTATION
+from wattsched_optimizer.model import CALIBRATION_BOUNDS, CatalogueModel
+from wattsched_optimizer.problem import WorkloadType
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
@@ -28,6 +34,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.prometheus]
 
 SCOPE = {"nvidia.com/gpu.product": "NVIDIA-L4"}
 WINDOW_SECONDS = 5
+UTILISATION = 0.5
 
 
 def telemetry_condition(status: dict[str, Any]) -> dict[str, Any] | None:
@@ -175,6 +182,11 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
         server_llm = workload("l4-server", products=["NVIDIA-L4"])
         # At the maximum limit (72 W) the replica's draw is not held by it: a calibration sample.
         server_llm["spec"]["energy"] = {"policy": "Performance"}
+        # Half loaded: the ground truth's draw then differs from the planner's prior, which
+        # expects a placed replica to draw its full demand.
+        server_llm["spec"]["template"]["metadata"] = {
+            "annotations": {UTILISATION_ANNOTATION: str(UTILISATION)}
+        }
         apply(sandbox, namespace, server_llm)
         operator = start_operator(
             "--prometheus-url",
@@ -232,14 +244,25 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
         assert last_workload["source"] == "measured"
         assert last_workload["carbonGrams"] > first_workload["carbonGrams"]
 
-        # The simulated L4 draws what the catalogue models (62.64 W busy): a correction near 1.
+        # The simulated L4 draws what the simulator's ground truth says (half loaded, on this
+        # node); the planner's prior expects more. Calibration moves the model toward the truth.
+        limit_watts = float(pod["metadata"]["annotations"][POWER_LIMIT_ANNOTATION])
+        factor = load_ground_truth().node_factor(node)
+        true_watts = truth_draw_watts("NVIDIA-L4", UTILISATION, limit_watts, factor)
+        prior_watts = CatalogueModel().expected_power_watts(
+            "L4", WorkloadType.INFERENCE, limit_watts
+        )
+        truth_ratio = true_watts / prior_watts
+        assert truth_ratio < 0.95  # a real difference for calibration to find
         corrections = {
             sample.labels["quantity"]: sample.value
             for sample in scrape(f"127.0.0.1:{operator.metrics_port}")["wattsched_model_correction"]
             if sample.labels["product"] == "L4" and sample.labels["type"] == "Inference"
         }
-        assert corrections["power"] == pytest.approx(1.0, abs=0.03)
-        assert corrections["throughput"] == 1.0  # Inference tokens follow demand: not fitted
+        # Moved at least a quarter of the way from 1 toward the truth, never past it (bounded).
+        assert truth_ratio - 0.02 <= corrections["power"] <= 1 - 0.25 * (1 - truth_ratio)
+        assert corrections["power"] >= CALIBRATION_BOUNDS[0]
+        assert corrections["throughput"] == 1.0  # no token counter on the sandbox: not fitted
 
         server.stop()  # the next increments are modelled; totals say so, and carbon goes static
 
@@ -256,5 +279,16 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
             lambda: workload_status()["source"] == "mixed",
             timeout_seconds=60,
         )
+
+        def workload_telemetry() -> dict[str, Any] | None:
+            status = get_json(sandbox, "llmworkload", "l4-server", "-n", namespace)["status"]
+            return telemetry_condition(status)
+
+        stale = wait_until(
+            "the workload's TelemetryFresh=False",
+            lambda: (c := workload_telemetry()) is not None and c["status"] == "False" and c,
+            timeout_seconds=60,
+        )
+        assert stale["reason"] == "PrometheusUnavailable"
     finally:
         server.stop()

@@ -21,6 +21,7 @@ from wattsched_operator.statuses import (
     without_nones,
     workload_measured_watts,
     workload_status,
+    workload_telemetry,
 )
 from wattsched_operator.telemetry import (
     Measurement,
@@ -160,6 +161,92 @@ def test_workload_status_carries_the_accounted_energy_and_the_measured_watts() -
     modelled = workload()
     assert modelled["energy"] == {"source": "modelled"}
     assert "measuredWatts" not in without_nones(modelled)["power"]
+
+
+DOWN = TelemetrySnapshot(
+    NOW, Source.MODELLED, True, "Prometheus at http://p did not answer", unavailable=True
+)
+PODS = [("ns", "w-0"), ("ns", "w-1")]
+
+
+def test_a_workload_without_any_budget_shows_prometheus_down_as_stale_telemetry() -> None:
+    result = workload(telemetry=workload_telemetry(DOWN, PODS))
+    telemetry = cond(result, "TelemetryFresh")
+    assert telemetry is not None
+    assert (telemetry["status"], telemetry["reason"]) == ("False", "PrometheusUnavailable")
+    assert "http://p did not answer" in telemetry["message"]
+    assert telemetry["observedGeneration"] == 1
+
+
+def test_a_workload_whose_running_pods_were_all_measured_has_fresh_telemetry() -> None:
+    reading = fresh({"a": 1.0}, {("ns", "w-0"): 350.0, ("ns", "w-1"): 340.0})
+    telemetry = cond(workload(telemetry=workload_telemetry(reading, PODS)), "TelemetryFresh")
+    assert telemetry is not None
+    assert (telemetry["status"], telemetry["reason"]) == ("True", "Measured")
+    assert DCGM in telemetry["message"]
+
+
+def test_a_running_pod_without_samples_makes_a_workloads_telemetry_stale_naming_it() -> None:
+    reading = fresh({"a": 1.0}, {("ns", "w-0"): 350.0})
+    status, reason, message = workload_telemetry(reading, PODS)
+    assert (status, reason) == (False, "NoSamples")
+    assert "ns/w-1" in message
+    assert "ns/w-0" not in message
+
+
+def test_no_fresh_series_anywhere_is_no_samples_on_a_workload_too() -> None:
+    empty = TelemetrySnapshot(NOW, Source.MODELLED, True, "no GPU power series in the last 60s")
+    status, reason, message = workload_telemetry(empty, [])
+    assert (status, reason) == (False, "NoSamples")
+    assert "no GPU power series" in message
+
+
+def test_a_workload_with_no_running_pod_has_unknown_telemetry_while_prometheus_answers() -> None:
+    telemetry = cond(
+        workload(telemetry=workload_telemetry(fresh({"a": 1.0}), [])), "TelemetryFresh"
+    )
+    assert telemetry is not None
+    assert (telemetry["status"], telemetry["reason"]) == ("Unknown", "NotRunning")
+
+
+def test_without_prometheus_a_workload_has_no_telemetry_condition() -> None:
+    assert cond(workload(), "TelemetryFresh") is None
+
+
+def test_a_workloads_telemetry_condition_moves_its_transition_time_only_when_it_changes() -> None:
+    first = workload(telemetry=workload_telemetry(DOWN, PODS))
+    later_now = NOW.replace(hour=13)
+    still_down = workload_status(
+        first,
+        generation=1,
+        is_gang=False,
+        gang_size=1,
+        placements=[],
+        unplaced=None,
+        pods=[],
+        failure_message=None,
+        now=later_now,
+        telemetry=workload_telemetry(DOWN, PODS),
+    )
+    back = fresh({"a": 1.0}, {("ns", "w-0"): 350.0, ("ns", "w-1"): 340.0})
+    recovered = workload_status(
+        still_down,
+        generation=1,
+        is_gang=False,
+        gang_size=1,
+        placements=[],
+        unplaced=None,
+        pods=[],
+        failure_message=None,
+        now=later_now,
+        telemetry=workload_telemetry(back, PODS),
+    )
+    times = [cond(r, "TelemetryFresh") or {} for r in (first, still_down, recovered)]
+    assert [t.get("lastTransitionTime") for t in times] == [
+        "2026-11-25T12:00:00Z",
+        "2026-11-25T12:00:00Z",
+        "2026-11-25T13:00:00Z",
+    ]
 
 
 # -- the loop's read: never blocks or breaks a round -------------------------------------------

@@ -1,5 +1,6 @@
 """Which measurements become calibration samples: a running replica's measured draw against the
-uncalibrated model when no power limit holds it, and throughput only for work that runs flat out;
+uncalibrated model when no power limit holds it, and throughput where it shows capacity (work that
+runs flat out, a saturated Inference service, or a replica serving more than the model allows);
 then the calibrated model the next plan uses moves toward what was measured."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from wattsched_operator.telemetry import (
     TelemetrySnapshot,
     calibration_samples,
 )
-from wattsched_optimizer.model import Calibration, CatalogueModel
+from wattsched_optimizer.model import CALIBRATION_BOUNDS, Calibration, CatalogueModel
 from wattsched_optimizer.problem import Placement, WorkloadType
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -53,6 +54,7 @@ def samples(
             pods={("ns/w", 0): POD},
             products={"node-a": PRODUCT},
             types={"ns/w": workload_type},
+            demands={},
             snapshot=snapshot,
             corrections=corrections or {},
         )
@@ -66,6 +68,7 @@ def test_an_unconstrained_replica_gives_a_power_sample_per_gpu_against_the_plain
         pods={("ns/w", 0): POD},
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.INFERENCE},
+        demands={"ns/w": 600.0},  # below the planned 1000 tokens/s: not saturated
         snapshot=reading(2 * 0.8 * modelled, tokens=500.0),
         corrections={},
     )
@@ -85,6 +88,7 @@ def test_stale_readings_and_unknown_pods_give_nothing() -> None:
         pods={},
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.INFERENCE},
+        demands={},
         snapshot=reading(500.0),
         corrections={},
     )
@@ -98,6 +102,7 @@ def test_training_throughput_is_compared_with_the_uncorrected_model() -> None:
         pods={("ns/w", 0): POD},
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.TRAINING},
+        demands={},
         snapshot=reading(2 * 399.0, tokens=450.0),
         corrections=corrected,
     )
@@ -115,6 +120,7 @@ def test_the_next_plans_model_moves_toward_the_measured_draw_and_stays_bounded()
             pods={("ns/w", 0): POD},
             products={"node-a": PRODUCT},
             types={"ns/w": WorkloadType.INFERENCE},
+            demands={},
             snapshot=reading(2 * 0.8 * modelled),
             corrections=calibrator.corrections(),
         ):
@@ -126,3 +132,87 @@ def test_the_next_plans_model_moves_toward_the_measured_draw_and_stays_bounded()
     for sample in samples(reading(2 * 0.01 * modelled), WorkloadType.INFERENCE):
         absurd.observe(sample)
     assert absurd.corrections()[PRODUCT, WorkloadType.INFERENCE].power_factor == 0.5
+
+
+def inference_samples(
+    tokens: float,
+    demand: float | None,
+    corrections: dict[tuple[str, WorkloadType], Calibration] | None = None,
+    limit_watts: float = 400,
+) -> list[CalibrationSample]:
+    """Samples of two Inference replicas (1000 tokens/s planned each) of one workload."""
+    pods = {("ns/w", 0): POD, ("ns/w", 1): ("ns", "w-1")}
+    snapshot = TelemetrySnapshot(
+        time=NOW,
+        source=Source.MEASURED,
+        stale=False,
+        reason="",
+        pod_watts={pod: Measurement(2 * 399.0, "rate(DCGM)") for pod in pods.values()},
+        pod_tokens_per_second={pod: tokens for pod in pods.values()},
+    )
+    return calibration_samples(
+        [
+            Placement("ns/w", replica, "node-a", 2, "bf16", limit_watts, 0.0, 1000.0)
+            for replica in (0, 1)
+        ],
+        pods=pods,
+        products={"node-a": PRODUCT},
+        types={"ns/w": WorkloadType.INFERENCE},
+        demands={} if demand is None else {"ns/w": demand},
+        snapshot=snapshot,
+        corrections=corrections or {},
+    )
+
+
+def test_a_saturated_inference_service_gives_throughput_samples_per_replica() -> None:
+    # Demand 2500 tokens/s over two replicas planned at 1000 each: both run at capacity.
+    replicas = inference_samples(tokens=800.0, demand=2500.0)
+    assert [(s.measured_tokens_per_second, s.modelled_tokens_per_second) for s in replicas] == [
+        (800.0, 1000.0),
+        (800.0, 1000.0),
+    ]
+    assert all(s.measured_watts_per_gpu is None for s in replicas)  # held by the 400 W limit
+
+
+def test_an_inference_service_below_capacity_gives_no_throughput_sample() -> None:
+    assert inference_samples(tokens=700.0, demand=1400.0) == []  # serving its share of demand
+    assert inference_samples(tokens=700.0, demand=None) == []
+
+
+def test_an_inference_replica_serving_more_than_the_calibrated_model_allows_is_sampled() -> None:
+    slow = {(PRODUCT, WorkloadType.INFERENCE): Calibration(throughput_factor=0.5)}
+    [first, _] = inference_samples(tokens=1200.0, demand=1400.0, corrections=slow)
+    assert first.measured_tokens_per_second == 1200.0
+    assert first.modelled_tokens_per_second == pytest.approx(2000.0)  # 1000 planned / 0.5
+
+
+def test_inference_throughput_correction_moves_toward_measured_capacity_and_stays_bounded() -> None:
+    base = CatalogueModel()
+
+    def planned_tokens_per_second(model: CatalogueModel) -> float:
+        return model.throughput_tokens_per_second(PRODUCT, WorkloadType.INFERENCE, 8, 2, 1.0, 400)
+
+    uncalibrated = planned_tokens_per_second(base)
+    calibrator = Calibrator(smoothing=0.5)
+    for _ in range(20):
+        model = base.calibrated(calibrator.corrections())
+        planned = planned_tokens_per_second(model)
+        pods = {("ns/w", 0): POD}
+        snapshot = reading(2 * 399.0, tokens=0.7 * uncalibrated)  # the GPUs are 30% slower
+        for sample in calibration_samples(
+            [Placement("ns/w", 0, "node-a", 2, "bf16", 400, 0.0, planned)],
+            pods=pods,
+            products={"node-a": PRODUCT},
+            types={"ns/w": WorkloadType.INFERENCE},
+            demands={"ns/w": 2 * uncalibrated},  # saturated
+            snapshot=snapshot,
+            corrections=calibrator.corrections(),
+        ):
+            calibrator.observe(sample)
+    model = base.calibrated(calibrator.corrections())
+    assert planned_tokens_per_second(model) == pytest.approx(0.7 * uncalibrated, rel=1e-3)
+    absurd = Calibrator(smoothing=1.0)
+    for sample in inference_samples(tokens=1.0, demand=1e9):
+        absurd.observe(sample)
+    low, _ = CALIBRATION_BOUNDS
+    assert absurd.corrections()[PRODUCT, WorkloadType.INFERENCE].throughput_factor == low

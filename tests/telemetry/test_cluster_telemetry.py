@@ -21,9 +21,11 @@ from tests.agent.conftest import (
     scrape,
     start_agent,
     stop_agent,
+    truth_draw_watts,
     wait_until,
 )
 from tests.telemetry.conftest import RunningPrometheus
+from wattsched_agent.simulated_nvml import load_ground_truth
 from wattsched_operator.telemetry import Source, TelemetryConfig, TelemetryReader
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus]
 
 NODE = "gpu-h100-01"
+PRODUCT = "NVIDIA-H100-80GB-HBM3"
 RATE_WINDOW_SECONDS = 8
 
 
@@ -100,8 +103,11 @@ def test_prometheus_readings_match_the_agent_status_and_counters_then_go_stale(
         )
         snapshot = reader.read([NODE], [(namespace, "trainer-0")])
         assert (snapshot.source, snapshot.stale) == (Source.MEASURED, False)
-        # 4 busy GPUs at their 450 W limit (inference draw 609 W is above it) + 4 idle at 75 W.
-        assert status["drawWatts"] == pytest.approx(4 * 450 + 4 * 75, rel=0.01)
+        # 4 busy GPUs held by their 450 W limit (the ground truth's busy draw is above it) + 4 idle.
+        factor = load_ground_truth().node_factor(NODE)
+        idle_watts = truth_draw_watts(PRODUCT, 0.0, 450, factor)
+        assert truth_draw_watts(PRODUCT, 1.0, 450, factor) == 450
+        assert status["drawWatts"] == pytest.approx(4 * 450 + 4 * idle_watts, rel=0.01)
         assert snapshot.node_watts[NODE].value == pytest.approx(status["drawWatts"], rel=0.01)
         assert snapshot.pod_watts[namespace, "trainer-0"].value == pytest.approx(1800, rel=0.01)
 

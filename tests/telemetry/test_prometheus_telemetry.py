@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_api_client import PrometheusConnect
 
+from tests.agent.conftest import truth_draw_watts
 from tests.telemetry.conftest import SCRAPE_INTERVAL_SECONDS, RunningPrometheus, write_targets
 from wattsched_agent.cli import serve_metrics
 from wattsched_agent.dcgm_metrics import MetricsServer
@@ -27,6 +28,7 @@ from wattsched_operator.telemetry import Source, TelemetryConfig, TelemetryReade
 pytestmark = pytest.mark.prometheus
 
 RATE_WINDOW_SECONDS = 8
+H100 = "NVIDIA-H100-80GB-HBM3"
 StartPrometheus = Callable[[Path], RunningPrometheus]
 
 
@@ -51,7 +53,7 @@ class Fleet:
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     """Two simulated nodes: h100-a (2x H100, limits 400 W) and l4-a (1x L4, limit 60 W)."""
-    products = {"h100-a": ["NVIDIA-H100-80GB-HBM3"] * 2, "l4-a": ["NVIDIA-L4"]}
+    products = {"h100-a": [H100] * 2, "l4-a": ["NVIDIA-L4"]}
     libraries = {name: SimulatedNvml(name, gpus) for name, gpus in products.items()}
     agents = {
         name: NodeAgent(name, NvmlBackend(library, "simulated"), library)
@@ -90,10 +92,18 @@ def test_queries_return_what_the_agents_export(fleet: Fleet, prometheus: StartPr
     h100 = snapshot.node_watts["h100-a"]
     assert h100.metric == "rate(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION)"
     assert h100.value == pytest.approx(fleet.draw_watts("h100-a"), rel=0.01)
-    assert h100.value == pytest.approx(400 + 75, rel=0.01)  # one busy (capped), one idle
-    assert snapshot.node_watts["l4-a"].value == pytest.approx(16 + 0.5 * (60 - 16), rel=0.01)
-    assert snapshot.pod_watts["team-a", "llama-0"].value == pytest.approx(400, rel=0.01)
-    assert snapshot.pod_watts["team-b", "small-0"].value == pytest.approx(38, rel=0.01)
+    # The simulated GPUs draw the ground truth: one busy H100 held by its cap, one idle; the L4
+    # half loaded below its 60 W limit.
+    h100_factor = fleet.libraries["h100-a"].node_factor
+    busy = truth_draw_watts(H100, 1.0, 400, h100_factor)
+    assert busy == 400
+    idle = truth_draw_watts(H100, 0.0, 400, h100_factor)
+    assert h100.value == pytest.approx(busy + idle, rel=0.01)
+    half_loaded = truth_draw_watts("NVIDIA-L4", 0.5, 60, fleet.libraries["l4-a"].node_factor)
+    assert half_loaded < 60
+    assert snapshot.node_watts["l4-a"].value == pytest.approx(half_loaded, rel=0.01)
+    assert snapshot.pod_watts["team-a", "llama-0"].value == pytest.approx(busy, rel=0.01)
+    assert snapshot.pod_watts["team-b", "small-0"].value == pytest.approx(half_loaded, rel=0.01)
 
     limits = PrometheusConnect(server.url).custom_query("DCGM_FI_DEV_POWER_MGMT_LIMIT")
     by_gpu = {(row["metric"]["Hostname"], row["metric"]["gpu"]): row for row in limits}

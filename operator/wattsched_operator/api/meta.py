@@ -22,9 +22,11 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # Labels on the pods wattsched creates: which LLMWorkload (pod's namespace) and which replica.
 WORKLOAD_LABEL = "wattsched.io/workload"
 REPLICA_LABEL = "wattsched.io/replica"
-# Annotations on those pods: the variant and per-GPU power limit the plan gave the replica.
+# Annotations on those pods: the variant and per-GPU power limit the plan gave the replica, and
+# the workload's spec.type (the simulated agent draws power for that kind of work).
 VARIANT_ANNOTATION = "wattsched.io/variant"
 POWER_LIMIT_ANNOTATION = "wattsched.io/power-limit-watts"
+WORKLOAD_TYPE_ANNOTATION = "wattsched.io/workload-type"
 # Env vars injected into every container of a replica.
 VARIANT_ENV = "WATTSCHED_VARIANT"
 PRECISION_ENV = "WATTSCHED_PRECISION"

@@ -1,0 +1,50 @@
+"""`wattsched operator`'s command line -> its telemetry settings (no cluster, no Prometheus)."""
+
+from __future__ import annotations
+
+import pytest
+
+from wattsched_operator.run import parse_args, telemetry_config
+from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY
+
+PROMETHEUS = ["--prometheus-url", "http://prometheus.monitoring.svc:9090"]
+
+
+def test_tokens_query_flag_reaches_the_telemetry_config() -> None:
+    query = 'sum by (namespace, pod) (rate(sglang:generation_tokens_total{job="sglang"}[{window}]))'
+    config = telemetry_config(parse_args([*PROMETHEUS, "--tokens-query", query]))
+    assert config is not None
+    assert config.token_query == query
+    assert config.prometheus_url == PROMETHEUS[1]
+
+
+def test_tokens_query_defaults_to_vllms_counter() -> None:
+    config = telemetry_config(parse_args([*PROMETHEUS, "--telemetry-window-seconds", "120"]))
+    assert config is not None
+    assert (config.token_query, config.rate_window_seconds) == (DEFAULT_TOKEN_QUERY, 120)
+
+
+def test_empty_tokens_query_turns_token_figures_off() -> None:
+    config = telemetry_config(parse_args([*PROMETHEUS, "--tokens-query="]))
+    assert config is not None
+    assert config.token_query == ""
+
+
+def test_no_prometheus_url_means_no_telemetry() -> None:
+    assert telemetry_config(parse_args([])) is None
+
+
+def test_tokens_query_without_prometheus_url_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--tokens-query", "sum(rate(x[{window}]))"])
+    assert "--tokens-query needs --prometheus-url" in capsys.readouterr().err
+
+
+def test_bad_prometheus_url_is_refused_naming_the_field(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--prometheus-url", "prometheus:9090"])
+    assert "prometheusUrl='prometheus:9090': must be an http(s) URL" in capsys.readouterr().err
