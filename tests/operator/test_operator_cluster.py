@@ -392,7 +392,8 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
     watcher = LimitWatcher(sandbox.kubeconfig, nodes)
     watcher.start()
     watcher.ready.wait()
-    time.sleep(1)  # the watch lists every profile first
+    # The watch lists every profile first.
+    wait_until("the watch saw both profiles", lambda: set(watcher.spec) == nodes, 30)
     before = watcher.samples[-1]
     preemptions_before = operator.scrape()["wattsched_preemptions_total"][()]
     new_cap = 1500.0
