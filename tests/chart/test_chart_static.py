@@ -75,7 +75,7 @@ def _values_key_lines(text: str) -> list[tuple[str, int]]:
     """
     keys: list[tuple[str, int]] = []
 
-    def walk(node: yaml.Node, prefix: str) -> None:
+    def walk(node: yaml.Node | None, prefix: str) -> None:
         if not isinstance(node, yaml.MappingNode):
             return
         for key, value in node.value:
