@@ -78,6 +78,10 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
     `kubernetes.io/hostname` (kube-scheduler still binds, so its resource and taint checks hold),
     the workload/replica labels, the variant/precision/power-limit env on every container, and an
     ownerReference to the LLMWorkload so Kubernetes collects the pod with it.
+
+    The WATTSCHED_* env vars come first in each container's env, replacing same-named ones from
+    the template: Kubernetes expands `$(VAR)` only for variables defined earlier in the list, so
+    this is what lets the template's own env values reference them.
     """
     template = copy.deepcopy(dict(workload.template))
     template_meta: dict[str, Any] = dict(template.get("metadata") or {})
@@ -96,8 +100,8 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
     ]
     ours = {ENV_VARIANT, ENV_PRECISION, ENV_POWER_LIMIT}
     for container in containers:
-        env = [e for e in container.get("env") or [] if e.get("name") not in ours]
-        container["env"] = env + added_env
+        template_env = [e for e in container.get("env") or [] if e.get("name") not in ours]
+        container["env"] = added_env + template_env
     first = containers[0]
     resources = {k: dict(v) for k, v in (first.get("resources") or {}).items()}
     for section in ("requests", "limits"):

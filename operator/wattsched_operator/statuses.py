@@ -284,6 +284,8 @@ def slo_met(
         return True, "Planned", text
     if placements:
         return True, "OnTrack", f"placed to finish before the deadline {objective.deadline}"
+    if unplaced is not None and unplaced.constraint == "deadline_passed":
+        return False, "DeadlinePassed", f"deadline {objective.deadline} passed: {why_not}"
     return False, "NotPlaced", f"deadline {objective.deadline} at risk: {why_not}"
 
 

@@ -281,7 +281,8 @@ def _no_option_reason(
     """The first per-workload filter that leaves nothing, as a sentence a person can act on.
 
     Filters apply in order, each to what the previous ones left: allow-list, GPUs per node,
-    quality, memory, maxPowerWattsPerGPU, then the SLO or deadline.
+    quality, memory, maxPowerWattsPerGPU, then the SLO or deadline (`deadline_passed` when no
+    time is left at all, `deadline` when the time left is too short).
     """
     label = workload_label(workload)
     products = sorted({pool.product for pool in pools})
@@ -368,6 +369,12 @@ def _no_option_reason(
             f"{best * workload.max_replicas:.0f} tokens/s (modelled) but "
             f"spec.slo.tokensPerSecond={workload.tokens_per_second or 0:g}; raise "
             "spec.maxReplicas, lower the SLO or allow faster GPUs",
+        )
+    if workload.deadline_seconds is not None and workload.deadline_seconds <= 0:
+        return NoOption(
+            "deadline_passed",
+            f"{label}: spec.slo.deadline has passed and work is left; set a later "
+            "spec.slo.deadline, or remove it to run the rest without one",
         )
     return NoOption(
         "deadline",

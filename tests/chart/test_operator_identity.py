@@ -2,11 +2,14 @@
 
 `wattsched operator` runs as a subprocess whose only credential is a token of the installed
 release's operator ServiceAccount (TokenRequest API), so every API call it makes is authorised by
-the chart's RBAC. Simulated agents (admin credentials: they stand in for the DaemonSet, whose own
-identity is tested in test_rbac.py) confirm power limits.
+the chart's RBAC. It runs with peering on the release's own ClusterKopfPeering object (as the
+chart's Deployment does, `--peering=<peering.name>`), so the peering grants are exercised too: it
+acts only once its keep-alive entry is in that object. Simulated agents (admin credentials: they
+stand in for the DaemonSet, whose own identity is tested in test_rbac.py) confirm power limits.
 
-- A workload in an ordinary namespace gets its replica pods and NodePowerProfiles, and the
-  operator's log holds no RBAC denial.
+- A workload in an ordinary namespace gets its replica pods, NodePowerProfiles and its status
+  (phase and conditions, written through the status subresource); the operator's entry is in the
+  peering object, and the operator's log holds no RBAC denial.
 - The confused deputy: a privileged template in a namespace that enforces Pod Security `restricted`
   gets no pod anywhere; the API server's PodSecurity rejection is what stopped it.
 
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.cluster
 
 PLACEMENT_TIMEOUT_SECONDS = 60
+OPERATOR_IDENTITY = "identity-test/operator"  # its key in the peering object's status
 RBAC_DENIAL = "is forbidden: User"  # how the API server words an RBAC refusal
 
 
@@ -81,13 +85,16 @@ def operator_as_chart_identity(
     with log_path.open("wb") as operator_log:
         process = subprocess.Popen(
             [
-                *cli, "operator", "--kubeconfig", str(kubeconfig), "--standalone",
+                *cli, "operator", "--kubeconfig", str(kubeconfig), f"--peering={release.name}",
                 "--metrics-port", "0", "--health-port", "0", "--debounce-seconds", "0.3",
                 "--confirm-timeout-seconds", "10",
             ],
             stdout=operator_log,
             stderr=subprocess.STDOUT,
-            env={"PATH": "/usr/bin:/bin", "KUBECONFIG": str(kubeconfig), "HOME": str(workdir)},
+            env={
+                "PATH": "/usr/bin:/bin", "KUBECONFIG": str(kubeconfig), "HOME": str(workdir),
+                "WATTSCHED_POD_NAME": OPERATOR_IDENTITY,
+            },
             cwd=REPO_ROOT,
         )  # fmt: skip
     running = RunningOperator(process=process, log_path=log_path)
@@ -139,7 +146,10 @@ def workload_cleanup(sandbox: Sandbox, namespace: str) -> Iterator[None]:
 
 @pytest.mark.usefixtures("workload_cleanup")
 def test_operator_with_the_chart_identity_places_a_workload(
-    sandbox: Sandbox, namespace: str, operator_as_chart_identity: RunningOperator
+    sandbox: Sandbox,
+    namespace: str,
+    release: Release,
+    operator_as_chart_identity: RunningOperator,
 ) -> None:
     operator = operator_as_chart_identity
     _apply_workload(sandbox, namespace, "chat")
@@ -153,7 +163,45 @@ def test_operator_with_the_chart_identity_places_a_workload(
     node = pods[0]["spec"]["nodeName"]
     profile = json.loads(sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json").stdout)
     assert profile["spec"]["gpus"], f"NodePowerProfile {node} has no limits"
+    workload = _wait_for(
+        "the workload's status to say Running, with its pods on the placed nodes",
+        lambda: _running_workload(sandbox, namespace, "chat"),
+        operator,
+        PLACEMENT_TIMEOUT_SECONDS,
+    )
+    status = workload["status"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    for kind in ("Admitted", "Schedulable", "Placed", "Ready"):
+        assert conditions[kind]["status"] == "True", conditions[kind]
+    status_writes = [
+        entry["fieldsV1"]["f:status"]
+        for entry in workload["metadata"]["managedFields"]
+        if entry.get("subresource") == "status"
+    ]
+    assert any({"f:phase", "f:conditions"} <= set(fields) for fields in status_writes)
+    peering = json.loads(
+        sandbox.kubectl("get", "clusterkopfpeering", release.name, "-o", "json").stdout
+    )
+    assert OPERATOR_IDENTITY in peering["status"], "the operator's keep-alive is not in its peering"
     assert RBAC_DENIAL not in operator.log()
+
+
+def _running_workload(sandbox: Sandbox, namespace: str, name: str) -> dict[str, Any] | None:
+    workload: dict[str, Any] = json.loads(
+        sandbox.kubectl(
+            "get", "llmworkload", name, "-n", namespace, "-o", "json", "--show-managed-fields"
+        ).stdout
+    )  # fmt: skip
+    status = workload.get("status") or {}
+    live_pods = [
+        pod
+        for pod in _pods_of(sandbox, name)
+        if pod["metadata"]["namespace"] == namespace and "deletionTimestamp" not in pod["metadata"]
+    ]
+    pod_nodes = {pod["spec"].get("nodeName") for pod in live_pods}
+    placed_nodes = {p["node"] for p in status.get("placements") or []}
+    settled = status.get("phase") == "Running" and pod_nodes == placed_nodes
+    return workload if settled else None
 
 
 @pytest.mark.usefixtures("workload_cleanup")

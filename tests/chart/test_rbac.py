@@ -57,7 +57,10 @@ OPERATOR_ALLOWED: list[Permission] = [
         for verb in ("get", "list", "watch", "create", "update", "patch", "delete")
     ],
     *[(verb, "nodes", None) for verb in ("get", "list", "watch")],
-    *[(verb, "pods", USER_NAMESPACE) for verb in ("get", "list", "watch", "create", "delete")],
+    *[
+        (verb, "pods", USER_NAMESPACE)
+        for verb in ("get", "list", "watch", "create", "delete", "patch")
+    ],
     ("list", "pods", None),
     ("watch", "pods", None),
     ("create", "events", USER_NAMESPACE),

@@ -86,6 +86,33 @@ def test_every_container_gets_variant_precision_and_power_limit_env() -> None:
     assert env_of(pod["spec"]["containers"][0])["A"] == "1"
 
 
+def test_injected_env_comes_first_so_template_env_can_reference_it() -> None:
+    referencing = {"name": "NOTE", "value": "runs at $(WATTSCHED_POWER_LIMIT_WATTS) W"}
+    template = {
+        "spec": {
+            "containers": [
+                {
+                    "name": "server",
+                    "image": "triton",
+                    "env": [
+                        referencing,
+                        {"name": "WATTSCHED_VARIANT", "value": "set-by-the-user"},
+                    ],
+                }
+            ]
+        }
+    }
+    pod = build_pod(workload(template=template), placement(variant="fp8"))
+    names = [e["name"] for e in pod["spec"]["containers"][0]["env"]]
+    assert names == [
+        "WATTSCHED_VARIANT",
+        "WATTSCHED_PRECISION",
+        "WATTSCHED_POWER_LIMIT_WATTS",
+        "NOTE",
+    ]
+    assert env_of(pod["spec"]["containers"][0])["WATTSCHED_VARIANT"] == "fp8"
+
+
 def test_pod_is_labelled_and_owned_by_its_workload() -> None:
     pod = build_pod(workload(), placement(2))
     assert pod["metadata"]["labels"] == {

@@ -208,19 +208,29 @@ def ensure_volume_claims(sandbox: Sandbox, namespace: str, paths: list[Path]) ->
         )
 
 
+def with_deadlines_from_now(documents: list[dict[str, Any]], lead: timedelta) -> None:
+    """Move every LLMWorkload's `spec.slo.deadline` to `lead` from now (in place).
+
+    The examples carry calendar dates a reader can read; moved, the test holds on any date.
+    """
+    deadline = (datetime.now(UTC) + lead).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for document in documents:
+        slo = document.get("spec", {}).get("slo") or {}
+        if document.get("kind") == "LLMWorkload" and "deadline" in slo:
+            slo["deadline"] = deadline
+
+
 def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
     sandbox: Sandbox, namespace: str, start_operator: StartOperator
 ) -> None:
     operator = start_operator()
     ensure_volume_claims(sandbox, namespace, WORKLOAD_EXAMPLES)
-    for path in WORKLOAD_EXAMPLES:
-        sandbox.kubectl("apply", "-n", namespace, "-f", str(path))
-    names = [
-        doc["metadata"]["name"]
-        for path in WORKLOAD_EXAMPLES
-        for doc in yaml.safe_load_all(path.read_text())
-        if doc and doc.get("kind") == "LLMWorkload"
+    documents = [
+        doc for path in WORKLOAD_EXAMPLES for doc in yaml.safe_load_all(path.read_text()) if doc
     ]
+    with_deadlines_from_now(documents, timedelta(days=30))
+    apply(sandbox, namespace, *documents)
+    names = [doc["metadata"]["name"] for doc in documents if doc.get("kind") == "LLMWorkload"]
     for name in names:
 
         def placed_and_running(name: str = name) -> bool:

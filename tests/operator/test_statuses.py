@@ -101,6 +101,14 @@ def test_an_unplaced_workload_is_unschedulable_with_the_optimizers_reason() -> N
     assert result["message"] == reason
 
 
+def test_a_passed_deadline_is_its_own_unschedulable_reason() -> None:
+    reason = "ns/w: spec.slo.deadline has passed and work is left"
+    result = status(unplaced=Unplaced("ns/w", reason, "deadline_passed"))
+    schedulable = conditions(result)["Schedulable"]
+    assert (schedulable["status"], schedulable["reason"]) == ("False", "DeadlinePassed")
+    assert schedulable["message"] == reason
+
+
 def test_a_budget_that_holds_work_back_sets_budget_limited() -> None:
     result = status(unplaced=Unplaced("ns/w", "needs 296 W more", "budget:rack-a"))
     limited = conditions(result)["BudgetLimited"]
@@ -154,6 +162,10 @@ def test_slo_met_follows_planned_throughput_against_demand_and_a_gangs_place() -
     deadline = SloObjective(deadline="2026-12-01T00:00:00Z")
     assert slo_met(deadline, "Running", one, None)[:2] == (True, "OnTrack")
     assert slo_met(deadline, "Succeeded", [], None)[:2] == (True, "Succeeded")
+    passed = Unplaced("ns/w", "spec.slo.deadline has passed", "deadline_passed")
+    assert slo_met(deadline, "Pending", [], passed)[:2] == (False, "DeadlinePassed")
+    late = Unplaced("ns/w", "not enough time", "deadline")
+    assert slo_met(deadline, "Pending", [], late)[:2] == (False, "NotPlaced")
     assert not SloObjective.from_spec({"type": "Training", "slo": {"totalWork": {}}}).declared
 
 

@@ -128,6 +128,16 @@ def test_unreachable_deadline_leaves_the_job_out_with_the_deadline_as_reason() -
     assert "spec.slo.deadline" in result.unplaced[0].reason
 
 
+def test_a_passed_deadline_leaves_the_job_out_saying_the_deadline_passed() -> None:
+    work = WorkAmount(WorkUnit.TOKENS, 1e9)
+    job = training("team/t", remaining_work=work, deadline_seconds=0.0)
+    result = plan(PlanInput(h100_nodes(1), (job,)))
+    assert not result.placements
+    (unplaced,) = result.unplaced
+    assert unplaced.constraint == "deadline_passed"
+    assert "spec.slo.deadline has passed" in unplaced.reason
+
+
 def test_highest_quality_variant_runs_when_nothing_forces_a_lower_one() -> None:
     service = inference("team/s", variants=(BF16, FP8), tokens_per_second=4000)
     result = plan(PlanInput(h100_nodes(1), (service,)))
