@@ -454,7 +454,7 @@ def test_baselines_ignore_a_budget_that_wattsched_keeps() -> None:
     assert watts.seconds_over_budget == 0
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     h100s=st.integers(0, 2),
     a100s=st.integers(0, 2),
