@@ -13,7 +13,11 @@
   of the fastest modelled rate, so it still runs, and runs fast.
 `oracle` gets what no real system has: the future demand over the next interval (the highest
 latency-window average), the current true backlog and remaining work, and the ground truth as its
-performance model. It is a lower bound to aim at, not a policy one could deploy.
+performance model. It is a reference point, not a policy one could deploy, and not a proven lower
+bound on energy: it runs the same interval-by-interval optimizer (the same churn threshold and
+start-up costs), so on some runs it uses more energy or serves less on time than `wattsched`
+(it moves replicas that `wattsched` leaves in place, and sizes for the next interval's peak with no
+margin). What it is held to by construction is what `wattsched` is held to: every budget's cap.
 Not for: baselines (`baselines`) or physics (`engine`).
 """
 

@@ -8,8 +8,8 @@ per replica. Both offer a bf16 variant (quality 1.0) and an fp8 variant (1.6x th
 Generated jobs (`generate_jobs`), all from one seed:
 - arrivals: a Poisson process, `jobs_per_hour` on average, over the first 80% of the run;
 - type: Training 30%, FineTuning 40%, BatchInference 30%;
-- model: 8B (50%), 13B (30%) or 70B (20%); GPUs per replica 1/2/8 for 8B/13B/70B training,
-  1/1/4 for batch inference; gang of 1 or 2 replicas;
+- model: 8B (50%), 13B (30%) or 70B (20%); GPUs per replica 1/2/8 for 8B/13B/70B training and
+  fine-tuning, 1/1/4 for batch inference; gang of 1 (60%) or 2 (40%) replicas;
 - work: sized so that the job takes 8-30 minutes (uniform) at full power on H100s;
 - deadline: `deadline_share` of jobs (default 70%) get one, at arrival + nominal duration x slack,
   slack uniform in 1.5-3.0; when that would fall after the end of the run, the job's work is

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -235,6 +243,91 @@ def test_simulate_writes_results_plots_and_a_table(
     assert "wattsched" in table
 
 
+# Fields that measure the machine, not the simulation.
+TIMING_KEYS = {"planSecondsP50", "planSecondsMax", "simulatedSecondsPerWallSecond"}
+
+
+def simulate_every_policy(directory: Path, out: Path, seed: int) -> dict[str, Any]:
+    """`wattsched simulate` with every policy (the default) on the tiny cluster; results.json."""
+    (directory / "nodes.yaml").write_text(NODES_YAML)
+    (directory / "budgets.yaml").write_text(BUDGETS_YAML)
+    traces = small_traces(directory)
+    code = cli.main(
+        [
+            "--cluster", str(directory / "nodes.yaml"),
+            "--budget", str(directory / "budgets.yaml"),
+            "--trace", *map(str, traces),
+            "--duration", "240",
+            "--step", "2",
+            "--jobs-per-hour", "120",
+            "--seed", str(seed),
+            "--no-plots",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    document: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return document
+
+
+@pytest.fixture(scope="module")
+def every_policy_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    directory = tmp_path_factory.mktemp("every-policy")
+    return simulate_every_policy(directory, directory / "out", seed=5)
+
+
+def test_every_policy_runs_and_reports_every_required_key(
+    every_policy_results: dict[str, Any],
+) -> None:
+    policies = every_policy_results["policies"]
+    assert tuple(policies) == cli.ALL_POLICIES
+    for name, metrics in policies.items():
+        assert metrics.keys() >= REQUIRED_KEYS, name
+        assert 0.0 <= metrics["sloAttainment"] <= 1.0, name
+        assert metrics["plans"] >= 1, name
+        assert metrics["gpuEnergyKWh"] > 0, name
+        assert metrics["facilityEnergyKWh"] == pytest.approx(1.25 * metrics["gpuEnergyKWh"])
+
+
+def test_the_optimizer_keeps_every_cap_with_or_without_perfect_knowledge(
+    every_policy_results: dict[str, Any],
+) -> None:
+    # By construction: the optimizer's plans keep the sum of power limits in each budget under
+    # its cap, and the engine never lets a GPU draw above its limit. The oracle is the same
+    # optimizer with better inputs, so it is held to the same caps. (Whether it also uses less
+    # energy than wattsched is not guaranteed: it is a reference point, not a proven bound.)
+    for name in ("wattsched", "oracle"):
+        metrics = every_policy_results["policies"][name]
+        assert metrics["secondsOverBudget"] == 0, name
+        assert metrics["secondsLimitsOverBudget"] == 0, name
+    # The baselines leave every GPU at its default limit: 8 x 700 + 8 x 400 W > the 6,000 W cap,
+    # so the cap binds here.
+    for name in ("spread-max", "binpack-max"):
+        assert every_policy_results["policies"][name]["secondsLimitsOverBudget"] == 240, name
+
+
+def test_the_same_seed_gives_the_same_results_json(
+    tmp_path: Path, every_policy_results: dict[str, Any]
+) -> None:
+    again = simulate_every_policy(tmp_path, tmp_path / "again", seed=5)
+
+    def without_timing(document: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "policies": {
+                name: {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+                for name, metrics in document["policies"].items()
+            },
+            # The input files are the same, written to another temporary directory.
+            "scenario": {
+                k: v
+                for k, v in document["scenario"].items()
+                if k not in {"traces", "cluster", "budget"}
+            },
+        }
+
+    assert without_timing(again) == without_timing(every_policy_results)
+
+
 def test_simulate_rejects_bad_input_with_exit_code_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -246,6 +339,58 @@ def test_simulate_rejects_bad_input_with_exit_code_2(
     assert "none.csv: no such file" in capsys.readouterr().err
     assert cli.main([*base, "--duration", "0"]) == 2
     assert "--duration=0.0: must be > 0" in capsys.readouterr().err
+
+
+def simulate_in_a_subprocess(directory: Path, stderr: int) -> subprocess.Popen[bytes]:
+    """`wattsched simulate` (two policies, 120 steps each) with stderr on the given descriptor."""
+    (directory / "nodes.yaml").write_text(NODES_YAML)
+    traces = small_traces(directory)
+    command = [
+        sys.executable, "-m", "wattsched_operator.cli", "simulate",
+        "--cluster", str(directory / "nodes.yaml"),
+        "--trace", *map(str, traces),
+        "--duration", "240",
+        "--step", "2",
+        "--policies", "spread-max,wattsched",
+        "--no-plots",
+        "--out", str(directory / "out"),
+    ]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def test_a_terminal_gets_a_progress_bar_that_ends_complete(tmp_path: Path) -> None:
+    controller, terminal = pty.openpty()
+    # 24 rows x 120 columns, so the bar has a width to draw in.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    process = simulate_in_a_subprocess(tmp_path, terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert process.wait(timeout=60) == 0
+    text = shown.decode()
+    # 2 policies x 120 steps: the bar starts at 0 and ends at 240/240, naming the last policy.
+    assert "simulating" in text
+    assert "0/240" in text
+    final = text.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in final
+    assert "240/240" in final
+    assert "wattsched" in final
+
+
+def test_no_terminal_gets_no_progress_output(tmp_path: Path) -> None:
+    process = simulate_in_a_subprocess(tmp_path, subprocess.PIPE)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert stderr == b""
+    assert (tmp_path / "out" / "results.json").is_file()
 
 
 @pytest.mark.skipif(not DEFAULT_TRACE_DIR.is_dir(), reason="needs ../shared/data beside the repo")

@@ -3,6 +3,7 @@ determinism, and ground truth versus the planner's prior. Small scenarios, built
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -209,6 +210,19 @@ def test_an_idle_node_uses_idle_power_times_time() -> None:
     assert metrics["carbonKg"] == pytest.approx(0.5 * metrics["facilityEnergyKWh"])
 
 
+def test_carbon_follows_the_hourly_intensity_curve_and_repeats_it() -> None:
+    # An idle 8-GPU H100 node draws 8 x 75 W = 600 W: 0.6 kWh per hour on the GPUs, x PUE 1.5 =
+    # 0.9 kWh at the facility. Over 2.5 h of the curve 100, 300 (then 100 again, repeated):
+    # 0.9 x 100 + 0.9 x 300 + 0.45 x 100 = 405 g. (A mean of the curve would give 450 g, the first
+    # hour's figure throughout 225 g.)
+    sim = replace(
+        scenario(nodes=[h100_node("n0", gpus=8)], duration_seconds=9000, step_seconds=60.0),
+        carbon=CarbonIntensity((100.0, 300.0), "test"),
+    )
+    result = simulate(sim, flat_truth(), FixedPolicy([]))
+    assert policy_metrics(result)["carbonKg"] == pytest.approx(0.405)
+
+
 def test_energy_is_the_integral_of_power_over_time() -> None:
     # A job at full load on one GPU for 50 s (5,000 tokens at 100 tok/s), then idle for 50 s.
     sim = scenario(
@@ -401,6 +415,26 @@ def test_spread_picks_the_emptiest_node_and_binpack_the_fullest() -> None:
     assert (spread and spread.name, binpack and binpack.name, too_big) == ("h1", "h0", None)
 
 
+def test_binpack_max_opens_fewer_nodes_than_spread_max_for_the_same_replicas() -> None:
+    nodes = [h100_node(f"n{i}", 4) for i in range(4)]
+    sim = scenario(nodes=nodes, services=[service("chat", [500.0] * 30)], duration_seconds=30)
+    truth = flat_truth(100.0)
+    view = Simulation(sim, truth, FixedPolicy([]))._view(0.0, ("start",))
+    spread = policy("spread-max", truth).decide(view)
+    binpack = policy("binpack-max", truth).decide(view)
+    replicas = len(spread.replicas)
+    # Both size the service alike (same ground-truth capacity on equal nodes) ...
+    assert len(binpack.replicas) == replicas > len(nodes)
+    # ... and with one-GPU replicas on equal nodes MostAllocated fills a node before it opens
+    # the next, while LeastAllocated uses every empty node first.
+    assert len({r.node for r in binpack.replicas}) == math.ceil(replicas / 4)
+    assert len({r.node for r in spread.replicas}) == len(nodes)
+    # Both leave every GPU, idle ones included, at the default (maximum) limit.
+    for decision in (spread, binpack):
+        assert {r.power_limit_watts for r in decision.replicas} == {700.0}
+        assert decision.idle_power_limit_watts == {node.name: 700.0 for node in nodes}
+
+
 def test_static_cap_limits_every_gpu_to_the_fraction_and_max_policies_to_the_maximum() -> None:
     sim = small_cluster_scenario(seed=0)
     capped = simulate(sim, GroundTruth(), policy("static-cap", GroundTruth()))
@@ -420,7 +454,7 @@ def test_baselines_ignore_a_budget_that_wattsched_keeps() -> None:
     assert watts.seconds_over_budget == 0
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     h100s=st.integers(0, 2),
     a100s=st.integers(0, 2),
