@@ -9,6 +9,7 @@ heals anything a paused or restarted watch missed.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +27,35 @@ KINDS = (WORKLOADS, BUDGETS, NODES, PROFILES, PODS)
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
+# Strings up to this length are interned: keys, enum values, condition types, names and times
+# repeat across thousands of objects, and one copy of each halves a cached workload's memory.
+_INTERNED_MAX_LENGTH = 64
+
+
+def _compact(value: Any) -> Any:
+    """A copy of a JSON value whose keys and short strings are interned (shared)."""
+    if isinstance(value, dict):
+        return {sys.intern(k): _compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    if isinstance(value, str) and len(value) <= _INTERNED_MAX_LENGTH:
+        return sys.intern(value)
+    return value
+
+
 def slim(kind: str, body: Mapping[str, Any]) -> Body:
-    """The parts of an object the operator reads; the rest is dropped to keep memory small.
+    """The parts of an object the operator reads, compact; the rest is dropped to keep memory small.
 
     Every kind loses `metadata.managedFields` and kubectl's last-applied annotation (a second
     copy of the spec). Pods keep only identity, labels, annotations, owner, node, their
-    containers' names and env, and their phase, conditions and container states.
+    containers' names and env, and their phase, conditions and container states. Keys and short
+    strings are interned, so the many objects of a large cluster share them.
     """
+    slimmed: Body = _compact(_slim(kind, body))
+    return slimmed
+
+
+def _slim(kind: str, body: Mapping[str, Any]) -> Body:
     meta = dict(body.get("metadata") or {})
     meta.pop("managedFields", None)
     annotations = meta.get("annotations")
@@ -101,9 +124,10 @@ class ClusterCache:
         self.objects[kind].pop(object_key(body), None)
         self.version += 1
 
-    def replace(self, kind: str, bodies: Iterable[Mapping[str, Any]]) -> None:
-        """Replace everything of one kind with a fresh list from the API server."""
-        self.objects[kind] = {object_key(b): slim(kind, b) for b in bodies}
+    def replace(self, kind: str, slimmed_bodies: Iterable[Body]) -> None:
+        """Replace everything of one kind with a fresh list from the API server, each body
+        already `slim` (the list slims page by page: `Kube.list(..., keep=...)`)."""
+        self.objects[kind] = {object_key(b): b for b in slimmed_bodies}
         self.version += 1
 
     def get(self, kind: str, key: str) -> Body | None:

@@ -8,13 +8,15 @@ discovery. The loop runs these calls in worker threads. Not for watching: kopf d
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes import client, config
 
 GROUP_PATH = "/apis/wattsched.io/v1alpha1"
 MERGE_PATCH = "application/merge-patch+json"
+# Objects per page of a list: bounds the memory of one response whatever the cluster holds.
+LIST_PAGE_SIZE = 500
 
 
 class KubeError(Exception):
@@ -95,21 +97,41 @@ class Kube:
                 method, path, int(error.status or 0), str(error.body or error)
             ) from error
         raw = response.read()  # type: ignore[no-untyped-call]
-        text = raw.decode() if isinstance(raw, bytes) else str(raw or "")
         if not 200 <= response.status <= 299:
+            text = raw.decode() if isinstance(raw, bytes) else str(raw or "")
             raise KubeError(method, path, response.status, text)
-        if not parse:
+        if not parse or not raw:
             return {}
-        parsed: dict[str, Any] = json.loads(text) if text else {}
+        parsed: dict[str, Any] = json.loads(raw)  # bytes: no decoded copy of a large body
         return parsed
 
     def get(self, path: str) -> dict[str, Any]:
         return self.request("GET", path)
 
-    def list(self, path: str, label_selector: str | None = None) -> list[dict[str, Any]]:
-        query = {"labelSelector": label_selector} if label_selector else None
-        items: list[dict[str, Any]] = self.request("GET", path, query=query).get("items") or []
-        return items
+    def list(
+        self,
+        path: str,
+        label_selector: str | None = None,
+        *,
+        keep: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        page_size: int = LIST_PAGE_SIZE,
+    ) -> list[dict[str, Any]]:
+        """Every object at `path`, fetched in pages of `page_size` (`limit` + `continue`).
+
+        `keep` turns each object into what the caller holds on to, page by page, so a list of
+        thousands of objects never has all of their full bodies in memory at once.
+        """
+        query = {"limit": str(page_size)}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        items: list[dict[str, Any]] = []
+        while True:
+            page = self.request("GET", path, query=query)
+            items += map(keep, page.get("items") or []) if keep else page.get("items") or []
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+            query["continue"] = token
 
     def create(self, path: str, body: Mapping[str, Any], parse: bool = True) -> dict[str, Any]:
         return self.request("POST", path, body=dict(body), parse=parse)

@@ -31,6 +31,7 @@ from wattsched_operator.cache import (
     Body,
     ClusterCache,
     ClusterView,
+    slim,
 )
 from wattsched_operator.kube import (
     GROUP_PATH,
@@ -232,22 +233,27 @@ class PlanningLoop:
 
     async def resync(self) -> None:
         """Refill the cache from full lists (heals events missed while paused or restarting)."""
+
+        async def listed(kind: str, path: str, selector: str | None = None) -> list[Body]:
+            keep = functools.partial(slim, kind)  # page by page: no full bodies piling up
+            return await self._call(functools.partial(self.kube.list, keep=keep), path, selector)
+
         namespaces = self.settings.namespaces
         workloads: list[Body] = []
         pods: list[Body] = []
         selector = desired.LABEL_WORKLOAD
         if namespaces:
             for namespace in namespaces:
-                workloads += await self._call(self.kube.list, workloads_path(namespace))
-                pods += await self._call(self.kube.list, pods_path(namespace), selector)
+                workloads += await listed(WORKLOADS, workloads_path(namespace))
+                pods += await listed(PODS, pods_path(namespace), selector)
         else:
-            workloads = await self._call(self.kube.list, f"{GROUP_PATH}/llmworkloads")
-            pods = await self._call(self.kube.list, "/api/v1/pods", selector)
+            workloads = await listed(WORKLOADS, f"{GROUP_PATH}/llmworkloads")
+            pods = await listed(PODS, "/api/v1/pods", selector)
         self.cache.replace(WORKLOADS, workloads)
         self.cache.replace(PODS, pods)
-        self.cache.replace(BUDGETS, await self._call(self.kube.list, budgets_path()))
-        self.cache.replace(NODES, await self._call(self.kube.list, "/api/v1/nodes"))
-        self.cache.replace(PROFILES, await self._call(self.kube.list, profiles_path()))
+        self.cache.replace(BUDGETS, await listed(BUDGETS, budgets_path()))
+        self.cache.replace(NODES, await listed(NODES, "/api/v1/nodes"))
+        self.cache.replace(PROFILES, await listed(PROFILES, profiles_path()))
 
     # -- one round ---------------------------------------------------------------------------------
 
