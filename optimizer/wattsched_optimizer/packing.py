@@ -70,6 +70,7 @@ class ClusterState:
         self.free: dict[str, int] = {}
         # Free GPUs of each node that a running replica occupies at planning time (<= free).
         self.vacated_free: dict[str, int] = {}
+        self.pool_vacated_free: dict[int, int] = {p.index: 0 for p in data.pools}
         # (workload, node) -> its running GPUs there not yet taken back by its own replicas.
         self._own_left: dict[tuple[str, str], int] = defaultdict(int)
         self.pool_free_gpus: dict[int, int] = {p.index: p.total_gpus for p in data.pools}
@@ -88,7 +89,11 @@ class ClusterState:
         for (key, node), gpus in sorted((running_gpus or {}).items()):
             if node in self.free and gpus > 0:
                 self._own_left[(key, node)] = gpus
-                self.vacated_free[node] = min(self.vacated_free[node] + gpus, self.free[node])
+                vacated = min(self.vacated_free[node] + gpus, self.free[node])
+                self.pool_vacated_free[self.pool_of_node[node].index] += (
+                    vacated - self.vacated_free[node]
+                )
+                self.vacated_free[node] = vacated
         for pool in data.pools:
             for node in pool.node_names:
                 fresh = self.free[node] - self.vacated_free[node]
@@ -141,6 +146,7 @@ class ClusterState:
         if taken.own:
             self._own_left[(taken.owner, node)] += sign * taken.own
         self.pool_free_gpus[pool.index] += new_free - free
+        self.pool_vacated_free[pool.index] += new_vacated - vacated
         self.nodes_with_free[(pool.index, free)] -= 1
         self.nodes_with_free[(pool.index, new_free)] += 1
         self.free[node] = new_free
@@ -177,6 +183,15 @@ class ClusterState:
         """The node with the fewest free GPUs that fits: with `fresh_only`, only nodes with
         `gpus` free GPUs that no running replica occupies (fewest such first); otherwise any,
         the ones that need the fewest vacated GPUs first."""
+        if not self.pool_vacated_free[pool.index]:
+            # Every free GPU of the pool is fresh: one best-fit pass finds whatever fits.
+            if not fresh_only:
+                return None
+            for free in range(gpus, pool.gpus_per_node + 1):
+                node = self._bucket_node(pool, free, free)
+                if node is not None:
+                    return node
+            return None
         for free in range(gpus, pool.gpus_per_node + 1):
             if fresh_only:
                 fresh_counts: Iterable[int] = range(gpus, free + 1)
@@ -247,17 +262,19 @@ class ClusterState:
         stay = prefer if option.keeps_current else ()
         taken: list[Taken] = []
         for candidates in pools_per_replica:
-            fitting = [
-                pool
-                for pool in (self.data.pools[p] for p in candidates)
-                if self._budget_fits(pool, self.extra_watts(pool, option))
-            ]
-            chosen = self._stay_node(fitting, gpus, stay, owner)
-            for fresh_only in (True, False):
-                for pool in fitting:
-                    if chosen is not None:
-                        break
-                    chosen = self._best_fit_node(pool, gpus, fresh_only=fresh_only)
+            chosen = self._stay_node(candidates, option, stay, owner) if stay else None
+            # Pools whose budgets have the headroom, found during the first pass.
+            fitting: list[Pool] = []
+            for pool in (self.data.pools[p] for p in candidates):
+                if chosen is not None:
+                    break
+                if self._budget_fits(pool, self.extra_watts(pool, option)):
+                    fitting.append(pool)
+                    chosen = self._best_fit_node(pool, gpus, fresh_only=True)
+            for pool in fitting:
+                if chosen is not None:
+                    break
+                chosen = self._best_fit_node(pool, gpus, fresh_only=False)
             if chosen is None:
                 self._release_taken(taken, option)
                 return None
@@ -276,19 +293,22 @@ class ClusterState:
         return assignment
 
     def _stay_node(
-        self, pools: Sequence[Pool], gpus: int, prefer: Sequence[str], owner: str
+        self, candidates: Sequence[int], option: Option, prefer: Sequence[str], owner: str
     ) -> str | None:
-        """A node of `prefer` in one of `pools`: first one where `owner` still has `gpus` of its
-        own running GPUs to take back, then one where the replica fits without taking another
-        workload's vacated GPUs."""
-        indices = {pool.index for pool in pools}
-        nodes = [
-            node
-            for node in prefer
-            if node in self.pool_of_node
-            and self.pool_of_node[node].index in indices
-            and self.free[node] >= gpus
-        ]
+        """A node of `prefer` in one of the `candidates` pools whose budgets have the headroom:
+        first one where `owner` still has a replica's worth of its own running GPUs to take
+        back, then one where the replica fits without taking another workload's vacated GPUs."""
+        gpus = option.gpus_per_replica
+        nodes = []
+        for node in prefer:
+            pool = self.pool_of_node.get(node)
+            if (
+                pool is not None
+                and pool.index in candidates
+                and self.free[node] >= gpus
+                and self._budget_fits(pool, self.extra_watts(pool, option))
+            ):
+                nodes.append(node)
         for node in nodes:
             if min(self.vacated_free[node], self._own_left.get((owner, node), 0)) >= gpus:
                 return node
