@@ -7,6 +7,12 @@ strictly lower-priority work when that makes it fit, except running work that is
 (`PlanData.protected`), which is never evicted. Every placement re-checks every hard
 constraint, so what leaves here is feasible whatever the solver returned. Not for: choosing
 options (`options`) or solving (`formulation`).
+
+Vacated GPUs: the GPUs that running replicas occupy at planning time. A replica whose option keeps
+its workload's product and variant goes back onto its workload's own running GPUs first; every
+other replica goes onto GPUs no running replica occupies, while any of the same product are free,
+and onto vacated ones only when none are. A moved replica's old copy can then keep serving while
+the new one starts (make-before-break), instead of being displaced by another workload's new one.
 """
 
 from __future__ import annotations
@@ -14,14 +20,26 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from wattsched_optimizer.options import Option, PlanData, Pool, WorkloadClass, workload_label
 from wattsched_optimizer.problem import Workload
 
 # Watts of slack when comparing a budget's headroom with a placement's extra watts.
 WATTS_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Taken:
+    """GPUs taken on one node: in all, how many of them were vacated, and how many of those
+    were `owner`'s own running GPUs (a replica or hold that stays where its workload runs)."""
+
+    node: str
+    gpus: int
+    vacated: int = 0
+    own: int = 0
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,28 +51,56 @@ class Assignment:
     option_index: int
     option: Option
     nodes: tuple[str, ...]
+    # What each replica took on its node (same order as `nodes`), so removal gives back exactly.
+    taken: tuple[Taken, ...] = field(default=(), compare=False)
 
 
 class ClusterState:
-    """Free GPUs per node, budget headroom, and what is placed. Mutated by placement calls."""
+    """Free GPUs per node, budget headroom, and what is placed. Mutated by placement calls.
 
-    def __init__(self, data: PlanData) -> None:
+    `running_gpus` maps (workload key, node) to the GPUs that workload's running replicas occupy
+    on that node at planning time (the vacated GPUs, see the module docstring).
+    """
+
+    def __init__(
+        self, data: PlanData, running_gpus: Mapping[tuple[str, str], int] | None = None
+    ) -> None:
         self.data = data
         self.pool_of_node: dict[str, Pool] = {}
         self.free: dict[str, int] = {}
+        # Free GPUs of each node that a running replica occupies at planning time (<= free).
+        self.vacated_free: dict[str, int] = {}
+        self.pool_vacated_free: dict[int, int] = {p.index: 0 for p in data.pools}
+        # (workload, node) -> its running GPUs there not yet taken back by its own replicas.
+        self._own_left: dict[tuple[str, str], int] = defaultdict(int)
         self.pool_free_gpus: dict[int, int] = {p.index: p.total_gpus for p in data.pools}
         # (pool, free GPUs) -> how many of its nodes have exactly that many free.
         self.nodes_with_free: dict[tuple[int, int], int] = defaultdict(int)
-        # (pool, free GPUs) -> heap of (node position in pool, node): best fit, lowest name first.
-        self._buckets: dict[tuple[int, int], list[tuple[int, str]]] = defaultdict(list)
+        # (pool, free GPUs, free GPUs not vacated) -> heap of (node position in pool, node):
+        # best fit, lowest name first.
+        self._buckets: dict[tuple[int, int, int], list[tuple[int, str]]] = defaultdict(list)
         self._position: dict[str, int] = {}
         for pool in data.pools:
             for position, node in enumerate(pool.node_names):
                 self.pool_of_node[node] = pool
                 self.free[node] = pool.gpus_per_node
+                self.vacated_free[node] = 0
                 self._position[node] = position
-                self._buckets[(pool.index, pool.gpus_per_node)].append((position, node))
-                self.nodes_with_free[(pool.index, pool.gpus_per_node)] += 1
+        for (key, node), gpus in sorted((running_gpus or {}).items()):
+            if node in self.free and gpus > 0:
+                self._own_left[(key, node)] = gpus
+                vacated = min(self.vacated_free[node] + gpus, self.free[node])
+                self.pool_vacated_free[self.pool_of_node[node].index] += (
+                    vacated - self.vacated_free[node]
+                )
+                self.vacated_free[node] = vacated
+        for pool in data.pools:
+            for node in pool.node_names:
+                fresh = self.free[node] - self.vacated_free[node]
+                self._buckets[(pool.index, self.free[node], fresh)].append(
+                    (self._position[node], node)
+                )
+                self.nodes_with_free[(pool.index, self.free[node])] += 1
         for heap in self._buckets.values():
             heapq.heapify(heap)
         self.headroom: dict[str, float] = {
@@ -83,50 +129,97 @@ class ClusterState:
     def _budget_fits(self, pool: Pool, extra: float) -> bool:
         return all(self.headroom[b] + WATTS_TOLERANCE >= extra for b in pool.budgets)
 
-    def _set_free(self, node: str, free: int) -> None:
+    def fresh_free(self, node: str) -> int:
+        """Free GPUs of the node that no running replica occupies at planning time."""
+        return self.free[node] - self.vacated_free[node]
+
+    def _apply(self, taken: Taken, sign: int) -> None:
+        """Take (`sign` -1) or give back (+1) what `taken` describes."""
+        node = taken.node
         pool = self.pool_of_node[node]
-        self.pool_free_gpus[pool.index] += free - self.free[node]
-        self.nodes_with_free[(pool.index, self.free[node])] -= 1
-        self.nodes_with_free[(pool.index, free)] += 1
-        self.free[node] = free
-        heapq.heappush(self._buckets[(pool.index, free)], (self._position[node], node))
-
-    def _best_fit_node(self, pool: Pool, gpus: int, prefer: Iterable[str] = ()) -> str | None:
-        for node in prefer:
-            if self.pool_of_node.get(node) is pool and self.free[node] >= gpus:
-                return node
-        for free in range(gpus, pool.gpus_per_node + 1):
-            heap = self._buckets.get((pool.index, free))
-            while heap:
-                _, node = heap[0]
-                if self.free[node] == free:
-                    return node
-                heapq.heappop(heap)  # stale entry
-        return None
-
-    def hold(self, node: str, gpus: int) -> int:
-        """Take up to `gpus` free GPUs of a schedulable node aside; return how many were taken.
-
-        Packing holds the GPUs of running replicas for their own workload, so that another
-        workload's new replicas do not land there first and force a move.
-        """
-        if node not in self.free:
-            return 0
-        held = min(gpus, self.free[node])
-        if held > 0:
-            self._take(node, held)
-        return held
-
-    def release(self, node: str, gpus: int) -> None:
-        """Give back GPUs that `hold` took aside."""
-        self._set_free(node, self.free[node] + gpus)
-
-    def _take(self, node: str, gpus: int) -> None:
-        pool = self.pool_of_node[node]
-        heap = self._buckets[(pool.index, self.free[node])]
+        free, vacated = self.free[node], self.vacated_free[node]
+        heap = self._buckets.get((pool.index, free, free - vacated))
         if heap and heap[0][1] == node:
             heapq.heappop(heap)
-        self._set_free(node, self.free[node] - gpus)
+        new_free = free + sign * taken.gpus
+        new_vacated = vacated + sign * taken.vacated
+        if taken.own:
+            self._own_left[(taken.owner, node)] += sign * taken.own
+        self.pool_free_gpus[pool.index] += new_free - free
+        self.pool_vacated_free[pool.index] += new_vacated - vacated
+        self.nodes_with_free[(pool.index, free)] -= 1
+        self.nodes_with_free[(pool.index, new_free)] += 1
+        self.free[node] = new_free
+        self.vacated_free[node] = new_vacated
+        heapq.heappush(
+            self._buckets[(pool.index, new_free, new_free - new_vacated)],
+            (self._position[node], node),
+        )
+
+    def _claim(self, node: str, gpus: int, owner: str) -> Taken:
+        """Take `gpus` free GPUs of the node: `owner`'s own vacated ones first (when `owner` is
+        set), then ones no running replica occupies, then other vacated ones."""
+        vacated_free = self.vacated_free[node]
+        own = min(gpus, vacated_free, self._own_left.get((owner, node), 0)) if owner else 0
+        from_vacated = own + max(gpus - own - (self.free[node] - vacated_free), 0)
+        taken = Taken(node, gpus, from_vacated, own, owner if own else "")
+        self._apply(taken, -1)
+        return taken
+
+    def _takes_no_others_vacated(self, node: str, gpus: int, owner: str) -> bool:
+        own = min(self.vacated_free[node], self._own_left.get((owner, node), 0)) if owner else 0
+        return own + self.fresh_free(node) >= gpus
+
+    def _bucket_node(self, pool: Pool, free: int, fresh: int) -> str | None:
+        heap = self._buckets.get((pool.index, free, fresh))
+        while heap:
+            _, node = heap[0]
+            if self.free[node] == free and self.fresh_free(node) == fresh:
+                return node
+            heapq.heappop(heap)  # stale entry
+        return None
+
+    def _best_fit_node(self, pool: Pool, gpus: int, *, fresh_only: bool) -> str | None:
+        """The node with the fewest free GPUs that fits: with `fresh_only`, only nodes with
+        `gpus` free GPUs that no running replica occupies (fewest such first); otherwise any,
+        the ones that need the fewest vacated GPUs first."""
+        if not self.pool_vacated_free[pool.index]:
+            # Every free GPU of the pool is fresh: one best-fit pass finds whatever fits.
+            if not fresh_only:
+                return None
+            for free in range(gpus, pool.gpus_per_node + 1):
+                node = self._bucket_node(pool, free, free)
+                if node is not None:
+                    return node
+            return None
+        for free in range(gpus, pool.gpus_per_node + 1):
+            if fresh_only:
+                fresh_counts: Iterable[int] = range(gpus, free + 1)
+            else:
+                fresh_counts = range(min(gpus, free + 1) - 1, -1, -1)
+            for fresh in fresh_counts:
+                node = self._bucket_node(pool, free, fresh)
+                if node is not None:
+                    return node
+        return None
+
+    def hold(self, owner: str, node: str, gpus: int) -> Taken | None:
+        """Take up to `gpus` free GPUs of a schedulable node aside for `owner`, which runs there.
+
+        Packing holds the GPUs of running replicas for their own workload, so that another
+        workload's new replicas do not land there first and force a move. Returns what was
+        taken (for `release`), or None when nothing was.
+        """
+        if node not in self.free:
+            return None
+        held = min(gpus, self.free[node])
+        if held <= 0:
+            return None
+        return self._claim(node, held, owner)
+
+    def release(self, held: Taken) -> None:
+        """Give back GPUs that `hold` took aside."""
+        self._apply(held, +1)
 
     def evictable(self, assignment: Assignment) -> bool:
         """Whether the repair may stop this workload (running non-preemptible work it may not)."""
@@ -158,34 +251,71 @@ class ClusterState:
     ) -> Assignment | None:
         """Place every replica (replica i on one of `pools_per_replica[i]`), or none at all.
 
-        Each replica goes to one node with enough free GPUs (best fit, `prefer` first) in a pool
-        whose budgets all have the headroom for it.
+        Each replica goes to one node with enough free GPUs in a pool whose budgets all have the
+        headroom for it: when the option keeps the workload's product and variant, first a node
+        in `prefer` (where it runs); then best fit on GPUs no running replica occupies, over
+        every candidate pool in order; then best fit on any free GPUs.
         """
         option = workload_class.options[option_index]
-        nodes: list[str] = []
+        gpus = option.gpus_per_replica
+        owner = workload.key if option.keeps_current else ""
+        stay = prefer if option.keeps_current else ()
+        taken: list[Taken] = []
         for candidates in pools_per_replica:
-            chosen = None
-            for p in candidates:
-                pool = self.data.pools[p]
-                if not self._budget_fits(pool, self.extra_watts(pool, option)):
-                    continue
-                chosen = self._best_fit_node(pool, option.gpus_per_replica, prefer)
+            chosen = self._stay_node(candidates, option, stay, owner) if stay else None
+            # Pools whose budgets have the headroom, found during the first pass.
+            fitting: list[Pool] = []
+            for pool in (self.data.pools[p] for p in candidates):
                 if chosen is not None:
                     break
+                if self._budget_fits(pool, self.extra_watts(pool, option)):
+                    fitting.append(pool)
+                    chosen = self._best_fit_node(pool, gpus, fresh_only=True)
+            for pool in fitting:
+                if chosen is not None:
+                    break
+                chosen = self._best_fit_node(pool, gpus, fresh_only=False)
             if chosen is None:
-                self._release_nodes(nodes, option)
+                self._release_taken(taken, option)
                 return None
-            self._take(chosen, option.gpus_per_replica)
+            taken.append(self._claim(chosen, gpus, owner))
             pool = self.pool_of_node[chosen]
             for budget in pool.budgets:
                 self.headroom[budget] -= self.extra_watts(pool, option)
-            nodes.append(chosen)
+        nodes = tuple(t.node for t in taken)
         # The loop charged budgets replica by replica; `_account` charges them for good.
         self._release_budgets(nodes, option)
-        assignment = Assignment(workload, workload_class.index, option_index, option, tuple(nodes))
+        assignment = Assignment(
+            workload, workload_class.index, option_index, option, nodes, tuple(taken)
+        )
         self._account(assignment, +1)
         self.placed[workload.key] = assignment
         return assignment
+
+    def _stay_node(
+        self, candidates: Sequence[int], option: Option, prefer: Sequence[str], owner: str
+    ) -> str | None:
+        """A node of `prefer` in one of the `candidates` pools whose budgets have the headroom:
+        first one where `owner` still has a replica's worth of its own running GPUs to take
+        back, then one where the replica fits without taking another workload's vacated GPUs."""
+        gpus = option.gpus_per_replica
+        nodes = []
+        for node in prefer:
+            pool = self.pool_of_node.get(node)
+            if (
+                pool is not None
+                and pool.index in candidates
+                and self.free[node] >= gpus
+                and self._budget_fits(pool, self.extra_watts(pool, option))
+            ):
+                nodes.append(node)
+        for node in nodes:
+            if min(self.vacated_free[node], self._own_left.get((owner, node), 0)) >= gpus:
+                return node
+        for node in nodes:
+            if self._takes_no_others_vacated(node, gpus, owner):
+                return node
+        return None
 
     def _release_budgets(self, nodes: Iterable[str], option: Option) -> None:
         for node in nodes:
@@ -193,22 +323,23 @@ class ClusterState:
             for budget in pool.budgets:
                 self.headroom[budget] += self.extra_watts(pool, option)
 
-    def _release_nodes(self, nodes: Iterable[str], option: Option) -> None:
-        self._release_budgets(nodes, option)
-        for node in nodes:
-            self._set_free(node, self.free[node] + option.gpus_per_replica)
+    def _release_taken(self, taken: Iterable[Taken], option: Option) -> None:
+        taken = list(taken)
+        self._release_budgets((t.node for t in taken), option)
+        for t in taken:
+            self._apply(t, +1)
 
     def remove(self, key: str) -> Assignment:
         assignment = self.placed.pop(key)
         self._account(assignment, -1)
-        for node in assignment.nodes:
-            self._set_free(node, self.free[node] + assignment.option.gpus_per_replica)
+        for taken in assignment.taken:
+            self._apply(taken, +1)
         return assignment
 
     def restore(self, assignment: Assignment) -> None:
         """Put a removed assignment back on exactly its nodes (nothing else moved since)."""
-        for node in assignment.nodes:
-            self._take(node, assignment.option.gpus_per_replica)
+        for taken in assignment.taken:
+            self._apply(taken, -1)
         self._account(assignment, +1)
         self.placed[assignment.workload.key] = assignment
 

@@ -31,7 +31,7 @@ from wattsched_optimizer.model import (
     product_spec,
 )
 from wattsched_optimizer.options import PlanData, WorkloadClass, build_plan_data, workload_label
-from wattsched_optimizer.packing import WATTS_TOLERANCE, Assignment, ClusterState
+from wattsched_optimizer.packing import WATTS_TOLERANCE, Assignment, ClusterState, Taken
 from wattsched_optimizer.problem import (
     BudgetAllocation,
     Placement,
@@ -178,10 +178,11 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
     formulation = build(data)
     timings["build"] = formulation.build_seconds
     prefer = _preferred_nodes(plan_input)
+    running_gpus = _running_gpus(plan_input, workload_by_key)
 
     def realise(result: SolveResult) -> tuple[ClusterState, dict[str, Unplaced], float]:
         pack_started = time.perf_counter()
-        state = ClusterState(data)
+        state = ClusterState(data, running_gpus)
         left_out = dict(unplaced)
         pending = _pack_solver_choice(data, state, result, formulation, prefer)
         waiting = set(pending)
@@ -283,6 +284,18 @@ def _preferred_nodes(plan_input: PlanInput) -> dict[str, list[str]]:
     return prefer
 
 
+def _running_gpus(
+    plan_input: PlanInput, workload_by_key: Mapping[str, Workload]
+) -> dict[tuple[str, str], int]:
+    """(workload, node) -> GPUs its running replicas occupy there at planning time."""
+    running: dict[tuple[str, str], int] = defaultdict(int)
+    for current in plan_input.current:
+        running[(current.workload, current.node)] += workload_by_key[
+            current.workload
+        ].gpus_per_replica
+    return dict(running)
+
+
 def _pack_solver_choice(
     data: PlanData,
     state: ClusterState,
@@ -324,17 +337,17 @@ def _pack_solver_choice(
             jobs.append((order, member, c, o, replica_pools))
     jobs.sort(key=lambda job: job[0])
     # Stability: the GPUs of running replicas are held for their workload until it is placed.
-    held: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    held: dict[str, list[Taken]] = defaultdict(list)
     for _, member, c, o, _ in jobs:
         gpus = data.classes[c].options[o].gpus_per_replica
         for node in prefer.get(member.key, ()):
-            taken = state.hold(node, gpus)
-            if taken:
-                held[member.key].append((node, taken))
+            taken = state.hold(member.key, node, gpus)
+            if taken is not None:
+                held[member.key].append(taken)
     failed: list[str] = []
     for _, member, c, o, replica_pools in jobs:
-        for node, gpus in held.pop(member.key, ()):
-            state.release(node, gpus)
+        for taken in held.pop(member.key, ()):
+            state.release(taken)
         assignment = state.place(
             member, data.classes[c], o, replica_pools, prefer.get(member.key, ())
         )
