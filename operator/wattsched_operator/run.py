@@ -22,7 +22,7 @@ import kopf
 
 from wattsched_operator import handlers, snapshot
 from wattsched_operator.cache import ClusterCache, ClusterView
-from wattsched_operator.kube import Kube, KubeError
+from wattsched_operator.kube import LIST_PAGE_SIZE, Kube, KubeError
 from wattsched_operator.loop import InputBuilder, LoopSettings, PlannedInput, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
 from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY, TelemetryConfig, TelemetryReader
@@ -251,6 +251,9 @@ def main(argv: list[str]) -> int:
         # one (kopf's last-handled-configuration) would cost a PATCH per new or changed workload.
         settings.persistence.diffbase_storage = kopf.MultiDiffBaseStorage([])
         settings.posting.level = logging.WARNING
+        # kopf's initial listings in pages too: one unpaged list of 10,000 workloads is tens of
+        # megabytes of JSON, kept (text and parsed) while its objects are dispatched.
+        settings.watching.chunk_size = LIST_PAGE_SIZE
         settings.peering.lifetime = PEER_LIFETIME_SECONDS
         loop = PlanningLoop(
             cache=cache,
