@@ -48,7 +48,8 @@ def slim(kind: str, body: Mapping[str, Any]) -> Body:
 
     Every kind loses `metadata.managedFields` and kubectl's last-applied annotation (a second
     copy of the spec). Pods keep only identity, labels, annotations, owner, node, their
-    containers' names and env, and their phase, conditions and container states. Keys and short
+    containers' names and env, and their phase, start time, conditions and container states. Keys
+    and short
     strings are interned, so the many objects of a large cluster share them.
     """
     slimmed: Body = _compact(_slim(kind, body))
@@ -77,6 +78,7 @@ def _slim(kind: str, body: Mapping[str, Any]) -> Body:
         },
         "status": {
             "phase": status.get("phase"),
+            "startTime": status.get("startTime"),
             "reason": status.get("reason"),
             "message": status.get("message"),
             "conditions": [

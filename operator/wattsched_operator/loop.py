@@ -52,7 +52,7 @@ from wattsched_operator.telemetry import (
     TelemetrySnapshot,
     calibration_samples,
 )
-from wattsched_optimizer.model import CatalogueModel, PerformanceModel
+from wattsched_optimizer.model import CatalogueModel, PerformanceModel, product_spec
 from wattsched_optimizer.problem import Placement, Plan, PlanInput, PlanStatus, WorkloadType
 
 logger = logging.getLogger("wattsched.operator")
@@ -310,7 +310,10 @@ class PlanningLoop:
             len(active),
         )
         if plan.status is PlanStatus.INFEASIBLE:
-            # Not even the empty placement fits (caps below idle minimums): change nothing.
+            # Not even the empty placement fits: nothing is placed or raised. Nodes whose agent
+            # has not confirmed their limits count at maximum, which alone can make it so (a
+            # budget applied before the agents' first confirmation); they are lowered.
+            await self._lower_unconfirmed_to_minimum(view, plan_input)
             await self._write_budget_statuses(view, plan, plan_input, now, telemetry)
             return plan
         self._calibrate(plan_input, view, telemetry)
@@ -373,10 +376,18 @@ class PlanningLoop:
             return
         self._calibrated_at = time.monotonic()
         nodes = {(p.workload, p.replica): p.node for p in self._applied_placements}
+        # A reading says what a replica draws only if the replica ran for the whole rate window,
+        # and the exporter had a window to see its load: a younger pod's reading includes idle.
+        assert self.telemetry is not None
+        window = timedelta(seconds=self.telemetry.config.rate_window_seconds)
+        settled_by = telemetry.time - 2 * window
         pods: dict[tuple[str, int], PodKey] = {}
         for pod in view.pods.values():
             labels = pod["metadata"].get("labels") or {}
             if not _running(pod) or desired.LABEL_REPLICA not in labels:
+                continue
+            started = _pod_started(pod)
+            if started is None or started > settled_by:
                 continue
             replica = (pod_workload_key(pod), int(labels[desired.LABEL_REPLICA]))
             if nodes.get(replica) == pod["spec"]["nodeName"]:  # where the placement says
@@ -780,6 +791,34 @@ class PlanningLoop:
                 logger.info(
                     "agents on %s have not yet applied raised limits", ", ".join(sorted(slow))
                 )
+
+    async def _lower_unconfirmed_to_minimum(self, view: ClusterView, plan_input: PlanInput) -> None:
+        """Lower every GPU of the nodes counted at maximum to its product's minimum.
+
+        Lowering never breaks a budget, and once the agents confirm, the next plan counts those
+        nodes at what they apply instead of at maximum.
+        """
+        idle = {
+            node.name: (product_spec(node.product).min_watts.value,) * node.gpu_count
+            for node in plan_input.nodes
+            if not node.agent_ready
+        }
+        current = {
+            node: transition.NodePowerState.from_profile(view.profiles.get(node)) for node in idle
+        }
+        lower = transition.power_steps(current, idle).lower
+        if not lower:
+            return
+        unconfirmed = await self._wait_confirmed(await self._write_limits(view, lower))
+        self.unconfirmed = frozenset((self.unconfirmed - set(lower)) | unconfirmed)
+        self.metrics.unconfirmed_nodes.set(len(self.unconfirmed))
+        logger.info(
+            "plan infeasible with %d node(s) counted at maximum: lowered them to their minimum "
+            "(%d confirmed)",
+            len(lower),
+            len(lower) - len(unconfirmed),
+        )
+        self.cache.mark_dirty()
 
     async def _gather(self, calls: Iterable[Awaitable[Any]]) -> None:
         results = await asyncio.gather(*calls, return_exceptions=True)

@@ -832,3 +832,42 @@ def test_a_deleted_budget_releases_its_cap_and_an_unconfirming_agent_counts_at_m
             agent.kill()
             agent.wait()
         sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def test_a_budget_below_unconfirmed_maximums_lowers_them_and_then_places_work(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, tmp_path: Path
+) -> None:
+    """A node with no confirmed limits counts at maximum. A budget between its minimum and its
+    maximum makes even the empty plan infeasible until the node is lowered and confirmed."""
+    node = f"gpu-h200-{namespace[-5:]}"
+    scope = {TEST_LABEL: node}
+    apply(sandbox, None, gpu_node(node, "NVIDIA-H200", 2))
+    apply(sandbox, None, budget("h200-below-max", 1000, scope))  # 2 x 200 W <= 1000 < 2 x 700 W
+    agent = start_node_agent(sandbox, node, tmp_path / "agent.log")
+    try:
+        assert sandbox.kubectl("get", "nodepowerprofile", node, check=False).returncode != 0
+        apply(sandbox, namespace, workload("fits", gpus=1, products=["NVIDIA-H200"]))
+        start_operator()
+
+        def lowered_and_confirmed() -> bool:
+            found = sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json", check=False)
+            if found.returncode != 0:
+                return False
+            spec, applied = profile_limits(sandbox, node)
+            return len(spec) == 2 and spec == applied and sum(spec) <= 1000
+
+        wait_until(f"{node} lowered within h200-below-max and confirmed", lowered_and_confirmed)
+        wait_until(
+            "fits Running on the lowered node",
+            lambda: running_on_planned_nodes(sandbox, namespace, "fits"),
+            90,
+        )
+        status = get_json(sandbox, "energybudget", "h200-below-max")["status"]
+        assert status["allocatedCapWatts"] <= 1000
+        spec, _ = profile_limits(sandbox, node)
+        assert sum(spec) <= 1000
+    finally:
+        agent.kill()
+        agent.wait()
+        sandbox.kubectl("delete", "energybudget", "h200-below-max", "--wait=false", check=False)
+        sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
