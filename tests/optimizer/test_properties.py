@@ -241,6 +241,17 @@ def fits_without_lower(plan_input: PlanInput, result: Plan, workload: Workload) 
     budgets_of = {
         name: [b.name for b in plan_input.budgets if name in b.node_names] for name in nodes
     }
+    # A running workload stays (product, variant) where it runs; any other option restarts it.
+    current = [c for c in plan_input.current if c.workload == workload.key]
+    keeps = {(nodes[c.node].product, c.variant) for c in current if c.node in nodes}
+    # Running training and fine-tuning are not moved: only their own nodes, product and variant.
+    pinned = (
+        {c.node for c in current}
+        if current
+        and workload.type in {WorkloadType.TRAINING, WorkloadType.FINE_TUNING}
+        and all(c.node in nodes for c in current)
+        else None
+    )
     for product in sorted({n.product for n in nodes.values()}):
         if workload.allowed_products and product not in workload.allowed_products:
             continue
@@ -277,7 +288,13 @@ def fits_without_lower(plan_input: PlanInput, result: Plan, workload: Workload) 
                     count = workload.replicas
                     work = workload.remaining_work
                     deadline = workload.deadline_seconds
-                    if deadline and work and rate * count * deadline < work.amount:
+                    if deadline and (product, variant.name) not in keeps:
+                        deadline -= plan_input.options.startup_seconds  # a move restarts it
+                    if (
+                        deadline is not None
+                        and work
+                        and rate * count * max(deadline, 0) < work.amount
+                    ):
                         continue
                 room = dict(headroom)
                 slots = dict(free)
@@ -285,6 +302,10 @@ def fits_without_lower(plan_input: PlanInput, result: Plan, workload: Workload) 
                 for name in sorted(nodes, key=lambda n: (len(budgets_of[n]), n)):
                     node = nodes[name]
                     if node.product != product or (not node.agent_ready and level < top):
+                        continue
+                    if pinned is not None and (
+                        name not in pinned or (product, variant.name) not in keeps
+                    ):
                         continue
                     if not node.agent_ready and level < spec.max_watts.value:
                         continue
