@@ -11,7 +11,8 @@ agents for every node and one standalone operator, then measures:
 Goals (issue 5): p50 <= 2 s, p99 <= 5 s, burst >= 50 workloads/s, RSS <= 300 MB.
 
 Usage: .venv/bin/python benchmarks/bench_operator.py [--nodes 200] [--singles 100] [--burst 1000]
-       [--rss-workloads 10000] [--rss-seconds 240]. Not a test: it prints figures and asserts nothing.
+       [--rss-workloads 10000] [--rss-seconds 240].
+Not a test: it prints figures and asserts nothing.
 """
 
 from __future__ import annotations
