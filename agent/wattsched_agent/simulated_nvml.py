@@ -27,7 +27,6 @@ behaviour.
 
 from __future__ import annotations
 
-import bisect
 import math
 import random
 import threading
@@ -41,6 +40,8 @@ from typing import Any
 
 import pynvml
 import yaml
+
+from wattsched_ground_truth import interpolate
 
 # pynvml's error codes: the simulated library raises exactly what the real one raises.
 NVML_ERROR_UNINITIALIZED: int = pynvml.NVML_ERROR_UNINITIALIZED
@@ -63,18 +64,6 @@ class ProductEnvelope:
     max_watts: float
     default_watts: float
     ground_truth_product: str
-
-
-def _interpolate(curve: tuple[tuple[float, float], ...], x: float) -> float:
-    """Piecewise-linear through `curve`, clamped to its ends (as the simulator's truth)."""
-    xs = [point[0] for point in curve]
-    if x <= xs[0]:
-        return curve[0][1]
-    if x >= xs[-1]:
-        return curve[-1][1]
-    i = bisect.bisect_right(xs, x)
-    (x0, y0), (x1, y1) = curve[i - 1], curve[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
 @dataclass(frozen=True)
@@ -109,7 +98,7 @@ class TruePower:
         load = utilisation
         if workload_type == INFERENCE:  # a service's load is its share of full-power capacity
             curve = self.kept_throughput_curve[workload_type]
-            load *= _interpolate(curve, power_limit_watts / self.max_watts[product])
+            load *= interpolate(curve, power_limit_watts / self.max_watts[product])
         share = math.pow(min(load, 1.0), self.load_power_exponent)
         return min(node_factor * (idle + (full - idle) * share), power_limit_watts)
 

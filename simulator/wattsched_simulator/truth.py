@@ -16,7 +16,6 @@ each other; they share the data, not code).
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -24,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from wattsched_ground_truth import interpolate
 from wattsched_optimizer.problem import WorkloadType
 
 GROUND_TRUTH_SOURCE = "wattsched_ground_truth/ground_truth.yaml"
@@ -70,18 +70,6 @@ DEFAULT_TYPES: Mapping[WorkloadType, TypeTruth] = {
     )
     for name, fields in _TABLE["types"].items()
 }
-
-
-def interpolate(curve: tuple[tuple[float, float], ...], x: float) -> float:
-    """Piecewise-linear interpolation, clamped to the curve's ends."""
-    xs = [point[0] for point in curve]
-    if x <= xs[0]:
-        return curve[0][1]
-    if x >= xs[-1]:
-        return curve[-1][1]
-    i = bisect.bisect_right(xs, x)
-    (x0, y0), (x1, y1) = curve[i - 1], curve[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
 @dataclass(frozen=True)
