@@ -103,15 +103,18 @@ class TruePower:
         return min(node_factor * (idle + (full - idle) * share), power_limit_watts)
 
 
+def _read_yaml(package: str, name: str, path: Path | None) -> tuple[Any, str]:
+    """A packaged YAML table (or the file at `path` instead) and where it came from."""
+    if path is None:
+        return yaml.safe_load(
+            resources.files(package).joinpath(name).read_text()
+        ), f"{package}/{name}"
+    return yaml.safe_load(path.read_text()), str(path)
+
+
 def load_ground_truth(path: Path | None = None) -> TruePower:
     """Read the ground-truth table; `path` overrides the shared `wattsched_ground_truth` one."""
-    if path is None:
-        text = resources.files("wattsched_ground_truth").joinpath("ground_truth.yaml").read_text()
-        source = "wattsched_ground_truth/ground_truth.yaml"
-    else:
-        text = path.read_text()
-        source = str(path)
-    raw: Any = yaml.safe_load(text)
+    raw, source = _read_yaml("wattsched_ground_truth", "ground_truth.yaml", path)
     try:
         products = raw["products"]
         types = raw["types"]
@@ -132,13 +135,7 @@ def load_ground_truth(path: Path | None = None) -> TruePower:
 
 def load_products(path: Path | None = None) -> dict[str, ProductEnvelope]:
     """Read the product table; `path` overrides the packaged `simulated_products.yaml`."""
-    if path is None:
-        text = resources.files("wattsched_agent").joinpath("simulated_products.yaml").read_text()
-        source = "wattsched_agent/simulated_products.yaml"
-    else:
-        text = path.read_text()
-        source = str(path)
-    raw = yaml.safe_load(text)
+    raw, source = _read_yaml("wattsched_agent", "simulated_products.yaml", path)
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a mapping of product name to envelope")
     products: dict[str, ProductEnvelope] = {}

@@ -138,9 +138,12 @@ def test_workload_measured_watts_needs_every_running_pod_measured() -> None:
     assert workload_measured_watts(stale, [("ns", "w-0")]) is None
 
 
-def workload(**kw: Any) -> dict[str, Any]:
+def workload(
+    previous: dict[str, Any] | None = None, now: datetime = NOW, **kw: Any
+) -> dict[str, Any]:
+    """An unplaced workload's status, from `previous` (default: none yet)."""
     return workload_status(
-        {},
+        previous or {},
         generation=1,
         is_gang=False,
         gang_size=1,
@@ -148,7 +151,7 @@ def workload(**kw: Any) -> dict[str, Any]:
         unplaced=None,
         pods=[],
         failure_message=None,
-        now=NOW,
+        now=now,
         **kw,
     )
 
@@ -216,31 +219,9 @@ def test_without_prometheus_a_workload_has_no_telemetry_condition() -> None:
 def test_a_workloads_telemetry_condition_moves_its_transition_time_only_when_it_changes() -> None:
     first = workload(telemetry=workload_telemetry(DOWN, PODS))
     later_now = NOW.replace(hour=13)
-    still_down = workload_status(
-        first,
-        generation=1,
-        is_gang=False,
-        gang_size=1,
-        placements=[],
-        unplaced=None,
-        pods=[],
-        failure_message=None,
-        now=later_now,
-        telemetry=workload_telemetry(DOWN, PODS),
-    )
+    still_down = workload(first, later_now, telemetry=workload_telemetry(DOWN, PODS))
     back = fresh({"a": 1.0}, {("ns", "w-0"): 350.0, ("ns", "w-1"): 340.0})
-    recovered = workload_status(
-        still_down,
-        generation=1,
-        is_gang=False,
-        gang_size=1,
-        placements=[],
-        unplaced=None,
-        pods=[],
-        failure_message=None,
-        now=later_now,
-        telemetry=workload_telemetry(back, PODS),
-    )
+    recovered = workload(still_down, later_now, telemetry=workload_telemetry(back, PODS))
     times = [cond(r, "TelemetryFresh") or {} for r in (first, still_down, recovered)]
     assert [t.get("lastTransitionTime") for t in times] == [
         "2026-11-25T12:00:00Z",
