@@ -235,11 +235,17 @@ def test_simulate_writes_results_plots_and_a_table(
     assert document["policies"]["wattsched"]["secondsOverBudget"] == 0
     assert document["scenario"]["pue"] == 1.25
     assert "CC-BY 4.0" in document["scenario"]["traceAttribution"]
-    for name in ("power_vs_cap.png", "energy_by_policy.png", "slo_attainment.png"):
+    for name in (
+        "power_vs_cap.png",
+        "energy_by_policy.png",
+        "energy_per_work.png",
+        "slo_attainment.png",
+    ):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
         assert (out / name).stat().st_size < 200_000
     table = capsys.readouterr().out
-    assert "GPU kWh" in table
+    for heading in ("GPU kWh", "job Mtok", "tokens/J", "deadline miss", "s limits>cap"):
+        assert heading in table
     assert "wattsched" in table
 
 
