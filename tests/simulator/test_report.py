@@ -120,7 +120,7 @@ def test_the_power_plot_has_a_title_per_panel_and_a_readable_legend() -> None:
     (legend,) = figure.legends
     labels = [text.get_text() for text in legend.get_texts()]
     assert labels == ["GPU draw (modelled)", "sum of power limits (rack)", "cap (rack)"]
-    assert all(text.get_fontsize() >= LEGEND_FONT_SIZE for text in legend.get_texts())
+    assert all(float(text.get_fontsize()) >= LEGEND_FONT_SIZE for text in legend.get_texts())
 
 
 def test_plots_include_energy_per_unit_of_work(tmp_path: Path) -> None:
