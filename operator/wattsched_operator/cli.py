@@ -17,6 +17,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("wattsched_agent.cli", "run the node agent that applies GPU power limits"),
     "plan": ("wattsched_operator.plan_command", "solve a plan for a snapshot of cluster objects"),
     "explain": ("wattsched_operator.explain", "say why a workload is where it is"),
+    "status": (
+        "wattsched_operator.status_command",
+        "budgets, unplaced workloads, moves, unconfirmed nodes, failed rounds on one screen",
+    ),
+    "install-kubectl-plugin": (
+        "wattsched_operator.kubectl_plugin",
+        "write the `kubectl-wattsched` shim so that `kubectl wattsched ...` works",
+    ),
     "simulate": ("wattsched_simulator.cli", "replay traces and compare scheduling policies"),
 }
 

@@ -751,7 +751,17 @@ class PlanningLoop:
             key = pod_workload_key(pod)
             if key in active and key not in placed_keys and not _finished(pod):
                 preempted[key] = preempted.get(key, 0) + 1
+        pods_by_name = {
+            (p["metadata"]["namespace"], p["metadata"]["name"]): p for p in view.pods.values()
+        }
+        moves = desired.moved_replicas(pods_by_name, want, changes.delete)
         await self._gather(self._delete_pod(ns, name, view) for ns, name in to_delete)
+        for key, moved in moves.items():
+            if key not in active:
+                continue
+            self.metrics.moves.inc(len(moved))
+            shown = "; ".join(moved[:5]) + ("; ..." if len(moved) > 5 else "")
+            await self._event(active[key], "Normal", "Moved", f"{len(moved)} replica(s): {shown}")
         for key, count in preempted.items():
             self.metrics.preemptions.inc(count)
             unplaced = next((u for u in plan.unplaced if u.workload == key), None)

@@ -69,6 +69,11 @@ class OperatorMetrics:
         self.preemptions = Counter(
             "wattsched_preemptions", "Replicas preempted to make room.", registry=r
         )
+        self.moves = Counter(
+            "wattsched_moves",
+            "Replicas moved to another node or variant (a pod deleted and created again).",
+            registry=r,
+        )
         self.reconcile_errors = Counter(
             "wattsched_reconcile_errors",
             "Errors while applying a plan, by step.",
