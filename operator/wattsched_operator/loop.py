@@ -125,6 +125,15 @@ def is_gang(body: Mapping[str, Any]) -> bool:
     return WorkloadType((body.get("spec") or {}).get("type", "Inference")).is_gang
 
 
+def _note_slo(slo_met: dict[str, bool], key: str, status: Mapping[str, Any]) -> None:
+    """Record whether a workload's SLOMet condition is True (workloads without one: nothing)."""
+    condition = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == statuses.SLO_MET), None
+    )
+    if condition is not None and condition.get("status") in {"True", "False"}:
+        slo_met[key] = condition["status"] == "True"
+
+
 def pod_workload_key(pod: Mapping[str, Any]) -> str:
     meta = pod["metadata"]
     return f"{meta['namespace']}/{(meta.get('labels') or {}).get(desired.LABEL_WORKLOAD, '')}"
@@ -510,6 +519,17 @@ class PlanningLoop:
                 None,
             )
             previous = (view.workloads[key].get("status") or {}).get("energy") or {}
+            if added is not None:
+                intensity = carbon[budget] if budget else None
+                pue = terms[budget].pue if budget else 1.0
+                self.metrics.count_workload_energy(
+                    key,
+                    added.joules,
+                    added.joules / accounting.JOULES_PER_KWH * pue * intensity.grams_per_kwh
+                    if intensity
+                    else 0.0,
+                    added.source,
+                )
             workload_energy[key] = accounting.workload_energy(
                 previous,
                 added,
@@ -542,6 +562,16 @@ class PlanningLoop:
                     measured,
                     allocation.expected_watts if allocation else 0.0,
                     (now - start).total_seconds(),
+                )
+                facility_joules = budget_added.joules * terms[name].pue
+                intensity = carbon[name]
+                self.metrics.count_budget_energy(
+                    name,
+                    facility_joules,
+                    facility_joules / accounting.JOULES_PER_KWH * intensity.grams_per_kwh
+                    if intensity
+                    else 0.0,
+                    budget_added.source,
                 )
             budget_figures[name] = accounting.budget_energy(
                 view.budgets[name].get("status") or {},
@@ -946,6 +976,7 @@ class PlanningLoop:
             placements_by_workload.setdefault(placement.workload, []).append(placement)
         unplaced = {u.workload: u for u in plan.unplaced}
         phases: list[str] = []
+        slo_met: dict[str, bool] = {}
         writes: list[Awaitable[Any]] = []
         for key, body in view.workloads.items():
             if is_deleting(body):
@@ -953,6 +984,7 @@ class PlanningLoop:
             previous = body.get("status") or {}
             if key not in active and key not in life.succeeded and key not in life.failed:
                 phases.append(str(previous.get("phase") or statuses.PENDING))
+                _note_slo(slo_met, key, previous)
                 continue
             pods = [statuses.PodView.from_pod(p) for p in pods_by_workload.get(key, [])]
             if key in accounts.workload_energy:
@@ -984,11 +1016,13 @@ class PlanningLoop:
                 ),
             )
             phases.append(new["phase"])
+            _note_slo(slo_met, key, new)
             owned = {k: previous.get(k) for k in new}
             if owned != statuses.without_nones(new):
                 writes.append(self._write_workload_status(body, previous, new))
         await self._gather(writes)
         self.metrics.set_phases(statuses.phase_counts(phases))
+        self.metrics.set_slo(slo_met)
 
     async def _write_workload_status(
         self, body: Body, previous: Mapping[str, Any], new: Mapping[str, Any]
@@ -1067,10 +1101,15 @@ class PlanningLoop:
             )
             if accounts is not None:
                 new.update(accounts.budget_figures.get(name, {}))
+            allowance = ((body.get("spec") or {}).get("energy") or {}).get("kWh")
+            used = new.get("energyUsedKWh", previous.get("energyUsedKWh"))
             figures[name] = BudgetFigures(
                 cap_watts=cap,
                 allocated_cap_watts=new["allocatedCapWatts"],
                 expected_watts=new["expectedWatts"],
+                measured_watts=new.get("measuredWatts"),
+                energy_used_kwh=None if used is None else float(used),
+                energy_allowance_kwh=None if allowance is None else float(allowance),
             )
             writes.append(
                 self._call(self.kube.write, budgets_path(name) + "/status", {"status": new})
