@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
 from wattsched_operator.accounting import Period, parse_rfc3339, period_start
@@ -435,8 +436,8 @@ def list_events(kube: Kube) -> list[dict[str, Any]]:
     while True:
         try:
             page = kube.request("GET", "/api/v1/events", query=query)
-        except KubeError:
-            # Fall back to the checked listing, which turns the failure into one line.
+        except (KubeError, urllib3.exceptions.HTTPError, OSError):
+            # Fall back to the checked listing, which turns a failure into one line.
             return list_objects(kube, "/api/v1/events")
         items += page.get("items") or []
         token = (page.get("metadata") or {}).get("continue")

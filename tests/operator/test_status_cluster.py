@@ -97,7 +97,8 @@ class Scenario:
 
 @pytest.fixture
 def scenario(sandbox: Sandbox, namespace: str, start_operator: StartOperator) -> Iterator[Scenario]:
-    operator = start_operator()
+    # Rounds every 5 s, each accounting energy: the counters move within the test.
+    operator = start_operator("--accounting-seconds", "2", "--replan-interval-seconds", "5")
     for path in example_manifests():
         sandbox.kubectl("apply", "-n", namespace, "-f", str(path))
     sandbox.kubectl("label", "energybudgets", "cluster", "rack-a", f"{TEST_LABEL}=status")
@@ -163,6 +164,47 @@ def test_status_shows_budgets_unplaced_workloads_moves_nodes_and_rounds(
     assert "NODES WHOSE AGENT HAS NOT CONFIRMED ITS LIMITS: 0 of" in screen
     assert "last plan " in screen
     assert "operator metrics: 0 failed rounds since it started" in screen
+
+
+def test_operator_counters_follow_the_energy_and_carbon_in_statuses(
+    sandbox: Sandbox, scenario: Scenario
+) -> None:
+    def counted() -> dict[str, Any]:
+        found = scenario.operator.scrape()
+        energy = found.get("wattsched_workload_energy_joules_total", {})
+        return found if energy and all(v > 0 for v in energy.values()) else {}
+
+    samples = wait_until("workload energy counters above 0", counted, timeout_seconds=60)
+    (build,) = samples["wattsched_build_info"]
+    assert dict(build)["version"]
+    ns = scenario.namespace
+    energy = samples["wattsched_workload_energy_joules_total"]
+    chat = [v for labels, v in energy.items() if dict(labels)["workload"] == "llama-70b-chat"]
+    assert chat
+    assert sum(chat) > 0
+    assert {dict(labels)["namespace"] for labels in energy} == {ns}
+    # The counters advance with the increments the statuses add up: the counter read after the
+    # status holds at least what the status says and at most a few more increments (the modelled
+    # power of the budget's scope for 10 s).
+    budget = get_json(sandbox, "energybudget", "cluster")
+    used_kwh = budget["status"]["energyUsedKWh"]
+    joules = sum(
+        value
+        for labels, value in scenario.operator.scrape()[
+            "wattsched_budget_energy_joules_total"
+        ].items()
+        if dict(labels)["budget"] == "cluster"
+    )
+    slack_kwh = budget["status"]["expectedWatts"] * budget["spec"]["pue"] * 10 / 3.6e6
+    assert used_kwh - 1e-6 <= joules / 3.6e6 <= used_kwh + slack_kwh
+    ratio = samples["wattsched_budget_energy_allowance_used_ratio"]
+    assert ratio[(("budget", "cluster"),)] == pytest.approx(
+        used_kwh / budget["spec"]["energy"]["kWh"], abs=slack_kwh / budget["spec"]["energy"]["kWh"]
+    )
+    carbon = samples["wattsched_budget_carbon_grams_total"]
+    assert carbon[(("budget", "rack-a"),)] > 0  # rack-a has a carbon intensity
+    slo = samples["wattsched_workload_slo_met"]
+    assert (("namespace", ns), ("workload", "llama-70b-chat")) in slo
 
 
 def test_kubectl_wattsched_runs_the_same_screen(
