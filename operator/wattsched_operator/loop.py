@@ -1023,6 +1023,7 @@ class PlanningLoop:
         await self._gather(writes)
         self.metrics.set_phases(statuses.phase_counts(phases))
         self.metrics.set_slo(slo_met)
+        self.metrics.keep_workloads(set(view.workloads))
 
     async def _write_workload_status(
         self, body: Body, previous: Mapping[str, Any], new: Mapping[str, Any]

@@ -170,6 +170,8 @@ class OperatorMetrics:
         # workloads in the SLO gauge.
         self._budgets: set[str] = set()
         self._slo_workloads: set[tuple[str, str]] = set()
+        # Label sets of the per-workload counters, so a deleted workload's series can go.
+        self._workload_series: set[tuple[str, str, str]] = set()
 
     def set_budgets(self, figures: Mapping[str, BudgetFigures]) -> None:
         """Per-budget gauges for the budgets in `figures` (every budget there is); the label sets
@@ -208,6 +210,17 @@ class OperatorMetrics:
             max(joules, 0.0)
         )
         self.workload_carbon.labels(namespace=namespace, workload=name).inc(max(grams, 0.0))
+        self._workload_series.add((namespace, name, source))
+
+    def keep_workloads(self, keys: set[str]) -> None:
+        """Remove the energy and carbon series of workloads (`namespace/name`) not in `keys`
+        (deleted ones), so the registry does not grow with every workload ever accounted."""
+        gone = {s for s in self._workload_series if f"{s[0]}/{s[1]}" not in keys}
+        for namespace, name, source in gone:
+            self.workload_energy.remove(namespace, name, source)
+        for namespace, name in sorted({(s[0], s[1]) for s in gone}):
+            self.workload_carbon.remove(namespace, name)
+        self._workload_series -= gone
 
     def set_slo(self, met: Mapping[str, bool]) -> None:
         """The SLO gauge for every workload (`namespace/name`) with a declared objective; series

@@ -140,3 +140,17 @@ def test_the_slo_gauge_follows_the_workloads_with_an_objective() -> None:
     assert samples(metrics, "wattsched_workload_slo_met") == {
         (("namespace", "team-b"), ("workload", "job")): 1.0
     }
+
+
+def test_a_deleted_workloads_energy_series_go_and_the_others_stay() -> None:
+    metrics = OperatorMetrics()
+    metrics.count_workload_energy("team-a/chat", 10.0, 1.0, "measured")
+    metrics.count_workload_energy("team-a/chat", 5.0, 0.5, "modelled")
+    metrics.count_workload_energy("team-b/job", 7.0, 0.0, "modelled")
+    metrics.keep_workloads({"team-b/job"})
+    assert samples(metrics, "wattsched_workload_energy_joules_total") == {
+        (("namespace", "team-b"), ("source", "modelled"), ("workload", "job")): 7.0
+    }
+    assert list(samples(metrics, "wattsched_workload_carbon_grams_total")) == [
+        (("namespace", "team-b"), ("workload", "job"))
+    ]
