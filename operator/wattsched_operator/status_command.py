@@ -24,13 +24,12 @@ from typing import Any
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from wattsched_operator.accounting import Period, parse_rfc3339, period_start
+from wattsched_operator.accounting import JOULES_PER_KWH, Period, parse_rfc3339, period_start
 from wattsched_operator.api.errors import ApiValidationError
 from wattsched_operator.api.nodepowerprofile import parse_nodepowerprofile
 from wattsched_operator.cluster_read import ClusterReadError, connect, list_objects, read_cluster
 from wattsched_operator.kube import Kube, KubeError
-from wattsched_operator.snapshot import Body, ClusterObjects, gpu_count
-from wattsched_operator.snapshot import SnapshotError as _SnapshotError
+from wattsched_operator.snapshot import Body, ClusterObjects, SnapshotError, gpu_count
 
 EXIT_CLUSTER_UNREADABLE = 1
 # Event reasons the operator posts on LLMWorkloads when it moves or preempts replicas.
@@ -39,7 +38,6 @@ MOVE_REASONS = ("Moved", "Preempted")
 STALE_PLAN_SECONDS = 180.0
 HEARTBEAT_TIMEOUT_SECONDS = 120.0
 RECENT_SECONDS = 3600.0
-JOULES_PER_KWH = 3.6e6
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,6 @@ class OperatorCounters:
 
     failed_rounds: float | None
     plans_by_status: Mapping[str, float]
-    unconfirmed_nodes: float | None
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -281,7 +278,7 @@ def unconfirmed_nodes(
         try:
             if gpu_count(node) == 0:
                 continue
-        except _SnapshotError:
+        except SnapshotError:
             continue
         found_body = by_node.get(name)
         if found_body is None:
@@ -318,7 +315,7 @@ def _nodes_section(
     for node in nodes:
         try:
             gpu_nodes += gpu_count(node) > 0
-        except _SnapshotError:
+        except SnapshotError:
             continue
     found = unconfirmed_nodes(nodes, profiles, now, heartbeat_timeout)
     head = (
@@ -405,7 +402,6 @@ def parse_operator_metrics(text: str) -> OperatorCounters:
     """The operator's counters from its /metrics text (Prometheus exposition format)."""
     failed: float | None = None
     plans: dict[str, float] = {}
-    unconfirmed: float | None = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if (
@@ -415,11 +411,7 @@ def parse_operator_metrics(text: str) -> OperatorCounters:
                 failed = sample.value
             elif sample.name == "wattsched_plans_total":
                 plans[sample.labels.get("status", "?")] = sample.value
-            elif sample.name == "wattsched_unconfirmed_nodes":
-                unconfirmed = sample.value
-    return OperatorCounters(
-        failed_rounds=failed, plans_by_status=plans, unconfirmed_nodes=unconfirmed
-    )
+    return OperatorCounters(failed_rounds=failed, plans_by_status=plans)
 
 
 def read_operator_metrics(url: str) -> OperatorCounters:

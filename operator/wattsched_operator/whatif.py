@@ -131,7 +131,6 @@ def _set(document: Any, override: Override) -> None:
     node = document
     for depth, part in enumerate(override.path[:-1]):
         following = override.path[depth + 1]
-        where = override.field_name if depth == 0 else ""
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
                 size = len(node) if isinstance(node, list) else 0
@@ -139,7 +138,10 @@ def _set(document: Any, override: Override) -> None:
             node = node[part]
             continue
         if not isinstance(node, dict):
-            raise _error(override.text, f"{part!r} is inside a value that is not a map {where}")
+            raise _error(
+                override.text,
+                f"{override.field_name}: {part!r} is inside a value that is not a map",
+            )
         if node.get(part) is None:
             node[part] = [] if isinstance(following, int) else {}
         node = node[part]
@@ -150,7 +152,9 @@ def _set(document: Any, override: Override) -> None:
             raise _error(override.text, f"index [{last}] is out of range ({size} item(s))")
         node[last] = override.value
     elif not isinstance(node, dict):
-        raise _error(override.text, f"{last!r} is inside a value that is not a map")
+        raise _error(
+            override.text, f"{override.field_name}: {last!r} is inside a value that is not a map"
+        )
     elif override.value is None:
         node.pop(last, None)
     else:

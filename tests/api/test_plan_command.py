@@ -305,6 +305,7 @@ def test_set_changes_a_workload_and_a_node_label(capsys: pytest.CaptureFixture[s
             "EnergyBudget rack-a: spec.powerCapWatts: must be a number, got 'lots'",
         ),
         ("llmw/team-a/chat.spec.variants[7].quality=1", "index [7] is out of range (2 item(s))"),
+        ("eb/rack-a.spec.powerCapWatts.x=3", "'x' is inside a value that is not a map"),
         ("llmw/team-a/chat.spec.energy.policy=Fast", "LLMWorkload team-a/chat: spec.energy.policy"),
     ],
 )
