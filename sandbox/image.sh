@@ -18,7 +18,6 @@
 # localhost/wattsched tags; `localhost/wattsched:dev` always names the newest.
 #
 # Usage: sandbox/image.sh [build]   build or reuse; prints the image reference on stdout
-#        sandbox/image.sh ref       prints the reference the current inputs would get
 #        sandbox/image.sh clean     removes the containers (and their mounts) made from the images
 #        sandbox/image.sh purge     clean, and removes the cached base and images (a cold start)
 # Needs root (debootstrap and buildah's chroot isolation); installs buildah and debootstrap with
@@ -176,13 +175,7 @@ purge() {
 
 case "${1:-build}" in
   build) build ;;
-  ref)
-    need_root
-    base="$(base_ref)"
-    exists "$base" || die "no base $base yet: run sandbox/image.sh build"
-    image_ref "$(image_id "$base")"
-    ;;
   clean) clean ;;
   purge) purge ;;
-  *) die "unknown command ${1@Q}: expected build, ref, clean or purge" ;;
+  *) die "unknown command ${1@Q}: expected build, clean or purge" ;;
 esac
