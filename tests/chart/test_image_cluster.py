@@ -14,11 +14,11 @@ the release's service account, the CA and the namespace under
 sandbox's API server. So the chart's RBAC and the agent's own-node admission policy apply.
 
 What chroot isolation cannot check, so these tests do not: cgroup resource limits (the chart's
-`resources`), separate network and PID namespaces (the processes' ports, which the chart binds on
-every address of the pod, are on every address of the host while a test runs), `allowPrivilegeEscalation: false` (buildah
-leaves no_new_privs unset), the container runtime's own RuntimeDefault seccomp profile (buildah
-applies its default filter), the kubelet's probes (the tests request the probe paths themselves),
-pulling the image from a registry, and the nvml backend (no GPU, no NVIDIA runtime).
+`resources`), separate network and PID namespaces (the ports the chart binds on every address of
+the pod are on every address of the host while a test runs), `allowPrivilegeEscalation: false`
+(buildah leaves no_new_privs unset), the container runtime's own RuntimeDefault seccomp profile
+(buildah applies its default filter), the kubelet's probes (the tests request the probe paths
+themselves), pulling the image from a registry, and the nvml backend (no GPU, no NVIDIA runtime).
 Not for: the chart on KWOK without the image (test_chart_cluster.py).
 """
 
