@@ -59,7 +59,7 @@ EXAMPLE = REPO_ROOT / "examples" / "inference-vllm.yaml"
 # this path in the image (/var/run links to /run). buildah would resolve that link on the host, and
 # create the directories there, so the mount names the link's target.
 SERVICE_ACCOUNT_DIR = "/run/secrets/kubernetes.io/serviceaccount"
-# Mounted by buildah itself (or the kernel's): left as buildah makes them.
+# Set up by buildah (devices, proc, sys, its /run/.containerenv): left as buildah makes them.
 RUNTIME_DIRECTORIES = {"dev", "proc", "sys", "run"}
 IMAGE_BUILD_TIMEOUT_SECONDS = 1800
 BUILDAH_TIMEOUT_SECONDS = 120
