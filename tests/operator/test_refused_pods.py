@@ -42,8 +42,8 @@ def test_an_invalid_pod_refuses_the_pod() -> None:
 def test_a_malformed_pod_refuses_the_pod() -> None:
     # What the API server answers for `image: 123` in the template (a 400, not a 422).
     message = (
-        "Pod in version \"v1\" cannot be handled as a Pod: json: cannot unmarshal number into "
-        'Go struct field Container.spec.containers.image of type string'
+        'Pod in version "v1" cannot be handled as a Pod: json: cannot unmarshal number into '
+        "Go struct field Container.spec.containers.image of type string"
     )
     assert refuses_the_pod(KubeError("POST", "/p", 400, status_body(400, message)))
 
