@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -70,9 +71,17 @@ def is_label_value(value: str) -> bool:
     return value == "" or _LABEL_NAME.fullmatch(value) is not None
 
 
+# Renders at most a few items and levels of a value: a full repr of a YAML alias bomb (a billion
+# shared references) or of a 10,000-level object would never finish, or overflow the stack.
+_SHORT_REPR = reprlib.Repr()  # Python 3.11 takes no limits as arguments
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 76
+
+
 def describe(value: object) -> str:
-    """A short rendering of a bad value for an error message."""
-    text = repr(value)
+    """A short rendering of a bad value for an error message (bounded work for any value)."""
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
