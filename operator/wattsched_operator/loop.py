@@ -730,7 +730,19 @@ class PlanningLoop:
             )
             meta = body["metadata"]
             path = workloads_path(meta["namespace"], meta["name"]) + "/status"
-            status = {"phase": statuses.PENDING, "conditions": [condition], "message": message}
+            # Pending with nothing placed: a placement written before (the spec changed, the pod
+            # was refused) goes, so phase, conditions and placements agree. (Merge patch: None
+            # removes a field.)
+            status = {
+                "phase": statuses.PENDING,
+                "conditions": [condition],
+                "message": message,
+                "placements": None,
+                "nodes": None,
+                "variant": None,
+                "replicas": None,
+                "power": None,
+            }
             await self._gather([self._call(self.kube.write, path, {"status": status})])
             await self._event(body, "Warning", reason, message)
 
