@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import socket
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -23,7 +22,7 @@ import kopf
 
 from wattsched_operator import handlers, snapshot
 from wattsched_operator.cache import ClusterCache, ClusterView
-from wattsched_operator.kube import LIST_PAGE_SIZE, Kube, KubeError
+from wattsched_operator.kube import LIST_PAGE_SIZE, Kube, KubeError, decode_any_stored_object
 from wattsched_operator.loop import InputBuilder, LoopSettings, PlannedInput, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
 from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY, TelemetryConfig, TelemetryReader
@@ -35,18 +34,6 @@ PEERING_PATH = "/apis/kopf.dev/v1/clusterkopfpeerings"
 PEER_DEFAULT_LIFETIME_SECONDS = 60
 # How long a silent peer keeps its rank: the time another replica takes over after a crash.
 PEER_LIFETIME_SECONDS = 15
-
-# The API server decodes JSON with Go's encoding/json, which refuses objects nested deeper than
-# 10,000 levels (its scanner's maxNestingDepth); under the free-form parts of a CRD schema (an
-# LLMWorkload's spec.template) nothing else bounds the depth. kopf decodes every watch event with
-# Python's json, whose C decoder counts each level against the interpreter's recursion limit
-# (1,000 by default): one LLMWorkload 990 levels deep stopped the watch, and the operator with it.
-API_SERVER_MAX_JSON_DEPTH = 10_000
-# kopf copies and compares bodies with copy.deepcopy and recursive generators (two frames a level),
-# on top of the frames of the event loop and kopf's reactor. Measured: decoding, encoding, copying
-# and diffing a 10,000-level object at this limit needs under 8 MiB of C stack (Linux's default,
-# for the main thread and every thread) on CPython 3.11.
-RECURSION_LIMIT = 3 * API_SERVER_MAX_JSON_DEPTH + 2_000
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -215,9 +202,9 @@ def ensure_peering(kube: Kube, name: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    # Any object the API server stores must decode here, however deep (see RECURSION_LIMIT); the
-    # operator itself refuses LLMWorkload templates deeper than MAX_TEMPLATE_DEPTH.
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
+    # Before kopf starts: its watches must decode any object the API server stores (the models
+    # then refuse LLMWorkload templates deeper than MAX_TEMPLATE_DEPTH).
+    decode_any_stored_object()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -14,7 +14,7 @@ from wattsched_operator.api import ApiValidationError, parse_llmworkload
 from wattsched_operator.api.llmworkload import MAX_TEMPLATE_DEPTH
 from wattsched_operator.cache import WORKLOADS, ClusterCache
 from wattsched_operator.handlers import record
-from wattsched_operator.run import API_SERVER_MAX_JSON_DEPTH
+from wattsched_operator.kube import API_SERVER_MAX_JSON_DEPTH
 
 
 def nested(levels: int) -> Any:
@@ -79,7 +79,7 @@ def test_the_operators_recursion_limit_decodes_copies_and_diffs_what_the_api_ser
     script = """
 import copy, json, sys, threading
 from kopf._cogs.structs import diffs
-from wattsched_operator.run import API_SERVER_MAX_JSON_DEPTH, RECURSION_LIMIT
+from wattsched_operator.kube import API_SERVER_MAX_JSON_DEPTH, RECURSION_LIMIT
 sys.setrecursionlimit(RECURSION_LIMIT)
 line = sys.stdin.read()
 def work():

@@ -4,7 +4,10 @@ itself. The operator stays up, marks that object, and keeps placing everyone els
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +65,18 @@ def status_of(sandbox: Sandbox, namespace: str, name: str) -> dict[str, Any]:
     return result
 
 
+def result_of_plan(sandbox: Sandbox) -> str:
+    """`wattsched plan --from-cluster -o json` against the sandbox (its stdout)."""
+    return subprocess.run(
+        [sys.executable, "-m", "wattsched_operator.cli", "plan", "--from-cluster", "-o", "json"],
+        env={**os.environ, "KUBECONFIG": str(sandbox.kubeconfig)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+
+
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
 
@@ -101,6 +116,18 @@ def test_templates_nested_thousands_deep_stop_neither_the_operator_nor_other_wor
         assert "InvalidSpec" in {e["reason"] for e in events_of(sandbox, namespace, name)}
     assert operator.process.poll() is None, operator.log_path.read_text()[-3000:]
     assert "RecursionError" not in operator.log_path.read_text()
+    # The commands that read the cluster are not stopped by them either.
+    status = subprocess.run(
+        [sys.executable, "-m", "wattsched_operator.cli", "status"],
+        env={**os.environ, "KUBECONFIG": str(sandbox.kubeconfig)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stderr[-2000:]
+    skipped = json.loads(result_of_plan(sandbox))["skipped"]
+    assert any(f"{namespace}/deep-listed: spec.template: nests" in line for line in skipped)
     # Deeper than the API server's JSON limit is refused at the door.
     too_deep = create_raw(
         sandbox,
