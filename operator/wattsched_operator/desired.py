@@ -108,7 +108,9 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         resources.setdefault(section, {})[GPU_RESOURCE] = str(placement.gpus)
     first["resources"] = resources
     spec["containers"] = containers
-    spec["nodeSelector"] = {**(spec.get("nodeSelector") or {}), HOSTNAME_LABEL: placement.node}
+    # The plan's node only: templates may not choose nodes (nodeName, nodeSelector and node
+    # affinity are refused by the CRD and the models).
+    spec["nodeSelector"] = {HOSTNAME_LABEL: placement.node}
     if "restartPolicy" not in spec:
         is_batch = workload.type is not WorkloadType.INFERENCE
         spec["restartPolicy"] = "Never" if is_batch else "Always"

@@ -228,15 +228,79 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# YAML aliases share one value among many places; expanded, a "billion laughs" document of a few
+# hundred bytes holds 10^9 values, which any walk of it (validation, an error message) would try to
+# visit. A snapshot of 10,000 workloads expands to a few million values; more is refused.
+MAX_EXPANDED_VALUES = 10_000_000
+
+
 def _read_documents(filename: str, stdin: TextIO) -> list[object]:
     try:
         text = stdin.read() if filename == "-" else Path(filename).read_text(encoding="utf-8")
     except OSError as error:
         raise SnapshotError(f"{filename}: cannot read: {error.strerror}") from None
     try:
-        return list(yaml.safe_load_all(text))
+        documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as error:
         raise SnapshotError(f"{filename}: not valid YAML: {error}") from None
+    for index, document in enumerate(documents):
+        problem = alias_problem(document, MAX_EXPANDED_VALUES)
+        if problem is not None:
+            raise SnapshotError(f"{filename}: document {index + 1}: {problem}")
+    return documents
+
+
+def _children(value: object) -> list[tuple[str, object]]:
+    if isinstance(value, dict):
+        return [(str(key), child) for key, child in value.items()]
+    if isinstance(value, list):
+        return [(f"[{i}]", child) for i, child in enumerate(value)]
+    return []
+
+
+def alias_problem(document: object, max_values: int) -> str | None:
+    """Why a loaded YAML document cannot be read (None when it can): a value that refers to
+    itself, or YAML aliases that expand to more than `max_values` values; names the field.
+
+    Counts the expanded size once per shared value (never expanding it), without recursion.
+    """
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+    stack: list[tuple[object, bool]] = [(document, False)]
+    while stack:
+        value, children_done = stack.pop()
+        children = [child for _, child in _children(value)]
+        if not isinstance(value, dict | list) or (id(value) in sizes and not children_done):
+            continue
+        if children_done:
+            in_progress.discard(id(value))
+            sizes[id(value)] = 1 + sum(sizes.get(id(child), 1) for child in children)
+            continue
+        if id(value) in in_progress:
+            return "a value refers to itself through a YAML alias; write it out"
+        in_progress.add(id(value))
+        stack.append((value, True))
+        for child in children:
+            if isinstance(child, dict | list) and id(child) in in_progress:
+                return "a value refers to itself through a YAML alias; write it out"
+            stack.append((child, False))
+    if sizes.get(id(document), 1) <= max_values:
+        return None
+    # Name the field: follow the largest part while it alone is over the limit.
+    path, value = "", document
+    while True:
+        over = [
+            (key, child) for key, child in _children(value) if sizes.get(id(child), 1) > max_values
+        ]
+        if not over:
+            break
+        key, value = max(over, key=lambda item: sizes.get(id(item[1]), 1))
+        path += key if key.startswith("[") or not path else f".{key}"
+    where = f"{path}: " if path else ""
+    return (
+        f"{where}YAML aliases expand to more than {max_values:,} values (an alias bomb); "
+        "write the values out"
+    )
 
 
 @dataclass(frozen=True)

@@ -352,3 +352,64 @@ def test_diff_lists_limit_changes_and_new_pods_against_the_snapshot(
     table = capsys.readouterr().out
     assert "CHANGES AGAINST THE CLUSTER NOW" in table
     assert "start    team-b/pretrain replica 0 on " in table
+
+
+def alias_bomb(levels: int) -> str:
+    """A "billion laughs" LLMWorkload: `levels` lists of 10 aliases of the list before (10^levels
+    values expanded, a few hundred bytes written)."""
+    lines = ['  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        refs = ", ".join([f"*l{level - 1}"] * 10)
+        lines.append(f"  l{level}: &l{level} [{refs}]")
+    return "\n".join(
+        [
+            "apiVersion: wattsched.io/v1alpha1",
+            "kind: LLMWorkload",
+            "metadata: {name: bomb, namespace: team-a}",
+            "spec:",
+            *lines,
+            "  template: {spec: {containers: [{name: main, image: x, args: *LAST}]}}".replace(
+                "LAST", f"l{levels - 1}"
+            ),
+        ]
+    )
+
+
+def test_a_yaml_alias_bomb_exits_2_naming_the_field_without_expanding_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(SNAPSHOT.read_text() + "\n---\n" + alias_bomb(9) + "\n")
+    assert main(["-f", str(path), "--now", NOW]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"wattsched plan: {path}: document 2: spec.")
+    assert "YAML aliases expand to more than 10,000,000 values (an alias bomb)" in error
+    assert error.count("\n") == 1
+
+
+def test_a_value_that_refers_to_itself_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text("kind: Node\nmetadata: &m {name: n, labels: *m}\n")
+    assert main(["-f", str(path)]) == 2
+    assert "refers to itself through a YAML alias" in capsys.readouterr().err
+
+
+def test_a_few_aliases_are_read_as_the_values_they_stand_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workload = """apiVersion: wattsched.io/v1alpha1
+kind: LLMWorkload
+metadata: {name: small, namespace: team-a, labels: &labels {app: small}}
+spec:
+  type: Inference
+  model: {name: m, parametersBillions: 8}
+  gpu: {count: 1}
+  slo: {tokensPerSecond: 10}
+  template: {metadata: {labels: *labels}, spec: {containers: [{name: main, image: x}]}}
+"""
+    path = tmp_path / "aliases.yaml"
+    path.write_text(yaml.safe_dump_all(snapshot_items()) + "---\n" + workload)
+    assert main(["-f", str(path), "--now", NOW, "-o", "json"]) == 0
+    assert "team-a/small" in capsys.readouterr().out
