@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from wattsched_operator import accounting, desired, statuses, transition
+from wattsched_operator import accounting, desired, progress, statuses, transition
 from wattsched_operator.cache import (
     BUDGETS,
     NODES,
@@ -75,6 +75,8 @@ class PlannedInput:
 
     plan_input: PlanInput
     rejected: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Training/FineTuning/BatchInference workloads: their total and progress query, by key.
+    jobs: Mapping[str, progress.JobTerms] = dataclasses.field(default_factory=dict)
 
 
 InputBuilder = Callable[[ClusterView, frozenset[str], datetime], PlannedInput]
@@ -173,6 +175,8 @@ class Accounts:
     workload_energy: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     workload_measured_watts: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
     budget_figures: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # The new `status.progress` of the jobs that were due.
+    workload_progress: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -351,6 +355,7 @@ class PlanningLoop:
             active=active,
             plan=plan,
             plan_input=plan_input,
+            jobs=built.jobs,
             pods_by_workload=pods_by_workload,
             telemetry=telemetry,
         )
@@ -446,6 +451,7 @@ class PlanningLoop:
         plan_input: PlanInput,
         pods_by_workload: Mapping[str, list[Body]],
         telemetry: TelemetrySnapshot | None,
+        jobs: Mapping[str, progress.JobTerms] | None = None,
     ) -> Accounts:
         """Advance the energy and carbon totals that are due (see `accounting`).
 
@@ -599,7 +605,57 @@ class PlanningLoop:
                 carbon=carbon[name],
                 initial_source=initial_source,
             )
-        return Accounts(workload_energy, measured_watts, budget_figures)
+        job_progress = await self._advance_progress(
+            view, jobs or {}, workload_starts, running, placements, now
+        )
+        return Accounts(workload_energy, measured_watts, budget_figures, job_progress)
+
+    async def _advance_progress(
+        self,
+        view: ClusterView,
+        jobs: Mapping[str, progress.JobTerms],
+        starts: Mapping[str, datetime],
+        running: Mapping[str, list[Body]],
+        placements: Mapping[str, list[Any]],
+        now: datetime,
+    ) -> dict[str, Mapping[str, Any]]:
+        """The new `status.progress` of the jobs due for accounting (see `progress`): measured
+        from the job's `spec.progress.prometheusQuery` when it answered, else the plan's rate
+        (calibrated model) over the seconds the whole gang ran since the last update."""
+        advanced: dict[str, Mapping[str, Any]] = {}
+        for key, start in starts.items():
+            terms = jobs.get(key)
+            if terms is None:
+                continue
+            status = view.workloads[key].get("status") or {}
+            previous = progress.read_status(status.get("progress"))
+            planned = placements.get(key, [])
+            pods = running.get(key, [])
+            seconds = 0.0
+            if pods and len(pods) >= len(planned) > 0:
+                began = max(
+                    [start, *(_pod_started(p) or start for p in pods)]
+                    + ([previous.updated_at] if previous else [])
+                )
+                seconds = max(0.0, (now - began).total_seconds())
+            measured = None
+            if terms.prometheus_query is not None and self.telemetry is not None:
+                try:
+                    measured = await asyncio.wait_for(
+                        self._call(self.telemetry.scalar, terms.prometheus_query),
+                        timeout=self.settings.telemetry_timeout_seconds,
+                    )
+                except Exception as error:  # the model stands in
+                    logger.warning("progress query of %s failed: %r", key, error)
+            advanced[key] = progress.advance(
+                previous,
+                now=now,
+                running_seconds=seconds,
+                rate_tokens_per_second=sum(p.expected_throughput for p in planned),
+                total=terms.total_tokens,
+                measured_tokens=measured,
+            ).to_status()
+        return advanced
 
     async def _read_energy(
         self, groups: Mapping[datetime, tuple[set[str], set[PodKey]]], end: datetime
@@ -1067,6 +1123,8 @@ class PlanningLoop:
                     [_pod_id(p) for p in pods_by_workload.get(key, []) if _running(p)],
                 ),
             )
+            if key in accounts.workload_progress:
+                new["progress"] = accounts.workload_progress[key]
             phases.append(new["phase"])
             _note_slo(slo_met, key, new)
             owned = {k: previous.get(k) for k in new}

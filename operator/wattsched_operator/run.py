@@ -162,7 +162,12 @@ def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
             unconfirmed_nodes=unconfirmed,
         )
         rejected = {error.name: str(error) for error in result.rejected}
-        return PlannedInput(plan_input=result.plan_input, rejected=rejected)
+        jobs = {
+            key: terms
+            for key, workload in result.workloads.items()
+            if (terms := snapshot.job_terms(workload)) is not None
+        }
+        return PlannedInput(plan_input=result.plan_input, rejected=rejected, jobs=jobs)
 
     return build
 

@@ -17,6 +17,8 @@ Rules:
   given) and the node is not in `unconfirmed_nodes`. When the objects hold no NodePowerProfile at
   all and `agents_required` is False (offline planning from a snapshot), all agents count as ready.
 - Budgets: the GPU nodes whose labels match the selector (no or empty selector: every GPU node).
+- Remaining work of a job: `spec.slo.totalWork` in tokens less `status.progress.completedTokens`
+  (see `progress`); the whole total, as written, while no progress is recorded.
 - Current placements: pods labelled `wattsched.io/workload` (workload name, pod's namespace) and
   `wattsched.io/replica`, bound to a node (or annotated with one) and not finished.
 """
@@ -51,8 +53,10 @@ from wattsched_operator.api.meta import (
     WORKLOAD_LABEL,
     parse_time,
 )
+from wattsched_operator import progress
 from wattsched_operator.api.nodepowerprofile import NodePowerProfile, parse_nodepowerprofile
-from wattsched_optimizer.model import UnknownProductError, normalise_product
+from wattsched_optimizer.model import CatalogueModel, UnknownProductError, normalise_product
+from wattsched_optimizer.options import reference_tokens_per_gpu_hour
 from wattsched_optimizer.problem import (
     Budget,
     CurrentPlacement,
@@ -73,6 +77,8 @@ Body = Mapping[str, Any]
 NODE_ANNOTATION = "wattsched.io/node"
 TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 _WHOLE_NUMBER = re.compile(r"^[0-9]+$")
+# GPU-hours of work convert to tokens with the uncalibrated catalogue (a fixed definition).
+_CATALOGUE = CatalogueModel()
 
 
 class SnapshotError(ValueError):
@@ -434,7 +440,7 @@ def _timeless_workload(workload: LLMWorkload) -> Workload:
             raise ApiValidationError(
                 "LLMWorkload", workload.key, f"spec.gpu.products[{index}]", str(error)
             ) from None
-    return Workload(
+    converted = Workload(
         key=workload.key,
         type=WorkloadType(spec.type.value),
         model_parameters_billions=spec.model.parameters_billions,
@@ -462,6 +468,32 @@ def _timeless_workload(workload: LLMWorkload) -> Workload:
         tokens_per_second=spec.slo.tokens_per_second,
         remaining_work=None if spec.slo.total_work is None else _work_amount(spec.slo.total_work),
     )
+    done = workload.status.progress
+    if converted.remaining_work is None or done is None:
+        return converted
+    return dataclasses.replace(
+        converted,
+        remaining_work=progress.remaining_work(
+            converted.remaining_work,
+            done.completed_tokens,
+            reference_tokens_per_gpu_hour(_CATALOGUE, converted),
+        ),
+    )
+
+
+def job_terms(workload: LLMWorkload) -> progress.JobTerms | None:
+    """A Training/FineTuning/BatchInference workload's total in tokens and progress query (None
+    for Inference)."""
+    if not workload.spec.is_gang:
+        return None
+    timeless = _timeless_workload(workload)
+    total = None
+    if workload.spec.slo.total_work is not None:
+        total = progress.total_tokens(
+            _work_amount(workload.spec.slo.total_work),
+            reference_tokens_per_gpu_hour(_CATALOGUE, timeless),
+        )
+    return progress.JobTerms(total_tokens=total, prometheus_query=workload.spec.progress_query)
 
 
 # -- budgets ---------------------------------------------------------------------------------------

@@ -96,7 +96,6 @@ def test_kubectl_explain_shows_the_slo_field_descriptions(
     assert "Service-level objective" in out
     for field, words in {
         "tokensPerSecond": "in tokens per second",
-        "p99LatencyMs": "in milliseconds",
         "totalWork": "exactly one unit",
         "deadline": "RFC 3339",
     }.items():

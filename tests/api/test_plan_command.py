@@ -413,3 +413,64 @@ spec:
     path.write_text(yaml.safe_dump_all(snapshot_items()) + "---\n" + workload)
     assert main(["-f", str(path), "--now", NOW, "-o", "json"]) == 0
     assert "team-a/small" in capsys.readouterr().out
+
+
+def test_plan_reads_status_progress_and_keeps_a_job_90_percent_done_placed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A running 8-GPU Training job whose 3e9 tokens cannot all be done on one H100 node in the
+    10 hours left (~1.93e9 at most, modelled) keeps its place once status.progress says 90% are
+    done, exactly as the operator would plan it; with no progress recorded it is unplaced."""
+    job: dict[str, Any] = {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "LLMWorkload",
+        "metadata": {"name": "pretrain", "namespace": "team-a"},
+        "spec": {
+            "type": "Training",
+            "model": {"name": "m", "parametersBillions": 8},
+            "gpu": {"count": 8},
+            "slo": {"totalWork": {"tokens": 3e9}, "deadline": "2026-11-25T12:00:00Z"},
+            "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}},
+        },
+        "status": {"phase": "Running"},
+    }
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": "h100-0",
+            "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        },
+        "status": {
+            "allocatable": {"nvidia.com/gpu": "8"},
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "pretrain-0",
+            "namespace": "team-a",
+            "labels": {"wattsched.io/workload": "pretrain", "wattsched.io/replica": "0"},
+            "annotations": {
+                "wattsched.io/variant": "bf16",
+                "wattsched.io/power-limit-watts": "700",
+            },
+        },
+        "spec": {"nodeName": "h100-0", "containers": [{"name": "c", "image": "i"}]},
+        "status": {"phase": "Running"},
+    }
+    fresh = run_json(capsys, write_snapshot(tmp_path, [node, job, pod]))
+    assert fresh["placements"] == []
+    assert [u["workload"] for u in fresh["unplaced"]] == ["team-a/pretrain"]
+    job["status"]["progress"] = {
+        "completedTokens": 2.7e9,
+        "source": "modelled",
+        "updatedAt": "2026-11-25T01:59:00Z",
+    }
+    nearly_done = run_json(capsys, write_snapshot(tmp_path, [node, job, pod]))
+    assert [(p["workload"], p["node"]) for p in nearly_done["placements"]] == [
+        ("team-a/pretrain", "h100-0")
+    ]
+    assert nearly_done["unplaced"] == []

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
+from wattsched_operator.api.llmworkload import parse_llmworkload
 from wattsched_operator.snapshot import (
     ClusterObjects,
     SnapshotError,
     build_snapshot,
     deadline_seconds,
+    job_terms,
     split_objects,
 )
 from wattsched_optimizer.problem import (
@@ -282,6 +284,64 @@ def test_inference_replica_range_and_steps_of_work_are_converted() -> None:
     assert train.remaining_work == WorkAmount(WorkUnit.STEPS, 100.0, tokens_per_step=4096.0)
     assert train.max_power_watts_per_gpu == 500.0
     assert train.deadline_seconds is None
+
+
+def progress_status(completed_tokens: float) -> dict[str, Any]:
+    return {
+        "progress": {
+            "completedTokens": completed_tokens,
+            "source": "modelled",
+            "updatedAt": "2026-11-25T01:59:00Z",
+        }
+    }
+
+
+def test_a_job_is_given_its_total_work_in_tokens_less_the_tokens_its_status_says_are_done() -> None:
+    steps = workload(
+        "steps", type="Training", slo={"totalWork": {"steps": 100, "tokensPerStep": 4096}}
+    )
+    steps["status"] = progress_status(4096 * 90)
+    tokens = workload("tokens", type="FineTuning", slo={"totalWork": {"tokens": 1e9}})
+    tokens["status"] = progress_status(9e8)
+    done = workload("done", type="BatchInference", slo={"totalWork": {"tokens": 1e6}})
+    done["status"] = progress_status(2e6)
+    fresh = workload("fresh", type="Training", slo={"totalWork": {"tokens": 5e8}})
+    by_key = {
+        w.key: w.remaining_work
+        for w in build(node("n"), steps, tokens, done, fresh).plan_input.workloads
+    }
+    assert by_key == {
+        "team-a/steps": WorkAmount(WorkUnit.TOKENS, 4096 * 10),
+        "team-a/tokens": WorkAmount(WorkUnit.TOKENS, pytest.approx(1e8)),
+        "team-a/done": WorkAmount(WorkUnit.TOKENS, 0.0),
+        "team-a/fresh": WorkAmount(WorkUnit.TOKENS, 5e8),  # nothing done yet: the total
+    }
+
+
+def test_gpu_hours_of_work_reduce_to_the_reference_gpus_tokens_per_hour() -> None:
+    job = workload("gh", type="Training", slo={"totalWork": {"gpuHours": 10}})
+    terms = job_terms(parse_llmworkload(job))
+    assert terms is not None and terms.total_tokens is not None
+    job["status"] = progress_status(terms.total_tokens / 4)
+    (converted,) = build(node("n"), job).plan_input.workloads
+    assert converted.remaining_work is not None
+    assert converted.remaining_work.unit is WorkUnit.TOKENS
+    assert converted.remaining_work.amount == pytest.approx(terms.total_tokens * 0.75)
+
+
+def test_a_job_without_total_work_runs_best_effort_with_no_deadline() -> None:
+    job = workload("open", type="Training")
+    del job["spec"]["slo"]
+    (converted,) = build(node("n"), job).plan_input.workloads
+    assert (converted.remaining_work, converted.deadline_seconds) == (None, None)
+    terms = job_terms(parse_llmworkload(job))
+    assert terms is not None and terms.total_tokens is None
+
+
+def test_a_deadline_without_total_work_names_the_field() -> None:
+    job = workload("late", type="Training", slo={"deadline": "2026-11-26T00:00:00Z"})
+    with pytest.raises(SnapshotError, match=r"spec\.slo\.deadline: needs spec\.slo\.totalWork"):
+        build(node("n"), job)
 
 
 def test_deadline_seconds_count_from_now_and_stop_at_zero() -> None:

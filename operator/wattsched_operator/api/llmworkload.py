@@ -146,7 +146,6 @@ class TotalWork:
 @dataclass(frozen=True)
 class Slo:
     tokens_per_second: float | None = None
-    p99_latency_ms: float | None = None
     total_work: TotalWork | None = None
     deadline: str | None = None  # RFC 3339, as written
 
@@ -158,8 +157,6 @@ class Slo:
         out: dict[str, Any] = {}
         if self.tokens_per_second is not None:
             out["tokensPerSecond"] = self.tokens_per_second
-        if self.p99_latency_ms is not None:
-            out["p99LatencyMs"] = self.p99_latency_ms
         if self.total_work is not None:
             out["totalWork"] = self.total_work.to_dict()
         if self.deadline is not None:
@@ -194,6 +191,8 @@ class LLMWorkloadSpec:
     priority: int = 0
     preemptible: bool | None = None
     energy: EnergyPreference = field(default_factory=EnergyPreference)
+    # `spec.progress.prometheusQuery`: PromQL whose value is the tokens a job has processed.
+    progress_query: str | None = None
 
     @property
     def is_gang(self) -> bool:
@@ -251,6 +250,8 @@ class LLMWorkloadSpec:
         if self.preemptible is not None:
             out["preemptible"] = self.preemptible
         out["energy"] = self.energy.to_dict()
+        if self.progress_query is not None:
+            out["progress"] = {"prometheusQuery": self.progress_query}
         out["template"] = self.template
         return out
 
@@ -326,6 +327,33 @@ class EnergyStatus:
 
 
 @dataclass(frozen=True)
+class ProgressStatus:
+    """`status.progress` of a job: tokens done (measured or modelled) and what follows."""
+
+    completed_tokens: float
+    source: EnergySource
+    updated_at: str
+    total_tokens: float | None = None
+    fraction: float | None = None
+    running_seconds: float | None = None
+    tokens_per_second: float | None = None
+    estimated_completion_time: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        pairs = [
+            ("completedTokens", self.completed_tokens),
+            ("totalTokens", self.total_tokens),
+            ("fraction", self.fraction),
+            ("source", self.source.value),
+            ("runningSeconds", self.running_seconds),
+            ("tokensPerSecond", self.tokens_per_second),
+            ("updatedAt", self.updated_at),
+            ("estimatedCompletionTime", self.estimated_completion_time),
+        ]
+        return {key: value for key, value in pairs if value is not None}
+
+
+@dataclass(frozen=True)
 class LLMWorkloadStatus:
     phase: Phase | None = None
     observed_generation: int | None = None
@@ -335,6 +363,7 @@ class LLMWorkloadStatus:
     placements: tuple[ReplicaPlacement, ...] = ()
     power: PowerStatus | None = None
     energy: EnergyStatus | None = None
+    progress: ProgressStatus | None = None
     conditions: tuple[Condition, ...] = ()
     message: str | None = None
 
@@ -359,6 +388,8 @@ class LLMWorkloadStatus:
             out["power"] = self.power.to_dict()
         if self.energy is not None:
             out["energy"] = self.energy.to_dict()
+        if self.progress is not None:
+            out["progress"] = self.progress.to_dict()
         if self.conditions:
             out["conditions"] = [c.to_dict() for c in self.conditions]
         if self.message is not None:
@@ -443,7 +474,20 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
             "with a higher quality",
         )
 
-    slo = _read_slo(spec.section("slo"), workload_type)
+    slo_fields = spec.optional_section("slo")
+    if slo_fields is None and workload_type is WorkloadType.INFERENCE:
+        raise spec.error("slo", "is required for type Inference (spec.slo.tokensPerSecond)")
+    slo = Slo() if slo_fields is None else _read_slo(slo_fields, workload_type)
+
+    progress_query = None
+    progress_fields = spec.optional_section("progress")
+    if progress_fields is not None:
+        if workload_type is WorkloadType.INFERENCE:
+            raise spec.error(
+                "progress", "applies only to Training, FineTuning and BatchInference"
+            )
+        progress_query = progress_fields.string("prometheusQuery", max_length=4096, min_length=1)
+        progress_fields.finish()
 
     energy_fields = spec.optional_section("energy")
     energy = EnergyPreference()
@@ -476,6 +520,7 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
         ),
         preemptible=spec.optional_boolean("preemptible"),
         energy=energy,
+        progress_query=progress_query,
     )
     spec.finish()
     return result
@@ -533,9 +578,6 @@ def _read_slo(slo: Fields, workload_type: WorkloadType) -> Slo:
         tokens_per_second=slo.optional_number(
             "tokensPerSecond", minimum=0, maximum=1e9, exclusive_minimum=True
         ),
-        p99_latency_ms=slo.optional_number(
-            "p99LatencyMs", minimum=0, maximum=3.6e6, exclusive_minimum=True
-        ),
         total_work=total_work,
         deadline=read_time(slo, "deadline"),
     )
@@ -550,14 +592,15 @@ def _read_slo(slo: Fields, workload_type: WorkloadType) -> Slo:
                 "and BatchInference; an Inference service sets spec.slo.tokensPerSecond",
             )
     else:
-        if result.total_work is None:
+        if result.deadline is not None and result.total_work is None:
             raise slo.error(
-                "totalWork", "is required for types Training, FineTuning and BatchInference"
+                "deadline",
+                "needs spec.slo.totalWork (the work to finish by then); without totalWork a job "
+                "runs best effort at its energy policy's level",
             )
-        if result.tokens_per_second is not None or result.p99_latency_ms is not None:
+        if result.tokens_per_second is not None:
             raise slo.error(
-                "tokensPerSecond" if result.tokens_per_second is not None else "p99LatencyMs",
-                "spec.slo.tokensPerSecond and spec.slo.p99LatencyMs apply only to type Inference",
+                "tokensPerSecond", "spec.slo.tokensPerSecond applies only to type Inference"
             )
     return result
 
@@ -682,6 +725,31 @@ def _read_status(status: Fields) -> LLMWorkloadStatus:
             accounted_until=read_time(energy_fields, "accountedUntil"),
         )
         energy_fields.finish()
+    progress = None
+    progress_fields = status.optional_section("progress")
+    if progress_fields is not None:
+        updated_at = read_time(progress_fields, "updatedAt")
+        if updated_at is None:
+            raise progress_fields.error("updatedAt", "is required")
+        progress = ProgressStatus(
+            completed_tokens=progress_fields.number("completedTokens", minimum=0, maximum=1e30),
+            source=EnergySource(
+                progress_fields.string(
+                    "source", max_length=16, enum=(EnergySource.MEASURED, EnergySource.MODELLED)
+                )
+            ),
+            updated_at=updated_at,
+            total_tokens=progress_fields.optional_number("totalTokens", minimum=0, maximum=1e30),
+            fraction=progress_fields.optional_number("fraction", minimum=0, maximum=1),
+            running_seconds=progress_fields.optional_number(
+                "runningSeconds", minimum=0, maximum=1e12
+            ),
+            tokens_per_second=progress_fields.optional_number(
+                "tokensPerSecond", minimum=0, maximum=1e15
+            ),
+            estimated_completion_time=read_time(progress_fields, "estimatedCompletionTime"),
+        )
+        progress_fields.finish()
     result = LLMWorkloadStatus(
         phase=None if phase_text is None else Phase(phase_text),
         observed_generation=status.optional_integer(
@@ -693,6 +761,7 @@ def _read_status(status: Fields) -> LLMWorkloadStatus:
         placements=tuple(placements),
         power=power,
         energy=energy,
+        progress=progress,
         conditions=read_conditions(status),
         message=status.optional_string("message", max_length=32768),
     )
