@@ -606,7 +606,12 @@ class PlanningLoop:
                 initial_source=initial_source,
             )
         job_progress = await self._advance_progress(
-            view, jobs or {}, workload_starts, running, placements, now
+            view,
+            jobs or {},
+            starts=workload_starts,
+            running=running,
+            placements=placements,
+            now=now,
         )
         return Accounts(workload_energy, measured_watts, budget_figures, job_progress)
 
@@ -614,6 +619,7 @@ class PlanningLoop:
         self,
         view: ClusterView,
         jobs: Mapping[str, progress.JobTerms],
+        *,
         starts: Mapping[str, datetime],
         running: Mapping[str, list[Body]],
         placements: Mapping[str, list[Any]],

@@ -163,9 +163,9 @@ def advance(
     )
 
 
-def remaining_work(work: WorkAmount | None, completed: float, tokens_per_gpu_hour: float) -> (
-    WorkAmount | None
-):
+def remaining_work(
+    work: WorkAmount | None, completed: float, tokens_per_gpu_hour: float
+) -> WorkAmount | None:
     """What the optimizer is given for a job: its total less what is done, in tokens (the whole
     total, as written, when nothing is recorded as done)."""
     if work is None or completed <= 0:
@@ -174,4 +174,3 @@ def remaining_work(work: WorkAmount | None, completed: float, tokens_per_gpu_hou
         unit=WorkUnit.TOKENS,
         amount=remaining_tokens(total_tokens(work, tokens_per_gpu_hour), completed),
     )
-

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from wattsched_operator import progress
 from wattsched_operator.api.energybudget import EnergyBudget, parse_energybudget
 from wattsched_operator.api.errors import ApiValidationError
 from wattsched_operator.api.llmworkload import (
@@ -53,7 +54,6 @@ from wattsched_operator.api.meta import (
     WORKLOAD_LABEL,
     parse_time,
 )
-from wattsched_operator import progress
 from wattsched_operator.api.nodepowerprofile import NodePowerProfile, parse_nodepowerprofile
 from wattsched_optimizer.model import CatalogueModel, UnknownProductError, normalise_product
 from wattsched_optimizer.options import reference_tokens_per_gpu_hour

@@ -7,7 +7,8 @@
   factor (measured capacity / modelled capacity of its ready replicas, from served tokens/s over
   utilisation, smoothed);
 - job remaining work = spec work - tokens done at the last visible sample - modelled progress
-  since, divided by the job's calibration factor (measured / modelled rate);
+  since (the operator's own arithmetic, `wattsched_operator.progress`), divided by the job's
+  calibration factor (measured / modelled rate);
 - deadlines in seconds from now, less the start-up time for jobs not yet running; a job that
   cannot make its deadline even at full speed (by the model) gets the deadline that asks for 80%
   of the fastest modelled rate, so it still runs, and runs fast.
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wattsched_operator import progress
 from wattsched_optimizer import model as prior
 from wattsched_optimizer import planner
 from wattsched_optimizer.problem import (
@@ -263,9 +265,11 @@ class PlannerPolicy:
             if history:
                 done = history[-1].job_tokens_done[job.key]
                 seen_at = history[-1].window_end_seconds
-            remaining = job.work_tokens - done
+            # The operator's progress arithmetic: the last measured total, plus the placed rate
+            # over the time the whole gang ran since that sample (none while it is not running).
+            completed = progress.completed_since(done, rate, now - max(seen_at, gang_ready_at))
+            remaining = progress.remaining_tokens(job.work_tokens, completed)
             if running and rate > 0:
-                remaining -= rate * max(0.0, now - max(seen_at, gang_ready_at))
                 steady = [s for s in history if s.window_end_seconds - 60.0 >= gang_ready_at]
                 if len(steady) >= 5:
                     first, last = steady[-5], steady[-1]

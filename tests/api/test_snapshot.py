@@ -321,7 +321,8 @@ def test_a_job_is_given_its_total_work_in_tokens_less_the_tokens_its_status_says
 def test_gpu_hours_of_work_reduce_to_the_reference_gpus_tokens_per_hour() -> None:
     job = workload("gh", type="Training", slo={"totalWork": {"gpuHours": 10}})
     terms = job_terms(parse_llmworkload(job))
-    assert terms is not None and terms.total_tokens is not None
+    assert terms is not None
+    assert terms.total_tokens is not None
     job["status"] = progress_status(terms.total_tokens / 4)
     (converted,) = build(node("n"), job).plan_input.workloads
     assert converted.remaining_work is not None
@@ -335,7 +336,8 @@ def test_a_job_without_total_work_runs_best_effort_with_no_deadline() -> None:
     (converted,) = build(node("n"), job).plan_input.workloads
     assert (converted.remaining_work, converted.deadline_seconds) == (None, None)
     terms = job_terms(parse_llmworkload(job))
-    assert terms is not None and terms.total_tokens is None
+    assert terms is not None
+    assert terms.total_tokens is None
 
 
 def test_a_deadline_without_total_work_names_the_field() -> None:

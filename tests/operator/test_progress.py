@@ -135,7 +135,8 @@ def test_a_job_without_total_work_has_no_fraction_or_completion_time() -> None:
     status = open_ended.to_status()
     assert status["completedTokens"] == 300.0
     assert status["runningSeconds"] == 30.0
-    assert status["fraction"] is None and status["estimatedCompletionTime"] is None
+    assert status["fraction"] is None
+    assert status["estimatedCompletionTime"] is None
 
 
 def test_the_status_reads_back_as_it_was_written() -> None:

@@ -483,9 +483,7 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
     progress_fields = spec.optional_section("progress")
     if progress_fields is not None:
         if workload_type is WorkloadType.INFERENCE:
-            raise spec.error(
-                "progress", "applies only to Training, FineTuning and BatchInference"
-            )
+            raise spec.error("progress", "applies only to Training, FineTuning and BatchInference")
         progress_query = progress_fields.string("prometheusQuery", max_length=4096, min_length=1)
         progress_fields.finish()
 
