@@ -75,6 +75,9 @@ class Option:
     quality_loss: int
     # Tier 4: the option keeps a running replica's product and variant.
     keeps_current: bool = False
+    # Tier 1b: whole percent of an Inference demand this option leaves unserved (0: all served;
+    # only the partial options of `workload_options(partial=True)` leave any).
+    shortfall_steps: int = 0
 
     @property
     def gpus(self) -> int:
@@ -237,11 +240,12 @@ def prune_dominated(
     in an order where dominators come first, is only compared with the ones kept so far.
     """
 
-    def signature(index: int) -> tuple[float, float, int, float, int, int, int]:
+    def signature(index: int) -> tuple[int, float, float, int, float, int, int, int]:
         option, pools = candidates[index]
         idle = product_spec(option.product).min_watts.value
         extra = option.gpus * (option.power_limit_watts - idle)
         return (
+            option.shortfall_steps,
             option.quality_loss,
             option.relative_cost,
             option.gpus,
@@ -261,11 +265,7 @@ def prune_dominated(
             theirs = signatures[other]
             if (
                 candidates[other][0].product == option.product
-                and theirs[0] <= mine[0]
-                and theirs[1] <= mine[1]
-                and theirs[2] <= mine[2]
-                and theirs[3] <= mine[3]
-                and theirs[4] <= mine[4]
+                and all(theirs[i] <= mine[i] for i in range(6))
                 and set(candidates[other][1]) >= set(pools)
             ):
                 dominated = True
@@ -395,6 +395,7 @@ def workload_options(
     churn_threshold: float,
     startup_seconds: float = PlanOptions().startup_seconds,
     prune: bool = True,
+    partial: bool = False,
 ) -> tuple[list[Option], list[tuple[int, ...]]]:
     """Every option that meets the workload's own constraints, dominated ones pruned.
 
@@ -407,6 +408,9 @@ def workload_options(
     nothing: it restarts wherever it goes.
 
     `prune=False` keeps dominated options (for the benchmark's straightforward baseline).
+    `partial=True` (Inference with a demand) adds options that serve part of it: every replica
+    count from minReplicas up to one below what the demand needs (at most maxReplicas), each
+    with the whole percent of demand it leaves unserved (`shortfall_steps`).
     """
     products = sorted({pool.product for pool in pools})
     if workload.allowed_products:
@@ -425,8 +429,9 @@ def workload_options(
         current_product = node_by_name[first.node].product
         current_variant = first.variant
         current_level = first.power_limit_watts
-    # (product, variant, level, replicas, throughput, watts, cost, quality loss, keeps current)
-    raw: list[tuple[str, Variant, float, int, float, float, float, int, bool]] = []
+    # (product, variant, level, replicas, throughput, watts, cost, quality loss, keeps current,
+    # tokens/s served when only part of the demand is: None when all is)
+    raw: list[tuple[str, Variant, float, int, float, float, float, int, bool, float | None]] = []
     pools_by_product: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for product in products:
         spec = product_spec(product)
@@ -457,11 +462,32 @@ def workload_options(
                 )
                 watts = model.expected_power_watts(product, workload.type, level)
                 keeps = product == current_product and variant.name == current_variant
+                quality_loss = 0
+                if workload.policy is not EnergyPolicy.EFFICIENCY:
+                    quality_loss = round((best_quality - variant.quality) * QUALITY_STEPS)
                 if workload.type is WorkloadType.INFERENCE:
                     demand = workload.tokens_per_second
                     replicas = max(workload.min_replicas, 1)
                     if demand is not None:
-                        replicas = max(replicas, math.ceil(demand / throughput - 1e-9))
+                        needed = max(replicas, math.ceil(demand / throughput - 1e-9))
+                        if partial:
+                            for fewer in range(replicas, min(needed, workload.max_replicas + 1)):
+                                served = fewer * throughput
+                                raw.append(
+                                    (
+                                        product,
+                                        variant,
+                                        level,
+                                        fewer,
+                                        throughput,
+                                        watts,
+                                        fewer * workload.gpus_per_replica * watts / served,
+                                        quality_loss,
+                                        keeps,
+                                        served,
+                                    )
+                                )
+                        replicas = needed
                     if replicas > workload.max_replicas:
                         continue
                     useful = replicas * throughput if demand is None else demand
@@ -476,9 +502,6 @@ def workload_options(
                             continue
                 # Tier 3: expected energy per unit of useful work (J per token).
                 cost = replicas * workload.gpus_per_replica * watts / useful
-                quality_loss = 0
-                if workload.policy is not EnergyPolicy.EFFICIENCY:
-                    quality_loss = round((best_quality - variant.quality) * QUALITY_STEPS)
                 raw.append(
                     (
                         product,
@@ -490,10 +513,12 @@ def workload_options(
                         cost,
                         quality_loss,
                         keeps,
+                        None,
                     )
                 )
     if not raw:
         return [], []
+    shortfalls = _shortfall_steps(workload, raw)
     cheapest = min(entry[6] for entry in raw)
     keep_costs = [entry[6] for entry in raw if entry[8]]
     # Stability: a move must gain more than the threshold (a tie keeps the replicas in place).
@@ -501,7 +526,8 @@ def workload_options(
     if keep_costs:
         move_penalty = churn_threshold * min(keep_costs) / cheapest + STABILITY_TIE_BREAK
     candidates = []
-    for product, variant, level, replicas, throughput, watts, cost, quality_loss, keeps in raw:
+    for entry, shortfall in zip(raw, shortfalls, strict=True):
+        product, variant, level, replicas, throughput, watts, cost, quality_loss, keeps = entry[:9]
         relative = cost / cheapest - 1.0
         if not keeps:
             relative += move_penalty
@@ -522,11 +548,31 @@ def workload_options(
             relative_cost=round(relative, 9),
             quality_loss=quality_loss,
             keeps_current=keeps,
+            shortfall_steps=shortfall,
         )
         candidates.append((option, option_pools))
     if prune:
         candidates = prune_dominated(candidates)
     return [o for o, _ in candidates], [p for _, p in candidates]
+
+
+def _shortfall_steps(
+    workload: Workload,
+    raw: Sequence[tuple[str, Variant, float, int, float, float, float, int, bool, float | None]],
+) -> list[int]:
+    """Per option: how many of the workload's slowest replicas would make up what it serves
+    below the most any option serves (its demand, or what maxReplicas deliver at best); 0 for
+    options that serve all. Counting in replicas keeps the steps few and lets the program prefer
+    serving more, however far the demand is out of reach."""
+    served = [entry[9] for entry in raw]
+    if all(value is None for value in served):
+        return [0] * len(raw)
+    demand = workload.tokens_per_second or 0.0
+    best = max((demand if value is None else value for value in served), default=demand)
+    step = min(entry[4] for entry in raw)
+    return [
+        0 if value is None else max(1, math.ceil((best - value) / step - 1e-9)) for value in served
+    ]
 
 
 class _RememberingModel:
@@ -574,8 +620,13 @@ class _RememberingModel:
         return self._model.idle_power_watts(product)
 
 
-def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
-    """Pools, classes with their options, and the workloads that have no option at all."""
+def build_plan_data(
+    plan_input: PlanInput, model: PerformanceModel, partial: frozenset[str] = frozenset()
+) -> PlanData:
+    """Pools, classes with their options, and the workloads that have no option at all.
+
+    Inference workloads in `partial` (keys) also get options that serve part of their demand.
+    """
     model = _RememberingModel(model)
     pools = build_pools(plan_input)
     node_by_name = {node.name: node for node in plan_input.nodes}
@@ -585,7 +636,7 @@ def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
     groups: dict[tuple[object, ...], list[Workload]] = defaultdict(list)
     singles: list[Workload] = []
     for workload in sorted(plan_input.workloads, key=lambda w: w.key):
-        if workload.key in current_by_workload:
+        if workload.key in current_by_workload or workload.key in partial:
             singles.append(workload)
         else:
             groups[_CLASS_KEY(workload)].append(workload)
@@ -606,6 +657,7 @@ def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
             node_by_name=node_by_name,
             churn_threshold=plan_input.options.churn_threshold,
             startup_seconds=plan_input.options.startup_seconds,
+            partial=workload.key in partial,
         )
         pinned: frozenset[str] = frozenset()
         if current and workload.type in (WorkloadType.TRAINING, WorkloadType.FINE_TUNING):

@@ -9,11 +9,13 @@ Not for: reading Kubernetes objects (the operator does) or applying anything.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from wattsched_optimizer.formulation import (
     Formulation,
@@ -37,7 +39,9 @@ from wattsched_optimizer.problem import (
     Placement,
     Plan,
     PlanInput,
+    PlanOptions,
     PlanStatus,
+    Shortfall,
     Unplaced,
     Workload,
     WorkloadType,
@@ -48,6 +52,9 @@ from wattsched_optimizer.problem import (
 # SMALL_PROGRAM_GAP) when rounding the relaxation lost anything; larger ones to PlanOptions'.
 SMALL_PROGRAM_VARIABLES = 500
 SMALL_PROGRAM_GAP = 1e-7
+# An Inference workload left out for one of these (a budget's cap, GPUs, or maxReplicas too few
+# for its demand) is planned again with options that serve part of its demand.
+PARTIAL_CONSTRAINTS = frozenset({"budget", "gpus", "slo"})
 
 
 class PlanInputError(ValueError):
@@ -135,8 +142,6 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
     data = build_plan_data(plan_input, performance)
     options = plan_input.options
     workload_by_key = {w.key: w for w in plan_input.workloads}
-    class_of = {m.key: c for c in data.classes for m in c.members}
-    weights = lexicographic_weights(data)
     unplaced: dict[str, Unplaced] = {
         key: Unplaced(key, reason.reason, reason.constraint)
         for key, reason in data.no_option.items()
@@ -175,10 +180,88 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
             solver="",
             timings=timings | {"total": time.perf_counter() - started},
         )
-    formulation = build(data)
-    timings["build"] = formulation.build_seconds
     prefer = _preferred_nodes(plan_input)
     running_gpus = _running_gpus(plan_input, workload_by_key)
+    outcome = _optimise(
+        data,
+        options=options,
+        timings=timings,
+        started=started,
+        prefer=prefer,
+        running_gpus=running_gpus,
+        workload_by_key=workload_by_key,
+    )
+    # Inference that could not be served whole: plan again with options that serve part of the
+    # demand (as many replicas as fit, at least minReplicas), never all-or-nothing.
+    short = frozenset(
+        key
+        for key, why in outcome.unplaced.items()
+        if (workload := workload_by_key.get(key)) is not None
+        and workload.type is WorkloadType.INFERENCE
+        and workload.tokens_per_second is not None
+        and why.constraint.split(":", 1)[0] in PARTIAL_CONSTRAINTS
+    )
+    if short:
+        data = build_plan_data(plan_input, performance, partial=short)
+        second = _optimise(
+            data,
+            options=options,
+            timings=timings,
+            started=started,
+            prefer=prefer,
+            running_gpus=running_gpus,
+            workload_by_key=workload_by_key,
+        )
+        shortfalls = _shortfalls(second.state, short, outcome.unplaced, workload_by_key)
+        outcome = dataclasses.replace(second, shortfalls=shortfalls)
+    return _assemble(
+        plan_input,
+        data,
+        outcome.state,
+        performance,
+        outcome.unplaced,
+        status=outcome.status,
+        objective=outcome.objective,
+        bound=outcome.bound,
+        solver=outcome.solver,
+        timings=timings | {"total": time.perf_counter() - started},
+        shortfalls=outcome.shortfalls,
+    )
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One solve, packed: what runs where, what is left out, and how good it is."""
+
+    state: ClusterState
+    unplaced: dict[str, Unplaced]
+    objective: float
+    bound: float
+    status: PlanStatus
+    solver: str
+    shortfalls: tuple[Shortfall, ...] = ()
+
+
+def _optimise(
+    data: PlanData,
+    *,
+    options: PlanOptions,
+    timings: dict[str, float],
+    started: float,
+    prefer: Mapping[str, list[str]],
+    running_gpus: Mapping[tuple[str, str], int],
+    workload_by_key: Mapping[str, Workload],
+) -> _Outcome:
+    """Build and solve the program for `data` (relaxation first, then the integer program when
+    rounding lost more than the gap), and pack the better solution onto nodes."""
+    class_of = {m.key: c for c in data.classes for m in c.members}
+    weights = lexicographic_weights(data)
+    unplaced: dict[str, Unplaced] = {
+        key: Unplaced(key, reason.reason, reason.constraint)
+        for key, reason in data.no_option.items()
+    }
+    formulation = build(data)
+    timings["build"] = timings.get("build", 0.0) + formulation.build_seconds
 
     def realise(result: SolveResult) -> tuple[ClusterState, dict[str, Unplaced], float]:
         pack_started = time.perf_counter()
@@ -211,7 +294,7 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         time_limit_seconds=options.time_limit_seconds,
         gap=options.relative_gap,
     )
-    timings["solve"] = relaxation.seconds
+    timings["solve"] = timings.get("solve", 0.0) + relaxation.seconds
     trivial_bound = sum(
         len(c.members) * max(weights.coefficient(data, c.index, o) for o in range(len(c.options)))
         for c in data.classes
@@ -253,18 +336,37 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         status = PlanStatus.TIME_LIMIT
     else:
         status = PlanStatus.FEASIBLE
-    return _assemble(
-        plan_input,
-        data,
-        state,
-        performance,
-        left_out,
-        status=status,
-        objective=objective,
-        bound=bound,
-        solver=solver_used,
-        timings=timings | {"total": time.perf_counter() - started},
-    )
+    return _Outcome(state, left_out, objective, bound, status, solver_used)
+
+
+def _shortfalls(
+    state: ClusterState,
+    short: frozenset[str],
+    why: Mapping[str, Unplaced],
+    workload_by_key: Mapping[str, Workload],
+) -> tuple[Shortfall, ...]:
+    """The partly served Inference workloads of a plan, with what binds (from the first solve)."""
+    found = []
+    for key in sorted(short):
+        assignment = state.placed.get(key)
+        demand = workload_by_key[key].tokens_per_second
+        if assignment is None or demand is None:
+            continue
+        served = len(assignment.nodes) * assignment.option.throughput_per_replica
+        if served + 1e-6 >= demand:
+            continue
+        found.append(
+            Shortfall(
+                workload=key,
+                demand_tokens_per_second=demand,
+                served_tokens_per_second=served,
+                reason=f"serves {served:.0f} of {demand:.0f} tokens/s "
+                f"({served / demand:.1%}, modelled) with {len(assignment.nodes)} replica(s): "
+                + why[key].reason,
+                constraint=why[key].constraint,
+            )
+        )
+    return tuple(found)
 
 
 def _gap(objective: float, bound: float) -> float:
@@ -424,6 +526,7 @@ def _assemble(
     bound: float,
     solver: str,
     timings: Mapping[str, float],
+    shortfalls: tuple[Shortfall, ...] = (),
 ) -> Plan:
     limits: dict[str, list[float]] = {}
     expected: dict[str, list[float]] = {}
@@ -484,4 +587,5 @@ def _assemble(
         unplaced=tuple(unplaced[key] for key in sorted(unplaced)),
         solver=solver,
         timings_seconds=dict(timings),
+        shortfalls=shortfalls,
     )

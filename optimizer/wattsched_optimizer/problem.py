@@ -191,6 +191,22 @@ class Unplaced:
 
 
 @dataclass(frozen=True)
+class Shortfall:
+    """An Inference workload placed with fewer replicas than its demand needs: no plan serves all
+    of it (`constraint` binds, as in `Unplaced`), so it keeps as many replicas as fit."""
+
+    workload: str
+    demand_tokens_per_second: float
+    served_tokens_per_second: float  # modelled: the placed replicas' expected throughput
+    reason: str
+    constraint: str
+
+    @property
+    def served_share(self) -> float:
+        return min(1.0, self.served_tokens_per_second / self.demand_tokens_per_second)
+
+
+@dataclass(frozen=True)
 class Plan:
     status: PlanStatus
     objective: float
@@ -204,5 +220,7 @@ class Plan:
     unplaced: tuple[Unplaced, ...]
     # Which solver ran ("highs" or "cbc"; empty when none was needed).
     solver: str = ""
+    # Inference workloads served in part (placed, and not in `unplaced`).
+    shortfalls: tuple[Shortfall, ...] = ()
     # Seconds per step: "data", "build", "solve", "pack", "total".
     timings_seconds: Mapping[str, float] = field(default_factory=dict)

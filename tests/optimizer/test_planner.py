@@ -278,7 +278,6 @@ def test_same_input_gives_the_same_plan() -> None:
         ({"gpus_per_replica": 16}, "gpus", "spec.gpu.count=16"),
         ({"min_quality": 1.5}, "quality", "spec.minQuality"),
         ({"max_power_watts_per_gpu": 50.0}, "power", "spec.energy.maxPowerWattsPerGPU=50"),
-        ({"tokens_per_second": 1e9}, "slo", "spec.slo.tokensPerSecond"),
     ],
 )
 def test_a_workload_that_can_run_nowhere_says_which_field_to_change(
@@ -289,6 +288,51 @@ def test_a_workload_that_can_run_nowhere_says_which_field_to_change(
     assert left_out.constraint == constraint
     assert field in left_out.reason
     assert left_out.reason.startswith("LLMWorkload team/s:")
+
+
+def test_a_service_a_budget_cannot_serve_whole_keeps_as_many_replicas_as_fit() -> None:
+    """40,000 tokens/s of an 8B model need 8 H100s at 700 W or 19 at 200 W; a cap that holds 16
+    GPUs at 200 W (2,184 tokens/s each, modelled) serves 34,940 with 16 replicas, not none."""
+    nodes = h100_nodes(2)
+    cap = 16 * 200 + 100
+    service = inference("team/chat", tokens_per_second=40_000, max_replicas=32)
+    result = plan(
+        PlanInput(nodes, (service,), budgets=(Budget("rack", cap, frozenset({"h0", "h1"})),))
+    )
+    replicas = placed(result)["team/chat"]
+    assert len(replicas) == 16
+    assert {limit for *_, limit in replicas} == {200.0}
+    assert result.unplaced == ()
+    (short,) = result.shortfalls
+    assert short.workload == "team/chat"
+    assert short.constraint == "budget:rack"
+    assert short.served_tokens_per_second == pytest.approx(34_940, rel=1e-3)
+    assert short.served_share == pytest.approx(0.8735, abs=1e-3)
+    assert "serves 34941 of 40000 tokens/s" in short.reason
+    assert sum(sum(limits) for limits in result.node_power_limits_watts.values()) <= cap
+
+
+def test_a_service_whose_demand_exceeds_max_replicas_runs_max_replicas() -> None:
+    result = plan(PlanInput(h100_nodes(1), (inference("team/s", tokens_per_second=1e9),)))
+    assert len(placed(result)["team/s"]) == 8
+    (short,) = result.shortfalls
+    assert short.constraint == "slo"
+    assert "spec.slo.tokensPerSecond" in short.reason
+
+
+def test_a_service_served_whole_has_no_shortfall() -> None:
+    result = plan(PlanInput(h100_nodes(1), (inference("team/s", tokens_per_second=4_000),)))
+    assert result.shortfalls == ()
+    assert sum(p.expected_throughput for p in result.placements) >= 4_000
+
+
+def test_a_partly_served_service_never_displaces_higher_priority_work() -> None:
+    nodes = h100_nodes(1)
+    job = training("team/job", priority=10, policy=EnergyPolicy.PERFORMANCE)
+    service = inference("team/chat", tokens_per_second=40_000)
+    result = plan(PlanInput(nodes, (job, service)))
+    assert "team/job" in placed(result)
+    assert "team/chat" not in placed(result)
 
 
 def batch(key: str, **changes: object) -> Workload:

@@ -167,7 +167,15 @@ def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
             assert len(indexes) == workload.replicas, "gang"
         else:
             assert workload.min_replicas <= len(indexes) <= workload.max_replicas
-            if workload.tokens_per_second is not None:
+            short = {s.workload: s for s in result.shortfalls}
+            if workload.tokens_per_second is not None and key in short:
+                # Served in part (no plan serves all): as declared, and below the demand.
+                assert (
+                    abs(throughput[key] - short[key].served_tokens_per_second)
+                    <= 1e-6 * throughput[key]
+                )
+                assert throughput[key] < workload.tokens_per_second, "a shortfall that is none"
+            elif workload.tokens_per_second is not None:
                 assert throughput[key] >= workload.tokens_per_second * (1 - 1e-9), "SLO"
         if workload.deadline_seconds is not None and workload.remaining_work is not None:
             needed = workload.remaining_work.amount
