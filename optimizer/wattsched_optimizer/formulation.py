@@ -38,19 +38,16 @@ class SolveStatus(StrEnum):
 class Weights:
     """Objective coefficient of one admitted workload of class c with option o.
 
-    coefficient(c, o) = admission[c] - shortfall_step * shortfall_steps(c, o)
-                        - quality_step * quality_loss(c, o) - relative_cost(c, o).
+    coefficient(c, o) = admission[c] - quality_step * quality_loss(c, o) - relative_cost(c, o).
     """
 
     admission_by_class: tuple[float, ...]
     quality_step: float
-    shortfall_step: float = 0.0
 
     def coefficient(self, data: PlanData, class_index: int, option_index: int) -> float:
         option = data.classes[class_index].options[option_index]
         return (
             self.admission_by_class[class_index]
-            - self.shortfall_step * option.shortfall_steps
             - self.quality_step * option.quality_loss
             - option.relative_cost
         )
@@ -62,11 +59,7 @@ def lexicographic_weights(data: PlanData) -> Weights:
     Per workload: relative_cost (tier 3) is at most E; one quality step (tier 2) is worth
     floor(E) + 1, more than any energy difference; admitting it is worth at least
     U = (floor(E) + 1) Q + E + 1, more than its own quality and energy terms together, so a
-    workload is never left out for a better variant or level of itself. When some options serve
-    only part of an Inference demand (S = the most whole percent any leaves unserved), one percent
-    unserved is worth U, and admitting is worth U (S + 1): serving more comes before quality and
-    energy, and serving part before serving none (with no partial option, S = 0 and nothing
-    changes). Between priorities: a
+    workload is never left out for a better variant or level of itself. Between priorities: a
     workload of priority rank k is worth U (D + 1)^k where D is the most GPUs one workload uses;
     admitting it displaces at most D lower-priority workloads (each holds at least one GPU), so
     it is worth more than all of them. Should (D + 1)^(ranks - 1) exceed MAX_PRIORITY_RANGE, the
@@ -79,9 +72,7 @@ def lexicographic_weights(data: PlanData) -> Weights:
     quality_max = max(o.quality_loss for c in data.classes for o in c.options)
     displaced_max = max(o.gpus for c in data.classes for o in c.options)
     quality_step = math.floor(energy_max) + 1.0
-    shortfall_step = quality_step * quality_max + energy_max + 1.0
-    shortfall_max = max(o.shortfall_steps for c in data.classes for o in c.options)
-    unit = shortfall_step * (shortfall_max + 1)
+    unit = quality_step * quality_max + energy_max + 1.0
     priorities = sorted({c.representative.priority for c in data.classes})
     factor = float(displaced_max + 1)
     if len(priorities) > 1:
@@ -92,7 +83,6 @@ def lexicographic_weights(data: PlanData) -> Weights:
             unit * factor ** rank[c.representative.priority] for c in data.classes
         ),
         quality_step=quality_step,
-        shortfall_step=shortfall_step,
     )
 
 

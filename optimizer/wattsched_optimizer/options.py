@@ -75,7 +75,7 @@ class Option:
     quality_loss: int
     # Tier 4: the option keeps a running replica's product and variant.
     keeps_current: bool = False
-    # Tier 1b: whole percent of an Inference demand this option leaves unserved (0: all served;
+    # Slowest replicas' worth of an Inference demand this option leaves unserved (0: all served;
     # only the partial options of `workload_options(partial=True)` leave any).
     shortfall_steps: int = 0
 
@@ -620,13 +620,8 @@ class _RememberingModel:
         return self._model.idle_power_watts(product)
 
 
-def build_plan_data(
-    plan_input: PlanInput, model: PerformanceModel, partial: frozenset[str] = frozenset()
-) -> PlanData:
-    """Pools, classes with their options, and the workloads that have no option at all.
-
-    Inference workloads in `partial` (keys) also get options that serve part of their demand.
-    """
+def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
+    """Pools, classes with their options, and the workloads that have no option at all."""
     model = _RememberingModel(model)
     pools = build_pools(plan_input)
     node_by_name = {node.name: node for node in plan_input.nodes}
@@ -636,7 +631,7 @@ def build_plan_data(
     groups: dict[tuple[object, ...], list[Workload]] = defaultdict(list)
     singles: list[Workload] = []
     for workload in sorted(plan_input.workloads, key=lambda w: w.key):
-        if workload.key in current_by_workload or workload.key in partial:
+        if workload.key in current_by_workload:
             singles.append(workload)
         else:
             groups[_CLASS_KEY(workload)].append(workload)
@@ -657,7 +652,6 @@ def build_plan_data(
             node_by_name=node_by_name,
             churn_threshold=plan_input.options.churn_threshold,
             startup_seconds=plan_input.options.startup_seconds,
-            partial=workload.key in partial,
         )
         pinned: frozenset[str] = frozenset()
         if current and workload.type in (WorkloadType.TRAINING, WorkloadType.FINE_TUNING):

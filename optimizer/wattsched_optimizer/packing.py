@@ -346,10 +346,12 @@ class ClusterState:
     def try_place(
         self, workload_class: WorkloadClass, workload: Workload, prefer: Sequence[str] = ()
     ) -> Assignment | None:
-        """Place the workload with its most preferred option that fits now, or return None."""
+        """Place the workload with its most preferred option that fits now, or return None
+        (an option that serves more of an Inference demand is preferred to any that serves less)."""
         order = sorted(
             range(len(workload_class.options)),
             key=lambda o: (
+                workload_class.options[o].shortfall_steps,
                 not workload_class.options[o].keeps_current,
                 workload_class.options[o].quality_loss,
                 workload_class.options[o].relative_cost,

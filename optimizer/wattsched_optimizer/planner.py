@@ -32,10 +32,17 @@ from wattsched_optimizer.model import (
     UnknownProductError,
     product_spec,
 )
-from wattsched_optimizer.options import PlanData, WorkloadClass, build_plan_data, workload_label
+from wattsched_optimizer.options import (
+    PlanData,
+    WorkloadClass,
+    build_plan_data,
+    workload_label,
+    workload_options,
+)
 from wattsched_optimizer.packing import WATTS_TOLERANCE, Assignment, ClusterState, Taken
 from wattsched_optimizer.problem import (
     BudgetAllocation,
+    CurrentPlacement,
     Placement,
     Plan,
     PlanInput,
@@ -191,8 +198,8 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         running_gpus=running_gpus,
         workload_by_key=workload_by_key,
     )
-    # Inference that could not be served whole: plan again with options that serve part of the
-    # demand (as many replicas as fit, at least minReplicas), never all-or-nothing.
+    # Inference that could not be served whole keeps as many replicas as fit in what the plan
+    # leaves free (at least minReplicas): never all-or-nothing.
     short = frozenset(
         key
         for key, why in outcome.unplaced.items()
@@ -202,18 +209,18 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         and why.constraint.split(":", 1)[0] in PARTIAL_CONSTRAINTS
     )
     if short:
-        data = build_plan_data(plan_input, performance, partial=short)
-        second = _optimise(
-            data,
-            options=options,
-            timings=timings,
-            started=started,
-            prefer=prefer,
-            running_gpus=running_gpus,
-            workload_by_key=workload_by_key,
+        outcome = dataclasses.replace(
+            outcome,
+            shortfalls=_serve_in_part(
+                plan_input,
+                data,
+                outcome,
+                short=short,
+                model=performance,
+                workload_by_key=workload_by_key,
+                prefer=prefer,
+            ),
         )
-        shortfalls = _shortfalls(second.state, short, outcome.unplaced, workload_by_key)
-        outcome = dataclasses.replace(second, shortfalls=shortfalls)
     return _assemble(
         plan_input,
         data,
@@ -339,22 +346,58 @@ def _optimise(
     return _Outcome(state, left_out, objective, bound, status, solver_used)
 
 
-def _shortfalls(
-    state: ClusterState,
+def _serve_in_part(
+    plan_input: PlanInput,
+    data: PlanData,
+    outcome: _Outcome,
+    *,
     short: frozenset[str],
-    why: Mapping[str, Unplaced],
+    model: PerformanceModel,
     workload_by_key: Mapping[str, Workload],
+    prefer: Mapping[str, list[str]],
 ) -> tuple[Shortfall, ...]:
-    """The partly served Inference workloads of a plan, with what binds (from the first solve)."""
+    """Place each left-out service (highest priority first) with the option that serves the most
+    of its demand among those that fit in what the plan leaves free: GPUs and budget headroom.
+    Nothing placed moves or leaves for it. Returns the services now served in part; they leave
+    `outcome.unplaced`, and the reason the whole demand did not fit stays in their Shortfall."""
+    current: dict[str, list[CurrentPlacement]] = defaultdict(list)
+    for placement in plan_input.current:
+        current[placement.workload].append(placement)
     found = []
-    for key in sorted(short):
-        assignment = state.placed.get(key)
-        demand = workload_by_key[key].tokens_per_second
-        if assignment is None or demand is None:
+    state = outcome.state
+    for key in sorted(short, key=lambda k: (-workload_by_key[k].priority, k)):
+        workload = workload_by_key[key]
+        demand = workload.tokens_per_second
+        if not any(
+            count > 0 and free >= workload.gpus_per_replica
+            for (_, free), count in state.nodes_with_free.items()
+        ):
+            continue  # no node has room for one replica (a full cluster): nothing to try
+        options, option_pools = workload_options(
+            workload,
+            pools=data.pools,
+            model=model,
+            levels=plan_input.options.power_levels,
+            current=sorted(current.get(key, []), key=lambda c: c.replica),
+            node_by_name=data.node_by_name,
+            churn_threshold=plan_input.options.churn_threshold,
+            startup_seconds=plan_input.options.startup_seconds,
+            partial=True,
+        )
+        partial = [(o, p) for o, p in zip(options, option_pools, strict=True) if o.shortfall_steps]
+        if demand is None or not partial:
             continue
+        workload_class = WorkloadClass(
+            index=-1,  # not one of the program's classes: placed after it, never evicted for it
+            members=(workload,),
+            options=tuple(o for o, _ in partial),
+            option_pools=tuple(p for _, p in partial),
+        )
+        assignment = state.try_place(workload_class, workload, prefer.get(key, ()))
+        if assignment is None:
+            continue
+        why = outcome.unplaced.pop(key)
         served = len(assignment.nodes) * assignment.option.throughput_per_replica
-        if served + 1e-6 >= demand:
-            continue
         found.append(
             Shortfall(
                 workload=key,
@@ -362,11 +405,11 @@ def _shortfalls(
                 served_tokens_per_second=served,
                 reason=f"serves {served:.0f} of {demand:.0f} tokens/s "
                 f"({served / demand:.1%}, modelled) with {len(assignment.nodes)} replica(s): "
-                + why[key].reason,
-                constraint=why[key].constraint,
+                + why.reason,
+                constraint=why.constraint,
             )
         )
-    return tuple(found)
+    return tuple(sorted(found, key=lambda s: s.workload))
 
 
 def _gap(objective: float, bound: float) -> float:
