@@ -53,7 +53,14 @@ from wattsched_operator.telemetry import (
     calibration_samples,
 )
 from wattsched_optimizer.model import CatalogueModel, PerformanceModel, product_spec
-from wattsched_optimizer.problem import Placement, Plan, PlanInput, PlanStatus, WorkloadType
+from wattsched_optimizer.problem import (
+    Placement,
+    Plan,
+    PlanInput,
+    PlanStatus,
+    Unplaced,
+    WorkloadType,
+)
 
 logger = logging.getLogger("wattsched.operator")
 
@@ -1085,6 +1092,10 @@ class PlanningLoop:
         for placement in plan.placements:
             placements_by_workload.setdefault(placement.workload, []).append(placement)
         unplaced = {u.workload: u for u in plan.unplaced}
+        # A service served in part is placed, with its shortfall saying what binds.
+        unplaced.update(
+            {s.workload: Unplaced(s.workload, s.reason, s.constraint) for s in plan.shortfalls}
+        )
         phases: list[str] = []
         slo_met: dict[str, bool] = {}
         writes: list[Awaitable[Any]] = []

@@ -93,6 +93,17 @@ def plan_to_json(
             {"workload": u.workload, "reason": u.reason, "constraint": u.constraint}
             for u in sorted(plan.unplaced, key=lambda u: u.workload)
         ],
+        "shortfalls": [
+            {
+                "workload": s.workload,
+                "demandTokensPerSecond": s.demand_tokens_per_second,
+                "servedTokensPerSecond": round(s.served_tokens_per_second, 1),
+                "servedShare": round(s.served_share, 4),
+                "reason": s.reason,
+                "constraint": s.constraint,
+            }
+            for s in plan.shortfalls
+        ],
         "skipped": list(skipped),
     }
     if diff is not None:
@@ -150,6 +161,12 @@ def plan_to_table(
         lines.append("")
         lines += _table(
             ["UNPLACED", "REASON"], [[u["workload"], u["reason"]] for u in data["unplaced"]]
+        )
+    if data["shortfalls"]:
+        lines.append("")
+        lines += _table(
+            ["SERVED IN PART", "REASON"],
+            [[s["workload"], s["reason"]] for s in data["shortfalls"]],
         )
     if skipped:
         lines += ["", "SKIPPED (invalid; left out of the plan, as the operator leaves them out)"]

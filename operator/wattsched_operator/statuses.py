@@ -269,8 +269,10 @@ def slo_met(
 ) -> tuple[bool, str, str]:
     """(met, reason, message) of the `SLOMet` condition, by the plan (calibrated model).
 
-    Inference: the planned replicas' throughput covers the declared tokens/s. A deadline: the
-    gang runs (the optimizer only places a gang where it finishes in time) or has finished.
+    Inference: the planned replicas' throughput covers the declared tokens/s; placed replicas
+    that serve less with `unplaced` saying why (a plan's shortfall) are `BudgetLimited` when a
+    budget binds, else `BelowDemand`, with the share served. A deadline: the gang runs (the
+    optimizer only places a gang where it finishes in time) or has finished.
     """
     if phase == SUCCEEDED:
         return True, "Succeeded", "the work finished"
@@ -284,7 +286,12 @@ def slo_met(
         if not placements:
             return False, "NotPlaced", f"{text}: {why_not}"
         if planned + 1e-6 < demand:
-            return False, "BelowDemand", text
+            text += f" ({planned / demand:.1%} served)"
+            if unplaced is None:
+                return False, "BelowDemand", text
+            limited = unplaced.constraint.startswith("budget")
+            reason = "BudgetLimited" if limited else "BelowDemand"
+            return False, reason, f"{text}: {unplaced.reason}"
         return True, "Planned", text
     if placements:
         return True, "OnTrack", f"placed to finish before the deadline {objective.deadline}"

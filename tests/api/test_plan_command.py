@@ -474,3 +474,54 @@ def test_plan_reads_status_progress_and_keeps_a_job_90_percent_done_placed(
         ("team-a/pretrain", "h100-0")
     ]
     assert nearly_done["unplaced"] == []
+
+
+def test_plan_serves_a_40k_service_in_part_when_the_budget_cannot_serve_it_whole(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """40,000 tokens/s of an 8B model on two 8-GPU H100 nodes whose budget leaves every GPU at
+    its 200 W minimum: 16 replicas serve 34,940 (modelled), not none."""
+    nodes = [
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": f"h100-{i}",
+                "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "rack": "a"},
+            },
+            "status": {
+                "allocatable": {"nvidia.com/gpu": "8"},
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+        for i in range(2)
+    ]
+    budget = {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "EnergyBudget",
+        "metadata": {"name": "rack-a"},
+        "spec": {"nodeSelector": {"matchLabels": {"rack": "a"}}, "powerCapWatts": 3300},
+    }
+    service = {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "LLMWorkload",
+        "metadata": {"name": "chat", "namespace": "team-a"},
+        "spec": {
+            "type": "Inference",
+            "model": {"name": "m", "parametersBillions": 8},
+            "gpu": {"count": 1},
+            "minReplicas": 1,
+            "maxReplicas": 32,
+            "slo": {"tokensPerSecond": 40000},
+            "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}},
+        },
+    }
+    plan = run_json(capsys, write_snapshot(tmp_path, [*nodes, budget, service]))
+    assert len(plan["placements"]) == 16
+    assert {p["powerLimitWatts"] for p in plan["placements"]} == {200.0}
+    assert plan["unplaced"] == []
+    (short,) = plan["shortfalls"]
+    assert short["workload"] == "team-a/chat"
+    assert short["constraint"] == "budget:rack-a"
+    assert short["servedTokensPerSecond"] == pytest.approx(34_940, rel=1e-3)
+    assert short["servedShare"] == pytest.approx(0.8735, abs=1e-3)

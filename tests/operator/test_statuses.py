@@ -175,6 +175,35 @@ def test_slo_met_follows_planned_throughput_against_demand_and_a_gangs_place() -
     assert not SloObjective.from_spec({"type": "Training", "slo": {"totalWork": {}}}).declared
 
 
+def test_a_service_served_in_part_under_a_budget_is_budget_limited_with_the_share_served() -> None:
+    demand = SloObjective(tokens_per_second=4000)
+    three = [Placement("ns/w", i, "n", 1, "bf16", 200, 180, 1000.0) for i in range(3)]
+    why = Unplaced(
+        "ns/w", "serves 3000 of 4000 tokens/s: EnergyBudget rack-a is full", "budget:rack-a"
+    )
+    met, reason, text = slo_met(demand, "Running", three, why)
+    assert (met, reason) == (False, "BudgetLimited")
+    assert "75.0% served" in text
+    assert "EnergyBudget rack-a" in text
+    status = workload_status(
+        {},
+        generation=1,
+        is_gang=False,
+        gang_size=1,
+        placements=three,
+        unplaced=why,
+        pods=[],
+        failure_message=None,
+        now=NOW,
+        objective=demand,
+    )
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert conditions["Schedulable"] == ("True", "Planned")
+    assert conditions["BudgetLimited"] == ("True", "Budget")
+    assert conditions["SLOMet"] == ("False", "BudgetLimited")
+    assert status["replicas"]["placed"] == 3
+
+
 def test_workload_status_has_slo_met_only_when_the_spec_declares_an_objective() -> None:
     def status(objective: SloObjective | None) -> dict[str, Any]:
         return workload_status(
