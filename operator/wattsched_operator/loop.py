@@ -22,6 +22,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from wattsched_operator import accounting, desired, statuses, transition
+from wattsched_operator.api.energybudget import parse_energybudget
+from wattsched_operator.api.errors import ApiValidationError
 from wattsched_operator.cache import (
     BUDGETS,
     NODES,
@@ -52,14 +54,16 @@ from wattsched_operator.telemetry import (
     TelemetrySnapshot,
     calibration_samples,
 )
-from wattsched_optimizer.model import CatalogueModel, PerformanceModel, product_spec
-from wattsched_optimizer.problem import Placement, Plan, PlanInput, PlanStatus, WorkloadType
+from wattsched_optimizer.model import CatalogueModel, PerformanceModel
+from wattsched_optimizer.problem import Placement, Plan, PlanInput, WorkloadType
 
 logger = logging.getLogger("wattsched.operator")
 
 ANNOTATION_FAILURES = "wattsched.io/failures"
 ANNOTATION_RETRY_AFTER = "wattsched.io/retry-after"
 ANNOTATION_FAILURE_COUNTED = "wattsched.io/failure-counted"
+# Reason of the conditions and Events of a round that could not plan at all.
+PLAN_FAILED = "PlanFailed"
 MAX_BACKOFF_SECONDS = 300.0
 HTTP_FORBIDDEN = 403
 HTTP_INVALID = 422
@@ -71,10 +75,15 @@ PlanFunction = Callable[[PlanInput, PerformanceModel], Plan]
 
 @dataclass(frozen=True)
 class PlannedInput:
-    """The optimizer's input, and the workloads left out as invalid (key -> error message)."""
+    """The optimizer's input, and what was left out of it and why: workloads (key -> error),
+    GPU nodes the plan cannot use (name -> why, and what their budgets count them at), budgets
+    that cannot be read (name -> error) and other unreadable objects ("Kind key" -> error)."""
 
     plan_input: PlanInput
     rejected: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    excluded_nodes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    invalid_budgets: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ignored: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 InputBuilder = Callable[[ClusterView, frozenset[str], datetime], PlannedInput]
@@ -196,6 +205,9 @@ class PlanningLoop:
         self.calibrator = Calibrator()
         self._applied_placements: tuple[Placement, ...] = ()
         self._calibrated_at = 0.0
+        # What was last reported as left out of planning ("Kind key" -> why): one log line and
+        # one Event per cause, not one per round.
+        self._reported: dict[str, str] = {}
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -226,10 +238,11 @@ class PlanningLoop:
                     last_resync = time.monotonic()
                 self._was_leader = True
                 await self.plan_once()
-            except Exception:
+            except Exception as error:
                 logger.exception("planning round failed; retrying after the debounce")
                 self.metrics.reconcile_errors.labels(step="plan").inc()
                 self.cache.mark_dirty()
+                await self.report_failed_round(error)
 
     async def resync(self) -> None:
         """Refill the cache from full lists (heals events missed while paused or restarting)."""
@@ -277,6 +290,7 @@ class PlanningLoop:
         active_view = dataclasses.replace(view, workloads=active)
         built = self.build_input(active_view, self.unconfirmed, now)
         plan_input = built.plan_input
+        await self._report_left_out(view, built)
         await self._report_rejected(view, built.rejected, now, reason="InvalidSpec")
         refused = self._refused_pods(active)
         await self._report_rejected(view, refused, now, reason="PodRejected")
@@ -309,13 +323,6 @@ class PlanningLoop:
             len(plan.unplaced),
             len(active),
         )
-        if plan.status is PlanStatus.INFEASIBLE:
-            # Not even the empty placement fits: nothing is placed or raised. Nodes whose agent
-            # has not confirmed their limits count at maximum, which alone can make it so (a
-            # budget applied before the agents' first confirmation); they are lowered.
-            await self._lower_unconfirmed_to_minimum(view, plan_input)
-            await self._write_budget_statuses(view, plan, plan_input, now, telemetry)
-            return plan
         self._calibrate(plan_input, view, telemetry)
         await self._apply(view, active, plan, life)
         self._applied_placements = plan.placements
@@ -337,7 +344,9 @@ class PlanningLoop:
             accounts=accounts,
             telemetry=telemetry,
         )
-        await self._write_budget_statuses(view, plan, plan_input, now, telemetry, accounts=accounts)
+        await self._write_budget_statuses(
+            view, plan, plan_input, now, telemetry, accounts=accounts, built=built
+        )
         return plan
 
     async def _read_telemetry(
@@ -792,34 +801,6 @@ class PlanningLoop:
                     "agents on %s have not yet applied raised limits", ", ".join(sorted(slow))
                 )
 
-    async def _lower_unconfirmed_to_minimum(self, view: ClusterView, plan_input: PlanInput) -> None:
-        """Lower every GPU of the nodes counted at maximum to its product's minimum.
-
-        Lowering never breaks a budget, and once the agents confirm, the next plan counts those
-        nodes at what they apply instead of at maximum.
-        """
-        idle = {
-            node.name: (product_spec(node.product).min_watts.value,) * node.gpu_count
-            for node in plan_input.nodes
-            if not node.agent_ready
-        }
-        current = {
-            node: transition.NodePowerState.from_profile(view.profiles.get(node)) for node in idle
-        }
-        lower = transition.power_steps(current, idle).lower
-        if not lower:
-            return
-        unconfirmed = await self._wait_confirmed(await self._write_limits(view, lower))
-        self.unconfirmed = frozenset((self.unconfirmed - set(lower)) | unconfirmed)
-        self.metrics.unconfirmed_nodes.set(len(self.unconfirmed))
-        logger.info(
-            "plan infeasible with %d node(s) counted at maximum: lowered them to their minimum "
-            "(%d confirmed)",
-            len(lower),
-            len(lower) - len(unconfirmed),
-        )
-        self.cache.mark_dirty()
-
     async def _gather(self, calls: Iterable[Awaitable[Any]]) -> None:
         results = await asyncio.gather(*calls, return_exceptions=True)
         for result in results:
@@ -1033,16 +1014,20 @@ class PlanningLoop:
         telemetry: TelemetrySnapshot | None = None,
         *,
         accounts: Accounts | None = None,
+        built: PlannedInput | None = None,
     ) -> None:
-        """Budget statuses, with the period's energy and carbon where accounting was due."""
+        """Budget statuses, with the period's energy and carbon where accounting was due; an
+        Event where a budget becomes held, unreadable or loses a node from planning."""
+        built = built or PlannedInput(plan_input)
         allocations = {a.name: a for a in plan.budgets}
         scopes = {b.name: b.node_names for b in plan_input.budgets}
+        unready = sorted(n.name for n in plan_input.nodes if not n.agent_ready)
         writes: list[Awaitable[Any]] = []
         figures: dict[str, BudgetFigures] = {}
         for name, body in view.budgets.items():
             if is_deleting(body):
                 continue
-            cap = float((body.get("spec") or {}).get("powerCapWatts") or 0.0)
+            cap = _number((body.get("spec") or {}).get("powerCapWatts"))
             previous = body.get("status") or {}
             new = statuses.budget_status(
                 previous,
@@ -1054,7 +1039,11 @@ class PlanningLoop:
                 now=now,
                 telemetry=telemetry,
                 scope_nodes=scopes.get(name, ()),
+                unready_nodes=[n for n in unready if n in scopes.get(name, ())],
+                excluded_nodes=_excluded_in_scope(body, view, built.excluded_nodes),
+                invalid=built.invalid_budgets.get(name),
             )
+            writes.append(self._budget_events(body, previous, new))
             if accounts is not None:
                 new.update(accounts.budget_figures.get(name, {}))
             figures[name] = BudgetFigures(
@@ -1067,6 +1056,96 @@ class PlanningLoop:
             )
         self.metrics.set_budgets(figures)
         await self._gather(writes)
+
+    async def _budget_events(
+        self, body: Body, previous: Mapping[str, Any], new: Mapping[str, Any]
+    ) -> None:
+        """A Warning Event when a budget's `Ready` or `NodesPlanned` condition turns to a new
+        reason, or `NodesPlanned` names other nodes."""
+        for type_ in ("Ready", statuses.NODES_PLANNED):
+            after = statuses.find_condition(new.get("conditions") or [], type_)
+            before = statuses.find_condition(previous.get("conditions") or [], type_)
+            if after is None or after["status"] != "False":
+                continue
+            if (
+                before is None
+                or before.get("status") != "False"
+                or before.get("reason") != after["reason"]
+                or (type_ == statuses.NODES_PLANNED and before.get("message") != after["message"])
+            ):
+                await self._event(body, "Warning", after["reason"], after["message"])
+
+    async def _report_left_out(self, view: ClusterView, built: PlannedInput) -> None:
+        """Log what the snapshot left out, and post one Event on each GPU node the plan cannot
+        use whenever its reason changes (budgets in its scope say so in `NodesPlanned`)."""
+        for key, message in built.ignored.items():
+            if self._reported.get(key) != message:
+                logger.warning("left out of planning: %s: %s", key, message)
+        for name, reason in built.excluded_nodes.items():
+            key = f"Node {name}"
+            if self._reported.get(key) != reason:
+                logger.warning("node %s takes no work: %s", name, reason)
+                node = view.nodes.get(name) or {"metadata": {"name": name}}
+                await self._event(
+                    {"apiVersion": "v1", "kind": "Node", **node}, "Warning", "NodeExcluded", reason
+                )
+        self._reported = {
+            **built.ignored,
+            **{f"Node {name}": reason for name, reason in built.excluded_nodes.items()},
+        }
+
+    async def report_failed_round(self, error: BaseException) -> None:
+        """Mark every budget and every waiting workload with the cause of a round that could not
+        plan at all (a condition, and one Event per object and cause). Never raises."""
+        cause = f"the planning round failed: {type(error).__name__}: {error}"[:900]
+        now = datetime.now(UTC)
+        try:
+            view = self.cache.view()
+            writes: list[Awaitable[Any]] = []
+            for body in view.budgets.values():
+                if not is_deleting(body):
+                    writes.append(self._mark_failed(body, budgets_path, "Ready", cause, now))
+            for body in view.workloads.values():
+                phase = (body.get("status") or {}).get("phase")
+                if not is_deleting(body) and phase in (None, statuses.PENDING, statuses.PREEMPTED):
+                    writes.append(self._mark_failed(body, workloads_path, "Schedulable", cause, now))
+            await self._gather(writes)
+        except Exception:  # reporting must never stop the loop
+            logger.exception("could not report the failed round")
+
+    async def _mark_failed(
+        self,
+        body: Body,
+        path_of: Callable[..., str],
+        type_: str,
+        cause: str,
+        now: datetime,
+    ) -> None:
+        meta = body["metadata"]
+        previous = body.get("status") or {}
+        before = statuses.find_condition(previous.get("conditions") or [], type_)
+        if before is not None and before.get("reason") == PLAN_FAILED and before["message"] == cause:
+            return  # already says so: no write, no Event
+        marked = statuses.condition(
+            previous.get("conditions") or [],
+            type_,
+            False if type_ == "Ready" else None,
+            PLAN_FAILED,
+            cause,
+            now=now,
+            observed_generation=int(meta.get("generation") or 1),
+        )
+        conditions = [
+            c for c in previous.get("conditions") or [] if c.get("type") != type_
+        ] + [marked]
+        status: dict[str, Any] = {"conditions": conditions}
+        if "namespace" in meta:  # a workload: it waits, and says why
+            status |= {"phase": previous.get("phase") or statuses.PENDING, "message": cause}
+            path = path_of(meta["namespace"], meta["name"])
+        else:
+            path = path_of(meta["name"])
+        await self._call(self.kube.write, path + "/status", {"status": status})
+        await self._event(body, "Warning", PLAN_FAILED, cause)
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on an object (best effort: a lost Event never stops a plan)."""
@@ -1081,7 +1160,8 @@ class PlanningLoop:
                 "apiVersion": body.get("apiVersion", f"{desired.GROUP}/{desired.VERSION}"),
                 "kind": body.get("kind", "LLMWorkload"),
                 "name": meta["name"],
-                "namespace": namespace,
+                # Cluster-scoped objects (budgets, nodes) have their Events in "default".
+                **({"namespace": meta["namespace"]} if meta.get("namespace") else {}),
                 "uid": meta.get("uid", ""),
             },
             "reason": reason,
@@ -1099,6 +1179,32 @@ class PlanningLoop:
             )
         except KubeError as error:
             logger.warning("could not post Event %s on %s: %s", reason, meta["name"], error)
+
+
+def _number(value: Any) -> float:
+    """A spec number as the API server stores it (0 when absent or not a number)."""
+    try:
+        return float(value or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _excluded_in_scope(
+    budget: Mapping[str, Any], view: ClusterView, excluded: Mapping[str, str]
+) -> dict[str, str]:
+    """The excluded GPU nodes a budget's selector matches (an unreadable selector: none)."""
+    if not excluded:
+        return {}
+    try:
+        spec = parse_energybudget(budget).spec
+    except ApiValidationError:
+        return {}
+    found: dict[str, str] = {}
+    for name, reason in excluded.items():
+        labels = ((view.nodes.get(name) or {}).get("metadata") or {}).get("labels") or {}
+        if isinstance(labels, Mapping) and spec.selects({str(k): str(v) for k, v in labels.items()}):
+            found[name] = reason
+    return found
 
 
 def _pod_id(pod: Mapping[str, Any]) -> tuple[str, str]:

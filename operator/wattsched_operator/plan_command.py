@@ -179,6 +179,8 @@ def run(args: argparse.Namespace, stdin: TextIO) -> Plan:
         solver=args.solver,
     )
     snapshot = build_snapshot(objects, now=now, options=options, strict=True)
+    for node in snapshot.excluded_nodes:  # planned without it, and said why
+        print(f"wattsched plan: node {node.name} takes no work: {node.reason}", file=sys.stderr)
     return solve_plan(snapshot.plan_input)
 
 

@@ -140,7 +140,8 @@ def telemetry_config(args: argparse.Namespace) -> TelemetryConfig | None:
 def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
     """The snapshot reader that turns the cache into the optimizer's input.
 
-    Bad LLMWorkloads are left out (and reported) rather than stopping the plan for the others.
+    Bad objects are left out (and reported) rather than stopping the plan for the others: bad
+    LLMWorkloads and EnergyBudgets, unreadable profiles and pods, GPU nodes the plan cannot use.
     """
 
     def build(view: ClusterView, unconfirmed: frozenset[str], now: datetime) -> PlannedInput:
@@ -162,7 +163,19 @@ def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
             unconfirmed_nodes=unconfirmed,
         )
         rejected = {error.name: str(error) for error in result.rejected}
-        return PlannedInput(plan_input=result.plan_input, rejected=rejected)
+        return PlannedInput(
+            plan_input=result.plan_input,
+            rejected=rejected,
+            excluded_nodes={node.name: node.reason for node in result.excluded_nodes},
+            invalid_budgets={
+                item.key: item.message for item in result.ignored if item.kind == "EnergyBudget"
+            },
+            ignored={
+                f"{item.kind} {item.key}": item.message
+                for item in result.ignored
+                if item.kind != "EnergyBudget"
+            },
+        )
 
     return build
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from wattsched_operator.telemetry import PodKey, TelemetrySnapshot
+from wattsched_optimizer.planner import held_budget_reason
 from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, Unplaced
 
 PENDING = "Pending"
@@ -31,6 +32,13 @@ SLO_MET = "SLOMet"
 PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
 NO_SAMPLES = "NoSamples"
 NOT_RUNNING = "NotRunning"
+# EnergyBudget: whether every GPU node its selector matches is planned (reason AllPlanned), or
+# some are left out of planning (NodeExcluded: unknown product...) and counted as they may draw.
+NODES_PLANNED = "NodesPlanned"
+# EnergyBudget `Ready` reasons beyond CapEnforced/OverCap: no plan can meet the cap (held), the
+# spec cannot be read.
+CAP_BELOW_FLOOR = "CapBelowFloor"
+INVALID_SPEC = "InvalidSpec"
 
 
 def rfc3339(moment: datetime) -> str:
@@ -92,6 +100,10 @@ class PodView:
             phase=str(status.get("phase") or "Pending"),
             ready=ready,
         )
+
+
+def find_condition(conditions: Iterable[Any], type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions if isinstance(c, Mapping) and c.get("type") == type_), None)
 
 
 def next_phase(
@@ -307,10 +319,17 @@ def budget_status(
     now: datetime,
     telemetry: TelemetrySnapshot | None = None,
     scope_nodes: Iterable[str] = (),
+    unready_nodes: Sequence[str] = (),
+    excluded_nodes: Mapping[str, str] | None = None,
+    invalid: str | None = None,
 ) -> dict[str, Any]:
     """An EnergyBudget's status after a plan: allocated cap, expected watts, headroom, last plan.
 
-    `Ready` is True when the planned limits in scope sum to at most the cap (`CapEnforced`).
+    `Ready` is True when the planned limits in scope sum to at most the cap (`CapEnforced`). It
+    is False with reason `CapBelowFloor` when no plan can meet the cap (the allocation is held:
+    the message says why, naming the `unready_nodes` in scope counted at their maximum), and
+    `InvalidSpec` when the spec cannot be read (`invalid`: the error; the budget is not planned).
+    `NodesPlanned` names the `excluded_nodes` in scope (node -> why) counted as they may draw.
     With a telemetry reading (the operator has `--prometheus-url`), `measuredWatts` is the measured
     draw of the nodes in `scope_nodes` (None, i.e. left out, unless every one was measured) and
     `TelemetryFresh` says whether it could be measured (see `budget_telemetry`).
@@ -319,17 +338,45 @@ def budget_status(
     expected = allocation.expected_watts if allocation else 0.0
     within = allocated <= cap_watts + 1e-6
     conditions_before: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
+    reason = "CapEnforced" if within else "OverCap"
+    message = f"limits in scope sum to {allocated:.0f} W of {cap_watts:.0f} W"
+    if invalid is not None:
+        within, reason, message = False, INVALID_SPEC, f"not planned: {invalid}"
+    elif allocation is not None and allocation.held:
+        reason = CAP_BELOW_FLOOR
+        message = (
+            f"{held_budget_reason(cap_watts, allocated)}; its {node_count} node(s) take no work "
+            "and are held at their minimum limits"
+        )
+        if unready_nodes:
+            message += (
+                f"; counted at their maximum until their agent confirms: {', '.join(unready_nodes)}"
+            )
     conditions = [
         condition(
             conditions_before,
             "Ready",
             within,
-            "CapEnforced" if within else "OverCap",
-            f"limits in scope sum to {allocated:.0f} W of {cap_watts:.0f} W",
+            reason,
+            message,
             now=now,
             observed_generation=generation,
         )
     ]
+    excluded = dict(sorted((excluded_nodes or {}).items()))
+    conditions.append(
+        condition(
+            conditions_before,
+            NODES_PLANNED,
+            not excluded,
+            "NodeExcluded" if excluded else "AllPlanned",
+            "; ".join(excluded.values())
+            if excluded
+            else "every GPU node the selector matches is planned",
+            now=now,
+            observed_generation=generation,
+        )
+    )
     measured_watts: float | None = None
     if telemetry is not None:
         measured_watts, fresh, reason, message = budget_telemetry(telemetry, scope_nodes)

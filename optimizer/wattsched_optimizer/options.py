@@ -186,12 +186,13 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
 def budget_base_watts(plan_input: PlanInput) -> dict[str, float]:
     """Per budget: the sum of its GPUs' limits with nothing placed.
 
-    Idle GPUs count at their minimum; GPUs of nodes whose agent is not ready at their maximum.
+    Idle GPUs count at their minimum; GPUs of nodes whose agent is not ready at their maximum;
+    the watts the plan does not control (`Budget.uncontrolled_watts`) as they are.
     """
     by_name = {node.name: node for node in plan_input.nodes}
     base: dict[str, float] = {}
     for budget in plan_input.budgets:
-        total = 0.0
+        total = budget.uncontrolled_watts
         for node_name in budget.node_names:
             node = by_name.get(node_name)
             if node is None:

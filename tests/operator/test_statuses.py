@@ -150,6 +150,50 @@ def test_budget_status_reports_headroom_and_the_last_plan() -> None:
     assert result["conditions"][0]["status"] == "True"
 
 
+def test_a_held_budget_is_not_ready_and_says_why_naming_its_unready_nodes() -> None:
+    plan = Plan(PlanStatus.OPTIMAL, 1.0, 1.0, 0.0, 0.1, (), {}, (), ())
+    result = budget_status(
+        {},
+        generation=1,
+        allocation=BudgetAllocation("rack-d", 1, 6400.0, 800.0, held=True),
+        cap_watts=1,
+        node_count=2,
+        plan=plan,
+        now=NOW,
+        unready_nodes=["d1"],
+    )
+    ready = next(c for c in result["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "CapBelowFloor")
+    assert ready["message"].startswith("spec.powerCapWatts=1 is below the 6400 W")
+    assert "its 2 node(s) take no work" in ready["message"]
+    assert ready["message"].endswith("counted at their maximum until their agent confirms: d1")
+
+
+def test_a_budget_names_the_nodes_left_out_of_planning_and_an_unreadable_spec() -> None:
+    plan = Plan(PlanStatus.OPTIMAL, 1.0, 1.0, 0.0, 0.1, (), {}, (), ())
+
+    def conditions(**changes: Any) -> dict[str, dict[str, Any]]:
+        result = budget_status(
+            {},
+            generation=1,
+            allocation=None,
+            cap_watts=1000,
+            node_count=0,
+            plan=plan,
+            now=NOW,
+            **changes,
+        )
+        return {c["type"]: c for c in result["conditions"]}
+
+    assert conditions()["NodesPlanned"]["status"] == "True"
+    left_out = conditions(excluded_nodes={"gpu-x": "Node gpu-x: unknown GPU product"})
+    assert left_out["NodesPlanned"]["reason"] == "NodeExcluded"
+    assert left_out["NodesPlanned"]["message"] == "Node gpu-x: unknown GPU product"
+    invalid = conditions(invalid="EnergyBudget b: spec.powerCapWatts: must be a number")["Ready"]
+    assert (invalid["status"], invalid["reason"]) == ("False", "InvalidSpec")
+    assert invalid["message"].endswith("spec.powerCapWatts: must be a number")
+
+
 def test_slo_met_follows_planned_throughput_against_demand_and_a_gangs_place() -> None:
     demand = SloObjective(tokens_per_second=1500)
     one = [Placement("ns/w", 0, "n", 1, "bf16", 700, 500, 1000.0)]
