@@ -14,7 +14,7 @@ import heapq
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from wattsched_optimizer.formulation import (
     Formulation,
@@ -485,6 +485,21 @@ def _fill_and_repair(
             del unplaced[key]
 
 
+def _number_replicas(nodes: Sequence[str], running: Mapping[int, str]) -> list[tuple[int, str]]:
+    """Replica indexes 0..n-1 for a workload's placed nodes: a running replica whose node is
+    among them keeps its index there (its pod stays); the other nodes take the free indexes."""
+    left = list(nodes)
+    numbered: list[tuple[int, str]] = []
+    for replica, node in sorted(running.items()):
+        if replica < len(nodes) and node in left:
+            left.remove(node)
+            numbered.append((replica, node))
+    taken = {replica for replica, _ in numbered}
+    free = (replica for replica in range(len(nodes)) if replica not in taken)
+    numbered += [(next(free), node) for node in left]
+    return sorted(numbered)
+
+
 def _assemble(
     plan_input: PlanInput,
     data: PlanData,
@@ -515,10 +530,13 @@ def _assemble(
         expected[gpu_node.name] = [model.idle_power_watts(gpu_node.product)] * gpu_node.gpu_count
     next_gpu: dict[str, int] = defaultdict(int)
     placements: list[Placement] = []
+    running: dict[str, dict[int, str]] = defaultdict(dict)
+    for current in plan_input.current:
+        running[current.workload][current.replica] = current.node
     for key in sorted(state.placed):
         assignment: Assignment = state.placed[key]
         option = assignment.option
-        for replica, node in enumerate(assignment.nodes):
+        for replica, node in _number_replicas(assignment.nodes, running[key]):
             first = next_gpu[node]
             next_gpu[node] += option.gpus_per_replica
             for gpu in range(first, first + option.gpus_per_replica):

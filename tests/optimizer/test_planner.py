@@ -382,3 +382,28 @@ def test_two_budgets_with_one_name_are_an_input_error_naming_the_budget() -> Non
     budget = Budget("cluster", 10_000, frozenset({"h0"}))
     with pytest.raises(PlanInputError, match=r"EnergyBudget cluster: listed twice"):
         plan(PlanInput(h100_nodes(1), (), (budget, budget)))
+
+
+def test_only_the_replicas_on_a_lost_node_move_and_healthy_gang_members_stay() -> None:
+    """Issue 12 item 7: the plan after an agent loss moved a gang member from a healthy node."""
+    nodes = (
+        GpuNode("lost", "H100-80GB", 8, schedulable=False),
+        *h100_nodes(3),
+    )
+    job = training("team/job", gpus_per_replica=4, replicas=4)
+    service = inference("team/svc", min_replicas=3, max_replicas=3)
+    current = (
+        CurrentPlacement("team/job", 0, "lost", "bf16", 450.0),
+        CurrentPlacement("team/job", 1, "lost", "bf16", 450.0),
+        CurrentPlacement("team/job", 2, "h0", "bf16", 450.0),
+        CurrentPlacement("team/job", 3, "h0", "bf16", 450.0),
+        CurrentPlacement("team/svc", 0, "lost", "bf16", 450.0),
+        CurrentPlacement("team/svc", 1, "h1", "bf16", 450.0),
+        CurrentPlacement("team/svc", 2, "h1", "bf16", 450.0),
+    )
+    result = plan(PlanInput(nodes, (job, service), current=current))
+    where = {(p.workload, p.replica): p.node for p in result.placements}
+    assert where[("team/job", 2)] == where[("team/job", 3)] == "h0"
+    assert where[("team/svc", 1)] == where[("team/svc", 2)] == "h1"
+    assert "lost" not in where.values()
+    assert len(where) == 7
