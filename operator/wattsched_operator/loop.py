@@ -104,6 +104,9 @@ class LoopSettings:
     # How often energy, carbon and the measured figures in statuses are brought up to date (each
     # update is a status write per running workload).
     accounting_seconds: float = 60.0
+    # An agent silent for longer is lost: its node counts at maximum and takes no work. The loop
+    # re-plans when a heartbeat it counted on expires, not only on the periodic re-plan.
+    heartbeat_timeout_seconds: float = 30.0
 
 
 def backoff_seconds(failures: int, base_seconds: float) -> float:
@@ -205,6 +208,8 @@ class PlanningLoop:
         self.calibrator = Calibrator()
         self._applied_placements: tuple[Placement, ...] = ()
         self._calibrated_at = 0.0
+        # Nodes whose agent the last round counted as ready: their heartbeats are watched.
+        self._ready_agents: frozenset[str] = frozenset()
         # What was last reported as left out of planning ("Kind key" -> why): one log line and
         # one Event per cause, not one per round.
         self._reported: dict[str, str] = {}
@@ -215,17 +220,11 @@ class PlanningLoop:
     # -- the loop ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Forever: wait for a change or the periodic tick, debounce, plan, apply."""
+        """Forever: wait for a change, the periodic tick, a retry that is due or an agent's
+        heartbeat expiring; debounce, plan, apply."""
         last_resync = 0.0
         while True:
-            timeout = self.settings.replan_seconds
-            if self._wake_at is not None:
-                timeout = max(0.0, min(timeout, self._wake_at - time.monotonic()))
-            try:
-                await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
-                await asyncio.sleep(self.settings.debounce_seconds)
-            except TimeoutError:
-                pass
+            await self._wait_for_work()
             self.cache.dirty.clear()
             leader = await self.is_leader()
             if not leader:
@@ -243,6 +242,55 @@ class PlanningLoop:
                 self.metrics.reconcile_errors.labels(step="plan").inc()
                 self.cache.mark_dirty()
                 await self.report_failed_round(error)
+
+    async def _wait_for_work(self) -> None:
+        """Return when the next round is due: the cache changed (after the debounce), the periodic
+        re-plan is due, a replica's retry is due, or an agent counted on in the last round has
+        been silent for longer than the heartbeat timeout (a heartbeat that arrives in time
+        just moves the wake-up)."""
+        periodic_at = time.monotonic() + self.settings.replan_seconds
+        while True:
+            wake_at = min(
+                t for t in (periodic_at, self._wake_at, self._heartbeat_expiry()) if t is not None
+            )
+            try:
+                timeout = max(0.0, wake_at - time.monotonic())
+                await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
+                await asyncio.sleep(self.settings.debounce_seconds)
+                return
+            except TimeoutError:
+                now = time.monotonic()
+                if now >= periodic_at or (self._wake_at is not None and now >= self._wake_at):
+                    return
+                if self._lost_agents():
+                    logger.info("agents lost on %s: re-planning", ", ".join(self._lost_agents()))
+                    return
+
+    def _heartbeats(self) -> dict[str, datetime | None]:
+        """The last heartbeat of each agent the last round counted as ready (None: none read)."""
+        beats: dict[str, datetime | None] = {}
+        for node in self._ready_agents:
+            agent = ((self.cache.get(PROFILES, node) or {}).get("status") or {}).get("agent") or {}
+            beats[node] = accounting.parse_rfc3339(agent.get("heartbeatTime"))
+        return beats
+
+    def _heartbeat_expiry(self) -> float | None:
+        """When (monotonic) the first heartbeat the last round counted on expires."""
+        beats = [b for b in self._heartbeats().values() if b is not None]
+        if not beats:
+            return None
+        left = (min(beats) - datetime.now(UTC)).total_seconds()
+        return time.monotonic() + left + self.settings.heartbeat_timeout_seconds + 0.1
+
+    def _lost_agents(self) -> list[str]:
+        """Agents the last round counted as ready whose heartbeat is now too old (or gone)."""
+        now = datetime.now(UTC)
+        limit = self.settings.heartbeat_timeout_seconds
+        return sorted(
+            node
+            for node, beat in self._heartbeats().items()
+            if beat is None or (now - beat).total_seconds() > limit
+        )
 
     async def resync(self) -> None:
         """Refill the cache from full lists (heals events missed while paused or restarting)."""
@@ -290,6 +338,7 @@ class PlanningLoop:
         active_view = dataclasses.replace(view, workloads=active)
         built = self.build_input(active_view, self.unconfirmed, now)
         plan_input = built.plan_input
+        self._ready_agents = frozenset(n.name for n in plan_input.nodes if n.agent_ready)
         await self._report_left_out(view, built)
         await self._report_rejected(view, built.rejected, now, reason="InvalidSpec")
         refused = self._refused_pods(active)
@@ -761,6 +810,7 @@ class PlanningLoop:
             if key in active and key not in placed_keys and not _finished(pod):
                 preempted[key] = preempted.get(key, 0) + 1
         await self._gather(self._delete_pod(ns, name, view) for ns, name in to_delete)
+        await self._announce_gang_restarts(view, active, plan, changes.delete)
         for key, count in preempted.items():
             self.metrics.preemptions.inc(count)
             unplaced = next((u for u in plan.unplaced if u.workload == key), None)
@@ -838,6 +888,39 @@ class PlanningLoop:
             if error.status != 409:
                 raise
             self.cache.mark_dirty()  # a same-named pod still exists; retry next round
+
+    async def _announce_gang_restarts(
+        self,
+        view: ClusterView,
+        active: Mapping[str, Body],
+        plan: Plan,
+        deleted: Iterable[tuple[str, str]],
+    ) -> None:
+        """A Warning Event `GangRestart` on each placed gang whose running replicas move: the
+        gang restarts (its framework re-forms it); the replicas that stay keep their pods."""
+        moving: dict[str, list[tuple[int, str]]] = {}
+        for namespace, name in deleted:
+            pod = view.pods.get(f"{namespace}/{name}")
+            if pod is None or _finished(pod) or not (pod.get("spec") or {}).get("nodeName"):
+                continue
+            key = pod_workload_key(pod)
+            labels = pod["metadata"].get("labels") or {}
+            if key in active and is_gang(active[key]) and desired.LABEL_REPLICA in labels:
+                replica = int(labels[desired.LABEL_REPLICA])
+                moving.setdefault(key, []).append((replica, pod["spec"]["nodeName"]))
+        placed = {(p.workload, p.replica): p.node for p in plan.placements}
+        for key, replicas in sorted(moving.items()):
+            moves = [(r, n, placed[(key, r)]) for r, n in sorted(replicas) if (key, r) in placed]
+            if not moves:
+                continue  # preempted as a whole: the Preempted Event says so
+            await self._event(
+                active[key],
+                "Warning",
+                "GangRestart",
+                "the gang restarts: "
+                + ", ".join(f"replica {r} moves from {old} to {new}" for r, old, new in moves)
+                + "; the other replicas stay where they run",
+            )
 
     async def _write_limits(
         self, view: ClusterView, limits: Mapping[str, tuple[float, ...]]
@@ -1107,8 +1190,11 @@ class PlanningLoop:
                     writes.append(self._mark_failed(body, budgets_path, "Ready", cause, now))
             for body in view.workloads.values():
                 phase = (body.get("status") or {}).get("phase")
-                if not is_deleting(body) and phase in (None, statuses.PENDING, statuses.PREEMPTED):
-                    writes.append(self._mark_failed(body, workloads_path, "Schedulable", cause, now))
+                waiting = phase in (None, statuses.PENDING, statuses.PREEMPTED)
+                if waiting and not is_deleting(body):
+                    writes.append(
+                        self._mark_failed(body, workloads_path, "Schedulable", cause, now)
+                    )
             await self._gather(writes)
         except Exception:  # reporting must never stop the loop
             logger.exception("could not report the failed round")
@@ -1124,7 +1210,7 @@ class PlanningLoop:
         meta = body["metadata"]
         previous = body.get("status") or {}
         before = statuses.find_condition(previous.get("conditions") or [], type_)
-        if before is not None and before.get("reason") == PLAN_FAILED and before["message"] == cause:
+        if before and before.get("reason") == PLAN_FAILED and before.get("message") == cause:
             return  # already says so: no write, no Event
         marked = statuses.condition(
             previous.get("conditions") or [],
@@ -1135,9 +1221,9 @@ class PlanningLoop:
             now=now,
             observed_generation=int(meta.get("generation") or 1),
         )
-        conditions = [
-            c for c in previous.get("conditions") or [] if c.get("type") != type_
-        ] + [marked]
+        conditions = [c for c in previous.get("conditions") or [] if c.get("type") != type_] + [
+            marked
+        ]
         status: dict[str, Any] = {"conditions": conditions}
         if "namespace" in meta:  # a workload: it waits, and says why
             status |= {"phase": previous.get("phase") or statuses.PENDING, "message": cause}
@@ -1202,7 +1288,8 @@ def _excluded_in_scope(
     found: dict[str, str] = {}
     for name, reason in excluded.items():
         labels = ((view.nodes.get(name) or {}).get("metadata") or {}).get("labels") or {}
-        if isinstance(labels, Mapping) and spec.selects({str(k): str(v) for k, v in labels.items()}):
+        text = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {}
+        if spec.selects(text):
             found[name] = reason
     return found
 

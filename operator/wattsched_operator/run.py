@@ -76,8 +76,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--heartbeat-timeout-seconds",
         type=float,
-        default=120.0,
-        help="an agent silent for longer counts as not ready (its node at maximum power)",
+        default=30.0,
+        help="an agent silent for longer is lost: its node counts at maximum power and takes no "
+        "work, and a re-plan moves the replicas there (agents report every 10 s by default)",
     )
     parser.add_argument(
         "--confirm-timeout-seconds",
@@ -117,6 +118,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(list(argv))
+    if not 0 < args.heartbeat_timeout_seconds < float("inf"):
+        parser.error(
+            f"--heartbeat-timeout-seconds={args.heartbeat_timeout_seconds:g}: must be a positive "
+            "number of seconds (default 30; agents report every 10 s)"
+        )
     if args.tokens_query != DEFAULT_TOKEN_QUERY and not args.prometheus_url:
         parser.error("--tokens-query needs --prometheus-url (the query runs on that Prometheus)")
     try:
@@ -249,6 +255,7 @@ def main(argv: list[str]) -> int:
         backoff_seconds=args.backoff_seconds,
         namespaces=tuple(args.namespace),
         accounting_seconds=args.accounting_seconds,
+        heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
     )
     build_input = build_input_function(args.heartbeat_timeout_seconds)
     config = telemetry_config(args)

@@ -18,8 +18,10 @@ Rules:
   which and why.
 - Agent readiness: a node's agent counts as ready when its NodePowerProfile says `agent.ready`, has
   applied the current spec generation, has a fresh heartbeat (when `heartbeat_timeout_seconds` is
-  given) and the node is not in `unconfirmed_nodes`. When the objects hold no NodePowerProfile at
-  all and `agents_required` is False (offline planning from a snapshot), all agents count as ready.
+  given) and the node is not in `unconfirmed_nodes`. An agent whose last heartbeat is older than
+  the timeout is lost: its node also takes no work (the replicas there move; the rest stay).
+  When the objects hold no NodePowerProfile at all and `agents_required` is False (offline
+  planning from a snapshot), all agents count as ready.
 - Budgets: the GPU nodes whose labels match the selector (no or empty selector: every GPU node).
 - Current placements: pods labelled `wattsched.io/workload` (workload name, pod's namespace) and
   `wattsched.io/replica`, bound to a node (or annotated with one) and not finished.
@@ -427,6 +429,18 @@ def excluded_node(
     )
 
 
+def agent_lost(
+    profile: NodePowerProfile | None, *, now: datetime, heartbeat_timeout_seconds: float | None
+) -> bool:
+    """Whether a node's agent reported before and has been silent for longer than the timeout
+    (a node that never had an agent is not lost: it waits for its first report)."""
+    agent = profile.status.agent if profile is not None else None
+    heartbeat = agent.heartbeat if agent is not None else None
+    if heartbeat is None or heartbeat_timeout_seconds is None:
+        return False
+    return (now - heartbeat).total_seconds() > heartbeat_timeout_seconds
+
+
 def _gpu_node(
     body: Body,
     *,
@@ -462,15 +476,17 @@ def _gpu_node(
     except UnknownProductError as error:
         return excluded_node(name, f"Node {name}: {field_name}: {error}", count, profile)
     ready = True
+    lost = False
     if require_agents:
         ready = name not in unconfirmed_nodes and agent_ready(
             profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds
         )
+        lost = agent_lost(profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     return GpuNode(
         name=name,
         product=product,
         gpu_count=count,
-        schedulable=is_schedulable(body),
+        schedulable=is_schedulable(body) and not lost,
         agent_ready=ready,
     )
 

@@ -85,6 +85,17 @@ class PodView:
     node: str | None
     phase: str  # Pending/Running/Succeeded/Failed/Unknown
     ready: bool
+    deleting: bool = False
+
+    def serves(self, placement: Placement) -> bool:
+        """Whether this pod runs, ready, where the plan places its replica (and stays)."""
+        return (
+            self.replica == placement.replica
+            and self.node == placement.node
+            and self.phase == "Running"
+            and self.ready
+            and not self.deleting
+        )
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> PodView:
@@ -99,6 +110,7 @@ class PodView:
             node=(pod.get("spec") or {}).get("nodeName"),
             phase=str(status.get("phase") or "Pending"),
             ready=ready,
+            deleting=bool(meta.get("deletionTimestamp")),
         )
 
 
@@ -118,9 +130,10 @@ def next_phase(
     """The workload's phase after this plan.
 
     Terminal phases stay. A gang whose every replica's pod succeeded is Succeeded. Failed pods
-    beyond the retry limit make it Failed. Planned replicas whose pods all run and are ready make
-    it Running, otherwise Placed. With no planned replica, work that had a place is Preempted and
-    anything else is Pending.
+    beyond the retry limit make it Failed. Planned replicas whose pods all run, ready, on the
+    planned node and not being deleted make it Running, otherwise Placed (a replica that moves
+    is not running until its new pod is). With no planned replica, work that had a place is
+    Preempted and anything else is Pending.
     """
     if previous_phase in TERMINAL_PHASES:
         return previous_phase
@@ -131,11 +144,7 @@ def next_phase(
         return SUCCEEDED
     if not placements:
         return PREEMPTED if previous_phase in {PLACED, RUNNING, PREEMPTED} else PENDING
-    by_replica = {p.replica: p for p in pods}
-    running = all(
-        (pod := by_replica.get(pl.replica)) is not None and pod.phase == "Running" and pod.ready
-        for pl in placements
-    )
+    running = all(any(pod.serves(pl) for pod in pods) for pl in placements)
     return RUNNING if running else PLACED
 
 
@@ -172,7 +181,11 @@ def workload_status(
         failed_permanently=failure_message is not None,
     )
     conditions_before: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
-    ready_count = sum(1 for p in pods if p.phase == "Running" and p.ready)
+    # Ready replicas: pods serving a placement (or, with none planned, running and ready).
+    if placements and phase not in TERMINAL_PHASES:
+        ready_count = sum(1 for pl in placements if any(p.serves(pl) for p in pods))
+    else:
+        ready_count = sum(1 for p in pods if p.phase == "Running" and p.ready and not p.deleting)
     placed_count = len(placements)
     desired = gang_size if is_gang else max(placed_count, 1)
     expected_watts = sum(p.expected_watts_per_gpu * p.gpus for p in placements)

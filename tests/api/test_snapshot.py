@@ -280,6 +280,22 @@ def test_agent_readiness_comes_from_the_node_power_profile() -> None:
     }
 
 
+def test_a_node_whose_agent_went_silent_takes_no_work_and_one_never_reported_still_does() -> None:
+    nodes = build(
+        node("lost"),
+        node("fresh"),
+        node("new"),
+        profile("lost", heartbeat="2026-11-25T01:59:29Z"),  # 31 s before NOW
+        profile("fresh", heartbeat="2026-11-25T01:59:31Z"),
+        heartbeat_timeout_seconds=30,
+    ).plan_input.nodes
+    assert {n.name: (n.schedulable, n.agent_ready) for n in nodes} == {
+        "lost": (False, False),
+        "fresh": (True, True),
+        "new": (True, False),
+    }
+
+
 def test_workload_reaches_the_optimizer_with_every_default_applied() -> None:
     (converted,) = build(
         node("n"),

@@ -38,6 +38,21 @@ def phase(previous: str | None, placements: list[Placement], pods: list[PodView]
     )
 
 
+def test_a_gang_with_replicas_moving_off_a_lost_node_is_not_running() -> None:
+    """Issue 12 item 7: a workload said Running with 2 of its 4 pods."""
+    gang = [placement(0, "new"), placement(1, "new"), placement(2), placement(3)]
+    old = [PodView(r, "lost", "Running", True) for r in (0, 1)]  # the kubelet has not noticed
+    healthy = [pod(2), pod(3)]
+    assert phase("Running", gang, [*old, *healthy], is_gang=True, gang_size=4) == "Placed"
+    leaving = [PodView(r, "new", "Running", True, deleting=True) for r in (0, 1)]
+    assert phase("Running", gang, [*leaving, *healthy], is_gang=True, gang_size=4) == "Placed"
+    result = status(placements=gang, pods=[*old, *healthy], is_gang=True, gang_size=4)
+    assert result["replicas"] == {"desired": 4, "placed": 4, "ready": 2}
+    assert conditions(result)["Ready"]["message"] == "2/4 replica(s) ready"
+    moved = [PodView(r, "new", "Running", True) for r in (0, 1)]
+    assert phase("Placed", gang, [*moved, *healthy], is_gang=True, gang_size=4) == "Running"
+
+
 def test_unplaced_new_work_is_pending_and_placed_work_that_loses_its_place_is_preempted() -> None:
     assert phase(None, [], []) == "Pending"
     assert phase("Running", [], []) == "Preempted"
