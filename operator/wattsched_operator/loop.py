@@ -441,13 +441,12 @@ class PlanningLoop:
         settled_by = telemetry.time - 2 * window
         pods: dict[tuple[str, int], PodKey] = {}
         for pod in view.pods.values():
-            labels = pod["metadata"].get("labels") or {}
-            if not _running(pod) or desired.LABEL_REPLICA not in labels:
+            if not _running(pod) or statuses.replica_index(pod) < 0:
                 continue
             started = _pod_started(pod)
             if started is None or started > settled_by:
                 continue
-            replica = (pod_workload_key(pod), int(labels[desired.LABEL_REPLICA]))
+            replica = (pod_workload_key(pod), statuses.replica_index(pod))
             if nodes.get(replica) == pod["spec"]["nodeName"]:  # where the placement says
                 pods[replica] = _pod_id(pod)
         samples = calibration_samples(
@@ -672,7 +671,10 @@ class PlanningLoop:
                 _pod_id(p) for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"
             )
             annotations = body["metadata"].get("annotations") or {}
-            failures = int(annotations.get(ANNOTATION_FAILURES, "0"))
+            # The annotations are the operator's, but anyone who may edit the workload can
+            # change them: a value that is not ours counts as none.
+            failures_text = str(annotations.get(ANNOTATION_FAILURES, "0"))
+            failures = int(failures_text) if failures_text.isdigit() else 0
             retry_after = annotations.get(ANNOTATION_RETRY_AFTER)
             for pod in pods:
                 if (pod.get("status") or {}).get("phase") != "Failed":
@@ -691,7 +693,7 @@ class PlanningLoop:
                         f"{self.settings.backoff_limit}); last: {_pod_failure(pod)}"
                     )
                     break
-                due = datetime.fromisoformat(str(retry_after).replace("Z", "+00:00"))
+                due = accounting.parse_rfc3339(retry_after) or now
                 if now >= due:
                     life.delete_pods.add(_pod_id(pod))
                 else:
@@ -904,9 +906,8 @@ class PlanningLoop:
             if pod is None or _finished(pod) or not (pod.get("spec") or {}).get("nodeName"):
                 continue
             key = pod_workload_key(pod)
-            labels = pod["metadata"].get("labels") or {}
-            if key in active and is_gang(active[key]) and desired.LABEL_REPLICA in labels:
-                replica = int(labels[desired.LABEL_REPLICA])
+            replica = statuses.replica_index(pod)
+            if key in active and is_gang(active[key]) and replica >= 0:
                 moving.setdefault(key, []).append((replica, pod["spec"]["nodeName"]))
         placed = {(p.workload, p.replica): p.node for p in plan.placements}
         for key, replicas in sorted(moving.items()):

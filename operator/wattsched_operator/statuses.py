@@ -77,6 +77,13 @@ def condition(
     return result
 
 
+def replica_index(pod: Mapping[str, Any]) -> int:
+    """A pod's `wattsched.io/replica` label as a number; -1 when absent or not a whole number
+    (a pod someone else labelled: it stands for no replica)."""
+    text = ((pod.get("metadata") or {}).get("labels") or {}).get("wattsched.io/replica")
+    return int(text) if isinstance(text, str) and text.isdigit() and text.isascii() else -1
+
+
 @dataclass(frozen=True)
 class PodView:
     """The parts of one of the operator's pods that status needs."""
@@ -106,7 +113,7 @@ class PodView:
             for c in status.get("conditions") or []
         )
         return cls(
-            replica=int((meta.get("labels") or {}).get("wattsched.io/replica", "-1")),
+            replica=replica_index(pod),
             node=(pod.get("spec") or {}).get("nodeName"),
             phase=str(status.get("phase") or "Pending"),
             ready=ready,
