@@ -64,6 +64,8 @@ ANNOTATION_RETRY_AFTER = "wattsched.io/retry-after"
 ANNOTATION_FAILURE_COUNTED = "wattsched.io/failure-counted"
 # Reason of the conditions and Events of a round that could not plan at all.
 PLAN_FAILED = "PlanFailed"
+BUDGET_KIND = "EnergyBudget"
+WORKLOAD_KIND = "LLMWorkload"
 MAX_BACKOFF_SECONDS = 300.0
 HTTP_FORBIDDEN = 403
 HTTP_INVALID = 422
@@ -210,6 +212,9 @@ class PlanningLoop:
         self._calibrated_at = 0.0
         # Nodes whose agent the last round counted as ready: their heartbeats are watched.
         self._ready_agents: frozenset[str] = frozenset()
+        # Objects marked with the cause of failed rounds ("Kind namespace/name" -> cause), until a
+        # round succeeds: one write and one Event per object and cause.
+        self._failure_reported: dict[str, str] = {}
         # What was last reported as left out of planning ("Kind key" -> why): one log line and
         # one Event per cause, not one per round.
         self._reported: dict[str, str] = {}
@@ -237,6 +242,7 @@ class PlanningLoop:
                     last_resync = time.monotonic()
                 self._was_leader = True
                 await self.plan_once()
+                self._failure_reported.clear()
             except Exception as error:
                 logger.exception("planning round failed; retrying after the debounce")
                 self.metrics.reconcile_errors.labels(step="plan").inc()
@@ -811,6 +817,7 @@ class PlanningLoop:
             key = pod_workload_key(pod)
             if key in active and key not in placed_keys and not _finished(pod):
                 preempted[key] = preempted.get(key, 0) + 1
+        await self._mark_moving(view, active, placed_keys, to_delete)
         await self._gather(self._delete_pod(ns, name, view) for ns, name in to_delete)
         await self._announce_gang_restarts(view, active, plan, changes.delete)
         for key, count in preempted.items():
@@ -891,6 +898,42 @@ class PlanningLoop:
                 raise
             self.cache.mark_dirty()  # a same-named pod still exists; retry next round
 
+    async def _mark_moving(
+        self,
+        view: ClusterView,
+        active: Mapping[str, Body],
+        placed_keys: set[str],
+        to_delete: Iterable[tuple[str, str]],
+    ) -> None:
+        """Before the pods of a Running workload that stays placed are deleted (they move), its
+        status says Placed: it is never Running with a replica's pod gone (the round's status
+        write then says where they go)."""
+        now = datetime.now(UTC)
+        moving: dict[str, list[str]] = {}
+        for namespace, name in to_delete:
+            pod = view.pods.get(f"{namespace}/{name}")
+            key = pod_workload_key(pod) if pod is not None else ""
+            if key in placed_keys and key in active:
+                moving.setdefault(key, []).append(name)
+        writes: list[Awaitable[Any]] = []
+        for key, names in sorted(moving.items()):
+            body = active[key]
+            previous = body.get("status") or {}
+            if previous.get("phase") != statuses.RUNNING:
+                continue
+            message = f"pod(s) {', '.join(sorted(names))} move: waiting for their replacements"
+            ready = statuses.condition(
+                previous.get("conditions") or [], "Ready", False, "Moving", message, now=now
+            )
+            conditions = [
+                c for c in previous.get("conditions") or [] if c.get("type") != "Ready"
+            ] + [ready]
+            meta = body["metadata"]
+            path = workloads_path(meta["namespace"], meta["name"]) + "/status"
+            status = {"phase": statuses.PLACED, "message": message, "conditions": conditions}
+            writes.append(self._call(self.kube.write, path, {"status": status}))
+        await self._gather(writes)
+
     async def _announce_gang_restarts(
         self,
         view: ClusterView,
@@ -966,8 +1009,13 @@ class PlanningLoop:
         return generations
 
     async def _wait_confirmed(self, generations: Mapping[str, int]) -> set[str]:
-        """Wait until each agent reports its profile applied; returns the nodes that did not."""
-        waiting = {node for node, generation in generations.items()}
+        """Wait until each agent reports its profile applied; returns the nodes that did not.
+
+        Nodes whose agent is lost (silent for longer than the heartbeat timeout) are not waited
+        for: they count at maximum power anyway, and no confirmation will come.
+        """
+        lost = self._silent_agents(generations)
+        waiting = {node for node in generations if node not in lost}
         deadline = time.monotonic() + self.settings.confirm_timeout_seconds
         while waiting:
             for node in list(waiting):
@@ -979,6 +1027,22 @@ class PlanningLoop:
                 break
             await asyncio.sleep(0.1)
         return waiting
+
+    def _silent_agents(self, nodes: Iterable[str]) -> set[str]:
+        """Of `nodes`, those whose agent reported before and has been silent for longer than the
+        heartbeat timeout."""
+        now = datetime.now(UTC)
+        silent = set()
+        for node in nodes:
+            profile = self.cache.get(PROFILES, node) or {}
+            agent = (profile.get("status") or {}).get("agent") or {}
+            beat = accounting.parse_rfc3339(agent.get("heartbeatTime"))
+            if (
+                beat is not None
+                and (now - beat).total_seconds() > self.settings.heartbeat_timeout_seconds
+            ):
+                silent.add(node)
+        return silent
 
     # -- statuses ----------------------------------------------------------------------------------
 
@@ -1127,7 +1191,7 @@ class PlanningLoop:
                 excluded_nodes=_excluded_in_scope(body, view, built.excluded_nodes),
                 invalid=built.invalid_budgets.get(name),
             )
-            writes.append(self._budget_events(body, previous, new))
+            writes.append(self._budget_events(_as(BUDGET_KIND, body), previous, new))
             if accounts is not None:
                 new.update(accounts.budget_figures.get(name, {}))
             figures[name] = BudgetFigures(
@@ -1170,9 +1234,7 @@ class PlanningLoop:
             if self._reported.get(key) != reason:
                 logger.warning("node %s takes no work: %s", name, reason)
                 node = view.nodes.get(name) or {"metadata": {"name": name}}
-                await self._event(
-                    {"apiVersion": "v1", "kind": "Node", **node}, "Warning", "NodeExcluded", reason
-                )
+                await self._event(_as("Node", node), "Warning", "NodeExcluded", reason)
         self._reported = {
             **built.ignored,
             **{f"Node {name}": reason for name, reason in built.excluded_nodes.items()},
@@ -1188,31 +1250,24 @@ class PlanningLoop:
             writes: list[Awaitable[Any]] = []
             for body in view.budgets.values():
                 if not is_deleting(body):
-                    writes.append(self._mark_failed(body, budgets_path, "Ready", cause, now))
+                    writes.append(self._mark_failed(_as(BUDGET_KIND, body), "Ready", cause, now))
             for body in view.workloads.values():
                 phase = (body.get("status") or {}).get("phase")
                 waiting = phase in (None, statuses.PENDING, statuses.PREEMPTED)
                 if waiting and not is_deleting(body):
                     writes.append(
-                        self._mark_failed(body, workloads_path, "Schedulable", cause, now)
+                        self._mark_failed(_as(WORKLOAD_KIND, body), "Schedulable", cause, now)
                     )
             await self._gather(writes)
         except Exception:  # reporting must never stop the loop
             logger.exception("could not report the failed round")
 
-    async def _mark_failed(
-        self,
-        body: Body,
-        path_of: Callable[..., str],
-        type_: str,
-        cause: str,
-        now: datetime,
-    ) -> None:
+    async def _mark_failed(self, body: Body, type_: str, cause: str, now: datetime) -> None:
         meta = body["metadata"]
+        key = f"{body['kind']} {meta.get('namespace', '')}/{meta['name']}"
+        if self._failure_reported.get(key) == cause:
+            return  # already says so (the watch may not have shown it yet): no write, no Event
         previous = body.get("status") or {}
-        before = statuses.find_condition(previous.get("conditions") or [], type_)
-        if before and before.get("reason") == PLAN_FAILED and before.get("message") == cause:
-            return  # already says so: no write, no Event
         marked = statuses.condition(
             previous.get("conditions") or [],
             type_,
@@ -1226,12 +1281,13 @@ class PlanningLoop:
             marked
         ]
         status: dict[str, Any] = {"conditions": conditions}
-        if "namespace" in meta:  # a workload: it waits, and says why
+        if body["kind"] == WORKLOAD_KIND:  # it waits, and says why
             status |= {"phase": previous.get("phase") or statuses.PENDING, "message": cause}
-            path = path_of(meta["namespace"], meta["name"])
+            path = workloads_path(meta["namespace"], meta["name"])
         else:
-            path = path_of(meta["name"])
+            path = budgets_path(meta["name"])
         await self._call(self.kube.write, path + "/status", {"status": status})
+        self._failure_reported[key] = cause
         await self._event(body, "Warning", PLAN_FAILED, cause)
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
@@ -1266,6 +1322,12 @@ class PlanningLoop:
             )
         except KubeError as error:
             logger.warning("could not post Event %s on %s: %s", reason, meta["name"], error)
+
+
+def _as(kind: str, body: Body) -> Body:
+    """A cached body with its kind (items of a list response carry none): Events name it."""
+    api_version = "v1" if kind == "Node" else f"{desired.GROUP}/{desired.VERSION}"
+    return {**body, "apiVersion": api_version, "kind": kind}
 
 
 def _number(value: Any) -> float:
