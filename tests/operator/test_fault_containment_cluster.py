@@ -312,14 +312,27 @@ def test_a_lost_agent_is_noticed_in_seconds_and_only_its_replicas_move(
     nodes.stop_agent(lost)
     running_with_pods_missing: list[str] = []
 
+    def serving(pods: list[dict[str, Any]], placements: list[dict[str, Any]]) -> bool:
+        by_name = {p["metadata"]["name"]: p for p in pods}
+        return all(
+            (pod := by_name.get(f"gang-{pl['replica']}")) is not None
+            and pod["spec"].get("nodeName") == pl["node"]
+            and pod["status"].get("phase") == "Running"
+            and not pod["metadata"].get("deletionTimestamp")
+            for pl in placements
+        )
+
     def moved() -> bool:
-        body = get_json(sandbox, "llmworkload", "gang", "-n", namespace)
-        status = body.get("status") or {}
+        # Pods, then the status, then pods again: a status that says Running while neither
+        # reading of the pods has every placement served is Running with pods missing.
+        pods_before = pods_of(sandbox, namespace, "gang")
+        status = get_json(sandbox, "llmworkload", "gang", "-n", namespace).get("status") or {}
         pods = pods_of(sandbox, namespace, "gang")
-        if status.get("phase") == "Running" and not running_on_planned_nodes(
-            sandbox, namespace, "gang"
+        placements = status.get("placements") or []
+        if status.get("phase") == "Running" and not (
+            serving(pods_before, placements) or serving(pods, placements)
         ):
-            running_with_pods_missing.append(str(status.get("placements")))
+            running_with_pods_missing.append(str(placements))
         on_spare = [p for p in pods if p["spec"].get("nodeName") == spare]
         return len(on_spare) == 2 and all(p["metadata"]["name"] in on_lost for p in on_spare)
 
