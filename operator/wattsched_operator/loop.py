@@ -212,6 +212,8 @@ class PlanningLoop:
         self._calibrated_at = 0.0
         # Nodes whose agent the last round counted as ready: their heartbeats are watched.
         self._ready_agents: frozenset[str] = frozenset()
+        # Budget conditions an Event was posted for ("EnergyBudget name type" -> (reason, message)).
+        self._budget_reported: dict[str, tuple[str, str]] = {}
         # Objects marked with the cause of failed rounds ("Kind namespace/name" -> cause), until a
         # round succeeds: one write and one Event per object and cause.
         self._failure_reported: dict[str, str] = {}
@@ -1208,19 +1210,26 @@ class PlanningLoop:
     async def _budget_events(
         self, body: Body, previous: Mapping[str, Any], new: Mapping[str, Any]
     ) -> None:
-        """A Warning Event when a budget's `Ready` or `NodesPlanned` condition turns to a new
-        reason, or `NodesPlanned` names other nodes."""
+        """A Warning Event when a budget's `Ready` or `NodesPlanned` condition turns False with a
+        new reason, or `NodesPlanned` names other nodes. What was posted is remembered (the cache
+        may not show this round's status write yet); after a restart the status stands in."""
+        name = body["metadata"]["name"]
         for type_ in ("Ready", statuses.NODES_PLANNED):
             after = statuses.find_condition(new.get("conditions") or [], type_)
-            before = statuses.find_condition(previous.get("conditions") or [], type_)
+            key = f"EnergyBudget {name} {type_}"
             if after is None or after["status"] != "False":
+                self._budget_reported.pop(key, None)
                 continue
-            if (
-                before is None
-                or before.get("status") != "False"
-                or before.get("reason") != after["reason"]
-                or (type_ == statuses.NODES_PLANNED and before.get("message") != after["message"])
-            ):
+            seen = (after["reason"], after["message"] if type_ == statuses.NODES_PLANNED else "")
+            if key not in self._budget_reported:
+                before = statuses.find_condition(previous.get("conditions") or [], type_) or {}
+                if before.get("status") == "False":
+                    self._budget_reported[key] = (
+                        str(before.get("reason")),
+                        str(before.get("message")) if type_ == statuses.NODES_PLANNED else "",
+                    )
+            if self._budget_reported.get(key) != seen:
+                self._budget_reported[key] = seen
                 await self._event(body, "Warning", after["reason"], after["message"])
 
     async def _report_left_out(self, view: ClusterView, built: PlannedInput) -> None:

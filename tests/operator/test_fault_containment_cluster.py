@@ -201,6 +201,18 @@ def test_a_budget_below_its_idle_minimum_holds_only_its_own_nodes(
         ],
     )
     assert "spec.powerCapWatts=1" in event["message"]
+    # Another round that holds it (the cap changes, the reason does not): no second Event.
+    sandbox.kubectl(
+        "patch", "energybudget", name, "--type=merge", "-p", '{"spec": {"powerCapWatts": 2}}'
+    )
+
+    def held_at_two() -> bool:
+        ready = condition(get_json(sandbox, "energybudget", name), "Ready")
+        return str(ready["message"]).startswith("spec.powerCapWatts=2 ")
+
+    wait_until("the held budget's status after its cap changed", held_at_two)
+    reasons = [e["reason"] for e in events_on(sandbox, "EnergyBudget", name)]
+    assert reasons.count("CapBelowFloor") == 1
     wait_until(
         f"{held_node} held at the H200 minimum",
         lambda: profile_limits(sandbox, held_node) == ([200.0, 200.0], [200.0, 200.0]),
