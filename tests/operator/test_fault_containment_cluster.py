@@ -225,6 +225,49 @@ def test_a_budget_below_its_idle_minimum_holds_only_its_own_nodes(
     )
 
 
+def test_a_budget_tight_while_its_agent_is_down_holds_only_its_node(
+    sandbox: Sandbox, namespace: str, nodes: Nodes, start_operator: StartOperator
+) -> None:
+    """Issue 12 item 3, the other way: 2 x 200 W idle <= 1000 W < 2 x 700 W. Once the agent is
+    lost its node counts at maximum, the budget is held and says so; work elsewhere is placed."""
+    suffix = namespace[-5:]
+    tight_node = nodes.add(f"gpu-h200-{suffix}", H200, 2)
+    nodes.add(f"gpu-a100-{suffix}", A100_40, 2)
+    name = f"tight-{suffix}"
+    apply(sandbox, None, budget(name, 1000, {TEST_LABEL: tight_node}))
+    start_operator()
+    wait_until(
+        f"{tight_node} idle and confirmed",
+        lambda: (
+            sandbox.kubectl("get", "nodepowerprofile", tight_node, check=False).returncode == 0
+            and profile_limits(sandbox, tight_node) == ([200.0, 200.0], [200.0, 200.0])
+        ),
+    )
+    wait_until(
+        f"{name} met while the agent confirms",
+        lambda: (
+            condition(get_json(sandbox, "energybudget", name), "Ready").get("reason")
+            == "CapEnforced"
+        ),
+    )
+    nodes.stop_agent(tight_node)
+
+    def held() -> dict[str, Any]:
+        ready = condition(get_json(sandbox, "energybudget", name), "Ready")
+        return ready if ready.get("reason") == "CapBelowFloor" else {}
+
+    ready = wait_until(f"{name} held once the agent is lost", held, timeout_seconds=90)
+    assert ready["message"].startswith("spec.powerCapWatts=1000 is below the 1400 W")
+    assert ready["message"].endswith(
+        f"counted at their maximum until their agent confirms: {tight_node}"
+    )
+    apply(sandbox, namespace, workload("elsewhere", products=[A100_40]))
+    wait_until(
+        "a new workload outside the held budget Running",
+        lambda: running_on_planned_nodes(sandbox, namespace, "elsewhere"),
+    )
+
+
 def failing_plan(plan_input: PlanInput, model: PerformanceModel) -> Plan:
     raise RuntimeError("the solver crashed")
 
