@@ -2,7 +2,8 @@
 
 Each subcommand lives with its component and is imported only when invoked, so `wattsched agent`
 never loads kopf or PuLP and `wattsched plan` never loads kopf. A component command is a function
-`main(argv: list[str]) -> int` that parses its own arguments.
+`main(argv: list[str]) -> int` that parses its own arguments. A command whose packages come from an
+extra (the image installs none) says which extra to install, in one line, when they are missing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("wattsched_agent.cli", "run the node agent that applies GPU power limits"),
     "plan": ("wattsched_operator.plan_command", "solve a plan for a snapshot of cluster objects"),
     "explain": ("wattsched_operator.explain", "say why a workload is where it is"),
+    "status": (
+        "wattsched_operator.status_command",
+        "budgets, unplaced workloads, moves, unconfirmed nodes, failed rounds on one screen",
+    ),
+    "install-kubectl-plugin": (
+        "wattsched_operator.kubectl_plugin",
+        "write the `kubectl-wattsched` shim so that `kubectl wattsched ...` works",
+    ),
     "simulate": ("wattsched_simulator.cli", "replay traces and compare scheduling policies"),
+}
+
+# subcommand -> (extra of pyproject.toml, the top-level packages it adds).
+EXTRAS: dict[str, tuple[str, frozenset[str]]] = {
+    "simulate": ("simulator", frozenset({"matplotlib", "tqdm"})),
 }
 
 
@@ -38,7 +52,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"wattsched: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[command][0])
+    try:
+        module = importlib.import_module(SUBCOMMANDS[command][0])
+    except ModuleNotFoundError as error:
+        extra, packages = EXTRAS.get(command, ("", frozenset()))
+        if (error.name or "").partition(".")[0] not in packages:
+            raise
+        print(
+            f"wattsched {command}: needs the {extra!r} extra ({', '.join(sorted(packages))}), "
+            f"which this installation lacks; install it with: pip install 'wattsched[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     command_main: Callable[[list[str]], int] = module.main
     return command_main(rest)
 

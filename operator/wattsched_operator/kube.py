@@ -8,6 +8,7 @@ discovery. The loop runs these calls in worker threads. Not for watching: kopf d
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +18,25 @@ GROUP_PATH = "/apis/wattsched.io/v1alpha1"
 MERGE_PATCH = "application/merge-patch+json"
 # Objects per page of a list: bounds the memory of one response whatever the cluster holds.
 LIST_PAGE_SIZE = 500
+
+# The API server decodes JSON with Go's encoding/json, which refuses objects nested deeper than
+# 10,000 levels (its scanner's maxNestingDepth); under the free-form parts of a CRD schema (an
+# LLMWorkload's spec.template) nothing else bounds the depth. kopf and this client decode with
+# Python's json, whose C decoder counts each level against the interpreter's recursion limit
+# (1,000 by default): one LLMWorkload 990 levels deep stopped the watch, and the operator with it.
+API_SERVER_MAX_JSON_DEPTH = 10_000
+# kopf copies and compares bodies with copy.deepcopy and recursive generators (two frames a level),
+# on top of the frames of the event loop and kopf's reactor. Measured: decoding, encoding, copying
+# and diffing a 10,000-level object at this limit needs under 8 MiB of C stack (Linux's default,
+# for the main thread and every thread) on CPython 3.11.
+RECURSION_LIMIT = 3 * API_SERVER_MAX_JSON_DEPTH + 2_000
+
+
+def decode_any_stored_object() -> None:
+    """Raise the interpreter's recursion limit (never lower it) so that this process decodes,
+    copies and compares any object the API server stores: one tenant's 10,000-level LLMWorkload
+    must not stop the operator or the CLI commands that read the cluster."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
 
 
 class KubeError(Exception):
@@ -69,6 +89,7 @@ class Kube:
                 config_file=kubeconfig, client_configuration=configuration
             )
         configuration.connection_pool_maxsize = pool_size
+        decode_any_stored_object()
         self._api = client.ApiClient(configuration)
 
     def request(

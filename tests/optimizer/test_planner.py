@@ -407,3 +407,20 @@ def test_only_the_replicas_on_a_lost_node_move_and_healthy_gang_members_stay() -
     assert where[("team/svc", 1)] == where[("team/svc", 2)] == "h1"
     assert "lost" not in where.values()
     assert len(where) == 7
+
+
+def test_a_budget_limited_reason_says_what_is_needed_and_how_much_is_missing() -> None:
+    nodes = h100_nodes(2)
+    # After team/b, 100 W of headroom; team/a at 700 W adds 8 x 500 W = 4,000 W over the idle
+    # minimum: it needs 4,000 W, 3,900 W more than the headroom (not "needs 3900 W").
+    cap = 16 * 200 + 8 * 500 + 100
+    jobs = (
+        training("team/a", policy=EnergyPolicy.PERFORMANCE, priority=1),
+        training("team/b", policy=EnergyPolicy.PERFORMANCE, priority=5),
+    )
+    result = plan(
+        PlanInput(nodes, jobs, (Budget("cluster", cap, frozenset(n.name for n in nodes)),))
+    )
+    (left_out,) = result.unplaced
+    assert "has 100 W of headroom" in left_out.reason
+    assert "needs 4000 W, 3900 W more than that" in left_out.reason
