@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from wattsched_operator import accounting, desired, progress, statuses, transition
+from wattsched_operator import accounting, demand, desired, progress, statuses, transition
 from wattsched_operator.api.energybudget import parse_energybudget
 from wattsched_operator.api.errors import ApiValidationError
 from wattsched_operator.cache import (
@@ -243,6 +243,8 @@ class PlanningLoop:
         self.calibrator = Calibrator()
         self._applied_placements: tuple[Placement, ...] = ()
         self._calibrated_at = 0.0
+        # Measured tokens/s of each Inference service: its demand forecast (see `demand`).
+        self.demand = demand.DemandHistory()
         # Nodes whose agent the last round counted as ready: their heartbeats are watched.
         self._ready_agents: frozenset[str] = frozenset()
         # Budget conditions an Event was posted for ("EnergyBudget name type" -> (reason, message)).
@@ -395,9 +397,19 @@ class PlanningLoop:
         started = time.monotonic()
         # Telemetry is read while the optimizer solves; it only feeds status.
         reading = asyncio.create_task(self._read_telemetry(plan_input, view))
+        # Services are sized for their forecast demand (measured tokens/s with headroom), or
+        # their declared spec.slo.tokensPerSecond until there are readings.
+        self.demand.forget(active)
+        sized = dataclasses.replace(
+            plan_input,
+            workloads=demand.with_forecast_demand(
+                plan_input.workloads, self.demand, time.monotonic()
+            ),
+        )
+        demands = {w.key: w.tokens_per_second for w in sized.workloads if w.tokens_per_second}
         try:
             model = CatalogueModel().calibrated(self.calibrator.corrections())
-            plan = await self._call(self.plan_function, plan_input, model)
+            plan = await self._call(self.plan_function, sized, model)
         except BaseException:
             reading.cancel()
             raise
@@ -418,6 +430,7 @@ class PlanningLoop:
             len(active),
         )
         self._calibrate(plan_input, view, telemetry)
+        self._record_demand(plan_input, pods_by_workload, telemetry)
         await self._apply(view, active, plan, life)
         self._applied_placements = plan.placements
         accounts = await self._account(
@@ -438,6 +451,7 @@ class PlanningLoop:
             now=now,
             accounts=accounts,
             telemetry=telemetry,
+            demands=demands,
         )
         await self._write_budget_statuses(
             view, plan, plan_input, now, telemetry, accounts=accounts, built=built
@@ -512,6 +526,25 @@ class PlanningLoop:
             self.calibrator.observe(sample)
         if samples:
             self.metrics.set_corrections(self.calibrator.corrections())
+
+    def _record_demand(
+        self,
+        plan_input: PlanInput,
+        pods_by_workload: Mapping[str, list[Body]],
+        telemetry: TelemetrySnapshot | None,
+    ) -> None:
+        """Add each service's measured tokens/s to its demand history: the sum over its running
+        pods, when a fresh reading measured every one of them."""
+        if telemetry is None or telemetry.stale:
+            return
+        at = time.monotonic()
+        for workload in plan_input.workloads:
+            if workload.type is not WorkloadType.INFERENCE:
+                continue
+            pods = [_pod_id(p) for p in pods_by_workload.get(workload.key, []) if _running(p)]
+            readings = [telemetry.pod_tokens_per_second.get(pod) for pod in pods]
+            if pods and all(value is not None for value in readings):
+                self.demand.record(workload.key, at, sum(v for v in readings if v is not None))
 
     async def _account(
         self,
@@ -1215,9 +1248,11 @@ class PlanningLoop:
         now: datetime,
         accounts: Accounts,
         telemetry: TelemetrySnapshot | None = None,
+        demands: Mapping[str, float] | None = None,
     ) -> None:
         """Each handled workload's status; with `telemetry` (Prometheus configured) also its
-        `TelemetryFresh` condition from this round's reading of its running pods."""
+        `TelemetryFresh` condition from this round's reading of its running pods. `demands` are
+        the tokens/s each service was sized for (SLOMet compares the plan with them)."""
         placements_by_workload: dict[str, list[Any]] = {}
         for placement in plan.placements:
             placements_by_workload.setdefault(placement.workload, []).append(placement)
@@ -1262,7 +1297,9 @@ class PlanningLoop:
                 now=now,
                 measured_watts=measured_watts,
                 energy=energy,
-                objective=statuses.SloObjective.from_spec(body.get("spec") or {}),
+                objective=statuses.SloObjective.from_spec(
+                    body.get("spec") or {}, demand=(demands or {}).get(key)
+                ),
                 telemetry=None
                 if telemetry is None
                 else statuses.workload_telemetry(

@@ -285,13 +285,17 @@ class SloObjective:
         return self.tokens_per_second is not None or self.deadline is not None
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any]) -> SloObjective:
+    def from_spec(cls, spec: Mapping[str, Any], demand: float | None = None) -> SloObjective:
+        """The objective `spec` declares; an Inference service's `demand` (the tokens/s it was
+        sized for: its forecast from measurements) replaces the declared tokensPerSecond."""
         slo = spec.get("slo") or {}
-        demand = (
+        declared = (
             slo.get("tokensPerSecond") if spec.get("type", "Inference") == "Inference" else None
         )
+        if declared is not None and demand is not None:
+            declared = demand
         return cls(
-            tokens_per_second=None if demand is None else float(demand),
+            tokens_per_second=None if declared is None else float(declared),
             deadline=slo.get("deadline") or None,
         )
 

@@ -3,7 +3,8 @@
 `wattsched` is what the operator does, with the same optimizer code (`wattsched_optimizer.planner
 .plan`) and the default catalogue model as its prior. Its inputs come from telemetry only:
 - inference demand target = the highest 15-s demand seen in the last 5 minutes x `headroom`, plus
-  the current backlog spread over one re-plan interval, divided by the service's calibration
+  the current backlog spread over one re-plan interval (the operator's forecast,
+  `wattsched_operator.demand`), divided by the service's calibration
   factor (measured capacity / modelled capacity of its ready replicas, from served tokens/s over
   utilisation, smoothed);
 - job remaining work = spec work - tokens done at the last visible sample - modelled progress
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wattsched_operator import demand as demand_forecast
 from wattsched_operator import progress
 from wattsched_optimizer import model as prior
 from wattsched_optimizer import planner
@@ -219,9 +221,15 @@ class PlannerPolicy:
         samples = view.telemetry.recent(now, self.forecast_window_seconds)
         if not samples:
             return 0.0
-        peak = max(s.demand_tokens_per_second.get(service.key, 0.0) for s in samples)
-        backlog = samples[-1].backlog_tokens.get(service.key, 0.0)
-        target = peak * self.headroom + backlog / scenario.replan_interval_seconds
+        # The operator's forecast: the recent peak with headroom, plus the backlog over an interval.
+        target = demand_forecast.forecast(
+            (s.demand_tokens_per_second.get(service.key, 0.0) for s in samples),
+            headroom=self.headroom,
+            backlog_tokens=samples[-1].backlog_tokens.get(service.key, 0.0),
+            interval_seconds=scenario.replan_interval_seconds,
+        )
+        if target is None:
+            return 0.0
         ready = [r for r in running if r.ready_at_seconds <= now]
         settled = [
             s
