@@ -2,16 +2,37 @@
 
 Each subcommand lives with its component and is imported only when invoked, so `wattsched agent`
 never loads kopf or PuLP and `wattsched plan` never loads kopf. A component command is a function
-`main(argv: list[str]) -> int` that parses its own arguments.
+`main(argv: list[str]) -> int` that parses its own arguments with `build_parser()` (a
+`commandline.CommandParser`, so `--help` shows every flag's default).
+
+Whatever a command fails with reaches the user as one line, `wattsched <command>: <what failed>:
+<what to do>`, and an exit code from `commandline` (0 done, 1 failed, 2 bad usage or input,
+3 cluster unusable, 4 not found): a `CommandError` as raised, a Kubernetes client error (no
+kubeconfig, API server unreachable, credentials refused, object not found) translated here, and
+anything unexpected as one line asking for a report (`WATTSCHED_DEBUG=1` shows the traceback).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
-# subcommand -> (module, one-line help). Modules expose `main(argv: list[str]) -> int`.
+from wattsched_operator.commandline import (
+    EXIT_CLUSTER,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    one_line,
+)
+
+# subcommand -> (module, one-line help). Modules expose `main(argv: list[str]) -> int` and
+# `build_parser() -> argparse.ArgumentParser`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("wattsched_operator.run", "run the kopf operator (wraps `kopf run`)"),
     "agent": ("wattsched_agent.cli", "run the node agent that applies GPU power limits"),
@@ -19,28 +40,130 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("wattsched_operator.explain", "say why a workload is where it is"),
     "simulate": ("wattsched_simulator.cli", "replay traces and compare scheduling policies"),
 }
+DEBUG_ENV = "WATTSCHED_DEBUG"
+
+
+def package_version() -> str:
+    try:
+        return version("wattsched")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def usage() -> str:
-    lines = ["usage: wattsched <command> [options]", "", "commands:"]
+    lines = ["usage: wattsched <command> [options]", "       wattsched --version", ""]
+    lines.append("commands:")
     width = max(len(name) for name in SUBCOMMANDS)
     lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
-    lines += ["", "Run `wattsched <command> --help` for a command's options."]
+    lines += [
+        "",
+        "Run `wattsched <command> --help` for a command's options.",
+        "Exit codes: 0 done, 1 failed, 2 bad usage or input, 3 cluster unusable (kubeconfig, "
+        "API server unreachable, credentials refused), 4 not found (object or CRD).",
+    ]
     return "\n".join(lines)
+
+
+def _kubeconfig_hint() -> str:
+    kubeconfig = os.environ.get("KUBECONFIG")
+    return f"KUBECONFIG={kubeconfig}" if kubeconfig else "KUBECONFIG unset: ~/.kube/config"
+
+
+def _http_error(status: int, what: str, message: str) -> CommandError:
+    if status in (401, 403):
+        return CommandError(
+            f"the API server refused {what} (HTTP {status}: {message}): check the credentials "
+            "in your kubeconfig and that your RBAC role allows it",
+            EXIT_CLUSTER,
+        )
+    if status == 404:
+        return CommandError(
+            f"{what}: not found (HTTP 404: {message}): check the name and namespace, and that "
+            "the wattsched CRDs are installed (kubectl apply -f crds/, or the chart)",
+            EXIT_NOT_FOUND,
+        )
+    return CommandError(f"{what}: HTTP {status}: {message}", EXIT_FAILED)
+
+
+def cluster_error(error: BaseException) -> CommandError | None:
+    """The one-line error for a Kubernetes client failure, or None for anything else.
+
+    The client libraries are imported only here, after a failure, so commands that never talk to
+    a cluster never load them.
+    """
+    import urllib3.exceptions
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config.config_exception import ConfigException
+
+    from wattsched_operator.kube import KubeError
+
+    if isinstance(error, ConfigException):
+        return CommandError(
+            f"no usable kubeconfig ({_kubeconfig_hint()}): {error}: set KUBECONFIG or "
+            "--kubeconfig to your cluster's kubeconfig",
+            EXIT_CLUSTER,
+        )
+    if isinstance(error, urllib3.exceptions.MaxRetryError | urllib3.exceptions.HTTPError):
+        pool = getattr(error, "pool", None)
+        server = f"{pool.scheme}://{pool.host}:{pool.port}" if pool is not None else "?"
+        reason = str(getattr(error, "reason", None) or error)
+        reason = reason[reason.index("[Errno") :] if "[Errno" in reason else reason
+        return CommandError(
+            f"cannot reach the API server {server} ({reason}): check that the cluster is up "
+            f"and that the kubeconfig ({_kubeconfig_hint()}) names the right server",
+            EXIT_CLUSTER,
+        )
+    if isinstance(error, KubeError):
+        return _http_error(error.status, f"{error.method} {error.path}", error.message)
+    if isinstance(error, ApiException):
+        return _http_error(int(error.status or 0), "a Kubernetes API call", str(error.reason))
+    return None
+
+
+def _run(command: str, rest: list[str]) -> int:
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    command_main: Callable[[list[str]], int] = module.main
+    try:
+        return command_main(rest)
+    except CommandError as error:
+        print(f"wattsched {command}: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        known = cluster_error(error)
+        if known is not None:
+            print(f"wattsched {command}: {known}", file=sys.stderr)
+            return known.exit_code
+        print(
+            f"wattsched {command}: unexpected {type(error).__name__}: {one_line(error)} (a bug: "
+            f"rerun with {DEBUG_ENV}=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in {"-h", "--help"}:
         print(usage())
-        return 0 if args else 2
+        return EXIT_OK if args else EXIT_USAGE
+    if args[0] == "--version":
+        print(f"wattsched {package_version()}")
+        return EXIT_OK
     command, rest = args[0], args[1:]
     if command not in SUBCOMMANDS:
-        print(f"wattsched: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(SUBCOMMANDS[command][0])
-    command_main: Callable[[list[str]], int] = module.main
-    return command_main(rest)
+        print(
+            f"wattsched: unknown command {command!r}: use one of {', '.join(SUBCOMMANDS)} "
+            "(see `wattsched --help`)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    # The client's own retry warnings would add lines before ours; the failure is reported once.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    return _run(command, rest)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client, config
+
+from wattsched_operator.commandline import one_line
 
 GROUP_PATH = "/apis/wattsched.io/v1alpha1"
 MERGE_PATCH = "application/merge-patch+json"
 # Objects per page of a list: bounds the memory of one response whatever the cluster holds.
 LIST_PAGE_SIZE = 500
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 class KubeError(Exception):
@@ -24,6 +29,8 @@ class KubeError(Exception):
 
     def __init__(self, method: str, path: str, status: int, body: str) -> None:
         super().__init__(f"{method} {path}: HTTP {status}: {body[:500]}")
+        self.method = method
+        self.path = path
         self.status = status
         self.message = _api_message(body)
 
@@ -57,6 +64,43 @@ def pods_path(namespace: str, name: str = "") -> str:
     return f"{base}/{name}" if name else base
 
 
+def load_kubeconfig(kubeconfig: str | None, configuration: client.Configuration) -> None:
+    """Load `kubeconfig` (None: $KUBECONFIG or ~/.kube/config) into `configuration`.
+
+    Raises ConfigException for a file that is missing, not YAML or not a kubeconfig.
+    """
+    try:
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, client_configuration=configuration
+        )
+    except config.ConfigException:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
+        raise config.ConfigException(  # type: ignore[no-untyped-call]
+            f"{kubeconfig or 'the kubeconfig'}: not a usable kubeconfig: {one_line(error)}"
+        ) from error
+
+
+def default_namespace(kubeconfig: str | None) -> str:
+    """The namespace a command uses when none is given, as kubectl does: the kubeconfig's current
+    context's namespace, else the pod's own namespace when running in a cluster, else `default`.
+    """
+    try:
+        _, active = config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        active = None
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
+        raise config.ConfigException(  # type: ignore[no-untyped-call]
+            f"{kubeconfig or 'the kubeconfig'}: not a usable kubeconfig: {one_line(error)}"
+        ) from error
+    if active is not None:
+        return str((active.get("context") or {}).get("namespace") or "default")
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="utf-8").strip() or "default"
+    except OSError:
+        return "default"
+
+
 class Kube:
     """Authenticated JSON calls: get, list, create, merge-patch, delete."""
 
@@ -65,9 +109,7 @@ class Kube:
         try:
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig, client_configuration=configuration
-            )
+            load_kubeconfig(kubeconfig, configuration)
         configuration.connection_pool_maxsize = pool_size
         self._api = client.ApiClient(configuration)
 

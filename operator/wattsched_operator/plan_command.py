@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from wattsched_operator.commandline import EXIT_USAGE, CommandParser
 from wattsched_operator.snapshot import (
     SnapshotError,
     build_snapshot,
@@ -28,8 +29,6 @@ from wattsched_operator.snapshot import (
 from wattsched_optimizer.planner import PlanInputError
 from wattsched_optimizer.planner import plan as solve_plan
 from wattsched_optimizer.problem import Plan, PlanOptions
-
-EXIT_BAD_INPUT = 2
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:
@@ -124,8 +123,8 @@ def plan_to_table(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
         prog="wattsched plan",
         description="Solve a placement-and-power plan for a snapshot of cluster objects.",
     )
@@ -136,14 +135,35 @@ def _parser() -> argparse.ArgumentParser:
         help="multi-document YAML of Nodes, LLMWorkloads, EnergyBudgets, NodePowerProfiles, Pods "
         "(as `kubectl get -o yaml` prints them); - for stdin",
     )
-    parser.add_argument("-o", "--output", choices=("json", "table"), default="table")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("json", "table"),
+        default="table",
+        help="table for people, json for scripts",
+    )
     parser.add_argument(
         "--now",
         help="the time deadlines are measured from (RFC 3339; default: the current time)",
     )
-    parser.add_argument("--power-levels", type=int, default=PlanOptions.power_levels)
-    parser.add_argument("--time-limit-seconds", type=float, default=PlanOptions.time_limit_seconds)
-    parser.add_argument("--solver", choices=("highs", "cbc"), default=PlanOptions.solver)
+    parser.add_argument(
+        "--power-levels",
+        type=int,
+        default=PlanOptions.power_levels,
+        help="evenly spaced power limits offered per GPU product, at least 1",
+    )
+    parser.add_argument(
+        "--time-limit-seconds",
+        type=float,
+        default=PlanOptions.time_limit_seconds,
+        help="the solver's time limit; past it the best plan found so far is used",
+    )
+    parser.add_argument(
+        "--solver",
+        choices=("highs", "cbc"),
+        default=PlanOptions.solver,
+        help="the MILP solver PuLP calls",
+    )
     return parser
 
 
@@ -183,16 +203,16 @@ def run(args: argparse.Namespace, stdin: TextIO) -> Plan:
 
 
 def main(argv: list[str]) -> int:
-    parser = _parser()
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error argparse already printed
+    except SystemExit as exit_request:  # --help, or a usage error already printed in one line
         return int(exit_request.code or 0)
     try:
         plan = run(args, sys.stdin)
     except (SnapshotError, PlanInputError) as error:
         print(f"wattsched plan: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_USAGE
     if args.output == "json":
         print(json.dumps(plan_to_json(plan), indent=2))
     else:
