@@ -17,7 +17,7 @@ import yaml
 from wattsched_operator.plan_command import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SNAPSHOT = REPO_ROOT / "examples" / "snapshot.yaml"
+SNAPSHOT = REPO_ROOT / "offline" / "snapshot.yaml"
 NOW = "2026-11-25T02:00:00Z"
 
 

@@ -698,7 +698,7 @@ def test_deleting_a_workload_removes_its_pods_and_lowers_its_gpus_to_idle(
 
 
 def gpu_node(name: str, product: str, gpus: int) -> dict[str, Any]:
-    """A KWOK GPU node like those of examples/nodes.yaml, labelled for the test's budgets."""
+    """A KWOK GPU node like those of sandbox/nodes.yaml, labelled for the test's budgets."""
     resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
     return {
         "apiVersion": "v1",
