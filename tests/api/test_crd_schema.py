@@ -197,7 +197,7 @@ def test_no_copy_of_a_crd_drifts_from_crds() -> None:
         if not (CRD_DIR / path.name).is_file()
         or path.read_bytes() != (CRD_DIR / path.name).read_bytes()
     ]
-    assert drifted == [], f"copies differ from crds/ (re-copy or link them): {drifted}"
+    assert drifted == [], f"copies differ from crds/ (run `make chart-crds`): {drifted}"
 
 
 def test_the_helm_chart_ships_every_crd() -> None:
