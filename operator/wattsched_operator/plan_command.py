@@ -66,7 +66,12 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
             for b in sorted(plan.budgets, key=lambda b: b.name)
         ],
         "unplaced": [
-            {"workload": u.workload, "reason": u.reason, "constraint": u.constraint}
+            {
+                "workload": u.workload,
+                "reason": u.reason_name,
+                "message": u.reason,
+                **({"budget": u.budget} if u.budget else {}),
+            }
             for u in sorted(plan.unplaced, key=lambda u: u.workload)
         ],
     }
@@ -118,7 +123,8 @@ def plan_to_table(plan: Plan) -> str:
     if data["unplaced"]:
         lines.append("")
         lines += _table(
-            ["UNPLACED", "REASON"], [[u["workload"], u["reason"]] for u in data["unplaced"]]
+            ["UNPLACED", "REASON", "MESSAGE"],
+            [[u["workload"], u["reason"], u["message"]] for u in data["unplaced"]],
         )
     return "\n".join(lines)
 

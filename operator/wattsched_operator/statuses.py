@@ -184,7 +184,7 @@ def workload_status(
         schedulable = cond("Schedulable", True, phase, message)
         placed = cond("Placed", False, phase, message)
     elif unplaced is not None and not placements:
-        schedulable = cond("Schedulable", False, _reason(unplaced.constraint), unplaced.reason)
+        schedulable = cond("Schedulable", False, unplaced.reason_name, unplaced.reason)
         placed = cond("Placed", False, "Unplaced", unplaced.reason)
     else:
         schedulable = cond("Schedulable", True, "Planned", "the optimizer found a place")
@@ -198,7 +198,7 @@ def workload_status(
         cond(
             "BudgetLimited",
             budget_limited,
-            _reason(unplaced.constraint) if budget_limited and unplaced else "WithinBudget",
+            unplaced.reason_name if budget_limited and unplaced else "WithinBudget",
             unplaced.reason
             if budget_limited and unplaced
             else "no budget holds this workload back",
@@ -287,13 +287,6 @@ def slo_met(
     if unplaced is not None and unplaced.constraint == "deadline_passed":
         return False, "DeadlinePassed", f"deadline {objective.deadline} passed: {why_not}"
     return False, "NotPlaced", f"deadline {objective.deadline} at risk: {why_not}"
-
-
-def _reason(constraint: str) -> str:
-    """A condition reason (CamelCase, no punctuation) from an optimizer constraint name."""
-    head = constraint.split(":", 1)[0]
-    words = [w for w in head.replace("-", "_").split("_") if w]
-    return "".join(w[:1].upper() + w[1:] for w in words) or "Unplaced"
 
 
 def budget_status(

@@ -156,7 +156,7 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
                     + "; ".join(
                         f"EnergyBudget {name}: spec.powerCapWatts="
                         f"{data.budget_cap_watts[name]:g} is below the "
-                        f"{data.budget_base_watts[name]:g} W its GPUs count for at their minimum "
+                        f"{data.budget_base_watts[name]:.0f} W its GPUs count for at their minimum "
                         "limits (maximum where the node agent is not ready)"
                         for name in over
                     )
