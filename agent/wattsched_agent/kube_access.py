@@ -100,7 +100,7 @@ class KubeAccess:
             try:
                 config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             except config.ConfigException as error:
-                raise config.ConfigException(  # type: ignore[no-untyped-call]
+                raise config.ConfigException(
                     f"no --kubeconfig given and not running in a pod ({error})"
                 ) from error
         # One connection per concurrent status patch (see AgentRunner's workers).

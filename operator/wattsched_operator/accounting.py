@@ -2,16 +2,17 @@
 
 A workload's `status.energy` (joules since first placed) and a budget's `energyUsedJoules` and
 `carbonGrams` (this period) are running totals, kept fine enough that each small increment counts;
-the kWh and kg figures beside them are those totals rounded for people (1 Wh, 1 g). Each accounting round advances them from the time
-they were last advanced (`accountedUntil`, kept in the status itself, so a restarted operator goes
-on where the last one stopped and a status read from a lagging cache is still self-consistent) to
-now. The increment is measured (Prometheus energy counters) when every pod or node it covers was
-measured, else modelled (the plan's expected watts times the elapsed seconds); `source` says
-`measured`, `modelled`, or `mixed` once both contributed. Carbon is each increment's kWh times PUE
-times the carbon intensity of that moment, so a changing grid intensity is followed.
+the kWh and kg figures beside them are those totals rounded for people (1 Wh, 1 g). Each accounting
+round advances them from the time they were last advanced (`accountedUntil`, kept in the status
+itself, so a restarted operator goes on where the last one stopped and a status read from a lagging
+cache is still self-consistent) to now. The increment is measured (Prometheus energy counters) when
+every pod or node it covers was measured, else modelled (the plan's expected watts times the elapsed
+seconds); `source` says `measured`, `modelled`, or `mixed` once both contributed. Carbon is each
+increment's kWh times PUE times the carbon intensity of that moment, so a changing grid intensity is
+followed.
 
-Pure functions: the planning loop reads telemetry, calls these, and writes the statuses.
-Not for: reading Prometheus, writing status, or deciding plans.
+Pure functions: the planning loop reads telemetry, calls these, and writes the statuses. Not for:
+reading Prometheus, writing status, or deciding plans.
 """
 
 from __future__ import annotations

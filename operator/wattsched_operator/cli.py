@@ -86,16 +86,13 @@ def _http_error(status: int, what: str, message: str) -> CommandError:
 
 
 def cluster_error(error: BaseException) -> CommandError | None:
-    """The one-line error for a Kubernetes client failure, or None for anything else.
+    """The one-line error for a Kubernetes client failure, or None for anything else."""
+    # Imported here, after a failure: commands that never talk to a cluster never load them.
+    import urllib3.exceptions  # noqa: PLC0415
+    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+    from kubernetes.config.config_exception import ConfigException  # noqa: PLC0415
 
-    The client libraries are imported only here, after a failure, so commands that never talk to
-    a cluster never load them.
-    """
-    import urllib3.exceptions
-    from kubernetes.client.exceptions import ApiException
-    from kubernetes.config.config_exception import ConfigException
-
-    from wattsched_operator.kube import KubeError
+    from wattsched_operator.kube import KubeError  # noqa: PLC0415
 
     if isinstance(error, ConfigException):
         return CommandError(

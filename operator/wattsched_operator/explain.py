@@ -1,4 +1,4 @@
-"""`wattsched explain [-n NAMESPACE] NAME [-o text|json|yaml]`: say why an LLMWorkload is where it is.
+"""`wattsched explain [-n NAMESPACE] NAME [-o text|json|yaml]`: why an LLMWorkload is where it is.
 
 Reads the workload, the NodePowerProfiles of its nodes, the EnergyBudgets and the workload's Events
 from the cluster, and prints its placement (node, variant, per-GPU power limit, what the agent
@@ -17,10 +17,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wattsched_operator.api import parse_energybudget
-from wattsched_operator.api.meta import GPU_PRODUCT_LABEL
 import yaml
 
+from wattsched_operator.api import parse_energybudget
+from wattsched_operator.api.meta import GPU_PRODUCT_LABEL
 from wattsched_operator.commandline import (
     EXIT_NOT_FOUND,
     EXIT_OK,

@@ -76,7 +76,7 @@ def load_kubeconfig(kubeconfig: str | None, configuration: client.Configuration)
     except config.ConfigException:
         raise
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
-        raise config.ConfigException(  # type: ignore[no-untyped-call]
+        raise config.ConfigException(
             f"{kubeconfig or 'the kubeconfig'}: not a usable kubeconfig: {one_line(error)}"
         ) from error
 
@@ -90,7 +90,7 @@ def default_namespace(kubeconfig: str | None) -> str:
     except config.ConfigException:
         active = None
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
-        raise config.ConfigException(  # type: ignore[no-untyped-call]
+        raise config.ConfigException(
             f"{kubeconfig or 'the kubeconfig'}: not a usable kubeconfig: {one_line(error)}"
         ) from error
     if active is not None:

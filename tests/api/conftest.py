@@ -1,10 +1,9 @@
 """Fixtures for the API tests: every example object, and every invalid manifest of the shared table.
 
-`example` runs a test once per wattsched object in examples/ (and its subdirectories) and in offline/
-(the inputs of `wattsched simulate`); `invalid_case`
-once per entry of invalid_manifests.yaml, with the manifest built (base object + JSON merge patch).
-The unit tests and the cluster tests use the same objects, so the typed models and the API server
-are held to one list.
+`example` runs a test once per wattsched object in examples/ (and its subdirectories) and in
+offline/ (the inputs of `wattsched simulate`); `invalid_case` once per entry of
+invalid_manifests.yaml, with the manifest built (base object + JSON merge patch). The unit tests and
+the cluster tests use the same objects, so the typed models and the API server are held to one list.
 """
 
 from __future__ import annotations

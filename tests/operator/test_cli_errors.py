@@ -28,7 +28,11 @@ CLUSTER_COMMANDS = {
     "explain": ["explain", "team-a/chat"],
     "explain -n": ["explain", "-n", "team-a", "chat"],
     "operator": ["operator", "--metrics-port", "0", "--health-port", "0"],
-    "operator --standalone": ["operator", "--standalone", "--metrics-port", "0", "--health-port", "0"],
+    "operator --standalone": [
+        "operator",
+        "--standalone",
+        *("--metrics-port", "0", "--health-port", "0"),
+    ],
     "agent nvml": ["agent", "--node-name", "gpu-0", "--metrics-port", "0"],
     "agent simulated": ["agent", "--backend", "simulated", "--node-name", "gpu-0"],
     "agent all nodes": ["agent", "--backend", "simulated", "--all-nodes", "--metrics-port", "0"],
