@@ -230,12 +230,12 @@ def check_cluster(kube: Kube) -> None:
         raise
 
 
-def ensure_peering(kube: Kube, name: str) -> None:
+def ensure_peering(kube: Kube, name: str, path: str = PEERING_PATH) -> None:
     """Create the ClusterKopfPeering `name` unless it exists; one line naming the CRD to install
-    where kopf's peering CRD is missing."""
+    where kopf's peering CRD is missing. `path`: the collection (kopf's, but for tests)."""
     try:
         kube.create(
-            PEERING_PATH,
+            path,
             {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
         )
     except KubeError as error:
