@@ -163,6 +163,16 @@ class Lifecycle:
     wake_at: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class LastRound:
+    """The plan last applied, what it was solved from, and the workloads it handled."""
+
+    plan: Plan
+    plan_input: PlanInput
+    active: frozenset[str]
+    planned_at: datetime
+
+
 class PlanningLoop:
     def __init__(
         self,
@@ -196,6 +206,10 @@ class PlanningLoop:
         self.calibrator = Calibrator()
         self._applied_placements: tuple[Placement, ...] = ()
         self._calibrated_at = 0.0
+        # The last applied plan, for accounting rounds between plans (see `account_once`).
+        self._last_round: LastRound | None = None
+        self._planned_at = 0.0
+        self._accounted_at = 0.0
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -203,21 +217,39 @@ class PlanningLoop:
     # -- the loop ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Forever: wait for a change or the periodic tick, debounce, plan, apply."""
+        """Forever: wait for a change or the periodic tick, debounce, plan, apply.
+
+        With telemetry and an accounting interval shorter than the re-plan interval, the ticks in
+        between are accounting rounds (`account_once`): measured power, energy and carbon in
+        statuses follow `accounting_seconds` without solving a plan each time.
+        """
         last_resync = 0.0
         while True:
-            timeout = self.settings.replan_seconds
+            plan_at = time.monotonic() if self._last_round is None else self._planned_at
+            plan_at += self.settings.replan_seconds
             if self._wake_at is not None:
-                timeout = max(0.0, min(timeout, self._wake_at - time.monotonic()))
+                plan_at = min(plan_at, self._wake_at)
+            wake_at = plan_at
+            if self._accounting_between_plans():
+                wake_at = min(wake_at, self._accounted_at + self.settings.accounting_seconds)
+            changed = True
             try:
+                timeout = max(0.0, wake_at - time.monotonic())
                 await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
                 await asyncio.sleep(self.settings.debounce_seconds)
             except TimeoutError:
-                pass
+                changed = False
             self.cache.dirty.clear()
             leader = await self.is_leader()
             if not leader:
                 self._was_leader = False
+                continue
+            if not changed and self._was_leader and time.monotonic() < plan_at:
+                try:
+                    await self.account_once()
+                except Exception:
+                    logger.exception("accounting round failed; the next plan accounts")
+                    self.metrics.reconcile_errors.labels(step="account").inc()
                 continue
             try:
                 periodic = time.monotonic() - last_resync >= self.settings.replan_seconds
@@ -225,6 +257,7 @@ class PlanningLoop:
                     await self.resync()
                     last_resync = time.monotonic()
                 self._was_leader = True
+                self._planned_at = self._accounted_at = time.monotonic()
                 await self.plan_once()
             except Exception:
                 logger.exception("planning round failed; retrying after the debounce")
@@ -338,7 +371,65 @@ class PlanningLoop:
             telemetry=telemetry,
         )
         await self._write_budget_statuses(view, plan, plan_input, now, telemetry, accounts=accounts)
+        self._last_round = LastRound(
+            plan=plan, plan_input=plan_input, active=frozenset(active), planned_at=now
+        )
         return plan
+
+    def _accounting_between_plans(self) -> bool:
+        return (
+            self.telemetry is not None
+            and self._last_round is not None
+            and self.settings.accounting_seconds < self.settings.replan_seconds
+        )
+
+    async def account_once(self) -> None:
+        """Between plans, with nothing changed since the last one: read telemetry and bring the
+        energy, carbon and measured figures in statuses up to date against that plan."""
+        last = self._last_round
+        if last is None:
+            return
+        self._accounted_at = time.monotonic()
+        now = datetime.now(UTC)
+        view = self.cache.view()
+        pods_by_workload: dict[str, list[Body]] = {}
+        for pod in view.pods.values():
+            pods_by_workload.setdefault(pod_workload_key(pod), []).append(pod)
+        active = {
+            key: body
+            for key, body in view.workloads.items()
+            if key in last.active
+            and not is_deleting(body)
+            and (body.get("status") or {}).get("phase") not in statuses.TERMINAL_PHASES
+        }
+        telemetry = await self._read_telemetry(last.plan_input, view)
+        accounts = await self._account(
+            view,
+            active=active,
+            plan=last.plan,
+            plan_input=last.plan_input,
+            pods_by_workload=pods_by_workload,
+            telemetry=telemetry,
+        )
+        await self._write_statuses(
+            view,
+            active=active,
+            plan=last.plan,
+            life=Lifecycle(),
+            pods_by_workload=pods_by_workload,
+            now=now,
+            accounts=accounts,
+            telemetry=telemetry,
+        )
+        await self._write_budget_statuses(
+            view,
+            last.plan,
+            last.plan_input,
+            now,
+            telemetry,
+            accounts=accounts,
+            planned_at=last.planned_at,
+        )
 
     async def _read_telemetry(
         self, plan_input: PlanInput, view: ClusterView
@@ -1033,8 +1124,10 @@ class PlanningLoop:
         telemetry: TelemetrySnapshot | None = None,
         *,
         accounts: Accounts | None = None,
+        planned_at: datetime | None = None,
     ) -> None:
-        """Budget statuses, with the period's energy and carbon where accounting was due."""
+        """Budget statuses, with the period's energy and carbon where accounting was due.
+        `planned_at`: when `plan` was made, if not `now`."""
         allocations = {a.name: a for a in plan.budgets}
         scopes = {b.name: b.node_names for b in plan_input.budgets}
         writes: list[Awaitable[Any]] = []
@@ -1054,6 +1147,7 @@ class PlanningLoop:
                 now=now,
                 telemetry=telemetry,
                 scope_nodes=scopes.get(name, ()),
+                planned_at=planned_at,
             )
             if accounts is not None:
                 new.update(accounts.budget_figures.get(name, {}))

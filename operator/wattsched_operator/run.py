@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--accounting-seconds",
         type=float,
         default=60.0,
-        help="how often energy, carbon and measured figures in statuses are brought up to date "
-        "(each time is one status write per running workload)",
+        help="how often energy, carbon and measured figures in statuses are brought up to date, "
+        "between plans too (each time is one status write per running workload)",
     )
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 disables /metrics")
     parser.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz")

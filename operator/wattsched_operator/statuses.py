@@ -300,8 +300,12 @@ def budget_status(
     now: datetime,
     telemetry: TelemetrySnapshot | None = None,
     scope_nodes: Iterable[str] = (),
+    planned_at: datetime | None = None,
 ) -> dict[str, Any]:
     """An EnergyBudget's status after a plan: allocated cap, expected watts, headroom, last plan.
+
+    `planned_at` is when `plan` was made (default `now`: a status written right after planning;
+    an accounting round between plans passes the plan's own time).
 
     `Ready` is True when the planned limits in scope sum to at most the cap (`CapEnforced`).
     With a telemetry reading (the operator has `--prometheus-url`), `measuredWatts` is the measured
@@ -345,7 +349,7 @@ def budget_status(
         "expectedWatts": round(expected, 1),
         "headroomWatts": round(cap_watts - allocated, 1),
         "lastPlan": {
-            "time": rfc3339(now),
+            "time": rfc3339(planned_at or now),
             "seconds": round(plan.solve_seconds, 3),
             "status": str(plan.status),
             "gap": round(plan.gap, 6),
