@@ -218,7 +218,7 @@ def workload_energy(
         "kWh": round(joules / JOULES_PER_KWH, KWH_DECIMALS),
         "source": total_source(before, added, initial_source),
         "accountedUntil": rfc3339(now),
-        "tokensPerJoule": None if efficiency is None else round(efficiency[0], 4),
+        "tokensPerJoule": None if efficiency is None else float(f"{efficiency[0]:.3g}"),
         "tokensPerJouleSource": None if efficiency is None else efficiency[1],
     }
     if carbon is not None:

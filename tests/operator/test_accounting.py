@@ -217,3 +217,9 @@ def test_workload_kwh_is_rounded_to_the_watt_hour() -> None:
     )
     assert energy["joules"] == 2_486_339.9
     assert energy["kWh"] == 0.691
+
+
+def test_tokens_per_joule_in_status_has_three_significant_digits() -> None:
+    efficient = workload_energy({}, None, now=NOW, initial_source="m", efficiency=(22.7525, "m"))
+    thrifty = workload_energy({}, None, now=NOW, initial_source="m", efficiency=(0.87791, "m"))
+    assert (efficient["tokensPerJoule"], thrifty["tokensPerJoule"]) == (22.8, 0.878)
