@@ -10,6 +10,8 @@ Whatever a command fails with reaches the user as one line, `wattsched <command>
 3 cluster unusable, 4 not found): a `CommandError` as raised, a Kubernetes client error (no
 kubeconfig, API server unreachable, credentials refused, object not found) translated here, and
 anything unexpected as one line asking for a report (`WATTSCHED_DEBUG=1` shows the traceback).
+A command whose packages come from an extra (the image installs none) says which extra to
+install, in one line, when they are missing.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 
 from wattsched_operator.commandline import (
-    EXIT_CLUSTER,
     EXIT_FAILED,
-    EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
@@ -38,7 +39,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("wattsched_agent.cli", "run the node agent that applies GPU power limits"),
     "plan": ("wattsched_operator.plan_command", "solve a plan for a snapshot of cluster objects"),
     "explain": ("wattsched_operator.explain", "say why a workload is where it is"),
+    "status": (
+        "wattsched_operator.status_command",
+        "budgets, unplaced workloads, moves, unconfirmed nodes, failed rounds on one screen",
+    ),
+    "install-kubectl-plugin": (
+        "wattsched_operator.kubectl_plugin",
+        "write the `kubectl-wattsched` shim so that `kubectl wattsched ...` works",
+    ),
     "simulate": ("wattsched_simulator.cli", "replay traces and compare scheduling policies"),
+}
+# subcommand -> (extra of pyproject.toml, the top-level packages it adds).
+EXTRAS: dict[str, tuple[str, frozenset[str]]] = {
+    "simulate": ("simulator", frozenset({"matplotlib", "tqdm"})),
 }
 DEBUG_ENV = "WATTSCHED_DEBUG"
 
@@ -64,63 +77,24 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _kubeconfig_hint() -> str:
-    kubeconfig = os.environ.get("KUBECONFIG")
-    return f"KUBECONFIG={kubeconfig}" if kubeconfig else "KUBECONFIG unset: ~/.kube/config"
-
-
-def _http_error(status: int, what: str, message: str) -> CommandError:
-    if status in (401, 403):
-        return CommandError(
-            f"the API server refused {what} (HTTP {status}: {message}): check the credentials "
-            "in your kubeconfig and that your RBAC role allows it",
-            EXIT_CLUSTER,
-        )
-    if status == 404:
-        return CommandError(
-            f"{what}: not found (HTTP 404: {message}): check the name and namespace, and that "
-            "the wattsched CRDs are installed (kubectl apply -f crds/, or the chart)",
-            EXIT_NOT_FOUND,
-        )
-    return CommandError(f"{what}: HTTP {status}: {message}", EXIT_FAILED)
-
-
-def cluster_error(error: BaseException) -> CommandError | None:
-    """The one-line error for a Kubernetes client failure, or None for anything else."""
-    # Imported here, after a failure: commands that never talk to a cluster never load them.
-    import urllib3.exceptions  # noqa: PLC0415
-    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
-    from kubernetes.config.config_exception import ConfigException  # noqa: PLC0415
-
-    from wattsched_operator.kube import KubeError  # noqa: PLC0415
-
-    if isinstance(error, ConfigException):
-        return CommandError(
-            f"no usable kubeconfig ({_kubeconfig_hint()}): {error}: set KUBECONFIG or "
-            "--kubeconfig to your cluster's kubeconfig",
-            EXIT_CLUSTER,
-        )
-    if isinstance(error, urllib3.exceptions.MaxRetryError | urllib3.exceptions.HTTPError):
-        pool = getattr(error, "pool", None)
-        server = f"{pool.scheme}://{pool.host}:{pool.port}" if pool is not None else "?"
-        reason = str(getattr(error, "reason", None) or error)
-        reason = reason[reason.index("[Errno") :] if "[Errno" in reason else reason
-        return CommandError(
-            f"cannot reach the API server {server} ({reason}): check that the cluster is up "
-            f"and that the kubeconfig ({_kubeconfig_hint()}) names the right server",
-            EXIT_CLUSTER,
-        )
-    if isinstance(error, KubeError):
-        return _http_error(error.status, f"{error.method} {error.path}", error.message)
-    if isinstance(error, ApiException):
-        return _http_error(int(error.status or 0), "a Kubernetes API call", str(error.reason))
-    return None
+def command_module(command: str) -> ModuleType:
+    """The module of `command`; a CommandError naming the extra to install where it is missing."""
+    try:
+        return importlib.import_module(SUBCOMMANDS[command][0])
+    except ModuleNotFoundError as error:
+        extra, packages = EXTRAS.get(command, ("", frozenset()))
+        if (error.name or "").partition(".")[0] not in packages:
+            raise
+        raise CommandError(
+            f"needs the {extra!r} extra ({', '.join(sorted(packages))}), which this installation "
+            f"lacks; install it with: pip install 'wattsched[{extra}]'",
+            EXIT_USAGE,
+        ) from None
 
 
 def _run(command: str, rest: list[str]) -> int:
-    module = importlib.import_module(SUBCOMMANDS[command][0])
-    command_main: Callable[[list[str]], int] = module.main
     try:
+        command_main: Callable[[list[str]], int] = command_module(command).main
         return command_main(rest)
     except CommandError as error:
         print(f"wattsched {command}: {error}", file=sys.stderr)
@@ -130,6 +104,9 @@ def _run(command: str, rest: list[str]) -> int:
     except Exception as error:
         if os.environ.get(DEBUG_ENV):
             raise
+        # Imported here, after a failure: commands that never talk to a cluster never load it.
+        from wattsched_operator.kube import cluster_error  # noqa: PLC0415
+
         known = cluster_error(error)
         if known is not None:
             print(f"wattsched {command}: {known}", file=sys.stderr)

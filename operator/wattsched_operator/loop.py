@@ -61,8 +61,8 @@ ANNOTATION_FAILURES = "wattsched.io/failures"
 ANNOTATION_RETRY_AFTER = "wattsched.io/retry-after"
 ANNOTATION_FAILURE_COUNTED = "wattsched.io/failure-counted"
 MAX_BACKOFF_SECONDS = 300.0
-HTTP_FORBIDDEN = 403
-HTTP_INVALID = 422
+HTTP_CONFLICT = 409
+HTTP_TOO_MANY_REQUESTS = 429
 
 T = TypeVar("T")
 
@@ -125,17 +125,40 @@ def is_gang(body: Mapping[str, Any]) -> bool:
     return WorkloadType((body.get("spec") or {}).get("type", "Inference")).is_gang
 
 
+def _note_slo(slo_met: dict[str, bool], key: str, status: Mapping[str, Any]) -> None:
+    """Record whether a workload's SLOMet condition is True (workloads without one: nothing)."""
+    condition = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == statuses.SLO_MET), None
+    )
+    if condition is not None and condition.get("status") in {"True", "False"}:
+        slo_met[key] = condition["status"] == "True"
+
+
 def pod_workload_key(pod: Mapping[str, Any]) -> str:
     meta = pod["metadata"]
     return f"{meta['namespace']}/{(meta.get('labels') or {}).get(desired.LABEL_WORKLOAD, '')}"
 
 
-def refuses_the_template(error: KubeError) -> bool:
-    """Whether the API server refused a pod for what the user's template says (Pod Security
-    admission or validation), as opposed to the operator's own permissions or a transient fault."""
-    if error.status == HTTP_INVALID:
-        return True
-    return error.status == HTTP_FORBIDDEN and "violates PodSecurity" in error.message
+def refuses_the_pod(error: KubeError) -> bool:
+    """Whether the API server refused a pod (any 4xx: a malformed or invalid template, Pod
+    Security, a quota, a webhook, the operator's own permissions), as opposed to a name still
+    taken (409, retried next round), throttling (429) or a server fault (5xx), which are retried.
+    A refusal is reported on the workload (`PodRejected`) and retried with backoff."""
+    return 400 <= error.status < 500 and error.status not in {
+        HTTP_CONFLICT,
+        HTTP_TOO_MANY_REQUESTS,
+    }
+
+
+@dataclass(frozen=True)
+class PodRejection:
+    """The API server refused a workload's replica pod: for which generation, with what message,
+    how many times in a row, and when (time.monotonic()) the next try is due."""
+
+    generation: int
+    message: str
+    refusals: int
+    retry_at: float
 
 
 def is_deleting(body: Mapping[str, Any]) -> bool:
@@ -198,9 +221,9 @@ class PlanningLoop:
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="kube")
         self._was_leader = False
         self._wake_at: float | None = None
-        # Workloads whose replica pod the API server refused (PodSecurity, invalid template), by
-        # key: (the generation refused, the API server's message). Retried when the spec changes.
-        self.pod_rejections: dict[str, tuple[int, str]] = {}
+        # Workloads whose replica pod the API server refused (PodSecurity, invalid template, ...),
+        # by key. Retried when the spec changes, or after a backoff that doubles with each refusal.
+        self.pod_rejections: dict[str, PodRejection] = {}
         # Corrections of the performance model from measurements (bounded, smoothed), and what
         # they are fitted against: the placements in force while telemetry was measuring.
         self.calibrator = Calibrator()
@@ -298,7 +321,11 @@ class PlanningLoop:
         for pod in view.pods.values():
             pods_by_workload.setdefault(pod_workload_key(pod), []).append(pod)
         life = await self._lifecycle(view, pods_by_workload, now)
-        self._wake_at = life.wake_at
+        # Wake for the next retry: a failed replica's backoff, or a refused pod's.
+        wakes = [r.retry_at for r in self.pod_rejections.values() if r.retry_at > time.monotonic()]
+        if life.wake_at is not None:
+            wakes.append(life.wake_at)
+        self._wake_at = min(wakes) if wakes else None
         active = {
             key: body
             for key, body in view.workloads.items()
@@ -601,6 +628,17 @@ class PlanningLoop:
                 None,
             )
             previous = (view.workloads[key].get("status") or {}).get("energy") or {}
+            if added is not None:
+                intensity = carbon[budget] if budget else None
+                pue = terms[budget].pue if budget else 1.0
+                self.metrics.count_workload_energy(
+                    key,
+                    added.joules,
+                    added.joules / accounting.JOULES_PER_KWH * pue * intensity.grams_per_kwh
+                    if intensity
+                    else 0.0,
+                    added.source,
+                )
             workload_energy[key] = accounting.workload_energy(
                 previous,
                 added,
@@ -633,6 +671,16 @@ class PlanningLoop:
                     measured,
                     allocation.expected_watts if allocation else 0.0,
                     (now - start).total_seconds(),
+                )
+                facility_joules = budget_added.joules * terms[name].pue
+                intensity = carbon[name]
+                self.metrics.count_budget_energy(
+                    name,
+                    facility_joules,
+                    facility_joules / accounting.JOULES_PER_KWH * intensity.grams_per_kwh
+                    if intensity
+                    else 0.0,
+                    budget_added.source,
                 )
             budget_figures[name] = accounting.budget_energy(
                 view.budgets[name].get("status") or {},
@@ -734,14 +782,18 @@ class PlanningLoop:
         return life
 
     def _refused_pods(self, active: Mapping[str, Body]) -> dict[str, str]:
-        """Workloads whose pods the API server refused for their current generation."""
+        """Workloads whose pods the API server refused for their current generation, and whose
+        backoff has not yet run out (those due are planned again; they stay in
+        `pod_rejections` until a pod of theirs is accepted, so a new refusal doubles the wait)."""
         refused: dict[str, str] = {}
-        for key, (generation, message) in list(self.pod_rejections.items()):
+        for key, rejection in list(self.pod_rejections.items()):
             body = active.get(key)
-            if body is None or int(body["metadata"].get("generation") or 1) != generation:
+            if body is None or int(body["metadata"].get("generation") or 1) != rejection.generation:
                 del self.pod_rejections[key]  # deleted, or its spec changed: try again
                 continue
-            refused[key] = f"the API server refused its replica pod: {message}"
+            if time.monotonic() >= rejection.retry_at:
+                continue
+            refused[key] = f"the API server refused its replica pod: {rejection.message}"
         return refused
 
     async def _report_rejected(
@@ -769,7 +821,19 @@ class PlanningLoop:
             )
             meta = body["metadata"]
             path = workloads_path(meta["namespace"], meta["name"]) + "/status"
-            status = {"phase": statuses.PENDING, "conditions": [condition], "message": message}
+            # Pending with nothing placed: a placement written before (the spec changed, the pod
+            # was refused) goes, so phase, conditions and placements agree. (Merge patch: None
+            # removes a field.)
+            status = {
+                "phase": statuses.PENDING,
+                "conditions": [condition],
+                "message": message,
+                "placements": None,
+                "nodes": None,
+                "variant": None,
+                "replicas": None,
+                "power": None,
+            }
             await self._gather([self._call(self.kube.write, path, {"status": status})])
             await self._event(body, "Warning", reason, message)
 
@@ -842,7 +906,17 @@ class PlanningLoop:
             key = pod_workload_key(pod)
             if key in active and key not in placed_keys and not _finished(pod):
                 preempted[key] = preempted.get(key, 0) + 1
+        pods_by_name = {
+            (p["metadata"]["namespace"], p["metadata"]["name"]): p for p in view.pods.values()
+        }
+        moves = desired.moved_replicas(pods_by_name, want, changes.delete)
         await self._gather(self._delete_pod(ns, name, view) for ns, name in to_delete)
+        for key, moved in moves.items():
+            if key not in active:
+                continue
+            self.metrics.moves.inc(len(moved))
+            shown = "; ".join(moved[:5]) + ("; ..." if len(moved) > 5 else "")
+            await self._event(active[key], "Normal", "Moved", f"{len(moved)} replica(s): {shown}")
         for key, count in preempted.items():
             self.metrics.preemptions.inc(count)
             unplaced = next((u for u in plan.unplaced if u.workload == key), None)
@@ -931,23 +1005,37 @@ class PlanningLoop:
 
     async def _create_pod(self, pod: Mapping[str, Any], active: Mapping[str, Body]) -> None:
         namespace = pod["metadata"]["namespace"]
+        key = pod_workload_key(pod)
         try:
             await self._call(self.kube.write, pods_path(namespace), pod, False)
         except KubeError as error:
-            if refuses_the_template(error):
-                # The user's template is refused in its namespace (Pod Security, validation):
-                # retrying cannot help until the spec changes; the next round reports it.
-                key = pod_workload_key(pod)
+            if refuses_the_pod(error):
+                # Refused in its namespace (validation, Pod Security, quota, ...): the workload
+                # leaves the plan and is reported by the next round; it is tried again when its
+                # spec changes or after the backoff (doubling, at most MAX_BACKOFF_SECONDS).
                 generation = int(
                     (active.get(key) or {"metadata": {}})["metadata"].get("generation") or 1
                 )
-                self.pod_rejections[key] = (generation, error.message)
-                logger.warning("workload %s: replica pod refused: %s", key, error.message)
+                before = self.pod_rejections.get(key)
+                refusals = before.refusals + 1 if before and before.generation == generation else 1
+                delay = backoff_seconds(refusals, self.settings.backoff_seconds)
+                self.pod_rejections[key] = PodRejection(
+                    generation, error.message, refusals, time.monotonic() + delay
+                )
+                logger.warning(
+                    "workload %s: replica pod refused (%d, retry in %.0f s): %s",
+                    key,
+                    error.status,
+                    delay,
+                    error.message,
+                )
                 self.cache.mark_dirty()
                 return
-            if error.status != 409:
+            if error.status != HTTP_CONFLICT:
                 raise
             self.cache.mark_dirty()  # a same-named pod still exists; retry next round
+            return
+        self.pod_rejections.pop(key, None)  # accepted: the refusal (if any) is over
 
     async def _write_limits(
         self, view: ClusterView, limits: Mapping[str, tuple[float, ...]]
@@ -1027,13 +1115,19 @@ class PlanningLoop:
             placements_by_workload.setdefault(placement.workload, []).append(placement)
         unplaced = {u.workload: u for u in plan.unplaced}
         phases: list[str] = []
+        slo_met: dict[str, bool] = {}
         writes: list[Awaitable[Any]] = []
         for key, body in view.workloads.items():
             if is_deleting(body):
                 continue
             previous = body.get("status") or {}
-            if key not in active and key not in life.succeeded and key not in life.failed:
+            # A pod refused in this round: the next round reports it (PodRejected), not Placed.
+            rejection = self.pod_rejections.get(key)
+            if (rejection is not None and rejection.retry_at > time.monotonic()) or (
+                key not in active and key not in life.succeeded and key not in life.failed
+            ):
                 phases.append(str(previous.get("phase") or statuses.PENDING))
+                _note_slo(slo_met, key, previous)
                 continue
             pods = [statuses.PodView.from_pod(p) for p in pods_by_workload.get(key, [])]
             if key in accounts.workload_energy:
@@ -1065,11 +1159,14 @@ class PlanningLoop:
                 ),
             )
             phases.append(new["phase"])
+            _note_slo(slo_met, key, new)
             owned = {k: previous.get(k) for k in new}
             if owned != statuses.without_nones(new):
                 writes.append(self._write_workload_status(body, previous, new))
         await self._gather(writes)
         self.metrics.set_phases(statuses.phase_counts(phases))
+        self.metrics.set_slo(slo_met)
+        self.metrics.keep_workloads(set(view.workloads))
 
     async def _write_workload_status(
         self, body: Body, previous: Mapping[str, Any], new: Mapping[str, Any]
@@ -1151,10 +1248,15 @@ class PlanningLoop:
             )
             if accounts is not None:
                 new.update(accounts.budget_figures.get(name, {}))
+            allowance = ((body.get("spec") or {}).get("energy") or {}).get("kWh")
+            used = new.get("energyUsedKWh", previous.get("energyUsedKWh"))
             figures[name] = BudgetFigures(
                 cap_watts=cap,
                 allocated_cap_watts=new["allocatedCapWatts"],
                 expected_watts=new["expectedWatts"],
+                measured_watts=new.get("measuredWatts"),
+                energy_used_kwh=None if used is None else float(used),
+                energy_allowance_kwh=None if allowance is None else float(allowance),
             )
             writes.append(
                 self._call(self.kube.write, budgets_path(name) + "/status", {"status": new})

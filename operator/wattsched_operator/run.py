@@ -23,7 +23,13 @@ import kopf
 from wattsched_operator import handlers, snapshot
 from wattsched_operator.cache import ClusterCache, ClusterView
 from wattsched_operator.commandline import EXIT_NOT_FOUND, CommandError, CommandParser
-from wattsched_operator.kube import GROUP_PATH, LIST_PAGE_SIZE, Kube, KubeError
+from wattsched_operator.kube import (
+    GROUP_PATH,
+    LIST_PAGE_SIZE,
+    Kube,
+    KubeError,
+    decode_any_stored_object,
+)
 from wattsched_operator.loop import InputBuilder, LoopSettings, PlannedInput, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
 from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY, TelemetryConfig, TelemetryReader
@@ -253,6 +259,9 @@ def ensure_peering(kube: Kube, name: str, path: str = PEERING_PATH) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    # Before kopf starts: its watches must decode any object the API server stores (the models
+    # then refuse LLMWorkload templates deeper than MAX_TEMPLATE_DEPTH).
+    decode_any_stored_object()
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -107,8 +107,8 @@ def next_phase(
 
     Terminal phases stay. A gang whose every replica's pod succeeded is Succeeded. Failed pods
     beyond the retry limit make it Failed. Planned replicas whose pods all run and are ready make
-    it Running, otherwise Placed. With no planned replica, work that had a place is Preempted and
-    anything else is Pending.
+    it Running, otherwise Placed. With no planned replica, work that had a place (it ran, or it
+    was placed and has pods) is Preempted and anything else is Pending.
     """
     if previous_phase in TERMINAL_PHASES:
         return previous_phase
@@ -118,7 +118,11 @@ def next_phase(
     if is_gang and gang_size > 0 and len(succeeded) >= gang_size:
         return SUCCEEDED
     if not placements:
-        return PREEMPTED if previous_phase in {PLACED, RUNNING, PREEMPTED} else PENDING
+        # Preempted only if it had a place to lose: it ran, or it was placed and has pods. A
+        # status that says Placed with no pod behind it (a refused or never-created pod, then an
+        # operator restart) goes back to Pending.
+        had_place = previous_phase in {RUNNING, PREEMPTED} or (previous_phase == PLACED and pods)
+        return PREEMPTED if had_place else PENDING
     by_replica = {p.replica: p for p in pods}
     running = all(
         (pod := by_replica.get(pl.replica)) is not None and pod.phase == "Running" and pod.ready

@@ -20,27 +20,34 @@ CONFIRM_TOLERANCE_WATTS = 0.5
 
 @dataclass(frozen=True)
 class NodePowerState:
-    """What is known about one node's limits: the profile's spec, and what the agent applied."""
+    """What is known about one node's limits: the profile's spec, and what the agent applied.
 
-    spec_watts: tuple[float, ...] | None  # None: no NodePowerProfile yet
+    Both are by NVML index (position i is GPU index i, as the plan's limits are), read from each
+    entry's `index` however the lists are ordered; an index with no entry is unknown (None).
+    """
+
+    spec_watts: tuple[float | None, ...] | None  # None: no NodePowerProfile yet
     applied_watts: tuple[float | None, ...] | None  # None: the agent has reported nothing
 
     @classmethod
     def from_profile(cls, profile: Mapping[str, Any] | None) -> NodePowerState:
         if profile is None:
             return cls(spec_watts=None, applied_watts=None)
-        spec_gpus = sorted((profile.get("spec") or {}).get("gpus") or [], key=lambda g: g["index"])
+        spec_by_index = {
+            int(g["index"]): float(g["powerLimitWatts"])
+            for g in (profile.get("spec") or {}).get("gpus") or []
+        }
         status_gpus = (profile.get("status") or {}).get("gpus") or []
-        applied_by_index = {g.get("index"): g.get("appliedWatts") for g in status_gpus}
-        spec = tuple(float(g["powerLimitWatts"]) for g in spec_gpus)
+        applied_by_index = {
+            int(g["index"]): float(g["appliedWatts"])
+            for g in status_gpus
+            if g.get("appliedWatts") is not None
+        }
+        size = max(spec_by_index) + 1 if spec_by_index else 0
+        spec = tuple(spec_by_index.get(i) for i in range(size))
         applied: tuple[float | None, ...] | None = None
         if status_gpus:
-            applied = tuple(
-                None
-                if applied_by_index.get(g["index"]) is None
-                else float(applied_by_index[g["index"]])
-                for g in spec_gpus
-            )
+            applied = tuple(applied_by_index.get(i) for i in range(size))
         return cls(spec_watts=spec or None, applied_watts=applied)
 
 

@@ -36,6 +36,8 @@ CLUSTER_COMMANDS = {
     "agent nvml": ["agent", "--node-name", "gpu-0", "--metrics-port", "0"],
     "agent simulated": ["agent", "--backend", "simulated", "--node-name", "gpu-0"],
     "agent all nodes": ["agent", "--backend", "simulated", "--all-nodes", "--metrics-port", "0"],
+    "status": ["status"],
+    "plan --from-cluster": ["plan", "--from-cluster"],
 }
 
 

@@ -318,7 +318,7 @@ def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
 
     wait_until("per-budget metrics = the EnergyBudgets' status", budget_metrics_agree)
     samples = operator.scrape()
-    assert 0.0 <= samples["wattsched_plan_gap"][()] <= 1.0
+    assert 0.0 <= samples["wattsched_plan_gap_ratio"][()] <= 1.0
     errors = {dict(labels)["step"] for labels in samples["wattsched_reconcile_errors_total"]}
     assert errors == {"plan", "apply", "limits"}
 

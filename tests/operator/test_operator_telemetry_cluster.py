@@ -258,7 +258,9 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
         assert truth_ratio < 0.95  # a real difference for calibration to find
         corrections = {
             sample.labels["quantity"]: sample.value
-            for sample in scrape(f"127.0.0.1:{operator.metrics_port}")["wattsched_model_correction"]
+            for sample in scrape(f"127.0.0.1:{operator.metrics_port}")[
+                "wattsched_model_correction_ratio"
+            ]
             if sample.labels["product"] == "L4" and sample.labels["type"] == "Inference"
         }
         # Moved at least a quarter of the way from 1 toward the truth, never past it (bounded).

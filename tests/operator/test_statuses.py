@@ -44,6 +44,12 @@ def test_unplaced_new_work_is_pending_and_placed_work_that_loses_its_place_is_pr
     assert phase("Preempted", [], []) == "Preempted"
 
 
+def test_work_placed_in_a_status_but_without_pods_is_pending_not_preempted() -> None:
+    # E.g. a status written Placed whose pod was never created, then an operator restart.
+    assert phase("Placed", [], []) == "Pending"
+    assert phase("Placed", [], [pod(0, phase="Pending", ready=False)]) == "Preempted"
+
+
 def test_placed_work_runs_when_every_planned_replica_is_running_and_ready() -> None:
     assert phase("Pending", [placement(0), placement(1)], [pod(0)]) == "Placed"
     assert phase("Placed", [placement(0)], [pod(0, ready=False)]) == "Placed"

@@ -83,3 +83,19 @@ def test_confirmation_needs_the_generation_the_ready_agent_and_applied_limits() 
     not_ready = profile([300], [300])
     not_ready["status"]["agent"]["ready"] = False
     assert not is_confirmed(not_ready, 1)
+
+
+def test_limits_are_read_by_each_entrys_index_not_its_position() -> None:
+    # A profile whose spec lists only GPU 1 (at 200 W), as a hand edit or another writer might:
+    # GPU 1 is at 200 W and must not be raised before the pods move; GPU 0 is unknown.
+    body = {
+        "metadata": {"name": "n", "generation": 1},
+        "spec": {"gpus": [{"index": 1, "powerLimitWatts": 200}]},
+        "status": {"gpus": [{"index": 1, "appliedWatts": 200}, {"index": 0, "appliedWatts": 700}]},
+    }
+    state = NodePowerState.from_profile(body)
+    assert state.spec_watts == (None, 200.0)
+    assert state.applied_watts == (700.0, 200.0)
+    steps = power_steps({"n": state}, {"n": (400.0, 400.0)})
+    assert steps.lower == {"n": (400.0, 200.0)}
+    assert steps.raise_ == {"n": (400.0, 400.0)}

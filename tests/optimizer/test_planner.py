@@ -385,3 +385,20 @@ def test_a_deadline_too_close_is_said_in_rounded_time_and_names_the_gang_size_fi
 )
 def test_durations_in_messages_are_rounded_for_people(seconds: float, text: str) -> None:
     assert duration_text(seconds) == text
+
+
+def test_a_budget_limited_reason_says_what_is_needed_and_how_much_is_missing() -> None:
+    nodes = h100_nodes(2)
+    # After team/b, 100 W of headroom; team/a at 700 W adds 8 x 500 W = 4,000 W over the idle
+    # minimum: it needs 4,000 W, 3,900 W more than the headroom (not "needs 3900 W").
+    cap = 16 * 200 + 8 * 500 + 100
+    jobs = (
+        training("team/a", policy=EnergyPolicy.PERFORMANCE, priority=1),
+        training("team/b", policy=EnergyPolicy.PERFORMANCE, priority=5),
+    )
+    result = plan(
+        PlanInput(nodes, jobs, (Budget("cluster", cap, frozenset(n.name for n in nodes)),))
+    )
+    (left_out,) = result.unplaced
+    assert "has 100 W of headroom" in left_out.reason
+    assert "needs 4000 W, 3900 W more than that" in left_out.reason
