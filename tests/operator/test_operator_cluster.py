@@ -320,7 +320,7 @@ def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
     samples = operator.scrape()
     assert 0.0 <= samples["wattsched_plan_gap_ratio"][()] <= 1.0
     errors = {dict(labels)["step"] for labels in samples["wattsched_reconcile_errors_total"]}
-    assert errors == {"plan", "apply", "limits"}
+    assert errors == {"plan", "apply", "limits", "account"}
 
 
 class LimitWatcher(threading.Thread):
