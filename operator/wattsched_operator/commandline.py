@@ -17,6 +17,7 @@ does that, where importing the client is fine).
 from __future__ import annotations
 
 import argparse
+import re
 from typing import NoReturn
 
 EXIT_OK = 0
@@ -44,15 +45,19 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
+# Help that already states its default: "(default: ...)", "(default 60)", "..., default X".
+STATED_DEFAULT = re.compile(r"\(default\b|\bdefault:|, default \S", re.IGNORECASE)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default after its help, unless the help already states it or there is
-    nothing to show (no default, a switch that is off)."""
+    nothing to show (no default, an empty one, a switch that is off)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         if (
-            "default" in text.lower()
-            or action.default in (None, False, [], argparse.SUPPRESS)
+            STATED_DEFAULT.search(text)
+            or action.default in (None, False, [], "", argparse.SUPPRESS)
             or not action.option_strings
         ):
             return text

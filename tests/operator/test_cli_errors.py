@@ -206,7 +206,7 @@ def test_every_flag_with_a_default_shows_it_in_help(command: str) -> None:
     assert issubclass(parser.formatter_class, HelpFormatter)  # type: ignore[arg-type]
     formatter = parser._get_formatter()
     for action in flags(parser):
-        if action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+        if action.default in (None, False, [], "", argparse.SUPPRESS) or not action.option_strings:
             continue
         shown = formatter._expand_help(action)
         assert "default" in shown.lower(), f"{action.option_strings}: {shown!r}"
