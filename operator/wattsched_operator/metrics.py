@@ -148,7 +148,8 @@ class OperatorMetrics:
         )
         self.reconcile_errors = Counter(
             "wattsched_reconcile_errors",
-            "Errors while applying a plan, by step.",
+            "Errors by step: plan (a round that could not plan at all), apply (an API write while "
+            "applying a plan), limits (a NodePowerProfile write).",
             ["step"],
             registry=r,
         )

@@ -49,7 +49,7 @@ from wattsched_optimizer.problem import Plan, PlanOptions
 
 # The operator's default (`wattsched operator --heartbeat-timeout-seconds`): with --from-cluster an
 # agent silent for longer counts as not ready, as the operator counts it.
-HEARTBEAT_TIMEOUT_SECONDS = 120.0
+HEARTBEAT_TIMEOUT_SECONDS = 30.0
 
 
 def plan_to_json(
@@ -364,6 +364,10 @@ def run(args: argparse.Namespace, stdin: TextIO) -> PlanResult:
         agents_required=args.from_cluster,
         heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS if args.from_cluster else None,
     )
+    if snapshot.ignored:  # a budget, profile or pod that cannot be read: the input is wrong
+        raise SnapshotError(snapshot.ignored[0].message)
+    for node in snapshot.excluded_nodes:  # planned without it, and said why
+        print(f"wattsched plan: node {node.name} takes no work: {node.reason}", file=sys.stderr)
     plan = solve_plan(snapshot.plan_input)
     diff = plan_diff(snapshot.plan_input, plan, objects.profiles) if args.diff else None
     return PlanResult(plan=plan, skipped=tuple(str(e) for e in snapshot.rejected), diff=diff)

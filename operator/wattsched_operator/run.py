@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--heartbeat-timeout-seconds",
         type=float,
-        default=120.0,
-        help="an agent silent for longer counts as not ready (its node at maximum power)",
+        default=30.0,
+        help="an agent silent for longer is lost: its node counts at maximum power and takes no "
+        "work, and a re-plan moves the replicas there (agents report every 10 s by default)",
     )
     parser.add_argument(
         "--confirm-timeout-seconds",
@@ -149,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(list(argv))
+    if not 0 < args.heartbeat_timeout_seconds < float("inf"):
+        parser.error(
+            f"--heartbeat-timeout-seconds={args.heartbeat_timeout_seconds:g}: must be a positive "
+            "number of seconds (default 30; agents report every 10 s)"
+        )
     if args.tokens_query != DEFAULT_TOKEN_QUERY and not args.prometheus_url:
         parser.error("--tokens-query needs --prometheus-url (the query runs on that Prometheus)")
     try:
@@ -172,7 +178,8 @@ def telemetry_config(args: argparse.Namespace) -> TelemetryConfig | None:
 def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
     """The snapshot reader that turns the cache into the optimizer's input.
 
-    Bad LLMWorkloads are left out (and reported) rather than stopping the plan for the others.
+    Bad objects are left out (and reported) rather than stopping the plan for the others: bad
+    LLMWorkloads and EnergyBudgets, unreadable profiles and pods, GPU nodes the plan cannot use.
     """
 
     def build(view: ClusterView, unconfirmed: frozenset[str], now: datetime) -> PlannedInput:
@@ -194,7 +201,19 @@ def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
             unconfirmed_nodes=unconfirmed,
         )
         rejected = {error.name: str(error) for error in result.rejected}
-        return PlannedInput(plan_input=result.plan_input, rejected=rejected)
+        return PlannedInput(
+            plan_input=result.plan_input,
+            rejected=rejected,
+            excluded_nodes={node.name: node.reason for node in result.excluded_nodes},
+            invalid_budgets={
+                item.key: item.message for item in result.ignored if item.kind == "EnergyBudget"
+            },
+            ignored={
+                f"{item.kind} {item.key}": item.message
+                for item in result.ignored
+                if item.kind != "EnergyBudget"
+            },
+        )
 
     return build
 
@@ -297,6 +316,7 @@ def main(argv: list[str]) -> int:
         backoff_seconds=args.backoff_seconds,
         namespaces=tuple(args.namespace),
         accounting_seconds=args.accounting_seconds,
+        heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
     )
     build_input = build_input_function(args.heartbeat_timeout_seconds)
     config = telemetry_config(args)

@@ -203,12 +203,13 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
 def budget_base_watts(plan_input: PlanInput) -> dict[str, float]:
     """Per budget: the sum of its GPUs' limits with nothing placed.
 
-    Idle GPUs count at their minimum; GPUs of nodes whose agent is not ready at their maximum.
+    Idle GPUs count at their minimum; GPUs of nodes whose agent is not ready at their maximum;
+    the watts the plan does not control (`Budget.uncontrolled_watts`) as they are.
     """
     by_name = {node.name: node for node in plan_input.nodes}
     base: dict[str, float] = {}
     for budget in plan_input.budgets:
-        total = 0.0
+        total = budget.uncontrolled_watts
         for node_name in budget.node_names:
             node = by_name.get(node_name)
             if node is None:
@@ -421,8 +422,9 @@ def workload_options(
     cost; every other option pays `churn_threshold` times the cheapest keeping option's energy per
     useful work (in units of the class's cheapest), so it wins only by gaining more than that.
     A move restarts the replicas: for a running job, options that move it must meet the deadline
-    with `startup_seconds` less. A gang with a replica on an unschedulable (or missing) node keeps
-    nothing: it restarts wherever it goes.
+    with `startup_seconds` less. A gang with a replica on an unschedulable (or missing) node
+    restarts wherever it goes (every option counts the startup), but options that keep its product
+    and variant still keep its replicas on healthy nodes where they are.
 
     `prune=False` keeps dominated options (for the benchmark's straightforward baseline).
     """
@@ -438,7 +440,10 @@ def workload_options(
     current_variant = None
     current_level = None
     staying = [c for c in current if c.node in node_by_name and node_by_name[c.node].schedulable]
-    if staying and (not workload.type.is_gang or len(staying) == len(current)):
+    # A gang with a replica on a node it cannot stay on restarts, wherever it goes; its replicas
+    # on healthy nodes still prefer to stay there (only the others move).
+    restarts = workload.type.is_gang and len(staying) < len(current)
+    if staying:
         first = staying[0]
         current_product = node_by_name[first.node].product
         current_variant = first.variant
@@ -488,7 +493,7 @@ def workload_options(
                     useful = replicas * throughput
                     if workload.deadline_seconds is not None and tokens_needed is not None:
                         seconds = workload.deadline_seconds
-                        if current and not keeps:
+                        if current and (restarts or not keeps):
                             seconds -= startup_seconds
                         if useful * seconds < tokens_needed:
                             continue

@@ -120,6 +120,9 @@ class Budget:
     name: str
     power_cap_watts: float
     node_names: frozenset[str]
+    # Watts in scope that the plan does not control: GPUs of nodes left out of planning (e.g. an
+    # unknown product), counted at the most they can draw. Part of the budget's floor.
+    uncontrolled_watts: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,6 @@ class PlanInput:
 class PlanStatus(StrEnum):
     OPTIMAL = "Optimal"
     FEASIBLE = "Feasible"
-    INFEASIBLE = "Infeasible"
     TIME_LIMIT = "TimeLimit"
 
 
@@ -179,8 +181,12 @@ class Placement:
 class BudgetAllocation:
     name: str
     cap_watts: float
-    allocated_cap_watts: float  # sum of power limits of every GPU in scope
+    allocated_cap_watts: float  # sum of power limits of every GPU in scope, as counted
     expected_watts: float
+    # No plan meets the cap: the GPUs in scope count for more with nothing placed (see
+    # `planner.held_budgets`). Its nodes take no work and are lowered to their minimum;
+    # `allocated_cap_watts` is then that floor, above the cap. The rest is planned as usual.
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,8 @@ class Plan:
     gap: float
     solve_seconds: float
     placements: tuple[Placement, ...]
-    # Every GPU node in the input, one limit per GPU (idle GPUs at their minimum).
+    # Every GPU node in the input, one limit per GPU to write (idle GPUs at their minimum; at their
+    # maximum where the node agent is not ready, except in a held budget).
     node_power_limits_watts: Mapping[str, tuple[float, ...]]
     budgets: tuple[BudgetAllocation, ...]
     unplaced: tuple[Unplaced, ...]

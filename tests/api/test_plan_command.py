@@ -154,8 +154,6 @@ def twice(kind: str, label: str, field: str) -> Any:
 @pytest.mark.parametrize(
     "break_snapshot",
     [
-        unknown_product,
-        malformed_quantity,
         bad_budget,
         bad_profile,
         bad_pod,
@@ -177,6 +175,21 @@ def test_bad_snapshot_exits_2_with_one_line_naming_object_and_field(
     assert captured.err.startswith("wattsched plan: ")
     assert expected in captured.err
     assert captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("break_node", [unknown_product, malformed_quantity])
+def test_a_node_the_plan_cannot_use_is_left_out_and_named_on_stderr(
+    break_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = snapshot_items()
+    expected = break_node(items)
+    assert main(["-f", str(write_snapshot(tmp_path, items)), "--now", NOW, "-o", "json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("wattsched plan: node gpu-h100-00 takes no work: ")
+    assert expected in captured.err
+    plan = json.loads(captured.out)
+    assert plan["placements"]
+    assert all(p["node"] != "gpu-h100-00" for p in plan["placements"])
 
 
 def test_unreadable_or_invalid_yaml_exits_2(

@@ -475,6 +475,20 @@ def test_tokens_query_value_reaches_the_operators_telemetry_config(chart: Chart)
     assert config.token_query == tokens_query
 
 
+def test_heartbeat_timeout_value_reaches_the_operator(chart: Chart) -> None:
+    from wattsched_operator.run import parse_args as parse_operator_args  # noqa: PLC0415
+
+    def timeout(*set_values: str) -> float:
+        args = _container(find(chart.render(set_values=set_values), "Deployment", "-operator"))
+        seconds: float = parse_operator_args(args["args"][1:]).heartbeat_timeout_seconds
+        return seconds
+
+    assert timeout() == 30
+    assert timeout("operator.heartbeatTimeoutSeconds=45") == 45
+    with pytest.raises(HelmError, match="heartbeatTimeoutSeconds"):
+        chart.render(set_values=("operator.heartbeatTimeoutSeconds=0",))
+
+
 def test_tokens_query_is_left_to_the_operator_default_unless_set(chart: Chart) -> None:
     operator_args = _container(find(chart.render(), "Deployment", "-operator"))["args"]
     assert not [arg for arg in operator_args if arg.startswith("--tokens-query")]
