@@ -210,6 +210,19 @@ class Lifecycle:
     wake_at: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class LastRound:
+    """The plan last applied, what it was solved from, and the workloads it handled."""
+
+    plan: Plan
+    plan_input: PlanInput
+    active: frozenset[str]
+    planned_at: datetime
+    built: PlannedInput
+    # The tokens/s each Inference service was sized for (its forecast, or its declared demand).
+    demands: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
 class PlanningLoop:
     def __init__(
         self,
@@ -245,6 +258,10 @@ class PlanningLoop:
         self._calibrated_at = 0.0
         # Measured tokens/s of each Inference service: its demand forecast (see `demand`).
         self.demand = demand.DemandHistory()
+        # The last applied plan, for accounting rounds between plans (see `account_once`).
+        self._last_round: LastRound | None = None
+        self._planned_at = 0.0
+        self._accounted_at = 0.0
         # Nodes whose agent the last round counted as ready: their heartbeats are watched.
         self._ready_agents: frozenset[str] = frozenset()
         # Budget conditions an Event was posted for ("EnergyBudget name type" -> (reason, message)).
@@ -263,14 +280,26 @@ class PlanningLoop:
 
     async def run(self) -> None:
         """Forever: wait for a change, the periodic tick, a retry that is due or an agent's
-        heartbeat expiring; debounce, plan, apply."""
+        heartbeat expiring; debounce, plan, apply.
+
+        With telemetry and an accounting interval shorter than the re-plan interval, the ticks in
+        between are accounting rounds (`account_once`): measured power, energy and carbon in
+        statuses follow `accounting_seconds` without solving a plan each time.
+        """
         last_resync = 0.0
         while True:
-            await self._wait_for_work()
+            plan_due = await self._wait_for_work()
             self.cache.dirty.clear()
             leader = await self.is_leader()
             if not leader:
                 self._was_leader = False
+                continue
+            if not plan_due and self._was_leader:
+                try:
+                    await self.account_once()
+                except Exception:
+                    logger.exception("accounting round failed; the next plan accounts")
+                    self.metrics.reconcile_errors.labels(step="account").inc()
                 continue
             try:
                 periodic = time.monotonic() - last_resync >= self.settings.replan_seconds
@@ -278,6 +307,7 @@ class PlanningLoop:
                     await self.resync()
                     last_resync = time.monotonic()
                 self._was_leader = True
+                self._planned_at = self._accounted_at = time.monotonic()
                 await self.plan_once()
                 self._failure_reported.clear()
             except Exception as error:
@@ -286,28 +316,39 @@ class PlanningLoop:
                 self.cache.mark_dirty()
                 await self.report_failed_round(error)
 
-    async def _wait_for_work(self) -> None:
+    async def _wait_for_work(self) -> bool:
         """Return when the next round is due: the cache changed (after the debounce), the periodic
         re-plan is due, a replica's retry is due, or an agent counted on in the last round has
         been silent for longer than the heartbeat timeout (a heartbeat that arrives in time
-        just moves the wake-up)."""
-        periodic_at = time.monotonic() + self.settings.replan_seconds
+        just moves the wake-up): True. False when only an accounting round between plans is due
+        (see `run`)."""
+        planned_at = self._planned_at if self._last_round is not None else time.monotonic()
+        periodic_at = planned_at + self.settings.replan_seconds
+        account_at = (
+            self._accounted_at + self.settings.accounting_seconds
+            if self._accounting_between_plans()
+            else None
+        )
         while True:
             wake_at = min(
-                t for t in (periodic_at, self._wake_at, self._heartbeat_expiry()) if t is not None
+                t
+                for t in (periodic_at, self._wake_at, self._heartbeat_expiry(), account_at)
+                if t is not None
             )
             try:
                 timeout = max(0.0, wake_at - time.monotonic())
                 await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
                 await asyncio.sleep(self.settings.debounce_seconds)
-                return
+                return True
             except TimeoutError:
                 now = time.monotonic()
                 if now >= periodic_at or (self._wake_at is not None and now >= self._wake_at):
-                    return
+                    return True
                 if self._lost_agents():
                     logger.info("agents lost on %s: re-planning", ", ".join(self._lost_agents()))
-                    return
+                    return True
+                if account_at is not None and now >= account_at:
+                    return False
 
     def _heartbeats(self) -> dict[str, datetime | None]:
         """The last heartbeat of each agent the last round counted as ready (None: none read)."""
@@ -456,7 +497,74 @@ class PlanningLoop:
         await self._write_budget_statuses(
             view, plan, plan_input, now, telemetry, accounts=accounts, built=built
         )
+        self._last_round = LastRound(
+            plan=plan,
+            plan_input=plan_input,
+            active=frozenset(active),
+            planned_at=now,
+            built=built,
+            demands=demands,
+        )
         return plan
+
+    def _accounting_between_plans(self) -> bool:
+        return (
+            self.telemetry is not None
+            and self._last_round is not None
+            and self.settings.accounting_seconds < self.settings.replan_seconds
+        )
+
+    async def account_once(self) -> None:
+        """Between plans, with nothing changed since the last one: read telemetry and bring the
+        energy, carbon and measured figures in statuses up to date against that plan."""
+        last = self._last_round
+        if last is None:
+            return
+        self._accounted_at = time.monotonic()
+        now = datetime.now(UTC)
+        view = self.cache.view()
+        pods_by_workload: dict[str, list[Body]] = {}
+        for pod in view.pods.values():
+            pods_by_workload.setdefault(pod_workload_key(pod), []).append(pod)
+        active = {
+            key: body
+            for key, body in view.workloads.items()
+            if key in last.active
+            and not is_deleting(body)
+            and (body.get("status") or {}).get("phase") not in statuses.TERMINAL_PHASES
+        }
+        telemetry = await self._read_telemetry(last.plan_input, view)
+        self._record_demand(last.plan_input, pods_by_workload, telemetry)
+        accounts = await self._account(
+            view,
+            active=active,
+            plan=last.plan,
+            plan_input=last.plan_input,
+            jobs=last.built.jobs,
+            pods_by_workload=pods_by_workload,
+            telemetry=telemetry,
+        )
+        await self._write_statuses(
+            view,
+            active=active,
+            plan=last.plan,
+            life=Lifecycle(),
+            pods_by_workload=pods_by_workload,
+            now=now,
+            accounts=accounts,
+            telemetry=telemetry,
+            demands=last.demands,
+        )
+        await self._write_budget_statuses(
+            view,
+            last.plan,
+            last.plan_input,
+            now,
+            telemetry,
+            accounts=accounts,
+            built=last.built,
+            planned_at=last.planned_at,
+        )
 
     async def _read_telemetry(
         self, plan_input: PlanInput, view: ClusterView
@@ -1373,9 +1481,11 @@ class PlanningLoop:
         *,
         accounts: Accounts | None = None,
         built: PlannedInput | None = None,
+        planned_at: datetime | None = None,
     ) -> None:
         """Budget statuses, with the period's energy and carbon where accounting was due; an
-        Event where a budget becomes held, unreadable or loses a node from planning."""
+        Event where a budget becomes held, unreadable or loses a node from planning.
+        `planned_at`: when `plan` was made, if not `now`."""
         built = built or PlannedInput(plan_input)
         allocations = {a.name: a for a in plan.budgets}
         scopes = {b.name: b.node_names for b in plan_input.budgets}
@@ -1400,6 +1510,7 @@ class PlanningLoop:
                 unready_nodes=[n for n in unready if n in scopes.get(name, ())],
                 excluded_nodes=_excluded_in_scope(body, view, built.excluded_nodes),
                 invalid=built.invalid_budgets.get(name),
+                planned_at=planned_at,
             )
             writes.append(self._budget_events(_as(BUDGET_KIND, body), previous, new))
             if accounts is not None:

@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from wattsched_optimizer.model import Calibration
 
 # The steps the planning loop counts errors of: the round as a whole, an API write while applying
-# the plan, a NodePowerProfile write.
-RECONCILE_STEPS = ("plan", "apply", "limits")
+# the plan, a NodePowerProfile write, an accounting round between plans.
+RECONCILE_STEPS = ("plan", "apply", "limits", "account")
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,7 @@ def workload_status(
         schedulable = cond("Schedulable", True, phase, message)
         placed = cond("Placed", False, phase, message)
     elif unplaced is not None and not placements:
-        schedulable = cond("Schedulable", False, _reason(unplaced.constraint), unplaced.reason)
+        schedulable = cond("Schedulable", False, unplaced.reason_name, unplaced.reason)
         placed = cond("Placed", False, "Unplaced", unplaced.reason)
     else:
         schedulable = cond("Schedulable", True, "Planned", "the optimizer found a place")
@@ -234,7 +234,7 @@ def workload_status(
         cond(
             "BudgetLimited",
             budget_limited,
-            _reason(unplaced.constraint) if budget_limited and unplaced else "WithinBudget",
+            unplaced.reason_name if budget_limited and unplaced else "WithinBudget",
             unplaced.reason
             if budget_limited and unplaced
             else "no budget holds this workload back",
@@ -336,13 +336,6 @@ def slo_met(
     return False, "NotPlaced", f"deadline {objective.deadline} at risk: {why_not}"
 
 
-def _reason(constraint: str) -> str:
-    """A condition reason (CamelCase, no punctuation) from an optimizer constraint name."""
-    head = constraint.split(":", 1)[0]
-    words = [w for w in head.replace("-", "_").split("_") if w]
-    return "".join(w[:1].upper() + w[1:] for w in words) or "Unplaced"
-
-
 def budget_status(
     previous: Mapping[str, Any],
     *,
@@ -357,8 +350,12 @@ def budget_status(
     unready_nodes: Sequence[str] = (),
     excluded_nodes: Mapping[str, str] | None = None,
     invalid: str | None = None,
+    planned_at: datetime | None = None,
 ) -> dict[str, Any]:
     """An EnergyBudget's status after a plan: allocated cap, expected watts, headroom, last plan.
+
+    `planned_at` is when `plan` was made (default `now`: a status written right after planning;
+    an accounting round between plans passes the plan's own time).
 
     `Ready` is True when the planned limits in scope sum to at most the cap (`CapEnforced`). It
     is False with reason `CapBelowFloor` when no plan can meet the cap (the allocation is held:
@@ -434,7 +431,7 @@ def budget_status(
         "expectedWatts": round(expected, 1),
         "headroomWatts": round(cap_watts - allocated, 1),
         "lastPlan": {
-            "time": rfc3339(now),
+            "time": rfc3339(planned_at or now),
             "seconds": round(plan.solve_seconds, 3),
             "status": str(plan.status),
             "gap": round(plan.gap, 6),

@@ -128,6 +128,23 @@ def workload_label(workload: Workload) -> str:
     return f"LLMWorkload {workload.key}"
 
 
+def replica_count_field(workload: Workload) -> str:
+    """The spec field that sets how many replicas a workload asks for: gangs (Training,
+    FineTuning, BatchInference) have only spec.replicas; Inference scales within its minimum."""
+    return "spec.replicas" if workload.type.is_gang else "spec.minReplicas"
+
+
+def duration_text(seconds: float) -> str:
+    """A duration rounded for people: `45 s`, `12 min`, `2.6 h`, `3.2 days`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def reference_tokens_per_gpu_hour(model: PerformanceModel, workload: Workload) -> float:
     """Tokens one reference GPU (H100-80GB at its maximum limit, bf16) processes in an hour."""
     spec = product_spec("H100-80GB")
@@ -331,7 +348,7 @@ def _no_option_reason(
         return NoOption(
             "memory",
             f"{label}: the smallest allowed variant ({names}; spec.minQuality="
-            f"{workload.min_quality:g}) needs {need:g} GiB per GPU but eligible GPUs have at "
+            f"{workload.min_quality:g}) needs {need:.1f} GiB per GPU but eligible GPUs have at "
             f"most {memory:g} GiB; add a smaller variant (e.g. fp8) in spec.variants, lower "
             "spec.minQuality, or allow larger GPUs in spec.gpu.products",
         )
@@ -380,8 +397,9 @@ def _no_option_reason(
     return NoOption(
         "deadline",
         f"{label}: even the fastest option ({best * workload.replicas:.0f} tokens/s, modelled) "
-        f"does not finish the remaining work in the {workload.deadline_seconds or 0:g} s left "
-        "before spec.slo.deadline; extend the deadline, add replicas or allow faster GPUs",
+        f"does not finish the remaining work in the "
+        f"{duration_text(workload.deadline_seconds or 0)} left before spec.slo.deadline; extend "
+        f"the deadline, raise {replica_count_field(workload)} or allow faster GPUs",
     )
 
 

@@ -195,6 +195,21 @@ class Unplaced:
     reason: str  # a sentence a person can act on
     constraint: str  # which constraint binds: "budget:<name>", "gpus", "memory", "products", ...
 
+    @property
+    def reason_name(self) -> str:
+        """The binding constraint as the one CamelCase word every output uses for it (the
+        Schedulable condition's reason, `wattsched plan -o json`): `budget:rack-a` -> `Budget`,
+        `deadline_passed` -> `DeadlinePassed`."""
+        head = self.constraint.split(":", 1)[0]
+        words = [w for w in head.replace("-", "_").split("_") if w]
+        return "".join(w[:1].upper() + w[1:] for w in words) or "Unplaced"
+
+    @property
+    def budget(self) -> str | None:
+        """The EnergyBudget that binds, when a budget does."""
+        head, _, name = self.constraint.partition(":")
+        return name if head == "budget" and name else None
+
 
 @dataclass(frozen=True)
 class Shortfall:

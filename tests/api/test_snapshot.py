@@ -503,7 +503,7 @@ def test_plan_options_are_passed_through() -> None:
 
 
 def test_the_example_snapshot_reads_cleanly() -> None:
-    documents = list(yaml.safe_load_all((REPO_ROOT / "examples" / "snapshot.yaml").read_text()))
+    documents = list(yaml.safe_load_all((REPO_ROOT / "offline" / "snapshot.yaml").read_text()))
     snapshot = build_snapshot(split_objects(documents), now=NOW)
     plan_input = snapshot.plan_input
     assert len(plan_input.nodes) == 6

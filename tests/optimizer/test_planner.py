@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from wattsched_optimizer.model import CatalogueModel, power_levels_watts
+from wattsched_optimizer.options import duration_text
 from wattsched_optimizer.planner import PlanInputError, plan
 from wattsched_optimizer.problem import (
     Budget,
@@ -426,6 +427,42 @@ def test_two_budgets_with_one_name_are_an_input_error_naming_the_budget() -> Non
     budget = Budget("cluster", 10_000, frozenset({"h0"}))
     with pytest.raises(PlanInputError, match=r"EnergyBudget cluster: listed twice"):
         plan(PlanInput(h100_nodes(1), (), (budget, budget)))
+
+
+def test_a_gang_that_finds_no_free_slots_is_told_to_lower_spec_replicas_not_min_replicas() -> None:
+    blocker = training("team/blocker", replicas=2, priority=10)
+    gang = training("team/gang", replicas=2)
+    result = plan(PlanInput(nodes=h100_nodes(2), workloads=(blocker, gang)))
+    (unplaced,) = result.unplaced
+    assert unplaced.workload == "team/gang"
+    assert "lower spec.gpu.count or spec.replicas" in unplaced.reason
+    assert "minReplicas" not in unplaced.reason
+
+
+def test_an_inference_service_without_free_slots_is_told_to_lower_spec_min_replicas() -> None:
+    blocker = training("team/blocker", replicas=2, priority=10)
+    service = inference("team/chat", gpus_per_replica=8, min_replicas=1, max_replicas=1)
+    result = plan(PlanInput(nodes=h100_nodes(2), workloads=(blocker, service)))
+    (unplaced,) = result.unplaced
+    assert "lower spec.gpu.count or spec.minReplicas" in unplaced.reason
+
+
+def test_a_deadline_too_close_is_said_in_rounded_time_and_names_the_gang_size_field() -> None:
+    work = WorkAmount(WorkUnit.TOKENS, 1e15)
+    job = training("team/t", remaining_work=work, deadline_seconds=9532.06)
+    result = plan(PlanInput(nodes=h100_nodes(1), workloads=(job,)))
+    (unplaced,) = result.unplaced
+    assert "in the 2.6 h left before spec.slo.deadline" in unplaced.reason
+    assert "9532" not in unplaced.reason
+    assert "raise spec.replicas" in unplaced.reason
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(44.4, "44 s"), (600, "10 min"), (9532.06, "2.6 h"), (3 * 86400, "3.0 days")],
+)
+def test_durations_in_messages_are_rounded_for_people(seconds: float, text: str) -> None:
+    assert duration_text(seconds) == text
 
 
 def test_only_the_replicas_on_a_lost_node_move_and_healthy_gang_members_stay() -> None:
