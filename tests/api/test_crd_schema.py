@@ -32,7 +32,7 @@ EXPECTED = {
             "Power(W)",
             "Age",
         ],
-        "wide": ["Node(s)", "Tokens/J", "Energy(kWh)"],
+        "wide": ["Node(s)", "Tokens/J", "Energy(kWh)", "Done"],
     },
     "EnergyBudget": {
         "scope": "Cluster",
