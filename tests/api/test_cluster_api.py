@@ -154,7 +154,7 @@ def test_get_wide_shows_the_llmworkload_columns_and_status_values(
     header, row = get_wide(sandbox, "llmw", manifest["metadata"]["name"], namespace)
     assert header == [
         "NAME", "TYPE", "PHASE", "REASON", "GPUS/REPLICA", "REPLICAS", "VARIANT", "POWER(W)",
-        "AGE", "NODE(S)", "TOKENS/J", "ENERGY(KWH)",
+        "AGE", "NODE(S)", "TOKENS/J", "ENERGY(KWH)", "DONE",
     ]  # fmt: skip
     # The REASON column is the Schedulable condition's reason, not the first condition's.
     assert row.split()[1:5] == ["Inference", "Running", "Budget", "4"]
