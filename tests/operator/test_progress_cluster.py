@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.operator.conftest import StartOperator, get_json, wait_until
 from tests.operator.test_operator_cluster import apply, pods_of, running_on_planned_nodes
+from tests.telemetry.conftest import start_prometheus
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
@@ -131,3 +133,30 @@ def test_progress_persists_across_a_restart_and_a_job_nearly_done_stays_placed(
     assert body["status"]["placements"]
     (still,) = pods_of(sandbox, namespace, name)
     assert still["metadata"]["uid"] == uid  # never stopped, never recreated
+
+
+@pytest.mark.prometheus
+def test_progress_is_measured_from_the_jobs_prometheus_query(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, agents: Path, tmp_path: Path
+) -> None:
+    """`spec.progress.prometheusQuery` answered by a real Prometheus (a constant series standing
+    in for a trainer's token counter) sets `status.progress` as measured."""
+    wait_until("the agents' targets file", agents.exists)
+    server = start_prometheus(tmp_path / "prometheus", agents)
+    try:
+        start_operator(
+            "--prometheus-url", server.url, "--accounting-seconds", "2", "--replan-seconds", "2"
+        )
+        name = "pretrain-measured"
+        job = training(name, datetime.now(UTC) + timedelta(hours=30))
+        job["spec"]["progress"] = {"prometheusQuery": "vector(1234567)"}
+        apply(sandbox, namespace, job)
+        measured = wait_until(
+            "measured progress",
+            lambda: (p := progress_of(sandbox, namespace, name)).get("source") == "measured" and p,
+            timeout_seconds=90,
+        )
+        assert measured["completedTokens"] == 1234567
+        assert measured["fraction"] == pytest.approx(1234567 / TOTAL_TOKENS, abs=1e-6)
+    finally:
+        server.stop()
