@@ -254,7 +254,7 @@ class ClusterState:
         Each replica goes to one node with enough free GPUs in a pool whose budgets all have the
         headroom for it: when the option keeps the workload's product and variant, first a node
         in `prefer` (where it runs); then best fit on GPUs no running replica occupies, over
-        every candidate pool in order; then best fit on any free GPUs.
+        every candidate pool that takes new replicas in order; then best fit on any free GPUs.
         """
         option = workload_class.options[option_index]
         gpus = option.gpus_per_replica
@@ -268,6 +268,8 @@ class ClusterState:
             for pool in (self.data.pools[p] for p in candidates):
                 if chosen is not None:
                     break
+                if not pool.schedulable:  # cordoned: keeps its running replicas, takes no new
+                    continue
                 if self._budget_fits(pool, self.extra_watts(pool, option)):
                     fitting.append(pool)
                     chosen = self._best_fit_node(pool, gpus, fresh_only=True)

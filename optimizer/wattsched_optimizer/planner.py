@@ -34,6 +34,7 @@ from wattsched_optimizer.options import PlanData, WorkloadClass, build_plan_data
 from wattsched_optimizer.packing import WATTS_TOLERANCE, Assignment, ClusterState, Taken
 from wattsched_optimizer.problem import (
     BudgetAllocation,
+    MoveReason,
     Placement,
     Plan,
     PlanInput,
@@ -133,9 +134,6 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
     validate(plan_input)
     performance: PerformanceModel = model if model is not None else CatalogueModel()
     data = build_plan_data(plan_input, performance)
-    options = plan_input.options
-    workload_by_key = {w.key: w for w in plan_input.workloads}
-    class_of = {m.key: c for c in data.classes for m in c.members}
     weights = lexicographic_weights(data)
     unplaced: dict[str, Unplaced] = {
         key: Unplaced(key, reason.reason, reason.constraint)
@@ -175,6 +173,53 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
             solver="",
             timings=timings | {"total": time.perf_counter() - started},
         )
+    pass_one = _solve_and_pack(
+        plan_input, data, weights, unplaced, timings=timings, started=started
+    )
+    # Running work the pinned plan could not keep (a budget cut below every limit in place, or
+    # higher-priority work that needs its GPUs) may move: plan again with it unpinned.
+    pinned = {c.representative.key for c in data.classes if c.pinned_nodes}
+    dropped = {key: pass_one[1][key] for key in pinned if key in pass_one[1]}
+    state, left_out, objective, bound, status, solver_used = pass_one
+    if dropped:
+        data = build_plan_data(plan_input, performance, unpinned=frozenset(dropped))
+        unplaced = {
+            key: Unplaced(key, reason.reason, reason.constraint)
+            for key, reason in data.no_option.items()
+        }
+        weights = lexicographic_weights(data)
+        state, left_out, objective, bound, status, solver_used = _solve_and_pack(
+            plan_input, data, weights, unplaced, timings=timings, started=started
+        )
+    return _assemble(
+        plan_input,
+        data,
+        state,
+        performance,
+        left_out,
+        move_reasons=_move_reasons(plan_input, data, dropped),
+        status=status,
+        objective=objective,
+        bound=bound,
+        solver=solver_used,
+        timings=timings | {"total": time.perf_counter() - started},
+    )
+
+
+def _solve_and_pack(
+    plan_input: PlanInput,
+    data: PlanData,
+    weights: Weights,
+    unplaced: Mapping[str, Unplaced],
+    *,
+    timings: dict[str, float],
+    started: float,
+) -> tuple[ClusterState, dict[str, Unplaced], float, float, PlanStatus, str]:
+    """Solve the program for `data`, pack and repair: the state, what is left out and why, the
+    objective, its bound, the status and the solver that ran."""
+    options = plan_input.options
+    workload_by_key = {w.key: w for w in plan_input.workloads}
+    class_of = {m.key: c for c in data.classes for m in c.members}
     formulation = build(data)
     timings["build"] = formulation.build_seconds
     prefer = _preferred_nodes(plan_input)
@@ -253,18 +298,32 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         status = PlanStatus.TIME_LIMIT
     else:
         status = PlanStatus.FEASIBLE
-    return _assemble(
-        plan_input,
-        data,
-        state,
-        performance,
-        left_out,
-        status=status,
-        objective=objective,
-        bound=bound,
-        solver=solver_used,
-        timings=timings | {"total": time.perf_counter() - started},
-    )
+    return state, left_out, objective, bound, status, solver_used
+
+
+def _move_reasons(
+    plan_input: PlanInput, data: PlanData, dropped: Mapping[str, Unplaced]
+) -> dict[str, MoveReason]:
+    """Why each running workload that the final data does not pin may move (see MoveReason)."""
+    node_by_name = {node.name: node for node in plan_input.nodes}
+    workload_by_key = {w.key: w for w in plan_input.workloads}
+    pinned = {c.representative.key for c in data.classes if c.pinned_nodes}
+    reasons: dict[str, MoveReason] = {}
+    for current in plan_input.current:
+        key = current.workload
+        node = node_by_name.get(current.node)
+        if node is None or not node.keeps_running:
+            reasons[key] = MoveReason.NODE
+        elif key in pinned or key in reasons:
+            continue
+        elif key in dropped:
+            budget = dropped[key].constraint.startswith("budget:")
+            reasons[key] = MoveReason.BUDGET if budget else MoveReason.PRIORITY
+        elif workload_by_key[key].moves_to_save_energy:
+            reasons[key] = MoveReason.SAVINGS
+        else:
+            reasons[key] = MoveReason.SPEC
+    return reasons
 
 
 def _gap(objective: float, bound: float) -> float:
@@ -424,6 +483,7 @@ def _assemble(
     bound: float,
     solver: str,
     timings: Mapping[str, float],
+    move_reasons: Mapping[str, MoveReason] | None = None,
 ) -> Plan:
     limits: dict[str, list[float]] = {}
     expected: dict[str, list[float]] = {}
@@ -484,4 +544,5 @@ def _assemble(
         unplaced=tuple(unplaced[key] for key in sorted(unplaced)),
         solver=solver,
         timings_seconds=dict(timings),
+        move_reasons=dict(move_reasons or {}),
     )

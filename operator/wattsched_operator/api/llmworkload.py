@@ -194,6 +194,9 @@ class LLMWorkloadSpec:
     priority: int = 0
     preemptible: bool | None = None
     energy: EnergyPreference = field(default_factory=EnergyPreference)
+    # spec.disruption.moveToSaveEnergy: running replicas may move to save more than the churn
+    # threshold (otherwise they move only when their node goes, a budget or priority forces it).
+    move_to_save_energy: bool = False
 
     @property
     def is_gang(self) -> bool:
@@ -251,6 +254,7 @@ class LLMWorkloadSpec:
         if self.preemptible is not None:
             out["preemptible"] = self.preemptible
         out["energy"] = self.energy.to_dict()
+        out["disruption"] = {"moveToSaveEnergy": self.move_to_save_energy}
         out["template"] = self.template
         return out
 
@@ -459,6 +463,11 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
             ),
         )
         energy_fields.finish()
+    move_to_save_energy = False
+    disruption_fields = spec.optional_section("disruption")
+    if disruption_fields is not None:
+        move_to_save_energy = bool(disruption_fields.optional_boolean("moveToSaveEnergy"))
+        disruption_fields.finish()
 
     result = LLMWorkloadSpec(
         type=workload_type,
@@ -476,6 +485,7 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
         ),
         preemptible=spec.optional_boolean("preemptible"),
         energy=energy,
+        move_to_save_energy=move_to_save_energy,
     )
     spec.finish()
     return result
