@@ -405,7 +405,7 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
     # The watch lists every profile first.
     wait_until("the watch saw both profiles", lambda: set(watcher.spec) == nodes, 30)
     before = watcher.samples[-1]
-    preemptions_before = operator.scrape()["wattsched_preemptions_total"][()]
+    preemptions_before = operator.scrape()["wattsched_preemptions_total"][(("cause", "BudgetCut"),)]
     new_cap = 1500.0
     lowered_at = time.monotonic()
     apply(sandbox, None, budget("l40s-test", new_cap, scope))
@@ -441,7 +441,10 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
     assert (slo["status"], slo["reason"]) == ("False", "NotPlaced")
     assert "SLORisk" in events
     # The batch job's one replica of 4 GPUs was preempted (counted as it was deleted).
-    assert operator.scrape()["wattsched_preemptions_total"][()] >= preemptions_before + 1
+    assert (
+        operator.scrape()["wattsched_preemptions_total"][(("cause", "BudgetCut"),)]
+        >= preemptions_before + 1
+    )
 
     # Preempted work is retried: with the cap raised again the batch job gets its place back.
     apply(sandbox, None, budget("l40s-test", 4000, scope))
