@@ -299,7 +299,8 @@ class ClusterState:
     ) -> str | None:
         """A node of `prefer` in one of the `candidates` pools whose budgets have the headroom:
         first one where `owner` still has a replica's worth of its own running GPUs to take
-        back, then one where the replica fits without taking another workload's vacated GPUs."""
+        back, then one that takes new replicas where the replica fits without taking another
+        workload's vacated GPUs."""
         gpus = option.gpus_per_replica
         nodes = []
         for node in prefer:
@@ -315,7 +316,10 @@ class ClusterState:
             if min(self.vacated_free[node], self._own_left.get((owner, node), 0)) >= gpus:
                 return node
         for node in nodes:
-            if self._takes_no_others_vacated(node, gpus, owner):
+            # A cordoned node keeps only the replicas that run there (their own GPUs, above).
+            if self.pool_of_node[node].schedulable and self._takes_no_others_vacated(
+                node, gpus, owner
+            ):
                 return node
         return None
 

@@ -16,6 +16,7 @@ from wattsched_optimizer.planner import PlanInputError, plan
 from wattsched_optimizer.problem import (
     Budget,
     CurrentPlacement,
+    EnergyPolicy,
     GpuNode,
     MoveReason,
     Plan,
@@ -305,3 +306,28 @@ def test_new_replicas_of_a_higher_priority_service_do_not_take_a_running_jobs_no
     assert [p.node for p in result.placements if p.workload == "team/ft"] == ["h1"]
     service_nodes = sorted(p.node for p in result.placements if p.workload == "team/svc")
     assert service_nodes == ["h0"] * 8 + ["h2"] * 4
+
+
+def test_a_replica_gone_from_a_cordoned_node_is_placed_elsewhere_and_the_others_stay() -> None:
+    # kubectl drain evicted replica 0 from the cordoned h100-0; replica 1 still runs there.
+    nodes = (
+        GpuNode("h100-0", "H100-80GB", 8, schedulable=False),
+        GpuNode("h100-1", "H100-80GB", 8),
+    )
+    per_replica = MODEL.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.INFERENCE, 8, 4, 1.0, 450.0
+    )
+    svc = Workload(
+        key="team/svc",
+        type=WorkloadType.INFERENCE,
+        model_parameters_billions=8,
+        gpus_per_replica=4,
+        variants=(BF16,),
+        min_replicas=2,
+        max_replicas=2,
+        tokens_per_second=per_replica,
+        policy=EnergyPolicy.PERFORMANCE,
+    )
+    current = (CurrentPlacement("team/svc", 1, "h100-0", "bf16", 700.0),)
+    result = plan(PlanInput(nodes, (svc,), current=current))
+    assert sorted(p.node for p in result.placements) == ["h100-0", "h100-1"]
