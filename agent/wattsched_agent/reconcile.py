@@ -28,6 +28,8 @@ from wattsched_operator.api.nodepowerprofile import (
 
 WORKLOAD_LABEL = "wattsched.io/workload"
 GPU_RESOURCE = "nvidia.com/gpu"
+# Watts in statuses (`kubectl get npp`): to the tenth of a watt, as the operator writes limits.
+WATTS_DECIMALS = 1
 MESSAGE_LIMIT_CHARS = 4000
 
 
@@ -102,7 +104,7 @@ def _applied(
 
 def _gpu_status(identity: GpuIdentity | None, sample: GpuSample) -> GpuStatus:
     def rounded(value: float | None) -> float | None:
-        return None if value is None else round(value, 3)
+        return None if value is None else round(value, WATTS_DECIMALS)
 
     energy_mj = sample.energy_millijoules
     return GpuStatus(
@@ -119,7 +121,7 @@ def _gpu_status(identity: GpuIdentity | None, sample: GpuSample) -> GpuStatus:
 
 
 def _total(values: Iterable[float | None]) -> float:
-    return round(sum(value for value in values if value is not None), 3)
+    return round(sum(value for value in values if value is not None), WATTS_DECIMALS)
 
 
 def build_status(

@@ -15,18 +15,30 @@ import urllib3
 from kubernetes import config
 
 from wattsched_operator.api.meta import API_VERSION, WORKLOAD_LABEL
+from wattsched_operator.commandline import (
+    EXIT_CLUSTER,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    CommandError,
+    one_line,
+)
 from wattsched_operator.kube import (
     GROUP_PATH,
     Kube,
     KubeError,
     budgets_path,
+    cluster_error,
     profiles_path,
 )
 from wattsched_operator.snapshot import Body, ClusterObjects
 
 
-class ClusterReadError(Exception):
-    """The cluster could not be reached or read; the message is one line for the user."""
+class ClusterReadError(CommandError):
+    """The cluster could not be reached or read; the message is one line for the user, the exit
+    code 3 (4 where the wattsched CRDs are not installed)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_CLUSTER) -> None:
+        super().__init__(message, exit_code)
 
 
 def connect(kubeconfig: str | None) -> Kube:
@@ -34,6 +46,9 @@ def connect(kubeconfig: str | None) -> Kube:
     try:
         return Kube(kubeconfig)
     except (config.ConfigException, OSError) as error:
+        known = cluster_error(error)
+        if known is not None:
+            raise ClusterReadError(str(known), known.exit_code) from None
         where = kubeconfig or "the default kubeconfig ($KUBECONFIG or ~/.kube/config)"
         raise ClusterReadError(
             f"cannot load {where}: {str(error).splitlines()[0] if str(error) else error!r}; "
@@ -53,12 +68,17 @@ def list_objects(kube: Kube, path: str, label_selector: str | None = None) -> li
         }.get(error.status, "")
         message = error.message.splitlines()[0] if error.message else ""
         raise ClusterReadError(
-            f"GET {path}: HTTP {error.status}: {message}" + (f" ({hint})" if hint else "")
+            f"GET {path}: HTTP {error.status}: {message}" + (f" ({hint})" if hint else ""),
+            {401: EXIT_CLUSTER, 403: EXIT_CLUSTER, 404: EXIT_NOT_FOUND}.get(
+                error.status, EXIT_FAILED
+            ),
         ) from None
     except (urllib3.exceptions.HTTPError, OSError) as error:
-        reason = getattr(error, "reason", None) or error
+        known = cluster_error(error)
+        if known is not None:  # the CLI's own words for an API server that does not answer
+            raise ClusterReadError(str(known), known.exit_code) from None
         raise ClusterReadError(
-            f"GET {path}: the API server did not answer ({str(reason).splitlines()[0]}); "
+            f"GET {path}: the API server did not answer ({one_line(error)}); "
             "is the cluster up and the kubeconfig's server address right?"
         ) from None
 

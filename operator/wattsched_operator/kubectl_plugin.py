@@ -18,6 +18,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from wattsched_operator.commandline import EXIT_FAILED, CommandParser
+
 SHIM_NAME = "kubectl-wattsched"
 
 
@@ -40,12 +42,11 @@ def install(directory: Path, python: str = sys.executable) -> Path:
     return path
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
         prog="wattsched install-kubectl-plugin",
         description="Write the kubectl plugin shim `kubectl-wattsched`, so that "
         "`kubectl wattsched status` runs `wattsched status`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--dir",
@@ -53,6 +54,11 @@ def main(argv: list[str]) -> int:
         default=Path(sysconfig.get_path("scripts")),
         help="folder to write the shim into; it must be on PATH for kubectl to find it",
     )
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:
@@ -65,7 +71,7 @@ def main(argv: list[str]) -> int:
             f"{error.strerror}; pass --dir with a writable folder on PATH",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_FAILED
     on_path = str(args.dir.resolve()) in {
         str(Path(p).resolve()) for p in os.environ.get("PATH", "").split(os.pathsep) if p
     }

@@ -21,8 +21,8 @@ from wattsched_optimizer.model import Calibration
 from wattsched_optimizer.problem import MoveReason
 
 # The steps the planning loop counts errors of: the round as a whole, an API write while applying
-# the plan, a NodePowerProfile write.
-RECONCILE_STEPS = ("plan", "apply", "limits")
+# the plan, a NodePowerProfile write, an accounting round between plans.
+RECONCILE_STEPS = ("plan", "apply", "limits", "account")
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,8 @@ class OperatorMetrics:
             self.preemptions.labels(cause=cause.value)
         self.reconcile_errors = Counter(
             "wattsched_reconcile_errors",
-            "Errors while applying a plan, by step.",
+            "Errors by step: plan (a round that could not plan at all), apply (an API write while "
+            "applying a plan), limits (a NodePowerProfile write).",
             ["step"],
             registry=r,
         )

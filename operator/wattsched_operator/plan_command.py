@@ -8,7 +8,8 @@ optimizer's input with `snapshot` (the same reading the operator uses: invalid L
 skipped and listed, as the operator marks them InvalidSpec and plans the rest) and prints the plan,
 and with `--diff` what it would change against the cluster now. A bad snapshot, override or flag
 gives one error line naming the object and field and exit code 2; a cluster that cannot be read,
-exit code 1. Not for changing a cluster: nothing here writes to an API server.
+exit code 3 (4 where a CRD is missing). Not for changing a cluster: nothing here writes to an API
+server.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, TextIO
 import yaml
 
 from wattsched_operator.cluster_read import ClusterReadError, connect, read_cluster
+from wattsched_operator.commandline import EXIT_USAGE, CommandParser
 from wattsched_operator.snapshot import (
     ClusterObjects,
     Snapshot,
@@ -45,11 +47,9 @@ from wattsched_optimizer.planner import PlanInputError
 from wattsched_optimizer.planner import plan as solve_plan
 from wattsched_optimizer.problem import Plan, PlanOptions
 
-EXIT_BAD_INPUT = 2
-EXIT_CLUSTER_UNREADABLE = 1
 # The operator's default (`wattsched operator --heartbeat-timeout-seconds`): with --from-cluster an
 # agent silent for longer counts as not ready, as the operator counts it.
-HEARTBEAT_TIMEOUT_SECONDS = 120.0
+HEARTBEAT_TIMEOUT_SECONDS = 30.0
 
 
 def plan_to_json(
@@ -90,7 +90,12 @@ def plan_to_json(
             for b in sorted(plan.budgets, key=lambda b: b.name)
         ],
         "unplaced": [
-            {"workload": u.workload, "reason": u.reason, "constraint": u.constraint}
+            {
+                "workload": u.workload,
+                "reason": u.reason_name,
+                "message": u.reason,
+                **({"budget": u.budget} if u.budget else {}),
+            }
             for u in sorted(plan.unplaced, key=lambda u: u.workload)
         ],
         "skipped": list(skipped),
@@ -149,7 +154,8 @@ def plan_to_table(
     if data["unplaced"]:
         lines.append("")
         lines += _table(
-            ["UNPLACED", "REASON"], [[u["workload"], u["reason"]] for u in data["unplaced"]]
+            ["UNPLACED", "REASON", "MESSAGE"],
+            [[u["workload"], u["reason"], u["message"]] for u in data["unplaced"]],
         )
     if skipped:
         lines += ["", "SKIPPED (invalid; left out of the plan, as the operator leaves them out)"]
@@ -160,13 +166,12 @@ def plan_to_table(
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
         prog="wattsched plan",
         description="Solve a placement-and-power plan for a snapshot of cluster objects, or for "
-        "the live cluster with what-if overrides. Exit codes: 0 planned, 1 the cluster could "
-        "not be read, 2 bad input.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "the live cluster with what-if overrides. Exit codes: 0 planned, 2 bad input, 3 the "
+        "cluster cannot be read, 4 a CRD is not installed.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -201,7 +206,13 @@ def _parser() -> argparse.ArgumentParser:
         help="also print which pods would move, stop or start and which power limits change, "
         "against the pods and NodePowerProfiles in the input",
     )
-    parser.add_argument("-o", "--output", choices=("json", "table"), default="table")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("json", "table"),
+        default="table",
+        help="table for people, json for scripts",
+    )
     parser.add_argument(
         "--now",
         help="the time deadlines are measured from (RFC 3339; default: the current time)",
@@ -353,25 +364,29 @@ def run(args: argparse.Namespace, stdin: TextIO) -> PlanResult:
         agents_required=args.from_cluster,
         heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS if args.from_cluster else None,
     )
+    if snapshot.ignored:  # a budget, profile or pod that cannot be read: the input is wrong
+        raise SnapshotError(snapshot.ignored[0].message)
+    for node in snapshot.excluded_nodes:  # planned without it, and said why
+        print(f"wattsched plan: node {node.name} takes no work: {node.reason}", file=sys.stderr)
     plan = solve_plan(snapshot.plan_input)
     diff = plan_diff(snapshot.plan_input, plan, objects.profiles) if args.diff else None
     return PlanResult(plan=plan, skipped=tuple(str(e) for e in snapshot.rejected), diff=diff)
 
 
 def main(argv: list[str]) -> int:
-    parser = _parser()
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error argparse already printed
+    except SystemExit as exit_request:  # --help, or a usage error already printed in one line
         return int(exit_request.code or 0)
     try:
         result = run(args, sys.stdin)
     except (SnapshotError, PlanInputError) as error:
         print(f"wattsched plan: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_USAGE
     except ClusterReadError as error:
         print(f"wattsched plan: {error}", file=sys.stderr)
-        return EXIT_CLUSTER_UNREADABLE
+        return error.exit_code
     if args.output == "json":
         print(json.dumps(plan_to_json(result.plan, result.skipped, result.diff), indent=2))
     else:

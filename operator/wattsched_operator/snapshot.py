@@ -5,17 +5,23 @@ Input is plain JSON objects as the API server returns them (Nodes, LLMWorkloads,
 NodePowerProfiles, Pods); output is `wattsched_optimizer.problem.PlanInput`. Every function is pure
 (the current time comes in as `now`) apart from a bounded cache of parsed LLMWorkloads keyed by
 (uid, resourceVersion), which never changes a result. Bad objects raise `SnapshotError` naming
-the object and field (or, with `strict=False`, bad LLMWorkloads are left out and returned as
-`rejected`, so one bad workload cannot stop planning for the others). Not for listing or watching
-objects, or for solving.
+the object and field (or, with `strict=False`, bad objects are left out: LLMWorkloads are returned
+as `rejected`, EnergyBudgets, NodePowerProfiles and Pods as `ignored`, so one bad object cannot
+stop planning for the others). Not for listing or watching objects, or for solving.
 
 Rules:
 - GPU node: allocatable `nvidia.com/gpu` > 0; its product is the GFD label `nvidia.com/gpu.product`
   normalised by the performance model. Schedulable when Ready=True, not cordoned, not deleting.
+- A GPU node that cannot be planned for (product label missing or not in the catalogue, GPUs not
+  countable) is excluded, never an error: it takes no work, and every budget whose selector
+  matches it counts it at what it can draw (see `excluded_node`). `Snapshot.excluded_nodes` says
+  which and why.
 - Agent readiness: a node's agent counts as ready when its NodePowerProfile says `agent.ready`, has
   applied the current spec generation, has a fresh heartbeat (when `heartbeat_timeout_seconds` is
-  given) and the node is not in `unconfirmed_nodes`. When the objects hold no NodePowerProfile at
-  all and `agents_required` is False (offline planning from a snapshot), all agents count as ready.
+  given) and the node is not in `unconfirmed_nodes`. An agent whose last heartbeat is older than
+  the timeout is lost: its node also takes no work (the replicas there move; the rest stay).
+  When the objects hold no NodePowerProfile at all and `agents_required` is False (offline
+  planning from a snapshot), all agents count as ready.
 - Budgets: the GPU nodes whose labels match the selector (no or empty selector: every GPU node).
 - Current placements: pods labelled `wattsched.io/workload` (workload name, pod's namespace) and
   `wattsched.io/replica`, bound to a node (or annotated with one) and not finished.
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -91,13 +97,33 @@ class ClusterObjects:
 
 
 @dataclass(frozen=True)
+class ExcludedNode:
+    """A GPU node left out of planning: it takes no work, and its budgets count `counted_watts`."""
+
+    name: str
+    reason: str
+    counted_watts: float
+
+
+@dataclass(frozen=True)
+class IgnoredObject:
+    """An object that cannot be read (with `strict=False`): left out of the plan, reported."""
+
+    kind: str  # "EnergyBudget", "NodePowerProfile", "Pod", "Node"
+    key: str  # name, or namespace/name
+    message: str
+
+
+@dataclass(frozen=True)
 class Snapshot:
-    """What the objects say: the optimizer's input and the workloads left out as invalid."""
+    """What the objects say: the optimizer's input and what was left out, and why."""
 
     plan_input: PlanInput
     rejected: tuple[ApiValidationError, ...] = ()
     # Workload key -> the parsed LLMWorkload, for callers that need more than the optimizer does.
     workloads: Mapping[str, LLMWorkload] = field(default_factory=dict)
+    excluded_nodes: tuple[ExcludedNode, ...] = ()
+    ignored: tuple[IgnoredObject, ...] = ()
 
 
 _KIND_FIELDS = {
@@ -164,13 +190,26 @@ def build_snapshot(
     unconfirmed_nodes: frozenset[str] = frozenset(),
 ) -> Snapshot:
     """The optimizer's input for `objects` at time `now` (the rules: see the module docstring)."""
-    profiles = _profiles_by_node(objects.profiles)
+    ignored: list[IgnoredObject] = []
+
+    def left_out(kind: str, key: str, error: Exception) -> None:
+        if strict:
+            raise SnapshotError(str(error)) from None
+        ignored.append(IgnoredObject(kind, key, str(error)))
+
+    profiles = _profiles_by_node(objects.profiles, left_out)
     require_agents = agents_required or bool(profiles)
     nodes: list[GpuNode] = []
+    excluded: list[ExcludedNode] = []
     labels_by_node: dict[str, Mapping[str, str]] = {}
     node_names = _Unique("Node", "metadata.name")
     for body in objects.nodes:
-        node_names.add(_node_name(body))
+        try:
+            name = _node_name(body)
+            node_names.add(name)
+        except SnapshotError as error:
+            left_out("Node", str(_metadata_name(body)), error)
+            continue
         node = _gpu_node(
             body,
             profiles=profiles,
@@ -179,9 +218,12 @@ def build_snapshot(
             heartbeat_timeout_seconds=heartbeat_timeout_seconds,
             unconfirmed_nodes=unconfirmed_nodes,
         )
-        if node is not None:
+        if isinstance(node, GpuNode):
             nodes.append(node)
-            labels_by_node[node.name] = _labels(body)
+        elif node is not None:
+            excluded.append(node)
+        if node is not None:
+            labels_by_node[name] = _labels_or_none(body)
 
     workloads: dict[str, LLMWorkload] = {}
     rejected: list[ApiValidationError] = []
@@ -199,19 +241,33 @@ def build_snapshot(
                 raise SnapshotError(str(error)) from None
             rejected.append(error)
             continue
+        except SnapshotError as error:  # the same workload twice (never from the API server)
+            left_out("LLMWorkload", str(_metadata_name(body)), error)
+            continue
         workloads[workload.key] = workload
 
+    counted_watts = {node.name: node.counted_watts for node in excluded}
     budget_names = _Unique("EnergyBudget", "metadata.name")
     budgets = []
     for body in objects.budgets:
-        budget = parse_budget(body)
-        budget_names.add(budget.metadata.name)
-        budgets.append(_budget(budget, labels_by_node))
-    current = tuple(
-        placement
-        for body in objects.pods
-        if (placement := current_placement(body, workloads)) is not None
-    )
+        try:
+            budget = parse_budget(body)
+            budget_names.add(budget.metadata.name)
+        except SnapshotError as error:
+            left_out("EnergyBudget", str(_metadata_name(body)), error)
+            continue
+        budgets.append(_budget(budget, labels_by_node, counted_watts))
+    current = []
+    for body in objects.pods:
+        try:
+            placement = current_placement(body, workloads)
+        except SnapshotError as error:
+            meta = body.get("metadata") if isinstance(body, Mapping) else None
+            meta = meta if isinstance(meta, Mapping) else {}
+            left_out("Pod", f"{meta.get('namespace')}/{meta.get('name')}", error)
+            continue
+        if placement is not None:
+            current.append(placement)
     plan_input = PlanInput(
         nodes=tuple(sorted(nodes, key=lambda n: n.name)),
         workloads=tuple(sorted(converted, key=lambda w: w.key)),
@@ -219,7 +275,18 @@ def build_snapshot(
         current=tuple(sorted(current, key=lambda c: (c.workload, c.replica))),
         options=options or PlanOptions(),
     )
-    return Snapshot(plan_input=plan_input, rejected=tuple(rejected), workloads=workloads)
+    return Snapshot(
+        plan_input=plan_input,
+        rejected=tuple(rejected),
+        workloads=workloads,
+        excluded_nodes=tuple(sorted(excluded, key=lambda n: n.name)),
+        ignored=tuple(ignored),
+    )
+
+
+def _metadata_name(body: object) -> object:
+    meta = body.get("metadata") if isinstance(body, Mapping) else None
+    return meta.get("name") if isinstance(meta, Mapping) else None
 
 
 class _Unique:
@@ -248,6 +315,15 @@ def _node_name(body: Body) -> str:
     if not isinstance(name, str) or not name:
         raise SnapshotError("Node: metadata.name is required")
     return name
+
+
+def _labels_or_none(body: Body) -> Mapping[str, str]:
+    """A node's labels; a malformed label map reads as no labels (the node then has no product
+    and no budget selects it by label)."""
+    try:
+        return _labels(body)
+    except SnapshotError:
+        return {}
 
 
 def _labels(body: Body) -> Mapping[str, str]:
@@ -312,15 +388,20 @@ def keeps_running(body: Body) -> bool:
     )
 
 
-def _profiles_by_node(bodies: Iterable[Body]) -> dict[str, NodePowerProfile]:
+def _profiles_by_node(
+    bodies: Iterable[Body], left_out: Callable[[str, str, Exception], None]
+) -> dict[str, NodePowerProfile]:
+    """Profiles by node; an unreadable one is left out (its node's agent then counts as not
+    ready) through `left_out`, which raises in strict mode."""
     profiles: dict[str, NodePowerProfile] = {}
     names = _Unique("NodePowerProfile", "metadata.name")
     for body in bodies:
         try:
             profile = parse_nodepowerprofile(body)
-        except ApiValidationError as error:
-            raise SnapshotError(str(error)) from None
-        names.add(profile.metadata.name)  # which is spec.nodeName: one profile per node
+            names.add(profile.metadata.name)  # which is spec.nodeName: one profile per node
+        except (ApiValidationError, SnapshotError) as error:
+            left_out("NodePowerProfile", str(_metadata_name(body)), error)
+            continue
         profiles[profile.spec.node_name] = profile
     return profiles
 
@@ -337,6 +418,45 @@ def agent_ready(
     return heartbeat is not None and (now - heartbeat).total_seconds() <= heartbeat_timeout_seconds
 
 
+# The most one GPU of a product wattsched does not know can draw, when its agent has not reported
+# the GPU's maximum limit (NVML): the highest board power of a current NVIDIA data-centre GPU, the
+# B300's 1,400 W (https://glennklockwood.com/garden/processors/B300). An assumption, not measured.
+UNKNOWN_GPU_MAX_WATTS = 1400.0
+
+
+def excluded_node(
+    name: str, reason: str, gpus: int | None, profile: NodePowerProfile | None
+) -> ExcludedNode:
+    """A GPU node the plan cannot use, and what its budgets count it at.
+
+    Counted at its profile's limits where its agent confirmed them (they are not changed while
+    the node is excluded), else at the most its GPUs can draw: each GPU's maximum limit as the
+    agent reports it (NVML), else `UNKNOWN_GPU_MAX_WATTS`. GPUs are counted from allocatable,
+    else from the profile's status.
+    """
+    if profile is not None and profile.limits_confirmed and profile.spec.gpus:
+        watts = sum(g.power_limit_watts for g in profile.spec.gpus)
+        return ExcludedNode(name, f"{reason}; counted at its confirmed limits ({watts:g} W)", watts)
+    reported = {g.index: g.max_watts for g in profile.status.gpus} if profile else {}
+    count = gpus if gpus is not None else len(reported)
+    watts = sum(reported.get(i) or UNKNOWN_GPU_MAX_WATTS for i in range(count))
+    return ExcludedNode(
+        name, f"{reason}; counted at the most its {count} GPU(s) can draw ({watts:g} W)", watts
+    )
+
+
+def agent_lost(
+    profile: NodePowerProfile | None, *, now: datetime, heartbeat_timeout_seconds: float | None
+) -> bool:
+    """Whether a node's agent reported before and has been silent for longer than the timeout
+    (a node that never had an agent is not lost: it waits for its first report)."""
+    agent = profile.status.agent if profile is not None else None
+    heartbeat = agent.heartbeat if agent is not None else None
+    if heartbeat is None or heartbeat_timeout_seconds is None:
+        return False
+    return (now - heartbeat).total_seconds() > heartbeat_timeout_seconds
+
+
 def _gpu_node(
     body: Body,
     *,
@@ -345,33 +465,45 @@ def _gpu_node(
     now: datetime,
     heartbeat_timeout_seconds: float | None,
     unconfirmed_nodes: frozenset[str],
-) -> GpuNode | None:
+) -> GpuNode | ExcludedNode | None:
+    """The node as the optimizer sees it, None when it has no GPUs, or an `ExcludedNode` when
+    it has GPUs the plan cannot use."""
     name = _node_name(body)
-    count = gpu_count(body)
+    profile = profiles.get(name)
+    try:
+        count = gpu_count(body)
+    except SnapshotError as error:
+        return excluded_node(name, str(error), None, profile)
     if count == 0:
         return None
-    label = _labels(body).get(GPU_PRODUCT_LABEL)
     field_name = f'metadata.labels["{GPU_PRODUCT_LABEL}"]'
+    labels = _labels_or_none(body)
+    label = labels.get(GPU_PRODUCT_LABEL) if labels is not None else None
     if not label:
-        raise SnapshotError(
+        return excluded_node(
+            name,
             f"Node {name}: {field_name} is missing; wattsched needs the GPU Feature Discovery "
-            "labels on every node with allocatable nvidia.com/gpu"
+            "labels on every node with allocatable nvidia.com/gpu",
+            count,
+            profile,
         )
     try:
         product = normalise_product(label)
     except UnknownProductError as error:
-        raise SnapshotError(f"Node {name}: {field_name}: {error}") from None
+        return excluded_node(name, f"Node {name}: {field_name}: {error}", count, profile)
     ready = True
+    lost = False
     if require_agents:
         ready = name not in unconfirmed_nodes and agent_ready(
-            profiles.get(name), now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds
+            profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds
         )
+        lost = agent_lost(profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     return GpuNode(
         name=name,
         product=product,
         gpu_count=count,
-        schedulable=is_schedulable(body),
-        keeps_running=keeps_running(body),
+        schedulable=is_schedulable(body) and not lost,
+        keeps_running=keeps_running(body) and not lost,
         agent_ready=ready,
     )
 
@@ -492,13 +624,19 @@ def parse_budget(body: Body) -> EnergyBudget:
         raise SnapshotError(str(error)) from None
 
 
-def _budget(budget: EnergyBudget, labels_by_node: Mapping[str, Mapping[str, str]]) -> Budget:
+def _budget(
+    budget: EnergyBudget,
+    labels_by_node: Mapping[str, Mapping[str, str]],
+    excluded_watts: Mapping[str, float],
+) -> Budget:
+    """The budget over the GPU nodes its selector matches; the excluded ones among them count
+    as `uncontrolled_watts`."""
+    selected = {name for name, labels in labels_by_node.items() if budget.spec.selects(labels)}
     return Budget(
         name=budget.name,
         power_cap_watts=budget.spec.power_cap_watts,
-        node_names=frozenset(
-            name for name, labels in labels_by_node.items() if budget.spec.selects(labels)
-        ),
+        node_names=frozenset(name for name in selected if name not in excluded_watts),
+        uncontrolled_watts=sum(excluded_watts[name] for name in selected if name in excluded_watts),
     )
 
 

@@ -28,10 +28,10 @@ from wattsched_operator.accounting import JOULES_PER_KWH, Period, parse_rfc3339,
 from wattsched_operator.api.errors import ApiValidationError
 from wattsched_operator.api.nodepowerprofile import parse_nodepowerprofile
 from wattsched_operator.cluster_read import ClusterReadError, connect, list_objects, read_cluster
+from wattsched_operator.commandline import EXIT_USAGE, CommandParser
 from wattsched_operator.kube import Kube, KubeError
 from wattsched_operator.snapshot import Body, ClusterObjects, SnapshotError, gpu_count
 
-EXIT_CLUSTER_UNREADABLE = 1
 # Event reasons the operator posts on LLMWorkloads when it moves or preempts replicas.
 MOVE_REASONS = ("Moved", "Preempted")
 # The operator's defaults: `--replan-interval-seconds 60`, `--heartbeat-timeout-seconds 120`.
@@ -438,13 +438,13 @@ def list_events(kube: Kube) -> list[dict[str, Any]]:
         query["continue"] = token
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
         prog="wattsched status",
         description="The cluster's energy scheduling on one screen: budgets, unplaced workloads, "
         "recent moves and preemptions, unconfirmed nodes, failed rounds. Read-only. Exit codes: "
-        "0 shown, 1 the cluster could not be read.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "0 shown, 2 bad flags, 3 the cluster could not be read, 4 the wattsched CRDs are not "
+        "installed.",
     )
     parser.add_argument(
         "--kubeconfig",
@@ -477,10 +477,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    parser = _parser()
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error argparse already printed
+    except SystemExit as exit_request:  # --help, or a usage error already printed in one line
         return int(exit_request.code or 0)
     if args.events < 1 or args.stale_plan_seconds <= 0 or args.heartbeat_timeout_seconds <= 0:
         print(
@@ -488,14 +488,14 @@ def main(argv: list[str]) -> int:
             "must be positive",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_USAGE
     try:
         kube = connect(args.kubeconfig)
         objects = read_cluster(kube)
         events = list_events(kube)
     except ClusterReadError as error:
         print(f"wattsched status: {error}", file=sys.stderr)
-        return EXIT_CLUSTER_UNREADABLE
+        return error.exit_code
     counters = None
     metrics_error = None
     if args.operator_metrics_url:

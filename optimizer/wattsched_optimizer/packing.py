@@ -23,7 +23,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from wattsched_optimizer.options import Option, PlanData, Pool, WorkloadClass, workload_label
+from wattsched_optimizer.options import (
+    Option,
+    PlanData,
+    Pool,
+    WorkloadClass,
+    replica_count_field,
+    workload_label,
+)
 from wattsched_optimizer.problem import Workload
 
 # Watts of slack when comparing a budget's headroom with a placement's extra watts.
@@ -484,8 +491,8 @@ class ClusterState:
                 f"{label}: needs {needed} replica(s) of {workload.gpus_per_replica} GPU(s) on one "
                 f"node each ({', '.join(products)}), but only {slots_seen} such slot(s) are free "
                 "after higher-priority and running non-preemptible work; add nodes, lower "
-                "spec.gpu.count or "
-                "spec.minReplicas, or give this workload a higher priority",
+                f"spec.gpu.count or {replica_count_field(workload)}, or give this workload a "
+                "higher priority",
             )
         return (
             "packing",

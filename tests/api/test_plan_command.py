@@ -17,7 +17,7 @@ import yaml
 from wattsched_operator.plan_command import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SNAPSHOT = REPO_ROOT / "examples" / "snapshot.yaml"
+SNAPSHOT = REPO_ROOT / "offline" / "snapshot.yaml"
 NOW = "2026-11-25T02:00:00Z"
 
 
@@ -56,7 +56,7 @@ def test_json_output_has_the_documented_shape(capsys: pytest.CaptureFixture[str]
         assert set(budget) == {"name", "capWatts", "allocatedCapWatts", "expectedWatts"}
         assert budget["allocatedCapWatts"] <= budget["capWatts"]
     for unplaced in plan["unplaced"]:
-        assert {"workload", "reason"} <= set(unplaced)
+        assert set(unplaced) - {"budget"} == {"workload", "reason", "message"}
 
 
 def test_every_gpu_node_is_listed_with_one_limit_per_allocatable_gpu(
@@ -76,8 +76,9 @@ def test_workload_asking_for_an_absent_product_is_unplaced_with_a_reason(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     plan = run_json(capsys, SNAPSHOT)
-    unplaced = {entry["workload"]: entry["reason"] for entry in plan["unplaced"]}
-    assert "H200" in unplaced["team-b/h200-only"]
+    unplaced = {entry["workload"]: entry for entry in plan["unplaced"]}
+    assert unplaced["team-b/h200-only"]["reason"] == "Products"
+    assert "H200" in unplaced["team-b/h200-only"]["message"]
     assert "team-b/h200-only" not in {p["workload"] for p in plan["placements"]}
 
 
@@ -153,8 +154,6 @@ def twice(kind: str, label: str, field: str) -> Any:
 @pytest.mark.parametrize(
     "break_snapshot",
     [
-        unknown_product,
-        malformed_quantity,
         bad_budget,
         bad_profile,
         bad_pod,
@@ -176,6 +175,21 @@ def test_bad_snapshot_exits_2_with_one_line_naming_object_and_field(
     assert captured.err.startswith("wattsched plan: ")
     assert expected in captured.err
     assert captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("break_node", [unknown_product, malformed_quantity])
+def test_a_node_the_plan_cannot_use_is_left_out_and_named_on_stderr(
+    break_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = snapshot_items()
+    expected = break_node(items)
+    assert main(["-f", str(write_snapshot(tmp_path, items)), "--now", NOW, "-o", "json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("wattsched plan: node gpu-h100-00 takes no work: ")
+    assert expected in captured.err
+    plan = json.loads(captured.out)
+    assert plan["placements"]
+    assert all(p["node"] != "gpu-h100-00" for p in plan["placements"])
 
 
 def test_unreadable_or_invalid_yaml_exits_2(
@@ -231,7 +245,26 @@ def test_deadlines_are_measured_from_now(
     assert [p["workload"] for p in early["placements"]] == ["team-b/pretrain"]
     assert late["placements"] == []
     assert [u["workload"] for u in late["unplaced"]] == ["team-b/pretrain"]
-    assert "deadline" in late["unplaced"][0]["reason"]
+    # The same word as the Schedulable condition's reason (one spelling per reason).
+    assert late["unplaced"][0]["reason"] == "Deadline"
+    assert "left before spec.slo.deadline" in late["unplaced"][0]["message"]
+
+
+def test_a_passed_deadline_has_the_conditions_spelling_in_the_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """One spelling per reason: the JSON says what the Schedulable condition says."""
+    items = [
+        item
+        for item in snapshot_items()
+        if item["kind"] == "Node" or item["metadata"]["name"] == "pretrain"
+    ]
+    path = write_snapshot(tmp_path, items)
+    assert main(["-f", str(path), "-o", "json", "--now", "2027-01-01T00:00:00Z"]) == 0
+    (unplaced,) = json.loads(capsys.readouterr().out)["unplaced"]
+    assert unplaced["reason"] == "DeadlinePassed"
+    assert "deadline_passed" not in json.dumps(unplaced)
+    assert "spec.slo.deadline has passed" in unplaced["message"]
 
 
 # -- invalid workloads, --set and --diff -----------------------------------------------------------

@@ -14,7 +14,9 @@ import pytest
 import yaml
 
 from wattsched_operator.snapshot import (
+    UNKNOWN_GPU_MAX_WATTS,
     ClusterObjects,
+    Snapshot,
     SnapshotError,
     build_snapshot,
     deadline_seconds,
@@ -178,28 +180,66 @@ def test_a_cordoned_node_keeps_its_running_replicas_and_a_noexecute_taint_does_n
     }
 
 
-def test_unknown_gpu_product_names_the_node_and_label() -> None:
-    with pytest.raises(
-        SnapshotError,
-        match=r'Node gpu-x: metadata.labels\["nvidia.com/gpu.product"\]: '
-        r"unknown GPU product 'NVIDIA-Z9000'",
-    ):
-        build(node("gpu-x", "NVIDIA-Z9000"))
+def limits_profile(node_name: str, watts: list[float]) -> dict[str, Any]:
+    """A profile whose agent confirmed these limits."""
+    body = profile(node_name)
+    body["spec"]["gpus"] = [{"index": i, "powerLimitWatts": w} for i, w in enumerate(watts)]
+    body["status"]["gpus"] = [{"index": i, "appliedWatts": w} for i, w in enumerate(watts)]
+    return body
 
 
-def test_gpu_node_without_product_label_is_an_error() -> None:
-    bare = node("gpu-y")
+def excluded(snapshot: Snapshot) -> dict[str, tuple[str, float]]:
+    return {n.name: (n.reason, n.counted_watts) for n in snapshot.excluded_nodes}
+
+
+def test_an_unknown_gpu_product_excludes_only_that_node_and_its_budgets_count_it() -> None:
+    """Issue 12 item 2: one node with an unknown product never stops planning."""
+    rack = {"rack": "a"}
+    snapshot = build(
+        node("gpu-x", "NVIDIA-Z9000", labels=rack),
+        node("ok", labels=rack),
+        workload(),
+        budget("rack-a", 20000, {"matchLabels": rack}),
+    )
+    assert [n.name for n in snapshot.plan_input.nodes] == ["ok"]
+    reason, watts = excluded(snapshot)["gpu-x"]
+    assert reason.startswith(
+        'Node gpu-x: metadata.labels["nvidia.com/gpu.product"]: unknown GPU product '
+        "'NVIDIA-Z9000'"
+    )
+    assert watts == 8 * UNKNOWN_GPU_MAX_WATTS  # no agent has reported its GPUs' maximum
+    (rack_a,) = snapshot.plan_input.budgets
+    assert rack_a.node_names == {"ok"}
+    assert rack_a.uncontrolled_watts == 8 * UNKNOWN_GPU_MAX_WATTS
+    assert [w.key for w in snapshot.plan_input.workloads] == ["team-a/chat"]
+
+
+def test_a_missing_product_label_excludes_the_node_counted_at_what_its_agent_reports() -> None:
+    bare = node("gpu-y", gpus="2")
     del bare["metadata"]["labels"]["nvidia.com/gpu.product"]
-    with pytest.raises(
-        SnapshotError, match=r'Node gpu-y: metadata.labels\["nvidia.com/gpu.product"\] is missing'
-    ):
-        build(bare)
+    reported = limits_profile("gpu-y", [300.0, 300.0])
+    reported["metadata"]["generation"] = 3  # the agent has not applied the latest spec
+    reported["status"]["gpus"] = [
+        {"index": 0, "maxWatts": 450.0, "appliedWatts": 300.0},
+        {"index": 1, "maxWatts": 450.0, "appliedWatts": 300.0},
+    ]
+    snapshot = build(bare, reported)
+    reason, watts = excluded(snapshot)["gpu-y"]
+    assert 'metadata.labels["nvidia.com/gpu.product"] is missing' in reason
+    assert watts == 900.0
+
+
+def test_an_excluded_node_with_confirmed_limits_counts_at_them() -> None:
+    unknown = node("gpu-x", "NVIDIA-Z9000", gpus="2")
+    snapshot = build(unknown, limits_profile("gpu-x", [150.0, 250.0]))
+    assert excluded(snapshot)["gpu-x"][1] == 400.0
 
 
 @pytest.mark.parametrize("quantity", ["eight", "8.5", "-1", "8Gi"])
-def test_malformed_gpu_quantity_names_the_node_and_field(quantity: str) -> None:
-    with pytest.raises(SnapshotError, match=r'Node gpu-z: status.allocatable\["nvidia.com/gpu"\]'):
-        build(node("gpu-z", gpus=quantity))
+def test_malformed_gpu_quantity_excludes_the_node_naming_the_field(quantity: str) -> None:
+    snapshot = build(node("gpu-z", gpus=quantity))
+    assert snapshot.plan_input.nodes == ()
+    assert 'Node gpu-z: status.allocatable["nvidia.com/gpu"]' in excluded(snapshot)["gpu-z"][0]
 
 
 def test_budget_scope_is_the_gpu_nodes_its_selector_matches() -> None:
@@ -262,6 +302,22 @@ def test_agent_readiness_comes_from_the_node_power_profile() -> None:
         "agent-down": False,
         "stale": False,
         "unconfirmed": False,
+    }
+
+
+def test_a_node_whose_agent_went_silent_takes_no_work_and_one_never_reported_still_does() -> None:
+    nodes = build(
+        node("lost"),
+        node("fresh"),
+        node("new"),
+        profile("lost", heartbeat="2026-11-25T01:59:29Z"),  # 31 s before NOW
+        profile("fresh", heartbeat="2026-11-25T01:59:31Z"),
+        heartbeat_timeout_seconds=30,
+    ).plan_input.nodes
+    assert {n.name: (n.schedulable, n.agent_ready) for n in nodes} == {
+        "lost": (False, False),
+        "fresh": (True, True),
+        "new": (True, False),
     }
 
 
@@ -410,7 +466,7 @@ def test_plan_options_are_passed_through() -> None:
 
 
 def test_the_example_snapshot_reads_cleanly() -> None:
-    documents = list(yaml.safe_load_all((REPO_ROOT / "examples" / "snapshot.yaml").read_text()))
+    documents = list(yaml.safe_load_all((REPO_ROOT / "offline" / "snapshot.yaml").read_text()))
     snapshot = build_snapshot(split_objects(documents), now=NOW)
     plan_input = snapshot.plan_input
     assert len(plan_input.nodes) == 6

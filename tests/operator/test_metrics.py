@@ -59,7 +59,7 @@ def test_reconcile_errors_has_a_zero_series_per_step_before_any_error() -> None:
         for sample in family.samples
         if sample.name == "wattsched_reconcile_errors_total"
     }
-    assert values == {"plan": 0, "apply": 1, "limits": 0}
+    assert values == {"plan": 0, "apply": 1, "limits": 0, "account": 0}
 
 
 def samples(metrics: OperatorMetrics, name: str) -> dict[tuple[tuple[str, str], ...], float]:

@@ -300,7 +300,7 @@ def test_status_and_plan_say_in_one_line_when_the_cluster_cannot_be_read(
     broken.write_text(yaml.safe_dump(config))
     for command in (("status",), ("plan", "--from-cluster")):
         result = wattsched(sandbox, *command, "--kubeconfig", str(broken))
-        assert result.returncode == 1
+        assert result.returncode == 3  # the cluster cannot be used (README, "Command line")
         assert "Traceback" not in result.stderr
         assert result.stderr.count("\n") == 1
-        assert "the API server did not answer" in result.stderr
+        assert "cannot reach the API server https://127.0.0.1:1" in result.stderr

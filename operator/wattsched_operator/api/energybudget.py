@@ -192,8 +192,10 @@ class EnergyBudgetStatus:
     expected_watts: float | None = None
     measured_watts: float | None = None
     headroom_watts: float | None = None
+    energy_used_joules: float | None = None
     energy_used_kwh: float | None = None
     energy_source: EnergySource | None = None
+    carbon_grams: float | None = None
     carbon_kg: float | None = None
     carbon_intensity: CarbonIntensityStatus | None = None
     period_start: str | None = None
@@ -209,8 +211,10 @@ class EnergyBudgetStatus:
             ("expectedWatts", self.expected_watts),
             ("measuredWatts", self.measured_watts),
             ("headroomWatts", self.headroom_watts),
+            ("energyUsedJoules", self.energy_used_joules),
             ("energyUsedKWh", self.energy_used_kwh),
             ("energySource", None if self.energy_source is None else self.energy_source.value),
+            ("carbonGrams", self.carbon_grams),
             ("carbonKg", self.carbon_kg),
             (
                 "carbonIntensity",
@@ -375,8 +379,10 @@ def _read_status(status: Fields) -> EnergyBudgetStatus:
         expected_watts=status.optional_number("expectedWatts", minimum=0, maximum=big),
         measured_watts=status.optional_number("measuredWatts", minimum=0, maximum=big),
         headroom_watts=status.optional_number("headroomWatts", minimum=-big, maximum=big),
+        energy_used_joules=status.optional_number("energyUsedJoules", minimum=0, maximum=big),
         energy_used_kwh=status.optional_number("energyUsedKWh", minimum=0, maximum=big),
         energy_source=None if energy_source is None else EnergySource(energy_source),
+        carbon_grams=status.optional_number("carbonGrams", minimum=0, maximum=big),
         carbon_kg=status.optional_number("carbonKg", minimum=0, maximum=big),
         carbon_intensity=carbon_intensity,
         period_start=read_time(status, "periodStart"),
