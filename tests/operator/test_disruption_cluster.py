@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -22,6 +23,11 @@ from tests.operator.conftest import (
     StartOperator,
     get_json,
     wait_until,
+)
+from tests.operator.test_operator_cluster import (
+    apply,
+    ensure_volume_claims,
+    with_deadlines_from_now,
 )
 
 if TYPE_CHECKING:
@@ -97,8 +103,12 @@ class Examples:
 @pytest.fixture
 def examples(sandbox: Sandbox, namespace: str, start_operator: StartOperator) -> Examples:
     operator = start_operator("--replan-interval-seconds", "5")
-    for path in example_manifests():
-        sandbox.kubectl("apply", "-n", namespace, "-f", str(path))
+    paths = example_manifests()
+    ensure_volume_claims(sandbox, namespace, paths)
+    documents = [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
+    with_deadlines_from_now(documents, timedelta(days=30))
+    apply(sandbox, namespace, *[d for d in documents if d["kind"] == "LLMWorkload"])
+    apply(sandbox, None, *[d for d in documents if d["kind"] == "EnergyBudget"])
     sandbox.kubectl("label", "energybudgets", "cluster", "rack-a", f"{TEST_LABEL}=disruption")
     names = workload_names()
     wait_until(
