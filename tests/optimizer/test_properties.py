@@ -120,7 +120,8 @@ def plan_inputs(
             if n.name in scope
         )
         extra = draw(st.sampled_from(budget_extra_watts))
-        budgets.append(Budget(f"b{b}", base + extra, scope))
+        # A cap below the floor still has to be a cap the API accepts (> 0 W).
+        budgets.append(Budget(f"b{b}", max(1.0, base + extra), scope))
     return PlanInput(nodes, work, tuple(budgets))
 
 
