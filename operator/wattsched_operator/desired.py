@@ -282,9 +282,10 @@ def pace_deletions(
     For an Inference workload (`services`, keys `namespace/name`) that is not in `forced` (a
     budget that no limit in place can keep forces its moves at once), a replica that moves (a
     deletion with a replacement wanted under the same name) goes only while every other replica
-    the plan wants is Ready, and one per round; the others wait for a later round. A pod on a node
-    in `lost_nodes` (gone, NotReady, NoExecute) serves nothing and always goes; so does a pod that
-    is not moving (scale-down, preemption: the plan wants it nowhere) and every gang member.
+    the plan wants is Ready, and one per round; the others wait for a later round. A pod that
+    serves nothing (not Ready, or on a node in `lost_nodes`: gone, NotReady, NoExecute) always
+    goes; so does a pod that is not moving (scale-down, preemption: the plan wants it nowhere) and
+    every gang member.
     """
     now: list[tuple[str, str]] = []
     later: list[tuple[str, str]] = []
@@ -304,7 +305,8 @@ def pace_deletions(
             pod["metadata"].get("annotations") or {}
         ).get(ANNOTATION_NODE)
         moving = key in desired
-        if workload not in services or workload in forced or not moving or node in lost_nodes:
+        serving = is_ready(pod) and node not in lost_nodes
+        if workload not in services or workload in forced or not moving or not serving:
             now.append(key)
         elif down.get(workload, 0) == 0:
             now.append(key)

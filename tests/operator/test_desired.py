@@ -273,7 +273,8 @@ def test_a_service_loses_one_replica_at_a_time_when_it_moves() -> None:
     assert paced.later == (("team-a", "llama-1"), ("team-a", "llama-2"))
 
 
-def test_a_service_with_a_replica_not_ready_moves_nothing_this_round() -> None:
+def test_a_service_with_a_replica_not_ready_moves_only_that_one_this_round() -> None:
+    # llama-1 serves nothing: it moves now; the Ready ones wait until it is Ready again.
     current, want, delete = three_replicas_moving((True, False, True))
     paced = pace_deletions(
         delete,
@@ -283,8 +284,8 @@ def test_a_service_with_a_replica_not_ready_moves_nothing_this_round() -> None:
         forced=frozenset(),
         lost_nodes=frozenset(),
     )
-    assert paced.now == ()
-    assert len(paced.later) == 3
+    assert paced.now == (("team-a", "llama-1"),)
+    assert paced.later == (("team-a", "llama-0"), ("team-a", "llama-2"))
 
 
 def test_a_budget_that_forces_it_moves_every_replica_at_once() -> None:
