@@ -162,6 +162,7 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
     # higher-priority work that needs its GPUs) may move: plan again with it unpinned.
     pinned = {c.representative.key for c in data.classes if c.pinned_nodes}
     dropped = {key: pass_one[1][key] for key in pinned if key in pass_one[1]}
+    dropped |= _displaced(program_input, pinned, pass_one[0])
     state, left_out, objective, bound, status, solver_used = pass_one
     if dropped:
         data = build_plan_data(program_input, performance, unpinned=frozenset(dropped))
@@ -282,6 +283,34 @@ def _solve_and_pack(
     else:
         status = PlanStatus.FEASIBLE
     return state, left_out, objective, bound, status, solver_used
+
+
+def _displaced(
+    plan_input: PlanInput, pinned: Iterable[str], state: ClusterState
+) -> dict[str, Unplaced]:
+    """Pinned workloads that packing kept only by moving a running replica (a node of theirs lost
+    a replica while another gained one): no placement in place fits, so they are unpinned like
+    dropped ones. The constraint names a budget over their nodes (`budget:<name>`: no limit in
+    place keeps it), else `gpus` (other work holds the GPUs)."""
+    running: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for current in plan_input.current:
+        running[current.workload][current.node] += 1
+    displaced: dict[str, Unplaced] = {}
+    for key in pinned:
+        assignment = state.placed.get(key)
+        if assignment is None:
+            continue
+        placed: dict[str, int] = defaultdict(int)
+        for node in assignment.nodes:
+            placed[node] += 1
+        was = running[key]
+        if any(placed[n] < c for n, c in was.items()) and any(
+            c > was.get(n, 0) for n, c in placed.items()
+        ):
+            budgets = sorted(b.name for b in plan_input.budgets if b.node_names & set(was))
+            constraint = f"budget:{budgets[0]}" if budgets else "gpus"
+            displaced[key] = Unplaced(key, "no placement in place fits", constraint)
+    return displaced
 
 
 def _move_reasons(

@@ -331,3 +331,35 @@ def test_a_replica_gone_from_a_cordoned_node_is_placed_elsewhere_and_the_others_
     current = (CurrentPlacement("team/svc", 1, "h100-0", "bf16", 700.0),)
     result = plan(PlanInput(nodes, (svc,), current=current))
     assert sorted(p.node for p in result.placements) == ["h100-0", "h100-1"]
+
+
+def test_a_replica_packing_could_keep_only_by_moving_it_gets_the_budget_as_its_reason() -> None:
+    # The service runs on a0 (rack a) and b0. Rack a is cut below one replica at its only level
+    # (Performance): the replicas on a0 must go, and the plan says the budget forced it.
+    nodes = (
+        GpuNode("a0", "H100-80GB", 8),
+        GpuNode("b0", "H100-80GB", 8),
+        GpuNode("b1", "H100-80GB", 8),
+    )
+    per_replica = MODEL.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.INFERENCE, 8, 1, 1.0, 700.0
+    )
+    svc = Workload(
+        key="team/svc",
+        type=WorkloadType.INFERENCE,
+        model_parameters_billions=8,
+        gpus_per_replica=1,
+        variants=(BF16,),
+        min_replicas=8,
+        max_replicas=8,
+        tokens_per_second=8 * per_replica,
+        policy=EnergyPolicy.PERFORMANCE,
+    )
+    current = tuple(
+        CurrentPlacement("team/svc", i, "a0" if i < 4 else "b0", "bf16", 700.0) for i in range(8)
+    )
+    rack_a = Budget("rack-a", 8 * 200 + 100, frozenset({"a0"}))
+    result = plan(PlanInput(nodes, (svc,), (rack_a,), current=current))
+    assert "a0" not in {p.node for p in result.placements}
+    assert len(result.placements) == 8
+    assert result.move_reasons == {"team/svc": MoveReason.BUDGET}
