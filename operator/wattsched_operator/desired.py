@@ -248,6 +248,74 @@ def moved_replicas(
     return moves
 
 
+def is_ready(pod: Mapping[str, Any]) -> bool:
+    """The pod's Ready condition is True and it is not being deleted."""
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(
+        isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+        for c in conditions
+    )
+
+
+@dataclass(frozen=True)
+class PacedDeletions:
+    """A round's pod deletions split into those made now and those left for a later round."""
+
+    now: tuple[tuple[str, str], ...]
+    later: tuple[tuple[str, str], ...]
+
+
+def pace_deletions(
+    delete: Iterable[tuple[str, str]],
+    current: Mapping[tuple[str, str], Mapping[str, Any]],
+    desired: Mapping[tuple[str, str], Mapping[str, Any]],
+    *,
+    services: frozenset[str],
+    forced: frozenset[str],
+    lost_nodes: frozenset[str],
+) -> PacedDeletions:
+    """Which of the planned deletions happen this round, so that a service loses at most one
+    replica at a time.
+
+    For an Inference workload (`services`, keys `namespace/name`) that is not in `forced` (a
+    budget that no limit in place can keep forces its moves at once), a replica that moves (a
+    deletion with a replacement wanted under the same name) goes only while every other replica
+    the plan wants is Ready, and one per round; the others wait for a later round. A pod that
+    serves nothing (not Ready, or on a node in `lost_nodes`: gone, NotReady, NoExecute) always
+    goes; so does a pod that is not moving (scale-down, preemption: the plan wants it nowhere) and
+    every gang member.
+    """
+    now: list[tuple[str, str]] = []
+    later: list[tuple[str, str]] = []
+    down: dict[str, int] = {}
+    for key in desired:
+        pod = current.get(key)
+        if pod is None or not is_ready(pod):
+            workload = f"{key[0]}/{desired[key]['metadata']['labels'][LABEL_WORKLOAD]}"
+            down[workload] = down.get(workload, 0) + 1
+    for key in sorted(delete):
+        pod = current.get(key)
+        if pod is None:
+            now.append(key)
+            continue
+        workload = f"{key[0]}/{(pod['metadata'].get('labels') or {}).get(LABEL_WORKLOAD)}"
+        node = (pod.get("spec") or {}).get("nodeName") or (
+            pod["metadata"].get("annotations") or {}
+        ).get(ANNOTATION_NODE)
+        moving = key in desired
+        serving = is_ready(pod) and node not in lost_nodes
+        if workload not in services or workload in forced or not moving or not serving:
+            now.append(key)
+        elif down.get(workload, 0) == 0:
+            now.append(key)
+            down[workload] = 1
+        else:
+            later.append(key)
+    return PacedDeletions(now=tuple(now), later=tuple(later))
+
+
 def node_power_profile(node_name: str, limits_watts: Iterable[float]) -> dict[str, Any]:
     """A NodePowerProfile manifest (cluster-scoped, named after its node) with per-GPU limits."""
     return {

@@ -39,6 +39,9 @@ from wattsched_operator.kube import (
 from wattsched_optimizer.model import UnknownProductError, normalise_product, power_levels_watts
 from wattsched_optimizer.problem import PlanOptions
 
+# Event reasons of the operator's moves and preemptions (each message names its cause).
+DISRUPTION_REASONS = ("Moved", "Preempted", "GangRestart")
+
 Body = Mapping[str, Any]
 
 
@@ -242,6 +245,16 @@ def explanation(
         }
         for e in recent
     ]
+    # The last moves and preemptions, whatever came after them: each says its cause.
+    disruptions = [e for e in events if e.get("reason") in DISRUPTION_REASONS]
+    document["disruptions"] = [
+        {
+            "lastTimestamp": e.get("lastTimestamp"),
+            "reason": e.get("reason"),
+            "message": e.get("message"),
+        }
+        for e in sorted(disruptions, key=lambda e: str(e.get("lastTimestamp") or ""))[-3:]
+    ]
     return document
 
 
@@ -310,6 +323,11 @@ def render(
             f", allocated {_fmt_watts(b['allocatedCapWatts'])}"
             f", headroom {_fmt_watts(b['headroomWatts'])}"
             for b in doc["budgets"]
+        ]
+    if doc["disruptions"]:
+        lines.append("  last moves and preemptions (Event: cause, replicas):")
+        lines += [
+            f"    {e['lastTimestamp']} {e['reason']}: {e['message']}" for e in doc["disruptions"]
         ]
     if doc["events"]:
         lines.append("  recent events:")

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from wattsched_operator import accounting, demand, desired, progress, statuses, transition
+from wattsched_operator import (
+    accounting,
+    demand,
+    desired,
+    progress,
+    snapshot,
+    statuses,
+    transition,
+)
 from wattsched_operator.api.energybudget import parse_energybudget
 from wattsched_operator.api.errors import ApiValidationError
 from wattsched_operator.cache import (
@@ -56,6 +64,7 @@ from wattsched_operator.telemetry import (
 )
 from wattsched_optimizer.model import CatalogueModel, PerformanceModel
 from wattsched_optimizer.problem import (
+    MoveReason,
     Placement,
     Plan,
     PlanInput,
@@ -73,8 +82,19 @@ PLAN_FAILED = "PlanFailed"
 BUDGET_KIND = "EnergyBudget"
 WORKLOAD_KIND = "LLMWorkload"
 MAX_BACKOFF_SECONDS = 300.0
+HTTP_NOT_FOUND = 404
 HTTP_CONFLICT = 409
 HTTP_TOO_MANY_REQUESTS = 429
+# What each move cause means, in the `Moved` Event (MoveReason's values are the Event's cause).
+MOVE_CAUSES = {
+    MoveReason.NODE: "its node is gone, NotReady, being deleted, NoExecute-tainted or its agent "
+    "is lost",
+    MoveReason.BUDGET: "no power limit in place keeps it inside a budget",
+    MoveReason.PRIORITY: "higher-priority work needs its GPUs and it is preemptible",
+    MoveReason.SAVINGS: "another product or variant saves more than the churn threshold and "
+    "spec.disruption.moveToSaveEnergy allows it",
+    MoveReason.SPEC: "its spec no longer allows the product or variant it ran with",
+}
 
 T = TypeVar("T")
 
@@ -1081,42 +1101,52 @@ class PlanningLoop:
             )
             self.cache.mark_dirty()
 
-        # 2. Delete preempted and moved pods (and failed pods due for a retry).
-        placed_keys = {p.workload for p in plan.placements}
-        to_delete = sorted(set(changes.delete) | life.delete_pods)
-        preempted: dict[str, int] = {}
-        for namespace, name in to_delete:
-            pod = view.pods.get(f"{namespace}/{name}")
-            if pod is None:
-                continue
-            key = pod_workload_key(pod)
-            if key in active and key not in placed_keys and not _finished(pod):
-                preempted[key] = preempted.get(key, 0) + 1
+        # 2. Evict preempted and moved pods (Eviction API: PodDisruptionBudgets hold), a
+        # service's moves one replica at a time unless a budget forces them; delete failed pods
+        # due for a retry.
         pods_by_name = {
             (p["metadata"]["namespace"], p["metadata"]["name"]): p for p in view.pods.values()
         }
-        moves = desired.moved_replicas(pods_by_name, want, changes.delete)
-        await self._mark_moving(view, active, placed_keys, to_delete)
-        await self._gather(self._delete_pod(ns, name, view) for ns, name in to_delete)
-        for key, moved in moves.items():
-            if key not in active:
-                continue
-            self.metrics.moves.inc(len(moved))
-            shown = "; ".join(moved[:5]) + ("; ..." if len(moved) > 5 else "")
-            await self._event(active[key], "Normal", "Moved", f"{len(moved)} replica(s): {shown}")
-        await self._announce_gang_restarts(view, active, plan, changes.delete)
-        for key, count in preempted.items():
-            self.metrics.preemptions.inc(count)
-            unplaced = next((u for u in plan.unplaced if u.workload == key), None)
-            reason = unplaced.reason if unplaced else "the plan no longer places it"
-            await self._event(active[key], "Warning", "Preempted", f"{count} replica(s): {reason}")
+        lost_nodes = frozenset(
+            name for name, body in view.nodes.items() if not snapshot.keeps_running(body)
+        ) | frozenset(
+            node
+            for pod in view.pods.values()
+            if (node := (pod.get("spec") or {}).get("nodeName")) and node not in view.nodes
+        )
+        paced = desired.pace_deletions(
+            changes.delete,
+            pods_by_name,
+            want,
+            services=frozenset(key for key, body in active.items() if not is_gang(body)),
+            forced=frozenset(
+                key for key, cause in plan.move_reasons.items() if cause is MoveReason.BUDGET
+            ),
+            lost_nodes=lost_nodes,
+        )
+        if paced.later:
+            self.cache.mark_dirty()  # the next round moves the next replica
+        placed_keys = {p.workload for p in plan.placements}
+        await self._mark_moving(view, active, placed_keys, paced.now)
+        evicted = await self._evict_pods(paced.now, view)
+        await self._gather(
+            self._delete_pod(ns, name, view) for ns, name in sorted(life.delete_pods - set(evicted))
+        )
+        await self._post_disruptions(
+            plan, active, view=view, pods_by_name=pods_by_name, want=want, evicted=evicted
+        )
+        await self._announce_gang_restarts(view, active, plan, evicted)
 
         # 3. Create new pods (a name still held by a terminating pod is retried next round).
-        deleting = set(to_delete) | {
-            (p["metadata"]["namespace"], p["metadata"]["name"])
-            for p in view.pods.values()
-            if is_deleting(p)
-        }
+        deleting = (
+            set(changes.delete)
+            | life.delete_pods
+            | {
+                (p["metadata"]["namespace"], p["metadata"]["name"])
+                for p in view.pods.values()
+                if is_deleting(p)
+            }
+        )
         creatable = [
             p
             for p in changes.create
@@ -1152,6 +1182,107 @@ class PlanningLoop:
                 logger.warning("apply step failed: %s", result)
                 self.metrics.reconcile_errors.labels(step="apply").inc()
                 self.cache.mark_dirty()
+
+    async def _post_disruptions(
+        self,
+        plan: Plan,
+        active: Mapping[str, Body],
+        *,
+        view: ClusterView,
+        pods_by_name: Mapping[tuple[str, str], Body],
+        want: Mapping[tuple[str, str], Mapping[str, Any]],
+        evicted: Iterable[tuple[str, str]],
+    ) -> None:
+        """One `Moved` or `Preempted` Event per workload for the pods evicted this round, naming
+        the cause, and the counters by cause."""
+        placed_keys = {p.workload for p in plan.placements}
+        preempted: dict[str, int] = {}
+        for namespace, name in evicted:
+            pod = view.pods.get(f"{namespace}/{name}")
+            if pod is None:
+                continue
+            key = pod_workload_key(pod)
+            if key in active and key not in placed_keys and not _finished(pod):
+                preempted[key] = preempted.get(key, 0) + 1
+        moves = desired.moved_replicas(pods_by_name, want, evicted)
+        for key, moved in moves.items():
+            if key not in active:
+                continue
+            cause = plan.move_reasons.get(key, MoveReason.SPEC)
+            self.metrics.moves.labels(cause=cause.value).inc(len(moved))
+            shown = "; ".join(moved[:5]) + ("; ..." if len(moved) > 5 else "")
+            forced = ""
+            if cause is MoveReason.BUDGET and len(moved) > 1 and not is_gang(active[key]):
+                forced = " (more than one replica at once: the budget forces it)"
+            await self._event(
+                active[key],
+                "Normal",
+                "Moved",
+                f"{len(moved)} replica(s), cause {cause.value}: {MOVE_CAUSES[cause]}{forced}; "
+                f"{shown}",
+            )
+        for key, count in preempted.items():
+            unplaced = next((u for u in plan.unplaced if u.workload == key), None)
+            reason = unplaced.reason if unplaced else "the plan no longer places it"
+            budget = unplaced is not None and unplaced.constraint.startswith("budget:")
+            cause = MoveReason.BUDGET if budget else MoveReason.PRIORITY
+            self.metrics.preemptions.labels(cause=cause.value).inc(count)
+            await self._event(
+                active[key],
+                "Warning",
+                "Preempted",
+                f"{count} replica(s), cause {cause.value}: {reason}",
+            )
+
+    async def _evict_pods(
+        self, keys: Iterable[tuple[str, str]], view: ClusterView
+    ) -> list[tuple[str, str]]:
+        """Evict each pod (a pod on a node that is gone is deleted at once); return the ones
+        that went. A PodDisruptionBudget's refusal (429) leaves the pod for the next round."""
+        keys = list(keys)
+        results = await asyncio.gather(
+            *(self._evict_pod(ns, name, view) for ns, name in keys), return_exceptions=True
+        )
+        evicted = []
+        for key, result in zip(keys, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("apply step failed: %s", result)
+                self.metrics.reconcile_errors.labels(step="apply").inc()
+                self.cache.mark_dirty()
+            elif result:
+                evicted.append(key)
+        return evicted
+
+    async def _evict_pod(self, namespace: str, name: str, view: ClusterView) -> bool:
+        pod = view.pods.get(f"{namespace}/{name}") or {}
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node and node not in view.nodes:
+            # No kubelet will ever confirm a graceful deletion on a node that is gone.
+            await self._call(self.kube.delete, pods_path(namespace, name), 0)
+            return True
+        eviction = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+        }
+        try:
+            await self._call(
+                self.kube.write, f"{pods_path(namespace, name)}/eviction", eviction, False
+            )
+        except KubeError as error:
+            if error.status == HTTP_NOT_FOUND:
+                return True
+            if error.status != HTTP_TOO_MANY_REQUESTS:
+                raise
+            logger.info(
+                "pod %s/%s: eviction refused by a PodDisruptionBudget; retried next round: %s",
+                namespace,
+                name,
+                error.message,
+            )
+            self.cache.mark_dirty()
+            return False
+        return True
 
     async def _delete_pod(self, namespace: str, name: str, view: ClusterView) -> None:
         pod = view.pods.get(f"{namespace}/{name}") or {}

@@ -18,6 +18,7 @@ from importlib import metadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from wattsched_optimizer.model import Calibration
+from wattsched_optimizer.problem import MoveReason
 
 # The steps the planning loop counts errors of: the round as a whole, an API write while applying
 # the plan, a NodePowerProfile write, an accounting round between plans.
@@ -139,13 +140,23 @@ class OperatorMetrics:
             registry=r,
         )
         self.preemptions = Counter(
-            "wattsched_preemptions", "Replicas preempted to make room.", registry=r
+            "wattsched_preemptions",
+            "Replicas preempted (evicted with no place in the plan), by cause: BudgetCut or "
+            "HigherPriority.",
+            ["cause"],
+            registry=r,
         )
         self.moves = Counter(
             "wattsched_moves",
-            "Replicas moved to another node or variant (a pod deleted and created again).",
+            "Replicas moved to another node or variant (evicted and created again), by cause: "
+            "NodeLost, BudgetCut, HigherPriority, SavesEnergy or SpecChanged.",
+            ["cause"],
             registry=r,
         )
+        for cause in MoveReason:  # a series per cause from the start, so rate() sees the first
+            self.moves.labels(cause=cause.value)
+        for cause in (MoveReason.BUDGET, MoveReason.PRIORITY):
+            self.preemptions.labels(cause=cause.value)
         self.reconcile_errors = Counter(
             "wattsched_reconcile_errors",
             "Errors by step: plan (a round that could not plan at all), apply (an API write while "

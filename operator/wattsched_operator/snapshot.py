@@ -378,6 +378,22 @@ def is_schedulable(body: Body) -> bool:
     )
 
 
+def keeps_running(body: Body) -> bool:
+    """Whether replicas running on the node may stay: Ready=True, not being deleted, no NoExecute
+    taint. A cordon alone (spec.unschedulable) keeps them; `kubectl drain` evicts them itself."""
+    metadata = body.get("metadata") or {}
+    if metadata.get("deletionTimestamp"):
+        return False
+    taints = (body.get("spec") or {}).get("taints") or []
+    if any(isinstance(t, Mapping) and t.get("effect") == "NoExecute" for t in taints):
+        return False
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return any(
+        isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+        for c in conditions
+    )
+
+
 def _profiles_by_node(
     bodies: Iterable[Body], left_out: Callable[[str, str, Exception], None]
 ) -> dict[str, NodePowerProfile]:
@@ -493,6 +509,7 @@ def _gpu_node(
         product=product,
         gpu_count=count,
         schedulable=is_schedulable(body) and not lost,
+        keeps_running=keeps_running(body) and not lost,
         agent_ready=ready,
     )
 
@@ -599,6 +616,7 @@ def _timeless_workload(workload: LLMWorkload) -> Workload:
         max_power_watts_per_gpu=spec.energy.max_power_watts_per_gpu,
         tokens_per_second=spec.slo.tokens_per_second,
         remaining_work=None if spec.slo.total_work is None else _work_amount(spec.slo.total_work),
+        moves_to_save_energy=spec.move_to_save_energy,
     )
     done = workload.status.progress
     if converted.remaining_work is None or done is None:

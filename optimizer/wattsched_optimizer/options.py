@@ -1,7 +1,8 @@
 """The data step of planning: pools of identical nodes, classes of identical workloads, options.
 
 For: turning a `PlanInput` into the small, aggregated sets the formulation works on: `Pool`s
-(schedulable nodes alike in product, GPU count, agent readiness and budget membership),
+(nodes alike in product, GPU count, agent readiness, budget membership and whether they take new
+replicas; a cordoned node's pool only keeps what runs there),
 `WorkloadClass`es (workloads alike in everything but their name), and per class the `Option`s
 (product, variant, power level, replica count) that meet every per-workload hard constraint
 (allow-list, memory, quality, maxPowerWattsPerGPU, policy, SLO, deadline), with dominated options
@@ -41,7 +42,11 @@ STABILITY_TIE_BREAK = 1e-6
 
 @dataclass(frozen=True)
 class Pool:
-    """Schedulable GPU nodes that are interchangeable for the optimizer."""
+    """GPU nodes that are interchangeable for the optimizer.
+
+    A pool that is not `schedulable` (cordoned nodes) only keeps the replicas running there: it is
+    offered to no other workload, and packing puts no new replica on it.
+    """
 
     index: int
     product: str
@@ -51,6 +56,7 @@ class Pool:
     node_names: tuple[str, ...]
     min_watts: float
     max_watts: float
+    schedulable: bool = True
 
     @property
     def total_gpus(self) -> int:
@@ -178,15 +184,22 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
     for budget in plan_input.budgets:
         for node_name in budget.node_names:
             budgets_of[node_name].add(budget.name)
-    groups: dict[tuple[str, int, bool, frozenset[str]], list[str]] = defaultdict(list)
+    groups: dict[tuple[str, int, bool, frozenset[str], bool], list[str]] = defaultdict(list)
     for node in plan_input.nodes:
-        if not node.schedulable or node.gpu_count < 1:
+        if not (node.schedulable or node.keeps_running) or node.gpu_count < 1:
             continue
-        key = (node.product, node.gpu_count, node.agent_ready, frozenset(budgets_of[node.name]))
+        key = (
+            node.product,
+            node.gpu_count,
+            node.agent_ready,
+            frozenset(budgets_of[node.name]),
+            node.schedulable,
+        )
         groups[key].append(node.name)
     pools = []
-    for index, key in enumerate(sorted(groups, key=lambda k: (k[0], k[1], k[2], sorted(k[3])))):
-        product, gpus_per_node, agent_ready, budgets = key
+    order = sorted(groups, key=lambda k: (not k[4], k[0], k[1], k[2], sorted(k[3])))
+    for index, key in enumerate(order):
+        product, gpus_per_node, agent_ready, budgets, schedulable = key
         spec = product_spec(product)
         pools.append(
             Pool(
@@ -198,6 +211,7 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
                 node_names=tuple(sorted(groups[key])),
                 min_watts=spec.min_watts.value,
                 max_watts=spec.max_watts.value,
+                schedulable=schedulable,
             )
         )
     return tuple(pools)
@@ -423,15 +437,19 @@ def workload_options(
     cost; every other option pays `churn_threshold` times the cheapest keeping option's energy per
     useful work (in units of the class's cheapest), so it wins only by gaining more than that.
     A move restarts the replicas: for a running job, options that move it must meet the deadline
-    with `startup_seconds` less. A gang with a replica on an unschedulable (or missing) node
-    restarts wherever it goes (every option counts the startup), but options that keep its product
-    and variant still keep its replicas on healthy nodes where they are.
+    with `startup_seconds` less. A gang with a replica on a node that cannot keep it (missing,
+    NotReady, being deleted, NoExecute-tainted, agent lost) restarts wherever it goes (every
+    option counts the startup), but options that keep its product and variant still keep its
+    replicas on healthy nodes where they are. Pools that take no new replicas (cordoned nodes) are
+    offered only where it runs now.
 
     `prune=False` keeps dominated options (for the benchmark's straightforward baseline).
     `partial=True` (Inference with a demand) adds options that serve part of it: every replica
     count from minReplicas up to one below what the demand needs (at most maxReplicas), each
     with the whole percent of demand it leaves unserved (`shortfall_steps`).
     """
+    running_on = {c.node for c in current}
+    pools = [p for p in pools if p.schedulable or running_on & set(p.node_names)]
     products = sorted({pool.product for pool in pools})
     if workload.allowed_products:
         products = [p for p in products if p in workload.allowed_products]
@@ -443,7 +461,7 @@ def workload_options(
     current_product = None
     current_variant = None
     current_level = None
-    staying = [c for c in current if c.node in node_by_name and node_by_name[c.node].schedulable]
+    staying = [c for c in current if c.node in node_by_name and node_by_name[c.node].keeps_running]
     # A gang with a replica on a node it cannot stay on restarts, wherever it goes; its replicas
     # on healthy nodes still prefer to stay there (only the others move).
     restarts = workload.type.is_gang and len(staying) < len(current)
@@ -643,8 +661,17 @@ class _RememberingModel:
         return self._model.idle_power_watts(product)
 
 
-def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
-    """Pools, classes with their options, and the workloads that have no option at all."""
+def build_plan_data(
+    plan_input: PlanInput, model: PerformanceModel, unpinned: frozenset[str] = frozenset()
+) -> PlanData:
+    """Pools, classes with their options, and the workloads that have no option at all.
+
+    A running workload is pinned (only options that keep its product and variant, on the pools of
+    the nodes it runs on, so its replicas stay and only their limits change) unless a replica's
+    node cannot keep it, its spec allows moves that save energy (`moves_to_save_energy`), its
+    product or variant is no longer allowed, or it is in `unpinned` (the planner's second pass,
+    for running work no pinned plan could keep).
+    """
     model = _RememberingModel(model)
     pools = build_pools(plan_input)
     node_by_name = {node.name: node for node in plan_input.nodes}
@@ -677,11 +704,11 @@ def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
             startup_seconds=plan_input.options.startup_seconds,
         )
         pinned: frozenset[str] = frozenset()
-        if current and workload.type in (WorkloadType.TRAINING, WorkloadType.FINE_TUNING):
+        if current and workload.key not in unpinned and not workload.moves_to_save_energy:
             nodes = {c.node for c in current}
             pinned_pools = {p.index for p in pools if nodes & set(p.node_names)}
-            if all(n in node_by_name and node_by_name[n].schedulable for n in nodes):
-                # Running training is not moved: keep its product, variant and nodes' pools.
+            if all(n in node_by_name and node_by_name[n].keeps_running for n in nodes):
+                # Running work is not moved: keep its product, variant and nodes' pools.
                 keep = [
                     (o, tuple(p for p in ps if p in pinned_pools))
                     for o, ps in zip(options, option_pools, strict=True)
@@ -693,13 +720,13 @@ def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
                     option_pools = [ps for _, ps in keep]
                     pinned = frozenset(nodes)
         if not options:
-            if not pools:
+            if not any(p.schedulable for p in pools):
                 reason = NoOption(
                     "gpus",
                     f"{workload_label(workload)}: the cluster has no schedulable GPU node",
                 )
             else:
-                reason = _no_option_reason(workload, pools, model)
+                reason = _no_option_reason(workload, [p for p in pools if p.schedulable], model)
             for member in members:
                 no_option[member.key] = dataclasses.replace(
                     reason, reason=reason.reason.replace(workload.key, member.key)
@@ -727,7 +754,7 @@ def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
             if not w.preemptible
             and current_by_workload.get(w.key)
             and all(
-                c.node in node_by_name and node_by_name[c.node].schedulable
+                c.node in node_by_name and node_by_name[c.node].keeps_running
                 for c in current_by_workload[w.key]
             )
         ),

@@ -261,7 +261,7 @@ class ClusterState:
         Each replica goes to one node with enough free GPUs in a pool whose budgets all have the
         headroom for it: when the option keeps the workload's product and variant, first a node
         in `prefer` (where it runs); then best fit on GPUs no running replica occupies, over
-        every candidate pool in order; then best fit on any free GPUs.
+        every candidate pool that takes new replicas in order; then best fit on any free GPUs.
         """
         option = workload_class.options[option_index]
         gpus = option.gpus_per_replica
@@ -275,6 +275,8 @@ class ClusterState:
             for pool in (self.data.pools[p] for p in candidates):
                 if chosen is not None:
                     break
+                if not pool.schedulable:  # cordoned: keeps its running replicas, takes no new
+                    continue
                 if self._budget_fits(pool, self.extra_watts(pool, option)):
                     fitting.append(pool)
                     chosen = self._best_fit_node(pool, gpus, fresh_only=True)
@@ -304,7 +306,8 @@ class ClusterState:
     ) -> str | None:
         """A node of `prefer` in one of the `candidates` pools whose budgets have the headroom:
         first one where `owner` still has a replica's worth of its own running GPUs to take
-        back, then one where the replica fits without taking another workload's vacated GPUs."""
+        back, then one that takes new replicas where the replica fits without taking another
+        workload's vacated GPUs."""
         gpus = option.gpus_per_replica
         nodes = []
         for node in prefer:
@@ -320,7 +323,10 @@ class ClusterState:
             if min(self.vacated_free[node], self._own_left.get((owner, node), 0)) >= gpus:
                 return node
         for node in nodes:
-            if self._takes_no_others_vacated(node, gpus, owner):
+            # A cordoned node keeps only the replicas that run there (their own GPUs, above).
+            if self.pool_of_node[node].schedulable and self._takes_no_others_vacated(
+                node, gpus, owner
+            ):
                 return node
         return None
 

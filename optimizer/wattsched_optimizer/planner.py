@@ -44,6 +44,7 @@ from wattsched_optimizer.problem import (
     BudgetAllocation,
     CurrentPlacement,
     GpuNode,
+    MoveReason,
     Placement,
     Plan,
     PlanInput,
@@ -153,15 +154,74 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
     performance: PerformanceModel = model if model is not None else CatalogueModel()
     held = held_budgets(plan_input)
     data = build_plan_data(_without_held(plan_input, held), performance)
-    options = plan_input.options
-    workload_by_key = {w.key: w for w in plan_input.workloads}
-    class_of = {m.key: c for c in data.classes for m in c.members}
     weights = lexicographic_weights(data)
     unplaced: dict[str, Unplaced] = {
         key: Unplaced(key, reason.reason, reason.constraint)
         for key, reason in data.no_option.items()
     }
     timings: dict[str, float] = {"data": time.perf_counter() - started}
+    program_input = _without_held(plan_input, held)
+    pass_one = _solve_and_pack(
+        plan_input, data, weights, unplaced, timings=timings, started=started
+    )
+    # Running work the pinned plan could not keep (a budget cut below every limit in place, or
+    # higher-priority work that needs its GPUs) may move: plan again with it unpinned.
+    pinned = {c.representative.key for c in data.classes if c.pinned_nodes}
+    dropped = {key: pass_one[1][key] for key in pinned if key in pass_one[1]}
+    dropped |= _displaced(program_input, pinned, pass_one[0])
+    state, left_out, objective, bound, status, solver_used = pass_one
+    if dropped:
+        data = build_plan_data(program_input, performance, unpinned=frozenset(dropped))
+        unplaced = {
+            key: Unplaced(key, reason.reason, reason.constraint)
+            for key, reason in data.no_option.items()
+        }
+        weights = lexicographic_weights(data)
+        state, left_out, objective, bound, status, solver_used = _solve_and_pack(
+            plan_input, data, weights, unplaced, timings=timings, started=started
+        )
+    # Inference that could not be served whole keeps as many replicas as fit in what the plan
+    # leaves free (at least minReplicas): never all-or-nothing.
+    shortfalls = _serve_in_part(
+        plan_input,
+        data,
+        state,
+        left_out,
+        model=performance,
+        workload_by_key={w.key: w for w in plan_input.workloads},
+        prefer=_preferred_nodes(plan_input),
+    )
+    return _assemble(
+        plan_input,
+        data,
+        state,
+        performance,
+        _explain_held(plan_input, held, left_out),
+        held=held,
+        shortfalls=shortfalls,
+        move_reasons=_move_reasons(program_input, data, dropped),
+        status=status,
+        objective=objective,
+        bound=bound,
+        solver=solver_used,
+        timings=timings | {"total": time.perf_counter() - started},
+    )
+
+
+def _solve_and_pack(
+    plan_input: PlanInput,
+    data: PlanData,
+    weights: Weights,
+    unplaced: Mapping[str, Unplaced],
+    *,
+    timings: dict[str, float],
+    started: float,
+) -> tuple[ClusterState, dict[str, Unplaced], float, float, PlanStatus, str]:
+    """Solve the program for `data`, pack and repair: the state, what is left out and why, the
+    objective, its bound, the status and the solver that ran."""
+    options = plan_input.options
+    workload_by_key = {w.key: w for w in plan_input.workloads}
+    class_of = {m.key: c for c in data.classes for m in c.members}
     formulation = build(data)
     timings["build"] = formulation.build_seconds
     prefer = _preferred_nodes(plan_input)
@@ -240,31 +300,60 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
         status = PlanStatus.TIME_LIMIT
     else:
         status = PlanStatus.FEASIBLE
-    # Inference that could not be served whole keeps as many replicas as fit in what the plan
-    # leaves free (at least minReplicas): never all-or-nothing.
-    shortfalls = _serve_in_part(
-        plan_input,
-        data,
-        state,
-        left_out,
-        model=performance,
-        workload_by_key=workload_by_key,
-        prefer=prefer,
-    )
-    return _assemble(
-        plan_input,
-        data,
-        state,
-        performance,
-        _explain_held(plan_input, held, left_out),
-        held=held,
-        shortfalls=shortfalls,
-        status=status,
-        objective=objective,
-        bound=bound,
-        solver=solver_used,
-        timings=timings | {"total": time.perf_counter() - started},
-    )
+    return state, left_out, objective, bound, status, solver_used
+
+
+def _displaced(
+    plan_input: PlanInput, pinned: Iterable[str], state: ClusterState
+) -> dict[str, Unplaced]:
+    """Pinned workloads that packing kept only by moving a running replica (a node of theirs lost
+    a replica while another gained one): no placement in place fits, so they are unpinned like
+    dropped ones. The constraint names a budget over their nodes (`budget:<name>`: no limit in
+    place keeps it), else `gpus` (other work holds the GPUs)."""
+    running: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for current in plan_input.current:
+        running[current.workload][current.node] += 1
+    displaced: dict[str, Unplaced] = {}
+    for key in pinned:
+        assignment = state.placed.get(key)
+        if assignment is None:
+            continue
+        placed: dict[str, int] = defaultdict(int)
+        for node in assignment.nodes:
+            placed[node] += 1
+        was = running[key]
+        if any(placed[n] < c for n, c in was.items()) and any(
+            c > was.get(n, 0) for n, c in placed.items()
+        ):
+            budgets = sorted(b.name for b in plan_input.budgets if b.node_names & set(was))
+            constraint = f"budget:{budgets[0]}" if budgets else "gpus"
+            displaced[key] = Unplaced(key, "no placement in place fits", constraint)
+    return displaced
+
+
+def _move_reasons(
+    plan_input: PlanInput, data: PlanData, dropped: Mapping[str, Unplaced]
+) -> dict[str, MoveReason]:
+    """Why each running workload that the final data does not pin may move (see MoveReason)."""
+    node_by_name = {node.name: node for node in plan_input.nodes}
+    workload_by_key = {w.key: w for w in plan_input.workloads}
+    pinned = {c.representative.key for c in data.classes if c.pinned_nodes}
+    reasons: dict[str, MoveReason] = {}
+    for current in plan_input.current:
+        key = current.workload
+        node = node_by_name.get(current.node)
+        if node is None or not node.keeps_running:
+            reasons[key] = MoveReason.NODE
+        elif key in pinned or key in reasons:
+            continue
+        elif key in dropped:
+            budget = dropped[key].constraint.startswith("budget:")
+            reasons[key] = MoveReason.BUDGET if budget else MoveReason.PRIORITY
+        elif workload_by_key[key].moves_to_save_energy:
+            reasons[key] = MoveReason.SAVINGS
+        else:
+            reasons[key] = MoveReason.SPEC
+    return reasons
 
 
 def held_budgets(plan_input: PlanInput) -> dict[str, float]:
@@ -297,7 +386,9 @@ def _without_held(plan_input: PlanInput, held: Mapping[str, float]) -> PlanInput
     return dataclasses.replace(
         plan_input,
         nodes=tuple(
-            dataclasses.replace(node, schedulable=False) if node.name in nodes else node
+            dataclasses.replace(node, schedulable=False, keeps_running=False)
+            if node.name in nodes
+            else node
             for node in plan_input.nodes
         ),
         budgets=tuple(b for b in plan_input.budgets if b.name not in held),
@@ -606,6 +697,7 @@ def _assemble(
     solver: str,
     timings: Mapping[str, float],
     shortfalls: tuple[Shortfall, ...] = (),
+    move_reasons: Mapping[str, MoveReason] | None = None,
 ) -> Plan:
     # What to write (`limits`) and what budgets count (`counted`): idle GPUs at the minimum, those
     # of a node whose agent is not ready at the maximum (nothing confirms a lower limit there),
@@ -679,4 +771,5 @@ def _assemble(
         solver=solver,
         timings_seconds=dict(timings),
         shortfalls=shortfalls,
+        move_reasons=dict(move_reasons or {}),
     )

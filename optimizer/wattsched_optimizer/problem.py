@@ -98,6 +98,9 @@ class Workload:
     # Batch work: what is left and, optionally, how many seconds from now it must finish.
     remaining_work: WorkAmount | None = None
     deadline_seconds: float | None = None
+    # spec.disruption.moveToSaveEnergy: running replicas may move when that saves more than
+    # PlanOptions.churn_threshold; otherwise they move only for a `MoveReason` other than SAVINGS.
+    moves_to_save_energy: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ class GpuNode:
     gpu_count: int
     # False for nodes that are NotReady, cordoned, or being deleted: no new replicas go there.
     schedulable: bool = True
+    # False when running replicas must leave (NotReady, being deleted, a NoExecute taint, a lost
+    # agent); a cordoned node is unschedulable but keeps what runs there.
+    keeps_running: bool = True
     # A node whose agent is not ready (or did not confirm the last limits) counts at maximum power.
     agent_ready: bool = True
 
@@ -157,6 +163,21 @@ class PlanInput:
     budgets: tuple[Budget, ...] = ()
     current: tuple[CurrentPlacement, ...] = ()
     options: PlanOptions = field(default_factory=PlanOptions)
+
+
+class MoveReason(StrEnum):
+    """Why running replicas of a workload may leave their nodes (nothing else moves them)."""
+
+    # Their node is gone, NotReady, being deleted, NoExecute-tainted or its agent is lost.
+    NODE = "NodeLost"
+    # No power limit in place keeps the workload inside a budget.
+    BUDGET = "BudgetCut"
+    # Higher-priority work needs the GPUs and the workload is preemptible.
+    PRIORITY = "HigherPriority"
+    # The move saves more than the churn threshold and spec.disruption.moveToSaveEnergy allows it.
+    SAVINGS = "SavesEnergy"
+    # The spec no longer allows the product or variant it runs with.
+    SPEC = "SpecChanged"
 
 
 class PlanStatus(StrEnum):
@@ -246,3 +267,6 @@ class Plan:
     shortfalls: tuple[Shortfall, ...] = ()
     # Seconds per step: "data", "build", "solve", "pack", "total".
     timings_seconds: Mapping[str, float] = field(default_factory=dict)
+    # Running workloads whose replicas the plan may move, and why; a running workload not listed
+    # keeps every replica on its node (limits change in place).
+    move_reasons: Mapping[str, MoveReason] = field(default_factory=dict)

@@ -157,6 +157,31 @@ def test_not_ready_cordoned_and_deleting_nodes_are_not_schedulable() -> None:
     }
 
 
+def test_a_cordoned_node_keeps_its_running_replicas_and_a_noexecute_taint_does_not() -> None:
+    deleting = node("deleting")
+    deleting["metadata"]["deletionTimestamp"] = "2026-11-25T01:00:00Z"
+    tainted = node("tainted")
+    tainted["spec"] = {"taints": [{"key": "maintenance", "effect": "NoExecute"}]}
+    no_schedule = node("no-schedule")
+    no_schedule["spec"] = {"taints": [{"key": "maintenance", "effect": "NoSchedule"}]}
+    nodes = build(
+        node("ok"),
+        node("not-ready", ready="False"),
+        node("cordoned", unschedulable=True),
+        deleting,
+        tainted,
+        no_schedule,
+    ).plan_input.nodes
+    assert {n.name: n.keeps_running for n in nodes} == {
+        "ok": True,
+        "not-ready": False,
+        "cordoned": True,
+        "deleting": False,
+        "tainted": False,
+        "no-schedule": True,
+    }
+
+
 def limits_profile(node_name: str, watts: list[float]) -> dict[str, Any]:
     """A profile whose agent confirmed these limits."""
     body = profile(node_name)

@@ -63,6 +63,8 @@ OPERATOR_ALLOWED: list[Permission] = [
     ],
     ("list", "pods", None),
     ("watch", "pods", None),
+    # Moves and preemptions evict (policy/v1 Eviction) so PodDisruptionBudgets hold.
+    ("create", "pods/eviction", USER_NAMESPACE),
     ("create", "events", USER_NAMESPACE),
     ("create", "events.events.k8s.io", USER_NAMESPACE),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
@@ -77,7 +79,6 @@ OPERATOR_DENIED: list[Permission] = [
     ("get", "configmaps", USER_NAMESPACE),
     ("create", "pods/exec", USER_NAMESPACE),
     ("create", "pods/attach", USER_NAMESPACE),
-    ("create", "pods/eviction", USER_NAMESPACE),
     ("create", "serviceaccounts/token", USER_NAMESPACE),
     ("create", "deployments.apps", USER_NAMESPACE),
     ("create", "clusterroles.rbac.authorization.k8s.io", None),

@@ -15,6 +15,7 @@ from wattsched_operator.desired import (
     desired_pods,
     moved_replicas,
     node_power_profile,
+    pace_deletions,
     pod_changes,
     pod_name,
 )
@@ -234,3 +235,102 @@ def test_node_power_profile_lists_one_limit_per_gpu_index() -> None:
         "nodeName": "gpu-h100-0",
         "gpus": [{"index": 0, "powerLimitWatts": 300.0}, {"index": 1, "powerLimitWatts": 700.0}],
     }
+
+
+def ready(pod: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **pod,
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def three_replicas_moving(
+    ready_flags: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], Any], tuple[Any, ...]]:
+    """A service of three replicas on gpu-a, all planned onto gpu-b."""
+    current = {}
+    for replica, is_ready in enumerate(ready_flags):
+        pod = build_pod(workload(), placement(replica, node="gpu-a"))
+        current[("team-a", f"llama-{replica}")] = ready(pod) if is_ready else running(pod)
+    want = desired_pods(
+        {"team-a/llama": workload()}, [placement(r, node="gpu-b") for r in range(3)]
+    )
+    changes = pod_changes(current.values(), want)
+    return current, want, changes.delete
+
+
+def test_a_service_loses_one_replica_at_a_time_when_it_moves() -> None:
+    current, want, delete = three_replicas_moving()
+    paced = pace_deletions(
+        delete,
+        current,
+        want,
+        services=frozenset({"team-a/llama"}),
+        forced=frozenset(),
+        lost_nodes=frozenset(),
+    )
+    assert paced.now == (("team-a", "llama-0"),)
+    assert paced.later == (("team-a", "llama-1"), ("team-a", "llama-2"))
+
+
+def test_a_service_with_a_replica_not_ready_moves_only_that_one_this_round() -> None:
+    # llama-1 serves nothing: it moves now; the Ready ones wait until it is Ready again.
+    current, want, delete = three_replicas_moving((True, False, True))
+    paced = pace_deletions(
+        delete,
+        current,
+        want,
+        services=frozenset({"team-a/llama"}),
+        forced=frozenset(),
+        lost_nodes=frozenset(),
+    )
+    assert paced.now == (("team-a", "llama-1"),)
+    assert paced.later == (("team-a", "llama-0"), ("team-a", "llama-2"))
+
+
+def test_a_budget_that_forces_it_moves_every_replica_at_once() -> None:
+    current, want, delete = three_replicas_moving()
+    paced = pace_deletions(
+        delete,
+        current,
+        want,
+        services=frozenset({"team-a/llama"}),
+        forced=frozenset({"team-a/llama"}),
+        lost_nodes=frozenset(),
+    )
+    assert len(paced.now) == 3
+    assert paced.later == ()
+
+
+def test_replicas_on_a_lost_node_and_gang_members_are_not_paced() -> None:
+    current, want, delete = three_replicas_moving()
+    lost = pace_deletions(
+        delete,
+        current,
+        want,
+        services=frozenset({"team-a/llama"}),
+        forced=frozenset(),
+        lost_nodes=frozenset({"gpu-a"}),
+    )
+    assert len(lost.now) == 3
+    gang = pace_deletions(
+        delete, current, want, services=frozenset(), forced=frozenset(), lost_nodes=frozenset()
+    )
+    assert len(gang.now) == 3
+
+
+def test_a_scale_down_is_not_paced() -> None:
+    current = {
+        ("team-a", f"llama-{r}"): ready(build_pod(workload(), placement(r))) for r in range(3)
+    }
+    want = desired_pods({"team-a/llama": workload()}, [placement(0)])
+    changes = pod_changes(current.values(), want)
+    paced = pace_deletions(
+        changes.delete,
+        current,
+        want,
+        services=frozenset({"team-a/llama"}),
+        forced=frozenset(),
+        lost_nodes=frozenset(),
+    )
+    assert paced.now == (("team-a", "llama-1"), ("team-a", "llama-2"))

@@ -165,3 +165,27 @@ def test_a_placed_workload_at_the_gpu_maximum_has_nothing_limiting_it() -> None:
 def test_a_node_of_unknown_product_is_said_to_be_unknown() -> None:
     text = render(placed(325), {}, [], [], SCOPES, node_products={})
     assert "the node's GPU product is unknown to the catalogue" in text
+
+
+def test_the_last_moves_and_preemptions_are_shown_with_their_cause_after_newer_events() -> None:
+    body = placed(450.0)
+    moved = {
+        "lastTimestamp": "2026-12-05T10:00:00Z",
+        "type": "Normal",
+        "reason": "Moved",
+        "message": "1 replica(s), cause NodeLost: its node is gone; team/llama-0: a -> b",
+    }
+    newer = [
+        {
+            "lastTimestamp": f"2026-12-05T11:0{i}:00Z",
+            "type": "Normal",
+            "reason": "Placed",
+            "message": f"placed {i}",
+        }
+        for i in range(6)
+    ]
+    text = render(body, {}, rack_a(500.0), [moved, *newer], SCOPES, node_products=PRODUCTS)
+    lines = text.splitlines()
+    start = lines.index("  last moves and preemptions (Event: cause, replicas):")
+    assert "Moved: 1 replica(s), cause NodeLost" in lines[start + 1]
+    assert "Moved" not in "\n".join(lines[lines.index("  recent events:") :])

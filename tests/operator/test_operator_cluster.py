@@ -405,7 +405,7 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
     # The watch lists every profile first.
     wait_until("the watch saw both profiles", lambda: set(watcher.spec) == nodes, 30)
     before = watcher.samples[-1]
-    preemptions_before = operator.scrape()["wattsched_preemptions_total"][()]
+    preemptions_before = sum(operator.scrape()["wattsched_preemptions_total"].values())
     new_cap = 1500.0
     lowered_at = time.monotonic()
     apply(sandbox, None, budget("l40s-test", new_cap, scope))
@@ -440,8 +440,11 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
     slo = next(c for c in batch_status["conditions"] if c["type"] == "SLOMet")
     assert (slo["status"], slo["reason"]) == ("False", "NotPlaced")
     assert "SLORisk" in events
-    # The batch job's one replica of 4 GPUs was preempted (counted as it was deleted).
-    assert operator.scrape()["wattsched_preemptions_total"][()] >= preemptions_before + 1
+    # The batch job's one replica of 4 GPUs was preempted (counted by cause as it was evicted:
+    # the cut budget or the higher-priority work that took its room).
+    preempted = operator.scrape()["wattsched_preemptions_total"]
+    assert set(preempted) == {(("cause", "BudgetCut"),), (("cause", "HigherPriority"),)}
+    assert sum(preempted.values()) >= preemptions_before + 1
 
     # Preempted work is retried: with the cap raised again the batch job gets its place back.
     apply(sandbox, None, budget("l40s-test", 4000, scope))

@@ -3,8 +3,9 @@ sandbox, with the examples' budgets and workloads applied and the operator and s
 running.
 
 One scenario, set up for each test: the examples placed, one workload nobody can place
-(an H200-only one), one the operator rejects as invalid, and a cordoned node whose replicas the
-operator moves (a Moved Event). The screen and the what-if are then read as a user would.
+(an H200-only one), one the operator rejects as invalid, and a service whose spec stops allowing
+the product it runs on, so the operator moves its replicas (a Moved Event, cause SpecChanged; a
+cordon alone moves nothing). The screen and the what-if are then read as a user would.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +96,7 @@ class Scenario:
 
 
 @pytest.fixture
-def scenario(sandbox: Sandbox, namespace: str, start_operator: StartOperator) -> Iterator[Scenario]:
+def scenario(sandbox: Sandbox, namespace: str, start_operator: StartOperator) -> Scenario:
     # Rounds every 5 s, each accounting energy: the counters move within the test.
     operator = start_operator("--accounting-seconds", "2", "--replan-interval-seconds", "5")
     for path in example_manifests():
@@ -117,28 +117,28 @@ def scenario(sandbox: Sandbox, namespace: str, start_operator: StartOperator) ->
         sandbox.kubectl("apply", "-f", "-", input=json.dumps(extra))
     triton = get_json(sandbox, "llmw", "llama-8b-triton", "-n", namespace)
     node = triton["status"]["placements"][0]["node"]
-    sandbox.kubectl("cordon", node)
-    try:
-        wait_until(
-            "a Moved Event for llama-8b-triton",
-            lambda: [
-                e
-                for e in get_json(sandbox, "events", "-n", namespace)["items"]
-                if e["reason"] == "Moved" and e["involvedObject"]["name"] == "llama-8b-triton"
-            ],
-            timeout_seconds=90,
-        )
-        wait_until(
-            "h200-only unplaced with a reason",
-            lambda: (
-                get_json(sandbox, "llmw", "h200-only", "-n", namespace)
-                .get("status", {})
-                .get("phase")
-            ),
-        )
-        yield Scenario(namespace, operator, node)
-    finally:
-        sandbox.kubectl("uncordon", node)
+    product = get_json(sandbox, "node", node)["metadata"]["labels"]["nvidia.com/gpu.product"]
+    allowed = [p for p in triton["spec"]["gpu"]["products"] if p != product]
+    patch = {"spec": {"gpu": {"products": allowed}}}
+    sandbox.kubectl(
+        "patch", "llmw", "llama-8b-triton", "-n", namespace, "--type=merge", "-p", json.dumps(patch)
+    )
+    wait_until(
+        "a Moved Event for llama-8b-triton",
+        lambda: [
+            e
+            for e in get_json(sandbox, "events", "-n", namespace)["items"]
+            if e["reason"] == "Moved" and e["involvedObject"]["name"] == "llama-8b-triton"
+        ],
+        timeout_seconds=90,
+    )
+    wait_until(
+        "h200-only unplaced with a reason",
+        lambda: (
+            get_json(sandbox, "llmw", "h200-only", "-n", namespace).get("status", {}).get("phase")
+        ),
+    )
+    return Scenario(namespace, operator, node)
 
 
 def test_status_shows_budgets_unplaced_workloads_moves_nodes_and_rounds(

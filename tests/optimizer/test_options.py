@@ -74,10 +74,19 @@ def test_nodes_alike_in_product_readiness_and_budgets_form_one_pool() -> None:
         GpuNode("d", "H100-80GB", 8, agent_ready=False),
         GpuNode("e", "L4", 8),
         GpuNode("f", "H100-80GB", 8, schedulable=False),
+        GpuNode("g", "H100-80GB", 8, schedulable=False, keeps_running=False),
     )
     rack = Budget("rack", 1e6, frozenset({"c"}))
     data = build_plan_data(PlanInput(nodes, (), (rack,)), CatalogueModel())
-    assert sorted(pool.node_names for pool in data.pools) == [("a", "b"), ("c",), ("d",), ("e",)]
+    # A cordoned node (f) forms a pool that only keeps what runs there; a node that cannot keep
+    # running replicas (g: NotReady, deleting, NoExecute) is in no pool.
+    assert sorted((pool.node_names, pool.schedulable) for pool in data.pools) == [
+        (("a", "b"), True),
+        (("c",), True),
+        (("d",), True),
+        (("e",), True),
+        (("f",), False),
+    ]
 
 
 def test_workloads_differing_only_in_name_share_a_class_and_running_ones_do_not() -> None:

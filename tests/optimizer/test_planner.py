@@ -468,7 +468,7 @@ def test_durations_in_messages_are_rounded_for_people(seconds: float, text: str)
 def test_only_the_replicas_on_a_lost_node_move_and_healthy_gang_members_stay() -> None:
     """Issue 12 item 7: the plan after an agent loss moved a gang member from a healthy node."""
     nodes = (
-        GpuNode("lost", "H100-80GB", 8, schedulable=False),
+        GpuNode("lost", "H100-80GB", 8, schedulable=False, keeps_running=False),
         *h100_nodes(3),
     )
     job = training("team/job", gpus_per_replica=4, replicas=4)

@@ -91,12 +91,16 @@ def plan_inputs(
     policies: tuple[EnergyPolicy, ...] = tuple(EnergyPolicy),
     budget_extra_watts: tuple[float, ...] = (0.0, 300.0, 2000.0, 8000.0),
 ) -> PlanInput:
+    # Node states: schedulable, cordoned (keeps what runs there) or gone (NotReady, NoExecute).
+    states = [(True, True), (True, True), (True, True), (False, True), (False, False)]
     nodes = tuple(
         GpuNode(
             f"n{i}",
             draw(st.sampled_from(PRODUCTS)),
             draw(st.sampled_from([2, 4, 8, 8])),
-            schedulable=draw(st.sampled_from([True, True, True, False])),
+            **dict(
+                zip(("schedulable", "keeps_running"), draw(st.sampled_from(states)), strict=True)
+            ),
             agent_ready=draw(st.sampled_from([True, True, True, False])),
         )
         for i in range(draw(st.integers(1, 6)))
@@ -141,13 +145,17 @@ def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
         if floor_watts(plan_input, b) > b.power_cap_watts + TOLERANCE_WATTS
     }
     held_nodes = {n for b in plan_input.budgets if b.name in held for n in b.node_names}
+    running_on: dict[str, set[str]] = defaultdict(set)
+    for current in plan_input.current:
+        running_on[current.node].add(current.workload)
     used: dict[str, int] = defaultdict(int)
     replicas: dict[str, set[int]] = defaultdict(set)
     throughput: dict[str, float] = defaultdict(float)
     for p in result.placements:
         node, workload = nodes[p.node], work[p.workload]
         spec = product_spec(node.product)
-        assert node.schedulable, p
+        # New replicas only on schedulable nodes; a cordoned node keeps what ran there.
+        assert node.schedulable or (node.keeps_running and p.workload in running_on[p.node]), p
         assert p.node not in held_nodes, "a held budget's node takes no work"
         used[p.node] += p.gpus
         assert p.replica not in replicas[p.workload], "a replica is placed twice"
@@ -240,7 +248,7 @@ def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
 
 
 def running_non_preemptible(plan_input: PlanInput) -> frozenset[str]:
-    """Workloads the optimizer may not stop: running (every replica on a schedulable node)."""
+    """Workloads the optimizer may not stop: running (every replica on a node that keeps it)."""
     nodes = {n.name: n for n in plan_input.nodes}
     running: dict[str, list[str]] = defaultdict(list)
     for current in plan_input.current:
@@ -250,7 +258,7 @@ def running_non_preemptible(plan_input: PlanInput) -> frozenset[str]:
         for w in plan_input.workloads
         if not w.preemptible
         and running[w.key]
-        and all(name in nodes and nodes[name].schedulable for name in running[w.key])
+        and all(name in nodes and nodes[name].keeps_running for name in running[w.key])
     )
 
 

@@ -1,4 +1,5 @@
-"""Hand-checked stability (tier 4): running replicas stay unless a move gains enough or must happen.
+"""Hand-checked stability: running replicas stay unless a move must happen (node lost, budget,
+priority) or gains enough and the workload's spec.disruption.moveToSaveEnergy allows it.
 
 The gains below come from the catalogue (checked first in each test, so a catalogue change that
 removes the case fails loudly instead of passing for the wrong reason).
@@ -13,8 +14,11 @@ import pytest
 from wattsched_optimizer.model import CatalogueModel, power_levels_watts
 from wattsched_optimizer.planner import PlanInputError, plan
 from wattsched_optimizer.problem import (
+    Budget,
     CurrentPlacement,
+    EnergyPolicy,
     GpuNode,
+    MoveReason,
     Plan,
     PlanInput,
     PlanOptions,
@@ -42,7 +46,7 @@ def batch_job(**changes: object) -> Workload:
     return Workload(**fields)  # type: ignore[arg-type]
 
 
-def service(tokens_per_second: float) -> Workload:
+def service(tokens_per_second: float, *, moves_to_save_energy: bool = False) -> Workload:
     return Workload(
         key="team/svc",
         type=WorkloadType.INFERENCE,
@@ -52,6 +56,7 @@ def service(tokens_per_second: float) -> Workload:
         min_replicas=1,
         max_replicas=8,
         tokens_per_second=tokens_per_second,
+        moves_to_save_energy=moves_to_save_energy,
     )
 
 
@@ -100,10 +105,19 @@ def test_running_batch_job_is_not_moved_for_a_gain_below_the_threshold() -> None
     assert [(p.node, p.variant) for p in result.placements] == [("h100-0", "bf16")]
 
 
-def test_running_batch_job_moves_for_a_gain_above_the_threshold() -> None:
+def test_running_batch_job_moves_for_a_gain_above_the_threshold_when_its_spec_allows() -> None:
+    options = PlanOptions(churn_threshold=0.1)
+    job = batch_job(moves_to_save_energy=True)
+    result = plan(PlanInput(H100_AND_L4, (job,), current=ON_H100, options=options))
+    assert products_used(result, "team/batch") == {"l4"}
+    assert result.move_reasons == {"team/batch": MoveReason.SAVINGS}
+
+
+def test_running_batch_job_stays_for_a_gain_above_the_threshold_by_default() -> None:
     options = PlanOptions(churn_threshold=0.1)
     result = plan(PlanInput(H100_AND_L4, (batch_job(),), current=ON_H100, options=options))
-    assert products_used(result, "team/batch") == {"l4"}
+    assert [(p.node, p.variant) for p in result.placements] == [("h100-0", "bf16")]
+    assert result.move_reasons == {}
 
 
 def test_running_batch_job_changes_its_power_limit_in_place_for_free() -> None:
@@ -116,14 +130,83 @@ def test_running_batch_job_changes_its_power_limit_in_place_for_free() -> None:
     assert placement.power_limit_watts == 325.0
 
 
-def test_running_batch_job_moves_when_its_node_becomes_unschedulable() -> None:
+def test_running_batch_job_moves_when_its_node_cannot_keep_it() -> None:
     nodes = (
-        GpuNode("h100-0", "H100-80GB", 8, schedulable=False),
+        GpuNode("h100-0", "H100-80GB", 8, schedulable=False, keeps_running=False),
         GpuNode("h100-1", "H100-80GB", 8),
     )
     options = PlanOptions(churn_threshold=0.9)
     result = plan(PlanInput(nodes, (batch_job(),), current=ON_H100, options=options))
     assert [p.node for p in result.placements] == ["h100-1"]
+    assert result.move_reasons == {"team/batch": MoveReason.NODE}
+
+
+def test_a_cordon_alone_moves_nothing_and_takes_no_new_replicas() -> None:
+    # h100-0 is cordoned (unschedulable, keeps what runs): the job stays there; the service's new
+    # replicas go to h100-1 although h100-0 has free GPUs.
+    nodes = (
+        GpuNode("h100-0", "H100-80GB", 8, schedulable=False),
+        GpuNode("h100-1", "H100-80GB", 8),
+    )
+    per_replica = MODEL.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.INFERENCE, 8, 1, 1.0, 700.0
+    )
+    svc = Workload(
+        key="team/svc",
+        type=WorkloadType.INFERENCE,
+        model_parameters_billions=8,
+        gpus_per_replica=1,
+        variants=(BF16,),
+        min_replicas=3,
+        max_replicas=3,
+        tokens_per_second=per_replica,
+    )
+    result = plan(PlanInput(nodes, (batch_job(), svc), current=ON_H100))
+    assert [p.node for p in result.placements if p.workload == "team/batch"] == ["h100-0"]
+    assert [p.node for p in result.placements if p.workload == "team/svc"] == ["h100-1"] * 3
+    assert result.move_reasons == {}
+
+
+def test_a_cordoned_nodes_service_replicas_stay_and_only_new_ones_go_elsewhere() -> None:
+    nodes = (
+        GpuNode("h100-0", "H100-80GB", 8, schedulable=False),
+        GpuNode("h100-1", "H100-80GB", 8),
+    )
+    current = tuple(CurrentPlacement("team/svc", i, "h100-0", "bf16", 325.0) for i in range(2))
+    per_replica = MODEL.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.INFERENCE, 8, 1, 1.0, 325.0
+    )
+    result = plan(PlanInput(nodes, (service(2 * per_replica),), current=current))
+    assert sorted(p.node for p in result.placements) == ["h100-0", "h100-0"]
+
+
+def test_lowering_a_budget_lowers_limits_in_place_before_anything_moves() -> None:
+    # Two racks of H100s. The service runs on rack a; a cut of rack a to what its replicas draw at
+    # a lower limit keeps them there at that limit (no move to rack b's free GPUs).
+    nodes = (GpuNode("a0", "H100-80GB", 8), GpuNode("b0", "H100-80GB", 8))
+    current = tuple(CurrentPlacement("team/svc", i, "a0", "bf16", 700.0) for i in range(4))
+    per_replica = MODEL.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.INFERENCE, 8, 1, 1.0, 450.0
+    )
+    demand = 4 * per_replica
+    rack_a = Budget("rack-a", 8 * 200 + 4 * (450 - 200), frozenset({"a0"}))
+    result = plan(PlanInput(nodes, (service(demand),), (rack_a,), current=current))
+    assert sorted(p.node for p in result.placements) == ["a0"] * 4
+    assert {p.power_limit_watts for p in result.placements} == {450.0}
+    assert result.move_reasons == {}
+
+
+def test_a_budget_no_limit_in_place_can_keep_moves_the_work_and_says_why() -> None:
+    nodes = (GpuNode("a0", "H100-80GB", 8), GpuNode("b0", "H100-80GB", 8))
+    current = tuple(CurrentPlacement("team/svc", i, "a0", "bf16", 700.0) for i in range(4))
+    per_replica = MODEL.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.INFERENCE, 8, 1, 1.0, 700.0
+    )
+    # Four replicas at 700 W are needed; rack a can hold none above the idle minimum.
+    rack_a = Budget("rack-a", 8 * 200 + 50, frozenset({"a0"}))
+    result = plan(PlanInput(nodes, (service(4 * per_replica),), (rack_a,), current=current))
+    assert {p.node for p in result.placements} == {"b0"}
+    assert result.move_reasons == {"team/svc": MoveReason.BUDGET}
 
 
 def test_a_moved_job_must_meet_its_deadline_after_the_restart() -> None:
@@ -134,7 +217,7 @@ def test_a_moved_job_must_meet_its_deadline_after_the_restart() -> None:
     )
     job = batch_job(remaining_work=WorkAmount(WorkUnit.TOKENS, 100 * fastest), deadline_seconds=130)
     nodes = (
-        GpuNode("h100-0", "H100-80GB", 8, schedulable=False),
+        GpuNode("h100-0", "H100-80GB", 8, schedulable=False, keeps_running=False),
         GpuNode("h100-1", "H100-80GB", 8),
     )
     late = plan(PlanInput(nodes, (job,), current=ON_H100))
@@ -176,10 +259,17 @@ def test_service_is_not_churned_for_a_gain_below_the_threshold() -> None:
     assert len(result.placements) == 3
 
 
-def test_service_moves_for_a_gain_above_the_threshold() -> None:
+def test_service_moves_for_a_gain_above_the_threshold_when_its_spec_allows() -> None:
+    options = PlanOptions(churn_threshold=0.05)
+    svc = service(DEMAND, moves_to_save_energy=True)
+    result = plan(PlanInput(A100_AND_L4, (svc,), current=ON_L4, options=options))
+    assert products_used(result, "team/svc") == {"a100"}
+
+
+def test_service_stays_for_a_gain_above_the_threshold_by_default() -> None:
     options = PlanOptions(churn_threshold=0.05)
     result = plan(PlanInput(A100_AND_L4, (service(DEMAND),), current=ON_L4, options=options))
-    assert products_used(result, "team/svc") == {"a100"}
+    assert products_used(result, "team/svc") == {"l4"}
 
 
 def test_negative_stability_options_are_input_errors_naming_the_field() -> None:
@@ -216,3 +306,60 @@ def test_new_replicas_of_a_higher_priority_service_do_not_take_a_running_jobs_no
     assert [p.node for p in result.placements if p.workload == "team/ft"] == ["h1"]
     service_nodes = sorted(p.node for p in result.placements if p.workload == "team/svc")
     assert service_nodes == ["h0"] * 8 + ["h2"] * 4
+
+
+def test_a_replica_gone_from_a_cordoned_node_is_placed_elsewhere_and_the_others_stay() -> None:
+    # kubectl drain evicted replica 0 from the cordoned h100-0; replica 1 still runs there.
+    nodes = (
+        GpuNode("h100-0", "H100-80GB", 8, schedulable=False),
+        GpuNode("h100-1", "H100-80GB", 8),
+    )
+    per_replica = MODEL.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.INFERENCE, 8, 4, 1.0, 450.0
+    )
+    svc = Workload(
+        key="team/svc",
+        type=WorkloadType.INFERENCE,
+        model_parameters_billions=8,
+        gpus_per_replica=4,
+        variants=(BF16,),
+        min_replicas=2,
+        max_replicas=2,
+        tokens_per_second=per_replica,
+        policy=EnergyPolicy.PERFORMANCE,
+    )
+    current = (CurrentPlacement("team/svc", 1, "h100-0", "bf16", 700.0),)
+    result = plan(PlanInput(nodes, (svc,), current=current))
+    assert sorted(p.node for p in result.placements) == ["h100-0", "h100-1"]
+
+
+def test_a_replica_packing_could_keep_only_by_moving_it_gets_the_budget_as_its_reason() -> None:
+    # The service runs on a0 (rack a) and b0. Rack a is cut below one replica at its only level
+    # (Performance): the replicas on a0 must go, and the plan says the budget forced it.
+    nodes = (
+        GpuNode("a0", "H100-80GB", 8),
+        GpuNode("b0", "H100-80GB", 8),
+        GpuNode("b1", "H100-80GB", 8),
+    )
+    per_replica = MODEL.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.INFERENCE, 8, 1, 1.0, 700.0
+    )
+    svc = Workload(
+        key="team/svc",
+        type=WorkloadType.INFERENCE,
+        model_parameters_billions=8,
+        gpus_per_replica=1,
+        variants=(BF16,),
+        min_replicas=8,
+        max_replicas=8,
+        tokens_per_second=8 * per_replica,
+        policy=EnergyPolicy.PERFORMANCE,
+    )
+    current = tuple(
+        CurrentPlacement("team/svc", i, "a0" if i < 4 else "b0", "bf16", 700.0) for i in range(8)
+    )
+    rack_a = Budget("rack-a", 8 * 200 + 100, frozenset({"a0"}))
+    result = plan(PlanInput(nodes, (svc,), (rack_a,), current=current))
+    assert "a0" not in {p.node for p in result.placements}
+    assert len(result.placements) == 8
+    assert result.move_reasons == {"team/svc": MoveReason.BUDGET}

@@ -193,6 +193,9 @@ class LLMWorkloadSpec:
     energy: EnergyPreference = field(default_factory=EnergyPreference)
     # `spec.progress.prometheusQuery`: PromQL whose value is the tokens a job has processed.
     progress_query: str | None = None
+    # spec.disruption.moveToSaveEnergy: running replicas may move to save more than the churn
+    # threshold (otherwise they move only when their node goes, a budget or priority forces it).
+    move_to_save_energy: bool = False
 
     @property
     def is_gang(self) -> bool:
@@ -252,6 +255,7 @@ class LLMWorkloadSpec:
         out["energy"] = self.energy.to_dict()
         if self.progress_query is not None:
             out["progress"] = {"prometheusQuery": self.progress_query}
+        out["disruption"] = {"moveToSaveEnergy": self.move_to_save_energy}
         out["template"] = self.template
         return out
 
@@ -501,6 +505,11 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
             ),
         )
         energy_fields.finish()
+    move_to_save_energy = False
+    disruption_fields = spec.optional_section("disruption")
+    if disruption_fields is not None:
+        move_to_save_energy = bool(disruption_fields.optional_boolean("moveToSaveEnergy"))
+        disruption_fields.finish()
 
     result = LLMWorkloadSpec(
         type=workload_type,
@@ -519,6 +528,7 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
         preemptible=spec.optional_boolean("preemptible"),
         energy=energy,
         progress_query=progress_query,
+        move_to_save_energy=move_to_save_energy,
     )
     spec.finish()
     return result
