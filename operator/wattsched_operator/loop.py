@@ -720,11 +720,12 @@ class PlanningLoop:
         objects = {key: workload_object(body) for key, body in active.items()}
         want = desired.desired_pods(objects, plan.placements)
         changes = desired.pod_changes(view.pods.values(), want, frozenset(life.keep_pods))
+        planned = desired.planned_limits(plan)
         current = {
             node: transition.NodePowerState.from_profile(view.profiles.get(node))
-            for node in plan.node_power_limits_watts
+            for node in planned
         }
-        steps = transition.power_steps(current, plan.node_power_limits_watts)
+        steps = transition.power_steps(current, planned)
 
         # 1. Lower limits and wait for the agents to confirm.
         generations = await self._write_limits(view, steps.lower)
@@ -799,7 +800,7 @@ class PlanningLoop:
         nodes at what they apply instead of at maximum.
         """
         idle = {
-            node.name: (product_spec(node.product).min_watts.value,) * node.gpu_count
+            node.name: transition.NodeLimits(idle_watts=product_spec(node.product).min_watts.value)
             for node in plan_input.nodes
             if not node.agent_ready
         }
@@ -859,11 +860,11 @@ class PlanningLoop:
             self.cache.mark_dirty()  # a same-named pod still exists; retry next round
 
     async def _write_limits(
-        self, view: ClusterView, limits: Mapping[str, tuple[float, ...]]
+        self, view: ClusterView, limits: Mapping[str, transition.NodeLimits]
     ) -> dict[str, int]:
         """Create or patch NodePowerProfiles; returns each node's new metadata.generation."""
 
-        async def write(node: str, watts: tuple[float, ...]) -> tuple[str, int]:
+        async def write(node: str, watts: transition.NodeLimits) -> tuple[str, int]:
             manifest = desired.node_power_profile(node, watts)
             if node in view.profiles:
                 written = await self._call(

@@ -427,9 +427,11 @@ def _assemble(
 ) -> Plan:
     limits: dict[str, list[float]] = {}
     expected: dict[str, list[float]] = {}
+    idle_limits: dict[str, float] = {}
     for gpu_node in plan_input.nodes:
         spec = product_spec(gpu_node.product)
         idle_limit = spec.min_watts.value if gpu_node.agent_ready else spec.max_watts.value
+        idle_limits[gpu_node.name] = idle_limit
         limits[gpu_node.name] = [idle_limit] * gpu_node.gpu_count
         expected[gpu_node.name] = [model.idle_power_watts(gpu_node.product)] * gpu_node.gpu_count
     next_gpu: dict[str, int] = defaultdict(int)
@@ -484,4 +486,5 @@ def _assemble(
         unplaced=tuple(unplaced[key] for key in sorted(unplaced)),
         solver=solver,
         timings_seconds=dict(timings),
+        node_idle_limits_watts=idle_limits,
     )

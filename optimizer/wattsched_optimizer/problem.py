@@ -206,3 +206,6 @@ class Plan:
     solver: str = ""
     # Seconds per step: "data", "build", "solve", "pack", "total".
     timings_seconds: Mapping[str, float] = field(default_factory=dict)
+    # Every GPU node in the input: the limit of its GPUs no replica holds (the product's minimum,
+    # or its maximum while the node's agent is not ready).
+    node_idle_limits_watts: Mapping[str, float] = field(default_factory=dict)

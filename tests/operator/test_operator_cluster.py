@@ -5,6 +5,7 @@ simulated agents writing NodePowerProfile status. The operator runs as a subproc
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -125,11 +126,30 @@ def running_on_planned_nodes(sandbox: Sandbox, namespace: str, name: str) -> boo
     )
 
 
+def spec_per_gpu(body: dict[str, Any]) -> list[float]:
+    """What a profile's spec asks of each GPU its agent reports, by the pod holding the GPU
+    (`status.gpus[].pod`): that pod's limit, else the idle limit. Other teams' GPUs are skipped."""
+    spec = body.get("spec") or {}
+    idle = spec.get("idlePowerLimitWatts")
+    pods = {f"{p['namespace']}/{p['name']}": p["powerLimitWatts"] for p in spec.get("pods") or []}
+    limits = []
+    for gpu in (body.get("status") or {}).get("gpus") or []:
+        if gpu.get("holder") == "other":
+            continue
+        limit = pods.get(gpu.get("pod"), idle)
+        limits.append(math.inf if limit is None else float(limit))
+    return limits
+
+
 def profile_limits(sandbox: Sandbox, node: str) -> tuple[list[float], list[float]]:
+    """Per GPU (other teams' left out): the limit the spec asks, the limit applied."""
     body = get_json(sandbox, "nodepowerprofile", node)
-    spec = [float(g["powerLimitWatts"]) for g in body["spec"]["gpus"]]
-    applied = [float(g["appliedWatts"]) for g in (body.get("status") or {}).get("gpus") or []]
-    return spec, applied
+    applied = [
+        float(g["appliedWatts"])
+        for g in (body.get("status") or {}).get("gpus") or []
+        if g.get("holder") != "other"
+    ]
+    return spec_per_gpu(body), applied
 
 
 def events_of(sandbox: Sandbox, namespace: str, name: str) -> list[dict[str, Any]]:
@@ -157,11 +177,7 @@ def limits_in_scope(sandbox: Sandbox, match_labels: dict[str, str]) -> float:
     profiles = {p["metadata"]["name"]: p for p in get_json(sandbox, "nodepowerprofiles")["items"]}
     missing = [n["metadata"]["name"] for n in nodes if n["metadata"]["name"] not in profiles]
     assert not missing, f"GPU nodes in scope without a NodePowerProfile: {missing}"
-    return sum(
-        float(g["powerLimitWatts"])
-        for n in nodes
-        for g in profiles[n["metadata"]["name"]]["spec"]["gpus"]
-    )
+    return sum(sum(spec_per_gpu(profiles[n["metadata"]["name"]]) or [math.inf]) for n in nodes)
 
 
 def ensure_volume_claims(sandbox: Sandbox, namespace: str, paths: list[Path]) -> None:
@@ -240,10 +256,11 @@ def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
     for name in names:
         status = get_json(sandbox, "llmworkload", name, "-n", namespace)["status"]
         for placement in status["placements"]:
-            spec, _ = profile_limits(sandbox, placement["node"])
-            assert spec.count(placement["powerLimitWatts"]) >= placement["gpus"], (
-                f"{name}: NodePowerProfile {placement['node']} lacks the planned limit"
-            )
+            spec = get_json(sandbox, "nodepowerprofile", placement["node"])["spec"]
+            pod = f"{name}-{placement['replica']}"
+            limit = placement["powerLimitWatts"]
+            wanted = {"namespace": namespace, "name": pod, "powerLimitWatts": limit}
+            assert wanted in spec["pods"], f"NodePowerProfile {placement['node']} lacks {pod}"
 
             def agent_applied(node: str = placement["node"]) -> bool:
                 spec_now, applied_now = profile_limits(sandbox, node)
@@ -354,7 +371,7 @@ class LimitWatcher(threading.Thread):
                 node = body["metadata"]["name"]
                 if node not in self.nodes:
                     continue
-                self.spec[node] = sum(g["powerLimitWatts"] for g in body["spec"]["gpus"])
+                self.spec[node] = sum(spec_per_gpu(body))
                 gpus = (body.get("status") or {}).get("gpus") or []
                 self.applied[node] = sum(g.get("appliedWatts") or 0 for g in gpus)
                 self.samples.append(

@@ -22,6 +22,7 @@ from wattsched_agent.dcgm_metrics import MetricsServer
 from wattsched_agent.node_agent import NodeAgent
 from wattsched_agent.nvml_backend import NvmlBackend
 from wattsched_agent.reconcile import PlacedPod
+from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import SimulatedNvml
 from wattsched_operator.telemetry import Source, TelemetryConfig, TelemetryReader
 
@@ -55,8 +56,11 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     """Two simulated nodes: h100-a (2x H100, limits 400 W) and l4-a (1x L4, limit 60 W)."""
     products = {"h100-a": [H100] * 2, "l4-a": ["NVIDIA-L4"]}
     libraries = {name: SimulatedNvml(name, gpus) for name, gpus in products.items()}
+    kubelets = {name: SimulatedKubelet() for name in libraries}
     agents = {
-        name: NodeAgent(name, NvmlBackend(library, "simulated"), library)
+        name: NodeAgent(
+            name, NvmlBackend(library, "simulated"), kubelets[name], library, kubelets[name]
+        )
         for name, library in libraries.items()
     }
     agents["h100-a"].backend.apply_limit(0, 400)
