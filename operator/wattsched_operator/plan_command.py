@@ -54,7 +54,12 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
             for p in sorted(plan.placements, key=lambda p: (p.workload, p.replica))
         ],
         "nodes": [
-            {"node": node, "gpuPowerLimitsWatts": list(limits)}
+            {
+                "node": node,
+                "gpuPowerLimitsWatts": list(limits),
+                "unmanagedGpus": plan.node_unmanaged.get(node, (0, 0.0))[0],
+                "unmanagedWatts": plan.node_unmanaged.get(node, (0, 0.0))[1],
+            }
             for node, limits in sorted(plan.node_power_limits_watts.items())
         ],
         "budgets": [
@@ -62,6 +67,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
                 "name": b.name,
                 "capWatts": b.cap_watts,
                 "allocatedCapWatts": b.allocated_cap_watts,
+                "unmanagedWatts": b.unmanaged_watts,
                 "expectedWatts": b.expected_watts,
             }
             for b in sorted(plan.budgets, key=lambda b: b.name)
@@ -105,17 +111,25 @@ def plan_to_table(plan: Plan) -> str:
     )
     lines.append("")
     lines += _table(
-        ["BUDGET", "CAP(W)", "ALLOCATED(W)", "EXPECTED(W, modelled)"],
+        ["BUDGET", "CAP(W)", "ALLOCATED(W)", "UNMANAGED(W)", "EXPECTED(W, modelled)"],
         [
             [
                 b["name"],
                 f"{b['capWatts']:.0f}",
                 f"{b['allocatedCapWatts']:.0f}",
+                f"{b['unmanagedWatts']:.0f}",
                 f"{b['expectedWatts']:.0f}",
             ]
             for b in data["budgets"]
         ],
     )
+    unmanaged = [n for n in data["nodes"] if n["unmanagedGpus"]]
+    if unmanaged:
+        lines.append("")
+        lines += _table(
+            ["NODE", "UNMANAGED GPUS (other teams' pods, left alone)", "AT LIMITS(W)"],
+            [[n["node"], str(n["unmanagedGpus"]), f"{n['unmanagedWatts']:.0f}"] for n in unmanaged],
+        )
     if data["unplaced"]:
         lines.append("")
         lines += _table(

@@ -12,6 +12,11 @@ objects, or for solving.
 Rules:
 - GPU node: allocatable `nvidia.com/gpu` > 0; its product is the GFD label `nvidia.com/gpu.product`
   normalised by the performance model. Schedulable when Ready=True, not cordoned, not deleting.
+- Unmanaged GPUs (held by pods wattsched did not create): where the node's agent reports a device
+  mapping, the GPUs its profile's status marks `holder: other`, each at its applied limit (else its
+  NVML maximum, else the product's maximum); otherwise the GPUs requested by pods without the
+  `wattsched.io/workload` label bound to the node, at the product's maximum. They are taken out of
+  the node's GPUs for planning and counted in every budget (`GpuNode.unmanaged_*`).
 - Agent readiness: a node's agent counts as ready when its NodePowerProfile says `agent.ready`, has
   applied the current spec generation, has a fresh heartbeat (when `heartbeat_timeout_seconds` is
   given) and the node is not in `unconfirmed_nodes`. When the objects hold no NodePowerProfile at
@@ -51,8 +56,13 @@ from wattsched_operator.api.meta import (
     WORKLOAD_LABEL,
     parse_time,
 )
-from wattsched_operator.api.nodepowerprofile import NodePowerProfile, parse_nodepowerprofile
-from wattsched_optimizer.model import UnknownProductError, normalise_product
+from wattsched_operator.api.nodepowerprofile import (
+    Holder,
+    MappingSource,
+    NodePowerProfile,
+    parse_nodepowerprofile,
+)
+from wattsched_optimizer.model import UnknownProductError, normalise_product, product_spec
 from wattsched_optimizer.problem import (
     Budget,
     CurrentPlacement,
@@ -165,6 +175,7 @@ def build_snapshot(
 ) -> Snapshot:
     """The optimizer's input for `objects` at time `now` (the rules: see the module docstring)."""
     profiles = _profiles_by_node(objects.profiles)
+    unmanaged_pod_gpus = unmanaged_pod_gpus_by_node(objects.pods)
     require_agents = agents_required or bool(profiles)
     nodes: list[GpuNode] = []
     labels_by_node: dict[str, Mapping[str, str]] = {}
@@ -178,6 +189,7 @@ def build_snapshot(
             now=now,
             heartbeat_timeout_seconds=heartbeat_timeout_seconds,
             unconfirmed_nodes=unconfirmed_nodes,
+            unmanaged_pod_gpus=unmanaged_pod_gpus.get(_node_name(body), 0),
         )
         if node is not None:
             nodes.append(node)
@@ -329,6 +341,7 @@ def _gpu_node(
     now: datetime,
     heartbeat_timeout_seconds: float | None,
     unconfirmed_nodes: frozenset[str],
+    unmanaged_pod_gpus: int = 0,
 ) -> GpuNode | None:
     name = _node_name(body)
     count = gpu_count(body)
@@ -350,13 +363,43 @@ def _gpu_node(
         ready = name not in unconfirmed_nodes and agent_ready(
             profiles.get(name), now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds
         )
+    unmanaged_gpus, unmanaged_watts = unmanaged_gpus_of(
+        profiles.get(name), product, unmanaged_pod_gpus
+    )
     return GpuNode(
         name=name,
         product=product,
-        gpu_count=count,
+        gpu_count=max(count - unmanaged_gpus, 0),
         schedulable=is_schedulable(body),
         agent_ready=ready,
+        unmanaged_gpus=unmanaged_gpus,
+        unmanaged_watts=unmanaged_watts,
     )
+
+
+_MAPPED = frozenset({MappingSource.POD_RESOURCES, MappingSource.LAST_KNOWN})
+
+
+def unmanaged_gpus_of(
+    profile: NodePowerProfile | None, product: str, pod_gpus: int
+) -> tuple[int, float]:
+    """GPUs of a node held by pods wattsched did not create, and the sum of their limits (W).
+
+    The agent's device mapping is the truth where it has one (each GPU at its applied limit, else
+    its NVML maximum, else the product's); otherwise the GPU requests of such pods bound to the
+    node (`pod_gpus`), each at the product's maximum.
+    """
+    product_max = product_spec(product).max_watts.value
+    status = None if profile is None else profile.status
+    mapping = None if status is None else status.device_mapping
+    if status is not None and mapping is not None and mapping.source in _MAPPED:
+        others = [gpu for gpu in status.gpus if gpu.holder is Holder.OTHER]
+        watts = sum(
+            next(w for w in (gpu.applied_watts, gpu.max_watts, product_max) if w is not None)
+            for gpu in others
+        )
+        return len(others), watts
+    return pod_gpus, pod_gpus * product_max
 
 
 # -- workloads -------------------------------------------------------------------------------------
@@ -485,6 +528,36 @@ def _budget(budget: EnergyBudget, labels_by_node: Mapping[str, Mapping[str, str]
 
 
 # -- pods ------------------------------------------------------------------------------------------
+
+
+def _requested_gpus(pod: Body) -> int:
+    """`nvidia.com/gpu` a pod's containers request (limits first, as for extended resources)."""
+    total = 0
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        resources = container.get("resources") or {}
+        amount = (resources.get("limits") or {}).get(GPU_RESOURCE) or (
+            resources.get("requests") or {}
+        ).get(GPU_RESOURCE)
+        if isinstance(amount, int) or (isinstance(amount, str) and _WHOLE_NUMBER.match(amount)):
+            total += int(amount)
+    return total
+
+
+def unmanaged_pod_gpus_by_node(pods: Iterable[Body]) -> dict[str, int]:
+    """Node -> GPUs requested by pods without the `wattsched.io/workload` label bound to it
+    (neither finished nor being deleted)."""
+    by_node: dict[str, int] = {}
+    for pod in pods:
+        metadata = pod.get("metadata") or {}
+        if (metadata.get("labels") or {}).get(WORKLOAD_LABEL) or metadata.get("deletionTimestamp"):
+            continue
+        if (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}:
+            continue
+        node = (pod.get("spec") or {}).get("nodeName")
+        gpus = _requested_gpus(pod)
+        if node and gpus:
+            by_node[str(node)] = by_node.get(str(node), 0) + gpus
+    return by_node
 
 
 def _container_env(pod: Body, name: str) -> str | None:

@@ -186,7 +186,8 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
 def budget_base_watts(plan_input: PlanInput) -> dict[str, float]:
     """Per budget: the sum of its GPUs' limits with nothing placed.
 
-    Idle GPUs count at their minimum; GPUs of nodes whose agent is not ready at their maximum.
+    Idle GPUs count at their minimum; GPUs of nodes whose agent is not ready at their maximum;
+    GPUs held by pods wattsched did not create at the limits they run at (`unmanaged_watts`).
     """
     by_name = {node.name: node for node in plan_input.nodes}
     base: dict[str, float] = {}
@@ -198,7 +199,7 @@ def budget_base_watts(plan_input: PlanInput) -> dict[str, float]:
                 continue
             spec = product_spec(node.product)
             per_gpu = spec.min_watts.value if node.agent_ready else spec.max_watts.value
-            total += per_gpu * node.gpu_count
+            total += per_gpu * node.gpu_count + node.unmanaged_watts
         base[budget.name] = total
     return base
 

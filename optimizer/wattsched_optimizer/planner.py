@@ -67,6 +67,11 @@ def validate(plan_input: PlanInput) -> None:
         seen_nodes.add(node.name)
         if node.gpu_count < 0:
             raise PlanInputError(f"Node {node.name}: gpu_count={node.gpu_count} is negative")
+        if node.unmanaged_gpus < 0 or node.unmanaged_watts < 0:
+            raise PlanInputError(
+                f"Node {node.name}: unmanaged_gpus={node.unmanaged_gpus} and "
+                f"unmanaged_watts={node.unmanaged_watts} must not be negative"
+            )
         try:
             product_spec(node.product)
         except UnknownProductError as error:
@@ -148,6 +153,11 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
     )
     timings: dict[str, float] = {"data": time.perf_counter() - started}
     if over:
+        unmanaged_by_node = {node.name: node.unmanaged_watts for node in plan_input.nodes}
+        unmanaged_watts = {
+            budget.name: sum(unmanaged_by_node.get(n, 0.0) for n in budget.node_names)
+            for budget in plan_input.budgets
+        }
         for workload_class in data.classes:
             for member in workload_class.members:
                 unplaced[member.key] = Unplaced(
@@ -157,7 +167,14 @@ def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
                         f"EnergyBudget {name}: spec.powerCapWatts="
                         f"{data.budget_cap_watts[name]:g} is below the "
                         f"{data.budget_base_watts[name]:g} W its GPUs count for at their minimum "
-                        "limits (maximum where the node agent is not ready)"
+                        "limits (maximum where the node agent is not ready"
+                        + (
+                            f"; {unmanaged_watts[name]:g} W of it on GPUs held by pods wattsched "
+                            "did not create, at their limits"
+                            if unmanaged_watts.get(name)
+                            else ""
+                        )
+                        + ")"
                         for name in over
                     )
                     + "; raise the cap or narrow spec.nodeSelector",
@@ -457,10 +474,16 @@ def _assemble(
                     expected_throughput=option.throughput_per_replica,
                 )
             )
+    unmanaged = {
+        node.name: (node.unmanaged_gpus, node.unmanaged_watts)
+        for node in plan_input.nodes
+        if node.unmanaged_gpus > 0
+    }
     allocations = []
     for budget in plan_input.budgets:
         scope = [n for n in sorted(budget.node_names) if n in limits]
-        allocated = sum(sum(limits[n]) for n in scope)
+        unmanaged_watts = sum(unmanaged[n][1] for n in scope if n in unmanaged)
+        allocated = sum(sum(limits[n]) for n in scope) + unmanaged_watts
         if status is not PlanStatus.INFEASIBLE and allocated > budget.power_cap_watts + 1e-3:
             raise PlanInvariantError(
                 f"EnergyBudget {budget.name}: allocated {allocated} W > cap "
@@ -471,7 +494,8 @@ def _assemble(
                 name=budget.name,
                 cap_watts=budget.power_cap_watts,
                 allocated_cap_watts=allocated,
-                expected_watts=sum(sum(expected[n]) for n in scope),
+                expected_watts=sum(sum(expected[n]) for n in scope) + unmanaged_watts,
+                unmanaged_watts=unmanaged_watts,
             )
         )
     return Plan(
@@ -487,4 +511,5 @@ def _assemble(
         solver=solver,
         timings_seconds=dict(timings),
         node_idle_limits_watts=idle_limits,
+        node_unmanaged=unmanaged,
     )

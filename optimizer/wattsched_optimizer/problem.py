@@ -102,7 +102,12 @@ class Workload:
 
 @dataclass(frozen=True)
 class GpuNode:
-    """A node with GPUs. `product` is the normalised product name."""
+    """A node with GPUs. `product` is the normalised product name.
+
+    `gpu_count` is the GPUs wattsched may place replicas on and set limits for; GPUs held by pods
+    wattsched did not create are not among them: they count in every budget at `unmanaged_watts`
+    (the sum of the limits they run at) and are never offered to a replica.
+    """
 
     name: str
     product: str
@@ -111,6 +116,8 @@ class GpuNode:
     schedulable: bool = True
     # A node whose agent is not ready (or did not confirm the last limits) counts at maximum power.
     agent_ready: bool = True
+    unmanaged_gpus: int = 0
+    unmanaged_watts: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,9 @@ class BudgetAllocation:
     cap_watts: float
     allocated_cap_watts: float  # sum of power limits of every GPU in scope
     expected_watts: float
+    # The part of allocated_cap_watts that wattsched does not control: GPUs held by pods it did
+    # not create, at the limits they run at.
+    unmanaged_watts: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -209,3 +219,6 @@ class Plan:
     # Every GPU node in the input: the limit of its GPUs no replica holds (the product's minimum,
     # or its maximum while the node's agent is not ready).
     node_idle_limits_watts: Mapping[str, float] = field(default_factory=dict)
+    # Nodes where pods wattsched did not create hold GPUs: (how many, the sum of their limits in
+    # watts). Those GPUs are in no node_power_limits_watts tuple.
+    node_unmanaged: Mapping[str, tuple[int, float]] = field(default_factory=dict)

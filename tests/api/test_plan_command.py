@@ -53,7 +53,13 @@ def test_json_output_has_the_documented_shape(capsys: pytest.CaptureFixture[str]
         assert isinstance(placement["gpus"], int)
         assert isinstance(placement["powerLimitWatts"], float)
     for budget in plan["budgets"]:
-        assert set(budget) == {"name", "capWatts", "allocatedCapWatts", "expectedWatts"}
+        assert set(budget) == {
+            "name",
+            "capWatts",
+            "allocatedCapWatts",
+            "unmanagedWatts",
+            "expectedWatts",
+        }
         assert budget["allocatedCapWatts"] <= budget["capWatts"]
     for unplaced in plan["unplaced"]:
         assert {"workload", "reason"} <= set(unplaced)

@@ -249,7 +249,19 @@ def test_nvml_agent_gets_sys_admin_and_nothing_else(chart: Chart) -> None:
     assert security["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["runtimeClassName"] == "nvidia"
-    assert not any("hostPath" in volume for volume in pod["volumes"])
+    # The one hostPath: the kubelet's PodResources socket directory, read-only (which GPU is whose).
+    host_paths = [volume for volume in pod["volumes"] if "hostPath" in volume]
+    assert host_paths == [
+        {
+            "name": "pod-resources",
+            "hostPath": {"path": "/var/lib/kubelet/pod-resources", "type": "Directory"},
+        }
+    ]
+    mounts = {m["name"]: m for m in _container(daemonset)["volumeMounts"]}
+    assert mounts["pod-resources"]["readOnly"] is True
+    assert mounts["pod-resources"]["mountPath"] == "/var/lib/kubelet/pod-resources"
+    args = _container(daemonset)["args"]
+    assert "--pod-resources-socket=/var/lib/kubelet/pod-resources/kubelet.sock" in args
     assert not pod.get("hostNetwork")
     assert not pod.get("hostPID")
     assert not pod.get("hostIPC")
@@ -267,6 +279,7 @@ def test_simulated_agent_runs_non_root_without_capabilities(chart: Chart) -> Non
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert "runtimeClassName" not in pod
     assert "NVIDIA_VISIBLE_DEVICES" not in {item["name"] for item in container["env"]}
+    assert not any("hostPath" in volume for volume in pod["volumes"])
 
 
 def test_agent_runs_on_gpu_nodes_and_knows_its_node(chart: Chart) -> None:
