@@ -12,6 +12,9 @@ objects, or for solving.
 Rules:
 - GPU node: allocatable `nvidia.com/gpu` > 0; its product is the GFD label `nvidia.com/gpu.product`
   normalised by the performance model. Schedulable when Ready=True, not cordoned, not deleting.
+  A node whose allocatable GPUs read 0 while its NodePowerProfile's agent reports GPUs (a device
+  plugin restarting) stays a GPU node with the agent's GPU count, unschedulable: it stays in its
+  budgets (at maximum until its agent confirms lower limits) instead of dropping out of them.
 - Unmanaged GPUs (held by pods wattsched did not create): where the node's agent reports a device
   mapping, the GPUs its profile's status marks `holder: other`, each at its applied limit (else its
   NVML maximum, else the product's maximum); otherwise the GPUs requested by pods without the
@@ -345,6 +348,11 @@ def _gpu_node(
 ) -> GpuNode | None:
     name = _node_name(body)
     count = gpu_count(body)
+    # Allocatable 0 while the profile's agent still reports GPUs (a device plugin restarting):
+    # the node stays in its budgets, takes no new work, and its limits are planned down.
+    allocatable_gone = count == 0 and profile_gpu_count(profiles.get(name)) > 0
+    if allocatable_gone:
+        count = profile_gpu_count(profiles.get(name))
     if count == 0:
         return None
     label = _labels(body).get(GPU_PRODUCT_LABEL)
@@ -370,7 +378,7 @@ def _gpu_node(
         name=name,
         product=product,
         gpu_count=max(count - unmanaged_gpus, 0),
-        schedulable=is_schedulable(body),
+        schedulable=is_schedulable(body) and not allocatable_gone,
         agent_ready=ready,
         unmanaged_gpus=unmanaged_gpus,
         unmanaged_watts=unmanaged_watts,
@@ -378,6 +386,13 @@ def _gpu_node(
 
 
 _MAPPED = frozenset({MappingSource.POD_RESOURCES, MappingSource.LAST_KNOWN})
+
+
+def profile_gpu_count(profile: NodePowerProfile | None) -> int:
+    """GPUs the node's agent last reported (`status.gpuCount`, else `status.gpus`); 0 if none."""
+    if profile is None:
+        return 0
+    return profile.status.gpu_count or len(profile.status.gpus)
 
 
 def unmanaged_gpus_of(

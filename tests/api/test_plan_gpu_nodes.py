@@ -119,3 +119,41 @@ def test_a_budget_below_what_other_teams_run_at_says_so_in_every_reason(
     reason = next(u["reason"] for u in plan["unplaced"] if u["workload"] == "team-a/chat")
     assert "5600 W of it on GPUs held by pods wattsched did not create" in reason
     assert budget_entry(plan, "rack-a")["unmanagedWatts"] == 5600.0
+
+
+def zero_allocatable(objects: list[dict[str, Any]], node: str) -> None:
+    named(objects, "Node", node)["status"]["allocatable"]["nvidia.com/gpu"] = "0"
+
+
+def test_a_node_whose_allocatable_reads_0_stays_in_its_budgets_at_maximum_until_confirmed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    objects = items()
+    zero_allocatable(objects, "gpu-h100-01")
+    profile = named(objects, "NodePowerProfile", "gpu-h100-01")
+    profile["metadata"]["generation"] = 4  # new limits written, not yet confirmed by the agent
+    plan = plan_of(capsys, tmp_path, objects)
+    assert "gpu-h100-01" not in {p["node"] for p in plan["placements"]}
+    assert node_entry(plan, "gpu-h100-01")["gpuPowerLimitsWatts"] == [700.0] * 8
+    rack_a = budget_entry(plan, "rack-a")
+    ours = sum(node_entry(plan, "gpu-h100-00")["gpuPowerLimitsWatts"])
+    assert rack_a["allocatedCapWatts"] == pytest.approx(ours + 8 * 700.0)
+
+
+def test_a_node_whose_allocatable_reads_0_counts_at_confirmed_limits_and_takes_no_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    objects = items()
+    zero_allocatable(objects, "gpu-h100-01")
+    plan = plan_of(capsys, tmp_path, objects)
+    assert "gpu-h100-01" not in {p["node"] for p in plan["placements"]}
+    assert node_entry(plan, "gpu-h100-01")["gpuPowerLimitsWatts"] == [200.0] * 8  # H100 minimum
+
+
+def test_a_node_with_0_allocatable_and_no_agent_report_is_no_gpu_node(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    objects = [o for o in items() if o["metadata"]["name"] != "gpu-h100-01" or o["kind"] == "Node"]
+    zero_allocatable(objects, "gpu-h100-01")
+    plan = plan_of(capsys, tmp_path, objects)
+    assert "gpu-h100-01" not in {entry["node"] for entry in plan["nodes"]}
