@@ -52,7 +52,12 @@ from wattsched_operator.telemetry import (
     TelemetrySnapshot,
     calibration_samples,
 )
-from wattsched_optimizer.model import CatalogueModel, PerformanceModel, product_spec
+from wattsched_optimizer.model import (
+    CatalogueModel,
+    PerformanceModel,
+    product_spec,
+    products_in_scope,
+)
 from wattsched_optimizer.problem import Placement, Plan, PlanInput, PlanStatus, WorkloadType
 
 logger = logging.getLogger("wattsched.operator")
@@ -284,6 +289,28 @@ class PlanningLoop:
         plan_input = dataclasses.replace(
             plan_input, workloads=tuple(w for w in plan_input.workloads if w.key not in refused)
         )
+        # Products the catalogue lacks (as their nodes describe them) are known for this round.
+        with products_in_scope(plan_input.products):
+            return await self._plan_and_apply(
+                view,
+                plan_input,
+                active=active,
+                life=life,
+                pods_by_workload=pods_by_workload,
+                now=now,
+            )
+
+    async def _plan_and_apply(
+        self,
+        view: ClusterView,
+        plan_input: PlanInput,
+        *,
+        active: dict[str, Body],
+        life: Lifecycle,
+        pods_by_workload: dict[str, list[Body]],
+        now: datetime,
+    ) -> Plan:
+        """Solve `plan_input`, apply the plan and write every status (the rest of `plan_once`)."""
         started = time.monotonic()
         # Telemetry is read while the optimizer solves; it only feeds status.
         reading = asyncio.create_task(self._read_telemetry(plan_input, view))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,6 +25,7 @@ from wattsched_operator.snapshot import (
     parse_now,
     split_objects,
 )
+from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import PlanInputError
 from wattsched_optimizer.planner import plan as solve_plan
 from wattsched_optimizer.problem import Plan, PlanOptions
@@ -32,8 +33,9 @@ from wattsched_optimizer.problem import Plan, PlanOptions
 EXIT_BAD_INPUT = 2
 
 
-def plan_to_json(plan: Plan) -> dict[str, Any]:
-    """The `-o json` document (shape fixed by the optimizer issue, §3)."""
+def plan_to_json(plan: Plan, node_notes: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The `-o json` document (shape fixed by the optimizer issue, §3), plus `nodeNotes`: why a
+    node with GPUs takes no new work where the node alone does not say (snapshot.node_notes)."""
     return {
         "status": plan.status.value,
         "objective": plan.objective,
@@ -76,6 +78,9 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
             {"workload": u.workload, "reason": u.reason, "constraint": u.constraint}
             for u in sorted(plan.unplaced, key=lambda u: u.workload)
         ],
+        "nodeNotes": [
+            {"node": node, "reason": reason} for node, reason in sorted((node_notes or {}).items())
+        ],
     }
 
 
@@ -86,9 +91,9 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def plan_to_table(plan: Plan) -> str:
-    """A human-readable rendering: summary, placements, budgets, unplaced workloads."""
-    data = plan_to_json(plan)
+def plan_to_table(plan: Plan, node_notes: Mapping[str, str] | None = None) -> str:
+    """A human-readable rendering: summary, placements, budgets, unplaced workloads, node notes."""
+    data = plan_to_json(plan, node_notes)
     lines = [
         f"status {data['status']}  objective {plan.objective:.6g}  bound {plan.bound:.6g}  "
         f"gap {plan.gap:.2%}  solve {plan.solve_seconds:.2f} s",
@@ -135,6 +140,12 @@ def plan_to_table(plan: Plan) -> str:
         lines += _table(
             ["UNPLACED", "REASON"], [[u["workload"], u["reason"]] for u in data["unplaced"]]
         )
+    if data["nodeNotes"]:
+        lines.append("")
+        lines += _table(
+            ["NODE", "TAKES NO NEW WORK BECAUSE"],
+            [[n["node"], n["reason"]] for n in data["nodeNotes"]],
+        )
     return "\n".join(lines)
 
 
@@ -158,6 +169,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--power-levels", type=int, default=PlanOptions.power_levels)
     parser.add_argument("--time-limit-seconds", type=float, default=PlanOptions.time_limit_seconds)
     parser.add_argument("--solver", choices=("highs", "cbc"), default=PlanOptions.solver)
+    parser.add_argument(
+        "--catalogue-file",
+        type=Path,
+        help="YAML with extra GPU products (as the operator's --catalogue-file)",
+    )
     return parser
 
 
@@ -172,8 +188,8 @@ def _read_documents(filename: str, stdin: TextIO) -> list[object]:
         raise SnapshotError(f"{filename}: not valid YAML: {error}") from None
 
 
-def run(args: argparse.Namespace, stdin: TextIO) -> Plan:
-    """Read the snapshot named by `args` and solve it.
+def run(args: argparse.Namespace, stdin: TextIO) -> tuple[Plan, Mapping[str, str]]:
+    """Read the snapshot named by `args` and solve it; returns the plan and the node notes.
 
     Raises SnapshotError (or the optimizer's PlanInputError) for bad input.
     """
@@ -184,6 +200,11 @@ def run(args: argparse.Namespace, stdin: TextIO) -> Plan:
         raise SnapshotError(
             f"--time-limit-seconds: must be positive, got {args.time_limit_seconds}"
         )
+    try:
+        extended = read_catalogue_file(args.catalogue_file)
+    except ValueError as error:
+        raise SnapshotError(str(error)) from None
+    use_catalogue(extended)
     objects = split_objects(_read_documents(args.filename, stdin))
     if not objects.nodes:
         raise SnapshotError(f"{args.filename}: the snapshot has no Node objects")
@@ -193,7 +214,7 @@ def run(args: argparse.Namespace, stdin: TextIO) -> Plan:
         solver=args.solver,
     )
     snapshot = build_snapshot(objects, now=now, options=options, strict=True)
-    return solve_plan(snapshot.plan_input)
+    return solve_plan(snapshot.plan_input), snapshot.node_notes
 
 
 def main(argv: list[str]) -> int:
@@ -203,12 +224,12 @@ def main(argv: list[str]) -> int:
     except SystemExit as exit_request:  # --help, or a usage error argparse already printed
         return int(exit_request.code or 0)
     try:
-        plan = run(args, sys.stdin)
+        plan, notes = run(args, sys.stdin)
     except (SnapshotError, PlanInputError) as error:
         print(f"wattsched plan: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.output == "json":
-        print(json.dumps(plan_to_json(plan), indent=2))
+        print(json.dumps(plan_to_json(plan, notes), indent=2))
     else:
-        print(plan_to_table(plan))
+        print(plan_to_table(plan, notes))
     return 0

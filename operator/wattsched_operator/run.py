@@ -16,6 +16,7 @@ import random
 import socket
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -26,6 +27,7 @@ from wattsched_operator.kube import LIST_PAGE_SIZE, Kube, KubeError
 from wattsched_operator.loop import InputBuilder, LoopSettings, PlannedInput, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
 from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY, TelemetryConfig, TelemetryReader
+from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import plan
 
 logger = logging.getLogger("wattsched.operator")
@@ -116,7 +118,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 disables /metrics")
     parser.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--catalogue-file",
+        type=Path,
+        help="YAML with extra GPU products for the performance model (catalogue.yaml's shape: "
+        "sources, products, optionally unknown_product); the chart's operator.catalogue",
+    )
     args = parser.parse_args(list(argv))
+    try:
+        args.catalogue = read_catalogue_file(args.catalogue_file)
+    except ValueError as error:
+        parser.error(str(error))
     if args.tokens_query != DEFAULT_TOKEN_QUERY and not args.prometheus_url:
         parser.error("--tokens-query needs --prometheus-url (the query runs on that Prometheus)")
     try:
@@ -202,6 +214,7 @@ def ensure_peering(kube: Kube, name: str) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    use_catalogue(args.catalogue)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -12,6 +12,14 @@ objects, or for solving.
 Rules:
 - GPU node: allocatable `nvidia.com/gpu` > 0; its product is the GFD label `nvidia.com/gpu.product`
   normalised by the performance model. Schedulable when Ready=True, not cordoned, not deleting.
+  Its memory per GPU is the GFD label `nvidia.com/gpu.memory` (MiB) when present, else the
+  catalogue's.
+- Any NVIDIA GPU: a product the catalogue lacks is planned as its node describes it
+  (`model.discovered_product`): memory from `nvidia.com/gpu.memory`, power range from its
+  NodePowerProfile's `status.gpus[]` min/default/max watts (NVML), speed the catalogue's
+  `unknown_product` default (modelled). Until its agent reports that range, the node takes no new
+  work and counts at `unknown_product.max_watts_before_agent` per GPU; `Snapshot.node_notes`
+  says so.
   A node whose allocatable GPUs read 0 while its NodePowerProfile's agent reports GPUs (a device
   plugin restarting) stays a GPU node with the agent's GPU count, unschedulable: it stays in its
   budgets (at maximum until its agent confirms lower limits) instead of dropping out of them.
@@ -65,7 +73,15 @@ from wattsched_operator.api.nodepowerprofile import (
     NodePowerProfile,
     parse_nodepowerprofile,
 )
-from wattsched_optimizer.model import UnknownProductError, normalise_product, product_spec
+from wattsched_optimizer.model import (
+    ProductSpec,
+    catalogue,
+    discovered_product,
+    known_products,
+    product_key,
+    product_spec,
+    products_in_scope,
+)
 from wattsched_optimizer.problem import (
     Budget,
     CurrentPlacement,
@@ -111,6 +127,9 @@ class Snapshot:
     rejected: tuple[ApiValidationError, ...] = ()
     # Workload key -> the parsed LLMWorkload, for callers that need more than the optimizer does.
     workloads: Mapping[str, LLMWorkload] = field(default_factory=dict)
+    # Node -> why it takes no new work although it has GPUs (a sentence), where that is not plain
+    # from the node itself (unknown product without an agent report).
+    node_notes: Mapping[str, str] = field(default_factory=dict)
 
 
 _KIND_FIELDS = {
@@ -181,6 +200,8 @@ def build_snapshot(
     unmanaged_pod_gpus = unmanaged_pod_gpus_by_node(objects.pods)
     require_agents = agents_required or bool(profiles)
     nodes: list[GpuNode] = []
+    discovered: dict[str, ProductSpec] = {}
+    notes: dict[str, str] = {}
     labels_by_node: dict[str, Mapping[str, str]] = {}
     node_names = _Unique("Node", "metadata.name")
     for body in objects.nodes:
@@ -193,6 +214,8 @@ def build_snapshot(
             heartbeat_timeout_seconds=heartbeat_timeout_seconds,
             unconfirmed_nodes=unconfirmed_nodes,
             unmanaged_pod_gpus=unmanaged_pod_gpus.get(_node_name(body), 0),
+            discovered=discovered,
+            notes=notes,
         )
         if node is not None:
             nodes.append(node)
@@ -233,8 +256,11 @@ def build_snapshot(
         budgets=tuple(sorted(budgets, key=lambda b: b.name)),
         current=tuple(sorted(current, key=lambda c: (c.workload, c.replica))),
         options=options or PlanOptions(),
+        products=discovered,
     )
-    return Snapshot(plan_input=plan_input, rejected=tuple(rejected), workloads=workloads)
+    return Snapshot(
+        plan_input=plan_input, rejected=tuple(rejected), workloads=workloads, node_notes=notes
+    )
 
 
 class _Unique:
@@ -345,7 +371,11 @@ def _gpu_node(
     heartbeat_timeout_seconds: float | None,
     unconfirmed_nodes: frozenset[str],
     unmanaged_pod_gpus: int = 0,
+    discovered: dict[str, ProductSpec] | None = None,
+    notes: dict[str, str] | None = None,
 ) -> GpuNode | None:
+    """The node as the optimizer sees it, or None for a node without GPUs. A product the catalogue
+    lacks is added to `discovered`; why such a node takes no new work goes to `notes`."""
     name = _node_name(body)
     count = gpu_count(body)
     # Allocatable 0 while the profile's agent still reports GPUs (a device plugin restarting):
@@ -362,26 +392,89 @@ def _gpu_node(
             f"Node {name}: {field_name} is missing; wattsched needs the GPU Feature Discovery "
             "labels on every node with allocatable nvidia.com/gpu"
         )
-    try:
-        product = normalise_product(label)
-    except UnknownProductError as error:
-        raise SnapshotError(f"Node {name}: {field_name}: {error}") from None
+    memory_gib = _memory_gib(body)
+    product = product_key(label)
+    schedulable = is_schedulable(body) and not allocatable_gone
+    if product not in known_products():
+        spec, note = _discovered(name, product, memory_gib, profiles.get(name))
+        if discovered is not None:
+            discovered.setdefault(product, spec)
+        if note is not None:
+            schedulable = False
+            if notes is not None:
+                notes[name] = note
     ready = True
     if require_agents:
         ready = name not in unconfirmed_nodes and agent_ready(
             profiles.get(name), now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds
         )
-    unmanaged_gpus, unmanaged_watts = unmanaged_gpus_of(
-        profiles.get(name), product, unmanaged_pod_gpus
-    )
+    with products_in_scope(discovered or {}):
+        unmanaged_gpus, unmanaged_watts = unmanaged_gpus_of(
+            profiles.get(name), product, unmanaged_pod_gpus
+        )
     return GpuNode(
         name=name,
         product=product,
         gpu_count=max(count - unmanaged_gpus, 0),
-        schedulable=is_schedulable(body) and not allocatable_gone,
+        schedulable=schedulable,
         agent_ready=ready,
         unmanaged_gpus=unmanaged_gpus,
         unmanaged_watts=unmanaged_watts,
+        memory_gib=memory_gib,
+    )
+
+
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+MIB_PER_GIB = 1024
+
+
+def _memory_gib(body: Body) -> float | None:
+    """The node's `nvidia.com/gpu.memory` label (MiB, per GPU) in GiB; None when absent."""
+    text = _labels(body).get(GPU_MEMORY_LABEL)
+    if text is None:
+        return None
+    if not _WHOLE_NUMBER.match(text):
+        raise SnapshotError(
+            f'Node {_node_name(body)}: metadata.labels["{GPU_MEMORY_LABEL}"]: {text!r} is not a '
+            "whole number of MiB (GPU Feature Discovery writes e.g. 81559)"
+        )
+    return round(int(text) / MIB_PER_GIB, 3)
+
+
+def _discovered(
+    name: str, product: str, memory_gib: float | None, profile: NodePowerProfile | None
+) -> tuple[ProductSpec, str | None]:
+    """A product the catalogue lacks, from the node's memory label and its agent's NVML reading,
+    and, while the agent has not reported that reading, why the node takes no new work."""
+    readings = [] if profile is None else [g for g in profile.status.gpus if g.max_watts]
+    memory = 0.0 if memory_gib is None else memory_gib
+    if readings:
+        first = readings[0]
+        maximum = max(g.max_watts or 0.0 for g in readings)
+        minimum = first.min_watts if first.min_watts else maximum
+        default = first.default_watts if first.default_watts else maximum
+        spec = discovered_product(
+            product,
+            memory_gib=memory,
+            min_watts=min(minimum, maximum),
+            default_watts=min(default, maximum),
+            max_watts=maximum,
+            measured=True,
+        )
+        return spec, None
+    unknown_max = catalogue().unknown.max_watts_before_agent.value
+    spec = discovered_product(
+        product,
+        memory_gib=memory,
+        min_watts=unknown_max,
+        default_watts=unknown_max,
+        max_watts=unknown_max,
+        measured=False,
+    )
+    return spec, (
+        f"Node {name}: GPU product {product!r} is not in the catalogue and its node agent has "
+        "not reported the GPUs' power range (NodePowerProfile status.gpus[].maxWatts): it takes "
+        f"no new work and counts at {unknown_max:g} W per GPU until it does"
     )
 
 
@@ -484,14 +577,8 @@ def _read_workload(body: Body) -> tuple[LLMWorkload, Workload]:
 
 def _timeless_workload(workload: LLMWorkload) -> Workload:
     spec = workload.spec
-    allowed: set[str] = set()
-    for index, label in enumerate(spec.gpu.products):
-        try:
-            allowed.add(normalise_product(label))
-        except UnknownProductError as error:
-            raise ApiValidationError(
-                "LLMWorkload", workload.key, f"spec.gpu.products[{index}]", str(error)
-            ) from None
+    # A label the catalogue lacks names a discovered product (any NVIDIA GPU), so it is kept.
+    allowed = {product_key(label) for label in spec.gpu.products}
     return Workload(
         key=workload.key,
         type=WorkloadType(spec.type.value),

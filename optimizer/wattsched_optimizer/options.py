@@ -51,6 +51,8 @@ class Pool:
     node_names: tuple[str, ...]
     min_watts: float
     max_watts: float
+    # Memory per GPU: the nodes' label where they have one, else the product's.
+    memory_gib: float
 
     @property
     def total_gpus(self) -> int:
@@ -158,15 +160,26 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
     for budget in plan_input.budgets:
         for node_name in budget.node_names:
             budgets_of[node_name].add(budget.name)
-    groups: dict[tuple[str, int, bool, frozenset[str]], list[str]] = defaultdict(list)
+    groups: dict[tuple[str, int, bool, frozenset[str], float], list[str]] = defaultdict(list)
     for node in plan_input.nodes:
         if not node.schedulable or node.gpu_count < 1:
             continue
-        key = (node.product, node.gpu_count, node.agent_ready, frozenset(budgets_of[node.name]))
+        memory = product_spec(node.product).memory_gib.value
+        if node.memory_gib is not None:
+            memory = node.memory_gib
+        key = (
+            node.product,
+            node.gpu_count,
+            node.agent_ready,
+            frozenset(budgets_of[node.name]),
+            memory,
+        )
         groups[key].append(node.name)
     pools = []
-    for index, key in enumerate(sorted(groups, key=lambda k: (k[0], k[1], k[2], sorted(k[3])))):
-        product, gpus_per_node, agent_ready, budgets = key
+    for index, key in enumerate(
+        sorted(groups, key=lambda k: (k[0], k[1], k[2], sorted(k[3]), k[4]))
+    ):
+        product, gpus_per_node, agent_ready, budgets, memory = key
         spec = product_spec(product)
         pools.append(
             Pool(
@@ -178,6 +191,7 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
                 node_names=tuple(sorted(groups[key])),
                 min_watts=spec.min_watts.value,
                 max_watts=spec.max_watts.value,
+                memory_gib=memory,
             )
         )
     return tuple(pools)
@@ -318,14 +332,22 @@ def _no_option_reason(
             f"{label}: no variant has quality >= spec.minQuality={workload.min_quality:g}; "
             "lower spec.minQuality or add a variant",
         )
+    memory_of = {
+        product: max(
+            pool.memory_gib
+            for pool in pools
+            if pool.product == product and pool.gpus_per_node >= workload.gpus_per_replica
+        )
+        for product in big_enough
+    }
     fitting = [
         (product, variant)
         for product in big_enough
         for variant in variants
-        if _memory_need_gib(workload, variant) <= product_spec(product).memory_gib.value
+        if _memory_need_gib(workload, variant) <= memory_of[product]
     ]
     if not fitting:
-        memory = max(product_spec(p).memory_gib.value for p in big_enough)
+        memory = max(memory_of.values())
         need = min(_memory_need_gib(workload, v) for v in variants)
         names = ", ".join(v.name for v in variants)
         return NoOption(
@@ -428,24 +450,22 @@ def workload_options(
         current_level = first.power_limit_watts
     # (product, variant, level, replicas, throughput, watts, cost, quality loss, keeps current)
     raw: list[tuple[str, Variant, float, int, float, float, float, int, bool]] = []
-    pools_by_product: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    # (product, variant name) -> (pools whose agent is ready, all pools) with memory for it.
+    pools_by_variant: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for product in products:
-        spec = product_spec(product)
         eligible = [
             pool
             for pool in pools
             if pool.product == product and pool.gpus_per_node >= workload.gpus_per_replica
         ]
-        if not eligible:
-            continue
-        pools_by_product[product] = (
-            tuple(pool.index for pool in eligible if pool.agent_ready),
-            tuple(pool.index for pool in eligible),
-        )
-        memory = spec.memory_gib.value
         for variant in variants:
-            if _memory_need_gib(workload, variant) > memory:
+            roomy = [p for p in eligible if _memory_need_gib(workload, variant) <= p.memory_gib]
+            if not roomy:
                 continue
+            pools_by_variant[(product, variant.name)] = (
+                tuple(pool.index for pool in roomy if pool.agent_ready),
+                tuple(pool.index for pool in roomy),
+            )
             level_current = current_level if product == current_product else None
             for level in _levels_for(workload, product, levels, level_current):
                 throughput = model.throughput_tokens_per_second(
@@ -507,7 +527,7 @@ def workload_options(
         if not keeps:
             relative += move_penalty
         is_max = level >= product_spec(product).max_watts.value
-        ready_pools, all_pools = pools_by_product[product]
+        ready_pools, all_pools = pools_by_variant[(product, variant.name)]
         option_pools = all_pools if is_max else ready_pools
         if not option_pools:
             continue

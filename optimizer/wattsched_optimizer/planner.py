@@ -29,6 +29,7 @@ from wattsched_optimizer.model import (
     PerformanceModel,
     UnknownProductError,
     product_spec,
+    products_in_scope,
 )
 from wattsched_optimizer.options import PlanData, WorkloadClass, build_plan_data, workload_label
 from wattsched_optimizer.packing import WATTS_TOLERANCE, Assignment, ClusterState, Taken
@@ -133,7 +134,15 @@ def validate(plan_input: PlanInput) -> None:
 
 
 def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
-    """Decide which workloads run, where, with which variant, at which per-GPU power limit."""
+    """Decide which workloads run, where, with which variant, at which per-GPU power limit.
+
+    Products the catalogue lacks are known from `plan_input.products` while it plans.
+    """
+    with products_in_scope(plan_input.products):
+        return _plan(plan_input, model)
+
+
+def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
     started = time.perf_counter()
     validate(plan_input)
     performance: PerformanceModel = model if model is not None else CatalogueModel()

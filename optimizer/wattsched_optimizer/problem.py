@@ -12,6 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wattsched_optimizer.model import ProductSpec
 
 
 class WorkloadType(StrEnum):
@@ -118,6 +122,8 @@ class GpuNode:
     agent_ready: bool = True
     unmanaged_gpus: int = 0
     unmanaged_watts: float = 0.0
+    # Memory per GPU the node reports (GFD `nvidia.com/gpu.memory`), in GiB; None: the product's.
+    memory_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,8 @@ class PlanInput:
     budgets: tuple[Budget, ...] = ()
     current: tuple[CurrentPlacement, ...] = ()
     options: PlanOptions = field(default_factory=PlanOptions)
+    # Products the catalogue lacks, by key, as their nodes describe them (model.discovered_product).
+    products: Mapping[str, ProductSpec] = field(default_factory=dict)
 
 
 class PlanStatus(StrEnum):

@@ -84,3 +84,13 @@ def test_all_nodes_mode_needs_the_simulated_backend(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         parse_args(["--all-nodes", "--backend", "nvml"])
     assert "--all-nodes needs --backend simulated" in capsys.readouterr().err
+
+
+def test_the_nvml_agent_reads_the_kubelets_socket_and_only_simulated_nodes_serve_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    nvml = parse_args(["--node-name", "n"])
+    assert str(nvml.pod_resources_socket) == "/var/lib/kubelet/pod-resources/kubelet.sock"
+    with pytest.raises(SystemExit):
+        parse_args(["--node-name", "n", "--pod-resources-dir", "/tmp/x"])
+    assert "--pod-resources-dir needs --backend simulated" in capsys.readouterr().err

@@ -110,9 +110,9 @@ def first(items: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return next(item for item in items if item["kind"] == kind)
 
 
-def unknown_product(items: list[dict[str, Any]]) -> str:
-    first(items, "Node")["metadata"]["labels"]["nvidia.com/gpu.product"] = "NVIDIA-Z9000"
-    return 'Node gpu-h100-00: metadata.labels["nvidia.com/gpu.product"]: unknown GPU product'
+def malformed_memory_label(items: list[dict[str, Any]]) -> str:
+    first(items, "Node")["metadata"]["labels"]["nvidia.com/gpu.memory"] = "80 GiB"
+    return "Node gpu-h100-00: metadata.labels[\"nvidia.com/gpu.memory\"]: '80 GiB' is not a whole"
 
 
 def malformed_quantity(items: list[dict[str, Any]]) -> str:
@@ -159,7 +159,7 @@ def twice(kind: str, label: str, field: str) -> Any:
 @pytest.mark.parametrize(
     "break_snapshot",
     [
-        unknown_product,
+        malformed_memory_label,
         malformed_quantity,
         missing_field,
         bad_budget,

@@ -153,13 +153,27 @@ def test_not_ready_cordoned_and_deleting_nodes_are_not_schedulable() -> None:
     }
 
 
-def test_unknown_gpu_product_names_the_node_and_label() -> None:
+def test_a_product_the_catalogue_lacks_takes_no_work_and_counts_at_the_unknown_maximum() -> None:
+    snapshot = build(
+        node("gpu-x", "NVIDIA-Z9000", labels={"nvidia.com/gpu.memory": "97871"}),
+        workload(gpu={"count": 1, "products": ["NVIDIA-Z9000"]}),
+    )
+    [gpu_node] = snapshot.plan_input.nodes
+    assert (gpu_node.product, gpu_node.schedulable, gpu_node.memory_gib) == ("Z9000", False, 95.577)
+    spec = snapshot.plan_input.products["Z9000"]
+    assert (spec.min_watts.value, spec.max_watts.value) == (2000, 2000)
+    assert spec.max_watts.source == "nodepowerprofile-crd"
+    assert spec.memory_gib.value == 95.577
+    assert "not in the catalogue" in snapshot.node_notes["gpu-x"]
+    [chat] = snapshot.plan_input.workloads
+    assert chat.allowed_products == frozenset({"Z9000"})
+
+
+def test_a_malformed_memory_label_names_the_node_and_label() -> None:
     with pytest.raises(
-        SnapshotError,
-        match=r'Node gpu-x: metadata.labels\["nvidia.com/gpu.product"\]: '
-        r"unknown GPU product 'NVIDIA-Z9000'",
+        SnapshotError, match=r'Node gpu-x: metadata.labels\["nvidia.com/gpu.memory"\]: \'80GB\''
     ):
-        build(node("gpu-x", "NVIDIA-Z9000"))
+        build(node("gpu-x", labels={"nvidia.com/gpu.memory": "80GB"}))
 
 
 def test_gpu_node_without_product_label_is_an_error() -> None:
@@ -306,11 +320,10 @@ def test_invalid_workload_is_one_error_naming_object_and_field() -> None:
         build(node("n"), workload("bad", gpu={"count": 0}))
 
 
-def test_unknown_allowed_product_names_the_list_entry() -> None:
-    with pytest.raises(
-        SnapshotError, match=r"LLMWorkload team-a/chat: spec.gpu.products\[1\]: unknown GPU product"
-    ):
-        build(node("n"), workload(gpu={"count": 1, "products": ["NVIDIA-L4", "NVIDIA-Z9000"]}))
+def test_an_allowed_product_the_catalogue_lacks_is_kept() -> None:
+    chat = workload(gpu={"count": 1, "products": ["NVIDIA-L4", "NVIDIA-Z9000"]})
+    snapshot = build(node("n"), chat)
+    assert snapshot.plan_input.workloads[0].allowed_products == frozenset({"L4", "Z9000"})
 
 
 def test_lenient_mode_leaves_out_invalid_workloads_and_reports_them() -> None:

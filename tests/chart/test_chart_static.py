@@ -504,3 +504,62 @@ def test_rendered_arguments_are_accepted_by_the_components(chart: Chart, values_
 def _peering_enabled(values_file: Path) -> bool:
     values = yaml.safe_load(values_file.read_text()) or {}
     return bool(values.get("peering", {}).get("enabled", True))
+
+
+B200_EXTENSION: dict[str, Any] = {
+    "sources": {"b200-test": "figures for this test only"},
+    "products": {
+        "B200": {
+            "labels": ["NVIDIA-B200"],
+            "memory_gib": {"value": 179, "source": "b200-test"},
+            "min_watts": {"value": 400, "source": "b200-test"},
+            "default_watts": {"value": 1000, "source": "b200-test"},
+            "max_watts": {"value": 1000, "source": "b200-test"},
+            "idle_watts": {"value": 120, "source": "b200-test"},
+            "relative_speed": {
+                kind: {"value": 2.0, "source": "b200-test"}
+                for kind in ("Inference", "BatchInference", "Training", "FineTuning")
+            },
+        }
+    },
+}
+
+
+def test_the_catalogue_is_extended_from_values_without_a_new_image(
+    chart: Chart, tmp_path: Path
+) -> None:
+    from wattsched_operator.run import parse_args as parse_operator_args  # noqa: PLC0415
+
+    values = tmp_path / "catalogue-values.yaml"
+    values.write_text(yaml.safe_dump({"operator": {"catalogue": B200_EXTENSION}}))
+    manifests = chart.render(values_files=(values,))
+    config_map = find(manifests, "ConfigMap", "-catalogue")
+    assert yaml.safe_load(config_map["data"]["catalogue.yaml"]) == B200_EXTENSION
+    deployment = find(manifests, "Deployment", "-operator")
+    args = _container(deployment)["args"]
+    assert "--catalogue-file=/etc/wattsched/catalogue/catalogue.yaml" in args
+    mounts = {m["name"]: m for m in _container(deployment)["volumeMounts"]}
+    assert mounts["catalogue"] == {
+        "name": "catalogue",
+        "mountPath": "/etc/wattsched/catalogue",
+        "readOnly": True,
+    }
+    volumes = {v["name"]: v for v in _pod_spec(deployment)["volumes"]}
+    assert volumes["catalogue"]["configMap"]["name"] == config_map["metadata"]["name"]
+    # What the operator reads from the mounted file: the shipped products plus the B200.
+    mounted = tmp_path / "catalogue.yaml"
+    mounted.write_text(config_map["data"]["catalogue.yaml"])
+    file_args = [
+        f"--catalogue-file={mounted}" if arg.startswith("--catalogue-file") else arg for arg in args
+    ]
+    parsed = parse_operator_args(file_args[1:])
+    assert parsed.catalogue.products["B200"].max_watts.value == 1000
+    assert parsed.catalogue.aliases["B200"] == "B200"
+    assert "H100-80GB" in parsed.catalogue.products
+
+
+def test_no_catalogue_values_render_no_catalogue_config_map(chart: Chart) -> None:
+    manifests = chart.render()
+    assert not [m for m in manifests if str(m["metadata"]["name"]).endswith("-catalogue")]
+    args = _container(find(manifests, "Deployment", "-operator"))["args"]
+    assert not [a for a in args if a.startswith("--catalogue-file")]

@@ -888,3 +888,79 @@ def test_a_budget_below_unconfirmed_maximums_lowers_them_and_then_places_work(
         agent.wait()
         sandbox.kubectl("delete", "energybudget", "h200-below-max", "--wait=false", check=False)
         sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def test_another_teams_gpus_are_not_offered_and_count_in_budgets_at_their_limit(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, tmp_path: Path
+) -> None:
+    """Issue 13: a pod wattsched did not create holds 2 of a node's 4 GPUs. The agent reports them
+    as `holder: other` and leaves them at their limit (the H200 default, 700 W); the operator
+    offers only the 2 free GPUs, counts the others at 700 W each in the node's budget, and says so
+    when they alone exceed the cap."""
+    node = f"gpu-h200-{namespace[-5:]}"
+    scope = {TEST_LABEL: node}
+    apply(sandbox, None, gpu_node(node, "NVIDIA-H200", 4))
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "their-trainer", "labels": {"team": "other"}},
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "trainer",
+                    "resources": {"limits": {"nvidia.com/gpu": "2"}},
+                }
+            ],
+        },
+    }
+    apply(sandbox, namespace, theirs)
+    apply(sandbox, None, budget("h200-shared", 3000, scope))
+    agent = start_node_agent(sandbox, node, tmp_path / "agent.log")
+    try:
+        start_operator()
+
+        def mapped() -> bool:
+            found = sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json", check=False)
+            if found.returncode != 0:
+                return False
+            gpus = (json.loads(found.stdout).get("status") or {}).get("gpus") or []
+            return [g.get("holder") for g in gpus] == ["other", "other", None, None]
+
+        wait_until(f"{node}'s agent maps the other team's GPUs", mapped)
+
+        def unmanaged() -> float | None:
+            status = get_json(sandbox, "energybudget", "h200-shared").get("status") or {}
+            value: float | None = status.get("unmanagedWatts")
+            return value
+
+        wait_until("h200-shared counts the other team's GPUs at 700 W", lambda: unmanaged() == 1400)
+        apply(sandbox, namespace, workload("too-big", gpus=4, products=["NVIDIA-H200"]))
+        apply(sandbox, namespace, workload("fits", gpus=2, products=["NVIDIA-H200"]))
+        wait_until("fits Running", lambda: running_on_planned_nodes(sandbox, namespace, "fits"), 90)
+        assert phase_of(sandbox, namespace, "too-big") != "Running"
+        profile = get_json(sandbox, "nodepowerprofile", node)
+        theirs_now = [g for g in profile["status"]["gpus"] if g.get("holder") == "other"]
+        assert [g["appliedWatts"] for g in theirs_now] == [700, 700]  # left alone
+        status = get_json(sandbox, "energybudget", "h200-shared")["status"]
+        assert status["allocatedCapWatts"] <= 3000
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["UnmanagedWithinCap"]["status"] == "True"
+
+        apply(sandbox, None, budget("h200-shared", 1000, scope))
+
+        def over_cap() -> dict[str, Any] | None:
+            status = get_json(sandbox, "energybudget", "h200-shared").get("status") or {}
+            found = {c["type"]: c for c in status.get("conditions") or []}
+            condition = found.get("UnmanagedWithinCap") or {}
+            return condition if condition.get("status") == "False" else None
+
+        condition = wait_until("UnmanagedWithinCap=False below the other team's 1400 W", over_cap)
+        assert condition["reason"] == "UnmanagedOverCap"
+        assert "1400 W of the 1000 W cap" in condition["message"]
+    finally:
+        agent.kill()
+        agent.wait()
+        sandbox.kubectl("delete", "energybudget", "h200-shared", "--wait=false", check=False)
+        sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
