@@ -534,10 +534,8 @@ def _work_amount(total_work: TotalWork) -> WorkAmount:
 
 
 def workload_for_optimizer(workload: LLMWorkload, *, now: datetime) -> Workload:
-    """An LLMWorkload as the optimizer sees it, with every default applied.
-
-    Raises `ApiValidationError` for an allow-listed product the performance model does not know.
-    """
+    """An LLMWorkload as the optimizer sees it, with every default applied (allow-listed products
+    the catalogue lacks are kept under their normalised label, see `model.product_key`)."""
     return _with_deadline(_timeless_workload(workload), workload, now)
 
 
