@@ -4,11 +4,11 @@
 #
 #   docker build -t ghcr.io/wattsched/wattsched:0.1.0 .
 #
-# Not built or tested in this repository's CI (no container engine there): the chart's tests run
-# the chart on a KWOK sandbox, where pods are scheduled but containers never start. The build step
-# was checked by hand without Docker: a non-editable `pip install .` of exactly the files copied
-# below, into a fresh venv, runs `wattsched --help`, `wattsched operator --help` and
-# `wattsched agent --help` from outside the checkout.
+# CI builds it without Docker: `make image` (sandbox/image.sh) runs this file unchanged with
+# buildah, on a local Debian bookworm base (debootstrap) given as PYTHON_IMAGE, and
+# tests/chart/test_image_cluster.py runs the operator and simulated agents from the image against
+# the sandbox with the chart's args, user and read-only root filesystem. `python3`, not `python`:
+# Debian's base has only the former; both bases have it.
 #
 # NVML: the image carries no NVIDIA driver library. On GPU nodes the NVIDIA container runtime
 # injects libnvidia-ml.so.1 and the device nodes into the agent's container (the chart sets
@@ -25,8 +25,10 @@ COPY operator/ operator/
 COPY optimizer/ optimizer/
 COPY agent/ agent/
 COPY simulator/ simulator/
-RUN python -m venv /opt/wattsched \
+# The venv's own pip and setuptools are not needed at run time: removed once the install is done.
+RUN python3 -m venv /opt/wattsched \
  && /opt/wattsched/bin/pip install . \
+ && /opt/wattsched/bin/pip uninstall --yes pip setuptools \
  && /opt/wattsched/bin/wattsched --help >/dev/null
 
 FROM ${PYTHON_IMAGE}
@@ -34,12 +36,11 @@ LABEL org.opencontainers.image.title="wattsched" \
       org.opencontainers.image.description="Energy-aware LLM scheduling for Kubernetes: operator and node agent" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/wattsched /opt/wattsched
-# The chart mounts the root filesystem read-only with an emptyDir at /tmp: no .pyc writes, and
-# matplotlib (pulled in by the simulator) keeps its cache in /tmp.
+# The chart mounts the root filesystem read-only with an emptyDir at /tmp: no .pyc writes. The
+# simulator's plotting stack (the `simulator` extra) is not installed: `wattsched simulate` says so.
 ENV PATH=/opt/wattsched/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    MPLCONFIGDIR=/tmp/matplotlib
+    PYTHONUNBUFFERED=1
 # Non-root by default (the operator and the simulated agent run like this). The chart runs the
 # nvml agent as UID 0 with only CAP_SYS_ADMIN: docs/security.md explains why.
 USER 65532:65532

@@ -83,8 +83,8 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(POLICIES))
     args = parser.parse_args()
     policies = tuple(args.policies.split(","))
-    nodes = load_nodes(REPO / "examples" / "nodes.yaml")
-    budgets = load_budgets(REPO / "examples" / "simulation" / "budget.yaml", nodes)
+    nodes = load_nodes(REPO / "sandbox" / "nodes.yaml")
+    budgets = load_budgets(REPO / "offline" / "simulation-budget.yaml", nodes)
     carbon = CarbonIntensity.constant(400.0, "bench")
     small = build_scenario(
         nodes=nodes,

@@ -37,18 +37,26 @@ exec 9>"$cache/bin/.build.lock"
 flock 9
 
 # build <wrapper dir> <version ldflags> <package>...: one `go build` per binary, skipped when cached.
+# A cached binary is reused only if it was built with the same link flags: they are recorded beside
+# it in .<name>.ldflags. Binaries cached before these records existed were built with today's flags,
+# except helm (its Kubernetes version flags came later), so they get their record and helm is rebuilt.
 build() {
   local wrapper="$1" ldflags="$2"; shift 2
-  local pkg name
+  local pkg name stamp
   for pkg in "$@"; do
     name="$(basename "$pkg")"
     [[ "$name" == v3 ]] && name=etcd
-    if [[ -x "$bindir/$name" ]]; then continue; fi
+    stamp="$bindir/.$name.ldflags"
+    if [[ -x "$bindir/$name" && ! -e "$stamp" && "$name" != helm ]]; then
+      printf '%s\n' "$ldflags" >"$stamp"
+    fi
+    if [[ -x "$bindir/$name" && "$(cat "$stamp" 2>/dev/null)" == "$ldflags" ]]; then continue; fi
     need_go
     log "building $name ($pkg)"
     local start=$SECONDS
     (cd "$here/go/$wrapper" && go build -trimpath -ldflags "-s -w $ldflags" -o "$bindir/$name.tmp" "$pkg")
     mv "$bindir/$name.tmp" "$bindir/$name"
+    printf '%s\n' "$ldflags" >"$stamp"
     log "built $name in $((SECONDS - start)) s"
   done
 }
@@ -65,7 +73,16 @@ build kubernetes "$k8s_ldflags" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
 build kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
-build helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+# helm's own Makefile sets its default Kubernetes version (what `helm template` and `helm lint` assume
+# without --kube-version; v1.20 otherwise) from the client-go it is built with: v0.N -> v1.N.
+helm_client_go_minor="$(sed -n 's#^[[:space:]]*k8s.io/client-go v0\.\([0-9][0-9]*\)\..*#\1#p' "$here/go/helm/go.mod")"
+[[ -n "$helm_client_go_minor" ]] || { log "ERROR: no k8s.io/client-go in sandbox/go/helm/go.mod"; exit 1; }
+helm_ldflags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+helm_ldflags+=" -X helm.sh/helm/v3/internal/version.metadata= -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$helm_client_go_minor"
+done
+build helm "$helm_ldflags" helm.sh/helm/v3/cmd/helm
 
 # KWOK's standalone binary needs its stages passed with --config; use the ones of the pinned module.
 if [[ ! -f "$bindir/kwok-stages.yaml" ]]; then

@@ -101,16 +101,9 @@ YAML
 }
 
 apply_examples() {
-  step "Applying the example EnergyBudgets and LLMWorkloads in examples/"
-  local files=() file namespace
-  for file in "$repo"/examples/*.yaml; do
-    grep -q '^apiVersion: wattsched.io/' "$file" && files+=("$file")
-  done
-  if ((${#files[@]} == 0)); then echo "(no examples yet)"; return; fi
-  for namespace in $(sed -n 's/^ *namespace: *\([a-z0-9-]*\).*/\1/p' "${files[@]}" | sort -u); do
-    kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  done
-  for file in "${files[@]}"; do kubectl apply -f "$file"; done
+  step "Applying the example EnergyBudgets and LLMWorkloads: kubectl apply -f examples/"
+  # examples/ holds only manifests to apply (offline inputs live in offline/ and sandbox/).
+  kubectl apply -f "$repo/examples/"
 }
 
 # settle: wait until no workload is waiting for its first plan or for its pods (at most 90 s).

@@ -1,4 +1,4 @@
-"""Scale the sandbox's GPU node set (examples/nodes.yaml) to N nodes with the same product mix.
+"""Scale the sandbox's GPU node set (sandbox/nodes.yaml) to N nodes with the same product mix.
 
 Used by sandbox/up.sh when SANDBOX_NODES is set, e.g. for load tests with hundreds of nodes:
 node i is a copy of template node i mod len(templates), so the H100/A100/L40S/L4 proportions of
@@ -6,8 +6,8 @@ the file are kept. The first len(templates) nodes keep their names; later copies
 suffix. Labels (product, rack, ...) and status are copied unchanged, except kubernetes.io/hostname.
 Prints a YAML stream on stdout for `kubectl create -f -`.
 
-Not for: defining products (edit examples/nodes.yaml) or creating nodes itself.
-Usage: python sandbox/nodes.py examples/nodes.yaml 200
+Not for: defining products (edit sandbox/nodes.yaml) or creating nodes itself.
+Usage: python sandbox/nodes.py sandbox/nodes.yaml 200
 """
 
 from __future__ import annotations

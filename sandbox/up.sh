@@ -3,7 +3,7 @@
 #
 # Real components from sandbox/build.sh: etcd, kube-apiserver (RBAC + Node authorization, service
 # accounts), kube-controller-manager, kube-scheduler and KWOK, which plays the kubelets of the GPU
-# nodes in examples/nodes.yaml (SANDBOX_NODES=N scales them, see sandbox/nodes.py). Everything lives
+# nodes in sandbox/nodes.yaml (SANDBOX_NODES=N scales them, see sandbox/nodes.py). Everything lives
 # in $SANDBOX_DIR (default <repo>/.sandbox):
 #   kubeconfig       admin kubeconfig (system:masters)
 #   endpoints.yaml   every URL started (sandbox/endpoints.py adds more)
@@ -19,7 +19,7 @@ repo="$(dirname "$here")"
 sandbox_dir="${SANDBOX_DIR:-$repo/.sandbox}"
 mkdir -p "$sandbox_dir"
 sandbox_dir="$(cd "$sandbox_dir" && pwd)"
-nodes_file="${SANDBOX_NODES_FILE:-$repo/examples/nodes.yaml}"
+nodes_file="${SANDBOX_NODES_FILE:-$repo/sandbox/nodes.yaml}"
 python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
   if [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"; else python=python3; fi

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 
 import pynvml
+from kubernetes.client.exceptions import ApiException
 
 from wattsched_agent.dcgm_metrics import MetricsServer
 from wattsched_agent.kube_access import GPU_NODE_SELECTOR, GpuNodeInfo, KubeAccess
@@ -38,6 +39,12 @@ from wattsched_agent.nvml_backend import NvmlBackend
 from wattsched_agent.podresources import DEFAULT_SOCKET, PodResourcesClient, PodResourcesServer
 from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml, load_products
+from wattsched_operator.commandline import (
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    CommandError,
+    CommandParser,
+)
 
 DCGM_EXPORTER_PORT = 9400
 FAULT_KINDS = {
@@ -51,12 +58,18 @@ FAULT_KINDS = {
 log = logging.getLogger("wattsched_agent")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
         prog="wattsched agent",
         description="Apply NodePowerProfile GPU power limits and export DCGM-named metrics.",
     )
-    parser.add_argument("--backend", choices=["nvml", "simulated"], default="nvml")
+    parser.add_argument(
+        "--backend",
+        choices=["nvml", "simulated"],
+        default="nvml",
+        help="nvml drives the node's GPUs through libnvidia-ml; simulated impersonates the GPUs "
+        "its labels describe (sandbox, tests)",
+    )
     parser.add_argument(
         "--node-name",
         default=os.environ.get("NODE_NAME"),
@@ -129,6 +142,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="[NODE/]INDEX=KIND",
         help=f"simulated backend: make a GPU fail like NVML; KIND is one of {sorted(FAULT_KINDS)}",
     )
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.all_nodes and args.backend != "simulated":
         parser.error("--all-nodes needs --backend simulated (real GPUs have one agent per node)")
@@ -164,6 +182,9 @@ def build_agents(
 ) -> dict[str, NodeAgent]:
     """The node agents; simulated nodes' PodResources servers (if any) are appended to `servers`."""
     if args.backend == "nvml":
+        # The API server answers and the node exists: fail at start, in one line, rather than
+        # retry forever against a wrong kubeconfig or node name.
+        kube.read_node(args.node_name)
         client = PodResourcesClient(args.pod_resources_socket)
         return {args.node_name: NodeAgent(args.node_name, NvmlBackend(pynvml, "nvml"), client)}
     nodes: list[GpuNodeInfo] = (
@@ -235,11 +256,19 @@ def main(argv: list[str]) -> int:
     pod_resources_servers: list[PodResourcesServer] = []
     try:
         agents = build_agents(args, kube, pod_resources_servers)
+    except ApiException as error:
+        if error.status == 404 and args.node_name and not args.all_nodes:
+            raise CommandError(
+                f"node {args.node_name} not found: --node-name (or env NODE_NAME) must name a "
+                "node of the cluster (`kubectl get nodes`)",
+                EXIT_NOT_FOUND,
+            ) from None
+        raise
     except ValueError as error:
         for pod_resources in pod_resources_servers:
             pod_resources.stop()
         print(f"wattsched agent: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     address = args.metrics_address or ("127.0.0.1" if args.all_nodes else "0.0.0.0")
     servers = serve_metrics(agents, address, args.metrics_port, args.targets_file)
     for name, server in servers.items():

@@ -20,6 +20,7 @@ from kubernetes import client, config, watch
 from wattsched_agent.reconcile import WORKLOAD_LABEL, PlacedPod, gpus_requested
 from wattsched_operator.api.llmworkload import WorkloadType
 from wattsched_operator.api.meta import WORKLOAD_TYPE_ANNOTATION
+from wattsched_operator.kube import load_kubeconfig
 
 GROUP = "wattsched.io"
 VERSION = "v1alpha1"
@@ -99,11 +100,14 @@ class KubeAccess:
     def __init__(self, kubeconfig: str | None, pool_size: int = CONNECTIONS) -> None:
         configuration = client.Configuration()
         if kubeconfig:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig, client_configuration=configuration
-            )
+            load_kubeconfig(kubeconfig, configuration)
         else:
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            try:
+                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            except config.ConfigException as error:
+                raise config.ConfigException(
+                    f"no --kubeconfig given and not running in a pod ({error})"
+                ) from error
         # One connection per concurrent status patch (see AgentRunner's workers).
         configuration.connection_pool_maxsize = pool_size
         api_client = client.ApiClient(configuration)
@@ -115,17 +119,20 @@ class KubeAccess:
         decoded: dict[str, Any] = json.loads(response.data)
         return decoded
 
+    def read_node(self, node_name: str) -> dict[str, Any]:
+        """The Node object (raises the client's ApiException, 404 when there is no such node)."""
+        return self._json(
+            self.core.read_node(
+                node_name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_SECONDS
+            )
+        )
+
     def gpu_nodes(
         self, node_name: str | None, selector: str = GPU_NODE_SELECTOR
     ) -> list[GpuNodeInfo]:
         """The named node, or every node matching the label selector."""
         if node_name is not None:
-            node = self._json(
-                self.core.read_node(
-                    node_name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_SECONDS
-                )
-            )
-            return [node_gpu_info(node)]
+            return [node_gpu_info(self.read_node(node_name))]
         nodes = self._json(
             self.core.list_node(
                 label_selector=selector,

@@ -33,6 +33,8 @@ from wattsched_operator.api.nodepowerprofile import (
 
 WORKLOAD_LABEL = "wattsched.io/workload"
 GPU_RESOURCE = "nvidia.com/gpu"
+# Watts in statuses (`kubectl get npp`): to the tenth of a watt, as the operator writes limits.
+WATTS_DECIMALS = 1
 MESSAGE_LIMIT_CHARS = 4000
 # Applied=False reason when the agent has never read which GPU each pod holds.
 MAPPING_UNAVAILABLE = "DeviceMappingUnavailable"
@@ -180,7 +182,7 @@ def _gpu_status(
     target_watts: float | None = None,
 ) -> GpuStatus:
     def rounded(value: float | None) -> float | None:
-        return None if value is None else round(value, 3)
+        return None if value is None else round(value, WATTS_DECIMALS)
 
     energy_mj = sample.energy_millijoules
     return GpuStatus(
@@ -200,7 +202,7 @@ def _gpu_status(
 
 
 def _total(values: Iterable[float | None]) -> float:
-    return round(sum(value for value in values if value is not None), 3)
+    return round(sum(value for value in values if value is not None), WATTS_DECIMALS)
 
 
 def build_status(

@@ -1,16 +1,18 @@
 """Energy and carbon accounting: the running totals in LLMWorkload and EnergyBudget status.
 
-A workload's `status.energy` (joules since first placed) and a budget's `energyUsedKWh` and
-`carbonKg` (this period) are running totals. Each accounting round advances them from the time
-they were last advanced (`accountedUntil`, kept in the status itself, so a restarted operator goes
-on where the last one stopped and a status read from a lagging cache is still self-consistent) to
-now. The increment is measured (Prometheus energy counters) when every pod or node it covers was
-measured, else modelled (the plan's expected watts times the elapsed seconds); `source` says
-`measured`, `modelled`, or `mixed` once both contributed. Carbon is each increment's kWh times PUE
-times the carbon intensity of that moment, so a changing grid intensity is followed.
+A workload's `status.energy` (joules since first placed) and a budget's `energyUsedJoules` and
+`carbonGrams` (this period) are running totals, kept fine enough that each small increment counts;
+the kWh and kg figures beside them are those totals rounded for people (1 Wh, 1 g). Each accounting
+round advances them from the time they were last advanced (`accountedUntil`, kept in the status
+itself, so a restarted operator goes on where the last one stopped and a status read from a lagging
+cache is still self-consistent) to now. The increment is measured (Prometheus energy counters) when
+every pod or node it covers was measured, else modelled (the plan's expected watts times the elapsed
+seconds); `source` says `measured`, `modelled`, or `mixed` once both contributed. Carbon is each
+increment's kWh times PUE times the carbon intensity of that moment, so a changing grid intensity is
+followed.
 
-Pure functions: the planning loop reads telemetry, calls these, and writes the statuses.
-Not for: reading Prometheus, writing status, or deciding plans.
+Pure functions: the planning loop reads telemetry, calls these, and writes the statuses. Not for:
+reading Prometheus, writing status, or deciding plans.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from wattsched_operator.telemetry import Measurement, PodKey, TelemetrySnapshot
 K = TypeVar("K", bound=Hashable)
 
 JOULES_PER_KWH = 3.6e6
+# What people read (statuses, `kubectl get -o wide`): kWh to the watt-hour, kg to the gram.
+KWH_DECIMALS = 3
+KG_DECIMALS = 3
 MEASURED = "measured"
 MODELLED = "modelled"
 MIXED = "mixed"
@@ -210,10 +215,10 @@ def workload_energy(
     before = previous.get("source") if "accountedUntil" in previous else None
     energy: dict[str, Any] = {
         "joules": round(joules, 1),
-        "kWh": round(joules / JOULES_PER_KWH, 6),
+        "kWh": round(joules / JOULES_PER_KWH, KWH_DECIMALS),
         "source": total_source(before, added, initial_source),
         "accountedUntil": rfc3339(now),
-        "tokensPerJoule": None if efficiency is None else round(efficiency[0], 4),
+        "tokensPerJoule": None if efficiency is None else float(f"{efficiency[0]:.3g}"),
         "tokensPerJouleSource": None if efficiency is None else efficiency[1],
     }
     if carbon is not None:
@@ -237,26 +242,40 @@ def budget_energy(
     """An EnergyBudget's period figures advanced to `now` (a new period starts from zero).
 
     `added` is None for an empty first increment (accounting starts now, as `initial_source`).
-    `energyUsedKWh` is GPU energy times PUE; `carbonKg` adds each increment's kWh (times PUE)
-    times the intensity of the moment it was accounted; `carbonIntensity` is that intensity.
+    `energyUsedJoules` is GPU energy times PUE; `carbonGrams` adds each increment's energy (times
+    PUE) times the intensity of the moment it was accounted; `carbonIntensity` is that intensity.
+    `energyUsedKWh` and `carbonKg` are the same totals rounded for people. A status written before
+    the joule and gram totals existed goes on from its kWh and kg.
     """
     start = rfc3339(period_start(now, terms.period))
     base = previous if previous.get("periodStart") == start else {}
     before = base.get("energySource")
-    added_kwh = (added.joules if added else 0.0) / JOULES_PER_KWH * terms.pue
+    added_joules = (added.joules if added else 0.0) * terms.pue
+    joules = _total(base, "energyUsedJoules", "energyUsedKWh", JOULES_PER_KWH) + added_joules
     figures: dict[str, Any] = {
         "periodStart": start,
-        "energyUsedKWh": round(float(base.get("energyUsedKWh") or 0.0) + added_kwh, 9),
+        "energyUsedJoules": round(joules),
+        "energyUsedKWh": round(joules / JOULES_PER_KWH, KWH_DECIMALS),
         "energySource": total_source(before, added, initial_source),
         "accountedUntil": rfc3339(now),
+        "carbonGrams": None,
         "carbonKg": None,
         "carbonIntensity": None,
     }
     if carbon is not None:
-        carbon_kg = float(base.get("carbonKg") or 0.0) + added_kwh * carbon.grams_per_kwh / 1000
-        figures["carbonKg"] = round(carbon_kg, 9)
+        grams = _total(base, "carbonGrams", "carbonKg", 1000.0)
+        grams += added_joules / JOULES_PER_KWH * carbon.grams_per_kwh
+        figures["carbonGrams"] = round(grams, 6)
+        figures["carbonKg"] = round(grams / 1000, KG_DECIMALS)
         figures["carbonIntensity"] = {
-            "gramsPerKWh": round(carbon.grams_per_kwh, 3),
+            "gramsPerKWh": round(carbon.grams_per_kwh, 1),
             "source": carbon.source,
         }
     return figures
+
+
+def _total(base: Mapping[str, Any], field: str, rounded_field: str, per_rounded: float) -> float:
+    """A running total from `field`, or from the rounded figure of an older status."""
+    if base.get(field) is not None:
+        return float(base[field])
+    return float(base.get(rounded_field) or 0.0) * per_rounded

@@ -32,12 +32,20 @@ LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 _INTERNED_MAX_LENGTH = 64
 
 
-def _compact(value: Any) -> Any:
+# Levels `_compact` descends (two Python frames each): every well-formed object is shallower, and
+# below this a value is kept as it came, so a hostile object thousands of levels deep (the API
+# server accepts up to 10,000) cannot exhaust the stack here.
+_COMPACT_MAX_DEPTH = 64
+
+
+def _compact(value: Any, depth: int = 0) -> Any:
     """A copy of a JSON value whose keys and short strings are interned (shared)."""
+    if depth >= _COMPACT_MAX_DEPTH:
+        return value
     if isinstance(value, dict):
-        return {sys.intern(k): _compact(v) for k, v in value.items()}
+        return {sys.intern(k): _compact(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_compact(v) for v in value]
+        return [_compact(v, depth + 1) for v in value]
     if isinstance(value, str) and len(value) <= _INTERNED_MAX_LENGTH:
         return sys.intern(value)
     return value

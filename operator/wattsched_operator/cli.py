@@ -2,45 +2,142 @@
 
 Each subcommand lives with its component and is imported only when invoked, so `wattsched agent`
 never loads kopf or PuLP and `wattsched plan` never loads kopf. A component command is a function
-`main(argv: list[str]) -> int` that parses its own arguments.
+`main(argv: list[str]) -> int` that parses its own arguments with `build_parser()` (a
+`commandline.CommandParser`, so `--help` shows every flag's default).
+
+Whatever a command fails with reaches the user as one line, `wattsched <command>: <what failed>:
+<what to do>`, and an exit code from `commandline` (0 done, 1 failed, 2 bad usage or input,
+3 cluster unusable, 4 not found): a `CommandError` as raised, a Kubernetes client error (no
+kubeconfig, API server unreachable, credentials refused, object not found) translated here, and
+anything unexpected as one line asking for a report (`WATTSCHED_DEBUG=1` shows the traceback).
+A command whose packages come from an extra (the image installs none) says which extra to
+install, in one line, when they are missing.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 
-# subcommand -> (module, one-line help). Modules expose `main(argv: list[str]) -> int`.
+from wattsched_operator.commandline import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    one_line,
+)
+
+# subcommand -> (module, one-line help). Modules expose `main(argv: list[str]) -> int` and
+# `build_parser() -> argparse.ArgumentParser`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("wattsched_operator.run", "run the kopf operator (wraps `kopf run`)"),
     "agent": ("wattsched_agent.cli", "run the node agent that applies GPU power limits"),
     "plan": ("wattsched_operator.plan_command", "solve a plan for a snapshot of cluster objects"),
     "explain": ("wattsched_operator.explain", "say why a workload is where it is"),
+    "status": (
+        "wattsched_operator.status_command",
+        "budgets, unplaced workloads, moves, unconfirmed nodes, failed rounds on one screen",
+    ),
+    "install-kubectl-plugin": (
+        "wattsched_operator.kubectl_plugin",
+        "write the `kubectl-wattsched` shim so that `kubectl wattsched ...` works",
+    ),
     "simulate": ("wattsched_simulator.cli", "replay traces and compare scheduling policies"),
 }
+# subcommand -> (extra of pyproject.toml, the top-level packages it adds).
+EXTRAS: dict[str, tuple[str, frozenset[str]]] = {
+    "simulate": ("simulator", frozenset({"matplotlib", "tqdm"})),
+}
+DEBUG_ENV = "WATTSCHED_DEBUG"
+
+
+def package_version() -> str:
+    try:
+        return version("wattsched")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def usage() -> str:
-    lines = ["usage: wattsched <command> [options]", "", "commands:"]
+    lines = ["usage: wattsched <command> [options]", "       wattsched --version", ""]
+    lines.append("commands:")
     width = max(len(name) for name in SUBCOMMANDS)
     lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
-    lines += ["", "Run `wattsched <command> --help` for a command's options."]
+    lines += [
+        "",
+        "Run `wattsched <command> --help` for a command's options.",
+        "Exit codes: 0 done, 1 failed, 2 bad usage or input, 3 cluster unusable (kubeconfig, "
+        "API server unreachable, credentials refused), 4 not found (object or CRD).",
+    ]
     return "\n".join(lines)
+
+
+def command_module(command: str) -> ModuleType:
+    """The module of `command`; a CommandError naming the extra to install where it is missing."""
+    try:
+        return importlib.import_module(SUBCOMMANDS[command][0])
+    except ModuleNotFoundError as error:
+        extra, packages = EXTRAS.get(command, ("", frozenset()))
+        if (error.name or "").partition(".")[0] not in packages:
+            raise
+        raise CommandError(
+            f"needs the {extra!r} extra ({', '.join(sorted(packages))}), which this installation "
+            f"lacks; install it with: pip install 'wattsched[{extra}]'",
+            EXIT_USAGE,
+        ) from None
+
+
+def _run(command: str, rest: list[str]) -> int:
+    try:
+        command_main: Callable[[list[str]], int] = command_module(command).main
+        return command_main(rest)
+    except CommandError as error:
+        print(f"wattsched {command}: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        # Imported here, after a failure: commands that never talk to a cluster never load it.
+        from wattsched_operator.kube import cluster_error  # noqa: PLC0415
+
+        known = cluster_error(error)
+        if known is not None:
+            print(f"wattsched {command}: {known}", file=sys.stderr)
+            return known.exit_code
+        print(
+            f"wattsched {command}: unexpected {type(error).__name__}: {one_line(error)} (a bug: "
+            f"rerun with {DEBUG_ENV}=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in {"-h", "--help"}:
         print(usage())
-        return 0 if args else 2
+        return EXIT_OK if args else EXIT_USAGE
+    if args[0] == "--version":
+        print(f"wattsched {package_version()}")
+        return EXIT_OK
     command, rest = args[0], args[1:]
     if command not in SUBCOMMANDS:
-        print(f"wattsched: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(SUBCOMMANDS[command][0])
-    command_main: Callable[[list[str]], int] = module.main
-    return command_main(rest)
+        print(
+            f"wattsched: unknown command {command!r}: use one of {', '.join(SUBCOMMANDS)} "
+            "(see `wattsched --help`)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    # The client's own retry warnings would add lines before ours; the failure is reported once.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    return _run(command, rest)
 
 
 if __name__ == "__main__":

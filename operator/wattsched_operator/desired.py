@@ -109,7 +109,9 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         resources.setdefault(section, {})[GPU_RESOURCE] = str(placement.gpus)
     first["resources"] = resources
     spec["containers"] = containers
-    spec["nodeSelector"] = {**(spec.get("nodeSelector") or {}), HOSTNAME_LABEL: placement.node}
+    # The plan's node only: templates may not choose nodes (nodeName, nodeSelector and node
+    # affinity are refused by the CRD and the models).
+    spec["nodeSelector"] = {HOSTNAME_LABEL: placement.node}
     if "restartPolicy" not in spec:
         is_batch = workload.type is not WorkloadType.INFERENCE
         spec["restartPolicy"] = "Never" if is_batch else "Always"
@@ -231,6 +233,34 @@ def planned_limits(plan: Plan) -> dict[str, NodeLimits]:
         node: NodeLimits(idle_watts=plan.node_idle_limits_watts.get(node), pods=by_pod)
         for node, by_pod in pods.items()
     }
+
+
+def moved_replicas(
+    current: Mapping[tuple[str, str], Mapping[str, Any]],
+    desired: Mapping[tuple[str, str], Mapping[str, Any]],
+    delete: Iterable[tuple[str, str]],
+) -> dict[str, list[str]]:
+    """Per workload key (`namespace/name`), the replicas a deletion moves: a pod deleted while a pod
+    of the same name is still wanted elsewhere or with another variant, as `<pod>: <from> -> <to>`.
+
+    `current`: the operator's pods by (namespace, name); `desired` as `desired_pods` returns it;
+    `delete` as `pod_changes` returns it. Deletions with no wanted replacement (preemptions,
+    scale-down, retries) are not moves.
+    """
+    moves: dict[str, list[str]] = {}
+    for key in delete:
+        pod, want = current.get(key), desired.get(key)
+        if pod is None or want is None:
+            continue
+        before = pod["metadata"].get("annotations") or {}
+        after = want["metadata"]["annotations"]
+        old_node = (pod.get("spec") or {}).get("nodeName") or before.get(ANNOTATION_NODE)
+        text = f"{key[1]}: {old_node} -> {after[ANNOTATION_NODE]}"
+        if before.get(ANNOTATION_VARIANT) != after[ANNOTATION_VARIANT]:
+            text += f" (variant {before.get(ANNOTATION_VARIANT)} -> {after[ANNOTATION_VARIANT]})"
+        workload = f"{key[0]}/{pod['metadata'].get('labels', {}).get(LABEL_WORKLOAD)}"
+        moves.setdefault(workload, []).append(text)
+    return moves
 
 
 def node_power_profile(node_name: str, limits: NodeLimits) -> dict[str, Any]:

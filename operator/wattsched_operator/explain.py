@@ -1,25 +1,41 @@
-"""`wattsched explain <namespace>/<name>`: say why an LLMWorkload is where it is.
+"""`wattsched explain [-n NAMESPACE] NAME [-o text|json|yaml]`: why an LLMWorkload is where it is.
 
 Reads the workload, the NodePowerProfiles of its nodes, the EnergyBudgets and the workload's Events
 from the cluster, and prints its placement (node, variant, per-GPU power limit, what the agent
 applied), the budgets whose scope holds it with their headroom, the reason it is unplaced, and for
 placed replicas what keeps their power limit where it is (a budget without room for the next
 power level, `spec.energy.maxPowerWattsPerGPU`, the energy policy, or nothing: the GPU's maximum),
-in the operator's and optimizer's words. `render` is a pure function of those objects; `main` only
-fetches them. Not for changing anything.
+in the operator's and optimizer's words. `explanation` (a document) and `render` (its text) are pure
+functions of those objects; `main` only fetches them. Not for changing anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import yaml
+
 from wattsched_operator.api import parse_energybudget
 from wattsched_operator.api.meta import GPU_PRODUCT_LABEL
-from wattsched_operator.kube import Kube, KubeError, budgets_path, profiles_path, workloads_path
+from wattsched_operator.commandline import (
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    CommandParser,
+)
+from wattsched_operator.kube import (
+    Kube,
+    KubeError,
+    budgets_path,
+    default_namespace,
+    profiles_path,
+    workloads_path,
+)
 from wattsched_optimizer.model import UnknownProductError, normalise_product, power_levels_watts
 from wattsched_optimizer.problem import PlanOptions
 
@@ -124,6 +140,111 @@ def limit_reasons(
     return lines
 
 
+def explanation(
+    workload: Body,
+    profiles: Mapping[str, Body],
+    budgets: Sequence[Body],
+    events: Sequence[Body],
+    budget_scopes: Mapping[str, frozenset[str]],
+    *,
+    node_products: Mapping[str, str],
+) -> dict[str, Any]:
+    """The explanation as a document (`-o json|yaml`; `render` prints the same as text).
+
+    `budget_scopes`: budget name -> nodes its selector matches; `node_products`: node -> its GPU
+    product in the catalogue's names.
+    """
+    meta = workload.get("metadata") or {}
+    spec = workload.get("spec") or {}
+    status = workload.get("status") or {}
+    placements = status.get("placements") or []
+    nodes = {str(p["node"]) for p in placements}
+    document: dict[str, Any] = {
+        "workload": f"{meta.get('namespace')}/{meta.get('name')}",
+        "type": spec.get("type"),
+        "gpusPerReplica": (spec.get("gpu") or {}).get("count"),
+        "priority": spec.get("priority", 0),
+        "phase": status.get("phase"),
+        "message": status.get("message"),
+        "placements": [],
+        "power": None,
+        "unplaced": None,
+        "heldBackByBudget": None,
+        "powerLimitReasons": [],
+        "objective": None,
+        "budgets": [],
+        "events": [],
+    }
+    for p in sorted(placements, key=lambda p: p["replica"]):
+        profile = profiles.get(str(p["node"])) or {}
+        applied = [
+            float(a)
+            for g in (profile.get("status") or {}).get("gpus") or []
+            if (a := g.get("appliedWatts")) is not None
+        ]
+        document["placements"].append(
+            {
+                "replica": p["replica"],
+                "node": p["node"],
+                "gpus": p["gpus"],
+                "variant": p["variant"],
+                "powerLimitWatts": p["powerLimitWatts"],
+                "appliedWattsOnNode": [min(applied), max(applied)] if applied else None,
+            }
+        )
+    power = status.get("power") or {}
+    if power:
+        document["power"] = {
+            "capWatts": power.get("capWatts"),
+            "expectedWatts": power.get("expectedWatts"),
+            "measuredWatts": power.get("measuredWatts"),
+        }
+    conditions = _conditions(status)
+    schedulable = conditions.get("Schedulable")
+    limited = conditions.get("BudgetLimited")
+    slo = conditions.get("SLOMet")
+    if schedulable is not None and schedulable.get("status") == "False":
+        document["unplaced"] = {
+            "reason": schedulable.get("reason"),
+            "message": schedulable.get("message"),
+        }
+    elif limited is not None and limited.get("status") == "True":
+        document["heldBackByBudget"] = limited.get("message")
+    if placements:
+        document["powerLimitReasons"] = [
+            line.strip() for line in limit_reasons(workload, node_products, budgets, budget_scopes)
+        ]
+    if slo is not None:
+        document["objective"] = {
+            "met": slo.get("status") == "True",
+            "reason": slo.get("reason"),
+            "message": slo.get("message"),
+        }
+    for b in sorted(budgets, key=lambda b: str(b["metadata"]["name"])):
+        if nodes and not budget_scopes.get(str(b["metadata"]["name"]), frozenset()) & nodes:
+            continue
+        b_status = b.get("status") or {}
+        document["budgets"].append(
+            {
+                "name": b["metadata"]["name"],
+                "capWatts": (b.get("spec") or {}).get("powerCapWatts"),
+                "allocatedCapWatts": b_status.get("allocatedCapWatts"),
+                "headroomWatts": b_status.get("headroomWatts"),
+            }
+        )
+    recent = sorted(events, key=lambda e: str(e.get("lastTimestamp") or ""))[-5:]
+    document["events"] = [
+        {
+            "lastTimestamp": e.get("lastTimestamp"),
+            "type": e.get("type"),
+            "reason": e.get("reason"),
+            "message": e.get("message"),
+        }
+        for e in recent
+    ]
+    return document
+
+
 def render(
     workload: Body,
     profiles: Mapping[str, Body],
@@ -133,87 +254,68 @@ def render(
     *,
     node_products: Mapping[str, str],
 ) -> str:
-    """The explanation as text. `budget_scopes`: budget name -> nodes its selector matches;
-    `node_products`: node -> its GPU product in the catalogue's names."""
-    meta = workload.get("metadata") or {}
-    spec = workload.get("spec") or {}
-    status = workload.get("status") or {}
-    key = f"{meta.get('namespace')}/{meta.get('name')}"
+    """The explanation as text (the arguments of `explanation`)."""
+    doc = explanation(
+        workload, profiles, budgets, events, budget_scopes, node_products=node_products
+    )
     lines = [
-        f"LLMWorkload {key}: {spec.get('type', '?')}, {(spec.get('gpu') or {}).get('count', '?')}"
-        f" GPU(s) per replica, priority {spec.get('priority', 0)}",
-        f"  phase: {status.get('phase') or 'not yet planned'}"
-        + (f" ({status['message']})" if status.get("message") else ""),
+        f"LLMWorkload {doc['workload']}: {doc['type'] or '?'}, {doc['gpusPerReplica'] or '?'}"
+        f" GPU(s) per replica, priority {doc['priority']}",
+        f"  phase: {doc['phase'] or 'not yet planned'}"
+        + (f" ({doc['message']})" if doc["message"] else ""),
     ]
-    placements = status.get("placements") or []
-    nodes = sorted({str(p["node"]) for p in placements})
-    if placements:
+    if doc["placements"]:
         lines.append(
             "  placements (planned power limits are modelled; applied ones the agent reports):"
         )
-        for p in sorted(placements, key=lambda p: p["replica"]):
-            profile = profiles.get(str(p["node"])) or {}
-            applied = [
-                g.get("appliedWatts") for g in (profile.get("status") or {}).get("gpus") or []
-            ]
+        for p in doc["placements"]:
+            applied = p["appliedWattsOnNode"]
             applied_text = (
-                f"applied {min(float(a) for a in applied if a is not None):.0f}-"
-                f"{max(float(a) for a in applied if a is not None):.0f} W on the node"
-                if any(a is not None for a in applied)
+                f"applied {applied[0]:.0f}-{applied[1]:.0f} W on the node"
+                if applied
                 else "no agent report yet"
             )
             lines.append(
                 f"    replica {p['replica']}: node {p['node']}, {p['gpus']} GPU(s), variant "
                 f"{p['variant']}, limit {_fmt_watts(p['powerLimitWatts'])} per GPU ({applied_text})"
             )
-    power = status.get("power") or {}
+    power = doc["power"]
     if power:
         lines.append(
-            f"  power: limits sum {_fmt_watts(power.get('capWatts'))}, expected "
-            f"{_fmt_watts(power.get('expectedWatts'))} (modelled)"
+            f"  power: limits sum {_fmt_watts(power['capWatts'])}, expected "
+            f"{_fmt_watts(power['expectedWatts'])} (modelled)"
             + (
                 f", measured {_fmt_watts(power['measuredWatts'])}"
-                if power.get("measuredWatts") is not None
+                if power["measuredWatts"] is not None
                 else ""
             )
         )
-    conditions = _conditions(status)
-    schedulable = conditions.get("Schedulable")
-    limited = conditions.get("BudgetLimited")
-    slo = conditions.get("SLOMet")
-    if schedulable is not None and schedulable.get("status") == "False":
+    if doc["unplaced"]:
         lines.append(
-            f"  unplaced because of {schedulable.get('reason')}: {schedulable.get('message')}"
+            f"  unplaced because of {doc['unplaced']['reason']}: {doc['unplaced']['message']}"
         )
-    elif limited is not None and limited.get("status") == "True":
-        lines.append(f"  held back by a budget: {limited.get('message')}")
-    if placements:
+    elif doc["heldBackByBudget"]:
+        lines.append(f"  held back by a budget: {doc['heldBackByBudget']}")
+    if doc["placements"]:
         lines.append("  what sets its power limit:")
-        lines += limit_reasons(workload, node_products, budgets, budget_scopes)
-    if slo is not None:
-        met = "met" if slo.get("status") == "True" else "at risk"
-        lines.append(f"  objective {met} ({slo.get('reason')}): {slo.get('message')}")
-    relevant = [
-        b
-        for b in budgets
-        if not nodes or budget_scopes.get(str(b["metadata"]["name"]), frozenset()) & set(nodes)
-    ]
-    if relevant:
+        lines += [f"    {line}" for line in doc["powerLimitReasons"]]
+    objective = doc["objective"]
+    if objective is not None:
+        met = "met" if objective["met"] else "at risk"
+        lines.append(f"  objective {met} ({objective['reason']}): {objective['message']}")
+    if doc["budgets"]:
         lines.append("  budgets over its nodes:")
-        for b in sorted(relevant, key=lambda b: str(b["metadata"]["name"])):
-            b_status = b.get("status") or {}
-            cap = (b.get("spec") or {}).get("powerCapWatts")
-            lines.append(
-                f"    {b['metadata']['name']}: cap {_fmt_watts(cap)}"
-                f", allocated {_fmt_watts(b_status.get('allocatedCapWatts'))}"
-                f", headroom {_fmt_watts(b_status.get('headroomWatts'))}"
-            )
-    recent = sorted(events, key=lambda e: str(e.get("lastTimestamp") or ""))[-5:]
-    if recent:
+        lines += [
+            f"    {b['name']}: cap {_fmt_watts(b['capWatts'])}"
+            f", allocated {_fmt_watts(b['allocatedCapWatts'])}"
+            f", headroom {_fmt_watts(b['headroomWatts'])}"
+            for b in doc["budgets"]
+        ]
+    if doc["events"]:
         lines.append("  recent events:")
         lines += [
-            f"    {e.get('lastTimestamp')} {e.get('type')} {e.get('reason')}: {e.get('message')}"
-            for e in recent
+            f"    {e['lastTimestamp']} {e['type']} {e['reason']}: {e['message']}"
+            for e in doc["events"]
         ]
     return "\n".join(lines)
 
@@ -232,22 +334,69 @@ def products(nodes: Sequence[Body]) -> dict[str, str]:
     return found
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="wattsched explain", description="Say why an LLMWorkload is where it is."
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
+        prog="wattsched explain",
+        description="Say why an LLMWorkload is where it is: placement, power limits and what sets "
+        "them, the budgets over its nodes, why it is unplaced, recent events.",
     )
-    parser.add_argument("workload", help="<namespace>/<name>")
-    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
-    args = parser.parse_args(argv)
-    if "/" not in args.workload:
-        parser.error(f"workload {args.workload!r}: expected <namespace>/<name>")
-    namespace, name = args.workload.split("/", 1)
+    parser.add_argument(
+        "workload",
+        metavar="NAME",
+        help="the LLMWorkload: NAME, or NAMESPACE/NAME",
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        help="its namespace (default: the kubeconfig context's namespace, else `default`)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json", "yaml"),
+        default="text",
+        help="text for people, json or yaml for scripts (the same facts)",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG"),
+        help="kubeconfig file (default: env KUBECONFIG, else ~/.kube/config or in-cluster)",
+    )
+    return parser
+
+
+def workload_key(args: argparse.Namespace) -> tuple[str, str]:
+    """(namespace, name) from `NAME` with -n or the context's namespace, or `NAMESPACE/NAME`."""
+    namespace, slash, name = str(args.workload).rpartition("/")
+    if not slash:
+        return args.namespace or default_namespace(args.kubeconfig), name
+    if not namespace or not name or "/" in namespace:
+        raise CommandError(
+            f"workload {args.workload!r}: expected NAME or NAMESPACE/NAME", EXIT_USAGE
+        )
+    if args.namespace and args.namespace != namespace:
+        raise CommandError(
+            f"workload {args.workload!r} is in namespace {namespace}, but -n says "
+            f"{args.namespace}: give one of them",
+            EXIT_USAGE,
+        )
+    return namespace, name
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    namespace, name = workload_key(args)
     kube = Kube(args.kubeconfig)
     try:
         workload = kube.get(workloads_path(namespace, name))
     except KubeError as error:
-        print(f"wattsched explain: LLMWorkload {namespace}/{name}: {error}", file=sys.stderr)
-        return 1
+        if error.status == 404:
+            raise CommandError(
+                f"LLMWorkload {namespace}/{name} not found: `kubectl get llmw -n {namespace}` "
+                "lists those there (is the namespace right? -n NAMESPACE)",
+                EXIT_NOT_FOUND,
+            ) from None
+        raise
     profiles = {p["metadata"]["name"]: p for p in kube.list(profiles_path())}
     budgets = kube.list(budgets_path())
     nodes = kube.list("/api/v1/nodes")
@@ -265,5 +414,13 @@ def main(argv: list[str]) -> int:
         if (e.get("involvedObject") or {}).get("name") == name
         and (e.get("involvedObject") or {}).get("kind") == "LLMWorkload"
     ]
-    print(render(workload, profiles, budgets, events, scopes, node_products=products(nodes)))
-    return 0
+    arguments = (workload, profiles, budgets, events, scopes)
+    if args.output == "text":
+        print(render(*arguments, node_products=products(nodes)))
+        return EXIT_OK
+    document = explanation(*arguments, node_products=products(nodes))
+    if args.output == "json":
+        print(json.dumps(document, indent=2))
+    else:
+        print(yaml.safe_dump(document, sort_keys=False), end="")
+    return EXIT_OK

@@ -8,15 +8,48 @@ discovery. The loop runs these calls in worker threads. Not for watching: kopf d
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import urllib3
+import yaml
 from kubernetes import client, config
+
+from wattsched_operator.commandline import (
+    EXIT_CLUSTER,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    CommandError,
+    one_line,
+)
 
 GROUP_PATH = "/apis/wattsched.io/v1alpha1"
 MERGE_PATCH = "application/merge-patch+json"
 # Objects per page of a list: bounds the memory of one response whatever the cluster holds.
 LIST_PAGE_SIZE = 500
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+# The API server decodes JSON with Go's encoding/json, which refuses objects nested deeper than
+# 10,000 levels (its scanner's maxNestingDepth); under the free-form parts of a CRD schema (an
+# LLMWorkload's spec.template) nothing else bounds the depth. kopf and this client decode with
+# Python's json, whose C decoder counts each level against the interpreter's recursion limit
+# (1,000 by default): one LLMWorkload 990 levels deep stopped the watch, and the operator with it.
+API_SERVER_MAX_JSON_DEPTH = 10_000
+# kopf copies and compares bodies with copy.deepcopy and recursive generators (two frames a level),
+# on top of the frames of the event loop and kopf's reactor. Measured: decoding, encoding, copying
+# and diffing a 10,000-level object at this limit needs under 8 MiB of C stack (Linux's default,
+# for the main thread and every thread) on CPython 3.11.
+RECURSION_LIMIT = 3 * API_SERVER_MAX_JSON_DEPTH + 2_000
+
+
+def decode_any_stored_object() -> None:
+    """Raise the interpreter's recursion limit (never lower it) so that this process decodes,
+    copies and compares any object the API server stores: one tenant's 10,000-level LLMWorkload
+    must not stop the operator or the CLI commands that read the cluster."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
 
 
 class KubeError(Exception):
@@ -24,6 +57,8 @@ class KubeError(Exception):
 
     def __init__(self, method: str, path: str, status: int, body: str) -> None:
         super().__init__(f"{method} {path}: HTTP {status}: {body[:500]}")
+        self.method = method
+        self.path = path
         self.status = status
         self.message = _api_message(body)
 
@@ -36,6 +71,52 @@ def _api_message(body: str) -> str:
         return body[:1000]
     message = status.get("message") if isinstance(status, dict) else None
     return message if isinstance(message, str) else body[:1000]
+
+
+def _kubeconfig_hint() -> str:
+    kubeconfig = os.environ.get("KUBECONFIG")
+    return f"KUBECONFIG={kubeconfig}" if kubeconfig else "KUBECONFIG unset: ~/.kube/config"
+
+
+def _http_error(status: int, what: str, message: str) -> CommandError:
+    if status in (401, 403):
+        return CommandError(
+            f"the API server refused {what} (HTTP {status}: {message}): check the credentials "
+            "in your kubeconfig and that your RBAC role allows it",
+            EXIT_CLUSTER,
+        )
+    if status == 404:
+        return CommandError(
+            f"{what}: not found (HTTP 404: {message}): check the name and namespace, and that "
+            "the wattsched CRDs are installed (kubectl apply -f crds/, or the chart)",
+            EXIT_NOT_FOUND,
+        )
+    return CommandError(f"{what}: HTTP {status}: {message}", EXIT_FAILED)
+
+
+def cluster_error(error: BaseException) -> CommandError | None:
+    """The one-line error for a Kubernetes client failure, or None for anything else."""
+    if isinstance(error, config.ConfigException):
+        return CommandError(
+            f"no usable kubeconfig ({_kubeconfig_hint()}): {error}: set KUBECONFIG or "
+            "--kubeconfig to your cluster's kubeconfig",
+            EXIT_CLUSTER,
+        )
+    if isinstance(error, urllib3.exceptions.MaxRetryError | urllib3.exceptions.HTTPError):
+        pool = getattr(error, "pool", None)
+        server = f"{pool.scheme}://{pool.host}:{pool.port}" if pool is not None else "?"
+        reason = str(getattr(error, "reason", None) or error)
+        reason = reason[reason.index("[Errno") :] if "[Errno" in reason else reason
+        return CommandError(
+            f"cannot reach the API server {server} ({reason}): check that the cluster is up "
+            f"and that the kubeconfig ({_kubeconfig_hint()}) names the right server",
+            EXIT_CLUSTER,
+        )
+    if isinstance(error, KubeError):
+        return _http_error(error.status, f"{error.method} {error.path}", error.message)
+    if isinstance(error, client.ApiException):
+        return _http_error(int(error.status or 0), "a Kubernetes API call", str(error.reason))
+    return None
 
 
 def workloads_path(namespace: str, name: str = "") -> str:
@@ -57,6 +138,43 @@ def pods_path(namespace: str, name: str = "") -> str:
     return f"{base}/{name}" if name else base
 
 
+def load_kubeconfig(kubeconfig: str | None, configuration: client.Configuration) -> None:
+    """Load `kubeconfig` (None: $KUBECONFIG or ~/.kube/config) into `configuration`.
+
+    Raises ConfigException for a file that is missing, not YAML or not a kubeconfig.
+    """
+    try:
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, client_configuration=configuration
+        )
+    except config.ConfigException:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
+        raise config.ConfigException(
+            f"{kubeconfig or 'the kubeconfig'}: not a usable kubeconfig: {one_line(error)}"
+        ) from error
+
+
+def default_namespace(kubeconfig: str | None) -> str:
+    """The namespace a command uses when none is given, as kubectl does: the kubeconfig's current
+    context's namespace, else the pod's own namespace when running in a cluster, else `default`.
+    """
+    try:
+        _, active = config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        active = None
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
+        raise config.ConfigException(
+            f"{kubeconfig or 'the kubeconfig'}: not a usable kubeconfig: {one_line(error)}"
+        ) from error
+    if active is not None:
+        return str((active.get("context") or {}).get("namespace") or "default")
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="utf-8").strip() or "default"
+    except OSError:
+        return "default"
+
+
 class Kube:
     """Authenticated JSON calls: get, list, create, merge-patch, delete."""
 
@@ -65,10 +183,9 @@ class Kube:
         try:
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig, client_configuration=configuration
-            )
+            load_kubeconfig(kubeconfig, configuration)
         configuration.connection_pool_maxsize = pool_size
+        decode_any_stored_object()
         self._api = client.ApiClient(configuration)
 
     def request(

@@ -22,6 +22,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from wattsched_operator import accounting, desired, statuses, transition
+from wattsched_operator.api.energybudget import parse_energybudget
+from wattsched_operator.api.errors import ApiValidationError
 from wattsched_operator.cache import (
     BUDGETS,
     NODES,
@@ -52,22 +54,21 @@ from wattsched_operator.telemetry import (
     TelemetrySnapshot,
     calibration_samples,
 )
-from wattsched_optimizer.model import (
-    CatalogueModel,
-    PerformanceModel,
-    product_spec,
-    products_in_scope,
-)
-from wattsched_optimizer.problem import Placement, Plan, PlanInput, PlanStatus, WorkloadType
+from wattsched_optimizer.model import CatalogueModel, PerformanceModel, products_in_scope
+from wattsched_optimizer.problem import Placement, Plan, PlanInput, WorkloadType
 
 logger = logging.getLogger("wattsched.operator")
 
 ANNOTATION_FAILURES = "wattsched.io/failures"
 ANNOTATION_RETRY_AFTER = "wattsched.io/retry-after"
 ANNOTATION_FAILURE_COUNTED = "wattsched.io/failure-counted"
+# Reason of the conditions and Events of a round that could not plan at all.
+PLAN_FAILED = "PlanFailed"
+BUDGET_KIND = "EnergyBudget"
+WORKLOAD_KIND = "LLMWorkload"
 MAX_BACKOFF_SECONDS = 300.0
-HTTP_FORBIDDEN = 403
-HTTP_INVALID = 422
+HTTP_CONFLICT = 409
+HTTP_TOO_MANY_REQUESTS = 429
 
 T = TypeVar("T")
 
@@ -76,10 +77,15 @@ PlanFunction = Callable[[PlanInput, PerformanceModel], Plan]
 
 @dataclass(frozen=True)
 class PlannedInput:
-    """The optimizer's input, and the workloads left out as invalid (key -> error message)."""
+    """The optimizer's input, and what was left out of it and why: workloads (key -> error),
+    GPU nodes the plan cannot use (name -> why, and what their budgets count them at), budgets
+    that cannot be read (name -> error) and other unreadable objects ("Kind key" -> error)."""
 
     plan_input: PlanInput
     rejected: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    excluded_nodes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    invalid_budgets: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ignored: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 InputBuilder = Callable[[ClusterView, frozenset[str], datetime], PlannedInput]
@@ -100,6 +106,9 @@ class LoopSettings:
     # How often energy, carbon and the measured figures in statuses are brought up to date (each
     # update is a status write per running workload).
     accounting_seconds: float = 60.0
+    # An agent silent for longer is lost: its node counts at maximum and takes no work. The loop
+    # re-plans when a heartbeat it counted on expires, not only on the periodic re-plan.
+    heartbeat_timeout_seconds: float = 30.0
 
 
 def backoff_seconds(failures: int, base_seconds: float) -> float:
@@ -130,17 +139,40 @@ def is_gang(body: Mapping[str, Any]) -> bool:
     return WorkloadType((body.get("spec") or {}).get("type", "Inference")).is_gang
 
 
+def _note_slo(slo_met: dict[str, bool], key: str, status: Mapping[str, Any]) -> None:
+    """Record whether a workload's SLOMet condition is True (workloads without one: nothing)."""
+    condition = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == statuses.SLO_MET), None
+    )
+    if condition is not None and condition.get("status") in {"True", "False"}:
+        slo_met[key] = condition["status"] == "True"
+
+
 def pod_workload_key(pod: Mapping[str, Any]) -> str:
     meta = pod["metadata"]
     return f"{meta['namespace']}/{(meta.get('labels') or {}).get(desired.LABEL_WORKLOAD, '')}"
 
 
-def refuses_the_template(error: KubeError) -> bool:
-    """Whether the API server refused a pod for what the user's template says (Pod Security
-    admission or validation), as opposed to the operator's own permissions or a transient fault."""
-    if error.status == HTTP_INVALID:
-        return True
-    return error.status == HTTP_FORBIDDEN and "violates PodSecurity" in error.message
+def refuses_the_pod(error: KubeError) -> bool:
+    """Whether the API server refused a pod (any 4xx: a malformed or invalid template, Pod
+    Security, a quota, a webhook, the operator's own permissions), as opposed to a name still
+    taken (409, retried next round), throttling (429) or a server fault (5xx), which are retried.
+    A refusal is reported on the workload (`PodRejected`) and retried with backoff."""
+    return 400 <= error.status < 500 and error.status not in {
+        HTTP_CONFLICT,
+        HTTP_TOO_MANY_REQUESTS,
+    }
+
+
+@dataclass(frozen=True)
+class PodRejection:
+    """The API server refused a workload's replica pod: for which generation, with what message,
+    how many times in a row, and when (time.monotonic()) the next try is due."""
+
+    generation: int
+    message: str
+    refusals: int
+    retry_at: float
 
 
 def is_deleting(body: Mapping[str, Any]) -> bool:
@@ -168,6 +200,17 @@ class Lifecycle:
     wake_at: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class LastRound:
+    """The plan last applied, what it was solved from, and the workloads it handled."""
+
+    plan: Plan
+    plan_input: PlanInput
+    active: frozenset[str]
+    planned_at: datetime
+    built: PlannedInput
+
+
 class PlanningLoop:
     def __init__(
         self,
@@ -193,14 +236,28 @@ class PlanningLoop:
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="kube")
         self._was_leader = False
         self._wake_at: float | None = None
-        # Workloads whose replica pod the API server refused (PodSecurity, invalid template), by
-        # key: (the generation refused, the API server's message). Retried when the spec changes.
-        self.pod_rejections: dict[str, tuple[int, str]] = {}
+        # Workloads whose replica pod the API server refused (PodSecurity, invalid template, ...),
+        # by key. Retried when the spec changes, or after a backoff that doubles with each refusal.
+        self.pod_rejections: dict[str, PodRejection] = {}
         # Corrections of the performance model from measurements (bounded, smoothed), and what
         # they are fitted against: the placements in force while telemetry was measuring.
         self.calibrator = Calibrator()
         self._applied_placements: tuple[Placement, ...] = ()
         self._calibrated_at = 0.0
+        # The last applied plan, for accounting rounds between plans (see `account_once`).
+        self._last_round: LastRound | None = None
+        self._planned_at = 0.0
+        self._accounted_at = 0.0
+        # Nodes whose agent the last round counted as ready: their heartbeats are watched.
+        self._ready_agents: frozenset[str] = frozenset()
+        # Budget conditions an Event was posted for ("EnergyBudget name type" -> (reason, message)).
+        self._budget_reported: dict[str, tuple[str, str]] = {}
+        # Objects marked with the cause of failed rounds ("Kind namespace/name" -> cause), until a
+        # round succeeds: one write and one Event per object and cause.
+        self._failure_reported: dict[str, str] = {}
+        # What was last reported as left out of planning ("Kind key" -> why): one log line and
+        # one Event per cause, not one per round.
+        self._reported: dict[str, str] = {}
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -208,21 +265,27 @@ class PlanningLoop:
     # -- the loop ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Forever: wait for a change or the periodic tick, debounce, plan, apply."""
+        """Forever: wait for a change, the periodic tick, a retry that is due or an agent's
+        heartbeat expiring; debounce, plan, apply.
+
+        With telemetry and an accounting interval shorter than the re-plan interval, the ticks in
+        between are accounting rounds (`account_once`): measured power, energy and carbon in
+        statuses follow `accounting_seconds` without solving a plan each time.
+        """
         last_resync = 0.0
         while True:
-            timeout = self.settings.replan_seconds
-            if self._wake_at is not None:
-                timeout = max(0.0, min(timeout, self._wake_at - time.monotonic()))
-            try:
-                await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
-                await asyncio.sleep(self.settings.debounce_seconds)
-            except TimeoutError:
-                pass
+            plan_due = await self._wait_for_work()
             self.cache.dirty.clear()
             leader = await self.is_leader()
             if not leader:
                 self._was_leader = False
+                continue
+            if not plan_due and self._was_leader:
+                try:
+                    await self.account_once()
+                except Exception:
+                    logger.exception("accounting round failed; the next plan accounts")
+                    self.metrics.reconcile_errors.labels(step="account").inc()
                 continue
             try:
                 periodic = time.monotonic() - last_resync >= self.settings.replan_seconds
@@ -230,11 +293,74 @@ class PlanningLoop:
                     await self.resync()
                     last_resync = time.monotonic()
                 self._was_leader = True
+                self._planned_at = self._accounted_at = time.monotonic()
                 await self.plan_once()
-            except Exception:
+                self._failure_reported.clear()
+            except Exception as error:
                 logger.exception("planning round failed; retrying after the debounce")
                 self.metrics.reconcile_errors.labels(step="plan").inc()
                 self.cache.mark_dirty()
+                await self.report_failed_round(error)
+
+    async def _wait_for_work(self) -> bool:
+        """Return when the next round is due: the cache changed (after the debounce), the periodic
+        re-plan is due, a replica's retry is due, or an agent counted on in the last round has
+        been silent for longer than the heartbeat timeout (a heartbeat that arrives in time
+        just moves the wake-up): True. False when only an accounting round between plans is due
+        (see `run`)."""
+        planned_at = self._planned_at if self._last_round is not None else time.monotonic()
+        periodic_at = planned_at + self.settings.replan_seconds
+        account_at = (
+            self._accounted_at + self.settings.accounting_seconds
+            if self._accounting_between_plans()
+            else None
+        )
+        while True:
+            wake_at = min(
+                t
+                for t in (periodic_at, self._wake_at, self._heartbeat_expiry(), account_at)
+                if t is not None
+            )
+            try:
+                timeout = max(0.0, wake_at - time.monotonic())
+                await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
+                await asyncio.sleep(self.settings.debounce_seconds)
+                return True
+            except TimeoutError:
+                now = time.monotonic()
+                if now >= periodic_at or (self._wake_at is not None and now >= self._wake_at):
+                    return True
+                if self._lost_agents():
+                    logger.info("agents lost on %s: re-planning", ", ".join(self._lost_agents()))
+                    return True
+                if account_at is not None and now >= account_at:
+                    return False
+
+    def _heartbeats(self) -> dict[str, datetime | None]:
+        """The last heartbeat of each agent the last round counted as ready (None: none read)."""
+        beats: dict[str, datetime | None] = {}
+        for node in self._ready_agents:
+            agent = ((self.cache.get(PROFILES, node) or {}).get("status") or {}).get("agent") or {}
+            beats[node] = accounting.parse_rfc3339(agent.get("heartbeatTime"))
+        return beats
+
+    def _heartbeat_expiry(self) -> float | None:
+        """When (monotonic) the first heartbeat the last round counted on expires."""
+        beats = [b for b in self._heartbeats().values() if b is not None]
+        if not beats:
+            return None
+        left = (min(beats) - datetime.now(UTC)).total_seconds()
+        return time.monotonic() + left + self.settings.heartbeat_timeout_seconds + 0.1
+
+    def _lost_agents(self) -> list[str]:
+        """Agents the last round counted as ready whose heartbeat is now too old (or gone)."""
+        now = datetime.now(UTC)
+        limit = self.settings.heartbeat_timeout_seconds
+        return sorted(
+            node
+            for node, beat in self._heartbeats().items()
+            if beat is None or (now - beat).total_seconds() > limit
+        )
 
     async def resync(self) -> None:
         """Refill the cache from full lists (heals events missed while paused or restarting)."""
@@ -270,7 +396,11 @@ class PlanningLoop:
         for pod in view.pods.values():
             pods_by_workload.setdefault(pod_workload_key(pod), []).append(pod)
         life = await self._lifecycle(view, pods_by_workload, now)
-        self._wake_at = life.wake_at
+        # Wake for the next retry: a failed replica's backoff, or a refused pod's.
+        wakes = [r.retry_at for r in self.pod_rejections.values() if r.retry_at > time.monotonic()]
+        if life.wake_at is not None:
+            wakes.append(life.wake_at)
+        self._wake_at = min(wakes) if wakes else None
         active = {
             key: body
             for key, body in view.workloads.items()
@@ -282,6 +412,8 @@ class PlanningLoop:
         active_view = dataclasses.replace(view, workloads=active)
         built = self.build_input(active_view, self.unconfirmed, now)
         plan_input = built.plan_input
+        self._ready_agents = frozenset(n.name for n in plan_input.nodes if n.agent_ready)
+        await self._report_left_out(view, built)
         await self._report_rejected(view, built.rejected, now, reason="InvalidSpec")
         refused = self._refused_pods(active)
         await self._report_rejected(view, refused, now, reason="PodRejected")
@@ -294,6 +426,7 @@ class PlanningLoop:
             return await self._plan_and_apply(
                 view,
                 plan_input,
+                built=built,
                 active=active,
                 life=life,
                 pods_by_workload=pods_by_workload,
@@ -305,6 +438,7 @@ class PlanningLoop:
         view: ClusterView,
         plan_input: PlanInput,
         *,
+        built: PlannedInput,
         active: dict[str, Body],
         life: Lifecycle,
         pods_by_workload: dict[str, list[Body]],
@@ -336,13 +470,6 @@ class PlanningLoop:
             len(plan.unplaced),
             len(active),
         )
-        if plan.status is PlanStatus.INFEASIBLE:
-            # Not even the empty placement fits: nothing is placed or raised. Nodes whose agent
-            # has not confirmed their limits count at maximum, which alone can make it so (a
-            # budget applied before the agents' first confirmation); they are lowered.
-            await self._lower_unconfirmed_to_minimum(view, plan_input)
-            await self._write_budget_statuses(view, plan, plan_input, now, telemetry)
-            return plan
         self._calibrate(plan_input, view, telemetry)
         await self._apply(view, active, plan, life)
         self._applied_placements = plan.placements
@@ -364,8 +491,69 @@ class PlanningLoop:
             accounts=accounts,
             telemetry=telemetry,
         )
-        await self._write_budget_statuses(view, plan, plan_input, now, telemetry, accounts=accounts)
+        await self._write_budget_statuses(
+            view, plan, plan_input, now, telemetry, accounts=accounts, built=built
+        )
+        self._last_round = LastRound(
+            plan=plan, plan_input=plan_input, active=frozenset(active), planned_at=now, built=built
+        )
         return plan
+
+    def _accounting_between_plans(self) -> bool:
+        return (
+            self.telemetry is not None
+            and self._last_round is not None
+            and self.settings.accounting_seconds < self.settings.replan_seconds
+        )
+
+    async def account_once(self) -> None:
+        """Between plans, with nothing changed since the last one: read telemetry and bring the
+        energy, carbon and measured figures in statuses up to date against that plan."""
+        last = self._last_round
+        if last is None:
+            return
+        self._accounted_at = time.monotonic()
+        now = datetime.now(UTC)
+        view = self.cache.view()
+        pods_by_workload: dict[str, list[Body]] = {}
+        for pod in view.pods.values():
+            pods_by_workload.setdefault(pod_workload_key(pod), []).append(pod)
+        active = {
+            key: body
+            for key, body in view.workloads.items()
+            if key in last.active
+            and not is_deleting(body)
+            and (body.get("status") or {}).get("phase") not in statuses.TERMINAL_PHASES
+        }
+        telemetry = await self._read_telemetry(last.plan_input, view)
+        accounts = await self._account(
+            view,
+            active=active,
+            plan=last.plan,
+            plan_input=last.plan_input,
+            pods_by_workload=pods_by_workload,
+            telemetry=telemetry,
+        )
+        await self._write_statuses(
+            view,
+            active=active,
+            plan=last.plan,
+            life=Lifecycle(),
+            pods_by_workload=pods_by_workload,
+            now=now,
+            accounts=accounts,
+            telemetry=telemetry,
+        )
+        await self._write_budget_statuses(
+            view,
+            last.plan,
+            last.plan_input,
+            now,
+            telemetry,
+            accounts=accounts,
+            built=last.built,
+            planned_at=last.planned_at,
+        )
 
     async def _read_telemetry(
         self, plan_input: PlanInput, view: ClusterView
@@ -410,13 +598,12 @@ class PlanningLoop:
         settled_by = telemetry.time - 2 * window
         pods: dict[tuple[str, int], PodKey] = {}
         for pod in view.pods.values():
-            labels = pod["metadata"].get("labels") or {}
-            if not _running(pod) or desired.LABEL_REPLICA not in labels:
+            if not _running(pod) or statuses.replica_index(pod) < 0:
                 continue
             started = _pod_started(pod)
             if started is None or started > settled_by:
                 continue
-            replica = (pod_workload_key(pod), int(labels[desired.LABEL_REPLICA]))
+            replica = (pod_workload_key(pod), statuses.replica_index(pod))
             if nodes.get(replica) == pod["spec"]["nodeName"]:  # where the placement says
                 pods[replica] = _pod_id(pod)
         samples = calibration_samples(
@@ -537,6 +724,17 @@ class PlanningLoop:
                 None,
             )
             previous = (view.workloads[key].get("status") or {}).get("energy") or {}
+            if added is not None:
+                intensity = carbon[budget] if budget else None
+                pue = terms[budget].pue if budget else 1.0
+                self.metrics.count_workload_energy(
+                    key,
+                    added.joules,
+                    added.joules / accounting.JOULES_PER_KWH * pue * intensity.grams_per_kwh
+                    if intensity
+                    else 0.0,
+                    added.source,
+                )
             workload_energy[key] = accounting.workload_energy(
                 previous,
                 added,
@@ -569,6 +767,16 @@ class PlanningLoop:
                     measured,
                     allocation.expected_watts if allocation else 0.0,
                     (now - start).total_seconds(),
+                )
+                facility_joules = budget_added.joules * terms[name].pue
+                intensity = carbon[name]
+                self.metrics.count_budget_energy(
+                    name,
+                    facility_joules,
+                    facility_joules / accounting.JOULES_PER_KWH * intensity.grams_per_kwh
+                    if intensity
+                    else 0.0,
+                    budget_added.source,
                 )
             budget_figures[name] = accounting.budget_energy(
                 view.budgets[name].get("status") or {},
@@ -641,7 +849,10 @@ class PlanningLoop:
                 _pod_id(p) for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"
             )
             annotations = body["metadata"].get("annotations") or {}
-            failures = int(annotations.get(ANNOTATION_FAILURES, "0"))
+            # The annotations are the operator's, but anyone who may edit the workload can
+            # change them: a value that is not ours counts as none.
+            failures_text = str(annotations.get(ANNOTATION_FAILURES, "0"))
+            failures = int(failures_text) if failures_text.isdigit() else 0
             retry_after = annotations.get(ANNOTATION_RETRY_AFTER)
             for pod in pods:
                 if (pod.get("status") or {}).get("phase") != "Failed":
@@ -660,7 +871,7 @@ class PlanningLoop:
                         f"{self.settings.backoff_limit}); last: {_pod_failure(pod)}"
                     )
                     break
-                due = datetime.fromisoformat(str(retry_after).replace("Z", "+00:00"))
+                due = accounting.parse_rfc3339(retry_after) or now
                 if now >= due:
                     life.delete_pods.add(_pod_id(pod))
                 else:
@@ -670,14 +881,18 @@ class PlanningLoop:
         return life
 
     def _refused_pods(self, active: Mapping[str, Body]) -> dict[str, str]:
-        """Workloads whose pods the API server refused for their current generation."""
+        """Workloads whose pods the API server refused for their current generation, and whose
+        backoff has not yet run out (those due are planned again; they stay in
+        `pod_rejections` until a pod of theirs is accepted, so a new refusal doubles the wait)."""
         refused: dict[str, str] = {}
-        for key, (generation, message) in list(self.pod_rejections.items()):
+        for key, rejection in list(self.pod_rejections.items()):
             body = active.get(key)
-            if body is None or int(body["metadata"].get("generation") or 1) != generation:
+            if body is None or int(body["metadata"].get("generation") or 1) != rejection.generation:
                 del self.pod_rejections[key]  # deleted, or its spec changed: try again
                 continue
-            refused[key] = f"the API server refused its replica pod: {message}"
+            if time.monotonic() >= rejection.retry_at:
+                continue
+            refused[key] = f"the API server refused its replica pod: {rejection.message}"
         return refused
 
     async def _report_rejected(
@@ -705,7 +920,19 @@ class PlanningLoop:
             )
             meta = body["metadata"]
             path = workloads_path(meta["namespace"], meta["name"]) + "/status"
-            status = {"phase": statuses.PENDING, "conditions": [condition], "message": message}
+            # Pending with nothing placed: a placement written before (the spec changed, the pod
+            # was refused) goes, so phase, conditions and placements agree. (Merge patch: None
+            # removes a field.)
+            status = {
+                "phase": statuses.PENDING,
+                "conditions": [condition],
+                "message": message,
+                "placements": None,
+                "nodes": None,
+                "variant": None,
+                "replicas": None,
+                "power": None,
+            }
             await self._gather([self._call(self.kube.write, path, {"status": status})])
             await self._event(body, "Warning", reason, message)
 
@@ -779,7 +1006,19 @@ class PlanningLoop:
             key = pod_workload_key(pod)
             if key in active and key not in placed_keys and not _finished(pod):
                 preempted[key] = preempted.get(key, 0) + 1
+        pods_by_name = {
+            (p["metadata"]["namespace"], p["metadata"]["name"]): p for p in view.pods.values()
+        }
+        moves = desired.moved_replicas(pods_by_name, want, changes.delete)
+        await self._mark_moving(view, active, placed_keys, to_delete)
         await self._gather(self._delete_pod(ns, name, view) for ns, name in to_delete)
+        for key, moved in moves.items():
+            if key not in active:
+                continue
+            self.metrics.moves.inc(len(moved))
+            shown = "; ".join(moved[:5]) + ("; ..." if len(moved) > 5 else "")
+            await self._event(active[key], "Normal", "Moved", f"{len(moved)} replica(s): {shown}")
+        await self._announce_gang_restarts(view, active, plan, changes.delete)
         for key, count in preempted.items():
             self.metrics.preemptions.inc(count)
             unplaced = next((u for u in plan.unplaced if u.workload == key), None)
@@ -820,34 +1059,6 @@ class PlanningLoop:
                     "agents on %s have not yet applied raised limits", ", ".join(sorted(slow))
                 )
 
-    async def _lower_unconfirmed_to_minimum(self, view: ClusterView, plan_input: PlanInput) -> None:
-        """Lower every GPU of the nodes counted at maximum to its product's minimum.
-
-        Lowering never breaks a budget, and once the agents confirm, the next plan counts those
-        nodes at what they apply instead of at maximum.
-        """
-        idle = {
-            node.name: transition.NodeLimits(idle_watts=product_spec(node.product).min_watts.value)
-            for node in plan_input.nodes
-            if not node.agent_ready
-        }
-        current = {
-            node: transition.NodePowerState.from_profile(view.profiles.get(node)) for node in idle
-        }
-        lower = transition.power_steps(current, idle).lower
-        if not lower:
-            return
-        unconfirmed = await self._wait_confirmed(await self._write_limits(view, lower))
-        self.unconfirmed = frozenset((self.unconfirmed - set(lower)) | unconfirmed)
-        self.metrics.unconfirmed_nodes.set(len(self.unconfirmed))
-        logger.info(
-            "plan infeasible with %d node(s) counted at maximum: lowered them to their minimum "
-            "(%d confirmed)",
-            len(lower),
-            len(lower) - len(unconfirmed),
-        )
-        self.cache.mark_dirty()
-
     async def _gather(self, calls: Iterable[Awaitable[Any]]) -> None:
         results = await asyncio.gather(*calls, return_exceptions=True)
         for result in results:
@@ -868,23 +1079,105 @@ class PlanningLoop:
 
     async def _create_pod(self, pod: Mapping[str, Any], active: Mapping[str, Body]) -> None:
         namespace = pod["metadata"]["namespace"]
+        key = pod_workload_key(pod)
         try:
             await self._call(self.kube.write, pods_path(namespace), pod, False)
         except KubeError as error:
-            if refuses_the_template(error):
-                # The user's template is refused in its namespace (Pod Security, validation):
-                # retrying cannot help until the spec changes; the next round reports it.
-                key = pod_workload_key(pod)
+            if refuses_the_pod(error):
+                # Refused in its namespace (validation, Pod Security, quota, ...): the workload
+                # leaves the plan and is reported by the next round; it is tried again when its
+                # spec changes or after the backoff (doubling, at most MAX_BACKOFF_SECONDS).
                 generation = int(
                     (active.get(key) or {"metadata": {}})["metadata"].get("generation") or 1
                 )
-                self.pod_rejections[key] = (generation, error.message)
-                logger.warning("workload %s: replica pod refused: %s", key, error.message)
+                before = self.pod_rejections.get(key)
+                refusals = before.refusals + 1 if before and before.generation == generation else 1
+                delay = backoff_seconds(refusals, self.settings.backoff_seconds)
+                self.pod_rejections[key] = PodRejection(
+                    generation, error.message, refusals, time.monotonic() + delay
+                )
+                logger.warning(
+                    "workload %s: replica pod refused (%d, retry in %.0f s): %s",
+                    key,
+                    error.status,
+                    delay,
+                    error.message,
+                )
                 self.cache.mark_dirty()
                 return
-            if error.status != 409:
+            if error.status != HTTP_CONFLICT:
                 raise
             self.cache.mark_dirty()  # a same-named pod still exists; retry next round
+            return
+        self.pod_rejections.pop(key, None)  # accepted: the refusal (if any) is over
+
+    async def _mark_moving(
+        self,
+        view: ClusterView,
+        active: Mapping[str, Body],
+        placed_keys: set[str],
+        to_delete: Iterable[tuple[str, str]],
+    ) -> None:
+        """Before the pods of a Running workload that stays placed are deleted (they move), its
+        status says Placed: it is never Running with a replica's pod gone (the round's status
+        write then says where they go)."""
+        now = datetime.now(UTC)
+        moving: dict[str, list[str]] = {}
+        for namespace, name in to_delete:
+            pod = view.pods.get(f"{namespace}/{name}")
+            key = pod_workload_key(pod) if pod is not None else ""
+            if key in placed_keys and key in active:
+                moving.setdefault(key, []).append(name)
+        writes: list[Awaitable[Any]] = []
+        for key, names in sorted(moving.items()):
+            body = active[key]
+            previous = body.get("status") or {}
+            if previous.get("phase") != statuses.RUNNING:
+                continue
+            message = f"pod(s) {', '.join(sorted(names))} move: waiting for their replacements"
+            ready = statuses.condition(
+                previous.get("conditions") or [], "Ready", False, "Moving", message, now=now
+            )
+            conditions = [
+                c for c in previous.get("conditions") or [] if c.get("type") != "Ready"
+            ] + [ready]
+            meta = body["metadata"]
+            path = workloads_path(meta["namespace"], meta["name"]) + "/status"
+            status = {"phase": statuses.PLACED, "message": message, "conditions": conditions}
+            writes.append(self._call(self.kube.write, path, {"status": status}))
+        await self._gather(writes)
+
+    async def _announce_gang_restarts(
+        self,
+        view: ClusterView,
+        active: Mapping[str, Body],
+        plan: Plan,
+        deleted: Iterable[tuple[str, str]],
+    ) -> None:
+        """A Warning Event `GangRestart` on each placed gang whose running replicas move: the
+        gang restarts (its framework re-forms it); the replicas that stay keep their pods."""
+        moving: dict[str, list[tuple[int, str]]] = {}
+        for namespace, name in deleted:
+            pod = view.pods.get(f"{namespace}/{name}")
+            if pod is None or _finished(pod) or not (pod.get("spec") or {}).get("nodeName"):
+                continue
+            key = pod_workload_key(pod)
+            replica = statuses.replica_index(pod)
+            if key in active and is_gang(active[key]) and replica >= 0:
+                moving.setdefault(key, []).append((replica, pod["spec"]["nodeName"]))
+        placed = {(p.workload, p.replica): p.node for p in plan.placements}
+        for key, replicas in sorted(moving.items()):
+            moves = [(r, n, placed[(key, r)]) for r, n in sorted(replicas) if (key, r) in placed]
+            if not moves:
+                continue  # preempted as a whole: the Preempted Event says so
+            await self._event(
+                active[key],
+                "Warning",
+                "GangRestart",
+                "the gang restarts: "
+                + ", ".join(f"replica {r} moves from {old} to {new}" for r, old, new in moves)
+                + "; the other replicas stay where they run",
+            )
 
     async def _write_limits(
         self, view: ClusterView, limits: Mapping[str, transition.NodeLimits]
@@ -929,8 +1222,13 @@ class PlanningLoop:
         return generations
 
     async def _wait_confirmed(self, generations: Mapping[str, int]) -> set[str]:
-        """Wait until each agent reports its profile applied; returns the nodes that did not."""
-        waiting = {node for node, generation in generations.items()}
+        """Wait until each agent reports its profile applied; returns the nodes that did not.
+
+        Nodes whose agent is lost (silent for longer than the heartbeat timeout) are not waited
+        for: they count at maximum power anyway, and no confirmation will come.
+        """
+        lost = self._silent_agents(generations)
+        waiting = {node for node in generations if node not in lost}
         deadline = time.monotonic() + self.settings.confirm_timeout_seconds
         while waiting:
             for node in list(waiting):
@@ -942,6 +1240,22 @@ class PlanningLoop:
                 break
             await asyncio.sleep(0.1)
         return waiting
+
+    def _silent_agents(self, nodes: Iterable[str]) -> set[str]:
+        """Of `nodes`, those whose agent reported before and has been silent for longer than the
+        heartbeat timeout."""
+        now = datetime.now(UTC)
+        silent = set()
+        for node in nodes:
+            profile = self.cache.get(PROFILES, node) or {}
+            agent = (profile.get("status") or {}).get("agent") or {}
+            beat = accounting.parse_rfc3339(agent.get("heartbeatTime"))
+            if (
+                beat is not None
+                and (now - beat).total_seconds() > self.settings.heartbeat_timeout_seconds
+            ):
+                silent.add(node)
+        return silent
 
     # -- statuses ----------------------------------------------------------------------------------
 
@@ -964,13 +1278,19 @@ class PlanningLoop:
             placements_by_workload.setdefault(placement.workload, []).append(placement)
         unplaced = {u.workload: u for u in plan.unplaced}
         phases: list[str] = []
+        slo_met: dict[str, bool] = {}
         writes: list[Awaitable[Any]] = []
         for key, body in view.workloads.items():
             if is_deleting(body):
                 continue
             previous = body.get("status") or {}
-            if key not in active and key not in life.succeeded and key not in life.failed:
+            # A pod refused in this round: the next round reports it (PodRejected), not Placed.
+            rejection = self.pod_rejections.get(key)
+            if (rejection is not None and rejection.retry_at > time.monotonic()) or (
+                key not in active and key not in life.succeeded and key not in life.failed
+            ):
                 phases.append(str(previous.get("phase") or statuses.PENDING))
+                _note_slo(slo_met, key, previous)
                 continue
             pods = [statuses.PodView.from_pod(p) for p in pods_by_workload.get(key, [])]
             if key in accounts.workload_energy:
@@ -1002,11 +1322,14 @@ class PlanningLoop:
                 ),
             )
             phases.append(new["phase"])
+            _note_slo(slo_met, key, new)
             owned = {k: previous.get(k) for k in new}
             if owned != statuses.without_nones(new):
                 writes.append(self._write_workload_status(body, previous, new))
         await self._gather(writes)
         self.metrics.set_phases(statuses.phase_counts(phases))
+        self.metrics.set_slo(slo_met)
+        self.metrics.keep_workloads(set(view.workloads))
 
     async def _write_workload_status(
         self, body: Body, previous: Mapping[str, Any], new: Mapping[str, Any]
@@ -1061,16 +1384,22 @@ class PlanningLoop:
         telemetry: TelemetrySnapshot | None = None,
         *,
         accounts: Accounts | None = None,
+        built: PlannedInput | None = None,
+        planned_at: datetime | None = None,
     ) -> None:
-        """Budget statuses, with the period's energy and carbon where accounting was due."""
+        """Budget statuses, with the period's energy and carbon where accounting was due; an
+        Event where a budget becomes held, unreadable or loses a node from planning.
+        `planned_at`: when `plan` was made, if not `now`."""
+        built = built or PlannedInput(plan_input)
         allocations = {a.name: a for a in plan.budgets}
         scopes = {b.name: b.node_names for b in plan_input.budgets}
+        unready = sorted(n.name for n in plan_input.nodes if not n.agent_ready)
         writes: list[Awaitable[Any]] = []
         figures: dict[str, BudgetFigures] = {}
         for name, body in view.budgets.items():
             if is_deleting(body):
                 continue
-            cap = float((body.get("spec") or {}).get("powerCapWatts") or 0.0)
+            cap = _number((body.get("spec") or {}).get("powerCapWatts"))
             previous = body.get("status") or {}
             new = statuses.budget_status(
                 previous,
@@ -1082,19 +1411,121 @@ class PlanningLoop:
                 now=now,
                 telemetry=telemetry,
                 scope_nodes=scopes.get(name, ()),
+                unready_nodes=[n for n in unready if n in scopes.get(name, ())],
+                excluded_nodes=_excluded_in_scope(body, view, built.excluded_nodes),
+                invalid=built.invalid_budgets.get(name),
+                planned_at=planned_at,
             )
+            writes.append(self._budget_events(_as(BUDGET_KIND, body), previous, new))
             if accounts is not None:
                 new.update(accounts.budget_figures.get(name, {}))
+            allowance = ((body.get("spec") or {}).get("energy") or {}).get("kWh")
+            used = new.get("energyUsedKWh", previous.get("energyUsedKWh"))
             figures[name] = BudgetFigures(
                 cap_watts=cap,
                 allocated_cap_watts=new["allocatedCapWatts"],
                 expected_watts=new["expectedWatts"],
+                measured_watts=new.get("measuredWatts"),
+                energy_used_kwh=None if used is None else float(used),
+                energy_allowance_kwh=None if allowance is None else float(allowance),
             )
             writes.append(
                 self._call(self.kube.write, budgets_path(name) + "/status", {"status": new})
             )
         self.metrics.set_budgets(figures)
         await self._gather(writes)
+
+    async def _budget_events(
+        self, body: Body, previous: Mapping[str, Any], new: Mapping[str, Any]
+    ) -> None:
+        """A Warning Event when a budget's `Ready` or `NodesPlanned` condition turns False with a
+        new reason, or `NodesPlanned` names other nodes. What was posted is remembered (the cache
+        may not show this round's status write yet); after a restart the status stands in."""
+        name = body["metadata"]["name"]
+        for type_ in ("Ready", statuses.NODES_PLANNED):
+            after = statuses.find_condition(new.get("conditions") or [], type_)
+            key = f"EnergyBudget {name} {type_}"
+            if after is None or after["status"] != "False":
+                self._budget_reported.pop(key, None)
+                continue
+            seen = (after["reason"], after["message"] if type_ == statuses.NODES_PLANNED else "")
+            if key not in self._budget_reported:
+                before = statuses.find_condition(previous.get("conditions") or [], type_) or {}
+                if before.get("status") == "False":
+                    self._budget_reported[key] = (
+                        str(before.get("reason")),
+                        str(before.get("message")) if type_ == statuses.NODES_PLANNED else "",
+                    )
+            if self._budget_reported.get(key) != seen:
+                self._budget_reported[key] = seen
+                await self._event(body, "Warning", after["reason"], after["message"])
+
+    async def _report_left_out(self, view: ClusterView, built: PlannedInput) -> None:
+        """Log what the snapshot left out, and post one Event on each GPU node the plan cannot
+        use whenever its reason changes (budgets in its scope say so in `NodesPlanned`)."""
+        for key, message in built.ignored.items():
+            if self._reported.get(key) != message:
+                logger.warning("left out of planning: %s: %s", key, message)
+        for name, reason in built.excluded_nodes.items():
+            key = f"Node {name}"
+            if self._reported.get(key) != reason:
+                logger.warning("node %s takes no work: %s", name, reason)
+                node = view.nodes.get(name) or {"metadata": {"name": name}}
+                await self._event(_as("Node", node), "Warning", "NodeExcluded", reason)
+        self._reported = {
+            **built.ignored,
+            **{f"Node {name}": reason for name, reason in built.excluded_nodes.items()},
+        }
+
+    async def report_failed_round(self, error: BaseException) -> None:
+        """Mark every budget and every waiting workload with the cause of a round that could not
+        plan at all (a condition, and one Event per object and cause). Never raises."""
+        cause = f"the planning round failed: {type(error).__name__}: {error}"[:900]
+        now = datetime.now(UTC)
+        try:
+            view = self.cache.view()
+            writes: list[Awaitable[Any]] = []
+            for body in view.budgets.values():
+                if not is_deleting(body):
+                    writes.append(self._mark_failed(_as(BUDGET_KIND, body), "Ready", cause, now))
+            for body in view.workloads.values():
+                phase = (body.get("status") or {}).get("phase")
+                waiting = phase in (None, statuses.PENDING, statuses.PREEMPTED)
+                if waiting and not is_deleting(body):
+                    writes.append(
+                        self._mark_failed(_as(WORKLOAD_KIND, body), "Schedulable", cause, now)
+                    )
+            await self._gather(writes)
+        except Exception:  # reporting must never stop the loop
+            logger.exception("could not report the failed round")
+
+    async def _mark_failed(self, body: Body, type_: str, cause: str, now: datetime) -> None:
+        meta = body["metadata"]
+        key = f"{body['kind']} {meta.get('namespace', '')}/{meta['name']}"
+        if self._failure_reported.get(key) == cause:
+            return  # already says so (the watch may not have shown it yet): no write, no Event
+        previous = body.get("status") or {}
+        marked = statuses.condition(
+            previous.get("conditions") or [],
+            type_,
+            False if type_ == "Ready" else None,
+            PLAN_FAILED,
+            cause,
+            now=now,
+            observed_generation=int(meta.get("generation") or 1),
+        )
+        conditions = [c for c in previous.get("conditions") or [] if c.get("type") != type_] + [
+            marked
+        ]
+        status: dict[str, Any] = {"conditions": conditions}
+        if body["kind"] == WORKLOAD_KIND:  # it waits, and says why
+            status |= {"phase": previous.get("phase") or statuses.PENDING, "message": cause}
+            path = workloads_path(meta["namespace"], meta["name"])
+        else:
+            path = budgets_path(meta["name"])
+        await self._call(self.kube.write, path + "/status", {"status": status})
+        self._failure_reported[key] = cause
+        await self._event(body, "Warning", PLAN_FAILED, cause)
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on an object (best effort: a lost Event never stops a plan)."""
@@ -1109,7 +1540,8 @@ class PlanningLoop:
                 "apiVersion": body.get("apiVersion", f"{desired.GROUP}/{desired.VERSION}"),
                 "kind": body.get("kind", "LLMWorkload"),
                 "name": meta["name"],
-                "namespace": namespace,
+                # Cluster-scoped objects (budgets, nodes) have their Events in "default".
+                **({"namespace": meta["namespace"]} if meta.get("namespace") else {}),
                 "uid": meta.get("uid", ""),
             },
             "reason": reason,
@@ -1127,6 +1559,39 @@ class PlanningLoop:
             )
         except KubeError as error:
             logger.warning("could not post Event %s on %s: %s", reason, meta["name"], error)
+
+
+def _as(kind: str, body: Body) -> Body:
+    """A cached body with its kind (items of a list response carry none): Events name it."""
+    api_version = "v1" if kind == "Node" else f"{desired.GROUP}/{desired.VERSION}"
+    return {**body, "apiVersion": api_version, "kind": kind}
+
+
+def _number(value: Any) -> float:
+    """A spec number as the API server stores it (0 when absent or not a number)."""
+    try:
+        return float(value or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _excluded_in_scope(
+    budget: Mapping[str, Any], view: ClusterView, excluded: Mapping[str, str]
+) -> dict[str, str]:
+    """The excluded GPU nodes a budget's selector matches (an unreadable selector: none)."""
+    if not excluded:
+        return {}
+    try:
+        spec = parse_energybudget(budget).spec
+    except ApiValidationError:
+        return {}
+    found: dict[str, str] = {}
+    for name, reason in excluded.items():
+        labels = ((view.nodes.get(name) or {}).get("metadata") or {}).get("labels") or {}
+        text = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {}
+        if spec.selects(text):
+            found[name] = reason
+    return found
 
 
 def _pod_id(pod: Mapping[str, Any]) -> tuple[str, str]:

@@ -23,7 +23,14 @@ import kopf
 
 from wattsched_operator import handlers, snapshot
 from wattsched_operator.cache import ClusterCache, ClusterView
-from wattsched_operator.kube import LIST_PAGE_SIZE, Kube, KubeError
+from wattsched_operator.commandline import EXIT_NOT_FOUND, CommandError, CommandParser
+from wattsched_operator.kube import (
+    GROUP_PATH,
+    LIST_PAGE_SIZE,
+    Kube,
+    KubeError,
+    decode_any_stored_object,
+)
 from wattsched_operator.loop import InputBuilder, LoopSettings, PlannedInput, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
 from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY, TelemetryConfig, TelemetryReader
@@ -38,8 +45,8 @@ PEER_DEFAULT_LIFETIME_SECONDS = 60
 PEER_LIFETIME_SECONDS = 15
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
         prog="wattsched operator",
         description="Run the wattsched operator: plan LLMWorkloads under EnergyBudgets and apply "
         "the plans as pods and NodePowerProfiles.",
@@ -65,8 +72,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=[],
         help="handle LLMWorkloads only in this namespace (repeatable; default: all)",
     )
-    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
-    parser.add_argument("--debounce-seconds", type=float, default=1.0)
+    parser.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG"),
+        help="kubeconfig file (default: env KUBECONFIG; in a pod, the in-cluster configuration)",
+    )
+    parser.add_argument(
+        "--debounce-seconds",
+        type=float,
+        default=1.0,
+        help="wait this long after a change for more before planning (one plan for a burst)",
+    )
     parser.add_argument(
         "--replan-seconds",
         "--replan-interval-seconds",
@@ -78,8 +94,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--heartbeat-timeout-seconds",
         type=float,
-        default=120.0,
-        help="an agent silent for longer counts as not ready (its node at maximum power)",
+        default=30.0,
+        help="an agent silent for longer is lost: its node counts at maximum power and takes no "
+        "work, and a re-plan moves the replicas there (agents report every 10 s by default)",
     )
     parser.add_argument(
         "--confirm-timeout-seconds",
@@ -88,7 +105,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="how long to wait for agents to confirm lowered limits",
     )
     parser.add_argument("--backoff-limit", type=int, default=3, help="retries of failed replicas")
-    parser.add_argument("--backoff-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--backoff-seconds",
+        type=float,
+        default=10.0,
+        help="wait before retrying a failed replica (doubles with each retry, at most 5 min)",
+    )
     parser.add_argument(
         "--prometheus-url",
         default=os.environ.get("WATTSCHED_PROMETHEUS_URL"),
@@ -112,19 +134,35 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--accounting-seconds",
         type=float,
         default=60.0,
-        help="how often energy, carbon and measured figures in statuses are brought up to date "
-        "(each time is one status write per running workload)",
+        help="how often energy, carbon and measured figures in statuses are brought up to date, "
+        "between plans too (each time is one status write per running workload)",
     )
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 disables /metrics")
     parser.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help="the operator's log level",
+    )
     parser.add_argument(
         "--catalogue-file",
         type=Path,
         help="YAML with extra GPU products for the performance model (catalogue.yaml's shape: "
         "sources, products, optionally unknown_product); the chart's operator.catalogue",
     )
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(list(argv))
+    if not 0 < args.heartbeat_timeout_seconds < float("inf"):
+        parser.error(
+            f"--heartbeat-timeout-seconds={args.heartbeat_timeout_seconds:g}: must be a positive "
+            "number of seconds (default 30; agents report every 10 s)"
+        )
     try:
         args.catalogue = read_catalogue_file(args.catalogue_file)
     except ValueError as error:
@@ -152,7 +190,8 @@ def telemetry_config(args: argparse.Namespace) -> TelemetryConfig | None:
 def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
     """The snapshot reader that turns the cache into the optimizer's input.
 
-    Bad LLMWorkloads are left out (and reported) rather than stopping the plan for the others.
+    Bad objects are left out (and reported) rather than stopping the plan for the others: bad
+    LLMWorkloads and EnergyBudgets, unreadable profiles and pods, GPU nodes the plan cannot use.
     """
 
     def build(view: ClusterView, unconfirmed: frozenset[str], now: datetime) -> PlannedInput:
@@ -174,7 +213,19 @@ def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
             unconfirmed_nodes=unconfirmed,
         )
         rejected = {error.name: str(error) for error in result.rejected}
-        return PlannedInput(plan_input=result.plan_input, rejected=rejected)
+        return PlannedInput(
+            plan_input=result.plan_input,
+            rejected=rejected,
+            excluded_nodes={node.name: node.reason for node in result.excluded_nodes},
+            invalid_budgets={
+                item.key: item.message for item in result.ignored if item.kind == "EnergyBudget"
+            },
+            ignored={
+                f"{item.kind} {item.key}": item.message
+                for item in result.ignored
+                if item.kind != "EnergyBudget"
+            },
+        )
 
     return build
 
@@ -201,13 +252,38 @@ def leads(peers: dict[str, Any], identity: str, priority: int, now: datetime) ->
     return all(int(p.get("priority") or 0) < priority for p in others)
 
 
-def ensure_peering(kube: Kube, name: str) -> None:
+def check_cluster(kube: Kube) -> None:
+    """Fail early, in one line, where the operator could not work: the API server unreachable
+    (the client's own error, reported by the CLI) or the wattsched CRDs not installed."""
+    try:
+        kube.get(GROUP_PATH)
+    except KubeError as error:
+        if error.status == 404:
+            raise CommandError(
+                "the wattsched CRDs (wattsched.io/v1alpha1) are not installed in this cluster: "
+                "kubectl apply -f crds/, or install the chart charts/wattsched",
+                EXIT_NOT_FOUND,
+            ) from None
+        raise
+
+
+def ensure_peering(kube: Kube, name: str, path: str = PEERING_PATH) -> None:
+    """Create the ClusterKopfPeering `name` unless it exists; one line naming the CRD to install
+    where kopf's peering CRD is missing. `path`: the collection (kopf's, but for tests)."""
     try:
         kube.create(
-            PEERING_PATH,
+            path,
             {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
         )
     except KubeError as error:
+        if error.status == 404:
+            raise CommandError(
+                "kopf's peering CRD (clusterkopfpeerings.kopf.dev) is not installed: install the "
+                "chart charts/wattsched, or kubectl apply -f "
+                "charts/wattsched/crds/kopf.dev_clusterkopfpeerings.yaml, or run one replica "
+                "with --standalone",
+                EXIT_NOT_FOUND,
+            ) from None
         if error.status != 409:
             raise
 
@@ -215,20 +291,24 @@ def ensure_peering(kube: Kube, name: str) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     use_catalogue(args.catalogue)
+    # Before kopf starts: its watches must decode any object the API server stores (the models
+    # then refuse LLMWorkload templates deeper than MAX_TEMPLATE_DEPTH).
+    decode_any_stored_object()
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # kopf logs every handler call at INFO; the handlers only record events, so keep it quiet.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kube = Kube(args.kubeconfig)
+    check_cluster(kube)
+    if not args.standalone:
+        ensure_peering(kube, args.peering)
     cache = ClusterCache()
     metrics = OperatorMetrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     identity = os.environ.get("WATTSCHED_POD_NAME") or f"{socket.gethostname()}/{os.getpid()}"
     priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
-    if not args.standalone:
-        ensure_peering(kube, args.peering)
 
     async def am_leader() -> bool:
         if args.standalone:
@@ -249,6 +329,7 @@ def main(argv: list[str]) -> int:
         backoff_seconds=args.backoff_seconds,
         namespaces=tuple(args.namespace),
         accounting_seconds=args.accounting_seconds,
+        heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
     )
     build_input = build_input_function(args.heartbeat_timeout_seconds)
     config = telemetry_config(args)

@@ -5,9 +5,9 @@ Input is plain JSON objects as the API server returns them (Nodes, LLMWorkloads,
 NodePowerProfiles, Pods); output is `wattsched_optimizer.problem.PlanInput`. Every function is pure
 (the current time comes in as `now`) apart from a bounded cache of parsed LLMWorkloads keyed by
 (uid, resourceVersion), which never changes a result. Bad objects raise `SnapshotError` naming
-the object and field (or, with `strict=False`, bad LLMWorkloads are left out and returned as
-`rejected`, so one bad workload cannot stop planning for the others). Not for listing or watching
-objects, or for solving.
+the object and field (or, with `strict=False`, bad objects are left out: LLMWorkloads are returned
+as `rejected`, EnergyBudgets, NodePowerProfiles and Pods as `ignored`, so one bad object cannot
+stop planning for the others). Not for listing or watching objects, or for solving.
 
 Rules:
 - GPU node: allocatable `nvidia.com/gpu` > 0; its product is the GFD label `nvidia.com/gpu.product`
@@ -15,12 +15,15 @@ Rules:
   Its memory per GPU is the GFD label `nvidia.com/gpu.memory` (MiB) when present, else the
   catalogue's.
 - Any NVIDIA GPU: a product the catalogue lacks is planned as its node describes it
-  (`model.discovered_product`): memory from `nvidia.com/gpu.memory`, power range from its
-  NodePowerProfile's `status.gpus[]` min/default/max watts (NVML), speed the catalogue's
-  `unknown_product` default (modelled). Until its agent reports that range, the node takes no new
-  work and counts at `unknown_product.max_watts_before_agent` per GPU; `Snapshot.node_notes`
-  says so.
-  A node whose allocatable GPUs read 0 while its NodePowerProfile's agent reports GPUs (a device
+  (`model.discovered_product`) once its agent has reported the GPUs' power range: memory from
+  `nvidia.com/gpu.memory`, power range from its NodePowerProfile's `status.gpus[]`
+  min/default/max watts (NVML), speed the catalogue's `unknown_product` default (modelled).
+- A GPU node that cannot be planned for is excluded, never an error: product label missing, GPUs
+  not countable, a malformed memory label, or a product the catalogue lacks whose agent has not
+  reported its power range yet. It takes no work, and every budget whose selector matches it
+  counts it at what it can draw (see `excluded_node`). `Snapshot.excluded_nodes` says which and
+  why.
+- A node whose allocatable GPUs read 0 while its NodePowerProfile's agent reports GPUs (a device
   plugin restarting) stays a GPU node with the agent's GPU count, unschedulable: it stays in its
   budgets (at maximum until its agent confirms lower limits) instead of dropping out of them.
 - Unmanaged GPUs (held by pods wattsched did not create): where the node's agent reports a device
@@ -30,8 +33,10 @@ Rules:
   the node's GPUs for planning and counted in every budget (`GpuNode.unmanaged_*`).
 - Agent readiness: a node's agent counts as ready when its NodePowerProfile says `agent.ready`, has
   applied the current spec generation, has a fresh heartbeat (when `heartbeat_timeout_seconds` is
-  given) and the node is not in `unconfirmed_nodes`. When the objects hold no NodePowerProfile at
-  all and `agents_required` is False (offline planning from a snapshot), all agents count as ready.
+  given) and the node is not in `unconfirmed_nodes`. An agent whose last heartbeat is older than
+  the timeout is lost: its node also takes no work (the replicas there move; the rest stay).
+  When the objects hold no NodePowerProfile at all and `agents_required` is False (offline
+  planning from a snapshot), all agents count as ready.
 - Budgets: the GPU nodes whose labels match the selector (no or empty selector: every GPU node).
 - Current placements: pods labelled `wattsched.io/workload` (workload name, pod's namespace) and
   `wattsched.io/replica`, bound to a node (or annotated with one) and not finished.
@@ -41,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -120,16 +125,33 @@ class ClusterObjects:
 
 
 @dataclass(frozen=True)
+class ExcludedNode:
+    """A GPU node left out of planning: it takes no work, and its budgets count `counted_watts`."""
+
+    name: str
+    reason: str
+    counted_watts: float
+
+
+@dataclass(frozen=True)
+class IgnoredObject:
+    """An object that cannot be read (with `strict=False`): left out of the plan, reported."""
+
+    kind: str  # "EnergyBudget", "NodePowerProfile", "Pod", "Node"
+    key: str  # name, or namespace/name
+    message: str
+
+
+@dataclass(frozen=True)
 class Snapshot:
-    """What the objects say: the optimizer's input and the workloads left out as invalid."""
+    """What the objects say: the optimizer's input and what was left out, and why."""
 
     plan_input: PlanInput
     rejected: tuple[ApiValidationError, ...] = ()
     # Workload key -> the parsed LLMWorkload, for callers that need more than the optimizer does.
     workloads: Mapping[str, LLMWorkload] = field(default_factory=dict)
-    # Node -> why it takes no new work although it has GPUs (a sentence), where that is not plain
-    # from the node itself (unknown product without an agent report).
-    node_notes: Mapping[str, str] = field(default_factory=dict)
+    excluded_nodes: tuple[ExcludedNode, ...] = ()
+    ignored: tuple[IgnoredObject, ...] = ()
 
 
 _KIND_FIELDS = {
@@ -196,16 +218,28 @@ def build_snapshot(
     unconfirmed_nodes: frozenset[str] = frozenset(),
 ) -> Snapshot:
     """The optimizer's input for `objects` at time `now` (the rules: see the module docstring)."""
-    profiles = _profiles_by_node(objects.profiles)
+    ignored: list[IgnoredObject] = []
+
+    def left_out(kind: str, key: str, error: Exception) -> None:
+        if strict:
+            raise SnapshotError(str(error)) from None
+        ignored.append(IgnoredObject(kind, key, str(error)))
+
+    profiles = _profiles_by_node(objects.profiles, left_out)
     unmanaged_pod_gpus = unmanaged_pod_gpus_by_node(objects.pods)
     require_agents = agents_required or bool(profiles)
     nodes: list[GpuNode] = []
+    excluded: list[ExcludedNode] = []
     discovered: dict[str, ProductSpec] = {}
-    notes: dict[str, str] = {}
     labels_by_node: dict[str, Mapping[str, str]] = {}
     node_names = _Unique("Node", "metadata.name")
     for body in objects.nodes:
-        node_names.add(_node_name(body))
+        try:
+            name = _node_name(body)
+            node_names.add(name)
+        except SnapshotError as error:
+            left_out("Node", str(_metadata_name(body)), error)
+            continue
         node = _gpu_node(
             body,
             profiles=profiles,
@@ -213,13 +247,15 @@ def build_snapshot(
             now=now,
             heartbeat_timeout_seconds=heartbeat_timeout_seconds,
             unconfirmed_nodes=unconfirmed_nodes,
-            unmanaged_pod_gpus=unmanaged_pod_gpus.get(_node_name(body), 0),
+            unmanaged_pod_gpus=unmanaged_pod_gpus.get(name, 0),
             discovered=discovered,
-            notes=notes,
         )
-        if node is not None:
+        if isinstance(node, GpuNode):
             nodes.append(node)
-            labels_by_node[node.name] = _labels(body)
+        elif node is not None:
+            excluded.append(node)
+        if node is not None:
+            labels_by_node[name] = _labels_or_none(body)
 
     workloads: dict[str, LLMWorkload] = {}
     rejected: list[ApiValidationError] = []
@@ -237,19 +273,33 @@ def build_snapshot(
                 raise SnapshotError(str(error)) from None
             rejected.append(error)
             continue
+        except SnapshotError as error:  # the same workload twice (never from the API server)
+            left_out("LLMWorkload", str(_metadata_name(body)), error)
+            continue
         workloads[workload.key] = workload
 
+    counted_watts = {node.name: node.counted_watts for node in excluded}
     budget_names = _Unique("EnergyBudget", "metadata.name")
     budgets = []
     for body in objects.budgets:
-        budget = parse_budget(body)
-        budget_names.add(budget.metadata.name)
-        budgets.append(_budget(budget, labels_by_node))
-    current = tuple(
-        placement
-        for body in objects.pods
-        if (placement := current_placement(body, workloads)) is not None
-    )
+        try:
+            budget = parse_budget(body)
+            budget_names.add(budget.metadata.name)
+        except SnapshotError as error:
+            left_out("EnergyBudget", str(_metadata_name(body)), error)
+            continue
+        budgets.append(_budget(budget, labels_by_node, counted_watts))
+    current = []
+    for body in objects.pods:
+        try:
+            placement = current_placement(body, workloads)
+        except SnapshotError as error:
+            meta = body.get("metadata") if isinstance(body, Mapping) else None
+            meta = meta if isinstance(meta, Mapping) else {}
+            left_out("Pod", f"{meta.get('namespace')}/{meta.get('name')}", error)
+            continue
+        if placement is not None:
+            current.append(placement)
     plan_input = PlanInput(
         nodes=tuple(sorted(nodes, key=lambda n: n.name)),
         workloads=tuple(sorted(converted, key=lambda w: w.key)),
@@ -259,8 +309,17 @@ def build_snapshot(
         products=discovered,
     )
     return Snapshot(
-        plan_input=plan_input, rejected=tuple(rejected), workloads=workloads, node_notes=notes
+        plan_input=plan_input,
+        rejected=tuple(rejected),
+        workloads=workloads,
+        excluded_nodes=tuple(sorted(excluded, key=lambda n: n.name)),
+        ignored=tuple(ignored),
     )
+
+
+def _metadata_name(body: object) -> object:
+    meta = body.get("metadata") if isinstance(body, Mapping) else None
+    return meta.get("name") if isinstance(meta, Mapping) else None
 
 
 class _Unique:
@@ -289,6 +348,15 @@ def _node_name(body: Body) -> str:
     if not isinstance(name, str) or not name:
         raise SnapshotError("Node: metadata.name is required")
     return name
+
+
+def _labels_or_none(body: Body) -> Mapping[str, str]:
+    """A node's labels; a malformed label map reads as no labels (the node then has no product
+    and no budget selects it by label)."""
+    try:
+        return _labels(body)
+    except SnapshotError:
+        return {}
 
 
 def _labels(body: Body) -> Mapping[str, str]:
@@ -337,15 +405,20 @@ def is_schedulable(body: Body) -> bool:
     )
 
 
-def _profiles_by_node(bodies: Iterable[Body]) -> dict[str, NodePowerProfile]:
+def _profiles_by_node(
+    bodies: Iterable[Body], left_out: Callable[[str, str, Exception], None]
+) -> dict[str, NodePowerProfile]:
+    """Profiles by node; an unreadable one is left out (its node's agent then counts as not
+    ready) through `left_out`, which raises in strict mode."""
     profiles: dict[str, NodePowerProfile] = {}
     names = _Unique("NodePowerProfile", "metadata.name")
     for body in bodies:
         try:
             profile = parse_nodepowerprofile(body)
-        except ApiValidationError as error:
-            raise SnapshotError(str(error)) from None
-        names.add(profile.metadata.name)  # which is spec.nodeName: one profile per node
+            names.add(profile.metadata.name)  # which is spec.nodeName: one profile per node
+        except (ApiValidationError, SnapshotError) as error:
+            left_out("NodePowerProfile", str(_metadata_name(body)), error)
+            continue
         profiles[profile.spec.node_name] = profile
     return profiles
 
@@ -362,6 +435,58 @@ def agent_ready(
     return heartbeat is not None and (now - heartbeat).total_seconds() <= heartbeat_timeout_seconds
 
 
+def unknown_gpu_max_watts() -> float:
+    """What one GPU counts at while nothing says what it can draw (product label missing or not
+    in the catalogue, and no NVML maximum from its agent): the catalogue's
+    `unknown_product.max_watts_before_agent`, 2,000 W as shipped, the largest limit a
+    NodePowerProfile can hold (above the B300's 1,400 W board power, the highest of a current
+    NVIDIA data-centre GPU, https://glennklockwood.com/garden/processors/B300). An assumption, not
+    measured; `--catalogue-file` can change it."""
+    return catalogue().unknown.max_watts_before_agent.value
+
+
+def excluded_node(
+    name: str, reason: str, gpus: int | None, profile: NodePowerProfile | None
+) -> ExcludedNode:
+    """A GPU node the plan cannot use, and what its budgets count it at.
+
+    Counted at the limits its agent confirmed (`status.gpus[].targetWatts`, else `appliedWatts`
+    for a GPU with no target, such as another team's; they are not changed while the node is
+    excluded), else at the most its GPUs can draw: each GPU's maximum limit as the agent reports
+    it (NVML), else `unknown_gpu_max_watts()`. GPUs are counted from allocatable, else from the
+    profile's status.
+    """
+    status = profile.status if profile is not None else None
+    if profile is not None and status is not None and profile.limits_confirmed and status.gpus:
+        limits = [
+            g.target_watts if g.target_watts is not None else g.applied_watts for g in status.gpus
+        ]
+        if all(limit is not None for limit in limits):
+            watts = sum(limit or 0.0 for limit in limits)
+            return ExcludedNode(
+                name, f"{reason}; counted at its confirmed limits ({watts:g} W)", watts
+            )
+    reported = {g.index: g.max_watts for g in status.gpus} if status is not None else {}
+    count = gpus if gpus is not None else len(reported)
+    unknown = unknown_gpu_max_watts()
+    watts = sum(reported.get(i) or unknown for i in range(count))
+    return ExcludedNode(
+        name, f"{reason}; counted at the most its {count} GPU(s) can draw ({watts:g} W)", watts
+    )
+
+
+def agent_lost(
+    profile: NodePowerProfile | None, *, now: datetime, heartbeat_timeout_seconds: float | None
+) -> bool:
+    """Whether a node's agent reported before and has been silent for longer than the timeout
+    (a node that never had an agent is not lost: it waits for its first report)."""
+    agent = profile.status.agent if profile is not None else None
+    heartbeat = agent.heartbeat if agent is not None else None
+    if heartbeat is None or heartbeat_timeout_seconds is None:
+        return False
+    return (now - heartbeat).total_seconds() > heartbeat_timeout_seconds
+
+
 def _gpu_node(
     body: Body,
     *,
@@ -372,51 +497,58 @@ def _gpu_node(
     unconfirmed_nodes: frozenset[str],
     unmanaged_pod_gpus: int = 0,
     discovered: dict[str, ProductSpec] | None = None,
-    notes: dict[str, str] | None = None,
-) -> GpuNode | None:
-    """The node as the optimizer sees it, or None for a node without GPUs. A product the catalogue
-    lacks is added to `discovered`; why such a node takes no new work goes to `notes`."""
+) -> GpuNode | ExcludedNode | None:
+    """The node as the optimizer sees it, None when it has no GPUs, or an `ExcludedNode` when
+    it has GPUs the plan cannot use. A product the catalogue lacks is added to `discovered`."""
     name = _node_name(body)
-    count = gpu_count(body)
+    profile = profiles.get(name)
+    try:
+        count = gpu_count(body)
+    except SnapshotError as error:
+        return excluded_node(name, str(error), None, profile)
     # Allocatable 0 while the profile's agent still reports GPUs (a device plugin restarting):
     # the node stays in its budgets, takes no new work, and its limits are planned down.
-    allocatable_gone = count == 0 and profile_gpu_count(profiles.get(name)) > 0
+    allocatable_gone = count == 0 and profile_gpu_count(profile) > 0
     if allocatable_gone:
-        count = profile_gpu_count(profiles.get(name))
+        count = profile_gpu_count(profile)
     if count == 0:
         return None
-    label = _labels(body).get(GPU_PRODUCT_LABEL)
     field_name = f'metadata.labels["{GPU_PRODUCT_LABEL}"]'
+    labels = _labels_or_none(body)
+    label = labels.get(GPU_PRODUCT_LABEL) if labels is not None else None
     if not label:
-        raise SnapshotError(
+        return excluded_node(
+            name,
             f"Node {name}: {field_name} is missing; wattsched needs the GPU Feature Discovery "
-            "labels on every node with allocatable nvidia.com/gpu"
+            "labels on every node with allocatable nvidia.com/gpu",
+            count,
+            profile,
         )
-    memory_gib = _memory_gib(body)
+    try:
+        memory_gib = _memory_gib(body)
+    except SnapshotError as error:
+        return excluded_node(name, str(error), count, profile)
     product = product_key(label)
-    schedulable = is_schedulable(body) and not allocatable_gone
     if product not in known_products():
-        spec, note = _discovered(name, product, memory_gib, profiles.get(name))
+        spec, reason = _discovered(name, product, memory_gib, profile)
+        if spec is None:
+            return excluded_node(name, reason or product, count, profile)
         if discovered is not None:
             discovered.setdefault(product, spec)
-        if note is not None:
-            schedulable = False
-            if notes is not None:
-                notes[name] = note
     ready = True
+    lost = False
     if require_agents:
         ready = name not in unconfirmed_nodes and agent_ready(
-            profiles.get(name), now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds
+            profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds
         )
+        lost = agent_lost(profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     with products_in_scope(discovered or {}):
-        unmanaged_gpus, unmanaged_watts = unmanaged_gpus_of(
-            profiles.get(name), product, unmanaged_pod_gpus
-        )
+        unmanaged_gpus, unmanaged_watts = unmanaged_gpus_of(profile, product, unmanaged_pod_gpus)
     return GpuNode(
         name=name,
         product=product,
         gpu_count=max(count - unmanaged_gpus, 0),
-        schedulable=schedulable,
+        schedulable=is_schedulable(body) and not allocatable_gone and not lost,
         agent_ready=ready,
         unmanaged_gpus=unmanaged_gpus,
         unmanaged_watts=unmanaged_watts,
@@ -443,39 +575,28 @@ def _memory_gib(body: Body) -> float | None:
 
 def _discovered(
     name: str, product: str, memory_gib: float | None, profile: NodePowerProfile | None
-) -> tuple[ProductSpec, str | None]:
-    """A product the catalogue lacks, from the node's memory label and its agent's NVML reading,
-    and, while the agent has not reported that reading, why the node takes no new work."""
+) -> tuple[ProductSpec | None, str | None]:
+    """A product the catalogue lacks, from the node's memory label and its agent's NVML reading;
+    while the agent has not reported that reading, no product but why the node is excluded."""
     readings = [] if profile is None else [g for g in profile.status.gpus if g.max_watts]
-    memory = 0.0 if memory_gib is None else memory_gib
-    if readings:
-        first = readings[0]
-        maximum = max(g.max_watts or 0.0 for g in readings)
-        minimum = first.min_watts if first.min_watts else maximum
-        default = first.default_watts if first.default_watts else maximum
-        spec = discovered_product(
-            product,
-            memory_gib=memory,
-            min_watts=min(minimum, maximum),
-            default_watts=min(default, maximum),
-            max_watts=maximum,
-            measured=True,
+    if not readings:
+        return None, (
+            f"Node {name}: GPU product {product!r} is not in the catalogue and its node agent has "
+            "not reported the GPUs' power range (NodePowerProfile status.gpus[].maxWatts): it "
+            "takes no work until it does"
         )
-        return spec, None
-    unknown_max = catalogue().unknown.max_watts_before_agent.value
+    first = readings[0]
+    maximum = max(g.max_watts or 0.0 for g in readings)
+    minimum = first.min_watts if first.min_watts else maximum
+    default = first.default_watts if first.default_watts else maximum
     spec = discovered_product(
         product,
-        memory_gib=memory,
-        min_watts=unknown_max,
-        default_watts=unknown_max,
-        max_watts=unknown_max,
-        measured=False,
+        memory_gib=0.0 if memory_gib is None else memory_gib,
+        min_watts=min(minimum, maximum),
+        default_watts=min(default, maximum),
+        max_watts=maximum,
     )
-    return spec, (
-        f"Node {name}: GPU product {product!r} is not in the catalogue and its node agent has "
-        "not reported the GPUs' power range (NodePowerProfile status.gpus[].maxWatts): it takes "
-        f"no new work and counts at {unknown_max:g} W per GPU until it does"
-    )
+    return spec, None
 
 
 _MAPPED = frozenset({MappingSource.POD_RESOURCES, MappingSource.LAST_KNOWN})
@@ -617,13 +738,19 @@ def parse_budget(body: Body) -> EnergyBudget:
         raise SnapshotError(str(error)) from None
 
 
-def _budget(budget: EnergyBudget, labels_by_node: Mapping[str, Mapping[str, str]]) -> Budget:
+def _budget(
+    budget: EnergyBudget,
+    labels_by_node: Mapping[str, Mapping[str, str]],
+    excluded_watts: Mapping[str, float],
+) -> Budget:
+    """The budget over the GPU nodes its selector matches; the excluded ones among them count
+    as `uncontrolled_watts`."""
+    selected = {name for name, labels in labels_by_node.items() if budget.spec.selects(labels)}
     return Budget(
         name=budget.name,
         power_cap_watts=budget.spec.power_cap_watts,
-        node_names=frozenset(
-            name for name, labels in labels_by_node.items() if budget.spec.selects(labels)
-        ),
+        node_names=frozenset(name for name in selected if name not in excluded_watts),
+        uncontrolled_watts=sum(excluded_watts[name] for name in selected if name in excluded_watts),
     )
 
 

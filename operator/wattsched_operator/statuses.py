@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from wattsched_operator.telemetry import PodKey, TelemetrySnapshot
+from wattsched_optimizer.planner import held_budget_reason
 from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, Unplaced
 
 PENDING = "Pending"
@@ -31,6 +32,13 @@ SLO_MET = "SLOMet"
 PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
 NO_SAMPLES = "NoSamples"
 NOT_RUNNING = "NotRunning"
+# EnergyBudget: whether every GPU node its selector matches is planned (reason AllPlanned), or
+# some are left out of planning (NodeExcluded: unknown product...) and counted as they may draw.
+NODES_PLANNED = "NodesPlanned"
+# EnergyBudget `Ready` reasons beyond CapEnforced/OverCap: no plan can meet the cap (held), the
+# spec cannot be read.
+CAP_BELOW_FLOOR = "CapBelowFloor"
+INVALID_SPEC = "InvalidSpec"
 
 
 def rfc3339(moment: datetime) -> str:
@@ -69,6 +77,13 @@ def condition(
     return result
 
 
+def replica_index(pod: Mapping[str, Any]) -> int:
+    """A pod's `wattsched.io/replica` label as a number; -1 when absent or not a whole number
+    (a pod someone else labelled: it stands for no replica)."""
+    text = ((pod.get("metadata") or {}).get("labels") or {}).get("wattsched.io/replica")
+    return int(text) if isinstance(text, str) and text.isdigit() and text.isascii() else -1
+
+
 @dataclass(frozen=True)
 class PodView:
     """The parts of one of the operator's pods that status needs."""
@@ -77,6 +92,17 @@ class PodView:
     node: str | None
     phase: str  # Pending/Running/Succeeded/Failed/Unknown
     ready: bool
+    deleting: bool = False
+
+    def serves(self, placement: Placement) -> bool:
+        """Whether this pod runs, ready, where the plan places its replica (and stays)."""
+        return (
+            self.replica == placement.replica
+            and self.node == placement.node
+            and self.phase == "Running"
+            and self.ready
+            and not self.deleting
+        )
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> PodView:
@@ -87,11 +113,16 @@ class PodView:
             for c in status.get("conditions") or []
         )
         return cls(
-            replica=int((meta.get("labels") or {}).get("wattsched.io/replica", "-1")),
+            replica=replica_index(pod),
             node=(pod.get("spec") or {}).get("nodeName"),
             phase=str(status.get("phase") or "Pending"),
             ready=ready,
+            deleting=bool(meta.get("deletionTimestamp")),
         )
+
+
+def find_condition(conditions: Iterable[Any], type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions if isinstance(c, Mapping) and c.get("type") == type_), None)
 
 
 def next_phase(
@@ -106,9 +137,10 @@ def next_phase(
     """The workload's phase after this plan.
 
     Terminal phases stay. A gang whose every replica's pod succeeded is Succeeded. Failed pods
-    beyond the retry limit make it Failed. Planned replicas whose pods all run and are ready make
-    it Running, otherwise Placed. With no planned replica, work that had a place is Preempted and
-    anything else is Pending.
+    beyond the retry limit make it Failed. Planned replicas whose pods all run, ready, on the
+    planned node and not being deleted make it Running, otherwise Placed (a replica that moves
+    is not running until its new pod is). With no planned replica, work that had a place (it ran,
+    or it was placed and has pods) is Preempted and anything else is Pending.
     """
     if previous_phase in TERMINAL_PHASES:
         return previous_phase
@@ -118,12 +150,12 @@ def next_phase(
     if is_gang and gang_size > 0 and len(succeeded) >= gang_size:
         return SUCCEEDED
     if not placements:
-        return PREEMPTED if previous_phase in {PLACED, RUNNING, PREEMPTED} else PENDING
-    by_replica = {p.replica: p for p in pods}
-    running = all(
-        (pod := by_replica.get(pl.replica)) is not None and pod.phase == "Running" and pod.ready
-        for pl in placements
-    )
+        # Preempted only if it had a place to lose: it ran, or it was placed and has pods. A
+        # status that says Placed with no pod behind it (a refused or never-created pod, then an
+        # operator restart) goes back to Pending.
+        had_place = previous_phase in {RUNNING, PREEMPTED} or (previous_phase == PLACED and pods)
+        return PREEMPTED if had_place else PENDING
+    running = all(any(pod.serves(pl) for pod in pods) for pl in placements)
     return RUNNING if running else PLACED
 
 
@@ -160,7 +192,11 @@ def workload_status(
         failed_permanently=failure_message is not None,
     )
     conditions_before: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
-    ready_count = sum(1 for p in pods if p.phase == "Running" and p.ready)
+    # Ready replicas: pods serving a placement (or, with none planned, running and ready).
+    if placements and phase not in TERMINAL_PHASES:
+        ready_count = sum(1 for pl in placements if any(p.serves(pl) for p in pods))
+    else:
+        ready_count = sum(1 for p in pods if p.phase == "Running" and p.ready and not p.deleting)
     placed_count = len(placements)
     desired = gang_size if is_gang else max(placed_count, 1)
     expected_watts = sum(p.expected_watts_per_gpu * p.gpus for p in placements)
@@ -184,7 +220,7 @@ def workload_status(
         schedulable = cond("Schedulable", True, phase, message)
         placed = cond("Placed", False, phase, message)
     elif unplaced is not None and not placements:
-        schedulable = cond("Schedulable", False, _reason(unplaced.constraint), unplaced.reason)
+        schedulable = cond("Schedulable", False, unplaced.reason_name, unplaced.reason)
         placed = cond("Placed", False, "Unplaced", unplaced.reason)
     else:
         schedulable = cond("Schedulable", True, "Planned", "the optimizer found a place")
@@ -198,7 +234,7 @@ def workload_status(
         cond(
             "BudgetLimited",
             budget_limited,
-            _reason(unplaced.constraint) if budget_limited and unplaced else "WithinBudget",
+            unplaced.reason_name if budget_limited and unplaced else "WithinBudget",
             unplaced.reason
             if budget_limited and unplaced
             else "no budget holds this workload back",
@@ -289,13 +325,6 @@ def slo_met(
     return False, "NotPlaced", f"deadline {objective.deadline} at risk: {why_not}"
 
 
-def _reason(constraint: str) -> str:
-    """A condition reason (CamelCase, no punctuation) from an optimizer constraint name."""
-    head = constraint.split(":", 1)[0]
-    words = [w for w in head.replace("-", "_").split("_") if w]
-    return "".join(w[:1].upper() + w[1:] for w in words) or "Unplaced"
-
-
 # EnergyBudget condition: the GPUs wattsched does not control fit in the cap on their own.
 UNMANAGED_WITHIN_CAP = "UnmanagedWithinCap"
 
@@ -311,10 +340,21 @@ def budget_status(
     now: datetime,
     telemetry: TelemetrySnapshot | None = None,
     scope_nodes: Iterable[str] = (),
+    unready_nodes: Sequence[str] = (),
+    excluded_nodes: Mapping[str, str] | None = None,
+    invalid: str | None = None,
+    planned_at: datetime | None = None,
 ) -> dict[str, Any]:
     """An EnergyBudget's status after a plan: allocated cap, expected watts, headroom, last plan.
 
-    `Ready` is True when the planned limits in scope sum to at most the cap (`CapEnforced`).
+    `planned_at` is when `plan` was made (default `now`: a status written right after planning;
+    an accounting round between plans passes the plan's own time).
+
+    `Ready` is True when the planned limits in scope sum to at most the cap (`CapEnforced`). It
+    is False with reason `CapBelowFloor` when no plan can meet the cap (the allocation is held:
+    the message says why, naming the `unready_nodes` in scope counted at their maximum), and
+    `InvalidSpec` when the spec cannot be read (`invalid`: the error; the budget is not planned).
+    `NodesPlanned` names the `excluded_nodes` in scope (node -> why) counted as they may draw.
     `UnmanagedWithinCap` is False (`UnmanagedOverCap`) when the GPUs in scope held by pods
     wattsched did not create already run at limits summing to more than the cap: wattsched leaves
     them alone, so no plan of its own can bring the budget within its cap.
@@ -326,13 +366,27 @@ def budget_status(
     expected = allocation.expected_watts if allocation else 0.0
     within = allocated <= cap_watts + 1e-6
     conditions_before: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
+    reason = "CapEnforced" if within else "OverCap"
+    message = f"limits in scope sum to {allocated:.0f} W of {cap_watts:.0f} W"
+    if invalid is not None:
+        within, reason, message = False, INVALID_SPEC, f"not planned: {invalid}"
+    elif allocation is not None and allocation.held:
+        reason = CAP_BELOW_FLOOR
+        message = (
+            f"{held_budget_reason(cap_watts, allocated)}; its {node_count} node(s) take no work "
+            "and are held at their minimum limits"
+        )
+        if unready_nodes:
+            message += (
+                f"; counted at their maximum until their agent confirms: {', '.join(unready_nodes)}"
+            )
     conditions = [
         condition(
             conditions_before,
             "Ready",
             within,
-            "CapEnforced" if within else "OverCap",
-            f"limits in scope sum to {allocated:.0f} W of {cap_watts:.0f} W",
+            reason,
+            message,
             now=now,
             observed_generation=generation,
         )
@@ -352,6 +406,20 @@ def budget_status(
                 if unmanaged_within
                 else "; wattsched leaves them alone: lower their limits, or raise the cap"
             ),
+            now=now,
+            observed_generation=generation,
+        )
+    )
+    excluded = dict(sorted((excluded_nodes or {}).items()))
+    conditions.append(
+        condition(
+            conditions_before,
+            NODES_PLANNED,
+            not excluded,
+            "NodeExcluded" if excluded else "AllPlanned",
+            "; ".join(excluded.values())
+            if excluded
+            else "every GPU node the selector matches is planned",
             now=now,
             observed_generation=generation,
         )
@@ -379,7 +447,7 @@ def budget_status(
         "expectedWatts": round(expected, 1),
         "headroomWatts": round(cap_watts - allocated, 1),
         "lastPlan": {
-            "time": rfc3339(now),
+            "time": rfc3339(planned_at or now),
             "seconds": round(plan.solve_seconds, 3),
             "status": str(plan.status),
             "gap": round(plan.gap, 6),

@@ -359,14 +359,12 @@ def discovered_product(
     min_watts: float,
     default_watts: float,
     max_watts: float,
-    measured: bool,
 ) -> ProductSpec:
     """A product the catalogue lacks, as its node describes it: memory from the node's label, the
-    power range from NVML (`measured`: as the agent read it; otherwise every figure is the
-    catalogue's `max_watts_before_agent`), idle draw and speeds from `unknown_product` (modelled,
-    to be corrected by calibration)."""
+    power range as the agent read it from NVML, idle draw and speeds from `unknown_product`
+    (modelled, to be corrected by calibration)."""
     defaults = catalogue().unknown
-    power_source = "nvml-constraints" if measured else "nodepowerprofile-crd"
+    power_source = "nvml-constraints"
     idle = defaults.idle_fraction_of_max
     return ProductSpec(
         name=key,

@@ -127,6 +127,23 @@ def workload_label(workload: Workload) -> str:
     return f"LLMWorkload {workload.key}"
 
 
+def replica_count_field(workload: Workload) -> str:
+    """The spec field that sets how many replicas a workload asks for: gangs (Training,
+    FineTuning, BatchInference) have only spec.replicas; Inference scales within its minimum."""
+    return "spec.replicas" if workload.type.is_gang else "spec.minReplicas"
+
+
+def duration_text(seconds: float) -> str:
+    """A duration rounded for people: `45 s`, `12 min`, `2.6 h`, `3.2 days`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def reference_tokens_per_gpu_hour(model: PerformanceModel, workload: Workload) -> float:
     """Tokens one reference GPU (H100-80GB at its maximum limit, bf16) processes in an hour."""
     spec = product_spec("H100-80GB")
@@ -201,12 +218,13 @@ def budget_base_watts(plan_input: PlanInput) -> dict[str, float]:
     """Per budget: the sum of its GPUs' limits with nothing placed.
 
     Idle GPUs count at their minimum; GPUs of nodes whose agent is not ready at their maximum;
-    GPUs held by pods wattsched did not create at the limits they run at (`unmanaged_watts`).
+    GPUs held by pods wattsched did not create at the limits they run at (`unmanaged_watts`);
+    the watts the plan does not control (`Budget.uncontrolled_watts`) as they are.
     """
     by_name = {node.name: node for node in plan_input.nodes}
     base: dict[str, float] = {}
     for budget in plan_input.budgets:
-        total = 0.0
+        total = budget.uncontrolled_watts
         for node_name in budget.node_names:
             node = by_name.get(node_name)
             if node is None:
@@ -353,7 +371,7 @@ def _no_option_reason(
         return NoOption(
             "memory",
             f"{label}: the smallest allowed variant ({names}; spec.minQuality="
-            f"{workload.min_quality:g}) needs {need:g} GiB per GPU but eligible GPUs have at "
+            f"{workload.min_quality:g}) needs {need:.1f} GiB per GPU but eligible GPUs have at "
             f"most {memory:g} GiB; add a smaller variant (e.g. fp8) in spec.variants, lower "
             "spec.minQuality, or allow larger GPUs in spec.gpu.products",
         )
@@ -402,8 +420,9 @@ def _no_option_reason(
     return NoOption(
         "deadline",
         f"{label}: even the fastest option ({best * workload.replicas:.0f} tokens/s, modelled) "
-        f"does not finish the remaining work in the {workload.deadline_seconds or 0:g} s left "
-        "before spec.slo.deadline; extend the deadline, add replicas or allow faster GPUs",
+        f"does not finish the remaining work in the "
+        f"{duration_text(workload.deadline_seconds or 0)} left before spec.slo.deadline; extend "
+        f"the deadline, raise {replica_count_field(workload)} or allow faster GPUs",
     )
 
 
@@ -426,8 +445,9 @@ def workload_options(
     cost; every other option pays `churn_threshold` times the cheapest keeping option's energy per
     useful work (in units of the class's cheapest), so it wins only by gaining more than that.
     A move restarts the replicas: for a running job, options that move it must meet the deadline
-    with `startup_seconds` less. A gang with a replica on an unschedulable (or missing) node keeps
-    nothing: it restarts wherever it goes.
+    with `startup_seconds` less. A gang with a replica on an unschedulable (or missing) node
+    restarts wherever it goes (every option counts the startup), but options that keep its product
+    and variant still keep its replicas on healthy nodes where they are.
 
     `prune=False` keeps dominated options (for the benchmark's straightforward baseline).
     """
@@ -443,7 +463,10 @@ def workload_options(
     current_variant = None
     current_level = None
     staying = [c for c in current if c.node in node_by_name and node_by_name[c.node].schedulable]
-    if staying and (not workload.type.is_gang or len(staying) == len(current)):
+    # A gang with a replica on a node it cannot stay on restarts, wherever it goes; its replicas
+    # on healthy nodes still prefer to stay there (only the others move).
+    restarts = workload.type.is_gang and len(staying) < len(current)
+    if staying:
         first = staying[0]
         current_product = node_by_name[first.node].product
         current_variant = first.variant
@@ -491,7 +514,7 @@ def workload_options(
                     useful = replicas * throughput
                     if workload.deadline_seconds is not None and tokens_needed is not None:
                         seconds = workload.deadline_seconds
-                        if current and not keeps:
+                        if current and (restarts or not keeps):
                             seconds -= startup_seconds
                         if useful * seconds < tokens_needed:
                             continue

@@ -23,7 +23,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from wattsched_optimizer.options import Option, PlanData, Pool, WorkloadClass, workload_label
+from wattsched_optimizer.options import (
+    Option,
+    PlanData,
+    Pool,
+    WorkloadClass,
+    replica_count_field,
+    workload_label,
+)
 from wattsched_optimizer.problem import Workload
 
 # Watts of slack when comparing a budget's headroom with a placement's extra watts.
@@ -434,7 +441,7 @@ class ClusterState:
     def diagnose(self, workload_class: WorkloadClass, workload: Workload) -> tuple[str, str]:
         """(constraint, sentence) saying what keeps this workload out of the current state."""
         label = workload_label(workload)
-        best_budget: tuple[float, str, Option, Pool] | None = None
+        best_budget: tuple[float, float, str, Option, Pool] | None = None
         any_option_has_slots = False
         # The option closest to fitting by GPUs: (missing slots, free slots, replicas needed).
         closest = (math.inf, 0, 0)
@@ -454,17 +461,20 @@ class ClusterState:
                 for budget in sorted(pool.budgets):
                     short = extra - self.headroom[budget]
                     if short > WATTS_TOLERANCE and (best_budget is None or short < best_budget[0]):
-                        best_budget = (short, budget, option, pool)
+                        best_budget = (short, extra, budget, option, pool)
         if best_budget is not None:
-            short, budget, option, pool = best_budget
+            _, extra, budget, option, pool = best_budget
+            # The figures add up as printed: headroom shown (never below 0) + missing = needed.
+            headroom = max(self.headroom[budget], 0.0)
             return (
                 f"budget:{budget}",
-                f"{label}: EnergyBudget {budget} has {max(self.headroom[budget], 0):.0f} W of "
+                f"{label}: EnergyBudget {budget} has {headroom:.0f} W of "
                 f"headroom after higher-priority and running non-preemptible work, and the "
                 f"cheapest way to run it "
                 f"({option.replicas} x {option.gpus_per_replica} {pool.product} GPU(s) at "
                 f"{option.power_limit_watts:.0f} W instead of the {pool.min_watts:.0f} W idle "
-                f"minimum) needs {short:.0f} W more; raise spec.powerCapWatts of {budget}, "
+                f"minimum) needs {extra:.0f} W, {extra - headroom:.0f} W more than that; raise "
+                f"spec.powerCapWatts of {budget}, "
                 "allow a lower power level (spec.energy), or give this workload a higher priority",
             )
         products = sorted({o.product for o in workload_class.options})
@@ -475,8 +485,8 @@ class ClusterState:
                 f"{label}: needs {needed} replica(s) of {workload.gpus_per_replica} GPU(s) on one "
                 f"node each ({', '.join(products)}), but only {slots_seen} such slot(s) are free "
                 "after higher-priority and running non-preemptible work; add nodes, lower "
-                "spec.gpu.count or "
-                "spec.minReplicas, or give this workload a higher priority",
+                f"spec.gpu.count or {replica_count_field(workload)}, or give this workload a "
+                "higher priority",
             )
         return (
             "packing",

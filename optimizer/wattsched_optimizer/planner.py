@@ -9,11 +9,12 @@ Not for: reading Kubernetes objects (the operator does) or applying anything.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from wattsched_optimizer.formulation import (
     Formulation,
@@ -31,10 +32,17 @@ from wattsched_optimizer.model import (
     product_spec,
     products_in_scope,
 )
-from wattsched_optimizer.options import PlanData, WorkloadClass, build_plan_data, workload_label
+from wattsched_optimizer.options import (
+    PlanData,
+    WorkloadClass,
+    budget_base_watts,
+    build_plan_data,
+    workload_label,
+)
 from wattsched_optimizer.packing import WATTS_TOLERANCE, Assignment, ClusterState, Taken
 from wattsched_optimizer.problem import (
     BudgetAllocation,
+    GpuNode,
     Placement,
     Plan,
     PlanInput,
@@ -112,6 +120,11 @@ def validate(plan_input: PlanInput) -> None:
         seen_budgets.add(budget.name)
         if budget.power_cap_watts <= 0:
             raise PlanInputError(f"EnergyBudget {budget.name}: spec.powerCapWatts must be > 0")
+        if not 0 <= budget.uncontrolled_watts < math.inf:
+            raise PlanInputError(
+                f"EnergyBudget {budget.name}: uncontrolled_watts={budget.uncontrolled_watts:g} "
+                "must be finite and >= 0"
+            )
     for current in plan_input.current:
         if current.workload not in seen_workloads:
             raise PlanInputError(
@@ -146,7 +159,8 @@ def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
     started = time.perf_counter()
     validate(plan_input)
     performance: PerformanceModel = model if model is not None else CatalogueModel()
-    data = build_plan_data(plan_input, performance)
+    held = held_budgets(plan_input)
+    data = build_plan_data(_without_held(plan_input, held), performance)
     options = plan_input.options
     workload_by_key = {w.key: w for w in plan_input.workloads}
     class_of = {m.key: c for c in data.classes for m in c.members}
@@ -155,52 +169,7 @@ def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
         key: Unplaced(key, reason.reason, reason.constraint)
         for key, reason in data.no_option.items()
     }
-    over = sorted(
-        name
-        for name, cap in data.budget_cap_watts.items()
-        if data.budget_base_watts[name] > cap + WATTS_TOLERANCE
-    )
     timings: dict[str, float] = {"data": time.perf_counter() - started}
-    if over:
-        unmanaged_by_node = {node.name: node.unmanaged_watts for node in plan_input.nodes}
-        unmanaged_watts = {
-            budget.name: sum(unmanaged_by_node.get(n, 0.0) for n in budget.node_names)
-            for budget in plan_input.budgets
-        }
-        for workload_class in data.classes:
-            for member in workload_class.members:
-                unplaced[member.key] = Unplaced(
-                    member.key,
-                    f"{workload_label(member)}: nothing can run because "
-                    + "; ".join(
-                        f"EnergyBudget {name}: spec.powerCapWatts="
-                        f"{data.budget_cap_watts[name]:g} is below the "
-                        f"{data.budget_base_watts[name]:g} W its GPUs count for at their minimum "
-                        "limits (maximum where the node agent is not ready"
-                        + (
-                            f"; {unmanaged_watts[name]:g} W of it on GPUs held by pods wattsched "
-                            "did not create, at their limits"
-                            if unmanaged_watts.get(name)
-                            else ""
-                        )
-                        + ")"
-                        for name in over
-                    )
-                    + "; raise the cap or narrow spec.nodeSelector",
-                    f"budget:{over[0]}",
-                )
-        return _assemble(
-            plan_input,
-            data,
-            ClusterState(data),
-            performance,
-            unplaced,
-            status=PlanStatus.INFEASIBLE,
-            objective=0.0,
-            bound=0.0,
-            solver="",
-            timings=timings | {"total": time.perf_counter() - started},
-        )
     formulation = build(data)
     timings["build"] = formulation.build_seconds
     prefer = _preferred_nodes(plan_input)
@@ -284,12 +253,105 @@ def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
         data,
         state,
         performance,
-        left_out,
+        _explain_held(plan_input, held, left_out),
+        held=held,
         status=status,
         objective=objective,
         bound=bound,
         solver=solver_used,
         timings=timings | {"total": time.perf_counter() - started},
+    )
+
+
+def held_budgets(plan_input: PlanInput) -> dict[str, float]:
+    """Budgets no plan can meet, by name: the watts their GPUs count for with nothing placed (their
+    floor: idle GPUs at the minimum, GPUs of nodes whose agent is not ready at the maximum), where
+    that floor exceeds the cap.
+
+    Such a budget is held rather than failing the plan: its nodes take no work and are lowered to
+    their minimum, its allocation is its floor, and everything outside its scope is planned as
+    usual (a partial plan). Other budgets count its nodes as they are.
+    """
+    floors = budget_base_watts(plan_input)
+    return {
+        budget.name: floors[budget.name]
+        for budget in plan_input.budgets
+        if floors[budget.name] > budget.power_cap_watts + WATTS_TOLERANCE
+    }
+
+
+def _held_nodes(plan_input: PlanInput, held: Mapping[str, float]) -> frozenset[str]:
+    return frozenset(n for b in plan_input.budgets if b.name in held for n in b.node_names)
+
+
+def _without_held(plan_input: PlanInput, held: Mapping[str, float]) -> PlanInput:
+    """The input the program sees: held budgets left out, their nodes unschedulable (no work
+    goes there and running replicas there move), still counted in every other budget."""
+    if not held:
+        return plan_input
+    nodes = _held_nodes(plan_input, held)
+    return dataclasses.replace(
+        plan_input,
+        nodes=tuple(
+            dataclasses.replace(node, schedulable=False) if node.name in nodes else node
+            for node in plan_input.nodes
+        ),
+        budgets=tuple(b for b in plan_input.budgets if b.name not in held),
+    )
+
+
+def _could_use(workload: Workload, node: GpuNode) -> bool:
+    """Whether a replica of `workload` would fit `node` by product, GPUs and memory."""
+    if workload.allowed_products and node.product not in workload.allowed_products:
+        return False
+    if node.gpu_count < workload.gpus_per_replica or not node.schedulable:
+        return False
+    memory = product_spec(node.product).memory_gib.value
+    return any(
+        (v.min_memory_gib if v.min_memory_gib > 0 else workload.min_memory_gib_per_gpu) <= memory
+        for v in workload.variants
+    )
+
+
+def _explain_held(
+    plan_input: PlanInput, held: Mapping[str, float], unplaced: Mapping[str, Unplaced]
+) -> dict[str, Unplaced]:
+    """Unplaced workloads that a held budget's nodes could have run say so (constraint
+    `budget:<name>`), with what else kept them out."""
+    result = dict(unplaced)
+    if not held:
+        return result
+    by_name = {node.name: node for node in plan_input.nodes}
+    workloads = {w.key: w for w in plan_input.workloads}
+    for key, left_out in unplaced.items():
+        workload = workloads[key]
+        for budget in plan_input.budgets:
+            if budget.name not in held:
+                continue
+            usable = sorted(
+                n for n in budget.node_names if n in by_name and _could_use(workload, by_name[n])
+            )
+            if not usable:
+                continue
+            result[key] = Unplaced(
+                key,
+                f"{workload_label(workload)}: EnergyBudget {budget.name} holds its nodes "
+                f"({', '.join(usable[:5])}{', ...' if len(usable) > 5 else ''}) at their minimum: "
+                f"{held_budget_reason(budget.power_cap_watts, held[budget.name])}; elsewhere: "
+                f"{left_out.reason}",
+                f"budget:{budget.name}",
+            )
+            break
+    return result
+
+
+def held_budget_reason(cap_watts: float, floor_watts: float) -> str:
+    """Why a budget is held, in words (for the plan's reasons and the budget's status)."""
+    return (
+        f"spec.powerCapWatts={cap_watts:g} is below the {floor_watts:g} W its GPUs count for "
+        "with nothing placed (minimum limits; maximum where the node agent is not ready; GPUs "
+        "held by pods wattsched did not create at their limits); raise the cap, narrow "
+        "spec.nodeSelector or bring the agents back"
     )
 
 
@@ -438,6 +500,21 @@ def _fill_and_repair(
             del unplaced[key]
 
 
+def _number_replicas(nodes: Sequence[str], running: Mapping[int, str]) -> list[tuple[int, str]]:
+    """Replica indexes 0..n-1 for a workload's placed nodes: a running replica whose node is
+    among them keeps its index there (its pod stays); the other nodes take the free indexes."""
+    left = list(nodes)
+    numbered: list[tuple[int, str]] = []
+    for replica, node in sorted(running.items()):
+        if replica < len(nodes) and node in left:
+            left.remove(node)
+            numbered.append((replica, node))
+    taken = {replica for replica, _ in numbered}
+    free = (replica for replica in range(len(nodes)) if replica not in taken)
+    numbered += [(next(free), node) for node in left]
+    return sorted(numbered)
+
+
 def _assemble(
     plan_input: PlanInput,
     data: PlanData,
@@ -445,31 +522,43 @@ def _assemble(
     model: PerformanceModel,
     unplaced: Mapping[str, Unplaced],
     *,
+    held: Mapping[str, float],
     status: PlanStatus,
     objective: float,
     bound: float,
     solver: str,
     timings: Mapping[str, float],
 ) -> Plan:
+    # What to write (`limits`) and what budgets count (`counted`): idle GPUs at the minimum, those
+    # of a node whose agent is not ready at the maximum (nothing confirms a lower limit there),
+    # except on a held budget's nodes, which are lowered to the minimum but counted as they are.
+    held_nodes = _held_nodes(plan_input, held)
     limits: dict[str, list[float]] = {}
+    counted: dict[str, list[float]] = {}
     expected: dict[str, list[float]] = {}
     idle_limits: dict[str, float] = {}
     for gpu_node in plan_input.nodes:
         spec = product_spec(gpu_node.product)
-        idle_limit = spec.min_watts.value if gpu_node.agent_ready else spec.max_watts.value
+        idle_counted = spec.min_watts.value if gpu_node.agent_ready else spec.max_watts.value
+        idle_limit = spec.min_watts.value if gpu_node.name in held_nodes else idle_counted
         idle_limits[gpu_node.name] = idle_limit
         limits[gpu_node.name] = [idle_limit] * gpu_node.gpu_count
+        counted[gpu_node.name] = [idle_counted] * gpu_node.gpu_count
         expected[gpu_node.name] = [model.idle_power_watts(gpu_node.product)] * gpu_node.gpu_count
     next_gpu: dict[str, int] = defaultdict(int)
     placements: list[Placement] = []
+    running: dict[str, dict[int, str]] = defaultdict(dict)
+    for current in plan_input.current:
+        running[current.workload][current.replica] = current.node
     for key in sorted(state.placed):
         assignment: Assignment = state.placed[key]
         option = assignment.option
-        for replica, node in enumerate(assignment.nodes):
+        for replica, node in _number_replicas(assignment.nodes, running[key]):
             first = next_gpu[node]
             next_gpu[node] += option.gpus_per_replica
             for gpu in range(first, first + option.gpus_per_replica):
                 limits[node][gpu] = option.power_limit_watts
+                counted[node][gpu] = option.power_limit_watts
                 expected[node][gpu] = option.expected_watts_per_gpu
             placements.append(
                 Placement(
@@ -492,8 +581,9 @@ def _assemble(
     for budget in plan_input.budgets:
         scope = [n for n in sorted(budget.node_names) if n in limits]
         unmanaged_watts = sum(unmanaged[n][1] for n in scope if n in unmanaged)
-        allocated = sum(sum(limits[n]) for n in scope) + unmanaged_watts
-        if status is not PlanStatus.INFEASIBLE and allocated > budget.power_cap_watts + 1e-3:
+        allocated = budget.uncontrolled_watts + sum(sum(counted[n]) for n in scope)
+        allocated += unmanaged_watts
+        if budget.name not in held and allocated > budget.power_cap_watts + 1e-3:
             raise PlanInvariantError(
                 f"EnergyBudget {budget.name}: allocated {allocated} W > cap "
                 f"{budget.power_cap_watts} W"
@@ -505,6 +595,7 @@ def _assemble(
                 allocated_cap_watts=allocated,
                 expected_watts=sum(sum(expected[n]) for n in scope) + unmanaged_watts,
                 unmanaged_watts=unmanaged_watts,
+                held=budget.name in held,
             )
         )
     return Plan(

@@ -133,6 +133,9 @@ class Budget:
     name: str
     power_cap_watts: float
     node_names: frozenset[str]
+    # Watts in scope that the plan does not control: GPUs of nodes left out of planning (e.g. an
+    # unknown product), counted at the most they can draw. Part of the budget's floor.
+    uncontrolled_watts: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,6 @@ class PlanInput:
 class PlanStatus(StrEnum):
     OPTIMAL = "Optimal"
     FEASIBLE = "Feasible"
-    INFEASIBLE = "Infeasible"
     TIME_LIMIT = "TimeLimit"
 
 
@@ -194,11 +196,15 @@ class Placement:
 class BudgetAllocation:
     name: str
     cap_watts: float
-    allocated_cap_watts: float  # sum of power limits of every GPU in scope
+    allocated_cap_watts: float  # sum of power limits of every GPU in scope, as counted
     expected_watts: float
     # The part of allocated_cap_watts that wattsched does not control: GPUs held by pods it did
     # not create, at the limits they run at.
     unmanaged_watts: float = 0.0
+    # No plan meets the cap: the GPUs in scope count for more with nothing placed (see
+    # `planner.held_budgets`). Its nodes take no work and are lowered to their minimum;
+    # `allocated_cap_watts` is then that floor, above the cap. The rest is planned as usual.
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,21 @@ class Unplaced:
     workload: str
     reason: str  # a sentence a person can act on
     constraint: str  # which constraint binds: "budget:<name>", "gpus", "memory", "products", ...
+
+    @property
+    def reason_name(self) -> str:
+        """The binding constraint as the one CamelCase word every output uses for it (the
+        Schedulable condition's reason, `wattsched plan -o json`): `budget:rack-a` -> `Budget`,
+        `deadline_passed` -> `DeadlinePassed`."""
+        head = self.constraint.split(":", 1)[0]
+        words = [w for w in head.replace("-", "_").split("_") if w]
+        return "".join(w[:1].upper() + w[1:] for w in words) or "Unplaced"
+
+    @property
+    def budget(self) -> str | None:
+        """The EnergyBudget that binds, when a budget does."""
+        head, _, name = self.constraint.partition(":")
+        return name if head == "budget" and name else None
 
 
 @dataclass(frozen=True)
@@ -216,7 +237,8 @@ class Plan:
     gap: float
     solve_seconds: float
     placements: tuple[Placement, ...]
-    # Every GPU node in the input, one limit per GPU (idle GPUs at their minimum).
+    # Every GPU node in the input, one limit per GPU to write (idle GPUs at their minimum; at their
+    # maximum where the node agent is not ready, except in a held budget).
     node_power_limits_watts: Mapping[str, tuple[float, ...]]
     budgets: tuple[BudgetAllocation, ...]
     unplaced: tuple[Unplaced, ...]

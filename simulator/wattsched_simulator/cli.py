@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from wattsched_operator.commandline import CommandParser
 from wattsched_optimizer.problem import EnergyPolicy, PlanOptions
 
 from .baselines import baseline
@@ -144,8 +145,8 @@ def run_policies(
     return results
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
         prog="wattsched simulate",
         description="Replay LLM request traces through a simulated GPU cluster and compare "
         "scheduling policies. Every figure is modelled by the simulator's ground truth. "
@@ -166,7 +167,9 @@ def _parser() -> argparse.ArgumentParser:
         default=",".join(ALL_POLICIES),
         help=f"comma-separated, from {', '.join(ALL_POLICIES)} (default: all)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed of the generated jobs and arrivals"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument(
         "--rate-scale",
@@ -213,7 +216,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--carbon-csv", type=Path, help="hourly curve: CSV with hour,gramsPerKWh")
     parser.add_argument("--pue", type=float, help="default: the widest budget's spec.pue, else 1.0")
-    parser.add_argument("--static-cap-fraction", type=float, default=0.7)
+    parser.add_argument(
+        "--static-cap-fraction",
+        type=float,
+        default=0.7,
+        help="static-cap policy: every GPU's limit as a fraction of its maximum",
+    )
     parser.add_argument(
         "--energy-policy",
         choices=[p.value for p in EnergyPolicy],
@@ -226,7 +234,12 @@ def _parser() -> argparse.ArgumentParser:
         default=1.4,
         help="wattsched's demand headroom over the recent peak (default 1.4)",
     )
-    parser.add_argument("--power-levels", type=int, default=5)
+    parser.add_argument(
+        "--power-levels",
+        type=int,
+        default=5,
+        help="wattsched and oracle: evenly spaced power limits offered per GPU product",
+    )
     parser.add_argument(
         "--churn-threshold",
         type=float,
@@ -249,7 +262,7 @@ def _widest(budgets: Sequence[SimBudget]) -> SimBudget | None:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         names = [name.strip() for name in args.policies.split(",") if name.strip()]
         unknown = [name for name in names if name not in ALL_POLICIES]

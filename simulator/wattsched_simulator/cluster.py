@@ -1,6 +1,6 @@
 """Read the simulated cluster (Nodes) and its EnergyBudgets from Kubernetes-style YAML.
 
-Nodes use the format `wattsched plan` reads and the sandbox creates (examples/nodes.yaml): the GFD
+Nodes use the format `wattsched plan` reads and the sandbox creates (sandbox/nodes.yaml): the GFD
 label `nvidia.com/gpu.product` and `status.allocatable["nvidia.com/gpu"]`. Budgets are
 `wattsched.io/v1alpha1` EnergyBudget objects; only the fields a simulation uses are read
 (`nodeSelector`, `powerCapWatts`, `pue`, `carbon.intensityGramsPerKWh`). Files may hold several

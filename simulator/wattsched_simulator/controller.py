@@ -40,7 +40,6 @@ from wattsched_optimizer.problem import (
     Plan,
     PlanInput,
     PlanOptions,
-    PlanStatus,
     WorkAmount,
     Workload,
     WorkloadType,
@@ -357,9 +356,7 @@ class PlannerPolicy:
 
 
 def decision_from_plan(result: Plan, plan_input: PlanInput, seconds: float) -> Decision:
-    """Turn the optimizer's plan into the engine's desired state (or keep the cluster as is)."""
-    if result.status is PlanStatus.INFEASIBLE and not result.placements:
-        return Decision((), {}, seconds, str(result.status), keep_current=True)
+    """Turn the optimizer's plan into the engine's desired state."""
     replicas = tuple(
         ReplicaAssignment(p.workload, p.node, p.gpus, p.variant, p.power_limit_watts)
         for p in result.placements

@@ -60,16 +60,12 @@ class ReplicaAssignment:
 
 @dataclass(frozen=True)
 class Decision:
-    """The whole desired state: every replica, and the power limit of idle GPUs per node.
-
-    `keep_current` leaves the cluster as it is (e.g. the planner returned no usable plan).
-    """
+    """The whole desired state: every replica, and the power limit of idle GPUs per node."""
 
     replicas: tuple[ReplicaAssignment, ...]
     idle_power_limit_watts: Mapping[str, float]
     plan_seconds: float
     status: str = "ok"
-    keep_current: bool = False
 
 
 @dataclass
@@ -317,8 +313,6 @@ class Simulation:
     def apply(self, decision: Decision, now: float, first: bool) -> None:
         self.plan_seconds.append(decision.plan_seconds)
         self.statuses[decision.status] = self.statuses.get(decision.status, 0) + 1
-        if decision.keep_current:
-            return
         # A hand-over in progress carries into this decision: draining replicas may keep
         # draining, held limits count as the previous limits (see `_hand_over`).
         still_draining = [r for r in self.replicas if r.draining]

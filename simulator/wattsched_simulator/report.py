@@ -3,8 +3,11 @@
 `results.json` has `{"policies": {"<policy>": {gpuEnergyKWh, facilityEnergyKWh, carbonKg,
 tokensPerJoule, sloAttainment, deadlineMisses, secondsOverBudget, preemptions, migrations,
 planSecondsP50, ...}}}` plus `scenario` (what was simulated, the trace attribution, and that every
-figure is modelled by the simulator's ground truth, not measured on hardware). Not for: running
-simulations (`engine`) or choosing what to compare (`cli`).
+figure is modelled by the simulator's ground truth, not measured on hardware). The terminal summary
+puts energy beside the work done (tokens, tokens per joule, kWh per million tokens) and shows
+deadline misses and seconds with power limits over a cap; every plot has a title, and one shows
+energy per unit of work. Not for: running simulations (`engine`) or choosing what to compare
+(`cli`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from .engine import JOULES_PER_KWH, PolicyResult
 
@@ -78,37 +82,108 @@ def write_json(document: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
 
 
-def table(document: Mapping[str, Any]) -> str:
-    """A fixed-width table of the headline metrics, one row per policy."""
-    columns = [
-        ("policy", "{}", None),
-        ("GPU kWh", "{:.2f}", "gpuEnergyKWh"),
-        ("facility kWh", "{:.2f}", "facilityEnergyKWh"),
-        ("CO2 kg", "{:.2f}", "carbonKg"),
-        ("tokens/J", "{:.2f}", "tokensPerJoule"),
-        ("SLO", "{:.2%}", "sloAttainment"),
-        ("deadline miss", "{}", "deadlineMisses"),
-        ("s over budget", "{:.0f}", "secondsOverBudget"),
-        ("preempt", "{}", "preemptions"),
-        ("migrate", "{}", "migrations"),
-        ("plan s p50", "{:.3f}", "planSecondsP50"),
-    ]
-    policies: Mapping[str, Mapping[str, Any]] = document["policies"]
-    rows = [[title for title, _, _ in columns]]
-    for name, metrics in policies.items():
-        rows.append(
-            [name] + [fmt.format(metrics[key]) for _, fmt, key in columns[1:] if key is not None]
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+def _fixed_width(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as a fixed-width table: the first column left-aligned, the others right-aligned, a rule
+    under the header row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
         cells = [
             cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
         ]
-        lines.append("  ".join(cells))
+        lines.append("  ".join(cells).rstrip())
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def work_tokens(metrics: Mapping[str, Any]) -> float:
+    """The work a policy did: inference tokens served plus job tokens processed."""
+    return float(metrics["inferenceTokensServed"]) + float(metrics["jobTokensProcessed"])
+
+
+def kwh_per_million_tokens(metrics: Mapping[str, Any]) -> float | None:
+    """GPU energy per unit of work (kWh per million tokens); None when no work was done."""
+    tokens = work_tokens(metrics)
+    return float(metrics["gpuEnergyKWh"]) / (tokens / 1e6) if tokens > 0 else None
+
+
+# The headline tables: (heading, format, results.json key). Energy beside the work it bought, then
+# the objectives and the cap: `s limits>cap` (secondsLimitsOverBudget, the sum of power limits in a
+# budget above its cap: what wattsched guarantees never happens) and `s draw>cap`
+# (secondsOverBudget, modelled draw above the cap).
+ENERGY_COLUMNS = (
+    ("GPU kWh", "{:.2f}", "gpuEnergyKWh"),
+    ("facility kWh", "{:.2f}", "facilityEnergyKWh"),
+    ("CO2 kg", "{:.2f}", "carbonKg"),
+    ("inference Mtok", "{:.2f}", "inferenceTokensServed"),
+    ("job Mtok", "{:.2f}", "jobTokensProcessed"),
+    ("tokens/J", "{:.3f}", "tokensPerJoule"),
+)
+OBJECTIVE_COLUMNS = (
+    ("SLO", "{:.2%}", "sloAttainment"),
+    ("s limits>cap", "{:.0f}", "secondsLimitsOverBudget"),
+    ("s draw>cap", "{:.0f}", "secondsOverBudget"),
+    ("preempt", "{}", "preemptions"),
+    ("migrate", "{}", "migrations"),
+    ("plan s p50", "{:.3f}", "planSecondsP50"),
+)
+_MILLIONS = {"inferenceTokensServed", "jobTokensProcessed"}
+
+
+def _cell(metrics: Mapping[str, Any], fmt: str, key: str) -> str:
+    value = metrics[key]
+    return fmt.format(value / 1e6 if key in _MILLIONS else value)
+
+
+def table(document: Mapping[str, Any]) -> str:
+    """The summary printed by `wattsched simulate`: per policy, energy beside the work done
+    (tokens, tokens per joule, kWh per million tokens); deadline misses, SLO and seconds over the
+    cap; then SLO attainment per inference service. Every figure is modelled."""
+    policies: Mapping[str, Mapping[str, Any]] = document["policies"]
+    energy_rows = [["policy", *(title for title, _, _ in ENERGY_COLUMNS), "kWh/Mtok"]]
+    objective_rows = [["policy", "deadline miss", *(title for title, _, _ in OBJECTIVE_COLUMNS)]]
+    for name, metrics in policies.items():
+        per_work = kwh_per_million_tokens(metrics)
+        energy_rows.append(
+            [
+                name,
+                *(_cell(metrics, fmt, key) for _, fmt, key in ENERGY_COLUMNS),
+                "-" if per_work is None else f"{per_work:.3f}",
+            ]
+        )
+        objective_rows.append(
+            [
+                name,
+                f"{metrics['deadlineMisses']} of {metrics['jobsWithDeadline']}",
+                *(_cell(metrics, fmt, key) for _, fmt, key in OBJECTIVE_COLUMNS),
+            ]
+        )
+    sections = [
+        "Energy and the work it bought (tokens: inference served + job tokens processed)",
+        _fixed_width(energy_rows),
+        "",
+        "Objectives and the cap (s limits>cap: power limits summed above a budget's cap; "
+        "s draw>cap: draw above it)",
+        _fixed_width(objective_rows),
+    ]
+    services = sorted({key for m in policies.values() for key in m["sloAttainmentByService"]})
+    if services:
+        service_rows = [["service (SLO attainment)", *policies]]
+        service_rows += [
+            [
+                service,
+                *(
+                    "-"
+                    if service not in metrics["sloAttainmentByService"]
+                    else f"{metrics['sloAttainmentByService'][service]:.2%}"
+                    for metrics in policies.values()
+                ),
+            ]
+            for service in services
+        ]
+        sections += ["", _fixed_width(service_rows)]
+    return "\n".join(sections)
 
 
 def _bucket(
@@ -121,10 +196,16 @@ def _bucket(
     return minutes, np.asarray(values, dtype=np.float64)
 
 
-def plot_power(results: Sequence[PolicyResult], caps: Mapping[str, float], path: Path) -> None:
-    """Per policy: true GPU power over time, the sum of power limits, and each budget's cap."""
+# Legend and label sizes readable at the saved resolution.
+LEGEND_FONT_SIZE = 9
+TITLE_FONT_SIZE = 11
+
+
+def power_figure(results: Sequence[PolicyResult], caps: Mapping[str, float]) -> Figure:
+    """Per policy: modelled GPU draw over time, the sum of power limits, and each budget's cap;
+    one legend for all panels, below them."""
     fig, axes = plt.subplots(
-        len(results), 1, figsize=(9, 1.9 * len(results) + 0.6), sharex=True, sharey=True
+        len(results), 1, figsize=(9, 2.0 * len(results) + 1.4), sharex=True, sharey=True
     )
     axes_list = list(np.atleast_1d(axes))
     for ax, result in zip(axes_list, results, strict=True):
@@ -142,21 +223,38 @@ def plot_power(results: Sequence[PolicyResult], caps: Mapping[str, float], path:
             )
         for name, cap in caps.items():
             ax.axhline(cap / 1000.0, color="tab:red", lw=1.0, label=f"cap ({name})")
-        ax.set_title(result.policy, fontsize=9, loc="left")
+        ax.set_title(f"policy {result.policy}", fontsize=LEGEND_FONT_SIZE + 1, loc="left")
         ax.set_ylabel("kW")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes_list[0].legend(fontsize=7, loc="upper right", ncol=3)
     axes_list[-1].set_xlabel("minutes")
-    fig.tight_layout()
+    fig.suptitle(
+        "GPU power against the budget caps, per policy (modelled)", fontsize=TITLE_FONT_SIZE
+    )
+    handles, labels = axes_list[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=min(3, len(labels)),
+        fontsize=LEGEND_FONT_SIZE,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def plot_power(results: Sequence[PolicyResult], caps: Mapping[str, float], path: Path) -> None:
+    fig = power_figure(results, caps)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def _bar(
-    names: Sequence[str], values: Sequence[float], *, ylabel: str, title: str, path: Path, fmt: str
-) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+def bar_figure(
+    names: Sequence[str], values: Sequence[float], *, ylabel: str, title: str, fmt: str
+) -> Figure:
+    """One bar per policy, each labelled with its value."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
     bars = ax.bar(names, values, color="tab:blue")
     for bar, value in zip(bars, values, strict=True):
         ax.annotate(
@@ -164,12 +262,19 @@ def _bar(
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",
-            fontsize=8,
+            fontsize=LEGEND_FONT_SIZE,
         )
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=TITLE_FONT_SIZE)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def _bar(
+    names: Sequence[str], values: Sequence[float], *, ylabel: str, title: str, path: Path, fmt: str
+) -> None:
+    fig = bar_figure(names, values, ylabel=ylabel, title=title, fmt=fmt)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -185,6 +290,7 @@ def write_plots(
     paths = [
         out_dir / "power_vs_cap.png",
         out_dir / "energy_by_policy.png",
+        out_dir / "energy_per_work.png",
         out_dir / "slo_attainment.png",
     ]
     plot_power(results, caps, paths[0])
@@ -192,16 +298,24 @@ def write_plots(
         names,
         [policies[n]["gpuEnergyKWh"] for n in names],
         ylabel="GPU energy (kWh, modelled)",
-        title="GPU energy by policy",
+        title="GPU energy by policy (modelled)",
         path=paths[1],
         fmt="{:.1f}",
     )
     _bar(
         names,
+        [kwh_per_million_tokens(policies[n]) or 0.0 for n in names],
+        ylabel="GPU kWh per million tokens",
+        title="GPU energy per unit of work by policy (modelled; lower is better)",
+        path=paths[2],
+        fmt="{:.3f}",
+    )
+    _bar(
+        names,
         [100.0 * policies[n]["sloAttainment"] for n in names],
         ylabel="demand served on time (%)",
-        title="SLO attainment by policy (inference)",
-        path=paths[2],
+        title="SLO attainment by policy (inference, modelled)",
+        path=paths[3],
         fmt="{:.2f}",
     )
     return paths

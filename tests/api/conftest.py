@@ -1,9 +1,9 @@
 """Fixtures for the API tests: every example object, and every invalid manifest of the shared table.
 
-`example` runs a test once per wattsched object in examples/ and its subdirectories; `invalid_case`
-once per entry of invalid_manifests.yaml, with the manifest built (base object + JSON merge patch).
-The unit tests and the cluster tests use the same objects, so the typed models and the API server
-are held to one list.
+`example` runs a test once per wattsched object in examples/ (and its subdirectories) and in
+offline/ (the inputs of `wattsched simulate`); `invalid_case` once per entry of
+invalid_manifests.yaml, with the manifest built (base object + JSON merge patch). The unit tests and
+the cluster tests use the same objects, so the typed models and the API server are held to one list.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO_ROOT / "crds"
 EXAMPLES_DIR = REPO_ROOT / "examples"
+OFFLINE_DIR = REPO_ROOT / "offline"
 WATTSCHED_KINDS = ("LLMWorkload", "EnergyBudget", "NodePowerProfile")
 
 
@@ -40,14 +41,16 @@ def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
 
 
 def wattsched_examples() -> list[Example]:
-    """Every LLMWorkload, EnergyBudget and NodePowerProfile in examples/ and its subdirectories
-    (snapshots excluded), named by the path under examples/."""
+    """Every LLMWorkload, EnergyBudget and NodePowerProfile in examples/ and its subdirectories and
+    in offline/ (snapshots excluded), named by the path under examples/ or as offline/<file>."""
     found = []
-    for path in sorted(EXAMPLES_DIR.rglob("*.yaml")):
+    paths = [(path, path.relative_to(EXAMPLES_DIR)) for path in EXAMPLES_DIR.rglob("*.yaml")]
+    paths += [(path, path.relative_to(REPO_ROOT)) for path in OFFLINE_DIR.rglob("*.yaml")]
+    for path, relative in sorted(paths):
         documents = load_yaml_documents(path)
         if any(doc.get("kind") == "List" for doc in documents):
             continue  # a `wattsched plan` snapshot, not a manifest to apply
-        name = path.relative_to(EXAMPLES_DIR).as_posix()
+        name = relative.as_posix()
         for index, doc in enumerate(documents):
             if doc.get("kind") in WATTSCHED_KINDS:
                 source = name if len(documents) == 1 else f"{name}#{index}"

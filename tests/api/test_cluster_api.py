@@ -124,6 +124,22 @@ def test_get_wide_shows_the_llmworkload_columns_and_status_values(
         "nodes": "gpu-h100-00,gpu-h100-01",
         "power": {"capWatts": 4480},
         "energy": {"joules": 7.2e6, "kWh": 2, "tokensPerJoule": 3.5, "source": "measured"},
+        "conditions": [
+            {
+                "type": "Admitted",
+                "status": "True",
+                "reason": "Accepted",
+                "message": "the operator read the spec",
+                "lastTransitionTime": "2026-12-01T00:00:00Z",
+            },
+            {
+                "type": "Schedulable",
+                "status": "False",
+                "reason": "Budget",
+                "message": "EnergyBudget rack-a has 0 W of headroom",
+                "lastTransitionTime": "2026-12-01T00:00:00Z",
+            },
+        ],
     }
     sandbox.kubectl(
         "patch",
@@ -138,10 +154,12 @@ def test_get_wide_shows_the_llmworkload_columns_and_status_values(
     )
     header, row = get_wide(sandbox, "llmw", manifest["metadata"]["name"], namespace)
     assert header == [
-        "NAME", "TYPE", "PHASE", "GPUS", "REPLICAS", "VARIANT", "POWER(W)", "AGE",
-        "NODE(S)", "TOKENS/J", "ENERGY(KWH)",
+        "NAME", "TYPE", "PHASE", "REASON", "GPUS/REPLICA", "REPLICAS", "VARIANT", "POWER(W)",
+        "AGE", "NODE(S)", "TOKENS/J", "ENERGY(KWH)",
     ]  # fmt: skip
-    for value in ("Inference", "Running", "fp8", "4480", "gpu-h100-00,gpu-h100-01", "3.5"):
+    # The REASON column is the Schedulable condition's reason, not the first condition's.
+    assert row.split()[1:5] == ["Inference", "Running", "Budget", "4"]
+    for value in ("fp8", "4480", "gpu-h100-00,gpu-h100-01", "3.5"):
         assert value in row.split()
 
 

@@ -111,19 +111,22 @@ MINIMAL_OBJECTS: list[dict[str, Any]] = [
 ]
 
 
-def test_every_wattsched_manifest_under_examples_is_an_example(
+def test_every_wattsched_manifest_under_examples_and_offline_is_an_example(
     example_manifests: dict[str, dict[str, Any]],
 ) -> None:
     """Subdirectories included: a manifest no test applies could drift from the API unnoticed."""
-    examples_dir = Path(__file__).resolve().parents[2] / "examples"
+    repo = Path(__file__).resolve().parents[2]
+    examples = repo / "examples"
+    paths = [(path, path.relative_to(examples)) for path in examples.glob("**/*.y*ml")]
+    paths += [(path, path.relative_to(repo)) for path in repo.glob("offline/**/*.y*ml")]
     manifests = {
-        path.relative_to(examples_dir).as_posix()
-        for path in examples_dir.rglob("*.y*ml")
+        relative.as_posix()
+        for path, relative in paths
         if "apiVersion: wattsched.io/" in (text := path.read_text())
         and "kind: List" not in text  # `wattsched plan` snapshots
     }
     sources = {source.split("#")[0] for source in example_manifests}
-    assert "simulation/budget.yaml" in manifests
+    assert "offline/simulation-budget.yaml" in manifests
     assert manifests <= sources
 
 

@@ -17,7 +17,7 @@ import yaml
 from wattsched_operator.plan_command import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SNAPSHOT = REPO_ROOT / "examples" / "snapshot.yaml"
+SNAPSHOT = REPO_ROOT / "offline" / "snapshot.yaml"
 NOW = "2026-11-25T02:00:00Z"
 
 
@@ -62,7 +62,7 @@ def test_json_output_has_the_documented_shape(capsys: pytest.CaptureFixture[str]
         }
         assert budget["allocatedCapWatts"] <= budget["capWatts"]
     for unplaced in plan["unplaced"]:
-        assert {"workload", "reason"} <= set(unplaced)
+        assert set(unplaced) - {"budget"} == {"workload", "reason", "message"}
 
 
 def test_every_gpu_node_is_listed_with_one_limit_per_allocatable_gpu(
@@ -82,8 +82,9 @@ def test_workload_asking_for_an_absent_product_is_unplaced_with_a_reason(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     plan = run_json(capsys, SNAPSHOT)
-    unplaced = {entry["workload"]: entry["reason"] for entry in plan["unplaced"]}
-    assert "H200" in unplaced["team-b/h200-only"]
+    unplaced = {entry["workload"]: entry for entry in plan["unplaced"]}
+    assert unplaced["team-b/h200-only"]["reason"] == "Products"
+    assert "H200" in unplaced["team-b/h200-only"]["message"]
     assert "team-b/h200-only" not in {p["workload"] for p in plan["placements"]}
 
 
@@ -108,6 +109,11 @@ def test_snapshot_is_read_from_stdin(
 
 def first(items: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return next(item for item in items if item["kind"] == kind)
+
+
+def unknown_product(items: list[dict[str, Any]]) -> str:
+    first(items, "Node")["metadata"]["labels"]["nvidia.com/gpu.product"] = "NVIDIA-Z9000"
+    return "Node gpu-h100-00: GPU product 'Z9000' is not in the catalogue"
 
 
 def malformed_memory_label(items: list[dict[str, Any]]) -> str:
@@ -159,9 +165,6 @@ def twice(kind: str, label: str, field: str) -> Any:
 @pytest.mark.parametrize(
     "break_snapshot",
     [
-        malformed_memory_label,
-        malformed_quantity,
-        missing_field,
         bad_budget,
         bad_profile,
         bad_pod,
@@ -185,6 +188,23 @@ def test_bad_snapshot_exits_2_with_one_line_naming_object_and_field(
     assert captured.err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "break_node", [unknown_product, malformed_quantity, malformed_memory_label]
+)
+def test_a_node_the_plan_cannot_use_is_left_out_and_named_on_stderr(
+    break_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = snapshot_items()
+    expected = break_node(items)
+    assert main(["-f", str(write_snapshot(tmp_path, items)), "--now", NOW, "-o", "json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("wattsched plan: node gpu-h100-00 takes no work: ")
+    assert expected in captured.err
+    plan = json.loads(captured.out)
+    assert plan["placements"]
+    assert all(p["node"] != "gpu-h100-00" for p in plan["placements"])
+
+
 def test_unreadable_or_invalid_yaml_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -203,7 +223,7 @@ def test_bad_now_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_console_script_prints_no_traceback_for_a_bad_snapshot(tmp_path: Path) -> None:
     items = snapshot_items()
-    expected = missing_field(items)
+    expected = bad_budget(items)
     result = subprocess.run(
         [
             sys.executable,
@@ -238,4 +258,204 @@ def test_deadlines_are_measured_from_now(
     assert [p["workload"] for p in early["placements"]] == ["team-b/pretrain"]
     assert late["placements"] == []
     assert [u["workload"] for u in late["unplaced"]] == ["team-b/pretrain"]
-    assert "deadline" in late["unplaced"][0]["reason"]
+    # The same word as the Schedulable condition's reason (one spelling per reason).
+    assert late["unplaced"][0]["reason"] == "Deadline"
+    assert "left before spec.slo.deadline" in late["unplaced"][0]["message"]
+
+
+def test_a_passed_deadline_has_the_conditions_spelling_in_the_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """One spelling per reason: the JSON says what the Schedulable condition says."""
+    items = [
+        item
+        for item in snapshot_items()
+        if item["kind"] == "Node" or item["metadata"]["name"] == "pretrain"
+    ]
+    path = write_snapshot(tmp_path, items)
+    assert main(["-f", str(path), "-o", "json", "--now", "2027-01-01T00:00:00Z"]) == 0
+    (unplaced,) = json.loads(capsys.readouterr().out)["unplaced"]
+    assert unplaced["reason"] == "DeadlinePassed"
+    assert "deadline_passed" not in json.dumps(unplaced)
+    assert "spec.slo.deadline has passed" in unplaced["message"]
+
+
+# -- invalid workloads, --set and --diff -----------------------------------------------------------
+
+
+def test_an_invalid_workload_is_skipped_and_listed_while_the_others_are_planned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = snapshot_items()
+    expected = missing_field(items)  # team-a/chat loses spec.gpu
+    path = write_snapshot(tmp_path, items)
+    plan = run_json(capsys, path)
+    assert [error for error in plan["skipped"] if expected in error] == plan["skipped"]
+    assert len(plan["skipped"]) == 1
+    planned = {p["workload"] for p in plan["placements"]}
+    assert "team-a/chat" not in planned
+    assert "team-b/pretrain" in planned
+    assert main(["-f", str(path), "--now", NOW]) == 0
+    table = capsys.readouterr().out
+    assert "SKIPPED (invalid; left out of the plan" in table
+    assert expected in table
+
+
+def test_invalid_workloads_from_stdin_are_skipped_not_fatal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = snapshot_items()
+    missing_field(items)
+    kubectl_list = {"apiVersion": "v1", "kind": "List", "items": items}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(yaml.safe_dump(kubectl_list)))
+    assert main(["-f", "-", "-o", "json", "--now", NOW]) == 0
+    assert len(json.loads(capsys.readouterr().out)["skipped"]) == 1
+
+
+def budget(plan: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(b for b in plan["budgets"] if b["name"] == name)
+
+
+def test_set_lowers_a_budget_cap_for_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    before = run_json(capsys, SNAPSHOT)
+    assert budget(before, "rack-a")["allocatedCapWatts"] > 5000
+    argv = ["-f", str(SNAPSHOT), "-o", "json", "--now", NOW]
+    assert main([*argv, "--set", "energybudget/rack-a.spec.powerCapWatts=5000"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert budget(after, "rack-a")["capWatts"] == 5000
+    assert budget(after, "rack-a")["allocatedCapWatts"] <= 5000
+
+
+def test_set_changes_a_workload_and_a_node_label(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["-f", str(SNAPSHOT), "-o", "json", "--now", NOW]
+    assert main([*argv, "--set", "llmw/team-b/summaries.spec.replicas=2"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert len([p for p in plan["placements"] if p["workload"] == "team-b/summaries"]) == 2
+    # A node taken out of scheduling: nothing is placed on it.
+    assert main([*argv, "--set", "node/gpu-h100-01.spec.unschedulable=true"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert all(p["node"] != "gpu-h100-01" for p in plan["placements"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("eb/rack-a.spec.powerCapWatts", "expected KIND/NAME.FIELD=VALUE"),
+        ("pod/x.spec.a=1", "unknown kind 'pod'; allowed: energybudget (eb), llmworkload (llmw)"),
+        ("eb/rack-z.spec.powerCapWatts=1", "no EnergyBudget named 'rack-z'; there are: cluster"),
+        ("llmw/chat.spec.priority=1", "an LLMWorkload is named NAMESPACE/NAME, got 'chat'"),
+        ("eb/rack-a.status.headroomWatts=1", "the field starts with .spec or .metadata"),
+        ("eb/rack-a.metadata.name=x", 'only metadata.labels["KEY"] may be set'),
+        (
+            "eb/rack-a.spec.powerCapWatts=lots",
+            "EnergyBudget rack-a: spec.powerCapWatts: must be a number, got 'lots'",
+        ),
+        ("llmw/team-a/chat.spec.variants[7].quality=1", "index [7] is out of range (2 item(s))"),
+        ("eb/rack-a.spec.powerCapWatts.x=3", "'x' is inside a value that is not a map"),
+        ("llmw/team-a/chat.spec.energy.policy=Fast", "LLMWorkload team-a/chat: spec.energy.policy"),
+    ],
+)
+def test_a_bad_set_exits_2_with_one_line_naming_it(
+    override: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["-f", str(SNAPSHOT), "--now", NOW, "--set", override]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"wattsched plan: --set {override}: ")
+    assert expected in captured.err
+    assert captured.err.count("\n") == 1
+
+
+def test_diff_lists_limit_changes_and_new_pods_against_the_snapshot(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The snapshot runs team-a/chat replica 0 on gpu-h100-00 at 560 W per GPU; cap rack-a (the
+    # chat's node) at 5000 W and its replica must come down or go.
+    argv = ["-f", str(SNAPSHOT), "-o", "json", "--now", NOW, "--diff"]
+    assert main([*argv, "--set", "eb/rack-a.spec.powerCapWatts=5000"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    diff = plan["diff"]
+    (chat,) = [p for p in plan["placements"] if (p["workload"], p["replica"]) == ("team-a/chat", 0)]
+    assert chat["node"] == "gpu-h100-00"  # the plan keeps the running replica where it is
+    assert chat["powerLimitWatts"] < 560
+    assert diff["limitChanged"] == [
+        {
+            "workload": "team-a/chat",
+            "replica": 0,
+            "node": "gpu-h100-00",
+            "fromWatts": 560.0,
+            "toWatts": chat["powerLimitWatts"],
+        }
+    ]
+    assert diff["moved"] == []
+    assert diff["stopped"] == []
+    started = {(s["workload"], s["replica"]) for s in diff["started"]}
+    running_now = {("team-a/chat", 0)}
+    planned = {(p["workload"], p["replica"]) for p in plan["placements"]}
+    assert started == planned - running_now
+    assert {n["node"] for n in diff["nodeLimits"]} == {n["node"] for n in plan["nodes"]}
+    assert main(["-f", str(SNAPSHOT), "--now", NOW, "--diff"]) == 0
+    table = capsys.readouterr().out
+    assert "CHANGES AGAINST THE CLUSTER NOW" in table
+    assert "start    team-b/pretrain replica 0 on " in table
+
+
+def alias_bomb(levels: int) -> str:
+    """A "billion laughs" LLMWorkload: `levels` lists of 10 aliases of the list before (10^levels
+    values expanded, a few hundred bytes written)."""
+    lines = ['  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        refs = ", ".join([f"*l{level - 1}"] * 10)
+        lines.append(f"  l{level}: &l{level} [{refs}]")
+    return "\n".join(
+        [
+            "apiVersion: wattsched.io/v1alpha1",
+            "kind: LLMWorkload",
+            "metadata: {name: bomb, namespace: team-a}",
+            "spec:",
+            *lines,
+            "  template: {spec: {containers: [{name: main, image: x, args: *LAST}]}}".replace(
+                "LAST", f"l{levels - 1}"
+            ),
+        ]
+    )
+
+
+def test_a_yaml_alias_bomb_exits_2_naming_the_field_without_expanding_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(SNAPSHOT.read_text() + "\n---\n" + alias_bomb(9) + "\n")
+    assert main(["-f", str(path), "--now", NOW]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"wattsched plan: {path}: document 2: spec.")
+    assert "YAML aliases expand to more than 10,000,000 values (an alias bomb)" in error
+    assert error.count("\n") == 1
+
+
+def test_a_value_that_refers_to_itself_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text("kind: Node\nmetadata: &m {name: n, labels: *m}\n")
+    assert main(["-f", str(path)]) == 2
+    assert "refers to itself through a YAML alias" in capsys.readouterr().err
+
+
+def test_a_few_aliases_are_read_as_the_values_they_stand_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workload = """apiVersion: wattsched.io/v1alpha1
+kind: LLMWorkload
+metadata: {name: small, namespace: team-a, labels: &labels {app: small}}
+spec:
+  type: Inference
+  model: {name: m, parametersBillions: 8}
+  gpu: {count: 1}
+  slo: {tokensPerSecond: 10}
+  template: {metadata: {labels: *labels}, spec: {containers: [{name: main, image: x}]}}
+"""
+    path = tmp_path / "aliases.yaml"
+    path.write_text(yaml.safe_dump_all(snapshot_items()) + "---\n" + workload)
+    assert main(["-f", str(path), "--now", NOW, "-o", "json"]) == 0
+    assert "team-a/small" in capsys.readouterr().out

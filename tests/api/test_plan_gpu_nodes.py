@@ -15,7 +15,7 @@ from wattsched_operator.plan_command import main
 from wattsched_optimizer.model import use_catalogue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SNAPSHOT = REPO_ROOT / "examples" / "snapshot.yaml"
+SNAPSHOT = REPO_ROOT / "offline" / "snapshot.yaml"
 NOW = "2026-11-25T02:00:00Z"
 
 
@@ -111,16 +111,19 @@ def test_a_partly_held_node_offers_only_its_free_gpus(
     assert used <= 5
 
 
-def test_a_budget_below_what_other_teams_run_at_says_so_in_every_reason(
+def test_a_budget_below_what_other_teams_run_at_is_held(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     objects = [*items(), other_teams_pod("gpu-h100-01", 8)]
     named(objects, "EnergyBudget", "rack-a")["spec"]["powerCapWatts"] = 5000
     plan = plan_of(capsys, tmp_path, objects)
-    assert plan["status"] == "Infeasible"
-    reason = next(u["reason"] for u in plan["unplaced"] if u["workload"] == "team-a/chat")
-    assert "5600 W of it on GPUs held by pods wattsched did not create" in reason
-    assert budget_entry(plan, "rack-a")["unmanagedWatts"] == 5600.0
+    # The budget is held (issue 12b): its nodes take no work, the rest is planned.
+    assert plan["status"] == "Optimal"
+    rack_a = budget_entry(plan, "rack-a")
+    assert rack_a["unmanagedWatts"] == 5600.0
+    assert rack_a["allocatedCapWatts"] > 5000
+    assert not {p["node"] for p in plan["placements"]} & {"gpu-h100-00", "gpu-h100-01"}
+    assert plan["placements"]  # the rest of the cluster is planned
 
 
 def zero_allocatable(objects: list[dict[str, Any]], node: str) -> None:
@@ -279,7 +282,8 @@ def test_a_b200_without_an_agent_report_takes_nothing_and_the_rest_is_planned(
     assert note["node"] == "gpu-b200-00"
     assert "'B200' is not in the catalogue" in note["reason"]
     assert "has not reported the GPUs' power range" in note["reason"]
-    assert node_entry(plan, "gpu-b200-00")["gpuPowerLimitsWatts"] == [2000.0] * 8
+    # Left out of planning (issue 12b's exclusion), counted in its budgets at 2000 W per GPU.
+    assert "gpu-b200-00" not in {n["node"] for n in plan["nodes"]}
     cluster = budget_entry(plan, "cluster")
     assert cluster["allocatedCapWatts"] == pytest.approx(
         budget_entry(before, "cluster")["allocatedCapWatts"] + 16000.0

@@ -15,10 +15,12 @@ import yaml
 
 from wattsched_operator.snapshot import (
     ClusterObjects,
+    Snapshot,
     SnapshotError,
     build_snapshot,
     deadline_seconds,
     split_objects,
+    unknown_gpu_max_watts,
 )
 from wattsched_optimizer.problem import (
     CurrentPlacement,
@@ -153,42 +155,90 @@ def test_not_ready_cordoned_and_deleting_nodes_are_not_schedulable() -> None:
     }
 
 
-def test_a_product_the_catalogue_lacks_takes_no_work_and_counts_at_the_unknown_maximum() -> None:
+def test_a_product_the_catalogue_lacks_is_excluded_until_its_agent_reports() -> None:
+    """Combined issues 12b and 13: before its agent reports the GPUs' power range, a node of a
+    product the catalogue lacks is excluded (no work), counted at the unknown maximum per GPU."""
     snapshot = build(
         node("gpu-x", "NVIDIA-Z9000", labels={"nvidia.com/gpu.memory": "97871"}),
         workload(gpu={"count": 1, "products": ["NVIDIA-Z9000"]}),
     )
-    [gpu_node] = snapshot.plan_input.nodes
-    assert (gpu_node.product, gpu_node.schedulable, gpu_node.memory_gib) == ("Z9000", False, 95.577)
-    spec = snapshot.plan_input.products["Z9000"]
-    assert (spec.min_watts.value, spec.max_watts.value) == (2000, 2000)
-    assert spec.max_watts.source == "nodepowerprofile-crd"
-    assert spec.memory_gib.value == 95.577
-    assert "not in the catalogue" in snapshot.node_notes["gpu-x"]
+    assert snapshot.plan_input.nodes == ()
+    assert "Z9000" not in snapshot.plan_input.products
+    reason, watts = excluded(snapshot)["gpu-x"]
+    assert reason.startswith("Node gpu-x: GPU product 'Z9000' is not in the catalogue")
+    assert watts == 8 * unknown_gpu_max_watts() == 8 * 2000
     [chat] = snapshot.plan_input.workloads
     assert chat.allowed_products == frozenset({"Z9000"})
 
 
-def test_a_malformed_memory_label_names_the_node_and_label() -> None:
-    with pytest.raises(
-        SnapshotError, match=r'Node gpu-x: metadata.labels\["nvidia.com/gpu.memory"\]: \'80GB\''
-    ):
-        build(node("gpu-x", labels={"nvidia.com/gpu.memory": "80GB"}))
+def test_a_malformed_memory_label_excludes_the_node_naming_the_label() -> None:
+    snapshot = build(node("gpu-x", labels={"nvidia.com/gpu.memory": "80GB"}))
+    assert snapshot.plan_input.nodes == ()
+    assert (
+        "Node gpu-x: metadata.labels[\"nvidia.com/gpu.memory\"]: '80GB'"
+        in (excluded(snapshot)["gpu-x"][0])
+    )
 
 
-def test_gpu_node_without_product_label_is_an_error() -> None:
-    bare = node("gpu-y")
+def limits_profile(node_name: str, watts: list[float]) -> dict[str, Any]:
+    """A profile whose agent confirmed these limits (each GPU's target, applied)."""
+    body = profile(node_name)
+    body["spec"]["idlePowerLimitWatts"] = min(watts)
+    body["status"]["gpus"] = [
+        {"index": i, "targetWatts": w, "appliedWatts": w} for i, w in enumerate(watts)
+    ]
+    return body
+
+
+def excluded(snapshot: Snapshot) -> dict[str, tuple[str, float]]:
+    return {n.name: (n.reason, n.counted_watts) for n in snapshot.excluded_nodes}
+
+
+def test_an_unknown_gpu_product_excludes_only_that_node_and_its_budgets_count_it() -> None:
+    """Issue 12 item 2: one node with an unknown product never stops planning."""
+    rack = {"rack": "a"}
+    snapshot = build(
+        node("gpu-x", "NVIDIA-Z9000", labels=rack),
+        node("ok", labels=rack),
+        workload(),
+        budget("rack-a", 20000, {"matchLabels": rack}),
+    )
+    assert [n.name for n in snapshot.plan_input.nodes] == ["ok"]
+    reason, watts = excluded(snapshot)["gpu-x"]
+    assert reason.startswith("Node gpu-x: GPU product 'Z9000' is not in the catalogue")
+    assert watts == 8 * unknown_gpu_max_watts()  # no agent has reported its GPUs' maximum
+    (rack_a,) = snapshot.plan_input.budgets
+    assert rack_a.node_names == {"ok"}
+    assert rack_a.uncontrolled_watts == 8 * unknown_gpu_max_watts()
+    assert [w.key for w in snapshot.plan_input.workloads] == ["team-a/chat"]
+
+
+def test_a_missing_product_label_excludes_the_node_counted_at_what_its_agent_reports() -> None:
+    bare = node("gpu-y", gpus="2")
     del bare["metadata"]["labels"]["nvidia.com/gpu.product"]
-    with pytest.raises(
-        SnapshotError, match=r'Node gpu-y: metadata.labels\["nvidia.com/gpu.product"\] is missing'
-    ):
-        build(bare)
+    reported = limits_profile("gpu-y", [300.0, 300.0])
+    reported["metadata"]["generation"] = 3  # the agent has not applied the latest spec
+    reported["status"]["gpus"] = [
+        {"index": 0, "maxWatts": 450.0, "appliedWatts": 300.0},
+        {"index": 1, "maxWatts": 450.0, "appliedWatts": 300.0},
+    ]
+    snapshot = build(bare, reported)
+    reason, watts = excluded(snapshot)["gpu-y"]
+    assert 'metadata.labels["nvidia.com/gpu.product"] is missing' in reason
+    assert watts == 900.0
+
+
+def test_an_excluded_node_with_confirmed_limits_counts_at_them() -> None:
+    unknown = node("gpu-x", "NVIDIA-Z9000", gpus="2")
+    snapshot = build(unknown, limits_profile("gpu-x", [150.0, 250.0]))
+    assert excluded(snapshot)["gpu-x"][1] == 400.0
 
 
 @pytest.mark.parametrize("quantity", ["eight", "8.5", "-1", "8Gi"])
-def test_malformed_gpu_quantity_names_the_node_and_field(quantity: str) -> None:
-    with pytest.raises(SnapshotError, match=r'Node gpu-z: status.allocatable\["nvidia.com/gpu"\]'):
-        build(node("gpu-z", gpus=quantity))
+def test_malformed_gpu_quantity_excludes_the_node_naming_the_field(quantity: str) -> None:
+    snapshot = build(node("gpu-z", gpus=quantity))
+    assert snapshot.plan_input.nodes == ()
+    assert 'Node gpu-z: status.allocatable["nvidia.com/gpu"]' in excluded(snapshot)["gpu-z"][0]
 
 
 def test_budget_scope_is_the_gpu_nodes_its_selector_matches() -> None:
@@ -251,6 +301,22 @@ def test_agent_readiness_comes_from_the_node_power_profile() -> None:
         "agent-down": False,
         "stale": False,
         "unconfirmed": False,
+    }
+
+
+def test_a_node_whose_agent_went_silent_takes_no_work_and_one_never_reported_still_does() -> None:
+    nodes = build(
+        node("lost"),
+        node("fresh"),
+        node("new"),
+        profile("lost", heartbeat="2026-11-25T01:59:29Z"),  # 31 s before NOW
+        profile("fresh", heartbeat="2026-11-25T01:59:31Z"),
+        heartbeat_timeout_seconds=30,
+    ).plan_input.nodes
+    assert {n.name: (n.schedulable, n.agent_ready) for n in nodes} == {
+        "lost": (False, False),
+        "fresh": (True, True),
+        "new": (True, False),
     }
 
 
@@ -398,7 +464,7 @@ def test_plan_options_are_passed_through() -> None:
 
 
 def test_the_example_snapshot_reads_cleanly() -> None:
-    documents = list(yaml.safe_load_all((REPO_ROOT / "examples" / "snapshot.yaml").read_text()))
+    documents = list(yaml.safe_load_all((REPO_ROOT / "offline" / "snapshot.yaml").read_text()))
     snapshot = build_snapshot(split_objects(documents), now=NOW)
     plan_input = snapshot.plan_input
     assert len(plan_input.nodes) == 6

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.cluster
 
 # Kinds whose CRDs the sandbox lacks (prometheus-operator's); test_chart_static.py checks them.
-KINDS_WITHOUT_CRD = {"ServiceMonitor"}
+KINDS_WITHOUT_CRD = {"ServiceMonitor", "PrometheusRule"}
 TEAM_NAMESPACES = ("team-a", "team-b")  # named in ci/workload-namespaces-values.yaml
 
 

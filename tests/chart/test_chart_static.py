@@ -169,17 +169,30 @@ def test_two_operator_replicas_without_peering_are_refused(chart: Chart) -> None
         chart.render(set_values=("operator.replicas=2", "peering.enabled=false"))
 
 
-def test_chart_crds_are_links_to_the_repository_crds() -> None:
+def test_chart_crds_are_identical_copies_of_the_repository_crds() -> None:
     sources = sorted(path.name for path in (REPO_ROOT / "crds").glob("*.yaml"))
     assert sources, "no CRDs in crds/"
     for name in sources:
-        link = CHART_DIR / "crds" / name
-        assert link.is_symlink(), f"charts/wattsched/crds/{name} must link to crds/{name}"
-        assert link.resolve() == (REPO_ROOT / "crds" / name).resolve()
-    chart_only = {
-        path.name for path in (CHART_DIR / "crds").glob("*.yaml") if not path.is_symlink()
-    }
+        copy = CHART_DIR / "crds" / name
+        assert not copy.is_symlink(), f"charts/wattsched/crds/{name}: a link (helm warns); copy it"
+        assert copy.read_bytes() == (REPO_ROOT / "crds" / name).read_bytes(), (
+            f"charts/wattsched/crds/{name} differs from crds/{name}: run `make chart-crds`"
+        )
+    chart_only = {path.name for path in (CHART_DIR / "crds").glob("*.yaml")} - set(sources)
     assert chart_only == {"kopf.dev_clusterkopfpeerings.yaml"}
+
+
+def test_helm_template_needs_no_kube_version_and_warns_about_nothing(chart: Chart) -> None:
+    """Our helm is built with helm's Kubernetes version link flags (sandbox/build.sh): without
+    them it assumes v1.20 and the chart's kubeVersion refuses it; links in the chart would make
+    it print `found symbolic link` warnings."""
+    result = chart.helm("template", "wattsched", str(chart.directory), "--include-crds")
+    assert result.stderr == ""
+    documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    kinds = {doc["kind"] for doc in documents}
+    assert {"CustomResourceDefinition", "Deployment", "DaemonSet"} <= kinds
+    lint = chart.helm("lint", str(chart.directory))
+    assert "symbolic link" not in lint.stdout + lint.stderr
 
 
 def test_packaged_chart_carries_exactly_the_repository_crds(chart: Chart, tmp_path: Path) -> None:
@@ -416,7 +429,9 @@ def _dashboard_expressions(chart: Chart) -> str:
     config_map = find(chart.render(), "ConfigMap", "-dashboard")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(config_map["data"]["wattsched.json"])
-    return " ".join(target["expr"] for panel in dashboard["panels"] for target in panel["targets"])
+    return " ".join(
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    )
 
 
 def test_dashboard_covers_power_cap_energy_tokens_per_joule_and_solve_time(chart: Chart) -> None:
@@ -435,9 +450,12 @@ def test_dashboard_uses_only_metrics_the_operator_exports(chart: Chart) -> None:
     from wattsched_operator.metrics import OperatorMetrics  # noqa: PLC0415
 
     registry = OperatorMetrics().registry
-    exported = {sample.name for family in registry.collect() for sample in family.samples} | {
-        family.name for family in registry.collect()
-    }
+    families = list(registry.collect())
+    exported = (
+        {sample.name for family in families for sample in family.samples}
+        | {family.name for family in families}
+        | {f"{family.name}_total" for family in families if family.type == "counter"}
+    )
     referenced = set(re.findall(r"\bwattsched_[a-z_]+", _dashboard_expressions(chart)))
     assert referenced
     assert referenced - exported == set()
@@ -468,6 +486,20 @@ def test_tokens_query_value_reaches_the_operators_telemetry_config(chart: Chart)
     config = telemetry_config(parse_operator_args(operator_args[1:]))
     assert config is not None
     assert config.token_query == tokens_query
+
+
+def test_heartbeat_timeout_value_reaches_the_operator(chart: Chart) -> None:
+    from wattsched_operator.run import parse_args as parse_operator_args  # noqa: PLC0415
+
+    def timeout(*set_values: str) -> float:
+        args = _container(find(chart.render(set_values=set_values), "Deployment", "-operator"))
+        seconds: float = parse_operator_args(args["args"][1:]).heartbeat_timeout_seconds
+        return seconds
+
+    assert timeout() == 30
+    assert timeout("operator.heartbeatTimeoutSeconds=45") == 45
+    with pytest.raises(HelmError, match="heartbeatTimeoutSeconds"):
+        chart.render(set_values=("operator.heartbeatTimeoutSeconds=0",))
 
 
 def test_tokens_query_is_left_to_the_operator_default_unless_set(chart: Chart) -> None:

@@ -167,3 +167,59 @@ def test_tokens_per_joule_is_measured_when_every_pod_has_both_figures_else_model
     )
     assert tokens_per_joule(partial, pods, 900.0, 450.0) == (2.0, "modelled")
     assert tokens_per_joule(None, pods, 0.0, 0.0) is None
+
+
+def test_budget_figures_for_people_are_rounded_while_the_running_totals_lose_nothing() -> None:
+    terms = BudgetTerms.from_spec({"pue": 1.3, "carbon": {"intensityGramsPerKWh": 350}})
+    carbon = terms.intensity(None)
+    figures = budget_energy({}, None, now=NOW, terms=terms, carbon=carbon, initial_source="m")
+    # 2,880 increments of 15 s at 400 W (a day of small ones): each far below a watt-hour x PUE.
+    for _ in range(2880):
+        figures = budget_energy(
+            figures,
+            Increment(400 * 15, "modelled"),
+            now=NOW,
+            terms=terms,
+            carbon=carbon,
+            initial_source="m",
+        )
+    joules = 2880 * 400 * 15 * 1.3
+    assert figures["energyUsedJoules"] == pytest.approx(joules, abs=1)
+    assert figures["energyUsedKWh"] == round(joules / 3.6e6, 3) == 6.24
+    assert figures["carbonGrams"] == pytest.approx(joules / 3.6e6 * 350, abs=0.01)
+    assert figures["carbonKg"] == 2.184
+    assert len(str(figures["energyUsedKWh"]).split(".")[1]) <= 3
+
+
+def test_a_budget_status_from_before_the_joule_totals_goes_on_from_its_kwh_and_kg() -> None:
+    terms = BudgetTerms.from_spec({"carbon": {"intensityGramsPerKWh": 400}})
+    carbon = terms.intensity(None)
+    older = {"periodStart": "2026-11-25T00:00:00Z", "energyUsedKWh": 0.690372222, "carbonKg": 0.25}
+    figures = budget_energy(
+        older,
+        Increment(0.5 * JOULES_PER_KWH, "measured"),
+        now=NOW,
+        terms=terms,
+        carbon=carbon,
+        initial_source="m",
+    )
+    assert figures["energyUsedKWh"] == 1.19
+    assert figures["energyUsedJoules"] == round(1.190372222 * JOULES_PER_KWH)
+    assert figures["carbonKg"] == 0.45
+
+
+def test_workload_kwh_is_rounded_to_the_watt_hour() -> None:
+    energy = workload_energy(
+        {"joules": 2_485_339.9, "accountedUntil": "x", "source": "measured"},
+        Increment(1000.0, "measured"),
+        now=NOW,
+        initial_source="measured",
+    )
+    assert energy["joules"] == 2_486_339.9
+    assert energy["kWh"] == 0.691
+
+
+def test_tokens_per_joule_in_status_has_three_significant_digits() -> None:
+    efficient = workload_energy({}, None, now=NOW, initial_source="m", efficiency=(22.7525, "m"))
+    thrifty = workload_energy({}, None, now=NOW, initial_source="m", efficiency=(0.87791, "m"))
+    assert (efficient["tokensPerJoule"], thrifty["tokensPerJoule"]) == (22.8, 0.878)

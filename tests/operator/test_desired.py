@@ -13,6 +13,7 @@ from wattsched_operator.desired import (
     WorkloadObject,
     build_pod,
     desired_pods,
+    moved_replicas,
     node_power_profile,
     planned_limits,
     pod_changes,
@@ -172,6 +173,25 @@ def test_a_moved_replica_is_deleted_and_recreated_under_the_same_name() -> None:
     assert changes.create == (), "the new pod waits until the old one is gone"
     after = pod_changes([], want)
     assert after.create[0]["metadata"]["annotations"][ANNOTATION_NODE] == "gpu-b"
+
+
+def test_moves_name_the_replica_and_both_nodes_but_not_preemptions() -> None:
+    moved = running(build_pod(workload(), placement(0, node="gpu-a")))
+    restarted = running(build_pod(workload(), placement(1, node="gpu-a")))
+    dropped = running(build_pod(workload(), placement(2, node="gpu-a")))
+    want = desired_pods(
+        {"team-a/llama": workload()},
+        [placement(0, node="gpu-b"), placement(1, node="gpu-a", variant="bf16")],
+    )
+    current = [moved, restarted, dropped]
+    changes = pod_changes(current, want)
+    by_name = {(p["metadata"]["namespace"], p["metadata"]["name"]): p for p in current}
+    assert moved_replicas(by_name, want, changes.delete) == {
+        "team-a/llama": [
+            "llama-0: gpu-a -> gpu-b",
+            "llama-1: gpu-a -> gpu-a (variant fp8 -> bf16)",
+        ]
+    }
 
 
 def test_an_unplanned_pod_is_deleted_and_a_new_replica_created() -> None:

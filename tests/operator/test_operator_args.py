@@ -48,3 +48,17 @@ def test_bad_prometheus_url_is_refused_naming_the_field(
     with pytest.raises(SystemExit):
         parse_args(["--prometheus-url", "prometheus:9090"])
     assert "prometheusUrl='prometheus:9090': must be an http(s) URL" in capsys.readouterr().err
+
+
+def test_an_agent_is_lost_after_30_seconds_by_default_three_missed_heartbeats() -> None:
+    assert parse_args([]).heartbeat_timeout_seconds == 30.0
+    assert parse_args(["--heartbeat-timeout-seconds", "12"]).heartbeat_timeout_seconds == 12.0
+
+
+@pytest.mark.parametrize("seconds", ["0", "-5", "inf", "nan"])
+def test_a_heartbeat_timeout_that_is_not_a_positive_number_is_refused(
+    seconds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--heartbeat-timeout-seconds", seconds])
+    assert "--heartbeat-timeout-seconds=" in capsys.readouterr().err

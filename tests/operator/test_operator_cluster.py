@@ -335,9 +335,9 @@ def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
 
     wait_until("per-budget metrics = the EnergyBudgets' status", budget_metrics_agree)
     samples = operator.scrape()
-    assert 0.0 <= samples["wattsched_plan_gap"][()] <= 1.0
+    assert 0.0 <= samples["wattsched_plan_gap_ratio"][()] <= 1.0
     errors = {dict(labels)["step"] for labels in samples["wattsched_reconcile_errors_total"]}
-    assert errors == {"plan", "apply", "limits"}
+    assert errors == {"plan", "apply", "limits", "account"}
 
 
 class LimitWatcher(threading.Thread):
@@ -715,7 +715,7 @@ def test_deleting_a_workload_removes_its_pods_and_lowers_its_gpus_to_idle(
 
 
 def gpu_node(name: str, product: str, gpus: int) -> dict[str, Any]:
-    """A KWOK GPU node like those of examples/nodes.yaml, labelled for the test's budgets."""
+    """A KWOK GPU node like those of sandbox/nodes.yaml, labelled for the test's budgets."""
     resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
     return {
         "apiVersion": "v1",

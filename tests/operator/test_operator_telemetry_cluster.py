@@ -225,15 +225,17 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
         budget_seconds = seconds_between(
             first_budget["accountedUntil"], last_budget["accountedUntil"]
         )
-        gpu_joules = (last_budget["energyUsedKWh"] - first_budget["energyUsedKWh"]) * 3.6e6 / pue
+        gpu_joules = (last_budget["energyUsedJoules"] - first_budget["energyUsedJoules"]) / pue
         assert gpu_joules == pytest.approx(
             draw_in_scope_watts(sandbox, nodes) * budget_seconds, rel=0.02
         )
         assert last_budget["energySource"] == "measured"
         assert last_budget["carbonIntensity"] == {"gramsPerKWh": 350.0, "source": "prometheus"}
-        added_kwh = last_budget["energyUsedKWh"] - first_budget["energyUsedKWh"]
-        added_kg = last_budget["carbonKg"] - first_budget["carbonKg"]
-        assert added_kg == pytest.approx(added_kwh * 0.350, rel=1e-4)
+        added_kwh = (last_budget["energyUsedJoules"] - first_budget["energyUsedJoules"]) / 3.6e6
+        added_grams = last_budget["carbonGrams"] - first_budget["carbonGrams"]
+        # energyUsedJoules is kept to the joule: each end of the difference is within 0.5 J.
+        assert added_grams == pytest.approx(added_kwh * 350, abs=1 / 3.6e6 * 350 + 1e-6)
+        assert last_budget["energyUsedKWh"] == round(last_budget["energyUsedJoules"] / 3.6e6, 3)
 
         workload_seconds = seconds_between(
             first_workload["accountedUntil"], last_workload["accountedUntil"]
@@ -256,7 +258,9 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
         assert truth_ratio < 0.95  # a real difference for calibration to find
         corrections = {
             sample.labels["quantity"]: sample.value
-            for sample in scrape(f"127.0.0.1:{operator.metrics_port}")["wattsched_model_correction"]
+            for sample in scrape(f"127.0.0.1:{operator.metrics_port}")[
+                "wattsched_model_correction_ratio"
+            ]
             if sample.labels["product"] == "L4" and sample.labels["type"] == "Inference"
         }
         # Moved at least a quarter of the way from 1 toward the truth, never past it (bounded).
@@ -272,7 +276,7 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
 
         mixed = wait_until("energySource mixed", mixed_budget, timeout_seconds=60)
         assert mixed is not None
-        assert mixed["energyUsedKWh"] > last_budget["energyUsedKWh"]
+        assert mixed["energyUsedJoules"] > last_budget["energyUsedJoules"]
         assert mixed["carbonIntensity"] == {"gramsPerKWh": 500.0, "source": "static"}
         wait_until(
             "workload energy mixed",
@@ -290,5 +294,58 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
             timeout_seconds=60,
         )
         assert stale["reason"] == "PrometheusUnavailable"
+    finally:
+        server.stop()
+
+
+def test_measured_figures_follow_the_accounting_interval_between_plans(
+    sandbox: Sandbox,
+    agents: Path,
+    namespace: str,
+    start_operator: StartOperator,
+    tmp_path: Path,
+) -> None:
+    """`--accounting-seconds 2` with plans a minute apart: statuses are accounted every ~2 s
+    while the last plan (its time in the budget's status) stays the same."""
+    wait_until("the agents' targets file", agents.exists)
+    server = start_prometheus(tmp_path / "prometheus", agents)
+    try:
+        server.wait_for_targets_up(sum(len(g["targets"]) for g in json.loads(agents.read_text())))
+        time.sleep(WINDOW_SECONDS + 3)
+        name = f"between-{namespace[-8:]}"
+        budget = {
+            "apiVersion": "wattsched.io/v1alpha1",
+            "kind": "EnergyBudget",
+            "metadata": {"name": name, "labels": {TEST_LABEL: "operator"}},
+            "spec": {"nodeSelector": {"matchLabels": SCOPE}, "powerCapWatts": 10000},
+        }
+        sandbox.kubectl("apply", "-f", "-", input=yaml.safe_dump(budget))
+        start_operator(
+            "--prometheus-url",
+            server.url,
+            "--telemetry-window-seconds",
+            str(WINDOW_SECONDS),
+            "--replan-seconds",
+            "60",
+            "--accounting-seconds",
+            "2",
+        )
+
+        def budget_status() -> dict[str, Any]:
+            return dict(get_json(sandbox, "energybudget", name).get("status") or {})
+
+        first = wait_until(
+            "the budget planned and accounted",
+            lambda: (s := budget_status()).get("accountedUntil") and "measuredWatts" in s and s,
+            timeout_seconds=90,
+        )
+        assert first
+        second = next_accounting(budget_status, first["accountedUntil"], timeout_seconds=20)
+        third = next_accounting(budget_status, second["accountedUntil"], timeout_seconds=20)
+        assert seconds_between(first["accountedUntil"], third["accountedUntil"]) <= 15
+        # No plan in between: the operator's plans are a minute apart.
+        assert first["lastPlan"]["time"] == second["lastPlan"]["time"] == third["lastPlan"]["time"]
+        assert third["energyUsedJoules"] > first["energyUsedJoules"]
+        assert third["measuredWatts"] > 0
     finally:
         server.stop()

@@ -38,10 +38,31 @@ def phase(previous: str | None, placements: list[Placement], pods: list[PodView]
     )
 
 
+def test_a_gang_with_replicas_moving_off_a_lost_node_is_not_running() -> None:
+    """Issue 12 item 7: a workload said Running with 2 of its 4 pods."""
+    gang = [placement(0, "new"), placement(1, "new"), placement(2), placement(3)]
+    old = [PodView(r, "lost", "Running", True) for r in (0, 1)]  # the kubelet has not noticed
+    healthy = [pod(2), pod(3)]
+    assert phase("Running", gang, [*old, *healthy], is_gang=True, gang_size=4) == "Placed"
+    leaving = [PodView(r, "new", "Running", True, deleting=True) for r in (0, 1)]
+    assert phase("Running", gang, [*leaving, *healthy], is_gang=True, gang_size=4) == "Placed"
+    result = status(placements=gang, pods=[*old, *healthy], is_gang=True, gang_size=4)
+    assert result["replicas"] == {"desired": 4, "placed": 4, "ready": 2}
+    assert conditions(result)["Ready"]["message"] == "2/4 replica(s) ready"
+    moved = [PodView(r, "new", "Running", True) for r in (0, 1)]
+    assert phase("Placed", gang, [*moved, *healthy], is_gang=True, gang_size=4) == "Running"
+
+
 def test_unplaced_new_work_is_pending_and_placed_work_that_loses_its_place_is_preempted() -> None:
     assert phase(None, [], []) == "Pending"
     assert phase("Running", [], []) == "Preempted"
     assert phase("Preempted", [], []) == "Preempted"
+
+
+def test_work_placed_in_a_status_but_without_pods_is_pending_not_preempted() -> None:
+    # E.g. a status written Placed whose pod was never created, then an operator restart.
+    assert phase("Placed", [], []) == "Pending"
+    assert phase("Placed", [], [pod(0, phase="Pending", ready=False)]) == "Preempted"
 
 
 def test_placed_work_runs_when_every_planned_replica_is_running_and_ready() -> None:
@@ -151,7 +172,7 @@ def test_budget_status_reports_headroom_and_the_last_plan() -> None:
 
 
 def test_a_budget_whose_unmanaged_gpus_exceed_its_cap_says_so() -> None:
-    plan = Plan(PlanStatus.INFEASIBLE, 1.0, 1.0, 0.0, 0.1, (), {}, (), ())
+    plan = Plan(PlanStatus.OPTIMAL, 1.0, 1.0, 0.0, 0.1, (), {}, (), ())
 
     def conditions(unmanaged_watts: float) -> dict[str, dict[str, Any]]:
         result = budget_status(
@@ -172,6 +193,50 @@ def test_a_budget_whose_unmanaged_gpus_exceed_its_cap_says_so() -> None:
     assert (over["status"], over["reason"]) == ("False", "UnmanagedOverCap")
     assert "5600 W of the 3000 W cap" in over["message"]
     assert "wattsched leaves them alone" in over["message"]
+
+
+def test_a_held_budget_is_not_ready_and_says_why_naming_its_unready_nodes() -> None:
+    plan = Plan(PlanStatus.OPTIMAL, 1.0, 1.0, 0.0, 0.1, (), {}, (), ())
+    result = budget_status(
+        {},
+        generation=1,
+        allocation=BudgetAllocation("rack-d", 1, 6400.0, 800.0, held=True),
+        cap_watts=1,
+        node_count=2,
+        plan=plan,
+        now=NOW,
+        unready_nodes=["d1"],
+    )
+    ready = next(c for c in result["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "CapBelowFloor")
+    assert ready["message"].startswith("spec.powerCapWatts=1 is below the 6400 W")
+    assert "its 2 node(s) take no work" in ready["message"]
+    assert ready["message"].endswith("counted at their maximum until their agent confirms: d1")
+
+
+def test_a_budget_names_the_nodes_left_out_of_planning_and_an_unreadable_spec() -> None:
+    plan = Plan(PlanStatus.OPTIMAL, 1.0, 1.0, 0.0, 0.1, (), {}, (), ())
+
+    def conditions(**changes: Any) -> dict[str, dict[str, Any]]:
+        result = budget_status(
+            {},
+            generation=1,
+            allocation=None,
+            cap_watts=1000,
+            node_count=0,
+            plan=plan,
+            now=NOW,
+            **changes,
+        )
+        return {c["type"]: c for c in result["conditions"]}
+
+    assert conditions()["NodesPlanned"]["status"] == "True"
+    left_out = conditions(excluded_nodes={"gpu-x": "Node gpu-x: unknown GPU product"})
+    assert left_out["NodesPlanned"]["reason"] == "NodeExcluded"
+    assert left_out["NodesPlanned"]["message"] == "Node gpu-x: unknown GPU product"
+    invalid = conditions(invalid="EnergyBudget b: spec.powerCapWatts: must be a number")["Ready"]
+    assert (invalid["status"], invalid["reason"]) == ("False", "InvalidSpec")
+    assert invalid["message"].endswith("spec.powerCapWatts: must be a number")
 
 
 def test_slo_met_follows_planned_throughput_against_demand_and_a_gangs_place() -> None:

@@ -49,7 +49,7 @@ def test_an_extension_with_an_unknown_section_names_it() -> None:
 
 def test_a_discovered_product_is_known_only_inside_its_scope() -> None:
     spec = discovered_product(
-        "B200", memory_gib=179, min_watts=400, default_watts=1000, max_watts=1000, measured=True
+        "B200", memory_gib=179, min_watts=400, default_watts=1000, max_watts=1000
     )
     assert product_key("NVIDIA-B200") == "B200"
     with pytest.raises(UnknownProductError):

@@ -7,12 +7,14 @@ import dataclasses
 import pytest
 
 from wattsched_optimizer.model import CatalogueModel, power_levels_watts
+from wattsched_optimizer.options import duration_text
 from wattsched_optimizer.planner import PlanInputError, plan
 from wattsched_optimizer.problem import (
     Budget,
     CurrentPlacement,
     EnergyPolicy,
     GpuNode,
+    Placement,
     Plan,
     PlanInput,
     PlanOptions,
@@ -216,12 +218,45 @@ def test_idle_gpus_sit_at_their_minimum_and_agentless_nodes_count_at_maximum() -
     assert result.budgets[0].allocated_cap_watts == 8 * 200 + 8 * 700
 
 
-def test_cap_below_the_idle_minimum_is_an_infeasible_plan_not_an_exception() -> None:
-    budget = Budget("cluster", 1000, frozenset({"h0"}))
-    result = plan(PlanInput(h100_nodes(1), (training("team/t"),), (budget,)))
-    assert result.status is PlanStatus.INFEASIBLE
-    assert result.unplaced[0].constraint == "budget:cluster"
-    assert "spec.powerCapWatts" in result.unplaced[0].reason
+def test_a_cap_below_the_idle_minimum_holds_only_its_own_nodes() -> None:
+    """Issue 12 item 3: a 1 W budget over rack-d leaves an A100 service elsewhere placed."""
+    nodes = (*h100_nodes(2, prefix="d"), GpuNode("a0", "A100-80GB", 8))
+    rack_d = Budget("rack-d", 1, frozenset({"d0", "d1"}))
+    cluster = Budget("cluster", 100_000, frozenset({"d0", "d1", "a0"}))
+    work = (
+        inference("team/service", allowed_products=frozenset({"A100-80GB"})),
+        training("team/only-h100", allowed_products=frozenset({"H100-80GB"})),
+    )
+    running = (CurrentPlacement("team/only-h100", 0, "d0", "bf16", 700.0),)
+    result = plan(PlanInput(nodes, work, (cluster, rack_d), current=running))
+    assert {p.node for p in placed_replicas(result, "team/service")} == {"a0"}
+    assert placed_replicas(result, "team/only-h100") == []
+    (left_out,) = result.unplaced
+    assert left_out.constraint == "budget:rack-d"
+    assert "EnergyBudget rack-d holds its nodes (d0, d1)" in left_out.reason
+    assert "spec.powerCapWatts=1 is below the 3200 W" in left_out.reason
+    assert result.node_power_limits_watts["d0"] == (200.0,) * 8  # held at the H100 minimum
+    allocations = {a.name: a for a in result.budgets}
+    assert allocations["rack-d"].held
+    assert allocations["rack-d"].allocated_cap_watts == 3200
+    assert not allocations["cluster"].held
+
+
+def test_a_budget_tight_while_an_agent_is_down_is_held_and_counts_that_node_at_maximum() -> None:
+    nodes = (GpuNode("h0", "H100-80GB", 8, agent_ready=False), GpuNode("h1", "H100-80GB", 8))
+    tight = Budget("rack", 8 * 200 + 8 * 200 + 1000, frozenset({"h0", "h1"}))
+    other = GpuNode("l0", "L40S", 4)
+    result = plan(PlanInput((*nodes, other), (inference("team/s"),), (tight,)))
+    assert {p.node for p in placed_replicas(result, "team/s")} == {"l0"}
+    (allocation,) = result.budgets
+    assert allocation.held
+    # Written at the minimum (lowering is always safe), counted at the maximum (unconfirmed).
+    assert result.node_power_limits_watts["h0"] == (200.0,) * 8
+    assert allocation.allocated_cap_watts == 8 * 700 + 8 * 200
+
+
+def placed_replicas(result: Plan, key: str) -> list[Placement]:
+    return [p for p in result.placements if p.workload == key]
 
 
 def test_running_training_is_not_moved() -> None:
@@ -348,3 +383,81 @@ def test_two_budgets_with_one_name_are_an_input_error_naming_the_budget() -> Non
     budget = Budget("cluster", 10_000, frozenset({"h0"}))
     with pytest.raises(PlanInputError, match=r"EnergyBudget cluster: listed twice"):
         plan(PlanInput(h100_nodes(1), (), (budget, budget)))
+
+
+def test_a_gang_that_finds_no_free_slots_is_told_to_lower_spec_replicas_not_min_replicas() -> None:
+    blocker = training("team/blocker", replicas=2, priority=10)
+    gang = training("team/gang", replicas=2)
+    result = plan(PlanInput(nodes=h100_nodes(2), workloads=(blocker, gang)))
+    (unplaced,) = result.unplaced
+    assert unplaced.workload == "team/gang"
+    assert "lower spec.gpu.count or spec.replicas" in unplaced.reason
+    assert "minReplicas" not in unplaced.reason
+
+
+def test_an_inference_service_without_free_slots_is_told_to_lower_spec_min_replicas() -> None:
+    blocker = training("team/blocker", replicas=2, priority=10)
+    service = inference("team/chat", gpus_per_replica=8, min_replicas=1, max_replicas=1)
+    result = plan(PlanInput(nodes=h100_nodes(2), workloads=(blocker, service)))
+    (unplaced,) = result.unplaced
+    assert "lower spec.gpu.count or spec.minReplicas" in unplaced.reason
+
+
+def test_a_deadline_too_close_is_said_in_rounded_time_and_names_the_gang_size_field() -> None:
+    work = WorkAmount(WorkUnit.TOKENS, 1e15)
+    job = training("team/t", remaining_work=work, deadline_seconds=9532.06)
+    result = plan(PlanInput(nodes=h100_nodes(1), workloads=(job,)))
+    (unplaced,) = result.unplaced
+    assert "in the 2.6 h left before spec.slo.deadline" in unplaced.reason
+    assert "9532" not in unplaced.reason
+    assert "raise spec.replicas" in unplaced.reason
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(44.4, "44 s"), (600, "10 min"), (9532.06, "2.6 h"), (3 * 86400, "3.0 days")],
+)
+def test_durations_in_messages_are_rounded_for_people(seconds: float, text: str) -> None:
+    assert duration_text(seconds) == text
+
+
+def test_only_the_replicas_on_a_lost_node_move_and_healthy_gang_members_stay() -> None:
+    """Issue 12 item 7: the plan after an agent loss moved a gang member from a healthy node."""
+    nodes = (
+        GpuNode("lost", "H100-80GB", 8, schedulable=False),
+        *h100_nodes(3),
+    )
+    job = training("team/job", gpus_per_replica=4, replicas=4)
+    service = inference("team/svc", min_replicas=3, max_replicas=3)
+    current = (
+        CurrentPlacement("team/job", 0, "lost", "bf16", 450.0),
+        CurrentPlacement("team/job", 1, "lost", "bf16", 450.0),
+        CurrentPlacement("team/job", 2, "h0", "bf16", 450.0),
+        CurrentPlacement("team/job", 3, "h0", "bf16", 450.0),
+        CurrentPlacement("team/svc", 0, "lost", "bf16", 450.0),
+        CurrentPlacement("team/svc", 1, "h1", "bf16", 450.0),
+        CurrentPlacement("team/svc", 2, "h1", "bf16", 450.0),
+    )
+    result = plan(PlanInput(nodes, (job, service), current=current))
+    where = {(p.workload, p.replica): p.node for p in result.placements}
+    assert where[("team/job", 2)] == where[("team/job", 3)] == "h0"
+    assert where[("team/svc", 1)] == where[("team/svc", 2)] == "h1"
+    assert "lost" not in where.values()
+    assert len(where) == 7
+
+
+def test_a_budget_limited_reason_says_what_is_needed_and_how_much_is_missing() -> None:
+    nodes = h100_nodes(2)
+    # After team/b, 100 W of headroom; team/a at 700 W adds 8 x 500 W = 4,000 W over the idle
+    # minimum: it needs 4,000 W, 3,900 W more than the headroom (not "needs 3900 W").
+    cap = 16 * 200 + 8 * 500 + 100
+    jobs = (
+        training("team/a", policy=EnergyPolicy.PERFORMANCE, priority=1),
+        training("team/b", policy=EnergyPolicy.PERFORMANCE, priority=5),
+    )
+    result = plan(
+        PlanInput(nodes, jobs, (Budget("cluster", cap, frozenset(n.name for n in nodes)),))
+    )
+    (left_out,) = result.unplaced
+    assert "has 100 W of headroom" in left_out.reason
+    assert "needs 4000 W, 3900 W more than that" in left_out.reason

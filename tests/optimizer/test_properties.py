@@ -120,9 +120,26 @@ def plan_inputs(
     return PlanInput(nodes, work, tuple(budgets))
 
 
+def floor_watts(plan_input: PlanInput, budget: Budget) -> float:
+    """What a budget's GPUs count for with nothing placed (maximum where the agent is not ready)."""
+    total = budget.uncontrolled_watts
+    for node in plan_input.nodes:
+        if node.name in budget.node_names:
+            spec = product_spec(node.product)
+            per_gpu = spec.min_watts.value if node.agent_ready else spec.max_watts.value
+            total += per_gpu * node.gpu_count
+    return total
+
+
 def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
     nodes = {n.name: n for n in plan_input.nodes}
     work = {w.key: w for w in plan_input.workloads}
+    held = {
+        b.name
+        for b in plan_input.budgets
+        if floor_watts(plan_input, b) > b.power_cap_watts + TOLERANCE_WATTS
+    }
+    held_nodes = {n for b in plan_input.budgets if b.name in held for n in b.node_names}
     used: dict[str, int] = defaultdict(int)
     replicas: dict[str, set[int]] = defaultdict(set)
     throughput: dict[str, float] = defaultdict(float)
@@ -130,6 +147,7 @@ def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
         node, workload = nodes[p.node], work[p.workload]
         spec = product_spec(node.product)
         assert node.schedulable, p
+        assert p.node not in held_nodes, "a held budget's node takes no work"
         used[p.node] += p.gpus
         assert p.replica not in replicas[p.workload], "a replica is placed twice"
         replicas[p.workload].add(p.replica)
@@ -181,15 +199,29 @@ def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
         spec = product_spec(node.product)
         assert len(limits) == node.gpu_count
         assert all(spec.min_watts.value <= w <= spec.max_watts.value for w in limits)
-        if not node.agent_ready:
+        if name in held_nodes:
+            assert all(w == spec.min_watts.value for w in limits), f"held {name} at minimum"
+        elif not node.agent_ready:
             assert all(w == spec.max_watts.value for w in limits)
         else:
             # Every GPU runs a placed replica at its limit or idles at the product's minimum.
             idle = [spec.min_watts.value] * (node.gpu_count - used[name])
             assert sorted(limits) == sorted(placed_limits[name] + idle), f"idle GPUs of {name}"
-    if result.status is not PlanStatus.INFEASIBLE:
-        for budget in plan_input.budgets:
-            total = sum(sum(result.node_power_limits_watts[n]) for n in budget.node_names)
+    allocations = {a.name: a for a in result.budgets}
+    for budget in plan_input.budgets:
+        # Budgets count a node whose agent is not ready at its maximum, whatever is written.
+        total = budget.uncontrolled_watts
+        for n in budget.node_names:
+            top = product_spec(nodes[n].product).max_watts.value
+            total += sum(
+                w if nodes[n].agent_ready else top for w in result.node_power_limits_watts[n]
+            )
+        allocation = allocations[budget.name]
+        assert allocation.held == (budget.name in held), f"budget {budget.name} held"
+        assert abs(allocation.allocated_cap_watts - total) <= TOLERANCE_WATTS
+        if budget.name in held:
+            assert abs(total - floor_watts(plan_input, budget)) <= TOLERANCE_WATTS
+        else:
             assert total <= budget.power_cap_watts + TOLERANCE_WATTS, f"budget {budget.name}"
     placed_keys = set(replicas)
     unplaced_keys = {u.workload for u in result.unplaced}
@@ -343,8 +375,6 @@ def test_no_workload_is_left_out_that_would_fit_without_lower_priority_work(
     plan_input: PlanInput,
 ) -> None:
     result = plan(plan_input)
-    if result.status is PlanStatus.INFEASIBLE:
-        return
     work = {w.key: w for w in plan_input.workloads}
     for left_out in result.unplaced:
         assert not fits_without_lower(plan_input, result, work[left_out.workload]), left_out
@@ -361,8 +391,6 @@ budget_bound_inputs = plan_inputs(
 def test_budgets_hold_and_priority_holds_when_budgets_bind(plan_input: PlanInput) -> None:
     result = plan(plan_input)
     check_hard_constraints(plan_input, result)
-    if result.status is PlanStatus.INFEASIBLE:
-        return
     work = {w.key: w for w in plan_input.workloads}
     for left_out in result.unplaced:
         assert not fits_without_lower(plan_input, result, work[left_out.workload]), left_out
@@ -385,8 +413,6 @@ def test_running_non_preemptible_work_is_never_stopped_for_new_higher_priority_w
 ) -> None:
     """Plan, run what was placed (each workload preemptible or not), then add urgent work."""
     first = plan(plan_input)
-    if first.status is PlanStatus.INFEASIBLE:
-        return
     running = tuple(
         dataclasses.replace(w, preemptible=data.draw(st.booleans(), label=f"{w.key} preemptible"))
         for w in plan_input.workloads
@@ -465,3 +491,38 @@ def test_each_plans_bound_is_above_every_plans_objective_when_rounding_leaves_a_
     for gap, result in plans.items():
         check_bound_and_gap(result, gap)
         assert all(result.bound >= other.objective for other in plans.values())
+
+
+# Some budgets below what their GPUs count for with nothing placed: those are held, the rest is
+# planned as usual.
+held_budget_inputs = plan_inputs(budget_extra_watts=(-150.0, 0.0, 2000.0, 8000.0))
+
+
+@FAST
+@given(held_budget_inputs)
+def test_a_budget_no_plan_can_meet_holds_only_its_own_nodes(plan_input: PlanInput) -> None:
+    result = plan(plan_input)
+    check_hard_constraints(plan_input, result)
+    held_nodes = {
+        n
+        for b in plan_input.budgets
+        if floor_watts(plan_input, b) > b.power_cap_watts + TOLERANCE_WATTS
+        for n in b.node_names
+    }
+    # A workload that fits an empty schedulable node outside every held scope, alone, is placed
+    # whenever nothing else is placed (the held budgets do not stop the round).
+    if not result.placements:
+        free = [n for n in plan_input.nodes if n.schedulable and n.name not in held_nodes]
+        lone = Workload(
+            "lone/probe",
+            WorkloadType.INFERENCE,
+            1,
+            1,
+            (Variant("bf16", Precision.BF16, 0),),
+            priority=100,
+            policy=EnergyPolicy.PERFORMANCE,
+        )
+        alone = dataclasses.replace(plan_input, workloads=(lone,), current=())
+        unbudgeted = all(all(n.name not in b.node_names for b in plan_input.budgets) for n in free)
+        if free and unbudgeted:
+            assert [p.workload for p in plan(alone).placements] == ["lone/probe"]

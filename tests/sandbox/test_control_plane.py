@@ -99,12 +99,12 @@ def test_every_control_plane_endpoint_listed_in_endpoints_yaml_answers(sandbox: 
 def test_every_example_node_is_ready_with_its_gpus_allocatable(sandbox: Sandbox) -> None:
     expected = {
         node["metadata"]["name"]: node
-        for node in yaml.safe_load_all((REPO_ROOT / "examples" / "nodes.yaml").read_text())
+        for node in yaml.safe_load_all((REPO_ROOT / "sandbox" / "nodes.yaml").read_text())
         if node
     }
     live = {node["metadata"]["name"]: node for node in get_json(sandbox, "nodes")["items"]}
     for name, node in expected.items():
-        assert name in live, f"node {name} from examples/nodes.yaml is missing"
+        assert name in live, f"node {name} from sandbox/nodes.yaml is missing"
         status = live[name]["status"]
         ready = [c["status"] for c in status["conditions"] if c["type"] == "Ready"]
         assert ready == ["True"], f"node {name}: Ready={ready}"

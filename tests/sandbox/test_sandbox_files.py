@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-NODES_FILE = REPO_ROOT / "examples" / "nodes.yaml"
+NODES_FILE = REPO_ROOT / "sandbox" / "nodes.yaml"
 EXPECTED_MIX = {
     "NVIDIA-H100-80GB-HBM3": (8, 8),
     "NVIDIA-A100-SXM4-80GB": (4, 8),

@@ -235,11 +235,17 @@ def test_simulate_writes_results_plots_and_a_table(
     assert document["policies"]["wattsched"]["secondsOverBudget"] == 0
     assert document["scenario"]["pue"] == 1.25
     assert "CC-BY 4.0" in document["scenario"]["traceAttribution"]
-    for name in ("power_vs_cap.png", "energy_by_policy.png", "slo_attainment.png"):
+    for name in (
+        "power_vs_cap.png",
+        "energy_by_policy.png",
+        "energy_per_work.png",
+        "slo_attainment.png",
+    ):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
         assert (out / name).stat().st_size < 200_000
     table = capsys.readouterr().out
-    assert "GPU kWh" in table
+    for heading in ("GPU kWh", "job Mtok", "tokens/J", "deadline miss", "s limits>cap"):
+        assert heading in table
     assert "wattsched" in table
 
 
@@ -412,3 +418,23 @@ def test_every_product_the_optimizer_knows_has_a_ground_truth() -> None:
             assert truth_product(label) in DEFAULT_PRODUCTS, label
     with pytest.raises(ValueError, match="no ground truth for this product"):
         truth_product("NVIDIA-B200")
+
+
+@pytest.mark.parametrize("missing", ["matplotlib", "tqdm"])
+def test_without_the_simulator_extra_simulate_says_which_extra_in_one_line(missing: str) -> None:
+    # As in the image, which installs no extra: the package cannot be imported (None in
+    # sys.modules makes `import` fail with ModuleNotFoundError naming it).
+    program = (
+        f"import sys; sys.modules[{missing!r}] = None; "
+        "from wattsched_operator.cli import main; "
+        "raise SystemExit(main(['simulate', '--cluster', 'nodes.yaml', '--out', 'out']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "wattsched simulate: needs the 'simulator' extra (matplotlib, tqdm), which this "
+        "installation lacks; install it with: pip install 'wattsched[simulator]'\n"
+    )

@@ -126,6 +126,9 @@ spec:
       interval: {{ $values.serviceMonitor.interval }}
       scrapeTimeout: {{ $values.serviceMonitor.scrapeTimeout }}
       {{- if eq .component "agent" }}
+      # The agent's series carry the workload pod's `pod` and `namespace` (DCGM exporter labels):
+      # keep them, rather than Prometheus renaming them `exported_*` under the agent pod's own.
+      honorLabels: true
       # Keep the node name as a target label so series say which node's agent reported them.
       relabelings:
         - sourceLabels: [__meta_kubernetes_pod_node_name]

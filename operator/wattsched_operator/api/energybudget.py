@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from wattsched_operator.api.fields import Fields, JsonObject
+from wattsched_operator.api.fields import (
+    LABEL_KEY_RULE,
+    LABEL_VALUE_RULE,
+    Fields,
+    JsonObject,
+    describe,
+    is_label_key,
+    is_label_value,
+)
 from wattsched_operator.api.llmworkload import EnergySource
 from wattsched_operator.api.meta import (
     Condition,
@@ -186,8 +194,10 @@ class EnergyBudgetStatus:
     expected_watts: float | None = None
     measured_watts: float | None = None
     headroom_watts: float | None = None
+    energy_used_joules: float | None = None
     energy_used_kwh: float | None = None
     energy_source: EnergySource | None = None
+    carbon_grams: float | None = None
     carbon_kg: float | None = None
     carbon_intensity: CarbonIntensityStatus | None = None
     period_start: str | None = None
@@ -204,8 +214,10 @@ class EnergyBudgetStatus:
             ("expectedWatts", self.expected_watts),
             ("measuredWatts", self.measured_watts),
             ("headroomWatts", self.headroom_watts),
+            ("energyUsedJoules", self.energy_used_joules),
             ("energyUsedKWh", self.energy_used_kwh),
             ("energySource", None if self.energy_source is None else self.energy_source.value),
+            ("carbonGrams", self.carbon_grams),
             ("carbonKg", self.carbon_kg),
             (
                 "carbonIntensity",
@@ -255,21 +267,33 @@ def read_label_selector(selector: Fields) -> LabelSelector:
             item.string("operator", max_length=16, enum=tuple(SelectorOperator))
         )
         values = item.strings("values", max_items=64, max_length=63)
+        for index, value in enumerate(values):
+            if not is_label_value(value):
+                raise item.error(f"values[{index}]", f"{describe(value)} {LABEL_VALUE_RULE}")
         if (operator in (SelectorOperator.IN, SelectorOperator.NOT_IN)) != bool(values):
             raise item.error(
                 "values",
                 "must be non-empty for In and NotIn and empty for Exists and DoesNotExist",
             )
+        key = item.string("key", max_length=317, min_length=1)
+        if not is_label_key(key):
+            raise item.error("key", f"{describe(key)} {LABEL_KEY_RULE}")
         requirements.append(
             LabelRequirement(
-                key=item.string("key", max_length=317, min_length=1),
+                key=key,
                 operator=operator,
                 values=values,
             )
         )
         item.finish()
+    match_labels = selector.string_map("matchLabels", max_properties=64, max_length=63)
+    for key, value in match_labels.items():
+        if not is_label_key(key):
+            raise selector.error("matchLabels", f"key {describe(key)} {LABEL_KEY_RULE}")
+        if not is_label_value(value):
+            raise selector.error(f"matchLabels.{key}", f"{describe(value)} {LABEL_VALUE_RULE}")
     result = LabelSelector(
-        match_labels=selector.string_map("matchLabels", max_properties=64, max_length=63),
+        match_labels=match_labels,
         match_expressions=tuple(requirements),
     )
     selector.finish()
@@ -359,8 +383,10 @@ def _read_status(status: Fields) -> EnergyBudgetStatus:
         expected_watts=status.optional_number("expectedWatts", minimum=0, maximum=big),
         measured_watts=status.optional_number("measuredWatts", minimum=0, maximum=big),
         headroom_watts=status.optional_number("headroomWatts", minimum=-big, maximum=big),
+        energy_used_joules=status.optional_number("energyUsedJoules", minimum=0, maximum=big),
         energy_used_kwh=status.optional_number("energyUsedKWh", minimum=0, maximum=big),
         energy_source=None if energy_source is None else EnergySource(energy_source),
+        carbon_grams=status.optional_number("carbonGrams", minimum=0, maximum=big),
         carbon_kg=status.optional_number("carbonKg", minimum=0, maximum=big),
         carbon_intensity=carbon_intensity,
         period_start=read_time(status, "periodStart"),

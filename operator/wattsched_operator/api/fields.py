@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,9 +20,68 @@ from wattsched_operator.api.errors import ApiValidationError
 JsonObject = Mapping[str, Any]
 
 
+def nesting_depth(value: object, *, limit: int) -> int:
+    """How many levels of objects and lists `value` nests (a scalar is 0, `{}` and `[]` are 1).
+
+    Iterative, so it never recurses however deep a value goes, and it stops counting at
+    `limit + 1`: enough to say a value is too deep without walking all of it.
+    """
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+# Kubernetes label syntax (k8s.io/apimachinery validation.IsQualifiedName, IsValidLabelValue): a
+# name of at most 63 characters of [A-Za-z0-9-_.] that begins and ends alphanumeric; a key may
+# have a DNS-subdomain prefix (at most 253 characters) and '/' before its name.
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+LABEL_KEY_RULE = (
+    "must be a label key: an optional DNS subdomain and '/', then at most 63 characters of "
+    "A-Z, a-z, 0-9, '-', '_' and '.', beginning and ending with a letter or digit"
+)
+LABEL_VALUE_RULE = (
+    "must be a label value: empty, or at most 63 characters of A-Z, a-z, 0-9, '-', '_' and '.', "
+    "beginning and ending with a letter or digit"
+)
+
+
+def is_label_key(key: str) -> bool:
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (len(prefix) <= 253 and _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return False
+    return _LABEL_NAME.fullmatch(name) is not None
+
+
+def is_label_value(value: str) -> bool:
+    return value == "" or _LABEL_NAME.fullmatch(value) is not None
+
+
+# Renders at most a few items and levels of a value: a full repr of a YAML alias bomb (a billion
+# shared references) or of a 10,000-level object would never finish, or overflow the stack.
+_SHORT_REPR = reprlib.Repr()  # Python 3.11 takes no limits as arguments
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 76
+
+
 def describe(value: object) -> str:
-    """A short rendering of a bad value for an error message."""
-    text = repr(value)
+    """A short rendering of a bad value for an error message (bounded work for any value)."""
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -10,13 +10,16 @@ Not for deciding anything: the optimizer decides; this module only reads and wri
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from wattsched_operator.api.fields import Fields, JsonObject
+from wattsched_operator.api.errors import ApiValidationError
+from wattsched_operator.api.fields import Fields, JsonObject, nesting_depth
 from wattsched_operator.api.meta import (
+    GPU_RESOURCE,
     Condition,
     ObjectMeta,
     object_to_dict,
@@ -559,7 +562,27 @@ def _read_slo(slo: Fields, workload_type: WorkloadType) -> Slo:
     return result
 
 
+# Levels of objects and lists `spec.template` may nest. A PodTemplateSpec needs about 11 (e.g.
+# spec.volumes[].ephemeral.volumeClaimTemplate.spec.selector.matchExpressions[].values[]); the API
+# server accepts 10,000 under the schema's free-form parts, and anything that deep only costs the
+# operator stack and time. Deeper templates are refused (InvalidSpec), never copied into pods.
+MAX_TEMPLATE_DEPTH = 32
+
+# PodSpec fields that choose a node: the plan does (a nodeSelector on kubernetes.io/hostname).
+_PLACEMENT_FIELDS = (
+    ("nodeName", "the plan chooses the node and kube-scheduler binds the pod there"),
+    ("nodeSelector", "the plan chooses the node (wattsched sets the nodeSelector)"),
+)
+
+
 def _read_template(spec: Fields) -> dict[str, Any]:
+    depth = nesting_depth(spec.raw("template"), limit=MAX_TEMPLATE_DEPTH)
+    if depth > MAX_TEMPLATE_DEPTH:
+        raise spec.error(
+            "template",
+            f"nests more than {MAX_TEMPLATE_DEPTH} levels of objects and lists (a pod template "
+            "needs about 11); flatten it",
+        )
     template = spec.section("template")
     pod_spec = template.section("spec")
     containers = pod_spec.objects("containers", max_items=32, min_items=1)
@@ -567,6 +590,36 @@ def _read_template(spec: Fields) -> dict[str, Any]:
         raise pod_spec.error("containers", "is required (at least one container)")
     for container in containers:
         container.string("name", max_length=63, min_length=1)
+    for name, why in _PLACEMENT_FIELDS:
+        if pod_spec.raw(name) is not None:
+            raise pod_spec.error(
+                name, f"must not be set: {why}; steer placement with spec.gpu.products"
+            )
+    affinity = pod_spec.optional_section("affinity")
+    if affinity is not None and affinity.raw("nodeAffinity") is not None:
+        raise affinity.error(
+            "nodeAffinity",
+            "must not be set: the plan chooses the node; steer placement with spec.gpu.products",
+        )
+    # The first container gets the plan's GPU request (any it asks for is replaced); a GPU asked
+    # for by any other container would be held by the pod without being counted by the plan.
+    gpu_holders = [(f"{pod_spec.field('containers')}[{i}]", c) for i, c in enumerate(containers)]
+    init_containers = pod_spec.objects("initContainers", max_items=32) or []
+    gpu_holders += [
+        (f"{pod_spec.field('initContainers')}[{i}]", c) for i, c in enumerate(init_containers)
+    ]
+    for path, container in gpu_holders[1:]:
+        resources = container.data.get("resources")
+        for section in ("requests", "limits"):
+            amounts = resources.get(section) if isinstance(resources, Mapping) else None
+            if isinstance(amounts, Mapping) and GPU_RESOURCE in amounts:
+                raise ApiValidationError(
+                    spec.kind,
+                    spec.name,
+                    f'{path}.resources.{section}["{GPU_RESOURCE}"]',
+                    "must not be set: wattsched requests the plan's GPUs on the first container "
+                    "only (other and init containers use none)",
+                )
     metadata = template.optional_section("metadata")
     template.finish()
     del metadata  # preserved as written: the API server keeps unknown fields here
