@@ -472,6 +472,7 @@ class PlanningLoop:
         )
         self._calibrate(plan_input, view, telemetry)
         await self._apply(view, active, plan, life)
+        await self._open_profiles(view, built.excluded_nodes)
         self._applied_placements = plan.placements
         accounts = await self._account(
             view,
@@ -1178,6 +1179,18 @@ class PlanningLoop:
                 + ", ".join(f"replica {r} moves from {old} to {new}" for r, old, new in moves)
                 + "; the other replicas stay where they run",
             )
+
+    async def _open_profiles(self, view: ClusterView, excluded: Mapping[str, str]) -> None:
+        """A NodePowerProfile without limits for each excluded GPU node that has none: its agent
+        reports there (a product the catalogue lacks is planned from the NVML power range it
+        reports) and changes no limit, as an excluded node's limits are left as they are."""
+        missing = {
+            name: transition.NodeLimits(idle_watts=None)
+            for name in sorted(excluded)
+            if name not in view.profiles and name in view.nodes
+        }
+        if missing:
+            await self._write_limits(view, missing)
 
     async def _write_limits(
         self, view: ClusterView, limits: Mapping[str, transition.NodeLimits]
