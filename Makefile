@@ -28,7 +28,7 @@ export PATH := $(BIN_DIR):$(VENV)/bin:$(PATH)
 export PYTHON := $(VENV)/bin/python
 
 .PHONY: help venv binaries prometheus image lint unit cluster-test test demo bench sandbox-up \
-	sandbox-down clean chart-crds
+	sandbox-down clean chart-crds podresources-stubs
 
 help:
 	@echo "make demo          set up, start the sandbox, run the demo, stop it"
@@ -37,6 +37,7 @@ help:
 	@echo "make image         build the Dockerfile's image without Docker (buildah; cached)"
 	@echo "make lint | unit | cluster-test | bench"
 	@echo "make chart-crds    copy crds/ (the one source) into charts/wattsched/crds after a CRD edit"
+	@echo "make podresources-stubs  re-copy the kubelet PodResources proto and regenerate its stubs"
 	@echo "make sandbox-up | sandbox-down        SANDBOX_DIR=$(SANDBOX_DIR)"
 	@echo "make clean         stop the sandbox, remove .sandbox and tool caches (keeps .venv)"
 
@@ -69,6 +70,18 @@ prometheus:
 	  exit $$status; \
 	fi
 	@echo "prometheus: $$(command -v prometheus) ($$(prometheus --version 2>&1 | head -n1))"
+
+# The kubelet PodResources v1 proto, copied from the k8s.io/kubelet Go module of the sandbox's
+# Kubernetes version (Go module proxy), and its Python stubs (grpcio-tools, pinned in the dev
+# extras). Both are committed; tests/agent/test_podresources.py fails when the stubs differ from a
+# fresh generation. Run after a KUBERNETES_VERSION or grpcio-tools change.
+PODRESOURCES_DIR := agent/wattsched_agent/podresources_v1
+podresources-stubs: venv
+	@source sandbox/versions.env; module="k8s.io/kubelet@v0.$${KUBERNETES_VERSION#v1.}"; \
+	  dir=$$(go mod download -json "$$module" | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["Dir"])'); \
+	  install -m 644 "$$dir/pkg/apis/podresources/v1/api.proto" $(PODRESOURCES_DIR)/api.proto; \
+	  echo "copied api.proto from $$module"
+	$(PYTHON) agent/podresources_stubs.py agent
 
 # The Dockerfile's image, built with Debian's buildah on a local debootstrap base (no Docker engine,
 # no registry); reused while its inputs are unchanged. Needs root: run with sudo otherwise.

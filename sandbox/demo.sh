@@ -51,7 +51,10 @@ apply_crds() {
 start_operator() {
   step "Starting the simulated node agents and the wattsched operator"
   mkdir -p "$SANDBOX_DIR/logs"
+  # Each KWOK node's GPU allocation is served over the kubelet's PodResources proto on a unix
+  # socket, and the agents read it back as on a real node (docs/telemetry.md).
   "${wattsched[@]}" agent --backend simulated --all-nodes --metrics-port 0 --interval-seconds 1 \
+    --pod-resources-dir "$SANDBOX_DIR/pod-resources" \
     >"$SANDBOX_DIR/logs/demo-agents.log" 2>&1 &
   agents_pid=$!
   "${wattsched[@]}" operator --standalone --metrics-port 0 --health-port 0 --debounce-seconds 0.5 \

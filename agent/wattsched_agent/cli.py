@@ -2,12 +2,16 @@
 
 Modes:
 - `--node-name NODE` (default: env NODE_NAME, from the downward API): one node. `--backend nvml`
-  drives the GPUs through libnvidia-ml; `--backend simulated` impersonates the GPUs the node's
-  labels describe (`nvidia.com/gpu.product`, `nvidia.com/gpu.count`).
+  drives the GPUs through libnvidia-ml and reads which GPU each pod holds from the kubelet's
+  PodResources socket (`--pod-resources-socket`); `--backend simulated` impersonates the GPUs the
+  node's labels describe (`nvidia.com/gpu.product`, `nvidia.com/gpu.count`) and allocates them to
+  pods as a device plugin would (`simulated_kubelet`).
 - `--backend simulated --all-nodes`: one process serving every node labelled
   `nvidia.com/gpu.present=true` (or `--node-selector`; the sandbox's KWOK nodes), one /metrics
   port per node on loopback.
   `--targets-file` writes those ports as a Prometheus file_sd target list.
+  `--pod-resources-dir DIR` serves each simulated node's allocation over the real PodResources proto
+  on DIR/<node>.sock and reads it back through the same client as on a real node (the sandbox does).
 
 Not for: deciding limits (the operator does) or anything but argument handling and wiring.
 """
@@ -32,6 +36,8 @@ from wattsched_agent.dcgm_metrics import MetricsServer
 from wattsched_agent.kube_access import GPU_NODE_SELECTOR, GpuNodeInfo, KubeAccess
 from wattsched_agent.node_agent import AgentRunner, ExitPolicy, NodeAgent
 from wattsched_agent.nvml_backend import NvmlBackend
+from wattsched_agent.podresources import DEFAULT_SOCKET, PodResourcesClient, PodResourcesServer
+from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml, load_products
 from wattsched_operator.commandline import (
     EXIT_NOT_FOUND,
@@ -113,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="on exit, leave the power limits in place (default) or restore the GPUs' defaults",
     )
     parser.add_argument(
+        "--pod-resources-socket",
+        type=Path,
+        default=DEFAULT_SOCKET,
+        help=f"nvml backend: the kubelet PodResources socket (default {DEFAULT_SOCKET})",
+    )
+    parser.add_argument(
+        "--pod-resources-dir",
+        type=Path,
+        help="simulated backend: serve each node's GPU allocation over PodResources on "
+        "DIR/<node>.sock and read it from there (default: read it in process)",
+    )
+    parser.add_argument(
         "--simulated-products",
         type=Path,
         help="product table for the simulated backend (default: the packaged one)",
@@ -136,6 +154,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--node-name (or env NODE_NAME) is required unless --all-nodes is given")
     if args.simulate_fault and args.backend != "simulated":
         parser.error("--simulate-fault needs --backend simulated")
+    if args.pod_resources_dir and args.backend != "simulated":
+        parser.error("--pod-resources-dir needs --backend simulated (a real node has a kubelet)")
     if args.interval_seconds <= 0:
         parser.error(f"--interval-seconds={args.interval_seconds} must be > 0")
     return args
@@ -157,12 +177,16 @@ def parse_faults(specs: list[str], node_names: list[str]) -> dict[str, dict[int,
     return faults
 
 
-def build_agents(args: argparse.Namespace, kube: KubeAccess) -> dict[str, NodeAgent]:
+def build_agents(
+    args: argparse.Namespace, kube: KubeAccess, servers: list[PodResourcesServer]
+) -> dict[str, NodeAgent]:
+    """The node agents; simulated nodes' PodResources servers (if any) are appended to `servers`."""
     if args.backend == "nvml":
         # The API server answers and the node exists: fail at start, in one line, rather than
         # retry forever against a wrong kubeconfig or node name.
         kube.read_node(args.node_name)
-        return {args.node_name: NodeAgent(args.node_name, NvmlBackend(pynvml, "nvml"))}
+        client = PodResourcesClient(args.pod_resources_socket)
+        return {args.node_name: NodeAgent(args.node_name, NvmlBackend(pynvml, "nvml"), client)}
     nodes: list[GpuNodeInfo] = (
         kube.gpu_nodes(None, args.node_selector)
         if args.all_nodes
@@ -172,13 +196,31 @@ def build_agents(args: argparse.Namespace, kube: KubeAccess) -> dict[str, NodeAg
     faults = parse_faults(args.simulate_fault, [node.name for node in nodes])
     agents: dict[str, NodeAgent] = {}
     for node in nodes:
-        library = SimulatedNvml(
-            node.name,
-            [node.product] * node.gpu_count,
-            catalogue=catalogue,
-            faults=faults.get(node.name),
+        try:
+            library = SimulatedNvml(
+                node.name,
+                [node.product] * node.gpu_count,
+                catalogue=catalogue,
+                faults=faults.get(node.name),
+            )
+        except ValueError as error:
+            if not args.all_nodes:
+                raise
+            # One node the table cannot impersonate must not stop the simulation of the others.
+            log.warning("not serving %s", error)
+            continue
+        kubelet = SimulatedKubelet()
+        devices: SimulatedKubelet | PodResourcesClient = kubelet
+        if args.pod_resources_dir is not None:
+            server = PodResourcesServer(
+                args.pod_resources_dir / f"{node.name}.sock", kubelet.list_gpu_pods
+            )
+            server.start()
+            servers.append(server)
+            devices = PodResourcesClient(server.socket_path)
+        agents[node.name] = NodeAgent(
+            node.name, NvmlBackend(library, "simulated"), devices, library, kubelet
         )
-        agents[node.name] = NodeAgent(node.name, NvmlBackend(library, "simulated"), library)
     return agents
 
 
@@ -211,8 +253,9 @@ def main(argv: list[str]) -> int:
     )
     args = parse_args(argv)
     kube = KubeAccess(args.kubeconfig)
+    pod_resources_servers: list[PodResourcesServer] = []
     try:
-        agents = build_agents(args, kube)
+        agents = build_agents(args, kube, pod_resources_servers)
     except ApiException as error:
         if error.status == 404 and args.node_name and not args.all_nodes:
             raise CommandError(
@@ -222,6 +265,8 @@ def main(argv: list[str]) -> int:
             ) from None
         raise
     except ValueError as error:
+        for pod_resources in pod_resources_servers:
+            pod_resources.stop()
         print(f"wattsched agent: {error}", file=sys.stderr)
         return EXIT_USAGE
     address = args.metrics_address or ("127.0.0.1" if args.all_nodes else "0.0.0.0")
@@ -248,4 +293,6 @@ def main(argv: list[str]) -> int:
     # Each server's loop notices a shutdown within its poll interval: close them all at once.
     with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
         list(pool.map(MetricsServer.close, servers.values()))
+    for pod_resources in pod_resources_servers:
+        pod_resources.stop()
     return 0

@@ -1,8 +1,9 @@
-"""The agent's few Kubernetes API calls: NodePowerProfiles, workload pods, GPU nodes.
+"""The agent's few Kubernetes API calls: NodePowerProfiles, GPU pods, GPU nodes.
 
 The agent needs no operator framework: it GETs/WATCHes NodePowerProfiles, PATCHes their status
-subresource (JSON merge patch), lists the wattsched pods bound to its node(s) and reads its node's
-GPU labels. Every call returns plain dicts. Not for: deciding anything (see `reconcile`).
+subresource (JSON merge patch), lists the pods with GPUs bound to its node(s) (wattsched's and other
+teams') and reads its node's GPU labels. Every call returns plain dicts. Not for: deciding
+anything (see `reconcile`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def node_gpu_info(node: Mapping[str, Any]) -> GpuNodeInfo:
 
 
 def placed_pod(pod: Mapping[str, Any]) -> PlacedPod | None:
-    """A running or pending workload pod with GPUs, or None for pods that hold no GPU now."""
+    """A running or pending pod with GPUs, or None for pods that hold no GPU now.
+
+    `managed` says whether wattsched created it (the `wattsched.io/workload` label).
+    """
     metadata = pod.get("metadata") or {}
     if metadata.get("deletionTimestamp"):
         return None
@@ -86,6 +90,7 @@ def placed_pod(pod: Mapping[str, Any]) -> PlacedPod | None:
         created=str(metadata.get("creationTimestamp", "")),
         utilisation=utilisation,
         workload_type=str(workload_type),
+        managed=bool((metadata.get("labels") or {}).get(WORKLOAD_LABEL)),
     )
 
 
@@ -165,12 +170,11 @@ class KubeAccess:
             _request_timeout=REQUEST_TIMEOUT_SECONDS,
         )
 
-    def workload_pods(self, node_name: str | None) -> dict[str, list[PlacedPod]]:
-        """wattsched workload pods holding GPUs, by node name."""
+    def gpu_pods(self, node_name: str | None) -> dict[str, list[PlacedPod]]:
+        """Pods holding GPUs (wattsched's and other teams'), by node name."""
         selector = f"spec.nodeName={node_name}" if node_name else None
         listing = self._json(
             self.core.list_pod_for_all_namespaces(
-                label_selector=WORKLOAD_LABEL,
                 field_selector=selector,
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT_SECONDS,

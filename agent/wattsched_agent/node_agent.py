@@ -1,8 +1,13 @@
 """The agent's loop: apply each node's NodePowerProfile, write its status, serve its metrics.
 
-`NodeAgent` holds one node's GPUs (an `NvmlBackend`, over real NVML or `SimulatedNvml`) and does one
-reconcile at a time: apply the limits in spec (clamped, read back), sample every GPU, and return the
-status to write. `AgentRunner` drives one or many `NodeAgent`s: it reconciles on every spec change
+`NodeAgent` holds one node's GPUs (an `NvmlBackend`, over real NVML or `SimulatedNvml`) and where it
+learns which GPU each pod holds (a `DeviceSource`: the kubelet's PodResources API, or a simulated
+kubelet), and does one reconcile at a time: apply each pod's limit in spec to exactly the GPUs the
+pod holds and the idle limit to free GPUs (clamped, read back), leave other teams' GPUs alone,
+sample every GPU, and return the status to write. When the device mapping cannot be read, the last
+one read is kept (a kubelet restart moves no device); when none was ever read, no limit is set and
+`Applied` is False (reason DeviceMappingUnavailable), so the operator counts the node at maximum.
+`AgentRunner` drives one or many `NodeAgent`s: it reconciles on every spec change
 (a watch) and every `interval_seconds` (heartbeat, and re-applying limits lost on a driver reload),
 and on shutdown applies the exit policy. Not for: NVML details (`nvml_backend`) or status layout
 (`reconcile`).
@@ -17,22 +22,29 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from wattsched_agent.dcgm_metrics import GpuMetrics, PodRef, render_metrics
 from wattsched_agent.kube_access import CONNECTIONS, KubeAccess
 from wattsched_agent.nvml_backend import GpuFault, LimitOutcome, NvmlBackend
+from wattsched_agent.podresources import PodDevices, PodResourcesError
 from wattsched_agent.reconcile import (
+    GpuHolder,
     PlacedPod,
-    assign_gpus,
     build_status,
+    gpu_targets,
+    holders_by_index,
     pod_refs,
     stopped_status,
 )
+from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import SimulatedNvml
 from wattsched_operator.api.errors import ApiValidationError
+from wattsched_operator.api.meta import format_time
 from wattsched_operator.api.nodepowerprofile import (
     Backend,
+    DeviceMapping,
+    MappingSource,
     NodePowerProfile,
     parse_nodepowerprofile,
 )
@@ -47,29 +59,82 @@ class ExitPolicy(StrEnum):
     RESTORE = "restore"
 
 
+class DeviceSource(Protocol):
+    """Where an agent reads which GPUs each pod holds (PodResources client, simulated kubelet)."""
+
+    @property
+    def where(self) -> str: ...
+
+    def list_gpu_pods(self) -> tuple[PodDevices, ...]:
+        """Pods holding `nvidia.com/gpu` devices; raises `PodResourcesError` when unreadable."""
+        ...
+
+
 class NodeAgent:
-    """One node's GPUs. Thread-safe: the metrics server reads while the loop reconciles."""
+    """One node's GPUs. Thread-safe: the metrics server reads while the loop reconciles.
+
+    `kubelet` is set on a simulated node: the agent tells it which pods are bound there, and it
+    allocates their GPUs (read back through `devices`, which may serve it over PodResources).
+    """
 
     def __init__(
-        self, node_name: str, backend: NvmlBackend, simulation: SimulatedNvml | None = None
+        self,
+        node_name: str,
+        backend: NvmlBackend,
+        devices: DeviceSource,
+        simulation: SimulatedNvml | None = None,
+        kubelet: SimulatedKubelet | None = None,
     ) -> None:
         self.node_name = node_name
         self.backend = backend
+        self.devices = devices
         self.simulation = simulation
+        self.kubelet = kubelet
         self._lock = threading.RLock()
         self._open_faults: list[GpuFault] = backend.open()
-        self._pods: dict[int, PodRef] = {}
+        self._holders: dict[int, GpuHolder] = {}
+        self._mapping = DeviceMapping(
+            MappingSource.UNAVAILABLE, message=f"not read yet from {devices.where}"
+        )
         self._defaults_restored = False
         self.ready = not any(fault.index is None for fault in self._open_faults)
 
-    def observe_pods(self, pods: Sequence[PlacedPod]) -> None:
-        """Attribute GPUs to pods; on a simulated node, also make those GPUs busy."""
+    def _read_mapping(self, now: datetime) -> tuple[PodDevices, ...] | None:
+        """The device mapping now, or None (and `_mapping` says why) when it cannot be read."""
+        try:
+            mapping = self.devices.list_gpu_pods()
+        except PodResourcesError as error:
+            if self._mapping.source is MappingSource.UNAVAILABLE:
+                self._mapping = DeviceMapping(MappingSource.UNAVAILABLE, message=str(error))
+            else:
+                if self._mapping.source is MappingSource.POD_RESOURCES:
+                    log.warning("%s: keeping the last device mapping: %s", self.node_name, error)
+                self._mapping = DeviceMapping(
+                    MappingSource.LAST_KNOWN, self._mapping.read_time, str(error)
+                )
+            return None
+        if self._mapping.source is not MappingSource.POD_RESOURCES:
+            log.info("%s: device mapping read from %s", self.node_name, self.devices.where)
+        self._mapping = DeviceMapping(MappingSource.POD_RESOURCES, format_time(now))
+        return mapping
+
+    def observe_pods(self, pods: Sequence[PlacedPod], now: datetime | None = None) -> None:
+        """Read which GPU each pod holds; on a simulated node, allocate them and make them busy.
+
+        `pods` are the pods bound to this node that request GPUs, as the API server lists them.
+        """
         with self._lock:
-            by_gpu = assign_gpus(pods, self.backend.gpu_count)
-            self._pods = pod_refs(by_gpu)
+            identities = self.backend.identities
+            if self.kubelet is not None:
+                uuids = [identities[i].uuid for i in sorted(identities)]
+                self.kubelet.allocate(pods, uuids)
+            mapping = self._read_mapping(now or datetime.now(UTC))
+            if mapping is not None:
+                self._holders = holders_by_index(mapping, identities, pods)
             if self.simulation is not None:
                 for index in range(self.backend.gpu_count):
-                    pod = by_gpu.get(index)
+                    holder = self._holders.get(index)
+                    pod = None if holder is None else holder.pod
                     if pod is None:
                         self.simulation.set_utilisation(index, 0.0)
                     else:
@@ -78,7 +143,9 @@ class NodeAgent:
     def reconcile(self, profile: NodePowerProfile, now: datetime | None = None) -> dict[str, Any]:
         """Apply the profile's limits and return the status to write (as a JSON object)."""
         with self._lock:
-            limits = {gpu.index: gpu.power_limit_watts for gpu in profile.spec.gpus}
+            limits: dict[int, float] = {}
+            if self._mapping.source is not MappingSource.UNAVAILABLE:
+                limits = gpu_targets(profile.spec, self._holders, self.backend.gpu_count)
             outcomes: list[LimitOutcome] = [
                 self.backend.apply_limit(index, watts) for index, watts in sorted(limits.items())
             ]
@@ -98,15 +165,18 @@ class NodeAgent:
                 outcomes=outcomes,
                 other_faults=faults,
                 now=now or datetime.now(UTC),
+                holders=self._holders,
+                mapping=self._mapping,
             ).to_dict()
 
     def metrics_text(self) -> str:
         with self._lock:
+            pods: dict[int, PodRef] = pod_refs(self._holders)
             gpus = [
                 GpuMetrics(
                     self.backend.identities.get(index),
                     self.backend.sample(index),
-                    self._pods.get(index),
+                    pods.get(index),
                 )
                 for index in range(self.backend.gpu_count)
             ]
@@ -218,20 +288,20 @@ class AgentRunner:
         return sum(1 for ok in self._pool.map(guarded, sorted(names)) if not ok)
 
     def tick(self, only: Collection[str] | None = None) -> int:
-        """One pass: pods -> load, profile -> limits -> status, for every node (`only` None) or
-        for the named nodes only (spec changes: pods are not re-read). Returns the failures."""
+        """One pass: pods -> device mapping -> limits -> status, for every node (`only` None) or
+        for the named nodes only (spec changes). Returns the failures."""
         profiles = self.kube.profiles(self.single_node)
-        if only is None:
-            pods = self.kube.workload_pods(self.single_node)
-            for name, agent in self.agents.items():
-                agent.observe_pods(pods.get(name, []))
+        names = self.agents.keys() if only is None else [n for n in only if n in self.agents]
+        # A new spec often names pods created since the last heartbeat: read who holds what first.
+        pods = self.kube.gpu_pods(self.single_node)
+        for name in names:
+            self.agents[name].observe_pods(pods.get(name, []))
 
         def reconcile(name: str) -> None:
             profile = self._profile(profiles, name)
             if profile is not None:
                 self.kube.patch_status(name, self.agents[name].reconcile(profile))
 
-        names = self.agents.keys() if only is None else [n for n in only if n in self.agents]
         return self._for_each(names, reconcile, "reconcile", until_stopped=True)
 
     def run(self) -> None:

@@ -1,4 +1,4 @@
-"""Pure parts of the agent's reconcile: read a profile, attribute GPUs to pods, build status.
+"""Pure parts of the agent's reconcile: who holds each GPU, the limit each GPU gets, the status.
 
 Nothing here talks to Kubernetes or NVML; `node_agent` calls these functions with what it read and
 applies what they return. Profiles and statuses are the typed models of `wattsched_operator.api`
@@ -16,13 +16,18 @@ from typing import Any
 
 from wattsched_agent.dcgm_metrics import PodRef
 from wattsched_agent.nvml_backend import GpuFault, GpuIdentity, GpuSample, LimitOutcome
+from wattsched_agent.podresources import PodDevices, gpu_uuid
 from wattsched_operator.api.meta import Condition, ConditionStatus, format_time, set_condition
 from wattsched_operator.api.nodepowerprofile import (
     APPLIED,
     AgentStatus,
     Backend,
+    DeviceMapping,
     GpuStatus,
+    Holder,
+    MappingSource,
     NodePowerProfile,
+    NodePowerProfileSpec,
     NodePowerProfileStatus,
 )
 
@@ -31,11 +36,16 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # Watts in statuses (`kubectl get npp`): to the tenth of a watt, as the operator writes limits.
 WATTS_DECIMALS = 1
 MESSAGE_LIMIT_CHARS = 4000
+# Applied=False reason when the agent has never read which GPU each pod holds.
+MAPPING_UNAVAILABLE = "DeviceMappingUnavailable"
 
 
 @dataclass(frozen=True)
 class PlacedPod:
-    """A wattsched workload pod bound to a node, with the GPUs it requested."""
+    """A pod bound to a node that requests GPUs, as the API server lists it.
+
+    `managed`: wattsched created it (labelled `wattsched.io/workload`); other pods hold GPUs too.
+    """
 
     namespace: str
     name: str
@@ -44,6 +54,26 @@ class PlacedPod:
     created: str
     utilisation: float = 1.0
     workload_type: str = "Inference"  # the LLMWorkload's spec.type, from the pod's annotation
+    managed: bool = True
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class GpuHolder:
+    """The pod holding one GPU (from the device mapping), with what the API server says of it."""
+
+    namespace: str
+    name: str
+    managed: bool
+    container: str = ""
+    pod: PlacedPod | None = None  # None: the API server has not listed it (yet)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
 
 
 def gpus_requested(pod_spec: Mapping[str, Any]) -> tuple[int, str]:
@@ -61,25 +91,67 @@ def gpus_requested(pod_spec: Mapping[str, Any]) -> tuple[int, str]:
     return total, first_container
 
 
-def assign_gpus(pods: Iterable[PlacedPod], gpu_count: int) -> dict[int, PlacedPod]:
-    """GPU index -> pod, giving each pod the next free indices in order of creation.
+def holders_by_index(
+    mapping: Sequence[PodDevices],
+    identities: Mapping[int, GpuIdentity],
+    pods: Sequence[PlacedPod],
+) -> dict[int, GpuHolder]:
+    """GPU index -> the pod holding it: the mapping's device IDs matched to the GPUs' UUIDs.
 
-    On a simulated node this is the truth (nothing else allocates GPUs). On a real node the device
-    plugin picks the indices; this order is then an approximation (see docs/telemetry.md).
+    A pod the API server lists without the wattsched label, or does not list, counts as another
+    team's (`managed` False) until the profile names it (see `gpu_targets`).
     """
-    by_gpu: dict[int, PlacedPod] = {}
-    next_index = 0
-    for pod in sorted(pods, key=lambda pod: (pod.created, pod.namespace, pod.name)):
-        for _ in range(pod.gpus):
-            if next_index >= gpu_count:
-                return by_gpu
-            by_gpu[next_index] = pod
-            next_index += 1
-    return by_gpu
+    index_by_uuid = {identity.uuid: index for index, identity in identities.items()}
+    listed = {pod.key: pod for pod in pods}
+    holders: dict[int, GpuHolder] = {}
+    for devices in mapping:
+        pod = listed.get(devices.key)
+        holder = GpuHolder(
+            namespace=devices.namespace,
+            name=devices.name,
+            managed=pod is not None and pod.managed,
+            container=pod.container if pod is not None else "",
+            pod=pod,
+        )
+        for device_id in devices.device_ids:
+            index = index_by_uuid.get(gpu_uuid(device_id))
+            if index is not None:
+                holders[index] = holder
+    return holders
 
 
-def pod_refs(by_gpu: Mapping[int, PlacedPod]) -> dict[int, PodRef]:
-    return {index: PodRef(pod.namespace, pod.name, pod.container) for index, pod in by_gpu.items()}
+def is_wattsched(holder: GpuHolder, spec: NodePowerProfileSpec) -> bool:
+    return holder.managed or spec.pod_limit_watts(holder.namespace, holder.name) is not None
+
+
+def gpu_targets(
+    spec: NodePowerProfileSpec, holders: Mapping[int, GpuHolder], gpu_count: int
+) -> dict[int, float]:
+    """GPU index -> the limit to set. GPUs held by other teams' pods are left alone (absent).
+
+    A pod named in `spec.pods` gets its limit on every GPU it holds; a free GPU, or one held by a
+    wattsched pod the spec does not name yet, gets `spec.idlePowerLimitWatts` (absent if unset).
+    """
+    targets: dict[int, float] = {}
+    for index in range(gpu_count):
+        holder = holders.get(index)
+        limit = (
+            spec.idle_power_limit_watts
+            if holder is None
+            else spec.pod_limit_watts(holder.namespace, holder.name)
+        )
+        if limit is None and holder is not None and holder.managed:
+            limit = spec.idle_power_limit_watts
+        if limit is not None:
+            targets[index] = limit
+    return targets
+
+
+def pod_refs(holders: Mapping[int, GpuHolder]) -> dict[int, PodRef]:
+    return {
+        index: PodRef(holder.namespace, holder.name, holder.container)
+        for index, holder in holders.items()
+    }
 
 
 def _applied(
@@ -102,12 +174,21 @@ def _applied(
     return set_condition(previous, condition)
 
 
-def _gpu_status(identity: GpuIdentity | None, sample: GpuSample) -> GpuStatus:
+def _gpu_status(
+    identity: GpuIdentity | None,
+    sample: GpuSample,
+    holder: GpuHolder | None = None,
+    wattsched: bool = False,
+    target_watts: float | None = None,
+) -> GpuStatus:
     def rounded(value: float | None) -> float | None:
         return None if value is None else round(value, WATTS_DECIMALS)
 
     energy_mj = sample.energy_millijoules
     return GpuStatus(
+        pod=None if holder is None else f"{holder.namespace}/{holder.name}",
+        holder=None if holder is None else (Holder.WATTSCHED if wattsched else Holder.OTHER),
+        target_watts=rounded(target_watts),
         index=sample.index,
         uuid=identity.uuid if identity else None,
         product=identity.product if identity else None,
@@ -134,16 +215,28 @@ def build_status(
     outcomes: Sequence[LimitOutcome],
     other_faults: Sequence[GpuFault],
     now: datetime,
+    holders: Mapping[int, GpuHolder],
+    mapping: DeviceMapping,
 ) -> NodePowerProfileStatus:
     """The NodePowerProfile status the agent writes after applying `profile.spec`.
 
-    `Applied` is True (reason LimitsApplied) when every limit in spec reads back as asked (or was
-    clamped down to the GPU's maximum); otherwise False with the first fault's reason and every
-    fault's message.
+    `Applied` is True (reason LimitsApplied) when every limit set reads back as asked (or was
+    clamped down to the GPU's maximum); False with reason DeviceMappingUnavailable when the agent
+    has never read which GPU each pod holds (it then sets no limit); otherwise False with the first
+    fault's reason and every fault's message.
     """
     faults = [*other_faults, *(outcome.fault for outcome in outcomes if outcome.fault is not None)]
     generation = profile.metadata.generation
-    if faults:
+    if mapping.source is MappingSource.UNAVAILABLE:
+        conditions = _applied(
+            status=ConditionStatus.FALSE,
+            reason=MAPPING_UNAVAILABLE,
+            message=f"no limit set: {mapping.message}",
+            generation=generation,
+            now=now,
+            previous=profile.status.conditions,
+        )
+    elif faults:
         conditions = _applied(
             status=ConditionStatus.FALSE,
             reason=faults[0].reason.value,
@@ -164,14 +257,30 @@ def build_status(
             now=now,
             previous=profile.status.conditions,
         )
-    gpus = tuple(_gpu_status(identities.get(sample.index), sample) for sample in samples)
+    targets = {
+        outcome.index: outcome.requested_watts
+        if outcome.target_watts is None
+        else outcome.target_watts
+        for outcome in outcomes
+    }
+    gpus = tuple(
+        _gpu_status(
+            identities.get(sample.index),
+            sample,
+            holders.get(sample.index),
+            sample.index in holders and is_wattsched(holders[sample.index], profile.spec),
+            targets.get(sample.index),
+        )
+        for sample in samples
+    )
     return NodePowerProfileStatus(
         observed_generation=generation,
         gpu_count=len(samples),
-        target_watts=_total(gpu.power_limit_watts for gpu in profile.spec.gpus),
+        target_watts=_total(targets.values()),
         applied_watts=_total(gpu.applied_watts for gpu in gpus),
         draw_watts=_total(gpu.draw_watts for gpu in gpus),
         gpus=gpus,
+        device_mapping=mapping,
         agent=AgentStatus(
             ready=ready,
             heartbeat_time=format_time(now),

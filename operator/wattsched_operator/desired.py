@@ -23,7 +23,8 @@ from wattsched_operator.api.meta import VARIANT_ENV as ENV_VARIANT
 from wattsched_operator.api.meta import WORKLOAD_LABEL as LABEL_WORKLOAD
 from wattsched_operator.api.meta import WORKLOAD_TYPE_ANNOTATION as ANNOTATION_WORKLOAD_TYPE
 from wattsched_operator.snapshot import NODE_ANNOTATION as ANNOTATION_NODE
-from wattsched_optimizer.problem import Placement, WorkloadType
+from wattsched_operator.transition import NodeLimits, PodKey
+from wattsched_optimizer.problem import Placement, Plan, WorkloadType
 
 __all__ = [
     "ANNOTATION_NODE",
@@ -220,6 +221,20 @@ def pod_changes(
     return PodChanges(delete=tuple(delete), create=tuple(create), relabel_power=relabel)
 
 
+def planned_limits(plan: Plan) -> dict[str, NodeLimits]:
+    """Each planned node's limits: one per replica's pod (by its deterministic name) and the idle
+    limit for every other GPU of the node."""
+    pods: dict[str, dict[PodKey, float]] = {node: {} for node in plan.node_power_limits_watts}
+    for placement in plan.placements:
+        namespace, _, name = placement.workload.partition("/")
+        key = (namespace, pod_name(name, placement.replica))
+        pods.setdefault(placement.node, {})[key] = placement.power_limit_watts
+    return {
+        node: NodeLimits(idle_watts=plan.node_idle_limits_watts.get(node), pods=by_pod)
+        for node, by_pod in pods.items()
+    }
+
+
 def moved_replicas(
     current: Mapping[tuple[str, str], Mapping[str, Any]],
     desired: Mapping[tuple[str, str], Mapping[str, Any]],
@@ -316,17 +331,12 @@ def pace_deletions(
     return PacedDeletions(now=tuple(now), later=tuple(later))
 
 
-def node_power_profile(node_name: str, limits_watts: Iterable[float]) -> dict[str, Any]:
-    """A NodePowerProfile manifest (cluster-scoped, named after its node) with per-GPU limits."""
+def node_power_profile(node_name: str, limits: NodeLimits) -> dict[str, Any]:
+    """A NodePowerProfile manifest (cluster-scoped, named after its node): a limit per wattsched
+    pod, applied by the agent to the GPUs that pod holds, and one for idle GPUs."""
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "NodePowerProfile",
         "metadata": {"name": node_name},
-        "spec": {
-            "nodeName": node_name,
-            "gpus": [
-                {"index": index, "powerLimitWatts": round(float(watts), 1)}
-                for index, watts in enumerate(limits_watts)
-            ],
-        },
+        "spec": {"nodeName": node_name, **limits.spec_fields()},
     }

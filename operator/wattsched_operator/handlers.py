@@ -67,7 +67,11 @@ def fingerprint(kind: str, body: Mapping[str, Any]) -> object:
         return (
             (status.get("agent") or {}).get("ready"),
             status.get("observedGeneration"),
-            tuple((g.get("index"), g.get("appliedWatts")) for g in status.get("gpus") or []),
+            (status.get("deviceMapping") or {}).get("source"),
+            tuple(
+                (g.get("index"), g.get("appliedWatts"), g.get("holder"), g.get("maxWatts"))
+                for g in status.get("gpus") or []
+            ),
         )
     if kind == PODS:
         status = body.get("status") or {}

@@ -62,7 +62,7 @@ from wattsched_operator.telemetry import (
     TelemetrySnapshot,
     calibration_samples,
 )
-from wattsched_optimizer.model import CatalogueModel, PerformanceModel
+from wattsched_optimizer.model import CatalogueModel, PerformanceModel, products_in_scope
 from wattsched_optimizer.problem import (
     MoveReason,
     Placement,
@@ -455,6 +455,30 @@ class PlanningLoop:
         plan_input = dataclasses.replace(
             plan_input, workloads=tuple(w for w in plan_input.workloads if w.key not in refused)
         )
+        # Products the catalogue lacks (as their nodes describe them) are known for this round.
+        with products_in_scope(plan_input.products):
+            return await self._plan_and_apply(
+                view,
+                plan_input,
+                built=built,
+                active=active,
+                life=life,
+                pods_by_workload=pods_by_workload,
+                now=now,
+            )
+
+    async def _plan_and_apply(
+        self,
+        view: ClusterView,
+        plan_input: PlanInput,
+        *,
+        built: PlannedInput,
+        active: dict[str, Body],
+        life: Lifecycle,
+        pods_by_workload: dict[str, list[Body]],
+        now: datetime,
+    ) -> Plan:
+        """Solve `plan_input`, apply the plan and write every status (the rest of `plan_once`)."""
         started = time.monotonic()
         # Telemetry is read while the optimizer solves; it only feeds status.
         reading = asyncio.create_task(self._read_telemetry(plan_input, view))
@@ -493,6 +517,7 @@ class PlanningLoop:
         self._calibrate(plan_input, view, telemetry)
         self._record_demand(plan_input, pods_by_workload, telemetry)
         await self._apply(view, active, plan, life)
+        await self._open_profiles(view, built.excluded_nodes)
         self._applied_placements = plan.placements
         accounts = await self._account(
             view,
@@ -1081,11 +1106,12 @@ class PlanningLoop:
         objects = {key: workload_object(body) for key, body in active.items()}
         want = desired.desired_pods(objects, plan.placements)
         changes = desired.pod_changes(view.pods.values(), want, frozenset(life.keep_pods))
+        planned = desired.planned_limits(plan)
         current = {
             node: transition.NodePowerState.from_profile(view.profiles.get(node))
-            for node in plan.node_power_limits_watts
+            for node in planned
         }
-        steps = transition.power_steps(current, plan.node_power_limits_watts)
+        steps = transition.power_steps(current, planned)
 
         # 1. Lower limits and wait for the agents to confirm.
         generations = await self._write_limits(view, steps.lower)
@@ -1396,12 +1422,24 @@ class PlanningLoop:
                 + "; the other replicas stay where they run",
             )
 
+    async def _open_profiles(self, view: ClusterView, excluded: Mapping[str, str]) -> None:
+        """A NodePowerProfile without limits for each excluded GPU node that has none: its agent
+        reports there (a product the catalogue lacks is planned from the NVML power range it
+        reports) and changes no limit, as an excluded node's limits are left as they are."""
+        missing = {
+            name: transition.NodeLimits(idle_watts=None)
+            for name in sorted(excluded)
+            if name not in view.profiles and name in view.nodes
+        }
+        if missing:
+            await self._write_limits(view, missing)
+
     async def _write_limits(
-        self, view: ClusterView, limits: Mapping[str, tuple[float, ...]]
+        self, view: ClusterView, limits: Mapping[str, transition.NodeLimits]
     ) -> dict[str, int]:
         """Create or patch NodePowerProfiles; returns each node's new metadata.generation."""
 
-        async def write(node: str, watts: tuple[float, ...]) -> tuple[str, int]:
+        async def write(node: str, watts: transition.NodeLimits) -> tuple[str, int]:
             manifest = desired.node_power_profile(node, watts)
             if node in view.profiles:
                 written = await self._call(

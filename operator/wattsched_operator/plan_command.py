@@ -18,8 +18,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,6 +43,7 @@ from wattsched_operator.whatif import (
     parse_override,
     plan_diff,
 )
+from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import PlanInputError
 from wattsched_optimizer.planner import plan as solve_plan
 from wattsched_optimizer.problem import Plan, PlanOptions
@@ -53,10 +54,14 @@ HEARTBEAT_TIMEOUT_SECONDS = 30.0
 
 
 def plan_to_json(
-    plan: Plan, skipped: Sequence[str] = (), diff: dict[str, Any] | None = None
+    plan: Plan,
+    skipped: Sequence[str] = (),
+    diff: dict[str, Any] | None = None,
+    node_notes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The `-o json` document (shape fixed by the optimizer issue, §3), plus `skipped` (the objects
-    left out as invalid, each as the error that names it) and, with `--diff`, `diff`."""
+    left out as invalid, each as the error that names it), `nodeNotes` (the GPU nodes left out of
+    planning and why: snapshot.excluded_nodes) and, with `--diff`, `diff`."""
     document: dict[str, Any] = {
         "status": plan.status.value,
         "objective": plan.objective,
@@ -77,7 +82,12 @@ def plan_to_json(
             for p in sorted(plan.placements, key=lambda p: (p.workload, p.replica))
         ],
         "nodes": [
-            {"node": node, "gpuPowerLimitsWatts": list(limits)}
+            {
+                "node": node,
+                "gpuPowerLimitsWatts": list(limits),
+                "unmanagedGpus": plan.node_unmanaged.get(node, (0, 0.0))[0],
+                "unmanagedWatts": plan.node_unmanaged.get(node, (0, 0.0))[1],
+            }
             for node, limits in sorted(plan.node_power_limits_watts.items())
         ],
         "budgets": [
@@ -85,6 +95,7 @@ def plan_to_json(
                 "name": b.name,
                 "capWatts": b.cap_watts,
                 "allocatedCapWatts": b.allocated_cap_watts,
+                "unmanagedWatts": b.unmanaged_watts,
                 "expectedWatts": b.expected_watts,
             }
             for b in sorted(plan.budgets, key=lambda b: b.name)
@@ -110,6 +121,9 @@ def plan_to_json(
             for s in plan.shortfalls
         ],
         "skipped": list(skipped),
+        "nodeNotes": [
+            {"node": node, "reason": reason} for node, reason in sorted((node_notes or {}).items())
+        ],
     }
     if diff is not None:
         document["diff"] = diff
@@ -124,11 +138,14 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def plan_to_table(
-    plan: Plan, skipped: Sequence[str] = (), diff: dict[str, Any] | None = None
+    plan: Plan,
+    skipped: Sequence[str] = (),
+    diff: dict[str, Any] | None = None,
+    node_notes: Mapping[str, str] | None = None,
 ) -> str:
-    """A human-readable rendering: summary, placements, budgets, unplaced workloads, skipped
-    objects and, with `--diff`, the changes against the cluster now."""
-    data = plan_to_json(plan)
+    """A human-readable rendering: summary, placements, budgets, unplaced workloads, nodes left
+    out, skipped objects and, with `--diff`, the changes against the cluster now."""
+    data = plan_to_json(plan, node_notes=node_notes)
     lines = [
         f"status {data['status']}  objective {plan.objective:.6g}  bound {plan.bound:.6g}  "
         f"gap {plan.gap:.2%}  solve {plan.solve_seconds:.2f} s",
@@ -151,17 +168,25 @@ def plan_to_table(
     )
     lines.append("")
     lines += _table(
-        ["BUDGET", "CAP(W)", "ALLOCATED(W)", "EXPECTED(W, modelled)"],
+        ["BUDGET", "CAP(W)", "ALLOCATED(W)", "UNMANAGED(W)", "EXPECTED(W, modelled)"],
         [
             [
                 b["name"],
                 f"{b['capWatts']:.0f}",
                 f"{b['allocatedCapWatts']:.0f}",
+                f"{b['unmanagedWatts']:.0f}",
                 f"{b['expectedWatts']:.0f}",
             ]
             for b in data["budgets"]
         ],
     )
+    unmanaged = [n for n in data["nodes"] if n["unmanagedGpus"]]
+    if unmanaged:
+        lines.append("")
+        lines += _table(
+            ["NODE", "UNMANAGED GPUS (other teams' pods, left alone)", "AT LIMITS(W)"],
+            [[n["node"], str(n["unmanagedGpus"]), f"{n['unmanagedWatts']:.0f}"] for n in unmanaged],
+        )
     if data["unplaced"]:
         lines.append("")
         lines += _table(
@@ -173,6 +198,12 @@ def plan_to_table(
         lines += _table(
             ["SERVED IN PART", "REASON"],
             [[s["workload"], s["reason"]] for s in data["shortfalls"]],
+        )
+    if data["nodeNotes"]:
+        lines.append("")
+        lines += _table(
+            ["NODE", "TAKES NO WORK BECAUSE"],
+            [[n["node"], n["reason"]] for n in data["nodeNotes"]],
         )
     if skipped:
         lines += ["", "SKIPPED (invalid; left out of the plan, as the operator leaves them out)"]
@@ -252,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("highs", "cbc"),
         default=PlanOptions.solver,
         help="MILP solver",
+    )
+    parser.add_argument(
+        "--catalogue-file",
+        type=Path,
+        help="YAML with extra GPU products (as the operator's --catalogue-file)",
     )
     return parser
 
@@ -338,6 +374,8 @@ class PlanResult:
     plan: Plan
     skipped: tuple[str, ...]
     diff: dict[str, Any] | None
+    # GPU nodes left out of planning (snapshot.excluded_nodes): node -> why.
+    node_notes: Mapping[str, str] = field(default_factory=dict)
 
 
 def _objects(args: argparse.Namespace, stdin: TextIO) -> ClusterObjects:
@@ -362,6 +400,11 @@ def run(args: argparse.Namespace, stdin: TextIO) -> PlanResult:
         raise SnapshotError(
             f"--time-limit-seconds: must be positive, got {args.time_limit_seconds}"
         )
+    try:
+        extended = read_catalogue_file(args.catalogue_file)
+    except ValueError as error:
+        raise SnapshotError(str(error)) from None
+    use_catalogue(extended)
     overrides = [parse_override(text) for text in args.overrides]
     objects = apply_overrides(_objects(args, stdin), overrides)
     if args.from_cluster and not objects.nodes:
@@ -387,7 +430,12 @@ def run(args: argparse.Namespace, stdin: TextIO) -> PlanResult:
         print(f"wattsched plan: node {node.name} takes no work: {node.reason}", file=sys.stderr)
     plan = solve_plan(snapshot.plan_input)
     diff = plan_diff(snapshot.plan_input, plan, objects.profiles) if args.diff else None
-    return PlanResult(plan=plan, skipped=tuple(str(e) for e in snapshot.rejected), diff=diff)
+    return PlanResult(
+        plan=plan,
+        skipped=tuple(str(e) for e in snapshot.rejected),
+        diff=diff,
+        node_notes={node.name: node.reason for node in snapshot.excluded_nodes},
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -405,7 +453,8 @@ def main(argv: list[str]) -> int:
         print(f"wattsched plan: {error}", file=sys.stderr)
         return error.exit_code
     if args.output == "json":
-        print(json.dumps(plan_to_json(result.plan, result.skipped, result.diff), indent=2))
+        document = plan_to_json(result.plan, result.skipped, result.diff, result.node_notes)
+        print(json.dumps(document, indent=2))
     else:
-        print(plan_to_table(result.plan, result.skipped, result.diff))
+        print(plan_to_table(result.plan, result.skipped, result.diff, result.node_notes))
     return 0

@@ -16,6 +16,7 @@ import random
 import socket
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -33,6 +34,7 @@ from wattsched_operator.kube import (
 from wattsched_operator.loop import InputBuilder, LoopSettings, PlannedInput, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
 from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY, TelemetryConfig, TelemetryReader
+from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import plan
 
 logger = logging.getLogger("wattsched.operator")
@@ -144,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.upper,
         help="the operator's log level",
     )
+    parser.add_argument(
+        "--catalogue-file",
+        type=Path,
+        help="YAML with extra GPU products for the performance model (catalogue.yaml's shape: "
+        "sources, products, optionally unknown_product); the chart's operator.catalogue",
+    )
     return parser
 
 
@@ -155,6 +163,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f"--heartbeat-timeout-seconds={args.heartbeat_timeout_seconds:g}: must be a positive "
             "number of seconds (default 30; agents report every 10 s)"
         )
+    try:
+        args.catalogue = read_catalogue_file(args.catalogue_file)
+    except ValueError as error:
+        parser.error(str(error))
     if args.tokens_query != DEFAULT_TOKEN_QUERY and not args.prometheus_url:
         parser.error("--tokens-query needs --prometheus-url (the query runs on that Prometheus)")
     try:
@@ -284,6 +296,7 @@ def ensure_peering(kube: Kube, name: str, path: str = PEERING_PATH) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    use_catalogue(args.catalogue)
     # Before kopf starts: its watches must decode any object the API server stores (the models
     # then refuse LLMWorkload templates deeper than MAX_TEMPLATE_DEPTH).
     decode_any_stored_object()

@@ -12,10 +12,25 @@ stop planning for the others). Not for listing or watching objects, or for solvi
 Rules:
 - GPU node: allocatable `nvidia.com/gpu` > 0; its product is the GFD label `nvidia.com/gpu.product`
   normalised by the performance model. Schedulable when Ready=True, not cordoned, not deleting.
-- A GPU node that cannot be planned for (product label missing or not in the catalogue, GPUs not
-  countable) is excluded, never an error: it takes no work, and every budget whose selector
-  matches it counts it at what it can draw (see `excluded_node`). `Snapshot.excluded_nodes` says
-  which and why.
+  Its memory per GPU is the GFD label `nvidia.com/gpu.memory` (MiB) when present, else the
+  catalogue's.
+- Any NVIDIA GPU: a product the catalogue lacks is planned as its node describes it
+  (`model.discovered_product`) once its agent has reported the GPUs' power range: memory from
+  `nvidia.com/gpu.memory`, power range from its NodePowerProfile's `status.gpus[]`
+  min/default/max watts (NVML), speed the catalogue's `unknown_product` default (modelled).
+- A GPU node that cannot be planned for is excluded, never an error: product label missing, GPUs
+  not countable, a malformed memory label, or a product the catalogue lacks whose agent has not
+  reported its power range yet. It takes no work, and every budget whose selector matches it
+  counts it at what it can draw (see `excluded_node`). `Snapshot.excluded_nodes` says which and
+  why.
+- A node whose allocatable GPUs read 0 while its NodePowerProfile's agent reports GPUs (a device
+  plugin restarting) stays a GPU node with the agent's GPU count, unschedulable: it stays in its
+  budgets (at maximum until its agent confirms lower limits) instead of dropping out of them.
+- Unmanaged GPUs (held by pods wattsched did not create): where the node's agent reports a device
+  mapping, the GPUs its profile's status marks `holder: other`, each at its applied limit (else its
+  NVML maximum, else the product's maximum); otherwise the GPUs requested by pods without the
+  `wattsched.io/workload` label bound to the node, at the product's maximum. They are taken out of
+  the node's GPUs for planning and counted in every budget (`GpuNode.unmanaged_*`).
 - Agent readiness: a node's agent counts as ready when its NodePowerProfile says `agent.ready`, has
   applied the current spec generation, has a fresh heartbeat (when `heartbeat_timeout_seconds` is
   given) and the node is not in `unconfirmed_nodes`. An agent whose last heartbeat is older than
@@ -60,8 +75,22 @@ from wattsched_operator.api.meta import (
     WORKLOAD_LABEL,
     parse_time,
 )
-from wattsched_operator.api.nodepowerprofile import NodePowerProfile, parse_nodepowerprofile
-from wattsched_optimizer.model import CatalogueModel, UnknownProductError, normalise_product
+from wattsched_operator.api.nodepowerprofile import (
+    Holder,
+    MappingSource,
+    NodePowerProfile,
+    parse_nodepowerprofile,
+)
+from wattsched_optimizer.model import (
+    CatalogueModel,
+    ProductSpec,
+    catalogue,
+    discovered_product,
+    known_products,
+    product_key,
+    product_spec,
+    products_in_scope,
+)
 from wattsched_optimizer.options import reference_tokens_per_gpu_hour
 from wattsched_optimizer.problem import (
     Budget,
@@ -204,9 +233,11 @@ def build_snapshot(
         ignored.append(IgnoredObject(kind, key, str(error)))
 
     profiles = _profiles_by_node(objects.profiles, left_out)
+    unmanaged_pod_gpus = unmanaged_pod_gpus_by_node(objects.pods)
     require_agents = agents_required or bool(profiles)
     nodes: list[GpuNode] = []
     excluded: list[ExcludedNode] = []
+    discovered: dict[str, ProductSpec] = {}
     labels_by_node: dict[str, Mapping[str, str]] = {}
     node_names = _Unique("Node", "metadata.name")
     for body in objects.nodes:
@@ -223,6 +254,8 @@ def build_snapshot(
             now=now,
             heartbeat_timeout_seconds=heartbeat_timeout_seconds,
             unconfirmed_nodes=unconfirmed_nodes,
+            unmanaged_pod_gpus=unmanaged_pod_gpus.get(name, 0),
+            discovered=discovered,
         )
         if isinstance(node, GpuNode):
             nodes.append(node)
@@ -280,6 +313,7 @@ def build_snapshot(
         budgets=tuple(sorted(budgets, key=lambda b: b.name)),
         current=tuple(sorted(current, key=lambda c: (c.workload, c.replica))),
         options=options or PlanOptions(),
+        products=discovered,
     )
     return Snapshot(
         plan_input=plan_input,
@@ -424,10 +458,14 @@ def agent_ready(
     return heartbeat is not None and (now - heartbeat).total_seconds() <= heartbeat_timeout_seconds
 
 
-# The most one GPU of a product wattsched does not know can draw, when its agent has not reported
-# the GPU's maximum limit (NVML): the highest board power of a current NVIDIA data-centre GPU, the
-# B300's 1,400 W (https://glennklockwood.com/garden/processors/B300). An assumption, not measured.
-UNKNOWN_GPU_MAX_WATTS = 1400.0
+def unknown_gpu_max_watts() -> float:
+    """What one GPU counts at while nothing says what it can draw (product label missing or not
+    in the catalogue, and no NVML maximum from its agent): the catalogue's
+    `unknown_product.max_watts_before_agent`, 2,000 W as shipped, the largest limit a
+    NodePowerProfile can hold (above the B300's 1,400 W board power, the highest of a current
+    NVIDIA data-centre GPU, https://glennklockwood.com/garden/processors/B300). An assumption, not
+    measured; `--catalogue-file` can change it."""
+    return catalogue().unknown.max_watts_before_agent.value
 
 
 def excluded_node(
@@ -435,17 +473,26 @@ def excluded_node(
 ) -> ExcludedNode:
     """A GPU node the plan cannot use, and what its budgets count it at.
 
-    Counted at its profile's limits where its agent confirmed them (they are not changed while
-    the node is excluded), else at the most its GPUs can draw: each GPU's maximum limit as the
-    agent reports it (NVML), else `UNKNOWN_GPU_MAX_WATTS`. GPUs are counted from allocatable,
-    else from the profile's status.
+    Counted at the limits its agent confirmed (`status.gpus[].targetWatts`, else `appliedWatts`
+    for a GPU with no target, such as another team's; they are not changed while the node is
+    excluded), else at the most its GPUs can draw: each GPU's maximum limit as the agent reports
+    it (NVML), else `unknown_gpu_max_watts()`. GPUs are counted from allocatable, else from the
+    profile's status.
     """
-    if profile is not None and profile.limits_confirmed and profile.spec.gpus:
-        watts = sum(g.power_limit_watts for g in profile.spec.gpus)
-        return ExcludedNode(name, f"{reason}; counted at its confirmed limits ({watts:g} W)", watts)
-    reported = {g.index: g.max_watts for g in profile.status.gpus} if profile else {}
+    status = profile.status if profile is not None else None
+    if profile is not None and status is not None and profile.limits_confirmed and status.gpus:
+        limits = [
+            g.target_watts if g.target_watts is not None else g.applied_watts for g in status.gpus
+        ]
+        if all(limit is not None for limit in limits):
+            watts = sum(limit or 0.0 for limit in limits)
+            return ExcludedNode(
+                name, f"{reason}; counted at its confirmed limits ({watts:g} W)", watts
+            )
+    reported = {g.index: g.max_watts for g in status.gpus} if status is not None else {}
     count = gpus if gpus is not None else len(reported)
-    watts = sum(reported.get(i) or UNKNOWN_GPU_MAX_WATTS for i in range(count))
+    unknown = unknown_gpu_max_watts()
+    watts = sum(reported.get(i) or unknown for i in range(count))
     return ExcludedNode(
         name, f"{reason}; counted at the most its {count} GPU(s) can draw ({watts:g} W)", watts
     )
@@ -471,15 +518,22 @@ def _gpu_node(
     now: datetime,
     heartbeat_timeout_seconds: float | None,
     unconfirmed_nodes: frozenset[str],
+    unmanaged_pod_gpus: int = 0,
+    discovered: dict[str, ProductSpec] | None = None,
 ) -> GpuNode | ExcludedNode | None:
     """The node as the optimizer sees it, None when it has no GPUs, or an `ExcludedNode` when
-    it has GPUs the plan cannot use."""
+    it has GPUs the plan cannot use. A product the catalogue lacks is added to `discovered`."""
     name = _node_name(body)
     profile = profiles.get(name)
     try:
         count = gpu_count(body)
     except SnapshotError as error:
         return excluded_node(name, str(error), None, profile)
+    # Allocatable 0 while the profile's agent still reports GPUs (a device plugin restarting):
+    # the node stays in its budgets, takes no new work, and its limits are planned down.
+    allocatable_gone = count == 0 and profile_gpu_count(profile) > 0
+    if allocatable_gone:
+        count = profile_gpu_count(profile)
     if count == 0:
         return None
     field_name = f'metadata.labels["{GPU_PRODUCT_LABEL}"]'
@@ -494,9 +548,16 @@ def _gpu_node(
             profile,
         )
     try:
-        product = normalise_product(label)
-    except UnknownProductError as error:
-        return excluded_node(name, f"Node {name}: {field_name}: {error}", count, profile)
+        memory_gib = _memory_gib(body)
+    except SnapshotError as error:
+        return excluded_node(name, str(error), count, profile)
+    product = product_key(label)
+    if product not in known_products():
+        spec, reason = _discovered(name, product, memory_gib, profile)
+        if spec is None:
+            return excluded_node(name, reason or product, count, profile)
+        if discovered is not None:
+            discovered.setdefault(product, spec)
     ready = True
     lost = False
     if require_agents:
@@ -504,14 +565,94 @@ def _gpu_node(
             profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds
         )
         lost = agent_lost(profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    with products_in_scope(discovered or {}):
+        unmanaged_gpus, unmanaged_watts = unmanaged_gpus_of(profile, product, unmanaged_pod_gpus)
     return GpuNode(
         name=name,
         product=product,
-        gpu_count=count,
-        schedulable=is_schedulable(body) and not lost,
+        gpu_count=max(count - unmanaged_gpus, 0),
+        schedulable=is_schedulable(body) and not allocatable_gone and not lost,
         keeps_running=keeps_running(body) and not lost,
         agent_ready=ready,
+        unmanaged_gpus=unmanaged_gpus,
+        unmanaged_watts=unmanaged_watts,
+        memory_gib=memory_gib,
     )
+
+
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+MIB_PER_GIB = 1024
+
+
+def _memory_gib(body: Body) -> float | None:
+    """The node's `nvidia.com/gpu.memory` label (MiB, per GPU) in GiB; None when absent."""
+    text = _labels(body).get(GPU_MEMORY_LABEL)
+    if text is None:
+        return None
+    if not _WHOLE_NUMBER.match(text):
+        raise SnapshotError(
+            f'Node {_node_name(body)}: metadata.labels["{GPU_MEMORY_LABEL}"]: {text!r} is not a '
+            "whole number of MiB (GPU Feature Discovery writes e.g. 81559)"
+        )
+    return round(int(text) / MIB_PER_GIB, 3)
+
+
+def _discovered(
+    name: str, product: str, memory_gib: float | None, profile: NodePowerProfile | None
+) -> tuple[ProductSpec | None, str | None]:
+    """A product the catalogue lacks, from the node's memory label and its agent's NVML reading;
+    while the agent has not reported that reading, no product but why the node is excluded."""
+    readings = [] if profile is None else [g for g in profile.status.gpus if g.max_watts]
+    if not readings:
+        return None, (
+            f"Node {name}: GPU product {product!r} is not in the catalogue and its node agent has "
+            "not reported the GPUs' power range (NodePowerProfile status.gpus[].maxWatts): it "
+            "takes no work until it does"
+        )
+    first = readings[0]
+    maximum = max(g.max_watts or 0.0 for g in readings)
+    minimum = first.min_watts if first.min_watts else maximum
+    default = first.default_watts if first.default_watts else maximum
+    spec = discovered_product(
+        product,
+        memory_gib=0.0 if memory_gib is None else memory_gib,
+        min_watts=min(minimum, maximum),
+        default_watts=min(default, maximum),
+        max_watts=maximum,
+    )
+    return spec, None
+
+
+_MAPPED = frozenset({MappingSource.POD_RESOURCES, MappingSource.LAST_KNOWN})
+
+
+def profile_gpu_count(profile: NodePowerProfile | None) -> int:
+    """GPUs the node's agent last reported (`status.gpuCount`, else `status.gpus`); 0 if none."""
+    if profile is None:
+        return 0
+    return profile.status.gpu_count or len(profile.status.gpus)
+
+
+def unmanaged_gpus_of(
+    profile: NodePowerProfile | None, product: str, pod_gpus: int
+) -> tuple[int, float]:
+    """GPUs of a node held by pods wattsched did not create, and the sum of their limits (W).
+
+    The agent's device mapping is the truth where it has one (each GPU at its applied limit, else
+    its NVML maximum, else the product's); otherwise the GPU requests of such pods bound to the
+    node (`pod_gpus`), each at the product's maximum.
+    """
+    product_max = product_spec(product).max_watts.value
+    status = None if profile is None else profile.status
+    mapping = None if status is None else status.device_mapping
+    if status is not None and mapping is not None and mapping.source in _MAPPED:
+        others = [gpu for gpu in status.gpus if gpu.holder is Holder.OTHER]
+        watts = sum(
+            next(w for w in (gpu.applied_watts, gpu.max_watts, product_max) if w is not None)
+            for gpu in others
+        )
+        return len(others), watts
+    return pod_gpus, pod_gpus * product_max
 
 
 # -- workloads -------------------------------------------------------------------------------------
@@ -538,10 +679,8 @@ def _work_amount(total_work: TotalWork) -> WorkAmount:
 
 
 def workload_for_optimizer(workload: LLMWorkload, *, now: datetime) -> Workload:
-    """An LLMWorkload as the optimizer sees it, with every default applied.
-
-    Raises `ApiValidationError` for an allow-listed product the performance model does not know.
-    """
+    """An LLMWorkload as the optimizer sees it, with every default applied (allow-listed products
+    the catalogue lacks are kept under their normalised label, see `model.product_key`)."""
     return _with_deadline(_timeless_workload(workload), workload, now)
 
 
@@ -581,14 +720,8 @@ def _read_workload(body: Body) -> tuple[LLMWorkload, Workload]:
 
 def _timeless_workload(workload: LLMWorkload) -> Workload:
     spec = workload.spec
-    allowed: set[str] = set()
-    for index, label in enumerate(spec.gpu.products):
-        try:
-            allowed.add(normalise_product(label))
-        except UnknownProductError as error:
-            raise ApiValidationError(
-                "LLMWorkload", workload.key, f"spec.gpu.products[{index}]", str(error)
-            ) from None
+    # A label the catalogue lacks names a discovered product (any NVIDIA GPU), so it is kept.
+    allowed = {product_key(label) for label in spec.gpu.products}
     converted = Workload(
         key=workload.key,
         type=WorkloadType(spec.type.value),
@@ -673,6 +806,36 @@ def _budget(
 
 
 # -- pods ------------------------------------------------------------------------------------------
+
+
+def _requested_gpus(pod: Body) -> int:
+    """`nvidia.com/gpu` a pod's containers request (limits first, as for extended resources)."""
+    total = 0
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        resources = container.get("resources") or {}
+        amount = (resources.get("limits") or {}).get(GPU_RESOURCE) or (
+            resources.get("requests") or {}
+        ).get(GPU_RESOURCE)
+        if isinstance(amount, int) or (isinstance(amount, str) and _WHOLE_NUMBER.match(amount)):
+            total += int(amount)
+    return total
+
+
+def unmanaged_pod_gpus_by_node(pods: Iterable[Body]) -> dict[str, int]:
+    """Node -> GPUs requested by pods without the `wattsched.io/workload` label bound to it
+    (neither finished nor being deleted)."""
+    by_node: dict[str, int] = {}
+    for pod in pods:
+        metadata = pod.get("metadata") or {}
+        if (metadata.get("labels") or {}).get(WORKLOAD_LABEL) or metadata.get("deletionTimestamp"):
+            continue
+        if (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}:
+            continue
+        node = (pod.get("spec") or {}).get("nodeName")
+        gpus = _requested_gpus(pod)
+        if node and gpus:
+            by_node[str(node)] = by_node.get(str(node), 0) + gpus
+    return by_node
 
 
 def _container_env(pod: Body, name: str) -> str | None:

@@ -336,6 +336,10 @@ def slo_met(
     return False, "NotPlaced", f"deadline {objective.deadline} at risk: {why_not}"
 
 
+# EnergyBudget condition: the GPUs wattsched does not control fit in the cap on their own.
+UNMANAGED_WITHIN_CAP = "UnmanagedWithinCap"
+
+
 def budget_status(
     previous: Mapping[str, Any],
     *,
@@ -362,6 +366,9 @@ def budget_status(
     the message says why, naming the `unready_nodes` in scope counted at their maximum), and
     `InvalidSpec` when the spec cannot be read (`invalid`: the error; the budget is not planned).
     `NodesPlanned` names the `excluded_nodes` in scope (node -> why) counted as they may draw.
+    `UnmanagedWithinCap` is False (`UnmanagedOverCap`) when the GPUs in scope held by pods
+    wattsched did not create already run at limits summing to more than the cap: wattsched leaves
+    them alone, so no plan of its own can bring the budget within its cap.
     With a telemetry reading (the operator has `--prometheus-url`), `measuredWatts` is the measured
     draw of the nodes in `scope_nodes` (None, i.e. left out, unless every one was measured) and
     `TelemetryFresh` says whether it could be measured (see `budget_telemetry`).
@@ -395,6 +402,25 @@ def budget_status(
             observed_generation=generation,
         )
     ]
+    unmanaged = allocation.unmanaged_watts if allocation else 0.0
+    unmanaged_within = unmanaged <= cap_watts + 1e-6
+    conditions.append(
+        condition(
+            conditions_before,
+            UNMANAGED_WITHIN_CAP,
+            unmanaged_within,
+            "WithinCap" if unmanaged_within else "UnmanagedOverCap",
+            f"GPUs held by pods wattsched did not create run at limits summing to "
+            f"{unmanaged:.0f} W of the {cap_watts:.0f} W cap"
+            + (
+                ""
+                if unmanaged_within
+                else "; wattsched leaves them alone: lower their limits, or raise the cap"
+            ),
+            now=now,
+            observed_generation=generation,
+        )
+    )
     excluded = dict(sorted((excluded_nodes or {}).items()))
     conditions.append(
         condition(
@@ -428,6 +454,7 @@ def budget_status(
         "nodes": node_count,
         "measuredWatts": None if measured_watts is None else round(measured_watts, 1),
         "allocatedCapWatts": round(allocated, 1),
+        "unmanagedWatts": round(unmanaged, 1),
         "expectedWatts": round(expected, 1),
         "headroomWatts": round(cap_watts - allocated, 1),
         "lastPlan": {

@@ -2,89 +2,133 @@
 
 Moving from one plan to the next must never let the sum of GPU power limits in a budget's scope
 exceed its cap, not even for a moment. So limits change in two steps around the pod changes:
-first every GPU whose limit goes down (or is unknown) is lowered and the agent must confirm it,
-then pods are deleted and created, and only then do limits go up. This module computes those two
-steps and reads an agent's confirmation from a NodePowerProfile; it does not talk to the API server.
+first every limit that goes down (or is unknown) is lowered and the agent must confirm it, then
+pods are deleted and created, and only then do limits go up. Limits are per pod (the agent applies
+a pod's limit to exactly the GPUs the kubelet gave it) plus one for idle GPUs, as in a
+NodePowerProfile's spec. This module computes the two steps and reads an agent's confirmation from
+a NodePowerProfile; it does not talk to the API server.
+
+Why the lowering step is safe: every GPU ends up at or below both its current and its planned
+limit. A pod in both the current spec and the plan gets the smaller of its planned limit, its spec
+limit and the highest limit the agent reports on its GPUs; every other GPU (free, held by a pod the
+plan drops, or by a pod not created yet) gets the idle limit, which is the smallest of the planned
+one, the spec's and the highest applied on free GPUs. GPUs of pods wattsched did not create are
+left alone in both steps (budgets count them at what they run at).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 # An agent's applied limit may differ from the requested one by rounding to NVML's milliwatts.
 CONFIRM_TOLERANCE_WATTS = 0.5
+# status.deviceMapping.source values under which the agent set limits (see the CRD).
+MAPPED_SOURCES = frozenset({"PodResources", "LastKnown"})
+
+PodKey = tuple[str, str]  # (namespace, pod name)
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """A NodePowerProfile spec in numbers: a limit per wattsched pod and one for idle GPUs."""
+
+    idle_watts: float | None
+    pods: Mapping[PodKey, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> NodeLimits:
+        idle = spec.get("idlePowerLimitWatts")
+        return cls(
+            idle_watts=None if idle is None else float(idle),
+            pods={
+                (str(p["namespace"]), str(p["name"])): float(p["powerLimitWatts"])
+                for p in spec.get("pods") or []
+            },
+        )
+
+    def spec_fields(self) -> dict[str, Any]:
+        """The spec's limit fields; `pods` is always written so a merge patch replaces it."""
+        out: dict[str, Any] = {
+            "pods": [
+                {"namespace": ns, "name": name, "powerLimitWatts": round(watts, 1)}
+                for (ns, name), watts in sorted(self.pods.items())
+            ]
+        }
+        if self.idle_watts is not None:
+            out["idlePowerLimitWatts"] = round(self.idle_watts, 1)
+        return out
 
 
 @dataclass(frozen=True)
 class NodePowerState:
-    """What is known about one node's limits: the profile's spec, and what the agent applied.
+    """What is known about one node's limits: the profile's spec, and what the agent applied."""
 
-    Both are by NVML index (position i is GPU index i, as the plan's limits are), read from each
-    entry's `index` however the lists are ordered; an index with no entry is unknown (None).
-    """
-
-    spec_watts: tuple[float | None, ...] | None  # None: no NodePowerProfile yet
-    applied_watts: tuple[float | None, ...] | None  # None: the agent has reported nothing
+    spec: NodeLimits | None  # None: no NodePowerProfile yet
+    # Highest applied limit on the GPUs each pod holds, and on free GPUs (as the agent reported).
+    applied_by_pod: Mapping[PodKey, float] = field(default_factory=dict)
+    applied_idle_watts: float | None = None
 
     @classmethod
     def from_profile(cls, profile: Mapping[str, Any] | None) -> NodePowerState:
         if profile is None:
-            return cls(spec_watts=None, applied_watts=None)
-        spec_by_index = {
-            int(g["index"]): float(g["powerLimitWatts"])
-            for g in (profile.get("spec") or {}).get("gpus") or []
-        }
-        status_gpus = (profile.get("status") or {}).get("gpus") or []
-        applied_by_index = {
-            int(g["index"]): float(g["appliedWatts"])
-            for g in status_gpus
-            if g.get("appliedWatts") is not None
-        }
-        size = max(spec_by_index) + 1 if spec_by_index else 0
-        spec = tuple(spec_by_index.get(i) for i in range(size))
-        applied: tuple[float | None, ...] | None = None
-        if status_gpus:
-            applied = tuple(applied_by_index.get(i) for i in range(size))
-        return cls(spec_watts=spec or None, applied_watts=applied)
+            return cls(spec=None)
+        by_pod: dict[PodKey, float] = {}
+        idle: float | None = None
+        for gpu in (profile.get("status") or {}).get("gpus") or []:
+            applied = gpu.get("appliedWatts")
+            if applied is None:
+                continue
+            if gpu.get("pod"):
+                namespace, _, name = str(gpu["pod"]).partition("/")
+                key = (namespace, name)
+                by_pod[key] = max(by_pod.get(key, 0.0), float(applied))
+            else:
+                idle = max(idle or 0.0, float(applied))
+        return cls(NodeLimits.from_spec(profile.get("spec") or {}), by_pod, idle)
 
 
 @dataclass(frozen=True)
 class PowerSteps:
     """Limits to write before pod changes (all decreases) and after them (the plan's limits)."""
 
-    lower: Mapping[str, tuple[float, ...]]
-    raise_: Mapping[str, tuple[float, ...]]
+    lower: Mapping[str, NodeLimits]
+    raise_: Mapping[str, NodeLimits]
 
 
-def _known(values: tuple[float | None, ...] | None, index: int) -> float:
-    if values is None or index >= len(values) or values[index] is None:
-        return math.inf
-    value = values[index]
-    assert value is not None
-    return value
+def _smallest(values: Iterable[float | None]) -> float:
+    return min((value for value in values if value is not None), default=math.inf)
 
 
 def power_steps(
-    current: Mapping[str, NodePowerState], planned: Mapping[str, tuple[float, ...]]
+    current: Mapping[str, NodePowerState], planned: Mapping[str, NodeLimits]
 ) -> PowerSteps:
     """Split the move to `planned` limits into a lowering step and a raising step.
 
-    The lowering step writes, per GPU, the smallest of the planned limit, the profile's current
-    spec and the agent's applied limit (unknown counts as unbounded), so it never raises anything.
-    The raising step writes the planned limits where they differ from what the lowering step left.
+    The lowering step never raises any GPU (see the module docstring); the raising step writes the
+    planned limits where they differ from what the lowering step left.
     """
-    lower: dict[str, tuple[float, ...]] = {}
-    raise_: dict[str, tuple[float, ...]] = {}
+    lower: dict[str, NodeLimits] = {}
+    raise_: dict[str, NodeLimits] = {}
     for node, target in sorted(planned.items()):
-        state = current.get(node, NodePowerState(None, None))
-        interim = tuple(
-            min(watts, _known(state.spec_watts, i), _known(state.applied_watts, i))
-            for i, watts in enumerate(target)
+        state = current.get(node, NodePowerState(None))
+        spec = state.spec
+        idle = _smallest(
+            [
+                target.idle_watts,
+                None if spec is None else spec.idle_watts,
+                state.applied_idle_watts,
+            ]
         )
-        if state.spec_watts != interim:
+        pods = {
+            key: _smallest([watts, spec.pods[key], state.applied_by_pod.get(key)])
+            for key, watts in target.pods.items()
+            if spec is not None and key in spec.pods
+        }
+        interim = NodeLimits(idle_watts=None if math.isinf(idle) else idle, pods=pods)
+        if spec != interim:
             lower[node] = interim
         if interim != target:
             raise_[node] = target
@@ -94,17 +138,22 @@ def power_steps(
 def is_confirmed(profile: Mapping[str, Any], generation: int) -> bool:
     """Whether the agent reports a profile's spec (at `generation` or later) as applied.
 
-    Confirmed means: `status.observedGeneration` has caught up, the agent is ready, and every GPU's
-    applied limit is at or below its spec limit (within NVML's rounding).
+    Confirmed means: `status.observedGeneration` has caught up, the agent is ready, it knows which
+    GPU each pod holds (`status.deviceMapping`), and every GPU it set a limit on for that spec reads
+    back at or below that limit (within NVML's rounding).
     """
     status = profile.get("status") or {}
     if int(status.get("observedGeneration") or 0) < generation:
         return False
     if not (status.get("agent") or {}).get("ready"):
         return False
-    applied = {g.get("index"): g.get("appliedWatts") for g in status.get("gpus") or []}
-    for gpu in (profile.get("spec") or {}).get("gpus") or []:
-        watts = applied.get(gpu["index"])
-        if watts is None or float(watts) > float(gpu["powerLimitWatts"]) + CONFIRM_TOLERANCE_WATTS:
+    if (status.get("deviceMapping") or {}).get("source") not in MAPPED_SOURCES:
+        return False
+    for gpu in status.get("gpus") or []:
+        target = gpu.get("targetWatts")
+        if target is None:
+            continue
+        applied = gpu.get("appliedWatts")
+        if applied is None or float(applied) > float(target) + CONFIRM_TOLERANCE_WATTS:
             return False
     return True

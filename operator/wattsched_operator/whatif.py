@@ -203,14 +203,36 @@ def apply_overrides(objects: ClusterObjects, overrides: Sequence[Override]) -> C
 
 
 def _node_limits_now(profiles: Sequence[Body]) -> dict[str, list[float]]:
-    """Per node, the per-GPU limits its NodePowerProfile asks for now (spec, by GPU index)."""
+    """Per node, the per-GPU limits its NodePowerProfile asks for now, as its agent maps the spec's
+    per-pod and idle limits to GPUs (`status.gpus[].targetWatts`, GPUs other teams hold left out,
+    as the plan leaves them out), by GPU index."""
     limits: dict[str, list[float]] = {}
     for profile in profiles:
         spec = profile.get("spec") or {}
-        gpus = sorted(spec.get("gpus") or [], key=lambda g: int(g.get("index", 0)))
+        gpus = sorted(
+            (profile.get("status") or {}).get("gpus") or [], key=lambda g: int(g.get("index", 0))
+        )
         node = str(spec.get("nodeName") or (profile.get("metadata") or {}).get("name"))
-        limits[node] = [float(g["powerLimitWatts"]) for g in gpus if "powerLimitWatts" in g]
+        limits[node] = [
+            float(g["targetWatts"])
+            for g in gpus
+            if g.get("targetWatts") is not None and g.get("holder") != "other"
+        ]
     return limits
+
+
+def _gpus_changed(before: Sequence[float], after: Sequence[float]) -> int:
+    """How many of the planned limits `after` no limit in force now matches (within 0.5 W): the
+    plan lists limits in its own GPU order, the agent by index, so they are matched as sets."""
+    remaining = sorted(before)
+    changed = 0
+    for watts in sorted(after):
+        match = next((i for i, w in enumerate(remaining) if abs(w - watts) <= 0.5), None)
+        if match is None:
+            changed += 1
+        else:
+            remaining.pop(match)
+    return changed
 
 
 def plan_diff(plan_input: PlanInput, plan: Plan, profiles: Sequence[Body]) -> dict[str, Any]:
@@ -221,7 +243,8 @@ def plan_diff(plan_input: PlanInput, plan: Plan, profiles: Sequence[Body]) -> di
     `variantChanged`); one no longer planned is `stopped` (with the workload's unplaced reason when
     it has one); a new one is `started`; one that stays where it is, with the same variant and
     another per-GPU limit, is in `limitChanged`. `nodeLimits`: nodes whose planned per-GPU limits
-    differ from their NodePowerProfile's spec now (a node without a profile has no limits now).
+    differ from what their NodePowerProfile asks for now, as its agent reports it per GPU (a node
+    without a profile, or whose agent has not reported, has no limits now).
     """
     now: dict[tuple[str, int], CurrentPlacement] = {
         (c.workload, c.replica): c for c in plan_input.current
@@ -288,19 +311,14 @@ def plan_diff(plan_input: PlanInput, plan: Plan, profiles: Sequence[Body]) -> di
     for node, limits in sorted(plan.node_power_limits_watts.items()):
         before_limits = limits_now.get(node, [])
         after_limits = [float(w) for w in limits]
-        if len(before_limits) != len(after_limits) or any(
-            abs(a - b) > 0.5 for a, b in zip(before_limits, after_limits, strict=True)
-        ):
+        changed = _gpus_changed(before_limits, after_limits)
+        if changed or len(before_limits) != len(after_limits):
             node_limits.append(
                 {
                     "node": node,
                     "fromWatts": sum(before_limits) if before_limits else None,
                     "toWatts": sum(after_limits),
-                    "gpusChanged": sum(
-                        1
-                        for index, watts in enumerate(after_limits)
-                        if index >= len(before_limits) or abs(before_limits[index] - watts) > 0.5
-                    ),
+                    "gpusChanged": changed,
                 }
             )
     return {

@@ -1,20 +1,26 @@
 """The performance and power model: GPU products, their power limits, and what a replica delivers.
 
-For: the product catalogue (loaded once from `catalogue.yaml`, a citation per number), turning GPU
-Feature Discovery labels into catalogue keys (`normalise_product`), the discrete power levels the
-optimizer chooses from, and `PerformanceModel`, the small interface the planner, the simulator and
-telemetry calibration share: tokens/s of a replica and expected watts per GPU as functions of the
-power limit. Not for: deciding anything (see `planner`) or reading telemetry (callers pass
+For: the product catalogue (loaded once from `catalogue.yaml`, a citation per number; extended
+at start-up with `read_catalogue_file` and `use_catalogue`), turning GPU Feature Discovery labels
+into catalogue keys (`normalise_product`, `product_key`), products the catalogue lacks
+(`discovered_product`, valid for one plan through `products_in_scope`), the discrete power levels
+the optimizer chooses from, and `PerformanceModel`, the small interface the planner, the simulator
+and telemetry calibration share: tokens/s of a replica and expected watts per GPU as functions of
+the power limit. Not for: deciding anything (see `planner`) or reading telemetry (callers pass
 corrections in through `CatalogueModel.calibrated`).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import importlib.resources
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import yaml
@@ -87,10 +93,20 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class UnknownProductDefaults:
+    """What the catalogue assumes of a product it does not list (`unknown_product`)."""
+
+    relative_speed: Mapping[WorkloadType, Sourced]
+    idle_fraction_of_max: Sourced
+    max_watts_before_agent: Sourced
+
+
+@dataclass(frozen=True)
 class Catalogue:
     sources: Mapping[str, str]
     products: Mapping[str, ProductSpec]
     workload_types: Mapping[WorkloadType, WorkloadTypeSpec]
+    unknown: UnknownProductDefaults
     # Normalised label -> catalogue key.
     aliases: Mapping[str, str] = field(default_factory=dict)
     measurements: tuple[Measurement, ...] = ()
@@ -158,10 +174,26 @@ def _parse_catalogue(raw: Mapping[str, Any]) -> Catalogue:
         _measurement(entry, f"measurements[{index}]", sources, products)
         for index, entry in enumerate(raw.get("measurements") or [])
     )
+    unknown_raw = raw["unknown_product"]
+    unknown = UnknownProductDefaults(
+        relative_speed={
+            WorkloadType(t): _sourced(v, f"unknown_product.relative_speed.{t}", sources)
+            for t, v in unknown_raw["relative_speed"].items()
+        },
+        idle_fraction_of_max=_sourced(
+            unknown_raw["idle_fraction_of_max"], "unknown_product.idle_fraction_of_max", sources
+        ),
+        max_watts_before_agent=_sourced(
+            unknown_raw["max_watts_before_agent"], "unknown_product.max_watts_before_agent", sources
+        ),
+    )
+    if set(unknown.relative_speed) != set(types):
+        raise ValueError("catalogue.yaml unknown_product.relative_speed: need every workload type")
     return Catalogue(
         sources=sources,
         products=products,
         workload_types=types,
+        unknown=unknown,
         aliases=aliases,
         measurements=measurements,
     )
@@ -191,14 +223,102 @@ def _measurement(
 
 
 @functools.cache
-def catalogue() -> Catalogue:
-    """The catalogue shipped with the package, parsed once."""
+def _shipped_raw() -> Mapping[str, Any]:
     text = (
         importlib.resources.files("wattsched_optimizer")
         .joinpath("catalogue.yaml")
         .read_text(encoding="utf-8")
     )
-    return _parse_catalogue(yaml.safe_load(text))
+    raw: Mapping[str, Any] = yaml.safe_load(text)
+    return raw
+
+
+@functools.cache
+def _shipped() -> Catalogue:
+    return _parse_catalogue(_shipped_raw())
+
+
+# The catalogue in force: the shipped one, or the shipped one extended at start-up.
+_ACTIVE: dict[str, Catalogue] = {}
+
+
+def catalogue() -> Catalogue:
+    """The catalogue in force: the one shipped with the package (parsed once), or the one given
+    to `use_catalogue`."""
+    return _ACTIVE.get("in use") or _shipped()
+
+
+def use_catalogue(extended: Catalogue | None) -> None:
+    """Make `extended` (from `extended_catalogue`) the catalogue of this process; None: the
+    shipped one. Called once at start-up."""
+    if extended is None:
+        _ACTIVE.clear()
+    else:
+        _ACTIVE["in use"] = extended
+
+
+def extended_catalogue(
+    extension: Mapping[str, Any], where: str = "catalogue extension"
+) -> Catalogue:
+    """The shipped catalogue plus `sources` and `products` (the shape of catalogue.yaml's
+    sections; a product with a key the catalogue has replaces it), `unknown_product` replaced when
+    given.
+
+    For deployments that run GPUs the shipped catalogue lacks, without rebuilding the image (the
+    operator's `--catalogue-file`, the chart's `operator.catalogue`). Raises ValueError naming
+    the entry for a malformed extension (every number needs a source, as in the catalogue).
+    """
+    if not isinstance(extension, Mapping):
+        raise ValueError(f"{where}: expected a mapping with sources and products")
+    unknown_sections = sorted(set(extension) - {"sources", "products", "unknown_product"})
+    if unknown_sections:
+        raise ValueError(
+            f"{where}: unknown section {unknown_sections[0]!r}; allowed: sources, products, "
+            "unknown_product"
+        )
+    base = _shipped_raw()
+    merged = {
+        **base,
+        "sources": {**base["sources"], **(extension.get("sources") or {})},
+        "products": {**base["products"], **(extension.get("products") or {})},
+        "unknown_product": extension.get("unknown_product") or base["unknown_product"],
+    }
+    try:
+        return _parse_catalogue(merged)
+    except KeyError as error:
+        raise ValueError(f"{where}: a product needs the field {error}") from None
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def read_catalogue_file(path: Path | None) -> Catalogue | None:
+    """The catalogue extended with the products in `path` (None: no file), for `--catalogue-file`;
+    ValueError naming the file and entry when it cannot be read or is malformed."""
+    if path is None:
+        return None
+    try:
+        extension = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise ValueError(f"--catalogue-file {path}: cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"--catalogue-file {path}: not valid YAML: {error}") from None
+    return extended_catalogue(extension, f"--catalogue-file {path}")
+
+
+# Products the catalogue lacks, as the nodes describe them, for the plan being made.
+_PLAN_PRODUCTS: ContextVar[Mapping[str, ProductSpec]] = ContextVar(
+    "plan_products", default=MappingProxyType({})
+)
+
+
+@contextlib.contextmanager
+def products_in_scope(products: Mapping[str, ProductSpec]) -> Iterator[None]:
+    """Make `products` (from `discovered_product`) known to `product_spec` inside the block."""
+    token = _PLAN_PRODUCTS.set(MappingProxyType({**_PLAN_PRODUCTS.get(), **products}))
+    try:
+        yield
+    finally:
+        _PLAN_PRODUCTS.reset(token)
 
 
 def known_products() -> tuple[str, ...]:
@@ -217,12 +337,47 @@ def normalise_product(label: str) -> str:
     return product
 
 
+def product_key(label: str) -> str:
+    """The catalogue key of a GFD product label, or, for a product the catalogue lacks, the label
+    normalised the same way (`NVIDIA-B200` -> `B200`)."""
+    key = _label_key(label)
+    return catalogue().aliases.get(key, key)
+
+
 def product_spec(product: str) -> ProductSpec:
-    """The catalogue entry of a normalised product name."""
-    spec = catalogue().products.get(product)
+    """The catalogue entry of a normalised product name (or a discovered product in scope)."""
+    spec = _PLAN_PRODUCTS.get().get(product) or catalogue().products.get(product)
     if spec is None:
         raise UnknownProductError(product, known_products())
     return spec
+
+
+def discovered_product(
+    key: str,
+    *,
+    memory_gib: float,
+    min_watts: float,
+    default_watts: float,
+    max_watts: float,
+) -> ProductSpec:
+    """A product the catalogue lacks, as its node describes it: memory from the node's label, the
+    power range as the agent read it from NVML, idle draw and speeds from `unknown_product`
+    (modelled, to be corrected by calibration)."""
+    defaults = catalogue().unknown
+    power_source = "nvml-constraints"
+    idle = defaults.idle_fraction_of_max
+    return ProductSpec(
+        name=key,
+        labels=(),
+        memory_gib=Sourced(memory_gib, "gfd-memory-label"),
+        min_watts=Sourced(min_watts, power_source),
+        default_watts=Sourced(default_watts, power_source),
+        max_watts=Sourced(max_watts, power_source),
+        idle_watts=Sourced(
+            round(idle.value * max_watts, 1), idle.source, "idle_fraction_of_max x max_watts"
+        ),
+        relative_speed=dict(defaults.relative_speed),
+    )
 
 
 def power_levels_watts(product: str, levels: int) -> tuple[float, ...]:

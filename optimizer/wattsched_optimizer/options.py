@@ -56,6 +56,8 @@ class Pool:
     node_names: tuple[str, ...]
     min_watts: float
     max_watts: float
+    # Memory per GPU: the nodes' label where they have one, else the product's.
+    memory_gib: float
     schedulable: bool = True
 
     @property
@@ -184,22 +186,26 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
     for budget in plan_input.budgets:
         for node_name in budget.node_names:
             budgets_of[node_name].add(budget.name)
-    groups: dict[tuple[str, int, bool, frozenset[str], bool], list[str]] = defaultdict(list)
+    groups: dict[tuple[str, int, bool, frozenset[str], bool, float], list[str]] = defaultdict(list)
     for node in plan_input.nodes:
         if not (node.schedulable or node.keeps_running) or node.gpu_count < 1:
             continue
+        memory = product_spec(node.product).memory_gib.value
+        if node.memory_gib is not None:
+            memory = node.memory_gib
         key = (
             node.product,
             node.gpu_count,
             node.agent_ready,
             frozenset(budgets_of[node.name]),
             node.schedulable,
+            memory,
         )
         groups[key].append(node.name)
     pools = []
-    order = sorted(groups, key=lambda k: (not k[4], k[0], k[1], k[2], sorted(k[3])))
+    order = sorted(groups, key=lambda k: (not k[4], k[0], k[1], k[2], sorted(k[3]), k[5]))
     for index, key in enumerate(order):
-        product, gpus_per_node, agent_ready, budgets, schedulable = key
+        product, gpus_per_node, agent_ready, budgets, schedulable, memory = key
         spec = product_spec(product)
         pools.append(
             Pool(
@@ -212,6 +218,7 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
                 min_watts=spec.min_watts.value,
                 max_watts=spec.max_watts.value,
                 schedulable=schedulable,
+                memory_gib=memory,
             )
         )
     return tuple(pools)
@@ -221,6 +228,7 @@ def budget_base_watts(plan_input: PlanInput) -> dict[str, float]:
     """Per budget: the sum of its GPUs' limits with nothing placed.
 
     Idle GPUs count at their minimum; GPUs of nodes whose agent is not ready at their maximum;
+    GPUs held by pods wattsched did not create at the limits they run at (`unmanaged_watts`);
     the watts the plan does not control (`Budget.uncontrolled_watts`) as they are.
     """
     by_name = {node.name: node for node in plan_input.nodes}
@@ -233,7 +241,7 @@ def budget_base_watts(plan_input: PlanInput) -> dict[str, float]:
                 continue
             spec = product_spec(node.product)
             per_gpu = spec.min_watts.value if node.agent_ready else spec.max_watts.value
-            total += per_gpu * node.gpu_count
+            total += per_gpu * node.gpu_count + node.unmanaged_watts
         base[budget.name] = total
     return base
 
@@ -349,14 +357,22 @@ def _no_option_reason(
             f"{label}: no variant has quality >= spec.minQuality={workload.min_quality:g}; "
             "lower spec.minQuality or add a variant",
         )
+    memory_of = {
+        product: max(
+            pool.memory_gib
+            for pool in pools
+            if pool.product == product and pool.gpus_per_node >= workload.gpus_per_replica
+        )
+        for product in big_enough
+    }
     fitting = [
         (product, variant)
         for product in big_enough
         for variant in variants
-        if _memory_need_gib(workload, variant) <= product_spec(product).memory_gib.value
+        if _memory_need_gib(workload, variant) <= memory_of[product]
     ]
     if not fitting:
-        memory = max(product_spec(p).memory_gib.value for p in big_enough)
+        memory = max(memory_of.values())
         need = min(_memory_need_gib(workload, v) for v in variants)
         names = ", ".join(v.name for v in variants)
         return NoOption(
@@ -473,24 +489,22 @@ def workload_options(
     # (product, variant, level, replicas, throughput, watts, cost, quality loss, keeps current,
     # tokens/s served when only part of the demand is: None when all is)
     raw: list[tuple[str, Variant, float, int, float, float, float, int, bool, float | None]] = []
-    pools_by_product: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    # (product, variant name) -> (pools whose agent is ready, all pools) with memory for it.
+    pools_by_variant: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for product in products:
-        spec = product_spec(product)
         eligible = [
             pool
             for pool in pools
             if pool.product == product and pool.gpus_per_node >= workload.gpus_per_replica
         ]
-        if not eligible:
-            continue
-        pools_by_product[product] = (
-            tuple(pool.index for pool in eligible if pool.agent_ready),
-            tuple(pool.index for pool in eligible),
-        )
-        memory = spec.memory_gib.value
         for variant in variants:
-            if _memory_need_gib(workload, variant) > memory:
+            roomy = [p for p in eligible if _memory_need_gib(workload, variant) <= p.memory_gib]
+            if not roomy:
                 continue
+            pools_by_variant[(product, variant.name)] = (
+                tuple(pool.index for pool in roomy if pool.agent_ready),
+                tuple(pool.index for pool in roomy),
+            )
             level_current = current_level if product == current_product else None
             for level in _levels_for(workload, product, levels, level_current):
                 throughput = model.throughput_tokens_per_second(
@@ -573,7 +587,7 @@ def workload_options(
         if not keeps:
             relative += move_penalty
         is_max = level >= product_spec(product).max_watts.value
-        ready_pools, all_pools = pools_by_product[product]
+        ready_pools, all_pools = pools_by_variant[(product, variant.name)]
         option_pools = all_pools if is_max else ready_pools
         if not option_pools:
             continue

@@ -30,6 +30,7 @@ from wattsched_optimizer.model import (
     PerformanceModel,
     UnknownProductError,
     product_spec,
+    products_in_scope,
 )
 from wattsched_optimizer.options import (
     PlanData,
@@ -82,6 +83,11 @@ def validate(plan_input: PlanInput) -> None:
         seen_nodes.add(node.name)
         if node.gpu_count < 0:
             raise PlanInputError(f"Node {node.name}: gpu_count={node.gpu_count} is negative")
+        if node.unmanaged_gpus < 0 or node.unmanaged_watts < 0:
+            raise PlanInputError(
+                f"Node {node.name}: unmanaged_gpus={node.unmanaged_gpus} and "
+                f"unmanaged_watts={node.unmanaged_watts} must not be negative"
+            )
         try:
             product_spec(node.product)
         except UnknownProductError as error:
@@ -148,7 +154,15 @@ def validate(plan_input: PlanInput) -> None:
 
 
 def plan(plan_input: PlanInput, model: PerformanceModel | None = None) -> Plan:
-    """Decide which workloads run, where, with which variant, at which per-GPU power limit."""
+    """Decide which workloads run, where, with which variant, at which per-GPU power limit.
+
+    Products the catalogue lacks are known from `plan_input.products` while it plans.
+    """
+    with products_in_scope(plan_input.products):
+        return _plan(plan_input, model)
+
+
+def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
     started = time.perf_counter()
     validate(plan_input)
     performance: PerformanceModel = model if model is not None else CatalogueModel()
@@ -444,8 +458,9 @@ def held_budget_reason(cap_watts: float, floor_watts: float) -> str:
     """Why a budget is held, in words (for the plan's reasons and the budget's status)."""
     return (
         f"spec.powerCapWatts={cap_watts:g} is below the {floor_watts:g} W its GPUs count for "
-        "with nothing placed (minimum limits; maximum where the node agent is not ready); raise "
-        "the cap, narrow spec.nodeSelector or bring the agents back"
+        "with nothing placed (minimum limits; maximum where the node agent is not ready; GPUs "
+        "held by pods wattsched did not create at their limits); raise the cap, narrow "
+        "spec.nodeSelector or bring the agents back"
     )
 
 
@@ -706,10 +721,12 @@ def _assemble(
     limits: dict[str, list[float]] = {}
     counted: dict[str, list[float]] = {}
     expected: dict[str, list[float]] = {}
+    idle_limits: dict[str, float] = {}
     for gpu_node in plan_input.nodes:
         spec = product_spec(gpu_node.product)
         idle_counted = spec.min_watts.value if gpu_node.agent_ready else spec.max_watts.value
         idle_limit = spec.min_watts.value if gpu_node.name in held_nodes else idle_counted
+        idle_limits[gpu_node.name] = idle_limit
         limits[gpu_node.name] = [idle_limit] * gpu_node.gpu_count
         counted[gpu_node.name] = [idle_counted] * gpu_node.gpu_count
         expected[gpu_node.name] = [model.idle_power_watts(gpu_node.product)] * gpu_node.gpu_count
@@ -740,10 +757,17 @@ def _assemble(
                     expected_throughput=option.throughput_per_replica,
                 )
             )
+    unmanaged = {
+        node.name: (node.unmanaged_gpus, node.unmanaged_watts)
+        for node in plan_input.nodes
+        if node.unmanaged_gpus > 0
+    }
     allocations = []
     for budget in plan_input.budgets:
         scope = [n for n in sorted(budget.node_names) if n in limits]
+        unmanaged_watts = sum(unmanaged[n][1] for n in scope if n in unmanaged)
         allocated = budget.uncontrolled_watts + sum(sum(counted[n]) for n in scope)
+        allocated += unmanaged_watts
         if budget.name not in held and allocated > budget.power_cap_watts + 1e-3:
             raise PlanInvariantError(
                 f"EnergyBudget {budget.name}: allocated {allocated} W > cap "
@@ -754,7 +778,8 @@ def _assemble(
                 name=budget.name,
                 cap_watts=budget.power_cap_watts,
                 allocated_cap_watts=allocated,
-                expected_watts=sum(sum(expected[n]) for n in scope),
+                expected_watts=sum(sum(expected[n]) for n in scope) + unmanaged_watts,
+                unmanaged_watts=unmanaged_watts,
                 held=budget.name in held,
             )
         )
@@ -772,4 +797,6 @@ def _assemble(
         timings_seconds=dict(timings),
         shortfalls=shortfalls,
         move_reasons=dict(move_reasons or {}),
+        node_idle_limits_watts=idle_limits,
+        node_unmanaged=unmanaged,
     )

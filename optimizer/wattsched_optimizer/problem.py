@@ -12,6 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wattsched_optimizer.model import ProductSpec
 
 
 class WorkloadType(StrEnum):
@@ -105,7 +109,12 @@ class Workload:
 
 @dataclass(frozen=True)
 class GpuNode:
-    """A node with GPUs. `product` is the normalised product name."""
+    """A node with GPUs. `product` is the normalised product name.
+
+    `gpu_count` is the GPUs wattsched may place replicas on and set limits for; GPUs held by pods
+    wattsched did not create are not among them: they count in every budget at `unmanaged_watts`
+    (the sum of the limits they run at) and are never offered to a replica.
+    """
 
     name: str
     product: str
@@ -117,6 +126,10 @@ class GpuNode:
     keeps_running: bool = True
     # A node whose agent is not ready (or did not confirm the last limits) counts at maximum power.
     agent_ready: bool = True
+    unmanaged_gpus: int = 0
+    unmanaged_watts: float = 0.0
+    # Memory per GPU the node reports (GFD `nvidia.com/gpu.memory`), in GiB; None: the product's.
+    memory_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +176,8 @@ class PlanInput:
     budgets: tuple[Budget, ...] = ()
     current: tuple[CurrentPlacement, ...] = ()
     options: PlanOptions = field(default_factory=PlanOptions)
+    # Products the catalogue lacks, by key, as their nodes describe them (model.discovered_product).
+    products: Mapping[str, ProductSpec] = field(default_factory=dict)
 
 
 class MoveReason(StrEnum):
@@ -204,6 +219,9 @@ class BudgetAllocation:
     cap_watts: float
     allocated_cap_watts: float  # sum of power limits of every GPU in scope, as counted
     expected_watts: float
+    # The part of allocated_cap_watts that wattsched does not control: GPUs held by pods it did
+    # not create, at the limits they run at.
+    unmanaged_watts: float = 0.0
     # No plan meets the cap: the GPUs in scope count for more with nothing placed (see
     # `planner.held_budgets`). Its nodes take no work and are lowered to their minimum;
     # `allocated_cap_watts` is then that floor, above the cap. The rest is planned as usual.
@@ -270,3 +288,9 @@ class Plan:
     # Running workloads whose replicas the plan may move, and why; a running workload not listed
     # keeps every replica on its node (limits change in place).
     move_reasons: Mapping[str, MoveReason] = field(default_factory=dict)
+    # Every GPU node in the input: the limit of its GPUs no replica holds (the product's minimum,
+    # or its maximum while the node's agent is not ready).
+    node_idle_limits_watts: Mapping[str, float] = field(default_factory=dict)
+    # Nodes where pods wattsched did not create hold GPUs: (how many, the sum of their limits in
+    # watts). Those GPUs are in no node_power_limits_watts tuple.
+    node_unmanaged: Mapping[str, tuple[int, float]] = field(default_factory=dict)

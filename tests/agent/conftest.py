@@ -85,17 +85,52 @@ def wait_until(what: str, check: Callable[[], Any], timeout_seconds: float = 30)
     raise AssertionError(f"timed out after {timeout_seconds}s waiting for {what}")
 
 
-def apply_profile(sandbox: Sandbox, node: str, limits: list[float]) -> None:
+def apply_profile(
+    sandbox: Sandbox,
+    node: str,
+    idle_watts: float | None,
+    pods: dict[tuple[str, str], float] | None = None,
+) -> None:
+    """A NodePowerProfile as the operator writes it: a limit per pod and one for idle GPUs (None:
+    idle GPUs keep their limit)."""
+    spec: dict[str, Any] = {
+        "nodeName": node,
+        "pods": [
+            {"namespace": namespace, "name": name, "powerLimitWatts": watts}
+            for (namespace, name), watts in (pods or {}).items()
+        ],
+    }
+    if idle_watts is not None:
+        spec["idlePowerLimitWatts"] = idle_watts
     profile = {
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "NodePowerProfile",
         "metadata": {"name": node},
-        "spec": {
-            "nodeName": node,
-            "gpus": [{"index": i, "powerLimitWatts": w} for i, w in enumerate(limits)],
-        },
+        "spec": spec,
     }
     sandbox.kubectl("apply", "-f", "-", input=json.dumps(profile))
+
+
+def gpu_pod(
+    name: str, namespace: str, node: str, gpus: int, *, wattsched: bool = True
+) -> dict[str, Any]:
+    """A pod bound to a (KWOK) node holding `gpus` GPUs; labelled as wattsched's or not."""
+    labels = {"wattsched.io/workload": name.rsplit("-", 1)[0]} if wattsched else {"team": "other"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {
+                    "name": "server",
+                    "image": "vllm/vllm-openai",
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                }
+            ],
+        },
+    }
 
 
 def profile_object(sandbox: Sandbox, node: str) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """`wattsched agent` on the sandbox: real API server, KWOK GPU nodes, simulated NVML.
 
 One `--all-nodes` agent process serves every GPU node except the L40S ones (a second, single-node
-agent takes gpu-l40s-00 to test the restore shutdown policy). NodePowerProfiles are created by
-hand here, as the operator would.
+agent takes gpu-l40s-00 to test the restore shutdown policy). It serves each node's simulated GPU
+allocation over the kubelet's PodResources proto on a unix socket and reads it back with the
+client a real node uses. NodePowerProfiles are created by hand here, as the operator would.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from tests.agent.conftest import (
     applied_status,
     apply_profile,
+    gpu_pod,
     profile_object,
     scrape,
     start_agent,
@@ -54,6 +56,8 @@ def fleet_agent(
         str(targets_file),
         "--simulate-fault",
         "gpu-l4-01/2=no-permission",
+        "--pod-resources-dir",
+        str(workdir / "pod-resources"),
     )
     wait_until("the agent's targets file", targets_file.exists)
     targets = json.loads(targets_file.read_text())
@@ -73,9 +77,9 @@ def test_all_nodes_mode_serves_every_selected_gpu_node(fleet_agent: dict[str, st
 
 
 def test_agent_applies_the_profile_and_reports_it_with_a_heartbeat(
-    sandbox: Sandbox, fleet_agent: dict[str, str]
+    sandbox: Sandbox, fleet_agent: dict[str, str], namespace: str
 ) -> None:
-    apply_profile(sandbox, "gpu-h100-00", [300.0] * 8)
+    apply_profile(sandbox, "gpu-h100-00", 300.0)
     status = wait_until("Applied=True", lambda: applied_status(sandbox, "gpu-h100-00", "True"))
     assert [gpu["appliedWatts"] for gpu in status["gpus"]] == [300.0] * 8
     assert status["targetWatts"] == status["appliedWatts"] == 2400
@@ -85,6 +89,7 @@ def test_agent_applies_the_profile_and_reports_it_with_a_heartbeat(
     assert first["uuid"].startswith("GPU-")
     assert status["agent"]["ready"] is True
     assert status["agent"]["backend"] == "simulated"
+    assert status["deviceMapping"]["source"] == "PodResources"
     limits = scrape(fleet_agent["gpu-h100-00"])["DCGM_FI_DEV_POWER_MGMT_LIMIT"]
     assert {sample.value for sample in limits} == {300.0}
 
@@ -97,15 +102,56 @@ def test_agent_applies_the_profile_and_reports_it_with_a_heartbeat(
         timeout_seconds=10,
     )
 
-    apply_profile(sandbox, "gpu-h100-00", [650.0, *[300.0] * 7])
-    status = wait_until("the new limit", lambda: applied_status(sandbox, "gpu-h100-00", "True"))
-    assert status["gpus"][0]["appliedWatts"] == 650.0
+    sandbox.kubectl(
+        "apply", "-f", "-", input=json.dumps(gpu_pod("chat-0", namespace, "gpu-h100-00", 2))
+    )
+    apply_profile(sandbox, "gpu-h100-00", 300.0, {(namespace, "chat-0"): 650.0})
+
+    def pod_limit_applied() -> dict[str, Any] | None:
+        status = applied_status(sandbox, "gpu-h100-00", "True")
+        ok = status is not None and status["gpus"][0].get("appliedWatts") == 650.0
+        return status if ok else None
+
+    status = wait_until("the pod's limit on the GPUs it holds", pod_limit_applied)
+    assert [gpu["appliedWatts"] for gpu in status["gpus"]] == [650.0] * 2 + [300.0] * 6
+    assert [gpu.get("pod") for gpu in status["gpus"][:3]] == [f"{namespace}/chat-0"] * 2 + [None]
+    assert status["gpus"][0]["holder"] == "wattsched"
+    sandbox.kubectl("delete", "pod", "chat-0", "-n", namespace, "--wait=false")
+
+
+def test_another_teams_gpus_are_left_alone_and_reported(
+    sandbox: Sandbox, fleet_agent: dict[str, str], namespace: str
+) -> None:
+    # A profile that sets no limit yet: the agent reports the mapping and touches nothing.
+    apply_profile(sandbox, "gpu-a100-01", None)
+    theirs = gpu_pod("trainer", namespace, "gpu-a100-01", 2, wattsched=False)
+    sandbox.kubectl("apply", "-f", "-", input=json.dumps(theirs))
+
+    def mapped() -> dict[str, Any] | None:
+        status = applied_status(sandbox, "gpu-a100-01", "True")
+        ok = status is not None and status["gpus"][0].get("holder") == "other"
+        return status if ok else None
+
+    status = wait_until("the other team's GPUs in the mapping", mapped)
+    assert [gpu.get("holder") for gpu in status["gpus"][:3]] == ["other", "other", None]
+    apply_profile(sandbox, "gpu-a100-01", 100.0)
+
+    def idle_lowered() -> dict[str, Any] | None:
+        status = applied_status(sandbox, "gpu-a100-01", "True")
+        ok = status is not None and status["gpus"][2].get("appliedWatts") == 100.0
+        return status if ok else None
+
+    status = wait_until("the free GPUs at the idle limit", idle_lowered)
+    assert [gpu["appliedWatts"] for gpu in status["gpus"]] == [400.0] * 2 + [100.0] * 6
+    assert "targetWatts" not in status["gpus"][0]
+    sandbox.kubectl("delete", "pod", "trainer", "-n", namespace, "--wait=false")
+    sandbox.kubectl("delete", "nodepowerprofile", "gpu-a100-01", "--ignore-not-found")
 
 
 def test_a_gpu_without_permission_makes_applied_false_and_the_agent_keeps_reporting(
     sandbox: Sandbox, fleet_agent: dict[str, str]
 ) -> None:
-    apply_profile(sandbox, "gpu-l4-01", [50.0] * 4)
+    apply_profile(sandbox, "gpu-l4-01", 50.0)
     status = wait_until("Applied=False", lambda: applied_status(sandbox, "gpu-l4-01", "False"))
     applied = {c["type"]: c for c in status["conditions"]}["Applied"]
     assert applied["reason"] == "NoPermission"
@@ -138,6 +184,8 @@ def test_a_workload_pod_makes_its_gpus_busy_and_labels_their_metrics(
             ],
         },
     }
+    # No profile (one left by another test would give the pod's GPUs the idle limit).
+    sandbox.kubectl("delete", "nodepowerprofile", "gpu-a100-00", "--ignore-not-found")
     sandbox.kubectl("apply", "-f", "-", input=json.dumps(pod))
 
     def busy_power() -> dict[str, Any] | None:
@@ -169,7 +217,7 @@ def test_a_workload_pod_makes_its_gpus_busy_and_labels_their_metrics(
 def test_single_node_agent_restores_defaults_on_shutdown_when_asked(
     sandbox: Sandbox, crds: list[str], tmp_path: Path
 ) -> None:
-    apply_profile(sandbox, "gpu-l40s-00", [200.0] * 4)
+    apply_profile(sandbox, "gpu-l40s-00", 200.0)
     process = start_agent(
         sandbox,
         tmp_path / "agent.log",

@@ -1,4 +1,8 @@
-"""The agent's reconcile without a cluster: profile -> limits -> status, pods -> GPUs -> load."""
+"""The agent's reconcile without a cluster: profile -> limits -> status, pods -> GPUs -> load.
+
+The device mapping here comes from the simulated kubelet (in process); tests/agent/
+test_podresources.py runs the agent against a PodResources gRPC server on a unix socket.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from tests.agent.conftest import truth_draw_watts
 from wattsched_agent.kube_access import node_gpu_info, placed_pod
 from wattsched_agent.node_agent import ExitPolicy, NodeAgent
 from wattsched_agent.nvml_backend import NvmlBackend
-from wattsched_agent.reconcile import PlacedPod, assign_gpus
+from wattsched_agent.reconcile import PlacedPod
+from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml
 from wattsched_operator.api.nodepowerprofile import (
     NodePowerProfile,
@@ -23,24 +28,67 @@ NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
 A100 = "NVIDIA-A100-SXM4-80GB"
 
 
-def profile(limits: dict[int, float], generation: int = 3, status: Any = None) -> NodePowerProfile:
+def profile(
+    limits: dict[int, float],
+    generation: int = 3,
+    status: Any = None,
+    idle_watts: float | None = None,
+) -> NodePowerProfile:
+    """A profile giving pod `team/gpu<i>` (which `a100_agent` puts on GPU i) its limit."""
+    spec: dict[str, Any] = {
+        "nodeName": "gpu-a",
+        "pods": [
+            {"namespace": "team", "name": f"gpu{i}", "powerLimitWatts": w}
+            for i, w in limits.items()
+        ],
+    }
+    if idle_watts is not None:
+        spec["idlePowerLimitWatts"] = idle_watts
     obj: dict[str, Any] = {
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "NodePowerProfile",
         "metadata": {"name": "gpu-a", "generation": generation},
-        "spec": {
-            "nodeName": "gpu-a",
-            "gpus": [{"index": i, "powerLimitWatts": w} for i, w in limits.items()],
-        },
+        "spec": spec,
     }
     if status is not None:
         obj["status"] = status
     return parse_nodepowerprofile(obj)
 
 
-def a100_agent(faults: dict[int, GpuFaults] | None = None) -> tuple[NodeAgent, SimulatedNvml]:
+def named_profile(limits: dict[str, float], idle_watts: float | None = None) -> NodePowerProfile:
+    """A profile giving each pod `team/<name>` its limit."""
+    spec: dict[str, Any] = {
+        "nodeName": "gpu-a",
+        "pods": [
+            {"namespace": "team", "name": name, "powerLimitWatts": w} for name, w in limits.items()
+        ],
+    }
+    if idle_watts is not None:
+        spec["idlePowerLimitWatts"] = idle_watts
+    return parse_nodepowerprofile(
+        {
+            "apiVersion": "wattsched.io/v1alpha1",
+            "kind": "NodePowerProfile",
+            "metadata": {"name": "gpu-a", "generation": 3},
+            "spec": spec,
+        }
+    )
+
+
+def one_gpu_pods(count: int) -> list[PlacedPod]:
+    """Idle single-GPU wattsched pods `team/gpu<i>`, created in index order."""
+    return [PlacedPod("team", f"gpu{i}", "c", 1, f"{i:02d}", utilisation=0.0) for i in range(count)]
+
+
+def a100_agent(
+    faults: dict[int, GpuFaults] | None = None, pods: list[PlacedPod] | None = None
+) -> tuple[NodeAgent, SimulatedNvml]:
+    """Four simulated A100s; GPU i held by pod team/gpu<i> unless `pods` says otherwise."""
     library = SimulatedNvml("gpu-a", [A100] * 4, faults=faults)
-    return NodeAgent("gpu-a", NvmlBackend(library, "simulated"), library), library
+    kubelet = SimulatedKubelet()
+    agent = NodeAgent("gpu-a", NvmlBackend(library, "simulated"), kubelet, library, kubelet)
+    agent.observe_pods(one_gpu_pods(4) if pods is None else pods, NOW)
+    return agent, library
 
 
 def test_status_reports_applied_limits_and_the_applied_condition() -> None:
@@ -152,15 +200,19 @@ def test_leave_policy_keeps_limits_and_only_marks_the_agent_stopped() -> None:
     assert agent.backend.sample(0).applied_watts == 200
 
 
-def test_pods_get_gpus_in_creation_order_and_make_them_busy() -> None:
-    agent, library = a100_agent()
-    agent.reconcile(profile({0: 400, 1: 400, 2: 300, 3: 300}), NOW)
-    agent.observe_pods(
-        [
-            PlacedPod("team", "late", "server", 1, "2026-11-25T02:00:00Z"),
-            PlacedPod("team", "early", "server", 2, "2026-11-25T01:00:00Z", utilisation=0.05),
-        ]
-    )
+def test_pods_get_free_gpus_in_creation_order_keep_them_and_make_them_busy() -> None:
+    late = PlacedPod("team", "late", "server", 1, "2026-11-25T02:00:00Z")
+    early = PlacedPod("team", "early", "server", 2, "2026-11-25T01:00:00Z", utilisation=0.05)
+    agent, library = a100_agent(pods=[late, early])
+    limits = named_profile({"early": 400, "late": 300}, idle_watts=300)
+    status = agent.reconcile(limits, NOW)
+    assert [gpu.get("pod") for gpu in status["gpus"]] == [
+        "team/early",
+        "team/early",
+        "team/late",
+        None,
+    ]
+    assert [gpu["targetWatts"] for gpu in status["gpus"]] == [400, 400, 300, 300]
     text = agent.metrics_text()
     assert 'gpu="0",' in text
     power = {
@@ -184,16 +236,26 @@ def test_pods_get_gpus_in_creation_order_and_make_them_busy() -> None:
     assert watts("3") == pytest.approx(truth(0.0, 300), abs=1e-3)  # idle
     assert watts("3") < watts("0") < watts("2")
 
+    # "early" goes: its GPUs are free again; a newer pod gets the lowest free ones, "late" stays.
+    newer = PlacedPod("team", "newer", "server", 1, "2026-11-25T03:00:00Z")
+    agent.observe_pods([late, newer], NOW)
+    status = agent.reconcile(limits, NOW)
+    assert [gpu.get("pod") for gpu in status["gpus"]] == [
+        "team/newer",
+        None,
+        "team/late",
+        None,
+    ]
+
 
 def test_a_pods_workload_type_sets_how_its_simulated_gpus_draw() -> None:
-    agent, library = a100_agent()
-    agent.reconcile(profile({0: 400, 1: 400}), NOW)
-    agent.observe_pods(
-        [
-            PlacedPod("team", "serve", "c", 1, "1", workload_type="Inference"),
-            PlacedPod("team", "train", "c", 1, "2", workload_type="Training"),
+    agent, library = a100_agent(
+        pods=[
+            PlacedPod("team", "gpu0", "c", 1, "1", workload_type="Inference"),
+            PlacedPod("team", "gpu1", "c", 1, "2", workload_type="Training"),
         ]
     )
+    agent.reconcile(profile({0: 400, 1: 400}), NOW)
     factor = library.node_factor
     draws = [agent.backend.sample(index).draw_watts for index in (0, 1)]
     assert draws == [
@@ -203,12 +265,45 @@ def test_a_pods_workload_type_sets_how_its_simulated_gpus_draw() -> None:
     assert draws[0] != draws[1]
 
 
-def test_more_gpus_requested_than_present_fill_the_node() -> None:
-    pods = [PlacedPod("a", "p", "c", 3, "1"), PlacedPod("a", "q", "c", 3, "2")]
-    assert sorted(assign_gpus(pods, 4)) == [0, 1, 2, 3]
+def test_a_pod_that_does_not_fit_in_the_free_gpus_gets_none() -> None:
+    kubelet = SimulatedKubelet()
+    kubelet.allocate(
+        [PlacedPod("a", "p", "c", 3, "1"), PlacedPod("a", "q", "c", 3, "2")],
+        ["GPU-0", "GPU-1", "GPU-2", "GPU-3"],
+    )
+    [only] = kubelet.list_gpu_pods()
+    assert (only.name, only.device_ids) == ("p", ("GPU-0", "GPU-1", "GPU-2"))
 
 
-def test_only_live_workload_pods_with_gpus_count() -> None:
+def test_other_teams_gpus_are_left_alone_and_reported_as_theirs() -> None:
+    theirs = PlacedPod("ml", "big", "c", 2, "00", utilisation=1.0, managed=False)
+    ours = PlacedPod("team", "gpu2", "c", 1, "01")
+    agent, library = a100_agent(pods=[theirs, ours])
+    for index in (0, 1):  # another team's pods run at whatever limit they set
+        handle = library.nvmlDeviceGetHandleByIndex(index)
+        library.nvmlDeviceSetPowerManagementLimit(handle, 350_000)
+    status = agent.reconcile(profile({2: 250}, idle_watts=100), NOW)
+    gpus = status["gpus"]
+    assert [(g.get("pod"), g.get("holder")) for g in gpus] == [
+        ("ml/big", "other"),
+        ("ml/big", "other"),
+        ("team/gpu2", "wattsched"),
+        (None, None),
+    ]
+    assert [g["appliedWatts"] for g in gpus] == [350, 350, 250, 100]
+    assert ["targetWatts" in g for g in gpus] == [False, False, True, True]
+    assert status["targetWatts"] == 350
+    assert status["conditions"][0]["reason"] == "LimitsApplied"
+
+
+def test_a_wattsched_pod_not_yet_in_the_spec_gets_the_idle_limit() -> None:
+    agent, _ = a100_agent()
+    status = agent.reconcile(profile({0: 300}, idle_watts=150), NOW)
+    assert [g["appliedWatts"] for g in status["gpus"]] == [300, 150, 150, 150]
+    assert [g["holder"] for g in status["gpus"]] == ["wattsched"] * 4
+
+
+def test_only_live_pods_with_gpus_count_and_ours_carry_the_workload_label() -> None:
     def pod(phase: str, gpus: int, deleting: bool = False) -> dict[str, Any]:
         metadata: dict[str, Any] = {"name": "p", "namespace": "n", "creationTimestamp": "t"}
         if deleting:
@@ -220,8 +315,9 @@ def test_only_live_workload_pods_with_gpus_count() -> None:
             "status": {"phase": phase},
         }
 
-    assert placed_pod(pod("Running", 2)) == PlacedPod("n", "p", "c", 2, "t")
+    assert placed_pod(pod("Running", 2)) == PlacedPod("n", "p", "c", 2, "t", managed=False)
     typed = pod("Running", 2)
+    typed["metadata"]["labels"] = {"wattsched.io/workload": "w"}
     typed["metadata"]["annotations"] = {"wattsched.io/workload-type": "Training"}
     assert placed_pod(typed) == PlacedPod("n", "p", "c", 2, "t", workload_type="Training")
     typed["metadata"]["annotations"] = {"wattsched.io/workload-type": "Gaming"}

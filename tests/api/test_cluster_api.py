@@ -180,7 +180,7 @@ def test_get_wide_shows_the_budget_and_profile_columns(
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "NodePowerProfile",
         "metadata": {"name": name},
-        "spec": {"nodeName": name, "gpus": [{"index": 0, "powerLimitWatts": 500}]},
+        "spec": {"nodeName": name, "idlePowerLimitWatts": 500},
     }
     apply(sandbox, profile, namespace)
     try:

@@ -365,14 +365,18 @@ PROFILE_STATUS: dict[str, Any] = {
             "index": 0,
             "uuid": "GPU-0",
             "product": "NVIDIA H100 80GB HBM3",
+            "pod": "team/chat-0",
+            "holder": "wattsched",
             "minWatts": 200,
             "maxWatts": 700,
             "defaultWatts": 700,
+            "targetWatts": 500,
             "appliedWatts": 500,
             "drawWatts": 312.5,
             "energyJoules": 1.0e7,
         }
     ],
+    "deviceMapping": {"source": "LastKnown", "readTime": "2026-11-25T01:59:00Z", "message": "x"},
     "agent": {"ready": True, "heartbeatTime": "2026-11-25T02:00:00Z", "backend": "simulated"},
     "conditions": [
         {
@@ -391,7 +395,11 @@ def profile(generation: int, status: dict[str, Any]) -> dict[str, Any]:
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "NodePowerProfile",
         "metadata": {"name": "n", "generation": generation},
-        "spec": {"nodeName": "n", "gpus": [{"index": 0, "powerLimitWatts": 500}]},
+        "spec": {
+            "nodeName": "n",
+            "idlePowerLimitWatts": 200,
+            "pods": [{"namespace": "team", "name": "chat-0", "powerLimitWatts": 500}],
+        },
         "status": status,
     }
 
@@ -402,7 +410,9 @@ def test_profile_status_round_trips_and_confirms_the_current_generation() -> Non
     assert model.status.agent is not None
     assert model.status.agent.backend is Backend.SIMULATED
     assert model.limits_confirmed
-    assert model.spec.limit_watts(0) == 500.0
+    assert model.spec.pod_limit_watts("team", "chat-0") == 500.0
+    assert model.spec.pod_limit_watts("team", "chat-1") is None
+    assert model.spec.idle_power_limit_watts == 200.0
 
 
 def test_profile_limits_are_unconfirmed_for_a_newer_generation_or_a_failed_apply() -> None:

@@ -53,7 +53,13 @@ def test_json_output_has_the_documented_shape(capsys: pytest.CaptureFixture[str]
         assert isinstance(placement["gpus"], int)
         assert isinstance(placement["powerLimitWatts"], float)
     for budget in plan["budgets"]:
-        assert set(budget) == {"name", "capWatts", "allocatedCapWatts", "expectedWatts"}
+        assert set(budget) == {
+            "name",
+            "capWatts",
+            "allocatedCapWatts",
+            "unmanagedWatts",
+            "expectedWatts",
+        }
         assert budget["allocatedCapWatts"] <= budget["capWatts"]
     for unplaced in plan["unplaced"]:
         assert set(unplaced) - {"budget"} == {"workload", "reason", "message"}
@@ -107,7 +113,12 @@ def first(items: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 def unknown_product(items: list[dict[str, Any]]) -> str:
     first(items, "Node")["metadata"]["labels"]["nvidia.com/gpu.product"] = "NVIDIA-Z9000"
-    return 'Node gpu-h100-00: metadata.labels["nvidia.com/gpu.product"]: unknown GPU product'
+    return "Node gpu-h100-00: GPU product 'Z9000' is not in the catalogue"
+
+
+def malformed_memory_label(items: list[dict[str, Any]]) -> str:
+    first(items, "Node")["metadata"]["labels"]["nvidia.com/gpu.memory"] = "80 GiB"
+    return "Node gpu-h100-00: metadata.labels[\"nvidia.com/gpu.memory\"]: '80 GiB' is not a whole"
 
 
 def malformed_quantity(items: list[dict[str, Any]]) -> str:
@@ -177,7 +188,9 @@ def test_bad_snapshot_exits_2_with_one_line_naming_object_and_field(
     assert captured.err.count("\n") == 1
 
 
-@pytest.mark.parametrize("break_node", [unknown_product, malformed_quantity])
+@pytest.mark.parametrize(
+    "break_node", [unknown_product, malformed_quantity, malformed_memory_label]
+)
 def test_a_node_the_plan_cannot_use_is_left_out_and_named_on_stderr(
     break_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

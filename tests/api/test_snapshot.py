@@ -15,7 +15,6 @@ import yaml
 
 from wattsched_operator.api.llmworkload import parse_llmworkload
 from wattsched_operator.snapshot import (
-    UNKNOWN_GPU_MAX_WATTS,
     ClusterObjects,
     Snapshot,
     SnapshotError,
@@ -23,6 +22,7 @@ from wattsched_operator.snapshot import (
     deadline_seconds,
     job_terms,
     split_objects,
+    unknown_gpu_max_watts,
 )
 from wattsched_optimizer.problem import (
     CurrentPlacement,
@@ -182,11 +182,38 @@ def test_a_cordoned_node_keeps_its_running_replicas_and_a_noexecute_taint_does_n
     }
 
 
+def test_a_product_the_catalogue_lacks_is_excluded_until_its_agent_reports() -> None:
+    """Combined issues 12b and 13: before its agent reports the GPUs' power range, a node of a
+    product the catalogue lacks is excluded (no work), counted at the unknown maximum per GPU."""
+    snapshot = build(
+        node("gpu-x", "NVIDIA-Z9000", labels={"nvidia.com/gpu.memory": "97871"}),
+        workload(gpu={"count": 1, "products": ["NVIDIA-Z9000"]}),
+    )
+    assert snapshot.plan_input.nodes == ()
+    assert "Z9000" not in snapshot.plan_input.products
+    reason, watts = excluded(snapshot)["gpu-x"]
+    assert reason.startswith("Node gpu-x: GPU product 'Z9000' is not in the catalogue")
+    assert watts == 8 * unknown_gpu_max_watts() == 8 * 2000
+    [chat] = snapshot.plan_input.workloads
+    assert chat.allowed_products == frozenset({"Z9000"})
+
+
+def test_a_malformed_memory_label_excludes_the_node_naming_the_label() -> None:
+    snapshot = build(node("gpu-x", labels={"nvidia.com/gpu.memory": "80GB"}))
+    assert snapshot.plan_input.nodes == ()
+    assert (
+        "Node gpu-x: metadata.labels[\"nvidia.com/gpu.memory\"]: '80GB'"
+        in (excluded(snapshot)["gpu-x"][0])
+    )
+
+
 def limits_profile(node_name: str, watts: list[float]) -> dict[str, Any]:
-    """A profile whose agent confirmed these limits."""
+    """A profile whose agent confirmed these limits (each GPU's target, applied)."""
     body = profile(node_name)
-    body["spec"]["gpus"] = [{"index": i, "powerLimitWatts": w} for i, w in enumerate(watts)]
-    body["status"]["gpus"] = [{"index": i, "appliedWatts": w} for i, w in enumerate(watts)]
+    body["spec"]["idlePowerLimitWatts"] = min(watts)
+    body["status"]["gpus"] = [
+        {"index": i, "targetWatts": w, "appliedWatts": w} for i, w in enumerate(watts)
+    ]
     return body
 
 
@@ -205,14 +232,11 @@ def test_an_unknown_gpu_product_excludes_only_that_node_and_its_budgets_count_it
     )
     assert [n.name for n in snapshot.plan_input.nodes] == ["ok"]
     reason, watts = excluded(snapshot)["gpu-x"]
-    assert reason.startswith(
-        'Node gpu-x: metadata.labels["nvidia.com/gpu.product"]: unknown GPU product '
-        "'NVIDIA-Z9000'"
-    )
-    assert watts == 8 * UNKNOWN_GPU_MAX_WATTS  # no agent has reported its GPUs' maximum
+    assert reason.startswith("Node gpu-x: GPU product 'Z9000' is not in the catalogue")
+    assert watts == 8 * unknown_gpu_max_watts()  # no agent has reported its GPUs' maximum
     (rack_a,) = snapshot.plan_input.budgets
     assert rack_a.node_names == {"ok"}
-    assert rack_a.uncontrolled_watts == 8 * UNKNOWN_GPU_MAX_WATTS
+    assert rack_a.uncontrolled_watts == 8 * unknown_gpu_max_watts()
     assert [w.key for w in snapshot.plan_input.workloads] == ["team-a/chat"]
 
 
@@ -449,11 +473,10 @@ def test_invalid_workload_is_one_error_naming_object_and_field() -> None:
         build(node("n"), workload("bad", gpu={"count": 0}))
 
 
-def test_unknown_allowed_product_names_the_list_entry() -> None:
-    with pytest.raises(
-        SnapshotError, match=r"LLMWorkload team-a/chat: spec.gpu.products\[1\]: unknown GPU product"
-    ):
-        build(node("n"), workload(gpu={"count": 1, "products": ["NVIDIA-L4", "NVIDIA-Z9000"]}))
+def test_an_allowed_product_the_catalogue_lacks_is_kept() -> None:
+    chat = workload(gpu={"count": 1, "products": ["NVIDIA-L4", "NVIDIA-Z9000"]})
+    snapshot = build(node("n"), chat)
+    assert snapshot.plan_input.workloads[0].allowed_products == frozenset({"L4", "Z9000"})
 
 
 def test_lenient_mode_leaves_out_invalid_workloads_and_reports_them() -> None:

@@ -265,7 +265,7 @@ def profile_manifest(node_name: str) -> str:
             "apiVersion": "wattsched.io/v1alpha1",
             "kind": "NodePowerProfile",
             "metadata": {"name": node_name},
-            "spec": {"nodeName": node_name, "gpus": [{"index": 0, "powerLimitWatts": 500}]},
+            "spec": {"nodeName": node_name, "idlePowerLimitWatts": 500},
         }
     )
 

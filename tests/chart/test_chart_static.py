@@ -262,7 +262,19 @@ def test_nvml_agent_gets_sys_admin_and_nothing_else(chart: Chart) -> None:
     assert security["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["runtimeClassName"] == "nvidia"
-    assert not any("hostPath" in volume for volume in pod["volumes"])
+    # The one hostPath: the kubelet's PodResources socket directory, read-only (which GPU is whose).
+    host_paths = [volume for volume in pod["volumes"] if "hostPath" in volume]
+    assert host_paths == [
+        {
+            "name": "pod-resources",
+            "hostPath": {"path": "/var/lib/kubelet/pod-resources", "type": "Directory"},
+        }
+    ]
+    mounts = {m["name"]: m for m in _container(daemonset)["volumeMounts"]}
+    assert mounts["pod-resources"]["readOnly"] is True
+    assert mounts["pod-resources"]["mountPath"] == "/var/lib/kubelet/pod-resources"
+    args = _container(daemonset)["args"]
+    assert "--pod-resources-socket=/var/lib/kubelet/pod-resources/kubelet.sock" in args
     assert not pod.get("hostNetwork")
     assert not pod.get("hostPID")
     assert not pod.get("hostIPC")
@@ -280,6 +292,7 @@ def test_simulated_agent_runs_non_root_without_capabilities(chart: Chart) -> Non
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert "runtimeClassName" not in pod
     assert "NVIDIA_VISIBLE_DEVICES" not in {item["name"] for item in container["env"]}
+    assert not any("hostPath" in volume for volume in pod["volumes"])
 
 
 def test_agent_runs_on_gpu_nodes_and_knows_its_node(chart: Chart) -> None:
@@ -523,3 +536,62 @@ def test_rendered_arguments_are_accepted_by_the_components(chart: Chart, values_
 def _peering_enabled(values_file: Path) -> bool:
     values = yaml.safe_load(values_file.read_text()) or {}
     return bool(values.get("peering", {}).get("enabled", True))
+
+
+B200_EXTENSION: dict[str, Any] = {
+    "sources": {"b200-test": "figures for this test only"},
+    "products": {
+        "B200": {
+            "labels": ["NVIDIA-B200"],
+            "memory_gib": {"value": 179, "source": "b200-test"},
+            "min_watts": {"value": 400, "source": "b200-test"},
+            "default_watts": {"value": 1000, "source": "b200-test"},
+            "max_watts": {"value": 1000, "source": "b200-test"},
+            "idle_watts": {"value": 120, "source": "b200-test"},
+            "relative_speed": {
+                kind: {"value": 2.0, "source": "b200-test"}
+                for kind in ("Inference", "BatchInference", "Training", "FineTuning")
+            },
+        }
+    },
+}
+
+
+def test_the_catalogue_is_extended_from_values_without_a_new_image(
+    chart: Chart, tmp_path: Path
+) -> None:
+    from wattsched_operator.run import parse_args as parse_operator_args  # noqa: PLC0415
+
+    values = tmp_path / "catalogue-values.yaml"
+    values.write_text(yaml.safe_dump({"operator": {"catalogue": B200_EXTENSION}}))
+    manifests = chart.render(values_files=(values,))
+    config_map = find(manifests, "ConfigMap", "-catalogue")
+    assert yaml.safe_load(config_map["data"]["catalogue.yaml"]) == B200_EXTENSION
+    deployment = find(manifests, "Deployment", "-operator")
+    args = _container(deployment)["args"]
+    assert "--catalogue-file=/etc/wattsched/catalogue/catalogue.yaml" in args
+    mounts = {m["name"]: m for m in _container(deployment)["volumeMounts"]}
+    assert mounts["catalogue"] == {
+        "name": "catalogue",
+        "mountPath": "/etc/wattsched/catalogue",
+        "readOnly": True,
+    }
+    volumes = {v["name"]: v for v in _pod_spec(deployment)["volumes"]}
+    assert volumes["catalogue"]["configMap"]["name"] == config_map["metadata"]["name"]
+    # What the operator reads from the mounted file: the shipped products plus the B200.
+    mounted = tmp_path / "catalogue.yaml"
+    mounted.write_text(config_map["data"]["catalogue.yaml"])
+    file_args = [
+        f"--catalogue-file={mounted}" if arg.startswith("--catalogue-file") else arg for arg in args
+    ]
+    parsed = parse_operator_args(file_args[1:])
+    assert parsed.catalogue.products["B200"].max_watts.value == 1000
+    assert parsed.catalogue.aliases["B200"] == "B200"
+    assert "H100-80GB" in parsed.catalogue.products
+
+
+def test_no_catalogue_values_render_no_catalogue_config_map(chart: Chart) -> None:
+    manifests = chart.render()
+    assert not [m for m in manifests if str(m["metadata"]["name"]).endswith("-catalogue")]
+    args = _container(find(manifests, "Deployment", "-operator"))["args"]
+    assert not [a for a in args if a.startswith("--catalogue-file")]

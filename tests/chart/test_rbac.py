@@ -258,7 +258,7 @@ def test_own_node_rule_does_not_apply_to_the_operator(
     sandbox: Sandbox, release: Release, two_agent_profiles: tuple[str, str]
 ) -> None:
     _, other = two_agent_profiles
-    patch = {"spec": {"gpus": [{"index": 0, "powerLimitWatts": 450}]}}
+    patch = {"spec": {"idlePowerLimitWatts": 450}}
     sandbox.kubectl(
         "patch", "nodepowerprofile", other, "--type=merge", "-p", json.dumps(patch),
         f"--as={release.operator_user}",
@@ -378,7 +378,7 @@ def test_operator_identity_can_manage_node_power_profiles(
     sandbox.kubectl("create", "-f", "-", as_operator, input=profile_manifest(node))
     sandbox.kubectl(
         "patch", "nodepowerprofile", node, "--type=merge", as_operator,
-        "-p", json.dumps({"spec": {"gpus": [{"index": 0, "powerLimitWatts": 300}]}}),
+        "-p", json.dumps({"spec": {"idlePowerLimitWatts": 300}}),
     )  # fmt: skip
     denied = sandbox.kubectl(
         "patch", "nodepowerprofile", node, "--subresource=status", "--type=merge", as_operator,

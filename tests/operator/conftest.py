@@ -121,6 +121,8 @@ def agents(
                 "1",
                 "--targets-file",
                 str(targets_file),
+                "--pod-resources-dir",
+                str(workdir / "pod-resources"),
                 "--kubeconfig",
                 str(sandbox.kubeconfig),
             ],

@@ -16,10 +16,12 @@ from wattsched_operator.desired import (
     moved_replicas,
     node_power_profile,
     pace_deletions,
+    planned_limits,
     pod_changes,
     pod_name,
 )
-from wattsched_optimizer.problem import Placement, WorkloadType
+from wattsched_operator.transition import NodeLimits
+from wattsched_optimizer.problem import Placement, Plan, PlanStatus, WorkloadType
 
 
 def workload(**overrides: Any) -> WorkloadObject:
@@ -228,12 +230,43 @@ def test_finished_and_terminating_pods_are_left_to_the_lifecycle_rules() -> None
     assert changes.create == ()
 
 
-def test_node_power_profile_lists_one_limit_per_gpu_index() -> None:
-    profile = node_power_profile("gpu-h100-0", (300.0, 700.0))
+def test_node_power_profile_names_each_replicas_pod_and_the_idle_limit() -> None:
+    limits = NodeLimits(idle_watts=200.0, pods={("team", "chat-1"): 450.0, ("team", "chat-0"): 600})
+    profile = node_power_profile("gpu-h100-0", limits)
     assert profile["metadata"] == {"name": "gpu-h100-0"}
     assert profile["spec"] == {
         "nodeName": "gpu-h100-0",
-        "gpus": [{"index": 0, "powerLimitWatts": 300.0}, {"index": 1, "powerLimitWatts": 700.0}],
+        "idlePowerLimitWatts": 200.0,
+        "pods": [
+            {"namespace": "team", "name": "chat-0", "powerLimitWatts": 600.0},
+            {"namespace": "team", "name": "chat-1", "powerLimitWatts": 450.0},
+        ],
+    }
+
+
+def test_an_empty_node_writes_an_empty_pod_list_so_a_merge_patch_clears_it() -> None:
+    assert node_power_profile("n", NodeLimits(idle_watts=100.0))["spec"]["pods"] == []
+
+
+def test_planned_limits_name_each_placed_replicas_pod() -> None:
+    plan = Plan(
+        status=PlanStatus.OPTIMAL,
+        objective=0,
+        bound=0,
+        gap=0,
+        solve_seconds=0,
+        placements=(placement(0), placement(1)),
+        node_power_limits_watts={"gpu-h100-0": (400.0,) * 8, "gpu-h100-1": (200.0,) * 8},
+        budgets=(),
+        unplaced=(),
+        node_idle_limits_watts={"gpu-h100-0": 200.0, "gpu-h100-1": 200.0},
+    )
+    limits = planned_limits(plan)
+    assert limits["gpu-h100-1"] == NodeLimits(idle_watts=200.0)
+    assert limits["gpu-h100-0"].idle_watts == 200.0
+    assert limits["gpu-h100-0"].pods == {
+        ("team-a", "llama-0"): 450.0,
+        ("team-a", "llama-1"): 450.0,
     }
 
 

@@ -113,9 +113,9 @@ def test_a_node_with_an_unknown_gpu_product_never_stops_planning(
     known = nodes.add(f"gpu-h200-{suffix}", H200, 2)
     for name in (unknown, known):
         sandbox.kubectl("label", "node", name, f"{TEST_LABEL}=unknown-{suffix}", "--overwrite")
-    # The unknown node counts at 4 x 1400 W (nothing reports its GPUs' maximum); the H200 idles
-    # at 2 x 200 W: 6000 W with nothing placed.
-    apply(sandbox, None, budget(f"with-unknown-{suffix}", 8000, scope))
+    # The unknown node counts at 4 x 2000 W (unknown_product.max_watts_before_agent: no agent
+    # reports its GPUs' maximum); the H200 idles at 2 x 200 W: 8400 W with nothing placed.
+    apply(sandbox, None, budget(f"with-unknown-{suffix}", 10400, scope))
     operator = start_operator()
     fits = workload("fits", products=[H200])
     fits["spec"]["energy"] = {"policy": "Performance"}  # at the H200's 700 W maximum
@@ -130,27 +130,27 @@ def test_a_node_with_an_unknown_gpu_product_never_stops_planning(
     assert planned["status"] == "False"
     assert planned["reason"] == "NodeExcluded"
     assert f"Node {unknown}" in planned["message"]
-    assert "unknown GPU product 'NVIDIA-A10G'" in planned["message"]
-    assert "(5600 W)" in planned["message"]
-    assert status["allocatedCapWatts"] > 5600
+    assert "GPU product 'A10G' is not in the catalogue" in planned["message"]
+    assert "(8000 W)" in planned["message"]
+    assert status["allocatedCapWatts"] > 8000
 
     def node_event() -> list[Any]:
         return [e for e in events_on(sandbox, "Node", unknown) if e["reason"] == "NodeExcluded"]
 
     (event,) = wait_until(f"a NodeExcluded Event on {unknown}", node_event)
-    assert "unknown GPU product 'NVIDIA-A10G'" in event["message"]
+    assert "GPU product 'A10G' is not in the catalogue" in event["message"]
 
-    # Lowered from 8000 W to 6300 W: the H200's limits follow (700 W left for 2 GPUs).
+    # Lowered from 10400 W to 8700 W: the H200's limits follow (700 W left for 2 GPUs).
     assert sum(profile_limits(sandbox, known)[0]) == 900  # 700 W + an idle 200 W
     lowered_at = time.monotonic()
     sandbox.kubectl(
-        "patch", "energybudget", name, "--type=merge", "-p", '{"spec": {"powerCapWatts": 6300}}'
+        "patch", "energybudget", name, "--type=merge", "-p", '{"spec": {"powerCapWatts": 8700}}'
     )
 
     def applied() -> bool:
         spec, confirmed = profile_limits(sandbox, known)
         allocated = get_json(sandbox, "energybudget", name)["status"]["allocatedCapWatts"]
-        return sum(spec) <= 700 and sum(confirmed) <= 700 and allocated <= 6300
+        return sum(spec) <= 700 and sum(confirmed) <= 700 and allocated <= 8700
 
     wait_until("the lowered cap applied on the H200", applied, timeout_seconds=60)
     print(f"lowered cap applied in {time.monotonic() - lowered_at:.1f} s (measured)")

@@ -5,6 +5,7 @@ simulated agents writing NodePowerProfile status. The operator runs as a subproc
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -125,11 +126,30 @@ def running_on_planned_nodes(sandbox: Sandbox, namespace: str, name: str) -> boo
     )
 
 
+def spec_per_gpu(body: dict[str, Any]) -> list[float]:
+    """What a profile's spec asks of each GPU its agent reports, by the pod holding the GPU
+    (`status.gpus[].pod`): that pod's limit, else the idle limit. Other teams' GPUs are skipped."""
+    spec = body.get("spec") or {}
+    idle = spec.get("idlePowerLimitWatts")
+    pods = {f"{p['namespace']}/{p['name']}": p["powerLimitWatts"] for p in spec.get("pods") or []}
+    limits = []
+    for gpu in (body.get("status") or {}).get("gpus") or []:
+        if gpu.get("holder") == "other":
+            continue
+        limit = pods.get(gpu.get("pod"), idle)
+        limits.append(math.inf if limit is None else float(limit))
+    return limits
+
+
 def profile_limits(sandbox: Sandbox, node: str) -> tuple[list[float], list[float]]:
+    """Per GPU (other teams' left out): the limit the spec asks, the limit applied."""
     body = get_json(sandbox, "nodepowerprofile", node)
-    spec = [float(g["powerLimitWatts"]) for g in body["spec"]["gpus"]]
-    applied = [float(g["appliedWatts"]) for g in (body.get("status") or {}).get("gpus") or []]
-    return spec, applied
+    applied = [
+        float(g["appliedWatts"])
+        for g in (body.get("status") or {}).get("gpus") or []
+        if g.get("holder") != "other"
+    ]
+    return spec_per_gpu(body), applied
 
 
 def events_of(sandbox: Sandbox, namespace: str, name: str) -> list[dict[str, Any]]:
@@ -157,11 +177,7 @@ def limits_in_scope(sandbox: Sandbox, match_labels: dict[str, str]) -> float:
     profiles = {p["metadata"]["name"]: p for p in get_json(sandbox, "nodepowerprofiles")["items"]}
     missing = [n["metadata"]["name"] for n in nodes if n["metadata"]["name"] not in profiles]
     assert not missing, f"GPU nodes in scope without a NodePowerProfile: {missing}"
-    return sum(
-        float(g["powerLimitWatts"])
-        for n in nodes
-        for g in profiles[n["metadata"]["name"]]["spec"]["gpus"]
-    )
+    return sum(sum(spec_per_gpu(profiles[n["metadata"]["name"]]) or [math.inf]) for n in nodes)
 
 
 def ensure_volume_claims(sandbox: Sandbox, namespace: str, paths: list[Path]) -> None:
@@ -240,10 +256,11 @@ def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
     for name in names:
         status = get_json(sandbox, "llmworkload", name, "-n", namespace)["status"]
         for placement in status["placements"]:
-            spec, _ = profile_limits(sandbox, placement["node"])
-            assert spec.count(placement["powerLimitWatts"]) >= placement["gpus"], (
-                f"{name}: NodePowerProfile {placement['node']} lacks the planned limit"
-            )
+            spec = get_json(sandbox, "nodepowerprofile", placement["node"])["spec"]
+            pod = f"{name}-{placement['replica']}"
+            limit = placement["powerLimitWatts"]
+            wanted = {"namespace": namespace, "name": pod, "powerLimitWatts": limit}
+            assert wanted in spec["pods"], f"NodePowerProfile {placement['node']} lacks {pod}"
 
             def agent_applied(node: str = placement["node"]) -> bool:
                 spec_now, applied_now = profile_limits(sandbox, node)
@@ -354,7 +371,7 @@ class LimitWatcher(threading.Thread):
                 node = body["metadata"]["name"]
                 if node not in self.nodes:
                     continue
-                self.spec[node] = sum(g["powerLimitWatts"] for g in body["spec"]["gpus"])
+                self.spec[node] = sum(spec_per_gpu(body))
                 gpus = (body.get("status") or {}).get("gpus") or []
                 self.applied[node] = sum(g.get("appliedWatts") or 0 for g in gpus)
                 self.samples.append(
@@ -873,4 +890,148 @@ def test_a_budget_below_unconfirmed_maximums_lowers_them_and_then_places_work(
         agent.kill()
         agent.wait()
         sandbox.kubectl("delete", "energybudget", "h200-below-max", "--wait=false", check=False)
+        sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def test_another_teams_gpus_are_not_offered_and_count_in_budgets_at_their_limit(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, tmp_path: Path
+) -> None:
+    """Issue 13: a pod wattsched did not create holds 2 of a node's 4 GPUs. The agent reports them
+    as `holder: other` and leaves them at their limit (the H200 default, 700 W); the operator
+    offers only the 2 free GPUs, counts the others at 700 W each in the node's budget, and says so
+    when they alone exceed the cap."""
+    node = f"gpu-h200-{namespace[-5:]}"
+    scope = {TEST_LABEL: node}
+    apply(sandbox, None, gpu_node(node, "NVIDIA-H200", 4))
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "their-trainer", "labels": {"team": "other"}},
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "trainer",
+                    "resources": {"limits": {"nvidia.com/gpu": "2"}},
+                }
+            ],
+        },
+    }
+    apply(sandbox, namespace, theirs)
+    apply(sandbox, None, budget("h200-shared", 3000, scope))
+    agent = start_node_agent(sandbox, node, tmp_path / "agent.log")
+    try:
+        start_operator()
+
+        def mapped() -> bool:
+            found = sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json", check=False)
+            if found.returncode != 0:
+                return False
+            gpus = (json.loads(found.stdout).get("status") or {}).get("gpus") or []
+            return [g.get("holder") for g in gpus] == ["other", "other", None, None]
+
+        wait_until(f"{node}'s agent maps the other team's GPUs", mapped)
+
+        def unmanaged() -> float | None:
+            status = get_json(sandbox, "energybudget", "h200-shared").get("status") or {}
+            value: float | None = status.get("unmanagedWatts")
+            return value
+
+        wait_until("h200-shared counts the other team's GPUs at 700 W", lambda: unmanaged() == 1400)
+        apply(sandbox, namespace, workload("too-big", gpus=4, products=["NVIDIA-H200"]))
+        apply(sandbox, namespace, workload("fits", gpus=2, products=["NVIDIA-H200"]))
+        wait_until("fits Running", lambda: running_on_planned_nodes(sandbox, namespace, "fits"), 90)
+        assert phase_of(sandbox, namespace, "too-big") != "Running"
+        profile = get_json(sandbox, "nodepowerprofile", node)
+        theirs_now = [g for g in profile["status"]["gpus"] if g.get("holder") == "other"]
+        assert [g["appliedWatts"] for g in theirs_now] == [700, 700]  # left alone
+        status = get_json(sandbox, "energybudget", "h200-shared")["status"]
+        assert status["allocatedCapWatts"] <= 3000
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["UnmanagedWithinCap"]["status"] == "True"
+
+        apply(sandbox, None, budget("h200-shared", 1000, scope))
+
+        def over_cap() -> dict[str, Any] | None:
+            status = get_json(sandbox, "energybudget", "h200-shared").get("status") or {}
+            found = {c["type"]: c for c in status.get("conditions") or []}
+            condition = found.get("UnmanagedWithinCap") or {}
+            return condition if condition.get("status") == "False" else None
+
+        condition = wait_until("UnmanagedWithinCap=False below the other team's 1400 W", over_cap)
+        assert condition["reason"] == "UnmanagedOverCap"
+        assert "1400 W of the 1000 W cap" in condition["message"]
+    finally:
+        agent.kill()
+        agent.wait()
+        sandbox.kubectl("delete", "energybudget", "h200-shared", "--wait=false", check=False)
+        sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def test_a_gpu_the_catalogue_lacks_takes_work_once_its_agent_reports_its_nvml_range(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, tmp_path: Path
+) -> None:
+    """Issue 13: a B200 node (not in the catalogue) never stops planning. Until its agent reports
+    the GPUs' NVML power range the node takes no new work; then work goes there, within that
+    range, with memory from the node's label."""
+    node = f"gpu-b200-{namespace[-5:]}"
+    b200 = gpu_node(node, "NVIDIA-B200", 2)
+    b200["metadata"]["labels"]["nvidia.com/gpu.memory"] = "183359"
+    apply(sandbox, None, b200)
+    # The simulated NVML learns the B200 from a product table (its draw borrowed from the H200's
+    # ground truth); the operator only from what the agent reports.
+    products = yaml.safe_load(
+        (REPO_ROOT / "agent/wattsched_agent/simulated_products.yaml").read_text()
+    )
+    products["NVIDIA-B200"] = {
+        "nvmlName": "NVIDIA B200",
+        "minWatts": 400,
+        "maxWatts": 1000,
+        "defaultWatts": 1000,
+        "groundTruthProduct": "H200",
+    }
+    products_file = tmp_path / "products.yaml"
+    products_file.write_text(yaml.safe_dump(products))
+    big = workload("on-b200", gpus=2, products=["NVIDIA-B200"])
+    big["spec"]["gpu"]["minMemoryGiB"] = 150
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        operator = start_operator()
+        apply(sandbox, namespace, big)
+
+        def planned_twice() -> bool:
+            try:
+                return operator.plans() >= 2
+            except OSError:  # its /metrics is not up yet
+                return False
+
+        wait_until("two plans with the B200 node", planned_twice)
+        assert phase_of(sandbox, namespace, "on-b200") != "Running"
+        with (tmp_path / "agent.log").open("wb") as log:
+            agent = subprocess.Popen(
+                [
+                    sys.executable,
+                    *("-m", "wattsched_operator.cli", "agent", "--backend", "simulated"),
+                    *("--node-name", node, "--metrics-port", "0", "--interval-seconds", "1"),
+                    *("--simulated-products", str(products_file)),
+                    *("--kubeconfig", str(sandbox.kubeconfig)),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(
+            "on-b200 Running on the B200 node",
+            lambda: running_on_planned_nodes(sandbox, namespace, "on-b200"),
+            90,
+        )
+        [placement] = get_json(sandbox, "llmworkload", "on-b200", "-n", namespace)["status"][
+            "placements"
+        ]
+        assert placement["node"] == node
+        assert 400 <= placement["powerLimitWatts"] <= 1000
+    finally:
+        if agent is not None:
+            agent.kill()
+            agent.wait()
         sandbox.kubectl("delete", "node", node, "--wait=false", check=False)

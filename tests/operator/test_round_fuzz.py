@@ -93,10 +93,7 @@ def profiles(draw: st.DrawFn, node_names: list[str]) -> list[dict[str, Any]]:
                 "apiVersion": GROUP_VERSION,
                 "kind": "NodePowerProfile",
                 "metadata": {"name": name, "generation": generation},
-                "spec": {
-                    "nodeName": name,
-                    "gpus": [{"index": i, "powerLimitWatts": w} for i, w in enumerate(watts)],
-                },
+                "spec": {"nodeName": name, "idlePowerLimitWatts": min(watts, default=60.0)},
                 "status": {
                     "observedGeneration": draw(odd(st.just(generation), 0)),
                     "agent": agent,
@@ -104,6 +101,7 @@ def profiles(draw: st.DrawFn, node_names: list[str]) -> list[dict[str, Any]]:
                         {
                             "index": i,
                             "appliedWatts": w,
+                            "targetWatts": draw(st.sampled_from([None, w])),
                             "maxWatts": draw(st.sampled_from([None, 400.0, 700.0])),
                         }
                         for i, w in enumerate(watts)
@@ -292,11 +290,11 @@ def decide(view: ClusterView) -> None:
     objects = {key: workload_object(body) for key, body in active.items()}
     want = desired.desired_pods(objects, result.placements)
     desired.pod_changes(view.pods.values(), want)
+    planned = desired.planned_limits(result)
     current = {
-        node: transition.NodePowerState.from_profile(view.profiles.get(node))
-        for node in result.node_power_limits_watts
+        node: transition.NodePowerState.from_profile(view.profiles.get(node)) for node in planned
     }
-    transition.power_steps(current, result.node_power_limits_watts)
+    transition.power_steps(current, planned)
 
     scopes = {b.name: b for b in built.plan_input.budgets}
     for allocation in result.budgets:

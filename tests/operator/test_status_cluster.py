@@ -28,6 +28,7 @@ from tests.operator.conftest import (
     get_json,
     wait_until,
 )
+from wattsched_operator.api.llmworkload import MAX_TEMPLATE_DEPTH
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
@@ -66,10 +67,14 @@ def unplaceable(namespace: str) -> dict[str, Any]:
 
 
 def invalid(namespace: str) -> dict[str, Any]:
-    """Accepted by the API server, rejected by the operator (a product the model does not know)."""
+    """Accepted by the API server, rejected by the operator: a template nested deeper than the
+    models read (a product the catalogue lacks is no longer invalid: issue 13)."""
     workload = unplaceable(namespace)
-    workload["metadata"]["name"] = "unknown-gpu"
-    workload["spec"]["gpu"]["products"] = ["NVIDIA-Z9000"]
+    workload["metadata"]["name"] = "too-deep"
+    deep: dict[str, Any] = {"a": 1}
+    for _ in range(MAX_TEMPLATE_DEPTH):
+        deep = {"a": deep}
+    workload["spec"]["template"]["spec"]["x"] = deep
     return workload
 
 
@@ -158,7 +163,7 @@ def test_status_shows_budgets_unplaced_workloads_moves_nodes_and_rounds(
     ns = scenario.namespace
     assert f"{ns}/h200-only" in screen
     assert "NVIDIA-H200" in screen or "H200" in screen
-    assert f"{ns}/unknown-gpu" in screen  # rejected: Admitted=False with the operator's reason
+    assert f"{ns}/too-deep" in screen  # rejected: Admitted=False with the operator's reason
     moved = [line for line in screen.splitlines() if f"{ns}/llama-8b-triton" in line]
     assert any("Moved" in line and scenario.moved_node in line for line in moved)
     assert "NODES WHOSE AGENT HAS NOT CONFIRMED ITS LIMITS: 0 of" in screen
@@ -259,7 +264,7 @@ def test_plan_from_cluster_skips_invalid_workloads_and_diffs_a_lower_cap(
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     ns = scenario.namespace
-    assert [e for e in plan["skipped"] if f"LLMWorkload {ns}/unknown-gpu" in e]
+    assert [e for e in plan["skipped"] if f"LLMWorkload {ns}/too-deep" in e]
     budget = next(b for b in plan["budgets"] if b["name"] == "rack-a")
     assert budget["capWatts"] == lower
     assert budget["allocatedCapWatts"] <= lower

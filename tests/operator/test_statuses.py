@@ -171,6 +171,30 @@ def test_budget_status_reports_headroom_and_the_last_plan() -> None:
     assert result["conditions"][0]["status"] == "True"
 
 
+def test_a_budget_whose_unmanaged_gpus_exceed_its_cap_says_so() -> None:
+    plan = Plan(PlanStatus.OPTIMAL, 1.0, 1.0, 0.0, 0.1, (), {}, (), ())
+
+    def conditions(unmanaged_watts: float) -> dict[str, dict[str, Any]]:
+        result = budget_status(
+            {},
+            generation=1,
+            allocation=BudgetAllocation("rack", 3000, unmanaged_watts + 800, 0, unmanaged_watts),
+            cap_watts=3000,
+            node_count=2,
+            plan=plan,
+            now=NOW,
+        )
+        assert result["unmanagedWatts"] == unmanaged_watts
+        return {c["type"]: c for c in result["conditions"]}
+
+    within = conditions(2000.0)["UnmanagedWithinCap"]
+    assert (within["status"], within["reason"]) == ("True", "WithinCap")
+    over = conditions(5600.0)["UnmanagedWithinCap"]
+    assert (over["status"], over["reason"]) == ("False", "UnmanagedOverCap")
+    assert "5600 W of the 3000 W cap" in over["message"]
+    assert "wattsched leaves them alone" in over["message"]
+
+
 def test_a_held_budget_is_not_ready_and_says_why_naming_its_unready_nodes() -> None:
     plan = Plan(PlanStatus.OPTIMAL, 1.0, 1.0, 0.0, 0.1, (), {}, (), ())
     result = budget_status(

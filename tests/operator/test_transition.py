@@ -1,101 +1,158 @@
-"""The budget-safe split of a limit change into a lowering step and a raising step."""
+"""The budget-safe split of a limit change into a lowering step and a raising step.
+
+Limits are per wattsched pod plus one for idle GPUs (a NodePowerProfile's spec); the agent reports
+which pod holds each GPU and what it applied there.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wattsched_operator.transition import NodePowerState, is_confirmed, power_steps
+from wattsched_operator.transition import NodeLimits, NodePowerState, is_confirmed, power_steps
+
+A = ("team", "a-0")
+B = ("team", "b-0")
+C = ("team", "c-0")
 
 
-def profile(spec: list[float], applied: list[float] | None, generation: int = 1) -> dict[str, Any]:
+def profile(
+    spec: NodeLimits,
+    held: list[tuple[tuple[str, str] | None, float]] | None,
+    generation: int = 1,
+    *,
+    targets: list[float | None] | None = None,
+) -> dict[str, Any]:
+    """A profile with `spec`; `held`: per GPU (pod holding it or None, applied watts)."""
     body: dict[str, Any] = {
         "metadata": {"name": "n", "generation": generation},
-        "spec": {"gpus": [{"index": i, "powerLimitWatts": w} for i, w in enumerate(spec)]},
+        "spec": {"nodeName": "n", **spec.spec_fields()},
     }
-    if applied is not None:
+    if held is not None:
+        gpus = []
+        for index, (pod, watts) in enumerate(held):
+            gpu: dict[str, Any] = {"index": index, "appliedWatts": watts}
+            if pod is not None:
+                gpu["pod"] = f"{pod[0]}/{pod[1]}"
+            target = None if targets is None else targets[index]
+            if target is not None:
+                gpu["targetWatts"] = target
+            gpus.append(gpu)
         body["status"] = {
             "observedGeneration": generation,
             "agent": {"ready": True},
-            "gpus": [{"index": i, "appliedWatts": w} for i, w in enumerate(applied)],
+            "deviceMapping": {"source": "PodResources"},
+            "gpus": gpus,
         }
     return body
 
 
-def test_a_node_without_a_profile_gets_its_limits_in_the_lowering_step() -> None:
-    steps = power_steps({}, {"n": (300.0, 300.0)})
-    assert steps.lower == {"n": (300.0, 300.0)}
+def test_a_node_without_a_profile_gets_only_its_idle_limit_in_the_lowering_step() -> None:
+    planned = NodeLimits(idle_watts=200, pods={A: 500})
+    steps = power_steps({}, {"n": planned})
+    assert steps.lower == {"n": NodeLimits(idle_watts=200)}
+    assert steps.raise_ == {"n": planned}
+
+
+def test_kept_pods_go_down_first_and_up_after_and_new_pods_wait_at_idle() -> None:
+    now = NodeLimits(idle_watts=200, pods={A: 400, B: 300})
+    current = {"n": NodePowerState.from_profile(profile(now, [(A, 400), (B, 300), (None, 200)]))}
+    planned = NodeLimits(idle_watts=200, pods={A: 250, B: 350, C: 600})
+    steps = power_steps(current, {"n": planned})
+    assert steps.lower == {"n": NodeLimits(idle_watts=200, pods={A: 250, B: 300})}
+    assert steps.raise_ == {"n": planned}
+
+
+def test_a_pod_the_plan_drops_is_lowered_to_idle_before_it_is_deleted() -> None:
+    now = NodeLimits(idle_watts=200, pods={A: 700})
+    current = {"n": NodePowerState.from_profile(profile(now, [(A, 700), (None, 200)]))}
+    steps = power_steps(current, {"n": NodeLimits(idle_watts=200)})
+    assert steps.lower == {"n": NodeLimits(idle_watts=200)}
     assert steps.raise_ == {}
-
-
-def test_mixed_changes_lower_first_and_raise_after() -> None:
-    current = {"n": NodePowerState.from_profile(profile([400, 200], [400, 200]))}
-    steps = power_steps(current, {"n": (250.0, 350.0)})
-    assert steps.lower == {"n": (250.0, 200.0)}
-    assert steps.raise_ == {"n": (250.0, 350.0)}
 
 
 def test_an_unconfirmed_lower_spec_is_never_raised_in_the_lowering_step() -> None:
     # The spec says 200 W but the agent still applies 400 W: the interim keeps the 200 W.
-    current = {"n": NodePowerState.from_profile(profile([200], [400]))}
-    steps = power_steps(current, {"n": (300.0,)})
+    now = NodeLimits(idle_watts=100, pods={A: 200})
+    current = {"n": NodePowerState.from_profile(profile(now, [(A, 400)]))}
+    steps = power_steps(current, {"n": NodeLimits(idle_watts=100, pods={A: 300})})
     assert "n" not in steps.lower
-    assert steps.raise_ == {"n": (300.0,)}
+    assert steps.raise_ == {"n": NodeLimits(idle_watts=100, pods={A: 300})}
 
 
 def test_unchanged_limits_need_no_step() -> None:
-    current = {"n": NodePowerState.from_profile(profile([300], [300]))}
-    steps = power_steps(current, {"n": (300.0,)})
+    now = NodeLimits(idle_watts=100, pods={A: 300})
+    current = {"n": NodePowerState.from_profile(profile(now, [(A, 300), (None, 100)]))}
+    steps = power_steps(current, {"n": now})
     assert steps.lower == {}
     assert steps.raise_ == {}
 
 
-watts = st.floats(min_value=50, max_value=1000, allow_nan=False)
+watts = st.integers(min_value=50, max_value=1000).map(float)  # whole watts: no rounding
+pods = st.dictionaries(st.sampled_from([A, B, C]), watts, max_size=3)
 
 
 @given(
-    st.lists(st.tuples(watts, watts, watts), min_size=1, max_size=6),
+    current_idle=watts,
+    current_pods=pods,
+    planned_idle=watts,
+    planned_pods=pods,
+    drift=st.lists(watts, min_size=4, max_size=4),
 )
-def test_the_lowering_step_never_exceeds_what_is_in_force_or_planned(
-    gpus: list[tuple[float, float, float]],
+def test_the_lowering_step_leaves_no_gpu_above_its_current_or_planned_limit(
+    current_idle: float,
+    current_pods: dict[tuple[str, str], float],
+    planned_idle: float,
+    planned_pods: dict[tuple[str, str], float],
+    drift: list[float],
 ) -> None:
-    spec = [g[0] for g in gpus]
-    applied = [g[1] for g in gpus]
-    planned = tuple(g[2] for g in gpus)
-    state = NodePowerState.from_profile(profile(spec, applied))
+    """Whichever pod ends up on a GPU after the pod changes (kept, new, or none), its interim limit
+    is at or below what that GPU may have now (spec and applied) and under the plan."""
+    now = NodeLimits(idle_watts=current_idle, pods=current_pods)
+    # The agent may apply less than the spec (an unconfirmed lowering), never less than nothing.
+    held: list[tuple[tuple[str, str] | None, float]] = [
+        (pod, min(w, d)) for (pod, w), d in zip(current_pods.items(), drift, strict=False)
+    ]
+    held.append((None, min(current_idle, drift[-1])))
+    state = NodePowerState.from_profile(profile(now, held))
+    planned = NodeLimits(idle_watts=planned_idle, pods=planned_pods)
     steps = power_steps({"n": state}, {"n": planned})
-    interim = steps.lower.get("n", tuple(spec))
-    for i, value in enumerate(interim):
-        assert value <= spec[i]
-        assert value <= applied[i]
-        assert value <= planned[i]
+    interim = steps.lower.get("n", now)
     assert steps.raise_.get("n", interim) == planned
+    applied_now = {pod: w for pod, w in held if pod is not None}
+    idle_now = held[-1][1]
+    assert interim.idle_watts is not None
+    assert interim.idle_watts <= min(current_idle, planned_idle, idle_now)
+    for pod, limit in interim.pods.items():
+        assert limit <= planned_pods[pod]
+        assert limit <= current_pods[pod]
+        assert limit <= applied_now.get(pod, math.inf)
 
 
-def test_confirmation_needs_the_generation_the_ready_agent_and_applied_limits() -> None:
-    assert is_confirmed(profile([300], [300], generation=2), 2)
-    assert is_confirmed(profile([300], [300.4], generation=2), 2)
-    assert not is_confirmed(profile([300], [300], generation=2), 3)
-    assert not is_confirmed(profile([300], [350], generation=2), 2)
-    assert not is_confirmed(profile([300], None), 1)
-    not_ready = profile([300], [300])
+def test_confirmation_needs_the_generation_the_ready_agent_a_mapping_and_applied_limits() -> None:
+    spec = NodeLimits(idle_watts=100, pods={A: 300})
+
+    def confirmed(applied: float, generation: int = 2, at: int = 2) -> bool:
+        body = profile(spec, [(A, applied), (None, 100)], generation, targets=[300, 100])
+        return is_confirmed(body, at)
+
+    assert confirmed(300)
+    assert confirmed(300.4)
+    assert not confirmed(300, at=3)
+    assert not confirmed(350)
+    assert not is_confirmed(profile(spec, None), 1)
+    not_ready = profile(spec, [(A, 300)], targets=[300])
     not_ready["status"]["agent"]["ready"] = False
     assert not is_confirmed(not_ready, 1)
+    unmapped = profile(spec, [(A, 300)], targets=[300])
+    unmapped["status"]["deviceMapping"] = {"source": "Unavailable"}
+    assert not is_confirmed(unmapped, 1)
 
 
-def test_limits_are_read_by_each_entrys_index_not_its_position() -> None:
-    # A profile whose spec lists only GPU 1 (at 200 W), as a hand edit or another writer might:
-    # GPU 1 is at 200 W and must not be raised before the pods move; GPU 0 is unknown.
-    body = {
-        "metadata": {"name": "n", "generation": 1},
-        "spec": {"gpus": [{"index": 1, "powerLimitWatts": 200}]},
-        "status": {"gpus": [{"index": 1, "appliedWatts": 200}, {"index": 0, "appliedWatts": 700}]},
-    }
-    state = NodePowerState.from_profile(body)
-    assert state.spec_watts == (None, 200.0)
-    assert state.applied_watts == (700.0, 200.0)
-    steps = power_steps({"n": state}, {"n": (400.0, 400.0)})
-    assert steps.lower == {"n": (400.0, 200.0)}
-    assert steps.raise_ == {"n": (400.0, 400.0)}
+def test_another_teams_gpu_does_not_block_confirmation() -> None:
+    spec = NodeLimits(idle_watts=100, pods={A: 300})
+    body = profile(spec, [(A, 300), (("ml", "big"), 700)], targets=[300, None])
+    assert is_confirmed(body, 1)

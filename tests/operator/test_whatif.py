@@ -105,11 +105,13 @@ def test_diff_names_moves_restarts_stops_starts_and_limit_changes() -> None:
         budgets=(),
         unplaced=(Unplaced(workload="b/job", reason="budget rack-a is full", constraint="x"),),
     )
+    # What each profile asks for now, per GPU as its agent maps it (n2's GPU 2: another team's).
     profiles = [
-        {"metadata": {"name": "n1"}, "spec": {"nodeName": "n1", "gpus": [
-            {"index": 0, "powerLimitWatts": 700}, {"index": 1, "powerLimitWatts": 700}]}},
-        {"metadata": {"name": "n2"}, "spec": {"nodeName": "n2", "gpus": [
-            {"index": 1, "powerLimitWatts": 400}, {"index": 0, "powerLimitWatts": 400}]}},
+        {"metadata": {"name": "n1"}, "spec": {"nodeName": "n1"}, "status": {"gpus": [
+            {"index": 0, "targetWatts": 700}, {"index": 1, "targetWatts": 700}]}},
+        {"metadata": {"name": "n2"}, "spec": {"nodeName": "n2"}, "status": {"gpus": [
+            {"index": 1, "targetWatts": 400}, {"index": 0, "targetWatts": 400},
+            {"index": 2, "appliedWatts": 700, "holder": "other"}]}},
     ]  # fmt: skip
     diff = plan_diff(plan_input, plan, profiles)
     assert diff["moved"] == [{"workload": "a/chat", "replica": 0, "fromNode": "n1", "toNode": "n2"}]
@@ -157,8 +159,8 @@ def test_diff_of_an_unchanged_plan_says_nothing_changes() -> None:
         budgets=(),
         unplaced=(),
     )
-    profiles = [{"metadata": {"name": "n1"}, "spec": {"nodeName": "n1", "gpus": [
-        {"index": 0, "powerLimitWatts": 700}]}}]  # fmt: skip
+    profiles = [{"metadata": {"name": "n1"}, "spec": {"nodeName": "n1"}, "status": {"gpus": [
+        {"index": 0, "targetWatts": 700}]}}]  # fmt: skip
     assert diff_lines(plan_diff(plan_input, plan, profiles)) == [
         "no change: the plan keeps every pod and power limit as they are"
     ]

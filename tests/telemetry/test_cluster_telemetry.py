@@ -63,7 +63,7 @@ def test_prometheus_readings_match_the_agent_status_and_counters_then_go_stale(
         str(targets_file),
     )
     try:
-        apply_profile(sandbox, NODE, [450.0] * 8)
+        apply_profile(sandbox, NODE, 450.0)
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",

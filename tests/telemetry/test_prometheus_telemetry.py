@@ -22,6 +22,7 @@ from wattsched_agent.dcgm_metrics import MetricsServer
 from wattsched_agent.node_agent import NodeAgent
 from wattsched_agent.nvml_backend import NvmlBackend
 from wattsched_agent.reconcile import PlacedPod
+from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import SimulatedNvml
 from wattsched_operator.telemetry import Source, TelemetryConfig, TelemetryReader
 
@@ -55,8 +56,11 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     """Two simulated nodes: h100-a (2x H100, limits 400 W) and l4-a (1x L4, limit 60 W)."""
     products = {"h100-a": [H100] * 2, "l4-a": ["NVIDIA-L4"]}
     libraries = {name: SimulatedNvml(name, gpus) for name, gpus in products.items()}
+    kubelets = {name: SimulatedKubelet() for name in libraries}
     agents = {
-        name: NodeAgent(name, NvmlBackend(library, "simulated"), library)
+        name: NodeAgent(
+            name, NvmlBackend(library, "simulated"), kubelets[name], library, kubelets[name]
+        )
         for name, library in libraries.items()
     }
     agents["h100-a"].backend.apply_limit(0, 400)
@@ -127,8 +131,12 @@ def test_energy_from_prometheus_matches_the_agents_counters_within_2_percent(
     time.sleep(10)
     switch_gpu1_joules = fleet.energy_joules("h100-a", range(1, 2))
     # The load changes half way: the reading must integrate it, not extrapolate one power level.
+    # llama-0 keeps GPU 0 (a pod keeps its devices); llama-1 arrives and gets GPU 1.
     fleet.agents["h100-a"].observe_pods(
-        [PlacedPod("team-a", "llama-0", "server", 2, "t1", utilisation=0.3)]
+        [
+            PlacedPod("team-a", "llama-0", "server", 1, "t1", utilisation=0.3),
+            PlacedPod("team-a", "llama-1", "server", 1, "t2", utilisation=0.3),
+        ]
     )
     fleet.agents["l4-a"].observe_pods([])
     time.sleep(10)
@@ -139,7 +147,7 @@ def test_energy_from_prometheus_matches_the_agents_counters_within_2_percent(
     time.sleep(2)  # let the scrape after `end` land
 
     reading = reader_for(server).energy(
-        ["h100-a", "l4-a"], [("team-a", "llama-0")], start=start, end=end
+        ["h100-a", "l4-a"], [("team-a", "llama-0"), ("team-a", "llama-1")], start=start, end=end
     )
     assert (reading.source, reading.stale) == (Source.MEASURED, False)
     for node in fleet.agents:
@@ -147,12 +155,12 @@ def test_energy_from_prometheus_matches_the_agents_counters_within_2_percent(
         measured = reading.node_joules[node]
         assert measured.metric == "increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION)"
         assert measured.value == pytest.approx(counted, rel=0.02), node
-    # The pod held GPU 0 throughout and GPU 1 in the second half. GPU 1's pod-labelled series
-    # starts at the switch, where increase() cannot extrapolate back: allow one scrape of it.
-    pod_joules = reading.pod_joules["team-a", "llama-0"].value
+    # llama-0 held GPU 0 throughout, llama-1 GPU 1 in the second half. llama-1's pod-labelled
+    # series starts at the switch, where increase() cannot extrapolate back: allow one scrape.
     gpu0 = end_gpu0_joules - start_gpu0_joules
     gpu1 = end_gpu1_joules - switch_gpu1_joules
-    assert gpu0 + gpu1 * 0.85 < pod_joules < (gpu0 + gpu1) * 1.02
+    assert reading.pod_joules["team-a", "llama-0"].value == pytest.approx(gpu0, rel=0.02)
+    assert gpu1 * 0.85 < reading.pod_joules["team-a", "llama-1"].value < gpu1 * 1.02
 
 
 def test_energy_across_a_driver_reload_counts_both_sides_of_the_counter_reset(

@@ -189,6 +189,8 @@ class EnergyBudgetStatus:
     observed_generation: int | None = None
     nodes: int | None = None
     allocated_cap_watts: float | None = None
+    # The part of allocated_cap_watts held by pods wattsched did not create (left alone).
+    unmanaged_watts: float | None = None
     expected_watts: float | None = None
     measured_watts: float | None = None
     headroom_watts: float | None = None
@@ -208,6 +210,7 @@ class EnergyBudgetStatus:
             ("observedGeneration", self.observed_generation),
             ("nodes", self.nodes),
             ("allocatedCapWatts", self.allocated_cap_watts),
+            ("unmanagedWatts", self.unmanaged_watts),
             ("expectedWatts", self.expected_watts),
             ("measuredWatts", self.measured_watts),
             ("headroomWatts", self.headroom_watts),
@@ -376,6 +379,7 @@ def _read_status(status: Fields) -> EnergyBudgetStatus:
         ),
         nodes=status.optional_integer("nodes", minimum=0, maximum=2**31),
         allocated_cap_watts=status.optional_number("allocatedCapWatts", minimum=0, maximum=big),
+        unmanaged_watts=status.optional_number("unmanagedWatts", minimum=0, maximum=big),
         expected_watts=status.optional_number("expectedWatts", minimum=0, maximum=big),
         measured_watts=status.optional_number("measuredWatts", minimum=0, maximum=big),
         headroom_watts=status.optional_number("headroomWatts", minimum=-big, maximum=big),

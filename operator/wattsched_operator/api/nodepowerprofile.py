@@ -1,6 +1,7 @@
 """NodePowerProfile (`wattsched.io/v1alpha1`, cluster-scoped, named after its node): typed spec
-(per-GPU power limits, written by the operator) and status (what the agent applied and measured),
-parsed and validated with the same rules as `crds/wattsched.io_nodepowerprofiles.yaml`.
+(a power limit per wattsched pod and one for idle GPUs, written by the operator) and status (which
+GPU each pod holds, what the agent applied and measured), parsed and validated with the same rules
+as `crds/wattsched.io_nodepowerprofiles.yaml`.
 
 Not for talking to NVML or the API server: the agent and operator do that with these types.
 """
@@ -27,6 +28,7 @@ from wattsched_operator.api.meta import (
 KIND = "NodePowerProfile"
 PLURAL = "nodepowerprofiles"
 MAX_GPUS_PER_NODE = 64
+MAX_POWER_LIMIT_WATTS = 2000
 
 # Condition type of status.conditions.
 APPLIED = "Applied"
@@ -37,15 +39,39 @@ class Backend(StrEnum):
     SIMULATED = "simulated"
 
 
-@dataclass(frozen=True)
-class GpuPowerLimit:
-    """One entry of `spec.gpus`: the limit, in watts, for the GPU with NVML index `index`."""
+class Holder(StrEnum):
+    """Who holds a GPU, as the agent's device mapping says (`status.gpus[].holder`)."""
 
-    index: int
+    WATTSCHED = "wattsched"  # a pod wattsched created (labelled wattsched.io/workload)
+    OTHER = "other"  # a pod wattsched did not create: its limit is left alone
+
+
+class MappingSource(StrEnum):
+    """Where the agent's GPU -> pod mapping comes from (`status.deviceMapping.source`)."""
+
+    POD_RESOURCES = "PodResources"  # the kubelet PodResources API, read at this heartbeat
+    LAST_KNOWN = "LastKnown"  # the API is unreachable; the last mapping read is used
+    UNAVAILABLE = "Unavailable"  # never read: no limit is set, Applied is False
+
+
+@dataclass(frozen=True)
+class PodPowerLimit:
+    """One entry of `spec.pods`: the limit, in watts, for every GPU the pod holds."""
+
+    namespace: str
+    name: str
     power_limit_watts: float
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "powerLimitWatts": self.power_limit_watts}
+        return {
+            "namespace": self.namespace,
+            "name": self.name,
+            "powerLimitWatts": self.power_limit_watts,
+        }
 
 
 @dataclass(frozen=True)
@@ -59,17 +85,27 @@ class ClockRange:
 
 @dataclass(frozen=True)
 class NodePowerProfileSpec:
+    """Limits by holder, not by GPU index: the kubelet's device plugin chose the GPUs.
+
+    A GPU held by a pod in `pods` gets that pod's limit; a GPU no pod holds, or held by a
+    wattsched pod not (yet) in `pods`, gets `idle_power_limit_watts` (None: left as it is); a GPU
+    held by a pod wattsched did not create is left alone.
+    """
+
     node_name: str
-    gpus: tuple[GpuPowerLimit, ...] = ()
+    idle_power_limit_watts: float | None = None
+    pods: tuple[PodPowerLimit, ...] = ()
     sm_clock_range_mhz: ClockRange | None = None
 
-    def limit_watts(self, index: int) -> float | None:
-        return next((g.power_limit_watts for g in self.gpus if g.index == index), None)
+    def pod_limit_watts(self, namespace: str, name: str) -> float | None:
+        return next((p.power_limit_watts for p in self.pods if p.key == (namespace, name)), None)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"nodeName": self.node_name}
-        if self.gpus:
-            out["gpus"] = [g.to_dict() for g in self.gpus]
+        if self.idle_power_limit_watts is not None:
+            out["idlePowerLimitWatts"] = self.idle_power_limit_watts
+        if self.pods:
+            out["pods"] = [p.to_dict() for p in self.pods]
         if self.sm_clock_range_mhz is not None:
             out["smClockRangeMHz"] = self.sm_clock_range_mhz.to_dict()
         return out
@@ -88,15 +124,23 @@ class GpuStatus:
     applied_watts: float | None = None
     draw_watts: float | None = None
     energy_joules: float | None = None
+    # The pod holding this GPU ("namespace/name", from the device mapping) and who it belongs to.
+    pod: str | None = None
+    holder: Holder | None = None
+    # The limit the agent set for this spec generation; None where it leaves the GPU alone.
+    target_watts: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         pairs: list[tuple[str, object]] = [
             ("index", self.index),
             ("uuid", self.uuid),
             ("product", self.product),
+            ("pod", self.pod),
+            ("holder", None if self.holder is None else self.holder.value),
             ("minWatts", self.min_watts),
             ("maxWatts", self.max_watts),
             ("defaultWatts", self.default_watts),
+            ("targetWatts", self.target_watts),
             ("appliedWatts", self.applied_watts),
             ("drawWatts", self.draw_watts),
             ("energyJoules", self.energy_joules),
@@ -126,6 +170,23 @@ class AgentStatus:
 
 
 @dataclass(frozen=True)
+class DeviceMapping:
+    """`status.deviceMapping`: where the GPU -> pod mapping in `status.gpus[].pod` comes from."""
+
+    source: MappingSource
+    read_time: str | None = None  # when the mapping in use was read
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        pairs: list[tuple[str, object]] = [
+            ("source", self.source.value),
+            ("readTime", self.read_time),
+            ("message", self.message),
+        ]
+        return {key: value for key, value in pairs if value is not None}
+
+
+@dataclass(frozen=True)
 class NodePowerProfileStatus:
     observed_generation: int | None = None
     gpu_count: int | None = None
@@ -133,6 +194,7 @@ class NodePowerProfileStatus:
     applied_watts: float | None = None
     draw_watts: float | None = None
     gpus: tuple[GpuStatus, ...] = ()
+    device_mapping: DeviceMapping | None = None
     agent: AgentStatus | None = None
     conditions: tuple[Condition, ...] = ()
 
@@ -150,6 +212,8 @@ class NodePowerProfileStatus:
         out: dict[str, Any] = {key: value for key, value in pairs if value is not None}
         if self.gpus:
             out["gpus"] = [g.to_dict() for g in self.gpus]
+        if self.device_mapping is not None:
+            out["deviceMapping"] = self.device_mapping.to_dict()
         if self.agent is not None:
             out["agent"] = self.agent.to_dict()
         if self.conditions:
@@ -199,19 +263,26 @@ def parse_nodepowerprofile(obj: JsonObject) -> NodePowerProfile:
 
 
 def _read_spec(spec: Fields) -> NodePowerProfileSpec:
-    items = spec.objects("gpus", max_items=MAX_GPUS_PER_NODE) or []
-    spec.unique_by("gpus", items, lambda item: item.data.get("index"))
-    gpus = []
+    items = spec.objects("pods", max_items=MAX_GPUS_PER_NODE) or []
+    spec.unique_by("pods", items, lambda item: (item.data.get("namespace"), item.data.get("name")))
+    pods = []
     for item in items:
-        gpus.append(
-            GpuPowerLimit(
-                index=item.integer("index", minimum=0, maximum=MAX_GPUS_PER_NODE - 1),
+        pods.append(
+            PodPowerLimit(
+                namespace=item.string("namespace", max_length=63, min_length=1),
+                name=item.string("name", max_length=253, min_length=1),
                 power_limit_watts=item.number(
-                    "powerLimitWatts", minimum=0, maximum=2000, exclusive_minimum=True
+                    "powerLimitWatts",
+                    minimum=0,
+                    maximum=MAX_POWER_LIMIT_WATTS,
+                    exclusive_minimum=True,
                 ),
             )
         )
         item.finish()
+    idle = spec.optional_number(
+        "idlePowerLimitWatts", minimum=0, maximum=MAX_POWER_LIMIT_WATTS, exclusive_minimum=True
+    )
     clocks = None
     clock_fields = spec.optional_section("smClockRangeMHz")
     if clock_fields is not None:
@@ -226,7 +297,8 @@ def _read_spec(spec: Fields) -> NodePowerProfileSpec:
             )
     result = NodePowerProfileSpec(
         node_name=spec.string("nodeName", max_length=253, min_length=1),
-        gpus=tuple(gpus),
+        idle_power_limit_watts=idle,
+        pods=tuple(pods),
         sm_clock_range_mhz=clocks,
     )
     spec.finish()
@@ -239,11 +311,15 @@ def _read_status(status: Fields) -> NodePowerProfileStatus:
     status.unique_by("gpus", items, lambda item: item.data.get("index"))
     gpus = []
     for item in items:
+        holder = item.optional_string("holder", max_length=16, enum=tuple(Holder))
         gpus.append(
             GpuStatus(
                 index=item.integer("index", minimum=0, maximum=MAX_GPUS_PER_NODE - 1),
                 uuid=item.optional_string("uuid", max_length=128),
                 product=item.optional_string("product", max_length=128),
+                pod=item.optional_string("pod", max_length=317),
+                holder=None if holder is None else Holder(holder),
+                target_watts=item.optional_number("targetWatts", minimum=0, maximum=big),
                 min_watts=item.optional_number("minWatts", minimum=0, maximum=big),
                 max_watts=item.optional_number("maxWatts", minimum=0, maximum=big),
                 default_watts=item.optional_number("defaultWatts", minimum=0, maximum=big),
@@ -264,6 +340,17 @@ def _read_status(status: Fields) -> NodePowerProfileStatus:
             message=agent_fields.optional_string("message", max_length=4096),
         )
         agent_fields.finish()
+    mapping = None
+    mapping_fields = status.optional_section("deviceMapping")
+    if mapping_fields is not None:
+        mapping = DeviceMapping(
+            source=MappingSource(
+                mapping_fields.string("source", max_length=32, enum=tuple(MappingSource))
+            ),
+            read_time=read_time(mapping_fields, "readTime"),
+            message=mapping_fields.optional_string("message", max_length=4096),
+        )
+        mapping_fields.finish()
     result = NodePowerProfileStatus(
         observed_generation=status.optional_integer(
             "observedGeneration", minimum=0, maximum=2**63 - 1
@@ -273,6 +360,7 @@ def _read_status(status: Fields) -> NodePowerProfileStatus:
         applied_watts=status.optional_number("appliedWatts", minimum=0, maximum=big),
         draw_watts=status.optional_number("drawWatts", minimum=0, maximum=big),
         gpus=tuple(gpus),
+        device_mapping=mapping,
         agent=agent,
         conditions=read_conditions(status),
     )
