@@ -33,9 +33,16 @@ from wattsched_optimizer.problem import Plan, PlanOptions
 EXIT_BAD_INPUT = 2
 
 
+def clock_range(sm_clock_mhz: int | None) -> dict[str, int] | None:
+    """The SM clock range a plan locks a GPU to (a single clock: min = max), or None."""
+    return None if sm_clock_mhz is None else {"min": sm_clock_mhz, "max": sm_clock_mhz}
+
+
 def plan_to_json(plan: Plan, node_notes: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The `-o json` document (shape fixed by the optimizer issue, §3), plus `nodeNotes`: why a
-    node with GPUs takes no new work where the node alone does not say (snapshot.node_notes)."""
+    node with GPUs takes no new work where the node alone does not say (snapshot.node_notes), and
+    the locked SM clocks: `placements[].smClockRangeMHz` and, per GPU of a node,
+    `nodes[].gpuSmClockRangesMHz` (null where clocks are left to the driver)."""
     return {
         "status": plan.status.value,
         "objective": plan.objective,
@@ -52,6 +59,7 @@ def plan_to_json(plan: Plan, node_notes: Mapping[str, str] | None = None) -> dic
                 "powerLimitWatts": p.power_limit_watts,
                 "expectedWattsPerGPU": p.expected_watts_per_gpu,
                 "expectedTokensPerSecond": p.expected_throughput,
+                "smClockRangeMHz": clock_range(p.sm_clock_mhz),
             }
             for p in sorted(plan.placements, key=lambda p: (p.workload, p.replica))
         ],
@@ -59,6 +67,10 @@ def plan_to_json(plan: Plan, node_notes: Mapping[str, str] | None = None) -> dic
             {
                 "node": node,
                 "gpuPowerLimitsWatts": list(limits),
+                "gpuSmClockRangesMHz": [
+                    clock_range(clock)
+                    for clock in plan.node_sm_clocks_mhz.get(node, (None,) * len(limits))
+                ],
                 "unmanagedGpus": plan.node_unmanaged.get(node, (0, 0.0))[0],
                 "unmanagedWatts": plan.node_unmanaged.get(node, (0, 0.0))[1],
             }
@@ -100,7 +112,16 @@ def plan_to_table(plan: Plan, node_notes: Mapping[str, str] | None = None) -> st
         "",
     ]
     lines += _table(
-        ["WORKLOAD", "REPLICA", "NODE", "GPUS", "VARIANT", "LIMIT(W)", "EXPECTED(W/GPU, modelled)"],
+        [
+            "WORKLOAD",
+            "REPLICA",
+            "NODE",
+            "GPUS",
+            "VARIANT",
+            "LIMIT(W)",
+            "SM-CLOCK(MHz)",
+            "EXPECTED(W/GPU, modelled)",
+        ],
         [
             [
                 p["workload"],
@@ -109,6 +130,7 @@ def plan_to_table(plan: Plan, node_notes: Mapping[str, str] | None = None) -> st
                 str(p["gpus"]),
                 p["variant"],
                 f"{p['powerLimitWatts']:.0f}",
+                "-" if p["smClockRangeMHz"] is None else str(p["smClockRangeMHz"]["max"]),
                 f"{p['expectedWattsPerGPU']:.0f}",
             ]
             for p in data["placements"]

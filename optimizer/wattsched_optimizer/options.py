@@ -3,9 +3,9 @@
 For: turning a `PlanInput` into the small, aggregated sets the formulation works on: `Pool`s
 (schedulable nodes alike in product, GPU count, agent readiness and budget membership),
 `WorkloadClass`es (workloads alike in everything but their name), and per class the `Option`s
-(product, variant, power level, replica count) that meet every per-workload hard constraint
-(allow-list, memory, quality, maxPowerWattsPerGPU, policy, SLO, deadline), with dominated options
-pruned. Workloads with no option get the reason here. Not for: building or solving the LP
+(product, variant, power level, locked SM clock, replica count) that meet every per-workload hard
+constraint (allow-list, memory, quality, maxPowerWattsPerGPU, policy, SLO, deadline), with dominated
+options pruned. Workloads with no option get the reason here. Not for: building or solving the LP
 (`formulation`) or choosing nodes (`packing`).
 """
 
@@ -18,7 +18,13 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from wattsched_optimizer.model import PerformanceModel, power_levels_watts, product_spec
+from wattsched_optimizer.model import (
+    PerformanceModel,
+    power_levels_watts,
+    product_spec,
+    sm_clock_effect,
+    sm_clock_levels_mhz,
+)
 from wattsched_optimizer.problem import (
     CurrentPlacement,
     EnergyPolicy,
@@ -77,6 +83,9 @@ class Option:
     quality_loss: int
     # Tier 4: the option keeps a running replica's product and variant.
     keeps_current: bool = False
+    # SM clock (MHz) to lock the replicas' GPUs at; None: left to the driver. Never a cap: the
+    # budget counts `power_limit_watts` whatever the clock.
+    sm_clock_mhz: int | None = None
 
     @property
     def gpus(self) -> int:
@@ -238,6 +247,44 @@ def _levels_for(
     if current is not None and spec.min_watts.value <= current <= cap:
         chosen.add(current)
     return sorted(chosen)
+
+
+def _clocks_for(workload: Workload, product: str) -> list[int | None]:
+    """Unlocked, plus the locked SM clocks the catalogue says pay for this work (decode-bound
+    inference), under Efficiency and Balanced; Performance never locks clocks."""
+    if workload.policy is EnergyPolicy.PERFORMANCE:
+        return [None]
+    return [None, *sm_clock_levels_mhz(product, workload.type)]
+
+
+def _clocked(
+    model: PerformanceModel,
+    workload: Workload,
+    product: str,
+    *,
+    relative_throughput: float,
+    level: float,
+    sm_clock_mhz: int,
+) -> tuple[float, float] | None:
+    """(tokens/s per replica, expected watts per GPU) at this limit with the clock locked, or None
+    where the lock does not keep the draw under the limit (the cap, not the clock, then sets the
+    clock: the lock adds nothing). Under the limit the cap never triggers, so throughput is the
+    unlocked maximum's times the clock's fraction (Ma et al.: the cap is not on decode's path)."""
+    spec = product_spec(product)
+    throughput_fraction, draw_fraction = sm_clock_effect(product, workload.type, sm_clock_mhz)
+    unlocked_watts = model.expected_power_watts(product, workload.type, spec.max_watts.value)
+    watts = max(model.idle_power_watts(product), unlocked_watts * draw_fraction)
+    if watts > level:
+        return None
+    full = model.throughput_tokens_per_second(
+        product,
+        workload.type,
+        workload.model_parameters_billions,
+        workload.gpus_per_replica,
+        relative_throughput,
+        spec.max_watts.value,
+    )
+    return full * throughput_fraction, watts
 
 
 def prune_dominated(
@@ -448,8 +495,9 @@ def workload_options(
         current_product = node_by_name[first.node].product
         current_variant = first.variant
         current_level = first.power_limit_watts
-    # (product, variant, level, replicas, throughput, watts, cost, quality loss, keeps current)
-    raw: list[tuple[str, Variant, float, int, float, float, float, int, bool]] = []
+    # (product, variant, level, replicas, throughput, watts, cost, quality loss, keeps current,
+    # SM clock)
+    raw: list[tuple[str, Variant, float, int, float, float, float, int, bool, int | None]] = []
     # (product, variant name) -> (pools whose agent is ready, all pools) with memory for it.
     pools_by_variant: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for product in products:
@@ -467,16 +515,34 @@ def workload_options(
                 tuple(pool.index for pool in roomy),
             )
             level_current = current_level if product == current_product else None
-            for level in _levels_for(workload, product, levels, level_current):
-                throughput = model.throughput_tokens_per_second(
-                    product,
-                    workload.type,
-                    workload.model_parameters_billions,
-                    workload.gpus_per_replica,
-                    variant.relative_throughput,
-                    level,
-                )
-                watts = model.expected_power_watts(product, workload.type, level)
+            settings = [
+                (level, clock)
+                for level in _levels_for(workload, product, levels, level_current)
+                for clock in _clocks_for(workload, product)
+            ]
+            for level, clock in settings:
+                if clock is None:
+                    throughput = model.throughput_tokens_per_second(
+                        product,
+                        workload.type,
+                        workload.model_parameters_billions,
+                        workload.gpus_per_replica,
+                        variant.relative_throughput,
+                        level,
+                    )
+                    watts = model.expected_power_watts(product, workload.type, level)
+                else:
+                    clocked = _clocked(
+                        model,
+                        workload,
+                        product,
+                        relative_throughput=variant.relative_throughput,
+                        level=level,
+                        sm_clock_mhz=clock,
+                    )
+                    if clocked is None:
+                        continue
+                    throughput, watts = clocked
                 keeps = product == current_product and variant.name == current_variant
                 if workload.type is WorkloadType.INFERENCE:
                     demand = workload.tokens_per_second
@@ -511,6 +577,7 @@ def workload_options(
                         cost,
                         quality_loss,
                         keeps,
+                        clock,
                     )
                 )
     if not raw:
@@ -522,7 +589,10 @@ def workload_options(
     if keep_costs:
         move_penalty = churn_threshold * min(keep_costs) / cheapest + STABILITY_TIE_BREAK
     candidates = []
-    for product, variant, level, replicas, throughput, watts, cost, quality_loss, keeps in raw:
+    for entry in raw:
+        product, variant, level, replicas, throughput, watts, cost, quality_loss, keeps, clock = (
+            entry
+        )
         relative = cost / cheapest - 1.0
         if not keeps:
             relative += move_penalty
@@ -543,6 +613,7 @@ def workload_options(
             relative_cost=round(relative, 9),
             quality_loss=quality_loss,
             keeps_current=keeps,
+            sm_clock_mhz=clock,
         )
         candidates.append((option, option_pools))
     if prune:

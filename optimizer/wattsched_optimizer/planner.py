@@ -452,6 +452,7 @@ def _assemble(
     timings: Mapping[str, float],
 ) -> Plan:
     limits: dict[str, list[float]] = {}
+    clocks: dict[str, list[int | None]] = {}
     expected: dict[str, list[float]] = {}
     idle_limits: dict[str, float] = {}
     for gpu_node in plan_input.nodes:
@@ -459,6 +460,7 @@ def _assemble(
         idle_limit = spec.min_watts.value if gpu_node.agent_ready else spec.max_watts.value
         idle_limits[gpu_node.name] = idle_limit
         limits[gpu_node.name] = [idle_limit] * gpu_node.gpu_count
+        clocks[gpu_node.name] = [None] * gpu_node.gpu_count
         expected[gpu_node.name] = [model.idle_power_watts(gpu_node.product)] * gpu_node.gpu_count
     next_gpu: dict[str, int] = defaultdict(int)
     placements: list[Placement] = []
@@ -470,6 +472,7 @@ def _assemble(
             next_gpu[node] += option.gpus_per_replica
             for gpu in range(first, first + option.gpus_per_replica):
                 limits[node][gpu] = option.power_limit_watts
+                clocks[node][gpu] = option.sm_clock_mhz
                 expected[node][gpu] = option.expected_watts_per_gpu
             placements.append(
                 Placement(
@@ -481,6 +484,7 @@ def _assemble(
                     power_limit_watts=option.power_limit_watts,
                     expected_watts_per_gpu=option.expected_watts_per_gpu,
                     expected_throughput=option.throughput_per_replica,
+                    sm_clock_mhz=option.sm_clock_mhz,
                 )
             )
     unmanaged = {
@@ -521,4 +525,5 @@ def _assemble(
         timings_seconds=dict(timings),
         node_idle_limits_watts=idle_limits,
         node_unmanaged=unmanaged,
+        node_sm_clocks_mhz={name: tuple(values) for name, values in clocks.items()},
     )
