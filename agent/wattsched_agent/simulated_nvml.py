@@ -18,7 +18,8 @@ the simulator adds is left out: draw is constant between changes and the energy 
 it exactly over the injected clock. The caller sets u and t (the agent: from the pods placed on
 the node). Clocks: each product has its supported SM clocks (`simulated_products.yaml`, cited
 there); a locked range holds as the driver holds it (a busy GPU at the range's top, an idle one at
-its bottom); a reset or a driver reload unlocks.
+its bottom); a reset or a driver reload unlocks. A locked decode-bound (Inference) GPU draws the
+truth's clock curve's share of its full-load draw (`clockCurves`) where that fits under the limit.
 
 Faults are configured per GPU (`GpuFaults`) to behave like a node where the agent lacks
 CAP_SYS_ADMIN, a board that cannot be capped or have its clocks locked, a board whose limits can
@@ -91,6 +92,9 @@ class TruePower:
     kept_throughput_curve: Mapping[str, tuple[tuple[float, float], ...]]
     load_power_exponent: float
     node_power_spread: float
+    # Per type: (SM clock / max SM clock, throughput kept, busy draw kept); per product: max clock.
+    clock_curve: Mapping[str, tuple[tuple[float, float, float], ...]]
+    max_sm_clock_mhz: Mapping[str, float]
 
     def node_factor(self, hostname: str) -> float:
         """The node's multiplicative power deviation: its own draw from the truth's spread."""
@@ -103,12 +107,23 @@ class TruePower:
         utilisation: float,
         power_limit_watts: float,
         node_factor: float,
+        *,
+        sm_clock_mhz: float | None = None,
     ) -> float:
-        """One GPU's draw (see the module docstring)."""
+        """One GPU's draw (see the module docstring). With the SM clock locked (`sm_clock_mhz`,
+        the lock's top) where the type has a clock curve and the locked full-load draw fits under
+        the limit, full load draws that locked draw and the limit does not throttle."""
         idle = self.idle_watts[product]
         full = self.max_watts[product] * self.full_load_fraction[workload_type]
         load = utilisation
-        if workload_type == INFERENCE:  # a service's load is its share of full-power capacity
+        clock_curve = self.clock_curve.get(workload_type, ())
+        locked_full = full
+        if sm_clock_mhz is not None and clock_curve:
+            fraction = sm_clock_mhz / self.max_sm_clock_mhz[product]
+            locked_full = full * interpolate(tuple((c, d) for c, _, d in clock_curve), fraction)
+        if locked_full < full and locked_full <= power_limit_watts:
+            full = locked_full
+        elif workload_type == INFERENCE:  # a service's load is its share of full-power capacity
             curve = self.kept_throughput_curve[workload_type]
             load *= interpolate(curve, power_limit_watts / self.max_watts[product])
         share = math.pow(min(load, 1.0), self.load_power_exponent)
@@ -140,6 +155,15 @@ def load_ground_truth(path: Path | None = None) -> TruePower:
             },
             load_power_exponent=float(raw["loadPowerExponent"]),
             node_power_spread=float(raw["nodePowerSpread"]),
+            clock_curve={
+                str(t): tuple(
+                    (float(c), float(k), float(d))
+                    for c, k, d in raw["clockCurves"][f["clockCurve"]]
+                )
+                for t, f in types.items()
+                if f.get("clockCurve")
+            },
+            max_sm_clock_mhz={str(n): float(f["maxSmClockMHz"]) for n, f in products.items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"{source}: not a ground-truth table: {error!r}") from error
@@ -244,6 +268,7 @@ class SimulatedDevice:
             self.utilisation,
             self.limit_milliwatts / 1000,
             self.node_factor,
+            sm_clock_mhz=None if self.locked_sm_mhz is None else self.locked_sm_mhz[1],
         )
 
     def sm_clock_mhz(self) -> int:

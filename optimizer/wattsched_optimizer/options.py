@@ -249,10 +249,11 @@ def _levels_for(
     return sorted(chosen)
 
 
-def _clocks_for(workload: Workload, product: str) -> list[int | None]:
+def _clocks_for(workload: Workload, product: str, sm_clocks: bool) -> list[int | None]:
     """Unlocked, plus the locked SM clocks the catalogue says pay for this work (decode-bound
-    inference), under Efficiency and Balanced; Performance never locks clocks."""
-    if workload.policy is EnergyPolicy.PERFORMANCE:
+    inference), under Efficiency and Balanced; Performance never locks clocks, nor does a plan
+    with `PlanOptions.sm_clocks` off."""
+    if workload.policy is EnergyPolicy.PERFORMANCE or not sm_clocks:
         return [None]
     return [None, *sm_clock_levels_mhz(product, workload.type)]
 
@@ -465,6 +466,7 @@ def workload_options(
     churn_threshold: float,
     startup_seconds: float = PlanOptions().startup_seconds,
     prune: bool = True,
+    sm_clocks: bool = True,
 ) -> tuple[list[Option], list[tuple[int, ...]]]:
     """Every option that meets the workload's own constraints, dominated ones pruned.
 
@@ -518,7 +520,7 @@ def workload_options(
             settings = [
                 (level, clock)
                 for level in _levels_for(workload, product, levels, level_current)
-                for clock in _clocks_for(workload, product)
+                for clock in _clocks_for(workload, product, sm_clocks)
             ]
             for level, clock in settings:
                 if clock is None:
@@ -698,6 +700,7 @@ def build_plan_data(plan_input: PlanInput, model: PerformanceModel) -> PlanData:
             node_by_name=node_by_name,
             churn_threshold=plan_input.options.churn_threshold,
             startup_seconds=plan_input.options.startup_seconds,
+            sm_clocks=plan_input.options.sm_clocks,
         )
         pinned: frozenset[str] = frozenset()
         if current and workload.type in (WorkloadType.TRAINING, WorkloadType.FINE_TUNING):

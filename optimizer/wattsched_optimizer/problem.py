@@ -158,6 +158,9 @@ class PlanOptions:
     # deadline check for an option that moves it subtracts them.
     startup_seconds: float = 60.0
     solver: str = "highs"  # "highs" or "cbc"
+    # Lock SM clocks where the catalogue's clock curve says it pays (decode-bound inference under
+    # Efficiency or Balanced); False never locks them (the evaluation's ablation).
+    sm_clocks: bool = True
 
 
 @dataclass(frozen=True)

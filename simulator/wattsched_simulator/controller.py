@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -127,6 +127,8 @@ class PlannerPolicy:
     forecast_window_seconds: float = 300.0
     deadline_margin: float = 0.9
     oracle: OracleKnowledge | None = None
+    # Ablation: offer the planner only each workload's highest-quality variant.
+    best_variant_only: bool = False
     _calibration: dict[str, float] = field(default_factory=dict)
     _model: prior.PerformanceModel = field(default_factory=prior.CatalogueModel)
 
@@ -328,6 +330,10 @@ class PlannerPolicy:
                     deadline_seconds=deadline,
                 )
             )
+        if self.best_variant_only:
+            workloads = [
+                replace(w, variants=(max(w.variants, key=lambda v: v.quality),)) for w in workloads
+            ]
         current = []
         for key, replicas in sorted(by_workload.items()):
             for index, replica in enumerate(replicas):
@@ -361,7 +367,9 @@ def decision_from_plan(result: Plan, plan_input: PlanInput, seconds: float) -> D
     if result.status is PlanStatus.INFEASIBLE and not result.placements:
         return Decision((), {}, seconds, str(result.status), keep_current=True)
     replicas = tuple(
-        ReplicaAssignment(p.workload, p.node, p.gpus, p.variant, p.power_limit_watts)
+        ReplicaAssignment(
+            p.workload, p.node, p.gpus, p.variant, p.power_limit_watts, p.sm_clock_mhz
+        )
         for p in result.placements
     )
     busy_gpus: dict[str, int] = {}

@@ -49,13 +49,15 @@ class SimulationError(RuntimeError):
 
 @dataclass(frozen=True)
 class ReplicaAssignment:
-    """One replica a policy wants to exist: where, with which variant and per-GPU power limit."""
+    """One replica a policy wants to exist: where, with which variant, per-GPU power limit and
+    locked SM clock (None: left to the driver)."""
 
     workload: str
     node: str
     gpus: int
     variant: str
     power_limit_watts: float
+    sm_clock_mhz: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class RunningReplica:
     variant: str
     power_limit_watts: float  # as planned
     ready_at_seconds: float
+    sm_clock_mhz: int | None = None  # locked SM clock; None: unlocked
     # During a service's hand-over (see `Simulation.apply`): the higher limit still applied, or
     # True for a replica the plan removed that keeps serving until its replacement is ready.
     held_limit_watts: float | None = None
@@ -377,6 +380,7 @@ class Simulation:
                 match.held_limit_watts = None
                 match.handover_until_seconds = 0.0
                 match.power_limit_watts = self._clamp(node, assignment.power_limit_watts)
+                match.sm_clock_mhz = assignment.sm_clock_mhz
                 survivors.append(match)
             if old and unmatched_new:
                 self.migrations += min(len(old), len(unmatched_new))
@@ -396,6 +400,7 @@ class Simulation:
                         assignment.variant,
                         self._clamp(node, assignment.power_limit_watts),
                         ready_at,
+                        assignment.sm_clock_mhz,
                     )
                 )
         self.replicas = survivors
@@ -528,18 +533,22 @@ class Simulation:
                 gpus=replica.gpus,
                 relative_throughput=_variant_throughput(spec, replica.variant),
                 power_limit_watts=replica.effective_limit_watts,
+                sm_clock_mhz=replica.sm_clock_mhz,
             )
-            max_watts = truth.product(product).max_watts
+            kept, full_draw = truth.limit_and_clock_fractions(
+                product, workload_type, replica.effective_limit_watts, replica.sm_clock_mhz
+            )
             self.r_node[i] = self.node_index[replica.node]
             self.r_gpus[i] = replica.gpus
             self.r_limit[i] = replica.effective_limit_watts
             self.r_ready_at[i] = replica.ready_at_seconds
             self.r_idle[i] = truth.product(product).idle_watts
-            self.r_full[i] = truth.full_load_watts(product, workload_type)
+            # A lock in force: the replica's own full load draws the locked draw; otherwise its
+            # load is a share of full-power capacity and the draw is clipped at the limit below.
+            locked = full_draw < truth.full_load_watts(product, workload_type)
+            self.r_full[i] = full_draw
             self.r_capacity[i] = capacity
-            self.r_fraction[i] = truth.throughput_fraction(
-                workload_type, replica.effective_limit_watts / max_watts
-            )
+            self.r_fraction[i] = 1.0 if locked else kept
             if isinstance(spec, ServiceSpec):
                 self.r_service[i] = self.service_index[spec.key]
                 self.r_job_running_key.append(None)
