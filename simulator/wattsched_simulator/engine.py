@@ -165,6 +165,8 @@ class PolicyResult:
     carbon_grams: float
     inference_tokens_served: float
     job_tokens_processed: float
+    # Energy drawn by the GPUs of inference replicas (serving or starting); idle GPUs excluded.
+    inference_energy_joules: float
     on_time_tokens: dict[str, float]
     judged_tokens: dict[str, float]
     deadline_misses: int
@@ -604,6 +606,7 @@ class Simulation:
         seconds_over = 0.0
         seconds_limits_over = 0.0
         inference_served = 0.0
+        inference_energy = 0.0
         job_tokens = 0.0
         # Telemetry window accumulators.
         window_demand = np.zeros(service_count)
@@ -690,6 +693,7 @@ class Simulation:
                 draw = draw * self.node_factor[self.r_node]
                 draw = draw * (1.0 + noise * self.power_rng.standard_normal(len(draw)))
                 draw = np.clip(draw, 0.0, self.r_limit)
+                inference_energy += float((draw * self.r_gpus)[self.is_service].sum()) * dt
             node_draw = (
                 np.bincount(self.r_node, weights=draw * self.r_gpus, minlength=node_count)
                 + self.node_idle_draw
@@ -760,6 +764,7 @@ class Simulation:
             facility_energy_joules=gpu_energy * sc.pue,
             carbon_grams=carbon_grams,
             inference_tokens_served=float(inference_served),
+            inference_energy_joules=inference_energy,
             job_tokens_processed=float(job_tokens),
             on_time_tokens={
                 s.key: float(queues[i].on_time_tokens) for i, s in enumerate(self.services)
