@@ -175,12 +175,19 @@ def build_agents(
     faults = parse_faults(args.simulate_fault, [node.name for node in nodes])
     agents: dict[str, NodeAgent] = {}
     for node in nodes:
-        library = SimulatedNvml(
-            node.name,
-            [node.product] * node.gpu_count,
-            catalogue=catalogue,
-            faults=faults.get(node.name),
-        )
+        try:
+            library = SimulatedNvml(
+                node.name,
+                [node.product] * node.gpu_count,
+                catalogue=catalogue,
+                faults=faults.get(node.name),
+            )
+        except ValueError as error:
+            if not args.all_nodes:
+                raise
+            # One node the table cannot impersonate must not stop the simulation of the others.
+            log.warning("not serving %s", error)
+            continue
         kubelet = SimulatedKubelet()
         devices: SimulatedKubelet | PodResourcesClient = kubelet
         if args.pod_resources_dir is not None:

@@ -88,22 +88,25 @@ def wait_until(what: str, check: Callable[[], Any], timeout_seconds: float = 30)
 def apply_profile(
     sandbox: Sandbox,
     node: str,
-    idle_watts: float,
+    idle_watts: float | None,
     pods: dict[tuple[str, str], float] | None = None,
 ) -> None:
-    """A NodePowerProfile as the operator writes it: a limit per pod and one for idle GPUs."""
+    """A NodePowerProfile as the operator writes it: a limit per pod and one for idle GPUs (None:
+    idle GPUs keep their limit)."""
+    spec: dict[str, Any] = {
+        "nodeName": node,
+        "pods": [
+            {"namespace": namespace, "name": name, "powerLimitWatts": watts}
+            for (namespace, name), watts in (pods or {}).items()
+        ],
+    }
+    if idle_watts is not None:
+        spec["idlePowerLimitWatts"] = idle_watts
     profile = {
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "NodePowerProfile",
         "metadata": {"name": node},
-        "spec": {
-            "nodeName": node,
-            "idlePowerLimitWatts": idle_watts,
-            "pods": [
-                {"namespace": namespace, "name": name, "powerLimitWatts": watts}
-                for (namespace, name), watts in (pods or {}).items()
-            ],
-        },
+        "spec": spec,
     }
     sandbox.kubectl("apply", "-f", "-", input=json.dumps(profile))
 

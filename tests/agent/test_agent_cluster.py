@@ -128,9 +128,10 @@ def test_agent_applies_the_profile_and_reports_it_with_a_heartbeat(
 def test_another_teams_gpus_are_left_alone_and_reported(
     sandbox: Sandbox, fleet_agent: dict[str, str], namespace: str
 ) -> None:
+    # A profile that sets no limit yet: the agent reports the mapping and touches nothing.
+    apply_profile(sandbox, "gpu-a100-01", None)
     theirs = gpu_pod("trainer", namespace, "gpu-a100-01", 2, wattsched=False)
     sandbox.kubectl("apply", "-f", "-", input=json.dumps(theirs))
-    apply_profile(sandbox, "gpu-a100-01", 100.0)
 
     def mapped() -> dict[str, Any] | None:
         status = applied_status(sandbox, "gpu-a100-01", "True")
@@ -139,6 +140,14 @@ def test_another_teams_gpus_are_left_alone_and_reported(
 
     status = wait_until("the other team's GPUs in the mapping", mapped)
     assert [gpu.get("holder") for gpu in status["gpus"][:3]] == ["other", "other", None]
+    apply_profile(sandbox, "gpu-a100-01", 100.0)
+
+    def idle_lowered() -> dict[str, Any] | None:
+        status = applied_status(sandbox, "gpu-a100-01", "True")
+        ok = status is not None and status["gpus"][2].get("appliedWatts") == 100.0
+        return status if ok else None
+
+    status = wait_until("the free GPUs at the idle limit", idle_lowered)
     assert [gpu["appliedWatts"] for gpu in status["gpus"]] == [400.0] * 2 + [100.0] * 6
     assert "targetWatts" not in status["gpus"][0]
     sandbox.kubectl("delete", "pod", "trainer", "-n", namespace, "--wait=false")
@@ -181,6 +190,8 @@ def test_a_workload_pod_makes_its_gpus_busy_and_labels_their_metrics(
             ],
         },
     }
+    # No profile (one left by another test would give the pod's GPUs the idle limit).
+    sandbox.kubectl("delete", "nodepowerprofile", "gpu-a100-00", "--ignore-not-found")
     sandbox.kubectl("apply", "-f", "-", input=json.dumps(pod))
 
     def busy_power() -> dict[str, Any] | None:

@@ -1,15 +1,18 @@
-"""The agent's /metrics: DCGM exporter names, types, units and labels, served over HTTP."""
+"""The agent's /metrics: DCGM exporter names, types, units and labels, served over HTTP; and the
+agent command's flags and wiring."""
 
 from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from typing import cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from wattsched_agent.cli import parse_args, parse_faults
+from wattsched_agent.cli import build_agents, parse_args, parse_faults
 from wattsched_agent.dcgm_metrics import GpuMetrics, MetricsServer, PodRef, render_metrics
+from wattsched_agent.kube_access import GpuNodeInfo, KubeAccess
 from wattsched_agent.nvml_backend import GpuIdentity, GpuSample
 from wattsched_agent.simulated_nvml import GpuFaults
 
@@ -94,3 +97,27 @@ def test_the_nvml_agent_reads_the_kubelets_socket_and_only_simulated_nodes_serve
     with pytest.raises(SystemExit):
         parse_args(["--node-name", "n", "--pod-resources-dir", "/tmp/x"])
     assert "--pod-resources-dir needs --backend simulated" in capsys.readouterr().err
+
+
+class _Nodes:
+    """The GPU nodes `build_agents` asks the API for (the one call it makes)."""
+
+    def __init__(self, *nodes: GpuNodeInfo) -> None:
+        self.nodes = list(nodes)
+
+    def gpu_nodes(self, node_name: str | None, selector: str = "") -> list[GpuNodeInfo]:
+        return [n for n in self.nodes if node_name in {None, n.name}]
+
+
+def test_the_all_nodes_agent_skips_a_node_it_cannot_impersonate_and_serves_the_rest() -> None:
+    nodes = _Nodes(GpuNodeInfo("l4", "NVIDIA-L4", 1), GpuNodeInfo("b200", "NVIDIA-B200", 8))
+    fleet = build_agents(
+        parse_args(["--backend", "simulated", "--all-nodes"]), cast(KubeAccess, nodes), []
+    )
+    assert list(fleet) == ["l4"]
+    with pytest.raises(ValueError, match=r"node b200: GPU product\(s\) \['NVIDIA-B200'\]"):
+        build_agents(
+            parse_args(["--backend", "simulated", "--node-name", "b200"]),
+            cast(KubeAccess, nodes),
+            [],
+        )

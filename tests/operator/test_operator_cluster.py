@@ -968,3 +968,71 @@ def test_another_teams_gpus_are_not_offered_and_count_in_budgets_at_their_limit(
         agent.wait()
         sandbox.kubectl("delete", "energybudget", "h200-shared", "--wait=false", check=False)
         sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def test_a_gpu_the_catalogue_lacks_takes_work_once_its_agent_reports_its_nvml_range(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, tmp_path: Path
+) -> None:
+    """Issue 13: a B200 node (not in the catalogue) never stops planning. Until its agent reports
+    the GPUs' NVML power range the node takes no new work; then work goes there, within that
+    range, with memory from the node's label."""
+    node = f"gpu-b200-{namespace[-5:]}"
+    b200 = gpu_node(node, "NVIDIA-B200", 2)
+    b200["metadata"]["labels"]["nvidia.com/gpu.memory"] = "183359"
+    apply(sandbox, None, b200)
+    # The simulated NVML learns the B200 from a product table (its draw borrowed from the H200's
+    # ground truth); the operator only from what the agent reports.
+    products = yaml.safe_load(
+        (REPO_ROOT / "agent/wattsched_agent/simulated_products.yaml").read_text()
+    )
+    products["NVIDIA-B200"] = {
+        "nvmlName": "NVIDIA B200",
+        "minWatts": 400,
+        "maxWatts": 1000,
+        "defaultWatts": 1000,
+        "groundTruthProduct": "H200",
+    }
+    products_file = tmp_path / "products.yaml"
+    products_file.write_text(yaml.safe_dump(products))
+    big = workload("on-b200", gpus=2, products=["NVIDIA-B200"])
+    big["spec"]["gpu"]["minMemoryGiB"] = 150
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        operator = start_operator()
+        apply(sandbox, namespace, big)
+
+        def planned_twice() -> bool:
+            try:
+                return operator.plans() >= 2
+            except OSError:  # its /metrics is not up yet
+                return False
+
+        wait_until("two plans with the B200 node", planned_twice)
+        assert phase_of(sandbox, namespace, "on-b200") != "Running"
+        with (tmp_path / "agent.log").open("wb") as log:
+            agent = subprocess.Popen(
+                [
+                    sys.executable,
+                    *("-m", "wattsched_operator.cli", "agent", "--backend", "simulated"),
+                    *("--node-name", node, "--metrics-port", "0", "--interval-seconds", "1"),
+                    *("--simulated-products", str(products_file)),
+                    *("--kubeconfig", str(sandbox.kubeconfig)),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(
+            "on-b200 Running on the B200 node",
+            lambda: running_on_planned_nodes(sandbox, namespace, "on-b200"),
+            90,
+        )
+        [placement] = get_json(sandbox, "llmworkload", "on-b200", "-n", namespace)["status"][
+            "placements"
+        ]
+        assert placement["node"] == node
+        assert 400 <= placement["powerLimitWatts"] <= 1000
+    finally:
+        if agent is not None:
+            agent.kill()
+            agent.wait()
+        sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
