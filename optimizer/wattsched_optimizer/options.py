@@ -41,6 +41,9 @@ from wattsched_optimizer.problem import (
 _CLASS_KEY = operator.attrgetter(*(f.name for f in dataclasses.fields(Workload) if f.name != "key"))
 # Quality is compared in steps of 0.01.
 QUALITY_STEPS = 100
+# Balanced locks only clocks that keep at least this share of the unlocked throughput (modelled):
+# the latency a lower clock adds is part of what it balances; Efficiency takes any clock that pays.
+BALANCED_MIN_CLOCK_THROUGHPUT = 0.98
 # Added to the cost of moving a running replica, so that an equal-cost move keeps it in place.
 STABILITY_TIE_BREAK = 1e-6
 
@@ -251,11 +254,18 @@ def _levels_for(
 
 def _clocks_for(workload: Workload, product: str, sm_clocks: bool) -> list[int | None]:
     """Unlocked, plus the locked SM clocks the catalogue says pay for this work (decode-bound
-    inference), under Efficiency and Balanced; Performance never locks clocks, nor does a plan
-    with `PlanOptions.sm_clocks` off."""
+    inference): any under Efficiency, those keeping `BALANCED_MIN_CLOCK_THROUGHPUT` under
+    Balanced; Performance never locks clocks, nor does a plan with `PlanOptions.sm_clocks` off."""
     if workload.policy is EnergyPolicy.PERFORMANCE or not sm_clocks:
         return [None]
-    return [None, *sm_clock_levels_mhz(product, workload.type)]
+    levels = sm_clock_levels_mhz(product, workload.type)
+    if workload.policy is EnergyPolicy.BALANCED:
+        levels = tuple(
+            clock
+            for clock in levels
+            if sm_clock_effect(product, workload.type, clock)[0] >= BALANCED_MIN_CLOCK_THROUGHPUT
+        )
+    return [None, *levels]
 
 
 def _clocked(

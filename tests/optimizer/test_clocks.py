@@ -15,6 +15,7 @@ from wattsched_optimizer.model import (
     sm_clock_effect,
     sm_clock_levels_mhz,
 )
+from wattsched_optimizer.options import BALANCED_MIN_CLOCK_THROUGHPUT
 from wattsched_optimizer.planner import plan
 from wattsched_optimizer.problem import (
     Budget,
@@ -127,3 +128,12 @@ def test_the_budget_counts_power_limits_not_clocked_draw() -> None:
     )
     assert allocation.allocated_cap_watts <= budget.power_cap_watts
     assert allocation.expected_watts <= allocation.allocated_cap_watts
+
+
+def test_balanced_locks_only_clocks_that_keep_nearly_all_the_throughput() -> None:
+    balanced = plan(PlanInput(NODES, (service(policy=EnergyPolicy.BALANCED),)))
+    assert balanced.placements
+    for p in balanced.placements:
+        assert p.sm_clock_mhz is not None
+        kept, _ = sm_clock_effect("H100-80GB", WorkloadType.INFERENCE, p.sm_clock_mhz)
+        assert kept >= BALANCED_MIN_CLOCK_THROUGHPUT
