@@ -8,7 +8,8 @@ the reference. Prints a Markdown table of GPU energy, inference GPU energy, SLO 
 deadline misses per seed, and each step's share of the saving over `spread-max`, in total and for
 inference. Every figure is modelled (the simulator's ground truth). Not a test.
 
-Run: `.venv/bin/python benchmarks/ablation.py [--seeds 3 4 5] [--energy-policy Efficiency]`
+Run: `.venv/bin/python benchmarks/ablation.py [--seeds 3 4 5] [--energy-policy Efficiency]
+[--without-budget]`
 (about 5 s per run on one core).
 """
 
@@ -22,11 +23,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+BUDGET = ["--budget", str(REPO / "examples" / "simulation" / "budget.yaml")]
 COMMON = [
     "--cluster",
     str(REPO / "examples" / "nodes.yaml"),
-    "--budget",
-    str(REPO / "examples" / "simulation" / "budget.yaml"),
     "--rate-scale",
     "6",
     "--jobs-per-hour",
@@ -48,7 +48,7 @@ def run(
     seed: int, policy: str, energy_policy: str, extra: list[str], out: Path
 ) -> dict[str, float]:
     wattsched = str(Path(sys.executable).with_name("wattsched"))
-    command = [wattsched, "simulate", *COMMON, "--seed", str(seed)]
+    command = [wattsched, "simulate", *COMMON, *BUDGET, "--seed", str(seed)]
     command += ["--energy-policy", energy_policy, "--policies", policy, "--out", str(out), *extra]
     subprocess.run(command, check=True, capture_output=True)
     result: dict[str, float] = json.loads((out / "results.json").read_text())["policies"][policy]
@@ -59,7 +59,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
     parser.add_argument("--energy-policy", default="Efficiency")
+    parser.add_argument(
+        "--without-budget", action="store_true", help="no EnergyBudget (placement only can serve)"
+    )
     args = parser.parse_args()
+    if args.without_budget:
+        BUDGET.clear()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:
