@@ -2,8 +2,9 @@
 
 Dashboards and queries written for dcgm-exporter work unchanged on the agent's metrics:
 `DCGM_FI_DEV_POWER_USAGE` (W), `DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION` (mJ, a counter),
-`DCGM_FI_DEV_POWER_MGMT_LIMIT` (W), `DCGM_FI_DEV_GPU_UTIL` (%), labelled `gpu`, `UUID`, `device`,
-`modelName`, `Hostname`, and `pod`/`namespace`/`container` for the pod using the GPU.
+`DCGM_FI_DEV_POWER_MGMT_LIMIT` (W), `DCGM_FI_DEV_GPU_UTIL` (%), `DCGM_FI_DEV_SM_CLOCK` (MHz),
+labelled `gpu`, `UUID`, `device`, `modelName`, `Hostname`, and `pod`/`namespace`/`container` for
+the pod using the GPU.
 
 The text format is written here rather than with prometheus_client because dcgm-exporter declares
 the energy counter as `# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter` without the `_total`
@@ -68,6 +69,12 @@ _FAMILIES: tuple[tuple[str, str, str, Callable[[GpuSample], float | None]], ...]
         lambda sample: (
             None if sample.utilisation_percent is None else float(sample.utilisation_percent)
         ),
+    ),
+    (
+        "DCGM_FI_DEV_SM_CLOCK",
+        "gauge",
+        "SM clock frequency (in MHz).",
+        lambda sample: None if sample.sm_clock_mhz is None else float(sample.sm_clock_mhz),
     ),
 )
 

@@ -26,12 +26,13 @@ from typing import Any, Protocol
 
 from wattsched_agent.dcgm_metrics import GpuMetrics, PodRef, render_metrics
 from wattsched_agent.kube_access import CONNECTIONS, KubeAccess
-from wattsched_agent.nvml_backend import GpuFault, LimitOutcome, NvmlBackend
+from wattsched_agent.nvml_backend import ClockOutcome, GpuFault, LimitOutcome, NvmlBackend
 from wattsched_agent.podresources import PodDevices, PodResourcesError
 from wattsched_agent.reconcile import (
     GpuHolder,
     PlacedPod,
     build_status,
+    gpu_clock_targets,
     gpu_targets,
     holders_by_index,
     pod_refs,
@@ -144,10 +145,22 @@ class NodeAgent:
         """Apply the profile's limits and return the status to write (as a JSON object)."""
         with self._lock:
             limits: dict[int, float] = {}
+            clocks = {}
             if self._mapping.source is not MappingSource.UNAVAILABLE:
                 limits = gpu_targets(profile.spec, self._holders, self.backend.gpu_count)
+                clocks = gpu_clock_targets(profile.spec, self._holders)
             outcomes: list[LimitOutcome] = [
                 self.backend.apply_limit(index, watts) for index, watts in sorted(limits.items())
+            ]
+            # Limits first: a clock is no cap, and the limits are what the budget rests on.
+            clock_outcomes: list[ClockOutcome] = [
+                self.backend.apply_clocks(index, clock_range.min_mhz, clock_range.max_mhz)
+                for index, clock_range in sorted(clocks.items())
+            ]
+            clock_outcomes += [
+                self.backend.reset_clocks(index)
+                for index in sorted(self.backend.locked_clocks_mhz)
+                if index not in clocks
             ]
             samples = [self.backend.sample(index) for index in range(self.backend.gpu_count)]
             faults = [fault for fault in self._open_faults if fault.index is None]
@@ -167,6 +180,8 @@ class NodeAgent:
                 now=now or datetime.now(UTC),
                 holders=self._holders,
                 mapping=self._mapping,
+                clock_outcomes=clock_outcomes,
+                locked_mhz=self.backend.locked_clocks_mhz,
             ).to_dict()
 
     def metrics_text(self) -> str:
@@ -183,7 +198,8 @@ class NodeAgent:
         return render_metrics(self.node_name, gpus)
 
     def stop(self, policy: ExitPolicy) -> None:
-        """Apply the exit policy: leave the limits, or restore every GPU's default."""
+        """Apply the exit policy: leave the limits and clocks, or restore every GPU's default
+        limit and unlock the clocks it locked."""
         with self._lock:
             self.ready = False
             if policy is not ExitPolicy.RESTORE:
@@ -193,6 +209,10 @@ class NodeAgent:
                 outcome = self.backend.restore_default(index)
                 if outcome.fault is not None:
                     log.warning("%s", outcome.fault.message)
+            for index in sorted(self.backend.locked_clocks_mhz):
+                clock_outcome = self.backend.reset_clocks(index)
+                if clock_outcome.fault is not None:
+                    log.warning("%s", clock_outcome.fault.message)
 
     def stopped_status(self, profile: NodePowerProfile) -> dict[str, Any]:
         """The status merge patch saying the agent stopped (call after `stop`)."""

@@ -12,6 +12,14 @@ Rules it follows:
   `nvmlDeviceSetPowerManagementLimit_v2` discards NVML's return code, and a driver may accept a set
   and keep another value, so this module never uses `_v2` nor trusts a return code alone.
 - A limit that already reads back as the target is not set again (no privileged call needed).
+- Clocks: a locked SM clock range is set with `nvmlDeviceSetGpuLockedClocks` after each bound is
+  moved to the nearest clock `nvmlDeviceGetSupportedGraphicsClocks` lists for the highest memory
+  clock (`nvmlDeviceGetSupportedMemoryClocks`), and read back with `nvmlDeviceGetClockInfo`
+  (NVML_CLOCK_SM): NVML has no getter for the lock itself, so a GPU running above the range's top
+  is the sign that the lock is not in force (it is set again; still above: ReadBackMismatch); below
+  the bottom is allowed (an idle GPU, or a power cap or heat throttling it). Memory clocks are left
+  alone: decode is bound by HBM bandwidth, so a lower memory clock costs decode throughput, and
+  HBM boards list a single memory clock. `nvmlDeviceResetGpuLockedClocks` unlocks.
 - Errors never escape as exceptions: each call returns a `GpuFault` naming the GPU, the NVML call
   and the reason (NoPermission, NotSupported, GpuLost, ...): the agent keeps running and reporting.
 
@@ -47,6 +55,20 @@ class NvmlLibrary(Protocol):
     def nvmlDeviceGetPowerUsage(self, handle: Any) -> int: ...  # noqa: N802
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int: ...  # noqa: N802
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any: ...  # noqa: N802
+    def nvmlDeviceGetSupportedMemoryClocks(self, handle: Any) -> list[int]: ...  # noqa: N802
+    def nvmlDeviceGetSupportedGraphicsClocks(  # noqa: N802
+        self,
+        handle: Any,
+        memory_clock_mhz: int,
+    ) -> list[int]: ...
+    def nvmlDeviceSetGpuLockedClocks(  # noqa: N802
+        self,
+        handle: Any,
+        min_clock_mhz: int,
+        max_clock_mhz: int,
+    ) -> None: ...
+    def nvmlDeviceResetGpuLockedClocks(self, handle: Any) -> None: ...  # noqa: N802
+    def nvmlDeviceGetClockInfo(self, handle: Any, clock_type: int) -> int: ...  # noqa: N802
 
 
 class FaultReason(StrEnum):
@@ -71,7 +93,9 @@ _REASON_BY_CODE: dict[int, FaultReason] = {
 }
 
 _HINT_BY_REASON: dict[FaultReason, str] = {
-    FaultReason.NO_PERMISSION: "the agent needs root or CAP_SYS_ADMIN to set power limits",
+    FaultReason.NO_PERMISSION: (
+        "the agent needs root or CAP_SYS_ADMIN to set power limits and clocks"
+    ),
     FaultReason.NOT_SUPPORTED: "this GPU does not support software power limits",
     FaultReason.GPU_LOST: "the GPU fell off the bus; it needs a reset",
     FaultReason.NVML_UNAVAILABLE: "the NVIDIA driver or libnvidia-ml is not available",
@@ -114,6 +138,7 @@ class GpuSample:
     energy_millijoules: int | None
     utilisation_percent: int | None
     fault: GpuFault | None = None
+    sm_clock_mhz: int | None = None  # None: NVML could not say (not a fault: clocks are advisory)
 
 
 @dataclass(frozen=True)
@@ -125,6 +150,25 @@ class LimitOutcome:
     target_watts: float | None
     applied_watts: float | None
     fault: GpuFault | None = None
+
+
+@dataclass(frozen=True)
+class ClockOutcome:
+    """Result of locking (or unlocking: `requested_mhz` None) one GPU's SM clocks.
+
+    `target_mhz`: the supported (min, max) range set; `sm_clock_mhz`: the SM clock read back.
+    """
+
+    index: int
+    requested_mhz: tuple[int, int] | None
+    target_mhz: tuple[int, int] | None
+    sm_clock_mhz: int | None
+    fault: GpuFault | None = None
+
+
+def nearest_clock_mhz(supported_mhz: list[int], wanted_mhz: int) -> int:
+    """The supported clock nearest `wanted_mhz` (the lower one on a tie)."""
+    return min(supported_mhz, key=lambda clock: (abs(clock - wanted_mhz), clock))
 
 
 def fault_from_error(index: int | None, call: str, error: pynvml.NVMLError) -> GpuFault:
@@ -145,6 +189,9 @@ class NvmlBackend:
         self.identities: dict[int, GpuIdentity] = {}
         self._handles: dict[int, Any] = {}
         self._gpu_count = 0
+        # The SM clock range this backend locked on each GPU, and each GPU's supported SM clocks.
+        self.locked_clocks_mhz: dict[int, tuple[int, int]] = {}
+        self._supported_sm_mhz: dict[int, list[int]] = {}
 
     @property
     def gpu_count(self) -> int:
@@ -269,6 +316,78 @@ class NvmlBackend:
         )
         return LimitOutcome(index, 0.0, None, None, fault)
 
+    def _read_sm_clock_mhz(self, handle: Any) -> int | None:
+        try:
+            return int(self.library.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+        except pynvml.NVMLError:
+            return None
+
+    def supported_sm_clocks_mhz(self, index: int) -> list[int]:
+        """The SM clocks a GPU supports at its highest memory clock (read once); raises
+        `pynvml.NVMLError`."""
+        if index not in self._supported_sm_mhz:
+            handle = self._handles[index]
+            memory_mhz = max(self.library.nvmlDeviceGetSupportedMemoryClocks(handle))
+            clocks = self.library.nvmlDeviceGetSupportedGraphicsClocks(handle, memory_mhz)
+            self._supported_sm_mhz[index] = sorted(int(clock) for clock in clocks)
+        return self._supported_sm_mhz[index]
+
+    def apply_clocks(self, index: int, min_mhz: int, max_mhz: int) -> ClockOutcome:
+        """Lock a GPU's SM clocks to the supported range nearest [min_mhz, max_mhz]; read back."""
+        requested = (min_mhz, max_mhz)
+        handle, fault = self._handle(index)
+        if fault is not None:
+            return ClockOutcome(index, requested, None, None, fault)
+        call = "nvmlDeviceGetSupportedMemoryClocks/GetSupportedGraphicsClocks"
+        try:
+            supported = self.supported_sm_clocks_mhz(index)
+            if not supported:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            top = nearest_clock_mhz(supported, max_mhz)
+            target = (min(nearest_clock_mhz(supported, min_mhz), top), top)
+            call = "nvmlDeviceGetClockInfo"
+            current = int(self.library.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+            if self.locked_clocks_mhz.get(index) != target or current > target[1]:
+                call = "nvmlDeviceSetGpuLockedClocks"
+                self.library.nvmlDeviceSetGpuLockedClocks(handle, *target)
+                self.locked_clocks_mhz[index] = target
+                call = "nvmlDeviceGetClockInfo (read-back)"
+                current = int(self.library.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+        except pynvml.NVMLError as error:
+            return ClockOutcome(
+                index,
+                requested,
+                None,
+                self._read_sm_clock_mhz(handle),
+                fault_from_error(index, call, error),
+            )
+        if current > target[1]:
+            fault = GpuFault(
+                index,
+                FaultReason.READ_BACK_MISMATCH,
+                f"GPU {index}: locked the SM clocks to {target[0]}-{target[1]} MHz but the SM "
+                f"clock reads {current} MHz",
+            )
+        return ClockOutcome(index, requested, target, current, fault)
+
+    def reset_clocks(self, index: int) -> ClockOutcome:
+        """Unlock a GPU's SM clocks (the driver's default boost behaviour again)."""
+        handle, fault = self._handle(index)
+        if fault is not None:
+            return ClockOutcome(index, None, None, None, fault)
+        try:
+            self.library.nvmlDeviceResetGpuLockedClocks(handle)
+        except pynvml.NVMLError as error:
+            return ClockOutcome(
+                index,
+                None,
+                self.locked_clocks_mhz.get(index),
+                self._read_sm_clock_mhz(handle),
+                fault_from_error(index, "nvmlDeviceResetGpuLockedClocks", error),
+            )
+        self.locked_clocks_mhz.pop(index, None)
+        return ClockOutcome(index, None, None, self._read_sm_clock_mhz(handle))
+
     def sample(self, index: int) -> GpuSample:
         """Read limit, draw, energy counter and utilisation; keeps what could be read."""
         handle, fault = self._handle(index)
@@ -306,4 +425,5 @@ class NvmlBackend:
             energy_mj,
             utilisation,
             faults[0] if faults else None,
+            self._read_sm_clock_mhz(handle),
         )

@@ -15,13 +15,21 @@ from datetime import datetime
 from typing import Any
 
 from wattsched_agent.dcgm_metrics import PodRef
-from wattsched_agent.nvml_backend import GpuFault, GpuIdentity, GpuSample, LimitOutcome
+from wattsched_agent.nvml_backend import (
+    ClockOutcome,
+    GpuFault,
+    GpuIdentity,
+    GpuSample,
+    LimitOutcome,
+)
 from wattsched_agent.podresources import PodDevices, gpu_uuid
 from wattsched_operator.api.meta import Condition, ConditionStatus, format_time, set_condition
 from wattsched_operator.api.nodepowerprofile import (
     APPLIED,
+    CLOCKS_APPLIED,
     AgentStatus,
     Backend,
+    ClockRange,
     DeviceMapping,
     GpuStatus,
     Holder,
@@ -147,6 +155,31 @@ def gpu_targets(
     return targets
 
 
+def gpu_clock_targets(
+    spec: NodePowerProfileSpec, holders: Mapping[int, GpuHolder]
+) -> dict[int, ClockRange]:
+    """GPU index -> the SM clock range to lock: the range of the spec's pod holding it. A GPU
+    absent here is unlocked if the agent locked it (its pod left, or the spec dropped the range)."""
+    targets: dict[int, ClockRange] = {}
+    for index, holder in holders.items():
+        clocks = spec.pod_clock_range(holder.namespace, holder.name)
+        if clocks is not None:
+            targets[index] = clocks
+    return targets
+
+
+def locked_clocks_summary(locked: Mapping[int, tuple[int, int]]) -> str:
+    """`status.lockedClocks`: GPU indices grouped by the range locked on them, or "none"."""
+    by_range: dict[tuple[int, int], list[int]] = {}
+    for index, clock_range in sorted(locked.items()):
+        by_range.setdefault(clock_range, []).append(index)
+    parts = [
+        f"{','.join(str(i) for i in indices)}={low}-{high}"
+        for (low, high), indices in sorted(by_range.items(), key=lambda item: item[1][0])
+    ]
+    return " ".join(parts) if parts else "none"
+
+
 def pod_refs(holders: Mapping[int, GpuHolder]) -> dict[int, PodRef]:
     return {
         index: PodRef(holder.namespace, holder.name, holder.container)
@@ -156,6 +189,7 @@ def pod_refs(holders: Mapping[int, GpuHolder]) -> dict[int, PodRef]:
 
 def _applied(
     *,
+    condition_type: str = APPLIED,
     status: ConditionStatus,
     reason: str,
     message: str,
@@ -164,7 +198,7 @@ def _applied(
     previous: tuple[Condition, ...],
 ) -> tuple[Condition, ...]:
     condition = Condition(
-        type=APPLIED,
+        type=condition_type,
         status=status,
         reason=reason,
         message=message[:MESSAGE_LIMIT_CHARS],
@@ -177,9 +211,11 @@ def _applied(
 def _gpu_status(
     identity: GpuIdentity | None,
     sample: GpuSample,
+    *,
     holder: GpuHolder | None = None,
     wattsched: bool = False,
     target_watts: float | None = None,
+    locked_mhz: tuple[int, int] | None = None,
 ) -> GpuStatus:
     def rounded(value: float | None) -> float | None:
         return None if value is None else round(value, WATTS_DECIMALS)
@@ -198,6 +234,8 @@ def _gpu_status(
         applied_watts=rounded(sample.applied_watts),
         draw_watts=rounded(sample.draw_watts),
         energy_joules=None if energy_mj is None else energy_mj / 1000,
+        sm_clock_range_mhz=None if locked_mhz is None else ClockRange(*locked_mhz),
+        sm_clock_mhz=sample.sm_clock_mhz,
     )
 
 
@@ -217,14 +255,19 @@ def build_status(
     now: datetime,
     holders: Mapping[int, GpuHolder],
     mapping: DeviceMapping,
+    clock_outcomes: Sequence[ClockOutcome] = (),
+    locked_mhz: Mapping[int, tuple[int, int]] | None = None,
 ) -> NodePowerProfileStatus:
     """The NodePowerProfile status the agent writes after applying `profile.spec`.
 
     `Applied` is True (reason LimitsApplied) when every limit set reads back as asked (or was
     clamped down to the GPU's maximum); False with reason DeviceMappingUnavailable when the agent
     has never read which GPU each pod holds (it then sets no limit); otherwise False with the first
-    fault's reason and every fault's message.
+    fault's reason and every fault's message. `ClocksApplied` says the same of the clock ranges
+    (`clock_outcomes`: locks and unlocks this pass; `locked_mhz`: what is locked now), apart from
+    `Applied`, which the budget guarantee reads.
     """
+    locked_mhz = locked_mhz or {}
     faults = [*other_faults, *(outcome.fault for outcome in outcomes if outcome.fault is not None)]
     generation = profile.metadata.generation
     if mapping.source is MappingSource.UNAVAILABLE:
@@ -257,6 +300,18 @@ def build_status(
             now=now,
             previous=profile.status.conditions,
         )
+    clock_faults = [outcome.fault for outcome in clock_outcomes if outcome.fault is not None]
+    conditions = _applied(
+        condition_type=CLOCKS_APPLIED,
+        status=ConditionStatus.FALSE if clock_faults else ConditionStatus.TRUE,
+        reason=clock_faults[0].reason.value if clock_faults else "ClocksApplied",
+        message="; ".join(fault.message for fault in clock_faults)
+        if clock_faults
+        else f"locked SM clocks (MHz): {locked_clocks_summary(locked_mhz)}",
+        generation=generation,
+        now=now,
+        previous=conditions,
+    )
     targets = {
         outcome.index: outcome.requested_watts
         if outcome.target_watts is None
@@ -267,9 +322,10 @@ def build_status(
         _gpu_status(
             identities.get(sample.index),
             sample,
-            holders.get(sample.index),
-            sample.index in holders and is_wattsched(holders[sample.index], profile.spec),
-            targets.get(sample.index),
+            holder=holders.get(sample.index),
+            wattsched=sample.index in holders and is_wattsched(holders[sample.index], profile.spec),
+            target_watts=targets.get(sample.index),
+            locked_mhz=locked_mhz.get(sample.index),
         )
         for sample in samples
     )
@@ -279,6 +335,7 @@ def build_status(
         target_watts=_total(targets.values()),
         applied_watts=_total(gpu.applied_watts for gpu in gpus),
         draw_watts=_total(gpu.draw_watts for gpu in gpus),
+        locked_clocks=locked_clocks_summary(locked_mhz),
         gpus=gpus,
         device_mapping=mapping,
         agent=AgentStatus(
@@ -302,11 +359,11 @@ def stopped_status(
 ) -> dict[str, Any]:
     """The status merge patch written when the agent stops (exit policy applied).
 
-    Leaving limits in place keeps `Applied` as it was; restoring defaults makes it False, since the
-    limits in spec are no longer in force.
+    Leaving limits in place keeps `Applied` as it was; restoring defaults makes it (and
+    `ClocksApplied`, the clocks being unlocked too) False, since the spec is no longer in force.
     """
     message = (
-        "agent stopped and restored the default power limits"
+        "agent stopped, restored the default power limits and unlocked the clocks"
         if defaults_restored
         else "agent stopped; power limits left in place"
     )
@@ -316,16 +373,20 @@ def stopped_status(
     if not defaults_restored:
         return {"agent": agent.to_dict()}
     gpus = tuple(_gpu_status(identities.get(sample.index), sample) for sample in samples)
-    conditions = _applied(
-        status=ConditionStatus.FALSE,
-        reason="DefaultsRestored",
-        message=message,
-        generation=profile.metadata.generation,
-        now=now,
-        previous=profile.status.conditions,
-    )
+    conditions = profile.status.conditions
+    for condition_type in (APPLIED, CLOCKS_APPLIED):
+        conditions = _applied(
+            condition_type=condition_type,
+            status=ConditionStatus.FALSE,
+            reason="DefaultsRestored",
+            message=message,
+            generation=profile.metadata.generation,
+            now=now,
+            previous=conditions,
+        )
     return NodePowerProfileStatus(
         applied_watts=_total(gpu.applied_watts for gpu in gpus),
+        locked_clocks=locked_clocks_summary({}),
         gpus=gpus,
         agent=agent,
         conditions=conditions,

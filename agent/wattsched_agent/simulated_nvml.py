@@ -16,13 +16,16 @@ which runs flat out), `k` the load exponent and `f_node` the node's silicon devi
 the truth's node spread, seeded by the node name, so each node keeps its own). The per-step noise
 the simulator adds is left out: draw is constant between changes and the energy counter integrates
 it exactly over the injected clock. The caller sets u and t (the agent: from the pods placed on
-the node).
+the node). Clocks: each product has its supported SM clocks (`simulated_products.yaml`, cited
+there); a locked range holds as the driver holds it (a busy GPU at the range's top, an idle one at
+its bottom); a reset or a driver reload unlocks. A locked decode-bound (Inference) GPU draws the
+truth's clock curve's share of its full-load draw (`clockCurves`) where that fits under the limit.
 
 Faults are configured per GPU (`GpuFaults`) to behave like a node where the agent lacks
-CAP_SYS_ADMIN, a board that cannot be capped, a board whose limits can be read but not set (as on
-many consumer and virtualised GPUs), a GPU that fell off the bus, or a driver that returns success
-for a set it ignored. Not for: modelling throughput (the simulator does that) or thermal
-behaviour.
+CAP_SYS_ADMIN, a board that cannot be capped or have its clocks locked, a board whose limits can
+be read but not set (as on many consumer and virtualised GPUs), a GPU that fell off the bus, or a
+driver that returns success for a set it ignored. Not for: modelling throughput (the simulator
+does that) or thermal behaviour.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ NVML_ERROR_NOT_SUPPORTED: int = pynvml.NVML_ERROR_NOT_SUPPORTED
 NVML_ERROR_NO_PERMISSION: int = pynvml.NVML_ERROR_NO_PERMISSION
 NVML_ERROR_GPU_IS_LOST: int = pynvml.NVML_ERROR_GPU_IS_LOST
 NVML_ERROR_DRIVER_NOT_LOADED: int = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+NVML_ERROR_NOT_FOUND: int = pynvml.NVML_ERROR_NOT_FOUND
 
 INFERENCE = "Inference"
 
@@ -64,6 +68,15 @@ class ProductEnvelope:
     max_watts: float
     default_watts: float
     ground_truth_product: str
+    memory_clock_mhz: int
+    sm_max_mhz: int
+    sm_min_mhz: int
+    sm_step_mhz: int
+
+    @property
+    def supported_sm_clocks_mhz(self) -> list[int]:
+        """What nvmlDeviceGetSupportedGraphicsClocks returns: highest first."""
+        return list(range(self.sm_max_mhz, self.sm_min_mhz - 1, -self.sm_step_mhz))
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,9 @@ class TruePower:
     kept_throughput_curve: Mapping[str, tuple[tuple[float, float], ...]]
     load_power_exponent: float
     node_power_spread: float
+    # Per type: (SM clock / max SM clock, throughput kept, busy draw kept); per product: max clock.
+    clock_curve: Mapping[str, tuple[tuple[float, float, float], ...]]
+    max_sm_clock_mhz: Mapping[str, float]
 
     def node_factor(self, hostname: str) -> float:
         """The node's multiplicative power deviation: its own draw from the truth's spread."""
@@ -91,12 +107,23 @@ class TruePower:
         utilisation: float,
         power_limit_watts: float,
         node_factor: float,
+        *,
+        sm_clock_mhz: float | None = None,
     ) -> float:
-        """One GPU's draw (see the module docstring)."""
+        """One GPU's draw (see the module docstring). With the SM clock locked (`sm_clock_mhz`,
+        the lock's top) where the type has a clock curve and the locked full-load draw fits under
+        the limit, full load draws that locked draw and the limit does not throttle."""
         idle = self.idle_watts[product]
         full = self.max_watts[product] * self.full_load_fraction[workload_type]
         load = utilisation
-        if workload_type == INFERENCE:  # a service's load is its share of full-power capacity
+        clock_curve = self.clock_curve.get(workload_type, ())
+        locked_full = full
+        if sm_clock_mhz is not None and clock_curve:
+            fraction = sm_clock_mhz / self.max_sm_clock_mhz[product]
+            locked_full = full * interpolate(tuple((c, d) for c, _, d in clock_curve), fraction)
+        if locked_full < full and locked_full <= power_limit_watts:
+            full = locked_full
+        elif workload_type == INFERENCE:  # a service's load is its share of full-power capacity
             curve = self.kept_throughput_curve[workload_type]
             load *= interpolate(curve, power_limit_watts / self.max_watts[product])
         share = math.pow(min(load, 1.0), self.load_power_exponent)
@@ -128,6 +155,15 @@ def load_ground_truth(path: Path | None = None) -> TruePower:
             },
             load_power_exponent=float(raw["loadPowerExponent"]),
             node_power_spread=float(raw["nodePowerSpread"]),
+            clock_curve={
+                str(t): tuple(
+                    (float(c), float(k), float(d))
+                    for c, k, d in raw["clockCurves"][f["clockCurve"]]
+                )
+                for t, f in types.items()
+                if f.get("clockCurve")
+            },
+            max_sm_clock_mhz={str(n): float(f["maxSmClockMHz"]) for n, f in products.items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"{source}: not a ground-truth table: {error!r}") from error
@@ -148,12 +184,20 @@ def load_products(path: Path | None = None) -> dict[str, ProductEnvelope]:
                 max_watts=float(fields["maxWatts"]),
                 default_watts=float(fields["defaultWatts"]),
                 ground_truth_product=str(fields["groundTruthProduct"]),
+                memory_clock_mhz=int(fields["memoryClockMHz"]),
+                sm_max_mhz=int(fields["smMaxMHz"]),
+                sm_min_mhz=int(fields["smMinMHz"]),
+                sm_step_mhz=int(fields["smStepMHz"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{source}: product {product!r}: {error!r}") from error
         if not envelope.min_watts <= envelope.default_watts <= envelope.max_watts:
             raise ValueError(
                 f"{source}: product {product!r}: need minWatts <= defaultWatts <= maxWatts"
+            )
+        if not 0 < envelope.sm_min_mhz <= envelope.sm_max_mhz or envelope.sm_step_mhz <= 0:
+            raise ValueError(
+                f"{source}: product {product!r}: need 0 < smMinMHz <= smMaxMHz and smStepMHz > 0"
             )
         products[envelope.product] = envelope
     return products
@@ -169,6 +213,8 @@ class GpuFaults:
         NVML_ERROR_NOT_SUPPORTED (consumer and virtualised GPUs, e.g. a vGPU guest).
     gpu_lost: every call on the device fails with NVML_ERROR_GPU_IS_LOST.
     set_ignored: the set returns success but the limit does not change.
+    clocks_not_supported: locking SM clocks fails with NVML_ERROR_NOT_SUPPORTED (boards before
+        Volta; vGPU guests); the supported-clock list reads as usual.
     """
 
     no_permission: bool = False
@@ -176,6 +222,7 @@ class GpuFaults:
     set_not_supported: bool = False
     gpu_lost: bool = False
     set_ignored: bool = False
+    clocks_not_supported: bool = False
 
 
 NO_FAULTS = GpuFaults()
@@ -208,6 +255,7 @@ class SimulatedDevice:
         self.truth = truth
         self.node_factor = node_factor
         self.limit_milliwatts = round(envelope.default_watts * 1000)
+        self.locked_sm_mhz: tuple[int, int] | None = None  # (min, max) in force; None: unlocked
         self.utilisation = 0.0
         self.workload_type = INFERENCE
         self.energy_millijoules = 0.0
@@ -220,7 +268,15 @@ class SimulatedDevice:
             self.utilisation,
             self.limit_milliwatts / 1000,
             self.node_factor,
+            sm_clock_mhz=None if self.locked_sm_mhz is None else self.locked_sm_mhz[1],
         )
+
+    def sm_clock_mhz(self) -> int:
+        """The SM clock now: a busy GPU boosts to the top of its range (the lock's maximum, or
+        the board's), an idle one drops to the bottom (the lock's minimum, or the board's)."""
+        supported = self.envelope.supported_sm_clocks_mhz
+        low, high = self.locked_sm_mhz or (supported[-1], supported[0])
+        return high if self.utilisation > 0 else low
 
     def advance(self, now: float) -> None:
         """Integrate the draw since the last change; the draw is constant in between."""
@@ -319,6 +375,7 @@ class SimulatedNvml:
             for device in self._devices:
                 device.advance(now)
                 device.limit_milliwatts = round(device.envelope.default_watts * 1000)
+                device.locked_sm_mhz = None
                 device.energy_millijoules = 0.0
 
     # ----- the pynvml surface -----
@@ -409,6 +466,59 @@ class SimulatedNvml:
             self._check_alive(handle)
             percent = round(handle.utilisation * 100)
             return SimulatedUtilization(gpu=percent, memory=percent)
+
+    def nvmlDeviceGetSupportedMemoryClocks(self, handle: SimulatedDevice) -> list[int]:  # noqa: N802
+        with self._lock:
+            self._check_alive(handle)
+            return [handle.envelope.memory_clock_mhz]
+
+    def nvmlDeviceGetSupportedGraphicsClocks(  # noqa: N802
+        self, handle: SimulatedDevice, memory_clock_mhz: int
+    ) -> list[int]:
+        with self._lock:
+            self._check_alive(handle)
+            if memory_clock_mhz != handle.envelope.memory_clock_mhz:
+                raise pynvml.NVMLError(NVML_ERROR_NOT_FOUND)
+            return handle.envelope.supported_sm_clocks_mhz
+
+    def nvmlDeviceSetGpuLockedClocks(  # noqa: N802
+        self, handle: SimulatedDevice, min_clock_mhz: int, max_clock_mhz: int
+    ) -> None:
+        """A range within the supported clocks is rounded onto them (down for the maximum, up
+        for the minimum, never crossing); min > max, or a bound outside the supported clocks, is
+        an invalid argument."""
+        with self._lock:
+            self._check_alive(handle)
+            if handle.faults.clocks_not_supported:
+                raise pynvml.NVMLError(NVML_ERROR_NOT_SUPPORTED)
+            if handle.faults.no_permission:
+                raise pynvml.NVMLError(NVML_ERROR_NO_PERMISSION)
+            supported = handle.envelope.supported_sm_clocks_mhz
+            if not supported[-1] <= min_clock_mhz <= max_clock_mhz <= supported[0]:
+                raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+            high = next((c for c in supported if c <= max_clock_mhz), supported[-1])
+            low = next((c for c in reversed(supported) if c >= min_clock_mhz), supported[0])
+            handle.advance(self._clock())
+            handle.locked_sm_mhz = (min(low, high), high)
+
+    def nvmlDeviceResetGpuLockedClocks(self, handle: SimulatedDevice) -> None:  # noqa: N802
+        with self._lock:
+            self._check_alive(handle)
+            if handle.faults.clocks_not_supported:
+                raise pynvml.NVMLError(NVML_ERROR_NOT_SUPPORTED)
+            if handle.faults.no_permission:
+                raise pynvml.NVMLError(NVML_ERROR_NO_PERMISSION)
+            handle.advance(self._clock())
+            handle.locked_sm_mhz = None
+
+    def nvmlDeviceGetClockInfo(self, handle: SimulatedDevice, clock_type: int) -> int:  # noqa: N802
+        with self._lock:
+            self._check_alive(handle)
+            if clock_type in (pynvml.NVML_CLOCK_SM, pynvml.NVML_CLOCK_GRAPHICS):
+                return handle.sm_clock_mhz()
+            if clock_type == pynvml.NVML_CLOCK_MEM:
+                return handle.envelope.memory_clock_mhz
+            raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
 
     # ----- checks shared by the calls above -----
 

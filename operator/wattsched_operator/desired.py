@@ -223,14 +223,22 @@ def pod_changes(
 
 def planned_limits(plan: Plan) -> dict[str, NodeLimits]:
     """Each planned node's limits: one per replica's pod (by its deterministic name) and the idle
-    limit for every other GPU of the node."""
+    limit for every other GPU of the node; a replica the plan locks clocks for gets its range."""
     pods: dict[str, dict[PodKey, float]] = {node: {} for node in plan.node_power_limits_watts}
+    clocks: dict[str, dict[PodKey, tuple[int, int]]] = {}
     for placement in plan.placements:
         namespace, _, name = placement.workload.partition("/")
         key = (namespace, pod_name(name, placement.replica))
         pods.setdefault(placement.node, {})[key] = placement.power_limit_watts
+        if placement.sm_clock_mhz is not None:
+            clock = placement.sm_clock_mhz
+            clocks.setdefault(placement.node, {})[key] = (clock, clock)
     return {
-        node: NodeLimits(idle_watts=plan.node_idle_limits_watts.get(node), pods=by_pod)
+        node: NodeLimits(
+            idle_watts=plan.node_idle_limits_watts.get(node),
+            pods=by_pod,
+            clocks=clocks.get(node, {}),
+        )
         for node, by_pod in pods.items()
     }
 

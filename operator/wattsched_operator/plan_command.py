@@ -53,6 +53,11 @@ from wattsched_optimizer.problem import Plan, PlanOptions
 HEARTBEAT_TIMEOUT_SECONDS = 30.0
 
 
+def clock_range(sm_clock_mhz: int | None) -> dict[str, int] | None:
+    """The SM clock range a plan locks a GPU to (a single clock: min = max), or None."""
+    return None if sm_clock_mhz is None else {"min": sm_clock_mhz, "max": sm_clock_mhz}
+
+
 def plan_to_json(
     plan: Plan,
     skipped: Sequence[str] = (),
@@ -61,7 +66,9 @@ def plan_to_json(
 ) -> dict[str, Any]:
     """The `-o json` document (shape fixed by the optimizer issue, §3), plus `skipped` (the objects
     left out as invalid, each as the error that names it), `nodeNotes` (the GPU nodes left out of
-    planning and why: snapshot.excluded_nodes) and, with `--diff`, `diff`."""
+    planning and why: snapshot.excluded_nodes), the locked SM clocks
+    (`placements[].smClockRangeMHz` and, per GPU of a node, `nodes[].gpuSmClockRangesMHz`: null
+    where clocks are left to the driver) and, with `--diff`, `diff`."""
     document: dict[str, Any] = {
         "status": plan.status.value,
         "objective": plan.objective,
@@ -78,6 +85,7 @@ def plan_to_json(
                 "powerLimitWatts": p.power_limit_watts,
                 "expectedWattsPerGPU": p.expected_watts_per_gpu,
                 "expectedTokensPerSecond": p.expected_throughput,
+                "smClockRangeMHz": clock_range(p.sm_clock_mhz),
             }
             for p in sorted(plan.placements, key=lambda p: (p.workload, p.replica))
         ],
@@ -85,6 +93,10 @@ def plan_to_json(
             {
                 "node": node,
                 "gpuPowerLimitsWatts": list(limits),
+                "gpuSmClockRangesMHz": [
+                    clock_range(clock)
+                    for clock in plan.node_sm_clocks_mhz.get(node, (None,) * len(limits))
+                ],
                 "unmanagedGpus": plan.node_unmanaged.get(node, (0, 0.0))[0],
                 "unmanagedWatts": plan.node_unmanaged.get(node, (0, 0.0))[1],
             }
@@ -152,7 +164,16 @@ def plan_to_table(
         "",
     ]
     lines += _table(
-        ["WORKLOAD", "REPLICA", "NODE", "GPUS", "VARIANT", "LIMIT(W)", "EXPECTED(W/GPU, modelled)"],
+        [
+            "WORKLOAD",
+            "REPLICA",
+            "NODE",
+            "GPUS",
+            "VARIANT",
+            "LIMIT(W)",
+            "SM-CLOCK(MHz)",
+            "EXPECTED(W/GPU, modelled)",
+        ],
         [
             [
                 p["workload"],
@@ -161,6 +182,7 @@ def plan_to_table(
                 str(p["gpus"]),
                 p["variant"],
                 f"{p['powerLimitWatts']:.0f}",
+                "-" if p["smClockRangeMHz"] is None else str(p["smClockRangeMHz"]["max"]),
                 f"{p['expectedWattsPerGPU']:.0f}",
             ]
             for p in data["placements"]

@@ -38,7 +38,13 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from wattsched_optimizer.model import CALIBRATION_BOUNDS, Calibration, CatalogueModel
+from wattsched_optimizer.model import (
+    CALIBRATION_BOUNDS,
+    Calibration,
+    CatalogueModel,
+    product_spec,
+    sm_clock_effect,
+)
 from wattsched_optimizer.problem import Placement, WorkloadType
 
 PodKey = tuple[str, str]  # (namespace, name)
@@ -540,7 +546,10 @@ def calibration_samples(
     product; types: workload key -> type; demands: Inference workload key -> the tokens/s its
     spec declares; corrections: the factors the plan was made with (the modelled throughput is
     divided by them to compare with the uncalibrated model).
-    Power is sampled only when neither the draw nor the model is held by the power limit.
+    Power is sampled only when neither the draw nor the model is held by the power limit. A replica
+    with locked SM clocks is compared with the model's locked draw (the unlocked busy draw times
+    the clock curve's draw fraction, as the optimizer planned it), so the correction stays one of
+    the unlocked model, and a clock curve that is off shows up in it for that (product, type).
     Throughput (measured tokens/s, from the token query) is sampled where it shows capacity:
     Training, FineTuning and BatchInference run flat out, always. An Inference replica serves its
     share of the demand, not what it could, so only (a) when the workload is saturated (its
@@ -566,6 +575,12 @@ def calibration_samples(
             continue
         limit = placement.power_limit_watts
         modelled = base.expected_power_watts(product, workload_type, limit)
+        if placement.sm_clock_mhz is not None:
+            unlocked = base.expected_power_watts(
+                product, workload_type, product_spec(product).max_watts.value
+            )
+            _, draw_fraction = sm_clock_effect(product, workload_type, placement.sm_clock_mhz)
+            modelled = max(base.idle_power_watts(product), unlocked * draw_fraction)
         per_gpu = measured.value / max(placement.gpus, 1)
         bound = _LIMIT_BOUND_FRACTION * limit
         power_sampled = per_gpu < bound and modelled < bound

@@ -33,10 +33,13 @@ PodKey = tuple[str, str]  # (namespace, pod name)
 
 @dataclass(frozen=True)
 class NodeLimits:
-    """A NodePowerProfile spec in numbers: a limit per wattsched pod and one for idle GPUs."""
+    """A NodePowerProfile spec in numbers: a limit per wattsched pod and one for idle GPUs, and the
+    SM clock range (MHz) to lock some pods' GPUs to (a clock is not a cap: the steps below order
+    limits only; clocks ride along with the final limits)."""
 
     idle_watts: float | None
     pods: Mapping[PodKey, float] = field(default_factory=dict)
+    clocks: Mapping[PodKey, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> NodeLimits:
@@ -47,16 +50,30 @@ class NodeLimits:
                 (str(p["namespace"]), str(p["name"])): float(p["powerLimitWatts"])
                 for p in spec.get("pods") or []
             },
+            clocks={
+                (str(p["namespace"]), str(p["name"])): (
+                    int(p["smClockRangeMHz"]["min"]),
+                    int(p["smClockRangeMHz"]["max"]),
+                )
+                for p in spec.get("pods") or []
+                if p.get("smClockRangeMHz")
+            },
         )
 
     def spec_fields(self) -> dict[str, Any]:
         """The spec's limit fields; `pods` is always written so a merge patch replaces it."""
-        out: dict[str, Any] = {
-            "pods": [
-                {"namespace": ns, "name": name, "powerLimitWatts": round(watts, 1)}
-                for (ns, name), watts in sorted(self.pods.items())
-            ]
-        }
+        pods: list[dict[str, Any]] = []
+        for (ns, name), watts in sorted(self.pods.items()):
+            entry: dict[str, Any] = {
+                "namespace": ns,
+                "name": name,
+                "powerLimitWatts": round(watts, 1),
+            }
+            clocks = self.clocks.get((ns, name))
+            if clocks is not None:
+                entry["smClockRangeMHz"] = {"min": clocks[0], "max": clocks[1]}
+            pods.append(entry)
+        out: dict[str, Any] = {"pods": pods}
         if self.idle_watts is not None:
             out["idlePowerLimitWatts"] = round(self.idle_watts, 1)
         return out
@@ -127,7 +144,11 @@ def power_steps(
             for key, watts in target.pods.items()
             if spec is not None and key in spec.pods
         }
-        interim = NodeLimits(idle_watts=None if math.isinf(idle) else idle, pods=pods)
+        # Clocks in force stay as they are until the raising step writes the planned ones.
+        kept_clocks = {} if spec is None else {k: v for k, v in spec.clocks.items() if k in pods}
+        interim = NodeLimits(
+            idle_watts=None if math.isinf(idle) else idle, pods=pods, clocks=kept_clocks
+        )
         if spec != interim:
             lower[node] = interim
         if interim != target:

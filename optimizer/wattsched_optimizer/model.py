@@ -64,6 +64,8 @@ class ProductSpec:
     max_watts: Sourced
     idle_watts: Sourced
     relative_speed: Mapping[WorkloadType, Sourced]
+    # Highest SM clock (MHz); None: unknown, so the optimizer never locks this product's clocks.
+    max_sm_clock_mhz: Sourced | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,10 @@ class WorkloadTypeSpec:
     throughput_curve: tuple[tuple[float, float], ...]
     throughput_curve_source: str
     multi_gpu_exponent: Sourced
+    # (SM clock / max SM clock, throughput fraction, busy-draw fraction), ascending; empty: locking
+    # clocks does not pay for this type (compute-bound).
+    clock_curve: tuple[tuple[float, float, float], ...] = ()
+    clock_curve_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,17 @@ def _parse_catalogue(raw: Mapping[str, Any]) -> Catalogue:
         points = tuple(sorted((float(x), float(y)) for x, y in curve["points"]))
         if len(points) < 2:
             raise ValueError(f"catalogue.yaml {where}: a curve needs at least two points")
+        clock_raw = spec.get("sm_clock_curve")
+        clock_points: tuple[tuple[float, float, float], ...] = ()
+        if clock_raw is not None:
+            clock_points = tuple(
+                sorted((float(c), float(t), float(d)) for c, t, d in clock_raw["points"])
+            )
+            if clock_raw["source"] not in sources or not clock_points or clock_points[-1][0] != 1.0:
+                raise ValueError(
+                    f"catalogue.yaml {where}.sm_clock_curve: needs a known source and points "
+                    "ending at clock fraction 1.0"
+                )
         types[WorkloadType(type_name)] = WorkloadTypeSpec(
             tokens_per_second_per_gpu_1b=_sourced(
                 spec["tokens_per_second_per_gpu_1b"], where, sources
@@ -143,6 +160,8 @@ def _parse_catalogue(raw: Mapping[str, Any]) -> Catalogue:
             throughput_curve=points,
             throughput_curve_source=str(curve["source"]),
             multi_gpu_exponent=_sourced(spec["multi_gpu_exponent"], where, sources),
+            clock_curve=clock_points,
+            clock_curve_source=str(clock_raw["source"]) if clock_raw is not None else "",
         )
     products: dict[str, ProductSpec] = {}
     aliases: dict[str, str] = {}
@@ -160,6 +179,9 @@ def _parse_catalogue(raw: Mapping[str, Any]) -> Catalogue:
                 WorkloadType(t): _sourced(v, f"{where}.relative_speed.{t}", sources)
                 for t, v in spec["relative_speed"].items()
             },
+            max_sm_clock_mhz=None
+            if "max_sm_clock_mhz" not in spec
+            else _sourced(spec["max_sm_clock_mhz"], f"{where}.max_sm_clock_mhz", sources),
         )
         if not (
             0 < product.min_watts.value <= product.default_watts.value <= product.max_watts.value
@@ -393,6 +415,33 @@ def power_levels_watts(product: str, levels: int) -> tuple[float, ...]:
         return (high,)
     step = (high - low) / (levels - 1)
     return tuple(sorted({float(round(low + step * i)) for i in range(levels - 1)} | {float(high)}))
+
+
+def sm_clock_levels_mhz(product: str, workload_type: WorkloadType) -> tuple[int, ...]:
+    """The locked SM clocks worth offering for this work on this product (MHz, ascending): the
+    points of the type's clock curve below the maximum clock. Empty where the type has no curve
+    (compute-bound work) or the product's maximum SM clock is unknown."""
+    maximum = product_spec(product).max_sm_clock_mhz
+    curve = catalogue().workload_types[workload_type].clock_curve
+    if maximum is None or not curve:
+        return ()
+    return tuple(round(fraction * maximum.value) for fraction, _, _ in curve if fraction < 1.0)
+
+
+def sm_clock_effect(
+    product: str, workload_type: WorkloadType, sm_clock_mhz: int | None
+) -> tuple[float, float]:
+    """(throughput, busy draw) of work with its SM clocks locked at `sm_clock_mhz`, each as a
+    fraction of the same work unlocked at the same power limit; (1, 1) when unlocked or where the
+    type has no clock curve. Modelled from the catalogue's `sm_clock_curve` (cited there)."""
+    maximum = product_spec(product).max_sm_clock_mhz
+    curve = catalogue().workload_types[workload_type].clock_curve
+    if sm_clock_mhz is None or maximum is None or not curve:
+        return (1.0, 1.0)
+    fraction = sm_clock_mhz / maximum.value
+    throughput = _interpolate(tuple((c, t) for c, t, _ in curve), fraction)
+    draw = _interpolate(tuple((c, d) for c, _, d in curve), fraction)
+    return (max(throughput, 0.01), max(draw, 0.01))
 
 
 def clamp_power_limit_watts(product: str, power_limit_watts: float) -> float:

@@ -4,9 +4,9 @@ For: turning a `PlanInput` into the small, aggregated sets the formulation works
 (nodes alike in product, GPU count, agent readiness, budget membership and whether they take new
 replicas; a cordoned node's pool only keeps what runs there),
 `WorkloadClass`es (workloads alike in everything but their name), and per class the `Option`s
-(product, variant, power level, replica count) that meet every per-workload hard constraint
-(allow-list, memory, quality, maxPowerWattsPerGPU, policy, SLO, deadline), with dominated options
-pruned. Workloads with no option get the reason here. Not for: building or solving the LP
+(product, variant, power level, locked SM clock, replica count) that meet every per-workload hard
+constraint (allow-list, memory, quality, maxPowerWattsPerGPU, policy, SLO, deadline), with dominated
+options pruned. Workloads with no option get the reason here. Not for: building or solving the LP
 (`formulation`) or choosing nodes (`packing`).
 """
 
@@ -19,7 +19,13 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from wattsched_optimizer.model import PerformanceModel, power_levels_watts, product_spec
+from wattsched_optimizer.model import (
+    PerformanceModel,
+    power_levels_watts,
+    product_spec,
+    sm_clock_effect,
+    sm_clock_levels_mhz,
+)
 from wattsched_optimizer.problem import (
     CurrentPlacement,
     EnergyPolicy,
@@ -36,6 +42,9 @@ from wattsched_optimizer.problem import (
 _CLASS_KEY = operator.attrgetter(*(f.name for f in dataclasses.fields(Workload) if f.name != "key"))
 # Quality is compared in steps of 0.01.
 QUALITY_STEPS = 100
+# Balanced locks only clocks that keep at least this share of the unlocked throughput (modelled):
+# the latency a lower clock adds is part of what it balances; Efficiency takes any clock that pays.
+BALANCED_MIN_CLOCK_THROUGHPUT = 0.98
 # Added to the cost of moving a running replica, so that an equal-cost move keeps it in place.
 STABILITY_TIE_BREAK = 1e-6
 
@@ -86,6 +95,9 @@ class Option:
     # Slowest replicas' worth of an Inference demand this option leaves unserved (0: all served;
     # only the partial options of `workload_options(partial=True)` leave any).
     shortfall_steps: int = 0
+    # SM clock (MHz) to lock the replicas' GPUs at; None: left to the driver. Never a cap: the
+    # budget counts `power_limit_watts` whatever the clock.
+    sm_clock_mhz: int | None = None
 
     @property
     def gpus(self) -> int:
@@ -268,6 +280,52 @@ def _levels_for(
     return sorted(chosen)
 
 
+def _clocks_for(workload: Workload, product: str, sm_clocks: bool) -> list[int | None]:
+    """Unlocked, plus the locked SM clocks the catalogue says pay for this work (decode-bound
+    inference): any under Efficiency, those keeping `BALANCED_MIN_CLOCK_THROUGHPUT` under
+    Balanced; Performance never locks clocks, nor does a plan with `PlanOptions.sm_clocks` off."""
+    if workload.policy is EnergyPolicy.PERFORMANCE or not sm_clocks:
+        return [None]
+    levels = sm_clock_levels_mhz(product, workload.type)
+    if workload.policy is EnergyPolicy.BALANCED:
+        levels = tuple(
+            clock
+            for clock in levels
+            if sm_clock_effect(product, workload.type, clock)[0] >= BALANCED_MIN_CLOCK_THROUGHPUT
+        )
+    return [None, *levels]
+
+
+def _clocked(
+    model: PerformanceModel,
+    workload: Workload,
+    product: str,
+    *,
+    relative_throughput: float,
+    level: float,
+    sm_clock_mhz: int,
+) -> tuple[float, float] | None:
+    """(tokens/s per replica, expected watts per GPU) at this limit with the clock locked, or None
+    where the lock does not keep the draw under the limit (the cap, not the clock, then sets the
+    clock: the lock adds nothing). Under the limit the cap never triggers, so throughput is the
+    unlocked maximum's times the clock's fraction (Ma et al.: the cap is not on decode's path)."""
+    spec = product_spec(product)
+    throughput_fraction, draw_fraction = sm_clock_effect(product, workload.type, sm_clock_mhz)
+    unlocked_watts = model.expected_power_watts(product, workload.type, spec.max_watts.value)
+    watts = max(model.idle_power_watts(product), unlocked_watts * draw_fraction)
+    if watts > level:
+        return None
+    full = model.throughput_tokens_per_second(
+        product,
+        workload.type,
+        workload.model_parameters_billions,
+        workload.gpus_per_replica,
+        relative_throughput,
+        spec.max_watts.value,
+    )
+    return full * throughput_fraction, watts
+
+
 def prune_dominated(
     candidates: Sequence[tuple[Option, tuple[int, ...]]],
 ) -> list[tuple[Option, tuple[int, ...]]]:
@@ -433,6 +491,14 @@ def _no_option_reason(
     )
 
 
+# One option before pools and pricing: (product, variant, level, replicas, throughput, watts, cost,
+# quality loss, keeps current, tokens/s served when only part of the demand is: None when all is,
+# SM clock in MHz: None when left to the driver).
+RawOption = tuple[
+    str, Variant, float, int, float, float, float, int, bool, float | None, int | None
+]
+
+
 def workload_options(
     workload: Workload,
     *,
@@ -445,6 +511,7 @@ def workload_options(
     startup_seconds: float = PlanOptions().startup_seconds,
     prune: bool = True,
     partial: bool = False,
+    sm_clocks: bool = True,
 ) -> tuple[list[Option], list[tuple[int, ...]]]:
     """Every option that meets the workload's own constraints, dominated ones pruned.
 
@@ -487,8 +554,8 @@ def workload_options(
         current_variant = first.variant
         current_level = first.power_limit_watts
     # (product, variant, level, replicas, throughput, watts, cost, quality loss, keeps current,
-    # tokens/s served when only part of the demand is: None when all is)
-    raw: list[tuple[str, Variant, float, int, float, float, float, int, bool, float | None]] = []
+    # tokens/s served when only part of the demand is: None when all is; SM clock)
+    raw: list[RawOption] = []
     # (product, variant name) -> (pools whose agent is ready, all pools) with memory for it.
     pools_by_variant: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for product in products:
@@ -506,16 +573,34 @@ def workload_options(
                 tuple(pool.index for pool in roomy),
             )
             level_current = current_level if product == current_product else None
-            for level in _levels_for(workload, product, levels, level_current):
-                throughput = model.throughput_tokens_per_second(
-                    product,
-                    workload.type,
-                    workload.model_parameters_billions,
-                    workload.gpus_per_replica,
-                    variant.relative_throughput,
-                    level,
-                )
-                watts = model.expected_power_watts(product, workload.type, level)
+            settings = [
+                (level, clock)
+                for level in _levels_for(workload, product, levels, level_current)
+                for clock in _clocks_for(workload, product, sm_clocks)
+            ]
+            for level, clock in settings:
+                if clock is None:
+                    throughput = model.throughput_tokens_per_second(
+                        product,
+                        workload.type,
+                        workload.model_parameters_billions,
+                        workload.gpus_per_replica,
+                        variant.relative_throughput,
+                        level,
+                    )
+                    watts = model.expected_power_watts(product, workload.type, level)
+                else:
+                    clocked = _clocked(
+                        model,
+                        workload,
+                        product,
+                        relative_throughput=variant.relative_throughput,
+                        level=level,
+                        sm_clock_mhz=clock,
+                    )
+                    if clocked is None:
+                        continue
+                    throughput, watts = clocked
                 keeps = product == current_product and variant.name == current_variant
                 quality_loss = 0
                 if workload.policy is not EnergyPolicy.EFFICIENCY:
@@ -540,6 +625,7 @@ def workload_options(
                                         quality_loss,
                                         keeps,
                                         served,
+                                        clock,
                                     )
                                 )
                         replicas = needed
@@ -569,6 +655,7 @@ def workload_options(
                         quality_loss,
                         keeps,
                         None,
+                        clock,
                     )
                 )
     if not raw:
@@ -583,6 +670,7 @@ def workload_options(
     candidates = []
     for entry, shortfall in zip(raw, shortfalls, strict=True):
         product, variant, level, replicas, throughput, watts, cost, quality_loss, keeps = entry[:9]
+        clock = entry[10]
         relative = cost / cheapest - 1.0
         if not keeps:
             relative += move_penalty
@@ -604,6 +692,7 @@ def workload_options(
             quality_loss=quality_loss,
             keeps_current=keeps,
             shortfall_steps=shortfall,
+            sm_clock_mhz=clock,
         )
         candidates.append((option, option_pools))
     if prune:
@@ -613,7 +702,7 @@ def workload_options(
 
 def _shortfall_steps(
     workload: Workload,
-    raw: Sequence[tuple[str, Variant, float, int, float, float, float, int, bool, float | None]],
+    raw: Sequence[RawOption],
 ) -> list[int]:
     """Per option: how many of the workload's slowest replicas would make up what it serves
     below the most any option serves (its demand, or what maxReplicas deliver at best); 0 for
@@ -716,6 +805,7 @@ def build_plan_data(
             node_by_name=node_by_name,
             churn_threshold=plan_input.options.churn_threshold,
             startup_seconds=plan_input.options.startup_seconds,
+            sm_clocks=plan_input.options.sm_clocks,
         )
         pinned: frozenset[str] = frozenset()
         if current and workload.key not in unpinned and not workload.moves_to_save_energy:

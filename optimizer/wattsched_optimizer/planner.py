@@ -509,6 +509,7 @@ def _serve_in_part(
             churn_threshold=plan_input.options.churn_threshold,
             startup_seconds=plan_input.options.startup_seconds,
             partial=True,
+            sm_clocks=plan_input.options.sm_clocks,
         )
         partial = [(o, p) for o, p in zip(options, option_pools, strict=True) if o.shortfall_steps]
         if demand is None or not partial:
@@ -720,6 +721,7 @@ def _assemble(
     held_nodes = _held_nodes(plan_input, held)
     limits: dict[str, list[float]] = {}
     counted: dict[str, list[float]] = {}
+    clocks: dict[str, list[int | None]] = {}
     expected: dict[str, list[float]] = {}
     idle_limits: dict[str, float] = {}
     for gpu_node in plan_input.nodes:
@@ -729,6 +731,7 @@ def _assemble(
         idle_limits[gpu_node.name] = idle_limit
         limits[gpu_node.name] = [idle_limit] * gpu_node.gpu_count
         counted[gpu_node.name] = [idle_counted] * gpu_node.gpu_count
+        clocks[gpu_node.name] = [None] * gpu_node.gpu_count
         expected[gpu_node.name] = [model.idle_power_watts(gpu_node.product)] * gpu_node.gpu_count
     next_gpu: dict[str, int] = defaultdict(int)
     placements: list[Placement] = []
@@ -744,6 +747,7 @@ def _assemble(
             for gpu in range(first, first + option.gpus_per_replica):
                 limits[node][gpu] = option.power_limit_watts
                 counted[node][gpu] = option.power_limit_watts
+                clocks[node][gpu] = option.sm_clock_mhz
                 expected[node][gpu] = option.expected_watts_per_gpu
             placements.append(
                 Placement(
@@ -755,6 +759,7 @@ def _assemble(
                     power_limit_watts=option.power_limit_watts,
                     expected_watts_per_gpu=option.expected_watts_per_gpu,
                     expected_throughput=option.throughput_per_replica,
+                    sm_clock_mhz=option.sm_clock_mhz,
                 )
             )
     unmanaged = {
@@ -799,4 +804,5 @@ def _assemble(
         move_reasons=dict(move_reasons or {}),
         node_idle_limits_watts=idle_limits,
         node_unmanaged=unmanaged,
+        node_sm_clocks_mhz={name: tuple(values) for name, values in clocks.items()},
     )

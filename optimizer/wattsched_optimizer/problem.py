@@ -167,6 +167,9 @@ class PlanOptions:
     # deadline check for an option that moves it subtracts them.
     startup_seconds: float = 60.0
     solver: str = "highs"  # "highs" or "cbc"
+    # Lock SM clocks where the catalogue's clock curve says it pays (decode-bound inference under
+    # Efficiency or Balanced); False never locks them (the evaluation's ablation).
+    sm_clocks: bool = True
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,8 @@ class Placement:
     power_limit_watts: float
     expected_watts_per_gpu: float
     expected_throughput: float  # tokens/s of this replica
+    # SM clock (MHz) the replica's GPUs are locked at; None: left to the driver (never a cap).
+    sm_clock_mhz: int | None = None
 
 
 @dataclass(frozen=True)
@@ -294,3 +299,5 @@ class Plan:
     # Nodes where pods wattsched did not create hold GPUs: (how many, the sum of their limits in
     # watts). Those GPUs are in no node_power_limits_watts tuple.
     node_unmanaged: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+    # Every GPU node in the input, one entry per GPU: the SM clock (MHz) to lock it at, or None.
+    node_sm_clocks_mhz: Mapping[str, tuple[int | None, ...]] = field(default_factory=dict)

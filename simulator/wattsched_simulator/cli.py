@@ -43,6 +43,9 @@ class PolicySettings:
     plan_time_limit_seconds: float = 10.0
     # The operator's default; docs/evaluation.md shows the sensitivity.
     churn_threshold: float = PlanOptions().churn_threshold
+    # Ablations of the planner: never lock SM clocks; only each workload's best-quality variant.
+    sm_clocks: bool = True
+    best_variant_only: bool = False
 
 
 def make_policy(name: str, truth: GroundTruth, settings: PolicySettings) -> Policy:
@@ -50,14 +53,23 @@ def make_policy(name: str, truth: GroundTruth, settings: PolicySettings) -> Poli
         power_levels=settings.power_levels,
         time_limit_seconds=settings.plan_time_limit_seconds,
         churn_threshold=settings.churn_threshold,
+        sm_clocks=settings.sm_clocks,
     )
     if name == "wattsched":
         return PlannerPolicy(
-            "wattsched", options, settings.energy_policy, headroom=settings.headroom
+            "wattsched",
+            options,
+            settings.energy_policy,
+            headroom=settings.headroom,
+            best_variant_only=settings.best_variant_only,
         )
     if name == "oracle":
         return PlannerPolicy(
-            "oracle", options, settings.energy_policy, oracle=OracleKnowledge(truth)
+            "oracle",
+            options,
+            settings.energy_policy,
+            oracle=OracleKnowledge(truth),
+            best_variant_only=settings.best_variant_only,
         )
     return baseline(name, truth, settings.static_cap_fraction)
 
@@ -241,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="wattsched and oracle: evenly spaced power limits offered per GPU product",
     )
     parser.add_argument(
+        "--no-sm-clocks",
+        action="store_true",
+        help="wattsched and the oracle never lock SM clocks (ablation)",
+    )
+    parser.add_argument(
+        "--best-variant-only",
+        action="store_true",
+        help="wattsched and the oracle get only each workload's highest-quality variant (ablation)",
+    )
+    parser.add_argument(
         "--churn-threshold",
         type=float,
         default=PlanOptions().churn_threshold,
@@ -324,6 +346,8 @@ def main(argv: list[str]) -> int:
             headroom=args.headroom,
             power_levels=args.power_levels,
             churn_threshold=args.churn_threshold,
+            sm_clocks=not args.no_sm_clocks,
+            best_variant_only=args.best_variant_only,
         )
         truth = GroundTruth().with_throughput_scale(args.truth_throughput_scale)
         # Build every policy once up front so a bad setting fails before the long run.

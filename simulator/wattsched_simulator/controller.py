@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -130,6 +130,8 @@ class PlannerPolicy:
     forecast_window_seconds: float = 300.0
     deadline_margin: float = 0.9
     oracle: OracleKnowledge | None = None
+    # Ablation: offer the planner only each workload's highest-quality variant.
+    best_variant_only: bool = False
     _calibration: dict[str, float] = field(default_factory=dict)
     _model: prior.PerformanceModel = field(default_factory=prior.CatalogueModel)
 
@@ -339,6 +341,10 @@ class PlannerPolicy:
                     deadline_seconds=deadline,
                 )
             )
+        if self.best_variant_only:
+            workloads = [
+                replace(w, variants=(max(w.variants, key=lambda v: v.quality),)) for w in workloads
+            ]
         current = []
         for key, replicas in sorted(by_workload.items()):
             for index, replica in enumerate(replicas):
@@ -370,7 +376,9 @@ class PlannerPolicy:
 def decision_from_plan(result: Plan, plan_input: PlanInput, seconds: float) -> Decision:
     """Turn the optimizer's plan into the engine's desired state."""
     replicas = tuple(
-        ReplicaAssignment(p.workload, p.node, p.gpus, p.variant, p.power_limit_watts)
+        ReplicaAssignment(
+            p.workload, p.node, p.gpus, p.variant, p.power_limit_watts, p.sm_clock_mhz
+        )
         for p in result.placements
     )
     busy_gpus: dict[str, int] = {}

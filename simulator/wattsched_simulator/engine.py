@@ -49,13 +49,15 @@ class SimulationError(RuntimeError):
 
 @dataclass(frozen=True)
 class ReplicaAssignment:
-    """One replica a policy wants to exist: where, with which variant and per-GPU power limit."""
+    """One replica a policy wants to exist: where, with which variant, per-GPU power limit and
+    locked SM clock (None: left to the driver)."""
 
     workload: str
     node: str
     gpus: int
     variant: str
     power_limit_watts: float
+    sm_clock_mhz: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class RunningReplica:
     variant: str
     power_limit_watts: float  # as planned
     ready_at_seconds: float
+    sm_clock_mhz: int | None = None  # locked SM clock; None: unlocked
     # During a service's hand-over (see `Simulation.apply`): the higher limit still applied, or
     # True for a replica the plan removed that keeps serving until its replacement is ready.
     held_limit_watts: float | None = None
@@ -158,6 +161,8 @@ class PolicyResult:
     carbon_grams: float
     inference_tokens_served: float
     job_tokens_processed: float
+    # Energy drawn by the GPUs of inference replicas (serving or starting); idle GPUs excluded.
+    inference_energy_joules: float
     on_time_tokens: dict[str, float]
     judged_tokens: dict[str, float]
     deadline_misses: int
@@ -371,6 +376,7 @@ class Simulation:
                 match.held_limit_watts = None
                 match.handover_until_seconds = 0.0
                 match.power_limit_watts = self._clamp(node, assignment.power_limit_watts)
+                match.sm_clock_mhz = assignment.sm_clock_mhz
                 survivors.append(match)
             if old and unmatched_new:
                 self.migrations += min(len(old), len(unmatched_new))
@@ -390,6 +396,7 @@ class Simulation:
                         assignment.variant,
                         self._clamp(node, assignment.power_limit_watts),
                         ready_at,
+                        assignment.sm_clock_mhz,
                     )
                 )
         self.replicas = survivors
@@ -522,18 +529,22 @@ class Simulation:
                 gpus=replica.gpus,
                 relative_throughput=_variant_throughput(spec, replica.variant),
                 power_limit_watts=replica.effective_limit_watts,
+                sm_clock_mhz=replica.sm_clock_mhz,
             )
-            max_watts = truth.product(product).max_watts
+            kept, full_draw = truth.limit_and_clock_fractions(
+                product, workload_type, replica.effective_limit_watts, replica.sm_clock_mhz
+            )
             self.r_node[i] = self.node_index[replica.node]
             self.r_gpus[i] = replica.gpus
             self.r_limit[i] = replica.effective_limit_watts
             self.r_ready_at[i] = replica.ready_at_seconds
             self.r_idle[i] = truth.product(product).idle_watts
-            self.r_full[i] = truth.full_load_watts(product, workload_type)
+            # A lock in force: the replica's own full load draws the locked draw; otherwise its
+            # load is a share of full-power capacity and the draw is clipped at the limit below.
+            locked = full_draw < truth.full_load_watts(product, workload_type)
+            self.r_full[i] = full_draw
             self.r_capacity[i] = capacity
-            self.r_fraction[i] = truth.throughput_fraction(
-                workload_type, replica.effective_limit_watts / max_watts
-            )
+            self.r_fraction[i] = 1.0 if locked else kept
             if isinstance(spec, ServiceSpec):
                 self.r_service[i] = self.service_index[spec.key]
                 self.r_job_running_key.append(None)
@@ -589,6 +600,7 @@ class Simulation:
         seconds_over = 0.0
         seconds_limits_over = 0.0
         inference_served = 0.0
+        inference_energy = 0.0
         job_tokens = 0.0
         # Telemetry window accumulators.
         window_demand = np.zeros(service_count)
@@ -675,6 +687,7 @@ class Simulation:
                 draw = draw * self.node_factor[self.r_node]
                 draw = draw * (1.0 + noise * self.power_rng.standard_normal(len(draw)))
                 draw = np.clip(draw, 0.0, self.r_limit)
+                inference_energy += float((draw * self.r_gpus)[self.is_service].sum()) * dt
             node_draw = (
                 np.bincount(self.r_node, weights=draw * self.r_gpus, minlength=node_count)
                 + self.node_idle_draw
@@ -745,6 +758,7 @@ class Simulation:
             facility_energy_joules=gpu_energy * sc.pue,
             carbon_grams=carbon_grams,
             inference_tokens_served=float(inference_served),
+            inference_energy_joules=inference_energy,
             job_tokens_processed=float(job_tokens),
             on_time_tokens={
                 s.key: float(queues[i].on_time_tokens) for i, s in enumerate(self.services)

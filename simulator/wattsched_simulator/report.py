@@ -56,6 +56,7 @@ def policy_metrics(result: PolicyResult) -> dict[str, Any]:
         "meanPowerWatts": float(result.cluster_power_watts.mean()) if steps else 0.0,
         "peakPowerWatts": float(result.cluster_power_watts.max()) if steps else 0.0,
         "inferenceTokensServed": result.inference_tokens_served,
+        "inferenceGpuEnergyKWh": result.inference_energy_joules / JOULES_PER_KWH,
         "jobTokensProcessed": result.job_tokens_processed,
         "jobsFinished": result.jobs_finished,
         "jobsWithDeadline": result.jobs_with_deadline,

@@ -51,6 +51,12 @@ COMPUTE_BOUND_CURVE = _curve("computeBound")
 DECODE_BOUND_CURVE = _curve("decodeBound")
 
 
+def _clock_curve(name: str | None) -> tuple[tuple[float, float, float], ...]:
+    if name is None:
+        return ()
+    return tuple((float(c), float(t), float(d)) for c, t, d in _TABLE["clockCurves"][name])
+
+
 @dataclass(frozen=True)
 class TypeTruth:
     """How one workload type behaves on an H100 at full power, per GPU, for an 8B model."""
@@ -59,6 +65,8 @@ class TypeTruth:
     full_load_fraction: float  # draw at full load / max watts, with no cap below it
     curve: tuple[tuple[float, float], ...]
     decode_bound: bool  # speed across products follows memory bandwidth, not FLOPs
+    # (SM clock / max SM clock, throughput kept, busy draw kept); empty: compute-bound.
+    clock_curve: tuple[tuple[float, float, float], ...] = ()
 
 
 DEFAULT_TYPES: Mapping[WorkloadType, TypeTruth] = {
@@ -67,6 +75,7 @@ DEFAULT_TYPES: Mapping[WorkloadType, TypeTruth] = {
         float(fields["fullLoadFraction"]),
         _curve(str(fields["curve"])),
         bool(fields["decodeBound"]),
+        _clock_curve(fields.get("clockCurve")),
     )
     for name, fields in _TABLE["types"].items()
 }
@@ -82,6 +91,7 @@ class ProductTruth:
     memory_gib: float
     decode_speed: float
     compute_speed: float
+    max_sm_clock_mhz: float
 
 
 # Keys are the simulator's own product names (see `truth_product`), not the optimizer's.
@@ -93,6 +103,7 @@ DEFAULT_PRODUCTS: Mapping[str, ProductTruth] = {
         float(fields["memoryGiB"]),
         float(fields["decodeSpeed"]),
         float(fields["computeSpeed"]),
+        float(fields["maxSmClockMHz"]),
     )
     for name, fields in _TABLE["products"].items()
 }
@@ -150,6 +161,37 @@ class GroundTruth:
         """Share of full-power throughput kept at power limit = limit_fraction x max."""
         return interpolate(self.types[workload_type].curve, limit_fraction)
 
+    def clock_effect(
+        self, product: str, workload_type: WorkloadType, sm_clock_mhz: float | None
+    ) -> tuple[float, float]:
+        """(throughput kept, busy draw kept) with the SM clock locked at `sm_clock_mhz`, relative
+        to the same work unlocked; (1, 1) unlocked or for work with no clock curve."""
+        curve = self.types[workload_type].clock_curve
+        if sm_clock_mhz is None or not curve:
+            return (1.0, 1.0)
+        fraction = sm_clock_mhz / self.products[product].max_sm_clock_mhz
+        throughput = interpolate(tuple((c, t) for c, t, _ in curve), fraction)
+        draw = interpolate(tuple((c, d) for c, _, d in curve), fraction)
+        return (throughput, draw)
+
+    def limit_and_clock_fractions(
+        self,
+        product: str,
+        workload_type: WorkloadType,
+        power_limit_watts: float,
+        sm_clock_mhz: float | None,
+    ) -> tuple[float, float]:
+        """(throughput kept vs full power unlocked, full-load draw in watts) at this limit and
+        clock. A locked clock whose full-load draw fits under the limit sets both (the cap never
+        triggers); otherwise the cap throttles the clock itself and the lock adds nothing."""
+        full = self.full_load_watts(product, workload_type)
+        max_watts = self.products[product].max_watts
+        capped = self.throughput_fraction(workload_type, power_limit_watts / max_watts)
+        kept, draw = self.clock_effect(product, workload_type, sm_clock_mhz)
+        if sm_clock_mhz is None or full * draw > power_limit_watts:
+            return capped, full
+        return kept, full * draw
+
     def replica_tokens_per_second(
         self,
         *,
@@ -159,14 +201,18 @@ class GroundTruth:
         gpus: int,
         relative_throughput: float,
         power_limit_watts: float,
+        sm_clock_mhz: float | None = None,
     ) -> float:
-        """True tokens/s of one replica at full load and the given per-GPU power limit."""
+        """True tokens/s of one replica at full load, the given per-GPU power limit and (None:
+        unlocked) locked SM clock."""
         spec = self.products[product]
         kind = self.types[workload_type]
         speed = spec.decode_speed if kind.decode_bound else spec.compute_speed
         size_factor = 8.0 / model_parameters_billions
         parallel = gpus * (MULTI_GPU_EFFICIENCY if gpus > 1 else 1.0)
-        fraction = self.throughput_fraction(workload_type, power_limit_watts / spec.max_watts)
+        fraction, _ = self.limit_and_clock_fractions(
+            product, workload_type, power_limit_watts, sm_clock_mhz
+        )
         return (
             kind.tokens_per_second_8b
             * speed

@@ -9,11 +9,14 @@ client a real node uses. NodePowerProfiles are created by hand here, as the oper
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import yaml
 
 from tests.agent.conftest import (
     applied_status,
@@ -27,12 +30,15 @@ from tests.agent.conftest import (
     wait_until,
 )
 from wattsched_agent.simulated_nvml import load_ground_truth
+from wattsched_operator.desired import node_power_profile
+from wattsched_operator.transition import NodeLimits
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
 
 pytestmark = pytest.mark.cluster
 A100 = "NVIDIA-A100-SXM4-80GB"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SERVED_SELECTOR = "nvidia.com/gpu.present=true,nvidia.com/gpu.product!=NVIDIA-L40S"
 
@@ -240,3 +246,64 @@ def test_single_node_agent_restores_defaults_on_shutdown_when_asked(
     finally:
         stop_agent(process)
         sandbox.kubectl("delete", "nodepowerprofile", "gpu-l40s-00", "--ignore-not-found")
+
+
+def test_a_plans_locked_clocks_are_applied_and_reported_by_the_agent(
+    sandbox: Sandbox, fleet_agent: dict[str, str], namespace: str, tmp_path: Path
+) -> None:
+    """`wattsched plan` on a decode-bound Efficiency service locks a clock; the operator's profile
+    for the replica carries it; the agent locks exactly the pod's GPUs and reports it in status,
+    in `kubectl get npp -o wide` and as DCGM_FI_DEV_SM_CLOCK."""
+    items = yaml.safe_load((REPO_ROOT / "examples" / "snapshot.yaml").read_text())["items"]
+    for item in items:
+        if item["kind"] == "LLMWorkload" and item["metadata"]["name"] == "chat":
+            item["spec"]["energy"]["policy"] = "Efficiency"
+    snapshot = tmp_path / "snapshot.yaml"
+    snapshot.write_text(yaml.safe_dump_all(items))
+    wattsched = str(Path(sys.executable).with_name("wattsched"))
+    printed = subprocess.run(
+        [wattsched, "plan", "-f", str(snapshot), "-o", "json", "--now", "2026-11-25T02:00:00Z"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    replica = next(p for p in json.loads(printed)["placements"] if p["workload"] == "team-a/chat")
+    clock = replica["smClockRangeMHz"]
+    assert clock is not None
+
+    node = "gpu-h100-02"
+    pod = (namespace, "chat-0")
+    manifest = gpu_pod("chat-0", namespace, node, replica["gpus"])
+    sandbox.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    limits = NodeLimits(
+        idle_watts=200.0,
+        pods={pod: replica["powerLimitWatts"]},
+        clocks={pod: (clock["min"], clock["max"])},
+    )
+    sandbox.kubectl("apply", "-f", "-", input=json.dumps(node_power_profile(node, limits)))
+
+    def clocks_locked() -> dict[str, Any] | None:
+        status = profile_object(sandbox, node).get("status") or {}
+        conditions = {c["type"]: c for c in status.get("conditions", [])}
+        locked = conditions.get("ClocksApplied", {}).get("status") == "True"
+        return status if locked and status.get("lockedClocks", "none") != "none" else None
+
+    status = wait_until("the replica's clocks locked", clocks_locked)
+    held = [gpu for gpu in status["gpus"] if gpu.get("pod") == f"{namespace}/chat-0"]
+    assert len(held) == replica["gpus"]
+    for gpu in held:
+        low, high = gpu["smClockRangeMHz"]["min"], gpu["smClockRangeMHz"]["max"]
+        assert abs(high - clock["max"]) <= 15  # the nearest supported clock (15 MHz steps)
+        assert low <= high
+        assert gpu["smClockMHz"] <= high
+    others = [gpu for gpu in status["gpus"] if gpu.get("pod") != f"{namespace}/chat-0"]
+    assert all("smClockRangeMHz" not in gpu for gpu in others)
+    wide = sandbox.kubectl("get", "npp", node, "-o", "wide").stdout
+    assert "Clocks(MHz)".upper() in wide.upper()
+    assert status["lockedClocks"] in wide
+    clocks = scrape(fleet_agent[node])["DCGM_FI_DEV_SM_CLOCK"]
+    by_gpu = {int(sample.labels["gpu"]): sample.value for sample in clocks}
+    assert {by_gpu[gpu["index"]] for gpu in held} <= {float(gpu["smClockMHz"]) for gpu in held}
+
+    sandbox.kubectl("delete", "pod", "chat-0", "-n", namespace, "--wait=false")
+    sandbox.kubectl("delete", "nodepowerprofile", node, "--wait=false")

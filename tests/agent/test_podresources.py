@@ -175,7 +175,7 @@ def test_a_missing_socket_sets_no_limit_and_says_why(tmp_path: Path) -> None:
     assert all("targetWatts" not in gpu for gpu in status["gpus"])
     assert status["deviceMapping"]["source"] == "Unavailable"
     assert str(socket_path) in status["deviceMapping"]["message"]
-    [condition] = status["conditions"]
+    condition = next(c for c in status["conditions"] if c["type"] == "Applied")
     assert (condition["status"], condition["reason"]) == ("False", "DeviceMappingUnavailable")
     assert not is_confirmed(profile({"chat-0": 300}, 200, status).to_dict(), 2)
 

@@ -111,7 +111,7 @@ def test_status_reports_applied_limits_and_the_applied_condition() -> None:
         "backend": "simulated",
         "message": "",
     }
-    [condition] = status["conditions"]
+    condition = next(c for c in status["conditions"] if c["type"] == "Applied")
     assert (condition["type"], condition["status"], condition["reason"]) == (
         "Applied",
         "True",
@@ -131,7 +131,7 @@ def test_status_round_trips_through_the_api_model() -> None:
 def test_no_permission_makes_applied_false_with_the_reason() -> None:
     agent, _ = a100_agent({1: GpuFaults(no_permission=True)})
     status = agent.reconcile(profile({0: 250, 1: 250}), NOW)
-    [condition] = status["conditions"]
+    condition = next(c for c in status["conditions"] if c["type"] == "Applied")
     assert (condition["status"], condition["reason"]) == ("False", "NoPermission")
     assert "GPU 1" in condition["message"]
     assert status["gpus"][1]["appliedWatts"] == 400
@@ -143,7 +143,7 @@ def test_readable_but_not_settable_gpu_fails_applied_and_still_reports_draw_and_
     agent, library = a100_agent({0: GpuFaults(set_not_supported=True)})
     library.set_utilisation(0, 1.0)
     status = agent.reconcile(profile({0: 250, 1: 250}), NOW)
-    [condition] = status["conditions"]
+    condition = next(c for c in status["conditions"] if c["type"] == "Applied")
     assert (condition["status"], condition["reason"]) == ("False", "NotSupported")
     assert "GPU 0: nvmlDeviceSetPowerManagementLimit failed" in condition["message"]
     gpu = status["gpus"][0]

@@ -46,6 +46,28 @@ def test_the_agent_reads_the_numbers_the_simulator_reads() -> None:
     assert agent_view.kept_throughput_curve == {t.value: k.curve for t, k in truth.types.items()}
     assert agent_view.load_power_exponent == truth.load_power_exponent
     assert agent_view.node_power_spread == truth.node_power_spread
+    assert agent_view.clock_curve == {
+        t.value: k.clock_curve for t, k in truth.types.items() if k.clock_curve
+    }
+    assert agent_view.max_sm_clock_mhz == {n: p.max_sm_clock_mhz for n, p in truth.products.items()}
+
+
+def test_a_locked_decode_gpu_draws_the_truths_clocked_share() -> None:
+    library = SimulatedNvml("n", ["NVIDIA-H100-80GB-HBM3"])
+    backend = NvmlBackend(library, "simulated")
+    backend.open()
+    library.set_utilisation(0, 1.0)
+    unlocked = backend.sample(0).draw_watts
+    backend.apply_clocks(0, 990, 990)
+    locked = backend.sample(0).draw_watts
+    assert unlocked is not None
+    assert locked is not None
+    _, draw = GroundTruth().clock_effect("H100-80GB", WorkloadType.INFERENCE, 990)
+    assert locked == pytest.approx(unlocked * draw, rel=1e-3)
+    library.set_utilisation(0, 1.0, "Training")
+    training = backend.sample(0).draw_watts
+    backend.reset_clocks(0)
+    assert backend.sample(0).draw_watts == training  # no clock curve for compute-bound work
 
 
 @pytest.mark.parametrize("label", sorted(PRODUCTS))

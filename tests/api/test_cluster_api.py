@@ -187,7 +187,7 @@ def test_get_wide_shows_the_budget_and_profile_columns(
         header, _ = get_wide(sandbox, "npp", name, namespace)
         assert header == [
             "NAME", "NODE", "GPUS", "TARGET(W)", "APPLIED(W)", "DRAW(W)", "READY", "AGE",
-            "BACKEND", "HEARTBEAT",
+            "BACKEND", "CLOCKS(MHZ)", "HEARTBEAT",
         ]  # fmt: skip
         everything = sandbox.kubectl("get", "wattsched", "-A", "-o", "name").stdout
         assert f"nodepowerprofile.wattsched.io/{name}" in everything

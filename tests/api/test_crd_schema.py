@@ -44,7 +44,7 @@ EXPECTED = {
         "scope": "Cluster",
         "short": ["npp"],
         "columns": ["Node", "GPUs", "Target(W)", "Applied(W)", "Draw(W)", "Ready", "Age"],
-        "wide": ["Backend", "Heartbeat"],
+        "wide": ["Backend", "Clocks(MHz)", "Heartbeat"],
     },
 }
 

@@ -571,3 +571,40 @@ def test_plan_serves_a_40k_service_in_part_when_the_budget_cannot_serve_it_whole
     assert short["constraint"] == "budget:rack-a"
     assert short["servedTokensPerSecond"] == pytest.approx(34_940, rel=1e-3)
     assert short["servedShare"] == pytest.approx(0.8735, abs=1e-3)
+
+
+def test_a_decode_bound_efficiency_service_gets_a_locked_clock_range_on_its_gpus(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    items = snapshot_items()
+    for item in items:
+        if item["kind"] == "LLMWorkload" and item["metadata"]["name"] == "chat":
+            item["spec"]["energy"]["policy"] = "Efficiency"
+    plan = run_json(capsys, write_snapshot(tmp_path, items))
+    chat = [p for p in plan["placements"] if p["workload"] == "team-a/chat"]
+    assert chat
+    ranges = {json.dumps(p["smClockRangeMHz"]) for p in chat}
+    assert "null" not in ranges
+    for placement in chat:
+        clock = placement["smClockRangeMHz"]
+        assert 0 < clock["min"] <= clock["max"]
+    nodes = {entry["node"]: entry for entry in plan["nodes"]}
+    for node, entry in nodes.items():
+        assert len(entry["gpuSmClockRangesMHz"]) == len(entry["gpuPowerLimitsWatts"])
+        locked = [r for r in entry["gpuSmClockRangesMHz"] if r is not None]
+        on_node = sum(p["gpus"] for p in chat if p["node"] == node)
+        assert len(locked) == on_node
+    training = [p for p in plan["placements"] if p["workload"] == "team-b/pretrain"]
+    assert [p["smClockRangeMHz"] for p in training] == [None]
+
+
+def test_performance_services_get_no_clock_range(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    items = snapshot_items()
+    for item in items:
+        if item["kind"] == "LLMWorkload":
+            item["spec"].setdefault("energy", {})["policy"] = "Performance"
+    plan = run_json(capsys, write_snapshot(tmp_path, items))
+    assert all(p["smClockRangeMHz"] is None for p in plan["placements"])
+    assert all(r is None for entry in plan["nodes"] for r in entry["gpuSmClockRangesMHz"])

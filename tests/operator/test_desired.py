@@ -367,3 +367,26 @@ def test_a_scale_down_is_not_paced() -> None:
         lost_nodes=frozenset(),
     )
     assert paced.now == (("team-a", "llama-1"), ("team-a", "llama-2"))
+
+
+def test_a_replica_with_a_locked_clock_gets_its_range_in_the_profile_and_others_none() -> None:
+    plan = Plan(
+        status=PlanStatus.OPTIMAL,
+        objective=0,
+        bound=0,
+        gap=0,
+        solve_seconds=0,
+        placements=(placement(0, sm_clock_mhz=990), placement(1)),
+        node_power_limits_watts={"gpu-h100-0": (450.0,) * 8},
+        budgets=(),
+        unplaced=(),
+        node_idle_limits_watts={"gpu-h100-0": 200.0},
+    )
+    limits = planned_limits(plan)["gpu-h100-0"]
+    assert limits.clocks == {("team-a", "llama-0"): (990, 990)}
+    pods = node_power_profile("gpu-h100-0", limits)["spec"]["pods"]
+    assert pods[0]["smClockRangeMHz"] == {"min": 990, "max": 990}
+    assert "smClockRangeMHz" not in pods[1]
+    assert NodeLimits.from_spec({"pods": pods}) == limits.__class__(
+        idle_watts=None, pods=limits.pods, clocks=limits.clocks
+    )

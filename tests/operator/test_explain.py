@@ -189,3 +189,68 @@ def test_the_last_moves_and_preemptions_are_shown_with_their_cause_after_newer_e
     start = lines.index("  last moves and preemptions (Event: cause, replicas):")
     assert "Moved: 1 replica(s), cause NodeLost" in lines[start + 1]
     assert "Moved" not in "\n".join(lines[lines.index("  recent events:") :])
+
+
+def placed_chat(policy: str = "Efficiency", replicas: int = 2) -> dict[str, Any]:
+    body = workload(
+        {
+            "phase": "Running",
+            "placements": [
+                {
+                    "replica": r,
+                    "node": "gpu-h100-00",
+                    "gpus": 1,
+                    "variant": "bf16",
+                    "powerLimitWatts": 450,
+                }
+                for r in range(replicas)
+            ],
+        }
+    )
+    body["spec"]["energy"] = {"policy": policy}
+    return body
+
+
+def clocked_profile() -> dict[str, Any]:
+    return {
+        "spec": {
+            "pods": [
+                {
+                    "namespace": "team-a",
+                    "name": "chat-0",
+                    "powerLimitWatts": 450,
+                    "smClockRangeMHz": {"min": 990, "max": 990},
+                },
+                {"namespace": "team-a", "name": "chat-1", "powerLimitWatts": 450},
+            ]
+        },
+        "status": {"gpus": [{"index": 0, "pod": "team-a/chat-0", "smClockMHz": 990}]},
+    }
+
+
+def test_a_replica_with_locked_clocks_says_why_what_is_in_force_and_the_modelled_saving() -> None:
+    text = render(
+        placed_chat(),
+        {"gpu-h100-00": clocked_profile()},
+        BUDGETS,
+        [],
+        SCOPES,
+        node_products=PRODUCTS,
+    )
+    assert "replica 0: SM clocks locked at 990-990 MHz" in text
+    assert "the agent reads 990-990 MHz on its GPUs" in text
+    assert "under the Efficiency policy" in text
+    assert "modelled: 32% less energy per token than unlocked at the same limit" in text
+    assert "replica(s) 1: clocks left to the driver" in text
+
+
+def test_a_performance_workload_says_clocks_are_never_locked() -> None:
+    text = render(
+        placed_chat("Performance", 1),
+        {"gpu-h100-00": {"spec": {"pods": []}}},
+        BUDGETS,
+        [],
+        SCOPES,
+        node_products=PRODUCTS,
+    )
+    assert "clocks left to the driver: the Performance policy never locks clocks" in text

@@ -50,6 +50,12 @@ BUDGET_EXAMPLES = examples_of("EnergyBudget")
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 
+def placements_of(sandbox: Sandbox, namespace: str, name: str) -> list[dict[str, Any]]:
+    status = get_json(sandbox, "llmworkload", name, "-n", namespace).get("status") or {}
+    placements: list[dict[str, Any]] = status.get("placements") or []
+    return placements
+
+
 def workload(
     name: str,
     *,
@@ -260,13 +266,33 @@ def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
             pod = f"{name}-{placement['replica']}"
             limit = placement["powerLimitWatts"]
             wanted = {"namespace": namespace, "name": pod, "powerLimitWatts": limit}
-            assert wanted in spec["pods"], f"NodePowerProfile {placement['node']} lacks {pod}"
+            # A decode-bound Efficiency service's entry also carries its locked SM clock range.
+            entries = [
+                {key: entry[key] for key in wanted} for entry in spec["pods"] if "name" in entry
+            ]
+            assert wanted in entries, f"NodePowerProfile {placement['node']} lacks {pod}"
 
             def agent_applied(node: str = placement["node"]) -> bool:
                 spec_now, applied_now = profile_limits(sandbox, node)
                 return applied_now == spec_now
 
             wait_until(f"agent applied the limits on {placement['node']}", agent_applied)
+    # Decode-bound services under Efficiency or Balanced get locked SM clocks where they save
+    # energy: every range the operator wrote is locked by the agent on exactly that pod's GPUs.
+    clocked = []
+    for node in {p["node"] for n in names for p in placements_of(sandbox, namespace, n)}:
+        for entry in get_json(sandbox, "nodepowerprofile", node)["spec"].get("pods", []):
+            if entry.get("smClockRangeMHz"):
+                clocked.append((node, f"{entry['namespace']}/{entry['name']}"))
+    assert clocked, "no example service got a locked SM clock"
+    for node, pod in clocked:
+
+        def clocks_locked(node: str = node, pod: str = pod) -> bool:
+            status = get_json(sandbox, "nodepowerprofile", node).get("status") or {}
+            held = [g for g in status.get("gpus", []) if g.get("pod") == pod]
+            return bool(held) and all(g.get("smClockRangeMHz") for g in held)
+
+        wait_until(f"agent locked the clocks of {pod} on {node}", clocks_locked)
     table = sandbox.kubectl("get", "llmworkloads", "-n", namespace).stdout
     assert "PHASE" in table
     assert "POWER(W)" in table

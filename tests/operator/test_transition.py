@@ -156,3 +156,13 @@ def test_another_teams_gpu_does_not_block_confirmation() -> None:
     spec = NodeLimits(idle_watts=100, pods={A: 300})
     body = profile(spec, [(A, 300), (("ml", "big"), 700)], targets=[300, None])
     assert is_confirmed(body, 1)
+
+
+def test_a_clock_change_alone_needs_no_lowering_step_and_is_written_with_the_limits() -> None:
+    now = NodeLimits(idle_watts=100, pods={A: 300})
+    state = NodePowerState.from_profile(profile(now, [(A, 300), (None, 100)]))
+    planned = NodeLimits(idle_watts=100, pods={A: 300}, clocks={A: (990, 990)})
+    steps = power_steps({"n": state}, {"n": planned})
+    assert "n" not in steps.lower
+    assert steps.raise_["n"] == planned
+    assert planned.spec_fields()["pods"][0]["smClockRangeMHz"] == {"min": 990, "max": 990}

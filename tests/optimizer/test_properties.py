@@ -14,7 +14,12 @@ from collections import defaultdict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wattsched_optimizer.model import CatalogueModel, power_levels_watts, product_spec
+from wattsched_optimizer.model import (
+    CatalogueModel,
+    power_levels_watts,
+    product_spec,
+    sm_clock_effect,
+)
 from wattsched_optimizer.planner import plan
 from wattsched_optimizer.problem import (
     Budget,
@@ -177,14 +182,26 @@ def check_hard_constraints(plan_input: PlanInput, result: Plan) -> None:
             assert p.power_limit_watts == top
         if not node.agent_ready:
             assert p.power_limit_watts == spec.max_watts.value
-        throughput[p.workload] += MODEL.throughput_tokens_per_second(
-            node.product,
-            workload.type,
-            workload.model_parameters_billions,
-            workload.gpus_per_replica,
-            variant.relative_throughput,
-            p.power_limit_watts,
-        )
+        if p.sm_clock_mhz is None:
+            throughput[p.workload] += MODEL.throughput_tokens_per_second(
+                node.product,
+                workload.type,
+                workload.model_parameters_billions,
+                workload.gpus_per_replica,
+                variant.relative_throughput,
+                p.power_limit_watts,
+            )
+        else:
+            # A locked clock keeps the draw under the limit: the clock's share of the maximum's.
+            kept, _ = sm_clock_effect(node.product, workload.type, p.sm_clock_mhz)
+            throughput[p.workload] += kept * MODEL.throughput_tokens_per_second(
+                node.product,
+                workload.type,
+                workload.model_parameters_billions,
+                workload.gpus_per_replica,
+                variant.relative_throughput,
+                spec.max_watts.value,
+            )
     for name, gpus in used.items():
         assert gpus <= nodes[name].gpu_count, f"node {name} over-committed"
     for key, indexes in replicas.items():

@@ -11,7 +11,14 @@ import math
 
 import pytest
 
-from wattsched_optimizer.model import CatalogueModel, power_levels_watts
+from wattsched_optimizer.model import (
+    CatalogueModel,
+    power_levels_watts,
+    product_spec,
+    sm_clock_effect,
+    sm_clock_levels_mhz,
+)
+from wattsched_optimizer.options import BALANCED_MIN_CLOCK_THROUGHPUT
 from wattsched_optimizer.planner import PlanInputError, plan
 from wattsched_optimizer.problem import (
     Budget,
@@ -72,16 +79,29 @@ def batch_joules_per_token(product: str) -> float:
 
 
 def service_joules_per_token(product: str, demand: float) -> float:
-    """The cheapest expected J per demanded token of the 8B service, replicas rounded up."""
+    """The cheapest expected J per demanded token of the 8B (Balanced) service, replicas rounded
+    up: at each power level unlocked, or with a locked SM clock Balanced allows whose draw stays
+    under the level."""
+    inference = WorkloadType.INFERENCE
+    top = product_spec(product).max_watts.value
+    full = MODEL.throughput_tokens_per_second(product, inference, 8, 1, 1.0, top)
+    unlocked_watts = MODEL.expected_power_watts(product, inference, top)
     costs = []
     for level in power_levels_watts(product, 5):
-        throughput = MODEL.throughput_tokens_per_second(
-            product, WorkloadType.INFERENCE, 8, 1, 1.0, level
-        )
-        replicas = math.ceil(demand / throughput)
-        costs.append(
-            replicas * MODEL.expected_power_watts(product, WorkloadType.INFERENCE, level) / demand
-        )
+        settings = [
+            (
+                MODEL.throughput_tokens_per_second(product, inference, 8, 1, 1.0, level),
+                MODEL.expected_power_watts(product, inference, level),
+            )
+        ]
+        for clock in sm_clock_levels_mhz(product, inference):
+            throughput_fraction, draw_fraction = sm_clock_effect(product, inference, clock)
+            if throughput_fraction < BALANCED_MIN_CLOCK_THROUGHPUT:  # the service is Balanced
+                continue
+            watts = max(MODEL.idle_power_watts(product), unlocked_watts * draw_fraction)
+            if watts <= level:
+                settings.append((full * throughput_fraction, watts))
+        costs += [math.ceil(demand / tp) * watts / demand for tp, watts in settings]
     return min(costs)
 
 
@@ -241,7 +261,8 @@ def test_a_job_that_stays_needs_no_restart_time_for_its_deadline() -> None:
 
 A100_AND_L4 = (GpuNode("a100-0", "A100-80GB", 8), GpuNode("l4-0", "L4", 4))
 DEMAND = 1000.0
-# Three L4 replicas at 40 W vs one A100 replica at 100 W: moving saves 1 - 100/120 = 17%.
+# Three L4 replicas at 40 W vs one A100 replica at 100 W: moving saves 1 - 100/120 = 17% (no clock
+# Balanced allows lowers the draw of either under its limit).
 SERVICE_GAIN = 1 - service_joules_per_token("A100-80GB", DEMAND) / service_joules_per_token(
     "L4", DEMAND
 )

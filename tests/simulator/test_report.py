@@ -25,6 +25,7 @@ def result(policy: str, **overrides: Any) -> PolicyResult:
         "policy": policy,
         "step_seconds": 1.0,
         "gpu_energy_joules": 3.6e6,  # 1 kWh
+        "inference_energy_joules": 1.8e6,
         "node_energy_joules": {},
         "facility_energy_joules": 4.5e6,
         "carbon_grams": 400.0,

@@ -42,7 +42,7 @@ FLAT = ((0.2, 1.0), (1.0, 1.0))
 def flat_truth(tokens_per_second: float = 100.0) -> GroundTruth:
     """One product (H100 power figures), every type at `tokens_per_second` (8B model), no noise."""
     return GroundTruth(
-        products={"H100-80GB": ProductTruth(200, 700, 75, 80, 1.0, 1.0)},
+        products={"H100-80GB": ProductTruth(200, 700, 75, 80, 1.0, 1.0, 1980)},
         types={t: TypeTruth(tokens_per_second, 0.97, FLAT, True) for t in WorkloadType},
         node_power_spread=0.0,
         power_noise=0.0,

@@ -17,7 +17,12 @@ from wattsched_operator.telemetry import (
     TelemetrySnapshot,
     calibration_samples,
 )
-from wattsched_optimizer.model import CALIBRATION_BOUNDS, Calibration, CatalogueModel
+from wattsched_optimizer.model import (
+    CALIBRATION_BOUNDS,
+    Calibration,
+    CatalogueModel,
+    sm_clock_effect,
+)
 from wattsched_optimizer.problem import Placement, WorkloadType
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -216,3 +221,24 @@ def test_inference_throughput_correction_moves_toward_measured_capacity_and_stay
         absurd.observe(sample)
     low, _ = CALIBRATION_BOUNDS
     assert absurd.corrections()[PRODUCT, WorkloadType.INFERENCE].throughput_factor == low
+
+
+def test_a_replica_with_locked_clocks_is_compared_with_the_models_locked_draw() -> None:
+    """A clocked replica drawing exactly what the plan expected leaves the power factor at 1:
+    without the clock in the comparison its low draw would read as an over-estimating model."""
+    unlocked = CatalogueModel().expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
+    _, draw_fraction = sm_clock_effect(PRODUCT, WorkloadType.INFERENCE, 990)
+    locked = unlocked * draw_fraction
+    clocked = Placement("ns/w", 0, "node-a", 2, "bf16", 450.0, locked, 1000.0, sm_clock_mhz=990)
+    [sample] = calibration_samples(
+        [clocked],
+        pods={("ns/w", 0): POD},
+        products={"node-a": PRODUCT},
+        types={"ns/w": WorkloadType.INFERENCE},
+        demands={"ns/w": 600.0},
+        snapshot=reading(2 * locked),
+        corrections={},
+    )
+    assert sample.modelled_watts_per_gpu == pytest.approx(locked)
+    calibrator = Calibrator()
+    assert calibrator.observe(sample).power_factor == pytest.approx(1.0)

@@ -30,8 +30,10 @@ PLURAL = "nodepowerprofiles"
 MAX_GPUS_PER_NODE = 64
 MAX_POWER_LIMIT_WATTS = 2000
 
-# Condition type of status.conditions.
-APPLIED = "Applied"
+# Condition types of status.conditions.
+APPLIED = "Applied"  # power limits in force (the budget guarantee rests on this one)
+CLOCKS_APPLIED = "ClocksApplied"  # locked SM clock ranges in force (advisory: a clock is no cap)
+MAX_CLOCK_MHZ = 10000
 
 
 class Backend(StrEnum):
@@ -55,27 +57,9 @@ class MappingSource(StrEnum):
 
 
 @dataclass(frozen=True)
-class PodPowerLimit:
-    """One entry of `spec.pods`: the limit, in watts, for every GPU the pod holds."""
-
-    namespace: str
-    name: str
-    power_limit_watts: float
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.namespace, self.name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "namespace": self.namespace,
-            "name": self.name,
-            "powerLimitWatts": self.power_limit_watts,
-        }
-
-
-@dataclass(frozen=True)
 class ClockRange:
+    """A locked SM clock range, in MHz (min <= max)."""
+
     min_mhz: int
     max_mhz: int
 
@@ -84,21 +68,50 @@ class ClockRange:
 
 
 @dataclass(frozen=True)
+class PodPowerLimit:
+    """One entry of `spec.pods`: the limit, in watts, for every GPU the pod holds, and the SM clock
+    range to lock them to (None: clocks left to the driver)."""
+
+    namespace: str
+    name: str
+    power_limit_watts: float
+    sm_clock_range_mhz: ClockRange | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "namespace": self.namespace,
+            "name": self.name,
+            "powerLimitWatts": self.power_limit_watts,
+        }
+        if self.sm_clock_range_mhz is not None:
+            out["smClockRangeMHz"] = self.sm_clock_range_mhz.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
 class NodePowerProfileSpec:
     """Limits by holder, not by GPU index: the kubelet's device plugin chose the GPUs.
 
     A GPU held by a pod in `pods` gets that pod's limit; a GPU no pod holds, or held by a
     wattsched pod not (yet) in `pods`, gets `idle_power_limit_watts` (None: left as it is); a GPU
-    held by a pod wattsched did not create is left alone.
+    held by a pod wattsched did not create is left alone. Clocks follow the same mapping: a pod's
+    `sm_clock_range_mhz` is locked on the GPUs it holds; every other GPU the agent locked is
+    unlocked.
     """
 
     node_name: str
     idle_power_limit_watts: float | None = None
     pods: tuple[PodPowerLimit, ...] = ()
-    sm_clock_range_mhz: ClockRange | None = None
 
     def pod_limit_watts(self, namespace: str, name: str) -> float | None:
         return next((p.power_limit_watts for p in self.pods if p.key == (namespace, name)), None)
+
+    def pod_clock_range(self, namespace: str, name: str) -> ClockRange | None:
+        return next((p.sm_clock_range_mhz for p in self.pods if p.key == (namespace, name)), None)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"nodeName": self.node_name}
@@ -106,8 +119,6 @@ class NodePowerProfileSpec:
             out["idlePowerLimitWatts"] = self.idle_power_limit_watts
         if self.pods:
             out["pods"] = [p.to_dict() for p in self.pods]
-        if self.sm_clock_range_mhz is not None:
-            out["smClockRangeMHz"] = self.sm_clock_range_mhz.to_dict()
         return out
 
 
@@ -129,6 +140,9 @@ class GpuStatus:
     holder: Holder | None = None
     # The limit the agent set for this spec generation; None where it leaves the GPU alone.
     target_watts: float | None = None
+    # The supported SM clock range the agent locked (None: unlocked) and the SM clock read back.
+    sm_clock_range_mhz: ClockRange | None = None
+    sm_clock_mhz: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         pairs: list[tuple[str, object]] = [
@@ -144,6 +158,11 @@ class GpuStatus:
             ("appliedWatts", self.applied_watts),
             ("drawWatts", self.draw_watts),
             ("energyJoules", self.energy_joules),
+            (
+                "smClockRangeMHz",
+                None if self.sm_clock_range_mhz is None else self.sm_clock_range_mhz.to_dict(),
+            ),
+            ("smClockMHz", self.sm_clock_mhz),
         ]
         return {key: value for key, value in pairs if value is not None}
 
@@ -193,6 +212,7 @@ class NodePowerProfileStatus:
     target_watts: float | None = None
     applied_watts: float | None = None
     draw_watts: float | None = None
+    locked_clocks: str | None = None  # e.g. "0,1=990-1005 2=1410-1410", or "none"
     gpus: tuple[GpuStatus, ...] = ()
     device_mapping: DeviceMapping | None = None
     agent: AgentStatus | None = None
@@ -208,6 +228,7 @@ class NodePowerProfileStatus:
             ("targetWatts", self.target_watts),
             ("appliedWatts", self.applied_watts),
             ("drawWatts", self.draw_watts),
+            ("lockedClocks", self.locked_clocks),
         ]
         out: dict[str, Any] = {key: value for key, value in pairs if value is not None}
         if self.gpus:
@@ -262,6 +283,17 @@ def parse_nodepowerprofile(obj: JsonObject) -> NodePowerProfile:
     return NodePowerProfile(metadata=metadata, spec=spec, status=status)
 
 
+def _read_clock_range(fields: Fields, field_path: str) -> ClockRange:
+    clocks = ClockRange(
+        min_mhz=fields.integer("min", minimum=0, maximum=MAX_CLOCK_MHZ),
+        max_mhz=fields.integer("max", minimum=1, maximum=MAX_CLOCK_MHZ),
+    )
+    fields.finish()
+    if clocks.min_mhz > clocks.max_mhz:
+        raise fields.error("min", f"must be less than or equal to {field_path}.max")
+    return clocks
+
+
 def _read_spec(spec: Fields) -> NodePowerProfileSpec:
     items = spec.objects("pods", max_items=MAX_GPUS_PER_NODE) or []
     spec.unique_by("pods", items, lambda item: (item.data.get("namespace"), item.data.get("name")))
@@ -277,32 +309,25 @@ def _read_spec(spec: Fields) -> NodePowerProfileSpec:
                     maximum=MAX_POWER_LIMIT_WATTS,
                     exclusive_minimum=True,
                 ),
+                sm_clock_range_mhz=_optional_clock_range(item, "spec.pods[].smClockRangeMHz"),
             )
         )
         item.finish()
     idle = spec.optional_number(
         "idlePowerLimitWatts", minimum=0, maximum=MAX_POWER_LIMIT_WATTS, exclusive_minimum=True
     )
-    clocks = None
-    clock_fields = spec.optional_section("smClockRangeMHz")
-    if clock_fields is not None:
-        clocks = ClockRange(
-            min_mhz=clock_fields.integer("min", minimum=0, maximum=10000),
-            max_mhz=clock_fields.integer("max", minimum=1, maximum=10000),
-        )
-        clock_fields.finish()
-        if clocks.min_mhz > clocks.max_mhz:
-            raise clock_fields.error(
-                "min", "must be less than or equal to spec.smClockRangeMHz.max"
-            )
     result = NodePowerProfileSpec(
         node_name=spec.string("nodeName", max_length=253, min_length=1),
         idle_power_limit_watts=idle,
         pods=tuple(pods),
-        sm_clock_range_mhz=clocks,
     )
     spec.finish()
     return result
+
+
+def _optional_clock_range(fields: Fields, field_path: str) -> ClockRange | None:
+    section = fields.optional_section("smClockRangeMHz")
+    return None if section is None else _read_clock_range(section, field_path)
 
 
 def _read_status(status: Fields) -> NodePowerProfileStatus:
@@ -326,6 +351,8 @@ def _read_status(status: Fields) -> NodePowerProfileStatus:
                 applied_watts=item.optional_number("appliedWatts", minimum=0, maximum=big),
                 draw_watts=item.optional_number("drawWatts", minimum=0, maximum=big),
                 energy_joules=item.optional_number("energyJoules", minimum=0, maximum=big),
+                sm_clock_range_mhz=_optional_clock_range(item, "status.gpus[].smClockRangeMHz"),
+                sm_clock_mhz=item.optional_integer("smClockMHz", minimum=0, maximum=MAX_CLOCK_MHZ),
             )
         )
         item.finish()
@@ -359,6 +386,7 @@ def _read_status(status: Fields) -> NodePowerProfileStatus:
         target_watts=status.optional_number("targetWatts", minimum=0, maximum=big),
         applied_watts=status.optional_number("appliedWatts", minimum=0, maximum=big),
         draw_watts=status.optional_number("drawWatts", minimum=0, maximum=big),
+        locked_clocks=status.optional_string("lockedClocks", max_length=1024),
         gpus=tuple(gpus),
         device_mapping=mapping,
         agent=agent,
