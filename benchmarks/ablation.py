@@ -23,10 +23,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET = ["--budget", str(REPO / "examples" / "simulation" / "budget.yaml")]
+BUDGET = ["--budget", str(REPO / "offline" / "simulation-budget.yaml")]
 COMMON = [
     "--cluster",
-    str(REPO / "examples" / "nodes.yaml"),
+    str(REPO / "sandbox" / "nodes.yaml"),
     "--rate-scale",
     "6",
     "--jobs-per-hour",

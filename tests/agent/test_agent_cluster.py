@@ -254,7 +254,7 @@ def test_a_plans_locked_clocks_are_applied_and_reported_by_the_agent(
     """`wattsched plan` on a decode-bound Efficiency service locks a clock; the operator's profile
     for the replica carries it; the agent locks exactly the pod's GPUs and reports it in status,
     in `kubectl get npp -o wide` and as DCGM_FI_DEV_SM_CLOCK."""
-    items = yaml.safe_load((REPO_ROOT / "examples" / "snapshot.yaml").read_text())["items"]
+    items = yaml.safe_load((REPO_ROOT / "offline" / "snapshot.yaml").read_text())["items"]
     for item in items:
         if item["kind"] == "LLMWorkload" and item["metadata"]["name"] == "chat":
             item["spec"]["energy"]["policy"] = "Efficiency"
