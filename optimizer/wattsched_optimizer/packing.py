@@ -262,14 +262,21 @@ class ClusterState:
         headroom for it: when the option keeps the workload's product and variant, first a node
         in `prefer` (where it runs); then best fit on GPUs no running replica occupies, over
         every candidate pool that takes new replicas in order; then best fit on any free GPUs.
+        A pinned class's replicas that run now take only nodes in `prefer`.
         """
         option = workload_class.options[option_index]
         gpus = option.gpus_per_replica
         owner = workload.key if option.keeps_current else ""
         stay = prefer if option.keeps_current else ()
+        # A pinned workload's running replicas stay on their nodes or it does not fit: only its
+        # extra replicas (scaling up) go elsewhere, so no pinned replica moves without a reason.
+        in_place = len(stay) if workload_class.pinned_nodes else 0
         taken: list[Taken] = []
-        for candidates in pools_per_replica:
+        for replica, candidates in enumerate(pools_per_replica):
             chosen = self._stay_node(candidates, option, stay, owner) if stay else None
+            if chosen is None and replica < in_place:
+                self._release_taken(taken, option)
+                return None
             # Pools whose budgets have the headroom, found during the first pass.
             fitting: list[Pool] = []
             for pool in (self.data.pools[p] for p in candidates):

@@ -505,3 +505,17 @@ def test_a_budget_limited_reason_says_what_is_needed_and_how_much_is_missing() -
     (left_out,) = result.unplaced
     assert "has 100 W of headroom" in left_out.reason
     assert "needs 4000 W, 3900 W more than that" in left_out.reason
+
+
+def test_a_budget_cut_over_one_node_of_a_running_gang_lowers_its_limit_in_place() -> None:
+    # The gang runs on h0 (in the rack) and h2 at 325 W; the cut leaves h0 room only at 200 W.
+    # An idle node of the same pool outside the rack (h3) must not take h0's replica.
+    nodes = h100_nodes(4)
+    rack = Budget("rack", 16 * 200 + 8 * 100, frozenset({"h0", "h1"}))
+    current = (
+        CurrentPlacement("team/gang", 0, "h0", "bf16", 325.0),
+        CurrentPlacement("team/gang", 1, "h2", "bf16", 325.0),
+    )
+    result = plan(PlanInput(nodes, (training("team/gang", replicas=2),), (rack,), current=current))
+    assert placed(result) == {"team/gang": [("h0", "bf16", 200.0), ("h2", "bf16", 200.0)]}
+    assert result.move_reasons == {}
