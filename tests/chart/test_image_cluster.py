@@ -477,24 +477,37 @@ def test_in_image_operator_and_agents_place_an_example_and_apply_its_power_profi
         for node, (agent, metrics_port) in agents.items():
 
             def planned_and_applied(node: str = node, port: int = metrics_port) -> bool:
-                """The profile has the workload's planned limits, and this node's in-image agent
-                applied them (status for this generation, and its own /metrics)."""
-                if applied_status(sandbox, node, "True") is None:
+                """The profile has the workload's planned limit for each of its pods on this node,
+                and this node's in-image agent applied it to exactly the GPUs each pod holds
+                (status for this generation, and its own /metrics)."""
+                status = applied_status(sandbox, node, "True")
+                if status is None:
                     return False
                 profile = get_json(sandbox, "nodepowerprofile", node)
-                spec = [gpu["powerLimitWatts"] for gpu in profile["spec"]["gpus"]]
-                status = get_json(sandbox, "llmworkload", name, "-n", namespace)["status"]
+                planned = {
+                    f"{pod['namespace']}/{pod['name']}": pod["powerLimitWatts"]
+                    for pod in profile["spec"].get("pods") or []
+                }
                 samples = scrape(f"127.0.0.1:{port}")["DCGM_FI_DEV_POWER_MGMT_LIMIT"]
                 limits = {int(sample.labels["gpu"]): sample.value for sample in samples}
-                return (
-                    all(
-                        spec.count(placement["powerLimitWatts"]) >= placement["gpus"]
-                        for placement in status["placements"]
-                        if placement["node"] == node
-                    )
-                    and [gpu["appliedWatts"] for gpu in profile["status"]["gpus"]] == spec
-                    and [limits.get(index) for index in range(len(spec))] == spec
-                )
+                for placement in placements:
+                    if placement["node"] != node:
+                        continue
+                    pod = bound[placement["replica"]]["metadata"]
+                    key = f"{pod['namespace']}/{pod['name']}"
+                    held = [gpu for gpu in status["gpus"] if gpu.get("pod") == key]
+                    if (
+                        planned.get(key) != placement["powerLimitWatts"]
+                        or len(held) != placement["gpus"]
+                        or any(
+                            gpu.get("targetWatts") != placement["powerLimitWatts"]
+                            or gpu.get("appliedWatts") != gpu["targetWatts"]
+                            or limits.get(gpu["index"]) != gpu["appliedWatts"]
+                            for gpu in held
+                        )
+                    ):
+                        return False
+                return True
 
             wait_until(
                 f"NodePowerProfile {node}: the planned limits, applied by the in-image agent "

@@ -1007,8 +1007,8 @@ def test_a_gpu_the_catalogue_lacks_takes_work_once_its_agent_reports_its_nvml_ra
     b200 = gpu_node(node, "NVIDIA-B200", 2)
     b200["metadata"]["labels"]["nvidia.com/gpu.memory"] = "183359"
     apply(sandbox, None, b200)
-    # The simulated NVML learns the B200 from a product table (its draw borrowed from the H200's
-    # ground truth); the operator only from what the agent reports.
+    # The simulated NVML learns the B200 from a product table (its draw and clocks borrowed from
+    # the H200's); the operator only from what the agent reports.
     products = yaml.safe_load(
         (REPO_ROOT / "agent/wattsched_agent/simulated_products.yaml").read_text()
     )
@@ -1018,6 +1018,12 @@ def test_a_gpu_the_catalogue_lacks_takes_work_once_its_agent_reports_its_nvml_ra
         "maxWatts": 1000,
         "defaultWatts": 1000,
         "groundTruthProduct": "H200",
+        # Every product in the table has its supported clocks; the B200's are modelled (the
+        # H200's), not cited: this test is about the power range.
+        **{
+            field: products["NVIDIA-H200"][field]
+            for field in ("memoryClockMHz", "smMaxMHz", "smMinMHz", "smStepMHz")
+        },
     }
     products_file = tmp_path / "products.yaml"
     products_file.write_text(yaml.safe_dump(products))
