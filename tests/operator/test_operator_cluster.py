@@ -48,6 +48,7 @@ def examples_of(kind: str) -> list[Path]:
 WORKLOAD_EXAMPLES = examples_of("LLMWorkload")
 BUDGET_EXAMPLES = examples_of("EnergyBudget")
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_RESOURCE_NAME = "nvidia.com/gpu"
 
 
 def placements_of(sandbox: Sandbox, namespace: str, name: str) -> list[dict[str, Any]]:
@@ -1060,4 +1061,73 @@ def test_a_gpu_the_catalogue_lacks_takes_work_once_its_agent_reports_its_nvml_ra
         if agent is not None:
             agent.kill()
             agent.wait()
+        sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def set_allocatable_gpus(sandbox: Sandbox, node: str, gpus: int) -> None:
+    """Patch a KWOK Node's status.allocatable GPUs, as a restarting device plugin leaves them."""
+    patch = {"status": {"allocatable": {GPU_RESOURCE_NAME: str(gpus)}}}
+    sandbox.kubectl(
+        *("patch", "node", node, "--subresource=status", "--type=merge", "-p", json.dumps(patch))
+    )
+
+
+def test_a_node_whose_allocatable_gpus_read_0_stays_in_its_budgets_and_takes_no_new_work(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, tmp_path: Path
+) -> None:
+    """Issue 13: a node whose allocatable GPUs read 0 (the device plugin restarting) while its
+    agent reports 2 GPUs confirmed at the H200 minimum stays in its budget at those 2 x 200 W
+    (it no longer drops out) and takes no new work until its GPUs are allocatable again."""
+    node = f"gpu-h200-{namespace[-5:]}"
+    scope = {TEST_LABEL: node}
+    apply(sandbox, None, gpu_node(node, "NVIDIA-H200", 2))
+    apply(sandbox, None, budget("h200-restarting", 10000, scope))
+    agent = start_node_agent(sandbox, node, tmp_path / "agent.log")
+    try:
+        operator = start_operator()
+
+        def idle_and_confirmed() -> bool:
+            found = sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json", check=False)
+            if found.returncode != 0:
+                return False
+            spec, applied = profile_limits(sandbox, node)
+            return spec == [200.0, 200.0] and applied == spec
+
+        wait_until(f"{node} idle at the minimum, confirmed by its agent", idle_and_confirmed)
+
+        def allocated() -> float | None:
+            status = get_json(sandbox, "energybudget", "h200-restarting").get("status") or {}
+            value: float | None = status.get("allocatedCapWatts")
+            return value
+
+        wait_until("h200-restarting counts the idle node's 400 W", lambda: allocated() == 400)
+
+        set_allocatable_gpus(sandbox, node, 0)
+        plans_before = operator.plans()
+        wait_until("a plan after allocatable went to 0", lambda: operator.plans() > plans_before)
+        apply(sandbox, namespace, workload("waits", gpus=1, products=["NVIDIA-H200"]))
+        plans_after_workload = operator.plans()
+        wait_until(
+            "two plans with the workload and the 0-allocatable node",
+            lambda: operator.plans() >= plans_after_workload + 2,
+        )
+        # Still in the budget at what its profile holds (not dropped to 0 W) ...
+        assert allocated() == 400
+        assert profile_limits(sandbox, node) == ([200.0, 200.0], [200.0, 200.0])
+        # ... and no new work on it: the only H200 node is not offered.
+        assert placements_of(sandbox, namespace, "waits") == []
+        assert pods_of(sandbox, namespace, "waits") == []
+        assert phase_of(sandbox, namespace, "waits") != "Running"
+
+        set_allocatable_gpus(sandbox, node, 2)
+        wait_until(
+            "waits Running once the GPUs are allocatable again",
+            lambda: running_on_planned_nodes(sandbox, namespace, "waits"),
+            90,
+        )
+        assert placements_of(sandbox, namespace, "waits")[0]["node"] == node
+    finally:
+        agent.kill()
+        agent.wait()
+        sandbox.kubectl("delete", "energybudget", "h200-restarting", "--wait=false", check=False)
         sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
