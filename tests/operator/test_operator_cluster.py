@@ -1131,3 +1131,85 @@ def test_a_node_whose_allocatable_gpus_read_0_stays_in_its_budgets_and_takes_no_
         agent.wait()
         sandbox.kubectl("delete", "energybudget", "h200-restarting", "--wait=false", check=False)
         sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def other_teams_pod(name: str, node: str, gpus: int) -> dict[str, Any]:
+    """A pod wattsched did not create (no wattsched.io/workload label) bound to `node`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"team": "other"}},
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "trainer",
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                }
+            ],
+        },
+    }
+
+
+def test_a_budget_that_opts_in_caps_other_teams_gpus_and_one_that_does_not_leaves_them(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, tmp_path: Path
+) -> None:
+    """Issue 13: other teams' GPUs are capped only where a budget opts in
+    (spec.unmanagedGpus.powerLimitWatts), at the lowest cap of the opted-in budgets over the node,
+    and counted at that cap once the agent applied it; elsewhere they stay at their 700 W."""
+    capped, untouched = f"gpu-h200-c{namespace[-5:]}", f"gpu-h200-u{namespace[-5:]}"
+    for node in (capped, untouched):
+        apply(sandbox, None, gpu_node(node, "NVIDIA-H200", 4))
+        apply(sandbox, namespace, other_teams_pod(f"theirs-{node}", node, 2))
+    opted = budget("h200-opted", 10000, {TEST_LABEL: capped})
+    opted["spec"]["unmanagedGpus"] = {"powerLimitWatts": 300}
+    apply(sandbox, None, opted, budget("h200-not-opted", 10000, {TEST_LABEL: untouched}))
+    agents = [start_node_agent(sandbox, n, tmp_path / f"{n}.log") for n in (capped, untouched)]
+    try:
+        start_operator()
+
+        def theirs_applied(node: str) -> list[float] | None:
+            found = sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json", check=False)
+            if found.returncode != 0:
+                return None
+            gpus = (json.loads(found.stdout).get("status") or {}).get("gpus") or []
+            return [g.get("appliedWatts") for g in gpus if g.get("holder") == "other"] or None
+
+        def unmanaged(name: str) -> float | None:
+            status = get_json(sandbox, "energybudget", name).get("status") or {}
+            value: float | None = status.get("unmanagedWatts")
+            return value
+
+        wait_until(
+            "the opted-in node's other GPUs at 300 W", lambda: theirs_applied(capped) == [300, 300]
+        )
+        wait_until("h200-opted counts them at 300 W", lambda: unmanaged("h200-opted") == 600)
+        assert (
+            get_json(sandbox, "nodepowerprofile", capped)["spec"]["unmanagedPowerLimitWatts"] == 300
+        )
+        wait_until("the other node's GPUs mapped", lambda: theirs_applied(untouched) is not None)
+        wait_until(
+            "h200-not-opted counts them at 700 W", lambda: unmanaged("h200-not-opted") == 1400
+        )
+        assert theirs_applied(untouched) == [700, 700]  # never touched
+        assert (
+            "unmanagedPowerLimitWatts"
+            not in get_json(sandbox, "nodepowerprofile", untouched)["spec"]
+        )
+
+        # A second opted-in budget over the same node: the lowest cap wins.
+        lower = budget("h200-opted-lower", 10000, {TEST_LABEL: capped})
+        lower["spec"]["unmanagedGpus"] = {"powerLimitWatts": 250}
+        apply(sandbox, None, lower)
+        wait_until("the lowest cap (250 W) applied", lambda: theirs_applied(capped) == [250, 250])
+        wait_until("h200-opted counts them at 250 W", lambda: unmanaged("h200-opted") == 500)
+        assert theirs_applied(untouched) == [700, 700]
+    finally:
+        for agent in agents:
+            agent.kill()
+            agent.wait()
+        for name in ("h200-opted", "h200-opted-lower", "h200-not-opted"):
+            sandbox.kubectl("delete", "energybudget", name, "--wait=false", check=False)
+        for node in (capped, untouched):
+            sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
