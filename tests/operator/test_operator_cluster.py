@@ -1006,12 +1006,13 @@ def test_a_gpu_the_catalogue_lacks_takes_work_once_its_agent_reports_its_nvml_ra
     b200 = gpu_node(node, "NVIDIA-B200", 2)
     b200["metadata"]["labels"]["nvidia.com/gpu.memory"] = "183359"
     apply(sandbox, None, b200)
-    # The simulated NVML learns the B200 from a product table (its draw borrowed from the H200's
-    # ground truth); the operator only from what the agent reports.
+    # The simulated NVML learns the B200 from a product table (its draw and clock ranges borrowed
+    # from the H200's); the operator only from what the agent reports.
     products = yaml.safe_load(
         (REPO_ROOT / "agent/wattsched_agent/simulated_products.yaml").read_text()
     )
     products["NVIDIA-B200"] = {
+        **products["NVIDIA-H200"],
         "nvmlName": "NVIDIA B200",
         "minWatts": 400,
         "maxWatts": 1000,
