@@ -135,7 +135,8 @@ def is_wattsched(holder: GpuHolder, spec: NodePowerProfileSpec) -> bool:
 def gpu_targets(
     spec: NodePowerProfileSpec, holders: Mapping[int, GpuHolder], gpu_count: int
 ) -> dict[int, float]:
-    """GPU index -> the limit to set. GPUs held by other teams' pods are left alone (absent).
+    """GPU index -> the limit to set. GPUs held by other teams' pods are left alone (absent)
+    unless the spec carries `unmanagedPowerLimitWatts` (an EnergyBudget opted in to capping them).
 
     A pod named in `spec.pods` gets its limit on every GPU it holds; a free GPU, or one held by a
     wattsched pod the spec does not name yet, gets `spec.idlePowerLimitWatts` (absent if unset).
@@ -150,6 +151,8 @@ def gpu_targets(
         )
         if limit is None and holder is not None and holder.managed:
             limit = spec.idle_power_limit_watts
+        if limit is None and holder is not None and not holder.managed:
+            limit = spec.unmanaged_power_limit_watts  # another team's GPU: only on opt-in
         if limit is not None:
             targets[index] = limit
     return targets

@@ -346,5 +346,8 @@ def node_power_profile(node_name: str, limits: NodeLimits) -> dict[str, Any]:
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "NodePowerProfile",
         "metadata": {"name": node_name},
-        "spec": {"nodeName": node_name, **limits.spec_fields()},
+        "spec": {
+            "nodeName": node_name,
+            **{k: v for k, v in limits.spec_fields().items() if v is not None},
+        },
     }

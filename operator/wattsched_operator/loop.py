@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -201,6 +202,30 @@ class PodRejection:
     message: str
     refusals: int
     retry_at: float
+
+
+def unmanaged_gpu_caps(
+    budgets: Iterable[Mapping[str, Any]], nodes: Iterable[Mapping[str, Any]]
+) -> dict[str, float]:
+    """Node name -> the per-GPU limit (W) for GPUs held by other teams' pods: the lowest
+    `spec.unmanagedGpus.powerLimitWatts` of the valid, live EnergyBudgets selecting the node.
+    Nodes no such budget selects are absent (their other teams' GPUs are left alone)."""
+    caps: dict[str, float] = {}
+    for body in budgets:
+        if is_deleting(body):
+            continue
+        try:
+            spec = parse_energybudget(body).spec
+        except ApiValidationError:
+            continue  # an invalid budget is reported as such and plans nothing
+        if spec.unmanaged_gpu_limit_watts is None:
+            continue
+        for node in nodes:
+            meta = node.get("metadata") or {}
+            if spec.selects(meta.get("labels") or {}):
+                name = str(meta.get("name"))
+                caps[name] = min(caps.get(name, math.inf), spec.unmanaged_gpu_limit_watts)
+    return caps
 
 
 def is_deleting(body: Mapping[str, Any]) -> bool:
@@ -1106,7 +1131,11 @@ class PlanningLoop:
         objects = {key: workload_object(body) for key, body in active.items()}
         want = desired.desired_pods(objects, plan.placements)
         changes = desired.pod_changes(view.pods.values(), want, frozenset(life.keep_pods))
-        planned = desired.planned_limits(plan)
+        caps = unmanaged_gpu_caps(view.budgets.values(), view.nodes.values())
+        planned = {
+            node: dataclasses.replace(limits, unmanaged_watts=caps.get(node))
+            for node, limits in desired.planned_limits(plan).items()
+        }
         current = {
             node: transition.NodePowerState.from_profile(view.profiles.get(node))
             for node in planned
@@ -1441,10 +1470,10 @@ class PlanningLoop:
 
         async def write(node: str, watts: transition.NodeLimits) -> tuple[str, int]:
             manifest = desired.node_power_profile(node, watts)
+            # A merge patch carries nulls (an opt-in removed) that a created manifest leaves out.
+            patch = {"spec": {"nodeName": node, **watts.spec_fields()}}
             if node in view.profiles:
-                written = await self._call(
-                    self.kube.merge_patch, profiles_path(node), {"spec": manifest["spec"]}
-                )
+                written = await self._call(self.kube.merge_patch, profiles_path(node), patch)
             else:
                 node_body = view.nodes.get(node) or {}
                 uid = (node_body.get("metadata") or {}).get("uid")
@@ -1457,9 +1486,7 @@ class PlanningLoop:
                 except KubeError as error:
                     if error.status != 409:
                         raise
-                    written = await self._call(
-                        self.kube.merge_patch, profiles_path(node), {"spec": manifest["spec"]}
-                    )
+                    written = await self._call(self.kube.merge_patch, profiles_path(node), patch)
             self.cache.upsert(PROFILES, {**(view.profiles.get(node) or {}), **written})
             return node, int(written["metadata"].get("generation") or 1)
 

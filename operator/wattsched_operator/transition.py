@@ -13,7 +13,9 @@ limit. A pod in both the current spec and the plan gets the smaller of its plann
 limit and the highest limit the agent reports on its GPUs; every other GPU (free, held by a pod the
 plan drops, or by a pod not created yet) gets the idle limit, which is the smallest of the planned
 one, the spec's and the highest applied on free GPUs. GPUs of pods wattsched did not create are
-left alone in both steps (budgets count them at what they run at).
+left alone in both steps (budgets count them at what they run at), unless an EnergyBudget opts in
+to capping them (`NodeLimits.unmanaged_watts`): a new or lower cap is written in the lowering
+step, a higher one or its removal in the raising step.
 """
 
 from __future__ import annotations
@@ -40,12 +42,16 @@ class NodeLimits:
     idle_watts: float | None
     pods: Mapping[PodKey, float] = field(default_factory=dict)
     clocks: Mapping[PodKey, tuple[int, int]] = field(default_factory=dict)
+    # Limit for GPUs held by other teams' pods, where an EnergyBudget opts in; None: left alone.
+    unmanaged_watts: float | None = None
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> NodeLimits:
         idle = spec.get("idlePowerLimitWatts")
+        unmanaged = spec.get("unmanagedPowerLimitWatts")
         return cls(
             idle_watts=None if idle is None else float(idle),
+            unmanaged_watts=None if unmanaged is None else float(unmanaged),
             pods={
                 (str(p["namespace"]), str(p["name"])): float(p["powerLimitWatts"])
                 for p in spec.get("pods") or []
@@ -61,7 +67,8 @@ class NodeLimits:
         )
 
     def spec_fields(self) -> dict[str, Any]:
-        """The spec's limit fields; `pods` is always written so a merge patch replaces it."""
+        """The spec's limit fields; `pods` is always written so a merge patch replaces it, and
+        `unmanagedPowerLimitWatts` (null when no budget opts in) so a merge patch removes it."""
         pods: list[dict[str, Any]] = []
         for (ns, name), watts in sorted(self.pods.items()):
             entry: dict[str, Any] = {
@@ -76,6 +83,9 @@ class NodeLimits:
         out: dict[str, Any] = {"pods": pods}
         if self.idle_watts is not None:
             out["idlePowerLimitWatts"] = round(self.idle_watts, 1)
+        out["unmanagedPowerLimitWatts"] = (
+            None if self.unmanaged_watts is None else round(self.unmanaged_watts, 1)
+        )
         return out
 
 
@@ -146,8 +156,15 @@ def power_steps(
         }
         # Clocks in force stay as they are until the raising step writes the planned ones.
         kept_clocks = {} if spec is None else {k: v for k, v in spec.clocks.items() if k in pods}
+        # Capping other teams' GPUs only lowers them: the lower cap of the two goes first.
+        unmanaged = _smallest(
+            [target.unmanaged_watts, None if spec is None else spec.unmanaged_watts]
+        )
         interim = NodeLimits(
-            idle_watts=None if math.isinf(idle) else idle, pods=pods, clocks=kept_clocks
+            idle_watts=None if math.isinf(idle) else idle,
+            pods=pods,
+            clocks=kept_clocks,
+            unmanaged_watts=None if math.isinf(unmanaged) else unmanaged,
         )
         if spec != interim:
             lower[node] = interim

@@ -6,6 +6,7 @@ test_podresources.py runs the agent against a PodResources gRPC server on a unix
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -294,6 +295,28 @@ def test_other_teams_gpus_are_left_alone_and_reported_as_theirs() -> None:
     assert ["targetWatts" in g for g in gpus] == [False, False, True, True]
     assert status["targetWatts"] == 350
     assert status["conditions"][0]["reason"] == "LimitsApplied"
+
+
+def test_a_budgets_opt_in_caps_exactly_the_other_teams_gpus() -> None:
+    theirs = PlacedPod("ml", "big", "c", 2, "00", utilisation=1.0, managed=False)
+    ours = PlacedPod("team", "gpu2", "c", 1, "01")
+    agent, library = a100_agent(pods=[theirs, ours])
+    for index in (0, 1):
+        library.nvmlDeviceSetPowerManagementLimit(
+            library.nvmlDeviceGetHandleByIndex(index), 350_000
+        )
+    base = profile({2: 250}, idle_watts=100)
+    capped = dataclasses.replace(
+        base, spec=dataclasses.replace(base.spec, unmanaged_power_limit_watts=200)
+    )
+    gpus = agent.reconcile(capped, NOW)["gpus"]
+    assert [g.get("holder") for g in gpus] == ["other", "other", "wattsched", None]
+    assert [g["appliedWatts"] for g in gpus] == [200, 200, 250, 100]
+    assert [g.get("targetWatts") for g in gpus] == [200, 200, 250, 100]
+    # Without the opt-in they are left at what they run at (the cap already set stays).
+    gpus = agent.reconcile(base, NOW)["gpus"]
+    assert [g["appliedWatts"] for g in gpus] == [200, 200, 250, 100]
+    assert ["targetWatts" in g for g in gpus] == [False, False, True, True]
 
 
 def test_a_wattsched_pod_not_yet_in_the_spec_gets_the_idle_limit() -> None:

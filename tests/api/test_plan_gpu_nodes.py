@@ -99,6 +99,39 @@ def test_other_teams_gpus_count_at_the_limit_the_agent_reads(
     assert budget_entry(plan, "rack-a")["unmanagedWatts"] == 3600.0
 
 
+def test_an_opted_in_cap_on_other_teams_gpus_counts_once_the_agent_applied_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A budget's spec.unmanagedGpus opt-in reaches the node as spec.unmanagedPowerLimitWatts; the
+    budget counts the other team's GPUs at what the agent applied: 700 W until it applies 300 W."""
+    objects = [*items(), other_teams_pod("gpu-h100-01", 8)]
+    named(objects, "EnergyBudget", "rack-a")["spec"]["unmanagedGpus"] = {"powerLimitWatts": 300}
+    profile = named(objects, "NodePowerProfile", "gpu-h100-01")
+    profile["spec"]["unmanagedPowerLimitWatts"] = 300
+    profile["status"]["deviceMapping"] = {"source": "PodResources", "readTime": NOW}
+
+    def held_at(applied: float) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": i,
+                "pod": "ml/trainer",
+                "holder": "other",
+                "maxWatts": 700,
+                "targetWatts": 300,
+                "appliedWatts": applied,
+            }
+            for i in range(8)
+        ]
+
+    profile["status"]["gpus"] = held_at(700)  # written, not applied yet
+    plan = plan_of(capsys, tmp_path, objects)
+    assert budget_entry(plan, "rack-a")["unmanagedWatts"] == 8 * 700.0
+    profile["status"]["gpus"] = held_at(300)  # the agent applied the cap
+    plan = plan_of(capsys, tmp_path, objects)
+    assert node_entry(plan, "gpu-h100-01")["unmanagedWatts"] == 8 * 300.0
+    assert budget_entry(plan, "rack-a")["unmanagedWatts"] == 8 * 300.0
+
+
 def test_a_partly_held_node_offers_only_its_free_gpus(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -48,6 +48,7 @@ def examples_of(kind: str) -> list[Path]:
 WORKLOAD_EXAMPLES = examples_of("LLMWorkload")
 BUDGET_EXAMPLES = examples_of("EnergyBudget")
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_RESOURCE_NAME = "nvidia.com/gpu"
 
 
 def placements_of(sandbox: Sandbox, namespace: str, name: str) -> list[dict[str, Any]]:
@@ -1013,6 +1014,7 @@ def test_a_gpu_the_catalogue_lacks_takes_work_once_its_agent_reports_its_nvml_ra
         (REPO_ROOT / "agent/wattsched_agent/simulated_products.yaml").read_text()
     )
     products["NVIDIA-B200"] = {
+        **products["NVIDIA-H200"],
         "nvmlName": "NVIDIA B200",
         "minWatts": 400,
         "maxWatts": 1000,
@@ -1069,3 +1071,154 @@ def test_a_gpu_the_catalogue_lacks_takes_work_once_its_agent_reports_its_nvml_ra
             agent.kill()
             agent.wait()
         sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def set_allocatable_gpus(sandbox: Sandbox, node: str, gpus: int) -> None:
+    """Patch a KWOK Node's status.allocatable GPUs, as a restarting device plugin leaves them."""
+    patch = {"status": {"allocatable": {GPU_RESOURCE_NAME: str(gpus)}}}
+    sandbox.kubectl(
+        *("patch", "node", node, "--subresource=status", "--type=merge", "-p", json.dumps(patch))
+    )
+
+
+def test_a_node_whose_allocatable_gpus_read_0_stays_in_its_budgets_and_takes_no_new_work(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, tmp_path: Path
+) -> None:
+    """Issue 13: a node whose allocatable GPUs read 0 (the device plugin restarting) while its
+    agent reports 2 GPUs confirmed at the H200 minimum stays in its budget at those 2 x 200 W
+    (it no longer drops out) and takes no new work until its GPUs are allocatable again."""
+    node = f"gpu-h200-{namespace[-5:]}"
+    scope = {TEST_LABEL: node}
+    apply(sandbox, None, gpu_node(node, "NVIDIA-H200", 2))
+    apply(sandbox, None, budget("h200-restarting", 10000, scope))
+    agent = start_node_agent(sandbox, node, tmp_path / "agent.log")
+    try:
+        operator = start_operator()
+
+        def idle_and_confirmed() -> bool:
+            found = sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json", check=False)
+            if found.returncode != 0:
+                return False
+            spec, applied = profile_limits(sandbox, node)
+            return spec == [200.0, 200.0] and applied == spec
+
+        wait_until(f"{node} idle at the minimum, confirmed by its agent", idle_and_confirmed)
+
+        def allocated() -> float | None:
+            status = get_json(sandbox, "energybudget", "h200-restarting").get("status") or {}
+            value: float | None = status.get("allocatedCapWatts")
+            return value
+
+        wait_until("h200-restarting counts the idle node's 400 W", lambda: allocated() == 400)
+
+        set_allocatable_gpus(sandbox, node, 0)
+        plans_before = operator.plans()
+        wait_until("a plan after allocatable went to 0", lambda: operator.plans() > plans_before)
+        apply(sandbox, namespace, workload("waits", gpus=1, products=["NVIDIA-H200"]))
+        plans_after_workload = operator.plans()
+        wait_until(
+            "two plans with the workload and the 0-allocatable node",
+            lambda: operator.plans() >= plans_after_workload + 2,
+        )
+        # Still in the budget at what its profile holds (not dropped to 0 W) ...
+        assert allocated() == 400
+        assert profile_limits(sandbox, node) == ([200.0, 200.0], [200.0, 200.0])
+        # ... and no new work on it: the only H200 node is not offered.
+        assert placements_of(sandbox, namespace, "waits") == []
+        assert pods_of(sandbox, namespace, "waits") == []
+        assert phase_of(sandbox, namespace, "waits") != "Running"
+
+        set_allocatable_gpus(sandbox, node, 2)
+        wait_until(
+            "waits Running once the GPUs are allocatable again",
+            lambda: running_on_planned_nodes(sandbox, namespace, "waits"),
+            90,
+        )
+        assert placements_of(sandbox, namespace, "waits")[0]["node"] == node
+    finally:
+        agent.kill()
+        agent.wait()
+        sandbox.kubectl("delete", "energybudget", "h200-restarting", "--wait=false", check=False)
+        sandbox.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def other_teams_pod(name: str, node: str, gpus: int) -> dict[str, Any]:
+    """A pod wattsched did not create (no wattsched.io/workload label) bound to `node`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"team": "other"}},
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "trainer",
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                }
+            ],
+        },
+    }
+
+
+def test_a_budget_that_opts_in_caps_other_teams_gpus_and_one_that_does_not_leaves_them(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, tmp_path: Path
+) -> None:
+    """Issue 13: other teams' GPUs are capped only where a budget opts in
+    (spec.unmanagedGpus.powerLimitWatts), at the lowest cap of the opted-in budgets over the node,
+    and counted at that cap once the agent applied it; elsewhere they stay at their 700 W."""
+    capped, untouched = f"gpu-h200-c{namespace[-5:]}", f"gpu-h200-u{namespace[-5:]}"
+    for node in (capped, untouched):
+        apply(sandbox, None, gpu_node(node, "NVIDIA-H200", 4))
+        apply(sandbox, namespace, other_teams_pod(f"theirs-{node}", node, 2))
+    opted = budget("h200-opted", 10000, {TEST_LABEL: capped})
+    opted["spec"]["unmanagedGpus"] = {"powerLimitWatts": 300}
+    apply(sandbox, None, opted, budget("h200-not-opted", 10000, {TEST_LABEL: untouched}))
+    agents = [start_node_agent(sandbox, n, tmp_path / f"{n}.log") for n in (capped, untouched)]
+    try:
+        start_operator()
+
+        def theirs_applied(node: str) -> list[float] | None:
+            found = sandbox.kubectl("get", "nodepowerprofile", node, "-o", "json", check=False)
+            if found.returncode != 0:
+                return None
+            gpus = (json.loads(found.stdout).get("status") or {}).get("gpus") or []
+            return [g.get("appliedWatts") for g in gpus if g.get("holder") == "other"] or None
+
+        def unmanaged(name: str) -> float | None:
+            status = get_json(sandbox, "energybudget", name).get("status") or {}
+            value: float | None = status.get("unmanagedWatts")
+            return value
+
+        wait_until(
+            "the opted-in node's other GPUs at 300 W", lambda: theirs_applied(capped) == [300, 300]
+        )
+        wait_until("h200-opted counts them at 300 W", lambda: unmanaged("h200-opted") == 600)
+        assert (
+            get_json(sandbox, "nodepowerprofile", capped)["spec"]["unmanagedPowerLimitWatts"] == 300
+        )
+        wait_until("the other node's GPUs mapped", lambda: theirs_applied(untouched) is not None)
+        wait_until(
+            "h200-not-opted counts them at 700 W", lambda: unmanaged("h200-not-opted") == 1400
+        )
+        assert theirs_applied(untouched) == [700, 700]  # never touched
+        assert (
+            "unmanagedPowerLimitWatts"
+            not in get_json(sandbox, "nodepowerprofile", untouched)["spec"]
+        )
+
+        # A second opted-in budget over the same node: the lowest cap wins.
+        lower = budget("h200-opted-lower", 10000, {TEST_LABEL: capped})
+        lower["spec"]["unmanagedGpus"] = {"powerLimitWatts": 250}
+        apply(sandbox, None, lower)
+        wait_until("the lowest cap (250 W) applied", lambda: theirs_applied(capped) == [250, 250])
+        wait_until("h200-opted counts them at 250 W", lambda: unmanaged("h200-opted") == 500)
+        assert theirs_applied(untouched) == [700, 700]
+    finally:
+        for agent in agents:
+            agent.kill()
+            agent.wait()
+        for name in ("h200-opted", "h200-opted-lower", "h200-not-opted"):
+            sandbox.kubectl("delete", "energybudget", name, "--wait=false", check=False)
+        for node in (capped, untouched):
+            sandbox.kubectl("delete", "node", node, "--wait=false", check=False)

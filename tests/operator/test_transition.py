@@ -12,6 +12,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from wattsched_operator.loop import unmanaged_gpu_caps
 from wattsched_operator.transition import NodeLimits, NodePowerState, is_confirmed, power_steps
 
 A = ("team", "a-0")
@@ -166,3 +167,51 @@ def test_a_clock_change_alone_needs_no_lowering_step_and_is_written_with_the_lim
     assert "n" not in steps.lower
     assert steps.raise_["n"] == planned
     assert planned.spec_fields()["pods"][0]["smClockRangeMHz"] == {"min": 990, "max": 990}
+
+
+def test_capping_other_teams_gpus_goes_down_first_and_its_removal_after() -> None:
+    now = NodeLimits(idle_watts=200, pods={A: 400})
+    current = {"n": NodePowerState.from_profile(profile(now, [(A, 400), (None, 200)]))}
+    capped = NodeLimits(idle_watts=200, pods={A: 400}, unmanaged_watts=300)
+    steps = power_steps(current, {"n": capped})
+    assert steps.lower == {"n": capped}
+    assert steps.raise_ == {}
+    assert capped.spec_fields()["unmanagedPowerLimitWatts"] == 300
+    assert NodeLimits.from_spec(capped.spec_fields()) == capped
+
+    current = {"n": NodePowerState.from_profile(profile(capped, [(A, 400), (None, 200)]))}
+    steps = power_steps(current, {"n": now})  # the opt-in removed
+    assert steps.lower == {}
+    assert steps.raise_ == {"n": now}
+    assert now.spec_fields()["unmanagedPowerLimitWatts"] is None  # a merge patch removes it
+    lower_cap = NodeLimits(idle_watts=200, pods={A: 400}, unmanaged_watts=150)
+    assert power_steps(current, {"n": lower_cap}).lower == {"n": lower_cap}
+
+
+def test_a_node_in_several_opted_in_budgets_gets_the_lowest_cap_for_other_teams_gpus() -> None:
+    def budget(name: str, rack: str | None, watts: float | None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"powerCapWatts": 10000}
+        if rack is not None:
+            spec["nodeSelector"] = {"matchLabels": {"rack": rack}}
+        if watts is not None:
+            spec["unmanagedGpus"] = {"powerLimitWatts": watts}
+        return {
+            "apiVersion": "wattsched.io/v1alpha1",
+            "kind": "EnergyBudget",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+
+    nodes = [
+        {"metadata": {"name": "a1", "labels": {"rack": "a"}}},
+        {"metadata": {"name": "b1", "labels": {"rack": "b"}}},
+        {"metadata": {"name": "c1", "labels": {"rack": "c"}}},
+    ]
+    budgets = [
+        budget("all", None, 400),
+        budget("rack-a", "a", 250),
+        budget("rack-c", "c", None),  # not opted in: adds nothing
+    ]
+    assert unmanaged_gpu_caps(budgets, nodes) == {"a1": 250, "b1": 400, "c1": 400}
+    assert unmanaged_gpu_caps(budgets[2:], nodes) == {}
+    assert unmanaged_gpu_caps([budget("bad", "a", 0)], nodes) == {}  # invalid: plans nothing

@@ -133,6 +133,8 @@ class EnergyBudgetSpec:
     energy: EnergyAllowance | None = None
     carbon: CarbonSettings | None = None
     pue: float = 1.0
+    # spec.unmanagedGpus.powerLimitWatts: the opt-in to capping other teams' GPUs in scope (W/GPU).
+    unmanaged_gpu_limit_watts: float | None = None
 
     def selects(self, labels: Mapping[str, str]) -> bool:
         """Whether a node with `labels` is in scope (no or empty selector: every GPU node)."""
@@ -148,6 +150,8 @@ class EnergyBudgetSpec:
         if self.carbon is not None:
             out["carbon"] = self.carbon.to_dict()
         out["pue"] = self.pue
+        if self.unmanaged_gpu_limit_watts is not None:
+            out["unmanagedGpus"] = {"powerLimitWatts": self.unmanaged_gpu_limit_watts}
         return out
 
 
@@ -342,9 +346,20 @@ def _read_spec(spec: Fields) -> EnergyBudgetSpec:
         energy=energy,
         carbon=carbon,
         pue=spec.number("pue", minimum=1.0, maximum=5.0, default=1.0),
+        unmanaged_gpu_limit_watts=_unmanaged_gpu_limit_watts(spec),
     )
     spec.finish()
     return result
+
+
+def _unmanaged_gpu_limit_watts(spec: Fields) -> float | None:
+    """spec.unmanagedGpus.powerLimitWatts (W per GPU), None when the budget does not opt in."""
+    section = spec.optional_section("unmanagedGpus")
+    if section is None:
+        return None
+    watts = section.number("powerLimitWatts", minimum=1, maximum=2000)
+    section.finish()
+    return watts
 
 
 def _read_status(status: Fields) -> EnergyBudgetStatus:

@@ -98,7 +98,8 @@ class NodePowerProfileSpec:
 
     A GPU held by a pod in `pods` gets that pod's limit; a GPU no pod holds, or held by a
     wattsched pod not (yet) in `pods`, gets `idle_power_limit_watts` (None: left as it is); a GPU
-    held by a pod wattsched did not create is left alone. Clocks follow the same mapping: a pod's
+    held by a pod wattsched did not create gets `unmanaged_power_limit_watts` (None, unless an
+    EnergyBudget opts in: left alone). Clocks follow the same mapping: a pod's
     `sm_clock_range_mhz` is locked on the GPUs it holds; every other GPU the agent locked is
     unlocked.
     """
@@ -106,6 +107,8 @@ class NodePowerProfileSpec:
     node_name: str
     idle_power_limit_watts: float | None = None
     pods: tuple[PodPowerLimit, ...] = ()
+    # For GPUs held by pods wattsched did not create; None: left alone (no budget opted in).
+    unmanaged_power_limit_watts: float | None = None
 
     def pod_limit_watts(self, namespace: str, name: str) -> float | None:
         return next((p.power_limit_watts for p in self.pods if p.key == (namespace, name)), None)
@@ -119,6 +122,8 @@ class NodePowerProfileSpec:
             out["idlePowerLimitWatts"] = self.idle_power_limit_watts
         if self.pods:
             out["pods"] = [p.to_dict() for p in self.pods]
+        if self.unmanaged_power_limit_watts is not None:
+            out["unmanagedPowerLimitWatts"] = self.unmanaged_power_limit_watts
         return out
 
 
@@ -320,6 +325,9 @@ def _read_spec(spec: Fields) -> NodePowerProfileSpec:
         node_name=spec.string("nodeName", max_length=253, min_length=1),
         idle_power_limit_watts=idle,
         pods=tuple(pods),
+        unmanaged_power_limit_watts=spec.optional_number(
+            "unmanagedPowerLimitWatts", minimum=1, maximum=MAX_POWER_LIMIT_WATTS
+        ),
     )
     spec.finish()
     return result
