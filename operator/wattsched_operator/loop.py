@@ -1484,7 +1484,7 @@ class PlanningLoop:
                 try:
                     written = await self._call(self.kube.create, profiles_path(), manifest)
                 except KubeError as error:
-                    if error.status != 409:
+                    if error.status != HTTP_CONFLICT:
                         raise
                     written = await self._call(self.kube.merge_patch, profiles_path(node), patch)
             self.cache.upsert(PROFILES, {**(view.profiles.get(node) or {}), **written})

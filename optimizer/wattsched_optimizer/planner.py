@@ -167,16 +167,26 @@ def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
     validate(plan_input)
     performance: PerformanceModel = model if model is not None else CatalogueModel()
     held = held_budgets(plan_input)
-    data = build_plan_data(_without_held(plan_input, held), performance)
+    program_input = _without_held(plan_input, held)
+    data = build_plan_data(program_input, performance)
     weights = lexicographic_weights(data)
     unplaced: dict[str, Unplaced] = {
         key: Unplaced(key, reason.reason, reason.constraint)
         for key, reason in data.no_option.items()
     }
     timings: dict[str, float] = {"data": time.perf_counter() - started}
-    program_input = _without_held(plan_input, held)
+    # The same for every pass: the workloads by key and each running workload's nodes.
+    workload_by_key = {w.key: w for w in plan_input.workloads}
+    prefer = _preferred_nodes(plan_input)
     pass_one = _solve_and_pack(
-        plan_input, data, weights, unplaced, timings=timings, started=started
+        plan_input,
+        data,
+        weights,
+        unplaced,
+        timings=timings,
+        started=started,
+        workload_by_key=workload_by_key,
+        prefer=prefer,
     )
     # Running work the pinned plan could not keep (a budget cut below every limit in place, or
     # higher-priority work that needs its GPUs) may move: plan again with it unpinned.
@@ -192,7 +202,14 @@ def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
         }
         weights = lexicographic_weights(data)
         state, left_out, objective, bound, status, solver_used = _solve_and_pack(
-            plan_input, data, weights, unplaced, timings=timings, started=started
+            plan_input,
+            data,
+            weights,
+            unplaced,
+            timings=timings,
+            started=started,
+            workload_by_key=workload_by_key,
+            prefer=prefer,
         )
     # Inference that could not be served whole keeps as many replicas as fit in what the plan
     # leaves free (at least minReplicas): never all-or-nothing.
@@ -202,8 +219,8 @@ def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
         state,
         left_out,
         model=performance,
-        workload_by_key={w.key: w for w in plan_input.workloads},
-        prefer=_preferred_nodes(plan_input),
+        workload_by_key=workload_by_key,
+        prefer=prefer,
     )
     return _assemble(
         plan_input,
@@ -230,15 +247,15 @@ def _solve_and_pack(
     *,
     timings: dict[str, float],
     started: float,
+    workload_by_key: Mapping[str, Workload],
+    prefer: Mapping[str, list[str]],
 ) -> tuple[ClusterState, dict[str, Unplaced], float, float, PlanStatus, str]:
     """Solve the program for `data`, pack and repair: the state, what is left out and why, the
     objective, its bound, the status and the solver that ran."""
     options = plan_input.options
-    workload_by_key = {w.key: w for w in plan_input.workloads}
     class_of = {m.key: c for c in data.classes for m in c.members}
     formulation = build(data)
     timings["build"] = formulation.build_seconds
-    prefer = _preferred_nodes(plan_input)
     running_gpus = _running_gpus(plan_input, workload_by_key)
 
     def realise(result: SolveResult) -> tuple[ClusterState, dict[str, Unplaced], float]:
