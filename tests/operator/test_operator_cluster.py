@@ -618,6 +618,11 @@ def test_two_peered_operators_let_exactly_one_act(
         return priorities >= {10, 20}
 
     wait_until("both operators in the peering object", both_registered)
+    # The first operator leads alone until the second registers, and may plan (an empty
+    # namespace) in that time; a round it started then may still be finishing. From here on it
+    # must not act: count its plans only from a settled point.
+    time.sleep(3)
+    low_plans_before = low.plans()
     apply(sandbox, namespace, workload("peered"))
     wait_until(
         "peered Running",
@@ -625,7 +630,7 @@ def test_two_peered_operators_let_exactly_one_act(
         timeout_seconds=90,
     )
     assert high.plans() > 0
-    assert low.plans() == 0
+    assert low.plans() == low_plans_before
     sandbox.kubectl("delete", "clusterkopfpeering", peering, "--wait=false", check=False)
 
 
