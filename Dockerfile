@@ -21,10 +21,12 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY api/ api/
 COPY operator/ operator/
 COPY optimizer/ optimizer/
 COPY agent/ agent/
 COPY simulator/ simulator/
+COPY cli/ cli/
 # The venv's own pip and setuptools are not needed at run time: removed once the install is done.
 RUN python3 -m venv /opt/wattsched \
  && /opt/wattsched/bin/pip install . \

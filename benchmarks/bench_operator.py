@@ -291,10 +291,10 @@ def main() -> int:
     run_id = str(int(time.time()))
     figures: list[tuple[str, str, str]] = []
 
-    agent_args = [PYTHON, "-m", "wattsched_operator.cli", "agent", "--backend", "simulated"]
+    agent_args = [PYTHON, "-m", "wattsched_cli.main", "agent", "--backend", "simulated"]
     agent_args += ["--all-nodes", "--metrics-port", "0", "--interval-seconds", "10"]
     agent_args += ["--kubeconfig", str(kubeconfig)]
-    operator_args = [PYTHON, "-m", "wattsched_operator.cli", "operator", "--standalone"]
+    operator_args = [PYTHON, "-m", "wattsched_cli.main", "operator", "--standalone"]
     operator_args += ["--kubeconfig", str(kubeconfig), "--metrics-port", "0", "--health-port", "0"]
     operator_args += ["--debounce-seconds", "0.2", "--log-level", args.operator_log_level]
 

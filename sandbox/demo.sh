@@ -26,7 +26,7 @@ python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
   if [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"; else python=python3; fi
 fi
-wattsched=("$python" -m wattsched_operator.cli)  # an array, so `&` gives the python process's pid
+wattsched=("$python" -m wattsched_cli.main)  # an array, so `&` gives the python process's pid
 
 start_sandbox() {
   step "Starting the sandbox control plane (etcd, kube-apiserver, scheduler, controller-manager, KWOK)"

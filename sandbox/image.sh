@@ -13,7 +13,7 @@
 #   localhost/wattsched-base:<suite>-<key>  key = this recipe, the suite and the CA bundle
 #   localhost/wattsched:<key>               key = the base's image ID and every file the build
 #                                            context holds (Dockerfile, .dockerignore, pyproject.toml,
-#                                            README.md, operator/, optimizer/, agent/, simulator/)
+#                                            README.md, api/, operator/, optimizer/, agent/, simulator/, cli/)
 # A warm run with unchanged inputs builds nothing (about a second). A new image replaces the older
 # localhost/wattsched tags; `localhost/wattsched:dev` always names the newest.
 #
@@ -37,7 +37,7 @@ base_recipe=1
 base_repo=localhost/wattsched-base
 image_repo=localhost/wattsched
 # What the Dockerfile's build context holds (.dockerignore keeps only these, minus caches).
-context=(Dockerfile .dockerignore pyproject.toml README.md operator optimizer agent simulator)
+context=(Dockerfile .dockerignore pyproject.toml README.md api operator optimizer agent simulator cli)
 
 log() { echo "sandbox/image: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -39,7 +39,7 @@ from wattsched_agent.nvml_backend import NvmlBackend
 from wattsched_agent.podresources import DEFAULT_SOCKET, PodResourcesClient, PodResourcesServer
 from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml, load_products
-from wattsched_operator.commandline import (
+from wattsched_api.commandline import (
     EXIT_NOT_FOUND,
     EXIT_USAGE,
     CommandError,

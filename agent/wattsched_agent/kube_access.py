@@ -15,12 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from kubernetes import client, config, watch
 
 from wattsched_agent.reconcile import WORKLOAD_LABEL, PlacedPod, gpus_requested
-from wattsched_operator.api.llmworkload import WorkloadType
-from wattsched_operator.api.meta import WORKLOAD_TYPE_ANNOTATION
-from wattsched_operator.kube import load_kubeconfig
+from wattsched_api.llmworkload import WorkloadType
+from wattsched_api.meta import WORKLOAD_TYPE_ANNOTATION
 
 GROUP = "wattsched.io"
 VERSION = "v1alpha1"
@@ -100,7 +100,13 @@ class KubeAccess:
     def __init__(self, kubeconfig: str | None, pool_size: int = CONNECTIONS) -> None:
         configuration = client.Configuration()
         if kubeconfig:
-            load_kubeconfig(kubeconfig, configuration)
+            try:
+                config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)  # type: ignore[no-untyped-call]
+            except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
+                # The CLI reports a ConfigException as an unusable kubeconfig, in one line.
+                raise config.ConfigException(
+                    f"{kubeconfig}: not a usable kubeconfig: {error}"
+                ) from error
         else:
             try:
                 config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]

@@ -40,9 +40,9 @@ from wattsched_agent.reconcile import (
 )
 from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import SimulatedNvml
-from wattsched_operator.api.errors import ApiValidationError
-from wattsched_operator.api.meta import format_time
-from wattsched_operator.api.nodepowerprofile import (
+from wattsched_api.errors import ApiValidationError
+from wattsched_api.meta import format_time
+from wattsched_api.nodepowerprofile import (
     Backend,
     DeviceMapping,
     MappingSource,

@@ -1,7 +1,7 @@
 """Pure parts of the agent's reconcile: who holds each GPU, the limit each GPU gets, the status.
 
 Nothing here talks to Kubernetes or NVML; `node_agent` calls these functions with what it read and
-applies what they return. Profiles and statuses are the typed models of `wattsched_operator.api`
+applies what they return. Profiles and statuses are the typed models of `wattsched_api`
 (the one reading of the CRD shared with the operator).
 
 Not for: the API calls (see `kube_access`) or NVML calls (see `nvml_backend`).
@@ -23,8 +23,8 @@ from wattsched_agent.nvml_backend import (
     LimitOutcome,
 )
 from wattsched_agent.podresources import PodDevices, gpu_uuid
-from wattsched_operator.api.meta import Condition, ConditionStatus, format_time, set_condition
-from wattsched_operator.api.nodepowerprofile import (
+from wattsched_api.meta import Condition, ConditionStatus, format_time, set_condition
+from wattsched_api.nodepowerprofile import (
     APPLIED,
     CLOCKS_APPLIED,
     AgentStatus,

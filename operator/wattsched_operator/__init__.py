@@ -1,1 +1,1 @@
-"""wattsched operator: the kopf controller, the API models it shares with the agent, and the CLI."""
+"""wattsched operator: the kopf controller (cache, planning loop, API writes) and its decisions."""

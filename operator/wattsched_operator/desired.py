@@ -13,15 +13,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from wattsched_operator.api.meta import GPU_RESOURCE, GROUP, VERSION
-from wattsched_operator.api.meta import POWER_LIMIT_ANNOTATION as ANNOTATION_POWER_LIMIT
-from wattsched_operator.api.meta import POWER_LIMIT_ENV as ENV_POWER_LIMIT
-from wattsched_operator.api.meta import PRECISION_ENV as ENV_PRECISION
-from wattsched_operator.api.meta import REPLICA_LABEL as LABEL_REPLICA
-from wattsched_operator.api.meta import VARIANT_ANNOTATION as ANNOTATION_VARIANT
-from wattsched_operator.api.meta import VARIANT_ENV as ENV_VARIANT
-from wattsched_operator.api.meta import WORKLOAD_LABEL as LABEL_WORKLOAD
-from wattsched_operator.api.meta import WORKLOAD_TYPE_ANNOTATION as ANNOTATION_WORKLOAD_TYPE
+from wattsched_api.meta import GPU_RESOURCE, GROUP, VERSION
+from wattsched_api.meta import POWER_LIMIT_ANNOTATION as ANNOTATION_POWER_LIMIT
+from wattsched_api.meta import POWER_LIMIT_ENV as ENV_POWER_LIMIT
+from wattsched_api.meta import PRECISION_ENV as ENV_PRECISION
+from wattsched_api.meta import REPLICA_LABEL as LABEL_REPLICA
+from wattsched_api.meta import VARIANT_ANNOTATION as ANNOTATION_VARIANT
+from wattsched_api.meta import VARIANT_ENV as ENV_VARIANT
+from wattsched_api.meta import WORKLOAD_LABEL as LABEL_WORKLOAD
+from wattsched_api.meta import WORKLOAD_TYPE_ANNOTATION as ANNOTATION_WORKLOAD_TYPE
 from wattsched_operator.snapshot import NODE_ANNOTATION as ANNOTATION_NODE
 from wattsched_operator.transition import NodeLimits, PodKey
 from wattsched_optimizer.problem import Placement, Plan, WorkloadType

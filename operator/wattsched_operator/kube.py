@@ -18,7 +18,7 @@ import urllib3
 import yaml
 from kubernetes import client, config
 
-from wattsched_operator.commandline import (
+from wattsched_api.commandline import (
     EXIT_CLUSTER,
     EXIT_FAILED,
     EXIT_NOT_FOUND,

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from wattsched_api.energybudget import parse_energybudget
+from wattsched_api.errors import ApiValidationError
 from wattsched_operator import (
     accounting,
     demand,
@@ -31,8 +33,6 @@ from wattsched_operator import (
     statuses,
     transition,
 )
-from wattsched_operator.api.energybudget import parse_energybudget
-from wattsched_operator.api.errors import ApiValidationError
 from wattsched_operator.cache import (
     BUDGETS,
     NODES,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from wattsched_operator.api.meta import format_time, parse_time
+from wattsched_api.meta import format_time, parse_time
 from wattsched_optimizer.problem import WorkAmount, WorkUnit
 
 MEASURED = "measured"

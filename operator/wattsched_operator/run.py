@@ -21,9 +21,9 @@ from typing import Any, cast
 
 import kopf
 
+from wattsched_api.commandline import EXIT_NOT_FOUND, CommandError, CommandParser
 from wattsched_operator import handlers, snapshot
 from wattsched_operator.cache import ClusterCache, ClusterView
-from wattsched_operator.commandline import EXIT_NOT_FOUND, CommandError, CommandParser
 from wattsched_operator.kube import (
     GROUP_PATH,
     LIST_PAGE_SIZE,

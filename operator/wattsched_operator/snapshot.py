@@ -53,16 +53,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from wattsched_operator import progress
-from wattsched_operator.api.energybudget import EnergyBudget, parse_energybudget
-from wattsched_operator.api.errors import ApiValidationError
-from wattsched_operator.api.llmworkload import (
+from wattsched_api.energybudget import EnergyBudget, parse_energybudget
+from wattsched_api.errors import ApiValidationError
+from wattsched_api.llmworkload import (
     LLMWorkload,
     Phase,
     TotalWork,
     parse_llmworkload,
 )
-from wattsched_operator.api.meta import (
+from wattsched_api.meta import (
     API_VERSION,
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
@@ -75,12 +74,13 @@ from wattsched_operator.api.meta import (
     WORKLOAD_LABEL,
     parse_time,
 )
-from wattsched_operator.api.nodepowerprofile import (
+from wattsched_api.nodepowerprofile import (
     Holder,
     MappingSource,
     NodePowerProfile,
     parse_nodepowerprofile,
 )
+from wattsched_operator import progress
 from wattsched_optimizer.model import (
     CatalogueModel,
     ProductSpec,

@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from wattsched_operator.commandline import CommandParser
+from wattsched_api.commandline import CommandParser
 from wattsched_optimizer.problem import EnergyPolicy, PlanOptions
 
 from .baselines import baseline

@@ -53,7 +53,7 @@ def truth_draw_watts(
 
 def start_agent(sandbox: Sandbox, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
     """`wattsched agent --backend simulated` against the sandbox, reconciling every second."""
-    command = [sys.executable, "-m", "wattsched_operator.cli", "agent", "--backend", "simulated"]
+    command = [sys.executable, "-m", "wattsched_cli.main", "agent", "--backend", "simulated"]
     command += ["--kubeconfig", str(sandbox.kubeconfig), "--interval-seconds", "1", *args]
     with log_path.open("wb") as log:
         return subprocess.Popen(

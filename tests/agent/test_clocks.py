@@ -15,7 +15,7 @@ from wattsched_agent.nvml_backend import FaultReason, NvmlBackend, nearest_clock
 from wattsched_agent.reconcile import PlacedPod, locked_clocks_summary
 from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml, load_products
-from wattsched_operator.api.nodepowerprofile import NodePowerProfile, parse_nodepowerprofile
+from wattsched_api.nodepowerprofile import NodePowerProfile, parse_nodepowerprofile
 
 NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
 H100 = "NVIDIA-H100-80GB-HBM3"

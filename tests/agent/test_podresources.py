@@ -26,7 +26,7 @@ from wattsched_agent.podresources import (
 from wattsched_agent.podresources_v1 import api_pb2
 from wattsched_agent.reconcile import PlacedPod
 from wattsched_agent.simulated_nvml import SimulatedNvml
-from wattsched_operator.api.nodepowerprofile import parse_nodepowerprofile
+from wattsched_api.nodepowerprofile import parse_nodepowerprofile
 from wattsched_operator.transition import is_confirmed
 
 NOW = datetime(2026, 12, 5, 10, 0, 0, tzinfo=UTC)

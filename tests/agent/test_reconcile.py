@@ -19,7 +19,7 @@ from wattsched_agent.nvml_backend import NvmlBackend
 from wattsched_agent.reconcile import PlacedPod
 from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml
-from wattsched_operator.api.nodepowerprofile import (
+from wattsched_api.nodepowerprofile import (
     NodePowerProfile,
     parse_nodepowerprofile,
 )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from wattsched_operator.api import parse_energybudget, parse_llmworkload, parse_nodepowerprofile
+from wattsched_api import parse_energybudget, parse_llmworkload, parse_nodepowerprofile
 
 if TYPE_CHECKING:
     from tests.api.conftest import Example, InvalidCase

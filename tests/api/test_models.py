@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from wattsched_operator.api import (
+from wattsched_api import (
     ApiValidationError,
     parse_energybudget,
     parse_llmworkload,
     parse_nodepowerprofile,
 )
-from wattsched_operator.api.llmworkload import EnergyPolicy, WorkloadType
-from wattsched_operator.api.meta import Condition, ConditionStatus, set_condition
-from wattsched_operator.api.nodepowerprofile import Backend
+from wattsched_api.llmworkload import EnergyPolicy, WorkloadType
+from wattsched_api.meta import Condition, ConditionStatus, set_condition
+from wattsched_api.nodepowerprofile import Backend
 
 if TYPE_CHECKING:
     from tests.api.conftest import Example, InvalidCase

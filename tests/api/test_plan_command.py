@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from wattsched_operator.plan_command import main
+from wattsched_cli.plan import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOT = REPO_ROOT / "offline" / "snapshot.yaml"
@@ -228,7 +228,7 @@ def test_console_script_prints_no_traceback_for_a_bad_snapshot(tmp_path: Path) -
         [
             sys.executable,
             "-m",
-            "wattsched_operator.cli",
+            "wattsched_cli.main",
             "plan",
             "-f",
             str(write_snapshot(tmp_path, items)),

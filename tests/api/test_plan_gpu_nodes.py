@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from wattsched_operator.plan_command import main
+from wattsched_cli.plan import main
 from wattsched_optimizer.model import use_catalogue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

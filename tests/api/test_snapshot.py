@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from wattsched_operator.api.llmworkload import parse_llmworkload
+from wattsched_api.llmworkload import parse_llmworkload
 from wattsched_operator.snapshot import (
     ClusterObjects,
     Snapshot,

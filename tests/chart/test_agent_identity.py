@@ -59,7 +59,7 @@ def run_agent(
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [
-                    sys.executable, "-m", "wattsched_operator.cli", "agent",
+                    sys.executable, "-m", "wattsched_cli.main", "agent",
                     "--backend", "simulated", "--node-name", node_name,
                     "--kubeconfig", str(kubeconfig), "--metrics-port", "0",
                     "--interval-seconds", str(INTERVAL_SECONDS),

@@ -70,7 +70,7 @@ def operator_as_chart_identity(
         "--duration", "1h",
     ).stdout.strip()  # fmt: skip
     kubeconfig = token_kubeconfig(sandbox, token, workdir)
-    cli = [sys.executable, "-m", "wattsched_operator.cli"]
+    cli = [sys.executable, "-m", "wattsched_cli.main"]
     with (workdir / "agents.log").open("wb") as agents_log:
         agents = subprocess.Popen(
             [

@@ -110,7 +110,7 @@ def agents(
             [
                 sys.executable,
                 "-m",
-                "wattsched_operator.cli",
+                "wattsched_cli.main",
                 "agent",
                 "--backend",
                 "simulated",
@@ -155,7 +155,7 @@ def start_operator(
         args = [
             sys.executable,
             "-m",
-            "wattsched_operator.cli",
+            "wattsched_cli.main",
             "operator",
             "--kubeconfig",
             str(sandbox.kubeconfig),

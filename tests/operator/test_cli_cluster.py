@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
-from wattsched_operator.commandline import EXIT_NOT_FOUND, CommandError
+from wattsched_api.commandline import EXIT_NOT_FOUND, CommandError
 from wattsched_operator.kube import Kube
 from wattsched_operator.run import ensure_peering
 
@@ -33,7 +33,7 @@ def wattsched(*args: str, kubeconfig: Path) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k != "WATTSCHED_DEBUG"}
     environment["KUBECONFIG"] = str(kubeconfig)
     return subprocess.run(
-        [sys.executable, "-m", "wattsched_operator.cli", *args],
+        [sys.executable, "-m", "wattsched_cli.main", *args],
         capture_output=True,
         text=True,
         check=False,

@@ -9,7 +9,6 @@ Missing objects on a live control plane are in test_cli_cluster.py.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import socket
 import subprocess
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from wattsched_operator.cli import SUBCOMMANDS
-from wattsched_operator.commandline import EXIT_CLUSTER, EXIT_USAGE, HelpFormatter
+from wattsched_api.commandline import EXIT_CLUSTER, EXIT_USAGE, HelpFormatter
+from wattsched_cli.main import SUBCOMMANDS, command_module
 
 # The subcommands that talk to a cluster, with the arguments that make each one reach for it.
 CLUSTER_COMMANDS = {
@@ -48,7 +47,7 @@ def wattsched(
     if kubeconfig is not None:
         environment["KUBECONFIG"] = kubeconfig
     return subprocess.run(
-        [sys.executable, "-m", "wattsched_operator.cli", *args],
+        [sys.executable, "-m", "wattsched_cli.main", *args],
         capture_output=True,
         text=True,
         check=False,
@@ -185,7 +184,7 @@ def test_help_lists_every_command_and_the_exit_codes() -> None:
 
 
 def parser_of(command: str) -> argparse.ArgumentParser:
-    module = importlib.import_module(SUBCOMMANDS[command][0])
+    module = command_module(command)
     parser: argparse.ArgumentParser = module.build_parser()
     return parser
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from wattsched_operator.api import ApiValidationError, parse_llmworkload
-from wattsched_operator.api.llmworkload import MAX_TEMPLATE_DEPTH
+from wattsched_api import ApiValidationError, parse_llmworkload
+from wattsched_api.llmworkload import MAX_TEMPLATE_DEPTH
 from wattsched_operator.cache import WORKLOADS, ClusterCache
 from wattsched_operator.handlers import record
 from wattsched_operator.kube import API_SERVER_MAX_JSON_DEPTH

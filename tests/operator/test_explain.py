@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from wattsched_operator.explain import render
+from wattsched_cli.explain import render
 
 
 def workload(status: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from tests.operator.test_operator_cluster import (
     running_on_planned_nodes,
     workload,
 )
-from wattsched_operator.api.llmworkload import MAX_TEMPLATE_DEPTH
+from wattsched_api.llmworkload import MAX_TEMPLATE_DEPTH
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
@@ -68,7 +68,7 @@ def status_of(sandbox: Sandbox, namespace: str, name: str) -> dict[str, Any]:
 def result_of_plan(sandbox: Sandbox) -> str:
     """`wattsched plan --from-cluster -o json` against the sandbox (its stdout)."""
     return subprocess.run(
-        [sys.executable, "-m", "wattsched_operator.cli", "plan", "--from-cluster", "-o", "json"],
+        [sys.executable, "-m", "wattsched_cli.main", "plan", "--from-cluster", "-o", "json"],
         env={**os.environ, "KUBECONFIG": str(sandbox.kubeconfig)},
         capture_output=True,
         text=True,
@@ -118,7 +118,7 @@ def test_templates_nested_thousands_deep_stop_neither_the_operator_nor_other_wor
     assert "RecursionError" not in operator.log_path.read_text()
     # The commands that read the cluster are not stopped by them either.
     status = subprocess.run(
-        [sys.executable, "-m", "wattsched_operator.cli", "status"],
+        [sys.executable, "-m", "wattsched_cli.main", "status"],
         env={**os.environ, "KUBECONFIG": str(sandbox.kubeconfig)},
         capture_output=True,
         text=True,

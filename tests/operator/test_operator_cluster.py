@@ -27,7 +27,7 @@ from tests.operator.conftest import (
     phase_of,
     wait_until,
 )
-from wattsched_operator import explain
+from wattsched_cli import explain
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
@@ -780,7 +780,7 @@ def start_node_agent(sandbox: Sandbox, node: str, log_path: Path) -> subprocess.
         return subprocess.Popen(
             [
                 sys.executable,
-                *("-m", "wattsched_operator.cli", "agent", "--backend", "simulated"),
+                *("-m", "wattsched_cli.main", "agent", "--backend", "simulated"),
                 *("--node-name", node, "--metrics-port", "0", "--interval-seconds", "1"),
                 *("--kubeconfig", str(sandbox.kubeconfig)),
             ],
@@ -1053,7 +1053,7 @@ def test_a_gpu_the_catalogue_lacks_takes_work_once_its_agent_reports_its_nvml_ra
             agent = subprocess.Popen(
                 [
                     sys.executable,
-                    *("-m", "wattsched_operator.cli", "agent", "--backend", "simulated"),
+                    *("-m", "wattsched_cli.main", "agent", "--backend", "simulated"),
                     *("--node-name", node, "--metrics-port", "0", "--interval-seconds", "1"),
                     *("--simulated-products", str(products_file)),
                     *("--kubeconfig", str(sandbox.kubeconfig)),

@@ -23,7 +23,7 @@ from tests.operator.test_operator_cluster import apply, pods_of, workload
 from tests.telemetry.conftest import start_prometheus
 from wattsched_agent.kube_access import UTILISATION_ANNOTATION
 from wattsched_agent.simulated_nvml import load_ground_truth
-from wattsched_operator.api.meta import POWER_LIMIT_ANNOTATION
+from wattsched_api.meta import POWER_LIMIT_ANNOTATION
 from wattsched_optimizer.model import CALIBRATION_BOUNDS, CatalogueModel
 from wattsched_optimizer.problem import WorkloadType
 

@@ -28,7 +28,7 @@ from tests.operator.conftest import (
     get_json,
     wait_until,
 )
-from wattsched_operator.api.llmworkload import MAX_TEMPLATE_DEPTH
+from wattsched_api.llmworkload import MAX_TEMPLATE_DEPTH
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
@@ -80,7 +80,7 @@ def invalid(namespace: str) -> dict[str, Any]:
 
 def wattsched(sandbox: Sandbox, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "wattsched_operator.cli", *args],
+        [sys.executable, "-m", "wattsched_cli.main", *args],
         capture_output=True,
         text=True,
         check=False,

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from wattsched_operator.kubectl_plugin import SHIM_NAME, install
-from wattsched_operator.snapshot import ClusterObjects
-from wattsched_operator.status_command import (
+from wattsched_cli.kubectl_plugin import SHIM_NAME, install
+from wattsched_cli.status import (
     allowance,
     parse_operator_metrics,
     render,
     unconfirmed_nodes,
 )
+from wattsched_operator.snapshot import ClusterObjects
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 
@@ -181,5 +181,5 @@ def test_the_kubectl_plugin_shim_runs_the_wattsched_cli(tmp_path: Path) -> None:
     assert path.name == SHIM_NAME
     assert path.stat().st_mode & 0o111
     assert path.read_text().splitlines()[-1] == (
-        'exec /opt/py/bin/python3 -m wattsched_operator.cli "$@"'
+        'exec /opt/py/bin/python3 -m wattsched_cli.main "$@"'
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from wattsched_cli.whatif import apply_overrides, diff_lines, parse_override, plan_diff
 from wattsched_operator.snapshot import ClusterObjects, SnapshotError
-from wattsched_operator.whatif import apply_overrides, diff_lines, parse_override, plan_diff
 from wattsched_optimizer.problem import (
     CurrentPlacement,
     Placement,

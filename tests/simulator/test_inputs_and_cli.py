@@ -352,7 +352,7 @@ def simulate_in_a_subprocess(directory: Path, stderr: int) -> subprocess.Popen[b
     (directory / "nodes.yaml").write_text(NODES_YAML)
     traces = small_traces(directory)
     command = [
-        sys.executable, "-m", "wattsched_operator.cli", "simulate",
+        sys.executable, "-m", "wattsched_cli.main", "simulate",
         "--cluster", str(directory / "nodes.yaml"),
         "--trace", *map(str, traces),
         "--duration", "240",
@@ -426,7 +426,7 @@ def test_without_the_simulator_extra_simulate_says_which_extra_in_one_line(missi
     # sys.modules makes `import` fail with ModuleNotFoundError naming it).
     program = (
         f"import sys; sys.modules[{missing!r}] = None; "
-        "from wattsched_operator.cli import main; "
+        "from wattsched_cli.main import main; "
         "raise SystemExit(main(['simulate', '--cluster', 'nodes.yaml', '--out', 'out']))"
     )
     result = subprocess.run(

@@ -14,14 +14,14 @@ from typing import Any
 import urllib3
 from kubernetes import config
 
-from wattsched_operator.api.meta import API_VERSION, WORKLOAD_LABEL
-from wattsched_operator.commandline import (
+from wattsched_api.commandline import (
     EXIT_CLUSTER,
     EXIT_FAILED,
     EXIT_NOT_FOUND,
     CommandError,
     one_line,
 )
+from wattsched_api.meta import API_VERSION, WORKLOAD_LABEL
 from wattsched_operator.kube import (
     GROUP_PATH,
     Kube,

@@ -26,8 +26,15 @@ from typing import Any, TextIO
 
 import yaml
 
-from wattsched_operator.cluster_read import ClusterReadError, connect, read_cluster
-from wattsched_operator.commandline import EXIT_USAGE, CommandParser
+from wattsched_api.commandline import EXIT_USAGE, CommandParser
+from wattsched_cli.cluster_read import ClusterReadError, connect, read_cluster
+from wattsched_cli.whatif import (
+    SET_SYNTAX,
+    apply_overrides,
+    diff_lines,
+    parse_override,
+    plan_diff,
+)
 from wattsched_operator.snapshot import (
     ClusterObjects,
     Snapshot,
@@ -35,13 +42,6 @@ from wattsched_operator.snapshot import (
     build_snapshot,
     parse_now,
     split_objects,
-)
-from wattsched_operator.whatif import (
-    SET_SYNTAX,
-    apply_overrides,
-    diff_lines,
-    parse_override,
-    plan_diff,
 )
 from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import PlanInputError

@@ -16,9 +16,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from wattsched_operator.api.errors import ApiValidationError
-from wattsched_operator.api.fields import Fields, JsonObject, nesting_depth
-from wattsched_operator.api.meta import (
+from wattsched_api.errors import ApiValidationError
+from wattsched_api.fields import Fields, JsonObject, nesting_depth
+from wattsched_api.meta import (
     GPU_RESOURCE,
     Condition,
     ObjectMeta,

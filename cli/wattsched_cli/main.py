@@ -1,7 +1,9 @@
-"""The `wattsched` console script: one entry point that dispatches to each component's command.
+"""The `wattsched` console script: one entry point that dispatches to each command.
 
-Each subcommand lives with its component and is imported only when invoked, so `wattsched agent`
-never loads kopf or PuLP and `wattsched plan` never loads kopf. A component command is a function
+The CLI is its own layer, the only package that joins several runtime components: `plan`,
+`explain` and `status` live here; `operator`, `agent` and `simulate` are their components' entry
+functions. Each is imported only when invoked, so `wattsched agent` never loads kopf or PuLP and
+`wattsched plan` never loads kopf. A component command is a function
 `main(argv: list[str]) -> int` that parses its own arguments with `build_parser()` (a
 `commandline.CommandParser`, so `--help` shows every flag's default).
 
@@ -16,7 +18,6 @@ install, in one line, when they are missing.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -24,7 +25,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 
-from wattsched_operator.commandline import (
+from wattsched_api.commandline import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -32,22 +33,17 @@ from wattsched_operator.commandline import (
     one_line,
 )
 
-# subcommand -> (module, one-line help). Modules expose `main(argv: list[str]) -> int` and
-# `build_parser() -> argparse.ArgumentParser`.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "operator": ("wattsched_operator.run", "run the kopf operator (wraps `kopf run`)"),
-    "agent": ("wattsched_agent.cli", "run the node agent that applies GPU power limits"),
-    "plan": ("wattsched_operator.plan_command", "solve a plan for a snapshot of cluster objects"),
-    "explain": ("wattsched_operator.explain", "say why a workload is where it is"),
-    "status": (
-        "wattsched_operator.status_command",
-        "budgets, unplaced workloads, moves, unconfirmed nodes, failed rounds on one screen",
-    ),
+# subcommand -> one-line help.
+SUBCOMMANDS: dict[str, str] = {
+    "operator": "run the kopf operator (wraps `kopf run`)",
+    "agent": "run the node agent that applies GPU power limits",
+    "plan": "solve a plan for a snapshot of cluster objects",
+    "explain": "say why a workload is where it is",
+    "status": "budgets, unplaced workloads, moves, unconfirmed nodes, failed rounds on one screen",
     "install-kubectl-plugin": (
-        "wattsched_operator.kubectl_plugin",
-        "write the `kubectl-wattsched` shim so that `kubectl wattsched ...` works",
+        "write the `kubectl-wattsched` shim so that `kubectl wattsched ...` works"
     ),
-    "simulate": ("wattsched_simulator.cli", "replay traces and compare scheduling policies"),
+    "simulate": "replay traces and compare scheduling policies",
 }
 # subcommand -> (extra of pyproject.toml, the top-level packages it adds).
 EXTRAS: dict[str, tuple[str, frozenset[str]]] = {
@@ -67,7 +63,7 @@ def usage() -> str:
     lines = ["usage: wattsched <command> [options]", "       wattsched --version", ""]
     lines.append("commands:")
     width = max(len(name) for name in SUBCOMMANDS)
-    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<{width}}  {help_text}" for name, help_text in SUBCOMMANDS.items()]
     lines += [
         "",
         "Run `wattsched <command> --help` for a command's options.",
@@ -77,10 +73,43 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _import(command: str) -> ModuleType:
+    """Import `command`'s module only when it runs: `wattsched agent` never loads kopf or PuLP,
+    `wattsched plan` never loads kopf. Plain import statements, so import-linter sees them."""
+    if command == "operator":
+        from wattsched_operator import run  # noqa: PLC0415
+
+        return run
+    if command == "agent":
+        from wattsched_agent import cli  # noqa: PLC0415
+
+        return cli
+    if command == "plan":
+        from wattsched_cli import plan  # noqa: PLC0415
+
+        return plan
+    if command == "explain":
+        from wattsched_cli import explain  # noqa: PLC0415
+
+        return explain
+    if command == "status":
+        from wattsched_cli import status  # noqa: PLC0415
+
+        return status
+    if command == "install-kubectl-plugin":
+        from wattsched_cli import kubectl_plugin  # noqa: PLC0415
+
+        return kubectl_plugin
+    from wattsched_simulator import cli as simulate  # noqa: PLC0415
+
+    return simulate
+
+
 def command_module(command: str) -> ModuleType:
-    """The module of `command`; a CommandError naming the extra to install where it is missing."""
+    """The module of `command`, exposing `main(argv: list[str]) -> int` and `build_parser()`; a
+    CommandError naming the extra to install where it is missing."""
     try:
-        return importlib.import_module(SUBCOMMANDS[command][0])
+        return _import(command)
     except ModuleNotFoundError as error:
         extra, packages = EXTRAS.get(command, ("", frozenset()))
         if (error.name or "").partition(".")[0] not in packages:

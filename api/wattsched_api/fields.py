@@ -15,7 +15,7 @@ import reprlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from wattsched_operator.api.errors import ApiValidationError
+from wattsched_api.errors import ApiValidationError
 
 JsonObject = Mapping[str, Any]
 

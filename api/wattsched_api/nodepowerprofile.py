@@ -13,8 +13,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from wattsched_operator.api.fields import Fields, JsonObject
-from wattsched_operator.api.meta import (
+from wattsched_api.fields import Fields, JsonObject
+from wattsched_api.meta import (
     Condition,
     ConditionStatus,
     ObjectMeta,

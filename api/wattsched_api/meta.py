@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from wattsched_operator.api.errors import ApiValidationError
-from wattsched_operator.api.fields import Fields, JsonObject, describe
+from wattsched_api.errors import ApiValidationError
+from wattsched_api.fields import Fields, JsonObject, describe
 
 GROUP = "wattsched.io"
 VERSION = "v1alpha1"

@@ -24,11 +24,11 @@ from typing import Any
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
+from wattsched_api.commandline import EXIT_USAGE, CommandParser
+from wattsched_api.errors import ApiValidationError
+from wattsched_api.nodepowerprofile import parse_nodepowerprofile
+from wattsched_cli.cluster_read import ClusterReadError, connect, list_objects, read_cluster
 from wattsched_operator.accounting import JOULES_PER_KWH, Period, parse_rfc3339, period_start
-from wattsched_operator.api.errors import ApiValidationError
-from wattsched_operator.api.nodepowerprofile import parse_nodepowerprofile
-from wattsched_operator.cluster_read import ClusterReadError, connect, list_objects, read_cluster
-from wattsched_operator.commandline import EXIT_USAGE, CommandParser
 from wattsched_operator.kube import Kube, KubeError
 from wattsched_operator.snapshot import Body, ClusterObjects, SnapshotError, gpu_count
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from wattsched_operator.api.fields import (
+from wattsched_api.fields import (
     LABEL_KEY_RULE,
     LABEL_VALUE_RULE,
     Fields,
@@ -21,8 +21,8 @@ from wattsched_operator.api.fields import (
     is_label_key,
     is_label_value,
 )
-from wattsched_operator.api.llmworkload import EnergySource
-from wattsched_operator.api.meta import (
+from wattsched_api.llmworkload import EnergySource
+from wattsched_api.meta import (
     Condition,
     ObjectMeta,
     object_to_dict,

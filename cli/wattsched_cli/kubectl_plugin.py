@@ -18,7 +18,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from wattsched_operator.commandline import EXIT_FAILED, CommandParser
+from wattsched_api.commandline import EXIT_FAILED, CommandParser
 
 SHIM_NAME = "kubectl-wattsched"
 
@@ -29,7 +29,7 @@ def shim_text(python: str) -> str:
         "#!/bin/sh\n"
         "# kubectl plugin written by `wattsched install-kubectl-plugin`: "
         "`kubectl wattsched ARGS` runs `wattsched ARGS`.\n"
-        f'exec {shlex.quote(python)} -m wattsched_operator.cli "$@"\n'
+        f'exec {shlex.quote(python)} -m wattsched_cli.main "$@"\n'
     )
 
 

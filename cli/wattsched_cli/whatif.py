@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from wattsched_operator.api.errors import ApiValidationError
-from wattsched_operator.api.llmworkload import parse_llmworkload
+from wattsched_api.errors import ApiValidationError
+from wattsched_api.llmworkload import parse_llmworkload
 from wattsched_operator.snapshot import (
     Body,
     ClusterObjects,

@@ -21,15 +21,15 @@ from typing import Any
 
 import yaml
 
-from wattsched_operator.api import parse_energybudget
-from wattsched_operator.api.meta import GPU_PRODUCT_LABEL
-from wattsched_operator.commandline import (
+from wattsched_api import parse_energybudget
+from wattsched_api.commandline import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
     CommandParser,
 )
+from wattsched_api.meta import GPU_PRODUCT_LABEL
 from wattsched_operator.kube import (
     Kube,
     KubeError,

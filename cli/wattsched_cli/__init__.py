@@ -1,0 +1,1 @@
+"""The `wattsched` command line: the dispatcher and the plan, explain and status commands."""
