@@ -4,7 +4,8 @@ Every handler is an async function of kopf's keyword arguments that hands the ev
 a plain function tests call directly. Whether an event matters is decided by `fingerprint`: the
 parts of an object the plan depends on (spec, membership, readiness), not heartbeats or the
 statuses the operator writes itself. The LLMWorkload deletion handler is the finalizer: it removes
-the workload's pods, and the next plan releases their power. Planning is `loop`'s job.
+the workload's pods and waits for them to go, and the next plan releases their power. Planning is
+`loop`'s job.
 """
 
 from __future__ import annotations
@@ -135,22 +136,43 @@ async def pod_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         record(state.cache, PODS, event.get("type"), event["object"])
 
 
+# How long the finalizer waits for a deleted workload's pods to go, watching the cache (no API
+# calls), before handing back to kopf: each kopf retry writes its progress on the object.
+RELEASE_WAIT_SECONDS = 60.0
+RELEASE_POLL_SECONDS = 0.2
+
+
 @kopf.on.delete(GROUP, VERSION, "llmworkloads")
 async def release_workload(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    """Finalizer: delete the workload's pods, then let the next plan lower the freed limits."""
+    """Finalizer: delete the workload's pods and wait for them to go (the next plan lowers the
+    freed limits). The wait watches the cache, so deleting a workload writes no retries."""
     state = _memo(memo)
     assert namespace is not None, "LLMWorkloads are namespaced"
     if state.namespaces and namespace not in state.namespaces:
         return
     state.cache.mark_dirty()
-    selector = f"{LABEL_WORKLOAD}={name}"
+    pods = await _delete_pods(state, namespace, name)
+    deadline = asyncio.get_running_loop().time() + RELEASE_WAIT_SECONDS
+    while pods:
+        cached = state.cache.view().pods
+        if any(f"{namespace}/{pod}" in cached for pod in pods):
+            if asyncio.get_running_loop().time() > deadline:
+                raise kopf.TemporaryError(
+                    f"waiting for {len(pods)} pod(s) of {namespace}/{name} to go", delay=5
+                )
+            await asyncio.sleep(RELEASE_POLL_SECONDS)
+            continue
+        # The cache saw them go (or never saw them): the API server has the last word.
+        pods = await _delete_pods(state, namespace, name)
+
+
+async def _delete_pods(state: OperatorMemo, namespace: str, workload: str) -> set[str]:
+    """Delete the workload's pods not already going; the names of all that are still there."""
+    selector = f"{LABEL_WORKLOAD}={workload}"
     pods = await asyncio.to_thread(state.kube.list, pods_path(namespace), selector)
     for pod in pods:
         if not (pod.get("metadata") or {}).get("deletionTimestamp"):
             await asyncio.to_thread(
                 state.kube.delete, pods_path(namespace, pod["metadata"]["name"])
             )
-    if pods:
-        raise kopf.TemporaryError(
-            f"waiting for {len(pods)} pod(s) of {namespace}/{name} to go", delay=1
-        )
+    return {pod["metadata"]["name"] for pod in pods}

@@ -741,8 +741,35 @@ def test_deleting_a_workload_removes_its_pods_and_lowers_its_gpus_to_idle(
     node = get_json(sandbox, "llmworkload", "short-lived", "-n", namespace)["status"]["placements"][
         0
     ]["node"]
+    # Every write to the workload while it goes, as kubectl's watch sees it.
+    watcher = subprocess.Popen(
+        [
+            str(sandbox.bin_dir / "kubectl"),
+            *("--kubeconfig", str(sandbox.kubeconfig), "get", "llmworkload", "short-lived"),
+            *("-n", namespace, "--watch", "--output-watch-events", "-o", "json"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2)  # the watch lists the object first
     sandbox.kubectl("delete", "llmworkload", "short-lived", "-n", namespace, "--timeout=60s")
     assert pods_of(sandbox, namespace, "short-lived") == []
+    time.sleep(1)
+    watcher.terminate()
+    stream, _ = watcher.communicate(timeout=30)
+    decoder, events, at = json.JSONDecoder(), [], 0
+    while stream[at:].strip():
+        event, at = decoder.raw_decode(stream, at + len(stream[at:]) - len(stream[at:].lstrip()))
+        events.append(event)
+    deleting = [e for e in events if e["object"]["metadata"].get("deletionTimestamp")]
+    assert deleting, "the watch saw no deletion; the test proved nothing"
+    # The finalizer waits for the pods without retrying, so kopf writes no retry progress on the
+    # object: before, each 1-s retry PATCHed a progress annotation, then a touch and a purge.
+    annotations = {k for e in deleting for k in e["object"]["metadata"].get("annotations") or {}}
+    assert not {"wattsched.io/release_workload", "wattsched.io/touch-dummy"} & annotations
+    # The deletion itself, at most kopf's one mark of the object as handled, then it is gone.
+    assert [e["type"] for e in deleting][-1] == "DELETED"
+    assert len(deleting) <= 3
 
     def idle() -> bool:
         spec, applied = profile_limits(sandbox, node)
