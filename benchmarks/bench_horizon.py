@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_optimizer import generate  # noqa: E402 (the benchmark folder is not a package)
+# A sibling script (python puts its folder on sys.path; mypy does not know it).
+from bench_optimizer import generate  # type: ignore[import-not-found]
 
-from wattsched_optimizer.horizon import (  # noqa: E402
+from wattsched_optimizer.horizon import (
     AllowancePeriod,
     BudgetHorizon,
     HorizonInput,
@@ -35,7 +36,7 @@ from wattsched_optimizer.horizon import (  # noqa: E402
     hourly_slots,
     plan_horizon,
 )
-from wattsched_optimizer.planner import plan  # noqa: E402
+from wattsched_optimizer.planner import plan
 
 
 def solar_curve(slots: int) -> tuple[float, ...]:

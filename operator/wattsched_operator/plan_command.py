@@ -20,12 +20,20 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
+from wattsched_operator.budget_horizon import (
+    DEFAULT_HORIZON_HOURS,
+    AllowanceOutlook,
+    budget_outlook,
+    deferral_message,
+    horizon_input,
+    plans_over_time,
+)
 from wattsched_operator.cluster_read import ClusterReadError, connect, read_cluster
 from wattsched_operator.commandline import EXIT_USAGE, CommandParser
 from wattsched_operator.snapshot import (
@@ -43,10 +51,16 @@ from wattsched_operator.whatif import (
     parse_override,
     plan_diff,
 )
+from wattsched_optimizer.horizon import (
+    HorizonInputError,
+    deferrals,
+    first_slot_input,
+    plan_horizon,
+)
 from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import PlanInputError
 from wattsched_optimizer.planner import plan as solve_plan
-from wattsched_optimizer.problem import Plan, PlanOptions
+from wattsched_optimizer.problem import Plan, PlanInput, PlanOptions
 
 # The operator's default (`wattsched operator --heartbeat-timeout-seconds`): with --from-cluster an
 # agent silent for longer counts as not ready, as the operator counts it.
@@ -58,11 +72,26 @@ def clock_range(sm_clock_mhz: int | None) -> dict[str, int] | None:
     return None if sm_clock_mhz is None else {"min": sm_clock_mhz, "max": sm_clock_mhz}
 
 
+@dataclass(frozen=True)
+class DeferredWork:
+    """A workload the horizon plan holds back now (`wattsched plan` lists it)."""
+
+    workload: str
+    cause: str  # Carbon, Allowance or PowerCap
+    until: str | None  # RFC 3339 (UTC); None: beyond the horizon
+    message: str
+    # Where the horizon plans it: the start (RFC 3339, UTC) of every slot it runs in.
+    planned_slots: tuple[str, ...] = ()
+
+
 def plan_to_json(
     plan: Plan,
     skipped: Sequence[str] = (),
     diff: dict[str, Any] | None = None,
     node_notes: Mapping[str, str] | None = None,
+    *,
+    deferred: Sequence[DeferredWork] = (),
+    allowances: Mapping[str, AllowanceOutlook] | None = None,
 ) -> dict[str, Any]:
     """The `-o json` document (shape fixed by the optimizer issue, §3), plus `skipped` (the objects
     left out as invalid, each as the error that names it), `nodeNotes` (the GPU nodes left out of
@@ -136,6 +165,26 @@ def plan_to_json(
         "nodeNotes": [
             {"node": node, "reason": reason} for node, reason in sorted((node_notes or {}).items())
         ],
+        "deferred": [
+            {
+                "workload": d.workload,
+                "cause": d.cause,
+                "until": d.until,
+                "message": d.message,
+                "plannedSlots": list(d.planned_slots),
+            }
+            for d in deferred
+        ],
+        "allowances": [
+            {
+                "budget": name,
+                **outlook.status_fields(),
+                "allowanceExhausted": outlook.exhausted,
+                "reason": outlook.reason,
+                "message": outlook.message,
+            }
+            for name, outlook in sorted((allowances or {}).items())
+        ],
     }
     if diff is not None:
         document["diff"] = diff
@@ -154,10 +203,14 @@ def plan_to_table(
     skipped: Sequence[str] = (),
     diff: dict[str, Any] | None = None,
     node_notes: Mapping[str, str] | None = None,
+    *,
+    deferred: Sequence[DeferredWork] = (),
+    allowances: Mapping[str, AllowanceOutlook] | None = None,
 ) -> str:
-    """A human-readable rendering: summary, placements, budgets, unplaced workloads, nodes left
-    out, skipped objects and, with `--diff`, the changes against the cluster now."""
-    data = plan_to_json(plan, node_notes=node_notes)
+    """A human-readable rendering: summary, placements, budgets, allowances, unplaced and
+    deferred workloads, nodes left out, skipped objects and, with `--diff`, the changes against
+    the cluster now."""
+    data = plan_to_json(plan, node_notes=node_notes, deferred=deferred, allowances=allowances)
     lines = [
         f"status {data['status']}  objective {plan.objective:.6g}  bound {plan.bound:.6g}  "
         f"gap {plan.gap:.2%}  solve {plan.solve_seconds:.2f} s",
@@ -202,6 +255,25 @@ def plan_to_table(
             for b in data["budgets"]
         ],
     )
+    if data["allowances"]:
+        lines.append("")
+        lines += _table(
+            ["BUDGET", "LEFT(kWh)", "PROJECTED AT PERIOD END(kWh, modelled)", "ALLOWANCE"],
+            [
+                [
+                    a["budget"],
+                    f"{a.get('remainingKWh', 0):.1f}",
+                    f"{a.get('projectedKWhAtPeriodEnd', 0):.1f}",
+                    "exhausted" if a["allowanceExhausted"] else "within",
+                ]
+                for a in data["allowances"]
+            ],
+        )
+    if data["deferred"]:
+        lines.append("")
+        lines += _table(
+            ["DEFERRED", "MESSAGE"], [[d["workload"], d["message"]] for d in data["deferred"]]
+        )
     unmanaged = [n for n in data["nodes"] if n["unmanagedGpus"]]
     if unmanaged:
         lines.append("")
@@ -307,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="MILP solver",
     )
     parser.add_argument(
+        "--horizon-hours",
+        type=float,
+        default=DEFAULT_HORIZON_HOURS,
+        help="hours the plan looks ahead for budgets with an allowance, a cap schedule or a "
+        "carbon forecast (flexible work waits for clean hours or for the next period); 0 plans "
+        "the present only",
+    )
+    parser.add_argument(
         "--catalogue-file",
         type=Path,
         help="YAML with extra GPU products (as the operator's --catalogue-file)",
@@ -398,6 +478,9 @@ class PlanResult:
     diff: dict[str, Any] | None
     # GPU nodes left out of planning (snapshot.excluded_nodes): node -> why.
     node_notes: Mapping[str, str] = field(default_factory=dict)
+    # Work the horizon holds back now, and each budget's allowance outlook.
+    deferred: tuple[DeferredWork, ...] = ()
+    allowances: Mapping[str, AllowanceOutlook] = field(default_factory=dict)
 
 
 def _objects(args: argparse.Namespace, stdin: TextIO) -> ClusterObjects:
@@ -418,6 +501,10 @@ def run(args: argparse.Namespace, stdin: TextIO) -> PlanResult:
     now = datetime.now(UTC) if args.now is None else parse_now(args.now)
     if args.power_levels < 1:
         raise SnapshotError(f"--power-levels: must be at least 1, got {args.power_levels}")
+    if not 0 <= args.horizon_hours <= 168:
+        raise SnapshotError(
+            f"--horizon-hours: must be from 0 to 168 (a week), got {args.horizon_hours:g}"
+        )
     if args.time_limit_seconds <= 0:
         raise SnapshotError(
             f"--time-limit-seconds: must be positive, got {args.time_limit_seconds}"
@@ -450,14 +537,61 @@ def run(args: argparse.Namespace, stdin: TextIO) -> PlanResult:
         raise SnapshotError(snapshot.ignored[0].message)
     for node in snapshot.excluded_nodes:  # planned without it, and said why
         print(f"wattsched plan: node {node.name} takes no work: {node.reason}", file=sys.stderr)
-    plan = solve_plan(snapshot.plan_input)
+    first_slot, deferred, allowances = over_time(snapshot, now, args.horizon_hours)
+    plan = solve_plan(first_slot)
     diff = plan_diff(snapshot.plan_input, plan, objects.profiles) if args.diff else None
     return PlanResult(
         plan=plan,
         skipped=tuple(str(e) for e in snapshot.rejected),
         diff=diff,
         node_notes={node.name: node.reason for node in snapshot.excluded_nodes},
+        deferred=deferred,
+        allowances=allowances,
     )
+
+
+def over_time(
+    snapshot: Snapshot, now: datetime, horizon_hours: float
+) -> tuple[PlanInput, tuple[DeferredWork, ...], dict[str, AllowanceOutlook]]:
+    """The snapshot's input for the one-instant planner after the horizon plan (work it defers
+    left out), what it defers and why, and each budget's allowance outlook. Without a horizon,
+    or with no budget that plans over time, the snapshot's input unchanged."""
+    if horizon_hours <= 0 or not plans_over_time(snapshot.budgets.values()):
+        return snapshot.plan_input, (), {}
+    try:
+        horizon = horizon_input(
+            snapshot.plan_input, snapshot.budgets, now, horizon_hours=horizon_hours
+        )
+    except HorizonInputError as error:
+        raise SnapshotError(str(error)) from None
+    result = plan_horizon(horizon)
+    deferred = tuple(
+        DeferredWork(
+            workload=d.workload,
+            cause=d.cause.value,
+            until=None
+            if d.until_seconds is None
+            else rfc3339_utc(now + timedelta(seconds=d.until_seconds)),
+            message=deferral_message(d, now, snapshot.budgets),
+            planned_slots=tuple(
+                rfc3339_utc(now + timedelta(seconds=result.slot_start_seconds(slot)))
+                for slot, share in enumerate(result.schedules[d.workload].share_by_slot)
+                if share > 0
+            ),
+        )
+        for d in deferrals(horizon, result)
+    )
+    messages = {d.workload: d.message for d in deferred}
+    allowances = {}
+    for name, budget in sorted(snapshot.budgets.items()):
+        outlook = budget_outlook(budget, horizon, result, now, messages)
+        if outlook is not None:
+            allowances[name] = outlook
+    return first_slot_input(horizon, result), deferred, allowances
+
+
+def rfc3339_utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def main(argv: list[str]) -> int:
@@ -475,8 +609,24 @@ def main(argv: list[str]) -> int:
         print(f"wattsched plan: {error}", file=sys.stderr)
         return error.exit_code
     if args.output == "json":
-        document = plan_to_json(result.plan, result.skipped, result.diff, result.node_notes)
+        document = plan_to_json(
+            result.plan,
+            result.skipped,
+            result.diff,
+            result.node_notes,
+            deferred=result.deferred,
+            allowances=result.allowances,
+        )
         print(json.dumps(document, indent=2))
     else:
-        print(plan_to_table(result.plan, result.skipped, result.diff, result.node_notes))
+        print(
+            plan_to_table(
+                result.plan,
+                result.skipped,
+                result.diff,
+                result.node_notes,
+                deferred=result.deferred,
+                allowances=result.allowances,
+            )
+        )
     return 0

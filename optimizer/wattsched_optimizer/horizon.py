@@ -30,6 +30,7 @@ from enum import StrEnum
 import highspy
 import numpy as np
 
+from wattsched_optimizer.formulation import _highs_available
 from wattsched_optimizer.model import (
     CatalogueModel,
     PerformanceModel,
@@ -55,6 +56,9 @@ SHARE_EPSILON = 1e-6
 WORK_WEIGHT = 10.0
 # Each priority rank is worth this much more than the one below, up to MAX_PRIORITY_RANGE.
 PRIORITY_FACTOR = 10.0
+# A deadline's work is worth this much more than work without one of the same priority (and less
+# than work of the next priority up).
+DEADLINE_WEIGHT = PRIORITY_FACTOR**0.5
 MAX_PRIORITY_RANGE = 1e6
 # Ties between slots break towards the earliest (relative weight per slot of the objective).
 EARLY_TIE_BREAK = 1e-4
@@ -63,7 +67,8 @@ EARLY_TIE_BREAK = 1e-4
 class Objective(StrEnum):
     """What a budget's horizon minimises once caps, allowances and deadlines hold."""
 
-    # kg CO2: the intensity forecast moves flexible work to clean hours.
+    # kg CO2: the intensity forecast moves flexible work to clean hours (without a forecast, the
+    # same as ENERGY).
     CARBON = "Carbon"
     # kWh: at one operating point per workload every slot costs the same, so work runs as soon as
     # the cap and the allowance let it (today's behaviour, with the allowance kept).
@@ -134,8 +139,9 @@ class WorkloadSchedule:
     workload: str
     share_by_slot: tuple[float, ...]
     point: OperatingPoint
-    # Tokens the horizon must do for the deadline (what cannot wait past the horizon), planned
-    # and missed (0 when the deadline is met); None for work without a deadline.
+    # Tokens the deadline needs (all that is left; the plan may leave some for after the
+    # horizon), the tokens planned in the horizon's slots, and the tokens missed (0 when the
+    # deadline is met); None for work without a deadline.
     required_tokens: float | None
     planned_tokens: float
     missed_tokens: float
@@ -247,7 +253,8 @@ Scope = tuple[tuple[int, float], ...]
 
 
 class _Scopes:
-    """Where a workload may run, by groups of alike nodes: its reference product and the budgets
+    """Where a workload may run, by groups of alike nodes: the products it may use (its own when
+    it runs; comma-separated) and the budgets
     it counts in, each with the share of it that counts there: of its replicas' nodes when it
     runs, else of the GPUs it may run on (1 where all of them are in the budget). The horizon
     cannot know the placement; the one-instant planner keeps every cap hard at placement."""
@@ -258,9 +265,12 @@ class _Scopes:
             for name in budget.node_names:
                 budgets_of.setdefault(name, []).append(index)
         self.node_budgets = {name: tuple(found) for name, found in budgets_of.items()}
-        groups: dict[tuple[str, int, tuple[int, ...]], int] = {}
+        groups: dict[tuple[str, int, float, tuple[int, ...]], int] = {}
         for node in plan_input.nodes:
-            key = (node.product, node.gpu_count, self.node_budgets.get(node.name, ()))
+            memory = node.memory_gib
+            if memory is None:
+                memory = product_spec(node.product).memory_gib.value
+            key = (node.product, node.gpu_count, memory, self.node_budgets.get(node.name, ()))
             groups[key] = groups.get(key, 0) + node.gpu_count
         self.groups = sorted(groups.items())
         self.node_by_name = {node.name: node for node in plan_input.nodes}
@@ -269,7 +279,7 @@ class _Scopes:
             where = self.node_by_name.get(current.node)
             if where is not None:
                 self.running_on.setdefault(current.workload, []).append(where)
-        self._cache: dict[tuple[frozenset[str], int], tuple[str | None, Scope]] = {}
+        self._cache: dict[tuple[frozenset[str], int, float], tuple[str | None, Scope]] = {}
 
     def of(self, workload: Workload) -> tuple[str | None, Scope]:
         here = self.running_on.get(workload.key)
@@ -279,23 +289,56 @@ class _Scopes:
                 for i in self.node_budgets.get(node.name, ()):
                     counts[i] = counts.get(i, 0) + 1
             return here[0].product, tuple((i, counts[i] / len(here)) for i in sorted(counts))
-        key = (workload.allowed_products, workload.gpus_per_replica)
+        # The least memory per GPU one of its variants needs (its best variant may need more:
+        # the one-instant planner decides; this only excludes products nothing fits on).
+        memory_need = min(
+            (v.min_memory_gib if v.min_memory_gib > 0 else workload.min_memory_gib_per_gpu)
+            for v in workload.variants
+        )
+        key = (workload.allowed_products, workload.gpus_per_replica, memory_need)
         if key not in self._cache:
             gpus: dict[str, int] = {}
             in_budget: dict[int, int] = {}
-            for (product, node_gpus, budgets), count in self.groups:
-                if node_gpus < workload.gpus_per_replica or (
-                    workload.allowed_products and product not in workload.allowed_products
+            for (product, node_gpus, memory, budgets), count in self.groups:
+                if (
+                    node_gpus < workload.gpus_per_replica
+                    or memory < memory_need
+                    or (workload.allowed_products and product not in workload.allowed_products)
                 ):
                     continue
                 gpus[product] = gpus.get(product, 0) + count
                 for i in budgets:
                     in_budget[i] = in_budget.get(i, 0) + count
             total = sum(gpus.values())
-            product_choice = max(sorted(gpus), key=lambda p: gpus[p]) if gpus else None
             scope = tuple((i, in_budget[i] / total) for i in sorted(in_budget))
-            self._cache[key] = (product_choice, scope)
-        return self._cache[key]
+            self._cache[key] = (",".join(sorted(gpus)) or None, scope)
+        products, scope = self._cache[key]
+        return products, scope
+
+
+def _best_point(
+    workload: Workload,
+    products: str,
+    model: PerformanceModel,
+    levels: int,
+    *,
+    replicas: int,
+    efficient: bool = False,
+) -> OperatingPoint:
+    """The operating point with the least modelled energy per token over the products the
+    workload may run on (comma-separated; the first, alphabetically, on a tie), among those that
+    meet its deadline running all the time."""
+    points = [
+        operating_point(workload, product, model, levels, replicas=replicas, efficient=efficient)
+        for product in products.split(",")
+    ]
+    tokens = remaining_tokens(model, workload)
+    if workload.deadline_seconds is not None and tokens is not None:
+        in_time = [p for p in points if p.tokens_per_second * workload.deadline_seconds >= tokens]
+        if not in_time:  # none meets the deadline: the fastest misses it least
+            return max(points, key=lambda p: p.tokens_per_second)
+        points = in_time
+    return min(points, key=lambda p: p.gpus * p.busy_watts_per_gpu / p.tokens_per_second)
 
 
 def _levels(workload: Workload, product: str, levels: int, efficient: bool) -> list[float]:
@@ -349,6 +392,11 @@ def operating_point(
         busy_watts_per_gpu=model.expected_power_watts(product, workload.type, level),
         tokens_per_second=rate * replicas,
     )
+
+
+# Column kinds besides slots: a deadline's work after the horizon, and its miss.
+AFTER_COLUMN = -2
+MISS_COLUMN = -1
 
 
 # -- the program -----------------------------------------------------------------------------------
@@ -461,7 +509,8 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         if product is None:
             continue  # no node can run it: the one-instant planner says why
         if workload.type is WorkloadType.INFERENCE:
-            point = operating_point(workload, product, model, levels, replicas=1, efficient=True)
+            point = _best_point(workload, product, model, levels, replicas=1, efficient=True)
+            product = point.product
             demand = horizon.inference_demand.get(
                 workload.key, (workload.tokens_per_second or 0.0,) * slots
             )
@@ -485,7 +534,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             free_gpus -= gpus
             inference_scope[workload.key] = scope
             continue
-        point = operating_point(workload, product, model, levels, replicas=workload.replicas)
+        point = _best_point(workload, product, model, levels, replicas=workload.replicas)
         flexible.append((workload, point, scope))
 
     rows = _Rows()
@@ -527,7 +576,12 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     ]
     objective_rate = np.zeros((len(budgets), slots))  # objective units per kWh, per budget
     for i, setting in enumerate(settings):
-        objective_rate[i] = intensity_kg[i] if setting.objective is Objective.CARBON else 1.0
+        # Carbon without a forecast has no view on time (0): the other budgets of the work
+        # decide, or, when none has a view, energy.
+        if setting.objective is Objective.ENERGY:
+            objective_rate[i] = 1.0
+        else:
+            objective_rate[i] = intensity_kg[i]
     tie_break = 1.0 + EARLY_TIE_BREAK * np.arange(slots)
 
     priorities = sorted({w.priority for w, _, _ in flexible})
@@ -553,7 +607,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     entry_columns: list[np.ndarray] = []
     entry_values: list[np.ndarray] = []
     column_owner: list[np.ndarray] = []  # flexible index of each column
-    column_slot: list[np.ndarray] = []  # slot of each column; -1: the deadline's miss
+    column_slot: list[np.ndarray] = []  # slot of each column, or AFTER_COLUMN, MISS_COLUMN
     required: list[float | None] = []
     columns = 0
     for f, (workload, point, scope) in enumerate(flexible):
@@ -562,23 +616,26 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         busy_kw /= 1000.0
         cap_watts = point.gpus * (point.power_limit_watts - spec.min_watts.value)
         kwh_by_slot = busy_kw * slot_hours
-        if scope:
-            indexes = [i for i, _ in scope]
-            worst = np.max(objective_rate[indexes] * pue[indexes, None], axis=0)
-        else:
-            worst = np.ones(slots)
-        cost = kwh_by_slot * worst * tie_break
+        # Objective units per kWh in each slot: the budgets' rates, weighted by the share of
+        # the work each one counts; budgets without a view on time (rate 0) add nothing.
+        rate = np.zeros(slots)
+        for i, part in scope:
+            rate += part * objective_rate[i] * pue[i]
+        if not rate.any():
+            rate = np.ones(slots)
+        cost = kwh_by_slot * rate * tie_break
         # Scale of the work's worth: its energy in the most expensive slot of the horizon.
-        worth_per_kwh = WORK_WEIGHT * max(float(worst.max()), 1e-3) * tie_break[-1]
+        worth_per_kwh = WORK_WEIGHT * float(rate.max()) * tie_break[-1]
         worth_per_kwh *= weight_of_priority[workload.priority]
         tokens_left = remaining_tokens(model, workload)
         upper = np.ones(slots)
         need: float | None = None
+        after = 0.0
         if workload.deadline_seconds is not None and tokens_left is not None:
             open_seconds = np.clip(workload.deadline_seconds - slot_start, 0.0, slot_seconds)
             upper = open_seconds / slot_seconds
             after = max(0.0, workload.deadline_seconds - horizon_seconds)
-            need = max(0.0, tokens_left - point.tokens_per_second * after)
+            need = tokens_left
         else:  # no deadline: running is worth more than what it costs
             cost = cost - worth_per_kwh * kwh_by_slot - 1e-6 * slot_hours
         required.append(need)
@@ -607,18 +664,30 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
                 entry_values.append(values[found])
         columns += count
         if need is not None and need > 0:
+            # The deadline: the slots, the time after the horizon (at the horizon's mean cost:
+            # work waits past it only where the horizon has no cheaper slot), or a miss.
             deadline_row = rows.add(f"deadline_{workload.key}", 1.0, math.inf)
-            entry_rows.append(np.full(count + 1, deadline_row))
-            entry_columns.append(np.append(ids, columns))
-            entry_values.append(
-                np.append(point.tokens_per_second * slot_seconds[open_slots] / need, 1.0)
-            )
             hours_needed = need / point.tokens_per_second / SECONDS_PER_HOUR
-            costs.append(np.asarray([worth_per_kwh * busy_kw * max(hours_needed, 1e-3) + 1.0]))
-            uppers.append(np.ones(1))
-            column_owner.append(np.full(1, f))
-            column_slot.append(np.full(1, -1))
-            columns += 1
+            miss = DEADLINE_WEIGHT * worth_per_kwh * busy_kw * max(hours_needed, 1e-3) + 1.0
+            extra_values = [1.0]
+            extra_costs = [miss]
+            extra_kinds = [MISS_COLUMN]
+            if after > 0:
+                extra_values.insert(0, point.tokens_per_second * after / need)
+                mean_cost = float(np.mean(cost / slot_hours)) * after / SECONDS_PER_HOUR
+                extra_costs.insert(0, mean_cost * tie_break[-1])
+                extra_kinds.insert(0, AFTER_COLUMN)
+            extra = len(extra_values)
+            entry_rows.append(np.full(count + extra, deadline_row))
+            entry_columns.append(np.append(ids, columns + np.arange(extra)))
+            entry_values.append(
+                np.append(point.tokens_per_second * slot_seconds[open_slots] / need, extra_values)
+            )
+            costs.append(np.asarray(extra_costs))
+            uppers.append(np.ones(extra))
+            column_owner.append(np.full(extra, f))
+            column_slot.append(np.asarray(extra_kinds))
+            columns += extra
 
     def joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
@@ -649,7 +718,8 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     missed = np.zeros(len(flexible))
     in_slot = slot_of >= 0
     shares[owner[in_slot], slot_of[in_slot]] = values[in_slot]
-    missed[owner[~in_slot]] = values[~in_slot]
+    is_miss = slot_of == MISS_COLUMN
+    missed[owner[is_miss]] = values[is_miss]
     if status is HorizonStatus.FAILED:
         shares[:, 0] = 1.0  # nothing deferred: the one-instant planner decides as before
     schedules: dict[str, WorkloadSchedule] = {}
@@ -759,6 +829,7 @@ def _solve(  # noqa: PLR0917 (the program as arrays)
     lp.a_matrix_.index_ = row_index[order]
     lp.a_matrix_.value_ = value[order]
     lp.row_names_ = rows.names
+    _highs_available()  # constructs HiGHS once with stdout closed: its banner is not printed
     solver = highspy.Highs()  # type: ignore[no-untyped-call]
     solver.setOptionValue("output_flag", False)
     solver.setOptionValue("threads", 1)
