@@ -12,12 +12,10 @@ Not for: reading Prometheus (the caller passes forecast samples already read: se
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from wattsched_operator.accounting import Period as AccountingPeriod
-from wattsched_operator.accounting import parse_rfc3339, period_start
 from wattsched_operator.api.energybudget import EnergyBudget, Period
 from wattsched_optimizer.horizon import (
     AllowancePeriod,
@@ -26,7 +24,10 @@ from wattsched_optimizer.horizon import (
     DeferralCause,
     HorizonInput,
     HorizonPlan,
+    deferrals,
+    first_slot_input,
     hourly_slots,
+    plan_horizon,
 )
 from wattsched_optimizer.horizon import Objective as HorizonObjective
 from wattsched_optimizer.problem import PlanInput
@@ -120,12 +121,24 @@ def _carbon(
     return tuple(values)
 
 
+def period_start(moment: datetime, period: Period) -> datetime:
+    """The start (UTC midnight) of the calendar day, ISO week (Monday) or month holding `moment`
+    (as `accounting.period_start`, which this module does not import: accounting reads
+    telemetry)."""
+    day = moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period is Period.WEEK:
+        return day - timedelta(days=day.weekday())
+    if period is Period.MONTH:
+        return day.replace(day=1)
+    return day
+
+
 def period_bounds(budget: EnergyBudget, now: datetime) -> tuple[datetime, datetime] | None:
     """The current allowance period [start, end) in UTC, None without `spec.energy`."""
     energy = budget.spec.energy
     if energy is None:
         return None
-    period = AccountingPeriod(energy.period.value)
+    period = energy.period
     start = period_start(now, period)
     days = {Period.DAY: 1, Period.WEEK: 7, Period.MONTH: 31}[energy.period]
     end = period_start(start + timedelta(days=days, hours=1), period)
@@ -136,7 +149,12 @@ def _used(budget: EnergyBudget, start: datetime) -> tuple[float, float]:
     """(kWh, kg CO2) the status says were used in the period starting at `start` (0 when the
     status describes an earlier period: the allowance has renewed)."""
     status = budget.status
-    counted_from = parse_rfc3339(status.period_start)
+    # The API model has checked the date-time (RFC 3339).
+    counted_from = (
+        None
+        if status.period_start is None
+        else datetime.fromisoformat(status.period_start.replace("Z", "+00:00"))
+    )
     if counted_from is None or counted_from < start:
         return 0.0, 0.0
     return status.energy_used_kwh or 0.0, status.carbon_kg or 0.0
@@ -331,3 +349,71 @@ def budget_outlook(
         reason=reason,
         message=message,
     )
+
+
+@dataclass(frozen=True)
+class DeferredWork:
+    """A workload the horizon plan holds back now."""
+
+    workload: str
+    cause: str  # Carbon, Allowance or PowerCap
+    until: str | None  # RFC 3339 (UTC); None: beyond the horizon
+    message: str
+    # Where the horizon plans it: the start (RFC 3339, UTC) of every slot it runs in.
+    planned_slots: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OverTime:
+    """One round's horizon step: the one-instant planner's input (deferred work left out), what
+    is deferred and why, and each budget's allowance outlook (by budget name)."""
+
+    plan_input: PlanInput
+    deferred: tuple[DeferredWork, ...] = ()
+    allowances: Mapping[str, AllowanceOutlook] = field(default_factory=dict)
+
+
+def rfc3339_utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def plan_over_time(
+    plan_input: PlanInput,
+    budgets: Mapping[str, EnergyBudget],
+    now: datetime,
+    *,
+    horizon_hours: float = DEFAULT_HORIZON_HOURS,
+    forecasts: Mapping[str, Mapping[int, float]] | None = None,
+) -> OverTime:
+    """The horizon step of a round (`wattsched plan` and the operator alike): plan the horizon
+    and return its first slot. Without a horizon, or with no budget that plans over time, the
+    input unchanged. Raises HorizonInputError for input the horizon cannot plan."""
+    if horizon_hours <= 0 or not plans_over_time(budgets.values()):
+        return OverTime(plan_input)
+    horizon = horizon_input(
+        plan_input, budgets, now, horizon_hours=horizon_hours, forecasts=forecasts
+    )
+    result = plan_horizon(horizon)
+    deferred = tuple(
+        DeferredWork(
+            workload=d.workload,
+            cause=d.cause.value,
+            until=None
+            if d.until_seconds is None
+            else rfc3339_utc(now + timedelta(seconds=d.until_seconds)),
+            message=deferral_message(d, now, budgets),
+            planned_slots=tuple(
+                rfc3339_utc(now + timedelta(seconds=result.slot_start_seconds(slot)))
+                for slot, share in enumerate(result.schedules[d.workload].share_by_slot)
+                if share > 0
+            ),
+        )
+        for d in deferrals(horizon, result)
+    )
+    messages = {d.workload: d.message for d in deferred}
+    allowances = {}
+    for name, budget in sorted(budgets.items()):
+        outlook = budget_outlook(budget, horizon, result, now, messages)
+        if outlook is not None:
+            allowances[name] = outlook
+    return OverTime(first_slot_input(horizon, result), deferred, allowances)

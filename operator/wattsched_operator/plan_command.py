@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,10 +29,9 @@ import yaml
 from wattsched_operator.budget_horizon import (
     DEFAULT_HORIZON_HOURS,
     AllowanceOutlook,
-    budget_outlook,
-    deferral_message,
-    horizon_input,
-    plans_over_time,
+    DeferredWork,
+    OverTime,
+    plan_over_time,
 )
 from wattsched_operator.cluster_read import ClusterReadError, connect, read_cluster
 from wattsched_operator.commandline import EXIT_USAGE, CommandParser
@@ -51,16 +50,11 @@ from wattsched_operator.whatif import (
     parse_override,
     plan_diff,
 )
-from wattsched_optimizer.horizon import (
-    HorizonInputError,
-    deferrals,
-    first_slot_input,
-    plan_horizon,
-)
+from wattsched_optimizer.horizon import HorizonInputError
 from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import PlanInputError
 from wattsched_optimizer.planner import plan as solve_plan
-from wattsched_optimizer.problem import Plan, PlanInput, PlanOptions
+from wattsched_optimizer.problem import Plan, PlanOptions
 
 # The operator's default (`wattsched operator --heartbeat-timeout-seconds`): with --from-cluster an
 # agent silent for longer counts as not ready, as the operator counts it.
@@ -70,18 +64,6 @@ HEARTBEAT_TIMEOUT_SECONDS = 30.0
 def clock_range(sm_clock_mhz: int | None) -> dict[str, int] | None:
     """The SM clock range a plan locks a GPU to (a single clock: min = max), or None."""
     return None if sm_clock_mhz is None else {"min": sm_clock_mhz, "max": sm_clock_mhz}
-
-
-@dataclass(frozen=True)
-class DeferredWork:
-    """A workload the horizon plan holds back now (`wattsched plan` lists it)."""
-
-    workload: str
-    cause: str  # Carbon, Allowance or PowerCap
-    until: str | None  # RFC 3339 (UTC); None: beyond the horizon
-    message: str
-    # Where the horizon plans it: the start (RFC 3339, UTC) of every slot it runs in.
-    planned_slots: tuple[str, ...] = ()
 
 
 def plan_to_json(
@@ -537,61 +519,25 @@ def run(args: argparse.Namespace, stdin: TextIO) -> PlanResult:
         raise SnapshotError(snapshot.ignored[0].message)
     for node in snapshot.excluded_nodes:  # planned without it, and said why
         print(f"wattsched plan: node {node.name} takes no work: {node.reason}", file=sys.stderr)
-    first_slot, deferred, allowances = over_time(snapshot, now, args.horizon_hours)
-    plan = solve_plan(first_slot)
+    if snapshot.budgets and args.horizon_hours > 0:
+        try:
+            timed = plan_over_time(
+                snapshot.plan_input, snapshot.budgets, now, horizon_hours=args.horizon_hours
+            )
+        except HorizonInputError as error:
+            raise SnapshotError(str(error)) from None
+    else:
+        timed = OverTime(snapshot.plan_input)
+    plan = solve_plan(timed.plan_input)
     diff = plan_diff(snapshot.plan_input, plan, objects.profiles) if args.diff else None
     return PlanResult(
         plan=plan,
         skipped=tuple(str(e) for e in snapshot.rejected),
         diff=diff,
         node_notes={node.name: node.reason for node in snapshot.excluded_nodes},
-        deferred=deferred,
-        allowances=allowances,
+        deferred=timed.deferred,
+        allowances=timed.allowances,
     )
-
-
-def over_time(
-    snapshot: Snapshot, now: datetime, horizon_hours: float
-) -> tuple[PlanInput, tuple[DeferredWork, ...], dict[str, AllowanceOutlook]]:
-    """The snapshot's input for the one-instant planner after the horizon plan (work it defers
-    left out), what it defers and why, and each budget's allowance outlook. Without a horizon,
-    or with no budget that plans over time, the snapshot's input unchanged."""
-    if horizon_hours <= 0 or not plans_over_time(snapshot.budgets.values()):
-        return snapshot.plan_input, (), {}
-    try:
-        horizon = horizon_input(
-            snapshot.plan_input, snapshot.budgets, now, horizon_hours=horizon_hours
-        )
-    except HorizonInputError as error:
-        raise SnapshotError(str(error)) from None
-    result = plan_horizon(horizon)
-    deferred = tuple(
-        DeferredWork(
-            workload=d.workload,
-            cause=d.cause.value,
-            until=None
-            if d.until_seconds is None
-            else rfc3339_utc(now + timedelta(seconds=d.until_seconds)),
-            message=deferral_message(d, now, snapshot.budgets),
-            planned_slots=tuple(
-                rfc3339_utc(now + timedelta(seconds=result.slot_start_seconds(slot)))
-                for slot, share in enumerate(result.schedules[d.workload].share_by_slot)
-                if share > 0
-            ),
-        )
-        for d in deferrals(horizon, result)
-    )
-    messages = {d.workload: d.message for d in deferred}
-    allowances = {}
-    for name, budget in sorted(snapshot.budgets.items()):
-        outlook = budget_outlook(budget, horizon, result, now, messages)
-        if outlook is not None:
-            allowances[name] = outlook
-    return first_slot_input(horizon, result), deferred, allowances
-
-
-def rfc3339_utc(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def main(argv: list[str]) -> int:
