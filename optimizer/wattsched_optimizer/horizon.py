@@ -316,28 +316,59 @@ class _Scopes:
         return products, scope
 
 
+# The operating points of workloads alike in everything a point depends on, computed once.
+PointCache = dict[tuple[object, ...], list[OperatingPoint]]
+
+
 def _best_point(
     workload: Workload,
     products: str,
     model: PerformanceModel,
     levels: int,
+    cache: PointCache,
     *,
     replicas: int,
     efficient: bool = False,
 ) -> OperatingPoint:
     """The operating point with the least modelled energy per token over the products the
     workload may run on (comma-separated; the first, alphabetically, on a tie), among those that
-    meet its deadline running all the time."""
-    points = [
-        operating_point(workload, product, model, levels, replicas=replicas, efficient=efficient)
-        for product in products.split(",")
-    ]
+    meet its deadline running half the time (`DEADLINE_DUTY`), else all the time."""
+    key = (
+        products,
+        replicas,
+        efficient,
+        workload.type,
+        workload.model_parameters_billions,
+        workload.gpus_per_replica,
+        workload.variants,
+        workload.min_quality,
+        workload.policy,
+        workload.max_power_watts_per_gpu,
+    )
+    points = cache.get(key)
+    if points is None:
+        points = [
+            operating_point(
+                workload, product, model, levels, replicas=replicas, efficient=efficient
+            )
+            for product in products.split(",")
+        ]
+        cache[key] = points
     tokens = remaining_tokens(model, workload)
     if workload.deadline_seconds is not None and tokens is not None:
-        in_time = [p for p in points if p.tokens_per_second * workload.deadline_seconds >= tokens]
-        if not in_time:  # none meets the deadline: the fastest misses it least
+        # Points that finish running half the time left leave the horizon room to move the work
+        # (and the cap room for others); else those that finish running all the time.
+        for duty in (DEADLINE_DUTY, 1.0):
+            in_time = [
+                p
+                for p in points
+                if p.tokens_per_second * workload.deadline_seconds * duty >= tokens
+            ]
+            if in_time:
+                points = in_time
+                break
+        else:  # none meets the deadline: the fastest misses it least
             return max(points, key=lambda p: p.tokens_per_second)
-        points = in_time
     return min(points, key=lambda p: p.gpus * p.busy_watts_per_gpu / p.tokens_per_second)
 
 
@@ -393,6 +424,9 @@ def operating_point(
         tokens_per_second=rate * replicas,
     )
 
+
+# A deadline job's operating point is chosen to finish running this share of the time left.
+DEADLINE_DUTY = 0.5
 
 # Column kinds besides slots: a deadline's work after the horizon, and its miss.
 AFTER_COLUMN = -2
@@ -498,6 +532,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     ).reshape(len(budgets), slots)
     load_watts = np.tile(idle_watts[:, None], (1, slots))  # expected draw: idle + inference
     scopes = _Scopes(plan_input)
+    points: PointCache = {}
     total_gpus = float(sum(n.gpu_count for n in nodes if n.schedulable or n.keeps_running))
     free_gpus = np.full(slots, total_gpus)
     inference_scope: dict[str, Scope] = {}
@@ -509,21 +544,15 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         if product is None:
             continue  # no node can run it: the one-instant planner says why
         if workload.type is WorkloadType.INFERENCE:
-            point = _best_point(workload, product, model, levels, replicas=1, efficient=True)
+            point = _best_point(
+                workload, product, model, levels, points, replicas=1, efficient=True
+            )
             product = point.product
             demand = horizon.inference_demand.get(
                 workload.key, (workload.tokens_per_second or 0.0,) * slots
             )
-            replicas = np.asarray(
-                [
-                    min(
-                        workload.max_replicas,
-                        max(workload.min_replicas, math.ceil(d / point.tokens_per_second - 1e-9)),
-                    )
-                    for d in demand
-                ],
-                dtype=float,
-            )
+            needed = np.ceil(np.asarray(demand, dtype=float) / point.tokens_per_second - 1e-9)
+            replicas = np.clip(needed, workload.min_replicas, workload.max_replicas)
             gpus = replicas * workload.gpus_per_replica
             spec = product_spec(product)
             for i, part in scope:
@@ -534,7 +563,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             free_gpus -= gpus
             inference_scope[workload.key] = scope
             continue
-        point = _best_point(workload, product, model, levels, replicas=workload.replicas)
+        point = _best_point(workload, product, model, levels, points, replicas=workload.replicas)
         flexible.append((workload, point, scope))
 
     rows = _Rows()
@@ -566,14 +595,6 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
                 if p == 0:
                     carbon_over[i] = max(0.0, -left)
                 carbon_rows[i, p] = rows.add(f"carbon_{setting.name}_{p}", -math.inf, max(0, left))
-    period_of_slot = [
-        {
-            s: p
-            for p, period in enumerate(setting.periods)
-            for s in range(period.first_slot, period.end_slot)
-        }
-        for setting in settings
-    ]
     objective_rate = np.zeros((len(budgets), slots))  # objective units per kWh, per budget
     for i, setting in enumerate(settings):
         # Carbon without a forecast has no view on time (0): the other budgets of the work
@@ -722,46 +743,38 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     missed[owner[is_miss]] = values[is_miss]
     if status is HorizonStatus.FAILED:
         shares[:, 0] = 1.0  # nothing deferred: the one-instant planner decides as before
+    shares = np.where(shares > SHARE_EPSILON, shares, 0.0)
     schedules: dict[str, WorkloadSchedule] = {}
-    energy_by_period: dict[tuple[int, int], float] = {}
-    carbon_by_period: dict[tuple[int, int], float] = {}
+    flexible_busy_kw = np.zeros(len(flexible))
+    part_in = np.zeros((len(budgets), len(flexible)))  # share of each workload in each budget
     for f, (workload, point, scope) in enumerate(flexible):
-        share = np.where(shares[f] > SHARE_EPSILON, shares[f], 0.0)
-        planned = float((share * slot_seconds).sum() * point.tokens_per_second)
+        share = shares[f]
         need = required[f]
         schedules[workload.key] = WorkloadSchedule(
             workload=workload.key,
-            share_by_slot=tuple(float(x) for x in share),
+            share_by_slot=tuple(share.tolist()),
             point=point,
             required_tokens=need,
-            planned_tokens=planned,
+            planned_tokens=float((share * slot_seconds).sum() * point.tokens_per_second),
             missed_tokens=0.0 if need is None else float(missed[f]) * need,
         )
-        busy_kw = point.gpus * (point.busy_watts_per_gpu - model.idle_power_watts(point.product))
+        idle = model.idle_power_watts(point.product)
+        flexible_busy_kw[f] = point.gpus * (point.busy_watts_per_gpu - idle) / 1000.0
         for i, part in scope:
-            for s in range(slots):
-                period_index = period_of_slot[i].get(s)
-                if period_index is None or share[s] == 0:
-                    continue
-                p = period_index
-                kwh = part * share[s] * busy_kw / 1000.0 * slot_hours[s] * pue[i]
-                energy_by_period[i, p] = energy_by_period.get((i, p), 0.0) + kwh
-                carbon_by_period[i, p] = (
-                    carbon_by_period.get((i, p), 0.0) + kwh * intensity_kg[i, s]
-                )
+            part_in[i, f] = part
+    # kWh of flexible work per budget and slot (x PUE), and its kg CO2.
+    flexible_kwh = (
+        (part_in @ (shares * flexible_busy_kw[:, None])) * slot_hours[None, :] * pue[:, None]
+    )
+    flexible_kg = flexible_kwh * intensity_kg
     outlooks: dict[str, BudgetOutlook] = {}
     for i, setting in enumerate(settings):
         periods = range(len(setting.periods))
-        energy = tuple(
-            float(energy_by_period.get((i, p), 0.0))
-            + float(load_kwh[i, setting.periods[p].first_slot : setting.periods[p].end_slot].sum())
-            for p in periods
-        )
-        carbon = tuple(
-            float(carbon_by_period.get((i, p), 0.0))
-            + float(load_kg[i, setting.periods[p].first_slot : setting.periods[p].end_slot].sum())
-            for p in periods
-        )
+        windows = [
+            slice(setting.periods[p].first_slot, setting.periods[p].end_slot) for p in periods
+        ]
+        energy = tuple(float((flexible_kwh[i, w] + load_kwh[i, w]).sum()) for w in windows)
+        carbon = tuple(float((flexible_kg[i, w] + load_kg[i, w]).sum()) for w in windows)
         energy_short = (i, 0) in energy_rows and (
             energy_over[i] > 0 or abs(duals[energy_rows[i, 0]]) > 1e-9
         )
