@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from wattsched_operator.api.energybudget import EnergyBudget, Period
+from wattsched_operator.demand import HourlyDemand
 from wattsched_optimizer.horizon import (
     AllowancePeriod,
     BudgetHorizon,
@@ -30,7 +31,7 @@ from wattsched_optimizer.horizon import (
     plan_horizon,
 )
 from wattsched_optimizer.horizon import Objective as HorizonObjective
-from wattsched_optimizer.problem import PlanInput
+from wattsched_optimizer.problem import PlanInput, WorkloadType
 
 DEFAULT_HORIZON_HOURS = 24
 # The cap of a slot is the lowest cap of any window that overlaps it, checked at this step.
@@ -214,9 +215,11 @@ def horizon_input(
     *,
     horizon_hours: float = DEFAULT_HORIZON_HOURS,
     forecasts: Mapping[str, Mapping[int, float]] | None = None,
+    hourly_demand: HourlyDemand | None = None,
 ) -> HorizonInput:
     """The horizon's input for the budgets of `plan_input` at `now` (forecasts by budget name:
-    gCO2e/kWh by hours ahead, from `forecast_by_hours_ahead`)."""
+    gCO2e/kWh by hours ahead, from `forecast_by_hours_ahead`; inference demand per slot from
+    `hourly_demand`, each service's `tokens_per_second` where it has no history)."""
     now = now.astimezone(UTC)
     into_hour = now.minute * 60 + now.second + now.microsecond / 1e6
     slot_seconds = hourly_slots(into_hour, horizon_hours)
@@ -235,7 +238,16 @@ def horizon_input(
             periods=_periods(budget, now, starts, horizon_end),
             objective=HorizonObjective(budget.spec.objective.value),
         )
-    return HorizonInput(plan_input, slot_seconds, settings)
+    demand: dict[str, tuple[float, ...]] = {}
+    if hourly_demand is not None:
+        epochs = [start.timestamp() for start in starts]
+        for workload in plan_input.workloads:
+            if workload.type is not WorkloadType.INFERENCE:
+                continue
+            per_slot = hourly_demand.per_slot(workload.key, epochs, workload.tokens_per_second)
+            if per_slot is not None:
+                demand[workload.key] = per_slot
+    return HorizonInput(plan_input, slot_seconds, settings, demand)
 
 
 def _clock(moment: datetime) -> str:
@@ -384,6 +396,7 @@ def plan_over_time(
     *,
     horizon_hours: float = DEFAULT_HORIZON_HOURS,
     forecasts: Mapping[str, Mapping[int, float]] | None = None,
+    hourly_demand: HourlyDemand | None = None,
 ) -> OverTime:
     """The horizon step of a round (`wattsched plan` and the operator alike): plan the horizon
     and return its first slot. Without a horizon, or with no budget that plans over time, the
@@ -391,7 +404,12 @@ def plan_over_time(
     if horizon_hours <= 0 or not plans_over_time(budgets.values()):
         return OverTime(plan_input)
     horizon = horizon_input(
-        plan_input, budgets, now, horizon_hours=horizon_hours, forecasts=forecasts
+        plan_input,
+        budgets,
+        now,
+        horizon_hours=horizon_hours,
+        forecasts=forecasts,
+        hourly_demand=hourly_demand,
     )
     result = plan_horizon(horizon)
     deferred = tuple(

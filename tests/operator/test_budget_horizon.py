@@ -3,6 +3,7 @@ what is left of an allowance (renewed at the period's end, pro rata for a longer
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,7 +16,16 @@ from wattsched_operator.budget_horizon import (
     horizon_input,
     plans_over_time,
 )
-from wattsched_optimizer.problem import Budget, GpuNode, PlanInput
+from wattsched_operator.demand import HourlyDemand
+from wattsched_optimizer.problem import (
+    Budget,
+    GpuNode,
+    PlanInput,
+    Precision,
+    Variant,
+    Workload,
+    WorkloadType,
+)
 
 NOW = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
 PLAN_INPUT = PlanInput(
@@ -155,3 +165,29 @@ def test_bad_schedules_and_profiles_are_one_line_naming_the_field(
         budget(spec)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_inference_demand_per_slot_is_the_same_hour_of_previous_days_else_the_recent_peak() -> None:
+    history = HourlyDemand(days=2, headroom=1.0)
+    day = 86400
+    ten = NOW.replace(hour=10).timestamp()
+    # Yesterday and the day before at 10:00: 800 and 1200 tokens/s (the hour's peak counts).
+    history.record("t/chat", ten - day + 60, 500)
+    history.record("t/chat", ten - day + 120, 800)
+    history.record("t/chat", ten - 2 * day, 1200)
+    history.record("t/chat", ten - 3 * day, 9999)  # beyond the days kept: forgotten on record
+    workload = Workload(
+        key="t/chat",
+        type=WorkloadType.INFERENCE,
+        model_parameters_billions=8,
+        gpus_per_replica=1,
+        variants=(Variant("bf16", Precision.BF16, 0),),
+        max_replicas=4,
+        tokens_per_second=300,
+    )
+    plan_input = dataclasses.replace(PLAN_INPUT, workloads=(workload,))
+    eb = budget({"energy": {"kWh": 100}})
+    horizon = horizon_input(plan_input, {"b": eb}, NOW, hourly_demand=history)
+    demand = horizon.inference_demand["t/chat"]
+    assert demand[8] == pytest.approx(1000)  # 10:00 UTC: the mean of 800 and 1200
+    assert set(demand[:8]) == {300}  # no history for those hours: the recent value
