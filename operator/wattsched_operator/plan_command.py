@@ -8,9 +8,9 @@ optimizer's input with `snapshot` (the same reading the operator uses: invalid L
 skipped and listed, as the operator marks them InvalidSpec and plans the rest); where a budget has
 an allowance, a cap schedule or a carbon forecast, plans the next `--horizon-hours` first
 (`budget_horizon.plan_over_time`: flexible work may be deferred, and says until when and why);
-prints the plan, and with `--diff` what it would change against the cluster now. A bad snapshot, override or flag
-gives one error line naming the object and field and exit code 2; a cluster that cannot be read,
-exit code 3 (4 where a CRD is missing). Not for changing a cluster: nothing here writes to an API
+prints the plan, and with `--diff` what it would change against the cluster now. A bad snapshot,
+override or flag gives one error line naming the object and field and exit code 2; a cluster that
+cannot be read, exit code 3 (4 where a CRD is missing). Not for changing a cluster: nothing here writes to an API
 server.
 """
 
