@@ -10,8 +10,8 @@ an allowance, a cap schedule or a carbon forecast, plans the next `--horizon-hou
 (`budget_horizon.plan_over_time`: flexible work may be deferred, and says until when and why);
 prints the plan, and with `--diff` what it would change against the cluster now. A bad snapshot,
 override or flag gives one error line naming the object and field and exit code 2; a cluster that
-cannot be read, exit code 3 (4 where a CRD is missing). Not for changing a cluster: nothing here writes to an API
-server.
+cannot be read, exit code 3 (4 where a CRD is missing). Not for changing a cluster: nothing here
+writes to an API server.
 """
 
 from __future__ import annotations
