@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from wattsched_api.fields import (
     LABEL_KEY_RULE,
@@ -116,14 +117,56 @@ class CarbonSettings:
     intensity_grams_per_kwh: float | None = None
     prometheus_query: str | None = None
     max_kg_per_period: float | None = None
+    # The planning forecast: gCO2e/kWh per hour of the day in spec.timeZone (24 values or none).
+    hourly_intensity_grams_per_kwh: tuple[float, ...] = ()
+    forecast_prometheus_query: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        pairs = [
+        pairs: list[tuple[str, object]] = [
             ("intensityGramsPerKWh", self.intensity_grams_per_kwh),
             ("prometheusQuery", self.prometheus_query),
+            (
+                "hourlyIntensityGramsPerKWh",
+                list(self.hourly_intensity_grams_per_kwh) or None,
+            ),
+            ("forecastPrometheusQuery", self.forecast_prometheus_query),
             ("maxKgPerPeriod", self.max_kg_per_period),
         ]
         return {key: value for key, value in pairs if value is not None}
+
+
+class Objective(StrEnum):
+    CARBON = "Carbon"
+    ENERGY = "Energy"
+
+
+HOURS_PER_DAY = 24
+
+
+@dataclass(frozen=True)
+class CapWindow:
+    """`spec.schedule[]`: a lower cap every day from `start` to `end` (minutes after midnight in
+    spec.timeZone; `end` before `start` crosses midnight)."""
+
+    start_minute: int
+    end_minute: int
+    power_cap_watts: float
+
+    def covers(self, minute_of_day: int) -> bool:
+        if self.start_minute < self.end_minute:
+            return self.start_minute <= minute_of_day < self.end_minute
+        return minute_of_day >= self.start_minute or minute_of_day < self.end_minute
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from": _clock_text(self.start_minute),
+            "to": _clock_text(self.end_minute),
+            "powerCapWatts": self.power_cap_watts,
+        }
+
+
+def _clock_text(minute: int) -> str:
+    return f"{minute // 60:02d}:{minute % 60:02d}"
 
 
 @dataclass(frozen=True)
@@ -135,6 +178,10 @@ class EnergyBudgetSpec:
     pue: float = 1.0
     # spec.unmanagedGpus.powerLimitWatts: the opt-in to capping other teams' GPUs in scope (W/GPU).
     unmanaged_gpu_limit_watts: float | None = None
+    # IANA zone of `schedule` and the hourly carbon profile.
+    time_zone: str = "UTC"
+    schedule: tuple[CapWindow, ...] = ()
+    objective: Objective = Objective.CARBON
 
     def selects(self, labels: Mapping[str, str]) -> bool:
         """Whether a node with `labels` is in scope (no or empty selector: every GPU node)."""
@@ -152,6 +199,10 @@ class EnergyBudgetSpec:
         out["pue"] = self.pue
         if self.unmanaged_gpu_limit_watts is not None:
             out["unmanagedGpus"] = {"powerLimitWatts": self.unmanaged_gpu_limit_watts}
+        out["timeZone"] = self.time_zone
+        if self.schedule:
+            out["schedule"] = [window.to_dict() for window in self.schedule]
+        out["objective"] = self.objective.value
         return out
 
 
@@ -204,6 +255,10 @@ class EnergyBudgetStatus:
     carbon_grams: float | None = None
     carbon_kg: float | None = None
     carbon_intensity: CarbonIntensityStatus | None = None
+    remaining_kwh: float | None = None
+    remaining_carbon_kg: float | None = None
+    projected_kwh_at_period_end: float | None = None
+    projected_carbon_kg_at_period_end: float | None = None
     period_start: str | None = None
     accounted_until: str | None = None
     last_plan: LastPlan | None = None
@@ -227,6 +282,10 @@ class EnergyBudgetStatus:
                 "carbonIntensity",
                 None if self.carbon_intensity is None else self.carbon_intensity.to_dict(),
             ),
+            ("remainingKWh", self.remaining_kwh),
+            ("remainingCarbonKg", self.remaining_carbon_kg),
+            ("projectedKWhAtPeriodEnd", self.projected_kwh_at_period_end),
+            ("projectedCarbonKgAtPeriodEnd", self.projected_carbon_kg_at_period_end),
             ("periodStart", self.period_start),
             ("accountedUntil", self.accounted_until),
             ("lastPlan", None if self.last_plan is None else self.last_plan.to_dict()),
@@ -329,6 +388,10 @@ def _read_spec(spec: Fields) -> EnergyBudgetSpec:
             max_kg_per_period=carbon_fields.optional_number(
                 "maxKgPerPeriod", minimum=0, maximum=1e12, exclusive_minimum=True
             ),
+            hourly_intensity_grams_per_kwh=_hourly_profile(carbon_fields),
+            forecast_prometheus_query=carbon_fields.optional_string(
+                "forecastPrometheusQuery", max_length=4096, min_length=1
+            ),
         )
         carbon_fields.finish()
         if carbon.intensity_grams_per_kwh is None and carbon.prometheus_query is None:
@@ -347,9 +410,75 @@ def _read_spec(spec: Fields) -> EnergyBudgetSpec:
         carbon=carbon,
         pue=spec.number("pue", minimum=1.0, maximum=5.0, default=1.0),
         unmanaged_gpu_limit_watts=_unmanaged_gpu_limit_watts(spec),
+        time_zone=_time_zone(spec),
+        schedule=_schedule(spec),
+        objective=Objective(
+            spec.string("objective", max_length=8, enum=tuple(Objective), default="Carbon")
+        ),
     )
+    if any(w.power_cap_watts > result.power_cap_watts for w in result.schedule):
+        raise spec.error(
+            "schedule",
+            "powerCapWatts must be at most spec.powerCapWatts (a schedule lowers the cap)",
+        )
     spec.finish()
     return result
+
+
+def _hourly_profile(carbon: Fields) -> tuple[float, ...]:
+    """spec.carbon.hourlyIntensityGramsPerKWh: 24 numbers from 0 to 5000, or none."""
+    value = carbon.raw("hourlyIntensityGramsPerKWh")
+    if value is None:
+        return ()
+    field = "hourlyIntensityGramsPerKWh"
+    if not isinstance(value, list) or len(value) != HOURS_PER_DAY:
+        raise carbon.error(field, "must have 24 values (one per hour of the day)")
+    for index, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int | float) or not 0 <= item <= 5000:
+            raise carbon.error(
+                f"{field}[{index}]", f"must be a number from 0 to 5000, got {item!r}"
+            )
+    return tuple(float(item) for item in value)
+
+
+def _time_zone(spec: Fields) -> str:
+    name = spec.string("timeZone", max_length=64, min_length=1, default="UTC")
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise spec.error(
+            "timeZone", f"{describe(name)} is not an IANA time zone (e.g. UTC, Europe/Berlin)"
+        ) from None
+    return name
+
+
+def _clock_minute(window: Fields, name: str) -> int:
+    text = window.string(name, max_length=5, min_length=5)
+    hours, colon, minutes = text.partition(":")
+    if not (colon and hours.isdigit() and minutes.isdigit()) or not (
+        0 <= int(hours) <= 23 and 0 <= int(minutes) <= 59
+    ):
+        raise window.error(name, f"{describe(text)} must be HH:MM on a 24-hour clock")
+    return int(hours) * 60 + int(minutes)
+
+
+def _schedule(spec: Fields) -> tuple[CapWindow, ...]:
+    windows = []
+    for window in spec.objects("schedule", max_items=16) or []:
+        start, end = _clock_minute(window, "from"), _clock_minute(window, "to")
+        if start == end:
+            raise window.error(
+                "to", "must differ from from (a window from 22:00 to 06:00 crosses midnight)"
+            )
+        windows.append(
+            CapWindow(
+                start,
+                end,
+                window.number("powerCapWatts", minimum=0, maximum=1e9, exclusive_minimum=True),
+            )
+        )
+        window.finish()
+    return tuple(windows)
 
 
 def _unmanaged_gpu_limit_watts(spec: Fields) -> float | None:
@@ -404,6 +533,14 @@ def _read_status(status: Fields) -> EnergyBudgetStatus:
         carbon_grams=status.optional_number("carbonGrams", minimum=0, maximum=big),
         carbon_kg=status.optional_number("carbonKg", minimum=0, maximum=big),
         carbon_intensity=carbon_intensity,
+        remaining_kwh=status.optional_number("remainingKWh", minimum=-big, maximum=big),
+        remaining_carbon_kg=status.optional_number("remainingCarbonKg", minimum=-big, maximum=big),
+        projected_kwh_at_period_end=status.optional_number(
+            "projectedKWhAtPeriodEnd", minimum=0, maximum=big
+        ),
+        projected_carbon_kg_at_period_end=status.optional_number(
+            "projectedCarbonKgAtPeriodEnd", minimum=0, maximum=big
+        ),
         period_start=read_time(status, "periodStart"),
         accounted_until=read_time(status, "accountedUntil"),
         last_plan=last_plan,

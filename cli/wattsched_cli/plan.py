@@ -5,11 +5,13 @@ Reads a multi-document YAML (or a `kind: List`) of Nodes, LLMWorkloads, EnergyBu
 NodePowerProfiles and Pods, as `kubectl get -o yaml` prints them, or lists the same objects from the
 cluster (`--from-cluster`, read-only); applies `--set` overrides (`whatif`); turns them into the
 optimizer's input with `snapshot` (the same reading the operator uses: invalid LLMWorkloads are
-skipped and listed, as the operator marks them InvalidSpec and plans the rest) and prints the plan,
-and with `--diff` what it would change against the cluster now. A bad snapshot, override or flag
-gives one error line naming the object and field and exit code 2; a cluster that cannot be read,
-exit code 3 (4 where a CRD is missing). Not for changing a cluster: nothing here writes to an API
-server.
+skipped and listed, as the operator marks them InvalidSpec and plans the rest); where a budget has
+an allowance, a cap schedule or a carbon forecast, plans the next `--horizon-hours` first
+(`budget_horizon.plan_over_time`: flexible work may be deferred, and says until when and why);
+prints the plan, and with `--diff` what it would change against the cluster now. A bad snapshot,
+override or flag gives one error line naming the object and field and exit code 2; a cluster that
+cannot be read, exit code 3 (4 where a CRD is missing). Not for changing a cluster: nothing here
+writes to an API server.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ from wattsched_cli.whatif import (
     parse_override,
     plan_diff,
 )
+from wattsched_operator.budget_horizon import (
+    DEFAULT_HORIZON_HOURS,
+    AllowanceOutlook,
+    DeferredWork,
+    OverTime,
+    plan_over_time,
+)
 from wattsched_operator.snapshot import (
     ClusterObjects,
     Snapshot,
@@ -43,6 +52,7 @@ from wattsched_operator.snapshot import (
     parse_now,
     split_objects,
 )
+from wattsched_optimizer.horizon import HorizonInputError
 from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import PlanInputError
 from wattsched_optimizer.planner import plan as solve_plan
@@ -63,6 +73,9 @@ def plan_to_json(
     skipped: Sequence[str] = (),
     diff: dict[str, Any] | None = None,
     node_notes: Mapping[str, str] | None = None,
+    *,
+    deferred: Sequence[DeferredWork] = (),
+    allowances: Mapping[str, AllowanceOutlook] | None = None,
 ) -> dict[str, Any]:
     """The `-o json` document (shape fixed by the optimizer issue, §3), plus `skipped` (the objects
     left out as invalid, each as the error that names it), `nodeNotes` (the GPU nodes left out of
@@ -136,6 +149,26 @@ def plan_to_json(
         "nodeNotes": [
             {"node": node, "reason": reason} for node, reason in sorted((node_notes or {}).items())
         ],
+        "deferred": [
+            {
+                "workload": d.workload,
+                "cause": d.cause,
+                "until": d.until,
+                "message": d.message,
+                "plannedSlots": list(d.planned_slots),
+            }
+            for d in deferred
+        ],
+        "allowances": [
+            {
+                "budget": name,
+                **outlook.status_fields(),
+                "allowanceExhausted": outlook.exhausted,
+                "reason": outlook.reason,
+                "message": outlook.message,
+            }
+            for name, outlook in sorted((allowances or {}).items())
+        ],
     }
     if diff is not None:
         document["diff"] = diff
@@ -154,10 +187,14 @@ def plan_to_table(
     skipped: Sequence[str] = (),
     diff: dict[str, Any] | None = None,
     node_notes: Mapping[str, str] | None = None,
+    *,
+    deferred: Sequence[DeferredWork] = (),
+    allowances: Mapping[str, AllowanceOutlook] | None = None,
 ) -> str:
-    """A human-readable rendering: summary, placements, budgets, unplaced workloads, nodes left
-    out, skipped objects and, with `--diff`, the changes against the cluster now."""
-    data = plan_to_json(plan, node_notes=node_notes)
+    """A human-readable rendering: summary, placements, budgets, allowances, unplaced and
+    deferred workloads, nodes left out, skipped objects and, with `--diff`, the changes against
+    the cluster now."""
+    data = plan_to_json(plan, node_notes=node_notes, deferred=deferred, allowances=allowances)
     lines = [
         f"status {data['status']}  objective {plan.objective:.6g}  bound {plan.bound:.6g}  "
         f"gap {plan.gap:.2%}  solve {plan.solve_seconds:.2f} s",
@@ -202,6 +239,25 @@ def plan_to_table(
             for b in data["budgets"]
         ],
     )
+    if data["allowances"]:
+        lines.append("")
+        lines += _table(
+            ["BUDGET", "LEFT(kWh)", "PROJECTED AT PERIOD END(kWh, modelled)", "ALLOWANCE"],
+            [
+                [
+                    a["budget"],
+                    f"{a.get('remainingKWh', 0):.1f}",
+                    f"{a.get('projectedKWhAtPeriodEnd', 0):.1f}",
+                    "exhausted" if a["allowanceExhausted"] else "within",
+                ]
+                for a in data["allowances"]
+            ],
+        )
+    if data["deferred"]:
+        lines.append("")
+        lines += _table(
+            ["DEFERRED", "MESSAGE"], [[d["workload"], d["message"]] for d in data["deferred"]]
+        )
     unmanaged = [n for n in data["nodes"] if n["unmanagedGpus"]]
     if unmanaged:
         lines.append("")
@@ -307,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="MILP solver",
     )
     parser.add_argument(
+        "--horizon-hours",
+        type=float,
+        default=DEFAULT_HORIZON_HOURS,
+        help="hours the plan looks ahead for budgets with an allowance, a cap schedule or a "
+        "carbon forecast (flexible work waits for clean hours or for the next period); 0 plans "
+        "the present only",
+    )
+    parser.add_argument(
         "--catalogue-file",
         type=Path,
         help="YAML with extra GPU products (as the operator's --catalogue-file)",
@@ -398,6 +462,9 @@ class PlanResult:
     diff: dict[str, Any] | None
     # GPU nodes left out of planning (snapshot.excluded_nodes): node -> why.
     node_notes: Mapping[str, str] = field(default_factory=dict)
+    # Work the horizon holds back now, and each budget's allowance outlook.
+    deferred: tuple[DeferredWork, ...] = ()
+    allowances: Mapping[str, AllowanceOutlook] = field(default_factory=dict)
 
 
 def _objects(args: argparse.Namespace, stdin: TextIO) -> ClusterObjects:
@@ -418,6 +485,10 @@ def run(args: argparse.Namespace, stdin: TextIO) -> PlanResult:
     now = datetime.now(UTC) if args.now is None else parse_now(args.now)
     if args.power_levels < 1:
         raise SnapshotError(f"--power-levels: must be at least 1, got {args.power_levels}")
+    if not 0 <= args.horizon_hours <= 168:
+        raise SnapshotError(
+            f"--horizon-hours: must be from 0 to 168 (a week), got {args.horizon_hours:g}"
+        )
     if args.time_limit_seconds <= 0:
         raise SnapshotError(
             f"--time-limit-seconds: must be positive, got {args.time_limit_seconds}"
@@ -450,13 +521,24 @@ def run(args: argparse.Namespace, stdin: TextIO) -> PlanResult:
         raise SnapshotError(snapshot.ignored[0].message)
     for node in snapshot.excluded_nodes:  # planned without it, and said why
         print(f"wattsched plan: node {node.name} takes no work: {node.reason}", file=sys.stderr)
-    plan = solve_plan(snapshot.plan_input)
+    if snapshot.budgets and args.horizon_hours > 0:
+        try:
+            timed = plan_over_time(
+                snapshot.plan_input, snapshot.budgets, now, horizon_hours=args.horizon_hours
+            )
+        except HorizonInputError as error:
+            raise SnapshotError(str(error)) from None
+    else:
+        timed = OverTime(snapshot.plan_input)
+    plan = solve_plan(timed.plan_input)
     diff = plan_diff(snapshot.plan_input, plan, objects.profiles) if args.diff else None
     return PlanResult(
         plan=plan,
         skipped=tuple(str(e) for e in snapshot.rejected),
         diff=diff,
         node_notes={node.name: node.reason for node in snapshot.excluded_nodes},
+        deferred=timed.deferred,
+        allowances=timed.allowances,
     )
 
 
@@ -475,8 +557,24 @@ def main(argv: list[str]) -> int:
         print(f"wattsched plan: {error}", file=sys.stderr)
         return error.exit_code
     if args.output == "json":
-        document = plan_to_json(result.plan, result.skipped, result.diff, result.node_notes)
+        document = plan_to_json(
+            result.plan,
+            result.skipped,
+            result.diff,
+            result.node_notes,
+            deferred=result.deferred,
+            allowances=result.allowances,
+        )
         print(json.dumps(document, indent=2))
     else:
-        print(plan_to_table(result.plan, result.skipped, result.diff, result.node_notes))
+        print(
+            plan_to_table(
+                result.plan,
+                result.skipped,
+                result.diff,
+                result.node_notes,
+                deferred=result.deferred,
+                allowances=result.allowances,
+            )
+        )
     return 0

@@ -2,7 +2,8 @@
 
 For: the forecast shared by the operator and the simulator's `wattsched` policy: the highest
 tokens/s measured over a recent window times a headroom, plus any backlog spread over the next
-interval; and the operator's bounded per-service history of measured tokens/s it is made from.
+interval; and the operator's bounded per-service history of measured tokens/s it is made from;
+and, for the horizon plan, the same hour of previous days (`HourlyDemand`).
 Without measurements (no Prometheus, no fresh reading of every running replica, or none within
 the window), a service's demand is its declared `spec.slo.tokensPerSecond`.
 
@@ -84,3 +85,58 @@ def with_forecast_demand(
         else workload
         for workload in workloads
     )
+
+
+# Days of hourly peaks kept per service for the horizon's forecast (`HourlyDemand`).
+HOURLY_DAYS = 7
+SECONDS_PER_HOUR = 3600
+
+
+class HourlyDemand:
+    """Per service, the peak tokens/s measured in each wall-clock hour of the last `days` days:
+    the horizon's inference forecast. An hour ahead is forecast as the mean of the same hour of
+    the previous days that have a reading, times `headroom`; without one, as the recent peak
+    (`DemandHistory.demand`, passed in as `recent`). At most `days * 24` values per service.
+    """
+
+    def __init__(self, days: int = HOURLY_DAYS, headroom: float = HEADROOM) -> None:
+        self.days = days
+        self.headroom = headroom
+        # service -> hour index since the epoch (UTC) -> peak tokens/s in that hour
+        self._peaks: dict[str, dict[int, float]] = {}
+
+    def record(self, key: str, epoch_seconds: float, tokens_per_second: float) -> None:
+        hour = int(epoch_seconds // SECONDS_PER_HOUR)
+        peaks = self._peaks.setdefault(key, {})
+        peaks[hour] = max(peaks.get(hour, 0.0), tokens_per_second, 0.0)
+        oldest = hour - self.days * 24
+        for stale in [h for h in peaks if h <= oldest]:
+            del peaks[stale]
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop the history of services not in `keep` (deleted or finished)."""
+        wanted = set(keep)
+        for key in [k for k in self._peaks if k not in wanted]:
+            del self._peaks[key]
+
+    def per_slot(
+        self, key: str, slot_start_epochs: Iterable[float], recent: float | None
+    ) -> tuple[float, ...] | None:
+        """Forecast tokens/s for each slot starting at these times (epoch seconds); None when
+        there is neither history nor a recent value."""
+        peaks = self._peaks.get(key, {})
+        out = []
+        for start in slot_start_epochs:
+            hour = int(start // SECONDS_PER_HOUR)
+            same_hour = [
+                peaks[hour - 24 * day]
+                for day in range(1, self.days + 1)
+                if hour - 24 * day in peaks
+            ]
+            if same_hour:
+                out.append(sum(same_hour) / len(same_hour) * self.headroom)
+            elif recent is not None:
+                out.append(recent)
+            else:
+                return None
+        return tuple(out)

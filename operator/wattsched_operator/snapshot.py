@@ -159,6 +159,8 @@ class Snapshot:
     workloads: Mapping[str, LLMWorkload] = field(default_factory=dict)
     excluded_nodes: tuple[ExcludedNode, ...] = ()
     ignored: tuple[IgnoredObject, ...] = ()
+    # Budget name -> the parsed EnergyBudget (its allowances, schedule and forecast: the horizon).
+    budgets: Mapping[str, EnergyBudget] = field(default_factory=dict)
 
 
 _KIND_FIELDS = {
@@ -288,6 +290,7 @@ def build_snapshot(
     counted_watts = {node.name: node.counted_watts for node in excluded}
     budget_names = _Unique("EnergyBudget", "metadata.name")
     budgets = []
+    parsed_budgets: dict[str, EnergyBudget] = {}
     for body in objects.budgets:
         try:
             budget = parse_budget(body)
@@ -296,6 +299,7 @@ def build_snapshot(
             left_out("EnergyBudget", str(_metadata_name(body)), error)
             continue
         budgets.append(_budget(budget, labels_by_node, counted_watts))
+        parsed_budgets[budget.name] = budget
     current = []
     for body in objects.pods:
         try:
@@ -321,6 +325,7 @@ def build_snapshot(
         workloads=workloads,
         excluded_nodes=tuple(sorted(excluded, key=lambda n: n.name)),
         ignored=tuple(ignored),
+        budgets=parsed_budgets,
     )
 
 

@@ -171,7 +171,7 @@ def test_get_wide_shows_the_budget_and_profile_columns(
         header, _ = get_wide(sandbox, "eb", budget["metadata"]["name"], namespace)
         assert header == [
             "NAME", "CAP(W)", "ALLOCATED(W)", "MEASURED(W)", "HEADROOM(W)", "AGE",
-            "NODES", "ENERGY(KWH)", "CARBON(KG)", "SOURCE",
+            "NODES", "ENERGY(KWH)", "CARBON(KG)", "LEFT(KWH)", "PROJECTED(KWH)", "SOURCE",
         ]  # fmt: skip
     finally:
         delete(sandbox, budget, namespace)

@@ -38,7 +38,7 @@ EXPECTED = {
         "scope": "Cluster",
         "short": ["eb"],
         "columns": ["Cap(W)", "Allocated(W)", "Measured(W)", "Headroom(W)", "Age"],
-        "wide": ["Nodes", "Energy(kWh)", "Carbon(kg)", "Source"],
+        "wide": ["Nodes", "Energy(kWh)", "Carbon(kg)", "Left(kWh)", "Projected(kWh)", "Source"],
     },
     "NodePowerProfile": {
         "scope": "Cluster",

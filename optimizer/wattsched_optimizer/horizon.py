@@ -1,0 +1,949 @@
+"""The plan over a horizon: how much deadline work runs in each slot of the next hours, so that
+every budget keeps its power cap in every slot, its kWh and kg CO2 allowances over its period, and
+every deadline is met, at the least carbon (or energy).
+
+For: `plan_horizon(HorizonInput) -> HorizonPlan`, a linear program over (workload, slot) solved
+with HiGHS, and `first_slot_input`, which turns the plan's first slot into the one-instant
+planner's input (`planner.plan`): deferred work is left out until its slot comes, inference in a
+budget whose allowance runs short keeps its minimum-energy setting. Receding horizon: the caller
+plans again every round and applies only the first slot.
+Not for: placing replicas on nodes or choosing power limits (the one-instant planner does, under
+the caps), reading forecasts or clocks (callers resolve them into per-slot numbers), Kubernetes.
+
+The model (docs/optimization.md, "The plan over a horizon"): each workload runs at one reference
+operating point (the product it runs on or has most GPUs of, its best-quality variant, the power
+level with the least energy per token, or its Performance level), so its busy watts, cap watts and
+tokens/s per replica are constants and the only decision is `x[w, s]`, the share of slot `s` it
+runs. Inference serves its forecast demand per slot at its minimum-energy setting: a load, not a
+decision. Everything is linear; the solution is the LP optimum (no integer rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import highspy
+import numpy as np
+
+from wattsched_optimizer.formulation import _highs_available
+from wattsched_optimizer.model import (
+    CatalogueModel,
+    PerformanceModel,
+    power_levels_watts,
+    product_spec,
+    products_in_scope,
+)
+from wattsched_optimizer.options import budget_base_watts, remaining_tokens
+from wattsched_optimizer.problem import (
+    EnergyPolicy,
+    GpuNode,
+    PlanInput,
+    Workload,
+    WorkloadType,
+)
+
+SECONDS_PER_HOUR = 3600.0
+# A share of a slot below this is "does not run" (the solver's zeros are not exact).
+SHARE_EPSILON = 1e-6
+# A missed deadline (per unit of the work's cost at the worst slot) and work not run (per unit of
+# its cost) weigh this much more than the carbon or energy they would save: work is never given
+# up to save carbon while a cap or an allowance leaves room for it.
+WORK_WEIGHT = 10.0
+# Each priority rank is worth this much more than the one below, up to MAX_PRIORITY_RANGE.
+PRIORITY_FACTOR = 10.0
+# A deadline's work is worth this much more than work without one of the same priority (and less
+# than work of the next priority up).
+DEADLINE_WEIGHT = PRIORITY_FACTOR**0.5
+MAX_PRIORITY_RANGE = 1e6
+# Ties between slots break towards the earliest (relative weight per slot of the objective).
+EARLY_TIE_BREAK = 1e-4
+
+
+class Objective(StrEnum):
+    """What a budget's horizon minimises once caps, allowances and deadlines hold."""
+
+    # kg CO2: the intensity forecast moves flexible work to clean hours (without a forecast, the
+    # same as ENERGY).
+    CARBON = "Carbon"
+    # kWh: at one operating point per workload every slot costs the same, so work runs as soon as
+    # the cap and the allowance let it (today's behaviour, with the allowance kept).
+    ENERGY = "Energy"
+
+
+class HorizonInputError(ValueError):
+    """The horizon cannot be planned; the message names the budget or field."""
+
+
+@dataclass(frozen=True)
+class AllowancePeriod:
+    """The part of an allowance period inside the horizon: slots `first_slot` up to (not
+    including) `end_slot`, and what is left of the allowance for them (None: no allowance).
+
+    For a period that ends after the horizon the caller passes the horizon's pro-rata share of
+    what is left (`allowance_share`), so that one day cannot spend a week's allowance.
+    """
+
+    first_slot: int
+    end_slot: int
+    energy_kwh_left: float | None = None
+    carbon_kg_left: float | None = None
+
+
+@dataclass(frozen=True)
+class BudgetHorizon:
+    """One EnergyBudget over the horizon, resolved by the caller into per-slot numbers."""
+
+    name: str
+    # The cap in each slot: spec.powerCapWatts, or a schedule's lower cap where a window covers it.
+    cap_watts_by_slot: tuple[float, ...]
+    # Forecast grid intensity per slot (g CO2 / kWh); empty: unknown (carbon counts as 0).
+    carbon_grams_per_kwh_by_slot: tuple[float, ...] = ()
+    pue: float = 1.0
+    periods: tuple[AllowancePeriod, ...] = ()
+    objective: Objective = Objective.CARBON
+
+
+@dataclass(frozen=True)
+class HorizonInput:
+    plan_input: PlanInput
+    # Length of each slot, first slot first (the first usually ends at the next full hour).
+    slot_seconds: tuple[float, ...]
+    # Every budget of `plan_input.budgets` by name; a budget missing here keeps its cap in every
+    # slot and has no allowance.
+    budgets: Mapping[str, BudgetHorizon] = field(default_factory=dict)
+    # Inference forecast demand (tokens/s) per slot by workload key; missing: its tokens_per_second.
+    inference_demand: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The constants a workload runs at in the horizon (modelled)."""
+
+    product: str
+    replicas: int
+    gpus: int  # replicas x GPUs per replica
+    power_limit_watts: float
+    busy_watts_per_gpu: float
+    tokens_per_second: float  # all replicas together
+
+
+@dataclass(frozen=True)
+class WorkloadSchedule:
+    """A deadline or batch workload's share of each slot it runs, and what that amounts to."""
+
+    workload: str
+    share_by_slot: tuple[float, ...]
+    point: OperatingPoint
+    # Tokens the deadline needs (all that is left; the plan may leave some for after the
+    # horizon), the tokens planned in the horizon's slots, and the tokens missed (0 when the
+    # deadline is met); None for work without a deadline.
+    required_tokens: float | None
+    planned_tokens: float
+    missed_tokens: float
+
+    @property
+    def runs_now(self) -> bool:
+        return self.share_by_slot[0] > SHARE_EPSILON
+
+    @property
+    def next_slot(self) -> int | None:
+        """The first slot after the first one it runs in, when it does not run now."""
+        if self.runs_now:
+            return None
+        return next(
+            (s for s, share in enumerate(self.share_by_slot) if share > SHARE_EPSILON), None
+        )
+
+
+@dataclass(frozen=True)
+class BudgetOutlook:
+    """What the horizon expects of a budget's allowances (modelled)."""
+
+    name: str
+    # Per allowance period in the horizon: kWh (x PUE) and kg CO2 the plan uses in it, the
+    # allowance left at the start, and whether flexible work had to give way to it.
+    energy_kwh_by_period: tuple[float, ...]
+    carbon_kg_by_period: tuple[float, ...]
+    # The allowance binds in the current period: flexible work is deferred or slowed for it.
+    energy_short: bool = False
+    carbon_short: bool = False
+    # Inference and idle GPUs alone use more than is left: the allowance will be exceeded.
+    energy_over_kwh: float = 0.0
+    carbon_over_kg: float = 0.0
+
+
+class HorizonStatus(StrEnum):
+    OPTIMAL = "Optimal"
+    # The solver returned no optimum: nothing is deferred (the one-instant planner runs as before).
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class HorizonPlan:
+    status: HorizonStatus
+    objective: float
+    solve_seconds: float
+    slot_seconds: tuple[float, ...]
+    schedules: Mapping[str, WorkloadSchedule]
+    budgets: Mapping[str, BudgetOutlook]
+    # Inference workloads in a budget whose allowance is short: they keep their minimum-energy
+    # setting (Efficiency).
+    thrifty_inference: frozenset[str] = frozenset()
+    timings_seconds: Mapping[str, float] = field(default_factory=dict)
+    # Rows and columns of the program (for the benchmark).
+    size: tuple[int, int] = (0, 0)
+
+    def slot_start_seconds(self, slot: int) -> float:
+        return float(sum(self.slot_seconds[:slot]))
+
+    @property
+    def deferred(self) -> tuple[str, ...]:
+        """Workloads with work left that do not run in the first slot, by key."""
+        return tuple(
+            key
+            for key, schedule in sorted(self.schedules.items())
+            if not schedule.runs_now and _has_work(schedule)
+        )
+
+
+def _has_work(schedule: WorkloadSchedule) -> bool:
+    return schedule.required_tokens is None or schedule.required_tokens > 0
+
+
+# -- slots -----------------------------------------------------------------------------------------
+
+
+def hourly_slots(
+    now_seconds_into_hour: float,
+    horizon_hours: float,
+    *,
+    fine_hours: float | None = None,
+    coarse_slot_hours: float = 1.0,
+) -> tuple[float, ...]:
+    """Slot lengths (s) for a horizon of `horizon_hours`: the first slot ends at the next full
+    hour, then hourly slots up to `fine_hours` (default: all of it), then `coarse_slot_hours`
+    slots (the last one shortened to end at the horizon)."""
+    if horizon_hours <= 0:
+        raise HorizonInputError(f"horizon hours: must be > 0, got {horizon_hours:g}")
+    if coarse_slot_hours < 1:
+        raise HorizonInputError(f"coarse slot hours: must be >= 1, got {coarse_slot_hours:g}")
+    end = horizon_hours * SECONDS_PER_HOUR
+    fine_end = end if fine_hours is None else min(end, fine_hours * SECONDS_PER_HOUR)
+    first = SECONDS_PER_HOUR - (now_seconds_into_hour % SECONDS_PER_HOUR)
+    slots = [min(first, end)]
+    at = slots[0]
+    while at < end - 1e-9:
+        step = SECONDS_PER_HOUR if at < fine_end - 1e-9 else coarse_slot_hours * SECONDS_PER_HOUR
+        length = min(step, end - at)
+        slots.append(length)
+        at += length
+    return tuple(slots)
+
+
+# -- operating points ------------------------------------------------------------------------------
+
+
+# The budgets a workload counts in: (budget index, share of the workload that counts there).
+Scope = tuple[tuple[int, float], ...]
+
+
+class _Scopes:
+    """Where a workload may run, by groups of alike nodes: the products it may use (its own when
+    it runs; comma-separated) and the budgets
+    it counts in, each with the share of it that counts there: of its replicas' nodes when it
+    runs, else of the GPUs it may run on (1 where all of them are in the budget). The horizon
+    cannot know the placement; the one-instant planner keeps every cap hard at placement."""
+
+    def __init__(self, plan_input: PlanInput) -> None:
+        budgets_of: dict[str, list[int]] = {}
+        for index, budget in enumerate(plan_input.budgets):
+            for name in budget.node_names:
+                budgets_of.setdefault(name, []).append(index)
+        self.node_budgets = {name: tuple(found) for name, found in budgets_of.items()}
+        groups: dict[tuple[str, int, float, tuple[int, ...]], int] = {}
+        for node in plan_input.nodes:
+            memory = node.memory_gib
+            if memory is None:
+                memory = product_spec(node.product).memory_gib.value
+            key = (node.product, node.gpu_count, memory, self.node_budgets.get(node.name, ()))
+            groups[key] = groups.get(key, 0) + node.gpu_count
+        self.groups = sorted(groups.items())
+        self.node_by_name = {node.name: node for node in plan_input.nodes}
+        self.running_on: dict[str, list[GpuNode]] = {}
+        for current in plan_input.current:
+            where = self.node_by_name.get(current.node)
+            if where is not None:
+                self.running_on.setdefault(current.workload, []).append(where)
+        self._cache: dict[tuple[frozenset[str], int, float], tuple[str | None, Scope]] = {}
+
+    def of(self, workload: Workload) -> tuple[str | None, Scope]:
+        here = self.running_on.get(workload.key)
+        if here:
+            counts: dict[int, int] = {}
+            for node in here:
+                for i in self.node_budgets.get(node.name, ()):
+                    counts[i] = counts.get(i, 0) + 1
+            return here[0].product, tuple((i, counts[i] / len(here)) for i in sorted(counts))
+        # The least memory per GPU one of its variants needs (its best variant may need more:
+        # the one-instant planner decides; this only excludes products nothing fits on).
+        memory_need = min(
+            (v.min_memory_gib if v.min_memory_gib > 0 else workload.min_memory_gib_per_gpu)
+            for v in workload.variants
+        )
+        key = (workload.allowed_products, workload.gpus_per_replica, memory_need)
+        if key not in self._cache:
+            gpus: dict[str, int] = {}
+            in_budget: dict[int, int] = {}
+            for (product, node_gpus, memory, budgets), count in self.groups:
+                if (
+                    node_gpus < workload.gpus_per_replica
+                    or memory < memory_need
+                    or (workload.allowed_products and product not in workload.allowed_products)
+                ):
+                    continue
+                gpus[product] = gpus.get(product, 0) + count
+                for i in budgets:
+                    in_budget[i] = in_budget.get(i, 0) + count
+            total = sum(gpus.values())
+            scope = tuple((i, in_budget[i] / total) for i in sorted(in_budget))
+            self._cache[key] = (",".join(sorted(gpus)) or None, scope)
+        products, scope = self._cache[key]
+        return products, scope
+
+
+# The operating points of workloads alike in everything a point depends on, computed once.
+PointCache = dict[tuple[object, ...], list[OperatingPoint]]
+
+
+def _best_point(
+    workload: Workload,
+    products: str,
+    model: PerformanceModel,
+    levels: int,
+    cache: PointCache,
+    *,
+    replicas: int,
+    efficient: bool = False,
+) -> OperatingPoint:
+    """The operating point with the least modelled energy per token over the products the
+    workload may run on (comma-separated; the first, alphabetically, on a tie), among those that
+    meet its deadline running half the time (`DEADLINE_DUTY`), else all the time."""
+    key = (
+        products,
+        replicas,
+        efficient,
+        workload.type,
+        workload.model_parameters_billions,
+        workload.gpus_per_replica,
+        workload.variants,
+        workload.min_quality,
+        workload.policy,
+        workload.max_power_watts_per_gpu,
+    )
+    points = cache.get(key)
+    if points is None:
+        points = [
+            operating_point(
+                workload, product, model, levels, replicas=replicas, efficient=efficient
+            )
+            for product in products.split(",")
+        ]
+        cache[key] = points
+    tokens = remaining_tokens(model, workload)
+    if workload.deadline_seconds is not None and tokens is not None:
+        # Points that finish running half the time left leave the horizon room to move the work
+        # (and the cap room for others); else those that finish running all the time.
+        for duty in (DEADLINE_DUTY, 1.0):
+            in_time = [
+                p
+                for p in points
+                if p.tokens_per_second * workload.deadline_seconds * duty >= tokens
+            ]
+            if in_time:
+                points = in_time
+                break
+        else:  # none meets the deadline: the fastest misses it least
+            return max(points, key=lambda p: p.tokens_per_second)
+    return min(points, key=lambda p: p.gpus * p.busy_watts_per_gpu / p.tokens_per_second)
+
+
+def _levels(workload: Workload, product: str, levels: int, efficient: bool) -> list[float]:
+    spec = product_spec(product)
+    cap = spec.max_watts.value
+    if workload.max_power_watts_per_gpu is not None:
+        cap = min(cap, workload.max_power_watts_per_gpu)
+    cap = max(cap, spec.min_watts.value)
+    if workload.policy is EnergyPolicy.PERFORMANCE and not efficient:
+        return [cap]
+    return sorted({level for level in power_levels_watts(product, levels) if level <= cap} | {cap})
+
+
+def operating_point(
+    workload: Workload,
+    product: str,
+    model: PerformanceModel,
+    levels: int,
+    *,
+    replicas: int,
+    efficient: bool = False,
+) -> OperatingPoint:
+    """The workload's reference point on `product`: its best-quality variant, at the power level
+    with the least modelled energy per token (Performance: its highest allowed level unless
+    `efficient`, which inference under an allowance uses)."""
+    variant = max(
+        workload.variants,
+        key=lambda v: (v.quality >= workload.min_quality, v.quality, v.relative_throughput),
+    )
+    best: tuple[float, float, float] | None = None
+    for level in _levels(workload, product, levels, efficient):
+        rate = model.throughput_tokens_per_second(
+            product,
+            workload.type,
+            workload.model_parameters_billions,
+            workload.gpus_per_replica,
+            variant.relative_throughput,
+            level,
+        )
+        watts = model.expected_power_watts(product, workload.type, level)
+        joules_per_token = watts * workload.gpus_per_replica / rate
+        if best is None or joules_per_token < best[0] - 1e-12:
+            best = (joules_per_token, level, rate)
+    assert best is not None  # _levels never returns an empty list
+    _, level, rate = best
+    return OperatingPoint(
+        product=product,
+        replicas=replicas,
+        gpus=replicas * workload.gpus_per_replica,
+        power_limit_watts=level,
+        busy_watts_per_gpu=model.expected_power_watts(product, workload.type, level),
+        tokens_per_second=rate * replicas,
+    )
+
+
+# A deadline job's operating point is chosen to finish running this share of the time left.
+DEADLINE_DUTY = 0.5
+
+# Column kinds besides slots: a deadline's work after the horizon, and its miss.
+AFTER_COLUMN = -2
+MISS_COLUMN = -1
+
+
+# -- the program -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """Constraint rows: names and (lower, upper) bounds; coefficients are kept as triplets."""
+
+    names: list[str] = field(default_factory=list)
+    lower: list[float] = field(default_factory=list)
+    upper: list[float] = field(default_factory=list)
+
+    def add(self, name: str, lower: float, upper: float) -> int:
+        self.names.append(name)
+        self.lower.append(lower)
+        self.upper.append(upper)
+        return len(self.names) - 1
+
+
+def _validate(horizon: HorizonInput) -> None:
+    slots = len(horizon.slot_seconds)
+    if slots == 0 or any(not 0 < s < math.inf for s in horizon.slot_seconds):
+        raise HorizonInputError("slot_seconds: need at least one slot, each > 0 s")
+    names = {b.name for b in horizon.plan_input.budgets}
+    for name, budget in horizon.budgets.items():
+        label = f"EnergyBudget {name}"
+        if name not in names or budget.name != name:
+            raise HorizonInputError(f"{label}: not a budget of the plan input")
+        if len(budget.cap_watts_by_slot) != slots:
+            raise HorizonInputError(f"{label}: cap_watts_by_slot needs {slots} values")
+        if budget.carbon_grams_per_kwh_by_slot and len(budget.carbon_grams_per_kwh_by_slot) != (
+            slots
+        ):
+            raise HorizonInputError(f"{label}: carbon_grams_per_kwh_by_slot needs {slots} values")
+        if any(g < 0 for g in budget.carbon_grams_per_kwh_by_slot):
+            raise HorizonInputError(f"{label}: carbon intensity must be >= 0 g/kWh")
+        if budget.pue < 1:
+            raise HorizonInputError(f"{label}: pue must be >= 1")
+        for period in budget.periods:
+            if not 0 <= period.first_slot < period.end_slot <= slots:
+                raise HorizonInputError(
+                    f"{label}: allowance period slots {period.first_slot}..{period.end_slot} "
+                    f"outside 0..{slots}"
+                )
+    for key, demand in horizon.inference_demand.items():
+        if len(demand) != slots or any(d < 0 for d in demand):
+            raise HorizonInputError(
+                f"LLMWorkload {key}: inference demand needs {slots} values >= 0"
+            )
+
+
+def plan_horizon(horizon: HorizonInput, model: PerformanceModel | None = None) -> HorizonPlan:
+    """Plan the horizon (see the module docstring); the caller applies the first slot."""
+    with products_in_scope(horizon.plan_input.products):
+        return _plan_horizon(horizon, model if model is not None else CatalogueModel())
+
+
+def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan:
+    started = time.perf_counter()
+    _validate(horizon)
+    plan_input = horizon.plan_input
+    slot_seconds = np.asarray(horizon.slot_seconds, dtype=float)
+    slots = len(slot_seconds)
+    slot_hours = slot_seconds / SECONDS_PER_HOUR
+    slot_start = np.concatenate(([0.0], np.cumsum(slot_seconds)[:-1]))
+    horizon_seconds = float(slot_seconds.sum())
+    levels = plan_input.options.power_levels
+    nodes = plan_input.nodes
+    node_by_name = {node.name: node for node in nodes}
+    budgets = plan_input.budgets
+    settings = [
+        horizon.budgets.get(
+            b.name, BudgetHorizon(b.name, cap_watts_by_slot=(b.power_cap_watts,) * slots)
+        )
+        for b in budgets
+    ]
+    intensity_kg = np.zeros((len(budgets), slots))
+    for i, setting in enumerate(settings):
+        if setting.carbon_grams_per_kwh_by_slot:
+            intensity_kg[i] = np.asarray(setting.carbon_grams_per_kwh_by_slot) / 1000.0
+    pue = np.asarray([s.pue for s in settings])
+    # Floors that run whatever is planned: idle GPUs (energy) and the cap base (limits).
+    base_cap = budget_base_watts(plan_input)
+    idle_watts = np.zeros(len(budgets))
+    for i, budget in enumerate(budgets):
+        total = budget.uncontrolled_watts
+        for name in budget.node_names:
+            node = node_by_name.get(name)
+            if node is not None:
+                total += model.idle_power_watts(node.product) * node.gpu_count
+                total += node.unmanaged_watts
+        idle_watts[i] = total
+    cap_headroom = np.asarray(
+        [
+            np.asarray(s.cap_watts_by_slot) - base_cap.get(b.name, 0.0)
+            for s, b in zip(settings, budgets, strict=True)
+        ]
+    ).reshape(len(budgets), slots)
+    load_watts = np.tile(idle_watts[:, None], (1, slots))  # expected draw: idle + inference
+    scopes = _Scopes(plan_input)
+    points: PointCache = {}
+    total_gpus = float(sum(n.gpu_count for n in nodes if n.schedulable or n.keeps_running))
+    free_gpus = np.full(slots, total_gpus)
+    inference_scope: dict[str, Scope] = {}
+
+    # Workloads: inference is a load per slot; deadline and batch work get columns.
+    flexible: list[tuple[Workload, OperatingPoint, Scope]] = []
+    for workload in plan_input.workloads:
+        product, scope = scopes.of(workload)
+        if product is None:
+            continue  # no node can run it: the one-instant planner says why
+        if workload.type is WorkloadType.INFERENCE:
+            point = _best_point(
+                workload, product, model, levels, points, replicas=1, efficient=True
+            )
+            product = point.product
+            demand = horizon.inference_demand.get(
+                workload.key, (workload.tokens_per_second or 0.0,) * slots
+            )
+            needed = np.ceil(np.asarray(demand, dtype=float) / point.tokens_per_second - 1e-9)
+            replicas = np.clip(needed, workload.min_replicas, workload.max_replicas)
+            gpus = replicas * workload.gpus_per_replica
+            spec = product_spec(product)
+            for i, part in scope:
+                cap_headroom[i] -= part * gpus * (point.power_limit_watts - spec.min_watts.value)
+                load_watts[i] += (
+                    part * gpus * (point.busy_watts_per_gpu - model.idle_power_watts(product))
+                )
+            free_gpus -= gpus
+            inference_scope[workload.key] = scope
+            continue
+        point = _best_point(workload, product, model, levels, points, replicas=workload.replicas)
+        flexible.append((workload, point, scope))
+
+    rows = _Rows()
+    row_of_cap = [
+        [
+            rows.add(f"cap_{b.name}_{s}", -math.inf, max(0.0, cap_headroom[i, s]))
+            for s in range(slots)
+        ]
+        for i, b in enumerate(budgets)
+    ]
+    row_of_gpus = [rows.add(f"gpus_{s}", -math.inf, max(0.0, free_gpus[s])) for s in range(slots)]
+    # Allowance rows: (budget, period) -> row, with what is left for flexible work.
+    energy_rows: dict[tuple[int, int], int] = {}
+    carbon_rows: dict[tuple[int, int], int] = {}
+    energy_over = np.zeros(len(budgets))
+    carbon_over = np.zeros(len(budgets))
+    load_kwh = load_watts * slot_hours[None, :] / 1000.0 * pue[:, None]
+    load_kg = load_kwh * intensity_kg
+    for i, setting in enumerate(settings):
+        for p, period in enumerate(setting.periods):
+            window = slice(period.first_slot, period.end_slot)
+            if period.energy_kwh_left is not None:
+                left = period.energy_kwh_left - float(load_kwh[i, window].sum())
+                if p == 0:
+                    energy_over[i] = max(0.0, -left)
+                energy_rows[i, p] = rows.add(f"energy_{setting.name}_{p}", -math.inf, max(0, left))
+            if period.carbon_kg_left is not None:
+                left = period.carbon_kg_left - float(load_kg[i, window].sum())
+                if p == 0:
+                    carbon_over[i] = max(0.0, -left)
+                carbon_rows[i, p] = rows.add(f"carbon_{setting.name}_{p}", -math.inf, max(0, left))
+    objective_rate = np.zeros((len(budgets), slots))  # objective units per kWh, per budget
+    for i, setting in enumerate(settings):
+        # Carbon without a forecast has no view on time (0): the other budgets of the work
+        # decide, or, when none has a view, energy.
+        if setting.objective is Objective.ENERGY:
+            objective_rate[i] = 1.0
+        else:
+            objective_rate[i] = intensity_kg[i]
+    tie_break = 1.0 + EARLY_TIE_BREAK * np.arange(slots)
+
+    priorities = sorted({w.priority for w, _, _ in flexible})
+    factor = PRIORITY_FACTOR
+    if len(priorities) > 1:
+        factor = min(factor, MAX_PRIORITY_RANGE ** (1 / (len(priorities) - 1)))
+    weight_of_priority = {p: factor**rank for rank, p in enumerate(priorities)}
+
+    # Row of each (budget, slot) for the cap, the energy and the carbon allowance (-1: none).
+    cap_row = np.asarray(row_of_cap, dtype=np.int64).reshape(len(budgets), slots)
+    energy_row = np.full((len(budgets), slots), -1, dtype=np.int64)
+    carbon_row = np.full((len(budgets), slots), -1, dtype=np.int64)
+    for (i, p), row in energy_rows.items():
+        period = settings[i].periods[p]
+        energy_row[i, period.first_slot : period.end_slot] = row
+    for (i, p), row in carbon_rows.items():
+        period = settings[i].periods[p]
+        carbon_row[i, period.first_slot : period.end_slot] = row
+    gpus_row = np.asarray(row_of_gpus, dtype=np.int64)
+    costs: list[np.ndarray] = []
+    uppers: list[np.ndarray] = []
+    entry_rows: list[np.ndarray] = []
+    entry_columns: list[np.ndarray] = []
+    entry_values: list[np.ndarray] = []
+    column_owner: list[np.ndarray] = []  # flexible index of each column
+    column_slot: list[np.ndarray] = []  # slot of each column, or AFTER_COLUMN, MISS_COLUMN
+    required: list[float | None] = []
+    columns = 0
+    for f, (workload, point, scope) in enumerate(flexible):
+        spec = product_spec(point.product)
+        busy_kw = point.gpus * (point.busy_watts_per_gpu - model.idle_power_watts(point.product))
+        busy_kw /= 1000.0
+        cap_watts = point.gpus * (point.power_limit_watts - spec.min_watts.value)
+        kwh_by_slot = busy_kw * slot_hours
+        # Objective units per kWh in each slot: the budgets' rates, weighted by the share of
+        # the work each one counts; budgets without a view on time (rate 0) add nothing.
+        rate = np.zeros(slots)
+        for i, part in scope:
+            rate += part * objective_rate[i] * pue[i]
+        if not rate.any():
+            rate = np.ones(slots)
+        cost = kwh_by_slot * rate * tie_break
+        # Scale of the work's worth: its energy in the most expensive slot of the horizon.
+        worth_per_kwh = WORK_WEIGHT * float(rate.max()) * tie_break[-1]
+        worth_per_kwh *= weight_of_priority[workload.priority]
+        tokens_left = remaining_tokens(model, workload)
+        upper = np.ones(slots)
+        need: float | None = None
+        after = 0.0
+        if workload.deadline_seconds is not None and tokens_left is not None:
+            open_seconds = np.clip(workload.deadline_seconds - slot_start, 0.0, slot_seconds)
+            upper = open_seconds / slot_seconds
+            after = max(0.0, workload.deadline_seconds - horizon_seconds)
+            need = tokens_left
+        else:  # no deadline: running is worth more than what it costs
+            cost = cost - worth_per_kwh * kwh_by_slot - 1e-6 * slot_hours
+        required.append(need)
+        open_slots = np.nonzero(upper > 0)[0]
+        count = len(open_slots)
+        ids = columns + np.arange(count)
+        costs.append(cost[open_slots])
+        uppers.append(upper[open_slots])
+        column_owner.append(np.full(count, f))
+        column_slot.append(open_slots)
+        entry_rows.append(gpus_row[open_slots])
+        entry_columns.append(ids)
+        entry_values.append(np.full(count, float(point.gpus)))
+        for i, part in scope:
+            entry_rows.append(cap_row[i, open_slots])
+            entry_columns.append(ids)
+            entry_values.append(np.full(count, part * cap_watts))
+            kwh = part * kwh_by_slot[open_slots] * pue[i]
+            for table, values in (
+                (energy_row, kwh),
+                (carbon_row, kwh * intensity_kg[i, open_slots]),
+            ):
+                found = table[i, open_slots] >= 0
+                entry_rows.append(table[i, open_slots][found])
+                entry_columns.append(ids[found])
+                entry_values.append(values[found])
+        columns += count
+        if need is not None and need > 0:
+            # The deadline: the slots, the time after the horizon (at the horizon's mean cost:
+            # work waits past it only where the horizon has no cheaper slot), or a miss.
+            deadline_row = rows.add(f"deadline_{workload.key}", 1.0, math.inf)
+            hours_needed = need / point.tokens_per_second / SECONDS_PER_HOUR
+            miss = DEADLINE_WEIGHT * worth_per_kwh * busy_kw * max(hours_needed, 1e-3) + 1.0
+            extra_values = [1.0]
+            extra_costs = [miss]
+            extra_kinds = [MISS_COLUMN]
+            if after > 0:
+                extra_values.insert(0, point.tokens_per_second * after / need)
+                mean_cost = float(np.mean(cost / slot_hours)) * after / SECONDS_PER_HOUR
+                extra_costs.insert(0, mean_cost * tie_break[-1])
+                extra_kinds.insert(0, AFTER_COLUMN)
+            extra = len(extra_values)
+            entry_rows.append(np.full(count + extra, deadline_row))
+            entry_columns.append(np.append(ids, columns + np.arange(extra)))
+            entry_values.append(
+                np.append(point.tokens_per_second * slot_seconds[open_slots] / need, extra_values)
+            )
+            costs.append(np.asarray(extra_costs))
+            uppers.append(np.ones(extra))
+            column_owner.append(np.full(extra, f))
+            column_slot.append(np.asarray(extra_kinds))
+            columns += extra
+
+    def joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+    all_rows = joined(entry_rows, np.int32)
+    all_columns = joined(entry_columns, np.int32)
+    all_values = joined(entry_values, float)
+    nonzero = all_values != 0.0
+    owner = joined(column_owner, np.int64)
+    slot_of = joined(column_slot, np.int64)
+    built = time.perf_counter()
+
+    solution = _solve(
+        rows,
+        joined(costs, float),
+        joined(uppers, float),
+        all_rows[nonzero],
+        all_columns[nonzero],
+        all_values[nonzero],
+    )
+    solved = time.perf_counter()
+    status = HorizonStatus.OPTIMAL if solution is not None else HorizonStatus.FAILED
+    values = solution[0] if solution is not None else np.zeros(columns)
+    objective = solution[1] if solution is not None else 0.0
+    duals = solution[2] if solution is not None else np.zeros(len(rows.names))
+
+    shares = np.zeros((len(flexible), slots))
+    missed = np.zeros(len(flexible))
+    in_slot = slot_of >= 0
+    shares[owner[in_slot], slot_of[in_slot]] = values[in_slot]
+    is_miss = slot_of == MISS_COLUMN
+    missed[owner[is_miss]] = values[is_miss]
+    if status is HorizonStatus.FAILED:
+        shares[:, 0] = 1.0  # nothing deferred: the one-instant planner decides as before
+    shares = np.where(shares > SHARE_EPSILON, shares, 0.0)
+    schedules: dict[str, WorkloadSchedule] = {}
+    flexible_busy_kw = np.zeros(len(flexible))
+    part_in = np.zeros((len(budgets), len(flexible)))  # share of each workload in each budget
+    for f, (workload, point, scope) in enumerate(flexible):
+        share = shares[f]
+        need = required[f]
+        schedules[workload.key] = WorkloadSchedule(
+            workload=workload.key,
+            share_by_slot=tuple(share.tolist()),
+            point=point,
+            required_tokens=need,
+            planned_tokens=float((share * slot_seconds).sum() * point.tokens_per_second),
+            missed_tokens=0.0 if need is None else float(missed[f]) * need,
+        )
+        idle = model.idle_power_watts(point.product)
+        flexible_busy_kw[f] = point.gpus * (point.busy_watts_per_gpu - idle) / 1000.0
+        for i, part in scope:
+            part_in[i, f] = part
+    # kWh of flexible work per budget and slot (x PUE), and its kg CO2.
+    flexible_kwh = (
+        (part_in @ (shares * flexible_busy_kw[:, None])) * slot_hours[None, :] * pue[:, None]
+    )
+    flexible_kg = flexible_kwh * intensity_kg
+    outlooks: dict[str, BudgetOutlook] = {}
+    for i, setting in enumerate(settings):
+        periods = range(len(setting.periods))
+        windows = [
+            slice(setting.periods[p].first_slot, setting.periods[p].end_slot) for p in periods
+        ]
+        energy = tuple(float((flexible_kwh[i, w] + load_kwh[i, w]).sum()) for w in windows)
+        carbon = tuple(float((flexible_kg[i, w] + load_kg[i, w]).sum()) for w in windows)
+        energy_short = (i, 0) in energy_rows and (
+            energy_over[i] > 0 or abs(duals[energy_rows[i, 0]]) > 1e-9
+        )
+        carbon_short = (i, 0) in carbon_rows and (
+            carbon_over[i] > 0 or abs(duals[carbon_rows[i, 0]]) > 1e-9
+        )
+        outlooks[setting.name] = BudgetOutlook(
+            name=setting.name,
+            energy_kwh_by_period=energy,
+            carbon_kg_by_period=carbon,
+            energy_short=bool(energy_short),
+            carbon_short=bool(carbon_short),
+            energy_over_kwh=float(energy_over[i]),
+            carbon_over_kg=float(carbon_over[i]),
+        )
+    short = {
+        i
+        for i, b in enumerate(budgets)
+        if outlooks[b.name].energy_short or outlooks[b.name].carbon_short
+    }
+    thrifty = frozenset(
+        key for key, scope in inference_scope.items() if short & {i for i, _ in scope}
+    )
+    return HorizonPlan(
+        status=status,
+        objective=float(objective),
+        solve_seconds=solved - built,
+        slot_seconds=horizon.slot_seconds,
+        schedules=schedules,
+        budgets=outlooks,
+        thrifty_inference=thrifty,
+        timings_seconds={
+            "build": built - started,
+            "solve": solved - built,
+            "total": time.perf_counter() - started,
+        },
+        size=(len(rows.names), columns),
+    )
+
+
+def _solve(  # noqa: PLR0917 (the program as arrays)
+    rows: _Rows,
+    cost: np.ndarray,
+    upper: np.ndarray,
+    row_index: np.ndarray,
+    column_index: np.ndarray,
+    value: np.ndarray,
+) -> tuple[np.ndarray, float, np.ndarray] | None:
+    """Minimise cost . x subject to the rows, 0 <= x <= upper; None when HiGHS finds no optimum."""
+    columns = len(cost)
+    if columns == 0:
+        return np.zeros(0), 0.0, np.zeros(len(rows.names))
+    order = np.lexsort((row_index, column_index))
+    starts = np.searchsorted(column_index[order], np.arange(columns + 1)).astype(np.int32)
+    lp = highspy.HighsLp()
+    lp.num_col_ = columns
+    lp.num_row_ = len(rows.names)
+    lp.col_cost_ = cost
+    lp.col_lower_ = np.zeros(columns)
+    lp.col_upper_ = upper
+    lp.row_lower_ = np.asarray(rows.lower)
+    lp.row_upper_ = np.asarray(rows.upper)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = starts
+    lp.a_matrix_.index_ = row_index[order]
+    lp.a_matrix_.value_ = value[order]
+    lp.row_names_ = rows.names
+    _highs_available()  # constructs HiGHS once with stdout closed: its banner is not printed
+    solver = highspy.Highs()  # type: ignore[no-untyped-call]
+    solver.setOptionValue("output_flag", False)
+    solver.setOptionValue("threads", 1)
+    solver.setOptionValue("random_seed", 0)
+    solver.passModel(lp)
+    solver.run()
+    if solver.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return None
+    solution = solver.getSolution()
+    info = solver.getInfo()
+    return (
+        np.asarray(solution.col_value),
+        float(info.objective_function_value),
+        np.asarray(solution.row_dual),
+    )
+
+
+# -- the first slot --------------------------------------------------------------------------------
+
+
+class DeferralCause(StrEnum):
+    # A later slot is cleaner (carbon objective) and the deadline leaves time.
+    CARBON = "Carbon"
+    # The period's kWh or kg CO2 allowance has no room now.
+    ALLOWANCE = "Allowance"
+    # A cap leaves no room for it now (e.g. a demand-response window).
+    CAP = "PowerCap"
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """A workload with work left that the horizon does not run in the first slot."""
+
+    workload: str
+    cause: DeferralCause
+    # Seconds from now until the slot it runs in; None: not within the horizon.
+    until_seconds: float | None
+    # The budget that decided (the first of its budgets with a short allowance or a forecast).
+    budget: str | None = None
+    # Forecast intensity (g/kWh) now and in the slot it runs in, where the budget has a forecast.
+    grams_per_kwh_now: float | None = None
+    grams_per_kwh_then: float | None = None
+
+
+def _may_defer(workload: Workload, running: set[str]) -> bool:
+    """Running work that is not preemptible is never stopped for the horizon."""
+    return workload.key not in running or workload.preemptible
+
+
+def deferrals(horizon: HorizonInput, plan: HorizonPlan) -> tuple[Deferral, ...]:
+    """Why each deferred workload waits, and until when (by workload key)."""
+    plan_input = horizon.plan_input
+    running = {c.workload for c in plan_input.current}
+    by_key = {w.key: w for w in plan_input.workloads}
+    scopes = _Scopes(plan_input)
+    out = []
+    for key in plan.deferred:
+        workload = by_key[key]
+        if not _may_defer(workload, running):
+            continue
+        schedule = plan.schedules[key]
+        scope = [plan_input.budgets[i].name for i, _ in scopes.of(workload)[1]]
+        short = [b for b in scope if plan.budgets[b].energy_short or plan.budgets[b].carbon_short]
+        slot = schedule.next_slot
+        until = None if slot is None else plan.slot_start_seconds(slot)
+        forecast = [
+            b
+            for b in scope
+            if b in horizon.budgets and horizon.budgets[b].carbon_grams_per_kwh_by_slot
+        ]
+        budget = short[0] if short else (forecast[0] if forecast else (scope[0] if scope else None))
+        now_g = then_g = None
+        if budget is not None and budget in horizon.budgets:
+            profile = horizon.budgets[budget].carbon_grams_per_kwh_by_slot
+            if profile:
+                now_g = profile[0]
+                then_g = profile[slot] if slot is not None else None
+        if short:
+            cause = DeferralCause.ALLOWANCE
+        elif now_g is not None and then_g is not None and then_g < now_g:
+            cause = DeferralCause.CARBON
+        else:
+            cause = DeferralCause.CAP
+        out.append(Deferral(key, cause, until, budget, now_g, then_g))
+    return tuple(out)
+
+
+def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
+    """The one-instant planner's input for the first slot: deferred work left out (running
+    non-preemptible work excepted), inference in a budget whose allowance is short at its
+    minimum-energy setting (Efficiency)."""
+    plan_input = horizon.plan_input
+    running = {c.workload for c in plan_input.current}
+    by_key = {w.key: w for w in plan_input.workloads}
+    waiting = {key for key in plan.deferred if _may_defer(by_key[key], running)}
+    workloads = tuple(
+        dataclasses.replace(w, policy=EnergyPolicy.EFFICIENCY)
+        if w.key in plan.thrifty_inference
+        else w
+        for w in plan_input.workloads
+        if w.key not in waiting
+    )
+    current = tuple(c for c in plan_input.current if c.workload not in waiting)
+    return dataclasses.replace(plan_input, workloads=workloads, current=current)

@@ -1,0 +1,364 @@
+"""The plan over a horizon: clean hours, allowances, cap schedules, priority, and the first slot
+handed to the one-instant planner; Hypothesis invariants checked against an independent PuLP model
+of the same slots (caps in every slot, allowance never exceeded, deadlines met when feasible)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import hypothesis.strategies as st
+import pulp
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from wattsched_optimizer.horizon import (
+    SHARE_EPSILON,
+    AllowancePeriod,
+    BudgetHorizon,
+    DeferralCause,
+    HorizonInput,
+    HorizonInputError,
+    HorizonPlan,
+    HorizonStatus,
+    Objective,
+    deferrals,
+    first_slot_input,
+    hourly_slots,
+    plan_horizon,
+)
+from wattsched_optimizer.model import CatalogueModel, product_spec
+from wattsched_optimizer.options import remaining_tokens
+from wattsched_optimizer.planner import plan
+from wattsched_optimizer.problem import (
+    Budget,
+    EnergyPolicy,
+    GpuNode,
+    PlanInput,
+    Precision,
+    Variant,
+    WorkAmount,
+    Workload,
+    WorkloadType,
+    WorkUnit,
+)
+
+BF16 = Variant("bf16", Precision.BF16, min_memory_gib=0)
+HOUR = 3600.0
+H100 = product_spec("H100-80GB")
+MODEL = CatalogueModel()
+
+
+def nodes(count: int) -> tuple[GpuNode, ...]:
+    return tuple(GpuNode(f"h{i}", "H100-80GB", 8) for i in range(count))
+
+
+def job(
+    key: str, hours_of_work: float | None, deadline_hours: float | None, **changes: object
+) -> Workload:
+    """An 8-GPU training job with `hours_of_work` at its horizon operating point."""
+    base = Workload(
+        key=key,
+        type=WorkloadType.TRAINING,
+        model_parameters_billions=8,
+        gpus_per_replica=8,
+        variants=(BF16,),
+        policy=EnergyPolicy.PERFORMANCE,
+    )
+    base = dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    if hours_of_work is None:
+        return base
+    rate = MODEL.throughput_tokens_per_second(
+        "H100-80GB", WorkloadType.TRAINING, 8, 8, 1.0, H100.max_watts.value
+    )
+    return dataclasses.replace(
+        base,
+        remaining_work=WorkAmount(WorkUnit.TOKENS, rate * base.replicas * hours_of_work * HOUR),
+        deadline_seconds=None if deadline_hours is None else deadline_hours * HOUR,
+    )
+
+
+def service(key: str, tokens_per_second: float) -> Workload:
+    return Workload(
+        key=key,
+        type=WorkloadType.INFERENCE,
+        model_parameters_billions=8,
+        gpus_per_replica=1,
+        variants=(BF16,),
+        max_replicas=8,
+        tokens_per_second=tokens_per_second,
+    )
+
+
+def budget(cap_watts: float, node_count: int, name: str = "b") -> Budget:
+    return Budget(name, cap_watts, frozenset(f"h{i}" for i in range(node_count)))
+
+
+# A solar-shaped day: 420 g/kWh at night, 140 g/kWh from 10:00 to 15:00.
+SOLAR = tuple(140.0 if 10 <= hour < 15 else 420.0 for hour in range(24))
+
+
+def horizon_input(
+    workloads: tuple[Workload, ...],
+    *,
+    node_count: int = 2,
+    cap_watts: float = 1e6,
+    carbon: tuple[float, ...] = SOLAR,
+    energy_kwh_left: float | None = None,
+    carbon_kg_left: float | None = None,
+    caps: tuple[float, ...] | None = None,
+    objective: Objective = Objective.CARBON,
+) -> HorizonInput:
+    slots = hourly_slots(0, len(carbon))
+    plan_input = PlanInput(nodes(node_count), workloads, (budget(cap_watts, node_count),))
+    period = AllowancePeriod(0, len(slots), energy_kwh_left, carbon_kg_left)
+    setting = BudgetHorizon(
+        "b",
+        caps if caps is not None else (cap_watts,) * len(slots),
+        carbon,
+        periods=(period,),
+        objective=objective,
+    )
+    return HorizonInput(plan_input, slots, {"b": setting})
+
+
+def busy_kw_and_idle_kwh() -> tuple[float, float]:
+    """One job's draw above idle (kW) and the idle draw of two 8-GPU nodes over 24 h (kWh)."""
+    watts = MODEL.expected_power_watts("H100-80GB", WorkloadType.TRAINING, H100.max_watts.value)
+    idle = MODEL.idle_power_watts("H100-80GB")
+    return 8 * (watts - idle) / 1000, 16 * idle / 1000 * 24
+
+
+def running_slots(result: HorizonPlan, key: str) -> list[int]:
+    return [s for s, x in enumerate(result.schedules[key].share_by_slot) if x > SHARE_EPSILON]
+
+
+def test_hourly_slots_end_at_full_hours_and_grow_coarser_further_out() -> None:
+    assert hourly_slots(1800, 3) == (1800.0, 3600.0, 3600.0, 1800.0)
+    assert hourly_slots(0, 8, fine_hours=4, coarse_slot_hours=3) == (
+        (3600.0,) * 4 + (10800.0, 3600.0)
+    )
+    with pytest.raises(HorizonInputError, match="horizon hours"):
+        hourly_slots(0, 0)
+
+
+def test_deadline_work_runs_in_the_clean_hours() -> None:
+    result = plan_horizon(horizon_input((job("t/a", 4, 24),)))
+    assert result.status is HorizonStatus.OPTIMAL
+    assert running_slots(result, "t/a") == [10, 11, 12, 13]
+    assert result.schedules["t/a"].missed_tokens == 0
+    assert result.deferred == ("t/a",)
+
+
+def test_the_energy_objective_runs_work_as_soon_as_it_can() -> None:
+    result = plan_horizon(horizon_input((job("t/a", 4, 24),), objective=Objective.ENERGY))
+    assert running_slots(result, "t/a") == [0, 1, 2, 3]
+    assert result.deferred == ()
+
+
+def test_a_deadline_before_the_clean_hours_is_kept() -> None:
+    # Every hour before the deadline is as dirty as the next: the earliest win the tie.
+    result = plan_horizon(horizon_input((job("t/a", 4, 6),)))
+    assert running_slots(result, "t/a") == [0, 1, 2, 3]
+    assert result.schedules["t/a"].missed_tokens == 0
+
+
+def test_a_deadline_beyond_the_horizon_takes_the_clean_hours_and_leaves_the_rest() -> None:
+    # 10 h of work due in 30 h, horizon 24 h: the 5 clean hours, the rest after the horizon
+    # (valued at the horizon's mean intensity, below the 420 g/kWh of the other hours).
+    result = plan_horizon(horizon_input((job("t/a", 10, 30),)))
+    schedule = result.schedules["t/a"]
+    assert sum(schedule.share_by_slot) == pytest.approx(5)
+    assert running_slots(result, "t/a") == [10, 11, 12, 13, 14]
+    assert schedule.missed_tokens == 0
+
+
+def test_a_lower_cap_window_moves_flexible_work_out_of_it() -> None:
+    # The cap leaves no room for the job in hours 10-14 (demand response): it runs elsewhere,
+    # in the cleanest hours the cap leaves (all 420 g/kWh: the earliest).
+    floor = 16 * H100.min_watts.value
+    caps = tuple(floor + (0.0 if 10 <= h < 15 else 1e6) for h in range(24))
+    result = plan_horizon(horizon_input((job("t/a", 4, 24),), caps=caps))
+    assert running_slots(result, "t/a") == [0, 1, 2, 3]
+
+
+def test_work_without_a_deadline_runs_while_the_allowance_lasts_then_in_clean_hours() -> None:
+    unlimited = plan_horizon(horizon_input((job("t/a", None, None),)))
+    assert running_slots(unlimited, "t/a") == list(range(24))
+    busy_kw, idle_kwh = busy_kw_and_idle_kwh()
+    # Room for exactly 3 hours of the job on top of the idle GPUs.
+    short = plan_horizon(
+        horizon_input((job("t/a", None, None),), energy_kwh_left=idle_kwh + 3 * busy_kw)
+    )
+    assert running_slots(short, "t/a") == [10, 11, 12]
+    assert short.budgets["b"].energy_short
+    assert sum(short.budgets["b"].energy_kwh_by_period) == pytest.approx(idle_kwh + 3 * busy_kw)
+    (deferral,) = deferrals(horizon_input((job("t/a", None, None),)), short)
+    assert deferral.cause is DeferralCause.ALLOWANCE
+    assert deferral.until_seconds == 10 * HOUR
+
+
+def test_priority_decides_who_gets_a_short_allowance() -> None:
+    busy_kw, idle_kwh = busy_kw_and_idle_kwh()
+    jobs = (job("t/low", 4, 24, priority=0), job("t/high", 4, 24, priority=100))
+    result = plan_horizon(horizon_input(jobs, energy_kwh_left=idle_kwh + 5 * busy_kw))
+    assert result.schedules["t/high"].missed_tokens == 0
+    assert result.schedules["t/low"].missed_tokens > 0
+    assert sum(result.schedules["t/low"].share_by_slot) == pytest.approx(1)
+
+
+def test_inference_keeps_its_minimum_energy_setting_when_the_allowance_is_short() -> None:
+    workloads = (service("t/chat", 5000), job("t/a", None, None))
+    loose = horizon_input(workloads)
+    assert plan_horizon(loose).thrifty_inference == frozenset()
+    tight = horizon_input(workloads, energy_kwh_left=1.0)
+    result = plan_horizon(tight)
+    assert result.thrifty_inference == {"t/chat"}
+    # Inference and idle GPUs alone need more than 1 kWh: the excess is reported.
+    assert result.budgets["b"].energy_over_kwh > 0
+    first = first_slot_input(tight, result)
+    assert {w.key: w.policy for w in first.workloads} == {"t/chat": EnergyPolicy.EFFICIENCY}
+
+
+def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
+    workloads = (job("t/a", 4, 24), job("t/now", 4, 4))
+    horizon = horizon_input(workloads)
+    result = plan_horizon(horizon)
+    (deferral,) = deferrals(horizon, result)
+    assert deferral.workload == "t/a"
+    assert deferral.cause is DeferralCause.CARBON
+    assert (deferral.grams_per_kwh_now, deferral.grams_per_kwh_then) == (420.0, 140.0)
+    assert deferral.until_seconds == 10 * HOUR
+    first = first_slot_input(horizon, result)
+    assert [w.key for w in first.workloads] == ["t/now"]
+    assert [p.workload for p in plan(first).placements] == ["t/now"]
+
+
+def test_bad_input_names_the_budget_and_field() -> None:
+    horizon = horizon_input((job("t/a", 4, 24),))
+    wrong = dataclasses.replace(
+        horizon, budgets={"b": dataclasses.replace(horizon.budgets["b"], cap_watts_by_slot=(1.0,))}
+    )
+    with pytest.raises(HorizonInputError, match=r"EnergyBudget b: cap_watts_by_slot needs 24"):
+        plan_horizon(wrong)
+
+
+# -- invariants ------------------------------------------------------------------------------------
+
+
+def _independent_check(horizon: HorizonInput, result: HorizonPlan) -> bool:
+    """Whether every deadline can be met within the caps, GPUs and allowances: a PuLP model of
+    the same slots and operating points, with deadlines hard."""
+    plan_input = horizon.plan_input
+    setting = horizon.budgets["b"]
+    slots = len(horizon.slot_seconds)
+    problem = pulp.LpProblem("check", pulp.LpMinimize)
+    idle = MODEL.idle_power_watts("H100-80GB")
+    gpus_total = sum(n.gpu_count for n in plan_input.nodes)
+    base_cap = gpus_total * H100.min_watts.value
+    share = {}
+    for key in result.schedules:
+        for s in range(slots):
+            share[key, s] = pulp.LpVariable(f"x_{key.replace('/', '_')}_{s}", 0, 1)
+    for s in range(slots):
+        problem += (
+            pulp.lpSum(
+                share[k, s] * r.point.gpus * (r.point.power_limit_watts - H100.min_watts.value)
+                for k, r in result.schedules.items()
+            )
+            <= setting.cap_watts_by_slot[s] - base_cap
+        )
+        problem += pulp.lpSum(share[k, s] * r.point.gpus for k, r in result.schedules.items()) <= (
+            gpus_total
+        )
+    kwh = {
+        (k, s): r.point.gpus
+        * (r.point.busy_watts_per_gpu - idle)
+        / 1000
+        * horizon.slot_seconds[s]
+        / HOUR
+        for k, r in result.schedules.items()
+        for s in range(slots)
+    }
+    idle_kwh = gpus_total * idle / 1000 * sum(horizon.slot_seconds) / HOUR
+    (period,) = setting.periods
+    if period.energy_kwh_left is not None:
+        problem += pulp.lpSum(share[k] * v for k, v in kwh.items()) <= (
+            period.energy_kwh_left - idle_kwh
+        )
+    by_key = {w.key: w for w in plan_input.workloads}
+    for key, schedule in result.schedules.items():
+        workload = by_key[key]
+        if workload.deadline_seconds is None:
+            continue
+        for s in range(slots):
+            start = sum(horizon.slot_seconds[:s])
+            open_share = min(1.0, max(0.0, workload.deadline_seconds - start) / HOUR)
+            problem += share[key, s] <= open_share
+        tokens = remaining_tokens(MODEL, workload)
+        assert tokens is not None
+        problem += (
+            pulp.lpSum(
+                share[key, s] * schedule.point.tokens_per_second * horizon.slot_seconds[s]
+                for s in range(slots)
+            )
+            >= tokens
+        )
+    problem += pulp.lpSum(share.values())
+    problem.solve(pulp.HiGHS(msg=False))
+    return bool(pulp.LpStatus[problem.status] == "Optimal")
+
+
+@st.composite
+def instances(draw: st.DrawFn) -> HorizonInput:
+    hours = draw(st.integers(2, 8))
+    carbon = tuple(float(draw(st.integers(20, 800))) for _ in range(hours))
+    count = draw(st.integers(1, 4))
+    workloads = []
+    for i in range(count):
+        deadline = draw(st.one_of(st.none(), st.integers(1, hours + 4)))
+        work = None if deadline is None else draw(st.floats(0.1, 6.0))
+        # Work without a deadline at the lowest priority: deadlines outrank it, so "met when
+        # feasible" is the rule (higher-priority work without one may take their room).
+        priority = 0 if deadline is None else draw(st.sampled_from([0, 5]))
+        workloads.append(job(f"t/j{i}", work, deadline, priority=priority))
+    node_count = draw(st.integers(1, 3))
+    floor = node_count * 8 * H100.min_watts.value
+    span = node_count * 8 * (H100.max_watts.value - H100.min_watts.value)
+    caps = tuple(floor + span * draw(st.floats(0.0, 1.0)) for _ in range(hours))
+    idle_kwh = node_count * 8 * MODEL.idle_power_watts("H100-80GB") / 1000 * hours
+    energy = draw(st.one_of(st.none(), st.floats(0.0, 60.0).map(lambda e: idle_kwh + e)))
+    return horizon_input(
+        tuple(workloads),
+        node_count=node_count,
+        carbon=carbon,
+        caps=caps,
+        cap_watts=max(caps),
+        energy_kwh_left=energy,
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances())
+def test_caps_allowances_and_deadlines_hold(horizon: HorizonInput) -> None:
+    result = plan_horizon(horizon)
+    assert result.status is HorizonStatus.OPTIMAL
+    setting = horizon.budgets["b"]
+    gpus_total = sum(n.gpu_count for n in horizon.plan_input.nodes)
+    base_cap = gpus_total * H100.min_watts.value
+    tolerance = 1e-6
+    for s, cap in enumerate(setting.cap_watts_by_slot):
+        limits = sum(
+            r.share_by_slot[s] * r.point.gpus * (r.point.power_limit_watts - H100.min_watts.value)
+            for r in result.schedules.values()
+        )
+        assert base_cap + limits <= cap * (1 + tolerance) + tolerance
+        assert sum(r.share_by_slot[s] * r.point.gpus for r in result.schedules.values()) <= (
+            gpus_total + tolerance
+        )
+    (period,) = setting.periods
+    outlook = result.budgets["b"]
+    if period.energy_kwh_left is not None and outlook.energy_over_kwh == 0:
+        assert outlook.energy_kwh_by_period[0] <= period.energy_kwh_left * (1 + 1e-6) + 1e-6
+    if _independent_check(horizon, result):
+        for schedule in result.schedules.values():
+            assert schedule.missed_tokens <= 1e-6 * max(schedule.required_tokens or 0, 1)
