@@ -32,6 +32,7 @@ from wattsched_operator.api.meta import (
 KIND = "LLMWorkload"
 PLURAL = "llmworkloads"
 MAX_GPUS_PER_REPLICA = 64
+MAX_NODES_PER_REPLICA = 64
 MAX_REPLICAS = 1024
 MAX_VARIANTS = 8
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
@@ -84,14 +85,20 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class GpuRequest:
-    """`spec.gpu`: GPUs per replica, memory per GPU (GiB), allowed products (as written)."""
+    """`spec.gpu`: GPUs per pod, memory per GPU (GiB), allowed products (as written), and the
+    whole nodes one replica spans (a leader pod and workers, each pod with `count` GPUs)."""
 
     count: int
     min_memory_gib: float | None = None
     products: tuple[str, ...] = ()
+    nodes_per_replica: int = 1
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.count * self.nodes_per_replica
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"count": self.count}
+        out: dict[str, Any] = {"count": self.count, "nodesPerReplica": self.nodes_per_replica}
         if self.min_memory_gib is not None:
             out["minMemoryGiB"] = self.min_memory_gib
         if self.products:
@@ -448,6 +455,10 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
         products=gpu_fields.strings(
             "products", max_items=16, max_length=63, min_length=1, unique=True
         ),
+        nodes_per_replica=gpu_fields.optional_integer(
+            "nodesPerReplica", minimum=1, maximum=MAX_NODES_PER_REPLICA
+        )
+        or 1,
     )
     gpu_fields.finish()
 
