@@ -13,10 +13,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from wattsched_operator import replica_groups
 from wattsched_operator.api.meta import GPU_RESOURCE, GROUP, VERSION
 from wattsched_operator.api.meta import POWER_LIMIT_ANNOTATION as ANNOTATION_POWER_LIMIT
 from wattsched_operator.api.meta import POWER_LIMIT_ENV as ENV_POWER_LIMIT
 from wattsched_operator.api.meta import PRECISION_ENV as ENV_PRECISION
+from wattsched_operator.api.meta import RANK_LABEL as LABEL_RANK
 from wattsched_operator.api.meta import REPLICA_LABEL as LABEL_REPLICA
 from wattsched_operator.api.meta import VARIANT_ANNOTATION as ANNOTATION_VARIANT
 from wattsched_operator.api.meta import VARIANT_ENV as ENV_VARIANT
@@ -61,9 +63,11 @@ class WorkloadObject:
         return f"{self.namespace}/{self.name}"
 
 
-def pod_name(workload_name: str, replica: int) -> str:
-    """The one name replica `replica` of a workload ever gets, so a restart cannot duplicate it."""
-    return f"{workload_name}-{replica}"
+def pod_name(workload_name: str, replica: int, rank: int = 0) -> str:
+    """The one name replica `replica` of a workload ever gets, so a restart cannot duplicate it;
+    a worker of a replica that spans nodes (`rank` > 0) is named after its leader
+    (`replica_groups.member_name`)."""
+    return replica_groups.member_name(workload_name, replica, rank)
 
 
 def format_watts(power_limit_watts: float) -> str:
@@ -83,6 +87,9 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
     The WATTSCHED_* env vars come first in each container's env, replacing same-named ones from
     the template: Kubernetes expands `$(VAR)` only for variables defined earlier in the list, so
     this is what lets the template's own env values reference them.
+
+    A pod of a replica that spans nodes also gets its rank label, its hostname (its name) and
+    subdomain (the replica's headless Service), and the rendezvous env (`replica_groups`).
     """
     template = copy.deepcopy(dict(workload.template))
     template_meta: dict[str, Any] = dict(template.get("metadata") or {})
@@ -100,6 +107,17 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         {"name": ENV_POWER_LIMIT, "value": format_watts(placement.power_limit_watts)},
     ]
     ours = {ENV_VARIANT, ENV_PRECISION, ENV_POWER_LIMIT}
+    spans = placement.nodes_per_replica > 1
+    if spans:
+        added_env += replica_groups.rendezvous_env(
+            workload.name,
+            workload.namespace,
+            placement.replica,
+            rank=placement.rank,
+            nodes_per_replica=placement.nodes_per_replica,
+            master_port=replica_groups.template_master_port(containers),
+        )
+        ours |= set(replica_groups.RENDEZVOUS_ENV)
     for container in containers:
         template_env = [e for e in container.get("env") or [] if e.get("name") not in ours]
         container["env"] = added_env + template_env
@@ -120,6 +138,11 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         LABEL_WORKLOAD: workload.name,
         LABEL_REPLICA: str(placement.replica),
     }
+    name = pod_name(workload.name, placement.replica, placement.rank)
+    if spans:
+        labels[LABEL_RANK] = str(placement.rank)
+        spec["hostname"] = name
+        spec["subdomain"] = replica_groups.leader_name(workload.name, placement.replica)
     annotations = {
         **(template_meta.get("annotations") or {}),
         ANNOTATION_NODE: placement.node,
@@ -131,20 +154,11 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": pod_name(workload.name, placement.replica),
+            "name": name,
             "namespace": workload.namespace,
             "labels": labels,
             "annotations": annotations,
-            "ownerReferences": [
-                {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "LLMWorkload",
-                    "name": workload.name,
-                    "uid": workload.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [replica_groups.owner_reference(workload.name, workload.uid)],
         },
         "spec": spec,
     }
@@ -228,7 +242,7 @@ def planned_limits(plan: Plan) -> dict[str, NodeLimits]:
     clocks: dict[str, dict[PodKey, tuple[int, int]]] = {}
     for placement in plan.placements:
         namespace, _, name = placement.workload.partition("/")
-        key = (namespace, pod_name(name, placement.replica))
+        key = (namespace, pod_name(name, placement.replica, placement.rank))
         pods.setdefault(placement.node, {})[key] = placement.power_limit_watts
         if placement.sm_clock_mhz is not None:
             clock = placement.sm_clock_mhz

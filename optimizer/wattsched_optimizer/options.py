@@ -589,9 +589,7 @@ def workload_options(
     pools_by_variant: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for product in products:
         eligible = [
-            pool
-            for pool in pools
-            if pool.product == product and pool_fits_replica(pool, workload)
+            pool for pool in pools if pool.product == product and pool_fits_replica(pool, workload)
         ]
         for variant in variants:
             roomy = [p for p in eligible if _memory_need_gib(workload, variant) <= p.memory_gib]

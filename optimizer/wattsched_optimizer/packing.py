@@ -357,7 +357,8 @@ class ClusterState:
                 and next(iter(pools)) in candidates
                 and all(self.free[n] == gpus for n in mine)
                 and self._budget_fits(
-                    self.pool_of_node[mine[0]], per * self.extra_watts(self.pool_of_node[mine[0]], option)
+                    self.pool_of_node[mine[0]],
+                    per * self.extra_watts(self.pool_of_node[mine[0]], option),
                 )
             ):
                 chosen = mine

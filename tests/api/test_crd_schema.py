@@ -32,7 +32,7 @@ EXPECTED = {
             "Power(W)",
             "Age",
         ],
-        "wide": ["Nodes/Replica", "Node(s)", "Tokens/J", "Energy(kWh)", "Done"],
+        "wide": ["Node(s)", "Tokens/J", "Energy(kWh)", "Done", "Nodes/Replica"],
     },
     "EnergyBudget": {
         "scope": "Cluster",

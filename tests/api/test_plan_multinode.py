@@ -85,9 +85,7 @@ def test_plan_refuses_to_split_a_replica_across_products(
     assert "never spans products" in unplaced["message"]
 
 
-def test_the_table_shows_each_pod_rank(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def test_the_table_shows_each_pod_rank(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "snapshot.yaml"
     objects = [*nodes_and_budgets(), llama_405b(["NVIDIA-H100-80GB-HBM3"])]
     path.write_text(yaml.safe_dump_all(objects))

@@ -65,6 +65,8 @@ OPERATOR_ALLOWED: list[Permission] = [
     ("watch", "pods", None),
     # Moves and preemptions evict (policy/v1 Eviction) so PodDisruptionBudgets hold.
     ("create", "pods/eviction", USER_NAMESPACE),
+    # Headless Services of replicas that span nodes, and each Inference workload's Service.
+    *[(verb, "services", USER_NAMESPACE) for verb in ("get", "list", "create", "delete", "patch")],
     ("create", "events", USER_NAMESPACE),
     ("create", "events.events.k8s.io", USER_NAMESPACE),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),

@@ -10,6 +10,7 @@ Not for deciding anything: the optimizer decides; this module only reads and wri
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,6 +34,11 @@ KIND = "LLMWorkload"
 PLURAL = "llmworkloads"
 MAX_GPUS_PER_REPLICA = 64
 MAX_NODES_PER_REPLICA = 64
+# A workload whose replica spans nodes names pod hostnames and headless Services after itself
+# (`<name>-<replica>-w<rank>`, a DNS label of at most 63 characters; a Service name starts with a
+# letter), so its own name is a DNS label of at most this length.
+MAX_SPANNING_NAME_LENGTH = 50
+SPANNING_NAME = re.compile(rf"[a-z]([-a-z0-9]{{0,{MAX_SPANNING_NAME_LENGTH - 2}}}[a-z0-9])?")
 MAX_REPLICAS = 1024
 MAX_VARIANTS = 8
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
@@ -286,10 +292,12 @@ class ReplicaPlacement:
     gpus: int
     variant: str
     power_limit_watts: float
+    rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "replica": self.replica,
+            "rank": self.rank,
             "node": self.node,
             "gpus": self.gpus,
             "variant": self.variant,
@@ -372,6 +380,8 @@ class LLMWorkloadStatus:
     variant: str | None = None
     nodes: str | None = None
     placements: tuple[ReplicaPlacement, ...] = ()
+    # The Service an Inference workload's clients use (in its namespace).
+    service: str | None = None
     power: PowerStatus | None = None
     energy: EnergyStatus | None = None
     progress: ProgressStatus | None = None
@@ -395,6 +405,8 @@ class LLMWorkloadStatus:
             out["nodes"] = self.nodes
         if self.placements:
             out["placements"] = [p.to_dict() for p in self.placements]
+        if self.service is not None:
+            out["service"] = self.service
         if self.power is not None:
             out["power"] = self.power.to_dict()
         if self.energy is not None:
@@ -430,6 +442,15 @@ def parse_llmworkload(obj: JsonObject) -> LLMWorkload:
     """Read and validate an LLMWorkload; raises `ApiValidationError` naming the object and field."""
     metadata, top = read_envelope(obj, kind=KIND, namespaced=True)
     spec = _read_spec(top.section("spec"))
+    if spec.gpu.nodes_per_replica > 1 and not SPANNING_NAME.fullmatch(metadata.name):
+        raise ApiValidationError(
+            KIND,
+            metadata.key,
+            "spec.gpu.nodesPerReplica",
+            f"a replica that spans nodes needs metadata.name to be a DNS label of at most "
+            f"{MAX_SPANNING_NAME_LENGTH} characters (a-z, 0-9, '-', starting with a letter): its "
+            f"pods' hostnames and headless Services are named after it; got {metadata.name!r}",
+        )
     status_fields = top.optional_section("status")
     status = LLMWorkloadStatus() if status_fields is None else _read_status(status_fields)
     top.finish()
@@ -701,10 +722,13 @@ def _read_status(status: Fields) -> LLMWorkloadStatus:
         replica_fields.finish()
     placements = []
     items = status.objects("placements", max_items=MAX_REPLICAS) or []
-    status.unique_by("placements", items, lambda item: item.data.get("replica"))
+    status.unique_by(
+        "placements", items, lambda item: (item.data.get("replica"), item.data.get("rank", 0))
+    )
     for item in items:
         placements.append(
             ReplicaPlacement(
+                rank=item.integer("rank", minimum=0, maximum=MAX_NODES_PER_REPLICA - 1, default=0),
                 replica=item.integer("replica", minimum=0, maximum=2**31),
                 node=item.string("node", max_length=253),
                 gpus=item.integer("gpus", minimum=1, maximum=MAX_GPUS_PER_REPLICA),
@@ -778,6 +802,7 @@ def _read_status(status: Fields) -> LLMWorkloadStatus:
         variant=status.optional_string("variant", max_length=1024),
         nodes=status.optional_string("nodes", max_length=32768),
         placements=tuple(placements),
+        service=status.optional_string("service", max_length=63),
         power=power,
         energy=energy,
         progress=progress,
