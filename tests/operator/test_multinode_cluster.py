@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from tests.operator.conftest import StartOperator, get_json, wait_until
+from tests.operator.conftest import REPO_ROOT, StartOperator, get_json, wait_until
 
 if TYPE_CHECKING:
     from tests.conftest import Sandbox
@@ -257,3 +257,34 @@ def test_the_inference_service_selects_exactly_the_ready_leaders(
         return not [s for s in items if s["metadata"]["name"].startswith("chat")]
 
     wait_until("the workload's Services deleted with it", services_gone, 60)
+
+
+def test_the_large_model_examples_run_on_whole_h100_nodes(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    """examples/large-models/: the 405B service on 2 x 8 H100s and the 70B run on 4 nodes."""
+    start_operator()
+    sandbox.kubectl("apply", "-n", namespace, "-f", str(REPO_ROOT / "examples" / "large-models"))
+    wait_until(
+        "llama-405b's 2 pods Running", lambda: all_running(sandbox, namespace, "llama-405b", 2), 90
+    )
+    wait_until(
+        "llama-70b-pretrain's 4 pods Running",
+        lambda: all_running(sandbox, namespace, "llama-70b-pretrain", 4),
+        90,
+    )
+    nodes = {}
+    for name, count in (("llama-405b", 2), ("llama-70b-pretrain", 4)):
+        pods = pods_by_name(sandbox, namespace, name)
+        nodes[name] = {p["spec"]["nodeName"] for p in pods.values()}
+        assert len(nodes[name]) == count
+        assert {env_of(p)["WORLD_SIZE"] for p in pods.values()} == {str(count)}
+        status = get_json(sandbox, "llmworkload", name, "-n", namespace)["status"]
+        assert status["phase"] == "Running"
+        assert len({p["powerLimitWatts"] for p in status["placements"]}) == 1
+    assert nodes["llama-405b"].isdisjoint(nodes["llama-70b-pretrain"])
+    assert all(n.startswith("gpu-h100-") for names in nodes.values() for n in names)
+    assert (
+        get_json(sandbox, "service", "llama-405b", "-n", namespace)["spec"]["ports"][0]["port"]
+        == 8000
+    )
