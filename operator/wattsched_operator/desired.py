@@ -322,7 +322,7 @@ def pace_deletions(
     the plan wants is Ready, and one per round; the others wait for a later round. A pod that
     serves nothing (not Ready, or on a node in `lost_nodes`: gone, NotReady, NoExecute) always
     goes; so does a pod that is not moving (scale-down, preemption: the plan wants it nowhere) and
-    every gang member.
+    every gang member. The pods of a replica that spans nodes go together (one replica's move).
     """
     now: list[tuple[str, str]] = []
     later: list[tuple[str, str]] = []
@@ -350,7 +350,20 @@ def pace_deletions(
             down[workload] = 1
         else:
             later.append(key)
-    return PacedDeletions(now=tuple(now), later=tuple(later))
+    # The pods of a replica that spans nodes go together: one going now takes the others along.
+    going = {group for key in now if (group := _group_of(current.get(key), key)) is not None}
+    along = [key for key in later if _group_of(current.get(key), key) in going]
+    return PacedDeletions(
+        now=tuple(now + along), later=tuple(key for key in later if key not in along)
+    )
+
+
+def _group_of(pod: Mapping[str, Any] | None, key: tuple[str, str]) -> tuple[str, str, str] | None:
+    """(namespace, workload, replica) of a pod of a replica that spans nodes; None otherwise."""
+    labels = ((pod or {}).get("metadata") or {}).get("labels") or {}
+    if LABEL_RANK not in labels:
+        return None
+    return (key[0], str(labels.get(LABEL_WORKLOAD)), str(labels.get(LABEL_REPLICA)))
 
 
 def node_power_profile(node_name: str, limits: NodeLimits) -> dict[str, Any]:

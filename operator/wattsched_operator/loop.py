@@ -1134,6 +1134,11 @@ class PlanningLoop:
         objects = {key: workload_object(body) for key, body in active.items()}
         want = desired.desired_pods(objects, plan.placements)
         changes = desired.pod_changes(view.pods.values(), want, frozenset(life.keep_pods))
+        # The pods of a replica that spans nodes are deleted (and so moved) together.
+        changes = dataclasses.replace(
+            changes,
+            delete=replica_groups.whole_replica_deletions(changes.delete, view.pods.values()),
+        )
         # A replica that spans nodes restarts whole when one of its pods fails.
         restart = replica_groups.group_restarts(view.pods.values(), want)
         caps = unmanaged_gpu_caps(view.budgets.values(), view.nodes.values())

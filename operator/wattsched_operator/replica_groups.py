@@ -211,6 +211,31 @@ def group_restarts(
     return GroupRestart(delete=frozenset(delete), hold=frozenset(hold))
 
 
+def whole_replica_deletions(
+    delete: Iterable[tuple[str, str]], pods: Iterable[Mapping[str, Any]]
+) -> tuple[tuple[str, str], ...]:
+    """`delete` (pods to delete, by (namespace, name)) with every other live pod of each replica
+    that spans nodes one of whose pods is in it: a replica's pods move, and restart, together
+    (a worker moved alone would join a rendezvous that already ran)."""
+    chosen = set(delete)
+    groups: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+    for pod in pods:
+        meta = pod["metadata"]
+        labels = meta.get("labels") or {}
+        if RANK_LABEL not in labels or meta.get("deletionTimestamp"):
+            continue
+        if (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}:
+            continue
+        group = (
+            str(meta["namespace"]),
+            str(labels.get(WORKLOAD_LABEL)),
+            str(labels.get(REPLICA_LABEL)),
+        )
+        groups.setdefault(group, []).append((meta["namespace"], meta["name"]))
+    extra = [key for members in groups.values() if chosen & set(members) for key in members]
+    return tuple(sorted(chosen | set(extra)))
+
+
 def desired_headless_services(
     workloads: Mapping[str, tuple[str, str, str]], replicas: Iterable[tuple[str, int]]
 ) -> dict[tuple[str, str], dict[str, Any]]:

@@ -100,6 +100,13 @@ def endpoint_pods(sandbox: Sandbox, namespace: str, service: str) -> dict[str, d
     }
 
 
+def status_of(sandbox: Sandbox, namespace: str, name: str) -> dict[str, Any]:
+    status: dict[str, Any] = (
+        get_json(sandbox, "llmworkload", name, "-n", namespace).get("status") or {}
+    )
+    return status
+
+
 def set_failed(sandbox: Sandbox, namespace: str, pod: str) -> None:
     """Stand in for the kubelet: the pod's container exited 1 (KWOK only completes Job pods)."""
     status = {
@@ -168,7 +175,10 @@ def test_a_two_node_replica_runs_with_rendezvous_env_and_a_resolvable_headless_s
     for name, endpoint in endpoints.items():
         assert endpoint["addresses"] == [pods[name]["status"]["podIP"]]
     # Both pods' GPUs carry the same planned limit.
-    status = get_json(sandbox, "llmworkload", "big", "-n", namespace)["status"]
+    status = wait_until(
+        "big's status names its Service",
+        lambda: (s := status_of(sandbox, namespace, "big")).get("service") and s,
+    )
     placements = status["placements"]
     assert [(p["replica"], p["rank"]) for p in placements] == [(0, 0), (0, 1)]
     assert len({p["powerLimitWatts"] for p in placements}) == 1
@@ -248,7 +258,10 @@ def test_the_inference_service_selects_exactly_the_ready_leaders(
     )
     assert set(endpoints) == {"chat-0", "chat-1"}
     assert all(e["conditions"]["ready"] for e in endpoints.values())
-    assert get_json(sandbox, "llmworkload", "chat", "-n", namespace)["status"]["service"] == "chat"
+    wait_until(
+        "status.service names it",
+        lambda: status_of(sandbox, namespace, "chat").get("service") == "chat",
+    )
     # The Services go with the workload (owner references; the garbage collector deletes them).
     sandbox.kubectl("delete", "llmworkload", "chat", "-n", namespace, "--timeout=60s")
 
@@ -279,8 +292,12 @@ def test_the_large_model_examples_run_on_whole_h100_nodes(
         nodes[name] = {p["spec"]["nodeName"] for p in pods.values()}
         assert len(nodes[name]) == count
         assert {env_of(p)["WORLD_SIZE"] for p in pods.values()} == {str(count)}
-        status = get_json(sandbox, "llmworkload", name, "-n", namespace)["status"]
-        assert status["phase"] == "Running"
+
+        def running_status(name: str = name) -> dict[str, Any] | None:
+            status = status_of(sandbox, namespace, name)
+            return status if status.get("phase") == "Running" else None
+
+        status = wait_until(f"{name} Running", running_status)
         assert len({p["powerLimitWatts"] for p in status["placements"]}) == 1
     assert nodes["llama-405b"].isdisjoint(nodes["llama-70b-pretrain"])
     assert all(n.startswith("gpu-h100-") for names in nodes.values() for n in names)

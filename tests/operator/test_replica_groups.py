@@ -7,7 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from wattsched_operator import replica_groups
-from wattsched_operator.desired import WorkloadObject, build_pod, desired_pods, planned_limits
+from wattsched_operator.desired import (
+    WorkloadObject,
+    build_pod,
+    desired_pods,
+    pace_deletions,
+    planned_limits,
+)
 from wattsched_optimizer.problem import Placement, Plan, PlanStatus, WorkloadType
 
 
@@ -191,3 +197,34 @@ def test_healthy_replicas_and_single_node_pods_are_left_alone() -> None:
     assert replica_groups.group_restarts(pods, want) == replica_groups.GroupRestart(
         frozenset(), frozenset()
     )
+
+
+def test_a_moved_pod_takes_the_rest_of_its_replica_along() -> None:
+    want = replica_pods()
+    pods = [running(p) for p in want.values()]
+    delete = replica_groups.whole_replica_deletions([("team-a", "llama-405b-1-w1")], pods)
+    assert delete == (("team-a", "llama-405b-1"), ("team-a", "llama-405b-1-w1"))
+    assert replica_groups.whole_replica_deletions([], pods) == ()
+
+
+def ready(pod: dict[str, Any]) -> dict[str, Any]:
+    body = running(pod)
+    body["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    return body
+
+
+def test_a_service_moves_one_spanning_replica_at_a_time_with_all_its_pods() -> None:
+    want = replica_pods()
+    current = {key: ready(pod) for key, pod in want.items()}
+    # Both replicas move (their nodes change): replica 0's two pods go now, replica 1's wait.
+    delete = sorted(want)
+    paced = pace_deletions(
+        delete,
+        current,
+        want,
+        services=frozenset({"team-a/llama-405b"}),
+        forced=frozenset(),
+        lost_nodes=frozenset(),
+    )
+    assert sorted(paced.now) == [("team-a", "llama-405b-0"), ("team-a", "llama-405b-0-w1")]
+    assert sorted(paced.later) == [("team-a", "llama-405b-1"), ("team-a", "llama-405b-1-w1")]
