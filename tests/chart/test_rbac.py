@@ -413,6 +413,8 @@ def test_pod_writes_are_limited_to_listed_workload_namespaces(
         assert can_i(sandbox, user, ("create", "pods", namespace), namespace)
         assert can_i(sandbox, user, ("delete", "pods", namespace), namespace)
         assert not can_i(sandbox, user, ("create", "pods", other), other)
+        assert can_i(sandbox, user, ("create", "services", namespace), namespace)
+        assert not can_i(sandbox, user, ("create", "services", other), other)
         assert can_i(sandbox, user, ("list", "pods", None), other)
     finally:
         for doc in rbac:
