@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from wattsched_optimizer.model import product_spec
 from wattsched_optimizer.planner import PlanInputError, plan
@@ -166,3 +168,70 @@ def test_nodes_per_replica_must_divide_the_replica_gpus() -> None:
     bad = spanning(gpus_per_replica=9, nodes_per_replica=2)
     with pytest.raises(PlanInputError, match=r"spec\.gpu\.nodesPerReplica=2"):
         plan(PlanInput(nodes=nodes("H100-80GB", 2, "h"), workloads=(bad,)))
+
+
+@st.composite
+def mixed_inputs(draw: st.DrawFn) -> PlanInput:
+    """Nodes of two products with 4 or 8 GPUs, spanning and single-node workloads, a budget."""
+    cluster = []
+    for index in range(draw(st.integers(2, 8))):
+        product = draw(st.sampled_from(["H100-80GB", "A100-80GB"]))
+        cluster.append(GpuNode(f"n{index}", product, draw(st.sampled_from([4, 8]))))
+    workloads = []
+    for index in range(draw(st.integers(1, 5))):
+        per_pod = draw(st.sampled_from([4, 8]))
+        nodes_per_replica = draw(st.sampled_from([1, 2, 3]))
+        gang = draw(st.booleans())
+        workloads.append(
+            Workload(
+                key=f"team/w{index}",
+                type=WorkloadType.TRAINING if gang else WorkloadType.INFERENCE,
+                model_parameters_billions=70,
+                gpus_per_replica=per_pod * nodes_per_replica,
+                nodes_per_replica=nodes_per_replica,
+                variants=(BF16,),
+                replicas=draw(st.integers(1, 2)),
+                min_replicas=1,
+                max_replicas=draw(st.integers(1, 3)),
+                tokens_per_second=None if gang else draw(st.sampled_from([10.0, 5000.0])),
+                priority=draw(st.integers(0, 2)),
+            )
+        )
+    floor = sum(n.gpu_count * product_spec(n.product).min_watts.value for n in cluster)
+    budget = Budget("all", floor + draw(st.integers(0, 20_000)), frozenset(n.name for n in cluster))
+    return PlanInput(nodes=tuple(cluster), workloads=tuple(workloads), budgets=(budget,))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mixed_inputs())
+def test_spanning_replicas_are_whole_one_product_and_never_share_a_node(
+    plan_input: PlanInput,
+) -> None:
+    result = plan(plan_input)
+    node_of = {n.name: n for n in plan_input.nodes}
+    used: dict[str, int] = {}
+    for placement in result.placements:
+        used[placement.node] = used.get(placement.node, 0) + placement.gpus
+    assert all(used[n] <= node_of[n].gpu_count for n in used)
+    for workload in plan_input.workloads:
+        pods = [p for p in result.placements if p.workload == workload.key]
+        if not pods:
+            continue
+        replicas: dict[int, list[Placement]] = {}
+        for pod in pods:
+            replicas.setdefault(pod.replica, []).append(pod)
+        if workload.type.is_gang:
+            assert len(replicas) == workload.replicas
+        for members in replicas.values():
+            assert sorted(p.rank for p in members) == list(range(workload.nodes_per_replica))
+            assert len({(p.power_limit_watts, p.variant, p.sm_clock_mhz) for p in members}) == 1
+            assert sum(p.gpus for p in members) == workload.gpus_per_replica
+            if workload.spans_nodes:
+                nodes = [node_of[p.node] for p in members]
+                assert len({n.name for n in nodes}) == workload.nodes_per_replica
+                assert len({n.product for n in nodes}) == 1
+                assert all(n.gpu_count == workload.gpus_per_pod for n in nodes)
+                # Whole nodes: nothing else runs there.
+                assert all(used[n.name] == n.gpu_count for n in nodes)
+    for allocation in result.budgets:
+        assert allocation.allocated_cap_watts <= allocation.cap_watts + 1e-6
