@@ -234,20 +234,3 @@ def whole_replica_deletions(
         groups.setdefault(group, []).append((meta["namespace"], meta["name"]))
     extra = [key for members in groups.values() if chosen & set(members) for key in members]
     return tuple(sorted(chosen | set(extra)))
-
-
-def desired_headless_services(
-    workloads: Mapping[str, tuple[str, str, str]], replicas: Iterable[tuple[str, int]]
-) -> dict[tuple[str, str], dict[str, Any]]:
-    """The headless Service of every planned replica that spans nodes, by (namespace, name).
-
-    `workloads`: workload key -> (namespace, name, uid); `replicas`: (workload key, replica).
-    """
-    services: dict[tuple[str, str], dict[str, Any]] = {}
-    for key, replica in replicas:
-        if key not in workloads:
-            continue
-        namespace, name, uid = workloads[key]
-        service = headless_service(name, namespace, uid, replica)
-        services[(namespace, service["metadata"]["name"])] = service
-    return services
