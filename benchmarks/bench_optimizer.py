@@ -49,6 +49,10 @@ TEMPLATES = 60
 PRIORITIES = (0, 10, 100, 1000)
 # gpus per replica -> model size (billions of parameters), bf16 memory per GPU (GiB)
 SIZES = {1: (8.0, 20.0), 2: (13.0, 20.0), 4: (34.0, 24.0), 8: (70.0, 24.0)}
+# Share of 8-GPU templates turned into a 405B-class replica spanning 2 whole nodes (16 GPUs,
+# spec.gpu.nodesPerReplica 2; bf16 about 810 GB of weights, 56 GiB per GPU with KV headroom).
+SPANNING_SHARE = 0.25
+SPANNING = (405.0, 56.0)
 
 
 def generate(
@@ -58,9 +62,12 @@ def generate(
 
     Workloads are drawn from `templates_count` configurations x 4 priorities: clusters run many
     workloads that share a configuration, which is what class aggregation exploits. With as
-    many templates as workloads almost every workload is its own class (the worst case).
+    many templates as workloads almost every workload is its own class (the worst case). A share
+    of the 8-GPU templates (`SPANNING_SHARE`) spans 2 nodes, drawn from a stream of its own so
+    that every other draw is what it was before replicas could span nodes.
     """
     rng = random.Random(seed)
+    spanning_rng = random.Random(seed + 1)
     nodes = []
     for i in range(nodes_count):
         roll, product = rng.random(), PRODUCT_SHARES[-1][0]
@@ -75,6 +82,9 @@ def generate(
         workload_type = rng.choices(list(WorkloadType), weights=[0.4, 0.2, 0.15, 0.25], k=1)[0]
         gpus = rng.choice([1, 1, 2, 4, 8])
         params, memory = SIZES[gpus]
+        nodes_per_replica = 1
+        if gpus == 8 and spanning_rng.random() < SPANNING_SHARE:
+            (params, memory), nodes_per_replica = SPANNING, 2
         variants = [Variant("bf16", Precision.BF16, memory, 1.0, 1.0)]
         if rng.random() < 0.5:
             variants.append(Variant("fp8", Precision.FP8, memory / 2, 1.6, 0.97))
@@ -82,7 +92,8 @@ def generate(
             key=f"template-{t}",
             type=workload_type,
             model_parameters_billions=params,
-            gpus_per_replica=gpus,
+            gpus_per_replica=gpus * nodes_per_replica,
+            nodes_per_replica=nodes_per_replica,
             variants=tuple(variants),
             policy=rng.choice(list(EnergyPolicy)),
             min_quality=rng.choice([0.0, 0.95, 0.99]),
@@ -99,7 +110,7 @@ def generate(
             deadline = rng.choice([None, None, 4 * 3600.0])
             work = None
             if deadline is not None:
-                rate = 65933 / params * gpus * replicas * 0.6
+                rate = 65933 / params * gpus * nodes_per_replica * replicas * 0.6
                 work = WorkAmount(WorkUnit.TOKENS, rate * deadline)
             base = dataclasses.replace(
                 base, replicas=replicas, remaining_work=work, deadline_seconds=deadline
@@ -183,7 +194,9 @@ def baseline(plan_input: PlanInput, time_limit_seconds: float) -> dict[str, floa
             for p, variable in z.items():
                 pool = data.pools[p]
                 gpus_by_pool[p].append(option.gpus_per_replica * variable)
-                if 2 * option.gpus_per_replica > pool.gpus_per_node:
+                if option.nodes_per_replica > 1:
+                    whole_by_pool[p].append(option.nodes_per_replica * variable)
+                elif 2 * option.gpus_per_replica > pool.gpus_per_node:
                     whole_by_pool[p].append(variable)
                 if pool.agent_ready:
                     extra = option.gpus_per_replica * (option.power_limit_watts - pool.min_watts)
@@ -261,6 +274,8 @@ def run(
     result = results[-1]
     t = result.timings_seconds
     placed = len({p.workload for p in result.placements})
+    spanning = {w.key for w in plan_input.workloads if w.spans_nodes}
+    placed_spanning = len({p.workload for p in result.placements if p.workload in spanning})
     print(
         f"end to end median {statistics.median(totals):.3f} s wall, "
         f"{statistics.median(cpu_totals):.3f} s CPU (wall min {min(totals):.3f}, "
@@ -269,7 +284,8 @@ def run(
     )
     print(
         f"status {result.status}, objective {result.objective:.6g}, bound {result.bound:.6g}, "
-        f"gap {result.gap:.4%}, placed {placed}, unplaced {len(result.unplaced)}"
+        f"gap {result.gap:.4%}, placed {placed}, unplaced {len(result.unplaced)}; "
+        f"spanning 2 nodes: {len(spanning)} workloads, {placed_spanning} placed"
     )
     tracemalloc.start()
     plan(plan_input)

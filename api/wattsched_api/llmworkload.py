@@ -10,6 +10,7 @@ Not for deciding anything: the optimizer decides; this module only reads and wri
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +33,12 @@ from wattsched_api.meta import (
 KIND = "LLMWorkload"
 PLURAL = "llmworkloads"
 MAX_GPUS_PER_REPLICA = 64
+MAX_NODES_PER_REPLICA = 64
+# A workload whose replica spans nodes names pod hostnames and headless Services after itself
+# (`<name>-<replica>-w<rank>`, a DNS label of at most 63 characters; a Service name starts with a
+# letter), so its own name is a DNS label of at most this length.
+MAX_SPANNING_NAME_LENGTH = 50
+SPANNING_NAME = re.compile(rf"[a-z]([-a-z0-9]{{0,{MAX_SPANNING_NAME_LENGTH - 2}}}[a-z0-9])?")
 MAX_REPLICAS = 1024
 MAX_VARIANTS = 8
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
@@ -84,14 +91,20 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class GpuRequest:
-    """`spec.gpu`: GPUs per replica, memory per GPU (GiB), allowed products (as written)."""
+    """`spec.gpu`: GPUs per pod, memory per GPU (GiB), allowed products (as written), and the
+    whole nodes one replica spans (a leader pod and workers, each pod with `count` GPUs)."""
 
     count: int
     min_memory_gib: float | None = None
     products: tuple[str, ...] = ()
+    nodes_per_replica: int = 1
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.count * self.nodes_per_replica
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"count": self.count}
+        out: dict[str, Any] = {"count": self.count, "nodesPerReplica": self.nodes_per_replica}
         if self.min_memory_gib is not None:
             out["minMemoryGiB"] = self.min_memory_gib
         if self.products:
@@ -279,10 +292,12 @@ class ReplicaPlacement:
     gpus: int
     variant: str
     power_limit_watts: float
+    rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "replica": self.replica,
+            "rank": self.rank,
             "node": self.node,
             "gpus": self.gpus,
             "variant": self.variant,
@@ -365,6 +380,8 @@ class LLMWorkloadStatus:
     variant: str | None = None
     nodes: str | None = None
     placements: tuple[ReplicaPlacement, ...] = ()
+    # The Service an Inference workload's clients use (in its namespace).
+    service: str | None = None
     power: PowerStatus | None = None
     energy: EnergyStatus | None = None
     progress: ProgressStatus | None = None
@@ -388,6 +405,8 @@ class LLMWorkloadStatus:
             out["nodes"] = self.nodes
         if self.placements:
             out["placements"] = [p.to_dict() for p in self.placements]
+        if self.service is not None:
+            out["service"] = self.service
         if self.power is not None:
             out["power"] = self.power.to_dict()
         if self.energy is not None:
@@ -423,6 +442,15 @@ def parse_llmworkload(obj: JsonObject) -> LLMWorkload:
     """Read and validate an LLMWorkload; raises `ApiValidationError` naming the object and field."""
     metadata, top = read_envelope(obj, kind=KIND, namespaced=True)
     spec = _read_spec(top.section("spec"))
+    if spec.gpu.nodes_per_replica > 1 and not SPANNING_NAME.fullmatch(metadata.name):
+        raise ApiValidationError(
+            KIND,
+            metadata.key,
+            "spec.gpu.nodesPerReplica",
+            f"a replica that spans nodes needs metadata.name to be a DNS label of at most "
+            f"{MAX_SPANNING_NAME_LENGTH} characters (a-z, 0-9, '-', starting with a letter): its "
+            f"pods' hostnames and headless Services are named after it; got {metadata.name!r}",
+        )
     status_fields = top.optional_section("status")
     status = LLMWorkloadStatus() if status_fields is None else _read_status(status_fields)
     top.finish()
@@ -448,6 +476,10 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
         products=gpu_fields.strings(
             "products", max_items=16, max_length=63, min_length=1, unique=True
         ),
+        nodes_per_replica=gpu_fields.optional_integer(
+            "nodesPerReplica", minimum=1, maximum=MAX_NODES_PER_REPLICA
+        )
+        or 1,
     )
     gpu_fields.finish()
 
@@ -690,10 +722,13 @@ def _read_status(status: Fields) -> LLMWorkloadStatus:
         replica_fields.finish()
     placements = []
     items = status.objects("placements", max_items=MAX_REPLICAS) or []
-    status.unique_by("placements", items, lambda item: item.data.get("replica"))
+    status.unique_by(
+        "placements", items, lambda item: (item.data.get("replica"), item.data.get("rank", 0))
+    )
     for item in items:
         placements.append(
             ReplicaPlacement(
+                rank=item.integer("rank", minimum=0, maximum=MAX_NODES_PER_REPLICA - 1, default=0),
                 replica=item.integer("replica", minimum=0, maximum=2**31),
                 node=item.string("node", max_length=253),
                 gpus=item.integer("gpus", minimum=1, maximum=MAX_GPUS_PER_REPLICA),
@@ -767,6 +802,7 @@ def _read_status(status: Fields) -> LLMWorkloadStatus:
         variant=status.optional_string("variant", max_length=1024),
         nodes=status.optional_string("nodes", max_length=32768),
         placements=tuple(placements),
+        service=status.optional_string("service", max_length=63),
         power=power,
         energy=energy,
         progress=progress,

@@ -22,6 +22,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # Labels on the pods wattsched creates: which LLMWorkload (pod's namespace) and which replica.
 WORKLOAD_LABEL = "wattsched.io/workload"
 REPLICA_LABEL = "wattsched.io/replica"
+# A pod's rank in a replica that spans nodes (0: the leader); absent means 0.
+RANK_LABEL = "wattsched.io/rank"
 # Annotations on those pods: the variant and per-GPU power limit the plan gave the replica, and
 # the workload's spec.type (the simulated agent draws power for that kind of work).
 VARIANT_ANNOTATION = "wattsched.io/variant"

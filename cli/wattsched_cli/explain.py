@@ -30,6 +30,7 @@ from wattsched_api.commandline import (
     CommandParser,
 )
 from wattsched_api.meta import GPU_PRODUCT_LABEL
+from wattsched_operator import replica_groups
 from wattsched_operator.kube import (
     Kube,
     KubeError,
@@ -98,9 +99,11 @@ def limit_reasons(
     for p in (workload.get("status") or {}).get("placements") or []:
         key = (node_products.get(str(p["node"])), float(p["powerLimitWatts"]), int(p["gpus"]))
         groups.setdefault(key, []).append(p)
+    # A replica that spans nodes has a placement per pod, all at its one limit.
+    pods_per_replica = int((spec.get("gpu") or {}).get("nodesPerReplica") or 1)
     lines: list[str] = []
     for (product, limit, gpus), group in sorted(groups.items(), key=lambda g: str(g[0])):
-        replicas = ", ".join(str(p["replica"]) for p in sorted(group, key=lambda p: p["replica"]))
+        replicas = ", ".join(str(r) for r in sorted({int(p["replica"]) for p in group}))
         nodes = {str(p["node"]) for p in group}
         head = f"    replica(s) {replicas} at {limit:.0f} W per GPU"
         if product is None:
@@ -118,7 +121,7 @@ def limit_reasons(
             )
             continue
         step = _next_level_watts(product, limit, ceiling)
-        step_watts = gpus * (step - limit)
+        step_watts = pods_per_replica * gpus * (step - limit)
         over_nodes = [
             b
             for b in sorted(budgets, key=lambda b: str(b["metadata"]["name"]))
@@ -160,13 +163,15 @@ def clock_reasons(
     spec = workload.get("spec") or {}
     namespace, name = str(meta.get("namespace")), str(meta.get("name"))
     policy = str((spec.get("energy") or {}).get("policy") or "Balanced")
+    spans = int((spec.get("gpu") or {}).get("nodesPerReplica") or 1) > 1
     lines: list[str] = []
     unlocked: list[str] = []
     for p in sorted(
-        (workload.get("status") or {}).get("placements") or [], key=lambda p: p["replica"]
+        (workload.get("status") or {}).get("placements") or [],
+        key=lambda p: (p["replica"], p.get("rank", 0)),
     ):
         node = str(p["node"])
-        pod = f"{name}-{p['replica']}"
+        pod = replica_groups.member_name(name, int(p["replica"]), int(p.get("rank", 0)))
         profile = profiles.get(node) or {}
         entry = next(
             (
@@ -178,7 +183,8 @@ def clock_reasons(
         )
         clocks = None if entry is None else entry.get("smClockRangeMHz")
         if not clocks:
-            unlocked.append(str(p["replica"]))
+            if str(p["replica"]) not in unlocked:
+                unlocked.append(str(p["replica"]))
             continue
         read = [
             g.get("smClockMHz")
@@ -199,7 +205,8 @@ def clock_reasons(
                 f"limit, {kept:.0%} of the throughput"
             )
         lines.append(
-            f"    replica {p['replica']}: SM clocks locked at {clocks['min']}-{clocks['max']} MHz "
+            f"    {_pod_label(p, spans=spans)}: SM clocks locked at "
+            f"{clocks['min']}-{clocks['max']} MHz "
             f"({in_force}): decode-bound inference under the {policy} policy draws less per token "
             f"at a lower clock while its SLO holds; {saving}"
         )
@@ -240,6 +247,8 @@ def explanation(
         "workload": f"{meta.get('namespace')}/{meta.get('name')}",
         "type": spec.get("type"),
         "gpusPerReplica": (spec.get("gpu") or {}).get("count"),
+        "nodesPerReplica": int((spec.get("gpu") or {}).get("nodesPerReplica") or 1),
+        "service": status.get("service"),
         "priority": spec.get("priority", 0),
         "phase": status.get("phase"),
         "message": status.get("message"),
@@ -253,7 +262,7 @@ def explanation(
         "budgets": [],
         "events": [],
     }
-    for p in sorted(placements, key=lambda p: p["replica"]):
+    for p in sorted(placements, key=lambda p: (p["replica"], p.get("rank", 0))):
         profile = profiles.get(str(p["node"])) or {}
         applied = [
             float(a)
@@ -263,6 +272,10 @@ def explanation(
         document["placements"].append(
             {
                 "replica": p["replica"],
+                "rank": p.get("rank", 0),
+                "pod": replica_groups.member_name(
+                    str(meta.get("name")), int(p["replica"]), int(p.get("rank", 0))
+                ),
                 "node": p["node"],
                 "gpus": p["gpus"],
                 "variant": p["variant"],
@@ -349,9 +362,15 @@ def render(
     doc = explanation(
         workload, profiles, budgets, events, budget_scopes, node_products=node_products
     )
+    spread = (
+        f" GPU(s) per node x {doc['nodesPerReplica']} whole nodes of one product per replica"
+        " (leader and workers)"
+        if doc["nodesPerReplica"] > 1
+        else " GPU(s) per replica"
+    )
     lines = [
         f"LLMWorkload {doc['workload']}: {doc['type'] or '?'}, {doc['gpusPerReplica'] or '?'}"
-        f" GPU(s) per replica, priority {doc['priority']}",
+        f"{spread}, priority {doc['priority']}",
         f"  phase: {doc['phase'] or 'not yet planned'}"
         + (f" ({doc['message']})" if doc["message"] else ""),
     ]
@@ -367,9 +386,13 @@ def render(
                 else "no agent report yet"
             )
             lines.append(
-                f"    replica {p['replica']}: node {p['node']}, {p['gpus']} GPU(s), variant "
+                f"    {_pod_label(p, spans=doc['nodesPerReplica'] > 1)}: node {p['node']}, "
+                f"{p['gpus']} GPU(s), variant "
                 f"{p['variant']}, limit {_fmt_watts(p['powerLimitWatts'])} per GPU ({applied_text})"
             )
+    if doc["service"]:
+        selects = "its ready leaders" if doc["nodesPerReplica"] > 1 else "its ready replicas"
+        lines.append(f"  service: {doc['service']} (selects {selects})")
     power = doc["power"]
     if power:
         lines.append(
@@ -522,3 +545,11 @@ def main(argv: list[str]) -> int:
     else:
         print(yaml.safe_dump(document, sort_keys=False), end="")
     return EXIT_OK
+
+
+def _pod_label(placement: Mapping[str, Any], *, spans: bool) -> str:
+    """`replica 0` for a single-node replica's pod; `replica 0 leader` / `replica 0 worker 2` for
+    the pods of a replica that spans nodes."""
+    rank = int(placement.get("rank", 0))
+    role = "" if not spans else " leader" if rank == 0 else f" worker {rank}"
+    return f"replica {placement['replica']}{role}"

@@ -92,6 +92,8 @@ def plan_to_json(
             {
                 "workload": p.workload,
                 "replica": p.replica,
+                "rank": p.rank,
+                "nodesPerReplica": p.nodes_per_replica,
                 "node": p.node,
                 "gpus": p.gpus,
                 "variant": p.variant,
@@ -100,7 +102,7 @@ def plan_to_json(
                 "expectedTokensPerSecond": p.expected_throughput,
                 "smClockRangeMHz": clock_range(p.sm_clock_mhz),
             }
-            for p in sorted(plan.placements, key=lambda p: (p.workload, p.replica))
+            for p in sorted(plan.placements, key=lambda p: (p.workload, p.replica, p.rank))
         ],
         "nodes": [
             {
@@ -214,7 +216,8 @@ def plan_to_table(
         [
             [
                 p["workload"],
-                str(p["replica"]),
+                str(p["replica"])
+                + (f" ({p['rank']}/{p['nodesPerReplica']})" if p["nodesPerReplica"] > 1 else ""),
                 p["node"],
                 str(p["gpus"]),
                 p["variant"],

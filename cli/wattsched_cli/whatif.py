@@ -238,7 +238,8 @@ def _gpus_changed(before: Sequence[float], after: Sequence[float]) -> int:
 def plan_diff(plan_input: PlanInput, plan: Plan, profiles: Sequence[Body]) -> dict[str, Any]:
     """What applying `plan` would change against the cluster now.
 
-    Replicas are matched by workload and replica index, as the operator matches pods: a replica on
+    Pods are matched by workload, replica index and rank, as the operator matches them (entries
+    of a replica that spans nodes also carry `rank`, 0 for its leader): a replica on
     another node, or with another variant, is a pod stopped and started (`moved`,
     `variantChanged`); one no longer planned is `stopped` (with the workload's unplaced reason when
     it has one); a new one is `started`; one that stays where it is, with the same variant and
@@ -246,22 +247,25 @@ def plan_diff(plan_input: PlanInput, plan: Plan, profiles: Sequence[Body]) -> di
     differ from what their NodePowerProfile asks for now, as its agent reports it per GPU (a node
     without a profile, or whose agent has not reported, has no limits now).
     """
-    now: dict[tuple[str, int], CurrentPlacement] = {
-        (c.workload, c.replica): c for c in plan_input.current
+    now: dict[tuple[str, int, int], CurrentPlacement] = {
+        (c.workload, c.replica, c.rank): c for c in plan_input.current
     }
-    planned: dict[tuple[str, int], Placement] = {
-        (p.workload, p.replica): p for p in plan.placements
+    planned: dict[tuple[str, int, int], Placement] = {
+        (p.workload, p.replica, p.rank): p for p in plan.placements
     }
+    spanning = {w.key for w in plan_input.workloads if w.spans_nodes}
     reasons = {u.workload: u.reason for u in plan.unplaced}
     moved, variant_changed, stopped, started, limit_changed = [], [], [], [], []
     for key in sorted(now.keys() | planned.keys()):
-        workload, replica = key
+        workload, replica, rank = key
         before, after = now.get(key), planned.get(key)
+        pod: dict[str, Any] = {"workload": workload, "replica": replica}
+        if workload in spanning:
+            pod["rank"] = rank
         if after is None and before is not None:
             stopped.append(
                 {
-                    "workload": workload,
-                    "replica": replica,
+                    **pod,
                     "node": before.node,
                     "reason": reasons.get(workload, "the plan places fewer replicas"),
                 }
@@ -269,8 +273,7 @@ def plan_diff(plan_input: PlanInput, plan: Plan, profiles: Sequence[Body]) -> di
         elif before is None and after is not None:
             started.append(
                 {
-                    "workload": workload,
-                    "replica": replica,
+                    **pod,
                     "node": after.node,
                     "variant": after.variant,
                     "powerLimitWatts": after.power_limit_watts,
@@ -280,8 +283,7 @@ def plan_diff(plan_input: PlanInput, plan: Plan, profiles: Sequence[Body]) -> di
             if before.node != after.node:
                 moved.append(
                     {
-                        "workload": workload,
-                        "replica": replica,
+                        **pod,
                         "fromNode": before.node,
                         "toNode": after.node,
                     }
@@ -289,8 +291,7 @@ def plan_diff(plan_input: PlanInput, plan: Plan, profiles: Sequence[Body]) -> di
             elif before.variant != after.variant:
                 variant_changed.append(
                     {
-                        "workload": workload,
-                        "replica": replica,
+                        **pod,
                         "node": after.node,
                         "fromVariant": before.variant,
                         "toVariant": after.variant,
@@ -299,8 +300,7 @@ def plan_diff(plan_input: PlanInput, plan: Plan, profiles: Sequence[Body]) -> di
             elif abs(before.power_limit_watts - after.power_limit_watts) > 0.5:
                 limit_changed.append(
                     {
-                        "workload": workload,
-                        "replica": replica,
+                        **pod,
                         "node": after.node,
                         "fromWatts": before.power_limit_watts,
                         "toWatts": after.power_limit_watts,

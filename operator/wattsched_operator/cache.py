@@ -56,7 +56,8 @@ def slim(kind: str, body: Mapping[str, Any]) -> Body:
 
     Every kind loses `metadata.managedFields` and kubectl's last-applied annotation (a second
     copy of the spec). Pods keep only identity, labels, annotations, owner, node, their
-    containers' names and env, and their phase, start time, conditions and container states. Keys
+    containers' names and env, and their phase, start time, conditions and container states and
+    restart counts. Keys
     and short
     strings are interned, so the many objects of a large cluster share them.
     """
@@ -94,7 +95,11 @@ def _slim(kind: str, body: Mapping[str, Any]) -> Body:
                 for c in status.get("conditions") or []
             ],
             "containerStatuses": [
-                {"name": c.get("name"), "state": c.get("state") or {}}
+                {
+                    "name": c.get("name"),
+                    "state": c.get("state") or {},
+                    "restartCount": c.get("restartCount") or 0,
+                }
                 for c in status.get("containerStatuses") or []
             ],
         },

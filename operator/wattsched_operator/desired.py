@@ -17,11 +17,13 @@ from wattsched_api.meta import GPU_RESOURCE, GROUP, VERSION
 from wattsched_api.meta import POWER_LIMIT_ANNOTATION as ANNOTATION_POWER_LIMIT
 from wattsched_api.meta import POWER_LIMIT_ENV as ENV_POWER_LIMIT
 from wattsched_api.meta import PRECISION_ENV as ENV_PRECISION
+from wattsched_api.meta import RANK_LABEL as LABEL_RANK
 from wattsched_api.meta import REPLICA_LABEL as LABEL_REPLICA
 from wattsched_api.meta import VARIANT_ANNOTATION as ANNOTATION_VARIANT
 from wattsched_api.meta import VARIANT_ENV as ENV_VARIANT
 from wattsched_api.meta import WORKLOAD_LABEL as LABEL_WORKLOAD
 from wattsched_api.meta import WORKLOAD_TYPE_ANNOTATION as ANNOTATION_WORKLOAD_TYPE
+from wattsched_operator import replica_groups
 from wattsched_operator.snapshot import NODE_ANNOTATION as ANNOTATION_NODE
 from wattsched_operator.transition import NodeLimits, PodKey
 from wattsched_optimizer.problem import Placement, Plan, WorkloadType
@@ -61,9 +63,11 @@ class WorkloadObject:
         return f"{self.namespace}/{self.name}"
 
 
-def pod_name(workload_name: str, replica: int) -> str:
-    """The one name replica `replica` of a workload ever gets, so a restart cannot duplicate it."""
-    return f"{workload_name}-{replica}"
+def pod_name(workload_name: str, replica: int, rank: int = 0) -> str:
+    """The one name replica `replica` of a workload ever gets, so a restart cannot duplicate it;
+    a worker of a replica that spans nodes (`rank` > 0) is named after its leader
+    (`replica_groups.member_name`)."""
+    return replica_groups.member_name(workload_name, replica, rank)
 
 
 def format_watts(power_limit_watts: float) -> str:
@@ -83,6 +87,9 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
     The WATTSCHED_* env vars come first in each container's env, replacing same-named ones from
     the template: Kubernetes expands `$(VAR)` only for variables defined earlier in the list, so
     this is what lets the template's own env values reference them.
+
+    A pod of a replica that spans nodes also gets its rank label, its hostname (its name) and
+    subdomain (the replica's headless Service), and the rendezvous env (`replica_groups`).
     """
     template = copy.deepcopy(dict(workload.template))
     template_meta: dict[str, Any] = dict(template.get("metadata") or {})
@@ -100,6 +107,17 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         {"name": ENV_POWER_LIMIT, "value": format_watts(placement.power_limit_watts)},
     ]
     ours = {ENV_VARIANT, ENV_PRECISION, ENV_POWER_LIMIT}
+    spans = placement.nodes_per_replica > 1
+    if spans:
+        added_env += replica_groups.rendezvous_env(
+            workload.name,
+            workload.namespace,
+            placement.replica,
+            rank=placement.rank,
+            nodes_per_replica=placement.nodes_per_replica,
+            master_port=replica_groups.template_master_port(containers),
+        )
+        ours |= set(replica_groups.RENDEZVOUS_ENV)
     for container in containers:
         template_env = [e for e in container.get("env") or [] if e.get("name") not in ours]
         container["env"] = added_env + template_env
@@ -120,6 +138,11 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         LABEL_WORKLOAD: workload.name,
         LABEL_REPLICA: str(placement.replica),
     }
+    name = pod_name(workload.name, placement.replica, placement.rank)
+    if spans:
+        labels[LABEL_RANK] = str(placement.rank)
+        spec["hostname"] = name
+        spec["subdomain"] = replica_groups.leader_name(workload.name, placement.replica)
     annotations = {
         **(template_meta.get("annotations") or {}),
         ANNOTATION_NODE: placement.node,
@@ -131,20 +154,11 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": pod_name(workload.name, placement.replica),
+            "name": name,
             "namespace": workload.namespace,
             "labels": labels,
             "annotations": annotations,
-            "ownerReferences": [
-                {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "LLMWorkload",
-                    "name": workload.name,
-                    "uid": workload.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [replica_groups.owner_reference(workload.name, workload.uid)],
         },
         "spec": spec,
     }
@@ -228,7 +242,7 @@ def planned_limits(plan: Plan) -> dict[str, NodeLimits]:
     clocks: dict[str, dict[PodKey, tuple[int, int]]] = {}
     for placement in plan.placements:
         namespace, _, name = placement.workload.partition("/")
-        key = (namespace, pod_name(name, placement.replica))
+        key = (namespace, pod_name(name, placement.replica, placement.rank))
         pods.setdefault(placement.node, {})[key] = placement.power_limit_watts
         if placement.sm_clock_mhz is not None:
             clock = placement.sm_clock_mhz
@@ -308,7 +322,7 @@ def pace_deletions(
     the plan wants is Ready, and one per round; the others wait for a later round. A pod that
     serves nothing (not Ready, or on a node in `lost_nodes`: gone, NotReady, NoExecute) always
     goes; so does a pod that is not moving (scale-down, preemption: the plan wants it nowhere) and
-    every gang member.
+    every gang member. The pods of a replica that spans nodes go together (one replica's move).
     """
     now: list[tuple[str, str]] = []
     later: list[tuple[str, str]] = []
@@ -336,7 +350,20 @@ def pace_deletions(
             down[workload] = 1
         else:
             later.append(key)
-    return PacedDeletions(now=tuple(now), later=tuple(later))
+    # The pods of a replica that spans nodes go together: one going now takes the others along.
+    going = {group for key in now if (group := _group_of(current.get(key), key)) is not None}
+    along = [key for key in later if _group_of(current.get(key), key) in going]
+    return PacedDeletions(
+        now=tuple(now + along), later=tuple(key for key in later if key not in along)
+    )
+
+
+def _group_of(pod: Mapping[str, Any] | None, key: tuple[str, str]) -> tuple[str, str, str] | None:
+    """(namespace, workload, replica) of a pod of a replica that spans nodes; None otherwise."""
+    labels = ((pod or {}).get("metadata") or {}).get("labels") or {}
+    if LABEL_RANK not in labels:
+        return None
+    return (key[0], str(labels.get(LABEL_WORKLOAD)), str(labels.get(LABEL_REPLICA)))
 
 
 def node_power_profile(node_name: str, limits: NodeLimits) -> dict[str, Any]:

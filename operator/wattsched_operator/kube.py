@@ -138,6 +138,11 @@ def pods_path(namespace: str, name: str = "") -> str:
     return f"{base}/{name}" if name else base
 
 
+def services_path(namespace: str, name: str = "") -> str:
+    base = f"/api/v1/namespaces/{namespace}/services"
+    return f"{base}/{name}" if name else base
+
+
 def load_kubeconfig(kubeconfig: str | None, configuration: client.Configuration) -> None:
     """Load `kubeconfig` (None: $KUBECONFIG or ~/.kube/config) into `configuration`.
 

@@ -29,6 +29,8 @@ from wattsched_operator import (
     demand,
     desired,
     progress,
+    replica_groups,
+    services,
     snapshot,
     statuses,
     transition,
@@ -51,6 +53,7 @@ from wattsched_operator.kube import (
     budgets_path,
     pods_path,
     profiles_path,
+    services_path,
     workloads_path,
 )
 from wattsched_operator.metrics import BudgetFigures
@@ -997,7 +1000,7 @@ class PlanningLoop:
                 life.keep_pods.update(_pod_id(p) for p in pods if _finished(p))
                 continue
             views = [statuses.PodView.from_pod(p) for p in pods]
-            done = {v.replica for v in views if v.phase == "Succeeded"}
+            done = statuses.succeeded_replicas(views)
             if is_gang(body) and len(done) >= gang_size(body):
                 life.succeeded.add(key)
                 life.keep_pods.update(_pod_id(p) for p in pods)
@@ -1131,6 +1134,13 @@ class PlanningLoop:
         objects = {key: workload_object(body) for key, body in active.items()}
         want = desired.desired_pods(objects, plan.placements)
         changes = desired.pod_changes(view.pods.values(), want, frozenset(life.keep_pods))
+        # The pods of a replica that spans nodes are deleted (and so moved) together.
+        changes = dataclasses.replace(
+            changes,
+            delete=replica_groups.whole_replica_deletions(changes.delete, view.pods.values()),
+        )
+        # A replica that spans nodes restarts whole when one of its pods fails.
+        restart = replica_groups.group_restarts(view.pods.values(), want)
         caps = unmanaged_gpu_caps(view.budgets.values(), view.nodes.values())
         planned = {
             node: dataclasses.replace(limits, unmanaged_watts=caps.get(node))
@@ -1185,7 +1195,8 @@ class PlanningLoop:
         await self._mark_moving(view, active, placed_keys, paced.now)
         evicted = await self._evict_pods(paced.now, view)
         await self._gather(
-            self._delete_pod(ns, name, view) for ns, name in sorted(life.delete_pods - set(evicted))
+            self._delete_pod(ns, name, view)
+            for ns, name in sorted((life.delete_pods | restart.delete) - set(evicted))
         )
         await self._post_disruptions(
             plan, active, view=view, pods_by_name=pods_by_name, want=want, evicted=evicted
@@ -1196,6 +1207,8 @@ class PlanningLoop:
         deleting = (
             set(changes.delete)
             | life.delete_pods
+            | restart.delete
+            | restart.hold
             | {
                 (p["metadata"]["namespace"], p["metadata"]["name"])
                 for p in view.pods.values()
@@ -1219,6 +1232,7 @@ class PlanningLoop:
             )
             for (ns, name), watts in changes.relabel_power.items()
         )
+        await self._apply_services(view, active, plan)
 
         # 4. Raise limits, only when every lowering was confirmed. The round ends when the agents
         # report the raised limits too, so the next plan does not see those nodes as unconfirmed.
@@ -1229,6 +1243,43 @@ class PlanningLoop:
                 logger.info(
                     "agents on %s have not yet applied raised limits", ", ".join(sorted(slow))
                 )
+
+    async def _apply_services(
+        self, view: ClusterView, active: Mapping[str, Body], plan: Plan
+    ) -> None:
+        """Make the operator's Services match the plan (`services`): each Inference workload's
+        and a headless one per replica that spans nodes."""
+        want = services.desired_from_plan(active, plan.placements)
+        namespaces = self.settings.namespaces or sorted(
+            {key.partition("/")[0] for key in view.workloads}
+        )
+        current: list[Body] = []
+        for namespace in namespaces:
+            current += await self._call(
+                self.kube.list, services_path(namespace), desired.LABEL_WORKLOAD
+            )
+        changes = services.service_changes(current, want)
+        await self._gather(
+            self._call(self.kube.delete, services_path(ns, name)) for ns, name in changes.delete
+        )
+        await self._gather(
+            self._call(self.kube.write, services_path(ns, name), body)
+            for (ns, name), body in changes.patch.items()
+        )
+        await self._gather(self._create_service(service) for service in changes.create)
+
+    async def _create_service(self, service: Mapping[str, Any]) -> None:
+        meta = service["metadata"]
+        try:
+            await self._call(self.kube.write, services_path(meta["namespace"]), service, False)
+        except KubeError as error:
+            if error.status != HTTP_CONFLICT:
+                raise
+            logger.warning(
+                "Service %s/%s exists and is not wattsched's (or is being deleted); left alone",
+                meta["namespace"],
+                meta["name"],
+            )
 
     async def _gather(self, calls: Iterable[Awaitable[Any]]) -> None:
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -1613,6 +1664,8 @@ class PlanningLoop:
             )
             if key in accounts.workload_progress:
                 new["progress"] = accounts.workload_progress[key]
+            if (service := services.status_service(body)) is not None:
+                new["service"] = service
             phases.append(new["phase"])
             _note_slo(slo_met, key, new)
             owned = {k: previous.get(k) for k in new}

@@ -68,6 +68,7 @@ from wattsched_api.meta import (
     GROUP,
     POWER_LIMIT_ANNOTATION,
     POWER_LIMIT_ENV,
+    RANK_LABEL,
     REPLICA_LABEL,
     VARIANT_ANNOTATION,
     VARIANT_ENV,
@@ -731,7 +732,8 @@ def _timeless_workload(workload: LLMWorkload) -> Workload:
         key=workload.key,
         type=WorkloadType(spec.type.value),
         model_parameters_billions=spec.model.parameters_billions,
-        gpus_per_replica=spec.gpu.count,
+        gpus_per_replica=spec.gpu.gpus_per_replica,
+        nodes_per_replica=spec.gpu.nodes_per_replica,
         variants=tuple(
             Variant(
                 name=variant.name,
@@ -882,6 +884,12 @@ def current_placement(pod: Body, workloads: Mapping[str, LLMWorkload]) -> Curren
             f'{where}: metadata.labels["{REPLICA_LABEL}"]: {replica_text!r} is not a replica index '
             '(a whole number such as "0")'
         )
+    rank_text = labels.get(RANK_LABEL, "0")
+    if not isinstance(rank_text, str) or not _WHOLE_NUMBER.match(rank_text):
+        raise SnapshotError(
+            f'{where}: metadata.labels["{RANK_LABEL}"]: {rank_text!r} is not a rank in its replica '
+            '(a whole number such as "0")'
+        )
     variant = annotations.get(VARIANT_ANNOTATION) or _container_env(pod, VARIANT_ENV)
     if not variant:
         variant = workload.spec.variants[0].name
@@ -904,6 +912,7 @@ def current_placement(pod: Body, workloads: Mapping[str, LLMWorkload]) -> Curren
         node=str(node),
         variant=str(variant),
         power_limit_watts=limit,
+        rank=int(rank_text),
     )
 
 

@@ -84,6 +84,13 @@ def replica_index(pod: Mapping[str, Any]) -> int:
     return int(text) if isinstance(text, str) and text.isdigit() and text.isascii() else -1
 
 
+def rank_index(pod: Mapping[str, Any]) -> int:
+    """A pod's `wattsched.io/rank` label as a number (its place in a replica that spans nodes);
+    0 when absent, -1 when not a whole number."""
+    text = ((pod.get("metadata") or {}).get("labels") or {}).get("wattsched.io/rank", "0")
+    return int(text) if isinstance(text, str) and text.isdigit() and text.isascii() else -1
+
+
 @dataclass(frozen=True)
 class PodView:
     """The parts of one of the operator's pods that status needs."""
@@ -93,11 +100,14 @@ class PodView:
     phase: str  # Pending/Running/Succeeded/Failed/Unknown
     ready: bool
     deleting: bool = False
+    # Its place in a replica that spans nodes (0: the leader, and every single-node pod).
+    rank: int = 0
 
     def serves(self, placement: Placement) -> bool:
         """Whether this pod runs, ready, where the plan places its replica (and stays)."""
         return (
             self.replica == placement.replica
+            and self.rank == placement.rank
             and self.node == placement.node
             and self.phase == "Running"
             and self.ready
@@ -118,7 +128,27 @@ class PodView:
             phase=str(status.get("phase") or "Pending"),
             ready=ready,
             deleting=bool(meta.get("deletionTimestamp")),
+            rank=rank_index(pod),
         )
+
+
+def succeeded_replicas(pods: Iterable[PodView]) -> set[int]:
+    """Replicas whose work is done: their (leader) pod succeeded."""
+    return {p.replica for p in pods if p.phase == "Succeeded" and p.rank == 0}
+
+
+def replica_count(placements: Iterable[Placement]) -> int:
+    """Planned replicas (a replica that spans nodes has a placement per pod)."""
+    return len({p.replica for p in placements})
+
+
+def served_replicas(placements: Sequence[Placement], pods: Sequence[PodView]) -> int:
+    """Planned replicas every pod of which is served (running, ready, in place)."""
+    replicas: dict[int, bool] = {}
+    for placement in placements:
+        served = any(p.serves(placement) for p in pods)
+        replicas[placement.replica] = replicas.get(placement.replica, True) and served
+    return sum(replicas.values())
 
 
 def find_condition(conditions: Iterable[Any], type_: str) -> Mapping[str, Any] | None:
@@ -146,7 +176,7 @@ def next_phase(
         return previous_phase
     if failed_permanently:
         return FAILED
-    succeeded = {p.replica for p in pods if p.phase == "Succeeded"}
+    succeeded = succeeded_replicas(pods)
     if is_gang and gang_size > 0 and len(succeeded) >= gang_size:
         return SUCCEEDED
     if not placements:
@@ -194,10 +224,12 @@ def workload_status(
     conditions_before: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
     # Ready replicas: pods serving a placement (or, with none planned, running and ready).
     if placements and phase not in TERMINAL_PHASES:
-        ready_count = sum(1 for pl in placements if any(p.serves(pl) for p in pods))
+        ready_count = served_replicas(placements, pods)
     else:
-        ready_count = sum(1 for p in pods if p.phase == "Running" and p.ready and not p.deleting)
-    placed_count = len(placements)
+        ready_count = sum(
+            1 for p in pods if p.phase == "Running" and p.ready and not p.deleting and p.rank == 0
+        )
+    placed_count = replica_count(placements)
     desired = gang_size if is_gang else max(placed_count, 1)
     expected_watts = sum(p.expected_watts_per_gpu * p.gpus for p in placements)
     cap_watts = sum(p.power_limit_watts * p.gpus for p in placements)
@@ -255,12 +287,13 @@ def workload_status(
         "placements": [
             {
                 "replica": p.replica,
+                "rank": p.rank,
                 "node": p.node,
                 "gpus": p.gpus,
                 "variant": p.variant,
                 "powerLimitWatts": round(p.power_limit_watts, 1),
             }
-            for p in sorted(placements, key=lambda p: p.replica)
+            for p in sorted(placements, key=lambda p: (p.replica, p.rank))
         ],
         "power": {
             "capWatts": round(cap_watts, 1),

@@ -540,7 +540,7 @@ def calibration_samples(
     snapshot: TelemetrySnapshot,
     corrections: Mapping[CalibrationKey, Calibration],
 ) -> list[CalibrationSample]:
-    """One sample per placed replica whose running pod a fresh reading measured.
+    """One sample per placed single-node replica whose running pod a fresh reading measured.
 
     pods: (workload key, replica) -> the replica's running pod; products: node -> normalised
     product; types: workload key -> type; demands: Inference workload key -> the tokens/s its
@@ -567,6 +567,8 @@ def calibration_samples(
     base = CatalogueModel()
     samples: list[CalibrationSample] = []
     for placement in placed:
+        if placement.nodes_per_replica > 1:
+            continue  # a replica spanning nodes: its pods share its work (no per-pod sample)
         pod = pods.get((placement.workload, placement.replica))
         product = products.get(placement.node)
         workload_type = types.get(placement.workload)

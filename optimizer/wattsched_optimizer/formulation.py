@@ -98,6 +98,8 @@ class ReplicaType:
     gpus_per_replica: int
     power_limit_watts: float
     pools: tuple[int, ...]
+    # Whole nodes one replica takes when it spans nodes; 1 otherwise.
+    nodes_per_replica: int = 1
 
 
 @dataclass
@@ -153,6 +155,7 @@ def build(data: PlanData) -> Formulation:
                 option.gpus_per_replica,
                 option.power_limit_watts,
                 workload_class.option_pools[o],
+                option.nodes_per_replica,
             )
             t = type_index.setdefault(replica_type, len(type_index))
             if t == len(demand):
@@ -200,7 +203,10 @@ def build(data: PlanData) -> Formulation:
             )
             for variable, per_unit in terms:
                 add(gpus_by_pool[p], variable, per_unit * replica_type.gpus_per_replica)
-                if 2 * replica_type.gpus_per_replica > pool.gpus_per_node:
+                if replica_type.nodes_per_replica > 1:
+                    # Each replica takes that many whole nodes of the pool.
+                    add(whole_node_by_pool[p], variable, per_unit * replica_type.nodes_per_replica)
+                elif 2 * replica_type.gpus_per_replica > pool.gpus_per_node:
                     add(whole_node_by_pool[p], variable, per_unit)
                 if pool.agent_ready and extra > 0:
                     for budget in pool.budgets:

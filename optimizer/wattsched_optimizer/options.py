@@ -74,6 +74,18 @@ class Pool:
         return self.gpus_per_node * len(self.node_names)
 
 
+def pool_fits_replica(pool: Pool, workload: Workload) -> bool:
+    """Whether a replica of `workload` fits nodes of `pool`: one node with enough GPUs, or, for a
+    replica that spans nodes, `nodes_per_replica` whole nodes of the pool with exactly its GPUs
+    per pod each (a replica never mixes products or pools)."""
+    if workload.spans_nodes:
+        return (
+            pool.gpus_per_node == workload.gpus_per_pod
+            and len(pool.node_names) >= workload.nodes_per_replica
+        )
+    return pool.gpus_per_node >= workload.gpus_per_replica
+
+
 @dataclass(frozen=True)
 class Option:
     """One way to run a workload: every replica on `product` with this variant and limit."""
@@ -98,10 +110,17 @@ class Option:
     # SM clock (MHz) to lock the replicas' GPUs at; None: left to the driver. Never a cap: the
     # budget counts `power_limit_watts` whatever the clock.
     sm_clock_mhz: int | None = None
+    # A replica spans this many whole nodes (its workload's nodes_per_replica).
+    nodes_per_replica: int = 1
 
     @property
     def gpus(self) -> int:
         return self.replicas * self.gpus_per_replica
+
+    @property
+    def gpus_per_pod(self) -> int:
+        """GPUs of one pod: the whole replica's, or one node's share when it spans nodes."""
+        return self.gpus_per_replica // self.nodes_per_replica
 
 
 @dataclass(frozen=True)
@@ -395,18 +414,28 @@ def _no_option_reason(
             "widen the allow-list or add such nodes",
         )
     big_enough = sorted(
-        {
-            p.product
-            for p in pools
-            if p.product in allowed and p.gpus_per_node >= workload.gpus_per_replica
-        }
+        {p.product for p in pools if p.product in allowed and pool_fits_replica(p, workload)}
     )
+    if not big_enough and workload.spans_nodes:
+        most = max(
+            (len(p.node_names) for p in pools if p.gpus_per_node == workload.gpus_per_pod),
+            default=0,
+        )
+        return NoOption(
+            "gpus",
+            f"{label}: spec.gpu.nodesPerReplica={workload.nodes_per_replica} needs that many "
+            f"whole nodes with exactly spec.gpu.count={workload.gpus_per_pod} GPUs each, of one "
+            f"product in one pool (nodes alike in product, GPUs, budgets and agent readiness), "
+            f"but at most {most} such node(s) are alike; a replica never spans products, so add "
+            "nodes or lower spec.gpu.nodesPerReplica",
+        )
     if not big_enough:
         largest = max(pool.gpus_per_node for pool in pools if pool.product in allowed)
         return NoOption(
             "gpus",
             f"{label}: spec.gpu.count={workload.gpus_per_replica} exceeds the largest eligible "
-            f"node ({largest} GPUs); a replica never spans nodes, so lower spec.gpu.count",
+            f"node ({largest} GPUs); lower spec.gpu.count, or span whole nodes with "
+            "spec.gpu.nodesPerReplica",
         )
     variants = [v for v in workload.variants if v.quality >= workload.min_quality]
     if not variants:
@@ -419,7 +448,7 @@ def _no_option_reason(
         product: max(
             pool.memory_gib
             for pool in pools
-            if pool.product == product and pool.gpus_per_node >= workload.gpus_per_replica
+            if pool.product == product and pool_fits_replica(pool, workload)
         )
         for product in big_enough
     }
@@ -560,9 +589,7 @@ def workload_options(
     pools_by_variant: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for product in products:
         eligible = [
-            pool
-            for pool in pools
-            if pool.product == product and pool.gpus_per_node >= workload.gpus_per_replica
+            pool for pool in pools if pool.product == product and pool_fits_replica(pool, workload)
         ]
         for variant in variants:
             roomy = [p for p in eligible if _memory_need_gib(workload, variant) <= p.memory_gib]
@@ -686,6 +713,7 @@ def workload_options(
             is_max_level=is_max,
             replicas=replicas,
             gpus_per_replica=workload.gpus_per_replica,
+            nodes_per_replica=workload.nodes_per_replica,
             throughput_per_replica=throughput,
             expected_watts_per_gpu=watts,
             relative_cost=round(relative, 9),
@@ -795,7 +823,9 @@ def build_plan_data(
     no_option: dict[str, NoOption] = {}
     for members in ordered:
         workload = members[0]
-        current = sorted(current_by_workload.get(workload.key, []), key=lambda c: c.replica)
+        current = sorted(
+            current_by_workload.get(workload.key, []), key=lambda c: (c.replica, c.rank)
+        )
         options, option_pools = workload_options(
             workload,
             pools=pools,

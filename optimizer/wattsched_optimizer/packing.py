@@ -1,7 +1,8 @@
 """From pool-level replica counts to nodes: packing, repair, and filling what is left.
 
 For: `ClusterState`, the free GPUs of every node and the headroom of every budget, with best-fit
-placement of whole replicas on single nodes (`place`, `try_place`), removal, and the priority
+placement of whole replicas on single nodes, or on whole nodes of one pool for a replica that
+spans nodes (`place`, `try_place`), removal, and the priority
 repair (`place_with_eviction`): a workload the solver (or packing) left out is placed by evicting
 strictly lower-priority work when that makes it fit, except running work that is not preemptible
 (`PlanData.protected`), which is never evicted. Every placement re-checks every hard
@@ -51,15 +52,26 @@ class Taken:
 
 @dataclass(frozen=True)
 class Assignment:
-    """A placed workload: its option and the node of each replica (by replica index)."""
+    """A placed workload: its option and the node of each pod (by replica index, then rank:
+    a replica that spans nodes has `option.nodes_per_replica` consecutive entries, leader first)."""
 
     workload: Workload
     workload_class: int
     option_index: int
     option: Option
     nodes: tuple[str, ...]
-    # What each replica took on its node (same order as `nodes`), so removal gives back exactly.
+    # What each pod took on its node (same order as `nodes`), so removal gives back exactly.
     taken: tuple[Taken, ...] = field(default=(), compare=False)
+
+    @property
+    def replica_count(self) -> int:
+        return len(self.nodes) // self.option.nodes_per_replica
+
+    @property
+    def replica_nodes(self) -> list[tuple[str, ...]]:
+        """The nodes of each replica, leader first."""
+        step = self.option.nodes_per_replica
+        return [self.nodes[i : i + step] for i in range(0, len(self.nodes), step)]
 
 
 class ClusterState:
@@ -128,10 +140,11 @@ class ClusterState:
 
     @staticmethod
     def extra_watts(pool: Pool, option: Option) -> float:
-        """What one replica adds to each budget of the pool over its GPUs' idle minimum."""
+        """What one pod (the whole replica unless it spans nodes) adds to each budget of the pool
+        over its GPUs' idle minimum."""
         if not pool.agent_ready:
             return 0.0
-        return option.gpus_per_replica * max(option.power_limit_watts - pool.min_watts, 0.0)
+        return option.gpus_per_pod * max(option.power_limit_watts - pool.min_watts, 0.0)
 
     def _budget_fits(self, pool: Pool, extra: float) -> bool:
         return all(self.headroom[b] + WATTS_TOLERANCE >= extra for b in pool.budgets)
@@ -237,7 +250,7 @@ class ClusterState:
         evictable = self.evictable(assignment)
         for node in assignment.nodes:
             pool = self.pool_of_node[node]
-            gpus = assignment.option.gpus_per_replica
+            gpus = assignment.option.gpus_per_pod
             extra = self.extra_watts(pool, assignment.option)
             if evictable:
                 self.pool_gpus_by_priority[pool.index][priority] += sign * gpus
@@ -272,7 +285,14 @@ class ClusterState:
         # extra replicas (scaling up) go elsewhere, so no pinned replica moves without a reason.
         in_place = len(stay) if workload_class.pinned_nodes else 0
         taken: list[Taken] = []
-        for replica, candidates in enumerate(pools_per_replica):
+        if option.nodes_per_replica > 1:
+            spanning = self._place_spanning(option, pools_per_replica, stay, owner, in_place)
+            if spanning is None:
+                return None
+            taken = spanning
+        # A replica that spans nodes was placed above; the loop places single-node replicas.
+        single = () if option.nodes_per_replica > 1 else pools_per_replica
+        for replica, candidates in enumerate(single):
             chosen = self._stay_node(candidates, option, stay, owner) if stay else None
             if chosen is None and replica < in_place:
                 self._release_taken(taken, option)
@@ -308,6 +328,72 @@ class ClusterState:
         self.placed[workload.key] = assignment
         return assignment
 
+    def _place_spanning(
+        self,
+        option: Option,
+        pools_per_replica: Sequence[Sequence[int]],
+        stay: Sequence[str],
+        owner: str,
+        in_place: int,
+    ) -> list[Taken] | None:
+        """Every replica of an option that spans nodes on `nodes_per_replica` whole free nodes
+        of one pool (all its pods or none), or None with nothing taken.
+
+        Replica i first takes back the nodes its pods run on (`stay[i*n:(i+1)*n]`, leader
+        first) when all of them are whole and free in one candidate pool; then whole nodes no
+        running replica occupies, then any whole free nodes, pool by pool. The first `in_place`
+        pods (a pinned workload's running replicas) must stay.
+        """
+        per = option.nodes_per_replica
+        gpus = option.gpus_per_pod
+        taken: list[Taken] = []
+        for replica, candidates in enumerate(pools_per_replica):
+            chosen: list[str] | None = None
+            mine = list(stay[replica * per : (replica + 1) * per])
+            pools = {self.pool_of_node[n].index for n in mine if n in self.pool_of_node}
+            if (
+                len(mine) == per
+                and len(pools) == 1
+                and next(iter(pools)) in candidates
+                and all(self.free[n] == gpus for n in mine)
+                and self._budget_fits(
+                    self.pool_of_node[mine[0]],
+                    per * self.extra_watts(self.pool_of_node[mine[0]], option),
+                )
+            ):
+                chosen = mine
+            if chosen is None and replica * per < in_place:
+                self._release_taken(taken, option)
+                return None
+            for pool in (self.data.pools[p] for p in candidates):
+                if chosen is not None:
+                    break
+                if not pool.schedulable or not self._budget_fits(
+                    pool, per * self.extra_watts(pool, option)
+                ):
+                    continue
+                whole = [n for n in pool.node_names if self.free[n] == gpus]
+                # Nodes no running replica occupies first, then the workload's own, then others'.
+                whole.sort(
+                    key=lambda n: (
+                        self.fresh_free(n) < gpus
+                        and not self._takes_no_others_vacated(n, gpus, owner),
+                        self.fresh_free(n) < gpus,
+                        self._position[n],
+                    )
+                )
+                if len(whole) >= per:
+                    chosen = whole[:per]
+            if chosen is None:
+                self._release_taken(taken, option)
+                return None
+            for node in chosen:
+                taken.append(self._claim(node, gpus, owner))
+                pool = self.pool_of_node[node]
+                for budget in pool.budgets:
+                    self.headroom[budget] -= self.extra_watts(pool, option)
+        return taken
+
     def _stay_node(
         self, candidates: Sequence[int], option: Option, prefer: Sequence[str], owner: str
     ) -> str | None:
@@ -315,7 +401,7 @@ class ClusterState:
         first one where `owner` still has a replica's worth of its own running GPUs to take
         back, then one that takes new replicas where the replica fits without taking another
         workload's vacated GPUs."""
-        gpus = option.gpus_per_replica
+        gpus = option.gpus_per_pod
         nodes = []
         for node in prefer:
             pool = self.pool_of_node.get(node)
@@ -412,7 +498,7 @@ class ClusterState:
                 self.headroom[b]
                 + sum(w for prio, w in self.budget_watts_by_priority[b].items() if prio < priority)
                 + WATTS_TOLERANCE
-                >= extra * option.replicas
+                >= extra * option.replicas * option.nodes_per_replica
                 for b in common
             ):
                 return True
@@ -462,17 +548,25 @@ class ClusterState:
         closest = (math.inf, 0, 0)
         for o, option in enumerate(workload_class.options):
             pools = [self.data.pools[p] for p in workload_class.option_pools[o]]
-            slots = sum(
-                self.nodes_with_free[(pool.index, free)] * (free // option.gpus_per_replica)
-                for pool in pools
-                for free in range(option.gpus_per_replica, pool.gpus_per_node + 1)
-            )
+            if option.nodes_per_replica > 1:
+                # Whole free nodes of one pool, per replica.
+                slots = sum(
+                    self.nodes_with_free[(pool.index, pool.gpus_per_node)]
+                    // option.nodes_per_replica
+                    for pool in pools
+                )
+            else:
+                slots = sum(
+                    self.nodes_with_free[(pool.index, free)] * (free // option.gpus_per_replica)
+                    for pool in pools
+                    for free in range(option.gpus_per_replica, pool.gpus_per_node + 1)
+                )
             if slots < option.replicas:
                 closest = min(closest, (option.replicas - slots, slots, option.replicas))
                 continue
             any_option_has_slots = True
             for pool in pools:
-                extra = self.extra_watts(pool, option) * option.replicas
+                extra = self.extra_watts(pool, option) * option.replicas * option.nodes_per_replica
                 for budget in sorted(pool.budgets):
                     short = extra - self.headroom[budget]
                     if short > WATTS_TOLERANCE and (best_budget is None or short < best_budget[0]):
@@ -493,6 +587,16 @@ class ClusterState:
                 "allow a lower power level (spec.energy), or give this workload a higher priority",
             )
         products = sorted({o.product for o in workload_class.options})
+        if not any_option_has_slots and workload.spans_nodes:
+            _, slots_seen, needed = closest
+            return (
+                "gpus",
+                f"{label}: needs {needed} replica(s) of {workload.nodes_per_replica} whole nodes "
+                f"with {workload.gpus_per_pod} GPU(s) each, of one product and pool "
+                f"({', '.join(products)}), but only {slots_seen} such group(s) of nodes are free "
+                "after higher-priority and running non-preemptible work; add nodes, lower "
+                f"{replica_count_field(workload)}, or give this workload a higher priority",
+            )
         if not any_option_has_slots:
             _, slots_seen, needed = closest
             return (

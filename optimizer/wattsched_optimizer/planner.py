@@ -100,6 +100,11 @@ def validate(plan_input: PlanInput) -> None:
         seen_workloads.add(workload.key)
         if workload.gpus_per_replica < 1:
             raise PlanInputError(f"{label}: spec.gpu.count={workload.gpus_per_replica}, need >= 1")
+        if workload.nodes_per_replica < 1 or workload.gpus_per_replica % workload.nodes_per_replica:
+            raise PlanInputError(
+                f"{label}: spec.gpu.nodesPerReplica={workload.nodes_per_replica} must be >= 1 and "
+                f"divide the replica's {workload.gpus_per_replica} GPUs"
+            )
         if workload.model_parameters_billions <= 0:
             raise PlanInputError(f"{label}: spec.model.parametersBillions must be > 0")
         if not workload.variants:
@@ -430,7 +435,11 @@ def _could_use(workload: Workload, node: GpuNode) -> bool:
     """Whether a replica of `workload` would fit `node` by product, GPUs and memory."""
     if workload.allowed_products and node.product not in workload.allowed_products:
         return False
-    if node.gpu_count < workload.gpus_per_replica or not node.schedulable:
+    if not node.schedulable:
+        return False
+    if node.gpu_count < workload.gpus_per_pod or (
+        workload.spans_nodes and node.gpu_count != workload.gpus_per_pod
+    ):
         return False
     memory = product_spec(node.product).memory_gib.value
     return any(
@@ -512,7 +521,7 @@ def _serve_in_part(
         workload = workload_by_key[key]
         demand = workload.tokens_per_second
         if not any(
-            count > 0 and free >= workload.gpus_per_replica
+            count > 0 and free >= workload.gpus_per_pod
             for (_, free), count in state.nodes_with_free.items()
         ):
             continue  # no node has room for one replica (a full cluster): nothing to try
@@ -521,7 +530,7 @@ def _serve_in_part(
             pools=data.pools,
             model=model,
             levels=plan_input.options.power_levels,
-            current=sorted(current.get(key, []), key=lambda c: c.replica),
+            current=sorted(current.get(key, []), key=lambda c: (c.replica, c.rank)),
             node_by_name=data.node_by_name,
             churn_threshold=plan_input.options.churn_threshold,
             startup_seconds=plan_input.options.startup_seconds,
@@ -541,14 +550,14 @@ def _serve_in_part(
         if assignment is None:
             continue
         why = unplaced.pop(key)
-        served = len(assignment.nodes) * assignment.option.throughput_per_replica
+        served = assignment.replica_count * assignment.option.throughput_per_replica
         found.append(
             Shortfall(
                 workload=key,
                 demand_tokens_per_second=demand,
                 served_tokens_per_second=served,
                 reason=f"serves {served:.0f} of {demand:.0f} tokens/s "
-                f"({served / demand:.1%}, modelled) with {len(assignment.nodes)} replica(s): "
+                f"({served / demand:.1%}, modelled) with {assignment.replica_count} replica(s): "
                 + why.reason,
                 constraint=why.constraint,
             )
@@ -568,7 +577,7 @@ def _objective(data: PlanData, weights: Weights, placed: Iterable[Assignment]) -
 
 def _preferred_nodes(plan_input: PlanInput) -> dict[str, list[str]]:
     prefer: dict[str, list[str]] = defaultdict(list)
-    for current in sorted(plan_input.current, key=lambda c: (c.workload, c.replica)):
+    for current in sorted(plan_input.current, key=lambda c: (c.workload, c.replica, c.rank)):
         prefer[current.workload].append(current.node)
     return prefer
 
@@ -579,9 +588,7 @@ def _running_gpus(
     """(workload, node) -> GPUs its running replicas occupy there at planning time."""
     running: dict[tuple[str, str], int] = defaultdict(int)
     for current in plan_input.current:
-        running[(current.workload, current.node)] += workload_by_key[
-            current.workload
-        ].gpus_per_replica
+        running[(current.workload, current.node)] += workload_by_key[current.workload].gpus_per_pod
     return dict(running)
 
 
@@ -628,7 +635,7 @@ def _pack_solver_choice(
     # Stability: the GPUs of running replicas are held for their workload until it is placed.
     held: dict[str, list[Taken]] = defaultdict(list)
     for _, member, c, o, _ in jobs:
-        gpus = data.classes[c].options[o].gpus_per_replica
+        gpus = data.classes[c].options[o].gpus_per_pod
         for node in prefer.get(member.key, ()):
             taken = state.hold(member.key, node, gpus)
             if taken is not None:
@@ -701,18 +708,21 @@ def _fill_and_repair(
             del unplaced[key]
 
 
-def _number_replicas(nodes: Sequence[str], running: Mapping[int, str]) -> list[tuple[int, str]]:
-    """Replica indexes 0..n-1 for a workload's placed nodes: a running replica whose node is
-    among them keeps its index there (its pod stays); the other nodes take the free indexes."""
+def _number_replicas(
+    nodes: Sequence[tuple[str, ...]], running: Mapping[int, tuple[str, ...]]
+) -> list[tuple[int, tuple[str, ...]]]:
+    """Replica indexes 0..n-1 for a workload's placed replicas (each the nodes of its pods,
+    leader first): a running replica whose nodes are one of them keeps its index there (its pods
+    stay); the other replicas take the free indexes."""
     left = list(nodes)
-    numbered: list[tuple[int, str]] = []
-    for replica, node in sorted(running.items()):
-        if replica < len(nodes) and node in left:
-            left.remove(node)
-            numbered.append((replica, node))
+    numbered: list[tuple[int, tuple[str, ...]]] = []
+    for replica, replica_nodes in sorted(running.items()):
+        if replica < len(nodes) and replica_nodes in left:
+            left.remove(replica_nodes)
+            numbered.append((replica, replica_nodes))
     taken = {replica for replica, _ in numbered}
     free = (replica for replica in range(len(nodes)) if replica not in taken)
-    numbered += [(next(free), node) for node in left]
+    numbered += [(next(free), replica_nodes) for replica_nodes in left]
     return sorted(numbered)
 
 
@@ -752,33 +762,41 @@ def _assemble(
         expected[gpu_node.name] = [model.idle_power_watts(gpu_node.product)] * gpu_node.gpu_count
     next_gpu: dict[str, int] = defaultdict(int)
     placements: list[Placement] = []
-    running: dict[str, dict[int, str]] = defaultdict(dict)
+    running_pods: dict[str, dict[int, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
     for current in plan_input.current:
-        running[current.workload][current.replica] = current.node
+        running_pods[current.workload][current.replica][current.rank] = current.node
     for key in sorted(state.placed):
         assignment: Assignment = state.placed[key]
         option = assignment.option
-        for replica, node in _number_replicas(assignment.nodes, running[key]):
-            first = next_gpu[node]
-            next_gpu[node] += option.gpus_per_replica
-            for gpu in range(first, first + option.gpus_per_replica):
-                limits[node][gpu] = option.power_limit_watts
-                counted[node][gpu] = option.power_limit_watts
-                clocks[node][gpu] = option.sm_clock_mhz
-                expected[node][gpu] = option.expected_watts_per_gpu
-            placements.append(
-                Placement(
-                    workload=key,
-                    replica=replica,
-                    node=node,
-                    gpus=option.gpus_per_replica,
-                    variant=option.variant.name,
-                    power_limit_watts=option.power_limit_watts,
-                    expected_watts_per_gpu=option.expected_watts_per_gpu,
-                    expected_throughput=option.throughput_per_replica,
-                    sm_clock_mhz=option.sm_clock_mhz,
+        running = {
+            replica: tuple(pods[rank] for rank in sorted(pods))
+            for replica, pods in running_pods[key].items()
+        }
+        for replica, replica_nodes in _number_replicas(assignment.replica_nodes, running):
+            for rank, node in enumerate(replica_nodes):
+                first = next_gpu[node]
+                next_gpu[node] += option.gpus_per_pod
+                for gpu in range(first, first + option.gpus_per_pod):
+                    limits[node][gpu] = option.power_limit_watts
+                    counted[node][gpu] = option.power_limit_watts
+                    clocks[node][gpu] = option.sm_clock_mhz
+                    expected[node][gpu] = option.expected_watts_per_gpu
+                placements.append(
+                    Placement(
+                        workload=key,
+                        replica=replica,
+                        node=node,
+                        gpus=option.gpus_per_pod,
+                        variant=option.variant.name,
+                        power_limit_watts=option.power_limit_watts,
+                        expected_watts_per_gpu=option.expected_watts_per_gpu,
+                        expected_throughput=option.throughput_per_replica
+                        / option.nodes_per_replica,
+                        sm_clock_mhz=option.sm_clock_mhz,
+                        rank=rank,
+                        nodes_per_replica=option.nodes_per_replica,
+                    )
                 )
-            )
     unmanaged = {
         node.name: (node.unmanaged_gpus, node.unmanaged_watts)
         for node in plan_input.nodes

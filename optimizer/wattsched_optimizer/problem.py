@@ -83,6 +83,7 @@ class Workload:
     key: str
     type: WorkloadType
     model_parameters_billions: float
+    # GPUs of one whole replica: spec.gpu.count x spec.gpu.nodesPerReplica.
     gpus_per_replica: int
     variants: tuple[Variant, ...]
     # Gang size for Training/FineTuning/BatchInference; for Inference the range below applies.
@@ -105,6 +106,19 @@ class Workload:
     # spec.disruption.moveToSaveEnergy: running replicas may move when that saves more than
     # PlanOptions.churn_threshold; otherwise they move only for a `MoveReason` other than SAVINGS.
     moves_to_save_energy: bool = False
+    # spec.gpu.nodesPerReplica: a replica of more than one node is a leader pod and workers, one
+    # pod on each of that many whole nodes of one pool, each node with exactly `gpus_per_pod`
+    # GPUs; its pods are placed all or none and all its GPUs get one power limit (and clock).
+    nodes_per_replica: int = 1
+
+    @property
+    def gpus_per_pod(self) -> int:
+        """GPUs of one pod of a replica (spec.gpu.count): all of them on one node."""
+        return self.gpus_per_replica // self.nodes_per_replica
+
+    @property
+    def spans_nodes(self) -> bool:
+        return self.nodes_per_replica > 1
 
 
 @dataclass(frozen=True)
@@ -153,6 +167,8 @@ class CurrentPlacement:
     node: str
     variant: str
     power_limit_watts: float
+    # The pod's position in a replica that spans nodes (0: the leader); always 0 otherwise.
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -213,9 +229,14 @@ class Placement:
     variant: str
     power_limit_watts: float
     expected_watts_per_gpu: float
-    expected_throughput: float  # tokens/s of this replica
+    # tokens/s of this pod: the replica's, shared evenly by its pods when it spans nodes.
+    expected_throughput: float
     # SM clock (MHz) the replica's GPUs are locked at; None: left to the driver (never a cap).
     sm_clock_mhz: int | None = None
+    # One placement per pod: a replica that spans nodes has one per node, rank 0 (the leader)
+    # to nodes_per_replica - 1, all with the replica's variant, limit and clock.
+    rank: int = 0
+    nodes_per_replica: int = 1
 
 
 @dataclass(frozen=True)

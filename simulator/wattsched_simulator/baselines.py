@@ -171,14 +171,8 @@ class BaselinePolicy:
             trial = dict(free)
             gang: list[ReplicaAssignment] = []
             for _ in range(job.replicas):
-                node = self._choose(
-                    nodes, trial, job.gpus_per_replica, job.variants[0].min_memory_gib
-                )
-                if node is None:
-                    break
-                trial[node.name] -= job.gpus_per_replica
-                gang.append(self._assignment(job.key, node, job))
-            if len(gang) == job.replicas:
+                gang += self._replica(nodes, trial, job)
+            if len(gang) == job.pods:
                 free = trial
                 added.extend(gang)
         replicas = tuple(
@@ -192,6 +186,38 @@ class BaselinePolicy:
             idle_power_limit_watts={node.name: self._limit(node) for node in nodes},
             plan_seconds=time.perf_counter() - started,
         )
+
+    def _replica(
+        self, nodes: Sequence[SimNode], trial: dict[str, int], job: JobSpec
+    ) -> list[ReplicaAssignment]:
+        """One replica's pods, taken from `trial`; fewer than its pods when it does not fit. A
+        replica that spans nodes takes whole nodes of one product, trying each product in turn
+        (what a gang scheduler with a same-product constraint does)."""
+        memory = job.variants[0].min_memory_gib
+        if job.nodes_per_replica == 1:
+            node = self._choose(nodes, trial, job.gpus_per_replica, memory)
+            if node is None:
+                return []
+            trial[node.name] -= job.gpus_per_replica
+            return [self._assignment(job.key, node, job)]
+        for product in sorted({n.planner_product for n in nodes}):
+            candidates = [
+                n
+                for n in nodes
+                if n.planner_product == product and n.gpu_count == job.gpus_per_replica
+            ]
+            attempt = dict(trial)
+            pods: list[ReplicaAssignment] = []
+            for _ in range(job.nodes_per_replica):
+                node = self._choose(candidates, attempt, job.gpus_per_replica, memory)
+                if node is None:
+                    break
+                attempt[node.name] -= job.gpus_per_replica
+                pods.append(self._assignment(job.key, node, job))
+            if len(pods) == job.nodes_per_replica:
+                trial.update(attempt)
+                return pods
+        return []
 
     def _choose(
         self, nodes: Sequence[SimNode], free: dict[str, int], gpus: int, memory_gib: float

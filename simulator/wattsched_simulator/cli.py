@@ -90,6 +90,7 @@ def build_scenario(
     startup_seconds: float = 60.0,
     latency_target_seconds: float = 5.0,
     deadline_share: float = 0.7,
+    multi_node_share: float = 0.0,
 ) -> Scenario:
     traces = load_traces(
         list(trace_paths),
@@ -108,6 +109,7 @@ def build_scenario(
                 duration_seconds=duration_seconds,
                 jobs_per_hour=jobs_per_hour,
                 deadline_share=deadline_share,
+                multi_node_share=multi_node_share,
             )
         ),
         duration_seconds=duration_seconds,
@@ -200,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.7,
         help="share of generated jobs with a deadline (default 0.7)",
+    )
+    parser.add_argument(
+        "--multi-node-share",
+        type=float,
+        default=0.0,
+        help="share of generated 70B training jobs whose replica spans 2 whole 8-GPU nodes "
+        "(spec.gpu.nodesPerReplica 2; default 0)",
     )
     parser.add_argument("--step", type=float, default=1.0, help="simulation step, seconds")
     parser.add_argument(
@@ -306,6 +315,8 @@ def main(argv: list[str]) -> int:
             raise ValueError("--startup and --jobs-per-hour must be >= 0")
         if not 0 <= args.deadline_share <= 1:
             raise ValueError(f"--deadline-share={args.deadline_share}: must be in [0, 1]")
+        if not 0 <= args.multi_node_share <= 1:
+            raise ValueError(f"--multi-node-share={args.multi_node_share}: must be in [0, 1]")
         nodes = load_nodes(args.cluster)
         budgets = load_budgets(args.budget, nodes) if args.budget else []
         widest = _widest(budgets)
@@ -331,6 +342,7 @@ def main(argv: list[str]) -> int:
             duration_seconds=args.duration,
             rate_scale=args.rate_scale,
             jobs_per_hour=args.jobs_per_hour,
+            multi_node_share=args.multi_node_share,
             seed=args.seed,
             carbon=carbon,
             pue=pue,

@@ -329,7 +329,8 @@ class PlannerPolicy:
                     key=job.key,
                     type=job.type,
                     model_parameters_billions=job.model_parameters_billions,
-                    gpus_per_replica=job.gpus_per_replica,
+                    gpus_per_replica=job.gpus_per_replica * job.nodes_per_replica,
+                    nodes_per_replica=job.nodes_per_replica,
                     variants=job.variants,
                     replicas=job.replicas,
                     min_replicas=job.replicas,
@@ -345,12 +346,19 @@ class PlannerPolicy:
             workloads = [
                 replace(w, variants=(max(w.variants, key=lambda v: v.quality),)) for w in workloads
             ]
+        pods_per_replica = {job.key: job.nodes_per_replica for job in view.jobs}
         current = []
         for key, replicas in sorted(by_workload.items()):
+            per = pods_per_replica.get(key, 1)
             for index, replica in enumerate(replicas):
                 current.append(
                     CurrentPlacement(
-                        key, index, replica.node, replica.variant, replica.power_limit_watts
+                        key,
+                        index // per,
+                        replica.node,
+                        replica.variant,
+                        replica.power_limit_watts,
+                        rank=index % per,
                     )
                 )
         return PlanInput(

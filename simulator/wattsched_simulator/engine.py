@@ -353,9 +353,10 @@ class Simulation:
             old = list(current.get(key, []))
             new = wanted.get(key, [])
             spec = self._workload_spec(key)
-            if isinstance(spec, JobSpec) and new and len(new) != spec.replicas:
+            if isinstance(spec, JobSpec) and new and len(new) != spec.pods:
                 raise SimulationError(
-                    f"{key}: gang of {spec.replicas} replicas, decision places {len(new)}"
+                    f"{key}: gang of {spec.pods} pods ({spec.replicas} replica(s) of "
+                    f"{spec.nodes_per_replica} node(s)), decision places {len(new)}"
                 )
             unmatched_new: list[ReplicaAssignment] = []
             for assignment in new:

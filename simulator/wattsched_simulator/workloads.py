@@ -14,7 +14,10 @@ Generated jobs (`generate_jobs`), all from one seed:
 - deadline: `deadline_share` of jobs (default 70%) get one, at arrival + nominal duration x slack,
   slack uniform in 1.5-3.0; when that would fall after the end of the run, the job's work is
   shrunk so that it does not (every deadline can be met); the rest are best-effort;
-- priority: 0 (50%), 50 (35%) or 100 (15%); BatchInference is preemptible.
+- priority: 0 (50%), 50 (35%) or 100 (15%); BatchInference is preemptible;
+- replicas that span nodes (`multi_node_share`, default 0): that share of 70B Training jobs runs
+  each replica on 2 whole nodes of 8 GPUs (16 GPUs, spec.gpu.nodesPerReplica 2), drawn from a
+  stream of its own so that the rest of the mix is the same for any share.
 Not for: the ground truth of how fast these run (see `truth`).
 """
 
@@ -50,7 +53,11 @@ class ServiceSpec:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A Training/FineTuning/BatchInference job: a gang that must process `work_tokens`."""
+    """A Training/FineTuning/BatchInference job: a gang that must process `work_tokens`.
+
+    `gpus_per_replica` is per pod: a replica that spans `nodes_per_replica` > 1 nodes is that
+    many pods of `gpus_per_replica` GPUs, each on a whole node.
+    """
 
     key: str
     type: WorkloadType
@@ -63,6 +70,12 @@ class JobSpec:
     deadline_seconds: float | None  # absolute simulation time
     priority: int
     preemptible: bool
+    nodes_per_replica: int = 1
+
+    @property
+    def pods(self) -> int:
+        """Pods of the gang: every replica's, all placed together or none."""
+        return self.replicas * self.nodes_per_replica
 
 
 def model_variants(model_parameters_billions: float) -> tuple[Variant, ...]:
@@ -108,7 +121,12 @@ _PRIORITIES = (0, 50, 100)
 
 
 def generate_jobs(
-    *, seed: int, duration_seconds: float, jobs_per_hour: float, deadline_share: float = 0.7
+    *,
+    seed: int,
+    duration_seconds: float,
+    jobs_per_hour: float,
+    deadline_share: float = 0.7,
+    multi_node_share: float = 0.0,
 ) -> list[JobSpec]:
     """The seeded job mix described in the module docstring.
 
@@ -117,6 +135,8 @@ def generate_jobs(
     """
     nominal = GroundTruth()
     rng = np.random.default_rng(seed)
+    # Its own stream: the share of spanning jobs leaves every other draw of the mix unchanged.
+    span_rng = np.random.default_rng([seed, 1])
     jobs: list[JobSpec] = []
     now = 0.0
     horizon = 0.8 * duration_seconds
@@ -134,6 +154,14 @@ def generate_jobs(
         else:
             gpus = (1, 2, 8)[size_index]
         replicas = int(rng.choice([1, 2], p=[0.6, 0.4]))
+        nodes_per_replica = 1
+        if (
+            multi_node_share > 0
+            and job_type is WorkloadType.TRAINING
+            and params == _SIZES[-1]
+            and span_rng.uniform() < multi_node_share
+        ):
+            nodes_per_replica = 2
         nominal_seconds = float(rng.uniform(8 * 60, 30 * 60))
         wants_deadline = rng.uniform() < deadline_share
         slack = float(rng.uniform(1.5, 3.0))
@@ -143,7 +171,7 @@ def generate_jobs(
             product="H100-80GB",
             workload_type=job_type,
             model_parameters_billions=params,
-            gpus=gpus,
+            gpus=gpus * nodes_per_replica,
             relative_throughput=1.0,
             power_limit_watts=nominal.product("H100-80GB").max_watts,
         )
@@ -162,5 +190,6 @@ def generate_jobs(
                 deadline_seconds=deadline,
                 priority=priority,
                 preemptible=job_type is WorkloadType.BATCH_INFERENCE,
+                nodes_per_replica=nodes_per_replica,
             )
         )

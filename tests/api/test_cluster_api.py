@@ -154,7 +154,7 @@ def test_get_wide_shows_the_llmworkload_columns_and_status_values(
     header, row = get_wide(sandbox, "llmw", manifest["metadata"]["name"], namespace)
     assert header == [
         "NAME", "TYPE", "PHASE", "REASON", "GPUS/REPLICA", "REPLICAS", "VARIANT", "POWER(W)",
-        "AGE", "NODE(S)", "TOKENS/J", "ENERGY(KWH)", "DONE",
+        "AGE", "NODE(S)", "TOKENS/J", "ENERGY(KWH)", "DONE", "NODES/REPLICA",
     ]  # fmt: skip
     # The REASON column is the Schedulable condition's reason, not the first condition's.
     assert row.split()[1:5] == ["Inference", "Running", "Budget", "4"]
@@ -205,7 +205,11 @@ def test_invalid_manifest_is_rejected_with_a_message_naming_the_field(
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [({"type": "BatchInference"}, "spec.type"), ({"gpu": {"count": 4}}, "spec.gpu.count")],
+    [
+        ({"type": "BatchInference"}, "spec.type"),
+        ({"gpu": {"count": 4}}, "spec.gpu.count"),
+        ({"gpu": {"count": 8, "nodesPerReplica": 2}}, "spec.gpu.nodesPerReplica"),
+    ],
 )
 def test_fields_that_would_orphan_pods_cannot_change(
     sandbox: Sandbox,
@@ -224,6 +228,20 @@ def test_fields_that_would_orphan_pods_cannot_change(
     allowed = copy.deepcopy(manifest)
     allowed["spec"]["priority"] = 7
     assert json.loads(apply(sandbox, allowed, namespace).stdout)["spec"]["priority"] == 7
+
+
+@pytest.mark.parametrize("name", ["9-llama", "llama.v2", "l" * 51])
+def test_a_replica_spanning_nodes_needs_a_name_that_can_name_hostnames_and_services(
+    sandbox: Sandbox, namespace: str, example_manifests: dict[str, dict[str, Any]], name: str
+) -> None:
+    manifest = copy.deepcopy(example_manifests["training-deadline.yaml"])
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["gpu"]["nodesPerReplica"] = 2
+    result = apply(sandbox, manifest, namespace, check=False)
+    assert result.returncode != 0, f"accepted {name}"
+    assert "spec.gpu.nodesPerReplica" in result.stderr, result.stderr
+    manifest["spec"]["gpu"]["nodesPerReplica"] = 1
+    assert apply(sandbox, manifest, namespace, check=False).returncode == 0
 
 
 # kind -> (example, resource, a status field, the value written through the main resource, the

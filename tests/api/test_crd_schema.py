@@ -32,7 +32,7 @@ EXPECTED = {
             "Power(W)",
             "Age",
         ],
-        "wide": ["Node(s)", "Tokens/J", "Energy(kWh)", "Done"],
+        "wide": ["Node(s)", "Tokens/J", "Energy(kWh)", "Done", "Nodes/Replica"],
     },
     "EnergyBudget": {
         "scope": "Cluster",
@@ -177,7 +177,10 @@ def test_printer_columns_and_wide_columns_point_at_typed_fields(kind: str) -> No
             assert column["type"] == expected_type[field["type"]], column["name"]
 
 
-@pytest.mark.parametrize(("kind", "field"), [("LLMWorkload", "type"), ("LLMWorkload", "gpu.count")])
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [("LLMWorkload", "type"), ("LLMWorkload", "gpu.count"), ("LLMWorkload", "gpu.nodesPerReplica")],
+)
 def test_fields_that_would_orphan_pods_are_immutable(kind: str, field: str) -> None:
     schema = version(CRDS[kind])["schema"]["openAPIV3Schema"]["properties"]["spec"]
     node = resolve(schema, field)

@@ -95,6 +95,12 @@ MINIMAL_OBJECTS: list[dict[str, Any]] = [
             "slo": {"totalWork": {"gpuHours": 3}},
             "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}},
         },
+        # A placement written without a rank (before replicas could span nodes) reads as rank 0.
+        "status": {
+            "placements": [
+                {"replica": 0, "node": "n", "gpus": 2, "variant": "fp8", "powerLimitWatts": 300}
+            ]
+        },
     },
     {
         "apiVersion": "wattsched.io/v1alpha1",
@@ -284,9 +290,24 @@ WORKLOAD_STATUS: dict[str, Any] = {
     "variant": "fp8",
     "nodes": "gpu-h100-00,gpu-h100-01",
     "placements": [
-        {"replica": 0, "node": "gpu-h100-00", "gpus": 4, "variant": "fp8", "powerLimitWatts": 560},
-        {"replica": 1, "node": "gpu-h100-01", "gpus": 4, "variant": "fp8", "powerLimitWatts": 560},
+        {
+            "replica": 0,
+            "rank": 0,
+            "node": "gpu-h100-00",
+            "gpus": 4,
+            "variant": "fp8",
+            "powerLimitWatts": 560,
+        },
+        {
+            "replica": 1,
+            "rank": 0,
+            "node": "gpu-h100-01",
+            "gpus": 4,
+            "variant": "fp8",
+            "powerLimitWatts": 560,
+        },
     ],
+    "service": "chat",
     "power": {"capWatts": 4480, "expectedWatts": 3900},
     "energy": {
         "joules": 3.6e6,
@@ -458,3 +479,16 @@ def test_budget_status_with_energy_carbon_and_their_sources_round_trips() -> Non
     manifest["status"] = {"carbonIntensity": {"gramsPerKWh": 400.0, "source": "guess"}}
     with pytest.raises(ApiValidationError, match=r"status\.carbonIntensity\.source"):
         parse_energybudget(manifest)
+
+
+@pytest.mark.parametrize("name", ["9-llama", "llama.v2", "l" * 51])
+def test_a_replica_spanning_nodes_needs_a_name_that_can_name_hostnames_and_services(
+    name: str,
+) -> None:
+    manifest = inference()
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["gpu"] = {"count": 8, "nodesPerReplica": 2}
+    with pytest.raises(ApiValidationError, match=r"spec\.gpu\.nodesPerReplica: .*DNS label"):
+        parse_llmworkload(manifest)
+    manifest["spec"]["gpu"]["nodesPerReplica"] = 1
+    assert parse_llmworkload(manifest).spec.gpu.nodes_per_replica == 1

@@ -65,6 +65,8 @@ OPERATOR_ALLOWED: list[Permission] = [
     ("watch", "pods", None),
     # Moves and preemptions evict (policy/v1 Eviction) so PodDisruptionBudgets hold.
     ("create", "pods/eviction", USER_NAMESPACE),
+    # Headless Services of replicas that span nodes, and each Inference workload's Service.
+    *[(verb, "services", USER_NAMESPACE) for verb in ("get", "list", "create", "delete", "patch")],
     ("create", "events", USER_NAMESPACE),
     ("create", "events.events.k8s.io", USER_NAMESPACE),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
@@ -411,6 +413,8 @@ def test_pod_writes_are_limited_to_listed_workload_namespaces(
         assert can_i(sandbox, user, ("create", "pods", namespace), namespace)
         assert can_i(sandbox, user, ("delete", "pods", namespace), namespace)
         assert not can_i(sandbox, user, ("create", "pods", other), other)
+        assert can_i(sandbox, user, ("create", "services", namespace), namespace)
+        assert not can_i(sandbox, user, ("create", "services", other), other)
         assert can_i(sandbox, user, ("list", "pods", None), other)
     finally:
         for doc in rbac:

@@ -254,3 +254,49 @@ def test_a_performance_workload_says_clocks_are_never_locked() -> None:
         node_products=PRODUCTS,
     )
     assert "clocks left to the driver: the Performance policy never locks clocks" in text
+
+
+def spanning(limit_watts: float) -> dict[str, Any]:
+    """A 405B service whose one replica is a leader and a worker, 8 H100s each, in rack-a."""
+    return {
+        "metadata": {"name": "big", "namespace": "team-a"},
+        "spec": {"type": "Inference", "gpu": {"count": 8, "nodesPerReplica": 2}},
+        "status": {
+            "phase": "Running",
+            "service": "big",
+            "placements": [
+                {
+                    "replica": 0,
+                    "rank": rank,
+                    "node": node,
+                    "gpus": 8,
+                    "variant": "fp8",
+                    "powerLimitWatts": limit_watts,
+                }
+                for rank, node in enumerate(("gpu-h100-00", "gpu-h100-01"))
+            ],
+        },
+    }
+
+
+def test_a_replica_that_spans_nodes_shows_its_leader_worker_and_service() -> None:
+    scopes = {"rack-a": frozenset({"gpu-h100-00", "gpu-h100-01"})}
+    products = {"gpu-h100-00": "H100-80GB", "gpu-h100-01": "H100-80GB"}
+    text = render(spanning(325), {}, rack_a(5000), [], scopes, node_products=products)
+    assert "8 GPU(s) per node x 2 whole nodes of one product per replica" in text
+    assert "replica 0 leader: node gpu-h100-00, 8 GPU(s)" in text
+    assert "replica 0 worker 1: node gpu-h100-01, 8 GPU(s)" in text
+    assert "service: big (selects its ready leaders)" in text
+    assert "replica(s) 0 at 325 W per GPU" in text
+
+
+def test_a_spanning_replica_one_level_up_counts_every_gpu_of_every_node() -> None:
+    """H100 levels 200, 325, 450 W: 16 GPUs one level up add 2000 W, more than 1500 W of headroom
+    (one node's 8 GPUs alone would add 1000 W and fit)."""
+    scopes = {"rack-a": frozenset({"gpu-h100-00", "gpu-h100-01"})}
+    products = {"gpu-h100-00": "H100-80GB", "gpu-h100-01": "H100-80GB"}
+    text = render(spanning(325), {}, rack_a(1500), [], scopes, node_products=products)
+    assert (
+        "replica(s) 0 at 325 W per GPU: limited by budget rack-a: its headroom 1500 W is less than"
+        " the 2000 W one replica at the next level (450 W per GPU) would add"
+    ) in text

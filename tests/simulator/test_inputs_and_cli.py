@@ -345,6 +345,8 @@ def test_simulate_rejects_bad_input_with_exit_code_2(
     assert "none.csv: no such file" in capsys.readouterr().err
     assert cli.main([*base, "--duration", "0"]) == 2
     assert "--duration=0.0: must be > 0" in capsys.readouterr().err
+    assert cli.main([*base, "--multi-node-share", "1.5"]) == 2
+    assert "--multi-node-share=1.5: must be in [0, 1]" in capsys.readouterr().err
 
 
 def simulate_in_a_subprocess(directory: Path, stderr: int) -> subprocess.Popen[bytes]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -563,3 +563,60 @@ def test_telemetry_is_sampled_every_scrape_interval_and_seen_late() -> None:
     assert [s.window_end_seconds for s in after_start] == [15.0, 30.0, 45.0, 60.0]
     assert after_start[0].demand_tokens_per_second["azure/chat"] == pytest.approx(60.0, rel=0.1)
     assert after_start[0].utilisation["azure/chat"] == pytest.approx(0.6, rel=0.1)
+
+
+# -- replicas that span nodes ---------------------------------------------------------------
+
+
+@dataclass
+class Watching:
+    """A policy that records, per decision, the nodes of one workload's pods."""
+
+    inner: Policy
+    workload: str
+    seen: list[tuple[str, ...]] = field(default_factory=list)
+    name: str = "watching"
+
+    def decide(self, view: View) -> Decision:
+        decision = self.inner.decide(view)
+        pods = tuple(sorted(r.node for r in decision.replicas if r.workload == self.workload))
+        if pods:
+            self.seen.append(pods)
+        return decision
+
+
+def spanning_job(key: str, work_tokens: float) -> JobSpec:
+    """A 70B training run whose one replica is 2 whole nodes of 4 GPUs."""
+    return replace(
+        job(key, work_tokens, gpus=4, priority=100),
+        model_parameters_billions=70.0,
+        # Weights and KV headroom spread over the replica's 8 GPUs.
+        variants=tuple(
+            replace(v, min_memory_gib=v.min_memory_gib / 8) for v in model_variants(70)[:1]
+        ),
+        nodes_per_replica=2,
+    )
+
+
+@pytest.mark.parametrize("name", ["wattsched", "binpack-max", "spread-max"])
+def test_a_job_whose_replica_spans_two_nodes_runs_on_two_whole_nodes_and_finishes(
+    name: str,
+) -> None:
+    nodes = [h100_node("h0", 4), h100_node("h1", 4), a100_node("a0", 4)]
+    sim = scenario(nodes=nodes, jobs=[spanning_job("batch/big", 2e5)], duration_seconds=600)
+    watching = Watching(policy(name, GroundTruth()), "batch/big")
+    result = simulate(sim, GroundTruth(), watching)
+    seen = watching.seen
+    assert seen, "the job was never placed"
+    # Both pods together, on the two H100 nodes (never one H100 and the A100), every time.
+    assert set(seen) == {("h0", "h1")}
+    assert result.jobs_finished == 1
+
+
+def test_a_spanning_job_that_cannot_have_two_whole_nodes_never_runs() -> None:
+    nodes = [h100_node("h0", 4), a100_node("a0", 4)]
+    sim = scenario(nodes=nodes, jobs=[spanning_job("batch/big", 2e5)], duration_seconds=120)
+    for name in ("wattsched", "binpack-max"):
+        result = simulate(sim, GroundTruth(), policy(name, GroundTruth()))
+        assert result.jobs_finished == 0
+        assert result.job_tokens_processed == 0

@@ -130,3 +130,21 @@ def test_every_deadline_is_meetable_within_a_short_run() -> None:
 def test_the_deadline_share_is_honoured_at_its_extremes() -> None:
     assert all(job.deadline_seconds is None for job in many_jobs(deadline_share=0.0))
     assert all(job.deadline_seconds is not None for job in many_jobs(deadline_share=1.0))
+
+
+def test_a_multi_node_share_spans_70b_training_replicas_and_leaves_the_rest_of_the_mix() -> None:
+    plain = generate_jobs(seed=5, duration_seconds=4 * HOUR, jobs_per_hour=30.0)
+    spanning = generate_jobs(
+        seed=5, duration_seconds=4 * HOUR, jobs_per_hour=30.0, multi_node_share=1.0
+    )
+    assert [j.key for j in plain] == [j.key for j in spanning]
+    assert all(j.nodes_per_replica == 1 for j in plain)
+    changed = [(a, b) for a, b in zip(plain, spanning, strict=True) if a != b]
+    assert changed, "no 70B training job in the mix"
+    for before, after in changed:
+        assert (after.type, after.model_parameters_billions) == (WorkloadType.TRAINING, 70.0)
+        assert (after.gpus_per_replica, after.nodes_per_replica) == (8, 2)
+        assert after.pods == 2 * after.replicas
+        # Twice the GPUs for the same nominal duration: twice the work.
+        assert after.work_tokens == pytest.approx(2 * before.work_tokens, rel=1e-9)
+        assert after.arrival_seconds == before.arrival_seconds

@@ -1,0 +1,233 @@
+"""Pure functions for the Services the operator owns: one per Inference LLMWorkload (its clients'
+address) and the headless Service of each replica that spans nodes (`replica_groups`), and the
+difference between those and the Services that exist.
+
+An Inference workload's Service is named after the workload and selects its pods
+(`wattsched.io/workload=<name>`), only the leaders (`wattsched.io/rank=0`) when its replicas span
+nodes; Kubernetes routes only to Ready pods, so a replica serves once its pod (its leader) is
+Ready and a move keeps the others serving (moves are paced one replica at a time,
+`desired.pace_deletions`). Its ports are the template's container ports (of the leader when
+replicas span nodes); a template without ports gets a headless Service (DNS names the ready
+pods). A workload whose name is not a DNS-1035 label gets no Service (a Service name must be one).
+
+Not for: API calls (the loop lists, creates, patches and deletes what `service_changes` says).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from wattsched_api.meta import RANK_LABEL, WORKLOAD_LABEL
+from wattsched_operator import replica_groups
+
+# A Service name: DNS-1035 label.
+_SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+# The operator's own Services carry the workload label; a Service kind that says which.
+SERVICE_ROLE_LABEL = "wattsched.io/service"
+INFERENCE_ROLE = "inference"
+RENDEZVOUS_ROLE = "rendezvous"
+
+
+@dataclass(frozen=True)
+class InferenceWorkload:
+    """What an Inference workload's Service needs from the LLMWorkload."""
+
+    namespace: str
+    name: str
+    uid: str
+    spans_nodes: bool
+    template: Mapping[str, Any]
+
+
+def service_name(workload_name: str) -> str | None:
+    """The Inference workload's Service name (its own), or None when that is not a valid one."""
+    return workload_name if _SERVICE_NAME.fullmatch(workload_name) else None
+
+
+def template_ports(template: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Service ports for every container port of the template: same number and protocol, the
+    container port's name as target (or its number); names `port-<n>` where the template has
+    none and there is more than one port (a Service needs names then)."""
+    ports: list[dict[str, Any]] = []
+    seen: set[tuple[int, str]] = set()
+    for container in (template.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            number = port.get("containerPort")
+            protocol = port.get("protocol") or "TCP"
+            if not isinstance(number, int) or (number, protocol) in seen:
+                continue
+            seen.add((number, protocol))
+            name = port.get("name")
+            ports.append(
+                {
+                    **({"name": name} if name else {}),
+                    "port": number,
+                    "targetPort": name or number,
+                    "protocol": protocol,
+                }
+            )
+    if len(ports) > 1:
+        for index, port in enumerate(ports):
+            port.setdefault("name", f"port-{index}")
+    return ports
+
+
+def inference_service(workload: InferenceWorkload) -> dict[str, Any] | None:
+    """The workload's Service, or None when its name cannot name one."""
+    name = service_name(workload.name)
+    if name is None:
+        return None
+    selector = {WORKLOAD_LABEL: workload.name}
+    if workload.spans_nodes:
+        selector[RANK_LABEL] = "0"
+    ports = template_ports(workload.template)
+    spec: dict[str, Any] = {"selector": selector}
+    if ports:
+        spec["ports"] = ports
+    else:
+        spec["clusterIP"] = "None"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": workload.namespace,
+            "labels": {WORKLOAD_LABEL: workload.name, SERVICE_ROLE_LABEL: INFERENCE_ROLE},
+            "ownerReferences": [replica_groups.owner_reference(workload.name, workload.uid)],
+        },
+        "spec": spec,
+    }
+
+
+def desired_services(
+    inference: Iterable[InferenceWorkload],
+    spanning_replicas: Mapping[tuple[str, str, str], Iterable[int]],
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every Service the operator wants, by (namespace, name): each Inference workload's, and a
+    headless one for each planned replica that spans nodes (`spanning_replicas`: (namespace,
+    name, uid) -> replica indexes). A name two of them would share goes to the headless one."""
+    services: dict[tuple[str, str], dict[str, Any]] = {}
+    for workload in inference:
+        service = inference_service(workload)
+        if service is not None:
+            services[(workload.namespace, service["metadata"]["name"])] = service
+    for (namespace, name, uid), replicas in spanning_replicas.items():
+        for replica in replicas:
+            service = replica_groups.headless_service(name, namespace, uid, replica)
+            service["metadata"]["labels"][SERVICE_ROLE_LABEL] = RENDEZVOUS_ROLE
+            services[(namespace, service["metadata"]["name"])] = service
+    return services
+
+
+@dataclass(frozen=True)
+class ServiceChanges:
+    """Services to create, patch (the fields the operator sets) and delete, by (namespace, name)."""
+
+    create: tuple[dict[str, Any], ...]
+    patch: Mapping[tuple[str, str], dict[str, Any]]
+    delete: tuple[tuple[str, str], ...]
+
+
+def _owner_uid(service: Mapping[str, Any]) -> str | None:
+    for owner in service["metadata"].get("ownerReferences") or []:
+        if owner.get("kind") == "LLMWorkload" and owner.get("controller"):
+            return str(owner.get("uid"))
+    return None
+
+
+def _differs(current: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    spec, want_spec = current.get("spec") or {}, want["spec"]
+    if spec.get("selector") != want_spec["selector"]:
+        return True
+    if (spec.get("clusterIP") == "None") != (want_spec.get("clusterIP") == "None"):
+        return True
+    have_ports = [
+        (p.get("name"), p.get("port"), p.get("targetPort"), p.get("protocol") or "TCP")
+        for p in spec.get("ports") or []
+    ]
+    want_ports = [
+        (p.get("name"), p["port"], p["targetPort"], p["protocol"])
+        for p in want_spec.get("ports") or []
+    ]
+    return have_ports != want_ports
+
+
+def inference_workloads(bodies: Iterable[Mapping[str, Any]]) -> list[InferenceWorkload]:
+    """The Inference LLMWorkloads among `bodies` (objects as the API returns them)."""
+    found = []
+    for body in bodies:
+        spec = body.get("spec") or {}
+        if spec.get("type", "Inference") != "Inference":
+            continue
+        meta = body["metadata"]
+        found.append(
+            InferenceWorkload(
+                namespace=meta["namespace"],
+                name=meta["name"],
+                uid=meta.get("uid", ""),
+                spans_nodes=int((spec.get("gpu") or {}).get("nodesPerReplica") or 1) > 1,
+                template=spec.get("template") or {},
+            )
+        )
+    return found
+
+
+def status_service(body: Mapping[str, Any]) -> str | None:
+    """`status.service` of an LLMWorkload: its Service's name (Inference with a valid name)."""
+    if (body.get("spec") or {}).get("type", "Inference") != "Inference":
+        return None
+    return service_name(body["metadata"]["name"])
+
+
+def desired_from_plan(
+    bodies: Mapping[str, Mapping[str, Any]], placements: Iterable[Any]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """`desired_services` for the active workloads (`bodies` by key) and the plan's placements
+    (`Placement`s: the replicas with more than one node get a headless Service)."""
+    spanning: dict[tuple[str, str, str], set[int]] = {}
+    for placement in placements:
+        body = bodies.get(placement.workload)
+        if body is None or placement.nodes_per_replica <= 1:
+            continue
+        meta = body["metadata"]
+        group = (meta["namespace"], meta["name"], meta.get("uid", ""))
+        spanning.setdefault(group, set()).add(placement.replica)
+    return desired_services(
+        inference_workloads(bodies.values()),
+        {group: sorted(replicas) for group, replicas in spanning.items()},
+    )
+
+
+def service_changes(
+    current: Iterable[Mapping[str, Any]], desired: Mapping[tuple[str, str], Mapping[str, Any]]
+) -> ServiceChanges:
+    """Compare the operator's Services (`current`: listed with the workload label) with the
+    wanted ones. Services without an LLMWorkload controller are not the operator's and are left
+    alone (creating a wanted name they hold fails with a conflict, which the loop logs). One whose
+    clusterIP kind (headless or not) must change is deleted and created again next round (the
+    field is immutable); other differences are patched in place."""
+    by_key = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in current}
+    create: list[dict[str, Any]] = []
+    patch: dict[tuple[str, str], dict[str, Any]] = {}
+    delete: list[tuple[str, str]] = []
+    for key, service in sorted(by_key.items()):
+        if service["metadata"].get("deletionTimestamp") or _owner_uid(service) is None:
+            continue
+        want = desired.get(key)
+        if want is None or _owner_uid(service) != _owner_uid(want):
+            delete.append(key)
+            continue
+        headless = (service.get("spec") or {}).get("clusterIP") == "None"
+        if headless != (want["spec"].get("clusterIP") == "None"):
+            delete.append(key)
+        elif _differs(service, want):
+            patch[key] = {
+                "spec": {"selector": want["spec"]["selector"], "ports": want["spec"].get("ports")}
+            }
+    for key, want in sorted(desired.items()):
+        if key not in by_key:
+            create.append(dict(want))
+    return ServiceChanges(create=tuple(create), patch=patch, delete=tuple(delete))
