@@ -631,7 +631,8 @@ def workload_options(
                         replicas = needed
                     if replicas > workload.max_replicas:
                         continue
-                    useful = replicas * throughput if demand is None else demand
+                    # No demand (none declared, or 0 tokens/s measured): the replicas' capacity.
+                    useful = replicas * throughput if not demand else demand
                 else:
                     replicas = workload.replicas
                     useful = replicas * throughput
