@@ -1,62 +1,63 @@
-"""wattsched and the oracle as simulator policies: telemetry -> PlanInput -> optimizer -> Decision.
+"""wattsched and the oracle as simulator policies: the operator's own pieces on a simulated cluster.
 
-`wattsched` is what the operator does, with the same optimizer code (`wattsched_optimizer.planner
-.plan`) and the default catalogue model as its prior. Its inputs come from telemetry only:
-- inference demand target = the highest 15-s demand seen in the last 5 minutes x `headroom`, plus
-  the current backlog spread over one re-plan interval (the operator's forecast,
-  `wattsched_operator.demand`), divided by the service's calibration
-  factor (measured capacity / modelled capacity of its ready replicas, from served tokens/s over
-  utilisation, smoothed);
-- job remaining work = spec work - tokens done at the last visible sample - modelled progress
-  since (the operator's own arithmetic, `wattsched_operator.progress`), divided by the job's
-  calibration factor (measured / modelled rate);
-- deadlines in seconds from now, less the start-up time for jobs not yet running; a job that
-  cannot make its deadline even at full speed (by the model) gets the deadline that asks for 80%
-  of the fastest modelled rate, so it still runs, and runs fast.
-`oracle` gets what no real system has: the future demand over the next interval (the highest
-latency-window average), the current true backlog and remaining work, and the ground truth as its
-performance model. It is a reference point, not a policy one could deploy, and not a proven lower
-bound on energy: it runs the same interval-by-interval optimizer (the same churn threshold and
-start-up costs), so on some runs it uses more energy or serves less on time than `wattsched`
-(it moves replicas that `wattsched` leaves in place, and sizes for the next interval's peak with no
-margin). What it is held to by construction is what `wattsched` is held to: every budget's cap.
+`wattsched` is what the operator decides, by the operator's code: the simulated cluster is shown
+to it as the Kubernetes objects and telemetry reading it reads (`observed`), and each round runs
+the operator's path on them: `snapshot.build_snapshot` (nodes, budgets, LLMWorkloads with their
+deadline and persisted `status.progress`, running pods pinned where they run), the demand forecast
+(`demand.DemandHistory`: the peak of the last 5 minutes of measured tokens/s x 1.2), job progress
+(`progress.advance`: the job's progress counter as last scraped, else the planned rate over the
+time the gang ran), the calibrator (`telemetry.Calibrator` over `calibration_samples`, at most once
+per accounting interval), the optimizer (`planner.plan` with the calibrated catalogue model), and
+`desired` (the pods and NodePowerProfile limits), which `observed` turns into the engine's
+`Decision`. What stays here is only what the simulation needs: the memory the operator keeps
+between rounds (in its process and in statuses), and which pod each simulated replica is.
+
+`oracle` goes through the same path with what no real system has: each service declares the
+future demand over the next interval (the highest latency-window average) plus its current true
+backlog, with no measured history to override it; each job's `status.progress` is its true
+progress; and the ground truth is the performance model (no calibration). It is a reference
+point, not a policy one could deploy, and not a proven lower bound on energy.
 Not for: baselines (`baselines`) or physics (`engine`).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import numpy as np
 
 from wattsched_operator import demand as demand_forecast
-from wattsched_operator import progress
+from wattsched_operator import desired, progress, snapshot
+from wattsched_operator.api.meta import parse_time
+from wattsched_operator.telemetry import (
+    Calibrator,
+    PodKey,
+    TelemetrySnapshot,
+    calibration_samples,
+)
+from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer import model as prior
 from wattsched_optimizer import planner
 from wattsched_optimizer.problem import (
-    Budget,
-    CurrentPlacement,
     EnergyPolicy,
-    GpuNode,
-    Plan,
+    Placement,
     PlanInput,
     PlanOptions,
-    WorkAmount,
-    Workload,
     WorkloadType,
-    WorkUnit,
 )
 
-from .engine import Decision, ReplicaAssignment, RunningReplica, Scenario, View
+from . import observed
+from .engine import Decision, RunningReplica, Scenario, View
 from .truth import GroundTruth
 from .workloads import JobSpec, ServiceSpec
 
-# A job that can no longer make its deadline is asked to run at least this share of its fastest
-# modelled rate.
-BEHIND_SCHEDULE_SPEED = 0.8
+# How often the operator folds a reading into its calibration (`--accounting-seconds`).
+ACCOUNTING_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -102,295 +103,279 @@ class OracleKnowledge:
     truth: GroundTruth
 
 
-def _service_workload(
-    service: ServiceSpec, tokens_per_second: float, policy: EnergyPolicy
-) -> Workload:
-    return Workload(
-        key=service.key,
-        type=WorkloadType.INFERENCE,
-        model_parameters_billions=service.model_parameters_billions,
-        gpus_per_replica=service.gpus_per_replica,
-        variants=service.variants,
-        replicas=service.min_replicas,
-        min_replicas=service.min_replicas,
-        max_replicas=service.max_replicas,
-        min_quality=service.min_quality,
-        priority=service.priority,
-        policy=policy,
-        tokens_per_second=tokens_per_second,
-    )
-
-
 @dataclass
 class PlannerPolicy:
     name: str
     options: PlanOptions = field(default_factory=PlanOptions)
     energy_policy: EnergyPolicy = EnergyPolicy.BALANCED
-    headroom: float = 1.4
-    forecast_window_seconds: float = 300.0
-    deadline_margin: float = 0.9
     oracle: OracleKnowledge | None = None
+    # The demand forecast's headroom: the operator's, unless a what-if changes it.
+    headroom: float = demand_forecast.HEADROOM
     # Ablation: offer the planner only each workload's highest-quality variant.
     best_variant_only: bool = False
-    _calibration: dict[str, float] = field(default_factory=dict)
-    _model: prior.PerformanceModel = field(default_factory=prior.CatalogueModel)
+    # The operator's memory between rounds: in its process (demand history, calibration, the
+    # applied plan) and in statuses (each job's status.progress).
+    _demand: demand_forecast.DemandHistory = field(init=False)
+    _calibrator: Calibrator = field(default_factory=Calibrator)
+    _calibrated_at: float = -np.inf
+    _progress: dict[str, dict[str, object]] = field(default_factory=dict)
+    _placements: tuple[Placement, ...] = ()
+    _limits: dict[str, NodeLimits] = field(default_factory=dict)
 
-    # -- model ------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self._demand = demand_forecast.DemandHistory(headroom=self.headroom)
 
-    def _model_for(self, scenario: Scenario) -> prior.PerformanceModel:
-        if self.oracle is None:
-            return self._model
-        products = {node.planner_product: node.truth_product for node in scenario.nodes}
-        return TruthModel(self.oracle.truth, products)
+    # -- which pod each simulated replica is -----------------------------------------------------
 
-    def _replica_rate(
-        self,
-        model: prior.PerformanceModel,
-        products: Mapping[str, str],
-        spec: ServiceSpec | JobSpec,
-        replica: RunningReplica,
-    ) -> float:
-        variant = next(v for v in spec.variants if v.name == replica.variant)
-        workload_type = WorkloadType.INFERENCE if isinstance(spec, ServiceSpec) else spec.type
-        return model.throughput_tokens_per_second(
-            products[replica.node],
-            workload_type,
-            spec.model_parameters_billions,
-            replica.gpus,
-            variant.relative_throughput,
-            replica.power_limit_watts,
-        )
-
-    def _best_rate(
-        self, model: prior.PerformanceModel, scenario: Scenario, spec: ServiceSpec | JobSpec
-    ) -> float:
-        """Fastest modelled replica on any product of the cluster that has the memory."""
-        workload_type = WorkloadType.INFERENCE if isinstance(spec, ServiceSpec) else spec.type
-        best = 0.0
-        for product in {node.planner_product for node in scenario.nodes}:
-            product_spec = prior.product_spec(product)
-            for variant in spec.variants:
-                if variant.min_memory_gib > product_spec.memory_gib.value:
-                    continue
-                best = max(
-                    best,
-                    model.throughput_tokens_per_second(
-                        product,
-                        workload_type,
-                        spec.model_parameters_billions,
-                        spec.gpus_per_replica,
-                        variant.relative_throughput,
-                        product_spec.max_watts.value,
-                    ),
-                )
-        return best
-
-    def _smooth(self, key: str, ratio: float) -> float:
-        low, high = prior.CALIBRATION_BOUNDS
-        ratio = min(max(ratio, low), high)
-        previous = self._calibration.get(key, 1.0)
-        self._calibration[key] = 0.5 * previous + 0.5 * ratio
-        return self._calibration[key]
-
-    # -- inputs from telemetry -----------------------------------------------------------------
-
-    def _service_target(
-        self,
-        view: View,
-        service: ServiceSpec,
-        running: list[RunningReplica],
-        model: prior.PerformanceModel,
-        products: Mapping[str, str],
-    ) -> float:
-        now = view.now_seconds
-        scenario = view.scenario
-        if self.oracle is not None:
-            steps = scenario.step_seconds
-            window = max(1, round(scenario.latency_target_seconds / steps))
-            start = round(now / steps)
-            horizon = round((scenario.replan_interval_seconds + scenario.startup_seconds) / steps)
-            demand = service.trace.demand_tokens[start : start + horizon + window]
-            if len(demand) == 0:
-                return 0.0
-            sums = (
-                np.convolve(demand, np.ones(window), mode="valid")
-                if len(demand) >= window
-                else demand
-            )
-            peak = float(sums.max()) / (window * steps)
-            backlog = view.true_backlog_tokens.get(service.key, 0.0)
-            return peak + backlog / scenario.replan_interval_seconds
-        samples = view.telemetry.recent(now, self.forecast_window_seconds)
-        if not samples:
-            return 0.0
-        # The operator's forecast: the recent peak with headroom, plus the backlog over an interval.
-        target = demand_forecast.forecast(
-            (s.demand_tokens_per_second.get(service.key, 0.0) for s in samples),
-            headroom=self.headroom,
-            backlog_tokens=samples[-1].backlog_tokens.get(service.key, 0.0),
-            interval_seconds=scenario.replan_interval_seconds,
-        )
-        if target is None:
-            return 0.0
-        ready = [r for r in running if r.ready_at_seconds <= now]
-        settled = [
-            s
-            for s in samples
-            if s.window_end_seconds - scenario.telemetry.scrape_interval_seconds
-            >= max((r.ready_at_seconds for r in running), default=now)
-        ]
-        if ready and len(ready) == len(running) and settled:
-            utilisation = sum(s.utilisation.get(service.key, 0.0) for s in settled) / len(settled)
-            served = sum(s.served_tokens_per_second.get(service.key, 0.0) for s in settled) / len(
-                settled
-            )
-            if utilisation > 0.2:
-                modelled = sum(self._replica_rate(model, products, service, r) for r in ready)
-                self._smooth(service.key, (served / utilisation) / modelled)
-        return target / self._calibration.get(service.key, 1.0)
-
-    def _job_inputs(
-        self,
-        view: View,
-        job: JobSpec,
-        running: list[RunningReplica],
-        model: prior.PerformanceModel,
-        products: Mapping[str, str],
-    ) -> tuple[float, float | None]:
-        """(remaining tokens as the planner should see them, deadline in seconds from now)."""
-        now = view.now_seconds
-        scenario = view.scenario
-        gang_ready_at = max((r.ready_at_seconds for r in running), default=math.inf)
-        rate = 0.0
-        if running:
-            rate = len(running) * min(self._replica_rate(model, products, job, r) for r in running)
-        if self.oracle is not None:
-            remaining = view.true_remaining_tokens.get(job.key, job.work_tokens)
-        else:
-            visible = view.telemetry.visible(now)
-            done = 0.0
-            seen_at = -math.inf
-            history = [s for s in visible if job.key in s.job_tokens_done]
-            if history:
-                done = history[-1].job_tokens_done[job.key]
-                seen_at = history[-1].window_end_seconds
-            # The operator's progress arithmetic: the last measured total, plus the placed rate
-            # over the time the whole gang ran since that sample (none while it is not running).
-            completed = progress.completed_since(done, rate, now - max(seen_at, gang_ready_at))
-            remaining = progress.remaining_tokens(job.work_tokens, completed)
-            if running and rate > 0:
-                steady = [s for s in history if s.window_end_seconds - 60.0 >= gang_ready_at]
-                if len(steady) >= 5:
-                    first, last = steady[-5], steady[-1]
-                    span = last.window_end_seconds - first.window_end_seconds
-                    measured = (
-                        last.job_tokens_done[job.key] - first.job_tokens_done[job.key]
-                    ) / span
-                    self._smooth(job.key, measured / rate)
-            remaining = max(remaining, 0.01 * job.work_tokens)
-            remaining /= self._calibration.get(job.key, 1.0)
-        deadline: float | None = None
-        if job.deadline_seconds is not None:
-            start_delay = 0.0 if running else scenario.startup_seconds
-            if running and gang_ready_at > now:
-                start_delay = gang_ready_at - now
-            left = (job.deadline_seconds - now - start_delay) * self.deadline_margin
-            fastest = self._best_rate(model, scenario, job) * job.replicas
-            if left > 0 and fastest * left >= remaining:
-                deadline = left
-            elif fastest > 0:
-                # Behind schedule: ask for at least BEHIND_SCHEDULE_SPEED of the fastest rate, so
-                # the job runs near full speed instead of at the most efficient (slowest) level.
-                deadline = remaining / (fastest * BEHIND_SCHEDULE_SPEED)
-        return remaining, deadline
-
-    # -- the decision ---------------------------------------------------------------------------
-
-    def build_input(self, view: View) -> PlanInput:
-        scenario = view.scenario
-        model = self._model_for(scenario)
-        node_products = {node.name: node.planner_product for node in scenario.nodes}
+    def _pods(self, view: View) -> list[tuple[RunningReplica, int]]:
+        """Each running replica with its replica index: the index of the applied placement on
+        the same node with the same variant (as the engine matched them), else the lowest free."""
+        planned: dict[str, list[Placement]] = {}
+        for placement in self._placements:
+            planned.setdefault(placement.workload, []).append(placement)
+        out: list[tuple[RunningReplica, int]] = []
         by_workload: dict[str, list[RunningReplica]] = {}
         for replica in view.replicas:
             by_workload.setdefault(replica.workload, []).append(replica)
-        workloads: list[Workload] = []
-        for service in scenario.services:
-            running = by_workload.get(service.key, [])
-            target = self._service_target(view, service, running, model, node_products)
-            ceiling = 0.99 * self._best_rate(model, scenario, service) * service.max_replicas
-            workloads.append(
-                _service_workload(service, min(max(target, 1.0), ceiling), self.energy_policy)
-            )
-        for job in view.jobs:
-            running = by_workload.get(job.key, [])
-            remaining, deadline = self._job_inputs(view, job, running, model, node_products)
-            workloads.append(
-                Workload(
-                    key=job.key,
-                    type=job.type,
-                    model_parameters_billions=job.model_parameters_billions,
-                    gpus_per_replica=job.gpus_per_replica,
-                    variants=job.variants,
-                    replicas=job.replicas,
-                    min_replicas=job.replicas,
-                    max_replicas=job.replicas,
-                    priority=job.priority,
-                    preemptible=job.preemptible,
-                    policy=self.energy_policy,
-                    remaining_work=WorkAmount(WorkUnit.TOKENS, remaining),
-                    deadline_seconds=deadline,
-                )
-            )
-        if self.best_variant_only:
-            workloads = [
-                replace(w, variants=(max(w.variants, key=lambda v: v.quality),)) for w in workloads
-            ]
-        current = []
         for key, replicas in sorted(by_workload.items()):
-            for index, replica in enumerate(replicas):
-                current.append(
-                    CurrentPlacement(
-                        key, index, replica.node, replica.variant, replica.power_limit_watts
-                    )
+            free = list(planned.get(key, []))
+            used: set[int] = set()
+            unmatched = []
+            for replica in replicas:
+                match = next(
+                    (p for p in free if p.node == replica.node and p.variant == replica.variant),
+                    None,
                 )
-        return PlanInput(
-            nodes=tuple(
-                GpuNode(node.name, node.planner_product, node.gpu_count) for node in scenario.nodes
-            ),
-            workloads=tuple(workloads),
-            budgets=tuple(
-                Budget(b.name, b.power_cap_watts, b.node_names) for b in scenario.budgets
-            ),
-            current=tuple(current),
-            options=self.options,
+                if match is None:
+                    unmatched.append(replica)
+                    continue
+                free.remove(match)
+                used.add(match.replica)
+                out.append((replica, match.replica))
+            index = 0
+            for replica in unmatched:
+                while index in used:
+                    index += 1
+                used.add(index)
+                out.append((replica, index))
+        return out
+
+    # -- what the operator observes -------------------------------------------------------------
+
+    def _declared_tokens_per_second(self, view: View, service: ServiceSpec) -> float:
+        """What the service's spec.slo.tokensPerSecond says: its mean demand over the run (what
+        a user declares from past traffic), or for the oracle the future demand."""
+        if self.oracle is None:
+            return service.trace.mean_tokens_per_second
+        scenario = view.scenario
+        steps = scenario.step_seconds
+        window = max(1, round(scenario.latency_target_seconds / steps))
+        start = round(view.now_seconds / steps)
+        horizon = round((scenario.replan_interval_seconds + scenario.startup_seconds) / steps)
+        future = service.trace.demand_tokens[start : start + horizon + window]
+        if len(future) == 0:
+            return 0.0
+        sums = (
+            np.convolve(future, np.ones(window), mode="valid") if len(future) >= window else future
         )
+        peak = float(sums.max()) / (window * steps)
+        backlog = view.true_backlog_tokens.get(service.key, 0.0)
+        return peak + backlog / scenario.replan_interval_seconds
+
+    def _advance_progress(
+        self, view: View, job: JobSpec, pods: list[tuple[RunningReplica, int]]
+    ) -> None:
+        """`status.progress` as the operator's accounting writes it (see `progress.advance`)."""
+        now = view.now_seconds
+        previous = progress.read_status(self._progress.get(job.key))
+        measured: float | None
+        if self.oracle is not None:
+            measured = job.work_tokens - view.true_remaining_tokens.get(job.key, job.work_tokens)
+        else:
+            measured = observed.progress_counter(view.telemetry.visible(now), job.key)
+        planned = [p for p in self._placements if p.workload == job.key]
+        seconds = 0.0
+        if pods and len(pods) >= len(planned) > 0:
+            began = max(r.ready_at_seconds for r, _ in pods)
+            if previous is not None:
+                began = max(began, (previous.updated_at - observed.EPOCH).total_seconds())
+            seconds = max(0.0, now - began)
+        self._progress[job.key] = progress.advance(
+            previous,
+            now=observed.at(now),
+            running_seconds=seconds,
+            rate_tokens_per_second=sum(p.expected_throughput for p in planned),
+            total=job.work_tokens,
+            measured_tokens=measured,
+        ).to_status()
+
+    def observe(self, view: View) -> tuple[snapshot.ClusterObjects, TelemetrySnapshot | None]:
+        """The simulated cluster as the operator's cache and telemetry reader show it now."""
+        scenario = view.scenario
+        pods = self._pods(view)
+        by_job: dict[str, list[tuple[RunningReplica, int]]] = {}
+        for replica, index in pods:
+            by_job.setdefault(replica.workload, []).append((replica, index))
+        workloads = [
+            observed.service_body(s, self.energy_policy, self._declared_tokens_per_second(view, s))
+            for s in scenario.services
+        ]
+        for job in view.jobs:
+            self._advance_progress(view, job, by_job.get(job.key, []))
+            workloads.append(observed.job_body(job, self.energy_policy, self._progress[job.key]))
+        self._progress = {job.key: self._progress[job.key] for job in view.jobs}
+        objects_by_key = {
+            f"{b['metadata']['namespace']}/{b['metadata']['name']}": observed.workload_object(b)
+            for b in workloads
+        }
+        pod_bodies = [
+            observed.pod_body(
+                objects_by_key[replica.workload],
+                replica,
+                index,
+                now_seconds=view.now_seconds,
+                startup_seconds=scenario.startup_seconds,
+            )
+            for replica, index in pods
+        ]
+        objects = snapshot.ClusterObjects(
+            nodes=tuple(observed.node_body(n) for n in scenario.nodes),
+            workloads=tuple(workloads),
+            budgets=tuple(observed.budget_body(b) for b in scenario.budgets),
+            profiles=tuple(
+                observed.profile_body(n.name, self._limits.get(n.name)) for n in scenario.nodes
+            ),
+            pods=tuple(pod_bodies),
+        )
+        reading = observed.telemetry_reading(
+            view.telemetry.visible(view.now_seconds),
+            [
+                observed.PodReplica(
+                    (pod["metadata"]["namespace"], pod["metadata"]["name"]),
+                    replica.workload,
+                    replica.gpus,
+                    replica.ready_at_seconds,
+                )
+                for pod, (replica, _) in zip(pod_bodies, pods, strict=True)
+            ],
+            scrape_interval_seconds=scenario.telemetry.scrape_interval_seconds,
+            draining=Counter(r.workload for r in view.draining),
+        )
+        return objects, reading
+
+    # -- the operator's round -------------------------------------------------------------------
+
+    def _model(self, scenario: Scenario) -> prior.PerformanceModel:
+        if self.oracle is None:
+            return prior.CatalogueModel().calibrated(self._calibrator.corrections())
+        products = {node.planner_product: node.truth_product for node in scenario.nodes}
+        return TruthModel(self.oracle.truth, products)
+
+    def _record_demand(
+        self, plan_input: PlanInput, objects: snapshot.ClusterObjects, reading: TelemetrySnapshot
+    ) -> None:
+        """The loop's `_record_demand`: a service's measured tokens/s (the sum over its running
+        pods) when the reading measured every one of them."""
+        at_seconds = (reading.time - observed.EPOCH).total_seconds()
+        pods_by_workload: dict[str, list[PodKey]] = {}
+        for pod in objects.pods:
+            meta = pod["metadata"]
+            key = f"{meta['namespace']}/{meta['labels'][desired.LABEL_WORKLOAD]}"
+            pods_by_workload.setdefault(key, []).append((meta["namespace"], meta["name"]))
+        for workload in plan_input.workloads:
+            if workload.type is not WorkloadType.INFERENCE:
+                continue
+            readings = [
+                reading.pod_tokens_per_second.get(pod)
+                for pod in pods_by_workload.get(workload.key, [])
+            ]
+            if readings and all(value is not None for value in readings):
+                self._demand.record(
+                    workload.key, at_seconds, sum(v for v in readings if v is not None)
+                )
+
+    def _calibrate(
+        self,
+        plan_input: PlanInput,
+        objects: snapshot.ClusterObjects,
+        reading: TelemetrySnapshot,
+    ) -> None:
+        """The loop's `_calibrate`: the applied plan's replicas next to a fresh reading of their
+        pods, at most once per accounting interval."""
+        at_seconds = (reading.time - observed.EPOCH).total_seconds()
+        if at_seconds - self._calibrated_at < ACCOUNTING_SECONDS:
+            return
+        self._calibrated_at = at_seconds
+        nodes = {(p.workload, p.replica): p.node for p in self._placements}
+        # A reading says what a replica draws only if the pod ran for two rate windows.
+        settled_by = reading.time - 2 * timedelta(seconds=observed.RATE_WINDOW_SECONDS)
+        pods: dict[tuple[str, int], PodKey] = {}
+        for pod in objects.pods:
+            if parse_time(pod["status"]["startTime"]) > settled_by:
+                continue
+            meta = pod["metadata"]
+            replica = (
+                f"{meta['namespace']}/{meta['labels'][desired.LABEL_WORKLOAD]}",
+                int(meta["labels"][desired.LABEL_REPLICA]),
+            )
+            if nodes.get(replica) == pod["spec"]["nodeName"]:
+                pods[replica] = (meta["namespace"], meta["name"])
+        samples = calibration_samples(
+            self._placements,
+            pods=pods,
+            products={node.name: node.product for node in plan_input.nodes},
+            types={workload.key: workload.type for workload in plan_input.workloads},
+            demands={
+                workload.key: workload.tokens_per_second
+                for workload in plan_input.workloads
+                if workload.tokens_per_second is not None
+            },
+            snapshot=reading,
+            corrections=self._calibrator.corrections(),
+        )
+        for sample in samples:
+            self._calibrator.observe(sample)
 
     def decide(self, view: View) -> Decision:
         started = time.perf_counter()
-        plan_input = self.build_input(view)
-        result = planner.plan(plan_input, model=self._model_for(view.scenario))
-        elapsed = time.perf_counter() - started
-        return decision_from_plan(result, plan_input, elapsed)
-
-
-def decision_from_plan(result: Plan, plan_input: PlanInput, seconds: float) -> Decision:
-    """Turn the optimizer's plan into the engine's desired state."""
-    replicas = tuple(
-        ReplicaAssignment(
-            p.workload, p.node, p.gpus, p.variant, p.power_limit_watts, p.sm_clock_mhz
+        objects, reading = self.observe(view)
+        now = observed.at(view.now_seconds)
+        built = snapshot.build_snapshot(
+            objects, now=now, options=self.options, agents_required=True
         )
-        for p in result.placements
-    )
-    busy_gpus: dict[str, int] = {}
-    busy_watts: dict[str, float] = {}
-    for p in result.placements:
-        busy_gpus[p.node] = busy_gpus.get(p.node, 0) + p.gpus
-        busy_watts[p.node] = busy_watts.get(p.node, 0.0) + p.gpus * p.power_limit_watts
-    idle: dict[str, float] = {}
-    for node in plan_input.nodes:
-        limits = result.node_power_limits_watts.get(node.name)
-        idle_gpus = node.gpu_count - busy_gpus.get(node.name, 0)
-        if limits is None or idle_gpus <= 0:
-            continue
-        idle[node.name] = (sum(limits) - busy_watts.get(node.name, 0.0)) / idle_gpus
-    return Decision(replicas, idle, seconds, str(result.status))
+        plan_input = built.plan_input
+        sized = plan_input
+        if self.oracle is None:
+            self._demand.forget(w.key for w in plan_input.workloads)
+            sized = dataclasses.replace(
+                plan_input,
+                workloads=demand_forecast.with_forecast_demand(
+                    plan_input.workloads, self._demand, view.now_seconds
+                ),
+            )
+        if self.best_variant_only:
+            sized = dataclasses.replace(
+                sized,
+                workloads=tuple(
+                    dataclasses.replace(w, variants=(max(w.variants, key=lambda v: v.quality),))
+                    for w in sized.workloads
+                ),
+            )
+        result = planner.plan(sized, model=self._model(view.scenario))
+        if self.oracle is None and reading is not None:
+            self._calibrate(plan_input, objects, reading)
+            self._record_demand(plan_input, objects, reading)
+        workloads = {
+            key: observed.workload_object(body)
+            for body in objects.workloads
+            if (key := f"{body['metadata']['namespace']}/{body['metadata']['name']}")
+        }
+        pods = desired.desired_pods(workloads, result.placements)
+        self._limits = desired.planned_limits(result)
+        self._placements = result.placements
+        return observed.decision_from_pods(
+            pods.values(),
+            self._limits,
+            plan_seconds=time.perf_counter() - started,
+            status=str(result.status),
+        )
