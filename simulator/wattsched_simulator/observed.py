@@ -275,7 +275,8 @@ def telemetry_reading(
 
     A service's served tokens/s (vLLM's generation counter) and a job's progress rate are split
     evenly over the workload's Ready pods and its `draining` replicas (removed, still serving
-    during a hand-over; not among `pods`), a pod still starting reads 0 tokens/s; the workload's
+    during a hand-over; not among `pods`); a pod still starting (its server not up) has no
+    reading, so the operator does not record the service's demand while one starts; the workload's
     draw per GPU (DCGM) times each pod's GPUs, for pods Ready through the whole window.
     """
     if not visible:
@@ -292,10 +293,10 @@ def telemetry_reading(
         ready = [r for r in replicas if r.ready_at_seconds <= newest + 1e-9]
         tokens = _tokens_per_second(key, window, visible)
         watts = [s.workload_watts_per_gpu[key] for s in window if key in s.workload_watts_per_gpu]
+        serving = len(ready) + (draining or {}).get(key, 0)
         for replica in replicas:
-            if tokens is not None:
-                serving = len(ready) + (draining or {}).get(key, 0)
-                pod_tokens[replica.pod] = tokens / serving if replica in ready else 0.0
+            if tokens is not None and replica in ready:
+                pod_tokens[replica.pod] = tokens / serving
             if watts and replica.ready_at_seconds <= start + 1e-9:
                 pod_watts[replica.pod] = Measurement(
                     sum(watts) / len(watts) * replica.gpus, "DCGM_FI_DEV_POWER_USAGE"
