@@ -1,63 +1,54 @@
-"""wattsched and the oracle as simulator policies: the operator's own pieces on a simulated cluster.
+"""wattsched and the oracle as simulator policies: the operator's decision core, simulated cluster.
 
-`wattsched` is what the operator decides, by the operator's code: the simulated cluster is shown
-to it as the Kubernetes objects and telemetry reading it reads (`observed`), and each round runs
-the operator's path on them: `snapshot.build_snapshot` (nodes, budgets, LLMWorkloads with their
-deadline and persisted `status.progress`, running pods pinned where they run), the demand forecast
-(`demand.DemandHistory`: the peak of the last 5 minutes of measured tokens/s x 1.2), job progress
-(`progress.advance`: the job's progress counter as last scraped, else the planned rate over the
-time the gang ran), the calibrator (`telemetry.Calibrator` over `calibration_samples`, at most once
-per accounting interval), the optimizer (`planner.plan` with the calibrated catalogue model), and
-`desired` (the pods and NodePowerProfile limits), which `observed` turns into the engine's
-`Decision`. What stays here is only what the simulation needs: the memory the operator keeps
-between rounds (in its process and in statuses), and which pod each simulated replica is.
+`wattsched` is what the operator decides, by the operator's code: each round calls
+`wattsched_operator.core.decide` (snapshot, demand forecast, calibration, optimizer, desired pods
+and power-limit steps, progress and statuses) on the simulated cluster as the operator's cache
+shows it and the telemetry its reader returns (`observed`). What stays here is the part of the
+shell and of Kubernetes a simulation needs: the objects the round writes (pods created, evicted
+and deleted, NodePowerProfiles, status merge patches) are kept as a Kubernetes API server would
+keep them; a created pod binds to its node when the node has the GPUs free (kube-scheduler; it
+stays Pending otherwise); a round that leaves work for the next (`replan_soon`: paced moves, a
+pod name still held) is followed at once by another, as the operator's loop does after its
+debounce; and the bound pods with their profiles' limits are the engine's `Decision`.
 
-`oracle` goes through the same path with what no real system has: each service declares the
+`oracle` goes through the same core with what no real system has: each service declares the
 future demand over the next interval (the highest latency-window average) plus its current true
-backlog, with no measured history to override it; each job's `status.progress` is its true
-progress; and the ground truth is the performance model (no calibration). It is a reference
-point, not a policy one could deploy, and not a proven lower bound on energy.
+backlog, with no readings to override it; each job's `status.progress` is its true progress; and
+the ground truth is the performance model (an injected plan function). It is a reference point,
+not a policy one could deploy, and not a proven lower bound on energy.
 Not for: baselines (`baselines`) or physics (`engine`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from typing import Any
 
 import numpy as np
 
+from wattsched_operator import core, desired
 from wattsched_operator import demand as demand_forecast
-from wattsched_operator import desired, progress, snapshot
-from wattsched_operator.api.meta import parse_time
-from wattsched_operator.telemetry import (
-    Calibrator,
-    PodKey,
-    TelemetrySnapshot,
-    calibration_samples,
-)
+from wattsched_operator.api.meta import format_time
+from wattsched_operator.readings import PodKey
 from wattsched_operator.transition import NodeLimits
-from wattsched_optimizer import model as prior
 from wattsched_optimizer import planner
-from wattsched_optimizer.problem import (
-    EnergyPolicy,
-    Placement,
-    PlanInput,
-    PlanOptions,
-    WorkloadType,
-)
+from wattsched_optimizer.model import PerformanceModel
+from wattsched_optimizer.problem import EnergyPolicy, Plan, PlanInput, PlanOptions, WorkloadType
 
 from . import observed
-from .engine import Decision, RunningReplica, Scenario, View
+from .cluster import GPU_RESOURCE
+from .engine import Decision, RunningReplica, View
 from .truth import GroundTruth
-from .workloads import JobSpec, ServiceSpec
+from .workloads import ServiceSpec
 
-# How often the operator folds a reading into its calibration (`--accounting-seconds`).
-ACCOUNTING_SECONDS = 60.0
+# Rounds run back to back at most this many times when each leaves work for the next.
+MAX_FOLLOW_UP_ROUNDS = 3
+Body = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -103,6 +94,19 @@ class OracleKnowledge:
     truth: GroundTruth
 
 
+def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch (what a status write does on the API server)."""
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_patch(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 @dataclass
 class PlannerPolicy:
     name: str
@@ -113,54 +117,18 @@ class PlannerPolicy:
     headroom: float = demand_forecast.HEADROOM
     # Ablation: offer the planner only each workload's highest-quality variant.
     best_variant_only: bool = False
-    # The operator's memory between rounds: in its process (demand history, calibration, the
-    # applied plan) and in statuses (each job's status.progress).
-    _demand: demand_forecast.DemandHistory = field(init=False)
-    _calibrator: Calibrator = field(default_factory=Calibrator)
-    _calibrated_at: float = -np.inf
-    _progress: dict[str, dict[str, object]] = field(default_factory=dict)
-    _placements: tuple[Placement, ...] = ()
+    settings: core.Settings = field(default_factory=core.Settings)
+    # The controller's memory, and what the API server holds: pods (bound or Pending), status
+    # subresources by (kind, key), NodePowerProfile limits by node.
+    _memory: core.Memory = field(init=False)
+    _pods: dict[PodKey, Body] = field(default_factory=dict)
+    _statuses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     _limits: dict[str, NodeLimits] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._demand = demand_forecast.DemandHistory(headroom=self.headroom)
+        self._memory = core.Memory(demand=demand_forecast.DemandHistory(headroom=self.headroom))
 
-    # -- which pod each simulated replica is -----------------------------------------------------
-
-    def _pods(self, view: View) -> list[tuple[RunningReplica, int]]:
-        """Each running replica with its replica index: the index of the applied placement on
-        the same node with the same variant (as the engine matched them), else the lowest free."""
-        planned: dict[str, list[Placement]] = {}
-        for placement in self._placements:
-            planned.setdefault(placement.workload, []).append(placement)
-        out: list[tuple[RunningReplica, int]] = []
-        by_workload: dict[str, list[RunningReplica]] = {}
-        for replica in view.replicas:
-            by_workload.setdefault(replica.workload, []).append(replica)
-        for key, replicas in sorted(by_workload.items()):
-            free = list(planned.get(key, []))
-            used: set[int] = set()
-            unmatched = []
-            for replica in replicas:
-                match = next(
-                    (p for p in free if p.node == replica.node and p.variant == replica.variant),
-                    None,
-                )
-                if match is None:
-                    unmatched.append(replica)
-                    continue
-                free.remove(match)
-                used.add(match.replica)
-                out.append((replica, match.replica))
-            index = 0
-            for replica in unmatched:
-                while index in used:
-                    index += 1
-                used.add(index)
-                out.append((replica, index))
-        return out
-
-    # -- what the operator observes -------------------------------------------------------------
+    # -- the cluster as the operator's cache shows it -------------------------------------------
 
     def _declared_tokens_per_second(self, view: View, service: ServiceSpec) -> float:
         """What the service's spec.slo.tokensPerSecond says: its mean demand over the run (what
@@ -182,200 +150,240 @@ class PlannerPolicy:
         backlog = view.true_backlog_tokens.get(service.key, 0.0)
         return peak + backlog / scenario.replan_interval_seconds
 
-    def _advance_progress(
-        self, view: View, job: JobSpec, pods: list[tuple[RunningReplica, int]]
-    ) -> None:
-        """`status.progress` as the operator's accounting writes it (see `progress.advance`)."""
-        now = view.now_seconds
-        previous = progress.read_status(self._progress.get(job.key))
-        measured: float | None
-        if self.oracle is not None:
-            measured = job.work_tokens - view.true_remaining_tokens.get(job.key, job.work_tokens)
-        else:
-            measured = observed.progress_counter(view.telemetry.visible(now), job.key)
-        planned = [p for p in self._placements if p.workload == job.key]
-        seconds = 0.0
-        if pods and len(pods) >= len(planned) > 0:
-            began = max(r.ready_at_seconds for r, _ in pods)
-            if previous is not None:
-                began = max(began, (previous.updated_at - observed.EPOCH).total_seconds())
-            seconds = max(0.0, now - began)
-        self._progress[job.key] = progress.advance(
-            previous,
-            now=observed.at(now),
-            running_seconds=seconds,
-            rate_tokens_per_second=sum(p.expected_throughput for p in planned),
-            total=job.work_tokens,
-            measured_tokens=measured,
-        ).to_status()
+    def _sync_pods(self, view: View) -> dict[PodKey, RunningReplica]:
+        """Match the engine's replicas to the bound pods (by workload, node and variant, as the
+        engine matched the last decision); a bound pod with no replica is gone (its job
+        finished). Returns each bound pod's replica."""
+        free: dict[tuple[str, str, str], list[RunningReplica]] = {}
+        for replica in view.replicas:
+            free.setdefault((replica.workload, replica.node, replica.variant), []).append(replica)
+        matched: dict[PodKey, RunningReplica] = {}
+        for key, pod in sorted(self._pods.items()):
+            node = pod["spec"].get("nodeName")
+            if not node:
+                continue
+            meta = pod["metadata"]
+            workload = f"{meta['namespace']}/{meta['labels'][desired.LABEL_WORKLOAD]}"
+            candidates = free.get((workload, node, meta["annotations"][desired.ANNOTATION_VARIANT]))
+            if not candidates:
+                del self._pods[key]
+                continue
+            matched[key] = candidates.pop(0)
+        return matched
 
-    def observe(self, view: View) -> tuple[snapshot.ClusterObjects, TelemetrySnapshot | None]:
-        """The simulated cluster as the operator's cache and telemetry reader show it now."""
+    def _pod_bodies(self, view: View, matched: Mapping[PodKey, RunningReplica]) -> dict[str, Body]:
+        startup = view.scenario.startup_seconds
+        bodies: dict[str, Body] = {}
+        for key, pod in self._pods.items():
+            body = copy.deepcopy(pod)
+            replica = matched.get(key)
+            if replica is None:
+                body["status"] = {"phase": "Pending"}
+            else:
+                ready = replica.ready_at_seconds <= view.now_seconds
+                started = min(replica.ready_at_seconds - startup, view.now_seconds)
+                body["status"] = {
+                    "phase": "Running",
+                    "startTime": format_time(observed.at(started)),
+                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                }
+            bodies[f"{key[0]}/{key[1]}"] = body
+        return bodies
+
+    def observe(self, view: View) -> tuple[core.ClusterView, dict[PodKey, RunningReplica]]:
         scenario = view.scenario
-        pods = self._pods(view)
-        by_job: dict[str, list[tuple[RunningReplica, int]]] = {}
-        for replica, index in pods:
-            by_job.setdefault(replica.workload, []).append((replica, index))
-        workloads = [
-            observed.service_body(s, self.energy_policy, self._declared_tokens_per_second(view, s))
-            for s in scenario.services
-        ]
-        for job in view.jobs:
-            self._advance_progress(view, job, by_job.get(job.key, []))
-            workloads.append(observed.job_body(job, self.energy_policy, self._progress[job.key]))
-        self._progress = {job.key: self._progress[job.key] for job in view.jobs}
-        objects_by_key = {
-            f"{b['metadata']['namespace']}/{b['metadata']['name']}": observed.workload_object(b)
-            for b in workloads
-        }
-        pod_bodies = [
-            observed.pod_body(
-                objects_by_key[replica.workload],
-                replica,
-                index,
-                now_seconds=view.now_seconds,
-                startup_seconds=scenario.startup_seconds,
+        matched = self._sync_pods(view)
+        workloads: dict[str, Body] = {}
+        for service in scenario.services:
+            body = observed.service_body(
+                service, self.energy_policy, self._declared_tokens_per_second(view, service)
             )
-            for replica, index in pods
-        ]
-        objects = snapshot.ClusterObjects(
-            nodes=tuple(observed.node_body(n) for n in scenario.nodes),
-            workloads=tuple(workloads),
-            budgets=tuple(observed.budget_body(b) for b in scenario.budgets),
-            profiles=tuple(
-                observed.profile_body(n.name, self._limits.get(n.name)) for n in scenario.nodes
+            workloads[service.key] = body
+        for job in view.jobs:
+            workloads[job.key] = observed.job_body(job, self.energy_policy, None)
+        if self.oracle is not None:
+            for job in view.jobs:
+                done = job.work_tokens - view.true_remaining_tokens.get(job.key, job.work_tokens)
+                status = self._statuses.setdefault(("LLMWorkload", job.key), {})
+                status["progress"] = {
+                    "completedTokens": done,
+                    "totalTokens": job.work_tokens,
+                    "source": "measured",
+                    "updatedAt": format_time(observed.at(view.now_seconds)),
+                }
+        live = set(workloads)
+        self._statuses = {
+            k: v for k, v in self._statuses.items() if k[0] != "LLMWorkload" or k[1] in live
+        }
+        for key, body in workloads.items():
+            body["status"] = copy.deepcopy(self._statuses.get(("LLMWorkload", key), {}))
+        budgets = {}
+        for budget in scenario.budgets:
+            body = observed.budget_body(budget)
+            body["status"] = copy.deepcopy(self._statuses.get(("EnergyBudget", budget.name), {}))
+            budgets[budget.name] = body
+        now = observed.at(view.now_seconds)
+        return (
+            core.ClusterView(
+                workloads=workloads,
+                budgets=budgets,
+                nodes={n.name: observed.node_body(n) for n in scenario.nodes},
+                profiles={
+                    n.name: observed.profile_body(n.name, self._limits.get(n.name), now)
+                    for n in scenario.nodes
+                },
+                pods=self._pod_bodies(view, matched),
             ),
-            pods=tuple(pod_bodies),
+            matched,
         )
-        reading = observed.telemetry_reading(
-            view.telemetry.visible(view.now_seconds),
+
+    def _readings(
+        self,
+        view: View,
+        cluster: core.ClusterView,
+        matched: Mapping[PodKey, RunningReplica],
+        now_observed: core.Observed,
+    ) -> core.Readings | None:
+        """What the operator's telemetry reader returns: the pods' tokens/s and watts, and each
+        due job's progress counter (the oracle reads nothing: its inputs are in the objects)."""
+        if self.oracle is not None:
+            return None
+        now = observed.at(view.now_seconds)
+        visible = view.telemetry.visible(view.now_seconds)
+        snapshot = observed.telemetry_reading(
+            visible,
             [
-                observed.PodReplica(
-                    (pod["metadata"]["namespace"], pod["metadata"]["name"]),
-                    replica.workload,
-                    replica.gpus,
-                    replica.ready_at_seconds,
-                )
-                for pod, (replica, _) in zip(pod_bodies, pods, strict=True)
+                observed.PodReplica(key, replica.workload, replica.gpus, replica.ready_at_seconds)
+                for key, replica in matched.items()
             ],
-            scrape_interval_seconds=scenario.telemetry.scrape_interval_seconds,
+            scrape_interval_seconds=view.scenario.telemetry.scrape_interval_seconds,
             draining=Counter(r.workload for r in view.draining),
         )
-        return objects, reading
-
-    # -- the operator's round -------------------------------------------------------------------
-
-    def _model(self, scenario: Scenario) -> prior.PerformanceModel:
-        if self.oracle is None:
-            return prior.CatalogueModel().calibrated(self._calibrator.corrections())
-        products = {node.planner_product: node.truth_product for node in scenario.nodes}
-        return TruthModel(self.oracle.truth, products)
-
-    def _record_demand(
-        self, plan_input: PlanInput, objects: snapshot.ClusterObjects, reading: TelemetrySnapshot
-    ) -> None:
-        """The loop's `_record_demand`: a service's measured tokens/s (the sum over its running
-        pods) when the reading measured every one of them."""
-        at_seconds = (reading.time - observed.EPOCH).total_seconds()
-        pods_by_workload: dict[str, list[PodKey]] = {}
-        for pod in objects.pods:
-            meta = pod["metadata"]
-            key = f"{meta['namespace']}/{meta['labels'][desired.LABEL_WORKLOAD]}"
-            pods_by_workload.setdefault(key, []).append((meta["namespace"], meta["name"]))
-        for workload in plan_input.workloads:
-            if workload.type is not WorkloadType.INFERENCE:
-                continue
-            readings = [
-                reading.pod_tokens_per_second.get(pod)
-                for pod in pods_by_workload.get(workload.key, [])
-            ]
-            if readings and all(value is not None for value in readings):
-                self._demand.record(
-                    workload.key, at_seconds, sum(v for v in readings if v is not None)
-                )
-
-    def _calibrate(
-        self,
-        plan_input: PlanInput,
-        objects: snapshot.ClusterObjects,
-        reading: TelemetrySnapshot,
-    ) -> None:
-        """The loop's `_calibrate`: the applied plan's replicas next to a fresh reading of their
-        pods, at most once per accounting interval."""
-        at_seconds = (reading.time - observed.EPOCH).total_seconds()
-        if at_seconds - self._calibrated_at < ACCOUNTING_SECONDS:
-            return
-        self._calibrated_at = at_seconds
-        nodes = {(p.workload, p.replica): p.node for p in self._placements}
-        # A reading says what a replica draws only if the pod ran for two rate windows.
-        settled_by = reading.time - 2 * timedelta(seconds=observed.RATE_WINDOW_SECONDS)
-        pods: dict[tuple[str, int], PodKey] = {}
-        for pod in objects.pods:
-            if parse_time(pod["status"]["startTime"]) > settled_by:
-                continue
-            meta = pod["metadata"]
-            replica = (
-                f"{meta['namespace']}/{meta['labels'][desired.LABEL_WORKLOAD]}",
-                int(meta["labels"][desired.LABEL_REPLICA]),
-            )
-            if nodes.get(replica) == pod["spec"]["nodeName"]:
-                pods[replica] = (meta["namespace"], meta["name"])
-        samples = calibration_samples(
-            self._placements,
-            pods=pods,
-            products={node.name: node.product for node in plan_input.nodes},
-            types={workload.key: workload.type for workload in plan_input.workloads},
-            demands={
-                workload.key: workload.tokens_per_second
-                for workload in plan_input.workloads
-                if workload.tokens_per_second is not None
+        requests = core.telemetry_requests(now_observed, now)
+        return core.Readings(
+            snapshot=snapshot,
+            progress={
+                key: observed.progress_counter(visible, key) for key in requests.progress_queries
             },
-            snapshot=reading,
-            corrections=self._calibrator.corrections(),
+            rate_window_seconds=observed.RATE_WINDOW_SECONDS,
         )
-        for sample in samples:
-            self._calibrator.observe(sample)
+
+    # -- a round, applied as the API server and kube-scheduler would ------------------------------
+
+    def _apply(self, round_: core.Round) -> None:
+        for write in (*round_.early_statuses, *round_.moving, *round_.budget_statuses):
+            self._write_status(write)
+        for status in round_.workload_statuses:
+            if status.write is not None:
+                self._write_status(status.write)
+        for limits in (round_.lower, round_.raise_):
+            self._limits.update(limits)
+        for eviction in round_.evict:
+            self._pods.pop((eviction.namespace, eviction.name), None)
+        for deletion in round_.delete:
+            self._pods.pop((deletion.namespace, deletion.name), None)
+        for (namespace, name), watts in round_.relabel.items():
+            kept = self._pods.get((namespace, name))
+            if kept is not None:
+                kept["metadata"]["annotations"][desired.ANNOTATION_POWER_LIMIT] = watts
+        for created in round_.create:
+            body = copy.deepcopy(dict(created))
+            self._pods[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
+
+    def _write_status(self, write: core.StatusWrite) -> None:
+        ref = write.object
+        key = ref.name if ref.namespace is None else f"{ref.namespace}/{ref.name}"
+        store = (ref.kind, key)
+        self._statuses[store] = merge_patch(self._statuses.get(store, {}), write.status)
+
+    def _bind(self, view: View) -> None:
+        """kube-scheduler: a Pending pod binds to its nodeSelector's node when its GPUs are free."""
+        capacity = {n.name: n.gpu_count for n in view.scenario.nodes}
+        used: Counter[str] = Counter()
+        pending = []
+        for _, pod in sorted(self._pods.items()):
+            node = pod["spec"].get("nodeName")
+            if node:
+                used[node] += _gpus(pod)
+            else:
+                pending.append(pod)
+        for pod in pending:
+            node = pod["spec"]["nodeSelector"][desired.HOSTNAME_LABEL]
+            if used[node] + _gpus(pod) <= capacity.get(node, 0):
+                pod["spec"]["nodeName"] = node
+                used[node] += _gpus(pod)
+
+    def _plan_function(self, view: View) -> core.PlanFunction:
+        """The optimizer, as the operator calls it; for the oracle with the ground truth as its
+        model (in place of the calibrated catalogue), and for the ablation with each workload's
+        highest-quality variant only."""
+        products = {node.planner_product: node.truth_product for node in view.scenario.nodes}
+        truth = None if self.oracle is None else TruthModel(self.oracle.truth, products)
+        best_only = self.best_variant_only
+
+        def plan(plan_input: PlanInput, model: PerformanceModel) -> Plan:
+            if best_only:
+                plan_input = _best_variants_only(plan_input)
+            return planner.plan(plan_input, model=truth or model)
+
+        return plan
 
     def decide(self, view: View) -> Decision:
         started = time.perf_counter()
-        objects, reading = self.observe(view)
         now = observed.at(view.now_seconds)
-        built = snapshot.build_snapshot(
-            objects, now=now, options=self.options, agents_required=True
-        )
-        plan_input = built.plan_input
-        sized = plan_input
-        if self.oracle is None:
-            self._demand.forget(w.key for w in plan_input.workloads)
-            sized = dataclasses.replace(
-                plan_input,
-                workloads=demand_forecast.with_forecast_demand(
-                    plan_input.workloads, self._demand, view.now_seconds
-                ),
+        status = "no round"
+        for _ in range(MAX_FOLLOW_UP_ROUNDS):
+            cluster, matched = self.observe(view)
+            before = core.Observed(
+                view=cluster,
+                memory=self._memory,
+                monotonic=view.now_seconds,
+                settings=self.settings,
             )
-        if self.best_variant_only:
-            sized = dataclasses.replace(
-                sized,
-                workloads=tuple(
-                    dataclasses.replace(w, variants=(max(w.variants, key=lambda v: v.quality),))
-                    for w in sized.workloads
+            readings = self._readings(view, cluster, matched, before)
+            round_ = core.decide(
+                core.Observed(
+                    view=cluster,
+                    memory=self._memory,
+                    monotonic=view.now_seconds,
+                    settings=self.settings,
+                    telemetry=readings,
                 ),
+                now,
+                plan_function=self._plan_function(view),
             )
-        result = planner.plan(sized, model=self._model(view.scenario))
-        if self.oracle is None and reading is not None:
-            self._calibrate(plan_input, objects, reading)
-            self._record_demand(plan_input, objects, reading)
-        workloads = {
-            key: observed.workload_object(body)
-            for body in objects.workloads
-            if (key := f"{body['metadata']['namespace']}/{body['metadata']['name']}")
-        }
-        pods = desired.desired_pods(workloads, result.placements)
-        self._limits = desired.planned_limits(result)
-        self._placements = result.placements
+            self._apply(round_)
+            created = {core.pod_workload_key(pod) for pod in round_.create}
+            self._memory = core.after_apply(
+                round_,
+                core.Applied(
+                    evicted=tuple((e.namespace, e.name) for e in round_.evict),
+                    accepted=frozenset(created),
+                ),
+                view=cluster,
+                monotonic=view.now_seconds,
+                settings=self.settings,
+            )
+            if round_.plan is not None:
+                status = str(round_.plan.status)
+            self._bind(view)
+            if not round_.replan_soon:
+                break
+        bound = [pod for pod in self._pods.values() if pod["spec"].get("nodeName")]
         return observed.decision_from_pods(
-            pods.values(),
-            self._limits,
-            plan_seconds=time.perf_counter() - started,
-            status=str(result.status),
+            bound, self._limits, plan_seconds=time.perf_counter() - started, status=status
         )
+
+
+def _gpus(pod: Mapping[str, Any]) -> int:
+    return int(pod["spec"]["containers"][0]["resources"]["limits"][GPU_RESOURCE])
+
+
+def _best_variants_only(plan_input: PlanInput) -> PlanInput:
+    return dataclasses.replace(
+        plan_input,
+        workloads=tuple(
+            dataclasses.replace(w, variants=(max(w.variants, key=lambda v: v.quality),))
+            for w in plan_input.workloads
+        ),
+    )

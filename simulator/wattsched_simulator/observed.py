@@ -24,7 +24,7 @@ from typing import Any
 
 from wattsched_operator import desired
 from wattsched_operator.api.meta import API_VERSION, format_time
-from wattsched_operator.telemetry import Measurement, PodKey, Source, TelemetrySnapshot
+from wattsched_operator.readings import Measurement, PodKey, Source, TelemetrySnapshot
 from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer.problem import EnergyPolicy, Placement, WorkloadType
 
@@ -230,23 +230,16 @@ def pod_body(
     return pod
 
 
-def profile_body(node: str, limits: NodeLimits | None) -> dict[str, Any]:
-    """The node's NodePowerProfile at `limits` (None: none planned yet), confirmed by its agent."""
-    spec: dict[str, Any] = {"nodeName": node}
-    if limits is not None:
-        if limits.idle_watts is not None:
-            spec["idlePowerLimitWatts"] = limits.idle_watts
-        spec["pods"] = [
-            {"namespace": ns, "name": name, "powerLimitWatts": watts}
-            for (ns, name), watts in sorted(limits.pods.items())
-        ]
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "NodePowerProfile",
-        "metadata": {"name": node, "generation": 1},
-        "spec": spec,
-        "status": {"observedGeneration": 1, "agent": {"ready": True}},
+def profile_body(node: str, limits: NodeLimits | None, now: datetime) -> dict[str, Any]:
+    """The node's NodePowerProfile at `limits` (None: none written yet), as `desired` writes it,
+    confirmed by its agent with a heartbeat at `now` (the simulated agents apply at once)."""
+    body = desired.node_power_profile(node, limits or NodeLimits(idle_watts=None))
+    body["metadata"]["generation"] = 1
+    body["status"] = {
+        "observedGeneration": 1,
+        "agent": {"ready": True, "heartbeatTime": format_time(now)},
     }
+    return body
 
 
 # -- telemetry as the operator reads it ------------------------------------------------------------

@@ -4,6 +4,7 @@ simulated samples per pod, and the operator's pods and limits come back as the e
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from wattsched_optimizer.problem import EnergyPolicy, Placement, Plan, PlanStatu
 from wattsched_simulator import observed
 from wattsched_simulator.carbon import CarbonIntensity
 from wattsched_simulator.cluster import SimBudget, SimNode
-from wattsched_simulator.controller import PlannerPolicy
+from wattsched_simulator.controller import PlannerPolicy, merge_patch
 from wattsched_simulator.engine import RunningReplica, Scenario, View
 from wattsched_simulator.telemetry import Sample, Telemetry, TelemetryConfig
 from wattsched_simulator.trace import ServiceTrace
@@ -74,7 +75,7 @@ def objects(
         nodes=tuple(observed.node_body(n) for n in nodes),
         workloads=tuple(workloads),
         budgets=tuple(observed.budget_body(b) for b in budgets),
-        profiles=tuple(observed.profile_body(n.name, None) for n in nodes),
+        profiles=tuple(observed.profile_body(n.name, None, observed.EPOCH) for n in nodes),
         pods=tuple(pods),
     )
 
@@ -265,19 +266,13 @@ def test_the_operators_pods_and_limits_come_back_as_the_engines_decision() -> No
     assert [r.power_limit_watts for r in again.replicas] == [250.0]
 
 
-def test_the_policys_progress_is_the_scraped_counter_and_is_written_into_status() -> None:
+def test_the_wattsched_policy_runs_the_operators_core_and_keeps_what_it_writes() -> None:
+    """The pods and statuses come from `core.decide` (the simulator writes neither itself): the
+    job's pods are created and bound, its phase is the core's, and its progress is the core's
+    accounting of the scraped counter."""
     policy = PlannerPolicy("wattsched")
-    spec = job()
+    spec = replace(job(), work_tokens=5e7)
     telemetry = Telemetry(TelemetryConfig(noise_fraction=0.0), seed=0)
-    for end in (15.0, 30.0, 45.0):
-        telemetry.record(
-            window_end_seconds=end,
-            demand_tokens_per_second={},
-            served_tokens_per_second={},
-            utilisation={},
-            backlog_tokens={},
-            job_tokens_done={spec.key: 1e6 * end},
-        )
     scenario = Scenario(
         nodes=(node("h0"),),
         budgets=(),
@@ -286,10 +281,70 @@ def test_the_policys_progress_is_the_scraped_counter_and_is_written_into_status(
         duration_seconds=600.0,
         carbon=CarbonIntensity.constant(400.0, "test"),
     )
-    view = View(80.0, scenario, (spec,), (), telemetry, ("start",))
-    cluster, _ = policy.observe(view)
-    [body] = cluster.workloads
-    # Visible at 80 s: samples closed by 50 s (30 s late): the counter at 45 s.
-    assert body["status"]["progress"]["completedTokens"] == 4.5e7
-    assert body["status"]["progress"]["source"] == "measured"
-    assert body["status"]["progress"]["updatedAt"] == "2026-01-01T00:01:20Z"
+    first = policy.decide(View(0.0, scenario, (spec,), (), telemetry, ("start",)))
+    assert [(r.workload, r.node, r.gpus) for r in first.replicas] == [
+        (spec.key, "h0", 2),
+        (spec.key, "h0", 2),
+    ]
+    # The engine starts them (Ready after 60 s); the operator sees its pods, starting.
+    running = tuple(
+        RunningReplica(r.workload, r.node, r.gpus, r.variant, r.power_limit_watts, 60.0)
+        for r in first.replicas
+    )
+    cluster, _ = policy.observe(View(0.0, scenario, (spec,), running, telemetry, ()))
+    assert sorted(cluster.pods) == ["batch/training-001-0", "batch/training-001-1"]
+    assert not desired.is_ready(cluster.pods["batch/training-001-0"])
+    assert cluster.workloads[spec.key]["status"]["phase"] == "Placed"
+    for end in range(15, 181, 15):
+        telemetry.record(
+            window_end_seconds=float(end),
+            demand_tokens_per_second={},
+            served_tokens_per_second={},
+            utilisation={},
+            backlog_tokens={},
+            job_tokens_done={spec.key: 1e5 * max(0, end - 60)},
+        )
+    policy.decide(View(150.0, scenario, (spec,), running, telemetry, ("periodic",)))
+    cluster, matched = policy.observe(View(150.0, scenario, (spec,), running, telemetry, ()))
+    status = cluster.workloads[spec.key]["status"]
+    assert status["phase"] == "Running"
+    # Visible at 150 s: samples closed by 120 s (30 s late): the counter at 120 s.
+    assert status["progress"]["completedTokens"] == 6e6
+    assert status["progress"]["source"] == "measured"
+    assert len(matched) == 2
+
+
+def test_a_created_pod_stays_pending_until_its_nodes_gpus_are_free() -> None:
+    policy = PlannerPolicy("wattsched")
+    spec = job()  # 2 GPUs per replica
+    body = observed.job_body(spec, EnergyPolicy.BALANCED, None)
+    workload = observed.workload_object(body)
+    scenario = Scenario(
+        nodes=(node("h0", gpus=3),),
+        budgets=(),
+        services=(),
+        jobs=(spec,),
+        duration_seconds=600.0,
+        carbon=CarbonIntensity.constant(400.0, "test"),
+    )
+    view = View(0.0, scenario, (spec,), (), Telemetry(TelemetryConfig(), 0), ())
+    for index in range(2):
+        pod = desired.build_pod(
+            workload, Placement(spec.key, index, "h0", 2, "bf16", 300.0, 0.0, 0.0)
+        )
+        policy._pods[("batch", pod["metadata"]["name"])] = pod
+    policy._bind(view)
+    assert [pod["spec"].get("nodeName") for _, pod in sorted(policy._pods.items())] == [
+        "h0",
+        None,
+    ]
+    del policy._pods[("batch", "training-001-0")]
+    policy._bind(view)
+    assert policy._pods[("batch", "training-001-1")]["spec"]["nodeName"] == "h0"
+
+
+def test_a_status_write_is_a_merge_patch() -> None:
+    status = {"phase": "Pending", "progress": {"completedTokens": 1.0, "fraction": 0.1}}
+    patched = merge_patch(status, {"phase": "Running", "progress": {"fraction": None}, "x": [1]})
+    assert patched == {"phase": "Running", "progress": {"completedTokens": 1.0}, "x": [1]}
+    assert status["phase"] == "Pending"
