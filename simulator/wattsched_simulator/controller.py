@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from wattsched_api.meta import format_time
 from wattsched_operator import core, desired
 from wattsched_operator import demand as demand_forecast
-from wattsched_operator.api.meta import format_time
 from wattsched_operator.readings import PodKey
 from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer import planner

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from wattsched_api import parse_llmworkload
 from wattsched_operator import desired, snapshot
-from wattsched_operator.api import parse_llmworkload
 from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer.problem import EnergyPolicy, Placement, Plan, PlanStatus, WorkloadType
 from wattsched_simulator import observed
