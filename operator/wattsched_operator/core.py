@@ -239,8 +239,10 @@ class Memory:
     pod_rejections: workloads whose replica pod the API server refused, by key (retried when the
     spec changes, or after a backoff that doubles with each refusal). calibrator: the model's
     corrections from measurements; applied_placements: what they are fitted against (the
-    placements in force while telemetry measured); calibrated_at: when (monotonic) it last
-    learned. demand: measured tokens/s per service (its forecast). last_round: the last applied
+    placements in force while telemetry measured); applied_since: since when (the round's `now`)
+    each replica has had its applied placement's node, variant, limit and clock (a reading whose
+    window saw an earlier limit says nothing about this one); calibrated_at: when (monotonic) it
+    last learned. demand: measured tokens/s per service (its forecast). last_round: the last applied
     plan (accounting rounds between plans use it). ready_agents: nodes whose agent the last round
     counted as ready (the shell watches their heartbeats). budget_reported, reported,
     failure_reported: what was already said in an Event (one Event per cause, not per round).
@@ -252,6 +254,7 @@ class Memory:
     pod_rejections: Mapping[str, PodRejection] = field(default_factory=dict)
     calibrator: Calibrator = field(default_factory=Calibrator)
     applied_placements: tuple[Placement, ...] = ()
+    applied_since: Mapping[tuple[str, int], datetime] = field(default_factory=dict)
     calibrated_at: float | None = None
     demand: demand.DemandHistory = field(default_factory=demand.DemandHistory)
     last_round: LastRound | None = None
@@ -1129,6 +1132,7 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
         pod_rejections=prepared.rejections,
         calibrator=calibrator,
         applied_placements=plan.placements,
+        applied_since=_applied_since(memory, plan.placements, now),
         calibrated_at=calibrated_at,
         demand=history,
         last_round=LastRound(
@@ -1311,6 +1315,7 @@ def _calibrate(
     nodes = {(p.workload, p.replica): p.node for p in memory.applied_placements}
     # A reading says what a replica draws only if the replica ran for the whole rate window,
     # and the exporter had a window to see its load: a younger pod's reading includes idle.
+    # The same holds for a replica whose limit (or node, variant, clock) changed since.
     window = timedelta(seconds=readings.rate_window_seconds)
     settled_by = telemetry.time - 2 * window
     pods: dict[tuple[str, int], PodKey] = {}
@@ -1321,6 +1326,9 @@ def _calibrate(
         if started is None or started > settled_by:
             continue
         replica = (pod_workload_key(pod), statuses.replica_index(pod))
+        since = memory.applied_since.get(replica)
+        if since is None or since > settled_by:
+            continue
         if nodes.get(replica) == pod["spec"]["nodeName"]:  # where the placement says
             pods[replica] = pod_id(pod)
     samples = calibration_samples(
@@ -1339,6 +1347,31 @@ def _calibrate(
     for sample in samples:
         calibrator.observe(sample)
     return len(samples)
+
+
+def _applied_since(
+    memory: Memory, placements: Iterable[Placement], now: datetime
+) -> dict[tuple[str, int], datetime]:
+    """Each placed replica's `applied_since`: kept while its node, variant, limit and clock are
+    those of the previous plan, else `now`."""
+    before = {(p.workload, p.replica): p for p in memory.applied_placements}
+    since: dict[tuple[str, int], datetime] = {}
+    for placement in placements:
+        key = (placement.workload, placement.replica)
+        old = before.get(key)
+        same = old is not None and (
+            old.node,
+            old.variant,
+            old.power_limit_watts,
+            old.sm_clock_mhz,
+        ) == (
+            placement.node,
+            placement.variant,
+            placement.power_limit_watts,
+            placement.sm_clock_mhz,
+        )
+        since[key] = memory.applied_since.get(key, now) if same else now
+    return since
 
 
 def _record_demand(

@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from wattsched_operator import core, desired, statuses
-from wattsched_operator.readings import Source, TelemetrySnapshot
+from wattsched_operator.readings import Measurement, Source, TelemetrySnapshot
 from wattsched_optimizer.model import PerformanceModel
 from wattsched_optimizer.planner import plan
-from wattsched_optimizer.problem import Plan, PlanInput
+from wattsched_optimizer.problem import Placement, Plan, PlanInput
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 HEARTBEAT = "2026-12-05T11:59:55Z"
@@ -264,3 +264,63 @@ def test_a_failed_round_says_so_once_per_object_and_cause() -> None:
     )
     assert again.early_statuses == ()
     assert core.succeeded(failed.memory).failure_reported == {}
+
+
+def test_calibration_learns_only_from_replicas_whose_limit_held_through_the_reading() -> None:
+    """A reading whose window saw an earlier limit says nothing about the current one: after a
+    limit change a replica is not sampled until two rate windows have passed (seen as a 4,000
+    tokens/s replica at 300 W measured at 200 W, the correction would be twice too high)."""
+    running = service(status={"phase": "Running"})
+    pod = replica_pod("chat", "l40s-0", annotations=None)
+    placement = Placement("team/chat", 0, "l40s-0", 1, "bf16", 200.0, 190.0, 2000.0)
+    reading = TelemetrySnapshot(
+        NOW,
+        Source.MEASURED,
+        False,
+        "",
+        pod_watts={("team", "chat-0"): Measurement(280.0, "DCGM_FI_DEV_POWER_USAGE")},
+        pod_tokens_per_second={("team", "chat-0"): 4000.0},
+    )
+
+    def learned(applied_since: datetime) -> bool:
+        memory = core.Memory(
+            applied_placements=(placement,),
+            applied_since={("team/chat", 0): applied_since},
+        )
+        round_ = core.decide(
+            core.Observed(
+                view([node("l40s-0")], [running], [pod]),
+                memory=memory,
+                monotonic=100.0,
+                telemetry=core.Readings(snapshot=reading, rate_window_seconds=60.0),
+            ),
+            NOW,
+        )
+        return round_.metrics.corrections is not None
+
+    assert learned(NOW - timedelta(minutes=10))
+    assert not learned(NOW - timedelta(seconds=90))
+
+
+def test_a_replica_keeps_its_applied_since_while_its_placement_stays_the_same() -> None:
+    running = service(status={"phase": "Running"})
+    pod = replica_pod("chat", "l40s-0", annotations=None)
+    observed = core.Observed(view([node("l40s-0")], [running], [pod]), monotonic=0.0)
+    first = core.decide(observed, NOW)
+    [key] = first.memory.applied_since
+    assert first.memory.applied_since[key] == NOW
+    later = NOW + timedelta(seconds=20)  # the agents' heartbeat (11:59:55) is still fresh
+    again = core.decide(dataclasses.replace(observed, memory=first.memory), later)
+    assert again.plan is not None
+    assert first.plan is not None
+    assert again.plan.placements == first.plan.placements
+    assert again.memory.applied_since[key] == NOW
+    moved = dataclasses.replace(
+        first.memory,
+        applied_placements=tuple(
+            dataclasses.replace(p, power_limit_watts=p.power_limit_watts + 25.0)
+            for p in first.memory.applied_placements
+        ),
+    )
+    changed = core.decide(dataclasses.replace(observed, memory=moved), later)
+    assert changed.memory.applied_since[key] == later
