@@ -369,10 +369,27 @@ class PlannerPolicy:
             self._bind(view)
             if not round_.replan_soon:
                 break
-        bound = [pod for pod in self._pods.values() if pod["spec"].get("nodeName")]
         return observed.decision_from_pods(
-            bound, self._limits, plan_seconds=time.perf_counter() - started, status=status
+            self.running_pods(view),
+            self._limits,
+            plan_seconds=time.perf_counter() - started,
+            status=status,
         )
+
+    def running_pods(self, view: View) -> list[Body]:
+        """The bound pods that run: a job's gang only once every replica is bound (a bound
+        member waits on its GPUs for the others, doing no work, as a gang job does)."""
+        gangs = {job.key: job.replicas for job in view.jobs}
+        bound: dict[str, list[Body]] = {}
+        for pod in self._pods.values():
+            if pod["spec"].get("nodeName"):
+                bound.setdefault(core.pod_workload_key(pod), []).append(pod)
+        return [
+            pod
+            for key, pods in sorted(bound.items())
+            if len(pods) >= gangs.get(key, 0)
+            for pod in pods
+        ]
 
 
 def _gpus(pod: Mapping[str, Any]) -> int:

@@ -314,7 +314,7 @@ def test_the_wattsched_policy_runs_the_operators_core_and_keeps_what_it_writes()
     assert len(matched) == 2
 
 
-def test_a_created_pod_stays_pending_until_its_nodes_gpus_are_free() -> None:
+def test_a_created_pod_stays_pending_until_its_nodes_gpus_are_free_and_its_gang_waits() -> None:
     policy = PlannerPolicy("wattsched")
     spec = job()  # 2 GPUs per replica
     body = observed.job_body(spec, EnergyPolicy.BALANCED, None)
@@ -338,6 +338,8 @@ def test_a_created_pod_stays_pending_until_its_nodes_gpus_are_free() -> None:
         "h0",
         None,
     ]
+    # The gang does not run while one of its two pods waits for GPUs.
+    assert policy.running_pods(view) == []
     del policy._pods[("batch", "training-001-0")]
     policy._bind(view)
     assert policy._pods[("batch", "training-001-1")]["spec"]["nodeName"] == "h0"
