@@ -632,7 +632,7 @@ def workload_options(
                     if replicas > workload.max_replicas:
                         continue
                     # No demand (none declared, or 0 tokens/s measured): the replicas' capacity.
-                    useful = replicas * throughput if not demand else demand
+                    useful = demand if demand else replicas * throughput
                 else:
                     replicas = workload.replicas
                     useful = replicas * throughput
