@@ -290,6 +290,8 @@ class PlanningLoop:
             logger.info("no longer the leader; dropping the plan")
             return decided.plan
         logger.info("round decided in %.2f s", time.monotonic() - started)
+        # The round's memory holds even if applying fails part-way (the next round retries).
+        self.memory = decided.memory
         applied = await self.applier.apply(decided, view)
         self.memory = core.after_apply(
             decided,

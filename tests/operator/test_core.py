@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from wattsched_operator import core, desired, statuses
-from wattsched_operator.readings import Measurement, Source, TelemetrySnapshot
+from wattsched_operator.readings import EnergyReading, Measurement, Source, TelemetrySnapshot
 from wattsched_optimizer.model import PerformanceModel
 from wattsched_optimizer.planner import plan
 from wattsched_optimizer.problem import Placement, Plan, PlanInput
@@ -324,3 +324,33 @@ def test_a_replica_keeps_its_applied_since_while_its_placement_stays_the_same() 
     )
     changed = core.decide(dataclasses.replace(observed, memory=moved), later)
     assert changed.memory.applied_since[key] == later
+
+
+def test_the_shell_is_told_what_to_read_and_the_readings_make_the_energy_measured() -> None:
+    accounted = {"energy": {"accountedUntil": "2026-12-05T11:58:00Z", "source": "measured"}}
+    running = service(status={"phase": "Running", **accounted})
+    pod = replica_pod("chat", "l40s-0", annotations=None)
+    observed = core.Observed(view([node("l40s-0")], [running], [pod]), monotonic=100.0)
+
+    requests = core.telemetry_requests(observed, NOW)
+    start = datetime(2026, 12, 5, 11, 58, tzinfo=UTC)
+    assert requests.nodes == ("l40s-0",)
+    assert requests.pods == (("team", "chat-0"),)
+    assert requests.end == NOW
+    assert dict(requests.energy) == {start: ((), (("team", "chat-0"),))}
+
+    joules = {("team", "chat-0"): Measurement(36_000.0, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")}
+    reading = EnergyReading(start, NOW, Source.MEASURED, False, "", pod_joules=joules)
+    snapshot = TelemetrySnapshot(NOW, Source.MEASURED, False, "")
+    readings = core.Readings(snapshot=snapshot, energy={start: reading}, rate_window_seconds=60.0)
+    round_ = core.decide(dataclasses.replace(observed, telemetry=readings), NOW)
+    [count] = round_.metrics.workload_energy
+    assert (count.name, count.joules, count.source) == ("team/chat", 36_000.0, "measured")
+    [status] = round_.workload_statuses
+    assert status.write is not None
+    assert status.write.status["energy"]["accountedUntil"] == "2026-12-05T12:00:00Z"
+    # Without the reading (Prometheus did not answer in time) the same increment is modelled.
+    modelled = core.decide(
+        dataclasses.replace(observed, telemetry=core.Readings(snapshot=snapshot)), NOW
+    )
+    assert [c.source for c in modelled.metrics.workload_energy] == ["modelled"]
