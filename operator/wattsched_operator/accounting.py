@@ -23,8 +23,8 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from wattsched_operator.readings import Measurement, PodKey, TelemetrySnapshot
 from wattsched_operator.statuses import rfc3339
-from wattsched_operator.telemetry import Measurement, PodKey, TelemetrySnapshot
 
 K = TypeVar("K", bound=Hashable)
 

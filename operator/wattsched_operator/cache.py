@@ -14,7 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-Body = dict[str, Any]
+from wattsched_operator.core import Body, ClusterView
+
+__all__ = ["Body", "ClusterView"]
 
 WORKLOADS = "llmworkloads"
 BUDGETS = "energybudgets"
@@ -111,17 +113,6 @@ def object_key(body: Mapping[str, Any]) -> str:
     meta = body.get("metadata") or {}
     namespace = meta.get("namespace")
     return f"{namespace}/{meta['name']}" if namespace else str(meta["name"])
-
-
-@dataclass(frozen=True)
-class ClusterView:
-    """A copy of the cache at one moment, by kind and key."""
-
-    workloads: Mapping[str, Body]
-    budgets: Mapping[str, Body]
-    nodes: Mapping[str, Body]
-    profiles: Mapping[str, Body]
-    pods: Mapping[str, Body]
 
 
 @dataclass

@@ -22,8 +22,9 @@ from typing import Any, cast
 import kopf
 
 from wattsched_api.commandline import EXIT_NOT_FOUND, CommandError, CommandParser
-from wattsched_operator import handlers, snapshot
-from wattsched_operator.cache import ClusterCache, ClusterView
+from wattsched_operator import handlers
+from wattsched_operator.cache import ClusterCache
+from wattsched_operator.core import build_input_function
 from wattsched_operator.kube import (
     GROUP_PATH,
     LIST_PAGE_SIZE,
@@ -31,7 +32,7 @@ from wattsched_operator.kube import (
     KubeError,
     decode_any_stored_object,
 )
-from wattsched_operator.loop import InputBuilder, LoopSettings, PlannedInput, PlanningLoop
+from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
 from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY, TelemetryConfig, TelemetryReader
 from wattsched_optimizer.model import read_catalogue_file, use_catalogue
@@ -185,55 +186,6 @@ def telemetry_config(args: argparse.Namespace) -> TelemetryConfig | None:
         rate_window_seconds=args.telemetry_window_seconds,
         token_query=args.tokens_query,
     )
-
-
-def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
-    """The snapshot reader that turns the cache into the optimizer's input.
-
-    Bad objects are left out (and reported) rather than stopping the plan for the others: bad
-    LLMWorkloads and EnergyBudgets, unreadable profiles and pods, GPU nodes the plan cannot use.
-    """
-
-    def build(view: ClusterView, unconfirmed: frozenset[str], now: datetime) -> PlannedInput:
-        objects = snapshot.ClusterObjects(
-            nodes=tuple(view.nodes.values()),
-            workloads=tuple(view.workloads.values()),
-            budgets=tuple(view.budgets.values()),
-            profiles=tuple(view.profiles.values()),
-            pods=tuple(view.pods.values()),
-        )
-        result = snapshot.build_snapshot(
-            objects,
-            now=now,
-            strict=False,
-            # A node with no NodePowerProfile yet has no agent that confirmed anything: it counts
-            # at maximum power until its agent reports (the budget guarantee).
-            agents_required=True,
-            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
-            unconfirmed_nodes=unconfirmed,
-        )
-        rejected = {error.name: str(error) for error in result.rejected}
-        jobs = {
-            key: terms
-            for key, workload in result.workloads.items()
-            if (terms := snapshot.job_terms(workload)) is not None
-        }
-        return PlannedInput(
-            plan_input=result.plan_input,
-            rejected=rejected,
-            excluded_nodes={node.name: node.reason for node in result.excluded_nodes},
-            invalid_budgets={
-                item.key: item.message for item in result.ignored if item.kind == "EnergyBudget"
-            },
-            ignored={
-                f"{item.kind} {item.key}": item.message
-                for item in result.ignored
-                if item.kind != "EnergyBudget"
-            },
-            jobs=jobs,
-        )
-
-    return build
 
 
 def is_live(peer: dict[str, Any], now: datetime) -> bool:

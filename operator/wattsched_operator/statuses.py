@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from wattsched_operator.telemetry import PodKey, TelemetrySnapshot
+from wattsched_operator.readings import PodKey, TelemetrySnapshot
 from wattsched_optimizer.planner import held_budget_reason
 from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, Unplaced
 

@@ -658,7 +658,8 @@ def workload_options(
                         replicas = needed
                     if replicas > workload.max_replicas:
                         continue
-                    useful = replicas * throughput if demand is None else demand
+                    # No demand (none declared, or 0 tokens/s measured): the replicas' capacity.
+                    useful = demand if demand else replicas * throughput
                 else:
                     replicas = workload.replicas
                     useful = replicas * throughput

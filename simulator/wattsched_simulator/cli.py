@@ -18,6 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from wattsched_api.commandline import CommandParser
+from wattsched_operator import demand
 from wattsched_optimizer.problem import EnergyPolicy, PlanOptions
 
 from .baselines import baseline
@@ -38,7 +39,8 @@ ALL_POLICIES = ("spread-max", "binpack-max", "static-cap", "wattsched", "oracle"
 class PolicySettings:
     static_cap_fraction: float = 0.7
     energy_policy: EnergyPolicy = EnergyPolicy.BALANCED
-    headroom: float = 1.4
+    # The operator's forecast headroom (`demand.HEADROOM`); another value is a what-if.
+    headroom: float = demand.HEADROOM
     power_levels: int = 5
     plan_time_limit_seconds: float = 10.0
     # The operator's default; docs/evaluation.md shows the sensitivity.
@@ -252,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--headroom",
         type=float,
-        default=1.4,
-        help="wattsched's demand headroom over the recent peak (default 1.4)",
+        default=demand.HEADROOM,
+        help="the demand forecast's headroom over the peak of the last 5 minutes of measured "
+        f"tokens/s (default {demand.HEADROOM:g}, the operator's; another value is a what-if)",
     )
     parser.add_argument(
         "--power-levels",

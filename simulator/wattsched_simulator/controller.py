@@ -1,62 +1,54 @@
-"""wattsched and the oracle as simulator policies: telemetry -> PlanInput -> optimizer -> Decision.
+"""wattsched and the oracle as simulator policies: the operator's decision core, simulated cluster.
 
-`wattsched` is what the operator does, with the same optimizer code (`wattsched_optimizer.planner
-.plan`) and the default catalogue model as its prior. Its inputs come from telemetry only:
-- inference demand target = the highest 15-s demand seen in the last 5 minutes x `headroom`, plus
-  the current backlog spread over one re-plan interval (the operator's forecast,
-  `wattsched_operator.demand`), divided by the service's calibration
-  factor (measured capacity / modelled capacity of its ready replicas, from served tokens/s over
-  utilisation, smoothed);
-- job remaining work = spec work - tokens done at the last visible sample - modelled progress
-  since (the operator's own arithmetic, `wattsched_operator.progress`), divided by the job's
-  calibration factor (measured / modelled rate);
-- deadlines in seconds from now, less the start-up time for jobs not yet running; a job that
-  cannot make its deadline even at full speed (by the model) gets the deadline that asks for 80%
-  of the fastest modelled rate, so it still runs, and runs fast.
-`oracle` gets what no real system has: the future demand over the next interval (the highest
-latency-window average), the current true backlog and remaining work, and the ground truth as its
-performance model. It is a reference point, not a policy one could deploy, and not a proven lower
-bound on energy: it runs the same interval-by-interval optimizer (the same churn threshold and
-start-up costs), so on some runs it uses more energy or serves less on time than `wattsched`
-(it moves replicas that `wattsched` leaves in place, and sizes for the next interval's peak with no
-margin). What it is held to by construction is what `wattsched` is held to: every budget's cap.
+`wattsched` is what the operator decides, by the operator's code: each round calls
+`wattsched_operator.core.decide` (snapshot, demand forecast, calibration, optimizer, desired pods
+and power-limit steps, progress and statuses) on the simulated cluster as the operator's cache
+shows it and the telemetry its reader returns (`observed`). What stays here is the part of the
+shell and of Kubernetes a simulation needs: the objects the round writes (pods created, evicted
+and deleted, NodePowerProfiles, status merge patches) are kept as a Kubernetes API server would
+keep them; a created pod binds to its node when the node has the GPUs free (kube-scheduler; it
+stays Pending otherwise); a round that leaves work for the next (`replan_soon`: paced moves, a
+pod name still held) is followed at once by another, as the operator's loop does after its
+debounce; and the bound pods with their profiles' limits are the engine's `Decision`.
+
+`oracle` goes through the same core with what no real system has: each service declares the
+future demand over the next interval (the highest latency-window average) plus its current true
+backlog, with no readings to override it; each job's `status.progress` is its true progress; and
+the ground truth is the performance model (an injected plan function). It is a reference point,
+not a policy one could deploy, and not a proven lower bound on energy.
 Not for: baselines (`baselines`) or physics (`engine`).
 """
 
 from __future__ import annotations
 
-import math
+import copy
+import dataclasses
 import time
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from wattsched_api.meta import format_time
+from wattsched_operator import core, desired
 from wattsched_operator import demand as demand_forecast
-from wattsched_operator import progress
-from wattsched_optimizer import model as prior
+from wattsched_operator.readings import PodKey
+from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer import planner
-from wattsched_optimizer.problem import (
-    Budget,
-    CurrentPlacement,
-    EnergyPolicy,
-    GpuNode,
-    Plan,
-    PlanInput,
-    PlanOptions,
-    WorkAmount,
-    Workload,
-    WorkloadType,
-    WorkUnit,
-)
+from wattsched_optimizer.model import PerformanceModel
+from wattsched_optimizer.problem import EnergyPolicy, Plan, PlanInput, PlanOptions, WorkloadType
 
-from .engine import Decision, ReplicaAssignment, RunningReplica, Scenario, View
+from . import observed
+from .cluster import GPU_RESOURCE
+from .engine import Decision, RunningReplica, View
 from .truth import GroundTruth
-from .workloads import JobSpec, ServiceSpec
+from .workloads import ServiceSpec
 
-# A job that can no longer make its deadline is asked to run at least this share of its fastest
-# modelled rate.
-BEHIND_SCHEDULE_SPEED = 0.8
+# Rounds run back to back at most this many times when each leaves work for the next.
+MAX_FOLLOW_UP_ROUNDS = 3
+Body = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -102,23 +94,17 @@ class OracleKnowledge:
     truth: GroundTruth
 
 
-def _service_workload(
-    service: ServiceSpec, tokens_per_second: float, policy: EnergyPolicy
-) -> Workload:
-    return Workload(
-        key=service.key,
-        type=WorkloadType.INFERENCE,
-        model_parameters_billions=service.model_parameters_billions,
-        gpus_per_replica=service.gpus_per_replica,
-        variants=service.variants,
-        replicas=service.min_replicas,
-        min_replicas=service.min_replicas,
-        max_replicas=service.max_replicas,
-        min_quality=service.min_quality,
-        priority=service.priority,
-        policy=policy,
-        tokens_per_second=tokens_per_second,
-    )
+def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch (what a status write does on the API server)."""
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_patch(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 @dataclass
@@ -126,279 +112,295 @@ class PlannerPolicy:
     name: str
     options: PlanOptions = field(default_factory=PlanOptions)
     energy_policy: EnergyPolicy = EnergyPolicy.BALANCED
-    headroom: float = 1.4
-    forecast_window_seconds: float = 300.0
-    deadline_margin: float = 0.9
     oracle: OracleKnowledge | None = None
+    # The demand forecast's headroom: the operator's, unless a what-if changes it.
+    headroom: float = demand_forecast.HEADROOM
     # Ablation: offer the planner only each workload's highest-quality variant.
     best_variant_only: bool = False
-    _calibration: dict[str, float] = field(default_factory=dict)
-    _model: prior.PerformanceModel = field(default_factory=prior.CatalogueModel)
+    settings: core.Settings = field(default_factory=core.Settings)
+    # The controller's memory, and what the API server holds: pods (bound or Pending), status
+    # subresources by (kind, key), NodePowerProfile limits by node.
+    _memory: core.Memory = field(init=False)
+    _pods: dict[PodKey, Body] = field(default_factory=dict)
+    _statuses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    _limits: dict[str, NodeLimits] = field(default_factory=dict)
 
-    # -- model ------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self._memory = core.Memory(demand=demand_forecast.DemandHistory(headroom=self.headroom))
 
-    def _model_for(self, scenario: Scenario) -> prior.PerformanceModel:
+    # -- the cluster as the operator's cache shows it -------------------------------------------
+
+    def _declared_tokens_per_second(self, view: View, service: ServiceSpec) -> float:
+        """What the service's spec.slo.tokensPerSecond says: its mean demand over the run (what
+        a user declares from past traffic), or for the oracle the future demand."""
         if self.oracle is None:
-            return self._model
-        products = {node.planner_product: node.truth_product for node in scenario.nodes}
-        return TruthModel(self.oracle.truth, products)
-
-    def _replica_rate(
-        self,
-        model: prior.PerformanceModel,
-        products: Mapping[str, str],
-        spec: ServiceSpec | JobSpec,
-        replica: RunningReplica,
-    ) -> float:
-        variant = next(v for v in spec.variants if v.name == replica.variant)
-        workload_type = WorkloadType.INFERENCE if isinstance(spec, ServiceSpec) else spec.type
-        return model.throughput_tokens_per_second(
-            products[replica.node],
-            workload_type,
-            spec.model_parameters_billions,
-            replica.gpus,
-            variant.relative_throughput,
-            replica.power_limit_watts,
-        )
-
-    def _best_rate(
-        self, model: prior.PerformanceModel, scenario: Scenario, spec: ServiceSpec | JobSpec
-    ) -> float:
-        """Fastest modelled replica on any product of the cluster that has the memory."""
-        workload_type = WorkloadType.INFERENCE if isinstance(spec, ServiceSpec) else spec.type
-        best = 0.0
-        for product in {node.planner_product for node in scenario.nodes}:
-            product_spec = prior.product_spec(product)
-            for variant in spec.variants:
-                if variant.min_memory_gib > product_spec.memory_gib.value:
-                    continue
-                best = max(
-                    best,
-                    model.throughput_tokens_per_second(
-                        product,
-                        workload_type,
-                        spec.model_parameters_billions,
-                        spec.gpus_per_replica,
-                        variant.relative_throughput,
-                        product_spec.max_watts.value,
-                    ),
-                )
-        return best
-
-    def _smooth(self, key: str, ratio: float) -> float:
-        low, high = prior.CALIBRATION_BOUNDS
-        ratio = min(max(ratio, low), high)
-        previous = self._calibration.get(key, 1.0)
-        self._calibration[key] = 0.5 * previous + 0.5 * ratio
-        return self._calibration[key]
-
-    # -- inputs from telemetry -----------------------------------------------------------------
-
-    def _service_target(
-        self,
-        view: View,
-        service: ServiceSpec,
-        running: list[RunningReplica],
-        model: prior.PerformanceModel,
-        products: Mapping[str, str],
-    ) -> float:
-        now = view.now_seconds
+            return service.trace.mean_tokens_per_second
         scenario = view.scenario
-        if self.oracle is not None:
-            steps = scenario.step_seconds
-            window = max(1, round(scenario.latency_target_seconds / steps))
-            start = round(now / steps)
-            horizon = round((scenario.replan_interval_seconds + scenario.startup_seconds) / steps)
-            demand = service.trace.demand_tokens[start : start + horizon + window]
-            if len(demand) == 0:
-                return 0.0
-            sums = (
-                np.convolve(demand, np.ones(window), mode="valid")
-                if len(demand) >= window
-                else demand
-            )
-            peak = float(sums.max()) / (window * steps)
-            backlog = view.true_backlog_tokens.get(service.key, 0.0)
-            return peak + backlog / scenario.replan_interval_seconds
-        samples = view.telemetry.recent(now, self.forecast_window_seconds)
-        if not samples:
+        steps = scenario.step_seconds
+        window = max(1, round(scenario.latency_target_seconds / steps))
+        start = round(view.now_seconds / steps)
+        horizon = round((scenario.replan_interval_seconds + scenario.startup_seconds) / steps)
+        future = service.trace.demand_tokens[start : start + horizon + window]
+        if len(future) == 0:
             return 0.0
-        # The operator's forecast: the recent peak with headroom, plus the backlog over an interval.
-        target = demand_forecast.forecast(
-            (s.demand_tokens_per_second.get(service.key, 0.0) for s in samples),
-            headroom=self.headroom,
-            backlog_tokens=samples[-1].backlog_tokens.get(service.key, 0.0),
-            interval_seconds=scenario.replan_interval_seconds,
+        sums = (
+            np.convolve(future, np.ones(window), mode="valid") if len(future) >= window else future
         )
-        if target is None:
-            return 0.0
-        ready = [r for r in running if r.ready_at_seconds <= now]
-        settled = [
-            s
-            for s in samples
-            if s.window_end_seconds - scenario.telemetry.scrape_interval_seconds
-            >= max((r.ready_at_seconds for r in running), default=now)
-        ]
-        if ready and len(ready) == len(running) and settled:
-            utilisation = sum(s.utilisation.get(service.key, 0.0) for s in settled) / len(settled)
-            served = sum(s.served_tokens_per_second.get(service.key, 0.0) for s in settled) / len(
-                settled
-            )
-            if utilisation > 0.2:
-                modelled = sum(self._replica_rate(model, products, service, r) for r in ready)
-                self._smooth(service.key, (served / utilisation) / modelled)
-        return target / self._calibration.get(service.key, 1.0)
+        peak = float(sums.max()) / (window * steps)
+        backlog = view.true_backlog_tokens.get(service.key, 0.0)
+        return peak + backlog / scenario.replan_interval_seconds
 
-    def _job_inputs(
-        self,
-        view: View,
-        job: JobSpec,
-        running: list[RunningReplica],
-        model: prior.PerformanceModel,
-        products: Mapping[str, str],
-    ) -> tuple[float, float | None]:
-        """(remaining tokens as the planner should see them, deadline in seconds from now)."""
-        now = view.now_seconds
-        scenario = view.scenario
-        gang_ready_at = max((r.ready_at_seconds for r in running), default=math.inf)
-        rate = 0.0
-        if running:
-            rate = len(running) * min(self._replica_rate(model, products, job, r) for r in running)
-        if self.oracle is not None:
-            remaining = view.true_remaining_tokens.get(job.key, job.work_tokens)
-        else:
-            visible = view.telemetry.visible(now)
-            done = 0.0
-            seen_at = -math.inf
-            history = [s for s in visible if job.key in s.job_tokens_done]
-            if history:
-                done = history[-1].job_tokens_done[job.key]
-                seen_at = history[-1].window_end_seconds
-            # The operator's progress arithmetic: the last measured total, plus the placed rate
-            # over the time the whole gang ran since that sample (none while it is not running).
-            completed = progress.completed_since(done, rate, now - max(seen_at, gang_ready_at))
-            remaining = progress.remaining_tokens(job.work_tokens, completed)
-            if running and rate > 0:
-                steady = [s for s in history if s.window_end_seconds - 60.0 >= gang_ready_at]
-                if len(steady) >= 5:
-                    first, last = steady[-5], steady[-1]
-                    span = last.window_end_seconds - first.window_end_seconds
-                    measured = (
-                        last.job_tokens_done[job.key] - first.job_tokens_done[job.key]
-                    ) / span
-                    self._smooth(job.key, measured / rate)
-            remaining = max(remaining, 0.01 * job.work_tokens)
-            remaining /= self._calibration.get(job.key, 1.0)
-        deadline: float | None = None
-        if job.deadline_seconds is not None:
-            start_delay = 0.0 if running else scenario.startup_seconds
-            if running and gang_ready_at > now:
-                start_delay = gang_ready_at - now
-            left = (job.deadline_seconds - now - start_delay) * self.deadline_margin
-            fastest = self._best_rate(model, scenario, job) * job.replicas
-            if left > 0 and fastest * left >= remaining:
-                deadline = left
-            elif fastest > 0:
-                # Behind schedule: ask for at least BEHIND_SCHEDULE_SPEED of the fastest rate, so
-                # the job runs near full speed instead of at the most efficient (slowest) level.
-                deadline = remaining / (fastest * BEHIND_SCHEDULE_SPEED)
-        return remaining, deadline
-
-    # -- the decision ---------------------------------------------------------------------------
-
-    def build_input(self, view: View) -> PlanInput:
-        scenario = view.scenario
-        model = self._model_for(scenario)
-        node_products = {node.name: node.planner_product for node in scenario.nodes}
-        by_workload: dict[str, list[RunningReplica]] = {}
+    def _sync_pods(self, view: View) -> dict[PodKey, RunningReplica]:
+        """Match the engine's replicas to the bound pods (by workload, node and variant, as the
+        engine matched the last decision); a bound pod with no replica is gone (its job
+        finished). Returns each bound pod's replica."""
+        free: dict[tuple[str, str, str], list[RunningReplica]] = {}
         for replica in view.replicas:
-            by_workload.setdefault(replica.workload, []).append(replica)
-        workloads: list[Workload] = []
+            free.setdefault((replica.workload, replica.node, replica.variant), []).append(replica)
+        matched: dict[PodKey, RunningReplica] = {}
+        for key, pod in sorted(self._pods.items()):
+            node = pod["spec"].get("nodeName")
+            if not node:
+                continue
+            meta = pod["metadata"]
+            workload = f"{meta['namespace']}/{meta['labels'][desired.LABEL_WORKLOAD]}"
+            candidates = free.get((workload, node, meta["annotations"][desired.ANNOTATION_VARIANT]))
+            if not candidates:
+                del self._pods[key]
+                continue
+            matched[key] = candidates.pop(0)
+        return matched
+
+    def _pod_bodies(self, view: View, matched: Mapping[PodKey, RunningReplica]) -> dict[str, Body]:
+        startup = view.scenario.startup_seconds
+        bodies: dict[str, Body] = {}
+        for key, pod in self._pods.items():
+            body = copy.deepcopy(pod)
+            replica = matched.get(key)
+            if replica is None:
+                body["status"] = {"phase": "Pending"}
+            else:
+                ready = replica.ready_at_seconds <= view.now_seconds
+                started = min(replica.ready_at_seconds - startup, view.now_seconds)
+                body["status"] = {
+                    "phase": "Running",
+                    "startTime": format_time(observed.at(started)),
+                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                }
+            bodies[f"{key[0]}/{key[1]}"] = body
+        return bodies
+
+    def observe(self, view: View) -> tuple[core.ClusterView, dict[PodKey, RunningReplica]]:
+        scenario = view.scenario
+        matched = self._sync_pods(view)
+        workloads: dict[str, Body] = {}
         for service in scenario.services:
-            running = by_workload.get(service.key, [])
-            target = self._service_target(view, service, running, model, node_products)
-            ceiling = 0.99 * self._best_rate(model, scenario, service) * service.max_replicas
-            workloads.append(
-                _service_workload(service, min(max(target, 1.0), ceiling), self.energy_policy)
+            body = observed.service_body(
+                service, self.energy_policy, self._declared_tokens_per_second(view, service)
             )
+            workloads[service.key] = body
         for job in view.jobs:
-            running = by_workload.get(job.key, [])
-            remaining, deadline = self._job_inputs(view, job, running, model, node_products)
-            workloads.append(
-                Workload(
-                    key=job.key,
-                    type=job.type,
-                    model_parameters_billions=job.model_parameters_billions,
-                    gpus_per_replica=job.gpus_per_replica * job.nodes_per_replica,
-                    nodes_per_replica=job.nodes_per_replica,
-                    variants=job.variants,
-                    replicas=job.replicas,
-                    min_replicas=job.replicas,
-                    max_replicas=job.replicas,
-                    priority=job.priority,
-                    preemptible=job.preemptible,
-                    policy=self.energy_policy,
-                    remaining_work=WorkAmount(WorkUnit.TOKENS, remaining),
-                    deadline_seconds=deadline,
-                )
-            )
-        if self.best_variant_only:
-            workloads = [
-                replace(w, variants=(max(w.variants, key=lambda v: v.quality),)) for w in workloads
-            ]
-        pods_per_replica = {job.key: job.nodes_per_replica for job in view.jobs}
-        current = []
-        for key, replicas in sorted(by_workload.items()):
-            per = pods_per_replica.get(key, 1)
-            for index, replica in enumerate(replicas):
-                current.append(
-                    CurrentPlacement(
-                        key,
-                        index // per,
-                        replica.node,
-                        replica.variant,
-                        replica.power_limit_watts,
-                        rank=index % per,
-                    )
-                )
-        return PlanInput(
-            nodes=tuple(
-                GpuNode(node.name, node.planner_product, node.gpu_count) for node in scenario.nodes
+            workloads[job.key] = observed.job_body(job, self.energy_policy, None)
+        if self.oracle is not None:
+            for job in view.jobs:
+                done = job.work_tokens - view.true_remaining_tokens.get(job.key, job.work_tokens)
+                status = self._statuses.setdefault(("LLMWorkload", job.key), {})
+                status["progress"] = {
+                    "completedTokens": done,
+                    "totalTokens": job.work_tokens,
+                    "source": "measured",
+                    "updatedAt": format_time(observed.at(view.now_seconds)),
+                }
+        live = set(workloads)
+        self._statuses = {
+            k: v for k, v in self._statuses.items() if k[0] != "LLMWorkload" or k[1] in live
+        }
+        for key, body in workloads.items():
+            body["status"] = copy.deepcopy(self._statuses.get(("LLMWorkload", key), {}))
+        budgets = {}
+        for budget in scenario.budgets:
+            body = observed.budget_body(budget)
+            body["status"] = copy.deepcopy(self._statuses.get(("EnergyBudget", budget.name), {}))
+            budgets[budget.name] = body
+        now = observed.at(view.now_seconds)
+        return (
+            core.ClusterView(
+                workloads=workloads,
+                budgets=budgets,
+                nodes={n.name: observed.node_body(n) for n in scenario.nodes},
+                profiles={
+                    n.name: observed.profile_body(n.name, self._limits.get(n.name), now)
+                    for n in scenario.nodes
+                },
+                pods=self._pod_bodies(view, matched),
             ),
-            workloads=tuple(workloads),
-            budgets=tuple(
-                Budget(b.name, b.power_cap_watts, b.node_names) for b in scenario.budgets
-            ),
-            current=tuple(current),
-            options=self.options,
+            matched,
         )
+
+    def _readings(
+        self,
+        view: View,
+        cluster: core.ClusterView,
+        matched: Mapping[PodKey, RunningReplica],
+        now_observed: core.Observed,
+    ) -> core.Readings | None:
+        """What the operator's telemetry reader returns: the pods' tokens/s and watts, and each
+        due job's progress counter (the oracle reads nothing: its inputs are in the objects)."""
+        if self.oracle is not None:
+            return None
+        now = observed.at(view.now_seconds)
+        visible = view.telemetry.visible(view.now_seconds)
+        snapshot = observed.telemetry_reading(
+            visible,
+            [
+                observed.PodReplica(key, replica.workload, replica.gpus, replica.ready_at_seconds)
+                for key, replica in matched.items()
+            ],
+            scrape_interval_seconds=view.scenario.telemetry.scrape_interval_seconds,
+            draining=Counter(r.workload for r in view.draining),
+        )
+        requests = core.telemetry_requests(now_observed, now)
+        return core.Readings(
+            snapshot=snapshot,
+            progress={
+                key: observed.progress_counter(visible, key) for key in requests.progress_queries
+            },
+            rate_window_seconds=observed.RATE_WINDOW_SECONDS,
+        )
+
+    # -- a round, applied as the API server and kube-scheduler would ------------------------------
+
+    def _apply(self, round_: core.Round) -> None:
+        for write in (*round_.early_statuses, *round_.moving, *round_.budget_statuses):
+            self._write_status(write)
+        for status in round_.workload_statuses:
+            if status.write is not None:
+                self._write_status(status.write)
+        for limits in (round_.lower, round_.raise_):
+            self._limits.update(limits)
+        for eviction in round_.evict:
+            self._pods.pop((eviction.namespace, eviction.name), None)
+        for deletion in round_.delete:
+            self._pods.pop((deletion.namespace, deletion.name), None)
+        for (namespace, name), watts in round_.relabel.items():
+            kept = self._pods.get((namespace, name))
+            if kept is not None:
+                kept["metadata"]["annotations"][desired.ANNOTATION_POWER_LIMIT] = watts
+        for created in round_.create:
+            body = copy.deepcopy(dict(created))
+            self._pods[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
+
+    def _write_status(self, write: core.StatusWrite) -> None:
+        ref = write.object
+        key = ref.name if ref.namespace is None else f"{ref.namespace}/{ref.name}"
+        store = (ref.kind, key)
+        self._statuses[store] = merge_patch(self._statuses.get(store, {}), write.status)
+
+    def _bind(self, view: View) -> None:
+        """kube-scheduler: a Pending pod binds to its nodeSelector's node when its GPUs are free."""
+        capacity = {n.name: n.gpu_count for n in view.scenario.nodes}
+        used: Counter[str] = Counter()
+        pending = []
+        for _, pod in sorted(self._pods.items()):
+            node = pod["spec"].get("nodeName")
+            if node:
+                used[node] += _gpus(pod)
+            else:
+                pending.append(pod)
+        for pod in pending:
+            node = pod["spec"]["nodeSelector"][desired.HOSTNAME_LABEL]
+            if used[node] + _gpus(pod) <= capacity.get(node, 0):
+                pod["spec"]["nodeName"] = node
+                used[node] += _gpus(pod)
+
+    def _plan_function(self, view: View) -> core.PlanFunction:
+        """The optimizer, as the operator calls it; for the oracle with the ground truth as its
+        model (in place of the calibrated catalogue), and for the ablation with each workload's
+        highest-quality variant only."""
+        products = {node.planner_product: node.truth_product for node in view.scenario.nodes}
+        truth = None if self.oracle is None else TruthModel(self.oracle.truth, products)
+        best_only = self.best_variant_only
+
+        def plan(plan_input: PlanInput, model: PerformanceModel) -> Plan:
+            if best_only:
+                plan_input = _best_variants_only(plan_input)
+            return planner.plan(plan_input, model=truth or model)
+
+        return plan
 
     def decide(self, view: View) -> Decision:
         started = time.perf_counter()
-        plan_input = self.build_input(view)
-        result = planner.plan(plan_input, model=self._model_for(view.scenario))
-        elapsed = time.perf_counter() - started
-        return decision_from_plan(result, plan_input, elapsed)
-
-
-def decision_from_plan(result: Plan, plan_input: PlanInput, seconds: float) -> Decision:
-    """Turn the optimizer's plan into the engine's desired state."""
-    replicas = tuple(
-        ReplicaAssignment(
-            p.workload, p.node, p.gpus, p.variant, p.power_limit_watts, p.sm_clock_mhz
+        now = observed.at(view.now_seconds)
+        status = "no round"
+        for _ in range(MAX_FOLLOW_UP_ROUNDS):
+            cluster, matched = self.observe(view)
+            before = core.Observed(
+                view=cluster,
+                memory=self._memory,
+                monotonic=view.now_seconds,
+                settings=self.settings,
+            )
+            readings = self._readings(view, cluster, matched, before)
+            round_ = core.decide(
+                core.Observed(
+                    view=cluster,
+                    memory=self._memory,
+                    monotonic=view.now_seconds,
+                    settings=self.settings,
+                    telemetry=readings,
+                ),
+                now,
+                plan_function=self._plan_function(view),
+            )
+            self._apply(round_)
+            created = {core.pod_workload_key(pod) for pod in round_.create}
+            self._memory = core.after_apply(
+                round_,
+                core.Applied(
+                    evicted=tuple((e.namespace, e.name) for e in round_.evict),
+                    accepted=frozenset(created),
+                ),
+                view=cluster,
+                monotonic=view.now_seconds,
+                settings=self.settings,
+            )
+            if round_.plan is not None:
+                status = str(round_.plan.status)
+            self._bind(view)
+            if not round_.replan_soon:
+                break
+        return observed.decision_from_pods(
+            self.running_pods(view),
+            self._limits,
+            plan_seconds=time.perf_counter() - started,
+            status=status,
         )
-        for p in result.placements
+
+    def running_pods(self, view: View) -> list[Body]:
+        """The bound pods that run: a job's gang only once every replica is bound (a bound
+        member waits on its GPUs for the others, doing no work, as a gang job does)."""
+        gangs = {job.key: job.replicas for job in view.jobs}
+        bound: dict[str, list[Body]] = {}
+        for pod in self._pods.values():
+            if pod["spec"].get("nodeName"):
+                bound.setdefault(core.pod_workload_key(pod), []).append(pod)
+        return [
+            pod
+            for key, pods in sorted(bound.items())
+            if len(pods) >= gangs.get(key, 0)
+            for pod in pods
+        ]
+
+
+def _gpus(pod: Mapping[str, Any]) -> int:
+    return int(pod["spec"]["containers"][0]["resources"]["limits"][GPU_RESOURCE])
+
+
+def _best_variants_only(plan_input: PlanInput) -> PlanInput:
+    return dataclasses.replace(
+        plan_input,
+        workloads=tuple(
+            dataclasses.replace(w, variants=(max(w.variants, key=lambda v: v.quality),))
+            for w in plan_input.workloads
+        ),
     )
-    busy_gpus: dict[str, int] = {}
-    busy_watts: dict[str, float] = {}
-    for p in result.placements:
-        busy_gpus[p.node] = busy_gpus.get(p.node, 0) + p.gpus
-        busy_watts[p.node] = busy_watts.get(p.node, 0.0) + p.gpus * p.power_limit_watts
-    idle: dict[str, float] = {}
-    for node in plan_input.nodes:
-        limits = result.node_power_limits_watts.get(node.name)
-        idle_gpus = node.gpu_count - busy_gpus.get(node.name, 0)
-        if limits is None or idle_gpus <= 0:
-            continue
-        idle[node.name] = (sum(limits) - busy_watts.get(node.name, 0.0)) / idle_gpus
-    return Decision(replicas, idle, seconds, str(result.status))

@@ -136,6 +136,9 @@ class View:
     replicas: tuple[RunningReplica, ...]
     telemetry: Telemetry
     reasons: tuple[str, ...]
+    # Replicas the last decision removed that still serve until their replacements are ready
+    # (the pods a real cluster still runs during a hand-over; their readings are in telemetry).
+    draining: tuple[RunningReplica, ...] = ()
     # The engine's true state, for the oracle only: a deployable policy must not read these.
     true_backlog_tokens: Mapping[str, float] = field(default_factory=dict)
     true_remaining_tokens: Mapping[str, float] = field(default_factory=dict)
@@ -515,6 +518,12 @@ class Simulation:
         self.r_capacity = np.zeros(count)
         self.r_fraction = np.zeros(count)
         self.r_job_running_key: list[str | None] = []
+        # Workload of each replica, as an index into `r_workload_keys` (for power telemetry).
+        self.r_workload_keys = sorted({replica.workload for replica in self.replicas})
+        index_of = {key: i for i, key in enumerate(self.r_workload_keys)}
+        self.r_workload = np.array(
+            [index_of[replica.workload] for replica in self.replicas], dtype=np.int64
+        )
         self.job_rate: dict[str, float] = {}
         self.job_ready_at: dict[str, float] = {}
         job_replicas: dict[str, list[float]] = {}
@@ -571,6 +580,7 @@ class Simulation:
             scenario=self.scenario,
             jobs=tuple(state.spec for state in self.active_jobs.values()),
             replicas=tuple(r for r in self.replicas if not r.draining),
+            draining=tuple(r for r in self.replicas if r.draining),
             telemetry=self.telemetry,
             reasons=reasons,
             true_backlog_tokens={
@@ -607,6 +617,8 @@ class Simulation:
         window_demand = np.zeros(service_count)
         window_served = np.zeros(service_count)
         window_capacity = np.zeros(service_count)
+        window_workload_joules: dict[str, float] = {}
+        window_workload_gpu_seconds: dict[str, float] = {}
         window_start = 0.0
         next_plan = 0.0
         last_plan = -np.inf
@@ -689,6 +701,16 @@ class Simulation:
                 draw = draw * (1.0 + noise * self.power_rng.standard_normal(len(draw)))
                 draw = np.clip(draw, 0.0, self.r_limit)
                 inference_energy += float((draw * self.r_gpus)[self.is_service].sum()) * dt
+                drawing = np.where(serving | job_ready, self.r_gpus, 0.0)
+                count = len(self.r_workload_keys)
+                joules = np.bincount(self.r_workload, weights=draw * drawing * dt, minlength=count)
+                gpu_seconds = np.bincount(self.r_workload, weights=drawing * dt, minlength=count)
+                for w in np.nonzero(gpu_seconds)[0]:
+                    key = self.r_workload_keys[w]
+                    window_workload_joules[key] = window_workload_joules.get(key, 0.0) + joules[w]
+                    window_workload_gpu_seconds[key] = (
+                        window_workload_gpu_seconds.get(key, 0.0) + gpu_seconds[w]
+                    )
             node_draw = (
                 np.bincount(self.r_node, weights=draw * self.r_gpus, minlength=node_count)
                 + self.node_idle_draw
@@ -729,7 +751,13 @@ class Simulation:
                         key: state.spec.work_tokens - state.remaining_tokens
                         for key, state in self.active_jobs.items()
                     },
+                    workload_watts_per_gpu={
+                        key: joules / window_workload_gpu_seconds[key]
+                        for key, joules in window_workload_joules.items()
+                    },
                 )
+                window_workload_joules.clear()
+                window_workload_gpu_seconds.clear()
                 window_demand[:] = 0
                 window_served[:] = 0
                 window_capacity[:] = 0

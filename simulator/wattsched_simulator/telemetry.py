@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,9 @@ class Sample:
     utilisation: Mapping[str, float]
     backlog_tokens: Mapping[str, float]
     job_tokens_done: Mapping[str, float]  # cumulative
+    # Mean draw per GPU of each workload's ready replicas over the window (what DCGM's
+    # per-pod power shows, summed over the workload's pods and divided by their GPUs).
+    workload_watts_per_gpu: Mapping[str, float] = field(default_factory=dict)
 
 
 class Telemetry:
@@ -43,13 +46,19 @@ class Telemetry:
     def __init__(self, config: TelemetryConfig, seed: int) -> None:
         self.config = config
         self._rng = np.random.default_rng(seed)
+        # Power readings draw their noise from their own stream, so the other series are the
+        # same with or without them.
+        self._power_rng = np.random.default_rng([seed, 1])
         self._samples: list[Sample] = []
         self._ends: list[float] = []
 
-    def _noisy(self, values: Mapping[str, float]) -> dict[str, float]:
+    def _noisy(
+        self, values: Mapping[str, float], rng: np.random.Generator | None = None
+    ) -> dict[str, float]:
         sigma = self.config.noise_fraction
+        draw = rng or self._rng
         return {
-            key: max(0.0, value * (1.0 + sigma * float(self._rng.standard_normal())))
+            key: max(0.0, value * (1.0 + sigma * float(draw.standard_normal())))
             for key, value in values.items()
         }
 
@@ -62,6 +71,7 @@ class Telemetry:
         utilisation: Mapping[str, float],
         backlog_tokens: Mapping[str, float],
         job_tokens_done: Mapping[str, float],
+        workload_watts_per_gpu: Mapping[str, float] | None = None,
     ) -> None:
         sample = Sample(
             window_end_seconds=window_end_seconds,
@@ -70,6 +80,7 @@ class Telemetry:
             utilisation={k: min(1.0, v) for k, v in self._noisy(utilisation).items()},
             backlog_tokens=self._noisy(backlog_tokens),
             job_tokens_done=self._noisy(job_tokens_done),
+            workload_watts_per_gpu=self._noisy(workload_watts_per_gpu or {}, self._power_rng),
         )
         self._samples.append(sample)
         self._ends.append(window_end_seconds)

@@ -27,10 +27,10 @@ from tests.operator.test_operator_cluster import (
     workload,
 )
 from wattsched_operator.cache import ClusterCache
+from wattsched_operator.core import build_input_function
 from wattsched_operator.kube import Kube
 from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
-from wattsched_operator.run import build_input_function
 from wattsched_optimizer.model import PerformanceModel
 from wattsched_optimizer.problem import Plan, PlanInput
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from wattsched_operator.apply import refuses_the_pod
 from wattsched_operator.kube import KubeError
-from wattsched_operator.loop import refuses_the_pod
 
 POD_SECURITY = (
     'pods "escalate-0" is forbidden: violates PodSecurity "restricted:latest": '

@@ -3,8 +3,9 @@
 Hypothesis generates LLMWorkloads, EnergyBudgets, Nodes, NodePowerProfiles and Pods as the API
 server returns them, odd and invalid ones included (unknown or missing GPU products, quantities
 that are not numbers, caps below the idle minimum, selectors that cannot be read, stale agents,
-pods with malformed labels or limits). The round's decision without the API server (snapshot,
-plan, desired pods and pod changes, the budget-safe power steps, statuses) must never raise;
+pods with malformed labels or limits). The round's decision (`core.decide`, without the API
+server: snapshot, plan, desired pods and pod changes, the budget-safe power steps, statuses)
+must never raise;
 every budget's limits sum to at most its cap, or the budget is held and says why; and a valid
 workload that nothing else concerns (its own node, outside every budget) is still placed.
 """
@@ -17,12 +18,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wattsched_operator import desired, statuses, transition
-from wattsched_operator.cache import ClusterView
-from wattsched_operator.loop import gang_size, is_gang, workload_object
-from wattsched_operator.run import build_input_function
-from wattsched_optimizer.model import CatalogueModel
-from wattsched_optimizer.planner import plan
+from wattsched_operator import core, desired, statuses
+from wattsched_operator.core import ClusterView, build_input_function
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 GROUP_VERSION = "wattsched.io/v1alpha1"
@@ -283,32 +280,16 @@ def clusters(draw: st.DrawFn) -> ClusterView:
 
 
 def decide(view: ClusterView) -> None:
-    """One round's decision without the API server, with its invariants checked."""
+    """One round's decision (`core.decide`, no API server), with its invariants checked."""
+    round_ = core.decide(core.Observed(view), NOW)
+    assert round_.plan is not None
+    result = round_.plan
     built = build_input_function(30.0)(view, frozenset(), NOW)
-    result = plan(built.plan_input, CatalogueModel())
-    active = {k: v for k, v in view.workloads.items() if k not in built.rejected}
-    objects = {key: workload_object(body) for key, body in active.items()}
-    want = desired.desired_pods(objects, result.placements)
-    desired.pod_changes(view.pods.values(), want)
-    planned = desired.planned_limits(result)
-    current = {
-        node: transition.NodePowerState.from_profile(view.profiles.get(node)) for node in planned
-    }
-    transition.power_steps(current, planned)
-
     scopes = {b.name: b for b in built.plan_input.budgets}
+    written = {w.object.name: w.status for w in round_.budget_statuses}
     for allocation in result.budgets:
         budget = scopes[allocation.name]
-        status = statuses.budget_status(
-            {},
-            generation=1,
-            allocation=allocation,
-            cap_watts=budget.power_cap_watts,
-            node_count=len(budget.node_names),
-            plan=result,
-            now=NOW,
-        )
-        ready = statuses.find_condition(status["conditions"], "Ready")
+        ready = statuses.find_condition(written[allocation.name]["conditions"], "Ready")
         assert ready is not None
         if allocation.held:
             assert allocation.allocated_cap_watts > budget.power_cap_watts
@@ -321,25 +302,11 @@ def decide(view: ClusterView) -> None:
     placements: dict[str, list[Any]] = {}
     for placement in result.placements:
         placements.setdefault(placement.workload, []).append(placement)
-    unplaced = {u.workload: u for u in result.unplaced}
-    for key, body in active.items():
-        pod_views = [
-            statuses.PodView.from_pod(p)
-            for p in view.pods.values()
-            if f"team/{(p['metadata'].get('labels') or {}).get(desired.LABEL_WORKLOAD)}" == key
-        ]
-        statuses.workload_status(
-            body.get("status") or {},
-            generation=1,
-            is_gang=is_gang(body),
-            gang_size=gang_size(body),
-            placements=placements.get(key, []),
-            unplaced=unplaced.get(key),
-            pods=pod_views,
-            failure_message=None,
-            now=NOW,
-        )
     assert [p.node for p in placements.get(PROBE, [])] == [PROBE_NODE], result.unplaced
+    probe_pods = [p for p in round_.create if p["metadata"]["namespace"] == "probe"]
+    assert [p["metadata"]["annotations"][desired.ANNOTATION_NODE] for p in probe_pods] == [
+        PROBE_NODE
+    ]
 
 
 @settings(

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pytest
 
-from wattsched_operator.cache import ClusterCache, ClusterView
+from wattsched_operator.cache import ClusterCache
 from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.statuses import (
     budget_status,
@@ -32,9 +32,7 @@ from wattsched_operator.telemetry import (
 )
 from wattsched_optimizer.problem import (
     BudgetAllocation,
-    GpuNode,
     Plan,
-    PlanInput,
     PlanStatus,
 )
 
@@ -246,14 +244,6 @@ def loop_with(reader: TelemetryReader | None, timeout_seconds: float = 10.0) -> 
     )
 
 
-def plan_input() -> PlanInput:
-    node = GpuNode("gpu-a", "H100-80GB", 1)
-    return PlanInput(nodes=(node,), workloads=(), budgets=())
-
-
-EMPTY_VIEW = ClusterView(workloads={}, budgets={}, nodes={}, profiles={}, pods={})
-
-
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """A loopback port that accepts connections and never answers (a hung Prometheus)."""
@@ -273,12 +263,12 @@ def closed_port() -> int:
 
 
 def test_without_a_reader_the_loop_reads_nothing() -> None:
-    assert asyncio.run(loop_with(None)._read_telemetry(plan_input(), EMPTY_VIEW)) is None
+    assert asyncio.run(loop_with(None)._read_snapshot(["gpu-a"], [])) is None
 
 
 def test_a_refused_prometheus_gives_a_stale_unavailable_reading() -> None:
     reader = TelemetryReader(TelemetryConfig(f"http://127.0.0.1:{closed_port()}"))
-    reading = asyncio.run(loop_with(reader)._read_telemetry(plan_input(), EMPTY_VIEW))
+    reading = asyncio.run(loop_with(reader)._read_snapshot(["gpu-a"], []))
     assert reading is not None
     assert (reading.stale, reading.unavailable, reading.source) == (True, True, Source.MODELLED)
     assert "did not answer" in reading.reason
@@ -289,7 +279,7 @@ def test_a_hung_prometheus_is_dropped_after_the_loops_timeout(silent_port: int) 
         TelemetryConfig(f"http://127.0.0.1:{silent_port}", timeout_seconds=3.0)
     )
     started = time.monotonic()
-    reading = asyncio.run(loop_with(reader, 0.5)._read_telemetry(plan_input(), EMPTY_VIEW))
+    reading = asyncio.run(loop_with(reader, 0.5)._read_snapshot(["gpu-a"], []))
     elapsed = time.monotonic() - started
     assert reading is not None
     assert reading.stale

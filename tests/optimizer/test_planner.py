@@ -355,6 +355,15 @@ def test_a_service_whose_demand_exceeds_max_replicas_runs_max_replicas() -> None
     assert "spec.slo.tokensPerSecond" in short.reason
 
 
+def test_a_service_measured_at_zero_tokens_per_second_keeps_its_minimum_replicas() -> None:
+    # The operator's forecast is 0 when every reading of the last 5 minutes is 0 (no traffic).
+    result = plan(
+        PlanInput(h100_nodes(1), (inference("team/s", tokens_per_second=0.0, min_replicas=2),))
+    )
+    assert len(placed(result)["team/s"]) == 2
+    assert result.unplaced == ()
+
+
 def test_a_service_served_whole_has_no_shortfall() -> None:
     result = plan(PlanInput(h100_nodes(1), (inference("team/s", tokens_per_second=4_000),)))
     assert result.shortfalls == ()

@@ -373,9 +373,10 @@ def test_changing_the_ground_truth_changes_results_but_not_the_planners_prior() 
     planner_b = PlannerPolicy("wattsched")
     start = Simulation(sim, GroundTruth(), planner_a)
     start_slow = Simulation(sim, slow, planner_b)
-    # What the planner sees at t = 0 does not depend on the ground truth ...
-    assert planner_a.build_input(start._view(0.0, ("start",))) == planner_b.build_input(
-        start_slow._view(0.0, ("start",))
+    # What the operator observes at t = 0 does not depend on the ground truth ...
+    assert (
+        planner_a.observe(start._view(0.0, ("start",)))[0]
+        == planner_b.observe(start_slow._view(0.0, ("start",)))[0]
     )
     # ... but what happens does.
     normal = simulate(sim, GroundTruth(), PlannerPolicy("wattsched"))

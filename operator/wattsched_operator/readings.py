@@ -1,0 +1,243 @@
+"""What telemetry reads, as plain values, and what the controller learns from them.
+
+The readings (power, token rates and energy of nodes and pods, each measured or not) and the
+calibration of the performance model from them. Pure: the Prometheus client that produces the
+readings is in `telemetry`; the decision core (`core`) and the status and accounting functions
+use these types without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from wattsched_optimizer.model import (
+    CALIBRATION_BOUNDS,
+    Calibration,
+    CatalogueModel,
+    product_spec,
+    sm_clock_effect,
+)
+from wattsched_optimizer.problem import Placement, WorkloadType
+
+PodKey = tuple[str, str]  # (namespace, name)
+
+
+class Source(StrEnum):
+    """Where a figure came from (shown next to every W, J, tokens/J and gCO2)."""
+
+    MEASURED = "measured"
+    MODELLED = "modelled"
+
+
+# ----- the readings -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A measured value and the metric it came from."""
+
+    value: float
+    metric: str
+
+
+@dataclass(frozen=True)
+class TelemetrySnapshot:
+    """Power and token rates at `time`.
+
+    stale: Prometheus did not answer (`unavailable`), or none of the requested nodes has a fresh
+    series; `reason` says which. `source` is MEASURED when at least one requested node was
+    measured. Nodes and pods without data are absent from the maps (and listed in
+    `missing_nodes`): use the model for them.
+    """
+
+    time: datetime
+    source: Source
+    stale: bool
+    reason: str
+    node_watts: Mapping[str, Measurement] = field(default_factory=dict)
+    pod_watts: Mapping[PodKey, Measurement] = field(default_factory=dict)
+    pod_tokens_per_second: Mapping[PodKey, float] = field(default_factory=dict)
+    missing_nodes: frozenset[str] = frozenset()
+    unavailable: bool = False
+
+    def tokens_per_joule(self, pod: PodKey) -> float | None:
+        """Tokens per joule of a pod (tokens/s over W), when both are measured."""
+        tokens = self.pod_tokens_per_second.get(pod)
+        power = self.pod_watts.get(pod)
+        if tokens is None or power is None or power.value <= 0:
+            return None
+        return tokens / power.value
+
+
+@dataclass(frozen=True)
+class EnergyReading:
+    """Energy (J) used between `start` and `end`; same staleness rules as `TelemetrySnapshot`."""
+
+    start: datetime
+    end: datetime
+    source: Source
+    stale: bool
+    reason: str
+    node_joules: Mapping[str, Measurement] = field(default_factory=dict)
+    pod_joules: Mapping[PodKey, Measurement] = field(default_factory=dict)
+    missing_nodes: frozenset[str] = frozenset()
+
+
+# ----- calibration ------------------------------------------------------------------------------
+
+CalibrationKey = tuple[str, WorkloadType]  # (normalised product, workload type)
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    """One replica's measured figures next to what the *uncalibrated* model predicted for it.
+
+    Compare with the uncalibrated model (`CatalogueModel()`), not the corrected one, or each
+    correction would be applied on top of the last. Per GPU: watts; per replica: tokens/s.
+    """
+
+    product: str
+    workload_type: WorkloadType
+    modelled_watts_per_gpu: float | None
+    measured_watts_per_gpu: float | None
+    modelled_tokens_per_second: float | None = None
+    measured_tokens_per_second: float | None = None
+
+
+class Calibrator:
+    """Exponentially smoothed, bounded correction factors per (product, workload type).
+
+    Each sample moves a factor `smoothing` of the way towards measured/modelled; factors stay in
+    the optimizer's CALIBRATION_BOUNDS, so one bad reading cannot make the model absurd. A sample
+    from stale telemetry must not be given (the caller checks `TelemetrySnapshot.stale`).
+    """
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"calibration smoothing={smoothing}: must be in (0, 1]")
+        self.smoothing = smoothing
+        self._factors: dict[CalibrationKey, Calibration] = {}
+        self._samples: dict[CalibrationKey, int] = {}
+
+    @staticmethod
+    def _bounded_ratio(measured: float | None, modelled: float | None) -> float | None:
+        if measured is None or modelled is None or modelled <= 0 or measured < 0:
+            return None
+        low, high = CALIBRATION_BOUNDS
+        return min(max(measured / modelled, low), high)
+
+    def _smoothed(self, old: float, ratio: float | None) -> float:
+        return old if ratio is None else old + self.smoothing * (ratio - old)
+
+    def observe(self, sample: CalibrationSample) -> Calibration:
+        """Fold one sample in; returns the key's new correction."""
+        key = (sample.product, sample.workload_type)
+        old = self._factors.get(key, Calibration())
+        power = self._bounded_ratio(sample.measured_watts_per_gpu, sample.modelled_watts_per_gpu)
+        throughput = self._bounded_ratio(
+            sample.measured_tokens_per_second, sample.modelled_tokens_per_second
+        )
+        new = Calibration(
+            throughput_factor=self._smoothed(old.throughput_factor, throughput),
+            power_factor=self._smoothed(old.power_factor, power),
+        ).bounded()
+        self._factors[key] = new
+        self._samples[key] = self._samples.get(key, 0) + 1
+        return new
+
+    def corrections(self) -> dict[CalibrationKey, Calibration]:
+        """The current factors, for `CatalogueModel.calibrated` and for metrics."""
+        return dict(self._factors)
+
+    def sample_count(self, key: CalibrationKey) -> int:
+        return self._samples.get(key, 0)
+
+
+# A GPU drawing this close to its limit is held by the limit, not by its work: its draw says
+# nothing about the model's demand, so it is no power sample.
+_LIMIT_BOUND_FRACTION = 0.97
+
+
+def calibration_samples(
+    placements: Iterable[Placement],
+    *,
+    pods: Mapping[tuple[str, int], PodKey],
+    products: Mapping[str, str],
+    types: Mapping[str, WorkloadType],
+    demands: Mapping[str, float],
+    snapshot: TelemetrySnapshot,
+    corrections: Mapping[CalibrationKey, Calibration],
+) -> list[CalibrationSample]:
+    """One sample per placed single-node replica whose running pod a fresh reading measured.
+
+    pods: (workload key, replica) -> the replica's running pod; products: node -> normalised
+    product; types: workload key -> type; demands: Inference workload key -> the tokens/s its
+    spec declares; corrections: the factors the plan was made with (the modelled throughput is
+    divided by them to compare with the uncalibrated model).
+    Power is sampled only when neither the draw nor the model is held by the power limit. A replica
+    with locked SM clocks is compared with the model's locked draw (the unlocked busy draw times
+    the clock curve's draw fraction, as the optimizer planned it), so the correction stays one of
+    the unlocked model, and a clock curve that is off shows up in it for that (product, type).
+    Throughput (measured tokens/s, from the token query) is sampled where it shows capacity:
+    Training, FineTuning and BatchInference run flat out, always. An Inference replica serves its
+    share of the demand, not what it could, so only (a) when the workload is saturated (its
+    declared demand is at least the planned replicas' expected tokens/s: every replica runs at
+    capacity), or (b) when a replica serves more than the calibrated model says it can (a lower
+    bound on its capacity above the model). Otherwise low traffic would read as slow GPUs.
+    """
+    if snapshot.stale:
+        return []
+    placed = list(placements)
+    planned_tokens_per_second: dict[str, float] = {}
+    for placement in placed:
+        planned = planned_tokens_per_second.get(placement.workload, 0.0)
+        planned_tokens_per_second[placement.workload] = planned + placement.expected_throughput
+    base = CatalogueModel()
+    samples: list[CalibrationSample] = []
+    for placement in placed:
+        if placement.nodes_per_replica > 1:
+            continue  # a replica spanning nodes: its pods share its work (no per-pod sample)
+        pod = pods.get((placement.workload, placement.replica))
+        product = products.get(placement.node)
+        workload_type = types.get(placement.workload)
+        measured = snapshot.pod_watts.get(pod) if pod else None
+        if pod is None or product is None or workload_type is None or measured is None:
+            continue
+        limit = placement.power_limit_watts
+        modelled = base.expected_power_watts(product, workload_type, limit)
+        if placement.sm_clock_mhz is not None:
+            unlocked = base.expected_power_watts(
+                product, workload_type, product_spec(product).max_watts.value
+            )
+            _, draw_fraction = sm_clock_effect(product, workload_type, placement.sm_clock_mhz)
+            modelled = max(base.idle_power_watts(product), unlocked * draw_fraction)
+        per_gpu = measured.value / max(placement.gpus, 1)
+        bound = _LIMIT_BOUND_FRACTION * limit
+        power_sampled = per_gpu < bound and modelled < bound
+        tokens = snapshot.pod_tokens_per_second.get(pod)
+        if tokens is not None and not workload_type.is_gang:
+            demand = demands.get(placement.workload)
+            saturated = (
+                demand is not None and demand >= planned_tokens_per_second[placement.workload]
+            )
+            if not saturated and tokens <= placement.expected_throughput:
+                tokens = None
+        factor = corrections.get((product, workload_type), Calibration()).throughput_factor
+        if not power_sampled and tokens is None:
+            continue
+        samples.append(
+            CalibrationSample(
+                product=product,
+                workload_type=workload_type,
+                modelled_watts_per_gpu=modelled if power_sampled else None,
+                measured_watts_per_gpu=per_gpu if power_sampled else None,
+                modelled_tokens_per_second=placement.expected_throughput / factor
+                if tokens is not None
+                else None,
+                measured_tokens_per_second=tokens,
+            )
+        )
+    return samples

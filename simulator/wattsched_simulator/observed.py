@@ -1,0 +1,373 @@
+"""The simulated cluster as the operator observes it, and the operator's answer as a `Decision`.
+
+For: running the operator's own pure pieces (`snapshot`, `demand`, `progress`, the calibrator,
+`desired`) on the simulator. One way, the simulator's state becomes the Kubernetes-shaped bodies
+the operator reads from its cache: GPU Nodes (the labels GPU Feature Discovery writes, allocatable
+`nvidia.com/gpu`, Ready), one LLMWorkload per service and arrived job (`spec.slo`, the deadline as
+a time, `status.progress` as the operator persisted it), EnergyBudgets (a hostname selector over
+the budget's nodes), the running replicas as the pods `desired.build_pod` writes (bound, Running,
+Ready once started up) and every node's NodePowerProfile confirmed by its agent. Telemetry becomes
+the operator's `TelemetrySnapshot`: per pod, tokens/s and watts over the last rate window of the
+samples the simulator made visible (late, as a scrape is). The other way, the pods the operator
+wants and the limits it plans (`transition.NodeLimits`) become the engine's `Decision`.
+
+Simulation time 0 is `EPOCH`. Pure: no Kubernetes client; bodies are plain dicts.
+Not for: deciding anything (the operator's code does) or physics (`engine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from wattsched_api.meta import API_VERSION, format_time
+from wattsched_operator import desired
+from wattsched_operator.readings import Measurement, PodKey, Source, TelemetrySnapshot
+from wattsched_operator.transition import NodeLimits
+from wattsched_optimizer.problem import EnergyPolicy, Placement, WorkloadType
+
+from .cluster import GPU_RESOURCE, PRODUCT_LABEL, SimBudget, SimNode
+from .engine import Decision, ReplicaAssignment, RunningReplica
+from .telemetry import Sample
+from .workloads import JobSpec, ServiceSpec
+
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+# What a pod's container looks like in the simulated LLMWorkloads (nothing runs it).
+TEMPLATE: Mapping[str, Any] = {"spec": {"containers": [{"name": "model", "image": "simulated"}]}}
+# The metric named as each job's progress counter (the simulator's job_tokens_done series).
+PROGRESS_QUERY = "wattsched_simulated_job_tokens_done"
+# The operator's default rate window (`--telemetry-window-seconds`).
+RATE_WINDOW_SECONDS = 60.0
+
+
+def at(seconds: float) -> datetime:
+    """Simulation time as a wall-clock time."""
+    return EPOCH + timedelta(seconds=seconds)
+
+
+def split_key(key: str) -> tuple[str, str]:
+    namespace, _, name = key.partition("/")
+    return namespace, name
+
+
+def uid(key: str) -> str:
+    return f"sim-{key.replace('/', '-')}"
+
+
+# -- the simulator's state as Kubernetes objects ---------------------------------------------------
+
+
+def node_body(node: SimNode) -> dict[str, Any]:
+    """A Ready GPU Node with its labels (from the node file: GFD's product, memory...), the
+    hostname and product labels, and its GPUs allocatable."""
+    labels = {
+        **node.labels,
+        desired.HOSTNAME_LABEL: node.name,
+        PRODUCT_LABEL: node.product_label,
+        "nvidia.com/gpu.count": str(node.gpu_count),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name, "labels": labels},
+        "status": {
+            "allocatable": {GPU_RESOURCE: str(node.gpu_count)},
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+def budget_body(budget: SimBudget) -> dict[str, Any]:
+    """The budget over exactly its nodes (a hostname selector)."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "EnergyBudget",
+        "metadata": {"name": budget.name, "uid": uid(budget.name)},
+        "spec": {
+            "powerCapWatts": budget.power_cap_watts,
+            "pue": budget.pue,
+            "nodeSelector": {
+                "matchExpressions": [
+                    {
+                        "key": desired.HOSTNAME_LABEL,
+                        "operator": "In",
+                        "values": sorted(budget.node_names),
+                    }
+                ]
+            },
+        },
+    }
+
+
+def _variants(spec: ServiceSpec | JobSpec) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": v.name,
+            "precision": v.precision.value,
+            "minMemoryGiB": round(v.min_memory_gib, 3),
+            "relativeThroughput": v.relative_throughput,
+            "quality": v.quality,
+        }
+        for v in spec.variants
+    ]
+
+
+def _model(spec: ServiceSpec | JobSpec) -> dict[str, Any]:
+    size = spec.model_parameters_billions
+    return {"name": f"simulated-{size:g}b", "parametersBillions": size}
+
+
+def _workload(key: str, spec: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    namespace, name = split_key(key)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "LLMWorkload",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid(key)},
+        "spec": {**spec, "template": TEMPLATE},
+        "status": status,
+    }
+
+
+def service_body(
+    service: ServiceSpec, policy: EnergyPolicy, tokens_per_second: float
+) -> dict[str, Any]:
+    """An Inference LLMWorkload declaring `tokens_per_second` (what it is sized for until the
+    operator has readings of its own)."""
+    return _workload(
+        service.key,
+        {
+            "type": WorkloadType.INFERENCE.value,
+            "model": _model(service),
+            "gpu": {"count": service.gpus_per_replica},
+            "variants": _variants(service),
+            "minReplicas": service.min_replicas,
+            "maxReplicas": service.max_replicas,
+            "minQuality": service.min_quality,
+            "priority": service.priority,
+            "slo": {"tokensPerSecond": round(max(tokens_per_second, 1.0), 3)},
+            "energy": {"policy": policy.value},
+        },
+        {"phase": "Running"},
+    )
+
+
+def job_body(
+    job: JobSpec, policy: EnergyPolicy, progress: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A Training/FineTuning/BatchInference LLMWorkload: its total in tokens, its deadline as a
+    time, its progress counter named, and `status.progress` as the operator last wrote it."""
+    slo: dict[str, Any] = {"totalWork": {"tokens": job.work_tokens}}
+    if job.deadline_seconds is not None:
+        slo["deadline"] = format_time(at(job.deadline_seconds))
+    status: dict[str, Any] = {"phase": "Pending"}
+    if progress:
+        status["progress"] = dict(progress)
+    return _workload(
+        job.key,
+        {
+            "type": job.type.value,
+            "model": _model(job),
+            "gpu": {"count": job.gpus_per_replica, "nodesPerReplica": job.nodes_per_replica},
+            "variants": _variants(job),
+            "replicas": job.replicas,
+            "priority": job.priority,
+            "preemptible": job.preemptible,
+            "slo": slo,
+            "progress": {"prometheusQuery": f"{PROGRESS_QUERY}{{workload={job.key!r}}}"},
+            "energy": {"policy": policy.value},
+        },
+        status,
+    )
+
+
+def workload_object(body: Mapping[str, Any]) -> desired.WorkloadObject:
+    """What `desired.build_pod` needs from an LLMWorkload body written by this module."""
+    metadata, spec = body["metadata"], body["spec"]
+    return desired.WorkloadObject(
+        namespace=metadata["namespace"],
+        name=metadata["name"],
+        uid=metadata["uid"],
+        type=WorkloadType(spec["type"]),
+        template=spec["template"],
+        precisions={v["name"]: v["precision"] for v in spec.get("variants") or []},
+    )
+
+
+def pod_body(
+    workload: desired.WorkloadObject,
+    replica: RunningReplica,
+    index: int,
+    *,
+    now_seconds: float,
+    startup_seconds: float,
+) -> dict[str, Any]:
+    """A running replica as the pod the operator created for it: bound to its node, Running
+    since it was created, Ready once its start-up is over."""
+    pod = desired.build_pod(
+        workload,
+        Placement(
+            workload=workload.key,
+            replica=index,
+            node=replica.node,
+            gpus=replica.gpus,
+            variant=replica.variant,
+            power_limit_watts=replica.power_limit_watts,
+            expected_watts_per_gpu=0.0,
+            expected_throughput=0.0,
+            sm_clock_mhz=replica.sm_clock_mhz,
+        ),
+    )
+    pod["spec"]["nodeName"] = replica.node
+    ready = replica.ready_at_seconds <= now_seconds
+    started = min(replica.ready_at_seconds - startup_seconds, now_seconds)
+    pod["status"] = {
+        "phase": "Running",
+        "startTime": format_time(at(started)),
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
+    return pod
+
+
+def profile_body(node: str, limits: NodeLimits | None, now: datetime) -> dict[str, Any]:
+    """The node's NodePowerProfile at `limits` (None: none written yet), as `desired` writes it,
+    confirmed by its agent with a heartbeat at `now` (the simulated agents apply at once)."""
+    body = desired.node_power_profile(node, limits or NodeLimits(idle_watts=None))
+    body["metadata"]["generation"] = 1
+    body["status"] = {
+        "observedGeneration": 1,
+        "agent": {"ready": True, "heartbeatTime": format_time(now)},
+    }
+    return body
+
+
+# -- telemetry as the operator reads it ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodReplica:
+    """A running replica's pod and the workload it serves."""
+
+    pod: PodKey
+    workload: str
+    gpus: int
+    ready_at_seconds: float
+
+
+def telemetry_reading(
+    visible: Sequence[Sample],
+    pods: Iterable[PodReplica],
+    *,
+    scrape_interval_seconds: float,
+    rate_window_seconds: float = RATE_WINDOW_SECONDS,
+    draining: Mapping[str, int] | None = None,
+) -> TelemetrySnapshot | None:
+    """What the operator's Prometheus queries return from the visible samples (None before the
+    first): per pod, tokens/s and watts averaged over the newest `rate_window_seconds`.
+
+    A service's served tokens/s (vLLM's generation counter) and a job's progress rate are split
+    evenly over the workload's Ready pods and its `draining` replicas (removed, still serving
+    during a hand-over; not among `pods`); a pod still starting (its server not up) has no
+    reading, so the operator does not record the service's demand while one starts; the workload's
+    draw per GPU (DCGM) times each pod's GPUs, for pods Ready through the whole window.
+    """
+    if not visible:
+        return None
+    newest = visible[-1].window_end_seconds
+    window = [s for s in visible if s.window_end_seconds > newest - rate_window_seconds + 1e-9]
+    start = window[0].window_end_seconds - scrape_interval_seconds
+    by_workload: dict[str, list[PodReplica]] = {}
+    for pod in pods:
+        by_workload.setdefault(pod.workload, []).append(pod)
+    pod_tokens: dict[PodKey, float] = {}
+    pod_watts: dict[PodKey, Measurement] = {}
+    for key, replicas in by_workload.items():
+        ready = [r for r in replicas if r.ready_at_seconds <= newest + 1e-9]
+        tokens = _tokens_per_second(key, window, visible)
+        watts = [s.workload_watts_per_gpu[key] for s in window if key in s.workload_watts_per_gpu]
+        serving = len(ready) + (draining or {}).get(key, 0)
+        for replica in replicas:
+            if tokens is not None and replica in ready:
+                pod_tokens[replica.pod] = tokens / serving
+            if watts and replica.ready_at_seconds <= start + 1e-9:
+                pod_watts[replica.pod] = Measurement(
+                    sum(watts) / len(watts) * replica.gpus, "DCGM_FI_DEV_POWER_USAGE"
+                )
+    return TelemetrySnapshot(
+        time=at(newest),
+        source=Source.MEASURED,
+        stale=False,
+        reason="",
+        pod_watts=pod_watts,
+        pod_tokens_per_second=pod_tokens,
+    )
+
+
+def _tokens_per_second(
+    key: str, window: Sequence[Sample], visible: Sequence[Sample]
+) -> float | None:
+    served = [s.served_tokens_per_second[key] for s in window if key in s.served_tokens_per_second]
+    if served:
+        return sum(served) / len(served)
+    done = [s for s in visible if key in s.job_tokens_done]
+    if len(done) < 2:
+        return None
+    first = next((s for s in done if s.window_end_seconds >= window[0].window_end_seconds), done[0])
+    last = done[-1]
+    if first is last:
+        first = done[-2]
+    span = last.window_end_seconds - first.window_end_seconds
+    if span <= 0:
+        return None
+    return max(0.0, last.job_tokens_done[key] - first.job_tokens_done[key]) / span
+
+
+def progress_counter(visible: Sequence[Sample], key: str) -> float | None:
+    """The job's progress counter (tokens done) as Prometheus last scraped it; None before."""
+    for sample in reversed(visible):
+        if key in sample.job_tokens_done:
+            return sample.job_tokens_done[key]
+    return None
+
+
+# -- the operator's answer as the engine's decision ------------------------------------------------
+
+
+def decision_from_pods(
+    pods: Iterable[Mapping[str, Any]],
+    limits: Mapping[str, NodeLimits],
+    *,
+    plan_seconds: float,
+    status: str,
+) -> Decision:
+    """The engine's desired state from the pods the operator wants (built by `desired.build_pod`)
+    and the NodePowerProfile limits it plans: each pod is a replica on its nodeSelector's node at
+    its profile's limit (its annotation where the profile has none) and locked clock."""
+    replicas = []
+    for pod in pods:
+        metadata, spec = pod["metadata"], pod["spec"]
+        node = spec.get("nodeName") or spec["nodeSelector"][desired.HOSTNAME_LABEL]
+        key = (metadata["namespace"], metadata["name"])
+        node_limits = limits.get(node)
+        watts = None if node_limits is None else node_limits.pods.get(key)
+        if watts is None:
+            watts = float(metadata["annotations"][desired.ANNOTATION_POWER_LIMIT])
+        clock = None if node_limits is None else node_limits.clocks.get(key)
+        gpus = int(spec["containers"][0]["resources"]["limits"][GPU_RESOURCE])
+        replicas.append(
+            ReplicaAssignment(
+                workload=f"{metadata['namespace']}/{metadata['labels'][desired.LABEL_WORKLOAD]}",
+                node=node,
+                gpus=gpus,
+                variant=metadata["annotations"][desired.ANNOTATION_VARIANT],
+                power_limit_watts=watts,
+                sm_clock_mhz=None if clock is None else clock[0],
+            )
+        )
+    idle = {
+        node: node_limits.idle_watts
+        for node, node_limits in limits.items()
+        if node_limits.idle_watts is not None
+    }
+    return Decision(tuple(replicas), idle, plan_seconds, status)

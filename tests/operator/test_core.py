@@ -1,0 +1,356 @@
+"""The decision core (`core.decide` and its companions): a round's decisions as data, from plain
+bodies, a wall-clock `now` and a monotonic reading passed in, with no API server, clock or
+telemetry client. What the shell applies is in the Round; what the next round needs is in its
+memory, and the input memory is never changed."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from wattsched_operator import core, desired, statuses
+from wattsched_operator.readings import EnergyReading, Measurement, Source, TelemetrySnapshot
+from wattsched_optimizer.model import PerformanceModel
+from wattsched_optimizer.planner import plan
+from wattsched_optimizer.problem import Placement, Plan, PlanInput
+
+NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+HEARTBEAT = "2026-12-05T11:59:55Z"
+
+
+def node(name: str, gpus: int = 4) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "uid": f"uid-{name}",
+            "labels": {"nvidia.com/gpu.product": "NVIDIA-L40S"},
+        },
+        "status": {
+            "allocatable": {"nvidia.com/gpu": str(gpus)},
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+def profile(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "NodePowerProfile",
+        "metadata": {"name": name, "generation": 1},
+        "spec": {"nodeName": name},
+        "status": {
+            "observedGeneration": 1,
+            "agent": {"ready": True, "heartbeatTime": HEARTBEAT, "backend": "simulated"},
+        },
+    }
+
+
+def service(name: str = "chat", status: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "LLMWorkload",
+        "metadata": {"name": name, "namespace": "team", "uid": f"uid-{name}", "generation": 1},
+        "spec": {
+            "type": "Inference",
+            "model": {"name": "m", "parametersBillions": 8},
+            "gpu": {"count": 1},
+            "slo": {"tokensPerSecond": 100},
+            "template": {"spec": {"containers": [{"name": "main", "image": "x"}]}},
+        },
+    }
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def replica_pod(
+    workload: str, node_name: str, *, phase: str = "Running", annotations: dict[str, str] | None
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{workload}-0",
+            "namespace": "team",
+            "labels": {"wattsched.io/workload": workload, "wattsched.io/replica": "0"},
+            "annotations": {
+                "wattsched.io/variant": "bf16",
+                "wattsched.io/power-limit-watts": "300",
+                desired.ANNOTATION_NODE: node_name,
+                **(annotations or {}),
+            },
+        },
+        "spec": {"nodeName": node_name, "containers": [{"name": "main", "image": "x"}]},
+        "status": {"phase": phase, "startTime": "2026-12-05T11:00:00Z"},
+    }
+
+
+def view(
+    nodes: list[dict[str, Any]], workloads: list[dict[str, Any]], pods: list[dict[str, Any]]
+) -> core.ClusterView:
+    return core.ClusterView(
+        workloads={f"team/{w['metadata']['name']}": w for w in workloads},
+        budgets={},
+        nodes={n["metadata"]["name"]: n for n in nodes},
+        profiles={n["metadata"]["name"]: profile(n["metadata"]["name"]) for n in nodes},
+        pods={f"team/{p['metadata']['name']}": p for p in pods},
+    )
+
+
+def test_a_new_service_gets_a_pod_a_limit_and_a_placed_status_as_data() -> None:
+    observed = core.Observed(view([node("l40s-0")], [service()], []), monotonic=100.0)
+    round_ = core.decide(observed, NOW)
+
+    assert [p["metadata"]["name"] for p in round_.create] == ["chat-0"]
+    assert round_.evict == ()
+    # The new pod's limit is set before the pod exists (raised after creation).
+    assert ("team", "chat-0") in round_.raise_["l40s-0"].pods
+    [status] = round_.workload_statuses
+    assert status.phase == statuses.PLACED
+    assert status.write is not None
+    assert [e.reason for e in status.write.events] == ["Admitted", "Placed"]
+    assert round_.memory.last_round is not None
+    assert round_.memory.ready_agents == frozenset({"l40s-0"})
+    # The input memory is as it was: each round returns a new one.
+    assert observed.memory.last_round is None
+
+
+def test_services_are_sized_for_the_forecast_from_the_memorys_history() -> None:
+    memory = core.Memory()
+    memory.demand.record("team/chat", 90.0, 5000.0)
+    seen: list[PlanInput] = []
+
+    def recording_plan(plan_input: PlanInput, model: PerformanceModel) -> Plan:
+        seen.append(plan_input)
+        return plan(plan_input, model)
+
+    observed = core.Observed(
+        view([node("l40s-0")], [service()], []), memory=memory, monotonic=100.0
+    )
+    core.decide(observed, NOW, plan_function=recording_plan)
+    # The highest reading of the window with 20% headroom, not the declared 100 tokens/s.
+    assert [w.tokens_per_second for w in seen[0].workloads] == [6000.0]
+    # Outside the window (monotonic time is the caller's), the declared demand stands.
+    core.decide(dataclasses.replace(observed, monotonic=1000.0), NOW, plan_function=recording_plan)
+    assert [w.tokens_per_second for w in seen[1].workloads] == [100.0]
+
+
+def test_a_fresh_reading_is_learned_into_the_next_memory_not_the_input() -> None:
+    running = service(status={"phase": "Running"})
+    pod = replica_pod("chat", "l40s-0", annotations=None)
+    reading = TelemetrySnapshot(
+        NOW, Source.MEASURED, False, "", pod_tokens_per_second={("team", "chat-0"): 4000.0}
+    )
+    observed = core.Observed(
+        view([node("l40s-0")], [running], [pod]),
+        monotonic=100.0,
+        telemetry=core.Readings(snapshot=reading, rate_window_seconds=60.0),
+    )
+    round_ = core.decide(observed, NOW)
+    assert round_.memory.demand.demand("team/chat", 100.0, None) == 4800.0
+    assert observed.memory.demand.demand("team/chat", 100.0, None) is None
+    # The running replica keeps its pod.
+    assert round_.evict == ()
+    assert round_.create == ()
+
+
+def test_a_failed_replica_is_counted_once_then_deleted_when_its_backoff_is_over() -> None:
+    running = service(status={"phase": "Running"})
+    failed = replica_pod("chat", "l40s-0", phase="Failed", annotations=None)
+    observed = core.Observed(view([node("l40s-0")], [running], [failed]), monotonic=100.0)
+    round_ = core.decide(observed, NOW)
+
+    workload_patch, pod_patch = round_.patches
+    assert workload_patch.object.kind == "LLMWorkload"
+    assert workload_patch.patch["metadata"]["annotations"] == {
+        core.ANNOTATION_FAILURES: "1",
+        core.ANNOTATION_RETRY_AFTER: "2026-12-05T12:00:10Z",
+    }
+    assert (pod_patch.object.kind, pod_patch.object.name) == ("Pod", "chat-0")
+    assert [e.reason for e in round_.events] == ["ReplicaFailed"]
+    # Retried after the first backoff (10 s): the round wakes then; the pod stays until then.
+    assert round_.wake_at == 110.0
+    assert round_.delete == ()
+    assert round_.create == ()
+
+    counted = service(status={"phase": "Running"})
+    counted["metadata"]["annotations"] = dict(workload_patch.patch["metadata"]["annotations"])
+    marked = replica_pod(
+        "chat", "l40s-0", phase="Failed", annotations={core.ANNOTATION_FAILURE_COUNTED: "true"}
+    )
+    later = core.Observed(view([node("l40s-0")], [counted], [marked]), monotonic=111.0)
+    retried = core.decide(later, NOW + timedelta(seconds=11))
+    assert retried.patches == ()
+    assert retried.delete == (core.Deletion("team", "chat-0"),)
+
+
+def test_a_refused_pod_is_reported_and_retried_only_after_its_backoff() -> None:
+    observed = core.Observed(view([node("l40s-0")], [service()], []), monotonic=100.0)
+    first = core.decide(observed, NOW)
+    memory = core.after_apply(
+        first,
+        core.Applied(refused={"team/chat": "violates PodSecurity"}),
+        view=observed.view,
+        monotonic=100.0,
+        settings=observed.settings,
+    )
+    assert memory.pod_rejections["team/chat"].retry_at == 110.0
+
+    waiting = core.decide(dataclasses.replace(observed, memory=memory, monotonic=105.0), NOW)
+    assert waiting.create == ()
+    [rejected] = waiting.early_statuses
+    admitted = statuses.find_condition(rejected.status["conditions"], "Admitted")
+    assert admitted is not None
+    assert (admitted["status"], admitted["reason"]) == ("False", "PodRejected")
+    assert [e.reason for e in rejected.events] == ["PodRejected"]
+    assert waiting.wake_at == 110.0
+
+    due = core.decide(dataclasses.replace(observed, memory=memory, monotonic=110.0), NOW)
+    assert [p["metadata"]["name"] for p in due.create] == ["chat-0"]
+    # A second refusal of the same generation doubles the wait.
+    again = core.after_apply(
+        due,
+        core.Applied(refused={"team/chat": "violates PodSecurity"}),
+        view=observed.view,
+        monotonic=110.0,
+        settings=observed.settings,
+    )
+    assert again.pod_rejections["team/chat"].retry_at == 130.0
+
+
+def test_a_pod_on_a_node_that_is_gone_moves_and_the_move_is_reported_with_its_cause() -> None:
+    running = service(status={"phase": "Running"})
+    stranded = replica_pod("chat", "gone-node", annotations=None)
+    observed = core.Observed(view([node("l40s-0")], [running], [stranded]), monotonic=100.0)
+    round_ = core.decide(observed, NOW)
+
+    assert round_.evict == (core.Eviction("team", "chat-0", "team/chat", node_gone=True),)
+    # The replacement has the same name: it is created once the old pod is gone.
+    assert round_.create == ()
+    report = round_.disruptions.report([("team", "chat-0")])
+    assert report.moves == {"NodeLost": 1}
+    [moved] = report.events
+    assert (moved.reason, moved.object.name) == ("Moved", "chat")
+    assert "cause NodeLost" in moved.message
+    # A refused eviction (a PodDisruptionBudget) reports nothing.
+    assert core.Disruptions().report([]).events == ()
+    assert round_.disruptions.report([]).moves == {}
+
+
+def test_an_accounting_round_writes_statuses_against_the_last_plan_and_moves_nothing() -> None:
+    observed = core.Observed(view([node("l40s-0")], [service()], []), monotonic=100.0)
+    planned = core.decide(observed, NOW)
+    between = core.account(
+        dataclasses.replace(observed, memory=planned.memory, monotonic=160.0),
+        NOW + timedelta(seconds=60),
+    )
+    assert between.plan is None
+    assert (between.create, between.evict, dict(between.lower)) == ((), (), {})
+    assert [s.key for s in between.workload_statuses] == ["team/chat"]
+    assert core.account(observed, NOW).workload_statuses == ()  # no plan yet: nothing
+
+
+def test_a_failed_round_says_so_once_per_object_and_cause() -> None:
+    observed = core.Observed(view([node("l40s-0")], [service()], []))
+    failed = core.failed_round(observed, RuntimeError("solver crashed"), NOW)
+    [write] = failed.early_statuses
+    assert write.status["phase"] == statuses.PENDING
+    assert [e.reason for e in write.events] == [core.PLAN_FAILED]
+    again = core.failed_round(
+        dataclasses.replace(observed, memory=failed.memory), RuntimeError("solver crashed"), NOW
+    )
+    assert again.early_statuses == ()
+    assert core.succeeded(failed.memory).failure_reported == {}
+
+
+def test_calibration_learns_only_from_replicas_whose_limit_held_through_the_reading() -> None:
+    """A reading whose window saw an earlier limit says nothing about the current one: after a
+    limit change a replica is not sampled until two rate windows have passed (seen as a 4,000
+    tokens/s replica at 300 W measured at 200 W, the correction would be twice too high)."""
+    running = service(status={"phase": "Running"})
+    pod = replica_pod("chat", "l40s-0", annotations=None)
+    placement = Placement("team/chat", 0, "l40s-0", 1, "bf16", 200.0, 190.0, 2000.0)
+    reading = TelemetrySnapshot(
+        NOW,
+        Source.MEASURED,
+        False,
+        "",
+        pod_watts={("team", "chat-0"): Measurement(280.0, "DCGM_FI_DEV_POWER_USAGE")},
+        pod_tokens_per_second={("team", "chat-0"): 4000.0},
+    )
+
+    def learned(applied_since: datetime) -> bool:
+        memory = core.Memory(
+            applied_placements=(placement,),
+            applied_since={("team/chat", 0): applied_since},
+        )
+        round_ = core.decide(
+            core.Observed(
+                view([node("l40s-0")], [running], [pod]),
+                memory=memory,
+                monotonic=100.0,
+                telemetry=core.Readings(snapshot=reading, rate_window_seconds=60.0),
+            ),
+            NOW,
+        )
+        return round_.metrics.corrections is not None
+
+    assert learned(NOW - timedelta(minutes=10))
+    assert not learned(NOW - timedelta(seconds=90))
+
+
+def test_a_replica_keeps_its_applied_since_while_its_placement_stays_the_same() -> None:
+    running = service(status={"phase": "Running"})
+    pod = replica_pod("chat", "l40s-0", annotations=None)
+    observed = core.Observed(view([node("l40s-0")], [running], [pod]), monotonic=0.0)
+    first = core.decide(observed, NOW)
+    [key] = first.memory.applied_since
+    assert first.memory.applied_since[key] == NOW
+    later = NOW + timedelta(seconds=20)  # the agents' heartbeat (11:59:55) is still fresh
+    again = core.decide(dataclasses.replace(observed, memory=first.memory), later)
+    assert again.plan is not None
+    assert first.plan is not None
+    assert again.plan.placements == first.plan.placements
+    assert again.memory.applied_since[key] == NOW
+    moved = dataclasses.replace(
+        first.memory,
+        applied_placements=tuple(
+            dataclasses.replace(p, power_limit_watts=p.power_limit_watts + 25.0)
+            for p in first.memory.applied_placements
+        ),
+    )
+    changed = core.decide(dataclasses.replace(observed, memory=moved), later)
+    assert changed.memory.applied_since[key] == later
+
+
+def test_the_shell_is_told_what_to_read_and_the_readings_make_the_energy_measured() -> None:
+    accounted = {"energy": {"accountedUntil": "2026-12-05T11:58:00Z", "source": "measured"}}
+    running = service(status={"phase": "Running", **accounted})
+    pod = replica_pod("chat", "l40s-0", annotations=None)
+    observed = core.Observed(view([node("l40s-0")], [running], [pod]), monotonic=100.0)
+
+    requests = core.telemetry_requests(observed, NOW)
+    start = datetime(2026, 12, 5, 11, 58, tzinfo=UTC)
+    assert requests.nodes == ("l40s-0",)
+    assert requests.pods == (("team", "chat-0"),)
+    assert requests.end == NOW
+    assert dict(requests.energy) == {start: ((), (("team", "chat-0"),))}
+
+    joules = {("team", "chat-0"): Measurement(36_000.0, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")}
+    reading = EnergyReading(start, NOW, Source.MEASURED, False, "", pod_joules=joules)
+    snapshot = TelemetrySnapshot(NOW, Source.MEASURED, False, "")
+    readings = core.Readings(snapshot=snapshot, energy={start: reading}, rate_window_seconds=60.0)
+    round_ = core.decide(dataclasses.replace(observed, telemetry=readings), NOW)
+    [count] = round_.metrics.workload_energy
+    assert (count.name, count.joules, count.source) == ("team/chat", 36_000.0, "measured")
+    [status] = round_.workload_statuses
+    assert status.write is not None
+    assert status.write.status["energy"]["accountedUntil"] == "2026-12-05T12:00:00Z"
+    # Without the reading (Prometheus did not answer in time) the same increment is modelled.
+    modelled = core.decide(
+        dataclasses.replace(observed, telemetry=core.Readings(snapshot=snapshot)), NOW
+    )
+    assert [c.source for c in modelled.metrics.workload_energy] == ["modelled"]
