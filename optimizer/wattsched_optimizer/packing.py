@@ -4,7 +4,9 @@ For: `ClusterState`, the free GPUs of every node and the headroom of every budge
 placement of whole replicas on single nodes (`place`, `try_place`), removal, and the priority
 repair (`place_with_eviction`): a workload the solver (or packing) left out is placed by evicting
 strictly lower-priority work when that makes it fit, except running work that is not preemptible
-(`PlanData.protected`), which is never evicted. Every placement re-checks every hard
+(`PlanData.protected`), which is never evicted; and serving a service in part
+(`place_in_part`): as much of its demand as fits once such lower-priority work is out of the way.
+Every placement re-checks every hard
 constraint, so what leaves here is feasible whatever the solver returned. Not for: choosing
 options (`options`) or solving (`formulation`).
 
@@ -428,21 +430,8 @@ class ClusterState:
         """
         if not self.could_fit_without_lower(workload_class, workload.priority):
             return None
-        pools = {p for ps in workload_class.option_pools for p in ps}
-        budgets = frozenset().union(*(self.data.pools[p].budgets for p in pools))
-        candidates = [
-            a
-            for a in self.placed.values()
-            if a.workload.priority < workload.priority
-            and self.evictable(a)
-            and any(
-                self.pool_of_node[n].index in pools or self.pool_of_node[n].budgets & budgets
-                for n in a.nodes
-            )
-        ]
-        candidates.sort(key=lambda a: (a.workload.priority, -a.option.gpus, a.workload.key))
         evicted: list[Assignment] = []
-        for candidate in candidates:
+        for candidate in self._eviction_candidates(workload_class, workload.priority):
             evicted.append(self.remove(candidate.workload.key))
             assignment = self.try_place(workload_class, workload, prefer)
             if assignment is not None:
@@ -450,6 +439,65 @@ class ClusterState:
         for assignment in reversed(evicted):
             self.restore(assignment)
         return None
+
+    def _eviction_candidates(
+        self, workload_class: WorkloadClass, priority: int
+    ) -> list[Assignment]:
+        """Placed work the repair may evict for a workload of `priority` in `workload_class`:
+        strictly lower priority, evictable, on the class's pools or budgets; the lowest priority
+        and the most GPUs first."""
+        pools = {p for ps in workload_class.option_pools for p in ps}
+        budgets = frozenset().union(*(self.data.pools[p].budgets for p in pools))
+        candidates = [
+            a
+            for a in self.placed.values()
+            if a.workload.priority < priority
+            and self.evictable(a)
+            and any(
+                self.pool_of_node[n].index in pools or self.pool_of_node[n].budgets & budgets
+                for n in a.nodes
+            )
+        ]
+        candidates.sort(key=lambda a: (a.workload.priority, -a.option.gpus, a.workload.key))
+        return candidates
+
+    def place_in_part(
+        self, workload_class: WorkloadClass, workload: Workload, prefer: Sequence[str] = ()
+    ) -> tuple[Assignment, list[Assignment]] | None:
+        """Place a service that cannot be served whole with its partial options (`workload_class`
+        holds only those): the most of its demand that fits once every strictly lower-priority
+        evictable workload is out of the way, evicting only as much of that work as it takes.
+
+        So lower-priority work keeps only GPUs and watts the service could not use. Returns the
+        assignment and the evicted assignments, or None with the state unchanged.
+        """
+        evicted = [
+            self.remove(a.workload.key)
+            for a in self._eviction_candidates(workload_class, workload.priority)
+        ]
+        best = self.try_place(workload_class, workload, prefer)
+        if best is not None:
+            self.remove(workload.key)
+        for assignment in reversed(evicted):
+            self.restore(assignment)
+        if best is None:
+            return None
+        # Options serving at least as much as the best that fits; fewer evictions may do.
+        keep = [
+            o
+            for o, option in enumerate(workload_class.options)
+            if option.shortfall_steps <= best.option.shortfall_steps
+        ]
+        narrowed = WorkloadClass(
+            index=workload_class.index,
+            members=workload_class.members,
+            options=tuple(workload_class.options[o] for o in keep),
+            option_pools=tuple(workload_class.option_pools[o] for o in keep),
+        )
+        fits_now = self.try_place(narrowed, workload, prefer)
+        if fits_now is not None:
+            return fits_now, []
+        return self.place_with_eviction(narrowed, workload, prefer)
 
     # -- explaining --------------------------------------------------------------------------
 
