@@ -461,6 +461,27 @@ class ClusterState:
         candidates.sort(key=lambda a: (a.workload.priority, -a.option.gpus, a.workload.key))
         return candidates
 
+    def room_for_a_replica(self, gpus_per_replica: int, priority: int) -> bool:
+        """A necessary condition for placing one replica of `gpus_per_replica` GPUs: some
+        pool has a node with that many free, or that many free and held by evictable work of a
+        priority below `priority` together."""
+        for pool in self.data.pools:
+            if pool.gpus_per_node < gpus_per_replica:
+                continue
+            if any(
+                self.nodes_with_free[(pool.index, free)] > 0
+                for free in range(gpus_per_replica, pool.gpus_per_node + 1)
+            ):
+                return True
+            lower = sum(
+                gpus
+                for prio, gpus in self.pool_gpus_by_priority[pool.index].items()
+                if prio < priority
+            )
+            if lower and lower + self.pool_free_gpus[pool.index] >= gpus_per_replica:
+                return True
+        return False
+
     def place_in_part(
         self, workload_class: WorkloadClass, workload: Workload, prefer: Sequence[str] = ()
     ) -> tuple[Assignment, list[Assignment]] | None:
@@ -471,33 +492,52 @@ class ClusterState:
         So lower-priority work keeps only GPUs and watts the service could not use. Returns the
         assignment and the evicted assignments, or None with the state unchanged.
         """
+        fits_now = self.try_place(workload_class, workload, prefer)
+        most = min(option.shortfall_steps for option in workload_class.options)
+        if fits_now is not None and fits_now.option.shortfall_steps == most:
+            return fits_now, []
+
+        def as_it_was() -> tuple[Assignment, list[Assignment]] | None:
+            if fits_now is None:
+                return None
+            self.restore(fits_now)
+            return fits_now, []
+
+        if fits_now is not None:
+            self.remove(workload.key)
+        # Only options that serve more than what fits now, and that the aggregate test says
+        # evicting lower-priority work could make room for, are worth an eviction test.
+        steps_now = math.inf if fits_now is None else fits_now.option.shortfall_steps
+        better = [
+            o
+            for o, option in enumerate(workload_class.options)
+            if option.shortfall_steps < steps_now
+            and self.could_fit_without_lower(_only(workload_class, [o]), workload.priority)
+        ]
+        if not better:
+            return as_it_was()
         evicted = [
             self.remove(a.workload.key)
             for a in self._eviction_candidates(workload_class, workload.priority)
         ]
-        best = self.try_place(workload_class, workload, prefer)
+        best = self.try_place(_only(workload_class, better), workload, prefer)
         if best is not None:
             self.remove(workload.key)
         for assignment in reversed(evicted):
             self.restore(assignment)
         if best is None:
-            return None
+            return as_it_was()
         # Options serving at least as much as the best that fits; fewer evictions may do.
-        keep = [
-            o
-            for o, option in enumerate(workload_class.options)
-            if option.shortfall_steps <= best.option.shortfall_steps
-        ]
-        narrowed = WorkloadClass(
-            index=workload_class.index,
-            members=workload_class.members,
-            options=tuple(workload_class.options[o] for o in keep),
-            option_pools=tuple(workload_class.option_pools[o] for o in keep),
+        narrowed = _only(
+            workload_class,
+            [
+                o
+                for o, option in enumerate(workload_class.options)
+                if option.shortfall_steps <= best.option.shortfall_steps
+            ],
         )
-        fits_now = self.try_place(narrowed, workload, prefer)
-        if fits_now is not None:
-            return fits_now, []
-        return self.place_with_eviction(narrowed, workload, prefer)
+        placed = self.place_with_eviction(narrowed, workload, prefer)
+        return as_it_was() if placed is None else placed
 
     # -- explaining --------------------------------------------------------------------------
 
@@ -556,3 +596,13 @@ class ClusterState:
             f"{label}: enough GPUs and budget exist in total but not together on nodes and "
             "budgets that fit every replica; lower spec.gpu.count or add nodes",
         )
+
+
+def _only(workload_class: WorkloadClass, options: Sequence[int]) -> WorkloadClass:
+    """The class with only the options at these positions."""
+    return WorkloadClass(
+        index=workload_class.index,
+        members=workload_class.members,
+        options=tuple(workload_class.options[o] for o in options),
+        option_pools=tuple(workload_class.option_pools[o] for o in options),
+    )

@@ -704,7 +704,9 @@ def _fill_and_repair(
             why = partly.get(key) or unplaced[key]
         partial = (
             in_part(workload)
-            if _may_serve_in_part(workload, why.constraint) and not (wc and wc.pinned_nodes)
+            if _may_serve_in_part(workload, why.constraint)
+            and not (wc and wc.pinned_nodes)
+            and state.room_for_a_replica(workload.gpus_per_replica, workload.priority)
             else None
         )
         placed = None
