@@ -6,7 +6,7 @@
   the current backlog spread over one re-plan interval (the operator's forecast,
   `wattsched_operator.demand`), divided by the service's calibration
   factor (measured capacity / modelled capacity of its ready replicas, from served tokens/s over
-  utilisation, smoothed);
+  utilisation in windows that measured the replicas running now, smoothed);
 - job remaining work = spec work - tokens done at the last visible sample - modelled progress
   since (the operator's own arithmetic, `wattsched_operator.progress`), divided by the job's
   calibration factor (measured / modelled rate);
@@ -133,6 +133,11 @@ class PlannerPolicy:
     # Ablation: offer the planner only each workload's highest-quality variant.
     best_variant_only: bool = False
     _calibration: dict[str, float] = field(default_factory=dict)
+    # Per service: its replica set (node, GPUs, variant, effective limit, clock) at the last
+    # decision, and when that set last changed (a removed replica or a new limit changes the
+    # capacity a telemetry window measured, as much as a new replica does).
+    _replica_sets: dict[str, tuple[tuple[object, ...], ...]] = field(default_factory=dict)
+    _replicas_changed_at: dict[str, float] = field(default_factory=dict)
     _model: prior.PerformanceModel = field(default_factory=prior.CatalogueModel)
 
     # -- model ------------------------------------------------------------------------------
@@ -233,11 +238,25 @@ class PlannerPolicy:
         if target is None:
             return 0.0
         ready = [r for r in running if r.ready_at_seconds <= now]
+        replica_set = tuple(
+            sorted(
+                (r.node, r.gpus, r.variant, r.effective_limit_watts, r.sm_clock_mhz, r.draining)
+                for r in running
+            )
+        )
+        if self._replica_sets.get(service.key) != replica_set:
+            self._replica_sets[service.key] = replica_set
+            self._replicas_changed_at[service.key] = now
+        # Only windows that measured the replicas running now: after the last change of the set
+        # and after the last of them became ready.
+        since = max(
+            max((r.ready_at_seconds for r in running), default=now),
+            self._replicas_changed_at[service.key],
+        )
         settled = [
             s
             for s in samples
-            if s.window_end_seconds - scenario.telemetry.scrape_interval_seconds
-            >= max((r.ready_at_seconds for r in running), default=now)
+            if s.window_end_seconds - scenario.telemetry.scrape_interval_seconds >= since
         ]
         if ready and len(ready) == len(running) and settled:
             utilisation = sum(s.utilisation.get(service.key, 0.0) for s in settled) / len(settled)

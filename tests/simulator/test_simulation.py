@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wattsched_optimizer.problem import WorkloadType
+from wattsched_optimizer.problem import EnergyPolicy, WorkloadType
 from wattsched_simulator.baselines import Packing, choose_node
 from wattsched_simulator.carbon import CarbonIntensity
 from wattsched_simulator.cli import PolicySettings, make_policy
@@ -563,3 +563,34 @@ def test_telemetry_is_sampled_every_scrape_interval_and_seen_late() -> None:
     assert [s.window_end_seconds for s in after_start] == [15.0, 30.0, 45.0, 60.0]
     assert after_start[0].demand_tokens_per_second["azure/chat"] == pytest.approx(60.0, rel=0.1)
     assert after_start[0].utilisation["azure/chat"] == pytest.approx(0.6, rel=0.1)
+
+
+def test_a_scale_down_leaves_a_services_calibration_where_it_was() -> None:
+    """Telemetry windows from before a service lost replicas measured the larger set's capacity;
+    compared with the replicas left, they read as faster GPUs. The factor must not move: the
+    truth did not change (it used to jump from 0.59 to 1.06 here, so the next target was sized
+    ~45% too low)."""
+    demand = np.concatenate([np.full(900, 6000.0), np.full(900, 1500.0)])
+    sc = scenario(
+        nodes=[h100_node("h0")],
+        duration_seconds=1800,
+        services=[service("x", demand)],
+        latency_target_seconds=5.0,
+    )
+    policy = PlannerPolicy("wattsched", energy_policy=EnergyPolicy.PERFORMANCE)
+    seen: list[tuple[int, float]] = []
+    decide = policy.decide
+
+    def recording(view: View) -> Decision:
+        decision = decide(view)
+        replicas = sum(1 for r in view.replicas if r.workload == "azure/x")
+        seen.append((replicas, policy._calibration.get("azure/x", 1.0)))
+        return decision
+
+    policy.decide = recording  # type: ignore[method-assign]
+    simulate(sc, flat_truth(3000.0), policy)
+    most = max(replicas for replicas, _ in seen)
+    after = [i for i, (replicas, _) in enumerate(seen) if 0 < replicas < most and i > 2]
+    assert after, seen  # the service did scale down
+    before = seen[after[0] - 1][1]
+    assert max(factor for _, factor in seen[after[0] :]) <= before * 1.05, seen
