@@ -282,8 +282,8 @@ def running_non_preemptible(plan_input: PlanInput) -> frozenset[str]:
 
 
 def slowest_replica(nodes: Iterable[GpuNode], workload: Workload) -> float:
-    """Tokens/s of the workload's slowest unclocked replica on these nodes (lowest power level,
-    slowest variant): at least the optimizer's step, which counts clocked replicas too."""
+    """Tokens/s of the workload's slowest unclocked replica on the nodes and variants it may use
+    (lowest power level): at least the optimizer's step, which counts clocked replicas too."""
     rates = [
         MODEL.throughput_tokens_per_second(
             node.product,
@@ -294,7 +294,10 @@ def slowest_replica(nodes: Iterable[GpuNode], workload: Workload) -> float:
             product_spec(node.product).min_watts.value,
         )
         for node in nodes
+        if not workload.allowed_products or node.product in workload.allowed_products
         for variant in workload.variants
+        if variant.quality >= workload.min_quality
+        and variant.min_memory_gib <= product_spec(node.product).memory_gib.value
     ]
     return min(rates, default=0.0)
 
