@@ -393,7 +393,7 @@ class ClusterState:
 
     # -- priority repair ---------------------------------------------------------------------
 
-    def could_fit_without_lower(self, workload_class: WorkloadClass, priority: int) -> bool:
+    def could_fit_without_lower(self, workload_class: WorkloadClass, priority: float) -> bool:
         """A necessary condition (aggregate GPUs and unavoidable budgets) for eviction to help.
 
         Only evictable work of a priority below `priority` counts as removable.
@@ -421,17 +421,23 @@ class ClusterState:
         return False
 
     def place_with_eviction(
-        self, workload_class: WorkloadClass, workload: Workload, prefer: Sequence[str] = ()
+        self,
+        workload_class: WorkloadClass,
+        workload: Workload,
+        prefer: Sequence[str] = (),
+        *,
+        above: float | None = None,
     ) -> tuple[Assignment, list[Assignment]] | None:
         """Place the workload by evicting strictly lower-priority work, if that makes it fit.
 
         Running work that is not preemptible is never evicted: the workload waits instead.
         Returns the assignment and the evicted assignments, or None with the state unchanged.
         """
-        if not self.could_fit_without_lower(workload_class, workload.priority):
+        priority = workload.priority if above is None else above
+        if not self.could_fit_without_lower(workload_class, priority):
             return None
         evicted: list[Assignment] = []
-        for candidate in self._eviction_candidates(workload_class, workload.priority):
+        for candidate in self._eviction_candidates(workload_class, priority):
             evicted.append(self.remove(candidate.workload.key))
             assignment = self.try_place(workload_class, workload, prefer)
             if assignment is not None:
@@ -441,7 +447,7 @@ class ClusterState:
         return None
 
     def _eviction_candidates(
-        self, workload_class: WorkloadClass, priority: int
+        self, workload_class: WorkloadClass, priority: float
     ) -> list[Assignment]:
         """Placed work the repair may evict for a workload of `priority` in `workload_class`:
         strictly lower priority, evictable, on the class's pools or budgets; the lowest priority
@@ -461,7 +467,12 @@ class ClusterState:
         candidates.sort(key=lambda a: (a.workload.priority, -a.option.gpus, a.workload.key))
         return candidates
 
-    def room_for_a_replica(self, gpus_per_replica: int, priority: int) -> bool:
+    def eviction_priority(self, workload: Workload) -> float:
+        """Evictable work below this priority may make room for `workload` served in part: its
+        own priority, or any for running non-preemptible work."""
+        return math.inf if workload.key in self.data.protected else workload.priority
+
+    def room_for_a_replica(self, gpus_per_replica: int, priority: float) -> bool:
         """A necessary condition for placing one replica of `gpus_per_replica` GPUs: some
         pool has a node with that many free, or that many free and held by evictable work of a
         priority below `priority` together."""
@@ -489,9 +500,12 @@ class ClusterState:
         holds only those): the most of its demand that fits once every strictly lower-priority
         evictable workload is out of the way, evicting only as much of that work as it takes.
 
-        So lower-priority work keeps only GPUs and watts the service could not use. Returns the
-        assignment and the evicted assignments, or None with the state unchanged.
+        So lower-priority work keeps only GPUs and watts the service could not use. A running
+        non-preemptible service (`PlanData.protected`) goes before all evictable work, whatever
+        its priority, as it does whole. Returns the assignment and the evicted assignments, or
+        None with the state unchanged.
         """
+        above = self.eviction_priority(workload)
         fits_now = self.try_place(workload_class, workload, prefer)
         most = min(option.shortfall_steps for option in workload_class.options)
         if fits_now is not None and fits_now.option.shortfall_steps == most:
@@ -512,13 +526,12 @@ class ClusterState:
             o
             for o, option in enumerate(workload_class.options)
             if option.shortfall_steps < steps_now
-            and self.could_fit_without_lower(_only(workload_class, [o]), workload.priority)
+            and self.could_fit_without_lower(_only(workload_class, [o]), above)
         ]
         if not better:
             return as_it_was()
         evicted = [
-            self.remove(a.workload.key)
-            for a in self._eviction_candidates(workload_class, workload.priority)
+            self.remove(a.workload.key) for a in self._eviction_candidates(workload_class, above)
         ]
         best = self.try_place(_only(workload_class, better), workload, prefer)
         if best is not None:
@@ -536,7 +549,7 @@ class ClusterState:
                 if option.shortfall_steps <= best.option.shortfall_steps
             ],
         )
-        placed = self.place_with_eviction(narrowed, workload, prefer)
+        placed = self.place_with_eviction(narrowed, workload, prefer, above=above)
         return as_it_was() if placed is None else placed
 
     # -- explaining --------------------------------------------------------------------------

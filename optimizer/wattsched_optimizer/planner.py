@@ -653,19 +653,21 @@ def _fill_and_repair(
     left out only when the solver found no plan that keeps it (e.g. a budget cut below it).
     A class that fails stays failed: later workloads have equal or lower priority, and the
     eviction test already counted every evictable lower-priority workload as removable.
-    A service that cannot be served whole (PARTIAL_CONSTRAINTS) is served in part at its turn:
-    as many replicas (at least minReplicas) as fit once lower-priority preemptible work is out of
-    the way (`ClusterState.place_in_part`), so that work keeps only what the service cannot use.
-    A pinned service is not: the planner's second pass may still serve it whole elsewhere.
+    A service that cannot be served whole (PARTIAL_CONSTRAINTS) is served in part at its turn,
+    after every workload of its priority had its whole turn and before lower priority: as many
+    replicas (at least minReplicas) as fit once lower-priority preemptible work is out of the way
+    (`ClusterState.place_in_part`), so that work keeps only what the service cannot use. A pinned
+    service is not: the planner's second pass may still serve it whole elsewhere.
     """
 
-    def order(key: str) -> tuple[bool, int, str]:
-        return (key not in data.protected, -workload_by_key[key].priority, key)
+    def order(key: str, in_part: bool = False) -> tuple[bool, int, bool, str]:
+        return (key not in data.protected, -workload_by_key[key].priority, in_part, key)
 
-    heap = [order(key) for key in pending]
+    # Services with no whole option at all wait for their turn in part right away.
+    heap = [order(key, key not in class_of) for key in pending]
     heapq.heapify(heap)
     failed_classes: dict[int, tuple[str, str]] = {}
-    # Why each service served in part could not be served whole.
+    # Why each service served in part (or waiting for its turn in part) is not served whole.
     partly: dict[str, Unplaced] = {}
     queued = set(pending)
 
@@ -676,42 +678,50 @@ def _fill_and_repair(
                 queued.add(other)
                 heapq.heappush(heap, order(other))
 
+    def in_part_later(key: str, why: Unplaced) -> None:
+        partly[key] = why
+        queued.add(key)
+        heapq.heappush(heap, order(key, in_part=True))
+
     while heap:
-        *_, key = heapq.heappop(heap)
+        *_, in_part_turn, key = heapq.heappop(heap)
         queued.discard(key)
         if key in state.placed:
             continue
         workload = workload_by_key[key]
         wc = class_of.get(key)
-        if wc is not None and wc.index not in failed_classes:
-            if state.try_place(wc, workload, prefer.get(key, ())) is not None:
-                unplaced.pop(key, None)
-                continue
-            evicted = state.place_with_eviction(wc, workload, prefer.get(key, ()))
-            if evicted is not None:
-                unplaced.pop(key, None)
-                requeue(evicted[1])
-                continue
-            failed_classes[wc.index] = state.diagnose(wc, workload)
-        if wc is not None:
+        if not in_part_turn and wc is None:
+            in_part_later(key, partly.get(key) or unplaced[key])
+            continue
+        if not in_part_turn and wc is not None:
+            if wc.index not in failed_classes:
+                if state.try_place(wc, workload, prefer.get(key, ())) is not None:
+                    unplaced.pop(key, None)
+                    continue
+                evicted = state.place_with_eviction(wc, workload, prefer.get(key, ()))
+                if evicted is not None:
+                    unplaced.pop(key, None)
+                    requeue(evicted[1])
+                    continue
+                failed_classes[wc.index] = state.diagnose(wc, workload)
             constraint, reason = failed_classes[wc.index]
             why = Unplaced(
                 key,
                 reason.replace(wc.representative.key, key).replace(workload.key, key),
                 constraint,
             )
-        else:  # no whole option at all: its reason is already in `unplaced`
-            why = partly.get(key) or unplaced[key]
-        partial = (
-            in_part(workload)
-            if _may_serve_in_part(workload, why.constraint)
-            and not (wc and wc.pinned_nodes)
-            and state.room_for_a_replica(workload.gpus_per_replica, workload.priority)
-            else None
-        )
+            if _may_serve_in_part(workload, why.constraint) and not wc.pinned_nodes:
+                # After every equal-priority workload's whole turn, before lower priority.
+                in_part_later(key, why)
+            else:
+                unplaced[key] = why
+            continue
+        why = partly.get(key) or unplaced[key]
         placed = None
-        if partial is not None:
-            placed = state.place_in_part(partial, workload, prefer.get(key, ()))
+        if state.room_for_a_replica(workload.gpus_per_replica, state.eviction_priority(workload)):
+            partial = in_part(workload)
+            if partial is not None:
+                placed = state.place_in_part(partial, workload, prefer.get(key, ()))
         if placed is not None:
             unplaced.pop(key, None)
             partly[key] = why

@@ -583,3 +583,17 @@ def test_batch_keeps_what_a_service_served_in_part_cannot_use() -> None:
     assert len(placed(result)["team/batch"]) == 1
     (short,) = result.shortfalls
     assert short.constraint == "slo"
+
+
+def test_a_running_non_preemptible_service_served_in_part_keeps_its_node_against_new_work() -> None:
+    """The service has no whole option (maxReplicas=1 is too few for its demand); the new job,
+    of higher priority, waits instead of taking the node (found by the property test)."""
+    node = (GpuNode("n0", "H100-80GB", 4),)
+    service = inference("team/chat", gpus_per_replica=4, max_replicas=1, tokens_per_second=50_000)
+    job = training("team/urgent", gpus_per_replica=2, priority=5)
+    running = (CurrentPlacement("team/chat", 0, "n0", "bf16", 700.0),)
+    result = plan(PlanInput(node, (service, job), current=running))
+    assert [n for n, *_ in placed(result)["team/chat"]] == ["n0"]
+    assert [u.workload for u in result.unplaced] == ["team/urgent"]
+    (short,) = result.shortfalls
+    assert short.constraint == "slo"
