@@ -558,7 +558,7 @@ def workload_options(
     `prune=False` keeps dominated options (for the benchmark's straightforward baseline).
     `partial=True` (Inference with a demand) adds options that serve part of it: every replica
     count from minReplicas up to one below what the demand needs (at most maxReplicas), each
-    with the whole percent of demand it leaves unserved (`shortfall_steps`).
+    with the slowest replicas' worth of demand it leaves unserved (`shortfall_steps`).
     """
     running_on = {c.node for c in current}
     pools = [p for p in pools if p.schedulable or running_on & set(p.node_names)]
@@ -733,10 +733,12 @@ def _shortfall_steps(
     workload: Workload,
     raw: Sequence[RawOption],
 ) -> list[int]:
-    """Per option: how many of the workload's slowest replicas would make up what it serves
-    below the most any option serves (its demand, or what maxReplicas deliver at best); 0 for
-    options that serve all. Counting in replicas keeps the steps few and lets the program prefer
-    serving more, however far the demand is out of reach."""
+    """Per option: 0 for options that serve all; for the others 1 plus how many of the
+    workload's slowest replicas would make up what it serves below the most any option serves
+    (its demand, or what maxReplicas deliver at best), so an option that serves that most still
+    counts 1 and one that serves a replica's worth less counts more. Counting in replicas keeps
+    the steps few and lets the packing prefer serving more, however far the demand is out of
+    reach."""
     served = [entry[9] for entry in raw]
     if all(value is None for value in served):
         return [0] * len(raw)
@@ -744,7 +746,8 @@ def _shortfall_steps(
     best = max((demand if value is None else value for value in served), default=demand)
     step = min(entry[4] for entry in raw)
     return [
-        0 if value is None else max(1, math.ceil((best - value) / step - 1e-9)) for value in served
+        0 if value is None else 1 + max(0, math.ceil((best - value) / step - 1e-9))
+        for value in served
     ]
 
 

@@ -5,7 +5,9 @@ placement of whole replicas on single nodes, or on whole nodes of one pool for a
 spans nodes (`place`, `try_place`), removal, and the priority
 repair (`place_with_eviction`): a workload the solver (or packing) left out is placed by evicting
 strictly lower-priority work when that makes it fit, except running work that is not preemptible
-(`PlanData.protected`), which is never evicted. Every placement re-checks every hard
+(`PlanData.protected`), which is never evicted; and serving a service in part
+(`place_in_part`): as much of its demand as fits once such lower-priority work is out of the way.
+Every placement re-checks every hard
 constraint, so what leaves here is feasible whatever the solver returned. Not for: choosing
 options (`options`) or solving (`formulation`).
 
@@ -477,7 +479,7 @@ class ClusterState:
 
     # -- priority repair ---------------------------------------------------------------------
 
-    def could_fit_without_lower(self, workload_class: WorkloadClass, priority: int) -> bool:
+    def could_fit_without_lower(self, workload_class: WorkloadClass, priority: float) -> bool:
         """A necessary condition (aggregate GPUs and unavoidable budgets) for eviction to help.
 
         Only evictable work of a priority below `priority` counts as removable.
@@ -505,30 +507,23 @@ class ClusterState:
         return False
 
     def place_with_eviction(
-        self, workload_class: WorkloadClass, workload: Workload, prefer: Sequence[str] = ()
+        self,
+        workload_class: WorkloadClass,
+        workload: Workload,
+        prefer: Sequence[str] = (),
+        *,
+        above: float | None = None,
     ) -> tuple[Assignment, list[Assignment]] | None:
         """Place the workload by evicting strictly lower-priority work, if that makes it fit.
 
         Running work that is not preemptible is never evicted: the workload waits instead.
         Returns the assignment and the evicted assignments, or None with the state unchanged.
         """
-        if not self.could_fit_without_lower(workload_class, workload.priority):
+        priority = workload.priority if above is None else above
+        if not self.could_fit_without_lower(workload_class, priority):
             return None
-        pools = {p for ps in workload_class.option_pools for p in ps}
-        budgets = frozenset().union(*(self.data.pools[p].budgets for p in pools))
-        candidates = [
-            a
-            for a in self.placed.values()
-            if a.workload.priority < workload.priority
-            and self.evictable(a)
-            and any(
-                self.pool_of_node[n].index in pools or self.pool_of_node[n].budgets & budgets
-                for n in a.nodes
-            )
-        ]
-        candidates.sort(key=lambda a: (a.workload.priority, -a.option.gpus, a.workload.key))
         evicted: list[Assignment] = []
-        for candidate in candidates:
+        for candidate in self._eviction_candidates(workload_class, priority):
             evicted.append(self.remove(candidate.workload.key))
             assignment = self.try_place(workload_class, workload, prefer)
             if assignment is not None:
@@ -536,6 +531,112 @@ class ClusterState:
         for assignment in reversed(evicted):
             self.restore(assignment)
         return None
+
+    def _eviction_candidates(
+        self, workload_class: WorkloadClass, priority: float
+    ) -> list[Assignment]:
+        """Placed work the repair may evict for a workload of `priority` in `workload_class`:
+        strictly lower priority, evictable, on the class's pools or budgets; the lowest priority
+        and the most GPUs first."""
+        pools = {p for ps in workload_class.option_pools for p in ps}
+        budgets = frozenset().union(*(self.data.pools[p].budgets for p in pools))
+        candidates = [
+            a
+            for a in self.placed.values()
+            if a.workload.priority < priority
+            and self.evictable(a)
+            and any(
+                self.pool_of_node[n].index in pools or self.pool_of_node[n].budgets & budgets
+                for n in a.nodes
+            )
+        ]
+        candidates.sort(key=lambda a: (a.workload.priority, -a.option.gpus, a.workload.key))
+        return candidates
+
+    def eviction_priority(self, workload: Workload) -> float:
+        """Evictable work below this priority may make room for `workload` served in part: its
+        own priority, or any for running non-preemptible work."""
+        return math.inf if workload.key in self.data.protected else workload.priority
+
+    def room_for_a_replica(self, gpus_per_pod: int, priority: float) -> bool:
+        """A necessary condition for placing one replica of `gpus_per_pod` GPUs per node: some
+        pool has a node with that many free, or that many free and held by evictable work of a
+        priority below `priority` together."""
+        for pool in self.data.pools:
+            if pool.gpus_per_node < gpus_per_pod:
+                continue
+            if any(
+                self.nodes_with_free[(pool.index, free)] > 0
+                for free in range(gpus_per_pod, pool.gpus_per_node + 1)
+            ):
+                return True
+            lower = sum(
+                gpus
+                for prio, gpus in self.pool_gpus_by_priority[pool.index].items()
+                if prio < priority
+            )
+            if lower and lower + self.pool_free_gpus[pool.index] >= gpus_per_pod:
+                return True
+        return False
+
+    def place_in_part(
+        self, workload_class: WorkloadClass, workload: Workload, prefer: Sequence[str] = ()
+    ) -> tuple[Assignment, list[Assignment]] | None:
+        """Place a service that cannot be served whole with its partial options (`workload_class`
+        holds only those): the most of its demand that fits once every strictly lower-priority
+        evictable workload is out of the way, evicting only as much of that work as it takes.
+
+        So lower-priority work keeps only GPUs and watts the service could not use. A running
+        non-preemptible service (`PlanData.protected`) goes before all evictable work, whatever
+        its priority, as it does whole. Returns the assignment and the evicted assignments, or
+        None with the state unchanged.
+        """
+        above = self.eviction_priority(workload)
+        fits_now = self.try_place(workload_class, workload, prefer)
+        most = min(option.shortfall_steps for option in workload_class.options)
+        if fits_now is not None and fits_now.option.shortfall_steps == most:
+            return fits_now, []
+
+        def as_it_was() -> tuple[Assignment, list[Assignment]] | None:
+            if fits_now is None:
+                return None
+            self.restore(fits_now)
+            return fits_now, []
+
+        if fits_now is not None:
+            self.remove(workload.key)
+        # Only options that serve more than what fits now, and that the aggregate test says
+        # evicting lower-priority work could make room for, are worth an eviction test.
+        steps_now = math.inf if fits_now is None else fits_now.option.shortfall_steps
+        better = [
+            o
+            for o, option in enumerate(workload_class.options)
+            if option.shortfall_steps < steps_now
+            and self.could_fit_without_lower(_only(workload_class, [o]), above)
+        ]
+        if not better:
+            return as_it_was()
+        evicted = [
+            self.remove(a.workload.key) for a in self._eviction_candidates(workload_class, above)
+        ]
+        best = self.try_place(_only(workload_class, better), workload, prefer)
+        if best is not None:
+            self.remove(workload.key)
+        for assignment in reversed(evicted):
+            self.restore(assignment)
+        if best is None:
+            return as_it_was()
+        # Options serving at least as much as the best that fits; fewer evictions may do.
+        narrowed = _only(
+            workload_class,
+            [
+                o
+                for o, option in enumerate(workload_class.options)
+                if option.shortfall_steps <= best.option.shortfall_steps
+            ],
+        )
+        placed = self.place_with_eviction(narrowed, workload, prefer, above=above)
+        return as_it_was() if placed is None else placed
 
     # -- explaining --------------------------------------------------------------------------
 
@@ -612,3 +713,13 @@ class ClusterState:
             f"{label}: enough GPUs and budget exist in total but not together on nodes and "
             "budgets that fit every replica; lower spec.gpu.count or add nodes",
         )
+
+
+def _only(workload_class: WorkloadClass, options: Sequence[int]) -> WorkloadClass:
+    """The class with only the options at these positions."""
+    return WorkloadClass(
+        index=workload_class.index,
+        members=workload_class.members,
+        options=tuple(workload_class.options[o] for o in options),
+        option_pools=tuple(workload_class.option_pools[o] for o in options),
+    )

@@ -14,7 +14,7 @@ import heapq
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from wattsched_optimizer.formulation import (
     Formulation,
@@ -43,7 +43,6 @@ from wattsched_optimizer.options import (
 from wattsched_optimizer.packing import WATTS_TOLERANCE, Assignment, ClusterState, Taken
 from wattsched_optimizer.problem import (
     BudgetAllocation,
-    CurrentPlacement,
     GpuNode,
     MoveReason,
     Placement,
@@ -61,9 +60,12 @@ from wattsched_optimizer.problem import (
 # SMALL_PROGRAM_GAP) when rounding the relaxation lost anything; larger ones to PlanOptions'.
 SMALL_PROGRAM_VARIABLES = 500
 SMALL_PROGRAM_GAP = 1e-7
-# An Inference workload left out for one of these (a budget's cap, GPUs, or maxReplicas too few
-# for its demand) keeps as many replicas as fit in what the plan leaves free.
+# An Inference workload that cannot be served whole for one of these (a budget's cap, GPUs, or
+# maxReplicas too few for its demand) is served in part, at its priority's turn in the fill.
 PARTIAL_CONSTRAINTS = frozenset({"budget", "gpus", "slo"})
+# The class index of a service placed in part: not one of the program's classes (the objective
+# does not count it).
+PARTIAL_CLASS = -1
 
 
 class PlanInputError(ValueError):
@@ -192,13 +194,14 @@ def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
         started=started,
         workload_by_key=workload_by_key,
         prefer=prefer,
+        model=performance,
     )
     # Running work the pinned plan could not keep (a budget cut below every limit in place, or
     # higher-priority work that needs its GPUs) may move: plan again with it unpinned.
     pinned = {c.representative.key for c in data.classes if c.pinned_nodes}
     dropped = {key: pass_one[1][key] for key in pinned if key in pass_one[1]}
     dropped |= _displaced(program_input, pinned, pass_one[0])
-    state, left_out, objective, bound, status, solver_used = pass_one
+    state, left_out, shortfalls, objective, bound, status, solver_used = pass_one
     if dropped:
         data = build_plan_data(program_input, performance, unpinned=frozenset(dropped))
         unplaced = {
@@ -206,7 +209,7 @@ def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
             for key, reason in data.no_option.items()
         }
         weights = lexicographic_weights(data)
-        state, left_out, objective, bound, status, solver_used = _solve_and_pack(
+        state, left_out, shortfalls, objective, bound, status, solver_used = _solve_and_pack(
             plan_input,
             data,
             weights,
@@ -215,18 +218,8 @@ def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
             started=started,
             workload_by_key=workload_by_key,
             prefer=prefer,
+            model=performance,
         )
-    # Inference that could not be served whole keeps as many replicas as fit in what the plan
-    # leaves free (at least minReplicas): never all-or-nothing.
-    shortfalls = _serve_in_part(
-        plan_input,
-        data,
-        state,
-        left_out,
-        model=performance,
-        workload_by_key=workload_by_key,
-        prefer=prefer,
-    )
     return _assemble(
         plan_input,
         data,
@@ -254,16 +247,22 @@ def _solve_and_pack(
     started: float,
     workload_by_key: Mapping[str, Workload],
     prefer: Mapping[str, list[str]],
-) -> tuple[ClusterState, dict[str, Unplaced], float, float, PlanStatus, str]:
+    model: PerformanceModel,
+) -> tuple[ClusterState, dict[str, Unplaced], tuple[Shortfall, ...], float, float, PlanStatus, str]:
     """Solve the program for `data`, pack and repair: the state, what is left out and why, the
-    objective, its bound, the status and the solver that ran."""
+    services served in part, the objective, its bound, the status and the solver that ran."""
     options = plan_input.options
     class_of = {m.key: c for c in data.classes for m in c.members}
     formulation = build(data)
     timings["build"] = formulation.build_seconds
     running_gpus = _running_gpus(plan_input, workload_by_key)
 
-    def realise(result: SolveResult) -> tuple[ClusterState, dict[str, Unplaced], float]:
+    def in_part(workload: Workload) -> WorkloadClass | None:
+        return _partial_class(plan_input, data, workload, model)
+
+    def realise(
+        result: SolveResult,
+    ) -> tuple[ClusterState, dict[str, Unplaced], tuple[Shortfall, ...], float]:
         pack_started = time.perf_counter()
         state = ClusterState(data, running_gpus)
         left_out = dict(unplaced)
@@ -273,7 +272,13 @@ def _solve_and_pack(
             for member in workload_class.members:
                 if member.key not in state.placed and member.key not in waiting:
                     pending.append(member.key)
-        _fill_and_repair(
+        # Services with no whole option at all (e.g. too few maxReplicas) are served in part.
+        pending += sorted(
+            key
+            for key, why in unplaced.items()
+            if _may_serve_in_part(workload_by_key.get(key), why.constraint)
+        )
+        shortfalls = _fill_and_repair(
             data,
             state=state,
             pending=pending,
@@ -281,9 +286,10 @@ def _solve_and_pack(
             class_of=class_of,
             prefer=prefer,
             unplaced=left_out,
+            in_part=in_part,
         )
         timings["pack"] = timings.get("pack", 0.0) + time.perf_counter() - pack_started
-        return state, left_out, _objective(data, weights, state.placed.values())
+        return state, left_out, shortfalls, _objective(data, weights, state.placed.values())
 
     # 1. The LP relaxation: its optimum bounds every plan; rounding it down, packing, filling
     #    and repairing usually lands within the gap.
@@ -299,7 +305,7 @@ def _solve_and_pack(
         len(c.members) * max(weights.coefficient(data, c.index, o) for o in range(len(c.options)))
         for c in data.classes
     )
-    state, left_out, objective = realise(relaxation)
+    state, left_out, shortfalls, objective = realise(relaxation)
     bound = trivial_bound
     if relaxation.status is SolveStatus.OPTIMAL:
         bound = max(relaxation.bound, objective)
@@ -324,8 +330,8 @@ def _solve_and_pack(
             bound = min(bound, max(exact.bound, objective))
             timed_out = exact.status is SolveStatus.TIME_LIMIT
             candidate = realise(exact)
-            if candidate[2] > objective:
-                state, left_out, objective = candidate
+            if candidate[3] > objective:
+                state, left_out, shortfalls, objective = candidate
     # The program keeps running non-preemptible work (keep_c); should packing fail to keep one,
     # the plan is one the program does not describe and may beat its bound.
     bound = max(bound, objective)
@@ -336,7 +342,7 @@ def _solve_and_pack(
         status = PlanStatus.TIME_LIMIT
     else:
         status = PlanStatus.FEASIBLE
-    return state, left_out, objective, bound, status, solver_used
+    return state, left_out, shortfalls, objective, bound, status, solver_used
 
 
 def _displaced(
@@ -490,79 +496,60 @@ def held_budget_reason(cap_watts: float, floor_watts: float) -> str:
     )
 
 
-def _serve_in_part(
-    plan_input: PlanInput,
-    data: PlanData,
-    state: ClusterState,
-    unplaced: dict[str, Unplaced],
-    *,
-    model: PerformanceModel,
-    workload_by_key: Mapping[str, Workload],
-    prefer: Mapping[str, list[str]],
-) -> tuple[Shortfall, ...]:
-    """Place each left-out service (highest priority first) with the option that serves the most
-    of its demand among those that fit in what the plan leaves free: GPUs and budget headroom.
-    Nothing placed moves or leaves for it. Returns the services now served in part; they leave
-    `unplaced`, and the reason the whole demand did not fit stays in their Shortfall. Services
-    left out for a budget, GPUs or too few maxReplicas (PARTIAL_CONSTRAINTS) are tried."""
-    short = [
-        key
-        for key, why in unplaced.items()
-        if (workload := workload_by_key.get(key)) is not None
+def _may_serve_in_part(workload: Workload | None, constraint: str) -> bool:
+    """Whether a workload left out for `constraint` may be served in part: Inference with a
+    demand, left out for a budget, GPUs or too few maxReplicas (PARTIAL_CONSTRAINTS)."""
+    return (
+        workload is not None
         and workload.type is WorkloadType.INFERENCE
         and workload.tokens_per_second is not None
-        and why.constraint.split(":", 1)[0] in PARTIAL_CONSTRAINTS
-    ]
-    current: dict[str, list[CurrentPlacement]] = defaultdict(list)
-    for placement in plan_input.current:
-        current[placement.workload].append(placement)
-    found = []
-    for key in sorted(short, key=lambda k: (-workload_by_key[k].priority, k)):
-        workload = workload_by_key[key]
-        demand = workload.tokens_per_second
-        if not any(
-            count > 0 and free >= workload.gpus_per_pod
-            for (_, free), count in state.nodes_with_free.items()
-        ):
-            continue  # no node has room for one replica (a full cluster): nothing to try
-        options, option_pools = workload_options(
-            workload,
-            pools=data.pools,
-            model=model,
-            levels=plan_input.options.power_levels,
-            current=sorted(current.get(key, []), key=lambda c: (c.replica, c.rank)),
-            node_by_name=data.node_by_name,
-            churn_threshold=plan_input.options.churn_threshold,
-            startup_seconds=plan_input.options.startup_seconds,
-            partial=True,
-            sm_clocks=plan_input.options.sm_clocks,
-        )
-        partial = [(o, p) for o, p in zip(options, option_pools, strict=True) if o.shortfall_steps]
-        if demand is None or not partial:
-            continue
-        workload_class = WorkloadClass(
-            index=-1,  # not one of the program's classes: placed after it, never evicted for it
-            members=(workload,),
-            options=tuple(o for o, _ in partial),
-            option_pools=tuple(p for _, p in partial),
-        )
-        assignment = state.try_place(workload_class, workload, prefer.get(key, ()))
-        if assignment is None:
-            continue
-        why = unplaced.pop(key)
-        served = assignment.replica_count * assignment.option.throughput_per_replica
-        found.append(
-            Shortfall(
-                workload=key,
-                demand_tokens_per_second=demand,
-                served_tokens_per_second=served,
-                reason=f"serves {served:.0f} of {demand:.0f} tokens/s "
-                f"({served / demand:.1%}, modelled) with {assignment.replica_count} replica(s): "
-                + why.reason,
-                constraint=why.constraint,
-            )
-        )
-    return tuple(sorted(found, key=lambda s: s.workload))
+        and constraint.split(":", 1)[0] in PARTIAL_CONSTRAINTS
+    )
+
+
+def _partial_class(
+    plan_input: PlanInput, data: PlanData, workload: Workload, model: PerformanceModel
+) -> WorkloadClass | None:
+    """The service's options that serve part of its demand (every replica count from
+    minReplicas up), as a class of its own; None when it has none."""
+    current = sorted(
+        (c for c in plan_input.current if c.workload == workload.key),
+        key=lambda c: (c.replica, c.rank),
+    )
+    options, option_pools = workload_options(
+        workload,
+        pools=data.pools,
+        model=model,
+        levels=plan_input.options.power_levels,
+        current=current,
+        node_by_name=data.node_by_name,
+        churn_threshold=plan_input.options.churn_threshold,
+        startup_seconds=plan_input.options.startup_seconds,
+        partial=True,
+        sm_clocks=plan_input.options.sm_clocks,
+    )
+    partial = [(o, p) for o, p in zip(options, option_pools, strict=True) if o.shortfall_steps]
+    if not partial:
+        return None
+    return WorkloadClass(
+        index=PARTIAL_CLASS,
+        members=(workload,),
+        options=tuple(o for o, _ in partial),
+        option_pools=tuple(p for _, p in partial),
+    )
+
+
+def _shortfall(assignment: Assignment, why: Unplaced) -> Shortfall:
+    demand = assignment.workload.tokens_per_second or 0.0
+    served = len(assignment.nodes) * assignment.option.throughput_per_replica
+    return Shortfall(
+        workload=assignment.workload.key,
+        demand_tokens_per_second=demand,
+        served_tokens_per_second=served,
+        reason=f"serves {served:.0f} of {demand:.0f} tokens/s "
+        f"({served / demand:.1%}, modelled) with {len(assignment.nodes)} replica(s): " + why.reason,
+        constraint=why.constraint,
+    )
 
 
 def _gap(objective: float, bound: float) -> float:
@@ -572,7 +559,11 @@ def _gap(objective: float, bound: float) -> float:
 
 
 def _objective(data: PlanData, weights: Weights, placed: Iterable[Assignment]) -> float:
-    return sum(weights.coefficient(data, a.workload_class, a.option_index) for a in placed)
+    return sum(
+        weights.coefficient(data, a.workload_class, a.option_index)
+        for a in placed
+        if a.workload_class != PARTIAL_CLASS
+    )
 
 
 def _preferred_nodes(plan_input: PlanInput) -> dict[str, list[str]]:
@@ -661,51 +652,100 @@ def _fill_and_repair(
     class_of: Mapping[str, WorkloadClass],
     prefer: Mapping[str, list[str]],
     unplaced: dict[str, Unplaced],
-) -> None:
-    """Place what is left in priority order, evicting strictly lower priority when that helps.
+    in_part: Callable[[Workload], WorkloadClass | None],
+) -> tuple[Shortfall, ...]:
+    """Place what is left in priority order, evicting strictly lower priority when that helps;
+    return the services served in part.
 
     Running non-preemptible work (`PlanData.protected`) goes first and is never evicted; it is
     left out only when the solver found no plan that keeps it (e.g. a budget cut below it).
     A class that fails stays failed: later workloads have equal or lower priority, and the
     eviction test already counted every evictable lower-priority workload as removable.
+    A service that cannot be served whole (PARTIAL_CONSTRAINTS) is served in part at its turn,
+    after every workload of its priority had its whole turn and before lower priority: as many
+    replicas (at least minReplicas) as fit once lower-priority preemptible work is out of the way
+    (`ClusterState.place_in_part`), so that work keeps only what the service cannot use. A pinned
+    service is not: the planner's second pass may still serve it whole elsewhere.
     """
 
-    def order(key: str) -> tuple[bool, int, str]:
-        return (key not in data.protected, -workload_by_key[key].priority, key)
+    def order(key: str, in_part: bool = False) -> tuple[bool, int, bool, str]:
+        return (key not in data.protected, -workload_by_key[key].priority, in_part, key)
 
-    heap = [order(key) for key in pending]
+    # Services with no whole option at all wait for their turn in part right away.
+    heap = [order(key, key not in class_of) for key in pending]
     heapq.heapify(heap)
     failed_classes: dict[int, tuple[str, str]] = {}
+    # Why each service served in part (or waiting for its turn in part) is not served whole.
+    partly: dict[str, Unplaced] = {}
     queued = set(pending)
+
+    def requeue(evicted: Iterable[Assignment]) -> None:
+        for assignment in evicted:
+            other = assignment.workload.key
+            if other not in queued:
+                queued.add(other)
+                heapq.heappush(heap, order(other))
+
+    def in_part_later(key: str, why: Unplaced) -> None:
+        partly[key] = why
+        queued.add(key)
+        heapq.heappush(heap, order(key, in_part=True))
+
     while heap:
-        *_, key = heapq.heappop(heap)
+        *_, in_part_turn, key = heapq.heappop(heap)
         queued.discard(key)
         if key in state.placed:
             continue
         workload = workload_by_key[key]
-        wc = class_of[key]
-        if wc.index not in failed_classes:
-            if state.try_place(wc, workload, prefer.get(key, ())) is not None:
-                unplaced.pop(key, None)
-                continue
-            evicted = state.place_with_eviction(wc, workload, prefer.get(key, ()))
-            if evicted is not None:
-                unplaced.pop(key, None)
-                for assignment in evicted[1]:
-                    other = assignment.workload.key
-                    if other not in queued:
-                        queued.add(other)
-                        heapq.heappush(heap, order(other))
-                continue
-            failed_classes[wc.index] = state.diagnose(wc, workload)
-        constraint, reason = failed_classes[wc.index]
-        unplaced[key] = Unplaced(
-            key, reason.replace(wc.representative.key, key).replace(workload.key, key), constraint
-        )
+        wc = class_of.get(key)
+        if not in_part_turn and wc is None:
+            in_part_later(key, partly.get(key) or unplaced[key])
+            continue
+        if not in_part_turn and wc is not None:
+            if wc.index not in failed_classes:
+                if state.try_place(wc, workload, prefer.get(key, ())) is not None:
+                    unplaced.pop(key, None)
+                    continue
+                evicted = state.place_with_eviction(wc, workload, prefer.get(key, ()))
+                if evicted is not None:
+                    unplaced.pop(key, None)
+                    requeue(evicted[1])
+                    continue
+                failed_classes[wc.index] = state.diagnose(wc, workload)
+            constraint, reason = failed_classes[wc.index]
+            why = Unplaced(
+                key,
+                reason.replace(wc.representative.key, key).replace(workload.key, key),
+                constraint,
+            )
+            if _may_serve_in_part(workload, why.constraint) and not wc.pinned_nodes:
+                # After every equal-priority workload's whole turn, before lower priority.
+                in_part_later(key, why)
+            else:
+                unplaced[key] = why
+            continue
+        why = partly.get(key) or unplaced[key]
+        placed = None
+        # Per pod: a replica that spans nodes needs (at least) one node with that many free.
+        if state.room_for_a_replica(workload.gpus_per_pod, state.eviction_priority(workload)):
+            partial = in_part(workload)
+            if partial is not None:
+                placed = state.place_in_part(partial, workload, prefer.get(key, ()))
+        if placed is not None:
+            unplaced.pop(key, None)
+            partly[key] = why
+            requeue(placed[1])
+            continue
+        unplaced[key] = why
     # Whatever was placed in the end is not unplaced.
     for key in list(unplaced):
         if key in state.placed:
             del unplaced[key]
+    return tuple(
+        _shortfall(state.placed[key], why)
+        for key, why in sorted(partly.items())
+        if key in state.placed and state.placed[key].workload_class == PARTIAL_CLASS
+    )
 
 
 def _number_replicas(

@@ -528,3 +528,81 @@ def test_a_budget_cut_over_one_node_of_a_running_gang_lowers_its_limit_in_place(
     result = plan(PlanInput(nodes, (training("team/gang", replicas=2),), (rack,), current=current))
     assert placed(result) == {"team/gang": [("h0", "bf16", 200.0), ("h2", "bf16", 200.0)]}
     assert result.move_reasons == {}
+
+
+# The L40S pair of the sandbox: 2 nodes of 4 GPUs (100-350 W each), one budget over both.
+L40S_PAIR = (GpuNode("l0", "L40S", 4), GpuNode("l1", "L40S", 4))
+# 5,000 tokens/s need both 4-GPU replicas at 162 W (3,189 tokens/s each, modelled); at 100 W
+# two replicas serve 3,954.
+IMPORTANT = inference(
+    "team/important",
+    gpus_per_replica=4,
+    max_replicas=2,
+    tokens_per_second=5_000,
+    priority=100,
+    preemptible=False,
+    allowed_products=frozenset({"L40S"}),
+)
+WAITING_BATCH = batch("team/batch", gpus_per_replica=4, priority=0, preemptible=True)
+
+
+def l40s_budget(cap_watts: float) -> Budget:
+    return Budget("l40s", cap_watts, frozenset({"l0", "l1"}))
+
+
+def test_a_service_served_in_part_keeps_its_replicas_after_a_budget_cut_before_waiting_batch() -> (
+    None
+):
+    """A running non-preemptible service, cut to 1,250 W where its two replicas no longer fit at
+    162 W: it keeps both at 100 W (3,954 tokens/s) and the waiting batch job stays waiting
+    (it used to take one of its nodes)."""
+    running = tuple(
+        CurrentPlacement("team/important", i, node, "bf16", 162.0)
+        for i, node in enumerate(("l0", "l1"))
+    )
+    result = plan(
+        PlanInput(L40S_PAIR, (IMPORTANT, WAITING_BATCH), (l40s_budget(1_250),), current=running)
+    )
+    assert sorted(placed(result)["team/important"]) == [
+        ("l0", "bf16", 100.0),
+        ("l1", "bf16", 100.0),
+    ]
+    assert "team/batch" not in placed(result)
+    (short,) = result.shortfalls
+    assert short.workload == "team/important"
+    assert short.served_tokens_per_second == pytest.approx(3_954, rel=1e-3)
+
+
+def test_lower_priority_batch_gets_no_watts_a_higher_priority_service_in_part_could_use() -> None:
+    """Under a 1,250 W cap (450 W over the 800 W idle floor) the service cannot be served
+    whole: it gets both replicas at 100 W before the batch job is admitted, not one replica
+    at 100 W beside batch at 162 W per GPU."""
+    result = plan(PlanInput(L40S_PAIR, (IMPORTANT, WAITING_BATCH), (l40s_budget(1_250),)))
+    assert [limit for *_, limit in placed(result)["team/important"]] == [100.0, 100.0]
+    assert "team/batch" not in placed(result)
+    assert [u.workload for u in result.unplaced] == ["team/batch"]
+
+
+def test_batch_keeps_what_a_service_served_in_part_cannot_use() -> None:
+    """With maxReplicas=1 the service's one replica takes one node; the batch job gets the other
+    node and the watts left, instead of waiting."""
+    one = dataclasses.replace(IMPORTANT, max_replicas=1)
+    result = plan(PlanInput(L40S_PAIR, (one, WAITING_BATCH), (l40s_budget(2_000),)))
+    assert len(placed(result)["team/important"]) == 1
+    assert len(placed(result)["team/batch"]) == 1
+    (short,) = result.shortfalls
+    assert short.constraint == "slo"
+
+
+def test_a_running_non_preemptible_service_served_in_part_keeps_its_node_against_new_work() -> None:
+    """The service has no whole option (maxReplicas=1 is too few for its demand); the new job,
+    of higher priority, waits instead of taking the node (found by the property test)."""
+    node = (GpuNode("n0", "H100-80GB", 4),)
+    service = inference("team/chat", gpus_per_replica=4, max_replicas=1, tokens_per_second=50_000)
+    job = training("team/urgent", gpus_per_replica=2, priority=5)
+    running = (CurrentPlacement("team/chat", 0, "n0", "bf16", 700.0),)
+    result = plan(PlanInput(node, (service, job), current=running))
+    assert [n for n, *_ in placed(result)["team/chat"]] == ["n0"]
+    assert [u.workload for u in result.unplaced] == ["team/urgent"]
+    (short,) = result.shortfalls
+    assert short.constraint == "slo"

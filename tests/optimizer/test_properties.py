@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,6 +42,7 @@ from wattsched_optimizer.problem import (
 PRODUCTS = ("H100-80GB", "H200", "A100-80GB", "A100-40GB", "L40S", "L4")
 MODEL = CatalogueModel()
 TOLERANCE_WATTS = 1e-3
+BF16 = Variant("bf16", Precision.BF16, 0, 1.0, 1.0)
 
 
 @st.composite
@@ -279,10 +281,40 @@ def running_non_preemptible(plan_input: PlanInput) -> frozenset[str]:
     )
 
 
-def fits_without_lower(plan_input: PlanInput, result: Plan, workload: Workload) -> bool:
+def slowest_replica(nodes: Iterable[GpuNode], workload: Workload) -> float:
+    """Tokens/s of the workload's slowest unclocked replica on the nodes and variants it may use
+    (lowest power level): at least the optimizer's step, which counts clocked replicas too."""
+    rates = [
+        MODEL.throughput_tokens_per_second(
+            node.product,
+            workload.type,
+            workload.model_parameters_billions,
+            workload.gpus_per_replica,
+            variant.relative_throughput,
+            product_spec(node.product).min_watts.value,
+        )
+        for node in nodes
+        if not workload.allowed_products or node.product in workload.allowed_products
+        for variant in workload.variants
+        if variant.quality >= workload.min_quality
+        and variant.min_memory_gib <= product_spec(node.product).memory_gib.value
+    ]
+    return min(rates, default=0.0)
+
+
+def fits_without_lower(
+    plan_input: PlanInput,
+    result: Plan,
+    workload: Workload,
+    served_tokens_per_second: float | None = None,
+) -> bool:
     """Could `workload` be placed if every strictly lower-priority workload were removed?
 
-    Running non-preemptible work is the exception: it is never removed.
+    Running non-preemptible work is the exception: it is never removed. With
+    `served_tokens_per_second` (an Inference service the plan serves that much of, 0 when not
+    placed): could it serve more of its demand, with its own replicas placed afresh? "More" is
+    by at least one of its slowest replicas (the plan may serve a fraction of a replica less for
+    less energy).
     """
     protected = running_non_preemptible(plan_input)
     priority = {w.key: w.priority for w in plan_input.workloads}
@@ -293,7 +325,9 @@ def fits_without_lower(plan_input: PlanInput, result: Plan, workload: Workload) 
     for p in sorted(result.placements, key=lambda p: (p.workload, p.replica)):
         first = next_gpu[p.node]
         next_gpu[p.node] += p.gpus
-        if priority[p.workload] < workload.priority and p.workload not in protected:
+        lower = priority[p.workload] < workload.priority and p.workload not in protected
+        itself = served_tokens_per_second is not None and p.workload == workload.key
+        if lower or itself:
             low = product_spec(nodes[p.node].product).min_watts.value
             if nodes[p.node].agent_ready:
                 for gpu in range(first, first + p.gpus):
@@ -344,7 +378,14 @@ def fits_without_lower(plan_input: PlanInput, result: Plan, workload: Workload) 
                     variant.relative_throughput,
                     level,
                 )
-                if workload.type is WorkloadType.INFERENCE:
+                if workload.type is WorkloadType.INFERENCE and served_tokens_per_second is not None:
+                    # The fewest replicas at this rate that serve a slowest replica's worth more.
+                    served = served_tokens_per_second + slowest_replica(nodes.values(), workload)
+                    demand = workload.tokens_per_second or math.inf
+                    count = max(workload.min_replicas, math.floor(served / rate + 1e-9) + 1)
+                    if count > workload.max_replicas or min(count * rate, demand) <= served:
+                        continue
+                elif workload.type is WorkloadType.INFERENCE:
                     count = workload.min_replicas
                     if workload.tokens_per_second is not None:
                         count = max(count, math.ceil(workload.tokens_per_second / rate - 1e-9))
@@ -412,6 +453,81 @@ def test_no_workload_is_left_out_that_would_fit_without_lower_priority_work(
     work = {w.key: w for w in plan_input.workloads}
     for left_out in result.unplaced:
         assert not fits_without_lower(plan_input, result, work[left_out.workload]), left_out
+
+
+@st.composite
+def contended_inputs(draw: st.DrawFn) -> PlanInput:
+    """A few nodes of one product under one budget: services that a tight cap or few GPUs may
+    not serve whole, beside lower-priority jobs, some of them running."""
+    product = draw(st.sampled_from(["L40S", "H100-80GB", "L4"]))
+    gpus = draw(st.sampled_from([2, 4, 8]))
+    nodes = tuple(GpuNode(f"n{i}", product, gpus) for i in range(draw(st.integers(1, 3))))
+    spec = product_spec(product)
+    work: list[Workload] = []
+    for i in range(draw(st.integers(1, 2))):
+        low = draw(st.integers(1, 2))
+        work.append(
+            Workload(
+                key=f"ns/s{i}",
+                type=WorkloadType.INFERENCE,
+                model_parameters_billions=8.0,
+                gpus_per_replica=draw(st.sampled_from([1, 2, gpus])),
+                variants=(BF16,),
+                priority=draw(st.integers(1, 3)),
+                preemptible=draw(st.booleans()),
+                policy=draw(st.sampled_from(list(EnergyPolicy))),
+                min_replicas=low,
+                max_replicas=low + draw(st.integers(0, 3)),
+                tokens_per_second=draw(st.sampled_from([2000.0, 5000.0, 20000.0, 80000.0])),
+            )
+        )
+    for i in range(draw(st.integers(1, 3))):
+        work.append(
+            Workload(
+                key=f"ns/j{i}",
+                type=draw(st.sampled_from([WorkloadType.BATCH_INFERENCE, WorkloadType.TRAINING])),
+                model_parameters_billions=8.0,
+                gpus_per_replica=draw(st.sampled_from([1, 2, gpus])),
+                variants=(BF16,),
+                priority=draw(st.integers(0, 2)),
+                preemptible=draw(st.booleans()),
+                policy=draw(st.sampled_from(list(EnergyPolicy))),
+                replicas=1,
+            )
+        )
+    # Some workloads run now: each on its own node at the idle minimum (one replica).
+    current = []
+    for workload, node in zip(work, nodes, strict=False):
+        if draw(st.booleans()) and workload.gpus_per_replica <= gpus:
+            current.append(
+                CurrentPlacement(workload.key, 0, node.name, "bf16", spec.min_watts.value)
+            )
+    floor = spec.min_watts.value * gpus * len(nodes)
+    extra = draw(st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0])) * (
+        (spec.max_watts.value - spec.min_watts.value) * gpus * len(nodes)
+    )
+    budget = Budget("b", floor + extra, frozenset(n.name for n in nodes))
+    return PlanInput(nodes, tuple(work), (budget,), current=tuple(current))
+
+
+@FAST
+@given(st.one_of(contended_inputs(), plan_inputs()))
+def test_no_lower_priority_work_keeps_what_an_under_served_higher_priority_service_could_use(
+    plan_input: PlanInput,
+) -> None:
+    """A service served in part (or not at all) could not serve more of its demand with the
+    GPUs and watts that strictly lower-priority preemptible work holds."""
+    result = plan(plan_input)
+    served = {s.workload: s.served_tokens_per_second for s in result.shortfalls}
+    served |= {u.workload: 0.0 for u in result.unplaced}
+    for workload in plan_input.workloads:
+        if workload.type is WorkloadType.INFERENCE and workload.key in served:
+            assert not fits_without_lower(plan_input, result, workload, served[workload.key]), (
+                workload.key,
+                served[workload.key],
+                result.shortfalls,
+                result.unplaced,
+            )
 
 
 # Every workload pinned at its maximum limit and small budgets: the budgets bind.
