@@ -33,6 +33,7 @@ from typing import Any
 
 from wattsched_api.energybudget import parse_energybudget
 from wattsched_api.errors import ApiValidationError
+from wattsched_api.meta import Source, format_time
 from wattsched_operator import (
     accounting,
     demand,
@@ -794,7 +795,7 @@ def lifecycle(
                 retry_moment = now + timedelta(
                     seconds=backoff_seconds(failures, settings.backoff_seconds)
                 )
-                retry_after = statuses.rfc3339(retry_moment)
+                retry_after = format_time(retry_moment)
                 _count_failure(life, body, pod, failures, retry_after)
             if failures > settings.backoff_limit:
                 life.failed[key] = (
@@ -1520,7 +1521,7 @@ def _account(
     if not due.workload_starts and not due.budget_starts:
         return Accounts(), (), ()
     fresh = telemetry is not None and not telemetry.stale
-    initial_source = accounting.MEASURED if fresh else accounting.MODELLED
+    initial_source = Source.MEASURED if fresh else Source.MODELLED
     terms, scopes = due.terms, due.scopes
     placements: dict[str, list[Any]] = {}
     for placement in plan.placements:

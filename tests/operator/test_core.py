@@ -9,8 +9,9 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from wattsched_api.meta import Source
 from wattsched_operator import core, desired, statuses
-from wattsched_operator.readings import EnergyReading, Measurement, Source, TelemetrySnapshot
+from wattsched_operator.readings import EnergyReading, Measurement, TelemetrySnapshot
 from wattsched_optimizer.model import PerformanceModel
 from wattsched_optimizer.planner import plan
 from wattsched_optimizer.problem import Placement, Plan, PlanInput
