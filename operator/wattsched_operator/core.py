@@ -337,12 +337,16 @@ class MetadataPatch:
 @dataclass(frozen=True)
 class Eviction:
     """A pod to evict through the Eviction API (PodDisruptionBudgets hold); on a node that is
-    gone it is deleted at once (`node_gone`). `workload`: its workload key."""
+    gone it is deleted at once (`node_gone`). `workload`: its workload key. `cause`: why it goes
+    when its replica moves (`NodeLost`, `BudgetCut`, `HigherPriority`, `SpecChanged`,
+    `SavesEnergy`) or its workload is preempted (`BudgetCut`, `HigherPriority`); None when
+    nothing of its workload is disrupted (scaled down, deleted or finished workloads)."""
 
     namespace: str
     name: str
     workload: str
     node_gone: bool = False
+    cause: MoveReason | None = None
 
 
 @dataclass(frozen=True)
@@ -1230,8 +1234,27 @@ def _pod_round(
         node = (pods_by_name.get((namespace, name), {}).get("spec") or {}).get("nodeName")
         return bool(node) and node not in view.nodes
 
+    unplaced = {u.workload: u for u in plan.unplaced}
+
+    def cause(pod: Mapping[str, Any]) -> MoveReason | None:
+        key = pod_workload_key(pod)
+        if key not in active or _finished(pod):
+            return None
+        if pod_id(pod) in want:  # the replica is wanted elsewhere: it moves
+            return plan.move_reasons.get(key, MoveReason.SPEC)
+        if key not in placed_keys:  # its workload lost its place: preempted
+            constraint = unplaced[key].constraint if key in unplaced else ""
+            return MoveReason.BUDGET if constraint.startswith("budget:") else MoveReason.PRIORITY
+        return None  # scaled down
+
     evict = tuple(
-        Eviction(ns, name, pod_workload_key(pods_by_name[(ns, name)]), gone(ns, name))
+        Eviction(
+            ns,
+            name,
+            pod_workload_key(pods_by_name[(ns, name)]),
+            gone(ns, name),
+            cause(pods_by_name[(ns, name)]),
+        )
         if (ns, name) in pods_by_name
         else Eviction(ns, name, "", False)
         for ns, name in paced.now
@@ -1260,7 +1283,7 @@ def _pod_round(
         raise_=steps.raise_,
         disruptions=Disruptions(
             move_reasons=dict(plan.move_reasons),
-            unplaced={u.workload: u for u in plan.unplaced},
+            unplaced=unplaced,
             placed={(p.workload, p.replica): p.node for p in plan.placements},
             pods=pods_by_name,
             want=want,
