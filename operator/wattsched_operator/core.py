@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from wattsched_api.energybudget import parse_energybudget
+from wattsched_api.energybudget import EnergyBudget, parse_energybudget
 from wattsched_api.errors import ApiValidationError
 from wattsched_api.meta import Source, format_time
 from wattsched_operator import (
     accounting,
+    budget_horizon,
     demand,
     desired,
     progress,
@@ -77,6 +78,8 @@ ANNOTATION_RETRY_AFTER = "wattsched.io/retry-after"
 ANNOTATION_FAILURE_COUNTED = "wattsched.io/failure-counted"
 # Reason of the conditions and Events of a round that could not plan at all.
 PLAN_FAILED = "PlanFailed"
+# The Schedulable reason (and Event reason) of work the horizon defers to a later hour.
+DEFERRED = "Deferred"
 BUDGET_KIND = "EnergyBudget"
 WORKLOAD_KIND = "LLMWorkload"
 POD_KIND = "Pod"
@@ -123,6 +126,8 @@ class PlannedInput:
     ignored: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # Training/FineTuning/BatchInference workloads: their total and progress query, by key.
     jobs: Mapping[str, progress.JobTerms] = dataclasses.field(default_factory=dict)
+    # The readable budgets, parsed (their allowances, cap schedules and forecasts: the horizon).
+    budgets: Mapping[str, EnergyBudget] = dataclasses.field(default_factory=dict)
 
 
 InputBuilder = Callable[[ClusterView, frozenset[str], datetime], PlannedInput]
@@ -172,6 +177,7 @@ def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
                 if item.kind != "EnergyBudget"
             },
             jobs=jobs,
+            budgets=dict(result.budgets),
         )
 
     return build
@@ -188,6 +194,9 @@ class Settings:
     accounting_seconds: float = 60.0
     # An agent silent for longer is lost: its node counts at maximum and takes no work.
     heartbeat_timeout_seconds: float = 30.0
+    # Hours the plan looks ahead for budgets with an allowance, a cap schedule or a carbon
+    # forecast (`budget_horizon`); 0: the one-instant planner alone.
+    horizon_hours: float = budget_horizon.DEFAULT_HORIZON_HOURS
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,8 @@ class Readings:
     the carbon intensity (gCO2/kWh) each budget's query gave, by budget. progress: the completed
     tokens each job's own progress query gave, by workload key. rate_window_seconds: the window of
     the reader's rates (a pod younger than two windows is not used for calibration).
+    carbon_forecasts: what each budget's forecast query gave, gCO2/kWh by hours ahead (a query
+    that did not answer: absent; the budget's hourly profile or static intensity stands in).
     """
 
     snapshot: TelemetrySnapshot | None = None
@@ -207,6 +218,7 @@ class Readings:
     intensities: Mapping[str, float | None] = field(default_factory=dict)
     progress: Mapping[str, float | None] = field(default_factory=dict)
     rate_window_seconds: float = 0.0
+    carbon_forecasts: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -231,6 +243,8 @@ class LastRound:
     built: PlannedInput
     # The tokens/s each Inference service was sized for (its forecast, or its declared demand).
     demands: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # The horizon's step: what it deferred and each budget's allowance outlook.
+    over_time: budget_horizon.OverTime | None = None
 
 
 @dataclass(frozen=True)
@@ -245,7 +259,8 @@ class Memory:
     placements in force while telemetry measured); applied_since: since when (the round's `now`)
     each replica has had its applied placement's node, variant, limit and clock (a reading whose
     window saw an earlier limit says nothing about this one); calibrated_at: when (monotonic) it
-    last learned. demand: measured tokens/s per service (its forecast). last_round: the last applied
+    last learned. demand: measured tokens/s per service (its forecast); hourly_demand: each
+    service's peak per wall-clock hour (the horizon's forecast). last_round: the last applied
     plan (accounting rounds between plans use it). ready_agents: nodes whose agent the last round
     counted as ready (the shell watches their heartbeats). budget_reported, reported,
     failure_reported: what was already said in an Event (one Event per cause, not per round).
@@ -259,6 +274,8 @@ class Memory:
     applied_placements: tuple[Placement, ...] = ()
     applied_since: Mapping[tuple[str, int], datetime] = field(default_factory=dict)
     calibrated_at: float | None = None
+    # (before `demand`: that field's name hides the module in the class body)
+    hourly_demand: demand.HourlyDemand = field(default_factory=demand.HourlyDemand)
     demand: demand.DemandHistory = field(default_factory=demand.DemandHistory)
     last_round: LastRound | None = None
     ready_agents: frozenset[str] = frozenset()
@@ -583,7 +600,8 @@ class Applied:
 class TelemetryRequests:
     """What the shell must read before `decide`/`account`: the power and token snapshot of
     `nodes` and `pods`; the energy from each start until `end` of its (nodes, pods); each
-    budget's carbon intensity query; each due job's progress query."""
+    budget's carbon intensity query; each due job's progress query; the carbon forecast query
+    of each budget the horizon plans (its samples: `budget_horizon.forecast_by_hours_ahead`)."""
 
     nodes: tuple[str, ...] = ()
     pods: tuple[PodKey, ...] = ()
@@ -593,6 +611,7 @@ class TelemetryRequests:
     )
     intensity_queries: Mapping[str, str] = field(default_factory=dict)
     progress_queries: Mapping[str, str] = field(default_factory=dict)
+    forecast_queries: Mapping[str, str] = field(default_factory=dict)
 
 
 # -- small pure helpers ----------------------------------------------------------------------------
@@ -996,9 +1015,11 @@ def telemetry_requests(
         if last is None:
             return TelemetryRequests()
         plan_input, jobs, active = last.plan_input, last.built.jobs, _still_active(view, last)
+        forecasts = {}
     else:
         prepared = _prepare(observed, now, build_input or _default_build_input(observed.settings))
         plan_input, jobs, active = prepared.plan_input, prepared.built.jobs, prepared.active
+        forecasts = _forecast_queries(prepared.built.budgets, observed.settings)
     pods = _pods_by_workload(view)
     due = _due(
         view,
@@ -1024,7 +1045,19 @@ def telemetry_requests(
             for key in due.workload_starts
             if (terms := jobs.get(key)) is not None and terms.prometheus_query is not None
         },
+        forecast_queries=forecasts,
     )
+
+
+def _forecast_queries(budgets: Mapping[str, EnergyBudget], settings: Settings) -> dict[str, str]:
+    """Each budget's carbon forecast query, when the horizon plans over time."""
+    if settings.horizon_hours <= 0 or not budget_horizon.plans_over_time(budgets.values()):
+        return {}
+    return {
+        name: budget.spec.carbon.forecast_prometheus_query
+        for name, budget in sorted(budgets.items())
+        if budget.spec.carbon is not None and budget.spec.carbon.forecast_prometheus_query
+    }
 
 
 # -- deciding a round ------------------------------------------------------------------------------
@@ -1061,6 +1094,7 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
     readings = observed.telemetry
     telemetry = readings.snapshot if readings is not None else None
     calibrator, history = _fork(memory)
+    hourly = copy.deepcopy(memory.hourly_demand)
     # Wake for the next retry: a failed replica's backoff, or a refused pod's.
     wakes = [r.retry_at for r in prepared.rejections.values() if r.retry_at > observed.monotonic]
     if life.wake_at is not None:
@@ -1077,8 +1111,19 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
         workloads=demand.with_forecast_demand(plan_input.workloads, history, observed.monotonic),
     )
     demands = {w.key: w.tokens_per_second for w in sized.workloads if w.tokens_per_second}
+    # Budgets with an allowance, a cap schedule or a carbon forecast: the horizon plans the next
+    # hours and this round applies its first slot (deferred work is left out of the solve).
+    hourly.forget(active)
+    timed = budget_horizon.plan_over_time(
+        sized,
+        built.budgets,
+        now,
+        horizon_hours=observed.settings.horizon_hours,
+        forecasts=readings.carbon_forecasts if readings is not None else None,
+        hourly_demand=hourly,
+    )
     model = CatalogueModel().calibrated(calibrator.corrections())
-    plan = plan_function(sized, model)
+    plan = plan_function(timed.plan_input, model)
     logger.info(
         "plan %s: %d placements, %d unplaced, %d workloads",
         plan.status,
@@ -1103,8 +1148,17 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
     if learned:
         corrections = calibrator.corrections()
     _record_demand(history, plan_input, prepared.pods_by_workload, telemetry, observed.monotonic)
+    _record_hourly(hourly, plan_input, prepared.pods_by_workload, telemetry, now)
 
     changes = _pod_round(view, active, plan, life, now)
+    if timed.deferred:  # a deferred job's evicted pods say until when and why
+        changes = dataclasses.replace(
+            changes,
+            disruptions=dataclasses.replace(
+                changes.disruptions,
+                unplaced={**changes.disruptions.unplaced, **_deferred_unplaced(timed.deferred)},
+            ),
+        )
     accounts, energy_counts, budget_counts = _account(
         view,
         active=active,
@@ -1126,6 +1180,7 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
         accounts=accounts,
         telemetry=telemetry,
         demands=demands,
+        deferred=timed.deferred,
     )
     budget_statuses, budget_reported, budget_metrics = _budget_statuses(
         view,
@@ -1136,6 +1191,7 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
         accounts=accounts,
         built=built,
         reported=memory.budget_reported,
+        allowances=timed.allowances,
     )
     next_memory = dataclasses.replace(
         memory,
@@ -1145,6 +1201,7 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
         applied_since=_applied_since(memory, plan.placements, now),
         calibrated_at=calibrated_at,
         demand=history,
+        hourly_demand=hourly,
         last_round=LastRound(
             plan=plan,
             plan_input=plan_input,
@@ -1152,6 +1209,7 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
             planned_at=now,
             built=built,
             demands=demands,
+            over_time=timed,
         ),
         ready_agents=frozenset(n.name for n in plan_input.nodes if n.agent_ready),
         budget_reported=budget_reported,
@@ -1423,15 +1481,45 @@ def _record_demand(
 ) -> None:
     """Add each service's measured tokens/s to its demand history: the sum over its running
     pods, when a fresh reading measured every one of them."""
+    for key, tokens_per_second in _measured_services(
+        plan_input, pods_by_workload, telemetry
+    ).items():
+        history.record(key, monotonic, tokens_per_second)
+
+
+def _record_hourly(
+    hourly: demand.HourlyDemand,
+    plan_input: PlanInput,
+    pods_by_workload: Mapping[str, list[Body]],
+    telemetry: TelemetrySnapshot | None,
+    now: datetime,
+) -> None:
+    """Add each service's measured tokens/s to its peak of the wall-clock hour (the horizon's
+    forecast for the same hour of later days)."""
+    for key, tokens_per_second in _measured_services(
+        plan_input, pods_by_workload, telemetry
+    ).items():
+        hourly.record(key, now.timestamp(), tokens_per_second)
+
+
+def _measured_services(
+    plan_input: PlanInput,
+    pods_by_workload: Mapping[str, list[Body]],
+    telemetry: TelemetrySnapshot | None,
+) -> dict[str, float]:
+    """Each service's measured tokens/s (the sum over its running pods), when a fresh reading
+    measured every one of them."""
+    measured: dict[str, float] = {}
     if telemetry is None or telemetry.stale:
-        return
+        return measured
     for workload in plan_input.workloads:
         if workload.type is not WorkloadType.INFERENCE:
             continue
         pods = [pod_id(p) for p in pods_by_workload.get(workload.key, []) if running(p)]
         values = [telemetry.pod_tokens_per_second.get(pod) for pod in pods]
         if pods and all(value is not None for value in values):
-            history.record(workload.key, monotonic, sum(v for v in values if v is not None))
+            measured[workload.key] = sum(v for v in values if v is not None)
+    return measured
 
 
 # -- accounting ------------------------------------------------------------------------------------
@@ -1723,11 +1811,14 @@ def _workload_statuses(
     accounts: Accounts,
     telemetry: TelemetrySnapshot | None = None,
     demands: Mapping[str, float] | None = None,
+    deferred: Iterable[budget_horizon.DeferredWork] = (),
 ) -> tuple[list[WorkloadStatus], frozenset[str]]:
     """Each handled workload's status and its Events; with `telemetry` (Prometheus configured)
     also its `TelemetryFresh` condition from this round's reading of its running pods. `demands`
-    are the tokens/s each service was sized for (SLOMet compares the plan with them). Returns
-    them and the workloads that exist (for metrics)."""
+    are the tokens/s each service was sized for (SLOMet compares the plan with them); `deferred`
+    the work the horizon holds back now (neither placed nor unplaced: Schedulable=False with
+    reason Deferred, and until when and why). Returns them and the workloads that exist (for
+    metrics)."""
     placements_by_workload: dict[str, list[Any]] = {}
     for placement in plan.placements:
         placements_by_workload.setdefault(placement.workload, []).append(placement)
@@ -1736,6 +1827,7 @@ def _workload_statuses(
     unplaced.update(
         {s.workload: Unplaced(s.workload, s.reason, s.constraint) for s in plan.shortfalls}
     )
+    unplaced.update(_deferred_unplaced(deferred))
     results: list[WorkloadStatus] = []
     for key, body in view.workloads.items():
         if is_deleting(body):
@@ -1797,6 +1889,11 @@ def _workload_statuses(
     return results, frozenset(view.workloads)
 
 
+def _deferred_unplaced(deferred: Iterable[budget_horizon.DeferredWork]) -> dict[str, Unplaced]:
+    """Deferred work as the status writer shows it: not placed now, reason Deferred."""
+    return {d.workload: Unplaced(d.workload, d.message, DEFERRED.lower()) for d in deferred}
+
+
 def _workload_events(
     ref: ObjectRef, previous: Mapping[str, Any], new: Mapping[str, Any]
 ) -> tuple[Event, ...]:
@@ -1809,13 +1906,17 @@ def _workload_events(
     )
     events: list[tuple[str, str, str]] = []
     # One Event when the workload becomes unschedulable or the binding constraint changes; a
-    # reason whose figures move every plan does not post an Event each time.
+    # reason whose figures move every plan does not post an Event each time. Work the horizon
+    # defers gets one Deferred Event per deferral (its message says until when and why).
     if schedulable["status"] == "False" and (
         before_schedulable is None
         or before_schedulable.get("status") != "False"
         or before_schedulable.get("reason") != schedulable["reason"]
     ):
-        events.append(("Warning", "Unschedulable", schedulable["message"]))
+        if schedulable["reason"] == DEFERRED:
+            events.append(("Normal", DEFERRED, schedulable["message"]))
+        else:
+            events.append(("Warning", "Unschedulable", schedulable["message"]))
     # Running is in the status (phase, Ready condition) but gets no Event: one API write per
     # workload less when a burst of pods starts.
     if before_phase is None:
@@ -1847,9 +1948,12 @@ def _budget_statuses(
     built: PlannedInput | None = None,
     planned_at: datetime | None = None,
     reported: Mapping[str, tuple[str, str]],
+    allowances: Mapping[str, budget_horizon.AllowanceOutlook] | None = None,
 ) -> tuple[list[StatusWrite], dict[str, tuple[str, str]], dict[str, BudgetMetric]]:
-    """Budget statuses, with the period's energy and carbon where accounting was due; an
-    Event where a budget becomes held, unreadable or loses a node from planning.
+    """Budget statuses, with the period's energy and carbon where accounting was due and the
+    horizon's `allowances` (remaining and projected figures, the `AllowanceExhausted`
+    condition); an Event where a budget becomes held, unreadable, loses a node from planning or
+    has no allowance left for all its flexible work.
     `planned_at`: when `plan` was made, if not `now`. Returns the writes, what Events have now
     been posted about, and the budgets' gauges."""
     built = built or PlannedInput(plan_input)
@@ -1879,6 +1983,21 @@ def _budget_statuses(
             invalid=built.invalid_budgets.get(name),
             planned_at=planned_at,
         )
+        outlook = (allowances or {}).get(name)
+        if outlook is not None:
+            new.update(outlook.status_fields())
+            new["conditions"] = [
+                *new["conditions"],
+                statuses.condition(
+                    previous.get("conditions") or [],
+                    budget_horizon.CONDITION_TYPE,
+                    outlook.exhausted,
+                    outlook.reason,
+                    outlook.message,
+                    now=now,
+                    observed_generation=int(body["metadata"].get("generation") or 1),
+                ),
+            ]
         ref = ObjectRef.of(BUDGET_KIND, body)
         events = _budget_events(ref, previous, new, posted)
         if accounts is not None:
@@ -1925,6 +2044,25 @@ def _budget_events(
         if posted.get(key) != seen:
             posted[key] = seen
             events.append(Event(ref, "Warning", after["reason"], after["message"]))
+    # An allowance that has no room for all flexible work: one Event each time it runs short
+    # (or for another allowance), none while it stays short.
+    exhausted = statuses.find_condition(
+        new.get("conditions") or [], budget_horizon.CONDITION_TYPE
+    )
+    key = f"EnergyBudget {ref.name} {budget_horizon.CONDITION_TYPE}"
+    if exhausted is None or exhausted["status"] != "True":
+        posted.pop(key, None)
+    else:
+        before = statuses.find_condition(
+            previous.get("conditions") or [], budget_horizon.CONDITION_TYPE
+        )
+        if key not in posted and before is not None and before.get("status") == "True":
+            posted[key] = (str(before.get("reason")), "")
+        if posted.get(key) != (exhausted["reason"], ""):
+            posted[key] = (exhausted["reason"], "")
+            events.append(
+                Event(ref, "Warning", budget_horizon.CONDITION_TYPE, exhausted["message"])
+            )
     return tuple(events)
 
 
@@ -1955,7 +2093,9 @@ def account(observed: Observed, now: datetime) -> Round:
     pods_by_workload = _pods_by_workload(view)
     active = _still_active(view, last)
     calibrator, history = _fork(memory)
+    hourly = copy.deepcopy(memory.hourly_demand)
     _record_demand(history, last.plan_input, pods_by_workload, telemetry, observed.monotonic)
+    _record_hourly(hourly, last.plan_input, pods_by_workload, telemetry, now)
     accounts, energy_counts, budget_counts = _account(
         view,
         active=active,
@@ -1977,6 +2117,7 @@ def account(observed: Observed, now: datetime) -> Round:
         accounts=accounts,
         telemetry=telemetry,
         demands=last.demands,
+        deferred=last.over_time.deferred if last.over_time is not None else (),
     )
     budget_statuses, budget_reported, budget_metrics = _budget_statuses(
         view,
@@ -1988,10 +2129,15 @@ def account(observed: Observed, now: datetime) -> Round:
         built=last.built,
         planned_at=last.planned_at,
         reported=memory.budget_reported,
+        allowances=last.over_time.allowances if last.over_time is not None else None,
     )
     return Round(
         memory=dataclasses.replace(
-            memory, calibrator=calibrator, demand=history, budget_reported=budget_reported
+            memory,
+            calibrator=calibrator,
+            demand=history,
+            hourly_demand=hourly,
+            budget_reported=budget_reported,
         ),
         workload_statuses=tuple(workload_statuses),
         budget_statuses=tuple(budget_statuses),

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from wattsched_api.meta import Source
-from wattsched_operator import accounting, core, desired
+from wattsched_operator import accounting, budget_horizon, core, desired
 from wattsched_operator.apply import Applier
 from wattsched_operator.cache import (
     BUDGETS,
@@ -76,6 +76,8 @@ class LoopSettings:
     # An agent silent for longer is lost: its node counts at maximum and takes no work. The loop
     # re-plans when a heartbeat it counted on expires, not only on the periodic re-plan.
     heartbeat_timeout_seconds: float = 30.0
+    # Hours the plan looks ahead for budgets that plan over time (0: one instant at a time).
+    horizon_hours: float = budget_horizon.DEFAULT_HORIZON_HOURS
 
     def core_settings(self) -> core.Settings:
         return core.Settings(
@@ -83,6 +85,7 @@ class LoopSettings:
             backoff_seconds=self.backoff_seconds,
             accounting_seconds=self.accounting_seconds,
             heartbeat_timeout_seconds=self.heartbeat_timeout_seconds,
+            horizon_hours=self.horizon_hours,
         )
 
 
@@ -368,12 +371,20 @@ class PlanningLoop:
             key: await self._bounded(self.telemetry.scalar, query, what=f"progress query of {key}")
             for key, query in requests.progress_queries.items()
         }
+        forecasts = {}
+        for name, query in requests.forecast_queries.items():
+            samples = await self._bounded(
+                self.telemetry.samples, query, what=f"carbon forecast query of {name}"
+            )
+            if samples:
+                forecasts[name] = budget_horizon.forecast_by_hours_ahead(samples)
         return core.Readings(
             snapshot=snapshot,
             energy=energy,
             intensities=intensities,
             progress=measured,
             rate_window_seconds=self.telemetry.config.rate_window_seconds,
+            carbon_forecasts=forecasts,
         )
 
     async def _bounded(self, function: Callable[..., T], *args: Any, what: str) -> T | None:

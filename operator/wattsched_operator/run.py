@@ -23,6 +23,7 @@ import kopf
 
 from wattsched_api.commandline import EXIT_NOT_FOUND, CommandError, CommandParser
 from wattsched_operator import handlers
+from wattsched_operator.budget_horizon import DEFAULT_HORIZON_HOURS
 from wattsched_operator.cache import ClusterCache
 from wattsched_operator.core import build_input_function
 from wattsched_operator.kube import (
@@ -44,6 +45,8 @@ PEERING_PATH = "/apis/kopf.dev/v1/clusterkopfpeerings"
 PEER_DEFAULT_LIFETIME_SECONDS = 60
 # How long a silent peer keeps its rank: the time another replica takes over after a crash.
 PEER_LIFETIME_SECONDS = 15
+# The longest --horizon-hours (as `wattsched plan --horizon-hours`).
+MAX_HORIZON_HOURS = 168
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="an agent silent for longer is lost: its node counts at maximum power and takes no "
         "work, and a re-plan moves the replicas there (agents report every 10 s by default)",
+    )
+    parser.add_argument(
+        "--horizon-hours",
+        type=float,
+        default=DEFAULT_HORIZON_HOURS,
+        help="hours the plan looks ahead for EnergyBudgets with an allowance, a cap schedule or "
+        "a carbon forecast (hourly slots; flexible work may wait for cleaner hours or the next "
+        "period); 0 plans one instant at a time",
     )
     parser.add_argument(
         "--confirm-timeout-seconds",
@@ -163,6 +174,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(
             f"--heartbeat-timeout-seconds={args.heartbeat_timeout_seconds:g}: must be a positive "
             "number of seconds (default 30; agents report every 10 s)"
+        )
+    if not 0 <= args.horizon_hours <= MAX_HORIZON_HOURS:
+        parser.error(
+            f"--horizon-hours={args.horizon_hours:g}: must be from 0 (one instant at a time) to "
+            f"{MAX_HORIZON_HOURS} (a week)"
         )
     try:
         args.catalogue = read_catalogue_file(args.catalogue_file)
@@ -288,6 +304,7 @@ def main(argv: list[str]) -> int:
         namespaces=tuple(args.namespace),
         accounting_seconds=args.accounting_seconds,
         heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
+        horizon_hours=args.horizon_hours,
     )
     build_input = build_input_function(args.heartbeat_timeout_seconds)
     config = telemetry_config(args)

@@ -394,6 +394,20 @@ class TelemetryReader:
             missing_nodes=missing,
         )
 
+    def samples(self, promql: str) -> list[tuple[dict[str, str], float]]:
+        """Every series of a query as (labels, value), e.g. a carbon forecast with one series per
+        hour ahead; empty if Prometheus is unavailable. Values that are not finite are left out."""
+        try:
+            rows = self._query(promql)
+        except PrometheusUnavailableError:
+            return []
+        out = []
+        for row in rows:
+            value = float(row["value"][1])
+            if not (math.isnan(value) or math.isinf(value)):
+                out.append(({str(k): str(v) for k, v in (row.get("metric") or {}).items()}, value))
+        return out
+
     def scalar(self, promql: str) -> float | None:
         """The value of a one-series query (e.g. a carbon intensity in gCO2/kWh); None if absent,
         ambiguous or Prometheus is unavailable."""

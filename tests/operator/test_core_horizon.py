@@ -1,0 +1,228 @@
+"""The horizon in the decision core: a budget near its allowance defers flexible work (Schedulable
+False, reason Deferred, one Event per deferral), says so in its status (remaining and projected
+allowance, the AllowanceExhausted condition and its Event), and the shell is told to read each
+budget's carbon forecast query; `horizon_hours=0` plans one instant at a time as before."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tests.operator.test_core import node, profile, replica_pod, service
+from wattsched_operator import core, statuses
+
+NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+# 420 g/kWh except from 15:00 to 18:00 UTC, 140 g/kWh.
+EVENING_CLEAN = [140.0 if 15 <= hour < 18 else 420.0 for hour in range(24)]
+
+
+def job(name: str = "tune") -> dict[str, Any]:
+    return {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "LLMWorkload",
+        "metadata": {"name": name, "namespace": "team", "uid": f"uid-{name}", "generation": 1},
+        "spec": {
+            "type": "FineTuning",
+            "model": {"name": "m", "parametersBillions": 8},
+            "gpu": {"count": 1},
+            "slo": {"totalWork": {"gpuHours": 4}},
+            "template": {"spec": {"containers": [{"name": "main", "image": "x"}]}},
+        },
+    }
+
+
+def budget(spec: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "wattsched.io/v1alpha1",
+        "kind": "EnergyBudget",
+        "metadata": {"name": "cluster", "uid": "uid-cluster", "generation": 1},
+        "spec": {"nodeSelector": {}, "powerCapWatts": 20000, **spec},
+    }
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+NEAR_ALLOWANCE = budget(
+    {"energy": {"kWh": 10, "period": "Day"}},
+    {"energyUsedKWh": 9.99, "periodStart": "2026-12-05T00:00:00Z"},
+)
+
+
+def cluster(
+    budget_body: dict[str, Any], workloads: list[dict[str, Any]], pods: list[dict[str, Any]] = ()
+) -> core.ClusterView:
+    nodes = [node("l40s-0"), node("l40s-1")]
+    return core.ClusterView(
+        workloads={f"team/{w['metadata']['name']}": w for w in workloads},
+        budgets={budget_body["metadata"]["name"]: budget_body},
+        nodes={n["metadata"]["name"]: n for n in nodes},
+        profiles={n["metadata"]["name"]: profile(n["metadata"]["name"]) for n in nodes},
+        pods={f"team/{p['metadata']['name']}": p for p in pods},
+    )
+
+
+def statuses_by_key(round_: core.Round) -> dict[str, core.WorkloadStatus]:
+    return {s.key: s for s in round_.workload_statuses}
+
+
+def budget_write(round_: core.Round) -> core.StatusWrite:
+    (write,) = round_.budget_statuses
+    return write
+
+
+def applied(body: dict[str, Any], write: core.StatusWrite | None) -> dict[str, Any]:
+    """The body as the API server has it after the round's status write."""
+    if write is None:
+        return body
+    return {**body, "status": {**(body.get("status") or {}), **write.status}}
+
+
+def test_a_budget_near_its_allowance_defers_the_job_and_keeps_the_service() -> None:
+    observed = core.Observed(cluster(NEAR_ALLOWANCE, [service(), job()]), monotonic=100.0)
+    round_ = core.decide(observed, NOW)
+
+    assert round_.plan is not None
+    placed = {p.workload for p in round_.plan.placements}
+    assert placed == {"team/chat"}  # inference keeps serving
+    assert "team/tune" not in {u.workload for u in round_.plan.unplaced}
+    assert [p["metadata"]["name"] for p in round_.create] == ["chat-0"]
+    tune = statuses_by_key(round_)["team/tune"]
+    assert tune.phase == statuses.PENDING
+    assert tune.write is not None
+    schedulable = statuses.find_condition(tune.write.status["conditions"], "Schedulable")
+    assert schedulable is not None
+    assert (schedulable["status"], schedulable["reason"]) == ("False", core.DEFERRED)
+    message = (
+        "Deferred until 00:00 UTC: EnergyBudget cluster has no allowance left for it this day "
+        "(10.0 of 10 kWh used)"
+    )
+    assert schedulable["message"] == message
+    assert tune.write.status["message"] == message
+    events = [(e.type, e.reason, e.message) for e in tune.write.events]
+    assert ("Normal", core.DEFERRED, message) in events
+    assert not [e for e in events if e[1] == "Unschedulable"]
+
+    write = budget_write(round_)
+    assert write.status["remainingKWh"] == 0.01
+    assert write.status["projectedKWhAtPeriodEnd"] > 10
+    exhausted = statuses.find_condition(write.status["conditions"], "AllowanceExhausted")
+    assert exhausted is not None
+    assert (exhausted["status"], exhausted["reason"]) == ("True", "EnergyAllowance")
+    assert "team/tune: " + message in exhausted["message"]
+    assert [e.reason for e in write.events] == ["AllowanceExhausted"]
+    # The memory keeps what was deferred (accounting rounds between plans keep saying so).
+    assert round_.memory.last_round is not None
+    assert round_.memory.last_round.over_time is not None
+    assert [d.workload for d in round_.memory.last_round.over_time.deferred] == ["team/tune"]
+
+
+def test_a_deferral_and_an_exhausted_allowance_post_one_event_not_one_per_round() -> None:
+    workloads = [service(), job()]
+    first = core.decide(core.Observed(cluster(NEAR_ALLOWANCE, workloads), monotonic=100.0), NOW)
+    tune_write = statuses_by_key(first)["team/tune"].write
+    workloads = [workloads[0], applied(workloads[1], tune_write)]
+    budget_body = applied(NEAR_ALLOWANCE, budget_write(first))
+    later = NOW + timedelta(minutes=5)
+    second = core.decide(
+        core.Observed(cluster(budget_body, workloads), memory=first.memory, monotonic=400.0),
+        later,
+    )
+    tune = statuses_by_key(second)["team/tune"]
+    assert tune.phase == statuses.PENDING
+    assert tune.write is None or not [e for e in tune.write.events if e.reason == core.DEFERRED]
+    assert budget_write(second).events == ()
+    # An accounting round between plans keeps the condition and the deferral.
+    between = core.account(
+        core.Observed(cluster(budget_body, workloads), memory=second.memory, monotonic=450.0),
+        later + timedelta(minutes=1),
+    )
+    (between_budget,) = between.budget_statuses
+    kept = statuses.find_condition(between_budget.status["conditions"], "AllowanceExhausted")
+    assert kept is not None and kept["status"] == "True"
+    between_tune = statuses_by_key(between)["team/tune"]
+    assert between_tune.write is None or (
+        statuses.find_condition(between_tune.write.status["conditions"], "Schedulable") or {}
+    ).get("reason") == core.DEFERRED
+
+
+def test_a_running_preemptible_job_deferred_by_its_allowance_is_preempted_and_says_why() -> None:
+    tune = job()
+    tune["spec"]["preemptible"] = True
+    tune["status"] = {"phase": statuses.RUNNING}
+    pod = replica_pod("tune", "l40s-0", annotations=None)
+    observed = core.Observed(cluster(NEAR_ALLOWANCE, [tune], [pod]), monotonic=100.0)
+    round_ = core.decide(observed, NOW)
+    assert [(e.namespace, e.name) for e in round_.evict] == [("team", "tune-0")]
+    assert statuses_by_key(round_)["team/tune"].phase == statuses.PREEMPTED
+    report = round_.disruptions.report([("team", "tune-0")])
+    (event,) = [e for e in report.events if e.reason == "Preempted"]
+    assert "Deferred until 00:00 UTC" in event.message
+    # Running work that may not be preempted keeps running (the horizon does not defer it).
+    tune["spec"]["preemptible"] = False
+    kept = core.decide(observed, NOW)
+    assert kept.evict == ()
+    assert kept.plan is not None
+    assert {p.workload for p in kept.plan.placements} == {"team/tune"}
+
+
+def test_with_room_in_the_allowance_nothing_waits_and_the_status_says_within() -> None:
+    roomy = budget(
+        {"energy": {"kWh": 10000, "period": "Day"}},
+        {"energyUsedKWh": 1.0, "periodStart": "2026-12-05T00:00:00Z"},
+    )
+    round_ = core.decide(core.Observed(cluster(roomy, [service(), job()]), monotonic=1.0), NOW)
+    assert round_.plan is not None
+    assert {p.workload for p in round_.plan.placements} == {"team/chat", "team/tune"}
+    write = budget_write(round_)
+    exhausted = statuses.find_condition(write.status["conditions"], "AllowanceExhausted")
+    assert exhausted is not None
+    assert (exhausted["status"], exhausted["reason"]) == ("False", "WithinAllowance")
+    assert write.status["remainingKWh"] == 9999.0
+    assert write.events == ()
+
+
+def test_horizon_hours_zero_plans_one_instant_as_before() -> None:
+    settings = core.Settings(horizon_hours=0)
+    observed = core.Observed(
+        cluster(NEAR_ALLOWANCE, [service(), job()]), monotonic=1.0, settings=settings
+    )
+    round_ = core.decide(observed, NOW)
+    assert round_.plan is not None
+    assert {p.workload for p in round_.plan.placements} == {"team/chat", "team/tune"}
+    write = budget_write(round_)
+    assert "remainingKWh" not in write.status
+    assert statuses.find_condition(write.status["conditions"], "AllowanceExhausted") is None
+
+
+def test_the_shell_reads_each_forecast_query_and_the_core_plans_with_its_samples() -> None:
+    carbon_budget = budget(
+        {
+            "carbon": {
+                "intensityGramsPerKWh": 420,
+                "forecastPrometheusQuery": "carbon_forecast_g_per_kwh",
+            }
+        }
+    )
+    deadline = job()
+    deadline["spec"]["slo"] = {
+        "totalWork": {"gpuHours": 2},
+        "deadline": (NOW + timedelta(hours=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    observed = core.Observed(cluster(carbon_budget, [deadline]), monotonic=1.0)
+    requests = core.telemetry_requests(observed, NOW)
+    assert requests.forecast_queries == {"cluster": "carbon_forecast_g_per_kwh"}
+    # None when the horizon is off.
+    off = dataclasses.replace(observed, settings=core.Settings(horizon_hours=0))
+    assert core.telemetry_requests(off, NOW).forecast_queries == {}
+
+    # The forecast: 420 g/kWh for the next hours, 140 from 15:00 UTC (3 hours ahead).
+    forecast = {ahead: EVENING_CLEAN[(12 + ahead) % 24] for ahead in range(30)}
+    readings = core.Readings(carbon_forecasts={"cluster": forecast})
+    round_ = core.decide(dataclasses.replace(observed, telemetry=readings), NOW)
+    tune = statuses_by_key(round_)["team/tune"]
+    assert tune.write is not None
+    schedulable = statuses.find_condition(tune.write.status["conditions"], "Schedulable")
+    assert schedulable is not None
+    assert schedulable["message"] == "Deferred until 15:00 UTC: 140 g/kWh then vs 420 now"
