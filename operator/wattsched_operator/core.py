@@ -2053,11 +2053,11 @@ def _budget_events(
     if exhausted is None or exhausted["status"] != "True":
         posted.pop(key, None)
     else:
-        before = statuses.find_condition(
+        was = statuses.find_condition(
             previous.get("conditions") or [], budget_horizon.CONDITION_TYPE
         )
-        if key not in posted and before is not None and before.get("status") == "True":
-            posted[key] = (str(before.get("reason")), "")
+        if key not in posted and was is not None and was.get("status") == "True":
+            posted[key] = (str(was.get("reason")), "")
         if posted.get(key) != (exhausted["reason"], ""):
             posted[key] = (exhausted["reason"], "")
             events.append(
