@@ -2,7 +2,8 @@
 
 Reads the workload, the NodePowerProfiles of its nodes, the EnergyBudgets and the workload's Events
 from the cluster, and prints its placement (node, variant, per-GPU power limit, what the agent
-applied), the budgets whose scope holds it with their headroom, the reason it is unplaced, and for
+applied), the budgets whose scope holds it with their headroom and allowance, the reason it is
+unplaced or deferred (until when and why: the operator's horizon plan), and for
 placed replicas what keeps their power limit where it is (a budget without room for the next
 power level, `spec.energy.maxPowerWattsPerGPU`, the energy policy, or nothing: the GPU's maximum)
 and why a replica's SM clocks are locked (its NodePowerProfile entry) with what that saves
@@ -31,6 +32,8 @@ from wattsched_api.commandline import (
 )
 from wattsched_api.meta import GPU_PRODUCT_LABEL
 from wattsched_operator import replica_groups
+from wattsched_operator.budget_horizon import CONDITION_TYPE as ALLOWANCE_EXHAUSTED
+from wattsched_operator.budget_horizon import DEFERRED_REASON as DEFERRED
 from wattsched_operator.kube import (
     Kube,
     KubeError,
@@ -255,6 +258,7 @@ def explanation(
         "placements": [],
         "power": None,
         "unplaced": None,
+        "deferred": None,
         "heldBackByBudget": None,
         "powerLimitReasons": [],
         "smClockReasons": [],
@@ -294,7 +298,13 @@ def explanation(
     schedulable = conditions.get("Schedulable")
     limited = conditions.get("BudgetLimited")
     slo = conditions.get("SLOMet")
-    if schedulable is not None and schedulable.get("status") == "False":
+    if (
+        schedulable is not None
+        and schedulable.get("status") == "False"
+        and schedulable.get("reason") == DEFERRED
+    ):
+        document["deferred"] = schedulable.get("message")
+    elif schedulable is not None and schedulable.get("status") == "False":
         document["unplaced"] = {
             "reason": schedulable.get("reason"),
             "message": schedulable.get("message"),
@@ -324,6 +334,12 @@ def explanation(
                 "capWatts": (b.get("spec") or {}).get("powerCapWatts"),
                 "allocatedCapWatts": b_status.get("allocatedCapWatts"),
                 "headroomWatts": b_status.get("headroomWatts"),
+                "remainingKWh": b_status.get("remainingKWh"),
+                "projectedKWhAtPeriodEnd": b_status.get("projectedKWhAtPeriodEnd"),
+                "allowanceExhausted": (_conditions(b_status).get(ALLOWANCE_EXHAUSTED) or {}).get(
+                    "status"
+                )
+                == "True",
             }
         )
     recent = sorted(events, key=lambda e: str(e.get("lastTimestamp") or ""))[-5:]
@@ -408,6 +424,8 @@ def render(
         lines.append(
             f"  unplaced because of {doc['unplaced']['reason']}: {doc['unplaced']['message']}"
         )
+    elif doc["deferred"]:
+        lines.append(f"  deferred by the horizon plan: {doc['deferred']}")
     elif doc["heldBackByBudget"]:
         lines.append(f"  held back by a budget: {doc['heldBackByBudget']}")
     if doc["placements"]:
@@ -424,7 +442,7 @@ def render(
         lines += [
             f"    {b['name']}: cap {_fmt_watts(b['capWatts'])}"
             f", allocated {_fmt_watts(b['allocatedCapWatts'])}"
-            f", headroom {_fmt_watts(b['headroomWatts'])}"
+            f", headroom {_fmt_watts(b['headroomWatts'])}" + _allowance_text(b)
             for b in doc["budgets"]
         ]
     if doc["disruptions"]:
@@ -439,6 +457,16 @@ def render(
             for e in doc["events"]
         ]
     return "\n".join(lines)
+
+
+def _allowance_text(budget: Mapping[str, Any]) -> str:
+    """A budget's energy allowance as explain shows it (empty without one)."""
+    if budget.get("remainingKWh") is None:
+        return ""
+    text = f", {budget['remainingKWh']:g} kWh left this period"
+    if budget.get("projectedKWhAtPeriodEnd") is not None:
+        text += f" ({budget['projectedKWhAtPeriodEnd']:g} kWh projected at its end, modelled)"
+    return text + (", allowance exhausted" if budget.get("allowanceExhausted") else "")
 
 
 def products(nodes: Sequence[Body]) -> dict[str, str]:

@@ -37,6 +37,8 @@ DEFAULT_HORIZON_HOURS = 24
 # The cap of a slot is the lowest cap of any window that overlaps it, checked at this step.
 WINDOW_CHECK_MINUTES = 5
 CONDITION_TYPE = "AllowanceExhausted"
+# The Schedulable reason (and the Event reason) of work the horizon defers to a later hour.
+DEFERRED_REASON = "Deferred"
 
 
 def plans_over_time(budgets: Iterable[EnergyBudget]) -> bool:

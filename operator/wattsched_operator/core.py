@@ -78,8 +78,6 @@ ANNOTATION_RETRY_AFTER = "wattsched.io/retry-after"
 ANNOTATION_FAILURE_COUNTED = "wattsched.io/failure-counted"
 # Reason of the conditions and Events of a round that could not plan at all.
 PLAN_FAILED = "PlanFailed"
-# The Schedulable reason (and Event reason) of work the horizon defers to a later hour.
-DEFERRED = "Deferred"
 BUDGET_KIND = "EnergyBudget"
 WORKLOAD_KIND = "LLMWorkload"
 POD_KIND = "Pod"
@@ -1891,7 +1889,10 @@ def _workload_statuses(
 
 def _deferred_unplaced(deferred: Iterable[budget_horizon.DeferredWork]) -> dict[str, Unplaced]:
     """Deferred work as the status writer shows it: not placed now, reason Deferred."""
-    return {d.workload: Unplaced(d.workload, d.message, DEFERRED.lower()) for d in deferred}
+    return {
+        d.workload: Unplaced(d.workload, d.message, budget_horizon.DEFERRED_REASON.lower())
+        for d in deferred
+    }
 
 
 def _workload_events(
@@ -1913,8 +1914,8 @@ def _workload_events(
         or before_schedulable.get("status") != "False"
         or before_schedulable.get("reason") != schedulable["reason"]
     ):
-        if schedulable["reason"] == DEFERRED:
-            events.append(("Normal", DEFERRED, schedulable["message"]))
+        if schedulable["reason"] == budget_horizon.DEFERRED_REASON:
+            events.append(("Normal", budget_horizon.DEFERRED_REASON, schedulable["message"]))
         else:
             events.append(("Warning", "Unschedulable", schedulable["message"]))
     # Running is in the status (phase, Ready condition) but gets no Event: one API write per
@@ -2046,9 +2047,7 @@ def _budget_events(
             events.append(Event(ref, "Warning", after["reason"], after["message"]))
     # An allowance that has no room for all flexible work: one Event each time it runs short
     # (or for another allowance), none while it stays short.
-    exhausted = statuses.find_condition(
-        new.get("conditions") or [], budget_horizon.CONDITION_TYPE
-    )
+    exhausted = statuses.find_condition(new.get("conditions") or [], budget_horizon.CONDITION_TYPE)
     key = f"EnergyBudget {ref.name} {budget_horizon.CONDITION_TYPE}"
     if exhausted is None or exhausted["status"] != "True":
         posted.pop(key, None)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.operator.test_core import node, profile, replica_pod, service
-from wattsched_operator import core, statuses
+from wattsched_operator import budget_horizon, core, statuses
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 # 420 g/kWh except from 15:00 to 18:00 UTC, 140 g/kWh.
@@ -95,7 +95,10 @@ def test_a_budget_near_its_allowance_defers_the_job_and_keeps_the_service() -> N
     assert tune.write is not None
     schedulable = statuses.find_condition(tune.write.status["conditions"], "Schedulable")
     assert schedulable is not None
-    assert (schedulable["status"], schedulable["reason"]) == ("False", core.DEFERRED)
+    assert (schedulable["status"], schedulable["reason"]) == (
+        "False",
+        budget_horizon.DEFERRED_REASON,
+    )
     message = (
         "Deferred until 00:00 UTC: EnergyBudget cluster has no allowance left for it this day "
         "(10.0 of 10 kWh used)"
@@ -103,7 +106,7 @@ def test_a_budget_near_its_allowance_defers_the_job_and_keeps_the_service() -> N
     assert schedulable["message"] == message
     assert tune.write.status["message"] == message
     events = [(e.type, e.reason, e.message) for e in tune.write.events]
-    assert ("Normal", core.DEFERRED, message) in events
+    assert ("Normal", budget_horizon.DEFERRED_REASON, message) in events
     assert not [e for e in events if e[1] == "Unschedulable"]
 
     write = budget_write(round_)
@@ -133,7 +136,9 @@ def test_a_deferral_and_an_exhausted_allowance_post_one_event_not_one_per_round(
     )
     tune = statuses_by_key(second)["team/tune"]
     assert tune.phase == statuses.PENDING
-    assert tune.write is None or not [e for e in tune.write.events if e.reason == core.DEFERRED]
+    assert tune.write is None or not [
+        e for e in tune.write.events if e.reason == budget_horizon.DEFERRED_REASON
+    ]
     assert budget_write(second).events == ()
     # An accounting round between plans keeps the condition and the deferral.
     between = core.account(
@@ -151,7 +156,7 @@ def test_a_deferral_and_an_exhausted_allowance_post_one_event_not_one_per_round(
     if between_tune.write is not None:
         again = statuses.find_condition(between_tune.write.status["conditions"], "Schedulable")
         assert again is not None
-        assert again["reason"] == core.DEFERRED
+        assert again["reason"] == budget_horizon.DEFERRED_REASON
         assert not between_tune.write.events
 
 
