@@ -1,7 +1,9 @@
 """`wattsched status` (also `kubectl wattsched status`): energy scheduling on one screen.
 
 Per EnergyBudget: cap, allocated (sum of planned GPU power limits), measured draw, headroom, energy
-used this period, the allowance left and the energy projected to the period's end; the workloads
+used this period, the allowance left and the energy projected to the period's end (the operator's
+horizon plan's projection when the status has one, else the current draw held to the end) and an
+exhausted allowance's condition; the workloads
 that are not placed, with the reason the operator gives; recent moves and preemptions (the
 operator's Events); GPU nodes whose agent has not confirmed its limits; and failed planning rounds
 (budgets whose last plan is old or infeasible, and, with `--operator-metrics-url`, the operator's
@@ -29,6 +31,7 @@ from wattsched_api.errors import ApiValidationError
 from wattsched_api.nodepowerprofile import parse_nodepowerprofile
 from wattsched_cli.cluster_read import ClusterReadError, connect, list_objects, read_cluster
 from wattsched_operator.accounting import JOULES_PER_KWH, Period, parse_rfc3339, period_start
+from wattsched_operator.budget_horizon import CONDITION_TYPE as ALLOWANCE_EXHAUSTED
 from wattsched_operator.kube import Kube, KubeError
 from wattsched_operator.snapshot import Body, ClusterObjects, SnapshotError, gpu_count
 
@@ -115,7 +118,10 @@ def allowance(budget: Body, now: datetime) -> Allowance:
     watts = measured if measured is not None else status.get("expectedWatts")
     source = "measured" if measured is not None else "modelled"
     projected = None
-    if used_kwh is not None and watts is not None:
+    planned = status.get("projectedKWhAtPeriodEnd")
+    if planned is not None:  # the operator's horizon plan: deferred work and cleaner hours in it
+        projected = float(planned)
+    elif used_kwh is not None and watts is not None:
         accounted = parse_rfc3339(status.get("accountedUntil")) or now
         seconds_left = max(0.0, (end - accounted).total_seconds())
         pue = float(spec.get("pue") or 1.0)
@@ -154,6 +160,9 @@ def _budget_section(budgets: Sequence[Body], now: datetime) -> list[str]:
                 f"{figures.period_end:%Y-%m-%d %H:%M} UTC, above its "
                 f"{_kwh(figures.allowed_kwh)} kWh"
             )
+        exhausted = _condition(budget, ALLOWANCE_EXHAUSTED)
+        if exhausted is not None and exhausted.get("status") == "True":
+            notes.append(f"{name}: {ALLOWANCE_EXHAUSTED}: {exhausted.get('message')}")
         rows.append(
             [
                 name,

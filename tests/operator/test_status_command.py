@@ -106,6 +106,25 @@ def test_budget_rows_show_cap_allocated_headroom_and_flag_a_projected_overrun() 
     assert "! rack-a: projected to use 208 kWh by 2026-12-06 00:00 UTC, above its 200" in text
 
 
+def test_the_operators_horizon_projection_and_an_exhausted_allowance_are_shown() -> None:
+    exhausted = {
+        "type": "AllowanceExhausted",
+        "status": "True",
+        "reason": "EnergyAllowance",
+        "message": "The day's allowance has no room for all flexible work (199.0 of 200 kWh used)",
+    }
+    body = budget("rack-a", projectedKWhAtPeriodEnd=199.5, conditions=[exhausted])
+    # The plan's projection (flexible work deferred), not the current draw held to the end.
+    assert allowance(body, NOW).projected_kwh == pytest.approx(199.5)
+    text = render(ClusterObjects(budgets=(body,)), [], NOW)
+    row = next(line.split() for line in text.splitlines() if line.startswith("rack-a "))
+    assert row[9:] == ["200", "modelled"]  # 199.5 rounded, not over
+    assert (
+        "! rack-a: AllowanceExhausted: The day's allowance has no room for all flexible work "
+        "(199.0 of 200 kWh used)"
+    ) in text
+
+
 def test_unplaced_workloads_are_listed_with_the_operators_reason() -> None:
     objects = ClusterObjects(
         workloads=(
