@@ -1,16 +1,22 @@
 """Budgets over time on the sandbox (issue 14): an EnergyBudget whose daily allowance has no room
 for a fine-tuning job defers it (Schedulable=False, reason Deferred, one Deferred Event), says so
 in its status (AllowanceExhausted, remaining and projected kWh, `kubectl get eb -o wide`) with a
-Warning Event, and `wattsched explain` says why the job waits; raising the allowance places it."""
+Warning Event, and `wattsched explain` says why the job waits; raising the allowance places it.
+A carbon forecast read from Prometheus (the budget's forecastPrometheusQuery) defers a job with a
+deadline to the clean hours."""
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.operator.conftest import StartOperator, get_json, wait_until
 from tests.operator.test_operator_cluster import apply, budget, events_of, pods_of, workload
+from tests.telemetry.conftest import start_prometheus
 from wattsched_cli import explain
 
 if TYPE_CHECKING:
@@ -133,3 +139,48 @@ def test_an_exhausted_allowance_defers_a_job_with_a_condition_and_events(
     )
     cleared = condition(get_json(sandbox, "energybudget", NAME), "AllowanceExhausted")
     assert (cleared["status"], cleared["reason"]) == ("False", "WithinAllowance")
+
+
+@pytest.mark.prometheus
+def test_a_carbon_forecast_read_from_prometheus_defers_a_job_to_the_clean_hours(
+    sandbox: Sandbox,
+    namespace: str,
+    start_operator: StartOperator,
+    agents: Path,
+    tmp_path: Path,
+) -> None:
+    wait_until("the agents' targets file", agents.exists)
+    server = start_prometheus(tmp_path / "prometheus", agents)
+    # The documented shape: one series per hour ahead, label hours_ahead; 140 g/kWh 3 to 8 hours
+    # ahead, 420 otherwise.
+    forecast = " or ".join(
+        f'label_replace(vector({140 if 3 <= ahead < 9 else 420}), "hours_ahead", "{ahead}", "", "")'
+        for ahead in range(30)
+    )
+    try:
+        start_operator("--prometheus-url", server.url, "--replan-seconds", "2")
+        clean = budget("forecast-clean", 100000, SCOPE)
+        # The static intensity (300) is the fallback only: "420 now" comes from the forecast.
+        clean["spec"]["carbon"] = {"intensityGramsPerKWh": 300, "forecastPrometheusQuery": forecast}
+        apply(sandbox, None, clean)
+        job = workload("nightly", type_="FineTuning", gpus=1, products=["NVIDIA-L4"])
+        deadline = datetime.now(UTC) + timedelta(hours=30)
+        job["spec"]["slo"] = {
+            # A few hours' work: it fits in the clean hours.
+            "totalWork": {"gpuHours": 0.5},
+            "deadline": deadline.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        apply(sandbox, namespace, job)
+
+        def deferred() -> dict[str, Any] | None:
+            body = get_json(sandbox, "llmworkload", "nightly", "-n", namespace)
+            found = condition(body, "Schedulable")
+            return found if found.get("reason") == "Deferred" else None
+
+        schedulable = wait_until("the job deferred", deferred, timeout_seconds=120)
+        assert re.fullmatch(
+            r"Deferred until \d\d:00 UTC: 140 g/kWh then vs 420 now", schedulable["message"]
+        )
+        assert pods_of(sandbox, namespace, "nightly") == []
+    finally:
+        server.stop()
