@@ -155,6 +155,7 @@ def test_schema_describes_every_property_and_closes_every_object() -> None:
         ("agent.nvml.capabilities[0]=NET_ADMIN", "capabilities"),
         ("agent.securityContext.capabilities.add[0]=SYS_ADMIN", "securityContext"),
         ("image.digest=latest", "digest"),
+        ("operator.horizonHours=-1", "horizonHours"),
     ],
 )
 def test_schema_rejects_values_it_does_not_allow(
@@ -250,6 +251,13 @@ def test_operator_uses_peering_by_default_and_standalone_without_it(chart: Chart
     )
     assert "--standalone" in _container(standalone)["args"]
     assert standalone["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_operator_plans_a_day_ahead_by_default_and_the_horizon_is_a_value(chart: Chart) -> None:
+    default = _container(find(chart.render(), "Deployment", "-operator"))
+    assert "--horizon-hours=24" in default["args"]
+    off = find(chart.render(set_values=("operator.horizonHours=0",)), "Deployment", "-operator")
+    assert "--horizon-hours=0" in _container(off)["args"]
 
 
 def test_nvml_agent_gets_sys_admin_and_nothing_else(chart: Chart) -> None:

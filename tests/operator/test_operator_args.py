@@ -62,3 +62,17 @@ def test_a_heartbeat_timeout_that_is_not_a_positive_number_is_refused(
     with pytest.raises(SystemExit):
         parse_args(["--heartbeat-timeout-seconds", seconds])
     assert "--heartbeat-timeout-seconds=" in capsys.readouterr().err
+
+
+def test_the_horizon_is_a_day_by_default_and_0_plans_one_instant() -> None:
+    assert parse_args([]).horizon_hours == 24.0
+    assert parse_args(["--horizon-hours", "0"]).horizon_hours == 0.0
+
+
+@pytest.mark.parametrize("hours", ["-1", "169", "nan"])
+def test_a_horizon_outside_0_to_a_week_is_refused_naming_the_flag(
+    hours: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--horizon-hours", hours])
+    assert f"--horizon-hours={float(hours):g}: must be from 0" in capsys.readouterr().err
