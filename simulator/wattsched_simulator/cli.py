@@ -18,7 +18,8 @@ from typing import Any
 from tqdm import tqdm
 
 from wattsched_api.commandline import CommandParser
-from wattsched_operator import demand
+from wattsched_operator import core, demand
+from wattsched_operator.budget_horizon import DEFAULT_HORIZON_HOURS
 from wattsched_optimizer.problem import EnergyPolicy, PlanOptions
 
 from .baselines import baseline
@@ -33,6 +34,8 @@ from .truth import GroundTruth
 from .workloads import generate_jobs, services_from_traces
 
 ALL_POLICIES = ("spread-max", "binpack-max", "static-cap", "wattsched", "oracle")
+# The longest --horizon-hours (as the operator's).
+MAX_HORIZON_HOURS = 168
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class PolicySettings:
     # Ablations of the planner: never lock SM clocks; only each workload's best-quality variant.
     sm_clocks: bool = True
     best_variant_only: bool = False
+    # The operator's horizon (`--horizon-hours`; 0: one instant at a time, the carbon-agnostic
+    # reference) and whether the scenario's hourly carbon curve is the budgets' forecast.
+    horizon_hours: float = DEFAULT_HORIZON_HOURS
+    carbon_forecast: bool = False
 
 
 def make_policy(name: str, truth: GroundTruth, settings: PolicySettings) -> Policy:
@@ -64,6 +71,8 @@ def make_policy(name: str, truth: GroundTruth, settings: PolicySettings) -> Poli
             settings.energy_policy,
             headroom=settings.headroom,
             best_variant_only=settings.best_variant_only,
+            settings=core.Settings(horizon_hours=settings.horizon_hours),
+            carbon_forecast=settings.carbon_forecast,
         )
     if name == "oracle":
         return PlannerPolicy(
@@ -237,7 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="constant gCO2/kWh (default: the widest budget's "
         f"spec.carbon.intensityGramsPerKWh, else {DEFAULT_GRAMS_PER_KWH:.0f})",
     )
-    parser.add_argument("--carbon-csv", type=Path, help="hourly curve: CSV with hour,gramsPerKWh")
+    parser.add_argument(
+        "--carbon-csv",
+        type=Path,
+        help="hourly curve: CSV with hour,gramsPerKWh; the wattsched policy's budgets see it as "
+        "their carbon forecast (spec.carbon.forecastPrometheusQuery) when --horizon-hours > 0",
+    )
+    parser.add_argument(
+        "--horizon-hours",
+        type=float,
+        default=DEFAULT_HORIZON_HOURS,
+        help="the wattsched policy's horizon (the operator's --horizon-hours, default "
+        f"{DEFAULT_HORIZON_HOURS}); 0 plans one instant at a time (the carbon-agnostic reference)",
+    )
     parser.add_argument("--pue", type=float, help="default: the widest budget's spec.pue, else 1.0")
     parser.add_argument(
         "--static-cap-fraction",
@@ -318,6 +339,11 @@ def main(argv: list[str]) -> int:
             raise ValueError("--startup and --jobs-per-hour must be >= 0")
         if not 0 <= args.deadline_share <= 1:
             raise ValueError(f"--deadline-share={args.deadline_share}: must be in [0, 1]")
+        if not 0 <= args.horizon_hours <= MAX_HORIZON_HOURS:
+            raise ValueError(
+                f"--horizon-hours={args.horizon_hours:g}: must be from 0 (one instant at a time) "
+                f"to {MAX_HORIZON_HOURS} (a week)"
+            )
         if not 0 <= args.multi_node_share <= 1:
             raise ValueError(f"--multi-node-share={args.multi_node_share}: must be in [0, 1]")
         nodes = load_nodes(args.cluster)
@@ -363,6 +389,8 @@ def main(argv: list[str]) -> int:
             churn_threshold=args.churn_threshold,
             sm_clocks=not args.no_sm_clocks,
             best_variant_only=args.best_variant_only,
+            horizon_hours=args.horizon_hours,
+            carbon_forecast=args.carbon_csv is not None and args.horizon_hours > 0,
         )
         truth = GroundTruth().with_throughput_scale(args.truth_throughput_scale)
         # Build every policy once up front so a bad setting fails before the long run.
@@ -415,6 +443,9 @@ def describe(
         "latencyTargetSeconds": scenario.latency_target_seconds,
         "pue": scenario.pue,
         "carbonIntensity": carbon_source,
+        # The wattsched policy's horizon, and whether the carbon curve was its forecast.
+        "horizonHours": args.horizon_hours,
+        "carbonForecast": args.carbon_csv is not None and args.horizon_hours > 0,
         "energyPolicy": args.energy_policy,
         "churnThreshold": args.churn_threshold,
         "headroom": args.headroom,

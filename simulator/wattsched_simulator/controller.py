@@ -118,6 +118,9 @@ class PlannerPolicy:
     # Ablation: offer the planner only each workload's highest-quality variant.
     best_variant_only: bool = False
     settings: core.Settings = field(default_factory=core.Settings)
+    # The scenario's hourly carbon curve is the budgets' forecast (`spec.carbon`'s forecast
+    # query, answered from the curve as Prometheus would), so the horizon plans with it.
+    carbon_forecast: bool = False
     # The controller's memory, and what the API server holds: pods (bound or Pending), status
     # subresources by (kind, key), NodePowerProfile limits by node.
     _memory: core.Memory = field(init=False)
@@ -220,6 +223,11 @@ class PlannerPolicy:
         budgets = {}
         for budget in scenario.budgets:
             body = observed.budget_body(budget)
+            if self.carbon_forecast:
+                body["spec"]["carbon"] = {
+                    "intensityGramsPerKWh": scenario.carbon.grams_per_kwh_at(view.now_seconds),
+                    "forecastPrometheusQuery": observed.CARBON_FORECAST_QUERY,
+                }
             body["status"] = copy.deepcopy(self._statuses.get(("EnergyBudget", budget.name), {}))
             budgets[budget.name] = body
         now = observed.at(view.now_seconds)
@@ -266,6 +274,12 @@ class PlannerPolicy:
                 key: observed.progress_counter(visible, key) for key in requests.progress_queries
             },
             rate_window_seconds=observed.RATE_WINDOW_SECONDS,
+            carbon_forecasts={
+                name: observed.carbon_forecast(
+                    view.scenario.carbon, view.now_seconds, self.settings.horizon_hours
+                )
+                for name in requests.forecast_queries
+            },
         )
 
     # -- a round, applied as the API server and kube-scheduler would ------------------------------

@@ -17,6 +17,7 @@ Not for: deciding anything (the operator's code does) or physics (`engine`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from wattsched_operator.readings import Measurement, PodKey, TelemetrySnapshot
 from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer.problem import EnergyPolicy, Placement, WorkloadType
 
+from .carbon import CarbonIntensity
 from .cluster import GPU_RESOURCE, PRODUCT_LABEL, SimBudget, SimNode
 from .engine import Decision, ReplicaAssignment, RunningReplica
 from .telemetry import Sample
@@ -38,6 +40,9 @@ EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 TEMPLATE: Mapping[str, Any] = {"spec": {"containers": [{"name": "model", "image": "simulated"}]}}
 # The metric named as each job's progress counter (the simulator's job_tokens_done series).
 PROGRESS_QUERY = "wattsched_simulated_job_tokens_done"
+# The budgets' carbon forecast query when the scenario's curve is their forecast (answered by
+# `carbon_forecast`, not by a Prometheus).
+CARBON_FORECAST_QUERY = "wattsched_simulated_carbon_forecast_grams_per_kwh"
 # The operator's default rate window (`--telemetry-window-seconds`).
 RATE_WINDOW_SECONDS = 60.0
 
@@ -45,6 +50,19 @@ RATE_WINDOW_SECONDS = 60.0
 def at(seconds: float) -> datetime:
     """Simulation time as a wall-clock time."""
     return EPOCH + timedelta(seconds=seconds)
+
+
+def carbon_forecast(
+    carbon: CarbonIntensity, now_seconds: float, horizon_hours: float
+) -> dict[int, float]:
+    """The forecast query's answer (`budget_horizon.forecast_by_hours_ahead`'s shape): the
+    curve's gCO2/kWh by hours ahead of the current hour, over the horizon and one hour more. A
+    perfect forecast: the scenario's curve is what the grid does."""
+    hour_start = now_seconds - now_seconds % 3600
+    return {
+        ahead: carbon.grams_per_kwh_at(hour_start + ahead * 3600)
+        for ahead in range(math.ceil(horizon_hours) + 1)
+    }
 
 
 def split_key(key: str) -> tuple[str, str]:

@@ -234,6 +234,9 @@ def test_simulate_writes_results_plots_and_a_table(
         assert 0.0 <= metrics["sloAttainment"] <= 1.0
     assert document["policies"]["wattsched"]["secondsOverBudget"] == 0
     assert document["scenario"]["pue"] == 1.25
+    # The operator's horizon, with no carbon curve to forecast from.
+    assert document["scenario"]["horizonHours"] == 24
+    assert document["scenario"]["carbonForecast"] is False
     assert "CC-BY 4.0" in document["scenario"]["traceAttribution"]
     for name in (
         "power_vs_cap.png",
@@ -347,6 +350,8 @@ def test_simulate_rejects_bad_input_with_exit_code_2(
     assert "--duration=0.0: must be > 0" in capsys.readouterr().err
     assert cli.main([*base, "--multi-node-share", "1.5"]) == 2
     assert "--multi-node-share=1.5: must be in [0, 1]" in capsys.readouterr().err
+    assert cli.main([*base, "--horizon-hours", "-1"]) == 2
+    assert "--horizon-hours=-1: must be from 0" in capsys.readouterr().err
 
 
 def simulate_in_a_subprocess(directory: Path, stderr: int) -> subprocess.Popen[bytes]:

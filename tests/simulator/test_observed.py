@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wattsched_api import parse_llmworkload
-from wattsched_operator import desired, snapshot
+from wattsched_operator import core, desired, snapshot
 from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer.problem import EnergyPolicy, Placement, Plan, PlanStatus, WorkloadType
 from wattsched_simulator import observed
@@ -350,3 +350,46 @@ def test_a_status_write_is_a_merge_patch() -> None:
     patched = merge_patch(status, {"phase": "Running", "progress": {"fraction": None}, "x": [1]})
     assert patched == {"phase": "Running", "progress": {"completedTokens": 1.0}, "x": [1]}
     assert status["phase"] == "Pending"
+
+
+def test_with_the_carbon_curve_as_its_forecast_the_wattsched_policy_waits_for_clean_hours() -> None:
+    """The scenario's hourly curve is the budgets' forecast (their forecast query, answered from
+    the curve): a job due in 20 hours waits out a dirty first hour; with `--horizon-hours 0` (or
+    no forecast) it starts at once."""
+    spec = replace(job(deadline_seconds=20 * 3600.0), work_tokens=5e7)
+    scenario = Scenario(
+        nodes=(node("h0"),),
+        budgets=(SimBudget("rack", 10000.0, frozenset({"h0"}), 1.0, None),),
+        services=(),
+        jobs=(spec,),
+        duration_seconds=24 * 3600.0,
+        carbon=CarbonIntensity((800.0, *([50.0] * 23)), "test"),
+    )
+
+    def first_decision(policy: PlannerPolicy) -> list[str]:
+        telemetry = Telemetry(TelemetryConfig(noise_fraction=0.0), seed=0)
+        decision = policy.decide(View(0.0, scenario, (spec,), (), telemetry, ("start",)))
+        return [r.workload for r in decision.replicas]
+
+    forecasting = PlannerPolicy("wattsched", carbon_forecast=True)
+    assert first_decision(forecasting) == []
+    cluster, _ = forecasting.observe(
+        View(0.0, scenario, (spec,), (), Telemetry(TelemetryConfig(), 0), ())
+    )
+    schedulable = next(
+        c for c in cluster.workloads[spec.key]["status"]["conditions"] if c["type"] == "Schedulable"
+    )
+    assert schedulable["reason"] == "Deferred"
+    assert schedulable["message"] == "Deferred until 01:00 UTC: 50 g/kWh then vs 800 now"
+    # By hours ahead of the current hour, over the horizon and one hour more.
+    assert observed.carbon_forecast(scenario.carbon, 1800.0, 3) == {
+        0: 800.0,
+        1: 50.0,
+        2: 50.0,
+        3: 50.0,
+    }
+    one_instant = PlannerPolicy(
+        "wattsched", carbon_forecast=True, settings=core.Settings(horizon_hours=0)
+    )
+    assert first_decision(one_instant) == [spec.key, spec.key]
+    assert first_decision(PlannerPolicy("wattsched")) == [spec.key, spec.key]
