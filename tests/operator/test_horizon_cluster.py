@@ -36,12 +36,15 @@ def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
 
 
 def budget_events(sandbox: Sandbox) -> list[dict[str, Any]]:
+    """The Events on this test's budget (not on an earlier one of the same name: Events outlive
+    the object)."""
+    uid = get_json(sandbox, "energybudget", NAME)["metadata"]["uid"]
     items: list[dict[str, Any]] = get_json(
         sandbox,
         "events",
         "-A",
         "--field-selector",
-        f"involvedObject.kind=EnergyBudget,involvedObject.name={NAME}",
+        f"involvedObject.kind=EnergyBudget,involvedObject.name={NAME},involvedObject.uid={uid}",
     )["items"]
     return items
 
