@@ -1890,8 +1890,7 @@ def _workload_statuses(
 def _deferred_unplaced(deferred: Iterable[budget_horizon.DeferredWork]) -> dict[str, Unplaced]:
     """Deferred work as the status writer shows it: not placed now, reason Deferred."""
     return {
-        d.workload: Unplaced(d.workload, d.message, budget_horizon.DEFERRED_REASON.lower())
-        for d in deferred
+        d.workload: Unplaced(d.workload, d.message, statuses.DEFERRED_CONSTRAINT) for d in deferred
     }
 
 
@@ -2004,6 +2003,9 @@ def _budget_statuses(
         if accounts is not None:
             new.update(accounts.budget_figures.get(name, {}))
         allowance = ((body.get("spec") or {}).get("energy") or {}).get("kWh")
+        if outlook is not None and accounts is not None and name in accounts.budget_figures:
+            # What is left moves with the energy accounted this round (between plans too).
+            new.update(_remaining(body, accounts.budget_figures[name]))
         used = new.get("energyUsedKWh", previous.get("energyUsedKWh"))
         figures[name] = BudgetMetric(
             cap_watts=cap,
@@ -2015,6 +2017,20 @@ def _budget_statuses(
         )
         writes.append(StatusWrite(ref, new, events))
     return writes, posted, figures
+
+
+def _remaining(body: Body, figures: Mapping[str, Any]) -> dict[str, float]:
+    """The allowance left after the period's figures accounting just wrote (`remainingKWh`,
+    `remainingCarbonKg`, as the horizon's outlook words them)."""
+    spec = body.get("spec") or {}
+    allowed_kwh = (spec.get("energy") or {}).get("kWh")
+    allowed_kg = (spec.get("carbon") or {}).get("maxKgPerPeriod")
+    out = {}
+    if allowed_kwh is not None and figures.get("energyUsedKWh") is not None:
+        out["remainingKWh"] = round(float(allowed_kwh) - float(figures["energyUsedKWh"]), 3)
+    if allowed_kg is not None and figures.get("carbonKg") is not None:
+        out["remainingCarbonKg"] = round(float(allowed_kg) - float(figures["carbonKg"]), 3)
+    return out
 
 
 def _budget_events(

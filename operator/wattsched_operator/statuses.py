@@ -328,15 +328,22 @@ class SloObjective:
         )
 
 
+# The binding constraint of work the horizon plan defers (`Unplaced.constraint`; its reason name,
+# `Deferred`, is the Schedulable condition's reason).
+DEFERRED_CONSTRAINT = "deferred"
+
+
 def slo_met(
     objective: SloObjective, phase: str, placements: Sequence[Placement], unplaced: Unplaced | None
-) -> tuple[bool, str, str]:
+) -> tuple[bool | None, str, str]:
     """(met, reason, message) of the `SLOMet` condition, by the plan (calibrated model).
 
     Inference: the planned replicas' throughput covers the declared tokens/s; placed replicas
     that serve less with `unplaced` saying why (a plan's shortfall) are `BudgetLimited` when a
     budget binds, else `BelowDemand`, with the share served. A deadline: the gang runs (the
-    optimizer only places a gang where it finishes in time) or has finished.
+    optimizer only places a gang where it finishes in time) or has finished; a job the horizon
+    defers is Unknown, reason `Deferred` (the plan runs it later: whether the deadline holds is the
+    later rounds' to say).
     """
     if phase == SUCCEEDED:
         return True, "Succeeded", "the work finished"
@@ -361,6 +368,8 @@ def slo_met(
         return True, "OnTrack", f"placed to finish before the deadline {objective.deadline}"
     if unplaced is not None and unplaced.constraint == "deadline_passed":
         return False, "DeadlinePassed", f"deadline {objective.deadline} passed: {why_not}"
+    if unplaced is not None and unplaced.constraint == DEFERRED_CONSTRAINT:
+        return None, "Deferred", f"deadline {objective.deadline}: {why_not}"
     return False, "NotPlaced", f"deadline {objective.deadline} at risk: {why_not}"
 
 

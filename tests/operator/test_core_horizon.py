@@ -146,6 +146,10 @@ def test_a_deferral_and_an_exhausted_allowance_post_one_event_not_one_per_round(
         later + timedelta(minutes=1),
     )
     (between_budget,) = between.budget_statuses
+    # Accounting advanced the period's energy (idle GPUs and the service): what is left with it.
+    used = between_budget.status["energyUsedKWh"]
+    assert used > 9.99
+    assert between_budget.status["remainingKWh"] == round(10 - used, 3)
     kept = statuses.find_condition(between_budget.status["conditions"], "AllowanceExhausted")
     assert kept is not None
     assert kept["status"] == "True"
@@ -239,3 +243,8 @@ def test_the_shell_reads_each_forecast_query_and_the_core_plans_with_its_samples
     schedulable = statuses.find_condition(tune.write.status["conditions"], "Schedulable")
     assert schedulable is not None
     assert schedulable["message"] == "Deferred until 15:00 UTC: 140 g/kWh then vs 420 now"
+    # The horizon runs it later: its deadline is neither met nor missed yet.
+    slo = statuses.find_condition(tune.write.status["conditions"], statuses.SLO_MET)
+    assert slo is not None
+    assert (slo["status"], slo["reason"]) == ("Unknown", "Deferred")
+    assert not [e for e in tune.write.events if e.reason == "SLORisk"]
