@@ -1397,8 +1397,9 @@ def _record_demand(
     telemetry: TelemetrySnapshot | None,
     monotonic: float,
 ) -> None:
-    """Add each service's measured tokens/s to its demand history: the sum over its running
-    pods, when a fresh reading measured every one of them."""
+    """Add each service's measured tokens/s to its demand history, with the tokens waiting in
+    its queues: the sums over its running pods, when a fresh reading measured the tokens/s of
+    every one of them (a pod without a queue figure counts as an empty queue)."""
     if telemetry is None or telemetry.stale:
         return
     for workload in plan_input.workloads:
@@ -1407,7 +1408,12 @@ def _record_demand(
         pods = [pod_id(p) for p in pods_by_workload.get(workload.key, []) if running(p)]
         values = [telemetry.pod_tokens_per_second.get(pod) for pod in pods]
         if pods and all(value is not None for value in values):
-            history.record(workload.key, monotonic, sum(v for v in values if v is not None))
+            history.record(
+                workload.key,
+                monotonic,
+                sum(v for v in values if v is not None),
+                backlog_tokens=sum(telemetry.pod_queued_tokens.get(pod, 0.0) for pod in pods),
+            )
 
 
 # -- accounting ------------------------------------------------------------------------------------
@@ -1977,6 +1983,51 @@ def account(observed: Observed, now: datetime) -> Round:
             workloads=known,
             budgets=budget_metrics,
         ),
+    )
+
+
+def check_demand(observed: Observed) -> Round:
+    """Between plans: fold a fresh reading of the services' served tokens/s and queues into the
+    demand history, and ask for a re-plan now (`replan_soon`) when a service's demand exceeds
+    what the last plan gave it (`demand.exceeds_plan`), rather than at the periodic re-plan.
+    Moves nothing and writes no status. Bounded: one re-plan per reading at most, and a service
+    asks again only once its demand is above what the newer plan was sized for."""
+    memory = observed.memory
+    last = memory.last_round
+    telemetry = observed.telemetry.snapshot if observed.telemetry is not None else None
+    if last is None or telemetry is None or telemetry.stale:
+        return Round(memory=memory)
+    history = copy.deepcopy(memory.demand)
+    _record_demand(
+        history, last.plan_input, _pods_by_workload(observed.view), telemetry, observed.monotonic
+    )
+    short = services_short_of_demand(last, history, observed.monotonic)
+    if short:
+        logger.info("demand above the plan's capacity for %s: re-planning", ", ".join(short))
+    return Round(memory=dataclasses.replace(memory, demand=history), replan_soon=bool(short))
+
+
+def services_short_of_demand(
+    last: LastRound, history: demand.DemandHistory, monotonic: float
+) -> list[str]:
+    """The services of the last plan whose newest reading shows more demand than the plan's
+    capacity for them and than the demand it sized them for, by key."""
+    capacity: dict[str, float] = {}
+    for placement in last.plan.placements:
+        capacity[placement.workload] = (
+            capacity.get(placement.workload, 0.0) + placement.expected_throughput
+        )
+    return sorted(
+        w.key
+        for w in last.plan_input.workloads
+        if w.type is WorkloadType.INFERENCE
+        and demand.exceeds_plan(
+            history,
+            w.key,
+            monotonic,
+            sized_for=last.demands.get(w.key),
+            capacity=capacity.get(w.key, 0.0),
+        )
     )
 
 

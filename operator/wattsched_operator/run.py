@@ -34,7 +34,12 @@ from wattsched_operator.kube import (
 )
 from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
-from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY, TelemetryConfig, TelemetryReader
+from wattsched_operator.telemetry import (
+    DEFAULT_QUEUE_QUERY,
+    DEFAULT_TOKEN_QUERY,
+    TelemetryConfig,
+    TelemetryReader,
+)
 from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import plan
 
@@ -132,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens/J and the Inference throughput calibration",
     )
     parser.add_argument(
+        "--queue-query",
+        default=DEFAULT_QUEUE_QUERY,
+        help="PromQL for the tokens waiting in each pod's queue by (namespace, pod); {window} as "
+        "above (default: vLLM's vllm:num_requests_waiting times its generation tokens per "
+        "finished request; empty: no queue figures). Services are sized for their backlog too",
+    )
+    parser.add_argument(
         "--accounting-seconds",
         type=float,
         default=60.0,
@@ -170,6 +182,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(str(error))
     if args.tokens_query != DEFAULT_TOKEN_QUERY and not args.prometheus_url:
         parser.error("--tokens-query needs --prometheus-url (the query runs on that Prometheus)")
+    if args.queue_query != DEFAULT_QUEUE_QUERY and not args.prometheus_url:
+        parser.error("--queue-query needs --prometheus-url (the query runs on that Prometheus)")
     try:
         telemetry_config(args)
     except ValueError as error:
@@ -185,6 +199,7 @@ def telemetry_config(args: argparse.Namespace) -> TelemetryConfig | None:
         prometheus_url=args.prometheus_url,
         rate_window_seconds=args.telemetry_window_seconds,
         token_query=args.tokens_query,
+        queue_query=args.queue_query,
     )
 
 

@@ -63,6 +63,16 @@ __all__ = [
 ]
 
 DEFAULT_TOKEN_QUERY = "sum by (namespace, pod) (rate(vllm:generation_tokens_total[{window}]))"
+# vLLM's queue as tokens: its waiting requests (the `vllm:num_requests_waiting` gauge) times the
+# generation tokens per finished request over the rate window (`vllm:generation_tokens_total`
+# over `vllm:request_success_total`). Where no request finished in the window the ratio is not a
+# number and the pod has no queue figure.
+DEFAULT_QUEUE_QUERY = (
+    "sum by (namespace, pod) (vllm:num_requests_waiting)"
+    " * on (namespace, pod) ("
+    "sum by (namespace, pod) (rate(vllm:generation_tokens_total[{window}]))"
+    " / sum by (namespace, pod) (rate(vllm:request_success_total[{window}])))"
+)
 
 
 @dataclass(frozen=True)
@@ -73,12 +83,16 @@ class TelemetryConfig:
     scrape intervals. A node with no sample in that window counts as missing (stale).
     token_query: PromQL returning tokens/s by `namespace` and `pod`; `{window}` is replaced by
     the rate window (e.g. `60s`). Empty: no token figures.
+    queue_query: PromQL returning, by `namespace` and `pod`, the tokens waiting to be served (the
+    demand the pod has not served yet); `{window}` as above. Empty: no queue figures (services are
+    then sized from their served tokens/s alone).
     """
 
     prometheus_url: str
     timeout_seconds: float = 5.0
     rate_window_seconds: int = 60
     token_query: str = DEFAULT_TOKEN_QUERY
+    queue_query: str = DEFAULT_QUEUE_QUERY
 
     def __post_init__(self) -> None:
         if not self.prometheus_url.startswith(("http://", "https://")):
@@ -333,7 +347,8 @@ class TelemetryReader:
         return missing, False, reason, Source.MEASURED
 
     def read(self, nodes: Iterable[str], pods: Iterable[PodKey] = ()) -> TelemetrySnapshot:
-        """Current watts per node and per pod, and tokens/s per pod (over the rate window)."""
+        """Current watts per node and per pod, tokens/s per pod (over the rate window) and the
+        tokens waiting in each pod's queue."""
         now = datetime.now(UTC)
         wanted_nodes = frozenset(nodes)
         wanted_pods = frozenset(pods)
@@ -345,6 +360,11 @@ class TelemetryReader:
                 token_query = self.config.token_query.replace("{window}", self.window)
                 token_rows = _first_by_key([("tokens", self._query(token_query))], _pod_key)
                 tokens = {key: reading.value for key, reading in token_rows.items()}
+            queued: dict[PodKey, float] = {}
+            if self.config.queue_query:
+                queue_query = self.config.queue_query.replace("{window}", self.window)
+                queue_rows = _first_by_key([("queue", self._query(queue_query))], _pod_key)
+                queued = {key: max(0.0, reading.value) for key, reading in queue_rows.items()}
         except PrometheusUnavailableError as error:
             return TelemetrySnapshot(now, Source.MODELLED, True, str(error), unavailable=True)
         missing, stale, reason, source = self._staleness(wanted_nodes, node_watts, self.window)
@@ -356,6 +376,7 @@ class TelemetryReader:
             node_watts={name: node_watts[name] for name in wanted_nodes & set(node_watts)},
             pod_watts={key: pod_watts[key] for key in wanted_pods & set(pod_watts)},
             pod_tokens_per_second={key: tokens[key] for key in wanted_pods & set(tokens)},
+            pod_queued_tokens={key: queued[key] for key in wanted_pods & set(queued)},
             missing_nodes=missing,
         )
 
