@@ -1398,20 +1398,33 @@ def _record_demand(
     monotonic: float,
 ) -> None:
     """Add each service's measured tokens/s to its demand history, with the tokens waiting in
-    its queues: the sums over its running pods, when a fresh reading measured the tokens/s of
-    every one of them (a pod without a queue figure counts as an empty queue)."""
+    its queues: the sums over its running pods that a fresh reading measured. A pod's tokens/s is
+    its short-window peak where measured (else the rate window's mean); a pod with no reading yet
+    (its server starting, not yet scraped) serves nothing that counts, and a pod without a queue
+    figure counts as an empty queue. A service none of whose pods has a reading gets none: its
+    earlier readings stand (a rolling move, one replica starting after another, must not empty
+    the window and fall back to the declared demand)."""
     if telemetry is None or telemetry.stale:
         return
     for workload in plan_input.workloads:
         if workload.type is not WorkloadType.INFERENCE:
             continue
         pods = [pod_id(p) for p in pods_by_workload.get(workload.key, []) if running(p)]
-        values = [telemetry.pod_tokens_per_second.get(pod) for pod in pods]
-        if pods and all(value is not None for value in values):
+        values = [
+            value
+            for pod in pods
+            if (
+                value := telemetry.pod_peak_tokens_per_second.get(
+                    pod, telemetry.pod_tokens_per_second.get(pod)
+                )
+            )
+            is not None
+        ]
+        if values:
             history.record(
                 workload.key,
                 monotonic,
-                sum(v for v in values if v is not None),
+                sum(values),
                 backlog_tokens=sum(telemetry.pod_queued_tokens.get(pod, 0.0) for pod in pods),
             )
 

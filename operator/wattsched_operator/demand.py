@@ -1,8 +1,8 @@
 """Inference demand: what a service's replicas are sized for in the next interval.
 
-For: the forecast shared by the operator and the simulator's `wattsched` policy: the highest
-tokens/s served over a recent window times a headroom, plus the backlog (tokens waiting in the
-service's queues at the newest reading) that must drain within one re-plan interval; and the
+For: the forecast shared by the operator and the simulator's `wattsched` policy: over a recent
+window, the highest demand a reading showed (the tokens/s served, plus the backlog, the tokens
+waiting in the service's queues, drained within one re-plan interval) times a headroom; and the
 operator's bounded per-service history of readings it is made from (`DemandHistory`); whether a
 fresh reading shows more demand than a plan gave a service (`exceeds_plan`); and, for the horizon
 plan, the same hour of previous days (`HourlyDemand`).
@@ -30,19 +30,13 @@ HEADROOM = 1.2
 MAX_SAMPLES = 64
 
 
-def forecast(
-    tokens_per_second: Iterable[float],
-    *,
-    headroom: float = HEADROOM,
-    backlog_tokens: float = 0.0,
-    interval_seconds: float = 60.0,
-) -> float | None:
-    """Tokens/s to size for: the peak of the readings times `headroom`, plus `backlog_tokens`
-    served over `interval_seconds`; None without readings."""
+def forecast(tokens_per_second: Iterable[float], *, headroom: float = HEADROOM) -> float | None:
+    """Tokens/s to size for: the peak of the readings' demands times `headroom`; None without
+    readings."""
     readings = list(tokens_per_second)
     if not readings:
         return None
-    return max(readings) * headroom + max(0.0, backlog_tokens) / interval_seconds
+    return max(readings) * headroom
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +47,11 @@ class Reading:
     at_seconds: float
     tokens_per_second: float
     backlog_tokens: float = 0.0
+
+    def demand(self, interval_seconds: float) -> float:
+        """Tokens/s the service needed: what it served (all it could, when it had a queue: a
+        lower bound) plus its backlog drained over `interval_seconds`."""
+        return self.tokens_per_second + self.backlog_tokens / interval_seconds
 
 
 class DemandHistory:
@@ -92,14 +91,12 @@ class DemandHistory:
         ]
 
     def demand(self, key: str, now_seconds: float, declared: float | None) -> float | None:
-        """The forecast from readings within the window (the peak served tokens/s times the
-        headroom, plus the newest reading's backlog over one interval), else `declared`."""
+        """The forecast from readings within the window (the highest `Reading.demand`, times the
+        headroom), else `declared`. The peak holds for the window: a backlog that drained does
+        not size the service down at the next reading."""
         recent = self._recent(key, now_seconds)
         predicted = forecast(
-            (r.tokens_per_second for r in recent),
-            headroom=self.headroom,
-            backlog_tokens=recent[-1].backlog_tokens if recent else 0.0,
-            interval_seconds=self.interval_seconds,
+            (r.demand(self.interval_seconds) for r in recent), headroom=self.headroom
         )
         return declared if predicted is None else predicted
 
@@ -107,10 +104,7 @@ class DemandHistory:
         """The newest reading's demand, without headroom: its served tokens/s plus its backlog
         over one interval (None without a reading within the window)."""
         recent = self._recent(key, now_seconds)
-        if not recent:
-            return None
-        newest = recent[-1]
-        return newest.tokens_per_second + newest.backlog_tokens / self.interval_seconds
+        return recent[-1].demand(self.interval_seconds) if recent else None
 
 
 def exceeds_plan(

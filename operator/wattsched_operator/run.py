@@ -35,6 +35,7 @@ from wattsched_operator.kube import (
 from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
 from wattsched_operator.telemetry import (
+    DEFAULT_PEAK_TOKEN_QUERY,
     DEFAULT_QUEUE_QUERY,
     DEFAULT_TOKEN_QUERY,
     TelemetryConfig,
@@ -137,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens/J and the Inference throughput calibration",
     )
     parser.add_argument(
+        "--peak-tokens-query",
+        default=DEFAULT_PEAK_TOKEN_QUERY,
+        help="PromQL for each pod's highest short-window tokens/s within the rate window, by "
+        "(namespace, pod); {window} as above (default: the highest 30-s rate of "
+        "vllm:generation_tokens_total at 15-s steps; empty: the tokens query's mean). Sizes "
+        "Inference services",
+    )
+    parser.add_argument(
         "--queue-query",
         default=DEFAULT_QUEUE_QUERY,
         help="PromQL for the tokens waiting in each pod's queue by (namespace, pod); {window} as "
@@ -182,6 +191,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(str(error))
     if args.tokens_query != DEFAULT_TOKEN_QUERY and not args.prometheus_url:
         parser.error("--tokens-query needs --prometheus-url (the query runs on that Prometheus)")
+    if args.peak_tokens_query != DEFAULT_PEAK_TOKEN_QUERY and not args.prometheus_url:
+        parser.error(
+            "--peak-tokens-query needs --prometheus-url (the query runs on that Prometheus)"
+        )
     if args.queue_query != DEFAULT_QUEUE_QUERY and not args.prometheus_url:
         parser.error("--queue-query needs --prometheus-url (the query runs on that Prometheus)")
     try:
@@ -199,6 +212,7 @@ def telemetry_config(args: argparse.Namespace) -> TelemetryConfig | None:
         prometheus_url=args.prometheus_url,
         rate_window_seconds=args.telemetry_window_seconds,
         token_query=args.tokens_query,
+        peak_token_query=args.peak_tokens_query,
         queue_query=args.queue_query,
     )
 

@@ -264,7 +264,8 @@ def telemetry_reading(
     draining: Mapping[str, int] | None = None,
 ) -> TelemetrySnapshot | None:
     """What the operator's Prometheus queries return from the visible samples (None before the
-    first): per pod, tokens/s and watts averaged over the newest `rate_window_seconds`, and the
+    first): per pod, tokens/s and watts averaged over the newest `rate_window_seconds`, the
+    highest tokens/s of one scrape interval within it (the operator's peak tokens query), and the
     tokens waiting in its queue (vLLM's waiting-requests gauge as the operator's queue query
     reads it: the service's backlog at the newest visible sample, a gauge's last value).
 
@@ -285,16 +286,23 @@ def telemetry_reading(
         by_workload.setdefault(pod.workload, []).append(pod)
     pod_tokens: dict[PodKey, float] = {}
     pod_watts: dict[PodKey, Measurement] = {}
+    pod_peak: dict[PodKey, float] = {}
     pod_queued: dict[PodKey, float] = {}
     for key, replicas in by_workload.items():
         ready = [r for r in replicas if r.ready_at_seconds <= newest + 1e-9]
         tokens = _tokens_per_second(key, window, visible)
         watts = [s.workload_watts_per_gpu[key] for s in window if key in s.workload_watts_per_gpu]
         serving = len(ready) + (draining or {}).get(key, 0)
+        peak = max(
+            (s.served_tokens_per_second[key] for s in window if key in s.served_tokens_per_second),
+            default=None,
+        )
         backlog = visible[-1].backlog_tokens.get(key)
         for replica in replicas:
             if tokens is not None and replica in ready:
                 pod_tokens[replica.pod] = tokens / serving
+            if peak is not None and replica in ready:
+                pod_peak[replica.pod] = peak / serving
             if backlog is not None and replica in ready:
                 pod_queued[replica.pod] = backlog / serving
             if watts and replica.ready_at_seconds <= start + 1e-9:
@@ -308,6 +316,7 @@ def telemetry_reading(
         reason="",
         pod_watts=pod_watts,
         pod_tokens_per_second=pod_tokens,
+        pod_peak_tokens_per_second=pod_peak,
         pod_queued_tokens=pod_queued,
     )
 
