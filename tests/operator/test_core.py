@@ -403,7 +403,8 @@ def test_a_demand_check_re_plans_a_service_whose_queue_outgrows_its_plan() -> No
         )
     )
     assert not calm.replan_soon
-    assert calm.plan is None and calm.create == () and calm.evict == ()
+    assert calm.plan is None
+    assert (calm.create, calm.evict) == ((), ())
 
     # At capacity with a queue worth a fifth of it over an interval: re-plan now.
     busy = core.check_demand(

@@ -62,3 +62,25 @@ def test_a_heartbeat_timeout_that_is_not_a_positive_number_is_refused(
     with pytest.raises(SystemExit):
         parse_args(["--heartbeat-timeout-seconds", seconds])
     assert "--heartbeat-timeout-seconds=" in capsys.readouterr().err
+
+
+def test_queue_and_peak_queries_reach_the_telemetry_config() -> None:
+    queue = "sum by (namespace, pod) (sglang:num_queue_reqs) * 250"
+    config = telemetry_config(
+        parse_args([*PROMETHEUS, "--queue-query", queue, "--peak-tokens-query="])
+    )
+    assert config is not None
+    assert (config.queue_query, config.peak_token_query) == (queue, "")
+    default = telemetry_config(parse_args(PROMETHEUS))
+    assert default is not None
+    assert "vllm:num_requests_waiting" in default.queue_query
+    assert "max_over_time" in default.peak_token_query
+
+
+@pytest.mark.parametrize("flag", ["--queue-query", "--peak-tokens-query"])
+def test_queue_and_peak_queries_without_prometheus_url_are_refused(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args([flag, "sum(x)"])
+    assert f"{flag} needs --prometheus-url" in capsys.readouterr().err
