@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often energy, carbon and measured figures in statuses are brought up to date, "
         "between plans too (each time is one status write per running workload)",
     )
+    parser.add_argument(
+        "--demand-check-seconds",
+        type=float,
+        default=15.0,
+        help="with --prometheus-url, how often the services' tokens/s and queues are read between "
+        "plans; a service whose demand exceeds its plan's capacity is re-planned then (0: never)",
+    )
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 disables /metrics")
     parser.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz")
     parser.add_argument(
@@ -184,6 +191,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(
             f"--heartbeat-timeout-seconds={args.heartbeat_timeout_seconds:g}: must be a positive "
             "number of seconds (default 30; agents report every 10 s)"
+        )
+    if not 0 <= args.demand_check_seconds < float("inf"):
+        parser.error(
+            f"--demand-check-seconds={args.demand_check_seconds:g}: must be a number of seconds "
+            ">= 0 (default 15; 0: no checks between plans)"
         )
     try:
         args.catalogue = read_catalogue_file(args.catalogue_file)
@@ -317,6 +329,7 @@ def main(argv: list[str]) -> int:
         namespaces=tuple(args.namespace),
         accounting_seconds=args.accounting_seconds,
         heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
+        demand_check_seconds=args.demand_check_seconds,
     )
     build_input = build_input_function(args.heartbeat_timeout_seconds)
     config = telemetry_config(args)

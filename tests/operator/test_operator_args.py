@@ -84,3 +84,15 @@ def test_queue_and_peak_queries_without_prometheus_url_are_refused(
     with pytest.raises(SystemExit):
         parse_args([flag, "sum(x)"])
     assert f"{flag} needs --prometheus-url" in capsys.readouterr().err
+
+
+def test_demand_check_seconds_is_parsed_and_a_negative_one_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert parse_args([]).demand_check_seconds == 15.0
+    assert parse_args(["--demand-check-seconds", "0"]).demand_check_seconds == 0.0
+    with pytest.raises(SystemExit):
+        parse_args(["--demand-check-seconds", "-1"])
+    assert "--demand-check-seconds=-1: must be a number of seconds >= 0" in (
+        capsys.readouterr().err
+    )
