@@ -14,9 +14,11 @@ The shell (`loop` waits, debounces, follows leadership, resyncs and reads teleme
 executes a Round in the budget-safe order) does the I/O. The simulator calls the same functions
 with a simulated cluster and simulated readings.
 
-Three more entry points share the memory: `telemetry_requests` (what the shell must read before
-`decide`), `account` (a round between plans: energy, progress and statuses only) and
-`failed_round` (a round whose plan failed: every waiting object says why); `after_apply` folds
+Four more entry points share the memory: `telemetry_requests` (what the shell must read before
+`decide`), `account` (a round between plans: energy, progress and statuses only),
+`check_demand` (between plans: a reading of the services' tokens/s and queues, and whether one
+needs a plan now) and `failed_round` (a round whose plan failed: every waiting object says why);
+`after_apply` folds
 what the apply step saw (agents that did not confirm, pods refused or accepted) into the memory.
 """
 
