@@ -155,7 +155,8 @@ class PlanningLoop:
                     await self.check_demand_once()
                 except Exception:
                     logger.exception("demand check failed; the next plan reads demand")
-                    self.metrics.reconcile_errors.labels(step="demand").inc()
+                    # A round between plans, as accounting rounds are counted.
+                    self.metrics.reconcile_errors.labels(step="account").inc()
                 continue
             if due == "account" and self._was_leader:
                 try:
