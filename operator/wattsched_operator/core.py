@@ -14,9 +14,11 @@ The shell (`loop` waits, debounces, follows leadership, resyncs and reads teleme
 executes a Round in the budget-safe order) does the I/O. The simulator calls the same functions
 with a simulated cluster and simulated readings.
 
-Three more entry points share the memory: `telemetry_requests` (what the shell must read before
-`decide`), `account` (a round between plans: energy, progress and statuses only) and
-`failed_round` (a round whose plan failed: every waiting object says why); `after_apply` folds
+Four more entry points share the memory: `telemetry_requests` (what the shell must read before
+`decide`), `account` (a round between plans: energy, progress and statuses only),
+`check_demand` (between plans: a reading of the services' tokens/s and queues, and whether one
+needs a plan now) and `failed_round` (a round whose plan failed: every waiting object says why);
+`after_apply` folds
 what the apply step saw (agents that did not confirm, pods refused or accepted) into the memory.
 """
 
@@ -1477,12 +1479,12 @@ def _record_demand(
     telemetry: TelemetrySnapshot | None,
     monotonic: float,
 ) -> None:
-    """Add each service's measured tokens/s to its demand history: the sum over its running
-    pods, when a fresh reading measured every one of them."""
-    for key, tokens_per_second in _measured_services(
+    """Add each service's measured tokens/s to its demand history, with the tokens waiting in
+    its queues (`_measured_services`)."""
+    for key, (tokens_per_second, backlog_tokens) in _measured_services(
         plan_input, pods_by_workload, telemetry
     ).items():
-        history.record(key, monotonic, tokens_per_second)
+        history.record(key, monotonic, tokens_per_second, backlog_tokens=backlog_tokens)
 
 
 def _record_hourly(
@@ -1494,7 +1496,7 @@ def _record_hourly(
 ) -> None:
     """Add each service's measured tokens/s to its peak of the wall-clock hour (the horizon's
     forecast for the same hour of later days)."""
-    for key, tokens_per_second in _measured_services(
+    for key, (tokens_per_second, _) in _measured_services(
         plan_input, pods_by_workload, telemetry
     ).items():
         hourly.record(key, now.timestamp(), tokens_per_second)
@@ -1504,19 +1506,36 @@ def _measured_services(
     plan_input: PlanInput,
     pods_by_workload: Mapping[str, list[Body]],
     telemetry: TelemetrySnapshot | None,
-) -> dict[str, float]:
-    """Each service's measured tokens/s (the sum over its running pods), when a fresh reading
-    measured every one of them."""
-    measured: dict[str, float] = {}
+) -> dict[str, tuple[float, float]]:
+    """Each service's measured tokens/s and the tokens waiting in its queues: the sums over its
+    running pods that a fresh reading measured. A pod's tokens/s is its short-window peak where
+    measured (else the rate window's mean); a pod with no reading yet (its server starting, not
+    yet scraped) serves nothing that counts, and a pod without a queue figure counts as an empty
+    queue. A service none of whose pods has a reading gets none: its earlier readings stand (a
+    rolling move, one replica starting after another, must not empty the window and fall back to
+    the declared demand)."""
+    measured: dict[str, tuple[float, float]] = {}
     if telemetry is None or telemetry.stale:
         return measured
     for workload in plan_input.workloads:
         if workload.type is not WorkloadType.INFERENCE:
             continue
         pods = [pod_id(p) for p in pods_by_workload.get(workload.key, []) if running(p)]
-        values = [telemetry.pod_tokens_per_second.get(pod) for pod in pods]
-        if pods and all(value is not None for value in values):
-            measured[workload.key] = sum(v for v in values if v is not None)
+        values = [
+            value
+            for pod in pods
+            if (
+                value := telemetry.pod_peak_tokens_per_second.get(
+                    pod, telemetry.pod_tokens_per_second.get(pod)
+                )
+            )
+            is not None
+        ]
+        if values:
+            measured[workload.key] = (
+                sum(values),
+                sum(telemetry.pod_queued_tokens.get(pod, 0.0) for pod in pods),
+            )
     return measured
 
 
@@ -2162,6 +2181,51 @@ def account(observed: Observed, now: datetime) -> Round:
             workloads=known,
             budgets=budget_metrics,
         ),
+    )
+
+
+def check_demand(observed: Observed) -> Round:
+    """Between plans: fold a fresh reading of the services' served tokens/s and queues into the
+    demand history, and ask for a re-plan now (`replan_soon`) when a service's demand exceeds
+    what the last plan gave it (`demand.exceeds_plan`), rather than at the periodic re-plan.
+    Moves nothing and writes no status. Bounded: one re-plan per reading at most, and a service
+    asks again only once its demand is above what the newer plan was sized for."""
+    memory = observed.memory
+    last = memory.last_round
+    telemetry = observed.telemetry.snapshot if observed.telemetry is not None else None
+    if last is None or telemetry is None or telemetry.stale:
+        return Round(memory=memory)
+    history = copy.deepcopy(memory.demand)
+    _record_demand(
+        history, last.plan_input, _pods_by_workload(observed.view), telemetry, observed.monotonic
+    )
+    short = services_short_of_demand(last, history, observed.monotonic)
+    if short:
+        logger.info("demand above the plan's capacity for %s: re-planning", ", ".join(short))
+    return Round(memory=dataclasses.replace(memory, demand=history), replan_soon=bool(short))
+
+
+def services_short_of_demand(
+    last: LastRound, history: demand.DemandHistory, monotonic: float
+) -> list[str]:
+    """The services of the last plan whose newest reading shows more demand than the plan's
+    capacity for them and than the demand it sized them for, by key."""
+    capacity: dict[str, float] = {}
+    for placement in last.plan.placements:
+        capacity[placement.workload] = (
+            capacity.get(placement.workload, 0.0) + placement.expected_throughput
+        )
+    return sorted(
+        w.key
+        for w in last.plan_input.workloads
+        if w.type is WorkloadType.INFERENCE
+        and demand.exceeds_plan(
+            history,
+            w.key,
+            monotonic,
+            sized_for=last.demands.get(w.key),
+            capacity=capacity.get(w.key, 0.0),
+        )
     )
 
 

@@ -1,11 +1,15 @@
 """Inference demand: what a service's replicas are sized for in the next interval.
 
-For: the forecast shared by the operator and the simulator's `wattsched` policy: the highest
-tokens/s measured over a recent window times a headroom, plus any backlog spread over the next
-interval; and the operator's bounded per-service history of measured tokens/s it is made from;
-and, for the horizon plan, the same hour of previous days (`HourlyDemand`).
-Without measurements (no Prometheus, no fresh reading of every running replica, or none within
-the window), a service's demand is its declared `spec.slo.tokensPerSecond`.
+For: the forecast shared by the operator and the simulator's `wattsched` policy: over a recent
+window, the highest demand a reading showed (the tokens/s served, plus the backlog, the tokens
+waiting in the service's queues, drained within one re-plan interval) times a headroom; and the
+operator's bounded per-service history of readings it is made from (`DemandHistory`); whether a
+fresh reading shows more demand than a plan gave a service (`exceeds_plan`); and, for the horizon
+plan, the same hour of previous days (`HourlyDemand`).
+Served tokens/s cannot show demand the replicas did not serve: a service with a queue serves all
+it can, and its served rate is a lower bound on its demand; the backlog is what it could not
+serve. Without measurements (no Prometheus, no fresh reading of every running replica, or none
+within the window), a service's demand is its declared `spec.slo.tokensPerSecond`.
 
 Pure: no Kubernetes, kopf, Prometheus or HTTP client; times come in as seconds.
 Not for: reading telemetry or sizing replicas (the optimizer does, from the demand).
@@ -26,33 +30,52 @@ HEADROOM = 1.2
 MAX_SAMPLES = 64
 
 
-def forecast(
-    tokens_per_second: Iterable[float],
-    *,
-    headroom: float = HEADROOM,
-    backlog_tokens: float = 0.0,
-    interval_seconds: float = 60.0,
-) -> float | None:
-    """Tokens/s to size for: the peak of the readings times `headroom`, plus `backlog_tokens`
-    served over `interval_seconds`; None without readings."""
+def forecast(tokens_per_second: Iterable[float], *, headroom: float = HEADROOM) -> float | None:
+    """Tokens/s to size for: the peak of the readings' demands times `headroom`; None without
+    readings."""
     readings = list(tokens_per_second)
     if not readings:
         return None
-    return max(readings) * headroom + max(0.0, backlog_tokens) / interval_seconds
+    return max(readings) * headroom
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """One reading of a service: when (monotonic seconds), the tokens/s its running replicas
+    served over the rate window, and the tokens waiting in their queues."""
+
+    at_seconds: float
+    tokens_per_second: float
+    backlog_tokens: float = 0.0
+
+    def demand(self, interval_seconds: float) -> float:
+        """Tokens/s the service needed: what it served (all it could, when it had a queue: a
+        lower bound) plus its backlog drained over `interval_seconds`."""
+        return self.tokens_per_second + self.backlog_tokens / interval_seconds
 
 
 class DemandHistory:
-    """Measured tokens/s per service, kept in memory (a restarted operator starts from the
-    declared demand until its first readings)."""
+    """Readings (served tokens/s and backlog) per service, kept in memory (a restarted operator
+    starts from the declared demand until its first readings).
 
-    def __init__(self, window_seconds: float = WINDOW_SECONDS, headroom: float = HEADROOM) -> None:
+    interval_seconds: the re-plan interval, within which a backlog must drain."""
+
+    def __init__(
+        self,
+        window_seconds: float = WINDOW_SECONDS,
+        headroom: float = HEADROOM,
+        interval_seconds: float = 60.0,
+    ) -> None:
         self.window_seconds = window_seconds
         self.headroom = headroom
-        self._samples: dict[str, deque[tuple[float, float]]] = {}
+        self.interval_seconds = interval_seconds
+        self._samples: dict[str, deque[Reading]] = {}
 
-    def record(self, key: str, at_seconds: float, tokens_per_second: float) -> None:
+    def record(
+        self, key: str, at_seconds: float, tokens_per_second: float, backlog_tokens: float = 0.0
+    ) -> None:
         samples = self._samples.setdefault(key, deque(maxlen=MAX_SAMPLES))
-        samples.append((at_seconds, max(0.0, tokens_per_second)))
+        samples.append(Reading(at_seconds, max(0.0, tokens_per_second), max(0.0, backlog_tokens)))
 
     def forget(self, keep: Iterable[str]) -> None:
         """Drop the history of services not in `keep` (deleted or finished)."""
@@ -60,15 +83,50 @@ class DemandHistory:
         for key in [k for k in self._samples if k not in wanted]:
             del self._samples[key]
 
-    def demand(self, key: str, now_seconds: float, declared: float | None) -> float | None:
-        """The forecast from readings within the window, else `declared`."""
-        recent = [
-            value
-            for at, value in self._samples.get(key, ())
-            if now_seconds - self.window_seconds <= at <= now_seconds
+    def _recent(self, key: str, now_seconds: float) -> list[Reading]:
+        return [
+            r
+            for r in self._samples.get(key, ())
+            if now_seconds - self.window_seconds <= r.at_seconds <= now_seconds
         ]
-        predicted = forecast(recent, headroom=self.headroom)
+
+    def demand(self, key: str, now_seconds: float, declared: float | None) -> float | None:
+        """The forecast from readings within the window (the highest `Reading.demand`, times the
+        headroom), else `declared`. The peak holds for the window: a backlog that drained does
+        not size the service down at the next reading."""
+        recent = self._recent(key, now_seconds)
+        predicted = forecast(
+            (r.demand(self.interval_seconds) for r in recent), headroom=self.headroom
+        )
         return declared if predicted is None else predicted
+
+    def latest(self, key: str, now_seconds: float) -> float | None:
+        """The newest reading's demand, without headroom: its served tokens/s plus its backlog
+        over one interval (None without a reading within the window)."""
+        recent = self._recent(key, now_seconds)
+        return recent[-1].demand(self.interval_seconds) if recent else None
+
+
+def exceeds_plan(
+    history: DemandHistory,
+    key: str,
+    now_seconds: float,
+    *,
+    sized_for: float | None,
+    capacity: float,
+) -> bool:
+    """Whether the newest reading of service `key` shows more demand (served tokens/s plus its
+    backlog over one interval, no headroom) than both the plan's `capacity` for it (its
+    replicas' expected tokens/s) and the demand the plan was `sized_for`.
+
+    The first says the replicas fall short now, so waiting for the periodic re-plan loses
+    requests; the second keeps a service the budget limits (capacity below what it was sized
+    for) from asking again each reading while its demand does not grow.
+    """
+    latest = history.latest(key, now_seconds)
+    if latest is None:
+        return False
+    return latest > capacity and latest > (sized_for or 0.0)
 
 
 def with_forecast_demand(

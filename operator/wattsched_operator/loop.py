@@ -1,11 +1,11 @@
 """The planning loop: the shell around the decision core, one round at a time.
 
 Handlers mark the cache dirty; the loop waits for that (or for the periodic re-plan, a retry that
-is due, an agent's heartbeat expiring), lets changes settle for the debounce time, follows
-leadership, resyncs the cache from full lists, reads telemetry, and hands what it observed to
-`core.decide` (off the event loop: it solves). The Round that comes back is applied by `apply` in
-the budget-safe order. What a round decides is in `core`; how it is written is in `apply`; this
-module only sequences rounds and reads.
+is due, an agent's heartbeat expiring, a demand check that finds a service short of capacity),
+lets changes settle for the debounce time, follows leadership, resyncs the cache from full lists,
+reads telemetry, and hands what it observed to `core.decide` (off the event loop: it solves). The
+Round that comes back is applied by `apply` in the budget-safe order. What a round decides is in
+`core`; how it is written is in `apply`; this module only sequences rounds and reads.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from wattsched_operator.core import (
     PlanFunction,
     PlannedInput,
 )
+from wattsched_operator.demand import DemandHistory
 from wattsched_operator.kube import (
     GROUP_PATH,
     Kube,
@@ -78,6 +79,10 @@ class LoopSettings:
     heartbeat_timeout_seconds: float = 30.0
     # Hours the plan looks ahead for budgets that plan over time (0: one instant at a time).
     horizon_hours: float = budget_horizon.DEFAULT_HORIZON_HOURS
+    # With telemetry, how often the services' served tokens/s and queues are read between plans
+    # (`core.check_demand`): a service whose demand exceeds its plan's capacity is re-planned
+    # then, not at the periodic re-plan. 0: no checks.
+    demand_check_seconds: float = 15.0
 
     def core_settings(self) -> core.Settings:
         return core.Settings(
@@ -111,12 +116,13 @@ class PlanningLoop:
         self.is_leader = is_leader
         self.telemetry = telemetry
         # What the controller carries from round to round (see `core.Memory`).
-        self.memory = core.Memory()
+        self.memory = core.Memory(demand=DemandHistory(interval_seconds=settings.replan_seconds))
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="kube")
         self._was_leader = False
         self._wake_at: float | None = None
         self._planned_at = 0.0
         self._accounted_at = 0.0
+        self._checked_at = 0.0
         self.applier = Applier(
             kube=kube,
             cache=cache,
@@ -142,13 +148,21 @@ class PlanningLoop:
         """
         last_resync = 0.0
         while True:
-            plan_due = await self._wait_for_work()
+            due = await self._wait_for_work()
             self.cache.dirty.clear()
             leader = await self.is_leader()
             if not leader:
                 self._was_leader = False
                 continue
-            if not plan_due and self._was_leader:
+            if due == "check" and self._was_leader:
+                try:
+                    await self.check_demand_once()
+                except Exception:
+                    logger.exception("demand check failed; the next plan reads demand")
+                    # A round between plans, as accounting rounds are counted.
+                    self.metrics.reconcile_errors.labels(step="account").inc()
+                continue
+            if due == "account" and self._was_leader:
                 try:
                     await self.account_once()
                 except Exception:
@@ -161,7 +175,7 @@ class PlanningLoop:
                     await self.resync()
                     last_resync = time.monotonic()
                 self._was_leader = True
-                self._planned_at = self._accounted_at = time.monotonic()
+                self._planned_at = self._accounted_at = self._checked_at = time.monotonic()
                 await self.plan_once()
                 self.memory = core.succeeded(self.memory)
             except Exception as error:
@@ -170,12 +184,12 @@ class PlanningLoop:
                 self.cache.mark_dirty()
                 await self.report_failed_round(error)
 
-    async def _wait_for_work(self) -> bool:
+    async def _wait_for_work(self) -> str:
         """Return when the next round is due: the cache changed (after the debounce), the periodic
         re-plan is due, a replica's retry is due, or an agent counted on in the last round has
         been silent for longer than the heartbeat timeout (a heartbeat that arrives in time
-        just moves the wake-up): True. False when only an accounting round between plans is due
-        (see `run`)."""
+        just moves the wake-up): "plan". "account" when only an accounting round between plans
+        is due, "check" when only a demand check is (see `run`)."""
         planned_at = self._planned_at if self.memory.last_round is not None else time.monotonic()
         periodic_at = planned_at + self.settings.replan_seconds
         account_at = (
@@ -183,26 +197,39 @@ class PlanningLoop:
             if self._accounting_between_plans()
             else None
         )
+        check_at = (
+            self._checked_at + self.settings.demand_check_seconds
+            if self._checking_demand_between_plans()
+            else None
+        )
         while True:
             wake_at = min(
                 t
-                for t in (periodic_at, self._wake_at, self._heartbeat_expiry(), account_at)
+                for t in (
+                    periodic_at,
+                    self._wake_at,
+                    self._heartbeat_expiry(),
+                    account_at,
+                    check_at,
+                )
                 if t is not None
             )
             try:
                 timeout = max(0.0, wake_at - time.monotonic())
                 await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
                 await asyncio.sleep(self.settings.debounce_seconds)
-                return True
+                return "plan"
             except TimeoutError:
                 now = time.monotonic()
                 if now >= periodic_at or (self._wake_at is not None and now >= self._wake_at):
-                    return True
+                    return "plan"
                 if self._lost_agents():
                     logger.info("agents lost on %s: re-planning", ", ".join(self._lost_agents()))
-                    return True
+                    return "plan"
                 if account_at is not None and now >= account_at:
-                    return False
+                    return "account"
+                if check_at is not None and now >= check_at:
+                    return "check"
 
     def _heartbeats(self) -> dict[str, datetime | None]:
         """The last heartbeat of each agent the last round counted as ready (None: none read)."""
@@ -313,6 +340,29 @@ class PlanningLoop:
             and self.memory.last_round is not None
             and self.settings.accounting_seconds < self.settings.replan_seconds
         )
+
+    def _checking_demand_between_plans(self) -> bool:
+        return (
+            self.telemetry is not None
+            and self.memory.last_round is not None
+            and 0 < self.settings.demand_check_seconds < self.settings.replan_seconds
+        )
+
+    async def check_demand_once(self) -> None:
+        """Between plans: read the running pods' tokens/s and queues; when a service's demand
+        exceeds its plan's capacity (`core.check_demand`), the next round is a plan."""
+        self._checked_at = time.monotonic()
+        last = self.memory.last_round
+        if last is None:
+            return
+        view = self.cache.view()
+        nodes = [node.name for node in last.plan_input.nodes]
+        pods = [core.pod_id(pod) for pod in view.pods.values() if core.running(pod)]
+        snapshot = await self._read_snapshot(nodes, pods)
+        decided = core.check_demand(self._observed(view, core.Readings(snapshot=snapshot)))
+        self.memory = decided.memory
+        if decided.replan_soon:
+            self.cache.mark_dirty()
 
     async def account_once(self) -> None:
         """Between plans, with nothing changed since the last one: read telemetry and bring the

@@ -38,7 +38,15 @@ class Measurement:
 
 @dataclass(frozen=True)
 class TelemetrySnapshot:
-    """Power and token rates at `time`.
+    """Power, token rates and queues at `time`.
+
+    pod_peak_tokens_per_second: each serving pod's highest tokens/s over a short window (a scrape
+    interval or two) within the rate window, where measured: the demand signal, as a mean over
+    the whole window hides bursts of seconds (`pod_tokens_per_second` stays the window's mean, for
+    tokens/J and calibration).
+    pod_queued_tokens: the tokens waiting in each serving pod's queue at `time` (demand it has not
+    served yet; from the reader's queue query), where measured. A gauge of one instant: it says
+    nothing of whether the pod was at capacity over the rate window, so calibration ignores it.
 
     stale: Prometheus did not answer (`unavailable`), or none of the requested nodes has a fresh
     series; `reason` says which. `source` is MEASURED when at least one requested node was
@@ -53,6 +61,8 @@ class TelemetrySnapshot:
     node_watts: Mapping[str, Measurement] = field(default_factory=dict)
     pod_watts: Mapping[PodKey, Measurement] = field(default_factory=dict)
     pod_tokens_per_second: Mapping[PodKey, float] = field(default_factory=dict)
+    pod_peak_tokens_per_second: Mapping[PodKey, float] = field(default_factory=dict)
+    pod_queued_tokens: Mapping[PodKey, float] = field(default_factory=dict)
     missing_nodes: frozenset[str] = frozenset()
     unavailable: bool = False
 

@@ -35,7 +35,13 @@ from wattsched_operator.kube import (
 )
 from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
-from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY, TelemetryConfig, TelemetryReader
+from wattsched_operator.telemetry import (
+    DEFAULT_PEAK_TOKEN_QUERY,
+    DEFAULT_QUEUE_QUERY,
+    DEFAULT_TOKEN_QUERY,
+    TelemetryConfig,
+    TelemetryReader,
+)
 from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import plan
 
@@ -143,11 +149,33 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens/J and the Inference throughput calibration",
     )
     parser.add_argument(
+        "--peak-tokens-query",
+        default=DEFAULT_PEAK_TOKEN_QUERY,
+        help="PromQL for each pod's highest short-window tokens/s within the rate window, by "
+        "(namespace, pod); {window} as above (default: the highest 30-s rate of "
+        "vllm:generation_tokens_total at 15-s steps; empty: the tokens query's mean). Sizes "
+        "Inference services",
+    )
+    parser.add_argument(
+        "--queue-query",
+        default=DEFAULT_QUEUE_QUERY,
+        help="PromQL for the tokens waiting in each pod's queue by (namespace, pod); {window} as "
+        "above (default: vLLM's vllm:num_requests_waiting times its generation tokens per "
+        "finished request; empty: no queue figures). Services are sized for their backlog too",
+    )
+    parser.add_argument(
         "--accounting-seconds",
         type=float,
         default=60.0,
         help="how often energy, carbon and measured figures in statuses are brought up to date, "
         "between plans too (each time is one status write per running workload)",
+    )
+    parser.add_argument(
+        "--demand-check-seconds",
+        type=float,
+        default=15.0,
+        help="with --prometheus-url, how often the services' tokens/s and queues are read between "
+        "plans; a service whose demand exceeds its plan's capacity is re-planned then (0: never)",
     )
     parser.add_argument("--metrics-port", type=int, default=8080, help="0 disables /metrics")
     parser.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz")
@@ -180,12 +208,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f"--horizon-hours={args.horizon_hours:g}: must be from 0 (one instant at a time) to "
             f"{MAX_HORIZON_HOURS} (a week)"
         )
+    if not 0 <= args.demand_check_seconds < float("inf"):
+        parser.error(
+            f"--demand-check-seconds={args.demand_check_seconds:g}: must be a number of seconds "
+            ">= 0 (default 15; 0: no checks between plans)"
+        )
     try:
         args.catalogue = read_catalogue_file(args.catalogue_file)
     except ValueError as error:
         parser.error(str(error))
     if args.tokens_query != DEFAULT_TOKEN_QUERY and not args.prometheus_url:
         parser.error("--tokens-query needs --prometheus-url (the query runs on that Prometheus)")
+    if args.peak_tokens_query != DEFAULT_PEAK_TOKEN_QUERY and not args.prometheus_url:
+        parser.error(
+            "--peak-tokens-query needs --prometheus-url (the query runs on that Prometheus)"
+        )
+    if args.queue_query != DEFAULT_QUEUE_QUERY and not args.prometheus_url:
+        parser.error("--queue-query needs --prometheus-url (the query runs on that Prometheus)")
     try:
         telemetry_config(args)
     except ValueError as error:
@@ -201,6 +240,8 @@ def telemetry_config(args: argparse.Namespace) -> TelemetryConfig | None:
         prometheus_url=args.prometheus_url,
         rate_window_seconds=args.telemetry_window_seconds,
         token_query=args.tokens_query,
+        peak_token_query=args.peak_tokens_query,
+        queue_query=args.queue_query,
     )
 
 
@@ -305,6 +346,7 @@ def main(argv: list[str]) -> int:
         accounting_seconds=args.accounting_seconds,
         heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
         horizon_hours=args.horizon_hours,
+        demand_check_seconds=args.demand_check_seconds,
     )
     build_input = build_input_function(args.heartbeat_timeout_seconds)
     config = telemetry_config(args)

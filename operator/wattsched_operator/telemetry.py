@@ -63,6 +63,21 @@ __all__ = [
 ]
 
 DEFAULT_TOKEN_QUERY = "sum by (namespace, pod) (rate(vllm:generation_tokens_total[{window}]))"
+# The highest 30-s rate of vLLM's generation counter within the rate window, at 15-s steps (two
+# samples at Prometheus' usual 15-s scrape): the bursts a mean over the whole window hides.
+DEFAULT_PEAK_TOKEN_QUERY = (
+    "max_over_time(sum by (namespace, pod) (rate(vllm:generation_tokens_total[30s]))[{window}:15s])"
+)
+# vLLM's queue as tokens: its waiting requests (the `vllm:num_requests_waiting` gauge) times the
+# generation tokens per finished request over the rate window (`vllm:generation_tokens_total`
+# over `vllm:request_success_total`). Where no request finished in the window the ratio is not a
+# number and the pod has no queue figure.
+DEFAULT_QUEUE_QUERY = (
+    "sum by (namespace, pod) (vllm:num_requests_waiting)"
+    " * on (namespace, pod) ("
+    "sum by (namespace, pod) (rate(vllm:generation_tokens_total[{window}]))"
+    " / sum by (namespace, pod) (rate(vllm:request_success_total[{window}])))"
+)
 
 
 @dataclass(frozen=True)
@@ -73,12 +88,20 @@ class TelemetryConfig:
     scrape intervals. A node with no sample in that window counts as missing (stale).
     token_query: PromQL returning tokens/s by `namespace` and `pod`; `{window}` is replaced by
     the rate window (e.g. `60s`). Empty: no token figures.
+    peak_token_query: PromQL returning, by `namespace` and `pod`, the highest short-window tokens/s
+    within the rate window (`{window}` as above); it sizes services. Empty: the token query's
+    mean stands in.
+    queue_query: PromQL returning, by `namespace` and `pod`, the tokens waiting to be served (the
+    demand the pod has not served yet); `{window}` as above. Empty: no queue figures (services are
+    then sized from their served tokens/s alone).
     """
 
     prometheus_url: str
     timeout_seconds: float = 5.0
     rate_window_seconds: int = 60
     token_query: str = DEFAULT_TOKEN_QUERY
+    peak_token_query: str = DEFAULT_PEAK_TOKEN_QUERY
+    queue_query: str = DEFAULT_QUEUE_QUERY
 
     def __post_init__(self) -> None:
         if not self.prometheus_url.startswith(("http://", "https://")):
@@ -333,7 +356,8 @@ class TelemetryReader:
         return missing, False, reason, Source.MEASURED
 
     def read(self, nodes: Iterable[str], pods: Iterable[PodKey] = ()) -> TelemetrySnapshot:
-        """Current watts per node and per pod, and tokens/s per pod (over the rate window)."""
+        """Current watts per node and per pod, tokens/s per pod (the rate window's mean and its
+        short-window peak) and the tokens waiting in each pod's queue."""
         now = datetime.now(UTC)
         wanted_nodes = frozenset(nodes)
         wanted_pods = frozenset(pods)
@@ -345,6 +369,16 @@ class TelemetryReader:
                 token_query = self.config.token_query.replace("{window}", self.window)
                 token_rows = _first_by_key([("tokens", self._query(token_query))], _pod_key)
                 tokens = {key: reading.value for key, reading in token_rows.items()}
+            peaks: dict[PodKey, float] = {}
+            if self.config.peak_token_query:
+                peak_query = self.config.peak_token_query.replace("{window}", self.window)
+                peak_rows = _first_by_key([("peak", self._query(peak_query))], _pod_key)
+                peaks = {key: reading.value for key, reading in peak_rows.items()}
+            queued: dict[PodKey, float] = {}
+            if self.config.queue_query:
+                queue_query = self.config.queue_query.replace("{window}", self.window)
+                queue_rows = _first_by_key([("queue", self._query(queue_query))], _pod_key)
+                queued = {key: max(0.0, reading.value) for key, reading in queue_rows.items()}
         except PrometheusUnavailableError as error:
             return TelemetrySnapshot(now, Source.MODELLED, True, str(error), unavailable=True)
         missing, stale, reason, source = self._staleness(wanted_nodes, node_watts, self.window)
@@ -356,6 +390,8 @@ class TelemetryReader:
             node_watts={name: node_watts[name] for name in wanted_nodes & set(node_watts)},
             pod_watts={key: pod_watts[key] for key in wanted_pods & set(pod_watts)},
             pod_tokens_per_second={key: tokens[key] for key in wanted_pods & set(tokens)},
+            pod_peak_tokens_per_second={key: peaks[key] for key in wanted_pods & set(peaks)},
+            pod_queued_tokens={key: queued[key] for key in wanted_pods & set(queued)},
             missing_nodes=missing,
         )
 

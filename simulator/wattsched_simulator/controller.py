@@ -383,12 +383,31 @@ class PlannerPolicy:
             self._bind(view)
             if not round_.replan_soon:
                 break
-        return observed.decision_from_pods(
-            self.running_pods(view),
-            self._limits,
-            plan_seconds=time.perf_counter() - started,
-            status=status,
+        return dataclasses.replace(
+            observed.decision_from_pods(
+                self.running_pods(view),
+                self._limits,
+                plan_seconds=time.perf_counter() - started,
+                status=status,
+            ),
+            check_interval_seconds=None
+            if self.oracle is not None
+            else view.scenario.telemetry.scrape_interval_seconds,
         )
+
+    def check(self, view: View) -> bool:
+        """Between decisions, as the operator's loop does every scrape interval: the services'
+        served tokens/s and queues as telemetry shows them now, folded into the demand history
+        by `core.check_demand`; True when it asks for a re-plan now."""
+        cluster, matched = self.observe(view)
+        before = core.Observed(
+            view=cluster, memory=self._memory, monotonic=view.now_seconds, settings=self.settings
+        )
+        round_ = core.check_demand(
+            dataclasses.replace(before, telemetry=self._readings(view, cluster, matched, before))
+        )
+        self._memory = round_.memory
+        return round_.replan_soon
 
     def running_pods(self, view: View) -> list[Body]:
         """The bound pods that run: a job's gang only once every replica is bound (a bound

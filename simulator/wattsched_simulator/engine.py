@@ -2,7 +2,8 @@
 
 Each step (default 1 s) the engine
 1. admits jobs that arrive, and asks the policy for a decision when one is due (every
-   `replan_interval_seconds`, and after events: a job arrives or finishes);
+   `replan_interval_seconds`, after events: a job arrives or finishes, and when a policy that
+   reads telemetry between decisions asks for one: `DemandChecking`);
 2. serves each inference service's demand from a FIFO backlog with the capacity of its ready
    replicas (a fluid model: tokens, not requests). A token counts as on time when it is served
    within `latency_target_seconds` of arriving;
@@ -25,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -62,12 +63,16 @@ class ReplicaAssignment:
 
 @dataclass(frozen=True)
 class Decision:
-    """The whole desired state: every replica, and the power limit of idle GPUs per node."""
+    """The whole desired state: every replica, and the power limit of idle GPUs per node.
+
+    check_interval_seconds: how often the policy wants to read telemetry between decisions
+    (`DemandChecking.check`; None: never)."""
 
     replicas: tuple[ReplicaAssignment, ...]
     idle_power_limit_watts: Mapping[str, float]
     plan_seconds: float
     status: str = "ok"
+    check_interval_seconds: float | None = None
 
 
 @dataclass
@@ -149,6 +154,16 @@ class Policy(Protocol):
 
     def decide(self, view: View) -> Decision:
         """The desired state of the cluster now."""
+        ...
+
+
+@runtime_checkable
+class DemandChecking(Protocol):
+    """A policy that reads telemetry between decisions (every `check_interval_seconds` of its
+    last decision) and may ask for a decision now."""
+
+    def check(self, view: View) -> bool:
+        """Read what is visible now; True: decide now (not at the next periodic decision)."""
         ...
 
 
@@ -622,6 +637,9 @@ class Simulation:
         window_start = 0.0
         next_plan = 0.0
         last_plan = -np.inf
+        # Telemetry checks between decisions, when the policy asks for them.
+        check_every: float | None = None
+        check_at: float | None = None
         reasons: list[str] = ["start"]
         first = True
         exponent = self.truth.load_power_exponent
@@ -638,12 +656,22 @@ class Simulation:
                 next_job += 1
             periodic = now >= next_plan - 1e-9
             event = bool(reasons) and now - last_plan >= sc.event_debounce_seconds
-            if periodic or event or first:
+            asked = False
+            if not (periodic or event or first) and check_at is not None and now >= check_at:
+                check_at = now + check_every - 1e-9 if check_every else None
+                if isinstance(self.policy, DemandChecking) and self.policy.check(
+                    self._view(now, ())
+                ):
+                    asked = True
+                    reasons.append("demand")
+            if periodic or event or first or asked:
                 if periodic:
                     reasons.append("periodic")
                     next_plan += sc.replan_interval_seconds
                 decision = self.policy.decide(self._view(now, tuple(reasons)))
                 self.apply(decision, now, first)
+                check_every = decision.check_interval_seconds
+                check_at = now + check_every - 1e-9 if check_every else None
                 first = False
                 last_plan = now
                 reasons = []

@@ -282,13 +282,17 @@ def telemetry_reading(
     draining: Mapping[str, int] | None = None,
 ) -> TelemetrySnapshot | None:
     """What the operator's Prometheus queries return from the visible samples (None before the
-    first): per pod, tokens/s and watts averaged over the newest `rate_window_seconds`.
+    first): per pod, tokens/s and watts averaged over the newest `rate_window_seconds`, the
+    highest tokens/s of one scrape interval within it (the operator's peak tokens query), and the
+    tokens waiting in its queue (vLLM's waiting-requests gauge as the operator's queue query
+    reads it: the service's backlog at the newest visible sample, a gauge's last value).
 
     A service's served tokens/s (vLLM's generation counter) and a job's progress rate are split
     evenly over the workload's Ready pods and its `draining` replicas (removed, still serving
     during a hand-over; not among `pods`); a pod still starting (its server not up) has no
-    reading, so the operator does not record the service's demand while one starts; the workload's
-    draw per GPU (DCGM) times each pod's GPUs, for pods Ready through the whole window.
+    reading, so the operator does not record the service's demand while one starts; the queue
+    likewise, over the same pods; the workload's draw per GPU (DCGM) times each pod's GPUs, for
+    pods Ready through the whole window.
     """
     if not visible:
         return None
@@ -300,14 +304,25 @@ def telemetry_reading(
         by_workload.setdefault(pod.workload, []).append(pod)
     pod_tokens: dict[PodKey, float] = {}
     pod_watts: dict[PodKey, Measurement] = {}
+    pod_peak: dict[PodKey, float] = {}
+    pod_queued: dict[PodKey, float] = {}
     for key, replicas in by_workload.items():
         ready = [r for r in replicas if r.ready_at_seconds <= newest + 1e-9]
         tokens = _tokens_per_second(key, window, visible)
         watts = [s.workload_watts_per_gpu[key] for s in window if key in s.workload_watts_per_gpu]
         serving = len(ready) + (draining or {}).get(key, 0)
+        peak = max(
+            (s.served_tokens_per_second[key] for s in window if key in s.served_tokens_per_second),
+            default=None,
+        )
+        backlog = visible[-1].backlog_tokens.get(key)
         for replica in replicas:
             if tokens is not None and replica in ready:
                 pod_tokens[replica.pod] = tokens / serving
+            if peak is not None and replica in ready:
+                pod_peak[replica.pod] = peak / serving
+            if backlog is not None and replica in ready:
+                pod_queued[replica.pod] = backlog / serving
             if watts and replica.ready_at_seconds <= start + 1e-9:
                 pod_watts[replica.pod] = Measurement(
                     sum(watts) / len(watts) * replica.gpus, "DCGM_FI_DEV_POWER_USAGE"
@@ -319,6 +334,8 @@ def telemetry_reading(
         reason="",
         pod_watts=pod_watts,
         pod_tokens_per_second=pod_tokens,
+        pod_peak_tokens_per_second=pod_peak,
+        pod_queued_tokens=pod_queued,
     )
 
 

@@ -603,3 +603,42 @@ def test_no_catalogue_values_render_no_catalogue_config_map(chart: Chart) -> Non
     assert not [m for m in manifests if str(m["metadata"]["name"]).endswith("-catalogue")]
     args = _container(find(manifests, "Deployment", "-operator"))["args"]
     assert not [a for a in args if a.startswith("--catalogue-file")]
+
+
+def test_queue_and_peak_queries_reach_the_operators_telemetry_config(
+    chart: Chart, tmp_path: Path
+) -> None:
+    from wattsched_operator.run import parse_args as parse_operator_args  # noqa: PLC0415
+    from wattsched_operator.run import telemetry_config  # noqa: PLC0415
+
+    queue = 'sum by (namespace, pod) (vllm:num_requests_waiting{job="vllm"}) * 200'
+    peak = (
+        "max_over_time(sum by (namespace, pod) "
+        "(rate(vllm:generation_tokens_total[1m]))[{window}:30s])"
+    )
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(
+        yaml.safe_dump(
+            {
+                "operator": {
+                    "prometheusUrl": "http://prometheus:9090",
+                    "queueQuery": queue,
+                    "peakTokensQuery": peak,
+                }
+            }
+        )
+    )
+    operator_args = _container(
+        find(chart.render(values_files=(values_file,)), "Deployment", "-operator")
+    )["args"]
+    config = telemetry_config(parse_operator_args(operator_args[1:]))
+    assert config is not None
+    assert (config.queue_query, config.peak_token_query) == (queue, peak)
+
+
+@pytest.mark.parametrize("value", ["queueQuery", "peakTokensQuery"])
+def test_queue_and_peak_queries_without_prometheus_url_are_refused(
+    chart: Chart, value: str
+) -> None:
+    with pytest.raises(HelmError, match=rf"operator\.{value} needs operator\.prometheusUrl"):
+        chart.render(set_values=(f"operator.{value}=sum(x)",))

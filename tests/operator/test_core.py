@@ -357,3 +357,79 @@ def test_the_shell_is_told_what_to_read_and_the_readings_make_the_energy_measure
         dataclasses.replace(observed, telemetry=core.Readings(snapshot=snapshot)), NOW
     )
     assert [c.source for c in modelled.metrics.workload_energy] == ["modelled"]
+
+
+def _chat_reading(tokens: float, queued: float | None) -> core.Readings:
+    pod = ("team", "chat-0")
+    snapshot = TelemetrySnapshot(
+        NOW,
+        Source.MEASURED,
+        False,
+        "",
+        pod_tokens_per_second={pod: tokens},
+        pod_queued_tokens={} if queued is None else {pod: queued},
+    )
+    return core.Readings(snapshot=snapshot, rate_window_seconds=60.0)
+
+
+def test_a_queued_backlog_sizes_the_service_above_what_it_served() -> None:
+    running = service(status={"phase": "Running"})
+    pod = replica_pod("chat", "l40s-0", annotations=None)
+    observed = core.Observed(
+        view([node("l40s-0")], [running], [pod]),
+        monotonic=100.0,
+        telemetry=_chat_reading(4000.0, queued=120_000.0),
+    )
+    round_ = core.decide(observed, NOW)
+    # (4000 served + 120,000 waiting over the 60-s re-plan interval) x 1.2: served alone, 4800.
+    assert round_.memory.demand.demand("team/chat", 100.0, None) == 7200.0
+
+
+def test_a_demand_check_re_plans_a_service_whose_queue_outgrows_its_plan() -> None:
+    running = service(status={"phase": "Running"})
+    pod = replica_pod("chat", "l40s-0", annotations=None)
+    cluster = view([node("l40s-0")], [running], [pod])
+    planned = core.decide(
+        core.Observed(cluster, monotonic=100.0, telemetry=_chat_reading(50.0, queued=0.0)), NOW
+    )
+    last = planned.memory.last_round
+    assert last is not None
+    capacity = sum(p.expected_throughput for p in last.plan.placements)
+
+    # Serving what the plan gave it, no queue: no re-plan before the periodic one.
+    calm = core.check_demand(
+        core.Observed(
+            cluster,
+            memory=planned.memory,
+            monotonic=115.0,
+            telemetry=_chat_reading(capacity * 0.9, queued=0.0),
+        )
+    )
+    assert not calm.replan_soon
+    assert calm.plan is None
+    assert (calm.create, calm.evict) == ((), ())
+
+    # At capacity with a queue worth a fifth of it over an interval: re-plan now.
+    busy = core.check_demand(
+        core.Observed(
+            cluster,
+            memory=calm.memory,
+            monotonic=130.0,
+            telemetry=_chat_reading(capacity, queued=capacity * 60 * 0.2),
+        )
+    )
+    assert busy.replan_soon
+    # The reading is in the next memory: the re-plan sizes for it.
+    assert busy.memory.demand.demand("team/chat", 130.0, None) == capacity * 1.2 * 1.2
+    # A stale reading (Prometheus down) asks for nothing.
+    stale = core.check_demand(
+        core.Observed(
+            cluster,
+            memory=planned.memory,
+            monotonic=130.0,
+            telemetry=core.Readings(
+                snapshot=TelemetrySnapshot(NOW, Source.MODELLED, True, "down", unavailable=True)
+            ),
+        )
+    )
+    assert not stale.replan_soon

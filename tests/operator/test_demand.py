@@ -1,9 +1,11 @@
 """Inference demand (`wattsched_operator.demand`): services are sized for the recent peak of their
-measured tokens/s with headroom, and for their declared tokens/s until there are readings."""
+measured demand (served tokens/s plus the backlog drained within one re-plan interval) with
+headroom, and for their declared tokens/s until there are readings; a reading above what the plan
+gave a service asks for a re-plan."""
 
 from __future__ import annotations
 
-from wattsched_operator.demand import DemandHistory, forecast, with_forecast_demand
+from wattsched_operator.demand import DemandHistory, exceeds_plan, forecast, with_forecast_demand
 from wattsched_optimizer.problem import Precision, Variant, Workload, WorkloadType
 
 BF16 = (Variant("bf16", Precision.BF16, 0),)
@@ -13,10 +15,49 @@ def service(key: str, declared: float) -> Workload:
     return Workload(key, WorkloadType.INFERENCE, 8, 1, BF16, tokens_per_second=declared)
 
 
-def test_the_forecast_is_the_recent_peak_with_headroom_plus_the_backlog_over_an_interval() -> None:
+def test_the_forecast_is_the_recent_peak_with_headroom() -> None:
     assert forecast([100.0, 300.0, 200.0], headroom=1.2) == 360.0
-    assert forecast([100.0], headroom=1.0, backlog_tokens=6000, interval_seconds=60) == 200.0
     assert forecast([], headroom=1.2) is None
+
+
+def test_a_queue_adds_its_backlog_drained_within_one_interval() -> None:
+    # A saturated service: it served 1000 tokens/s (all it could) with 30,000 tokens waiting.
+    history = DemandHistory(window_seconds=300, headroom=1.2, interval_seconds=60)
+    history.record("ns/chat", 100.0, 1000.0, backlog_tokens=30_000)
+    # (1000 + 30000 / 60) * 1.2: served alone would say 1200.
+    assert history.demand("ns/chat", 110.0, declared=None) == 1800.0
+
+
+def test_a_drained_backlog_keeps_its_peak_for_the_window() -> None:
+    history = DemandHistory(window_seconds=300, headroom=1.0, interval_seconds=60)
+    history.record("ns/chat", 100.0, 1000.0, backlog_tokens=60_000)
+    history.record("ns/chat", 160.0, 1500.0, backlog_tokens=0)
+    # The queue drained once the service had capacity; it is not sized down a reading later.
+    assert history.demand("ns/chat", 170.0, declared=None) == 2000.0
+    assert history.demand("ns/chat", 450.0, declared=None) == 1500.0
+
+
+def test_a_reading_above_the_plans_capacity_asks_for_a_re_plan() -> None:
+    history = DemandHistory(window_seconds=300, headroom=1.2, interval_seconds=60)
+    history.record("ns/chat", 100.0, 1000.0, backlog_tokens=0)
+    # Served all it was sized for, no queue: nothing to do.
+    assert not exceeds_plan(history, "ns/chat", 100.0, sized_for=1200.0, capacity=1250.0)
+    # At capacity with a queue: its demand is above what its replicas serve.
+    history.record("ns/chat", 115.0, 1250.0, backlog_tokens=12_000)
+    assert exceeds_plan(history, "ns/chat", 115.0, sized_for=1200.0, capacity=1250.0)
+
+
+def test_a_budget_limited_service_does_not_ask_again_while_its_demand_holds() -> None:
+    # Sized for 3000 tokens/s, the budget gave it 1250: its queue is no news until demand grows.
+    history = DemandHistory(window_seconds=300, headroom=1.2, interval_seconds=60)
+    history.record("ns/chat", 100.0, 1250.0, backlog_tokens=60_000)
+    assert not exceeds_plan(history, "ns/chat", 100.0, sized_for=3000.0, capacity=1250.0)
+    history.record("ns/chat", 115.0, 1250.0, backlog_tokens=180_000)
+    assert exceeds_plan(history, "ns/chat", 115.0, sized_for=3000.0, capacity=1250.0)
+
+
+def test_no_reading_no_re_plan() -> None:
+    assert not exceeds_plan(DemandHistory(), "ns/chat", 0.0, sized_for=None, capacity=0.0)
 
 
 def test_readings_replace_the_declared_demand_only_within_the_window() -> None:

@@ -74,3 +74,56 @@ def test_a_service_is_sized_for_its_measured_demand_with_headroom(
         assert body["status"]["replicas"]["placed"] >= 2
     finally:
         server.stop()
+
+
+def test_a_service_with_a_queue_is_sized_for_its_backlog_too(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator, agents: Path, tmp_path: Path
+) -> None:
+    """Served 4,000 tokens/s with 8,000 tokens waiting (the `--queue-query`; vLLM's waiting
+    requests by default): the backlog drains within one re-plan interval (2 s here), so the
+    demand is 4,000 + 8,000 / 2 = 8,000 tokens/s, sized x 1.2."""
+    wait_until("the agents' targets file", agents.exists)
+    server = start_prometheus(tmp_path / "prometheus", agents)
+    name = "chat-queued"
+
+    def constant(value: float) -> str:
+        return (
+            f'label_replace(label_replace(vector({value}), "namespace", '
+            f'"{namespace}", "", ""), "pod", "{name}-0", "", "")'
+        )
+
+    try:
+        start_operator(
+            "--prometheus-url",
+            server.url,
+            "--tokens-query",
+            constant(4000),
+            "--queue-query",
+            constant(8000),
+            "--replan-seconds",
+            "2",
+        )
+        service = workload(
+            name,
+            gpus=1,
+            replicas=1,
+            max_replicas=4,
+            tokens_per_second=100,
+            products=["NVIDIA-H100-80GB-HBM3"],
+        )
+        apply(sandbox, namespace, service)
+        grown = wait_until(
+            "the service sized for its served tokens and its backlog",
+            lambda: (
+                (c := slo_condition(sandbox, namespace, name))
+                and "a demand of 9600 tokens/s" in c.get("message", "")
+                and c
+            ),
+            timeout_seconds=120,
+        )
+        assert grown["status"] == "True"
+        body = get_json(sandbox, "llmworkload", name, "-n", namespace)
+        # Served alone (4,800 with headroom) fits one H100 (~5,147 tokens/s); the backlog needs 2+.
+        assert body["status"]["replicas"]["placed"] >= 2
+    finally:
+        server.stop()

@@ -76,3 +76,37 @@ def test_a_horizon_outside_0_to_a_week_is_refused_naming_the_flag(
     with pytest.raises(SystemExit):
         parse_args(["--horizon-hours", hours])
     assert f"--horizon-hours={float(hours):g}: must be from 0" in capsys.readouterr().err
+
+
+def test_queue_and_peak_queries_reach_the_telemetry_config() -> None:
+    queue = "sum by (namespace, pod) (sglang:num_queue_reqs) * 250"
+    config = telemetry_config(
+        parse_args([*PROMETHEUS, "--queue-query", queue, "--peak-tokens-query="])
+    )
+    assert config is not None
+    assert (config.queue_query, config.peak_token_query) == (queue, "")
+    default = telemetry_config(parse_args(PROMETHEUS))
+    assert default is not None
+    assert "vllm:num_requests_waiting" in default.queue_query
+    assert "max_over_time" in default.peak_token_query
+
+
+@pytest.mark.parametrize("flag", ["--queue-query", "--peak-tokens-query"])
+def test_queue_and_peak_queries_without_prometheus_url_are_refused(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args([flag, "sum(x)"])
+    assert f"{flag} needs --prometheus-url" in capsys.readouterr().err
+
+
+def test_demand_check_seconds_is_parsed_and_a_negative_one_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert parse_args([]).demand_check_seconds == 15.0
+    assert parse_args(["--demand-check-seconds", "0"]).demand_check_seconds == 0.0
+    with pytest.raises(SystemExit):
+        parse_args(["--demand-check-seconds", "-1"])
+    assert "--demand-check-seconds=-1: must be a number of seconds >= 0" in (
+        capsys.readouterr().err
+    )

@@ -286,3 +286,77 @@ def test_a_hung_prometheus_is_dropped_after_the_loops_timeout(silent_port: int) 
     assert reading.unavailable
     assert "took over 0.5 s" in reading.reason
     assert elapsed < 5.0
+
+
+# -- the loop's demand check between plans ----------------------------------------------------
+
+
+class QueueReader(TelemetryReader):
+    """A reader whose every read shows the chat pod serving `tokens` with `queued` waiting (the
+    Prometheus side is tested in tests/telemetry)."""
+
+    def __init__(self, tokens: float, queued: float) -> None:
+        super().__init__(TelemetryConfig("http://127.0.0.1:1"))
+        self.tokens, self.queued = tokens, queued
+
+    def read(self, nodes: Any, pods: Any = ()) -> TelemetrySnapshot:
+        pod = ("team", "chat-0")
+        return TelemetrySnapshot(
+            datetime.now(UTC),
+            Source.MEASURED,
+            False,
+            "",
+            pod_tokens_per_second={pod: self.tokens},
+            pod_queued_tokens={pod: self.queued},
+        )
+
+
+def _checked(queued_seconds: float) -> tuple[bool, float]:
+    """Plan one running chat replica, then run the loop's demand check with a reading at the
+    plan's capacity and `queued_seconds` of it waiting: (whether the next round is a plan, the
+    service's demand the check recorded)."""
+    from tests.operator.test_core import NOW as PLANNED_AT  # noqa: PLC0415
+    from tests.operator.test_core import node, profile, replica_pod, service  # noqa: PLC0415
+    from wattsched_operator import core  # noqa: PLC0415
+    from wattsched_operator.cache import (  # noqa: PLC0415
+        BUDGETS,
+        NODES,
+        PODS,
+        PROFILES,
+        WORKLOADS,
+        slim,
+    )
+
+    loop = loop_with(None)
+    cache = loop.cache
+    cache.replace(NODES, [slim(NODES, node("l40s-0"))])
+    cache.replace(PROFILES, [slim(PROFILES, profile("l40s-0"))])
+    cache.replace(BUDGETS, [])
+    cache.replace(WORKLOADS, [slim(WORKLOADS, service(status={"phase": "Running"}))])
+    cache.replace(PODS, [slim(PODS, replica_pod("chat", "l40s-0", annotations=None))])
+    # (At the time of the profile's heartbeat, so the agent counts as ready.)
+    planned = core.decide(
+        core.Observed(cache.view(), monotonic=time.monotonic()), PLANNED_AT
+    ).memory
+    assert planned.last_round is not None
+    capacity = sum(p.expected_throughput for p in planned.last_round.plan.placements)
+    loop.memory = planned
+    loop.telemetry = QueueReader(capacity, capacity * queued_seconds)
+    cache.dirty.clear()
+    asyncio.run(loop.check_demand_once())
+    recorded = loop.memory.demand.demand("team/chat", time.monotonic(), None)
+    return cache.dirty.is_set(), (recorded or 0.0) / 1.2 - capacity
+
+
+def test_the_loops_demand_check_re_plans_a_service_with_a_queue_beyond_its_capacity() -> None:
+    replan, _ = _checked(queued_seconds=12.0)
+    assert replan
+
+
+def test_the_loops_demand_check_records_the_reading_and_leaves_a_service_at_capacity_alone() -> (
+    None
+):
+    replan, above_capacity = _checked(queued_seconds=0.0)
+    assert not replan
+    # The reading is in the loop's memory for the next plan (served = capacity, no backlog).
+    assert above_capacity == pytest.approx(0.0, abs=1e-6)

@@ -166,7 +166,7 @@ def sample(end: float, **series: dict[str, float]) -> Sample:
         demand_tokens_per_second=series.get("demand", {}),
         served_tokens_per_second=series.get("served", {}),
         utilisation={},
-        backlog_tokens={},
+        backlog_tokens=series.get("backlog", {}),
         job_tokens_done=series.get("done", {}),
         workload_watts_per_gpu=series.get("watts", {}),
     )
@@ -207,6 +207,37 @@ def test_the_reading_splits_tokens_over_ready_pods_and_gives_watts_to_settled_po
         ("azure", "chat-0"): pytest.approx(600.0)
     }
     assert observed.telemetry_reading([], pods, scrape_interval_seconds=15.0) is None
+
+
+def test_the_reading_shows_each_pods_queue_and_short_window_peak() -> None:
+    samples = [
+        sample(end, served={"azure/chat": served}, backlog={"azure/chat": backlog})
+        for end, served, backlog in [
+            (15.0, 100.0, 0.0),
+            (30.0, 600.0, 0.0),
+            (45.0, 1800.0, 9000.0),
+            (60.0, 600.0, 3000.0),
+            (75.0, 600.0, 1200.0),
+        ]
+    ]
+    pods = [
+        observed.PodReplica(("azure", "chat-0"), "azure/chat", 1, ready_at_seconds=0.0),
+        observed.PodReplica(("azure", "chat-1"), "azure/chat", 1, ready_at_seconds=0.0),
+        observed.PodReplica(("azure", "chat-2"), "azure/chat", 1, ready_at_seconds=500.0),
+    ]
+    reading = observed.telemetry_reading(samples, pods, scrape_interval_seconds=15.0)
+    assert reading is not None
+    # The window's mean (30..75: 900 tokens/s) and its highest scrape interval (1800), each
+    # split over the two Ready pods; the queue is the gauge's newest value (1200 tokens).
+    assert reading.pod_tokens_per_second[("azure", "chat-0")] == pytest.approx(450.0)
+    assert reading.pod_peak_tokens_per_second == {
+        ("azure", "chat-0"): pytest.approx(900.0),
+        ("azure", "chat-1"): pytest.approx(900.0),
+    }
+    assert reading.pod_queued_tokens == {
+        ("azure", "chat-0"): pytest.approx(600.0),
+        ("azure", "chat-1"): pytest.approx(600.0),
+    }
 
 
 def test_a_jobs_pods_read_its_progress_rate_and_the_counter_is_the_last_scrape() -> None:
@@ -393,3 +424,55 @@ def test_with_the_carbon_curve_as_its_forecast_the_wattsched_policy_waits_for_cl
     )
     assert first_decision(one_instant) == [spec.key, spec.key]
     assert first_decision(PlannerPolicy("wattsched")) == [spec.key, spec.key]
+
+
+def _burst(queue_seconds: float) -> tuple[bool, int, int]:
+    """A service sized for its declared demand, then at capacity for a minute with a queue worth
+    `queue_seconds` of that capacity: (whether the check between plans asks for a re-plan, the
+    replicas before, the replicas of the plan that follows)."""
+    policy = PlannerPolicy("wattsched")
+    chat = service(demand=1000.0)
+    telemetry = Telemetry(TelemetryConfig(noise_fraction=0.0), seed=0)
+    scenario = Scenario(
+        nodes=(node("h0"),),
+        budgets=(),
+        services=(chat,),
+        jobs=(),
+        duration_seconds=600.0,
+        carbon=CarbonIntensity.constant(400.0, "test"),
+    )
+    first = policy.decide(View(0.0, scenario, (), (), telemetry, ("start",)))
+    assert first.check_interval_seconds == 15.0
+    running = tuple(
+        RunningReplica(r.workload, r.node, r.gpus, r.variant, r.power_limit_watts, 0.0)
+        for r in first.replicas
+    )
+    last = policy._memory.last_round
+    assert last is not None
+    capacity = sum(p.expected_throughput for p in last.plan.placements)
+    for end in range(15, 91, 15):
+        telemetry.record(
+            window_end_seconds=float(end),
+            demand_tokens_per_second={chat.key: capacity * 2},
+            served_tokens_per_second={chat.key: capacity},
+            utilisation={chat.key: 1.0},
+            backlog_tokens={chat.key: capacity * queue_seconds},
+            job_tokens_done={},
+        )
+    asked = policy.check(View(90.0, scenario, (), running, telemetry, ()))
+    after = policy.decide(View(90.0, scenario, (), running, telemetry, ("demand",)))
+    return asked, len(first.replicas), len(after.replicas)
+
+
+def test_a_burst_above_capacity_is_scaled_up_from_the_queue_before_the_periodic_re_plan() -> None:
+    asked, before, after = _burst(queue_seconds=30.0)
+    # Served at capacity with half an interval's worth waiting: the check between plans asks
+    # for a re-plan, and the plan sizes for the backlog too.
+    assert asked
+    assert after > before
+
+
+def test_served_tokens_alone_at_capacity_ask_for_nothing() -> None:
+    asked, _, _ = _burst(queue_seconds=0.0)
+    # Without a queue, a service serving all it was sized for shows no demand above that.
+    assert not asked

@@ -566,6 +566,54 @@ def test_telemetry_is_sampled_every_scrape_interval_and_seen_late() -> None:
     assert after_start[0].utilisation["azure/chat"] == pytest.approx(0.6, rel=0.1)
 
 
+@dataclass
+class CheckingPolicy:
+    """A fixed placement that asks for telemetry checks every `every` seconds and for a decision
+    at the check times in `ask_at`; records when each check and decision happened."""
+
+    inner: FixedPolicy
+    every: float | None
+    ask_at: frozenset[float] = frozenset()
+    checks: list[float] = field(default_factory=list)
+    decisions: list[tuple[float, tuple[str, ...]]] = field(default_factory=list)
+    name: str = "checking"
+
+    def decide(self, view: View) -> Decision:
+        self.decisions.append((view.now_seconds, view.reasons))
+        return replace(self.inner.decide(view), check_interval_seconds=self.every)
+
+    def check(self, view: View) -> bool:
+        self.checks.append(view.now_seconds)
+        return view.now_seconds in self.ask_at
+
+
+def test_a_policy_that_checks_between_decisions_is_asked_each_interval_and_decides_on_request() -> (
+    None
+):
+    sim = scenario(
+        nodes=[h100_node("n0", gpus=1)],
+        services=[service("chat", [60.0] * 150)],
+        duration_seconds=150,
+    )
+    policy = CheckingPolicy(
+        FixedPolicy([("azure/chat", "n0")]), every=15.0, ask_at=frozenset({45.0})
+    )
+    Simulation(sim, flat_truth(100.0), policy).run()
+    # Decisions at 0 and the periodic 60 and 120 s; checks every 15 s after each decision; the
+    # check at 45 s asked for a decision, and the checks restart 15 s after it.
+    assert [(t, reasons) for t, reasons in policy.decisions] == [
+        (0.0, ("start", "periodic")),
+        (45.0, ("demand",)),
+        (60.0, ("periodic",)),
+        (120.0, ("periodic",)),
+    ]
+    assert policy.checks == [15.0, 30.0, 45.0, 75.0, 90.0, 105.0, 135.0]
+
+    silent = CheckingPolicy(FixedPolicy([("azure/chat", "n0")]), every=None)
+    Simulation(sim, flat_truth(100.0), silent).run()
+    assert silent.checks == []
+
+
 # -- replicas that span nodes ---------------------------------------------------------------
 
 

@@ -269,3 +269,55 @@ def test_a_node_whose_agent_stops_reporting_goes_missing_then_stale(
     only_lost = reader.read(["l4-a"])
     assert (only_lost.stale, only_lost.source) == (True, Source.MODELLED)
     assert "is the agent or DCGM exporter being scraped" in only_lost.reason
+
+
+def test_vllms_queue_and_a_short_window_peak_are_read_per_pod(
+    tmp_path: Path, prometheus: StartPrometheus
+) -> None:
+    """The default queue query (vLLM's waiting requests x generation tokens per finished
+    request) and a peak query over the same counter, on a real Prometheus."""
+    began = time.monotonic()
+
+    def exporter_text() -> str:
+        elapsed = time.monotonic() - began
+        # 400 tokens/s, 2 requests finished per second (200 tokens each), 30 requests waiting.
+        return "\n".join(
+            [
+                "# TYPE vllm:generation_tokens_total counter",
+                f'vllm:generation_tokens_total{{namespace="ns",pod="p"}} {400 * elapsed:.3f}',
+                "# TYPE vllm:request_success_total counter",
+                'vllm:request_success_total{namespace="ns",pod="p",finished_reason="stop"} '
+                f"{2 * elapsed:.3f}",
+                "# TYPE vllm:num_requests_waiting gauge",
+                'vllm:num_requests_waiting{namespace="ns",pod="p"} 30',
+                "",
+            ]
+        )
+
+    exporter = MetricsServer("127.0.0.1", 0, exporter_text)
+    try:
+        targets_file = tmp_path / "targets.json"
+        write_targets(targets_file, {"exporter": exporter.address})
+        server = prometheus(targets_file)
+        wait_for_window(server, 1)
+        reader = TelemetryReader(
+            TelemetryConfig(
+                server.url,
+                timeout_seconds=3,
+                rate_window_seconds=RATE_WINDOW_SECONDS,
+                # At this test's 1-s scrapes: the highest 2-s rate at 1-s steps.
+                peak_token_query="max_over_time(sum by (namespace, pod) "
+                "(rate(vllm:generation_tokens_total[2s]))[{window}:1s])",
+            )
+        )
+        snapshot = reader.read([], [("ns", "p")])
+        off = TelemetryReader(
+            TelemetryConfig(server.url, timeout_seconds=3, queue_query="", peak_token_query="")
+        ).read([], [("ns", "p")])
+    finally:
+        exporter.close()
+    # 30 waiting x 200 tokens per request.
+    assert snapshot.pod_queued_tokens["ns", "p"] == pytest.approx(6000, rel=0.05)
+    assert snapshot.pod_peak_tokens_per_second["ns", "p"] == pytest.approx(400, rel=0.05)
+    assert off.pod_queued_tokens == {}
+    assert off.pod_peak_tokens_per_second == {}
