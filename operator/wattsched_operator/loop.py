@@ -28,6 +28,7 @@ from wattsched_operator import (
     accounting,
     demand,
     desired,
+    handover,
     progress,
     snapshot,
     statuses,
@@ -541,7 +542,7 @@ class PlanningLoop:
         )
         self._calibrate(plan_input, view, telemetry)
         self._record_demand(plan_input, pods_by_workload, telemetry)
-        await self._apply(view, active, plan, life)
+        await self._apply(view, active, plan, life, plan_input)
         await self._open_profiles(view, built.excluded_nodes)
         self._applied_placements = plan.placements
         accounts = await self._account(
@@ -1126,15 +1127,34 @@ class PlanningLoop:
     # -- applying ----------------------------------------------------------------------------------
 
     async def _apply(
-        self, view: ClusterView, active: Mapping[str, Body], plan: Plan, life: Lifecycle
+        self,
+        view: ClusterView,
+        active: Mapping[str, Body],
+        plan: Plan,
+        life: Lifecycle,
+        plan_input: PlanInput,
     ) -> None:
         objects = {key: workload_object(body) for key, body in active.items()}
-        want = desired.desired_pods(objects, plan.placements)
-        changes = desired.pod_changes(view.pods.values(), want, frozenset(life.keep_pods))
+        lost_nodes = frozenset(
+            name for name, body in view.nodes.items() if not snapshot.keeps_running(body)
+        ) | frozenset(
+            node
+            for pod in view.pods.values()
+            if (node := (pod.get("spec") or {}).get("nodeName")) and node not in view.nodes
+        )
+        handovers = self._handovers(view, active, plan, plan_input, lost_nodes)
+        want = desired.desired_pods(
+            objects, plan.placements, names=handovers.names, replaces=handovers.replaces
+        )
+        changes = desired.pod_changes(
+            view.pods.values(), want, frozenset(life.keep_pods) | handovers.keep
+        )
         caps = unmanaged_gpu_caps(view.budgets.values(), view.nodes.values())
         planned = {
             node: dataclasses.replace(limits, unmanaged_watts=caps.get(node))
-            for node, limits in desired.planned_limits(plan).items()
+            for node, limits in desired.planned_limits(
+                plan, names=handovers.names, kept=handovers.keep_limits
+            ).items()
         }
         current = {
             node: transition.NodePowerState.from_profile(view.profiles.get(node))
@@ -1162,13 +1182,6 @@ class PlanningLoop:
         pods_by_name = {
             (p["metadata"]["namespace"], p["metadata"]["name"]): p for p in view.pods.values()
         }
-        lost_nodes = frozenset(
-            name for name, body in view.nodes.items() if not snapshot.keeps_running(body)
-        ) | frozenset(
-            node
-            for pod in view.pods.values()
-            if (node := (pod.get("spec") or {}).get("nodeName")) and node not in view.nodes
-        )
         paced = desired.pace_deletions(
             changes.delete,
             pods_by_name,
@@ -1182,14 +1195,24 @@ class PlanningLoop:
         if paced.later:
             self.cache.mark_dirty()  # the next round moves the next replica
         placed_keys = {p.workload for p in plan.placements}
-        await self._mark_moving(view, active, placed_keys, paced.now)
+        await self._mark_moving(
+            view, active, placed_keys, [k for k in paced.now if k not in handovers.finished]
+        )
         evicted = await self._evict_pods(paced.now, view)
         await self._gather(
-            self._delete_pod(ns, name, view) for ns, name in sorted(life.delete_pods - set(evicted))
+            self._delete_pod(ns, name, view)
+            for ns, name in sorted((life.delete_pods | set(handovers.given_up)) - set(evicted))
         )
         await self._post_disruptions(
-            plan, active, view=view, pods_by_name=pods_by_name, want=want, evicted=evicted
+            plan,
+            active,
+            view=view,
+            pods_by_name=pods_by_name,
+            want=want,
+            evicted=evicted,
+            notes=handovers.fallbacks,
         )
+        await self._post_handovers(plan, active, view, handovers, want=want, evicted=evicted)
         await self._announce_gang_restarts(view, active, plan, evicted)
 
         # 3. Create new pods (a name still held by a terminating pod is retried next round).
@@ -1247,9 +1270,11 @@ class PlanningLoop:
         pods_by_name: Mapping[tuple[str, str], Body],
         want: Mapping[tuple[str, str], Mapping[str, Any]],
         evicted: Iterable[tuple[str, str]],
+        notes: Mapping[tuple[str, str], str],
     ) -> None:
         """One `Moved` or `Preempted` Event per workload for the pods evicted this round, naming
-        the cause, and the counters by cause."""
+        the cause (and, from `notes`, why a pod went before its replacement was ready), and the
+        counters by cause."""
         placed_keys = {p.workload for p in plan.placements}
         preempted: dict[str, int] = {}
         for namespace, name in evicted:
@@ -1259,7 +1284,7 @@ class PlanningLoop:
             key = pod_workload_key(pod)
             if key in active and key not in placed_keys and not _finished(pod):
                 preempted[key] = preempted.get(key, 0) + 1
-        moves = desired.moved_replicas(pods_by_name, want, evicted)
+        moves = desired.moved_replicas(pods_by_name, want, evicted, notes)
         for key, moved in moves.items():
             if key not in active:
                 continue
@@ -1288,6 +1313,77 @@ class PlanningLoop:
                 "Preempted",
                 f"{count} replica(s), cause {cause.value}: {reason}",
             )
+
+    def _handovers(
+        self,
+        view: ClusterView,
+        active: Mapping[str, Body],
+        plan: Plan,
+        plan_input: PlanInput,
+        lost_nodes: frozenset[str],
+    ) -> handover.Decision:
+        """Which of the plan's moves are make-before-break, and what hand-overs in progress do
+        (see `handover`): GPUs from the planned nodes, room from the plan's budgets."""
+        allocated = {b.name: b.allocated_cap_watts for b in plan.budgets}
+        return handover.decide(
+            view.pods.values(),
+            plan.placements,
+            services=frozenset(
+                key
+                for key, body in active.items()
+                if not is_gang(body)
+                and (body.get("spec") or {}).get("type", "Inference")
+                == WorkloadType.INFERENCE.value
+            ),
+            lost_nodes=lost_nodes,
+            node_gpus={n.name: n.gpu_count for n in plan_input.nodes},
+            idle_watts=plan.node_idle_limits_watts,
+            budgets=[
+                handover.BudgetRoom(
+                    b.name, b.power_cap_watts - allocated.get(b.name, math.inf), b.node_names
+                )
+                for b in plan_input.budgets
+            ],
+            now=datetime.now(UTC),
+        )
+
+    async def _post_handovers(
+        self,
+        plan: Plan,
+        active: Mapping[str, Body],
+        view: ClusterView,
+        handovers: handover.Decision,
+        *,
+        want: Mapping[tuple[str, str], Mapping[str, Any]],
+        evicted: Iterable[tuple[str, str]],
+    ) -> None:
+        """A `Moved` Event (and the move counters) for each workload whose make-before-break
+        moves start this round; a Warning Event for a replacement given up, and for an old pod that
+        a budget forces out before its replacement is ready."""
+        for key, started in sorted(handovers.started.items()):
+            if key not in active:
+                continue
+            cause = plan.move_reasons.get(key, MoveReason.SPEC)
+            self.metrics.moves.labels(cause=cause.value).inc(len(started))
+            await self._event(
+                active[key],
+                "Normal",
+                "Moved",
+                f"{len(started)} replica(s), cause {cause.value}: {MOVE_CAUSES[cause]}; "
+                f"make-before-break, each old pod stays until its replacement is Ready: "
+                + "; ".join(started),
+            )
+        cut = [k for k in evicted if k in handovers.fallbacks and k not in want]
+        for (namespace, name), why in sorted(handovers.given_up.items()) + [
+            (k, handovers.fallbacks[k]) for k in sorted(cut)
+        ]:
+            pod = view.pods.get(f"{namespace}/{name}")
+            key = pod_workload_key(pod) if pod is not None else ""
+            if key in active:
+                reason = (
+                    "ReplacementNotReady" if (namespace, name) in handovers.given_up else "Moved"
+                )
+                await self._event(active[key], "Warning", reason, f"{name}: {why}")
 
     async def _evict_pods(
         self, keys: Iterable[tuple[str, str]], view: ClusterView
