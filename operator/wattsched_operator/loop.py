@@ -1379,11 +1379,15 @@ class PlanningLoop:
         ]:
             pod = view.pods.get(f"{namespace}/{name}")
             key = pod_workload_key(pod) if pod is not None else ""
-            if key in active:
-                reason = (
-                    "ReplacementNotReady" if (namespace, name) in handovers.given_up else "Moved"
+            if key not in active:
+                continue
+            if (namespace, name) in handovers.given_up:
+                await self._event(active[key], "Warning", "ReplacementNotReady", f"{name}: {why}")
+            else:
+                cause = plan.move_reasons.get(key, MoveReason.SPEC)
+                await self._event(
+                    active[key], "Warning", "Moved", f"{name}, cause {cause.value}: {why}"
                 )
-                await self._event(active[key], "Warning", reason, f"{name}: {why}")
 
     async def _evict_pods(
         self, keys: Iterable[tuple[str, str]], view: ClusterView

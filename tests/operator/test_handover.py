@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from wattsched_operator import handover
+from wattsched_operator.cache import PODS, slim
 from wattsched_operator.desired import (
     WorkloadObject,
     build_pod,
@@ -268,3 +269,14 @@ def test_planning_counts_the_old_pod_like_gpus_it_does_not_place_on() -> None:
     new = pod(0, "gpu-b", name="chat-0-h", ready=False, replaces="chat-0")
     assert handover.leaving_by_node([old, new]) == {"gpu-a": (1, 300.0)}
     assert handover.leaving_by_node([old]) == {}
+
+
+def test_the_operators_cache_keeps_what_the_gpu_check_reads() -> None:
+    body = pod(0, "gpu-a")
+    body["spec"]["containers"][0]["resources"]["requests"]["cpu"] = "4"
+    kept = slim(PODS, body)
+    assert handover.pod_gpus(kept) == 1
+    assert kept["spec"]["containers"][0]["resources"] == {
+        "requests": {"nvidia.com/gpu": "1"},
+        "limits": {"nvidia.com/gpu": "1"},
+    }
