@@ -41,6 +41,7 @@ __all__ = [
     "LABEL_REPLICA",
     "LABEL_WORKLOAD",
     "VERSION",
+    "pod_name",
 ]
 
 HOSTNAME_LABEL = "kubernetes.io/hostname"

@@ -508,9 +508,7 @@ def test_running_replicas_become_current_placements() -> None:
     )
 
 
-def test_in_a_make_before_break_move_the_replacement_is_the_replica_the_old_pod_counts() -> (
-    None
-):
+def test_in_a_make_before_break_move_the_replacement_is_the_replica_the_old_pod_counts() -> None:
     old = pod("chat", "0", "n0")
     old["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "2"}}
     new = pod("chat", "0", "n1")
