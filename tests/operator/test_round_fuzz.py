@@ -17,7 +17,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wattsched_operator import desired, statuses, transition
+from wattsched_operator import desired, handover, statuses, transition
+from wattsched_operator.api.meta import REPLACES_ANNOTATION
 from wattsched_operator.cache import ClusterView
 from wattsched_operator.loop import gang_size, is_gang, workload_object
 from wattsched_operator.run import build_input_function
@@ -209,6 +210,10 @@ def pods(draw: st.DrawFn, node_names: list[str]) -> list[dict[str, Any]]:
         limit = draw(st.sampled_from(["300", "700.5", "abc", None]))
         if limit is not None:
             annotations[desired.ANNOTATION_POWER_LIMIT] = limit
+        # A make-before-break replacement names the pod it replaces (or nonsense).
+        replaces = draw(st.sampled_from([None, "p0", "p1", f"p{index}", "", "x/y"]))
+        if replaces is not None:
+            annotations[REPLACES_ANNOTATION] = replaces
         node = draw(st.sampled_from([*node_names, None])) if node_names else None
         bodies.append(
             {
@@ -219,6 +224,9 @@ def pods(draw: st.DrawFn, node_names: list[str]) -> list[dict[str, Any]]:
                     "namespace": "team",
                     "labels": labels,
                     "annotations": annotations,
+                    "creationTimestamp": draw(
+                        st.sampled_from(["2026-12-01T00:00:00Z", "yesterday", None])
+                    ),
                 },
                 "spec": {"nodeName": node, "containers": [{"name": "main"}]},
                 "status": {
@@ -288,9 +296,25 @@ def decide(view: ClusterView) -> None:
     result = plan(built.plan_input, CatalogueModel())
     active = {k: v for k, v in view.workloads.items() if k not in built.rejected}
     objects = {key: workload_object(body) for key, body in active.items()}
-    want = desired.desired_pods(objects, result.placements)
-    desired.pod_changes(view.pods.values(), want)
-    planned = desired.planned_limits(result)
+    allocated = {b.name: b.allocated_cap_watts for b in result.budgets}
+    moves = handover.decide(
+        view.pods.values(),
+        result.placements,
+        services=frozenset(active),
+        lost_nodes=frozenset(),
+        node_gpus={n.name: n.gpu_count for n in built.plan_input.nodes},
+        idle_watts=result.node_idle_limits_watts,
+        budgets=[
+            handover.BudgetRoom(b.name, b.power_cap_watts - allocated[b.name], b.node_names)
+            for b in built.plan_input.budgets
+        ],
+        now=NOW,
+    )
+    want = desired.desired_pods(
+        objects, result.placements, names=moves.names, replaces=moves.replaces
+    )
+    desired.pod_changes(view.pods.values(), want, moves.keep)
+    planned = desired.planned_limits(result, names=moves.names, kept=moves.keep_limits)
     current = {
         node: transition.NodePowerState.from_profile(view.profiles.get(node)) for node in planned
     }
