@@ -17,8 +17,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wattsched_api.meta import REPLACES_ANNOTATION
 from wattsched_operator import desired, handover, statuses, transition
-from wattsched_operator.api.meta import REPLACES_ANNOTATION
 from wattsched_operator.cache import ClusterView
 from wattsched_operator.loop import gang_size, is_gang, workload_object
 from wattsched_operator.run import build_input_function
