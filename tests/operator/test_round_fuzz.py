@@ -18,6 +18,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wattsched_api.meta import REPLACES_ANNOTATION
 from wattsched_operator import core, desired, statuses
 from wattsched_operator.core import ClusterView, build_input_function
 
@@ -206,6 +207,10 @@ def pods(draw: st.DrawFn, node_names: list[str]) -> list[dict[str, Any]]:
         limit = draw(st.sampled_from(["300", "700.5", "abc", None]))
         if limit is not None:
             annotations[desired.ANNOTATION_POWER_LIMIT] = limit
+        # A make-before-break replacement names the pod it replaces (or nonsense).
+        replaces = draw(st.sampled_from([None, "p0", "p1", f"p{index}", "", "x/y"]))
+        if replaces is not None:
+            annotations[REPLACES_ANNOTATION] = replaces
         node = draw(st.sampled_from([*node_names, None])) if node_names else None
         bodies.append(
             {
@@ -216,6 +221,9 @@ def pods(draw: st.DrawFn, node_names: list[str]) -> list[dict[str, Any]]:
                     "namespace": "team",
                     "labels": labels,
                     "annotations": annotations,
+                    "creationTimestamp": draw(
+                        st.sampled_from(["2026-12-01T00:00:00Z", "yesterday", None])
+                    ),
                 },
                 "spec": {"nodeName": node, "containers": [{"name": "main"}]},
                 "status": {
