@@ -131,9 +131,13 @@ def test_lowering_rack_a_lowers_limits_in_place_and_recreates_no_pod(
     ns = examples.namespace
     before = uids(sandbox, ns)
     events_before = {e["metadata"]["uid"] for e in disruption_events(sandbox, ns)}
-    sandbox.kubectl(
-        "patch", "eb", "rack-a", "--type=merge", "-p", json.dumps({"spec": {"powerCapWatts": 7000}})
-    )
+    # The example's 17:00-21:00 window lowers the cap too (a schedule may only lower it): it
+    # goes to 7000 W as well, so the cut holds at any time of day.
+    cut = {
+        "powerCapWatts": 7000,
+        "schedule": [{"from": "17:00", "to": "21:00", "powerCapWatts": 7000}],
+    }
+    sandbox.kubectl("patch", "eb", "rack-a", "--type=merge", "-p", json.dumps({"spec": cut}))
     wait_until(
         "rack-a allocated within 7000 W",
         lambda: (
