@@ -381,7 +381,8 @@ def test_a_service_replica_moved_by_its_spec_is_handed_over_make_before_break() 
     assert report.moves == {"SpecChanged": 1}
     [moved] = report.events
     assert (moved.reason, moved.type) == ("Moved", "Normal")
-    assert "make-before-break" in moved.message and "chat-0: a100-0 -> l40s-0" in moved.message
+    assert "make-before-break" in moved.message
+    assert "chat-0: a100-0 -> l40s-0" in moved.message
 
     # The replacement is Ready: the old pod goes, with no Moving status and no second Event.
     new = {**new, "spec": {**new["spec"], "nodeName": "l40s-0"}}

@@ -3,8 +3,9 @@
 Hypothesis generates LLMWorkloads, EnergyBudgets, Nodes, NodePowerProfiles and Pods as the API
 server returns them, odd and invalid ones included (unknown or missing GPU products, quantities
 that are not numbers, caps below the idle minimum, selectors that cannot be read, stale agents,
-pods with malformed labels or limits). The round's decision (`core.decide`, without the API
-server: snapshot, plan, desired pods and pod changes, the budget-safe power steps, statuses)
+pods with malformed labels or limits, pods naming a pod they replace). The round's decision
+(`core.decide`, without the API server: snapshot, plan, make-before-break moves, desired pods and
+pod changes, the budget-safe power steps, statuses)
 must never raise;
 every budget's limits sum to at most its cap, or the budget is held and says why; and a valid
 workload that nothing else concerns (its own node, outside every budget) is still placed.
