@@ -344,6 +344,7 @@ class PlannerPolicy:
         started = time.perf_counter()
         now = observed.at(view.now_seconds)
         status = "no round"
+        handovers = 0
         for _ in range(MAX_FOLLOW_UP_ROUNDS):
             cluster, matched = self.observe(view)
             before = core.Observed(
@@ -365,6 +366,7 @@ class PlannerPolicy:
                 plan_function=self._plan_function(view),
             )
             self._apply(round_, now)
+            handovers += sum(map(len, round_.disruptions.handovers.started.values()))
             created = {core.pod_workload_key(pod) for pod in round_.create}
             self._memory = core.after_apply(
                 round_,
@@ -386,6 +388,7 @@ class PlannerPolicy:
             self._limits,
             plan_seconds=time.perf_counter() - started,
             status=status,
+            handovers=handovers,
         )
 
     def running_pods(self, view: View) -> list[Body]:
