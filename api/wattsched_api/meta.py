@@ -42,6 +42,14 @@ POWER_LIMIT_ENV = "WATTSCHED_POWER_LIMIT_WATTS"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_RESOURCE = "nvidia.com/gpu"
 
+
+class Source(StrEnum):
+    """Where a figure came from, shown next to every W, J, tokens/J and gCO2 wattsched reports."""
+
+    MEASURED = "measured"
+    MODELLED = "modelled"
+
+
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 
 

@@ -23,8 +23,8 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from wattsched_api.meta import Source, format_time
 from wattsched_operator.readings import Measurement, PodKey, TelemetrySnapshot
-from wattsched_operator.statuses import rfc3339
 
 K = TypeVar("K", bound=Hashable)
 
@@ -32,8 +32,6 @@ JOULES_PER_KWH = 3.6e6
 # What people read (statuses, `kubectl get -o wide`): kWh to the watt-hour, kg to the gram.
 KWH_DECIMALS = 3
 KG_DECIMALS = 3
-MEASURED = "measured"
-MODELLED = "modelled"
 MIXED = "mixed"
 
 
@@ -170,8 +168,8 @@ def measured_sum(measured: Mapping[K, Measurement], keys: Iterable[K]) -> float 
 def increment(measured_joules: float | None, modelled_watts: float, seconds: float) -> Increment:
     """Measured joules when known (every part measured), else the model's watts over `seconds`."""
     if measured_joules is not None:
-        return Increment(max(measured_joules, 0.0), MEASURED)
-    return Increment(max(modelled_watts, 0.0) * max(seconds, 0.0), MODELLED)
+        return Increment(max(measured_joules, 0.0), Source.MEASURED)
+    return Increment(max(modelled_watts, 0.0) * max(seconds, 0.0), Source.MODELLED)
 
 
 def tokens_per_joule(
@@ -187,9 +185,9 @@ def tokens_per_joule(
         tokens = [snapshot.pod_tokens_per_second.get(key) for key in keys]
         watts = measured_sum(snapshot.pod_watts, keys)
         if watts and all(t is not None for t in tokens):
-            return sum(t for t in tokens if t is not None) / watts, MEASURED
+            return sum(t for t in tokens if t is not None) / watts, Source.MEASURED
     if expected_watts > 0 and expected_tokens_per_second > 0:
-        return expected_tokens_per_second / expected_watts, MODELLED
+        return expected_tokens_per_second / expected_watts, Source.MODELLED
     return None
 
 
@@ -217,7 +215,7 @@ def workload_energy(
         "joules": round(joules, 1),
         "kWh": round(joules / JOULES_PER_KWH, KWH_DECIMALS),
         "source": total_source(before, added, initial_source),
-        "accountedUntil": rfc3339(now),
+        "accountedUntil": format_time(now),
         "tokensPerJoule": None if efficiency is None else float(f"{efficiency[0]:.3g}"),
         "tokensPerJouleSource": None if efficiency is None else efficiency[1],
     }
@@ -247,7 +245,7 @@ def budget_energy(
     `energyUsedKWh` and `carbonKg` are the same totals rounded for people. A status written before
     the joule and gram totals existed goes on from its kWh and kg.
     """
-    start = rfc3339(period_start(now, terms.period))
+    start = format_time(period_start(now, terms.period))
     base = previous if previous.get("periodStart") == start else {}
     before = base.get("energySource")
     added_joules = (added.joules if added else 0.0) * terms.pue
@@ -257,7 +255,7 @@ def budget_energy(
         "energyUsedJoules": round(joules),
         "energyUsedKWh": round(joules / JOULES_PER_KWH, KWH_DECIMALS),
         "energySource": total_source(before, added, initial_source),
-        "accountedUntil": rfc3339(now),
+        "accountedUntil": format_time(now),
         "carbonGrams": None,
         "carbonKg": None,
         "carbonIntensity": None,

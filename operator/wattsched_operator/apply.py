@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from wattsched_api.meta import format_time
 from wattsched_operator import accounting, core, desired, services, statuses, transition
 from wattsched_operator.cache import PROFILES, ClusterCache
 from wattsched_operator.core import ClusterView, ObjectRef
@@ -431,7 +432,7 @@ class Applier:
         """A core/v1 Event on an object (best effort: a lost Event never stops a round)."""
         ref = event.object
         namespace = ref.namespace or "default"
-        moment = statuses.rfc3339(datetime.now(UTC))
+        moment = format_time(datetime.now(UTC))
         body = {
             "apiVersion": "v1",
             "kind": "Event",

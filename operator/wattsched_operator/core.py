@@ -33,6 +33,7 @@ from typing import Any
 
 from wattsched_api.energybudget import parse_energybudget
 from wattsched_api.errors import ApiValidationError
+from wattsched_api.meta import Source, format_time
 from wattsched_operator import (
     accounting,
     demand,
@@ -337,12 +338,16 @@ class MetadataPatch:
 @dataclass(frozen=True)
 class Eviction:
     """A pod to evict through the Eviction API (PodDisruptionBudgets hold); on a node that is
-    gone it is deleted at once (`node_gone`). `workload`: its workload key."""
+    gone it is deleted at once (`node_gone`). `workload`: its workload key. `cause`: why it goes
+    when its replica moves (`NodeLost`, `BudgetCut`, `HigherPriority`, `SpecChanged`,
+    `SavesEnergy`) or its workload is preempted (`BudgetCut`, `HigherPriority`); None when
+    nothing of its workload is disrupted (scaled down, deleted or finished workloads)."""
 
     namespace: str
     name: str
     workload: str
     node_gone: bool = False
+    cause: MoveReason | None = None
 
 
 @dataclass(frozen=True)
@@ -849,7 +854,7 @@ def lifecycle(
                 retry_moment = now + timedelta(
                     seconds=backoff_seconds(failures, settings.backoff_seconds)
                 )
-                retry_after = statuses.rfc3339(retry_moment)
+                retry_after = format_time(retry_moment)
                 _count_failure(life, body, pod, failures, retry_after)
             if failures > settings.backoff_limit:
                 life.failed[key] = (
@@ -1298,8 +1303,30 @@ def _pod_round(
         node = (pods_by_name.get((namespace, name), {}).get("spec") or {}).get("nodeName")
         return bool(node) and node not in view.nodes
 
+    unplaced = {u.workload: u for u in plan.unplaced}
+
+    def cause(pod: Mapping[str, Any]) -> MoveReason | None:
+        key = pod_workload_key(pod)
+        if key not in active or _finished(pod):
+            return None
+        if pod_id(pod) in want:  # the replica is wanted elsewhere: it moves
+            return plan.move_reasons.get(key, MoveReason.SPEC)
+        if pod_id(pod) in handovers.finished or pod_id(pod) in handovers.fallbacks:
+            # The old pod of a make-before-break move (its replacement has the other name).
+            return plan.move_reasons.get(key, MoveReason.SPEC)
+        if key not in placed_keys:  # its workload lost its place: preempted
+            constraint = unplaced[key].constraint if key in unplaced else ""
+            return MoveReason.BUDGET if constraint.startswith("budget:") else MoveReason.PRIORITY
+        return None  # scaled down
+
     evict = tuple(
-        Eviction(ns, name, pod_workload_key(pods_by_name[(ns, name)]), gone(ns, name))
+        Eviction(
+            ns,
+            name,
+            pod_workload_key(pods_by_name[(ns, name)]),
+            gone(ns, name),
+            cause(pods_by_name[(ns, name)]),
+        )
         if (ns, name) in pods_by_name
         else Eviction(ns, name, "", False)
         for ns, name in paced.now
@@ -1338,7 +1365,7 @@ def _pod_round(
         raise_=steps.raise_,
         disruptions=Disruptions(
             move_reasons=dict(plan.move_reasons),
-            unplaced={u.workload: u for u in plan.unplaced},
+            unplaced=unplaced,
             placed={(p.workload, p.replica): p.node for p in plan.placements},
             pods=pods_by_name,
             want=want,
@@ -1635,7 +1662,7 @@ def _account(
     if not due.workload_starts and not due.budget_starts:
         return Accounts(), (), ()
     fresh = telemetry is not None and not telemetry.stale
-    initial_source = accounting.MEASURED if fresh else accounting.MODELLED
+    initial_source = Source.MEASURED if fresh else Source.MODELLED
     terms, scopes = due.terms, due.scopes
     placements: dict[str, list[Any]] = {}
     for placement in plan.placements:

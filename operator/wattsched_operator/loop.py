@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from wattsched_api.meta import Source
 from wattsched_operator import accounting, core, desired
 from wattsched_operator.apply import Applier
 from wattsched_operator.cache import (
@@ -46,7 +47,7 @@ from wattsched_operator.kube import (
     profiles_path,
     workloads_path,
 )
-from wattsched_operator.readings import EnergyReading, PodKey, Source, TelemetrySnapshot
+from wattsched_operator.readings import EnergyReading, PodKey, TelemetrySnapshot
 from wattsched_operator.telemetry import TelemetryReader
 from wattsched_optimizer.problem import Plan
 

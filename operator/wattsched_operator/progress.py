@@ -23,11 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from wattsched_api.meta import format_time, parse_time
+from wattsched_api.meta import Source, format_time, parse_time
 from wattsched_optimizer.problem import WorkAmount, WorkUnit
-
-MEASURED = "measured"
-MODELLED = "modelled"
 
 
 @dataclass(frozen=True)
@@ -125,7 +122,7 @@ def read_status(progress: Mapping[str, Any] | None) -> Progress | None:
     total = progress.get("totalTokens")
     return Progress(
         completed_tokens=max(0.0, float(progress.get("completedTokens") or 0.0)),
-        source=str(progress.get("source") or MODELLED),
+        source=str(progress.get("source") or Source.MODELLED),
         updated_at=updated_at,
         running_seconds=max(0.0, float(progress.get("runningSeconds") or 0.0)),
         total_tokens=None if total is None else float(total),
@@ -147,10 +144,10 @@ def advance(
     previous update). A job that finished its work stays at its total."""
     before = previous.completed_tokens if previous else 0.0
     if measured_tokens is not None and measured_tokens >= 0:
-        completed, source = measured_tokens, MEASURED
+        completed, source = measured_tokens, Source.MEASURED
     else:
         completed = completed_since(before, rate_tokens_per_second, running_seconds)
-        source = MODELLED
+        source = Source.MODELLED
     if total is not None:
         completed = min(completed, total)
     return Progress(

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 
+from wattsched_api.meta import Source
 from wattsched_optimizer.model import (
     CALIBRATION_BOUNDS,
     Calibration,
@@ -23,13 +23,6 @@ from wattsched_optimizer.model import (
 from wattsched_optimizer.problem import Placement, WorkloadType
 
 PodKey = tuple[str, str]  # (namespace, name)
-
-
-class Source(StrEnum):
-    """Where a figure came from (shown next to every W, J, tokens/J and gCO2)."""
-
-    MEASURED = "measured"
-    MODELLED = "modelled"
 
 
 # ----- the readings -----------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from wattsched_api.meta import Source, format_time
 from wattsched_operator.readings import PodKey, TelemetrySnapshot
 from wattsched_optimizer.planner import held_budget_reason
 from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, Unplaced
@@ -25,8 +26,6 @@ FAILED = "Failed"
 PREEMPTED = "Preempted"
 TERMINAL_PHASES = frozenset({SUCCEEDED, FAILED})
 PHASES = (PENDING, PLACED, RUNNING, SUCCEEDED, FAILED, PREEMPTED)
-MEASURED = "measured"
-MODELLED = "modelled"
 TELEMETRY_FRESH = "TelemetryFresh"
 SLO_MET = "SLOMet"
 PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
@@ -39,10 +38,6 @@ NODES_PLANNED = "NodesPlanned"
 # spec cannot be read.
 CAP_BELOW_FLOOR = "CapBelowFloor"
 INVALID_SPEC = "InvalidSpec"
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def condition(
@@ -58,7 +53,7 @@ def condition(
     """A metav1.Condition; its lastTransitionTime moves only when its status changes."""
     status_text = "Unknown" if status is None else ("True" if status else "False")
     before = next((c for c in previous if c.get("type") == type_), None)
-    transition = rfc3339(now)
+    transition = format_time(now)
     if (
         before is not None
         and before.get("status") == status_text
@@ -300,7 +295,7 @@ def workload_status(
             "expectedWatts": round(expected_watts, 1),
             "measuredWatts": None if measured_watts is None else round(measured_watts, 1),
         },
-        "energy": dict(energy) if energy else {"source": MODELLED},
+        "energy": dict(energy) if energy else {"source": Source.MODELLED},
         "conditions": conditions,
         "message": message,
     }
@@ -491,7 +486,7 @@ def budget_status(
         "expectedWatts": round(expected, 1),
         "headroomWatts": round(cap_watts - allocated, 1),
         "lastPlan": {
-            "time": rfc3339(planned_at or now),
+            "time": format_time(planned_at or now),
             "seconds": round(plan.solve_seconds, 3),
             "status": str(plan.status),
             "gap": round(plan.gap, 6),

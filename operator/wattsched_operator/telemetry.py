@@ -37,6 +37,7 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
+from wattsched_api.meta import Source
 from wattsched_operator.readings import (
     CalibrationKey,
     CalibrationSample,
@@ -44,7 +45,6 @@ from wattsched_operator.readings import (
     EnergyReading,
     Measurement,
     PodKey,
-    Source,
     TelemetrySnapshot,
     calibration_samples,
 )

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from wattsched_api.meta import API_VERSION, format_time
+from wattsched_api.meta import API_VERSION, Source, format_time
 from wattsched_operator import desired
-from wattsched_operator.readings import Measurement, PodKey, Source, TelemetrySnapshot
+from wattsched_operator.readings import Measurement, PodKey, TelemetrySnapshot
 from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer.problem import EnergyPolicy, Placement, WorkloadType
 

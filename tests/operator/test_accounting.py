@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from wattsched_api.meta import Source
 from wattsched_operator.accounting import (
     JOULES_PER_KWH,
     BudgetTerms,
@@ -23,7 +24,7 @@ from wattsched_operator.accounting import (
     workload_energy,
     workload_start,
 )
-from wattsched_operator.telemetry import Measurement, Source, TelemetrySnapshot
+from wattsched_operator.telemetry import Measurement, TelemetrySnapshot
 
 NOW = datetime(2026, 11, 25, 12, 0, 30, tzinfo=UTC)  # a Wednesday
 DCGM = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"

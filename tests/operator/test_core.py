@@ -9,11 +9,12 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from wattsched_api.meta import Source
 from wattsched_operator import core, desired, statuses
-from wattsched_operator.readings import EnergyReading, Measurement, Source, TelemetrySnapshot
+from wattsched_operator.readings import EnergyReading, Measurement, TelemetrySnapshot
 from wattsched_optimizer.model import PerformanceModel
 from wattsched_optimizer.planner import plan
-from wattsched_optimizer.problem import Placement, Plan, PlanInput
+from wattsched_optimizer.problem import MoveReason, Placement, Plan, PlanInput
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 HEARTBEAT = "2026-12-05T11:59:55Z"
@@ -227,7 +228,9 @@ def test_a_pod_on_a_node_that_is_gone_moves_and_the_move_is_reported_with_its_ca
     observed = core.Observed(view([node("l40s-0")], [running], [stranded]), monotonic=100.0)
     round_ = core.decide(observed, NOW)
 
-    assert round_.evict == (core.Eviction("team", "chat-0", "team/chat", node_gone=True),)
+    assert round_.evict == (
+        core.Eviction("team", "chat-0", "team/chat", node_gone=True, cause=MoveReason.NODE),
+    )
     # The replacement has the same name: it is created once the old pod is gone.
     assert round_.create == ()
     report = round_.disruptions.report([("team", "chat-0")])
@@ -396,7 +399,9 @@ def test_a_service_replica_moved_by_its_spec_is_handed_over_make_before_break() 
         view([node("l40s-0"), a100], [chat], [old, new]), memory=round_.memory, monotonic=200.0
     )
     round_ = core.decide(observed, NOW)
-    assert [(e.namespace, e.name) for e in round_.evict] == [("team", "chat-0")]
+    assert [(e.namespace, e.name, e.cause) for e in round_.evict] == [
+        ("team", "chat-0", MoveReason.SPEC)
+    ]
     assert round_.create == ()
     assert round_.moving == ()
     report = round_.disruptions.report([("team", "chat-0")])

@@ -256,6 +256,9 @@ def test_plan_from_cluster_skips_invalid_workloads_and_diffs_a_lower_cap(
         sandbox,
         "plan",
         "--from-cluster",
+        # The example's evening window (15,000 W) may only lower the cap: it goes first.
+        "--set",
+        "energybudget/rack-a.spec.schedule=null",
         "--set",
         f"energybudget/rack-a.spec.powerCapWatts={lower}",
         "--diff",

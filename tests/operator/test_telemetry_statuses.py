@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import pytest
 
+from wattsched_api.meta import Source
 from wattsched_operator.cache import ClusterCache
 from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.statuses import (
@@ -25,7 +26,6 @@ from wattsched_operator.statuses import (
 )
 from wattsched_operator.telemetry import (
     Measurement,
-    Source,
     TelemetryConfig,
     TelemetryReader,
     TelemetrySnapshot,

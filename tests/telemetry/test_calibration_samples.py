@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 
 import pytest
 
+from wattsched_api.meta import Source
 from wattsched_operator.telemetry import (
     CalibrationSample,
     Calibrator,
     Measurement,
-    Source,
     TelemetrySnapshot,
     calibration_samples,
 )

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.telemetry.conftest import free_loopback_port
+from wattsched_api.meta import Source
 from wattsched_operator.telemetry import (
     CalibrationSample,
     Calibrator,
-    Source,
     TelemetryConfig,
     TelemetryReader,
 )
