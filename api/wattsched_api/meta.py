@@ -29,6 +29,11 @@ RANK_LABEL = "wattsched.io/rank"
 VARIANT_ANNOTATION = "wattsched.io/variant"
 POWER_LIMIT_ANNOTATION = "wattsched.io/power-limit-watts"
 WORKLOAD_TYPE_ANNOTATION = "wattsched.io/workload-type"
+# The node the operator planned a pod on (read back where the pod is not bound yet).
+NODE_ANNOTATION = "wattsched.io/node"
+# On a replica's replacement pod during a make-before-break move: the pod it replaces (same
+# namespace), which stays until the replacement is Ready.
+REPLACES_ANNOTATION = "wattsched.io/replaces"
 # Env vars injected into every container of a replica.
 VARIANT_ENV = "WATTSCHED_VARIANT"
 PRECISION_ENV = "WATTSCHED_PRECISION"

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from wattsched_api.meta import GPU_RESOURCE
 from wattsched_operator.core import Body, ClusterView
 
 __all__ = ["Body", "ClusterView"]
@@ -58,10 +59,9 @@ def slim(kind: str, body: Mapping[str, Any]) -> Body:
 
     Every kind loses `metadata.managedFields` and kubectl's last-applied annotation (a second
     copy of the spec). Pods keep only identity, labels, annotations, owner, node, their
-    containers' names and env, and their phase, start time, conditions and container states and
-    restart counts. Keys
-    and short
-    strings are interned, so the many objects of a large cluster share them.
+    containers' names, env and GPU requests, and their phase, start time, conditions and
+    container states and restart counts. Keys and short strings are interned, so the many objects
+    of a large cluster share them.
     """
     slimmed: Body = _compact(_slim(kind, body))
     return slimmed
@@ -83,7 +83,7 @@ def _slim(kind: str, body: Mapping[str, Any]) -> Body:
         "spec": {
             "nodeName": spec.get("nodeName"),
             "containers": [
-                {"name": c.get("name"), "env": c.get("env") or []}
+                {"name": c.get("name"), "env": c.get("env") or [], **_gpu_resources(c)}
                 for c in spec.get("containers") or []
             ],
         },
@@ -106,6 +106,17 @@ def _slim(kind: str, body: Mapping[str, Any]) -> Body:
             ],
         },
     }
+
+
+def _gpu_resources(container: Mapping[str, Any]) -> dict[str, Any]:
+    """A container's `nvidia.com/gpu` requests and limits, when it has any."""
+    resources = container.get("resources") or {}
+    kept = {
+        section: {GPU_RESOURCE: amounts[GPU_RESOURCE]}
+        for section in ("requests", "limits")
+        if isinstance(amounts := resources.get(section), Mapping) and GPU_RESOURCE in amounts
+    }
+    return {"resources": kept} if kept else {}
 
 
 def object_key(body: Mapping[str, Any]) -> str:

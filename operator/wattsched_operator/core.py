@@ -41,6 +41,7 @@ from wattsched_operator import (
     budget_horizon,
     demand,
     desired,
+    handover,
     progress,
     replica_groups,
     services,
@@ -446,10 +447,13 @@ class Disruptions:
     want: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
     workloads: Mapping[str, ObjectRef] = field(default_factory=dict)
     gangs: frozenset[str] = frozenset()
+    handovers: handover.Decision = field(default_factory=handover.Decision)
 
     def report(self, evicted: Iterable[tuple[str, str]]) -> DisruptionReport:
         """One `Moved` or `Preempted` Event per workload for the pods that went, naming the
-        cause, the counts by cause, and a `GangRestart` Event per gang whose replicas move."""
+        cause (and why a pod went before its replacement was ready), the counts by cause, a
+        `GangRestart` Event per gang whose replicas move, and the make-before-break moves'
+        Events (`_handover_events`)."""
         evicted = list(evicted)
         placed_keys = {key for key, _ in self.placed}
         events: list[Event] = []
@@ -463,7 +467,8 @@ class Disruptions:
             key = pod_workload_key(pod)
             if key in self.workloads and key not in placed_keys and not _finished(pod):
                 preempted[key] = preempted.get(key, 0) + 1
-        for key, moved in desired.moved_replicas(self.pods, self.want, evicted).items():
+        notes = self.handovers.fallbacks
+        for key, moved in desired.moved_replicas(self.pods, self.want, evicted, notes).items():
             if key not in self.workloads:
                 continue
             cause = self.move_reasons.get(key, MoveReason.SPEC)
@@ -496,7 +501,57 @@ class Disruptions:
                 )
             )
         events.extend(self._gang_restarts(evicted))
+        events.extend(self._handover_events(evicted, moves))
         return DisruptionReport(tuple(events), moves, preemptions)
+
+    def _handover_events(
+        self, evicted: Iterable[tuple[str, str]], moves: dict[str, int]
+    ) -> list[Event]:
+        """A `Moved` Event per workload whose make-before-break moves start this round (counted
+        in `moves` by cause); a Warning `ReplacementNotReady` for each replacement given up, and
+        a Warning `Moved` for each old pod that a budget forced out before its replacement was
+        Ready (its replacement is already there, so `moved_replicas` does not see it)."""
+        decision = self.handovers
+        events: list[Event] = []
+        for key, started in sorted(decision.started.items()):
+            if key not in self.workloads:
+                continue
+            cause = self.move_reasons.get(key, MoveReason.SPEC)
+            moves[cause.value] = moves.get(cause.value, 0) + len(started)
+            events.append(
+                Event(
+                    self.workloads[key],
+                    "Normal",
+                    "Moved",
+                    f"{len(started)} replica(s), cause {cause.value}: {MOVE_CAUSES[cause]}; "
+                    "make-before-break, each old pod stays until its replacement is Ready: "
+                    + "; ".join(started),
+                )
+            )
+        for (namespace, name), why in sorted(decision.given_up.items()):
+            pod = self.pods.get((namespace, name))
+            key = pod_workload_key(pod) if pod is not None else ""
+            if key in self.workloads:
+                events.append(
+                    Event(self.workloads[key], "Warning", "ReplacementNotReady", f"{name}: {why}")
+                )
+        for namespace, name in sorted(evicted):
+            forced = decision.fallbacks.get((namespace, name))
+            pod = self.pods.get((namespace, name))
+            if forced is None or pod is None or (namespace, name) in self.want:
+                continue
+            key = pod_workload_key(pod)
+            if key in self.workloads:
+                cause = self.move_reasons.get(key, MoveReason.SPEC)
+                events.append(
+                    Event(
+                        self.workloads[key],
+                        "Warning",
+                        "Moved",
+                        f"{name}, cause {cause.value}: {forced}",
+                    )
+                )
+        return events
 
     def _gang_restarts(self, evicted: Iterable[tuple[str, str]]) -> list[Event]:
         """A Warning Event `GangRestart` on each placed gang whose running replicas move: the
@@ -1150,7 +1205,7 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
     _record_demand(history, plan_input, prepared.pods_by_workload, telemetry, observed.monotonic)
     _record_hourly(hourly, plan_input, prepared.pods_by_workload, telemetry, now)
 
-    changes = _pod_round(view, active, plan, life, now)
+    changes = _pod_round(view, active, plan, life, now, plan_input=plan_input)
     if timed.deferred:  # a deferred job's evicted pods say until when and why
         changes = dataclasses.replace(
             changes,
@@ -1242,13 +1297,32 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
 
 
 def _pod_round(
-    view: ClusterView, active: Mapping[str, Body], plan: Plan, life: Lifecycle, now: datetime
+    view: ClusterView,
+    active: Mapping[str, Body],
+    plan: Plan,
+    life: Lifecycle,
+    now: datetime,
+    *,
+    plan_input: PlanInput,
 ) -> Round:
     """The pod and power-limit changes of a plan: lower, evict, delete, create, raise (in a
-    Round without memory; `_decide` completes it)."""
+    Round without memory; `_decide` completes it). A service's replica that moves is handed
+    over make-before-break where GPUs and budgets allow (`_handovers`)."""
     objects = {key: workload_object(body) for key, body in active.items()}
-    want = desired.desired_pods(objects, plan.placements)
-    changes = desired.pod_changes(view.pods.values(), want, frozenset(life.keep_pods))
+    lost_nodes = frozenset(
+        name for name, body in view.nodes.items() if not snapshot.keeps_running(body)
+    ) | frozenset(
+        node
+        for pod in view.pods.values()
+        if (node := (pod.get("spec") or {}).get("nodeName")) and node not in view.nodes
+    )
+    handovers = _handovers(view, active, plan, plan_input, lost_nodes=lost_nodes, now=now)
+    want = desired.desired_pods(
+        objects, plan.placements, names=handovers.names, replaces=handovers.replaces
+    )
+    changes = desired.pod_changes(
+        view.pods.values(), want, frozenset(life.keep_pods) | handovers.keep
+    )
     # The pods of a replica that spans nodes are deleted (and so moved) together.
     changes = dataclasses.replace(
         changes,
@@ -1259,7 +1333,9 @@ def _pod_round(
     caps = unmanaged_gpu_caps(view.budgets.values(), view.nodes.values())
     planned = {
         node: dataclasses.replace(limits, unmanaged_watts=caps.get(node))
-        for node, limits in desired.planned_limits(plan).items()
+        for node, limits in desired.planned_limits(
+            plan, names=handovers.names, kept=handovers.keep_limits
+        ).items()
     }
     current = {
         node: transition.NodePowerState.from_profile(view.profiles.get(node)) for node in planned
@@ -1269,13 +1345,6 @@ def _pod_round(
     # Preempted and moved pods are evicted (Eviction API: PodDisruptionBudgets hold), a
     # service's moves one replica at a time unless a budget forces them.
     pods_by_name = {pod_id(p): p for p in view.pods.values()}
-    lost_nodes = frozenset(
-        name for name, body in view.nodes.items() if not snapshot.keeps_running(body)
-    ) | frozenset(
-        node
-        for pod in view.pods.values()
-        if (node := (pod.get("spec") or {}).get("nodeName")) and node not in view.nodes
-    )
     paced = desired.pace_deletions(
         changes.delete,
         pods_by_name,
@@ -1299,6 +1368,9 @@ def _pod_round(
         if key not in active or _finished(pod):
             return None
         if pod_id(pod) in want:  # the replica is wanted elsewhere: it moves
+            return plan.move_reasons.get(key, MoveReason.SPEC)
+        if pod_id(pod) in handovers.finished or pod_id(pod) in handovers.fallbacks:
+            # The old pod of a make-before-break move (its replacement has the other name).
             return plan.move_reasons.get(key, MoveReason.SPEC)
         if key not in placed_keys:  # its workload lost its place: preempted
             constraint = unplaced[key].constraint if key in unplaced else ""
@@ -1325,14 +1397,24 @@ def _pod_round(
         | restart.hold
         | {pod_id(p) for p in view.pods.values() if is_deleting(p)}
     )
-    delete_now = sorted(life.delete_pods | restart.delete)
+    # A replacement given up is deleted (its old pod stays).
+    delete_now = sorted(life.delete_pods | restart.delete | set(handovers.given_up))
     creatable = tuple(
         p for p in changes.create if pod_id(p) not in deleting and pod_id(p) not in life.keep_pods
     )
     return Round(
         memory=Memory(),
         lower=steps.lower,
-        moving=tuple(_moving_statuses(view, active, placed_keys, paced.now, now)),
+        # An old pod whose replacement is Ready goes without its workload leaving Running.
+        moving=tuple(
+            _moving_statuses(
+                view,
+                active,
+                placed_keys,
+                [k for k in paced.now if k not in handovers.finished],
+                now,
+            )
+        ),
         evict=evict,
         delete=tuple(Deletion(ns, name, gone(ns, name)) for ns, name in delete_now),
         create=creatable,
@@ -1347,8 +1429,44 @@ def _pod_round(
             want=want,
             workloads={key: ObjectRef.of(WORKLOAD_KIND, body) for key, body in active.items()},
             gangs=frozenset(key for key, body in active.items() if is_gang(body)),
+            handovers=handovers,
         ),
         replan_soon=bool(paced.later) or len(creatable) < len(changes.create),
+    )
+
+
+def _handovers(
+    view: ClusterView,
+    active: Mapping[str, Body],
+    plan: Plan,
+    plan_input: PlanInput,
+    *,
+    lost_nodes: frozenset[str],
+    now: datetime,
+) -> handover.Decision:
+    """Which of the plan's moves are make-before-break, and what hand-overs in progress do
+    (`handover.decide`): GPUs from the planned nodes, room from the plan's budgets. Gangs and
+    replicas that span nodes move whole, break-before-make."""
+    allocated = {b.name: b.allocated_cap_watts for b in plan.budgets}
+    return handover.decide(
+        view.pods.values(),
+        plan.placements,
+        services=frozenset(
+            key
+            for key, body in active.items()
+            if not is_gang(body)
+            and (body.get("spec") or {}).get("type", "Inference") == WorkloadType.INFERENCE.value
+        ),
+        lost_nodes=lost_nodes,
+        node_gpus={n.name: n.gpu_count for n in plan_input.nodes},
+        idle_watts=plan.node_idle_limits_watts,
+        budgets=[
+            handover.BudgetRoom(
+                b.name, b.power_cap_watts - allocated.get(b.name, math.inf), b.node_names
+            )
+            for b in plan_input.budgets
+        ],
+        now=now,
     )
 
 

@@ -1,9 +1,10 @@
 """Pure functions from a plan to the Kubernetes objects the operator wants: pods and power profiles.
 
 Given the optimizer's `Plan` and the LLMWorkload objects it was computed for, this module says what
-each replica's pod looks like (deterministic name, GPU request, node, variant and power-limit env),
-what each NodePowerProfile's spec should be, and which pods must go. It talks to no API server and
-keeps no state; `reconcile` applies what it computes, in a budget-safe order.
+each replica's pod looks like (one of two deterministic names, see `handover`; GPU request, node,
+variant and power-limit env), what each NodePowerProfile's spec should be, and which pods must go.
+It talks to no API server and keeps no state; `core` decides with it and `apply` writes what
+the core decides, in a budget-safe order.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wattsched_api.meta import GPU_RESOURCE, GROUP, VERSION
+from wattsched_api.meta import NODE_ANNOTATION as ANNOTATION_NODE
 from wattsched_api.meta import POWER_LIMIT_ANNOTATION as ANNOTATION_POWER_LIMIT
 from wattsched_api.meta import POWER_LIMIT_ENV as ENV_POWER_LIMIT
 from wattsched_api.meta import PRECISION_ENV as ENV_PRECISION
@@ -24,7 +26,7 @@ from wattsched_api.meta import VARIANT_ENV as ENV_VARIANT
 from wattsched_api.meta import WORKLOAD_LABEL as LABEL_WORKLOAD
 from wattsched_api.meta import WORKLOAD_TYPE_ANNOTATION as ANNOTATION_WORKLOAD_TYPE
 from wattsched_operator import replica_groups
-from wattsched_operator.snapshot import NODE_ANNOTATION as ANNOTATION_NODE
+from wattsched_operator.handover import REPLACES_ANNOTATION, ReplicaKey
 from wattsched_operator.transition import NodeLimits, PodKey
 from wattsched_optimizer.problem import Placement, Plan, WorkloadType
 
@@ -41,6 +43,7 @@ __all__ = [
     "LABEL_REPLICA",
     "LABEL_WORKLOAD",
     "VERSION",
+    "pod_name",
 ]
 
 HOSTNAME_LABEL = "kubernetes.io/hostname"
@@ -64,9 +67,9 @@ class WorkloadObject:
 
 
 def pod_name(workload_name: str, replica: int, rank: int = 0) -> str:
-    """The one name replica `replica` of a workload ever gets, so a restart cannot duplicate it;
-    a worker of a replica that spans nodes (`rank` > 0) is named after its leader
-    (`replica_groups.member_name`)."""
+    """A replica's first pod name (a make-before-break replacement takes its other one, see
+    `handover`); a worker of a replica that spans nodes (`rank` > 0) is named after its leader
+    (`replica_groups.member_name`) and never handed over."""
     return replica_groups.member_name(workload_name, replica, rank)
 
 
@@ -76,8 +79,18 @@ def format_watts(power_limit_watts: float) -> str:
     return str(int(rounded)) if rounded == int(rounded) else str(rounded)
 
 
-def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
+def build_pod(
+    workload: WorkloadObject,
+    placement: Placement,
+    *,
+    name: str | None = None,
+    replaces: str | None = None,
+) -> dict[str, Any]:
     """The pod for one planned replica, from `spec.template` plus what the operator adds.
+
+    `name`: the replica's pod name (default `pod_name`; a replacement in a make-before-break move
+    takes the replica's other name, see `handover`), `replaces`: the pod such a replacement
+    replaces, written to its `wattsched.io/replaces` annotation.
 
     Added: `nvidia.com/gpu` requests and limits on the first container, a nodeSelector on
     `kubernetes.io/hostname` (kube-scheduler still binds, so its resource and taint checks hold),
@@ -138,7 +151,8 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         LABEL_WORKLOAD: workload.name,
         LABEL_REPLICA: str(placement.replica),
     }
-    name = pod_name(workload.name, placement.replica, placement.rank)
+    if name is None or spans:
+        name = pod_name(workload.name, placement.replica, placement.rank)
     if spans:
         labels[LABEL_RANK] = str(placement.rank)
         spec["hostname"] = name
@@ -150,6 +164,8 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
         ANNOTATION_POWER_LIMIT: format_watts(placement.power_limit_watts),
         ANNOTATION_WORKLOAD_TYPE: workload.type.value,
     }
+    if replaces is not None:
+        annotations[REPLACES_ANNOTATION] = replaces
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -165,17 +181,39 @@ def build_pod(workload: WorkloadObject, placement: Placement) -> dict[str, Any]:
 
 
 def desired_pods(
-    workloads: Mapping[str, WorkloadObject], placements: Iterable[Placement]
+    workloads: Mapping[str, WorkloadObject],
+    placements: Iterable[Placement],
+    *,
+    names: Mapping[ReplicaKey, str] | None = None,
+    replaces: Mapping[ReplicaKey, str] | None = None,
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """Every planned replica's pod, keyed by (namespace, pod name)."""
+    """Every planned replica's pod, keyed by (namespace, pod name); `names` and `replaces` by
+    (workload key, replica) as `handover.decide` gives them (absent: `pod_name`, none)."""
     pods: dict[tuple[str, str], dict[str, Any]] = {}
     for placement in placements:
         workload = workloads.get(placement.workload)
         if workload is None:
             continue  # planned from a snapshot that has since lost the workload
-        pod = build_pod(workload, placement)
+        replica = (placement.workload, placement.replica)
+        pod = build_pod(
+            workload,
+            placement,
+            name=_planned_name(placement, workload.name, names),
+            replaces=(replaces or {}).get(replica) if placement.nodes_per_replica == 1 else None,
+        )
         pods[(workload.namespace, pod["metadata"]["name"])] = pod
     return pods
+
+
+def _planned_name(
+    placement: Placement, workload_name: str, names: Mapping[ReplicaKey, str] | None
+) -> str:
+    """A planned pod's name: the one `names` gives its replica (`handover.decide`), else
+    `pod_name`; the pods of a replica that spans nodes always keep theirs (never handed over)."""
+    given = (names or {}).get((placement.workload, placement.replica))
+    if given is None or placement.nodes_per_replica > 1:
+        return pod_name(workload_name, placement.replica, placement.rank)
+    return given
 
 
 @dataclass(frozen=True)
@@ -205,9 +243,11 @@ def pod_changes(
     """Compare the operator's pods with the planned ones.
 
     A pod is deleted when no replica is planned under its name or when its node or variant changed
-    (pods are immutable, so a move is delete + create). A finished pod is left to the lifecycle
-    rules (completion, retry with backoff), and so is any pod in `keep`. A pod being deleted blocks
-    the creation of its replacement until it is gone (the name is reused).
+    (pods are immutable, so a move is delete + create under the same name). A finished pod is
+    left to the lifecycle rules (completion, retry with backoff), and so is any pod in `keep` (the
+    old pod of a make-before-break move: its replacement has the replica's other name, see
+    `handover`). A pod being deleted blocks the creation of a replacement of the same name until
+    it is gone.
     """
     current_by_key = {_pod_key(p): p for p in current}
     delete: list[tuple[str, str]] = []
@@ -235,14 +275,23 @@ def pod_changes(
     return PodChanges(delete=tuple(delete), create=tuple(create), relabel_power=relabel)
 
 
-def planned_limits(plan: Plan) -> dict[str, NodeLimits]:
-    """Each planned node's limits: one per replica's pod (by its deterministic name) and the idle
-    limit for every other GPU of the node; a replica the plan locks clocks for gets its range."""
+def planned_limits(
+    plan: Plan,
+    *,
+    names: Mapping[ReplicaKey, str] | None = None,
+    kept: Mapping[str, Mapping[PodKey, float]] | None = None,
+) -> dict[str, NodeLimits]:
+    """Each planned node's limits: one per replica's pod (named as in `desired_pods`), one per
+    old pod a make-before-break move keeps (`kept`: node -> pod -> its limit, see `handover`), and
+    the idle limit for every other GPU of the node; a replica the plan locks clocks for gets its
+    range."""
     pods: dict[str, dict[PodKey, float]] = {node: {} for node in plan.node_power_limits_watts}
+    for node, by_pod in (kept or {}).items():
+        pods.setdefault(node, {}).update(by_pod)
     clocks: dict[str, dict[PodKey, tuple[int, int]]] = {}
     for placement in plan.placements:
         namespace, _, name = placement.workload.partition("/")
-        key = (namespace, pod_name(name, placement.replica, placement.rank))
+        key = (namespace, _planned_name(placement, name, names))
         pods.setdefault(placement.node, {})[key] = placement.power_limit_watts
         if placement.sm_clock_mhz is not None:
             clock = placement.sm_clock_mhz
@@ -261,9 +310,11 @@ def moved_replicas(
     current: Mapping[tuple[str, str], Mapping[str, Any]],
     desired: Mapping[tuple[str, str], Mapping[str, Any]],
     delete: Iterable[tuple[str, str]],
+    notes: Mapping[tuple[str, str], str] | None = None,
 ) -> dict[str, list[str]]:
     """Per workload key (`namespace/name`), the replicas a deletion moves: a pod deleted while a pod
-    of the same name is still wanted elsewhere or with another variant, as `<pod>: <from> -> <to>`.
+    of the same name is still wanted elsewhere or with another variant, as `<pod>: <from> -> <to>`,
+    followed by ` (<note>)` for a pod in `notes` (why it went before its replacement was ready).
 
     `current`: the operator's pods by (namespace, name); `desired` as `desired_pods` returns it;
     `delete` as `pod_changes` returns it. Deletions with no wanted replacement (preemptions,
@@ -280,6 +331,8 @@ def moved_replicas(
         text = f"{key[1]}: {old_node} -> {after[ANNOTATION_NODE]}"
         if before.get(ANNOTATION_VARIANT) != after[ANNOTATION_VARIANT]:
             text += f" (variant {before.get(ANNOTATION_VARIANT)} -> {after[ANNOTATION_VARIANT]})"
+        if key in (notes or {}):
+            text += f" ({(notes or {})[key]})"
         workload = f"{key[0]}/{pod['metadata'].get('labels', {}).get(LABEL_WORKLOAD)}"
         moves.setdefault(workload, []).append(text)
     return moves

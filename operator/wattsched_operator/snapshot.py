@@ -42,6 +42,9 @@ Rules:
   (see `progress`); the whole total, as written, while no progress is recorded.
 - Current placements: pods labelled `wattsched.io/workload` (workload name, pod's namespace) and
   `wattsched.io/replica`, bound to a node (or annotated with one) and not finished.
+- Make-before-break moves in progress (`handover`): the replacement is the replica's current
+  placement; the old pod, still serving, is counted like an unmanaged pod (its GPUs taken out of
+  planning, counted at its power-limit annotation in every budget).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from wattsched_api.meta import (
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
     GROUP,
+    NODE_ANNOTATION,
     POWER_LIMIT_ANNOTATION,
     POWER_LIMIT_ENV,
     RANK_LABEL,
@@ -81,7 +85,7 @@ from wattsched_api.nodepowerprofile import (
     NodePowerProfile,
     parse_nodepowerprofile,
 )
-from wattsched_operator import progress
+from wattsched_operator import handover, progress
 from wattsched_optimizer.model import (
     CatalogueModel,
     ProductSpec,
@@ -110,7 +114,6 @@ from wattsched_optimizer.problem import (
 
 Body = Mapping[str, Any]
 
-NODE_ANNOTATION = "wattsched.io/node"
 TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 _WHOLE_NUMBER = re.compile(r"^[0-9]+$")
 # GPU-hours of work convert to tokens with the uncalibrated catalogue (a fixed definition).
@@ -237,6 +240,8 @@ def build_snapshot(
 
     profiles = _profiles_by_node(objects.profiles, left_out)
     unmanaged_pod_gpus = unmanaged_pod_gpus_by_node(objects.pods)
+    leaving = handover.leaving_by_node(objects.pods)
+    handing_over = frozenset(handover.pending_handovers(objects.pods))
     require_agents = agents_required or bool(profiles)
     nodes: list[GpuNode] = []
     excluded: list[ExcludedNode] = []
@@ -261,7 +266,7 @@ def build_snapshot(
             discovered=discovered,
         )
         if isinstance(node, GpuNode):
-            nodes.append(node)
+            nodes.append(_with_leaving(node, leaving.get(name)))
         elif node is not None:
             excluded.append(node)
         if node is not None:
@@ -303,6 +308,9 @@ def build_snapshot(
         parsed_budgets[budget.name] = budget
     current = []
     for body in objects.pods:
+        meta = body.get("metadata") if isinstance(body, Mapping) else None
+        if isinstance(meta, Mapping) and (meta.get("namespace"), meta.get("name")) in handing_over:
+            continue  # the old pod of a make-before-break move: its replacement stands for it
         try:
             placement = current_placement(body, workloads)
         except SnapshotError as error:
@@ -637,6 +645,20 @@ def profile_gpu_count(profile: NodePowerProfile | None) -> int:
     if profile is None:
         return 0
     return profile.status.gpu_count or len(profile.status.gpus)
+
+
+def _with_leaving(node: GpuNode, leaving: tuple[int, float] | None) -> GpuNode:
+    """A node with the GPUs of old pods still serving during make-before-break moves (`handover`)
+    taken out of planning and counted, at their limits, like GPUs wattsched does not place on."""
+    if leaving is None:
+        return node
+    gpus, watts = leaving
+    return dataclasses.replace(
+        node,
+        gpu_count=max(node.gpu_count - gpus, 0),
+        unmanaged_gpus=node.unmanaged_gpus + gpus,
+        unmanaged_watts=node.unmanaged_watts + watts,
+    )
 
 
 def unmanaged_gpus_of(

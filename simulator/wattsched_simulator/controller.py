@@ -11,6 +11,14 @@ stays Pending otherwise); a round that leaves work for the next (`replan_soon`: 
 pod name still held) is followed at once by another, as the operator's loop does after its
 debounce; and the bound pods with their profiles' limits are the engine's `Decision`.
 
+The core's make-before-break moves (`wattsched_operator.handover`) play out here as on a
+cluster: the round creates the replacement (`<pod>-h`) and keeps the old pod bound at its limit,
+so the engine runs both; a later round sees the replacement Ready (the engine's start-up) and
+evicts the old pod. The old pod goes at the first round after that, not at the moment the
+replacement is Ready (the operator replans on the pod's Ready event). Where the core moves
+break-before-make, the engine's own hand-over (`engine.Simulation._hand_over`) may still keep
+the removed replica serving while GPUs and budgets allow, which is kinder than the operator.
+
 `oracle` goes through the same core with what no real system has: each service declares the
 future demand over the next interval (the highest latency-window average) plus its current true
 backlog, with no readings to override it; each job's `status.progress` is its true progress; and
@@ -27,6 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -284,7 +293,7 @@ class PlannerPolicy:
 
     # -- a round, applied as the API server and kube-scheduler would ------------------------------
 
-    def _apply(self, round_: core.Round) -> None:
+    def _apply(self, round_: core.Round, now: datetime) -> None:
         for write in (*round_.early_statuses, *round_.moving, *round_.budget_statuses):
             self._write_status(write)
         for status in round_.workload_statuses:
@@ -302,6 +311,9 @@ class PlannerPolicy:
                 kept["metadata"]["annotations"][desired.ANNOTATION_POWER_LIMIT] = watts
         for created in round_.create:
             body = copy.deepcopy(dict(created))
+            # As the API server stamps it (a make-before-break replacement not Ready in time is
+            # given up, counted from it).
+            body["metadata"]["creationTimestamp"] = format_time(now)
             self._pods[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
 
     def _write_status(self, write: core.StatusWrite) -> None:
@@ -346,6 +358,7 @@ class PlannerPolicy:
         started = time.perf_counter()
         now = observed.at(view.now_seconds)
         status = "no round"
+        handovers = 0
         for _ in range(MAX_FOLLOW_UP_ROUNDS):
             cluster, matched = self.observe(view)
             before = core.Observed(
@@ -366,7 +379,8 @@ class PlannerPolicy:
                 now,
                 plan_function=self._plan_function(view),
             )
-            self._apply(round_)
+            self._apply(round_, now)
+            handovers += sum(map(len, round_.disruptions.handovers.started.values()))
             created = {core.pod_workload_key(pod) for pod in round_.create}
             self._memory = core.after_apply(
                 round_,
@@ -389,6 +403,7 @@ class PlannerPolicy:
                 self._limits,
                 plan_seconds=time.perf_counter() - started,
                 status=status,
+                handovers=handovers,
             ),
             check_interval_seconds=None
             if self.oracle is not None

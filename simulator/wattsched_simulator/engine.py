@@ -66,13 +66,18 @@ class Decision:
     """The whole desired state: every replica, and the power limit of idle GPUs per node.
 
     check_interval_seconds: how often the policy wants to read telemetry between decisions
-    (`DemandChecking.check`; None: never)."""
+    (`DemandChecking.check`; None: never).
+
+    `handovers`: replicas whose move the policy began make-before-break in this decision (the
+    replacement is among `replicas` next to the old one, which a later decision drops): counted as
+    migrations, which the engine cannot tell from a scale-up followed by a scale-down."""
 
     replicas: tuple[ReplicaAssignment, ...]
     idle_power_limit_watts: Mapping[str, float]
     plan_seconds: float
     status: str = "ok"
     check_interval_seconds: float | None = None
+    handovers: int = 0
 
 
 @dataclass
@@ -335,6 +340,7 @@ class Simulation:
 
     def apply(self, decision: Decision, now: float, first: bool) -> None:
         self.plan_seconds.append(decision.plan_seconds)
+        self.migrations += decision.handovers
         self.statuses[decision.status] = self.statuses.get(decision.status, 0) + 1
         # A hand-over in progress carries into this decision: draining replicas may keep
         # draining, held limits count as the previous limits (see `_hand_over`).

@@ -375,10 +375,12 @@ def decision_from_pods(
     *,
     plan_seconds: float,
     status: str,
+    handovers: int = 0,
 ) -> Decision:
     """The engine's desired state from the pods the operator wants (built by `desired.build_pod`)
     and the NodePowerProfile limits it plans: each pod is a replica on its nodeSelector's node at
-    its profile's limit (its annotation where the profile has none) and locked clock."""
+    its profile's limit (its annotation where the profile has none) and locked clock; `handovers`:
+    the make-before-break moves the rounds began (`Decision.handovers`)."""
     replicas = []
     for pod in pods:
         metadata, spec = pod["metadata"], pod["spec"]
@@ -405,4 +407,4 @@ def decision_from_pods(
         for node, node_limits in limits.items()
         if node_limits.idle_watts is not None
     }
-    return Decision(tuple(replicas), idle, plan_seconds, status)
+    return Decision(tuple(replicas), idle, plan_seconds, status, handovers=handovers)

@@ -508,6 +508,27 @@ def test_running_replicas_become_current_placements() -> None:
     )
 
 
+def test_in_a_make_before_break_move_the_replacement_is_the_replica_the_old_pod_counts() -> None:
+    old = pod("chat", "0", "n0")
+    old["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "2"}}
+    new = pod("chat", "0", "n1")
+    new["metadata"]["name"] = "chat-0-h"
+    new["metadata"]["annotations"] = {
+        **new["metadata"]["annotations"],
+        "wattsched.io/power-limit-watts": "300",
+        "wattsched.io/replaces": "chat-0",
+    }
+    plan_input = build(node("n0"), node("n1"), workload("chat"), old, new).plan_input
+    assert plan_input.current == (CurrentPlacement("team-a/chat", 0, "n1", "bf16", 300.0),)
+    n0 = next(n for n in plan_input.nodes if n.name == "n0")
+    assert (n0.gpu_count, n0.unmanaged_gpus, n0.unmanaged_watts) == (6, 2, 900.0)
+    # Once the replacement is gone (given up), the old pod is the replica again.
+    new["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    plan_input = build(node("n0"), node("n1"), workload("chat"), old, new).plan_input
+    assert plan_input.current == (CurrentPlacement("team-a/chat", 0, "n0", "bf16", 450.0),)
+    assert next(n for n in plan_input.nodes if n.name == "n0").gpu_count == 8
+
+
 def test_pod_without_a_power_limit_names_the_pod_and_annotation() -> None:
     with pytest.raises(
         SnapshotError,

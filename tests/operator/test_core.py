@@ -433,3 +433,96 @@ def test_a_demand_check_re_plans_a_service_whose_queue_outgrows_its_plan() -> No
         )
     )
     assert not stale.replan_soon
+
+
+def test_a_service_replica_moved_by_its_spec_is_handed_over_make_before_break() -> None:
+    a100 = node("a100-0")
+    a100["metadata"]["labels"]["nvidia.com/gpu.product"] = "NVIDIA-A100-SXM4-80GB"
+    chat = service(status={"phase": "Running"})
+    chat["spec"]["gpu"]["products"] = ["NVIDIA-L40S"]
+    old = replica_pod("chat", "a100-0", annotations=None)
+    old["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    old["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
+    observed = core.Observed(view([node("l40s-0"), a100], [chat], [old]), monotonic=100.0)
+    round_ = core.decide(observed, NOW)
+
+    # The replacement comes first, under the replica's other name; the old pod stays, at its
+    # limit, and the workload stays Running.
+    assert round_.evict == ()
+    assert round_.delete == ()
+    assert round_.moving == ()
+    [new] = round_.create
+    assert new["metadata"]["name"] == "chat-0-h"
+    assert new["metadata"]["annotations"]["wattsched.io/replaces"] == "chat-0"
+    kept = {**round_.lower, **round_.raise_}.get("a100-0")
+    assert kept is None or kept.pods.get(("team", "chat-0")) == 300.0
+    report = round_.disruptions.report([])
+    assert report.moves == {"SpecChanged": 1}
+    [moved] = report.events
+    assert (moved.reason, moved.type) == ("Moved", "Normal")
+    assert "make-before-break" in moved.message
+    assert "chat-0: a100-0 -> l40s-0" in moved.message
+
+    # The replacement is Ready: the old pod goes, with no Moving status and no second Event.
+    new = {**new, "spec": {**new["spec"], "nodeName": "l40s-0"}}
+    new["metadata"] = {**new["metadata"], "creationTimestamp": "2026-12-05T11:59:00Z"}
+    new["status"] = {
+        "phase": "Running",
+        "startTime": "2026-12-05T11:59:00Z",
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }
+    observed = core.Observed(
+        view([node("l40s-0"), a100], [chat], [old, new]), memory=round_.memory, monotonic=200.0
+    )
+    round_ = core.decide(observed, NOW)
+    assert [(e.namespace, e.name, e.cause) for e in round_.evict] == [
+        ("team", "chat-0", MoveReason.SPEC)
+    ]
+    assert round_.create == ()
+    assert round_.moving == ()
+    report = round_.disruptions.report([("team", "chat-0")])
+    assert report.events == ()
+    assert report.moves == {}
+
+
+def test_a_replacement_not_ready_in_time_is_deleted_and_says_so() -> None:
+    a100 = node("a100-0")
+    a100["metadata"]["labels"]["nvidia.com/gpu.product"] = "NVIDIA-A100-SXM4-80GB"
+    chat = service(status={"phase": "Running"})
+    chat["spec"]["gpu"]["products"] = ["NVIDIA-L40S"]
+    old = replica_pod("chat", "a100-0", annotations=None)
+    old["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    new = replica_pod("chat", "l40s-0", annotations={"wattsched.io/replaces": "chat-0"})
+    new["metadata"]["name"] = "chat-0-h"
+    new["metadata"]["creationTimestamp"] = "2026-12-05T11:40:00Z"
+    new["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    observed = core.Observed(view([node("l40s-0"), a100], [chat], [old, new]), monotonic=100.0)
+    round_ = core.decide(observed, NOW)
+
+    assert round_.delete == (core.Deletion("team", "chat-0-h"),)
+    assert round_.evict == ()
+    [warning] = round_.disruptions.report([]).events
+    assert (warning.reason, warning.type) == ("ReplacementNotReady", "Warning")
+    assert "not Ready 1200 s after its creation" in warning.message
+
+
+def test_a_replica_that_spans_nodes_is_never_handed_over() -> None:
+    a100s = [node(f"a100-{i}") for i in range(2)]
+    for a100 in a100s:
+        a100["metadata"]["labels"]["nvidia.com/gpu.product"] = "NVIDIA-A100-SXM4-80GB"
+    chat = service(status={"phase": "Running"})
+    chat["spec"]["gpu"] = {"count": 4, "nodesPerReplica": 2, "products": ["NVIDIA-L40S"]}
+    pods = []
+    for rank, a100 in enumerate(a100s):
+        pod = replica_pod("chat", a100["metadata"]["name"], annotations=None)
+        pod["metadata"]["name"] = "chat-0" if rank == 0 else "chat-0-w1"
+        pod["metadata"]["labels"]["wattsched.io/rank"] = str(rank)
+        pod["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+        pods.append(pod)
+    nodes = [node("l40s-0"), node("l40s-1"), *a100s]
+    round_ = core.decide(core.Observed(view(nodes, [chat], pods), monotonic=100.0), NOW)
+
+    # The whole replica moves, break-before-make: both pods go, none is created under `-h`.
+    assert {e.name for e in round_.evict} == {"chat-0", "chat-0-w1"}
+    assert not any(p["metadata"]["name"].endswith("-h") for p in round_.create)
+    assert round_.disruptions.handovers.started == {}

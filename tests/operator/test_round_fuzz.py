@@ -3,8 +3,9 @@
 Hypothesis generates LLMWorkloads, EnergyBudgets, Nodes, NodePowerProfiles and Pods as the API
 server returns them, odd and invalid ones included (unknown or missing GPU products, quantities
 that are not numbers, caps below the idle minimum, selectors that cannot be read, stale agents,
-pods with malformed labels or limits). The round's decision (`core.decide`, without the API
-server: snapshot, plan, desired pods and pod changes, the budget-safe power steps, statuses)
+pods with malformed labels or limits, pods naming a pod they replace). The round's decision
+(`core.decide`, without the API server: snapshot, plan, make-before-break moves, desired pods and
+pod changes, the budget-safe power steps, statuses)
 must never raise;
 every budget's limits sum to at most its cap, or the budget is held and says why; and a valid
 workload that nothing else concerns (its own node, outside every budget) is still placed.
@@ -18,6 +19,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wattsched_api.meta import REPLACES_ANNOTATION
 from wattsched_operator import core, desired, statuses
 from wattsched_operator.core import ClusterView, build_input_function
 
@@ -206,6 +208,10 @@ def pods(draw: st.DrawFn, node_names: list[str]) -> list[dict[str, Any]]:
         limit = draw(st.sampled_from(["300", "700.5", "abc", None]))
         if limit is not None:
             annotations[desired.ANNOTATION_POWER_LIMIT] = limit
+        # A make-before-break replacement names the pod it replaces (or nonsense).
+        replaces = draw(st.sampled_from([None, "p0", "p1", f"p{index}", "", "x/y"]))
+        if replaces is not None:
+            annotations[REPLACES_ANNOTATION] = replaces
         node = draw(st.sampled_from([*node_names, None])) if node_names else None
         bodies.append(
             {
@@ -216,6 +222,9 @@ def pods(draw: st.DrawFn, node_names: list[str]) -> list[dict[str, Any]]:
                     "namespace": "team",
                     "labels": labels,
                     "annotations": annotations,
+                    "creationTimestamp": draw(
+                        st.sampled_from(["2026-12-01T00:00:00Z", "yesterday", None])
+                    ),
                 },
                 "spec": {"nodeName": node, "containers": [{"name": "main"}]},
                 "status": {

@@ -13,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wattsched_optimizer.problem import WorkloadType
+from wattsched_operator.core import PlanFunction
+from wattsched_optimizer.model import PerformanceModel
+from wattsched_optimizer.problem import Plan, PlanInput, WorkloadType
 from wattsched_simulator.baselines import Packing, choose_node
 from wattsched_simulator.carbon import CarbonIntensity
 from wattsched_simulator.cli import PolicySettings, make_policy
@@ -669,3 +671,45 @@ def test_a_spanning_job_that_cannot_have_two_whole_nodes_never_runs() -> None:
         result = simulate(sim, GroundTruth(), policy(name, GroundTruth()))
         assert result.jobs_finished == 0
         assert result.job_tokens_processed == 0
+
+
+@dataclass
+class LeavingN0(PlannerPolicy):
+    """wattsched (the operator's core) whose plans may use only n0 before `move_at` and only n1
+    from then on (as if the service's spec stopped allowing n0); records the pod names the
+    simulated API server holds after each decision."""
+
+    move_at: float = 30.0
+    pod_names: list[tuple[float, tuple[str, ...]]] = field(default_factory=list)
+
+    def _plan_function(self, view: View) -> PlanFunction:
+        inner = super()._plan_function(view)
+        unusable = "n1" if view.now_seconds < self.move_at else "n0"
+
+        def plan(plan_input: PlanInput, model: PerformanceModel) -> Plan:
+            nodes = tuple(n for n in plan_input.nodes if n.name != unusable)
+            return inner(replace(plan_input, nodes=nodes), model)
+
+        return plan
+
+    def decide(self, view: View) -> Decision:
+        decision = super().decide(view)
+        self.pod_names.append((view.now_seconds, tuple(sorted(name for _, name in self._pods))))
+        return decision
+
+
+def test_the_cores_make_before_break_move_plays_out_on_the_simulated_cluster() -> None:
+    chosen = LeavingN0(name="wattsched")
+    result = simulate(moving_scenario(None), flat_truth(100.0), chosen)
+    # t=30: the replacement is created next to the old pod, which keeps serving; t=60: the
+    # replacement is still starting (60 s); t=90: it is Ready and the old pod is evicted.
+    assert chosen.pod_names == [
+        (0.0, ("chat-0",)),
+        (30.0, ("chat-0", "chat-0-h")),
+        (60.0, ("chat-0", "chat-0-h")),
+        (90.0, ("chat-0-h",)),
+    ]
+    capacity = result.service_capacity_tokens_per_second["azure/chat"]
+    assert np.all(capacity == 100.0)
+    assert result.migrations == 1
+    assert result.slo_attainment == 1.0
