@@ -108,7 +108,7 @@ class EnergyAllowance:
     period: Period = Period.DAY
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kWh": self.kwh, "period": self.period.value}
+        return {"kilowattHours": self.kwh, "period": self.period.value}
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class CarbonSettings:
 
     def to_dict(self) -> dict[str, Any]:
         pairs = [
-            ("intensityGramsPerKWh", self.intensity_grams_per_kwh),
+            ("intensityGramsPerKilowattHour", self.intensity_grams_per_kwh),
             ("prometheusQuery", self.prometheus_query),
             ("maxKgPerPeriod", self.max_kg_per_period),
         ]
@@ -185,7 +185,7 @@ class CarbonIntensityStatus:
     source: CarbonIntensitySource
 
     def to_dict(self) -> dict[str, Any]:
-        return {"gramsPerKWh": self.grams_per_kwh, "source": self.source.value}
+        return {"gramsPerKilowattHour": self.grams_per_kwh, "source": self.source.value}
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ class EnergyBudgetStatus:
             ("measuredWatts", self.measured_watts),
             ("headroomWatts", self.headroom_watts),
             ("energyUsedJoules", self.energy_used_joules),
-            ("energyUsedKWh", self.energy_used_kwh),
+            ("energyUsedKilowattHours", self.energy_used_kwh),
             ("energySource", None if self.energy_source is None else self.energy_source.value),
             ("carbonGrams", self.carbon_grams),
             ("carbonKg", self.carbon_kg),
@@ -310,7 +310,9 @@ def _read_spec(spec: Fields) -> EnergyBudgetSpec:
     energy_fields = spec.optional_section("energy")
     if energy_fields is not None:
         energy = EnergyAllowance(
-            kwh=energy_fields.number("kWh", minimum=0, maximum=1e12, exclusive_minimum=True),
+            kwh=energy_fields.number(
+                "kilowattHours", minimum=0, maximum=1e12, exclusive_minimum=True
+            ),
             period=Period(
                 energy_fields.string("period", max_length=8, enum=tuple(Period), default="Day")
             ),
@@ -321,7 +323,7 @@ def _read_spec(spec: Fields) -> EnergyBudgetSpec:
     if carbon_fields is not None:
         carbon = CarbonSettings(
             intensity_grams_per_kwh=carbon_fields.optional_number(
-                "intensityGramsPerKWh", minimum=0, maximum=5000
+                "intensityGramsPerKilowattHour", minimum=0, maximum=5000
             ),
             prometheus_query=carbon_fields.optional_string(
                 "prometheusQuery", max_length=4096, min_length=1
@@ -332,7 +334,9 @@ def _read_spec(spec: Fields) -> EnergyBudgetSpec:
         )
         carbon_fields.finish()
         if carbon.intensity_grams_per_kwh is None and carbon.prometheus_query is None:
-            raise spec.error("carbon", "must set intensityGramsPerKWh or prometheusQuery (or both)")
+            raise spec.error(
+                "carbon", "must set intensityGramsPerKilowattHour or prometheusQuery (or both)"
+            )
         if carbon.max_kg_per_period is not None and energy is None:
             raise spec.error(
                 "carbon",
@@ -382,7 +386,7 @@ def _read_status(status: Fields) -> EnergyBudgetStatus:
     intensity_fields = status.optional_section("carbonIntensity")
     if intensity_fields is not None:
         carbon_intensity = CarbonIntensityStatus(
-            grams_per_kwh=intensity_fields.number("gramsPerKWh", minimum=0, maximum=big),
+            grams_per_kwh=intensity_fields.number("gramsPerKilowattHour", minimum=0, maximum=big),
             source=CarbonIntensitySource(
                 intensity_fields.string("source", max_length=16, enum=tuple(CarbonIntensitySource))
             ),
@@ -399,7 +403,7 @@ def _read_status(status: Fields) -> EnergyBudgetStatus:
         measured_watts=status.optional_number("measuredWatts", minimum=0, maximum=big),
         headroom_watts=status.optional_number("headroomWatts", minimum=-big, maximum=big),
         energy_used_joules=status.optional_number("energyUsedJoules", minimum=0, maximum=big),
-        energy_used_kwh=status.optional_number("energyUsedKWh", minimum=0, maximum=big),
+        energy_used_kwh=status.optional_number("energyUsedKilowattHours", minimum=0, maximum=big),
         energy_source=None if energy_source is None else EnergySource(energy_source),
         carbon_grams=status.optional_number("carbonGrams", minimum=0, maximum=big),
         carbon_kg=status.optional_number("carbonKg", minimum=0, maximum=big),

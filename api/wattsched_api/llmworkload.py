@@ -93,7 +93,7 @@ class GpuRequest:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"count": self.count}
         if self.min_memory_gib is not None:
-            out["minMemoryGiB"] = self.min_memory_gib
+            out["minMemory"] = self.min_memory_gib
         if self.products:
             out["products"] = list(self.products)
         return out
@@ -112,7 +112,7 @@ class VariantSpec:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "precision": self.precision.value}
         if self.min_memory_gib is not None:
-            out["minMemoryGiB"] = self.min_memory_gib
+            out["minMemory"] = self.min_memory_gib
         out["relativeThroughput"] = self.relative_throughput
         out["quality"] = self.quality
         return out
@@ -226,7 +226,7 @@ class LLMWorkloadSpec:
         return self.type is WorkloadType.BATCH_INFERENCE
 
     def variant_min_memory_gib(self, variant: VariantSpec) -> float:
-        """GiB per GPU a variant needs: its minMemoryGiB, else spec.gpu.minMemoryGiB, else 0."""
+        """GiB per GPU a variant needs: its minMemory, else spec.gpu.minMemory, else 0."""
         if variant.min_memory_gib is not None:
             return variant.min_memory_gib
         return self.gpu.min_memory_gib or 0.0
@@ -319,7 +319,7 @@ class EnergyStatus:
         tokens_source = self.tokens_per_joule_source
         pairs = [
             ("joules", self.joules),
-            ("kWh", self.kwh),
+            ("kilowattHours", self.kwh),
             ("tokensPerJoule", self.tokens_per_joule),
             ("tokensPerJouleSource", None if tokens_source is None else tokens_source.value),
             ("carbonGrams", self.carbon_grams),
@@ -444,7 +444,7 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
     gpu_fields = spec.section("gpu")
     gpu = GpuRequest(
         count=gpu_fields.integer("count", minimum=1, maximum=MAX_GPUS_PER_REPLICA),
-        min_memory_gib=gpu_fields.optional_number("minMemoryGiB", minimum=0, maximum=1024),
+        min_memory_gib=gpu_fields.optional_number("minMemory", minimum=0, maximum=1024),
         products=gpu_fields.strings(
             "products", max_items=16, max_length=63, min_length=1, unique=True
         ),
@@ -547,7 +547,7 @@ def _read_variants(spec: Fields) -> tuple[VariantSpec, ...]:
                     "name", max_length=63, min_length=1, pattern=r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
                 ),
                 precision=Precision(item.string("precision", max_length=8, enum=tuple(Precision))),
-                min_memory_gib=item.optional_number("minMemoryGiB", minimum=0, maximum=1024),
+                min_memory_gib=item.optional_number("minMemory", minimum=0, maximum=1024),
                 relative_throughput=item.number(
                     "relativeThroughput", minimum=0, maximum=10, exclusive_minimum=True, default=1.0
                 ),
@@ -724,7 +724,7 @@ def _read_status(status: Fields) -> LLMWorkloadStatus:
                 energy_fields.string("source", max_length=16, enum=tuple(EnergySource))
             ),
             joules=energy_fields.optional_number("joules", minimum=0, maximum=1e30),
-            kwh=energy_fields.optional_number("kWh", minimum=0, maximum=1e30),
+            kwh=energy_fields.optional_number("kilowattHours", minimum=0, maximum=1e30),
             tokens_per_joule=energy_fields.optional_number(
                 "tokensPerJoule", minimum=0, maximum=1e30
             ),

@@ -176,14 +176,14 @@ def clock_reasons(
             ),
             None,
         )
-        clocks = None if entry is None else entry.get("smClockRangeMHz")
+        clocks = None if entry is None else entry.get("smClockRangeMegahertz")
         if not clocks:
             unlocked.append(str(p["replica"]))
             continue
         read = [
-            g.get("smClockMHz")
+            g.get("smClockMegahertz")
             for g in (profile.get("status") or {}).get("gpus") or []
-            if g.get("pod") == f"{namespace}/{pod}" and g.get("smClockMHz") is not None
+            if g.get("pod") == f"{namespace}/{pod}" and g.get("smClockMegahertz") is not None
         ]
         in_force = (
             f"the agent reads {min(read)}-{max(read)} MHz on its GPUs"

@@ -105,8 +105,8 @@ def allowance(budget: Body, now: datetime) -> Allowance:
     spec = budget.get("spec") or {}
     status = budget.get("status") or {}
     energy = spec.get("energy") or {}
-    allowed = float(energy["kWh"]) if energy.get("kWh") is not None else None
-    used = status.get("energyUsedKWh")
+    allowed = float(energy["kilowattHours"]) if energy.get("kilowattHours") is not None else None
+    used = status.get("energyUsedKilowattHours")
     used_kwh = float(used) if used is not None else None
     period = Period(energy.get("period") or Period.DAY)
     start = parse_rfc3339(status.get("periodStart")) or period_start(now, period)

@@ -1711,8 +1711,8 @@ class PlanningLoop:
             writes.append(self._budget_events(_as(BUDGET_KIND, body), previous, new))
             if accounts is not None:
                 new.update(accounts.budget_figures.get(name, {}))
-            allowance = ((body.get("spec") or {}).get("energy") or {}).get("kWh")
-            used = new.get("energyUsedKWh", previous.get("energyUsedKWh"))
+            allowance = ((body.get("spec") or {}).get("energy") or {}).get("kilowattHours")
+            used = new.get("energyUsedKilowattHours", previous.get("energyUsedKilowattHours"))
             figures[name] = BudgetFigures(
                 cap_watts=cap,
                 allocated_cap_watts=new["allocatedCapWatts"],

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--carbon-intensity",
         type=float,
         help="constant gCO2/kWh (default: the widest budget's "
-        f"spec.carbon.intensityGramsPerKWh, else {DEFAULT_GRAMS_PER_KWH:.0f})",
+        f"spec.carbon.intensityGramsPerKilowattHour, else {DEFAULT_GRAMS_PER_KWH:.0f})",
     )
     parser.add_argument("--carbon-csv", type=Path, help="hourly curve: CSV with hour,gramsPerKWh")
     parser.add_argument("--pue", type=float, help="default: the widest budget's spec.pue, else 1.0")
@@ -316,7 +316,7 @@ def main(argv: list[str]) -> int:
         elif widest is not None and widest.carbon_intensity_grams_per_kwh is not None:
             carbon = CarbonIntensity.constant(
                 widest.carbon_intensity_grams_per_kwh,
-                f"EnergyBudget {widest.name} spec.carbon.intensityGramsPerKWh",
+                f"EnergyBudget {widest.name} spec.carbon.intensityGramsPerKilowattHour",
             )
         else:
             carbon = CarbonIntensity.constant(DEFAULT_GRAMS_PER_KWH, "default")

@@ -100,7 +100,7 @@ MINIMAL_OBJECTS: list[dict[str, Any]] = [
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "EnergyBudget",
         "metadata": {"name": "tiny"},
-        "spec": {"powerCapWatts": 1000, "energy": {"kWh": 10}},
+        "spec": {"powerCapWatts": 1000, "energy": {"kilowattHours": 10}},
     },
     {
         "apiVersion": "wattsched.io/v1alpha1",
@@ -229,10 +229,10 @@ def test_gang_size_is_replicas_defaulting_to_one() -> None:
 def test_variant_without_memory_needs_the_workloads_memory_per_gpu() -> None:
     spec = parse_llmworkload(
         inference(
-            gpu={"count": 1, "minMemoryGiB": 40},
+            gpu={"count": 1, "minMemory": "40Gi"},
             variants=[
                 {"name": "bf16", "precision": "bf16"},
-                {"name": "int4", "precision": "int4", "minMemoryGiB": 12},
+                {"name": "int4", "precision": "int4", "minMemory": "12Gi"},
             ],
         )
     ).spec
@@ -290,7 +290,7 @@ WORKLOAD_STATUS: dict[str, Any] = {
     "power": {"capWatts": 4480, "expectedWatts": 3900},
     "energy": {
         "joules": 3.6e6,
-        "kWh": 1.0,
+        "kilowattHours": 1.0,
         "tokensPerJoule": 2.5,
         "tokensPerJouleSource": "measured",
         "carbonGrams": 400.0,
@@ -443,18 +443,18 @@ def test_budget_status_with_energy_carbon_and_their_sources_round_trips() -> Non
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "EnergyBudget",
         "metadata": {"name": "rack"},
-        "spec": {"powerCapWatts": 1000, "energy": {"kWh": 10}},
+        "spec": {"powerCapWatts": 1000, "energy": {"kilowattHours": 10}},
         "status": {
-            "energyUsedKWh": 1.25,
+            "energyUsedKilowattHours": 1.25,
             "energySource": "measured",
             "carbonKg": 0.5,
-            "carbonIntensity": {"gramsPerKWh": 400.0, "source": "prometheus"},
+            "carbonIntensity": {"gramsPerKilowattHour": 400.0, "source": "prometheus"},
             "periodStart": "2026-11-25T00:00:00Z",
             "accountedUntil": "2026-11-25T01:00:00Z",
         },
     }
     budget = parse_energybudget(manifest)
     assert budget.to_dict()["status"] == manifest["status"]
-    manifest["status"] = {"carbonIntensity": {"gramsPerKWh": 400.0, "source": "guess"}}
+    manifest["status"] = {"carbonIntensity": {"gramsPerKilowattHour": 400.0, "source": "guess"}}
     with pytest.raises(ApiValidationError, match=r"status\.carbonIntensity\.source"):
         parse_energybudget(manifest)

@@ -30,12 +30,16 @@ def budget(name: str, **status: Any) -> dict[str, Any]:
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "EnergyBudget",
         "metadata": {"name": name},
-        "spec": {"powerCapWatts": 10000, "pue": 1.5, "energy": {"kWh": 200, "period": "Day"}},
+        "spec": {
+            "powerCapWatts": 10000,
+            "pue": 1.5,
+            "energy": {"kilowattHours": 200, "period": "Day"},
+        },
         "status": {
             "allocatedCapWatts": 8000,
             "expectedWatts": 6000,
             "headroomWatts": 2000,
-            "energyUsedKWh": 100.0,
+            "energyUsedKilowattHours": 100.0,
             "periodStart": "2026-12-05T00:00:00Z",
             "accountedUntil": stamp(NOW),
             "lastPlan": {"time": stamp(NOW - timedelta(seconds=20)), "status": "Optimal"},
