@@ -67,8 +67,9 @@ def plan_to_json(
     """The `-o json` document (shape fixed by the optimizer issue, §3), plus `skipped` (the objects
     left out as invalid, each as the error that names it), `nodeNotes` (the GPU nodes left out of
     planning and why: snapshot.excluded_nodes), the locked SM clocks
-    (`placements[].smClockRangeMegahertz` and, per GPU of a node, `nodes[].gpuSmClockRangesMegahertz`: null
-    where clocks are left to the driver) and, with `--diff`, `diff`."""
+    (`placements[].smClockRangeMegahertz` and, per GPU of a node,
+    `nodes[].gpuSmClockRangesMegahertz`: null where clocks are left to the driver) and, with
+    `--diff`, `diff`."""
     document: dict[str, Any] = {
         "status": plan.status.value,
         "objective": plan.objective,

@@ -244,8 +244,8 @@ def budget_energy(
     `added` is None for an empty first increment (accounting starts now, as `initial_source`).
     `energyUsedJoules` is GPU energy times PUE; `carbonGrams` adds each increment's energy (times
     PUE) times the intensity of the moment it was accounted; `carbonIntensity` is that intensity.
-    `energyUsedKilowattHours` and `carbonKg` are the same totals rounded for people. A status written before
-    the joule and gram totals existed goes on from its kWh and kg.
+    `energyUsedKilowattHours` and `carbonKg` are the same totals rounded for people. A status
+    written before the joule and gram totals existed goes on from its kWh and kg.
     """
     start = rfc3339(period_start(now, terms.period))
     base = previous if previous.get("periodStart") == start else {}

@@ -192,7 +192,7 @@ def test_operator_counters_follow_the_energy_and_carbon_in_statuses(
     # status holds at least what the status says and at most a few more increments (the modelled
     # power of the budget's scope for 10 s).
     budget = get_json(sandbox, "energybudget", "cluster")
-    # energyUsedKilowattHours is rounded to the watt-hour for people; energyUsedJoules is the exact total.
+    # energyUsedKilowattHours is rounded to the watt-hour for people; energyUsedJoules is exact.
     used_kwh = budget["status"]["energyUsedJoules"] / 3.6e6
     joules = sum(
         value
