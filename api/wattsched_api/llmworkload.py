@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from wattsched_api.errors import ApiValidationError
-from wattsched_api.fields import Fields, JsonObject, nesting_depth
+from wattsched_api.fields import Fields, JsonObject, nesting_depth, quantity_gibibytes
 from wattsched_api.meta import (
     GPU_RESOURCE,
     Condition,
@@ -34,6 +34,8 @@ PLURAL = "llmworkloads"
 MAX_GPUS_PER_REPLICA = 64
 MAX_REPLICAS = 1024
 MAX_VARIANTS = 8
+# The largest minMemory per GPU accepted (1Ti; the largest GPU today has 192 GB).
+MAX_MEMORY_GIB = 1024
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
 
 
@@ -87,13 +89,18 @@ class GpuRequest:
     """`spec.gpu`: GPUs per replica, memory per GPU (GiB), allowed products (as written)."""
 
     count: int
-    min_memory_gib: float | None = None
+    min_memory: str | None = None
     products: tuple[str, ...] = ()
+
+    @property
+    def min_memory_gib(self) -> float | None:
+        """`minMemory` in GiB; None when not set."""
+        return None if self.min_memory is None else quantity_gibibytes(self.min_memory)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"count": self.count}
-        if self.min_memory_gib is not None:
-            out["minMemory"] = self.min_memory_gib
+        if self.min_memory is not None:
+            out["minMemory"] = self.min_memory
         if self.products:
             out["products"] = list(self.products)
         return out
@@ -105,14 +112,19 @@ class VariantSpec:
 
     name: str
     precision: Precision
-    min_memory_gib: float | None = None
+    min_memory: str | None = None
     relative_throughput: float = 1.0
     quality: float = 1.0
 
+    @property
+    def min_memory_gib(self) -> float | None:
+        """`minMemory` in GiB; None when not set."""
+        return None if self.min_memory is None else quantity_gibibytes(self.min_memory)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "precision": self.precision.value}
-        if self.min_memory_gib is not None:
-            out["minMemory"] = self.min_memory_gib
+        if self.min_memory is not None:
+            out["minMemory"] = self.min_memory
         out["relativeThroughput"] = self.relative_throughput
         out["quality"] = self.quality
         return out
@@ -444,7 +456,7 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
     gpu_fields = spec.section("gpu")
     gpu = GpuRequest(
         count=gpu_fields.integer("count", minimum=1, maximum=MAX_GPUS_PER_REPLICA),
-        min_memory_gib=gpu_fields.optional_number("minMemory", minimum=0, maximum=1024),
+        min_memory=gpu_fields.optional_memory_quantity("minMemory", maximum_gib=MAX_MEMORY_GIB),
         products=gpu_fields.strings(
             "products", max_items=16, max_length=63, min_length=1, unique=True
         ),
@@ -547,7 +559,7 @@ def _read_variants(spec: Fields) -> tuple[VariantSpec, ...]:
                     "name", max_length=63, min_length=1, pattern=r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
                 ),
                 precision=Precision(item.string("precision", max_length=8, enum=tuple(Precision))),
-                min_memory_gib=item.optional_number("minMemory", minimum=0, maximum=1024),
+                min_memory=item.optional_memory_quantity("minMemory", maximum_gib=MAX_MEMORY_GIB),
                 relative_throughput=item.number(
                     "relativeThroughput", minimum=0, maximum=10, exclusive_minimum=True, default=1.0
                 ),

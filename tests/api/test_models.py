@@ -239,6 +239,20 @@ def test_variant_without_memory_needs_the_workloads_memory_per_gpu() -> None:
     assert [spec.variant_min_memory_gib(v) for v in spec.variants] == [40.0, 12.0]
 
 
+@pytest.mark.parametrize(
+    ("quantity", "gib"), [("80Gi", 80.0), ("40960Mi", 40.0), ("1Ti", 1024.0), ("0.5Gi", 0.5)]
+)
+def test_memory_per_gpu_is_a_quantity_read_in_gib(quantity: str, gib: float) -> None:
+    spec = parse_llmworkload(inference(gpu={"count": 1, "minMemory": quantity})).spec
+    assert spec.gpu.min_memory_gib == gib
+    assert spec.gpu.to_dict()["minMemory"] == quantity  # written back as the user wrote it
+
+
+def test_memory_per_gpu_in_decimal_units_is_converted_to_gib() -> None:
+    spec = parse_llmworkload(inference(gpu={"count": 1, "minMemory": "80G"})).spec
+    assert spec.gpu.min_memory_gib == pytest.approx(80e9 / 2**30)
+
+
 def test_defaults_are_typed_enums() -> None:
     workload = parse_llmworkload(MINIMAL_OBJECTS[0])
     assert workload.spec.type is WorkloadType.INFERENCE
