@@ -595,3 +595,18 @@ def test_no_catalogue_values_render_no_catalogue_config_map(chart: Chart) -> Non
     assert not [m for m in manifests if str(m["metadata"]["name"]).endswith("-catalogue")]
     args = _container(find(manifests, "Deployment", "-operator"))["args"]
     assert not [a for a in args if a.startswith("--catalogue-file")]
+
+
+def test_the_charts_default_budget_is_never_an_example_budget() -> None:
+    """`kubectl apply -f examples/` after `helm install` must not rewrite the chart's budget."""
+    examples = {
+        doc["metadata"]["name"]
+        for path in (REPO_ROOT / "examples").glob("*.yaml")
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "EnergyBudget"
+    }
+    assert examples, "examples/ has no EnergyBudget: the test checks nothing"
+    for values in [CHART_DIR / "values.yaml", *ci_values_files()]:
+        budget = (yaml.safe_load(values.read_text()) or {}).get("defaultEnergyBudget") or {}
+        if "name" in budget:
+            assert budget["name"] not in examples, f"{values.name}: {budget['name']}"
