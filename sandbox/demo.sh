@@ -5,7 +5,8 @@
 # Steps are functions so each can be replaced on its own. The operator (standalone) and one simulated
 # agent process serving every KWOK GPU node run in the background, logging to $SANDBOX_DIR/logs.
 # After the examples are placed, the rack-a budget is lowered to show the operator lower limits
-# (and preempt, if it must), and `wattsched status` shows the result on one screen. A sandbox that was already running is reused and left running; one this
+# (and preempt, if it must), `wattsched plan --from-cluster --diff` shows what raising it again
+# would change, and `wattsched status` shows the result on one screen. A sandbox that was already running is reused and left running; one this
 # script started is stopped at the end (DEMO_KEEP=1 keeps it).
 #
 # Not for: tests (make test) or load experiments (SANDBOX_NODES=N make sandbox-up).
@@ -205,6 +206,8 @@ provide_volumes
 apply_examples
 show
 change_budget
+step "What if rack-a went back up? wattsched plan --from-cluster --set ... --diff (read-only)"
+"${wattsched[@]}" plan --from-cluster --set energybudget/rack-a.spec.powerCapWatts=12000 --diff
 step "wattsched status (one screen: budgets, unplaced workloads, moves, unconfirmed nodes, rounds)"
 "${wattsched[@]}" status
 step "Demo finished"
