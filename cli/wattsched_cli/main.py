@@ -121,6 +121,16 @@ def command_module(command: str) -> ModuleType:
         ) from None
 
 
+def _kubeconfig_flag(arguments: list[str]) -> str | None:
+    """The file a command's `--kubeconfig FILE` (or `--kubeconfig=FILE`) names, for its errors."""
+    for index, argument in enumerate(arguments):
+        if argument == "--kubeconfig" and index + 1 < len(arguments):
+            return arguments[index + 1]
+        if argument.startswith("--kubeconfig="):
+            return argument.split("=", 1)[1]
+    return None
+
+
 def _run(command: str, rest: list[str]) -> int:
     try:
         command_main: Callable[[list[str]], int] = command_module(command).main
@@ -136,7 +146,7 @@ def _run(command: str, rest: list[str]) -> int:
         # Imported here, after a failure: commands that never talk to a cluster never load it.
         from wattsched_operator.kube import cluster_error  # noqa: PLC0415
 
-        known = cluster_error(error)
+        known = cluster_error(error, _kubeconfig_flag(rest))
         if known is not None:
             print(f"wattsched {command}: {known}", file=sys.stderr)
             return known.exit_code

@@ -115,6 +115,24 @@ def test_a_missing_kubeconfig_is_one_line_naming_it_and_exit_3(name: str) -> Non
     assert "set KUBECONFIG or --kubeconfig" in line
 
 
+# The commands with a --kubeconfig flag.
+KUBECONFIG_FLAG_COMMANDS = ("explain", "status", "plan --from-cluster")
+
+
+@pytest.mark.parametrize("name", KUBECONFIG_FLAG_COMMANDS)
+@pytest.mark.parametrize("flag", [["--kubeconfig", "/nonexistent"], ["--kubeconfig=/nonexistent"]])
+def test_a_missing_kubeconfig_given_by_flag_is_named_as_the_flag(
+    name: str, flag: list[str], tmp_path: Path
+) -> None:
+    # $KUBECONFIG names another (valid-looking) file: the message must name the flag's file.
+    other = tmp_path / "other-config"
+    args = [*CLUSTER_COMMANDS[name], *flag]
+    result = wattsched(*args, kubeconfig=str(other))
+    line = assert_one_line_error(result, args[0], EXIT_CLUSTER)
+    assert "no usable kubeconfig (--kubeconfig /nonexistent)" in line
+    assert str(other) not in line
+
+
 def test_a_kubeconfig_that_is_not_yaml_is_one_line_and_exit_3(tmp_path: Path) -> None:
     broken = tmp_path / "config"
     broken.write_text("clusters: [unclosed")
