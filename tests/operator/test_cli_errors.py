@@ -227,3 +227,22 @@ def test_every_flag_with_a_default_shows_it_in_help(command: str) -> None:
             continue
         shown = formatter._expand_help(action)
         assert "default" in shown.lower(), f"{action.option_strings}: {shown!r}"
+
+
+def test_output_into_a_closed_pipe_stops_quietly_with_141() -> None:
+    """`wattsched ... | head`: the reader went away; no bug report, the status SIGPIPE gives."""
+    args = ["plan", "-f", "offline/snapshot.yaml", "-o", "json"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wattsched_cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    process.stdout.close()  # before the command writes anything: every write meets a closed pipe
+    with process.stderr:
+        stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 141
+    assert stderr == ""
