@@ -5,7 +5,8 @@
 # Steps are functions so each can be replaced on its own. The operator (standalone) and one simulated
 # agent process serving every KWOK GPU node run in the background, logging to $SANDBOX_DIR/logs.
 # After the examples are placed, the rack-a budget is lowered to show the operator lower limits
-# (and preempt, if it must). A sandbox that was already running is reused and left running; one this
+# (and preempt, if it must), `wattsched plan --from-cluster --diff` shows what raising it again
+# would change, and `wattsched status` shows the result on one screen. A sandbox that was already running is reused and left running; one this
 # script started is stopped at the end (DEMO_KEEP=1 keeps it).
 #
 # Not for: tests (make test) or load experiments (SANDBOX_NODES=N make sandbox-up).
@@ -71,6 +72,22 @@ stop_operator() {
   for pid in "$operator_pid" "$agents_pid"; do
     if [[ -n "$pid" ]]; then wait "$pid" 2>/dev/null || true; fi
   done
+}
+
+# wait_for_agents: the first plan counts a GPU whose agent has not reported yet at its maximum
+# limit (the Unschedulable message says so), which would keep every workload out of the first round; wait (at most 60 s)
+# until every GPU node's NodePowerProfile says its agent is ready, as on a cluster running a while.
+wait_for_agents() {
+  step "Waiting for the node agents to report ready on every GPU node"
+  local deadline=$((SECONDS + 60)) nodes ready
+  nodes="$(kubectl get nodes -l nvidia.com/gpu.present=true -o name | wc -l)"
+  while ((SECONDS < deadline)); do
+    ready="$(kubectl get nodepowerprofiles \
+      -o jsonpath='{range .items[*]}{.status.agent.ready}{"\n"}{end}' 2>/dev/null | grep -c '^true$' || true)"
+    if ((ready >= nodes)); then echo "$ready of $nodes GPU nodes ready"; return; fi
+    sleep 1
+  done
+  echo "(only ${ready:-0} of $nodes GPU nodes ready after 60 s; see $SANDBOX_DIR/logs/demo-agents.log)"
 }
 
 provide_volumes() {
@@ -166,6 +183,8 @@ cleanup() {
     step "Deleting the examples from the reused sandbox"
     kubectl delete llmworkloads --all -n default --timeout=60s || true
     kubectl delete energybudgets cluster rack-a --ignore-not-found --timeout=60s || true
+    # and their Events, so a later run's "Recent wattsched events" and status show only its own
+    kubectl delete events -n default --field-selector involvedObject.kind=LLMWorkload >/dev/null || true
   fi
   stop_operator
   if ((started_sandbox)) && [[ "${DEMO_KEEP:-}" != 1 ]]; then
@@ -182,8 +201,13 @@ trap 'exit 130' INT TERM
 start_sandbox
 apply_crds
 start_operator
+wait_for_agents
 provide_volumes
 apply_examples
 show
 change_budget
+step "What if rack-a went back up? wattsched plan --from-cluster --set ... --diff (read-only)"
+"${wattsched[@]}" plan --from-cluster --set energybudget/rack-a.spec.powerCapWatts=12000 --diff
+step "wattsched status (one screen: budgets, unplaced workloads, moves, unconfirmed nodes, rounds)"
+"${wattsched[@]}" status
 step "Demo finished"

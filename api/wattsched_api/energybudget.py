@@ -109,7 +109,7 @@ class EnergyAllowance:
     period: Period = Period.DAY
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kWh": self.kwh, "period": self.period.value}
+        return {"kilowattHours": self.kwh, "period": self.period.value}
 
 
 @dataclass(frozen=True)
@@ -123,10 +123,10 @@ class CarbonSettings:
 
     def to_dict(self) -> dict[str, Any]:
         pairs: list[tuple[str, object]] = [
-            ("intensityGramsPerKWh", self.intensity_grams_per_kwh),
+            ("intensityGramsPerKilowattHour", self.intensity_grams_per_kwh),
             ("prometheusQuery", self.prometheus_query),
             (
-                "hourlyIntensityGramsPerKWh",
+                "hourlyIntensityGramsPerKilowattHour",
                 list(self.hourly_intensity_grams_per_kwh) or None,
             ),
             ("forecastPrometheusQuery", self.forecast_prometheus_query),
@@ -236,7 +236,7 @@ class CarbonIntensityStatus:
     source: CarbonIntensitySource
 
     def to_dict(self) -> dict[str, Any]:
-        return {"gramsPerKWh": self.grams_per_kwh, "source": self.source.value}
+        return {"gramsPerKilowattHour": self.grams_per_kwh, "source": self.source.value}
 
 
 @dataclass(frozen=True)
@@ -274,7 +274,7 @@ class EnergyBudgetStatus:
             ("measuredWatts", self.measured_watts),
             ("headroomWatts", self.headroom_watts),
             ("energyUsedJoules", self.energy_used_joules),
-            ("energyUsedKWh", self.energy_used_kwh),
+            ("energyUsedKilowattHours", self.energy_used_kwh),
             ("energySource", None if self.energy_source is None else self.energy_source.value),
             ("carbonGrams", self.carbon_grams),
             ("carbonKg", self.carbon_kg),
@@ -282,9 +282,9 @@ class EnergyBudgetStatus:
                 "carbonIntensity",
                 None if self.carbon_intensity is None else self.carbon_intensity.to_dict(),
             ),
-            ("remainingKWh", self.remaining_kwh),
+            ("remainingKilowattHours", self.remaining_kwh),
             ("remainingCarbonKg", self.remaining_carbon_kg),
-            ("projectedKWhAtPeriodEnd", self.projected_kwh_at_period_end),
+            ("projectedKilowattHoursAtPeriodEnd", self.projected_kwh_at_period_end),
             ("projectedCarbonKgAtPeriodEnd", self.projected_carbon_kg_at_period_end),
             ("periodStart", self.period_start),
             ("accountedUntil", self.accounted_until),
@@ -369,7 +369,9 @@ def _read_spec(spec: Fields) -> EnergyBudgetSpec:
     energy_fields = spec.optional_section("energy")
     if energy_fields is not None:
         energy = EnergyAllowance(
-            kwh=energy_fields.number("kWh", minimum=0, maximum=1e12, exclusive_minimum=True),
+            kwh=energy_fields.number(
+                "kilowattHours", minimum=0, maximum=1e12, exclusive_minimum=True
+            ),
             period=Period(
                 energy_fields.string("period", max_length=8, enum=tuple(Period), default="Day")
             ),
@@ -380,7 +382,7 @@ def _read_spec(spec: Fields) -> EnergyBudgetSpec:
     if carbon_fields is not None:
         carbon = CarbonSettings(
             intensity_grams_per_kwh=carbon_fields.optional_number(
-                "intensityGramsPerKWh", minimum=0, maximum=5000
+                "intensityGramsPerKilowattHour", minimum=0, maximum=5000
             ),
             prometheus_query=carbon_fields.optional_string(
                 "prometheusQuery", max_length=4096, min_length=1
@@ -395,7 +397,9 @@ def _read_spec(spec: Fields) -> EnergyBudgetSpec:
         )
         carbon_fields.finish()
         if carbon.intensity_grams_per_kwh is None and carbon.prometheus_query is None:
-            raise spec.error("carbon", "must set intensityGramsPerKWh or prometheusQuery (or both)")
+            raise spec.error(
+                "carbon", "must set intensityGramsPerKilowattHour or prometheusQuery (or both)"
+            )
         if carbon.max_kg_per_period is not None and energy is None:
             raise spec.error(
                 "carbon",
@@ -426,11 +430,11 @@ def _read_spec(spec: Fields) -> EnergyBudgetSpec:
 
 
 def _hourly_profile(carbon: Fields) -> tuple[float, ...]:
-    """spec.carbon.hourlyIntensityGramsPerKWh: 24 numbers from 0 to 5000, or none."""
-    value = carbon.raw("hourlyIntensityGramsPerKWh")
+    """spec.carbon.hourlyIntensityGramsPerKilowattHour: 24 numbers from 0 to 5000, or none."""
+    value = carbon.raw("hourlyIntensityGramsPerKilowattHour")
     if value is None:
         return ()
-    field = "hourlyIntensityGramsPerKWh"
+    field = "hourlyIntensityGramsPerKilowattHour"
     if not isinstance(value, list) or len(value) != HOURS_PER_DAY:
         raise carbon.error(field, "must have 24 values (one per hour of the day)")
     for index, item in enumerate(value):
@@ -511,7 +515,7 @@ def _read_status(status: Fields) -> EnergyBudgetStatus:
     intensity_fields = status.optional_section("carbonIntensity")
     if intensity_fields is not None:
         carbon_intensity = CarbonIntensityStatus(
-            grams_per_kwh=intensity_fields.number("gramsPerKWh", minimum=0, maximum=big),
+            grams_per_kwh=intensity_fields.number("gramsPerKilowattHour", minimum=0, maximum=big),
             source=CarbonIntensitySource(
                 intensity_fields.string("source", max_length=16, enum=tuple(CarbonIntensitySource))
             ),
@@ -528,15 +532,15 @@ def _read_status(status: Fields) -> EnergyBudgetStatus:
         measured_watts=status.optional_number("measuredWatts", minimum=0, maximum=big),
         headroom_watts=status.optional_number("headroomWatts", minimum=-big, maximum=big),
         energy_used_joules=status.optional_number("energyUsedJoules", minimum=0, maximum=big),
-        energy_used_kwh=status.optional_number("energyUsedKWh", minimum=0, maximum=big),
+        energy_used_kwh=status.optional_number("energyUsedKilowattHours", minimum=0, maximum=big),
         energy_source=None if energy_source is None else EnergySource(energy_source),
         carbon_grams=status.optional_number("carbonGrams", minimum=0, maximum=big),
         carbon_kg=status.optional_number("carbonKg", minimum=0, maximum=big),
         carbon_intensity=carbon_intensity,
-        remaining_kwh=status.optional_number("remainingKWh", minimum=-big, maximum=big),
+        remaining_kwh=status.optional_number("remainingKilowattHours", minimum=-big, maximum=big),
         remaining_carbon_kg=status.optional_number("remainingCarbonKg", minimum=-big, maximum=big),
         projected_kwh_at_period_end=status.optional_number(
-            "projectedKWhAtPeriodEnd", minimum=0, maximum=big
+            "projectedKilowattHoursAtPeriodEnd", minimum=0, maximum=big
         ),
         projected_carbon_kg_at_period_end=status.optional_number(
             "projectedCarbonKgAtPeriodEnd", minimum=0, maximum=big

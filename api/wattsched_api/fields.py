@@ -19,6 +19,28 @@ from wattsched_api.errors import ApiValidationError
 
 JsonObject = Mapping[str, Any]
 
+# A Kubernetes memory quantity with a unit (`80Gi`, `40960Mi`, `100G`): suffixes and their bytes.
+# A bare number would mean bytes, never what a memory floor per GPU means, so a unit is required.
+QUANTITY_BYTES = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+MEMORY_QUANTITY_PATTERN = r"([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)"
+
+
+def quantity_gibibytes(quantity: str) -> float:
+    """GiB in a memory quantity that matches MEMORY_QUANTITY_PATTERN (`40960Mi` -> 40.0)."""
+    match = re.fullmatch(MEMORY_QUANTITY_PATTERN, quantity)
+    if match is None:
+        raise ValueError(f"{quantity!r} is not a memory quantity such as 80Gi")
+    return float(match.group(1)) * QUANTITY_BYTES[match.group(2)] / 2**30
+
 
 def nesting_depth(value: object, *, limit: int) -> int:
     """How many levels of objects and lists `value` nests (a scalar is 0, `{}` and `[]` are 1).
@@ -219,6 +241,21 @@ class Fields:
         if default is None:
             raise self.error(name, "is required")
         return default
+
+    def optional_memory_quantity(self, name: str, *, maximum_gib: float) -> str | None:
+        """A memory quantity with a unit (`80Gi`), as written; at most `maximum_gib` GiB."""
+        value = self.raw(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or re.fullmatch(MEMORY_QUANTITY_PATTERN, value) is None:
+            raise self.error(
+                name,
+                f"must be a memory quantity with a unit such as 80Gi or 40960Mi, got "
+                f"{describe(value)}",
+            )
+        if quantity_gibibytes(value) > maximum_gib:
+            raise self.error(name, f"must be at most {maximum_gib:g}Gi, got {value}")
+        return value
 
     def optional_boolean(self, name: str) -> bool | None:
         value = self.raw(name)

@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from wattsched_api.errors import ApiValidationError
-from wattsched_api.fields import Fields, JsonObject, nesting_depth
+from wattsched_api.fields import Fields, JsonObject, nesting_depth, quantity_gibibytes
 from wattsched_api.meta import (
     GPU_RESOURCE,
     Condition,
@@ -41,6 +41,8 @@ MAX_SPANNING_NAME_LENGTH = 50
 SPANNING_NAME = re.compile(rf"[a-z]([-a-z0-9]{{0,{MAX_SPANNING_NAME_LENGTH - 2}}}[a-z0-9])?")
 MAX_REPLICAS = 1024
 MAX_VARIANTS = 8
+# The largest minMemory per GPU accepted (1Ti; the largest GPU today has 192 GB).
+MAX_MEMORY_GIB = 1024
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
 
 
@@ -95,7 +97,7 @@ class GpuRequest:
     whole nodes one replica spans (a leader pod and workers, each pod with `count` GPUs)."""
 
     count: int
-    min_memory_gib: float | None = None
+    min_memory: str | None = None
     products: tuple[str, ...] = ()
     nodes_per_replica: int = 1
 
@@ -103,10 +105,15 @@ class GpuRequest:
     def gpus_per_replica(self) -> int:
         return self.count * self.nodes_per_replica
 
+    @property
+    def min_memory_gib(self) -> float | None:
+        """`minMemory` in GiB; None when not set."""
+        return None if self.min_memory is None else quantity_gibibytes(self.min_memory)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"count": self.count, "nodesPerReplica": self.nodes_per_replica}
-        if self.min_memory_gib is not None:
-            out["minMemoryGiB"] = self.min_memory_gib
+        if self.min_memory is not None:
+            out["minMemory"] = self.min_memory
         if self.products:
             out["products"] = list(self.products)
         return out
@@ -118,14 +125,19 @@ class VariantSpec:
 
     name: str
     precision: Precision
-    min_memory_gib: float | None = None
+    min_memory: str | None = None
     relative_throughput: float = 1.0
     quality: float = 1.0
 
+    @property
+    def min_memory_gib(self) -> float | None:
+        """`minMemory` in GiB; None when not set."""
+        return None if self.min_memory is None else quantity_gibibytes(self.min_memory)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "precision": self.precision.value}
-        if self.min_memory_gib is not None:
-            out["minMemoryGiB"] = self.min_memory_gib
+        if self.min_memory is not None:
+            out["minMemory"] = self.min_memory
         out["relativeThroughput"] = self.relative_throughput
         out["quality"] = self.quality
         return out
@@ -239,7 +251,7 @@ class LLMWorkloadSpec:
         return self.type is WorkloadType.BATCH_INFERENCE
 
     def variant_min_memory_gib(self, variant: VariantSpec) -> float:
-        """GiB per GPU a variant needs: its minMemoryGiB, else spec.gpu.minMemoryGiB, else 0."""
+        """GiB per GPU a variant needs: its minMemory, else spec.gpu.minMemory, else 0."""
         if variant.min_memory_gib is not None:
             return variant.min_memory_gib
         return self.gpu.min_memory_gib or 0.0
@@ -334,7 +346,7 @@ class EnergyStatus:
         tokens_source = self.tokens_per_joule_source
         pairs = [
             ("joules", self.joules),
-            ("kWh", self.kwh),
+            ("kilowattHours", self.kwh),
             ("tokensPerJoule", self.tokens_per_joule),
             ("tokensPerJouleSource", None if tokens_source is None else tokens_source.value),
             ("carbonGrams", self.carbon_grams),
@@ -472,7 +484,7 @@ def _read_spec(spec: Fields) -> LLMWorkloadSpec:
     gpu_fields = spec.section("gpu")
     gpu = GpuRequest(
         count=gpu_fields.integer("count", minimum=1, maximum=MAX_GPUS_PER_REPLICA),
-        min_memory_gib=gpu_fields.optional_number("minMemoryGiB", minimum=0, maximum=1024),
+        min_memory=gpu_fields.optional_memory_quantity("minMemory", maximum_gib=MAX_MEMORY_GIB),
         products=gpu_fields.strings(
             "products", max_items=16, max_length=63, min_length=1, unique=True
         ),
@@ -579,7 +591,7 @@ def _read_variants(spec: Fields) -> tuple[VariantSpec, ...]:
                     "name", max_length=63, min_length=1, pattern=r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
                 ),
                 precision=Precision(item.string("precision", max_length=8, enum=tuple(Precision))),
-                min_memory_gib=item.optional_number("minMemoryGiB", minimum=0, maximum=1024),
+                min_memory=item.optional_memory_quantity("minMemory", maximum_gib=MAX_MEMORY_GIB),
                 relative_throughput=item.number(
                     "relativeThroughput", minimum=0, maximum=10, exclusive_minimum=True, default=1.0
                 ),
@@ -759,7 +771,7 @@ def _read_status(status: Fields) -> LLMWorkloadStatus:
                 energy_fields.string("source", max_length=16, enum=tuple(EnergySource))
             ),
             joules=energy_fields.optional_number("joules", minimum=0, maximum=1e30),
-            kwh=energy_fields.optional_number("kWh", minimum=0, maximum=1e30),
+            kwh=energy_fields.optional_number("kilowattHours", minimum=0, maximum=1e30),
             tokens_per_joule=energy_fields.optional_number(
                 "tokensPerJoule", minimum=0, maximum=1e30
             ),

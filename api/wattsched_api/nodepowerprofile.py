@@ -88,7 +88,7 @@ class PodPowerLimit:
             "powerLimitWatts": self.power_limit_watts,
         }
         if self.sm_clock_range_mhz is not None:
-            out["smClockRangeMHz"] = self.sm_clock_range_mhz.to_dict()
+            out["smClockRangeMegahertz"] = self.sm_clock_range_mhz.to_dict()
         return out
 
 
@@ -164,10 +164,10 @@ class GpuStatus:
             ("drawWatts", self.draw_watts),
             ("energyJoules", self.energy_joules),
             (
-                "smClockRangeMHz",
+                "smClockRangeMegahertz",
                 None if self.sm_clock_range_mhz is None else self.sm_clock_range_mhz.to_dict(),
             ),
-            ("smClockMHz", self.sm_clock_mhz),
+            ("smClockMegahertz", self.sm_clock_mhz),
         ]
         return {key: value for key, value in pairs if value is not None}
 
@@ -314,7 +314,7 @@ def _read_spec(spec: Fields) -> NodePowerProfileSpec:
                     maximum=MAX_POWER_LIMIT_WATTS,
                     exclusive_minimum=True,
                 ),
-                sm_clock_range_mhz=_optional_clock_range(item, "spec.pods[].smClockRangeMHz"),
+                sm_clock_range_mhz=_optional_clock_range(item, "spec.pods[].smClockRangeMegahertz"),
             )
         )
         item.finish()
@@ -334,7 +334,7 @@ def _read_spec(spec: Fields) -> NodePowerProfileSpec:
 
 
 def _optional_clock_range(fields: Fields, field_path: str) -> ClockRange | None:
-    section = fields.optional_section("smClockRangeMHz")
+    section = fields.optional_section("smClockRangeMegahertz")
     return None if section is None else _read_clock_range(section, field_path)
 
 
@@ -359,8 +359,12 @@ def _read_status(status: Fields) -> NodePowerProfileStatus:
                 applied_watts=item.optional_number("appliedWatts", minimum=0, maximum=big),
                 draw_watts=item.optional_number("drawWatts", minimum=0, maximum=big),
                 energy_joules=item.optional_number("energyJoules", minimum=0, maximum=big),
-                sm_clock_range_mhz=_optional_clock_range(item, "status.gpus[].smClockRangeMHz"),
-                sm_clock_mhz=item.optional_integer("smClockMHz", minimum=0, maximum=MAX_CLOCK_MHZ),
+                sm_clock_range_mhz=_optional_clock_range(
+                    item, "status.gpus[].smClockRangeMegahertz"
+                ),
+                sm_clock_mhz=item.optional_integer(
+                    "smClockMegahertz", minimum=0, maximum=MAX_CLOCK_MHZ
+                ),
             )
         )
         item.finish()

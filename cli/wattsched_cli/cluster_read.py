@@ -46,7 +46,7 @@ def connect(kubeconfig: str | None) -> Kube:
     try:
         return Kube(kubeconfig)
     except (config.ConfigException, OSError) as error:
-        known = cluster_error(error)
+        known = cluster_error(error, kubeconfig)
         if known is not None:
             raise ClusterReadError(str(known), known.exit_code) from None
         where = kubeconfig or "the default kubeconfig ($KUBECONFIG or ~/.kube/config)"
@@ -74,7 +74,7 @@ def list_objects(kube: Kube, path: str, label_selector: str | None = None) -> li
             ),
         ) from None
     except (urllib3.exceptions.HTTPError, OSError) as error:
-        known = cluster_error(error)
+        known = cluster_error(error, kube.kubeconfig)
         if known is not None:  # the CLI's own words for an API server that does not answer
             raise ClusterReadError(str(known), known.exit_code) from None
         raise ClusterReadError(

@@ -184,15 +184,15 @@ def clock_reasons(
             ),
             None,
         )
-        clocks = None if entry is None else entry.get("smClockRangeMHz")
+        clocks = None if entry is None else entry.get("smClockRangeMegahertz")
         if not clocks:
             if str(p["replica"]) not in unlocked:
                 unlocked.append(str(p["replica"]))
             continue
         read = [
-            g.get("smClockMHz")
+            g.get("smClockMegahertz")
             for g in (profile.get("status") or {}).get("gpus") or []
-            if g.get("pod") == f"{namespace}/{pod}" and g.get("smClockMHz") is not None
+            if g.get("pod") == f"{namespace}/{pod}" and g.get("smClockMegahertz") is not None
         ]
         in_force = (
             f"the agent reads {min(read)}-{max(read)} MHz on its GPUs"
@@ -334,8 +334,10 @@ def explanation(
                 "capWatts": (b.get("spec") or {}).get("powerCapWatts"),
                 "allocatedCapWatts": b_status.get("allocatedCapWatts"),
                 "headroomWatts": b_status.get("headroomWatts"),
-                "remainingKWh": b_status.get("remainingKWh"),
-                "projectedKWhAtPeriodEnd": b_status.get("projectedKWhAtPeriodEnd"),
+                "remainingKilowattHours": b_status.get("remainingKilowattHours"),
+                "projectedKilowattHoursAtPeriodEnd": b_status.get(
+                    "projectedKilowattHoursAtPeriodEnd"
+                ),
                 "allowanceExhausted": (_conditions(b_status).get(ALLOWANCE_EXHAUSTED) or {}).get(
                     "status"
                 )
@@ -461,11 +463,13 @@ def render(
 
 def _allowance_text(budget: Mapping[str, Any]) -> str:
     """A budget's energy allowance as explain shows it (empty without one)."""
-    if budget.get("remainingKWh") is None:
+    if budget.get("remainingKilowattHours") is None:
         return ""
-    text = f", {budget['remainingKWh']:g} kWh left this period"
-    if budget.get("projectedKWhAtPeriodEnd") is not None:
-        text += f" ({budget['projectedKWhAtPeriodEnd']:g} kWh projected at its end, modelled)"
+    text = f", {budget['remainingKilowattHours']:g} kWh left this period"
+    if budget.get("projectedKilowattHoursAtPeriodEnd") is not None:
+        text += (
+            f" ({budget['projectedKilowattHoursAtPeriodEnd']:g} kWh projected at its end, modelled)"
+        )
     return text + (", allowance exhausted" if budget.get("allowanceExhausted") else "")
 
 

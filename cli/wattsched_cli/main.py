@@ -12,6 +12,7 @@ Whatever a command fails with reaches the user as one line, `wattsched <command>
 3 cluster unusable, 4 not found): a `CommandError` as raised, a Kubernetes client error (no
 kubeconfig, API server unreachable, credentials refused, object not found) translated here, and
 anything unexpected as one line asking for a report (`WATTSCHED_DEBUG=1` shows the traceback).
+Output into a pipe whose reader went away (`| head`) ends quietly with 141, as SIGPIPE ends tools.
 A command whose packages come from an extra (the image installs none) says which extra to
 install, in one line, when they are missing.
 """
@@ -68,7 +69,8 @@ def usage() -> str:
         "",
         "Run `wattsched <command> --help` for a command's options.",
         "Exit codes: 0 done, 1 failed, 2 bad usage or input, 3 cluster unusable (kubeconfig, "
-        "API server unreachable, credentials refused), 4 not found (object or CRD).",
+        "API server unreachable, credentials refused), 4 not found (object or CRD), "
+        "141 output's reader went away (| head).",
     ]
     return "\n".join(lines)
 
@@ -121,6 +123,28 @@ def command_module(command: str) -> ModuleType:
         ) from None
 
 
+# 128 + SIGPIPE, the status of a Unix tool that SIGPIPE ended: the reader of its output went away.
+EXIT_OUTPUT_CLOSED = 141
+
+
+def _output_closed() -> int:
+    """The reader of stdout went away (`wattsched explain ... | head`): stop quietly, as Unix
+    tools do, rather than report a bug."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush does not fail again
+    return EXIT_OUTPUT_CLOSED
+
+
+def _kubeconfig_flag(arguments: list[str]) -> str | None:
+    """The file a command's `--kubeconfig FILE` (or `--kubeconfig=FILE`) names, for its errors."""
+    for index, argument in enumerate(arguments):
+        if argument == "--kubeconfig" and index + 1 < len(arguments):
+            return arguments[index + 1]
+        if argument.startswith("--kubeconfig="):
+            return argument.split("=", 1)[1]
+    return None
+
+
 def _run(command: str, rest: list[str]) -> int:
     try:
         command_main: Callable[[list[str]], int] = command_module(command).main
@@ -130,13 +154,15 @@ def _run(command: str, rest: list[str]) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _output_closed()
     except Exception as error:
         if os.environ.get(DEBUG_ENV):
             raise
         # Imported here, after a failure: commands that never talk to a cluster never load it.
         from wattsched_operator.kube import cluster_error  # noqa: PLC0415
 
-        known = cluster_error(error)
+        known = cluster_error(error, _kubeconfig_flag(rest))
         if known is not None:
             print(f"wattsched {command}: {known}", file=sys.stderr)
             return known.exit_code
@@ -166,7 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     # The client's own retry warnings would add lines before ours; the failure is reported once.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
-    return _run(command, rest)
+    code = _run(command, rest)
+    try:
+        sys.stdout.flush()  # what is still buffered goes now, while a closed reader can be told
+    except BrokenPipeError:
+        return _output_closed()
+    return code
 
 
 if __name__ == "__main__":

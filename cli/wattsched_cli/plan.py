@@ -80,8 +80,9 @@ def plan_to_json(
     """The `-o json` document (shape fixed by the optimizer issue, §3), plus `skipped` (the objects
     left out as invalid, each as the error that names it), `nodeNotes` (the GPU nodes left out of
     planning and why: snapshot.excluded_nodes), the locked SM clocks
-    (`placements[].smClockRangeMHz` and, per GPU of a node, `nodes[].gpuSmClockRangesMHz`: null
-    where clocks are left to the driver) and, with `--diff`, `diff`."""
+    (`placements[].smClockRangeMegahertz` and, per GPU of a node,
+    `nodes[].gpuSmClockRangesMegahertz`: null where clocks are left to the driver) and, with
+    `--diff`, `diff`."""
     document: dict[str, Any] = {
         "status": plan.status.value,
         "objective": plan.objective,
@@ -100,7 +101,7 @@ def plan_to_json(
                 "powerLimitWatts": p.power_limit_watts,
                 "expectedWattsPerGPU": p.expected_watts_per_gpu,
                 "expectedTokensPerSecond": p.expected_throughput,
-                "smClockRangeMHz": clock_range(p.sm_clock_mhz),
+                "smClockRangeMegahertz": clock_range(p.sm_clock_mhz),
             }
             for p in sorted(plan.placements, key=lambda p: (p.workload, p.replica, p.rank))
         ],
@@ -108,7 +109,7 @@ def plan_to_json(
             {
                 "node": node,
                 "gpuPowerLimitsWatts": list(limits),
-                "gpuSmClockRangesMHz": [
+                "gpuSmClockRangesMegahertz": [
                     clock_range(clock)
                     for clock in plan.node_sm_clocks_mhz.get(node, (None,) * len(limits))
                 ],
@@ -222,7 +223,9 @@ def plan_to_table(
                 str(p["gpus"]),
                 p["variant"],
                 f"{p['powerLimitWatts']:.0f}",
-                "-" if p["smClockRangeMHz"] is None else str(p["smClockRangeMHz"]["max"]),
+                "-"
+                if p["smClockRangeMegahertz"] is None
+                else str(p["smClockRangeMegahertz"]["max"]),
                 f"{p['expectedWattsPerGPU']:.0f}",
             ]
             for p in data["placements"]
@@ -249,8 +252,8 @@ def plan_to_table(
             [
                 [
                     a["budget"],
-                    f"{a.get('remainingKWh', 0):.1f}",
-                    f"{a.get('projectedKWhAtPeriodEnd', 0):.1f}",
+                    f"{a.get('remainingKilowattHours', 0):.1f}",
+                    f"{a.get('projectedKilowattHoursAtPeriodEnd', 0):.1f}",
                     "exhausted" if a["allowanceExhausted"] else "within",
                 ]
                 for a in data["allowances"]

@@ -108,8 +108,8 @@ def allowance(budget: Body, now: datetime) -> Allowance:
     spec = budget.get("spec") or {}
     status = budget.get("status") or {}
     energy = spec.get("energy") or {}
-    allowed = float(energy["kWh"]) if energy.get("kWh") is not None else None
-    used = status.get("energyUsedKWh")
+    allowed = float(energy["kilowattHours"]) if energy.get("kilowattHours") is not None else None
+    used = status.get("energyUsedKilowattHours")
     used_kwh = float(used) if used is not None else None
     period = Period(energy.get("period") or Period.DAY)
     start = parse_rfc3339(status.get("periodStart")) or period_start(now, period)
@@ -118,7 +118,7 @@ def allowance(budget: Body, now: datetime) -> Allowance:
     watts = measured if measured is not None else status.get("expectedWatts")
     source = "measured" if measured is not None else "modelled"
     projected = None
-    planned = status.get("projectedKWhAtPeriodEnd")
+    planned = status.get("projectedKilowattHoursAtPeriodEnd")
     if planned is not None:  # the operator's horizon plan: deferred work and cleaner hours in it
         projected = float(planned)
     elif used_kwh is not None and watts is not None:

@@ -100,7 +100,7 @@ class BudgetTerms:
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> BudgetTerms:
         carbon = spec.get("carbon") or {}
-        static = carbon.get("intensityGramsPerKWh")
+        static = carbon.get("intensityGramsPerKilowattHour")
         return cls(
             period=Period((spec.get("energy") or {}).get("period") or Period.DAY),
             pue=float(spec.get("pue") or 1.0),
@@ -213,7 +213,7 @@ def workload_energy(
     before = previous.get("source") if "accountedUntil" in previous else None
     energy: dict[str, Any] = {
         "joules": round(joules, 1),
-        "kWh": round(joules / JOULES_PER_KWH, KWH_DECIMALS),
+        "kilowattHours": round(joules / JOULES_PER_KWH, KWH_DECIMALS),
         "source": total_source(before, added, initial_source),
         "accountedUntil": format_time(now),
         "tokensPerJoule": None if efficiency is None else float(f"{efficiency[0]:.3g}"),
@@ -242,18 +242,20 @@ def budget_energy(
     `added` is None for an empty first increment (accounting starts now, as `initial_source`).
     `energyUsedJoules` is GPU energy times PUE; `carbonGrams` adds each increment's energy (times
     PUE) times the intensity of the moment it was accounted; `carbonIntensity` is that intensity.
-    `energyUsedKWh` and `carbonKg` are the same totals rounded for people. A status written before
-    the joule and gram totals existed goes on from its kWh and kg.
+    `energyUsedKilowattHours` and `carbonKg` are the same totals rounded for people. A status
+    written before the joule and gram totals existed goes on from its kWh and kg.
     """
     start = format_time(period_start(now, terms.period))
     base = previous if previous.get("periodStart") == start else {}
     before = base.get("energySource")
     added_joules = (added.joules if added else 0.0) * terms.pue
-    joules = _total(base, "energyUsedJoules", "energyUsedKWh", JOULES_PER_KWH) + added_joules
+    joules = (
+        _total(base, "energyUsedJoules", "energyUsedKilowattHours", JOULES_PER_KWH) + added_joules
+    )
     figures: dict[str, Any] = {
         "periodStart": start,
         "energyUsedJoules": round(joules),
-        "energyUsedKWh": round(joules / JOULES_PER_KWH, KWH_DECIMALS),
+        "energyUsedKilowattHours": round(joules / JOULES_PER_KWH, KWH_DECIMALS),
         "energySource": total_source(before, added, initial_source),
         "accountedUntil": format_time(now),
         "carbonGrams": None,
@@ -266,7 +268,7 @@ def budget_energy(
         figures["carbonGrams"] = round(grams, 6)
         figures["carbonKg"] = round(grams / 1000, KG_DECIMALS)
         figures["carbonIntensity"] = {
-            "gramsPerKWh": round(carbon.grams_per_kwh, 1),
+            "gramsPerKilowattHour": round(carbon.grams_per_kwh, 1),
             "source": carbon.source,
         }
     return figures

@@ -302,9 +302,9 @@ class AllowanceOutlook:
 
     def status_fields(self) -> dict[str, float]:
         pairs = [
-            ("remainingKWh", self.remaining_kwh),
+            ("remainingKilowattHours", self.remaining_kwh),
             ("remainingCarbonKg", self.remaining_carbon_kg),
-            ("projectedKWhAtPeriodEnd", self.projected_kwh_at_period_end),
+            ("projectedKilowattHoursAtPeriodEnd", self.projected_kwh_at_period_end),
             ("projectedCarbonKgAtPeriodEnd", self.projected_carbon_kg_at_period_end),
         ]
         return {key: round(value, 3) for key, value in pairs if value is not None}

@@ -2139,11 +2139,11 @@ def _budget_statuses(
         events = _budget_events(ref, previous, new, posted)
         if accounts is not None:
             new.update(accounts.budget_figures.get(name, {}))
-        allowance = ((body.get("spec") or {}).get("energy") or {}).get("kWh")
+        allowance = ((body.get("spec") or {}).get("energy") or {}).get("kilowattHours")
         if outlook is not None and accounts is not None and name in accounts.budget_figures:
             # What is left moves with the energy accounted this round (between plans too).
             new.update(_remaining(body, accounts.budget_figures[name]))
-        used = new.get("energyUsedKWh", previous.get("energyUsedKWh"))
+        used = new.get("energyUsedKilowattHours", previous.get("energyUsedKilowattHours"))
         figures[name] = BudgetMetric(
             cap_watts=cap,
             allocated_cap_watts=new["allocatedCapWatts"],
@@ -2157,14 +2157,16 @@ def _budget_statuses(
 
 
 def _remaining(body: Body, figures: Mapping[str, Any]) -> dict[str, float]:
-    """The allowance left after the period's figures accounting just wrote (`remainingKWh`,
-    `remainingCarbonKg`, as the horizon's outlook words them)."""
+    """The allowance left after the period's figures accounting just wrote
+    (`remainingKilowattHours`, `remainingCarbonKg`, as the horizon's outlook words them)."""
     spec = body.get("spec") or {}
-    allowed_kwh = (spec.get("energy") or {}).get("kWh")
+    allowed_kwh = (spec.get("energy") or {}).get("kilowattHours")
     allowed_kg = (spec.get("carbon") or {}).get("maxKgPerPeriod")
     out = {}
-    if allowed_kwh is not None and figures.get("energyUsedKWh") is not None:
-        out["remainingKWh"] = round(float(allowed_kwh) - float(figures["energyUsedKWh"]), 3)
+    if allowed_kwh is not None and figures.get("energyUsedKilowattHours") is not None:
+        out["remainingKilowattHours"] = round(
+            float(allowed_kwh) - float(figures["energyUsedKilowattHours"]), 3
+        )
     if allowed_kg is not None and figures.get("carbonKg") is not None:
         out["remainingCarbonKg"] = round(float(allowed_kg) - float(figures["carbonKg"]), 3)
     return out

@@ -73,8 +73,12 @@ def _api_message(body: str) -> str:
     return message if isinstance(message, str) else body[:1000]
 
 
-def _kubeconfig_hint() -> str:
+def _kubeconfig_hint(flag: str | None = None) -> str:
+    """Which kubeconfig was used: the --kubeconfig flag's file when given (and not just $KUBECONFIG,
+    which some flags default to), else $KUBECONFIG's."""
     kubeconfig = os.environ.get("KUBECONFIG")
+    if flag and flag != kubeconfig:
+        return f"--kubeconfig {flag}"
     return f"KUBECONFIG={kubeconfig}" if kubeconfig else "KUBECONFIG unset: ~/.kube/config"
 
 
@@ -94,11 +98,14 @@ def _http_error(status: int, what: str, message: str) -> CommandError:
     return CommandError(f"{what}: HTTP {status}: {message}", EXIT_FAILED)
 
 
-def cluster_error(error: BaseException) -> CommandError | None:
-    """The one-line error for a Kubernetes client failure, or None for anything else."""
+def cluster_error(error: BaseException, kubeconfig: str | None = None) -> CommandError | None:
+    """The one-line error for a Kubernetes client failure, or None for anything else.
+
+    `kubeconfig` is the file the command's --kubeconfig named (None: $KUBECONFIG or the default).
+    """
     if isinstance(error, config.ConfigException):
         return CommandError(
-            f"no usable kubeconfig ({_kubeconfig_hint()}): {error}: set KUBECONFIG or "
+            f"no usable kubeconfig ({_kubeconfig_hint(kubeconfig)}): {error}: set KUBECONFIG or "
             "--kubeconfig to your cluster's kubeconfig",
             EXIT_CLUSTER,
         )
@@ -109,7 +116,7 @@ def cluster_error(error: BaseException) -> CommandError | None:
         reason = reason[reason.index("[Errno") :] if "[Errno" in reason else reason
         return CommandError(
             f"cannot reach the API server {server} ({reason}): check that the cluster is up "
-            f"and that the kubeconfig ({_kubeconfig_hint()}) names the right server",
+            f"and that the kubeconfig ({_kubeconfig_hint(kubeconfig)}) names the right server",
             EXIT_CLUSTER,
         )
     if isinstance(error, KubeError):
@@ -184,6 +191,7 @@ class Kube:
     """Authenticated JSON calls: get, list, create, merge-patch, delete."""
 
     def __init__(self, kubeconfig: str | None = None, pool_size: int = 32) -> None:
+        self.kubeconfig = kubeconfig  # the file --kubeconfig named, for error messages
         configuration = client.Configuration()
         try:
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]

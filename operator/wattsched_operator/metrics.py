@@ -103,8 +103,8 @@ class OperatorMetrics:
         )
         self.allowance_used = Gauge(
             "wattsched_budget_energy_allowance_used_ratio",
-            "Energy used this period (GPU energy x PUE) over the budget's spec.energy.kWh "
-            "(absent without an allowance).",
+            "Energy used this period (GPU energy x PUE) over the budget's "
+            "spec.energy.kilowattHours (absent without an allowance).",
             ["budget"],
             registry=r,
         )

@@ -58,11 +58,11 @@ class NodeLimits:
             },
             clocks={
                 (str(p["namespace"]), str(p["name"])): (
-                    int(p["smClockRangeMHz"]["min"]),
-                    int(p["smClockRangeMHz"]["max"]),
+                    int(p["smClockRangeMegahertz"]["min"]),
+                    int(p["smClockRangeMegahertz"]["max"]),
                 )
                 for p in spec.get("pods") or []
-                if p.get("smClockRangeMHz")
+                if p.get("smClockRangeMegahertz")
             },
         )
 
@@ -78,7 +78,7 @@ class NodeLimits:
             }
             clocks = self.clocks.get((ns, name))
             if clocks is not None:
-                entry["smClockRangeMHz"] = {"min": clocks[0], "max": clocks[1]}
+                entry["smClockRangeMegahertz"] = {"min": clocks[0], "max": clocks[1]}
             pods.append(entry)
         out: dict[str, Any] = {"pods": pods}
         if self.idle_watts is not None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Used when neither --carbon-intensity, --carbon-csv nor an EnergyBudget's
-# spec.carbon.intensityGramsPerKWh gives a figure: a round number near the 2023 world average
-# (Ember, Global Electricity Review 2024: ~480 gCO2/kWh), on the low side.
+# spec.carbon.intensityGramsPerKilowattHour gives a figure: a round number near the 2023 world
+# average (Ember, Global Electricity Review 2024: ~480 gCO2/kWh), on the low side.
 DEFAULT_GRAMS_PER_KWH = 400.0
 
 

@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--carbon-intensity",
         type=float,
         help="constant gCO2/kWh (default: the widest budget's "
-        f"spec.carbon.intensityGramsPerKWh, else {DEFAULT_GRAMS_PER_KWH:.0f})",
+        f"spec.carbon.intensityGramsPerKilowattHour, else {DEFAULT_GRAMS_PER_KWH:.0f})",
     )
     parser.add_argument(
         "--carbon-csv",
@@ -356,7 +356,7 @@ def main(argv: list[str]) -> int:
         elif widest is not None and widest.carbon_intensity_grams_per_kwh is not None:
             carbon = CarbonIntensity.constant(
                 widest.carbon_intensity_grams_per_kwh,
-                f"EnergyBudget {widest.name} spec.carbon.intensityGramsPerKWh",
+                f"EnergyBudget {widest.name} spec.carbon.intensityGramsPerKilowattHour",
             )
         else:
             carbon = CarbonIntensity.constant(DEFAULT_GRAMS_PER_KWH, "default")

@@ -3,9 +3,9 @@
 Nodes use the format `wattsched plan` reads and the sandbox creates (sandbox/nodes.yaml): the GFD
 label `nvidia.com/gpu.product` and `status.allocatable["nvidia.com/gpu"]`. Budgets are
 `wattsched.io/v1alpha1` EnergyBudget objects; only the fields a simulation uses are read
-(`nodeSelector`, `powerCapWatts`, `pue`, `carbon.intensityGramsPerKWh`). Files may hold several
-documents or a `List`. Not for: validating objects the way the API server does (the CRD schema
-does that); errors here name the object and field and stop the run.
+(`nodeSelector`, `powerCapWatts`, `pue`, `carbon.intensityGramsPerKilowattHour`). Files may hold
+several documents or a `List`. Not for: validating objects the way the API server does (the CRD
+schema does that); errors here name the object and field and stop the run.
 """
 
 from __future__ import annotations
@@ -152,10 +152,11 @@ def parse_budget(doc: Mapping[str, Any], nodes: Iterable[SimNode], path: Path) -
     pue = spec.get("pue", 1.0)
     if not isinstance(pue, int | float) or isinstance(pue, bool) or pue < 1.0:
         raise ClusterError(f"{where}: spec.pue={pue!r} must be a number >= 1.0")
-    intensity = (spec.get("carbon") or {}).get("intensityGramsPerKWh")
+    intensity = (spec.get("carbon") or {}).get("intensityGramsPerKilowattHour")
     if intensity is not None and (not isinstance(intensity, int | float) or intensity < 0):
         raise ClusterError(
-            f"{where}: spec.carbon.intensityGramsPerKWh={intensity!r} must be a number >= 0"
+            f"{where}: spec.carbon.intensityGramsPerKilowattHour={intensity!r} "
+            "must be a number >= 0"
         )
     selector = spec.get("nodeSelector") or {}
     scope = frozenset(node.name for node in nodes if _matches(selector, node.labels, where))

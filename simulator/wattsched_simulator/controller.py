@@ -234,7 +234,9 @@ class PlannerPolicy:
             body = observed.budget_body(budget)
             if self.carbon_forecast:
                 body["spec"]["carbon"] = {
-                    "intensityGramsPerKWh": scenario.carbon.grams_per_kwh_at(view.now_seconds),
+                    "intensityGramsPerKilowattHour": scenario.carbon.grams_per_kwh_at(
+                        view.now_seconds
+                    ),
                     "forecastPrometheusQuery": observed.CARBON_FORECAST_QUERY,
                 }
             body["status"] = copy.deepcopy(self._statuses.get(("EnergyBudget", budget.name), {}))

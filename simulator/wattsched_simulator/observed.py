@@ -124,7 +124,7 @@ def _variants(spec: ServiceSpec | JobSpec) -> list[dict[str, Any]]:
         {
             "name": v.name,
             "precision": v.precision.value,
-            "minMemoryGiB": round(v.min_memory_gib, 3),
+            "minMemory": f"{round(v.min_memory_gib * 1024)}Mi",  # a quantity, as users write it
             "relativeThroughput": v.relative_throughput,
             "quality": v.quality,
         }

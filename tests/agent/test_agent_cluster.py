@@ -268,7 +268,7 @@ def test_a_plans_locked_clocks_are_applied_and_reported_by_the_agent(
         text=True,
     ).stdout
     replica = next(p for p in json.loads(printed)["placements"] if p["workload"] == "team-a/chat")
-    clock = replica["smClockRangeMHz"]
+    clock = replica["smClockRangeMegahertz"]
     assert clock is not None
 
     node = "gpu-h100-02"
@@ -292,18 +292,20 @@ def test_a_plans_locked_clocks_are_applied_and_reported_by_the_agent(
     held = [gpu for gpu in status["gpus"] if gpu.get("pod") == f"{namespace}/chat-0"]
     assert len(held) == replica["gpus"]
     for gpu in held:
-        low, high = gpu["smClockRangeMHz"]["min"], gpu["smClockRangeMHz"]["max"]
+        low, high = gpu["smClockRangeMegahertz"]["min"], gpu["smClockRangeMegahertz"]["max"]
         assert abs(high - clock["max"]) <= 15  # the nearest supported clock (15 MHz steps)
         assert low <= high
-        assert gpu["smClockMHz"] <= high
+        assert gpu["smClockMegahertz"] <= high
     others = [gpu for gpu in status["gpus"] if gpu.get("pod") != f"{namespace}/chat-0"]
-    assert all("smClockRangeMHz" not in gpu for gpu in others)
+    assert all("smClockRangeMegahertz" not in gpu for gpu in others)
     wide = sandbox.kubectl("get", "npp", node, "-o", "wide").stdout
     assert "Clocks(MHz)".upper() in wide.upper()
     assert status["lockedClocks"] in wide
     clocks = scrape(fleet_agent[node])["DCGM_FI_DEV_SM_CLOCK"]
     by_gpu = {int(sample.labels["gpu"]): sample.value for sample in clocks}
-    assert {by_gpu[gpu["index"]] for gpu in held} <= {float(gpu["smClockMHz"]) for gpu in held}
+    assert {by_gpu[gpu["index"]] for gpu in held} <= {
+        float(gpu["smClockMegahertz"]) for gpu in held
+    }
 
     sandbox.kubectl("delete", "pod", "chat-0", "-n", namespace, "--wait=false")
     sandbox.kubectl("delete", "nodepowerprofile", node, "--wait=false")

@@ -159,7 +159,7 @@ def clock_profile(pods: dict[str, tuple[float, tuple[int, int] | None]]) -> Node
     for name, (watts, clocks) in pods.items():
         entry: dict[str, Any] = {"namespace": "team", "name": name, "powerLimitWatts": watts}
         if clocks is not None:
-            entry["smClockRangeMHz"] = {"min": clocks[0], "max": clocks[1]}
+            entry["smClockRangeMegahertz"] = {"min": clocks[0], "max": clocks[1]}
         entries.append(entry)
     return parse_nodepowerprofile(
         {
@@ -201,11 +201,13 @@ def test_a_pods_clock_range_is_locked_on_exactly_the_gpus_it_holds() -> None:
     agent, _ = h100_agent()
     status = agent.reconcile(clock_profile({"decode": (500, (1000, 1200)), "train": (700, None)}))
     gpus = by_pod(status)
-    assert [g["smClockRangeMHz"] for g in gpus["team/decode"]] == [{"min": 1005, "max": 1200}] * 2
-    assert [g["smClockMHz"] for g in gpus["team/decode"]] == [1200, 1200]
+    assert [g["smClockRangeMegahertz"] for g in gpus["team/decode"]] == [
+        {"min": 1005, "max": 1200}
+    ] * 2
+    assert [g["smClockMegahertz"] for g in gpus["team/decode"]] == [1200, 1200]
     assert [g["appliedWatts"] for g in gpus["team/decode"]] == [500, 500]
-    assert "smClockRangeMHz" not in gpus["team/train"][0]
-    assert gpus["team/train"][0]["smClockMHz"] == 1980
+    assert "smClockRangeMegahertz" not in gpus["team/train"][0]
+    assert gpus["team/train"][0]["smClockMegahertz"] == 1980
     decode_indices = ",".join(str(g["index"]) for g in gpus["team/decode"])
     assert status["lockedClocks"] == f"{decode_indices}=1005-1200"
     clocks = condition(status, "ClocksApplied")
@@ -218,7 +220,7 @@ def test_clocks_are_unlocked_when_the_spec_drops_the_range() -> None:
     agent.reconcile(clock_profile({"decode": (500, (1200, 1200))}))
     status = agent.reconcile(clock_profile({"decode": (500, None)}))
     assert status["lockedClocks"] == "none"
-    assert [g["smClockMHz"] for g in by_pod(status)["team/decode"]] == [1980, 1980]
+    assert [g["smClockMegahertz"] for g in by_pod(status)["team/decode"]] == [1980, 1980]
     assert agent.backend.locked_clocks_mhz == {}
 
 

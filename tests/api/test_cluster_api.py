@@ -122,7 +122,12 @@ def test_get_wide_shows_the_llmworkload_columns_and_status_values(
         "variant": "fp8",
         "nodes": "gpu-h100-00,gpu-h100-01",
         "power": {"capWatts": 4480},
-        "energy": {"joules": 7.2e6, "kWh": 2, "tokensPerJoule": 3.5, "source": "measured"},
+        "energy": {
+            "joules": 7.2e6,
+            "kilowattHours": 2,
+            "tokensPerJoule": 3.5,
+            "source": "measured",
+        },
         "conditions": [
             {
                 "type": "Admitted",

@@ -106,7 +106,7 @@ MINIMAL_OBJECTS: list[dict[str, Any]] = [
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "EnergyBudget",
         "metadata": {"name": "tiny"},
-        "spec": {"powerCapWatts": 1000, "energy": {"kWh": 10}},
+        "spec": {"powerCapWatts": 1000, "energy": {"kilowattHours": 10}},
     },
     {
         "apiVersion": "wattsched.io/v1alpha1",
@@ -235,14 +235,28 @@ def test_gang_size_is_replicas_defaulting_to_one() -> None:
 def test_variant_without_memory_needs_the_workloads_memory_per_gpu() -> None:
     spec = parse_llmworkload(
         inference(
-            gpu={"count": 1, "minMemoryGiB": 40},
+            gpu={"count": 1, "minMemory": "40Gi"},
             variants=[
                 {"name": "bf16", "precision": "bf16"},
-                {"name": "int4", "precision": "int4", "minMemoryGiB": 12},
+                {"name": "int4", "precision": "int4", "minMemory": "12Gi"},
             ],
         )
     ).spec
     assert [spec.variant_min_memory_gib(v) for v in spec.variants] == [40.0, 12.0]
+
+
+@pytest.mark.parametrize(
+    ("quantity", "gib"), [("80Gi", 80.0), ("40960Mi", 40.0), ("1Ti", 1024.0), ("0.5Gi", 0.5)]
+)
+def test_memory_per_gpu_is_a_quantity_read_in_gib(quantity: str, gib: float) -> None:
+    spec = parse_llmworkload(inference(gpu={"count": 1, "minMemory": quantity})).spec
+    assert spec.gpu.min_memory_gib == gib
+    assert spec.gpu.to_dict()["minMemory"] == quantity  # written back as the user wrote it
+
+
+def test_memory_per_gpu_in_decimal_units_is_converted_to_gib() -> None:
+    spec = parse_llmworkload(inference(gpu={"count": 1, "minMemory": "80G"})).spec
+    assert spec.gpu.min_memory_gib == pytest.approx(80e9 / 2**30)
 
 
 def test_defaults_are_typed_enums() -> None:
@@ -311,7 +325,7 @@ WORKLOAD_STATUS: dict[str, Any] = {
     "power": {"capWatts": 4480, "expectedWatts": 3900},
     "energy": {
         "joules": 3.6e6,
-        "kWh": 1.0,
+        "kilowattHours": 1.0,
         "tokensPerJoule": 2.5,
         "tokensPerJouleSource": "measured",
         "carbonGrams": 400.0,
@@ -464,19 +478,19 @@ def test_budget_status_with_energy_carbon_and_their_sources_round_trips() -> Non
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "EnergyBudget",
         "metadata": {"name": "rack"},
-        "spec": {"powerCapWatts": 1000, "energy": {"kWh": 10}},
+        "spec": {"powerCapWatts": 1000, "energy": {"kilowattHours": 10}},
         "status": {
-            "energyUsedKWh": 1.25,
+            "energyUsedKilowattHours": 1.25,
             "energySource": "measured",
             "carbonKg": 0.5,
-            "carbonIntensity": {"gramsPerKWh": 400.0, "source": "prometheus"},
+            "carbonIntensity": {"gramsPerKilowattHour": 400.0, "source": "prometheus"},
             "periodStart": "2026-11-25T00:00:00Z",
             "accountedUntil": "2026-11-25T01:00:00Z",
         },
     }
     budget = parse_energybudget(manifest)
     assert budget.to_dict()["status"] == manifest["status"]
-    manifest["status"] = {"carbonIntensity": {"gramsPerKWh": 400.0, "source": "guess"}}
+    manifest["status"] = {"carbonIntensity": {"gramsPerKilowattHour": 400.0, "source": "guess"}}
     with pytest.raises(ApiValidationError, match=r"status\.carbonIntensity\.source"):
         parse_energybudget(manifest)
 

@@ -583,19 +583,19 @@ def test_a_decode_bound_efficiency_service_gets_a_locked_clock_range_on_its_gpus
     plan = run_json(capsys, write_snapshot(tmp_path, items))
     chat = [p for p in plan["placements"] if p["workload"] == "team-a/chat"]
     assert chat
-    ranges = {json.dumps(p["smClockRangeMHz"]) for p in chat}
+    ranges = {json.dumps(p["smClockRangeMegahertz"]) for p in chat}
     assert "null" not in ranges
     for placement in chat:
-        clock = placement["smClockRangeMHz"]
+        clock = placement["smClockRangeMegahertz"]
         assert 0 < clock["min"] <= clock["max"]
     nodes = {entry["node"]: entry for entry in plan["nodes"]}
     for node, entry in nodes.items():
-        assert len(entry["gpuSmClockRangesMHz"]) == len(entry["gpuPowerLimitsWatts"])
-        locked = [r for r in entry["gpuSmClockRangesMHz"] if r is not None]
+        assert len(entry["gpuSmClockRangesMegahertz"]) == len(entry["gpuPowerLimitsWatts"])
+        locked = [r for r in entry["gpuSmClockRangesMegahertz"] if r is not None]
         on_node = sum(p["gpus"] for p in chat if p["node"] == node)
         assert len(locked) == on_node
     training = [p for p in plan["placements"] if p["workload"] == "team-b/pretrain"]
-    assert [p["smClockRangeMHz"] for p in training] == [None]
+    assert [p["smClockRangeMegahertz"] for p in training] == [None]
 
 
 def test_performance_services_get_no_clock_range(
@@ -606,5 +606,5 @@ def test_performance_services_get_no_clock_range(
         if item["kind"] == "LLMWorkload":
             item["spec"].setdefault("energy", {})["policy"] = "Performance"
     plan = run_json(capsys, write_snapshot(tmp_path, items))
-    assert all(p["smClockRangeMHz"] is None for p in plan["placements"])
-    assert all(r is None for entry in plan["nodes"] for r in entry["gpuSmClockRangesMHz"])
+    assert all(p["smClockRangeMegahertz"] is None for p in plan["placements"])
+    assert all(r is None for entry in plan["nodes"] for r in entry["gpuSmClockRangesMegahertz"])

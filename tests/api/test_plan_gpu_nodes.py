@@ -279,7 +279,7 @@ def b200_workload() -> dict[str, Any]:
         "spec": {
             "type": "Inference",
             "model": {"name": "meta-llama/Llama-3.1-405B", "parametersBillions": 405},
-            "gpu": {"count": 8, "minMemoryGiB": 150, "products": ["NVIDIA-B200"]},
+            "gpu": {"count": 8, "minMemory": "150Gi", "products": ["NVIDIA-B200"]},
             "slo": {"tokensPerSecond": 100},
             "template": {"spec": {"containers": [{"name": "main", "image": "vllm"}]}},
         },

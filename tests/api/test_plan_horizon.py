@@ -57,8 +57,8 @@ def test_a_budget_near_its_allowance_defers_flexible_work_and_says_so(
 ) -> None:
     objects = items()
     budget = cluster_budget(objects)
-    budget["spec"]["energy"] = {"kWh": 400, "period": "Day"}
-    budget["status"] = {"energyUsedKWh": 399.9, "periodStart": "2026-11-25T00:00:00Z"}
+    budget["spec"]["energy"] = {"kilowattHours": 400, "period": "Day"}
+    budget["status"] = {"energyUsedKilowattHours": 399.9, "periodStart": "2026-11-25T00:00:00Z"}
     plan = plan_json(capsys, tmp_path, objects)
     deferred = {d["workload"]: d for d in plan["deferred"]}
     # Work without a deadline waits for the next day's allowance (it renews at 00:00 UTC).
@@ -76,8 +76,8 @@ def test_a_budget_near_its_allowance_defers_flexible_work_and_says_so(
     assert allowance["budget"] == "cluster"
     assert allowance["allowanceExhausted"] is True
     assert allowance["reason"] == "EnergyAllowance"
-    assert allowance["remainingKWh"] == pytest.approx(0.1)
-    assert allowance["projectedKWhAtPeriodEnd"] > 400
+    assert allowance["remainingKilowattHours"] == pytest.approx(0.1)
+    assert allowance["projectedKilowattHoursAtPeriodEnd"] > 400
 
 
 def test_the_same_snapshot_with_room_in_the_allowance_defers_nothing(
@@ -85,8 +85,8 @@ def test_the_same_snapshot_with_room_in_the_allowance_defers_nothing(
 ) -> None:
     objects = items()
     budget = cluster_budget(objects)
-    budget["spec"]["energy"] = {"kWh": 100000, "period": "Day"}
-    budget["status"] = {"energyUsedKWh": 1.0, "periodStart": "2026-11-25T00:00:00Z"}
+    budget["spec"]["energy"] = {"kilowattHours": 100000, "period": "Day"}
+    budget["status"] = {"energyUsedKilowattHours": 1.0, "periodStart": "2026-11-25T00:00:00Z"}
     plan = plan_json(capsys, tmp_path, objects)
     assert plan["deferred"] == []
     (allowance,) = plan["allowances"]
@@ -99,8 +99,8 @@ def test_a_job_due_in_30_hours_is_planned_into_the_clean_hours(
 ) -> None:
     objects = items()
     cluster_budget(objects)["spec"]["carbon"] = {
-        "intensityGramsPerKWh": 420,
-        "hourlyIntensityGramsPerKWh": SOLAR,
+        "intensityGramsPerKilowattHour": 420,
+        "hourlyIntensityGramsPerKilowattHour": SOLAR,
     }
     objects.append(due_in_30_hours(objects))
     plan = plan_json(capsys, tmp_path, objects)
@@ -121,8 +121,8 @@ def test_the_table_says_what_waits_and_why(
 ) -> None:
     objects = items()
     cluster_budget(objects)["spec"]["carbon"] = {
-        "intensityGramsPerKWh": 420,
-        "hourlyIntensityGramsPerKWh": SOLAR,
+        "intensityGramsPerKilowattHour": 420,
+        "hourlyIntensityGramsPerKilowattHour": SOLAR,
     }
     objects.append(due_in_30_hours(objects))
     path = tmp_path / "snapshot.yaml"

@@ -354,7 +354,7 @@ def test_workload_reaches_the_optimizer_with_every_default_applied() -> None:
             "batch",
             type="BatchInference",
             slo={"totalWork": {"tokens": 1e9}, "deadline": "2026-11-26T02:00:00Z"},
-            gpu={"count": 2, "minMemoryGiB": 30, "products": ["NVIDIA-L40S", "H100-80GB"]},
+            gpu={"count": 2, "minMemory": "30Gi", "products": ["NVIDIA-L40S", "H100-80GB"]},
             replicas=3,
         ),
     ).plan_input.workloads

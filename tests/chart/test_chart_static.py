@@ -642,3 +642,18 @@ def test_queue_and_peak_queries_without_prometheus_url_are_refused(
 ) -> None:
     with pytest.raises(HelmError, match=rf"operator\.{value} needs operator\.prometheusUrl"):
         chart.render(set_values=(f"operator.{value}=sum(x)",))
+
+
+def test_the_charts_default_budget_is_never_an_example_budget() -> None:
+    """`kubectl apply -f examples/` after `helm install` must not rewrite the chart's budget."""
+    examples = {
+        doc["metadata"]["name"]
+        for path in (REPO_ROOT / "examples").glob("*.yaml")
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "EnergyBudget"
+    }
+    assert examples, "examples/ has no EnergyBudget: the test checks nothing"
+    for values in [CHART_DIR / "values.yaml", *ci_values_files()]:
+        budget = (yaml.safe_load(values.read_text()) or {}).get("defaultEnergyBudget") or {}
+        if "name" in budget:
+            assert budget["name"] not in examples, f"{values.name}: {budget['name']}"

@@ -67,9 +67,9 @@ def test_workload_energy_adds_increments_and_becomes_mixed_once_both_sources_add
     assert first["accountedUntil"] == "2026-11-25T12:00:30Z"
     later = NOW + timedelta(minutes=1)
     second = workload_energy(first, Increment(3.6e6, "measured"), now=later, initial_source="x")
-    assert (second["joules"], second["kWh"], second["source"]) == (3.6e6, 1.0, "measured")
+    assert (second["joules"], second["kilowattHours"], second["source"]) == (3.6e6, 1.0, "measured")
     third = workload_energy(second, Increment(1.8e6, "modelled"), now=later, initial_source="x")
-    assert (third["kWh"], third["source"]) == (1.5, "mixed")
+    assert (third["kilowattHours"], third["source"]) == (1.5, "mixed")
 
 
 def test_workload_carbon_is_each_increments_kwh_times_pue_times_that_moments_intensity() -> None:
@@ -99,15 +99,15 @@ def test_workload_carbon_is_each_increments_kwh_times_pue_times_that_moments_int
 def test_budget_energy_counts_pue_and_carbon_and_restarts_in_a_new_period() -> None:
     terms = BudgetTerms.from_spec(
         {
-            "energy": {"kWh": 100, "period": "Day"},
+            "energy": {"kilowattHours": 100, "period": "Day"},
             "pue": 1.25,
-            "carbon": {"intensityGramsPerKWh": 400},
+            "carbon": {"intensityGramsPerKilowattHour": 400},
         }
     )
     carbon = terms.intensity(None)
     assert carbon == CarbonIntensity(400.0, "static")
     start = budget_energy({}, None, now=NOW, terms=terms, carbon=carbon, initial_source="measured")
-    assert start["energyUsedKWh"] == 0.0
+    assert start["energyUsedKilowattHours"] == 0.0
     assert start["periodStart"] == "2026-11-25T00:00:00Z"
     used = budget_energy(
         start,
@@ -117,9 +117,9 @@ def test_budget_energy_counts_pue_and_carbon_and_restarts_in_a_new_period() -> N
         carbon=carbon,
         initial_source="x",
     )
-    assert used["energyUsedKWh"] == pytest.approx(2.5)  # 2 kWh of GPU energy x PUE 1.25
+    assert used["energyUsedKilowattHours"] == pytest.approx(2.5)  # 2 kWh of GPU energy x PUE 1.25
     assert used["carbonKg"] == pytest.approx(1.0)  # 2.5 kWh x 400 g/kWh
-    assert used["carbonIntensity"] == {"gramsPerKWh": 400.0, "source": "static"}
+    assert used["carbonIntensity"] == {"gramsPerKilowattHour": 400.0, "source": "static"}
     assert used["energySource"] == "measured"
     tomorrow = datetime(2026, 11, 26, 0, 1, tzinfo=UTC)
     next_day = budget_energy(
@@ -131,13 +131,13 @@ def test_budget_energy_counts_pue_and_carbon_and_restarts_in_a_new_period() -> N
         initial_source="x",
     )
     assert next_day["periodStart"] == "2026-11-26T00:00:00Z"
-    assert next_day["energyUsedKWh"] == pytest.approx(1.25)
+    assert next_day["energyUsedKilowattHours"] == pytest.approx(1.25)
     assert next_day["energySource"] == "modelled"  # the new period has only modelled energy
 
 
 def test_a_queried_intensity_wins_over_the_static_one_and_none_means_no_carbon() -> None:
     both = BudgetTerms.from_spec(
-        {"carbon": {"intensityGramsPerKWh": 400, "prometheusQuery": "grid_intensity"}}
+        {"carbon": {"intensityGramsPerKilowattHour": 400, "prometheusQuery": "grid_intensity"}}
     )
     assert both.intensity(120.0) == CarbonIntensity(120.0, "prometheus")
     assert both.intensity(None) == CarbonIntensity(400.0, "static")
@@ -171,7 +171,7 @@ def test_tokens_per_joule_is_measured_when_every_pod_has_both_figures_else_model
 
 
 def test_budget_figures_for_people_are_rounded_while_the_running_totals_lose_nothing() -> None:
-    terms = BudgetTerms.from_spec({"pue": 1.3, "carbon": {"intensityGramsPerKWh": 350}})
+    terms = BudgetTerms.from_spec({"pue": 1.3, "carbon": {"intensityGramsPerKilowattHour": 350}})
     carbon = terms.intensity(None)
     figures = budget_energy({}, None, now=NOW, terms=terms, carbon=carbon, initial_source="m")
     # 2,880 increments of 15 s at 400 W (a day of small ones): each far below a watt-hour x PUE.
@@ -186,16 +186,20 @@ def test_budget_figures_for_people_are_rounded_while_the_running_totals_lose_not
         )
     joules = 2880 * 400 * 15 * 1.3
     assert figures["energyUsedJoules"] == pytest.approx(joules, abs=1)
-    assert figures["energyUsedKWh"] == round(joules / 3.6e6, 3) == 6.24
+    assert figures["energyUsedKilowattHours"] == round(joules / 3.6e6, 3) == 6.24
     assert figures["carbonGrams"] == pytest.approx(joules / 3.6e6 * 350, abs=0.01)
     assert figures["carbonKg"] == 2.184
-    assert len(str(figures["energyUsedKWh"]).split(".")[1]) <= 3
+    assert len(str(figures["energyUsedKilowattHours"]).split(".")[1]) <= 3
 
 
 def test_a_budget_status_from_before_the_joule_totals_goes_on_from_its_kwh_and_kg() -> None:
-    terms = BudgetTerms.from_spec({"carbon": {"intensityGramsPerKWh": 400}})
+    terms = BudgetTerms.from_spec({"carbon": {"intensityGramsPerKilowattHour": 400}})
     carbon = terms.intensity(None)
-    older = {"periodStart": "2026-11-25T00:00:00Z", "energyUsedKWh": 0.690372222, "carbonKg": 0.25}
+    older = {
+        "periodStart": "2026-11-25T00:00:00Z",
+        "energyUsedKilowattHours": 0.690372222,
+        "carbonKg": 0.25,
+    }
     figures = budget_energy(
         older,
         Increment(0.5 * JOULES_PER_KWH, "measured"),
@@ -204,7 +208,7 @@ def test_a_budget_status_from_before_the_joule_totals_goes_on_from_its_kwh_and_k
         carbon=carbon,
         initial_source="m",
     )
-    assert figures["energyUsedKWh"] == 1.19
+    assert figures["energyUsedKilowattHours"] == 1.19
     assert figures["energyUsedJoules"] == round(1.190372222 * JOULES_PER_KWH)
     assert figures["carbonKg"] == 0.45
 
@@ -217,7 +221,7 @@ def test_workload_kwh_is_rounded_to_the_watt_hour() -> None:
         initial_source="measured",
     )
     assert energy["joules"] == 2_486_339.9
-    assert energy["kWh"] == 0.691
+    assert energy["kilowattHours"] == 0.691
 
 
 def test_tokens_per_joule_in_status_has_three_significant_digits() -> None:

@@ -72,8 +72,8 @@ def test_the_forecast_query_comes_first_then_the_hourly_profile_then_the_static_
     eb = budget(
         {
             "carbon": {
-                "intensityGramsPerKWh": 999,
-                "hourlyIntensityGramsPerKWh": profile,
+                "intensityGramsPerKilowattHour": 999,
+                "hourlyIntensityGramsPerKilowattHour": profile,
                 "forecastPrometheusQuery": "grid_forecast",
             }
         }
@@ -84,7 +84,7 @@ def test_the_forecast_query_comes_first_then_the_hourly_profile_then_the_static_
     horizon = horizon_input(PLAN_INPUT, {"b": eb}, NOW, forecasts={"b": forecast})
     carbon = horizon.budgets["b"].carbon_grams_per_kwh_by_slot
     assert carbon[:4] == (50.0, 103.0, 70.0, 105.0)
-    static = budget({"carbon": {"intensityGramsPerKWh": 999}})
+    static = budget({"carbon": {"intensityGramsPerKilowattHour": 999}})
     assert set(
         horizon_input(PLAN_INPUT, {"b": static}, NOW).budgets["b"].carbon_grams_per_kwh_by_slot
     ) == {999.0}
@@ -92,8 +92,8 @@ def test_the_forecast_query_comes_first_then_the_hourly_profile_then_the_static_
 
 def test_a_daily_allowance_has_what_is_left_today_and_renews_at_midnight() -> None:
     eb = budget(
-        {"energy": {"kWh": 100, "period": "Day"}},
-        {"energyUsedKWh": 60, "periodStart": "2026-11-25T00:00:00Z"},
+        {"energy": {"kilowattHours": 100, "period": "Day"}},
+        {"energyUsedKilowattHours": 60, "periodStart": "2026-11-25T00:00:00Z"},
     )
     today, tomorrow = horizon_input(PLAN_INPUT, {"b": eb}, NOW).budgets["b"].periods
     assert (today.first_slot, today.end_slot, today.energy_kwh_left) == (0, 22, 40)
@@ -104,8 +104,8 @@ def test_a_daily_allowance_has_what_is_left_today_and_renews_at_midnight() -> No
 
 def test_use_counted_for_an_earlier_period_does_not_count_against_this_one() -> None:
     eb = budget(
-        {"energy": {"kWh": 100, "period": "Day"}},
-        {"energyUsedKWh": 99, "periodStart": "2026-11-24T00:00:00Z"},
+        {"energy": {"kilowattHours": 100, "period": "Day"}},
+        {"energyUsedKilowattHours": 99, "periodStart": "2026-11-24T00:00:00Z"},
     )
     today = horizon_input(PLAN_INPUT, {"b": eb}, NOW).budgets["b"].periods[0]
     assert today.energy_kwh_left == 100
@@ -115,10 +115,10 @@ def test_a_weekly_allowance_lends_the_horizon_its_share() -> None:
     # Wednesday 02:00; the ISO week ends Monday 00:00: 118 h left, 24 of them in the horizon.
     eb = budget(
         {
-            "energy": {"kWh": 1000, "period": "Week"},
-            "carbon": {"intensityGramsPerKWh": 300, "maxKgPerPeriod": 500},
+            "energy": {"kilowattHours": 1000, "period": "Week"},
+            "carbon": {"intensityGramsPerKilowattHour": 300, "maxKgPerPeriod": 500},
         },
-        {"energyUsedKWh": 410, "carbonKg": 100, "periodStart": "2026-11-23T00:00:00Z"},
+        {"energyUsedKilowattHours": 410, "carbonKg": 100, "periodStart": "2026-11-23T00:00:00Z"},
     )
     (week,) = horizon_input(PLAN_INPUT, {"b": eb}, NOW).budgets["b"].periods
     assert week.energy_kwh_left == pytest.approx(590 * 24 / 118)
@@ -126,8 +126,10 @@ def test_a_weekly_allowance_lends_the_horizon_its_share() -> None:
 
 
 def test_only_budgets_with_something_over_time_use_the_horizon() -> None:
-    assert not plans_over_time([budget({}), budget({"carbon": {"intensityGramsPerKWh": 300}})])
-    assert plans_over_time([budget({"energy": {"kWh": 10}})])
+    assert not plans_over_time(
+        [budget({}), budget({"carbon": {"intensityGramsPerKilowattHour": 300}})]
+    )
+    assert plans_over_time([budget({"energy": {"kilowattHours": 10}})])
     assert plans_over_time(
         [budget({"schedule": [{"from": "17:00", "to": "21:00", "powerCapWatts": 1}]})]
     )
@@ -153,8 +155,13 @@ def test_only_budgets_with_something_over_time_use_the_horizon() -> None:
             "spec.schedule: powerCapWatts must be at most spec.powerCapWatts",
         ),
         (
-            {"carbon": {"intensityGramsPerKWh": 1, "hourlyIntensityGramsPerKWh": [1.0] * 23}},
-            "spec.carbon.hourlyIntensityGramsPerKWh: must have 24 values",
+            {
+                "carbon": {
+                    "intensityGramsPerKilowattHour": 1,
+                    "hourlyIntensityGramsPerKilowattHour": [1.0] * 23,
+                }
+            },
+            "spec.carbon.hourlyIntensityGramsPerKilowattHour: must have 24 values",
         ),
     ],
 )
@@ -186,7 +193,7 @@ def test_inference_demand_per_slot_is_the_same_hour_of_previous_days_else_the_re
         tokens_per_second=300,
     )
     plan_input = dataclasses.replace(PLAN_INPUT, workloads=(workload,))
-    eb = budget({"energy": {"kWh": 100}})
+    eb = budget({"energy": {"kilowattHours": 100}})
     horizon = horizon_input(plan_input, {"b": eb}, NOW, hourly_demand=history)
     demand = horizon.inference_demand["t/chat"]
     assert demand[8] == pytest.approx(1000)  # 10:00 UTC: the mean of 800 and 1200

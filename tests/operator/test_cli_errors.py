@@ -115,6 +115,24 @@ def test_a_missing_kubeconfig_is_one_line_naming_it_and_exit_3(name: str) -> Non
     assert "set KUBECONFIG or --kubeconfig" in line
 
 
+# The commands with a --kubeconfig flag.
+KUBECONFIG_FLAG_COMMANDS = ("explain", "status", "plan --from-cluster")
+
+
+@pytest.mark.parametrize("name", KUBECONFIG_FLAG_COMMANDS)
+@pytest.mark.parametrize("flag", [["--kubeconfig", "/nonexistent"], ["--kubeconfig=/nonexistent"]])
+def test_a_missing_kubeconfig_given_by_flag_is_named_as_the_flag(
+    name: str, flag: list[str], tmp_path: Path
+) -> None:
+    # $KUBECONFIG names another (valid-looking) file: the message must name the flag's file.
+    other = tmp_path / "other-config"
+    args = [*CLUSTER_COMMANDS[name], *flag]
+    result = wattsched(*args, kubeconfig=str(other))
+    line = assert_one_line_error(result, args[0], EXIT_CLUSTER)
+    assert "no usable kubeconfig (--kubeconfig /nonexistent)" in line
+    assert str(other) not in line
+
+
 def test_a_kubeconfig_that_is_not_yaml_is_one_line_and_exit_3(tmp_path: Path) -> None:
     broken = tmp_path / "config"
     broken.write_text("clusters: [unclosed")
@@ -209,3 +227,22 @@ def test_every_flag_with_a_default_shows_it_in_help(command: str) -> None:
             continue
         shown = formatter._expand_help(action)
         assert "default" in shown.lower(), f"{action.option_strings}: {shown!r}"
+
+
+def test_output_into_a_closed_pipe_stops_quietly_with_141() -> None:
+    """`wattsched ... | head`: the reader went away; no bug report, the status SIGPIPE gives."""
+    args = ["plan", "-f", "offline/snapshot.yaml", "-o", "json"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wattsched_cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    process.stdout.close()  # before the command writes anything: every write meets a closed pipe
+    with process.stderr:
+        stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 141
+    assert stderr == ""

@@ -45,8 +45,8 @@ def budget(spec: dict[str, Any], status: dict[str, Any] | None = None) -> dict[s
 
 
 NEAR_ALLOWANCE = budget(
-    {"energy": {"kWh": 10, "period": "Day"}},
-    {"energyUsedKWh": 9.99, "periodStart": "2026-12-05T00:00:00Z"},
+    {"energy": {"kilowattHours": 10, "period": "Day"}},
+    {"energyUsedKilowattHours": 9.99, "periodStart": "2026-12-05T00:00:00Z"},
 )
 
 
@@ -110,8 +110,8 @@ def test_a_budget_near_its_allowance_defers_the_job_and_keeps_the_service() -> N
     assert not [e for e in events if e[1] == "Unschedulable"]
 
     write = budget_write(round_)
-    assert write.status["remainingKWh"] == 0.01
-    assert write.status["projectedKWhAtPeriodEnd"] > 10
+    assert write.status["remainingKilowattHours"] == 0.01
+    assert write.status["projectedKilowattHoursAtPeriodEnd"] > 10
     exhausted = statuses.find_condition(write.status["conditions"], "AllowanceExhausted")
     assert exhausted is not None
     assert (exhausted["status"], exhausted["reason"]) == ("True", "EnergyAllowance")
@@ -147,9 +147,9 @@ def test_a_deferral_and_an_exhausted_allowance_post_one_event_not_one_per_round(
     )
     (between_budget,) = between.budget_statuses
     # Accounting advanced the period's energy (idle GPUs and the service): what is left with it.
-    used = between_budget.status["energyUsedKWh"]
+    used = between_budget.status["energyUsedKilowattHours"]
     assert used > 9.99
-    assert between_budget.status["remainingKWh"] == round(10 - used, 3)
+    assert between_budget.status["remainingKilowattHours"] == round(10 - used, 3)
     kept = statuses.find_condition(between_budget.status["conditions"], "AllowanceExhausted")
     assert kept is not None
     assert kept["status"] == "True"
@@ -186,8 +186,8 @@ def test_a_running_preemptible_job_deferred_by_its_allowance_is_preempted_and_sa
 
 def test_with_room_in_the_allowance_nothing_waits_and_the_status_says_within() -> None:
     roomy = budget(
-        {"energy": {"kWh": 10000, "period": "Day"}},
-        {"energyUsedKWh": 1.0, "periodStart": "2026-12-05T00:00:00Z"},
+        {"energy": {"kilowattHours": 10000, "period": "Day"}},
+        {"energyUsedKilowattHours": 1.0, "periodStart": "2026-12-05T00:00:00Z"},
     )
     round_ = core.decide(core.Observed(cluster(roomy, [service(), job()]), monotonic=1.0), NOW)
     assert round_.plan is not None
@@ -196,7 +196,7 @@ def test_with_room_in_the_allowance_nothing_waits_and_the_status_says_within() -
     exhausted = statuses.find_condition(write.status["conditions"], "AllowanceExhausted")
     assert exhausted is not None
     assert (exhausted["status"], exhausted["reason"]) == ("False", "WithinAllowance")
-    assert write.status["remainingKWh"] == 9999.0
+    assert write.status["remainingKilowattHours"] == 9999.0
     assert write.events == ()
 
 
@@ -209,7 +209,7 @@ def test_horizon_hours_zero_plans_one_instant_as_before() -> None:
     assert round_.plan is not None
     assert {p.workload for p in round_.plan.placements} == {"team/chat", "team/tune"}
     write = budget_write(round_)
-    assert "remainingKWh" not in write.status
+    assert "remainingKilowattHours" not in write.status
     assert statuses.find_condition(write.status["conditions"], "AllowanceExhausted") is None
 
 
@@ -217,7 +217,7 @@ def test_the_shell_reads_each_forecast_query_and_the_core_plans_with_its_samples
     carbon_budget = budget(
         {
             "carbon": {
-                "intensityGramsPerKWh": 420,
+                "intensityGramsPerKilowattHour": 420,
                 "forecastPrometheusQuery": "carbon_forecast_g_per_kwh",
             }
         }

@@ -385,8 +385,8 @@ def test_a_replica_with_a_locked_clock_gets_its_range_in_the_profile_and_others_
     limits = planned_limits(plan)["gpu-h100-0"]
     assert limits.clocks == {("team-a", "llama-0"): (990, 990)}
     pods = node_power_profile("gpu-h100-0", limits)["spec"]["pods"]
-    assert pods[0]["smClockRangeMHz"] == {"min": 990, "max": 990}
-    assert "smClockRangeMHz" not in pods[1]
+    assert pods[0]["smClockRangeMegahertz"] == {"min": 990, "max": 990}
+    assert "smClockRangeMegahertz" not in pods[1]
     assert NodeLimits.from_spec({"pods": pods}) == limits.__class__(
         idle_watts=None, pods=limits.pods, clocks=limits.clocks
     )

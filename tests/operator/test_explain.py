@@ -219,12 +219,12 @@ def clocked_profile() -> dict[str, Any]:
                     "namespace": "team-a",
                     "name": "chat-0",
                     "powerLimitWatts": 450,
-                    "smClockRangeMHz": {"min": 990, "max": 990},
+                    "smClockRangeMegahertz": {"min": 990, "max": 990},
                 },
                 {"namespace": "team-a", "name": "chat-1", "powerLimitWatts": 450},
             ]
         },
-        "status": {"gpus": [{"index": 0, "pod": "team-a/chat-0", "smClockMHz": 990}]},
+        "status": {"gpus": [{"index": 0, "pod": "team-a/chat-0", "smClockMegahertz": 990}]},
     }
 
 

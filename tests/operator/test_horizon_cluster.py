@@ -57,7 +57,7 @@ def test_an_exhausted_allowance_defers_a_job_with_a_condition_and_events(
 ) -> None:
     start_operator("--replan-seconds", "2", "--horizon-hours", "24")
     tight = budget(NAME, 100000, SCOPE)
-    tight["spec"]["energy"] = {"kWh": 0.001, "period": "Day"}
+    tight["spec"]["energy"] = {"kilowattHours": 0.001, "period": "Day"}
     apply(sandbox, None, tight)
     apply(
         sandbox,
@@ -82,8 +82,8 @@ def test_an_exhausted_allowance_defers_a_job_with_a_condition_and_events(
 
     body = wait_until("AllowanceExhausted=True", exhausted, timeout_seconds=60)
     assert condition(body, "AllowanceExhausted")["reason"] == "EnergyAllowance"
-    assert body["status"]["remainingKWh"] == pytest.approx(0.001)
-    assert body["status"]["projectedKWhAtPeriodEnd"] > 0.001
+    assert body["status"]["remainingKilowattHours"] == pytest.approx(0.001)
+    assert body["status"]["projectedKilowattHoursAtPeriodEnd"] > 0.001
     wide = sandbox.kubectl("get", "energybudget", NAME, "-o", "wide").stdout
     header, row = wide.splitlines()[:2]
     assert "LEFT(KWH)" in header
@@ -128,7 +128,7 @@ def test_an_exhausted_allowance_defers_a_job_with_a_condition_and_events(
     assert "allowance exhausted" in text
 
     # More allowance: the job is planned, the condition clears.
-    tight["spec"]["energy"] = {"kWh": 100000, "period": "Day"}
+    tight["spec"]["energy"] = {"kilowattHours": 100000, "period": "Day"}
     apply(sandbox, None, tight)
     wait_until(
         "the job placed",
@@ -164,7 +164,10 @@ def test_a_carbon_forecast_read_from_prometheus_defers_a_job_to_the_clean_hours(
         start_operator("--prometheus-url", server.url, "--replan-seconds", "2")
         clean = budget("forecast-clean", 100000, SCOPE)
         # The static intensity (300) is the fallback only: "420 now" comes from the forecast.
-        clean["spec"]["carbon"] = {"intensityGramsPerKWh": 300, "forecastPrometheusQuery": forecast}
+        clean["spec"]["carbon"] = {
+            "intensityGramsPerKilowattHour": 300,
+            "forecastPrometheusQuery": forecast,
+        }
         apply(sandbox, None, clean)
         job = workload("nightly", type_="FineTuning", gpus=1, products=["NVIDIA-L4"])
         deadline = datetime.now(UTC) + timedelta(hours=30)

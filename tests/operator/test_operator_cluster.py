@@ -283,7 +283,7 @@ def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
     clocked = []
     for node in {p["node"] for n in names for p in placements_of(sandbox, namespace, n)}:
         for entry in get_json(sandbox, "nodepowerprofile", node)["spec"].get("pods", []):
-            if entry.get("smClockRangeMHz"):
+            if entry.get("smClockRangeMegahertz"):
                 clocked.append((node, f"{entry['namespace']}/{entry['name']}"))
     assert clocked, "no example service got a locked SM clock"
     for node, pod in clocked:
@@ -291,7 +291,7 @@ def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
         def clocks_locked(node: str = node, pod: str = pod) -> bool:
             status = get_json(sandbox, "nodepowerprofile", node).get("status") or {}
             held = [g for g in status.get("gpus", []) if g.get("pod") == pod]
-            return bool(held) and all(g.get("smClockRangeMHz") for g in held)
+            return bool(held) and all(g.get("smClockRangeMegahertz") for g in held)
 
         wait_until(f"agent locked the clocks of {pod} on {node}", clocks_locked)
     table = sandbox.kubectl("get", "llmworkloads", "-n", namespace).stdout
@@ -1062,7 +1062,7 @@ def test_a_gpu_the_catalogue_lacks_takes_work_once_its_agent_reports_its_nvml_ra
     products_file = tmp_path / "products.yaml"
     products_file.write_text(yaml.safe_dump(products))
     big = workload("on-b200", gpus=2, products=["NVIDIA-B200"])
-    big["spec"]["gpu"]["minMemoryGiB"] = 150
+    big["spec"]["gpu"]["minMemory"] = "150Gi"
     agent: subprocess.Popen[bytes] | None = None
     try:
         operator = start_operator()

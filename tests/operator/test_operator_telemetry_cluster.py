@@ -170,7 +170,7 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
             "nodeSelector": {"matchLabels": SCOPE},
             "powerCapWatts": 10000,
             "pue": pue,
-            "carbon": {"intensityGramsPerKWh": 500, "prometheusQuery": "vector(350)"},
+            "carbon": {"intensityGramsPerKilowattHour": 500, "prometheusQuery": "vector(350)"},
         }
         energy_budget = {
             "apiVersion": "wattsched.io/v1alpha1",
@@ -230,12 +230,17 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
             draw_in_scope_watts(sandbox, nodes) * budget_seconds, rel=0.02
         )
         assert last_budget["energySource"] == "measured"
-        assert last_budget["carbonIntensity"] == {"gramsPerKWh": 350.0, "source": "prometheus"}
+        assert last_budget["carbonIntensity"] == {
+            "gramsPerKilowattHour": 350.0,
+            "source": "prometheus",
+        }
         added_kwh = (last_budget["energyUsedJoules"] - first_budget["energyUsedJoules"]) / 3.6e6
         added_grams = last_budget["carbonGrams"] - first_budget["carbonGrams"]
         # energyUsedJoules is kept to the joule: each end of the difference is within 0.5 J.
         assert added_grams == pytest.approx(added_kwh * 350, abs=1 / 3.6e6 * 350 + 1e-6)
-        assert last_budget["energyUsedKWh"] == round(last_budget["energyUsedJoules"] / 3.6e6, 3)
+        assert last_budget["energyUsedKilowattHours"] == round(
+            last_budget["energyUsedJoules"] / 3.6e6, 3
+        )
 
         workload_seconds = seconds_between(
             first_workload["accountedUntil"], last_workload["accountedUntil"]
@@ -277,7 +282,7 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
         mixed = wait_until("energySource mixed", mixed_budget, timeout_seconds=60)
         assert mixed is not None
         assert mixed["energyUsedJoules"] > last_budget["energyUsedJoules"]
-        assert mixed["carbonIntensity"] == {"gramsPerKWh": 500.0, "source": "static"}
+        assert mixed["carbonIntensity"] == {"gramsPerKilowattHour": 500.0, "source": "static"}
         wait_until(
             "workload energy mixed",
             lambda: workload_status()["source"] == "mixed",

@@ -196,7 +196,7 @@ def test_operator_counters_follow_the_energy_and_carbon_in_statuses(
     # status holds at least what the status says and at most a few more increments (the modelled
     # power of the budget's scope for 10 s).
     budget = get_json(sandbox, "energybudget", "cluster")
-    # energyUsedKWh is rounded to the watt-hour for people; energyUsedJoules is the exact total.
+    # energyUsedKilowattHours is rounded to the watt-hour for people; energyUsedJoules is exact.
     used_kwh = budget["status"]["energyUsedJoules"] / 3.6e6
     joules = sum(
         value
@@ -209,7 +209,8 @@ def test_operator_counters_follow_the_energy_and_carbon_in_statuses(
     assert used_kwh - 1e-6 <= joules / 3.6e6 <= used_kwh + slack_kwh
     ratio = samples["wattsched_budget_energy_allowance_used_ratio"]
     assert ratio[(("budget", "cluster"),)] == pytest.approx(
-        used_kwh / budget["spec"]["energy"]["kWh"], abs=slack_kwh / budget["spec"]["energy"]["kWh"]
+        used_kwh / budget["spec"]["energy"]["kilowattHours"],
+        abs=slack_kwh / budget["spec"]["energy"]["kilowattHours"],
     )
     carbon = samples["wattsched_budget_carbon_grams_total"]
     assert carbon[(("budget", "rack-a"),)] > 0  # rack-a has a carbon intensity

@@ -30,12 +30,16 @@ def budget(name: str, **status: Any) -> dict[str, Any]:
         "apiVersion": "wattsched.io/v1alpha1",
         "kind": "EnergyBudget",
         "metadata": {"name": name},
-        "spec": {"powerCapWatts": 10000, "pue": 1.5, "energy": {"kWh": 200, "period": "Day"}},
+        "spec": {
+            "powerCapWatts": 10000,
+            "pue": 1.5,
+            "energy": {"kilowattHours": 200, "period": "Day"},
+        },
         "status": {
             "allocatedCapWatts": 8000,
             "expectedWatts": 6000,
             "headroomWatts": 2000,
-            "energyUsedKWh": 100.0,
+            "energyUsedKilowattHours": 100.0,
             "periodStart": "2026-12-05T00:00:00Z",
             "accountedUntil": stamp(NOW),
             "lastPlan": {"time": stamp(NOW - timedelta(seconds=20)), "status": "Optimal"},
@@ -113,7 +117,7 @@ def test_the_operators_horizon_projection_and_an_exhausted_allowance_are_shown()
         "reason": "EnergyAllowance",
         "message": "The day's allowance has no room for all flexible work (199.0 of 200 kWh used)",
     }
-    body = budget("rack-a", projectedKWhAtPeriodEnd=199.5, conditions=[exhausted])
+    body = budget("rack-a", projectedKilowattHoursAtPeriodEnd=199.5, conditions=[exhausted])
     # The plan's projection (flexible work deferred), not the current draw held to the end.
     assert allowance(body, NOW).projected_kwh == pytest.approx(199.5)
     text = render(ClusterObjects(budgets=(body,)), [], NOW)

@@ -155,7 +155,7 @@ def workload(
 
 
 def test_workload_status_carries_the_accounted_energy_and_the_measured_watts() -> None:
-    energy = {"joules": 10.0, "kWh": 0.0, "source": "measured", "accountedUntil": "x"}
+    energy = {"joules": 10.0, "kilowattHours": 0.0, "source": "measured", "accountedUntil": "x"}
     measured = workload(measured_watts=690.04, energy=energy)
     assert measured["power"]["measuredWatts"] == 690.0
     assert measured["energy"] == energy

@@ -166,7 +166,7 @@ def test_a_clock_change_alone_needs_no_lowering_step_and_is_written_with_the_lim
     steps = power_steps({"n": state}, {"n": planned})
     assert "n" not in steps.lower
     assert steps.raise_["n"] == planned
-    assert planned.spec_fields()["pods"][0]["smClockRangeMHz"] == {"min": 990, "max": 990}
+    assert planned.spec_fields()["pods"][0]["smClockRangeMegahertz"] == {"min": 990, "max": 990}
 
 
 def test_capping_other_teams_gpus_goes_down_first_and_its_removal_after() -> None:

@@ -47,14 +47,14 @@ def test_set_builds_missing_maps_and_removes_fields_with_null() -> None:
     changed = apply_overrides(
         objects,
         [
-            parse_override("eb/rack-a.spec.energy.kWh=100"),
+            parse_override("eb/rack-a.spec.energy.kilowattHours=100"),
             parse_override("eb/rack-a.spec.pue=null"),
         ],
     )
-    assert changed.budgets[0]["spec"] == {"powerCapWatts": 9000, "energy": {"kWh": 100}}
+    assert changed.budgets[0]["spec"] == {"powerCapWatts": 9000, "energy": {"kilowattHours": 100}}
     assert budget["spec"] == {"powerCapWatts": 9000, "pue": 1.2}  # the input is not changed
-    with pytest.raises(SnapshotError, match=r"spec\.energy\.kWh: must be greater than 0"):
-        apply_overrides(objects, [parse_override("eb/rack-a.spec.energy.kWh=0")])
+    with pytest.raises(SnapshotError, match=r"spec\.energy\.kilowattHours: must be greater than 0"):
+        apply_overrides(objects, [parse_override("eb/rack-a.spec.energy.kilowattHours=0")])
 
 
 def current(workload: str, replica: int, node: str, variant: str, watts: float) -> CurrentPlacement:

@@ -75,7 +75,7 @@ metadata: {name: cluster}
 spec:
   powerCapWatts: 6000
   pue: 1.25
-  carbon: {intensityGramsPerKWh: 300}
+  carbon: {intensityGramsPerKilowattHour: 300}
 ---
 apiVersion: wattsched.io/v1alpha1
 kind: EnergyBudget
