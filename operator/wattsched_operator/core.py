@@ -94,6 +94,7 @@ MOVE_CAUSES = {
     MoveReason.SAVINGS: "another product or variant saves more than the churn threshold and "
     "spec.disruption.moveToSaveEnergy allows it",
     MoveReason.SPEC: "its spec no longer allows the product or variant it ran with",
+    MoveReason.DEFERRED: "the horizon plan runs it later",
 }
 
 PlanFunction = Callable[[PlanInput, PerformanceModel], Plan]
@@ -357,8 +358,9 @@ class Eviction:
     """A pod to evict through the Eviction API (PodDisruptionBudgets hold); on a node that is
     gone it is deleted at once (`node_gone`). `workload`: its workload key. `cause`: why it goes
     when its replica moves (`NodeLost`, `BudgetCut`, `HigherPriority`, `SpecChanged`,
-    `SavesEnergy`) or its workload is preempted (`BudgetCut`, `HigherPriority`); None when
-    nothing of its workload is disrupted (scaled down, deleted or finished workloads)."""
+    `SavesEnergy`) or its workload is preempted (`BudgetCut`, `HigherPriority`, `Deferred`);
+    None when nothing of its workload is disrupted (scaled down, deleted or finished
+    workloads)."""
 
     namespace: str
     name: str
@@ -489,8 +491,7 @@ class Disruptions:
         for key, count in preempted.items():
             unplaced = self.unplaced.get(key)
             reason = unplaced.reason if unplaced else "the plan no longer places it"
-            budget = unplaced is not None and unplaced.constraint.startswith("budget:")
-            cause = MoveReason.BUDGET if budget else MoveReason.PRIORITY
+            cause = _preemption_cause(unplaced.constraint if unplaced else "")
             preemptions[cause.value] = preemptions.get(cause.value, 0) + count
             events.append(
                 Event(
@@ -1205,7 +1206,15 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
     _record_demand(history, plan_input, prepared.pods_by_workload, telemetry, observed.monotonic)
     _record_hourly(hourly, plan_input, prepared.pods_by_workload, telemetry, now)
 
-    changes = _pod_round(view, active, plan, life, now, plan_input=plan_input)
+    changes = _pod_round(
+        view,
+        active,
+        plan,
+        life,
+        now,
+        plan_input=plan_input,
+        deferred=frozenset(d.workload for d in timed.deferred),
+    )
     if timed.deferred:  # a deferred job's evicted pods say until when and why
         changes = dataclasses.replace(
             changes,
@@ -1304,6 +1313,7 @@ def _pod_round(
     now: datetime,
     *,
     plan_input: PlanInput,
+    deferred: frozenset[str] = frozenset(),
 ) -> Round:
     """The pod and power-limit changes of a plan: lower, evict, delete, create, raise (in a
     Round without memory; `_decide` completes it). A service's replica that moves is handed
@@ -1372,9 +1382,10 @@ def _pod_round(
         if pod_id(pod) in handovers.finished or pod_id(pod) in handovers.fallbacks:
             # The old pod of a make-before-break move (its replacement has the other name).
             return plan.move_reasons.get(key, MoveReason.SPEC)
+        if key in deferred:  # the horizon plan runs it later
+            return MoveReason.DEFERRED
         if key not in placed_keys:  # its workload lost its place: preempted
-            constraint = unplaced[key].constraint if key in unplaced else ""
-            return MoveReason.BUDGET if constraint.startswith("budget:") else MoveReason.PRIORITY
+            return _preemption_cause(unplaced[key].constraint if key in unplaced else "")
         return None  # scaled down
 
     evict = tuple(
@@ -2022,6 +2033,13 @@ def _workload_statuses(
             )
         )
     return results, frozenset(view.workloads)
+
+
+def _preemption_cause(constraint: str) -> MoveReason:
+    """Why a workload that lost its place was preempted, from the constraint that binds it."""
+    if constraint == statuses.DEFERRED_CONSTRAINT:
+        return MoveReason.DEFERRED
+    return MoveReason.BUDGET if constraint.startswith("budget:") else MoveReason.PRIORITY
 
 
 def _deferred_unplaced(deferred: Iterable[budget_horizon.DeferredWork]) -> dict[str, Unplaced]:

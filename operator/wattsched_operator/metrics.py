@@ -141,8 +141,8 @@ class OperatorMetrics:
         )
         self.preemptions = Counter(
             "wattsched_preemptions",
-            "Replicas preempted (evicted with no place in the plan), by cause: BudgetCut or "
-            "HigherPriority.",
+            "Replicas preempted (evicted with no place in the plan), by cause: BudgetCut, "
+            "HigherPriority or Deferred (the horizon plan runs the workload later).",
             ["cause"],
             registry=r,
         )
@@ -154,8 +154,9 @@ class OperatorMetrics:
             registry=r,
         )
         for cause in MoveReason:  # a series per cause from the start, so rate() sees the first
-            self.moves.labels(cause=cause.value)
-        for cause in (MoveReason.BUDGET, MoveReason.PRIORITY):
+            if cause is not MoveReason.DEFERRED:  # a preemption cause, never a move's
+                self.moves.labels(cause=cause.value)
+        for cause in (MoveReason.BUDGET, MoveReason.PRIORITY, MoveReason.DEFERRED):
             self.preemptions.labels(cause=cause.value)
         self.reconcile_errors = Counter(
             "wattsched_reconcile_errors",

@@ -212,6 +212,9 @@ class MoveReason(StrEnum):
     SAVINGS = "SavesEnergy"
     # The spec no longer allows the product or variant it runs with.
     SPEC = "SpecChanged"
+    # The horizon plan runs the preemptible workload later (cleaner hours, an allowance running
+    # short, a lower cap coming): a preemption, never a move.
+    DEFERRED = "Deferred"
 
 
 class PlanStatus(StrEnum):

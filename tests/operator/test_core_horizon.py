@@ -11,6 +11,7 @@ from typing import Any
 
 from tests.operator.test_core import node, profile, replica_pod, service
 from wattsched_operator import budget_horizon, core, statuses
+from wattsched_optimizer.problem import MoveReason
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 # 420 g/kWh except from 15:00 to 18:00 UTC, 140 g/kWh.
@@ -176,6 +177,9 @@ def test_a_running_preemptible_job_deferred_by_its_allowance_is_preempted_and_sa
     report = round_.disruptions.report([("team", "tune-0")])
     (event,) = [e for e in report.events if e.reason == "Preempted"]
     assert "Deferred until 00:00 UTC" in event.message
+    assert event.message.startswith("1 replica(s), cause Deferred: ")
+    assert report.preemptions == {"Deferred": 1}
+    assert [e.cause for e in round_.evict] == [MoveReason.DEFERRED]
     # Running work that may not be preempted keeps running (the horizon does not defer it).
     tune["spec"]["preemptible"] = False
     kept = core.decide(observed, NOW)
