@@ -489,8 +489,13 @@ def test_lowering_a_budget_preempts_low_priority_work_and_never_raises_past_the_
     # The batch job's one replica of 4 GPUs was preempted (counted by cause as it was evicted:
     # the cut budget or the higher-priority work that took its room).
     preempted = operator.scrape()["wattsched_preemptions_total"]
-    assert set(preempted) == {(("cause", "BudgetCut"),), (("cause", "HigherPriority"),)}
+    assert set(preempted) == {
+        (("cause", "BudgetCut"),),
+        (("cause", "HigherPriority"),),
+        (("cause", "Deferred"),),
+    }
     assert sum(preempted.values()) >= preemptions_before + 1
+    assert preempted[(("cause", "Deferred"),)] == 0  # a budget cut, not the horizon plan
 
     # Preempted work is retried: with the cap raised again the batch job gets its place back.
     apply(sandbox, None, budget("l40s-test", 4000, scope))
