@@ -346,6 +346,14 @@ def test_measured_figures_follow_the_accounting_interval_between_plans(
         )
         assert first
         second = next_accounting(budget_status, first["accountedUntil"], timeout_seconds=20)
+        # The first plans may follow each other within a second (the agents confirming the
+        # first limits change the profiles the plan reads): start from two accountings that
+        # saw the same plan.
+        for _ in range(3):
+            if second["lastPlan"]["time"] == first["lastPlan"]["time"]:
+                break
+            first = second
+            second = next_accounting(budget_status, first["accountedUntil"], timeout_seconds=20)
         third = next_accounting(budget_status, second["accountedUntil"], timeout_seconds=20)
         assert seconds_between(first["accountedUntil"], third["accountedUntil"]) <= 15
         # No plan in between: the operator's plans are a minute apart.
