@@ -21,6 +21,7 @@ from wattsched_api.fields import (
     describe,
     is_label_key,
     is_label_value,
+    present,
 )
 from wattsched_api.llmworkload import EnergySource
 from wattsched_api.meta import (
@@ -132,7 +133,7 @@ class CarbonSettings:
             ("forecastPrometheusQuery", self.forecast_prometheus_query),
             ("maxKgPerPeriod", self.max_kg_per_period),
         ]
-        return {key: value for key, value in pairs if value is not None}
+        return present(pairs)
 
 
 class Objective(StrEnum):
@@ -220,7 +221,7 @@ class LastPlan:
             ("status", None if self.status is None else self.status.value),
             ("gap", self.gap),
         ]
-        return {key: value for key, value in pairs if value is not None}
+        return present(pairs)
 
 
 class CarbonIntensitySource(StrEnum):
@@ -290,7 +291,7 @@ class EnergyBudgetStatus:
             ("accountedUntil", self.accounted_until),
             ("lastPlan", None if self.last_plan is None else self.last_plan.to_dict()),
         ]
-        out: dict[str, Any] = {key: value for key, value in pairs if value is not None}
+        out = present(pairs)
         if self.conditions:
             out["conditions"] = [c.to_dict() for c in self.conditions]
         return out

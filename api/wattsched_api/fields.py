@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from wattsched_api.errors import ApiValidationError
@@ -32,6 +32,12 @@ QUANTITY_BYTES = {
     "T": 10**12,
 }
 MEMORY_QUANTITY_PATTERN = r"([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)"
+
+
+def present(pairs: Iterable[tuple[str, object]]) -> dict[str, Any]:
+    """The (key, value) pairs whose value is set, as a JSON object: what a status or spec does
+    not know it leaves out."""
+    return {key: value for key, value in pairs if value is not None}
 
 
 def quantity_gibibytes(quantity: str) -> float:

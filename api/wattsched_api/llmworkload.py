@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from wattsched_api.errors import ApiValidationError
-from wattsched_api.fields import Fields, JsonObject, nesting_depth, quantity_gibibytes
+from wattsched_api.fields import Fields, JsonObject, nesting_depth, present, quantity_gibibytes
 from wattsched_api.meta import (
     GPU_RESOURCE,
     Condition,
@@ -329,7 +329,7 @@ class PowerStatus:
             ("expectedWatts", self.expected_watts),
             ("measuredWatts", self.measured_watts),
         ]
-        return {key: value for key, value in pairs if value is not None}
+        return present(pairs)
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,7 @@ class EnergyStatus:
             ("carbonGrams", self.carbon_grams),
             ("accountedUntil", self.accounted_until),
         ]
-        out: dict[str, Any] = {key: value for key, value in pairs if value is not None}
+        out = present(pairs)
         out["source"] = self.source.value
         return out
 
@@ -381,7 +381,7 @@ class ProgressStatus:
             ("updatedAt", self.updated_at),
             ("estimatedCompletionTime", self.estimated_completion_time),
         ]
-        return {key: value for key, value in pairs if value is not None}
+        return present(pairs)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from wattsched_api.fields import Fields, JsonObject
+from wattsched_api.fields import Fields, JsonObject, present
 from wattsched_api.meta import (
     Condition,
     ConditionStatus,
@@ -169,7 +169,7 @@ class GpuStatus:
             ),
             ("smClockMegahertz", self.sm_clock_mhz),
         ]
-        return {key: value for key, value in pairs if value is not None}
+        return present(pairs)
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ class AgentStatus:
             ("backend", None if self.backend is None else self.backend.value),
             ("message", self.message),
         ]
-        return {key: value for key, value in pairs if value is not None}
+        return present(pairs)
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ class DeviceMapping:
             ("readTime", self.read_time),
             ("message", self.message),
         ]
-        return {key: value for key, value in pairs if value is not None}
+        return present(pairs)
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ class NodePowerProfileStatus:
             ("drawWatts", self.draw_watts),
             ("lockedClocks", self.locked_clocks),
         ]
-        out: dict[str, Any] = {key: value for key, value in pairs if value is not None}
+        out = present(pairs)
         if self.gpus:
             out["gpus"] = [g.to_dict() for g in self.gpus]
         if self.device_mapping is not None:
