@@ -187,6 +187,8 @@ class HorizonStatus(StrEnum):
 class HorizonPlan:
     status: HorizonStatus
     objective: float
+    # The objective of the solver's dual values: a lower bound on the optimum (0 when Failed).
+    dual_bound: float
     solve_seconds: float
     slot_seconds: tuple[float, ...]
     schedules: Mapping[str, WorkloadSchedule]
@@ -200,6 +202,12 @@ class HorizonPlan:
 
     def slot_start_seconds(self, slot: int) -> float:
         return float(sum(self.slot_seconds[:slot]))
+
+    @property
+    def gap(self) -> float:
+        """Relative distance of the objective from its dual bound (0 at an LP optimum, up to the
+        solver's tolerances)."""
+        return abs(self.objective - self.dual_bound) / max(abs(self.objective), 1e-9)
 
     @property
     def deferred(self) -> tuple[str, ...]:
@@ -316,8 +324,11 @@ class _Scopes:
         return products, scope
 
 
-# The operating points of workloads alike in everything a point depends on, computed once.
+# The operating points of workloads alike in everything a point depends on, computed once per
+# plan: by workload shape (the points on each product it may use), and per replica by what the
+# model's figures depend on (thousands of shapes share a few products, sizes and power ranges).
 PointCache = dict[tuple[object, ...], list[OperatingPoint]]
+ReplicaPointCache = dict[tuple[object, ...], tuple[float, float, float]]
 
 
 def _best_point(
@@ -329,6 +340,7 @@ def _best_point(
     *,
     replicas: int,
     efficient: bool = False,
+    replica_cache: ReplicaPointCache | None = None,
 ) -> OperatingPoint:
     """The operating point with the least modelled energy per token over the products the
     workload may run on (comma-separated; the first, alphabetically, on a tie), among those that
@@ -349,7 +361,13 @@ def _best_point(
     if points is None:
         points = [
             operating_point(
-                workload, product, model, levels, replicas=replicas, efficient=efficient
+                workload,
+                product,
+                model,
+                levels,
+                replicas=replicas,
+                efficient=efficient,
+                cache=replica_cache,
             )
             for product in products.split(",")
         ]
@@ -391,46 +409,60 @@ def operating_point(
     *,
     replicas: int,
     efficient: bool = False,
+    cache: ReplicaPointCache | None = None,
 ) -> OperatingPoint:
     """The workload's reference point on `product`: its best-quality variant, at the power level
     with the least modelled energy per token (Performance: its highest allowed level unless
-    `efficient`, which inference under an allowance uses)."""
+    `efficient`, which inference under an allowance uses). `cache` keeps the per-replica figures
+    of one plan (the model is consulted once per product, size, variant speed and power range)."""
     variant = max(
         workload.variants,
         key=lambda v: (v.quality >= workload.min_quality, v.quality, v.relative_throughput),
     )
-    best: tuple[float, float, float] | None = None
-    for level in _levels(workload, product, levels, efficient):
-        rate = model.throughput_tokens_per_second(
-            product,
-            workload.type,
-            workload.model_parameters_billions,
-            workload.gpus_per_replica,
-            variant.relative_throughput,
-            level,
-        )
-        watts = model.expected_power_watts(product, workload.type, level)
-        joules_per_token = watts * workload.gpus_per_replica / rate
-        if best is None or joules_per_token < best[0] - 1e-12:
-            best = (joules_per_token, level, rate)
-    assert best is not None  # _levels never returns an empty list
-    _, level, rate = best
+    key = (
+        product,
+        levels,
+        workload.type,
+        workload.model_parameters_billions,
+        workload.gpus_per_replica,
+        variant.relative_throughput,
+        workload.max_power_watts_per_gpu,
+        workload.policy is EnergyPolicy.PERFORMANCE and not efficient,
+    )
+    found = cache.get(key) if cache is not None else None
+    if found is None:
+        best: tuple[float, float, float] | None = None
+        for level in _levels(workload, product, levels, efficient):
+            rate = model.throughput_tokens_per_second(
+                product,
+                workload.type,
+                workload.model_parameters_billions,
+                workload.gpus_per_replica,
+                variant.relative_throughput,
+                level,
+            )
+            watts = model.expected_power_watts(product, workload.type, level)
+            joules_per_token = watts * workload.gpus_per_replica / rate
+            if best is None or joules_per_token < best[0] - 1e-12:
+                best = (joules_per_token, level, rate)
+        assert best is not None  # _levels never returns an empty list
+        _, level, rate = best
+        found = (level, model.expected_power_watts(product, workload.type, level), rate)
+        if cache is not None:
+            cache[key] = found
+    level, busy_watts, rate = found
     return OperatingPoint(
         product=product,
         replicas=replicas,
         gpus=replicas * workload.gpus_per_replica,
         power_limit_watts=level,
-        busy_watts_per_gpu=model.expected_power_watts(product, workload.type, level),
+        busy_watts_per_gpu=busy_watts,
         tokens_per_second=rate * replicas,
     )
 
 
 # A deadline job's operating point is chosen to finish running this share of the time left.
 DEADLINE_DUTY = 0.5
-
-# Column kinds besides slots: a deadline's work after the horizon, and its miss.
-AFTER_COLUMN = -2
-MISS_COLUMN = -1
 
 
 # -- the program -----------------------------------------------------------------------------------
@@ -496,8 +528,6 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     slot_seconds = np.asarray(horizon.slot_seconds, dtype=float)
     slots = len(slot_seconds)
     slot_hours = slot_seconds / SECONDS_PER_HOUR
-    slot_start = np.concatenate(([0.0], np.cumsum(slot_seconds)[:-1]))
-    horizon_seconds = float(slot_seconds.sum())
     levels = plan_input.options.power_levels
     nodes = plan_input.nodes
     node_by_name = {node.name: node for node in nodes}
@@ -530,41 +560,35 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             for s, b in zip(settings, budgets, strict=True)
         ]
     ).reshape(len(budgets), slots)
-    load_watts = np.tile(idle_watts[:, None], (1, slots))  # expected draw: idle + inference
     scopes = _Scopes(plan_input)
     points: PointCache = {}
+    replica_points: ReplicaPointCache = {}
     total_gpus = float(sum(n.gpu_count for n in nodes if n.schedulable or n.keeps_running))
-    free_gpus = np.full(slots, total_gpus)
-    inference_scope: dict[str, Scope] = {}
 
     # Workloads: inference is a load per slot; deadline and batch work get columns.
+    inference: list[tuple[Workload, OperatingPoint, Scope]] = []
     flexible: list[tuple[Workload, OperatingPoint, Scope]] = []
     for workload in plan_input.workloads:
         product, scope = scopes.of(workload)
         if product is None:
             continue  # no node can run it: the one-instant planner says why
-        if workload.type is WorkloadType.INFERENCE:
-            point = _best_point(
-                workload, product, model, levels, points, replicas=1, efficient=True
-            )
-            product = point.product
-            demand = horizon.inference_demand.get(
-                workload.key, (workload.tokens_per_second or 0.0,) * slots
-            )
-            needed = np.ceil(np.asarray(demand, dtype=float) / point.tokens_per_second - 1e-9)
-            replicas = np.clip(needed, workload.min_replicas, workload.max_replicas)
-            gpus = replicas * workload.gpus_per_replica
-            spec = product_spec(product)
-            for i, part in scope:
-                cap_headroom[i] -= part * gpus * (point.power_limit_watts - spec.min_watts.value)
-                load_watts[i] += (
-                    part * gpus * (point.busy_watts_per_gpu - model.idle_power_watts(product))
-                )
-            free_gpus -= gpus
-            inference_scope[workload.key] = scope
-            continue
-        point = _best_point(workload, product, model, levels, points, replicas=workload.replicas)
-        flexible.append((workload, point, scope))
+        inference_type = workload.type is WorkloadType.INFERENCE
+        point = _best_point(
+            workload,
+            product,
+            model,
+            levels,
+            points,
+            replicas=1 if inference_type else workload.replicas,
+            efficient=inference_type,
+            replica_cache=replica_points,
+        )
+        (inference if inference_type else flexible).append((workload, point, scope))
+    inference_scope = {workload.key: scope for workload, _, scope in inference}
+    load = _inference_load(horizon, inference, len(budgets), model)
+    cap_headroom -= load.cap_watts
+    load_watts = idle_watts[:, None] + load.busy_watts  # expected draw: idle + inference
+    free_gpus = total_gpus - load.gpus
 
     rows = _Rows()
     row_of_cap = [
@@ -603,16 +627,8 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             objective_rate[i] = 1.0
         else:
             objective_rate[i] = intensity_kg[i]
-    tie_break = 1.0 + EARLY_TIE_BREAK * np.arange(slots)
-
-    priorities = sorted({w.priority for w, _, _ in flexible})
-    factor = PRIORITY_FACTOR
-    if len(priorities) > 1:
-        factor = min(factor, MAX_PRIORITY_RANGE ** (1 / (len(priorities) - 1)))
-    weight_of_priority = {p: factor**rank for rank, p in enumerate(priorities)}
 
     # Row of each (budget, slot) for the cap, the energy and the carbon allowance (-1: none).
-    cap_row = np.asarray(row_of_cap, dtype=np.int64).reshape(len(budgets), slots)
     energy_row = np.full((len(budgets), slots), -1, dtype=np.int64)
     carbon_row = np.full((len(budgets), slots), -1, dtype=np.int64)
     for (i, p), row in energy_rows.items():
@@ -621,150 +637,52 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     for (i, p), row in carbon_rows.items():
         period = settings[i].periods[p]
         carbon_row[i, period.first_slot : period.end_slot] = row
-    gpus_row = np.asarray(row_of_gpus, dtype=np.int64)
-    costs: list[np.ndarray] = []
-    uppers: list[np.ndarray] = []
-    entry_rows: list[np.ndarray] = []
-    entry_columns: list[np.ndarray] = []
-    entry_values: list[np.ndarray] = []
-    column_owner: list[np.ndarray] = []  # flexible index of each column
-    column_slot: list[np.ndarray] = []  # slot of each column, or AFTER_COLUMN, MISS_COLUMN
-    required: list[float | None] = []
-    columns = 0
-    for f, (workload, point, scope) in enumerate(flexible):
-        spec = product_spec(point.product)
-        busy_kw = point.gpus * (point.busy_watts_per_gpu - model.idle_power_watts(point.product))
-        busy_kw /= 1000.0
-        cap_watts = point.gpus * (point.power_limit_watts - spec.min_watts.value)
-        kwh_by_slot = busy_kw * slot_hours
-        # Objective units per kWh in each slot: the budgets' rates, weighted by the share of
-        # the work each one counts; budgets without a view on time (rate 0) add nothing.
-        rate = np.zeros(slots)
-        for i, part in scope:
-            rate += part * objective_rate[i] * pue[i]
-        if not rate.any():
-            rate = np.ones(slots)
-        cost = kwh_by_slot * rate * tie_break
-        # Scale of the work's worth: its energy in the most expensive slot of the horizon.
-        worth_per_kwh = WORK_WEIGHT * float(rate.max()) * tie_break[-1]
-        worth_per_kwh *= weight_of_priority[workload.priority]
-        tokens_left = remaining_tokens(model, workload)
-        upper = np.ones(slots)
-        need: float | None = None
-        after = 0.0
-        if workload.deadline_seconds is not None and tokens_left is not None:
-            open_seconds = np.clip(workload.deadline_seconds - slot_start, 0.0, slot_seconds)
-            upper = open_seconds / slot_seconds
-            after = max(0.0, workload.deadline_seconds - horizon_seconds)
-            need = tokens_left
-        else:  # no deadline: running is worth more than what it costs
-            cost = cost - worth_per_kwh * kwh_by_slot - 1e-6 * slot_hours
-        required.append(need)
-        open_slots = np.nonzero(upper > 0)[0]
-        count = len(open_slots)
-        ids = columns + np.arange(count)
-        costs.append(cost[open_slots])
-        uppers.append(upper[open_slots])
-        column_owner.append(np.full(count, f))
-        column_slot.append(open_slots)
-        entry_rows.append(gpus_row[open_slots])
-        entry_columns.append(ids)
-        entry_values.append(np.full(count, float(point.gpus)))
-        for i, part in scope:
-            entry_rows.append(cap_row[i, open_slots])
-            entry_columns.append(ids)
-            entry_values.append(np.full(count, part * cap_watts))
-            kwh = part * kwh_by_slot[open_slots] * pue[i]
-            for table, values in (
-                (energy_row, kwh),
-                (carbon_row, kwh * intensity_kg[i, open_slots]),
-            ):
-                found = table[i, open_slots] >= 0
-                entry_rows.append(table[i, open_slots][found])
-                entry_columns.append(ids[found])
-                entry_values.append(values[found])
-        columns += count
-        if need is not None and need > 0:
-            # The deadline: the slots, the time after the horizon (at the horizon's mean cost:
-            # work waits past it only where the horizon has no cheaper slot), or a miss.
-            deadline_row = rows.add(f"deadline_{workload.key}", 1.0, math.inf)
-            hours_needed = need / point.tokens_per_second / SECONDS_PER_HOUR
-            miss = DEADLINE_WEIGHT * worth_per_kwh * busy_kw * max(hours_needed, 1e-3) + 1.0
-            extra_values = [1.0]
-            extra_costs = [miss]
-            extra_kinds = [MISS_COLUMN]
-            if after > 0:
-                extra_values.insert(0, point.tokens_per_second * after / need)
-                mean_cost = float(np.mean(cost / slot_hours)) * after / SECONDS_PER_HOUR
-                extra_costs.insert(0, mean_cost * tie_break[-1])
-                extra_kinds.insert(0, AFTER_COLUMN)
-            extra = len(extra_values)
-            entry_rows.append(np.full(count + extra, deadline_row))
-            entry_columns.append(np.append(ids, columns + np.arange(extra)))
-            entry_values.append(
-                np.append(point.tokens_per_second * slot_seconds[open_slots] / need, extra_values)
-            )
-            costs.append(np.asarray(extra_costs))
-            uppers.append(np.ones(extra))
-            column_owner.append(np.full(extra, f))
-            column_slot.append(np.asarray(extra_kinds))
-            columns += extra
-
-    def joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
-
-    all_rows = joined(entry_rows, np.int32)
-    all_columns = joined(entry_columns, np.int32)
-    all_values = joined(entry_values, float)
-    nonzero = all_values != 0.0
-    owner = joined(column_owner, np.int64)
-    slot_of = joined(column_slot, np.int64)
+    work = _work(flexible, len(budgets), model)
+    program = _program(
+        work,
+        rows,
+        slot_seconds=slot_seconds,
+        objective_rate=objective_rate,
+        pue=pue,
+        intensity_kg=intensity_kg,
+        cap_row=np.asarray(row_of_cap, dtype=np.int64).reshape(len(budgets), slots),
+        gpus_row=np.asarray(row_of_gpus, dtype=np.int64),
+        energy_row=energy_row,
+        carbon_row=carbon_row,
+    )
     built = time.perf_counter()
 
-    solution = _solve(
-        rows,
-        joined(costs, float),
-        joined(uppers, float),
-        all_rows[nonzero],
-        all_columns[nonzero],
-        all_values[nonzero],
-    )
+    solution = _solve(rows, program)
     solved = time.perf_counter()
+    columns = len(program.cost)
     status = HorizonStatus.OPTIMAL if solution is not None else HorizonStatus.FAILED
-    values = solution[0] if solution is not None else np.zeros(columns)
-    objective = solution[1] if solution is not None else 0.0
-    duals = solution[2] if solution is not None else np.zeros(len(rows.names))
+    values = solution.values if solution is not None else np.zeros(columns)
+    duals = solution.row_duals if solution is not None else np.zeros(len(rows.names))
 
+    open_slot = program.slot_column >= 0
     shares = np.zeros((len(flexible), slots))
+    shares[open_slot] = values[program.slot_column[open_slot]]
+    has_miss = program.miss_column >= 0
     missed = np.zeros(len(flexible))
-    in_slot = slot_of >= 0
-    shares[owner[in_slot], slot_of[in_slot]] = values[in_slot]
-    is_miss = slot_of == MISS_COLUMN
-    missed[owner[is_miss]] = values[is_miss]
+    missed[has_miss] = values[program.miss_column[has_miss]]
     if status is HorizonStatus.FAILED:
         shares[:, 0] = 1.0  # nothing deferred: the one-instant planner decides as before
     shares = np.where(shares > SHARE_EPSILON, shares, 0.0)
+    planned_tokens = (shares * slot_seconds[None, :]).sum(axis=1) * work.tokens_per_second
     schedules: dict[str, WorkloadSchedule] = {}
-    flexible_busy_kw = np.zeros(len(flexible))
-    part_in = np.zeros((len(budgets), len(flexible)))  # share of each workload in each budget
-    for f, (workload, point, scope) in enumerate(flexible):
-        share = shares[f]
-        need = required[f]
+    for f, (workload, point, _) in enumerate(flexible):
+        need = None if math.isnan(work.need[f]) else float(work.need[f])
         schedules[workload.key] = WorkloadSchedule(
             workload=workload.key,
-            share_by_slot=tuple(share.tolist()),
+            share_by_slot=tuple(shares[f].tolist()),
             point=point,
             required_tokens=need,
-            planned_tokens=float((share * slot_seconds).sum() * point.tokens_per_second),
+            planned_tokens=float(planned_tokens[f]),
             missed_tokens=0.0 if need is None else float(missed[f]) * need,
         )
-        idle = model.idle_power_watts(point.product)
-        flexible_busy_kw[f] = point.gpus * (point.busy_watts_per_gpu - idle) / 1000.0
-        for i, part in scope:
-            part_in[i, f] = part
     # kWh of flexible work per budget and slot (x PUE), and its kg CO2.
     flexible_kwh = (
-        (part_in @ (shares * flexible_busy_kw[:, None])) * slot_hours[None, :] * pue[:, None]
+        (work.part @ (shares * work.busy_kw[:, None])) * slot_hours[None, :] * pue[:, None]
     )
     flexible_kg = flexible_kwh * intensity_kg
     outlooks: dict[str, BudgetOutlook] = {}
@@ -800,7 +718,8 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     )
     return HorizonPlan(
         status=status,
-        objective=float(objective),
+        objective=solution.objective if solution is not None else 0.0,
+        dual_bound=solution.dual_bound if solution is not None else 0.0,
         solve_seconds=solved - built,
         slot_seconds=horizon.slot_seconds,
         schedules=schedules,
@@ -809,38 +728,292 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         timings_seconds={
             "build": built - started,
             "solve": solved - built,
+            "extract": time.perf_counter() - solved,
             "total": time.perf_counter() - started,
         },
         size=(len(rows.names), columns),
     )
 
 
-def _solve(  # noqa: PLR0917 (the program as arrays)
+@dataclass(frozen=True)
+class _InferenceLoad:
+    """What inference takes per budget and slot: its limits above the floor (W), its draw above
+    idle (W), and GPUs (all budgets together, per slot)."""
+
+    cap_watts: np.ndarray
+    busy_watts: np.ndarray
+    gpus: np.ndarray
+
+
+def _inference_load(
+    horizon: HorizonInput,
+    inference: list[tuple[Workload, OperatingPoint, Scope]],
+    budget_count: int,
+    model: PerformanceModel,
+) -> _InferenceLoad:
+    """Each service's replicas per slot: its forecast demand (else its tokens/s) at its
+    minimum-energy point, within its min and max replicas."""
+    slots = len(horizon.slot_seconds)
+    demand = np.zeros((len(inference), slots))
+    per_replica = np.ones(len(inference))
+    low = np.zeros(len(inference))
+    high = np.zeros(len(inference))
+    gpus_per_replica = np.zeros(len(inference))
+    cap_per_gpu = np.zeros(len(inference))
+    busy_per_gpu = np.zeros(len(inference))
+    part = np.zeros((budget_count, len(inference)))
+    for n, (workload, point, scope) in enumerate(inference):
+        forecast = horizon.inference_demand.get(workload.key)
+        demand[n] = forecast if forecast is not None else (workload.tokens_per_second or 0.0)
+        per_replica[n] = point.tokens_per_second
+        low[n], high[n] = workload.min_replicas, workload.max_replicas
+        gpus_per_replica[n] = workload.gpus_per_replica
+        cap_per_gpu[n] = point.power_limit_watts - product_spec(point.product).min_watts.value
+        busy_per_gpu[n] = point.busy_watts_per_gpu - model.idle_power_watts(point.product)
+        for i, share in scope:
+            part[i, n] = share
+    needed = np.ceil(demand / per_replica[:, None] - 1e-9)
+    gpus = np.clip(needed, low[:, None], high[:, None]) * gpus_per_replica[:, None]
+    return _InferenceLoad(
+        cap_watts=part @ (gpus * cap_per_gpu[:, None]),
+        busy_watts=part @ (gpus * busy_per_gpu[:, None]),
+        gpus=gpus.sum(axis=0),
+    )
+
+
+@dataclass(frozen=True)
+class _Work:
+    """The deadline and batch workloads as arrays (index f, in input order), so that the program
+    is built without a loop over them."""
+
+    keys: list[str]
+    part: np.ndarray  # (budgets, f): the share of each workload that counts in each budget
+    gpus: np.ndarray
+    busy_kw: np.ndarray  # draw above idle while it runs
+    cap_watts: np.ndarray  # limits above the floor while it runs
+    tokens_per_second: np.ndarray
+    need: np.ndarray  # tokens its deadline needs; NaN: no deadline (or no amount of work)
+    deadline_seconds: np.ndarray  # inf where `need` is NaN
+    weight: np.ndarray  # its priority's weight
+
+
+def _work(
+    flexible: list[tuple[Workload, OperatingPoint, Scope]],
+    budget_count: int,
+    model: PerformanceModel,
+) -> _Work:
+    count = len(flexible)
+    part = np.zeros((budget_count, count))
+    gpus, busy_kw, cap_watts, rate, need, deadline, priority = (np.zeros(count) for _ in range(7))
+    for f, (workload, point, scope) in enumerate(flexible):
+        for i, share in scope:
+            part[i, f] = share
+        gpus[f] = point.gpus
+        idle = model.idle_power_watts(point.product)
+        busy_kw[f] = point.gpus * (point.busy_watts_per_gpu - idle) / 1000.0
+        cap_watts[f] = point.gpus * (
+            point.power_limit_watts - product_spec(point.product).min_watts.value
+        )
+        rate[f] = point.tokens_per_second
+        tokens_left = remaining_tokens(model, workload)
+        if workload.deadline_seconds is not None and tokens_left is not None:
+            need[f], deadline[f] = tokens_left, workload.deadline_seconds
+        else:
+            need[f], deadline[f] = math.nan, math.inf
+        priority[f] = workload.priority
+    ranks = np.unique(priority)
+    factor = PRIORITY_FACTOR
+    if len(ranks) > 1:
+        factor = min(factor, MAX_PRIORITY_RANGE ** (1 / (len(ranks) - 1)))
+    weight = factor ** np.searchsorted(ranks, priority).astype(float)
+    return _Work(
+        keys=[workload.key for workload, _, _ in flexible],
+        part=part,
+        gpus=gpus,
+        busy_kw=busy_kw,
+        cap_watts=cap_watts,
+        tokens_per_second=rate,
+        need=need,
+        deadline_seconds=deadline,
+        weight=weight,
+    )
+
+
+@dataclass(frozen=True)
+class _Program:
+    """min cost . x subject to the rows (entries as triplets), 0 <= x <= upper; and where each
+    workload's columns are."""
+
+    cost: np.ndarray
+    upper: np.ndarray
+    row_index: np.ndarray
+    column_index: np.ndarray
+    value: np.ndarray
+    slot_column: np.ndarray  # (f, slot): its share of the slot; -1 where the slot is closed
+    miss_column: np.ndarray  # (f,): the share of its deadline missed; -1: no deadline row
+
+
+def _program(
+    work: _Work,
     rows: _Rows,
-    cost: np.ndarray,
-    upper: np.ndarray,
-    row_index: np.ndarray,
-    column_index: np.ndarray,
-    value: np.ndarray,
-) -> tuple[np.ndarray, float, np.ndarray] | None:
-    """Minimise cost . x subject to the rows, 0 <= x <= upper; None when HiGHS finds no optimum."""
-    columns = len(cost)
+    *,
+    slot_seconds: np.ndarray,
+    objective_rate: np.ndarray,
+    pue: np.ndarray,
+    intensity_kg: np.ndarray,
+    cap_row: np.ndarray,
+    gpus_row: np.ndarray,
+    energy_row: np.ndarray,
+    carbon_row: np.ndarray,
+) -> _Program:
+    """The columns of the deadline and batch work, all at once: per workload its open slots,
+    then, with a deadline, the work after the horizon and the miss; adds the deadline rows."""
+    slots = len(slot_seconds)
+    slot_hours = slot_seconds / SECONDS_PER_HOUR
+    slot_start = np.concatenate(([0.0], np.cumsum(slot_seconds)[:-1]))
+    horizon_seconds = float(slot_seconds.sum())
+    tie_break = 1.0 + EARLY_TIE_BREAK * np.arange(slots)
+    kwh = work.busy_kw[:, None] * slot_hours[None, :]
+    # Objective units per kWh in each slot: the budgets' rates, weighted by the share of the work
+    # each one counts; budgets without a view on time (rate 0) add nothing.
+    rate = np.zeros_like(kwh)
+    for i in range(len(pue)):
+        rate += work.part[i][:, None] * objective_rate[i][None, :] * pue[i]
+    rate[~rate.any(axis=1)] = 1.0
+    cost = kwh * rate * tie_break[None, :]
+    # Scale of the work's worth: its energy in the most expensive slot of the horizon.
+    worth_per_kwh = WORK_WEIGHT * rate.max(axis=1) * tie_break[-1] * work.weight
+    with_deadline = ~np.isnan(work.need)
+    # No deadline: running is worth more than what it costs.
+    cost = np.where(
+        with_deadline[:, None], cost, cost - worth_per_kwh[:, None] * kwh - 1e-6 * slot_hours
+    )
+    open_seconds = np.clip(
+        work.deadline_seconds[:, None] - slot_start[None, :], 0.0, slot_seconds[None, :]
+    )
+    upper = open_seconds / slot_seconds[None, :]
+    after = np.where(with_deadline, np.maximum(0.0, work.deadline_seconds - horizon_seconds), 0.0)
+
+    # Column numbers: each workload's open slots, then its after and miss columns.
+    is_open = upper > 0
+    open_count = is_open.sum(axis=1)
+    has_row = with_deadline & (np.nan_to_num(work.need) > 0)
+    has_after = has_row & (after > 0)
+    count = open_count + has_row + has_after
+    first = np.cumsum(count) - count
+    slot_column = np.where(is_open, first[:, None] + np.cumsum(is_open, axis=1) - 1, -1)
+    f_open, s_open = np.nonzero(is_open)
+    ids = slot_column[f_open, s_open]
+    after_column = (first + open_count)[has_after]
+    miss_column = np.where(has_row, first + open_count + has_after, -1)
+    columns = int(count.sum())
+    column_cost = np.empty(columns)
+    column_upper = np.ones(columns)
+    column_cost[ids] = cost[f_open, s_open]
+    column_upper[ids] = upper[f_open, s_open]
+
+    entry_rows = [gpus_row[s_open]]
+    entry_columns = [ids]
+    entry_values = [work.gpus[f_open]]
+    for i in range(len(pue)):
+        counts = work.part[i, f_open] > 0
+        f_in, s_in, ids_in = f_open[counts], s_open[counts], ids[counts]
+        share = work.part[i, f_in]
+        entry_rows.append(cap_row[i, s_in])
+        entry_columns.append(ids_in)
+        entry_values.append(share * work.cap_watts[f_in])
+        kwh_in = share * kwh[f_in, s_in] * pue[i]
+        for table, values in (
+            (energy_row, kwh_in),
+            (carbon_row, kwh_in * intensity_kg[i, s_in]),
+        ):
+            found = table[i, s_in] >= 0
+            entry_rows.append(table[i, s_in][found])
+            entry_columns.append(ids_in[found])
+            entry_values.append(values[found])
+
+    # The deadline: the slots, the time after the horizon (at the horizon's mean cost: work
+    # waits past it only where the horizon has no cheaper slot), or a miss.
+    deadline_row = np.full(len(work.keys), -1, dtype=np.int64)
+    for f in np.nonzero(has_row)[0]:
+        deadline_row[f] = rows.add(f"deadline_{work.keys[f]}", 1.0, math.inf)
+    need = np.where(has_row, work.need, 1.0)
+    in_row = has_row[f_open]
+    entry_rows.append(deadline_row[f_open[in_row]])
+    entry_columns.append(ids[in_row])
+    entry_values.append(
+        work.tokens_per_second[f_open[in_row]] * slot_seconds[s_open[in_row]] / need[f_open[in_row]]
+    )
+    entry_rows.append(deadline_row[has_after])
+    entry_columns.append(after_column)
+    entry_values.append((work.tokens_per_second * after / need)[has_after])
+    mean_cost = np.mean(cost / slot_hours[None, :], axis=1) * after / SECONDS_PER_HOUR
+    column_cost[after_column] = (mean_cost * tie_break[-1])[has_after]
+    entry_rows.append(deadline_row[has_row])
+    entry_columns.append(miss_column[has_row])
+    entry_values.append(np.ones(int(has_row.sum())))
+    hours_needed = need / work.tokens_per_second / SECONDS_PER_HOUR
+    miss = DEADLINE_WEIGHT * worth_per_kwh * work.busy_kw * np.maximum(hours_needed, 1e-3) + 1.0
+    column_cost[miss_column[has_row]] = miss[has_row]
+
+    row_index = np.concatenate(entry_rows).astype(np.int32)
+    column_index = np.concatenate(entry_columns).astype(np.int32)
+    value = np.concatenate(entry_values).astype(float)
+    # An upper-bound row no choice of shares can break (every column at its upper bound stays
+    # within the bound; all entries are >= 0) is handed over empty: HiGHS's presolve would drop
+    # it too, but only after reading its entries (most of them when caps and allowances have
+    # room).
+    most = np.bincount(
+        row_index, weights=value * column_upper[column_index], minlength=len(rows.names)
+    )
+    slack = (most <= np.asarray(rows.upper)) & (np.asarray(rows.lower) == -math.inf)
+    kept = (value != 0.0) & ~slack[row_index]
+    return _Program(
+        cost=column_cost,
+        upper=column_upper,
+        row_index=row_index[kept],
+        column_index=column_index[kept],
+        value=value[kept],
+        slot_column=slot_column,
+        miss_column=miss_column,
+    )
+
+
+@dataclass(frozen=True)
+class _Solution:
+    values: np.ndarray
+    objective: float
+    # The dual objective of HiGHS's dual values: a lower bound on the optimum.
+    dual_bound: float
+    row_duals: np.ndarray
+
+
+def _solve(rows: _Rows, program: _Program) -> _Solution | None:
+    """Solve the program with HiGHS (dual simplex); None when it finds no optimum."""
+    columns = len(program.cost)
+    lower = np.asarray(rows.lower)
+    upper = np.asarray(rows.upper)
     if columns == 0:
-        return np.zeros(0), 0.0, np.zeros(len(rows.names))
-    order = np.lexsort((row_index, column_index))
-    starts = np.searchsorted(column_index[order], np.arange(columns + 1)).astype(np.int32)
+        return _Solution(np.zeros(0), 0.0, 0.0, np.zeros(len(rows.names)))
+    # Column-wise, rows ascending within each column.
+    order = np.argsort(
+        program.column_index.astype(np.int64) * len(rows.names) + program.row_index,
+        kind="stable",
+    )
+    column_index = program.column_index[order]
+    starts = np.searchsorted(column_index, np.arange(columns + 1)).astype(np.int32)
     lp = highspy.HighsLp()
     lp.num_col_ = columns
     lp.num_row_ = len(rows.names)
-    lp.col_cost_ = cost
+    lp.col_cost_ = program.cost
     lp.col_lower_ = np.zeros(columns)
-    lp.col_upper_ = upper
-    lp.row_lower_ = np.asarray(rows.lower)
-    lp.row_upper_ = np.asarray(rows.upper)
+    lp.col_upper_ = program.upper
+    lp.row_lower_ = lower
+    lp.row_upper_ = upper
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_ = starts
-    lp.a_matrix_.index_ = row_index[order]
-    lp.a_matrix_.value_ = value[order]
+    lp.a_matrix_.index_ = program.row_index[order]
+    lp.a_matrix_.value_ = program.value[order]
     lp.row_names_ = rows.names
     _highs_available()  # constructs HiGHS once with stdout closed: its banner is not printed
     solver = highspy.Highs()  # type: ignore[no-untyped-call]
@@ -852,11 +1025,19 @@ def _solve(  # noqa: PLR0917 (the program as arrays)
     if solver.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None
     solution = solver.getSolution()
-    info = solver.getInfo()
-    return (
-        np.asarray(solution.col_value),
-        float(info.objective_function_value),
-        np.asarray(solution.row_dual),
+    row_duals = np.asarray(solution.row_dual)
+    column_duals = np.asarray(solution.col_dual)
+    # Each dual value prices the bound it pushes against (a lower bound where positive); a bound
+    # at infinity has a zero dual in an optimum, up to HiGHS's dual feasibility tolerance.
+    row_bound = np.where(row_duals > 0, lower, upper)
+    priced = np.isfinite(row_bound)
+    column_bound = np.where(column_duals > 0, 0.0, program.upper)
+    dual_bound = float(row_duals[priced] @ row_bound[priced] + column_duals @ column_bound)
+    return _Solution(
+        values=np.asarray(solution.col_value),
+        objective=float(solver.getInfo().objective_function_value),
+        dual_bound=dual_bound,
+        row_duals=row_duals,
     )
 
 

@@ -24,6 +24,7 @@ from wattsched_optimizer.horizon import (
     deferrals,
     first_slot_input,
     hourly_slots,
+    operating_point,
     plan_horizon,
 )
 from wattsched_optimizer.model import CatalogueModel, product_spec
@@ -107,8 +108,11 @@ def horizon_input(
     carbon_kg_left: float | None = None,
     caps: tuple[float, ...] | None = None,
     objective: Objective = Objective.CARBON,
+    slots: tuple[float, ...] | None = None,
 ) -> HorizonInput:
-    slots = hourly_slots(0, len(carbon))
+    """One budget "b" over the nodes; hourly slots, one per value of `carbon`, unless `slots`
+    (then `carbon` and `caps` have one value per slot)."""
+    slots = slots if slots is not None else hourly_slots(0, len(carbon))
     plan_input = PlanInput(nodes(node_count), workloads, (budget(cap_watts, node_count),))
     period = AllowancePeriod(0, len(slots), energy_kwh_left, carbon_kg_left)
     setting = BudgetHorizon(
@@ -242,6 +246,46 @@ def test_bad_input_names_the_budget_and_field() -> None:
         plan_horizon(wrong)
 
 
+def test_operating_points_from_the_per_plan_cache_are_those_computed_afresh() -> None:
+    # Workloads that differ in one thing a point depends on each: the cache (keyed by what the
+    # model's figures depend on) must never hand one the point of another.
+    fp8 = Variant("fp8", Precision.FP8, min_memory_gib=0, relative_throughput=1.6, quality=0.97)
+    base = job("t/a", 4, 24, policy=EnergyPolicy.BALANCED)
+    alike = [
+        base,
+        dataclasses.replace(base, policy=EnergyPolicy.PERFORMANCE),
+        dataclasses.replace(base, max_power_watts_per_gpu=400.0),
+        dataclasses.replace(base, variants=(fp8,)),
+        dataclasses.replace(base, variants=(BF16, fp8), min_quality=0.99),
+        dataclasses.replace(base, type=WorkloadType.FINE_TUNING),
+        dataclasses.replace(base, model_parameters_billions=70),
+        dataclasses.replace(base, gpus_per_replica=4),
+        dataclasses.replace(base, replicas=3),
+    ]
+    cache: dict[tuple[object, ...], tuple[float, float, float]] = {}
+    for product in ("H100-80GB", "L40S"):
+        for efficient in (False, True):
+            for workload in alike:
+                fresh = operating_point(
+                    workload, product, MODEL, 5, replicas=workload.replicas, efficient=efficient
+                )
+                cached = operating_point(
+                    workload,
+                    product,
+                    MODEL,
+                    5,
+                    replicas=workload.replicas,
+                    efficient=efficient,
+                    cache=cache,
+                )
+                assert cached == fresh
+    # Performance work runs at its highest level unless efficient: the two points differ.
+    performance = alike[1]
+    assert operating_point(performance, "H100-80GB", MODEL, 5, replicas=1) != operating_point(
+        performance, "H100-80GB", MODEL, 5, replicas=1, efficient=True
+    )
+
+
 # -- invariants ------------------------------------------------------------------------------------
 
 
@@ -292,7 +336,8 @@ def _independent_check(horizon: HorizonInput, result: HorizonPlan) -> bool:
             continue
         for s in range(slots):
             start = sum(horizon.slot_seconds[:s])
-            open_share = min(1.0, max(0.0, workload.deadline_seconds - start) / HOUR)
+            length = horizon.slot_seconds[s]
+            open_share = min(1.0, max(0.0, workload.deadline_seconds - start) / length)
             problem += share[key, s] <= open_share
         tokens = remaining_tokens(MODEL, workload)
         assert tokens is not None
@@ -311,7 +356,21 @@ def _independent_check(horizon: HorizonInput, result: HorizonPlan) -> bool:
 @st.composite
 def instances(draw: st.DrawFn) -> HorizonInput:
     hours = draw(st.integers(2, 8))
-    carbon = tuple(float(draw(st.integers(20, 800))) for _ in range(hours))
+    # Hourly slots, or hourly up to a point and coarser after it, from a time inside an hour.
+    slots = draw(
+        st.one_of(
+            st.just(hourly_slots(0, hours)),
+            st.builds(
+                lambda into, fine, coarse: hourly_slots(
+                    into, hours, fine_hours=fine, coarse_slot_hours=coarse
+                ),
+                st.sampled_from([0.0, 900.0, 2700.0]),
+                st.integers(1, hours),
+                st.integers(2, 4),
+            ),
+        )
+    )
+    carbon = tuple(float(draw(st.integers(20, 800))) for _ in slots)
     count = draw(st.integers(1, 4))
     workloads = []
     for i in range(count):
@@ -324,7 +383,7 @@ def instances(draw: st.DrawFn) -> HorizonInput:
     node_count = draw(st.integers(1, 3))
     floor = node_count * 8 * H100.min_watts.value
     span = node_count * 8 * (H100.max_watts.value - H100.min_watts.value)
-    caps = tuple(floor + span * draw(st.floats(0.0, 1.0)) for _ in range(hours))
+    caps = tuple(floor + span * draw(st.floats(0.0, 1.0)) for _ in slots)
     idle_kwh = node_count * 8 * MODEL.idle_power_watts("H100-80GB") / 1000 * hours
     energy = draw(st.one_of(st.none(), st.floats(0.0, 60.0).map(lambda e: idle_kwh + e)))
     return horizon_input(
@@ -334,6 +393,7 @@ def instances(draw: st.DrawFn) -> HorizonInput:
         caps=caps,
         cap_watts=max(caps),
         energy_kwh_left=energy,
+        slots=slots,
     )
 
 
@@ -342,6 +402,9 @@ def instances(draw: st.DrawFn) -> HorizonInput:
 def test_caps_allowances_and_deadlines_hold(horizon: HorizonInput) -> None:
     result = plan_horizon(horizon)
     assert result.status is HorizonStatus.OPTIMAL
+    # The dual values bound the optimum from below and meet it (an LP optimum: gap 0).
+    assert result.dual_bound <= result.objective + 1e-7 * max(1.0, abs(result.objective))
+    assert result.gap <= 1e-6
     setting = horizon.budgets["b"]
     gpus_total = sum(n.gpu_count for n in horizon.plan_input.nodes)
     base_cap = gpus_total * H100.min_watts.value
