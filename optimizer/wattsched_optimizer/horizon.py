@@ -48,6 +48,11 @@ from wattsched_optimizer.problem import (
 )
 
 SECONDS_PER_HOUR = 3600.0
+# HiGHS's presolve rule "column stuffing" (bit 19 of `presolve_rule_off`, HiGHS 1.16) is left
+# out: on the benchmark instance with 60 workload shapes (thousands of alike columns) it took
+# about 0.14 of the 0.21 s CPU of the solve and removed nothing the dual simplex needed (measured:
+# 0.07 s without it, same optimum; no instance of docs/benchmarks.md got slower).
+PRESOLVE_RULES_OFF = 1 << 19
 # A share of a slot below this is "does not run" (the solver's zeros are not exact).
 SHARE_EPSILON = 1e-6
 # A missed deadline (per unit of the work's cost at the worst slot) and work not run (per unit of
@@ -1020,6 +1025,7 @@ def _solve(rows: _Rows, program: _Program) -> _Solution | None:
     solver.setOptionValue("output_flag", False)
     solver.setOptionValue("threads", 1)
     solver.setOptionValue("random_seed", 0)
+    solver.setOptionValue("presolve_rule_off", PRESOLVE_RULES_OFF)
     solver.passModel(lp)
     solver.run()
     if solver.getModelStatus() != highspy.HighsModelStatus.kOptimal:
