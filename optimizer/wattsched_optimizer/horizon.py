@@ -473,6 +473,26 @@ DEADLINE_DUTY = 0.5
 # -- the program -----------------------------------------------------------------------------------
 
 
+class _ProductWatts:
+    """Per product, the modelled idle draw of a GPU and its lowest limit, looked up once per plan
+    (thousands of nodes and workloads share a few products)."""
+
+    def __init__(self, model: PerformanceModel) -> None:
+        self.model = model
+        self._idle: dict[str, float] = {}
+        self._lowest: dict[str, float] = {}
+
+    def idle(self, product: str) -> float:
+        if product not in self._idle:
+            self._idle[product] = self.model.idle_power_watts(product)
+        return self._idle[product]
+
+    def lowest_limit(self, product: str) -> float:
+        if product not in self._lowest:
+            self._lowest[product] = product_spec(product).min_watts.value
+        return self._lowest[product]
+
+
 @dataclass
 class _Rows:
     """Constraint rows: names and (lower, upper) bounds; coefficients are kept as triplets."""
@@ -548,6 +568,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         if setting.carbon_grams_per_kwh_by_slot:
             intensity_kg[i] = np.asarray(setting.carbon_grams_per_kwh_by_slot) / 1000.0
     pue = np.asarray([s.pue for s in settings])
+    watts = _ProductWatts(model)
     # Floors that run whatever is planned: idle GPUs (energy) and the cap base (limits).
     base_cap = budget_base_watts(plan_input)
     idle_watts = np.zeros(len(budgets))
@@ -556,7 +577,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         for name in budget.node_names:
             node = node_by_name.get(name)
             if node is not None:
-                total += model.idle_power_watts(node.product) * node.gpu_count
+                total += watts.idle(node.product) * node.gpu_count
                 total += node.unmanaged_watts
         idle_watts[i] = total
     cap_headroom = np.asarray(
@@ -590,7 +611,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         )
         (inference if inference_type else flexible).append((workload, point, scope))
     inference_scope = {workload.key: scope for workload, _, scope in inference}
-    load = _inference_load(horizon, inference, len(budgets), model)
+    load = _inference_load(horizon, inference, len(budgets), watts)
     cap_headroom -= load.cap_watts
     load_watts = idle_watts[:, None] + load.busy_watts  # expected draw: idle + inference
     free_gpus = total_gpus - load.gpus
@@ -642,7 +663,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     for (i, p), row in carbon_rows.items():
         period = settings[i].periods[p]
         carbon_row[i, period.first_slot : period.end_slot] = row
-    work = _work(flexible, len(budgets), model)
+    work = _work(flexible, len(budgets), model, watts)
     program = _program(
         work,
         rows,
@@ -754,7 +775,7 @@ def _inference_load(
     horizon: HorizonInput,
     inference: list[tuple[Workload, OperatingPoint, Scope]],
     budget_count: int,
-    model: PerformanceModel,
+    watts: _ProductWatts,
 ) -> _InferenceLoad:
     """Each service's replicas per slot: its forecast demand (else its tokens/s) at its
     minimum-energy point, within its min and max replicas."""
@@ -773,8 +794,8 @@ def _inference_load(
         per_replica[n] = point.tokens_per_second
         low[n], high[n] = workload.min_replicas, workload.max_replicas
         gpus_per_replica[n] = workload.gpus_per_replica
-        cap_per_gpu[n] = point.power_limit_watts - product_spec(point.product).min_watts.value
-        busy_per_gpu[n] = point.busy_watts_per_gpu - model.idle_power_watts(point.product)
+        cap_per_gpu[n] = point.power_limit_watts - watts.lowest_limit(point.product)
+        busy_per_gpu[n] = point.busy_watts_per_gpu - watts.idle(point.product)
         for i, share in scope:
             part[i, n] = share
     needed = np.ceil(demand / per_replica[:, None] - 1e-9)
@@ -806,6 +827,7 @@ def _work(
     flexible: list[tuple[Workload, OperatingPoint, Scope]],
     budget_count: int,
     model: PerformanceModel,
+    watts: _ProductWatts,
 ) -> _Work:
     count = len(flexible)
     part = np.zeros((budget_count, count))
@@ -814,11 +836,8 @@ def _work(
         for i, share in scope:
             part[i, f] = share
         gpus[f] = point.gpus
-        idle = model.idle_power_watts(point.product)
-        busy_kw[f] = point.gpus * (point.busy_watts_per_gpu - idle) / 1000.0
-        cap_watts[f] = point.gpus * (
-            point.power_limit_watts - product_spec(point.product).min_watts.value
-        )
+        busy_kw[f] = point.gpus * (point.busy_watts_per_gpu - watts.idle(point.product)) / 1000.0
+        cap_watts[f] = point.gpus * (point.power_limit_watts - watts.lowest_limit(point.product))
         rate[f] = point.tokens_per_second
         tokens_left = remaining_tokens(model, workload)
         if workload.deadline_seconds is not None and tokens_left is not None:
