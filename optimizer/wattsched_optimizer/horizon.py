@@ -983,12 +983,14 @@ def _program(
     row_index = np.concatenate(entry_rows).astype(np.int32)
     column_index = np.concatenate(entry_columns).astype(np.int32)
     value = np.concatenate(entry_values).astype(float)
-    # An upper-bound row no choice of shares can break (every column at its upper bound stays
-    # within the bound; all entries are >= 0) is handed over empty: HiGHS's presolve would drop
-    # it too, but only after reading its entries (most of them when caps and allowances have
-    # room).
+    # An upper-bound row no choice of shares can break (the most it can reach, every column with
+    # a positive entry at its upper bound, stays within the bound) is handed over empty: HiGHS's
+    # presolve would drop it too, but only after reading its entries (most of them when caps and
+    # allowances have room).
     most = np.bincount(
-        row_index, weights=value * column_upper[column_index], minlength=len(rows.names)
+        row_index,
+        weights=np.maximum(value, 0.0) * column_upper[column_index],
+        minlength=len(rows.names),
     )
     slack = (most <= np.asarray(rows.upper)) & (np.asarray(rows.lower) == -math.inf)
     kept = (value != 0.0) & ~slack[row_index]
