@@ -35,7 +35,20 @@ from typing import Any
 
 from wattsched_api.energybudget import EnergyBudget, parse_energybudget
 from wattsched_api.errors import ApiValidationError
-from wattsched_api.meta import Source, format_time
+from wattsched_api.meta import format_time, read_timestamp
+from wattsched_api.vocabulary import (
+    FAILURE_COUNTED_ANNOTATION,
+    FAILURES_ANNOTATION,
+    POD_FINISHED_PHASES,
+    RETRY_AFTER_ANNOTATION,
+    TERMINAL_PHASES,
+    ConditionType,
+    EventReason,
+    Phase,
+    PodPhase,
+    Reason,
+    Source,
+)
 from wattsched_operator import (
     accounting,
     budget_horizon,
@@ -76,11 +89,6 @@ logger = logging.getLogger("wattsched.operator")
 
 Body = dict[str, Any]
 
-ANNOTATION_FAILURES = "wattsched.io/failures"
-ANNOTATION_RETRY_AFTER = "wattsched.io/retry-after"
-ANNOTATION_FAILURE_COUNTED = "wattsched.io/failure-counted"
-# Reason of the conditions and Events of a round that could not plan at all.
-PLAN_FAILED = "PlanFailed"
 BUDGET_KIND = "EnergyBudget"
 WORKLOAD_KIND = "LLMWorkload"
 POD_KIND = "Pod"
@@ -483,7 +491,7 @@ class Disruptions:
                 Event(
                     self.workloads[key],
                     "Normal",
-                    "Moved",
+                    EventReason.MOVED,
                     f"{len(moved)} replica(s), cause {cause.value}: {MOVE_CAUSES[cause]}{forced}; "
                     f"{shown}",
                 )
@@ -497,7 +505,7 @@ class Disruptions:
                 Event(
                     self.workloads[key],
                     "Warning",
-                    "Preempted",
+                    EventReason.PREEMPTED,
                     f"{count} replica(s), cause {cause.value}: {reason}",
                 )
             )
@@ -523,7 +531,7 @@ class Disruptions:
                 Event(
                     self.workloads[key],
                     "Normal",
-                    "Moved",
+                    EventReason.MOVED,
                     f"{len(started)} replica(s), cause {cause.value}: {MOVE_CAUSES[cause]}; "
                     "make-before-break, each old pod stays until its replacement is Ready: "
                     + "; ".join(started),
@@ -534,7 +542,12 @@ class Disruptions:
             key = pod_workload_key(pod) if pod is not None else ""
             if key in self.workloads:
                 events.append(
-                    Event(self.workloads[key], "Warning", "ReplacementNotReady", f"{name}: {why}")
+                    Event(
+                        self.workloads[key],
+                        "Warning",
+                        EventReason.REPLACEMENT_NOT_READY,
+                        f"{name}: {why}",
+                    )
                 )
         for namespace, name in sorted(evicted):
             forced = decision.fallbacks.get((namespace, name))
@@ -548,7 +561,7 @@ class Disruptions:
                     Event(
                         self.workloads[key],
                         "Warning",
-                        "Moved",
+                        EventReason.MOVED,
                         f"{name}, cause {cause.value}: {forced}",
                     )
                 )
@@ -579,7 +592,7 @@ class Disruptions:
                 Event(
                     self.workloads[key],
                     "Warning",
-                    "GangRestart",
+                    EventReason.GANG_RESTART,
                     "the gang restarts: "
                     + ", ".join(f"replica {r} moves from {old} to {new}" for r, old, new in moves)
                     + "; the other replicas stay where they run",
@@ -745,16 +758,16 @@ def pod_id(pod: Mapping[str, Any]) -> tuple[str, str]:
 def running(pod: Mapping[str, Any]) -> bool:
     """A pod bound to a node and running: the ones telemetry can attribute GPU draw to."""
     return bool((pod.get("spec") or {}).get("nodeName")) and (
-        (pod.get("status") or {}).get("phase") == "Running"
+        (pod.get("status") or {}).get("phase") == PodPhase.RUNNING
     )
 
 
 def _pod_started(pod: Mapping[str, Any]) -> datetime | None:
-    return accounting.parse_rfc3339((pod.get("status") or {}).get("startTime"))
+    return read_timestamp((pod.get("status") or {}).get("startTime"))
 
 
 def _finished(pod: Mapping[str, Any]) -> bool:
-    return (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}
+    return (pod.get("status") or {}).get("phase") in POD_FINISHED_PHASES
 
 
 def _pod_failure(pod: Mapping[str, Any]) -> str:
@@ -772,7 +785,7 @@ def _pod_failure(pod: Mapping[str, Any]) -> str:
 def _slo_of(status: Mapping[str, Any]) -> bool | None:
     """Whether a workload's SLOMet condition is True (None: it has none)."""
     condition = next(
-        (c for c in status.get("conditions") or [] if c.get("type") == statuses.SLO_MET), None
+        (c for c in status.get("conditions") or [] if c.get("type") == ConditionType.SLO_MET), None
     )
     if condition is not None and condition.get("status") in {"True", "False"}:
         return bool(condition["status"] == "True")
@@ -847,7 +860,7 @@ def lifecycle(
     for key, body in view.workloads.items():
         phase = (body.get("status") or {}).get("phase")
         pods = pods_by_workload.get(key, [])
-        if phase in statuses.TERMINAL_PHASES or is_deleting(body):
+        if phase in TERMINAL_PHASES or is_deleting(body):
             life.keep_pods.update(pod_id(p) for p in pods if _finished(p))
             continue
         views = [statuses.PodView.from_pod(p) for p in pods]
@@ -857,19 +870,19 @@ def lifecycle(
             life.keep_pods.update(pod_id(p) for p in pods)
             continue
         life.keep_pods.update(
-            pod_id(p) for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"
+            pod_id(p) for p in pods if (p.get("status") or {}).get("phase") == PodPhase.SUCCEEDED
         )
         annotations = body["metadata"].get("annotations") or {}
         # The annotations are the operator's, but anyone who may edit the workload can
         # change them: a value that is not ours counts as none.
-        failures_text = str(annotations.get(ANNOTATION_FAILURES, "0"))
+        failures_text = str(annotations.get(FAILURES_ANNOTATION, "0"))
         failures = int(failures_text) if failures_text.isdigit() else 0
-        retry_after = annotations.get(ANNOTATION_RETRY_AFTER)
+        retry_after = annotations.get(RETRY_AFTER_ANNOTATION)
         for pod in pods:
-            if (pod.get("status") or {}).get("phase") != "Failed":
+            if (pod.get("status") or {}).get("phase") != PodPhase.FAILED:
                 continue
             pod_annotations = pod["metadata"].get("annotations") or {}
-            if ANNOTATION_FAILURE_COUNTED not in pod_annotations:
+            if FAILURE_COUNTED_ANNOTATION not in pod_annotations:
                 failures += 1
                 retry_moment = now + timedelta(
                     seconds=backoff_seconds(failures, settings.backoff_seconds)
@@ -882,7 +895,7 @@ def lifecycle(
                     f"{settings.backoff_limit}); last: {_pod_failure(pod)}"
                 )
                 break
-            due = accounting.parse_rfc3339(retry_after) or now
+            due = read_timestamp(retry_after) or now
             if now >= due:
                 life.delete_pods.add(pod_id(pod))
             else:
@@ -903,8 +916,8 @@ def _count_failure(
             {
                 "metadata": {
                     "annotations": {
-                        ANNOTATION_FAILURES: str(failures),
-                        ANNOTATION_RETRY_AFTER: retry_after,
+                        FAILURES_ANNOTATION: str(failures),
+                        RETRY_AFTER_ANNOTATION: retry_after,
                     }
                 }
             },
@@ -913,14 +926,14 @@ def _count_failure(
     life.patches.append(
         MetadataPatch(
             ObjectRef.of(POD_KIND, pod),
-            {"metadata": {"annotations": {ANNOTATION_FAILURE_COUNTED: "true"}}},
+            {"metadata": {"annotations": {FAILURE_COUNTED_ANNOTATION: "true"}}},
         )
     )
     life.events.append(
         Event(
             ObjectRef.of(WORKLOAD_KIND, workload),
             "Warning",
-            "ReplicaFailed",
+            EventReason.REPLICA_FAILED,
             f"pod {pod['metadata']['name']} failed ({_pod_failure(pod)}); failure {failures}, "
             f"retry after {retry_after}",
         )
@@ -957,13 +970,18 @@ def _rejected_statuses(
             continue
         previous = body.get("status") or {}
         admitted = next(
-            (c for c in previous.get("conditions") or [] if c.get("type") == "Admitted"), None
+            (
+                c
+                for c in previous.get("conditions") or []
+                if c.get("type") == ConditionType.ADMITTED
+            ),
+            None,
         )
         if admitted is not None and admitted.get("message") == message:
             continue
         condition = statuses.condition(
             previous.get("conditions") or [],
-            "Admitted",
+            ConditionType.ADMITTED,
             False,
             reason,
             message,
@@ -974,7 +992,7 @@ def _rejected_statuses(
         # was refused) goes, so phase, conditions and placements agree. (Merge patch: None
         # removes a field.)
         status = {
-            "phase": statuses.PENDING,
+            "phase": Phase.PENDING,
             "conditions": [condition],
             "message": message,
             "placements": None,
@@ -1003,7 +1021,9 @@ def _left_out(
         if reported.get(key) != reason:
             logger.warning("node %s takes no work: %s", name, reason)
             node = view.nodes.get(name) or {"metadata": {"name": name}}
-            events.append(Event(ObjectRef.of("Node", node), "Warning", "NodeExcluded", reason))
+            events.append(
+                Event(ObjectRef.of("Node", node), "Warning", EventReason.NODE_EXCLUDED, reason)
+            )
     return events, {
         **built.ignored,
         **{f"Node {name}": reason for name, reason in built.excluded_nodes.items()},
@@ -1035,7 +1055,7 @@ def _prepare(observed: Observed, now: datetime, build_input: InputBuilder) -> _P
         key: body
         for key, body in view.workloads.items()
         if not is_deleting(body)
-        and (body.get("status") or {}).get("phase") not in statuses.TERMINAL_PHASES
+        and (body.get("status") or {}).get("phase") not in TERMINAL_PHASES
         and key not in life.succeeded
         and key not in life.failed
     }
@@ -1156,8 +1176,8 @@ def _decide(observed: Observed, prepared: _Prepared, plan_function: PlanFunction
     if life.wake_at is not None:
         wakes.append(life.wake_at)
     left_out, reported = _left_out(view, built, memory.reported)
-    early = _rejected_statuses(view, built.rejected, now, reason="InvalidSpec")
-    early += _rejected_statuses(view, prepared.refused, now, reason="PodRejected")
+    early = _rejected_statuses(view, built.rejected, now, reason=Reason.INVALID_SPEC)
+    early += _rejected_statuses(view, prepared.refused, now, reason=Reason.POD_REJECTED)
 
     # Services are sized for their forecast demand (measured tokens/s with headroom), or
     # their declared spec.slo.tokensPerSecond until there are readings.
@@ -1501,16 +1521,21 @@ def _moving_statuses(
     for key, names in sorted(moving.items()):
         body = active[key]
         previous = body.get("status") or {}
-        if previous.get("phase") != statuses.RUNNING:
+        if previous.get("phase") != Phase.RUNNING:
             continue
         message = f"pod(s) {', '.join(sorted(names))} move: waiting for their replacements"
         ready = statuses.condition(
-            previous.get("conditions") or [], "Ready", False, "Moving", message, now=now
+            previous.get("conditions") or [],
+            ConditionType.READY,
+            False,
+            Reason.MOVING,
+            message,
+            now=now,
         )
-        conditions = [c for c in previous.get("conditions") or [] if c.get("type") != "Ready"] + [
-            ready
-        ]
-        status = {"phase": statuses.PLACED, "message": message, "conditions": conditions}
+        conditions = [
+            c for c in previous.get("conditions") or [] if c.get("type") != ConditionType.READY
+        ] + [ready]
+        status = {"phase": Phase.PLACED, "message": message, "conditions": conditions}
         writes.append(StatusWrite(ObjectRef.of(WORKLOAD_KIND, body), status))
     return writes
 
@@ -1979,7 +2004,7 @@ def _workload_statuses(
         if is_deleting(body):
             continue
         previous = body.get("status") or {}
-        previous_phase = str(previous.get("phase") or statuses.PENDING)
+        previous_phase = str(previous.get("phase") or Phase.PENDING)
         if key not in active and key not in life.succeeded and key not in life.failed:
             results.append(
                 WorkloadStatus(
@@ -2055,9 +2080,10 @@ def _workload_events(
     """The Events of a workload's status change."""
     before_phase = previous.get("phase")
     phase = new["phase"]
-    schedulable = next(c for c in new["conditions"] if c["type"] == "Schedulable")
+    schedulable = next(c for c in new["conditions"] if c["type"] == ConditionType.SCHEDULABLE)
     before_schedulable = next(
-        (c for c in previous.get("conditions") or [] if c.get("type") == "Schedulable"), None
+        (c for c in previous.get("conditions") or [] if c.get("type") == ConditionType.SCHEDULABLE),
+        None,
     )
     events: list[tuple[str, str, str]] = []
     # One Event when the workload becomes unschedulable or the binding constraint changes; a
@@ -2068,27 +2094,28 @@ def _workload_events(
         or before_schedulable.get("status") != "False"
         or before_schedulable.get("reason") != schedulable["reason"]
     ):
-        if schedulable["reason"] == budget_horizon.DEFERRED_REASON:
-            events.append(("Normal", budget_horizon.DEFERRED_REASON, schedulable["message"]))
+        if schedulable["reason"] == Reason.DEFERRED:
+            events.append(("Normal", EventReason.DEFERRED, schedulable["message"]))
         else:
-            events.append(("Warning", "Unschedulable", schedulable["message"]))
+            events.append(("Warning", EventReason.UNSCHEDULABLE, schedulable["message"]))
     # Running is in the status (phase, Ready condition) but gets no Event: one API write per
     # workload less when a burst of pods starts.
     if before_phase is None:
-        events.append(("Normal", "Admitted", "the operator accepted the workload"))
-    slo = next((c for c in new["conditions"] if c["type"] == statuses.SLO_MET), None)
+        events.append(("Normal", EventReason.ADMITTED, "the operator accepted the workload"))
+    slo = next((c for c in new["conditions"] if c["type"] == ConditionType.SLO_MET), None)
     before_slo = next(
-        (c for c in previous.get("conditions") or [] if c.get("type") == statuses.SLO_MET), None
+        (c for c in previous.get("conditions") or [] if c.get("type") == ConditionType.SLO_MET),
+        None,
     )
     # An objective that was met and no longer is (preempted, a budget cut, a lost node).
     if slo is not None and slo["status"] == "False" and (before_slo or {}).get("status") == "True":
-        events.append(("Warning", "SLORisk", slo["message"]))
-    if phase != before_phase and phase == statuses.PLACED:
-        events.append(("Normal", "Placed", new["message"]))
-    elif phase != before_phase and phase == statuses.SUCCEEDED:
-        events.append(("Normal", "Succeeded", "every replica finished"))
-    elif phase != before_phase and phase == statuses.FAILED:
-        events.append(("Warning", "Failed", new["message"]))
+        events.append(("Warning", EventReason.SLO_RISK, slo["message"]))
+    if phase != before_phase and phase == Phase.PLACED:
+        events.append(("Normal", EventReason.PLACED, new["message"]))
+    elif phase != before_phase and phase == Phase.SUCCEEDED:
+        events.append(("Normal", EventReason.SUCCEEDED, "every replica finished"))
+    elif phase != before_phase and phase == Phase.FAILED:
+        events.append(("Warning", EventReason.FAILED, new["message"]))
     return tuple(Event(ref, *event) for event in events)
 
 
@@ -2145,7 +2172,7 @@ def _budget_statuses(
                 *new["conditions"],
                 statuses.condition(
                     previous.get("conditions") or [],
-                    budget_horizon.CONDITION_TYPE,
+                    ConditionType.ALLOWANCE_EXHAUSTED,
                     outlook.exhausted,
                     outlook.reason,
                     outlook.message,
@@ -2201,39 +2228,41 @@ def _budget_events(
     (the cache may not show this round's status write yet); after a restart the status stands
     in."""
     events = []
-    for type_ in ("Ready", statuses.NODES_PLANNED):
+    for type_ in (ConditionType.READY, ConditionType.NODES_PLANNED):
         after = statuses.find_condition(new.get("conditions") or [], type_)
         key = f"EnergyBudget {ref.name} {type_}"
         if after is None or after["status"] != "False":
             posted.pop(key, None)
             continue
-        seen = (after["reason"], after["message"] if type_ == statuses.NODES_PLANNED else "")
+        seen = (after["reason"], after["message"] if type_ == ConditionType.NODES_PLANNED else "")
         if key not in posted:
             before = statuses.find_condition(previous.get("conditions") or [], type_) or {}
             if before.get("status") == "False":
                 posted[key] = (
                     str(before.get("reason")),
-                    str(before.get("message")) if type_ == statuses.NODES_PLANNED else "",
+                    str(before.get("message")) if type_ == ConditionType.NODES_PLANNED else "",
                 )
         if posted.get(key) != seen:
             posted[key] = seen
             events.append(Event(ref, "Warning", after["reason"], after["message"]))
     # An allowance that has no room for all flexible work: one Event each time it runs short
     # (or for another allowance), none while it stays short.
-    exhausted = statuses.find_condition(new.get("conditions") or [], budget_horizon.CONDITION_TYPE)
-    key = f"EnergyBudget {ref.name} {budget_horizon.CONDITION_TYPE}"
+    exhausted = statuses.find_condition(
+        new.get("conditions") or [], ConditionType.ALLOWANCE_EXHAUSTED
+    )
+    key = f"EnergyBudget {ref.name} {ConditionType.ALLOWANCE_EXHAUSTED}"
     if exhausted is None or exhausted["status"] != "True":
         posted.pop(key, None)
     else:
         was = statuses.find_condition(
-            previous.get("conditions") or [], budget_horizon.CONDITION_TYPE
+            previous.get("conditions") or [], ConditionType.ALLOWANCE_EXHAUSTED
         )
         if key not in posted and was is not None and was.get("status") == "True":
             posted[key] = (str(was.get("reason")), "")
         if posted.get(key) != (exhausted["reason"], ""):
             posted[key] = (exhausted["reason"], "")
             events.append(
-                Event(ref, "Warning", budget_horizon.CONDITION_TYPE, exhausted["message"])
+                Event(ref, "Warning", ConditionType.ALLOWANCE_EXHAUSTED, exhausted["message"])
             )
     return tuple(events)
 
@@ -2247,7 +2276,7 @@ def _still_active(view: ClusterView, last: LastRound) -> dict[str, Body]:
         for key, body in view.workloads.items()
         if key in last.active
         and not is_deleting(body)
-        and (body.get("status") or {}).get("phase") not in statuses.TERMINAL_PHASES
+        and (body.get("status") or {}).get("phase") not in TERMINAL_PHASES
     }
 
 
@@ -2377,13 +2406,15 @@ def failed_round(observed: Observed, error: BaseException, now: datetime) -> Rou
     writes: list[StatusWrite] = []
     for body in view.budgets.values():
         if not is_deleting(body):
-            write = _mark_failed(BUDGET_KIND, body, "Ready", cause, now=now, said=said)
+            write = _mark_failed(BUDGET_KIND, body, ConditionType.READY, cause, now=now, said=said)
             writes += [write] if write else []
     for body in view.workloads.values():
         phase = (body.get("status") or {}).get("phase")
-        waiting = phase in (None, statuses.PENDING, statuses.PREEMPTED)
+        waiting = phase in (None, Phase.PENDING, Phase.PREEMPTED)
         if waiting and not is_deleting(body):
-            write = _mark_failed(WORKLOAD_KIND, body, "Schedulable", cause, now=now, said=said)
+            write = _mark_failed(
+                WORKLOAD_KIND, body, ConditionType.SCHEDULABLE, cause, now=now, said=said
+            )
             writes += [write] if write else []
     return Round(
         memory=dataclasses.replace(observed.memory, failure_reported=said),
@@ -2407,8 +2438,8 @@ def _mark_failed(
     marked = statuses.condition(
         previous.get("conditions") or [],
         type_,
-        False if type_ == "Ready" else None,
-        PLAN_FAILED,
+        False if type_ == ConditionType.READY else None,
+        Reason.PLAN_FAILED,
         cause,
         now=now,
         observed_generation=int(meta.get("generation") or 1),
@@ -2416,10 +2447,10 @@ def _mark_failed(
     conditions = [c for c in previous.get("conditions") or [] if c.get("type") != type_] + [marked]
     status: dict[str, Any] = {"conditions": conditions}
     if kind == WORKLOAD_KIND:  # it waits, and says why
-        status |= {"phase": previous.get("phase") or statuses.PENDING, "message": cause}
+        status |= {"phase": previous.get("phase") or Phase.PENDING, "message": cause}
     said[key] = cause
     ref = ObjectRef.of(kind, body)
-    return StatusWrite(ref, status, (Event(ref, "Warning", PLAN_FAILED, cause),))
+    return StatusWrite(ref, status, (Event(ref, "Warning", EventReason.PLAN_FAILED, cause),))
 
 
 def after_apply(

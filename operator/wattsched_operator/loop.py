@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from wattsched_api.meta import Source
-from wattsched_operator import accounting, budget_horizon, core, desired
+from wattsched_api.meta import read_timestamp
+from wattsched_api.vocabulary import Source
+from wattsched_operator import budget_horizon, core, desired
 from wattsched_operator.apply import Applier
 from wattsched_operator.cache import (
     BUDGETS,
@@ -236,7 +237,7 @@ class PlanningLoop:
         beats: dict[str, datetime | None] = {}
         for node in self.memory.ready_agents:
             agent = ((self.cache.get(PROFILES, node) or {}).get("status") or {}).get("agent") or {}
-            beats[node] = accounting.parse_rfc3339(agent.get("heartbeatTime"))
+            beats[node] = read_timestamp(agent.get("heartbeatTime"))
         return beats
 
     def _heartbeat_expiry(self) -> float | None:
