@@ -260,7 +260,14 @@ class Prepared:
     rejections: dict[str, PodRejection]
 
 
-def prepare(observed: Observed, now: datetime, build_input: InputBuilder) -> Prepared:
+def prepare(
+    observed: Observed, now: datetime, *, build_input: InputBuilder | None = None
+) -> Prepared:
+    """Step 1 of a round: the lifecycles and the optimizer's input. Computed once per round: the
+    shell passes it to `telemetry_requests` and `decide` (telemetry does not change it).
+    `build_input` turns the objects into the optimizer's input (the snapshot reader with the
+    settings' heartbeat timeout unless injected)."""
+    build_input = build_input or build_input_function(observed.settings.heartbeat_timeout_seconds)
     view = observed.view
     pods_by_workload = _pods_by_workload(view)
     life = lifecycle.advance(view, pods_by_workload, now, observed.monotonic, observed.settings)
@@ -284,20 +291,17 @@ def prepare(observed: Observed, now: datetime, build_input: InputBuilder) -> Pre
     return Prepared(now, pods_by_workload, life, built, plan_input, active, refused, rejections)
 
 
-def _default_build_input(settings: Settings) -> InputBuilder:
-    return build_input_function(settings.heartbeat_timeout_seconds)
-
-
 def telemetry_requests(
     observed: Observed,
     now: datetime,
     *,
-    build_input: InputBuilder | None = None,
+    prepared: Prepared | None = None,
     between_plans: bool = False,
 ) -> TelemetryRequests:
-    """What the shell must read for `decide(observed, now)` (or `account` when `between_plans`):
-    the snapshot of the planned nodes and running pods, the energy of what accounting finds due,
-    the budgets' carbon intensity queries and the due jobs' progress queries."""
+    """What the shell must read for `decide(observed, now, prepared=prepared)` (or `account` when
+    `between_plans`, without `prepared`): the snapshot of the planned nodes and running pods, the
+    energy of what accounting finds due, the budgets' carbon intensity queries and the due jobs'
+    progress queries."""
     view = observed.view
     last = observed.memory.last_round
     if between_plans:
@@ -306,7 +310,7 @@ def telemetry_requests(
         plan_input, jobs, active = last.plan_input, last.built.jobs, _still_active(view, last)
         forecasts = {}
     else:
-        prepared = prepare(observed, now, build_input or _default_build_input(observed.settings))
+        prepared = _checked(prepared or prepare(observed, now), now)
         plan_input, jobs, active = prepared.plan_input, prepared.built.jobs, prepared.active
         forecasts = _forecast_queries(prepared.built.budgets, observed.settings)
     pods = _pods_by_workload(view)
@@ -338,6 +342,12 @@ def telemetry_requests(
     )
 
 
+def _checked(prepared: Prepared, now: datetime) -> Prepared:
+    if prepared.now != now:
+        raise ValueError(f"prepared for {prepared.now.isoformat()}, not this round ({now})")
+    return prepared
+
+
 def _forecast_queries(budgets: Mapping[str, EnergyBudget], settings: Settings) -> dict[str, str]:
     """Each budget's carbon forecast query, when the horizon plans over time."""
     if settings.horizon_hours <= 0 or not budget_horizon.plans_over_time(budgets.values()):
@@ -355,15 +365,16 @@ def decide(
     *,
     plan_function: PlanFunction = optimizer_plan,
     build_input: InputBuilder | None = None,
+    prepared: Prepared | None = None,
 ) -> Round:
     """One planning round: what the shell must do, in data, and the next memory.
 
     `plan_function` solves (the optimizer's `plan` unless a caller injects another, e.g. a stub
-    in tests); `build_input` turns the objects into the optimizer's input (the snapshot reader
-    with the settings' heartbeat timeout unless injected). Raises what the solve raises (the
-    shell then reports a failed round: `failed_round`).
+    in tests); `prepared` is this round's `prepare(observed, now)` where the shell already has it
+    (for `telemetry_requests`), else `build_input` is passed to `prepare`. Raises what the solve
+    raises (the shell then reports a failed round: `failed_round`).
     """
-    prepared = prepare(observed, now, build_input or _default_build_input(observed.settings))
+    prepared = _checked(prepared or prepare(observed, now, build_input=build_input), now)
     # Products the catalogue lacks (as their nodes describe them) are known for this round.
     with products_in_scope(prepared.plan_input.products):
         return _decide(observed, prepared, plan_function)
@@ -433,31 +444,17 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
         calibrated_at = observed.monotonic
     if learned:
         corrections = calibrator.corrections()
-    learning.record_demand(
-        history, plan_input, prepared.pods_by_workload, telemetry, observed.monotonic
-    )
-    learning.record_hourly(hourly, plan_input, prepared.pods_by_workload, telemetry, now)
+    # One reading of the services' tokens/s and queues, for the demand history and the hours.
+    measured = learning.measured_services(plan_input, prepared.pods_by_workload, telemetry)
+    learning.record_demand(history, measured, observed.monotonic)
+    learning.record_hourly(hourly, measured, now)
 
+    # Deferred work reaches the pod round and the statuses one way: without a place, reason
+    # Deferred (a deferred job's evicted pods say until when and why).
+    unplaced = status_writes.unplaced_of(plan, timed.deferred)
     changes = pod_changes.pod_round(
-        view,
-        active,
-        plan,
-        life,
-        now,
-        plan_input=plan_input,
-        deferred=frozenset(d.workload for d in timed.deferred),
+        view, active, plan, life, now, plan_input=plan_input, unplaced=unplaced
     )
-    if timed.deferred:  # a deferred job's evicted pods say until when and why
-        changes = dataclasses.replace(
-            changes,
-            disruptions=dataclasses.replace(
-                changes.disruptions,
-                unplaced={
-                    **changes.disruptions.unplaced,
-                    **status_writes.deferred_unplaced(timed.deferred),
-                },
-            ),
-        )
     accounts, energy_counts, budget_counts = bookkeeping.account(
         view,
         active=active,
@@ -479,7 +476,7 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
         accounts=accounts,
         telemetry=telemetry,
         demands=demands,
-        deferred=timed.deferred,
+        unplaced=unplaced,
     )
     budget_statuses, budget_reported, budget_metrics = status_writes.budget_statuses(
         view,
@@ -565,10 +562,9 @@ def account(observed: Observed, now: datetime) -> Round:
     active = _still_active(view, last)
     calibrator, history = _fork(memory)
     hourly = copy.deepcopy(memory.hourly_demand)
-    learning.record_demand(
-        history, last.plan_input, pods_by_workload, telemetry, observed.monotonic
-    )
-    learning.record_hourly(hourly, last.plan_input, pods_by_workload, telemetry, now)
+    measured = learning.measured_services(last.plan_input, pods_by_workload, telemetry)
+    learning.record_demand(history, measured, observed.monotonic)
+    learning.record_hourly(hourly, measured, now)
     accounts, energy_counts, budget_counts = bookkeeping.account(
         view,
         active=active,
@@ -590,7 +586,9 @@ def account(observed: Observed, now: datetime) -> Round:
         accounts=accounts,
         telemetry=telemetry,
         demands=last.demands,
-        deferred=last.over_time.deferred if last.over_time is not None else (),
+        unplaced=status_writes.unplaced_of(
+            last.plan, last.over_time.deferred if last.over_time is not None else ()
+        ),
     )
     budget_statuses, budget_reported, budget_metrics = status_writes.budget_statuses(
         view,
@@ -635,9 +633,10 @@ def check_demand(observed: Observed) -> Round:
     if last is None or telemetry is None or telemetry.stale:
         return Round(memory=memory)
     history = copy.deepcopy(memory.demand)
-    learning.record_demand(
-        history, last.plan_input, _pods_by_workload(observed.view), telemetry, observed.monotonic
+    measured = learning.measured_services(
+        last.plan_input, _pods_by_workload(observed.view), telemetry
     )
+    learning.record_demand(history, measured, observed.monotonic)
     short = services_short_of_demand(last, history, observed.monotonic)
     if short:
         logger.info("demand above the plan's capacity for %s: re-planning", ", ".join(short))

@@ -122,31 +122,23 @@ def applied_since(
 
 def record_demand(
     history: demand.DemandHistory,
-    plan_input: PlanInput,
-    pods_by_workload: Mapping[str, list[Body]],
-    telemetry: TelemetrySnapshot | None,
+    measured: Mapping[str, tuple[float, float]],
     monotonic: float,
 ) -> None:
-    """Add each service's measured tokens/s to its demand history, with the tokens waiting in
-    its queues (`_measured_services`)."""
-    for key, (tokens_per_second, backlog_tokens) in measured_services(
-        plan_input, pods_by_workload, telemetry
-    ).items():
+    """Add each service's `measured` tokens/s (`measured_services`) to its demand history, with
+    the tokens waiting in its queues."""
+    for key, (tokens_per_second, backlog_tokens) in measured.items():
         history.record(key, monotonic, tokens_per_second, backlog_tokens=backlog_tokens)
 
 
 def record_hourly(
     hourly: demand.HourlyDemand,
-    plan_input: PlanInput,
-    pods_by_workload: Mapping[str, list[Body]],
-    telemetry: TelemetrySnapshot | None,
+    measured: Mapping[str, tuple[float, float]],
     now: datetime,
 ) -> None:
-    """Add each service's measured tokens/s to its peak of the wall-clock hour (the horizon's
-    forecast for the same hour of later days)."""
-    for key, (tokens_per_second, _) in measured_services(
-        plan_input, pods_by_workload, telemetry
-    ).items():
+    """Add each service's `measured` tokens/s (`measured_services`) to its peak of the
+    wall-clock hour (the horizon's forecast for the same hour of later days)."""
+    for key, (tokens_per_second, _) in measured.items():
         hourly.record(key, now.timestamp(), tokens_per_second)
 
 

@@ -299,21 +299,19 @@ class PlanningLoop:
         view = self.cache.view()
         started = time.monotonic()
         observed = self._observed(view, None)
+        # Once per round: telemetry_requests and decide share it.
+        prepared = await self._call(
+            functools.partial(core.prepare, build_input=self.build_input), observed, now
+        )
         readings = None
         if self.telemetry is not None:
             requests = await self._call(
-                functools.partial(core.telemetry_requests, build_input=self.build_input),
-                observed,
-                now,
+                functools.partial(core.telemetry_requests, prepared=prepared), observed, now
             )
             readings = await self._read(requests)
         observed = dataclasses.replace(observed, telemetry=readings)
         decided = await self._call(
-            functools.partial(
-                core.decide,
-                plan_function=self.plan_function,
-                build_input=self.build_input,
-            ),
+            functools.partial(core.decide, plan_function=self.plan_function, prepared=prepared),
             observed,
             now,
         )

@@ -52,6 +52,7 @@ from wattsched_optimizer.problem import (
     MoveReason,
     Plan,
     PlanInput,
+    Unplaced,
     WorkloadType,
 )
 
@@ -88,11 +89,13 @@ def pod_round(
     now: datetime,
     *,
     plan_input: PlanInput,
-    deferred: frozenset[str] = frozenset(),
+    unplaced: Mapping[str, Unplaced],
 ) -> Round:
     """The pod and power-limit changes of a plan: lower, evict, delete, create, raise (in a
-    Round without memory; `_decide` completes it). A service's replica that moves is handed
-    over make-before-break where GPUs and budgets allow (`_handovers`)."""
+    Round without memory; `core.decide` completes it). A service's replica that moves is handed
+    over make-before-break where GPUs and budgets allow (`_handovers`). `unplaced`: the
+    workloads without a place this round (`status_writes.unplaced_of`: the plan's and the
+    deferred work); a running one is preempted with the cause its constraint names."""
     objects = {key: workload_object(body) for key, body in active.items()}
     lost_nodes = frozenset(
         name for name, body in view.nodes.items() if not snapshot.keeps_running(body)
@@ -146,8 +149,6 @@ def pod_round(
         node = (pods_by_name.get((namespace, name), {}).get("spec") or {}).get("nodeName")
         return bool(node) and node not in view.nodes
 
-    unplaced = {u.workload: u for u in plan.unplaced}
-
     def cause(pod: Mapping[str, Any]) -> MoveReason | None:
         key = pod_workload_key(pod)
         if key not in active or finished(pod):
@@ -157,9 +158,7 @@ def pod_round(
         if pod_id(pod) in handovers.finished or pod_id(pod) in handovers.fallbacks:
             # The old pod of a make-before-break move (its replacement has the other name).
             return plan.move_reasons.get(key, MoveReason.SPEC)
-        if key in deferred:  # the horizon plan runs it later
-            return MoveReason.DEFERRED
-        if key not in placed_keys:  # its workload lost its place: preempted
+        if key not in placed_keys:  # its workload lost its place (or runs later): preempted
             return preemption_cause(unplaced[key].constraint if key in unplaced else "")
         return None  # scaled down
 
@@ -209,7 +208,7 @@ def pod_round(
         raise_=steps.raise_,
         disruptions=Disruptions(
             move_reasons=dict(plan.move_reasons),
-            unplaced=unplaced,
+            unplaced=dict(unplaced),
             placed={(p.workload, p.replica): p.node for p in plan.placements},
             pods=pods_by_name,
             want=want,

@@ -100,23 +100,22 @@ def workload_statuses(
     accounts: bookkeeping.Accounts,
     telemetry: TelemetrySnapshot | None = None,
     demands: Mapping[str, float] | None = None,
-    deferred: Iterable[budget_horizon.DeferredWork] = (),
+    unplaced: Mapping[str, Unplaced],
 ) -> tuple[list[WorkloadStatus], frozenset[str]]:
     """Each handled workload's status and its Events; with `telemetry` (Prometheus configured)
     also its `TelemetryFresh` condition from this round's reading of its running pods. `demands`
-    are the tokens/s each service was sized for (SLOMet compares the plan with them); `deferred`
-    the work the horizon holds back now (neither placed nor unplaced: Schedulable=False with
-    reason Deferred, and until when and why). Returns them and the workloads that exist (for
-    metrics)."""
+    are the tokens/s each service was sized for (SLOMet compares the plan with them); `unplaced`
+    the workloads without a place (`unplaced_of`: the work the horizon holds back now says
+    Schedulable=False with reason Deferred, and until when and why). Returns them and the
+    workloads that exist (for metrics)."""
     placements_by_workload: dict[str, list[Any]] = {}
     for placement in plan.placements:
         placements_by_workload.setdefault(placement.workload, []).append(placement)
-    unplaced = {u.workload: u for u in plan.unplaced}
     # A service served in part is placed, with its shortfall saying what binds.
-    unplaced.update(
-        {s.workload: Unplaced(s.workload, s.reason, s.constraint) for s in plan.shortfalls}
-    )
-    unplaced.update(deferred_unplaced(deferred))
+    unplaced = {
+        **unplaced,
+        **{s.workload: Unplaced(s.workload, s.reason, s.constraint) for s in plan.shortfalls},
+    }
     results: list[WorkloadStatus] = []
     for key, body in view.workloads.items():
         if is_deleting(body):
@@ -178,10 +177,15 @@ def workload_statuses(
     return results, frozenset(view.workloads)
 
 
-def deferred_unplaced(deferred: Iterable[budget_horizon.DeferredWork]) -> dict[str, Unplaced]:
-    """Deferred work as the status writer shows it: not placed now, reason Deferred."""
+def unplaced_of(plan: Plan, deferred: Iterable[budget_horizon.DeferredWork]) -> dict[str, Unplaced]:
+    """The workloads a round leaves without a place, by key: the plan's unplaced, and the work
+    the horizon defers (left out of the solve; shown as not placed now, reason Deferred)."""
     return {
-        d.workload: Unplaced(d.workload, d.message, statuses.DEFERRED_CONSTRAINT) for d in deferred
+        **{u.workload: u for u in plan.unplaced},
+        **{
+            d.workload: Unplaced(d.workload, d.message, statuses.DEFERRED_CONSTRAINT)
+            for d in deferred
+        },
     }
 
 
