@@ -9,6 +9,8 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from wattsched_api import vocabulary
 from wattsched_api.vocabulary import Source
 from wattsched_operator import core, desired, statuses
@@ -361,6 +363,35 @@ def test_the_shell_is_told_what_to_read_and_the_readings_make_the_energy_measure
         dataclasses.replace(observed, telemetry=core.Readings(snapshot=snapshot)), NOW
     )
     assert [c.source for c in modelled.metrics.workload_energy] == ["modelled"]
+
+
+def test_a_round_prepares_its_input_once_for_the_readings_and_the_decision() -> None:
+    built: list[datetime] = []
+    snapshot_reader = core.build_input_function(30.0)
+
+    def build_input(
+        cluster: core.ClusterView, unconfirmed: frozenset[str], now: datetime
+    ) -> core.PlannedInput:
+        built.append(now)
+        return snapshot_reader(cluster, unconfirmed, now)
+
+    observed = core.Observed(view([node("l40s-0")], [service()], []), monotonic=100.0)
+    prepared = core.prepare(observed, NOW, build_input=build_input)
+    requests = core.telemetry_requests(observed, NOW, prepared=prepared)
+    readings = core.Readings(snapshot=TelemetrySnapshot(NOW, Source.MEASURED, False, ""))
+    round_ = core.decide(dataclasses.replace(observed, telemetry=readings), NOW, prepared=prepared)
+
+    assert built == [NOW]
+    assert requests.nodes == ("l40s-0",)
+    alone = core.decide(dataclasses.replace(observed, telemetry=readings), NOW)
+    assert [p["metadata"]["name"] for p in round_.create] == ["chat-0"]
+    assert round_.create == alone.create
+    assert [w.write.status for w in round_.workload_statuses if w.write] == [
+        w.write.status for w in alone.workload_statuses if w.write
+    ]
+    # A preparation is for its round only.
+    with pytest.raises(ValueError, match="not this round"):
+        core.decide(observed, NOW + timedelta(seconds=1), prepared=prepared)
 
 
 def _chat_reading(tokens: float, queued: float | None) -> core.Readings:
