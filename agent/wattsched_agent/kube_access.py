@@ -18,18 +18,22 @@ from typing import Any
 import yaml
 from kubernetes import client, config, watch
 
-from wattsched_agent.reconcile import WORKLOAD_LABEL, PlacedPod, gpus_requested
+from wattsched_agent.reconcile import PlacedPod, gpus_requested
 from wattsched_api.llmworkload import WorkloadType
-from wattsched_api.meta import WORKLOAD_TYPE_ANNOTATION
+from wattsched_api.vocabulary import (
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    POD_FINISHED_PHASES,
+    SIMULATED_UTILISATION_ANNOTATION,
+    WORKLOAD_LABEL,
+    WORKLOAD_TYPE_ANNOTATION,
+)
 
 GROUP = "wattsched.io"
 VERSION = "v1alpha1"
 PLURAL = "nodepowerprofiles"
-PRODUCT_LABEL = "nvidia.com/gpu.product"
 COUNT_LABEL = "nvidia.com/gpu.count"
 GPU_NODE_SELECTOR = "nvidia.com/gpu.present=true"
-# Test and demo hook: a pod annotation saying how busy its GPUs are in the simulation (0..1).
-UTILISATION_ANNOTATION = "wattsched.io/simulated-utilisation"
 REQUEST_TIMEOUT_SECONDS = 10
 # Connections kept open to the API server: the all-nodes agent patches many statuses at once.
 CONNECTIONS = 16
@@ -51,11 +55,11 @@ def node_gpu_info(node: Mapping[str, Any]) -> GpuNodeInfo:
     name = str(metadata.get("name", "?"))
     labels = metadata.get("labels") or {}
     allocatable = (node.get("status") or {}).get("allocatable") or {}
-    product = labels.get(PRODUCT_LABEL)
-    count_text = labels.get(COUNT_LABEL) or allocatable.get("nvidia.com/gpu")
+    product = labels.get(GPU_PRODUCT_LABEL)
+    count_text = labels.get(COUNT_LABEL) or allocatable.get(GPU_RESOURCE)
     if not product or count_text is None:
         raise ValueError(
-            f"node {name}: needs label {PRODUCT_LABEL} and label {COUNT_LABEL} or allocatable "
+            f"node {name}: needs label {GPU_PRODUCT_LABEL} and label {COUNT_LABEL} or allocatable "
             f"nvidia.com/gpu to simulate its GPUs"
         )
     return GpuNodeInfo(name, str(product), int(count_text))
@@ -69,13 +73,13 @@ def placed_pod(pod: Mapping[str, Any]) -> PlacedPod | None:
     metadata = pod.get("metadata") or {}
     if metadata.get("deletionTimestamp"):
         return None
-    if (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}:
+    if (pod.get("status") or {}).get("phase") in POD_FINISHED_PHASES:
         return None
     gpus, container = gpus_requested(pod.get("spec") or {})
     if gpus == 0:
         return None
     annotations = metadata.get("annotations") or {}
-    annotation = annotations.get(UTILISATION_ANNOTATION)
+    annotation = annotations.get(SIMULATED_UTILISATION_ANNOTATION)
     utilisation = 1.0 if annotation is None else min(1.0, max(0.0, float(annotation)))
     # The operator writes the LLMWorkload's spec.type; pods without it (or with another value)
     # count as Inference.

@@ -25,9 +25,9 @@ from typing import Any
 import grpc
 
 from wattsched_agent.podresources_v1 import api_pb2, api_pb2_grpc
+from wattsched_api.vocabulary import GPU_RESOURCE
 
 DEFAULT_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
-GPU_RESOURCE = "nvidia.com/gpu"
 LIST_TIMEOUT_SECONDS = 5.0
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,6 @@ from wattsched_agent.nvml_backend import (
 from wattsched_agent.podresources import PodDevices, gpu_uuid
 from wattsched_api.meta import Condition, ConditionStatus, format_time, set_condition
 from wattsched_api.nodepowerprofile import (
-    APPLIED,
-    CLOCKS_APPLIED,
     AgentStatus,
     Backend,
     ClockRange,
@@ -38,14 +36,11 @@ from wattsched_api.nodepowerprofile import (
     NodePowerProfileSpec,
     NodePowerProfileStatus,
 )
+from wattsched_api.vocabulary import GPU_RESOURCE, ConditionType, Reason
 
-WORKLOAD_LABEL = "wattsched.io/workload"
-GPU_RESOURCE = "nvidia.com/gpu"
 # Watts in statuses (`kubectl get npp`): to the tenth of a watt, as the operator writes limits.
 WATTS_DECIMALS = 1
 MESSAGE_LIMIT_CHARS = 4000
-# Applied=False reason when the agent has never read which GPU each pod holds.
-MAPPING_UNAVAILABLE = "DeviceMappingUnavailable"
 
 
 @dataclass(frozen=True)
@@ -192,7 +187,7 @@ def pod_refs(holders: Mapping[int, GpuHolder]) -> dict[int, PodRef]:
 
 def _applied(
     *,
-    condition_type: str = APPLIED,
+    condition_type: str = ConditionType.APPLIED,
     status: ConditionStatus,
     reason: str,
     message: str,
@@ -276,7 +271,7 @@ def build_status(
     if mapping.source is MappingSource.UNAVAILABLE:
         conditions = _applied(
             status=ConditionStatus.FALSE,
-            reason=MAPPING_UNAVAILABLE,
+            reason=Reason.DEVICE_MAPPING_UNAVAILABLE,
             message=f"no limit set: {mapping.message}",
             generation=generation,
             now=now,
@@ -297,7 +292,7 @@ def build_status(
         )
         conditions = _applied(
             status=ConditionStatus.TRUE,
-            reason="LimitsApplied",
+            reason=Reason.LIMITS_APPLIED,
             message=f"limits in force: {applied}" if applied else "no limits requested",
             generation=generation,
             now=now,
@@ -305,9 +300,9 @@ def build_status(
         )
     clock_faults = [outcome.fault for outcome in clock_outcomes if outcome.fault is not None]
     conditions = _applied(
-        condition_type=CLOCKS_APPLIED,
+        condition_type=ConditionType.CLOCKS_APPLIED,
         status=ConditionStatus.FALSE if clock_faults else ConditionStatus.TRUE,
-        reason=clock_faults[0].reason.value if clock_faults else "ClocksApplied",
+        reason=clock_faults[0].reason.value if clock_faults else Reason.CLOCKS_APPLIED,
         message="; ".join(fault.message for fault in clock_faults)
         if clock_faults
         else f"locked SM clocks (MHz): {locked_clocks_summary(locked_mhz)}",
@@ -377,11 +372,11 @@ def stopped_status(
         return {"agent": agent.to_dict()}
     gpus = tuple(_gpu_status(identities.get(sample.index), sample) for sample in samples)
     conditions = profile.status.conditions
-    for condition_type in (APPLIED, CLOCKS_APPLIED):
+    for condition_type in (ConditionType.APPLIED, ConditionType.CLOCKS_APPLIED):
         conditions = _applied(
             condition_type=condition_type,
             status=ConditionStatus.FALSE,
-            reason="DefaultsRestored",
+            reason=Reason.DEFAULTS_RESTORED,
             message=message,
             generation=profile.metadata.generation,
             now=now,

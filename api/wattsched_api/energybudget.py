@@ -23,7 +23,6 @@ from wattsched_api.fields import (
     is_label_value,
     present,
 )
-from wattsched_api.llmworkload import EnergySource
 from wattsched_api.meta import (
     Condition,
     ObjectMeta,
@@ -32,6 +31,7 @@ from wattsched_api.meta import (
     read_envelope,
     read_time,
 )
+from wattsched_api.vocabulary import EnergySource
 
 KIND = "EnergyBudget"
 PLURAL = "energybudgets"

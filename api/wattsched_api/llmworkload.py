@@ -20,7 +20,6 @@ from typing import Any
 from wattsched_api.errors import ApiValidationError
 from wattsched_api.fields import Fields, JsonObject, nesting_depth, present, quantity_gibibytes
 from wattsched_api.meta import (
-    GPU_RESOURCE,
     Condition,
     ObjectMeta,
     object_to_dict,
@@ -29,6 +28,7 @@ from wattsched_api.meta import (
     read_envelope,
     read_time,
 )
+from wattsched_api.vocabulary import GPU_RESOURCE, EnergySource, Phase
 
 KIND = "LLMWorkload"
 PLURAL = "llmworkloads"
@@ -65,21 +65,6 @@ class EnergyPolicy(StrEnum):
     PERFORMANCE = "Performance"
     BALANCED = "Balanced"
     EFFICIENCY = "Efficiency"
-
-
-class Phase(StrEnum):
-    PENDING = "Pending"
-    PLACED = "Placed"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    PREEMPTED = "Preempted"
-
-
-class EnergySource(StrEnum):
-    MEASURED = "measured"
-    MODELLED = "modelled"
-    MIXED = "mixed"  # a running total with measured and modelled parts
 
 
 @dataclass(frozen=True)

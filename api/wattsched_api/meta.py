@@ -1,5 +1,6 @@
-"""What the three wattsched kinds share: API group/version, object metadata, conditions, RFC 3339
-times, and the label/annotation/env names wattsched puts on the pods it creates.
+"""What the three wattsched kinds share: API group/version, object metadata, conditions and
+RFC 3339 times (the one parser every component uses). The names and words of the API (labels,
+annotations, env, phases, condition types and reasons) are in `wattsched_api.vocabulary`.
 
 Not for Kubernetes client calls; these are plain values read from and written to JSON objects.
 """
@@ -19,37 +20,6 @@ GROUP = "wattsched.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-# Labels on the pods wattsched creates: which LLMWorkload (pod's namespace) and which replica.
-WORKLOAD_LABEL = "wattsched.io/workload"
-REPLICA_LABEL = "wattsched.io/replica"
-# A pod's rank in a replica that spans nodes (0: the leader); absent means 0.
-RANK_LABEL = "wattsched.io/rank"
-# Annotations on those pods: the variant and per-GPU power limit the plan gave the replica, and
-# the workload's spec.type (the simulated agent draws power for that kind of work).
-VARIANT_ANNOTATION = "wattsched.io/variant"
-POWER_LIMIT_ANNOTATION = "wattsched.io/power-limit-watts"
-WORKLOAD_TYPE_ANNOTATION = "wattsched.io/workload-type"
-# The node the operator planned a pod on (read back where the pod is not bound yet).
-NODE_ANNOTATION = "wattsched.io/node"
-# On a replica's replacement pod during a make-before-break move: the pod it replaces (same
-# namespace), which stays until the replacement is Ready.
-REPLACES_ANNOTATION = "wattsched.io/replaces"
-# Env vars injected into every container of a replica.
-VARIANT_ENV = "WATTSCHED_VARIANT"
-PRECISION_ENV = "WATTSCHED_PRECISION"
-POWER_LIMIT_ENV = "WATTSCHED_POWER_LIMIT_WATTS"
-# GPU Feature Discovery labels and the device plugin's resource.
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-GPU_RESOURCE = "nvidia.com/gpu"
-
-
-class Source(StrEnum):
-    """Where a figure came from, shown next to every W, J, tokens/J and gCO2 wattsched reports."""
-
-    MEASURED = "measured"
-    MODELLED = "modelled"
-
-
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 
 
@@ -58,6 +28,17 @@ def parse_time(text: str) -> datetime:
     if _RFC3339.match(text) is None:
         raise ValueError(f"{text!r} is not an RFC 3339 date-time such as 2026-12-01T18:00:00Z")
     return datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
+
+
+def read_timestamp(value: object) -> datetime | None:
+    """A timestamp read back from an object (a status, a pod, an Event): None when absent or not
+    an RFC 3339 date-time (a status without one starts afresh)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        return None
 
 
 def format_time(moment: datetime) -> str:

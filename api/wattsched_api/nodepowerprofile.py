@@ -24,6 +24,7 @@ from wattsched_api.meta import (
     read_envelope,
     read_time,
 )
+from wattsched_api.vocabulary import ConditionType
 
 KIND = "NodePowerProfile"
 PLURAL = "nodepowerprofiles"
@@ -31,8 +32,6 @@ MAX_GPUS_PER_NODE = 64
 MAX_POWER_LIMIT_WATTS = 2000
 
 # Condition types of status.conditions.
-APPLIED = "Applied"  # power limits in force (the budget guarantee rests on this one)
-CLOCKS_APPLIED = "ClocksApplied"  # locked SM clock ranges in force (advisory: a clock is no cap)
 MAX_CLOCK_MHZ = 10000
 
 
@@ -263,7 +262,7 @@ class NodePowerProfile:
         observed = self.status.observed_generation
         if generation is not None and (observed is None or observed < generation):
             return False
-        applied = self.status.condition(APPLIED)
+        applied = self.status.condition(ConditionType.APPLIED)
         return applied is None or applied.status is ConditionStatus.TRUE
 
     def to_dict(self) -> dict[str, Any]:

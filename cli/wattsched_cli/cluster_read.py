@@ -21,7 +21,8 @@ from wattsched_api.commandline import (
     CommandError,
     one_line,
 )
-from wattsched_api.meta import API_VERSION, WORKLOAD_LABEL
+from wattsched_api.meta import API_VERSION
+from wattsched_api.vocabulary import WORKLOAD_LABEL
 from wattsched_operator.kube import (
     GROUP_PATH,
     Kube,

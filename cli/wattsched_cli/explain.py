@@ -30,10 +30,13 @@ from wattsched_api.commandline import (
     CommandError,
     CommandParser,
 )
-from wattsched_api.meta import GPU_PRODUCT_LABEL
+from wattsched_api.vocabulary import (
+    DISRUPTION_EVENT_REASONS,
+    GPU_PRODUCT_LABEL,
+    ConditionType,
+    Reason,
+)
 from wattsched_operator import replica_groups
-from wattsched_operator.budget_horizon import CONDITION_TYPE as ALLOWANCE_EXHAUSTED
-from wattsched_operator.budget_horizon import DEFERRED_REASON as DEFERRED
 from wattsched_operator.kube import (
     Kube,
     KubeError,
@@ -49,9 +52,6 @@ from wattsched_optimizer.model import (
     sm_clock_effect,
 )
 from wattsched_optimizer.problem import PlanOptions, WorkloadType
-
-# Event reasons of the operator's moves and preemptions (each message names its cause).
-DISRUPTION_REASONS = ("Moved", "Preempted", "GangRestart")
 
 Body = Mapping[str, Any]
 
@@ -295,13 +295,13 @@ def explanation(
             "measuredWatts": power.get("measuredWatts"),
         }
     conditions = _conditions(status)
-    schedulable = conditions.get("Schedulable")
-    limited = conditions.get("BudgetLimited")
-    slo = conditions.get("SLOMet")
+    schedulable = conditions.get(ConditionType.SCHEDULABLE)
+    limited = conditions.get(ConditionType.BUDGET_LIMITED)
+    slo = conditions.get(ConditionType.SLO_MET)
     if (
         schedulable is not None
         and schedulable.get("status") == "False"
-        and schedulable.get("reason") == DEFERRED
+        and schedulable.get("reason") == Reason.DEFERRED
     ):
         document["deferred"] = schedulable.get("message")
     elif schedulable is not None and schedulable.get("status") == "False":
@@ -338,9 +338,9 @@ def explanation(
                 "projectedKilowattHoursAtPeriodEnd": b_status.get(
                     "projectedKilowattHoursAtPeriodEnd"
                 ),
-                "allowanceExhausted": (_conditions(b_status).get(ALLOWANCE_EXHAUSTED) or {}).get(
-                    "status"
-                )
+                "allowanceExhausted": (
+                    _conditions(b_status).get(ConditionType.ALLOWANCE_EXHAUSTED) or {}
+                ).get("status")
                 == "True",
             }
         )
@@ -355,7 +355,7 @@ def explanation(
         for e in recent
     ]
     # The last moves and preemptions, whatever came after them: each says its cause.
-    disruptions = [e for e in events if e.get("reason") in DISRUPTION_REASONS]
+    disruptions = [e for e in events if e.get("reason") in DISRUPTION_EVENT_REASONS]
     document["disruptions"] = [
         {
             "lastTimestamp": e.get("lastTimestamp"),

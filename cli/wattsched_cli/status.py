@@ -27,16 +27,18 @@ import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
 from wattsched_api.commandline import EXIT_USAGE, CommandParser
+from wattsched_api.energybudget import Period
 from wattsched_api.errors import ApiValidationError
+from wattsched_api.meta import read_timestamp
 from wattsched_api.nodepowerprofile import parse_nodepowerprofile
+from wattsched_api.vocabulary import TERMINAL_PHASES, ConditionType, EventReason, Phase, Source
 from wattsched_cli.cluster_read import ClusterReadError, connect, list_objects, read_cluster
-from wattsched_operator.accounting import JOULES_PER_KWH, Period, parse_rfc3339, period_start
-from wattsched_operator.budget_horizon import CONDITION_TYPE as ALLOWANCE_EXHAUSTED
+from wattsched_operator.accounting import JOULES_PER_KWH, period_start
 from wattsched_operator.kube import Kube, KubeError
 from wattsched_operator.snapshot import Body, ClusterObjects, SnapshotError, gpu_count
 
 # Event reasons the operator posts on LLMWorkloads when it moves or preempts replicas.
-MOVE_REASONS = ("Moved", "Preempted")
+MOVE_REASONS = (EventReason.MOVED, EventReason.PREEMPTED)
 # The operator's defaults: `--replan-interval-seconds 60`, `--heartbeat-timeout-seconds 120`.
 STALE_PLAN_SECONDS = 180.0
 HEARTBEAT_TIMEOUT_SECONDS = 120.0
@@ -112,17 +114,17 @@ def allowance(budget: Body, now: datetime) -> Allowance:
     used = status.get("energyUsedKilowattHours")
     used_kwh = float(used) if used is not None else None
     period = Period(energy.get("period") or Period.DAY)
-    start = parse_rfc3339(status.get("periodStart")) or period_start(now, period)
+    start = read_timestamp(status.get("periodStart")) or period_start(now, period)
     end = period_end(start, period)
     measured = status.get("measuredWatts")
     watts = measured if measured is not None else status.get("expectedWatts")
-    source = "measured" if measured is not None else "modelled"
+    source = Source.MEASURED if measured is not None else Source.MODELLED
     projected = None
     planned = status.get("projectedKilowattHoursAtPeriodEnd")
     if planned is not None:  # the operator's horizon plan: deferred work and cleaner hours in it
         projected = float(planned)
     elif used_kwh is not None and watts is not None:
-        accounted = parse_rfc3339(status.get("accountedUntil")) or now
+        accounted = read_timestamp(status.get("accountedUntil")) or now
         seconds_left = max(0.0, (end - accounted).total_seconds())
         pue = float(spec.get("pue") or 1.0)
         projected = used_kwh + float(watts) * pue * seconds_left / JOULES_PER_KWH
@@ -160,9 +162,9 @@ def _budget_section(budgets: Sequence[Body], now: datetime) -> list[str]:
                 f"{figures.period_end:%Y-%m-%d %H:%M} UTC, above its "
                 f"{_kwh(figures.allowed_kwh)} kWh"
             )
-        exhausted = _condition(budget, ALLOWANCE_EXHAUSTED)
+        exhausted = _condition(budget, ConditionType.ALLOWANCE_EXHAUSTED)
         if exhausted is not None and exhausted.get("status") == "True":
-            notes.append(f"{name}: {ALLOWANCE_EXHAUSTED}: {exhausted.get('message')}")
+            notes.append(f"{name}: {ConditionType.ALLOWANCE_EXHAUSTED}: {exhausted.get('message')}")
         rows.append(
             [
                 name,
@@ -211,10 +213,10 @@ def _pending_section(workloads: Sequence[Body]) -> list[str]:
     for workload in sorted(workloads, key=_key):
         status = workload.get("status") or {}
         phase = status.get("phase")
-        if phase in {"Succeeded", "Failed", "Running", "Placed"}:
+        if phase in {*TERMINAL_PHASES, Phase.RUNNING, Phase.PLACED}:
             continue
-        admitted = _condition(workload, "Admitted")
-        schedulable = _condition(workload, "Schedulable")
+        admitted = _condition(workload, ConditionType.ADMITTED)
+        schedulable = _condition(workload, ConditionType.SCHEDULABLE)
         if admitted is not None and admitted.get("status") == "False":
             reason, message = admitted.get("reason"), admitted.get("message")
         elif schedulable is not None and schedulable.get("status") == "False":
@@ -224,9 +226,7 @@ def _pending_section(workloads: Sequence[Body]) -> list[str]:
         else:
             reason, message = phase, status.get("message") or ""
         rows.append([_key(workload), str(phase or "-"), str(reason), str(message or "")])
-    active = [
-        w for w in workloads if (w.get("status") or {}).get("phase") not in {"Succeeded", "Failed"}
-    ]
+    active = [w for w in workloads if (w.get("status") or {}).get("phase") not in TERMINAL_PHASES]
     head = f"WORKLOADS NOT PLACED: {len(rows)} of {len(active)} active"
     if not rows:
         return [head]
@@ -235,10 +235,10 @@ def _pending_section(workloads: Sequence[Body]) -> list[str]:
 
 def _event_time(event: Body) -> datetime | None:
     for field_name in ("lastTimestamp", "eventTime", "firstTimestamp"):
-        moment = parse_rfc3339(event.get(field_name))
+        moment = read_timestamp(event.get(field_name))
         if moment is not None:
             return moment
-    return parse_rfc3339((event.get("metadata") or {}).get("creationTimestamp"))
+    return read_timestamp((event.get("metadata") or {}).get("creationTimestamp"))
 
 
 def _events_section(events: Sequence[Body], now: datetime, limit: int) -> list[str]:
@@ -347,7 +347,7 @@ def _rounds_section(
     last_plans = []
     for budget in budgets:
         plan = (budget.get("status") or {}).get("lastPlan") or {}
-        last_plans.append((str(budget["metadata"]["name"]), parse_rfc3339(plan.get("time")), plan))
+        last_plans.append((str(budget["metadata"]["name"]), read_timestamp(plan.get("time")), plan))
     latest = max((t for _, t, _ in last_plans if t is not None), default=None)
     if not budgets:
         lines.append("  no EnergyBudget: budgets carry the last plan's time and status")

@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any, TypeVar
 
-from wattsched_api.meta import Source, format_time
+from wattsched_api.energybudget import Period
+from wattsched_api.meta import format_time, read_timestamp
+from wattsched_api.vocabulary import EnergySource, Source
 from wattsched_operator.readings import Measurement, PodKey, TelemetrySnapshot
 
 K = TypeVar("K", bound=Hashable)
@@ -32,15 +33,6 @@ JOULES_PER_KWH = 3.6e6
 # What people read (statuses, `kubectl get -o wide`): kWh to the watt-hour, kg to the gram.
 KWH_DECIMALS = 3
 KG_DECIMALS = 3
-MIXED = "mixed"
-
-
-class Period(StrEnum):
-    """How often an EnergyBudget's energy allowance renews (UTC calendar periods)."""
-
-    DAY = "Day"
-    WEEK = "Week"
-    MONTH = "Month"
 
 
 def period_start(moment: datetime, period: Period) -> datetime:
@@ -53,22 +45,11 @@ def period_start(moment: datetime, period: Period) -> datetime:
     return day
 
 
-def parse_rfc3339(text: object) -> datetime | None:
-    """A status timestamp (None when absent or not a timestamp: accounting then starts afresh)."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def combined_source(before: str | None, increment: str) -> str:
     """The source of a total after adding an increment from `increment`."""
     if before in {None, increment}:
         return increment
-    return MIXED
+    return EnergySource.MIXED
 
 
 @dataclass(frozen=True)
@@ -142,7 +123,7 @@ def workload_start(
 ) -> datetime | None:
     """The start of an LLMWorkload's increment due now (see `accounting_start`)."""
     energy = status.get("energy") or {}
-    return accounting_start(parse_rfc3339(energy.get("accountedUntil")), now, interval_seconds)
+    return accounting_start(read_timestamp(energy.get("accountedUntil")), now, interval_seconds)
 
 
 def budget_start(
@@ -150,7 +131,7 @@ def budget_start(
 ) -> datetime | None:
     """The start of an EnergyBudget's increment due now; a new period is due at once and starts
     at the period's start (what the old period used since its last accounting is not carried)."""
-    accounted = parse_rfc3339(status.get("accountedUntil"))
+    accounted = read_timestamp(status.get("accountedUntil"))
     begin = period_start(now, period)
     if accounted is not None and accounted < begin:
         return begin

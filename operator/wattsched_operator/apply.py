@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from wattsched_api.meta import format_time
-from wattsched_operator import accounting, core, desired, services, statuses, transition
+from wattsched_api.meta import format_time, read_timestamp
+from wattsched_operator import core, desired, services, statuses, transition
 from wattsched_operator.cache import PROFILES, ClusterCache
 from wattsched_operator.core import ClusterView, ObjectRef
 from wattsched_operator.kube import (
@@ -423,7 +423,7 @@ class Applier:
         for node in nodes:
             profile = self.cache.get(PROFILES, node) or {}
             agent = (profile.get("status") or {}).get("agent") or {}
-            beat = accounting.parse_rfc3339(agent.get("heartbeatTime"))
+            beat = read_timestamp(agent.get("heartbeatTime"))
             if beat is not None and (now - beat).total_seconds() > self.heartbeat_timeout_seconds:
                 silent.add(node)
         return silent

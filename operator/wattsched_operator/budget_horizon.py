@@ -17,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from wattsched_api.energybudget import EnergyBudget, Period
+from wattsched_api.meta import parse_time
+from wattsched_api.vocabulary import Reason
 from wattsched_operator.demand import HourlyDemand
 from wattsched_optimizer.horizon import (
     AllowancePeriod,
@@ -36,9 +38,6 @@ from wattsched_optimizer.problem import PlanInput, WorkloadType
 DEFAULT_HORIZON_HOURS = 24
 # The cap of a slot is the lowest cap of any window that overlaps it, checked at this step.
 WINDOW_CHECK_MINUTES = 5
-CONDITION_TYPE = "AllowanceExhausted"
-# The Schedulable reason (and the Event reason) of work the horizon defers to a later hour.
-DEFERRED_REASON = "Deferred"
 
 
 def plans_over_time(budgets: Iterable[EnergyBudget]) -> bool:
@@ -153,11 +152,7 @@ def _used(budget: EnergyBudget, start: datetime) -> tuple[float, float]:
     status describes an earlier period: the allowance has renewed)."""
     status = budget.status
     # The API model has checked the date-time (RFC 3339).
-    counted_from = (
-        None
-        if status.period_start is None
-        else datetime.fromisoformat(status.period_start.replace("Z", "+00:00"))
-    )
+    counted_from = None if status.period_start is None else parse_time(status.period_start)
     if counted_from is None or counted_from < start:
         return 0.0, 0.0
     return status.energy_used_kwh or 0.0, status.carbon_kg or 0.0
@@ -336,7 +331,7 @@ def budget_outlook(
     carbon = budget.spec.carbon
     max_kg = carbon.max_kg_per_period if carbon is not None else None
     short = outlook.energy_short or outlook.carbon_short
-    reason = "EnergyAllowance" if outlook.energy_short else "CarbonAllowance"
+    reason = Reason.ENERGY_ALLOWANCE if outlook.energy_short else Reason.CARBON_ALLOWANCE
     if short:
         waiting = [f"{key}: {text}" for key, text in sorted(deferred_messages.items())]
         message = (
@@ -346,7 +341,7 @@ def budget_outlook(
         )
     else:
         reason, message = (
-            "WithinAllowance",
+            Reason.WITHIN_ALLOWANCE,
             (
                 f"{used_kwh:.1f} of {energy.kwh:g} kWh used; the plan keeps the rest of the "
                 f"{energy.period.value.lower()} within the allowance"

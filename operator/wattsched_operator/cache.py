@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from wattsched_api.meta import GPU_RESOURCE
+from wattsched_api.vocabulary import GPU_RESOURCE
 from wattsched_operator.core import Body, ClusterView
 
 __all__ = ["Body", "ClusterView"]

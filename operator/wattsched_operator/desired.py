@@ -14,17 +14,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from wattsched_api.meta import GPU_RESOURCE, GROUP, VERSION
-from wattsched_api.meta import NODE_ANNOTATION as ANNOTATION_NODE
-from wattsched_api.meta import POWER_LIMIT_ANNOTATION as ANNOTATION_POWER_LIMIT
-from wattsched_api.meta import POWER_LIMIT_ENV as ENV_POWER_LIMIT
-from wattsched_api.meta import PRECISION_ENV as ENV_PRECISION
-from wattsched_api.meta import RANK_LABEL as LABEL_RANK
-from wattsched_api.meta import REPLICA_LABEL as LABEL_REPLICA
-from wattsched_api.meta import VARIANT_ANNOTATION as ANNOTATION_VARIANT
-from wattsched_api.meta import VARIANT_ENV as ENV_VARIANT
-from wattsched_api.meta import WORKLOAD_LABEL as LABEL_WORKLOAD
-from wattsched_api.meta import WORKLOAD_TYPE_ANNOTATION as ANNOTATION_WORKLOAD_TYPE
+from wattsched_api.meta import GROUP, VERSION
+from wattsched_api.vocabulary import GPU_RESOURCE, POD_FINISHED_PHASES
+from wattsched_api.vocabulary import NODE_ANNOTATION as ANNOTATION_NODE
+from wattsched_api.vocabulary import POWER_LIMIT_ANNOTATION as ANNOTATION_POWER_LIMIT
+from wattsched_api.vocabulary import POWER_LIMIT_ENV as ENV_POWER_LIMIT
+from wattsched_api.vocabulary import PRECISION_ENV as ENV_PRECISION
+from wattsched_api.vocabulary import RANK_LABEL as LABEL_RANK
+from wattsched_api.vocabulary import REPLICA_LABEL as LABEL_REPLICA
+from wattsched_api.vocabulary import VARIANT_ANNOTATION as ANNOTATION_VARIANT
+from wattsched_api.vocabulary import VARIANT_ENV as ENV_VARIANT
+from wattsched_api.vocabulary import WORKLOAD_LABEL as LABEL_WORKLOAD
+from wattsched_api.vocabulary import WORKLOAD_TYPE_ANNOTATION as ANNOTATION_WORKLOAD_TYPE
 from wattsched_operator import replica_groups
 from wattsched_operator.handover import REPLACES_ANNOTATION, ReplicaKey
 from wattsched_operator.transition import NodeLimits, PodKey
@@ -232,7 +233,7 @@ def _pod_key(pod: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _is_finished(pod: Mapping[str, Any]) -> bool:
-    return (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}
+    return (pod.get("status") or {}).get("phase") in POD_FINISHED_PHASES
 
 
 def pod_changes(

@@ -32,16 +32,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from wattsched_api.meta import (
+from wattsched_api.meta import parse_time
+from wattsched_api.vocabulary import (
     GPU_RESOURCE,
     NODE_ANNOTATION,
+    POD_FINISHED_PHASES,
     POWER_LIMIT_ANNOTATION,
     RANK_LABEL,
     REPLACES_ANNOTATION,
     REPLICA_LABEL,
     VARIANT_ANNOTATION,
     WORKLOAD_LABEL,
-    parse_time,
 )
 from wattsched_operator import replica_groups
 from wattsched_operator.transition import PodKey
@@ -112,7 +113,7 @@ def _status(pod: Pod) -> Mapping[str, object]:
 
 
 def _finished(pod: Pod) -> bool:
-    return _status(pod).get("phase") in {"Succeeded", "Failed"}
+    return _status(pod).get("phase") in POD_FINISHED_PHASES
 
 
 def _deleting(pod: Pod) -> bool:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from wattsched_api.meta import Source
-from wattsched_operator import accounting, budget_horizon, core, desired
+from wattsched_api.meta import read_timestamp
+from wattsched_api.vocabulary import Source
+from wattsched_operator import budget_horizon, core, desired
 from wattsched_operator.apply import Applier
 from wattsched_operator.cache import (
     BUDGETS,
@@ -236,7 +237,7 @@ class PlanningLoop:
         beats: dict[str, datetime | None] = {}
         for node in self.memory.ready_agents:
             agent = ((self.cache.get(PROFILES, node) or {}).get("status") or {}).get("agent") or {}
-            beats[node] = accounting.parse_rfc3339(agent.get("heartbeatTime"))
+            beats[node] = read_timestamp(agent.get("heartbeatTime"))
         return beats
 
     def _heartbeat_expiry(self) -> float | None:
@@ -298,21 +299,19 @@ class PlanningLoop:
         view = self.cache.view()
         started = time.monotonic()
         observed = self._observed(view, None)
+        # Once per round: telemetry_requests and decide share it.
+        prepared = await self._call(
+            functools.partial(core.prepare, build_input=self.build_input), observed, now
+        )
         readings = None
         if self.telemetry is not None:
             requests = await self._call(
-                functools.partial(core.telemetry_requests, build_input=self.build_input),
-                observed,
-                now,
+                functools.partial(core.telemetry_requests, prepared=prepared), observed, now
             )
             readings = await self._read(requests)
         observed = dataclasses.replace(observed, telemetry=readings)
         decided = await self._call(
-            functools.partial(
-                core.decide,
-                plan_function=self.plan_function,
-                build_input=self.build_input,
-            ),
+            functools.partial(core.decide, plan_function=self.plan_function, prepared=prepared),
             observed,
             now,
         )

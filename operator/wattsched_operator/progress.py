@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from wattsched_api.meta import Source, format_time, parse_time
+from wattsched_api.meta import format_time, parse_time
+from wattsched_api.vocabulary import Source
 from wattsched_optimizer.problem import WorkAmount, WorkUnit
 
 

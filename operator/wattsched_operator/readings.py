@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from wattsched_api.meta import Source
+from wattsched_api.vocabulary import Source
 from wattsched_optimizer.model import (
     CALIBRATION_BOUNDS,
     Calibration,

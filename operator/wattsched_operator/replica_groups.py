@@ -23,22 +23,25 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from wattsched_api.meta import GROUP, RANK_LABEL, REPLICA_LABEL, VERSION, WORKLOAD_LABEL
+from wattsched_api.meta import GROUP, VERSION
+from wattsched_api.vocabulary import (
+    GROUP_SIZE_ENV,
+    LEADER_ADDRESS_ENV,
+    LWS_GROUP_SIZE_ENV,
+    LWS_LEADER_ADDRESS_ENV,
+    LWS_WORKER_INDEX_ENV,
+    MASTER_ADDR_ENV,
+    MASTER_PORT_ENV,
+    NODE_RANK_ENV,
+    POD_FINISHED_PHASES,
+    RANK_ENV,
+    RANK_LABEL,
+    REPLICA_LABEL,
+    WORKLOAD_LABEL,
+    WORLD_SIZE_ENV,
+    PodPhase,
+)
 
-# wattsched's own names for the rendezvous.
-LEADER_ADDRESS_ENV = "WATTSCHED_LEADER_ADDRESS"
-GROUP_SIZE_ENV = "WATTSCHED_GROUP_SIZE"
-RANK_ENV = "WATTSCHED_RANK"
-# LeaderWorkerSet's (sigs.k8s.io/lws api/leaderworkerset/v1: LwsLeaderAddress, LwsGroupSize,
-# LwsWorkerIndex).
-LWS_LEADER_ADDRESS_ENV = "LWS_LEADER_ADDRESS"
-LWS_GROUP_SIZE_ENV = "LWS_GROUP_SIZE"
-LWS_WORKER_INDEX_ENV = "LWS_WORKER_INDEX"
-# PyTorch distributed (torchrun's --master-addr/--master-port/--nnodes/--node-rank).
-MASTER_ADDR_ENV = "MASTER_ADDR"
-MASTER_PORT_ENV = "MASTER_PORT"
-WORLD_SIZE_ENV = "WORLD_SIZE"
-NODE_RANK_ENV = "NODE_RANK"
 # torchrun's default rendezvous port; a template that sets MASTER_PORT keeps its own.
 DEFAULT_MASTER_PORT = 29500
 
@@ -186,7 +189,7 @@ def group_restarts(
     delete: set[tuple[str, str]] = set()
     stopped: set[tuple[str, str, str]] = set()
     for group, members in groups.items():
-        failed = [p for p in members if (p.get("status") or {}).get("phase") == "Failed"]
+        failed = [p for p in members if (p.get("status") or {}).get("phase") == PodPhase.FAILED]
         restarted = [p for p in members if _restarted(p) and p not in failed]
         if not failed and not restarted:
             continue
@@ -195,7 +198,7 @@ def group_restarts(
         for pod in members:
             if pod in failed or pod["metadata"].get("deletionTimestamp"):
                 continue
-            if (pod.get("status") or {}).get("phase") == "Succeeded":
+            if (pod.get("status") or {}).get("phase") == PodPhase.SUCCEEDED:
                 continue
             delete.add((pod["metadata"]["namespace"], pod["metadata"]["name"]))
     hold = {
@@ -224,7 +227,7 @@ def whole_replica_deletions(
         labels = meta.get("labels") or {}
         if RANK_LABEL not in labels or meta.get("deletionTimestamp"):
             continue
-        if (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}:
+        if (pod.get("status") or {}).get("phase") in POD_FINISHED_PHASES:
             continue
         group = (
             str(meta["namespace"]),

@@ -22,6 +22,7 @@ from typing import Any, cast
 import kopf
 
 from wattsched_api.commandline import EXIT_NOT_FOUND, CommandError, CommandParser
+from wattsched_api.vocabulary import RELEASE_POWER_FINALIZER
 from wattsched_operator import handlers
 from wattsched_operator.budget_horizon import DEFAULT_HORIZON_HOURS
 from wattsched_operator.cache import ClusterCache
@@ -354,7 +355,7 @@ def main(argv: list[str]) -> int:
 
     @kopf.on.startup()
     async def start_loop(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-        settings.persistence.finalizer = "wattsched.io/release-power"
+        settings.persistence.finalizer = RELEASE_POWER_FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
             prefix="wattsched.io"
         )

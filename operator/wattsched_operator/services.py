@@ -20,13 +20,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from wattsched_api.meta import RANK_LABEL, WORKLOAD_LABEL
+from wattsched_api.vocabulary import RANK_LABEL, SERVICE_ROLE_LABEL, WORKLOAD_LABEL
 from wattsched_operator import replica_groups
 
 # A Service name: DNS-1035 label.
 _SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
-# The operator's own Services carry the workload label; a Service kind that says which.
-SERVICE_ROLE_LABEL = "wattsched.io/service"
+# The operator's own Services carry the workload label, and SERVICE_ROLE_LABEL says which:
 INFERENCE_ROLE = "inference"
 RENDEZVOUS_ROLE = "rendezvous"
 

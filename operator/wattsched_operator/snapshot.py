@@ -58,18 +58,19 @@ from typing import Any
 
 from wattsched_api.energybudget import EnergyBudget, parse_energybudget
 from wattsched_api.errors import ApiValidationError
-from wattsched_api.llmworkload import (
-    LLMWorkload,
-    Phase,
-    TotalWork,
-    parse_llmworkload,
+from wattsched_api.llmworkload import LLMWorkload, TotalWork, parse_llmworkload
+from wattsched_api.meta import API_VERSION, GROUP, parse_time
+from wattsched_api.nodepowerprofile import (
+    Holder,
+    MappingSource,
+    NodePowerProfile,
+    parse_nodepowerprofile,
 )
-from wattsched_api.meta import (
-    API_VERSION,
+from wattsched_api.vocabulary import (
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
-    GROUP,
     NODE_ANNOTATION,
+    POD_FINISHED_PHASES,
     POWER_LIMIT_ANNOTATION,
     POWER_LIMIT_ENV,
     RANK_LABEL,
@@ -77,13 +78,7 @@ from wattsched_api.meta import (
     VARIANT_ANNOTATION,
     VARIANT_ENV,
     WORKLOAD_LABEL,
-    parse_time,
-)
-from wattsched_api.nodepowerprofile import (
-    Holder,
-    MappingSource,
-    NodePowerProfile,
-    parse_nodepowerprofile,
+    Phase,
 )
 from wattsched_operator import handover, progress
 from wattsched_optimizer.model import (
@@ -858,7 +853,7 @@ def unmanaged_pod_gpus_by_node(pods: Iterable[Body]) -> dict[str, int]:
         metadata = pod.get("metadata") or {}
         if (metadata.get("labels") or {}).get(WORKLOAD_LABEL) or metadata.get("deletionTimestamp"):
             continue
-        if (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}:
+        if (pod.get("status") or {}).get("phase") in POD_FINISHED_PHASES:
             continue
         node = (pod.get("spec") or {}).get("nodeName")
         gpus = _requested_gpus(pod)
@@ -894,7 +889,7 @@ def current_placement(pod: Body, workloads: Mapping[str, LLMWorkload]) -> Curren
     workload = workloads.get(key)
     if workload is None or metadata.get("deletionTimestamp"):
         return None
-    if (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}:
+    if (pod.get("status") or {}).get("phase") in POD_FINISHED_PHASES:
         return None
     annotations = metadata.get("annotations") or {}
     node = (pod.get("spec") or {}).get("nodeName") or annotations.get(NODE_ANNOTATION)

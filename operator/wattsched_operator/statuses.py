@@ -13,31 +13,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from wattsched_api.meta import Source, format_time
+from wattsched_api.meta import format_time
+from wattsched_api.vocabulary import (
+    RANK_LABEL,
+    REPLICA_LABEL,
+    TERMINAL_PHASES,
+    ConditionType,
+    Phase,
+    PodPhase,
+    Reason,
+    Source,
+)
 from wattsched_operator.readings import PodKey, TelemetrySnapshot
 from wattsched_optimizer.planner import held_budget_reason
 from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, Unplaced
-
-PENDING = "Pending"
-PLACED = "Placed"
-RUNNING = "Running"
-SUCCEEDED = "Succeeded"
-FAILED = "Failed"
-PREEMPTED = "Preempted"
-TERMINAL_PHASES = frozenset({SUCCEEDED, FAILED})
-PHASES = (PENDING, PLACED, RUNNING, SUCCEEDED, FAILED, PREEMPTED)
-TELEMETRY_FRESH = "TelemetryFresh"
-SLO_MET = "SLOMet"
-PROMETHEUS_UNAVAILABLE = "PrometheusUnavailable"
-NO_SAMPLES = "NoSamples"
-NOT_RUNNING = "NotRunning"
-# EnergyBudget: whether every GPU node its selector matches is planned (reason AllPlanned), or
-# some are left out of planning (NodeExcluded: unknown product...) and counted as they may draw.
-NODES_PLANNED = "NodesPlanned"
-# EnergyBudget `Ready` reasons beyond CapEnforced/OverCap: no plan can meet the cap (held), the
-# spec cannot be read.
-CAP_BELOW_FLOOR = "CapBelowFloor"
-INVALID_SPEC = "InvalidSpec"
 
 
 def condition(
@@ -75,14 +64,14 @@ def condition(
 def replica_index(pod: Mapping[str, Any]) -> int:
     """A pod's `wattsched.io/replica` label as a number; -1 when absent or not a whole number
     (a pod someone else labelled: it stands for no replica)."""
-    text = ((pod.get("metadata") or {}).get("labels") or {}).get("wattsched.io/replica")
+    text = ((pod.get("metadata") or {}).get("labels") or {}).get(REPLICA_LABEL)
     return int(text) if isinstance(text, str) and text.isdigit() and text.isascii() else -1
 
 
 def rank_index(pod: Mapping[str, Any]) -> int:
     """A pod's `wattsched.io/rank` label as a number (its place in a replica that spans nodes);
     0 when absent, -1 when not a whole number."""
-    text = ((pod.get("metadata") or {}).get("labels") or {}).get("wattsched.io/rank", "0")
+    text = ((pod.get("metadata") or {}).get("labels") or {}).get(RANK_LABEL, "0")
     return int(text) if isinstance(text, str) and text.isdigit() and text.isascii() else -1
 
 
@@ -104,7 +93,7 @@ class PodView:
             self.replica == placement.replica
             and self.rank == placement.rank
             and self.node == placement.node
-            and self.phase == "Running"
+            and self.phase == PodPhase.RUNNING
             and self.ready
             and not self.deleting
         )
@@ -120,7 +109,7 @@ class PodView:
         return cls(
             replica=replica_index(pod),
             node=(pod.get("spec") or {}).get("nodeName"),
-            phase=str(status.get("phase") or "Pending"),
+            phase=str(status.get("phase") or PodPhase.PENDING),
             ready=ready,
             deleting=bool(meta.get("deletionTimestamp")),
             rank=rank_index(pod),
@@ -129,7 +118,7 @@ class PodView:
 
 def succeeded_replicas(pods: Iterable[PodView]) -> set[int]:
     """Replicas whose work is done: their (leader) pod succeeded."""
-    return {p.replica for p in pods if p.phase == "Succeeded" and p.rank == 0}
+    return {p.replica for p in pods if p.phase == PodPhase.SUCCEEDED and p.rank == 0}
 
 
 def replica_count(placements: Iterable[Placement]) -> int:
@@ -170,18 +159,20 @@ def next_phase(
     if previous_phase in TERMINAL_PHASES:
         return previous_phase
     if failed_permanently:
-        return FAILED
+        return Phase.FAILED
     succeeded = succeeded_replicas(pods)
     if is_gang and gang_size > 0 and len(succeeded) >= gang_size:
-        return SUCCEEDED
+        return Phase.SUCCEEDED
     if not placements:
         # Preempted only if it had a place to lose: it ran, or it was placed and has pods. A
         # status that says Placed with no pod behind it (a refused or never-created pod, then an
         # operator restart) goes back to Pending.
-        had_place = previous_phase in {RUNNING, PREEMPTED} or (previous_phase == PLACED and pods)
-        return PREEMPTED if had_place else PENDING
+        had_place = previous_phase in {Phase.RUNNING, Phase.PREEMPTED} or (
+            previous_phase == Phase.PLACED and pods
+        )
+        return Phase.PREEMPTED if had_place else Phase.PENDING
     running = all(any(pod.serves(pl) for pod in pods) for pl in placements)
-    return RUNNING if running else PLACED
+    return Phase.RUNNING if running else Phase.PLACED
 
 
 def workload_status(
@@ -222,7 +213,9 @@ def workload_status(
         ready_count = served_replicas(placements, pods)
     else:
         ready_count = sum(
-            1 for p in pods if p.phase == "Running" and p.ready and not p.deleting and p.rank == 0
+            1
+            for p in pods
+            if p.phase == PodPhase.RUNNING and p.ready and not p.deleting and p.rank == 0
         )
     placed_count = replica_count(placements)
     desired = gang_size if is_gang else max(placed_count, 1)
@@ -244,24 +237,36 @@ def workload_status(
         )
 
     if phase in TERMINAL_PHASES:
-        schedulable = cond("Schedulable", True, phase, message)
-        placed = cond("Placed", False, phase, message)
+        schedulable = cond(ConditionType.SCHEDULABLE, True, phase, message)
+        placed = cond(ConditionType.PLACED, False, phase, message)
     elif unplaced is not None and not placements:
-        schedulable = cond("Schedulable", False, unplaced.reason_name, unplaced.reason)
-        placed = cond("Placed", False, "Unplaced", unplaced.reason)
+        schedulable = cond(ConditionType.SCHEDULABLE, False, unplaced.reason_name, unplaced.reason)
+        placed = cond(ConditionType.PLACED, False, Reason.UNPLACED, unplaced.reason)
     else:
-        schedulable = cond("Schedulable", True, "Planned", "the optimizer found a place")
-        placed = cond("Placed", bool(placements), "Planned" if placements else "Waiting", message)
+        schedulable = cond(
+            ConditionType.SCHEDULABLE, True, Reason.PLANNED, "the optimizer found a place"
+        )
+        placed = cond(
+            ConditionType.PLACED,
+            bool(placements),
+            Reason.PLANNED if placements else Reason.WAITING,
+            message,
+        )
     budget_limited = unplaced is not None and unplaced.constraint.startswith("budget")
     conditions = [
-        cond("Admitted", True, "Accepted", "the operator read the spec"),
+        cond(ConditionType.ADMITTED, True, Reason.ACCEPTED, "the operator read the spec"),
         schedulable,
         placed,
-        cond("Ready", phase == RUNNING, phase, f"{ready_count}/{desired} replica(s) ready"),
         cond(
-            "BudgetLimited",
+            ConditionType.READY,
+            phase == Phase.RUNNING,
+            phase,
+            f"{ready_count}/{desired} replica(s) ready",
+        ),
+        cond(
+            ConditionType.BUDGET_LIMITED,
             budget_limited,
-            unplaced.reason_name if budget_limited and unplaced else "WithinBudget",
+            unplaced.reason_name if budget_limited and unplaced else Reason.WITHIN_BUDGET,
             unplaced.reason
             if budget_limited and unplaced
             else "no budget holds this workload back",
@@ -269,9 +274,9 @@ def workload_status(
     ]
     if objective is not None and objective.declared:
         met, reason, text = slo_met(objective, phase, placements, unplaced)
-        conditions.append(cond(SLO_MET, met, reason, text))
+        conditions.append(cond(ConditionType.SLO_MET, met, reason, text))
     if telemetry is not None:
-        conditions.append(cond(TELEMETRY_FRESH, *telemetry))
+        conditions.append(cond(ConditionType.TELEMETRY_FRESH, *telemetry))
     variants = sorted({p.variant for p in placements})
     return {
         "phase": phase,
@@ -345,36 +350,35 @@ def slo_met(
     defers is Unknown, reason `Deferred` (the plan runs it later: whether the deadline holds is the
     later rounds' to say).
     """
-    if phase == SUCCEEDED:
-        return True, "Succeeded", "the work finished"
-    if phase == FAILED:
-        return False, "Failed", "the workload failed"
+    if phase == Phase.SUCCEEDED:
+        return True, Reason.SUCCEEDED, "the work finished"
+    if phase == Phase.FAILED:
+        return False, Reason.FAILED, "the workload failed"
     why_not = unplaced.reason if unplaced is not None else "no replica is placed"
     if objective.tokens_per_second is not None:
         demand = objective.tokens_per_second
         planned = sum(p.expected_throughput for p in placements)
         text = f"planned {planned:.0f} tokens/s for a demand of {demand:.0f} tokens/s"
         if not placements:
-            return False, "NotPlaced", f"{text}: {why_not}"
+            return False, Reason.NOT_PLACED, f"{text}: {why_not}"
         if planned + 1e-6 < demand:
             text += f" ({planned / demand:.1%} served)"
             if unplaced is None:
-                return False, "BelowDemand", text
+                return False, Reason.BELOW_DEMAND, text
             limited = unplaced.constraint.startswith("budget")
-            reason = "BudgetLimited" if limited else "BelowDemand"
+            reason = Reason.BUDGET_LIMITED if limited else Reason.BELOW_DEMAND
             return False, reason, f"{text}: {unplaced.reason}"
-        return True, "Planned", text
+        return True, Reason.PLANNED, text
     if placements:
-        return True, "OnTrack", f"placed to finish before the deadline {objective.deadline}"
+        return True, Reason.ON_TRACK, f"placed to finish before the deadline {objective.deadline}"
     if unplaced is not None and unplaced.constraint == "deadline_passed":
-        return False, "DeadlinePassed", f"deadline {objective.deadline} passed: {why_not}"
+        return False, Reason.DEADLINE_PASSED, f"deadline {objective.deadline} passed: {why_not}"
     if unplaced is not None and unplaced.constraint == DEFERRED_CONSTRAINT:
-        return None, "Deferred", f"deadline {objective.deadline}: {why_not}"
-    return False, "NotPlaced", f"deadline {objective.deadline} at risk: {why_not}"
+        return None, Reason.DEFERRED, f"deadline {objective.deadline}: {why_not}"
+    return False, Reason.NOT_PLACED, f"deadline {objective.deadline} at risk: {why_not}"
 
 
 # EnergyBudget condition: the GPUs wattsched does not control fit in the cap on their own.
-UNMANAGED_WITHIN_CAP = "UnmanagedWithinCap"
 
 
 def budget_status(
@@ -414,12 +418,12 @@ def budget_status(
     expected = allocation.expected_watts if allocation else 0.0
     within = allocated <= cap_watts + 1e-6
     conditions_before: Sequence[Mapping[str, Any]] = previous.get("conditions") or []
-    reason = "CapEnforced" if within else "OverCap"
+    reason: str = Reason.CAP_ENFORCED if within else Reason.OVER_CAP
     message = f"limits in scope sum to {allocated:.0f} W of {cap_watts:.0f} W"
     if invalid is not None:
-        within, reason, message = False, INVALID_SPEC, f"not planned: {invalid}"
+        within, reason, message = False, Reason.INVALID_SPEC, f"not planned: {invalid}"
     elif allocation is not None and allocation.held:
-        reason = CAP_BELOW_FLOOR
+        reason = Reason.CAP_BELOW_FLOOR
         message = (
             f"{held_budget_reason(cap_watts, allocated)}; its {node_count} node(s) take no work "
             "and are held at their minimum limits"
@@ -431,7 +435,7 @@ def budget_status(
     conditions = [
         condition(
             conditions_before,
-            "Ready",
+            ConditionType.READY,
             within,
             reason,
             message,
@@ -444,9 +448,9 @@ def budget_status(
     conditions.append(
         condition(
             conditions_before,
-            UNMANAGED_WITHIN_CAP,
+            ConditionType.UNMANAGED_WITHIN_CAP,
             unmanaged_within,
-            "WithinCap" if unmanaged_within else "UnmanagedOverCap",
+            Reason.WITHIN_CAP if unmanaged_within else Reason.UNMANAGED_OVER_CAP,
             f"GPUs held by pods wattsched did not create run at limits summing to "
             f"{unmanaged:.0f} W of the {cap_watts:.0f} W cap"
             + (
@@ -462,9 +466,9 @@ def budget_status(
     conditions.append(
         condition(
             conditions_before,
-            NODES_PLANNED,
+            ConditionType.NODES_PLANNED,
             not excluded,
-            "NodeExcluded" if excluded else "AllPlanned",
+            Reason.NODE_EXCLUDED if excluded else Reason.ALL_PLANNED,
             "; ".join(excluded.values())
             if excluded
             else "every GPU node the selector matches is planned",
@@ -478,7 +482,7 @@ def budget_status(
         conditions.append(
             condition(
                 conditions_before,
-                TELEMETRY_FRESH,
+                ConditionType.TELEMETRY_FRESH,
                 fresh,
                 reason,
                 message,
@@ -515,16 +519,16 @@ def budget_telemetry(
     """
     nodes = sorted(set(scope_nodes))
     if telemetry.stale:
-        reason = PROMETHEUS_UNAVAILABLE if telemetry.unavailable else NO_SAMPLES
+        reason = Reason.PROMETHEUS_UNAVAILABLE if telemetry.unavailable else Reason.NO_SAMPLES
         return None, False, reason, f"planning on the model: {telemetry.reason}"
     if not nodes:
-        return None, False, NO_SAMPLES, "no GPU nodes in scope to measure"
+        return None, False, Reason.NO_SAMPLES, "no GPU nodes in scope to measure"
     missing = [n for n in nodes if n not in telemetry.node_watts]
     if missing:
         return (
             None,
             False,
-            NO_SAMPLES,
+            Reason.NO_SAMPLES,
             f"no fresh GPU power series for {len(missing)} of {len(nodes)} node(s) in scope "
             f"({', '.join(missing[:5])}); measuredWatts left out",
         )
@@ -533,7 +537,7 @@ def budget_telemetry(
     return (
         total,
         True,
-        "Measured",
+        Reason.MEASURED,
         f"{total:.0f} W measured on {len(nodes)} node(s) ({', '.join(metrics)})",
     )
 
@@ -551,10 +555,10 @@ def workload_telemetry(telemetry: TelemetrySnapshot, pods: Iterable[PodKey]) -> 
     """
     keys = sorted(set(pods))
     if telemetry.stale:
-        reason = PROMETHEUS_UNAVAILABLE if telemetry.unavailable else NO_SAMPLES
+        reason = Reason.PROMETHEUS_UNAVAILABLE if telemetry.unavailable else Reason.NO_SAMPLES
         return False, reason, f"figures are modelled: {telemetry.reason}"
     if not keys:
-        return None, NOT_RUNNING, "no running pod to measure"
+        return None, Reason.NOT_RUNNING, "no running pod to measure"
     missing = [
         f"{namespace}/{name}"
         for namespace, name in keys
@@ -563,12 +567,12 @@ def workload_telemetry(telemetry: TelemetrySnapshot, pods: Iterable[PodKey]) -> 
     if missing:
         return (
             False,
-            NO_SAMPLES,
+            Reason.NO_SAMPLES,
             f"no fresh GPU power series for {len(missing)} of {len(keys)} running pod(s) "
             f"({', '.join(missing[:5])}); measuredWatts left out",
         )
     metrics = sorted({telemetry.pod_watts[key].metric for key in keys})
-    return True, "Measured", f"{len(keys)} running pod(s) measured ({', '.join(metrics)})"
+    return True, Reason.MEASURED, f"{len(keys)} running pod(s) measured ({', '.join(metrics)})"
 
 
 def workload_measured_watts(
@@ -594,7 +598,7 @@ def without_nones(value: Any) -> Any:
 
 
 def phase_counts(phases: Iterable[str]) -> dict[str, int]:
-    counts = dict.fromkeys(PHASES, 0)
+    counts = {phase.value: 0 for phase in Phase}
     for phase in phases:
         counts[phase] = counts.get(phase, 0) + 1
     return counts

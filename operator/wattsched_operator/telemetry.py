@@ -37,7 +37,7 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from wattsched_api.meta import Source
+from wattsched_api.vocabulary import Source
 from wattsched_operator.readings import (
     CalibrationKey,
     CalibrationSample,

@@ -17,12 +17,10 @@ from typing import Any
 
 import yaml
 
+from wattsched_api.vocabulary import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from wattsched_optimizer import model
 
 from .truth import truth_product
-
-GPU_RESOURCE = "nvidia.com/gpu"
-PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 
 class ClusterError(ValueError):
@@ -89,14 +87,16 @@ def parse_node(doc: Mapping[str, Any], path: Path) -> SimNode | None:
         ) from error
     if gpu_count <= 0:
         return None
-    label = labels.get(PRODUCT_LABEL)
+    label = labels.get(GPU_PRODUCT_LABEL)
     if not label:
-        raise ClusterError(f"Node {name}: metadata.labels[{PRODUCT_LABEL!r}] is missing")
+        raise ClusterError(f"Node {name}: metadata.labels[{GPU_PRODUCT_LABEL!r}] is missing")
     try:
         planner_product = model.normalise_product(label)
         simulated_product = truth_product(label)
     except (KeyError, ValueError) as error:
-        raise ClusterError(f"Node {name}: metadata.labels[{PRODUCT_LABEL!r}]: {error}") from error
+        raise ClusterError(
+            f"Node {name}: metadata.labels[{GPU_PRODUCT_LABEL!r}]: {error}"
+        ) from error
     return SimNode(name, labels, label, planner_product, simulated_product, gpu_count)
 
 

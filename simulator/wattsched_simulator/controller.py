@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from wattsched_api.meta import format_time
+from wattsched_api.vocabulary import GPU_RESOURCE, PodPhase, Source
 from wattsched_operator import core, desired
 from wattsched_operator import demand as demand_forecast
 from wattsched_operator.readings import PodKey
@@ -50,7 +51,6 @@ from wattsched_optimizer.model import PerformanceModel
 from wattsched_optimizer.problem import EnergyPolicy, Plan, PlanInput, PlanOptions, WorkloadType
 
 from . import observed
-from .cluster import GPU_RESOURCE
 from .engine import Decision, RunningReplica, View
 from .truth import GroundTruth
 from .workloads import ServiceSpec
@@ -190,12 +190,12 @@ class PlannerPolicy:
             body = copy.deepcopy(pod)
             replica = matched.get(key)
             if replica is None:
-                body["status"] = {"phase": "Pending"}
+                body["status"] = {"phase": PodPhase.PENDING}
             else:
                 ready = replica.ready_at_seconds <= view.now_seconds
                 started = min(replica.ready_at_seconds - startup, view.now_seconds)
                 body["status"] = {
-                    "phase": "Running",
+                    "phase": PodPhase.RUNNING,
                     "startTime": format_time(observed.at(started)),
                     "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
                 }
@@ -220,7 +220,7 @@ class PlannerPolicy:
                 status["progress"] = {
                     "completedTokens": done,
                     "totalTokens": job.work_tokens,
-                    "source": "measured",
+                    "source": Source.MEASURED,
                     "updatedAt": format_time(observed.at(view.now_seconds)),
                 }
         live = set(workloads)

@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from wattsched_api.meta import API_VERSION, Source, format_time
+from wattsched_api.meta import API_VERSION, format_time
+from wattsched_api.vocabulary import GPU_PRODUCT_LABEL, GPU_RESOURCE, Phase, PodPhase, Source
 from wattsched_operator import desired
 from wattsched_operator.readings import Measurement, PodKey, TelemetrySnapshot
 from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer.problem import EnergyPolicy, Placement, WorkloadType
 
 from .carbon import CarbonIntensity
-from .cluster import GPU_RESOURCE, PRODUCT_LABEL, SimBudget, SimNode
+from .cluster import SimBudget, SimNode
 from .engine import Decision, ReplicaAssignment, RunningReplica
 from .telemetry import Sample
 from .workloads import JobSpec, ServiceSpec
@@ -83,7 +84,7 @@ def node_body(node: SimNode) -> dict[str, Any]:
     labels = {
         **node.labels,
         desired.HOSTNAME_LABEL: node.name,
-        PRODUCT_LABEL: node.product_label,
+        GPU_PRODUCT_LABEL: node.product_label,
         "nvidia.com/gpu.count": str(node.gpu_count),
     }
     return {
@@ -167,7 +168,7 @@ def service_body(
             "slo": {"tokensPerSecond": round(max(tokens_per_second, 1.0), 3)},
             "energy": {"policy": policy.value},
         },
-        {"phase": "Running"},
+        {"phase": Phase.RUNNING},
     )
 
 
@@ -179,7 +180,7 @@ def job_body(
     slo: dict[str, Any] = {"totalWork": {"tokens": job.work_tokens}}
     if job.deadline_seconds is not None:
         slo["deadline"] = format_time(at(job.deadline_seconds))
-    status: dict[str, Any] = {"phase": "Pending"}
+    status: dict[str, Any] = {"phase": Phase.PENDING}
     if progress:
         status["progress"] = dict(progress)
     return _workload(
@@ -241,7 +242,7 @@ def pod_body(
     ready = replica.ready_at_seconds <= now_seconds
     started = min(replica.ready_at_seconds - startup_seconds, now_seconds)
     pod["status"] = {
-        "phase": "Running",
+        "phase": PodPhase.RUNNING,
         "startTime": format_time(at(started)),
         "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
     }

@@ -9,7 +9,10 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from wattsched_api.meta import Source
+import pytest
+
+from wattsched_api import vocabulary
+from wattsched_api.vocabulary import Source
 from wattsched_operator import core, desired, statuses
 from wattsched_operator.readings import EnergyReading, Measurement, TelemetrySnapshot
 from wattsched_optimizer.model import PerformanceModel
@@ -110,7 +113,7 @@ def test_a_new_service_gets_a_pod_a_limit_and_a_placed_status_as_data() -> None:
     # The new pod's limit is set before the pod exists (raised after creation).
     assert ("team", "chat-0") in round_.raise_["l40s-0"].pods
     [status] = round_.workload_statuses
-    assert status.phase == statuses.PLACED
+    assert status.phase == vocabulary.Phase.PLACED
     assert status.write is not None
     assert [e.reason for e in status.write.events] == ["Admitted", "Placed"]
     assert round_.memory.last_round is not None
@@ -167,8 +170,8 @@ def test_a_failed_replica_is_counted_once_then_deleted_when_its_backoff_is_over(
     workload_patch, pod_patch = round_.patches
     assert workload_patch.object.kind == "LLMWorkload"
     assert workload_patch.patch["metadata"]["annotations"] == {
-        core.ANNOTATION_FAILURES: "1",
-        core.ANNOTATION_RETRY_AFTER: "2026-12-05T12:00:10Z",
+        vocabulary.FAILURES_ANNOTATION: "1",
+        vocabulary.RETRY_AFTER_ANNOTATION: "2026-12-05T12:00:10Z",
     }
     assert (pod_patch.object.kind, pod_patch.object.name) == ("Pod", "chat-0")
     assert [e.reason for e in round_.events] == ["ReplicaFailed"]
@@ -180,7 +183,10 @@ def test_a_failed_replica_is_counted_once_then_deleted_when_its_backoff_is_over(
     counted = service(status={"phase": "Running"})
     counted["metadata"]["annotations"] = dict(workload_patch.patch["metadata"]["annotations"])
     marked = replica_pod(
-        "chat", "l40s-0", phase="Failed", annotations={core.ANNOTATION_FAILURE_COUNTED: "true"}
+        "chat",
+        "l40s-0",
+        phase="Failed",
+        annotations={vocabulary.FAILURE_COUNTED_ANNOTATION: "true"},
     )
     later = core.Observed(view([node("l40s-0")], [counted], [marked]), monotonic=111.0)
     retried = core.decide(later, NOW + timedelta(seconds=11))
@@ -260,8 +266,8 @@ def test_a_failed_round_says_so_once_per_object_and_cause() -> None:
     observed = core.Observed(view([node("l40s-0")], [service()], []))
     failed = core.failed_round(observed, RuntimeError("solver crashed"), NOW)
     [write] = failed.early_statuses
-    assert write.status["phase"] == statuses.PENDING
-    assert [e.reason for e in write.events] == [core.PLAN_FAILED]
+    assert write.status["phase"] == vocabulary.Phase.PENDING
+    assert [e.reason for e in write.events] == [vocabulary.EventReason.PLAN_FAILED]
     again = core.failed_round(
         dataclasses.replace(observed, memory=failed.memory), RuntimeError("solver crashed"), NOW
     )
@@ -357,6 +363,35 @@ def test_the_shell_is_told_what_to_read_and_the_readings_make_the_energy_measure
         dataclasses.replace(observed, telemetry=core.Readings(snapshot=snapshot)), NOW
     )
     assert [c.source for c in modelled.metrics.workload_energy] == ["modelled"]
+
+
+def test_a_round_prepares_its_input_once_for_the_readings_and_the_decision() -> None:
+    built: list[datetime] = []
+    snapshot_reader = core.build_input_function(30.0)
+
+    def build_input(
+        cluster: core.ClusterView, unconfirmed: frozenset[str], now: datetime
+    ) -> core.PlannedInput:
+        built.append(now)
+        return snapshot_reader(cluster, unconfirmed, now)
+
+    observed = core.Observed(view([node("l40s-0")], [service()], []), monotonic=100.0)
+    prepared = core.prepare(observed, NOW, build_input=build_input)
+    requests = core.telemetry_requests(observed, NOW, prepared=prepared)
+    readings = core.Readings(snapshot=TelemetrySnapshot(NOW, Source.MEASURED, False, ""))
+    round_ = core.decide(dataclasses.replace(observed, telemetry=readings), NOW, prepared=prepared)
+
+    assert built == [NOW]
+    assert requests.nodes == ("l40s-0",)
+    alone = core.decide(dataclasses.replace(observed, telemetry=readings), NOW)
+    assert [p["metadata"]["name"] for p in round_.create] == ["chat-0"]
+    assert round_.create == alone.create
+    assert [w.write.status for w in round_.workload_statuses if w.write] == [
+        w.write.status for w in alone.workload_statuses if w.write
+    ]
+    # A preparation is for its round only.
+    with pytest.raises(ValueError, match="not this round"):
+        core.decide(observed, NOW + timedelta(seconds=1), prepared=prepared)
 
 
 def _chat_reading(tokens: float, queued: float | None) -> core.Readings:

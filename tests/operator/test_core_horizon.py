@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.operator.test_core import node, profile, replica_pod, service
-from wattsched_operator import budget_horizon, core, statuses
+from wattsched_api import vocabulary
+from wattsched_operator import core, statuses
 from wattsched_optimizer.problem import MoveReason
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
@@ -92,13 +93,13 @@ def test_a_budget_near_its_allowance_defers_the_job_and_keeps_the_service() -> N
     assert "team/tune" not in {u.workload for u in round_.plan.unplaced}
     assert [p["metadata"]["name"] for p in round_.create] == ["chat-0"]
     tune = statuses_by_key(round_)["team/tune"]
-    assert tune.phase == statuses.PENDING
+    assert tune.phase == vocabulary.Phase.PENDING
     assert tune.write is not None
     schedulable = statuses.find_condition(tune.write.status["conditions"], "Schedulable")
     assert schedulable is not None
     assert (schedulable["status"], schedulable["reason"]) == (
         "False",
-        budget_horizon.DEFERRED_REASON,
+        vocabulary.Reason.DEFERRED,
     )
     message = (
         "Deferred until 00:00 UTC: EnergyBudget cluster has no allowance left for it this day "
@@ -107,7 +108,7 @@ def test_a_budget_near_its_allowance_defers_the_job_and_keeps_the_service() -> N
     assert schedulable["message"] == message
     assert tune.write.status["message"] == message
     events = [(e.type, e.reason, e.message) for e in tune.write.events]
-    assert ("Normal", budget_horizon.DEFERRED_REASON, message) in events
+    assert ("Normal", vocabulary.Reason.DEFERRED, message) in events
     assert not [e for e in events if e[1] == "Unschedulable"]
 
     write = budget_write(round_)
@@ -136,9 +137,9 @@ def test_a_deferral_and_an_exhausted_allowance_post_one_event_not_one_per_round(
         later,
     )
     tune = statuses_by_key(second)["team/tune"]
-    assert tune.phase == statuses.PENDING
+    assert tune.phase == vocabulary.Phase.PENDING
     assert tune.write is None or not [
-        e for e in tune.write.events if e.reason == budget_horizon.DEFERRED_REASON
+        e for e in tune.write.events if e.reason == vocabulary.Reason.DEFERRED
     ]
     assert budget_write(second).events == ()
     # An accounting round between plans keeps the condition and the deferral.
@@ -157,23 +158,23 @@ def test_a_deferral_and_an_exhausted_allowance_post_one_event_not_one_per_round(
     assert between_budget.events == ()
     # Its status is written again only to advance the figures; it still says Deferred.
     between_tune = statuses_by_key(between)["team/tune"]
-    assert between_tune.phase == statuses.PENDING
+    assert between_tune.phase == vocabulary.Phase.PENDING
     if between_tune.write is not None:
         again = statuses.find_condition(between_tune.write.status["conditions"], "Schedulable")
         assert again is not None
-        assert again["reason"] == budget_horizon.DEFERRED_REASON
+        assert again["reason"] == vocabulary.Reason.DEFERRED
         assert not between_tune.write.events
 
 
 def test_a_running_preemptible_job_deferred_by_its_allowance_is_preempted_and_says_why() -> None:
     tune = job()
     tune["spec"]["preemptible"] = True
-    tune["status"] = {"phase": statuses.RUNNING}
+    tune["status"] = {"phase": vocabulary.Phase.RUNNING}
     pod = replica_pod("tune", "l40s-0", annotations=None)
     observed = core.Observed(cluster(NEAR_ALLOWANCE, [tune], (pod,)), monotonic=100.0)
     round_ = core.decide(observed, NOW)
     assert [(e.namespace, e.name) for e in round_.evict] == [("team", "tune-0")]
-    assert statuses_by_key(round_)["team/tune"].phase == statuses.PREEMPTED
+    assert statuses_by_key(round_)["team/tune"].phase == vocabulary.Phase.PREEMPTED
     report = round_.disruptions.report([("team", "tune-0")])
     (event,) = [e for e in report.events if e.reason == "Preempted"]
     assert "Deferred until 00:00 UTC" in event.message
@@ -248,7 +249,7 @@ def test_the_shell_reads_each_forecast_query_and_the_core_plans_with_its_samples
     assert schedulable is not None
     assert schedulable["message"] == "Deferred until 15:00 UTC: 140 g/kWh then vs 420 now"
     # The horizon runs it later: its deadline is neither met nor missed yet.
-    slo = statuses.find_condition(tune.write.status["conditions"], statuses.SLO_MET)
+    slo = statuses.find_condition(tune.write.status["conditions"], vocabulary.ConditionType.SLO_MET)
     assert slo is not None
     assert (slo["status"], slo["reason"]) == ("Unknown", "Deferred")
     assert not [e for e in tune.write.events if e.reason == "SLORisk"]

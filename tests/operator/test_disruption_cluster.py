@@ -102,9 +102,9 @@ class Examples:
 
 @pytest.fixture
 def examples(sandbox: Sandbox, namespace: str, start_operator: StartOperator) -> Examples:
-    # One instant at a time (--horizon-hours 0): the rack example's hourly carbon profile would
-    # defer the batch example at night (test_horizon_cluster.py covers the horizon).
-    operator = start_operator("--replan-interval-seconds", "5", "--horizon-hours", "0")
+    # The default horizon: the examples' allowances leave room at any hour of the week, so nothing
+    # is deferred (test_horizon_cluster.py covers deferral).
+    operator = start_operator("--replan-interval-seconds", "5")
     paths = example_manifests()
     ensure_volume_claims(sandbox, namespace, paths)
     documents = [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]

@@ -21,9 +21,8 @@ from tests.agent.conftest import scrape, truth_draw_watts
 from tests.operator.conftest import TEST_LABEL, StartOperator, get_json, wait_until
 from tests.operator.test_operator_cluster import apply, pods_of, workload
 from tests.telemetry.conftest import start_prometheus
-from wattsched_agent.kube_access import UTILISATION_ANNOTATION
 from wattsched_agent.simulated_nvml import load_ground_truth
-from wattsched_api.meta import POWER_LIMIT_ANNOTATION
+from wattsched_api.vocabulary import POWER_LIMIT_ANNOTATION, SIMULATED_UTILISATION_ANNOTATION
 from wattsched_optimizer.model import CALIBRATION_BOUNDS, CatalogueModel
 from wattsched_optimizer.problem import WorkloadType
 
@@ -185,7 +184,7 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
         # Half loaded: the ground truth's draw then differs from the planner's prior, which
         # expects a placed replica to draw its full demand.
         server_llm["spec"]["template"]["metadata"] = {
-            "annotations": {UTILISATION_ANNOTATION: str(UTILISATION)}
+            "annotations": {SIMULATED_UTILISATION_ANNOTATION: str(UTILISATION)}
         }
         apply(sandbox, namespace, server_llm)
         operator = start_operator(

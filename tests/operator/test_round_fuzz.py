@@ -19,7 +19,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wattsched_api.meta import REPLACES_ANNOTATION
+from wattsched_api import vocabulary
+from wattsched_api.vocabulary import REPLACES_ANNOTATION
 from wattsched_operator import core, desired, statuses
 from wattsched_operator.core import ClusterView, build_input_function
 
@@ -302,7 +303,7 @@ def decide(view: ClusterView) -> None:
         assert ready is not None
         if allocation.held:
             assert allocation.allocated_cap_watts > budget.power_cap_watts
-            assert ready["reason"] == statuses.CAP_BELOW_FLOOR, ready
+            assert ready["reason"] == vocabulary.Reason.CAP_BELOW_FLOOR, ready
         else:
             assert allocation.allocated_cap_watts <= budget.power_cap_watts + TOLERANCE_WATTS
             assert ready["status"] == "True"

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pytest
 
-from wattsched_api.meta import Source
+from wattsched_api.vocabulary import Source
 from wattsched_operator.cache import ClusterCache
 from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.statuses import (

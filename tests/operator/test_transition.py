@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wattsched_operator.core import unmanaged_gpu_caps
+from wattsched_operator.pod_changes import unmanaged_gpu_caps
 from wattsched_operator.transition import NodeLimits, NodePowerState, is_confirmed, power_steps
 
 A = ("team", "a-0")

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from wattsched_api.meta import Source
+from wattsched_api.vocabulary import Source
 from wattsched_operator.telemetry import (
     CalibrationSample,
     Calibrator,

@@ -26,7 +26,7 @@ from tests.agent.conftest import (
 )
 from tests.telemetry.conftest import RunningPrometheus
 from wattsched_agent.simulated_nvml import load_ground_truth
-from wattsched_api.meta import Source
+from wattsched_api.vocabulary import Source
 from wattsched_operator.telemetry import TelemetryConfig, TelemetryReader
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from wattsched_agent.nvml_backend import NvmlBackend
 from wattsched_agent.reconcile import PlacedPod
 from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import SimulatedNvml
-from wattsched_api.meta import Source
+from wattsched_api.vocabulary import Source
 from wattsched_operator.telemetry import TelemetryConfig, TelemetryReader
 
 pytestmark = pytest.mark.prometheus

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.telemetry.conftest import free_loopback_port
-from wattsched_api.meta import Source
+from wattsched_api.vocabulary import Source
 from wattsched_operator.telemetry import (
     CalibrationSample,
     Calibrator,
