@@ -1,7 +1,7 @@
 """Inference demand (`wattsched_operator.demand`): services are sized for the recent peak of their
 measured demand (served tokens/s plus the backlog drained within one re-plan interval) with
-headroom and a margin for the readings' spread, and for their declared tokens/s until there are readings; a reading above what the plan
-gave a service asks for a re-plan."""
+headroom and a margin for the readings' spread, and for their declared tokens/s until there are
+readings; a reading above what the plan gave a service asks for a re-plan."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def test_the_forecast_adds_a_margin_that_grows_with_the_readings_spread() -> Non
     steady one (readings close together); one reading has no spread."""
     steady = forecast([950.0, 1000.0, 1050.0], headroom=1.0, spread=2.0)
     bursty = forecast([200.0, 1000.0, 1050.0], headroom=1.0, spread=2.0)
-    assert steady is not None and bursty is not None
+    assert steady is not None
+    assert bursty is not None
     assert steady == pytest.approx(1050.0 + 2.0 * 40.8248, rel=1e-5)  # pstdev 40.82
     assert bursty == pytest.approx(1050.0 + 2.0 * 389.4440, rel=1e-5)  # pstdev 389.44
     assert forecast([1000.0], headroom=1.0, spread=2.0) == 1000.0
