@@ -154,7 +154,8 @@ def test_a_fresh_reading_is_learned_into_the_next_memory_not_the_input() -> None
         telemetry=core.Readings(snapshot=reading, rate_window_seconds=60.0),
     )
     round_ = core.decide(observed, NOW)
-    assert round_.memory.demand.demand("team/chat", 100.0, None) == 4800.0
+    # One reading: its peak, no spread to add.
+    assert round_.memory.demand.demand("team/chat", 100.0, None) == 4000.0
     assert observed.memory.demand.demand("team/chat", 100.0, None) is None
     # The running replica keeps its pod.
     assert round_.evict == ()
