@@ -180,7 +180,8 @@ def calibration_samples(
     product; types: workload key -> type; demands: Inference workload key -> the tokens/s its
     spec declares; corrections: the factors the plan was made with (the modelled throughput is
     divided by them to compare with the uncalibrated model).
-    Power is sampled only when neither the draw nor the model is held by the power limit. A replica
+    Power is sampled only when neither the draw nor the model is held by the power limit, and for
+    an Inference replica only where it is busy (where its throughput is sampled, below). A replica
     with locked SM clocks is compared with the model's locked draw (the unlocked busy draw times
     the clock curve's draw fraction, as the optimizer planned it), so the correction stays one of
     the unlocked model, and a clock curve that is off shows up in it for that (product, type).
@@ -228,6 +229,11 @@ def calibration_samples(
             )
             if not saturated and tokens <= placement.expected_throughput:
                 tokens = None
+        if not workload_type.is_gang and tokens is None:
+            # The model's draw is a busy GPU's: a replica serving less than its capacity draws
+            # less, which would read as a lower busy draw (and let the optimizer believe a
+            # locked clock fits under a limit that in fact throttles it).
+            power_sampled = False
         factor = corrections.get((product, workload_type), Calibration()).throughput_factor
         if not power_sampled and tokens is None:
             continue

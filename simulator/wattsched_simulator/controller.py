@@ -136,6 +136,7 @@ class PlannerPolicy:
     _pods: dict[PodKey, Body] = field(default_factory=dict)
     _statuses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     _limits: dict[str, NodeLimits] = field(default_factory=dict)
+    _warm: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self._memory = core.Memory(demand=demand_forecast.DemandHistory(headroom=self.headroom))
@@ -356,8 +357,30 @@ class PlannerPolicy:
 
         return plan
 
+    def _warm_start(self, view: View) -> None:
+        """The run starts on a cluster that has been serving (`engine`): an operator that had
+        been running holds the readings it took of the services' pods before t = 0 in its demand
+        history. They are the telemetry's samples from before t = 0 (`engine`'s prefill, which
+        the baselines' autoscalers read too), each recorded when it became visible, with its
+        served tokens/s (a 15-s window's, as the operator's peak query reads) and queue."""
+        if self._warm or self.oracle is not None:
+            return
+        self._warm = True
+        delay = view.scenario.telemetry.delay_seconds
+        for sample in view.telemetry.visible(view.now_seconds):
+            if sample.window_end_seconds > 0:
+                continue
+            for key, served in sample.served_tokens_per_second.items():
+                self._memory.demand.record(
+                    key,
+                    sample.window_end_seconds + delay,
+                    served,
+                    backlog_tokens=sample.backlog_tokens.get(key, 0.0),
+                )
+
     def decide(self, view: View) -> Decision:
         started = time.perf_counter()
+        self._warm_start(view)
         now = observed.at(view.now_seconds)
         status = "no round"
         handovers = 0

@@ -252,6 +252,19 @@ def _variant_throughput(spec: ServiceSpec | JobSpec, variant: str) -> float:
     raise SimulationError(f"{spec.key}: decision uses unknown variant {variant!r}")
 
 
+def _history_rate(
+    service: ServiceSpec, start: float, end: float, step_seconds: float, fallback: float
+) -> float:
+    """The service's mean demand (tokens/s) over [start, end) before t = 0, from its trace's
+    history; `fallback` where the history does not reach back to `start`."""
+    history = service.trace.history_tokens
+    first = round(start / step_seconds) + len(history)
+    last = round(end / step_seconds) + len(history)
+    if first < 0 or last > len(history) or last <= first:
+        return fallback
+    return float(history[first:last].sum()) / ((last - first) * step_seconds)
+
+
 class Simulation:
     """One run of one policy over one scenario against one ground truth."""
 
@@ -303,21 +316,28 @@ class Simulation:
     def _prefill_telemetry(self) -> None:
         """History before t = 0: the run starts on a cluster that has been serving for a while.
 
-        Five minutes of samples at the mean demand of the first five minutes, visible at t = 0,
-        with no utilisation (no replica was observed).
+        Five minutes of samples, the newest visible at t = 0, every service's demand served in
+        full, with no utilisation (no replica was observed). Each sample's demand is the trace's
+        before t = 0 in its window (`ServiceTrace.history_tokens`), where the trace keeps that
+        much; else the mean demand of the first five minutes.
         """
         sc = self.scenario
         # The traces start mid-stream (the first minute is partial), so use five minutes.
         first_minutes = max(1, round(300.0 / sc.step_seconds))
-        demand = {
+        mean = {
             s.key: float(s.trace.demand_tokens[:first_minutes].mean()) / sc.step_seconds
             for s in self.services
         }
         scrape = sc.telemetry.scrape_interval_seconds
         windows = max(1, round(300.0 / scrape))
         for k in range(windows, 0, -1):
+            end = -sc.telemetry.delay_seconds - (k - 1) * scrape
+            demand = {
+                s.key: _history_rate(s, end - scrape, end, sc.step_seconds, mean[s.key])
+                for s in self.services
+            }
             self.telemetry.record(
-                window_end_seconds=-sc.telemetry.delay_seconds - (k - 1) * scrape,
+                window_end_seconds=end,
                 demand_tokens_per_second=demand,
                 served_tokens_per_second=demand,
                 utilisation={},  # unknown: no replica was observed

@@ -16,7 +16,7 @@ at step granularity; see `engine`).
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -31,6 +31,9 @@ DEFAULT_TRACE_DIR = (
 DEFAULT_TRACE_FILES = ("code.csv", "conv.csv")
 
 FloatArray = npt.NDArray[np.float64]
+# Demand kept from before t = 0 (the trace continued backwards), for the telemetry a run starts
+# with (`engine.Simulation._prefill_telemetry`).
+HISTORY_SECONDS = 600.0
 
 
 class TraceError(ValueError):
@@ -53,6 +56,9 @@ class ServiceTrace:
     requests: int
     step_seconds: float
     demand_tokens: FloatArray
+    # The steps before t = 0, oldest first (the last entry is the step just before t = 0): the
+    # same requests wrapped around the trace's span, as `demand_per_step` wraps them after it.
+    history_tokens: FloatArray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def mean_tokens_per_second(self) -> float:
@@ -116,17 +122,22 @@ def demand_per_step(
     step_seconds: float,
     rate_scale: float,
     seed: int,
-) -> FloatArray:
+    history_seconds: float = 0.0,
+) -> tuple[FloatArray, FloatArray]:
     """Bin requests into steps, scaled to `rate_scale` times the recorded request rate.
 
     Scaling superimposes copies of the trace, each shifted by a seeded random offset (wrapping
     around the trace's span), and a thinned copy for the fractional part. This keeps the recorded
     request sizes and makes a busier service smoother, as aggregating independent users would.
+    Returns the demand of the run's steps and of the `history_seconds` before t = 0 (the same
+    copies one span earlier: the wrapped trace continued backwards), oldest first.
     """
     if rate_scale <= 0:
         raise ValueError(f"--rate-scale={rate_scale}: must be > 0")
     steps = max(1, round(duration_seconds / step_seconds))
     demand = np.zeros(steps)
+    history_steps = round(history_seconds / step_seconds)
+    history = np.zeros(history_steps)
     arrivals = np.array([r.arrival_seconds for r in requests]) + offset_seconds
     tokens = np.array(
         [r.generated_tokens + PROMPT_TOKEN_WEIGHT * r.context_tokens for r in requests]
@@ -144,7 +155,10 @@ def demand_per_step(
         index = np.floor(times / step_seconds).astype(np.int64)
         inside = index < steps
         np.add.at(demand, index[inside], tokens[keep][inside])
-    return demand
+        before = np.floor((times - span) / step_seconds).astype(np.int64) + history_steps
+        earlier = before >= 0
+        np.add.at(history, before[earlier], tokens[keep][earlier])
+    return demand, history
 
 
 def load_traces(
@@ -160,15 +174,18 @@ def load_traces(
     origin = min(start for _, start, _ in loaded)
     traces = []
     for index, (path, start, requests) in enumerate(loaded):
-        demand = demand_per_step(
+        demand, history = demand_per_step(
             requests,
             offset_seconds=(start - origin).total_seconds(),
             duration_seconds=duration_seconds,
             step_seconds=step_seconds,
             rate_scale=rate_scale,
             seed=seed * 1000 + index,
+            history_seconds=HISTORY_SECONDS,
         )
-        traces.append(ServiceTrace(path.stem, str(path), len(requests), step_seconds, demand))
+        traces.append(
+            ServiceTrace(path.stem, str(path), len(requests), step_seconds, demand, history)
+        )
     names = [trace.name for trace in traces]
     if len(set(names)) != len(names):
         raise TraceError(f"--trace: file names must differ (services are named by file): {names}")

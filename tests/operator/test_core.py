@@ -6,6 +6,7 @@ memory, and the input memory is never changed."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -135,8 +136,8 @@ def test_services_are_sized_for_the_forecast_from_the_memorys_history() -> None:
         view([node("l40s-0")], [service()], []), memory=memory, monotonic=100.0
     )
     core.decide(observed, NOW, plan_function=recording_plan)
-    # The highest reading of the window with 20% headroom, not the declared 100 tokens/s.
-    assert [w.tokens_per_second for w in seen[0].workloads] == [6000.0]
+    # The highest reading of the window (one reading: no spread to add), not the declared 100.
+    assert [w.tokens_per_second for w in seen[0].workloads] == [5000.0]
     # Outside the window (monotonic time is the caller's), the declared demand stands.
     core.decide(dataclasses.replace(observed, monotonic=1000.0), NOW, plan_function=recording_plan)
     assert [w.tokens_per_second for w in seen[1].workloads] == [100.0]
@@ -154,7 +155,8 @@ def test_a_fresh_reading_is_learned_into_the_next_memory_not_the_input() -> None
         telemetry=core.Readings(snapshot=reading, rate_window_seconds=60.0),
     )
     round_ = core.decide(observed, NOW)
-    assert round_.memory.demand.demand("team/chat", 100.0, None) == 4800.0
+    # One reading: its peak, no spread to add.
+    assert round_.memory.demand.demand("team/chat", 100.0, None) == 4000.0
     assert observed.memory.demand.demand("team/chat", 100.0, None) is None
     # The running replica keeps its pod.
     assert round_.evict == ()
@@ -416,8 +418,8 @@ def test_a_queued_backlog_sizes_the_service_above_what_it_served() -> None:
         telemetry=_chat_reading(4000.0, queued=120_000.0),
     )
     round_ = core.decide(observed, NOW)
-    # (4000 served + 120,000 waiting over the 60-s re-plan interval) x 1.2: served alone, 4800.
-    assert round_.memory.demand.demand("team/chat", 100.0, None) == 7200.0
+    # 4000 served + 120,000 waiting over the 60-s re-plan interval: served alone, 4000.
+    assert round_.memory.demand.demand("team/chat", 100.0, None) == 6000.0
 
 
 def test_a_demand_check_re_plans_a_service_whose_queue_outgrows_its_plan() -> None:
@@ -455,7 +457,11 @@ def test_a_demand_check_re_plans_a_service_whose_queue_outgrows_its_plan() -> No
     )
     assert busy.replan_soon
     # The reading is in the next memory: the re-plan sizes for it.
-    assert busy.memory.demand.demand("team/chat", 130.0, None) == capacity * 1.2 * 1.2
+    # Its peak (capacity plus a fifth) plus two standard deviations of the window's readings.
+    readings = [50.0, capacity * 0.9, capacity * 1.2]
+    assert busy.memory.demand.demand("team/chat", 130.0, None) == pytest.approx(
+        capacity * 1.2 + 2 * statistics.pstdev(readings)
+    )
     # A stale reading (Prometheus down) asks for nothing.
     stale = core.check_demand(
         core.Observed(

@@ -1,9 +1,11 @@
 """Inference demand (`wattsched_operator.demand`): services are sized for the recent peak of their
 measured demand (served tokens/s plus the backlog drained within one re-plan interval) with
-headroom, and for their declared tokens/s until there are readings; a reading above what the plan
-gave a service asks for a re-plan."""
+headroom and a margin for the readings' spread, and for their declared tokens/s until there are
+readings; a reading above what the plan gave a service asks for a re-plan."""
 
 from __future__ import annotations
+
+import pytest
 
 from wattsched_operator.demand import DemandHistory, exceeds_plan, forecast, with_forecast_demand
 from wattsched_optimizer.problem import Precision, Variant, Workload, WorkloadType
@@ -16,8 +18,24 @@ def service(key: str, declared: float) -> Workload:
 
 
 def test_the_forecast_is_the_recent_peak_with_headroom() -> None:
-    assert forecast([100.0, 300.0, 200.0], headroom=1.2) == 360.0
+    assert forecast([100.0, 300.0, 200.0], headroom=1.2, spread=0.0) == 360.0
     assert forecast([], headroom=1.2) is None
+
+
+def test_the_forecast_adds_a_margin_that_grows_with_the_readings_spread() -> None:
+    """Same peak, same headroom: the bursty service (readings far apart) is sized above the
+    steady one (readings close together); one reading has no spread."""
+    steady = forecast([950.0, 1000.0, 1050.0], headroom=1.0, spread=2.0)
+    bursty = forecast([200.0, 1000.0, 1050.0], headroom=1.0, spread=2.0)
+    assert steady is not None
+    assert bursty is not None
+    assert steady == pytest.approx(1050.0 + 2.0 * 40.8248, rel=1e-5)  # pstdev 40.82
+    assert bursty == pytest.approx(1050.0 + 2.0 * 389.4440, rel=1e-5)  # pstdev 389.44
+    assert forecast([1000.0], headroom=1.0, spread=2.0) == 1000.0
+    history = DemandHistory(window_seconds=300, headroom=1.0, spread=2.0)
+    for at, tokens in ((100.0, 200.0), (115.0, 1000.0), (130.0, 1050.0)):
+        history.record("ns/code", at, tokens)
+    assert history.demand("ns/code", 140.0, declared=None) == pytest.approx(bursty)
 
 
 def test_a_queue_adds_its_backlog_drained_within_one_interval() -> None:
@@ -29,7 +47,7 @@ def test_a_queue_adds_its_backlog_drained_within_one_interval() -> None:
 
 
 def test_a_drained_backlog_keeps_its_peak_for_the_window() -> None:
-    history = DemandHistory(window_seconds=300, headroom=1.0, interval_seconds=60)
+    history = DemandHistory(window_seconds=300, headroom=1.0, interval_seconds=60, spread=0.0)
     history.record("ns/chat", 100.0, 1000.0, backlog_tokens=60_000)
     history.record("ns/chat", 160.0, 1500.0, backlog_tokens=0)
     # The queue drained once the service had capacity; it is not sized down a reading later.
@@ -61,7 +79,7 @@ def test_no_reading_no_re_plan() -> None:
 
 
 def test_readings_replace_the_declared_demand_only_within_the_window() -> None:
-    history = DemandHistory(window_seconds=300, headroom=1.2)
+    history = DemandHistory(window_seconds=300, headroom=1.2, spread=0.0)
     assert history.demand("ns/chat", 1000.0, declared=5000.0) == 5000.0
     history.record("ns/chat", 900.0, 1000.0)
     history.record("ns/chat", 990.0, 2000.0)

@@ -129,19 +129,44 @@ def test_demand_counts_decode_equivalent_tokens_per_step(tmp_path: Path) -> None
         [("2023-11-16 18:00:00.0", 1000, 10), ("2023-11-16 18:00:01.5", 0, 5)],
     )
     _, requests = read_requests(path)
-    demand = demand_per_step(
+    demand, history = demand_per_step(
         requests, offset_seconds=0.0, duration_seconds=4, step_seconds=1.0, rate_scale=1.0, seed=0
     )
     assert list(demand) == [10 + 1000 * PROMPT_TOKEN_WEIGHT, 5, 0, 0]
+    assert len(history) == 0
+
+
+def test_the_history_before_t0_is_the_trace_wrapped_one_span_earlier(tmp_path: Path) -> None:
+    """The demand before t = 0 continues the run's demand backwards: the trace's span wraps, so
+    the last steps of the run are also the steps just before it (one request per 10 s here)."""
+    rows = [(f"2023-11-16 18:00:{s:02d}.0", 0, 7) for s in range(0, 60, 10)]
+    _, requests = read_requests(write_trace(tmp_path / "t.csv", rows))
+    demand, history = demand_per_step(
+        requests,
+        offset_seconds=0,
+        duration_seconds=60,
+        step_seconds=1,
+        rate_scale=2.5,
+        seed=4,
+        history_seconds=25,
+    )
+    assert len(history) == 25
+    assert list(history) == list(demand[-25:])
+    assert history.sum() > 0
+    again, none = demand_per_step(
+        requests, offset_seconds=0, duration_seconds=60, step_seconds=1, rate_scale=2.5, seed=4
+    )
+    assert list(again) == list(demand)  # the run's demand does not depend on the history kept
+    assert len(none) == 0
 
 
 def test_rate_scale_multiplies_the_demand_by_superimposing_shifted_copies(tmp_path: Path) -> None:
     rows = [(f"2023-11-16 18:00:{s:02d}.0", 100, 50) for s in range(0, 60, 3)]
     _, requests = read_requests(write_trace(tmp_path / "t.csv", rows))
-    once = demand_per_step(
+    once, _ = demand_per_step(
         requests, offset_seconds=0, duration_seconds=60, step_seconds=1, rate_scale=1, seed=3
     )
-    thrice = demand_per_step(
+    thrice, _ = demand_per_step(
         requests, offset_seconds=0, duration_seconds=60, step_seconds=1, rate_scale=3, seed=3
     )
     assert thrice.sum() == pytest.approx(3 * once.sum())

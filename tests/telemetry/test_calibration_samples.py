@@ -73,13 +73,30 @@ def test_an_unconstrained_replica_gives_a_power_sample_per_gpu_against_the_plain
         pods={("ns/w", 0): POD},
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.INFERENCE},
-        demands={"ns/w": 600.0},  # below the planned 1000 tokens/s: not saturated
-        snapshot=reading(2 * 0.8 * modelled, tokens=500.0),
+        demands={"ns/w": 1200.0},  # above the planned 1000 tokens/s: saturated, busy
+        snapshot=reading(2 * 0.8 * modelled, tokens=900.0),
         corrections={},
     )
     assert sample.measured_watts_per_gpu == pytest.approx(0.8 * modelled)
     assert sample.modelled_watts_per_gpu == pytest.approx(modelled)
-    assert sample.measured_tokens_per_second is None  # Inference serves demand, not capacity
+    assert sample.measured_tokens_per_second == 900.0
+
+
+def test_an_inference_replica_below_capacity_is_no_power_sample() -> None:
+    """The model's draw is a busy GPU's; a replica serving part of its capacity draws less, and
+    sampling it would lower the busy draw the optimizer plans with (so a locked clock would seem
+    to fit under a limit that in fact throttles it)."""
+    modelled = CatalogueModel().expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
+    partial = calibration_samples(
+        [placement(700)],
+        pods={("ns/w", 0): POD},
+        products={"node-a": PRODUCT},
+        types={"ns/w": WorkloadType.INFERENCE},
+        demands={"ns/w": 600.0},  # below the planned 1000 tokens/s: not saturated
+        snapshot=reading(2 * 0.6 * modelled, tokens=500.0),
+        corrections={},
+    )
+    assert partial == []
 
 
 def test_a_draw_held_by_its_power_limit_is_no_power_sample() -> None:
@@ -125,8 +142,8 @@ def test_the_next_plans_model_moves_toward_the_measured_draw_and_stays_bounded()
             pods={("ns/w", 0): POD},
             products={"node-a": PRODUCT},
             types={"ns/w": WorkloadType.INFERENCE},
-            demands={},
-            snapshot=reading(2 * 0.8 * modelled),
+            demands={"ns/w": 1200.0},  # saturated: busy
+            snapshot=reading(2 * 0.8 * modelled, tokens=1000.0),
             corrections=calibrator.corrections(),
         ):
             calibrator.observe(sample)
@@ -134,7 +151,15 @@ def test_the_next_plans_model_moves_toward_the_measured_draw_and_stays_bounded()
     predicted = model.expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
     assert predicted == pytest.approx(0.8 * modelled, rel=1e-3)
     absurd = Calibrator(smoothing=1.0)
-    for sample in samples(reading(2 * 0.01 * modelled), WorkloadType.INFERENCE):
+    for sample in calibration_samples(
+        [placement(700)],
+        pods={("ns/w", 0): POD},
+        products={"node-a": PRODUCT},
+        types={"ns/w": WorkloadType.INFERENCE},
+        demands={"ns/w": 1200.0},
+        snapshot=reading(2 * 0.01 * modelled, tokens=1000.0),
+        corrections={},
+    ):
         absurd.observe(sample)
     assert absurd.corrections()[PRODUCT, WorkloadType.INFERENCE].power_factor == 0.5
 
@@ -235,8 +260,8 @@ def test_a_replica_with_locked_clocks_is_compared_with_the_models_locked_draw() 
         pods={("ns/w", 0): POD},
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.INFERENCE},
-        demands={"ns/w": 600.0},
-        snapshot=reading(2 * locked),
+        demands={"ns/w": 1200.0},  # saturated: busy
+        snapshot=reading(2 * locked, tokens=1000.0),
         corrections={},
     )
     assert sample.modelled_watts_per_gpu == pytest.approx(locked)
