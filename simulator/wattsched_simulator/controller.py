@@ -287,7 +287,9 @@ class PlannerPolicy:
             rate_window_seconds=observed.RATE_WINDOW_SECONDS,
             carbon_forecasts={
                 name: observed.carbon_forecast(
-                    view.scenario.carbon, view.now_seconds, self.settings.horizon_hours
+                    view.scenario.carbon_forecast or view.scenario.carbon,
+                    view.now_seconds,
+                    self.settings.horizon_hours,
                 )
                 for name in requests.forecast_queries
             },

@@ -2,7 +2,7 @@
 
 `results.json` has `{"policies": {"<policy>": {gpuEnergyKWh, facilityEnergyKWh, carbonKg,
 tokensPerJoule, sloAttainment, deadlineMisses, secondsOverBudget, preemptions, migrations,
-planSecondsP50, ...}}}` plus `scenario` (what was simulated, the trace attribution, and that every
+planSecondsP50, jobCarbonKg, energyOverAllowanceKWh, ...}}}` plus `scenario` (what was simulated, the trace attribution, and that every
 figure is modelled by the simulator's ground truth, not measured on hardware). The terminal summary
 puts energy beside the work done (tokens, tokens per joule, kWh per million tokens) and shows
 deadline misses and seconds with power limits over a cap; every plot has a title, and one shows
@@ -26,14 +26,46 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from wattsched_operator.budget_horizon import period_start
+
+from .cluster import SimBudget
 from .engine import JOULES_PER_KWH, PolicyResult
+from .observed import at
 
 # Points per plotted series: per-step series are averaged into this many buckets at most.
 PLOT_POINTS = 720
 
 
-def policy_metrics(result: PolicyResult) -> dict[str, Any]:
-    """The per-policy entry of results.json."""
+def energy_by_period(result: PolicyResult, budget: SimBudget) -> dict[str, float]:
+    """A budget's facility kWh (its nodes' GPU energy x its PUE, as the operator accounts
+    `energyUsedKilowattHours`) per allowance period (`spec.energy.period`, UTC calendar periods
+    from the run's start at `observed.EPOCH`), by the period's start (RFC 3339)."""
+    power = result.budget_power_watts.get(budget.name)
+    if power is None or not len(power):
+        return {}
+    dt = result.step_seconds
+    hours = (np.arange(len(power)) * dt // 3600).astype(np.int64)
+    joules = np.bincount(hours, weights=power * dt)
+    out: dict[str, float] = {}
+    for hour, hour_joules in enumerate(joules):
+        start = period_start(at(hour * 3600.0), budget.energy_period)
+        key = start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        out[key] = out.get(key, 0.0) + float(hour_joules) * budget.pue / JOULES_PER_KWH
+    return out
+
+
+def energy_over_allowance_kwh(result: PolicyResult, budgets: Sequence[SimBudget]) -> float:
+    """kWh used above the allowance, summed over budgets with `spec.energy` and their periods."""
+    return sum(
+        max(0.0, used - budget.energy_kwh)
+        for budget in budgets
+        if budget.energy_kwh is not None
+        for used in energy_by_period(result, budget).values()
+    )
+
+
+def policy_metrics(result: PolicyResult, budgets: Sequence[SimBudget] = ()) -> dict[str, Any]:
+    """The per-policy entry of results.json (`budgets`: for the energy allowances)."""
     joules = result.gpu_energy_joules
     useful = result.inference_tokens_served + result.job_tokens_processed
     steps = len(result.cluster_power_watts)
@@ -47,6 +79,9 @@ def policy_metrics(result: PolicyResult) -> dict[str, Any]:
         "secondsOverBudget": result.seconds_over_budget,
         "preemptions": result.preemptions,
         "migrations": result.migrations,
+        # Job replicas' GPU energy x PUE x the intensity of when it was drawn.
+        "jobCarbonKg": result.job_carbon_grams / 1000.0,
+        "energyOverAllowanceKWh": energy_over_allowance_kwh(result, budgets),
         "planSecondsP50": statistics.median(result.plan_seconds) if result.plan_seconds else 0.0,
         # More keys (allowed by the format):
         "planSecondsMax": max(result.plan_seconds, default=0.0),
@@ -58,6 +93,12 @@ def policy_metrics(result: PolicyResult) -> dict[str, Any]:
         "inferenceTokensServed": result.inference_tokens_served,
         "inferenceGpuEnergyKWh": result.inference_energy_joules / JOULES_PER_KWH,
         "jobTokensProcessed": result.job_tokens_processed,
+        "jobGpuEnergyKWh": result.job_energy_joules / JOULES_PER_KWH,
+        "facilityKWhByPeriod": {
+            budget.name: energy_by_period(result, budget)
+            for budget in budgets
+            if budget.energy_kwh is not None
+        },
         "jobsFinished": result.jobs_finished,
         "jobsWithDeadline": result.jobs_with_deadline,
         "sloAttainmentByService": {
@@ -71,10 +112,12 @@ def policy_metrics(result: PolicyResult) -> dict[str, Any]:
 
 
 def results_document(
-    results: Sequence[PolicyResult], scenario: Mapping[str, Any]
+    results: Sequence[PolicyResult],
+    scenario: Mapping[str, Any],
+    budgets: Sequence[SimBudget] = (),
 ) -> dict[str, Any]:
     return {
-        "policies": {result.policy: policy_metrics(result) for result in results},
+        "policies": {result.policy: policy_metrics(result, budgets) for result in results},
         "scenario": dict(scenario),
     }
 
@@ -119,12 +162,14 @@ ENERGY_COLUMNS = (
     ("CO2 kg", "{:.2f}", "carbonKg"),
     ("inference Mtok", "{:.2f}", "inferenceTokensServed"),
     ("job Mtok", "{:.2f}", "jobTokensProcessed"),
+    ("job CO2 kg", "{:.2f}", "jobCarbonKg"),
     ("tokens/J", "{:.3f}", "tokensPerJoule"),
 )
 OBJECTIVE_COLUMNS = (
     ("SLO", "{:.2%}", "sloAttainment"),
     ("s limits>cap", "{:.0f}", "secondsLimitsOverBudget"),
     ("s draw>cap", "{:.0f}", "secondsOverBudget"),
+    ("kWh>allowance", "{:.1f}", "energyOverAllowanceKWh"),
     ("preempt", "{}", "preemptions"),
     ("migrate", "{}", "migrations"),
     ("plan s p50", "{:.3f}", "planSecondsP50"),

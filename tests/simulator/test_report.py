@@ -26,6 +26,8 @@ def result(policy: str, **overrides: Any) -> PolicyResult:
         "step_seconds": 1.0,
         "gpu_energy_joules": 3.6e6,  # 1 kWh
         "inference_energy_joules": 1.8e6,
+        "job_energy_joules": 1.2e6,
+        "job_carbon_grams": 150.0,
         "node_energy_joules": {},
         "facility_energy_joules": 4.5e6,
         "carbon_grams": 400.0,
@@ -72,16 +74,17 @@ def rows(text: str, first_cell: str) -> list[list[str]]:
 def test_the_summary_shows_job_work_and_tokens_per_joule_beside_energy() -> None:
     text = table(results_document(two_policies(), {}))
     header = text.splitlines()[1]
-    for heading in ("GPU kWh", "job Mtok", "inference Mtok", "tokens/J", "kWh/Mtok"):
+    for heading in ("GPU kWh", "job Mtok", "job CO2 kg", "inference Mtok", "tokens/J", "kWh/Mtok"):
         assert heading in header
     spread, wattsched = (rows(text, name)[0] for name in ("spread-max", "wattsched"))
-    # GPU kWh, facility kWh, CO2 kg, inference Mtok, job Mtok, tokens/J, kWh/Mtok
+    # GPU kWh, facility kWh, CO2 kg, inference Mtok, job Mtok, job CO2 kg, tokens/J, kWh/Mtok
     assert spread[1] == "2.00"
     assert wattsched[1] == "1.00"
     assert spread[5] == "31.80"
     assert wattsched[5] == "19.30"
-    assert spread[6] == f"{(1.0e6 + 31.8e6) / 7.2e6:.3f}"
-    assert wattsched[7] == f"{1.0 / 20.3:.3f}"
+    assert wattsched[6] == "0.15"
+    assert spread[7] == f"{(1.0e6 + 31.8e6) / 7.2e6:.3f}"
+    assert wattsched[8] == f"{1.0 / 20.3:.3f}"
 
 
 def test_the_summary_shows_seconds_with_limits_over_the_cap_and_deadline_misses() -> None:
