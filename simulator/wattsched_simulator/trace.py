@@ -39,14 +39,14 @@ DEFAULT_TRACE_FILES = ("code.csv", "conv.csv")
 FloatArray = npt.NDArray[np.float64]
 
 # Demand multiplier per hour of day (UTC), for `--demand-profile diurnal`. An assumed shape, not a
-# measured one: low at night (0.45 of the mean hour at 03:00-04:00), rising through the morning to
-# a plateau of ~1.4 from 10:00 to 17:00 and falling through the evening; the 24 figures average
+# measured one: low at night (0.45 of the mean hour at 03:00-05:00), rising through the morning to
+# a plateau of ~1.5 from 11:00 to 17:00 and falling through the evening; the 24 figures average
 # 1.0, so a day carries the recorded trace's mean demand. It follows the qualitative pattern of
 # week-long production LLM inference traces (the Azure LLM inference trace 2024, which a one-hour
-# 2023 trace lacks: daytime peaks, night troughs); the peak-to-trough ratio (~3x) is ours.
+# 2023 trace lacks: daytime peaks, night troughs); the peak-to-trough ratio (3.3x) is ours.
 DIURNAL_PROFILE: tuple[float, ...] = (
-    0.55, 0.5, 0.47, 0.45, 0.45, 0.5, 0.6, 0.8, 1.0, 1.2, 1.35, 1.4,
-    1.42, 1.42, 1.4, 1.4, 1.38, 1.32, 1.25, 1.15, 1.05, 0.9, 0.75, 0.65,
+    0.55, 0.5, 0.47, 0.45, 0.45, 0.5, 0.6, 0.8, 1.0, 1.2, 1.37, 1.47,
+    1.5, 1.5, 1.5, 1.47, 1.43, 1.37, 1.29, 1.18, 1.08, 0.92, 0.76, 0.64,
 )  # fmt: skip
 FLAT_PROFILE: tuple[float, ...] = (1.0,) * 24
 DEMAND_PROFILES = {"flat": FLAT_PROFILE, "diurnal": DIURNAL_PROFILE}
