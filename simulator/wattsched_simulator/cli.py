@@ -498,7 +498,7 @@ def main(argv: list[str]) -> int:
     written = [args.out / "results.json"]
     if not args.no_plots:
         caps = {b.name: b.power_cap_watts for b in budgets}
-        written += write_plots(results, document, caps, args.out)
+        written += write_plots(results, document, caps, args.out, carbon)
     print(f"\nModelled by the simulator's ground truth, not measured. Traces: {TRACE_ATTRIBUTION}.")
     print("wrote " + ", ".join(str(path) for path in written))
     return 0

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from wattsched_operator.budget_horizon import period_start
 
+from .carbon import CarbonIntensity
 from .cluster import SimBudget
 from .engine import JOULES_PER_KWH, PolicyResult
 from .observed import at
@@ -290,6 +291,56 @@ def power_figure(results: Sequence[PolicyResult], caps: Mapping[str, float]) -> 
     return fig
 
 
+def power_carbon_figure(
+    results: Sequence[PolicyResult], caps: Mapping[str, float], carbon: CarbonIntensity
+) -> Figure:
+    """Per policy over the run, in hours: modelled GPU draw, each budget's cap and the grid's
+    carbon intensity (right axis), so that one sees when each policy ran its work."""
+    fig, axes = plt.subplots(
+        len(results), 1, figsize=(10, 2.2 * len(results) + 1.4), sharex=True, sharey=True
+    )
+    axes_list = list(np.atleast_1d(axes))
+    for ax, result in zip(axes_list, results, strict=True):
+        minutes, power = _bucket(result.cluster_power_watts, result.step_seconds)
+        hours = minutes / 60.0
+        ax.plot(hours, power / 1000.0, color="tab:blue", lw=1.0, label="GPU draw (modelled)")
+        for name, cap in caps.items():
+            ax.axhline(cap / 1000.0, color="tab:red", lw=1.0, label=f"cap ({name})")
+        ax.set_ylabel("kW")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"policy {result.policy}", fontsize=LEGEND_FONT_SIZE + 1, loc="left")
+        intensity_ax = ax.twinx()
+        end_hours = len(result.cluster_power_watts) * result.step_seconds / 3600.0
+        grid_hours = np.arange(0.0, end_hours + 1e-9, 0.25)
+        intensity_ax.step(
+            grid_hours,
+            [carbon.grams_per_kwh_at(h * 3600.0) for h in grid_hours],
+            where="post",
+            color="tab:green",
+            lw=1.0,
+            label="carbon intensity",
+        )
+        intensity_ax.set_ylabel("gCO2/kWh")
+        intensity_ax.set_ylim(bottom=0)
+    axes_list[-1].set_xlabel("hours")
+    fig.suptitle(
+        "GPU power, cap and grid carbon intensity, per policy (modelled)", fontsize=TITLE_FONT_SIZE
+    )
+    handles, labels = axes_list[0].get_legend_handles_labels()
+    twin_handles, twin_labels = fig.axes[-1].get_legend_handles_labels()
+    fig.legend(
+        handles + twin_handles,
+        labels + twin_labels,
+        loc="lower center",
+        ncol=3,
+        fontsize=LEGEND_FONT_SIZE,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
 def plot_power(results: Sequence[PolicyResult], caps: Mapping[str, float], path: Path) -> None:
     fig = power_figure(results, caps)
     fig.savefig(path, dpi=80)
@@ -330,7 +381,10 @@ def write_plots(
     document: Mapping[str, Any],
     caps: Mapping[str, float],
     out_dir: Path,
+    carbon: CarbonIntensity | None = None,
 ) -> list[Path]:
+    """The plots of a run; with an hourly carbon curve (`carbon` of more than one value) also
+    power_cap_carbon.png (`power_carbon_figure`)."""
     policies: Mapping[str, Mapping[str, Any]] = document["policies"]
     names = list(policies)
     paths = [
@@ -364,4 +418,9 @@ def write_plots(
         path=paths[3],
         fmt="{:.2f}",
     )
+    if carbon is not None and len(set(carbon.hourly_grams_per_kwh)) > 1:
+        paths.append(out_dir / "power_cap_carbon.png")
+        fig = power_carbon_figure(results, caps, carbon)
+        fig.savefig(paths[-1], dpi=80)
+        plt.close(fig)
     return paths

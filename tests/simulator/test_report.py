@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from wattsched_simulator.carbon import CarbonIntensity
 from wattsched_simulator.engine import PolicyResult
 from wattsched_simulator.report import (
     LEGEND_FONT_SIZE,
     kwh_per_million_tokens,
+    power_carbon_figure,
     power_figure,
     results_document,
     table,
@@ -131,5 +133,22 @@ def test_plots_include_energy_per_unit_of_work(tmp_path: Path) -> None:
     results = two_policies()
     paths = write_plots(results, results_document(results, {}), {"rack": 5500.0}, tmp_path)
     assert tmp_path / "energy_per_work.png" in paths
+    assert tmp_path / "power_cap_carbon.png" not in paths
     for path in paths:
         assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_with_an_hourly_carbon_curve_power_cap_and_intensity_are_plotted(tmp_path: Path) -> None:
+    results = two_policies()
+    curve = CarbonIntensity((300.0, 80.0), "test")
+    paths = write_plots(
+        results, results_document(results, {}), {"rack": 5500.0}, tmp_path, curve
+    )
+    assert paths[-1] == tmp_path / "power_cap_carbon.png"
+    assert paths[-1].read_bytes()[:4] == b"\x89PNG"
+    figure = power_carbon_figure(results, {"rack": 5500.0}, curve)
+    (legend,) = figure.legends
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert labels == ["GPU draw (modelled)", "cap (rack)", "carbon intensity"]
+    intensity = figure.axes[-1].get_lines()[0].get_ydata()
+    assert set(np.asarray(intensity).tolist()) <= {300.0, 80.0}
