@@ -2,10 +2,11 @@
 
 `results.json` has `{"policies": {"<policy>": {gpuEnergyKWh, facilityEnergyKWh, carbonKg,
 tokensPerJoule, sloAttainment, deadlineMisses, secondsOverBudget, preemptions, migrations,
-planSecondsP50, jobCarbonKg, energyOverAllowanceKWh, ...}}}` plus `scenario` (what was simulated, the trace attribution, and that every
-figure is modelled by the simulator's ground truth, not measured on hardware). The terminal summary
-puts energy beside the work done (tokens, tokens per joule, kWh per million tokens) and shows
-deadline misses and seconds with power limits over a cap; every plot has a title, and one shows
+planSecondsP50, jobCarbonKg, energyOverAllowanceKWh, ...}}}` plus `scenario` (what was
+simulated, the trace attribution, and that every figure is modelled by the simulator's ground
+truth, not measured on hardware). The terminal summary puts energy beside the work done (tokens,
+tokens per joule, kWh per million tokens, job CO2) and shows deadline misses, seconds with power
+limits over a cap and kWh over an allowance; every plot has a title, and one shows
 energy per unit of work. Not for: running simulations (`engine`) or choosing what to compare
 (`cli`).
 """

@@ -12,9 +12,10 @@ is compute-bound and batched; Splitwise measures prefill throughput in the thous
 per GPU against hundreds for decode).
 
 Runs longer than a trace (several days of the one-hour Azure traces) repeat it back to back: copy
-k is the trace shifted by k times its span rounded up to whole hours. A demand profile then shapes the repeated trace over the
-day: `DIURNAL_PROFILE` multiplies the demand of each step by the figure of its hour of day
-(simulation time 0 is midnight UTC, `observed.EPOCH`); `FLAT_PROFILE` (the default) leaves it as
+k is the trace shifted by k times its span rounded up to whole hours. A demand profile then
+shapes the repeated trace over the day: `DIURNAL_PROFILE` multiplies the demand of each step by
+the figure of its hour of day (simulation time 0 is midnight UTC, `observed.EPOCH`);
+`FLAT_PROFILE` (the default) leaves it as
 recorded. Not for: per-request latency (the simulator is a fluid model at step granularity; see
 `engine`).
 """

@@ -135,7 +135,7 @@ def nominal_seconds(generated: JobSpec) -> float:
     return generated.work_tokens / (rate * generated.replicas)
 
 
-# -- demand over days -------------------------------------------------------------------------------
+# -- demand over days ------------------------------------------------------------------------------
 
 
 def test_a_run_longer_than_the_trace_repeats_it_every_whole_hour(tmp_path: Path) -> None:
@@ -170,7 +170,8 @@ def test_the_diurnal_profile_multiplies_each_hour_and_averages_one(tmp_path: Pat
     assert hourly.tolist() == pytest.approx([10 * m for m in DIURNAL_PROFILE])
     assert sum(DIURNAL_PROFILE) / 24 == pytest.approx(1.0)
     assert shaped.demand_tokens.sum() == pytest.approx(flat.demand_tokens.sum(), rel=0.01)
-    assert min(DIURNAL_PROFILE) < 0.5 < 1.4 < max(DIURNAL_PROFILE)
+    assert min(DIURNAL_PROFILE) < 0.5
+    assert max(DIURNAL_PROFILE) > 1.4
 
 
 # -- carbon ----------------------------------------------------------------------------------------
@@ -315,7 +316,8 @@ def test_carbon_threshold_holds_jobs_while_dirty_and_releases_them_after_24_hour
         spread.job_energy_joules * 1.5 / JOULES_PER_KWH * 300.0
     )
     # Always dirty: the job waits 24 h, then starts.
-    always = replace(sim, carbon=CarbonIntensity.constant(300.0, "test"), duration_seconds=26 * HOUR)
+    dirty = CarbonIntensity.constant(300.0, "test")
+    always = replace(sim, carbon=dirty, duration_seconds=26 * HOUR)
     held = simulate(always, flat_truth(100.0), policy)
     assert held.jobs_finished == 1
     started = np.flatnonzero(held.cluster_power_watts > 2 * 75.0 + 1)[0] * 60.0
@@ -381,9 +383,7 @@ def test_bad_deadline_slack_hours_is_one_line_naming_the_flag(
 def test_forecast_error_without_a_curve_is_rejected(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = cli.main(
-        ["--cluster", "x", "--out", str(tmp_path), "--carbon-forecast-error", "0.1"]
-    )
+    code = cli.main(["--cluster", "x", "--out", str(tmp_path), "--carbon-forecast-error", "0.1"])
     assert code == 2
     assert "--carbon-forecast-error needs --carbon-csv" in capsys.readouterr().err
 

@@ -141,9 +141,7 @@ def test_plots_include_energy_per_unit_of_work(tmp_path: Path) -> None:
 def test_with_an_hourly_carbon_curve_power_cap_and_intensity_are_plotted(tmp_path: Path) -> None:
     results = two_policies()
     curve = CarbonIntensity((300.0, 80.0), "test")
-    paths = write_plots(
-        results, results_document(results, {}), {"rack": 5500.0}, tmp_path, curve
-    )
+    paths = write_plots(results, results_document(results, {}), {"rack": 5500.0}, tmp_path, curve)
     assert paths[-1] == tmp_path / "power_cap_carbon.png"
     assert paths[-1].read_bytes()[:4] == b"\x89PNG"
     figure = power_carbon_figure(results, {"rack": 5500.0}, curve)
