@@ -287,7 +287,7 @@ class PlannerPolicy:
             rate_window_seconds=observed.RATE_WINDOW_SECONDS,
             carbon_forecasts={
                 name: observed.carbon_forecast(
-                    view.scenario.carbon_forecast or view.scenario.carbon,
+                    view.scenario.forecast_carbon,
                     view.now_seconds,
                     self.settings.horizon_hours,
                 )

@@ -133,6 +133,11 @@ class Scenario:
     def steps(self) -> int:
         return max(1, round(self.duration_seconds / self.step_seconds))
 
+    @property
+    def forecast_carbon(self) -> CarbonIntensity:
+        """The curve planners see as their forecast (the engine accounts with `carbon`)."""
+        return self.carbon_forecast or self.carbon
+
 
 @dataclass(frozen=True)
 class View:

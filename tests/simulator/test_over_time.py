@@ -194,20 +194,20 @@ def test_a_forecast_with_error_is_seeded_noisy_and_never_negative() -> None:
         curve.with_forecast_error(-0.1, hours=48, seed=1)
 
 
-def test_the_wattsched_policy_sees_the_forecast_and_the_engine_the_true_curve() -> None:
+def test_planners_see_the_forecast_and_the_engine_accounts_with_the_true_curve() -> None:
     curve = CarbonIntensity((100.0, 300.0), "test")
     forecast = CarbonIntensity((150.0, 250.0), "forecast")
-    # The controller answers the forecast query from the scenario's forecast when it has one.
-    sim = replace(
-        scenario(nodes=[h100_node("n0", gpus=1)], duration_seconds=10),
-        carbon=curve,
-        carbon_forecast=forecast,
-    )
-    assert carbon_forecast(sim.carbon_forecast or sim.carbon, 0.0, 2) == {
-        0: 150.0,
-        1: 250.0,
-        2: 150.0,
-    }
+    plain = scenario(nodes=[h100_node("n0", gpus=8)], duration_seconds=2 * HOUR, step_seconds=60.0)
+    true_only = replace(plain, carbon=curve)
+    with_forecast = replace(true_only, carbon_forecast=forecast)
+    assert true_only.forecast_carbon is curve
+    assert with_forecast.forecast_carbon is forecast
+    # What the wattsched policy's forecast query answers (observed.carbon_forecast).
+    assert carbon_forecast(with_forecast.forecast_carbon, 0.0, 2) == {0: 150.0, 1: 250.0, 2: 150.0}
+    # An idle node: 0.6 kWh x PUE 1.5 per hour at 100 then 300 g/kWh, whatever the forecast.
+    for sim in (true_only, with_forecast):
+        result = simulate(sim, flat_truth(), FixedPolicy([]))
+        assert policy_metrics(result)["carbonKg"] == pytest.approx(0.9 * 0.4)
 
 
 def test_job_carbon_is_the_job_replicas_energy_times_pue_and_the_hours_intensity() -> None:
