@@ -181,7 +181,7 @@ def parse_budget(doc: Mapping[str, Any], nodes: Iterable[SimNode], path: Path) -
         scope,
         float(pue),
         None if intensity is None else float(intensity),
-        energy_kwh=float(kwh) if energy else None,
+        energy_kwh=float(kwh) if isinstance(kwh, int | float) else None,
         energy_period=Period(period),
     )
 

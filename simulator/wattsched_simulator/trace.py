@@ -177,7 +177,8 @@ def demand_per_step(
             inside = index < steps
             np.add.at(demand, index[inside], tokens[keep][inside])
     hour_of_day = (np.arange(steps) * step_seconds // 3600).astype(np.int64) % 24
-    return demand * np.asarray(hourly_profile)[hour_of_day]
+    shaped: FloatArray = demand * np.asarray(hourly_profile, dtype=np.float64)[hour_of_day]
+    return shaped
 
 
 def load_traces(
