@@ -425,3 +425,44 @@ def test_a_multi_day_run_reports_job_carbon_and_allowance_per_policy(tmp_path: P
         "rack": {"kilowattHours": 1.0, "period": "Day"}
     }
     assert document["scenario"]["demandProfile"] == "diurnal"
+
+
+# -- the wattsched policy over time ----------------------------------------------------------------
+
+
+def test_wattsched_with_a_horizon_runs_a_flexible_job_in_the_clean_hours() -> None:
+    # Dirty (400 g) for 4 hours, then clean (50 g); a one-hour job due in 10 hours. The horizon
+    # (24 h, the curve as its forecast) waits for the clean hours; one instant at a time runs now.
+    curve = CarbonIntensity((400.0,) * 4 + (50.0,) * 6, "test")
+    budget = SimBudget("rack", 5000.0, frozenset({"n0"}), 1.0, None)
+    rate = flat_truth().replica_tokens_per_second(
+        product="H100-80GB",
+        workload_type=WorkloadType.TRAINING,
+        model_parameters_billions=8.0,
+        gpus=1,
+        relative_throughput=1.0,
+        power_limit_watts=700.0,
+    )
+    flexible = replace(job("batch/train", rate * HOUR), deadline_seconds=10 * HOUR)
+    sim = replace(
+        scenario(
+            nodes=[h100_node("n0", gpus=2)],
+            jobs=[flexible],
+            budgets=[budget],
+            duration_seconds=10 * HOUR,
+            step_seconds=60.0,
+        ),
+        carbon=curve,
+        replan_interval_seconds=600.0,
+    )
+    carbon_kg = {}
+    for hours in (24.0, 0.0):
+        settings = cli.PolicySettings(horizon_hours=hours, carbon_forecast=hours > 0)
+        policy = cli.make_policy("wattsched", flat_truth(), settings)
+        result = simulate(sim, flat_truth(), policy)
+        assert result.jobs_finished == 1
+        assert result.deadline_misses == 0
+        carbon_kg[hours] = policy_metrics(result)["jobCarbonKg"]
+        grams_per_kwh = result.job_carbon_grams / (result.job_energy_joules * 1.5 / JOULES_PER_KWH)
+        assert grams_per_kwh == pytest.approx(50.0 if hours else 400.0, rel=0.05)
+    assert carbon_kg[24.0] < 0.2 * carbon_kg[0.0]
