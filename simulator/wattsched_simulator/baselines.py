@@ -1,11 +1,19 @@
 """The policies wattsched is compared against: what a cluster does without it. Pure Python.
 
-All three share one controller and differ only in node choice and power limits:
+All four share one controller and differ only in node choice, power limits and when jobs start:
 - `spread-max`: kube-scheduler's default scoring (LeastAllocated: the node with the largest share
   of free GPUs after placing), every GPU at its default (= maximum) power limit;
 - `binpack-max`: MostAllocated (the node with the smallest share of free GPUs after placing),
   every GPU, idle ones included, at its default limit;
-- `static-cap`: binpack with every GPU capped at a fixed fraction of its maximum (default 0.7).
+- `static-cap`: binpack with every GPU capped at a fixed fraction of its maximum (default 0.7);
+- `carbon-threshold`: `spread-max` plus a carbon gate in the spirit of Compute Gardener (a
+  kube-scheduler plugin, github.com/elevated-systems/compute-gardener-scheduler: it holds pods while
+  the grid's carbon intensity is above a threshold, pod annotation
+  `compute-gardener-scheduler.kubernetes.io/carbon-intensity-threshold`, 200 gCO2/kWh in its
+  examples, and releases them when `max-scheduling-delay`, 24 h in its examples, has passed). Here
+  the flexible work is every job: a pending job does not start while the current intensity is
+  above the threshold, unless it arrived at least the maximum delay ago. Services are never held.
+  It reads the current intensity, not a forecast, and knows nothing of deadlines (as the plugin).
 
 Inference replica counts follow a HorizontalPodAutoscaler on utilisation (the share of the ready
 replicas' capacity in use, read from the same delayed, noisy telemetry wattsched sees):
@@ -74,6 +82,9 @@ class BaselinePolicy:
     target_utilisation: float = 0.6
     utilisation_window_seconds: float = 60.0
     scale_down_window_seconds: float = 300.0
+    # carbon-threshold only: jobs wait while gCO2/kWh is above this, at most `max_delay_seconds`.
+    carbon_threshold_grams_per_kwh: float | None = None
+    max_delay_seconds: float = 24 * 3600.0
     _recommendations: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
 
     def _limit(self, node: SimNode) -> float:
@@ -168,6 +179,8 @@ class BaselinePolicy:
             else:
                 pending.append(job)
         for job in sorted(pending, key=lambda j: (-j.priority, j.arrival_seconds, j.key)):
+            if self._held(view, job):
+                continue
             trial = dict(free)
             gang: list[ReplicaAssignment] = []
             for _ in range(job.replicas):
@@ -186,6 +199,15 @@ class BaselinePolicy:
             idle_power_limit_watts={node.name: self._limit(node) for node in nodes},
             plan_seconds=time.perf_counter() - started,
         )
+
+    def _held(self, view: View, job: JobSpec) -> bool:
+        """Whether the carbon gate holds a pending job now."""
+        if self.carbon_threshold_grams_per_kwh is None:
+            return False
+        if view.now_seconds - job.arrival_seconds >= self.max_delay_seconds:
+            return False
+        intensity = view.scenario.carbon.grams_per_kwh_at(view.now_seconds)
+        return intensity > self.carbon_threshold_grams_per_kwh
 
     def _replica(
         self, nodes: Sequence[SimNode], trial: dict[str, int], job: JobSpec
@@ -243,8 +265,29 @@ def added_for(added: Sequence[ReplicaAssignment], key: str) -> list[ReplicaAssig
     return [a for a in added if a.workload == key]
 
 
-def baseline(name: str, truth: GroundTruth, static_cap_fraction: float = 0.7) -> BaselinePolicy:
-    """The baseline policy called `name` (spread-max, binpack-max or static-cap)."""
+# Compute Gardener's examples: carbon-intensity-threshold "200.0", max-scheduling-delay "24h".
+DEFAULT_CARBON_THRESHOLD_GRAMS_PER_KWH = 200.0
+
+
+def baseline(
+    name: str,
+    truth: GroundTruth,
+    static_cap_fraction: float = 0.7,
+    carbon_threshold_grams_per_kwh: float = DEFAULT_CARBON_THRESHOLD_GRAMS_PER_KWH,
+) -> BaselinePolicy:
+    """The baseline policy called `name` (spread-max, binpack-max, static-cap or
+    carbon-threshold)."""
+    if name == "carbon-threshold":
+        if carbon_threshold_grams_per_kwh < 0:
+            raise ValueError(
+                f"--carbon-threshold={carbon_threshold_grams_per_kwh:g}: must be >= 0 gCO2/kWh"
+            )
+        return BaselinePolicy(
+            name,
+            Packing.SPREAD,
+            truth,
+            carbon_threshold_grams_per_kwh=carbon_threshold_grams_per_kwh,
+        )
     if name == "spread-max":
         return BaselinePolicy(name, Packing.SPREAD, truth)
     if name == "binpack-max":

@@ -1,8 +1,9 @@
 """Grid carbon intensity over the simulated time: a constant or an hourly curve from a CSV.
 
 The CSV has a header and one row per hour, `hour,gramsPerKWh`, hours 0, 1, 2, ... from the start
-of the run; the curve repeats when the run is longer. Not for: live intensity (the operator reads
-Prometheus for that).
+of the run; the curve repeats when the run is longer. `with_forecast_error` makes the curve a
+planner sees as its forecast when the forecast is not perfect. Not for: live intensity (the
+operator reads Prometheus for that).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 # Used when neither --carbon-intensity, --carbon-csv nor an EnergyBudget's
 # spec.carbon.intensityGramsPerKilowattHour gives a figure: a round number near the 2023 world
@@ -25,6 +28,24 @@ class CarbonIntensity:
     def grams_per_kwh_at(self, seconds: float) -> float:
         hour = int(seconds // 3600) % len(self.hourly_grams_per_kwh)
         return self.hourly_grams_per_kwh[hour]
+
+    def with_forecast_error(
+        self, relative_error: float, *, hours: int, seed: int
+    ) -> CarbonIntensity:
+        """A forecast of this curve over `hours` hours (then repeating): each hour's value times
+        (1 + `relative_error` x a standard normal draw), from `seed`, never below 0. The error of an
+        hour is the same whenever it is forecast (the forecast is not refined as the hour nears)."""
+        if relative_error < 0:
+            raise ValueError(f"--carbon-forecast-error={relative_error}: must be >= 0")
+        rng = np.random.default_rng([seed, 14])
+        noise = 1.0 + relative_error * rng.standard_normal(hours)
+        values = tuple(
+            max(0.0, self.grams_per_kwh_at(hour * 3600.0) * float(noise[hour]))
+            for hour in range(hours)
+        )
+        return CarbonIntensity(
+            values, f"{self.source}, forecast with {relative_error:.0%} relative error"
+        )
 
     @classmethod
     def constant(cls, grams_per_kwh: float, source: str) -> CarbonIntensity:

@@ -9,6 +9,7 @@ Not for: the simulation itself (`engine`) or the policies (`baselines`, `control
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,18 +23,32 @@ from wattsched_operator import core, demand
 from wattsched_operator.budget_horizon import DEFAULT_HORIZON_HOURS
 from wattsched_optimizer.problem import EnergyPolicy, PlanOptions
 
-from .baselines import baseline
+from .baselines import DEFAULT_CARBON_THRESHOLD_GRAMS_PER_KWH, baseline
 from .carbon import DEFAULT_GRAMS_PER_KWH, CarbonIntensity, load_hourly_csv
 from .cluster import ClusterError, SimBudget, SimNode, load_budgets, load_nodes
 from .controller import OracleKnowledge, PlannerPolicy
 from .engine import Policy, PolicyResult, Scenario, simulate
 from .report import results_document, table, write_json, write_plots
 from .telemetry import TelemetryConfig
-from .trace import TRACE_ATTRIBUTION, TraceError, default_trace_paths, load_traces
+from .trace import (
+    DEMAND_PROFILES,
+    FLAT_PROFILE,
+    TRACE_ATTRIBUTION,
+    TraceError,
+    default_trace_paths,
+    load_traces,
+)
 from .truth import GroundTruth
 from .workloads import generate_jobs, services_from_traces
 
-ALL_POLICIES = ("spread-max", "binpack-max", "static-cap", "wattsched", "oracle")
+ALL_POLICIES = (
+    "spread-max",
+    "binpack-max",
+    "static-cap",
+    "carbon-threshold",
+    "wattsched",
+    "oracle",
+)
 # The longest --horizon-hours (as the operator's).
 MAX_HORIZON_HOURS = 168
 
@@ -41,6 +56,7 @@ MAX_HORIZON_HOURS = 168
 @dataclass(frozen=True)
 class PolicySettings:
     static_cap_fraction: float = 0.7
+    carbon_threshold_grams_per_kwh: float = DEFAULT_CARBON_THRESHOLD_GRAMS_PER_KWH
     energy_policy: EnergyPolicy = EnergyPolicy.BALANCED
     # The operator's forecast headroom (`demand.HEADROOM`); another value is a what-if.
     headroom: float = demand.HEADROOM
@@ -82,7 +98,9 @@ def make_policy(name: str, truth: GroundTruth, settings: PolicySettings) -> Poli
             oracle=OracleKnowledge(truth),
             best_variant_only=settings.best_variant_only,
         )
-    return baseline(name, truth, settings.static_cap_fraction)
+    return baseline(
+        name, truth, settings.static_cap_fraction, settings.carbon_threshold_grams_per_kwh
+    )
 
 
 def build_scenario(
@@ -102,6 +120,9 @@ def build_scenario(
     latency_target_seconds: float = 5.0,
     deadline_share: float = 0.7,
     multi_node_share: float = 0.0,
+    demand_profile: tuple[float, ...] = FLAT_PROFILE,
+    deadline_slack_hours: tuple[float, float] | None = None,
+    carbon_forecast: CarbonIntensity | None = None,
 ) -> Scenario:
     traces = load_traces(
         list(trace_paths),
@@ -109,6 +130,7 @@ def build_scenario(
         step_seconds=step_seconds,
         rate_scale=rate_scale,
         seed=seed,
+        hourly_profile=demand_profile,
     )
     return Scenario(
         nodes=tuple(nodes),
@@ -121,10 +143,12 @@ def build_scenario(
                 jobs_per_hour=jobs_per_hour,
                 deadline_share=deadline_share,
                 multi_node_share=multi_node_share,
+                deadline_slack_hours=deadline_slack_hours,
             )
         ),
         duration_seconds=duration_seconds,
         carbon=carbon,
+        carbon_forecast=carbon_forecast,
         pue=pue,
         step_seconds=step_seconds,
         replan_interval_seconds=replan_interval_seconds,
@@ -221,7 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of generated 70B training jobs whose replica spans 2 whole 8-GPU nodes "
         "(spec.gpu.nodesPerReplica 2; default 0)",
     )
-    parser.add_argument("--step", type=float, default=1.0, help="simulation step, seconds")
+    parser.add_argument(
+        "--deadline-slack-hours",
+        metavar="MIN-MAX",
+        help="each generated job's deadline is MIN-MAX hours (uniform) after it could finish at "
+        "full speed (default: its nominal duration x 1.5-3.0); e.g. 6-36",
+    )
+    parser.add_argument(
+        "--demand-profile",
+        choices=sorted(DEMAND_PROFILES),
+        default="flat",
+        help="demand per hour of day over the repeated traces: flat (as recorded, default) or "
+        "diurnal (an assumed day shape, averaging 1; see docs/evaluation.md)",
+    )
+    parser.add_argument(
+        "--step",
+        type=float,
+        default=1.0,
+        help="simulation step, seconds (5 s is enough for multi-day runs; see docs/evaluation.md)",
+    )
     parser.add_argument(
         "--replan-interval",
         type=float,
@@ -251,6 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="hourly curve: CSV with hour,gramsPerKWh; the wattsched policy's budgets see it as "
         "their carbon forecast (spec.carbon.forecastPrometheusQuery) when --horizon-hours > 0",
+    )
+    parser.add_argument(
+        "--carbon-forecast-error",
+        type=float,
+        default=0.0,
+        help="relative error of the forecast wattsched sees of the --carbon-csv curve: each hour "
+        "times 1 + this x a standard normal draw (seeded by --seed; default 0, a perfect forecast)",
+    )
+    parser.add_argument(
+        "--carbon-threshold",
+        type=float,
+        default=DEFAULT_CARBON_THRESHOLD_GRAMS_PER_KWH,
+        help="carbon-threshold policy: jobs wait while gCO2/kWh is above this, at most 24 h "
+        f"(default {DEFAULT_CARBON_THRESHOLD_GRAMS_PER_KWH:g})",
     )
     parser.add_argument(
         "--horizon-hours",
@@ -312,6 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_slack_hours(text: str | None) -> tuple[float, float] | None:
+    """`--deadline-slack-hours MIN-MAX` as (MIN, MAX) hours; ValueError naming the flag."""
+    if text is None:
+        return None
+    low, dash, high = text.partition("-")
+    try:
+        bounds = (float(low), float(high)) if dash else None
+    except ValueError:
+        bounds = None
+    if bounds is None or not 0 <= bounds[0] <= bounds[1]:
+        raise ValueError(
+            f"--deadline-slack-hours={text!r}: must be MIN-MAX hours with 0 <= MIN <= MAX, "
+            "e.g. 6-36"
+        )
+    return bounds
+
+
 def _widest(budgets: Sequence[SimBudget]) -> SimBudget | None:
     return max(budgets, key=lambda b: (len(b.node_names), b.name), default=None)
 
@@ -346,6 +419,9 @@ def main(argv: list[str]) -> int:
             )
         if not 0 <= args.multi_node_share <= 1:
             raise ValueError(f"--multi-node-share={args.multi_node_share}: must be in [0, 1]")
+        slack_hours = parse_slack_hours(args.deadline_slack_hours)
+        if args.carbon_forecast_error and args.carbon_csv is None:
+            raise ValueError("--carbon-forecast-error needs --carbon-csv (the curve forecast)")
         nodes = load_nodes(args.cluster)
         budgets = load_budgets(args.budget, nodes) if args.budget else []
         widest = _widest(budgets)
@@ -360,6 +436,13 @@ def main(argv: list[str]) -> int:
             )
         else:
             carbon = CarbonIntensity.constant(DEFAULT_GRAMS_PER_KWH, "default")
+        forecast = None
+        if args.carbon_forecast_error:
+            forecast = carbon.with_forecast_error(
+                args.carbon_forecast_error,
+                hours=math.ceil(args.duration / 3600) + MAX_HORIZON_HOURS + 1,
+                seed=args.seed,
+            )
         pue = args.pue if args.pue is not None else (widest.pue if widest else 1.0)
         if pue < 1.0:
             raise ValueError(f"--pue={pue}: must be >= 1.0")
@@ -380,9 +463,13 @@ def main(argv: list[str]) -> int:
             startup_seconds=args.startup,
             latency_target_seconds=args.latency_target,
             deadline_share=args.deadline_share,
+            demand_profile=DEMAND_PROFILES[args.demand_profile],
+            deadline_slack_hours=slack_hours,
+            carbon_forecast=forecast,
         )
         settings = PolicySettings(
             static_cap_fraction=args.static_cap_fraction,
+            carbon_threshold_grams_per_kwh=args.carbon_threshold,
             energy_policy=EnergyPolicy(args.energy_policy),
             headroom=args.headroom,
             power_levels=args.power_levels,
@@ -403,13 +490,15 @@ def main(argv: list[str]) -> int:
         scenario, truth, names, settings, progress=not args.no_progress and sys.stderr.isatty()
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    document = results_document(results, describe(scenario, args, carbon.source, trace_paths))
+    document = results_document(
+        results, describe(scenario, args, carbon.source, trace_paths), budgets
+    )
     write_json(document, args.out / "results.json")
     print(table(document))
     written = [args.out / "results.json"]
     if not args.no_plots:
         caps = {b.name: b.power_cap_watts for b in budgets}
-        written += write_plots(results, document, caps, args.out)
+        written += write_plots(results, document, caps, args.out, carbon)
     print(f"\nModelled by the simulator's ground truth, not measured. Traces: {TRACE_ATTRIBUTION}.")
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
@@ -437,6 +526,15 @@ def describe(
         "jobs": len(scenario.jobs),
         "jobsPerHour": args.jobs_per_hour,
         "deadlineShare": args.deadline_share,
+        "deadlineSlackHours": args.deadline_slack_hours,
+        "demandProfile": args.demand_profile,
+        "carbonForecastError": args.carbon_forecast_error,
+        "carbonThreshold": args.carbon_threshold,
+        "energyAllowances": {
+            b.name: {"kilowattHours": b.energy_kwh, "period": b.energy_period.value}
+            for b in scenario.budgets
+            if b.energy_kwh is not None
+        },
         "seed": scenario.seed,
         "replanIntervalSeconds": scenario.replan_interval_seconds,
         "startupSeconds": scenario.startup_seconds,

@@ -3,7 +3,8 @@
 Nodes use the format `wattsched plan` reads and the sandbox creates (sandbox/nodes.yaml): the GFD
 label `nvidia.com/gpu.product` and `status.allocatable["nvidia.com/gpu"]`. Budgets are
 `wattsched.io/v1alpha1` EnergyBudget objects; only the fields a simulation uses are read
-(`nodeSelector`, `powerCapWatts`, `pue`, `carbon.intensityGramsPerKilowattHour`). Files may hold
+(`nodeSelector`, `powerCapWatts`, `pue`, `carbon.intensityGramsPerKilowattHour`, the energy
+allowance `energy.kilowattHours` per `energy.period`). Files may hold
 several documents or a `List`. Not for: validating objects the way the API server does (the CRD
 schema does that); errors here name the object and field and stop the run.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from wattsched_api.energybudget import Period
 from wattsched_api.vocabulary import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from wattsched_optimizer import model
 
@@ -44,6 +46,9 @@ class SimBudget:
     node_names: frozenset[str]
     pue: float
     carbon_intensity_grams_per_kwh: float | None
+    # spec.energy: facility kWh (GPU energy x PUE) allowed per period; None: no allowance.
+    energy_kwh: float | None = None
+    energy_period: Period = Period.DAY
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
@@ -158,10 +163,26 @@ def parse_budget(doc: Mapping[str, Any], nodes: Iterable[SimNode], path: Path) -
             f"{where}: spec.carbon.intensityGramsPerKilowattHour={intensity!r} "
             "must be a number >= 0"
         )
+    energy = spec.get("energy") or {}
+    kwh = energy.get("kilowattHours")
+    if energy and (not isinstance(kwh, int | float) or isinstance(kwh, bool) or kwh <= 0):
+        raise ClusterError(f"{where}: spec.energy.kilowattHours={kwh!r} must be a number > 0")
+    period = energy.get("period", Period.DAY.value)
+    if period not in {p.value for p in Period}:
+        raise ClusterError(
+            f"{where}: spec.energy.period={period!r} (allowed: "
+            f"{', '.join(p.value for p in Period)})"
+        )
     selector = spec.get("nodeSelector") or {}
     scope = frozenset(node.name for node in nodes if _matches(selector, node.labels, where))
     return SimBudget(
-        name, float(cap), scope, float(pue), None if intensity is None else float(intensity)
+        name,
+        float(cap),
+        scope,
+        float(pue),
+        None if intensity is None else float(intensity),
+        energy_kwh=float(kwh) if isinstance(kwh, int | float) else None,
+        energy_period=Period(period),
     )
 
 

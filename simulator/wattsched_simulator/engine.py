@@ -117,6 +117,9 @@ class Scenario:
     duration_seconds: float
     carbon: CarbonIntensity
     pue: float = 1.0
+    # The hourly curve planners see as their carbon forecast (None: `carbon` itself, a perfect
+    # forecast); see `CarbonIntensity.with_forecast_error`.
+    carbon_forecast: CarbonIntensity | None = None
     step_seconds: float = 1.0
     replan_interval_seconds: float = 60.0
     # Minimum spacing of event-triggered decisions (arrivals and completions in a burst coalesce).
@@ -129,6 +132,11 @@ class Scenario:
     @property
     def steps(self) -> int:
         return max(1, round(self.duration_seconds / self.step_seconds))
+
+    @property
+    def forecast_carbon(self) -> CarbonIntensity:
+        """The curve planners see as their forecast (the engine accounts with `carbon`)."""
+        return self.carbon_forecast or self.carbon
 
 
 @dataclass(frozen=True)
@@ -186,6 +194,10 @@ class PolicyResult:
     job_tokens_processed: float
     # Energy drawn by the GPUs of inference replicas (serving or starting); idle GPUs excluded.
     inference_energy_joules: float
+    # The same for job replicas (running or starting), and its carbon (x PUE x the intensity of
+    # the hour it was drawn in).
+    job_energy_joules: float
+    job_carbon_grams: float
     on_time_tokens: dict[str, float]
     judged_tokens: dict[str, float]
     deadline_misses: int
@@ -653,6 +665,8 @@ class Simulation:
         seconds_limits_over = 0.0
         inference_served = 0.0
         inference_energy = 0.0
+        job_energy = 0.0
+        job_carbon = 0.0
         job_tokens = 0.0
         # Telemetry window accumulators.
         window_demand = np.zeros(service_count)
@@ -672,6 +686,7 @@ class Simulation:
         noise = self.truth.power_noise
         for step in range(steps):
             now = step * dt
+            grams_per_kwh = sc.carbon.grams_per_kwh_at(now)
             cut = bisect.bisect_right(arrivals, now + 1e-9)
             while next_job < cut:
                 job = jobs[next_job]
@@ -754,7 +769,11 @@ class Simulation:
                 draw = draw * self.node_factor[self.r_node]
                 draw = draw * (1.0 + noise * self.power_rng.standard_normal(len(draw)))
                 draw = np.clip(draw, 0.0, self.r_limit)
-                inference_energy += float((draw * self.r_gpus)[self.is_service].sum()) * dt
+                replica_joules = draw * self.r_gpus * dt
+                inference_energy += float(replica_joules[self.is_service].sum())
+                step_job_joules = float(replica_joules[~self.is_service].sum())
+                job_energy += step_job_joules
+                job_carbon += step_job_joules * sc.pue / JOULES_PER_KWH * grams_per_kwh
                 drawing = np.where(serving | job_ready, self.r_gpus, 0.0)
                 count = len(self.r_workload_keys)
                 joules = np.bincount(self.r_workload, weights=draw * drawing * dt, minlength=count)
@@ -773,7 +792,7 @@ class Simulation:
             node_energy += node_draw * dt
             total = float(node_draw.sum())
             cluster_power[step] = total
-            carbon_grams += total * dt * sc.pue / JOULES_PER_KWH * sc.carbon.grams_per_kwh_at(now)
+            carbon_grams += total * dt * sc.pue / JOULES_PER_KWH * grams_per_kwh
             if len(sc.budgets):
                 in_budget = node_draw @ self.budget_matrix
                 limits = self.node_limit_sum @ self.budget_matrix
@@ -842,6 +861,8 @@ class Simulation:
             carbon_grams=carbon_grams,
             inference_tokens_served=float(inference_served),
             inference_energy_joules=inference_energy,
+            job_energy_joules=job_energy,
+            job_carbon_grams=job_carbon,
             job_tokens_processed=float(job_tokens),
             on_time_tokens={
                 s.key: float(queues[i].on_time_tokens) for i, s in enumerate(self.services)

@@ -99,8 +99,8 @@ def node_body(node: SimNode) -> dict[str, Any]:
 
 
 def budget_body(budget: SimBudget) -> dict[str, Any]:
-    """The budget over exactly its nodes (a hostname selector)."""
-    return {
+    """The budget over exactly its nodes (a hostname selector), with its energy allowance."""
+    body: dict[str, Any] = {
         "apiVersion": API_VERSION,
         "kind": "EnergyBudget",
         "metadata": {"name": budget.name, "uid": uid(budget.name)},
@@ -118,6 +118,12 @@ def budget_body(budget: SimBudget) -> dict[str, Any]:
             },
         },
     }
+    if budget.energy_kwh is not None:
+        body["spec"]["energy"] = {
+            "kilowattHours": budget.energy_kwh,
+            "period": budget.energy_period.value,
+        }
+    return body
 
 
 def _variants(spec: ServiceSpec | JobSpec) -> list[dict[str, Any]]:

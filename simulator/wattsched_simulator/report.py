@@ -2,10 +2,11 @@
 
 `results.json` has `{"policies": {"<policy>": {gpuEnergyKWh, facilityEnergyKWh, carbonKg,
 tokensPerJoule, sloAttainment, deadlineMisses, secondsOverBudget, preemptions, migrations,
-planSecondsP50, ...}}}` plus `scenario` (what was simulated, the trace attribution, and that every
-figure is modelled by the simulator's ground truth, not measured on hardware). The terminal summary
-puts energy beside the work done (tokens, tokens per joule, kWh per million tokens) and shows
-deadline misses and seconds with power limits over a cap; every plot has a title, and one shows
+planSecondsP50, jobCarbonKg, energyOverAllowanceKWh, ...}}}` plus `scenario` (what was
+simulated, the trace attribution, and that every figure is modelled by the simulator's ground
+truth, not measured on hardware). The terminal summary puts energy beside the work done (tokens,
+tokens per joule, kWh per million tokens, job CO2) and shows deadline misses, seconds with power
+limits over a cap and kWh over an allowance; every plot has a title, and one shows
 energy per unit of work. Not for: running simulations (`engine`) or choosing what to compare
 (`cli`).
 """
@@ -26,14 +27,47 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from wattsched_operator.budget_horizon import period_start
+
+from .carbon import CarbonIntensity
+from .cluster import SimBudget
 from .engine import JOULES_PER_KWH, PolicyResult
+from .observed import at
 
 # Points per plotted series: per-step series are averaged into this many buckets at most.
 PLOT_POINTS = 720
 
 
-def policy_metrics(result: PolicyResult) -> dict[str, Any]:
-    """The per-policy entry of results.json."""
+def energy_by_period(result: PolicyResult, budget: SimBudget) -> dict[str, float]:
+    """A budget's facility kWh (its nodes' GPU energy x its PUE, as the operator accounts
+    `energyUsedKilowattHours`) per allowance period (`spec.energy.period`, UTC calendar periods
+    from the run's start at `observed.EPOCH`), by the period's start (RFC 3339)."""
+    power = result.budget_power_watts.get(budget.name)
+    if power is None or not len(power):
+        return {}
+    dt = result.step_seconds
+    hours = (np.arange(len(power)) * dt // 3600).astype(np.int64)
+    joules = np.bincount(hours, weights=power * dt)
+    out: dict[str, float] = {}
+    for hour, hour_joules in enumerate(joules):
+        start = period_start(at(hour * 3600.0), budget.energy_period)
+        key = start.strftime("%Y-%m-%dT%H:%M:%SZ")
+        out[key] = out.get(key, 0.0) + float(hour_joules) * budget.pue / JOULES_PER_KWH
+    return out
+
+
+def energy_over_allowance_kwh(result: PolicyResult, budgets: Sequence[SimBudget]) -> float:
+    """kWh used above the allowance, summed over budgets with `spec.energy` and their periods."""
+    return sum(
+        max(0.0, used - budget.energy_kwh)
+        for budget in budgets
+        if budget.energy_kwh is not None
+        for used in energy_by_period(result, budget).values()
+    )
+
+
+def policy_metrics(result: PolicyResult, budgets: Sequence[SimBudget] = ()) -> dict[str, Any]:
+    """The per-policy entry of results.json (`budgets`: for the energy allowances)."""
     joules = result.gpu_energy_joules
     useful = result.inference_tokens_served + result.job_tokens_processed
     steps = len(result.cluster_power_watts)
@@ -47,6 +81,9 @@ def policy_metrics(result: PolicyResult) -> dict[str, Any]:
         "secondsOverBudget": result.seconds_over_budget,
         "preemptions": result.preemptions,
         "migrations": result.migrations,
+        # Job replicas' GPU energy x PUE x the intensity of when it was drawn.
+        "jobCarbonKg": result.job_carbon_grams / 1000.0,
+        "energyOverAllowanceKWh": energy_over_allowance_kwh(result, budgets),
         "planSecondsP50": statistics.median(result.plan_seconds) if result.plan_seconds else 0.0,
         # More keys (allowed by the format):
         "planSecondsMax": max(result.plan_seconds, default=0.0),
@@ -58,6 +95,12 @@ def policy_metrics(result: PolicyResult) -> dict[str, Any]:
         "inferenceTokensServed": result.inference_tokens_served,
         "inferenceGpuEnergyKWh": result.inference_energy_joules / JOULES_PER_KWH,
         "jobTokensProcessed": result.job_tokens_processed,
+        "jobGpuEnergyKWh": result.job_energy_joules / JOULES_PER_KWH,
+        "facilityKWhByPeriod": {
+            budget.name: energy_by_period(result, budget)
+            for budget in budgets
+            if budget.energy_kwh is not None
+        },
         "jobsFinished": result.jobs_finished,
         "jobsWithDeadline": result.jobs_with_deadline,
         "sloAttainmentByService": {
@@ -71,10 +114,12 @@ def policy_metrics(result: PolicyResult) -> dict[str, Any]:
 
 
 def results_document(
-    results: Sequence[PolicyResult], scenario: Mapping[str, Any]
+    results: Sequence[PolicyResult],
+    scenario: Mapping[str, Any],
+    budgets: Sequence[SimBudget] = (),
 ) -> dict[str, Any]:
     return {
-        "policies": {result.policy: policy_metrics(result) for result in results},
+        "policies": {result.policy: policy_metrics(result, budgets) for result in results},
         "scenario": dict(scenario),
     }
 
@@ -119,12 +164,14 @@ ENERGY_COLUMNS = (
     ("CO2 kg", "{:.2f}", "carbonKg"),
     ("inference Mtok", "{:.2f}", "inferenceTokensServed"),
     ("job Mtok", "{:.2f}", "jobTokensProcessed"),
+    ("job CO2 kg", "{:.2f}", "jobCarbonKg"),
     ("tokens/J", "{:.3f}", "tokensPerJoule"),
 )
 OBJECTIVE_COLUMNS = (
     ("SLO", "{:.2%}", "sloAttainment"),
     ("s limits>cap", "{:.0f}", "secondsLimitsOverBudget"),
     ("s draw>cap", "{:.0f}", "secondsOverBudget"),
+    ("kWh>allowance", "{:.1f}", "energyOverAllowanceKWh"),
     ("preempt", "{}", "preemptions"),
     ("migrate", "{}", "migrations"),
     ("plan s p50", "{:.3f}", "planSecondsP50"),
@@ -245,6 +292,56 @@ def power_figure(results: Sequence[PolicyResult], caps: Mapping[str, float]) -> 
     return fig
 
 
+def power_carbon_figure(
+    results: Sequence[PolicyResult], caps: Mapping[str, float], carbon: CarbonIntensity
+) -> Figure:
+    """Per policy over the run, in hours: modelled GPU draw, each budget's cap and the grid's
+    carbon intensity (right axis), so that one sees when each policy ran its work."""
+    fig, axes = plt.subplots(
+        len(results), 1, figsize=(10, 2.2 * len(results) + 1.4), sharex=True, sharey=True
+    )
+    axes_list = list(np.atleast_1d(axes))
+    for ax, result in zip(axes_list, results, strict=True):
+        minutes, power = _bucket(result.cluster_power_watts, result.step_seconds)
+        hours = minutes / 60.0
+        ax.plot(hours, power / 1000.0, color="tab:blue", lw=1.0, label="GPU draw (modelled)")
+        for name, cap in caps.items():
+            ax.axhline(cap / 1000.0, color="tab:red", lw=1.0, label=f"cap ({name})")
+        ax.set_ylabel("kW")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"policy {result.policy}", fontsize=LEGEND_FONT_SIZE + 1, loc="left")
+        intensity_ax = ax.twinx()
+        end_hours = len(result.cluster_power_watts) * result.step_seconds / 3600.0
+        grid_hours = np.arange(0.0, end_hours + 1e-9, 0.25)
+        intensity_ax.step(
+            grid_hours,
+            [carbon.grams_per_kwh_at(h * 3600.0) for h in grid_hours],
+            where="post",
+            color="tab:green",
+            lw=1.0,
+            label="carbon intensity",
+        )
+        intensity_ax.set_ylabel("gCO2/kWh")
+        intensity_ax.set_ylim(bottom=0)
+    axes_list[-1].set_xlabel("hours")
+    fig.suptitle(
+        "GPU power, cap and grid carbon intensity, per policy (modelled)", fontsize=TITLE_FONT_SIZE
+    )
+    handles, labels = axes_list[0].get_legend_handles_labels()
+    twin_handles, twin_labels = fig.axes[-1].get_legend_handles_labels()
+    fig.legend(
+        handles + twin_handles,
+        labels + twin_labels,
+        loc="lower center",
+        ncol=3,
+        fontsize=LEGEND_FONT_SIZE,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
 def plot_power(results: Sequence[PolicyResult], caps: Mapping[str, float], path: Path) -> None:
     fig = power_figure(results, caps)
     fig.savefig(path, dpi=80)
@@ -285,7 +382,10 @@ def write_plots(
     document: Mapping[str, Any],
     caps: Mapping[str, float],
     out_dir: Path,
+    carbon: CarbonIntensity | None = None,
 ) -> list[Path]:
+    """The plots of a run; with an hourly carbon curve (`carbon` of more than one value) also
+    power_cap_carbon.png (`power_carbon_figure`)."""
     policies: Mapping[str, Mapping[str, Any]] = document["policies"]
     names = list(policies)
     paths = [
@@ -319,4 +419,9 @@ def write_plots(
         path=paths[3],
         fmt="{:.2f}",
     )
+    if carbon is not None and len(set(carbon.hourly_grams_per_kwh)) > 1:
+        paths.append(out_dir / "power_cap_carbon.png")
+        fig = power_carbon_figure(results, caps, carbon)
+        fig.savefig(paths[-1], dpi=80)
+        plt.close(fig)
     return paths

@@ -9,8 +9,15 @@ copied into the repository.
 Demand is counted in *decode-equivalent tokens*: generated tokens plus prompt tokens times
 `PROMPT_TOKEN_WEIGHT`, because a prompt token costs far less GPU time than a generated one (prefill
 is compute-bound and batched; Splitwise measures prefill throughput in the thousands of tokens/s
-per GPU against hundreds for decode). Not for: per-request latency (the simulator is a fluid model
-at step granularity; see `engine`).
+per GPU against hundreds for decode).
+
+Runs longer than a trace (several days of the one-hour Azure traces) repeat it back to back: copy
+k is the trace shifted by k times its span rounded up to whole hours. A demand profile then
+shapes the repeated trace over the day: `DIURNAL_PROFILE` multiplies the demand of each step by
+the figure of its hour of day (simulation time 0 is midnight UTC, `observed.EPOCH`);
+`FLAT_PROFILE` (the default) leaves it as
+recorded. Not for: per-request latency (the simulator is a fluid model at step granularity; see
+`engine`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,19 @@ FloatArray = npt.NDArray[np.float64]
 # Demand kept from before t = 0 (the trace continued backwards), for the telemetry a run starts
 # with (`engine.Simulation._prefill_telemetry`).
 HISTORY_SECONDS = 600.0
+
+# Demand multiplier per hour of day (UTC), for `--demand-profile diurnal`. An assumed shape, not a
+# measured one: low at night (0.45 of the mean hour at 03:00-05:00), rising through the morning to
+# a plateau of ~1.5 from 11:00 to 17:00 and falling through the evening; the 24 figures average
+# 1.0, so a day carries the recorded trace's mean demand. It follows the qualitative pattern of
+# week-long production LLM inference traces (the Azure LLM inference trace 2024, which a one-hour
+# 2023 trace lacks: daytime peaks, night troughs); the peak-to-trough ratio (3.3x) is ours.
+DIURNAL_PROFILE: tuple[float, ...] = (
+    0.55, 0.5, 0.47, 0.45, 0.45, 0.5, 0.6, 0.8, 1.0, 1.2, 1.37, 1.47,
+    1.5, 1.5, 1.5, 1.47, 1.43, 1.37, 1.29, 1.18, 1.08, 0.92, 0.76, 0.64,
+)  # fmt: skip
+FLAT_PROFILE: tuple[float, ...] = (1.0,) * 24
+DEMAND_PROFILES = {"flat": FLAT_PROFILE, "diurnal": DIURNAL_PROFILE}
 
 
 class TraceError(ValueError):
@@ -123,14 +143,19 @@ def demand_per_step(
     rate_scale: float,
     seed: int,
     history_seconds: float = 0.0,
+    trace_span_seconds: float | None = None,
+    hourly_profile: tuple[float, ...] = FLAT_PROFILE,
 ) -> tuple[FloatArray, FloatArray]:
     """Bin requests into steps, scaled to `rate_scale` times the recorded request rate.
 
     Scaling superimposes copies of the trace, each shifted by a seeded random offset (wrapping
     around the trace's span), and a thinned copy for the fractional part. This keeps the recorded
     request sizes and makes a busier service smoother, as aggregating independent users would.
-    Returns the demand of the run's steps and of the `history_seconds` before t = 0 (the same
-    copies one span earlier: the wrapped trace continued backwards), oldest first.
+    A run longer than `trace_span_seconds` repeats the scaled trace back to back (copy k shifted
+    by k spans); then each step's demand is multiplied by `hourly_profile`'s figure for
+    its hour of day. Returns the demand of the run's steps and of the `history_seconds` before
+    t = 0 (the same copies one span earlier: the wrapped trace continued backwards, shaped by the
+    profile's hours before midnight), oldest first.
     """
     if rate_scale <= 0:
         raise ValueError(f"--rate-scale={rate_scale}: must be > 0")
@@ -138,11 +163,17 @@ def demand_per_step(
     demand = np.zeros(steps)
     history_steps = round(history_seconds / step_seconds)
     history = np.zeros(history_steps)
+    if len(hourly_profile) != 24 or min(hourly_profile) < 0:
+        raise ValueError("a demand profile has 24 hourly multipliers >= 0")
     arrivals = np.array([r.arrival_seconds for r in requests]) + offset_seconds
     tokens = np.array(
         [r.generated_tokens + PROMPT_TOKEN_WEIGHT * r.context_tokens for r in requests]
     )
     span = max(float(arrivals.max()) + step_seconds, duration_seconds)
+    repeats = 1
+    if trace_span_seconds is not None and duration_seconds > trace_span_seconds:
+        span = trace_span_seconds
+        repeats = int(np.ceil(duration_seconds / span))
     rng = np.random.default_rng(seed)
     copies = int(np.ceil(rate_scale))
     for copy in range(copies):
@@ -152,13 +183,19 @@ def demand_per_step(
         if fraction < 1:
             keep = rng.uniform(size=len(tokens)) < fraction
         times = (arrivals[keep] + shift) % span
-        index = np.floor(times / step_seconds).astype(np.int64)
-        inside = index < steps
-        np.add.at(demand, index[inside], tokens[keep][inside])
+        for repeat in range(repeats):
+            index = np.floor((times + repeat * span) / step_seconds).astype(np.int64)
+            inside = index < steps
+            np.add.at(demand, index[inside], tokens[keep][inside])
         before = np.floor((times - span) / step_seconds).astype(np.int64) + history_steps
         earlier = before >= 0
         np.add.at(history, before[earlier], tokens[keep][earlier])
-    return demand, history
+    profile = np.asarray(hourly_profile, dtype=np.float64)
+    hour_of_day = (np.arange(steps) * step_seconds // 3600).astype(np.int64) % 24
+    history_hour = ((np.arange(history_steps) - history_steps) * step_seconds // 3600).astype(
+        np.int64
+    ) % 24
+    return demand * profile[hour_of_day], history * profile[history_hour]
 
 
 def load_traces(
@@ -168,10 +205,19 @@ def load_traces(
     step_seconds: float,
     rate_scale: float,
     seed: int,
+    hourly_profile: tuple[float, ...] = FLAT_PROFILE,
 ) -> list[ServiceTrace]:
-    """Load every trace on one clock: t = 0 is the earliest request across all files."""
+    """Load every trace on one clock: t = 0 is the earliest request across all files. A run
+    longer than the traces' span rounded up to whole hours repeats them all with that period."""
     loaded = [(path, *read_requests(path)) for path in paths]
     origin = min(start for _, start, _ in loaded)
+    last = max(
+        (start - origin).total_seconds() + requests[-1].arrival_seconds
+        for _, start, requests in loaded
+    )
+    # Whole hours (the Azure hour holds 3,513 s of requests: each copy then starts on the hour,
+    # after ~1.5 min with no new requests), so that copies keep to the hours of the day.
+    trace_span = float(np.ceil((last + step_seconds) / 3600.0) * 3600.0)
     traces = []
     for index, (path, start, requests) in enumerate(loaded):
         demand, history = demand_per_step(
@@ -182,6 +228,8 @@ def load_traces(
             rate_scale=rate_scale,
             seed=seed * 1000 + index,
             history_seconds=HISTORY_SECONDS,
+            trace_span_seconds=trace_span,
+            hourly_profile=hourly_profile,
         )
         traces.append(
             ServiceTrace(path.stem, str(path), len(requests), step_seconds, demand, history)

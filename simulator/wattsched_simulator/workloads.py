@@ -13,7 +13,11 @@ Generated jobs (`generate_jobs`), all from one seed:
 - work: sized so that the job takes 8-30 minutes (uniform) at full power on H100s;
 - deadline: `deadline_share` of jobs (default 70%) get one, at arrival + nominal duration x slack,
   slack uniform in 1.5-3.0; when that would fall after the end of the run, the job's work is
-  shrunk so that it does not (every deadline can be met); the rest are best-effort;
+  shrunk so that it does not (every deadline can be met); the rest are best-effort. With
+  `deadline_slack_hours` (MIN, MAX) the deadline is instead arrival + nominal duration + a slack
+  drawn uniformly from MIN-MAX hours (from a stream of its own, so the rest of the mix is the same);
+  a deadline that would fall after the end of the run is the end of the run, and the job's work is
+  shrunk so that it still has half its nominal duration of slack;
 - priority: 0 (50%), 50 (35%) or 100 (15%); BatchInference is preemptible;
 - replicas that span nodes (`multi_node_share`, default 0): that share of 70B Training jobs runs
   each replica on 2 whole nodes of 8 GPUs (16 GPUs, spec.gpu.nodesPerReplica 2), drawn from a
@@ -127,6 +131,7 @@ def generate_jobs(
     jobs_per_hour: float,
     deadline_share: float = 0.7,
     multi_node_share: float = 0.0,
+    deadline_slack_hours: tuple[float, float] | None = None,
 ) -> list[JobSpec]:
     """The seeded job mix described in the module docstring.
 
@@ -137,6 +142,7 @@ def generate_jobs(
     rng = np.random.default_rng(seed)
     # Its own stream: the share of spanning jobs leaves every other draw of the mix unchanged.
     span_rng = np.random.default_rng([seed, 1])
+    slack_rng = np.random.default_rng([seed, 2])
     jobs: list[JobSpec] = []
     now = 0.0
     horizon = 0.8 * duration_seconds
@@ -165,8 +171,16 @@ def generate_jobs(
         nominal_seconds = float(rng.uniform(8 * 60, 30 * 60))
         wants_deadline = rng.uniform() < deadline_share
         slack = float(rng.uniform(1.5, 3.0))
-        if wants_deadline and now + nominal_seconds * slack > duration_seconds:
-            nominal_seconds = (duration_seconds - now) / slack
+        deadline: float | None = None
+        if wants_deadline and deadline_slack_hours is not None:
+            low, high = deadline_slack_hours
+            slack_seconds = 3600.0 * float(slack_rng.uniform(low, high))
+            deadline = min(now + nominal_seconds + slack_seconds, duration_seconds)
+            nominal_seconds = min(nominal_seconds, (deadline - now) / 1.5)
+        elif wants_deadline:
+            if now + nominal_seconds * slack > duration_seconds:
+                nominal_seconds = (duration_seconds - now) / slack
+            deadline = now + nominal_seconds * slack
         rate = nominal.replica_tokens_per_second(
             product="H100-80GB",
             workload_type=job_type,
@@ -175,7 +189,6 @@ def generate_jobs(
             relative_throughput=1.0,
             power_limit_watts=nominal.product("H100-80GB").max_watts,
         )
-        deadline = now + nominal_seconds * slack if wants_deadline else None
         priority = _PRIORITIES[int(rng.choice(3, p=[0.5, 0.35, 0.15]))]
         jobs.append(
             JobSpec(

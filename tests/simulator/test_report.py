@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from wattsched_simulator.carbon import CarbonIntensity
 from wattsched_simulator.engine import PolicyResult
 from wattsched_simulator.report import (
     LEGEND_FONT_SIZE,
     kwh_per_million_tokens,
+    power_carbon_figure,
     power_figure,
     results_document,
     table,
@@ -26,6 +28,8 @@ def result(policy: str, **overrides: Any) -> PolicyResult:
         "step_seconds": 1.0,
         "gpu_energy_joules": 3.6e6,  # 1 kWh
         "inference_energy_joules": 1.8e6,
+        "job_energy_joules": 1.2e6,
+        "job_carbon_grams": 150.0,
         "node_energy_joules": {},
         "facility_energy_joules": 4.5e6,
         "carbon_grams": 400.0,
@@ -72,16 +76,17 @@ def rows(text: str, first_cell: str) -> list[list[str]]:
 def test_the_summary_shows_job_work_and_tokens_per_joule_beside_energy() -> None:
     text = table(results_document(two_policies(), {}))
     header = text.splitlines()[1]
-    for heading in ("GPU kWh", "job Mtok", "inference Mtok", "tokens/J", "kWh/Mtok"):
+    for heading in ("GPU kWh", "job Mtok", "job CO2 kg", "inference Mtok", "tokens/J", "kWh/Mtok"):
         assert heading in header
     spread, wattsched = (rows(text, name)[0] for name in ("spread-max", "wattsched"))
-    # GPU kWh, facility kWh, CO2 kg, inference Mtok, job Mtok, tokens/J, kWh/Mtok
+    # GPU kWh, facility kWh, CO2 kg, inference Mtok, job Mtok, job CO2 kg, tokens/J, kWh/Mtok
     assert spread[1] == "2.00"
     assert wattsched[1] == "1.00"
     assert spread[5] == "31.80"
     assert wattsched[5] == "19.30"
-    assert spread[6] == f"{(1.0e6 + 31.8e6) / 7.2e6:.3f}"
-    assert wattsched[7] == f"{1.0 / 20.3:.3f}"
+    assert wattsched[6] == "0.15"
+    assert spread[7] == f"{(1.0e6 + 31.8e6) / 7.2e6:.3f}"
+    assert wattsched[8] == f"{1.0 / 20.3:.3f}"
 
 
 def test_the_summary_shows_seconds_with_limits_over_the_cap_and_deadline_misses() -> None:
@@ -128,5 +133,20 @@ def test_plots_include_energy_per_unit_of_work(tmp_path: Path) -> None:
     results = two_policies()
     paths = write_plots(results, results_document(results, {}), {"rack": 5500.0}, tmp_path)
     assert tmp_path / "energy_per_work.png" in paths
+    assert tmp_path / "power_cap_carbon.png" not in paths
     for path in paths:
         assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_with_an_hourly_carbon_curve_power_cap_and_intensity_are_plotted(tmp_path: Path) -> None:
+    results = two_policies()
+    curve = CarbonIntensity((300.0, 80.0), "test")
+    paths = write_plots(results, results_document(results, {}), {"rack": 5500.0}, tmp_path, curve)
+    assert paths[-1] == tmp_path / "power_cap_carbon.png"
+    assert paths[-1].read_bytes()[:4] == b"\x89PNG"
+    figure = power_carbon_figure(results, {"rack": 5500.0}, curve)
+    (legend,) = figure.legends
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert labels == ["GPU draw (modelled)", "cap (rack)", "carbon intensity"]
+    intensity = figure.axes[-1].get_lines()[0].get_ydata()
+    assert set(np.asarray(intensity).tolist()) <= {300.0, 80.0}
