@@ -438,15 +438,20 @@ def main() -> int:
             f"{base_rate:.1f}/s (ratio wattsched/baseline {rate / base_rate:.2f})",
             "ratio >= 0.9",
         )
-        report(figures, "machine load at the end of the burst / baseline", f"{burst_load} / {base_load}", "")
+        report(
+            figures,
+            "machine load at the end of the burst / baseline",
+            f"{burst_load} / {base_load}",
+            "",
+        )
         # Every API write (not leases) from the first create to the last binding, per object.
         report(figures, "API writes per workload, burst, to the last binding", burst_writes, "")
         report(figures, "API writes per plain pod, baseline, to the last binding", base_writes, "")
         # ... and until every status says Running (all later writes of the object landed).
         report(
             figures,
-            f"API writes per workload, burst, until every status is Running ({settled_seconds:.1f} s"
-            f"{'' if settled else ', TIMED OUT'})",
+            "API writes per workload, burst, until every status is Running"
+            f" ({settled_seconds:.1f} s{'' if settled else ', TIMED OUT'})",
             settled_writes,
             "<= 6",
         )

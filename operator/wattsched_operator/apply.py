@@ -36,7 +36,7 @@ from wattsched_operator.kube import (
     workloads_path,
 )
 from wattsched_operator.metrics import BudgetFigures
-from wattsched_operator.writer import StatusWriter
+from wattsched_operator.writer import DEFAULT_CONCURRENCY, StatusWriter
 
 logger = logging.getLogger("wattsched.operator")
 
@@ -85,7 +85,7 @@ class Applier:
         confirm_timeout_seconds: float,
         heartbeat_timeout_seconds: float,
         namespaces: tuple[str, ...] = (),
-        writer_concurrency: int | None = None,
+        writer_concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
         self.kube = kube
         self.namespaces = namespaces  # served namespaces; empty: all
@@ -99,7 +99,7 @@ class Applier:
             post_event=self.event,
             path_of=object_path,
             on_error=self.status_write_failed,
-            **({} if writer_concurrency is None else {"concurrency": writer_concurrency}),
+            concurrency=writer_concurrency,
         )
 
     async def apply(self, round_: core.Round, view: ClusterView) -> core.Applied:

@@ -383,7 +383,7 @@ def main(argv: list[str]) -> int:
         task = getattr(memo, "task", None)
         if task is not None:
             task.cancel()
-            # The loop writes the statuses still pending before it ends (`LoopSettings.flush_seconds`).
+            # The loop writes the statuses still pending before it ends (`flush_seconds`).
             await asyncio.gather(task, return_exceptions=True)
 
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None

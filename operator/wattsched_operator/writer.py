@@ -23,6 +23,7 @@ timeout) before the operator exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -139,16 +140,16 @@ class StatusWriter:
     # `RETRY_MAX_SECONDS`).
     retry_first_seconds: float = RETRY_FIRST_SECONDS
     # Waiting writes by object path, in the order they were first submitted.
-    pending: dict[str, _Pending] = field(default_factory=dict)
+    pending: dict[str, _Pending] = field(init=False, default_factory=dict)
     # Paths being written now.
-    in_flight: set[str] = field(default_factory=set)
+    in_flight: set[str] = field(init=False, default_factory=set)
     # What the writer has sent or will send, by path (object, status patch): shown to the next
     # round until the cache holds it.
-    expected: dict[str, list[StatusWrite]] = field(default_factory=dict)
+    expected: dict[str, list[StatusWrite]] = field(init=False, default_factory=dict)
     # Set when a write is submitted or done (workers look for work), and when nothing is left.
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    _drained: asyncio.Event = field(default_factory=asyncio.Event)
-    _workers: list[asyncio.Task[None]] = field(default_factory=list)
+    _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _drained: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _workers: list[asyncio.Task[None]] = field(init=False, default_factory=list)
 
     # -- what rounds call --------------------------------------------------------------------------
 
@@ -258,10 +259,8 @@ class StatusWriter:
                 # No await between the look and the clear: a submit after it sets it again.
                 self._wake.clear()
                 timeout = None if retry_at is None else max(0.0, retry_at - time.monotonic())
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                except TimeoutError:
-                    pass
                 continue
             waiting = self.pending.pop(path)
             self.in_flight.add(path)
@@ -276,7 +275,7 @@ class StatusWriter:
         for done, write in enumerate(waiting.writes):
             try:
                 await self.write_status(path + "/status", {"status": dict(write.status)})
-            except Exception as error:  # noqa: BLE001 (every failure is sorted out below)
+            except Exception as error:  # every failure is sorted out below
                 self._failed(path, waiting, done, error)
                 return
             await asyncio.gather(*(self._post(event) for event in write.events))
@@ -284,8 +283,10 @@ class StatusWriter:
     async def _post(self, event: core.Event) -> None:
         try:
             await self.post_event(event)
-        except Exception as error:  # noqa: BLE001 (a lost Event never stops the writer)
-            logger.warning("could not post Event %s on %s: %s", event.reason, event.object.name, error)
+        except Exception as error:  # a lost Event never stops the writer
+            logger.warning(
+                "could not post Event %s on %s: %s", event.reason, event.object.name, error
+            )
 
     def _failed(self, path: str, waiting: _Pending, done: int, error: BaseException) -> None:
         """Sort out a failed write: `waiting.writes[done]` failed, the ones before it landed."""

@@ -320,13 +320,13 @@ def test_a_refused_write_is_counted_dropped_and_left_to_the_next_round() -> None
     errors: list[BaseException] = []
     server.failures["/w/bad/status"] = [KubeError("PATCH", "/w/bad/status", 422, "invalid")]
 
-    async def scenario() -> tuple[StatusWriter, ClusterView]:
+    async def scenario() -> ClusterView:
         writer = server.writer(on_error=errors.append)
         writer.submit(write("bad", {"phase": "Placed"}, "Placed"))
         await writer.stop(5)
-        return writer, writer.overlay(view_with(workload_body("bad", {"phase": "Pending"})))
+        return writer.overlay(view_with(workload_body("bad", {"phase": "Pending"})))
 
-    writer, view = run(scenario())
+    view = run(scenario())
     assert server.writes == []
     assert server.events == []
     assert [getattr(e, "status", None) for e in errors] == [422]
