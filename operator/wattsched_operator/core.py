@@ -2074,7 +2074,9 @@ def _workload_events(
             events.append(("Warning", "Unschedulable", schedulable["message"]))
     # Running is in the status (phase, Ready condition) but gets no Event: one API write per
     # workload less when a burst of pods starts.
-    if before_phase is None:
+    # A workload placed as it is admitted gets the Placed Event only (it says both); one that
+    # waits gets Admitted now and Placed later.
+    if before_phase is None and phase != statuses.PLACED:
         events.append(("Normal", "Admitted", "the operator accepted the workload"))
     slo = next((c for c in new["conditions"] if c["type"] == statuses.SLO_MET), None)
     before_slo = next(
