@@ -45,6 +45,9 @@ HTTP_TOO_MANY_REQUESTS = 429
 DEFAULT_CONCURRENCY = 4
 RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
+# How long a written status is shown to rounds at most when the watch never brings it back as
+# written (the API server may prune or default a field): then the cache's body is the truth.
+SHOWN_AFTER_WRITE_SECONDS = 30.0
 
 WriteStatus = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 PostEvent = Callable[[core.Event], Awaitable[None]]
@@ -146,6 +149,8 @@ class StatusWriter:
     # What the writer has sent or will send, by path (object, status patch): shown to the next
     # round until the cache holds it.
     expected: dict[str, list[StatusWrite]] = field(init=False, default_factory=dict)
+    # When (monotonic) the last write of each path in `expected` landed.
+    landed_at: dict[str, float] = field(init=False, default_factory=dict)
     # Set when a write is submitted or done (workers look for work), and when nothing is left.
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _drained: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -171,6 +176,7 @@ class StatusWriter:
         merged in; drops what the cache already shows (and objects that are gone)."""
         workloads = dict(view.workloads)
         budgets = dict(view.budgets)
+        shown_since = time.monotonic() - SHOWN_AFTER_WRITE_SECONDS
         for path, writes in list(self.expected.items()):
             ref = writes[-1].object
             objects = _objects_of(ref, workloads, budgets)
@@ -179,13 +185,13 @@ class StatusWriter:
             busy = path in self.pending or path in self.in_flight
             if objects is None or body is None or not _same_object(body, ref):
                 if not busy:
-                    del self.expected[path]
+                    self._forget(path)
                 continue
             status = body.get("status") or {}
             merged = _apply_all(status, writes)
-            if merged == status:
+            if merged == status or (not busy and self.landed_at.get(path, 0.0) < shown_since):
                 if not busy:
-                    del self.expected[path]  # the watch caught up
+                    self._forget(path)  # the watch caught up (or the server changed it)
                 continue
             objects[key] = {**body, "status": merged}
         return replace(view, workloads=workloads, budgets=budgets)
@@ -217,12 +223,21 @@ class StatusWriter:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+        # Events are bound to the event loop that waited on them: a writer started again (in
+        # another loop) gets new ones.
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
 
     def discard(self) -> None:
         """Forget every write not yet sent (this operator no longer leads: another writes)."""
         self.pending.clear()
-        self.expected = {p: w for p, w in self.expected.items() if p in self.in_flight}
+        for path in [p for p in self.expected if p not in self.in_flight]:
+            self._forget(path)
         self._settle()
+
+    def _forget(self, path: str) -> None:
+        self.expected.pop(path, None)
+        self.landed_at.pop(path, None)
 
     # -- workers -----------------------------------------------------------------------------------
 
@@ -278,6 +293,7 @@ class StatusWriter:
             except Exception as error:  # every failure is sorted out below
                 self._failed(path, waiting, done, error)
                 return
+            self.landed_at[path] = time.monotonic()
             await asyncio.gather(*(self._post(event) for event in write.events))
 
     async def _post(self, event: core.Event) -> None:
@@ -294,7 +310,7 @@ class StatusWriter:
         if isinstance(error, KubeError) and error.status == HTTP_NOT_FOUND:
             # The object is gone: nothing to write; a newer write (if any) finds out itself.
             if newer is None:
-                self.expected.pop(path, None)
+                self._forget(path)
             return
         self.on_error(error)
         if not retryable(error):
@@ -302,7 +318,7 @@ class StatusWriter:
                 "status write %s refused; the next round decides it again: %s", path, error
             )
             if newer is None:
-                self.expected.pop(path, None)
+                self._forget(path)
             else:
                 self.expected[path] = [replace(w, events=()) for w in newer.writes]
             return

@@ -12,6 +12,7 @@ from typing import Any, cast
 import pytest
 
 from wattsched_operator import core
+from wattsched_operator import writer as writer_module
 from wattsched_operator.apply import Applier, object_path
 from wattsched_operator.cache import ClusterCache
 from wattsched_operator.core import ClusterView, Event, ObjectRef, StatusWrite
@@ -479,5 +480,28 @@ def test_a_round_returns_and_the_next_creates_pods_while_status_writes_are_held(
             object_path(ref(n)) + "/status" for n in ("first", "second")
         )
         assert kube.events == ["Placed", "Placed"]
+
+    run(scenario())
+
+
+def test_a_written_status_the_watch_never_shows_as_written_is_shown_for_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The API server may prune or default a field: the cache's body then never matches what was
+    written, and after a while it is the truth again."""
+    monkeypatch.setattr(writer_module, "SHOWN_AFTER_WRITE_SECONDS", 0.2)
+    server = FakeServer()
+
+    async def scenario() -> None:
+        writer = server.writer()
+        writer.submit(write("a", {"phase": "Placed", "pruned": 1}))
+        await writer.flush(5)
+        as_stored = view_with(workload_body("a", {"phase": "Placed"}))
+        shown = writer.overlay(as_stored).workloads["team/a"]["status"]
+        assert shown == {"phase": "Placed", "pruned": 1}
+        await asyncio.sleep(0.3)
+        assert writer.overlay(as_stored) == as_stored
+        assert writer.expected == {}
+        await writer.stop(1)
 
     run(scenario())
