@@ -381,16 +381,23 @@ def main() -> int:
         # Until every pod is Running (KWOK's status writes and the scheduler's Events landed).
         base_settled = wait_settled(kube, pods_path(base_ns), args.burst, status_phase, 300)
         base_settled_writes = writes_per_object(requests_before, api_requests(env), args.burst)
+        # The baseline's pods go at once (KWOK runs no kubelet to wait for), so the burst finds
+        # every GPU free even on a loaded machine, where a graceful namespace deletion of 1,000
+        # pods can take longer than its timeout.
         sh(
             "kubectl",
             "delete",
-            "namespace",
+            "pods",
+            "--all",
+            "-n",
             base_ns,
-            "--wait=true",
+            "--grace-period=0",
+            "--force",
             "--timeout=300s",
             env=env,
             check=False,
         )
+        sh("kubectl", "delete", "namespace", base_ns, "--wait=false", env=env, check=False)
 
         burst_ns = f"bench-burst-{run_id}"
         kube.create("/api/v1/namespaces", {"metadata": {"name": burst_ns}})
