@@ -393,10 +393,13 @@ def main() -> int:
             base_ns,
             "--grace-period=0",
             "--force",
-            "--timeout=300s",
+            "--wait=false",  # kubectl's own wait can hang on a loaded API server's watch
             env=env,
             check=False,
         )
+        deadline = time.monotonic() + 300
+        while kube.list(pods_path(base_ns)) and time.monotonic() < deadline:
+            time.sleep(1)
         sh("kubectl", "delete", "namespace", base_ns, "--wait=false", env=env, check=False)
 
         burst_ns = f"bench-burst-{run_id}"
