@@ -8,7 +8,8 @@ agents for every node and one standalone operator, then measures:
    measured in the same run, is the same number of plain pods created directly (kube-scheduler
    alone), so the ratio shows what planning costs on top of scheduling;
 3. the operator's RSS with `--rss-workloads` LLMWorkloads in the cluster, against its RSS idle.
-Goals (issue 5): p50 <= 2 s, p99 <= 5 s, burst >= 50 workloads/s, RSS <= 300 MB.
+Goals (issue 5, issue 18): p50 <= 2 s, p99 <= 2 s, burst >= 0.9 x the plain-pod baseline's
+bound/s, <= 6 API writes per workload, RSS <= 300 MB.
 
 Usage: .venv/bin/python benchmarks/bench_operator.py [--nodes 200] [--singles 100] [--burst 1000]
        [--rss-workloads 10000] [--rss-seconds 240].
@@ -125,6 +126,27 @@ def writes_per_object(
     total = sum(n for n, _ in rows)
     parts = ", ".join(f"{verb} {resource} {n / objects:.2f}" for n, (verb, resource) in rows)
     return f"{total / objects:.2f} ({parts})"
+
+
+def load_average() -> str:
+    """The machine's 1-minute load average and its cores (the benchmark shares the machine)."""
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
+def wait_settled(kube: Kube, path: str, count: int, phase_of: Any, timeout_seconds: float) -> bool:
+    """Wait until `count` objects at `path` report `phase_of(body) == "Running"` (the writes that
+    follow the binding, statuses and Events included, have landed); False on timeout."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        items = kube.list(path)
+        if sum(1 for body in items if phase_of(body) == "Running") >= count:
+            return True
+        time.sleep(1)
+    return False
+
+
+def status_phase(body: dict[str, Any]) -> Any:
+    return (body.get("status") or {}).get("phase")
 
 
 def report(figures: list[tuple[str, str, str]], name: str, value: str, goal: str) -> None:
@@ -269,6 +291,7 @@ def main() -> int:
         "--sandbox-dir", default=str(Path(tempfile.gettempdir()) / "wattsched-sandbox-bench")
     )
     args = parser.parse_args()
+    print(f"started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {load_average()}")
 
     env = {**os.environ, "SANDBOX_DIR": args.sandbox_dir, "SANDBOX_NODES": str(args.nodes)}
     bin_dir = sh(str(REPO / "sandbox/build.sh"), "--dir").strip()
@@ -335,7 +358,7 @@ def main() -> int:
         if latencies:
             p50 = f"{percentile(latencies, 0.5):.2f} s"
             report(figures, "apply -> bound, p50", p50, "<= 2 s")
-            report(figures, "apply -> bound, p99", f"{percentile(latencies, 0.99):.2f} s", "<= 5 s")
+            report(figures, "apply -> bound, p99", f"{percentile(latencies, 0.99):.2f} s", "<= 2 s")
             report(figures, "apply -> bound, mean", f"{statistics.mean(latencies):.2f} s", "")
         delete_workloads(namespace, timeout_seconds=300, env=env)
 
@@ -354,16 +377,30 @@ def main() -> int:
         base_writes = writes_per_object(requests_before, api_requests(env), args.burst)
         base_cpu = cpu_used(cpu_before, cpu_by_process(pids))
         base_seconds = max(base_watch.bound.values()) - started if base_ok else float("nan")
+        base_load = load_average()
+        # Until every pod is Running (KWOK's status writes and the scheduler's Events landed).
+        base_settled = wait_settled(kube, pods_path(base_ns), args.burst, status_phase, 300)
+        base_settled_writes = writes_per_object(requests_before, api_requests(env), args.burst)
+        # The baseline's pods go at once (KWOK runs no kubelet to wait for), so the burst finds
+        # every GPU free even on a loaded machine, where a graceful namespace deletion of 1,000
+        # pods can take longer than its timeout.
         sh(
             "kubectl",
             "delete",
-            "namespace",
+            "pods",
+            "--all",
+            "-n",
             base_ns,
-            "--wait=true",
-            "--timeout=300s",
+            "--grace-period=0",
+            "--force",
+            "--wait=false",  # kubectl's own wait can hang on a loaded API server's watch
             env=env,
             check=False,
         )
+        deadline = time.monotonic() + 300
+        while kube.list(pods_path(base_ns)) and time.monotonic() < deadline:
+            time.sleep(1)
+        sh("kubectl", "delete", "namespace", base_ns, "--wait=false", env=env, check=False)
 
         burst_ns = f"bench-burst-{run_id}"
         kube.create("/api/v1/namespaces", {"metadata": {"name": burst_ns}})
@@ -380,6 +417,12 @@ def main() -> int:
         burst_ok = burst_watch.wait_for(pods, 900)
         burst_writes = writes_per_object(requests_before, api_requests(env), args.burst)
         burst_cpu = cpu_used(cpu_before, cpu_by_process(pids))
+        burst_load = load_average()
+        # Until every workload's status says Running: the operator's status writes and Events
+        # that land after the last binding are counted too.
+        settled = wait_settled(kube, workloads_path(burst_ns), args.burst, status_phase, 300)
+        settled_seconds = time.monotonic() - started
+        settled_writes = writes_per_object(requests_before, api_requests(env), args.burst)
         bound = [burst_watch.bound[p] for p in pods if p in burst_watch.bound]
         burst_seconds = (max(bound) - started) if bound else float("nan")
         rate = len(bound) / burst_seconds if bound else 0.0
@@ -389,7 +432,7 @@ def main() -> int:
             f"burst of {args.burst}: placed/s",
             f"{rate:.1f}/s ({len(bound)} bound in {burst_seconds:.1f} s"
             f"{'' if burst_ok else ', INCOMPLETE'}; created in {created_seconds:.1f} s)",
-            ">= 50/s",
+            "",
         )
         if bound:
             since = [t - started for t in bound]
@@ -403,11 +446,32 @@ def main() -> int:
             figures,
             f"baseline: {args.burst} plain pods, bound/s",
             f"{base_rate:.1f}/s (ratio wattsched/baseline {rate / base_rate:.2f})",
+            "ratio >= 0.9",
+        )
+        report(
+            figures,
+            "machine load at the end of the burst / baseline",
+            f"{burst_load} / {base_load}",
             "",
         )
         # Every API write (not leases) from the first create to the last binding, per object.
-        report(figures, "API writes per workload, burst", burst_writes, "")
-        report(figures, "API writes per plain pod, baseline", base_writes, "")
+        report(figures, "API writes per workload, burst, to the last binding", burst_writes, "")
+        report(figures, "API writes per plain pod, baseline, to the last binding", base_writes, "")
+        # ... and until every status says Running (all later writes of the object landed).
+        report(
+            figures,
+            "API writes per workload, burst, until every status is Running"
+            f" ({settled_seconds:.1f} s{'' if settled else ', TIMED OUT'})",
+            settled_writes,
+            "<= 6",
+        )
+        report(
+            figures,
+            f"API writes per plain pod, baseline, until every pod is Running"
+            f"{'' if base_settled else ' (TIMED OUT)'}",
+            base_settled_writes,
+            "",
+        )
         report(figures, "CPU seconds during the burst", burst_cpu, "")
         report(figures, "CPU seconds during the baseline", base_cpu, "")
         delete_workloads(burst_ns, timeout_seconds=600, env=env)

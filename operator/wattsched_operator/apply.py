@@ -4,8 +4,10 @@ The order (see `Applier.apply`): the failure bookkeeping and the Events decided 
 solve; lower power limits and wait for the agents to confirm; evict preempted and moved pods
 (Eviction API, so PodDisruptionBudgets hold) and delete failed pods due for a retry, then report
 the evictions that went; create new pods; raise limits, only when every lowering was confirmed;
-open profiles for excluded GPU nodes; then statuses, their Events and the metrics. A node whose
-agent does not confirm in time counts at maximum power in the next round (`core.after_apply`).
+open profiles for excluded GPU nodes; then the metrics. Status writes and their Events are handed
+to the `writer.StatusWriter` where the round decides them and written in the background: the
+round does not wait for them, nor does the next round's pod creation. A node whose agent does
+not confirm in time counts at maximum power in the next round (`core.after_apply`).
 
 Decisions are the core's; this module only writes, and reports what it saw (`core.Applied`).
 Failed writes are logged, counted (`reconcile_errors`) and retried by the next round.
@@ -34,6 +36,7 @@ from wattsched_operator.kube import (
     workloads_path,
 )
 from wattsched_operator.metrics import BudgetFigures
+from wattsched_operator.writer import DEFAULT_CONCURRENCY, StatusWriter
 
 logger = logging.getLogger("wattsched.operator")
 
@@ -82,6 +85,7 @@ class Applier:
         confirm_timeout_seconds: float,
         heartbeat_timeout_seconds: float,
         namespaces: tuple[str, ...] = (),
+        writer_concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
         self.kube = kube
         self.namespaces = namespaces  # served namespaces; empty: all
@@ -90,6 +94,13 @@ class Applier:
         self.call = call
         self.confirm_timeout_seconds = confirm_timeout_seconds
         self.heartbeat_timeout_seconds = heartbeat_timeout_seconds
+        self.writer = StatusWriter(
+            write_status=self.write_status,
+            post_event=self.event,
+            path_of=object_path,
+            on_error=self.status_write_failed,
+            concurrency=writer_concurrency,
+        )
 
     async def apply(self, round_: core.Round, view: ClusterView) -> core.Applied:
         """Every write of `round_`, in the budget-safe order; returns what it saw."""
@@ -106,7 +117,8 @@ class Applier:
         for patch in round_.patches:
             await self.call(self.kube.merge_patch, object_path(patch.object), patch.patch)
         await self.gather(self.event(e) for e in round_.events)
-        await self.gather(self.write_status(w) for w in round_.early_statuses)
+        for write in round_.early_statuses:
+            self.writer.submit(write)
 
         # 1. Lower limits and wait for the agents to confirm.
         unconfirmed: set[str] = set()
@@ -127,7 +139,8 @@ class Applier:
 
         # 2. Evict preempted and moved pods, a service's moves one replica at a time unless a
         # budget forces them; delete failed pods due for a retry.
-        await self.gather(self.write_status(w) for w in round_.moving)
+        for write in round_.moving:
+            self.writer.submit(write)
         evicted = await self.evict_pods(round_.evict)
         went = set(evicted)
         await self.gather(
@@ -177,22 +190,20 @@ class Applier:
         if round_.open_profiles:
             await self.write_limits(view, round_.open_profiles)
 
-        # 5. Statuses, their Events, metrics. A workload whose pod was refused in this round
-        # keeps its status: the next round reports it (PodRejected), not Placed.
+        # 5. Statuses and their Events (to the writer), metrics. A workload whose pod was refused
+        # in this round keeps its status: the next round reports it (PodRejected), not Placed.
         phases: list[str] = []
         slo_met: dict[str, bool] = {}
-        writes = []
         for status in round_.workload_statuses:
             if status.key in refused:
                 phase, met = status.previous_phase, status.previous_slo_met
             else:
                 phase, met = status.phase, status.slo_met
                 if status.write is not None:
-                    writes.append(self.write_status(status.write))
+                    self.writer.submit(status.write)
             phases.append(phase)
             if met is not None:
                 slo_met[status.key] = met
-        await self.gather(writes)
         update = round_.metrics
         for energy in update.workload_energy:
             self.metrics.count_workload_energy(
@@ -220,7 +231,8 @@ class Applier:
                     for name, b in update.budgets.items()
                 }
             )
-        await self.gather(self.write_status(w) for w in round_.budget_statuses)
+        for write in round_.budget_statuses:
+            self.writer.submit(write)
         return core.Applied(
             unconfirmed=frozenset(unconfirmed),
             evicted=tuple(evicted),
@@ -275,11 +287,14 @@ class Applier:
             if isinstance(result, BaseException):
                 self.failed_step(result)
 
-    async def write_status(self, write: core.StatusWrite) -> None:
-        """A status write, then its Events."""
-        path = object_path(write.object) + "/status"
-        await self.call(self.kube.write, path, {"status": dict(write.status)})
-        await asyncio.gather(*(self.event(e) for e in write.events))
+    async def write_status(self, path: str, body: Mapping[str, Any]) -> None:
+        """A merge patch of a status subresource (the writer's way out)."""
+        await self.call(self.kube.write, path, body)
+
+    def status_write_failed(self, error: BaseException) -> None:
+        """A status write failed (the writer retries it or leaves it to the next round)."""
+        if self.metrics is not None:
+            self.metrics.reconcile_errors.labels(step="apply").inc()
 
     async def evict_pods(self, evictions: Iterable[core.Eviction]) -> list[tuple[str, str]]:
         """Evict each pod (a pod on a node that is gone is deleted at once); return the ones

@@ -84,6 +84,8 @@ class LoopSettings:
     # (`core.check_demand`): a service whose demand exceeds its plan's capacity is re-planned
     # then, not at the periodic re-plan. 0: no checks.
     demand_check_seconds: float = 15.0
+    # On the way out, how long the loop waits for status writes still pending to be written.
+    flush_seconds: float = 10.0
 
     def core_settings(self) -> core.Settings:
         return core.Settings(
@@ -147,6 +149,13 @@ class PlanningLoop:
         between are accounting rounds (`account_once`): measured power, energy and carbon in
         statuses follow `accounting_seconds` without solving a plan each time.
         """
+        try:
+            await self._run()
+        finally:
+            # Cancelled (the operator stops) or failed: what rounds decided is still written.
+            await self.applier.writer.stop(self.settings.flush_seconds)
+
+    async def _run(self) -> None:
         last_resync = 0.0
         while True:
             due = await self._wait_for_work()
@@ -154,6 +163,7 @@ class PlanningLoop:
             leader = await self.is_leader()
             if not leader:
                 self._was_leader = False
+                self.applier.writer.discard()  # the leader writes statuses now
                 continue
             if due == "check" and self._was_leader:
                 try:
@@ -284,6 +294,11 @@ class PlanningLoop:
 
     # -- one round ---------------------------------------------------------------------------------
 
+    def view(self) -> core.ClusterView:
+        """The cache's view, with the statuses this operator wrote or will write and the watch
+        has not brought back yet (so a round never decides a change, or its Events, twice)."""
+        return self.applier.writer.overlay(self.cache.view())
+
     def _observed(self, view: core.ClusterView, readings: core.Readings | None) -> core.Observed:
         return core.Observed(
             view=view,
@@ -296,7 +311,7 @@ class PlanningLoop:
     async def plan_once(self) -> Plan | None:
         """Read, decide, apply: one planning round. Returns the plan."""
         now = datetime.now(UTC)
-        view = self.cache.view()
+        view = self.view()
         started = time.monotonic()
         observed = self._observed(view, None)
         # Once per round: telemetry_requests and decide share it.
@@ -354,7 +369,7 @@ class PlanningLoop:
         last = self.memory.last_round
         if last is None:
             return
-        view = self.cache.view()
+        view = self.view()
         nodes = [node.name for node in last.plan_input.nodes]
         pods = [core.pod_id(pod) for pod in view.pods.values() if core.running(pod)]
         snapshot = await self._read_snapshot(nodes, pods)
@@ -370,7 +385,7 @@ class PlanningLoop:
             return
         self._accounted_at = time.monotonic()
         now = datetime.now(UTC)
-        view = self.cache.view()
+        view = self.view()
         observed = self._observed(view, None)
         readings = None
         if self.telemetry is not None:
@@ -384,10 +399,9 @@ class PlanningLoop:
         """Mark every budget and every waiting workload with the cause of a round that could not
         plan at all (a condition, and one Event per object and cause). Never raises."""
         try:
-            decided = core.failed_round(
-                self._observed(self.cache.view(), None), error, datetime.now(UTC)
-            )
-            await self.applier.gather(self.applier.write_status(w) for w in decided.early_statuses)
+            decided = core.failed_round(self._observed(self.view(), None), error, datetime.now(UTC))
+            for write in decided.early_statuses:
+                self.applier.writer.submit(write)
             self.memory = decided.memory
         except Exception:  # reporting must never stop the loop
             logger.exception("could not report the failed round")

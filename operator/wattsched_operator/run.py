@@ -384,6 +384,8 @@ def main(argv: list[str]) -> int:
         task = getattr(memo, "task", None)
         if task is not None:
             task.cancel()
+            # The loop writes the statuses still pending before it ends (`flush_seconds`).
+            await asyncio.gather(task, return_exceptions=True)
 
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     logger.info("wattsched operator %s (priority %d) starting", identity, priority)

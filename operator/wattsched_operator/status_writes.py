@@ -215,7 +215,9 @@ def _workload_events(
             events.append(("Warning", EventReason.UNSCHEDULABLE, schedulable["message"]))
     # Running is in the status (phase, Ready condition) but gets no Event: one API write per
     # workload less when a burst of pods starts.
-    if before_phase is None:
+    # A workload placed as it is admitted gets the Placed Event only (it says both); one that
+    # waits gets Admitted now and Placed later.
+    if before_phase is None and phase != Phase.PLACED:
         events.append(("Normal", EventReason.ADMITTED, "the operator accepted the workload"))
     slo = next((c for c in new["conditions"] if c["type"] == ConditionType.SLO_MET), None)
     before_slo = next(

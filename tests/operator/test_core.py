@@ -116,11 +116,28 @@ def test_a_new_service_gets_a_pod_a_limit_and_a_placed_status_as_data() -> None:
     [status] = round_.workload_statuses
     assert status.phase == vocabulary.Phase.PLACED
     assert status.write is not None
-    assert [e.reason for e in status.write.events] == ["Admitted", "Placed"]
+    # Admitted and placed in one round: one Event, Placed (one API write per workload less).
+    assert [e.reason for e in status.write.events] == ["Placed"]
     assert round_.memory.last_round is not None
     assert round_.memory.ready_agents == frozenset({"l40s-0"})
     # The input memory is as it was: each round returns a new one.
     assert observed.memory.last_round is None
+
+
+def test_a_service_that_waits_is_admitted_at_once_and_placed_later() -> None:
+    waiting = core.decide(core.Observed(view([], [service()], []), monotonic=100.0), NOW)
+    [first] = waiting.workload_statuses
+    assert first.write is not None
+    assert first.phase == statuses.PENDING
+    assert [e.reason for e in first.write.events] == ["Unschedulable", "Admitted"]
+    admitted = service(status=dict(first.write.status))
+    placed = core.decide(
+        core.Observed(view([node("l40s-0")], [admitted], []), monotonic=101.0), NOW
+    )
+    [second] = placed.workload_statuses
+    assert second.write is not None
+    assert second.phase == statuses.PLACED
+    assert [e.reason for e in second.write.events] == ["Placed"]
 
 
 def test_services_are_sized_for_the_forecast_from_the_memorys_history() -> None:

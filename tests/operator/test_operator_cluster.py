@@ -301,7 +301,7 @@ def test_examples_run_on_the_planned_nodes_with_the_planned_limits(
         row = next(line for line in table.splitlines() if line.startswith(name + " "))
         assert "Running" in row.split()
         reasons = {e["reason"] for e in events_of(sandbox, namespace, name)}
-        assert {"Admitted", "Placed"} <= reasons, f"{name}: Events {sorted(reasons)}"
+        assert "Placed" in reasons, f"{name}: Events {sorted(reasons)}"
 
     # The budget examples: the plans that follow keep the limits in each scope under its cap.
     solves_before = operator.scrape()["wattsched_plan_solve_seconds_count"][()]
