@@ -3,9 +3,10 @@
 Every handler is an async function of kopf's keyword arguments that hands the event to `record`,
 a plain function tests call directly. Whether an event matters is decided by `fingerprint`: the
 parts of an object the plan depends on (spec, membership, readiness), not heartbeats or the
-statuses the operator writes itself. The LLMWorkload deletion handler is the finalizer: it removes
-the workload's pods and waits for them to go, and the next plan releases their power. Planning is
-`loop`'s job.
+statuses the operator writes itself; `departure` tells the loop when a change is only a workload
+leaving (the loop lets those settle into one plan). The LLMWorkload deletion handler is the
+finalizer: it removes the workload's pods and waits for them to go, and the next plan releases their
+power. Planning is `loop`'s job.
 """
 
 from __future__ import annotations
@@ -84,6 +85,22 @@ def fingerprint(kind: str, body: Mapping[str, Any]) -> object:
     raise ValueError(f"unknown kind {kind!r}")
 
 
+def departure(
+    cache: ClusterCache, kind: str, event_type: str | None, body: Mapping[str, Any]
+) -> bool:
+    """Whether an event only says that a workload is leaving: the workload being deleted or gone,
+    or a pod of a workload being deleted or no longer known. A pod lost by a workload that stays
+    is not (its replica must be placed again)."""
+    meta = body.get("metadata") or {}
+    if kind == WORKLOADS:
+        return event_type == "DELETED" or bool(meta.get("deletionTimestamp"))
+    if kind == PODS:
+        name = (meta.get("labels") or {}).get(LABEL_WORKLOAD)
+        owner = cache.get(WORKLOADS, f"{meta.get('namespace')}/{name}")
+        return owner is None or bool((owner.get("metadata") or {}).get("deletionTimestamp"))
+    return False
+
+
 def record(cache: ClusterCache, kind: str, event_type: str | None, body: Mapping[str, Any]) -> bool:
     """Store one watch event; mark the plan dirty if the event changes what a plan depends on.
 
@@ -97,7 +114,7 @@ def record(cache: ClusterCache, kind: str, event_type: str | None, body: Mapping
         cache.upsert(kind, body)
         changed = before is None or fingerprint(kind, before) != fingerprint(kind, body)
     if changed:
-        cache.mark_dirty()
+        cache.mark_dirty(departure=departure(cache, kind, event_type, body))
     return changed
 
 
@@ -145,17 +162,17 @@ RELEASE_POLL_SECONDS = 0.2
 @kopf.on.delete(GROUP, VERSION, "llmworkloads")
 async def release_workload(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
     """Finalizer: delete the workload's pods and wait for them to go (the next plan lowers the
-    freed limits). The wait watches the cache, so deleting a workload writes no retries."""
+    freed limits; the deletion's watch event already made the plan dirty, as a departure). The
+    wait looks up the pods in the cache, so deleting a workload writes no retries, and a thousand
+    waits copy nothing."""
     state = _memo(memo)
     assert namespace is not None, "LLMWorkloads are namespaced"
     if state.namespaces and namespace not in state.namespaces:
         return
-    state.cache.mark_dirty()
     pods = await _delete_pods(state, namespace, name)
     deadline = asyncio.get_running_loop().time() + RELEASE_WAIT_SECONDS
     while pods:
-        cached = state.cache.view().pods
-        if any(f"{namespace}/{pod}" in cached for pod in pods):
+        if any(state.cache.get(PODS, f"{namespace}/{pod}") is not None for pod in pods):
             if asyncio.get_running_loop().time() > deadline:
                 raise kopf.TemporaryError(
                     f"waiting for {len(pods)} pod(s) of {namespace}/{name} to go", delay=5

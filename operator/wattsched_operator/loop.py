@@ -2,7 +2,8 @@
 
 Handlers mark the cache dirty; the loop waits for that (or for the periodic re-plan, a retry that
 is due, an agent's heartbeat expiring, a demand check that finds a service short of capacity),
-lets changes settle for the debounce time, follows leadership, resyncs the cache from full lists,
+lets changes settle for the debounce time (longer while only workloads are leaving: one plan for a
+mass deletion, not one per workload), follows leadership, resyncs the cache from full lists,
 reads telemetry, and hands what it observed to `core.decide` (off the event loop: it solves). The
 Round that comes back is applied by `apply` in the budget-safe order. What a round decides is in
 `core`; how it is written is in `apply`; this module only sequences rounds and reads.
@@ -56,12 +57,19 @@ logger = logging.getLogger("wattsched.operator")
 
 T = TypeVar("T")
 
+# How often a wait for departures to settle looks for a change that ends it.
+DEPARTURE_POLL_SECONDS = 0.1
+
 __all__ = ["InputBuilder", "LoopSettings", "PlanFunction", "PlannedInput", "PlanningLoop"]
 
 
 @dataclass(frozen=True)
 class LoopSettings:
     debounce_seconds: float = 1.0
+    # While every change since the last round is a departure (a workload deleted, its pods going),
+    # plan once this long passed without another, and at most this long after the first.
+    departure_quiet_seconds: float = 2.0
+    departure_longest_seconds: float = 10.0
     replan_seconds: float = 60.0
     confirm_timeout_seconds: float = 15.0
     backoff_limit: int = 3
@@ -149,7 +157,7 @@ class PlanningLoop:
         last_resync = 0.0
         while True:
             due = await self._wait_for_work()
-            self.cache.dirty.clear()
+            self.cache.take_changes()
             leader = await self.is_leader()
             if not leader:
                 self._was_leader = False
@@ -218,6 +226,7 @@ class PlanningLoop:
                 timeout = max(0.0, wake_at - time.monotonic())
                 await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
                 await asyncio.sleep(self.settings.debounce_seconds)
+                await self._settle_departures()
                 return "plan"
             except TimeoutError:
                 now = time.monotonic()
@@ -230,6 +239,19 @@ class PlanningLoop:
                     return "account"
                 if check_at is not None and now >= check_at:
                     return "check"
+
+    async def _settle_departures(self) -> None:
+        """While only departures changed since the last round, wait until they stop coming (or
+        the longest wait passed); any other change ends the wait at once."""
+        while True:
+            left = self.cache.changes.settle_seconds(
+                time.monotonic(),
+                quiet_seconds=self.settings.departure_quiet_seconds,
+                longest_seconds=self.settings.departure_longest_seconds,
+            )
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, DEPARTURE_POLL_SECONDS))
 
     def _heartbeats(self) -> dict[str, datetime | None]:
         """The last heartbeat of each agent the last round counted as ready (None: none read)."""
@@ -321,10 +343,18 @@ class PlanningLoop:
             # Another operator took over while this one was solving: it applies, this one must not.
             logger.info("no longer the leader; dropping the plan")
             return decided.plan
-        logger.info("round decided in %.2f s", time.monotonic() - started)
+        decided_seconds = time.monotonic() - started
         # The round's memory holds even if applying fails part-way (the next round retries).
         self.memory = decided.memory
         applied = await self.applier.apply(decided, view)
+        timings = decided.plan.timings_seconds if decided.plan is not None else {}
+        logger.info(
+            "round of %d workloads: decided in %.2f s (plan: %s), applied in %.2f s",
+            len(view.workloads),
+            decided_seconds,
+            ", ".join(f"{step} {seconds:.2f} s" for step, seconds in timings.items()) or "none",
+            time.monotonic() - started - decided_seconds,
+        )
         self.memory = core.after_apply(
             decided,
             applied,
