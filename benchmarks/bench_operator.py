@@ -7,11 +7,18 @@ agents for every node and one standalone operator, then measures:
 2. a burst of `--burst` LLMWorkloads created at once: placed (pod bound) per second; the baseline,
    measured in the same run, is the same number of plain pods created directly (kube-scheduler
    alone), so the ratio shows what planning costs on top of scheduling;
-3. the operator's RSS with `--rss-workloads` LLMWorkloads in the cluster, against its RSS idle.
-Goals (issue 5): p50 <= 2 s, p99 <= 5 s, burst >= 50 workloads/s, RSS <= 300 MB.
+3. with `--delete N`: the time `kubectl delete llmworkloads --all` of N bound workloads takes until
+   the last of their pods is gone, against the baseline measured first in the same run: N
+   ConfigMaps each owning one bound plain pod, deleted at once, their pods deleted by
+   kube-controller-manager's garbage collector; and the plans the operator solved meanwhile;
+4. the operator's RSS with `--rss-workloads` LLMWorkloads in the cluster, against its RSS idle.
+At the end, with `--operator-log-level INFO`, the longest planning round (decide: plan input and
+solve; apply) from the operator's log. `--scale` is the large run of issue 18 (2,000 nodes, 10,000
+workloads). Goals (issues 5, 18): p99 <= 2 s, burst >= 0.9 x kube-scheduler alone, RSS <= 300 MB,
+deletion within 2 x the garbage collector's time.
 
 Usage: .venv/bin/python benchmarks/bench_operator.py [--nodes 200] [--singles 100] [--burst 1000]
-       [--rss-workloads 10000] [--rss-seconds 240].
+       [--delete 1000] [--rss-workloads 10000] [--rss-seconds 240] [--scale].
 Not a test: it prints figures and asserts nothing.
 """
 
@@ -692,6 +699,12 @@ def main() -> int:
             report(figures, "API writes per plain pod, baseline", base_writes, "")
             report(figures, "CPU seconds during the burst", burst_cpu, "")
             report(figures, "CPU seconds during the baseline", base_cpu, "")
+            report(
+                figures,
+                f"operator RSS with the burst's {args.burst} workloads",
+                f"{rss_megabytes(operator.pid):.0f} MB (idle {idle_rss:.0f} MB)",
+                "",
+            )
             delete_workloads(burst_ns, timeout_seconds=600, env=env)
 
         if args.delete:

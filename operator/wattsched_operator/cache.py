@@ -2,9 +2,9 @@
 
 Holds the latest body of every LLMWorkload, EnergyBudget, GPU node, NodePowerProfile and operator
 pod, and a dirty flag that tells the planning loop something changed (with `Changes`: when, and
-whether it was only departures, which the loop lets settle before planning). Handlers only write
-here; the loop reads a consistent copy (`view()`). Not a source of truth: a periodic full list
-(`replace`) heals anything a paused or restarted watch missed.
+whether it was only departures and confirmations, which the loop lets settle before planning).
+Handlers only write here; the loop reads a consistent copy (`view()`). Not a source of truth: a
+periodic full list (`replace`) heals anything a paused or restarted watch missed.
 """
 
 from __future__ import annotations
@@ -131,30 +131,33 @@ def object_key(body: Mapping[str, Any]) -> str:
 @dataclass
 class Changes:
     """The changes since the planning loop last took them: when the first and the last came, and
-    whether every one was a departure (a workload being deleted or gone, a pod of such a workload).
+    whether every one can settle: a departure (a workload being deleted or gone, a pod of such a
+    workload) or an agent confirming the limits the operator wrote.
 
-    Departures free GPUs and power, but nothing waits on them: the finalizer removes the pods
-    itself. So while only departures arrive, the loop lets them settle and plans once for many
-    (`settle_seconds`) instead of re-planning the rest of the cluster per workload leaving.
+    Departures free GPUs and power, but nothing waits on them (the finalizer removes the pods
+    itself), and a round that changed limits already waited for their confirmations. So while only
+    such changes arrive, the loop lets them settle and plans once for many (`settle_seconds`)
+    instead of re-planning the rest of the cluster per workload leaving, and again for the
+    confirmations of each of those plans.
     """
 
     first_monotonic: float | None = None
     last_monotonic: float | None = None
-    departures_only: bool = True
+    settling_only: bool = True
 
-    def note(self, monotonic: float, *, departure: bool) -> None:
+    def note(self, monotonic: float, *, settles: bool) -> None:
         if self.first_monotonic is None:
             self.first_monotonic = monotonic
         self.last_monotonic = monotonic
-        self.departures_only = self.departures_only and departure
+        self.settling_only = self.settling_only and settles
 
     def settle_seconds(
         self, monotonic: float, *, quiet_seconds: float, longest_seconds: float
     ) -> float:
-        """How much longer the loop waits before planning: none unless every change so far was a
-        departure; then until `quiet_seconds` passed without one, at most `longest_seconds` after
-        the first (a mass deletion still releases power as it goes)."""
-        if self.first_monotonic is None or self.last_monotonic is None or not self.departures_only:
+        """How much longer the loop waits before planning: none unless every change so far can
+        settle; then until `quiet_seconds` passed without one, at most `longest_seconds` after the
+        first (a mass deletion still releases power as it goes)."""
+        if self.first_monotonic is None or self.last_monotonic is None or not self.settling_only:
             return 0.0
         quiet_at = self.last_monotonic + quiet_seconds
         latest = self.first_monotonic + longest_seconds
@@ -186,9 +189,10 @@ class ClusterCache:
     def get(self, kind: str, key: str) -> Body | None:
         return self.objects[kind].get(key)
 
-    def mark_dirty(self, *, departure: bool = False) -> None:
-        """Something a plan depends on changed; `departure`: only that a workload is leaving."""
-        self.changes.note(time.monotonic(), departure=departure)
+    def mark_dirty(self, *, settles: bool = False) -> None:
+        """Something a plan depends on changed; `settles`: only a workload leaving or an agent
+        confirming limits (see `Changes`)."""
+        self.changes.note(time.monotonic(), settles=settles)
         self.dirty.set()
 
     def take_changes(self) -> Changes:

@@ -1,12 +1,12 @@
 """Thin kopf handlers: record watch events in the cache and mark the plan dirty when it matters.
 
-Every handler is an async function of kopf's keyword arguments that hands the event to `record`,
-a plain function tests call directly. Whether an event matters is decided by `fingerprint`: the
-parts of an object the plan depends on (spec, membership, readiness), not heartbeats or the
-statuses the operator writes itself; `departure` tells the loop when a change is only a workload
-leaving (the loop lets those settle into one plan). The LLMWorkload deletion handler is the
-finalizer: it removes the workload's pods and waits for them to go, and the next plan releases their
-power. Planning is `loop`'s job.
+Every handler is an async function of kopf's keyword arguments that hands the event to `record`, a
+plain function tests call directly. Whether an event matters is decided by `fingerprint`: the parts
+of an object the plan depends on (spec, membership, readiness), not heartbeats or the statuses the
+operator writes itself; `departure` and `confirmation` tell the loop when a change is only a
+workload leaving or an agent confirming limits (the loop lets those settle into one plan). The
+LLMWorkload deletion handler is the finalizer: it removes the workload's pods and waits for them to
+go, and the next plan releases their power. Planning is `loop`'s job.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import kopf
 
+from wattsched_api.nodepowerprofile import Holder
 from wattsched_operator.cache import (
     BUDGETS,
     NODES,
@@ -101,6 +102,28 @@ def departure(
     return False
 
 
+def confirmation(kind: str, before: Mapping[str, Any] | None, body: Mapping[str, Any]) -> bool:
+    """Whether a profile changed only in what follows the operator's own writes: the limits its
+    agent applied and the generation it observed (which the round that wrote them waited for),
+    and GPUs passing between free and held by wattsched's pods (which the pods' own events
+    report). A GPU taken by another team's pod, an agent going away, a new mapping are not."""
+    if kind != PROFILES or before is None:
+        return False
+
+    def lasting(profile: Mapping[str, Any]) -> object:
+        status = profile.get("status") or {}
+        return (
+            (status.get("agent") or {}).get("ready"),
+            (status.get("deviceMapping") or {}).get("source"),
+            tuple(
+                (g.get("index"), g.get("holder") == Holder.OTHER, g.get("maxWatts"))
+                for g in status.get("gpus") or []
+            ),
+        )
+
+    return lasting(before) == lasting(body)
+
+
 def record(cache: ClusterCache, kind: str, event_type: str | None, body: Mapping[str, Any]) -> bool:
     """Store one watch event; mark the plan dirty if the event changes what a plan depends on.
 
@@ -110,11 +133,13 @@ def record(cache: ClusterCache, kind: str, event_type: str | None, body: Mapping
     if event_type == "DELETED":
         cache.remove(kind, body)
         changed = before is not None
+        settles = departure(cache, kind, event_type, body)
     else:
         cache.upsert(kind, body)
         changed = before is None or fingerprint(kind, before) != fingerprint(kind, body)
+        settles = departure(cache, kind, event_type, body) or confirmation(kind, before, body)
     if changed:
-        cache.mark_dirty(departure=departure(cache, kind, event_type, body))
+        cache.mark_dirty(settles=settles)
     return changed
 
 

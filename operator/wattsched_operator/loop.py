@@ -1,12 +1,12 @@
 """The planning loop: the shell around the decision core, one round at a time.
 
-Handlers mark the cache dirty; the loop waits for that (or for the periodic re-plan, a retry that
-is due, an agent's heartbeat expiring, a demand check that finds a service short of capacity),
-lets changes settle for the debounce time (longer while only workloads are leaving: one plan for a
-mass deletion, not one per workload), follows leadership, resyncs the cache from full lists,
-reads telemetry, and hands what it observed to `core.decide` (off the event loop: it solves). The
-Round that comes back is applied by `apply` in the budget-safe order. What a round decides is in
-`core`; how it is written is in `apply`; this module only sequences rounds and reads.
+Handlers mark the cache dirty; the loop waits for that (or for the periodic re-plan, a retry that is
+due, an agent's heartbeat expiring, a demand check that finds a service short of capacity), lets
+changes settle for the debounce time (longer while only workloads are leaving and agents confirming
+limits: one plan for a mass deletion, not one per workload), follows leadership, resyncs the cache
+from full lists, reads telemetry, and hands what it observed to `core.decide` (off the event loop:
+it solves). The Round that comes back is applied by `apply` in the budget-safe order. What a round
+decides is in `core`; how it is written is in `apply`; this module only sequences rounds and reads.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ logger = logging.getLogger("wattsched.operator")
 
 T = TypeVar("T")
 
-# How often a wait for departures to settle looks for a change that ends it.
-DEPARTURE_POLL_SECONDS = 0.1
+# How often a wait for changes to settle looks for a change that ends it.
+SETTLE_POLL_SECONDS = 0.1
 
 __all__ = ["InputBuilder", "LoopSettings", "PlanFunction", "PlannedInput", "PlanningLoop"]
 
@@ -66,10 +66,11 @@ __all__ = ["InputBuilder", "LoopSettings", "PlanFunction", "PlannedInput", "Plan
 @dataclass(frozen=True)
 class LoopSettings:
     debounce_seconds: float = 1.0
-    # While every change since the last round is a departure (a workload deleted, its pods going),
-    # plan once this long passed without another, and at most this long after the first.
-    departure_quiet_seconds: float = 2.0
-    departure_longest_seconds: float = 10.0
+    # While every change since the last round can settle (a workload deleted, its pods going, an
+    # agent confirming limits: `cache.Changes`), plan once this long passed without another, and
+    # at most this long after the first.
+    settle_quiet_seconds: float = 2.0
+    settle_longest_seconds: float = 10.0
     replan_seconds: float = 60.0
     confirm_timeout_seconds: float = 15.0
     backoff_limit: int = 3
@@ -226,7 +227,7 @@ class PlanningLoop:
                 timeout = max(0.0, wake_at - time.monotonic())
                 await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
                 await asyncio.sleep(self.settings.debounce_seconds)
-                await self._settle_departures()
+                await self._let_changes_settle()
                 return "plan"
             except TimeoutError:
                 now = time.monotonic()
@@ -240,18 +241,18 @@ class PlanningLoop:
                 if check_at is not None and now >= check_at:
                     return "check"
 
-    async def _settle_departures(self) -> None:
-        """While only departures changed since the last round, wait until they stop coming (or
-        the longest wait passed); any other change ends the wait at once."""
+    async def _let_changes_settle(self) -> None:
+        """While only departures and confirmations came since the last round, wait until they
+        stop coming (or the longest wait passed); any other change ends the wait at once."""
         while True:
             left = self.cache.changes.settle_seconds(
                 time.monotonic(),
-                quiet_seconds=self.settings.departure_quiet_seconds,
-                longest_seconds=self.settings.departure_longest_seconds,
+                quiet_seconds=self.settings.settle_quiet_seconds,
+                longest_seconds=self.settings.settle_longest_seconds,
             )
             if left <= 0:
                 return
-            await asyncio.sleep(min(left, DEPARTURE_POLL_SECONDS))
+            await asyncio.sleep(min(left, SETTLE_POLL_SECONDS))
 
     def _heartbeats(self) -> dict[str, datetime | None]:
         """The last heartbeat of each agent the last round counted as ready (None: none read)."""

@@ -1,5 +1,5 @@
-"""Which watch events make the plan dirty (and which are only departures, which the loop lets
-settle), and who leads among peered operators."""
+"""Which watch events make the plan dirty (and which are only departures or confirmations, which
+the loop lets settle), and who leads among peered operators."""
 
 from __future__ import annotations
 
@@ -176,40 +176,67 @@ def test_a_workload_leaving_and_its_pods_going_are_departures() -> None:
     assert record(cache, PODS, "DELETED", pod_body("w", deleting=True))
     assert record(cache, WORKLOADS, "DELETED", workload_body("w", deleting=True))
     assert cache.dirty.is_set()
-    assert cache.changes.departures_only
+    assert cache.changes.settling_only
 
     # A pod lost by a workload that stays must be placed again: not a departure.
     assert record(cache, PODS, "DELETED", pod_body("stays"))
-    assert not cache.changes.departures_only
+    assert not cache.changes.settling_only
 
 
 def test_a_new_workload_is_not_a_departure() -> None:
     cache = ClusterCache()
     record(cache, WORKLOADS, "ADDED", workload_body("new"))
-    assert not cache.take_changes().departures_only
+    assert not cache.take_changes().settling_only
     # Taking the changes starts a new record.
     assert cache.changes.first_monotonic is None
     assert not cache.dirty.is_set()
 
 
+def test_an_agent_confirming_limits_settles_but_an_agent_going_away_does_not() -> None:
+    def profile(
+        applied: float, generation: int, ready: bool = True, holder: str | None = None
+    ) -> dict[str, Any]:
+        gpu = {"index": 0, "appliedWatts": applied, "maxWatts": 700}
+        return {
+            "metadata": {"name": "n1", "generation": generation},
+            "status": {
+                "observedGeneration": generation,
+                "agent": {"ready": ready},
+                "gpus": [gpu | ({"holder": holder} if holder else {})],
+            },
+        }
+
+    cache = ClusterCache()
+    record(cache, PROFILES, None, profile(700, 1, holder="wattsched"))
+    assert not cache.take_changes().settling_only  # a new profile: plan now
+    # The GPU freed by a departing pod, lowered to its minimum: follows the operator's own writes.
+    assert record(cache, PROFILES, "MODIFIED", profile(300, 2))
+    assert cache.take_changes().settling_only
+    # Another team's pod takes the GPU: plan now.
+    assert record(cache, PROFILES, "MODIFIED", profile(300, 2, holder="other"))
+    assert not cache.take_changes().settling_only
+    assert record(cache, PROFILES, "MODIFIED", profile(300, 2, ready=False, holder="other"))
+    assert not cache.take_changes().settling_only
+
+
 def test_departures_settle_until_quiet_at_most_the_longest_wait() -> None:
     changes = Changes()
     assert changes.settle_seconds(100.0, quiet_seconds=2, longest_seconds=10) == 0
-    changes.note(100.0, departure=True)
+    changes.note(100.0, settles=True)
     assert changes.settle_seconds(100.5, quiet_seconds=2, longest_seconds=10) == 1.5
-    changes.note(101.0, departure=True)
+    changes.note(101.0, settles=True)
     assert changes.settle_seconds(101.0, quiet_seconds=2, longest_seconds=10) == 2.0
     assert changes.settle_seconds(103.0, quiet_seconds=2, longest_seconds=10) == 0
     # Departures that keep coming still get a plan 10 s after the first.
     for at in range(101, 112):
-        changes.note(float(at), departure=True)
+        changes.note(float(at), settles=True)
     assert changes.settle_seconds(109.5, quiet_seconds=2, longest_seconds=10) == 0.5
     assert changes.settle_seconds(110.0, quiet_seconds=2, longest_seconds=10) == 0
     # Any other change: plan without settling.
     changes = Changes()
-    changes.note(100.0, departure=True)
-    changes.note(100.1, departure=False)
-    changes.note(100.2, departure=True)
+    changes.note(100.0, settles=True)
+    changes.note(100.1, settles=False)
+    changes.note(100.2, settles=True)
     assert changes.settle_seconds(100.2, quiet_seconds=2, longest_seconds=10) == 0
 
 
@@ -228,8 +255,8 @@ def loop_on(cache: ClusterCache, **settings: Any) -> PlanningLoop:
 def test_the_loop_waits_out_departures_but_not_an_arrival() -> None:
     settings = {
         "debounce_seconds": 0.0,
-        "departure_quiet_seconds": 30.0,
-        "departure_longest_seconds": 60.0,
+        "settle_quiet_seconds": 30.0,
+        "settle_longest_seconds": 60.0,
     }
 
     async def main() -> None:
@@ -254,7 +281,7 @@ def test_the_loop_waits_out_departures_but_not_an_arrival() -> None:
 def test_without_departures_the_loop_plans_after_the_debounce() -> None:
     async def main() -> None:
         cache = ClusterCache()
-        loop = loop_on(cache, debounce_seconds=0.0, departure_quiet_seconds=30.0)
+        loop = loop_on(cache, debounce_seconds=0.0, settle_quiet_seconds=30.0)
         record(cache, WORKLOADS, "ADDED", workload_body("new"))
         assert await asyncio.wait_for(loop._wait_for_work(), timeout=5) == "plan"
 
