@@ -47,6 +47,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from prometheus_client.parser import text_string_to_metric_families
 
+from wattsched_operator.desired import LABEL_WORKLOAD
 from wattsched_operator.kube import Kube, KubeError, pods_path, workloads_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,16 +197,12 @@ def plain_pod(name: str) -> dict[str, Any]:
 
 
 class BindWatcher(threading.Thread):
-    """Records, per pod name in one namespace, when it was first seen bound to a node and when
-    it was seen gone (a DELETED watch event)."""
+    """Records, per pod name in one namespace, when it was first seen bound to a node."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, watch_seconds: int = 300) -> None:
+    def __init__(self, kubeconfig: Path, namespace: str) -> None:
         super().__init__(daemon=True)
         self.namespace = namespace
-        # A watch that ends is started again from a fresh listing: deletions in between are lost.
-        self.watch_seconds = watch_seconds
         self.bound: dict[str, float] = {}
-        self.gone: dict[str, float] = {}
         self.changed = threading.Condition()
         self.api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))  # type: ignore[no-untyped-call]
         self.started = threading.Event()
@@ -218,32 +215,21 @@ class BindWatcher(threading.Thread):
                 for event in stream.stream(  # type: ignore[no-untyped-call]
                     self.api.list_namespaced_pod,
                     self.namespace,
-                    timeout_seconds=self.watch_seconds,
+                    timeout_seconds=300,
                 ):
                     pod = event["object"]
-                    if event["type"] == "DELETED":
-                        with self.changed:
-                            self.gone.setdefault(pod.metadata.name, time.monotonic())
-                            self.changed.notify_all()
-                    elif pod.spec.node_name and pod.metadata.name not in self.bound:
+                    if pod.spec.node_name and pod.metadata.name not in self.bound:
                         with self.changed:
                             self.bound[pod.metadata.name] = time.monotonic()
                             self.changed.notify_all()
-            except client.ApiException:
-                time.sleep(0.5)  # e.g. 504 "too large resource version": list and watch again
+            except Exception:  # e.g. 504 "too large resource version", a broken stream
+                time.sleep(0.5)  # list and watch again
 
     def wait_for(self, names: set[str], timeout_seconds: float) -> bool:
         """Whether every pod in `names` was bound within the timeout."""
-        return self._wait(self.bound, names, timeout_seconds)
-
-    def wait_gone(self, names: set[str], timeout_seconds: float) -> bool:
-        """Whether every pod in `names` was deleted within the timeout."""
-        return self._wait(self.gone, names, timeout_seconds)
-
-    def _wait(self, seen: dict[str, float], names: set[str], timeout_seconds: float) -> bool:
         deadline = time.monotonic() + timeout_seconds
         with self.changed:
-            while not names <= seen.keys():
+            while not names <= self.bound.keys():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -363,35 +349,36 @@ def wait_empty(kube: Kube, path: str, selector: str | None, timeout_seconds: flo
 
 def timed_delete(
     what: list[str],
+    namespace: str,
+    *,
     owners_path: str,
     owners_selector: str | None,
-    watcher: BindWatcher,
-    pods: set[str],
-    *,
+    pods_selector: str,
+    count: int,
     kube: Kube,
     env: dict[str, str],
     pids: dict[str, int],
     timeout_seconds: int,
 ) -> Deletion:
-    """`kubectl delete <what> --wait=false` in the watcher's namespace, then wait for every pod in
-    `pods` and every owner to be gone. kubectl's own wait is left out: it checks the objects one
-    by one under its client-side rate limit, minutes for 1,000 whatever the controllers do."""
+    """`kubectl delete <what> --wait=false` in `namespace`, then poll until the pods (by
+    `pods_selector`) and the owners are gone. kubectl's own wait is left out: it checks the objects
+    one by one under its client-side rate limit, minutes for 1,000 whatever the controllers do.
+    Polled, not watched: a pod watch on a saturated API server broke and never resumed."""
     requests_before = api_requests(env)
     cpu_before = cpu_by_process(pids)
     started = time.monotonic()
-    namespace = watcher.namespace
     sh("kubectl", "delete", *what, "-n", namespace, "--wait=false", env=env, check=False)
     returned = time.monotonic() - started
-    complete = watcher.wait_gone(pods, timeout_seconds)
+    complete = wait_empty(kube, pods_path(namespace), pods_selector, timeout_seconds)
+    pods_gone = time.monotonic() - started
     complete = wait_empty(kube, owners_path, owners_selector, timeout_seconds) and complete
     owners_gone = time.monotonic() - started
-    gone = [watcher.gone[p] - started for p in pods if p in watcher.gone]
     return Deletion(
         returned_seconds=returned,
-        pods_gone_seconds=max(gone) if gone else float("nan"),
+        pods_gone_seconds=pods_gone,
         owners_gone_seconds=owners_gone,
         complete=complete,
-        writes=writes_per_object(requests_before, api_requests(env), len(pods)),
+        writes=writes_per_object(requests_before, api_requests(env), count),
         cpu=cpu_used(cpu_before, cpu_by_process(pids)),
     )
 
@@ -414,7 +401,7 @@ def measure_deletion(
     timeout = 1800
     base_ns = f"bench-delete-baseline-{run_id}"
     kube.create("/api/v1/namespaces", {"metadata": {"name": base_ns}})
-    base_watch = BindWatcher(kubeconfig, base_ns, watch_seconds=3600)
+    base_watch = BindWatcher(kubeconfig, base_ns)
     base_watch.start()
     base_watch.started.wait()
     owners = create_all(
@@ -433,10 +420,11 @@ def measure_deletion(
     # back at once.
     base = timed_delete(
         ["configmaps", "-l", "bench=owner"],
-        f"/api/v1/namespaces/{base_ns}/configmaps",
-        "bench=owner",
-        base_watch,
-        pods,
+        base_ns,
+        owners_path=f"/api/v1/namespaces/{base_ns}/configmaps",
+        owners_selector="bench=owner",
+        pods_selector="bench=baseline",
+        count=count,
         kube=kube,
         env=env,
         pids=pids,
@@ -447,7 +435,7 @@ def measure_deletion(
 
     namespace = f"bench-delete-{run_id}"
     kube.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
-    watcher = BindWatcher(kubeconfig, namespace, watch_seconds=3600)
+    watcher = BindWatcher(kubeconfig, namespace)
     watcher.start()
     watcher.started.wait()
     create_all(kube, workloads_path(namespace), [workload(f"gone-{i:05d}") for i in range(count)])
@@ -458,10 +446,11 @@ def measure_deletion(
     plans_before = operator_plans(metrics_port)
     ours = timed_delete(
         ["llmworkloads", "--all"],
-        workloads_path(namespace),
-        None,
-        watcher,
-        pods,
+        namespace,
+        owners_path=workloads_path(namespace),
+        owners_selector=None,
+        pods_selector=LABEL_WORKLOAD,
+        count=count,
         kube=kube,
         env=env,
         pids=pids,
