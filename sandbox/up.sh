@@ -8,7 +8,8 @@
 #   kubeconfig       admin kubeconfig (system:masters)
 #   endpoints.yaml   every URL started (sandbox/endpoints.py adds more)
 #   logs/*.log       one log per component; pki/ certificates (kept between runs); run/ pids, ports
-# Each fresh start wipes etcd, so the cluster begins empty apart from the nodes.
+# Each fresh start wipes etcd, so the cluster begins empty apart from the nodes, which must be Ready
+# within SANDBOX_READY_SECONDS (default 120; thousands of nodes on a busy machine need more).
 # Exits non-zero, with the failing component's log tail, when something does not come up.
 #
 # Not for: building binaries (sandbox/build.sh), Prometheus or agents (their owners add endpoints).
@@ -237,7 +238,7 @@ all_nodes_ready() {
   statuses="$(kubectl_admin get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}')"
   [[ -n "$statuses" ]] && ! grep -qv '^True$' <<<"$statuses"
 }
-wait_for "every node Ready" 120 all_nodes_ready
+wait_for "every node Ready" "${SANDBOX_READY_SECONDS:-120}" all_nodes_ready
 wait_for "the default service account" 30 kubectl_admin get serviceaccount default -n default
 
 # --- Endpoints -----------------------------------------------------------------------------------

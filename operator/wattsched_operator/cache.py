@@ -1,15 +1,17 @@
 """The operator's in-memory view of the cluster, fed by kopf's watch events.
 
 Holds the latest body of every LLMWorkload, EnergyBudget, GPU node, NodePowerProfile and operator
-pod, and a dirty flag that tells the planning loop something changed. Handlers only write here;
-the loop reads a consistent copy (`view()`). Not a source of truth: a periodic full list (`replace`)
-heals anything a paused or restarted watch missed.
+pod, and a dirty flag that tells the planning loop something changed (with `Changes`: when, and
+whether it was only departures and confirmations, which the loop lets settle before planning).
+Handlers only write here; the loop reads a consistent copy (`view()`). Not a source of truth: a
+periodic full list (`replace`) heals anything a paused or restarted watch missed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,9 +129,46 @@ def object_key(body: Mapping[str, Any]) -> str:
 
 
 @dataclass
+class Changes:
+    """The changes since the planning loop last took them: when the first and the last came, and
+    whether every one can settle: a departure (a workload being deleted or gone, a pod of such a
+    workload) or an agent confirming the limits the operator wrote.
+
+    Departures free GPUs and power, but nothing waits on them (the finalizer removes the pods
+    itself), and a round that changed limits already waited for their confirmations. So while only
+    such changes arrive, the loop lets them settle and plans once for many (`settle_seconds`)
+    instead of re-planning the rest of the cluster per workload leaving, and again for the
+    confirmations of each of those plans.
+    """
+
+    first_monotonic: float | None = None
+    last_monotonic: float | None = None
+    settling_only: bool = True
+
+    def note(self, monotonic: float, *, settles: bool) -> None:
+        if self.first_monotonic is None:
+            self.first_monotonic = monotonic
+        self.last_monotonic = monotonic
+        self.settling_only = self.settling_only and settles
+
+    def settle_seconds(
+        self, monotonic: float, *, quiet_seconds: float, longest_seconds: float
+    ) -> float:
+        """How much longer the loop waits before planning: none unless every change so far can
+        settle; then until `quiet_seconds` passed without one, at most `longest_seconds` after the
+        first (a mass deletion still releases power as it goes)."""
+        if self.first_monotonic is None or self.last_monotonic is None or not self.settling_only:
+            return 0.0
+        quiet_at = self.last_monotonic + quiet_seconds
+        latest = self.first_monotonic + longest_seconds
+        return max(0.0, min(quiet_at, latest) - monotonic)
+
+
+@dataclass
 class ClusterCache:
     objects: dict[str, dict[str, Body]] = field(default_factory=lambda: {k: {} for k in KINDS})
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    changes: Changes = field(default_factory=Changes)
     # Bumped on every change; the loop compares it to skip statuses nothing touched.
     version: int = 0
 
@@ -150,8 +189,17 @@ class ClusterCache:
     def get(self, kind: str, key: str) -> Body | None:
         return self.objects[kind].get(key)
 
-    def mark_dirty(self) -> None:
+    def mark_dirty(self, *, settles: bool = False) -> None:
+        """Something a plan depends on changed; `settles`: only a workload leaving or an agent
+        confirming limits (see `Changes`)."""
+        self.changes.note(time.monotonic(), settles=settles)
         self.dirty.set()
+
+    def take_changes(self) -> Changes:
+        """The changes noted so far, starting a new record; the loop clears `dirty` with it."""
+        taken, self.changes = self.changes, Changes()
+        self.dirty.clear()
+        return taken
 
     def view(self) -> ClusterView:
         # Bodies are replaced on every event and never changed in place: a shallow copy is enough.

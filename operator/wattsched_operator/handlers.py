@@ -1,11 +1,12 @@
 """Thin kopf handlers: record watch events in the cache and mark the plan dirty when it matters.
 
-Every handler is an async function of kopf's keyword arguments that hands the event to `record`,
-a plain function tests call directly. Whether an event matters is decided by `fingerprint`: the
-parts of an object the plan depends on (spec, membership, readiness), not heartbeats or the
-statuses the operator writes itself. The LLMWorkload deletion handler is the finalizer: it removes
-the workload's pods and waits for them to go, and the next plan releases their power. Planning is
-`loop`'s job.
+Every handler is an async function of kopf's keyword arguments that hands the event to `record`, a
+plain function tests call directly. Whether an event matters is decided by `fingerprint`: the parts
+of an object the plan depends on (spec, membership, readiness), not heartbeats or the statuses the
+operator writes itself; `departure` and `confirmation` tell the loop when a change is only a
+workload leaving or an agent confirming limits (the loop lets those settle into one plan). The
+LLMWorkload deletion handler is the finalizer: it removes the workload's pods and waits for them to
+go, and the next plan releases their power. Planning is `loop`'s job.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import kopf
 
+from wattsched_api.nodepowerprofile import Holder
 from wattsched_operator.cache import (
     BUDGETS,
     NODES,
@@ -84,6 +86,44 @@ def fingerprint(kind: str, body: Mapping[str, Any]) -> object:
     raise ValueError(f"unknown kind {kind!r}")
 
 
+def departure(
+    cache: ClusterCache, kind: str, event_type: str | None, body: Mapping[str, Any]
+) -> bool:
+    """Whether an event only says that a workload is leaving: the workload being deleted or gone,
+    or a pod of a workload being deleted or no longer known. A pod lost by a workload that stays
+    is not (its replica must be placed again)."""
+    meta = body.get("metadata") or {}
+    if kind == WORKLOADS:
+        return event_type == "DELETED" or bool(meta.get("deletionTimestamp"))
+    if kind == PODS:
+        name = (meta.get("labels") or {}).get(LABEL_WORKLOAD)
+        owner = cache.get(WORKLOADS, f"{meta.get('namespace')}/{name}")
+        return owner is None or bool((owner.get("metadata") or {}).get("deletionTimestamp"))
+    return False
+
+
+def confirmation(kind: str, before: Mapping[str, Any] | None, body: Mapping[str, Any]) -> bool:
+    """Whether a profile changed only in what follows the operator's own writes: the limits its
+    agent applied and the generation it observed (which the round that wrote them waited for),
+    and GPUs passing between free and held by wattsched's pods (which the pods' own events
+    report). A GPU taken by another team's pod, an agent going away, a new mapping are not."""
+    if kind != PROFILES or before is None:
+        return False
+
+    def lasting(profile: Mapping[str, Any]) -> object:
+        status = profile.get("status") or {}
+        return (
+            (status.get("agent") or {}).get("ready"),
+            (status.get("deviceMapping") or {}).get("source"),
+            tuple(
+                (g.get("index"), g.get("holder") == Holder.OTHER, g.get("maxWatts"))
+                for g in status.get("gpus") or []
+            ),
+        )
+
+    return lasting(before) == lasting(body)
+
+
 def record(cache: ClusterCache, kind: str, event_type: str | None, body: Mapping[str, Any]) -> bool:
     """Store one watch event; mark the plan dirty if the event changes what a plan depends on.
 
@@ -93,11 +133,13 @@ def record(cache: ClusterCache, kind: str, event_type: str | None, body: Mapping
     if event_type == "DELETED":
         cache.remove(kind, body)
         changed = before is not None
+        settles = departure(cache, kind, event_type, body)
     else:
         cache.upsert(kind, body)
         changed = before is None or fingerprint(kind, before) != fingerprint(kind, body)
+        settles = departure(cache, kind, event_type, body) or confirmation(kind, before, body)
     if changed:
-        cache.mark_dirty()
+        cache.mark_dirty(settles=settles)
     return changed
 
 
@@ -145,17 +187,17 @@ RELEASE_POLL_SECONDS = 0.2
 @kopf.on.delete(GROUP, VERSION, "llmworkloads")
 async def release_workload(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
     """Finalizer: delete the workload's pods and wait for them to go (the next plan lowers the
-    freed limits). The wait watches the cache, so deleting a workload writes no retries."""
+    freed limits; the deletion's watch event already made the plan dirty, as a departure). The
+    wait looks up the pods in the cache, so deleting a workload writes no retries, and a thousand
+    waits copy nothing."""
     state = _memo(memo)
     assert namespace is not None, "LLMWorkloads are namespaced"
     if state.namespaces and namespace not in state.namespaces:
         return
-    state.cache.mark_dirty()
     pods = await _delete_pods(state, namespace, name)
     deadline = asyncio.get_running_loop().time() + RELEASE_WAIT_SECONDS
     while pods:
-        cached = state.cache.view().pods
-        if any(f"{namespace}/{pod}" in cached for pod in pods):
+        if any(state.cache.get(PODS, f"{namespace}/{pod}") is not None for pod in pods):
             if asyncio.get_running_loop().time() > deadline:
                 raise kopf.TemporaryError(
                     f"waiting for {len(pods)} pod(s) of {namespace}/{name} to go", delay=5

@@ -1,11 +1,12 @@
 """The planning loop: the shell around the decision core, one round at a time.
 
-Handlers mark the cache dirty; the loop waits for that (or for the periodic re-plan, a retry that
-is due, an agent's heartbeat expiring, a demand check that finds a service short of capacity),
-lets changes settle for the debounce time, follows leadership, resyncs the cache from full lists,
-reads telemetry, and hands what it observed to `core.decide` (off the event loop: it solves). The
-Round that comes back is applied by `apply` in the budget-safe order. What a round decides is in
-`core`; how it is written is in `apply`; this module only sequences rounds and reads.
+Handlers mark the cache dirty; the loop waits for that (or for the periodic re-plan, a retry that is
+due, an agent's heartbeat expiring, a demand check that finds a service short of capacity), lets
+changes settle for the debounce time (longer while only workloads are leaving and agents confirming
+limits: one plan for a mass deletion, not one per workload), follows leadership, resyncs the cache
+from full lists, reads telemetry, and hands what it observed to `core.decide` (off the event loop:
+it solves). The Round that comes back is applied by `apply` in the budget-safe order. What a round
+decides is in `core`; how it is written is in `apply`; this module only sequences rounds and reads.
 """
 
 from __future__ import annotations
@@ -57,12 +58,20 @@ logger = logging.getLogger("wattsched.operator")
 
 T = TypeVar("T")
 
+# How often a wait for changes to settle looks for a change that ends it.
+SETTLE_POLL_SECONDS = 0.1
+
 __all__ = ["InputBuilder", "LoopSettings", "PlanFunction", "PlannedInput", "PlanningLoop"]
 
 
 @dataclass(frozen=True)
 class LoopSettings:
     debounce_seconds: float = 1.0
+    # While every change since the last round can settle (a workload deleted, its pods going, an
+    # agent confirming limits: `cache.Changes`), plan once this long passed without another, and
+    # at most this long after the first.
+    settle_quiet_seconds: float = 2.0
+    settle_longest_seconds: float = 10.0
     replan_seconds: float = 60.0
     confirm_timeout_seconds: float = 15.0
     backoff_limit: int = 3
@@ -159,7 +168,7 @@ class PlanningLoop:
         last_resync = 0.0
         while True:
             due = await self._wait_for_work()
-            self.cache.dirty.clear()
+            self.cache.take_changes()
             leader = await self.is_leader()
             if not leader:
                 self._was_leader = False
@@ -229,6 +238,7 @@ class PlanningLoop:
                 timeout = max(0.0, wake_at - time.monotonic())
                 await asyncio.wait_for(self.cache.dirty.wait(), timeout=timeout)
                 await asyncio.sleep(self.settings.debounce_seconds)
+                await self._let_changes_settle()
                 return "plan"
             except TimeoutError:
                 now = time.monotonic()
@@ -241,6 +251,19 @@ class PlanningLoop:
                     return "account"
                 if check_at is not None and now >= check_at:
                     return "check"
+
+    async def _let_changes_settle(self) -> None:
+        """While only departures and confirmations came since the last round, wait until they
+        stop coming (or the longest wait passed); any other change ends the wait at once."""
+        while True:
+            left = self.cache.changes.settle_seconds(
+                time.monotonic(),
+                quiet_seconds=self.settings.settle_quiet_seconds,
+                longest_seconds=self.settings.settle_longest_seconds,
+            )
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, SETTLE_POLL_SECONDS))
 
     def _heartbeats(self) -> dict[str, datetime | None]:
         """The last heartbeat of each agent the last round counted as ready (None: none read)."""
@@ -335,10 +358,18 @@ class PlanningLoop:
             # Another operator took over while this one was solving: it applies, this one must not.
             logger.info("no longer the leader; dropping the plan")
             return decided.plan
-        logger.info("round decided in %.2f s", time.monotonic() - started)
+        decided_seconds = time.monotonic() - started
         # The round's memory holds even if applying fails part-way (the next round retries).
         self.memory = decided.memory
         applied = await self.applier.apply(decided, view)
+        timings = decided.plan.timings_seconds if decided.plan is not None else {}
+        logger.info(
+            "round of %d workloads: decided in %.2f s (plan: %s), applied in %.2f s",
+            len(view.workloads),
+            decided_seconds,
+            ", ".join(f"{step} {seconds:.2f} s" for step, seconds in timings.items()) or "none",
+            time.monotonic() - started - decided_seconds,
+        )
         self.memory = core.after_apply(
             decided,
             applied,

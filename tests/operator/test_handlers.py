@@ -1,12 +1,16 @@
-"""Which watch events make the plan dirty, and who leads among peered operators."""
+"""Which watch events make the plan dirty (and which are only departures or confirmations, which
+the loop lets settle), and who leads among peered operators."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from wattsched_operator.cache import NODES, PODS, PROFILES, WORKLOADS, ClusterCache
+from wattsched_operator.cache import NODES, PODS, PROFILES, WORKLOADS, Changes, ClusterCache
+from wattsched_operator.desired import LABEL_WORKLOAD
 from wattsched_operator.handlers import record
+from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.run import leads
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -135,3 +139,150 @@ def test_the_cache_keeps_what_the_operator_reads_and_drops_server_bookkeeping() 
     assert kept["status"]["conditions"] == [{"type": "Ready", "status": "False"}]
     assert kept["status"]["containerStatuses"][0]["state"] == {"terminated": {"exitCode": 3}}
     assert "podIP" not in kept["status"]
+
+
+# -- departures: a mass deletion is planned once, not once per workload leaving ------------------
+
+
+def workload_body(name: str, *, deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "ns", "generation": 1}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-12-05T12:00:00Z"
+    return {"metadata": meta}
+
+
+def pod_body(workload: str, *, deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": f"{workload}-0",
+        "namespace": "ns",
+        "labels": {LABEL_WORKLOAD: workload},
+    }
+    if deleting:
+        meta["deletionTimestamp"] = "2026-12-05T12:00:00Z"
+    return {"metadata": meta, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}}
+
+
+def test_a_workload_leaving_and_its_pods_going_are_departures() -> None:
+    cache = ClusterCache()
+    record(cache, WORKLOADS, None, workload_body("w"))
+    record(cache, PODS, None, pod_body("w"))
+    record(cache, WORKLOADS, None, workload_body("stays"))
+    record(cache, PODS, None, pod_body("stays"))
+    cache.take_changes()
+    assert not cache.dirty.is_set()
+
+    assert record(cache, WORKLOADS, "MODIFIED", workload_body("w", deleting=True))
+    assert record(cache, PODS, "MODIFIED", pod_body("w", deleting=True))
+    assert record(cache, PODS, "DELETED", pod_body("w", deleting=True))
+    assert record(cache, WORKLOADS, "DELETED", workload_body("w", deleting=True))
+    assert cache.dirty.is_set()
+    assert cache.changes.settling_only
+
+    # A pod lost by a workload that stays must be placed again: not a departure.
+    assert record(cache, PODS, "DELETED", pod_body("stays"))
+    assert not cache.changes.settling_only
+
+
+def test_a_new_workload_is_not_a_departure() -> None:
+    cache = ClusterCache()
+    record(cache, WORKLOADS, "ADDED", workload_body("new"))
+    assert not cache.take_changes().settling_only
+    # Taking the changes starts a new record.
+    assert cache.changes.first_monotonic is None
+    assert not cache.dirty.is_set()
+
+
+def test_an_agent_confirming_limits_settles_but_an_agent_going_away_does_not() -> None:
+    def profile(
+        applied: float, generation: int, ready: bool = True, holder: str | None = None
+    ) -> dict[str, Any]:
+        gpu = {"index": 0, "appliedWatts": applied, "maxWatts": 700}
+        return {
+            "metadata": {"name": "n1", "generation": generation},
+            "status": {
+                "observedGeneration": generation,
+                "agent": {"ready": ready},
+                "gpus": [gpu | ({"holder": holder} if holder else {})],
+            },
+        }
+
+    cache = ClusterCache()
+    record(cache, PROFILES, None, profile(700, 1, holder="wattsched"))
+    assert not cache.take_changes().settling_only  # a new profile: plan now
+    # The GPU freed by a departing pod, lowered to its minimum: follows the operator's own writes.
+    assert record(cache, PROFILES, "MODIFIED", profile(300, 2))
+    assert cache.take_changes().settling_only
+    # Another team's pod takes the GPU: plan now.
+    assert record(cache, PROFILES, "MODIFIED", profile(300, 2, holder="other"))
+    assert not cache.take_changes().settling_only
+    assert record(cache, PROFILES, "MODIFIED", profile(300, 2, ready=False, holder="other"))
+    assert not cache.take_changes().settling_only
+
+
+def test_departures_settle_until_quiet_at_most_the_longest_wait() -> None:
+    changes = Changes()
+    assert changes.settle_seconds(100.0, quiet_seconds=2, longest_seconds=10) == 0
+    changes.note(100.0, settles=True)
+    assert changes.settle_seconds(100.5, quiet_seconds=2, longest_seconds=10) == 1.5
+    changes.note(101.0, settles=True)
+    assert changes.settle_seconds(101.0, quiet_seconds=2, longest_seconds=10) == 2.0
+    assert changes.settle_seconds(103.0, quiet_seconds=2, longest_seconds=10) == 0
+    # Departures that keep coming still get a plan 10 s after the first.
+    for at in range(101, 112):
+        changes.note(float(at), settles=True)
+    assert changes.settle_seconds(109.5, quiet_seconds=2, longest_seconds=10) == 0.5
+    assert changes.settle_seconds(110.0, quiet_seconds=2, longest_seconds=10) == 0
+    # Any other change: plan without settling.
+    changes = Changes()
+    changes.note(100.0, settles=True)
+    changes.note(100.1, settles=False)
+    changes.note(100.2, settles=True)
+    assert changes.settle_seconds(100.2, quiet_seconds=2, longest_seconds=10) == 0
+
+
+def loop_on(cache: ClusterCache, **settings: Any) -> PlanningLoop:
+    return PlanningLoop(
+        cache=cache,
+        kube=cast(Any, None),
+        settings=LoopSettings(workers=1, **settings),
+        build_input=cast(Any, None),
+        plan_function=cast(Any, None),
+        metrics=None,
+        is_leader=cast(Any, None),
+    )
+
+
+def test_the_loop_waits_out_departures_but_not_an_arrival() -> None:
+    settings = {
+        "debounce_seconds": 0.0,
+        "settle_quiet_seconds": 30.0,
+        "settle_longest_seconds": 60.0,
+    }
+
+    async def main() -> None:
+        cache = ClusterCache()
+        loop = loop_on(cache, **settings)
+        record(cache, WORKLOADS, None, workload_body("w"))
+        record(cache, WORKLOADS, None, workload_body("other"))
+        cache.take_changes()
+        record(cache, WORKLOADS, "MODIFIED", workload_body("w", deleting=True))
+        waiting = asyncio.create_task(loop._wait_for_work())
+        await asyncio.sleep(0.5)
+        assert not waiting.done(), "planned at once for a departure"
+        # Another workload's spec changes: plan now.
+        changed = workload_body("other")
+        changed["metadata"]["generation"] = 2
+        record(cache, WORKLOADS, "MODIFIED", changed)
+        assert await asyncio.wait_for(waiting, timeout=5) == "plan"
+
+    asyncio.run(main())
+
+
+def test_without_departures_the_loop_plans_after_the_debounce() -> None:
+    async def main() -> None:
+        cache = ClusterCache()
+        loop = loop_on(cache, debounce_seconds=0.0, settle_quiet_seconds=30.0)
+        record(cache, WORKLOADS, "ADDED", workload_body("new"))
+        assert await asyncio.wait_for(loop._wait_for_work(), timeout=5) == "plan"
+
+    asyncio.run(main())

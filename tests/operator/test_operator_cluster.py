@@ -783,6 +783,58 @@ def test_deleting_a_workload_removes_its_pods_and_lowers_its_gpus_to_idle(
     wait_until(f"{node} back at the L40S minimum (100 W per GPU)", idle)
 
 
+def test_workloads_leaving_one_after_another_are_released_by_one_plan(
+    sandbox: Sandbox, namespace: str, start_operator: StartOperator
+) -> None:
+    operator = start_operator()
+    leaving = [f"leaving-{i}" for i in range(8)]
+    apply(sandbox, namespace, *(workload(n) for n in [*leaving, "stays"]))
+    wait_until(
+        "every workload Running",
+        lambda: all(running_on_planned_nodes(sandbox, namespace, n) for n in [*leaving, "stays"]),
+        timeout_seconds=90,
+    )
+    stays_uid = pods_of(sandbox, namespace, "stays")[0]["metadata"]["uid"]
+    time.sleep(3)  # the rounds that follow the agents' confirmations are over
+    plans_before = operator.plans()
+    # One deletion every 0.4 s: each would be a round of its own after the 0.3-s debounce.
+    for name in leaving:
+        sandbox.kubectl("delete", "llmworkload", name, "-n", namespace, "--wait=false")
+        time.sleep(0.4)
+
+    def released() -> bool:
+        if any(pods_of(sandbox, namespace, n) for n in leaving):
+            return False
+        profiles = get_json(sandbox, "nodepowerprofiles")["items"]
+        held = {
+            pod["name"]
+            for body in profiles
+            for pod in (body.get("spec") or {}).get("pods") or []
+            if pod.get("namespace") == namespace
+        }
+        return held == {"stays-0"}
+
+    wait_until("the leaving workloads' pods gone and their limits released", released, 60)
+    wait_until(
+        "the leaving workloads gone",
+        lambda: (
+            [
+                i["metadata"]["name"]
+                for i in get_json(sandbox, "llmworkloads", "-n", namespace)["items"]
+            ]
+            == ["stays"]
+        ),
+    )
+    time.sleep(3)  # a round the agents' confirmations trigger
+    # The departures settle into one plan (and at most the rounds the agents' confirmations of
+    # the lowered limits trigger), not one per workload leaving.
+    plans = operator.plans() - plans_before
+    assert 1 <= plans <= 3, f"{plans:.0f} plans for 8 departures"
+    # The workload that stays was not touched.
+    assert pods_of(sandbox, namespace, "stays")[0]["metadata"]["uid"] == stays_uid
+    assert running_on_planned_nodes(sandbox, namespace, "stays")
+
+
 def gpu_node(name: str, product: str, gpus: int) -> dict[str, Any]:
     """A KWOK GPU node like those of sandbox/nodes.yaml, labelled for the test's budgets."""
     resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
