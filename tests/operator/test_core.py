@@ -128,7 +128,7 @@ def test_a_service_that_waits_is_admitted_at_once_and_placed_later() -> None:
     waiting = core.decide(core.Observed(view([], [service()], []), monotonic=100.0), NOW)
     [first] = waiting.workload_statuses
     assert first.write is not None
-    assert first.phase == statuses.PENDING
+    assert first.phase == vocabulary.Phase.PENDING
     assert [e.reason for e in first.write.events] == ["Unschedulable", "Admitted"]
     admitted = service(status=dict(first.write.status))
     placed = core.decide(
@@ -136,7 +136,7 @@ def test_a_service_that_waits_is_admitted_at_once_and_placed_later() -> None:
     )
     [second] = placed.workload_statuses
     assert second.write is not None
-    assert second.phase == statuses.PLACED
+    assert second.phase == vocabulary.Phase.PLACED
     assert [e.reason for e in second.write.events] == ["Placed"]
 
 
