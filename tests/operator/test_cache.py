@@ -108,7 +108,8 @@ def test_values_equal_in_python_but_not_in_json_keep_their_type(values: list[Any
 
 def test_a_cached_body_refuses_changes_in_place_and_its_copies_accept_them() -> None:
     kept = slim(WORKLOADS, workload("a", placed("n1")))
-    assert isinstance(kept, FrozenDict) and isinstance(kept["status"]["conditions"], FrozenList)
+    assert isinstance(kept, FrozenDict)
+    assert isinstance(kept["status"]["conditions"], FrozenList)
     with pytest.raises(TypeError, match="read-only"):
         kept["spec"]["gpu"]["count"] = 2
     with pytest.raises(TypeError, match="read-only"):
@@ -118,10 +119,12 @@ def test_a_cached_body_refuses_changes_in_place_and_its_copies_accept_them() -> 
     mutable = copy.deepcopy(kept)
     mutable["spec"]["gpu"]["count"] = 2
     mutable["status"]["conditions"].append({"type": "Ready"})
-    assert type(mutable) is dict and type(mutable["status"]["conditions"]) is list
+    assert type(mutable) is dict
+    assert type(mutable["status"]["conditions"]) is list
     shallow = dict(kept["status"])
     shallow["phase"] = "Running"
-    assert kept["spec"]["gpu"]["count"] == 1 and kept["status"]["phase"] == "Placed"
+    assert kept["spec"]["gpu"]["count"] == 1
+    assert kept["status"]["phase"] == "Placed"
     assert len(kept["status"]["conditions"]) == 1
 
 
@@ -131,7 +134,8 @@ def test_events_update_the_cached_body_and_a_deletion_removes_it() -> None:
     assert "status" not in (cache.get(WORKLOADS, "team/a") or {})
     record(cache, WORKLOADS, "MODIFIED", workload("a", placed("n1")))
     kept = cache.get(WORKLOADS, "team/a")
-    assert kept is not None and kept["status"]["phase"] == "Placed"
+    assert kept is not None
+    assert kept["status"]["phase"] == "Placed"
     assert cache.view().workloads["team/a"] is kept
     record(cache, WORKLOADS, "DELETED", workload("a", placed("n1")))
     assert cache.get(WORKLOADS, "team/a") is None
