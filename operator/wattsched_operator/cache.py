@@ -109,7 +109,7 @@ class SharedValues:
 
     def __init__(self) -> None:
         self._table: dict[tuple[Any, ...], FrozenDict | FrozenList] = {}
-        self._sweep_above = 4096
+        self._sweep_above = _SWEEP_MIN_ENTRIES
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -163,9 +163,11 @@ class SharedValues:
                 del self._table[key]
             if not unused:
                 break
-        self._sweep_above = max(4096, 2 * len(self._table))
+        self._sweep_above = max(_SWEEP_MIN_ENTRIES, 2 * len(self._table))
 
 
+# The table is swept once it holds more than this, or twice what the last sweep left.
+_SWEEP_MIN_ENTRIES = 4096
 # sys.getrefcount of a value only the table holds: the table's reference and the call's argument.
 _TABLE_ONLY = 2
 
