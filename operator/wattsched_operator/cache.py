@@ -3,18 +3,22 @@
 Holds the latest body of every LLMWorkload, EnergyBudget, GPU node, NodePowerProfile and operator
 pod, and a dirty flag that tells the planning loop something changed (with `Changes`: when, and
 whether it was only departures and confirmations, which the loop lets settle before planning).
-Handlers only write here; the loop reads a consistent copy (`view()`). Not a source of truth: a
-periodic full list (`replace`) heals anything a paused or restarted watch missed.
+Handlers only write here; the loop reads a consistent copy (`view()`). Cached bodies are read-only
+and share every part that repeats across objects (`SharedValues`), so 10,000 workloads from a few
+templates cost little more than their metadata. Not a source of truth: a periodic full list
+(`replace`) heals anything a paused or restarted watch missed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from wattsched_api.vocabulary import GPU_RESOURCE
 from wattsched_operator.core import Body, ClusterView
@@ -37,23 +41,151 @@ LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 _INTERNED_MAX_LENGTH = 64
 
 
-# Levels `_compact` descends (two Python frames each): every well-formed object is shallower, and
-# below this a value is kept as it came, so a hostile object thousands of levels deep (the API
-# server accepts up to 10,000) cannot exhaust the stack here.
+# Levels `SharedValues.share` descends (two Python frames each): every well-formed object is
+# shallower, and below this a value is kept as it came, so a hostile object thousands of levels
+# deep (the API server accepts up to 10,000) cannot exhaust the stack here.
 _COMPACT_MAX_DEPTH = 64
 
+# Keys found only in an object's own metadata: a dict holding one is unique, never shared.
+_UNIQUE_KEYS = frozenset({"uid", "resourceVersion"})
 
-def _compact(value: Any, depth: int = 0) -> Any:
-    """A copy of a JSON value whose keys and short strings are interned (shared)."""
-    if depth >= _COMPACT_MAX_DEPTH:
+_READ_ONLY = (
+    "a cached body is shared between objects and read-only: copy it (dict(...), list(...) or "
+    "copy.deepcopy) and change the copy"
+)
+
+
+class FrozenDict(dict[str, Any]):
+    """A JSON object of a cached body: a dict that refuses changes in place (`TypeError`), because
+    the cache shares one copy of it between every object that holds the same value. Copies
+    (`dict(...)`, `{**...}`, `copy.copy`, `copy.deepcopy`) are plain, changeable dicts."""
+
+    __slots__ = ()
+
+    def _refuse(self, *_: Any, **__: Any) -> NoReturn:
+        raise TypeError(_READ_ONLY)
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return {key: copy.deepcopy(value, memo) for key, value in self.items()}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (dict(self),))
+
+
+class FrozenList(list[Any]):
+    """A JSON array of a cached body, shared and read-only like `FrozenDict`."""
+
+    __slots__ = ()
+
+    def _refuse(self, *_: Any, **__: Any) -> NoReturn:
+        raise TypeError(_READ_ONLY)
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = remove = pop = clear = sort = reverse = _refuse
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return [copy.deepcopy(value, memo) for value in self]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (list(self),))
+
+
+class SharedValues:
+    """One read-only copy of every JSON object and array that repeats across cached bodies.
+
+    Ten thousand workloads made from a few templates hold the same spec, the same conditions
+    (written in the same round) and the same container lists; each distinct value is kept once,
+    as a `FrozenDict` or `FrozenList`, keyed by its content (its children by identity, being shared
+    already). Values nothing else holds any more are dropped whenever the table has doubled since
+    the last sweep, so it stays in proportion to what the cache holds. Thread-safe: the planning
+    loop's resync slims its lists in a worker thread while watch events arrive.
+    """
+
+    def __init__(self) -> None:
+        self._table: dict[tuple[Any, ...], FrozenDict | FrozenList] = {}
+        self._sweep_above = _SWEEP_MIN_ENTRIES
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def share(self, value: Any) -> Any:
+        """`value` with its objects and arrays frozen and shared, its keys and short strings
+        interned. Objects holding a `uid` or `resourceVersion` (metadata) stay unshared."""
+        with self._lock:
+            shared, _ = self._share(value, 0)
+            if len(self._table) > self._sweep_above:
+                self._sweep()
+            return shared
+
+    def _share(self, value: Any, depth: int) -> tuple[Any, bool]:
+        """The shared form of `value`, and whether others may share it (a value holding an
+        unshared one is not: its key would name a copy no one else has)."""
+        if isinstance(value, str):
+            return (sys.intern(value) if len(value) <= _INTERNED_MAX_LENGTH else value), True
+        if depth >= _COMPACT_MAX_DEPTH or not isinstance(value, dict | list):
+            return value, not isinstance(value, dict | list)
+        shareable = True
+        children = []
+        for child in value.values() if isinstance(value, dict) else value:
+            shared, ok = self._share(child, depth + 1)
+            children.append(shared)
+            shareable = shareable and ok
+        if isinstance(value, dict):
+            keys = [sys.intern(k) if isinstance(k, str) else k for k in value]
+            shareable = shareable and _UNIQUE_KEYS.isdisjoint(keys)
+            if not shareable:
+                return FrozenDict(zip(keys, children, strict=True)), False
+            key: tuple[Any, ...] = (dict, *keys, *map(_identity, children))
+            found = self._table.get(key)
+            if found is None:
+                self._table[key] = found = FrozenDict(zip(keys, children, strict=True))
+            return found, True
+        if not shareable:
+            return FrozenList(children), False
+        key = (list, *map(_identity, children))
+        found = self._table.get(key)
+        if found is None:
+            self._table[key] = found = FrozenList(children)
+        return found, True
+
+    def _sweep(self) -> None:
+        """Drop the values only the table holds (a parent first, then its children)."""
+        while True:
+            unused = [k for k in self._table if sys.getrefcount(self._table[k]) <= _TABLE_ONLY]
+            for key in unused:
+                del self._table[key]
+            if not unused:
+                break
+        self._sweep_above = max(_SWEEP_MIN_ENTRIES, 2 * len(self._table))
+
+
+# The table is swept once it holds more than this, or twice what the last sweep left.
+_SWEEP_MIN_ENTRIES = 4096
+# sys.getrefcount of a value only the table holds: the table's reference and the call's argument.
+_TABLE_ONLY = 2
+
+
+def _identity(value: Any) -> Any:
+    """What stands for a shared value in its parent's key: containers (already shared) by
+    identity, strings by content, other scalars by type and content (1, 1.0 and True differ)."""
+    kind = type(value)
+    if kind is str:
         return value
-    if isinstance(value, dict):
-        return {sys.intern(k): _compact(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_compact(v, depth + 1) for v in value]
-    if isinstance(value, str) and len(value) <= _INTERNED_MAX_LENGTH:
-        return sys.intern(value)
-    return value
+    if kind is FrozenDict or kind is FrozenList or kind is dict or kind is list:
+        return id(value)
+    return (kind, value)
+
+
+_SHARED = SharedValues()
 
 
 def slim(kind: str, body: Mapping[str, Any]) -> Body:
@@ -62,10 +194,11 @@ def slim(kind: str, body: Mapping[str, Any]) -> Body:
     Every kind loses `metadata.managedFields` and kubectl's last-applied annotation (a second
     copy of the spec). Pods keep only identity, labels, annotations, owner, node, their
     containers' names, env and GPU requests, and their phase, start time, conditions and
-    container states and restart counts. Keys and short strings are interned, so the many objects
-    of a large cluster share them.
+    container states and restart counts. Keys and short strings are interned, and every object or
+    array that repeats across bodies (a template's spec, a round's conditions) is kept once: the
+    result is read-only (`FrozenDict`, `FrozenList`; copy it to change it).
     """
-    slimmed: Body = _compact(_slim(kind, body))
+    slimmed: Body = _SHARED.share(_slim(kind, body))
     return slimmed
 
 

@@ -52,6 +52,8 @@ PEERING_PATH = "/apis/kopf.dev/v1/clusterkopfpeerings"
 PEER_DEFAULT_LIFETIME_SECONDS = 60
 # How long a silent peer keeps its rank: the time another replica takes over after a crash.
 PEER_LIFETIME_SECONDS = 15
+# How long kopf's per-object worker waits for the object's next event before it exits.
+KOPF_WORKER_IDLE_SECONDS = 0.5
 # The longest --horizon-hours (as `wattsched plan --horizon-hours`).
 MAX_HORIZON_HOURS = 168
 
@@ -366,6 +368,11 @@ def main(argv: list[str]) -> int:
         # kopf's initial listings in pages too: one unpaged list of 10,000 workloads is tens of
         # megabytes of JSON, kept (text and parsed) while its objects are dispatched.
         settings.watching.chunk_size = LIST_PAGE_SIZE
+        # kopf's worker for an object keeps its last watch event (the whole parsed body, managed
+        # fields and all: ~32 KB for an LLMWorkload) until it has been idle this long; with the
+        # default 5 s, listing 10,000 objects kept thousands of them at once. The handlers only
+        # record the event in the cache, so a worker has nothing to wait for.
+        settings.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
         settings.peering.lifetime = PEER_LIFETIME_SECONDS
         loop = PlanningLoop(
             cache=cache,
