@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_LABEL = "wattsched.io/test-owner"
+# A node a test serves with an agent of its own (to stop it, or to give it another product table):
+# the session's `--all-nodes` agent leaves it alone, or two agents would confirm its limits.
+OWN_AGENT_LABEL = "wattsched.io/test-own-agent"
 Labels = tuple[tuple[str, str], ...]
 
 
@@ -115,6 +118,8 @@ def agents(
                 "--backend",
                 "simulated",
                 "--all-nodes",
+                "--node-selector",
+                f"nvidia.com/gpu.present=true,!{OWN_AGENT_LABEL}",
                 "--metrics-port",
                 "0",
                 "--interval-seconds",

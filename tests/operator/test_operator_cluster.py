@@ -20,6 +20,7 @@ import yaml
 from kubernetes import client, config, watch
 
 from tests.operator.conftest import (
+    OWN_AGENT_LABEL,
     REPO_ROOT,
     TEST_LABEL,
     StartOperator,
@@ -836,7 +837,8 @@ def test_workloads_leaving_one_after_another_are_released_by_one_plan(
 
 
 def gpu_node(name: str, product: str, gpus: int) -> dict[str, Any]:
-    """A KWOK GPU node like those of sandbox/nodes.yaml, labelled for the test's budgets."""
+    """A KWOK GPU node like those of sandbox/nodes.yaml, labelled for the test's budgets; the test
+    starts its agent (`start_node_agent`), the session's agent leaves it alone."""
     resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
     return {
         "apiVersion": "v1",
@@ -852,6 +854,7 @@ def gpu_node(name: str, product: str, gpus: int) -> dict[str, Any]:
                 GPU_PRODUCT_LABEL: product,
                 "nvidia.com/gpu.count": str(gpus),
                 TEST_LABEL: name,
+                OWN_AGENT_LABEL: "true",
             },
         },
         "status": {"capacity": resources, "allocatable": resources},
@@ -949,6 +952,12 @@ def test_a_deleted_budget_releases_its_cap_and_an_unconfirming_agent_counts_at_m
             return value
 
         wait_until("h200-watch allocates the running GPUs' 1400 W", lambda: allocated() == 1400)
+        # The agent applied the raise to the maximum first: the lowering below is then one it
+        # must confirm (killed before applying it, the node would already read at 200 W).
+        wait_until(
+            f"{node}'s agent applied 700 W",
+            lambda: profile_limits(sandbox, node) == ([700.0, 700.0], [700.0, 700.0]),
+        )
         agent.kill()
         agent.wait()
         sandbox.kubectl("delete", "llmworkload", "pinned", "-n", namespace, "--timeout=60s")

@@ -23,7 +23,7 @@ from tests.operator.test_operator_cluster import apply, pods_of, workload
 from tests.telemetry.conftest import start_prometheus
 from wattsched_agent.simulated_nvml import load_ground_truth
 from wattsched_api.vocabulary import POWER_LIMIT_ANNOTATION, SIMULATED_UTILISATION_ANNOTATION
-from wattsched_optimizer.model import CALIBRATION_BOUNDS, CatalogueModel
+from wattsched_optimizer.model import CatalogueModel
 from wattsched_optimizer.problem import WorkloadType
 
 if TYPE_CHECKING:
@@ -251,15 +251,17 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
         assert last_workload["carbonGrams"] > first_workload["carbonGrams"]
 
         # The simulated L4 draws what the simulator's ground truth says (half loaded, on this
-        # node); the planner's prior expects more. Calibration moves the model toward the truth.
+        # node); the planner's prior expects a busy GPU's draw. With no token counter on the
+        # sandbox nothing says the replica is busy, so its draw is no power sample: a half-loaded
+        # replica read as a lower busy draw would let the optimizer believe a locked clock fits
+        # under a limit that throttles it (readings.calibration_samples). The model stays as it is.
         limit_watts = float(pod["metadata"]["annotations"][POWER_LIMIT_ANNOTATION])
         factor = load_ground_truth().node_factor(node)
         true_watts = truth_draw_watts("NVIDIA-L4", UTILISATION, limit_watts, factor)
         prior_watts = CatalogueModel().expected_power_watts(
             "L4", WorkloadType.INFERENCE, limit_watts
         )
-        truth_ratio = true_watts / prior_watts
-        assert truth_ratio < 0.95  # a real difference for calibration to find
+        assert true_watts / prior_watts < 0.95  # a real difference a partial load would show
         corrections = {
             sample.labels["quantity"]: sample.value
             for sample in scrape(f"127.0.0.1:{operator.metrics_port}")[
@@ -267,10 +269,8 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
             ]
             if sample.labels["product"] == "L4" and sample.labels["type"] == "Inference"
         }
-        # Moved at least a quarter of the way from 1 toward the truth, never past it (bounded).
-        assert truth_ratio - 0.02 <= corrections["power"] <= 1 - 0.25 * (1 - truth_ratio)
-        assert corrections["power"] >= CALIBRATION_BOUNDS[0]
-        assert corrections["throughput"] == 1.0  # no token counter on the sandbox: not fitted
+        assert corrections.get("power", 1.0) == 1.0
+        assert corrections.get("throughput", 1.0) == 1.0  # no token counter: not fitted
 
         server.stop()  # the next increments are modelled; totals say so, and carbon goes static
 
