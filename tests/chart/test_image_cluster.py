@@ -479,7 +479,17 @@ def test_in_image_operator_and_agents_place_an_example_and_apply_its_power_profi
             def planned_and_applied(node: str = node, port: int = metrics_port) -> bool:
                 """The profile has the workload's planned limit for each of its pods on this node,
                 and this node's in-image agent applied it to exactly the GPUs each pod holds
-                (status for this generation, and its own /metrics)."""
+                (status for this generation, and its own /metrics). The plan is the workload's
+                current one: a later round may change the limits in place (calibration from the
+                agents' readings), and the pods stay where they were placed."""
+                workload_status = get_json(sandbox, "llmworkload", name, "-n", namespace)
+                current: list[Manifest] = (workload_status.get("status") or {}).get(
+                    "placements"
+                ) or []
+                if [(p["replica"], p["node"]) for p in current] != [
+                    (p["replica"], p["node"]) for p in placements
+                ]:
+                    return False
                 status = applied_status(sandbox, node, "True")
                 if status is None:
                     return False
@@ -490,7 +500,7 @@ def test_in_image_operator_and_agents_place_an_example_and_apply_its_power_profi
                 }
                 samples = scrape(f"127.0.0.1:{port}")["DCGM_FI_DEV_POWER_MGMT_LIMIT"]
                 limits = {int(sample.labels["gpu"]): sample.value for sample in samples}
-                for placement in placements:
+                for placement in current:
                     if placement["node"] != node:
                         continue
                     pod = bound[placement["replica"]]["metadata"]
