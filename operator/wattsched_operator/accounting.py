@@ -235,7 +235,7 @@ def budget_energy(
     )
     figures: dict[str, Any] = {
         "periodStart": start,
-        "energyUsedJoules": round(joules),
+        "energyUsedJoules": round(joules, 1),
         "energyUsedKilowattHours": round(joules / JOULES_PER_KWH, KWH_DECIMALS),
         "energySource": total_source(before, added, initial_source),
         "accountedUntil": format_time(now),

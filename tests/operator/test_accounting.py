@@ -207,7 +207,7 @@ def test_a_budget_status_from_before_the_joule_totals_goes_on_from_its_kwh_and_k
         initial_source="m",
     )
     assert figures["energyUsedKilowattHours"] == 1.19
-    assert figures["energyUsedJoules"] == round(1.190372222 * JOULES_PER_KWH)
+    assert figures["energyUsedJoules"] == round(1.190372222 * JOULES_PER_KWH, 1)
     assert figures["carbonKg"] == 0.45
 
 

@@ -235,7 +235,8 @@ def test_energy_and_carbon_in_status_match_the_agents_within_2_percent_then_turn
         }
         added_kwh = (last_budget["energyUsedJoules"] - first_budget["energyUsedJoules"]) / 3.6e6
         added_grams = last_budget["carbonGrams"] - first_budget["carbonGrams"]
-        # energyUsedJoules is kept to the joule: each end of the difference is within 0.5 J.
+        # energyUsedJoules is kept to 0.1 J at each accounting step while carbon adds the
+        # unrounded increments: over the few steps of this window they part by well under 1 J.
         assert added_grams == pytest.approx(added_kwh * 350, abs=1 / 3.6e6 * 350 + 1e-6)
         assert last_budget["energyUsedKilowattHours"] == round(
             last_budget["energyUsedJoules"] / 3.6e6, 3
