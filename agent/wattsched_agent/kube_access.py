@@ -20,6 +20,8 @@ from kubernetes import client, config, watch
 
 from wattsched_agent.reconcile import PlacedPod, gpus_requested
 from wattsched_api.llmworkload import WorkloadType
+from wattsched_api.meta import GROUP, VERSION
+from wattsched_api.nodepowerprofile import PLURAL
 from wattsched_api.vocabulary import (
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
@@ -29,9 +31,6 @@ from wattsched_api.vocabulary import (
     WORKLOAD_TYPE_ANNOTATION,
 )
 
-GROUP = "wattsched.io"
-VERSION = "v1alpha1"
-PLURAL = "nodepowerprofiles"
 COUNT_LABEL = "nvidia.com/gpu.count"
 GPU_NODE_SELECTOR = "nvidia.com/gpu.present=true"
 REQUEST_TIMEOUT_SECONDS = 10
@@ -60,7 +59,7 @@ def node_gpu_info(node: Mapping[str, Any]) -> GpuNodeInfo:
     if not product or count_text is None:
         raise ValueError(
             f"node {name}: needs label {GPU_PRODUCT_LABEL} and label {COUNT_LABEL} or allocatable "
-            f"nvidia.com/gpu to simulate its GPUs"
+            f"{GPU_RESOURCE} to simulate its GPUs"
         )
     return GpuNodeInfo(name, str(product), int(count_text))
 

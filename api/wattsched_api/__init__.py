@@ -4,10 +4,10 @@ NodePowerProfile, read and validated with the CRD schema's rules and defaults.
 Shared by the operator, the agent, the simulator and the CLI, so all read the API the same way;
 `vocabulary` holds its words (phases, condition types and reasons, Event reasons, labels,
 annotations, env names, measured/modelled), `meta` its times (one RFC 3339 parser), and
-`commandline` the CLI conventions every command shares (exit codes, one-line errors). The
-CRD YAML in `crds/` is the source of truth; tests check these models against it. Not for Kubernetes
-client calls, kopf or the optimizer: this package imports no other wattsched package and none of
-them (an import-linter contract).
+`commandline` the CLI conventions every command shares (exit codes, one-line errors, text
+tables). The CRD YAML in `crds/` is the source of truth; tests check these models against it. Not
+for Kubernetes client calls, kopf or the optimizer: this package imports no other wattsched
+package and none of them (an import-linter contract).
 """
 
 from wattsched_api.energybudget import EnergyBudget, LabelSelector, parse_energybudget

@@ -1,5 +1,5 @@
 """What every `wattsched` subcommand shares on the command line: exit codes, the argument parser,
-help formatting and the error a command raises to stop with one line.
+help formatting, the error a command raises to stop with one line, and its text tables.
 
 Exit codes (README "Command line" lists them; every subcommand keeps to them):
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Sequence
 from typing import NoReturn
 
 EXIT_OK = 0
@@ -74,3 +75,11 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """`rows` under `headers` as text lines: columns left-aligned, two spaces apart."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return lines

@@ -86,10 +86,6 @@ class LabelSelector:
     match_labels: dict[str, str] = field(default_factory=dict)
     match_expressions: tuple[LabelRequirement, ...] = ()
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.match_labels and not self.match_expressions
-
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(labels.get(key) == value for key, value in self.match_labels.items()) and all(
             requirement.matches(labels) for requirement in self.match_expressions

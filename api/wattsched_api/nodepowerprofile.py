@@ -30,8 +30,6 @@ KIND = "NodePowerProfile"
 PLURAL = "nodepowerprofiles"
 MAX_GPUS_PER_NODE = 64
 MAX_POWER_LIMIT_WATTS = 2000
-
-# Condition types of status.conditions.
 MAX_CLOCK_MHZ = 10000
 
 

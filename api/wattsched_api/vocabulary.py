@@ -144,7 +144,8 @@ class EventReason(StrEnum):
     PLAN_FAILED = "PlanFailed"
 
 
-# The Events that say a running replica went (shown by `wattsched status` and `explain`).
+# The Events that say a running replica went (shown by `wattsched explain`; `wattsched status`
+# lists Moved and Preempted only).
 DISRUPTION_EVENT_REASONS: Final = (
     EventReason.MOVED,
     EventReason.PREEMPTED,

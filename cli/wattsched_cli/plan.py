@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from wattsched_api.commandline import EXIT_USAGE, CommandParser
+from wattsched_api.commandline import EXIT_USAGE, CommandParser, table
 from wattsched_cli.cluster_read import ClusterReadError, connect, read_cluster
 from wattsched_cli.whatif import (
     SET_SYNTAX,
@@ -178,13 +178,6 @@ def plan_to_json(
     return document
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return lines
-
-
 def plan_to_table(
     plan: Plan,
     skipped: Sequence[str] = (),
@@ -203,7 +196,7 @@ def plan_to_table(
         f"gap {plan.gap:.2%}  solve {plan.solve_seconds:.2f} s",
         "",
     ]
-    lines += _table(
+    lines += table(
         [
             "WORKLOAD",
             "REPLICA",
@@ -232,7 +225,7 @@ def plan_to_table(
         ],
     )
     lines.append("")
-    lines += _table(
+    lines += table(
         ["BUDGET", "CAP(W)", "ALLOCATED(W)", "UNMANAGED(W)", "EXPECTED(W, modelled)"],
         [
             [
@@ -247,7 +240,7 @@ def plan_to_table(
     )
     if data["allowances"]:
         lines.append("")
-        lines += _table(
+        lines += table(
             ["BUDGET", "LEFT(kWh)", "PROJECTED AT PERIOD END(kWh, modelled)", "ALLOWANCE"],
             [
                 [
@@ -261,31 +254,31 @@ def plan_to_table(
         )
     if data["deferred"]:
         lines.append("")
-        lines += _table(
+        lines += table(
             ["DEFERRED", "MESSAGE"], [[d["workload"], d["message"]] for d in data["deferred"]]
         )
     unmanaged = [n for n in data["nodes"] if n["unmanagedGpus"]]
     if unmanaged:
         lines.append("")
-        lines += _table(
+        lines += table(
             ["NODE", "UNMANAGED GPUS (other teams' pods, left alone)", "AT LIMITS(W)"],
             [[n["node"], str(n["unmanagedGpus"]), f"{n['unmanagedWatts']:.0f}"] for n in unmanaged],
         )
     if data["unplaced"]:
         lines.append("")
-        lines += _table(
+        lines += table(
             ["UNPLACED", "REASON", "MESSAGE"],
             [[u["workload"], u["reason"], u["message"]] for u in data["unplaced"]],
         )
     if data["shortfalls"]:
         lines.append("")
-        lines += _table(
+        lines += table(
             ["SERVED IN PART", "REASON"],
             [[s["workload"], s["reason"]] for s in data["shortfalls"]],
         )
     if data["nodeNotes"]:
         lines.append("")
-        lines += _table(
+        lines += table(
             ["NODE", "TAKES NO WORK BECAUSE"],
             [[n["node"], n["reason"]] for n in data["nodeNotes"]],
         )

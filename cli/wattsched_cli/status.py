@@ -26,7 +26,7 @@ from typing import Any
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from wattsched_api.commandline import EXIT_USAGE, CommandParser
+from wattsched_api.commandline import EXIT_USAGE, CommandParser, table
 from wattsched_api.energybudget import Period
 from wattsched_api.errors import ApiValidationError
 from wattsched_api.meta import read_timestamp
@@ -51,13 +51,6 @@ class OperatorCounters:
 
     failed_rounds: float | None
     plans_by_status: Mapping[str, float]
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return lines
 
 
 def _watts(value: object) -> str:
@@ -179,7 +172,7 @@ def _budget_section(budgets: Sequence[Body], now: datetime) -> list[str]:
             ]
         )
     lines = ["BUDGETS (allocated: sum of planned GPU power limits; energy this period, x PUE)"]
-    lines += _table(
+    lines += table(
         [
             "NAME",
             "CAP(W)",
@@ -230,7 +223,7 @@ def _pending_section(workloads: Sequence[Body]) -> list[str]:
     head = f"WORKLOADS NOT PLACED: {len(rows)} of {len(active)} active"
     if not rows:
         return [head]
-    return [head, *_table(["WORKLOAD", "PHASE", "REASON", "MESSAGE"], rows)]
+    return [head, *table(["WORKLOAD", "PHASE", "REASON", "MESSAGE"], rows)]
 
 
 def _event_time(event: Body) -> datetime | None:
@@ -268,7 +261,7 @@ def _events_section(events: Sequence[Body], now: datetime, limit: int) -> list[s
         for moment, e in recent[-limit:]
     ]
     shown = "" if len(recent) <= limit else f" (latest {limit})"
-    return [head + shown, *_table(["WHEN", "WORKLOAD", "REASON", "MESSAGE"], rows)]
+    return [head + shown, *table(["WHEN", "WORKLOAD", "REASON", "MESSAGE"], rows)]
 
 
 def unconfirmed_nodes(
@@ -333,7 +326,7 @@ def _nodes_section(
     )
     if not found:
         return [head]
-    return [head, *_table(["NODE", "WHY"], [[n, why] for n, why in found])]
+    return [head, *table(["NODE", "WHY"], [[n, why] for n, why in found])]
 
 
 def _rounds_section(

@@ -52,14 +52,17 @@ def samples(
     workload_type: WorkloadType,
     limit_watts: float = 700,
     corrections: dict[tuple[str, WorkloadType], Calibration] | None = None,
+    demand: float | None = None,
 ) -> list[CalibrationSample]:
+    """Samples of one replica (1000 tokens/s planned) of `ns/w`, with the workload's demand in
+    tokens/s (None: no demand known)."""
     return list(
         calibration_samples(
             [placement(limit_watts)],
             pods={("ns/w", 0): POD},
             products={"node-a": PRODUCT},
             types={"ns/w": workload_type},
-            demands={},
+            demands={} if demand is None else {"ns/w": demand},
             snapshot=snapshot,
             corrections=corrections or {},
         )
@@ -68,14 +71,10 @@ def samples(
 
 def test_an_unconstrained_replica_gives_a_power_sample_per_gpu_against_the_plain_model() -> None:
     modelled = CatalogueModel().expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
-    [sample] = calibration_samples(
-        [placement(700)],
-        pods={("ns/w", 0): POD},
-        products={"node-a": PRODUCT},
-        types={"ns/w": WorkloadType.INFERENCE},
-        demands={"ns/w": 1200.0},  # above the planned 1000 tokens/s: saturated, busy
-        snapshot=reading(2 * 0.8 * modelled, tokens=900.0),
-        corrections={},
+    [sample] = samples(
+        reading(2 * 0.8 * modelled, tokens=900.0),
+        WorkloadType.INFERENCE,
+        demand=1200.0,  # above the planned 1000 tokens/s: saturated, busy
     )
     assert sample.measured_watts_per_gpu == pytest.approx(0.8 * modelled)
     assert sample.modelled_watts_per_gpu == pytest.approx(modelled)
@@ -87,14 +86,10 @@ def test_an_inference_replica_below_capacity_is_no_power_sample() -> None:
     sampling it would lower the busy draw the optimizer plans with (so a locked clock would seem
     to fit under a limit that in fact throttles it)."""
     modelled = CatalogueModel().expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
-    partial = calibration_samples(
-        [placement(700)],
-        pods={("ns/w", 0): POD},
-        products={"node-a": PRODUCT},
-        types={"ns/w": WorkloadType.INFERENCE},
-        demands={"ns/w": 600.0},  # below the planned 1000 tokens/s: not saturated
-        snapshot=reading(2 * 0.6 * modelled, tokens=500.0),
-        corrections={},
+    partial = samples(
+        reading(2 * 0.6 * modelled, tokens=500.0),
+        WorkloadType.INFERENCE,
+        demand=600.0,  # below the planned 1000 tokens/s: not saturated
     )
     assert partial == []
 
@@ -119,13 +114,10 @@ def test_stale_readings_and_unknown_pods_give_nothing() -> None:
 
 def test_training_throughput_is_compared_with_the_uncorrected_model() -> None:
     corrected = {(PRODUCT, WorkloadType.TRAINING): Calibration(throughput_factor=2.0)}
-    [sample] = calibration_samples(
-        [placement(400)],
-        pods={("ns/w", 0): POD},
-        products={"node-a": PRODUCT},
-        types={"ns/w": WorkloadType.TRAINING},
-        demands={},
-        snapshot=reading(2 * 399.0, tokens=450.0),
+    [sample] = samples(
+        reading(2 * 399.0, tokens=450.0),
+        WorkloadType.TRAINING,
+        limit_watts=400,
         corrections=corrected,
     )
     assert sample.measured_watts_per_gpu is None  # at its limit
@@ -137,28 +129,19 @@ def test_the_next_plans_model_moves_toward_the_measured_draw_and_stays_bounded()
     modelled = CatalogueModel().expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
     calibrator = Calibrator(smoothing=0.5)
     for _ in range(20):
-        for sample in calibration_samples(
-            [placement(700)],
-            pods={("ns/w", 0): POD},
-            products={"node-a": PRODUCT},
-            types={"ns/w": WorkloadType.INFERENCE},
-            demands={"ns/w": 1200.0},  # saturated: busy
-            snapshot=reading(2 * 0.8 * modelled, tokens=1000.0),
+        for sample in samples(
+            reading(2 * 0.8 * modelled, tokens=1000.0),
+            WorkloadType.INFERENCE,
             corrections=calibrator.corrections(),
+            demand=1200.0,  # saturated: busy
         ):
             calibrator.observe(sample)
     model = CatalogueModel().calibrated(calibrator.corrections())
     predicted = model.expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
     assert predicted == pytest.approx(0.8 * modelled, rel=1e-3)
     absurd = Calibrator(smoothing=1.0)
-    for sample in calibration_samples(
-        [placement(700)],
-        pods={("ns/w", 0): POD},
-        products={"node-a": PRODUCT},
-        types={"ns/w": WorkloadType.INFERENCE},
-        demands={"ns/w": 1200.0},
-        snapshot=reading(2 * 0.01 * modelled, tokens=1000.0),
-        corrections={},
+    for sample in samples(
+        reading(2 * 0.01 * modelled, tokens=1000.0), WorkloadType.INFERENCE, demand=1200.0
     ):
         absurd.observe(sample)
     assert absurd.corrections()[PRODUCT, WorkloadType.INFERENCE].power_factor == 0.5
