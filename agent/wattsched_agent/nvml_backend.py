@@ -15,7 +15,8 @@ Rules it follows:
 - Clocks: a locked SM clock range is set with `nvmlDeviceSetGpuLockedClocks` after each bound is
   moved to the nearest clock `nvmlDeviceGetSupportedGraphicsClocks` lists for the highest memory
   clock (`nvmlDeviceGetSupportedMemoryClocks`), and read back with `nvmlDeviceGetClockInfo`
-  (NVML_CLOCK_SM): NVML has no getter for the lock itself, so a GPU running above the range's top
+  (NVML_CLOCK_SM), polled for up to `CLOCK_SETTLE_SECONDS` while the clock falls to the lock:
+  NVML has no getter for the lock itself, so a GPU running above the range's top after that
   is the sign that the lock is not in force (it is set again; still above: ReadBackMismatch); below
   the bottom is allowed (an idle GPU, or a power cap or heat throttling it). Memory clocks are left
   alone: decode is bound by HBM bandwidth, so a lower memory clock costs decode throughput, and
@@ -28,6 +29,8 @@ Not for: talking to Kubernetes, exporting metrics or deciding limits (see `recon
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -37,6 +40,12 @@ import pynvml
 
 # A limit that reads back within this many watts of the target counts as applied.
 READ_BACK_TOLERANCE_WATTS = 1.0
+# After `nvmlDeviceSetGpuLockedClocks` the SM clock takes a moment to fall to the lock: 46-95 ms
+# on an H100 80GB HBM3 under load (driver 580.159.04, `benchmarks/nvml_check.py`, docs/
+# telemetry.md). The read-back is polled this long, every `CLOCK_POLL_SECONDS`, before a clock
+# above the lock counts as a mismatch.
+CLOCK_SETTLE_SECONDS = 0.25
+CLOCK_POLL_SECONDS = 0.01
 
 
 class NvmlLibrary(Protocol):
@@ -183,9 +192,16 @@ def fault_from_error(index: int | None, call: str, error: pynvml.NVMLError) -> G
 class NvmlBackend:
     """Power limits and readings of the GPUs on this node, through an NVML-shaped library."""
 
-    def __init__(self, library: NvmlLibrary, name: str = "nvml") -> None:
+    def __init__(
+        self,
+        library: NvmlLibrary,
+        name: str = "nvml",
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.library = library
         self.name = name
+        self.sleep = sleep  # between clock read-backs while a new lock takes hold
         self.identities: dict[int, GpuIdentity] = {}
         self._handles: dict[int, Any] = {}
         self._gpu_count = 0
@@ -353,6 +369,11 @@ class NvmlBackend:
                 self.locked_clocks_mhz[index] = target
                 call = "nvmlDeviceGetClockInfo (read-back)"
                 current = int(self.library.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+                for _ in range(math.ceil(CLOCK_SETTLE_SECONDS / CLOCK_POLL_SECONDS)):
+                    if current <= target[1]:
+                        break
+                    self.sleep(CLOCK_POLL_SECONDS)
+                    current = int(self.library.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
         except pynvml.NVMLError as error:
             return ClockOutcome(
                 index,

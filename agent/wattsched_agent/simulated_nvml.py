@@ -56,6 +56,9 @@ NVML_ERROR_DRIVER_NOT_LOADED: int = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
 NVML_ERROR_NOT_FOUND: int = pynvml.NVML_ERROR_NOT_FOUND
 
 INFERENCE = "Inference"
+# How long after a lock change the SM clock reads as before: 46-95 ms measured on an H100 80GB HBM3
+# under load (driver 580.159.04, `benchmarks/nvml_check.py`; docs/telemetry.md).
+CLOCK_SETTLE_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,9 @@ class SimulatedDevice:
         self.node_factor = node_factor
         self.limit_milliwatts = round(envelope.default_watts * 1000)
         self.locked_sm_mhz: tuple[int, int] | None = None  # (min, max) in force; None: unlocked
+        # The SM clock read before the last lock change, shown until the change settles.
+        self.previous_sm_mhz = 0
+        self.clock_settles_at = now
         self.utilisation = 0.0
         self.workload_type = INFERENCE
         self.energy_millijoules = 0.0
@@ -302,6 +308,7 @@ class SimulatedNvml:
         faults: Mapping[int, GpuFaults] | None = None,
         clock: Callable[[], float] = time.monotonic,
         driver_loaded: bool = True,
+        clock_settle_seconds: float = CLOCK_SETTLE_SECONDS,
     ) -> None:
         catalogue = load_products() if catalogue is None else catalogue
         unknown = sorted({product for product in products if product not in catalogue})
@@ -326,6 +333,7 @@ class SimulatedNvml:
         self.truth = truth
         self.node_factor = truth.node_factor(hostname)
         self._clock = clock
+        self.clock_settle_seconds = clock_settle_seconds
         self._lock = threading.RLock()
         self._initialised = 0
         self._driver_loaded = driver_loaded
@@ -498,8 +506,7 @@ class SimulatedNvml:
                 raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
             high = next((c for c in supported if c <= max_clock_mhz), supported[-1])
             low = next((c for c in reversed(supported) if c >= min_clock_mhz), supported[0])
-            handle.advance(self._clock())
-            handle.locked_sm_mhz = (min(low, high), high)
+            self._change_lock(handle, (min(low, high), high))
 
     def nvmlDeviceResetGpuLockedClocks(self, handle: SimulatedDevice) -> None:  # noqa: N802
         with self._lock:
@@ -508,13 +515,23 @@ class SimulatedNvml:
                 raise pynvml.NVMLError(NVML_ERROR_NOT_SUPPORTED)
             if handle.faults.no_permission:
                 raise pynvml.NVMLError(NVML_ERROR_NO_PERMISSION)
-            handle.advance(self._clock())
-            handle.locked_sm_mhz = None
+            self._change_lock(handle, None)
+
+    def _change_lock(self, handle: SimulatedDevice, locked_mhz: tuple[int, int] | None) -> None:
+        """A new lock (None: unlocked); the SM clock reads as before for `clock_settle_seconds`,
+        as a real GPU's does."""
+        now = self._clock()
+        handle.advance(now)
+        handle.previous_sm_mhz = handle.sm_clock_mhz()
+        handle.clock_settles_at = now + self.clock_settle_seconds
+        handle.locked_sm_mhz = locked_mhz
 
     def nvmlDeviceGetClockInfo(self, handle: SimulatedDevice, clock_type: int) -> int:  # noqa: N802
         with self._lock:
             self._check_alive(handle)
             if clock_type in (pynvml.NVML_CLOCK_SM, pynvml.NVML_CLOCK_GRAPHICS):
+                if self._clock() < handle.clock_settles_at:
+                    return handle.previous_sm_mhz
                 return handle.sm_clock_mhz()
             if clock_type == pynvml.NVML_CLOCK_MEM:
                 return handle.envelope.memory_clock_mhz

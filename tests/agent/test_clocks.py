@@ -11,7 +11,12 @@ import pytest
 
 from wattsched_agent.dcgm_metrics import GpuMetrics, render_metrics
 from wattsched_agent.node_agent import ExitPolicy, NodeAgent
-from wattsched_agent.nvml_backend import FaultReason, NvmlBackend, nearest_clock_mhz
+from wattsched_agent.nvml_backend import (
+    CLOCK_SETTLE_SECONDS,
+    FaultReason,
+    NvmlBackend,
+    nearest_clock_mhz,
+)
 from wattsched_agent.reconcile import PlacedPod, locked_clocks_summary
 from wattsched_agent.simulated_kubelet import SimulatedKubelet
 from wattsched_agent.simulated_nvml import GpuFaults, SimulatedNvml, load_products
@@ -72,6 +77,46 @@ def test_a_range_is_moved_to_the_nearest_supported_clocks_locked_and_read_back()
     assert backend.sample(1).sm_clock_mhz == 345  # idle and unlocked: the lowest clock
 
 
+class FakeTime:
+    """A monotonic clock that moves only when slept on."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_lock_is_read_back_once_the_clock_has_fallen_to_it() -> None:
+    """A real H100 reads its old SM clock for 46-95 ms after a new lock (docs/telemetry.md):
+    the read-back waits for the clock to fall, and no mismatch is reported."""
+    fake = FakeTime()
+    library = SimulatedNvml("n", [H100], clock=fake, clock_settle_seconds=0.1)
+    backend = NvmlBackend(library, "simulated", sleep=fake.sleep)
+    assert backend.open() == []
+    library.set_utilisation(0, 1.0)
+    outcome = backend.apply_clocks(0, 1185, 1185)
+    assert outcome.fault is None
+    assert outcome.sm_clock_mhz == 1185
+    assert 0.1 <= fake.now <= 0.12  # polled until it fell, not longer
+
+
+def test_a_clock_still_above_the_lock_after_the_settling_time_is_a_mismatch() -> None:
+    fake = FakeTime()
+    library = SimulatedNvml("n", [H100], clock=fake, clock_settle_seconds=10.0)
+    backend = NvmlBackend(library, "simulated", sleep=fake.sleep)
+    assert backend.open() == []
+    library.set_utilisation(0, 1.0)
+    outcome = backend.apply_clocks(0, 1185, 1185)
+    assert outcome.fault is not None
+    assert outcome.fault.reason is FaultReason.READ_BACK_MISMATCH
+    assert outcome.sm_clock_mhz == 1980
+    assert fake.now == pytest.approx(CLOCK_SETTLE_SECONDS, abs=0.011)
+
+
 def test_a_lock_already_in_force_is_not_set_again() -> None:
     library = SimulatedNvml("n", [H100])
     backend = open_backend(library)
@@ -115,7 +160,7 @@ def test_a_lock_lost_on_driver_reload_is_set_again_once_the_gpu_runs_above_it() 
 
 
 def test_reset_unlocks_and_the_gpu_boosts_again() -> None:
-    library = SimulatedNvml("n", [H100])
+    library = SimulatedNvml("n", [H100], clock_settle_seconds=0.0)
     backend = open_backend(library)
     library.set_utilisation(0, 0.5)
     backend.apply_clocks(0, 1200, 1200)
@@ -126,7 +171,7 @@ def test_reset_unlocks_and_the_gpu_boosts_again() -> None:
 
 
 def test_sm_clock_is_exported_as_dcgm_sm_clock() -> None:
-    library = SimulatedNvml("n", [H100])
+    library = SimulatedNvml("n", [H100], clock_settle_seconds=0.0)
     backend = open_backend(library)
     backend.apply_clocks(0, 1200, 1200)
     text = render_metrics("n", [GpuMetrics(backend.identities[0], backend.sample(0), None)])
@@ -172,8 +217,9 @@ def clock_profile(pods: dict[str, tuple[float, tuple[int, int] | None]]) -> Node
 
 
 def h100_agent(faults: dict[int, GpuFaults] | None = None) -> tuple[NodeAgent, SimulatedNvml]:
-    """Four H100s: pod team/decode holds two (busy), team/train one, one is free."""
-    library = SimulatedNvml("gpu-a", [H100] * 4, faults=faults)
+    """Four H100s: pod team/decode holds two (busy), team/train one, one is free. Clocks change
+    at once (settling is tested on the backend)."""
+    library = SimulatedNvml("gpu-a", [H100] * 4, faults=faults, clock_settle_seconds=0.0)
     kubelet = SimulatedKubelet()
     agent = NodeAgent("gpu-a", NvmlBackend(library, "simulated"), kubelet, library, kubelet)
     agent.observe_pods(
