@@ -38,7 +38,11 @@ from wattsched_optimizer.model import (
     product_spec,
     products_in_scope,
 )
-from wattsched_optimizer.options import budget_base_watts, remaining_tokens
+from wattsched_optimizer.options import (
+    budget_base_watts,
+    remaining_tokens,
+    replica_tokens_per_second,
+)
 from wattsched_optimizer.problem import (
     EnergyPolicy,
     GpuNode,
@@ -438,13 +442,12 @@ def operating_point(
     if found is None:
         best: tuple[float, float, float] | None = None
         for level in _levels(workload, product, levels, efficient):
-            rate = model.throughput_tokens_per_second(
+            rate = replica_tokens_per_second(
+                model,
+                workload,
                 product,
-                workload.type,
-                workload.model_parameters_billions,
-                workload.gpus_per_replica,
-                variant.relative_throughput,
-                level,
+                relative_throughput=variant.relative_throughput,
+                level=level,
             )
             watts = model.expected_power_watts(product, workload.type, level)
             joules_per_token = watts * workload.gpus_per_replica / rate
