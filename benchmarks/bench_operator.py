@@ -72,8 +72,11 @@ def sh(
     return result.stdout
 
 
-def delete_workloads(namespace: str, *, timeout_seconds: int, env: dict[str, str]) -> None:
-    """Delete every LLMWorkload in `namespace` (the operator's finalizer removes their pods)."""
+def delete_workloads(
+    kube: Kube, namespace: str, *, timeout_seconds: int, env: dict[str, str]
+) -> None:
+    """Delete every LLMWorkload in `namespace` (the operator's finalizer removes their pods) and
+    poll until they are gone, as `timed_delete` does (kubectl's own wait is slow for many)."""
     sh(
         "kubectl",
         "delete",
@@ -81,10 +84,11 @@ def delete_workloads(namespace: str, *, timeout_seconds: int, env: dict[str, str
         "--all",
         "-n",
         namespace,
-        f"--timeout={timeout_seconds}s",
+        "--wait=false",
         env=env,
         check=False,
     )
+    wait_empty(kube, workloads_path(namespace), None, timeout_seconds)
 
 
 def api_requests(env: dict[str, str]) -> Counter[tuple[str, str]]:
@@ -681,7 +685,7 @@ def main() -> int:
                     figures, "apply -> bound, p99", f"{percentile(latencies, 0.99):.2f} s", "<= 2 s"
                 )
                 report(figures, "apply -> bound, mean", f"{statistics.mean(latencies):.2f} s", "")
-            delete_workloads(namespace, timeout_seconds=300, env=env)
+            delete_workloads(kube, namespace, timeout_seconds=300, env=env)
 
         # 2. Burst, and the plain-pod baseline.
         if args.burst:
@@ -796,7 +800,7 @@ def main() -> int:
                 f"{rss_megabytes(operator.pid):.0f} MB (idle {idle_rss:.0f} MB)",
                 "",
             )
-            delete_workloads(burst_ns, timeout_seconds=600, env=env)
+            delete_workloads(kube, burst_ns, timeout_seconds=600, env=env)
 
         if args.delete:
             measure_deletion(
@@ -840,7 +844,7 @@ def main() -> int:
             if args.keep_rss_workloads:
                 print(f"kept the {args.rss_workloads} LLMWorkloads in namespace {rss_ns}")
             else:
-                delete_workloads(rss_ns, timeout_seconds=900, env=env)
+                delete_workloads(kube, rss_ns, timeout_seconds=900, env=env)
 
     print_table(args, figures)
     return 0
