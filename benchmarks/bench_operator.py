@@ -72,8 +72,11 @@ def sh(
     return result.stdout
 
 
-def delete_workloads(namespace: str, *, timeout_seconds: int, env: dict[str, str]) -> None:
-    """Delete every LLMWorkload in `namespace` (the operator's finalizer removes their pods)."""
+def delete_workloads(
+    kube: Kube, namespace: str, *, timeout_seconds: int, env: dict[str, str]
+) -> None:
+    """Delete every LLMWorkload in `namespace` (the operator's finalizer removes their pods) and
+    poll until they are gone, as `timed_delete` does (kubectl's own wait is slow for many)."""
     sh(
         "kubectl",
         "delete",
@@ -81,10 +84,11 @@ def delete_workloads(namespace: str, *, timeout_seconds: int, env: dict[str, str
         "--all",
         "-n",
         namespace,
-        f"--timeout={timeout_seconds}s",
+        "--wait=false",
         env=env,
         check=False,
     )
+    wait_empty(kube, workloads_path(namespace), None, timeout_seconds)
 
 
 def api_requests(env: dict[str, str]) -> Counter[tuple[str, str]]:
@@ -147,20 +151,16 @@ def load_average() -> str:
     return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
-def wait_settled(kube: Kube, path: str, count: int, phase_of: Any, timeout_seconds: float) -> bool:
-    """Wait until `count` objects at `path` report `phase_of(body) == "Running"` (the writes that
-    follow the binding, statuses and Events included, have landed); False on timeout."""
+def wait_settled(kube: Kube, path: str, count: int, timeout_seconds: float) -> bool:
+    """Wait until `count` objects at `path` report status.phase Running (the writes that follow
+    the binding, statuses and Events included, have landed); False on timeout."""
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
-        items = kube.list(path)
-        if sum(1 for body in items if phase_of(body) == "Running") >= count:
+        phases = [(body.get("status") or {}).get("phase") for body in kube.list(path)]
+        if phases.count("Running") >= count:
             return True
         time.sleep(1)
     return False
-
-
-def status_phase(body: dict[str, Any]) -> Any:
-    return (body.get("status") or {}).get("phase")
 
 
 def report(figures: list[tuple[str, str, str]], name: str, value: str, goal: str) -> None:
@@ -259,6 +259,20 @@ class BindWatcher(threading.Thread):
                     return False
                 self.changed.wait(left)
         return True
+
+
+def watched_namespace(kube: Kube, kubeconfig: Path, namespace: str) -> BindWatcher:
+    """Create `namespace` and start recording when its pods are bound."""
+    kube.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
+    watcher = BindWatcher(kubeconfig, namespace)
+    watcher.start()
+    watcher.started.wait()
+    return watcher
+
+
+def delete_namespace(namespace: str, env: dict[str, str]) -> None:
+    """Start deleting `namespace` without waiting (its thousands of Events may take minutes)."""
+    sh("kubectl", "delete", "namespace", namespace, "--wait=false", env=env, check=False)
 
 
 @contextmanager
@@ -448,10 +462,7 @@ def measure_deletion(
     collector deletes the pods)."""
     timeout = 1800
     base_ns = f"bench-delete-baseline-{run_id}"
-    kube.create("/api/v1/namespaces", {"metadata": {"name": base_ns}})
-    base_watch = BindWatcher(kubeconfig, base_ns)
-    base_watch.start()
-    base_watch.started.wait()
+    base_watch = watched_namespace(kube, kubeconfig, base_ns)
     owners = create_all(
         kube,
         f"/api/v1/namespaces/{base_ns}/configmaps",
@@ -479,13 +490,10 @@ def measure_deletion(
         timeout_seconds=timeout,
     )
     # Its pods are gone; the namespace's thousands of Events may take minutes more.
-    sh("kubectl", "delete", "namespace", base_ns, "--wait=false", env=env, check=False)
+    delete_namespace(base_ns, env)
 
     namespace = f"bench-delete-{run_id}"
-    kube.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
-    watcher = BindWatcher(kubeconfig, namespace)
-    watcher.start()
-    watcher.started.wait()
+    watcher = watched_namespace(kube, kubeconfig, namespace)
     create_all(kube, workloads_path(namespace), [workload(f"gone-{i:05d}") for i in range(count)])
     pods = {f"gone-{i:05d}-0" for i in range(count)}
     if not watcher.wait_for(pods, 900):
@@ -505,7 +513,7 @@ def measure_deletion(
         timeout_seconds=timeout,
     )
     plans = operator_plans(metrics_port) - plans_before
-    sh("kubectl", "delete", "namespace", namespace, "--wait=false", env=env, check=False)
+    delete_namespace(namespace, env)
 
     def line(deletion: Deletion, owners: str) -> str:
         return (
@@ -651,10 +659,7 @@ def main() -> int:
         # 1. Single applies, one after another.
         if args.singles:
             namespace = f"bench-single-{run_id}"
-            kube.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
-            watcher = BindWatcher(kubeconfig, namespace)
-            watcher.start()
-            watcher.started.wait()
+            watcher = watched_namespace(kube, kubeconfig, namespace)
             latencies: list[float] = []
             for i in range(args.singles):
                 name = f"single-{i:04d}"
@@ -680,15 +685,12 @@ def main() -> int:
                     figures, "apply -> bound, p99", f"{percentile(latencies, 0.99):.2f} s", "<= 2 s"
                 )
                 report(figures, "apply -> bound, mean", f"{statistics.mean(latencies):.2f} s", "")
-            delete_workloads(namespace, timeout_seconds=300, env=env)
+            delete_workloads(kube, namespace, timeout_seconds=300, env=env)
 
         # 2. Burst, and the plain-pod baseline.
         if args.burst:
             base_ns = f"bench-baseline-{run_id}"
-            kube.create("/api/v1/namespaces", {"metadata": {"name": base_ns}})
-            base_watch = BindWatcher(kubeconfig, base_ns)
-            base_watch.start()
-            base_watch.started.wait()
+            base_watch = watched_namespace(kube, kubeconfig, base_ns)
             names = {f"pod-{i:05d}" for i in range(args.burst)}
             requests_before = api_requests(env)
             cpu_before = cpu_by_process(pids)
@@ -700,7 +702,7 @@ def main() -> int:
             base_seconds = max(base_watch.bound.values()) - started if base_ok else float("nan")
             base_load = load_average()
             # Until every pod is Running (KWOK's status writes and the scheduler's Events landed).
-            base_settled = wait_settled(kube, pods_path(base_ns), args.burst, status_phase, 300)
+            base_settled = wait_settled(kube, pods_path(base_ns), args.burst, 300)
             base_settled_writes = writes_per_object(requests_before, api_requests(env), args.burst)
             # The baseline's pods go at once (KWOK runs no kubelet to wait for), so the burst finds
             # every GPU free even on a loaded machine, where a graceful namespace deletion of 1,000
@@ -718,16 +720,11 @@ def main() -> int:
                 env=env,
                 check=False,
             )
-            deadline = time.monotonic() + 300
-            while kube.list(pods_path(base_ns)) and time.monotonic() < deadline:
-                time.sleep(1)
-            sh("kubectl", "delete", "namespace", base_ns, "--wait=false", env=env, check=False)
+            wait_empty(kube, pods_path(base_ns), None, 300)
+            delete_namespace(base_ns, env)
 
             burst_ns = f"bench-burst-{run_id}"
-            kube.create("/api/v1/namespaces", {"metadata": {"name": burst_ns}})
-            burst_watch = BindWatcher(kubeconfig, burst_ns)
-            burst_watch.start()
-            burst_watch.started.wait()
+            burst_watch = watched_namespace(kube, kubeconfig, burst_ns)
             names = {f"burst-{i:05d}" for i in range(args.burst)}
             requests_before = api_requests(env)
             cpu_before = cpu_by_process(pids)
@@ -741,7 +738,7 @@ def main() -> int:
             burst_load = load_average()
             # Until every workload's status says Running: the operator's status writes and Events
             # that land after the last binding are counted too.
-            settled = wait_settled(kube, workloads_path(burst_ns), args.burst, status_phase, 300)
+            settled = wait_settled(kube, workloads_path(burst_ns), args.burst, 300)
             settled_seconds = time.monotonic() - started
             settled_writes = writes_per_object(requests_before, api_requests(env), args.burst)
             bound = [burst_watch.bound[p] for p in pods if p in burst_watch.bound]
@@ -803,7 +800,7 @@ def main() -> int:
                 f"{rss_megabytes(operator.pid):.0f} MB (idle {idle_rss:.0f} MB)",
                 "",
             )
-            delete_workloads(burst_ns, timeout_seconds=600, env=env)
+            delete_workloads(kube, burst_ns, timeout_seconds=600, env=env)
 
         if args.delete:
             measure_deletion(
@@ -847,7 +844,7 @@ def main() -> int:
             if args.keep_rss_workloads:
                 print(f"kept the {args.rss_workloads} LLMWorkloads in namespace {rss_ns}")
             else:
-                delete_workloads(rss_ns, timeout_seconds=900, env=env)
+                delete_workloads(kube, rss_ns, timeout_seconds=900, env=env)
 
     print_table(args, figures)
     return 0

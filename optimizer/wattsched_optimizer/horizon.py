@@ -38,7 +38,11 @@ from wattsched_optimizer.model import (
     product_spec,
     products_in_scope,
 )
-from wattsched_optimizer.options import budget_base_watts, remaining_tokens
+from wattsched_optimizer.options import (
+    budget_base_watts,
+    remaining_tokens,
+    replica_tokens_per_second,
+)
 from wattsched_optimizer.problem import (
     EnergyPolicy,
     GpuNode,
@@ -438,13 +442,12 @@ def operating_point(
     if found is None:
         best: tuple[float, float, float] | None = None
         for level in _levels(workload, product, levels, efficient):
-            rate = model.throughput_tokens_per_second(
+            rate = replica_tokens_per_second(
+                model,
+                workload,
                 product,
-                workload.type,
-                workload.model_parameters_billions,
-                workload.gpus_per_replica,
-                variant.relative_throughput,
-                level,
+                relative_throughput=variant.relative_throughput,
+                level=level,
             )
             watts = model.expected_power_watts(product, workload.type, level)
             joules_per_token = watts * workload.gpus_per_replica / rate
@@ -491,6 +494,24 @@ class _ProductWatts:
         if product not in self._lowest:
             self._lowest[product] = product_spec(product).min_watts.value
         return self._lowest[product]
+
+    def above_floor(self, point: OperatingPoint) -> tuple[float, float]:
+        """Per GPU at `point`: (W drawn above idle, W of limit above the product's lowest)."""
+        return (
+            point.busy_watts_per_gpu - self.idle(point.product),
+            point.power_limit_watts - self.lowest_limit(point.product),
+        )
+
+
+def _budget_shares(
+    entries: list[tuple[Workload, OperatingPoint, Scope]], budgets: int
+) -> np.ndarray:
+    """(budgets, entries): the share of each workload that counts in each budget."""
+    part = np.zeros((budgets, len(entries)))
+    for n, (_, _, scope) in enumerate(entries):
+        for i, share in scope:
+            part[i, n] = share
+    return part
 
 
 @dataclass
@@ -787,17 +808,14 @@ def _inference_load(
     gpus_per_replica = np.zeros(len(inference))
     cap_per_gpu = np.zeros(len(inference))
     busy_per_gpu = np.zeros(len(inference))
-    part = np.zeros((budget_count, len(inference)))
-    for n, (workload, point, scope) in enumerate(inference):
+    for n, (workload, point, _) in enumerate(inference):
         forecast = horizon.inference_demand.get(workload.key)
         demand[n] = forecast if forecast is not None else (workload.tokens_per_second or 0.0)
         per_replica[n] = point.tokens_per_second
         low[n], high[n] = workload.min_replicas, workload.max_replicas
         gpus_per_replica[n] = workload.gpus_per_replica
-        cap_per_gpu[n] = point.power_limit_watts - watts.lowest_limit(point.product)
-        busy_per_gpu[n] = point.busy_watts_per_gpu - watts.idle(point.product)
-        for i, share in scope:
-            part[i, n] = share
+        busy_per_gpu[n], cap_per_gpu[n] = watts.above_floor(point)
+    part = _budget_shares(inference, budget_count)
     needed = np.ceil(demand / per_replica[:, None] - 1e-9)
     gpus = np.clip(needed, low[:, None], high[:, None]) * gpus_per_replica[:, None]
     return _InferenceLoad(
@@ -830,14 +848,12 @@ def _work(
     watts: _ProductWatts,
 ) -> _Work:
     count = len(flexible)
-    part = np.zeros((budget_count, count))
     gpus, busy_kw, cap_watts, rate, need, deadline, priority = (np.zeros(count) for _ in range(7))
-    for f, (workload, point, scope) in enumerate(flexible):
-        for i, share in scope:
-            part[i, f] = share
+    for f, (workload, point, _) in enumerate(flexible):
         gpus[f] = point.gpus
-        busy_kw[f] = point.gpus * (point.busy_watts_per_gpu - watts.idle(point.product)) / 1000.0
-        cap_watts[f] = point.gpus * (point.power_limit_watts - watts.lowest_limit(point.product))
+        busy_per_gpu, cap_per_gpu = watts.above_floor(point)
+        busy_kw[f] = point.gpus * busy_per_gpu / 1000.0
+        cap_watts[f] = point.gpus * cap_per_gpu
         rate[f] = point.tokens_per_second
         tokens_left = remaining_tokens(model, workload)
         if workload.deadline_seconds is not None and tokens_left is not None:
@@ -852,7 +868,7 @@ def _work(
     weight = factor ** np.searchsorted(ranks, priority).astype(float)
     return _Work(
         keys=[workload.key for workload, _, _ in flexible],
-        part=part,
+        part=_budget_shares(flexible, budget_count),
         gpus=gpus,
         busy_kw=busy_kw,
         cap_watts=cap_watts,

@@ -315,6 +315,26 @@ def _clocks_for(workload: Workload, product: str, sm_clocks: bool) -> list[int |
     return [None, *levels]
 
 
+def replica_tokens_per_second(
+    model: PerformanceModel,
+    workload: Workload,
+    product: str,
+    *,
+    relative_throughput: float,
+    level: float,
+) -> float:
+    """Modelled tokens/s of one replica of the workload on `product` at this power limit, for a
+    variant of this relative throughput (clock unlocked)."""
+    return model.throughput_tokens_per_second(
+        product,
+        workload.type,
+        workload.model_parameters_billions,
+        workload.gpus_per_replica,
+        relative_throughput,
+        level,
+    )
+
+
 def _clocked(
     model: PerformanceModel,
     workload: Workload,
@@ -334,13 +354,12 @@ def _clocked(
     watts = max(model.idle_power_watts(product), unlocked_watts * draw_fraction)
     if watts > level:
         return None
-    full = model.throughput_tokens_per_second(
+    full = replica_tokens_per_second(
+        model,
+        workload,
         product,
-        workload.type,
-        workload.model_parameters_billions,
-        workload.gpus_per_replica,
-        relative_throughput,
-        spec.max_watts.value,
+        relative_throughput=relative_throughput,
+        level=spec.max_watts.value,
     )
     return full * throughput_fraction, watts
 
@@ -488,13 +507,8 @@ def _no_option_reason(
         top = top if cap is None else min(top, cap)
         best = max(
             best,
-            model.throughput_tokens_per_second(
-                product,
-                workload.type,
-                workload.model_parameters_billions,
-                workload.gpus_per_replica,
-                variant.relative_throughput,
-                top,
+            replica_tokens_per_second(
+                model, workload, product, relative_throughput=variant.relative_throughput, level=top
             ),
         )
     if workload.type is WorkloadType.INFERENCE:
@@ -607,13 +621,12 @@ def workload_options(
             ]
             for level, clock in settings:
                 if clock is None:
-                    throughput = model.throughput_tokens_per_second(
+                    throughput = replica_tokens_per_second(
+                        model,
+                        workload,
                         product,
-                        workload.type,
-                        workload.model_parameters_billions,
-                        workload.gpus_per_replica,
-                        variant.relative_throughput,
-                        level,
+                        relative_throughput=variant.relative_throughput,
+                        level=level,
                     )
                     watts = model.expected_power_watts(product, workload.type, level)
                 else:

@@ -160,9 +160,7 @@ def demand_per_step(
     if rate_scale <= 0:
         raise ValueError(f"--rate-scale={rate_scale}: must be > 0")
     steps = max(1, round(duration_seconds / step_seconds))
-    demand = np.zeros(steps)
     history_steps = round(history_seconds / step_seconds)
-    history = np.zeros(history_steps)
     if len(hourly_profile) != 24 or min(hourly_profile) < 0:
         raise ValueError("a demand profile has 24 hourly multipliers >= 0")
     arrivals = np.array([r.arrival_seconds for r in requests]) + offset_seconds
@@ -174,6 +172,8 @@ def demand_per_step(
     if trace_span_seconds is not None and duration_seconds > trace_span_seconds:
         span = trace_span_seconds
         repeats = int(np.ceil(duration_seconds / span))
+    # The history's steps, then the run's: copy -1 of the trace is the history.
+    demand = np.zeros(history_steps + steps)
     rng = np.random.default_rng(seed)
     copies = int(np.ceil(rate_scale))
     for copy in range(copies):
@@ -183,19 +183,16 @@ def demand_per_step(
         if fraction < 1:
             keep = rng.uniform(size=len(tokens)) < fraction
         times = (arrivals[keep] + shift) % span
-        for repeat in range(repeats):
+        for repeat in range(-1, repeats):
             index = np.floor((times + repeat * span) / step_seconds).astype(np.int64)
-            inside = index < steps
+            index += history_steps
+            inside = (index >= 0) & (index < len(demand))
             np.add.at(demand, index[inside], tokens[keep][inside])
-        before = np.floor((times - span) / step_seconds).astype(np.int64) + history_steps
-        earlier = before >= 0
-        np.add.at(history, before[earlier], tokens[keep][earlier])
     profile = np.asarray(hourly_profile, dtype=np.float64)
-    hour_of_day = (np.arange(steps) * step_seconds // 3600).astype(np.int64) % 24
-    history_hour = ((np.arange(history_steps) - history_steps) * step_seconds // 3600).astype(
-        np.int64
-    ) % 24
-    return demand * profile[hour_of_day], history * profile[history_hour]
+    step_of_run = np.arange(len(demand)) - history_steps
+    hour_of_day = (step_of_run * step_seconds // 3600).astype(np.int64) % 24
+    shaped = demand * profile[hour_of_day]
+    return shaped[history_steps:], shaped[:history_steps]
 
 
 def load_traces(

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.simulator.conftest import write_trace
 from wattsched_optimizer import model
 from wattsched_simulator import cli
 from wattsched_simulator.carbon import load_hourly_csv
@@ -85,13 +86,6 @@ spec:
     matchExpressions: [{key: wattsched.io/rack, operator: In, values: [rack-a]}]
   powerCapWatts: 4000
 """
-
-
-def write_trace(path: Path, rows: list[tuple[str, int, int]]) -> Path:
-    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
-    lines += [f"{stamp},{context},{generated}" for stamp, context, generated in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def small_traces(directory: Path) -> list[Path]:

@@ -5,136 +5,35 @@ over a budget's allowance. Small scenarios, built here or from tiny files."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.simulator.conftest import (
+    FixedPolicy,
+    flat_truth,
+    h100_node,
+    job,
+    nominal_seconds,
+    scenario,
+    write_trace,
+)
 from wattsched_api.energybudget import Period
 from wattsched_optimizer.problem import WorkloadType
 from wattsched_simulator import cli
 from wattsched_simulator.baselines import baseline
 from wattsched_simulator.carbon import CarbonIntensity
-from wattsched_simulator.cluster import ClusterError, SimBudget, SimNode, parse_budget
-from wattsched_simulator.engine import (
-    JOULES_PER_KWH,
-    Decision,
-    ReplicaAssignment,
-    Scenario,
-    View,
-    simulate,
-)
+from wattsched_simulator.cluster import ClusterError, SimBudget, parse_budget
+from wattsched_simulator.engine import JOULES_PER_KWH, simulate
 from wattsched_simulator.observed import budget_body, carbon_forecast
 from wattsched_simulator.report import energy_by_period, energy_over_allowance_kwh, policy_metrics
 from wattsched_simulator.trace import DIURNAL_PROFILE, load_traces
-from wattsched_simulator.truth import GroundTruth, ProductTruth, TypeTruth
-from wattsched_simulator.workloads import JobSpec, generate_jobs, model_variants
+from wattsched_simulator.workloads import generate_jobs
 
 HOUR = 3600.0
 DAY = 24 * HOUR
-FLAT = ((0.2, 1.0), (1.0, 1.0))
-
-
-def write_trace(path: Path, rows: list[tuple[str, int, int]]) -> Path:
-    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
-    lines += [f"{stamp},{context},{generated}" for stamp, context, generated in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def flat_truth(tokens_per_second: float = 100.0) -> GroundTruth:
-    """One product (H100 power figures), every type at `tokens_per_second`, no noise."""
-    return GroundTruth(
-        products={"H100-80GB": ProductTruth(200, 700, 75, 80, 1.0, 1.0, 1980)},
-        types={t: TypeTruth(tokens_per_second, 0.97, FLAT, True) for t in WorkloadType},
-        node_power_spread=0.0,
-        power_noise=0.0,
-    )
-
-
-def h100_node(name: str, gpus: int = 8) -> SimNode:
-    return SimNode(
-        name=name,
-        labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-        product_label="NVIDIA-H100-80GB-HBM3",
-        planner_product="H100-80GB",
-        truth_product="H100-80GB",
-        gpu_count=gpus,
-    )
-
-
-def job(key: str, work_tokens: float, *, arrival_seconds: float = 0.0) -> JobSpec:
-    return JobSpec(
-        key=key,
-        type=WorkloadType.TRAINING,
-        model_parameters_billions=8.0,
-        gpus_per_replica=1,
-        replicas=1,
-        variants=model_variants(8.0)[:1],
-        work_tokens=work_tokens,
-        arrival_seconds=arrival_seconds,
-        deadline_seconds=None,
-        priority=0,
-        preemptible=False,
-    )
-
-
-def scenario(
-    *,
-    nodes: Sequence[SimNode],
-    duration_seconds: float,
-    jobs: Sequence[JobSpec] = (),
-    budgets: Sequence[SimBudget] = (),
-    step_seconds: float = 1.0,
-) -> Scenario:
-    return Scenario(
-        nodes=tuple(nodes),
-        budgets=tuple(budgets),
-        services=(),
-        jobs=tuple(jobs),
-        duration_seconds=duration_seconds,
-        carbon=CarbonIntensity.constant(500.0, "test"),
-        pue=1.5,
-        step_seconds=step_seconds,
-    )
-
-
-@dataclass
-class FixedPolicy:
-    """Places one 1-GPU replica of each given workload present, at 700 W."""
-
-    placements: Sequence[tuple[str, str]]  # (workload, node)
-    name: str = "fixed"
-
-    def decide(self, view: View) -> Decision:
-        active = {j.key for j in view.jobs}
-        return Decision(
-            replicas=tuple(
-                ReplicaAssignment(workload, node, 1, "bf16", 700.0)
-                for workload, node in self.placements
-                if workload in active
-            ),
-            idle_power_limit_watts={},
-            plan_seconds=0.0,
-        )
-
-
-def nominal_seconds(generated: JobSpec) -> float:
-    """How long a generated job takes at full power on H100s, by the default ground truth."""
-    truth = GroundTruth()
-    rate = truth.replica_tokens_per_second(
-        product="H100-80GB",
-        workload_type=generated.type,
-        model_parameters_billions=generated.model_parameters_billions,
-        gpus=generated.gpus_per_replica,
-        relative_throughput=1.0,
-        power_limit_watts=truth.product("H100-80GB").max_watts,
-    )
-    return generated.work_tokens / (rate * generated.replicas)
-
-
 # -- demand over days ------------------------------------------------------------------------------
 
 

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
+from tests.simulator.conftest import nominal_seconds
 from wattsched_optimizer.problem import WorkloadType
-from wattsched_simulator.truth import GroundTruth
 from wattsched_simulator.workloads import JobSpec, generate_jobs
 
 HOUR = 3600.0
@@ -23,20 +23,6 @@ def many_jobs(deadline_share: float = 0.7) -> list[JobSpec]:
 
 def share(jobs: list[JobSpec], count: int) -> float:
     return count / len(jobs)
-
-
-def nominal_seconds(job: JobSpec) -> float:
-    """How long the job takes at full power on H100s, by the default ground truth."""
-    truth = GroundTruth()
-    rate = truth.replica_tokens_per_second(
-        product="H100-80GB",
-        workload_type=job.type,
-        model_parameters_billions=job.model_parameters_billions,
-        gpus=job.gpus_per_replica,
-        relative_throughput=1.0,
-        power_limit_watts=truth.product("H100-80GB").max_watts,
-    )
-    return job.work_tokens / (rate * job.replicas)
 
 
 def test_the_same_seed_gives_the_same_jobs() -> None:
