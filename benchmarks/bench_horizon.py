@@ -190,8 +190,8 @@ def main() -> None:
     carbon, reference = job_carbon_kg(horizon, result), job_carbon_kg(horizon, agnostic)
     print(
         f"planned job CO2 over the horizon (modelled): Carbon objective {carbon:,.0f} kg, "
-        f"Energy objective (as soon as possible) {reference:,.0f} kg "
-        f"({(reference - carbon) / reference:.1%} less)"
+        f"Energy objective (as soon as possible) {reference:,.0f} kg"
+        + (f" ({(reference - carbon) / reference:.1%} less)" if reference > 0 else "")
     )
     instant = []
     for _ in range(args.repeat):
