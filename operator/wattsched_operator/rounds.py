@@ -601,9 +601,12 @@ class TelemetryRequests:
     forecast_queries: Mapping[str, str] = field(default_factory=dict)
 
 
-def backoff_seconds(failures: int, base_seconds: float) -> float:
-    """Seconds before retrying a replica after its `failures`-th failure (doubling, 5 min cap)."""
-    return float(min(base_seconds * 2 ** max(failures - 1, 0), MAX_BACKOFF_SECONDS))
+def backoff_seconds(
+    failures: int, base_seconds: float, max_seconds: float = MAX_BACKOFF_SECONDS
+) -> float:
+    """Seconds before a retry after the `failures`-th failure: `base_seconds`, doubling with each
+    failure, at most `max_seconds` (a replica's: 5 min)."""
+    return float(min(base_seconds * 2 ** max(failures - 1, 0), max_seconds))
 
 
 def workload_object(body: Mapping[str, Any]) -> desired.WorkloadObject:

@@ -33,6 +33,7 @@ from typing import Any
 from wattsched_operator import core
 from wattsched_operator.core import ClusterView, ObjectRef, StatusWrite
 from wattsched_operator.kube import KubeError
+from wattsched_operator.rounds import backoff_seconds
 
 logger = logging.getLogger("wattsched.operator")
 
@@ -323,7 +324,7 @@ class StatusWriter:
                 self.expected[path] = [replace(w, events=()) for w in newer.writes]
             return
         failures = waiting.failures + 1
-        delay = min(RETRY_MAX_SECONDS, self.retry_first_seconds * 2 ** (failures - 1))
+        delay = backoff_seconds(failures, self.retry_first_seconds, RETRY_MAX_SECONDS)
         logger.info("status write %s failed (%s); retrying in %.1f s", path, error, delay)
         writes = waiting.writes[done:]
         for write in newer.writes if newer is not None else ():
