@@ -27,6 +27,9 @@ from wattsched_operator import core, desired, services, statuses, transition
 from wattsched_operator.cache import PROFILES, ClusterCache
 from wattsched_operator.core import ClusterView, ObjectRef
 from wattsched_operator.kube import (
+    HTTP_CONFLICT,
+    HTTP_NOT_FOUND,
+    HTTP_TOO_MANY_REQUESTS,
     Kube,
     KubeError,
     budgets_path,
@@ -39,10 +42,6 @@ from wattsched_operator.metrics import BudgetFigures
 from wattsched_operator.writer import DEFAULT_CONCURRENCY, StatusWriter
 
 logger = logging.getLogger("wattsched.operator")
-
-HTTP_NOT_FOUND = 404
-HTTP_CONFLICT = 409
-HTTP_TOO_MANY_REQUESTS = 429
 
 T = TypeVar("T")
 

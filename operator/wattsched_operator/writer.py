@@ -32,14 +32,10 @@ from typing import Any
 
 from wattsched_operator import core
 from wattsched_operator.core import ClusterView, ObjectRef, StatusWrite
-from wattsched_operator.kube import KubeError
+from wattsched_operator.kube import HTTP_CONFLICT, HTTP_NOT_FOUND, HTTP_TOO_MANY_REQUESTS, KubeError
 from wattsched_operator.rounds import backoff_seconds
 
 logger = logging.getLogger("wattsched.operator")
-
-HTTP_NOT_FOUND = 404
-HTTP_CONFLICT = 409
-HTTP_TOO_MANY_REQUESTS = 429
 
 # Workers writing statuses at once: few enough that the round's own writes (pod creates,
 # evictions, profiles) keep most of the operator's API worker threads.
