@@ -130,15 +130,18 @@ def record(cache: ClusterCache, kind: str, event_type: str | None, body: Mapping
     Returns whether it did. `event_type` is the watch event's type (None for the initial listing).
     """
     before = cache.get(kind, object_key(body))
-    if event_type == "DELETED":
+    deleted = event_type == "DELETED"
+    if deleted:
         cache.remove(kind, body)
         changed = before is not None
-        settles = departure(cache, kind, event_type, body)
     else:
         cache.upsert(kind, body)
         changed = before is None or fingerprint(kind, before) != fingerprint(kind, body)
-        settles = departure(cache, kind, event_type, body) or confirmation(kind, before, body)
     if changed:
+        # Only for a change that counts: a heartbeat or the operator's own status looks nothing up.
+        settles = departure(cache, kind, event_type, body) or (
+            not deleted and confirmation(kind, before, body)
+        )
         cache.mark_dirty(settles=settles)
     return changed
 
