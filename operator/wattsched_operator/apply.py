@@ -38,7 +38,6 @@ from wattsched_operator.kube import (
     services_path,
     workloads_path,
 )
-from wattsched_operator.metrics import BudgetFigures
 from wattsched_operator.writer import DEFAULT_CONCURRENCY, StatusWriter
 
 logger = logging.getLogger("wattsched.operator")
@@ -217,19 +216,7 @@ class Applier:
             self.metrics.set_slo(slo_met)
             self.metrics.keep_workloads(set(update.workloads))
         if update.budgets is not None:
-            self.metrics.set_budgets(
-                {
-                    name: BudgetFigures(
-                        cap_watts=b.cap_watts,
-                        allocated_cap_watts=b.allocated_cap_watts,
-                        expected_watts=b.expected_watts,
-                        measured_watts=b.measured_watts,
-                        energy_used_kwh=b.energy_used_kwh,
-                        energy_allowance_kwh=b.energy_allowance_kwh,
-                    )
-                    for name, b in update.budgets.items()
-                }
-            )
+            self.metrics.set_budgets(update.budgets)
         for write in round_.budget_statuses:
             self.writer.submit(write)
         return core.Applied(

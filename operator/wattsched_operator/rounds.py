@@ -339,14 +339,16 @@ class PlanFigures:
 
 @dataclass(frozen=True)
 class BudgetMetric:
-    """A budget's figures for the budget gauges (see `metrics.BudgetFigures`)."""
+    """One EnergyBudget's figures after a plan, as its gauges show them (`metrics.set_budgets`)."""
 
     cap_watts: float
     allocated_cap_watts: float
     expected_watts: float
-    measured_watts: float | None
-    energy_used_kwh: float | None
-    energy_allowance_kwh: float | None
+    # Measured draw in scope (None when not measured), energy used this period (GPU energy x PUE)
+    # and the period's allowance (None without spec.energy).
+    measured_watts: float | None = None
+    energy_used_kwh: float | None = None
+    energy_allowance_kwh: float | None = None
 
 
 @dataclass(frozen=True)
