@@ -171,6 +171,8 @@ class StatusWriter:
     def overlay(self, view: ClusterView) -> ClusterView:
         """`view` with the status of each workload and budget the writer holds a write for
         merged in; drops what the cache already shows (and objects that are gone)."""
+        if not self.expected:
+            return view  # nothing held: no copy of the workloads and budgets
         workloads = dict(view.workloads)
         budgets = dict(view.budgets)
         shown_since = time.monotonic() - SHOWN_AFTER_WRITE_SECONDS
