@@ -65,7 +65,11 @@ __all__ = ["InputBuilder", "LoopSettings", "PlanFunction", "PlannedInput", "Plan
 
 
 @dataclass(frozen=True)
-class LoopSettings:
+class LoopSettings(core.Settings):
+    """The decision core's settings (`core.Settings`: with telemetry each accounting update is a
+    status write per running workload; the loop re-plans when a heartbeat it counted on expires,
+    not only on the periodic re-plan) and the shell's own."""
+
     debounce_seconds: float = 1.0
     # While every change since the last round can settle (a workload deleted, its pods going, an
     # agent confirming limits: `cache.Changes`), plan once this long passed without another, and
@@ -74,36 +78,17 @@ class LoopSettings:
     settle_longest_seconds: float = 10.0
     replan_seconds: float = 60.0
     confirm_timeout_seconds: float = 15.0
-    backoff_limit: int = 3
-    backoff_seconds: float = 10.0
     # Namespaces whose LLMWorkloads this operator handles; empty means all.
     namespaces: tuple[str, ...] = ()
     workers: int = 16
     # A telemetry read slower than this is dropped for the round (planning goes on, modelled).
     telemetry_timeout_seconds: float = 10.0
-    # How often energy, carbon and the measured figures in statuses are brought up to date (each
-    # update is a status write per running workload).
-    accounting_seconds: float = 60.0
-    # An agent silent for longer is lost: its node counts at maximum and takes no work. The loop
-    # re-plans when a heartbeat it counted on expires, not only on the periodic re-plan.
-    heartbeat_timeout_seconds: float = 30.0
-    # Hours the plan looks ahead for budgets that plan over time (0: one instant at a time).
-    horizon_hours: float = budget_horizon.DEFAULT_HORIZON_HOURS
     # With telemetry, how often the services' served tokens/s and queues are read between plans
     # (`core.check_demand`): a service whose demand exceeds its plan's capacity is re-planned
     # then, not at the periodic re-plan. 0: no checks.
     demand_check_seconds: float = 15.0
     # On the way out, how long the loop waits for status writes still pending to be written.
     flush_seconds: float = 10.0
-
-    def core_settings(self) -> core.Settings:
-        return core.Settings(
-            backoff_limit=self.backoff_limit,
-            backoff_seconds=self.backoff_seconds,
-            accounting_seconds=self.accounting_seconds,
-            heartbeat_timeout_seconds=self.heartbeat_timeout_seconds,
-            horizon_hours=self.horizon_hours,
-        )
 
 
 class PlanningLoop:
@@ -327,7 +312,7 @@ class PlanningLoop:
             view=view,
             memory=self.memory,
             monotonic=time.monotonic(),
-            settings=self.settings.core_settings(),
+            settings=self.settings,
             telemetry=readings,
         )
 
