@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from wattsched_api.meta import format_time, read_timestamp
+from wattsched_api.meta import format_time
 from wattsched_operator import core, desired, services, statuses, transition
 from wattsched_operator.cache import PROFILES, ClusterCache
 from wattsched_operator.core import ClusterView, ObjectRef
@@ -422,9 +422,7 @@ class Applier:
         now = datetime.now(UTC)
         silent = set()
         for node in nodes:
-            profile = self.cache.get(PROFILES, node) or {}
-            agent = (profile.get("status") or {}).get("agent") or {}
-            beat = read_timestamp(agent.get("heartbeatTime"))
+            beat = transition.agent_heartbeat(self.cache.get(PROFILES, node))
             if beat is not None and (now - beat).total_seconds() > self.heartbeat_timeout_seconds:
                 silent.add(node)
         return silent

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from wattsched_api.meta import read_timestamp
 from wattsched_api.vocabulary import Source
-from wattsched_operator import budget_horizon, core, desired
+from wattsched_operator import budget_horizon, core, desired, transition
 from wattsched_operator.apply import Applier
 from wattsched_operator.cache import (
     BUDGETS,
@@ -252,11 +251,10 @@ class PlanningLoop:
 
     def _heartbeats(self) -> dict[str, datetime | None]:
         """The last heartbeat of each agent the last round counted as ready (None: none read)."""
-        beats: dict[str, datetime | None] = {}
-        for node in self.memory.ready_agents:
-            agent = ((self.cache.get(PROFILES, node) or {}).get("status") or {}).get("agent") or {}
-            beats[node] = read_timestamp(agent.get("heartbeatTime"))
-        return beats
+        return {
+            node: transition.agent_heartbeat(self.cache.get(PROFILES, node))
+            for node in self.memory.ready_agents
+        }
 
     def _heartbeat_expiry(self) -> float | None:
         """When (monotonic) the first heartbeat the last round counted on expires."""
