@@ -295,11 +295,12 @@ def telemetry_requests(
             return TelemetryRequests()
         plan_input, jobs, active = last.plan_input, last.built.jobs, _still_active(view, last)
         forecasts = {}
+        pods = _pods_by_workload(view)
     else:
         prepared = _checked(prepared or prepare(observed, now), now)
         plan_input, jobs, active = prepared.plan_input, prepared.built.jobs, prepared.active
         forecasts = _forecast_queries(prepared.built.budgets, observed.settings)
-    pods = _pods_by_workload(view)
+        pods = prepared.pods_by_workload
     due = bookkeeping.find_due(
         view,
         active=active,
