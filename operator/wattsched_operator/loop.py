@@ -228,8 +228,8 @@ class PlanningLoop:
                 now = time.monotonic()
                 if now >= periodic_at or (self._wake_at is not None and now >= self._wake_at):
                     return "plan"
-                if self._lost_agents():
-                    logger.info("agents lost on %s: re-planning", ", ".join(self._lost_agents()))
+                if lost := self._lost_agents():
+                    logger.info("agents lost on %s: re-planning", ", ".join(lost))
                     return "plan"
                 if account_at is not None and now >= account_at:
                     return "account"
