@@ -52,6 +52,12 @@ def decode_any_stored_object() -> None:
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
 
 
+# The HTTP statuses the operator tells apart in a failed call (`KubeError.status`).
+HTTP_NOT_FOUND = 404
+HTTP_CONFLICT = 409
+HTTP_TOO_MANY_REQUESTS = 429
+
+
 class KubeError(Exception):
     """A Kubernetes API call that failed; `status` is the HTTP status (0 when none came back)."""
 
@@ -284,5 +290,5 @@ class Kube:
         try:
             self.request("DELETE", path, options, parse=False)
         except KubeError as error:
-            if error.status != 404:
+            if error.status != HTTP_NOT_FOUND:
                 raise

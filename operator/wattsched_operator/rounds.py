@@ -339,14 +339,16 @@ class PlanFigures:
 
 @dataclass(frozen=True)
 class BudgetMetric:
-    """A budget's figures for the budget gauges (see `metrics.BudgetFigures`)."""
+    """One EnergyBudget's figures after a plan, as its gauges show them (`metrics.set_budgets`)."""
 
     cap_watts: float
     allocated_cap_watts: float
     expected_watts: float
-    measured_watts: float | None
-    energy_used_kwh: float | None
-    energy_allowance_kwh: float | None
+    # Measured draw in scope (None when not measured), energy used this period (GPU energy x PUE)
+    # and the period's allowance (None without spec.energy).
+    measured_watts: float | None = None
+    energy_used_kwh: float | None = None
+    energy_allowance_kwh: float | None = None
 
 
 @dataclass(frozen=True)
@@ -601,9 +603,12 @@ class TelemetryRequests:
     forecast_queries: Mapping[str, str] = field(default_factory=dict)
 
 
-def backoff_seconds(failures: int, base_seconds: float) -> float:
-    """Seconds before retrying a replica after its `failures`-th failure (doubling, 5 min cap)."""
-    return float(min(base_seconds * 2 ** max(failures - 1, 0), MAX_BACKOFF_SECONDS))
+def backoff_seconds(
+    failures: int, base_seconds: float, max_seconds: float = MAX_BACKOFF_SECONDS
+) -> float:
+    """Seconds before a retry after the `failures`-th failure: `base_seconds`, doubling with each
+    failure, at most `max_seconds` (a replica's: 5 min)."""
+    return float(min(base_seconds * 2 ** max(failures - 1, 0), max_seconds))
 
 
 def workload_object(body: Mapping[str, Any]) -> desired.WorkloadObject:
