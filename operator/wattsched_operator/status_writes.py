@@ -373,7 +373,7 @@ def _budget_events(
         if posted.get(key) != (exhausted["reason"], ""):
             posted[key] = (exhausted["reason"], "")
             events.append(
-                Event(ref, "Warning", ConditionType.ALLOWANCE_EXHAUSTED, exhausted["message"])
+                Event(ref, "Warning", EventReason.ALLOWANCE_EXHAUSTED, exhausted["message"])
             )
     return tuple(events)
 
