@@ -20,20 +20,20 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
 from wattsched_api.commandline import EXIT_USAGE, CommandParser, table
-from wattsched_api.energybudget import Period
+from wattsched_api.energybudget import Period, period_end, period_start
 from wattsched_api.errors import ApiValidationError
 from wattsched_api.meta import read_timestamp
 from wattsched_api.nodepowerprofile import parse_nodepowerprofile
 from wattsched_api.vocabulary import TERMINAL_PHASES, ConditionType, EventReason, Phase, Source
 from wattsched_cli.cluster_read import ClusterReadError, connect, list_objects, read_cluster
-from wattsched_operator.accounting import JOULES_PER_KWH, period_start
+from wattsched_operator.accounting import JOULES_PER_KWH
 from wattsched_operator.kube import Kube, KubeError
 from wattsched_operator.snapshot import Body, ClusterObjects, SnapshotError, gpu_count
 
@@ -72,15 +72,6 @@ def _age(moment: datetime | None, now: datetime) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m ago"
     return f"{seconds / 3600:.1f}h ago"
-
-
-def period_end(start: datetime, period: Period) -> datetime:
-    """The end of the UTC period that starts at `start` (the next period's start)."""
-    if period is Period.DAY:
-        return start + timedelta(days=1)
-    if period is Period.WEEK:
-        return start + timedelta(days=7)
-    return (start + timedelta(days=32)).replace(day=1)
 
 
 @dataclass(frozen=True)
