@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from wattsched_api.meta import merge_patch
 from wattsched_operator import core
 from wattsched_operator.core import ClusterView, ObjectRef, StatusWrite
 from wattsched_operator.kube import HTTP_CONFLICT, HTTP_NOT_FOUND, HTTP_TOO_MANY_REQUESTS, KubeError
@@ -48,19 +49,6 @@ SHOWN_AFTER_WRITE_SECONDS = 30.0
 
 WriteStatus = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 PostEvent = Callable[[core.Event], Awaitable[None]]
-
-
-def apply_merge_patch(target: Any, patch: Any) -> Any:
-    """`target` with the JSON merge patch `patch` applied (RFC 7386); neither is changed."""
-    if not isinstance(patch, Mapping):
-        return patch
-    result = dict(target) if isinstance(target, Mapping) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = apply_merge_patch(result.get(key), value)
-    return result
 
 
 def compose_merge_patches(
@@ -122,7 +110,7 @@ def _queued(writes: list[StatusWrite], newer: StatusWrite) -> list[StatusWrite]:
 
 def _apply_all(status: Mapping[str, Any], writes: list[StatusWrite]) -> Any:
     for write in writes:
-        status = apply_merge_patch(status, write.status)
+        status = merge_patch(status, write.status)
     return status
 
 
