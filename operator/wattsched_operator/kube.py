@@ -165,8 +165,6 @@ def load_kubeconfig(kubeconfig: str | None, configuration: client.Configuration)
         config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=kubeconfig, client_configuration=configuration
         )
-    except config.ConfigException:
-        raise
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
         raise config.ConfigException(
             f"{kubeconfig or 'the kubeconfig'}: not a usable kubeconfig: {one_line(error)}"
