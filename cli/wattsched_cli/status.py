@@ -35,13 +35,15 @@ from wattsched_api.vocabulary import TERMINAL_PHASES, ConditionType, EventReason
 from wattsched_cli.cluster_read import ClusterReadError, connect, list_objects, read_cluster
 from wattsched_operator.accounting import JOULES_PER_KWH
 from wattsched_operator.kube import Kube, KubeError
+from wattsched_operator.rounds import HEARTBEAT_TIMEOUT_SECONDS
 from wattsched_operator.snapshot import Body, ClusterObjects, SnapshotError, gpu_count
 
 # Event reasons the operator posts on LLMWorkloads when it moves or preempts replicas.
 MOVE_REASONS = (EventReason.MOVED, EventReason.PREEMPTED)
-# The operator's defaults: `--replan-interval-seconds 60`, `--heartbeat-timeout-seconds 120`.
+# 3 x the operator's default `--replan-interval-seconds 60`. An agent silent for longer than
+# the operator's `--heartbeat-timeout-seconds` default (rounds.HEARTBEAT_TIMEOUT_SECONDS) counts
+# as not confirmed, as the operator counts it.
 STALE_PLAN_SECONDS = 180.0
-HEARTBEAT_TIMEOUT_SECONDS = 120.0
 RECENT_SECONDS = 3600.0
 
 

@@ -114,6 +114,12 @@ class PlannedInput:
 InputBuilder = Callable[[ClusterView, frozenset[str], datetime], PlannedInput]
 
 
+# An agent silent for longer is lost (`wattsched operator --heartbeat-timeout-seconds`' default,
+# read by `wattsched status` and `wattsched plan --from-cluster` too): three missed reports at the
+# agent's default 10 s interval.
+HEARTBEAT_TIMEOUT_SECONDS = 30.0
+
+
 @dataclass(frozen=True)
 class Settings:
     """The controller's settings that decisions depend on (the shell's own are in the loop)."""
@@ -124,7 +130,7 @@ class Settings:
     # How often energy, carbon, progress and the measured figures in statuses advance.
     accounting_seconds: float = 60.0
     # An agent silent for longer is lost: its node counts at maximum and takes no work.
-    heartbeat_timeout_seconds: float = 30.0
+    heartbeat_timeout_seconds: float = HEARTBEAT_TIMEOUT_SECONDS
     # Hours the plan looks ahead for budgets with an allowance, a cap schedule or a carbon
     # forecast (`budget_horizon`); 0: the one-instant planner alone.
     horizon_hours: float = budget_horizon.DEFAULT_HORIZON_HOURS
