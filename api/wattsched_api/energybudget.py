@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -48,6 +49,27 @@ class Period(StrEnum):
     DAY = "Day"
     WEEK = "Week"
     MONTH = "Month"
+
+
+def period_start(moment: datetime, period: Period) -> datetime:
+    """The start (UTC midnight) of the calendar day, ISO week (Monday) or month holding `moment`:
+    allowance periods are UTC calendar periods (`spec.timeZone` places schedule windows and
+    carbon hours, not periods)."""
+    day = moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period is Period.WEEK:
+        return day - timedelta(days=day.weekday())
+    if period is Period.MONTH:
+        return day.replace(day=1)
+    return day
+
+
+def period_end(start: datetime, period: Period) -> datetime:
+    """The end of the period that starts at `start` (a `period_start`): the next period's start."""
+    if period is Period.DAY:
+        return start + timedelta(days=1)
+    if period is Period.WEEK:
+        return start + timedelta(days=7)
+    return (start + timedelta(days=32)).replace(day=1)
 
 
 class PlanStatusName(StrEnum):

@@ -1,6 +1,8 @@
-"""What the three wattsched kinds share: API group/version, object metadata, conditions and
-RFC 3339 times (the one parser every component uses). The names and words of the API (labels,
-annotations, env, phases, condition types and reasons) are in `wattsched_api.vocabulary`.
+"""What the three wattsched kinds share: API group/version, object metadata, conditions,
+RFC 3339 times (the one parser every component uses) and the JSON merge patch a status write is
+(the one definition: the operator's writer, the simulator and the tests apply it). The names and
+words of the API (labels, annotations, env, phases, condition types and reasons) are in
+`wattsched_api.vocabulary`.
 
 Not for Kubernetes client calls; these are plain values read from and written to JSON objects.
 """
@@ -8,6 +10,7 @@ Not for Kubernetes client calls; these are plain values read from and written to
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -39,6 +42,21 @@ def read_timestamp(value: object) -> datetime | None:
         return parse_time(value)
     except ValueError:
         return None
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """`target` with the JSON merge patch `patch` applied (RFC 7386): objects merge key by key,
+    null removes a key, anything else (a list, a scalar, a non-object patch) replaces. Neither
+    input is changed; the result shares the values it did not merge with them."""
+    if not isinstance(patch, Mapping):
+        return patch
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
 
 
 def format_time(moment: datetime) -> str:

@@ -44,6 +44,7 @@ from wattsched_operator.budget_horizon import (
     OverTime,
     plan_over_time,
 )
+from wattsched_operator.rounds import HEARTBEAT_TIMEOUT_SECONDS
 from wattsched_operator.snapshot import (
     ClusterObjects,
     Snapshot,
@@ -57,10 +58,6 @@ from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import PlanInputError
 from wattsched_optimizer.planner import plan as solve_plan
 from wattsched_optimizer.problem import Plan, PlanOptions
-
-# The operator's default (`wattsched operator --heartbeat-timeout-seconds`): with --from-cluster an
-# agent silent for longer counts as not ready, as the operator counts it.
-HEARTBEAT_TIMEOUT_SECONDS = 30.0
 
 
 def clock_range(sm_clock_mhz: int | None) -> dict[str, int] | None:
@@ -514,6 +511,8 @@ def run(args: argparse.Namespace, stdin: TextIO) -> PlanResult:
         # Live: a node whose agent has not confirmed counts at maximum power, as the operator
         # counts it. A file without NodePowerProfiles plans as if every agent were ready.
         agents_required=args.from_cluster,
+        # With --from-cluster an agent silent for longer than the operator's default counts as not
+        # ready, as the operator counts it.
         heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS if args.from_cluster else None,
     )
     if snapshot.ignored:  # a budget, profile or pod that cannot be read: the input is wrong

@@ -20,28 +20,30 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
 from wattsched_api.commandline import EXIT_USAGE, CommandParser, table
-from wattsched_api.energybudget import Period
+from wattsched_api.energybudget import Period, period_end, period_start
 from wattsched_api.errors import ApiValidationError
 from wattsched_api.meta import read_timestamp
 from wattsched_api.nodepowerprofile import parse_nodepowerprofile
 from wattsched_api.vocabulary import TERMINAL_PHASES, ConditionType, EventReason, Phase, Source
 from wattsched_cli.cluster_read import ClusterReadError, connect, list_objects, read_cluster
-from wattsched_operator.accounting import JOULES_PER_KWH, period_start
+from wattsched_operator.accounting import JOULES_PER_KWH
 from wattsched_operator.kube import Kube, KubeError
+from wattsched_operator.rounds import HEARTBEAT_TIMEOUT_SECONDS
 from wattsched_operator.snapshot import Body, ClusterObjects, SnapshotError, gpu_count
 
 # Event reasons the operator posts on LLMWorkloads when it moves or preempts replicas.
 MOVE_REASONS = (EventReason.MOVED, EventReason.PREEMPTED)
-# The operator's defaults: `--replan-interval-seconds 60`, `--heartbeat-timeout-seconds 120`.
+# 3 x the operator's default `--replan-interval-seconds 60`. An agent silent for longer than
+# the operator's `--heartbeat-timeout-seconds` default (rounds.HEARTBEAT_TIMEOUT_SECONDS) counts
+# as not confirmed, as the operator counts it.
 STALE_PLAN_SECONDS = 180.0
-HEARTBEAT_TIMEOUT_SECONDS = 120.0
 RECENT_SECONDS = 3600.0
 
 
@@ -72,15 +74,6 @@ def _age(moment: datetime | None, now: datetime) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m ago"
     return f"{seconds / 3600:.1f}h ago"
-
-
-def period_end(start: datetime, period: Period) -> datetime:
-    """The end of the UTC period that starts at `start` (the next period's start)."""
-    if period is Period.DAY:
-        return start + timedelta(days=1)
-    if period is Period.WEEK:
-        return start + timedelta(days=7)
-    return (start + timedelta(days=32)).replace(day=1)
 
 
 @dataclass(frozen=True)

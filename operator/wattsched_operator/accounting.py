@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
-from wattsched_api.energybudget import Period
+from wattsched_api.energybudget import Period, period_start
 from wattsched_api.meta import format_time, read_timestamp
 from wattsched_api.vocabulary import EnergySource, Source
 from wattsched_operator.readings import Measurement, PodKey, TelemetrySnapshot
@@ -33,16 +33,6 @@ JOULES_PER_KWH = 3.6e6
 # What people read (statuses, `kubectl get -o wide`): kWh to the watt-hour, kg to the gram.
 KWH_DECIMALS = 3
 KG_DECIMALS = 3
-
-
-def period_start(moment: datetime, period: Period) -> datetime:
-    """The start (UTC midnight) of the calendar day, ISO week (Monday) or month holding `moment`."""
-    day = moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period is Period.WEEK:
-        return day - timedelta(days=day.weekday())
-    if period is Period.MONTH:
-        return day.replace(day=1)
-    return day
 
 
 def combined_source(before: str | None, increment: str) -> str:

@@ -22,11 +22,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from wattsched_api.meta import format_time, read_timestamp
+from wattsched_api.meta import format_time
 from wattsched_operator import core, desired, services, statuses, transition
 from wattsched_operator.cache import PROFILES, ClusterCache
 from wattsched_operator.core import ClusterView, ObjectRef
 from wattsched_operator.kube import (
+    HTTP_CONFLICT,
+    HTTP_NOT_FOUND,
+    HTTP_TOO_MANY_REQUESTS,
     Kube,
     KubeError,
     budgets_path,
@@ -35,14 +38,9 @@ from wattsched_operator.kube import (
     services_path,
     workloads_path,
 )
-from wattsched_operator.metrics import BudgetFigures
 from wattsched_operator.writer import DEFAULT_CONCURRENCY, StatusWriter
 
 logger = logging.getLogger("wattsched.operator")
-
-HTTP_NOT_FOUND = 404
-HTTP_CONFLICT = 409
-HTTP_TOO_MANY_REQUESTS = 429
 
 T = TypeVar("T")
 
@@ -218,19 +216,7 @@ class Applier:
             self.metrics.set_slo(slo_met)
             self.metrics.keep_workloads(set(update.workloads))
         if update.budgets is not None:
-            self.metrics.set_budgets(
-                {
-                    name: BudgetFigures(
-                        cap_watts=b.cap_watts,
-                        allocated_cap_watts=b.allocated_cap_watts,
-                        expected_watts=b.expected_watts,
-                        measured_watts=b.measured_watts,
-                        energy_used_kwh=b.energy_used_kwh,
-                        energy_allowance_kwh=b.energy_allowance_kwh,
-                    )
-                    for name, b in update.budgets.items()
-                }
-            )
+            self.metrics.set_budgets(update.budgets)
         for write in round_.budget_statuses:
             self.writer.submit(write)
         return core.Applied(
@@ -436,9 +422,7 @@ class Applier:
         now = datetime.now(UTC)
         silent = set()
         for node in nodes:
-            profile = self.cache.get(PROFILES, node) or {}
-            agent = (profile.get("status") or {}).get("agent") or {}
-            beat = read_timestamp(agent.get("heartbeatTime"))
+            beat = transition.agent_heartbeat(self.cache.get(PROFILES, node))
             if beat is not None and (now - beat).total_seconds() > self.heartbeat_timeout_seconds:
                 silent.add(node)
         return silent

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from wattsched_api.energybudget import EnergyBudget, Period
+from wattsched_api.energybudget import EnergyBudget, period_end, period_start
 from wattsched_api.meta import parse_time
 from wattsched_api.vocabulary import Reason
 from wattsched_operator.demand import HourlyDemand
@@ -123,18 +123,6 @@ def _carbon(
     return tuple(values)
 
 
-def period_start(moment: datetime, period: Period) -> datetime:
-    """The start (UTC midnight) of the calendar day, ISO week (Monday) or month holding `moment`
-    (as `accounting.period_start`, which this module does not import: accounting reads
-    telemetry)."""
-    day = moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period is Period.WEEK:
-        return day - timedelta(days=day.weekday())
-    if period is Period.MONTH:
-        return day.replace(day=1)
-    return day
-
-
 def period_bounds(budget: EnergyBudget, now: datetime) -> tuple[datetime, datetime] | None:
     """The current allowance period [start, end) in UTC, None without `spec.energy`."""
     energy = budget.spec.energy
@@ -142,9 +130,7 @@ def period_bounds(budget: EnergyBudget, now: datetime) -> tuple[datetime, dateti
         return None
     period = energy.period
     start = period_start(now, period)
-    days = {Period.DAY: 1, Period.WEEK: 7, Period.MONTH: 31}[energy.period]
-    end = period_start(start + timedelta(days=days, hours=1), period)
-    return start, end
+    return start, period_end(start, period)
 
 
 def _used(budget: EnergyBudget, start: datetime) -> tuple[float, float]:

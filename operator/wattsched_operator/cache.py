@@ -302,22 +302,17 @@ class ClusterCache:
     objects: dict[str, dict[str, Body]] = field(default_factory=lambda: {k: {} for k in KINDS})
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
     changes: Changes = field(default_factory=Changes)
-    # Bumped on every change; the loop compares it to skip statuses nothing touched.
-    version: int = 0
 
     def upsert(self, kind: str, body: Mapping[str, Any]) -> None:
         self.objects[kind][object_key(body)] = slim(kind, body)
-        self.version += 1
 
     def remove(self, kind: str, body: Mapping[str, Any]) -> None:
         self.objects[kind].pop(object_key(body), None)
-        self.version += 1
 
     def replace(self, kind: str, slimmed_bodies: Iterable[Body]) -> None:
         """Replace everything of one kind with a fresh list from the API server, each body
         already `slim` (the list slims page by page: `Kube.list(..., keep=...)`)."""
         self.objects[kind] = {object_key(b): b for b in slimmed_bodies}
-        self.version += 1
 
     def get(self, kind: str, key: str) -> Body | None:
         return self.objects[kind].get(key)

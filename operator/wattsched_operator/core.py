@@ -65,18 +65,14 @@ from wattsched_operator.rounds import (
     WORKLOAD_KIND,
     Applied,
     Body,
-    BudgetMetric,
     ClusterView,
     Deletion,
-    DisruptionReport,
     Disruptions,
-    EnergyCount,
     Event,
     Eviction,
     InputBuilder,
     LastRound,
     Memory,
-    MetadataPatch,
     MetricsUpdate,
     ObjectRef,
     Observed,
@@ -114,25 +110,17 @@ __all__ = [
     "WORKLOAD_KIND",
     "Applied",
     "Body",
-    "BudgetMetric",
     "ClusterView",
     "Deletion",
-    "DisruptionReport",
     "Disruptions",
-    "EnergyCount",
     "Event",
     "Eviction",
     "InputBuilder",
-    "LastRound",
     "Memory",
-    "MetadataPatch",
-    "MetricsUpdate",
     "ObjectRef",
     "Observed",
-    "PlanFigures",
     "PlanFunction",
     "PlannedInput",
-    "PodRejection",
     "Prepared",
     "Readings",
     "Round",
@@ -142,12 +130,10 @@ __all__ = [
     "WorkloadStatus",
     "account",
     "after_apply",
-    "backoff_seconds",
     "build_input_function",
     "check_demand",
     "decide",
     "failed_round",
-    "is_deleting",
     "pod_id",
     "pod_workload_key",
     "prepare",
@@ -309,11 +295,12 @@ def telemetry_requests(
             return TelemetryRequests()
         plan_input, jobs, active = last.plan_input, last.built.jobs, _still_active(view, last)
         forecasts = {}
+        pods = _pods_by_workload(view)
     else:
         prepared = _checked(prepared or prepare(observed, now), now)
         plan_input, jobs, active = prepared.plan_input, prepared.built.jobs, prepared.active
         forecasts = _forecast_queries(prepared.built.budgets, observed.settings)
-    pods = _pods_by_workload(view)
+        pods = prepared.pods_by_workload
     due = bookkeeping.find_due(
         view,
         active=active,

@@ -30,6 +30,7 @@ from wattsched_operator.cache import (
 )
 from wattsched_operator.desired import GPU_RESOURCE, GROUP, LABEL_WORKLOAD, VERSION
 from wattsched_operator.kube import Kube, pods_path
+from wattsched_operator.rounds import is_deleting
 
 
 @dataclass
@@ -49,7 +50,7 @@ class OperatorMemo:
 def fingerprint(kind: str, body: Mapping[str, Any]) -> object:
     """The parts of an object a plan depends on; a change in them makes the plan dirty."""
     meta = body.get("metadata") or {}
-    deleting = bool(meta.get("deletionTimestamp"))
+    deleting = is_deleting(body)
     if kind in {WORKLOADS, BUDGETS}:
         return (meta.get("generation"), deleting, (body.get("status") or {}).get("phase"))
     if kind == NODES:
@@ -92,13 +93,13 @@ def departure(
     """Whether an event only says that a workload is leaving: the workload being deleted or gone,
     or a pod of a workload being deleted or no longer known. A pod lost by a workload that stays
     is not (its replica must be placed again)."""
-    meta = body.get("metadata") or {}
     if kind == WORKLOADS:
-        return event_type == "DELETED" or bool(meta.get("deletionTimestamp"))
+        return event_type == "DELETED" or is_deleting(body)
     if kind == PODS:
+        meta = body.get("metadata") or {}
         name = (meta.get("labels") or {}).get(LABEL_WORKLOAD)
         owner = cache.get(WORKLOADS, f"{meta.get('namespace')}/{name}")
-        return owner is None or bool((owner.get("metadata") or {}).get("deletionTimestamp"))
+        return owner is None or is_deleting(owner)
     return False
 
 
@@ -130,15 +131,18 @@ def record(cache: ClusterCache, kind: str, event_type: str | None, body: Mapping
     Returns whether it did. `event_type` is the watch event's type (None for the initial listing).
     """
     before = cache.get(kind, object_key(body))
-    if event_type == "DELETED":
+    deleted = event_type == "DELETED"
+    if deleted:
         cache.remove(kind, body)
         changed = before is not None
-        settles = departure(cache, kind, event_type, body)
     else:
         cache.upsert(kind, body)
         changed = before is None or fingerprint(kind, before) != fingerprint(kind, body)
-        settles = departure(cache, kind, event_type, body) or confirmation(kind, before, body)
     if changed:
+        # Only for a change that counts: a heartbeat or the operator's own status looks nothing up.
+        settles = departure(cache, kind, event_type, body) or (
+            not deleted and confirmation(kind, before, body)
+        )
         cache.mark_dirty(settles=settles)
     return changed
 

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from wattsched_api.meta import parse_time
+from wattsched_api.meta import read_timestamp
 from wattsched_api.vocabulary import (
     GPU_RESOURCE,
     NODE_ANNOTATION,
@@ -206,11 +206,6 @@ def pending_handovers(pods: Iterable[Pod]) -> dict[PodKey, HandOver]:
         node, limit = pod_node(old), pod_limit_watts(old)
         if node is None or limit is None:
             continue
-        created = _meta(new).get("creationTimestamp")
-        try:
-            created_at = parse_time(created) if isinstance(created, str) else None
-        except ValueError:
-            created_at = None
         found[old_key] = HandOver(
             replica=replica,
             old=old_key,
@@ -219,7 +214,7 @@ def pending_handovers(pods: Iterable[Pod]) -> dict[PodKey, HandOver]:
             old_gpus=pod_gpus(old),
             old_limit_watts=limit,
             new_ready=_ready(new),
-            new_created=created_at,
+            new_created=read_timestamp(_meta(new).get("creationTimestamp")),
         )
     return found
 

@@ -52,6 +52,12 @@ def decode_any_stored_object() -> None:
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
 
 
+# The HTTP statuses the operator tells apart in a failed call (`KubeError.status`).
+HTTP_NOT_FOUND = 404
+HTTP_CONFLICT = 409
+HTTP_TOO_MANY_REQUESTS = 429
+
+
 class KubeError(Exception):
     """A Kubernetes API call that failed; `status` is the HTTP status (0 when none came back)."""
 
@@ -159,8 +165,6 @@ def load_kubeconfig(kubeconfig: str | None, configuration: client.Configuration)
         config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=kubeconfig, client_configuration=configuration
         )
-    except config.ConfigException:
-        raise
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
         raise config.ConfigException(
             f"{kubeconfig or 'the kubeconfig'}: not a usable kubeconfig: {one_line(error)}"
@@ -284,5 +288,5 @@ class Kube:
         try:
             self.request("DELETE", path, options, parse=False)
         except KubeError as error:
-            if error.status != 404:
+            if error.status != HTTP_NOT_FOUND:
                 raise

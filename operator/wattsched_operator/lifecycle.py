@@ -194,14 +194,7 @@ def rejected_statuses(
         if body is None:
             continue
         previous = body.get("status") or {}
-        admitted = next(
-            (
-                c
-                for c in previous.get("conditions") or []
-                if c.get("type") == ConditionType.ADMITTED
-            ),
-            None,
-        )
+        admitted = statuses.find_condition(previous.get("conditions") or [], ConditionType.ADMITTED)
         if admitted is not None and admitted.get("message") == message:
             continue
         condition = statuses.condition(

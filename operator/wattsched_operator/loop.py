@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from wattsched_api.meta import read_timestamp
 from wattsched_api.vocabulary import Source
-from wattsched_operator import budget_horizon, core, desired
+from wattsched_operator import budget_horizon, core, desired, transition
 from wattsched_operator.apply import Applier
 from wattsched_operator.cache import (
     BUDGETS,
@@ -65,7 +64,11 @@ __all__ = ["InputBuilder", "LoopSettings", "PlanFunction", "PlannedInput", "Plan
 
 
 @dataclass(frozen=True)
-class LoopSettings:
+class LoopSettings(core.Settings):
+    """The decision core's settings (`core.Settings`: with telemetry each accounting update is a
+    status write per running workload; the loop re-plans when a heartbeat it counted on expires,
+    not only on the periodic re-plan) and the shell's own."""
+
     debounce_seconds: float = 1.0
     # While every change since the last round can settle (a workload deleted, its pods going, an
     # agent confirming limits: `cache.Changes`), plan once this long passed without another, and
@@ -74,36 +77,17 @@ class LoopSettings:
     settle_longest_seconds: float = 10.0
     replan_seconds: float = 60.0
     confirm_timeout_seconds: float = 15.0
-    backoff_limit: int = 3
-    backoff_seconds: float = 10.0
     # Namespaces whose LLMWorkloads this operator handles; empty means all.
     namespaces: tuple[str, ...] = ()
     workers: int = 16
     # A telemetry read slower than this is dropped for the round (planning goes on, modelled).
     telemetry_timeout_seconds: float = 10.0
-    # How often energy, carbon and the measured figures in statuses are brought up to date (each
-    # update is a status write per running workload).
-    accounting_seconds: float = 60.0
-    # An agent silent for longer is lost: its node counts at maximum and takes no work. The loop
-    # re-plans when a heartbeat it counted on expires, not only on the periodic re-plan.
-    heartbeat_timeout_seconds: float = 30.0
-    # Hours the plan looks ahead for budgets that plan over time (0: one instant at a time).
-    horizon_hours: float = budget_horizon.DEFAULT_HORIZON_HOURS
     # With telemetry, how often the services' served tokens/s and queues are read between plans
     # (`core.check_demand`): a service whose demand exceeds its plan's capacity is re-planned
     # then, not at the periodic re-plan. 0: no checks.
     demand_check_seconds: float = 15.0
     # On the way out, how long the loop waits for status writes still pending to be written.
     flush_seconds: float = 10.0
-
-    def core_settings(self) -> core.Settings:
-        return core.Settings(
-            backoff_limit=self.backoff_limit,
-            backoff_seconds=self.backoff_seconds,
-            accounting_seconds=self.accounting_seconds,
-            heartbeat_timeout_seconds=self.heartbeat_timeout_seconds,
-            horizon_hours=self.horizon_hours,
-        )
 
 
 class PlanningLoop:
@@ -244,8 +228,8 @@ class PlanningLoop:
                 now = time.monotonic()
                 if now >= periodic_at or (self._wake_at is not None and now >= self._wake_at):
                     return "plan"
-                if self._lost_agents():
-                    logger.info("agents lost on %s: re-planning", ", ".join(self._lost_agents()))
+                if lost := self._lost_agents():
+                    logger.info("agents lost on %s: re-planning", ", ".join(lost))
                     return "plan"
                 if account_at is not None and now >= account_at:
                     return "account"
@@ -267,11 +251,10 @@ class PlanningLoop:
 
     def _heartbeats(self) -> dict[str, datetime | None]:
         """The last heartbeat of each agent the last round counted as ready (None: none read)."""
-        beats: dict[str, datetime | None] = {}
-        for node in self.memory.ready_agents:
-            agent = ((self.cache.get(PROFILES, node) or {}).get("status") or {}).get("agent") or {}
-            beats[node] = read_timestamp(agent.get("heartbeatTime"))
-        return beats
+        return {
+            node: transition.agent_heartbeat(self.cache.get(PROFILES, node))
+            for node in self.memory.ready_agents
+        }
 
     def _heartbeat_expiry(self) -> float | None:
         """When (monotonic) the first heartbeat the last round counted on expires."""
@@ -327,7 +310,7 @@ class PlanningLoop:
             view=view,
             memory=self.memory,
             monotonic=time.monotonic(),
-            settings=self.settings.core_settings(),
+            settings=self.settings,
             telemetry=readings,
         )
 

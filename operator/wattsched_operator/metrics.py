@@ -12,31 +12,17 @@ from DCGM/Kepler through telemetry, not from here. Ratios end in `_ratio` (Prome
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from wattsched_operator.rounds import BudgetMetric
 from wattsched_optimizer.model import Calibration
 from wattsched_optimizer.problem import MoveReason
 
 # The steps the planning loop counts errors of: the round as a whole, an API write while applying
 # the plan, a NodePowerProfile write, an accounting round between plans.
 RECONCILE_STEPS = ("plan", "apply", "limits", "account")
-
-
-@dataclass(frozen=True)
-class BudgetFigures:
-    """One EnergyBudget's figures after a plan, as its gauges show them."""
-
-    cap_watts: float
-    allocated_cap_watts: float
-    expected_watts: float
-    # Measured draw in scope (None when not measured), energy used this period (GPU energy x PUE)
-    # and the period's allowance (None without spec.energy).
-    measured_watts: float | None = None
-    energy_used_kwh: float | None = None
-    energy_allowance_kwh: float | None = None
 
 
 def version() -> str:
@@ -186,7 +172,7 @@ class OperatorMetrics:
         # Label sets of the per-workload counters, so a deleted workload's series can go.
         self._workload_series: set[tuple[str, str, str]] = set()
 
-    def set_budgets(self, figures: Mapping[str, BudgetFigures]) -> None:
+    def set_budgets(self, figures: Mapping[str, BudgetMetric]) -> None:
         """Per-budget gauges for the budgets in `figures` (every budget there is); the label sets
         of budgets no longer there are removed, so a deleted budget leaves no stale series."""
         gauges = (self.cap_watts, self.allocated_cap_watts, self.expected_watts)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from wattsched_api.meta import format_time, parse_time
+from wattsched_api.meta import format_time, read_timestamp
 from wattsched_api.vocabulary import Source
 from wattsched_optimizer.problem import WorkAmount, WorkUnit
 
@@ -115,10 +115,8 @@ def read_status(progress: Mapping[str, Any] | None) -> Progress | None:
     """`status.progress` as stored (None when absent or without a readable `updatedAt`)."""
     if not progress:
         return None
-    updated = progress.get("updatedAt")
-    try:
-        updated_at = parse_time(str(updated))
-    except ValueError:
+    updated_at = read_timestamp(progress.get("updatedAt"))
+    if updated_at is None:
         return None
     total = progress.get("totalTokens")
     return Progress(

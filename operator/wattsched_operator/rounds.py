@@ -114,6 +114,12 @@ class PlannedInput:
 InputBuilder = Callable[[ClusterView, frozenset[str], datetime], PlannedInput]
 
 
+# An agent silent for longer is lost (`wattsched operator --heartbeat-timeout-seconds`' default,
+# read by `wattsched status` and `wattsched plan --from-cluster` too): three missed reports at the
+# agent's default 10 s interval.
+HEARTBEAT_TIMEOUT_SECONDS = 30.0
+
+
 @dataclass(frozen=True)
 class Settings:
     """The controller's settings that decisions depend on (the shell's own are in the loop)."""
@@ -124,7 +130,7 @@ class Settings:
     # How often energy, carbon, progress and the measured figures in statuses advance.
     accounting_seconds: float = 60.0
     # An agent silent for longer is lost: its node counts at maximum and takes no work.
-    heartbeat_timeout_seconds: float = 30.0
+    heartbeat_timeout_seconds: float = HEARTBEAT_TIMEOUT_SECONDS
     # Hours the plan looks ahead for budgets with an allowance, a cap schedule or a carbon
     # forecast (`budget_horizon`); 0: the one-instant planner alone.
     horizon_hours: float = budget_horizon.DEFAULT_HORIZON_HOURS
@@ -339,14 +345,16 @@ class PlanFigures:
 
 @dataclass(frozen=True)
 class BudgetMetric:
-    """A budget's figures for the budget gauges (see `metrics.BudgetFigures`)."""
+    """One EnergyBudget's figures after a plan, as its gauges show them (`metrics.set_budgets`)."""
 
     cap_watts: float
     allocated_cap_watts: float
     expected_watts: float
-    measured_watts: float | None
-    energy_used_kwh: float | None
-    energy_allowance_kwh: float | None
+    # Measured draw in scope (None when not measured), energy used this period (GPU energy x PUE)
+    # and the period's allowance (None without spec.energy).
+    measured_watts: float | None = None
+    energy_used_kwh: float | None = None
+    energy_allowance_kwh: float | None = None
 
 
 @dataclass(frozen=True)
@@ -601,9 +609,12 @@ class TelemetryRequests:
     forecast_queries: Mapping[str, str] = field(default_factory=dict)
 
 
-def backoff_seconds(failures: int, base_seconds: float) -> float:
-    """Seconds before retrying a replica after its `failures`-th failure (doubling, 5 min cap)."""
-    return float(min(base_seconds * 2 ** max(failures - 1, 0), MAX_BACKOFF_SECONDS))
+def backoff_seconds(
+    failures: int, base_seconds: float, max_seconds: float = MAX_BACKOFF_SECONDS
+) -> float:
+    """Seconds before a retry after the `failures`-th failure: `base_seconds`, doubling with each
+    failure, at most `max_seconds` (a replica's: 5 min)."""
+    return float(min(base_seconds * 2 ** max(failures - 1, 0), max_seconds))
 
 
 def workload_object(body: Mapping[str, Any]) -> desired.WorkloadObject:

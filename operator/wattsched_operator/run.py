@@ -36,6 +36,7 @@ from wattsched_operator.kube import (
 )
 from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.metrics import OperatorMetrics
+from wattsched_operator.rounds import HEARTBEAT_TIMEOUT_SECONDS
 from wattsched_operator.telemetry import (
     DEFAULT_PEAK_TOKEN_QUERY,
     DEFAULT_QUEUE_QUERY,
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--heartbeat-timeout-seconds",
         type=float,
-        default=30.0,
+        default=HEARTBEAT_TIMEOUT_SECONDS,
         help="an agent silent for longer is lost: its node counts at maximum power and takes no "
         "work, and a re-plan moves the replicas there (agents report every 10 s by default)",
     )

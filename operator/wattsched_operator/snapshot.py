@@ -701,12 +701,6 @@ def _work_amount(total_work: TotalWork) -> WorkAmount:
     return WorkAmount(unit=WorkUnit.GPU_HOURS, amount=total_work.gpu_hours)
 
 
-def workload_for_optimizer(workload: LLMWorkload, *, now: datetime) -> Workload:
-    """An LLMWorkload as the optimizer sees it, with every default applied (allow-listed products
-    the catalogue lacks are kept under their normalised label, see `model.product_key`)."""
-    return _with_deadline(_timeless_workload(workload), workload, now)
-
-
 def _with_deadline(timeless: Workload, workload: LLMWorkload, now: datetime) -> Workload:
     deadline = workload.spec.slo.deadline_time
     if deadline is None:

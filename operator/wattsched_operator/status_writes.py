@@ -54,9 +54,7 @@ from wattsched_optimizer.problem import (
 
 def _slo_of(status: Mapping[str, Any]) -> bool | None:
     """Whether a workload's SLOMet condition is True (None: it has none)."""
-    condition = next(
-        (c for c in status.get("conditions") or [] if c.get("type") == ConditionType.SLO_MET), None
-    )
+    condition = statuses.find_condition(status.get("conditions") or [], ConditionType.SLO_MET)
     if condition is not None and condition.get("status") in {"True", "False"}:
         return bool(condition["status"] == "True")
     return None
@@ -196,9 +194,8 @@ def _workload_events(
     before_phase = previous.get("phase")
     phase = new["phase"]
     schedulable = next(c for c in new["conditions"] if c["type"] == ConditionType.SCHEDULABLE)
-    before_schedulable = next(
-        (c for c in previous.get("conditions") or [] if c.get("type") == ConditionType.SCHEDULABLE),
-        None,
+    before_schedulable = statuses.find_condition(
+        previous.get("conditions") or [], ConditionType.SCHEDULABLE
     )
     events: list[tuple[str, str, str]] = []
     # One Event when the workload becomes unschedulable or the binding constraint changes; a
@@ -219,11 +216,8 @@ def _workload_events(
     # waits gets Admitted now and Placed later.
     if before_phase is None and phase != Phase.PLACED:
         events.append(("Normal", EventReason.ADMITTED, "the operator accepted the workload"))
-    slo = next((c for c in new["conditions"] if c["type"] == ConditionType.SLO_MET), None)
-    before_slo = next(
-        (c for c in previous.get("conditions") or [] if c.get("type") == ConditionType.SLO_MET),
-        None,
-    )
+    slo = statuses.find_condition(new["conditions"], ConditionType.SLO_MET)
+    before_slo = statuses.find_condition(previous.get("conditions") or [], ConditionType.SLO_MET)
     # An objective that was met and no longer is (preempted, a budget cut, a lost node).
     if slo is not None and slo["status"] == "False" and (before_slo or {}).get("status") == "True":
         events.append(("Warning", EventReason.SLO_RISK, slo["message"]))
@@ -379,7 +373,7 @@ def _budget_events(
         if posted.get(key) != (exhausted["reason"], ""):
             posted[key] = (exhausted["reason"], "")
             events.append(
-                Event(ref, "Warning", ConditionType.ALLOWANCE_EXHAUSTED, exhausted["message"])
+                Event(ref, "Warning", EventReason.ALLOWANCE_EXHAUSTED, exhausted["message"])
             )
     return tuple(events)
 

@@ -39,7 +39,6 @@ from urllib3.util.retry import Retry
 
 from wattsched_api.vocabulary import Source
 from wattsched_operator.readings import (
-    CalibrationKey,
     CalibrationSample,
     Calibrator,
     EnergyReading,
@@ -51,7 +50,6 @@ from wattsched_operator.readings import (
 
 # The readings and calibration moved to the pure `readings` module; they are re-exported here.
 __all__ = [
-    "CalibrationKey",
     "CalibrationSample",
     "Calibrator",
     "EnergyReading",

@@ -5,8 +5,8 @@ exceed its cap, not even for a moment. So limits change in two steps around the 
 first every limit that goes down (or is unknown) is lowered and the agent must confirm it, then
 pods are deleted and created, and only then do limits go up. Limits are per pod (the agent applies
 a pod's limit to exactly the GPUs the kubelet gave it) plus one for idle GPUs, as in a
-NodePowerProfile's spec. This module computes the two steps and reads an agent's confirmation from
-a NodePowerProfile; it does not talk to the API server.
+NodePowerProfile's spec. This module computes the two steps and reads an agent's confirmation (and
+its last heartbeat) from a NodePowerProfile; it does not talk to the API server.
 
 Why the lowering step is safe: every GPU ends up at or below both its current and its planned
 limit. A pod in both the current spec and the plan gets the smaller of its planned limit, its spec
@@ -23,7 +23,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+
+from wattsched_api.meta import read_timestamp
 
 # An agent's applied limit may differ from the requested one by rounding to NVML's milliwatts.
 CONFIRM_TOLERANCE_WATTS = 0.5
@@ -195,3 +198,9 @@ def is_confirmed(profile: Mapping[str, Any], generation: int) -> bool:
         if applied is None or float(applied) > float(target) + CONFIRM_TOLERANCE_WATTS:
             return False
     return True
+
+
+def agent_heartbeat(profile: Mapping[str, Any] | None) -> datetime | None:
+    """When a profile's agent last reported (None: no profile, or no heartbeat read)."""
+    agent = ((profile or {}).get("status") or {}).get("agent") or {}
+    return read_timestamp(agent.get("heartbeatTime"))

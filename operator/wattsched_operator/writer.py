@@ -30,15 +30,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from wattsched_api.meta import merge_patch
 from wattsched_operator import core
 from wattsched_operator.core import ClusterView, ObjectRef, StatusWrite
-from wattsched_operator.kube import KubeError
+from wattsched_operator.kube import HTTP_CONFLICT, HTTP_NOT_FOUND, HTTP_TOO_MANY_REQUESTS, KubeError
+from wattsched_operator.rounds import backoff_seconds
 
 logger = logging.getLogger("wattsched.operator")
-
-HTTP_NOT_FOUND = 404
-HTTP_CONFLICT = 409
-HTTP_TOO_MANY_REQUESTS = 429
 
 # Workers writing statuses at once: few enough that the round's own writes (pod creates,
 # evictions, profiles) keep most of the operator's API worker threads.
@@ -51,19 +49,6 @@ SHOWN_AFTER_WRITE_SECONDS = 30.0
 
 WriteStatus = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 PostEvent = Callable[[core.Event], Awaitable[None]]
-
-
-def apply_merge_patch(target: Any, patch: Any) -> Any:
-    """`target` with the JSON merge patch `patch` applied (RFC 7386); neither is changed."""
-    if not isinstance(patch, Mapping):
-        return patch
-    result = dict(target) if isinstance(target, Mapping) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = apply_merge_patch(result.get(key), value)
-    return result
 
 
 def compose_merge_patches(
@@ -125,7 +110,7 @@ def _queued(writes: list[StatusWrite], newer: StatusWrite) -> list[StatusWrite]:
 
 def _apply_all(status: Mapping[str, Any], writes: list[StatusWrite]) -> Any:
     for write in writes:
-        status = apply_merge_patch(status, write.status)
+        status = merge_patch(status, write.status)
     return status
 
 
@@ -174,6 +159,8 @@ class StatusWriter:
     def overlay(self, view: ClusterView) -> ClusterView:
         """`view` with the status of each workload and budget the writer holds a write for
         merged in; drops what the cache already shows (and objects that are gone)."""
+        if not self.expected:
+            return view  # nothing held: no copy of the workloads and budgets
         workloads = dict(view.workloads)
         budgets = dict(view.budgets)
         shown_since = time.monotonic() - SHOWN_AFTER_WRITE_SECONDS
@@ -323,7 +310,7 @@ class StatusWriter:
                 self.expected[path] = [replace(w, events=()) for w in newer.writes]
             return
         failures = waiting.failures + 1
-        delay = min(RETRY_MAX_SECONDS, self.retry_first_seconds * 2 ** (failures - 1))
+        delay = backoff_seconds(failures, self.retry_first_seconds, RETRY_MAX_SECONDS)
         logger.info("status write %s failed (%s); retrying in %.1f s", path, error, delay)
         writes = waiting.writes[done:]
         for write in newer.writes if newer is not None else ():

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from wattsched_api.meta import format_time
+from wattsched_api.meta import format_time, merge_patch
 from wattsched_api.vocabulary import GPU_RESOURCE, PodPhase, Source
 from wattsched_operator import core, desired
 from wattsched_operator import demand as demand_forecast
@@ -101,19 +101,6 @@ class OracleKnowledge:
     """What only the oracle knows: the truth and the whole future of demand."""
 
     truth: GroundTruth
-
-
-def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """RFC 7386 JSON merge patch (what a status write does on the API server)."""
-    out = dict(target)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_patch(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 @dataclass
@@ -331,7 +318,9 @@ class PlannerPolicy:
         ref = write.object
         key = ref.name if ref.namespace is None else f"{ref.namespace}/{ref.name}"
         store = (ref.kind, key)
-        self._statuses[store] = merge_patch(self._statuses.get(store, {}), write.status)
+        self._statuses[store] = merge_patch(
+            self._statuses.get(store, {}), copy.deepcopy(write.status)
+        )
 
     def _bind(self, view: View) -> None:
         """kube-scheduler: a Pending pod binds to its nodeSelector's node when its GPUs are free."""

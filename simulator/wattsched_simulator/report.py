@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from wattsched_operator.budget_horizon import period_start
+from wattsched_api.energybudget import period_start
 
 from .carbon import CarbonIntensity
 from .cluster import SimBudget

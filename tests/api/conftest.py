@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from wattsched_api.meta import merge_patch
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO_ROOT / "crds"
 EXAMPLES_DIR = REPO_ROOT / "examples"
@@ -58,19 +60,6 @@ def wattsched_examples() -> list[Example]:
     return found
 
 
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: objects merge, null deletes, anything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
 def invalid_cases() -> list[InvalidCase]:
     table = yaml.safe_load((Path(__file__).parent / "invalid_manifests.yaml").read_text())
     cases = []
@@ -80,7 +69,7 @@ def invalid_cases() -> list[InvalidCase]:
             base = table["bases"][base_name]
         else:
             (base,) = load_yaml_documents(REPO_ROOT / base_name)
-        manifest = merge_patch(base, entry["patch"])
+        manifest = copy.deepcopy(merge_patch(base, entry["patch"]))  # its own: edited below
         # A unique name per case, so cluster tests can apply them side by side.
         name = f"invalid-{index:02d}"
         manifest["metadata"] = {"name": name}

@@ -1,4 +1,4 @@
-"""Energy and carbon running totals: periods, due times, measured/modelled/mixed sources, carbon
+"""Energy and carbon running totals: due times, measured/modelled/mixed sources, carbon
 from a static or queried intensity, and tokens per joule (pure functions of `accounting`)."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from wattsched_operator.accounting import (
     budget_start,
     increment,
     measured_sum,
-    period_start,
     tokens_per_joule,
     workload_energy,
     workload_start,
@@ -27,13 +26,6 @@ from wattsched_operator.telemetry import Measurement, TelemetrySnapshot
 
 NOW = datetime(2026, 11, 25, 12, 0, 30, tzinfo=UTC)  # a Wednesday
 DCGM = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
-
-
-def test_periods_start_at_utc_midnight_of_the_day_the_iso_week_and_the_month() -> None:
-    assert period_start(NOW, Period.DAY) == datetime(2026, 11, 25, tzinfo=UTC)
-    assert period_start(NOW, Period.WEEK) == datetime(2026, 11, 23, tzinfo=UTC)  # Monday
-    assert period_start(NOW, Period.MONTH) == datetime(2026, 11, 1, tzinfo=UTC)
-    assert period_start(datetime(2026, 11, 30, 23, 59, tzinfo=UTC), Period.MONTH).day == 1
 
 
 def test_a_total_is_due_once_per_interval_and_a_new_one_starts_now() -> None:

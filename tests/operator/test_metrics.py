@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from wattsched_operator.metrics import BudgetFigures, OperatorMetrics
+from wattsched_operator.metrics import OperatorMetrics
+from wattsched_operator.rounds import BudgetMetric
 
 GAUGES = (
     "wattsched_budget_cap_watts",
@@ -23,7 +24,7 @@ def budget_series(metrics: OperatorMetrics) -> dict[tuple[str, str], float]:
 
 def test_budget_gauges_show_each_budgets_figures() -> None:
     metrics = OperatorMetrics()
-    metrics.set_budgets({"rack-a": BudgetFigures(20000, 18500, 12000)})
+    metrics.set_budgets({"rack-a": BudgetMetric(20000, 18500, 12000)})
     assert budget_series(metrics) == {
         ("wattsched_budget_cap_watts", "rack-a"): 20000,
         ("wattsched_budget_allocated_cap_watts", "rack-a"): 18500,
@@ -34,9 +35,9 @@ def test_budget_gauges_show_each_budgets_figures() -> None:
 def test_a_budget_no_longer_there_loses_its_series_and_the_others_keep_theirs() -> None:
     metrics = OperatorMetrics()
     metrics.set_budgets(
-        {"rack-a": BudgetFigures(20000, 18500, 12000), "cluster": BudgetFigures(60000, 27000, 0)}
+        {"rack-a": BudgetMetric(20000, 18500, 12000), "cluster": BudgetMetric(60000, 27000, 0)}
     )
-    metrics.set_budgets({"cluster": BudgetFigures(60000, 30000, 21000)})
+    metrics.set_budgets({"cluster": BudgetMetric(60000, 30000, 21000)})
     assert budget_series(metrics) == {
         ("wattsched_budget_cap_watts", "cluster"): 60000,
         ("wattsched_budget_allocated_cap_watts", "cluster"): 30000,
@@ -45,7 +46,7 @@ def test_a_budget_no_longer_there_loses_its_series_and_the_others_keep_theirs() 
     metrics.set_budgets({})
     assert budget_series(metrics) == {}
     # A budget created again with the same name gets its series back.
-    metrics.set_budgets({"rack-a": BudgetFigures(7000, 6400, 5000)})
+    metrics.set_budgets({"rack-a": BudgetMetric(7000, 6400, 5000)})
     assert budget_series(metrics)[("wattsched_budget_cap_watts", "rack-a")] == 7000
 
 
@@ -109,7 +110,7 @@ def test_allowance_used_and_measured_watts_exist_only_where_known() -> None:
     metrics = OperatorMetrics()
     metrics.set_budgets(
         {
-            "rack-a": BudgetFigures(
+            "rack-a": BudgetMetric(
                 20000,
                 18500,
                 12000,
@@ -117,14 +118,14 @@ def test_allowance_used_and_measured_watts_exist_only_where_known() -> None:
                 energy_used_kwh=90,
                 energy_allowance_kwh=100,
             ),
-            "cluster": BudgetFigures(60000, 27000, 0),
+            "cluster": BudgetMetric(60000, 27000, 0),
         }
     )
     assert samples(metrics, "wattsched_budget_energy_allowance_used_ratio") == {
         (("budget", "rack-a"),): 0.9
     }
     assert samples(metrics, "wattsched_budget_measured_watts") == {(("budget", "rack-a"),): 11000}
-    metrics.set_budgets({"rack-a": BudgetFigures(20000, 18500, 12000)})
+    metrics.set_budgets({"rack-a": BudgetMetric(20000, 18500, 12000)})
     assert samples(metrics, "wattsched_budget_energy_allowance_used_ratio") == {}
     assert samples(metrics, "wattsched_budget_measured_watts") == {}
 

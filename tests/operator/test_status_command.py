@@ -16,6 +16,10 @@ from wattsched_cli.status import (
     render,
     unconfirmed_nodes,
 )
+from wattsched_cli.status import (
+    build_parser as status_parser,
+)
+from wattsched_operator.run import parse_args as parse_operator_args
 from wattsched_operator.snapshot import ClusterObjects
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
@@ -175,6 +179,22 @@ def test_nodes_whose_agent_has_not_confirmed_are_listed_with_why() -> None:
     assert found["silent"] == "last heartbeat 10m ago"
     text = render(ClusterObjects(nodes=tuple(nodes), profiles=tuple(profiles)), [], NOW)
     assert "NODES WHOSE AGENT HAS NOT CONFIRMED ITS LIMITS: 4 of 5 GPU nodes" in text
+
+
+def test_by_default_an_agent_is_lost_after_the_operators_heartbeat_timeout() -> None:
+    # The operator counts an agent silent for over 30 s as lost (`wattsched operator
+    # --heartbeat-timeout-seconds`' default); `wattsched status` reads it the same way.
+    nodes = [node("recent"), node("quiet")]
+    profiles = [
+        profile("recent", heartbeat=NOW - timedelta(seconds=20)),
+        profile("quiet", heartbeat=NOW - timedelta(seconds=45)),
+    ]
+    text = render(ClusterObjects(nodes=tuple(nodes), profiles=tuple(profiles)), [], NOW)
+    assert "NODES WHOSE AGENT HAS NOT CONFIRMED ITS LIMITS: 1 of 2 GPU nodes" in text
+    assert "quiet  last heartbeat 45s ago" in text
+    assert "recent" not in text
+    operator_default = parse_operator_args([]).heartbeat_timeout_seconds
+    assert status_parser().parse_args([]).heartbeat_timeout_seconds == operator_default == 30.0
 
 
 def test_rounds_flag_a_stale_or_infeasible_plan_and_read_the_operator_counter() -> None:

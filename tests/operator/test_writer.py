@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 
+from wattsched_api.meta import merge_patch
 from wattsched_operator import core
 from wattsched_operator import writer as writer_module
 from wattsched_operator.apply import Applier, object_path
@@ -19,7 +20,6 @@ from wattsched_operator.core import ClusterView, Event, ObjectRef, StatusWrite
 from wattsched_operator.kube import KubeError
 from wattsched_operator.writer import (
     StatusWriter,
-    apply_merge_patch,
     compose_merge_patches,
 )
 
@@ -59,7 +59,7 @@ class FakeServer:
             if self.failures.get(path):
                 raise self.failures[path].pop(0)
             self.writes.append((path, dict(body["status"])))
-            self.statuses[path] = apply_merge_patch(self.statuses.get(path, {}), body["status"])
+            self.statuses[path] = merge_patch(self.statuses.get(path, {}), body["status"])
         finally:
             self.in_flight[path] -= 1
 
@@ -103,8 +103,8 @@ TARGET = {"a": {"x": 0, "w": 9}, "b": 1, "phase": "Pending"}
 def test_composed_merge_patches_do_what_the_two_do_one_after_the_other(
     first: dict[str, Any], second: dict[str, Any]
 ) -> None:
-    one_by_one = apply_merge_patch(apply_merge_patch(TARGET, first), second)
-    assert apply_merge_patch(TARGET, compose_merge_patches(first, second)) == one_by_one
+    one_by_one = merge_patch(merge_patch(TARGET, first), second)
+    assert merge_patch(TARGET, compose_merge_patches(first, second)) == one_by_one
 
 
 @pytest.mark.parametrize(("first", "second"), NOT_ONE_PATCH)
@@ -132,19 +132,10 @@ def test_writes_queued_for_one_object_land_as_the_writes_one_after_the_other(
         await writer.stop(5)
 
     run(scenario())
-    held = apply_merge_patch(TARGET, {"phase": "Held"})
-    assert server.statuses["/w/a/status"] == apply_merge_patch(
-        apply_merge_patch(held, first), second
-    )
+    held = merge_patch(TARGET, {"phase": "Held"})
+    assert server.statuses["/w/a/status"] == merge_patch(merge_patch(held, first), second)
     composable = compose_merge_patches(first, second) is not None
     assert len(server.writes) == (2 if composable else 3)
-
-
-def test_a_merge_patch_removes_nulls_and_merges_objects_without_changing_its_inputs() -> None:
-    target = {"a": {"x": 1, "y": 2}, "b": 1}
-    patch = {"a": {"x": None, "z": 3}, "b": None, "c": [1]}
-    assert apply_merge_patch(target, patch) == {"a": {"y": 2, "z": 3}, "c": [1]}
-    assert target == {"a": {"x": 1, "y": 2}, "b": 1}
 
 
 # -- writing -----------------------------------------------------------------------------------

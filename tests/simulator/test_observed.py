@@ -17,7 +17,7 @@ from wattsched_optimizer.problem import EnergyPolicy, Placement, Plan, PlanStatu
 from wattsched_simulator import observed
 from wattsched_simulator.carbon import CarbonIntensity
 from wattsched_simulator.cluster import SimBudget, SimNode
-from wattsched_simulator.controller import PlannerPolicy, merge_patch
+from wattsched_simulator.controller import PlannerPolicy
 from wattsched_simulator.engine import RunningReplica, Scenario, Simulation, View
 from wattsched_simulator.telemetry import Sample, Telemetry, TelemetryConfig
 from wattsched_simulator.trace import ServiceTrace
@@ -375,13 +375,6 @@ def test_a_created_pod_stays_pending_until_its_nodes_gpus_are_free_and_its_gang_
     del policy._pods[("batch", "training-001-0")]
     policy._bind(view)
     assert policy._pods[("batch", "training-001-1")]["spec"]["nodeName"] == "h0"
-
-
-def test_a_status_write_is_a_merge_patch() -> None:
-    status = {"phase": "Pending", "progress": {"completedTokens": 1.0, "fraction": 0.1}}
-    patched = merge_patch(status, {"phase": "Running", "progress": {"fraction": None}, "x": [1]})
-    assert patched == {"phase": "Running", "progress": {"completedTokens": 1.0}, "x": [1]}
-    assert status["phase"] == "Pending"
 
 
 def test_with_the_carbon_curve_as_its_forecast_the_wattsched_policy_waits_for_clean_hours() -> None:
