@@ -199,10 +199,13 @@ def horizon_input(
     horizon_hours: float = DEFAULT_HORIZON_HOURS,
     forecasts: Mapping[str, Mapping[int, float]] | None = None,
     hourly_demand: HourlyDemand | None = None,
+    declared_tokens_per_second: Mapping[str, float] | None = None,
 ) -> HorizonInput:
     """The horizon's input for the budgets of `plan_input` at `now` (forecasts by budget name:
     gCO2e/kWh by hours ahead, from `forecast_by_hours_ahead`; inference demand per slot from
-    `hourly_demand`, each service's `tokens_per_second` where it has no history)."""
+    `hourly_demand`: in hours it has no history of, the most of each service's `tokens_per_second`
+    (its recent forecast), its busiest recorded hour and its declared tokens/s, by key in
+    `declared_tokens_per_second`, and its expected demand, in those hours its recent forecast)."""
     now = now.astimezone(UTC)
     into_hour = now.minute * 60 + now.second + now.microsecond / 1e6
     slot_seconds = hourly_slots(into_hour, horizon_hours)
@@ -222,15 +225,22 @@ def horizon_input(
             objective=HorizonObjective(budget.spec.objective.value),
         )
     demand: dict[str, tuple[float, ...]] = {}
+    expected: dict[str, tuple[float, ...]] = {}
     if hourly_demand is not None:
         epochs = [start.timestamp() for start in starts]
         for workload in plan_input.workloads:
             if workload.type is not WorkloadType.INFERENCE:
                 continue
-            per_slot = hourly_demand.per_slot(workload.key, epochs, workload.tokens_per_second)
+            recent = workload.tokens_per_second
+            per_slot = hourly_demand.per_slot(
+                workload.key, epochs, recent, (declared_tokens_per_second or {}).get(workload.key)
+            )
             if per_slot is not None:
                 demand[workload.key] = per_slot
-    return HorizonInput(plan_input, slot_seconds, settings, demand)
+            likely = hourly_demand.expected_per_slot(workload.key, epochs, recent)
+            if likely is not None:
+                expected[workload.key] = likely
+    return HorizonInput(plan_input, slot_seconds, settings, demand, expected)
 
 
 def _clock(moment: datetime) -> str:
@@ -380,6 +390,7 @@ def plan_over_time(
     horizon_hours: float = DEFAULT_HORIZON_HOURS,
     forecasts: Mapping[str, Mapping[int, float]] | None = None,
     hourly_demand: HourlyDemand | None = None,
+    declared_tokens_per_second: Mapping[str, float] | None = None,
 ) -> OverTime:
     """The horizon step of a round (`wattsched plan` and the operator alike): plan the horizon
     and return its first slot. Without a horizon, or with no budget that plans over time, the
@@ -393,6 +404,7 @@ def plan_over_time(
         horizon_hours=horizon_hours,
         forecasts=forecasts,
         hourly_demand=hourly_demand,
+        declared_tokens_per_second=declared_tokens_per_second,
     )
     result = plan_horizon(horizon)
     deferred = tuple(

@@ -405,6 +405,9 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
         horizon_hours=observed.settings.horizon_hours,
         forecasts=readings.carbon_forecasts if readings is not None else None,
         hourly_demand=hourly,
+        declared_tokens_per_second={
+            w.key: w.tokens_per_second for w in plan_input.workloads if w.tokens_per_second
+        },
     )
     model = CatalogueModel().calibrated(calibrator.corrections())
     plan = plan_function(timed.plan_input, model)

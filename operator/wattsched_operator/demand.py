@@ -169,8 +169,16 @@ SECONDS_PER_HOUR = 3600
 class HourlyDemand:
     """Per service, the peak tokens/s measured in each wall-clock hour of the last `days` days:
     the horizon's inference forecast. An hour ahead is forecast as the mean of the same hour of
-    the previous days that have a reading, times `headroom`; without one, as the recent peak
-    (`DemandHistory.demand`, passed in as `recent`). At most `days * 24` values per service.
+    the previous days that have a reading, times `headroom`. An hour with no such reading is
+    unknown, and is forecast as the most the service is known to need: the highest of its recent
+    peak (`DemandHistory.demand`, passed in as `recent`), its busiest recorded hour (times
+    `headroom`) and its declared `spec.slo.tokensPerSecond` (what it must absorb): its GPUs and
+    cap room are held for that. A service's night is no forecast of its midday: work deferred
+    into hours planned at the night's demand finds the service's peak there, the cap taken, and
+    runs late (docs/evaluation.md, "Budgets over time: 48 hours"). Its energy in the allowances
+    is counted at what it is expected to need (`expected_per_slot`: the recent peak in an unknown
+    hour): counted at the most it may need, its energy would seem to spend the allowance, and
+    work would wait for a period that does not need it. At most `days * 24` values per service.
     """
 
     def __init__(self, days: int = HOURLY_DAYS, headroom: float = HOURLY_HEADROOM) -> None:
@@ -183,7 +191,7 @@ class HourlyDemand:
         hour = int(epoch_seconds // SECONDS_PER_HOUR)
         peaks = self._peaks.setdefault(key, {})
         peaks[hour] = max(peaks.get(hour, 0.0), tokens_per_second, 0.0)
-        oldest = hour - self.days * 24
+        oldest = max(peaks) - self.days * 24
         for stale in [h for h in peaks if h <= oldest]:
             del peaks[stale]
 
@@ -194,13 +202,47 @@ class HourlyDemand:
             del self._peaks[key]
 
     def per_slot(
+        self,
+        key: str,
+        slot_start_epochs: Iterable[float],
+        recent: float | None,
+        declared: float | None = None,
+    ) -> tuple[float, ...] | None:
+        """What the service may need in each slot starting at these times (epoch seconds): in an
+        hour with no history, the most it is known to need. None when there is neither history
+        nor a recent or declared value."""
+        starts = list(slot_start_epochs)
+        peaks = self._peaks.get(key, {})
+        known = [value for value in (recent, declared) if value is not None]
+        if starts:
+            # The busiest hour of the `days` before the first slot.
+            first = int(starts[0] // SECONDS_PER_HOUR) - self.days * 24
+            kept = [value for hour, value in peaks.items() if hour >= first]
+            if kept:
+                known.append(max(kept) * self.headroom)
+        return self._forecast(key, starts, max(known) if known else None, recent)
+
+    def expected_per_slot(
         self, key: str, slot_start_epochs: Iterable[float], recent: float | None
     ) -> tuple[float, ...] | None:
-        """Forecast tokens/s for each slot starting at these times (epoch seconds); None when
-        there is neither history nor a recent value."""
+        """What the service is expected to need in each slot: in an hour with no history, its
+        recent peak (what its energy is counted at in the allowances)."""
+        return self._forecast(key, list(slot_start_epochs), recent, recent)
+
+    def _forecast(
+        self, key: str, starts: list[float], unknown: float | None, recent: float | None
+    ) -> tuple[float, ...] | None:
+        """The first slot (now): `recent` when known. Later slots: the same hour of the previous
+        days where there is one (mean, times `headroom`), else `unknown`; None where an hour is
+        unknown and `unknown` is None."""
         peaks = self._peaks.get(key, {})
         out = []
-        for start in slot_start_epochs:
+        for slot, start in enumerate(starts):
+            if slot == 0 and recent is not None:
+                # The first slot is now: the recent forecast, what the one-instant planner sizes
+                # the service for this round.
+                out.append(recent)
+                continue
             hour = int(start // SECONDS_PER_HOUR)
             same_hour = [
                 peaks[hour - 24 * day]
@@ -209,8 +251,8 @@ class HourlyDemand:
             ]
             if same_hour:
                 out.append(sum(same_hour) / len(same_hour) * self.headroom)
-            elif recent is not None:
-                out.append(recent)
+            elif unknown is not None:
+                out.append(unknown)
             else:
                 return None
         return tuple(out)

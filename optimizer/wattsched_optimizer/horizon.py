@@ -126,7 +126,12 @@ class HorizonInput:
     # slot and has no allowance.
     budgets: Mapping[str, BudgetHorizon] = field(default_factory=dict)
     # Inference forecast demand (tokens/s) per slot by workload key; missing: its tokens_per_second.
+    # What the service may need: its replicas' GPUs and power limits are held for it (caps, GPUs).
     inference_demand: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # What the service is expected to need, where that is less: its draw in the allowances (kWh,
+    # kg CO2). Missing: `inference_demand`. Holding a slot's cap room for a peak that may come is
+    # safe; counting that peak's energy as spent would defer work for an allowance that lasts.
+    inference_expected_demand: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -154,10 +159,21 @@ class WorkloadSchedule:
     required_tokens: float | None
     planned_tokens: float
     missed_tokens: float
+    # A budget it counts in is short of its allowance (the plan may leave its work out for it).
+    allowance_short: bool = False
 
     @property
     def runs_now(self) -> bool:
         return self.share_by_slot[0] > SHARE_EPSILON
+
+    @property
+    def waits(self) -> bool:
+        """Left out of the first slot. Work the plan expects to miss its deadline waits only for
+        an allowance: found no room by its deadline in the forecast, it is handed to the
+        one-instant planner, which places it if there is room now (forecasts err)."""
+        if self.runs_now or not _has_work(self):
+            return False
+        return self.missed_tokens <= 0 or self.allowance_short
 
     @property
     def next_slot(self) -> int | None:
@@ -221,11 +237,7 @@ class HorizonPlan:
     @property
     def deferred(self) -> tuple[str, ...]:
         """Workloads with work left that do not run in the first slot, by key."""
-        return tuple(
-            key
-            for key, schedule in sorted(self.schedules.items())
-            if not schedule.runs_now and _has_work(schedule)
-        )
+        return tuple(key for key, schedule in sorted(self.schedules.items()) if schedule.waits)
 
 
 def _has_work(schedule: WorkloadSchedule) -> bool:
@@ -554,7 +566,10 @@ def _validate(horizon: HorizonInput) -> None:
                     f"{label}: allowance period slots {period.first_slot}..{period.end_slot} "
                     f"outside 0..{slots}"
                 )
-    for key, demand in horizon.inference_demand.items():
+    for key, demand in (
+        *horizon.inference_demand.items(),
+        *horizon.inference_expected_demand.items(),
+    ):
         if len(demand) != slots or any(d < 0 for d in demand):
             raise HorizonInputError(
                 f"LLMWorkload {key}: inference demand needs {slots} values >= 0"
@@ -684,7 +699,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     for (i, p), row in carbon_rows.items():
         period = settings[i].periods[p]
         carbon_row[i, period.first_slot : period.end_slot] = row
-    work = _work(flexible, len(budgets), model, watts)
+    work = _work(flexible, len(budgets), model, watts, {c.workload for c in plan_input.current})
     program = _program(
         work,
         rows,
@@ -696,6 +711,8 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         gpus_row=np.asarray(row_of_gpus, dtype=np.int64),
         energy_row=energy_row,
         carbon_row=carbon_row,
+        churn_threshold=plan_input.options.churn_threshold,
+        startup_seconds=plan_input.options.startup_seconds,
     )
     built = time.perf_counter()
 
@@ -716,17 +733,6 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         shares[:, 0] = 1.0  # nothing deferred: the one-instant planner decides as before
     shares = np.where(shares > SHARE_EPSILON, shares, 0.0)
     planned_tokens = (shares * slot_seconds[None, :]).sum(axis=1) * work.tokens_per_second
-    schedules: dict[str, WorkloadSchedule] = {}
-    for f, (workload, point, _) in enumerate(flexible):
-        need = None if math.isnan(work.need[f]) else float(work.need[f])
-        schedules[workload.key] = WorkloadSchedule(
-            workload=workload.key,
-            share_by_slot=tuple(shares[f].tolist()),
-            point=point,
-            required_tokens=need,
-            planned_tokens=float(planned_tokens[f]),
-            missed_tokens=0.0 if need is None else float(missed[f]) * need,
-        )
     # kWh of flexible work per budget and slot (x PUE), and its kg CO2.
     flexible_kwh = (
         (work.part @ (shares * work.busy_kw[:, None])) * slot_hours[None, :] * pue[:, None]
@@ -763,6 +769,18 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     thrifty = frozenset(
         key for key, scope in inference_scope.items() if short & {i for i, _ in scope}
     )
+    schedules: dict[str, WorkloadSchedule] = {}
+    for f, (workload, point, scope) in enumerate(flexible):
+        need = None if math.isnan(work.need[f]) else float(work.need[f])
+        schedules[workload.key] = WorkloadSchedule(
+            workload=workload.key,
+            share_by_slot=tuple(shares[f].tolist()),
+            point=point,
+            required_tokens=need,
+            planned_tokens=float(planned_tokens[f]),
+            missed_tokens=0.0 if need is None else float(missed[f]) * need,
+            allowance_short=bool(short & {i for i, _ in scope}),
+        )
     return HorizonPlan(
         status=status,
         objective=solution.objective if solution is not None else 0.0,
@@ -799,9 +817,11 @@ def _inference_load(
     watts: _ProductWatts,
 ) -> _InferenceLoad:
     """Each service's replicas per slot: its forecast demand (else its tokens/s) at its
-    minimum-energy point, within its min and max replicas."""
+    minimum-energy point, within its min and max replicas; limits and GPUs for what it may need,
+    draw for what it is expected to need."""
     slots = len(horizon.slot_seconds)
     demand = np.zeros((len(inference), slots))
+    expected = np.zeros((len(inference), slots))
     per_replica = np.ones(len(inference))
     low = np.zeros(len(inference))
     high = np.zeros(len(inference))
@@ -811,16 +831,22 @@ def _inference_load(
     for n, (workload, point, _) in enumerate(inference):
         forecast = horizon.inference_demand.get(workload.key)
         demand[n] = forecast if forecast is not None else (workload.tokens_per_second or 0.0)
+        likely = horizon.inference_expected_demand.get(workload.key)
+        expected[n] = np.minimum(demand[n], likely) if likely is not None else demand[n]
         per_replica[n] = point.tokens_per_second
         low[n], high[n] = workload.min_replicas, workload.max_replicas
         gpus_per_replica[n] = workload.gpus_per_replica
         busy_per_gpu[n], cap_per_gpu[n] = watts.above_floor(point)
     part = _budget_shares(inference, budget_count)
-    needed = np.ceil(demand / per_replica[:, None] - 1e-9)
-    gpus = np.clip(needed, low[:, None], high[:, None]) * gpus_per_replica[:, None]
+
+    def gpus_for(tokens_per_second: np.ndarray) -> np.ndarray:
+        needed = np.ceil(tokens_per_second / per_replica[:, None] - 1e-9)
+        return np.clip(needed, low[:, None], high[:, None]) * gpus_per_replica[:, None]
+
+    gpus = gpus_for(demand)
     return _InferenceLoad(
         cap_watts=part @ (gpus * cap_per_gpu[:, None]),
-        busy_watts=part @ (gpus * busy_per_gpu[:, None]),
+        busy_watts=part @ (gpus_for(expected) * busy_per_gpu[:, None]),
         gpus=gpus.sum(axis=0),
     )
 
@@ -839,6 +865,8 @@ class _Work:
     need: np.ndarray  # tokens its deadline needs; NaN: no deadline (or no amount of work)
     deadline_seconds: np.ndarray  # inf where `need` is NaN
     weight: np.ndarray  # its priority's weight
+    running: np.ndarray  # runs now: stopping it has a price
+    preemptible: np.ndarray  # may be stopped at all (running work that is not is never deferred)
 
 
 def _work(
@@ -846,6 +874,7 @@ def _work(
     budget_count: int,
     model: PerformanceModel,
     watts: _ProductWatts,
+    running_keys: set[str],
 ) -> _Work:
     count = len(flexible)
     gpus, busy_kw, cap_watts, rate, need, deadline, priority = (np.zeros(count) for _ in range(7))
@@ -876,6 +905,8 @@ def _work(
         need=need,
         deadline_seconds=deadline,
         weight=weight,
+        running=np.asarray([w.key in running_keys for w, _, _ in flexible], dtype=bool),
+        preemptible=np.asarray([w.preemptible for w, _, _ in flexible], dtype=bool),
     )
 
 
@@ -905,9 +936,20 @@ def _program(
     gpus_row: np.ndarray,
     energy_row: np.ndarray,
     carbon_row: np.ndarray,
+    churn_threshold: float,
+    startup_seconds: float,
 ) -> _Program:
     """The columns of the deadline and batch work, all at once: per workload its open slots,
-    then, with a deadline, the work after the horizon and the miss; adds the deadline rows."""
+    then, with a deadline, the work after the horizon and the miss; adds the deadline rows.
+
+    Work that runs now pays for stopping: its first slot is cheaper by what a restart costs
+    (`startup_seconds` of its draw with no progress, at the horizon's mean rate) plus
+    `churn_threshold` of what the slot costs, so it stops only for a saving larger than both, as
+    the one-instant planner moves a replica only for one larger than the churn threshold. Without
+    it, work that costs the same in every slot (one budget, one intensity per slot) is a tie the
+    solver breaks anew each round: jobs swapped in and out every round, each swap a restart.
+    Running work that is not preemptible is never deferred: its first slot is worth running as
+    work without a deadline is."""
     slots = len(slot_seconds)
     slot_hours = slot_seconds / SECONDS_PER_HOUR
     slot_start = np.concatenate(([0.0], np.cumsum(slot_seconds)[:-1]))
@@ -932,6 +974,16 @@ def _program(
         work.deadline_seconds[:, None] - slot_start[None, :], 0.0, slot_seconds[None, :]
     )
     upper = open_seconds / slot_seconds[None, :]
+    # The price of stopping, per share of the first slot it is open for (the whole price when
+    # the work runs through the slot, none of it when it runs none of the slot).
+    restart = startup_seconds / SECONDS_PER_HOUR * work.busy_kw * rate.mean(axis=1)
+    first_open = np.maximum(upper[:, 0], SHARE_EPSILON)
+    stop_price = np.where(
+        work.preemptible,
+        restart / first_open + churn_threshold * np.abs(cost[:, 0]),
+        worth_per_kwh * kwh[:, 0],
+    )
+    cost[:, 0] -= np.where(work.running, stop_price, 0.0)
     after = np.where(with_deadline, np.maximum(0.0, work.deadline_seconds - horizon_seconds), 0.0)
 
     # Column numbers: each workload's open slots, then its after and miss columns.

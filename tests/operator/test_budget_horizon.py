@@ -174,7 +174,7 @@ def test_bad_schedules_and_profiles_are_one_line_naming_the_field(
     assert "\n" not in str(error.value)
 
 
-def test_inference_demand_per_slot_is_the_same_hour_of_previous_days_else_the_recent_peak() -> None:
+def test_inference_demand_per_slot_is_the_same_hour_of_previous_days_else_the_most_known() -> None:
     history = HourlyDemand(days=2, headroom=1.0)
     day = 86400
     ten = NOW.replace(hour=10).timestamp()
@@ -197,4 +197,26 @@ def test_inference_demand_per_slot_is_the_same_hour_of_previous_days_else_the_re
     horizon = horizon_input(plan_input, {"b": eb}, NOW, hourly_demand=history)
     demand = horizon.inference_demand["t/chat"]
     assert demand[8] == pytest.approx(1000)  # 10:00 UTC: the mean of 800 and 1200
-    assert set(demand[:8]) == {300}  # no history for those hours: the recent value
+    # The first slot is now: the recent value. Later hours with no history: the most the
+    # service is known to need, here its busiest recorded hour (1200), not its recent 300
+    # tokens/s (a night is no forecast of a midday).
+    assert demand[0] == 300
+    assert set(demand[1:8]) == {1200}
+    # Its energy is counted at what it is expected to need: there, its recent value.
+    expected = horizon.inference_expected_demand["t/chat"]
+    assert set(expected[:8]) == {300}
+    assert expected[8] == pytest.approx(1000)
+    declared = horizon_input(
+        plan_input,
+        {"b": eb},
+        NOW,
+        hourly_demand=history,
+        declared_tokens_per_second={"t/chat": 1500},
+    )
+    assert set(declared.inference_demand["t/chat"][1:8]) == {1500}  # what it must absorb
+    assert declared.inference_demand["t/chat"][8] == pytest.approx(1000)
+    # A new service: no history at all; its recent value, or else what it declared.
+    new = HourlyDemand(days=2, headroom=1.0)
+    assert new.per_slot("t/new", [ten, ten + 3600], 300) == (300, 300)
+    assert new.per_slot("t/new", [ten, ten + 3600], None, 700) == (700, 700)
+    assert new.per_slot("t/new", [ten], None) is None

@@ -32,6 +32,7 @@ from wattsched_optimizer.options import remaining_tokens
 from wattsched_optimizer.planner import plan
 from wattsched_optimizer.problem import (
     Budget,
+    CurrentPlacement,
     EnergyPolicy,
     GpuNode,
     PlanInput,
@@ -208,6 +209,9 @@ def test_priority_decides_who_gets_a_short_allowance() -> None:
     assert result.schedules["t/high"].missed_tokens == 0
     assert result.schedules["t/low"].missed_tokens > 0
     assert sum(result.schedules["t/low"].share_by_slot) == pytest.approx(1)
+    # Short of the allowance, the work that misses waits all the same (for the clean hours).
+    assert result.schedules["t/low"].allowance_short
+    assert result.deferred == ("t/high", "t/low")
 
 
 def test_inference_keeps_its_minimum_energy_setting_when_the_allowance_is_short() -> None:
@@ -223,6 +227,43 @@ def test_inference_keeps_its_minimum_energy_setting_when_the_allowance_is_short(
     assert {w.key: w.policy for w in first.workloads} == {"t/chat": EnergyPolicy.EFFICIENCY}
 
 
+def test_a_peak_that_may_come_holds_its_gpus_and_its_energy_counts_as_expected() -> None:
+    # Two 8-GPU nodes. The service may need all 16 GPUs in every hour (it has no history of
+    # them) and is expected to need 1: beside the 16, no room is left for the 8-GPU job.
+    chat = dataclasses.replace(service("t/chat", 100.0), max_replicas=16)
+    work = (chat, job("t/a", 2, 24, preemptible=True))
+    # Tokens/s of one replica at the service's minimum-energy point, as the horizon sizes it.
+    per_replica = operating_point(
+        chat, "H100-80GB", MODEL, 5, replicas=1, efficient=True
+    ).tokens_per_second
+    may = (15.5 * per_replica,) * 24
+    likely = (0.5 * per_replica,) * 24
+    result = plan_horizon(
+        dataclasses.replace(
+            horizon_input(work),
+            inference_demand={"t/chat": may},
+            inference_expected_demand={"t/chat": likely},
+        )
+    )
+    assert result.schedules["t/a"].missed_tokens > 0  # the GPUs are held for the peak
+    # Found no room by its deadline, and no allowance is short: it is not held back, the
+    # one-instant planner places it if there is room now (the peak may not come).
+    assert result.deferred == ()
+    # The energy is counted at the expected demand: an allowance with room for the expected
+    # draw and the job is not short, although the peak's draw would exhaust it.
+    busy_kw, idle_kwh = busy_kw_and_idle_kwh()
+    room = horizon_input(work, energy_kwh_left=idle_kwh + 2.5 * busy_kw + 3.0)
+    seven = (6.5 * per_replica,) * 24  # 7 GPUs: room for the job beside them
+    split = dataclasses.replace(
+        room, inference_demand={"t/chat": seven}, inference_expected_demand={"t/chat": likely}
+    )
+    planned = plan_horizon(split)
+    assert planned.schedules["t/a"].missed_tokens == 0
+    assert not planned.budgets["b"].energy_short
+    peak_energy = dataclasses.replace(room, inference_demand={"t/chat": seven})
+    assert plan_horizon(peak_energy).budgets["b"].energy_short
+
+
 def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
     workloads = (job("t/a", 4, 24), job("t/now", 4, 4))
     horizon = horizon_input(workloads)
@@ -235,6 +276,44 @@ def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
     first = first_slot_input(horizon, result)
     assert [w.key for w in first.workloads] == ["t/now"]
     assert [p.workload for p in plan(first).placements] == ["t/now"]
+
+
+def running_now(horizon: HorizonInput, *keys: str) -> HorizonInput:
+    """The same horizon with these 8-GPU jobs running now, on nodes h0, h1, ..."""
+    current = tuple(
+        CurrentPlacement(key, 0, f"h{n}", "bf16", H100.max_watts.value)
+        for n, key in enumerate(keys)
+    )
+    return dataclasses.replace(
+        horizon, plan_input=dataclasses.replace(horizon.plan_input, current=current)
+    )
+
+
+def test_running_work_keeps_its_gpus_when_another_job_would_do_as_well() -> None:
+    # One node, two alike jobs of 3 h due in 6 h, every hour as dirty: one runs now, the other
+    # after it, and which is a tie. The one that runs now keeps running, whichever it is: a swap
+    # would restart both for nothing.
+    jobs = (job("t/a", 3, 6, preemptible=True), job("t/b", 3, 6, preemptible=True))
+    for runner, waiter in (("t/a", "t/b"), ("t/b", "t/a")):
+        result = plan_horizon(running_now(horizon_input(jobs, node_count=1), runner))
+        assert result.schedules[runner].runs_now, runner
+        assert not result.schedules[waiter].runs_now, runner
+        assert result.schedules[waiter].missed_tokens == 0
+
+
+def test_running_work_stops_for_a_saving_larger_than_a_restart() -> None:
+    # Three times cleaner in 10 h: the running job stops (it is preemptible) and waits.
+    result = plan_horizon(running_now(horizon_input((job("t/a", 4, 24, preemptible=True),)), "t/a"))
+    assert running_slots(result, "t/a") == [10, 11, 12, 13]
+    # Not preemptible: it keeps running now, however clean the later hours.
+    kept = plan_horizon(running_now(horizon_input((job("t/a", 4, 24),)), "t/a"))
+    assert kept.schedules["t/a"].runs_now
+    # 1% cleaner later is less than the churn threshold's 5%: it keeps running.
+    flat = (420.0,) * 10 + (416.0,) * 14
+    close = plan_horizon(
+        running_now(horizon_input((job("t/a", 4, 24, preemptible=True),), carbon=flat), "t/a")
+    )
+    assert close.schedules["t/a"].runs_now
 
 
 def test_bad_input_names_the_budget_and_field() -> None:
