@@ -177,9 +177,8 @@ class HourlyDemand:
     into hours planned at the night's demand finds the service's peak there, the cap taken, and
     runs late (docs/evaluation.md, "Budgets over time: 48 hours"). Its energy in the allowances
     is counted at what it is expected to need (`expected_per_slot`: in an unknown hour the mean
-    of its recorded hours): counted at the most it may need, its energy would seem to spend the
-    allowance, and work would wait for a period that does not need it. At most `days * 24`
-    values per service.
+    of its recorded hours): counted at the most it may need, its energy would seem to spend the allowance, and
+    work would wait for a period that does not need it. At most `days * 24` values per service.
     """
 
     def __init__(self, days: int = HOURLY_DAYS, headroom: float = HOURLY_HEADROOM) -> None:
