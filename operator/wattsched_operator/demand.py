@@ -176,8 +176,8 @@ class HourlyDemand:
     cap room are held for that. A service's night is no forecast of its midday: work deferred
     into hours planned at the night's demand finds the service's peak there, the cap taken, and
     runs late (docs/evaluation.md, "Budgets over time: 48 hours"). Its energy in the allowances
-    is counted at what it is expected to need (`expected_per_slot`: in an unknown hour the mean
-    of its recorded hours): counted at the most it may need, its energy would seem to spend the allowance, and
+    is counted at what it is expected to need (`expected_per_slot`: the recent peak in an unknown
+    hour): counted at the most it may need, its energy would seem to spend the allowance, and
     work would wait for a period that does not need it. At most `days * 24` values per service.
     """
 
@@ -212,30 +212,22 @@ class HourlyDemand:
         hour with no history, the most it is known to need. None when there is neither history
         nor a recent or declared value."""
         starts = list(slot_start_epochs)
-        kept = self._kept(key, starts)
+        peaks = self._peaks.get(key, {})
         known = [value for value in (recent, declared) if value is not None]
-        if kept:
-            known.append(max(kept) * self.headroom)
+        if starts:
+            # The busiest hour of the `days` before the first slot.
+            first = int(starts[0] // SECONDS_PER_HOUR) - self.days * 24
+            kept = [value for hour, value in peaks.items() if hour >= first]
+            if kept:
+                known.append(max(kept) * self.headroom)
         return self._forecast(key, starts, max(known) if known else None, recent)
 
     def expected_per_slot(
         self, key: str, slot_start_epochs: Iterable[float], recent: float | None
     ) -> tuple[float, ...] | None:
-        """What the service is expected to need in each slot: in an hour with no history, the
-        mean of its recorded hours' peaks (its recent peak when it has none), what its energy is
-        counted at in the allowances. Its recent peak would count a midday's demand for the
-        night ahead, its night's for the midday."""
-        starts = list(slot_start_epochs)
-        kept = self._kept(key, starts)
-        unknown = sum(kept) / len(kept) * self.headroom if kept else recent
-        return self._forecast(key, starts, unknown, recent)
-
-    def _kept(self, key: str, starts: list[float]) -> list[float]:
-        """The hourly peaks of the `days` before the first slot."""
-        if not starts:
-            return []
-        first = int(starts[0] // SECONDS_PER_HOUR) - self.days * 24
-        return [value for hour, value in self._peaks.get(key, {}).items() if hour >= first]
+        """What the service is expected to need in each slot: in an hour with no history, its
+        recent peak (what its energy is counted at in the allowances)."""
+        return self._forecast(key, list(slot_start_epochs), recent, recent)
 
     def _forecast(
         self, key: str, starts: list[float], unknown: float | None, recent: float | None
