@@ -4,20 +4,14 @@ Every handler is an async function of kopf's keyword arguments that hands the ev
 plain function tests call directly. Whether an event matters is decided by `fingerprint`: the parts
 of an object the plan depends on (spec, membership, readiness), not heartbeats or the statuses the
 operator writes itself; `departure` and `confirmation` tell the loop when a change is only a
-workload leaving or an agent confirming limits (the loop lets those settle into one plan).
-
-There is no deletion handler, so kopf puts no finalizer on LLMWorkloads (and removes the one older
-versions put there, `wattsched.io/release-power`): a deleted workload goes at once, and
-kube-controller-manager's garbage collector deletes its pods (each carries an ownerReference to
-it), as for any owned pod. Nothing needed the workload to stay: a plan counts only the pods of
-live workloads, so the GPUs of a deleted workload's pods are planned idle from the first round
-after the deletion, whether the pods are gone yet or not, as they were while the finalizer ran;
-a round that still finds such a pod deletes it (`desired.pod_changes`), so the pods go even without
-the garbage collector. Planning is `loop`'s job.
+workload leaving or an agent confirming limits (the loop lets those settle into one plan). The
+LLMWorkload deletion handler is the finalizer: it removes the workload's pods and waits for them to
+go, and the next plan releases their power. Planning is `loop`'s job.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +29,7 @@ from wattsched_operator.cache import (
     object_key,
 )
 from wattsched_operator.desired import GPU_RESOURCE, GROUP, LABEL_WORKLOAD, VERSION
+from wattsched_operator.kube import Kube, pods_path
 from wattsched_operator.rounds import is_deleting
 
 
@@ -43,6 +38,7 @@ class OperatorMemo:
     """What the handlers share with the planning loop (kopf passes it as `memo`)."""
 
     cache: ClusterCache
+    kube: Kube
     # Namespaces whose LLMWorkloads and pods this operator serves; empty means all.
     namespaces: frozenset[str] = frozenset()
 
@@ -184,3 +180,45 @@ async def pod_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     state = _memo(memo)
     if state.serves(event["object"]):
         record(state.cache, PODS, event.get("type"), event["object"])
+
+
+# How long the finalizer waits for a deleted workload's pods to go, watching the cache (no API
+# calls), before handing back to kopf: each kopf retry writes its progress on the object.
+RELEASE_WAIT_SECONDS = 60.0
+RELEASE_POLL_SECONDS = 0.2
+
+
+@kopf.on.delete(GROUP, VERSION, "llmworkloads")
+async def release_workload(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    """Finalizer: delete the workload's pods and wait for them to go (the next plan lowers the
+    freed limits; the deletion's watch event already made the plan dirty, as a departure). The
+    wait looks up the pods in the cache, so deleting a workload writes no retries, and a thousand
+    waits copy nothing."""
+    state = _memo(memo)
+    assert namespace is not None, "LLMWorkloads are namespaced"
+    if state.namespaces and namespace not in state.namespaces:
+        return
+    pods = await _delete_pods(state, namespace, name)
+    deadline = asyncio.get_running_loop().time() + RELEASE_WAIT_SECONDS
+    while pods:
+        if any(state.cache.get(PODS, f"{namespace}/{pod}") is not None for pod in pods):
+            if asyncio.get_running_loop().time() > deadline:
+                raise kopf.TemporaryError(
+                    f"waiting for {len(pods)} pod(s) of {namespace}/{name} to go", delay=5
+                )
+            await asyncio.sleep(RELEASE_POLL_SECONDS)
+            continue
+        # The cache saw them go (or never saw them): the API server has the last word.
+        pods = await _delete_pods(state, namespace, name)
+
+
+async def _delete_pods(state: OperatorMemo, namespace: str, workload: str) -> set[str]:
+    """Delete the workload's pods not already going; the names of all that are still there."""
+    selector = f"{LABEL_WORKLOAD}={workload}"
+    pods = await asyncio.to_thread(state.kube.list, pods_path(namespace), selector)
+    for pod in pods:
+        if not (pod.get("metadata") or {}).get("deletionTimestamp"):
+            await asyncio.to_thread(
+                state.kube.delete, pods_path(namespace, pod["metadata"]["name"])
+            )
+    return {pod["metadata"]["name"] for pod in pods}
