@@ -76,7 +76,7 @@ def sh(
 def delete_workloads(
     kube: Kube, namespace: str, *, timeout_seconds: int, env: dict[str, str]
 ) -> None:
-    """Delete every LLMWorkload in `namespace` (the operator's finalizer removes their pods) and
+    """Delete every LLMWorkload in `namespace` (the garbage collector removes their pods) and
     poll until they are gone, as `timed_delete` does (kubectl's own wait is slow for many)."""
     sh(
         "kubectl",
