@@ -11,8 +11,9 @@ versions put there, `wattsched.io/release-power`): a deleted workload goes at on
 kube-controller-manager's garbage collector deletes its pods (each carries an ownerReference to
 it), as for any owned pod. Nothing needed the workload to stay: a plan counts only the pods of
 live workloads, so the GPUs of a deleted workload's pods are planned idle from the first round
-after the deletion, whether the pods are gone yet or not, as they were while the finalizer ran
-(and rounds leave the pods to the garbage collector, `pod_changes.pod_round`).
+after the deletion, whether the pods are gone yet or not, as they were while the finalizer ran;
+a round that still finds such a pod deletes it (`desired.pod_changes`), so the pods go even without
+the garbage collector.
 
 Without the finalizer no update marks a workload as going before its pods go, and the operator's
 pod watch can be ahead of its workload watch (a busy kopf works through a mass deletion's events

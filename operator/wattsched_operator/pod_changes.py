@@ -111,20 +111,10 @@ def pod_round(
     changes = desired.pod_changes(
         view.pods.values(), want, frozenset(life.keep_pods) | handovers.keep
     )
-    # The pods of a workload that is gone and owned them are the garbage collector's to delete
-    # (their GPUs are planned idle already): an eviction would only race it. A pod without such
-    # an owner is deleted by the round.
-    collected = {
-        pod_id(p)
-        for p in view.pods.values()
-        if pod_workload_key(p) not in view.workloads and replica_groups.owner_uid(p) is not None
-    }
     # The pods of a replica that spans nodes are deleted (and so moved) together.
     changes = dataclasses.replace(
         changes,
-        delete=replica_groups.whole_replica_deletions(
-            [k for k in changes.delete if k not in collected], view.pods.values()
-        ),
+        delete=replica_groups.whole_replica_deletions(changes.delete, view.pods.values()),
     )
     # A replica that spans nodes restarts whole when one of its pods fails.
     restart = replica_groups.group_restarts(view.pods.values(), want)

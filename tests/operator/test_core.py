@@ -268,19 +268,6 @@ def test_a_pod_on_a_node_that_is_gone_moves_and_the_move_is_reported_with_its_ca
     assert round_.disruptions.report([]).moves == {}
 
 
-def test_the_pods_of_a_workload_that_is_gone_are_left_to_the_garbage_collector() -> None:
-    owned = replica_pod("gone", "l40s-0", annotations=None)
-    owned["metadata"]["ownerReferences"] = [
-        {"kind": "LLMWorkload", "name": "gone", "uid": "uid-gone", "controller": True}
-    ]
-    unowned = replica_pod("stray", "l40s-0", annotations=None)
-    observed = core.Observed(view([node("l40s-0")], [], [owned, unowned]), monotonic=100.0)
-    round_ = core.decide(observed, NOW)
-    # The owned pod goes with its owner; one no owner takes is evicted by the round.
-    assert [(e.namespace, e.name) for e in round_.evict] == [("team", "stray-0")]
-    assert round_.delete == ()
-
-
 def test_an_accounting_round_writes_statuses_against_the_last_plan_and_moves_nothing() -> None:
     observed = core.Observed(view([node("l40s-0")], [service()], []), monotonic=100.0)
     planned = core.decide(observed, NOW)
