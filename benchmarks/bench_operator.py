@@ -50,8 +50,9 @@ from typing import Any
 from kubernetes import client, config, watch
 from prometheus_client.parser import text_string_to_metric_families
 
+from wattsched_api.nodepowerprofile import Holder
 from wattsched_operator.desired import LABEL_WORKLOAD
-from wattsched_operator.kube import Kube, KubeError, pods_path, workloads_path
+from wattsched_operator.kube import Kube, KubeError, pods_path, profiles_path, workloads_path
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -75,7 +76,7 @@ def sh(
 def delete_workloads(
     kube: Kube, namespace: str, *, timeout_seconds: int, env: dict[str, str]
 ) -> None:
-    """Delete every LLMWorkload in `namespace` (the operator's finalizer removes their pods) and
+    """Delete every LLMWorkload in `namespace` (the garbage collector removes their pods) and
     poll until they are gone, as `timed_delete` does (kubectl's own wait is slow for many)."""
     sh(
         "kubectl",
@@ -409,6 +410,22 @@ def wait_empty(kube: Kube, path: str, selector: str | None, timeout_seconds: flo
     return True
 
 
+def wait_no_other_holders(kube: Kube, timeout_seconds: float) -> bool:
+    """Poll until no NodePowerProfile's status reports a GPU held by another team's pod (the
+    agents report freed GPUs at their next heartbeat: until then the operator cannot offer
+    them); False on timeout."""
+    deadline = time.monotonic() + timeout_seconds
+    while any(
+        gpu.get("holder") == Holder.OTHER
+        for profile in kube.list(profiles_path())
+        for gpu in (profile.get("status") or {}).get("gpus") or []
+    ):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def timed_delete(
     what: list[str],
     namespace: str,
@@ -722,6 +739,9 @@ def main() -> int:
             )
             wait_empty(kube, pods_path(base_ns), None, 300)
             delete_namespace(base_ns, env)
+            # ... and the agents have reported their GPUs free (else the first rounds find part
+            # of the burst no room, and its Admitted and Unschedulable Events count as writes).
+            wait_no_other_holders(kube, 120)
 
             burst_ns = f"bench-burst-{run_id}"
             burst_watch = watched_namespace(kube, kubeconfig, burst_ns)

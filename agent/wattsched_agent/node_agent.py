@@ -9,13 +9,16 @@ one read is kept (a kubelet restart moves no device); when none was ever read, n
 `Applied` is False (reason DeviceMappingUnavailable), so the operator counts the node at maximum.
 `AgentRunner` drives one or many `NodeAgent`s: it reconciles on every spec change
 (a watch) and every `interval_seconds` (heartbeat, and re-applying limits lost on a driver reload),
-and on shutdown applies the exit policy. Not for: NVML details (`nvml_backend`) or status layout
-(`reconcile`).
+and on shutdown applies the exit policy. A node whose status was written for a spec change less
+than half an interval before a heartbeat pass is left to the next one: that write was its
+heartbeat (one status write per applied generation, not two). Not for: NVML details
+(`nvml_backend`) or status layout (`reconcile`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -231,7 +234,9 @@ class AgentRunner:
     """Reconciles every node agent on spec changes and on a fixed interval.
 
     A spec change (seen by the watch) reconciles only the nodes whose profile changed; every
-    `interval_seconds` all nodes are reconciled (heartbeat, pods, limits lost on a driver reload).
+    `interval_seconds` all nodes are reconciled (heartbeat, pods, limits lost on a driver reload)
+    but those whose status was written less than half an interval ago (`to_reconcile`), so a
+    node's status is written at least every 1.5 intervals and a spec change costs one write.
     Status patches go out `workers` at a time, so one process serving hundreds of simulated nodes
     confirms a round of new limits in about the time of one patch per worker, and a stop request
     skips the nodes not yet reached.
@@ -256,6 +261,8 @@ class AgentRunner:
         self._wake = threading.Event()
         self._changed: set[str] = set()
         self._changed_lock = threading.Lock()
+        # When each node's status was last written (time.monotonic), by the pool's threads.
+        self._written: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, min(workers, len(self.agents))), thread_name_prefix="reconcile"
         )
@@ -281,6 +288,16 @@ class AgentRunner:
         with self._changed_lock:
             changed, self._changed = self._changed, set()
         return changed
+
+    def to_reconcile(self, changed: Collection[str], *, heartbeat: bool, now: float) -> set[str]:
+        """The nodes a pass reconciles at `now` (time.monotonic): those whose spec `changed`,
+        and on a `heartbeat` pass every node whose status was not written in the last half
+        interval (a write since then, for a spec change, was its heartbeat)."""
+        names = {name for name in changed if name in self.agents}
+        if heartbeat:
+            recent = now - self.interval_seconds / 2
+            names.update(n for n in self.agents if self._written.get(n, -math.inf) <= recent)
+        return names
 
     def _for_each(
         self,
@@ -309,9 +326,11 @@ class AgentRunner:
 
     def tick(self, only: Collection[str] | None = None) -> int:
         """One pass: pods -> device mapping -> limits -> status, for every node (`only` None) or
-        for the named nodes only (spec changes). Returns the failures."""
-        profiles = self.kube.profiles(self.single_node)
+        for the named nodes only (spec changes, the nodes due a heartbeat). Returns the failures."""
         names = self.agents.keys() if only is None else [n for n in only if n in self.agents]
+        if not names:
+            return 0
+        profiles = self.kube.profiles(self.single_node)
         # A new spec often names pods created since the last heartbeat: read who holds what first.
         pods = self.kube.gpu_pods(self.single_node)
         for name in names:
@@ -321,6 +340,7 @@ class AgentRunner:
             profile = self._profile(profiles, name)
             if profile is not None:
                 self.kube.patch_status(name, self.agents[name].reconcile(profile))
+                self._written[name] = time.monotonic()
 
         return self._for_each(names, reconcile, "reconcile", until_stopped=True)
 
@@ -337,12 +357,13 @@ class AgentRunner:
         while not self.stop_event.is_set():
             self._wake.clear()
             changed = self._take_changed()
-            heartbeat = time.monotonic() >= next_heartbeat
+            now = time.monotonic()
+            heartbeat = now >= next_heartbeat
             if heartbeat:
-                next_heartbeat = time.monotonic() + self.interval_seconds
-            # What fails is retried at the next heartbeat, which reconciles every node.
+                next_heartbeat = now + self.interval_seconds
+            # What fails is retried at the next heartbeat (a node not written is due).
             try:
-                self.tick(None if heartbeat else changed)
+                self.tick(self.to_reconcile(changed, heartbeat=heartbeat, now=now))
             except Exception as error:  # the agent keeps running through API outages
                 log.warning("reconcile failed, retrying at the next heartbeat: %s", error)
             self._wake.wait(max(0.0, next_heartbeat - time.monotonic()))

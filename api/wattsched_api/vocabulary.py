@@ -176,7 +176,7 @@ RETRY_AFTER_ANNOTATION: Final = "wattsched.io/retry-after"
 FAILURE_COUNTED_ANNOTATION: Final = "wattsched.io/failure-counted"
 # On a pod in the simulated cluster: the utilisation the simulated agent draws power for.
 SIMULATED_UTILISATION_ANNOTATION: Final = "wattsched.io/simulated-utilisation"
-# The operator's (kopf's) finalizer on each object it handles.
+# The finalizer older operators (kopf) put on each LLMWorkload; the operator now removes it.
 RELEASE_POWER_FINALIZER: Final = "wattsched.io/release-power"
 
 # Env vars injected into every container of a replica.

@@ -267,8 +267,8 @@ class Changes:
     whether every one can settle: a departure (a workload being deleted or gone, a pod of such a
     workload) or an agent confirming the limits the operator wrote.
 
-    Departures free GPUs and power, but nothing waits on them (the finalizer removes the pods
-    itself), and a round that changed limits already waited for their confirmations. So while only
+    Departures free GPUs and power, but nothing waits on them (the garbage collector removes the
+    pods), and a round that changed limits already waited for their confirmations. So while only
     such changes arrive, the loop lets them settle and plans once for many (`settle_seconds`)
     instead of re-planning the rest of the cluster per workload leaving, and again for the
     confirmations of each of those plans.

@@ -243,8 +243,10 @@ def pod_changes(
 ) -> PodChanges:
     """Compare the operator's pods with the planned ones.
 
-    A pod is deleted when no replica is planned under its name or when its node or variant changed
-    (pods are immutable, so a move is delete + create under the same name). A finished pod is
+    A pod is deleted when no replica is planned under its name, when its node or variant changed
+    (pods are immutable, so a move is delete + create under the same name), or when it belongs to
+    an earlier workload of the same name (another owner uid: deleted and created again before the
+    garbage collector took its pods). A finished pod is
     left to the lifecycle rules (completion, retry with backoff), and so is any pod in `keep` (the
     old pod of a make-before-break move: its replacement has the replica's other name, see
     `handover`). A pod being deleted blocks the creation of a replacement of the same name until
@@ -261,6 +263,10 @@ def pod_changes(
         annotations = pod["metadata"].get("annotations") or {}
         if want is None:
             delete.append(key)
+            continue
+        uid = replica_groups.owner_uid(pod)
+        if uid is not None and uid != replica_groups.owner_uid(want):
+            delete.append(key)  # an earlier workload's; its replacement waits for the name
             continue
         want_annotations = want["metadata"]["annotations"]
         moved = any(

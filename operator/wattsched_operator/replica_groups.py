@@ -126,6 +126,14 @@ def owner_reference(workload_name: str, uid: str) -> dict[str, Any]:
     }
 
 
+def owner_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the LLMWorkload that owns `obj` as its controller (None: no such owner)."""
+    for owner in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if owner.get("kind") == "LLMWorkload" and owner.get("controller"):
+            return str(owner.get("uid"))
+    return None
+
+
 def headless_service(workload_name: str, namespace: str, uid: str, replica: int) -> dict[str, Any]:
     """The replica's headless Service: selects the replica's pods (leader and workers) and
     publishes them before they are Ready, so workers can resolve the leader during rendezvous

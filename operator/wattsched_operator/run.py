@@ -358,12 +358,11 @@ def main(argv: list[str]) -> int:
 
     @kopf.on.startup()
     async def start_loop(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+        # No handler needs a finalizer (see `handlers`), so kopf adds none; naming the one that
+        # older versions added makes kopf remove it from the objects that still carry it.
         settings.persistence.finalizer = RELEASE_POWER_FINALIZER
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-            prefix="wattsched.io"
-        )
-        # The only change handler is the deletion finalizer, which needs no diff base: storing
-        # one (kopf's last-handled-configuration) would cost a PATCH per new or changed workload.
+        # No change handlers, so no diff base: kopf's default would still build one (and look
+        # for a stored one) on every watch event.
         settings.persistence.diffbase_storage = kopf.MultiDiffBaseStorage([])
         settings.posting.level = logging.WARNING
         # kopf's initial listings in pages too: one unpaged list of 10,000 workloads is tens of

@@ -130,13 +130,6 @@ class ServiceChanges:
     delete: tuple[tuple[str, str], ...]
 
 
-def _owner_uid(service: Mapping[str, Any]) -> str | None:
-    for owner in service["metadata"].get("ownerReferences") or []:
-        if owner.get("kind") == "LLMWorkload" and owner.get("controller"):
-            return str(owner.get("uid"))
-    return None
-
-
 def _differs(current: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
     spec, want_spec = current.get("spec") or {}, want["spec"]
     if spec.get("selector") != want_spec["selector"]:
@@ -213,10 +206,13 @@ def service_changes(
     patch: dict[tuple[str, str], dict[str, Any]] = {}
     delete: list[tuple[str, str]] = []
     for key, service in sorted(by_key.items()):
-        if service["metadata"].get("deletionTimestamp") or _owner_uid(service) is None:
+        if (
+            service["metadata"].get("deletionTimestamp")
+            or replica_groups.owner_uid(service) is None
+        ):
             continue
         want = desired.get(key)
-        if want is None or _owner_uid(service) != _owner_uid(want):
+        if want is None or replica_groups.owner_uid(service) != replica_groups.owner_uid(want):
             delete.append(key)
             continue
         headless = (service.get("spec") or {}).get("clusterIP") == "None"

@@ -526,7 +526,7 @@ def test_in_image_operator_and_agents_place_an_example_and_apply_its_power_profi
                 120,
             )
     finally:
-        # The running operator releases the example (its finalizer) before the processes stop.
+        # Deleted while the operator still runs (it lowers the GPUs) before the processes stop.
         sandbox.kubectl(
             "delete", "llmworkload", name, "-n", namespace, "--timeout=60s", check=False
         )

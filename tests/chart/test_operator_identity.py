@@ -139,7 +139,7 @@ def _pods_of(sandbox: Sandbox, name: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def workload_cleanup(sandbox: Sandbox, namespace: str) -> Iterator[None]:
-    """Delete the test's LLMWorkloads while the operator still runs (its finalizer)."""
+    """Delete the test's LLMWorkloads while the operator still runs (it lowers their GPUs)."""
     yield
     sandbox.kubectl("delete", "llmworkloads", "--all", "-n", namespace, "--timeout=60s")
 

@@ -3,8 +3,8 @@
 - `agents` (session): one `wattsched agent --backend simulated --all-nodes` process serving every
   KWOK GPU node (the real agent, writing NodePowerProfile status).
 - `start_operator`: a factory that starts `wattsched operator` as a subprocess against the sandbox;
-  every process it started is stopped after the test, after the test's LLMWorkloads and
-  EnergyBudgets are deleted (so no finalizer is left without an operator).
+  every process it started is stopped after the test, after the test's LLMWorkloads (while an
+  operator still runs, which lowers their GPUs) and EnergyBudgets are deleted.
 - helpers to read objects as JSON and wait for conditions.
 Not for: the pure-function unit tests, which need none of this.
 """
@@ -187,7 +187,7 @@ def start_operator(
 
     live = [p for p in started if p.process.poll() is None]
     if live:
-        # Let a live operator release the test's workloads (finalizers) before it stops.
+        # Let a live operator lower the GPUs of the test's workloads before it stops.
         sandbox.kubectl(
             "delete", "llmworkloads", "--all", "-n", namespace, "--timeout=60s", check=False
         )

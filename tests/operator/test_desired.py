@@ -166,6 +166,16 @@ def test_unchanged_pods_are_left_alone() -> None:
     assert not changes.relabel_power
 
 
+def test_a_pod_of_an_earlier_workload_of_the_same_name_is_deleted_then_replaced() -> None:
+    # Deleted and applied again before the garbage collector took the first one's pod.
+    earlier = running(build_pod(workload(uid="uid-0"), placement(0)))
+    want = desired_pods({"team-a/llama": workload(uid="uid-1")}, [placement(0)])
+    changes = pod_changes([earlier], want)
+    assert changes.delete == (("team-a", "llama-0"),)
+    assert changes.create == (), "the new pod waits until the old one is gone"
+    assert pod_changes([], want).create[0]["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
 def test_a_moved_replica_is_deleted_and_recreated_under_the_same_name() -> None:
     before = running(build_pod(workload(), placement(0, node="gpu-a")))
     want = desired_pods({"team-a/llama": workload()}, [placement(0, node="gpu-b")])

@@ -7,9 +7,12 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+from kopf import Memo
+
 from wattsched_operator.cache import NODES, PODS, PROFILES, WORKLOADS, Changes, ClusterCache
 from wattsched_operator.desired import LABEL_WORKLOAD
-from wattsched_operator.handlers import record
+from wattsched_operator.handlers import OperatorMemo, pod_event, record, workload_event
+from wattsched_operator.kube import HTTP_NOT_FOUND, KubeError, workloads_path
 from wattsched_operator.loop import LoopSettings, PlanningLoop
 from wattsched_operator.run import leads
 
@@ -286,3 +289,78 @@ def test_without_departures_the_loop_plans_after_the_debounce() -> None:
         assert await asyncio.wait_for(loop._wait_for_work(), timeout=5) == "plan"
 
     asyncio.run(main())
+
+
+class FakeWorkloadApi:
+    """`Kube.get` of LLMWorkloads: the bodies it holds by path, 404 for the rest; counts calls."""
+
+    def __init__(self, *bodies: dict[str, Any]) -> None:
+        self.bodies = {
+            workloads_path(b["metadata"]["namespace"], b["metadata"]["name"]): b for b in bodies
+        }
+        self.gets = 0
+
+    def get(self, path: str) -> dict[str, Any]:
+        self.gets += 1
+        if path not in self.bodies:
+            raise KubeError("GET", path, HTTP_NOT_FOUND, "not found")
+        return self.bodies[path]
+
+
+def live_workload(uid: str = "uid-1") -> dict[str, Any]:
+    return {"metadata": {"namespace": "team", "name": "llama", "uid": uid, "generation": 1}}
+
+
+def its_pod(**meta: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "namespace": "team",
+            "name": "llama-0",
+            "labels": {LABEL_WORKLOAD: "llama"},
+            **meta,
+        },
+        "spec": {"nodeName": "gpu-a"},
+    }
+
+
+def handled(state: OperatorMemo, kind: str, event_type: str, body: dict[str, Any]) -> None:
+    handler: Any = pod_event if kind == PODS else workload_event
+    event = cast(Any, {"type": event_type, "object": body})
+    asyncio.run(handler(event=event, memo=Memo(state=state)))
+
+
+def test_a_pod_going_while_its_workload_is_gone_takes_the_workload_out_of_the_cache() -> None:
+    # The garbage collector deletes the pod of a workload whose deletion the watch has not shown.
+    state = OperatorMemo(cache=ClusterCache(), kube=cast(Any, FakeWorkloadApi()))
+    handled(state, WORKLOADS, "ADDED", live_workload())
+    handled(state, PODS, "ADDED", its_pod())
+    handled(state, PODS, "MODIFIED", its_pod(deletionTimestamp="t1"))
+    assert state.cache.get(WORKLOADS, "team/llama") is None
+    # The watch's late events of it do not bring it back; its own deletion ends that.
+    handled(state, WORKLOADS, "MODIFIED", live_workload())
+    assert state.cache.get(WORKLOADS, "team/llama") is None
+    handled(state, WORKLOADS, "DELETED", live_workload())
+    assert state.gone == {}
+    handled(state, WORKLOADS, "ADDED", live_workload(uid="uid-2"))  # applied again
+    assert state.cache.get(WORKLOADS, "team/llama") is not None
+
+
+def test_a_pod_going_while_its_workload_lives_changes_nothing_and_asks_once() -> None:
+    api = FakeWorkloadApi(live_workload())
+    state = OperatorMemo(cache=ClusterCache(), kube=cast(Any, api))
+    handled(state, WORKLOADS, "ADDED", live_workload())
+    handled(state, PODS, "ADDED", its_pod())
+    handled(state, PODS, "MODIFIED", its_pod(deletionTimestamp="t1"))
+    handled(state, PODS, "DELETED", its_pod(deletionTimestamp="t1"))
+    assert state.cache.get(WORKLOADS, "team/llama") is not None
+    assert api.gets == 1  # the first sign only
+
+
+def test_a_workload_applied_again_under_the_same_name_replaces_the_cached_one() -> None:
+    state = OperatorMemo(
+        cache=ClusterCache(), kube=cast(Any, FakeWorkloadApi(live_workload("new")))
+    )
+    handled(state, WORKLOADS, "ADDED", live_workload("old"))
+    handled(state, PODS, "DELETED", its_pod())
+    assert state.cache.get(WORKLOADS, "team/llama") is None
+    assert state.gone == {"team/llama": "old"}

@@ -1,0 +1,131 @@
+"""The agent's runner without a cluster: which nodes a pass writes the status of.
+
+A fake KubeAccess records the status patches; fake node agents return an empty status. What is
+tested is `AgentRunner`'s choice of nodes (spec changes, heartbeats), not the reconcile itself
+(tests/agent/test_reconcile.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
+
+import pytest
+
+from wattsched_agent.node_agent import AgentRunner, ExitPolicy
+
+INTERVAL_SECONDS = 10.0
+
+
+class FakeKube:
+    """Profiles for the named nodes; counts the reads, records each status patch (or refuses
+    the nodes in `refuse`)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.patched: list[str] = []
+        self.refuse: set[str] = set()
+        self.reads = 0
+
+    def profiles(self, node_name: str | None) -> dict[str, dict[str, Any]]:
+        self.reads += 1
+        return {
+            name: {
+                "apiVersion": "wattsched.io/v1alpha1",
+                "kind": "NodePowerProfile",
+                "metadata": {"name": name, "generation": 1},
+                "spec": {"nodeName": name, "pods": []},
+            }
+            for name in self.names
+        }
+
+    def gpu_pods(self, node_name: str | None) -> dict[str, list[Any]]:
+        self.reads += 1
+        return {}
+
+    def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
+        if name in self.refuse:
+            raise RuntimeError(f"{name}: refused")
+        self.patched.append(name)
+
+
+class FakeAgent:
+    def observe_pods(self, pods: list[Any]) -> None:
+        pass
+
+    def reconcile(self, profile: Any) -> dict[str, Any]:
+        return {}
+
+    def stop(self, policy: ExitPolicy) -> None:
+        pass
+
+    def stopped_status(self, profile: Any) -> dict[str, Any]:
+        return {}
+
+
+@pytest.fixture
+def kube() -> FakeKube:
+    return FakeKube(["gpu-a", "gpu-b"])
+
+
+@pytest.fixture
+def runner(kube: FakeKube) -> Iterator[AgentRunner]:
+    made = AgentRunner(
+        cast(Any, kube),
+        {name: cast(Any, FakeAgent()) for name in kube.names},
+        single_node=None,
+        interval_seconds=INTERVAL_SECONDS,
+        exit_policy=ExitPolicy.LEAVE,
+        workers=2,
+    )
+    yield made
+    made.shutdown()
+
+
+def test_the_first_heartbeat_writes_every_node(runner: AgentRunner) -> None:
+    assert runner.to_reconcile(set(), heartbeat=True, now=time.monotonic()) == {"gpu-a", "gpu-b"}
+
+
+def test_a_spec_change_written_just_before_a_heartbeat_is_that_nodes_heartbeat(
+    runner: AgentRunner, kube: FakeKube
+) -> None:
+    runner.tick(runner.to_reconcile({"gpu-a"}, heartbeat=False, now=time.monotonic()))
+    assert kube.patched == ["gpu-a"]
+    kube.patched.clear()
+    runner.tick(runner.to_reconcile(set(), heartbeat=True, now=time.monotonic()))
+    assert kube.patched == ["gpu-b"]
+
+
+def test_a_spec_change_is_always_written_even_right_after_a_write(
+    runner: AgentRunner, kube: FakeKube
+) -> None:
+    runner.tick(runner.to_reconcile(set(), heartbeat=True, now=time.monotonic()))
+    kube.patched.clear()
+    runner.tick(runner.to_reconcile({"gpu-b"}, heartbeat=True, now=time.monotonic()))
+    assert kube.patched == ["gpu-b"]
+
+
+def test_a_node_is_due_again_half_an_interval_after_its_last_write(runner: AgentRunner) -> None:
+    runner.tick(runner.to_reconcile(set(), heartbeat=True, now=time.monotonic()))
+    written = time.monotonic()
+    assert runner.to_reconcile(set(), heartbeat=True, now=written) == set()
+    # Never more than 1.5 intervals without a write: the next pass after half an interval writes.
+    later = written + INTERVAL_SECONDS / 2 + 0.1
+    assert runner.to_reconcile(set(), heartbeat=True, now=later) == {"gpu-a", "gpu-b"}
+
+
+def test_a_node_whose_write_failed_is_due_at_the_next_heartbeat(
+    runner: AgentRunner, kube: FakeKube
+) -> None:
+    kube.refuse = {"gpu-a"}
+    assert runner.tick(runner.to_reconcile(set(), heartbeat=True, now=time.monotonic())) == 1
+    assert runner.to_reconcile(set(), heartbeat=True, now=time.monotonic()) == {"gpu-a"}
+
+
+def test_a_pass_with_nothing_due_reads_and_writes_nothing(
+    runner: AgentRunner, kube: FakeKube
+) -> None:
+    assert runner.tick(set()) == 0
+    assert kube.reads == 0
+    assert kube.patched == []
