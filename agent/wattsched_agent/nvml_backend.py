@@ -332,6 +332,17 @@ class NvmlBackend:
         )
         return LimitOutcome(index, 0.0, None, None, fault)
 
+    def _settled_sm_clock_mhz(self, handle: Any, top_mhz: int) -> int:
+        """The SM clock after a new lock: read until it is at most `top_mhz`, for up to
+        `CLOCK_SETTLE_SECONDS`; raises `pynvml.NVMLError`."""
+        polls_left = math.ceil(CLOCK_SETTLE_SECONDS / CLOCK_POLL_SECONDS)
+        while True:
+            current = int(self.library.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+            if current <= top_mhz or polls_left == 0:
+                return current
+            self.sleep(CLOCK_POLL_SECONDS)
+            polls_left -= 1
+
     def _read_sm_clock_mhz(self, handle: Any) -> int | None:
         try:
             return int(self.library.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
@@ -368,12 +379,7 @@ class NvmlBackend:
                 self.library.nvmlDeviceSetGpuLockedClocks(handle, *target)
                 self.locked_clocks_mhz[index] = target
                 call = "nvmlDeviceGetClockInfo (read-back)"
-                current = int(self.library.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
-                for _ in range(math.ceil(CLOCK_SETTLE_SECONDS / CLOCK_POLL_SECONDS)):
-                    if current <= target[1]:
-                        break
-                    self.sleep(CLOCK_POLL_SECONDS)
-                    current = int(self.library.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+                current = self._settled_sm_clock_mhz(handle, target[1])
         except pynvml.NVMLError as error:
             return ClockOutcome(
                 index,

@@ -13,6 +13,7 @@ from wattsched_agent.dcgm_metrics import GpuMetrics, render_metrics
 from wattsched_agent.node_agent import ExitPolicy, NodeAgent
 from wattsched_agent.nvml_backend import (
     CLOCK_SETTLE_SECONDS,
+    ClockOutcome,
     FaultReason,
     NvmlBackend,
     nearest_clock_mhz,
@@ -90,27 +91,28 @@ class FakeTime:
         self.now += seconds
 
 
-def test_a_lock_is_read_back_once_the_clock_has_fallen_to_it() -> None:
-    """A real H100 reads its old SM clock for 46-95 ms after a new lock (docs/telemetry.md):
-    the read-back waits for the clock to fall, and no mismatch is reported."""
+def lock_under_load(settle_seconds: float) -> tuple[FakeTime, ClockOutcome]:
+    """Lock a busy simulated H100 at 1,185 MHz whose SM clock falls to a new lock after
+    `settle_seconds`, on a fake clock the backend's polling advances."""
     fake = FakeTime()
-    library = SimulatedNvml("n", [H100], clock=fake, clock_settle_seconds=0.1)
+    library = SimulatedNvml("n", [H100], clock=fake, clock_settle_seconds=settle_seconds)
     backend = NvmlBackend(library, "simulated", sleep=fake.sleep)
     assert backend.open() == []
     library.set_utilisation(0, 1.0)
-    outcome = backend.apply_clocks(0, 1185, 1185)
+    return fake, backend.apply_clocks(0, 1185, 1185)
+
+
+def test_a_lock_is_read_back_once_the_clock_has_fallen_to_it() -> None:
+    """A real H100 reads its old SM clock for 46-95 ms after a new lock (docs/telemetry.md):
+    the read-back waits for the clock to fall, and no mismatch is reported."""
+    fake, outcome = lock_under_load(settle_seconds=0.1)
     assert outcome.fault is None
     assert outcome.sm_clock_mhz == 1185
     assert 0.1 <= fake.now <= 0.12  # polled until it fell, not longer
 
 
 def test_a_clock_still_above_the_lock_after_the_settling_time_is_a_mismatch() -> None:
-    fake = FakeTime()
-    library = SimulatedNvml("n", [H100], clock=fake, clock_settle_seconds=10.0)
-    backend = NvmlBackend(library, "simulated", sleep=fake.sleep)
-    assert backend.open() == []
-    library.set_utilisation(0, 1.0)
-    outcome = backend.apply_clocks(0, 1185, 1185)
+    fake, outcome = lock_under_load(settle_seconds=10.0)
     assert outcome.fault is not None
     assert outcome.fault.reason is FaultReason.READ_BACK_MISMATCH
     assert outcome.sm_clock_mhz == 1980

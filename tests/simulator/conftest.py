@@ -30,15 +30,21 @@ def flat_truth(tokens_per_second: float = 100.0) -> GroundTruth:
     )
 
 
-def h100_node(name: str, gpus: int = 8) -> SimNode:
+def gpu_node(name: str, product_label: str, product: str, gpus: int = 8) -> SimNode:
+    """A node of `gpus` GPUs labelled `product_label` (GPU Feature Discovery's
+    nvidia.com/gpu.product), the catalogue's and the ground truth's `product`."""
     return SimNode(
         name=name,
-        labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-        product_label="NVIDIA-H100-80GB-HBM3",
-        planner_product="H100-80GB",
-        truth_product="H100-80GB",
+        labels={"nvidia.com/gpu.product": product_label},
+        product_label=product_label,
+        planner_product=product,
+        truth_product=product,
         gpu_count=gpus,
     )
+
+
+def h100_node(name: str, gpus: int = 8) -> SimNode:
+    return gpu_node(name, "NVIDIA-H100-80GB-HBM3", "H100-80GB", gpus)
 
 
 def job(

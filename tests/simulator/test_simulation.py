@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.simulator.conftest import FixedPolicy, flat_truth, h100_node, job, scenario
+from tests.simulator.conftest import FixedPolicy, flat_truth, gpu_node, h100_node, job, scenario
 from wattsched_operator.core import PlanFunction
 from wattsched_optimizer.model import PerformanceModel
 from wattsched_optimizer.problem import Plan, PlanInput
@@ -218,14 +218,7 @@ def test_a_decision_that_overfills_a_node_is_rejected() -> None:
 
 
 def a100_node(name: str, gpus: int = 8) -> SimNode:
-    return SimNode(
-        name=name,
-        labels={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
-        product_label="NVIDIA-A100-SXM4-80GB",
-        planner_product="A100-80GB",
-        truth_product="A100-80GB",
-        gpu_count=gpus,
-    )
+    return gpu_node(name, "NVIDIA-A100-SXM4-80GB", "A100-80GB", gpus)
 
 
 def small_cluster_scenario(*, seed: int, cap_watts: float | None = None) -> Scenario:
