@@ -231,8 +231,9 @@ class HorizonPlan:
     @property
     def gap(self) -> float:
         """Relative distance of the objective from its dual bound (0 at an LP optimum, up to the
-        solver's tolerances)."""
-        return abs(self.objective - self.dual_bound) / max(abs(self.objective), 1e-9)
+        solver's tolerances); absolute where the objective is below 1 in size, so that an optimum
+        of 0 (nothing to cost) does not turn the solver's round-off into a gap."""
+        return abs(self.objective - self.dual_bound) / max(abs(self.objective), 1.0)
 
     @property
     def deferred(self) -> tuple[str, ...]:

@@ -316,6 +316,26 @@ def test_running_work_stops_for_a_saving_larger_than_a_restart() -> None:
     assert close.schedules["t/a"].runs_now
 
 
+def test_an_optimum_of_zero_has_no_gap() -> None:
+    # Found by the property test below: two jobs without a deadline, one node, an allowance that
+    # leaves them nothing; the optimum is 0 and HiGHS's dual bound -1.8e-15 (round-off), which a
+    # gap relative to the objective alone made 1.8e-6.
+    workloads = (job("t/j0", None, None), job("t/j1", None, None))
+    horizon = horizon_input(
+        workloads,
+        node_count=1,
+        carbon=(20.0, 20.0, 20.0, 295.0),
+        caps=(1600.0, 1600.0, 1600.0, 5600.0),
+        cap_watts=5600.0,
+        energy_kwh_left=2.4,
+        slots=(HOUR,) * 4,
+    )
+    result = plan_horizon(horizon)
+    assert result.status is HorizonStatus.OPTIMAL
+    assert abs(result.objective) < 1e-9
+    assert result.gap <= 1e-6
+
+
 def test_bad_input_names_the_budget_and_field() -> None:
     horizon = horizon_input((job("t/a", 4, 24),))
     wrong = dataclasses.replace(
