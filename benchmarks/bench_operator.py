@@ -326,6 +326,23 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[index]
 
 
+def distribution(values: list[float]) -> str:
+    """Percentiles of `values` (seconds) in one line, and how many exceed 1 and 2 s."""
+    fractions = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+    shown = ", ".join(f"p{round(f * 100)} {percentile(values, f):.2f}" for f in fractions)
+    over = {limit: sum(v > limit for v in values) for limit in (1, 2)}
+    return (
+        f"distribution (s, n={len(values)}): min {min(values):.2f}, {shown}, max {max(values):.2f};"
+        f" over 1 s: {over[1]}, over 2 s: {over[2]}"
+    )
+
+
+def utc_now() -> str:
+    """The wall-clock time, to the millisecond (to find an apply in the operator's log)."""
+    now = time.time()
+    return time.strftime("%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}"
+
+
 def create_all(
     kube: Kube, path: str, bodies: list[dict[str, Any]], workers: int = 16
 ) -> list[dict[str, Any]]:
@@ -678,9 +695,11 @@ def main() -> int:
             namespace = f"bench-single-{run_id}"
             watcher = watched_namespace(kube, kubeconfig, namespace)
             latencies: list[float] = []
+            slowest: list[tuple[float, str, str]] = []  # latency, name, UTC time of the apply
             for i in range(args.singles):
                 name = f"single-{i:04d}"
                 started = time.monotonic()
+                started_utc = utc_now()
                 sh(
                     "kubectl",
                     "apply",
@@ -695,7 +714,13 @@ def main() -> int:
                     print(f"single apply {name}: not bound within 60 s", file=sys.stderr)
                     continue
                 latencies.append(watcher.bound[f"{name}-0"] - started)
+                slowest.append((latencies[-1], name, started_utc))
             if latencies:
+                print(distribution(latencies), flush=True)
+                singles_log = logs / "bench-singles.tsv"  # each apply, to match the operator's log
+                singles_log.write_text("".join(f"{n}\t{t}\t{s:.3f}\n" for s, n, t in slowest))
+                slow = sorted(slowest, reverse=True)[:5]
+                print("slowest applies: " + ", ".join(f"{n} {t} {s:.2f} s" for s, n, t in slow))
                 p50 = f"{percentile(latencies, 0.5):.2f} s"
                 report(figures, "apply -> bound, p50", p50, "<= 2 s")
                 report(
