@@ -12,7 +12,10 @@ Why the lowering step is safe: every GPU ends up at or below both its current an
 limit. A pod in both the current spec and the plan gets the smaller of its planned limit, its spec
 limit and the highest limit the agent reports on its GPUs; every other GPU (free, held by a pod the
 plan drops, or by a pod not created yet) gets the idle limit, which is the smallest of the planned
-one, the spec's and the highest applied on free GPUs. GPUs of pods wattsched did not create are
+one, the spec's and the highest applied on free GPUs. What the agent reports counts only once it
+has read the spec's generation: before that its limits are an older spec's, below the spec only
+where a raise is on its way (a raise is written after the lowering it needs was confirmed, so the
+spec bounds every GPU), and lowering the spec to them would undo the raise and wait for it again. GPUs of pods wattsched did not create are
 left alone in both steps (budgets count them at what they run at), unless an EnergyBudget opts in
 to capping them (`NodeLimits.unmanaged_watts`): a new or lower cap is written in the lowering
 step, a higher one or its removal in the raising step.
@@ -103,8 +106,15 @@ class NodePowerState:
 
     @classmethod
     def from_profile(cls, profile: Mapping[str, Any] | None) -> NodePowerState:
+        """The spec, and what the agent applied; an agent that has not yet read the spec's
+        generation reports an older spec's limits, which are on their way to this spec's (a
+        raise in flight), so only the spec counts (see `power_steps`)."""
         if profile is None:
             return cls(spec=None)
+        spec = NodeLimits.from_spec(profile.get("spec") or {})
+        generation = int((profile.get("metadata") or {}).get("generation") or 0)
+        if int((profile.get("status") or {}).get("observedGeneration") or 0) < generation:
+            return cls(spec)
         by_pod: dict[PodKey, float] = {}
         idle: float | None = None
         for gpu in (profile.get("status") or {}).get("gpus") or []:
@@ -117,7 +127,7 @@ class NodePowerState:
                 by_pod[key] = max(by_pod.get(key, 0.0), float(applied))
             else:
                 idle = max(idle or 0.0, float(applied))
-        return cls(NodeLimits.from_spec(profile.get("spec") or {}), by_pod, idle)
+        return cls(spec, by_pod, idle)
 
 
 @dataclass(frozen=True)

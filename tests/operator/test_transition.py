@@ -215,3 +215,23 @@ def test_a_node_in_several_opted_in_budgets_gets_the_lowest_cap_for_other_teams_
     assert unmanaged_gpu_caps(budgets, nodes) == {"a1": 250, "b1": 400, "c1": 400}
     assert unmanaged_gpu_caps(budgets[2:], nodes) == {}
     assert unmanaged_gpu_caps([budget("bad", "a", 0)], nodes) == {}  # invalid: plans nothing
+
+
+def test_a_raise_the_agent_has_not_read_yet_is_not_lowered_again() -> None:
+    # Generation 2 raised A from 200 to 300 W and idle from 100 to 150 W; the agent still
+    # reports generation 1's limits. The next plan keeps them: nothing to lower or raise.
+    raised = NodeLimits(idle_watts=150, pods={A: 300})
+    body = profile(raised, [(A, 200), (None, 100)], generation=2)
+    body["status"]["observedGeneration"] = 1
+    steps = power_steps({"n": NodePowerState.from_profile(body)}, {"n": raised})
+    assert steps.lower == {}
+    assert steps.raise_ == {}
+
+
+def test_limits_the_agent_applied_at_the_spec_generation_still_bound_the_lowering_step() -> None:
+    # The agent read generation 2 and applies less than the spec (say, a GPU's NVML range):
+    # the lowering step does not count on more than that.
+    spec = NodeLimits(idle_watts=100, pods={A: 300})
+    body = profile(spec, [(A, 250), (None, 100)], generation=2)
+    steps = power_steps({"n": NodePowerState.from_profile(body)}, {"n": spec})
+    assert steps.lower == {"n": NodeLimits(idle_watts=100, pods={A: 250})}
