@@ -443,6 +443,27 @@ def wait_no_other_holders(kube: Kube, timeout_seconds: float) -> bool:
     return True
 
 
+def wait_profiles_confirmed(kube: Kube, nodes: int, timeout_seconds: float) -> float | None:
+    """Poll until each of `nodes` NodePowerProfiles is confirmed by its agent (ready, the spec's
+    generation observed): the operator's first rounds and the agents' first reports are done.
+    Returns the seconds waited; None on timeout."""
+    started = time.monotonic()
+    while True:
+        profiles = kube.list(profiles_path())
+        confirmed = sum(
+            1
+            for p in profiles
+            if ((p.get("status") or {}).get("agent") or {}).get("ready")
+            and int((p.get("status") or {}).get("observedGeneration") or 0)
+            >= int(p["metadata"].get("generation") or 0)
+        )
+        if confirmed >= nodes:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_seconds:
+            return None
+        time.sleep(0.5)
+
+
 def timed_delete(
     what: list[str],
     namespace: str,
@@ -687,7 +708,15 @@ def main() -> int:
         run_dir = Path(args.sandbox_dir) / "run"
         pids = {p.stem: int(p.read_text()) for p in run_dir.glob("*.pid")}
         pids |= {"operator": operator.pid, "agent": agent.pid, "bench clients": os.getpid()}
-        time.sleep(10)  # first plan: every node's profile written and confirmed
+        time.sleep(10)  # first plan: every node's profile written
+        # The single applies measure a running operator, not its start: wait for the agents.
+        waited = wait_profiles_confirmed(kube, args.nodes, timeout_seconds=300)
+        print(
+            f"every NodePowerProfile confirmed {waited + 10:.1f} s after the operator started"
+            if waited is not None
+            else "not every NodePowerProfile confirmed 310 s after the operator started",
+            flush=True,
+        )
         idle_rss = rss_megabytes(operator.pid)
 
         # 1. Single applies, one after another.
