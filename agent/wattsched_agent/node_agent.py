@@ -230,6 +230,10 @@ class NodeAgent:
             )
 
 
+# A pass over at most this many nodes reads each one's profile and pods by itself.
+FEW_NODES = 4
+
+
 class AgentRunner:
     """Reconciles every node agent on spec changes and on a fixed interval.
 
@@ -323,6 +327,22 @@ class AgentRunner:
 
         return sum(1 for ok in self._pool.map(guarded, sorted(names)) if not ok)
 
+    def _read(
+        self, names: Collection[str]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, list[PlacedPod]]]:
+        """The profiles of `names` and the GPU pods bound to them: one list of each for the whole
+        cluster, or, for a few nodes (a spec change), each node's own (a field selector, as a
+        node's own agent reads them) instead of every pod in the cluster each time."""
+        if self.single_node is not None or len(names) > FEW_NODES:
+            # A new spec often names pods created since the last heartbeat: read who holds what.
+            return self.kube.profiles(self.single_node), self.kube.gpu_pods(self.single_node)
+        profiles: dict[str, dict[str, Any]] = {}
+        pods: dict[str, list[PlacedPod]] = {}
+        for name in names:
+            profiles |= self.kube.profiles(name)
+            pods |= self.kube.gpu_pods(name)
+        return profiles, pods
+
     def tick(self, only: Collection[str] | None = None) -> int:
         """One pass: pods -> device mapping -> limits -> status, for every node (`only` None) or
         for the named nodes only (spec changes, the nodes due a heartbeat). Returns the failures.
@@ -337,9 +357,7 @@ class AgentRunner:
         )
         if not names:
             return 0
-        profiles = self.kube.profiles(self.single_node)
-        # A new spec often names pods created since the last heartbeat: read who holds what first.
-        pods = self.kube.gpu_pods(self.single_node)
+        profiles, pods = self._read(names)
         for name in names:
             self.agents[name].observe_pods(pods.get(name, []))
 

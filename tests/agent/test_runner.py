@@ -27,9 +27,11 @@ class FakeKube:
         self.patched: list[str] = []
         self.refuse: set[str] = set()
         self.reads = 0
+        self.read_for: list[str | None] = []  # the node each read asked for (None: all)
 
     def profiles(self, node_name: str | None) -> dict[str, dict[str, Any]]:
         self.reads += 1
+        self.read_for.append(node_name)
         return {
             name: {
                 "apiVersion": "wattsched.io/v1alpha1",
@@ -38,10 +40,12 @@ class FakeKube:
                 "spec": {"nodeName": name, "pods": []},
             }
             for name in self.names
+            if node_name in (None, name)
         }
 
     def gpu_pods(self, node_name: str | None) -> dict[str, list[Any]]:
         self.reads += 1
+        self.read_for.append(node_name)
         return {}
 
     def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
@@ -162,3 +166,31 @@ def test_a_spec_change_during_a_heartbeat_pass_goes_before_the_rest_of_the_pass(
     assert patched[2] == "gpu-07"
     assert sorted(patched[3:]) == names[2:7]  # the rest of the pass, gpu-07 not twice
     assert reads == 4  # profiles and pods read again for the spec change
+
+
+def test_a_spec_change_reads_only_its_nodes_profile_and_pods(
+    runner: AgentRunner, kube: FakeKube
+) -> None:
+    runner.tick(runner.to_reconcile({"gpu-b"}, heartbeat=False, now=time.monotonic()))
+    assert kube.patched == ["gpu-b"]
+    assert kube.read_for == ["gpu-b", "gpu-b"]  # not every profile and pod of the cluster
+
+
+def test_a_heartbeat_pass_reads_every_profile_and_pod_once() -> None:
+    names = [f"gpu-{i:02d}" for i in range(6)]
+    kube = FakeKube(names)
+    many = AgentRunner(
+        cast(Any, kube),
+        {name: cast(Any, FakeAgent()) for name in names},
+        single_node=None,
+        interval_seconds=INTERVAL_SECONDS,
+        exit_policy=ExitPolicy.LEAVE,
+        workers=2,
+    )
+    try:
+        many.tick(many.to_reconcile(set(), heartbeat=True, now=time.monotonic()))
+        read_for, patched = list(kube.read_for), sorted(kube.patched)
+    finally:
+        many.shutdown()
+    assert patched == names
+    assert read_for == [None, None]
