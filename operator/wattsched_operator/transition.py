@@ -15,10 +15,10 @@ plan drops, or by a pod not created yet) gets the idle limit, which is the small
 one, the spec's and the highest applied on free GPUs. What the agent reports counts only once it
 has read the spec's generation: before that its limits are an older spec's, below the spec only
 where a raise is on its way (a raise is written after the lowering it needs was confirmed, so the
-spec bounds every GPU), and lowering the spec to them would undo the raise and wait for it again. GPUs of pods wattsched did not create are
-left alone in both steps (budgets count them at what they run at), unless an EnergyBudget opts in
-to capping them (`NodeLimits.unmanaged_watts`): a new or lower cap is written in the lowering
-step, a higher one or its removal in the raising step.
+spec bounds every GPU), and lowering the spec to them would undo the raise and wait for it again.
+GPUs of pods wattsched did not create are left alone in both steps (budgets count them at what they
+run at), unless an EnergyBudget opts in to capping them (`NodeLimits.unmanaged_watts`): a new or
+lower cap is written in the lowering step, a higher one or its removal in the raising step.
 """
 
 from __future__ import annotations
