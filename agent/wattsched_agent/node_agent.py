@@ -267,8 +267,9 @@ class AgentRunner:
         self._changed_lock = threading.Lock()
         # When each node's status was last written (time.monotonic), by the pool's threads.
         self._written: dict[str, float] = {}
-        self.workers = max(1, min(workers, len(self.agents)))
-        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="reconcile")
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, min(workers, len(self.agents))), thread_name_prefix="reconcile"
+        )
 
     @staticmethod
     def _profile(profiles: Mapping[str, Mapping[str, Any]], name: str) -> NodePowerProfile | None:
@@ -345,16 +346,8 @@ class AgentRunner:
 
     def tick(self, only: Collection[str] | None = None) -> int:
         """One pass: pods -> device mapping -> limits -> status, for every node (`only` None) or
-        for the named nodes only (spec changes, the nodes due a heartbeat). Returns the failures.
-
-        The nodes go `workers` at a time; a spec change that arrives meanwhile is reconciled
-        (from a fresh read) before the rest of the pass, as each node's own agent would: one
-        node's new limits never wait for a heartbeat pass over hundreds of others, which the
-        operator's round waiting for the confirmation would wait for too.
-        """
-        names = sorted(
-            self.agents.keys() if only is None else [n for n in only if n in self.agents]
-        )
+        for the named nodes only (spec changes, the nodes due a heartbeat). Returns the failures."""
+        names = self.agents.keys() if only is None else [n for n in only if n in self.agents]
         if not names:
             return 0
         profiles, pods = self._read(names)
@@ -367,15 +360,7 @@ class AgentRunner:
                 self.kube.patch_status(name, self.agents[name].reconcile(profile))
                 self._written[name] = time.monotonic()
 
-        failures = 0
-        while names:
-            batch, names = names[: self.workers], names[self.workers :]
-            failures += self._for_each(batch, reconcile, "reconcile", until_stopped=True)
-            changed = self._take_changed() if names else set()
-            if changed:
-                failures += self.tick(changed)
-                names = [name for name in names if name not in changed]
-        return failures
+        return self._for_each(names, reconcile, "reconcile", until_stopped=True)
 
     def run(self) -> None:
         """Loop until `request_stop()`, then apply the exit policy."""

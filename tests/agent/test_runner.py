@@ -135,39 +135,6 @@ def test_a_pass_with_nothing_due_reads_and_writes_nothing(
     assert kube.patched == []
 
 
-def test_a_spec_change_during_a_heartbeat_pass_goes_before_the_rest_of_the_pass() -> None:
-    """One process serving many nodes: a node's new spec is written after the batch in progress,
-    from a fresh read, not after the heartbeats of every other node (each node's own agent would
-    not wait for them either)."""
-    names = [f"gpu-{i:02d}" for i in range(8)]
-    kube = FakeKube(names)
-    made = AgentRunner(
-        cast(Any, kube),
-        {name: cast(Any, FakeAgent()) for name in names},
-        single_node=None,
-        interval_seconds=INTERVAL_SECONDS,
-        exit_policy=ExitPolicy.LEAVE,
-        workers=2,
-    )
-    patch = kube.patch_status
-
-    def patch_and_change_the_last(name: str, status: Mapping[str, Any]) -> None:
-        patch(name, status)
-        if name == "gpu-00":  # the first batch: the operator writes gpu-07's profile meanwhile
-            made.spec_changed("gpu-07")
-
-    kube.patch_status = patch_and_change_the_last  # type: ignore[method-assign]
-    try:
-        assert made.tick(made.to_reconcile(set(), heartbeat=True, now=time.monotonic())) == 0
-        patched, reads = list(kube.patched), kube.reads
-    finally:
-        made.shutdown()
-    assert sorted(patched[:2]) == ["gpu-00", "gpu-01"]
-    assert patched[2] == "gpu-07"
-    assert sorted(patched[3:]) == names[2:7]  # the rest of the pass, gpu-07 not twice
-    assert reads == 4  # profiles and pods read again for the spec change
-
-
 def test_a_spec_change_reads_only_its_nodes_profile_and_pods(
     runner: AgentRunner, kube: FakeKube
 ) -> None:
