@@ -188,6 +188,14 @@ def _identity(value: Any) -> Any:
 _SHARED = SharedValues()
 
 
+def shared(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`value` read-only, with every object and array that repeats across the cache's bodies
+    and other shared values kept once (`SharedValues`): for what is held a while, like the
+    status writes waiting to go."""
+    compact: Mapping[str, Any] = _SHARED.share(value)
+    return compact
+
+
 def slim(kind: str, body: Mapping[str, Any]) -> Body:
     """The parts of an object the operator reads, compact; the rest is dropped to keep memory small.
 
