@@ -312,7 +312,9 @@ class ClusterCache:
     changes: Changes = field(default_factory=Changes)
 
     def upsert(self, kind: str, body: Mapping[str, Any]) -> None:
-        self.objects[kind][object_key(body)] = slim(kind, body)
+        """Store `body`, made compact (`slim`) unless it is already (a `FrozenDict`)."""
+        compact = body if isinstance(body, FrozenDict) else slim(kind, body)
+        self.objects[kind][object_key(body)] = compact
 
     def remove(self, kind: str, body: Mapping[str, Any]) -> None:
         self.objects[kind].pop(object_key(body), None)
