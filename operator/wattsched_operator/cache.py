@@ -130,7 +130,10 @@ class SharedValues:
         """The shared form of `value`, and whether others may share it (a value holding an
         unshared one is not: its key would name a copy no one else has)."""
         if isinstance(value, str):
-            return (sys.intern(value) if len(value) <= _INTERNED_MAX_LENGTH else value), True
+            # A str subclass (a status's StrEnum phase or condition type) as the plain string
+            # the API server would send: only exact strings can be interned.
+            text = str.__str__(value)
+            return (sys.intern(text) if len(text) <= _INTERNED_MAX_LENGTH else text), True
         if depth >= _COMPACT_MAX_DEPTH or not isinstance(value, dict | list):
             return value, not isinstance(value, dict | list)
         shareable = True

@@ -76,14 +76,12 @@ class Watch:
         self._thread.start()
 
     def stop(self) -> None:
-        """End the watch (its thread exits at the next event, or now if it waits for one)."""
+        """End the watch: its thread delivers nothing more and exits (at once if it waits for
+        an event: the stream is closed, from a thread of its own so that this never blocks)."""
         self._stop.set()
         response = self._response
         if response is not None:
-            try:
-                response.close()
-            except Exception:  # closing from another thread: the read ends either way
-                logger.debug("closing the %s watch", self.kind, exc_info=True)
+            threading.Thread(target=_close, args=(response,), daemon=True).start()
 
     def join(self, timeout_seconds: float) -> None:
         if self._thread is not None:
@@ -186,6 +184,13 @@ class Watch:
             del raw
             self._handle(str(event_type), body)
         return found  # a BOOKMARK only moves the version
+
+
+def _close(response: Any) -> None:
+    try:
+        response.close()
+    except Exception:  # closing under a reading thread: the read ends either way
+        logger.debug("closing a watch stream", exc_info=True)
 
 
 def _stub(key: str) -> Body:

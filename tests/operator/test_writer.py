@@ -12,6 +12,7 @@ from typing import Any, cast
 import pytest
 
 from wattsched_api.meta import merge_patch
+from wattsched_api.vocabulary import Phase
 from wattsched_operator import core
 from wattsched_operator import writer as writer_module
 from wattsched_operator.apply import Applier, object_path
@@ -520,3 +521,21 @@ def test_waiting_statuses_keep_what_they_repeat_once() -> None:
     b, c = run(scenario())
     assert b["conditions"] is c["conditions"]
     assert server.statuses["/w/c/status"]["conditions"][0]["message"] == "the operator read it"
+
+
+def test_a_status_of_enum_values_is_kept_as_the_plain_strings_it_is_written_as() -> None:
+    # The core's statuses hold StrEnum phases and condition types; the writer keeps them as the
+    # plain strings the API server gets (only exact strings can be shared and interned).
+    server = FakeServer()
+
+    async def scenario() -> Any:
+        writer = server.writer()
+        writer.submit(write("a", {"phase": Phase.RUNNING, "conditions": [{"type": "Ready"}]}))
+        status = writer.pending["/w/a"].writes[0].status
+        await writer.stop(5)
+        return status
+
+    status = run(scenario())
+    assert type(status["phase"]) is str
+    assert status["phase"] == "Running"
+    assert server.statuses["/w/a/status"]["phase"] == "Running"
