@@ -130,7 +130,10 @@ class SharedValues:
         """The shared form of `value`, and whether others may share it (a value holding an
         unshared one is not: its key would name a copy no one else has)."""
         if isinstance(value, str):
-            return (sys.intern(value) if len(value) <= _INTERNED_MAX_LENGTH else value), True
+            # A str subclass (a status's StrEnum phase or condition type) as the plain string
+            # the API server would send: only exact strings can be interned.
+            text = str.__str__(value)
+            return (sys.intern(text) if len(text) <= _INTERNED_MAX_LENGTH else text), True
         if depth >= _COMPACT_MAX_DEPTH or not isinstance(value, dict | list):
             return value, not isinstance(value, dict | list)
         shareable = True
@@ -186,6 +189,14 @@ def _identity(value: Any) -> Any:
 
 
 _SHARED = SharedValues()
+
+
+def shared(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`value` read-only, with every object and array that repeats across the cache's bodies
+    and other shared values kept once (`SharedValues`): for what is held a while, like the
+    status writes waiting to go."""
+    compact: Mapping[str, Any] = _SHARED.share(value)
+    return compact
 
 
 def slim(kind: str, body: Mapping[str, Any]) -> Body:
@@ -304,7 +315,9 @@ class ClusterCache:
     changes: Changes = field(default_factory=Changes)
 
     def upsert(self, kind: str, body: Mapping[str, Any]) -> None:
-        self.objects[kind][object_key(body)] = slim(kind, body)
+        """Store `body`, made compact (`slim`) unless it is already (a `FrozenDict`)."""
+        compact = body if isinstance(body, FrozenDict) else slim(kind, body)
+        self.objects[kind][object_key(body)] = compact
 
     def remove(self, kind: str, body: Mapping[str, Any]) -> None:
         self.objects[kind].pop(object_key(body), None)

@@ -147,16 +147,22 @@ def with_forecast_demand(
     workloads: Iterable[Workload], history: DemandHistory, now_seconds: float
 ) -> tuple[Workload, ...]:
     """The optimizer's workloads with every Inference demand replaced by its forecast, where
-    `history` has readings within its window (the declared demand otherwise)."""
+    `history` has readings within its window (the declared demand otherwise). A workload whose
+    demand stays as it is is the same object (no copy of every service per round)."""
     return tuple(
-        dataclasses.replace(
-            workload,
-            tokens_per_second=history.demand(workload.key, now_seconds, workload.tokens_per_second),
+        _with_demand(
+            workload, history.demand(workload.key, now_seconds, workload.tokens_per_second)
         )
         if workload.type is WorkloadType.INFERENCE
         else workload
         for workload in workloads
     )
+
+
+def _with_demand(workload: Workload, tokens_per_second: float | None) -> Workload:
+    if tokens_per_second == workload.tokens_per_second:
+        return workload
+    return dataclasses.replace(workload, tokens_per_second=tokens_per_second)
 
 
 # Days of hourly peaks kept per service for the horizon's forecast (`HourlyDemand`).

@@ -1,12 +1,15 @@
-"""Thin kopf handlers: record watch events in the cache and mark the plan dirty when it matters.
+"""Thin watch-event handlers: record events in the cache and mark the plan dirty when it matters.
 
-Every handler is an async function of kopf's keyword arguments that hands the event to `record`, a
-plain function tests call directly. Whether an event matters is decided by `fingerprint`: the parts
-of an object the plan depends on (spec, membership, readiness), not heartbeats or the statuses the
-operator writes itself; `departure` and `confirmation` tell the loop when a change is only a
-workload leaving or an agent confirming limits (the loop lets those settle into one plan).
+EnergyBudgets, nodes and NodePowerProfiles come from kopf (async functions of kopf's keyword
+arguments); LLMWorkloads and the operator's pods from the operator's own watches (`watch`, which
+calls `workload_event` and `pod_event` with compact bodies): kopf is handed neither. Every handler
+hands the event to `record`, a plain function tests call directly. Whether an event matters is
+decided by `fingerprint`: the parts of an object the plan depends on (spec, membership,
+readiness), not heartbeats or the statuses the operator writes itself; `departure` and
+`confirmation` tell the loop when a change is only a workload leaving or an agent confirming
+limits (the loop lets those settle into one plan).
 
-There is no deletion handler, so kopf puts no finalizer on LLMWorkloads (and removes the one older
+Nothing puts a finalizer on LLMWorkloads (and `remove_old_finalizer` takes off the one older
 versions put there, `wattsched.io/release-power`): a deleted workload goes at once, and
 kube-controller-manager's garbage collector deletes its pods (each carries an ownerReference to
 it), as for any owned pod. Nothing needed the workload to stay: a plan counts only the pods of
@@ -16,19 +19,19 @@ a round that still finds such a pod deletes it (`desired.pod_changes`), so the p
 the garbage collector.
 
 Without the finalizer no update marks a workload as going before its pods go, and the operator's
-pod watch can be ahead of its workload watch (a busy kopf works through a mass deletion's events
-object by object): a round would then create again the pods and Service of a workload that is gone
-(measured: 0.66 pods per workload in a deletion of 300). So a pod deleted while the cache still
-holds its workload as live (the first event that shows it going, or its deletion) makes the
-handler ask the API server for the workload
-(`forget_if_gone`, one GET); a workload that is gone (or was re-created: another uid) leaves the
-cache at once, and the watch's late events of it are ignored (`OperatorMemo.gone`) until its own
-DELETED comes. Planning is `loop`'s job.
+pod watch can be ahead of its workload watch (two watches, each with its own stream): a round
+would then create again the pods and Service of a workload that is gone (measured: 0.66 pods per
+workload in a deletion of 300). So a pod deleted while the cache still holds its workload as live
+(the first event that shows it going, or its deletion) makes the handler ask the API server for
+the workload (`forget_if_gone`, one GET); a workload that is gone (or was re-created: another
+uid) leaves the cache at once, and the watch's late events of it are ignored
+(`OperatorMemo.gone`) until its own DELETED comes. Planning is `loop`'s job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +39,7 @@ from typing import Any
 import kopf
 
 from wattsched_api.nodepowerprofile import Holder
+from wattsched_api.vocabulary import RELEASE_POWER_FINALIZER
 from wattsched_operator.cache import (
     BUDGETS,
     NODES,
@@ -46,8 +50,16 @@ from wattsched_operator.cache import (
     object_key,
 )
 from wattsched_operator.desired import GPU_RESOURCE, GROUP, LABEL_WORKLOAD, VERSION
-from wattsched_operator.kube import HTTP_NOT_FOUND, Kube, KubeError, workloads_path
+from wattsched_operator.kube import (
+    HTTP_NOT_FOUND,
+    JSON_PATCH,
+    Kube,
+    KubeError,
+    workloads_path,
+)
 from wattsched_operator.rounds import is_deleting
+
+logger = logging.getLogger("wattsched.operator")
 
 
 @dataclass
@@ -199,18 +211,45 @@ async def forget_if_gone(state: OperatorMemo, pod: Mapping[str, Any]) -> bool:
     return True
 
 
-@kopf.on.event(GROUP, VERSION, "llmworkloads")
-async def workload_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    state = _memo(memo)
-    body = event["object"]
+async def workload_event(
+    state: OperatorMemo, event_type: str | None, body: Mapping[str, Any]
+) -> None:
+    """One LLMWorkload event from the operator's own watch (`watch`), its body compact."""
     if not state.serves(body):
         return
     key = object_key(body)
     if key in state.gone and state.gone[key] == _uid(body):
-        if event.get("type") == "DELETED":
+        if event_type == "DELETED":
             del state.gone[key]
         return  # the watch is behind: the workload is already gone from the cache
-    record(state.cache, WORKLOADS, event.get("type"), body)
+    if event_type != "DELETED" and RELEASE_POWER_FINALIZER in _finalizers(body):
+        await remove_old_finalizer(state, body)
+    record(state.cache, WORKLOADS, event_type, body)
+
+
+def _finalizers(body: Mapping[str, Any]) -> list[Any]:
+    return list((body.get("metadata") or {}).get("finalizers") or [])
+
+
+async def remove_old_finalizer(state: OperatorMemo, body: Mapping[str, Any]) -> None:
+    """Take the finalizer older versions put on LLMWorkloads (`wattsched.io/release-power`) off
+    `body` with a JSON patch that first tests it is still where it was (another controller's
+    finalizers stay). A failure is logged; the workload's next event (or the next list) tries
+    again."""
+    meta = body.get("metadata") or {}
+    index = _finalizers(body).index(RELEASE_POWER_FINALIZER)
+    path = f"/metadata/finalizers/{index}"
+    patch = [
+        {"op": "test", "path": path, "value": RELEASE_POWER_FINALIZER},
+        {"op": "remove", "path": path},
+    ]
+    target = workloads_path(str(meta.get("namespace")), str(meta.get("name")))
+    try:
+        await asyncio.to_thread(
+            state.kube.request, "PATCH", target, patch, content_type=JSON_PATCH, parse=False
+        )
+    except KubeError as error:
+        logger.info("could not remove %s from %s: %s", RELEASE_POWER_FINALIZER, target, error)
 
 
 @kopf.on.event(GROUP, VERSION, "energybudgets")
@@ -228,13 +267,12 @@ async def node_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     record(_memo(memo).cache, NODES, event.get("type"), event["object"])
 
 
-@kopf.on.event("", "v1", "pods", labels={LABEL_WORKLOAD: kopf.PRESENT})
-async def pod_event(*, event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-    state = _memo(memo)
-    body = event["object"]
+async def pod_event(state: OperatorMemo, event_type: str | None, body: Mapping[str, Any]) -> None:
+    """One event of an operator pod (labelled `wattsched.io/workload`) from the operator's own
+    watch (`watch`), its body compact."""
     if state.serves(body):
         before = state.cache.get(PODS, object_key(body))
-        going = event.get("type") == "DELETED" or is_deleting(body)
+        going = event_type == "DELETED" or is_deleting(body)
         if going and (before is None or not is_deleting(before)):  # the first sign of it
             await forget_if_gone(state, body)
-        record(state.cache, PODS, event.get("type"), body)
+        record(state.cache, PODS, event_type, body)

@@ -2,15 +2,17 @@
 
 Wraps the `kubernetes` package's authenticated transport (kubeconfig or in-cluster) and sends and
 receives plain dicts on explicit paths, so pods and custom objects need no generated models and no
-discovery. The loop runs these calls in worker threads. Not for watching: kopf does that.
+discovery. The loop runs these calls in worker threads; `watch_lines` streams a watch for the
+operator's own watches (`watch`).
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from wattsched_api.commandline import (
 
 GROUP_PATH = "/apis/wattsched.io/v1alpha1"
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 # Objects per page of a list: bounds the memory of one response whatever the cluster holds.
 LIST_PAGE_SIZE = 500
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -255,17 +258,72 @@ class Kube:
         `keep` turns each object into what the caller holds on to, page by page, so a list of
         thousands of objects never has all of their full bodies in memory at once.
         """
+        items, _ = self.list_with_version(path, label_selector, keep=keep, page_size=page_size)
+        return items
+
+    def list_with_version(
+        self,
+        path: str,
+        label_selector: str | None = None,
+        *,
+        keep: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        page_size: int = LIST_PAGE_SIZE,
+    ) -> tuple[builtins.list[dict[str, Any]], str]:
+        """As `list`, with the list's resourceVersion (where a watch of the same path starts)."""
         query = {"limit": str(page_size)}
         if label_selector:
             query["labelSelector"] = label_selector
-        items: list[dict[str, Any]] = []
+        items: builtins.list[dict[str, Any]] = []
         while True:
             page = self.request("GET", path, query=query)
             items += map(keep, page.get("items") or []) if keep else page.get("items") or []
-            token = (page.get("metadata") or {}).get("continue")
+            metadata = page.get("metadata") or {}
+            token = metadata.get("continue")
             if not token:
-                return items
+                return items, str(metadata.get("resourceVersion") or "")
             query["continue"] = token
+
+    def watch_lines(
+        self,
+        path: str,
+        query: Mapping[str, str],
+        *,
+        read_timeout_seconds: float,
+        opened: Callable[[Any], None] = lambda response: None,
+    ) -> Iterator[bytes]:
+        """The lines of a watch (`?watch=1`) at `path`, one JSON event each, as they come; ends
+        when the server ends the watch. `opened` gets the response (closing it from another
+        thread ends the iteration). A refused watch raises `KubeError`."""
+        serialized = self._api.param_serialize(
+            "GET",
+            path,
+            query_params=[("watch", "1"), *query.items()],
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self._api.call_api(
+                *serialized, _request_timeout=(30, read_timeout_seconds)
+            ).response
+        except client.ApiException as error:
+            raise KubeError(
+                "GET", path, int(error.status or 0), str(error.body or error)
+            ) from error
+        try:
+            if not 200 <= response.status <= 299:
+                raise KubeError(
+                    "GET", path, response.status, response.data.decode(errors="replace")
+                )
+            opened(response)
+            rest = b""
+            for chunk in response.stream(64 * 1024, decode_content=True):
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                yield from (line for line in lines if line.strip())
+            if rest.strip():
+                yield rest
+        finally:
+            response.release_conn()
 
     def create(self, path: str, body: Mapping[str, Any], parse: bool = True) -> dict[str, Any]:
         return self.request("POST", path, body=dict(body), parse=parse)

@@ -22,11 +22,11 @@ from typing import Any, cast
 import kopf
 
 from wattsched_api.commandline import EXIT_NOT_FOUND, CommandError, CommandParser
-from wattsched_api.vocabulary import RELEASE_POWER_FINALIZER
 from wattsched_operator import handlers
 from wattsched_operator.budget_horizon import DEFAULT_HORIZON_HOURS
-from wattsched_operator.cache import ClusterCache
+from wattsched_operator.cache import PODS, WORKLOADS, ClusterCache
 from wattsched_operator.core import build_input_function
+from wattsched_operator.desired import LABEL_WORKLOAD
 from wattsched_operator.kube import (
     GROUP_PATH,
     LIST_PAGE_SIZE,
@@ -44,6 +44,7 @@ from wattsched_operator.telemetry import (
     TelemetryConfig,
     TelemetryReader,
 )
+from wattsched_operator.watch import Watch, handled_by
 from wattsched_optimizer.model import read_catalogue_file, use_catalogue
 from wattsched_optimizer.planner import plan
 
@@ -307,6 +308,30 @@ def ensure_peering(kube: Kube, name: str, path: str = PEERING_PATH) -> None:
             raise
 
 
+def own_watches(
+    kube: Kube, state: handlers.OperatorMemo, loop: asyncio.AbstractEventLoop
+) -> list[Watch]:
+    """The operator's own watches: every LLMWorkload, and every pod labelled with its workload
+    (cluster-wide, as kopf's; the handlers drop what is outside --namespace)."""
+    return [
+        Watch(
+            kube=kube,
+            kind=WORKLOADS,
+            path=f"{GROUP_PATH}/llmworkloads",
+            deliver=handled_by(handlers.workload_event, state),
+            loop=loop,
+        ),
+        Watch(
+            kube=kube,
+            kind=PODS,
+            path="/api/v1/pods",
+            deliver=handled_by(handlers.pod_event, state),
+            loop=loop,
+            label_selector=LABEL_WORKLOAD,
+        ),
+    ]
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     use_catalogue(args.catalogue)
@@ -358,9 +383,6 @@ def main(argv: list[str]) -> int:
 
     @kopf.on.startup()
     async def start_loop(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-        # No handler needs a finalizer (see `handlers`), so kopf adds none; naming the one that
-        # older versions added makes kopf remove it from the objects that still carry it.
-        settings.persistence.finalizer = RELEASE_POWER_FINALIZER
         # No change handlers, so no diff base: kopf's default would still build one (and look
         # for a stored one) on every watch event.
         settings.persistence.diffbase_storage = kopf.MultiDiffBaseStorage([])
@@ -385,9 +407,16 @@ def main(argv: list[str]) -> int:
             telemetry=telemetry,
         )
         memo.task = asyncio.create_task(loop.run(), name="wattsched planning loop")
+        # LLMWorkloads and the operator's pods grow with the workloads: the operator watches them
+        # itself, one compact body at a time (`watch`), not through kopf.
+        memo.watches = own_watches(kube, memo.state, asyncio.get_running_loop())
+        for watch in memo.watches:
+            watch.start()
 
     @kopf.on.cleanup()
     async def stop_loop(memo: Any, **_: Any) -> None:
+        for watch in getattr(memo, "watches", ()):
+            watch.stop()
         task = getattr(memo, "task", None)
         if task is not None:
             task.cancel()

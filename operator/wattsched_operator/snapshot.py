@@ -708,31 +708,35 @@ def _with_deadline(timeless: Workload, workload: LLMWorkload, now: datetime) -> 
     return dataclasses.replace(timeless, deadline_seconds=deadline_seconds(deadline, now))
 
 
-# Parsed LLMWorkloads by (uid, resourceVersion): the API server never reuses a pair for different
-# content, and re-planning mostly sees unchanged objects, so the operator parses each version once.
-# Bounded; objects without both keys (hand-written snapshots) are parsed every time.
+# Parsed LLMWorkloads by uid, each with the resourceVersion it was parsed from: the API server
+# never reuses a (uid, resourceVersion) pair for different content, and re-planning mostly sees
+# unchanged objects, so the operator parses each version once. One entry per object: a new version
+# replaces the one before (keyed by the pair, every status write left an entry behind: 10,000
+# workloads held up to 50,000 parsed versions). Bounded (the oldest entry goes first); objects
+# without both keys (hand-written snapshots) are parsed every time.
 _READ_CACHE_SIZE = 50_000
-_read_cache: dict[tuple[str, str], tuple[LLMWorkload, Workload]] = {}
+_read_cache: dict[str, tuple[str, LLMWorkload, Workload]] = {}
 
 
 def _read_workload(body: Body) -> tuple[LLMWorkload, Workload]:
     """The parsed LLMWorkload and its optimizer form without the deadline (which needs `now`)."""
     metadata = body.get("metadata")
-    key = None
+    uid = version = None
     if isinstance(metadata, Mapping):
         uid, version = metadata.get("uid"), metadata.get("resourceVersion")
         if isinstance(uid, str) and uid and isinstance(version, str) and version:
-            key = (uid, version)
-            cached = _read_cache.get(key)
-            if cached is not None:
-                return cached
+            cached = _read_cache.get(uid)
+            if cached is not None and cached[0] == version:
+                return cached[1], cached[2]
+        else:
+            uid = None
     workload = parse_llmworkload(body)
-    result = (workload, _timeless_workload(workload))
-    if key is not None:
-        if len(_read_cache) >= _READ_CACHE_SIZE:
+    timeless = _timeless_workload(workload)
+    if uid is not None:
+        if _read_cache.pop(uid, None) is None and len(_read_cache) >= _READ_CACHE_SIZE:
             del _read_cache[next(iter(_read_cache))]
-        _read_cache[key] = result
-    return result
+        _read_cache[uid] = (str(version), workload, timeless)
+    return workload, timeless
 
 
 def _timeless_workload(workload: LLMWorkload) -> Workload:

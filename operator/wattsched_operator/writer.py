@@ -32,6 +32,7 @@ from typing import Any
 
 from wattsched_api.meta import merge_patch
 from wattsched_operator import core
+from wattsched_operator.cache import shared
 from wattsched_operator.core import ClusterView, ObjectRef, StatusWrite
 from wattsched_operator.kube import HTTP_CONFLICT, HTTP_NOT_FOUND, HTTP_TOO_MANY_REQUESTS, KubeError
 from wattsched_operator.rounds import backoff_seconds
@@ -144,7 +145,10 @@ class StatusWriter:
     # -- what rounds call --------------------------------------------------------------------------
 
     def submit(self, write: StatusWrite) -> None:
-        """Queue `write` (merged into the object's waiting write, if any); returns at once."""
+        """Queue `write` (merged into the object's waiting write, if any); returns at once.
+        Its status is kept in the cache's shared, read-only form (`cache.shared`): a round's
+        thousands of statuses repeat most of their conditions and figures."""
+        write = replace(write, status=shared(write.status))
         path = self.path_of(write.object)
         waiting = self.pending.get(path)
         if waiting is None:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from wattsched_api.llmworkload import parse_llmworkload
+from wattsched_operator import snapshot
 from wattsched_operator.snapshot import (
     ClusterObjects,
     Snapshot,
@@ -626,3 +627,24 @@ def test_a_wattsched_object_of_another_version_is_an_error_not_ignored() -> None
         SnapshotError, match=r"document 1 \(EnergyBudget\): apiVersion 'wattsched.io/v1beta1'"
     ):
         split_objects([newer])
+
+
+def versioned(name: str, uid: str, version: str, completed_tokens: float) -> dict[str, Any]:
+    body = workload(name, type="FineTuning", slo={"totalWork": {"tokens": 1e9}})
+    body["metadata"] |= {"uid": uid, "resourceVersion": version}
+    body["status"] = progress_status(completed_tokens)
+    return body
+
+
+def test_each_version_of_a_workload_is_read_as_it_is_and_only_its_latest_stays_parsed() -> None:
+    uid = "5f0c1e0e-parse-cache-test"
+    seen = []
+    for version, done in (("11", 1e8), ("12", 2e8), ("13", 3e8)):
+        (read,) = build(node("n"), versioned("tune", uid, version, done)).plan_input.workloads
+        seen.append(read.remaining_work)
+    assert seen == [WorkAmount(WorkUnit.TOKENS, 1e9 - done) for done in (1e8, 2e8, 3e8)]
+    # One parsed entry per object, the latest version's (a status write per round left one
+    # behind for each version: 10,000 workloads held up to 50,000).
+    assert [(key, entry[0]) for key, entry in snapshot._read_cache.items() if key == uid] == [
+        (uid, "13")
+    ]

@@ -98,6 +98,17 @@ def test_only_inference_services_with_readings_get_a_forecast() -> None:
     assert [w.tokens_per_second for w in sized] == [6000.0, 1000.0, None]
 
 
+def test_a_service_whose_demand_stays_is_not_copied() -> None:
+    # 10,000 services without readings: the round's input holds each once, not a copy of each.
+    history = DemandHistory(window_seconds=300, headroom=1.5)
+    history.record("ns/busy", 10.0, 4000.0)
+    busy, quiet = service("ns/busy", 1000.0), service("ns/quiet", 1000.0)
+    sized = with_forecast_demand([busy, quiet], history, 20.0)
+    assert sized[1] is quiet
+    assert sized[0].tokens_per_second == 6000.0
+    assert busy.tokens_per_second == 1000.0  # a changed demand is a copy
+
+
 def test_a_forgotten_service_starts_again_from_its_declared_demand() -> None:
     history = DemandHistory()
     history.record("ns/gone", 0.0, 10.0)

@@ -7,7 +7,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from kopf import Memo
+import kopf
 
 from wattsched_operator.cache import NODES, PODS, PROFILES, WORKLOADS, Changes, ClusterCache
 from wattsched_operator.desired import LABEL_WORKLOAD
@@ -324,9 +324,8 @@ def its_pod(**meta: Any) -> dict[str, Any]:
 
 
 def handled(state: OperatorMemo, kind: str, event_type: str, body: dict[str, Any]) -> None:
-    handler: Any = pod_event if kind == PODS else workload_event
-    event = cast(Any, {"type": event_type, "object": body})
-    asyncio.run(handler(event=event, memo=Memo(state=state)))
+    handler = pod_event if kind == PODS else workload_event
+    asyncio.run(handler(state, event_type, body))
 
 
 def test_a_pod_going_while_its_workload_is_gone_takes_the_workload_out_of_the_cache() -> None:
@@ -364,3 +363,13 @@ def test_a_workload_applied_again_under_the_same_name_replaces_the_cached_one() 
     handled(state, PODS, "DELETED", its_pod())
     assert state.cache.get(WORKLOADS, "team/llama") is None
     assert state.gone == {"team/llama": "old"}
+
+
+def test_kopf_watches_neither_llmworkloads_nor_pods() -> None:
+    # The two kinds that grow with the workloads come through the operator's own watch
+    # (`watch`), compact; kopf watches only budgets, nodes and NodePowerProfiles.
+    registry = kopf.get_default_registry()
+    selectors = [h.selector for h in registry._watching.get_all_handlers() if h.selector]
+    watched = {s.plural or s.any_name for s in selectors}
+    assert watched >= {"energybudgets", "nodes", "nodepowerprofiles"}
+    assert not watched & {"llmworkloads", "pods"}

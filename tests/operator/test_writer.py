@@ -12,6 +12,7 @@ from typing import Any, cast
 import pytest
 
 from wattsched_api.meta import merge_patch
+from wattsched_api.vocabulary import Phase
 from wattsched_operator import core
 from wattsched_operator import writer as writer_module
 from wattsched_operator.apply import Applier, object_path
@@ -496,3 +497,45 @@ def test_a_written_status_the_watch_never_shows_as_written_is_shown_for_a_bounde
         await writer.stop(1)
 
     run(scenario())
+
+
+def test_waiting_statuses_keep_what_they_repeat_once() -> None:
+    # A round's thousands of statuses wait in the writer: the conditions and figures they share
+    # are one read-only object, not one copy per workload.
+    server = FakeServer()
+
+    async def scenario() -> tuple[Any, Any]:
+        server.gate.clear()  # nothing lands: the writes wait
+        writer = server.writer(concurrency=1)
+        for name in ("a", "b", "c"):
+            admitted = {"type": "Admitted", "status": "True", "message": "the operator read it"}
+            writer.submit(write(name, {"phase": "Pending", "conditions": [admitted]}))
+        await asyncio.sleep(0)
+        b, c = (writer.pending[f"/w/{n}"].writes[0].status for n in ("b", "c"))
+        with pytest.raises(TypeError):
+            b["phase"] = "Running"  # type: ignore[index]
+        server.gate.set()
+        await writer.stop(5)
+        return b, c
+
+    b, c = run(scenario())
+    assert b["conditions"] is c["conditions"]
+    assert server.statuses["/w/c/status"]["conditions"][0]["message"] == "the operator read it"
+
+
+def test_a_status_of_enum_values_is_kept_as_the_plain_strings_it_is_written_as() -> None:
+    # The core's statuses hold StrEnum phases and condition types; the writer keeps them as the
+    # plain strings the API server gets (only exact strings can be shared and interned).
+    server = FakeServer()
+
+    async def scenario() -> Any:
+        writer = server.writer()
+        writer.submit(write("a", {"phase": Phase.RUNNING, "conditions": [{"type": "Ready"}]}))
+        status = writer.pending["/w/a"].writes[0].status
+        await writer.stop(5)
+        return status
+
+    status = run(scenario())
+    assert type(status["phase"]) is str
+    assert status["phase"] == "Running"
+    assert server.statuses["/w/a/status"]["phase"] == "Running"
