@@ -482,6 +482,27 @@ def operating_point(
     )
 
 
+def point_at_limit(
+    workload: Workload, product: str, level: float, *, model: PerformanceModel
+) -> OperatingPoint:
+    """One replica of `workload` on `product` at the power limit `level` (its best-quality
+    variant, as `operating_point`)."""
+    variant = max(
+        workload.variants,
+        key=lambda v: (v.quality >= workload.min_quality, v.quality, v.relative_throughput),
+    )
+    return OperatingPoint(
+        product=product,
+        replicas=1,
+        gpus=workload.gpus_per_replica,
+        power_limit_watts=level,
+        busy_watts_per_gpu=model.expected_power_watts(product, workload.type, level),
+        tokens_per_second=replica_tokens_per_second(
+            model, workload, product, relative_throughput=variant.relative_throughput, level=level
+        ),
+    )
+
+
 # A deadline job's operating point is chosen to finish running this share of the time left.
 DEADLINE_DUTY = 0.5
 
@@ -631,6 +652,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     # Workloads: inference is a load per slot; deadline and batch work get columns.
     inference: list[tuple[Workload, OperatingPoint, Scope]] = []
     flexible: list[tuple[Workload, OperatingPoint, Scope]] = []
+    running_limits = _running_limits(plan_input, node_by_name)
     for workload in plan_input.workloads:
         product, scope = scopes.of(workload)
         if product is None:
@@ -646,6 +668,13 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             efficient=inference_type,
             replica_cache=replica_points,
         )
+        running = running_limits.get(workload.key)
+        if inference_type and running is not None:
+            # A service that runs now is sized at the limit the one-instant planner gave it
+            # (the setting it keeps while demand allows), not at its least energy per token:
+            # at the lowest limit a replica serves far less, and the GPUs held for the
+            # service's forecast would be a multiple of those it takes.
+            point = point_at_limit(workload, *running, model=model)
         (inference if inference_type else flexible).append((workload, point, scope))
     inference_scope = {workload.key: scope for workload, _, scope in inference}
     load = _inference_load(horizon, inference, len(budgets), watts)
@@ -799,6 +828,24 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         },
         size=(len(rows.names), columns),
     )
+
+
+def _running_limits(
+    plan_input: PlanInput, node_by_name: Mapping[str, GpuNode]
+) -> dict[str, tuple[str, float]]:
+    """Per workload that runs now, the product most of its pods run on and their mean power
+    limit there (W)."""
+    limits: dict[str, dict[str, list[float]]] = {}
+    for current in plan_input.current:
+        node = node_by_name.get(current.node)
+        if node is not None:
+            by_product = limits.setdefault(current.workload, {})
+            by_product.setdefault(node.product, []).append(current.power_limit_watts)
+    out = {}
+    for key, by_product in limits.items():
+        product, values = max(by_product.items(), key=lambda item: (len(item[1]), item[0]))
+        out[key] = (product, sum(values) / len(values))
+    return out
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from wattsched_optimizer.horizon import (
     hourly_slots,
     operating_point,
     plan_horizon,
+    point_at_limit,
 )
 from wattsched_optimizer.model import CatalogueModel, product_spec
 from wattsched_optimizer.options import remaining_tokens
@@ -262,6 +263,30 @@ def test_a_peak_that_may_come_holds_its_gpus_and_its_energy_counts_as_expected()
     assert not planned.budgets["b"].energy_short
     peak_energy = dataclasses.replace(room, inference_demand={"t/chat": seven})
     assert plan_horizon(peak_energy).budgets["b"].energy_short
+
+
+def test_a_running_service_is_sized_at_the_limit_it_runs_at() -> None:
+    # Two 8-GPU nodes; the service runs now at the H100's highest limit, where 8 replicas serve
+    # its demand. At its least energy per token (the lowest limits) it would need more than 8
+    # GPUs, and the 8-GPU job would find no room by its deadline: the horizon sizes the service
+    # at the setting the one-instant planner gave it, and the job fits beside it.
+    chat = dataclasses.replace(service("t/chat", 100.0), max_replicas=16)
+    at_max = point_at_limit(chat, "H100-80GB", H100.max_watts.value, model=MODEL)
+    efficient = operating_point(chat, "H100-80GB", MODEL, 5, replicas=1, efficient=True)
+    demand = (7.5 * at_max.tokens_per_second,) * 24
+    assert demand[0] / efficient.tokens_per_second > 8  # more than one node at the lowest limits
+    work = (chat, job("t/a", 2, 24, preemptible=True))
+    horizon = dataclasses.replace(horizon_input(work), inference_demand={"t/chat": demand})
+    assert plan_horizon(horizon).schedules["t/a"].missed_tokens > 0
+    current = tuple(
+        CurrentPlacement("t/chat", r, "h0", "bf16", H100.max_watts.value) for r in range(8)
+    )
+    running = dataclasses.replace(
+        horizon, plan_input=dataclasses.replace(horizon.plan_input, current=current)
+    )
+    result = plan_horizon(running)
+    assert result.schedules["t/a"].missed_tokens == 0
+    assert running_slots(result, "t/a") == [10, 11]  # the clean hours
 
 
 def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
