@@ -47,6 +47,7 @@ from wattsched_optimizer.problem import (
     EnergyPolicy,
     GpuNode,
     PlanInput,
+    Variant,
     Workload,
     WorkloadType,
 )
@@ -423,6 +424,15 @@ def _levels(workload: Workload, product: str, levels: int, efficient: bool) -> l
     return sorted({level for level in power_levels_watts(product, levels) if level <= cap} | {cap})
 
 
+def _reference_variant(workload: Workload) -> Variant:
+    """The variant the horizon plans a workload with: those meeting its minimum quality first,
+    then the highest quality, then the fastest."""
+    return max(
+        workload.variants,
+        key=lambda v: (v.quality >= workload.min_quality, v.quality, v.relative_throughput),
+    )
+
+
 def operating_point(
     workload: Workload,
     product: str,
@@ -437,10 +447,7 @@ def operating_point(
     with the least modelled energy per token (Performance: its highest allowed level unless
     `efficient`, which inference under an allowance uses). `cache` keeps the per-replica figures
     of one plan (the model is consulted once per product, size, variant speed and power range)."""
-    variant = max(
-        workload.variants,
-        key=lambda v: (v.quality >= workload.min_quality, v.quality, v.relative_throughput),
-    )
+    variant = _reference_variant(workload)
     key = (
         product,
         levels,
@@ -487,10 +494,7 @@ def point_at_limit(
 ) -> OperatingPoint:
     """One replica of `workload` on `product` at the power limit `level` (its best-quality
     variant, as `operating_point`)."""
-    variant = max(
-        workload.variants,
-        key=lambda v: (v.quality >= workload.min_quality, v.quality, v.relative_throughput),
-    )
+    variant = _reference_variant(workload)
     return OperatingPoint(
         product=product,
         replicas=1,

@@ -51,6 +51,18 @@ class Seen:
         return [event_type for event_type, k, _ in self.events if k == key]
 
 
+def pod_watch(kube: Kube, path: str, seen: Seen) -> Watch:
+    """A watch of the operator's pods at `path` (on the running loop) delivering to `seen`."""
+    return Watch(
+        kube=kube,
+        kind=PODS,
+        path=path,
+        deliver=seen.deliver,
+        loop=asyncio.get_running_loop(),
+        label_selector=LABEL_WORKLOAD,
+    )
+
+
 def test_a_watch_lists_then_follows_each_change_as_a_compact_body_one_at_a_time(
     sandbox: Sandbox, namespace: str
 ) -> None:
@@ -61,14 +73,7 @@ def test_a_watch_lists_then_follows_each_change_as_a_compact_body_one_at_a_time(
 
     async def scenario() -> Seen:
         seen = Seen()
-        watch = Watch(
-            kube=kube,
-            kind=PODS,
-            path=path,
-            deliver=seen.deliver,
-            loop=asyncio.get_running_loop(),
-            label_selector=LABEL_WORKLOAD,
-        )
+        watch = pod_watch(kube, path, seen)
         watch.start()
         try:
             before = f"{namespace}/before-0"
@@ -101,14 +106,7 @@ def test_a_new_list_deletes_what_was_delivered_before_and_is_gone_now(
 
     async def scenario() -> Seen:
         seen = Seen()
-        watch = Watch(
-            kube=kube,
-            kind=PODS,
-            path=path,
-            deliver=seen.deliver,
-            loop=asyncio.get_running_loop(),
-            label_selector=LABEL_WORKLOAD,
-        )
+        watch = pod_watch(kube, path, seen)
         watch.known.add(f"{namespace}/went-while-away")  # delivered by an earlier list
         watch.start()
         try:
