@@ -53,6 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from wattsched_api.nodepowerprofile import Holder
 from wattsched_operator.desired import LABEL_WORKLOAD
 from wattsched_operator.kube import Kube, KubeError, pods_path, profiles_path, workloads_path
+from wattsched_operator.transition import is_confirmed
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -444,18 +445,14 @@ def wait_no_other_holders(kube: Kube, timeout_seconds: float) -> bool:
 
 
 def wait_profiles_confirmed(kube: Kube, nodes: int, timeout_seconds: float) -> float | None:
-    """Poll until each of `nodes` NodePowerProfiles is confirmed by its agent (ready, the spec's
-    generation observed): the operator's first rounds and the agents' first reports are done.
-    Returns the seconds waited; None on timeout."""
+    """Poll until each of `nodes` NodePowerProfiles is confirmed by its agent, as the operator
+    judges it (`transition.is_confirmed` at the spec's generation): the operator's first rounds
+    and the agents' first reports are done. Returns the seconds waited; None on timeout."""
     started = time.monotonic()
     while True:
         profiles = kube.list(profiles_path())
         confirmed = sum(
-            1
-            for p in profiles
-            if ((p.get("status") or {}).get("agent") or {}).get("ready")
-            and int((p.get("status") or {}).get("observedGeneration") or 0)
-            >= int(p["metadata"].get("generation") or 0)
+            1 for p in profiles if is_confirmed(p, int(p["metadata"].get("generation") or 0))
         )
         if confirmed >= nodes:
             return time.monotonic() - started

@@ -112,12 +112,13 @@ class NodePowerState:
         if profile is None:
             return cls(spec=None)
         spec = NodeLimits.from_spec(profile.get("spec") or {})
+        status = profile.get("status") or {}
         generation = int((profile.get("metadata") or {}).get("generation") or 0)
-        if int((profile.get("status") or {}).get("observedGeneration") or 0) < generation:
+        if int(status.get("observedGeneration") or 0) < generation:
             return cls(spec)
         by_pod: dict[PodKey, float] = {}
         idle: float | None = None
-        for gpu in (profile.get("status") or {}).get("gpus") or []:
+        for gpu in status.get("gpus") or []:
             applied = gpu.get("appliedWatts")
             if applied is None:
                 continue

@@ -460,22 +460,14 @@ def operating_point(
     )
     found = cache.get(key) if cache is not None else None
     if found is None:
-        best: tuple[float, float, float] | None = None
+        best: tuple[float, float, float, float] | None = None
         for level in _levels(workload, product, levels, efficient):
-            rate = replica_tokens_per_second(
-                model,
-                workload,
-                product,
-                relative_throughput=variant.relative_throughput,
-                level=level,
-            )
-            watts = model.expected_power_watts(product, workload.type, level)
+            watts, rate = _replica_figures(workload, product, model, variant, level)
             joules_per_token = watts * workload.gpus_per_replica / rate
             if best is None or joules_per_token < best[0] - 1e-12:
-                best = (joules_per_token, level, rate)
+                best = (joules_per_token, level, watts, rate)
         assert best is not None  # _levels never returns an empty list
-        _, level, rate = best
-        found = (level, model.expected_power_watts(product, workload.type, level), rate)
+        found = best[1:]
         if cache is not None:
             cache[key] = found
     level, busy_watts, rate = found
@@ -494,17 +486,26 @@ def point_at_limit(
 ) -> OperatingPoint:
     """One replica of `workload` on `product` at the power limit `level` (its best-quality
     variant, as `operating_point`)."""
-    variant = _reference_variant(workload)
+    watts, rate = _replica_figures(workload, product, model, _reference_variant(workload), level)
     return OperatingPoint(
         product=product,
         replicas=1,
         gpus=workload.gpus_per_replica,
         power_limit_watts=level,
-        busy_watts_per_gpu=model.expected_power_watts(product, workload.type, level),
-        tokens_per_second=replica_tokens_per_second(
-            model, workload, product, relative_throughput=variant.relative_throughput, level=level
-        ),
+        busy_watts_per_gpu=watts,
+        tokens_per_second=rate,
     )
+
+
+def _replica_figures(
+    workload: Workload, product: str, model: PerformanceModel, variant: Variant, level: float
+) -> tuple[float, float]:
+    """One replica of `workload` with `variant` on `product` at the limit `level` (modelled):
+    the busy draw of each of its GPUs (W) and its tokens/s."""
+    rate = replica_tokens_per_second(
+        model, workload, product, relative_throughput=variant.relative_throughput, level=level
+    )
+    return model.expected_power_watts(product, workload.type, level), rate
 
 
 # A deadline job's operating point is chosen to finish running this share of the time left.
@@ -662,23 +663,24 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         if product is None:
             continue  # no node can run it: the one-instant planner says why
         inference_type = workload.type is WorkloadType.INFERENCE
-        point = _best_point(
-            workload,
-            product,
-            model,
-            levels,
-            points,
-            replicas=1 if inference_type else workload.replicas,
-            efficient=inference_type,
-            replica_cache=replica_points,
-        )
-        running = running_limits.get(workload.key)
-        if inference_type and running is not None:
+        running = running_limits.get(workload.key) if inference_type else None
+        if running is not None:
             # A service that runs now is sized at the limit the one-instant planner gave it
             # (the setting it keeps while demand allows), not at its least energy per token:
             # at the lowest limit a replica serves far less, and the GPUs held for the
             # service's forecast would be a multiple of those it takes.
             point = point_at_limit(workload, *running, model=model)
+        else:
+            point = _best_point(
+                workload,
+                product,
+                model,
+                levels,
+                points,
+                replicas=1 if inference_type else workload.replicas,
+                efficient=inference_type,
+                replica_cache=replica_points,
+            )
         (inference if inference_type else flexible).append((workload, point, scope))
     inference_scope = {workload.key: scope for workload, _, scope in inference}
     load = _inference_load(horizon, inference, len(budgets), watts)

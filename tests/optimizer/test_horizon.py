@@ -265,6 +265,13 @@ def test_a_peak_that_may_come_holds_its_gpus_and_its_energy_counts_as_expected()
     assert plan_horizon(peak_energy).budgets["b"].energy_short
 
 
+def with_current(horizon: HorizonInput, current: tuple[CurrentPlacement, ...]) -> HorizonInput:
+    """The same horizon with these replicas running now."""
+    return dataclasses.replace(
+        horizon, plan_input=dataclasses.replace(horizon.plan_input, current=current)
+    )
+
+
 def test_a_running_service_is_sized_at_the_limit_it_runs_at() -> None:
     # Two 8-GPU nodes; the service runs now at the H100's highest limit, where 8 replicas serve
     # its demand. At its least energy per token (the lowest limits) it would need more than 8
@@ -278,11 +285,9 @@ def test_a_running_service_is_sized_at_the_limit_it_runs_at() -> None:
     work = (chat, job("t/a", 2, 24, preemptible=True))
     horizon = dataclasses.replace(horizon_input(work), inference_demand={"t/chat": demand})
     assert plan_horizon(horizon).schedules["t/a"].missed_tokens > 0
-    current = tuple(
-        CurrentPlacement("t/chat", r, "h0", "bf16", H100.max_watts.value) for r in range(8)
-    )
-    running = dataclasses.replace(
-        horizon, plan_input=dataclasses.replace(horizon.plan_input, current=current)
+    running = with_current(
+        horizon,
+        tuple(CurrentPlacement("t/chat", r, "h0", "bf16", H100.max_watts.value) for r in range(8)),
     )
     result = plan_horizon(running)
     assert result.schedules["t/a"].missed_tokens == 0
@@ -305,12 +310,12 @@ def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
 
 def running_now(horizon: HorizonInput, *keys: str) -> HorizonInput:
     """The same horizon with these 8-GPU jobs running now, on nodes h0, h1, ..."""
-    current = tuple(
-        CurrentPlacement(key, 0, f"h{n}", "bf16", H100.max_watts.value)
-        for n, key in enumerate(keys)
-    )
-    return dataclasses.replace(
-        horizon, plan_input=dataclasses.replace(horizon.plan_input, current=current)
+    return with_current(
+        horizon,
+        tuple(
+            CurrentPlacement(key, 0, f"h{n}", "bf16", H100.max_watts.value)
+            for n, key in enumerate(keys)
+        ),
     )
 
 
