@@ -176,15 +176,18 @@ class HourlyDemand:
     """Per service, the peak tokens/s measured in each wall-clock hour of the last `days` days:
     the horizon's inference forecast. An hour ahead is forecast as the mean of the same hour of
     the previous days that have a reading, times `headroom`. An hour with no such reading is
-    unknown, and is forecast as the most the service is known to need: the highest of its recent
-    peak (`DemandHistory.demand`, passed in as `recent`), its busiest recorded hour (times
-    `headroom`) and its declared `spec.slo.tokensPerSecond` (what it must absorb): its GPUs and
-    cap room are held for that. A service's night is no forecast of its midday: work deferred
-    into hours planned at the night's demand finds the service's peak there, the cap taken, and
-    runs late (docs/evaluation.md, "Budgets over time: 48 hours"). Its energy in the allowances
-    is counted at what it is expected to need (`expected_per_slot`: the recent peak in an unknown
-    hour): counted at the most it may need, its energy would seem to spend the allowance, and
-    work would wait for a period that does not need it. At most `days * 24` values per service.
+    unknown, and is forecast as the most the service is known to need: the higher of its busiest
+    recorded hour (times `headroom`; its recent peak, `DemandHistory.demand` passed in as
+    `recent`, while no hour is recorded) and its declared `spec.slo.tokensPerSecond` (what it
+    must absorb): its GPUs and cap room are held for that. The recent peak counts a backlog
+    drained within one re-plan interval, which is no demand of the hours ahead; the current
+    hour's recorded peak follows the service as closely without it. A service's night is no
+    forecast of its midday: work deferred into hours planned at the night's demand finds the
+    service's peak there, the cap taken, and runs late (docs/evaluation.md, "Budgets over time:
+    48 hours"). Its energy in the allowances is counted at what it is expected to need
+    (`expected_per_slot`: in an unknown hour the peak recorded so far in the current hour):
+    counted at the most it may need, its energy would seem to spend the allowance, and work
+    would wait for a period that does not need it. At most `days * 24` values per service.
     """
 
     def __init__(self, days: int = HOURLY_DAYS, headroom: float = HOURLY_HEADROOM) -> None:
@@ -218,22 +221,28 @@ class HourlyDemand:
         hour with no history, the most it is known to need. None when there is neither history
         nor a recent or declared value."""
         starts = list(slot_start_epochs)
-        peaks = self._peaks.get(key, {})
-        known = [value for value in (recent, declared) if value is not None]
+        known = [declared] if declared is not None else []
+        kept = []
         if starts:
             # The busiest hour of the `days` before the first slot.
             first = int(starts[0] // SECONDS_PER_HOUR) - self.days * 24
-            kept = [value for hour, value in peaks.items() if hour >= first]
-            if kept:
-                known.append(max(kept) * self.headroom)
+            kept = [value for hour, value in self._peaks.get(key, {}).items() if hour >= first]
+        if kept:
+            known.append(max(kept) * self.headroom)
+        elif recent is not None:
+            known.append(recent)
         return self._forecast(key, starts, max(known) if known else None, recent)
 
     def expected_per_slot(
         self, key: str, slot_start_epochs: Iterable[float], recent: float | None
     ) -> tuple[float, ...] | None:
-        """What the service is expected to need in each slot: in an hour with no history, its
-        recent peak (what its energy is counted at in the allowances)."""
-        return self._forecast(key, list(slot_start_epochs), recent, recent)
+        """What the service is expected to need in each slot: in an hour with no history, the
+        peak recorded so far in the hour of the first slot, else its recent peak (what its
+        energy is counted at in the allowances)."""
+        starts = list(slot_start_epochs)
+        now_hour = int(starts[0] // SECONDS_PER_HOUR) if starts else None
+        unknown = self._peaks.get(key, {}).get(now_hour, recent) if now_hour is not None else recent
+        return self._forecast(key, starts, unknown, recent)
 
     def _forecast(
         self, key: str, starts: list[float], unknown: float | None, recent: float | None

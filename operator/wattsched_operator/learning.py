@@ -137,9 +137,14 @@ def record_hourly(
     now: datetime,
 ) -> None:
     """Add each service's `measured` tokens/s (`measured_services`) to its peak of the
-    wall-clock hour (the horizon's forecast for the same hour of later days)."""
-    for key, (tokens_per_second, _) in measured.items():
-        hourly.record(key, now.timestamp(), tokens_per_second)
+    wall-clock hour (the horizon's forecast for the same hour of later days), where nothing waits
+    in its queues: only then is what it served what it needed. With a queue, the served tokens/s
+    are a lower bound while it grows and a catch-up while it drains (after a restart or a move,
+    several times the service's demand for a minute), and one catch-up would stand as the
+    busiest hour for the whole horizon and as that hour's forecast for days."""
+    for key, (tokens_per_second, backlog_tokens) in measured.items():
+        if backlog_tokens <= 0:
+            hourly.record(key, now.timestamp(), tokens_per_second)
 
 
 def measured_services(

@@ -644,15 +644,19 @@ def profile_gpu_count(profile: NodePowerProfile | None) -> int:
 
 def _with_leaving(node: GpuNode, leaving: tuple[int, float] | None) -> GpuNode:
     """A node with the GPUs of old pods still serving during make-before-break moves (`handover`)
-    taken out of planning and counted, at their limits, like GPUs wattsched does not place on."""
+    taken out of planning and counted, at their limits, like GPUs wattsched does not place on
+    (and marked as leaving: the plan over a horizon counts them in its first slot only)."""
     if leaving is None:
         return node
     gpus, watts = leaving
+    gpus = min(gpus, node.gpu_count)
     return dataclasses.replace(
         node,
-        gpu_count=max(node.gpu_count - gpus, 0),
+        gpu_count=node.gpu_count - gpus,
         unmanaged_gpus=node.unmanaged_gpus + gpus,
         unmanaged_watts=node.unmanaged_watts + watts,
+        leaving_gpus=gpus,
+        leaving_watts=watts,
     )
 
 

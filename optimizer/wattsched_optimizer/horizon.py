@@ -632,30 +632,40 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             intensity_kg[i] = np.asarray(setting.carbon_grams_per_kwh_by_slot) / 1000.0
     pue = np.asarray([s.pue for s in settings])
     watts = _ProductWatts(model)
-    # Floors that run whatever is planned: idle GPUs (energy) and the cap base (limits).
-    base_cap = budget_base_watts(plan_input)
+    # Floors that run whatever is planned: idle GPUs (energy) and the cap base (limits). The old
+    # pods of make-before-break moves hold their GPUs and cap room now, in the first slot; they
+    # are gone by the next, and their draw is their service's (counted with its demand).
+    settled = dataclasses.replace(plan_input, nodes=tuple(node.settled() for node in nodes))
+    base_now, base_later = budget_base_watts(plan_input), budget_base_watts(settled)
+    settled_by_name = {node.name: node for node in settled.nodes}
     idle_watts = np.zeros(len(budgets))
     for i, budget in enumerate(budgets):
         total = budget.uncontrolled_watts
         for name in budget.node_names:
-            node = node_by_name.get(name)
+            node = settled_by_name.get(name)
             if node is not None:
                 total += watts.idle(node.product) * node.gpu_count
                 total += node.unmanaged_watts
         idle_watts[i] = total
     cap_headroom = np.asarray(
         [
-            np.asarray(s.cap_watts_by_slot) - base_cap.get(b.name, 0.0)
+            np.asarray(s.cap_watts_by_slot) - base_later.get(b.name, 0.0)
             for s, b in zip(settings, budgets, strict=True)
         ]
     ).reshape(len(budgets), slots)
+    for i, b in enumerate(budgets):
+        cap_headroom[i, 0] -= base_now.get(b.name, 0.0) - base_later.get(b.name, 0.0)
     scopes = _Scopes(plan_input)
     points: PointCache = {}
     replica_points: ReplicaPointCache = {}
-    total_gpus = float(sum(n.gpu_count for n in nodes if n.schedulable or n.keeps_running))
+    in_use = [n for n in nodes if n.schedulable or n.keeps_running]
+    total_gpus = np.full(slots, float(sum(n.settled().gpu_count for n in in_use)))
+    total_gpus[0] -= sum(n.leaving_gpus for n in in_use)
 
     # Workloads: inference is a load per slot; deadline and batch work get columns.
     inference: list[tuple[Workload, OperatingPoint, Scope]] = []
+    # Per service, the point its energy counts at in the allowances: its least energy per token.
+    inference_energy: list[OperatingPoint] = []
     flexible: list[tuple[Workload, OperatingPoint, Scope]] = []
     running_limits = _running_limits(plan_input, node_by_name)
     for workload in plan_input.workloads:
@@ -663,27 +673,34 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         if product is None:
             continue  # no node can run it: the one-instant planner says why
         inference_type = workload.type is WorkloadType.INFERENCE
-        running = running_limits.get(workload.key) if inference_type else None
+        point = _best_point(
+            workload,
+            product,
+            model,
+            levels,
+            points,
+            replicas=1 if inference_type else workload.replicas,
+            efficient=inference_type,
+            replica_cache=replica_points,
+        )
+        if not inference_type:
+            flexible.append((workload, point, scope))
+            continue
+        inference_energy.append(point)
+        running = running_limits.get(workload.key)
         if running is not None:
-            # A service that runs now is sized at the limit the one-instant planner gave it
-            # (the setting it keeps while demand allows), not at its least energy per token:
-            # at the lowest limit a replica serves far less, and the GPUs held for the
-            # service's forecast would be a multiple of those it takes.
+            # A service that runs now holds GPUs and cap room at the limit the one-instant
+            # planner gave it (the setting it keeps while demand allows), not at its least
+            # energy per token: at the lowest limit a replica serves far less, and the GPUs held
+            # for the service's forecast would be a multiple of those it takes. Its energy still
+            # counts at its least: that limit follows the cap room the jobs leave (a job
+            # deferred raises it), and an allowance that runs short sets the services to their
+            # least energy (`thrifty_inference`); counted at the limit of the moment, one round
+            # that raised it would project the whole period's allowance spent.
             point = point_at_limit(workload, *running, model=model)
-        else:
-            point = _best_point(
-                workload,
-                product,
-                model,
-                levels,
-                points,
-                replicas=1 if inference_type else workload.replicas,
-                efficient=inference_type,
-                replica_cache=replica_points,
-            )
-        (inference if inference_type else flexible).append((workload, point, scope))
+        inference.append((workload, point, scope))
     inference_scope = {workload.key: scope for workload, _, scope in inference}
-    load = _inference_load(horizon, inference, len(budgets), watts)
+    load = _inference_load(horizon, inference, inference_energy, len(budgets), watts)
     cap_headroom -= load.cap_watts
     load_watts = idle_watts[:, None] + load.busy_watts  # expected draw: idle + inference
     free_gpus = total_gpus - load.gpus
@@ -867,40 +884,47 @@ class _InferenceLoad:
 def _inference_load(
     horizon: HorizonInput,
     inference: list[tuple[Workload, OperatingPoint, Scope]],
+    energy_points: list[OperatingPoint],
     budget_count: int,
     watts: _ProductWatts,
 ) -> _InferenceLoad:
-    """Each service's replicas per slot: its forecast demand (else its tokens/s) at its
-    minimum-energy point, within its min and max replicas; limits and GPUs for what it may need,
-    draw for what it is expected to need."""
+    """Each service's replicas per slot, within its min and max replicas: limits and GPUs for
+    its forecast demand (else its tokens/s) at its point in `inference`; draw for what it is
+    expected to need at its point in `energy_points`."""
     slots = len(horizon.slot_seconds)
     demand = np.zeros((len(inference), slots))
     expected = np.zeros((len(inference), slots))
     per_replica = np.ones(len(inference))
     low = np.zeros(len(inference))
     high = np.zeros(len(inference))
+    energy_per_replica = np.ones(len(inference))
     gpus_per_replica = np.zeros(len(inference))
     cap_per_gpu = np.zeros(len(inference))
     busy_per_gpu = np.zeros(len(inference))
-    for n, (workload, point, _) in enumerate(inference):
+    for n, ((workload, point, _), energy_point) in enumerate(
+        zip(inference, energy_points, strict=True)
+    ):
         forecast = horizon.inference_demand.get(workload.key)
         demand[n] = forecast if forecast is not None else (workload.tokens_per_second or 0.0)
         likely = horizon.inference_expected_demand.get(workload.key)
         expected[n] = np.minimum(demand[n], likely) if likely is not None else demand[n]
         per_replica[n] = point.tokens_per_second
+        energy_per_replica[n] = energy_point.tokens_per_second
         low[n], high[n] = workload.min_replicas, workload.max_replicas
         gpus_per_replica[n] = workload.gpus_per_replica
-        busy_per_gpu[n], cap_per_gpu[n] = watts.above_floor(point)
+        cap_per_gpu[n] = watts.above_floor(point)[1]
+        busy_per_gpu[n] = watts.above_floor(energy_point)[0]
     part = _budget_shares(inference, budget_count)
 
-    def gpus_for(tokens_per_second: np.ndarray) -> np.ndarray:
-        needed = np.ceil(tokens_per_second / per_replica[:, None] - 1e-9)
-        return np.clip(needed, low[:, None], high[:, None]) * gpus_per_replica[:, None]
+    def gpus_for(tokens_per_second: np.ndarray, rate: np.ndarray) -> np.ndarray:
+        needed = np.ceil(tokens_per_second / rate[:, None] - 1e-9)
+        replicas: np.ndarray = np.clip(needed, low[:, None], high[:, None])
+        return replicas * gpus_per_replica[:, None]
 
-    gpus = gpus_for(demand)
+    gpus = gpus_for(demand, per_replica)
     return _InferenceLoad(
         cap_watts=part @ (gpus * cap_per_gpu[:, None]),
-        busy_watts=part @ (gpus_for(expected) * busy_per_gpu[:, None]),
+        busy_watts=part @ (gpus_for(expected, energy_per_replica) * busy_per_gpu[:, None]),
         gpus=gpus.sum(axis=0),
     )
 

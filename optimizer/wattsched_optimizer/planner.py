@@ -90,6 +90,14 @@ def validate(plan_input: PlanInput) -> None:
                 f"Node {node.name}: unmanaged_gpus={node.unmanaged_gpus} and "
                 f"unmanaged_watts={node.unmanaged_watts} must not be negative"
             )
+        if not (
+            0 <= node.leaving_gpus <= node.unmanaged_gpus
+            and 0 <= node.leaving_watts <= node.unmanaged_watts
+        ):
+            raise PlanInputError(
+                f"Node {node.name}: leaving_gpus={node.leaving_gpus} and "
+                f"leaving_watts={node.leaving_watts} must be between 0 and the unmanaged ones"
+            )
         try:
             product_spec(node.product)
         except UnknownProductError as error:

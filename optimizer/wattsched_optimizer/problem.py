@@ -9,6 +9,7 @@ Units are in the names: watts, seconds, GiB. Workloads are keyed by `"<namespace
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -142,8 +143,26 @@ class GpuNode:
     agent_ready: bool = True
     unmanaged_gpus: int = 0
     unmanaged_watts: float = 0.0
+    # Of the unmanaged GPUs and watts, those of old pods still serving while their replacements
+    # start (make-before-break moves): they leave within minutes, so the plan over a horizon
+    # counts them in its first slot only (`settled`).
+    leaving_gpus: int = 0
+    leaving_watts: float = 0.0
     # Memory per GPU the node reports (GFD `nvidia.com/gpu.memory`), in GiB; None: the product's.
     memory_gib: float | None = None
+
+    def settled(self) -> GpuNode:
+        """The node once the old pods of its make-before-break moves have left."""
+        if not self.leaving_gpus and not self.leaving_watts:
+            return self
+        return dataclasses.replace(
+            self,
+            gpu_count=self.gpu_count + self.leaving_gpus,
+            unmanaged_gpus=self.unmanaged_gpus - self.leaving_gpus,
+            unmanaged_watts=self.unmanaged_watts - self.leaving_watts,
+            leaving_gpus=0,
+            leaving_watts=0.0,
+        )
 
 
 @dataclass(frozen=True)

@@ -523,6 +523,10 @@ def test_in_a_make_before_break_move_the_replacement_is_the_replica_the_old_pod_
     assert plan_input.current == (CurrentPlacement("team-a/chat", 0, "n1", "bf16", 300.0),)
     n0 = next(n for n in plan_input.nodes if n.name == "n0")
     assert (n0.gpu_count, n0.unmanaged_gpus, n0.unmanaged_watts) == (6, 2, 900.0)
+    # They are leaving: the plan over a horizon gives them back in its later slots.
+    assert (n0.leaving_gpus, n0.leaving_watts) == (2, 900.0)
+    settled = n0.settled()
+    assert (settled.gpu_count, settled.unmanaged_gpus, settled.unmanaged_watts) == (8, 0, 0.0)
     # Once the replacement is gone (given up), the old pod is the replica again.
     new["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
     plan_input = build(node("n0"), node("n1"), workload("chat"), old, new).plan_input

@@ -5,9 +5,18 @@ readings; a reading above what the plan gave a service asks for a re-plan."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
-from wattsched_operator.demand import DemandHistory, exceeds_plan, forecast, with_forecast_demand
+from wattsched_operator.demand import (
+    DemandHistory,
+    HourlyDemand,
+    exceeds_plan,
+    forecast,
+    with_forecast_demand,
+)
+from wattsched_operator.learning import record_hourly
 from wattsched_optimizer.problem import Precision, Variant, Workload, WorkloadType
 
 BF16 = (Variant("bf16", Precision.BF16, 0),)
@@ -114,3 +123,22 @@ def test_a_forgotten_service_starts_again_from_its_declared_demand() -> None:
     history.record("ns/gone", 0.0, 10.0)
     history.forget(["ns/other"])
     assert history.demand("ns/gone", 1.0, declared=7.0) == 7.0
+
+
+def test_the_hours_keep_what_a_service_needed_not_a_queue_draining() -> None:
+    # 10:00-10:02: 1,000 tokens/s; then a queue left by a restart drains at 5,000 tokens/s for a
+    # minute; then 1,100. The hour's peak is 1,100: served tokens/s with a queue are no demand.
+    hourly = HourlyDemand(days=2, headroom=1.0)
+    ten = datetime(2026, 1, 1, 10, tzinfo=UTC)
+    for minute, served, backlog in ((0, 1000.0, 0.0), (1, 5000.0, 2e6), (2, 1100.0, 0.0)):
+        record_hourly(hourly, {"t/chat": (served, backlog)}, ten + timedelta(minutes=minute))
+    starts = [(ten + timedelta(hours=h)).timestamp() for h in range(4)]
+    # Now: the recent forecast (which counts the backlog, drained within one interval). The
+    # hours ahead, unknown: the busiest recorded hour, not that recent forecast.
+    assert hourly.per_slot("t/chat", starts, recent=6000.0) == (6000.0, 1100.0, 1100.0, 1100.0)
+    assert hourly.per_slot("t/chat", starts, recent=6000.0, declared=1500.0)[1:] == (1500.0,) * 3
+    # Its energy: the peak of the current hour.
+    assert hourly.expected_per_slot("t/chat", starts, recent=6000.0)[1:] == (1100.0,) * 3
+    # With no hour recorded, the recent forecast is all there is.
+    assert HourlyDemand().per_slot("t/new", starts, recent=700.0) == (700.0,) * 4
+    assert HourlyDemand().expected_per_slot("t/new", starts, recent=700.0) == (700.0,) * 4

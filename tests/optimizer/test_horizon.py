@@ -294,6 +294,72 @@ def test_a_running_service_is_sized_at_the_limit_it_runs_at() -> None:
     assert running_slots(result, "t/a") == [10, 11]  # the clean hours
 
 
+def test_a_running_service_counts_its_energy_at_its_least_whatever_limit_it_runs_at() -> None:
+    # The limit a service runs at follows the cap room the jobs leave it: counted at that limit
+    # over the period, one round that raised it would seem to spend the allowance. Its energy
+    # counts at its least energy per token, as if it did not run now.
+    chat = dataclasses.replace(service("t/chat", 100.0), max_replicas=16)
+    at_max = point_at_limit(chat, "H100-80GB", H100.max_watts.value, model=MODEL)
+    horizon = dataclasses.replace(
+        horizon_input((chat,)), inference_demand={"t/chat": (6.5 * at_max.tokens_per_second,) * 24}
+    )
+    energy = {}
+    for watts in (None, 400.0, H100.max_watts.value):
+        current = (
+            ()
+            if watts is None
+            else tuple(CurrentPlacement("t/chat", r, "h0", "bf16", watts) for r in range(7))
+        )
+        energy[watts] = plan_horizon(with_current(horizon, current)).budgets["b"]
+    assert len({outlook.energy_kwh_by_period for outlook in energy.values()}) == 1
+    # At the limit it runs at, it would have counted more.
+    idle_kwh = busy_kw_and_idle_kwh()[1]
+    at_limit_kwh = 7 * (at_max.busy_watts_per_gpu - MODEL.idle_power_watts("H100-80GB")) * 24 / 1000
+    assert energy[None].energy_kwh_by_period[0] < idle_kwh + at_limit_kwh
+
+
+def test_old_pods_leaving_in_a_move_hold_their_gpus_and_cap_in_the_first_slot_only() -> None:
+    # Two 8-GPU nodes; the old pods of a make-before-break move still hold h1's GPUs, at the
+    # highest limit. They leave within minutes: a 16-GPU job with 2 h of work due in 3 h runs
+    # on h0's 8 GPUs for the first slot (half its replicas' share), on all 16 from the second,
+    # and their draw does not count against the day's allowance (room for the idle GPUs and the
+    # job's two hours).
+    gone = 8 * H100.max_watts.value
+    leaving = GpuNode(
+        "h1",
+        "H100-80GB",
+        0,
+        unmanaged_gpus=8,
+        unmanaged_watts=gone,
+        leaving_gpus=8,
+        leaving_watts=gone,
+    )
+    busy_kw, idle_kwh = busy_kw_and_idle_kwh()
+    base = horizon_input(
+        (job("t/a", 2, 3, preemptible=True, replicas=2),),
+        energy_kwh_left=idle_kwh + 4 * busy_kw + 1.0,
+    )
+    nodes_now = (base.plan_input.nodes[0], leaving)
+    horizon = dataclasses.replace(
+        base, plan_input=dataclasses.replace(base.plan_input, nodes=nodes_now)
+    )
+    result = plan_horizon(horizon)
+    assert result.schedules["t/a"].share_by_slot[0] <= 0.5 + 1e-9
+    assert result.schedules["t/a"].missed_tokens == 0
+    assert not result.budgets["b"].energy_short
+    # Pods that stay (not leaving) hold h1 in every slot: the job misses, and the allowance
+    # counts their draw.
+    staying = dataclasses.replace(leaving, leaving_gpus=0, leaving_watts=0.0)
+    held = plan_horizon(
+        dataclasses.replace(
+            horizon,
+            plan_input=dataclasses.replace(horizon.plan_input, nodes=(nodes_now[0], staying)),
+        )
+    )
+    assert held.schedules["t/a"].missed_tokens > 0
+    assert held.budgets["b"].energy_short
+
+
 def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
     workloads = (job("t/a", 4, 24), job("t/now", 4, 4))
     horizon = horizon_input(workloads)

@@ -278,6 +278,13 @@ def test_unknown_node_product_is_an_input_error_naming_the_node() -> None:
         plan(PlanInput((GpuNode("x0", "B200", 8),), ()))
 
 
+def test_leaving_gpus_beyond_the_unmanaged_ones_are_an_input_error_naming_the_node() -> None:
+    node = GpuNode("h0", "H100-80GB", 6, unmanaged_gpus=2, unmanaged_watts=900.0)
+    with pytest.raises(PlanInputError, match=r"Node h0: leaving_gpus=3 .* unmanaged"):
+        plan(PlanInput((dataclasses.replace(node, leaving_gpus=3),), ()))
+    plan(PlanInput((dataclasses.replace(node, leaving_gpus=2, leaving_watts=900.0),), ()))
+
+
 def test_cbc_fallback_makes_the_same_plan_as_highs() -> None:
     nodes = h100_nodes(2)
     jobs = tuple(training(f"team/t{i}", gpus_per_replica=4, priority=i) for i in range(5))
