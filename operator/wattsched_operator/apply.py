@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from wattsched_api.meta import format_time
 from wattsched_operator import core, desired, services, statuses, transition
-from wattsched_operator.cache import PROFILES, ClusterCache
+from wattsched_operator.cache import PROFILES, WORKLOADS, ClusterCache
 from wattsched_operator.core import ClusterView, ObjectRef
 from wattsched_operator.kube import (
     HTTP_CONFLICT,
@@ -96,6 +96,7 @@ class Applier:
             write_status=self.write_status,
             post_event=self.event,
             path_of=object_path,
+            current_body=self.current_body,
             on_error=self.status_write_failed,
             concurrency=writer_concurrency,
         )
@@ -197,11 +198,13 @@ class Applier:
                 phase, met = status.previous_phase, status.previous_slo_met
             else:
                 phase, met = status.phase, status.slo_met
-                if status.write is not None:
-                    self.writer.submit(status.write)
             phases.append(phase)
             if met is not None:
                 slo_met[status.key] = met
+        # Built as the writer has room, against the status each workload has then.
+        self.writer.submit_lazily(
+            s for s in round_.workload_statuses if s.build is not None and s.key not in refused
+        )
         update = round_.metrics
         for energy in update.workload_energy:
             self.metrics.count_workload_energy(
@@ -272,6 +275,12 @@ class Applier:
         for result in results:
             if isinstance(result, BaseException):
                 self.failed_step(result)
+
+    def current_body(self, ref: ObjectRef) -> Mapping[str, Any] | None:
+        """The cache's body of a workload whose status the writer builds (None: not cached)."""
+        if ref.kind != core.WORKLOAD_KIND:
+            return None
+        return self.cache.get(WORKLOADS, f"{ref.namespace}/{ref.name}")
 
     async def write_status(self, path: str, body: Mapping[str, Any]) -> None:
         """A merge patch of a status subresource (the writer's way out)."""

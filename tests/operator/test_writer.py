@@ -16,7 +16,7 @@ from wattsched_api.vocabulary import Phase
 from wattsched_operator import core
 from wattsched_operator import writer as writer_module
 from wattsched_operator.apply import Applier, object_path
-from wattsched_operator.cache import ClusterCache
+from wattsched_operator.cache import WORKLOADS, ClusterCache
 from wattsched_operator.core import ClusterView, Event, ObjectRef, StatusWrite
 from wattsched_operator.kube import KubeError
 from wattsched_operator.writer import (
@@ -35,6 +35,23 @@ def event(name: str, reason: str) -> Event:
 
 def write(name: str, status: Mapping[str, Any], *reasons: str) -> StatusWrite:
     return StatusWrite(ref(name), status, tuple(event(name, r) for r in reasons))
+
+
+def lazily(
+    name: str, status: Mapping[str, Any], *reasons: str, built: list[str] | None = None
+) -> core.WorkloadStatus:
+    """A round's status of workload `name`, built when written: `status` with its Events unless
+    the object already has it (each build recorded in `built`)."""
+
+    def build(previous: Mapping[str, Any]) -> StatusWrite | None:
+        if built is not None:
+            built.append(name)
+        if merge_patch(previous, status) == previous:
+            return None
+        return write(name, status, *reasons)
+
+    phase = str(status.get("phase"))
+    return core.WorkloadStatus(f"team/{name}", phase, None, "Pending", None, ref(name), build)
 
 
 class FakeServer:
@@ -447,14 +464,12 @@ def test_a_round_returns_and_the_next_creates_pods_while_status_writes_are_held(
         )
 
         def round_(name: str) -> core.Round:
-            status = write(name, {"phase": "Placed"}, "Placed")
+            applier.cache.upsert(WORKLOADS, workload_body(name, {}))
             pod = {"metadata": {"name": f"{name}-0", "namespace": "team", "labels": {}}}
             return core.Round(
                 memory=core.Memory(),
                 create=(pod,),
-                workload_statuses=(
-                    core.WorkloadStatus(f"team/{name}", status, "Placed", None, "Pending", None),
-                ),
+                workload_statuses=(lazily(name, {"phase": "Placed"}, "Placed"),),
             )
 
         empty = view_with()
@@ -539,3 +554,109 @@ def test_a_status_of_enum_values_is_kept_as_the_plain_strings_it_is_written_as()
     assert type(status["phase"]) is str
     assert status["phase"] == "Running"
     assert server.statuses["/w/a/status"]["phase"] == "Running"
+
+
+# -- a round's statuses, built as the writer has room ------------------------------------------
+
+
+def bodies_of(*names: str) -> dict[str, dict[str, Any]]:
+    return {name: workload_body(name, {}) for name in names}
+
+
+def test_a_rounds_statuses_are_built_only_as_the_writer_has_room() -> None:
+    server = FakeServer()
+    names = [f"w{i:02d}" for i in range(20)]
+    bodies = bodies_of(*names)
+    built: list[str] = []
+    held: list[int] = []
+
+    async def scenario() -> None:
+        server.gate.clear()
+        writer = server.writer(
+            concurrency=2, max_built=3, current_body=lambda r: bodies.get(r.name)
+        )
+        landing = server.write_status
+
+        async def write_status(path: str, body: Mapping[str, Any]) -> None:
+            held.append(len(writer.pending) + len(writer.in_flight))
+            await landing(path, body)
+
+        writer.write_status = write_status
+        writer.submit_lazily(lazily(n, {"phase": "Placed"}, "Placed", built=built) for n in names)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert built == names[:3]  # the writer holds 3 built statuses, the rest wait unbuilt
+        assert not writer.idle()
+        server.gate.set()
+        await writer.stop(5)
+        assert writer.idle()
+
+    run(scenario())
+    assert built == names  # each built once, in order
+    assert max(held) <= 3
+    assert sorted(server.statuses) == sorted(f"/w/{n}/status" for n in names)
+    assert server.events == [(n, "Placed") for n in names]
+
+
+def test_a_status_is_built_against_what_the_writer_sent_and_unchanged_is_not_written() -> None:
+    # The watch has not brought the first write back yet (the cache's body has no status): the
+    # next round's same status is built against the written one, and neither written nor its
+    # Event posted again.
+    server = FakeServer()
+    bodies = bodies_of("a")
+
+    async def scenario() -> None:
+        writer = server.writer(current_body=lambda r: bodies.get(r.name))
+        writer.submit_lazily([lazily("a", {"phase": "Placed"}, "Placed")])
+        assert await writer.flush(5)
+        writer.submit_lazily([lazily("a", {"phase": "Placed"}, "Placed")])
+        assert await writer.flush(5)
+        writer.submit_lazily([lazily("a", {"phase": "Running"})])
+        await writer.stop(5)
+
+    run(scenario())
+    assert server.writes == [
+        ("/w/a/status", {"phase": "Placed"}),
+        ("/w/a/status", {"phase": "Running"}),
+    ]
+    assert server.events == [("a", "Placed")]
+
+
+def test_a_newer_rounds_statuses_replace_the_older_rounds_not_built_yet() -> None:
+    server = FakeServer()
+    bodies = bodies_of("a", "b", "c")
+
+    async def scenario() -> None:
+        server.gate.clear()
+        writer = server.writer(
+            concurrency=1, max_built=1, current_body=lambda r: bodies.get(r.name)
+        )
+        writer.submit_lazily(lazily(n, {"phase": "Placed"}, "Placed") for n in "abc")
+        await asyncio.sleep(0)
+        writer.submit_lazily(lazily(n, {"phase": "Running"}, "Running") for n in "abc")
+        server.gate.set()
+        await writer.stop(5)
+
+    run(scenario())
+    assert server.writes == [
+        ("/w/a/status", {"phase": "Placed"}),
+        ("/w/a/status", {"phase": "Running"}),
+        ("/w/b/status", {"phase": "Running"}),
+        ("/w/c/status", {"phase": "Running"}),
+    ]
+    assert server.events == [("a", "Placed"), ("a", "Running"), ("b", "Running"), ("c", "Running")]
+
+
+def test_a_lazily_submitted_status_of_an_object_gone_or_recreated_is_not_built() -> None:
+    server = FakeServer()
+    bodies = {"b": workload_body("b", {}, uid="another-uid"), **bodies_of("c")}
+    built: list[str] = []
+
+    async def scenario() -> None:
+        writer = server.writer(current_body=lambda r: bodies.get(r.name))
+        writer.submit_lazily(lazily(n, {"phase": "Placed"}, built=built) for n in "abc")
+        await writer.stop(5)
+
+    run(scenario())
+    assert built == ["c"]
+    assert list(server.statuses) == ["/w/c/status"]
