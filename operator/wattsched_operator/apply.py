@@ -191,20 +191,25 @@ class Applier:
 
         # 5. Statuses and their Events (to the writer), metrics. A workload whose pod was refused
         # in this round keeps its status: the next round reports it (PodRejected), not Placed.
+        # Each status is built against the status its workload has when the writer builds it:
+        # at once where the round counted energy (the next round's accounting starts from it),
+        # the others as the writer has room.
         phases: list[str] = []
         slo_met: dict[str, bool] = {}
+        lazily: list[core.WorkloadStatus] = []
         for status in round_.workload_statuses:
             if status.key in refused:
                 phase, met = status.previous_phase, status.previous_slo_met
             else:
                 phase, met = status.phase, status.slo_met
+                if status.counted:
+                    self.writer.submit_built(status)
+                elif status.build is not None:
+                    lazily.append(status)
             phases.append(phase)
             if met is not None:
                 slo_met[status.key] = met
-        # Built as the writer has room, against the status each workload has then.
-        self.writer.submit_lazily(
-            s for s in round_.workload_statuses if s.build is not None and s.key not in refused
-        )
+        self.writer.submit_lazily(lazily)
         update = round_.metrics
         for energy in update.workload_energy:
             self.metrics.count_workload_energy(

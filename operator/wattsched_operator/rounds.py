@@ -312,6 +312,9 @@ class Deletion:
 
 # A workload's status write against the status it has now (None: nothing would change).
 BuildStatus = Callable[[Mapping[str, Any]], "StatusWrite | None"]
+# A key of everything that decides a workload's status, given its object as it is now (None: it
+# cannot say, e.g. an object without a resourceVersion).
+StatusInputs = Callable[[Mapping[str, Any]], "int | None"]
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,8 @@ class WorkloadStatus:
     reports that), and how to build its write (`build`, None for a workload the round does not
     handle). The write is built when it is written, against the status the object has then
     (`writer.StatusWriter.submit_lazily`): a round never holds its thousands of statuses built
-    at once. `write` builds it against the status the round saw."""
+    at once; `inputs` lets the writer skip, before building, a status it found unchanged with the
+    same inputs before. `write` builds it against the status the round saw."""
 
     key: str
     phase: str
@@ -330,7 +334,11 @@ class WorkloadStatus:
     previous_slo_met: bool | None
     ref: ObjectRef | None = None
     build: BuildStatus | None = None
+    inputs: StatusInputs | None = None
     seen: Mapping[str, Any] = field(default_factory=dict)
+    # The round counted energy for it (running pods, accounting due): its write is built at
+    # once, so the next round's accounting starts where this one's ended.
+    counted: bool = False
 
     @property
     def write(self) -> StatusWrite | None:

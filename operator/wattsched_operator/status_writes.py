@@ -127,6 +127,42 @@ class _RoundOutcome:
     def objective(self, key: str, body: Body) -> statuses.SloObjective:
         return statuses.SloObjective.from_spec(body.get("spec") or {}, demand=self.demands.get(key))
 
+    def inputs(self, key: str, body: Body, current: Mapping[str, Any]) -> int | None:
+        """A key of everything `build` reads for the workload, given its object as it is now
+        (`current`: its status, by resourceVersion) and as the round saw it (`body`: spec and
+        generation): the plan's placements and why not, its pods (by resourceVersion), a
+        permanent failure, the figures accounting and telemetry give it, the demand it was sized
+        for. None when a resourceVersion is missing. (The time of the round only dates a
+        condition that changes, so it is not part of the key.)"""
+        seen = body["metadata"].get("resourceVersion")
+        now = (current.get("metadata") or {}).get("resourceVersion")
+        pods = self.pods_by_workload.get(key, [])
+        versions = tuple(
+            (p["metadata"].get("name"), p["metadata"].get("resourceVersion")) for p in pods
+        )
+        if seen is None or now is None or any(v is None for _, v in versions):
+            return None
+        return hash(
+            (
+                body["metadata"].get("uid"),
+                seen,
+                now,
+                tuple(self.placements(key)),
+                self.unplaced.get(key),
+                versions,
+                self.life.failed.get(key),
+                repr(self.accounts.workload_energy.get(key)),
+                self.accounts.workload_measured_watts.get(key),
+                repr(self.accounts.workload_progress.get(key)),
+                None
+                if self.telemetry is None
+                else statuses.workload_telemetry(
+                    self.telemetry, [pod_id(p) for p in pods if running(p)]
+                ),
+                self.demands.get(key),
+            )
+        )
+
     def build(self, key: str, body: Body, previous: Mapping[str, Any]) -> StatusWrite | None:
         """The workload's status write against `previous`, the status it has (None when the
         status would not change)."""
@@ -230,7 +266,10 @@ def workload_statuses(
                 previous_slo,
                 ref=ObjectRef.of(WORKLOAD_KIND, body),
                 build=functools.partial(outcome.build, key, body),
+                inputs=functools.partial(outcome.inputs, key, body),
                 seen=previous,
+                counted=key in accounts.workload_energy
+                and any(running(p) for p in pods_by_workload.get(key, [])),
             )
         )
     return results, frozenset(view.workloads)

@@ -13,7 +13,9 @@ A round's workload statuses come lazily (`submit_lazily`): each is built when th
 (fewer than `max_built` objects waiting or being written), against the status the object has
 then (the cache's, with what the writer has sent or will send merged in), so the writer never
 holds more than `max_built` built statuses, a status that would not change is never queued, and
-its Events say what changes from the status last written. A newer round's statuses replace
+its Events say what changes from the status last written. A status found unchanged is not built
+again while what decides it (`WorkloadStatus.inputs`: the object's resourceVersion, its pods',
+the plan's place for it, its figures) stays the same. A newer round's statuses replace
 the ones of an older round not built yet (each round decides every workload's status).
 
 What the writer holds is visible to the next round (`overlay`): the view the core decides on
@@ -155,6 +157,10 @@ class StatusWriter:
     # Set when a write is submitted or done (workers look for work), and when nothing is left.
     # The latest round's workload statuses not built yet (`submit_lazily`).
     lazy: Iterator[core.WorkloadStatus] | None = field(init=False, default=None)
+    # The inputs (`WorkloadStatus.inputs`) of the statuses found unchanged, by path: in this
+    # round's lazy pass, and in the passes before it (kept until a pass completes).
+    unchanged: dict[str, int] = field(init=False, default_factory=dict)
+    unchanged_before: dict[str, int] = field(init=False, default_factory=dict)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _drained: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _workers: list[asyncio.Task[None]] = field(init=False, default_factory=list)
@@ -180,11 +186,37 @@ class StatusWriter:
     def submit_lazily(self, workload_statuses: Iterable[core.WorkloadStatus]) -> None:
         """Write these statuses, each built when there is room (see the module docstring);
         replaces the statuses of an earlier round not built yet. Returns at once."""
+        if self.lazy is None:  # the last pass completed: what it did not see is gone
+            self.unchanged_before = self.unchanged
+        else:
+            self.unchanged_before |= self.unchanged
+        self.unchanged = {}
         self.lazy = iter(workload_statuses)
         self._drained.clear()
         self._refill()
         self._wake.set()
         self._start()
+
+    def submit_built(self, status: core.WorkloadStatus) -> None:
+        """Build `status` now, against the status its object has (the cache's, with what the
+        writer sent or will send merged in), and queue it unless it would not change or the
+        object is gone."""
+        if status.build is None or status.ref is None:
+            return
+        body = self.current_body(status.ref)
+        if body is None or is_deleting(body) or not _same_object(body, status.ref):
+            return  # gone (or going): nothing to write
+        path = self.path_of(status.ref)
+        sent = self.expected.get(path, [])
+        inputs = None if sent or status.inputs is None else status.inputs(body)
+        if inputs is not None and self.unchanged_before.get(path) == inputs:
+            self.unchanged[path] = inputs  # found unchanged before, and nothing moved
+            return
+        write = status.build(_apply_all(body.get("status") or {}, sent))
+        if write is not None:
+            self.submit(write)
+        elif inputs is not None:
+            self.unchanged[path] = inputs
 
     def overlay(self, view: ClusterView) -> ClusterView:
         """`view` with the status of each workload and budget the writer holds a write for
@@ -248,6 +280,8 @@ class StatusWriter:
     def discard(self) -> None:
         """Forget every write not yet sent (this operator no longer leads: another writes)."""
         self.lazy = None
+        self.unchanged.clear()
+        self.unchanged_before.clear()
         self.pending.clear()
         for path in [p for p in self.expected if p not in self.in_flight]:
             self._forget(path)
@@ -287,15 +321,7 @@ class StatusWriter:
                 self.lazy = None
                 self._settle()
                 return
-            if status.build is None or status.ref is None:
-                continue
-            body = self.current_body(status.ref)
-            if body is None or is_deleting(body) or not _same_object(body, status.ref):
-                continue  # gone (or going): nothing to write
-            expected = self.expected.get(self.path_of(status.ref), [])
-            write = status.build(_apply_all(body.get("status") or {}, expected))
-            if write is not None:
-                self.submit(write)
+            self.submit_built(status)
 
     def _next(self) -> tuple[str | None, float | None]:
         """The first waiting path that is due and not being written, and when (monotonic) the

@@ -5,6 +5,7 @@ everything written on stop; and what it holds shown to the next round (`overlay`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Mapping
 from typing import Any, cast
@@ -38,10 +39,18 @@ def write(name: str, status: Mapping[str, Any], *reasons: str) -> StatusWrite:
 
 
 def lazily(
-    name: str, status: Mapping[str, Any], *reasons: str, built: list[str] | None = None
+    name: str,
+    status: Mapping[str, Any],
+    *reasons: str,
+    built: list[str] | None = None,
+    decided_by: str | None = None,
 ) -> core.WorkloadStatus:
     """A round's status of workload `name`, built when written: `status` with its Events unless
-    the object already has it (each build recorded in `built`)."""
+    the object already has it (each build recorded in `built`); `decided_by`: what decides it
+    besides the object's resourceVersion (None: the writer is not told)."""
+
+    def inputs(body: Mapping[str, Any]) -> int | None:
+        return hash((decided_by, body["metadata"].get("resourceVersion")))
 
     def build(previous: Mapping[str, Any]) -> StatusWrite | None:
         if built is not None:
@@ -51,7 +60,16 @@ def lazily(
         return write(name, status, *reasons)
 
     phase = str(status.get("phase"))
-    return core.WorkloadStatus(f"team/{name}", phase, None, "Pending", None, ref(name), build)
+    return core.WorkloadStatus(
+        f"team/{name}",
+        phase,
+        None,
+        "Pending",
+        None,
+        ref(name),
+        build,
+        None if decided_by is None else inputs,
+    )
 
 
 class FakeServer:
@@ -660,3 +678,77 @@ def test_a_lazily_submitted_status_of_an_object_gone_or_recreated_is_not_built()
     run(scenario())
     assert built == ["c"]
     assert list(server.statuses) == ["/w/c/status"]
+
+
+def test_a_status_found_unchanged_is_not_built_again_while_what_decides_it_stays() -> None:
+    server = FakeServer()
+    body = workload_body("a", {"phase": "Placed"})
+    body["metadata"]["resourceVersion"] = "7"
+    bodies = {"a": body}
+    built: list[str] = []
+    someone_writes = "someone else writes the status: a new resourceVersion"
+
+    async def passes(*steps: str) -> None:
+        writer = server.writer(current_body=lambda r: bodies.get(r.name))
+        for step in steps:
+            if step == someone_writes:
+                bodies["a"] = {"metadata": {**body["metadata"], "resourceVersion": "8"}}
+                continue
+            writer.submit_lazily([lazily("a", {"phase": "Placed"}, built=built, decided_by=step)])
+            assert await writer.flush(5)
+        await writer.stop(5)
+
+    run(passes("plan 1", "plan 1", "plan 1"))
+    assert built == ["a"]  # found unchanged once, then skipped unbuilt
+    run(passes("plan 1", "plan 2", "plan 2"))
+    assert built == ["a", "a", "a"]  # a new writer knows nothing; then the inputs moved
+    built.clear()
+    run(passes("plan 1", "plan 1", someone_writes, "plan 1"))
+    assert built == ["a", "a"]  # the new resourceVersion is built against, and written
+    assert server.writes == [("/w/a/status", {"phase": "Placed"})]
+
+
+def test_a_status_the_round_counted_energy_for_is_built_at_once_the_others_as_there_is_room() -> (
+    None
+):
+    # The next round's accounting starts from the energy written (or waiting to be): it must see
+    # every counted one, however far behind the writer is.
+    kube = HeldStatusKube()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def call(function: Any, *args: Any) -> Any:
+            return await loop.run_in_executor(None, function, *args)
+
+        applier = Applier(
+            kube=cast(Any, kube),
+            cache=ClusterCache(),
+            metrics=None,
+            call=call,
+            confirm_timeout_seconds=1,
+            heartbeat_timeout_seconds=30,
+            writer_concurrency=1,
+        )
+        applier.writer.max_built = 1
+        for name in ("a", "b", "c"):
+            applier.cache.upsert(WORKLOADS, workload_body(name, {}))
+        energy = {"phase": "Running", "energy": {"joules": 5.0}}
+        counted = dataclasses.replace(lazily("c", energy), counted=True)
+        round_ = core.Round(
+            memory=core.Memory(),
+            workload_statuses=(
+                lazily("a", {"phase": "Placed"}),
+                lazily("b", {"phase": "Placed"}),
+                counted,
+            ),
+        )
+        await asyncio.wait_for(applier.apply(round_, view_with()), 5)
+        assert set(applier.writer.expected) == {object_path(ref("c"))}  # a and b wait unbuilt
+        kube.release.set()
+        await applier.writer.stop(5)
+        assert sorted(kube.statuses) == sorted(
+            object_path(ref(n)) + "/status" for n in ("a", "b", "c")
+        )
+
+    run(scenario())
