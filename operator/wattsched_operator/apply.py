@@ -5,8 +5,9 @@ solve; lower power limits and wait for the agents to confirm; evict preempted an
 (Eviction API, so PodDisruptionBudgets hold) and delete failed pods due for a retry, then report
 the evictions that went; create new pods; raise limits, only when every lowering was confirmed;
 open profiles for excluded GPU nodes; then the metrics. Status writes and their Events are handed
-to the `writer.StatusWriter` where the round decides them and written in the background: the
-round does not wait for them, nor does the next round's pod creation. A node whose agent does
+to the `writer.StatusWriter` where the round decides them and written in the background (a
+round's workload statuses are built there as it has room): the round does not wait for them, nor
+does the next round's pod creation. A node whose agent does
 not confirm in time counts at maximum power in the next round (`core.after_apply`).
 
 Decisions are the core's; this module only writes, and reports what it saw (`core.Applied`).
