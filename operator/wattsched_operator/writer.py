@@ -154,13 +154,13 @@ class StatusWriter:
     expected: dict[str, list[StatusWrite]] = field(init=False, default_factory=dict)
     # When (monotonic) the last write of each path in `expected` landed.
     landed_at: dict[str, float] = field(init=False, default_factory=dict)
-    # Set when a write is submitted or done (workers look for work), and when nothing is left.
     # The latest round's workload statuses not built yet (`submit_lazily`).
     lazy: Iterator[core.WorkloadStatus] | None = field(init=False, default=None)
     # The inputs (`WorkloadStatus.inputs`) of the statuses found unchanged, by path: in this
     # round's lazy pass, and in the passes before it (kept until a pass completes).
     unchanged: dict[str, int] = field(init=False, default_factory=dict)
     unchanged_before: dict[str, int] = field(init=False, default_factory=dict)
+    # Set when a write is submitted or done (workers look for work), and when nothing is left.
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _drained: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _workers: list[asyncio.Task[None]] = field(init=False, default_factory=list)
@@ -249,8 +249,8 @@ class StatusWriter:
         return not self.pending and not self.in_flight and self.lazy is None
 
     async def flush(self, timeout_seconds: float) -> bool:
-        """Wait until nothing is pending or being written (retries included); False when
-        `timeout_seconds` passed first."""
+        """Wait until nothing is pending, being written or left to build (retries included);
+        False when `timeout_seconds` passed first."""
         if self.idle():
             return True
         self._start()
