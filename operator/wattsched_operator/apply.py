@@ -17,6 +17,7 @@ Failed writes are logged, counted (`reconcile_errors`) and retried by the next r
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -246,7 +247,9 @@ class Applier:
         current: list[Mapping[str, Any]] = []
         for namespace in namespaces:
             current += await self.call(
-                self.kube.list, services_path(namespace), desired.LABEL_WORKLOAD
+                functools.partial(self.kube.list, keep=services.compared),
+                services_path(namespace),
+                desired.LABEL_WORKLOAD,
             )
         changes = services.service_changes(current, want)
         await self.gather(
