@@ -5,8 +5,9 @@ solve; lower power limits and wait for the agents to confirm; evict preempted an
 (Eviction API, so PodDisruptionBudgets hold) and delete failed pods due for a retry, then report
 the evictions that went; create new pods; raise limits, only when every lowering was confirmed;
 open profiles for excluded GPU nodes; then the metrics. Status writes and their Events are handed
-to the `writer.StatusWriter` where the round decides them and written in the background: the
-round does not wait for them, nor does the next round's pod creation. A node whose agent does
+to the `writer.StatusWriter` where the round decides them and written in the background (a
+round's workload statuses are built there as it has room): the round does not wait for them, nor
+does the next round's pod creation. A node whose agent does
 not confirm in time counts at maximum power in the next round (`core.after_apply`).
 
 Decisions are the core's; this module only writes, and reports what it saw (`core.Applied`).
@@ -16,6 +17,7 @@ Failed writes are logged, counted (`reconcile_errors`) and retried by the next r
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -24,7 +26,7 @@ from typing import Any, TypeVar
 
 from wattsched_api.meta import format_time
 from wattsched_operator import core, desired, services, statuses, transition
-from wattsched_operator.cache import PROFILES, ClusterCache
+from wattsched_operator.cache import PROFILES, WORKLOADS, ClusterCache
 from wattsched_operator.core import ClusterView, ObjectRef
 from wattsched_operator.kube import (
     HTTP_CONFLICT,
@@ -96,6 +98,7 @@ class Applier:
             write_status=self.write_status,
             post_event=self.event,
             path_of=object_path,
+            current_body=self.current_body,
             on_error=self.status_write_failed,
             concurrency=writer_concurrency,
         )
@@ -190,18 +193,25 @@ class Applier:
 
         # 5. Statuses and their Events (to the writer), metrics. A workload whose pod was refused
         # in this round keeps its status: the next round reports it (PodRejected), not Placed.
+        # Each status is built against the status its workload has when the writer builds it:
+        # at once where the round counted energy (the next round's accounting starts from it),
+        # the others as the writer has room.
         phases: list[str] = []
         slo_met: dict[str, bool] = {}
+        lazily: list[core.WorkloadStatus] = []
         for status in round_.workload_statuses:
             if status.key in refused:
                 phase, met = status.previous_phase, status.previous_slo_met
             else:
                 phase, met = status.phase, status.slo_met
-                if status.write is not None:
-                    self.writer.submit(status.write)
+                if status.counted:
+                    self.writer.submit_built(status)
+                elif status.build is not None:
+                    lazily.append(status)
             phases.append(phase)
             if met is not None:
                 slo_met[status.key] = met
+        self.writer.submit_lazily(lazily)
         update = round_.metrics
         for energy in update.workload_energy:
             self.metrics.count_workload_energy(
@@ -237,7 +247,9 @@ class Applier:
         current: list[Mapping[str, Any]] = []
         for namespace in namespaces:
             current += await self.call(
-                self.kube.list, services_path(namespace), desired.LABEL_WORKLOAD
+                functools.partial(self.kube.list, keep=services.compared),
+                services_path(namespace),
+                desired.LABEL_WORKLOAD,
             )
         changes = services.service_changes(current, want)
         await self.gather(
@@ -272,6 +284,12 @@ class Applier:
         for result in results:
             if isinstance(result, BaseException):
                 self.failed_step(result)
+
+    def current_body(self, ref: ObjectRef) -> Mapping[str, Any] | None:
+        """The cache's body of a workload whose status the writer builds (None: not cached)."""
+        if ref.kind != core.WORKLOAD_KIND:
+            return None
+        return self.cache.get(WORKLOADS, f"{ref.namespace}/{ref.name}")
 
     async def write_status(self, path: str, body: Mapping[str, Any]) -> None:
         """A merge patch of a status subresource (the writer's way out)."""

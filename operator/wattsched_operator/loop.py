@@ -317,6 +317,11 @@ class PlanningLoop:
     async def plan_once(self) -> Plan | None:
         """Read, decide, apply: one planning round. Returns the plan."""
         now = datetime.now(UTC)
+        # The last round's plan, input and results are read between plans only (accounting,
+        # demand checks): let them go before this round builds its own, so two rounds' inputs
+        # of every workload are never held at once. A round that fails leaves none (the loop
+        # plans again, and accounts only after a plan).
+        self.memory = dataclasses.replace(self.memory, last_round=None)
         view = self.view()
         started = time.monotonic()
         observed = self._observed(view, None)

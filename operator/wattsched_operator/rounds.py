@@ -310,18 +310,40 @@ class Deletion:
     node_gone: bool = False
 
 
+# A workload's status write against the status it has now (None: nothing would change).
+BuildStatus = Callable[[Mapping[str, Any]], "StatusWrite | None"]
+# A key of everything that decides a workload's status, given its object as it is now (None: it
+# cannot say, e.g. an object without a resourceVersion).
+StatusInputs = Callable[[Mapping[str, Any]], "int | None"]
+
+
 @dataclass(frozen=True)
 class WorkloadStatus:
-    """A handled workload's status this round: the write (None when nothing changed), its phase
-    and SLOMet for metrics, and the phase and SLOMet it had (kept when a pod of the workload is
-    refused in this round: the next round reports that)."""
+    """A handled workload's status this round: its phase and SLOMet for metrics, the phase and
+    SLOMet it had (kept when a pod of the workload is refused in this round: the next round
+    reports that), and how to build its write (`build`, None for a workload the round does not
+    handle). The write is built when it is written, against the status the object has then
+    (`writer.StatusWriter.submit_lazily`): a round never holds its thousands of statuses built
+    at once; `inputs` lets the writer skip, before building, a status it found unchanged with the
+    same inputs before. `write` builds it against the status the round saw."""
 
     key: str
-    write: StatusWrite | None
     phase: str
     slo_met: bool | None
     previous_phase: str
     previous_slo_met: bool | None
+    ref: ObjectRef | None = None
+    build: BuildStatus | None = None
+    inputs: StatusInputs | None = None
+    seen: Mapping[str, Any] = field(default_factory=dict)
+    # The round counted energy for it (running pods, accounting due): its write is built at
+    # once, so the next round's accounting starts where this one's ended.
+    counted: bool = False
+
+    @property
+    def write(self) -> StatusWrite | None:
+        """The status write against the status the round saw (None when nothing changes)."""
+        return None if self.build is None else self.build(self.seen)
 
 
 @dataclass(frozen=True)

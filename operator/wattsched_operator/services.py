@@ -193,6 +193,32 @@ def desired_from_plan(
     )
 
 
+def compared(service: Mapping[str, Any]) -> dict[str, Any]:
+    """What `service_changes` reads of a listed Service: its name and namespace, whether it is
+    being deleted, its LLMWorkload controller, its selector, clusterIP and ports. The operator
+    keeps only this of each Service it lists, page by page (10,000 Services as the API returns
+    them are 54 MB of Python objects, measured; the operator lists them every round)."""
+    meta = service.get("metadata") or {}
+    spec = service.get("spec") or {}
+    kept_meta: dict[str, Any] = {"namespace": meta.get("namespace"), "name": meta.get("name")}
+    if meta.get("deletionTimestamp"):
+        kept_meta["deletionTimestamp"] = meta["deletionTimestamp"]
+    owners = [
+        {"kind": o.get("kind"), "controller": o.get("controller"), "uid": o.get("uid")}
+        for o in meta.get("ownerReferences") or []
+        if o.get("kind") == "LLMWorkload" and o.get("controller")
+    ]
+    if owners:
+        kept_meta["ownerReferences"] = owners
+    kept_spec = {key: spec[key] for key in ("selector", "clusterIP") if key in spec}
+    if "ports" in spec:
+        kept_spec["ports"] = [
+            {key: port[key] for key in ("name", "port", "targetPort", "protocol") if key in port}
+            for port in spec["ports"] or []
+        ]
+    return {"metadata": kept_meta, "spec": kept_spec}
+
+
 def service_changes(
     current: Iterable[Mapping[str, Any]], desired: Mapping[tuple[str, str], Mapping[str, Any]]
 ) -> ServiceChanges:

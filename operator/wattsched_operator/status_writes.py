@@ -6,7 +6,9 @@ that could not plan (`mark_failed`). Pure: writes are returned as data.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +48,7 @@ from wattsched_operator.rounds import (
     running,
 )
 from wattsched_optimizer.problem import (
+    Placement,
     Plan,
     PlanInput,
     Unplaced,
@@ -87,6 +90,122 @@ def _excluded_in_scope(
     return found
 
 
+@dataclass(frozen=True)
+class _RoundOutcome:
+    """What a round decided that a workload's status says (shared by its workloads' builds)."""
+
+    active: frozenset[str]
+    placements_by_workload: Mapping[str, list[Placement]]
+    unplaced: Mapping[str, Unplaced]
+    life: lifecycle.Lifecycle
+    pods_by_workload: Mapping[str, list[Body]]
+    now: datetime
+    accounts: bookkeeping.Accounts
+    telemetry: TelemetrySnapshot | None
+    demands: Mapping[str, float]
+
+    def placements(self, key: str) -> list[Placement]:
+        return self.placements_by_workload.get(key, []) if key in self.active else []
+
+    def summary(self, key: str, body: Body, previous: Mapping[str, Any]) -> tuple[str, bool | None]:
+        """The phase and SLOMet the workload's status gets (what `build` writes), without
+        building it."""
+        phase = statuses.next_phase(
+            previous.get("phase"),
+            is_gang=is_gang(body),
+            gang_size=gang_size(body),
+            placements=self.placements(key),
+            pods=[statuses.PodView.from_pod(p) for p in self.pods_by_workload.get(key, [])],
+            failed_permanently=key in self.life.failed,
+        )
+        objective = self.objective(key, body)
+        if not objective.declared:
+            return phase, None
+        met, _, _ = statuses.slo_met(objective, phase, self.placements(key), self.unplaced.get(key))
+        return phase, met
+
+    def objective(self, key: str, body: Body) -> statuses.SloObjective:
+        return statuses.SloObjective.from_spec(body.get("spec") or {}, demand=self.demands.get(key))
+
+    def inputs(self, key: str, body: Body, current: Mapping[str, Any]) -> int | None:
+        """A key of everything `build` reads for the workload, given its object as it is now
+        (`current`: its status, by resourceVersion) and as the round saw it (`body`: spec and
+        generation): the plan's placements and why not, its pods (by resourceVersion), a
+        permanent failure, the figures accounting and telemetry give it, the demand it was sized
+        for. None when a resourceVersion is missing. (The time of the round only dates a
+        condition that changes, so it is not part of the key.)"""
+        seen = body["metadata"].get("resourceVersion")
+        now = (current.get("metadata") or {}).get("resourceVersion")
+        pods = self.pods_by_workload.get(key, [])
+        versions = tuple(
+            (p["metadata"].get("name"), p["metadata"].get("resourceVersion")) for p in pods
+        )
+        if seen is None or now is None or any(v is None for _, v in versions):
+            return None
+        return hash(
+            (
+                body["metadata"].get("uid"),
+                seen,
+                now,
+                tuple(self.placements(key)),
+                self.unplaced.get(key),
+                versions,
+                self.life.failed.get(key),
+                repr(self.accounts.workload_energy.get(key)),
+                self.accounts.workload_measured_watts.get(key),
+                repr(self.accounts.workload_progress.get(key)),
+                None
+                if self.telemetry is None
+                else statuses.workload_telemetry(
+                    self.telemetry, [pod_id(p) for p in pods if running(p)]
+                ),
+                self.demands.get(key),
+            )
+        )
+
+    def build(self, key: str, body: Body, previous: Mapping[str, Any]) -> StatusWrite | None:
+        """The workload's status write against `previous`, the status it has (None when the
+        status would not change)."""
+        pod_bodies = self.pods_by_workload.get(key, [])
+        pods = [statuses.PodView.from_pod(p) for p in pod_bodies]
+        if key in self.accounts.workload_energy:
+            energy = self.accounts.workload_energy[key]
+            measured_watts = self.accounts.workload_measured_watts.get(key)
+        else:  # not due: the figures stay as they are (no draw without a running pod)
+            energy = previous.get("energy") or {}
+            measured_watts = (previous.get("power") or {}).get("measuredWatts")
+            if not any(running(p) for p in pod_bodies):
+                measured_watts = None
+        new = statuses.workload_status(
+            previous,
+            generation=int(body["metadata"].get("generation") or 1),
+            is_gang=is_gang(body),
+            gang_size=gang_size(body),
+            placements=self.placements(key),
+            unplaced=self.unplaced.get(key),
+            pods=pods,
+            failure_message=self.life.failed.get(key),
+            now=self.now,
+            measured_watts=measured_watts,
+            energy=energy,
+            objective=self.objective(key, body),
+            telemetry=None
+            if self.telemetry is None
+            else statuses.workload_telemetry(
+                self.telemetry, [pod_id(p) for p in pod_bodies if running(p)]
+            ),
+        )
+        if key in self.accounts.workload_progress:
+            new["progress"] = self.accounts.workload_progress[key]
+        if (service := services.status_service(body)) is not None:
+            new["service"] = service
+        owned = {k: previous.get(k) for k in new}
+        if owned == statuses.without_nones(new):
+            return None
+        ref = ObjectRef.of(WORKLOAD_KIND, body)
+        return StatusWrite(ref, new, _workload_events(ref, previous, new))
+
+
 def workload_statuses(
     view: ClusterView,
     *,
@@ -100,76 +219,57 @@ def workload_statuses(
     demands: Mapping[str, float] | None = None,
     unplaced: Mapping[str, Unplaced],
 ) -> tuple[list[WorkloadStatus], frozenset[str]]:
-    """Each handled workload's status and its Events; with `telemetry` (Prometheus configured)
-    also its `TelemetryFresh` condition from this round's reading of its running pods. `demands`
-    are the tokens/s each service was sized for (SLOMet compares the plan with them); `unplaced`
-    the workloads without a place (`unplaced_of`: the work the horizon holds back now says
-    Schedulable=False with reason Deferred, and until when and why). Returns them and the
-    workloads that exist (for metrics)."""
-    placements_by_workload: dict[str, list[Any]] = {}
+    """Each handled workload's status and its Events (built when written: `WorkloadStatus`);
+    with `telemetry` (Prometheus configured) also its `TelemetryFresh` condition from this
+    round's reading of its running pods. `demands` are the tokens/s each service was sized for
+    (SLOMet compares the plan with them); `unplaced` the workloads without a place
+    (`unplaced_of`: the work the horizon holds back now says Schedulable=False with reason
+    Deferred, and until when and why). Returns them and the workloads that exist (for
+    metrics)."""
+    placements_by_workload: dict[str, list[Placement]] = {}
     for placement in plan.placements:
         placements_by_workload.setdefault(placement.workload, []).append(placement)
-    # A service served in part is placed, with its shortfall saying what binds.
-    unplaced = {
-        **unplaced,
-        **{s.workload: Unplaced(s.workload, s.reason, s.constraint) for s in plan.shortfalls},
-    }
+    outcome = _RoundOutcome(
+        active=frozenset(active),
+        placements_by_workload=placements_by_workload,
+        # A service served in part is placed, with its shortfall saying what binds.
+        unplaced={
+            **unplaced,
+            **{s.workload: Unplaced(s.workload, s.reason, s.constraint) for s in plan.shortfalls},
+        },
+        life=life,
+        pods_by_workload=pods_by_workload,
+        now=now,
+        accounts=accounts,
+        telemetry=telemetry,
+        demands=demands or {},
+    )
     results: list[WorkloadStatus] = []
     for key, body in view.workloads.items():
         if is_deleting(body):
             continue
         previous = body.get("status") or {}
         previous_phase = str(previous.get("phase") or Phase.PENDING)
+        previous_slo = _slo_of(previous)
         if key not in active and key not in life.succeeded and key not in life.failed:
             results.append(
-                WorkloadStatus(
-                    key, None, previous_phase, _slo_of(previous), previous_phase, _slo_of(previous)
-                )
+                WorkloadStatus(key, previous_phase, previous_slo, previous_phase, previous_slo)
             )
             continue
-        pods = [statuses.PodView.from_pod(p) for p in pods_by_workload.get(key, [])]
-        if key in accounts.workload_energy:
-            energy = accounts.workload_energy[key]
-            measured_watts = accounts.workload_measured_watts.get(key)
-        else:  # not due: the figures stay as they are (no draw without a running pod)
-            energy = previous.get("energy") or {}
-            measured_watts = (previous.get("power") or {}).get("measuredWatts")
-            if not any(running(p) for p in pods_by_workload.get(key, [])):
-                measured_watts = None
-        new = statuses.workload_status(
-            previous,
-            generation=int(body["metadata"].get("generation") or 1),
-            is_gang=is_gang(body),
-            gang_size=gang_size(body),
-            placements=placements_by_workload.get(key, []) if key in active else [],
-            unplaced=unplaced.get(key),
-            pods=pods,
-            failure_message=life.failed.get(key),
-            now=now,
-            measured_watts=measured_watts,
-            energy=energy,
-            objective=statuses.SloObjective.from_spec(
-                body.get("spec") or {}, demand=(demands or {}).get(key)
-            ),
-            telemetry=None
-            if telemetry is None
-            else statuses.workload_telemetry(
-                telemetry,
-                [pod_id(p) for p in pods_by_workload.get(key, []) if running(p)],
-            ),
-        )
-        if key in accounts.workload_progress:
-            new["progress"] = accounts.workload_progress[key]
-        if (service := services.status_service(body)) is not None:
-            new["service"] = service
-        owned = {k: previous.get(k) for k in new}
-        write = None
-        if owned != statuses.without_nones(new):
-            ref = ObjectRef.of(WORKLOAD_KIND, body)
-            write = StatusWrite(ref, new, _workload_events(ref, previous, new))
+        phase, met = outcome.summary(key, body, previous)
         results.append(
             WorkloadStatus(
-                key, write, new["phase"], _slo_of(new), previous_phase, _slo_of(previous)
+                key,
+                phase,
+                met,
+                previous_phase,
+                previous_slo,
+                ref=ObjectRef.of(WORKLOAD_KIND, body),
+                build=functools.partial(outcome.build, key, body),
+                inputs=functools.partial(outcome.inputs, key, body),
+                seen=previous,
+                counted=key in accounts.workload_energy
+                and any(running(p) for p in pods_by_workload.get(key, [])),
             )
         )
     return results, frozenset(view.workloads)

@@ -9,6 +9,15 @@ phase that is still waiting, not one per round. A few workers (`concurrency`) wr
 order the objects were first submitted, never two writes of one object at a time; each write's
 Events are posted once, after it landed.
 
+A round's workload statuses come lazily (`submit_lazily`): each is built when there is room
+(fewer than `max_built` objects waiting or being written), against the status the object has
+then (the cache's, with what the writer has sent or will send merged in), so the writer never
+holds more than `max_built` built statuses, a status that would not change is never queued, and
+its Events say what changes from the status last written. A status found unchanged is not built
+again while what decides it (`WorkloadStatus.inputs`: the object's resourceVersion, its pods',
+the plan's place for it, its figures) stays the same. A newer round's statuses replace
+the ones of an older round not built yet (each round decides every workload's status).
+
 What the writer holds is visible to the next round (`overlay`): the view the core decides on
 shows each object with its pending and written-but-not-yet-watched status, so a round never
 decides the same change twice (and never posts its Events twice) because the watch is behind.
@@ -26,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,13 +44,16 @@ from wattsched_operator import core
 from wattsched_operator.cache import shared
 from wattsched_operator.core import ClusterView, ObjectRef, StatusWrite
 from wattsched_operator.kube import HTTP_CONFLICT, HTTP_NOT_FOUND, HTTP_TOO_MANY_REQUESTS, KubeError
-from wattsched_operator.rounds import backoff_seconds
+from wattsched_operator.rounds import backoff_seconds, is_deleting
 
 logger = logging.getLogger("wattsched.operator")
 
 # Workers writing statuses at once: few enough that the round's own writes (pod creates,
 # evictions, profiles) keep most of the operator's API worker threads.
 DEFAULT_CONCURRENCY = 4
+# Built statuses held at most (objects waiting or being written) while a round's statuses are
+# built lazily: enough to keep the workers busy, few against 10,000 workloads.
+DEFAULT_MAX_BUILT = 256
 RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
 # How long a written status is shown to rounds at most when the watch never brings it back as
@@ -50,6 +62,8 @@ SHOWN_AFTER_WRITE_SECONDS = 30.0
 
 WriteStatus = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 PostEvent = Callable[[core.Event], Awaitable[None]]
+# The object a write goes to as the cache holds it now (None: not there).
+CurrentBody = Callable[[ObjectRef], Mapping[str, Any] | None]
 
 
 def compose_merge_patches(
@@ -123,7 +137,10 @@ class StatusWriter:
     write_status: WriteStatus
     post_event: PostEvent
     path_of: Callable[[ObjectRef], str]
+    # What lazily submitted statuses are built against (with `expected` merged in).
+    current_body: CurrentBody = lambda ref: None
     concurrency: int = DEFAULT_CONCURRENCY
+    max_built: int = DEFAULT_MAX_BUILT
     on_error: Callable[[BaseException], None] = lambda error: None
     # A failed write's first retry waits this long, each later one twice as long (at most
     # `RETRY_MAX_SECONDS`).
@@ -137,6 +154,12 @@ class StatusWriter:
     expected: dict[str, list[StatusWrite]] = field(init=False, default_factory=dict)
     # When (monotonic) the last write of each path in `expected` landed.
     landed_at: dict[str, float] = field(init=False, default_factory=dict)
+    # The latest round's workload statuses not built yet (`submit_lazily`).
+    lazy: Iterator[core.WorkloadStatus] | None = field(init=False, default=None)
+    # The inputs (`WorkloadStatus.inputs`) of the statuses found unchanged, by path: in this
+    # round's lazy pass, and in the passes before it (kept until a pass completes).
+    unchanged: dict[str, int] = field(init=False, default_factory=dict)
+    unchanged_before: dict[str, int] = field(init=False, default_factory=dict)
     # Set when a write is submitted or done (workers look for work), and when nothing is left.
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _drained: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -159,6 +182,41 @@ class StatusWriter:
         self._drained.clear()
         self._wake.set()
         self._start()
+
+    def submit_lazily(self, workload_statuses: Iterable[core.WorkloadStatus]) -> None:
+        """Write these statuses, each built when there is room (see the module docstring);
+        replaces the statuses of an earlier round not built yet. Returns at once."""
+        if self.lazy is None:  # the last pass completed: what it did not see is gone
+            self.unchanged_before = self.unchanged
+        else:
+            self.unchanged_before |= self.unchanged
+        self.unchanged = {}
+        self.lazy = iter(workload_statuses)
+        self._drained.clear()
+        self._refill()
+        self._wake.set()
+        self._start()
+
+    def submit_built(self, status: core.WorkloadStatus) -> None:
+        """Build `status` now, against the status its object has (the cache's, with what the
+        writer sent or will send merged in), and queue it unless it would not change or the
+        object is gone."""
+        if status.build is None or status.ref is None:
+            return
+        body = self.current_body(status.ref)
+        if body is None or is_deleting(body) or not _same_object(body, status.ref):
+            return  # gone (or going): nothing to write
+        path = self.path_of(status.ref)
+        sent = self.expected.get(path, [])
+        inputs = None if sent or status.inputs is None else status.inputs(body)
+        if inputs is not None and self.unchanged_before.get(path) == inputs:
+            self.unchanged[path] = inputs  # found unchanged before, and nothing moved
+            return
+        write = status.build(_apply_all(body.get("status") or {}, sent))
+        if write is not None:
+            self.submit(write)
+        elif inputs is not None:
+            self.unchanged[path] = inputs
 
     def overlay(self, view: ClusterView) -> ClusterView:
         """`view` with the status of each workload and budget the writer holds a write for
@@ -188,11 +246,11 @@ class StatusWriter:
         return replace(view, workloads=workloads, budgets=budgets)
 
     def idle(self) -> bool:
-        return not self.pending and not self.in_flight
+        return not self.pending and not self.in_flight and self.lazy is None
 
     async def flush(self, timeout_seconds: float) -> bool:
-        """Wait until nothing is pending or being written (retries included); False when
-        `timeout_seconds` passed first."""
+        """Wait until nothing is pending, being written or left to build (retries included);
+        False when `timeout_seconds` passed first."""
         if self.idle():
             return True
         self._start()
@@ -221,6 +279,9 @@ class StatusWriter:
 
     def discard(self) -> None:
         """Forget every write not yet sent (this operator no longer leads: another writes)."""
+        self.lazy = None
+        self.unchanged.clear()
+        self.unchanged_before.clear()
         self.pending.clear()
         for path in [p for p in self.expected if p not in self.in_flight]:
             self._forget(path)
@@ -245,6 +306,23 @@ class StatusWriter:
         if self.idle():
             self._drained.set()
 
+    def _room(self) -> bool:
+        return len(self.pending) + len(self.in_flight) < self.max_built
+
+    def _refill(self) -> None:
+        """Build lazily submitted statuses while fewer than `max_built` objects wait or are
+        being written (at most `max_built` builds a call: the event loop is not held for long);
+        skip those that would not change or whose object is gone."""
+        for _ in range(self.max_built):
+            if self.lazy is None or not self._room():
+                return
+            status = next(self.lazy, None)
+            if status is None:
+                self.lazy = None
+                self._settle()
+                return
+            self.submit_built(status)
+
     def _next(self) -> tuple[str | None, float | None]:
         """The first waiting path that is due and not being written, and when (monotonic) the
         next retry is due if none is."""
@@ -260,7 +338,11 @@ class StatusWriter:
 
     async def _work(self) -> None:
         while True:
+            self._refill()
             path, retry_at = self._next()
+            if path is None and self.lazy is not None and self._room():
+                await asyncio.sleep(0)  # more to build: let the event loop run first
+                continue
             if path is None:
                 # No await between the look and the clear: a submit after it sets it again.
                 self._wake.clear()

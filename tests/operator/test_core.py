@@ -584,3 +584,38 @@ def test_a_replica_that_spans_nodes_is_never_handed_over() -> None:
     assert {e.name for e in round_.evict} == {"chat-0", "chat-0-w1"}
     assert not any(p["metadata"]["name"].endswith("-h") for p in round_.create)
     assert round_.disruptions.handovers.started == {}
+
+
+def test_what_decides_a_status_stays_the_same_in_rounds_that_see_the_same_and_moves_with_it() -> (
+    None
+):
+    """The key the writer skips an unchanged status by (`WorkloadStatus.inputs`)."""
+
+    def inputs_of(
+        workload: dict[str, Any],
+        pods: list[dict[str, Any]],
+        nodes: list[dict[str, Any]],
+        now: datetime,
+    ) -> int | None:
+        round_ = core.decide(core.Observed(view(nodes, [workload], pods), monotonic=100.0), now)
+        [status] = round_.workload_statuses
+        assert status.inputs is not None
+        return status.inputs(workload)
+
+    def versioned(body: dict[str, Any], version: str) -> dict[str, Any]:
+        return {**body, "metadata": {**body["metadata"], "resourceVersion": version}}
+
+    chat = versioned(service(), "1")
+    waiting = inputs_of(chat, [], [], NOW)
+    assert waiting is not None
+    assert inputs_of(chat, [], [], NOW) == waiting  # another round, the same
+    # A minute on, accounting is due (the status has no energy yet): its figures move.
+    assert inputs_of(chat, [], [], NOW + timedelta(minutes=1)) != waiting
+    assert inputs_of(versioned(service(), "2"), [], [], NOW) != waiting
+    placed = inputs_of(chat, [], [node("l40s-0")], NOW)
+    assert placed not in {waiting, None}
+    pod = versioned(replica_pod("chat", "l40s-0", annotations=None), "5")
+    running = inputs_of(chat, [pod], [node("l40s-0")], NOW)
+    assert running not in {placed, None}
+    assert inputs_of(chat, [versioned(pod, "6")], [node("l40s-0")], NOW) != running
+    assert inputs_of(service(), [], [], NOW) is None  # no resourceVersion: no key

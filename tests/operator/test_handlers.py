@@ -4,17 +4,24 @@ the loop lets settle), and who leads among peered operators."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import kopf
 
 from wattsched_operator.cache import NODES, PODS, PROFILES, WORKLOADS, Changes, ClusterCache
+from wattsched_operator.core import build_input_function
 from wattsched_operator.desired import LABEL_WORKLOAD
 from wattsched_operator.handlers import OperatorMemo, pod_event, record, workload_event
 from wattsched_operator.kube import HTTP_NOT_FOUND, KubeError, workloads_path
 from wattsched_operator.loop import LoopSettings, PlanningLoop
+from wattsched_operator.metrics import OperatorMetrics
 from wattsched_operator.run import leads
+from wattsched_optimizer.model import PerformanceModel
+from wattsched_optimizer.planner import plan as optimizer_plan
+from wattsched_optimizer.problem import Plan, PlanInput
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -373,3 +380,38 @@ def test_kopf_watches_neither_llmworkloads_nor_pods() -> None:
     watched = {s.plural or s.any_name for s in selectors}
     assert watched >= {"energybudgets", "nodes", "nodepowerprofiles"}
     assert not watched & {"llmworkloads", "pods"}
+
+
+def test_the_last_rounds_input_is_let_go_when_the_next_round_starts() -> None:
+    """Two rounds' inputs of every workload are never held at once: while a round solves,
+    nothing references the input and plan of the round before it."""
+    inputs: list[weakref.ref[PlanInput]] = []
+    held_while_solving: list[bool] = []
+
+    def plan_recording(plan_input: PlanInput, model: PerformanceModel) -> Plan:
+        gc.collect()
+        held_while_solving.append(any(ref() is not None for ref in inputs))
+        inputs.append(weakref.ref(plan_input))
+        return optimizer_plan(plan_input, model)
+
+    async def leader() -> bool:
+        return True
+
+    async def two_rounds() -> None:
+        loop = PlanningLoop(
+            cache=ClusterCache(),
+            kube=cast(Any, None),  # an empty cluster: the rounds write nothing
+            settings=LoopSettings(workers=1),
+            build_input=build_input_function(30.0),
+            plan_function=plan_recording,
+            metrics=OperatorMetrics(),
+            is_leader=leader,
+        )
+        await loop.plan_once()
+        assert loop.memory.last_round is not None  # read by accounting between plans
+        await loop.plan_once()
+
+    asyncio.run(two_rounds())
+    assert held_while_solving == [False, False]
+    assert inputs[0]() is None
+    assert inputs[1]() is not None

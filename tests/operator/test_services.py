@@ -110,3 +110,52 @@ def test_a_spanning_replica_is_ready_only_when_every_pod_serves() -> None:
     assert served_replicas(placements, [leader, worker]) == 0
     worker = PodView(replica=0, node="n0-1", phase="Running", ready=True, rank=1)
     assert served_replicas(placements, [leader, worker]) == 1
+
+
+def as_listed(service: dict[str, Any], **metadata: Any) -> dict[str, Any]:
+    """A Service as the API server lists it: managed fields, defaults, status."""
+    meta = {
+        **service["metadata"],
+        "uid": "uid-svc",
+        "resourceVersion": "42",
+        "managedFields": [{"manager": "wattsched", "fieldsV1": {"f:spec": {}}}],
+        **metadata,
+    }
+    spec = {
+        "clusterIPs": [service["spec"].get("clusterIP", "10.0.0.7")],
+        "type": "ClusterIP",
+        "sessionAffinity": "None",
+        **service["spec"],
+    }
+    spec.setdefault("clusterIP", "10.0.0.7")
+    for port in spec.get("ports") or []:
+        port.setdefault("protocol", "TCP")
+    return {"metadata": meta, "spec": spec, "status": {"loadBalancer": {}}}
+
+
+def test_what_is_kept_of_a_listed_service_decides_the_same_changes_as_all_of_it() -> None:
+    chat = body("chat", ports=[{"name": "http", "containerPort": 8000}])
+    quiet = body("quiet")
+    want = services.desired_from_plan(
+        {"team-a/chat": chat, "team-a/quiet": quiet, "team-a/gone": body("gone")}, []
+    )
+    listed = [
+        as_listed(want[("team-a", "chat")], uid="uid-chat-svc"),  # as wanted
+        as_listed(  # drifted
+            {
+                **want[("team-a", "quiet")],
+                "spec": {**want[("team-a", "quiet")]["spec"], "selector": {"x": "y"}},
+            }
+        ),
+        as_listed(want[("team-a", "gone")], deletionTimestamp="2026-12-06T03:00:00Z"),
+        as_listed({"metadata": {"name": "mine", "namespace": "team-a"}, "spec": {}}),  # foreign
+        as_listed(
+            services.desired_from_plan({"team-a/old": body("old")}, [])[("team-a", "old")]
+        ),  # owned, no longer wanted
+    ]
+    kept = [services.compared(s) for s in listed]
+    assert services.service_changes(kept, want) == services.service_changes(listed, want)
+    changes = services.service_changes(kept, want)
+    assert list(changes.patch) == [("team-a", "quiet")]
+    assert changes.delete == (("team-a", "old"),)
+    assert all("managedFields" not in k["metadata"] and "status" not in k for k in kept)

@@ -5,6 +5,7 @@ everything written on stop; and what it holds shown to the next round (`overlay`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Mapping
 from typing import Any, cast
@@ -16,7 +17,7 @@ from wattsched_api.vocabulary import Phase
 from wattsched_operator import core
 from wattsched_operator import writer as writer_module
 from wattsched_operator.apply import Applier, object_path
-from wattsched_operator.cache import ClusterCache
+from wattsched_operator.cache import WORKLOADS, ClusterCache
 from wattsched_operator.core import ClusterView, Event, ObjectRef, StatusWrite
 from wattsched_operator.kube import KubeError
 from wattsched_operator.writer import (
@@ -35,6 +36,40 @@ def event(name: str, reason: str) -> Event:
 
 def write(name: str, status: Mapping[str, Any], *reasons: str) -> StatusWrite:
     return StatusWrite(ref(name), status, tuple(event(name, r) for r in reasons))
+
+
+def lazily(
+    name: str,
+    status: Mapping[str, Any],
+    *reasons: str,
+    built: list[str] | None = None,
+    decided_by: str | None = None,
+) -> core.WorkloadStatus:
+    """A round's status of workload `name`, built when written: `status` with its Events unless
+    the object already has it (each build recorded in `built`); `decided_by`: what decides it
+    besides the object's resourceVersion (None: the writer is not told)."""
+
+    def inputs(body: Mapping[str, Any]) -> int | None:
+        return hash((decided_by, body["metadata"].get("resourceVersion")))
+
+    def build(previous: Mapping[str, Any]) -> StatusWrite | None:
+        if built is not None:
+            built.append(name)
+        if merge_patch(previous, status) == previous:
+            return None
+        return write(name, status, *reasons)
+
+    phase = str(status.get("phase"))
+    return core.WorkloadStatus(
+        f"team/{name}",
+        phase,
+        None,
+        "Pending",
+        None,
+        ref(name),
+        build,
+        None if decided_by is None else inputs,
+    )
 
 
 class FakeServer:
@@ -447,14 +482,12 @@ def test_a_round_returns_and_the_next_creates_pods_while_status_writes_are_held(
         )
 
         def round_(name: str) -> core.Round:
-            status = write(name, {"phase": "Placed"}, "Placed")
+            applier.cache.upsert(WORKLOADS, workload_body(name, {}))
             pod = {"metadata": {"name": f"{name}-0", "namespace": "team", "labels": {}}}
             return core.Round(
                 memory=core.Memory(),
                 create=(pod,),
-                workload_statuses=(
-                    core.WorkloadStatus(f"team/{name}", status, "Placed", None, "Pending", None),
-                ),
+                workload_statuses=(lazily(name, {"phase": "Placed"}, "Placed"),),
             )
 
         empty = view_with()
@@ -539,3 +572,183 @@ def test_a_status_of_enum_values_is_kept_as_the_plain_strings_it_is_written_as()
     assert type(status["phase"]) is str
     assert status["phase"] == "Running"
     assert server.statuses["/w/a/status"]["phase"] == "Running"
+
+
+# -- a round's statuses, built as the writer has room ------------------------------------------
+
+
+def bodies_of(*names: str) -> dict[str, dict[str, Any]]:
+    return {name: workload_body(name, {}) for name in names}
+
+
+def test_a_rounds_statuses_are_built_only_as_the_writer_has_room() -> None:
+    server = FakeServer()
+    names = [f"w{i:02d}" for i in range(20)]
+    bodies = bodies_of(*names)
+    built: list[str] = []
+    held: list[int] = []
+
+    async def scenario() -> None:
+        server.gate.clear()
+        writer = server.writer(
+            concurrency=2, max_built=3, current_body=lambda r: bodies.get(r.name)
+        )
+        landing = server.write_status
+
+        async def write_status(path: str, body: Mapping[str, Any]) -> None:
+            held.append(len(writer.pending) + len(writer.in_flight))
+            await landing(path, body)
+
+        writer.write_status = write_status
+        writer.submit_lazily(lazily(n, {"phase": "Placed"}, "Placed", built=built) for n in names)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert built == names[:3]  # the writer holds 3 built statuses, the rest wait unbuilt
+        assert not writer.idle()
+        server.gate.set()
+        await writer.stop(5)
+        assert writer.idle()
+
+    run(scenario())
+    assert built == names  # each built once, in order
+    assert max(held) <= 3
+    assert sorted(server.statuses) == sorted(f"/w/{n}/status" for n in names)
+    assert server.events == [(n, "Placed") for n in names]
+
+
+def test_a_status_is_built_against_what_the_writer_sent_and_unchanged_is_not_written() -> None:
+    # The watch has not brought the first write back yet (the cache's body has no status): the
+    # next round's same status is built against the written one, and neither written nor its
+    # Event posted again.
+    server = FakeServer()
+    bodies = bodies_of("a")
+
+    async def scenario() -> None:
+        writer = server.writer(current_body=lambda r: bodies.get(r.name))
+        writer.submit_lazily([lazily("a", {"phase": "Placed"}, "Placed")])
+        assert await writer.flush(5)
+        writer.submit_lazily([lazily("a", {"phase": "Placed"}, "Placed")])
+        assert await writer.flush(5)
+        writer.submit_lazily([lazily("a", {"phase": "Running"})])
+        await writer.stop(5)
+
+    run(scenario())
+    assert server.writes == [
+        ("/w/a/status", {"phase": "Placed"}),
+        ("/w/a/status", {"phase": "Running"}),
+    ]
+    assert server.events == [("a", "Placed")]
+
+
+def test_a_newer_rounds_statuses_replace_the_older_rounds_not_built_yet() -> None:
+    server = FakeServer()
+    bodies = bodies_of("a", "b", "c")
+
+    async def scenario() -> None:
+        server.gate.clear()
+        writer = server.writer(
+            concurrency=1, max_built=1, current_body=lambda r: bodies.get(r.name)
+        )
+        writer.submit_lazily(lazily(n, {"phase": "Placed"}, "Placed") for n in "abc")
+        await asyncio.sleep(0)
+        writer.submit_lazily(lazily(n, {"phase": "Running"}, "Running") for n in "abc")
+        server.gate.set()
+        await writer.stop(5)
+
+    run(scenario())
+    assert server.writes == [
+        ("/w/a/status", {"phase": "Placed"}),
+        ("/w/a/status", {"phase": "Running"}),
+        ("/w/b/status", {"phase": "Running"}),
+        ("/w/c/status", {"phase": "Running"}),
+    ]
+    assert server.events == [("a", "Placed"), ("a", "Running"), ("b", "Running"), ("c", "Running")]
+
+
+def test_a_lazily_submitted_status_of_an_object_gone_or_recreated_is_not_built() -> None:
+    server = FakeServer()
+    bodies = {"b": workload_body("b", {}, uid="another-uid"), **bodies_of("c")}
+    built: list[str] = []
+
+    async def scenario() -> None:
+        writer = server.writer(current_body=lambda r: bodies.get(r.name))
+        writer.submit_lazily(lazily(n, {"phase": "Placed"}, built=built) for n in "abc")
+        await writer.stop(5)
+
+    run(scenario())
+    assert built == ["c"]
+    assert list(server.statuses) == ["/w/c/status"]
+
+
+def test_a_status_found_unchanged_is_not_built_again_while_what_decides_it_stays() -> None:
+    server = FakeServer()
+    body = workload_body("a", {"phase": "Placed"})
+    body["metadata"]["resourceVersion"] = "7"
+    bodies = {"a": body}
+    built: list[str] = []
+    someone_writes = "someone else writes the status: a new resourceVersion"
+
+    async def passes(*steps: str) -> None:
+        writer = server.writer(current_body=lambda r: bodies.get(r.name))
+        for step in steps:
+            if step == someone_writes:
+                bodies["a"] = {"metadata": {**body["metadata"], "resourceVersion": "8"}}
+                continue
+            writer.submit_lazily([lazily("a", {"phase": "Placed"}, built=built, decided_by=step)])
+            assert await writer.flush(5)
+        await writer.stop(5)
+
+    run(passes("plan 1", "plan 1", "plan 1"))
+    assert built == ["a"]  # found unchanged once, then skipped unbuilt
+    run(passes("plan 1", "plan 2", "plan 2"))
+    assert built == ["a", "a", "a"]  # a new writer knows nothing; then the inputs moved
+    built.clear()
+    run(passes("plan 1", "plan 1", someone_writes, "plan 1"))
+    assert built == ["a", "a"]  # the new resourceVersion is built against, and written
+    assert server.writes == [("/w/a/status", {"phase": "Placed"})]
+
+
+def test_a_status_the_round_counted_energy_for_is_built_at_once_the_others_as_there_is_room() -> (
+    None
+):
+    # The next round's accounting starts from the energy written (or waiting to be): it must see
+    # every counted one, however far behind the writer is.
+    kube = HeldStatusKube()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def call(function: Any, *args: Any) -> Any:
+            return await loop.run_in_executor(None, function, *args)
+
+        applier = Applier(
+            kube=cast(Any, kube),
+            cache=ClusterCache(),
+            metrics=None,
+            call=call,
+            confirm_timeout_seconds=1,
+            heartbeat_timeout_seconds=30,
+            writer_concurrency=1,
+        )
+        applier.writer.max_built = 1
+        for name in ("a", "b", "c"):
+            applier.cache.upsert(WORKLOADS, workload_body(name, {}))
+        energy = {"phase": "Running", "energy": {"joules": 5.0}}
+        counted = dataclasses.replace(lazily("c", energy), counted=True)
+        round_ = core.Round(
+            memory=core.Memory(),
+            workload_statuses=(
+                lazily("a", {"phase": "Placed"}),
+                lazily("b", {"phase": "Placed"}),
+                counted,
+            ),
+        )
+        await asyncio.wait_for(applier.apply(round_, view_with()), 5)
+        assert set(applier.writer.expected) == {object_path(ref("c"))}  # a and b wait unbuilt
+        kube.release.set()
+        await applier.writer.stop(5)
+        assert sorted(kube.statuses) == sorted(
+            object_path(ref(n)) + "/status" for n in ("a", "b", "c")
+        )
+
+    run(scenario())
