@@ -162,6 +162,8 @@ class WorkloadSchedule:
     missed_tokens: float
     # A budget it counts in is short of its allowance (the plan may leave its work out for it).
     allowance_short: bool = False
+    # Its deadline leaves less than the margin to spare (`is_urgent`).
+    urgent: bool = False
 
     @property
     def runs_now(self) -> bool:
@@ -169,12 +171,12 @@ class WorkloadSchedule:
 
     @property
     def waits(self) -> bool:
-        """Left out of the first slot. Work the plan expects to miss its deadline waits only for
-        an allowance: found no room by its deadline in the forecast, it is handed to the
-        one-instant planner, which places it if there is room now (forecasts err)."""
+        """Left out of the first slot. Work the plan expects to miss its deadline, or with less
+        than its margin to spare, waits only for an allowance: it is handed to the one-instant
+        planner, which places it if there is room now (forecasts err)."""
         if self.runs_now or not _has_work(self):
             return False
-        return self.missed_tokens <= 0 or self.allowance_short
+        return (self.missed_tokens <= 0 and not self.urgent) or self.allowance_short
 
     @property
     def next_slot(self) -> int | None:
@@ -833,6 +835,8 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             planned_tokens=float(planned_tokens[f]),
             missed_tokens=0.0 if need is None else float(missed[f]) * need,
             allowance_short=bool(short & {i for i, _ in scope}),
+            urgent=need is not None
+            and is_urgent(work.deadline_seconds[f], need / max(work.tokens_per_second[f], 1e-9)),
         )
     return HorizonPlan(
         status=status,
@@ -927,6 +931,22 @@ def _inference_load(
         busy_watts=part @ (gpus_for(expected, energy_per_replica) * busy_per_gpu[:, None]),
         gpus=gpus.sum(axis=0),
     )
+
+
+# Deadline work waits for a later slot only while it has this much time to spare (the larger of
+# the two): the plan may have it finish at its deadline, but the forecast errs, work that
+# arrives later takes the hours it was planned into, and the one-instant planner may place it
+# later or at a lower limit than the horizon's point. With less to spare it is urgent: handed to
+# the one-instant planner, which runs it now wherever it fits.
+DEADLINE_MARGIN_SECONDS = SECONDS_PER_HOUR
+DEADLINE_MARGIN_SHARE = 0.25  # of the time the work needs at its point
+
+
+def is_urgent(deadline_seconds: float, needed_seconds: float) -> bool:
+    """Whether work due in `deadline_seconds` that needs `needed_seconds` running has less
+    than its margin (`DEADLINE_MARGIN_*`) to spare."""
+    margin = max(DEADLINE_MARGIN_SECONDS, DEADLINE_MARGIN_SHARE * needed_seconds)
+    return needed_seconds + margin >= deadline_seconds
 
 
 @dataclass(frozen=True)
@@ -1287,14 +1307,25 @@ def deferrals(horizon: HorizonInput, plan: HorizonPlan) -> tuple[Deferral, ...]:
 def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
     """The one-instant planner's input for the first slot: deferred work left out (running
     non-preemptible work excepted), inference in a budget whose allowance is short at its
-    minimum-energy setting (Efficiency)."""
+    minimum-energy setting (Efficiency), and deadline work that cannot wait (urgent, or with no
+    room by its deadline in the plan) first among the work of its priority: one above it, so
+    that the one-instant planner may preempt work of its priority that can wait. The horizon
+    counts GPUs, not whole nodes: a gang of whole nodes finds them held by smaller jobs that
+    could have run later, and waits behind them past its deadline."""
     plan_input = horizon.plan_input
     running = {c.workload for c in plan_input.current}
     by_key = {w.key: w for w in plan_input.workloads}
     waiting = {key for key in plan.deferred if _may_defer(by_key[key], running)}
+    pressing = {
+        key
+        for key, schedule in plan.schedules.items()
+        if _has_work(schedule) and (schedule.urgent or schedule.missed_tokens > 0)
+    }
     workloads = tuple(
         dataclasses.replace(w, policy=EnergyPolicy.EFFICIENCY)
         if w.key in plan.thrifty_inference
+        else dataclasses.replace(w, priority=w.priority + 1)
+        if w.key in pressing
         else w
         for w in plan_input.workloads
         if w.key not in waiting

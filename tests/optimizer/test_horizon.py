@@ -24,6 +24,7 @@ from wattsched_optimizer.horizon import (
     deferrals,
     first_slot_input,
     hourly_slots,
+    is_urgent,
     operating_point,
     plan_horizon,
     point_at_limit,
@@ -358,6 +359,49 @@ def test_old_pods_leaving_in_a_move_hold_their_gpus_and_cap_in_the_first_slot_on
     )
     assert held.schedules["t/a"].missed_tokens > 0
     assert held.budgets["b"].energy_short
+
+
+def test_deadline_work_with_less_than_its_margin_to_spare_is_not_deferred() -> None:
+    # The first hour is dirty, every later one clean. 4 h of work due in 6 h has 2 h to spare:
+    # it waits for the clean hours. Due in 5 h, it has no more to spare than its margin (an hour,
+    # or a quarter of the work): the plan would have it finish at its deadline, but it is handed
+    # to the one-instant planner now.
+    carbon = (420.0,) + (140.0,) * 23
+    roomy = plan_horizon(horizon_input((job("t/a", 4, 6),), carbon=carbon))
+    assert running_slots(roomy, "t/a") == [1, 2, 3, 4]
+    assert roomy.deferred == ("t/a",)
+    tight = plan_horizon(horizon_input((job("t/a", 4, 5),), carbon=carbon))
+    assert running_slots(tight, "t/a") == [1, 2, 3, 4]
+    assert tight.schedules["t/a"].missed_tokens == 0
+    assert tight.schedules["t/a"].urgent
+    assert tight.deferred == ()
+    assert not is_urgent(6 * HOUR, 4 * HOUR)
+    assert is_urgent(5 * HOUR, 4 * HOUR)  # 1 h to spare: the margin
+    assert not is_urgent(10.5 * HOUR, 8 * HOUR)  # 2.5 h to spare; a quarter of 8 h is 2 h
+    assert is_urgent(9.5 * HOUR, 8 * HOUR)
+
+
+def test_deadline_work_that_cannot_wait_goes_first_among_work_of_its_priority() -> None:
+    # Three 8-GPU nodes; two 4-GPU jobs with a day to spare run on h0 and h1. A job of two
+    # 8-GPU replicas with no time to spare needs two whole nodes: the horizon counts 16 free
+    # GPUs, but only h2 is whole. One above its priority, the one-instant planner preempts the
+    # jobs that can wait to place it; at its own priority it would wait behind them.
+    small = tuple(
+        dataclasses.replace(job(f"t/s{i}", 4, 24, preemptible=True), gpus_per_replica=4)
+        for i in range(2)
+    )
+    urgent = job("t/u", 2, 2.5, replicas=2)
+    horizon = with_current(
+        horizon_input((*small, urgent), node_count=3, carbon=(420.0,) * 24),
+        tuple(CurrentPlacement(f"t/s{i}", 0, f"h{i}", "bf16", 700.0) for i in range(2)),
+    )
+    result = plan_horizon(horizon)
+    assert result.schedules["t/u"].urgent
+    first = first_slot_input(horizon, result)
+    assert {w.key: w.priority for w in first.workloads} == {"t/s0": 0, "t/s1": 0, "t/u": 1}
+    assert "t/u" in {p.workload for p in plan(first).placements}
+    as_declared = dataclasses.replace(first, workloads=(*small, urgent))
+    assert "t/u" not in {p.workload for p in plan(as_declared).placements}
 
 
 def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
