@@ -136,9 +136,10 @@ def test_the_hours_keep_what_a_service_needed_not_a_queue_draining() -> None:
     # Now: the recent forecast (which counts the backlog, drained within one interval). The
     # hours ahead, unknown: the busiest recorded hour, not that recent forecast.
     assert hourly.per_slot("t/chat", starts, recent=6000.0) == (6000.0, 1100.0, 1100.0, 1100.0)
-    assert hourly.per_slot("t/chat", starts, recent=6000.0, declared=1500.0)[1:] == (1500.0,) * 3
+    declared = hourly.per_slot("t/chat", starts, recent=6000.0, declared=1500.0)
+    assert declared == (6000.0, 1500.0, 1500.0, 1500.0)
     # Its energy: the peak of the current hour.
-    assert hourly.expected_per_slot("t/chat", starts, recent=6000.0)[1:] == (1100.0,) * 3
+    assert hourly.expected_per_slot("t/chat", starts, recent=6000.0) == (6000.0,) + (1100.0,) * 3
     # With no hour recorded, the recent forecast is all there is.
     assert HourlyDemand().per_slot("t/new", starts, recent=700.0) == (700.0,) * 4
     assert HourlyDemand().expected_per_slot("t/new", starts, recent=700.0) == (700.0,) * 4
