@@ -11,8 +11,9 @@ Not for: placing replicas on nodes or choosing power limits (the one-instant pla
 the caps), reading forecasts or clocks (callers resolve them into per-slot numbers), Kubernetes.
 
 The model (docs/optimization.md, "The plan over a horizon"): each workload runs at one reference
-operating point (the product it runs on or has most GPUs of, its best-quality variant, the power
-level with the least energy per token, or its Performance level), so its busy watts, cap watts and
+operating point (a service: the product it runs on; other work: of the products it fits, the one
+with the least energy per token, wherever it runs now; its best-quality variant, the power level
+with the least energy per token, or its Performance level), so its busy watts, cap watts and
 tokens/s per replica are constants and the only decision is `x[w, s]`, the share of slot `s` it
 runs. Inference serves its forecast demand per slot at its minimum-energy setting: a load, not a
 decision. Everything is linear; the solution is the LP optimum (no integer rounding).
@@ -322,6 +323,11 @@ class _Scopes:
                 for i in self.node_budgets.get(node.name, ()):
                     counts[i] = counts.get(i, 0) + 1
             return here[0].product, tuple((i, counts[i] / len(here)) for i in sorted(counts))
+        return self.may_use(workload)
+
+    def may_use(self, workload: Workload) -> tuple[str | None, Scope]:
+        """The products a workload may run on (comma-separated; None: none fits) and its
+        budgets' shares of their GPUs, wherever it runs now."""
         # The least memory per GPU one of its variants needs (its best variant may need more:
         # the one-instant planner decides; this only excludes products nothing fits on).
         memory_need = min(
@@ -675,6 +681,12 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         if product is None:
             continue  # no node can run it: the one-instant planner says why
         inference_type = workload.type is WorkloadType.INFERENCE
+        if not inference_type:
+            # Deadline and batch work is planned at one point wherever it runs now: the point
+            # decides how much of the time left it needs, so at the point of the product it runs
+            # on, a job started on a faster product than its least-energy one saw hours to spare
+            # and was stopped, and stopped it saw none and was started again, round after round.
+            product = scopes.may_use(workload)[0] or product
         point = _best_point(
             workload,
             product,

@@ -404,6 +404,32 @@ def test_deadline_work_that_cannot_wait_goes_first_among_work_of_its_priority() 
     assert "t/u" not in {p.workload for p in plan(as_declared).placements}
 
 
+def test_deadline_work_is_planned_at_one_point_wherever_it_runs() -> None:
+    # An H100 node and an L4 node; a 1-GPU batch job may use either. The point decides how much
+    # of the time left it needs: running on the product that is not its least-energy one, it is
+    # still planned at the same point, and so runs now or waits as it would not running.
+    work = dataclasses.replace(
+        job("t/a", 6, 12, preemptible=True),
+        type=WorkloadType.BATCH_INFERENCE,
+        gpus_per_replica=1,
+        policy=EnergyPolicy.BALANCED,
+    )
+    base = horizon_input((work,))
+    two = (GpuNode("h0", "H100-80GB", 8), GpuNode("l0", "L4", 8))
+    budget_two = Budget("b", 1e6, frozenset({"h0", "l0"}))
+    horizon = dataclasses.replace(
+        base,
+        plan_input=dataclasses.replace(base.plan_input, nodes=two, budgets=(budget_two,)),
+    )
+    waiting = plan_horizon(horizon).schedules["t/a"]
+    other = "l0" if waiting.point.product == "H100-80GB" else "h0"
+    running = plan_horizon(
+        with_current(horizon, (CurrentPlacement("t/a", 0, other, "bf16", 100.0),))
+    ).schedules["t/a"]
+    assert running.point == waiting.point
+    assert running.runs_now or not waiting.runs_now
+
+
 def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
     workloads = (job("t/a", 4, 24), job("t/now", 4, 4))
     horizon = horizon_input(workloads)
