@@ -667,7 +667,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     points: PointCache = {}
     replica_points: ReplicaPointCache = {}
     in_use = [n for n in nodes if n.schedulable or n.keeps_running]
-    total_gpus = np.full(slots, float(sum(n.settled().gpu_count for n in in_use)))
+    total_gpus = np.full(slots, float(sum(settled_by_name[n.name].gpu_count for n in in_use)))
     total_gpus[0] -= sum(n.leaving_gpus for n in in_use)
 
     # Workloads: inference is a load per slot; deadline and batch work get columns.
@@ -848,7 +848,9 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             missed_tokens=0.0 if need is None else float(missed[f]) * need,
             allowance_short=bool(short & {i for i, _ in scope}),
             urgent=need is not None
-            and is_urgent(work.deadline_seconds[f], need / max(work.tokens_per_second[f], 1e-9)),
+            and is_urgent(
+                float(work.deadline_seconds[f]), need / max(float(work.tokens_per_second[f]), 1e-9)
+            ),
         )
     return HorizonPlan(
         status=status,
