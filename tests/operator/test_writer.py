@@ -462,24 +462,30 @@ class HeldStatusKube:
             self.created.append(body["metadata"]["name"])
 
 
+def threaded_applier(kube: HeldStatusKube, *, writer_concurrency: int) -> Applier:
+    """An Applier over `kube` whose calls run in the running loop's thread pool (as the
+    operator's do); to be made inside a running loop."""
+    loop = asyncio.get_running_loop()
+
+    async def call(function: Any, *args: Any) -> Any:
+        return await loop.run_in_executor(None, function, *args)
+
+    return Applier(
+        kube=cast(Any, kube),
+        cache=ClusterCache(),
+        metrics=None,
+        call=call,
+        confirm_timeout_seconds=1,
+        heartbeat_timeout_seconds=30,
+        writer_concurrency=writer_concurrency,
+    )
+
+
 def test_a_round_returns_and_the_next_creates_pods_while_status_writes_are_held() -> None:
     kube = HeldStatusKube()
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-
-        async def call(function: Any, *args: Any) -> Any:
-            return await loop.run_in_executor(None, function, *args)
-
-        applier = Applier(
-            kube=cast(Any, kube),
-            cache=ClusterCache(),
-            metrics=None,
-            call=call,
-            confirm_timeout_seconds=1,
-            heartbeat_timeout_seconds=30,
-            writer_concurrency=2,
-        )
+        applier = threaded_applier(kube, writer_concurrency=2)
 
         def round_(name: str) -> core.Round:
             applier.cache.upsert(WORKLOADS, workload_body(name, {}))
@@ -716,20 +722,7 @@ def test_a_status_the_round_counted_energy_for_is_built_at_once_the_others_as_th
     kube = HeldStatusKube()
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-
-        async def call(function: Any, *args: Any) -> Any:
-            return await loop.run_in_executor(None, function, *args)
-
-        applier = Applier(
-            kube=cast(Any, kube),
-            cache=ClusterCache(),
-            metrics=None,
-            call=call,
-            confirm_timeout_seconds=1,
-            heartbeat_timeout_seconds=30,
-            writer_concurrency=1,
-        )
+        applier = threaded_applier(kube, writer_concurrency=1)
         applier.writer.max_built = 1
         for name in ("a", "b", "c"):
             applier.cache.upsert(WORKLOADS, workload_body(name, {}))
