@@ -334,13 +334,13 @@ class _Scopes:
             (v.min_memory_gib if v.min_memory_gib > 0 else workload.min_memory_gib_per_gpu)
             for v in workload.variants
         )
-        key = (workload.allowed_products, workload.gpus_per_replica, memory_need)
+        key = (workload.allowed_products, workload.gpus_per_pod, memory_need)
         if key not in self._cache:
             gpus: dict[str, int] = {}
             in_budget: dict[int, int] = {}
             for (product, node_gpus, memory, budgets), count in self.groups:
                 if (
-                    node_gpus < workload.gpus_per_replica
+                    node_gpus < workload.gpus_per_pod
                     or memory < memory_need
                     or (workload.allowed_products and product not in workload.allowed_products)
                 ):

@@ -430,6 +430,15 @@ def test_deadline_work_is_planned_at_one_point_wherever_it_runs() -> None:
     assert running.runs_now or not waiting.runs_now
 
 
+def test_a_replica_that_spans_nodes_is_planned_like_any_other() -> None:
+    # One replica of 16 GPUs on two whole 8-GPU nodes: the horizon plans it into the clean hours
+    # (it was left out, as if no node could run it, and so never deferred nor counted).
+    spanning = job("t/span", 2, 24, gpus_per_replica=16, nodes_per_replica=2)
+    result = plan_horizon(horizon_input((spanning,)))
+    assert running_slots(result, "t/span") == [10, 11]
+    assert result.schedules["t/span"].point.gpus == 16
+
+
 def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
     workloads = (job("t/a", 4, 24), job("t/now", 4, 4))
     horizon = horizon_input(workloads)
