@@ -717,9 +717,17 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     load = _inference_load(horizon, inference, inference_energy, len(budgets), watts)
     cap_headroom -= load.cap_watts
     load_watts = idle_watts[:, None] + load.busy_watts  # expected draw: idle + inference
-    free_gpus = total_gpus - load.gpus
+    free_gpus = total_gpus - load.gpus.sum(axis=0)
 
     rows = _Rows()
+    node_row, nodes_left = _whole_node_rows(
+        rows,
+        [(scopes.may_use(workload)[0], workload.gpus_per_pod) for workload, _, _ in flexible],
+        [scopes.may_use(workload)[0] for workload, _, _ in inference],
+        load.gpus,
+        now=in_use,
+        later=[settled_by_name[node.name] for node in in_use],
+    )
     row_of_cap = [
         [
             rows.add(f"cap_{b.name}_{s}", -math.inf, max(0.0, cap_headroom[i, s]))
@@ -767,6 +775,13 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         period = settings[i].periods[p]
         carbon_row[i, period.first_slot : period.end_slot] = row
     work = _work(flexible, len(budgets), model, watts, {c.workload for c in plan_input.current})
+    # A slot is closed to work that does not fit at once beside the services there: the rows
+    # count GPU- and node-hours, and a gang bigger than what is left would meet them by running
+    # part of the slot, on GPUs it never has all together. Work that runs now keeps its first.
+    fits = (work.gpus[:, None] <= free_gpus[None, :] + 1e-9) & (
+        (work.gpus / work.gpus_per_pod)[:, None] <= nodes_left + 1e-9
+    )
+    fits[:, 0] |= work.running
     program = _program(
         work,
         rows,
@@ -778,6 +793,8 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         gpus_row=np.asarray(row_of_gpus, dtype=np.int64),
         energy_row=energy_row,
         carbon_row=carbon_row,
+        node_row=node_row,
+        fits=fits,
         churn_threshold=plan_input.options.churn_threshold,
         startup_seconds=plan_input.options.startup_seconds,
     )
@@ -871,6 +888,72 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     )
 
 
+def _whole_node_rows(
+    rows: _Rows,
+    flexible_pods: list[tuple[str | None, int]],
+    service_products: list[str | None],
+    service_gpus: np.ndarray,
+    *,
+    now: list[GpuNode],
+    later: list[GpuNode],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows for work whose pods each take a whole node (every node of the products it may use
+    has exactly a pod's GPUs; `flexible_pods`: those products, comma-separated, and a pod's
+    GPUs, per workload): per such group of nodes and slot, the nodes its pods take, within
+    the nodes left whole there. The GPU rows count GPUs in aggregate, and a gang of whole nodes
+    planned into hours where the services' GPUs leave enough GPUs, but spread over every node,
+    never starts. A service's GPUs in a slot count on a group in the share of the GPUs it may
+    use that the group's products hold (where it may be placed), packed onto as few nodes as
+    they fill; nodes that hold another team's GPUs are not whole. Returns each workload's row
+    per slot (-1: none) and the whole nodes left there (inf: no row)."""
+    slots = service_gpus.shape[1]
+    node_row = np.full((len(flexible_pods), slots), -1, dtype=np.int64)
+    nodes_left = np.full((len(flexible_pods), slots), math.inf)
+    sizes: dict[str, set[int]] = {}  # GPUs per node, by product
+    product_gpus: dict[str, int] = {}
+    for node in later:
+        sizes.setdefault(node.product, set()).add(node.gpu_count)
+        product_gpus[node.product] = product_gpus.get(node.product, 0) + node.gpu_count
+    service_may_use = [found.split(",") if found else [] for found in service_products]
+    groups: dict[tuple[frozenset[str], int], list[int]] = {}
+    for f, (may_use, pod_gpus) in enumerate(flexible_pods):
+        products = frozenset(may_use.split(",")) if may_use else frozenset()
+        fitting = {count for p in products for count in sizes.get(p, ()) if count >= pod_gpus}
+        if fitting == {pod_gpus}:
+            groups.setdefault((products, pod_gpus), []).append(f)
+    for (products, node_gpus), members in sorted(
+        groups.items(), key=lambda item: (sorted(item[0][0]), item[0][1])
+    ):
+        share = np.asarray(
+            [
+                sum(product_gpus.get(p, 0) for p in found if p in products)
+                / max(1, sum(product_gpus.get(p, 0) for p in found))
+                for found in service_may_use
+            ]
+        ).reshape(-1, 1)
+        left = np.full(slots, float(_whole_nodes(later, products, node_gpus)))
+        left[0] = _whole_nodes(now, products, node_gpus)
+        left -= np.ceil((share * service_gpus).sum(axis=0) / node_gpus - 1e-9)
+        name = ",".join(sorted(products))
+        for s in range(slots):
+            row = rows.add(f"nodes_{name}_{node_gpus}_{s}", -math.inf, max(0.0, float(left[s])))
+            node_row[members, s] = row
+        nodes_left[members] = np.maximum(left, 0.0)
+    return node_row, nodes_left
+
+
+def _whole_nodes(nodes: list[GpuNode], products: frozenset[str], node_gpus: int) -> int:
+    """Schedulable nodes of these products with `node_gpus` GPUs and none of another team's."""
+    return sum(
+        1
+        for node in nodes
+        if node.schedulable
+        and node.product in products
+        and node.gpu_count == node_gpus
+        and node.unmanaged_gpus == 0
+    )
+
+
 def _running_limits(
     plan_input: PlanInput, node_by_name: Mapping[str, GpuNode]
 ) -> dict[str, tuple[str, float]]:
@@ -892,7 +975,7 @@ def _running_limits(
 @dataclass(frozen=True)
 class _InferenceLoad:
     """What inference takes per budget and slot: its limits above the floor (W), its draw above
-    idle (W), and GPUs (all budgets together, per slot)."""
+    idle (W); and per service and slot, its GPUs."""
 
     cap_watts: np.ndarray
     busy_watts: np.ndarray
@@ -943,7 +1026,7 @@ def _inference_load(
     return _InferenceLoad(
         cap_watts=part @ (gpus * cap_per_gpu[:, None]),
         busy_watts=part @ (gpus_for(expected, energy_per_replica) * busy_per_gpu[:, None]),
-        gpus=gpus.sum(axis=0),
+        gpus=gpus,
     )
 
 
@@ -971,6 +1054,7 @@ class _Work:
     keys: list[str]
     part: np.ndarray  # (budgets, f): the share of each workload that counts in each budget
     gpus: np.ndarray
+    gpus_per_pod: np.ndarray
     busy_kw: np.ndarray  # draw above idle while it runs
     cap_watts: np.ndarray  # limits above the floor while it runs
     tokens_per_second: np.ndarray
@@ -1011,6 +1095,7 @@ def _work(
         keys=[workload.key for workload, _, _ in flexible],
         part=_budget_shares(flexible, budget_count),
         gpus=gpus,
+        gpus_per_pod=np.asarray([w.gpus_per_pod for w, _, _ in flexible], dtype=float),
         busy_kw=busy_kw,
         cap_watts=cap_watts,
         tokens_per_second=rate,
@@ -1048,6 +1133,8 @@ def _program(
     gpus_row: np.ndarray,
     energy_row: np.ndarray,
     carbon_row: np.ndarray,
+    node_row: np.ndarray,
+    fits: np.ndarray,
     churn_threshold: float,
     startup_seconds: float,
 ) -> _Program:
@@ -1061,7 +1148,7 @@ def _program(
     it, work that costs the same in every slot (one budget, one intensity per slot) is a tie the
     solver breaks anew each round: jobs swapped in and out every round, each swap a restart.
     Running work that is not preemptible is never deferred: its first slot is worth running as
-    work without a deadline is."""
+    work without a deadline is. A slot where `fits` is False is closed to the work."""
     slots = len(slot_seconds)
     slot_hours = slot_seconds / SECONDS_PER_HOUR
     slot_start = np.concatenate(([0.0], np.cumsum(slot_seconds)[:-1]))
@@ -1085,7 +1172,7 @@ def _program(
     open_seconds = np.clip(
         work.deadline_seconds[:, None] - slot_start[None, :], 0.0, slot_seconds[None, :]
     )
-    upper = open_seconds / slot_seconds[None, :]
+    upper = np.where(fits, open_seconds / slot_seconds[None, :], 0.0)
     # The price of stopping, per share of the first slot it is open for (the whole price when
     # the work runs through the slot, none of it when it runs none of the slot).
     restart = startup_seconds / SECONDS_PER_HOUR * work.busy_kw * rate.mean(axis=1)
@@ -1116,9 +1203,10 @@ def _program(
     column_cost[ids] = cost[f_open, s_open]
     column_upper[ids] = upper[f_open, s_open]
 
-    entry_rows = [gpus_row[s_open]]
-    entry_columns = [ids]
-    entry_values = [work.gpus[f_open]]
+    whole = node_row[f_open, s_open] >= 0
+    entry_rows = [gpus_row[s_open], node_row[f_open, s_open][whole]]
+    entry_columns = [ids, ids[whole]]
+    entry_values = [work.gpus[f_open], (work.gpus / work.gpus_per_pod)[f_open][whole]]
     for i in range(len(pue)):
         counts = work.part[i, f_open] > 0
         f_in, s_in, ids_in = f_open[counts], s_open[counts], ids[counts]
@@ -1324,8 +1412,8 @@ def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
     minimum-energy setting (Efficiency), and deadline work that cannot wait (urgent, or with no
     room by its deadline in the plan) first among the work of its priority: one above it, so
     that the one-instant planner may preempt work of its priority that can wait. The horizon
-    counts GPUs, not whole nodes: a gang of whole nodes finds them held by smaller jobs that
-    could have run later, and waits behind them past its deadline."""
+    counts the whole nodes the services leave, not where smaller jobs go: a gang of whole nodes
+    may still find them held by smaller jobs that could have run later."""
     plan_input = horizon.plan_input
     running = {c.workload for c in plan_input.current}
     by_key = {w.key: w for w in plan_input.workloads}

@@ -439,6 +439,49 @@ def test_a_replica_that_spans_nodes_is_planned_like_any_other() -> None:
     assert result.schedules["t/span"].point.gpus == 16
 
 
+def test_a_gang_of_whole_nodes_is_planned_where_whole_nodes_are_left() -> None:
+    # Three 8-GPU H100 nodes and two 4-GPU L4 nodes. A gang of two 8-GPU pods needs two whole
+    # H100 nodes. In the clean hours the service's forecast takes 9 GPUs: 31 GPUs are left, but
+    # only one whole H100 node, so the gang runs in hours where the service leaves two.
+    chat = dataclasses.replace(
+        service("t/chat", 100.0), max_replicas=16, allowed_products=frozenset({"H100-80GB"})
+    )
+    per_replica = operating_point(
+        chat, "H100-80GB", MODEL, 5, replicas=1, efficient=True
+    ).tokens_per_second
+    demand = tuple((8.5 if 10 <= hour < 15 else 0.5) * per_replica for hour in range(24))
+    gang = job("t/gang", 2, 24, replicas=2)
+    base = horizon_input((chat, gang))
+    mixed = tuple(GpuNode(f"h{i}", "H100-80GB", 8) for i in range(3)) + tuple(
+        GpuNode(f"l{i}", "L4", 4) for i in range(2)
+    )
+    everywhere = Budget("b", 1e6, frozenset(node.name for node in mixed))
+    horizon = dataclasses.replace(
+        base,
+        plan_input=dataclasses.replace(base.plan_input, nodes=mixed, budgets=(everywhere,)),
+        inference_demand={"t/chat": demand},
+    )
+    result = plan_horizon(horizon)
+    assert result.schedules["t/gang"].missed_tokens == 0
+    assert running_slots(result, "t/gang")
+    assert not set(running_slots(result, "t/gang")) & set(range(10, 15))
+    # With the service's forecast at one GPU all day, the gang takes the clean hours.
+    light = plan_horizon(
+        dataclasses.replace(horizon, inference_demand={"t/chat": (0.5 * per_replica,) * 24})
+    )
+    assert running_slots(light, "t/gang") == [10, 11]
+    # Another team's pod on an H100 node leaves it not whole, in every hour.
+    shared = dataclasses.replace(
+        horizon,
+        plan_input=dataclasses.replace(
+            horizon.plan_input,
+            nodes=(dataclasses.replace(mixed[0], unmanaged_gpus=1), *mixed[1:]),
+        ),
+        inference_demand={"t/chat": (0.5 * per_replica,) * 24},
+    )
+    assert plan_horizon(shared).schedules["t/gang"].missed_tokens > 0
+
+
 def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
     workloads = (job("t/a", 4, 24), job("t/now", 4, 4))
     horizon = horizon_input(workloads)
