@@ -58,7 +58,12 @@ from typing import Any
 
 from wattsched_api.energybudget import EnergyBudget, parse_energybudget
 from wattsched_api.errors import ApiValidationError
-from wattsched_api.llmworkload import LLMWorkload, TotalWork, parse_llmworkload
+from wattsched_api.llmworkload import (
+    LLMWorkload,
+    LLMWorkloadStatus,
+    TotalWork,
+    parse_llmworkload,
+)
 from wattsched_api.meta import API_VERSION, GROUP, parse_time
 from wattsched_api.nodepowerprofile import (
     Holder,
@@ -154,7 +159,8 @@ class Snapshot:
 
     plan_input: PlanInput
     rejected: tuple[ApiValidationError, ...] = ()
-    # Workload key -> the parsed LLMWorkload, for callers that need more than the optimizer does.
+    # Workload key -> the parsed LLMWorkload, for callers that need more than the optimizer does:
+    # its metadata and spec, and of its status only what planning reads (phase, progress).
     workloads: Mapping[str, LLMWorkload] = field(default_factory=dict)
     excluded_nodes: tuple[ExcludedNode, ...] = ()
     ignored: tuple[IgnoredObject, ...] = ()
@@ -734,13 +740,26 @@ def _read_workload(body: Body) -> tuple[LLMWorkload, Workload]:
                 return cached[1], cached[2]
         else:
             uid = None
-    workload = parse_llmworkload(body)
+    workload = _as_planned(parse_llmworkload(body))
     timeless = _timeless_workload(workload)
     if uid is not None:
         if _read_cache.pop(uid, None) is None and len(_read_cache) >= _READ_CACHE_SIZE:
             del _read_cache[next(iter(_read_cache))]
         _read_cache[uid] = (str(version), workload, timeless)
     return workload, timeless
+
+
+def _as_planned(workload: LLMWorkload) -> LLMWorkload:
+    """The workload with only the part of its status planning reads: its phase and progress.
+    The rest (conditions, placements, figures, messages) is the operator's own output, read from
+    the object's body where needed, not kept parsed for every workload (the parse cache holds one
+    per LLMWorkload: docs/benchmarks.md has what that costs at 10,000)."""
+    status = workload.status
+    if status == LLMWorkloadStatus(phase=status.phase, progress=status.progress):
+        return workload
+    return dataclasses.replace(
+        workload, status=LLMWorkloadStatus(phase=status.phase, progress=status.progress)
+    )
 
 
 def _timeless_workload(workload: LLMWorkload) -> Workload:

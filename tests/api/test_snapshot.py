@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from wattsched_api.llmworkload import parse_llmworkload
+from wattsched_api.llmworkload import LLMWorkloadStatus, parse_llmworkload
+from wattsched_api.vocabulary import Phase
 from wattsched_operator import snapshot
 from wattsched_operator.snapshot import (
     ClusterObjects,
@@ -638,6 +639,45 @@ def versioned(name: str, uid: str, version: str, completed_tokens: float) -> dic
     body["metadata"] |= {"uid": uid, "resourceVersion": version}
     body["status"] = progress_status(completed_tokens)
     return body
+
+
+def test_a_parsed_workload_keeps_of_its_status_only_the_phase_and_progress_planning_reads() -> None:
+    body = versioned("tune", "5f0c1e0e-status-kept", "21", 1e8)
+    body["status"] |= {
+        "phase": "Running",
+        "observedGeneration": 1,
+        "replicas": {"desired": 1, "placed": 1, "ready": 1},
+        "placements": [
+            {
+                "replica": 0,
+                "rank": 0,
+                "node": "n",
+                "gpus": 1,
+                "variant": "bf16",
+                "powerLimitWatts": 350.0,
+            }
+        ],
+        "power": {"capWatts": 700.0, "expectedWatts": 650.0},
+        "energy": {"source": "modelled", "joules": 5e6, "kilowattHours": 1.4},
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Running",
+                "message": "1/1 replica(s) ready",
+                "lastTransitionTime": "2026-11-25T01:00:00Z",
+            }
+        ],
+        "message": "1 replica(s) on n",
+    }
+    result = build(node("n"), body)
+    (read,) = result.plan_input.workloads
+    assert read.remaining_work == WorkAmount(WorkUnit.TOKENS, 1e9 - 1e8)
+    status = result.workloads["team-a/tune"].status
+    assert status == LLMWorkloadStatus(phase=Phase.RUNNING, progress=status.progress)
+    assert status.progress is not None
+    assert status.progress.completed_tokens == 1e8
+    assert snapshot._read_cache["5f0c1e0e-status-kept"][1].status == status
 
 
 def test_each_version_of_a_workload_is_read_as_it_is_and_only_its_latest_stays_parsed() -> None:
