@@ -24,6 +24,7 @@ from wattsched_operator.writer import (
     StatusWriter,
     compose_merge_patches,
 )
+from wattsched_optimizer.problem import Unplaced
 
 
 def ref(name: str, uid: str = "") -> ObjectRef:
@@ -560,6 +561,19 @@ def test_waiting_statuses_keep_what_they_repeat_once() -> None:
     b, c = run(scenario())
     assert b["conditions"] is c["conditions"]
     assert server.statuses["/w/c/status"]["conditions"][0]["message"] == "the operator read it"
+
+
+def test_what_a_round_holds_per_workload_keeps_no_attribute_dict_per_object() -> None:
+    # A round of 10,000 workloads holds one of each per workload (two rounds while the writer
+    # builds the last one's statuses): their fields only, no `__dict__` each.
+    held = (
+        ref("a"),
+        event("a", "Placed"),
+        write("a", {"phase": "Placed"}, "Placed"),
+        lazily("a", {"phase": "Placed"}),
+        Unplaced("team/a", "no GPU is free", "gpus"),
+    )
+    assert [type(value).__name__ for value in held if hasattr(value, "__dict__")] == []
 
 
 def test_a_status_of_enum_values_is_kept_as_the_plain_strings_it_is_written_as() -> None:
