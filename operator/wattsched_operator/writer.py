@@ -21,7 +21,8 @@ not change is never queued, and its Events say what changes from the status last
 status found unchanged is not built again while what decides it (`WorkloadStatus.inputs`: the
 object's resourceVersion, its pods', the plan's place for it, its figures) stays the same. A
 newer round's statuses replace the ones of an older round not built yet (each round decides
-every workload's status).
+every workload's status); the planning loop drops those as the next round starts
+(`drop_unbuilt`), so the writer never holds one round's decisions while the next is decided.
 
 What the writer holds is visible to the next round (`overlay`): the view the core decides on
 shows each object with its pending and written-but-not-yet-watched status, so a round never
@@ -173,6 +174,8 @@ class StatusWriter:
     # round's lazy pass, and in the passes before it (kept until a pass completes).
     unchanged: dict[str, int] = field(init=False, default_factory=dict)
     unchanged_before: dict[str, int] = field(init=False, default_factory=dict)
+    # Whether the last lazy pass saw every status of its round (not replaced or dropped first).
+    pass_completed: bool = field(init=False, default=True)
     # Set when a write is submitted or done (workers look for work), and when nothing is left.
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _drained: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -202,16 +205,27 @@ class StatusWriter:
     def submit_lazily(self, workload_statuses: Iterable[core.WorkloadStatus]) -> None:
         """Write these statuses, each built when there is room (see the module docstring);
         replaces the statuses of an earlier round not built yet. Returns at once."""
-        if self.lazy is None:  # the last pass completed: what it did not see is gone
+        if self.lazy is None and self.pass_completed:  # what the last pass did not see is gone
             self.unchanged_before = self.unchanged
         else:
             self.unchanged_before |= self.unchanged
         self.unchanged = {}
         self.lazy = iter(workload_statuses)
+        self.pass_completed = False
         self._drained.clear()
         self._refill()
         self._wake.set()
         self._start()
+
+    def drop_unbuilt(self) -> None:
+        """Forget the lazily submitted statuses not built yet: the planning round starting now
+        decides every workload's status again, and holding the last round's decisions while the
+        next one is decided kept two rounds of every workload in memory. What is built (waiting
+        or being written) is written."""
+        if self.lazy is None:
+            return
+        self.lazy = None
+        self._settle()
 
     def submit_built(self, status: core.WorkloadStatus) -> None:
         """Build `status` now, against the status its object has (the cache's, with what the
@@ -344,6 +358,7 @@ class StatusWriter:
             status = next(self.lazy, None)
             if status is None:
                 self.lazy = None
+                self.pass_completed = True
                 self._settle()
                 return
             self.submit_built(status)

@@ -685,6 +685,36 @@ def test_a_newer_rounds_statuses_replace_the_older_rounds_not_built_yet() -> Non
     assert server.events == [("a", "Placed"), ("a", "Running"), ("b", "Running"), ("c", "Running")]
 
 
+def test_a_round_starting_drops_the_last_rounds_statuses_not_built_and_writes_the_built() -> None:
+    server = FakeServer()
+    names = [f"w{i:02d}" for i in range(10)]
+    bodies = bodies_of(*names)
+    built: list[str] = []
+
+    async def scenario() -> StatusWriter:
+        server.gate.clear()
+        writer = server.writer(
+            concurrency=1, max_built=3, current_body=lambda r: bodies.get(r.name)
+        )
+        writer.submit_lazily(lazily(n, {"phase": "Placed"}, "Placed", built=built) for n in names)
+        await asyncio.sleep(0)
+        writer.drop_unbuilt()
+        assert writer.lazy is None
+        server.gate.set()
+        assert await writer.flush(5)
+        # The next round's statuses: the ones dropped are built now, the written ones found
+        # unchanged.
+        writer.submit_lazily(lazily(n, {"phase": "Placed"}, "Placed", built=built) for n in names)
+        await writer.stop(5)
+        return writer
+
+    writer = run(scenario())
+    assert built == names[:3] + names
+    assert [path for path, _ in server.writes] == [f"/w/{n}/status" for n in names]
+    assert server.events == [(n, "Placed") for n in names]
+    assert writer.idle()
+
+
 def test_a_lazily_submitted_status_of_an_object_gone_or_recreated_is_not_built() -> None:
     server = FakeServer()
     bodies = {"b": workload_body("b", {}, uid="another-uid"), **bodies_of("c")}
