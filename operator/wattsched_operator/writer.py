@@ -6,11 +6,11 @@ for the last round's statuses. The writer keeps one pending write per object: a 
 the same object is merged into the one still waiting (the latest status wins, the Events of both
 are kept, an identical Event once), so a burst of rounds costs one status write per object and
 phase that is still waiting, not one per round. A few workers (`concurrency`) write first
-statuses (an object whose status was never written: the workload just applied waits for its
-first word) before the rest, each kind in the order the objects were first submitted, never two
-writes of one object at a time; each write's Events are posted once, after it landed. So a
-refresh of running workloads' energy figures, every accounting interval, never holds back the
-first status of thousands of workloads waiting for theirs.
+statuses (an object `current_body` shows without a status, and none sent: the workload just
+applied waits for its first word) before the rest, each kind in the order the objects were
+first submitted, never two writes of one object at a time; each write's Events are posted once,
+after it landed. So a refresh of running workloads' energy figures, every accounting interval,
+never holds back the first status of thousands of workloads waiting for theirs.
 
 A round's workload statuses come lazily (`submit_lazily`): each is built when there is room
 (fewer than `max_built` of the statuses it built waiting or being written), against the status
