@@ -12,18 +12,18 @@ templates cost little more than their metadata. Not a source of truth: a periodi
 from __future__ import annotations
 
 import asyncio
-import copy
 import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from wattsched_api.vocabulary import GPU_RESOURCE
 from wattsched_operator.core import Body, ClusterView
+from wattsched_operator.frozen import FrozenDict, FrozenList
 
-__all__ = ["Body", "ClusterView"]
+__all__ = ["Body", "ClusterView", "FrozenDict", "FrozenList"]
 
 WORKLOADS = "llmworkloads"
 BUDGETS = "energybudgets"
@@ -48,54 +48,6 @@ _COMPACT_MAX_DEPTH = 64
 
 # Keys found only in an object's own metadata: a dict holding one is unique, never shared.
 _UNIQUE_KEYS = frozenset({"uid", "resourceVersion"})
-
-_READ_ONLY = (
-    "a cached body is shared between objects and read-only: copy it (dict(...), list(...) or "
-    "copy.deepcopy) and change the copy"
-)
-
-
-class FrozenDict(dict[str, Any]):
-    """A JSON object of a cached body: a dict that refuses changes in place (`TypeError`), because
-    the cache shares one copy of it between every object that holds the same value. Copies
-    (`dict(...)`, `{**...}`, `copy.copy`, `copy.deepcopy`) are plain, changeable dicts."""
-
-    __slots__ = ()
-
-    def _refuse(self, *_: Any, **__: Any) -> NoReturn:
-        raise TypeError(_READ_ONLY)
-
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
-
-    def __copy__(self) -> dict[str, Any]:
-        return dict(self)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
-        return {key: copy.deepcopy(value, memo) for key, value in self.items()}
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (dict, (dict(self),))
-
-
-class FrozenList(list[Any]):
-    """A JSON array of a cached body, shared and read-only like `FrozenDict`."""
-
-    __slots__ = ()
-
-    def _refuse(self, *_: Any, **__: Any) -> NoReturn:
-        raise TypeError(_READ_ONLY)
-
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
-    append = extend = insert = remove = pop = clear = sort = reverse = _refuse
-
-    def __copy__(self) -> list[Any]:
-        return list(self)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
-        return [copy.deepcopy(value, memo) for value in self]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (list, (list(self),))
 
 
 class SharedValues:

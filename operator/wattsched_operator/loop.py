@@ -322,6 +322,9 @@ class PlanningLoop:
         # of every workload are never held at once. A round that fails leaves none (the loop
         # plans again, and accounts only after a plan).
         self.memory = dataclasses.replace(self.memory, last_round=None)
+        # The same for the last round's statuses the writer has not built yet: this round decides
+        # every workload's status again.
+        self.applier.writer.drop_unbuilt()
         view = self.view()
         started = time.monotonic()
         observed = self._observed(view, None)

@@ -238,7 +238,7 @@ class Observed:
     telemetry: Readings | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectRef:
     """The object a write or Event is about (kind: LLMWorkload, EnergyBudget, Node, Pod)."""
 
@@ -257,7 +257,7 @@ class ObjectRef:
         return ObjectRef(kind, str(meta["name"]), meta.get("namespace"), str(meta.get("uid", "")))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """A core/v1 Event to post on `object` (type Normal or Warning)."""
 
@@ -267,7 +267,7 @@ class Event:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StatusWrite:
     """A merge patch of an object's status subresource, and the Events that go with it (posted
     once the write is done)."""
@@ -317,7 +317,7 @@ BuildStatus = Callable[[Mapping[str, Any]], "StatusWrite | None"]
 StatusInputs = Callable[[Mapping[str, Any]], "int | None"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WorkloadStatus:
     """A handled workload's status this round: its phase and SLOMet for metrics, the phase and
     SLOMet it had (kept when a pod of the workload is refused in this round: the next round

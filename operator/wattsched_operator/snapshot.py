@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,7 +59,13 @@ from typing import Any
 
 from wattsched_api.energybudget import EnergyBudget, parse_energybudget
 from wattsched_api.errors import ApiValidationError
-from wattsched_api.llmworkload import LLMWorkload, TotalWork, parse_llmworkload
+from wattsched_api.llmworkload import (
+    LLMWorkload,
+    LLMWorkloadSpec,
+    LLMWorkloadStatus,
+    TotalWork,
+    parse_llmworkload,
+)
 from wattsched_api.meta import API_VERSION, GROUP, parse_time
 from wattsched_api.nodepowerprofile import (
     Holder,
@@ -81,6 +88,7 @@ from wattsched_api.vocabulary import (
     Phase,
 )
 from wattsched_operator import handover, progress
+from wattsched_operator.frozen import FrozenDict
 from wattsched_optimizer.model import (
     CatalogueModel,
     ProductSpec,
@@ -154,7 +162,8 @@ class Snapshot:
 
     plan_input: PlanInput
     rejected: tuple[ApiValidationError, ...] = ()
-    # Workload key -> the parsed LLMWorkload, for callers that need more than the optimizer does.
+    # Workload key -> the parsed LLMWorkload, for callers that need more than the optimizer does:
+    # its metadata and spec, and of its status only what planning reads (phase, progress).
     workloads: Mapping[str, LLMWorkload] = field(default_factory=dict)
     excluded_nodes: tuple[ExcludedNode, ...] = ()
     ignored: tuple[IgnoredObject, ...] = ()
@@ -734,8 +743,13 @@ def _read_workload(body: Body) -> tuple[LLMWorkload, Workload]:
                 return cached[1], cached[2]
         else:
             uid = None
-    workload = parse_llmworkload(body)
-    timeless = _timeless_workload(workload)
+    workload = _as_planned(parse_llmworkload(body))
+    spec_read = _spec_reads.read(body.get("spec"), workload) if uid is not None else None
+    if spec_read is None:
+        timeless = _timeless_workload(workload)
+    else:
+        workload = dataclasses.replace(workload, spec=spec_read[0])
+        timeless = _timeless_workload(workload, dataclasses.replace(spec_read[1], key=workload.key))
     if uid is not None:
         if _read_cache.pop(uid, None) is None and len(_read_cache) >= _READ_CACHE_SIZE:
             del _read_cache[next(iter(_read_cache))]
@@ -743,11 +757,90 @@ def _read_workload(body: Body) -> tuple[LLMWorkload, Workload]:
     return workload, timeless
 
 
-def _timeless_workload(workload: LLMWorkload) -> Workload:
+# Parsed specs by the read-only spec they were read from (`frozen.FrozenDict`, by identity, kept
+# with it so its id is not reused): the operator's cache keeps one spec object for all the
+# workloads whose spec is the same (`cache.SharedValues`), so workloads made from one template
+# share one parsed spec and the optimizer form of it (`Workload` objects share its variants,
+# products and work amount; each has its own key and progress). The specs no cached body holds
+# any more leave whenever the table has doubled since the last sweep (as `cache.SharedValues`).
+_SPEC_SWEEP_MIN_ENTRIES = 1024
+# sys.getrefcount of a spec only this table, `cache.SharedValues`' table and the call hold.
+_SPEC_UNUSED_REFERENCES = 3
+
+
+class _SpecReads:
+    """Parsed specs and their optimizer form, by the identity of the read-only spec."""
+
+    def __init__(self) -> None:
+        self.table: dict[int, tuple[FrozenDict, LLMWorkloadSpec, Workload]] = {}
+        self._sweep_above = _SPEC_SWEEP_MIN_ENTRIES
+
+    def read(self, spec: object, workload: LLMWorkload) -> tuple[LLMWorkloadSpec, Workload] | None:
+        """The parsed spec and the optimizer form of it (with the key of the workload it was
+        first read for) shared by every workload holding `spec`; None for a spec that may change
+        (not a `FrozenDict`)."""
+        if type(spec) is not FrozenDict:
+            return None
+        cached = self.table.get(id(spec))
+        if cached is not None and cached[0] is spec:
+            return cached[1], cached[2]
+        if len(self.table) >= self._sweep_above:
+            self._sweep()
+        read = (spec, workload.spec, _spec_workload(workload))
+        self.table[id(spec)] = read
+        return read[1], read[2]
+
+    def _sweep(self) -> None:
+        """Drop the specs no cached body holds any more."""
+        unused = [
+            key
+            for key, entry in self.table.items()
+            if sys.getrefcount(entry[0]) <= _SPEC_UNUSED_REFERENCES
+        ]
+        for key in unused:
+            del self.table[key]
+        self._sweep_above = max(_SPEC_SWEEP_MIN_ENTRIES, 2 * len(self.table))
+
+
+_spec_reads = _SpecReads()
+
+
+def _as_planned(workload: LLMWorkload) -> LLMWorkload:
+    """The workload with only the part of its status planning reads: its phase and progress.
+    The rest (conditions, placements, figures, messages) is the operator's own output, read from
+    the object's body where needed, not kept parsed for every workload (the parse cache holds one
+    per LLMWorkload: docs/benchmarks.md has what that costs at 10,000)."""
+    status = workload.status
+    if status == LLMWorkloadStatus(phase=status.phase, progress=status.progress):
+        return workload
+    return dataclasses.replace(
+        workload, status=LLMWorkloadStatus(phase=status.phase, progress=status.progress)
+    )
+
+
+def _timeless_workload(workload: LLMWorkload, from_spec: Workload | None = None) -> Workload:
+    """The optimizer's form of `workload` without the deadline; `from_spec`: the form of its spec
+    (`_spec_workload`) where already built."""
+    converted = _spec_workload(workload) if from_spec is None else from_spec
+    done = workload.status.progress
+    if converted.remaining_work is None or done is None:
+        return converted
+    return dataclasses.replace(
+        converted,
+        remaining_work=progress.remaining_work(
+            converted.remaining_work,
+            done.completed_tokens,
+            reference_tokens_per_gpu_hour(_CATALOGUE, converted),
+        ),
+    )
+
+
+def _spec_workload(workload: LLMWorkload) -> Workload:
+    """The optimizer's form of the workload's spec (with its key; no progress, no deadline)."""
     spec = workload.spec
     # A label the catalogue lacks names a discovered product (any NVIDIA GPU), so it is kept.
     allowed = {product_key(label) for label in spec.gpu.products}
-    converted = Workload(
+    return Workload(
         key=workload.key,
         type=WorkloadType(spec.type.value),
         model_parameters_billions=spec.model.parameters_billions,
@@ -776,17 +869,6 @@ def _timeless_workload(workload: LLMWorkload) -> Workload:
         tokens_per_second=spec.slo.tokens_per_second,
         remaining_work=None if spec.slo.total_work is None else _work_amount(spec.slo.total_work),
         moves_to_save_energy=spec.move_to_save_energy,
-    )
-    done = workload.status.progress
-    if converted.remaining_work is None or done is None:
-        return converted
-    return dataclasses.replace(
-        converted,
-        remaining_work=progress.remaining_work(
-            converted.remaining_work,
-            done.completed_tokens,
-            reference_tokens_per_gpu_hour(_CATALOGUE, converted),
-        ),
     )
 
 

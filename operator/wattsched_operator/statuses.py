@@ -25,6 +25,7 @@ from wattsched_api.vocabulary import (
     Source,
 )
 from wattsched_operator.readings import PodKey, TelemetrySnapshot
+from wattsched_optimizer.options import key_label
 from wattsched_optimizer.planner import held_budget_reason
 from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, Unplaced
 
@@ -224,7 +225,7 @@ def workload_status(
     if phase in TERMINAL_PHASES:
         message = failure_message or previous.get("message") or f"workload {phase.lower()}"
     elif unplaced is not None:
-        message = unplaced.reason
+        message = own_reason(unplaced)
     elif placements:
         nodes = ", ".join(sorted({p.node for p in placements}))
         message = f"{placed_count} replica(s) on {nodes}"
@@ -240,8 +241,9 @@ def workload_status(
         schedulable = cond(ConditionType.SCHEDULABLE, True, phase, message)
         placed = cond(ConditionType.PLACED, False, phase, message)
     elif unplaced is not None and not placements:
-        schedulable = cond(ConditionType.SCHEDULABLE, False, unplaced.reason_name, unplaced.reason)
-        placed = cond(ConditionType.PLACED, False, Reason.UNPLACED, unplaced.reason)
+        why_not = own_reason(unplaced)
+        schedulable = cond(ConditionType.SCHEDULABLE, False, unplaced.reason_name, why_not)
+        placed = cond(ConditionType.PLACED, False, Reason.UNPLACED, why_not)
     else:
         schedulable = cond(
             ConditionType.SCHEDULABLE, True, Reason.PLANNED, "the optimizer found a place"
@@ -267,7 +269,7 @@ def workload_status(
             ConditionType.BUDGET_LIMITED,
             budget_limited,
             unplaced.reason_name if budget_limited and unplaced else Reason.WITHIN_BUDGET,
-            unplaced.reason
+            own_reason(unplaced)
             if budget_limited and unplaced
             else "no budget holds this workload back",
         ),
@@ -304,6 +306,14 @@ def workload_status(
         "conditions": conditions,
         "message": message,
     }
+
+
+def own_reason(unplaced: Unplaced) -> str:
+    """Why a workload is not placed (or served in part), as its own status says it: without the
+    `LLMWorkload <namespace>/<name>: ` the optimizer's reasons name it with (the status is on the
+    object), so the thousands of workloads one reason holds back write the same messages and
+    conditions, which the operator's cache keeps once (`cache.SharedValues`)."""
+    return unplaced.reason.replace(f"{key_label(unplaced.workload)}: ", "")
 
 
 @dataclass(frozen=True)
@@ -354,7 +364,7 @@ def slo_met(
         return True, Reason.SUCCEEDED, "the work finished"
     if phase == Phase.FAILED:
         return False, Reason.FAILED, "the workload failed"
-    why_not = unplaced.reason if unplaced is not None else "no replica is placed"
+    why_not = own_reason(unplaced) if unplaced is not None else "no replica is placed"
     if objective.tokens_per_second is not None:
         demand = objective.tokens_per_second
         planned = sum(p.expected_throughput for p in placements)
@@ -367,7 +377,7 @@ def slo_met(
                 return False, Reason.BELOW_DEMAND, text
             limited = unplaced.constraint.startswith("budget")
             reason = Reason.BUDGET_LIMITED if limited else Reason.BELOW_DEMAND
-            return False, reason, f"{text}: {unplaced.reason}"
+            return False, reason, f"{text}: {why_not}"
         return True, Reason.PLANNED, text
     if placements:
         return True, Reason.ON_TRACK, f"placed to finish before the deadline {objective.deadline}"

@@ -5,18 +5,24 @@ Events that go with it) to the `StatusWriter` and goes on: the next round's pod 
 for the last round's statuses. The writer keeps one pending write per object: a newer write for
 the same object is merged into the one still waiting (the latest status wins, the Events of both
 are kept, an identical Event once), so a burst of rounds costs one status write per object and
-phase that is still waiting, not one per round. A few workers (`concurrency`) write in the
-order the objects were first submitted, never two writes of one object at a time; each write's
-Events are posted once, after it landed.
+phase that is still waiting, not one per round. A few workers (`concurrency`) write first
+statuses (an object `current_body` shows without a status, and none sent: the workload just
+applied waits for its first word) before the rest, each kind in the order the objects were
+first submitted, never two writes of one object at a time; each write's Events are posted once,
+after it landed. So a refresh of running workloads' energy figures, every accounting interval,
+never holds back the first status of thousands of workloads waiting for theirs.
 
 A round's workload statuses come lazily (`submit_lazily`): each is built when there is room
-(fewer than `max_built` objects waiting or being written), against the status the object has
-then (the cache's, with what the writer has sent or will send merged in), so the writer never
-holds more than `max_built` built statuses, a status that would not change is never queued, and
-its Events say what changes from the status last written. A status found unchanged is not built
-again while what decides it (`WorkloadStatus.inputs`: the object's resourceVersion, its pods',
-the plan's place for it, its figures) stays the same. A newer round's statuses replace
-the ones of an older round not built yet (each round decides every workload's status).
+(fewer than `max_built` of the statuses it built waiting or being written), against the status
+the object has then (the cache's, with what the writer has sent or will send merged in), so the
+writer never holds more than `max_built` lazily built statuses (besides those submitted built,
+such as the energy figures a round counted, which take none of that room), a status that would
+not change is never queued, and its Events say what changes from the status last written. A
+status found unchanged is not built again while what decides it (`WorkloadStatus.inputs`: the
+object's resourceVersion, its pods', the plan's place for it, its figures) stays the same. A
+newer round's statuses replace the ones of an older round not built yet (each round decides
+every workload's status); the planning loop drops those as the next round starts
+(`drop_unbuilt`), so the writer never holds one round's decisions while the next is decided.
 
 What the writer holds is visible to the next round (`overlay`): the view the core decides on
 shows each object with its pending and written-but-not-yet-watched status, so a round never
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -51,8 +58,8 @@ logger = logging.getLogger("wattsched.operator")
 # Workers writing statuses at once: few enough that the round's own writes (pod creates,
 # evictions, profiles) keep most of the operator's API worker threads.
 DEFAULT_CONCURRENCY = 4
-# Built statuses held at most (objects waiting or being written) while a round's statuses are
-# built lazily: enough to keep the workers busy, few against 10,000 workloads.
+# Lazily built statuses held at most (objects waiting or being written) while a round's statuses
+# are built: enough to keep the workers busy, few against 10,000 workloads.
 DEFAULT_MAX_BUILT = 256
 RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
@@ -107,6 +114,8 @@ class _Pending:
     writes: list[StatusWrite]
     failures: int = 0
     not_before: float = 0.0
+    # The object's status was never written (nor sent) when its first write here was submitted.
+    first: bool = False
 
 
 def _queued(writes: list[StatusWrite], newer: StatusWrite) -> list[StatusWrite]:
@@ -147,8 +156,13 @@ class StatusWriter:
     retry_first_seconds: float = RETRY_FIRST_SECONDS
     # Waiting writes by object path, in the order they were first submitted.
     pending: dict[str, _Pending] = field(init=False, default_factory=dict)
+    # The paths in `pending` whose write is a first status (`_Pending.first`), in order: written
+    # before the others.
+    first: dict[str, None] = field(init=False, default_factory=dict)
     # Paths being written now.
     in_flight: set[str] = field(init=False, default_factory=set)
+    # Paths waiting or being written with a status the lazy pass built (at most `max_built`).
+    lazily_built: set[str] = field(init=False, default_factory=set)
     # What the writer has sent or will send, by path (object, status patch): shown to the next
     # round until the cache holds it.
     expected: dict[str, list[StatusWrite]] = field(init=False, default_factory=dict)
@@ -160,6 +174,8 @@ class StatusWriter:
     # round's lazy pass, and in the passes before it (kept until a pass completes).
     unchanged: dict[str, int] = field(init=False, default_factory=dict)
     unchanged_before: dict[str, int] = field(init=False, default_factory=dict)
+    # Whether the last lazy pass saw every status of its round (not replaced or dropped first).
+    pass_completed: bool = field(init=False, default=True)
     # Set when a write is submitted or done (workers look for work), and when nothing is left.
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _drained: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -175,7 +191,10 @@ class StatusWriter:
         path = self.path_of(write.object)
         waiting = self.pending.get(path)
         if waiting is None:
-            self.pending[path] = _Pending(_queued([], write))
+            first = self._never_written(path, write.object)
+            self.pending[path] = _Pending(_queued([], write), first=first)
+            if first:
+                self.first[path] = None
         else:
             waiting.writes = _queued(waiting.writes, write)
         self.expected[path] = _queued(self.expected.get(path, []), replace(write, events=()))
@@ -186,16 +205,27 @@ class StatusWriter:
     def submit_lazily(self, workload_statuses: Iterable[core.WorkloadStatus]) -> None:
         """Write these statuses, each built when there is room (see the module docstring);
         replaces the statuses of an earlier round not built yet. Returns at once."""
-        if self.lazy is None:  # the last pass completed: what it did not see is gone
+        if self.lazy is None and self.pass_completed:  # what the last pass did not see is gone
             self.unchanged_before = self.unchanged
         else:
             self.unchanged_before |= self.unchanged
         self.unchanged = {}
         self.lazy = iter(workload_statuses)
+        self.pass_completed = False
         self._drained.clear()
         self._refill()
         self._wake.set()
         self._start()
+
+    def drop_unbuilt(self) -> None:
+        """Forget the lazily submitted statuses not built yet: the planning round starting now
+        decides every workload's status again, and holding the last round's decisions while the
+        next one is decided kept two rounds of every workload in memory. What is built (waiting
+        or being written) is written."""
+        if self.lazy is None:
+            return
+        self.lazy = None
+        self._settle()
 
     def submit_built(self, status: core.WorkloadStatus) -> None:
         """Build `status` now, against the status its object has (the cache's, with what the
@@ -217,6 +247,13 @@ class StatusWriter:
             self.submit(write)
         elif inputs is not None:
             self.unchanged[path] = inputs
+
+    def _never_written(self, path: str, ref: ObjectRef) -> bool:
+        """Whether the object has no status yet, as the cache holds it, and none was sent."""
+        if path in self.expected or path in self.in_flight:
+            return False
+        body = self.current_body(ref)
+        return body is not None and not body.get("status")
 
     def overlay(self, view: ClusterView) -> ClusterView:
         """`view` with the status of each workload and budget the writer holds a write for
@@ -283,6 +320,8 @@ class StatusWriter:
         self.unchanged.clear()
         self.unchanged_before.clear()
         self.pending.clear()
+        self.first.clear()
+        self.lazily_built &= self.in_flight
         for path in [p for p in self.expected if p not in self.in_flight]:
             self._forget(path)
         self._settle()
@@ -307,28 +346,33 @@ class StatusWriter:
             self._drained.set()
 
     def _room(self) -> bool:
-        return len(self.pending) + len(self.in_flight) < self.max_built
+        return len(self.lazily_built) < self.max_built
 
     def _refill(self) -> None:
-        """Build lazily submitted statuses while fewer than `max_built` objects wait or are
-        being written (at most `max_built` builds a call: the event loop is not held for long);
-        skip those that would not change or whose object is gone."""
+        """Build lazily submitted statuses while fewer than `max_built` of the ones built so
+        wait or are being written (at most `max_built` builds a call: the event loop is not held
+        for long); skip those that would not change or whose object is gone."""
         for _ in range(self.max_built):
             if self.lazy is None or not self._room():
                 return
             status = next(self.lazy, None)
             if status is None:
                 self.lazy = None
+                self.pass_completed = True
                 self._settle()
                 return
             self.submit_built(status)
+            path = None if status.ref is None else self.path_of(status.ref)
+            if path is not None and path in self.pending:
+                self.lazily_built.add(path)
 
     def _next(self) -> tuple[str | None, float | None]:
-        """The first waiting path that is due and not being written, and when (monotonic) the
-        next retry is due if none is."""
+        """The first waiting path that is due and not being written, first statuses before the
+        others, and when (monotonic) the next retry is due if none is."""
         now = time.monotonic()
         soonest: float | None = None
-        for path, waiting in self.pending.items():
+        for path in itertools.chain(self.first, self.pending):
+            waiting = self.pending[path]
             if path in self.in_flight:
                 continue
             if waiting.not_before <= now:
@@ -351,11 +395,14 @@ class StatusWriter:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 continue
             waiting = self.pending.pop(path)
+            self.first.pop(path, None)
             self.in_flight.add(path)
             try:
                 await self._write(path, waiting)
             finally:
                 self.in_flight.discard(path)
+                if path not in self.pending:
+                    self.lazily_built.discard(path)
                 self._wake.set()  # a newer write of this object may wait for it
                 self._settle()
 
@@ -401,9 +448,12 @@ class StatusWriter:
         writes = waiting.writes[done:]
         for write in newer.writes if newer is not None else ():
             writes = _queued(writes, write)
-        retry = _Pending(writes, failures, time.monotonic() + delay)
+        first = waiting.first or (newer is not None and newer.first)
+        retry = _Pending(writes, failures, time.monotonic() + delay, first)
         # Back at its place in the order: before the objects submitted after it.
         self.pending = {path: retry, **{p: w for p, w in self.pending.items() if p != path}}
+        if first:
+            self.first = {path: None, **{p: None for p in self.first if p != path}}
 
 
 def _objects_of(

@@ -164,7 +164,12 @@ class PlanData:
 
 
 def workload_label(workload: Workload) -> str:
-    return f"LLMWorkload {workload.key}"
+    return key_label(workload.key)
+
+
+def key_label(key: str) -> str:
+    """How reasons name a workload: `LLMWorkload <namespace>/<name>`."""
+    return f"LLMWorkload {key}"
 
 
 def replica_count_field(workload: Workload) -> str:

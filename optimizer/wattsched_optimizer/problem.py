@@ -276,7 +276,7 @@ class BudgetAllocation:
     held: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unplaced:
     workload: str
     reason: str  # a sentence a person can act on

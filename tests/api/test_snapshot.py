@@ -6,6 +6,7 @@ pods; bad objects give one error naming the object and field."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from wattsched_api.llmworkload import parse_llmworkload
+from wattsched_api.llmworkload import LLMWorkloadStatus, parse_llmworkload
+from wattsched_api.vocabulary import Phase
 from wattsched_operator import snapshot
+from wattsched_operator.cache import WORKLOADS, slim
 from wattsched_operator.snapshot import (
     ClusterObjects,
     Snapshot,
@@ -638,6 +641,97 @@ def versioned(name: str, uid: str, version: str, completed_tokens: float) -> dic
     body["metadata"] |= {"uid": uid, "resourceVersion": version}
     body["status"] = progress_status(completed_tokens)
     return body
+
+
+def test_a_parsed_workload_keeps_of_its_status_only_the_phase_and_progress_planning_reads() -> None:
+    body = versioned("tune", "5f0c1e0e-status-kept", "21", 1e8)
+    body["status"] |= {
+        "phase": "Running",
+        "observedGeneration": 1,
+        "replicas": {"desired": 1, "placed": 1, "ready": 1},
+        "placements": [
+            {
+                "replica": 0,
+                "rank": 0,
+                "node": "n",
+                "gpus": 1,
+                "variant": "bf16",
+                "powerLimitWatts": 350.0,
+            }
+        ],
+        "power": {"capWatts": 700.0, "expectedWatts": 650.0},
+        "energy": {"source": "modelled", "joules": 5e6, "kilowattHours": 1.4},
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Running",
+                "message": "1/1 replica(s) ready",
+                "lastTransitionTime": "2026-11-25T01:00:00Z",
+            }
+        ],
+        "message": "1 replica(s) on n",
+    }
+    result = build(node("n"), body)
+    (read,) = result.plan_input.workloads
+    assert read.remaining_work == WorkAmount(WorkUnit.TOKENS, 1e9 - 1e8)
+    status = result.workloads["team-a/tune"].status
+    assert status == LLMWorkloadStatus(phase=Phase.RUNNING, progress=status.progress)
+    assert status.progress is not None
+    assert status.progress.completed_tokens == 1e8
+    assert snapshot._read_cache["5f0c1e0e-status-kept"][1].status == status
+
+
+def test_workloads_holding_one_read_only_spec_share_its_parsed_form() -> None:
+    # The operator's cache keeps one read-only spec for the workloads made from one template.
+    def cached(name: str, done: float, **spec: Any) -> Any:
+        body = versioned(name, f"5f0c1e0e-shared-{name}", "3", done)
+        body["spec"] |= spec
+        return slim(WORKLOADS, body)
+
+    a, b, c = cached("a", 1e8), cached("b", 2e8), cached("c", 1e8, priority=7)
+    assert a["spec"] is b["spec"]
+    result = build(node("n"), a, b, c)
+    parsed = result.workloads
+    assert parsed["team-a/a"].spec is parsed["team-a/b"].spec
+    assert parsed["team-a/c"].spec is not parsed["team-a/a"].spec
+    assert parsed["team-a/c"].spec.priority == 7
+    read_a, read_b, read_c = result.plan_input.workloads
+    assert [w.key for w in (read_a, read_b, read_c)] == ["team-a/a", "team-a/b", "team-a/c"]
+    assert read_a.variants is read_b.variants
+    assert read_a.remaining_work == WorkAmount(WorkUnit.TOKENS, 1e9 - 1e8)
+    assert read_b.remaining_work == WorkAmount(WorkUnit.TOKENS, 1e9 - 2e8)
+    assert dataclasses.replace(read_a, key="team-a/b", remaining_work=read_b.remaining_work) == (
+        read_b
+    )
+    assert read_c.priority == 7
+    # A spec that may change in place (a plain dict) is parsed for its workload alone.
+    d, e = (versioned(name, f"5f0c1e0e-plain-{name}", "3", 1e8) for name in ("d", "e"))
+    plain = build(node("n"), d, e).workloads
+    assert plain["team-a/d"].spec is not plain["team-a/e"].spec
+
+
+def test_the_parsed_specs_no_cached_body_holds_leave_the_table() -> None:
+    def cached(first: int, count: int) -> list[Any]:
+        return [
+            slim(WORKLOADS, versioned(f"w{i}", f"5f0c1e0e-sweep-{i}", "1", 0.0) | {"spec": spec})
+            for i, spec in (
+                (i, workload(model={"name": f"m{i}", "parametersBillions": 8})["spec"])
+                for i in range(first, first + count)
+            )
+        ]
+
+    gone = cached(0, 1100)
+    build(node("n"), *gone)
+    held = gone[:10]
+    first_read = {id(b["spec"]): snapshot._spec_reads.table[id(b["spec"])][1] for b in held}
+    del gone
+    # Past twice what the table held after its last sweep: the specs of `gone` leave.
+    later = cached(2000, 1100)
+    build(node("n"), *held, *later)
+    assert len(snapshot._spec_reads.table) < 1100 + 10 + 100
+    # The specs still held keep their parsed form, read once.
+    assert all(snapshot._spec_reads.table[key][1] is spec for key, spec in first_read.items())
 
 
 def test_each_version_of_a_workload_is_read_as_it_is_and_only_its_latest_stays_parsed() -> None:

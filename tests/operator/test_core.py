@@ -124,6 +124,20 @@ def test_a_new_service_gets_a_pod_a_limit_and_a_placed_status_as_data() -> None:
     assert observed.memory.last_round is None
 
 
+def test_a_rounds_status_holds_how_to_build_it_in_one_object_without_an_attribute_dict() -> None:
+    # A round holds one per workload until the writer builds it (10,000 at once).
+    round_ = core.decide(core.Observed(view([], [service()], []), monotonic=100.0), NOW)
+    [status] = round_.workload_statuses
+    assert status.build is not None
+    assert status.inputs is not None
+    decided = getattr(status.build, "__self__", None)
+    assert decided is getattr(status.inputs, "__self__", None)
+    assert decided is not None
+    assert not hasattr(decided, "__dict__")
+    assert status.write is not None
+    assert status.write.status["phase"] == vocabulary.Phase.PENDING
+
+
 def test_a_service_that_waits_is_admitted_at_once_and_placed_later() -> None:
     waiting = core.decide(core.Observed(view([], [service()], []), monotonic=100.0), NOW)
     [first] = waiting.workload_statuses

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from wattsched_api.vocabulary import SERVICE_ROLE_LABEL
 from wattsched_operator import services
 from wattsched_operator.statuses import PodView, served_replicas
 from wattsched_optimizer.problem import Placement
@@ -79,6 +80,24 @@ def test_a_template_without_ports_gets_a_headless_service() -> None:
     want = services.desired_from_plan({"team-a/chat": body("chat")}, [])
     assert want[("team-a", "chat")]["spec"]["clusterIP"] == "None"
     assert "ports" not in want[("team-a", "chat")]["spec"]
+
+
+def test_an_inference_service_is_built_when_read_not_held_and_a_headless_one_wins_its_name() -> (
+    None
+):
+    chat = body("chat", ports=[{"name": "http", "containerPort": 8000}])
+    big = body("big", nodes=2)
+    # A workload named like the headless Service of another's replica: the headless one wins.
+    clash = body("big-3")
+    bodies = {"team-a/chat": chat, "team-a/big": big, "team-a/big-3": clash}
+    want = services.desired_from_plan(bodies, [placement("big", 3, 0, nodes=2)])
+    assert sorted(want) == [("team-a", "big"), ("team-a", "big-3"), ("team-a", "chat")]
+    assert len(want) == 3
+    first, again = want[("team-a", "chat")], want[("team-a", "chat")]
+    assert first == again
+    assert first is not again  # built as it is read: the round holds what builds it
+    assert first["spec"]["ports"][0]["port"] == 8000
+    assert want[("team-a", "big-3")]["metadata"]["labels"][SERVICE_ROLE_LABEL] == ("rendezvous")
 
 
 def existing(service: dict[str, Any], **spec: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from wattsched_operator.cache import WORKLOADS, slim
 from wattsched_operator.statuses import (
     PodView,
     SloObjective,
@@ -14,6 +15,7 @@ from wattsched_operator.statuses import (
     slo_met,
     workload_status,
 )
+from wattsched_optimizer.options import key_label
 from wattsched_optimizer.problem import BudgetAllocation, Placement, Plan, PlanStatus, Unplaced
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -120,6 +122,35 @@ def test_an_unplaced_workload_is_unschedulable_with_the_optimizers_reason() -> N
     assert schedulable["message"] == reason
     assert result["phase"] == "Pending"
     assert result["message"] == reason
+
+
+def test_workloads_one_reason_holds_back_write_the_same_status_which_the_cache_keeps_once() -> None:
+    """The optimizer's reasons name the workload (`LLMWorkload ns/w: ...`); its own status does
+    not repeat its name, so every workload the same reason holds back says the same, and the
+    operator's cache keeps one copy of those statuses."""
+
+    def held_back(key: str) -> dict[str, Any]:
+        reason = (
+            f"{key_label(key)}: EnergyBudget rack-a holds its nodes (n1) at their minimum; "
+            f"elsewhere: {key_label(key)}: no schedulable GPU is free (0 of 8)"
+        )
+        return status(
+            unplaced=Unplaced(key, reason, "budget:rack-a"),
+            objective=SloObjective(tokens_per_second=10),
+        )
+
+    first, second = held_back("team-a/llama"), held_back("team-b/mistral")
+    said = "EnergyBudget rack-a holds its nodes (n1) at their minimum; elsewhere: no schedulable "
+    assert first["message"] == said + "GPU is free (0 of 8)"
+    assert first == second
+    messages = [first["message"], *(c["message"] for c in first["conditions"])]
+    assert not [m for m in messages if "team-a" in m or "LLMWorkload" in m]
+    assert conditions(first)["SLOMet"]["message"].endswith(": " + first["message"])
+    bodies = [
+        slim(WORKLOADS, {"metadata": {"name": name, "uid": name}, "status": written})
+        for name, written in (("llama", first), ("mistral", second))
+    ]
+    assert bodies[0]["status"] is bodies[1]["status"]
 
 
 def test_a_passed_deadline_is_its_own_unschedulable_reason() -> None:

@@ -24,6 +24,7 @@ from wattsched_operator.writer import (
     StatusWriter,
     compose_merge_patches,
 )
+from wattsched_optimizer.problem import Unplaced
 
 
 def ref(name: str, uid: str = "") -> ObjectRef:
@@ -562,6 +563,19 @@ def test_waiting_statuses_keep_what_they_repeat_once() -> None:
     assert server.statuses["/w/c/status"]["conditions"][0]["message"] == "the operator read it"
 
 
+def test_what_a_round_holds_per_workload_keeps_no_attribute_dict_per_object() -> None:
+    # A round of 10,000 workloads holds one of each per workload (two rounds while the writer
+    # builds the last one's statuses): their fields only, no `__dict__` each.
+    held = (
+        ref("a"),
+        event("a", "Placed"),
+        write("a", {"phase": "Placed"}, "Placed"),
+        lazily("a", {"phase": "Placed"}),
+        Unplaced("team/a", "no GPU is free", "gpus"),
+    )
+    assert [type(value).__name__ for value in held if hasattr(value, "__dict__")] == []
+
+
 def test_a_status_of_enum_values_is_kept_as_the_plain_strings_it_is_written_as() -> None:
     # The core's statuses hold StrEnum phases and condition types; the writer keeps them as the
     # plain strings the API server gets (only exact strings can be shared and interned).
@@ -671,6 +685,36 @@ def test_a_newer_rounds_statuses_replace_the_older_rounds_not_built_yet() -> Non
     assert server.events == [("a", "Placed"), ("a", "Running"), ("b", "Running"), ("c", "Running")]
 
 
+def test_a_round_starting_drops_the_last_rounds_statuses_not_built_and_writes_the_built() -> None:
+    server = FakeServer()
+    names = [f"w{i:02d}" for i in range(10)]
+    bodies = bodies_of(*names)
+    built: list[str] = []
+
+    async def scenario() -> StatusWriter:
+        server.gate.clear()
+        writer = server.writer(
+            concurrency=1, max_built=3, current_body=lambda r: bodies.get(r.name)
+        )
+        writer.submit_lazily(lazily(n, {"phase": "Placed"}, "Placed", built=built) for n in names)
+        await asyncio.sleep(0)
+        writer.drop_unbuilt()
+        assert writer.lazy is None
+        server.gate.set()
+        assert await writer.flush(5)
+        # The next round's statuses: the ones dropped are built now, the written ones found
+        # unchanged.
+        writer.submit_lazily(lazily(n, {"phase": "Placed"}, "Placed", built=built) for n in names)
+        await writer.stop(5)
+        return writer
+
+    writer = run(scenario())
+    assert built == names[:3] + names
+    assert [path for path, _ in server.writes] == [f"/w/{n}/status" for n in names]
+    assert server.events == [(n, "Placed") for n in names]
+    assert writer.idle()
+
+
 def test_a_lazily_submitted_status_of_an_object_gone_or_recreated_is_not_built() -> None:
     server = FakeServer()
     bodies = {"b": workload_body("b", {}, uid="another-uid"), **bodies_of("c")}
@@ -714,6 +758,55 @@ def test_a_status_found_unchanged_is_not_built_again_while_what_decides_it_stays
     assert server.writes == [("/w/a/status", {"phase": "Placed"})]
 
 
+def test_first_statuses_are_written_before_refreshes_of_statuses_already_written() -> None:
+    # Running workloads' energy figures, refreshed every accounting interval, are submitted built
+    # and wait ahead of a round's first statuses; the writer still builds and writes those first.
+    server = FakeServer()
+    running = {"phase": "Running", "energy": {"joules": 1.0}}
+    bodies = {
+        **{n: workload_body(n, running) for n in ("r1", "r2")},
+        **bodies_of("n1", "n2", "n3"),
+    }
+    built: list[str] = []
+
+    async def scenario() -> None:
+        writer = server.writer(
+            concurrency=1, max_built=2, current_body=lambda r: bodies.get(r.name)
+        )
+        for name in ("r1", "r2"):
+            writer.submit(write(name, {"energy": {"joules": 2.0}}))
+        writer.submit_lazily(
+            lazily(n, {"phase": "Placed"}, "Placed", built=built) for n in ("n1", "n2", "n3")
+        )
+        assert built == ["n1", "n2"]  # the refreshes waiting take none of the room
+        await writer.stop(5)
+
+    run(scenario())
+    assert [path for path, _ in server.writes] == [
+        f"/w/{n}/status" for n in ("n1", "n2", "n3", "r1", "r2")
+    ]
+    assert server.events == [(n, "Placed") for n in ("n1", "n2", "n3")]
+
+
+def test_a_first_status_whose_write_failed_is_retried_as_a_first_status() -> None:
+    server = FakeServer()
+    bodies = {"r": workload_body("r", {"phase": "Running"}), **bodies_of("n1", "n2")}
+    server.failures["/w/n1/status"] = [KubeError("PATCH", "/w/n1/status", 409, "conflict")]
+
+    async def scenario() -> None:
+        writer = server.writer(
+            concurrency=1, retry_first_seconds=0.0, current_body=lambda r: bodies.get(r.name)
+        )
+        writer.submit(write("r", {"energy": {"joules": 2.0}}))
+        writer.submit(write("n1", {"phase": "Placed"}))
+        writer.submit(write("n2", {"phase": "Placed"}))
+        writer.submit(write("x", {"phase": "Placed"}))  # not in the cache: not known to be first
+        await writer.stop(5)
+
+    run(scenario())
+    assert [path for path, _ in server.writes] == [f"/w/{n}/status" for n in ("n1", "n2", "r", "x")]
+
+
 def test_a_status_the_round_counted_energy_for_is_built_at_once_the_others_as_there_is_room() -> (
     None
 ):
@@ -737,7 +830,8 @@ def test_a_status_the_round_counted_energy_for_is_built_at_once_the_others_as_th
             ),
         )
         await asyncio.wait_for(applier.apply(round_, view_with()), 5)
-        assert set(applier.writer.expected) == {object_path(ref("c"))}  # a and b wait unbuilt
+        # c at once; a in the room for one lazily built status (c does not take it); b waits.
+        assert set(applier.writer.expected) == {object_path(ref(n)) for n in ("a", "c")}
         kube.release.set()
         await applier.writer.stop(5)
         assert sorted(kube.statuses) == sorted(
