@@ -233,3 +233,22 @@ def test_the_loop_serves_a_spec_change_between_the_chunks_of_a_heartbeat_pass() 
     assert not thread.is_alive()
     # gpu-05 was written right after the first chunk, and not again by the heartbeat.
     assert patched == ["gpu-00", "gpu-01", "gpu-05", "gpu-02", "gpu-03", "gpu-04"]
+
+
+@pytest.mark.parametrize(("changed", "per_node"), [(10, True), (11, False)])
+def test_a_spec_change_on_up_to_a_sixteenth_of_many_nodes_reads_each_nodes_own(
+    changed: int, per_node: bool
+) -> None:
+    kube = FakeKube([f"gpu-{i:03d}" for i in range(160)])
+    runner = chunked_runner(kube, chunk=32)
+    names = set(kube.names[:changed])
+    try:
+        runner.tick(runner.to_reconcile(names, heartbeat=False, now=time.monotonic()))
+        read_for, patched = list(kube.read_for), sorted(kube.patched)
+    finally:
+        runner.shutdown()
+    assert patched == sorted(names)
+    if per_node:
+        assert sorted(map(str, read_for)) == sorted([*names, *names])  # a profile, pods per node
+    else:
+        assert read_for == [None, None]  # one list of each for the cluster
