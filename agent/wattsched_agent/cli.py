@@ -25,14 +25,13 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 
 import pynvml
 from kubernetes.client.exceptions import ApiException
 
-from wattsched_agent.dcgm_metrics import MetricsServer
+from wattsched_agent.dcgm_metrics import MetricsLoop, MetricsServer
 from wattsched_agent.kube_access import GPU_NODE_SELECTOR, GpuNodeInfo, KubeAccess
 from wattsched_agent.node_agent import AgentRunner, ExitPolicy, NodeAgent
 from wattsched_agent.nvml_backend import NvmlBackend
@@ -227,14 +226,16 @@ def build_agents(
 def serve_metrics(
     agents: Mapping[str, NodeAgent], address: str, port: int, targets_file: Path | None
 ) -> dict[str, MetricsServer]:
-    """One /metrics server per node (port 0: free ports; else port, port+1, ... by node name).
+    """One /metrics server per node (port 0: free ports; else port, port+1, ... by node name),
+    all served from one thread (`MetricsLoop`).
 
     `targets_file` receives the endpoints as a Prometheus file_sd list (written atomically).
     """
     servers: dict[str, MetricsServer] = {}
+    loop = MetricsLoop()
     for offset, (name, agent) in enumerate(sorted(agents.items())):
         servers[name] = MetricsServer(
-            address, 0 if port == 0 else port + offset, agent.metrics_text
+            address, 0 if port == 0 else port + offset, agent.metrics_text, loop
         )
     if targets_file is not None:
         targets = [
@@ -290,9 +291,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     runner.run()
-    # Each server's loop notices a shutdown within its poll interval: close them all at once.
-    with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
-        list(pool.map(MetricsServer.close, servers.values()))
+    for server in servers.values():  # the last one stops their shared loop
+        server.close()
     for pod_resources in pod_resources_servers:
         pod_resources.stop()
     return 0

@@ -1,22 +1,25 @@
 """The agent's few Kubernetes API calls: NodePowerProfiles, GPU pods, GPU nodes.
 
-The agent needs no operator framework: it GETs/WATCHes NodePowerProfiles, PATCHes their status
-subresource (JSON merge patch), lists the pods with GPUs bound to its node(s) (wattsched's and other
-teams') and reads its node's GPU labels. Every call returns plain dicts. Not for: deciding
-anything (see `reconcile`).
+The agent needs no operator framework: it lists and watches NodePowerProfiles (`ProfileWatch`:
+resumes from the last resourceVersion, lists again on 410 Gone, backs off on failures such as
+504 "Too large resource version"), PATCHes their status subresource (JSON merge patch), lists
+the pods with GPUs bound to its node(s) (wattsched's and other teams') and reads its node's GPU
+labels. Every call returns plain dicts. Not for: deciding anything (see `reconcile`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
 
 from wattsched_agent.reconcile import PlacedPod, gpus_requested
 from wattsched_api.llmworkload import WorkloadType
@@ -36,6 +39,13 @@ GPU_NODE_SELECTOR = "nvidia.com/gpu.present=true"
 REQUEST_TIMEOUT_SECONDS = 10
 # Connections kept open to the API server: the all-nodes agent patches many statuses at once.
 CONNECTIONS = 16
+# A watch request ends after this long; the next resumes from the last resourceVersion seen.
+WATCH_SECONDS = 30
+# Waits after failed lists or watches (see `Backoff`): the first is about the 1 s the API server
+# asks for with "Too large resource version" (Retry-After), doubling up to the last.
+WATCH_BACKOFF_FIRST_SECONDS = 1.0
+WATCH_BACKOFF_MAX_SECONDS = 30.0
+HTTP_GONE = 410
 
 log = logging.getLogger(__name__)
 
@@ -155,18 +165,8 @@ class KubeAccess:
 
     def profiles(self, node_name: str | None) -> dict[str, dict[str, Any]]:
         """NodePowerProfiles by name (only the named node's when node_name is given)."""
-        selector = f"metadata.name={node_name}" if node_name else None
-        listing = self._json(
-            self.custom.list_cluster_custom_object(
-                GROUP,
-                VERSION,
-                PLURAL,
-                field_selector=selector,
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT_SECONDS,
-            )
-        )
-        return {item["metadata"]["name"]: item for item in listing.get("items") or []}
+        items, _ = self.list_profiles(node_name)
+        return {item["metadata"]["name"]: item for item in items}
 
     def patch_status(self, name: str, status: Mapping[str, Any]) -> None:
         self.custom.patch_cluster_custom_object_status(
@@ -197,37 +197,181 @@ class KubeAccess:
                 by_node.setdefault(str(node), []).append(placed)
         return by_node
 
+    def list_profiles(self, node_name: str | None) -> tuple[list[dict[str, Any]], str]:
+        """Every NodePowerProfile (only the named node's when node_name is given) and the list's
+        resourceVersion, to watch from."""
+        selector = f"metadata.name={node_name}" if node_name else None
+        listing = self._json(
+            self.custom.list_cluster_custom_object(
+                GROUP,
+                VERSION,
+                PLURAL,
+                field_selector=selector,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            )
+        )
+        version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
+        return list(listing.get("items") or []), version
+
+    def watch_profile_events(
+        self, node_name: str | None, resource_version: str
+    ) -> Iterator[dict[str, Any]]:
+        """The watch events after `resource_version` (bookmarks included), for at most
+        WATCH_SECONDS; raises the client's ApiException for an ERROR event (410 Gone, 504 Too
+        large resource version)."""
+        selector = f"metadata.name={node_name}" if node_name else None
+        watcher = watch.Watch()  # type: ignore[no-untyped-call]
+        try:
+            yield from watcher.stream(  # type: ignore[no-untyped-call]
+                self.custom.list_cluster_custom_object,
+                GROUP,
+                VERSION,
+                PLURAL,
+                field_selector=selector,
+                resource_version=resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=WATCH_SECONDS,
+            )
+        finally:
+            watcher.stop()  # type: ignore[no-untyped-call]
+
     def watch_profiles(
         self, node_name: str | None, on_spec_change: Callable[[str], None], stop: threading.Event
     ) -> None:
-        """Call `on_spec_change(name)` whenever a profile's generation changes, until `stop`.
+        """Call `on_spec_change(name)` whenever a profile's generation changes or it is deleted,
+        until `stop` (see `ProfileWatch`)."""
+        ProfileWatch(
+            list_profiles=lambda: self.list_profiles(node_name),
+            watch_events=lambda version: self.watch_profile_events(node_name, version),
+            on_spec_change=on_spec_change,
+            stop=stop,
+        ).run()
 
-        Status updates (the agent's own patches) do not change the generation and are ignored.
-        """
-        generations: dict[str, int] = {}
-        selector = f"metadata.name={node_name}" if node_name else None
-        while not stop.is_set():
-            watcher = watch.Watch()  # type: ignore[no-untyped-call]
+
+class Backoff:
+    """Waits after consecutive failures: doubling from `first_seconds` up to `max_seconds`, each
+    drawn between half and all of that (jitter, so many agents do not retry in step)."""
+
+    def __init__(
+        self,
+        first_seconds: float = WATCH_BACKOFF_FIRST_SECONDS,
+        max_seconds: float = WATCH_BACKOFF_MAX_SECONDS,
+        draw: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.first_seconds = first_seconds
+        self.max_seconds = max_seconds
+        self.draw = draw
+        self.failures = 0
+
+    def next_seconds(self) -> float:
+        ceiling = min(self.max_seconds, self.first_seconds * 2**self.failures)
+        self.failures += 1
+        return self.draw(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class ProfileWatch:
+    """List, then watch, NodePowerProfiles (as client-go's reflector does) and report each one
+    whose generation changed or that was deleted.
+
+    Status patches (the agent's own writes) do not change the generation and are not reported.
+    The list gives every profile's generation and a resourceVersion; each watch resumes from the
+    last resourceVersion seen (events and bookmarks), so a watch that ends (WATCH_SECONDS) or
+    breaks loses no event and does not replay every profile. Failures:
+    - 410 Gone: the resourceVersion is older than the API server's watch history. List again and
+      compare generations: profiles changed or deleted meanwhile are reported then.
+    - 504 "Too large resource version" (reason Timeout, cause ResourceVersionTooLarge, Retry-After
+      1 s): the API server's watch cache has not caught up with the resourceVersion asked for
+      within its wait, as on a loaded API server. Wait and resume from the same resourceVersion.
+    - Anything else (connection refused, a timeout): wait and resume the same way.
+    Every failure waits (`Backoff`, from 1 s doubling to 30 s) so a failing API server is not
+    asked in a loop; a watch that ends normally resets the wait.
+    """
+
+    def __init__(
+        self,
+        *,
+        list_profiles: Callable[[], tuple[list[dict[str, Any]], str]],
+        watch_events: Callable[[str], Iterable[dict[str, Any]]],
+        on_spec_change: Callable[[str], None],
+        stop: threading.Event,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.list_profiles = list_profiles
+        self.watch_events = watch_events
+        self.on_spec_change = on_spec_change
+        self.stop = stop
+        self.backoff = backoff or Backoff()
+        self.generations: dict[str, int] = {}
+        # Where the next watch starts; None: list first.
+        self.resource_version: str | None = None
+
+    def relisted(self, items: Iterable[Mapping[str, Any]]) -> None:
+        """Report the profiles whose generation differs from the one last seen, and those seen
+        before but no longer listed (deleted while no watch ran)."""
+        listed: dict[str, int] = {}
+        for item in items:
+            metadata = item.get("metadata") or {}
+            listed[str(metadata.get("name", ""))] = int(metadata.get("generation") or 0)
+        for name in sorted(set(self.generations) - set(listed)):
+            del self.generations[name]
+            self.on_spec_change(name)
+        for name, generation in sorted(listed.items()):
+            if self.generations.get(name) != generation:
+                self.generations[name] = generation
+                self.on_spec_change(name)
+
+    def observe(self, event: Mapping[str, Any]) -> None:
+        """One watch event: report a changed generation or a deletion; keep its resourceVersion."""
+        obj = event.get("raw_object", event.get("object"))
+        metadata = (obj.get("metadata") or {}) if isinstance(obj, dict) else {}
+        version = metadata.get("resourceVersion")
+        if event.get("type") != "BOOKMARK":
+            name = str(metadata.get("name", ""))
+            generation = int(metadata.get("generation") or 0)
+            if event.get("type") == "DELETED":
+                self.generations.pop(name, None)
+                self.on_spec_change(name)
+            elif self.generations.get(name) != generation:
+                self.generations[name] = generation
+                self.on_spec_change(name)
+        if version:
+            self.resource_version = str(version)
+
+    def run(self) -> None:
+        """Until `stop`: list when there is no resourceVersion to resume from, then watch."""
+        while not self.stop.is_set():
             try:
-                for event in watcher.stream(  # type: ignore[no-untyped-call]
-                    self.custom.list_cluster_custom_object,
-                    GROUP,
-                    VERSION,
-                    PLURAL,
-                    field_selector=selector,
-                    timeout_seconds=30,
-                ):
-                    if stop.is_set():
-                        break
-                    obj = event["object"]
-                    metadata = (obj.get("metadata") or {}) if isinstance(obj, dict) else {}
-                    name = str(metadata.get("name", ""))
-                    generation = int(metadata.get("generation") or 0)
-                    if generations.get(name) != generation or event["type"] == "DELETED":
-                        generations[name] = generation
-                        on_spec_change(name)
+                if self.resource_version is None:
+                    items, version = self.list_profiles()
+                    self.relisted(items)
+                    self.resource_version = version
+                for event in self.watch_events(self.resource_version):
+                    if self.stop.is_set():
+                        return
+                    self.observe(event)
+                self.backoff.reset()
+                continue
+            except ApiException as error:
+                if error.status == HTTP_GONE:
+                    log.info("watch of %s expired (410 Gone): listing again", PLURAL)
+                    self.resource_version = None
+                else:
+                    log.warning(
+                        "watch of %s failed (%s %s), resuming from resourceVersion %s",
+                        PLURAL,
+                        error.status,
+                        error.reason,
+                        self.resource_version,
+                    )
             except Exception as error:
-                log.warning("watch of %s failed, retrying: %s", PLURAL, error)
-                stop.wait(1.0)
-            finally:
-                watcher.stop()  # type: ignore[no-untyped-call]
+                log.warning(
+                    "watch of %s failed, resuming from resourceVersion %s: %s",
+                    PLURAL,
+                    self.resource_version,
+                    error,
+                )
+            self.stop.wait(self.backoff.next_seconds())

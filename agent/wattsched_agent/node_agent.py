@@ -11,7 +11,8 @@ one read is kept (a kubelet restart moves no device); when none was ever read, n
 (a watch) and every `interval_seconds` (heartbeat, and re-applying limits lost on a driver reload),
 and on shutdown applies the exit policy. A node whose status was written for a spec change less
 than half an interval before a heartbeat pass is left to the next one: that write was its
-heartbeat (one status write per applied generation, not two). Not for: NVML details
+heartbeat (one status write per applied generation, not two). A heartbeat pass writes its nodes a
+chunk at a time and serves spec changes in between. Not for: NVML details
 (`nvml_backend`) or status layout (`reconcile`).
 """
 
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -230,8 +232,24 @@ class NodeAgent:
             )
 
 
-# A pass over at most this many nodes reads each one's profile and pods by itself.
+# A pass over at most this many nodes, or this share of the nodes served if more, reads each
+# one's profile and pods by itself (`workers` at a time) instead of listing the whole cluster's:
+# at 2,286 nodes and 10,000 pods a whole list is megabytes, and an operator round changes tens
+# of profiles.
 FEW_NODES = 4
+FEW_NODES_SHARE = 1 / 16
+# A heartbeat pass writes this many nodes at a time, serving spec changes in between.
+HEARTBEAT_CHUNK_NODES = 2 * CONNECTIONS
+
+
+@dataclass
+class HeartbeatPass:
+    """A heartbeat pass under way: what it read, and the nodes it has still to write."""
+
+    pending: list[str]
+    profiles: dict[str, dict[str, Any]]
+    pods: dict[str, list[PlacedPod]]
+    read_at: float  # time.monotonic() of the read
 
 
 class AgentRunner:
@@ -243,7 +261,10 @@ class AgentRunner:
     node's status is written at least every 1.5 intervals and a spec change costs one write.
     Status patches go out `workers` at a time, so one process serving hundreds of simulated nodes
     confirms a round of new limits in about the time of one patch per worker, and a stop request
-    skips the nodes not yet reached.
+    skips the nodes not yet reached. A heartbeat pass reads every profile and pod once and writes
+    `heartbeat_chunk` nodes at a time, serving the spec changes seen meanwhile between chunks (a
+    node written for one is left out of the rest of the pass): at thousands of nodes a pass takes
+    minutes, and new limits are confirmed within about one chunk's writes, not after the pass.
     """
 
     def __init__(
@@ -255,12 +276,15 @@ class AgentRunner:
         interval_seconds: float,
         exit_policy: ExitPolicy,
         workers: int = CONNECTIONS,
+        heartbeat_chunk: int = HEARTBEAT_CHUNK_NODES,
     ) -> None:
         self.kube = kube
         self.agents = dict(agents)
         self.single_node = single_node
         self.interval_seconds = interval_seconds
         self.exit_policy = exit_policy
+        self.heartbeat_chunk = heartbeat_chunk
+        self.few_nodes = max(FEW_NODES, int(len(self.agents) * FEW_NODES_SHARE))
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self._changed: set[str] = set()
@@ -332,16 +356,21 @@ class AgentRunner:
         self, names: Collection[str]
     ) -> tuple[dict[str, dict[str, Any]], dict[str, list[PlacedPod]]]:
         """The profiles of `names` and the GPU pods bound to them: one list of each for the whole
-        cluster, or, for a few nodes (a spec change), each node's own (a field selector, as a
-        node's own agent reads them) instead of every pod in the cluster each time."""
-        if self.single_node is not None or len(names) > FEW_NODES:
+        cluster, or, for a few nodes (a spec change; `few_nodes`), each node's own (a field
+        selector, as a node's own agent reads them) instead of every pod in the cluster each
+        time."""
+        if self.single_node is not None or len(names) > self.few_nodes:
             # A new spec often names pods created since the last heartbeat: read who holds what.
             return self.kube.profiles(self.single_node), self.kube.gpu_pods(self.single_node)
+
+        def read_one(name: str) -> tuple[dict[str, dict[str, Any]], dict[str, list[PlacedPod]]]:
+            return self.kube.profiles(name), self.kube.gpu_pods(name)
+
         profiles: dict[str, dict[str, Any]] = {}
         pods: dict[str, list[PlacedPod]] = {}
-        for name in names:
-            profiles |= self.kube.profiles(name)
-            pods |= self.kube.gpu_pods(name)
+        for node_profiles, node_pods in self._pool.map(read_one, sorted(names)):
+            profiles |= node_profiles
+            pods |= node_pods
         return profiles, pods
 
     def tick(self, only: Collection[str] | None = None) -> int:
@@ -351,6 +380,15 @@ class AgentRunner:
         if not names:
             return 0
         profiles, pods = self._read(names)
+        return self._write(names, profiles, pods)
+
+    def _write(
+        self,
+        names: Collection[str],
+        profiles: Mapping[str, Mapping[str, Any]],
+        pods: Mapping[str, list[PlacedPod]],
+    ) -> int:
+        """Reconcile `names` from what was read and write each one's status; the failures."""
         for name in names:
             self.agents[name].observe_pods(pods.get(name, []))
 
@@ -362,8 +400,28 @@ class AgentRunner:
 
         return self._for_each(names, reconcile, "reconcile", until_stopped=True)
 
+    def start_heartbeat(self, now: float) -> HeartbeatPass | None:
+        """Read every profile and pod for the nodes due a heartbeat at `now` (None: none due)."""
+        due = self.to_reconcile((), heartbeat=True, now=now)
+        if not due:
+            return None
+        profiles, pods = self._read(due)
+        return HeartbeatPass(pending=sorted(due), profiles=profiles, pods=pods, read_at=now)
+
+    def heartbeat_step(self, heartbeat: HeartbeatPass) -> int:
+        """Write the next `heartbeat_chunk` nodes of a heartbeat pass from its read, leaving out
+        those written since that read (a spec change, from a newer read). Returns the failures;
+        the pass is done when `heartbeat.pending` is empty."""
+        chunk = heartbeat.pending[: self.heartbeat_chunk]
+        del heartbeat.pending[: self.heartbeat_chunk]
+        stale = [n for n in chunk if self._written.get(n, -math.inf) < heartbeat.read_at]
+        return self._write(stale, heartbeat.profiles, heartbeat.pods) if stale else 0
+
     def run(self) -> None:
-        """Loop until `request_stop()`, then apply the exit policy."""
+        """Loop until `request_stop()`, then apply the exit policy.
+
+        Spec changes are served before each chunk of a heartbeat pass, so a pass over thousands
+        of nodes does not hold back the confirmation of new limits for its whole length."""
         watcher = threading.Thread(
             target=self.kube.watch_profiles,
             args=(self.single_node, self.spec_changed, self.stop_event),
@@ -372,18 +430,26 @@ class AgentRunner:
         )
         watcher.start()
         next_heartbeat = time.monotonic()
+        heartbeat: HeartbeatPass | None = None
         while not self.stop_event.is_set():
             self._wake.clear()
-            changed = self._take_changed()
-            now = time.monotonic()
-            heartbeat = now >= next_heartbeat
-            if heartbeat:
-                next_heartbeat = now + self.interval_seconds
             # What fails is retried at the next heartbeat (a node not written is due).
             try:
-                self.tick(self.to_reconcile(changed, heartbeat=heartbeat, now=now))
+                changed = self._take_changed()
+                if changed:
+                    self.tick(self.to_reconcile(changed, heartbeat=False, now=time.monotonic()))
+                now = time.monotonic()
+                if heartbeat is None and now >= next_heartbeat:
+                    next_heartbeat = now + self.interval_seconds
+                    heartbeat = self.start_heartbeat(now)
+                if heartbeat is not None:
+                    self.heartbeat_step(heartbeat)
+                    if not heartbeat.pending:
+                        heartbeat = None
+                    continue  # the next chunk, after the spec changes seen meanwhile
             except Exception as error:  # the agent keeps running through API outages
                 log.warning("reconcile failed, retrying at the next heartbeat: %s", error)
+                heartbeat = None
             self._wake.wait(max(0.0, next_heartbeat - time.monotonic()))
         self.shutdown()
 

@@ -3,6 +3,9 @@ agent command's flags and wiring."""
 
 from __future__ import annotations
 
+import functools
+import threading
+import time
 import urllib.error
 import urllib.request
 from typing import cast
@@ -11,7 +14,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from wattsched_agent.cli import build_agents, parse_args, parse_faults
-from wattsched_agent.dcgm_metrics import GpuMetrics, MetricsServer, PodRef, render_metrics
+from wattsched_agent.dcgm_metrics import (
+    GpuMetrics,
+    MetricsLoop,
+    MetricsServer,
+    PodRef,
+    render_metrics,
+)
 from wattsched_agent.kube_access import GpuNodeInfo, KubeAccess
 from wattsched_agent.nvml_backend import GpuIdentity, GpuSample
 from wattsched_agent.simulated_nvml import GpuFaults
@@ -65,6 +74,28 @@ def test_server_serves_metrics_and_health_and_nothing_else() -> None:
         error.value.close()
     finally:
         server.close()
+
+
+def up(n: int) -> str:
+    return f"up {n}\n"
+
+
+def test_many_servers_share_one_thread_and_it_stops_with_the_last() -> None:
+    before = threading.active_count()
+    loop = MetricsLoop()
+    servers = [MetricsServer("127.0.0.1", 0, functools.partial(up, n), loop) for n in range(50)]
+    try:
+        assert threading.active_count() == before + 1  # one thread, not one per server
+        for n in (0, 17, 49):
+            with urllib.request.urlopen(f"http://{servers[n].address}/metrics", timeout=5) as r:
+                assert r.read() == f"up {n}\n".encode()
+    finally:
+        for server in servers:
+            server.close()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the request threads end after their response
+    assert threading.active_count() == before
 
 
 def test_fault_flags_name_a_node_or_every_node() -> None:

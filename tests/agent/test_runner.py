@@ -7,6 +7,7 @@ tested is `AgentRunner`'s choice of nodes (spec changes, heartbeats), not the re
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
@@ -161,3 +162,93 @@ def test_a_heartbeat_pass_reads_every_profile_and_pod_once() -> None:
         many.shutdown()
     assert patched == names
     assert read_for == [None, None]
+
+
+def chunked_runner(kube: FakeKube, chunk: int) -> AgentRunner:
+    return AgentRunner(
+        cast(Any, kube),
+        {name: cast(Any, FakeAgent()) for name in kube.names},
+        single_node=None,
+        interval_seconds=INTERVAL_SECONDS,
+        exit_policy=ExitPolicy.LEAVE,
+        workers=1,
+        heartbeat_chunk=chunk,
+    )
+
+
+def test_a_heartbeat_pass_reads_once_and_writes_a_chunk_at_a_time() -> None:
+    kube = FakeKube([f"gpu-{i:02d}" for i in range(5)])
+    runner = chunked_runner(kube, chunk=2)
+    try:
+        heartbeat = runner.start_heartbeat(time.monotonic())
+        assert heartbeat is not None
+        steps = []
+        while heartbeat.pending:
+            runner.heartbeat_step(heartbeat)
+            steps.append(list(kube.patched))
+        read_for = list(kube.read_for)
+    finally:
+        runner.shutdown()
+    assert steps == [kube.names[:2], kube.names[:4], kube.names]
+    assert read_for == [None, None]
+
+
+def test_a_node_written_for_a_spec_change_during_a_heartbeat_pass_is_left_out_of_it() -> None:
+    kube = FakeKube([f"gpu-{i:02d}" for i in range(5)])
+    runner = chunked_runner(kube, chunk=2)
+    try:
+        heartbeat = runner.start_heartbeat(time.monotonic())
+        assert heartbeat is not None
+        runner.heartbeat_step(heartbeat)
+        runner.tick(runner.to_reconcile({"gpu-04"}, heartbeat=False, now=time.monotonic()))
+        while heartbeat.pending:
+            runner.heartbeat_step(heartbeat)
+        patched = list(kube.patched)
+    finally:
+        runner.shutdown()
+    # gpu-04's spec-change write (from a newer read) was its heartbeat: written once.
+    assert patched == ["gpu-00", "gpu-01", "gpu-04", "gpu-02", "gpu-03"]
+
+
+def test_the_loop_serves_a_spec_change_between_the_chunks_of_a_heartbeat_pass() -> None:
+    kube = FakeKube([f"gpu-{i:02d}" for i in range(6)])
+    runner = chunked_runner(kube, chunk=2)
+    patch_status = kube.patch_status
+
+    def patch_and_change(name: str, status: Mapping[str, Any]) -> None:
+        patch_status(name, status)
+        if kube.patched == ["gpu-00"]:  # during the first chunk, the operator changes gpu-05
+            runner.spec_changed("gpu-05")
+
+    kube.patch_status = patch_and_change  # type: ignore[method-assign]
+    kube.watch_profiles = lambda node, on_change, stop: stop.wait()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(kube.patched) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    patched = list(kube.patched)
+    runner.request_stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    # gpu-05 was written right after the first chunk, and not again by the heartbeat.
+    assert patched == ["gpu-00", "gpu-01", "gpu-05", "gpu-02", "gpu-03", "gpu-04"]
+
+
+@pytest.mark.parametrize(("changed", "per_node"), [(10, True), (11, False)])
+def test_a_spec_change_on_up_to_a_sixteenth_of_many_nodes_reads_each_nodes_own(
+    changed: int, per_node: bool
+) -> None:
+    kube = FakeKube([f"gpu-{i:03d}" for i in range(160)])
+    runner = chunked_runner(kube, chunk=32)
+    names = set(kube.names[:changed])
+    try:
+        runner.tick(runner.to_reconcile(names, heartbeat=False, now=time.monotonic()))
+        read_for, patched = list(kube.read_for), sorted(kube.patched)
+    finally:
+        runner.shutdown()
+    assert patched == sorted(names)
+    if per_node:
+        assert sorted(map(str, read_for)) == sorted([*names, *names])  # a profile, pods per node
+    else:
+        assert read_for == [None, None]  # one list of each for the cluster
