@@ -720,12 +720,9 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     free_gpus = total_gpus - load.gpus.sum(axis=0)
 
     rows = _Rows()
-    node_rows, nodes_left = _whole_node_rows(
+    node_row, nodes_left = _whole_node_rows(
         rows,
-        [
-            (scopes.may_use(workload)[0], workload.gpus_per_pod, point.gpus)
-            for workload, point, _ in flexible
-        ],
+        [(scopes.may_use(workload)[0], workload.gpus_per_pod) for workload, _, _ in flexible],
         [scopes.may_use(workload)[0] for workload, _, _ in inference],
         load.gpus,
         now=in_use,
@@ -796,7 +793,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         gpus_row=np.asarray(row_of_gpus, dtype=np.int64),
         energy_row=energy_row,
         carbon_row=carbon_row,
-        node_rows=node_rows,
+        node_row=node_row,
         fits=fits,
         churn_threshold=plan_input.options.churn_threshold,
         startup_seconds=plan_input.options.startup_seconds,
@@ -891,82 +888,58 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     )
 
 
-@dataclass(frozen=True)
-class _NodeRows:
-    """The rows of one group of whole nodes: its row per slot, the workloads that count in it
-    and the nodes each takes while it runs."""
-
-    row_by_slot: np.ndarray
-    members: np.ndarray
-    nodes: np.ndarray
-
-
 def _whole_node_rows(
     rows: _Rows,
-    flexible_pods: list[tuple[str | None, int, int]],
+    flexible_pods: list[tuple[str | None, int]],
     service_products: list[str | None],
     service_gpus: np.ndarray,
     *,
     now: list[GpuNode],
     later: list[GpuNode],
-) -> tuple[list[_NodeRows], np.ndarray]:
-    """Rows of whole nodes for work whose pods each take one (every node of the products it may
-    use has exactly a pod's GPUs; `flexible_pods`, per workload: those products,
-    comma-separated, a pod's GPUs and all its GPUs): per such group of nodes and slot, the
-    nodes left whole there. The GPU rows count GPUs in aggregate, and a gang of whole nodes
-    planned into hours where the services and the smaller jobs leave enough GPUs, but spread
-    over every node, never starts. A service's or a smaller job's GPUs count on a group in the
-    share of the GPUs it may use that the group's products hold (where it may be placed), as
-    the nodes they fill (the services' rounded up); nodes that hold another team's GPUs are
-    not whole. Returns the groups' rows and, per workload and slot, the whole nodes left for
-    it beside the services (inf: it takes no whole node)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows for work whose pods each take a whole node (every node of the products it may use
+    has exactly a pod's GPUs; `flexible_pods`: those products, comma-separated, and a pod's
+    GPUs, per workload): per such group of nodes and slot, the nodes its pods take, within
+    the nodes left whole there. The GPU rows count GPUs in aggregate, and a gang of whole nodes
+    planned into hours where the services' GPUs leave enough GPUs, but spread over every node,
+    never starts. A service's GPUs in a slot count on a group in the share of the GPUs it may
+    use that the group's products hold (where it may be placed), packed onto as few nodes as
+    they fill; nodes that hold another team's GPUs are not whole. Returns each workload's row
+    per slot (-1: none) and the whole nodes left there (inf: no row)."""
     slots = service_gpus.shape[1]
+    node_row = np.full((len(flexible_pods), slots), -1, dtype=np.int64)
     nodes_left = np.full((len(flexible_pods), slots), math.inf)
     sizes: dict[str, set[int]] = {}  # GPUs per node, by product
     product_gpus: dict[str, int] = {}
     for node in later:
         sizes.setdefault(node.product, set()).add(node.gpu_count)
         product_gpus[node.product] = product_gpus.get(node.product, 0) + node.gpu_count
-    flexible_may_use = [found.split(",") if found else [] for found, _, _ in flexible_pods]
+    service_may_use = [found.split(",") if found else [] for found in service_products]
     groups: dict[tuple[frozenset[str], int], list[int]] = {}
-    for f, (_, pod_gpus, _) in enumerate(flexible_pods):
-        products = frozenset(flexible_may_use[f])
+    for f, (may_use, pod_gpus) in enumerate(flexible_pods):
+        products = frozenset(may_use.split(",")) if may_use else frozenset()
         fitting = {count for p in products for count in sizes.get(p, ()) if count >= pod_gpus}
         if fitting == {pod_gpus}:
             groups.setdefault((products, pod_gpus), []).append(f)
-
-    def shares(may_use: list[list[str]], products: frozenset[str]) -> np.ndarray:
-        return np.asarray(
-            [
-                sum(product_gpus.get(p, 0) for p in found if p in products)
-                / max(1, sum(product_gpus.get(p, 0) for p in found))
-                for found in may_use
-            ]
-        )
-
-    service_may_use = [found.split(",") if found else [] for found in service_products]
-    flexible_gpus = np.asarray([gpus for _, _, gpus in flexible_pods], dtype=float)
-    out = []
     for (products, node_gpus), members in sorted(
         groups.items(), key=lambda item: (sorted(item[0][0]), item[0][1])
     ):
-        services = shares(service_may_use, products)[:, None] * service_gpus
+        share = np.asarray(
+            [
+                sum(product_gpus.get(p, 0) for p in found if p in products)
+                / max(1, sum(product_gpus.get(p, 0) for p in found))
+                for found in service_may_use
+            ]
+        ).reshape(-1, 1)
         left = np.full(slots, float(_whole_nodes(later, products, node_gpus)))
         left[0] = _whole_nodes(now, products, node_gpus)
-        left -= np.ceil(services.sum(axis=0) / node_gpus - 1e-9)
-        nodes_left[members] = np.maximum(left, 0.0)
+        left -= np.ceil((share * service_gpus).sum(axis=0) / node_gpus - 1e-9)
         name = ",".join(sorted(products))
-        row_by_slot = np.asarray(
-            [
-                rows.add(f"nodes_{name}_{node_gpus}_{s}", -math.inf, max(0.0, float(left[s])))
-                for s in range(slots)
-            ],
-            dtype=np.int64,
-        )
-        nodes = shares(flexible_may_use, products) * flexible_gpus / node_gpus
-        counted = np.nonzero(nodes > 0)[0]
-        out.append(_NodeRows(row_by_slot, counted, nodes[counted]))
-    return out, nodes_left
+        for s in range(slots):
+            row = rows.add(f"nodes_{name}_{node_gpus}_{s}", -math.inf, max(0.0, float(left[s])))
+            node_row[members, s] = row
+        nodes_left[members] = np.maximum(left, 0.0)
+    return node_row, nodes_left
 
 
 def _whole_nodes(nodes: list[GpuNode], products: frozenset[str], node_gpus: int) -> int:
@@ -1160,7 +1133,7 @@ def _program(
     gpus_row: np.ndarray,
     energy_row: np.ndarray,
     carbon_row: np.ndarray,
-    node_rows: list[_NodeRows],
+    node_row: np.ndarray,
     fits: np.ndarray,
     churn_threshold: float,
     startup_seconds: float,
@@ -1230,16 +1203,10 @@ def _program(
     column_cost[ids] = cost[f_open, s_open]
     column_upper[ids] = upper[f_open, s_open]
 
-    entry_rows = [gpus_row[s_open]]
-    entry_columns = [ids]
-    entry_values = [work.gpus[f_open]]
-    for group in node_rows:
-        nodes = np.zeros(len(work.keys))
-        nodes[group.members] = group.nodes
-        counts = nodes[f_open] > 0
-        entry_rows.append(group.row_by_slot[s_open[counts]])
-        entry_columns.append(ids[counts])
-        entry_values.append(nodes[f_open[counts]])
+    whole = node_row[f_open, s_open] >= 0
+    entry_rows = [gpus_row[s_open], node_row[f_open, s_open][whole]]
+    entry_columns = [ids, ids[whole]]
+    entry_values = [work.gpus[f_open], (work.gpus / work.gpus_per_pod)[f_open][whole]]
     for i in range(len(pue)):
         counts = work.part[i, f_open] > 0
         f_in, s_in, ids_in = f_open[counts], s_open[counts], ids[counts]

@@ -482,42 +482,6 @@ def test_a_gang_of_whole_nodes_is_planned_where_whole_nodes_are_left() -> None:
     assert plan_horizon(shared).schedules["t/gang"].missed_tokens > 0
 
 
-def test_smaller_jobs_count_in_the_whole_nodes_a_gang_needs() -> None:
-    # Three 8-GPU H100 nodes and two 4-GPU L4 nodes, no service. A gang of two 8-GPU pods and
-    # three 4-GPU jobs that may use either product all want the clean hours: 28 of the 32 GPUs,
-    # but the smaller jobs' share on the H100s (24 of the 32 GPUs they may use) fills more
-    # than the one node the gang leaves. In no hour does the plan have them together beyond
-    # the three whole nodes, and every deadline is met.
-    small = tuple(
-        dataclasses.replace(
-            job(f"t/s{i}", 2, 24, preemptible=True),
-            type=WorkloadType.BATCH_INFERENCE,
-            gpus_per_replica=4,
-            priority=100,
-        )
-        for i in range(3)
-    )
-    gang = job("t/gang", 2, 24, replicas=2)
-    base = horizon_input((gang, *small))
-    mixed = tuple(GpuNode(f"h{i}", "H100-80GB", 8) for i in range(3)) + tuple(
-        GpuNode(f"l{i}", "L4", 4) for i in range(2)
-    )
-    everywhere = Budget("b", 1e6, frozenset(node.name for node in mixed))
-    result = plan_horizon(
-        dataclasses.replace(
-            base,
-            plan_input=dataclasses.replace(base.plan_input, nodes=mixed, budgets=(everywhere,)),
-        )
-    )
-    assert all(result.schedules[w.key].missed_tokens == 0 for w in (gang, *small))
-    assert {result.schedules[w.key].point.product for w in small} <= {"H100-80GB", "L4"}
-    for slot in range(24):
-        nodes = 2 * result.schedules["t/gang"].share_by_slot[slot] + sum(
-            0.75 * 4 / 8 * result.schedules[w.key].share_by_slot[slot] for w in small
-        )
-        assert nodes <= 3 + 1e-6
-
-
 def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
     workloads = (job("t/a", 4, 24), job("t/now", 4, 4))
     horizon = horizon_input(workloads)
