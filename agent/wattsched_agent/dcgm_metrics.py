@@ -195,6 +195,7 @@ class MetricsServer:
         self._server.daemon_threads = True
         self._server.timeout = LOOP_POLL_SECONDS  # handle_request never blocks for long
         self._loop = loop
+        self._closed = False
         if loop is None:
             thread = threading.Thread(
                 target=self._server.serve_forever, name=f"metrics-{port}", daemon=True
@@ -209,6 +210,10 @@ class MetricsServer:
         return f"{host!s}:{port}"
 
     def close(self) -> None:
+        """Stop serving; closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self._loop is None:
             self._server.shutdown()
         else:

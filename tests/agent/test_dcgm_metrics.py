@@ -98,6 +98,19 @@ def test_many_servers_share_one_thread_and_it_stops_with_the_last() -> None:
     assert threading.active_count() == before
 
 
+def test_a_server_closed_twice_is_closed_once() -> None:
+    # A node's agent stopped early and then the whole fleet: with a shared loop the second
+    # close must not unregister a closed socket.
+    loop = MetricsLoop()
+    servers = [MetricsServer("127.0.0.1", 0, functools.partial(up, n), loop) for n in range(2)]
+    servers[0].close()
+    servers[0].close()
+    with urllib.request.urlopen(f"http://{servers[1].address}/metrics", timeout=5) as r:
+        assert r.read() == b"up 1\n"
+    for server in servers:
+        server.close()
+
+
 def test_fault_flags_name_a_node_or_every_node() -> None:
     faults = parse_faults(["a/1=no-permission", "0=gpu-lost"], ["a", "b"])
     assert faults == {
