@@ -74,16 +74,22 @@ def kube() -> FakeKube:
     return FakeKube(["gpu-a", "gpu-b"])
 
 
-@pytest.fixture
-def runner(kube: FakeKube) -> Iterator[AgentRunner]:
-    made = AgentRunner(
+def fake_runner(kube: FakeKube, *, workers: int = 2, **settings: Any) -> AgentRunner:
+    """A runner over `kube`'s nodes, each with a `FakeAgent`."""
+    return AgentRunner(
         cast(Any, kube),
         {name: cast(Any, FakeAgent()) for name in kube.names},
         single_node=None,
         interval_seconds=INTERVAL_SECONDS,
         exit_policy=ExitPolicy.LEAVE,
-        workers=2,
+        workers=workers,
+        **settings,
     )
+
+
+@pytest.fixture
+def runner(kube: FakeKube) -> Iterator[AgentRunner]:
+    made = fake_runner(kube)
     yield made
     made.shutdown()
 
@@ -147,14 +153,7 @@ def test_a_spec_change_reads_only_its_nodes_profile_and_pods(
 def test_a_heartbeat_pass_reads_every_profile_and_pod_once() -> None:
     names = [f"gpu-{i:02d}" for i in range(6)]
     kube = FakeKube(names)
-    many = AgentRunner(
-        cast(Any, kube),
-        {name: cast(Any, FakeAgent()) for name in names},
-        single_node=None,
-        interval_seconds=INTERVAL_SECONDS,
-        exit_policy=ExitPolicy.LEAVE,
-        workers=2,
-    )
+    many = fake_runner(kube)
     try:
         many.tick(many.to_reconcile(set(), heartbeat=True, now=time.monotonic()))
         read_for, patched = list(kube.read_for), sorted(kube.patched)
@@ -165,15 +164,7 @@ def test_a_heartbeat_pass_reads_every_profile_and_pod_once() -> None:
 
 
 def chunked_runner(kube: FakeKube, chunk: int) -> AgentRunner:
-    return AgentRunner(
-        cast(Any, kube),
-        {name: cast(Any, FakeAgent()) for name in kube.names},
-        single_node=None,
-        interval_seconds=INTERVAL_SECONDS,
-        exit_policy=ExitPolicy.LEAVE,
-        workers=1,
-        heartbeat_chunk=chunk,
-    )
+    return fake_runner(kube, workers=1, heartbeat_chunk=chunk)
 
 
 def test_a_heartbeat_pass_reads_once_and_writes_a_chunk_at_a_time() -> None:
