@@ -404,6 +404,62 @@ def test_deadline_work_that_cannot_wait_goes_first_among_work_of_its_priority() 
     assert "t/u" not in {p.workload for p in plan(as_declared).placements}
 
 
+def test_a_gang_of_whole_nodes_due_next_holds_its_nodes_until_it_starts() -> None:
+    # Four 8-GPU nodes: a service's replica on h0, a 4-GPU job that may not be stopped on h1, a
+    # 2-GPU one on h2, h3 free. A gang of two 8-GPU pods is planned into the clean hour that
+    # starts next. It holds h3 (free) and h2 (the least work to drain): a new 6-GPU job that
+    # must run now goes beside the service, where best fit without the hold would put it on
+    # h2, and the gang would find one whole node when its hour comes.
+    chat = dataclasses.replace(service("t/chat", 1.0), max_replicas=1)
+    small = {
+        key: dataclasses.replace(job(key, 2, 24), gpus_per_replica=gpus)
+        for key, gpus in (("t/four", 4), ("t/two", 2))
+    }
+    gang = job("t/gang", 1, 24, replicas=2)
+    new = dataclasses.replace(job("t/new", 0.1, 1.1), gpus_per_replica=6)
+    carbon = (420.0,) + (140.0,) * 23
+    horizon = with_current(
+        horizon_input((chat, *small.values(), gang, new), node_count=4, carbon=carbon),
+        (
+            CurrentPlacement("t/chat", 0, "h0", "bf16", 700.0),
+            CurrentPlacement("t/four", 0, "h1", "bf16", 700.0),
+            CurrentPlacement("t/two", 0, "h2", "bf16", 700.0),
+        ),
+    )
+    result = plan_horizon(horizon)
+    assert result.schedules["t/gang"].next_slot == 1
+    assert result.schedules["t/new"].urgent
+    first = first_slot_input(horizon, result)
+    assert {n.name for n in first.nodes if not n.schedulable} == {"h2", "h3"}
+    placed = {p.workload: p.node for p in plan(first).placements}
+    assert placed["t/new"] == "h0"
+    assert (placed["t/four"], placed["t/two"]) == ("h1", "h2")  # running work stays
+    unheld = dataclasses.replace(first, nodes=horizon.plan_input.nodes)
+    assert {p.workload: p.node for p in plan(unheld).placements}["t/new"] == "h2"
+    # Its hour come, with h2 and h3 drained: it holds nothing and goes first among its priority.
+    drained = with_current(
+        dataclasses.replace(horizon, budgets={}),
+        (
+            CurrentPlacement("t/chat", 0, "h0", "bf16", 700.0),
+            CurrentPlacement("t/four", 0, "h1", "bf16", 700.0),
+        ),
+    )
+    drained = dataclasses.replace(
+        drained,
+        plan_input=dataclasses.replace(
+            drained.plan_input,
+            workloads=(chat, small["t/four"], gang, new),
+        ),
+    )
+    due = plan_horizon(drained)
+    assert due.schedules["t/gang"].runs_now
+    first = first_slot_input(drained, due)
+    assert all(n.schedulable for n in first.nodes)
+    assert {w.key: w.priority for w in first.workloads}["t/gang"] == 1
+    gang_nodes = {p.node for p in plan(first).placements if p.workload == "t/gang"}
+    assert gang_nodes == {"h2", "h3"}
+
+
 def test_deadline_work_is_planned_at_one_point_wherever_it_runs() -> None:
     # An H100 node and an L4 node; a 1-GPU batch job may use either. The point decides how much
     # of the time left it needs: running on the product that is not its least-energy one, it is
