@@ -1422,8 +1422,9 @@ def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
     minimum-energy setting (Efficiency), and deadline work that cannot wait (urgent, or with no
     room by its deadline in the plan) first among the work of its priority: one above it, so
     that the one-instant planner may preempt work of its priority that can wait. Gangs of whole
-    nodes due now or in the next slot hold their nodes (`_held_nodes`): those nodes take no new
-    replicas this round, and a gang due now goes first among its priority."""
+    nodes due now or in the next slot hold their nodes (`_reserved_nodes`): those nodes take no
+    new deadline or batch replica this round, and a gang due now goes first among its
+    priority."""
     plan_input = horizon.plan_input
     running = {c.workload for c in plan_input.current}
     by_key = {w.key: w for w in plan_input.workloads}
@@ -1433,7 +1434,7 @@ def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
         for key, schedule in plan.schedules.items()
         if _has_work(schedule) and (schedule.urgent or schedule.missed_tokens > 0)
     }
-    held, due = _held_nodes(plan_input, plan, running, waiting)
+    reserved, due = _reserved_nodes(plan_input, plan, running, waiting)
     first = pressing | due
     workloads = tuple(
         dataclasses.replace(w, policy=EnergyPolicy.EFFICIENCY)
@@ -1446,13 +1447,13 @@ def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
     )
     current = tuple(c for c in plan_input.current if c.workload not in waiting)
     nodes = tuple(
-        dataclasses.replace(node, schedulable=False) if node.name in held else node
+        dataclasses.replace(node, reserved=True) if node.name in reserved else node
         for node in plan_input.nodes
     )
     return dataclasses.replace(plan_input, nodes=nodes, workloads=workloads, current=current)
 
 
-def _held_nodes(
+def _reserved_nodes(
     plan_input: PlanInput, plan: HorizonPlan, running: set[str], waiting: set[str]
 ) -> tuple[frozenset[str], frozenset[str]]:
     """The nodes held for gangs of whole nodes, and the gangs due now that fit now.
@@ -1465,7 +1466,9 @@ def _held_nodes(
     first nodes that are free now, then those holding the fewest GPUs of other deadline and
     batch work, which drain as that work ends (running work is never stopped for a hold). A
     node with a service's replica is never held: a service's replicas stay while it serves.
-    Held nodes keep what runs there and take no new replica, a service's included. A gang due
+    Held nodes (`GpuNode.reserved`) keep what runs there and take no new deadline or batch
+    replica; a service may still scale onto them (best fit puts its replicas on fuller nodes
+    first), as its demand comes before any gang. A gang due
     now whose nodes hold nothing it may not preempt holds none: it goes first among its
     priority, before smaller work can take them, and preempts work of its priority that can
     wait. Gangs go by priority, then deadline; one that cannot find

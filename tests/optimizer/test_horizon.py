@@ -409,7 +409,8 @@ def test_a_gang_of_whole_nodes_due_next_holds_its_nodes_until_it_starts() -> Non
     # 2-GPU one on h2, h3 free. A gang of two 8-GPU pods is planned into the clean hour that
     # starts next. It holds h3 (free) and h2 (the least work to drain): a new 6-GPU job that
     # must run now goes beside the service, where best fit without the hold would put it on
-    # h2, and the gang would find one whole node when its hour comes.
+    # h2, and the gang would find one whole node when its hour comes. A service may still scale
+    # onto a held node.
     chat = dataclasses.replace(service("t/chat", 1.0), max_replicas=1)
     small = {
         key: dataclasses.replace(job(key, 2, 24), gpus_per_replica=gpus)
@@ -430,10 +431,14 @@ def test_a_gang_of_whole_nodes_due_next_holds_its_nodes_until_it_starts() -> Non
     assert result.schedules["t/gang"].next_slot == 1
     assert result.schedules["t/new"].urgent
     first = first_slot_input(horizon, result)
-    assert {n.name for n in first.nodes if not n.schedulable} == {"h2", "h3"}
+    assert {n.name for n in first.nodes if n.reserved} == {"h2", "h3"}
     placed = {p.workload: p.node for p in plan(first).placements}
     assert placed["t/new"] == "h0"
     assert (placed["t/four"], placed["t/two"]) == ("h1", "h2")  # running work stays
+    # A service may still scale onto a reserved node: an 8-GPU replica goes to h3.
+    big = dataclasses.replace(service("t/big", 1.0), gpus_per_replica=8, max_replicas=1)
+    with_big = dataclasses.replace(first, workloads=(*first.workloads, big))
+    assert {p.workload: p.node for p in plan(with_big).placements}["t/big"] == "h3"
     unheld = dataclasses.replace(first, nodes=horizon.plan_input.nodes)
     assert {p.workload: p.node for p in plan(unheld).placements}["t/new"] == "h2"
     # Its hour come, with h2 and h3 drained: it holds nothing and goes first among its priority.
@@ -454,7 +459,7 @@ def test_a_gang_of_whole_nodes_due_next_holds_its_nodes_until_it_starts() -> Non
     due = plan_horizon(drained)
     assert due.schedules["t/gang"].runs_now
     first = first_slot_input(drained, due)
-    assert all(n.schedulable for n in first.nodes)
+    assert not any(n.reserved for n in first.nodes)
     assert {w.key: w.priority for w in first.workloads}["t/gang"] == 1
     gang_nodes = {p.node for p in plan(first).placements if p.workload == "t/gang"}
     assert gang_nodes == {"h2", "h3"}
