@@ -134,6 +134,9 @@ class HorizonInput:
     # kg CO2). Missing: `inference_demand`. Holding a slot's cap room for a peak that may come is
     # safe; counting that peak's energy as spent would defer work for an allowance that lasts.
     inference_expected_demand: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # The GPUs plans gave each service in the same hour of previous days, per slot: at least these
+    # are held for it (GPU and whole-node rows; its cap room still follows its demand).
+    inference_gpus: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -604,6 +607,7 @@ def _validate(horizon: HorizonInput) -> None:
     for key, demand in (
         *horizon.inference_demand.items(),
         *horizon.inference_expected_demand.items(),
+        *horizon.inference_gpus.items(),
     ):
         if len(demand) != slots or any(d < 0 for d in demand):
             raise HorizonInputError(
@@ -1032,9 +1036,14 @@ def _inference_load(
         replicas: np.ndarray = np.clip(needed, low[:, None], high[:, None])
         return replicas * gpus_per_replica[:, None]
 
-    gpus = gpus_for(demand, per_replica)
+    cap_gpus = gpus_for(demand, per_replica)
+    gpus = cap_gpus.copy()
+    for n, (workload, _, _) in enumerate(inference):
+        floor = horizon.inference_gpus.get(workload.key)
+        if floor is not None:
+            gpus[n] = np.maximum(gpus[n], np.asarray(floor))
     return _InferenceLoad(
-        cap_watts=part @ (gpus * cap_per_gpu[:, None]),
+        cap_watts=part @ (cap_gpus * cap_per_gpu[:, None]),
         busy_watts=part @ (gpus_for(expected, energy_per_replica) * busy_per_gpu[:, None]),
         gpus=gpus,
     )

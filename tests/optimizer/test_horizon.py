@@ -295,6 +295,21 @@ def test_a_running_service_is_sized_at_the_limit_it_runs_at() -> None:
     assert running_slots(result, "t/a") == [10, 11]  # the clean hours
 
 
+def test_a_service_holds_at_least_the_gpus_plans_gave_it_in_the_same_hour_before() -> None:
+    # Two 8-GPU nodes; the service needs one GPU by its demand. Plans gave it every GPU from
+    # 10:00 to 15:00 on previous days (at lower limits, beside jobs filling the cap): the job
+    # that ran in the clean hours runs in others, and its energy's outlook is the same.
+    work = (service("t/chat", 1.0), job("t/a", 2, 24))
+    horizon = horizon_input(work)
+    assert running_slots(plan_horizon(horizon), "t/a") == [10, 11]
+    given = tuple(16.0 if 10 <= hour < 15 else 0.0 for hour in range(24))
+    held = plan_horizon(dataclasses.replace(horizon, inference_gpus={"t/chat": given}))
+    assert held.schedules["t/a"].missed_tokens == 0
+    assert not set(running_slots(held, "t/a")) & set(range(10, 15))
+    with pytest.raises(HorizonInputError, match="t/chat"):
+        plan_horizon(dataclasses.replace(horizon, inference_gpus={"t/chat": (1.0,)}))
+
+
 def test_a_running_service_counts_its_energy_at_its_least_whatever_limit_it_runs_at() -> None:
     # The limit a service runs at follows the cap room the jobs leave it: counted at that limit
     # over the period, one round that raised it would seem to spend the allowance. Its energy
