@@ -205,8 +205,7 @@ def horizon_input(
     gCO2e/kWh by hours ahead, from `forecast_by_hours_ahead`; inference demand per slot from
     `hourly_demand`: in hours it has no history of, the most of each service's `tokens_per_second`
     (its recent forecast), its busiest recorded hour and its declared tokens/s, by key in
-    `declared_tokens_per_second`, and its expected demand, in those hours its recent forecast;
-    and the GPUs plans gave it in the same hour of previous days)."""
+    `declared_tokens_per_second`, and its expected demand, in those hours its recent forecast)."""
     now = now.astimezone(UTC)
     into_hour = now.minute * 60 + now.second + now.microsecond / 1e6
     slot_seconds = hourly_slots(into_hour, horizon_hours)
@@ -227,7 +226,6 @@ def horizon_input(
         )
     demand: dict[str, tuple[float, ...]] = {}
     expected: dict[str, tuple[float, ...]] = {}
-    gpus: dict[str, tuple[float, ...]] = {}
     if hourly_demand is not None:
         epochs = [start.timestamp() for start in starts]
         for workload in plan_input.workloads:
@@ -242,10 +240,7 @@ def horizon_input(
             likely = hourly_demand.expected_per_slot(workload.key, epochs, recent)
             if likely is not None:
                 expected[workload.key] = likely
-            given = hourly_demand.gpus_per_slot(workload.key, epochs)
-            if given is not None:
-                gpus[workload.key] = given
-    return HorizonInput(plan_input, slot_seconds, settings, demand, expected, gpus)
+    return HorizonInput(plan_input, slot_seconds, settings, demand, expected)
 
 
 def _clock(moment: datetime) -> str:

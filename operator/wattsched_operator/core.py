@@ -438,7 +438,6 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
     measured = learning.measured_services(plan_input, prepared.pods_by_workload, telemetry)
     learning.record_demand(history, measured, observed.monotonic)
     learning.record_hourly(hourly, measured, now)
-    learning.record_hourly_gpus(hourly, plan_input, plan, now)
 
     # Deferred work reaches the pod round and the statuses one way: without a place, reason
     # Deferred (a deferred job's evicted pods say until when and why).

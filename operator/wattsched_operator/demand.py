@@ -195,22 +195,11 @@ class HourlyDemand:
         self.headroom = headroom
         # service -> hour index since the epoch (UTC) -> peak tokens/s in that hour
         self._peaks: dict[str, dict[int, float]] = {}
-        # service -> hour index -> the most GPUs a plan gave it in that hour
-        self._gpus: dict[str, dict[int, float]] = {}
 
     def record(self, key: str, epoch_seconds: float, tokens_per_second: float) -> None:
-        self._keep_peak(self._peaks, key, epoch_seconds, tokens_per_second)
-
-    def record_gpus(self, key: str, epoch_seconds: float, gpus: int) -> None:
-        """The GPUs a plan gave the service's replicas at this time (`gpus_per_slot`)."""
-        self._keep_peak(self._gpus, key, epoch_seconds, float(gpus))
-
-    def _keep_peak(
-        self, table: dict[str, dict[int, float]], key: str, epoch_seconds: float, value: float
-    ) -> None:
         hour = int(epoch_seconds // SECONDS_PER_HOUR)
-        peaks = table.setdefault(key, {})
-        peaks[hour] = max(peaks.get(hour, 0.0), value, 0.0)
+        peaks = self._peaks.setdefault(key, {})
+        peaks[hour] = max(peaks.get(hour, 0.0), tokens_per_second, 0.0)
         oldest = max(peaks) - self.days * 24
         for stale in [h for h in peaks if h <= oldest]:
             del peaks[stale]
@@ -218,31 +207,8 @@ class HourlyDemand:
     def forget(self, keep: Iterable[str]) -> None:
         """Drop the history of services not in `keep` (deleted or finished)."""
         wanted = set(keep)
-        for table in (self._peaks, self._gpus):
-            for key in [k for k in table if k not in wanted]:
-                del table[key]
-
-    def gpus_per_slot(
-        self, key: str, slot_start_epochs: Iterable[float]
-    ) -> tuple[float, ...] | None:
-        """The GPUs plans gave the service in each slot's hour on previous days (the mean of
-        those days' most), 0 where no day has a record and in the first slot (now: the running
-        replicas are known); None without any record. The horizon holds at least these for
-        the service: sized from demand at the limit it runs at now, its forecast misses that
-        plans lower its limits, and give it more replicas, in the hours the jobs fill the cap."""
-        peaks = self._gpus.get(key)
-        if not peaks:
-            return None
-        out = []
-        for slot, start in enumerate(slot_start_epochs):
-            hour = int(start // SECONDS_PER_HOUR)
-            same_hour = [
-                peaks[hour - 24 * day]
-                for day in range(1, self.days + 1)
-                if hour - 24 * day in peaks
-            ]
-            out.append(sum(same_hour) / len(same_hour) if slot > 0 and same_hour else 0.0)
-        return tuple(out)
+        for key in [k for k in self._peaks if k not in wanted]:
+            del self._peaks[key]
 
     def per_slot(
         self,

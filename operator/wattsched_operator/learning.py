@@ -1,7 +1,6 @@
 """What a round learns from telemetry for later rounds: the model's calibration from the running
 placements' measured power and throughput, and the services' measured demand (the demand
-history that sizes them, the hourly peaks the horizon forecasts from, and the GPUs plans gave
-them in each hour). Pure: it folds the
+history that sizes them, and the hourly peaks the horizon forecasts from). Pure: it folds the
 readings the shell took into copies of the memory.
 """
 
@@ -33,7 +32,6 @@ from wattsched_operator.rounds import (
 )
 from wattsched_optimizer.problem import (
     Placement,
-    Plan,
     PlanInput,
     WorkloadType,
 )
@@ -147,20 +145,6 @@ def record_hourly(
     for key, (tokens_per_second, backlog_tokens) in measured.items():
         if backlog_tokens <= 0:
             hourly.record(key, now.timestamp(), tokens_per_second)
-
-
-def record_hourly_gpus(
-    hourly: demand.HourlyDemand, plan_input: PlanInput, plan: Plan, now: datetime
-) -> None:
-    """Add the GPUs `plan` gives each service to its most in the wall-clock hour (what the
-    horizon holds for it in the same hour of later days)."""
-    services = {w.key for w in plan_input.workloads if w.type is WorkloadType.INFERENCE}
-    given = dict.fromkeys(services, 0)
-    for placement in plan.placements:
-        if placement.workload in given:
-            given[placement.workload] += placement.gpus
-    for key, gpus in given.items():
-        hourly.record_gpus(key, now.timestamp(), gpus)
 
 
 def measured_services(

@@ -134,9 +134,6 @@ class HorizonInput:
     # kg CO2). Missing: `inference_demand`. Holding a slot's cap room for a peak that may come is
     # safe; counting that peak's energy as spent would defer work for an allowance that lasts.
     inference_expected_demand: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
-    # The GPUs plans gave each service in the same hour of previous days, per slot: at least these
-    # are held for it (GPU and whole-node rows; its cap room still follows its demand).
-    inference_gpus: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -607,7 +604,6 @@ def _validate(horizon: HorizonInput) -> None:
     for key, demand in (
         *horizon.inference_demand.items(),
         *horizon.inference_expected_demand.items(),
-        *horizon.inference_gpus.items(),
     ):
         if len(demand) != slots or any(d < 0 for d in demand):
             raise HorizonInputError(
@@ -921,8 +917,9 @@ def _whole_node_rows(
     service_may_use = [found.split(",") if found else [] for found in service_products]
     groups: dict[tuple[frozenset[str], int], list[int]] = {}
     for f, (may_use, pod_gpus) in enumerate(flexible_pods):
-        products = _whole_node_products(may_use, pod_gpus, sizes)
-        if products is not None:
+        products = frozenset(may_use.split(",")) if may_use else frozenset()
+        fitting = {count for p in products for count in sizes.get(p, ()) if count >= pod_gpus}
+        if fitting == {pod_gpus}:
             groups.setdefault((products, pod_gpus), []).append(f)
     for (products, node_gpus), members in sorted(
         groups.items(), key=lambda item: (sorted(item[0][0]), item[0][1])
@@ -943,17 +940,6 @@ def _whole_node_rows(
             node_row[members, s] = row
         nodes_left[members] = np.maximum(left, 0.0)
     return node_row, nodes_left
-
-
-def _whole_node_products(
-    may_use: str | None, pod_gpus: int, sizes: Mapping[str, set[int]]
-) -> frozenset[str] | None:
-    """The products (`may_use`: comma-separated) whose every node that fits a pod of `pod_gpus`
-    GPUs has exactly that many (`sizes`: GPUs per node, by product): each pod takes a whole
-    node. None when some node would hold a pod beside other work, or none fits."""
-    products = frozenset(may_use.split(",")) if may_use else frozenset()
-    fitting = {count for p in products for count in sizes.get(p, ()) if count >= pod_gpus}
-    return products if fitting == {pod_gpus} else None
 
 
 def _whole_nodes(nodes: list[GpuNode], products: frozenset[str], node_gpus: int) -> int:
@@ -1036,14 +1022,9 @@ def _inference_load(
         replicas: np.ndarray = np.clip(needed, low[:, None], high[:, None])
         return replicas * gpus_per_replica[:, None]
 
-    cap_gpus = gpus_for(demand, per_replica)
-    gpus = cap_gpus.copy()
-    for n, (workload, _, _) in enumerate(inference):
-        floor = horizon.inference_gpus.get(workload.key)
-        if floor is not None:
-            gpus[n] = np.maximum(gpus[n], np.asarray(floor))
+    gpus = gpus_for(demand, per_replica)
     return _InferenceLoad(
-        cap_watts=part @ (cap_gpus * cap_per_gpu[:, None]),
+        cap_watts=part @ (gpus * cap_per_gpu[:, None]),
         busy_watts=part @ (gpus_for(expected, energy_per_replica) * busy_per_gpu[:, None]),
         gpus=gpus,
     )
@@ -1430,10 +1411,9 @@ def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
     non-preemptible work excepted), inference in a budget whose allowance is short at its
     minimum-energy setting (Efficiency), and deadline work that cannot wait (urgent, or with no
     room by its deadline in the plan) first among the work of its priority: one above it, so
-    that the one-instant planner may preempt work of its priority that can wait. Gangs of whole
-    nodes due now or in the next slot hold their nodes (`_reserved_nodes`): those nodes take no
-    new deadline or batch replica this round, and a gang due now goes first among its
-    priority."""
+    that the one-instant planner may preempt work of its priority that can wait. The horizon
+    counts the whole nodes the services leave, not where smaller jobs go: a gang of whole nodes
+    may still find them held by smaller jobs that could have run later."""
     plan_input = horizon.plan_input
     running = {c.workload for c in plan_input.current}
     by_key = {w.key: w for w in plan_input.workloads}
@@ -1443,112 +1423,14 @@ def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
         for key, schedule in plan.schedules.items()
         if _has_work(schedule) and (schedule.urgent or schedule.missed_tokens > 0)
     }
-    reserved, due = _reserved_nodes(plan_input, plan, running, waiting)
-    first = pressing | due
     workloads = tuple(
         dataclasses.replace(w, policy=EnergyPolicy.EFFICIENCY)
         if w.key in plan.thrifty_inference
         else dataclasses.replace(w, priority=w.priority + 1)
-        if w.key in first
+        if w.key in pressing
         else w
         for w in plan_input.workloads
         if w.key not in waiting
     )
     current = tuple(c for c in plan_input.current if c.workload not in waiting)
-    nodes = tuple(
-        dataclasses.replace(node, reserved=True) if node.name in reserved else node
-        for node in plan_input.nodes
-    )
-    return dataclasses.replace(plan_input, nodes=nodes, workloads=workloads, current=current)
-
-
-def _reserved_nodes(
-    plan_input: PlanInput, plan: HorizonPlan, running: set[str], waiting: set[str]
-) -> tuple[frozenset[str], frozenset[str]]:
-    """The nodes held for gangs of whole nodes, and the gangs due now that fit now.
-
-    The horizon counts the whole nodes the services leave in each slot, not where smaller work
-    lands: jobs started beside the services spread over every node, and a gang planned into an
-    hour with whole nodes to spare finds none when the hour comes, again and again until its
-    deadline. So a gang of whole nodes (`_whole_node_products`) that does not run yet and is
-    due now or in the next slot holds as many nodes as it has pods, from now until it starts:
-    first nodes that are free now, then those holding the fewest GPUs of other deadline and
-    batch work, which drain as that work ends (running work is never stopped for a hold). A
-    node with a service's replica is never held: a service's replicas stay while it serves.
-    Held nodes (`GpuNode.reserved`) keep what runs there and take no new deadline or batch
-    replica; a service may still scale onto them (best fit puts its replicas on fuller nodes
-    first), as its demand comes before any gang. A gang due
-    now whose nodes hold nothing it may not preempt holds none: it goes first among its
-    priority, before smaller work can take them, and preempts work of its priority that can
-    wait. Gangs go by priority, then deadline; one that cannot find
-    enough nodes to hold holds none."""
-    by_key = {w.key: w for w in plan_input.workloads}
-    scopes = _Scopes(plan_input)
-    sizes: dict[str, set[int]] = {}
-    for node in plan_input.nodes:
-        sizes.setdefault(node.product, set()).add(node.gpu_count)
-    # Per node: the deadline and batch work running there (GPUs, priority, preemptible).
-    jobs_on: dict[str, list[tuple[int, int, bool]]] = {}
-    served: set[str] = set()
-    for placement in plan_input.current:
-        workload = by_key.get(placement.workload)
-        if workload is None or workload.type is WorkloadType.INFERENCE:
-            served.add(placement.node)
-        else:
-            jobs_on.setdefault(placement.node, []).append(
-                (workload.gpus_per_pod, workload.priority, workload.preemptible)
-            )
-    gangs = []
-    for key, schedule in plan.schedules.items():
-        workload = by_key[key]
-        if key in running or not _has_work(schedule):
-            continue
-        in_input = key not in waiting
-        if in_input and not (schedule.runs_now or schedule.urgent or schedule.missed_tokens > 0):
-            continue
-        if not in_input and (schedule.next_slot is None or schedule.next_slot > 1):
-            continue
-        products = _whole_node_products(scopes.may_use(workload)[0], workload.gpus_per_pod, sizes)
-        if products is not None:
-            gangs.append((workload, products, in_input))
-    gangs.sort(
-        key=lambda gang: (
-            -gang[0].priority,
-            gang[0].deadline_seconds if gang[0].deadline_seconds is not None else math.inf,
-            gang[0].key,
-        )
-    )
-    held: set[str] = set()
-    taken: set[str] = set()  # held, or free for a gang due now
-    due: set[str] = set()
-    for workload, products, in_input in gangs:
-        pods = workload.replicas * workload.nodes_per_replica
-
-        def occupied(node: GpuNode, gang: Workload = workload) -> tuple[int, int]:
-            """GPUs of work the gang, first among its priority, could not preempt; of all work."""
-            jobs = jobs_on.get(node.name, [])
-            kept = sum(g for g, p, preemptible in jobs if not preemptible or p > gang.priority)
-            return kept, sum(g for g, _, _ in jobs)
-
-        candidates = sorted(
-            (
-                node
-                for node in plan_input.nodes
-                if node.schedulable
-                and node.product in products
-                and node.gpu_count == workload.gpus_per_pod
-                and node.unmanaged_gpus == 0
-                and node.name not in taken
-                and node.name not in served
-            ),
-            key=lambda node: (occupied(node), node.name),
-        )
-        if len(candidates) < pods:
-            continue
-        chosen = candidates[:pods]
-        taken.update(node.name for node in chosen)
-        if in_input and all(occupied(node)[0] == 0 for node in chosen):
-            due.add(workload.key)
-        else:
-            held.update(node.name for node in chosen)
-    return frozenset(held), frozenset(due)
+    return dataclasses.replace(plan_input, workloads=workloads, current=current)

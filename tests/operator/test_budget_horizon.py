@@ -202,11 +202,6 @@ def test_inference_demand_per_slot_is_the_same_hour_of_previous_days_else_the_mo
     # tokens/s (a night is no forecast of a midday).
     assert demand[0] == 300
     assert set(demand[1:8]) == {1200}
-    assert "t/chat" not in horizon.inference_gpus  # no plan recorded its GPUs
-    history.record_gpus("t/chat", ten - day, 3)
-    held = horizon_input(plan_input, {"b": eb}, NOW, hourly_demand=history).inference_gpus
-    assert held["t/chat"][8] == 3  # 10:00 UTC: what plans gave it yesterday at 10:00
-    assert set(held["t/chat"][:8]) == {0}
     # Its energy is counted at what it is expected to need: there, its recent value.
     expected = horizon.inference_expected_demand["t/chat"]
     assert set(expected[:8]) == {300}

@@ -253,15 +253,3 @@ def test_the_shell_reads_each_forecast_query_and_the_core_plans_with_its_samples
     assert slo is not None
     assert (slo["status"], slo["reason"]) == ("Unknown", "Deferred")
     assert not [e for e in tune.write.events if e.reason == "SLORisk"]
-
-
-def test_a_round_keeps_the_gpus_its_plan_gives_each_service_for_that_hour_of_later_days() -> None:
-    observed = core.Observed(cluster(NEAR_ALLOWANCE, [service(), job()]), monotonic=100.0)
-    round_ = core.decide(observed, NOW)
-    assert round_.plan is not None
-    given = sum(p.gpus for p in round_.plan.placements if p.workload == "team/chat")
-    assert given > 0
-    tomorrow = [(NOW + timedelta(days=1, hours=h)).timestamp() for h in (-1, 0, 1)]
-    hourly = round_.memory.hourly_demand
-    assert hourly.gpus_per_slot("team/chat", tomorrow) == (0.0, given, 0.0)
-    assert hourly.gpus_per_slot("team/tune", tomorrow) is None

@@ -16,17 +16,8 @@ from wattsched_operator.demand import (
     forecast,
     with_forecast_demand,
 )
-from wattsched_operator.learning import record_hourly, record_hourly_gpus
-from wattsched_optimizer.problem import (
-    Placement,
-    Plan,
-    PlanInput,
-    PlanStatus,
-    Precision,
-    Variant,
-    Workload,
-    WorkloadType,
-)
+from wattsched_operator.learning import record_hourly
+from wattsched_optimizer.problem import Precision, Variant, Workload, WorkloadType
 
 BF16 = (Variant("bf16", Precision.BF16, 0),)
 
@@ -152,39 +143,3 @@ def test_the_hours_keep_what_a_service_needed_not_a_queue_draining() -> None:
     # With no hour recorded, the recent forecast is all there is.
     assert HourlyDemand().per_slot("t/new", starts, recent=700.0) == (700.0,) * 4
     assert HourlyDemand().expected_per_slot("t/new", starts, recent=700.0) == (700.0,) * 4
-
-
-def test_the_hours_keep_the_most_gpus_plans_gave_a_service_for_the_same_hour_of_later_days() -> (
-    None
-):
-    # Day 1, 10:00: plans give the service 4 GPUs (beside a job's 8), then 12, then 4; 11:00:
-    # 20. Day 2, 10:00: 16. On day 3 the horizon holds the mean of each hour's most: 10:00
-    # (12 + 16) / 2, 11:00 20; hours with no record, and the first slot (now: its replicas are
-    # known), hold none.
-    hourly = HourlyDemand(days=2)
-    ten = datetime(2026, 1, 1, 10, tzinfo=UTC)
-    job = Workload("t/job", WorkloadType.TRAINING, 8, 8, BF16)
-    plan_input = PlanInput((), (service("t/chat", 1.0), job))
-
-    def given(at: datetime, *replica_gpus: int, job_gpus: int = 0) -> None:
-        pods = [("t/chat", gpus) for gpus in replica_gpus] + (
-            [("t/job", job_gpus)] * bool(job_gpus)
-        )
-        placements = tuple(
-            Placement(key, i, f"n{i}", gpus, "bf16", 300.0, 200.0, 1.0)
-            for i, (key, gpus) in enumerate(pods)
-        )
-        plan = Plan(PlanStatus.OPTIMAL, 0.0, 0.0, 0.0, 0.0, placements, {}, (), ())
-        record_hourly_gpus(hourly, plan_input, plan, at)
-
-    given(ten, 4, job_gpus=8)
-    given(ten + timedelta(minutes=20), 4, 4, 4)
-    given(ten + timedelta(minutes=40), 4)
-    given(ten + timedelta(hours=1), 20)
-    given(ten + timedelta(days=1), 16)
-    day3 = ten + timedelta(days=2)
-    starts = [(day3 + timedelta(hours=h)).timestamp() for h in (-1, 0, 1, 2)]
-    assert hourly.gpus_per_slot("t/chat", starts) == (0.0, 14.0, 20.0, 0.0)
-    assert hourly.gpus_per_slot("t/job", starts) is None
-    hourly.forget(["t/other"])
-    assert hourly.gpus_per_slot("t/chat", starts) is None

@@ -295,21 +295,6 @@ def test_a_running_service_is_sized_at_the_limit_it_runs_at() -> None:
     assert running_slots(result, "t/a") == [10, 11]  # the clean hours
 
 
-def test_a_service_holds_at_least_the_gpus_plans_gave_it_in_the_same_hour_before() -> None:
-    # Two 8-GPU nodes; the service needs one GPU by its demand. Plans gave it every GPU from
-    # 10:00 to 15:00 on previous days (at lower limits, beside jobs filling the cap): the job
-    # that ran in the clean hours runs in others, and its energy's outlook is the same.
-    work = (service("t/chat", 1.0), job("t/a", 2, 24))
-    horizon = horizon_input(work)
-    assert running_slots(plan_horizon(horizon), "t/a") == [10, 11]
-    given = tuple(16.0 if 10 <= hour < 15 else 0.0 for hour in range(24))
-    held = plan_horizon(dataclasses.replace(horizon, inference_gpus={"t/chat": given}))
-    assert held.schedules["t/a"].missed_tokens == 0
-    assert not set(running_slots(held, "t/a")) & set(range(10, 15))
-    with pytest.raises(HorizonInputError, match="t/chat"):
-        plan_horizon(dataclasses.replace(horizon, inference_gpus={"t/chat": (1.0,)}))
-
-
 def test_a_running_service_counts_its_energy_at_its_least_whatever_limit_it_runs_at() -> None:
     # The limit a service runs at follows the cap room the jobs leave it: counted at that limit
     # over the period, one round that raised it would seem to spend the allowance. Its energy
@@ -417,67 +402,6 @@ def test_deadline_work_that_cannot_wait_goes_first_among_work_of_its_priority() 
     assert "t/u" in {p.workload for p in plan(first).placements}
     as_declared = dataclasses.replace(first, workloads=(*small, urgent))
     assert "t/u" not in {p.workload for p in plan(as_declared).placements}
-
-
-def test_a_gang_of_whole_nodes_due_next_holds_its_nodes_until_it_starts() -> None:
-    # Four 8-GPU nodes: a service's replica on h0, a 4-GPU job that may not be stopped on h1, a
-    # 2-GPU one on h2, h3 free. A gang of two 8-GPU pods is planned into the clean hour that
-    # starts next. It holds h3 (free) and h2 (the least work to drain): a new 6-GPU job that
-    # must run now goes beside the service, where best fit without the hold would put it on
-    # h2, and the gang would find one whole node when its hour comes. A service may still scale
-    # onto a held node.
-    chat = dataclasses.replace(service("t/chat", 1.0), max_replicas=1)
-    small = {
-        key: dataclasses.replace(job(key, 2, 24), gpus_per_replica=gpus)
-        for key, gpus in (("t/four", 4), ("t/two", 2))
-    }
-    gang = job("t/gang", 1, 24, replicas=2)
-    new = dataclasses.replace(job("t/new", 0.1, 1.1), gpus_per_replica=6)
-    carbon = (420.0,) + (140.0,) * 23
-    horizon = with_current(
-        horizon_input((chat, *small.values(), gang, new), node_count=4, carbon=carbon),
-        (
-            CurrentPlacement("t/chat", 0, "h0", "bf16", 700.0),
-            CurrentPlacement("t/four", 0, "h1", "bf16", 700.0),
-            CurrentPlacement("t/two", 0, "h2", "bf16", 700.0),
-        ),
-    )
-    result = plan_horizon(horizon)
-    assert result.schedules["t/gang"].next_slot == 1
-    assert result.schedules["t/new"].urgent
-    first = first_slot_input(horizon, result)
-    assert {n.name for n in first.nodes if n.reserved} == {"h2", "h3"}
-    placed = {p.workload: p.node for p in plan(first).placements}
-    assert placed["t/new"] == "h0"
-    assert (placed["t/four"], placed["t/two"]) == ("h1", "h2")  # running work stays
-    # A service may still scale onto a reserved node: an 8-GPU replica goes to h3.
-    big = dataclasses.replace(service("t/big", 1.0), gpus_per_replica=8, max_replicas=1)
-    with_big = dataclasses.replace(first, workloads=(*first.workloads, big))
-    assert {p.workload: p.node for p in plan(with_big).placements}["t/big"] == "h3"
-    unheld = dataclasses.replace(first, nodes=horizon.plan_input.nodes)
-    assert {p.workload: p.node for p in plan(unheld).placements}["t/new"] == "h2"
-    # Its hour come, with h2 and h3 drained: it holds nothing and goes first among its priority.
-    drained = with_current(
-        dataclasses.replace(horizon, budgets={}),
-        (
-            CurrentPlacement("t/chat", 0, "h0", "bf16", 700.0),
-            CurrentPlacement("t/four", 0, "h1", "bf16", 700.0),
-        ),
-    )
-    drained = dataclasses.replace(
-        drained,
-        plan_input=dataclasses.replace(
-            drained.plan_input,
-            workloads=(chat, small["t/four"], gang, new),
-        ),
-    )
-    due = plan_horizon(drained)
-    assert due.schedules["t/gang"].runs_now
-    first = first_slot_input(drained, due)
-    assert not any(n.reserved for n in first.nodes)
-    assert {w.key: w.priority for w in first.workloads}["t/gang"] == 1
-    gang_nodes = {p.node for p in plan(first).placements if p.workload == "t/gang"}
-    assert gang_nodes == {"h2", "h3"}
 
 
 def test_deadline_work_is_planned_at_one_point_wherever_it_runs() -> None:
