@@ -351,9 +351,17 @@ def sample_rss(process: subprocess.Popen[bytes], seconds: int) -> str:
     return f"peak {peak:.0f} MB, last {last:.0f} MB"
 
 
-def statuses_written(kube: Kube, path: str) -> int:
-    """How many LLMWorkloads at `path` have a status written (a phase)."""
-    bodies = kube.list(path, keep=lambda b: {"phase": (b.get("status") or {}).get("phase")})
+def statuses_written(kube: Kube, path: str) -> int | None:
+    """How many LLMWorkloads at `path` have a status written (a phase); None when the list
+    failed (a loaded API server may not send a page within the client's 30 s). Pages of 100: a
+    page of 500 workloads with their statuses is megabytes."""
+    try:
+        bodies = kube.list(
+            path, keep=lambda b: {"phase": (b.get("status") or {}).get("phase")}, page_size=100
+        )
+    except Exception as error:  # any failure: counted again a minute later
+        print(f"  (statuses not counted: {error!r:.200})", flush=True)
+        return None
     return sum(1 for body in bodies if body["phase"])
 
 
@@ -389,7 +397,7 @@ def sample_rss_until_written(
     written and after, the last RSS and when every status was written (or that it was not)."""
     started = time.monotonic()
     peak = last = rss_megabytes(process.pid)
-    written = statuses_written(kube, path)
+    written = statuses_written(kube, path) or 0
     written_at: float | None = None
     peak_after = 0.0
     counted = started
@@ -410,7 +418,7 @@ def sample_rss_until_written(
                 peak_after = max(peak_after, last)
             if now - counted >= 60:
                 counted = now
-                written = statuses_written(kube, path)
+                written = statuses_written(kube, path) or written
                 print(
                     f"  +{now - started:.0f} s: RSS {last:.0f} MB (peak {peak:.0f} MB), "
                     f"{written} of {count} statuses written, {load_average()}",
