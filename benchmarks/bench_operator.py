@@ -16,7 +16,8 @@ agents for every node and one standalone operator, then measures:
    operator started against them (kopf's initial listing, the first plan of all of them); each
    for `--rss-seconds`, or with `--rss-until-written` until every workload's status is written
    and `--rss-seconds` more (the RSS every 5 s in a series file), the second after every status
-   was removed with `--rss-clear-statuses` (so it writes all of them too).
+   was removed with `--rss-clear-statuses` (so it writes all of them too). `--rss-namespace`
+   measures only the second, against the workloads an earlier `--keep-rss-workloads` left.
 At the end, with `--operator-log-level INFO`, the longest planning round (decide: plan input and
 solve; apply) from the operator's log. `--scale` is the large run of issue 18 (2,000 nodes, 10,000
 workloads). Goals (issues 5, 18): p99 <= 2 s, burst >= 0.9 x kube-scheduler alone, RSS <= 300 MB,
@@ -24,7 +25,8 @@ deletion within 2 x the garbage collector's time.
 
 Usage: .venv/bin/python benchmarks/bench_operator.py [--nodes 200] [--singles 100] [--burst 1000]
        [--delete 1000] [--rss-workloads 10000] [--rss-seconds 240] [--rss-until-written]
-       [--rss-write-out-seconds 3600] [--rss-clear-statuses] [--keep-rss-workloads] [--scale].
+       [--rss-write-out-seconds 3600] [--rss-clear-statuses] [--rss-namespace NS]
+       [--keep-rss-workloads] [--scale].
 Not a test: it prints figures and asserts nothing.
 """
 
@@ -776,6 +778,12 @@ def main() -> int:
         help="remove every status before starting the second operator, so it writes them all",
     )
     parser.add_argument(
+        "--rss-namespace",
+        default="",
+        help="measure only the operator started against the LLMWorkloads already in this "
+        "namespace (left by an earlier --keep-rss-workloads): none created, no 'saw them arrive'",
+    )
+    parser.add_argument(
         "--keep-rss-workloads",
         action="store_true",
         help="leave the RSS step's LLMWorkloads in the cluster (deleting 10,000 takes long)",
@@ -1049,16 +1057,8 @@ def main() -> int:
         if args.rss_workloads == 0:
             print_table(args, figures)
             return 0
-        rss_ns = f"bench-rss-{run_id}"
-        kube.create("/api/v1/namespaces", {"metadata": {"name": rss_ns}})
-        rss_started = time.monotonic()
-        create_all(
-            kube,
-            workloads_path(rss_ns),
-            [workload(f"many-{i:05d}") for i in range(args.rss_workloads)],
-        )
-        created_rss_seconds = time.monotonic() - rss_started
-        print(f"created {args.rss_workloads} in {created_rss_seconds:.0f} s, {load_average()}")
+        rss_ns = args.rss_namespace or f"bench-rss-{run_id}"
+        rss_count = args.rss_workloads
 
         def rss(process: subprocess.Popen[bytes], series: str) -> str:
             if not args.rss_until_written:
@@ -1067,33 +1067,52 @@ def main() -> int:
                 process,
                 kube,
                 workloads_path(rss_ns),
-                args.rss_workloads,
+                rss_count,
                 after_seconds=args.rss_seconds,
                 timeout_seconds=args.rss_write_out_seconds,
                 series=logs / series,
             )
 
-        # The peak comes while the operator writes every workload's status, after the plan.
-        report(
-            figures,
-            f"operator RSS with {args.rss_workloads} workloads, saw them arrive",
-            f"{rss(operator, 'bench-rss-arrived.tsv')} (idle {idle_rss:.0f} MB; {load_average()})",
-            "<= 300 MB",
-        )
-        # Where GPUs are plenty (2,000 nodes), most of them are placed meanwhile: how many.
-        rss_bound = sum(
-            1
-            for pod in kube.list(pods_path(rss_ns), keep=lambda p: {"spec": p.get("spec") or {}})
-            if pod["spec"].get("nodeName")
-        )
-        rss_elapsed = time.monotonic() - rss_started
-        report(
-            figures,
-            f"RSS step: pods of the {args.rss_workloads} workloads bound",
-            f"{rss_bound} after {rss_elapsed:.0f} s from the first create "
-            f"({rss_bound / rss_elapsed:.1f}/s; created in {created_rss_seconds:.0f} s)",
-            "",
-        )
+        if args.rss_namespace:
+            rss_count = len(kube.list(workloads_path(rss_ns), keep=lambda b: {}))
+            print(
+                f"{rss_count} LLMWorkloads in namespace {rss_ns}: only the operator started "
+                "against them is measured"
+            )
+        else:
+            kube.create("/api/v1/namespaces", {"metadata": {"name": rss_ns}})
+            rss_started = time.monotonic()
+            create_all(
+                kube,
+                workloads_path(rss_ns),
+                [workload(f"many-{i:05d}") for i in range(rss_count)],
+            )
+            created_rss_seconds = time.monotonic() - rss_started
+            print(f"created {rss_count} in {created_rss_seconds:.0f} s, {load_average()}")
+            # The peak comes while the operator writes every workload's status, after the plan.
+            report(
+                figures,
+                f"operator RSS with {rss_count} workloads, saw them arrive",
+                f"{rss(operator, 'bench-rss-arrived.tsv')} (idle {idle_rss:.0f} MB; "
+                f"{load_average()})",
+                "<= 300 MB",
+            )
+            # Where GPUs are plenty (2,000 nodes), most of them are placed meanwhile: how many.
+            rss_bound = sum(
+                1
+                for pod in kube.list(
+                    pods_path(rss_ns), keep=lambda p: {"spec": p.get("spec") or {}}
+                )
+                if pod["spec"].get("nodeName")
+            )
+            rss_elapsed = time.monotonic() - rss_started
+            report(
+                figures,
+                f"RSS step: pods of the {rss_count} workloads bound",
+                f"{rss_bound} after {rss_elapsed:.0f} s from the first create "
+                f"({rss_bound / rss_elapsed:.1f}/s; created in {created_rss_seconds:.0f} s)",
+                "",
+            )
         stop(operator, "bench-operator")
         if args.rss_clear_statuses:
             cleared = clear_statuses(kube, workloads_path(rss_ns))
@@ -1101,12 +1120,12 @@ def main() -> int:
         with background(operator_args, logs / "bench-operator-restarted.log", env) as restarted:
             report(
                 figures,
-                f"operator RSS with {args.rss_workloads} workloads, started against them",
+                f"operator RSS with {rss_count} workloads, started against them",
                 f"{rss(restarted, 'bench-rss-restarted.tsv')} ({load_average()})",
                 "<= 300 MB",
             )
             if args.keep_rss_workloads:
-                print(f"kept the {args.rss_workloads} LLMWorkloads in namespace {rss_ns}")
+                print(f"kept the {rss_count} LLMWorkloads in namespace {rss_ns}")
             else:
                 delete_workloads(kube, rss_ns, timeout_seconds=900, env=env)
 
