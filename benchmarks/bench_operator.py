@@ -393,17 +393,19 @@ def sample_rss_until_written(
     series: Path,
 ) -> str:
     """Sample the process's RSS every 5 s until all `count` LLMWorkloads at `path` have a status
-    (counted every 60 s, and at every minute a progress line), then `after_seconds` more (later
-    rounds). Each sample goes to `series` (UTC time, seconds since the start, RSS in MB, statuses
-    written at the last count, 1-minute load average). Returns the peak until every status was
-    written and after, the last RSS and when every status was written (or that it was not)."""
+    (counted in a thread, a minute after the last count ended, so a slow list leaves no gap in
+    the samples; a progress line at each count), then `after_seconds` more (later rounds). Each
+    sample goes to `series` (UTC time, seconds since the start, RSS in MB, statuses written at
+    the last count, 1-minute load average). Returns the peak until every status was written and
+    after, the last RSS and when every status was written (or that it was not)."""
     started = time.monotonic()
     peak = last = rss_megabytes(process.pid)
-    written = statuses_written(kube, path) or 0
+    written = 0
     written_at: float | None = None
     peak_after = 0.0
-    counted = started
-    with series.open("w") as out:
+    counted = started - 60
+    with series.open("w") as out, ThreadPoolExecutor(1) as counter:
+        counting = None
         out.write("utc\tseconds\trss_mb\tstatuses_written\tload_1min\n")
         while True:
             time.sleep(5)
@@ -418,9 +420,11 @@ def sample_rss_until_written(
                 peak = max(peak, last)
             else:
                 peak_after = max(peak_after, last)
-            if now - counted >= 60:
-                counted = now
-                written = statuses_written(kube, path) or written
+            if counting is None and now - counted >= 60:
+                counting = counter.submit(statuses_written, kube, path)
+            elif counting is not None and counting.done():
+                written = counting.result() or written
+                counting, counted = None, now
                 print(
                     f"  +{now - started:.0f} s: RSS {last:.0f} MB (peak {peak:.0f} MB), "
                     f"{written} of {count} statuses written, {load_average()}",
