@@ -13,15 +13,20 @@ agents for every node and one standalone operator, then measures:
    kube-controller-manager's garbage collector; and the plans the operator solved meanwhile;
 4. the operator's RSS with `--rss-workloads` LLMWorkloads in the cluster, against its RSS idle:
    first the operator that saw them arrive (and planned them round by round), then a fresh
-   operator started against them (kopf's initial listing, the first plan of all of them).
+   operator started against them (kopf's initial listing, the first plan of all of them); each
+   for `--rss-seconds`, or with `--rss-until-written` until every workload's status is written
+   and `--rss-seconds` more (the RSS every 5 s in a series file), the second after every status
+   was removed with `--rss-clear-statuses` (so it writes all of them too). `--rss-namespace`
+   measures only the second, against the workloads an earlier `--keep-rss-workloads` left.
 At the end, with `--operator-log-level INFO`, the longest planning round (decide: plan input and
 solve; apply) from the operator's log. `--scale` is the large run of issue 18 (2,000 nodes, 10,000
 workloads). Goals (issues 5, 18): p99 <= 2 s, burst >= 0.9 x kube-scheduler alone, RSS <= 300 MB,
 deletion within 2 x the garbage collector's time.
 
 Usage: .venv/bin/python benchmarks/bench_operator.py [--nodes 200] [--singles 100] [--burst 1000]
-       [--delete 1000] [--rss-workloads 10000] [--rss-seconds 240] [--keep-rss-workloads]
-       [--scale].
+       [--delete 1000] [--rss-workloads 10000] [--rss-seconds 240] [--rss-until-written]
+       [--rss-write-out-seconds 3600] [--rss-clear-statuses] [--rss-namespace NS]
+       [--keep-rss-workloads] [--scale].
 Not a test: it prints figures and asserts nothing.
 """
 
@@ -348,6 +353,103 @@ def sample_rss(process: subprocess.Popen[bytes], seconds: int) -> str:
     return f"peak {peak:.0f} MB, last {last:.0f} MB"
 
 
+def statuses_written(kube: Kube, path: str) -> int | None:
+    """How many LLMWorkloads at `path` have a status written (a phase); None when the list
+    failed (a loaded API server may not send a page within the client's 30 s). Pages of 100: a
+    page of 500 workloads with their statuses is megabytes."""
+    try:
+        bodies = kube.list(
+            path, keep=lambda b: {"phase": (b.get("status") or {}).get("phase")}, page_size=100
+        )
+    except Exception as error:  # any failure: counted again a minute later
+        print(f"  (statuses not counted: {error!r:.200})", flush=True)
+        return None
+    return sum(1 for body in bodies if body["phase"])
+
+
+def clear_statuses(kube: Kube, path: str) -> int:
+    """Remove every LLMWorkload's status at `path` (a merge patch `status: null` on the status
+    subresource, 16 at a time), so an operator started against them writes every first status;
+    how many were removed."""
+    names = [b["name"] for b in kube.list(path, keep=lambda b: {"name": b["metadata"]["name"]})]
+    with ThreadPoolExecutor(16) as pool:
+        list(
+            pool.map(
+                lambda n: kube.merge_patch(f"{path}/{n}/status", {"status": None}, parse=False),
+                names,
+            )
+        )
+    return len(names)
+
+
+def sample_rss_until_written(
+    process: subprocess.Popen[bytes],
+    kube: Kube,
+    path: str,
+    count: int,
+    *,
+    after_seconds: int,
+    timeout_seconds: int,
+    series: Path,
+) -> str:
+    """Sample the process's RSS every 5 s until all `count` LLMWorkloads at `path` have a status
+    (counted in a thread, a minute after the last count ended, so a slow list leaves no gap in
+    the samples; a progress line at each count), then `after_seconds` more (later rounds). Each
+    sample goes to `series` (UTC time, seconds since the start, RSS in MB, statuses written at
+    the last count, 1-minute load average). Returns the peak until every status was written and
+    after, the last RSS and when every status was written (or that it was not)."""
+    started = time.monotonic()
+    peak = last = rss_megabytes(process.pid)
+    written = 0
+    written_at: float | None = None
+    peak_after = 0.0
+    counted = started - 60
+    with series.open("w") as out, ThreadPoolExecutor(1) as counter:
+        counting = None
+        out.write("utc\tseconds\trss_mb\tstatuses_written\tload_1min\n")
+        while True:
+            time.sleep(5)
+            now = time.monotonic()
+            if process.poll() is not None:
+                return (
+                    f"peak {peak:.0f} MB, then EXITED (status {process.returncode}) after "
+                    f"{now - started:.0f} s with {written} of {count} statuses written"
+                )
+            last = rss_megabytes(process.pid)
+            if written_at is None:
+                peak = max(peak, last)
+            else:
+                peak_after = max(peak_after, last)
+            if counting is None and now - counted >= 60:
+                counting = counter.submit(statuses_written, kube, path)
+            elif counting is not None and counting.done():
+                written = counting.result() or written
+                counting, counted = None, now
+                print(
+                    f"  +{now - started:.0f} s: RSS {last:.0f} MB (peak {peak:.0f} MB), "
+                    f"{written} of {count} statuses written, {load_average()}",
+                    flush=True,
+                )
+                if written_at is None and written >= count:
+                    written_at = now
+            out.write(
+                f"{time.strftime('%H:%M:%S', time.gmtime())}\t{now - started:.0f}\t{last:.0f}\t"
+                f"{written}\t{os.getloadavg()[0]:.1f}\n"
+            )
+            out.flush()
+            if written_at is not None and now - written_at >= after_seconds:
+                return (
+                    f"peak {peak:.0f} MB until all {count} statuses were written "
+                    f"({written_at - started:.0f} s), peak {peak_after:.0f} MB in the "
+                    f"{after_seconds} s after, last {last:.0f} MB; series in {series}"
+                )
+            if written_at is None and now - started >= timeout_seconds:
+                return (
+                    f"peak {peak:.0f} MB, last {last:.0f} MB; NOT every status written after "
+                    f"{now - started:.0f} s ({written} of {count}); series in {series}"
+                )
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
@@ -668,6 +770,24 @@ def main() -> int:
         "--rss-seconds", type=int, default=240, help="how long to sample RSS after creating them"
     )
     parser.add_argument(
+        "--rss-until-written",
+        action="store_true",
+        help="sample each operator's RSS until every workload's status is written (at most "
+        "--rss-write-out-seconds), then --rss-seconds more",
+    )
+    parser.add_argument("--rss-write-out-seconds", type=int, default=3600)
+    parser.add_argument(
+        "--rss-clear-statuses",
+        action="store_true",
+        help="remove every status before starting the second operator, so it writes them all",
+    )
+    parser.add_argument(
+        "--rss-namespace",
+        default="",
+        help="measure only the operator started against the LLMWorkloads already in this "
+        "namespace (left by an earlier --keep-rss-workloads): none created, no 'saw them arrive'",
+    )
+    parser.add_argument(
         "--keep-rss-workloads",
         action="store_true",
         help="leave the RSS step's LLMWorkloads in the cluster (deleting 10,000 takes long)",
@@ -941,46 +1061,75 @@ def main() -> int:
         if args.rss_workloads == 0:
             print_table(args, figures)
             return 0
-        rss_ns = f"bench-rss-{run_id}"
-        kube.create("/api/v1/namespaces", {"metadata": {"name": rss_ns}})
-        rss_started = time.monotonic()
-        create_all(
-            kube,
-            workloads_path(rss_ns),
-            [workload(f"many-{i:05d}") for i in range(args.rss_workloads)],
-        )
-        created_rss_seconds = time.monotonic() - rss_started
-        # The peak comes while the operator writes every workload's status, after the plan.
-        report(
-            figures,
-            f"operator RSS with {args.rss_workloads} workloads, saw them arrive",
-            f"{sample_rss(operator, args.rss_seconds)} (idle {idle_rss:.0f} MB)",
-            "<= 300 MB",
-        )
-        # Where GPUs are plenty (2,000 nodes), most of them are placed meanwhile: how many.
-        rss_bound = sum(
-            1
-            for pod in kube.list(pods_path(rss_ns), keep=lambda p: {"spec": p.get("spec") or {}})
-            if pod["spec"].get("nodeName")
-        )
-        rss_elapsed = time.monotonic() - rss_started
-        report(
-            figures,
-            f"RSS step: pods of the {args.rss_workloads} workloads bound",
-            f"{rss_bound} after {rss_elapsed:.0f} s from the first create "
-            f"({rss_bound / rss_elapsed:.1f}/s; created in {created_rss_seconds:.0f} s)",
-            "",
-        )
+        rss_ns = args.rss_namespace or f"bench-rss-{run_id}"
+        rss_count = args.rss_workloads
+
+        def rss(process: subprocess.Popen[bytes], series: str) -> str:
+            if not args.rss_until_written:
+                return sample_rss(process, args.rss_seconds)
+            return sample_rss_until_written(
+                process,
+                kube,
+                workloads_path(rss_ns),
+                rss_count,
+                after_seconds=args.rss_seconds,
+                timeout_seconds=args.rss_write_out_seconds,
+                series=logs / series,
+            )
+
+        if args.rss_namespace:
+            rss_count = len(kube.list(workloads_path(rss_ns), keep=lambda b: {}))
+            print(
+                f"{rss_count} LLMWorkloads in namespace {rss_ns}: only the operator started "
+                "against them is measured"
+            )
+        else:
+            kube.create("/api/v1/namespaces", {"metadata": {"name": rss_ns}})
+            rss_started = time.monotonic()
+            create_all(
+                kube,
+                workloads_path(rss_ns),
+                [workload(f"many-{i:05d}") for i in range(rss_count)],
+            )
+            created_rss_seconds = time.monotonic() - rss_started
+            print(f"created {rss_count} in {created_rss_seconds:.0f} s, {load_average()}")
+            # The peak comes while the operator writes every workload's status, after the plan.
+            report(
+                figures,
+                f"operator RSS with {rss_count} workloads, saw them arrive",
+                f"{rss(operator, 'bench-rss-arrived.tsv')} (idle {idle_rss:.0f} MB; "
+                f"{load_average()})",
+                "<= 300 MB",
+            )
+            # Where GPUs are plenty (2,000 nodes), most of them are placed meanwhile: how many.
+            rss_bound = sum(
+                1
+                for pod in kube.list(
+                    pods_path(rss_ns), keep=lambda p: {"spec": p.get("spec") or {}}
+                )
+                if pod["spec"].get("nodeName")
+            )
+            rss_elapsed = time.monotonic() - rss_started
+            report(
+                figures,
+                f"RSS step: pods of the {rss_count} workloads bound",
+                f"{rss_bound} after {rss_elapsed:.0f} s from the first create "
+                f"({rss_bound / rss_elapsed:.1f}/s; created in {created_rss_seconds:.0f} s)",
+                "",
+            )
         stop(operator, "bench-operator")
+        if args.rss_clear_statuses:
+            cleared = clear_statuses(kube, workloads_path(rss_ns))
+            print(f"removed the status of {cleared} workloads, {load_average()}", flush=True)
         with background(operator_args, logs / "bench-operator-restarted.log", env) as restarted:
             report(
                 figures,
-                f"operator RSS with {args.rss_workloads} workloads, started against them",
-                sample_rss(restarted, args.rss_seconds),
+                f"operator RSS with {rss_count} workloads, started against them",
+                f"{rss(restarted, 'bench-rss-restarted.tsv')} ({load_average()})",
                 "<= 300 MB",
             )
             if args.keep_rss_workloads:
-                print(f"kept the {args.rss_workloads} LLMWorkloads in namespace {rss_ns}")
+                print(f"kept the {rss_count} LLMWorkloads in namespace {rss_ns}")
             else:
                 delete_workloads(kube, rss_ns, timeout_seconds=900, env=env)
 

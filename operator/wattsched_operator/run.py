@@ -23,6 +23,7 @@ import kopf
 
 from wattsched_api.commandline import EXIT_NOT_FOUND, CommandError, CommandParser
 from wattsched_operator import handlers
+from wattsched_operator.allocator import limit_malloc_arenas
 from wattsched_operator.budget_horizon import DEFAULT_HORIZON_HOURS
 from wattsched_operator.cache import PODS, WORKLOADS, ClusterCache
 from wattsched_operator.core import build_input_function
@@ -333,6 +334,8 @@ def own_watches(
 
 
 def main(argv: list[str]) -> int:
+    # Before any thread starts: each would take a malloc arena of its own (`allocator`).
+    limit_malloc_arenas()
     args = parse_args(argv)
     use_catalogue(args.catalogue)
     # Before kopf starts: its watches must decode any object the API server stores (the models

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from wattsched_operator import run
 from wattsched_operator.run import parse_args, telemetry_config
 from wattsched_operator.telemetry import DEFAULT_TOKEN_QUERY
 
@@ -110,3 +111,19 @@ def test_demand_check_seconds_is_parsed_and_a_negative_one_refused(
     assert "--demand-check-seconds=-1: must be a number of seconds >= 0" in (
         capsys.readouterr().err
     )
+
+
+def test_the_operator_limits_its_malloc_arenas_before_anything_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+
+    def parse_args(argv: list[str]) -> None:
+        calls.append("parse")
+        raise SystemExit(2)
+
+    monkeypatch.setattr(run, "limit_malloc_arenas", lambda: calls.append("limit"))
+    monkeypatch.setattr(run, "parse_args", parse_args)
+    with pytest.raises(SystemExit):
+        run.main([])
+    assert calls == ["limit", "parse"]
