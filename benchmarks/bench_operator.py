@@ -336,6 +336,14 @@ def stop(process: subprocess.Popen[bytes], name: str) -> None:
         print(f"{name}: still running 30 s after SIGTERM, killed")
 
 
+def exited(process: subprocess.Popen[bytes], peak: float, started: float) -> str:
+    """The RSS figure of a process that exited while it was sampled."""
+    return (
+        f"peak {peak:.0f} MB, then EXITED (status {process.returncode}) after "
+        f"{time.monotonic() - started:.0f} s"
+    )
+
+
 def sample_rss(process: subprocess.Popen[bytes], seconds: int) -> str:
     """The peak and the last of the process's RSS, sampled every 5 s for `seconds`, and whether
     it exited in the meantime."""
@@ -344,10 +352,7 @@ def sample_rss(process: subprocess.Popen[bytes], seconds: int) -> str:
     for _ in range(max(1, seconds // 5)):
         time.sleep(5)
         if process.poll() is not None:
-            return (
-                f"peak {peak:.0f} MB, then EXITED (status {process.returncode}) after "
-                f"{time.monotonic() - started:.0f} s"
-            )
+            return exited(process, peak, started)
         last = rss_megabytes(process.pid)
         peak = max(peak, last)
     return f"peak {peak:.0f} MB, last {last:.0f} MB"
@@ -412,8 +417,7 @@ def sample_rss_until_written(
             now = time.monotonic()
             if process.poll() is not None:
                 return (
-                    f"peak {peak:.0f} MB, then EXITED (status {process.returncode}) after "
-                    f"{now - started:.0f} s with {written} of {count} statuses written"
+                    f"{exited(process, peak, started)} with {written} of {count} statuses written"
                 )
             last = rss_megabytes(process.pid)
             if written_at is None:

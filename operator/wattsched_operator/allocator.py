@@ -11,7 +11,6 @@ issue 18). At most `MALLOC_ARENAS` arenas share that memory instead.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -27,5 +26,5 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     chose one (glibc reads it itself)."""
     if platform.libc_ver()[0] != "glibc" or "MALLOC_ARENA_MAX" in os.environ:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    # The process's own symbols hold glibc's (no `find_library`: it runs ldconfig at start-up).
+    return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, arenas))
