@@ -37,6 +37,10 @@ from wattsched_api.vocabulary import (
 COUNT_LABEL = "nvidia.com/gpu.count"
 GPU_NODE_SELECTOR = "nvidia.com/gpu.present=true"
 REQUEST_TIMEOUT_SECONDS = 10
+# Objects per page of a cluster-wide list: each page is one request within the timeout above.
+# Unpaged, the all-nodes agent's list of 2,000 burst pods at 2,286 nodes ran past it at four
+# heartbeats in a row (docs/benchmarks.md), and those passes wrote nothing.
+LIST_PAGE_SIZE = 500
 # Connections kept open to the API server: the all-nodes agent patches many statuses at once.
 CONNECTIONS = 16
 # A watch request ends after this long; the next resumes from the last resourceVersion seen.
@@ -138,6 +142,31 @@ class KubeAccess:
         decoded: dict[str, Any] = json.loads(response.data)
         return decoded
 
+    def _paged(
+        self, call: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Every item of a list call, in pages of `LIST_PAGE_SIZE` (one request each), and the
+        list's resourceVersion. The pages are one consistent snapshot (the API server's continue
+        token); a token that expired between pages (410) raises as any failed request does."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            page = self._json(
+                call(
+                    *args,
+                    limit=LIST_PAGE_SIZE,
+                    _continue=token,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT_SECONDS,
+                    **kwargs,
+                )
+            )
+            items.extend(page.get("items") or [])
+            metadata = page.get("metadata") or {}
+            token = metadata.get("continue") or None
+            if token is None:
+                return items, str(metadata.get("resourceVersion") or "")
+
     def read_node(self, node_name: str) -> dict[str, Any]:
         """The Node object (raises the client's ApiException, 404 when there is no such node)."""
         return self._json(
@@ -152,16 +181,8 @@ class KubeAccess:
         """The named node, or every node matching the label selector."""
         if node_name is not None:
             return [node_gpu_info(self.read_node(node_name))]
-        nodes = self._json(
-            self.core.list_node(
-                label_selector=selector,
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT_SECONDS,
-            )
-        )
-        return sorted(
-            (node_gpu_info(node) for node in nodes.get("items") or []), key=lambda n: n.name
-        )
+        nodes, _ = self._paged(self.core.list_node, label_selector=selector)
+        return sorted((node_gpu_info(node) for node in nodes), key=lambda n: n.name)
 
     def profiles(self, node_name: str | None) -> dict[str, dict[str, Any]]:
         """NodePowerProfiles by name (only the named node's when node_name is given)."""
@@ -182,15 +203,9 @@ class KubeAccess:
     def gpu_pods(self, node_name: str | None) -> dict[str, list[PlacedPod]]:
         """Pods holding GPUs (wattsched's and other teams'), by node name."""
         selector = f"spec.nodeName={node_name}" if node_name else None
-        listing = self._json(
-            self.core.list_pod_for_all_namespaces(
-                field_selector=selector,
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT_SECONDS,
-            )
-        )
+        pods, _ = self._paged(self.core.list_pod_for_all_namespaces, field_selector=selector)
         by_node: dict[str, list[PlacedPod]] = {}
-        for pod in listing.get("items") or []:
+        for pod in pods:
             node = (pod.get("spec") or {}).get("nodeName")
             placed = placed_pod(pod)
             if node and placed is not None:
@@ -201,18 +216,13 @@ class KubeAccess:
         """Every NodePowerProfile (only the named node's when node_name is given) and the list's
         resourceVersion, to watch from."""
         selector = f"metadata.name={node_name}" if node_name else None
-        listing = self._json(
-            self.custom.list_cluster_custom_object(
-                GROUP,
-                VERSION,
-                PLURAL,
-                field_selector=selector,
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT_SECONDS,
-            )
+        return self._paged(
+            self.custom.list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            PLURAL,
+            field_selector=selector,
         )
-        version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
-        return list(listing.get("items") or []), version
 
     def watch_profile_events(
         self, node_name: str | None, resource_version: str
