@@ -253,10 +253,14 @@ class NodePowerProfile:
     @property
     def limits_confirmed(self) -> bool:
         """The agent is ready, has applied this generation of the spec, and says Applied=True."""
+        return self.limits_applied(self.metadata.generation)
+
+    def limits_applied(self, generation: int | None) -> bool:
+        """The agent is ready, has applied `generation` of the spec (None: any) or a later one,
+        and says Applied=True."""
         agent = self.status.agent
         if agent is None or not agent.ready:
             return False
-        generation = self.metadata.generation
         observed = self.status.observed_generation
         if generation is not None and (observed is None or observed < generation):
             return False

@@ -3,12 +3,15 @@
 The order (see `Applier.apply`): the failure bookkeeping and the Events decided before the
 solve; lower power limits and wait for the agents to confirm; evict preempted and moved pods
 (Eviction API, so PodDisruptionBudgets hold) and delete failed pods due for a retry, then report
-the evictions that went; create new pods; raise limits, only when every lowering was confirmed;
-open profiles for excluded GPU nodes; then the metrics. Status writes and their Events are handed
-to the `writer.StatusWriter` where the round decides them and written in the background (a
-round's workload statuses are built there as it has room): the round does not wait for them, nor
-does the next round's pod creation. A node whose agent does
-not confirm in time counts at maximum power in the next round (`core.after_apply`).
+the evictions that went; create new pods; raise limits, only when every lowering was confirmed,
+without waiting for the agents to confirm them (the next rounds count those nodes as ready at the
+raised limits until the confirmation timeout: `core.RaiseInFlight`); open profiles for excluded
+GPU nodes; then the metrics. Status writes and their Events are handed to the
+`writer.StatusWriter` where the round decides them and written in the background (a round's
+workload statuses are built there as it has room): the round does not wait for them, nor does the
+next round's pod creation. A node whose agent does not confirm a lowering in time counts at
+maximum power in the next round (`core.after_apply`), one whose agent has not confirmed a raise
+within the timeout in the rounds after that.
 
 Decisions are the core's; this module only writes, and reports what it saw (`core.Applied`).
 Failed writes are logged, counted (`reconcile_errors`) and retried by the next round.
@@ -179,15 +182,18 @@ class Applier:
         if round_.services is not None:
             await self.apply_services(round_.services, view)
 
-        # 4. Raise limits, only when every lowering was confirmed. The round ends when the agents
-        # report the raised limits too, so the next plan does not see those nodes as unconfirmed.
+        # 4. Raise limits, only when every lowering was confirmed. The round does not wait for
+        # the agents to report them: the next rounds count those nodes as ready at the raised
+        # limits until the confirmation timeout (`core.RaiseInFlight`).
+        raised: dict[str, core.RaiseInFlight] = {}
         if plan is not None and not unconfirmed:
-            raised = await self.write_limits(view, round_.raise_)
-            slow = await self.wait_confirmed(raised)
-            if slow:
-                logger.info(
-                    "agents on %s have not yet applied raised limits", ", ".join(sorted(slow))
-                )
+            generations = await self.write_limits(view, round_.raise_)
+            deadline = time.monotonic() + self.confirm_timeout_seconds
+            raised = {
+                node: core.RaiseInFlight(generation, deadline)
+                for node, generation in generations.items()
+                if generation > 0
+            }
         if round_.open_profiles:
             await self.write_limits(view, round_.open_profiles)
 
@@ -231,6 +237,7 @@ class Applier:
             self.writer.submit(write)
         return core.Applied(
             unconfirmed=frozenset(unconfirmed),
+            raised=raised,
             evicted=tuple(evicted),
             refused=refused,
             accepted=frozenset(accepted),

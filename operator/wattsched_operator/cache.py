@@ -231,7 +231,8 @@ class Changes:
     workload) or an agent confirming the limits the operator wrote.
 
     Departures free GPUs and power, but nothing waits on them (the garbage collector removes the
-    pods), and a round that changed limits already waited for their confirmations. So while only
+    pods), and the rounds that changed limits already waited for the confirmations of their
+    lowerings or counted their raises as on their way (`core.RaiseInFlight`). So while only
     such changes arrive, the loop lets them settle and plans once for many (`settle_seconds`)
     instead of re-planning the rest of the cluster per workload leaving, and again for the
     confirmations of each of those plans.

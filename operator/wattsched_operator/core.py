@@ -24,8 +24,8 @@ Four more entry points share the memory: `telemetry_requests` (what the shell mu
 `decide`), `account` (a round between plans: energy, progress and statuses only),
 `check_demand` (between plans: a reading of the services' tokens/s and queues, and whether one
 needs a plan now) and `failed_round` (a round whose plan failed: every waiting object says why);
-`after_apply` folds what the apply step saw (agents that did not confirm, pods refused or
-accepted) into the memory.
+`after_apply` folds what the apply step saw (agents that did not confirm, raises in flight, pods
+refused or accepted) into the memory.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ from wattsched_operator.rounds import (
     PlanFunction,
     PlannedInput,
     PodRejection,
+    RaiseInFlight,
     Readings,
     Round,
     Settings,
@@ -122,6 +123,7 @@ __all__ = [
     "PlanFunction",
     "PlannedInput",
     "Prepared",
+    "RaiseInFlight",
     "Readings",
     "Round",
     "Settings",
@@ -153,7 +155,9 @@ def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
     LLMWorkloads and EnergyBudgets, unreadable profiles and pods, GPU nodes the plan cannot use.
     """
 
-    def build(view: ClusterView, unconfirmed: frozenset[str], now: datetime) -> PlannedInput:
+    def build(
+        view: ClusterView, unconfirmed: frozenset[str], raising: Mapping[str, int], now: datetime
+    ) -> PlannedInput:
         objects = snapshot.ClusterObjects(
             nodes=tuple(view.nodes.values()),
             workloads=tuple(view.workloads.values()),
@@ -170,6 +174,7 @@ def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
             agents_required=True,
             heartbeat_timeout_seconds=heartbeat_timeout_seconds,
             unconfirmed_nodes=unconfirmed,
+            raises_in_flight=raising,
         )
         rejected = {error.name: str(error) for error in result.rejected}
         jobs = {
@@ -246,6 +251,12 @@ class Prepared:
     rejections: dict[str, PodRejection]
 
 
+def raises_in_flight(memory: Memory, monotonic: float) -> dict[str, int]:
+    """The raises a node counts as ready at before its agent confirms them (node -> the profile's
+    generation the raise wrote): those whose confirmation is not overdue at `monotonic`."""
+    return {node: r.generation for node, r in memory.raises.items() if monotonic < r.deadline}
+
+
 def prepare(
     observed: Observed, now: datetime, *, build_input: InputBuilder | None = None
 ) -> Prepared:
@@ -266,7 +277,12 @@ def prepare(
         and key not in life.failed
     }
     active_view = dataclasses.replace(view, workloads=active)
-    built = build_input(active_view, observed.memory.unconfirmed, now)
+    built = build_input(
+        active_view,
+        observed.memory.unconfirmed,
+        raises_in_flight(observed.memory, observed.monotonic),
+        now,
+    )
     rejections = dict(observed.memory.pod_rejections)
     refused = lifecycle.refused_pods(active, rejections, observed.monotonic)
     active = {k: v for k, v in active.items() if k not in built.rejected and k not in refused}
@@ -699,7 +715,9 @@ def after_apply(
     settings: Settings,
 ) -> Memory:
     """The round's memory with what the apply step saw: the agents that did not confirm (they
-    count at maximum next round), and each refused pod's workload with its backoff (doubling
+    count at maximum next round), the raises it wrote (the next rounds count their nodes as ready
+    at them until their deadline; a raise written again replaces one, and a raise past its
+    deadline is forgotten), and each refused pod's workload with its backoff (doubling
     with each refusal of the same generation, at most MAX_BACKOFF_SECONDS); an accepted pod ends
     its workload's refusals."""
     rejections = dict(round_.memory.pod_rejections)
@@ -712,6 +730,13 @@ def after_apply(
         rejections[key] = PodRejection(generation, message, refusals, monotonic + delay)
     for key in applied.accepted - set(applied.refused):
         rejections.pop(key, None)
+    raises = {
+        node: raised for node, raised in round_.memory.raises.items() if monotonic < raised.deadline
+    }
+    raises.update(applied.raised)
     return dataclasses.replace(
-        round_.memory, unconfirmed=applied.unconfirmed, pod_rejections=rejections
+        round_.memory,
+        unconfirmed=applied.unconfirmed,
+        raises=raises,
+        pod_rejections=rejections,
     )

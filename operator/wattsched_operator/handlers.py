@@ -136,7 +136,8 @@ def departure(
 
 def confirmation(kind: str, before: Mapping[str, Any] | None, body: Mapping[str, Any]) -> bool:
     """Whether a profile changed only in what follows the operator's own writes: the limits its
-    agent applied and the generation it observed (which the round that wrote them waited for),
+    agent applied and the generation it observed (which the round that wrote them waited for, or
+    counted as on their way: a raise),
     and GPUs passing between free and held by wattsched's pods (which the pods' own events
     report). A GPU taken by another team's pod, an agent going away, a new mapping are not."""
     if kind != PROFILES or before is None:

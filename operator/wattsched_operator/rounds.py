@@ -111,7 +111,20 @@ class PlannedInput:
     budgets: Mapping[str, EnergyBudget] = dataclasses.field(default_factory=dict)
 
 
-InputBuilder = Callable[[ClusterView, frozenset[str], datetime], PlannedInput]
+# (view, nodes whose lowered limits were not confirmed, raises in flight: node -> the profile's
+# generation the raise wrote, now) -> the optimizer's input (`core.build_input_function`).
+InputBuilder = Callable[[ClusterView, frozenset[str], Mapping[str, int], datetime], PlannedInput]
+
+
+@dataclass(frozen=True)
+class RaiseInFlight:
+    """Limits the raising step wrote that the node's agent had not confirmed when its round ended:
+    the profile's `metadata.generation` the raise made, and until when (monotonic seconds) the node
+    counts as ready at them without the agent's confirmation (`snapshot.raise_on_its_way`); after
+    that, as before any raise, only a confirmation makes it ready (else it counts at maximum)."""
+
+    generation: int
+    deadline: float
 
 
 # An agent silent for longer is lost (`wattsched operator --heartbeat-timeout-seconds`' default,
@@ -190,6 +203,8 @@ class Memory:
     starts from an empty Memory; what must survive a restart is in statuses and annotations).
 
     unconfirmed: nodes whose agent did not confirm lowered limits (they count at maximum).
+    raises: the raises written that no agent had confirmed when their round ended, by node (the
+    next rounds do not wait for them: `RaiseInFlight`).
     pod_rejections: workloads whose replica pod the API server refused, by key (retried when the
     spec changes, or after a backoff that doubles with each refusal). calibrator: the model's
     corrections from measurements; applied_placements: what they are fitted against (the
@@ -206,6 +221,7 @@ class Memory:
     """
 
     unconfirmed: frozenset[str] = frozenset()
+    raises: Mapping[str, RaiseInFlight] = field(default_factory=dict)
     pod_rejections: Mapping[str, PodRejection] = field(default_factory=dict)
     calibrator: Calibrator = field(default_factory=Calibrator)
     applied_placements: tuple[Placement, ...] = ()
@@ -571,7 +587,8 @@ class Round:
        `relabel` the power limit annotation of kept pods, and make the operator's Services
        match `services` (each Inference workload's, a headless one per replica that spans
        nodes; None: leave them as they are);
-    4. `raise_` the limits, only when every lowering was confirmed;
+    4. `raise_` the limits, only when every lowering was confirmed (the round does not wait for
+       the agents to confirm them: `Applied.raised`, `Memory.raises`);
     5. `open_profiles` for excluded GPU nodes without one;
     6. `workload_statuses`, `budget_statuses` with their Events, and `metrics`.
 
@@ -604,10 +621,12 @@ class Round:
 
 @dataclass(frozen=True)
 class Applied:
-    """What the apply step saw: agents that did not confirm lowered limits, pods that went,
-    workloads whose pod the API server refused (key -> message) or accepted."""
+    """What the apply step saw: agents that did not confirm lowered limits, the raises it wrote
+    (not waited for), pods that went, workloads whose pod the API server refused (key -> message)
+    or accepted."""
 
     unconfirmed: frozenset[str] = frozenset()
+    raised: Mapping[str, RaiseInFlight] = field(default_factory=dict)
     evicted: tuple[tuple[str, str], ...] = ()
     refused: Mapping[str, str] = field(default_factory=dict)
     accepted: frozenset[str] = frozenset()

@@ -28,13 +28,17 @@ Rules:
   budgets (at maximum until its agent confirms lower limits) instead of dropping out of them.
 - Unmanaged GPUs (held by pods wattsched did not create): where the node's agent reports a device
   mapping, the GPUs its profile's status marks `holder: other`, each at its applied limit (else its
-  NVML maximum, else the product's maximum); otherwise the GPUs requested by pods without the
+  NVML maximum, else the product's maximum; while the agent has not applied the spec's generation,
+  at least at the spec's `unmanagedPowerLimitWatts`);
+  otherwise the GPUs requested by pods without the
   `wattsched.io/workload` label bound to the node, at the product's maximum. They are taken out of
   the node's GPUs for planning and counted in every budget (`GpuNode.unmanaged_*`).
 - Agent readiness: a node's agent counts as ready when its NodePowerProfile says `agent.ready`, has
-  applied the current spec generation, has a fresh heartbeat (when `heartbeat_timeout_seconds` is
-  given) and the node is not in `unconfirmed_nodes`. An agent whose last heartbeat is older than
-  the timeout is lost: its node also takes no work (the replicas there move; the rest stay).
+  applied the current spec generation (or, for a node in `raises_in_flight`, the generation just
+  before the raise the operator wrote: `raise_on_its_way`), has a fresh heartbeat (when
+  `heartbeat_timeout_seconds` is given) and the node is not in `unconfirmed_nodes`. An agent whose
+  last heartbeat is older than the timeout is lost: its node also takes no work (the replicas
+  there move; the rest stay).
   When the objects hold no NodePowerProfile at all and `agents_required` is False (offline
   planning from a snapshot), all agents count as ready.
 - Budgets: the GPU nodes whose labels match the selector (no or empty selector: every GPU node).
@@ -233,6 +237,7 @@ def build_snapshot(
     agents_required: bool = False,
     heartbeat_timeout_seconds: float | None = None,
     unconfirmed_nodes: frozenset[str] = frozenset(),
+    raises_in_flight: Mapping[str, int] | None = None,
 ) -> Snapshot:
     """The optimizer's input for `objects` at time `now` (the rules: see the module docstring)."""
     ignored: list[IgnoredObject] = []
@@ -266,6 +271,7 @@ def build_snapshot(
             now=now,
             heartbeat_timeout_seconds=heartbeat_timeout_seconds,
             unconfirmed_nodes=unconfirmed_nodes,
+            raised_generation=(raises_in_flight or {}).get(name),
             unmanaged_pod_gpus=unmanaged_pod_gpus.get(name, 0),
             discovered=discovered,
         )
@@ -464,11 +470,35 @@ def _profiles_by_node(
     return profiles
 
 
+def raise_on_its_way(profile: NodePowerProfile, raised_generation: int | None) -> bool:
+    """Whether the only change the agent has not applied is a raise the operator wrote and has not
+    waited for: the spec is still that raise (at `raised_generation`, the generation the raising
+    step's write made), and the ready agent applied the generation just before it.
+
+    Its GPUs are then at or below the spec: the raising step is written only once every lowering
+    of its round was confirmed, and it never lowers a GPU (`transition.power_steps`), so the
+    generation before it is at or below it, and the agent moves from the one to the other. The node
+    counts as ready at the spec's limits (the lowering step bounds it by the spec too, not by the
+    older generation's reports: `transition.NodePowerState.from_profile`).
+    """
+    if raised_generation is None or profile.metadata.generation != raised_generation:
+        return False
+    before = raised_generation - 1
+    return profile.status.observed_generation == before and profile.limits_applied(before)
+
+
 def agent_ready(
-    profile: NodePowerProfile | None, *, now: datetime, heartbeat_timeout_seconds: float | None
+    profile: NodePowerProfile | None,
+    *,
+    now: datetime,
+    heartbeat_timeout_seconds: float | None,
+    raised_generation: int | None = None,
 ) -> bool:
-    """Whether a node's agent confirmed its limits (and, given a timeout, reported recently)."""
-    if profile is None or not profile.limits_confirmed:
+    """Whether a node's agent confirmed its limits, or all but a raise on its way
+    (`raise_on_its_way`: `raised_generation`), and, given a timeout, reported recently."""
+    if profile is None:
+        return False
+    if not (profile.limits_confirmed or raise_on_its_way(profile, raised_generation)):
         return False
     if heartbeat_timeout_seconds is None:
         return True
@@ -536,6 +566,7 @@ def _gpu_node(
     now: datetime,
     heartbeat_timeout_seconds: float | None,
     unconfirmed_nodes: frozenset[str],
+    raised_generation: int | None = None,
     unmanaged_pod_gpus: int = 0,
     discovered: dict[str, ProductSpec] | None = None,
 ) -> GpuNode | ExcludedNode | None:
@@ -580,7 +611,10 @@ def _gpu_node(
     lost = False
     if require_agents:
         ready = name not in unconfirmed_nodes and agent_ready(
-            profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds
+            profile,
+            now=now,
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+            raised_generation=raised_generation,
         )
         lost = agent_lost(profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     with products_in_scope(discovered or {}):
@@ -676,17 +710,30 @@ def unmanaged_gpus_of(
 
     The agent's device mapping is the truth where it has one (each GPU at its applied limit, else
     its NVML maximum, else the product's); otherwise the GPU requests of such pods bound to the
-    node (`pod_gpus`), each at the product's maximum.
+    node (`pod_gpus`), each at the product's maximum. While the agent has not applied the spec's
+    generation (a raise on its way: `raise_on_its_way`), what it applied may be an older, lower
+    cap: each GPU counts at least at the spec's `unmanagedPowerLimitWatts` (where the spec has
+    none, the agent leaves the GPU as it is).
     """
     product_max = product_spec(product).max_watts.value
     status = None if profile is None else profile.status
     mapping = None if status is None else status.device_mapping
-    if status is not None and mapping is not None and mapping.source in _MAPPED:
+    if (
+        profile is not None
+        and status is not None
+        and mapping is not None
+        and mapping.source in _MAPPED
+    ):
         others = [gpu for gpu in status.gpus if gpu.holder is Holder.OTHER]
-        watts = sum(
-            next(w for w in (gpu.applied_watts, gpu.max_watts, product_max) if w is not None)
-            for gpu in others
-        )
+        generation = profile.metadata.generation
+        behind = generation is not None and (status.observed_generation or 0) < generation
+        coming = profile.spec.unmanaged_power_limit_watts if behind else None
+        watts = 0.0
+        for gpu in others:
+            applied = next(
+                w for w in (gpu.applied_watts, gpu.max_watts, product_max) if w is not None
+            )
+            watts += applied if coming is None else max(applied, coming)
         return len(others), watts
     return pod_gpus, pod_gpus * product_max
 

@@ -335,6 +335,78 @@ def test_agent_readiness_comes_from_the_node_power_profile() -> None:
     }
 
 
+def raised_profile(
+    node_name: str,
+    *,
+    observed: int,
+    generation: int = 3,
+    ready: bool = True,
+    heartbeat: str = "2026-11-25T01:59:50Z",
+) -> dict[str, Any]:
+    """A profile whose spec is at `generation` (a raise the operator wrote at 3) and whose agent
+    applied `observed`."""
+    body = profile(node_name, ready=ready, heartbeat=heartbeat)
+    body["metadata"]["generation"] = generation
+    body["status"]["observedGeneration"] = observed
+    return body
+
+
+def test_a_raise_on_its_way_counts_as_ready_only_over_the_generation_before_it() -> None:
+    nodes = build(
+        *(node(n) for n in ("on-its-way", "behind", "rewritten", "agent-down", "not-raised")),
+        raised_profile("on-its-way", observed=2),
+        raised_profile("behind", observed=1),  # the generation before the raise not applied
+        raised_profile("rewritten", observed=2, generation=4),  # the spec changed since
+        raised_profile("agent-down", observed=2, ready=False),
+        raised_profile("not-raised", observed=2),
+        heartbeat_timeout_seconds=60,
+        raises_in_flight={n: 3 for n in ("on-its-way", "behind", "rewritten", "agent-down")},
+    ).plan_input.nodes
+    assert {n.name: n.agent_ready for n in nodes} == {
+        "on-its-way": True,
+        "behind": False,
+        "rewritten": False,
+        "agent-down": False,
+        "not-raised": False,
+    }
+
+
+def test_a_raise_on_its_way_with_a_silent_agent_counts_at_maximum() -> None:
+    [lost] = build(
+        node("lost"),
+        raised_profile("lost", observed=2, heartbeat="2026-11-25T01:59:00Z"),  # 60 s before NOW
+        heartbeat_timeout_seconds=30,
+        raises_in_flight={"lost": 3},
+    ).plan_input.nodes
+    assert not lost.agent_ready
+    assert not lost.schedulable
+
+
+def test_other_teams_gpus_count_at_a_raised_cap_the_agent_has_not_applied_yet() -> None:
+    def counted(cap: float, *, observed: int) -> float:
+        body = raised_profile("n0", observed=observed)
+        body["spec"]["unmanagedPowerLimitWatts"] = cap
+        body["status"]["deviceMapping"] = {"source": "PodResources"}
+        body["status"]["gpus"] = [
+            {
+                "index": i,
+                "pod": "ml/trainer",
+                "holder": "other",
+                "maxWatts": 700,
+                "appliedWatts": 300,
+            }
+            for i in range(2)
+        ]
+        [gpu_node] = build(node("n0"), body, raises_in_flight={"n0": 3}).plan_input.nodes
+        assert gpu_node.unmanaged_gpus == 2
+        watts: float = gpu_node.unmanaged_watts
+        return watts
+
+    assert counted(450, observed=2) == 2 * 450.0  # raised from 300 W, not applied yet
+    assert counted(450, observed=3) == 2 * 300.0  # applied: what the agent reads
+    assert counted(200, observed=2) == 2 * 300.0  # lowered, not applied yet: still 300 W
+
+
 def test_a_node_whose_agent_went_silent_takes_no_work_and_one_never_reported_still_does() -> None:
     nodes = build(
         node("lost"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -403,10 +404,13 @@ def test_a_round_prepares_its_input_once_for_the_readings_and_the_decision() -> 
     snapshot_reader = core.build_input_function(30.0)
 
     def build_input(
-        cluster: core.ClusterView, unconfirmed: frozenset[str], now: datetime
+        cluster: core.ClusterView,
+        unconfirmed: frozenset[str],
+        raising: Mapping[str, int],
+        now: datetime,
     ) -> core.PlannedInput:
         built.append(now)
-        return snapshot_reader(cluster, unconfirmed, now)
+        return snapshot_reader(cluster, unconfirmed, raising, now)
 
     observed = core.Observed(view([node("l40s-0")], [service()], []), monotonic=100.0)
     prepared = core.prepare(observed, NOW, build_input=build_input)

@@ -294,7 +294,7 @@ def decide(view: ClusterView) -> None:
     round_ = core.decide(core.Observed(view), NOW)
     assert round_.plan is not None
     result = round_.plan
-    built = build_input_function(30.0)(view, frozenset(), NOW)
+    built = build_input_function(30.0)(view, frozenset(), {}, NOW)
     scopes = {b.name: b for b in built.plan_input.budgets}
     written = {w.object.name: w.status for w in round_.budget_statuses}
     for allocation in result.budgets:
