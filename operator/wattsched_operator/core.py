@@ -251,10 +251,15 @@ class Prepared:
     rejections: dict[str, PodRejection]
 
 
+def _live_raises(memory: Memory, monotonic: float) -> dict[str, RaiseInFlight]:
+    """The raises in `memory` whose confirmation is not overdue at `monotonic`, by node."""
+    return {node: r for node, r in memory.raises.items() if monotonic < r.deadline}
+
+
 def raises_in_flight(memory: Memory, monotonic: float) -> dict[str, int]:
     """The raises a node counts as ready at before its agent confirms them (node -> the profile's
     generation the raise wrote): those whose confirmation is not overdue at `monotonic`."""
-    return {node: r.generation for node, r in memory.raises.items() if monotonic < r.deadline}
+    return {node: r.generation for node, r in _live_raises(memory, monotonic).items()}
 
 
 def prepare(
@@ -730,10 +735,7 @@ def after_apply(
         rejections[key] = PodRejection(generation, message, refusals, monotonic + delay)
     for key in applied.accepted - set(applied.refused):
         rejections.pop(key, None)
-    raises = {
-        node: raised for node, raised in round_.memory.raises.items() if monotonic < raised.deadline
-    }
-    raises.update(applied.raised)
+    raises = _live_raises(round_.memory, monotonic) | dict(applied.raised)
     return dataclasses.replace(
         round_.memory,
         unconfirmed=applied.unconfirmed,

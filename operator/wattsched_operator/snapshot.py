@@ -483,8 +483,9 @@ def raise_on_its_way(profile: NodePowerProfile, raised_generation: int | None) -
     """
     if raised_generation is None or profile.metadata.generation != raised_generation:
         return False
-    before = raised_generation - 1
-    return profile.status.observed_generation == before and profile.limits_applied(before)
+    # An agent that read the raise itself says whether it applied it (Applied): True only where
+    # the raise is confirmed, as `limits_confirmed` says too.
+    return profile.limits_applied(raised_generation - 1)
 
 
 def agent_ready(
@@ -716,24 +717,20 @@ def unmanaged_gpus_of(
     none, the agent leaves the GPU as it is).
     """
     product_max = product_spec(product).max_watts.value
-    status = None if profile is None else profile.status
-    mapping = None if status is None else status.device_mapping
-    if (
-        profile is not None
-        and status is not None
-        and mapping is not None
-        and mapping.source in _MAPPED
-    ):
+    mapping = None if profile is None else profile.status.device_mapping
+    if profile is not None and mapping is not None and mapping.source in _MAPPED:
+        status = profile.status
         others = [gpu for gpu in status.gpus if gpu.holder is Holder.OTHER]
         generation = profile.metadata.generation
         behind = generation is not None and (status.observed_generation or 0) < generation
-        coming = profile.spec.unmanaged_power_limit_watts if behind else None
-        watts = 0.0
-        for gpu in others:
-            applied = next(
-                w for w in (gpu.applied_watts, gpu.max_watts, product_max) if w is not None
+        floor = (profile.spec.unmanaged_power_limit_watts or 0.0) if behind else 0.0
+        watts = sum(
+            max(
+                floor,
+                next(w for w in (gpu.applied_watts, gpu.max_watts, product_max) if w is not None),
             )
-            watts += applied if coming is None else max(applied, coming)
+            for gpu in others
+        )
         return len(others), watts
     return pod_gpus, pod_gpus * product_max
 
