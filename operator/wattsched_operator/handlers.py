@@ -39,7 +39,7 @@ from typing import Any
 import kopf
 
 from wattsched_api.nodepowerprofile import Holder
-from wattsched_api.vocabulary import RELEASE_POWER_FINALIZER
+from wattsched_api.vocabulary import RELEASE_POWER_FINALIZER, TERMINAL_PHASES
 from wattsched_operator.cache import (
     BUDGETS,
     NODES,
@@ -82,8 +82,13 @@ def fingerprint(kind: str, body: Mapping[str, Any]) -> object:
     """The parts of an object a plan depends on; a change in them makes the plan dirty."""
     meta = body.get("metadata") or {}
     deleting = is_deleting(body)
-    if kind in {WORKLOADS, BUDGETS}:
-        return (meta.get("generation"), deleting, (body.get("status") or {}).get("phase"))
+    phase = (body.get("status") or {}).get("phase")
+    if kind == WORKLOADS:
+        # Of a workload's status a plan reads only whether it ended (and its progress, which
+        # the round timer re-plans): its other phases are the operator's own output.
+        return (meta.get("generation"), deleting, phase in TERMINAL_PHASES)
+    if kind == BUDGETS:
+        return (meta.get("generation"), deleting, phase)
     if kind == NODES:
         status = body.get("status") or {}
         ready = next(

@@ -86,10 +86,10 @@ from wattsched_api.vocabulary import (
     POWER_LIMIT_ENV,
     RANK_LABEL,
     REPLICA_LABEL,
+    TERMINAL_PHASES,
     VARIANT_ANNOTATION,
     VARIANT_ENV,
     WORKLOAD_LABEL,
-    Phase,
 )
 from wattsched_operator import handover, progress
 from wattsched_operator.frozen import FrozenDict
@@ -121,7 +121,6 @@ from wattsched_optimizer.problem import (
 
 Body = Mapping[str, Any]
 
-TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 _WHOLE_NUMBER = re.compile(r"^[0-9]+$")
 # GPU-hours of work convert to tokens with the uncalibrated catalogue (a fixed definition).
 _CATALOGUE = CatalogueModel()

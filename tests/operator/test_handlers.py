@@ -54,12 +54,13 @@ def test_the_operators_own_status_writes_do_not_but_spec_changes_do() -> None:
     cache = ClusterCache()
     body: dict[str, Any] = {"metadata": {"name": "w", "namespace": "ns", "generation": 1}}
     record(cache, WORKLOADS, "ADDED", body)
-    with_status = {**body, "status": {"phase": "Pending", "message": "waiting"}}
-    assert record(cache, WORKLOADS, "MODIFIED", with_status)  # phase appeared
-    again = {**body, "status": {"phase": "Pending", "message": "other words"}}
-    assert not record(cache, WORKLOADS, "MODIFIED", again)
-    changed = {**again, "metadata": {**body["metadata"], "generation": 2}}
+    for phase in ("Pending", "Placed", "Running", "Preempted"):
+        with_status = {**body, "status": {"phase": phase, "message": f"now {phase}"}}
+        assert not record(cache, WORKLOADS, "MODIFIED", with_status), phase
+    changed = {**with_status, "metadata": {**body["metadata"], "generation": 2}}
     assert record(cache, WORKLOADS, "MODIFIED", changed)
+    ended = {**changed, "status": {"phase": "Succeeded"}}
+    assert record(cache, WORKLOADS, "MODIFIED", ended)  # its GPUs are free for others
 
 
 def test_an_agent_confirming_limits_matters_but_its_draw_readings_do_not() -> None:
