@@ -239,6 +239,15 @@ all_nodes_ready() {
   [[ -n "$statuses" ]] && ! grep -qv '^True$' <<<"$statuses"
 }
 wait_for "every node Ready" "${SANDBOX_READY_SECONDS:-120}" all_nodes_ready
+# kube-controller-manager's node lifecycle controller takes the not-ready taint off each node some
+# time after it turns Ready (seconds for a few nodes, ~50 s for 200 on this machine): until then
+# kube-scheduler binds nothing there, and each removal is a node update the operator re-plans on.
+no_not_ready_taint() {
+  local taints
+  taints="$(kubectl_admin get nodes -o jsonpath='{range .items[*]}{.spec.taints[*].key}{"\n"}{end}')" &&
+    ! grep -q 'node.kubernetes.io/not-ready' <<<"$taints"
+}
+wait_for "no node tainted not-ready" "${SANDBOX_READY_SECONDS:-120}" no_not_ready_taint
 wait_for "the default service account" 30 kubectl_admin get serviceaccount default -n default
 
 # --- Endpoints -----------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_every_control_plane_endpoint_listed_in_endpoints_yaml_answers(sandbox: 
         assert answer.returncode == 0, f"{name} {endpoints[name]}{path}: {answer.stderr}"
 
 
-def test_every_example_node_is_ready_with_its_gpus_allocatable(sandbox: Sandbox) -> None:
+def test_every_example_node_is_ready_untainted_with_its_gpus_allocatable(sandbox: Sandbox) -> None:
     expected = {
         node["metadata"]["name"]: node
         for node in yaml.safe_load_all((REPO_ROOT / "sandbox" / "nodes.yaml").read_text())
@@ -108,6 +108,9 @@ def test_every_example_node_is_ready_with_its_gpus_allocatable(sandbox: Sandbox)
         status = live[name]["status"]
         ready = [c["status"] for c in status["conditions"] if c["type"] == "Ready"]
         assert ready == ["True"], f"node {name}: Ready={ready}"
+        # Schedulable too: up.sh waits for the node lifecycle controller to lift this taint.
+        taints = [t["key"] for t in live[name]["spec"].get("taints") or []]
+        assert "node.kubernetes.io/not-ready" not in taints, f"node {name}: taints {taints}"
         gpus = status["allocatable"]["nvidia.com/gpu"]
         assert gpus == node["status"]["allocatable"]["nvidia.com/gpu"]
         assert gpus == live[name]["metadata"]["labels"]["nvidia.com/gpu.count"]
