@@ -273,19 +273,19 @@ class Applier:
             except Exception as error:
                 self.failed_step(error)  # the next round writes them
 
-    async def stop_services(self, timeout_seconds: float = 0.0) -> None:
-        """Finish writing the Services handed over (for at most `timeout_seconds`), then stop:
-        what is left (the operator stops, or no longer leads: at once) the next leader's first
-        round writes, from the cluster's Services."""
-        task = self._services_task
-        if task is None:
-            return
-        if timeout_seconds > 0:
-            await asyncio.wait({task}, timeout=timeout_seconds)
+    async def services_written(self) -> None:
+        """Return when the Services handed over so far are written (tests; a clean stop)."""
+        while self._services_task is not None and not self._services_task.done():
+            await asyncio.shield(self._services_task)
+
+    async def stop_services(self) -> None:
+        """Stop writing Services (the operator stops or no longer leads): the next leader's
+        first round writes what is left, from the cluster's Services."""
         self._services_wanted = None
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        self._services_task = None
+        if self._services_task is not None:
+            self._services_task.cancel()
+            await asyncio.gather(self._services_task, return_exceptions=True)
+            self._services_task = None
 
     async def apply_services(
         self, want: Mapping[tuple[str, str], Mapping[str, Any]], namespaces: Iterable[str]

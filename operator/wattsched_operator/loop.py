@@ -146,7 +146,7 @@ class PlanningLoop:
             await self._run()
         finally:
             # Cancelled (the operator stops) or failed: what rounds decided is still written.
-            await self.applier.stop_services(self.settings.flush_seconds)
+            await self.applier.stop_services()
             await self.applier.writer.stop(self.settings.flush_seconds)
 
     async def _run(self) -> None:

@@ -73,7 +73,7 @@ def test_the_apply_step_creates_the_pods_and_returns_while_their_services_are_wr
         await asyncio.wait_for(writes.apply(only_pods_and_services, view([], [], [])), 10)
         at_return = list(kube.created)
         kube.release.set()
-        await writes.stop_services(GUARD_SECONDS)
+        await asyncio.wait_for(writes.services_written(), GUARD_SECONDS)
         await writes.writer.stop(1)
         return at_return, list(kube.created)
 
@@ -97,7 +97,7 @@ def test_services_handed_over_meanwhile_are_written_next_the_newest_rounds_only(
         writes.submit_services(second, cluster)
         writes.submit_services(third, cluster)
         kube.release.set()
-        await writes.stop_services(GUARD_SECONDS)
+        await asyncio.wait_for(writes.services_written(), GUARD_SECONDS)
         return list(kube.created)
 
     created = asyncio.run(scenario())
