@@ -3,14 +3,13 @@
 The order (see `Applier.apply`): the failure bookkeeping and the Events decided before the
 solve; lower power limits and wait for the agents to confirm; evict preempted and moved pods
 (Eviction API, so PodDisruptionBudgets hold) and delete failed pods due for a retry, then report
-the evictions that went; create new pods (their Services are written in the background,
-`submit_services`: the next round's pods do not wait for them); raise limits, only when every
-lowering was confirmed, without waiting for the agents to confirm them (the next rounds count
-those nodes as ready at the raised limits until the confirmation timeout: `core.RaiseInFlight`);
-open profiles for excluded GPU nodes; then the metrics. Status writes and their Events are handed
-to the `writer.StatusWriter` where the round decides them and written in the background (a
-round's workload statuses are built there as it has room): the round does not wait for them, nor
-does the next round's pod creation. A node whose agent does not confirm a lowering in time counts at
+the evictions that went; create new pods; raise limits, only when every lowering was confirmed,
+without waiting for the agents to confirm them (the next rounds count those nodes as ready at the
+raised limits until the confirmation timeout: `core.RaiseInFlight`); open profiles for excluded
+GPU nodes; then the metrics. Status writes and their Events are handed to the
+`writer.StatusWriter` where the round decides them and written in the background (a round's
+workload statuses are built there as it has room): the round does not wait for them, nor does the
+next round's pod creation. A node whose agent does not confirm a lowering in time counts at
 maximum power in the next round (`core.after_apply`), one whose agent has not confirmed a raise
 within the timeout in the rounds after that.
 
@@ -106,10 +105,6 @@ class Applier:
             on_error=self.status_write_failed,
             concurrency=writer_concurrency,
         )
-        self._services_task: asyncio.Task[None] | None = None
-        self._services_wanted: (
-            tuple[Mapping[tuple[str, str], Mapping[str, Any]], tuple[str, ...]] | None
-        ) = None
 
     async def apply(self, round_: core.Round, view: ClusterView) -> core.Applied:
         """Every write of `round_`, in the budget-safe order; returns what it saw."""
@@ -185,7 +180,7 @@ class Applier:
             for (ns, name), watts in round_.relabel.items()
         )
         if round_.services is not None:
-            self.submit_services(round_.services, view)
+            await self.apply_services(round_.services, view)
 
         # 4. Raise limits, only when every lowering was confirmed. The round does not wait for
         # the agents to report them: the next rounds count those nodes as ready at the raised
@@ -250,49 +245,12 @@ class Applier:
 
     # -- writes ------------------------------------------------------------------------------------
 
-    def submit_services(
+    async def apply_services(
         self, want: Mapping[tuple[str, str], Mapping[str, Any]], view: ClusterView
     ) -> None:
-        """Write the round's Services in the background (`apply_services`), one round's at a
-        time: a round's Services wait for its pods, not the other way round, and the next round's
-        pod creation waits for neither. Where a newer round's Services come while an older
-        round's are written, only the newer ones are written next."""
-        namespaces = self.namespaces or tuple(
-            sorted({key.partition("/")[0] for key in view.workloads})
-        )
-        self._services_wanted = (want, namespaces)
-        if self._services_task is None or self._services_task.done():
-            self._services_task = asyncio.create_task(self._write_services())
-
-    async def _write_services(self) -> None:
-        while self._services_wanted is not None:
-            want, namespaces = self._services_wanted
-            self._services_wanted = None
-            try:
-                await self.apply_services(want, namespaces)
-            except Exception as error:
-                self.failed_step(error)  # the next round writes them
-
-    async def services_written(self) -> None:
-        """Return when the Services handed over so far are written (tests; a clean stop)."""
-        while self._services_task is not None and not self._services_task.done():
-            await asyncio.shield(self._services_task)
-
-    async def stop_services(self) -> None:
-        """Stop writing Services (the operator stops or no longer leads): the next leader's
-        first round writes what is left, from the cluster's Services."""
-        self._services_wanted = None
-        if self._services_task is not None:
-            self._services_task.cancel()
-            await asyncio.gather(self._services_task, return_exceptions=True)
-            self._services_task = None
-
-    async def apply_services(
-        self, want: Mapping[tuple[str, str], Mapping[str, Any]], namespaces: Iterable[str]
-    ) -> None:
-        """Make the operator's Services in `namespaces` match `want`
-        (`services.service_changes`): each Inference workload's, and a headless one per replica
-        that spans nodes."""
+        """Make the operator's Services match `want` (`services.service_changes`): each
+        Inference workload's, and a headless one per replica that spans nodes."""
+        namespaces = self.namespaces or sorted({key.partition("/")[0] for key in view.workloads})
         current: list[Mapping[str, Any]] = []
         for namespace in namespaces:
             current += await self.call(

@@ -146,7 +146,6 @@ class PlanningLoop:
             await self._run()
         finally:
             # Cancelled (the operator stops) or failed: what rounds decided is still written.
-            await self.applier.stop_services()
             await self.applier.writer.stop(self.settings.flush_seconds)
 
     async def _run(self) -> None:
@@ -158,7 +157,6 @@ class PlanningLoop:
             if not leader:
                 self._was_leader = False
                 self.applier.writer.discard()  # the leader writes statuses now
-                await self.applier.stop_services()  # and Services
                 continue
             if due == "check" and self._was_leader:
                 try:
