@@ -547,6 +547,21 @@ RawOption = tuple[
 ]
 
 
+def _where_it_runs(
+    workload: Workload, current: Sequence[CurrentPlacement], node_by_name: Mapping[str, GpuNode]
+) -> tuple[tuple[str | None, str | None, float | None], bool]:
+    """What a workload's options keep of where it runs: the product, variant and power limit of
+    its first replica on a node that keeps it (None each when none does), and whether it restarts
+    wherever it goes (a gang with a replica on a node it cannot stay on; its replicas on healthy
+    nodes still prefer to stay there, only the others move)."""
+    staying = [c for c in current if c.node in node_by_name and node_by_name[c.node].keeps_running]
+    restarts = workload.type.is_gang and len(staying) < len(current)
+    if not staying:
+        return (None, None, None), restarts
+    first = staying[0]
+    return (node_by_name[first.node].product, first.variant, first.power_limit_watts), restarts
+
+
 def workload_options(
     workload: Workload,
     *,
@@ -589,18 +604,9 @@ def workload_options(
         return [], []
     best_quality = max(v.quality for v in variants)
     tokens_needed = remaining_tokens(model, workload)
-    current_product = None
-    current_variant = None
-    current_level = None
-    staying = [c for c in current if c.node in node_by_name and node_by_name[c.node].keeps_running]
-    # A gang with a replica on a node it cannot stay on restarts, wherever it goes; its replicas
-    # on healthy nodes still prefer to stay there (only the others move).
-    restarts = workload.type.is_gang and len(staying) < len(current)
-    if staying:
-        first = staying[0]
-        current_product = node_by_name[first.node].product
-        current_variant = first.variant
-        current_level = first.power_limit_watts
+    (current_product, current_variant, current_level), restarts = _where_it_runs(
+        workload, current, node_by_name
+    )
     # (product, variant, level, replicas, throughput, watts, cost, quality loss, keeps current,
     # tokens/s served when only part of the demand is: None when all is; SM clock)
     raw: list[RawOption] = []
@@ -843,22 +849,35 @@ def build_plan_data(
     ordered.sort(key=lambda members: members[0].key)
     classes: list[WorkloadClass] = []
     no_option: dict[str, NoOption] = {}
+    # Running workloads are classes of their own (each keeps its nodes), but alike ones that run
+    # alike have the same options: those are built once. What `workload_options` reads of where a
+    # workload runs: the pools of its nodes, `_where_it_runs`, and whether it runs at all.
+    pool_of_node = {name: pool.index for pool in pools for name in pool.node_names}
+    built: dict[tuple[object, ...], tuple[list[Option], list[tuple[int, ...]]]] = {}
     for members in ordered:
         workload = members[0]
         current = sorted(
             current_by_workload.get(workload.key, []), key=lambda c: (c.replica, c.rank)
         )
-        options, option_pools = workload_options(
-            workload,
-            pools=pools,
-            model=model,
-            levels=plan_input.options.power_levels,
-            current=current,
-            node_by_name=node_by_name,
-            churn_threshold=plan_input.options.churn_threshold,
-            startup_seconds=plan_input.options.startup_seconds,
-            sm_clocks=plan_input.options.sm_clocks,
+        alike = (
+            _CLASS_KEY(workload),
+            frozenset(pool_of_node.get(c.node) for c in current),
+            _where_it_runs(workload, current, node_by_name),
+            bool(current),
         )
+        if alike not in built:
+            built[alike] = workload_options(
+                workload,
+                pools=pools,
+                model=model,
+                levels=plan_input.options.power_levels,
+                current=current,
+                node_by_name=node_by_name,
+                churn_threshold=plan_input.options.churn_threshold,
+                startup_seconds=plan_input.options.startup_seconds,
+                sm_clocks=plan_input.options.sm_clocks,
+            )
+        options, option_pools = built[alike]
         pinned: frozenset[str] = frozenset()
         if current and workload.key not in unpinned and not workload.moves_to_save_energy:
             nodes = {c.node for c in current}

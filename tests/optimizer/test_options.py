@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from wattsched_optimizer import options as options_module
 from wattsched_optimizer.model import CatalogueModel, power_levels_watts
 from wattsched_optimizer.options import Option, build_plan_data, prune_dominated
 from wattsched_optimizer.problem import (
     Budget,
+    CurrentPlacement,
     GpuNode,
     PlanInput,
     Precision,
@@ -100,3 +102,43 @@ def test_workloads_differing_only_in_name_share_a_class_and_running_ones_do_not(
         ("t/a", "t/b"),
         ("t/c",),
     ]
+
+
+def test_running_workloads_alike_share_their_options_built_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    nodes = (
+        GpuNode("h0", "H100-80GB", 8),
+        GpuNode("h1", "H100-80GB", 8),
+        GpuNode("l0", "L40S", 4),
+        GpuNode("h2", "H100-80GB", 8, schedulable=False),  # cordoned: a pool of its own
+    )
+    service = Workload(
+        "t/a", WorkloadType.INFERENCE, 8, 1, (BF16,), tokens_per_second=500.0, max_replicas=4
+    )
+    workloads = tuple(dataclasses.replace(service, key=f"t/{name}") for name in "abcde")
+    current = (
+        CurrentPlacement("t/a", 0, "h0", "bf16", 500.0),
+        CurrentPlacement("t/b", 0, "h1", "bf16", 500.0),  # as t/a: same pool, variant, limit
+        CurrentPlacement("t/c", 0, "h0", "bf16", 400.0),  # another limit
+        CurrentPlacement("t/d", 0, "l0", "bf16", 300.0),  # another product
+        CurrentPlacement("t/e", 0, "h2", "bf16", 500.0),  # as t/a, on a node that takes no others
+    )
+    counted = options_module.workload_options
+    calls: list[str] = []
+
+    def counting(workload: Workload, **kwargs: object) -> object:
+        calls.append(workload.key)
+        return counted(workload, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(options_module, "workload_options", counting)
+    together = build_plan_data(PlanInput(nodes, workloads, current=current), CatalogueModel())
+
+    assert len(calls) == 4  # t/b's are t/a's
+    for workload, placement in zip(workloads, current, strict=True):
+        alone = build_plan_data(
+            PlanInput(nodes, (workload,), current=(placement,)), CatalogueModel()
+        )
+        [mine] = [c for c in together.classes if c.representative.key == workload.key]
+        [reference] = alone.classes
+        assert mine.options == reference.options, workload.key
+        assert mine.option_pools == reference.option_pools, workload.key
+        assert mine.pinned_nodes == reference.pinned_nodes == frozenset({placement.node})
