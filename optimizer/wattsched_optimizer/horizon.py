@@ -163,12 +163,8 @@ class WorkloadSchedule:
     missed_tokens: float
     # A budget it counts in is short of its allowance (the plan may leave its work out for it).
     allowance_short: bool = False
-    # Its deadline leaves less than the margin to spare (`is_urgent`); for a gang of whole nodes
-    # the margin includes the time until enough nodes drain for it (`_gang_drains`).
+    # Its deadline leaves less than the margin to spare (`is_urgent`).
     urgent: bool = False
-    # Nodes held for it this round (a gang of whole nodes that cannot wait and whose nodes are
-    # not free yet): they take no new deadline or batch replica, so they drain for it.
-    held_nodes: tuple[str, ...] = ()
 
     @property
     def runs_now(self) -> bool:
@@ -857,11 +853,9 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     thrifty = frozenset(
         key for key, scope in inference_scope.items() if short & {i for i, _ in scope}
     )
-    drains = _gang_drains(plan_input, flexible, work)
     schedules: dict[str, WorkloadSchedule] = {}
     for f, (workload, point, scope) in enumerate(flexible):
         need = None if math.isnan(work.need[f]) else float(work.need[f])
-        drain_seconds, held = drains.get(f, (0.0, ()))
         schedules[workload.key] = WorkloadSchedule(
             workload=workload.key,
             share_by_slot=tuple(shares[f].tolist()),
@@ -872,11 +866,8 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             allowance_short=bool(short & {i for i, _ in scope}),
             urgent=need is not None
             and is_urgent(
-                float(work.deadline_seconds[f]),
-                need / max(float(work.tokens_per_second[f]), 1e-9),
-                wait_seconds=drain_seconds,
+                float(work.deadline_seconds[f]), need / max(float(work.tokens_per_second[f]), 1e-9)
             ),
-            held_nodes=held,
         )
     return HorizonPlan(
         status=status,
@@ -926,8 +917,9 @@ def _whole_node_rows(
     service_may_use = [found.split(",") if found else [] for found in service_products]
     groups: dict[tuple[frozenset[str], int], list[int]] = {}
     for f, (may_use, pod_gpus) in enumerate(flexible_pods):
-        products = _whole_node_products(may_use, pod_gpus, sizes)
-        if products is not None:
+        products = frozenset(may_use.split(",")) if may_use else frozenset()
+        fitting = {count for p in products for count in sizes.get(p, ()) if count >= pod_gpus}
+        if fitting == {pod_gpus}:
             groups.setdefault((products, pod_gpus), []).append(f)
     for (products, node_gpus), members in sorted(
         groups.items(), key=lambda item: (sorted(item[0][0]), item[0][1])
@@ -960,96 +952,6 @@ def _whole_nodes(nodes: list[GpuNode], products: frozenset[str], node_gpus: int)
         and node.gpu_count == node_gpus
         and node.unmanaged_gpus == 0
     )
-
-
-def _gang_drains(
-    plan_input: PlanInput,
-    flexible: list[tuple[Workload, OperatingPoint, Scope]],
-    work: _Work,
-) -> dict[int, tuple[float, tuple[str, ...]]]:
-    """For each gang of whole nodes that does not run yet (index in `flexible`): the seconds
-    until as many nodes as it has pods are free of the work it could not preempt, if no new
-    deadline or batch work went there, and those nodes. Smaller jobs released into the hours a
-    gang is planned for spread over the nodes the services leave (best fit, one to two GPUs at
-    a time) and are not preemptible: a gang waiting for its margin found no two whole nodes
-    and moved on hour after hour until its deadline passed. A node drains when the last job on
-    it that the gang, one above its priority, could not preempt has done its work (at the
-    horizon's point); a node with a service's replica, another team's GPUs or cordoned is not
-    counted. Gangs go by priority, then deadline; a gang whose drain makes it urgent takes its
-    nodes (`WorkloadSchedule.held_nodes`) where any is not free yet, and later gangs count
-    without them. Fewer such nodes than pods: 0 s (nothing to wait for that a hold can
-    change)."""
-    sizes: dict[str, set[int]] = {}
-    for node in plan_input.nodes:
-        sizes.setdefault(node.product, set()).add(node.gpu_count)
-    index = {workload.key: f for f, (workload, _, _) in enumerate(flexible)}
-    served: set[str] = set()
-    jobs_on: dict[str, list[int]] = {}
-    for placement in plan_input.current:
-        f = index.get(placement.workload)
-        if f is not None:
-            jobs_on.setdefault(placement.node, []).append(f)
-        else:
-            served.add(placement.node)
-    seconds_left = np.where(
-        np.isnan(work.need), math.inf, work.need / np.maximum(work.tokens_per_second, 1e-9)
-    )
-    scopes = _Scopes(plan_input)
-    gangs = []
-    for f, (workload, _, _) in enumerate(flexible):
-        if work.running[f] or math.isnan(work.need[f]) or work.need[f] <= 0:
-            continue
-        products = _whole_node_products(scopes.may_use(workload)[0], workload.gpus_per_pod, sizes)
-        if products is not None:
-            gangs.append((workload, f, products))
-    gangs.sort(key=lambda gang: (-gang[0].priority, work.deadline_seconds[gang[1]], gang[0].key))
-    taken: set[str] = set()
-    out: dict[int, tuple[float, tuple[str, ...]]] = {}
-    for workload, f, products in gangs:
-        drains = []
-        for node in plan_input.nodes:
-            if (
-                node.name in taken
-                or node.name in served
-                or not node.schedulable
-                or node.unmanaged_gpus
-                or node.product not in products
-                or node.gpu_count != workload.gpus_per_pod
-            ):
-                continue
-            blocking = [
-                float(seconds_left[j])
-                for j in jobs_on.get(node.name, [])
-                if not flexible[j][0].preemptible or flexible[j][0].priority > workload.priority
-            ]
-            drains.append((max(blocking, default=0.0), node.name))
-        pods = workload.replicas * workload.nodes_per_replica
-        if len(drains) < pods:
-            continue
-        drains.sort()
-        chosen = drains[:pods]
-        wait = chosen[-1][0]
-        if wait <= 0:
-            continue
-        need_seconds = float(seconds_left[f])
-        if is_urgent(float(work.deadline_seconds[f]), need_seconds, wait_seconds=wait):
-            nodes = tuple(name for _, name in chosen)
-            taken.update(nodes)
-            out[f] = (wait, nodes)
-        else:
-            out[f] = (wait, ())
-    return out
-
-
-def _whole_node_products(
-    may_use: str | None, pod_gpus: int, sizes: Mapping[str, set[int]]
-) -> frozenset[str] | None:
-    """The products (`may_use`: comma-separated) whose every node that fits a pod of `pod_gpus`
-    GPUs has exactly that many (`sizes`: GPUs per node, by product): each pod takes a whole
-    node. None when some node would hold a pod beside other work, or none fits."""
-    products = frozenset(may_use.split(",")) if may_use else frozenset()
-    fitting = {count for p in products for count in sizes.get(p, ()) if count >= pod_gpus}
-    return products if fitting == {pod_gpus} else None
 
 
 def _running_limits(
@@ -1137,12 +1039,11 @@ DEADLINE_MARGIN_SECONDS = SECONDS_PER_HOUR
 DEADLINE_MARGIN_SHARE = 0.25  # of the time the work needs at its point
 
 
-def is_urgent(deadline_seconds: float, needed_seconds: float, wait_seconds: float = 0.0) -> bool:
-    """Whether work due in `deadline_seconds` that needs `needed_seconds` running, and cannot
-    start for `wait_seconds` (a gang of whole nodes while its nodes drain), has less than its
-    margin (`DEADLINE_MARGIN_*`) to spare."""
+def is_urgent(deadline_seconds: float, needed_seconds: float) -> bool:
+    """Whether work due in `deadline_seconds` that needs `needed_seconds` running has less
+    than its margin (`DEADLINE_MARGIN_*`) to spare."""
     margin = max(DEADLINE_MARGIN_SECONDS, DEADLINE_MARGIN_SHARE * needed_seconds)
-    return wait_seconds + needed_seconds + margin >= deadline_seconds
+    return needed_seconds + margin >= deadline_seconds
 
 
 @dataclass(frozen=True)
@@ -1510,10 +1411,9 @@ def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
     non-preemptible work excepted), inference in a budget whose allowance is short at its
     minimum-energy setting (Efficiency), and deadline work that cannot wait (urgent, or with no
     room by its deadline in the plan) first among the work of its priority: one above it, so
-    that the one-instant planner may preempt work of its priority that can wait. A gang of
-    whole nodes that cannot wait while its nodes drain holds them (`_gang_drains`,
-    `GpuNode.reserved`): they take no new deadline or batch replica this round (a service's
-    may still go there)."""
+    that the one-instant planner may preempt work of its priority that can wait. The horizon
+    counts the whole nodes the services leave, not where smaller jobs go: a gang of whole nodes
+    may still find them held by smaller jobs that could have run later."""
     plan_input = horizon.plan_input
     running = {c.workload for c in plan_input.current}
     by_key = {w.key: w for w in plan_input.workloads}
@@ -1533,14 +1433,4 @@ def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
         if w.key not in waiting
     )
     current = tuple(c for c in plan_input.current if c.workload not in waiting)
-    held = {
-        name
-        for key, schedule in plan.schedules.items()
-        if key not in running and schedule.urgent
-        for name in schedule.held_nodes
-    }
-    nodes = tuple(
-        dataclasses.replace(node, reserved=True) if node.name in held else node
-        for node in plan_input.nodes
-    )
-    return dataclasses.replace(plan_input, nodes=nodes, workloads=workloads, current=current)
+    return dataclasses.replace(plan_input, workloads=workloads, current=current)

@@ -68,12 +68,6 @@ class Pool:
     # Memory per GPU: the nodes' label where they have one, else the product's.
     memory_gib: float
     schedulable: bool = True
-    # Reserved nodes (`GpuNode.reserved`): they take new inference replicas only.
-    reserved: bool = False
-
-    def takes_new(self, workload_type: WorkloadType) -> bool:
-        """Whether a new replica of this type of workload may go to the pool's nodes."""
-        return self.schedulable and (not self.reserved or workload_type is WorkloadType.INFERENCE)
 
     @property
     def total_gpus(self) -> int:
@@ -228,9 +222,7 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
     for budget in plan_input.budgets:
         for node_name in budget.node_names:
             budgets_of[node_name].add(budget.name)
-    groups: dict[tuple[str, int, bool, frozenset[str], bool, float, bool], list[str]] = defaultdict(
-        list
-    )
+    groups: dict[tuple[str, int, bool, frozenset[str], bool, float], list[str]] = defaultdict(list)
     for node in plan_input.nodes:
         if not (node.schedulable or node.keeps_running) or node.gpu_count < 1:
             continue
@@ -244,13 +236,12 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
             frozenset(budgets_of[node.name]),
             node.schedulable,
             memory,
-            node.reserved,
         )
         groups[key].append(node.name)
     pools = []
-    order = sorted(groups, key=lambda k: (not k[4], k[0], k[1], k[2], sorted(k[3]), k[5], k[6]))
+    order = sorted(groups, key=lambda k: (not k[4], k[0], k[1], k[2], sorted(k[3]), k[5]))
     for index, key in enumerate(order):
-        product, gpus_per_node, agent_ready, budgets, schedulable, memory, reserved = key
+        product, gpus_per_node, agent_ready, budgets, schedulable, memory = key
         spec = product_spec(product)
         pools.append(
             Pool(
@@ -264,7 +255,6 @@ def build_pools(plan_input: PlanInput) -> tuple[Pool, ...]:
                 max_watts=spec.max_watts.value,
                 schedulable=schedulable,
                 memory_gib=memory,
-                reserved=reserved,
             )
         )
     return tuple(pools)
@@ -581,9 +571,8 @@ def workload_options(
     with `startup_seconds` less. A gang with a replica on a node that cannot keep it (missing,
     NotReady, being deleted, NoExecute-tainted, agent lost) restarts wherever it goes (every
     option counts the startup), but options that keep its product and variant still keep its
-    replicas on healthy nodes where they are. Pools that take no new replicas of its type
-    (cordoned nodes; reserved ones for deadline and batch work) are offered only where it runs
-    now.
+    replicas on healthy nodes where they are. Pools that take no new replicas (cordoned nodes) are
+    offered only where it runs now.
 
     `prune=False` keeps dominated options (for the benchmark's straightforward baseline).
     `partial=True` (Inference with a demand) adds options that serve part of it: every replica
@@ -591,7 +580,7 @@ def workload_options(
     with the slowest replicas' worth of demand it leaves unserved (`shortfall_steps`).
     """
     running_on = {c.node for c in current}
-    pools = [p for p in pools if p.takes_new(workload.type) or running_on & set(p.node_names)]
+    pools = [p for p in pools if p.schedulable or running_on & set(p.node_names)]
     products = sorted({pool.product for pool in pools})
     if workload.allowed_products:
         products = [p for p in products if p in workload.allowed_products]

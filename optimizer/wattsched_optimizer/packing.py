@@ -304,9 +304,7 @@ class ClusterState:
             for pool in (self.data.pools[p] for p in candidates):
                 if chosen is not None:
                     break
-                # Cordoned (or reserved, for deadline and batch work): keeps its running
-                # replicas, takes no new.
-                if not pool.takes_new(workload.type):
+                if not pool.schedulable:  # cordoned: keeps its running replicas, takes no new
                     continue
                 if self._budget_fits(pool, self.extra_watts(pool, option)):
                     fitting.append(pool)

@@ -150,10 +150,6 @@ class GpuNode:
     leaving_watts: float = 0.0
     # Memory per GPU the node reports (GFD `nvidia.com/gpu.memory`), in GiB; None: the product's.
     memory_gib: float | None = None
-    # Held for a gang of whole nodes due soon (the horizon's `first_slot_input`): what runs there
-    # keeps running and services may scale onto it, but no new deadline or batch replica goes
-    # there, so it drains for the gang.
-    reserved: bool = False
 
     def settled(self) -> GpuNode:
         """The node once the old pods of its make-before-break moves have left."""

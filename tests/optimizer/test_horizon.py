@@ -404,37 +404,6 @@ def test_deadline_work_that_cannot_wait_goes_first_among_work_of_its_priority() 
     assert "t/u" not in {p.workload for p in plan(as_declared).placements}
 
 
-def test_a_gang_that_cannot_wait_for_its_nodes_to_drain_holds_them() -> None:
-    # Three 8-GPU nodes; 4-GPU jobs that are not preemptible run on h0 (4 h of work left) and h1
-    # (6 h). A gang of two 8-GPU pods with 1 h of work due in 5.5 h has hours to spare by the
-    # margin alone, and the first hour is dirty; but its second whole node (h0) drains only in
-    # 4 h: it cannot wait. It goes to the one-instant planner and holds h2 and h0, which take no
-    # new deadline or batch replica while it waits (an 8-GPU job due soon finds no whole node).
-    small = tuple(
-        dataclasses.replace(job(f"t/s{i}", hours, 24), gpus_per_replica=4)
-        for i, hours in enumerate((4, 6))
-    )
-    gang = job("t/g", 1, 5.5, replicas=2)
-    other = job("t/o", 4, 5)
-    horizon = with_current(
-        horizon_input((*small, gang, other), node_count=3, carbon=(420.0,) + (140.0,) * 23),
-        tuple(CurrentPlacement(f"t/s{i}", 0, f"h{i}", "bf16", 700.0) for i in range(2)),
-    )
-    result = plan_horizon(horizon)
-    schedule = result.schedules["t/g"]
-    assert not is_urgent(5.5 * HOUR, 1 * HOUR)
-    assert schedule.urgent
-    assert schedule.held_nodes == ("h2", "h0")
-    assert "t/g" not in result.deferred
-    first = first_slot_input(horizon, result)
-    assert {n.name for n in first.nodes if n.reserved} == {"h0", "h2"}
-    assert "t/g" in {w.key for w in first.workloads}
-    assert "t/o" not in {p.workload for p in plan(first).placements}
-    # Its nodes free now, the gang holds none: it is placed this round.
-    free = with_current(horizon, ())
-    assert plan_horizon(free).schedules["t/g"].held_nodes == ()
-
-
 def test_deadline_work_is_planned_at_one_point_wherever_it_runs() -> None:
     # An H100 node and an L4 node; a 1-GPU batch job may use either. The point decides how much
     # of the time left it needs: running on the product that is not its least-energy one, it is
