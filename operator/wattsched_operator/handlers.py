@@ -82,12 +82,12 @@ def fingerprint(kind: str, body: Mapping[str, Any]) -> object:
     """The parts of an object a plan depends on; a change in them makes the plan dirty."""
     meta = body.get("metadata") or {}
     deleting = is_deleting(body)
-    phase = (body.get("status") or {}).get("phase")
-    if kind == WORKLOADS:
+    if kind in {WORKLOADS, BUDGETS}:
+        phase = (body.get("status") or {}).get("phase")
         # Of a workload's status a plan reads only whether it ended (and its progress, which
         # the round timer re-plans): its other phases are the operator's own output.
-        return (meta.get("generation"), deleting, phase in TERMINAL_PHASES)
-    if kind == BUDGETS:
+        if kind == WORKLOADS:
+            return (meta.get("generation"), deleting, phase in TERMINAL_PHASES)
         return (meta.get("generation"), deleting, phase)
     if kind == NODES:
         status = body.get("status") or {}

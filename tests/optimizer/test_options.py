@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from wattsched_optimizer import options as options_module
 from wattsched_optimizer.model import CatalogueModel, power_levels_watts
 from wattsched_optimizer.options import Option, build_plan_data, prune_dominated
@@ -104,7 +106,9 @@ def test_workloads_differing_only_in_name_share_a_class_and_running_ones_do_not(
     ]
 
 
-def test_running_workloads_alike_share_their_options_built_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_running_workloads_alike_share_their_options_built_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     nodes = (
         GpuNode("h0", "H100-80GB", 8),
         GpuNode("h1", "H100-80GB", 8),
