@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.agent.conftest import apply_profile
+from tests.agent.conftest import apply_profile, gpu_pod
 from wattsched_agent import kube_access
 from wattsched_agent.kube_access import GPU_NODE_SELECTOR, KubeAccess
 
@@ -77,21 +77,7 @@ def test_every_gpu_node_and_gpu_pod_is_listed_across_pages(
     assert len(nodes.sizes) >= 2
 
     for index, node in enumerate(NODES):
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": f"paged-{index}", "namespace": namespace},
-            "spec": {
-                "nodeName": node,
-                "containers": [
-                    {
-                        "name": "server",
-                        "image": "vllm/vllm-openai",
-                        "resources": {"limits": {"nvidia.com/gpu": "1"}},
-                    }
-                ],
-            },
-        }
+        pod = gpu_pod(f"paged-{index}", namespace, node, 1, wattsched=False)
         sandbox.kubectl("apply", "-f", "-", input=json.dumps(pod))
     pods = Pages(kube.core.list_pod_for_all_namespaces)
     kube.core.list_pod_for_all_namespaces = pods  # type: ignore[method-assign]
