@@ -265,9 +265,10 @@ class PlannerPolicy:
         matched: Mapping[PodKey, RunningReplica],
         now_observed: core.Observed,
     ) -> core.Readings | None:
-        """What the operator's telemetry reader returns for a round: the snapshot, each due job's
-        progress counter and the budgets' carbon forecasts (the oracle reads nothing: its inputs
-        are in the objects)."""
+        """What the operator's telemetry reader returns for a round: the snapshot, the energy of
+        the nodes that accounting finds due (their energy counters), each due job's progress
+        counter and the budgets' carbon forecasts (the oracle reads nothing: its inputs are in the
+        objects)."""
         if self.oracle is not None:
             return None
         now = observed.at(view.now_seconds)
@@ -275,6 +276,12 @@ class PlannerPolicy:
         requests = core.telemetry_requests(now_observed, now)
         return core.Readings(
             snapshot=self._snapshot(view, matched),
+            energy={
+                start: observed.energy_reading(visible, nodes, start=start, end=requests.end)
+                for start, (nodes, _pods) in requests.energy.items()
+            }
+            if requests.end is not None
+            else {},
             progress={
                 key: observed.progress_counter(visible, key) for key in requests.progress_queries
             },

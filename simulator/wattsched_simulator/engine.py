@@ -650,6 +650,7 @@ class Simulation:
         dt = sc.step_seconds
         steps = sc.steps
         node_count = len(sc.nodes)
+        node_names = [node.name for node in sc.nodes]
         service_count = len(self.services)
         queues = self.queues
         jobs = sorted(sc.jobs, key=lambda job: (job.arrival_seconds, job.key))
@@ -828,6 +829,7 @@ class Simulation:
                         key: joules / window_workload_gpu_seconds[key]
                         for key, joules in window_workload_joules.items()
                     },
+                    node_joules=dict(zip(node_names, node_energy.tolist(), strict=True)),
                 )
                 window_workload_joules.clear()
                 window_workload_gpu_seconds.clear()

@@ -26,7 +26,7 @@ from typing import Any
 from wattsched_api.meta import API_VERSION, format_time
 from wattsched_api.vocabulary import GPU_PRODUCT_LABEL, GPU_RESOURCE, Phase, PodPhase, Source
 from wattsched_operator import desired
-from wattsched_operator.readings import Measurement, PodKey, TelemetrySnapshot
+from wattsched_operator.readings import EnergyReading, Measurement, PodKey, TelemetrySnapshot
 from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer.problem import EnergyPolicy, Placement, WorkloadType
 
@@ -46,11 +46,18 @@ PROGRESS_QUERY = "wattsched_simulated_job_tokens_done"
 CARBON_FORECAST_QUERY = "wattsched_simulated_carbon_forecast_grams_per_kwh"
 # The operator's default rate window (`--telemetry-window-seconds`).
 RATE_WINDOW_SECONDS = 60.0
+# The counter the operator's node energy query reads first (`telemetry.node_energy_queries`).
+NODE_ENERGY_METRIC = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
 
 
 def at(seconds: float) -> datetime:
     """Simulation time as a wall-clock time."""
     return EPOCH + timedelta(seconds=seconds)
+
+
+def seconds_at(moment: datetime) -> float:
+    """A wall-clock time as simulation time (`at`'s inverse)."""
+    return (moment - EPOCH).total_seconds()
 
 
 def carbon_forecast(
@@ -363,6 +370,56 @@ def _tokens_per_second(
     if span <= 0:
         return None
     return max(0.0, last.job_tokens_done[key] - first.job_tokens_done[key]) / span
+
+
+def energy_reading(
+    visible: Sequence[Sample], nodes: Iterable[str], *, start: datetime, end: datetime
+) -> EnergyReading:
+    """What the operator's node energy query returns (`telemetry.node_energy_queries`, DCGM's
+    energy counter first): each node's counter at `end` minus at `start`, the value at a time
+    being its last visible sample's plus the rate between its last two samples times the time
+    since (`telemetry.counter_value_at`). A node whose counter has no two samples by a time is
+    missing, and its budget's energy stays modelled. Pods are not read here: a workload's own
+    energy stays modelled in the simulator."""
+    start_seconds, end_seconds = seconds_at(start), seconds_at(end)
+    joules: dict[str, Measurement] = {}
+    missing = set()
+    for node in nodes:
+        at_end = _counter_at(visible, node, end_seconds)
+        at_start = _counter_at(visible, node, start_seconds)
+        if at_end is None or at_start is None:
+            missing.add(node)
+        else:
+            joules[node] = Measurement(max(0.0, at_end - at_start), NODE_ENERGY_METRIC)
+    return EnergyReading(
+        start=start,
+        end=end,
+        source=Source.MEASURED,
+        stale=False,
+        reason=f"no {NODE_ENERGY_METRIC} samples for {len(missing)} node(s)" if missing else "",
+        node_joules=joules,
+        missing_nodes=frozenset(missing),
+    )
+
+
+def _counter_at(visible: Sequence[Sample], node: str, seconds: float) -> float | None:
+    """A node's energy counter at `seconds`: its last sample by then, extrapolated at the rate
+    between its last two samples (None without two)."""
+    last: Sample | None = None
+    before: Sample | None = None
+    for sample in reversed(visible):
+        if sample.window_end_seconds > seconds + 1e-9 or node not in sample.node_joules:
+            continue
+        if last is None:
+            last = sample
+        else:
+            before = sample
+            break
+    if last is None or before is None:
+        return None
+    span = last.window_end_seconds - before.window_end_seconds
+    rate = (last.node_joules[node] - before.node_joules[node]) / span if span > 0 else 0.0
+    return last.node_joules[node] + rate * (seconds - last.window_end_seconds)
 
 
 def progress_counter(visible: Sequence[Sample], key: str) -> float | None:

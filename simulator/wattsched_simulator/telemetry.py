@@ -38,6 +38,10 @@ class Sample:
     # Mean draw per GPU of each workload's ready replicas over the window (what DCGM's
     # per-pod power shows, summed over the workload's pods and divided by their GPUs).
     workload_watts_per_gpu: Mapping[str, float] = field(default_factory=dict)
+    # Each node's energy counter at the window's end, joules since the run began (DCGM's
+    # DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION summed over the node's GPUs): the true draw integrated,
+    # without read noise, as a counter is.
+    node_joules: Mapping[str, float] = field(default_factory=dict)
 
 
 class Telemetry:
@@ -72,6 +76,7 @@ class Telemetry:
         backlog_tokens: Mapping[str, float],
         job_tokens_done: Mapping[str, float],
         workload_watts_per_gpu: Mapping[str, float] | None = None,
+        node_joules: Mapping[str, float] | None = None,
     ) -> None:
         sample = Sample(
             window_end_seconds=window_end_seconds,
@@ -81,6 +86,7 @@ class Telemetry:
             backlog_tokens=self._noisy(backlog_tokens),
             job_tokens_done=self._noisy(job_tokens_done),
             workload_watts_per_gpu=self._noisy(workload_watts_per_gpu or {}, self._power_rng),
+            node_joules=dict(node_joules or {}),
         )
         self._samples.append(sample)
         self._ends.append(window_end_seconds)

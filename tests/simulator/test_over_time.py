@@ -21,15 +21,19 @@ from tests.simulator.conftest import (
     write_trace,
 )
 from wattsched_api.energybudget import Period
+from wattsched_api.meta import parse_time
 from wattsched_optimizer.problem import WorkloadType
-from wattsched_simulator import cli
+from wattsched_simulator import cli, observed
 from wattsched_simulator.baselines import baseline
 from wattsched_simulator.carbon import CarbonIntensity
 from wattsched_simulator.cluster import ClusterError, SimBudget, parse_budget
-from wattsched_simulator.engine import JOULES_PER_KWH, simulate
+from wattsched_simulator.controller import PlannerPolicy
+from wattsched_simulator.engine import JOULES_PER_KWH, Simulation, simulate
 from wattsched_simulator.observed import budget_body, carbon_forecast
 from wattsched_simulator.report import energy_by_period, energy_over_allowance_kwh, policy_metrics
+from wattsched_simulator.telemetry import Sample
 from wattsched_simulator.trace import DIURNAL_PROFILE, load_traces
+from wattsched_simulator.truth import GroundTruth
 from wattsched_simulator.workloads import generate_jobs
 
 HOUR = 3600.0
@@ -365,3 +369,77 @@ def test_wattsched_with_a_horizon_runs_a_flexible_job_in_the_clean_hours() -> No
         grams_per_kwh = result.job_carbon_grams / (result.job_energy_joules * 1.5 / JOULES_PER_KWH)
         assert grams_per_kwh == pytest.approx(50.0 if hours else 400.0, rel=0.05)
     assert carbon_kg[24.0] < 0.2 * carbon_kg[0.0]
+
+
+def _books_and_draw(truth: GroundTruth) -> tuple[float, float, str]:
+    """A two-hour run of the wattsched policy: the budget's energy used as its status says, what
+    its node drew by then (the engine's own integral) and the status's energy source."""
+    budget = SimBudget("rack", 5000.0, frozenset({"n0"}), 1.0, None, 1000.0, Period.DAY)
+    # Work for 1.5 hours at full speed, due in 2: it runs from the start.
+    work_tokens = (
+        1.5
+        * HOUR
+        * 2
+        * truth.replica_tokens_per_second(
+            product="H100-80GB",
+            workload_type=WorkloadType.TRAINING,
+            model_parameters_billions=8.0,
+            gpus=2,
+            relative_throughput=1.0,
+            power_limit_watts=truth.product("H100-80GB").max_watts,
+        )
+    )
+    sim = replace(
+        scenario(
+            nodes=[h100_node("n0", gpus=4)],
+            jobs=[job("batch/train", work_tokens, deadline_seconds=2 * HOUR, gpus=2, replicas=2)],
+            budgets=[budget],
+            duration_seconds=2 * HOUR,
+            step_seconds=10.0,
+        ),
+        replan_interval_seconds=300.0,
+    )
+    policy = cli.make_policy("wattsched", truth, cli.PolicySettings(horizon_hours=24.0))
+    assert isinstance(policy, PlannerPolicy)
+    simulation = Simulation(sim, truth, policy)
+    simulation.run()
+    status = policy._statuses[("EnergyBudget", "rack")]
+    accounted = observed.seconds_at(parse_time(status["accountedUntil"]))
+    samples = simulation.telemetry.visible(sim.duration_seconds + HOUR)
+    drawn = next(s.node_joules["n0"] for s in samples if s.window_end_seconds == accounted)
+    return status["energyUsedJoules"], drawn, str(status["energySource"])
+
+
+def test_the_operators_energy_books_read_the_nodes_energy_counters() -> None:
+    """The budget's energy used is what its node drew (the energy counter the operator's
+    Prometheus query reads), not the plan's expected watts x time: the catalogue's watts are 4%
+    (flat truth) and 10% (default truth) below these nodes' draw, and the books still match it."""
+    for truth in (flat_truth(), replace(GroundTruth(), power_noise=0.0)):
+        booked, drawn, source = _books_and_draw(truth)
+        # The first interval (before the counter's second scrape) is modelled.
+        assert source == "mixed"
+        assert booked == pytest.approx(drawn, rel=0.005)
+
+
+def test_a_node_energy_reading_is_the_counter_difference_extrapolated_like_promql() -> None:
+    """Each end's counter value is its last visible sample plus the rate since
+    (`telemetry.counter_value_at`); a node without two samples by a time is missing."""
+    samples = [
+        Sample(
+            end,
+            {},
+            {},
+            {},
+            {},
+            {},
+            node_joules={"n0": 2000.0 * end, **({"n1": 5.0} if end > 40 else {})},
+        )
+        for end in (15.0, 30.0, 45.0, 60.0)
+    ]
+    reading = observed.energy_reading(
+        samples, ["n0", "n1"], start=observed.at(35.0), end=observed.at(90.0)
+    )
+    assert reading.node_joules["n0"].value == pytest.approx(2000.0 * 55)
+    assert reading.node_joules["n0"].metric == "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+    assert reading.missing_nodes == {"n1"}
+    assert (reading.source, reading.stale) == ("measured", False)
