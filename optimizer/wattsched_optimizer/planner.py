@@ -227,6 +227,7 @@ def _plan(plan_input: PlanInput, model: PerformanceModel | None) -> Plan:
             workload_by_key=workload_by_key,
             prefer=prefer,
             model=performance,
+            last_pass=True,
         )
     return _assemble(
         plan_input,
@@ -256,9 +257,12 @@ def _solve_and_pack(
     workload_by_key: Mapping[str, Workload],
     prefer: Mapping[str, list[str]],
     model: PerformanceModel,
+    last_pass: bool = False,
 ) -> tuple[ClusterState, dict[str, Unplaced], tuple[Shortfall, ...], float, float, PlanStatus, str]:
     """Solve the program for `data`, pack and repair: the state, what is left out and why, the
-    services served in part, the objective, its bound, the status and the solver that ran."""
+    services served in part, the objective, its bound, the status and the solver that ran.
+    `last_pass`: no pass follows, so a pinned service that is not served whole is served in part
+    (`_fill_and_repair`)."""
     options = plan_input.options
     class_of = {m.key: c for c in data.classes for m in c.members}
     formulation = build(data)
@@ -295,6 +299,7 @@ def _solve_and_pack(
             prefer=prefer,
             unplaced=left_out,
             in_part=in_part,
+            pinned_in_part=last_pass,
         )
         timings["pack"] = timings.get("pack", 0.0) + time.perf_counter() - pack_started
         return state, left_out, shortfalls, _objective(data, weights, state.placed.values())
@@ -661,6 +666,7 @@ def _fill_and_repair(
     prefer: Mapping[str, list[str]],
     unplaced: dict[str, Unplaced],
     in_part: Callable[[Workload], WorkloadClass | None],
+    pinned_in_part: bool = False,
 ) -> tuple[Shortfall, ...]:
     """Place what is left in priority order, evicting strictly lower priority when that helps;
     return the services served in part.
@@ -673,7 +679,11 @@ def _fill_and_repair(
     after every workload of its priority had its whole turn and before lower priority: as many
     replicas (at least minReplicas) as fit once lower-priority preemptible work is out of the way
     (`ClusterState.place_in_part`), so that work keeps only what the service cannot use. A pinned
-    service is not: the planner's second pass may still serve it whole elsewhere.
+    service is not in the first pass (the second may still serve it whole elsewhere), and is in
+    the second (`pinned_in_part`): there it stays pinned when the first pass served it whole, and
+    the work that pass 2 unpinned may take what it needs to grow. Without that it was left out
+    altogether, every replica it ran on stopped (seen in the 48-hour simulation: a service that
+    asked for 13 replicas where 12 fit lost its 10 running ones).
     """
 
     def order(key: str, in_part: bool = False) -> tuple[bool, int, bool, str]:
@@ -726,7 +736,9 @@ def _fill_and_repair(
                 reason.replace(wc.representative.key, key).replace(workload.key, key),
                 constraint,
             )
-            if _may_serve_in_part(workload, why.constraint) and not wc.pinned_nodes:
+            if _may_serve_in_part(workload, why.constraint) and (
+                pinned_in_part or not wc.pinned_nodes
+            ):
                 # After every equal-priority workload's whole turn, before lower priority.
                 in_part_later(key, why)
             else:

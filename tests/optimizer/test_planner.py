@@ -6,8 +6,10 @@ import dataclasses
 
 import pytest
 
+from wattsched_optimizer import planner
 from wattsched_optimizer.model import CatalogueModel, power_levels_watts
-from wattsched_optimizer.options import duration_text
+from wattsched_optimizer.options import build_plan_data, duration_text
+from wattsched_optimizer.packing import ClusterState
 from wattsched_optimizer.planner import PlanInputError, plan
 from wattsched_optimizer.problem import (
     Budget,
@@ -20,6 +22,7 @@ from wattsched_optimizer.problem import (
     PlanOptions,
     PlanStatus,
     Precision,
+    Unplaced,
     Variant,
     WorkAmount,
     Workload,
@@ -613,3 +616,39 @@ def test_a_running_non_preemptible_service_served_in_part_keeps_its_node_against
     assert [u.workload for u in result.unplaced] == ["team/urgent"]
     (short,) = result.shortfalls
     assert short.constraint == "slo"
+
+
+def test_the_last_pass_serves_a_pinned_service_in_part_rather_than_leaving_it_out() -> None:
+    """A running service asks for a third 4-GPU replica where its two fill the only node. In the
+    planner's first pass it is not served in part (pinned: the second pass may serve it whole
+    elsewhere); in the last it is, on the nodes it runs on. Left out, every replica it ran on
+    stopped (seen in the 48-hour simulation)."""
+    chat = inference("team/chat", gpus_per_replica=4, max_replicas=3, tokens_per_second=40_000)
+    running = tuple(CurrentPlacement("team/chat", i, "h0", "bf16", 700.0) for i in range(2))
+    plan_input = PlanInput(h100_nodes(1), (chat,), current=running)
+    model = CatalogueModel()
+    data = build_plan_data(plan_input, model)
+    (chat_class,) = data.classes
+    assert chat_class.pinned_nodes
+
+    def left_out(last_pass: bool) -> tuple[list[str], set[str]]:
+        state = ClusterState(data, planner._running_gpus(plan_input, {chat.key: chat}))
+        unplaced: dict[str, Unplaced] = {}
+        planner._fill_and_repair(
+            data,
+            state=state,
+            pending=[chat.key],
+            workload_by_key={chat.key: chat},
+            class_of={chat.key: chat_class},
+            prefer=planner._preferred_nodes(plan_input),
+            unplaced=unplaced,
+            in_part=lambda w: planner._partial_class(plan_input, data, w, model),
+            pinned_in_part=last_pass,
+        )
+        nodes = list(state.placed[chat.key].nodes) if chat.key in state.placed else []
+        return nodes, set(unplaced)
+
+    assert left_out(last_pass=False) == ([], {"team/chat"})
+    assert left_out(last_pass=True) == (["h0", "h0"], set())
+    (short,) = plan(plan_input).shortfalls
+    assert short.workload == "team/chat"
