@@ -31,6 +31,7 @@ from wattsched_optimizer.horizon import (
     first_slot_input,
     hourly_slots,
     plan_horizon,
+    planned_starts,
 )
 from wattsched_optimizer.horizon import Objective as HorizonObjective
 from wattsched_optimizer.problem import PlanInput, WorkloadType
@@ -200,12 +201,14 @@ def horizon_input(
     forecasts: Mapping[str, Mapping[int, float]] | None = None,
     hourly_demand: HourlyDemand | None = None,
     declared_tokens_per_second: Mapping[str, float] | None = None,
+    overdue: frozenset[str] = frozenset(),
 ) -> HorizonInput:
     """The horizon's input for the budgets of `plan_input` at `now` (forecasts by budget name:
     gCO2e/kWh by hours ahead, from `forecast_by_hours_ahead`; inference demand per slot from
     `hourly_demand`: in hours it has no history of, the most of each service's `tokens_per_second`
     (its recent forecast), its busiest recorded hour and its declared tokens/s, by key in
-    `declared_tokens_per_second`, and its expected demand, in those hours its recent forecast)."""
+    `declared_tokens_per_second`, and its expected demand, in those hours its recent forecast;
+    `overdue`: `HorizonInput.overdue`)."""
     now = now.astimezone(UTC)
     into_hour = now.minute * 60 + now.second + now.microsecond / 1e6
     slot_seconds = hourly_slots(into_hour, horizon_hours)
@@ -240,7 +243,7 @@ def horizon_input(
             likely = hourly_demand.expected_per_slot(workload.key, epochs, recent)
             if likely is not None:
                 expected[workload.key] = likely
-    return HorizonInput(plan_input, slot_seconds, settings, demand, expected)
+    return HorizonInput(plan_input, slot_seconds, settings, demand, expected, overdue)
 
 
 def _clock(moment: datetime) -> str:
@@ -376,6 +379,8 @@ class OverTime:
     plan_input: PlanInput
     deferred: tuple[DeferredWork, ...] = ()
     allowances: Mapping[str, AllowanceOutlook] = field(default_factory=dict)
+    # When the plan starts each waiting workload of whole-node pods (`horizon.planned_starts`).
+    planned_starts: Mapping[str, datetime] = field(default_factory=dict)
 
 
 def rfc3339_utc(moment: datetime) -> str:
@@ -391,10 +396,12 @@ def plan_over_time(
     forecasts: Mapping[str, Mapping[int, float]] | None = None,
     hourly_demand: HourlyDemand | None = None,
     declared_tokens_per_second: Mapping[str, float] | None = None,
+    overdue: frozenset[str] = frozenset(),
 ) -> OverTime:
     """The horizon step of a round (`wattsched plan` and the operator alike): plan the horizon
     and return its first slot. Without a horizon, or with no budget that plans over time, the
-    input unchanged. Raises HorizonInputError for input the horizon cannot plan."""
+    input unchanged. `overdue`: work of whole-node pods whose planned start came without it
+    starting (`overdue_work`). Raises HorizonInputError for input the horizon cannot plan."""
     if horizon_hours <= 0 or not plans_over_time(budgets.values()):
         return OverTime(plan_input)
     horizon = horizon_input(
@@ -405,6 +412,7 @@ def plan_over_time(
         forecasts=forecasts,
         hourly_demand=hourly_demand,
         declared_tokens_per_second=declared_tokens_per_second,
+        overdue=overdue,
     )
     result = plan_horizon(horizon)
     deferred = tuple(
@@ -429,4 +437,20 @@ def plan_over_time(
         outlook = budget_outlook(budget, horizon, result, now, messages)
         if outlook is not None:
             allowances[name] = outlook
-    return OverTime(first_slot_input(horizon, result), deferred, allowances)
+    starts = {
+        key: now + timedelta(seconds=seconds)
+        for key, seconds in planned_starts(horizon, result).items()
+    }
+    return OverTime(first_slot_input(horizon, result), deferred, allowances, starts)
+
+
+def overdue_work(
+    planned: Mapping[str, datetime], last_round_at: datetime | None, waiting: Iterable[str]
+) -> tuple[frozenset[str], dict[str, datetime]]:
+    """Which `waiting` work (whole-node pods, not running) is overdue: a round at or after its
+    earliest planned start (`planned`, kept from round to round) has passed and it did not start.
+    Returns the overdue keys and the planned starts still kept (of waiting work only)."""
+    kept = {key: planned[key] for key in waiting if key in planned}
+    if last_round_at is None:
+        return frozenset(), kept
+    return frozenset(key for key, start in kept.items() if start <= last_round_at), kept

@@ -419,6 +419,12 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
     # Budgets with an allowance, a cap schedule or a carbon forecast: the horizon plans the next
     # hours and this round applies its first slot (deferred work is left out of the solve).
     hourly.forget(active)
+    running = {c.workload for c in plan_input.current}
+    overdue, kept_starts = budget_horizon.overdue_work(
+        memory.planned_starts,
+        memory.last_round.planned_at if memory.last_round is not None else None,
+        waiting=(key for key in active if key not in running),
+    )
     timed = budget_horizon.plan_over_time(
         sized,
         built.budgets,
@@ -429,6 +435,7 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
         declared_tokens_per_second={
             w.key: w.tokens_per_second for w in plan_input.workloads if w.tokens_per_second
         },
+        overdue=overdue,
     )
     model = CatalogueModel().calibrated(calibrator.corrections())
     plan = plan_function(timed.plan_input, model)
@@ -518,6 +525,10 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
             demands=demands,
             over_time=timed,
         ),
+        planned_starts={
+            **timed.planned_starts,
+            **{k: min(t, timed.planned_starts.get(k, t)) for k, t in kept_starts.items()},
+        },
         ready_agents=frozenset(n.name for n in plan_input.nodes if n.agent_ready),
         budget_reported=budget_reported,
         reported=reported,

@@ -231,6 +231,9 @@ class Memory:
     hourly_demand: demand.HourlyDemand = field(default_factory=demand.HourlyDemand)
     demand: demand.DemandHistory = field(default_factory=demand.DemandHistory)
     last_round: LastRound | None = None
+    # The earliest start the horizon planned for each waiting workload of whole-node pods
+    # (`budget_horizon.overdue_work`).
+    planned_starts: Mapping[str, datetime] = field(default_factory=dict)
     ready_agents: frozenset[str] = frozenset()
     budget_reported: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     reported: Mapping[str, str] = field(default_factory=dict)

@@ -134,6 +134,12 @@ class HorizonInput:
     # kg CO2). Missing: `inference_demand`. Holding a slot's cap room for a peak that may come is
     # safe; counting that peak's energy as spent would defer work for an allowance that lasts.
     inference_expected_demand: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # Work whose pods each take a whole node and whose planned start (`planned_starts`) came
+    # without it starting: its whole nodes were not there when its slot came (the GPU rows count
+    # GPUs in aggregate, and smaller work that started in the hours before holds a part of every
+    # node). It waits for no cleaner hour again (only for an allowance) and goes first among the
+    # work of its priority, as work that cannot wait does (`first_slot_input`).
+    overdue: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -917,9 +923,8 @@ def _whole_node_rows(
     service_may_use = [found.split(",") if found else [] for found in service_products]
     groups: dict[tuple[frozenset[str], int], list[int]] = {}
     for f, (may_use, pod_gpus) in enumerate(flexible_pods):
-        products = frozenset(may_use.split(",")) if may_use else frozenset()
-        fitting = {count for p in products for count in sizes.get(p, ()) if count >= pod_gpus}
-        if fitting == {pod_gpus}:
+        if _takes_whole_nodes(may_use, pod_gpus, sizes):
+            products = frozenset(may_use.split(",")) if may_use else frozenset()
             groups.setdefault((products, pod_gpus), []).append(f)
     for (products, node_gpus), members in sorted(
         groups.items(), key=lambda item: (sorted(item[0][0]), item[0][1])
@@ -1363,6 +1368,40 @@ class Deferral:
     grams_per_kwh_then: float | None = None
 
 
+def planned_starts(horizon: HorizonInput, plan: HorizonPlan) -> dict[str, float]:
+    """When the plan starts each workload whose pods each take a whole node and that does not
+    run now: seconds from now to the start of the first slot it has work in (0: this round
+    hands it to the one-instant planner). The caller keeps the earliest it was given and marks
+    the workload overdue once a round at or after that time has passed (`HorizonInput.overdue`).
+    Work the plan runs in no slot of the horizon has no planned start."""
+    plan_input = horizon.plan_input
+    running = {c.workload for c in plan_input.current}
+    scopes = _Scopes(plan_input)
+    sizes: dict[str, set[int]] = {}
+    for node in plan_input.nodes:
+        sizes.setdefault(node.product, set()).add(node.gpu_count)
+    starts = {}
+    for workload in plan_input.workloads:
+        schedule = plan.schedules.get(workload.key)
+        if workload.key in running or schedule is None or not _has_work(schedule):
+            continue
+        if not _takes_whole_nodes(scopes.may_use(workload)[0], workload.gpus_per_pod, sizes):
+            continue
+        slot = 0 if not schedule.waits else schedule.next_slot
+        if slot is not None:
+            starts[workload.key] = plan.slot_start_seconds(slot)
+    return starts
+
+
+def _takes_whole_nodes(may_use: str | None, pod_gpus: int, sizes: Mapping[str, set[int]]) -> bool:
+    """Every node of the products a workload may use (comma-separated) that fits its pod has
+    exactly the pod's GPUs."""
+    products = may_use.split(",") if may_use else []
+    return {count for p in products for count in sizes.get(p, ()) if count >= pod_gpus} == {
+        pod_gpus
+    }
+
+
 def _may_defer(workload: Workload, running: set[str]) -> bool:
     """Running work that is not preemptible is never stopped for the horizon."""
     return workload.key not in running or workload.preemptible
@@ -1408,20 +1447,27 @@ def deferrals(horizon: HorizonInput, plan: HorizonPlan) -> tuple[Deferral, ...]:
 
 def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
     """The one-instant planner's input for the first slot: deferred work left out (running
-    non-preemptible work excepted), inference in a budget whose allowance is short at its
-    minimum-energy setting (Efficiency), and deadline work that cannot wait (urgent, or with no
-    room by its deadline in the plan) first among the work of its priority: one above it, so
-    that the one-instant planner may preempt work of its priority that can wait. The horizon
-    counts the whole nodes the services leave, not where smaller jobs go: a gang of whole nodes
-    may still find them held by smaller jobs that could have run later."""
+    non-preemptible work excepted, and overdue work unless an allowance is short), inference in
+    a budget whose allowance is short at its minimum-energy setting (Efficiency), and deadline
+    work that cannot wait (urgent, with no room by its deadline in the plan, or overdue) first
+    among the work of its priority: one above it, so that the one-instant planner may preempt
+    work of its priority that can wait. The horizon counts the whole nodes the services leave,
+    not where smaller jobs go: a gang of whole nodes may still find them held by smaller jobs
+    that could have run later (then it is overdue from the next round on: `planned_starts`)."""
     plan_input = horizon.plan_input
     running = {c.workload for c in plan_input.current}
     by_key = {w.key: w for w in plan_input.workloads}
-    waiting = {key for key in plan.deferred if _may_defer(by_key[key], running)}
+    waiting = {
+        key
+        for key in plan.deferred
+        if _may_defer(by_key[key], running)
+        and (key not in horizon.overdue or plan.schedules[key].allowance_short)
+    }
     pressing = {
         key
         for key, schedule in plan.schedules.items()
-        if _has_work(schedule) and (schedule.urgent or schedule.missed_tokens > 0)
+        if _has_work(schedule)
+        and (schedule.urgent or schedule.missed_tokens > 0 or key in horizon.overdue)
     }
     workloads = tuple(
         dataclasses.replace(w, policy=EnergyPolicy.EFFICIENCY)

@@ -12,7 +12,9 @@ from typing import Any
 from tests.operator.test_core import node, profile, replica_pod, service
 from wattsched_api import vocabulary
 from wattsched_operator import core, statuses
-from wattsched_optimizer.problem import MoveReason
+from wattsched_optimizer.model import PerformanceModel
+from wattsched_optimizer.planner import plan
+from wattsched_optimizer.problem import MoveReason, Plan, PlanInput
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 # 420 g/kWh except from 15:00 to 18:00 UTC, 140 g/kWh.
@@ -253,3 +255,58 @@ def test_the_shell_reads_each_forecast_query_and_the_core_plans_with_its_samples
     assert slo is not None
     assert (slo["status"], slo["reason"]) == ("Unknown", "Deferred")
     assert not [e for e in tune.write.events if e.reason == "SLORisk"]
+
+
+def test_a_gang_whose_planned_start_passed_without_a_start_waits_for_no_cleaner_hour() -> None:
+    # Pods of 4 GPUs on 4-GPU nodes: each takes a whole node. 140 g/kWh from 15:00 to 16:00
+    # UTC, 300 from 06:00 to 07:00, 420 otherwise; due at 08:00 the next day.
+    only_clean = [140.0 if hour == 15 else 300.0 if hour == 6 else 420.0 for hour in range(24)]
+    carbon_budget = budget(
+        {"carbon": {"intensityGramsPerKilowattHour": 420, "forecastPrometheusQuery": "forecast"}}
+    )
+    gang = job()
+    gang["spec"]["gpu"] = {"count": 4}
+    gang["spec"]["slo"] = {
+        "totalWork": {"gpuHours": 0.5},
+        "deadline": (NOW + timedelta(hours=20)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+    def observed_at(now: datetime, memory: core.Memory) -> core.Observed:
+        forecast = {ahead: only_clean[(now.hour + ahead) % 24] for ahead in range(30)}
+        view = cluster(carbon_budget, [gang])
+        for body in view.profiles.values():  # the agents' heartbeats are fresh
+            body["status"]["agent"]["heartbeatTime"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return core.Observed(
+            view,
+            memory=memory,
+            monotonic=(now - NOW).total_seconds(),
+            telemetry=core.Readings(carbon_forecasts={"cluster": forecast}),
+        )
+
+    def no_room_for_the_gang(plan_input: PlanInput, model: PerformanceModel) -> Plan:
+        """The one-instant planner finds no whole node for the gang (smaller work holds them)."""
+        others = tuple(w for w in plan_input.workloads if w.key != "team/tune")
+        return plan(dataclasses.replace(plan_input, workloads=others), model)
+
+    first = core.decide(observed_at(NOW, core.Memory()), NOW)
+    three = NOW.replace(hour=15)
+    assert first.memory.planned_starts == {"team/tune": three}
+    assert not first.create
+    # 15:00: handed to the one-instant planner, which finds no room; its planned start is kept.
+    at_three = three + timedelta(seconds=30)
+    second = core.decide(
+        observed_at(at_three, first.memory), at_three, plan_function=no_room_for_the_gang
+    )
+    assert not second.create
+    assert second.memory.planned_starts == {"team/tune": three}
+    # 16:10, dirty again: overdue, it is placed now rather than deferred to 06:00.
+    later = NOW.replace(hour=16, minute=10)
+    third = core.decide(observed_at(later, second.memory), later)
+    assert [p["metadata"]["name"] for p in third.create] == ["tune-0"]
+    # Without the kept start (an operator that just started), it waits for 06:00.
+    fresh = dataclasses.replace(second.memory, planned_starts={})
+    waiting = core.decide(observed_at(later, fresh), later)
+    assert not waiting.create
+    tune = statuses_by_key(waiting)["team/tune"]
+    assert tune.write is not None
+    assert tune.write.status["message"].startswith("Deferred until 06:00 UTC")

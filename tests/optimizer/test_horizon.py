@@ -27,6 +27,7 @@ from wattsched_optimizer.horizon import (
     is_urgent,
     operating_point,
     plan_horizon,
+    planned_starts,
     point_at_limit,
 )
 from wattsched_optimizer.model import CatalogueModel, product_spec
@@ -494,6 +495,39 @@ def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
     first = first_slot_input(horizon, result)
     assert [w.key for w in first.workloads] == ["t/now"]
     assert [p.workload for p in plan(first).placements] == ["t/now"]
+
+
+def test_a_whole_node_gang_whose_planned_start_passed_waits_for_no_cleaner_hour() -> None:
+    # Three 8-GPU nodes. A gang of two 8-GPU pods is planned into the clean hours (10:00) and a
+    # 4-GPU job into the dirty ones; the 4-GPU job is not whole-node work and has no planned start.
+    gang = job("t/gang", 2, 24, replicas=2)
+    small = dataclasses.replace(job("t/small", 4, 30), gpus_per_replica=4)
+    horizon = horizon_input((gang, small), node_count=3)
+    result = plan_horizon(horizon)
+    assert planned_starts(horizon, result) == {"t/gang": 10 * HOUR}
+    assert [w.key for w in first_slot_input(horizon, result).workloads] == []
+    # Overdue (its start came and it did not start): handed to the one-instant planner now, one
+    # above its priority, though the clean hours are still ahead; the small job still waits.
+    overdue = dataclasses.replace(horizon, overdue=frozenset({"t/gang"}))
+    result = plan_horizon(overdue)
+    first = first_slot_input(overdue, result)
+    assert {w.key: w.priority for w in first.workloads} == {"t/gang": 1}
+    assert {p.workload for p in plan(first).placements} == {"t/gang"}
+    # ... but not past an allowance that is short.
+    short = dataclasses.replace(
+        horizon_input((gang, small), node_count=3, energy_kwh_left=1.0),
+        overdue=frozenset({"t/gang"}),
+    )
+    result = plan_horizon(short)
+    assert result.schedules["t/gang"].allowance_short
+    assert "t/gang" not in {w.key for w in first_slot_input(short, result).workloads}
+    # Running work has no planned start; work handed over now starts now.
+    assert (
+        planned_starts(running_now(horizon, "t/gang"), plan_horizon(running_now(horizon, "t/gang")))
+        == {}
+    )
+    urgent = horizon_input((job("t/gang", 2, 2.5, replicas=2),), node_count=3)
+    assert planned_starts(urgent, plan_horizon(urgent)) == {"t/gang": 0.0}
 
 
 def running_now(horizon: HorizonInput, *keys: str) -> HorizonInput:
