@@ -870,10 +870,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             planned_tokens=float(planned_tokens[f]),
             missed_tokens=0.0 if need is None else float(missed[f]) * need,
             allowance_short=bool(short & {i for i, _ in scope}),
-            urgent=need is not None
-            and is_urgent(
-                float(work.deadline_seconds[f]), need / max(float(work.tokens_per_second[f]), 1e-9)
-            ),
+            urgent=need is not None and bool(work.urgent[f]),
         )
     return HorizonPlan(
         status=status,
@@ -1035,20 +1032,26 @@ def _inference_load(
     )
 
 
-# Deadline work waits for a later slot only while it has this much time to spare (the larger of
-# the two): the plan may have it finish at its deadline, but the forecast errs, work that
-# arrives later takes the hours it was planned into, and the one-instant planner may place it
-# later or at a lower limit than the horizon's point. With less to spare it is urgent: handed to
+# Deadline work keeps this much time to spare (the larger of the two): the forecast errs, work
+# that arrives later takes the hours it was planned into, a gang waits for whole nodes, and the
+# one-instant planner may place work later or at a lower limit than the horizon's point. The
+# plan has it finish this much before its deadline; with less to spare it is urgent: handed to
 # the one-instant planner, which runs it now wherever it fits.
 DEADLINE_MARGIN_SECONDS = SECONDS_PER_HOUR
 DEADLINE_MARGIN_SHARE = 0.25  # of the time the work needs at its point
 
 
-def is_urgent(deadline_seconds: float, needed_seconds: float) -> bool:
+def margin_seconds(needed_seconds: np.ndarray | float) -> np.ndarray:
+    """The time to spare that work needing `needed_seconds` running keeps (elementwise)."""
+    return np.maximum(DEADLINE_MARGIN_SECONDS, DEADLINE_MARGIN_SHARE * np.asarray(needed_seconds))
+
+
+def is_urgent(
+    deadline_seconds: np.ndarray | float, needed_seconds: np.ndarray | float
+) -> np.ndarray:
     """Whether work due in `deadline_seconds` that needs `needed_seconds` running has less
-    than its margin (`DEADLINE_MARGIN_*`) to spare."""
-    margin = max(DEADLINE_MARGIN_SECONDS, DEADLINE_MARGIN_SHARE * needed_seconds)
-    return needed_seconds + margin >= deadline_seconds
+    than its margin to spare (elementwise)."""
+    return np.asarray(needed_seconds + margin_seconds(needed_seconds) >= deadline_seconds)
 
 
 @dataclass(frozen=True)
@@ -1065,6 +1068,10 @@ class _Work:
     tokens_per_second: np.ndarray
     need: np.ndarray  # tokens its deadline needs; NaN: no deadline (or no amount of work)
     deadline_seconds: np.ndarray  # inf where `need` is NaN
+    urgent: np.ndarray  # less than its margin to spare (`is_urgent`)
+    # What the plan aims for: the deadline less its margin, so that work planned into its last
+    # hours still has the margin when it starts late or is held back; urgent work, the deadline.
+    planned_deadline_seconds: np.ndarray
     weight: np.ndarray  # its priority's weight
     running: np.ndarray  # runs now: stopping it has a price
     preemptible: np.ndarray  # may be stopped at all (running work that is not is never deferred)
@@ -1096,6 +1103,9 @@ def _work(
     if len(ranks) > 1:
         factor = min(factor, MAX_PRIORITY_RANGE ** (1 / (len(ranks) - 1)))
     weight = factor ** np.searchsorted(ranks, priority).astype(float)
+    needed_seconds = need / np.maximum(rate, 1e-9)  # NaN without a deadline
+    urgent = is_urgent(deadline, needed_seconds)
+    margin = np.where(urgent | np.isnan(need), 0.0, margin_seconds(needed_seconds))
     return _Work(
         keys=[workload.key for workload, _, _ in flexible],
         part=_budget_shares(flexible, budget_count),
@@ -1106,6 +1116,8 @@ def _work(
         tokens_per_second=rate,
         need=need,
         deadline_seconds=deadline,
+        urgent=urgent,
+        planned_deadline_seconds=deadline - margin,
         weight=weight,
         running=np.asarray([w.key in running_keys for w, _, _ in flexible], dtype=bool),
         preemptible=np.asarray([w.preemptible for w, _, _ in flexible], dtype=bool),
@@ -1175,7 +1187,7 @@ def _program(
         with_deadline[:, None], cost, cost - worth_per_kwh[:, None] * kwh - 1e-6 * slot_hours
     )
     open_seconds = np.clip(
-        work.deadline_seconds[:, None] - slot_start[None, :], 0.0, slot_seconds[None, :]
+        work.planned_deadline_seconds[:, None] - slot_start[None, :], 0.0, slot_seconds[None, :]
     )
     upper = np.where(fits, open_seconds / slot_seconds[None, :], 0.0)
     # The price of stopping, per share of the first slot it is open for (the whole price when
@@ -1188,7 +1200,9 @@ def _program(
         worth_per_kwh * kwh[:, 0],
     )
     cost[:, 0] -= np.where(work.running, stop_price, 0.0)
-    after = np.where(with_deadline, np.maximum(0.0, work.deadline_seconds - horizon_seconds), 0.0)
+    after = np.where(
+        with_deadline, np.maximum(0.0, work.planned_deadline_seconds - horizon_seconds), 0.0
+    )
 
     # Column numbers: each workload's open slots, then its after and miss columns.
     is_open = upper > 0

@@ -232,7 +232,7 @@ def test_the_shell_reads_each_forecast_query_and_the_core_plans_with_its_samples
     deadline = job()
     deadline["spec"]["slo"] = {
         "totalWork": {"gpuHours": 2},
-        "deadline": (NOW + timedelta(hours=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "deadline": (NOW + timedelta(hours=33)).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     observed = core.Observed(cluster(carbon_budget, [deadline]), monotonic=1.0)
     requests = core.telemetry_requests(observed, NOW)

@@ -171,13 +171,25 @@ def test_a_deadline_before_the_clean_hours_is_kept() -> None:
 
 
 def test_a_deadline_beyond_the_horizon_takes_the_clean_hours_and_leaves_the_rest() -> None:
-    # 10 h of work due in 30 h, horizon 24 h: the 5 clean hours, the rest after the horizon
-    # (valued at the horizon's mean intensity, below the 420 g/kWh of the other hours).
+    # 10 h of work due in 30 h, horizon 24 h: the plan aims 2.5 h before the deadline (its
+    # margin, a quarter of the work), so 3.5 h may wait past the horizon (valued at the horizon's
+    # mean intensity, below the 420 g/kWh of the other hours); the 5 clean hours, and 1.5 h of
+    # the earliest dirty ones.
     result = plan_horizon(horizon_input((job("t/a", 10, 30),)))
     schedule = result.schedules["t/a"]
-    assert sum(schedule.share_by_slot) == pytest.approx(5)
-    assert running_slots(result, "t/a") == [10, 11, 12, 13, 14]
+    assert sum(schedule.share_by_slot) == pytest.approx(6.5)
+    assert running_slots(result, "t/a") == [0, 1, 10, 11, 12, 13, 14]
     assert schedule.missed_tokens == 0
+
+
+def test_work_planned_into_its_last_hours_keeps_its_margin_before_the_deadline() -> None:
+    # 3 h of work due in 13 h: the clean hours 10-12 would finish it at the deadline, with
+    # nothing to spare if it starts late or is preempted. The plan aims an hour earlier (the
+    # margin of `is_urgent`): clean hours 10 and 11, and the earliest dirty hour.
+    result = plan_horizon(horizon_input((job("t/a", 3, 13),)))
+    assert running_slots(result, "t/a") == [0, 10, 11]
+    assert result.schedules["t/a"].missed_tokens == 0
+    assert not result.schedules["t/a"].urgent
 
 
 def test_a_lower_cap_window_moves_flexible_work_out_of_it() -> None:
@@ -542,10 +554,10 @@ def running_now(horizon: HorizonInput, *keys: str) -> HorizonInput:
 
 
 def test_running_work_keeps_its_gpus_when_another_job_would_do_as_well() -> None:
-    # One node, two alike jobs of 3 h due in 6 h, every hour as dirty: one runs now, the other
-    # after it, and which is a tie. The one that runs now keeps running, whichever it is: a swap
-    # would restart both for nothing.
-    jobs = (job("t/a", 3, 6, preemptible=True), job("t/b", 3, 6, preemptible=True))
+    # One node, two alike jobs of 3 h due in 7 h (6 h with the margin of the second), every
+    # hour as dirty: one runs now, the other after it, and which is a tie. The one that runs now
+    # keeps running, whichever it is: a swap would restart both for nothing.
+    jobs = (job("t/a", 3, 7, preemptible=True), job("t/b", 3, 7, preemptible=True))
     for runner, waiter in (("t/a", "t/b"), ("t/b", "t/a")):
         result = plan_horizon(running_now(horizon_input(jobs, node_count=1), runner))
         assert result.schedules[runner].runs_now, runner
