@@ -60,9 +60,10 @@ from wattsched_optimizer.problem import (
 # SMALL_PROGRAM_GAP) when rounding the relaxation lost anything; larger ones to PlanOptions'.
 SMALL_PROGRAM_VARIABLES = 500
 SMALL_PROGRAM_GAP = 1e-7
-# An Inference workload that cannot be served whole for one of these (a budget's cap, GPUs, or
-# maxReplicas too few for its demand) is served in part, at its priority's turn in the fill.
-PARTIAL_CONSTRAINTS = frozenset({"budget", "gpus", "slo"})
+# An Inference workload that cannot be served whole for one of these (a budget's cap, GPUs,
+# packing, or maxReplicas too few for its demand) is served in part, at its priority's turn in
+# the fill.
+PARTIAL_CONSTRAINTS = frozenset({"budget", "gpus", "packing", "slo"})
 # The class index of a service placed in part: not one of the program's classes (the objective
 # does not count it).
 PARTIAL_CLASS = -1

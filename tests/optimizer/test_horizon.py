@@ -25,6 +25,7 @@ from wattsched_optimizer.horizon import (
     first_slot_input,
     hourly_slots,
     is_urgent,
+    margin_seconds,
     operating_point,
     plan_horizon,
     planned_starts,
@@ -653,8 +654,8 @@ def test_operating_points_from_the_per_plan_cache_are_those_computed_afresh() ->
 
 
 def _independent_check(horizon: HorizonInput, result: HorizonPlan) -> bool:
-    """Whether every deadline can be met within the caps, GPUs and allowances: a PuLP model of
-    the same slots and operating points, with deadlines hard."""
+    """Whether every deadline can be met, less its margin, within the caps, GPUs and allowances:
+    a PuLP model of the same slots and operating points, with deadlines hard."""
     plan_input = horizon.plan_input
     setting = horizon.budgets["b"]
     slots = len(horizon.slot_seconds)
@@ -697,13 +698,18 @@ def _independent_check(horizon: HorizonInput, result: HorizonPlan) -> bool:
         workload = by_key[key]
         if workload.deadline_seconds is None:
             continue
+        tokens = remaining_tokens(MODEL, workload)
+        assert tokens is not None
+        # The plan aims its margin before the deadline, unless it has less than that to spare.
+        needed = tokens / schedule.point.tokens_per_second
+        aim = workload.deadline_seconds
+        if not is_urgent(aim, needed):
+            aim -= float(margin_seconds(needed))
         for s in range(slots):
             start = sum(horizon.slot_seconds[:s])
             length = horizon.slot_seconds[s]
-            open_share = min(1.0, max(0.0, workload.deadline_seconds - start) / length)
+            open_share = min(1.0, max(0.0, aim - start) / length)
             problem += share[key, s] <= open_share
-        tokens = remaining_tokens(MODEL, workload)
-        assert tokens is not None
         problem += (
             pulp.lpSum(
                 share[key, s] * schedule.point.tokens_per_second * horizon.slot_seconds[s]

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from wattsched_optimizer import planner
-from wattsched_optimizer.model import CatalogueModel, power_levels_watts
+from wattsched_optimizer.model import Calibration, CatalogueModel, power_levels_watts
 from wattsched_optimizer.options import build_plan_data, duration_text
 from wattsched_optimizer.packing import ClusterState
 from wattsched_optimizer.planner import PlanInputError, plan
@@ -616,6 +616,85 @@ def test_a_running_non_preemptible_service_served_in_part_keeps_its_node_against
     assert [u.workload for u in result.unplaced] == ["team/urgent"]
     (short,) = result.shortfalls
     assert short.constraint == "slo"
+
+
+def test_a_running_service_that_packing_cannot_keep_whole_is_served_in_part() -> None:
+    """The 48-hour simulation, cut down to what still shows it: a service runs 12 replicas of
+    4 H100 GPUs on six nodes and its demand asks for a thirteenth; a new gang of two 8-GPU pods
+    and a running 8-GPU job need whole nodes. The last pass could not pack the service whole
+    ("packing": GPUs and watts exist in total, not together) and left it out, so all 12 running
+    replicas would stop (conv fell to 81.52% of its SLO over two days). A service left out for
+    packing is served in part, as for GPUs or a budget."""
+    big_bf16 = Variant("bf16", Precision.BF16, min_memory_gib=43.75)
+    big_fp8 = Variant(
+        "fp8", Precision.FP8, min_memory_gib=21.875, relative_throughput=1.6, quality=0.97
+    )
+    conv = inference(
+        "azure/conv",
+        model_parameters_billions=70,
+        gpus_per_replica=4,
+        variants=(big_bf16, big_fp8),
+        max_replicas=32,
+        min_quality=0.95,
+        priority=1000,
+        tokens_per_second=20_289,
+    )
+    code = inference(
+        "azure/code",
+        variants=(
+            Variant("bf16", Precision.BF16, min_memory_gib=20),
+            Variant("fp8", Precision.FP8, min_memory_gib=10, relative_throughput=1.6, quality=0.97),
+        ),
+        max_replicas=64,
+        min_quality=0.95,
+        priority=1000,
+        tokens_per_second=14_387,
+    )
+    tokens = WorkUnit.TOKENS
+    running_job = training(
+        "batch/tune",
+        type=WorkloadType.FINE_TUNING,
+        model_parameters_billions=70,
+        variants=(Variant("bf16", Precision.BF16, min_memory_gib=21.875),),
+        priority=1,
+        remaining_work=WorkAmount(tokens, 9.81e6),
+        deadline_seconds=39_570.0,
+    )
+    gang = training(
+        "batch/gang",
+        model_parameters_billions=70,
+        variants=(Variant("bf16", Precision.BF16, min_memory_gib=21.875),),
+        replicas=2,
+        min_replicas=2,
+        max_replicas=2,
+        priority=51,
+        remaining_work=WorkAmount(tokens, 2.133e7),
+        deadline_seconds=33_810.0,
+    )
+    nodes = (
+        *(GpuNode(f"a{i}", "A100-80GB", 8) for i in range(3)),
+        *h100_nodes(7),
+    )
+    conv_nodes = ["h5", "h0", "h1", "h1", "h0", "h2", "h3", "h2", "h5", "h3", "h4", "h4"]
+    current = (
+        *(CurrentPlacement("azure/conv", i, n, "fp8", 575.0) for i, n in enumerate(conv_nodes)),
+        CurrentPlacement("batch/tune", 0, "h6", "bf16", 200.0),
+    )
+    budget = Budget("cluster", 36_000.0, frozenset(n.name for n in nodes))
+    # Measured: the services serve about half the catalogue's tokens/s on these GPUs.
+    measured = CatalogueModel(
+        {
+            (product, WorkloadType.INFERENCE): Calibration(throughput_factor=0.5)
+            for product in ("A100-80GB", "H100-80GB")
+        }
+    )
+    plan_input = PlanInput(nodes, (code, conv, running_job, gang), (budget,), current=current)
+    result = plan(plan_input, measured)
+    kept = [p.node for p in result.placements if p.workload == "azure/conv"]
+    assert len(kept) >= len(conv_nodes)
+    (short,) = [s for s in result.shortfalls if s.workload == "azure/conv"]
+    assert short.served_tokens_per_second < short.demand_tokens_per_second
+    assert "azure/conv" not in {u.workload for u in result.unplaced}
 
 
 def test_the_last_pass_serves_a_pinned_service_in_part_rather_than_leaving_it_out() -> None:
