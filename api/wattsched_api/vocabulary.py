@@ -202,3 +202,6 @@ NODE_RANK_ENV: Final = "NODE_RANK"
 # GPU Feature Discovery labels and the device plugin's resource.
 GPU_PRODUCT_LABEL: Final = "nvidia.com/gpu.product"
 GPU_RESOURCE: Final = "nvidia.com/gpu"
+# DCGM exporter's per-GPU energy counter (mJ since boot), as the agent exports it and the
+# operator's telemetry reads it.
+DCGM_ENERGY_METRIC: Final = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"

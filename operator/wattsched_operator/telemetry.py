@@ -37,7 +37,7 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from wattsched_api.vocabulary import Source
+from wattsched_api.vocabulary import DCGM_ENERGY_METRIC, Source
 from wattsched_operator.readings import (
     CalibrationSample,
     Calibrator,
@@ -114,7 +114,7 @@ class TelemetryConfig:
 
 # ----- the queries ------------------------------------------------------------------------------
 
-_DCGM_ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+_DCGM_ENERGY = DCGM_ENERGY_METRIC
 _DCGM_POWER = "DCGM_FI_DEV_POWER_USAGE"
 
 

@@ -24,7 +24,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from wattsched_api.meta import API_VERSION, format_time
-from wattsched_api.vocabulary import GPU_PRODUCT_LABEL, GPU_RESOURCE, Phase, PodPhase, Source
+from wattsched_api.vocabulary import (
+    DCGM_ENERGY_METRIC,
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    Phase,
+    PodPhase,
+    Source,
+)
 from wattsched_operator import desired
 from wattsched_operator.readings import EnergyReading, Measurement, PodKey, TelemetrySnapshot
 from wattsched_operator.transition import NodeLimits
@@ -46,8 +53,6 @@ PROGRESS_QUERY = "wattsched_simulated_job_tokens_done"
 CARBON_FORECAST_QUERY = "wattsched_simulated_carbon_forecast_grams_per_kwh"
 # The operator's default rate window (`--telemetry-window-seconds`).
 RATE_WINDOW_SECONDS = 60.0
-# The counter the operator's node energy query reads first (`telemetry.node_energy_queries`).
-NODE_ENERGY_METRIC = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
 
 
 def at(seconds: float) -> datetime:
@@ -390,13 +395,13 @@ def energy_reading(
         if at_end is None or at_start is None:
             missing.add(node)
         else:
-            joules[node] = Measurement(max(0.0, at_end - at_start), NODE_ENERGY_METRIC)
+            joules[node] = Measurement(max(0.0, at_end - at_start), DCGM_ENERGY_METRIC)
     return EnergyReading(
         start=start,
         end=end,
         source=Source.MEASURED,
         stale=False,
-        reason=f"no {NODE_ENERGY_METRIC} samples for {len(missing)} node(s)" if missing else "",
+        reason=f"no {DCGM_ENERGY_METRIC} samples for {len(missing)} node(s)" if missing else "",
         node_joules=joules,
         missing_nodes=frozenset(missing),
     )
