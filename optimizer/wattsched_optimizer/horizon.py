@@ -163,7 +163,7 @@ class WorkloadSchedule:
     point: OperatingPoint
     # Tokens the deadline needs (all that is left; the plan may leave some for after the
     # horizon), the tokens planned in the horizon's slots, and the tokens missed (0 when the
-    # deadline is met); None for work without a deadline.
+    # plan meets the deadline with its margin to spare); None for work without a deadline.
     required_tokens: float | None
     planned_tokens: float
     missed_tokens: float
