@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from wattsched_agent.nvml_backend import GpuIdentity, GpuSample
+from wattsched_api.vocabulary import DCGM_ENERGY_METRIC
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -50,7 +51,7 @@ _FAMILIES: tuple[tuple[str, str, str, Callable[[GpuSample], float | None]], ...]
         lambda sample: sample.draw_watts,
     ),
     (
-        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        DCGM_ENERGY_METRIC,
         "counter",
         "Total energy consumption since boot (in mJ).",
         lambda sample: (
