@@ -408,6 +408,26 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
     early = lifecycle.rejected_statuses(view, built.rejected, now, reason=Reason.INVALID_SPEC)
     early += lifecycle.rejected_statuses(view, prepared.refused, now, reason=Reason.POD_REJECTED)
 
+    # Learn before planning: the applied placements were planned with the corrections the
+    # calibrator holds now (the last round's, after its learning), and their samples are
+    # compared with the model through those; the plan then uses what this reading taught.
+    calibrated_at = memory.calibrated_at
+    corrections = None
+    learned = learning.calibrate(
+        calibrator,
+        memory=memory,
+        plan_input=plan_input,
+        view=view,
+        readings=readings,
+        monotonic=observed.monotonic,
+        settings=observed.settings,
+    )
+    if learned is not None:
+        calibrated_at = observed.monotonic
+    if learned:
+        corrections = calibrator.corrections()
+    model = CatalogueModel().calibrated(calibrator.corrections())
+
     # Services are sized for their forecast demand (measured tokens/s with headroom), or
     # their declared spec.slo.tokensPerSecond until there are readings.
     history.forget(active)
@@ -437,7 +457,6 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
         },
         overdue=overdue,
     )
-    model = CatalogueModel().calibrated(calibrator.corrections())
     plan = plan_function(timed.plan_input, model)
     logger.info(
         "plan %s: %d placements, %d unplaced, %d workloads",
@@ -447,21 +466,6 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
         len(active),
     )
 
-    calibrated_at = memory.calibrated_at
-    corrections = None
-    learned = learning.calibrate(
-        calibrator,
-        memory=memory,
-        plan_input=plan_input,
-        view=view,
-        readings=readings,
-        monotonic=observed.monotonic,
-        settings=observed.settings,
-    )
-    if learned is not None:
-        calibrated_at = observed.monotonic
-    if learned:
-        corrections = calibrator.corrections()
     # One reading of the services' tokens/s and queues, for the demand history and the hours.
     measured = learning.measured_services(plan_input, prepared.pods_by_workload, telemetry)
     learning.record_demand(history, measured, observed.monotonic)

@@ -17,9 +17,9 @@ from wattsched_api import vocabulary
 from wattsched_api.vocabulary import Source
 from wattsched_operator import core, desired, statuses
 from wattsched_operator.readings import EnergyReading, Measurement, TelemetrySnapshot
-from wattsched_optimizer.model import PerformanceModel
+from wattsched_optimizer.model import CatalogueModel, PerformanceModel, normalise_product
 from wattsched_optimizer.planner import plan
-from wattsched_optimizer.problem import MoveReason, Placement, Plan, PlanInput
+from wattsched_optimizer.problem import MoveReason, Placement, Plan, PlanInput, WorkloadType
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 HEARTBEAT = "2026-12-05T11:59:55Z"
@@ -69,6 +69,16 @@ def service(name: str = "chat", status: dict[str, Any] | None = None) -> dict[st
     }
     if status is not None:
         body["status"] = status
+    return body
+
+
+def fine_tuning(name: str) -> dict[str, Any]:
+    body = service(name)
+    body["spec"] = {
+        **body["spec"],
+        "type": "FineTuning",
+        "slo": {"totalWork": {"gpuHours": 40}},
+    }
     return body
 
 
@@ -637,3 +647,59 @@ def test_what_decides_a_status_stays_the_same_in_rounds_that_see_the_same_and_mo
     assert running not in {placed, None}
     assert inputs_of(chat, [versioned(pod, "6")], [node("l40s-0")], NOW) != running
     assert inputs_of(service(), [], [], NOW) is None  # no resourceVersion: no key
+
+
+def test_calibration_settles_on_the_measured_ratio_without_overshooting_it() -> None:
+    """Four fine-tuning replicas measure 0.6 of the catalogue's tokens/s, round after round. The
+    placements a round samples were planned with the corrections of the round before, so each
+    sample is compared with the model through those: the correction falls towards 0.6 and
+    never past it. (Compared through the corrections learned since, a falling correction reads
+    the next samples as slower still: 0.54 in the third round, oscillating after.)"""
+    truth = 0.6
+    base = CatalogueModel()
+    product = normalise_product("NVIDIA-L40S")
+    jobs = [fine_tuning(f"tune-{i}") for i in range(4)]
+    memory = core.Memory()
+    factors = []
+    for step in range(8):
+        now = NOW + timedelta(minutes=10 * step)
+        pods, watts, tokens = [], {}, {}
+        for placement in memory.applied_placements:
+            name = placement.workload.split("/")[1]
+            pod = replica_pod(name, placement.node, annotations=None)
+            pods.append(pod)
+            key = ("team", pod["metadata"]["name"])
+            watts[key] = Measurement(
+                base.expected_power_watts(
+                    product, WorkloadType.FINE_TUNING, placement.power_limit_watts
+                ),
+                "DCGM_FI_DEV_POWER_USAGE",
+            )
+            tokens[key] = truth * base.throughput_tokens_per_second(
+                product, WorkloadType.FINE_TUNING, 8, 1, 1.0, placement.power_limit_watts
+            )
+        reading = TelemetrySnapshot(
+            now, Source.MEASURED, False, "", pod_watts=watts, pod_tokens_per_second=tokens
+        )
+        cluster = view([node("l40s-0")], jobs, pods)
+        agent = cluster.profiles["l40s-0"]["status"]["agent"]
+        agent["heartbeatTime"] = (now - timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        round_ = core.decide(
+            core.Observed(
+                cluster,
+                memory=memory,
+                monotonic=600.0 * step,
+                telemetry=core.Readings(snapshot=reading, rate_window_seconds=60.0),
+            ),
+            now,
+        )
+        assert round_.plan is not None
+        assert len(round_.plan.placements) == 4
+        memory = round_.memory
+        correction = memory.calibrator.corrections().get((product, WorkloadType.FINE_TUNING))
+        if correction is not None:
+            factors.append(correction.throughput_factor)
+    assert len(factors) == 7
+    assert all(truth - 1e-9 <= f <= 1.0 for f in factors), factors
+    assert factors == sorted(factors, reverse=True)
+    assert factors[-1] == pytest.approx(truth, abs=0.005)
