@@ -34,6 +34,7 @@ from wattsched_optimizer.horizon import (
     planned_starts,
 )
 from wattsched_optimizer.horizon import Objective as HorizonObjective
+from wattsched_optimizer.model import PerformanceModel
 from wattsched_optimizer.problem import PlanInput, WorkloadType
 
 DEFAULT_HORIZON_HOURS = 24
@@ -397,11 +398,14 @@ def plan_over_time(
     hourly_demand: HourlyDemand | None = None,
     declared_tokens_per_second: Mapping[str, float] | None = None,
     overdue: frozenset[str] = frozenset(),
+    model: PerformanceModel | None = None,
 ) -> OverTime:
     """The horizon step of a round (`wattsched plan` and the operator alike): plan the horizon
     and return its first slot. Without a horizon, or with no budget that plans over time, the
     input unchanged. `overdue`: work of whole-node pods whose planned start came without it
-    starting (`overdue_work`). Raises HorizonInputError for input the horizon cannot plan."""
+    starting (`overdue_work`); `model`: the one the round's plan uses (calibrated from
+    telemetry; None: the catalogue's). Raises HorizonInputError for input the horizon cannot
+    plan."""
     if horizon_hours <= 0 or not plans_over_time(budgets.values()):
         return OverTime(plan_input)
     horizon = horizon_input(
@@ -414,7 +418,7 @@ def plan_over_time(
         declared_tokens_per_second=declared_tokens_per_second,
         overdue=overdue,
     )
-    result = plan_horizon(horizon)
+    result = plan_horizon(horizon, model)
     deferred = tuple(
         DeferredWork(
             workload=d.workload,

@@ -456,6 +456,7 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
             w.key: w.tokens_per_second for w in plan_input.workloads if w.tokens_per_second
         },
         overdue=overdue,
+        model=model,
     )
     plan = plan_function(timed.plan_input, model)
     logger.info(

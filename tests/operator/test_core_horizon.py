@@ -12,9 +12,10 @@ from typing import Any
 from tests.operator.test_core import node, profile, replica_pod, service
 from wattsched_api import vocabulary
 from wattsched_operator import core, statuses
+from wattsched_operator.readings import CalibrationSample, Calibrator
 from wattsched_optimizer.model import PerformanceModel
 from wattsched_optimizer.planner import plan
-from wattsched_optimizer.problem import MoveReason, Plan, PlanInput
+from wattsched_optimizer.problem import MoveReason, Plan, PlanInput, WorkloadType
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 # 420 g/kWh except from 15:00 to 18:00 UTC, 140 g/kWh.
@@ -310,3 +311,41 @@ def test_a_gang_whose_planned_start_passed_without_a_start_waits_for_no_cleaner_
     tune = statuses_by_key(waiting)["team/tune"]
     assert tune.write is not None
     assert tune.write.status["message"].startswith("Deferred until 06:00 UTC")
+
+
+def test_the_horizon_plans_a_job_at_the_speed_the_calibration_measured() -> None:
+    """The horizon and the one-instant planner use one model: where telemetry measured half
+    the catalogue's tokens/s, a job's work takes three clean hours of the horizon, not two."""
+    carbon_budget = budget(
+        {"carbon": {"intensityGramsPerKilowattHour": 420, "forecastPrometheusQuery": "forecast"}}
+    )
+    deadline = job()
+    deadline["spec"]["slo"] = {
+        "totalWork": {"tokens": 10_000_000},
+        "deadline": (NOW + timedelta(hours=33)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    forecast = {ahead: EVENING_CLEAN[(12 + ahead) % 24] for ahead in range(30)}
+
+    def planned_slots(measured_share: float) -> tuple[str, ...]:
+        calibrator = Calibrator(smoothing=1.0)
+        calibrator.observe(
+            CalibrationSample(
+                "L40S", WorkloadType.FINE_TUNING, None, None, 1000.0, 1000.0 * measured_share
+            )
+        )
+        observed = core.Observed(
+            cluster(carbon_budget, [deadline]),
+            memory=core.Memory(calibrator=calibrator),
+            monotonic=1.0,
+            telemetry=core.Readings(carbon_forecasts={"cluster": forecast}),
+        )
+        round_ = core.decide(observed, NOW)
+        assert round_.memory.last_round is not None
+        assert round_.memory.last_round.over_time is not None
+        [deferred] = round_.memory.last_round.over_time.deferred
+        assert deferred.until == "2026-12-05T15:00:00Z"
+        return deferred.planned_slots
+
+    hours = [f"2026-12-05T{hour}:00:00Z" for hour in (15, 16, 17)]
+    assert planned_slots(1.0) == tuple(hours[:2])
+    assert planned_slots(0.5) == tuple(hours)
