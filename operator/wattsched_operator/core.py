@@ -5,14 +5,16 @@ this file to know what a round decides, in order; each step's body is in the mod
 clock (the wall-clock `now` and a monotonic reading come in), no writes. In order, a round:
 1. runs the workloads' lifecycles: completion, failure counting and backoff, refused pods
    (`lifecycle`), and builds the optimizer's input from the objects (`snapshot`): `prepare`;
-2. sizes services for their forecast demand (`demand`) and plans the budgets over time
-   (`budget_horizon`: deferred work is left out of the solve), then solves (the injected plan
-   function);
-3. learns from the readings: calibration, demand history (`learning`);
-4. decides which pods to keep, evict, delete and create and which power limits to lower and
+2. calibrates the model from the readings (`learning`), before planning: the last plan's
+   placements are compared with the model through the corrections they were planned with;
+3. sizes services for their forecast demand (`demand`) and plans the budgets over time
+   (`budget_horizon`, with the same calibrated model: deferred work is left out of the solve),
+   then solves (the injected plan function);
+4. records the services' measured demand (`learning`);
+5. decides which pods to keep, evict, delete and create and which power limits to lower and
    raise (`pod_changes`, with `desired`, `handover`, `transition`);
-5. advances energy, carbon and job progress (`bookkeeping`, with `accounting`, `progress`);
-6. writes every status and Event as data (`status_writes`, with `statuses`).
+6. advances energy, carbon and job progress (`bookkeeping`, with `accounting`, `progress`);
+7. writes every status and Event as data (`status_writes`, with `statuses`).
 What it returns is a `Round` (`rounds`): everything the shell must do, in the order it must do
 it, and the controller's memory for the next round.
 

@@ -49,7 +49,8 @@ def calibrate(
 ) -> int | None:
     """Fold a fresh reading of the running replicas into the model's corrections (at most
     once per accounting interval, so one reading is not counted many times). Returns how many
-    samples it learned from, None when it was not time to."""
+    samples it learned from, None when it was not time to. Call it before the round plans:
+    `calibrator` must hold the corrections `memory.applied_placements` were planned with."""
     telemetry = readings.snapshot if readings is not None else None
     if readings is None or telemetry is None or telemetry.stale:
         return None
