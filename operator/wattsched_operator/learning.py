@@ -83,11 +83,6 @@ def calibrate(
         pods=pods,
         products={node.name: node.product for node in plan_input.nodes},
         types={workload.key: workload.type for workload in plan_input.workloads},
-        demands={
-            workload.key: workload.tokens_per_second
-            for workload in plan_input.workloads
-            if workload.tokens_per_second is not None
-        },
         snapshot=telemetry,
         corrections=calibrator.corrections(),
     )

@@ -45,8 +45,8 @@ class TelemetrySnapshot:
     the whole window hides bursts of seconds (`pod_tokens_per_second` stays the window's mean, for
     tokens/J and calibration).
     pod_queued_tokens: the tokens waiting in each serving pod's queue at `time` (demand it has not
-    served yet; from the reader's queue query), where measured. A gauge of one instant: it says
-    nothing of whether the pod was at capacity over the rate window, so calibration ignores it.
+    served yet; from the reader's queue query), where measured. A gauge of one instant: with
+    the rate window's mean near its peak it says the pod served at capacity (calibration).
 
     stale: Prometheus did not answer (`unavailable`), or none of the requested nodes has a fresh
     series; `reason` says which. `source` is MEASURED when at least one requested node was
@@ -159,6 +159,10 @@ class Calibrator:
         return self._samples.get(key, 0)
 
 
+# An Inference replica with tokens queued is saturated when its rate window's mean is at least
+# this share of its short-window peak: it served at capacity through the window, not in a burst.
+SATURATED_SHARE_OF_PEAK = 0.9
+
 # A GPU drawing this close to its limit is held by the limit, not by its work: its draw says
 # nothing about the model's demand, so it is no power sample.
 _LIMIT_BOUND_FRACTION = 0.97
@@ -170,16 +174,14 @@ def calibration_samples(
     pods: Mapping[tuple[str, int], PodKey],
     products: Mapping[str, str],
     types: Mapping[str, WorkloadType],
-    demands: Mapping[str, float],
     snapshot: TelemetrySnapshot,
     corrections: Mapping[CalibrationKey, Calibration],
 ) -> list[CalibrationSample]:
     """One sample per placed single-node replica whose running pod a fresh reading measured.
 
     pods: (workload key, replica) -> the replica's running pod; products: node -> normalised
-    product; types: workload key -> type; demands: Inference workload key -> the tokens/s its
-    spec declares; corrections: the factors the plan was made with (the modelled throughput is
-    divided by them to compare with the uncalibrated model).
+    product; types: workload key -> type; corrections: the factors the plan was made with (the
+    modelled throughput is divided by them to compare with the uncalibrated model).
     Power is sampled only when neither the draw nor the model is held by the power limit, and for
     an Inference replica only where it is busy (where its throughput is sampled, below). A replica
     with locked SM clocks is compared with the model's locked draw (the unlocked busy draw times
@@ -187,18 +189,16 @@ def calibration_samples(
     the unlocked model, and a clock curve that is off shows up in it for that (product, type).
     Throughput (measured tokens/s, from the token query) is sampled where it shows capacity:
     Training, FineTuning and BatchInference run flat out, always. An Inference replica serves its
-    share of the demand, not what it could, so only (a) when the workload is saturated (its
-    declared demand is at least the planned replicas' expected tokens/s: every replica runs at
-    capacity), or (b) when a replica serves more than the calibrated model says it can (a lower
-    bound on its capacity above the model). Otherwise low traffic would read as slow GPUs.
+    share of the demand, not what it could, so only (a) when it is saturated: tokens wait in its
+    queue while it serves no less than `SATURATED_SHARE_OF_PEAK` of its short-window peak (busy
+    through the window, not in one burst), or (b) when it serves more than the calibrated model
+    says it can (a lower bound on its capacity above the model). Otherwise low traffic would read
+    as slow GPUs. (A service's declared tokens/s is no sign of saturation: it is the most it may
+    ask, and a service sized below it for its measured demand would read as slow all night.)
     """
     if snapshot.stale:
         return []
     placed = list(placements)
-    planned_tokens_per_second: dict[str, float] = {}
-    for placement in placed:
-        planned = planned_tokens_per_second.get(placement.workload, 0.0)
-        planned_tokens_per_second[placement.workload] = planned + placement.expected_throughput
     base = CatalogueModel()
     samples: list[CalibrationSample] = []
     for placement in placed:
@@ -223,9 +223,9 @@ def calibration_samples(
         power_sampled = per_gpu < bound and modelled < bound
         tokens = snapshot.pod_tokens_per_second.get(pod)
         if tokens is not None and not workload_type.is_gang:
-            demand = demands.get(placement.workload)
-            saturated = (
-                demand is not None and demand >= planned_tokens_per_second[placement.workload]
+            peak = snapshot.pod_peak_tokens_per_second.get(pod)
+            saturated = snapshot.pod_queued_tokens.get(pod, 0.0) > 0 and (
+                peak is None or tokens >= SATURATED_SHARE_OF_PEAK * peak
             )
             if not saturated and tokens <= placement.expected_throughput:
                 tokens = None

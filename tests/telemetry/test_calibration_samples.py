@@ -1,6 +1,6 @@
 """Which measurements become calibration samples: a running replica's measured draw against the
 uncalibrated model when no power limit holds it, and throughput where it shows capacity (work that
-runs flat out, a saturated Inference service, or a replica serving more than the model allows);
+runs flat out, a saturated Inference replica, or a replica serving more than the model allows);
 then the calibrated model the next plan uses moves toward what was measured."""
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ def placement(limit_watts: float, workload: str = "ns/w") -> Placement:
 
 
 def reading(
-    pod_watts: float, tokens: float | None = None, stale: bool = False
+    pod_watts: float,
+    tokens: float | None = None,
+    stale: bool = False,
+    queued: float | None = None,
 ) -> TelemetrySnapshot:
+    """One pod's reading; `queued`: tokens waiting in its queue (None: not measured)."""
     return TelemetrySnapshot(
         time=NOW,
         source=Source.MODELLED if stale else Source.MEASURED,
@@ -44,6 +48,7 @@ def reading(
         reason="",
         pod_watts={POD: Measurement(pod_watts, "rate(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION)")},
         pod_tokens_per_second={} if tokens is None else {POD: tokens},
+        pod_queued_tokens={} if queued is None else {POD: queued},
     )
 
 
@@ -52,17 +57,14 @@ def samples(
     workload_type: WorkloadType,
     limit_watts: float = 700,
     corrections: dict[tuple[str, WorkloadType], Calibration] | None = None,
-    demand: float | None = None,
 ) -> list[CalibrationSample]:
-    """Samples of one replica (1000 tokens/s planned) of `ns/w`, with the workload's demand in
-    tokens/s (None: no demand known)."""
+    """Samples of one replica (1000 tokens/s planned) of `ns/w`."""
     return list(
         calibration_samples(
             [placement(limit_watts)],
             pods={("ns/w", 0): POD},
             products={"node-a": PRODUCT},
             types={"ns/w": workload_type},
-            demands={} if demand is None else {"ns/w": demand},
             snapshot=snapshot,
             corrections=corrections or {},
         )
@@ -72,9 +74,8 @@ def samples(
 def test_an_unconstrained_replica_gives_a_power_sample_per_gpu_against_the_plain_model() -> None:
     modelled = CatalogueModel().expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
     [sample] = samples(
-        reading(2 * 0.8 * modelled, tokens=900.0),
+        reading(2 * 0.8 * modelled, tokens=900.0, queued=5000.0),  # saturated: busy
         WorkloadType.INFERENCE,
-        demand=1200.0,  # above the planned 1000 tokens/s: saturated, busy
     )
     assert sample.measured_watts_per_gpu == pytest.approx(0.8 * modelled)
     assert sample.modelled_watts_per_gpu == pytest.approx(modelled)
@@ -87,9 +88,8 @@ def test_an_inference_replica_below_capacity_is_no_power_sample() -> None:
     to fit under a limit that in fact throttles it)."""
     modelled = CatalogueModel().expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
     partial = samples(
-        reading(2 * 0.6 * modelled, tokens=500.0),
+        reading(2 * 0.6 * modelled, tokens=500.0, queued=0.0),  # nothing waits: not saturated
         WorkloadType.INFERENCE,
-        demand=600.0,  # below the planned 1000 tokens/s: not saturated
     )
     assert partial == []
 
@@ -105,7 +105,6 @@ def test_stale_readings_and_unknown_pods_give_nothing() -> None:
         pods={},
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.INFERENCE},
-        demands={},
         snapshot=reading(500.0),
         corrections={},
     )
@@ -130,10 +129,9 @@ def test_the_next_plans_model_moves_toward_the_measured_draw_and_stays_bounded()
     calibrator = Calibrator(smoothing=0.5)
     for _ in range(20):
         for sample in samples(
-            reading(2 * 0.8 * modelled, tokens=1000.0),
+            reading(2 * 0.8 * modelled, tokens=1000.0, queued=5000.0),  # saturated: busy
             WorkloadType.INFERENCE,
             corrections=calibrator.corrections(),
-            demand=1200.0,  # saturated: busy
         ):
             calibrator.observe(sample)
     model = CatalogueModel().calibrated(calibrator.corrections())
@@ -141,7 +139,7 @@ def test_the_next_plans_model_moves_toward_the_measured_draw_and_stays_bounded()
     assert predicted == pytest.approx(0.8 * modelled, rel=1e-3)
     absurd = Calibrator(smoothing=1.0)
     for sample in samples(
-        reading(2 * 0.01 * modelled, tokens=1000.0), WorkloadType.INFERENCE, demand=1200.0
+        reading(2 * 0.01 * modelled, tokens=1000.0, queued=5000.0), WorkloadType.INFERENCE
     ):
         absurd.observe(sample)
     assert absurd.corrections()[PRODUCT, WorkloadType.INFERENCE].power_factor == 0.5
@@ -149,11 +147,14 @@ def test_the_next_plans_model_moves_toward_the_measured_draw_and_stays_bounded()
 
 def inference_samples(
     tokens: float,
-    demand: float | None,
+    queued: float | None,
     corrections: dict[tuple[str, WorkloadType], Calibration] | None = None,
     limit_watts: float = 400,
+    peak: float | None = None,
 ) -> list[CalibrationSample]:
-    """Samples of two Inference replicas (1000 tokens/s planned each) of one workload."""
+    """Samples of two Inference replicas (1000 tokens/s planned each) of one workload, each
+    serving `tokens` (mean over the rate window; `peak`: over a short window) with `queued`
+    tokens waiting (None: queues not measured)."""
     pods = {("ns/w", 0): POD, ("ns/w", 1): ("ns", "w-1")}
     snapshot = TelemetrySnapshot(
         time=NOW,
@@ -162,6 +163,8 @@ def inference_samples(
         reason="",
         pod_watts={pod: Measurement(2 * 399.0, "rate(DCGM)") for pod in pods.values()},
         pod_tokens_per_second={pod: tokens for pod in pods.values()},
+        pod_peak_tokens_per_second={} if peak is None else {pod: peak for pod in pods.values()},
+        pod_queued_tokens={} if queued is None else {pod: queued for pod in pods.values()},
     )
     return calibration_samples(
         [
@@ -171,15 +174,14 @@ def inference_samples(
         pods=pods,
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.INFERENCE},
-        demands={} if demand is None else {"ns/w": demand},
         snapshot=snapshot,
         corrections=corrections or {},
     )
 
 
 def test_a_saturated_inference_service_gives_throughput_samples_per_replica() -> None:
-    # Demand 2500 tokens/s over two replicas planned at 1000 each: both run at capacity.
-    replicas = inference_samples(tokens=800.0, demand=2500.0)
+    # Tokens wait in both replicas' queues while they serve 800 tokens/s steadily: capacity.
+    replicas = inference_samples(tokens=800.0, queued=20_000.0, peak=840.0)
     assert [(s.measured_tokens_per_second, s.modelled_tokens_per_second) for s in replicas] == [
         (800.0, 1000.0),
         (800.0, 1000.0),
@@ -188,13 +190,19 @@ def test_a_saturated_inference_service_gives_throughput_samples_per_replica() ->
 
 
 def test_an_inference_service_below_capacity_gives_no_throughput_sample() -> None:
-    assert inference_samples(tokens=700.0, demand=1400.0) == []  # serving its share of demand
-    assert inference_samples(tokens=700.0, demand=None) == []
+    """Below the model's capacity a replica is sampled only with evidence that it was busy."""
+    assert inference_samples(tokens=700.0, queued=0.0) == []  # serving its share of demand
+    assert inference_samples(tokens=700.0, queued=None) == []  # queues not measured
+    # Tokens queued at the reading after a burst: the window's mean (700) is far below its
+    # peak (1,000), so the replica was not busy through the window.
+    assert inference_samples(tokens=700.0, queued=20_000.0, peak=1000.0) == []
+    # Busy through the window: a sample, whatever the service's spec declares.
+    assert len(inference_samples(tokens=700.0, queued=20_000.0, peak=720.0)) == 2
 
 
 def test_an_inference_replica_serving_more_than_the_calibrated_model_allows_is_sampled() -> None:
     slow = {(PRODUCT, WorkloadType.INFERENCE): Calibration(throughput_factor=0.5)}
-    [first, _] = inference_samples(tokens=1200.0, demand=1400.0, corrections=slow)
+    [first, _] = inference_samples(tokens=1200.0, queued=0.0, corrections=slow)
     assert first.measured_tokens_per_second == 1200.0
     assert first.modelled_tokens_per_second == pytest.approx(2000.0)  # 1000 planned / 0.5
 
@@ -211,13 +219,13 @@ def test_inference_throughput_correction_moves_toward_measured_capacity_and_stay
         model = base.calibrated(calibrator.corrections())
         planned = planned_tokens_per_second(model)
         pods = {("ns/w", 0): POD}
-        snapshot = reading(2 * 399.0, tokens=0.7 * uncalibrated)  # the GPUs are 30% slower
+        # The GPUs are 30% slower; tokens wait in the queue (saturated).
+        snapshot = reading(2 * 399.0, tokens=0.7 * uncalibrated, queued=50_000.0)
         for sample in calibration_samples(
             [Placement("ns/w", 0, "node-a", 2, "bf16", 400, 0.0, planned)],
             pods=pods,
             products={"node-a": PRODUCT},
             types={"ns/w": WorkloadType.INFERENCE},
-            demands={"ns/w": 2 * uncalibrated},  # saturated
             snapshot=snapshot,
             corrections=calibrator.corrections(),
         ):
@@ -225,7 +233,7 @@ def test_inference_throughput_correction_moves_toward_measured_capacity_and_stay
     model = base.calibrated(calibrator.corrections())
     assert planned_tokens_per_second(model) == pytest.approx(0.7 * uncalibrated, rel=1e-3)
     absurd = Calibrator(smoothing=1.0)
-    for sample in inference_samples(tokens=1.0, demand=1e9):
+    for sample in inference_samples(tokens=1.0, queued=1e9):
         absurd.observe(sample)
     low, _ = CALIBRATION_BOUNDS
     assert absurd.corrections()[PRODUCT, WorkloadType.INFERENCE].throughput_factor == low
@@ -243,8 +251,7 @@ def test_a_replica_with_locked_clocks_is_compared_with_the_models_locked_draw() 
         pods={("ns/w", 0): POD},
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.INFERENCE},
-        demands={"ns/w": 1200.0},  # saturated: busy
-        snapshot=reading(2 * locked, tokens=1000.0),
+        snapshot=reading(2 * locked, tokens=1000.0, queued=5000.0),  # saturated: busy
         corrections={},
     )
     assert sample.modelled_watts_per_gpu == pytest.approx(locked)
