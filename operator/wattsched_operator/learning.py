@@ -86,8 +86,7 @@ def calibrate(
         snapshot=telemetry,
         corrections=calibrator.corrections(),
     )
-    for sample in samples:
-        calibrator.observe(sample)
+    calibrator.observe(samples)
     return len(samples)
 
 

@@ -8,6 +8,7 @@ use these types without it.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -113,9 +114,10 @@ class CalibrationSample:
 class Calibrator:
     """Exponentially smoothed, bounded correction factors per (product, workload type).
 
-    Each sample moves a factor `smoothing` of the way towards measured/modelled; factors stay in
-    the optimizer's CALIBRATION_BOUNDS, so one bad reading cannot make the model absurd. A sample
-    from stale telemetry must not be given (the caller checks `TelemetrySnapshot.stale`).
+    Each reading moves a factor `smoothing` of the way towards the median measured/modelled of
+    its samples; factors stay in the optimizer's CALIBRATION_BOUNDS, so one bad reading cannot
+    make the model absurd. A sample from stale telemetry must not be given (the caller checks
+    `TelemetrySnapshot.stale`).
     """
 
     def __init__(self, smoothing: float = 0.2) -> None:
@@ -132,24 +134,38 @@ class Calibrator:
         low, high = CALIBRATION_BOUNDS
         return min(max(measured / modelled, low), high)
 
-    def _smoothed(self, old: float, ratio: float | None) -> float:
-        return old if ratio is None else old + self.smoothing * (ratio - old)
+    def _smoothed(self, old: float, ratios: list[float]) -> float:
+        return old if not ratios else old + self.smoothing * (statistics.median(ratios) - old)
 
-    def observe(self, sample: CalibrationSample) -> Calibration:
-        """Fold one sample in; returns the key's new correction."""
-        key = (sample.product, sample.workload_type)
-        old = self._factors.get(key, Calibration())
-        power = self._bounded_ratio(sample.measured_watts_per_gpu, sample.modelled_watts_per_gpu)
-        throughput = self._bounded_ratio(
-            sample.measured_tokens_per_second, sample.modelled_tokens_per_second
-        )
-        new = Calibration(
-            throughput_factor=self._smoothed(old.throughput_factor, throughput),
-            power_factor=self._smoothed(old.power_factor, power),
-        ).bounded()
-        self._factors[key] = new
-        self._samples[key] = self._samples.get(key, 0) + 1
-        return new
+    def observe(self, samples: Iterable[CalibrationSample]) -> dict[CalibrationKey, Calibration]:
+        """Fold one reading's samples in: per (product, type), the median of its samples'
+        measured/modelled ratios moves each factor `smoothing` of the way, once per reading (a
+        reading of many replicas is one step, and one odd replica does not set it). Returns the
+        new corrections of the keys it sampled."""
+        power: dict[CalibrationKey, list[float]] = {}
+        throughput: dict[CalibrationKey, list[float]] = {}
+        for sample in samples:
+            key = (sample.product, sample.workload_type)
+            self._samples[key] = self._samples.get(key, 0) + 1
+            watts = self._bounded_ratio(
+                sample.measured_watts_per_gpu, sample.modelled_watts_per_gpu
+            )
+            tokens = self._bounded_ratio(
+                sample.measured_tokens_per_second, sample.modelled_tokens_per_second
+            )
+            power.setdefault(key, [])
+            throughput.setdefault(key, [])
+            if watts is not None:
+                power[key].append(watts)
+            if tokens is not None:
+                throughput[key].append(tokens)
+        for key, watts_ratios in power.items():
+            old = self._factors.get(key, Calibration())
+            self._factors[key] = Calibration(
+                throughput_factor=self._smoothed(old.throughput_factor, throughput[key]),
+                power_factor=self._smoothed(old.power_factor, watts_ratios),
+            ).bounded()
+        return {key: self._factors[key] for key in power}
 
     def corrections(self) -> dict[CalibrationKey, Calibration]:
         """The current factors, for `CatalogueModel.calibrated` and for metrics."""

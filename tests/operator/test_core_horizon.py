@@ -329,9 +329,11 @@ def test_the_horizon_plans_a_job_at_the_speed_the_calibration_measured() -> None
     def planned_slots(measured_share: float) -> tuple[str, ...]:
         calibrator = Calibrator(smoothing=1.0)
         calibrator.observe(
-            CalibrationSample(
-                "L40S", WorkloadType.FINE_TUNING, None, None, 1000.0, 1000.0 * measured_share
-            )
+            [
+                CalibrationSample(
+                    "L40S", WorkloadType.FINE_TUNING, None, None, 1000.0, 1000.0 * measured_share
+                )
+            ]
         )
         observed = core.Observed(
             cluster(carbon_budget, [deadline]),

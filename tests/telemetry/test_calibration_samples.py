@@ -128,20 +128,20 @@ def test_the_next_plans_model_moves_toward_the_measured_draw_and_stays_bounded()
     modelled = CatalogueModel().expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
     calibrator = Calibrator(smoothing=0.5)
     for _ in range(20):
-        for sample in samples(
-            reading(2 * 0.8 * modelled, tokens=1000.0, queued=5000.0),  # saturated: busy
-            WorkloadType.INFERENCE,
-            corrections=calibrator.corrections(),
-        ):
-            calibrator.observe(sample)
+        calibrator.observe(
+            samples(
+                reading(2 * 0.8 * modelled, tokens=1000.0, queued=5000.0),  # saturated: busy
+                WorkloadType.INFERENCE,
+                corrections=calibrator.corrections(),
+            )
+        )
     model = CatalogueModel().calibrated(calibrator.corrections())
     predicted = model.expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
     assert predicted == pytest.approx(0.8 * modelled, rel=1e-3)
     absurd = Calibrator(smoothing=1.0)
-    for sample in samples(
-        reading(2 * 0.01 * modelled, tokens=1000.0, queued=5000.0), WorkloadType.INFERENCE
-    ):
-        absurd.observe(sample)
+    absurd.observe(
+        samples(reading(2 * 0.01 * modelled, tokens=1000.0, queued=5000.0), WorkloadType.INFERENCE)
+    )
     assert absurd.corrections()[PRODUCT, WorkloadType.INFERENCE].power_factor == 0.5
 
 
@@ -221,20 +221,20 @@ def test_inference_throughput_correction_moves_toward_measured_capacity_and_stay
         pods = {("ns/w", 0): POD}
         # The GPUs are 30% slower; tokens wait in the queue (saturated).
         snapshot = reading(2 * 399.0, tokens=0.7 * uncalibrated, queued=50_000.0)
-        for sample in calibration_samples(
-            [Placement("ns/w", 0, "node-a", 2, "bf16", 400, 0.0, planned)],
-            pods=pods,
-            products={"node-a": PRODUCT},
-            types={"ns/w": WorkloadType.INFERENCE},
-            snapshot=snapshot,
-            corrections=calibrator.corrections(),
-        ):
-            calibrator.observe(sample)
+        calibrator.observe(
+            calibration_samples(
+                [Placement("ns/w", 0, "node-a", 2, "bf16", 400, 0.0, planned)],
+                pods=pods,
+                products={"node-a": PRODUCT},
+                types={"ns/w": WorkloadType.INFERENCE},
+                snapshot=snapshot,
+                corrections=calibrator.corrections(),
+            )
+        )
     model = base.calibrated(calibrator.corrections())
     assert planned_tokens_per_second(model) == pytest.approx(0.7 * uncalibrated, rel=1e-3)
     absurd = Calibrator(smoothing=1.0)
-    for sample in inference_samples(tokens=1.0, queued=1e9):
-        absurd.observe(sample)
+    absurd.observe(inference_samples(tokens=1.0, queued=1e9))
     low, _ = CALIBRATION_BOUNDS
     assert absurd.corrections()[PRODUCT, WorkloadType.INFERENCE].throughput_factor == low
 
@@ -256,4 +256,5 @@ def test_a_replica_with_locked_clocks_is_compared_with_the_models_locked_draw() 
     )
     assert sample.modelled_watts_per_gpu == pytest.approx(locked)
     calibrator = Calibrator()
-    assert calibrator.observe(sample).power_factor == pytest.approx(1.0)
+    [observed] = calibrator.observe([sample]).values()
+    assert observed.power_factor == pytest.approx(1.0)
