@@ -96,7 +96,6 @@ from wattsched_operator.rounds import (
     running,
 )
 from wattsched_optimizer.model import (
-    CatalogueModel,
     products_in_scope,
 )
 from wattsched_optimizer.planner import plan as optimizer_plan
@@ -428,7 +427,7 @@ def _decide(observed: Observed, prepared: Prepared, plan_function: PlanFunction)
         calibrated_at = observed.monotonic
     if learned:
         corrections = calibrator.corrections()
-    model = CatalogueModel().calibrated(calibrator.corrections())
+    model = calibrator.model()
 
     # Services are sized for their forecast demand (measured tokens/s with headroom), or
     # their declared spec.slo.tokensPerSecond until there are readings.

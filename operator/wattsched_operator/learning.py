@@ -84,7 +84,7 @@ def calibrate(
         products={node.name: node.product for node in plan_input.nodes},
         types={workload.key: workload.type for workload in plan_input.workloads},
         snapshot=telemetry,
-        corrections=calibrator.corrections(),
+        model=calibrator.model(),
     )
     calibrator.observe(samples)
     return len(samples)

@@ -17,7 +17,9 @@ from wattsched_api.vocabulary import Source
 from wattsched_optimizer.model import (
     CALIBRATION_BOUNDS,
     Calibration,
+    CalibrationPoint,
     CatalogueModel,
+    calibration_point,
     product_spec,
     sm_clock_effect,
 )
@@ -109,14 +111,22 @@ class CalibrationSample:
     measured_watts_per_gpu: float | None
     modelled_tokens_per_second: float | None = None
     measured_tokens_per_second: float | None = None
+    # Where the replica ran: its per-GPU power limit (W) and locked SM clock (MHz; None:
+    # unlocked). Its tokens/s also calibrate that operating point.
+    power_limit_watts: float | None = None
+    sm_clock_mhz: int | None = None
 
 
 class Calibrator:
-    """Exponentially smoothed, bounded correction factors per (product, workload type).
+    """Exponentially smoothed, bounded correction factors per (product, workload type), and
+    throughput factors per operating point (`calibration_point`: product, type, limit, clock).
 
     Each reading moves a factor `smoothing` of the way towards the median measured/modelled of
     its samples; factors stay in the optimizer's CALIBRATION_BOUNDS, so one bad reading cannot
-    make the model absurd. A sample from stale telemetry must not be given (the caller checks
+    make the model absurd. A point's factor starts from its (product, type) factor and moves with
+    the point's own samples: the catalogue's throughput curves are one shape per type, and a
+    product's true curve differs from it more at some limits and clocks than at others (docs/
+    telemetry.md). A sample from stale telemetry must not be given (the caller checks
     `TelemetrySnapshot.stale`).
     """
 
@@ -125,6 +135,7 @@ class Calibrator:
             raise ValueError(f"calibration smoothing={smoothing}: must be in (0, 1]")
         self.smoothing = smoothing
         self._factors: dict[CalibrationKey, Calibration] = {}
+        self._points: dict[CalibrationPoint, float] = {}
         self._samples: dict[CalibrationKey, int] = {}
 
     @staticmethod
@@ -144,6 +155,7 @@ class Calibrator:
         new corrections of the keys it sampled."""
         power: dict[CalibrationKey, list[float]] = {}
         throughput: dict[CalibrationKey, list[float]] = {}
+        at_point: dict[CalibrationPoint, list[float]] = {}
         for sample in samples:
             key = (sample.product, sample.workload_type)
             self._samples[key] = self._samples.get(key, 0) + 1
@@ -159,6 +171,20 @@ class Calibrator:
                 power[key].append(watts)
             if tokens is not None:
                 throughput[key].append(tokens)
+                if sample.power_limit_watts is not None:
+                    point = calibration_point(
+                        sample.product,
+                        sample.workload_type,
+                        sample.power_limit_watts,
+                        sample.sm_clock_mhz,
+                    )
+                    at_point.setdefault(point, []).append(tokens)
+        low, high = CALIBRATION_BOUNDS
+        for point, ratios in at_point.items():
+            start = self._points.get(point)
+            if start is None:
+                start = self._factors.get(point[:2], Calibration()).throughput_factor
+            self._points[point] = min(max(self._smoothed(start, ratios), low), high)
         for key, watts_ratios in power.items():
             old = self._factors.get(key, Calibration())
             self._factors[key] = Calibration(
@@ -168,8 +194,12 @@ class Calibrator:
         return {key: self._factors[key] for key in power}
 
     def corrections(self) -> dict[CalibrationKey, Calibration]:
-        """The current factors, for `CatalogueModel.calibrated` and for metrics."""
+        """The current (product, type) factors, for metrics."""
         return dict(self._factors)
+
+    def model(self) -> CatalogueModel:
+        """The catalogue with the current factors: what a plan made now is made with."""
+        return CatalogueModel().calibrated(self._factors, self._points)
 
     def sample_count(self, key: CalibrationKey) -> int:
         return self._samples.get(key, 0)
@@ -191,13 +221,14 @@ def calibration_samples(
     products: Mapping[str, str],
     types: Mapping[str, WorkloadType],
     snapshot: TelemetrySnapshot,
-    corrections: Mapping[CalibrationKey, Calibration],
+    model: CatalogueModel,
 ) -> list[CalibrationSample]:
     """One sample per placed single-node replica whose running pod a fresh reading measured.
 
     pods: (workload key, replica) -> the replica's running pod; products: node -> normalised
-    product; types: workload key -> type; corrections: the factors the plan was made with (the
-    modelled throughput is divided by them to compare with the uncalibrated model).
+    product; types: workload key -> type; model: the calibrated model the plan was made with (the
+    modelled throughput is divided by its factor at each placement's operating point to compare
+    with the uncalibrated model).
     Power is sampled only when neither the draw nor the model is held by the power limit, and for
     an Inference replica only where it is busy (where its throughput is sampled, below). A replica
     with locked SM clocks is compared with the model's locked draw (the unlocked busy draw times
@@ -250,7 +281,7 @@ def calibration_samples(
             # less, which would read as a lower busy draw (and let the optimizer believe a
             # locked clock fits under a limit that in fact throttles it).
             power_sampled = False
-        factor = corrections.get((product, workload_type), Calibration()).throughput_factor
+        factor = model.throughput_factor(product, workload_type, limit, placement.sm_clock_mhz)
         if not power_sampled and tokens is None:
             continue
         samples.append(
@@ -263,6 +294,8 @@ def calibration_samples(
                 if tokens is not None
                 else None,
                 measured_tokens_per_second=tokens,
+                power_limit_watts=limit,
+                sm_clock_mhz=placement.sm_clock_mhz,
             )
         )
     return samples

@@ -450,6 +450,26 @@ def clamp_power_limit_watts(product: str, power_limit_watts: float) -> float:
     return min(max(power_limit_watts, spec.min_watts.value), spec.max_watts.value)
 
 
+# One operating point of one (product, workload type): the per-GPU power limit NVML applies (W,
+# clamped and rounded) and the locked SM clock (MHz; None: unlocked). The catalogue's curves are
+# one shape per type; a product's true throughput against its limit and clock has its own (e.g.
+# steeper at the lowest limits), so a single factor per type is right on average and wrong at
+# the points an energy-minimising plan picks: the ones where the catalogue is most optimistic.
+CalibrationPoint = tuple[str, WorkloadType, int, int | None]
+
+
+def calibration_point(
+    product: str, workload_type: WorkloadType, power_limit_watts: float, sm_clock_mhz: int | None
+) -> CalibrationPoint:
+    """The operating point a replica at this limit and clock runs at."""
+    return (
+        product,
+        workload_type,
+        round(clamp_power_limit_watts(product, power_limit_watts)),
+        sm_clock_mhz,
+    )
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Multiplicative corrections of the modelled figures for one (product, workload type).
@@ -480,8 +500,12 @@ class PerformanceModel(Protocol):
         gpus: int,
         relative_throughput: float,
         power_limit_watts: float,
+        *,
+        sm_clock_mhz: int | None = None,
     ) -> float:
-        """Tokens/s one replica of `gpus` GPUs delivers at this per-GPU power limit."""
+        """Tokens/s one replica of `gpus` GPUs delivers at this per-GPU power limit; with
+        `sm_clock_mhz`, with its SM clocks locked there and drawing under the limit (the cap
+        never triggers: the caller checks the locked draw fits)."""
         ...
 
     def expected_power_watts(
@@ -509,17 +533,41 @@ class CatalogueModel:
     """The default `PerformanceModel`: catalogue figures, optionally with bounded corrections."""
 
     corrections: Mapping[tuple[str, WorkloadType], Calibration] = field(default_factory=dict)
+    # Throughput factors measured at single operating points; where one is known it replaces
+    # the (product, type) throughput factor at that point.
+    point_throughput_factors: Mapping[CalibrationPoint, float] = field(default_factory=dict)
 
     def calibrated(
-        self, corrections: Mapping[tuple[str, WorkloadType], Calibration]
+        self,
+        corrections: Mapping[tuple[str, WorkloadType], Calibration],
+        point_throughput_factors: Mapping[CalibrationPoint, float] | None = None,
     ) -> CatalogueModel:
         """A model with these corrections (each bounded) replacing the ones for the same keys."""
         merged = dict(self.corrections)
         merged.update({key: value.bounded() for key, value in corrections.items()})
-        return CatalogueModel(corrections=merged)
+        low, high = CALIBRATION_BOUNDS
+        points = dict(self.point_throughput_factors)
+        for point, factor in (point_throughput_factors or {}).items():
+            points[point] = min(max(factor, low), high)
+        return CatalogueModel(corrections=merged, point_throughput_factors=points)
 
     def _correction(self, product: str, workload_type: WorkloadType) -> Calibration:
         return self.corrections.get((product, workload_type), Calibration())
+
+    def throughput_factor(
+        self,
+        product: str,
+        workload_type: WorkloadType,
+        power_limit_watts: float,
+        sm_clock_mhz: int | None = None,
+    ) -> float:
+        """The throughput correction at this operating point: its own where one was measured,
+        else the (product, type) one."""
+        point = calibration_point(product, workload_type, power_limit_watts, sm_clock_mhz)
+        factor = self.point_throughput_factors.get(point)
+        if factor is not None:
+            return factor
+        return self._correction(product, workload_type).throughput_factor
 
     def throughput_fraction(
         self, product: str, workload_type: WorkloadType, power_limit_watts: float
@@ -538,6 +586,8 @@ class CatalogueModel:
         gpus: int,
         relative_throughput: float,
         power_limit_watts: float,
+        *,
+        sm_clock_mhz: int | None = None,
     ) -> float:
         if params_billions <= 0 or gpus < 1 or relative_throughput <= 0:
             raise ValueError(
@@ -548,8 +598,15 @@ class CatalogueModel:
         speed = product_spec(product).relative_speed[workload_type].value
         per_gpu = type_spec.tokens_per_second_per_gpu_1b.value / params_billions
         scale: float = float(gpus) ** type_spec.multi_gpu_exponent.value
-        fraction = self.throughput_fraction(product, workload_type, power_limit_watts)
-        correction = self._correction(product, workload_type).throughput_factor
+        if sm_clock_mhz is None:
+            fraction = self.throughput_fraction(product, workload_type, power_limit_watts)
+        else:
+            # Locked under the limit: the unlocked maximum's throughput times the clock's share.
+            unlocked = self.throughput_fraction(
+                product, workload_type, product_spec(product).max_watts.value
+            )
+            fraction = unlocked * sm_clock_effect(product, workload_type, sm_clock_mhz)[0]
+        correction = self.throughput_factor(product, workload_type, power_limit_watts, sm_clock_mhz)
         return per_gpu * speed * scale * relative_throughput * fraction * correction
 
     def expected_power_watts(

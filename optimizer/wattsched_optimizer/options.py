@@ -327,9 +327,11 @@ def replica_tokens_per_second(
     *,
     relative_throughput: float,
     level: float,
+    sm_clock_mhz: int | None = None,
 ) -> float:
     """Modelled tokens/s of one replica of the workload on `product` at this power limit, for a
-    variant of this relative throughput (clock unlocked)."""
+    variant of this relative throughput (clock unlocked, or locked at `sm_clock_mhz` under the
+    limit)."""
     return model.throughput_tokens_per_second(
         product,
         workload.type,
@@ -337,6 +339,7 @@ def replica_tokens_per_second(
         workload.gpus_per_replica,
         relative_throughput,
         level,
+        sm_clock_mhz=sm_clock_mhz,
     )
 
 
@@ -354,19 +357,20 @@ def _clocked(
     clock: the lock adds nothing). Under the limit the cap never triggers, so throughput is the
     unlocked maximum's times the clock's fraction (Ma et al.: the cap is not on decode's path)."""
     spec = product_spec(product)
-    throughput_fraction, draw_fraction = sm_clock_effect(product, workload.type, sm_clock_mhz)
+    _, draw_fraction = sm_clock_effect(product, workload.type, sm_clock_mhz)
     unlocked_watts = model.expected_power_watts(product, workload.type, spec.max_watts.value)
     watts = max(model.idle_power_watts(product), unlocked_watts * draw_fraction)
     if watts > level:
         return None
-    full = replica_tokens_per_second(
+    throughput = replica_tokens_per_second(
         model,
         workload,
         product,
         relative_throughput=relative_throughput,
-        level=spec.max_watts.value,
+        level=level,
+        sm_clock_mhz=sm_clock_mhz,
     )
-    return full * throughput_fraction, watts
+    return throughput, watts
 
 
 def prune_dominated(
@@ -780,7 +784,9 @@ class _RememberingModel:
 
     def __init__(self, model: PerformanceModel) -> None:
         self._model = model
-        self._throughput: dict[tuple[str, WorkloadType, float, int, float, float], float] = {}
+        self._throughput: dict[
+            tuple[str, WorkloadType, float, int, float, float, int | None], float
+        ] = {}
         self._power: dict[tuple[str, WorkloadType, float], float] = {}
 
     def throughput_tokens_per_second(  # noqa: PLR0917 (the interface's positional contract)
@@ -791,6 +797,8 @@ class _RememberingModel:
         gpus: int,
         relative_throughput: float,
         power_limit_watts: float,
+        *,
+        sm_clock_mhz: int | None = None,
     ) -> float:
         key = (
             product,
@@ -799,10 +807,11 @@ class _RememberingModel:
             gpus,
             relative_throughput,
             power_limit_watts,
+            sm_clock_mhz,
         )
         value = self._throughput.get(key)
         if value is None:
-            value = self._model.throughput_tokens_per_second(*key)
+            value = self._model.throughput_tokens_per_second(*key[:6], sm_clock_mhz=sm_clock_mhz)
             self._throughput[key] = value
         return value
 

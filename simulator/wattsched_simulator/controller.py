@@ -47,7 +47,7 @@ from wattsched_operator import demand as demand_forecast
 from wattsched_operator.readings import PodKey, TelemetrySnapshot
 from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer import planner
-from wattsched_optimizer.model import PerformanceModel
+from wattsched_optimizer.model import PerformanceModel, sm_clock_effect
 from wattsched_optimizer.problem import EnergyPolicy, Plan, PlanInput, PlanOptions, WorkloadType
 
 from . import observed
@@ -76,15 +76,22 @@ class TruthModel:
         gpus: int,
         relative_throughput: float,
         power_limit_watts: float,
+        *,
+        sm_clock_mhz: int | None = None,
     ) -> float:
-        return self.truth.replica_tokens_per_second(
+        # A locked clock: the true unlocked maximum times the catalogue's clock share, as the
+        # planner assumes the lock fits under the limit (the oracle knows the work, not clocks).
+        full = self.truth.replica_tokens_per_second(
             product=self.products[product],
             workload_type=workload_type,
             model_parameters_billions=params_billions,
             gpus=gpus,
             relative_throughput=relative_throughput,
-            power_limit_watts=power_limit_watts,
+            power_limit_watts=power_limit_watts
+            if sm_clock_mhz is None
+            else self.truth.product(self.products[product]).max_watts,
         )
+        return full * sm_clock_effect(product, workload_type, sm_clock_mhz)[0]
 
     def expected_power_watts(
         self, product: str, workload_type: WorkloadType, power_limit_watts: float

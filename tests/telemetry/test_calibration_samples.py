@@ -56,9 +56,9 @@ def samples(
     snapshot: TelemetrySnapshot,
     workload_type: WorkloadType,
     limit_watts: float = 700,
-    corrections: dict[tuple[str, WorkloadType], Calibration] | None = None,
+    model: CatalogueModel | None = None,
 ) -> list[CalibrationSample]:
-    """Samples of one replica (1000 tokens/s planned) of `ns/w`."""
+    """Samples of one replica (1000 tokens/s planned with `model`) of `ns/w`."""
     return list(
         calibration_samples(
             [placement(limit_watts)],
@@ -66,7 +66,7 @@ def samples(
             products={"node-a": PRODUCT},
             types={"ns/w": workload_type},
             snapshot=snapshot,
-            corrections=corrections or {},
+            model=model or CatalogueModel(),
         )
     )
 
@@ -106,7 +106,7 @@ def test_stale_readings_and_unknown_pods_give_nothing() -> None:
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.INFERENCE},
         snapshot=reading(500.0),
-        corrections={},
+        model=CatalogueModel(),
     )
     assert no_pod == []
 
@@ -117,7 +117,7 @@ def test_training_throughput_is_compared_with_the_uncorrected_model() -> None:
         reading(2 * 399.0, tokens=450.0),
         WorkloadType.TRAINING,
         limit_watts=400,
-        corrections=corrected,
+        model=CatalogueModel().calibrated(corrected),
     )
     assert sample.measured_watts_per_gpu is None  # at its limit
     assert sample.modelled_tokens_per_second == pytest.approx(500.0)  # 1000 planned / 2.0
@@ -132,10 +132,10 @@ def test_the_next_plans_model_moves_toward_the_measured_draw_and_stays_bounded()
             samples(
                 reading(2 * 0.8 * modelled, tokens=1000.0, queued=5000.0),  # saturated: busy
                 WorkloadType.INFERENCE,
-                corrections=calibrator.corrections(),
+                model=calibrator.model(),
             )
         )
-    model = CatalogueModel().calibrated(calibrator.corrections())
+    model = calibrator.model()
     predicted = model.expected_power_watts(PRODUCT, WorkloadType.INFERENCE, 700)
     assert predicted == pytest.approx(0.8 * modelled, rel=1e-3)
     absurd = Calibrator(smoothing=1.0)
@@ -175,7 +175,7 @@ def inference_samples(
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.INFERENCE},
         snapshot=snapshot,
-        corrections=corrections or {},
+        model=CatalogueModel().calibrated(corrections or {}),
     )
 
 
@@ -216,7 +216,7 @@ def test_inference_throughput_correction_moves_toward_measured_capacity_and_stay
     uncalibrated = planned_tokens_per_second(base)
     calibrator = Calibrator(smoothing=0.5)
     for _ in range(20):
-        model = base.calibrated(calibrator.corrections())
+        model = calibrator.model()
         planned = planned_tokens_per_second(model)
         pods = {("ns/w", 0): POD}
         # The GPUs are 30% slower; tokens wait in the queue (saturated).
@@ -228,10 +228,10 @@ def test_inference_throughput_correction_moves_toward_measured_capacity_and_stay
                 products={"node-a": PRODUCT},
                 types={"ns/w": WorkloadType.INFERENCE},
                 snapshot=snapshot,
-                corrections=calibrator.corrections(),
+                model=calibrator.model(),
             )
         )
-    model = base.calibrated(calibrator.corrections())
+    model = calibrator.model()
     assert planned_tokens_per_second(model) == pytest.approx(0.7 * uncalibrated, rel=1e-3)
     absurd = Calibrator(smoothing=1.0)
     absurd.observe(inference_samples(tokens=1.0, queued=1e9))
@@ -252,9 +252,78 @@ def test_a_replica_with_locked_clocks_is_compared_with_the_models_locked_draw() 
         products={"node-a": PRODUCT},
         types={"ns/w": WorkloadType.INFERENCE},
         snapshot=reading(2 * locked, tokens=1000.0, queued=5000.0),  # saturated: busy
-        corrections={},
+        model=CatalogueModel(),
     )
     assert sample.modelled_watts_per_gpu == pytest.approx(locked)
     calibrator = Calibrator()
     [observed] = calibrator.observe([sample]).values()
     assert observed.power_factor == pytest.approx(1.0)
+
+
+def test_each_operating_point_learns_its_own_throughput_factor() -> None:
+    """The true curve is steeper than the catalogue's at the lowest limits: the GPUs deliver 0.7
+    of the catalogue at 175 W unlocked and at 450 W with the clock locked at 990 MHz, 1.1 at
+    450 W unlocked. One factor per (product, type) would plan all three at the median of the
+    readings (0.7), and 450 W unlocked a third too slow: each point converges to its own, and a
+    point never run is planned with the (product, type) factor."""
+    truth = {(175.0, None): 0.7, (450.0, None): 1.1, (450.0, 990): 0.7}
+    base = CatalogueModel()
+
+    def tokens_per_second(model: CatalogueModel, limit: float, clock: int | None) -> float:
+        return model.throughput_tokens_per_second(
+            PRODUCT, WorkloadType.INFERENCE, 8, 2, 1.0, limit, sm_clock_mhz=clock
+        )
+
+    calibrator = Calibrator(smoothing=0.5)
+    points = list(truth)
+    pods = {("ns/w", replica): ("ns", f"w-{replica}") for replica in range(len(points))}
+    for _ in range(20):
+        model = calibrator.model()
+        placements = [
+            Placement(
+                "ns/w",
+                replica,
+                "node-a",
+                2,
+                "bf16",
+                limit,
+                0.0,
+                tokens_per_second(model, limit, clock),
+                sm_clock_mhz=clock,
+            )
+            for replica, (limit, clock) in enumerate(points)
+        ]
+        measured = {
+            pods["ns/w", replica]: truth[point] * tokens_per_second(base, *point)
+            for replica, point in enumerate(points)
+        }
+        snapshot = TelemetrySnapshot(
+            time=NOW,
+            source=Source.MEASURED,
+            stale=False,
+            reason="",
+            pod_watts={pod: Measurement(2 * 440.0, "rate(DCGM)") for pod in pods.values()},
+            pod_tokens_per_second=measured,
+            pod_queued_tokens={pod: 50_000.0 for pod in pods.values()},  # saturated
+        )
+        calibrator.observe(
+            calibration_samples(
+                placements,
+                pods=pods,
+                products={"node-a": PRODUCT},
+                types={"ns/w": WorkloadType.INFERENCE},
+                snapshot=snapshot,
+                model=model,
+            )
+        )
+    model = calibrator.model()
+    for (limit, clock), share in truth.items():
+        assert tokens_per_second(model, limit, clock) == pytest.approx(
+            share * tokens_per_second(base, limit, clock), rel=1e-3
+        )
+    # 325 W was never run: the (product, type) factor, the median of the readings (0.7).
+    type_factor = calibrator.corrections()[PRODUCT, WorkloadType.INFERENCE].throughput_factor
+    assert type_factor == pytest.approx(0.7, rel=1e-3)
+    assert tokens_per_second(model, 325.0, None) == pytest.approx(
+        type_factor * tokens_per_second(base, 325.0, None)
+    )
