@@ -15,10 +15,10 @@ from datetime import datetime
 
 from wattsched_api.vocabulary import Source
 from wattsched_optimizer.model import (
-    CALIBRATION_BOUNDS,
     Calibration,
     CalibrationPoint,
     CatalogueModel,
+    bounded_factor,
     calibration_point,
     product_spec,
     sm_clock_effect,
@@ -142,8 +142,7 @@ class Calibrator:
     def _bounded_ratio(measured: float | None, modelled: float | None) -> float | None:
         if measured is None or modelled is None or modelled <= 0 or measured < 0:
             return None
-        low, high = CALIBRATION_BOUNDS
-        return min(max(measured / modelled, low), high)
+        return bounded_factor(measured / modelled)
 
     def _smoothed(self, old: float, ratios: list[float]) -> float:
         return old if not ratios else old + self.smoothing * (statistics.median(ratios) - old)
@@ -179,12 +178,11 @@ class Calibrator:
                         sample.sm_clock_mhz,
                     )
                     at_point.setdefault(point, []).append(tokens)
-        low, high = CALIBRATION_BOUNDS
         for point, ratios in at_point.items():
             start = self._points.get(point)
             if start is None:
                 start = self._factors.get(point[:2], Calibration()).throughput_factor
-            self._points[point] = min(max(self._smoothed(start, ratios), low), high)
+            self._points[point] = bounded_factor(self._smoothed(start, ratios))
         for key, watts_ratios in power.items():
             old = self._factors.get(key, Calibration())
             self._factors[key] = Calibration(
@@ -281,18 +279,20 @@ def calibration_samples(
             # less, which would read as a lower busy draw (and let the optimizer believe a
             # locked clock fits under a limit that in fact throttles it).
             power_sampled = False
-        factor = model.throughput_factor(product, workload_type, limit, placement.sm_clock_mhz)
         if not power_sampled and tokens is None:
             continue
+        # Compared with the uncalibrated model: divided by the factor the plan used at its point.
+        modelled_tokens = None
+        if tokens is not None:
+            factor = model.throughput_factor(product, workload_type, limit, placement.sm_clock_mhz)
+            modelled_tokens = placement.expected_throughput / factor
         samples.append(
             CalibrationSample(
                 product=product,
                 workload_type=workload_type,
                 modelled_watts_per_gpu=modelled if power_sampled else None,
                 measured_watts_per_gpu=per_gpu if power_sampled else None,
-                modelled_tokens_per_second=placement.expected_throughput / factor
-                if tokens is not None
-                else None,
+                modelled_tokens_per_second=modelled_tokens,
                 measured_tokens_per_second=tokens,
                 power_limit_watts=limit,
                 sm_clock_mhz=placement.sm_clock_mhz,

@@ -470,6 +470,12 @@ def calibration_point(
     )
 
 
+def bounded_factor(factor: float) -> float:
+    """A correction factor clamped into CALIBRATION_BOUNDS."""
+    low, high = CALIBRATION_BOUNDS
+    return min(max(factor, low), high)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Multiplicative corrections of the modelled figures for one (product, workload type).
@@ -482,10 +488,9 @@ class Calibration:
     power_factor: float = 1.0
 
     def bounded(self) -> Calibration:
-        low, high = CALIBRATION_BOUNDS
         return Calibration(
-            throughput_factor=min(max(self.throughput_factor, low), high),
-            power_factor=min(max(self.power_factor, low), high),
+            throughput_factor=bounded_factor(self.throughput_factor),
+            power_factor=bounded_factor(self.power_factor),
         )
 
 
@@ -545,10 +550,9 @@ class CatalogueModel:
         """A model with these corrections (each bounded) replacing the ones for the same keys."""
         merged = dict(self.corrections)
         merged.update({key: value.bounded() for key, value in corrections.items()})
-        low, high = CALIBRATION_BOUNDS
         points = dict(self.point_throughput_factors)
         for point, factor in (point_throughput_factors or {}).items():
-            points[point] = min(max(factor, low), high)
+            points[point] = bounded_factor(factor)
         return CatalogueModel(corrections=merged, point_throughput_factors=points)
 
     def _correction(self, product: str, workload_type: WorkloadType) -> Calibration:
