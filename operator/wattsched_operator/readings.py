@@ -152,24 +152,23 @@ class Calibrator:
         measured/modelled ratios moves each factor `smoothing` of the way, once per reading (a
         reading of many replicas is one step, and one odd replica does not set it). Returns the
         new corrections of the keys it sampled."""
-        power: dict[CalibrationKey, list[float]] = {}
-        throughput: dict[CalibrationKey, list[float]] = {}
+        # (product, type) -> (power ratios, throughput ratios) of this reading
+        by_key: dict[CalibrationKey, tuple[list[float], list[float]]] = {}
         at_point: dict[CalibrationPoint, list[float]] = {}
         for sample in samples:
             key = (sample.product, sample.workload_type)
             self._samples[key] = self._samples.get(key, 0) + 1
+            power, throughput = by_key.setdefault(key, ([], []))
             watts = self._bounded_ratio(
                 sample.measured_watts_per_gpu, sample.modelled_watts_per_gpu
             )
             tokens = self._bounded_ratio(
                 sample.measured_tokens_per_second, sample.modelled_tokens_per_second
             )
-            power.setdefault(key, [])
-            throughput.setdefault(key, [])
             if watts is not None:
-                power[key].append(watts)
+                power.append(watts)
             if tokens is not None:
-                throughput[key].append(tokens)
+                throughput.append(tokens)
                 if sample.power_limit_watts is not None:
                     point = calibration_point(
                         sample.product,
@@ -183,13 +182,13 @@ class Calibrator:
             if start is None:
                 start = self._factors.get(point[:2], Calibration()).throughput_factor
             self._points[point] = bounded_factor(self._smoothed(start, ratios))
-        for key, watts_ratios in power.items():
+        for key, (power, throughput) in by_key.items():
             old = self._factors.get(key, Calibration())
             self._factors[key] = Calibration(
-                throughput_factor=self._smoothed(old.throughput_factor, throughput[key]),
-                power_factor=self._smoothed(old.power_factor, watts_ratios),
+                throughput_factor=self._smoothed(old.throughput_factor, throughput),
+                power_factor=self._smoothed(old.power_factor, power),
             ).bounded()
-        return {key: self._factors[key] for key in power}
+        return {key: self._factors[key] for key in by_key}
 
     def corrections(self) -> dict[CalibrationKey, Calibration]:
         """The current (product, type) factors, for metrics."""

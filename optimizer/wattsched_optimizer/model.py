@@ -567,10 +567,11 @@ class CatalogueModel:
     ) -> float:
         """The throughput correction at this operating point: its own where one was measured,
         else the (product, type) one."""
-        point = calibration_point(product, workload_type, power_limit_watts, sm_clock_mhz)
-        factor = self.point_throughput_factors.get(point)
-        if factor is not None:
-            return factor
+        if self.point_throughput_factors:  # none in an uncalibrated model: no key to build
+            point = calibration_point(product, workload_type, power_limit_watts, sm_clock_mhz)
+            factor = self.point_throughput_factors.get(point)
+            if factor is not None:
+                return factor
         return self._correction(product, workload_type).throughput_factor
 
     def throughput_fraction(
