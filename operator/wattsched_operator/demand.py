@@ -4,7 +4,10 @@ For: the forecast shared by the operator and the simulator's `wattsched` policy:
 window, the highest demand a reading showed (the tokens/s served, plus the backlog, the tokens
 waiting in the service's queues, drained within one re-plan interval) times a headroom, plus a
 margin that grows with how much the readings spread (`SPREAD` standard deviations: a bursty
-service's next burst above its recent peak is larger than a steady one's); and the
+service's next burst above its recent peak is larger than a steady one's), times the largest
+burst of the last hour (how far a reading outran the forecast made before it, where demand fell
+back after it: a service whose bursts come every so often, not every few minutes, is sized for
+the next one, in proportion to its current demand); and the
 operator's bounded per-service history of readings it is made from (`DemandHistory`); whether a
 fresh reading shows more demand than a plan gave a service (`exceeds_plan`); and, for the horizon
 plan, the same hour of previous days (`HourlyDemand`).
@@ -35,6 +38,10 @@ HEADROOM = 1.0
 SPREAD = 2.0
 # Readings kept per service (a few windows' worth at one reading per round).
 MAX_SAMPLES = 64
+# How long a burst is remembered (`DemandHistory.demand`): as an autoscaler's scale-down
+# stabilisation window, an hour after a burst the service is no longer sized for the next one.
+# At most one burst per window's length is kept (the largest), a dozen per service.
+BURST_MEMORY_SECONDS = 3600.0
 
 
 def forecast(
@@ -63,6 +70,23 @@ class Reading:
         return self.tokens_per_second + self.backlog_tokens / interval_seconds
 
 
+@dataclasses.dataclass(frozen=True)
+class Burst:
+    """A reading whose demand outran the forecast made before it `ratio` times. `confirmed`
+    once it has left the window with demand back below it (a burst, not a step up)."""
+
+    at_seconds: float
+    ratio: float
+    demand: float
+    confirmed: bool = False
+
+    def fell_back(self, mean_after: float | None) -> bool:
+        """Whether the mean demand of the window after the burst left it stayed nearer
+        (geometrically) the forecast before the burst (its demand over its ratio) than the
+        burst's demand: a burst. A step up stays at (or above) the burst's demand."""
+        return mean_after is not None and mean_after < self.demand / self.ratio**0.5
+
+
 class DemandHistory:
     """Readings (served tokens/s and backlog) per service, kept in memory (a restarted operator
     starts from the declared demand until its first readings).
@@ -82,18 +106,58 @@ class DemandHistory:
         self.spread = spread
         self.interval_seconds = interval_seconds
         self._samples: dict[str, deque[Reading]] = {}
+        self._bursts: dict[str, deque[Burst]] = {}
+        self._max_bursts = max(1, round(BURST_MEMORY_SECONDS / window_seconds)) + 1
 
     def record(
         self, key: str, at_seconds: float, tokens_per_second: float, backlog_tokens: float = 0.0
     ) -> None:
+        reading = Reading(at_seconds, max(0.0, tokens_per_second), max(0.0, backlog_tokens))
+        self._judge_bursts(key, at_seconds)
+        before = self._forecast(key, at_seconds)
+        demand = reading.demand(self.interval_seconds)
+        if before and demand > before:
+            self._add_burst(key, Burst(at_seconds, demand / before, demand))
         samples = self._samples.setdefault(key, deque(maxlen=MAX_SAMPLES))
-        samples.append(Reading(at_seconds, max(0.0, tokens_per_second), max(0.0, backlog_tokens)))
+        samples.append(reading)
+
+    def _judge_bursts(self, key: str, at_seconds: float) -> None:
+        """Confirm the bursts that left the window where demand fell back; drop the others (a
+        step up, which the window's forecast now holds)."""
+        bursts = self._bursts.get(key, ())
+        due = [
+            b for b in bursts if not b.confirmed and at_seconds - b.at_seconds > self.window_seconds
+        ]
+        if not due:
+            return
+        demands = [r.demand(self.interval_seconds) for r in self._recent(key, at_seconds)]
+        mean_after = statistics.fmean(demands) if demands else None
+        self._bursts[key] = deque(
+            (
+                dataclasses.replace(b, confirmed=True) if b in due else b
+                for b in bursts
+                if b not in due or b.fell_back(mean_after)
+            ),
+            maxlen=self._max_bursts,
+        )
+
+    def _add_burst(self, key: str, burst: Burst) -> None:
+        """Keep `burst`; of those within one window's length of each other, the largest."""
+        bursts = self._bursts.setdefault(key, deque(maxlen=self._max_bursts))
+        last = bursts[-1] if bursts else None
+        if last and not last.confirmed and burst.at_seconds - last.at_seconds < self.window_seconds:
+            if burst.ratio > last.ratio:
+                bursts[-1] = burst
+            return
+        bursts.append(burst)
 
     def forget(self, keep: Iterable[str]) -> None:
         """Drop the history of services not in `keep` (deleted or finished)."""
         wanted = set(keep)
         for key in [k for k in self._samples if k not in wanted]:
             del self._samples[key]
+        for key in [k for k in self._bursts if k not in wanted]:
+            del self._bursts[key]
 
     def _recent(self, key: str, now_seconds: float) -> list[Reading]:
         return [
@@ -105,14 +169,31 @@ class DemandHistory:
     def demand(self, key: str, now_seconds: float, declared: float | None) -> float | None:
         """The forecast from readings within the window (`forecast` of their `Reading.demand`s),
         else `declared`. The peak holds for the window: a backlog that drained does not size the
-        service down at the next reading."""
-        recent = self._recent(key, now_seconds)
-        predicted = forecast(
-            (r.demand(self.interval_seconds) for r in recent),
+        service down at the next reading. After a burst (a reading that outran the forecast
+        made before it, then demand fell back), the forecast is that burst's ratio times as
+        large for `BURST_MEMORY_SECONDS`: the next burst is expected as large relative to the
+        service's demand (the code trace's come about once an hour, at up to five times its
+        mean). A step up (a launch, traffic moved over) is no burst: once it has left the
+        window, the window's forecast holds the new level, and no margin is added above it."""
+        predicted = self._forecast(key, now_seconds)
+        if predicted is None:
+            return declared
+        ratio = max(
+            (
+                b.ratio
+                for b in self._bursts.get(key, ())
+                if b.confirmed and now_seconds - b.at_seconds < BURST_MEMORY_SECONDS
+            ),
+            default=1.0,
+        )
+        return predicted * ratio
+
+    def _forecast(self, key: str, now_seconds: float) -> float | None:
+        return forecast(
+            (r.demand(self.interval_seconds) for r in self._recent(key, now_seconds)),
             headroom=self.headroom,
             spread=self.spread,
         )
-        return declared if predicted is None else predicted
 
     def latest(self, key: str, now_seconds: float) -> float | None:
         """The newest reading's demand, without headroom: its served tokens/s plus its backlog

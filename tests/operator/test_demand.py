@@ -143,3 +143,52 @@ def test_the_hours_keep_what_a_service_needed_not_a_queue_draining() -> None:
     # With no hour recorded, the recent forecast is all there is.
     assert HourlyDemand().per_slot("t/new", starts, recent=700.0) == (700.0,) * 4
     assert HourlyDemand().expected_per_slot("t/new", starts, recent=700.0) == (700.0,) * 4
+
+
+def steady(history: DemandHistory, key: str, start: float, end: float, tokens: float) -> None:
+    """A reading every 15 s from `start` to before `end`."""
+    at = start
+    while at < end:
+        history.record(key, at, tokens)
+        at += 15.0
+
+
+def test_a_burst_sizes_the_service_for_the_next_one_in_proportion_for_an_hour() -> None:
+    """A burst at three times the forecast before it: once it has left the window, the
+    service is still sized at three times its demand, and an hour later no longer."""
+    history = DemandHistory(window_seconds=300, headroom=1.0, spread=0.0)
+    steady(history, "ns/code", 0.0, 300.0, 1000.0)
+    history.record("ns/code", 300.0, 3000.0)
+    steady(history, "ns/code", 315.0, 900.0, 1000.0)
+    # The window (600-900 s) holds only 1,000s: the burst's ratio sizes it at 3,000.
+    assert history.demand("ns/code", 900.0, declared=None) == 3000.0
+    steady(history, "ns/code", 900.0, 1500.0, 500.0)
+    # Half the demand: half the burst.
+    assert history.demand("ns/code", 1500.0, declared=None) == 1500.0
+    steady(history, "ns/code", 1500.0, 2100.0, 2000.0)
+    # Four times the demand (a step up, no burst): three times 2,000.
+    assert history.demand("ns/code", 2100.0, declared=None) == 6000.0
+    steady(history, "ns/code", 2100.0, 3900.0, 1000.0)
+    # An hour after the burst: the window's forecast alone.
+    assert history.demand("ns/code", 3900.0, declared=None) == 1000.0
+
+
+def test_a_step_up_holds_no_margin_above_the_new_level() -> None:
+    """A launch from a trickle, and traffic moved over: the first readings at the new level
+    outran the forecast a hundred and five times, but are the most the service needed."""
+    history = DemandHistory(window_seconds=300, headroom=1.0, spread=0.0)
+    steady(history, "ns/launch", 0.0, 300.0, 10.0)
+    steady(history, "ns/launch", 300.0, 900.0, 1000.0)
+    assert history.demand("ns/launch", 900.0, declared=None) == 1000.0
+    steady(history, "ns/moved", 0.0, 300.0, 1000.0)
+    steady(history, "ns/moved", 300.0, 900.0, 5000.0)
+    assert history.demand("ns/moved", 900.0, declared=None) == 5000.0
+
+
+def test_a_forgotten_service_forgets_its_bursts() -> None:
+    history = DemandHistory(window_seconds=300, headroom=1.0, spread=0.0)
+    steady(history, "ns/code", 0.0, 300.0, 1000.0)
+    history.record("ns/code", 300.0, 3000.0)
+    history.forget([])
+    steady(history, "ns/code", 315.0, 900.0, 1000.0)
+    assert history.demand("ns/code", 900.0, declared=None) == 1000.0
