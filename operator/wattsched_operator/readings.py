@@ -202,8 +202,11 @@ class Calibrator:
         return self._samples.get(key, 0)
 
 
-# An Inference replica with tokens queued is saturated when its rate window's mean is at least
-# this share of its short-window peak: it served at capacity through the window, not in a burst.
+# An Inference replica is saturated when at least this many seconds of its serving wait in its
+# queue (a request or two waiting for a moment, or a fluid model's residue, are not a backlog)
+# and its rate window's mean is at least this share of its short-window peak: it served at
+# capacity through the window, not in one burst.
+SATURATED_QUEUE_SECONDS = 1.0
 SATURATED_SHARE_OF_PEAK = 0.9
 
 # A GPU drawing this close to its limit is held by the limit, not by its work: its draw says
@@ -233,9 +236,10 @@ def calibration_samples(
     the unlocked model, and a clock curve that is off shows up in it for that (product, type).
     Throughput (measured tokens/s, from the token query) is sampled where it shows capacity:
     Training, FineTuning and BatchInference run flat out, always. An Inference replica serves its
-    share of the demand, not what it could, so only (a) when it is saturated: tokens wait in its
-    queue while it serves no less than `SATURATED_SHARE_OF_PEAK` of its short-window peak (busy
-    through the window, not in one burst), or (b) when it serves more than the calibrated model
+    share of the demand, not what it could, so only (a) when it is saturated: at least
+    `SATURATED_QUEUE_SECONDS` of its serving wait in its queue while it serves no less than
+    `SATURATED_SHARE_OF_PEAK` of its short-window peak (busy through the window, not in one
+    burst), or (b) when it serves more than the calibrated model
     says it can (a lower bound on its capacity above the model). Otherwise low traffic would read
     as slow GPUs. (A service's declared tokens/s is no sign of saturation: it is the most it may
     ask, and a service sized below it for its measured demand would read as slow all night.)
@@ -268,7 +272,8 @@ def calibration_samples(
         tokens = snapshot.pod_tokens_per_second.get(pod)
         if tokens is not None and not workload_type.is_gang:
             peak = snapshot.pod_peak_tokens_per_second.get(pod)
-            saturated = snapshot.pod_queued_tokens.get(pod, 0.0) > 0 and (
+            queued = snapshot.pod_queued_tokens.get(pod, 0.0)
+            saturated = queued >= SATURATED_QUEUE_SECONDS * tokens > 0 and (
                 peak is None or tokens >= SATURATED_SHARE_OF_PEAK * peak
             )
             if not saturated and tokens <= placement.expected_throughput:

@@ -196,6 +196,9 @@ def test_an_inference_service_below_capacity_gives_no_throughput_sample() -> Non
     # Tokens queued at the reading after a burst: the window's mean (700) is far below its
     # peak (1,000), so the replica was not busy through the window.
     assert inference_samples(tokens=700.0, queued=20_000.0, peak=1000.0) == []
+    # A fraction of a second of serving in the queue (a request waiting for a moment) is no
+    # backlog: 300 tokens against 700 tokens/s.
+    assert inference_samples(tokens=700.0, queued=300.0, peak=720.0) == []
     # Busy through the window: a sample, whatever the service's spec declares.
     assert len(inference_samples(tokens=700.0, queued=20_000.0, peak=720.0)) == 2
 
