@@ -113,24 +113,27 @@ class DemandHistory:
         self, key: str, at_seconds: float, tokens_per_second: float, backlog_tokens: float = 0.0
     ) -> None:
         reading = Reading(at_seconds, max(0.0, tokens_per_second), max(0.0, backlog_tokens))
-        self._judge_bursts(key, at_seconds)
-        before = self._forecast(key, at_seconds)
+        demands = [r.demand(self.interval_seconds) for r in self._recent(key, at_seconds)]
+        self._judge_bursts(key, at_seconds, demands)
         demand = reading.demand(self.interval_seconds)
-        if before and demand > before:
-            self._add_burst(key, Burst(at_seconds, demand / before, demand))
+        # The forecast is at least the window's peak times the headroom: below it, no burst
+        # (most readings; the forecast's standard deviation is then not computed).
+        if demands and demand > max(demands) * self.headroom:
+            before = forecast(demands, headroom=self.headroom, spread=self.spread)
+            if before and demand > before:
+                self._add_burst(key, Burst(at_seconds, demand / before, demand))
         samples = self._samples.setdefault(key, deque(maxlen=MAX_SAMPLES))
         samples.append(reading)
 
-    def _judge_bursts(self, key: str, at_seconds: float) -> None:
-        """Confirm the bursts that left the window where demand fell back; drop the others (a
-        step up, which the window's forecast now holds)."""
+    def _judge_bursts(self, key: str, at_seconds: float, demands: list[float]) -> None:
+        """Confirm the bursts that left the window where demand fell back (the window's
+        `demands`); drop the others (a step up, which the window's forecast now holds)."""
         bursts = self._bursts.get(key, ())
         due = [
             b for b in bursts if not b.confirmed and at_seconds - b.at_seconds > self.window_seconds
         ]
         if not due:
             return
-        demands = [r.demand(self.interval_seconds) for r in self._recent(key, at_seconds)]
         mean_after = statistics.fmean(demands) if demands else None
         self._bursts[key] = deque(
             (
@@ -160,11 +163,16 @@ class DemandHistory:
             del self._bursts[key]
 
     def _recent(self, key: str, now_seconds: float) -> list[Reading]:
-        return [
-            r
-            for r in self._samples.get(key, ())
-            if now_seconds - self.window_seconds <= r.at_seconds <= now_seconds
-        ]
+        """The readings within the window before `now_seconds`, oldest first (readings are
+        recorded in time order: the newest are read until one is older than the window)."""
+        recent = []
+        for reading in reversed(self._samples.get(key, ())):
+            if reading.at_seconds < now_seconds - self.window_seconds:
+                break
+            if reading.at_seconds <= now_seconds:
+                recent.append(reading)
+        recent.reverse()
+        return recent
 
     def demand(self, key: str, now_seconds: float, declared: float | None) -> float | None:
         """The forecast from readings within the window (`forecast` of their `Reading.demand`s),
