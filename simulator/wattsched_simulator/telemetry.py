@@ -2,8 +2,10 @@
 
 The engine closes one `Sample` per scrape interval (default 15 s, Prometheus' usual) from the true
 state: per-service demand, served tokens/s, utilisation of the ready replicas and backlog, and per
-job the tokens processed so far. Each figure gets multiplicative Gaussian noise, and a sample only
-becomes visible `delay_seconds` after its window closes (scrape + rule evaluation + query lag).
+job the tokens processed so far. Each rate and level gets multiplicative Gaussian noise (the
+counters, a job's tokens done and a node's energy, are read exact, as a counter is), and a
+sample only becomes visible `delay_seconds` after its window closes (scrape + rule evaluation +
+query lag).
 Policies read `visible(now)`; none may look at the engine's true state. Not for: energy accounting
 (the engine integrates true power; telemetry is only what decisions are based on).
 """
@@ -34,7 +36,10 @@ class Sample:
     # Served / capacity of the service's ready replicas (what vLLM-style batch occupancy shows).
     utilisation: Mapping[str, float]
     backlog_tokens: Mapping[str, float]
-    job_tokens_done: Mapping[str, float]  # cumulative
+    # Each job's tokens processed since it began: a counter, read without noise (with 2% read
+    # noise on a counter of millions, a job near its end read as done while 1-2% was left, and
+    # the operator stopped counting it as pressing: seed 4's miss in docs/evaluation.md).
+    job_tokens_done: Mapping[str, float]
     # Mean draw per GPU of each workload's ready replicas over the window (what DCGM's
     # per-pod power shows, summed over the workload's pods and divided by their GPUs).
     workload_watts_per_gpu: Mapping[str, float] = field(default_factory=dict)
@@ -84,7 +89,7 @@ class Telemetry:
             served_tokens_per_second=self._noisy(served_tokens_per_second),
             utilisation={k: min(1.0, v) for k, v in self._noisy(utilisation).items()},
             backlog_tokens=self._noisy(backlog_tokens),
-            job_tokens_done=self._noisy(job_tokens_done),
+            job_tokens_done=dict(job_tokens_done),
             workload_watts_per_gpu=self._noisy(workload_watts_per_gpu or {}, self._power_rng),
             node_joules=dict(node_joules or {}),
         )

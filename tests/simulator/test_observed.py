@@ -503,3 +503,25 @@ def test_the_run_starts_warm_from_the_demand_before_t0_for_every_policy() -> Non
     # Without a history (a trace that keeps none), the first five minutes' mean, as before.
     cold = Simulation(replace(scenario, services=(service(demand=1000.0),)), GroundTruth(), policy)
     assert {s.demand_tokens_per_second[chat.key] for s in cold.telemetry.visible(0.0)} == {1000.0}
+
+
+def test_a_jobs_tokens_done_is_a_counter_read_without_noise() -> None:
+    """Rates and levels are read with noise; a job's tokens done is a counter, read exact: with
+    2% read noise a job near its end read as done with 1-2% of its work left (seed 4 of the
+    48-hour evaluation)."""
+    telemetry = Telemetry(TelemetryConfig(noise_fraction=0.02), seed=0)
+    for end in range(15, 301, 15):
+        telemetry.record(
+            window_end_seconds=float(end),
+            demand_tokens_per_second={"ns/chat": 1000.0},
+            served_tokens_per_second={"ns/chat": 1000.0},
+            utilisation={},
+            backlog_tokens={},
+            job_tokens_done={"batch/job": 1e6 * end},
+        )
+    samples = telemetry.visible(1000.0)
+    assert [s.job_tokens_done["batch/job"] for s in samples] == [
+        1e6 * end for end in range(15, 301, 15)
+    ]
+    # The rates still carry their noise.
+    assert len({s.served_tokens_per_second["ns/chat"] for s in samples}) > 1
