@@ -183,7 +183,11 @@ class DemandHistory:
         service's demand (the code trace's come about once an hour, at up to five times its
         mean). A step up (a launch, traffic moved over) is no burst: once it has left the
         window, the window's forecast holds the new level, and no margin is added above it."""
-        predicted = self._forecast(key, now_seconds)
+        predicted = forecast(
+            (r.demand(self.interval_seconds) for r in self._recent(key, now_seconds)),
+            headroom=self.headroom,
+            spread=self.spread,
+        )
         if predicted is None:
             return declared
         ratio = max(
@@ -195,13 +199,6 @@ class DemandHistory:
             default=1.0,
         )
         return predicted * ratio
-
-    def _forecast(self, key: str, now_seconds: float) -> float | None:
-        return forecast(
-            (r.demand(self.interval_seconds) for r in self._recent(key, now_seconds)),
-            headroom=self.headroom,
-            spread=self.spread,
-        )
 
     def latest(self, key: str, now_seconds: float) -> float | None:
         """The newest reading's demand, without headroom: its served tokens/s plus its backlog

@@ -239,10 +239,10 @@ def calibration_samples(
     share of the demand, not what it could, so only (a) when it is saturated: at least
     `SATURATED_QUEUE_SECONDS` of its serving wait in its queue while it serves no less than
     `SATURATED_SHARE_OF_PEAK` of its short-window peak (busy through the window, not in one
-    burst), or (b) when it serves more than the calibrated model
-    says it can (a lower bound on its capacity above the model). Otherwise low traffic would read
-    as slow GPUs. (A service's declared tokens/s is no sign of saturation: it is the most it may
-    ask, and a service sized below it for its measured demand would read as slow all night.)
+    burst), or (b) when it serves more than the calibrated model says it can (a lower bound on
+    its capacity above the model). Otherwise low traffic would read as slow GPUs. (A service's
+    declared tokens/s is no sign of saturation: it is the most it may ask, and a service sized
+    below it for its measured demand would read as slow all night.)
     """
     if snapshot.stale:
         return []
