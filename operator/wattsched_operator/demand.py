@@ -113,7 +113,7 @@ class DemandHistory:
         self, key: str, at_seconds: float, tokens_per_second: float, backlog_tokens: float = 0.0
     ) -> None:
         reading = Reading(at_seconds, max(0.0, tokens_per_second), max(0.0, backlog_tokens))
-        demands = [r.demand(self.interval_seconds) for r in self._recent(key, at_seconds)]
+        demands = self._window_demands(key, at_seconds)
         self._judge_bursts(key, at_seconds, demands)
         demand = reading.demand(self.interval_seconds)
         # The forecast is at least the window's peak times the headroom: below it, no burst
@@ -162,17 +162,18 @@ class DemandHistory:
         for key in [k for k in self._bursts if k not in wanted]:
             del self._bursts[key]
 
-    def _recent(self, key: str, now_seconds: float) -> list[Reading]:
-        """The readings within the window before `now_seconds`, oldest first (readings are
-        recorded in time order: the newest are read until one is older than the window)."""
-        recent = []
+    def _window_demands(self, key: str, now_seconds: float) -> list[float]:
+        """The `Reading.demand` of each reading within the window before `now_seconds`, oldest
+        first (readings are recorded in time order: the newest are read until one is older than
+        the window)."""
+        demands = []
         for reading in reversed(self._samples.get(key, ())):
             if reading.at_seconds < now_seconds - self.window_seconds:
                 break
             if reading.at_seconds <= now_seconds:
-                recent.append(reading)
-        recent.reverse()
-        return recent
+                demands.append(reading.demand(self.interval_seconds))
+        demands.reverse()
+        return demands
 
     def demand(self, key: str, now_seconds: float, declared: float | None) -> float | None:
         """The forecast from readings within the window (`forecast` of their `Reading.demand`s),
@@ -184,9 +185,7 @@ class DemandHistory:
         mean). A step up (a launch, traffic moved over) is no burst: once it has left the
         window, the window's forecast holds the new level, and no margin is added above it."""
         predicted = forecast(
-            (r.demand(self.interval_seconds) for r in self._recent(key, now_seconds)),
-            headroom=self.headroom,
-            spread=self.spread,
+            self._window_demands(key, now_seconds), headroom=self.headroom, spread=self.spread
         )
         if predicted is None:
             return declared
@@ -203,8 +202,8 @@ class DemandHistory:
     def latest(self, key: str, now_seconds: float) -> float | None:
         """The newest reading's demand, without headroom: its served tokens/s plus its backlog
         over one interval (None without a reading within the window)."""
-        recent = self._recent(key, now_seconds)
-        return recent[-1].demand(self.interval_seconds) if recent else None
+        demands = self._window_demands(key, now_seconds)
+        return demands[-1] if demands else None
 
 
 def exceeds_plan(
