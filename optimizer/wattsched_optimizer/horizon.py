@@ -15,8 +15,10 @@ operating point (a service: the product it runs on; other work: of the products 
 with the least energy per token, wherever it runs now; its best-quality variant, the power level
 with the least energy per token, or its Performance level), so its busy watts, cap watts and
 tokens/s per replica are constants and the only decision is `x[w, s]`, the share of slot `s` it
-runs. Inference serves its forecast demand per slot at its minimum-energy setting: a load, not a
-decision. Everything is linear; the solution is the LP optimum (no integer rounding).
+runs. Inference serves its forecast demand per slot at its minimum-energy setting, a load; the
+program may run a service for a share of a slot at a higher limit on fewer GPUs, at the energy
+that costs (`_Narrowing`). Everything is linear; the solution is the LP optimum (no integer
+rounding).
 """
 
 from __future__ import annotations
@@ -632,7 +634,6 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     slot_hours = slot_seconds / SECONDS_PER_HOUR
     levels = plan_input.options.power_levels
     nodes = plan_input.nodes
-    node_by_name = {node.name: node for node in nodes}
     budgets = plan_input.budgets
     settings = [
         horizon.budgets.get(
@@ -678,10 +679,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
 
     # Workloads: inference is a load per slot; deadline and batch work get columns.
     inference: list[tuple[Workload, OperatingPoint, Scope]] = []
-    # Per service, the point its energy counts at in the allowances: its least energy per token.
-    inference_energy: list[OperatingPoint] = []
     flexible: list[tuple[Workload, OperatingPoint, Scope]] = []
-    running_limits = _running_limits(plan_input, node_by_name)
     for workload in plan_input.workloads:
         product, scope = scopes.of(workload)
         if product is None:
@@ -703,34 +701,26 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             efficient=inference_type,
             replica_cache=replica_points,
         )
-        if not inference_type:
-            flexible.append((workload, point, scope))
-            continue
-        inference_energy.append(point)
-        running = running_limits.get(workload.key)
-        if running is not None:
-            # A service that runs now holds GPUs and cap room at the limit the one-instant
-            # planner gave it (the setting it keeps while demand allows), not at its least
-            # energy per token: at the lowest limit a replica serves far less, and the GPUs held
-            # for the service's forecast would be a multiple of those it takes. Its energy still
-            # counts at its least: that limit follows the cap room the jobs leave (a job
-            # deferred raises it), and an allowance that runs short sets the services to their
-            # least energy (`thrifty_inference`); counted at the limit of the moment, one round
-            # that raised it would project the whole period's allowance spent.
-            point = point_at_limit(workload, *running, model=model)
-        inference.append((workload, point, scope))
+        # A service is sized at its least energy per token whatever limit it runs at now; the
+        # program may run it at a higher limit on fewer GPUs (`_Narrowing`).
+        (inference if inference_type else flexible).append((workload, point, scope))
     inference_scope = {workload.key: scope for workload, _, scope in inference}
-    load = _inference_load(horizon, inference, inference_energy, len(budgets), watts)
+    load = _inference_load(horizon, inference, len(budgets), watts, model=model, levels=levels)
     cap_headroom -= load.cap_watts
     load_watts = idle_watts[:, None] + load.busy_watts  # expected draw: idle + inference
+    # GPUs left beside the services at their least energy (the rows' bound; below 0 where they
+    # need more than there are), and at their fewest (what a slot can ever open to work).
     free_gpus = total_gpus - load.gpus.sum(axis=0)
+    fewest_gpus = load.gpus - sum(step.gpus_freed for step in load.narrowing)
+    most_free_gpus = total_gpus - fewest_gpus.sum(axis=0)
 
     rows = _Rows()
-    node_row, nodes_left = _whole_node_rows(
+    whole_nodes = _whole_node_rows(
         rows,
         [(scopes.may_use(workload)[0], workload.gpus_per_pod) for workload, _, _ in flexible],
         [scopes.may_use(workload)[0] for workload, _, _ in inference],
         load.gpus,
+        fewest_gpus,
         now=in_use,
         later=[settled_by_name[node.name] for node in in_use],
     )
@@ -741,7 +731,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         ]
         for i, b in enumerate(budgets)
     ]
-    row_of_gpus = [rows.add(f"gpus_{s}", -math.inf, max(0.0, free_gpus[s])) for s in range(slots)]
+    row_of_gpus = [rows.add(f"gpus_{s}", -math.inf, free_gpus[s]) for s in range(slots)]
     # Allowance rows: (budget, period) -> row, with what is left for flexible work.
     energy_rows: dict[tuple[int, int], int] = {}
     carbon_rows: dict[tuple[int, int], int] = {}
@@ -781,13 +771,16 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         period = settings[i].periods[p]
         carbon_row[i, period.first_slot : period.end_slot] = row
     work = _work(flexible, len(budgets), model, watts, {c.workload for c in plan_input.current})
-    # A slot is closed to work that does not fit at once beside the services there: the rows
-    # count GPU- and node-hours, and a gang bigger than what is left would meet them by running
-    # part of the slot, on GPUs it never has all together. Work that runs now keeps its first.
-    fits = (work.gpus[:, None] <= free_gpus[None, :] + 1e-9) & (
-        (work.gpus / work.gpus_per_pod)[:, None] <= nodes_left + 1e-9
+    # A slot is closed to work that does not fit at once beside the services there (on their
+    # fewest GPUs): the rows count GPU- and node-hours, and a gang bigger than what is left would
+    # meet them by running part of the slot, on GPUs it never has all together. Work that runs
+    # now keeps its first.
+    fits = (work.gpus[:, None] <= most_free_gpus[None, :] + 1e-9) & (
+        (work.gpus / work.gpus_per_pod)[:, None] <= whole_nodes.most_left + 1e-9
     )
     fits[:, 0] |= work.running
+    cap_row = np.asarray(row_of_cap, dtype=np.int64).reshape(len(budgets), slots)
+    gpus_row = np.asarray(row_of_gpus, dtype=np.int64)
     program = _program(
         work,
         rows,
@@ -795,22 +788,46 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         objective_rate=objective_rate,
         pue=pue,
         intensity_kg=intensity_kg,
-        cap_row=np.asarray(row_of_cap, dtype=np.int64).reshape(len(budgets), slots),
-        gpus_row=np.asarray(row_of_gpus, dtype=np.int64),
+        cap_row=cap_row,
+        gpus_row=gpus_row,
         energy_row=energy_row,
         carbon_row=carbon_row,
-        node_row=node_row,
+        node_row=whole_nodes.work_row,
         fits=fits,
         churn_threshold=plan_input.options.churn_threshold,
         startup_seconds=plan_input.options.startup_seconds,
     )
+    columns = program.columns
+    narrowing_columns = []  # per step: its column per service and slot
+    for step in load.narrowing:
+        step_columns, where = _narrowing_columns(
+            step,
+            load.part,
+            first_column=len(columns.cost),
+            slot_seconds=slot_seconds,
+            objective_rate=objective_rate,
+            pue=pue,
+            intensity_kg=intensity_kg,
+            cap_row=cap_row,
+            gpus_row=gpus_row,
+            energy_row=energy_row,
+            carbon_row=carbon_row,
+            node_rows=whole_nodes.service_rows,
+        )
+        columns += step_columns
+        narrowing_columns.append(where)
+    columns += _shortfall_columns(
+        rows,
+        np.concatenate([gpus_row, *(group_rows for group_rows, _ in whole_nodes.service_rows)]),
+        first_column=len(columns.cost),
+        price=SHORTFALL_FACTOR * max(1.0, float(np.abs(columns.cost).max(initial=0.0))),
+    )
     built = time.perf_counter()
 
-    solution = _solve(rows, program)
+    solution = _solve(rows, columns)
     solved = time.perf_counter()
-    columns = len(program.cost)
     status = HorizonStatus.OPTIMAL if solution is not None else HorizonStatus.FAILED
-    values = solution.values if solution is not None else np.zeros(columns)
+    values = solution.values if solution is not None else np.zeros(len(columns.cost))
     duals = solution.row_duals if solution is not None else np.zeros(len(rows.names))
 
     open_slot = program.slot_column >= 0
@@ -827,15 +844,25 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     flexible_kwh = (
         (work.part @ (shares * work.busy_kw[:, None])) * slot_hours[None, :] * pue[:, None]
     )
+    # The services' kWh over their least where they run on fewer GPUs, with their load's.
+    narrowed_kw = np.zeros_like(load.gpus)
+    for step, where in zip(load.narrowing, narrowing_columns, strict=True):
+        if status is HorizonStatus.OPTIMAL:
+            has_column = where >= 0
+            narrowed_kw[has_column] += (
+                values[where[has_column]] * step.busy_watts[has_column] / 1000
+            )
+    service_kwh = load_kwh + ((load.part @ narrowed_kw) * slot_hours[None, :] * pue[:, None])
     flexible_kg = flexible_kwh * intensity_kg
+    service_kg = service_kwh * intensity_kg
     outlooks: dict[str, BudgetOutlook] = {}
     for i, setting in enumerate(settings):
         periods = range(len(setting.periods))
         windows = [
             slice(setting.periods[p].first_slot, setting.periods[p].end_slot) for p in periods
         ]
-        energy = tuple(float((flexible_kwh[i, w] + load_kwh[i, w]).sum()) for w in windows)
-        carbon = tuple(float((flexible_kg[i, w] + load_kg[i, w]).sum()) for w in windows)
+        energy = tuple(float((flexible_kwh[i, w] + service_kwh[i, w]).sum()) for w in windows)
+        carbon = tuple(float((flexible_kg[i, w] + service_kg[i, w]).sum()) for w in windows)
         energy_short = (i, 0) in energy_rows and (
             energy_over[i] > 0 or abs(duals[energy_rows[i, 0]]) > 1e-9
         )
@@ -887,8 +914,19 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             "extract": time.perf_counter() - solved,
             "total": time.perf_counter() - started,
         },
-        size=(len(rows.names), columns),
+        size=(len(rows.names), len(columns.cost)),
     )
+
+
+@dataclass(frozen=True)
+class _WholeNodes:
+    """The rows of whole nodes: per workload and slot its row (-1: none) and the most nodes
+    the slot can leave it (inf: no row; the services at their fewest GPUs); per row group, its
+    rows by slot and the nodes each GPU a service frees gives back there."""
+
+    work_row: np.ndarray
+    most_left: np.ndarray
+    service_rows: list[tuple[np.ndarray, np.ndarray]]
 
 
 def _whole_node_rows(
@@ -896,10 +934,11 @@ def _whole_node_rows(
     flexible_pods: list[tuple[str | None, int]],
     service_products: list[str | None],
     service_gpus: np.ndarray,
+    fewest_service_gpus: np.ndarray,
     *,
     now: list[GpuNode],
     later: list[GpuNode],
-) -> tuple[np.ndarray, np.ndarray]:
+) -> _WholeNodes:
     """Rows for work whose pods each take a whole node (every node of the products it may use
     has exactly a pod's GPUs; `flexible_pods`: those products, comma-separated, and a pod's
     GPUs, per workload): per such group of nodes and slot, the nodes its pods take, within
@@ -907,11 +946,13 @@ def _whole_node_rows(
     planned into hours where the services' GPUs leave enough GPUs, but spread over every node,
     never starts. A service's GPUs in a slot count on a group in the share of the GPUs it may
     use that the group's products hold (where it may be placed), packed onto as few nodes as
-    they fill; nodes that hold another team's GPUs are not whole. Returns each workload's row
-    per slot (-1: none) and the whole nodes left there (inf: no row)."""
+    they fill; nodes that hold another team's GPUs are not whole. The bound counts the services
+    at `service_gpus` (below 0 where they fill more nodes than the group has); the GPUs they free
+    running on fewer give nodes back in that share."""
     slots = service_gpus.shape[1]
     node_row = np.full((len(flexible_pods), slots), -1, dtype=np.int64)
-    nodes_left = np.full((len(flexible_pods), slots), math.inf)
+    most_left = np.full((len(flexible_pods), slots), math.inf)
+    service_rows: list[tuple[np.ndarray, np.ndarray]] = []
     sizes: dict[str, set[int]] = {}  # GPUs per node, by product
     product_gpus: dict[str, int] = {}
     for node in later:
@@ -933,15 +974,24 @@ def _whole_node_rows(
                 for found in service_may_use
             ]
         ).reshape(-1, 1)
-        left = np.full(slots, float(_whole_nodes(later, products, node_gpus)))
-        left[0] = _whole_nodes(now, products, node_gpus)
-        left -= np.ceil((share * service_gpus).sum(axis=0) / node_gpus - 1e-9)
+        whole = np.full(slots, float(_whole_nodes(later, products, node_gpus)))
+        whole[0] = _whole_nodes(now, products, node_gpus)
+        bound, most = (
+            whole - np.ceil((share * gpus).sum(axis=0) / node_gpus - 1e-9)
+            for gpus in (service_gpus, fewest_service_gpus)
+        )
         name = ",".join(sorted(products))
-        for s in range(slots):
-            row = rows.add(f"nodes_{name}_{node_gpus}_{s}", -math.inf, max(0.0, float(left[s])))
-            node_row[members, s] = row
-        nodes_left[members] = np.maximum(left, 0.0)
-    return node_row, nodes_left
+        group_rows = np.asarray(
+            [
+                rows.add(f"nodes_{name}_{node_gpus}_{s}", -math.inf, float(bound[s]))
+                for s in range(slots)
+            ],
+            dtype=np.int64,
+        )
+        node_row[members] = group_rows
+        most_left[members] = np.maximum(most, 0.0)
+        service_rows.append((group_rows, share[:, 0] / node_gpus))
+    return _WholeNodes(node_row, most_left, service_rows)
 
 
 def _whole_nodes(nodes: list[GpuNode], products: frozenset[str], node_gpus: int) -> int:
@@ -956,79 +1006,120 @@ def _whole_nodes(nodes: list[GpuNode], products: frozenset[str], node_gpus: int)
     )
 
 
-def _running_limits(
-    plan_input: PlanInput, node_by_name: Mapping[str, GpuNode]
-) -> dict[str, tuple[str, float]]:
-    """Per workload that runs now, the product most of its pods run on and their mean power
-    limit there (W)."""
-    limits: dict[str, dict[str, list[float]]] = {}
-    for current in plan_input.current:
-        node = node_by_name.get(current.node)
-        if node is not None:
-            by_product = limits.setdefault(current.workload, {})
-            by_product.setdefault(node.product, []).append(current.power_limit_watts)
-    out = {}
-    for key, by_product in limits.items():
-        product, values = max(by_product.items(), key=lambda item: (len(item[1]), item[0]))
-        out[key] = (product, sum(values) / len(values))
-    return out
+@dataclass(frozen=True)
+class _Narrowing:
+    """A service may run at a higher limit than its least energy per token, on fewer GPUs: what
+    the one-instant planner does when work needs the GPUs (a service of the 48-hour simulation
+    ran 6 replicas at 200 W while the jobs waited, 3 at 450 W while they ran). Per service and
+    slot, at the higher limit that adds the least draw per GPU freed: the GPUs it frees, the
+    limits above the floor it adds (W) and the draw above idle it adds for the expected demand
+    (W). The program runs it there for a share of the slot (`_narrowing_columns`)."""
+
+    gpus_freed: np.ndarray
+    cap_watts: np.ndarray
+    busy_watts: np.ndarray
 
 
 @dataclass(frozen=True)
 class _InferenceLoad:
-    """What inference takes per budget and slot: its limits above the floor (W), its draw above
-    idle (W); and per service and slot, its GPUs."""
+    """What inference takes per budget and slot at its least energy per token: its limits
+    above the floor (W), its draw above idle (W); per service and slot, its GPUs; and how it
+    may run on fewer GPUs."""
 
     cap_watts: np.ndarray
     busy_watts: np.ndarray
     gpus: np.ndarray
+    narrowing: tuple[_Narrowing, ...]
+    part: np.ndarray  # (budgets, services): the share of each service in each budget
 
 
 def _inference_load(
     horizon: HorizonInput,
     inference: list[tuple[Workload, OperatingPoint, Scope]],
-    energy_points: list[OperatingPoint],
     budget_count: int,
     watts: _ProductWatts,
+    *,
+    model: PerformanceModel,
+    levels: int,
 ) -> _InferenceLoad:
-    """Each service's replicas per slot, within its min and max replicas: limits and GPUs for
-    its forecast demand (else its tokens/s) at its point in `inference`; draw for what it is
-    expected to need at its point in `energy_points`."""
+    """Each service's replicas per slot, within its min and max replicas, at its point in
+    `inference` and at each higher limit it may run at: GPUs and limits for its forecast
+    demand (else its tokens/s), draw for what it is expected to need."""
     slots = len(horizon.slot_seconds)
     demand = np.zeros((len(inference), slots))
     expected = np.zeros((len(inference), slots))
-    per_replica = np.ones(len(inference))
     low = np.zeros(len(inference))
     high = np.zeros(len(inference))
-    energy_per_replica = np.ones(len(inference))
     gpus_per_replica = np.zeros(len(inference))
-    cap_per_gpu = np.zeros(len(inference))
-    busy_per_gpu = np.zeros(len(inference))
-    for n, ((workload, point, _), energy_point) in enumerate(
-        zip(inference, energy_points, strict=True)
-    ):
+    # Per setting (each service's point, then its higher limits): its service, tokens/s per
+    # replica, W of limit above the floor and W drawn above idle per GPU.
+    setting_service: list[int] = []
+    per_replica: list[float] = []
+    cap_per_gpu: list[float] = []
+    busy_per_gpu: list[float] = []
+    for n, (workload, point, _) in enumerate(inference):
         forecast = horizon.inference_demand.get(workload.key)
         demand[n] = forecast if forecast is not None else (workload.tokens_per_second or 0.0)
         likely = horizon.inference_expected_demand.get(workload.key)
         expected[n] = np.minimum(demand[n], likely) if likely is not None else demand[n]
-        per_replica[n] = point.tokens_per_second
-        energy_per_replica[n] = energy_point.tokens_per_second
         low[n], high[n] = workload.min_replicas, workload.max_replicas
         gpus_per_replica[n] = workload.gpus_per_replica
-        cap_per_gpu[n] = watts.above_floor(point)[1]
-        busy_per_gpu[n] = watts.above_floor(energy_point)[0]
+        above = [
+            point_at_limit(workload, point.product, level, model=model)
+            for level in _levels(workload, point.product, levels, efficient=True)
+            if level > point.power_limit_watts
+        ]
+        for setting in (point, *above):
+            busy, cap = watts.above_floor(setting)
+            setting_service.append(n)
+            per_replica.append(setting.tokens_per_second / setting.replicas)
+            cap_per_gpu.append(cap)
+            busy_per_gpu.append(busy)
+    service = np.asarray(setting_service, dtype=np.int64)
+    rate = np.asarray(per_replica)[:, None]
+    replicas_needed = np.ceil(demand[service] / rate - 1e-9)
+    gpus = np.clip(replicas_needed, low[service, None], high[service, None])
+    gpus *= gpus_per_replica[service, None]
+    replicas_expected = np.ceil(expected[service] / rate - 1e-9)
+    busy_gpus = np.clip(replicas_expected, low[service, None], high[service, None])
+    busy_gpus *= gpus_per_replica[service, None]
+    cap = gpus * np.asarray(cap_per_gpu)[:, None]
+    busy = busy_gpus * np.asarray(busy_per_gpu)[:, None]
+    # Each service's first setting is its point, the others (J of them at most) higher limits.
+    first = np.searchsorted(service, np.arange(len(inference)))
+    count = np.diff(np.append(first, len(service)))
+    higher = np.arange(1, max(2, int(count.max(initial=1))))[:, None]  # (J, 1)
+    has = higher < count[None, :]  # (J, services)
+    option = np.where(has, first[None, :] + higher, first[None, :])
+    freed = np.where(has[..., None], gpus[first] - gpus[option], 0.0)  # (J, services, slots)
+    added = {
+        "cap": cap[option] - cap[first][None],
+        "busy": busy[option] - busy[first][None],
+    }
+    frees = freed > 0
+    # Step 1: the higher limit that adds the least draw per GPU freed (the most GPUs on a tie);
+    # step 2: on to the one with the fewest GPUs (the least draw on a tie). Step 2 adds at least
+    # as much per GPU as step 1, so the program takes it only after step 1.
+    per_gpu = np.where(frees, added["busy"] / np.maximum(freed, 1.0), math.inf) - 1e-9 * freed
+    cheapest = np.argmin(per_gpu, axis=0)[None]
+    fewest = np.argmax(np.where(frees, freed - 1e-9 * added["busy"], -math.inf), axis=0)[None]
+    valid = frees.any(axis=0)
+
+    def at(table: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+        return np.where(valid, np.take_along_axis(table, chosen, axis=0)[0], 0.0)
+
+    steps = []
+    for before, after in ((None, cheapest), (cheapest, fewest)):
+        tables = [freed, added["cap"], added["busy"]]
+        step = [at(t, after) - (0.0 if before is None else at(t, before)) for t in tables]
+        steps.append(_Narrowing(gpus_freed=step[0], cap_watts=step[1], busy_watts=step[2]))
     part = _budget_shares(inference, budget_count)
-
-    def gpus_for(tokens_per_second: np.ndarray, rate: np.ndarray) -> np.ndarray:
-        needed = np.ceil(tokens_per_second / rate[:, None] - 1e-9)
-        replicas: np.ndarray = np.clip(needed, low[:, None], high[:, None])
-        return replicas * gpus_per_replica[:, None]
-
-    gpus = gpus_for(demand, per_replica)
     return _InferenceLoad(
-        cap_watts=part @ (gpus * cap_per_gpu[:, None]),
-        busy_watts=part @ (gpus_for(expected, energy_per_replica) * busy_per_gpu[:, None]),
-        gpus=gpus,
+        cap_watts=part @ cap[first],
+        busy_watts=part @ busy[first],
+        gpus=gpus[first],
+        narrowing=tuple(steps),
+        part=part,
     )
 
 
@@ -1125,15 +1216,36 @@ def _work(
 
 
 @dataclass(frozen=True)
-class _Program:
-    """min cost . x subject to the rows (entries as triplets), 0 <= x <= upper; and where each
-    workload's columns are."""
+class _Columns:
+    """Columns of the program: min cost . x, 0 <= x <= upper, entries as triplets."""
 
     cost: np.ndarray
     upper: np.ndarray
     row_index: np.ndarray
     column_index: np.ndarray
     value: np.ndarray
+
+    def __add__(self, other: _Columns) -> _Columns:
+        """These columns, then `other`'s (numbered after them)."""
+        return _Columns(
+            *(
+                np.concatenate((mine, theirs))
+                for mine, theirs in (
+                    (self.cost, other.cost),
+                    (self.upper, other.upper),
+                    (self.row_index, other.row_index),
+                    (self.column_index, other.column_index),
+                    (self.value, other.value),
+                )
+            )
+        )
+
+
+@dataclass(frozen=True)
+class _Program:
+    """The columns of the deadline and batch work, and where each workload's are."""
+
+    columns: _Columns
     slot_column: np.ndarray  # (f, slot): its share of the slot; -1 where the slot is closed
     miss_column: np.ndarray  # (f,): the share of its deadline missed; -1: no deadline row
 
@@ -1267,28 +1379,111 @@ def _program(
     miss = DEADLINE_WEIGHT * worth_per_kwh * work.busy_kw * np.maximum(hours_needed, 1e-3) + 1.0
     column_cost[miss_column[has_row]] = miss[has_row]
 
-    row_index = np.concatenate(entry_rows).astype(np.int32)
-    column_index = np.concatenate(entry_columns).astype(np.int32)
-    value = np.concatenate(entry_values).astype(float)
-    # An upper-bound row no choice of shares can break (the most it can reach, every column with
-    # a positive entry at its upper bound, stays within the bound) is handed over empty: HiGHS's
-    # presolve would drop it too, but only after reading its entries (most of them when caps and
-    # allowances have room).
-    most = np.bincount(
-        row_index,
-        weights=np.maximum(value, 0.0) * column_upper[column_index],
-        minlength=len(rows.names),
-    )
-    slack = (most <= np.asarray(rows.upper)) & (np.asarray(rows.lower) == -math.inf)
-    kept = (value != 0.0) & ~slack[row_index]
     return _Program(
-        cost=column_cost,
-        upper=column_upper,
-        row_index=row_index[kept],
-        column_index=column_index[kept],
-        value=value[kept],
+        columns=_Columns(
+            cost=column_cost,
+            upper=column_upper,
+            row_index=np.concatenate(entry_rows).astype(np.int32),
+            column_index=np.concatenate(entry_columns).astype(np.int32),
+            value=np.concatenate(entry_values).astype(float),
+        ),
         slot_column=slot_column,
         miss_column=miss_column,
+    )
+
+
+def _narrowing_columns(
+    narrowing: _Narrowing,
+    part: np.ndarray,
+    *,
+    first_column: int,
+    slot_seconds: np.ndarray,
+    objective_rate: np.ndarray,
+    pue: np.ndarray,
+    intensity_kg: np.ndarray,
+    cap_row: np.ndarray,
+    gpus_row: np.ndarray,
+    energy_row: np.ndarray,
+    carbon_row: np.ndarray,
+    node_rows: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[_Columns, np.ndarray]:
+    """Per service and slot where running at a higher limit frees GPUs (`_Narrowing`), the
+    share of the slot it runs there: it gives back those GPUs (and whole nodes, in the share of
+    its GPUs the group holds), takes that setting's limits and energy over its least (`part`:
+    each service's share per budget) and costs that energy at the slot's rate. The columns are
+    numbered from `first_column`; returns them and each one's column per slot (-1: none)."""
+    slots = len(slot_seconds)
+    slot_hours = slot_seconds / SECONDS_PER_HOUR
+    tie_break = 1.0 + EARLY_TIE_BREAK * np.arange(slots)
+    n_open, s_open = np.nonzero(narrowing.gpus_freed > 0)
+    ids = first_column + np.arange(len(n_open))
+    column = np.full(narrowing.gpus_freed.shape, -1, dtype=np.int64)
+    column[n_open, s_open] = ids
+    kwh = narrowing.busy_watts[n_open, s_open] / 1000.0 * slot_hours[s_open]
+    rate = np.zeros(narrowing.gpus_freed.shape)
+    for i in range(len(pue)):
+        rate += part[i][:, None] * objective_rate[i][None, :] * pue[i]
+    rate[~rate.any(axis=1)] = 1.0
+
+    freed = narrowing.gpus_freed[n_open, s_open]
+    entry_rows = [gpus_row[s_open]]
+    entry_columns = [ids]
+    entry_values = [-freed]
+    for group_rows, nodes_per_gpu in node_rows:
+        counts = nodes_per_gpu[n_open] > 0
+        entry_rows.append(group_rows[s_open[counts]])
+        entry_columns.append(ids[counts])
+        entry_values.append(-freed[counts] * nodes_per_gpu[n_open[counts]])
+    for i in range(len(pue)):
+        counts = part[i, n_open] > 0
+        share, n_in, s_in, ids_in = (
+            part[i, n_open[counts]],
+            n_open[counts],
+            s_open[counts],
+            ids[counts],
+        )
+        entry_rows.append(cap_row[i, s_in])
+        entry_columns.append(ids_in)
+        entry_values.append(share * narrowing.cap_watts[n_in, s_in])
+        kwh_in = share * kwh[counts] * pue[i]
+        for table, values in ((energy_row, kwh_in), (carbon_row, kwh_in * intensity_kg[i, s_in])):
+            found = table[i, s_in] >= 0
+            entry_rows.append(table[i, s_in][found])
+            entry_columns.append(ids_in[found])
+            entry_values.append(values[found])
+    return (
+        _Columns(
+            cost=kwh * rate[n_open, s_open] * tie_break[s_open],
+            upper=np.ones(len(n_open)),
+            row_index=np.concatenate(entry_rows).astype(np.int32),
+            column_index=np.concatenate(entry_columns).astype(np.int32),
+            value=np.concatenate(entry_values).astype(float),
+        ),
+        column,
+    )
+
+
+# What a GPU (or whole node) the services lack costs, relative to the costliest column: more
+# than any work's miss or any narrowing, so that it never makes room for work.
+SHORTFALL_FACTOR = 10.0
+
+
+def _shortfall_columns(
+    rows: _Rows, row_ids: np.ndarray, first_column: int, price: float
+) -> _Columns:
+    """Where the services at their least energy take more GPUs (or whole nodes) than there are
+    (a row of `row_ids` with an upper bound below 0), a column for what they lack, up to that
+    much, at `price` each: the program stays feasible when running them on fewer cannot make
+    up for it (the cap or an allowance), and never plans work onto what they lack."""
+    upper = np.asarray(rows.upper)[row_ids]
+    short = row_ids[upper < 0]
+    count = len(short)
+    return _Columns(
+        cost=np.full(count, price),
+        upper=-np.asarray(rows.upper)[short],
+        row_index=short.astype(np.int32),
+        column_index=(first_column + np.arange(count)).astype(np.int32),
+        value=-np.ones(count),
     )
 
 
@@ -1301,13 +1496,30 @@ class _Solution:
     row_duals: np.ndarray
 
 
-def _solve(rows: _Rows, program: _Program) -> _Solution | None:
+def _solve(rows: _Rows, program: _Columns) -> _Solution | None:
     """Solve the program with HiGHS (dual simplex); None when it finds no optimum."""
     columns = len(program.cost)
     lower = np.asarray(rows.lower)
     upper = np.asarray(rows.upper)
     if columns == 0:
         return _Solution(np.zeros(0), 0.0, 0.0, np.zeros(len(rows.names)))
+    # An upper-bound row no choice of shares can break (the most it can reach, every column with
+    # a positive entry at its upper bound, stays within the bound) is handed over empty: HiGHS's
+    # presolve would drop it too, but only after reading its entries (most of them when caps and
+    # allowances have room).
+    most = np.bincount(
+        program.row_index,
+        weights=np.maximum(program.value, 0.0) * program.upper[program.column_index],
+        minlength=len(rows.names),
+    )
+    slack = (most <= upper) & (lower == -math.inf)
+    kept = (program.value != 0.0) & ~slack[program.row_index]
+    program = dataclasses.replace(
+        program,
+        row_index=program.row_index[kept],
+        column_index=program.column_index[kept],
+        value=program.value[kept],
+    )
     # Column-wise, rows ascending within each column.
     order = np.argsort(
         program.column_index.astype(np.int64) * len(rows.names) + program.row_index,

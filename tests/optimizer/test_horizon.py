@@ -244,15 +244,17 @@ def test_inference_keeps_its_minimum_energy_setting_when_the_allowance_is_short(
 
 
 def test_a_peak_that_may_come_holds_its_gpus_and_its_energy_counts_as_expected() -> None:
-    # Two 8-GPU nodes. The service may need all 16 GPUs in every hour (it has no history of
-    # them) and is expected to need 1: beside the 16, no room is left for the 8-GPU job.
+    # Two 8-GPU nodes. The service may need all 16 GPUs in every hour, even at its highest
+    # limit (it has no history of them), and is expected to need 1: beside the 16, no room is
+    # left for the 8-GPU job.
     chat = dataclasses.replace(service("t/chat", 100.0), max_replicas=16)
     work = (chat, job("t/a", 2, 24, preemptible=True))
     # Tokens/s of one replica at the service's minimum-energy point, as the horizon sizes it.
     per_replica = operating_point(
         chat, "H100-80GB", MODEL, 5, replicas=1, efficient=True
     ).tokens_per_second
-    may = (15.5 * per_replica,) * 24
+    at_max = point_at_limit(chat, "H100-80GB", H100.max_watts.value, model=MODEL)
+    may = (15.5 * at_max.tokens_per_second,) * 24
     likely = (0.5 * per_replica,) * 24
     result = plan_horizon(
         dataclasses.replace(
@@ -287,11 +289,13 @@ def with_current(horizon: HorizonInput, current: tuple[CurrentPlacement, ...]) -
     )
 
 
-def test_a_running_service_is_sized_at_the_limit_it_runs_at() -> None:
-    # Two 8-GPU nodes; the service runs now at the H100's highest limit, where 8 replicas serve
-    # its demand. At its least energy per token (the lowest limits) it would need more than 8
-    # GPUs, and the 8-GPU job would find no room by its deadline: the horizon sizes the service
-    # at the setting the one-instant planner gave it, and the job fits beside it.
+def test_a_service_runs_on_fewer_gpus_at_a_higher_limit_to_leave_work_room() -> None:
+    # Two 8-GPU nodes. At its least energy per token (the lowest limits) the service needs more
+    # than 8 GPUs, at the H100's highest limit 8: the horizon plans it on 8 for the hours the
+    # 8-GPU job runs (the clean ones), as the one-instant planner runs a service when work needs
+    # its GPUs, and counts the energy that costs. Whatever limit the service runs at now, the
+    # plan is the same: sized at the limit of the moment, a job started (the service then at its
+    # highest limit) found room and was stopped, and stopped found none and was started again.
     chat = dataclasses.replace(service("t/chat", 100.0), max_replicas=16)
     at_max = point_at_limit(chat, "H100-80GB", H100.max_watts.value, model=MODEL)
     efficient = operating_point(chat, "H100-80GB", MODEL, 5, replicas=1, efficient=True)
@@ -299,14 +303,37 @@ def test_a_running_service_is_sized_at_the_limit_it_runs_at() -> None:
     assert demand[0] / efficient.tokens_per_second > 8  # more than one node at the lowest limits
     work = (chat, job("t/a", 2, 24, preemptible=True))
     horizon = dataclasses.replace(horizon_input(work), inference_demand={"t/chat": demand})
-    assert plan_horizon(horizon).schedules["t/a"].missed_tokens > 0
-    running = with_current(
-        horizon,
-        tuple(CurrentPlacement("t/chat", r, "h0", "bf16", H100.max_watts.value) for r in range(8)),
-    )
-    result = plan_horizon(running)
+    result = plan_horizon(horizon)
     assert result.schedules["t/a"].missed_tokens == 0
-    assert running_slots(result, "t/a") == [10, 11]  # the clean hours
+    assert set(running_slots(result, "t/a")) <= set(range(10, 15))  # the clean hours
+    for watts in (H100.min_watts.value, H100.max_watts.value):
+        current = tuple(CurrentPlacement("t/chat", r, "h0", "bf16", watts) for r in range(8))
+        again = plan_horizon(with_current(horizon, current))
+        assert again.schedules["t/a"].share_by_slot == result.schedules["t/a"].share_by_slot
+    # The service's two hours on fewer GPUs cost energy beyond the job's own.
+    alone = dataclasses.replace(horizon_input((chat,)), inference_demand={"t/chat": demand})
+    job_kwh = busy_kw_and_idle_kwh()[0] * 2
+    energy = [plan_horizon(h).budgets["b"].energy_kwh_by_period[0] for h in (horizon, alone)]
+    assert energy[0] - energy[1] > job_kwh + 0.01
+
+
+def test_services_that_need_more_gpus_than_there_are_leave_work_none_and_the_plan_stands() -> None:
+    # Two 8-GPU nodes. At its least energy per token the service needs more than the 16 GPUs;
+    # at its highest limit 10 (the job's 8 do not fit beside them) or 17 (it does not fit even
+    # there): the plan is still found, gives the job no room, and does not hold it back (the
+    # one-instant planner places it if the peak does not come).
+    chat = dataclasses.replace(service("t/chat", 100.0), max_replicas=32)
+    at_max = point_at_limit(chat, "H100-80GB", H100.max_watts.value, model=MODEL)
+    for replicas_at_max in (9.5, 16.5):
+        demand = (replicas_at_max * at_max.tokens_per_second,) * 24
+        horizon = dataclasses.replace(
+            horizon_input((chat, job("t/a", 2, 24, preemptible=True))),
+            inference_demand={"t/chat": demand},
+        )
+        result = plan_horizon(horizon)
+        assert result.status is HorizonStatus.OPTIMAL
+        assert result.schedules["t/a"].planned_tokens == 0
+        assert result.deferred == ()
 
 
 def test_a_running_service_counts_its_energy_at_its_least_whatever_limit_it_runs_at() -> None:
@@ -455,13 +482,15 @@ def test_a_replica_that_spans_nodes_is_planned_like_any_other() -> None:
 
 def test_a_gang_of_whole_nodes_is_planned_where_whole_nodes_are_left() -> None:
     # Three 8-GPU H100 nodes and two 4-GPU L4 nodes. A gang of two 8-GPU pods needs two whole
-    # H100 nodes. In the clean hours the service's forecast takes 9 GPUs: 31 GPUs are left, but
-    # only one whole H100 node, so the gang runs in hours where the service leaves two.
+    # H100 nodes. In the clean hours the service's forecast takes 9 GPUs even at its highest
+    # limit: 31 GPUs are left, but only one whole H100 node, so the gang runs in hours where
+    # the service leaves two.
     chat = dataclasses.replace(
         service("t/chat", 100.0), max_replicas=16, allowed_products=frozenset({"H100-80GB"})
     )
-    per_replica = operating_point(
-        chat, "H100-80GB", MODEL, 5, replicas=1, efficient=True
+    # Tokens/s of a replica at the highest limit: the service's fewest GPUs.
+    per_replica = point_at_limit(
+        chat, "H100-80GB", H100.max_watts.value, model=MODEL
     ).tokens_per_second
     demand = tuple((8.5 if 10 <= hour < 15 else 0.5) * per_replica for hour in range(24))
     gang = job("t/gang", 2, 24, replicas=2)
