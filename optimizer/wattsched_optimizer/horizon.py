@@ -1092,17 +1092,15 @@ def _inference_load(
     has = higher < count[None, :]  # (J, services)
     option = np.where(has, first[None, :] + higher, first[None, :])
     freed = np.where(has[..., None], gpus[first] - gpus[option], 0.0)  # (J, services, slots)
-    added = {
-        "cap": cap[option] - cap[first][None],
-        "busy": busy[option] - busy[first][None],
-    }
+    cap_added = cap[option] - cap[first][None]
+    busy_added = busy[option] - busy[first][None]
     frees = freed > 0
     # Step 1: the higher limit that adds the least draw per GPU freed (the most GPUs on a tie);
     # step 2: on to the one with the fewest GPUs (the least draw on a tie). Step 2 adds at least
     # as much per GPU as step 1, so the program takes it only after step 1.
-    per_gpu = np.where(frees, added["busy"] / np.maximum(freed, 1.0), math.inf) - 1e-9 * freed
+    per_gpu = np.where(frees, busy_added / np.maximum(freed, 1.0), math.inf) - 1e-9 * freed
     cheapest = np.argmin(per_gpu, axis=0)[None]
-    fewest = np.argmax(np.where(frees, freed - 1e-9 * added["busy"], -math.inf), axis=0)[None]
+    fewest = np.argmax(np.where(frees, freed - 1e-9 * busy_added, -math.inf), axis=0)[None]
     valid = frees.any(axis=0)
 
     def at(table: np.ndarray, chosen: np.ndarray) -> np.ndarray:
@@ -1110,8 +1108,10 @@ def _inference_load(
 
     steps = []
     for before, after in ((None, cheapest), (cheapest, fewest)):
-        tables = [freed, added["cap"], added["busy"]]
-        step = [at(t, after) - (0.0 if before is None else at(t, before)) for t in tables]
+        step = [
+            at(table, after) - (0.0 if before is None else at(table, before))
+            for table in (freed, cap_added, busy_added)
+        ]
         steps.append(_Narrowing(gpus_freed=step[0], cap_watts=step[1], busy_watts=step[2]))
     part = _budget_shares(inference, budget_count)
     return _InferenceLoad(
