@@ -1010,10 +1010,10 @@ def _whole_nodes(nodes: list[GpuNode], products: frozenset[str], node_gpus: int)
 class _Narrowing:
     """A service may run at a higher limit than its least energy per token, on fewer GPUs: what
     the one-instant planner does when work needs the GPUs (a service of the 48-hour simulation
-    ran 6 replicas at 200 W while the jobs waited, 3 at 450 W while they ran). Per service and
-    slot, at the higher limit that adds the least draw per GPU freed: the GPUs it frees, the
-    limits above the floor it adds (W) and the draw above idle it adds for the expected demand
-    (W). The program runs it there for a share of the slot (`_narrowing_columns`)."""
+    ran 6 replicas at 200 W while the jobs waited, 3 at 450 W while they ran). One step of it
+    (`_inference_load` makes two), per service and slot: the GPUs it frees, the limits above
+    the floor it adds (W) and the draw above idle it adds for the expected demand (W). The
+    program takes it for a share of the slot (`_narrowing_columns`)."""
 
     gpus_freed: np.ndarray
     cap_watts: np.ndarray
