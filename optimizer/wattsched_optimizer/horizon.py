@@ -781,17 +781,20 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     fits[:, 0] |= work.running
     cap_row = np.asarray(row_of_cap, dtype=np.int64).reshape(len(budgets), slots)
     gpus_row = np.asarray(row_of_gpus, dtype=np.int64)
-    program = _program(
-        work,
-        rows,
-        slot_seconds=slot_seconds,
+    budget_rows = _BudgetRows(
+        cap_row=cap_row,
+        energy_row=energy_row,
+        carbon_row=carbon_row,
         objective_rate=objective_rate,
         pue=pue,
         intensity_kg=intensity_kg,
-        cap_row=cap_row,
+    )
+    program = _program(
+        work,
+        rows,
+        budget_rows,
+        slot_seconds=slot_seconds,
         gpus_row=gpus_row,
-        energy_row=energy_row,
-        carbon_row=carbon_row,
         node_row=whole_nodes.work_row,
         fits=fits,
         churn_threshold=plan_input.options.churn_threshold,
@@ -803,15 +806,10 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         step_columns, where = _narrowing_columns(
             step,
             load.part,
+            budget_rows,
             first_column=len(columns.cost),
             slot_seconds=slot_seconds,
-            objective_rate=objective_rate,
-            pue=pue,
-            intensity_kg=intensity_kg,
-            cap_row=cap_row,
             gpus_row=gpus_row,
-            energy_row=energy_row,
-            carbon_row=carbon_row,
             node_rows=whole_nodes.service_rows,
         )
         columns += step_columns
@@ -1216,6 +1214,55 @@ def _work(
 
 
 @dataclass(frozen=True)
+class _BudgetRows:
+    """What a column's limits and energy count in, per budget and slot: the rows of the cap and
+    of the energy and carbon allowances (-1: none), and the objective units, PUE and kg CO2 per
+    kWh."""
+
+    cap_row: np.ndarray
+    energy_row: np.ndarray
+    carbon_row: np.ndarray
+    objective_rate: np.ndarray
+    pue: np.ndarray
+    intensity_kg: np.ndarray
+
+    def rate(self, part: np.ndarray) -> np.ndarray:
+        """(items, slots): objective units per kWh of each item (`part`: its share in each
+        budget); budgets without a view on time (rate 0) add nothing; where none has one, 1."""
+        rate = np.zeros((part.shape[1], self.objective_rate.shape[1]))
+        for i in range(len(self.pue)):
+            rate += part[i][:, None] * self.objective_rate[i][None, :] * self.pue[i]
+        rate[~rate.any(axis=1)] = 1.0
+        return rate
+
+    def entries(
+        self,
+        part: np.ndarray,
+        item: np.ndarray,
+        slot: np.ndarray,
+        ids: np.ndarray,
+        *,
+        cap_watts: np.ndarray,
+        kwh: np.ndarray,
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(rows, columns, values) of columns `ids`, each of an item and slot with `cap_watts`
+        of limits and `kwh` of draw, in each budget by the item's share there (`part`)."""
+        out = []
+        for i in range(len(self.pue)):
+            counts = part[i, item] > 0
+            share, s_in, ids_in = part[i, item[counts]], slot[counts], ids[counts]
+            out.append((self.cap_row[i, s_in], ids_in, share * cap_watts[counts]))
+            kwh_in = share * kwh[counts] * self.pue[i]
+            for table, values in (
+                (self.energy_row, kwh_in),
+                (self.carbon_row, kwh_in * self.intensity_kg[i, s_in]),
+            ):
+                found = table[i, s_in] >= 0
+                out.append((table[i, s_in][found], ids_in[found], values[found]))
+        return out
+
+
+@dataclass(frozen=True)
 class _Columns:
     """Columns of the program: min cost . x, 0 <= x <= upper, entries as triplets."""
 
@@ -1253,15 +1300,10 @@ class _Program:
 def _program(
     work: _Work,
     rows: _Rows,
+    budget_rows: _BudgetRows,
     *,
     slot_seconds: np.ndarray,
-    objective_rate: np.ndarray,
-    pue: np.ndarray,
-    intensity_kg: np.ndarray,
-    cap_row: np.ndarray,
     gpus_row: np.ndarray,
-    energy_row: np.ndarray,
-    carbon_row: np.ndarray,
     node_row: np.ndarray,
     fits: np.ndarray,
     churn_threshold: float,
@@ -1285,11 +1327,8 @@ def _program(
     tie_break = 1.0 + EARLY_TIE_BREAK * np.arange(slots)
     kwh = work.busy_kw[:, None] * slot_hours[None, :]
     # Objective units per kWh in each slot: the budgets' rates, weighted by the share of the work
-    # each one counts; budgets without a view on time (rate 0) add nothing.
-    rate = np.zeros_like(kwh)
-    for i in range(len(pue)):
-        rate += work.part[i][:, None] * objective_rate[i][None, :] * pue[i]
-    rate[~rate.any(axis=1)] = 1.0
+    # each one counts.
+    rate = budget_rows.rate(work.part)
     cost = kwh * rate * tie_break[None, :]
     # Scale of the work's worth: its energy in the most expensive slot of the horizon.
     worth_per_kwh = WORK_WEIGHT * rate.max(axis=1) * tie_break[-1] * work.weight
@@ -1338,22 +1377,12 @@ def _program(
     entry_rows = [gpus_row[s_open], node_row[f_open, s_open][whole]]
     entry_columns = [ids, ids[whole]]
     entry_values = [work.gpus[f_open], (work.gpus / work.gpus_per_pod)[f_open][whole]]
-    for i in range(len(pue)):
-        counts = work.part[i, f_open] > 0
-        f_in, s_in, ids_in = f_open[counts], s_open[counts], ids[counts]
-        share = work.part[i, f_in]
-        entry_rows.append(cap_row[i, s_in])
-        entry_columns.append(ids_in)
-        entry_values.append(share * work.cap_watts[f_in])
-        kwh_in = share * kwh[f_in, s_in] * pue[i]
-        for table, values in (
-            (energy_row, kwh_in),
-            (carbon_row, kwh_in * intensity_kg[i, s_in]),
-        ):
-            found = table[i, s_in] >= 0
-            entry_rows.append(table[i, s_in][found])
-            entry_columns.append(ids_in[found])
-            entry_values.append(values[found])
+    for in_rows, in_columns, values in budget_rows.entries(
+        work.part, f_open, s_open, ids, cap_watts=work.cap_watts[f_open], kwh=kwh[f_open, s_open]
+    ):
+        entry_rows.append(in_rows)
+        entry_columns.append(in_columns)
+        entry_values.append(values)
 
     # The deadline: the slots, the time after the horizon (at the horizon's mean cost: work
     # waits past it only where the horizon has no cheaper slot), or a miss.
@@ -1395,16 +1424,11 @@ def _program(
 def _narrowing_columns(
     narrowing: _Narrowing,
     part: np.ndarray,
+    budget_rows: _BudgetRows,
     *,
     first_column: int,
     slot_seconds: np.ndarray,
-    objective_rate: np.ndarray,
-    pue: np.ndarray,
-    intensity_kg: np.ndarray,
-    cap_row: np.ndarray,
     gpus_row: np.ndarray,
-    energy_row: np.ndarray,
-    carbon_row: np.ndarray,
     node_rows: list[tuple[np.ndarray, np.ndarray]],
 ) -> tuple[_Columns, np.ndarray]:
     """Per service and slot where running at a higher limit frees GPUs (`_Narrowing`), the
@@ -1420,10 +1444,7 @@ def _narrowing_columns(
     column = np.full(narrowing.gpus_freed.shape, -1, dtype=np.int64)
     column[n_open, s_open] = ids
     kwh = narrowing.busy_watts[n_open, s_open] / 1000.0 * slot_hours[s_open]
-    rate = np.zeros(narrowing.gpus_freed.shape)
-    for i in range(len(pue)):
-        rate += part[i][:, None] * objective_rate[i][None, :] * pue[i]
-    rate[~rate.any(axis=1)] = 1.0
+    rate = budget_rows.rate(part)
 
     freed = narrowing.gpus_freed[n_open, s_open]
     entry_rows = [gpus_row[s_open]]
@@ -1434,23 +1455,12 @@ def _narrowing_columns(
         entry_rows.append(group_rows[s_open[counts]])
         entry_columns.append(ids[counts])
         entry_values.append(-freed[counts] * nodes_per_gpu[n_open[counts]])
-    for i in range(len(pue)):
-        counts = part[i, n_open] > 0
-        share, n_in, s_in, ids_in = (
-            part[i, n_open[counts]],
-            n_open[counts],
-            s_open[counts],
-            ids[counts],
-        )
-        entry_rows.append(cap_row[i, s_in])
-        entry_columns.append(ids_in)
-        entry_values.append(share * narrowing.cap_watts[n_in, s_in])
-        kwh_in = share * kwh[counts] * pue[i]
-        for table, values in ((energy_row, kwh_in), (carbon_row, kwh_in * intensity_kg[i, s_in])):
-            found = table[i, s_in] >= 0
-            entry_rows.append(table[i, s_in][found])
-            entry_columns.append(ids_in[found])
-            entry_values.append(values[found])
+    for in_rows, in_columns, values in budget_rows.entries(
+        part, n_open, s_open, ids, cap_watts=narrowing.cap_watts[n_open, s_open], kwh=kwh
+    ):
+        entry_rows.append(in_rows)
+        entry_columns.append(in_columns)
+        entry_values.append(values)
     return (
         _Columns(
             cost=kwh * rate[n_open, s_open] * tie_break[s_open],
