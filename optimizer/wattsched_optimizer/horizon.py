@@ -368,6 +368,8 @@ class _Scopes:
 # model's figures depend on (thousands of shapes share a few products, sizes and power ranges).
 PointCache = dict[tuple[object, ...], list[OperatingPoint]]
 ReplicaPointCache = dict[tuple[object, ...], tuple[float, float, float]]
+# Per replica at one limit (`point_at_limit`): busy W per GPU and tokens/s.
+LimitFigureCache = dict[tuple[object, ...], tuple[float, float]]
 
 
 def _best_point(
@@ -498,11 +500,31 @@ def operating_point(
 
 
 def point_at_limit(
-    workload: Workload, product: str, level: float, *, model: PerformanceModel
+    workload: Workload,
+    product: str,
+    level: float,
+    *,
+    model: PerformanceModel,
+    cache: LimitFigureCache | None = None,
 ) -> OperatingPoint:
     """One replica of `workload` on `product` at the power limit `level` (its best-quality
-    variant, as `operating_point`)."""
-    watts, rate = _replica_figures(workload, product, model, _reference_variant(workload), level)
+    variant, as `operating_point`). `cache` keeps the figures of one plan (services alike in
+    size and variant speed share them)."""
+    variant = _reference_variant(workload)
+    key = (
+        product,
+        level,
+        workload.type,
+        workload.model_parameters_billions,
+        workload.gpus_per_replica,
+        variant.relative_throughput,
+    )
+    found = cache.get(key) if cache is not None else None
+    if found is None:
+        found = _replica_figures(workload, product, model, variant, level)
+        if cache is not None:
+            cache[key] = found
+    watts, rate = found
     return OperatingPoint(
         product=product,
         replicas=1,
@@ -1046,6 +1068,7 @@ def _inference_load(
     slots = len(horizon.slot_seconds)
     demand = np.zeros((len(inference), slots))
     expected = np.zeros((len(inference), slots))
+    figures: LimitFigureCache = {}
     low = np.zeros(len(inference))
     high = np.zeros(len(inference))
     gpus_per_replica = np.zeros(len(inference))
@@ -1063,7 +1086,7 @@ def _inference_load(
         low[n], high[n] = workload.min_replicas, workload.max_replicas
         gpus_per_replica[n] = workload.gpus_per_replica
         above = [
-            point_at_limit(workload, point.product, level, model=model)
+            point_at_limit(workload, point.product, level, model=model, cache=figures)
             for level in _levels(workload, point.product, levels, efficient=True)
             if level > point.power_limit_watts
         ]
