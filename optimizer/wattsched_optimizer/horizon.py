@@ -368,7 +368,7 @@ class _Scopes:
 # model's figures depend on (thousands of shapes share a few products, sizes and power ranges).
 PointCache = dict[tuple[object, ...], list[OperatingPoint]]
 ReplicaPointCache = dict[tuple[object, ...], tuple[float, float, float]]
-# Per replica at one limit (`point_at_limit`): busy W per GPU and tokens/s.
+# Per replica at one limit (`_replica_figures`): busy W per GPU and tokens/s.
 LimitFigureCache = dict[tuple[object, ...], tuple[float, float]]
 
 
@@ -382,6 +382,7 @@ def _best_point(
     replicas: int,
     efficient: bool = False,
     replica_cache: ReplicaPointCache | None = None,
+    figures: LimitFigureCache | None = None,
 ) -> OperatingPoint:
     """The operating point with the least modelled energy per token over the products the
     workload may run on (comma-separated; the first, alphabetically, on a tie), among those that
@@ -409,6 +410,7 @@ def _best_point(
                 replicas=replicas,
                 efficient=efficient,
                 cache=replica_cache,
+                figures=figures,
             )
             for product in products.split(",")
         ]
@@ -460,11 +462,13 @@ def operating_point(
     replicas: int,
     efficient: bool = False,
     cache: ReplicaPointCache | None = None,
+    figures: LimitFigureCache | None = None,
 ) -> OperatingPoint:
     """The workload's reference point on `product`: its best-quality variant, at the power level
     with the least modelled energy per token (Performance: its highest allowed level unless
-    `efficient`, which inference under an allowance uses). `cache` keeps the per-replica figures
-    of one plan (the model is consulted once per product, size, variant speed and power range)."""
+    `efficient`, which inference under an allowance uses). `cache` keeps the chosen point of one
+    plan (the levels are compared once per product, size, variant speed and power range),
+    `figures` each level's figures (`_replica_figures`)."""
     variant = _reference_variant(workload)
     key = (
         product,
@@ -480,7 +484,7 @@ def operating_point(
     if found is None:
         best: tuple[float, float, float, float] | None = None
         for level in _levels(workload, product, levels, efficient):
-            watts, rate = _replica_figures(workload, product, model, variant, level)
+            watts, rate = _replica_figures(workload, product, model, variant, level, figures)
             joules_per_token = watts * workload.gpus_per_replica / rate
             if best is None or joules_per_token < best[0] - 1e-12:
                 best = (joules_per_token, level, watts, rate)
@@ -505,26 +509,13 @@ def point_at_limit(
     level: float,
     *,
     model: PerformanceModel,
-    cache: LimitFigureCache | None = None,
+    figures: LimitFigureCache | None = None,
 ) -> OperatingPoint:
     """One replica of `workload` on `product` at the power limit `level` (its best-quality
-    variant, as `operating_point`). `cache` keeps the figures of one plan (services alike in
-    size and variant speed share them)."""
-    variant = _reference_variant(workload)
-    key = (
-        product,
-        level,
-        workload.type,
-        workload.model_parameters_billions,
-        workload.gpus_per_replica,
-        variant.relative_throughput,
+    variant, as `operating_point`; `figures` as there)."""
+    watts, rate = _replica_figures(
+        workload, product, model, _reference_variant(workload), level, figures
     )
-    found = cache.get(key) if cache is not None else None
-    if found is None:
-        found = _replica_figures(workload, product, model, variant, level)
-        if cache is not None:
-            cache[key] = found
-    watts, rate = found
     return OperatingPoint(
         product=product,
         replicas=1,
@@ -535,15 +526,34 @@ def point_at_limit(
     )
 
 
-def _replica_figures(
-    workload: Workload, product: str, model: PerformanceModel, variant: Variant, level: float
+def _replica_figures(  # noqa: PLR0917 (one call shape for both callers)
+    workload: Workload,
+    product: str,
+    model: PerformanceModel,
+    variant: Variant,
+    level: float,
+    figures: LimitFigureCache | None,
 ) -> tuple[float, float]:
     """One replica of `workload` with `variant` on `product` at the limit `level` (modelled):
-    the busy draw of each of its GPUs (W) and its tokens/s."""
-    rate = replica_tokens_per_second(
-        model, workload, product, relative_throughput=variant.relative_throughput, level=level
+    the busy draw of each of its GPUs (W) and its tokens/s. `figures` keeps them for one plan
+    (workloads alike in product, type, size, GPUs per replica and variant speed share them)."""
+    key = (
+        product,
+        level,
+        workload.type,
+        workload.model_parameters_billions,
+        workload.gpus_per_replica,
+        variant.relative_throughput,
     )
-    return model.expected_power_watts(product, workload.type, level), rate
+    found = figures.get(key) if figures is not None else None
+    if found is None:
+        rate = replica_tokens_per_second(
+            model, workload, product, relative_throughput=variant.relative_throughput, level=level
+        )
+        found = (model.expected_power_watts(product, workload.type, level), rate)
+        if figures is not None:
+            figures[key] = found
+    return found
 
 
 # A deadline job's operating point is chosen to finish running this share of the time left.
@@ -695,6 +705,7 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     scopes = _Scopes(plan_input)
     points: PointCache = {}
     replica_points: ReplicaPointCache = {}
+    figures: LimitFigureCache = {}
     in_use = [n for n in nodes if n.schedulable or n.keeps_running]
     total_gpus = np.full(slots, float(sum(settled_by_name[n.name].gpu_count for n in in_use)))
     total_gpus[0] -= sum(n.leaving_gpus for n in in_use)
@@ -722,12 +733,15 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
             replicas=1 if inference_type else workload.replicas,
             efficient=inference_type,
             replica_cache=replica_points,
+            figures=figures,
         )
         # A service is sized at its least energy per token whatever limit it runs at now; the
         # program may run it at a higher limit on fewer GPUs (`_Narrowing`).
         (inference if inference_type else flexible).append((workload, point, scope))
     inference_scope = {workload.key: scope for workload, _, scope in inference}
-    load = _inference_load(horizon, inference, len(budgets), watts, model=model, levels=levels)
+    load = _inference_load(
+        horizon, inference, len(budgets), watts, model=model, levels=levels, figures=figures
+    )
     cap_headroom -= load.cap_watts
     load_watts = idle_watts[:, None] + load.busy_watts  # expected draw: idle + inference
     # GPUs left beside the services at their least energy (the rows' bound; below 0 where they
@@ -866,8 +880,8 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     )
     # The services' kWh over their least where they run on fewer GPUs, with their load's.
     narrowed_kw = np.zeros_like(load.gpus)
-    for step, where in zip(load.narrowing, narrowing_columns, strict=True):
-        if status is HorizonStatus.OPTIMAL:
+    if status is HorizonStatus.OPTIMAL:  # else nothing is narrowed
+        for step, where in zip(load.narrowing, narrowing_columns, strict=True):
             has_column = where >= 0
             narrowed_kw[has_column] += (
                 values[where[has_column]] * step.busy_watts[has_column] / 1000
@@ -1061,6 +1075,7 @@ def _inference_load(
     *,
     model: PerformanceModel,
     levels: int,
+    figures: LimitFigureCache,
 ) -> _InferenceLoad:
     """Each service's replicas per slot, within its min and max replicas, at its point in
     `inference` and at each higher limit it may run at: GPUs and limits for its forecast
@@ -1068,7 +1083,6 @@ def _inference_load(
     slots = len(horizon.slot_seconds)
     demand = np.zeros((len(inference), slots))
     expected = np.zeros((len(inference), slots))
-    figures: LimitFigureCache = {}
     low = np.zeros(len(inference))
     high = np.zeros(len(inference))
     gpus_per_replica = np.zeros(len(inference))
@@ -1086,7 +1100,7 @@ def _inference_load(
         low[n], high[n] = workload.min_replicas, workload.max_replicas
         gpus_per_replica[n] = workload.gpus_per_replica
         above = [
-            point_at_limit(workload, point.product, level, model=model, cache=figures)
+            point_at_limit(workload, point.product, level, model=model, figures=figures)
             for level in _levels(workload, point.product, levels, efficient=True)
             if level > point.power_limit_watts
         ]
@@ -1509,12 +1523,12 @@ def _shortfall_columns(
     much, at `price` each: the program stays feasible when running them on fewer cannot make
     up for it (the cap or an allowance), and never plans work onto what they lack."""
     upper = np.asarray(rows.upper)[row_ids]
-    short = row_ids[upper < 0]
-    count = len(short)
+    short = upper < 0
+    count = int(short.sum())
     return _Columns(
         cost=np.full(count, price),
-        upper=-np.asarray(rows.upper)[short],
-        row_index=short.astype(np.int32),
+        upper=-upper[short],
+        row_index=row_ids[short].astype(np.int32),
         column_index=(first_column + np.arange(count)).astype(np.int32),
         value=-np.ones(count),
     )
