@@ -40,7 +40,6 @@ from wattsched_operator.core import (
     PlanFunction,
     PlannedInput,
 )
-from wattsched_operator.demand import DemandHistory
 from wattsched_operator.kube import (
     GROUP_PATH,
     Kube,
@@ -112,7 +111,7 @@ class PlanningLoop:
         self.is_leader = is_leader
         self.telemetry = telemetry
         # What the controller carries from round to round (see `core.Memory`).
-        self.memory = core.Memory(demand=DemandHistory(interval_seconds=settings.replan_seconds))
+        self.memory = core.fresh_memory(settings.replan_seconds)
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="kube")
         self._was_leader = False
         self._wake_at: float | None = None

@@ -240,6 +240,15 @@ class Memory:
     failure_reported: Mapping[str, str] = field(default_factory=dict)
 
 
+def fresh_memory(replan_seconds: float, headroom: float = demand.HEADROOM) -> Memory:
+    """The Memory a controller starts from when it re-plans every `replan_seconds` (the
+    operator's `--replan-seconds`, the simulator's re-plan interval): a service's queue is sized
+    to drain within one interval (`demand.DemandHistory`). The operator's loop and the
+    simulator's controller both start from it, so that the simulator evaluates the controller
+    the operator runs. `headroom`: the forecast's (another value is a what-if)."""
+    return Memory(demand=demand.DemandHistory(headroom=headroom, interval_seconds=replan_seconds))
+
+
 @dataclass(frozen=True)
 class Observed:
     """What a round decides from.

@@ -124,16 +124,14 @@ class PlannerPolicy:
     # The scenario's hourly carbon curve is the budgets' forecast (`spec.carbon`'s forecast
     # query, answered from the curve as Prometheus would), so the horizon plans with it.
     carbon_forecast: bool = False
-    # The controller's memory, and what the API server holds: pods (bound or Pending), status
-    # subresources by (kind, key), NodePowerProfile limits by node.
+    # The controller's memory, from the first decision on (`core.fresh_memory`: the scenario's
+    # re-plan interval is the operator's --replan-seconds), and what the API server holds: pods
+    # (bound or Pending), status subresources by (kind, key), NodePowerProfile limits by node.
     _memory: core.Memory = field(init=False)
     _pods: dict[PodKey, Body] = field(default_factory=dict)
     _statuses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     _limits: dict[str, NodeLimits] = field(default_factory=dict)
     _warm: bool = field(default=False, init=False)
-
-    def __post_init__(self) -> None:
-        self._memory = core.Memory(demand=demand_forecast.DemandHistory(headroom=self.headroom))
 
     # -- the cluster as the operator's cache shows it -------------------------------------------
 
@@ -369,14 +367,18 @@ class PlannerPolicy:
         return plan
 
     def _warm_start(self, view: View) -> None:
-        """The run starts on a cluster that has been serving (`engine`): an operator that had
-        been running holds the readings it took of the services' pods before t = 0 in its demand
-        history. They are the telemetry's samples from before t = 0 (`engine`'s prefill, which
-        the baselines' autoscalers read too), each recorded when it became visible, with its
-        served tokens/s (a 15-s window's, as the operator's peak query reads) and queue."""
-        if self._warm or self.oracle is not None:
+        """The controller's memory at the first decision. The run starts on a cluster that has
+        been serving (`engine`): an operator that had been running holds the readings it took
+        of the services' pods before t = 0 in its demand history. They are the telemetry's
+        samples from before t = 0 (`engine`'s prefill, which the baselines' autoscalers read
+        too), each recorded when it became visible, with its served tokens/s (a 15-s window's,
+        as the operator's peak query reads) and queue."""
+        if self._warm:
             return
         self._warm = True
+        self._memory = core.fresh_memory(view.scenario.replan_interval_seconds, self.headroom)
+        if self.oracle is not None:
+            return
         delay = view.scenario.telemetry.delay_seconds
         for sample in view.telemetry.visible(view.now_seconds):
             if sample.window_end_seconds > 0:

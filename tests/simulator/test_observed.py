@@ -420,7 +420,9 @@ def test_with_the_carbon_curve_as_its_forecast_the_wattsched_policy_waits_for_cl
     assert first_decision(PlannerPolicy("wattsched")) == [spec.key, spec.key]
 
 
-def _burst(queue_seconds: float) -> tuple[bool, float, float]:
+def _burst(
+    queue_seconds: float, replan_interval_seconds: float = 60.0
+) -> tuple[bool, float, float]:
     """A service sized for its declared demand, then at capacity for a minute with a queue worth
     `queue_seconds` of that capacity: (whether the check between plans asks for a re-plan, the
     planned tokens/s before, the planned tokens/s of the plan that follows)."""
@@ -434,6 +436,7 @@ def _burst(queue_seconds: float) -> tuple[bool, float, float]:
         jobs=(),
         duration_seconds=600.0,
         carbon=CarbonIntensity.constant(400.0, "test"),
+        replan_interval_seconds=replan_interval_seconds,
     )
     first = policy.decide(View(0.0, scenario, (), (), telemetry, ("start",)))
     assert first.check_interval_seconds == 15.0
@@ -466,6 +469,17 @@ def test_a_burst_above_capacity_is_scaled_up_from_the_queue_before_the_periodic_
     # for a re-plan, and the plan sizes for the backlog too (by more replicas or higher limits).
     assert asked
     assert after >= before * 1.5
+
+
+def test_the_queue_is_sized_to_drain_within_the_scenarios_re_plan_interval() -> None:
+    # The operator sizes a service's queue to drain within its --replan-seconds; the simulated
+    # controller is the operator's, with the scenario's re-plan interval as that setting. A
+    # queue of 120 s of capacity: within 60 s the plan that follows needs 3x the capacity,
+    # within 300 s 1.4x.
+    _, before, after = _burst(queue_seconds=120.0)
+    assert after >= before * 3
+    _, before, after = _burst(queue_seconds=120.0, replan_interval_seconds=300.0)
+    assert before * 1.4 <= after < before * 2
 
 
 def test_served_tokens_alone_at_capacity_ask_for_nothing() -> None:
