@@ -44,13 +44,13 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubernetes import client, config, watch
 from prometheus_client.parser import text_string_to_metric_families
@@ -125,22 +125,50 @@ def delete_workloads(
     wait_empty(kube, workloads_path(namespace), None, timeout_seconds)
 
 
-def api_requests(env: dict[str, str]) -> Counter[tuple[str, str]]:
-    """kube-apiserver's request counters (apiserver_request_total), by (verb, resource[/sub])."""
+class ApiRequests(NamedTuple):
+    """kube-apiserver's request counters by (verb, resource[/sub]): how many
+    (apiserver_request_total) and the seconds they took (apiserver_request_duration_seconds)."""
+
+    counts: dict[tuple[str, str], float]
+    seconds: dict[tuple[str, str], float]
+
+
+def api_requests(env: dict[str, str]) -> ApiRequests:
+    """One reading of kube-apiserver's request counters."""
     text = sh("kubectl", "get", "--raw", "/metrics", env=env)
-    counts: Counter[tuple[str, str]] = Counter()
+    counts: defaultdict[tuple[str, str], float] = defaultdict(float)
+    seconds: defaultdict[tuple[str, str], float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
-        if family.name != "apiserver_request":
+        if family.name == "apiserver_request":
+            suffix, into = "_total", counts
+        elif family.name == "apiserver_request_duration_seconds":
+            suffix, into = "_sum", seconds
+        else:
             continue
         for sample in family.samples:
-            if not sample.name.endswith("_total"):
+            if not sample.name.endswith(suffix):
                 continue
             labels = sample.labels
             resource = labels.get("resource", "")
             if labels.get("subresource"):
                 resource += "/" + labels["subresource"]
-            counts[(labels.get("verb", ""), resource)] += int(sample.value)
-    return counts
+            into[(labels.get("verb", ""), resource)] += sample.value
+    return ApiRequests(counts, seconds)
+
+
+def request_seconds(before: ApiRequests, after: ApiRequests, top: int = 8) -> str:
+    """The seconds kube-apiserver spent serving requests between two readings (summed over
+    requests served at once, so more than the wall time), the largest `top` by verb and
+    resource; watches left out (they last as long as they are open)."""
+    spent = {
+        key: after.seconds[key] - before.seconds.get(key, 0.0)
+        for key in after.seconds
+        if key[0] != "WATCH"
+    }
+    rows = sorted(((v, key) for key, v in spent.items() if v > 0), reverse=True)
+    total = sum(v for v, _ in rows)
+    parts = ", ".join(f"{verb} {resource} {v:.1f}" for v, (verb, resource) in rows[:top])
+    return f"{total:.1f} s ({parts})"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -165,13 +193,11 @@ def cpu_used(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{name} {seconds:.1f}" for seconds, name in used)
 
 
-def writes_per_object(
-    before: Counter[tuple[str, str]], after: Counter[tuple[str, str]], objects: int
-) -> str:
+def writes_per_object(before: ApiRequests, after: ApiRequests, objects: int) -> str:
     """The API writes made between two counter readings, per object, largest first."""
     writes = {
-        key: after[key] - before.get(key, 0)
-        for key in after
+        key: after.counts[key] - before.counts.get(key, 0)
+        for key in after.counts
         if key[0] in {"POST", "PATCH", "PUT", "DELETE", "APPLY"} and key[1] != "leases"
     }
     rows = sorted(((n, key) for key, n in writes.items() if n > 0), reverse=True)
@@ -307,6 +333,22 @@ def watched_namespace(kube: Kube, kubeconfig: Path, namespace: str) -> BindWatch
 def delete_namespace(namespace: str, env: dict[str, str]) -> None:
     """Start deleting `namespace` without waiting (its thousands of Events may take minutes)."""
     sh("kubectl", "delete", "namespace", namespace, "--wait=false", env=env, check=False)
+
+
+def wait_earlier_runs_gone(env: dict[str, str], timeout_seconds: float) -> float:
+    """Delete the namespaces an earlier run on the same sandbox left (`bench-*`: they are deleted
+    without waiting) and wait until they are gone, so that their deletion does not load the API
+    server while this run measures. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_seconds:
+        names = sh("kubectl", "get", "namespaces", "-o", "name", env=env).split()
+        left = [n.partition("/")[2] for n in names if n.startswith("namespace/bench-")]
+        if not left:
+            break
+        for namespace in left:
+            delete_namespace(namespace, env)
+        time.sleep(5)
+    return time.monotonic() - started
 
 
 @contextmanager
@@ -845,6 +887,8 @@ def main() -> int:
     )
     sh("kubectl", "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all", env=env)
     kube = Kube(str(kubeconfig))
+    cleared = wait_earlier_runs_gone(env, 600)
+    print(f"earlier runs' namespaces gone after {cleared:.1f} s", flush=True)
     logs = Path(args.sandbox_dir) / "logs"
     run_id = str(int(time.time()))
     figures: list[tuple[str, str, str]] = []
@@ -938,7 +982,9 @@ def main() -> int:
             started = time.monotonic()
             create_all(kube, pods_path(base_ns), [plain_pod(n) for n in sorted(names)])
             base_ok = base_watch.wait_for(names, 600)
-            base_writes = writes_per_object(requests_before, api_requests(env), args.burst)
+            base_requests = api_requests(env)
+            base_writes = writes_per_object(requests_before, base_requests, args.burst)
+            base_api_seconds = request_seconds(requests_before, base_requests)
             base_cpu = cpu_used(cpu_before, cpu_by_process(pids))
             base_seconds = max(base_watch.bound.values()) - started if base_ok else float("nan")
             base_load = load_average()
@@ -979,7 +1025,9 @@ def main() -> int:
             created_seconds = time.monotonic() - started
             pods = {f"{n}-0" for n in names}
             burst_ok = burst_watch.wait_for(pods, 900)
-            burst_writes = writes_per_object(requests_before, api_requests(env), args.burst)
+            burst_requests = api_requests(env)
+            burst_writes = writes_per_object(requests_before, burst_requests, args.burst)
+            burst_api_seconds = request_seconds(requests_before, burst_requests)
             burst_cpu = cpu_used(cpu_before, cpu_by_process(pids))
             burst_load = load_average()
             # Until every workload's status says Running: the operator's status writes and Events
@@ -1040,6 +1088,18 @@ def main() -> int:
             )
             report(figures, "CPU seconds during the burst", burst_cpu, "")
             report(figures, "CPU seconds during the baseline", base_cpu, "")
+            report(
+                figures,
+                "kube-apiserver request seconds, burst to the last binding",
+                burst_api_seconds,
+                "",
+            )
+            report(
+                figures,
+                "kube-apiserver request seconds, baseline to the last binding",
+                base_api_seconds,
+                "",
+            )
             report(
                 figures,
                 f"operator RSS with the burst's {args.burst} workloads",
