@@ -339,14 +339,15 @@ def wait_earlier_runs_gone(env: dict[str, str], timeout_seconds: float) -> float
     """Delete the namespaces an earlier run on the same sandbox left (`bench-*`: they are deleted
     without waiting) and wait until they are gone, so that their deletion does not load the API
     server while this run measures. Returns the seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_seconds:
+
+    def left() -> list[str]:
         names = sh("kubectl", "get", "namespaces", "-o", "name", env=env).split()
-        left = [n.partition("/")[2] for n in names if n.startswith("namespace/bench-")]
-        if not left:
-            break
-        for namespace in left:
-            delete_namespace(namespace, env)
+        return [n.partition("/")[2] for n in names if n.startswith("namespace/bench-")]
+
+    started = time.monotonic()
+    for namespace in left():
+        delete_namespace(namespace, env)
+    while left() and time.monotonic() - started < timeout_seconds:
         time.sleep(5)
     return time.monotonic() - started
 
