@@ -189,6 +189,7 @@ def build_input_function(heartbeat_timeout_seconds: float) -> InputBuilder:
             plan_input=result.plan_input,
             rejected=rejected,
             excluded_nodes={node.name: node.reason for node in result.excluded_nodes},
+            silent_together=result.silent_together,
             invalid_budgets={
                 item.key: item.message for item in result.ignored if item.kind == "EnergyBudget"
             },
@@ -219,9 +220,9 @@ def _fork(memory: Memory) -> tuple[Calibrator, demand.DemandHistory]:
 def _left_out(
     view: ClusterView, built: PlannedInput, reported: Mapping[str, str]
 ) -> tuple[list[Event], dict[str, str]]:
-    """Log what the snapshot left out, and an Event on each GPU node the plan cannot use whenever
-    its reason changes (budgets in its scope say so in `NodesPlanned`). Returns the Events and
-    what is now reported."""
+    """Log what the snapshot left out and the agents silent together, and an Event on each GPU
+    node the plan cannot use, whenever its reason changes (budgets in its scope say so in
+    `NodesPlanned`). Returns the Events and what is now reported."""
     events = []
     for key, message in built.ignored.items():
         if reported.get(key) != message:
@@ -234,10 +235,26 @@ def _left_out(
             events.append(
                 Event(ObjectRef.of("Node", node), "Warning", EventReason.NODE_EXCLUDED, reason)
             )
+    silent = ""
+    if built.silent_together:
+        count = len(built.silent_together)
+        silent = (
+            f"the agents of {count} GPU node(s) are silent at once "
+            f"({', '.join(built.silent_together[:10])}{', ...' if count > 10 else ''}): taken "
+            "as a fault between the operator and the agents, not in the nodes; their replicas "
+            "stay, they take no new work and count at maximum power until their agents report"
+        )
+        if reported.get(SILENT_TOGETHER_KEY) != silent:
+            logger.warning("%s", silent)
     return events, {
         **built.ignored,
         **{f"Node {name}": reason for name, reason in built.excluded_nodes.items()},
+        **({SILENT_TOGETHER_KEY: silent} if silent else {}),
     }
+
+
+# `_left_out`'s key for the agents silent together (logged when they change).
+SILENT_TOGETHER_KEY = "Agents silent together"
 
 
 @dataclass

@@ -105,6 +105,9 @@ class PlannedInput:
     excluded_nodes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     invalid_budgets: Mapping[str, str] = dataclasses.field(default_factory=dict)
     ignored: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Nodes whose agents fell silent together with too many others: their replicas stay
+    # (`snapshot.silent_together`).
+    silent_together: tuple[str, ...] = ()
     # Training/FineTuning/BatchInference workloads: their total and progress query, by key.
     jobs: Mapping[str, progress.JobTerms] = dataclasses.field(default_factory=dict)
     # The readable budgets, parsed (their allowances, cap schedules and forecasts: the horizon).

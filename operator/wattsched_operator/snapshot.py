@@ -38,7 +38,8 @@ Rules:
   before the raise the operator wrote: `raise_on_its_way`), has a fresh heartbeat (when
   `heartbeat_timeout_seconds` is given) and the node is not in `unconfirmed_nodes`. An agent whose
   last heartbeat is older than the timeout is lost: its node also takes no work (the replicas
-  there move; the rest stay).
+  there move; the rest stay), unless too many agents are lost at once (`silent_together`: then
+  their replicas stay).
   When the objects hold no NodePowerProfile at all and `agents_required` is False (offline
   planning from a snapshot), all agents count as ready.
 - Budgets: the GPU nodes whose labels match the selector (no or empty selector: every GPU node).
@@ -169,6 +170,9 @@ class Snapshot:
     # its metadata and spec, and of its status only what planning reads (phase, progress).
     workloads: Mapping[str, LLMWorkload] = field(default_factory=dict)
     excluded_nodes: tuple[ExcludedNode, ...] = ()
+    # Nodes whose agents fell silent together with too many others (`silent_together`): their
+    # replicas stay, they take no new work (a fault between the operator and the agents).
+    silent_together: tuple[str, ...] = ()
     ignored: tuple[IgnoredObject, ...] = ()
     # Budget name -> the parsed EnergyBudget (its allowances, schedule and forecast: the horizon).
     budgets: Mapping[str, EnergyBudget] = field(default_factory=dict)
@@ -256,6 +260,11 @@ def build_snapshot(
     discovered: dict[str, ProductSpec] = {}
     labels_by_node: dict[str, Mapping[str, str]] = {}
     node_names = _Unique("Node", "metadata.name")
+    together = (
+        silent_together(objects.nodes, profiles, now, heartbeat_timeout_seconds)
+        if require_agents
+        else frozenset()
+    )
     for body in objects.nodes:
         try:
             name = _node_name(body)
@@ -273,6 +282,7 @@ def build_snapshot(
             raised_generation=(raises_in_flight or {}).get(name),
             unmanaged_pod_gpus=unmanaged_pod_gpus.get(name, 0),
             discovered=discovered,
+            silent_with_many=name in together,
         )
         if isinstance(node, GpuNode):
             nodes.append(_with_leaving(node, leaving.get(name)))
@@ -342,6 +352,7 @@ def build_snapshot(
         rejected=tuple(rejected),
         workloads=workloads,
         excluded_nodes=tuple(sorted(excluded, key=lambda n: n.name)),
+        silent_together=tuple(sorted(together & {node.name for node in nodes})),
         ignored=tuple(ignored),
         budgets=parsed_budgets,
     )
@@ -558,6 +569,45 @@ def agent_lost(
     return (now - heartbeat).total_seconds() > heartbeat_timeout_seconds
 
 
+# When at least this share of the agents that have reported, and at least SILENT_TOGETHER_MIN of
+# them, are lost at once, the fault is taken to lie between the operator and the agents (an API
+# server too loaded to take their heartbeats in time, the operator's watch behind, the agents'
+# DaemonSet rolled out broken), not in the nodes: their replicas stay. The values are
+# kube-controller-manager's for a zone it stops evicting from (`--unhealthy-zone-threshold`
+# 0.55, "no less than 3" nodes NotReady; NodeLifecycleControllerConfiguration,
+# https://godocs.io/k8s.io/kubernetes/pkg/controller/nodelifecycle/config).
+SILENT_TOGETHER_SHARE = 0.55
+SILENT_TOGETHER_MIN = 3
+
+
+def silent_together(
+    nodes: Iterable[Body],
+    profiles: Mapping[str, NodePowerProfile],
+    now: datetime,
+    heartbeat_timeout_seconds: float | None,
+) -> frozenset[str]:
+    """The nodes whose agents are lost, when so many of the agents that have reported are lost
+    at once that their replicas stay (`SILENT_TOGETHER_SHARE`, `SILENT_TOGETHER_MIN`); else
+    none."""
+    names = {name for body in nodes if isinstance(name := _metadata_name(body), str)}
+    reported = [
+        name
+        for name in names
+        if (profile := profiles.get(name)) is not None
+        and profile.status.agent is not None
+        and profile.status.agent.heartbeat is not None
+    ]
+    lost = frozenset(
+        name
+        for name in reported
+        if agent_lost(profiles[name], now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    )
+    together = len(lost) >= SILENT_TOGETHER_MIN and len(lost) >= SILENT_TOGETHER_SHARE * len(
+        reported
+    )
+    return lost if together else frozenset()
+
+
 def _gpu_node(
     body: Body,
     *,
@@ -569,9 +619,12 @@ def _gpu_node(
     raised_generation: int | None = None,
     unmanaged_pod_gpus: int = 0,
     discovered: dict[str, ProductSpec] | None = None,
+    silent_with_many: bool = False,
 ) -> GpuNode | ExcludedNode | None:
     """The node as the optimizer sees it, None when it has no GPUs, or an `ExcludedNode` when
-    it has GPUs the plan cannot use. A product the catalogue lacks is added to `discovered`."""
+    it has GPUs the plan cannot use. A product the catalogue lacks is added to `discovered`.
+    `silent_with_many`: its agent is among too many silent at once (`silent_together`): its
+    replicas stay and it takes no new work."""
     name = _node_name(body)
     profile = profiles.get(name)
     try:
@@ -624,7 +677,7 @@ def _gpu_node(
         product=product,
         gpu_count=max(count - unmanaged_gpus, 0),
         schedulable=is_schedulable(body) and not allocatable_gone and not lost,
-        keeps_running=keeps_running(body) and not lost,
+        keeps_running=keeps_running(body) and (not lost or silent_with_many),
         agent_ready=ready,
         unmanaged_gpus=unmanaged_gpus,
         unmanaged_watts=unmanaged_watts,
