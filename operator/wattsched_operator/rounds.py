@@ -106,7 +106,7 @@ class PlannedInput:
     invalid_budgets: Mapping[str, str] = dataclasses.field(default_factory=dict)
     ignored: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # Nodes whose agents fell silent together with too many others: their replicas stay
-    # (`snapshot.silent_together`).
+    # (`snapshot.lost_agents`).
     silent_together: tuple[str, ...] = ()
     # Training/FineTuning/BatchInference workloads: their total and progress query, by key.
     jobs: Mapping[str, progress.JobTerms] = dataclasses.field(default_factory=dict)

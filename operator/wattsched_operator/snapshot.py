@@ -38,7 +38,7 @@ Rules:
   before the raise the operator wrote: `raise_on_its_way`), has a fresh heartbeat (when
   `heartbeat_timeout_seconds` is given) and the node is not in `unconfirmed_nodes`. An agent whose
   last heartbeat is older than the timeout is lost: its node also takes no work (the replicas
-  there move; the rest stay), unless too many agents are lost at once (`silent_together`: then
+  there move; the rest stay), unless too many agents are lost at once (`lost_agents`: then
   their replicas stay).
   When the objects hold no NodePowerProfile at all and `agents_required` is False (offline
   planning from a snapshot), all agents count as ready.
@@ -170,7 +170,7 @@ class Snapshot:
     # its metadata and spec, and of its status only what planning reads (phase, progress).
     workloads: Mapping[str, LLMWorkload] = field(default_factory=dict)
     excluded_nodes: tuple[ExcludedNode, ...] = ()
-    # Nodes whose agents fell silent together with too many others (`silent_together`): their
+    # Nodes whose agents fell silent together with too many others (`lost_agents`): their
     # replicas stay, they take no new work (a fault between the operator and the agents).
     silent_together: tuple[str, ...] = ()
     ignored: tuple[IgnoredObject, ...] = ()
@@ -260,10 +260,10 @@ def build_snapshot(
     discovered: dict[str, ProductSpec] = {}
     labels_by_node: dict[str, Mapping[str, str]] = {}
     node_names = _Unique("Node", "metadata.name")
-    together = (
-        silent_together(objects.nodes, profiles, now, heartbeat_timeout_seconds)
+    lost, together = (
+        lost_agents(objects.nodes, profiles, now, heartbeat_timeout_seconds)
         if require_agents
-        else frozenset()
+        else (frozenset(), False)
     )
     for body in objects.nodes:
         try:
@@ -282,7 +282,8 @@ def build_snapshot(
             raised_generation=(raises_in_flight or {}).get(name),
             unmanaged_pod_gpus=unmanaged_pod_gpus.get(name, 0),
             discovered=discovered,
-            silent_with_many=name in together,
+            lost=name in lost,
+            lost_together=together,
         )
         if isinstance(node, GpuNode):
             nodes.append(_with_leaving(node, leaving.get(name)))
@@ -352,7 +353,7 @@ def build_snapshot(
         rejected=tuple(rejected),
         workloads=workloads,
         excluded_nodes=tuple(sorted(excluded, key=lambda n: n.name)),
-        silent_together=tuple(sorted(together & {node.name for node in nodes})),
+        silent_together=tuple(sorted(lost & {node.name for node in nodes})) if together else (),
         ignored=tuple(ignored),
         budgets=parsed_budgets,
     )
@@ -580,15 +581,15 @@ SILENT_TOGETHER_SHARE = 0.55
 SILENT_TOGETHER_MIN = 3
 
 
-def silent_together(
+def lost_agents(
     nodes: Iterable[Body],
     profiles: Mapping[str, NodePowerProfile],
     now: datetime,
     heartbeat_timeout_seconds: float | None,
-) -> frozenset[str]:
-    """The nodes whose agents are lost, when so many of the agents that have reported are lost
-    at once that their replicas stay (`SILENT_TOGETHER_SHARE`, `SILENT_TOGETHER_MIN`); else
-    none."""
+) -> tuple[frozenset[str], bool]:
+    """The nodes whose agents are lost (`agent_lost`), and whether so many of the agents that
+    have reported are lost at once that their replicas stay (`SILENT_TOGETHER_SHARE`,
+    `SILENT_TOGETHER_MIN`)."""
     names = {name for body in nodes if isinstance(name := _metadata_name(body), str)}
     reported = [
         name
@@ -605,7 +606,7 @@ def silent_together(
     together = len(lost) >= SILENT_TOGETHER_MIN and len(lost) >= SILENT_TOGETHER_SHARE * len(
         reported
     )
-    return lost if together else frozenset()
+    return lost, together
 
 
 def _gpu_node(
@@ -619,12 +620,13 @@ def _gpu_node(
     raised_generation: int | None = None,
     unmanaged_pod_gpus: int = 0,
     discovered: dict[str, ProductSpec] | None = None,
-    silent_with_many: bool = False,
+    lost: bool = False,
+    lost_together: bool = False,
 ) -> GpuNode | ExcludedNode | None:
     """The node as the optimizer sees it, None when it has no GPUs, or an `ExcludedNode` when
     it has GPUs the plan cannot use. A product the catalogue lacks is added to `discovered`.
-    `silent_with_many`: its agent is among too many silent at once (`silent_together`): its
-    replicas stay and it takes no new work."""
+    `lost`: its agent is lost (it takes no work, its replicas move); `lost_together`: so many
+    agents are lost at once that their replicas stay (`lost_agents`)."""
     name = _node_name(body)
     profile = profiles.get(name)
     try:
@@ -661,7 +663,6 @@ def _gpu_node(
         if discovered is not None:
             discovered.setdefault(product, spec)
     ready = True
-    lost = False
     if require_agents:
         ready = name not in unconfirmed_nodes and agent_ready(
             profile,
@@ -669,7 +670,6 @@ def _gpu_node(
             heartbeat_timeout_seconds=heartbeat_timeout_seconds,
             raised_generation=raised_generation,
         )
-        lost = agent_lost(profile, now=now, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     with products_in_scope(discovered or {}):
         unmanaged_gpus, unmanaged_watts = unmanaged_gpus_of(profile, product, unmanaged_pod_gpus)
     return GpuNode(
@@ -677,7 +677,7 @@ def _gpu_node(
         product=product,
         gpu_count=max(count - unmanaged_gpus, 0),
         schedulable=is_schedulable(body) and not allocatable_gone and not lost,
-        keeps_running=keeps_running(body) and (not lost or silent_with_many),
+        keeps_running=keeps_running(body) and (not lost or lost_together),
         agent_ready=ready,
         unmanaged_gpus=unmanaged_gpus,
         unmanaged_watts=unmanaged_watts,

@@ -1,5 +1,5 @@
 """Agents silent together: when too many of the agents that have reported are lost at once
-(`snapshot.silent_together`), the fault is taken to lie between the operator and the agents and
+(`snapshot.lost_agents`), the fault is taken to lie between the operator and the agents and
 their replicas stay; a few lost agents still move their replicas (`NodeLost`)."""
 
 from __future__ import annotations
