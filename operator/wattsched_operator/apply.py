@@ -245,9 +245,7 @@ class Applier:
 
     # -- writes ------------------------------------------------------------------------------------
 
-    async def apply_services(
-        self, want: Mapping[tuple[str, str], Mapping[str, Any]], view: ClusterView
-    ) -> None:
+    async def apply_services(self, want: services.WantedServices, view: ClusterView) -> None:
         """Make the operator's Services match `want` (`services.service_changes`): each
         Inference workload's, and a headless one per replica that spans nodes."""
         namespaces = self.namespaces or sorted({key.partition("/")[0] for key in view.workloads})

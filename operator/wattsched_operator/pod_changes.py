@@ -203,7 +203,7 @@ def pod_round(
         evict=evict,
         delete=tuple(Deletion(ns, name, gone(ns, name)) for ns, name in delete_now),
         create=creatable,
-        services=services.desired_from_plan(active, plan.placements),
+        services=services.desired_from_plan(active, plan.placements, view.pods.values()),
         relabel=dict(changes.relabel_power),
         raise_=steps.raise_,
         disruptions=Disruptions(

@@ -29,6 +29,7 @@ from wattsched_operator import (
     desired,
     handover,
     progress,
+    services,
     statuses,
     transition,
 )
@@ -623,7 +624,7 @@ class Round:
     delete: tuple[Deletion, ...] = ()
     create: tuple[Mapping[str, Any], ...] = ()
     relabel: Mapping[tuple[str, str], str] = field(default_factory=dict)
-    services: Mapping[tuple[str, str], Mapping[str, Any]] | None = None
+    services: services.WantedServices | None = None
     raise_: Mapping[str, transition.NodeLimits] = field(default_factory=dict)
     open_profiles: Mapping[str, transition.NodeLimits] = field(default_factory=dict)
     workload_statuses: tuple[WorkloadStatus, ...] = ()

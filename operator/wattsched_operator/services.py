@@ -5,7 +5,11 @@ difference between those and the Services that exist.
 An Inference workload's Service is named after the workload and selects its pods
 (`wattsched.io/workload=<name>`), only the leaders (`wattsched.io/rank=0`) when its replicas span
 nodes; Kubernetes routes only to Ready pods, so a replica serves once its pod (its leader) is
-Ready and a move keeps the others serving (moves are paced one replica at a time,
+Ready and a move keeps the others serving. It is created once a pod it selects is Ready, and kept
+from then on while the workload lives: before that it would route nowhere, and created with its
+first ready pod, kube-controller-manager writes its Endpoints and EndpointSlice once, with that
+pod in them, instead of empty and again when the pod turns Ready (two API writes less per
+workload, and none in a burst of placements; issue 18) (moves are paced one replica at a time,
 `desired.pace_deletions`). Its ports are the template's container ports (of the leader when
 replicas span nodes); a template without ports gets a headless Service (DNS names the ready
 pods). A workload whose name is not a DNS-1035 label gets no Service (a Service name must be one).
@@ -22,6 +26,7 @@ from typing import Any
 
 from wattsched_api.vocabulary import RANK_LABEL, SERVICE_ROLE_LABEL, WORKLOAD_LABEL
 from wattsched_operator import replica_groups
+from wattsched_operator.desired import is_ready
 
 # A Service name: DNS-1035 label.
 _SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -103,20 +108,47 @@ def _inference_service(workload: InferenceWorkload, name: str) -> dict[str, Any]
     }
 
 
+def serves(pod: Mapping[str, Any]) -> bool:
+    """The pod is one an Inference workload's Service sends traffic to: Ready, and its replica's
+    leader (or its only pod)."""
+    return ((pod["metadata"].get("labels") or {}).get(RANK_LABEL) in (None, "0")) and is_ready(pod)
+
+
+def serving(pods: Iterable[Mapping[str, Any]]) -> frozenset[tuple[str, str]]:
+    """(namespace, workload name) of each workload with a pod that `serves`."""
+    return frozenset(
+        (pod["metadata"]["namespace"], pod["metadata"]["labels"][WORKLOAD_LABEL])
+        for pod in pods
+        if WORKLOAD_LABEL in (pod["metadata"].get("labels") or {}) and serves(pod)
+    )
+
+
 class WantedServices(Mapping[tuple[str, str], dict[str, Any]]):
     """The Services the operator wants, by (namespace, name). An Inference workload's Service is
     built each time it is read (`inference_service`), not held: a round keeps what it wants from
     its decision until it applies, and 10,000 services built were 12 MB of dicts (measured, one
     round decided offline under tracemalloc). The headless ones, one per replica that spans
-    nodes, are few and held."""
+    nodes, are few and held. Each is kept where it exists; `may_create` says which are created
+    where they do not (an Inference workload's once it serves)."""
 
     def __init__(
         self,
         inference: Mapping[tuple[str, str], InferenceWorkload],
         headless: Mapping[tuple[str, str], dict[str, Any]],
+        serving: frozenset[tuple[str, str]],
     ) -> None:
         self._inference = inference
         self._headless = headless
+        self._serving = serving
+
+    def may_create(self, key: tuple[str, str]) -> bool:
+        """Whether the Service is created where it does not exist: a headless one at once (its
+        pods find each other through it as they start), an Inference workload's once a pod it
+        selects is Ready."""
+        if key in self._headless:
+            return True
+        workload = self._inference[key]
+        return (workload.namespace, workload.name) in self._serving
 
     def __getitem__(self, key: tuple[str, str]) -> dict[str, Any]:
         if key in self._headless:
@@ -134,10 +166,12 @@ class WantedServices(Mapping[tuple[str, str], dict[str, Any]]):
 def desired_services(
     inference: Iterable[InferenceWorkload],
     spanning_replicas: Mapping[tuple[str, str, str], Iterable[int]],
+    serving: frozenset[tuple[str, str]],
 ) -> WantedServices:
     """Every Service the operator wants, by (namespace, name): each Inference workload's, and a
     headless one for each planned replica that spans nodes (`spanning_replicas`: (namespace,
-    name, uid) -> replica indexes). A name two of them would share goes to the headless one."""
+    name, uid) -> replica indexes). A name two of them would share goes to the headless one.
+    `serving`: the workloads with a pod that serves (`serving`), whose Service may be created."""
     services: dict[tuple[str, str], InferenceWorkload] = {}
     for workload in inference:
         name = service_name(workload.name)
@@ -149,7 +183,7 @@ def desired_services(
             service = replica_groups.headless_service(name, namespace, uid, replica)
             service["metadata"]["labels"][SERVICE_ROLE_LABEL] = RENDEZVOUS_ROLE
             headless[(namespace, service["metadata"]["name"])] = service
-    return WantedServices(services, headless)
+    return WantedServices(services, headless, serving)
 
 
 @dataclass(frozen=True)
@@ -206,10 +240,13 @@ def status_service(body: Mapping[str, Any]) -> str | None:
 
 
 def desired_from_plan(
-    bodies: Mapping[str, Mapping[str, Any]], placements: Iterable[Any]
+    bodies: Mapping[str, Mapping[str, Any]],
+    placements: Iterable[Any],
+    pods: Iterable[Mapping[str, Any]],
 ) -> WantedServices:
-    """`desired_services` for the active workloads (`bodies` by key) and the plan's placements
-    (`Placement`s: the replicas with more than one node get a headless Service)."""
+    """`desired_services` for the active workloads (`bodies` by key), the plan's placements
+    (`Placement`s: the replicas with more than one node get a headless Service) and the
+    operator's pods (those that serve let their workload's Service be created)."""
     spanning: dict[tuple[str, str, str], set[int]] = {}
     for placement in placements:
         body = bodies.get(placement.workload)
@@ -221,6 +258,7 @@ def desired_from_plan(
     return desired_services(
         inference_workloads(bodies.values()),
         {group: sorted(replicas) for group, replicas in spanning.items()},
+        serving(pods),
     )
 
 
@@ -251,13 +289,14 @@ def compared(service: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def service_changes(
-    current: Iterable[Mapping[str, Any]], desired: Mapping[tuple[str, str], Mapping[str, Any]]
+    current: Iterable[Mapping[str, Any]], desired: WantedServices
 ) -> ServiceChanges:
     """Compare the operator's Services (`current`: listed with the workload label) with the
-    wanted ones. Services without an LLMWorkload controller are not the operator's and are left
-    alone (creating a wanted name they hold fails with a conflict, which the loop logs). One whose
-    clusterIP kind (headless or not) must change is deleted and created again next round (the
-    field is immutable); other differences are patched in place."""
+    wanted ones; a missing one is created where `desired.may_create` it. Services without an
+    LLMWorkload controller are not the operator's and are left alone (creating a wanted name
+    they hold fails with a conflict, which the loop logs). One whose clusterIP kind (headless or
+    not) must change is deleted and created again next round (the field is immutable); other
+    differences are patched in place."""
     by_key = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in current}
     create: list[dict[str, Any]] = []
     patch: dict[tuple[str, str], dict[str, Any]] = {}
@@ -280,6 +319,6 @@ def service_changes(
                 "spec": {"selector": want["spec"]["selector"], "ports": want["spec"].get("ports")}
             }
     for key in sorted(desired):
-        if key not in by_key:
+        if key not in by_key and desired.may_create(key):
             create.append(dict(desired[key]))
     return ServiceChanges(create=tuple(create), patch=patch, delete=tuple(delete))

@@ -196,7 +196,10 @@ class _RoundOutcome:
         )
         if key in self.accounts.workload_progress:
             new["progress"] = self.accounts.workload_progress[key]
-        if (service := services.status_service(body)) is not None:
+        # Named once it exists: created with the first pod that serves (`services.may_create`).
+        if (service := services.status_service(body)) is not None and (
+            previous.get("service") == service or any(services.serves(p) for p in pod_bodies)
+        ):
             new["service"] = service
         owned = {k: previous.get(k) for k in new}
         if owned == statuses.without_nones(new):

@@ -100,6 +100,14 @@ def endpoint_pods(sandbox: Sandbox, namespace: str, service: str) -> dict[str, d
     }
 
 
+def service_of(sandbox: Sandbox, namespace: str, name: str) -> dict[str, Any] | None:
+    """The Service, once it exists (an Inference workload's comes with its first ready pod)."""
+    found = sandbox.kubectl(
+        "get", "service", name, "-n", namespace, "--ignore-not-found", "-o", "json"
+    )
+    return json.loads(found.stdout) if found.stdout.strip() else None
+
+
 def status_of(sandbox: Sandbox, namespace: str, name: str) -> dict[str, Any]:
     status: dict[str, Any] = (
         get_json(sandbox, "llmworkload", name, "-n", namespace).get("status") or {}
@@ -242,7 +250,9 @@ def test_the_inference_service_selects_exactly_the_ready_leaders(
     wait_until(
         "2 replicas x 2 pods Running", lambda: all_running(sandbox, namespace, "chat", 4), 90
     )
-    service = get_json(sandbox, "service", "chat", "-n", namespace)
+    service = wait_until(
+        "the Service, with the first ready leader", lambda: service_of(sandbox, namespace, "chat")
+    )
     assert service["spec"]["selector"] == {
         "wattsched.io/workload": "chat",
         "wattsched.io/rank": "0",
@@ -301,7 +311,7 @@ def test_the_large_model_examples_run_on_whole_h100_nodes(
         assert len({p["powerLimitWatts"] for p in status["placements"]}) == 1
     assert nodes["llama-405b"].isdisjoint(nodes["llama-70b-pretrain"])
     assert all(n.startswith("gpu-h100-") for names in nodes.values() for n in names)
-    assert (
-        get_json(sandbox, "service", "llama-405b", "-n", namespace)["spec"]["ports"][0]["port"]
-        == 8000
+    service = wait_until(
+        "llama-405b's Service", lambda: service_of(sandbox, namespace, "llama-405b")
     )
+    assert service["spec"]["ports"][0]["port"] == 8000

@@ -41,9 +41,21 @@ def placement(workload: str, replica: int, rank: int = 0, nodes: int = 1) -> Pla
     )
 
 
+def pod(name: str, *, ready: bool, rank: int | None = None, deleting: bool = False) -> Any:
+    workload = name.rsplit("-", 1)[0] if rank is None else name.rsplit("-", 2)[0]
+    labels = {"wattsched.io/workload": workload}
+    if rank is not None:
+        labels["wattsched.io/rank"] = str(rank)
+    meta: dict[str, Any] = {"name": name, "namespace": "team-a", "labels": labels}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-12-07T23:00:00Z"
+    status = "True" if ready else "False"
+    return {"metadata": meta, "status": {"conditions": [{"type": "Ready", "status": status}]}}
+
+
 def test_an_inference_service_selects_its_pods_with_the_template_ports() -> None:
     chat = body("chat", ports=[{"name": "http", "containerPort": 8000}])
-    want = services.desired_from_plan({"team-a/chat": chat}, [placement("chat", 0)])
+    want = services.desired_from_plan({"team-a/chat": chat}, [placement("chat", 0)], ())
     service = want[("team-a", "chat")]
     assert service["spec"]["selector"] == {"wattsched.io/workload": "chat"}
     assert service["spec"]["ports"] == [
@@ -57,7 +69,7 @@ def test_an_inference_service_selects_its_pods_with_the_template_ports() -> None
 def test_spanning_replicas_expose_only_leaders_and_get_a_headless_service_each() -> None:
     big = body("big", nodes=2, ports=[{"containerPort": 8000}, {"containerPort": 9000}])
     placements = [placement("big", r, k, nodes=2) for r in (0, 1) for k in (0, 1)]
-    want = services.desired_from_plan({"team-a/big": big}, placements)
+    want = services.desired_from_plan({"team-a/big": big}, placements, ())
     assert set(want) == {("team-a", "big"), ("team-a", "big-0"), ("team-a", "big-1")}
     assert want[("team-a", "big")]["spec"]["selector"] == {
         "wattsched.io/workload": "big",
@@ -69,15 +81,15 @@ def test_spanning_replicas_expose_only_leaders_and_get_a_headless_service_each()
 
 def test_training_gets_no_inference_service_and_bad_names_get_none() -> None:
     job = body("train", type_="Training")
-    assert services.desired_from_plan({"team-a/train": job}, [placement("train", 0)]) == {}
+    assert services.desired_from_plan({"team-a/train": job}, [placement("train", 0)], ()) == {}
     assert services.status_service(job) is None
     dotted = body("chat.v2")
-    assert services.desired_from_plan({"team-a/chat.v2": dotted}, []) == {}
+    assert services.desired_from_plan({"team-a/chat.v2": dotted}, [], ()) == {}
     assert services.status_service(dotted) is None
 
 
 def test_a_template_without_ports_gets_a_headless_service() -> None:
-    want = services.desired_from_plan({"team-a/chat": body("chat")}, [])
+    want = services.desired_from_plan({"team-a/chat": body("chat")}, [], ())
     assert want[("team-a", "chat")]["spec"]["clusterIP"] == "None"
     assert "ports" not in want[("team-a", "chat")]["spec"]
 
@@ -90,7 +102,7 @@ def test_an_inference_service_is_built_when_read_not_held_and_a_headless_one_win
     # A workload named like the headless Service of another's replica: the headless one wins.
     clash = body("big-3")
     bodies = {"team-a/chat": chat, "team-a/big": big, "team-a/big-3": clash}
-    want = services.desired_from_plan(bodies, [placement("big", 3, 0, nodes=2)])
+    want = services.desired_from_plan(bodies, [placement("big", 3, 0, nodes=2)], ())
     assert sorted(want) == [("team-a", "big"), ("team-a", "big-3"), ("team-a", "chat")]
     assert len(want) == 3
     first, again = want[("team-a", "chat")], want[("team-a", "chat")]
@@ -106,12 +118,12 @@ def existing(service: dict[str, Any], **spec: Any) -> dict[str, Any]:
 
 def test_changes_create_missing_patch_drifted_and_delete_unwanted_owned_services() -> None:
     chat = body("chat", ports=[{"name": "http", "containerPort": 8000}])
-    want = services.desired_from_plan({"team-a/chat": chat}, [])
+    want = services.desired_from_plan({"team-a/chat": chat}, [], [pod("chat-0", ready=True)])
     changes = services.service_changes([], want)
     assert [s["metadata"]["name"] for s in changes.create] == ["chat"]
     drifted = existing(want[("team-a", "chat")], selector={"wattsched.io/workload": "other"})
     old = services.desired_from_plan(
-        {"team-a/big": body("big", nodes=2)}, [placement("big", 3, 0, nodes=2)]
+        {"team-a/big": body("big", nodes=2)}, [placement("big", 3, 0, nodes=2)], ()
     )[("team-a", "big-3")]
     foreign = {"metadata": {"name": "mine", "namespace": "team-a"}, "spec": {}}
     changes = services.service_changes([drifted, old, foreign], want)
@@ -156,7 +168,7 @@ def test_what_is_kept_of_a_listed_service_decides_the_same_changes_as_all_of_it(
     chat = body("chat", ports=[{"name": "http", "containerPort": 8000}])
     quiet = body("quiet")
     want = services.desired_from_plan(
-        {"team-a/chat": chat, "team-a/quiet": quiet, "team-a/gone": body("gone")}, []
+        {"team-a/chat": chat, "team-a/quiet": quiet, "team-a/gone": body("gone")}, [], ()
     )
     listed = [
         as_listed(want[("team-a", "chat")], uid="uid-chat-svc"),  # as wanted
@@ -169,7 +181,7 @@ def test_what_is_kept_of_a_listed_service_decides_the_same_changes_as_all_of_it(
         as_listed(want[("team-a", "gone")], deletionTimestamp="2026-12-06T03:00:00Z"),
         as_listed({"metadata": {"name": "mine", "namespace": "team-a"}, "spec": {}}),  # foreign
         as_listed(
-            services.desired_from_plan({"team-a/old": body("old")}, [])[("team-a", "old")]
+            services.desired_from_plan({"team-a/old": body("old")}, [], ())[("team-a", "old")]
         ),  # owned, no longer wanted
     ]
     kept = [services.compared(s) for s in listed]
@@ -178,3 +190,35 @@ def test_what_is_kept_of_a_listed_service_decides_the_same_changes_as_all_of_it(
     assert list(changes.patch) == [("team-a", "quiet")]
     assert changes.delete == (("team-a", "old"),)
     assert all("managedFields" not in k["metadata"] and "status" not in k for k in kept)
+
+
+def test_an_inference_service_is_created_once_a_pod_it_selects_is_ready_and_then_kept() -> None:
+    chat = body("chat", ports=[{"name": "http", "containerPort": 8000}])
+    big = body("big", nodes=2, ports=[{"containerPort": 8000}])
+    bodies = {"team-a/chat": chat, "team-a/big": big}
+    placements = [placement("big", 0, k, nodes=2) for k in (0, 1)]
+
+    def created(pods: list[Any]) -> list[str]:
+        want = services.desired_from_plan(bodies, placements, pods)
+        return [s["metadata"]["name"] for s in services.service_changes([], want).create]
+
+    # Nothing ready: only the spanning replica's headless Service (its pods find each other).
+    assert created([pod("chat-0", ready=False), pod("big-0-0", ready=False, rank=0)]) == ["big-0"]
+    # A ready worker of a spanning replica, or a ready pod being deleted, serves nothing.
+    assert created(
+        [pod("big-0-1", ready=True, rank=1), pod("chat-0", ready=True, deleting=True)]
+    ) == ["big-0"]
+    assert created([pod("chat-0", ready=True), pod("big-0-0", ready=True, rank=0)]) == [
+        "big",
+        "big-0",
+        "chat",
+    ]
+    # Once it exists it stays, and is still patched, while no pod serves (a move, a restart).
+    want = services.desired_from_plan(bodies, placements, [pod("chat-0", ready=True)])
+    drifted = existing(want[("team-a", "chat")], selector={"wattsched.io/workload": "other"})
+    changes = services.service_changes(
+        [drifted], services.desired_from_plan(bodies, placements, [])
+    )
+    assert changes.delete == ()
+    assert list(changes.patch) == [("team-a", "chat")]
+    assert [s["metadata"]["name"] for s in changes.create] == ["big-0"]
