@@ -140,6 +140,34 @@ def test_a_new_service_gets_a_pod_a_limit_and_a_placed_status_as_data() -> None:
     assert observed.memory.last_round is None
 
 
+def test_a_services_service_and_status_service_come_with_its_first_ready_pod_and_stay() -> None:
+    def decided(pods: list[dict[str, Any]], status: dict[str, Any] | None = None) -> Any:
+        observed = core.Observed(view([node("l40s-0")], [service(status=status)], pods))
+        round_ = core.decide(observed, NOW)
+        assert round_.services is not None
+        [written] = round_.workload_statuses
+        assert written.write is not None
+        return round_.services, written.write.status
+
+    wanted, status = decided([])
+    assert ("team", "chat") in wanted
+    assert not wanted.may_create(("team", "chat"))
+    assert "service" not in status
+    pod = replica_pod("chat", "l40s-0", annotations=None)
+    wanted, status = decided([pod])  # Running, not Ready
+    assert not wanted.may_create(("team", "chat"))
+    assert "service" not in status
+    pod["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    wanted, status = decided([pod])
+    assert wanted.may_create(("team", "chat"))
+    assert status["service"] == "chat"
+    # Named from then on, while no pod is Ready (a move, a restart).
+    pod["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    wanted, status = decided([pod], status={**status, "phase": "Placed"})
+    assert not wanted.may_create(("team", "chat"))
+    assert status["service"] == "chat"
+
+
 def test_a_rounds_status_holds_how_to_build_it_in_one_object_without_an_attribute_dict() -> None:
     # A round holds one per workload until the writer builds it (10,000 at once).
     round_ = core.decide(core.Observed(view([], [service()], []), monotonic=100.0), NOW)
