@@ -5,14 +5,15 @@ difference between those and the Services that exist.
 An Inference workload's Service is named after the workload and selects its pods
 (`wattsched.io/workload=<name>`), only the leaders (`wattsched.io/rank=0`) when its replicas span
 nodes; Kubernetes routes only to Ready pods, so a replica serves once its pod (its leader) is
-Ready and a move keeps the others serving. It is created once a pod it selects is Ready, and kept
-from then on while the workload lives: before that it would route nowhere, and created with its
-first ready pod, kube-controller-manager writes its Endpoints and EndpointSlice once, with that
-pod in them, instead of empty and again when the pod turns Ready (two API writes less per
-workload, and none in a burst of placements; issue 18) (moves are paced one replica at a time,
-`desired.pace_deletions`). Its ports are the template's container ports (of the leader when
-replicas span nodes); a template without ports gets a headless Service (DNS names the ready
-pods). A workload whose name is not a DNS-1035 label gets no Service (a Service name must be one).
+Ready and a move keeps the others serving (moves are paced one replica at a time,
+`desired.pace_deletions`). It is created once a pod it selects is Ready, and kept from then on
+while the workload lives: before that it would route nowhere. Its three writes (the Service,
+kube-controller-manager's Endpoints and EndpointSlice) then come after the round that places the
+pods, not among its writes (issue 18), and the endpoints are written with the ready pod in them,
+not first without it and again when a model that loads for minutes turns the pod Ready. Its
+ports are the template's container ports (of the leader when replicas span nodes); a template
+without ports gets a headless Service (DNS names the ready pods). A workload whose name is not a
+DNS-1035 label gets no Service (a Service name must be one).
 
 Not for: API calls (the loop lists, creates, patches and deletes what `service_changes` says).
 """
