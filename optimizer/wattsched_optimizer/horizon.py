@@ -751,12 +751,18 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     most_free_gpus = total_gpus - fewest_gpus.sum(axis=0)
 
     rows = _Rows()
+    product_of = {node.name: node.product for node in nodes}
+    running_on: dict[str, list[str]] = {}  # the products a workload's pods run on now
+    for current in plan_input.current:
+        if current.node in product_of:
+            running_on.setdefault(current.workload, []).append(product_of[current.node])
     whole_nodes = _whole_node_rows(
         rows,
         [(scopes.may_use(workload)[0], workload.gpus_per_pod) for workload, _, _ in flexible],
         [scopes.may_use(workload)[0] for workload, _, _ in inference],
         load.gpus,
         fewest_gpus,
+        running_on=[running_on.get(workload.key, []) for workload, _, _ in flexible],
         now=in_use,
         later=[settled_by_name[node.name] for node in in_use],
     )
@@ -973,6 +979,7 @@ def _whole_node_rows(
     service_gpus: np.ndarray,
     fewest_service_gpus: np.ndarray,
     *,
+    running_on: list[list[str]],
     now: list[GpuNode],
     later: list[GpuNode],
 ) -> _WholeNodes:
@@ -986,10 +993,13 @@ def _whole_node_rows(
     they fill; nodes that hold another team's GPUs are not whole. The bound counts the services
     at `service_gpus` (below 0 where they fill more nodes than the group has); the GPUs they free
     running on fewer give nodes back in that share. Smaller work (whose pods do not take whole
-    nodes) counts there the same way, its GPUs in the share of the GPUs it may use that the
-    group's products hold: counted only in the GPU rows, it was planned into the same clean
-    hours as the gangs, and took a part of the nodes they needed when those hours came (the
-    48-hour simulation's gangs of two whole nodes that never started, docs/evaluation.md)."""
+    nodes) counts there too: counted only in the GPU rows, it was planned into the same clean
+    hours as the gangs and took a part of the nodes they needed when those hours came (the
+    48-hour simulation's gangs of two whole nodes that never started, docs/evaluation.md). Its
+    GPUs count in the share of the GPUs it may use that the group's products hold, or, where it
+    runs (`running_on`: the products its pods run on, per workload), in the share of its pods
+    on them: counted where it may run, work on other products was stopped for gangs whose nodes
+    it never held."""
     slots = service_gpus.shape[1]
     node_row = np.full((len(flexible_pods), slots), -1, dtype=np.int64)
     most_left = np.full((len(flexible_pods), slots), math.inf)
@@ -1041,7 +1051,11 @@ def _whole_node_rows(
         node_row[members] = group_rows
         most_left[members] = np.maximum(most, 0.0)
         service_rows.append((group_rows, share[:, 0] / node_gpus))
-        small_share = np.where(small, share_in(products, work_may_use), 0.0)
+        on_group = share_in(products, work_may_use)
+        for f, pods_on in enumerate(running_on):
+            if pods_on:  # where it runs, not where it may
+                on_group[f] = sum(p in products for p in pods_on) / len(pods_on)
+        small_share = np.where(small, on_group, 0.0)
         small_rows.append((group_rows, small_share / node_gpus))
     return _WholeNodes(node_row, most_left, service_rows, small_rows)
 

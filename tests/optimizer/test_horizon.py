@@ -555,6 +555,23 @@ def test_smaller_work_counts_on_whole_nodes_in_the_share_its_products_hold_there
         )
         assert h100_nodes <= 2 + 1e-6, (slot, h100_nodes)
     assert set(running_slots(result, "t/gang")) & {10, 11}
+    # Running, they count where their pods are: on the L4s, none on the H100s. A gang that must
+    # start now (2 h of work due in 2.5 h) runs the whole first hour beside all of them.
+    urgent = dataclasses.replace(gang, deadline_seconds=2.5 * HOUR)
+    running = tuple(dataclasses.replace(w, preemptible=True) for w in small)
+    base = horizon_input((urgent, *running), carbon=clean)
+    horizon = with_current(
+        dataclasses.replace(
+            base,
+            plan_input=dataclasses.replace(base.plan_input, nodes=mixed, budgets=(everywhere,)),
+        ),
+        tuple(
+            CurrentPlacement(w.key, 0, f"l{i // 2}", "bf16", 72.0) for i, w in enumerate(running)
+        ),
+    )
+    result = plan_horizon(horizon)
+    first = [result.schedules[w.key].share_by_slot[0] for w in (urgent, *running)]
+    assert first == pytest.approx([1.0] * 5)  # counted on the H100s, the gang ran half the hour
 
 
 def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
