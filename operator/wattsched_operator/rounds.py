@@ -29,7 +29,6 @@ from wattsched_operator import (
     desired,
     handover,
     progress,
-    services,
     statuses,
     transition,
 )
@@ -39,6 +38,7 @@ from wattsched_operator.readings import (
     PodKey,
     TelemetrySnapshot,
 )
+from wattsched_operator.services import WantedServices
 from wattsched_optimizer.model import (
     Calibration,
     PerformanceModel,
@@ -624,7 +624,7 @@ class Round:
     delete: tuple[Deletion, ...] = ()
     create: tuple[Mapping[str, Any], ...] = ()
     relabel: Mapping[tuple[str, str], str] = field(default_factory=dict)
-    services: services.WantedServices | None = None
+    services: WantedServices | None = None
     raise_: Mapping[str, transition.NodeLimits] = field(default_factory=dict)
     open_profiles: Mapping[str, transition.NodeLimits] = field(default_factory=dict)
     workload_statuses: tuple[WorkloadStatus, ...] = ()

@@ -115,7 +115,7 @@ def serves(pod: Mapping[str, Any]) -> bool:
     return ((pod["metadata"].get("labels") or {}).get(RANK_LABEL) in (None, "0")) and is_ready(pod)
 
 
-def serving(pods: Iterable[Mapping[str, Any]]) -> frozenset[tuple[str, str]]:
+def serving_workloads(pods: Iterable[Mapping[str, Any]]) -> frozenset[tuple[str, str]]:
     """(namespace, workload name) of each workload with a pod that `serves`."""
     return frozenset(
         (pod["metadata"]["namespace"], pod["metadata"]["labels"][WORKLOAD_LABEL])
@@ -172,7 +172,8 @@ def desired_services(
     """Every Service the operator wants, by (namespace, name): each Inference workload's, and a
     headless one for each planned replica that spans nodes (`spanning_replicas`: (namespace,
     name, uid) -> replica indexes). A name two of them would share goes to the headless one.
-    `serving`: the workloads with a pod that serves (`serving`), whose Service may be created."""
+    `serving`: the workloads with a pod that serves (`serving_workloads`), whose Service may be
+    created."""
     services: dict[tuple[str, str], InferenceWorkload] = {}
     for workload in inference:
         name = service_name(workload.name)
@@ -259,7 +260,7 @@ def desired_from_plan(
     return desired_services(
         inference_workloads(bodies.values()),
         {group: sorted(replicas) for group, replicas in spanning.items()},
-        serving(pods),
+        serving_workloads(pods),
     )
 
 
