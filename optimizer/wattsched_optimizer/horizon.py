@@ -751,18 +751,12 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
     most_free_gpus = total_gpus - fewest_gpus.sum(axis=0)
 
     rows = _Rows()
-    product_of = {node.name: node.product for node in nodes}
-    running_on: dict[str, list[str]] = {}  # the products a workload's pods run on now
-    for current in plan_input.current:
-        if current.node in product_of:
-            running_on.setdefault(current.workload, []).append(product_of[current.node])
     whole_nodes = _whole_node_rows(
         rows,
         [(scopes.may_use(workload)[0], workload.gpus_per_pod) for workload, _, _ in flexible],
         [scopes.may_use(workload)[0] for workload, _, _ in inference],
         load.gpus,
         fewest_gpus,
-        running_on=[running_on.get(workload.key, []) for workload, _, _ in flexible],
         now=in_use,
         later=[settled_by_name[node.name] for node in in_use],
     )
@@ -838,7 +832,6 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
         slot_seconds=slot_seconds,
         gpus_row=gpus_row,
         node_row=whole_nodes.work_row,
-        small_rows=whole_nodes.small_rows,
         fits=fits,
         churn_threshold=plan_input.options.churn_threshold,
         startup_seconds=plan_input.options.startup_seconds,
@@ -963,13 +956,11 @@ def _plan_horizon(horizon: HorizonInput, model: PerformanceModel) -> HorizonPlan
 class _WholeNodes:
     """The rows of whole nodes: per workload and slot its row (-1: none) and the most nodes
     the slot can leave it (inf: no row; the services at their fewest GPUs); per row group, its
-    rows by slot and the nodes each GPU a service frees gives back there, and the nodes each
-    GPU of smaller work (per workload; 0 for work that takes whole nodes) takes there."""
+    rows by slot and the nodes each GPU a service frees gives back there."""
 
     work_row: np.ndarray
     most_left: np.ndarray
     service_rows: list[tuple[np.ndarray, np.ndarray]]
-    small_rows: list[tuple[np.ndarray, np.ndarray]]
 
 
 def _whole_node_rows(
@@ -979,7 +970,6 @@ def _whole_node_rows(
     service_gpus: np.ndarray,
     fewest_service_gpus: np.ndarray,
     *,
-    running_on: list[list[str]],
     now: list[GpuNode],
     later: list[GpuNode],
 ) -> _WholeNodes:
@@ -992,48 +982,32 @@ def _whole_node_rows(
     use that the group's products hold (where it may be placed), packed onto as few nodes as
     they fill; nodes that hold another team's GPUs are not whole. The bound counts the services
     at `service_gpus` (below 0 where they fill more nodes than the group has); the GPUs they free
-    running on fewer give nodes back in that share. Smaller work (whose pods do not take whole
-    nodes) counts there too: counted only in the GPU rows, it was planned into the same clean
-    hours as the gangs and took a part of the nodes they needed when those hours came (the
-    48-hour simulation's gangs of two whole nodes that never started, docs/evaluation.md). Its
-    GPUs count in the share of the GPUs it may use that the group's products hold, or, where it
-    runs (`running_on`: the products its pods run on, per workload), in the share of its pods
-    on them: counted where it may run, work on other products was stopped for gangs whose nodes
-    it never held."""
+    running on fewer give nodes back in that share."""
     slots = service_gpus.shape[1]
     node_row = np.full((len(flexible_pods), slots), -1, dtype=np.int64)
     most_left = np.full((len(flexible_pods), slots), math.inf)
     service_rows: list[tuple[np.ndarray, np.ndarray]] = []
-    small_rows: list[tuple[np.ndarray, np.ndarray]] = []
     sizes: dict[str, set[int]] = {}  # GPUs per node, by product
     product_gpus: dict[str, int] = {}
     for node in later:
         sizes.setdefault(node.product, set()).add(node.gpu_count)
         product_gpus[node.product] = product_gpus.get(node.product, 0) + node.gpu_count
     service_may_use = [found.split(",") if found else [] for found in service_products]
-    work_may_use = [found.split(",") if found else [] for found, _ in flexible_pods]
-
-    def share_in(products: frozenset[str], may_use: list[list[str]]) -> np.ndarray:
-        """Per workload, the share of the GPUs it may use that `products` hold."""
-        return np.asarray(
-            [
-                sum(product_gpus.get(p, 0) for p in found if p in products)
-                / max(1, sum(product_gpus.get(p, 0) for p in found))
-                for found in may_use
-            ]
-        )
-
     groups: dict[tuple[frozenset[str], int], list[int]] = {}
-    small = np.ones(len(flexible_pods), dtype=bool)
     for f, (may_use, pod_gpus) in enumerate(flexible_pods):
         if _takes_whole_nodes(may_use, pod_gpus, sizes):
-            small[f] = False
             products = frozenset(may_use.split(",")) if may_use else frozenset()
             groups.setdefault((products, pod_gpus), []).append(f)
     for (products, node_gpus), members in sorted(
         groups.items(), key=lambda item: (sorted(item[0][0]), item[0][1])
     ):
-        share = share_in(products, service_may_use).reshape(-1, 1)
+        share = np.asarray(
+            [
+                sum(product_gpus.get(p, 0) for p in found if p in products)
+                / max(1, sum(product_gpus.get(p, 0) for p in found))
+                for found in service_may_use
+            ]
+        ).reshape(-1, 1)
         whole = np.full(slots, float(_whole_nodes(later, products, node_gpus)))
         whole[0] = _whole_nodes(now, products, node_gpus)
         bound, most = (
@@ -1051,13 +1025,7 @@ def _whole_node_rows(
         node_row[members] = group_rows
         most_left[members] = np.maximum(most, 0.0)
         service_rows.append((group_rows, share[:, 0] / node_gpus))
-        on_group = share_in(products, work_may_use)
-        for f, pods_on in enumerate(running_on):
-            if pods_on:  # where it runs, not where it may
-                on_group[f] = sum(p in products for p in pods_on) / len(pods_on)
-        small_share = np.where(small, on_group, 0.0)
-        small_rows.append((group_rows, small_share / node_gpus))
-    return _WholeNodes(node_row, most_left, service_rows, small_rows)
+    return _WholeNodes(node_row, most_left, service_rows)
 
 
 def _whole_nodes(nodes: list[GpuNode], products: frozenset[str], node_gpus: int) -> int:
@@ -1374,7 +1342,6 @@ def _program(
     slot_seconds: np.ndarray,
     gpus_row: np.ndarray,
     node_row: np.ndarray,
-    small_rows: list[tuple[np.ndarray, np.ndarray]],
     fits: np.ndarray,
     churn_threshold: float,
     startup_seconds: float,
@@ -1447,11 +1414,6 @@ def _program(
     entry_rows = [gpus_row[s_open], node_row[f_open, s_open][whole]]
     entry_columns = [ids, ids[whole]]
     entry_values = [work.gpus[f_open], (work.gpus / work.gpus_per_pod)[f_open][whole]]
-    for group_rows, nodes_per_gpu in small_rows:
-        counted = nodes_per_gpu[f_open] > 0
-        entry_rows.append(group_rows[s_open[counted]])
-        entry_columns.append(ids[counted])
-        entry_values.append((work.gpus * nodes_per_gpu)[f_open[counted]])
     for in_rows, in_columns, values in budget_rows.entries(
         work.part, f_open, s_open, ids, cap_watts=work.cap_watts[f_open], kwh=kwh[f_open, s_open]
     ):
@@ -1762,10 +1724,9 @@ def first_slot_input(horizon: HorizonInput, plan: HorizonPlan) -> PlanInput:
     a budget whose allowance is short at its minimum-energy setting (Efficiency), and deadline
     work that cannot wait (urgent, with no room by its deadline in the plan, or overdue) first
     among the work of its priority: one above it, so that the one-instant planner may preempt
-    work of its priority that can wait. The horizon counts the whole nodes the services and
-    smaller work leave in aggregate, not which nodes they hold: a gang of whole nodes may still
-    find a part of every node held (then it is overdue from the next round on:
-    `planned_starts`)."""
+    work of its priority that can wait. The horizon counts the whole nodes the services leave,
+    not where smaller jobs go: a gang of whole nodes may still find them held by smaller jobs
+    that could have run later (then it is overdue from the next round on: `planned_starts`)."""
     plan_input = horizon.plan_input
     running = {c.workload for c in plan_input.current}
     by_key = {w.key: w for w in plan_input.workloads}

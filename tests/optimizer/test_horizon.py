@@ -525,55 +525,6 @@ def test_a_gang_of_whole_nodes_is_planned_where_whole_nodes_are_left() -> None:
     assert plan_horizon(shared).schedules["t/gang"].missed_tokens > 0
 
 
-def test_smaller_work_counts_on_whole_nodes_in_the_share_its_products_hold_there() -> None:
-    # Two 8-GPU H100 nodes and two 8-GPU L4 nodes, two clean hours (10:00, 11:00). A gang of two
-    # 8-GPU pods may use only the H100s; four 4-GPU jobs may use either product. All of it fits
-    # the clean hours by GPUs (16 + 16 of 32), but the small jobs land on the H100s too: counted
-    # at the H100s' share of their products' GPUs (16 of 32), they hold one of the two whole
-    # H100 nodes in any hour they all run, so the gang and they do not share an hour that way.
-    clean = tuple(140.0 if hour in (10, 11) else 420.0 for hour in range(24))
-    gang = job("t/gang", 2, 24, replicas=2, allowed_products=frozenset({"H100-80GB"}))
-    small = tuple(
-        dataclasses.replace(job(f"t/small-{i}", 2, 24), gpus_per_replica=4) for i in range(4)
-    )
-    base = horizon_input((gang, *small), carbon=clean)
-    mixed = tuple(GpuNode(f"h{i}", "H100-80GB", 8) for i in range(2)) + tuple(
-        GpuNode(f"l{i}", "L4", 8) for i in range(2)
-    )
-    everywhere = Budget("b", 1e6, frozenset(node.name for node in mixed))
-    result = plan_horizon(
-        dataclasses.replace(
-            base,
-            plan_input=dataclasses.replace(base.plan_input, nodes=mixed, budgets=(everywhere,)),
-        )
-    )
-    assert all(result.schedules[w.key].missed_tokens == 0 for w in (gang, *small))
-    shares = {key: schedule.share_by_slot for key, schedule in result.schedules.items()}
-    for slot in range(24):
-        h100_nodes = 2 * shares["t/gang"][slot] + sum(
-            4 * shares[w.key][slot] * (16 / 32) / 8 for w in small
-        )
-        assert h100_nodes <= 2 + 1e-6, (slot, h100_nodes)
-    assert set(running_slots(result, "t/gang")) & {10, 11}
-    # Running, they count where their pods are: on the L4s, none on the H100s. A gang that must
-    # start now (2 h of work due in 2.5 h) runs the whole first hour beside all of them.
-    urgent = dataclasses.replace(gang, deadline_seconds=2.5 * HOUR)
-    running = tuple(dataclasses.replace(w, preemptible=True) for w in small)
-    base = horizon_input((urgent, *running), carbon=clean)
-    horizon = with_current(
-        dataclasses.replace(
-            base,
-            plan_input=dataclasses.replace(base.plan_input, nodes=mixed, budgets=(everywhere,)),
-        ),
-        tuple(
-            CurrentPlacement(w.key, 0, f"l{i // 2}", "bf16", 72.0) for i, w in enumerate(running)
-        ),
-    )
-    result = plan_horizon(horizon)
-    first = [result.schedules[w.key].share_by_slot[0] for w in (urgent, *running)]
-    assert first == pytest.approx([1.0] * 5)  # counted on the H100s, the gang ran half the hour
-
-
 def test_the_first_slot_leaves_deferred_work_out_and_says_why() -> None:
     workloads = (job("t/a", 4, 24), job("t/now", 4, 4))
     horizon = horizon_input(workloads)
