@@ -70,6 +70,12 @@ class Assignment:
         return len(self.nodes) // self.option.nodes_per_replica
 
     @property
+    def stays(self) -> bool:
+        """Whether every pod is on GPUs its workload's running replicas hold now (neither a move
+        nor growth onto other GPUs)."""
+        return all(t.own == t.gpus for t in self.taken)
+
+    @property
     def replica_nodes(self) -> list[tuple[str, ...]]:
         """The nodes of each replica, leader first."""
         step = self.option.nodes_per_replica
@@ -553,11 +559,6 @@ class ClusterState:
         candidates.sort(key=lambda a: (a.workload.priority, -a.option.gpus, a.workload.key))
         return candidates
 
-    def eviction_priority(self, workload: Workload) -> float:
-        """Evictable work below this priority may make room for `workload` served in part: its
-        own priority, or any for running non-preemptible work."""
-        return math.inf if workload.key in self.data.protected else workload.priority
-
     def room_for_a_replica(self, gpus_per_pod: int, priority: float) -> bool:
         """A necessary condition for placing one replica of `gpus_per_pod` GPUs per node: some
         pool has a node with that many free, or that many free and held by evictable work of a
@@ -580,18 +581,22 @@ class ClusterState:
         return False
 
     def place_in_part(
-        self, workload_class: WorkloadClass, workload: Workload, prefer: Sequence[str] = ()
+        self,
+        workload_class: WorkloadClass,
+        workload: Workload,
+        prefer: Sequence[str] = (),
+        *,
+        above: float,
     ) -> tuple[Assignment, list[Assignment]] | None:
         """Place a service that cannot be served whole with its partial options (`workload_class`
-        holds only those): the most of its demand that fits once every strictly lower-priority
-        evictable workload is out of the way, evicting only as much of that work as it takes.
+        holds only those): the most of its demand that fits once every evictable workload of a
+        priority below `above` is out of the way, evicting only as much of that work as it takes.
 
-        So lower-priority work keeps only GPUs and watts the service could not use. A running
-        non-preemptible service (`PlanData.protected`) goes before all evictable work, whatever
-        its priority, as it does whole. Returns the assignment and the evicted assignments, or
-        None with the state unchanged.
+        So lower-priority work keeps only GPUs and watts the service could not use. `above` is
+        the service's own priority, or infinity for a running non-preemptible service that stays
+        where it runs (it goes before all evictable work, whatever its priority). Returns the
+        assignment and the evicted assignments, or None with the state unchanged.
         """
-        above = self.eviction_priority(workload)
         fits_now = self.try_place(workload_class, workload, prefer)
         most = min(option.shortfall_steps for option in workload_class.options)
         if fits_now is not None and fits_now.option.shortfall_steps == most:
@@ -637,6 +642,44 @@ class ClusterState:
         )
         placed = self.place_with_eviction(narrowed, workload, prefer, above=above)
         return as_it_was() if placed is None else placed
+
+    def place_where_it_runs(
+        self,
+        workload_class: WorkloadClass,
+        workload: Workload,
+        running: Sequence[str],
+        *,
+        in_part: bool,
+    ) -> tuple[Assignment, list[Assignment]] | None:
+        """Keep running work where it runs (`running`: the node of each running pod), evicting
+        any evictable work in the way: the last resort of running non-preemptible work that
+        could not move or grow at its own priority. Every running pod stays; what that eviction
+        frees may take more replicas.
+
+        Only the class's options that keep its product and variant; `in_part`: a service's
+        partial options. Returns the assignment and the evicted assignments, or None with the
+        state unchanged."""
+        keeping = [o for o, option in enumerate(workload_class.options) if option.keeps_current]
+        if not keeping:
+            return None
+        only = _only(workload_class, keeping)
+        if in_part:
+            placed = self.place_in_part(only, workload, running, above=math.inf)
+        else:
+            fits = self.try_place(only, workload, running)
+            placed = (
+                (fits, [])
+                if fits is not None
+                else self.place_with_eviction(only, workload, running, above=math.inf)
+            )
+        if placed is None or not any(
+            left for (owner, _), left in self._own_left.items() if owner == workload.key
+        ):
+            return placed
+        self.remove(workload.key)
+        for assignment in reversed(placed[1]):
+            self.restore(assignment)
+        return None
 
     # -- explaining --------------------------------------------------------------------------
 

@@ -672,8 +672,13 @@ def _fill_and_repair(
     """Place what is left in priority order, evicting strictly lower priority when that helps;
     return the services served in part.
 
-    Running non-preemptible work (`PlanData.protected`) goes first and is never evicted; it is
-    left out only when the solver found no plan that keeps it (e.g. a budget cut below it).
+    Running non-preemptible work (`PlanData.protected`) goes first while it stays where it runs,
+    and is never evicted; it is left out only when the solver found no plan that keeps it (e.g.
+    a budget cut below it). A placement that moves it or grows it onto other GPUs is undone: it
+    then has its turns at its own priority, like any new placement (a service at 1 of its
+    minReplicas 2, priority 0, took the only node a priority-1000 service could use; found by
+    the round fuzzer); when none places it, it stays as it runs if it can, evicting what took
+    its GPUs meanwhile (`ClusterState.place_where_it_runs`).
     A class that fails stays failed: later workloads have equal or lower priority, and the
     eviction test already counted every evictable lower-priority workload as removable.
     A service that cannot be served whole (PARTIAL_CONSTRAINTS) is served in part at its turn,
@@ -686,9 +691,18 @@ def _fill_and_repair(
     altogether, every replica it ran on stopped (seen in the 48-hour simulation: a service that
     asked for 13 replicas where 12 fit lost its 10 running ones).
     """
+    # Protected work whose placement moved or grew it: it goes at its own priority.
+    moving: set[str] = set()
+
+    def first(key: str) -> bool:
+        return key in data.protected and key not in moving
+
+    def above(workload: Workload) -> float:
+        """Evictable work below this priority may make room for `workload` served in part."""
+        return math.inf if first(workload.key) else workload.priority
 
     def order(key: str, in_part: bool = False) -> tuple[bool, int, bool, str]:
-        return (key not in data.protected, -workload_by_key[key].priority, in_part, key)
+        return (not first(key), -workload_by_key[key].priority, in_part, key)
 
     # Services with no whole option at all wait for their turn in part right away.
     heap = [order(key, key not in class_of) for key in pending]
@@ -710,6 +724,32 @@ def _fill_and_repair(
         queued.add(key)
         heapq.heappush(heap, order(key, in_part=True))
 
+    def stands(key: str, placed: tuple[Assignment, list[Assignment]]) -> bool:
+        """Whether a placement stands (its evictions requeued); False when it moved or grew
+        protected work ahead of its priority: undone, and that work queued at its own."""
+        assignment, evicted = placed
+        if first(key) and not assignment.stays:
+            state.remove(key)
+            for other in reversed(evicted):
+                state.restore(other)
+            moving.add(key)
+            queued.add(key)
+            heapq.heappush(heap, order(key))
+            return False
+        requeue(evicted)
+        return True
+
+    def stays_as_it_runs(key: str, workload_class: WorkloadClass | None, partial: bool) -> bool:
+        if key not in moving or workload_class is None:
+            return False
+        placed = state.place_where_it_runs(
+            workload_class, workload_by_key[key], prefer.get(key, ()), in_part=partial
+        )
+        if placed is None:
+            return False
+        requeue(placed[1])
+        return True
+
     while heap:
         *_, in_part_turn, key = heapq.heappop(heap)
         queued.discard(key)
@@ -722,13 +762,15 @@ def _fill_and_repair(
             continue
         if not in_part_turn and wc is not None:
             if wc.index not in failed_classes:
-                if state.try_place(wc, workload, prefer.get(key, ())) is not None:
-                    unplaced.pop(key, None)
+                fits = state.try_place(wc, workload, prefer.get(key, ()))
+                if fits is not None:
+                    if stands(key, (fits, [])):
+                        unplaced.pop(key, None)
                     continue
                 evicted = state.place_with_eviction(wc, workload, prefer.get(key, ()))
                 if evicted is not None:
-                    unplaced.pop(key, None)
-                    requeue(evicted[1])
+                    if stands(key, evicted):
+                        unplaced.pop(key, None)
                     continue
                 failed_classes[wc.index] = state.diagnose(wc, workload)
             constraint, reason = failed_classes[wc.index]
@@ -742,20 +784,33 @@ def _fill_and_repair(
             ):
                 # After every equal-priority workload's whole turn, before lower priority.
                 in_part_later(key, why)
+            elif stays_as_it_runs(key, wc, partial=False):
+                unplaced.pop(key, None)
             else:
                 unplaced[key] = why
             continue
         why = partly.get(key) or unplaced[key]
         placed = None
+        partial = None
         # Per pod: a replica that spans nodes needs (at least) one node with that many free.
-        if state.room_for_a_replica(workload.gpus_per_pod, state.eviction_priority(workload)):
+        if state.room_for_a_replica(workload.gpus_per_pod, above(workload)):
             partial = in_part(workload)
             if partial is not None:
-                placed = state.place_in_part(partial, workload, prefer.get(key, ()))
+                placed = state.place_in_part(
+                    partial, workload, prefer.get(key, ()), above=above(workload)
+                )
         if placed is not None:
+            if stands(key, placed):
+                unplaced.pop(key, None)
+                partly[key] = why
+            continue
+        if key in moving and (
+            stays_as_it_runs(key, wc, partial=False)
+            or stays_as_it_runs(key, partial or in_part(workload), partial=True)
+        ):
             unplaced.pop(key, None)
-            partly[key] = why
-            requeue(placed[1])
+            if key in state.placed and state.placed[key].workload_class == PARTIAL_CLASS:
+                partly[key] = why
             continue
         unplaced[key] = why
     # Whatever was placed in the end is not unplaced.

@@ -618,6 +618,77 @@ def test_a_running_non_preemptible_service_served_in_part_keeps_its_node_against
     assert short.constraint == "slo"
 
 
+def test_a_running_non_preemptible_service_that_must_move_goes_at_its_own_priority() -> None:
+    """Found by the round fuzzer: a running non-preemptible service of priority 0 at 1 of its
+    minReplicas 2 (its 2-GPU node holds one replica) can only be served on the L40S node, which
+    holds two. It used to go first, being protected, and take that node wholly: the service of
+    priority 1000 that may only use L40S was left out. Protection keeps running work where it
+    runs; a move is a new placement, at the workload's own priority."""
+    nodes = (GpuNode("h0", "H100-80GB", 2), GpuNode("l0", "L40S", 4))
+    running = inference(
+        "team/chat",
+        gpus_per_replica=2,
+        min_replicas=2,
+        max_replicas=2,
+        tokens_per_second=50_000,
+        preemptible=False,
+    )
+    probe = inference(
+        "probe/svc",
+        tokens_per_second=10,
+        priority=1000,
+        allowed_products=frozenset({"L40S"}),
+    )
+    current = (CurrentPlacement("team/chat", 0, "h0", "bf16", 300.0),)
+    result = plan(PlanInput(nodes, (running, probe), current=current))
+    assert [n for n, *_ in placed(result)["probe/svc"]] == ["l0"]
+    assert "team/chat" not in placed(result)
+    assert [u.workload for u in result.unplaced] == ["team/chat"]
+
+
+def test_a_running_non_preemptible_service_that_grows_keeps_what_runs_when_it_cannot_grow() -> None:
+    """The service runs one replica of 2 GPUs on a 4-GPU node and its demand asks for two; a job
+    of higher priority needs the other 2 GPUs. Growth goes at the service's own priority: the
+    job keeps the free GPUs and the service its running replica, served in part (it used to
+    evict the job and grow)."""
+    node = (GpuNode("n0", "H100-80GB", 4),)
+    service = inference(
+        "team/chat",
+        gpus_per_replica=2,
+        max_replicas=2,
+        tokens_per_second=50_000,
+        preemptible=False,
+    )
+    job = training("team/urgent", gpus_per_replica=2, priority=5)
+    current = (CurrentPlacement("team/chat", 0, "n0", "bf16", 700.0),)
+    result = plan(PlanInput(node, (service, job), current=current))
+    assert [n for n, *_ in placed(result)["team/chat"]] == ["n0"]
+    assert [n for n, *_ in placed(result)["team/urgent"]] == ["n0"]
+
+
+def test_a_running_non_preemptible_service_keeps_its_replica_against_new_work_of_its_priority() -> (
+    None
+):
+    """Found by the property tests: a service runs one replica and its demand asks for two; a
+    new batch job of the same priority was packed first and takes the budget's headroom. The
+    service's growth cannot evict work of its own priority, but its running replica is never
+    stopped for new work: as a last resort it stays, the job is evicted, and the service grows
+    into the headroom that frees."""
+    nodes = (GpuNode("n0", "L40S", 4), GpuNode("n1", "L40S", 4))
+    fast = EnergyPolicy.PERFORMANCE
+    service = inference(
+        "ns/s0", max_replicas=2, tokens_per_second=5_000, priority=1, policy=fast, preemptible=False
+    )
+    other = inference("ns/s1", max_replicas=1, tokens_per_second=2_000, priority=1, policy=fast)
+    job = batch("ns/j0", gpus_per_replica=4, priority=1, policy=fast, preemptible=False)
+    current = (CurrentPlacement("ns/s0", 0, "n0", "bf16", 100.0),)
+    budget = Budget("b", 1_800, frozenset({"n0", "n1"}))
+    result = plan(PlanInput(nodes, (service, other, job), (budget,), current=current))
+    assert [n for n, *_ in placed(result)["ns/s0"]] == ["n0", "n0"]
+    assert [n for n, *_ in placed(result)["ns/s1"]] == ["n0"]
+    assert [u.workload for u in result.unplaced] == ["ns/j0"]
+
+
 def test_a_running_service_that_packing_cannot_keep_whole_is_served_in_part() -> None:
     """The 48-hour simulation, cut down to what still shows it: a service runs 12 replicas of
     4 H100 GPUs on six nodes and its demand asks for a thirteenth; a new gang of two 8-GPU pods
