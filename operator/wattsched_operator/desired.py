@@ -27,7 +27,7 @@ from wattsched_api.vocabulary import VARIANT_ENV as ENV_VARIANT
 from wattsched_api.vocabulary import WORKLOAD_LABEL as LABEL_WORKLOAD
 from wattsched_api.vocabulary import WORKLOAD_TYPE_ANNOTATION as ANNOTATION_WORKLOAD_TYPE
 from wattsched_operator import replica_groups
-from wattsched_operator.handover import REPLACES_ANNOTATION, ReplicaKey
+from wattsched_operator.handover import REPLACES_ANNOTATION, ReplicaKey, is_ready
 from wattsched_operator.transition import NodeLimits, PodKey
 from wattsched_optimizer.problem import Placement, Plan, WorkloadType
 
@@ -343,17 +343,6 @@ def moved_replicas(
         workload = f"{key[0]}/{pod['metadata'].get('labels', {}).get(LABEL_WORKLOAD)}"
         moves.setdefault(workload, []).append(text)
     return moves
-
-
-def is_ready(pod: Mapping[str, Any]) -> bool:
-    """The pod's Ready condition is True and it is not being deleted."""
-    if pod["metadata"].get("deletionTimestamp"):
-        return False
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(
-        isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
-        for c in conditions
-    )
 
 
 @dataclass(frozen=True)

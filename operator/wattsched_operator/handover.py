@@ -124,7 +124,8 @@ def _live(pod: Pod) -> bool:
     return not _finished(pod) and not _deleting(pod)
 
 
-def _ready(pod: Pod) -> bool:
+def is_ready(pod: Pod) -> bool:
+    """The pod's Ready condition is True and it is not being deleted."""
     conditions = _status(pod).get("conditions")
     return (
         not _deleting(pod)
@@ -213,7 +214,7 @@ def pending_handovers(pods: Iterable[Pod]) -> dict[PodKey, HandOver]:
             old_node=node,
             old_gpus=pod_gpus(old),
             old_limit_watts=limit,
-            new_ready=_ready(new),
+            new_ready=is_ready(new),
             new_created=read_timestamp(_meta(new).get("creationTimestamp")),
         )
     return found
@@ -361,7 +362,7 @@ def decide(
             or limit is None
             or placement.workload not in services
             or placement.nodes_per_replica > 1
-            or not _ready(pod)
+            or not is_ready(pod)
             or old_node in lost_nodes
         ):
             # A new replica, a gang member (it moves whole) or a pod that serves nothing (it goes

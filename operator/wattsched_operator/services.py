@@ -27,7 +27,7 @@ from typing import Any
 
 from wattsched_api.vocabulary import RANK_LABEL, SERVICE_ROLE_LABEL, WORKLOAD_LABEL
 from wattsched_operator import replica_groups
-from wattsched_operator.desired import is_ready
+from wattsched_operator.handover import is_ready
 
 # A Service name: DNS-1035 label.
 _SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")

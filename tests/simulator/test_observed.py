@@ -12,6 +12,7 @@ import pytest
 
 from wattsched_api import parse_llmworkload
 from wattsched_operator import core, desired, snapshot
+from wattsched_operator.handover import is_ready
 from wattsched_operator.transition import NodeLimits
 from wattsched_optimizer.problem import EnergyPolicy, Placement, Plan, PlanStatus, WorkloadType
 from wattsched_simulator import observed
@@ -144,8 +145,8 @@ def test_running_replicas_are_pods_the_snapshot_pins_where_they_run() -> None:
     ready = observed.pod_body(
         observed.workload_object(body), replica, 3, now_seconds=130.0, startup_seconds=60.0
     )
-    assert not desired.is_ready(starting)
-    assert desired.is_ready(ready)
+    assert not is_ready(starting)
+    assert is_ready(ready)
     assert starting["status"]["startTime"] == "2026-01-01T00:01:00Z"
     assert ready["metadata"]["name"] == "chat-3"
     built = snapshot.build_snapshot(
@@ -325,7 +326,7 @@ def test_the_wattsched_policy_runs_the_operators_core_and_keeps_what_it_writes()
     )
     cluster, _ = policy.observe(View(0.0, scenario, (spec,), running, telemetry, ()))
     assert sorted(cluster.pods) == ["batch/training-001-0", "batch/training-001-1"]
-    assert not desired.is_ready(cluster.pods["batch/training-001-0"])
+    assert not is_ready(cluster.pods["batch/training-001-0"])
     assert cluster.workloads[spec.key]["status"]["phase"] == "Placed"
     for end in range(15, 181, 15):
         telemetry.record(
