@@ -1067,18 +1067,22 @@ def main() -> int:
                 f"{burst_load} / {base_load}",
                 "",
             )
-            # Every API write (not leases) from the first create to the last binding, per object.
-            report(figures, "API writes per workload, burst, to the last binding", burst_writes, "")
+            # Every API write (not leases) from the first create to the last binding, per object:
+            # the window of issue 18's goal (its 7.9 writes per workload against 4.4 per plain pod).
+            report(
+                figures, "API writes per workload, burst, to the last binding", burst_writes, "<= 6"
+            )
             report(
                 figures, "API writes per plain pod, baseline, to the last binding", base_writes, ""
             )
-            # ... and until every status says Running (all later writes of the object landed).
+            # ... and until every status says Running (all later writes of the object landed, and
+            # the agents' heartbeats of that time).
             report(
                 figures,
                 "API writes per workload, burst, until every status is Running"
                 f" ({settled_seconds:.1f} s{'' if settled else ', TIMED OUT'})",
                 settled_writes,
-                "<= 6",
+                "",
             )
             report(
                 figures,
