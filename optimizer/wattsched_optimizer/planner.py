@@ -812,7 +812,7 @@ def _fill_and_repair(
             if key in state.placed and state.placed[key].workload_class == PARTIAL_CLASS:
                 partly[key] = why
             continue
-        unplaced[key] = why
+        unplaced[key] = _not_even_in_part(why, state, partial or in_part(workload), workload)
     # Whatever was placed in the end is not unplaced.
     for key in list(unplaced):
         if key in state.placed:
@@ -822,6 +822,19 @@ def _fill_and_repair(
         for key, why in sorted(partly.items())
         if key in state.placed and state.placed[key].workload_class == PARTIAL_CLASS
     )
+
+
+def _not_even_in_part(
+    why: Unplaced, state: ClusterState, partial: WorkloadClass | None, workload: Workload
+) -> Unplaced:
+    """Why a service is left out when not even its partial options found room: why it is not
+    served whole, then what keeps the least of it out, which is what binds it now (a running
+    service stopped for a higher priority was told only that its maxReplicas were too few)."""
+    if partial is None:
+        return why
+    constraint, reason = state.diagnose(partial, workload)
+    least = reason.removeprefix(f"{workload_label(workload)}: ")
+    return Unplaced(why.workload, f"{why.reason}; served in part: {least}", constraint)
 
 
 def _number_replicas(

@@ -643,7 +643,12 @@ def test_a_running_non_preemptible_service_that_must_move_goes_at_its_own_priori
     result = plan(PlanInput(nodes, (running, probe), current=current))
     assert [n for n, *_ in placed(result)["probe/svc"]] == ["l0"]
     assert "team/chat" not in placed(result)
-    assert [u.workload for u in result.unplaced] == ["team/chat"]
+    (left_out,) = result.unplaced
+    assert left_out.workload == "team/chat"
+    # Its reason says what binds now (its maxReplicas alone would not have stopped it).
+    assert left_out.constraint == "gpus"
+    assert "served in part: needs 2 replica(s) of 2 GPU(s)" in left_out.reason
+    assert "after higher-priority" in left_out.reason
 
 
 def test_a_running_non_preemptible_service_that_grows_keeps_what_runs_when_it_cannot_grow() -> None:
