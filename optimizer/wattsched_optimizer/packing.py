@@ -651,35 +651,69 @@ class ClusterState:
         *,
         in_part: bool,
     ) -> tuple[Assignment, list[Assignment]] | None:
-        """Keep running work where it runs (`running`: the node of each running pod), evicting
-        any evictable work in the way: the last resort of running non-preemptible work that
-        could not move or grow at its own priority. Every running pod stays; what that eviction
-        frees may take more replicas.
+        """Keep running work where it runs (`running`: the node of each running pod): the last
+        resort of running non-preemptible work that could not move or grow at its own priority.
 
-        Only the class's options that keep its product and variant; `in_part`: a service's
-        partial options. Returns the assignment and the evicted assignments, or None with the
-        state unchanged."""
+        First as many replicas as run, or fewer, every one on its own GPUs, evicting any
+        evictable work in the way; then, like any growth, more replicas where they fit now or
+        by evicting only lower-priority work, every running pod still staying. Only the class's
+        options that keep its product and variant; `in_part`: a service's partial options.
+        Returns the assignment and the evicted assignments, or None with the state unchanged."""
         keeping = [o for o, option in enumerate(workload_class.options) if option.keeps_current]
-        if not keeping:
+        staying = [
+            o
+            for o in keeping
+            if workload_class.options[o].replicas * workload_class.options[o].nodes_per_replica
+            <= len(running)
+        ]
+        if not staying:
             return None
-        only = _only(workload_class, keeping)
+        stay = self._keep_running(_only(workload_class, staying), workload, running, in_part)
+        if stay is None:
+            return None
+        kept, evicted = stay
+        self.remove(workload.key)
+        grown = self._keep_running(
+            _only(workload_class, keeping), workload, running, in_part, above=workload.priority
+        )
+        if grown is not None and grown[0].option.shortfall_steps <= kept.option.shortfall_steps:
+            return grown[0], evicted + grown[1]
+        if grown is not None:
+            self._undo(grown)
+        self.restore(kept)
+        return kept, evicted
+
+    def _keep_running(
+        self,
+        workload_class: WorkloadClass,
+        workload: Workload,
+        running: Sequence[str],
+        in_part: bool,
+        above: float = math.inf,
+    ) -> tuple[Assignment, list[Assignment]] | None:
+        """Place with `workload_class`, evicting evictable work of a priority below `above`,
+        only where every running pod of the workload stays on its GPUs (else None, undone)."""
         if in_part:
-            placed = self.place_in_part(only, workload, running, above=math.inf)
+            placed = self.place_in_part(workload_class, workload, running, above=above)
         else:
-            fits = self.try_place(only, workload, running)
+            fits = self.try_place(workload_class, workload, running)
             placed = (
                 (fits, [])
                 if fits is not None
-                else self.place_with_eviction(only, workload, running, above=math.inf)
+                else self.place_with_eviction(workload_class, workload, running, above=above)
             )
         if placed is None or not any(
             left for (owner, _), left in self._own_left.items() if owner == workload.key
         ):
             return placed
-        self.remove(workload.key)
+        self._undo(placed)
+        return None
+
+    def _undo(self, placed: tuple[Assignment, list[Assignment]]) -> None:
+        """Remove a placement and put back what it evicted."""
+        self.remove(placed[0].workload.key)
         for assignment in reversed(placed[1]):
             self.restore(assignment)
-        return None
 
     # -- explaining --------------------------------------------------------------------------
 
