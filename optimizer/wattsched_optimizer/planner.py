@@ -812,7 +812,8 @@ def _fill_and_repair(
             if key in state.placed and state.placed[key].workload_class == PARTIAL_CLASS:
                 partly[key] = why
             continue
-        unplaced[key] = _not_even_in_part(why, state, partial or in_part(workload), workload)
+        # Diagnosed only where a part was tried: with no room for one replica the reason stands.
+        unplaced[key] = _not_even_in_part(why, state, partial, workload)
     # Whatever was placed in the end is not unplaced.
     for key in list(unplaced):
         if key in state.placed:
