@@ -679,7 +679,7 @@ class ClusterState:
         if grown is not None and grown[0].option.shortfall_steps <= kept.option.shortfall_steps:
             return grown[0], evicted + grown[1]
         if grown is not None:
-            self._undo(grown)
+            self.undo(grown)
         self.restore(kept)
         return kept, evicted
 
@@ -706,10 +706,10 @@ class ClusterState:
             left for (owner, _), left in self._own_left.items() if owner == workload.key
         ):
             return placed
-        self._undo(placed)
+        self.undo(placed)
         return None
 
-    def _undo(self, placed: tuple[Assignment, list[Assignment]]) -> None:
+    def undo(self, placed: tuple[Assignment, list[Assignment]]) -> None:
         """Remove a placement and put back what it evicted."""
         self.remove(placed[0].workload.key)
         for assignment in reversed(placed[1]):

@@ -729,9 +729,7 @@ def _fill_and_repair(
         protected work ahead of its priority: undone, and that work queued at its own."""
         assignment, evicted = placed
         if first(key) and not assignment.stays:
-            state.remove(key)
-            for other in reversed(evicted):
-                state.restore(other)
+            state.undo(placed)
             moving.add(key)
             queued.add(key)
             heapq.heappush(heap, order(key))
